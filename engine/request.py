@@ -1,0 +1,137 @@
+"""What a user asks for (`SamplingParams`) and the engine's host-side record of one sequence (`Sequence`)."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from typing import Sequence as Seq
+
+MAX_TOP_LOGPROBS = 20
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None  # same seed + same prompt -> same output, whatever else is in the batch
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k (<= 20)
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(self.stop))
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
+            raise RequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.temperature < 0:
+            raise RequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise RequestError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not -2 <= self.presence_penalty <= 2:
+            raise RequestError(f"presence_penalty must be in [-2, 2], got {self.presence_penalty}")
+        if not -2 <= self.frequency_penalty <= 2:
+            raise RequestError(f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}")
+        if self.repetition_penalty <= 0:
+            raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def uses_penalties(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+
+    @property
+    def uses_filters(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1 or self.min_p > 0
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+    """Host state of one request. Only the scheduler and the engine touch it; it never reaches the device."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    namespace: str | None = None  # cache_salt / adapter: caches of different namespaces never share pages
+    seed: int = 0  # resolved seed (params.seed or drawn at arrival)
+    arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
+
+    status: Status = Status.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    output_logprobs: list[float] = dataclasses.field(default_factory=list)
+    output_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, one reference each held by this sequence
+    num_computed: int = 0  # tokens whose K/V are in `pages`
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
+    lock_node: object = None  # radix node this sequence keeps locked (its cached path)
+    num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
+    num_preemptions: int = 0
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: str | int | None = None
+    first_token_s: float | None = None
+    finish_s: float | None = None
+    token_times_s: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """True until every token but the last has its K/V computed (the last one is fed at the next step)."""
+        return self.num_computed < self.num_tokens - 1
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        return (self.prompt_ids + self.output_ids)[start:stop]
+
+
+def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
+    if len(prompt_ids) == 0:
+        raise RequestError("prompt is empty")
+    if len(prompt_ids) >= max_model_len:
+        raise RequestError(
+            f"prompt has {len(prompt_ids)} tokens; the context allows at most {max_model_len - 1} (model.max_model_len={max_model_len})"
+        )
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab_size]
+    if bad:
+        raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+    if len(prompt_ids) + max_tokens > max_model_len:
+        raise RequestError(
+            f"prompt ({len(prompt_ids)} tokens) + max_tokens ({max_tokens}) exceeds the context of {max_model_len} tokens"
+        )

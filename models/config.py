@@ -1,0 +1,208 @@
+"""Architecture of a Llama-family decoder, read from an HF `config.json` or from GGUF metadata.
+
+One frozen dataclass describes every model the forward pass supports: Llama 2/3 (with Llama 3 RoPE
+scaling), Mistral, Qwen2/2.5 (q/k/v biases) and SmolLM2 (tied embeddings), GQA of any ratio and any
+head_dim. Unsupported architectures fail here, naming the source and the field.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+# HF `model_type` / GGUF `general.architecture` values this decoder implements.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class ConfigError(ValueError):
+    """A model configuration that names an unsupported or inconsistent setting."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RopeScaling:
+    """Llama 3 style frequency-dependent RoPE scaling (`rope_type: llama3`) or plain linear scaling."""
+
+    rope_type: str  # "llama3" | "linear"
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+    def __post_init__(self):
+        if self.rope_type not in ("llama3", "linear"):
+            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported (llama3, linear)")
+        if self.factor <= 0:
+            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LlamaConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    max_position: int = 4096
+    sliding_window: int | None = None  # Mistral-style window over all layers; None = full attention
+
+    def __post_init__(self):
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_params(self) -> int:
+        """Parameter count of the checkpoint this config describes."""
+        h, per_layer = self.hidden_size, 0
+        per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        per_layer += 3 * h * self.intermediate_size + 2 * h
+        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
+        return embed + self.num_layers * per_layer + h
+
+    def rope_inv_freq(self) -> np.ndarray:
+        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained."""
+        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+        s = self.rope_scaling
+        if s is None:
+            return inv_freq
+        if s.rope_type == "linear":
+            return inv_freq / s.factor
+        # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
+        low_freq_wavelen = s.original_max_position / s.low_freq_factor
+        high_freq_wavelen = s.original_max_position / s.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
+        mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
+        return np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+
+    # ---------------------------------------------------------------- sources
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
+        """Reads an HF `config.json` dict (model_type llama, mistral or qwen2)."""
+        arch = cfg.get("model_type")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+
+        def need(key):
+            if key not in cfg:
+                raise ConfigError(f"{source}: missing field {key!r}")
+            return cfg[key]
+
+        num_heads = int(need("num_attention_heads"))
+        hidden = int(need("hidden_size"))
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        return cls(
+            architecture=arch,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(need("intermediate_size")),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rope_theta=float(cfg.get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling"), source),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            max_position=int(cfg.get("max_position_embeddings", 4096)),
+            sliding_window=int(window) if window else None,
+        )
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
+        """Reads GGUF metadata (`general.architecture` llama or qwen2; Mistral GGUFs say llama)."""
+        arch = meta.get("general.architecture")
+        if arch not in ("llama", "qwen2"):
+            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2)")
+
+        def need(key):
+            full = f"{arch}.{key}"
+            if full not in meta:
+                raise ConfigError(f"{source}: missing GGUF field {full!r}")
+            return meta[full]
+
+        hidden = int(need("embedding_length"))
+        num_heads = int(need("attention.head_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // num_heads)
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
+        if not vocab:
+            raise ConfigError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
+        scaling = None
+        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+            scaling = RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
+        window = meta.get(f"{arch}.attention.sliding_window")
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(need("feed_forward_length")),
+            num_layers=int(need("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
+            head_dim=head_dim,
+            rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            tie_word_embeddings="output.weight" not in tensor_names,
+            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            max_position=int(meta.get(f"{arch}.context_length", 4096)),
+            sliding_window=int(window) if window else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "LlamaConfig":
+        d = dict(d)
+        if d.get("rope_scaling"):
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        return cls(**d)
+
+
+def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str) -> RopeScaling | None:
+    if not rs:
+        return None
+    rope_type = rs.get("rope_type", rs.get("type"))
+    if rope_type in (None, "default"):
+        return None
+    if rope_type == "llama3":
+        return RopeScaling(
+            "llama3",
+            float(rs["factor"]),
+            float(rs.get("low_freq_factor", 1.0)),
+            float(rs.get("high_freq_factor", 4.0)),
+            int(rs.get("original_max_position_embeddings", 8192)),
+        )
+    if rope_type == "linear":
+        return RopeScaling("linear", float(rs["factor"]))
+    raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (llama3, linear)")

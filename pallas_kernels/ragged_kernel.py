@@ -1,0 +1,207 @@
+"""Pallas (Triton backend) kernel for ragged paged attention: prefill chunks and decodes together.
+
+Grid (num_q_blocks, Hkv). A query block is up to `block_q` consecutive new tokens of ONE
+sequence; every sequence starts a new block, so a static count of
+    num_q_blocks = (T + min(S, T) * (block_q - 1)) // block_q
+always suffices (each non-empty sequence wastes less than one block). Blocks past the last one in
+use are empty programs that loop zero times.
+
+Tile packing (GQA): the G = Hq // Hkv query heads sharing a kv head are packed with the block's
+tokens into one [rows, D] tile, rows = block_q * Gp (Gp = G rounded up to a power of two; row
+r is token r // Gp, head r % Gp). One kv head's pages are then read once for all its q heads and
+all tokens of the block, and the dots have M = rows >= 16 as Triton requires. The packing and
+unpacking are jnp gathers outside the kernel (O(T * Hq * D), small next to the KV traffic).
+
+KV loop: tiles of `block_kv` positions = `pages_per_tile` pages gathered through the page table
+(k_ref[page_ids] with a vector of page ids). The loop runs over tiles
+    [window_start(first row) // block_kv, cdiv(last row's position + 1, block_kv))
+so tiles past the causal limit of the block's last row and tiles wholly before the sliding window
+of its first row are never loaded. Inside a tile a positional mask handles the diagonal, the
+window edge and kv_len. Online softmax in float32 with a finite mask value: a row that has seen
+only masked scores carries a junk (m, l) that is wiped (alpha = exp(mask - real) = 0) as soon as
+it meets its first visible score, and every real row sees at least its own position.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.reference import token_metadata
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
+
+
+def next_pow2(n: int) -> int:
+  return 1 << max(0, int(n) - 1).bit_length()
+
+
+def _cdiv(a, b: int):
+  """Ceil division of non-negative traced ints (lax.div lowers to a plain Triton divide)."""
+  return lax.div(a + (b - 1), b)
+
+
+def kv_tile(page_size: int, block_kv: int) -> tuple[int, int]:
+  """(pages_per_tile, block_kv) with block_kv >= 16, a whole number of power-of-two pages."""
+  if page_size & (page_size - 1):
+    raise ValueError(f"the pallas backend needs a power-of-two page_size, got {page_size}")
+  block_kv = max(block_kv, page_size, 16)
+  return block_kv // page_size, block_kv
+
+
+def pack_rows(x, row_tokens, num_groups_padded: int):
+  """[T, Hq, D] -> [Hkv, NB, block_q * Gp, D] tiles; row_tokens [NB, block_q] are row ids of x."""
+  num_tokens, num_q_heads, head_dim = x.shape
+  num_blocks, block_q = row_tokens.shape
+  return x[row_tokens].reshape(num_blocks, block_q, -1, num_groups_padded, head_dim) \
+      .transpose(2, 0, 1, 3, 4).reshape(-1, num_blocks, block_q * num_groups_padded, head_dim)
+
+
+def _group_heads(q, num_kv_heads: int):
+  """[T, Hq, D] -> [T, Hkv * Gp, D], each kv head's q-head group zero-padded to Gp heads."""
+  num_tokens, num_q_heads, head_dim = q.shape
+  group = num_q_heads // num_kv_heads
+  group_padded = next_pow2(group)
+  qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
+  qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_padded - group), (0, 0)))
+  return qg.reshape(num_tokens, num_kv_heads * group_padded, head_dim), group_padded
+
+
+def _prefill_kernel(
+    # Per-block scalars (squeezed [NB] arrays).
+    first_pos_ref,   # []   absolute position of the block's first token
+    num_rows_ref,    # []   real tokens in the block (0: empty program)
+    kv_len_ref,      # []   the sequence's KV length
+    pages_ref,       # [max_pages_padded] the sequence's page-table row
+    q_ref,           # [rows, D]
+    k_ref,           # [P, ps, D] this kv head's pages
+    v_ref,           # [P, ps, D]
+    o_ref,           # [rows, D]
+    *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+    group_padded: int, pages_per_tile: int):
+  rows, head_dim = q_ref.shape
+  page_size = k_ref.shape[1]
+  block_kv = pages_per_tile * page_size
+  first_pos = first_pos_ref[()]
+  num_rows = num_rows_ref[()]
+  kv_len = kv_len_ref[()]
+
+  q = q_ref[...]                                                          # [rows, D]
+  row_pos = first_pos + lax.div(jnp.arange(rows, dtype=jnp.int32), group_padded)  # [rows]
+  kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
+  kv_start = jnp.int32(0)
+  if sliding_window is not None:
+    kv_start = jnp.maximum(first_pos - sliding_window + 1, 0)
+  tile_lo = lax.div(kv_start, block_kv)
+  tile_hi = _cdiv(kv_end, block_kv)
+
+  def body(tile, carry):
+    acc, m, l = carry
+    page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
+    k = k_ref[page_ids].reshape(block_kv, head_dim)                       # [block_kv, D]
+    v = v_ref[page_ids].reshape(block_kv, head_dim)
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
+    mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < kv_len)
+    if sliding_window is not None:
+      mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
+    s = jnp.where(mask, s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))                            # [rows]
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])                                       # [rows, block_kv]
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, _, l = lax.fori_loop(tile_lo, tile_hi, body, init)
+  l = jnp.where(l == 0.0, 1.0, l)
+  o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+
+
+def default_block_sizes(group: int, head_dim: int) -> tuple[int, int]:
+  """(block_q tokens, block_kv positions) for the prefill kernel: ~64-row tiles, 32 for D=256."""
+  target_rows = 64 if head_dim <= 128 else 32
+  group_padded = next_pow2(group)
+  block_q = max(1, target_rows // group_padded)
+  # Keep rows >= 16 for Triton's dot.
+  block_q = max(block_q, -(-16 // group_padded))
+  return next_pow2(block_q), 64 if head_dim <= 128 else 32
+
+
+def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                           sm_scale: float, sliding_window: int | None = None,
+                           soft_cap: float | None = None, interpret: bool = False,
+                           block_q: int | None = None, block_kv: int | None = None,
+                           num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """Pallas ragged paged attention (see pallas_kernels.ragged_paged_attention). Returns [T, Hq, D]."""
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  max_seqs, max_pages_per_seq = page_indices.shape
+  group = num_q_heads // num_kv_heads
+  default_q, default_kv = default_block_sizes(group, head_dim)
+  block_q = next_pow2(block_q or default_q)
+  pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+
+  # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
+  num_blocks = (num_tokens + min(max_seqs, num_tokens) * (block_q - 1)) // block_q
+  seq_live = jnp.arange(max_seqs) < num_seqs[0]
+  q_lens = jnp.where(seq_live, cu_q_lens[1:] - cu_q_lens[:-1], 0)        # [S]
+  seq_num_blocks = (q_lens + block_q - 1) // block_q                       # [S]
+  seq_block_end = jnp.cumsum(seq_num_blocks)                               # [S]
+  seq_block_start = seq_block_end - seq_num_blocks
+  b = jnp.arange(num_blocks, dtype=jnp.int32)
+  block_seq = jnp.minimum(jnp.searchsorted(seq_block_end, b, side="right"), max_seqs - 1)
+  block_offset = (b - seq_block_start[block_seq]) * block_q                # token offset in chunk
+  block_rows = jnp.clip(q_lens[block_seq] - block_offset, 0, block_q)      # [NB]
+  block_rows = jnp.where(b < seq_block_end[-1], block_rows, 0).astype(jnp.int32)
+  block_kv_len = kv_lens[block_seq].astype(jnp.int32)
+  block_first_pos = (block_kv_len - q_lens[block_seq] + block_offset).astype(jnp.int32)
+  row_tokens = cu_q_lens[block_seq][:, None] + block_offset[:, None] + jnp.arange(block_q)
+  row_tokens = jnp.clip(row_tokens, 0, num_tokens - 1)                     # [NB, block_q]
+  # Page-table rows per block, padded to whole tiles; out-of-range ids clamped (masked anyway).
+  max_pages_padded = -(-max_pages_per_seq // pages_per_tile) * pages_per_tile
+  block_pages = jnp.pad(page_indices, ((0, 0), (0, max_pages_padded - max_pages_per_seq)))
+  block_pages = jnp.clip(block_pages[block_seq], 0, num_pages - 1).astype(jnp.int32)
+
+  # --- Pack (tokens x q heads of one kv head) into tiles. ----------------------------------
+  qg, group_padded = _group_heads(q, num_kv_heads)
+  q_tiles = pack_rows(qg, row_tokens, group_padded)                        # [Hkv, NB, rows, D]
+  rows = block_q * group_padded
+
+  kernel = functools.partial(
+      _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+      group_padded=group_padded, pages_per_tile=pages_per_tile)
+  scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
+  page_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0))
+  tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda i, h: (h, i, 0, 0))
+  o_tiles = pl.pallas_call(
+      kernel,
+      grid=(num_blocks, num_kv_heads),
+      in_specs=[scalar_spec, scalar_spec, scalar_spec,
+                pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
+                tile_spec, page_spec, page_spec],
+      out_specs=tile_spec,
+      out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="ragged_paged_attention",
+  )(block_first_pos, block_rows, block_kv_len, block_pages, q_tiles, k_pages, v_pages)
+
+  # --- Unpack: token t of sequence s sits in block seq_block_start[s] + (t - cu[s]) // block_q.
+  seq_ids, _, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  local = jnp.arange(num_tokens) - cu_q_lens[seq_ids]
+  tok_block = jnp.clip(seq_block_start[seq_ids] + local // block_q, 0, num_blocks - 1)
+  tok_row = (local % block_q) * group_padded
+  o = o_tiles.reshape(num_kv_heads, num_blocks * rows, head_dim)
+  o = o[:, (tok_block * rows + tok_row)[:, None] + jnp.arange(group)]      # [Hkv, T, G, D]
+  return o.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)

@@ -1,0 +1,114 @@
+"""Test and benchmark helpers: random ragged paged batches and a float64 numpy attention.
+
+Host-side numpy only (no jit); used by tests/test_kernels.py and scripts/kernel_bench.py.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedBatch:
+  """One ragged attention call's inputs, as numpy arrays (see pallas_kernels.ragged_paged_attention)."""
+  q: np.ndarray             # [T, Hq, D]
+  k_pages: np.ndarray       # [Hkv, P, ps, D]
+  v_pages: np.ndarray       # [Hkv, P, ps, D]
+  kv_lens: np.ndarray       # [S] int32
+  page_indices: np.ndarray  # [S, max_pages_per_seq] int32
+  cu_q_lens: np.ndarray     # [S + 1] int32
+  num_seqs: np.ndarray      # [1] int32
+
+  @property
+  def args(self):
+    return (self.q, self.k_pages, self.v_pages, self.kv_lens, self.page_indices, self.cu_q_lens,
+            self.num_seqs)
+
+  @property
+  def num_valid_tokens(self) -> int:
+    return int(self.cu_q_lens[int(self.num_seqs[0])])
+
+
+def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num_kv_heads: int,
+                        head_dim: int, page_size: int, num_tokens: int | None = None,
+                        max_seqs: int | None = None, max_pages_per_seq: int | None = None,
+                        extra_pages: int = 3, dtype=np.float32,
+                        garbage_scale: float = 30.0) -> RaggedBatch:
+  """A batch of sequences given as (q_len, kv_len) pairs, with padding rows and padding sequences.
+
+  Pages are shuffled across the pool, so page tables are non-contiguous. Everything a correct
+  kernel must ignore (KV slots past kv_len, unused pages, unused page-table columns, padding query
+  rows) holds large random values so that a leak shows up as a large error.
+  """
+  seqs = [(int(q), int(kv)) for q, kv in seqs]
+  assert all(1 <= q <= kv for q, kv in seqs), seqs
+  num_valid = sum(q for q, _ in seqs)
+  num_tokens = num_valid if num_tokens is None else num_tokens
+  max_seqs = len(seqs) if max_seqs is None else max_seqs
+  assert num_tokens >= num_valid and max_seqs >= len(seqs)
+  seq_pages = [-(-kv // page_size) for _, kv in seqs]
+  if max_pages_per_seq is None:
+    max_pages_per_seq = max(seq_pages) + 1
+  assert max_pages_per_seq >= max(seq_pages)
+  num_pages = sum(seq_pages) + extra_pages
+
+  shape = (num_kv_heads, num_pages, page_size, head_dim)
+  k_pages = garbage_scale * rng.standard_normal(shape)
+  v_pages = garbage_scale * rng.standard_normal(shape)
+  # Page table: a random permutation of the pool; unused columns point at random pages.
+  perm = rng.permutation(num_pages)
+  page_indices = rng.integers(0, num_pages, size=(max_seqs, max_pages_per_seq))
+  next_page = 0
+  for s, (_, kv_len) in enumerate(seqs):
+    for j in range(seq_pages[s]):
+      page = perm[next_page]
+      next_page += 1
+      page_indices[s, j] = page
+      n = min(page_size, kv_len - j * page_size)
+      k_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, head_dim))
+      v_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, head_dim))
+
+  q = rng.standard_normal((num_tokens, num_q_heads, head_dim))
+  q[num_valid:] *= garbage_scale
+  kv_lens = np.zeros(max_seqs, np.int32)
+  kv_lens[:len(seqs)] = [kv for _, kv in seqs]
+  cu_q_lens = np.full(max_seqs + 1, num_valid, np.int32)
+  cu_q_lens[:len(seqs) + 1] = np.cumsum([0] + [q for q, _ in seqs])
+  return RaggedBatch(
+      q=q.astype(dtype), k_pages=k_pages.astype(dtype), v_pages=v_pages.astype(dtype),
+      kv_lens=kv_lens, page_indices=page_indices.astype(np.int32), cu_q_lens=cu_q_lens,
+      num_seqs=np.array([len(seqs)], np.int32))
+
+
+def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
+                  soft_cap: float | None = None) -> np.ndarray:
+  """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, D]."""
+  q = np.asarray(batch.q, np.float64)
+  k_pages = np.asarray(batch.k_pages, np.float64)
+  v_pages = np.asarray(batch.v_pages, np.float64)
+  num_kv_heads, _, page_size, head_dim = k_pages.shape
+  num_q_heads = q.shape[1]
+  group = num_q_heads // num_kv_heads
+  out = np.zeros((batch.num_valid_tokens, num_q_heads, head_dim))
+  for s in range(int(batch.num_seqs[0])):
+    q_start, q_end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
+    kv_len = int(batch.kv_lens[s])
+    pages = batch.page_indices[s, :-(-kv_len // page_size)]
+    k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim)[:, :kv_len]  # [Hkv, L, D]
+    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim)[:, :kv_len]
+    k = np.repeat(k, group, axis=0)                                        # [Hq, L, D]
+    v = np.repeat(v, group, axis=0)
+    pos = kv_len - (q_end - q_start) + np.arange(q_end - q_start)          # [q_len]
+    scores = np.einsum("thd,hld->htl", q[q_start:q_end], k) * sm_scale     # [Hq, q_len, L]
+    if soft_cap is not None:
+      scores = soft_cap * np.tanh(scores / soft_cap)
+    kv_pos = np.arange(kv_len)
+    mask = kv_pos[None, :] <= pos[:, None]
+    if sliding_window is not None:
+      mask &= kv_pos[None, :] > pos[:, None] - sliding_window
+    scores = np.where(mask[None], scores, -np.inf)
+    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+    p /= p.sum(axis=-1, keepdims=True)
+    out[q_start:q_end] = np.einsum("htl,hld->thd", p, v)
+  return out

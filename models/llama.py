@@ -132,7 +132,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     return x
 
 
-def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """[N, hidden] -> [N, vocab] float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
@@ -142,7 +142,8 @@ def _logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla"
 ) -> tuple[jax.Array, KVCache]:
-    """The engine's step over paged KV: returns ([S, vocab] float32 logits of each sequence's last row, caches)."""
+    """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
+    `logits_indices`, updated caches). `compute_logits` turns those rows into logits."""
     new_caches = list(kv_caches)
     sm_scale = cfg.head_dim**-0.5
 
@@ -155,7 +156,7 @@ def forward(
         )
 
     x = _decoder(params, cfg, inputs.tokens, inputs.positions, attend)
-    return _logits(params, cfg, x[inputs.logits_indices]), new_caches
+    return x[inputs.logits_indices], new_caches
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None) -> jax.Array:
@@ -177,4 +178,4 @@ def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Ar
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     x = _decoder(params, cfg, tokens, positions, lambda i, q, k, v: dense_causal_attention(q, k, v, cfg.sliding_window))
-    return _logits(params, cfg, x)
+    return compute_logits(params, cfg, x)

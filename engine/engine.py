@@ -1,0 +1,254 @@
+"""`LLMEngine`: one replica. `step()` is schedule -> run -> postprocess, nothing else.
+
+A request's life, text to text:
+  1. `add_request` tokenizes (or takes token ids), validates, and queues a `Sequence`.
+  2. `Scheduler.schedule` admits it: the radix cache supplies its longest cached prefix, pages are
+     allocated for the unmatched tail only, which is prefilled in chunks inside a ragged batch that
+     also carries every running decode.
+  3. `ModelRunner.run` packs the plan into bucketed arrays, runs the jitted step (KV donated) and
+     samples on the device; the sampled tokens come back in one host sync.
+  4. `Scheduler.commit` appends the tokens, caches finished prefill pages in the tree, applies stop
+     tokens and length limits; here the new tokens are detokenized incrementally, stop strings are
+     checked, and a `RequestOutput` (delta text + totals) is returned for streaming.
+  5. On finish the sequence's full pages stay in the tree (the next chat turn hits), its lock and
+     references go, and the partial last page returns to the pool.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import os
+import random
+import time
+from typing import Sequence as Seq
+
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels
+from engine.config import EngineConfig
+from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
+from engine.runner import ModelRunner, kv_bytes_per_page
+from engine.scheduler import Scheduler
+from models.loader import load_weights, tokenizer_source
+from models.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step produced for one request; the final one (finished=True) carries the totals."""
+
+    request_id: str
+    delta_text: str
+    delta_token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    text: str  # all text so far
+    token_ids: list[int]  # all generated ids so far
+    prompt_tokens: int
+    cached_tokens: int
+    logprobs: list[float] | None = None  # per generated token (when asked)
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+    stop_reason: str | int | None = None
+    ttft_s: float | None = None
+    e2e_s: float | None = None
+    token_times_s: list[float] | None = None
+
+
+def setup_compilation_cache(directory: str) -> None:
+    if not directory:
+        return
+    path = os.path.expanduser(directory)
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def resolve_dtype(name: str):
+    if name == "auto":
+        return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True):
+        t0 = time.perf_counter()
+        self.config = config
+        setup_compilation_cache(config.compilation_cache_dir)
+        self.dtype = resolve_dtype(config.model.dtype)
+        self.model_cfg, params = load_weights(config.model.path, self.dtype)
+        self.params = jax.device_put(params)
+        self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+        self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
+        num_pages = config.cache.num_pages or int(
+            config.cache.memory_gb * 2**30 // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype)
+        )
+        if num_pages * config.cache.page_size < self.max_model_len:
+            raise ValueError(
+                f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
+                f"model.max_model_len={self.max_model_len} tokens"
+            )
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len)
+        self.scheduler.eos_ids = frozenset(self.tokenizer.stop_ids)
+        backend = pallas_kernels.resolve_backend(config.attention.backend)
+        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend)
+        self.runner.warmup(progress)
+        self._ids = itertools.count()
+        self._seed_rng = random.Random()
+        self._state: dict[str, _OutputState] = {}
+        self.num_steps = 0
+        self.startup_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------------------ requests
+    def add_request(
+        self,
+        prompt: str | Seq[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        namespace: str | None = None,
+    ) -> str:
+        """Queues a request (text or token ids); raises RequestError naming what is wrong."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            prompt_ids = self.tokenizer.encode(prompt)
+        else:
+            prompt_ids = [int(t) for t in prompt]
+        validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._state:
+            raise RequestError(f"request id {request_id!r} is already in use")
+        seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed)
+        self._state[request_id] = _OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Ends a request now (client gone); its pages return to the pool. False if unknown."""
+        state = self._state.pop(request_id, None)
+        if state is None:
+            return False
+        self.scheduler.abort(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---------------------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        plan = self.scheduler.schedule()
+        if plan is None:
+            return []
+        out = self.runner.run(plan)
+        now = time.perf_counter()
+        sampled = [int(t) if c.sample else None for c, t in zip(plan.chunks, out.tokens)]
+        got_token = self.scheduler.commit(plan, sampled)
+        index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
+        outputs = []
+        for seq in got_token:
+            state = self._state.get(seq.request_id)
+            if state is None:
+                continue
+            i = index[seq.request_id]
+            if seq.params.logprobs is not None:
+                seq.output_logprobs.append(float(out.logprobs[i]))
+                k = seq.params.logprobs
+                seq.output_top_logprobs.append([(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:k], out.top_logprobs[i][:k])])
+            if seq.first_token_s is None:
+                seq.first_token_s = now
+            seq.token_times_s.append(now)
+            outputs.append(self._postprocess(state, now))
+        if self.config.debug_checks:
+            self.scheduler.check_invariants()
+        self.num_steps += 1
+        return outputs
+
+    def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
+        seq = state.seq
+        new_ids = seq.output_ids[state.num_ids_seen :]
+        state.num_ids_seen = len(seq.output_ids)
+        # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
+        state.text += state.detok.step(new_ids[:-1] if seq.finish_reason == "stop" else new_ids)
+        if seq.status is Status.FINISHED:
+            state.text += state.detok.flush()
+        stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
+        if stop_at is not None and seq.status is not Status.FINISHED:
+            self.scheduler.finish(seq, "stop")
+        if stop_at is not None:
+            index, stop = stop_at
+            state.text = state.text[:index]
+            seq.stop_reason = stop
+        finished = seq.status is Status.FINISHED
+        # Hold back a tail that could still become a stop string, so streams never show it.
+        visible = len(state.text) if finished else len(state.text) - _partial_stop_len(state.text, seq.params.stop)
+        delta = state.text[state.num_chars_emitted : visible]
+        state.num_chars_emitted = max(state.num_chars_emitted, visible)
+        if finished:
+            seq.finish_s = now
+            self._state.pop(seq.request_id, None)
+        return RequestOutput(
+            request_id=seq.request_id,
+            delta_text=delta,
+            delta_token_ids=new_ids,
+            finished=finished,
+            finish_reason=seq.finish_reason,
+            text=state.text[:visible],
+            token_ids=list(seq.output_ids),
+            prompt_tokens=len(seq.prompt_ids),
+            cached_tokens=seq.num_cached_prompt,
+            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
+            top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs else None,
+            stop_reason=seq.stop_reason,
+            ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
+            e2e_s=(now - seq.arrival_s) if finished else None,
+            token_times_s=list(seq.token_times_s) if finished else None,
+        )
+
+    # -------------------------------------------------------------------------------- stats
+    def stats(self) -> dict:
+        s = self.scheduler
+        return {
+            "num_waiting": len(s.waiting),
+            "num_running": len(s.running),
+            "pages_total": s.pool.num_pages,
+            "pages_free": s.pool.num_free,
+            "pages_tree": s.tree.num_cached_pages,
+            "pages_held_by_requests": sum(len(q.pages) for q in s.running),
+            "num_preemptions": s.stats.num_preemptions,
+            "num_evicted_pages": s.stats.num_evicted_pages,
+            "prompt_tokens": s.stats.prompt_tokens,
+            "cached_prompt_tokens": s.stats.cached_prompt_tokens,
+            "num_steps": self.num_steps,
+        }
+
+
+@dataclasses.dataclass
+class _OutputState:
+    seq: Sequence
+    detok: object
+    text: str = ""
+    num_ids_seen: int = 0
+    num_chars_emitted: int = 0
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    """Earliest stop string in text[start - longest stop:] -> (index, stop)."""
+    if not stops:
+        return None
+    lo = max(0, start - max(map(len, stops)))
+    hits = [(i, s) for s in stops if (i := text.find(s, lo)) >= 0]
+    return min(hits) if hits else None
+
+
+def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

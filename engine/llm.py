@@ -1,0 +1,92 @@
+"""`LLM`: the Python API for offline use (research experiments, batch jobs)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence as Seq
+
+from engine.config import EngineConfig, load_config
+from engine.engine import LLMEngine, RequestOutput
+from engine.request import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    cached_tokens: int
+    ttft_s: float
+    e2e_s: float
+    logprobs: list[float] | None = None
+    stop_reason: str | int | None = None
+
+
+class LLM:
+    """LLM("configs/smollm2-135m.yaml") or LLM(EngineConfig(...)); overrides as dotted keys.
+
+    >>> llm = LLM("configs/smollm2-135m.yaml")
+    >>> llm.chat([[{"role": "user", "content": "What is 2+2?"}]], SamplingParams(temperature=0, max_tokens=20))
+    """
+
+    def __init__(self, config: EngineConfig | str | None = None, progress: bool = True, **overrides):
+        if not isinstance(config, EngineConfig):
+            config = load_config(config)
+        if overrides:
+            config = config.replace(**{k.replace("__", "."): v for k, v in overrides.items()})
+        self.engine = LLMEngine(config, progress=progress)
+        self.tokenizer = self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]] | str,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        namespace: str | None = None,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Runs every prompt (text or token ids) through the continuous batch; results in input order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        ids = [self.engine.add_request(p, sp, namespace=namespace) for p, sp in zip(prompts, params_list)]
+        finals = self._run(set(ids), progress)
+        return [finals[i] for i in ids]
+
+    def chat(
+        self,
+        conversations: Seq[Seq[dict]],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        namespace: str | None = None,
+        progress: bool = False,
+    ) -> list[Completion]:
+        """Applies the model's chat template to each message list, then generates."""
+        prompts = [self.tokenizer.encode_chat(list(messages)) for messages in conversations]
+        return self.generate(prompts, params, namespace, progress)
+
+    def _run(self, pending: set[str], progress: bool) -> dict[str, Completion]:
+        from tqdm import tqdm
+
+        finals: dict[str, Completion] = {}
+        with tqdm(total=len(pending), desc="generating", unit="req", disable=not progress) as bar:
+            while pending - finals.keys():
+                for out in self.engine.step():
+                    if out.finished and out.request_id in pending:
+                        finals[out.request_id] = _completion(out)
+                        bar.update(1)
+        return finals
+
+
+def _completion(out: RequestOutput) -> Completion:
+    return Completion(
+        text=out.text,
+        token_ids=out.token_ids,
+        finish_reason=out.finish_reason,
+        prompt_tokens=out.prompt_tokens,
+        cached_tokens=out.cached_tokens,
+        ttft_s=out.ttft_s,
+        e2e_s=out.e2e_s,
+        logprobs=out.logprobs,
+        stop_reason=out.stop_reason,
+    )

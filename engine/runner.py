@@ -1,0 +1,165 @@
+"""The device side of a replica: KV cache, bucketed batch arrays, the jitted step and the sampler.
+
+The scheduler's `StepPlan` (host ints) becomes one `ModelInputs` (device arrays of a few bucketed
+shapes); the model step runs with the KV cache donated (updated in place, never copied), then the
+head + sampler run on the hidden rows of each sequence's last token. One host sync per step: the
+sampled tokens and their logprobs.
+
+Two jitted functions keep the number of compiled shapes additive, not multiplicative:
+  forward: (params, kv, inputs[T bucket; S = max_running]) -> (hidden [S, H], kv)   one per T bucket
+  head:    (params, hidden, sampling inputs [S bucket])     -> tokens, logprobs       one per S bucket
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine import sampler
+from engine.config import EngineConfig
+from engine.request import MAX_TOP_LOGPROBS
+from engine.scheduler import StepPlan
+from models import llama
+from models.config import LlamaConfig
+
+log = logging.getLogger(__name__)
+
+MIN_TOKEN_BUCKET = 16
+
+
+def pow2_buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` up to the first one >= `largest`."""
+    out = [smallest]
+    while out[-1] < largest:
+        out.append(out[-1] * 2)
+    return out
+
+
+def bucket_for(n: int, buckets: list[int]) -> int:
+    for b in buckets:
+        if b >= n:
+            return b
+    raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
+
+
+def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype) -> int:
+    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutput:
+    tokens: np.ndarray  # [num_chunks] int32 (meaningful where the chunk samples)
+    logprobs: np.ndarray  # [num_chunks] float32
+    top_ids: np.ndarray  # [num_chunks, K]
+    top_logprobs: np.ndarray  # [num_chunks, K]
+
+
+class ModelRunner:
+    def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
+                 dtype, backend: str):
+        self.cfg = model_cfg
+        self.params = params
+        self.page_size = config.cache.page_size
+        self.num_pages = num_pages
+        self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
+        self.max_seqs = config.scheduler.max_running
+        self.token_buckets = pow2_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
+        self.seq_buckets = pow2_buckets(1, self.max_seqs)
+        self.backend = backend
+        shape = (model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
+        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_cfg.num_layers)]
+        self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend), donate_argnames="kv_caches")
+        self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
+        self._copy = jax.jit(_copy_pages, donate_argnums=0)
+
+    # ------------------------------------------------------------------------------ compile
+    def warmup(self, progress: bool = True) -> None:
+        """Compiles every token bucket and sequence bucket now, so no request waits on XLA."""
+        from tqdm import tqdm
+
+        jobs = [("forward", t) for t in self.token_buckets] + [("head", s) for s in self.seq_buckets]
+        for kind, n in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
+            if kind == "forward":
+                inputs = self._pack_padding(n)
+                self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
+            else:
+                s_in = sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False)
+                jax.block_until_ready(
+                    self._head(self.params, self._hidden, s_in, num_rows=n, use_penalties=False, use_filters=False,
+                               num_top_logprobs=0)
+                )
+
+    def _pack_padding(self, num_tokens: int) -> llama.ModelInputs:
+        s, p = self.max_seqs, self.max_pages_per_seq
+        return llama.ModelInputs(
+            tokens=np.zeros(num_tokens, np.int32),
+            positions=np.zeros(num_tokens, np.int32),
+            slot_mapping=np.full(num_tokens, -1, np.int32),
+            kv_lens=np.zeros(s, np.int32),
+            page_indices=np.zeros((s, p), np.int32),
+            cu_q_lens=np.zeros(s + 1, np.int32),
+            num_seqs=np.zeros(1, np.int32),
+            logits_indices=np.zeros(s, np.int32),
+        )
+
+    # ---------------------------------------------------------------------------------- step
+    def pack(self, plan: StepPlan) -> llama.ModelInputs:
+        """Host arrays of the plan in its token bucket (sequence axis always max_running long)."""
+        num_tokens = plan.num_tokens
+        inputs = self._pack_padding(bucket_for(num_tokens, self.token_buckets))
+        ps, row = self.page_size, 0
+        for i, chunk in enumerate(plan.chunks):
+            n = len(chunk.token_ids)
+            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
+            pages = np.asarray(chunk.pages, np.int32)
+            inputs.tokens[row : row + n] = chunk.token_ids
+            inputs.positions[row : row + n] = pos
+            inputs.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
+            inputs.kv_lens[i] = chunk.start + n
+            inputs.page_indices[i, : len(pages)] = pages
+            row += n
+            inputs.cu_q_lens[i + 1] = row
+            inputs.logits_indices[i] = row - 1
+        inputs.cu_q_lens[len(plan.chunks) + 1 :] = row
+        inputs.num_seqs[0] = len(plan.chunks)
+        return inputs
+
+    def run(self, plan: StepPlan) -> StepOutput:
+        if plan.page_copies:
+            self.copy_pages(plan.page_copies)
+        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self.pack(plan))
+        num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
+        rows = [(c.seq.params, c.seq.seed, len(c.seq.output_ids), c.seq.prompt_ids, c.seq.output_ids) for c in plan.chunks]
+        params = [c.seq.params for c in plan.chunks if c.sample]
+        use_penalties = any(p.uses_penalties for p in params)
+        use_filters = any(p.uses_filters and not p.greedy for p in params)
+        top = max((p.logprobs or 0 for p in params), default=0)
+        num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
+        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties)
+        out = self._head(self.params, hidden, s_in, num_rows=num_rows, use_penalties=use_penalties,
+                         use_filters=use_filters, num_top_logprobs=num_top)
+        tokens, logprobs, top_ids, top_lps = jax.device_get(out)
+        n = len(plan.chunks)
+        return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
+
+    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs):
+        logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
+        return sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
+                              num_top_logprobs=num_top_logprobs)
+
+    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write of whole pages (every layer), before a step that writes into the copies."""
+        n = bucket_for(len(copies), self.seq_buckets)
+        src = np.zeros(n, np.int32)
+        dst = np.full(n, self.num_pages, np.int32)  # out of range: dropped
+        src[: len(copies)], dst[: len(copies)] = zip(*copies)
+        self.kv = self._copy(self.kv, src, dst)
+
+
+def _copy_pages(kv, src, dst):
+    return [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop")) for k, v in kv]

@@ -1,0 +1,99 @@
+"""Sampling on the device: greedy, temperature, top-k, top-p, min-p, penalties, per-request seeds, logprobs.
+
+Per-row parameters travel as [S] arrays, so one compiled function serves any mix of requests; static
+flags only switch off whole stages nobody in the batch uses (penalties, filters, top logprobs).
+A row's random key is fold_in(key(seed), num_generated): the same seed and prompt give the same
+tokens whatever else shares the batch.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine.request import SamplingParams
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplingInputs:
+    temperature: jax.Array  # [S] float32, 0 = greedy
+    top_k: jax.Array  # [S] int32, 0 = off
+    top_p: jax.Array  # [S] float32
+    min_p: jax.Array  # [S] float32
+    presence_penalty: jax.Array  # [S] float32
+    frequency_penalty: jax.Array  # [S] float32
+    repetition_penalty: jax.Array  # [S] float32
+    seeds: jax.Array  # [S] uint32
+    steps: jax.Array  # [S] int32, tokens generated so far
+    output_counts: jax.Array | None = None  # [S, V] float32, counts of generated tokens (penalties only)
+    seen: jax.Array | None = None  # [S, V] bool, prompt or generated tokens (repetition penalty only)
+
+
+def build_inputs(
+    rows: list[tuple[SamplingParams, int, int, list[int], list[int]]], num_rows: int, vocab_size: int, use_penalties: bool
+) -> SamplingInputs:
+    """Host arrays for `num_rows` (bucketed) rows from (params, seed, step, prompt_ids, output_ids) per real row."""
+    n = num_rows
+    temperature = np.zeros(n, np.float32)
+    top_k = np.zeros(n, np.int32)
+    top_p, rep = np.ones(n, np.float32), np.ones(n, np.float32)
+    min_p, presence, frequency = np.zeros(n, np.float32), np.zeros(n, np.float32), np.zeros(n, np.float32)
+    seeds, steps = np.zeros(n, np.uint32), np.zeros(n, np.int32)
+    counts = np.zeros((n, vocab_size), np.float32) if use_penalties else None
+    seen = np.zeros((n, vocab_size), bool) if use_penalties else None
+    for i, (p, seed, step, prompt_ids, output_ids) in enumerate(rows):
+        temperature[i], top_k[i], top_p[i], min_p[i] = p.temperature, p.top_k, p.top_p, p.min_p
+        presence[i], frequency[i], rep[i] = p.presence_penalty, p.frequency_penalty, p.repetition_penalty
+        seeds[i], steps[i] = seed & 0xFFFFFFFF, step
+        if use_penalties and p.uses_penalties:
+            np.add.at(counts[i], np.asarray(output_ids, np.int64), 1.0)
+            seen[i, prompt_ids] = True
+            seen[i, output_ids] = True
+    return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen)
+
+
+def _filter_sorted(sorted_logits: jax.Array, s: SamplingInputs) -> jax.Array:
+    """Masks (to -inf) entries of descending-sorted, temperature-scaled logits [S, V] outside top-k/top-p/min-p."""
+    vocab = sorted_logits.shape[-1]
+    rank = jnp.arange(vocab)[None, :]
+    k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (rank < k) & (mass_before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
+    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+    return jnp.where(keep, sorted_logits, -jnp.inf)
+
+
+def sample(
+    logits: jax.Array, s: SamplingInputs, *, use_penalties: bool, use_filters: bool, num_top_logprobs: int
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """logits [S, V] float32 -> (tokens [S] int32, logprobs [S], top_ids [S, K], top_logprobs [S, K]).
+
+    Returned logprobs are those of the model's raw distribution (before penalties and temperature).
+    """
+    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if use_penalties:
+        logits = logits - s.presence_penalty[:, None] * (s.output_counts > 0) - s.frequency_penalty[:, None] * s.output_counts
+        rp = s.repetition_penalty[:, None]
+        logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
+    keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seeds, s.steps)
+    if use_filters:
+        order = jnp.argsort(-scaled, axis=-1)  # [S, V] descending
+        filtered = _filter_sorted(jnp.take_along_axis(scaled, order, axis=-1), s)
+        picked = jax.vmap(jax.random.categorical)(keys, filtered)
+        sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
+    else:
+        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+    tokens = jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32))
+    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+    if num_top_logprobs:
+        top_lps, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)
+    else:
+        top_lps = jnp.zeros((logits.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+    return tokens, logprobs, top_ids.astype(jnp.int32), top_lps

@@ -1,0 +1,351 @@
+"""Continuous-batching scheduler: host state in, a plain `StepPlan` out.
+
+Each step it (1) gives every running decode one token, (2) continues running prefills in chunks,
+(3) admits waiting sequences in policy order, prefilling only the tail the radix cache does not
+hold, all under one token budget. When pages run out it evicts unlocked tree leaves, then preempts
+the newest running sequence by recompute (its computed full pages stay in the tree, so readmission
+is mostly a hit). It never touches JAX: pages are ints, the plan is ints and lists.
+
+Page ownership (see DESIGN.md invariants): a running sequence holds one pool reference on each of
+its pages and locks the tree node of its cached path; the tree holds its own reference on every
+page it stores. Finishing inserts the sequence's full pages, unlocks, and drops its references.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Iterable
+
+from engine.block_hash import page_hashes
+from engine.config import CacheConfig, SchedulerConfig
+from engine.page_pool import PagePool
+from engine.radix_cache import RadixCache
+from engine.request import Sequence, Status
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Tokens [start, start + len(token_ids)) of one sequence, computed this step."""
+
+    seq: Sequence  # for the engine's post-processing; the runner reads only the plain fields below
+    token_ids: list[int]
+    start: int
+    pages: tuple[int, ...]  # the sequence's whole page list (page-table row)
+    sample: bool  # this chunk ends at the sequence's last token: sample the next one
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    chunks: list[Chunk]  # decodes first, then prefill chunks
+    page_copies: list[tuple[int, int]]  # (src, dst): copy-on-write of a shared last page before the step
+    num_decode_tokens: int
+    num_prefill_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_decode_tokens + self.num_prefill_tokens
+
+
+@dataclasses.dataclass
+class SchedulerStats:
+    num_preemptions: int = 0
+    num_evicted_pages: int = 0
+    prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0
+
+
+LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
+
+
+class Scheduler:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int):
+        self.cfg = sched
+        self.page_size = cache.page_size
+        self.max_model_len = max_model_len
+        self.pool = PagePool(num_pages)
+        self.tree = RadixCache(self.pool, cache.page_size)
+        self.prefix_caching = cache.prefix_caching
+        self.waiting: collections.deque[Sequence] = collections.deque()
+        self.running: list[Sequence] = []  # admission order: oldest first
+        self.stats = SchedulerStats()
+        # Full pages some running prefill is computing right now, by chained block hash: a waiting
+        # sequence whose next uncached page is here waits for it instead of computing it again.
+        self._inflight: collections.Counter[int] = collections.Counter()
+        self._inflight_of: dict[str, list[int]] = {}
+
+    # ----------------------------------------------------------------------------------- queue
+    def add(self, seq: Sequence) -> None:
+        seq.status = Status.WAITING
+        self.waiting.append(seq)
+        self.stats.prompt_tokens += len(seq.prompt_ids)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                seq.status, seq.finish_reason = Status.FINISHED, "abort"
+                return seq
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.finish(seq, "abort")
+                return seq
+        return None
+
+    # -------------------------------------------------------------------------------- schedule
+    def schedule(self) -> StepPlan | None:
+        """Plans one step; None when nothing can run."""
+        budget = self.cfg.max_batch_tokens
+        chunks: list[Chunk] = []
+        copies: list[tuple[int, int]] = []
+        scheduled: set[str] = set()
+        num_decode = num_prefill = 0
+
+        # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence.
+        for seq in [s for s in self.running if not s.is_prefilling]:
+            if seq.status is not Status.RUNNING:
+                continue  # preempted earlier in this loop
+            if not self._make_room(seq, seq.num_tokens, scheduled):
+                continue
+            chunks.append(self._chunk(seq, seq.num_computed, 1))
+            scheduled.add(seq.request_id)
+            budget -= 1
+            num_decode += 1
+
+        # 2. Running prefills continue, chunked by the budget.
+        for seq in [s for s in self.running if s.is_prefilling]:
+            if budget <= 0 or seq.status is not Status.RUNNING:
+                continue
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(n, self._fit(seq, n))
+            if n <= 0:
+                continue
+            if not self._make_room(seq, seq.num_computed + n, scheduled):
+                continue
+            chunks.append(self._chunk(seq, seq.num_computed, n))
+            scheduled.add(seq.request_id)
+            budget -= n
+            num_prefill += n
+
+        # 3. Admit waiting sequences in policy order while slots, budget and pages last.
+        admitted: set[int] = set()
+        for seq in self._admission_order():
+            if budget <= 0 or len(self.running) >= self.cfg.max_running:
+                break
+            chunk = self._admit(seq, budget, copies)
+            if chunk == "wait":
+                continue  # its next page is being computed by another prefill: it will hit next time
+            if chunk is None:
+                break  # out of pages: later arrivals must not overtake (no starvation of long prompts)
+            chunks.append(chunk)
+            admitted.add(id(seq))
+            budget -= len(chunk.token_ids)
+            num_prefill += len(chunk.token_ids)
+        if admitted:
+            self.waiting = collections.deque(s for s in self.waiting if id(s) not in admitted)
+
+        if not chunks:
+            return None
+        return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill)
+
+    def _admission_order(self) -> list[Sequence]:
+        waiting = list(self.waiting)
+        if self.cfg.policy == "lpm" and self.prefix_caching:
+            # Longest cached prefix first (ties keep arrival order) over a bounded window of the queue.
+            window = waiting[:LPM_WINDOW]
+            lengths = {id(s): self.tree.match(s.all_ids, s.namespace).num_tokens for s in window}
+            window.sort(key=lambda s: -lengths[id(s)])
+            return window + waiting[LPM_WINDOW:]
+        return waiting
+
+    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]]) -> Chunk | str | None:
+        """Admits `seq` with its cached prefix; "wait" if its next page is in flight, None if out of pages."""
+        tokens = seq.all_ids
+        if self.prefix_caching:
+            match = self.tree.match(tokens, seq.namespace)
+            if self._waits_for_inflight(seq, match.num_tokens):
+                return "wait"
+            shared, num_cached = list(match.pages), match.num_tokens
+        else:
+            match, shared, num_cached = None, [], 0
+        cow_src = None
+        if num_cached == len(tokens):
+            # Whole sequence cached: recompute only the last token, into a private copy of the last page.
+            cow_src = shared.pop()
+            num_cached -= 1
+        n = min(len(tokens) - num_cached, budget)
+        num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
+        if not self._reserve(num_pages_needed, protect=match):
+            return None
+        if match is not None:
+            self.tree.lock(match.node)
+            seq.lock_node = match.node
+            self.pool.ref(shared)
+        seq.pages = shared + self.pool.alloc(num_pages_needed)
+        if cow_src is not None:
+            copies.append((cow_src, seq.pages[len(shared)]))
+        seq.num_computed = num_cached
+        seq.num_tree_tokens = len(shared) * self.page_size
+        if seq.num_preemptions == 0:
+            seq.num_cached_prompt = num_cached
+            self.stats.cached_prompt_tokens += num_cached
+        seq.status = Status.RUNNING
+        self.running.append(seq)
+        self._mark_inflight(seq)
+        return self._chunk(seq, num_cached, n)
+
+    def _chunk(self, seq: Sequence, start: int, n: int) -> Chunk:
+        return Chunk(
+            seq=seq,
+            token_ids=seq.token_slice(start, start + n),
+            start=start,
+            pages=tuple(seq.pages),
+            sample=start + n == seq.num_tokens,
+        )
+
+    # ------------------------------------------------------------------------------------ pages
+    def _reserve(self, n: int, protect=None) -> bool:
+        """Makes `n` pages free, evicting unlocked tree leaves if needed."""
+        if n <= self.pool.num_free:
+            return True
+        if self.prefix_caching:
+            if protect is not None:
+                self.tree.lock(protect.node)  # NOTE: the path being admitted must survive its own eviction
+            self.stats.num_evicted_pages += self.tree.evict(n - self.pool.num_free)
+            if protect is not None:
+                self.tree.unlock(protect.node)
+        return n <= self.pool.num_free
+
+    def _fit(self, seq: Sequence, n: int) -> int:
+        """How many of `n` more tokens fit in the pages the sequence has or could get now."""
+        obtainable = self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
+        return min(n, (len(seq.pages) + obtainable) * self.page_size - seq.num_computed)
+
+    def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
+        """Gives `seq` pages for `num_tokens` tokens, preempting newer sequences; False if `seq` itself was preempted."""
+        need = -(-num_tokens // self.page_size) - len(seq.pages)
+        while not self._reserve(need):
+            victims = [s for s in reversed(self.running) if s is not seq and s.request_id not in scheduled]
+            victim = victims[0] if victims else seq
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        if need > 0:
+            seq.pages += self.pool.alloc(need)
+        return True
+
+    def preempt(self, seq: Sequence) -> None:
+        """Recompute preemption: computed full pages go to the tree, the sequence waits at the front."""
+        self._release(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.stats.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self._cache_computed(seq)
+        if seq.lock_node is not None:
+            self.tree.unlock(seq.lock_node)
+            seq.lock_node = None
+        self.pool.unref(seq.pages)
+        seq.pages, seq.num_computed, seq.num_tree_tokens = [], 0, 0
+        self._clear_inflight(seq)
+        self.running.remove(seq)
+
+    def _cache_computed(self, seq: Sequence) -> None:
+        """Inserts the sequence's computed full pages into the tree and moves its lock to the new path."""
+        if not self.prefix_caching:
+            return
+        num_full = seq.num_computed // self.page_size
+        if num_full * self.page_size <= seq.num_tree_tokens:
+            return
+        tokens = seq.token_slice(0, num_full * self.page_size)
+        self.tree.insert(tokens, seq.pages[:num_full], seq.namespace)
+        match = self.tree.match(tokens, seq.namespace)
+        self.tree.lock(match.node)
+        if seq.lock_node is not None:
+            self.tree.unlock(seq.lock_node)
+        seq.lock_node = match.node
+        seq.num_tree_tokens = match.num_tokens
+
+    # -------------------------------------------------------------------- in-flight prefixes
+    def _waits_for_inflight(self, seq: Sequence, num_cached: int) -> bool:
+        """True if the next uncached page of `seq` is being computed by a running prefill."""
+        if not self._inflight:
+            return False
+        hashes = page_hashes(seq.all_ids[: num_cached + self.page_size], self.page_size, seq.namespace)
+        first_uncached = num_cached // self.page_size
+        return len(hashes) > first_uncached and self._inflight[hashes[first_uncached]] > 0
+
+    def _mark_inflight(self, seq: Sequence) -> None:
+        if not self.prefix_caching:
+            return
+        hashes = page_hashes(seq.all_ids, self.page_size, seq.namespace)[seq.num_computed // self.page_size :]
+        self._inflight.update(hashes)
+        self._inflight_of[seq.request_id] = hashes
+
+    def _clear_inflight(self, seq: Sequence) -> None:
+        hashes = self._inflight_of.pop(seq.request_id, None)
+        if hashes:
+            self._inflight.subtract(hashes)
+            self._inflight += collections.Counter()  # drop zero counts
+
+    # ---------------------------------------------------------------------------------- commit
+    def commit(self, plan: StepPlan, sampled: Iterable[int | None]) -> list[Sequence]:
+        """Records a finished step: computed tokens, one sampled token per sampling chunk.
+
+        Returns the sequences that got a new token (the engine checks stop strings and streams them).
+        """
+        got_token = []
+        for chunk, token in zip(plan.chunks, sampled):
+            seq = chunk.seq
+            if seq.status is not Status.RUNNING:
+                continue  # aborted while the step ran
+            seq.num_computed = chunk.start + len(chunk.token_ids)
+            if seq.request_id in self._inflight_of:  # a prefill chunk
+                self._cache_computed(seq)  # other requests can hit these pages from the next step on
+                if not seq.is_prefilling:
+                    self._clear_inflight(seq)
+            if chunk.sample:
+                seq.output_ids.append(int(token))
+                got_token.append(seq)
+                reason = self._stop_reason(seq)
+                if reason:
+                    self.finish(seq, reason)
+        return got_token
+
+    def _stop_reason(self, seq: Sequence) -> str | None:
+        token = seq.output_ids[-1]
+        if token in seq.params.stop_token_ids:
+            seq.stop_reason = token
+            return "stop"
+        if not seq.params.ignore_eos and token in self.eos_ids:
+            return "stop"
+        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length"
+        return None
+
+    eos_ids: frozenset[int] = frozenset()
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Ends a running sequence: its full pages stay cached, its own references go."""
+        if seq.status is Status.RUNNING:
+            self._release(seq)
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+
+    # ------------------------------------------------------------------------------ invariants
+    def check_invariants(self) -> None:
+        """Every page is free or referenced exactly by the tree and running sequences (debug mode)."""
+        self.pool.check_invariants()
+        self.tree.check_invariants()
+        refs: collections.Counter[int] = collections.Counter()
+        for seq in self.running:
+            refs.update(seq.pages)
+        tree_pages = self.tree.all_pages() if hasattr(self.tree, "all_pages") else None
+        if tree_pages is not None:
+            refs.update(tree_pages)
+            for page in range(self.pool.num_pages):
+                assert self.pool.refcount(page) == refs[page], f"page {page}: refcount {self.pool.refcount(page)} != holders {refs[page]}"
+        assert self.pool.num_free + self.pool.num_used == self.pool.num_pages

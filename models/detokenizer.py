@@ -1,4 +1,4 @@
-"""Incremental detokenization: stream text out while token ids arrive one step at a time.
+r"""Incremental detokenization: stream text out while token ids arrive one step at a time.
 
 Decoding each token alone is wrong: a token can hold part of a UTF-8 character (byte-level BPE, byte
 fallback), and SentencePiece-style decoders render a token differently depending on what precedes it.

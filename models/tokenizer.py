@@ -1,0 +1,508 @@
+"""Text <-> token ids for every model RadixLM serves, built from a GGUF file or a HF tokenizer directory.
+
+    tok = Tokenizer.load("SmolLM2-135M-Instruct.Q4_1.gguf")      # or a directory with tokenizer.json
+    ids = tok.encode_chat([{"role": "user", "content": "Hi"}])   # prompt ids, template applied
+    detok = tok.detokenizer(ids)                                  # streams generated text
+    text = detok.step([next_id]) ... + detok.flush()
+
+Two backends sit behind one interface:
+- `tokenizers.Tokenizer` (HF, Rust): a directory's `tokenizer.json`, or a GGUF `gpt2` vocabulary (byte-level
+  BPE) rebuilt from its tokens, merges and token types with the pre-tokenizer llama.cpp uses for it.
+- `sentencepiece.SentencePieceProcessor`: a directory's `tokenizer.model`, or a GGUF `llama` / `t5`
+  vocabulary (SentencePiece BPE / unigram) rebuilt as a SentencePiece ModelProto from tokens, scores, types.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable, Sequence
+
+from models.chat_template import render_chat_template
+from models.detokenizer import IncrementalDetokenizer
+
+# GGUF token types (llama.cpp `llama_token_type`); SentencePiece uses the same numbers.
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+
+# Control tokens that end a turn or a generation, by text (llama.cpp marks the same ones end-of-generation).
+_END_OF_TURN_TOKENS = frozenset({
+    "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>",
+    "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>",
+})  # fmt: skip
+
+# Pre-tokenizer splits for GGUF byte-level vocabularies, by `tokenizer.ggml.pre` (regexes as llama.cpp's
+# llama-vocab.cpp). Each entry: (isolate single digits first, main split regex).
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
+    **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "roberta-bpe"), (False, _GPT2_SPLIT)),
+    # NOTE: StarCoder-family vocabularies (SmolLM among them) isolate every digit before the GPT-2 split, as
+    # their tokenizer.json does (Digits(individual_digits) + ByteLevel) and llama.cpp does.
+    **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone"), (True, _GPT2_SPLIT)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), (False, _LLAMA3_SPLIT)),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (False, _QWEN2_SPLIT)),
+}
+
+_SP_MODEL_TYPES = {"llama": "BPE", "t5": "UNIGRAM"}  # GGUF tokenizer.ggml.model -> SentencePiece model type
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends: encode(text, add_special_tokens) -> ids, decode(ids, skip_special_tokens) -> text.
+
+
+class _HFBackend:
+    """A `tokenizers.Tokenizer`; its post-processor adds BOS/EOS when add_special_tokens is set."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.tokenizer.token_to_id(token)
+
+    def special_tokens(self) -> dict[int, str]:
+        return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
+
+
+class _SentencePieceBackend:
+    """A `SentencePieceProcessor`, plus special-token matching in text (SentencePiece never matches control
+    pieces in text; HF tokenizers do) and the dummy-prefix rule applied once per text, not per segment."""
+
+    def __init__(self, processor, *, special: dict[str, int], add_bos_id, add_eos_id, add_space_prefix: bool):
+        self.processor = processor
+        self.vocab_size = processor.get_piece_size()
+        self._special = special  # text -> id, matched whole in input text
+        self._special_ids = {i: t for t, i in special.items()}
+        self._split = (
+            re.compile("(" + "|".join(re.escape(t) for t in sorted(special, key=len, reverse=True)) + ")")
+            if special
+            else None
+        )
+        self._add_bos_id, self._add_eos_id = add_bos_id, add_eos_id
+        self._add_space_prefix = add_space_prefix
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        ids = [self._add_bos_id] if add_special_tokens and self._add_bos_id is not None else []
+        segments = self._split.split(text) if self._split else [text]
+        for n, segment in enumerate(segments):
+            if n % 2 == 1:  # a matched special token
+                ids.append(self._special[segment])
+            elif segment:
+                if n == 0 and self._add_space_prefix:
+                    segment = " " + segment
+                ids.extend(self.processor.encode(segment))
+        if add_special_tokens and self._add_eos_id is not None:
+            ids.append(self._add_eos_id)
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
+        # Runs of ordinary ids go through SentencePiece (byte fallback joins split characters); special ids
+        # become their text, or nothing.
+        parts: list[str] = []
+        run: list[int] = []
+        for i in ids:
+            i = int(i)
+            if i in self._special_ids or self.processor.is_control(i):
+                if run:
+                    parts.append(self.processor.decode(run))
+                    run = []
+                if not skip_special_tokens:
+                    parts.append(self._special_ids.get(i) or self.processor.id_to_piece(i))
+            else:
+                run.append(i)
+        if run:
+            parts.append(self.processor.decode(run))
+        text = "".join(parts)
+        if self._add_space_prefix and text.startswith(" "):
+            text = text[1:]
+        return text
+
+    def token_to_id(self, token: str) -> int | None:
+        if token in self._special:
+            return self._special[token]
+        i = self.processor.piece_to_id(token)
+        return None if i == self.processor.unk_id() and token != self.processor.id_to_piece(i) else i
+
+    def special_tokens(self) -> dict[int, str]:
+        return dict(self._special_ids)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """Encode, decode, chat templates and streaming detokenization for one model."""
+
+    def __init__(
+        self,
+        backend: _HFBackend | _SentencePieceBackend,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        stop_ids: Iterable[int] = (),
+        chat_template: str | None = None,
+        special_tokens: dict[str, str] | None = None,
+        source: str = "",
+    ):
+        self._backend = backend
+        self.vocab_size: int = backend.vocab_size
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self.stop_ids: frozenset[int] = frozenset(stop_ids) | ({eos_id} if eos_id is not None else set())
+        self.chat_template = chat_template
+        self._template_tokens = special_tokens or {}  # bos_token, eos_token, ... -> text, for templates
+        self._source = source
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self._source!r}, vocab_size={self.vocab_size})"
+
+    # --- loading ------------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """A `.gguf` file or a HF tokenizer directory."""
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            return cls.from_pretrained_dir(path)
+        if os.path.isfile(path):
+            return cls.from_gguf(path)
+        raise FileNotFoundError(f"No tokenizer at {path!r}: expected a .gguf file or a directory with tokenizer.json")
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
+        path = os.fspath(path)
+        meta = _read_gguf_tokenizer_metadata(path)
+        model = meta.get("tokenizer.ggml.model")
+        tokens = meta.get("tokenizer.ggml.tokens")
+        if model is None or tokens is None:
+            missing = "tokenizer.ggml.model" if model is None else "tokenizer.ggml.tokens"
+            raise ValueError(f"{path}: GGUF has no tokenizer metadata (field {missing!r} missing)")
+        token_types = meta.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+
+        def token_id(key: str) -> int | None:
+            value = meta.get(f"tokenizer.ggml.{key}")
+            return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+
+        bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
+        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
+        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
+        if model == "gpt2":
+            backend = _HFBackend(_byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id,
+                                                           add_bos, add_eos))  # fmt: skip
+        elif model in _SP_MODEL_TYPES:
+            backend = _sentencepiece_from_gguf(path, meta, model, tokens, token_types, bos_id, eos_id,
+                                               token_id("unknown_token_id"), add_bos, add_eos)  # fmt: skip
+        else:
+            raise ValueError(
+                f"{path}: unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
+                f"supported: {sorted(['gpt2', *_SP_MODEL_TYPES])}"
+            )
+
+        names = {"bos_token": bos_id, "eos_token": eos_id, "unk_token": token_id("unknown_token_id"),
+                 "pad_token": token_id("padding_token_id")}  # fmt: skip
+        stop_ids = {token_id(k) for k in ("eot_token_id", "eom_token_id")} - {None}
+        stop_ids |= {i for i, (t, k) in enumerate(zip(tokens, token_types))
+                     if k == _TOKEN_CONTROL and t in _END_OF_TURN_TOKENS}  # fmt: skip
+        return cls(
+            backend,
+            bos_id=bos_id,
+            eos_id=eos_id,
+            stop_ids=stop_ids,
+            chat_template=meta.get("tokenizer.chat_template"),
+            special_tokens={name: tokens[i] for name, i in names.items() if i is not None},
+            source=path,
+        )
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str | os.PathLike) -> Tokenizer:
+        """A HF directory: `tokenizer.json` (preferred) or `tokenizer.model`, with `tokenizer_config.json`
+        (special tokens, add_bos_token, chat template), `chat_template.jinja` and `generation_config.json`
+        (extra eos ids) when present."""
+        path = os.fspath(path)
+        config = _read_json(os.path.join(path, "tokenizer_config.json"))
+        names = {
+            name: _token_text(config.get(name))
+            for name in ("bos_token", "eos_token", "unk_token", "pad_token")
+            if _token_text(config.get(name)) is not None
+        }
+        json_path, sp_path = os.path.join(path, "tokenizer.json"), os.path.join(path, "tokenizer.model")
+        if os.path.isfile(json_path):
+            backend = _hf_backend_from_json(json_path, config, names)
+        elif os.path.isfile(sp_path):
+            backend = _sentencepiece_backend_from_file(sp_path, config, names)
+        else:
+            raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model found")
+
+        ids = {name: backend.token_to_id(text) for name, text in names.items()}
+        special = backend.special_tokens()
+        stop_ids = {i for i, t in special.items() if t in _END_OF_TURN_TOKENS}
+        eos_ids = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
+        stop_ids |= set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
+        return cls(
+            backend,
+            bos_id=ids.get("bos_token"),
+            eos_id=ids.get("eos_token"),
+            stop_ids=stop_ids,
+            chat_template=_dir_chat_template(path, config),
+            special_tokens=names,
+            source=path,
+        )
+
+    # --- text <-> ids -------------------------------------------------------------------------------------
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`. Special tokens written in the text (e.g. "<|im_start|>") map to their ids;
+        BOS (EOS) is added only when the model asks for it and `add_special_tokens` is set."""
+        return self._backend.encode(text, add_special_tokens)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self._backend.decode(ids, skip_special_tokens)
+
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A streaming decoder for the ids generated after `prompt_ids` (special tokens skipped)."""
+        return IncrementalDetokenizer(lambda ids: self._backend.decode(ids, True), prompt_ids)
+
+    # --- chat -----------------------------------------------------------------------------------------------
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        if not self.chat_template:
+            raise ValueError(
+                f"{self._source}: the model defines no chat template (GGUF tokenizer.chat_template / "
+                "tokenizer_config.json chat_template / chat_template.jinja)"
+            )
+        return render_chat_template(
+            self.chat_template,
+            messages,
+            add_generation_prompt=add_generation_prompt,
+            special_tokens=self._template_tokens,
+            **kwargs,
+        )
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        # NOTE: templates write BOS themselves when the model wants it, so (as transformers'
+        # apply_chat_template(tokenize=True) does) no special tokens are added on top.
+        text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# GGUF
+
+
+def _read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
+    """The `tokenizer.*` key-value pairs of a GGUF file (tensor data is memory-mapped, never read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # gguf raises ValueError / struct errors on foreign files
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+    meta = {}
+    for name, field in reader.fields.items():
+        if name.startswith("tokenizer."):
+            value = field.contents()
+            if name == "tokenizer.ggml.precompiled_charsmap":
+                value = bytes(value)
+            meta[name] = value
+    return meta
+
+
+def _byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id, add_bos, add_eos):
+    """A `tokenizers.Tokenizer` for a GGUF `gpt2` vocabulary: byte-level BPE from the file's merges, control
+    tokens as special tokens, user-defined ones as added tokens, BOS/EOS added as the file says."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer as HFTokenizer
+
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    if pre not in _GGUF_PRE_TOKENIZERS:
+        raise ValueError(
+            f"{path}: unsupported pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(_GGUF_PRE_TOKENIZERS)}"
+        )
+    merges = meta.get("tokenizer.ggml.merges")
+    if merges is None:
+        raise ValueError(f"{path}: byte-level BPE vocabulary without merges (tokenizer.ggml.merges missing)")
+
+    vocab: dict[str, int] = {}
+    for i, token in enumerate(tokens):
+        vocab.setdefault(token, i)
+    tokenizer = HFTokenizer(
+        models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False)
+    )
+    isolate_digits, split = _GGUF_PRE_TOKENIZERS[pre]
+    steps = [pre_tokenizers.Digits(individual_digits=True)] if isolate_digits else []
+    steps += [
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ]
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
+    tokenizer.decoder = decoders.ByteLevel()
+
+    # Byte-level tokens are spelled in the 256-character byte alphabet; a "control" token outside it is a
+    # converter mislabel (it could never be produced), so it is not matched in text.
+    alphabet = _byte_level_alphabet()
+    tokenizer.add_special_tokens([
+        AddedToken(t, special=True, normalized=False)
+        for t, k in zip(tokens, token_types) if k == _TOKEN_CONTROL and set(t) <= alphabet
+    ])  # fmt: skip
+    tokenizer.add_tokens([
+        AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == _TOKEN_USER_DEFINED
+    ])  # fmt: skip
+    tokenizer.post_processor = _bos_eos_processor(tokens, bos_id if add_bos else None, eos_id if add_eos else None)
+    return tokenizer
+
+
+def _bos_eos_processor(tokens_or_names, bos_id: int | None, eos_id: int | None):
+    """A TemplateProcessing that adds `bos_id` before and `eos_id` after the text (None: not added)."""
+    from tokenizers import processors
+
+    def text(i):
+        return tokens_or_names[i] if not callable(tokens_or_names) else tokens_or_names(i)
+
+    single, specials = "$A:0", []
+    if bos_id is not None:
+        single = f"{text(bos_id)}:0 {single}"
+        specials.append((text(bos_id), bos_id))
+    if eos_id is not None:
+        single = f"{single} {text(eos_id)}:0"
+        specials.append((text(eos_id), eos_id))
+    specials = list(dict(specials).items())
+    return processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
+
+
+def _byte_level_alphabet() -> set[str]:
+    # GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for themselves,
+    # the other 68 bytes are shifted to U+0100 and up.
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [256 + n for n in range(256 - len(printable))]
+    return {chr(c) for c in printable + shifted}
+
+
+def _sentencepiece_from_gguf(path, meta, model, tokens, token_types, bos_id, eos_id, unk_id, add_bos, add_eos):
+    """A SentencePiece model rebuilt from a GGUF `llama` (BPE) or `t5` (unigram) vocabulary."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    scores = meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens)
+    proto = sp_pb2.ModelProto()
+    proto.trainer_spec.model_type = getattr(sp_pb2.TrainerSpec, _SP_MODEL_TYPES[model])
+    proto.trainer_spec.vocab_size = len(tokens)
+    proto.trainer_spec.byte_fallback = any(k == _TOKEN_BYTE for k in token_types)
+    proto.trainer_spec.unk_id = unk_id if unk_id is not None else 0
+    proto.trainer_spec.bos_id = bos_id if bos_id is not None else -1
+    proto.trainer_spec.eos_id = eos_id if eos_id is not None else -1
+    proto.trainer_spec.pad_id = -1
+    # The dummy prefix is applied by the backend (once per text, not once per segment between special tokens).
+    proto.normalizer_spec.name = "identity"
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.escape_whitespaces = True
+    proto.normalizer_spec.remove_extra_whitespaces = bool(meta.get("tokenizer.ggml.remove_extra_whitespaces", False))
+    if meta.get("tokenizer.ggml.precompiled_charsmap"):
+        proto.normalizer_spec.name = "nmt_nfkc"
+        proto.normalizer_spec.precompiled_charsmap = meta["tokenizer.ggml.precompiled_charsmap"]
+
+    special: dict[str, int] = {}
+    for i, (token, kind, score) in enumerate(zip(tokens, token_types, scores)):
+        kind = int(kind)
+        if kind == _TOKEN_NORMAL and token.strip(" ") == "" and token:
+            # NOTE: GGUF converters spell whitespace-only pieces with real spaces; SentencePiece wants U+2581.
+            token = token.replace(" ", "\u2581")
+        if kind == _TOKEN_CONTROL:
+            special[token] = i
+        piece = proto.pieces.add()
+        piece.piece, piece.score = token, float(score)
+        piece.type = kind if kind in (1, 2, 3, 4, 5, 6) else _TOKEN_NORMAL
+    if unk_id is None and not any(p.type == _TOKEN_UNKNOWN for p in proto.pieces):
+        raise ValueError(f"{path}: SentencePiece vocabulary without an unknown token")
+
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(proto.SerializeToString())
+    return _SentencePieceBackend(
+        processor,
+        special=special,
+        add_bos_id=bos_id if add_bos else None,
+        add_eos_id=eos_id if add_eos else None,
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF directories
+
+
+def _read_json(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token_text(value) -> str | None:
+    # tokenizer_config.json writes a special token as its text or as an AddedToken dict.
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _dir_chat_template(path: str, config: dict) -> str | None:
+    jinja_path = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_path):
+        with open(jinja_path, encoding="utf-8") as f:
+            return f.read()
+    template = config.get("chat_template") or _read_json(os.path.join(path, "chat_template.json")).get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t["name"]: t["template"] for t in template}
+        template = named.get("default")
+    return template
+
+
+def _hf_backend_from_json(json_path: str, config: dict, names: dict[str, str]) -> _HFBackend:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tokenizer = HFTokenizer.from_file(json_path)
+    # As transformers: an explicit add_bos_token / add_eos_token in the config (or no post-processor at all)
+    # replaces the tokenizer.json post-processor with BOS? $A EOS?.
+    if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
+        bos = tokenizer.token_to_id(names["bos_token"]) if config.get("add_bos_token") and "bos_token" in names else None
+        eos = tokenizer.token_to_id(names["eos_token"]) if config.get("add_eos_token") and "eos_token" in names else None
+        tokenizer.post_processor = _bos_eos_processor(tokenizer.id_to_token, bos, eos)
+    return _HFBackend(tokenizer)
+
+
+def _sentencepiece_backend_from_file(sp_path: str, config: dict, names: dict[str, str]) -> _SentencePieceBackend:
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    with open(sp_path, "rb") as f:
+        proto.ParseFromString(f.read())
+    add_space_prefix = proto.normalizer_spec.add_dummy_prefix
+    proto.normalizer_spec.add_dummy_prefix = False  # applied by the backend, see _SentencePieceBackend
+    processor = spm.SentencePieceProcessor()
+    processor.LoadFromSerializedProto(proto.SerializeToString())
+
+    special = {p.piece: i for i, p in enumerate(proto.pieces) if p.type == _TOKEN_CONTROL}
+    for i, token in (config.get("added_tokens_decoder") or {}).items():
+        if token.get("special"):
+            special[token["content"]] = int(i)
+    bos = processor.piece_to_id(names["bos_token"]) if "bos_token" in names else processor.bos_id()
+    eos = processor.piece_to_id(names["eos_token"]) if "eos_token" in names else processor.eos_id()
+    return _SentencePieceBackend(
+        processor,
+        special=special,
+        add_bos_id=bos if config.get("add_bos_token", True) and bos >= 0 else None,
+        add_eos_id=eos if config.get("add_eos_token", False) and eos >= 0 else None,
+        add_space_prefix=add_space_prefix,
+    )

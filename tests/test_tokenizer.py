@@ -239,6 +239,19 @@ def test_gemma_encode_decode_match_transformers(gemma, gemma_ref):
 
 
 @pytest.mark.slow
+def test_gemma_sentencepiece_dir_matches_gguf(gemma, tmp_path):
+    # A HF directory with a tokenizer.model (the SentencePiece proto rebuilt from the GGUF).
+    (tmp_path / "tokenizer.model").write_bytes(gemma._backend.processor.serialized_model_proto())
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "chat_template": "{{ bos_token }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    from_dir = Tokenizer.load(tmp_path)
+    assert (from_dir.vocab_size, from_dir.bos_id, from_dir.eos_id, from_dir.stop_ids) == (262144, 2, 1, {1, 106})
+    for text in GEMMA_TEXTS:
+        assert from_dir.encode(text) == gemma.encode(text), text
+    assert from_dir.encode_chat([]) == [2]
+
+
+@pytest.mark.slow
 def test_gemma_detokenizer(gemma):
     rng = random.Random(3)
     for _ in range(100):  # byte-fallback pieces <0x00>..<0xFF> are ids 238..493
@@ -327,6 +340,10 @@ def _write_gguf(path, **tokenizer_fields):
     for key, value in tokenizer_fields.items():
         if isinstance(value, str):
             writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
         else:
             writer.add_array(key, value)
     writer.add_tensor("t", np.zeros((2,), dtype=np.float32))
@@ -384,6 +401,11 @@ def test_tiny_gguf_byte_level_vocab_and_missing_template(tmp_path):
     assert tok.decode([3, 5, 0], skip_special_tokens=False) == "ab ab<|endoftext|>"
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+    fields.update({"tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.add_bos_token": True})
+    _write_gguf(tmp_path / "bos.gguf", **fields)
+    tok = Tokenizer.load(tmp_path / "bos.gguf")
+    assert (tok.bos_id, tok.encode("ab"), tok.encode("ab", add_special_tokens=False)) == (0, [0, 3], [3])
 
 
 def test_chat_template_sandbox_and_globals(tmp_path):

@@ -378,7 +378,7 @@ def _read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
 def _byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id, add_bos, add_eos):
     """A `tokenizers.Tokenizer` for a GGUF `gpt2` vocabulary: byte-level BPE from the file's merges, control
     tokens as special tokens, user-defined ones as added tokens, BOS/EOS added as the file says."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
     pre = meta.get("tokenizer.ggml.pre", "default")

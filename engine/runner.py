@@ -71,8 +71,8 @@ class ModelRunner:
         self.token_buckets = pow2_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
         self.seq_buckets = pow2_buckets(1, self.max_seqs)
         self.backend = backend
-        shape = (model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
-        self.kv = [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(model_cfg.num_layers)]
+        shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
+        self.kv = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))  # allocated once, donated to every step
         self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend), donate_argnames="kv_caches")
         self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
@@ -162,4 +162,6 @@ class ModelRunner:
 
 
 def _copy_pages(kv, src, dst):
-    return [(k.at[:, dst].set(k[:, src], mode="drop"), v.at[:, dst].set(v[:, src], mode="drop")) for k, v in kv]
+    """kv: (k, v) each [L, Hkv, P, ps, D]; copies pages src[i] -> dst[i] (out-of-range dst dropped)."""
+    k, v = kv
+    return k.at[:, :, dst].set(k[:, :, src], mode="drop"), v.at[:, :, dst].set(v[:, :, src], mode="drop")

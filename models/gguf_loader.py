@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from models.llama import stack_layers
 from models.config import ConfigError, LlamaConfig
 
 
@@ -95,7 +96,7 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
         if cfg.attention_bias:
             layer |= {"bq": get(b + "attn_q.bias"), "bk": get(b + "attn_k.bias"), "bv": get(b + "attn_v.bias")}
         layers.append(layer)
-    params = {"embed": get("token_embd.weight"), "layers": layers, "final_norm": get("output_norm.weight")}
+    params = {"embed": get("token_embd.weight"), "layers": stack_layers(layers), "final_norm": get("output_norm.weight")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = get("output.weight").T
     return cfg, _cast(params, dtype)

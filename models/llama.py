@@ -8,13 +8,18 @@ baked into the HLO. Two entry points share every layer but attention:
   the new K/V into their pages and attends over the paged cache through `pallas_kernels`.
 - `forward_dense(params, cfg, tokens)`: the non-paged reference; one sequence, plain causal attention.
 
-Layouts: activations [T, hidden]; q [T, Hq, D]; per-layer KV pages [Hkv, num_pages, page_size, D].
+Layers are stacked (every leaf of `params["layers"]` has a leading [L] axis) and run by `lax.scan`:
+XLA compiles one layer body, not L copies, which keeps start-up compilation of every bucket short.
+The KV cache is stacked the same way, `(k, v)` each [L, Hkv, num_pages, page_size, D], carried
+through the scan and written in place; attention reads layer `i` by index, never a sliced copy.
+
+Layouts: activations [T, hidden]; q [T, Hq, D].
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +29,7 @@ import pallas_kernels
 from models.config import LlamaConfig
 
 Params = dict
-KVCache = list  # [(k_pages, v_pages)] per layer, each [Hkv, num_pages, page_size, D]
+KVCache = tuple  # (k_pages, v_pages), each [L, Hkv, num_pages, page_size, D]
 
 
 @jax.tree_util.register_dataclass
@@ -43,22 +48,22 @@ class ModelInputs:
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
-    """The weight pytree as shapes (HF orientation transposed to x @ W)."""
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    layer = {
-        "attn_norm": (h,),
-        "wq": (h, cfg.q_size),
-        "wk": (h, cfg.kv_size),
-        "wv": (h, cfg.kv_size),
-        "wo": (cfg.q_size, h),
-        "mlp_norm": (h,),
-        "w_gate": (h, i),
-        "w_up": (h, i),
-        "w_down": (i, h),
+    """The weight pytree as shapes (HF orientation transposed to x @ W; layers stacked on axis 0)."""
+    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    layers = {
+        "attn_norm": (n, h),
+        "wq": (n, h, cfg.q_size),
+        "wk": (n, h, cfg.kv_size),
+        "wv": (n, h, cfg.kv_size),
+        "wo": (n, cfg.q_size, h),
+        "mlp_norm": (n, h),
+        "w_gate": (n, h, i),
+        "w_up": (n, h, i),
+        "w_down": (n, i, h),
     }
     if cfg.attention_bias:
-        layer |= {"bq": (cfg.q_size,), "bk": (cfg.kv_size,), "bv": (cfg.kv_size,)}
-    shapes = {"embed": (cfg.vocab_size, h), "layers": [dict(layer) for _ in range(cfg.num_layers)], "final_norm": (h,)}
+        layers |= {"bq": (n, cfg.q_size), "bk": (n, cfg.kv_size), "bv": (n, cfg.kv_size)}
+    shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
     return shapes
@@ -69,9 +74,11 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
+    norms = {"attn_norm", "mlp_norm", "final_norm"}
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
     arrays = [
-        (1.0 + scale * jax.random.normal(k, s)) if len(s) == 1 else scale * jax.random.normal(k, s)
-        for k, s in zip(keys, leaves)
+        (1.0 + scale * jax.random.normal(k, s)) if any(n in path for n in norms) else scale * jax.random.normal(k, s)
+        for k, s, path in zip(keys, leaves, paths)
     ]
     return jax.tree.unflatten(treedef, [a.astype(dtype) for a in arrays])
 
@@ -81,8 +88,6 @@ def check_params(cfg: LlamaConfig, params: Params, source: str) -> None:
     want = param_shapes(cfg)
     if set(want) != set(params):
         raise ValueError(f"{source}: weights have {sorted(params)} but the config needs {sorted(want)}")
-    if len(params["layers"]) != cfg.num_layers:
-        raise ValueError(f"{source}: {len(params['layers'])} layers of weights, config says num_layers={cfg.num_layers}")
     flat_want = jax.tree_util.tree_flatten_with_path(want, is_leaf=lambda x: isinstance(x, tuple))[0]
     got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
     for path, shape in flat_want:
@@ -92,6 +97,11 @@ def check_params(cfg: LlamaConfig, params: Params, source: str) -> None:
             raise ValueError(
                 f"{source}: tensor {jax.tree_util.keystr(path)} has shape {tuple(got[path].shape)}, config needs {tuple(shape)}"
             )
+
+
+def stack_layers(layers: list[dict]) -> dict:
+    """Per-layer weight dicts (loader order) -> one dict of [L, ...] numpy arrays."""
+    return {name: np.stack([layer[name] for layer in layers]) for name in layers[0]}
 
 
 # ---------------------------------------------------------------------------------------------- layers
@@ -109,15 +119,20 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-AttentionFn = Callable[[int, jax.Array, jax.Array, jax.Array], jax.Array]  # (layer, q, k, v) -> [T, Hq, D]
+# (layer index, q [T, Hq, D], k/v [T, Hkv, D], carry) -> (out [T, Hq, D], carry)
+AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
-def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn) -> jax.Array:
-    """Embedding and every decoder layer; returns the final hidden states [T, hidden] (before final norm)."""
+def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
+             carry: Any = None) -> tuple[jax.Array, Any]:
+    """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
+    the final norm, the attention carry: the KV cache for the paged step)."""
     inv_freq = cfg.rope_inv_freq()
-    x = params["embed"][tokens]  # [T, H]
     t = tokens.shape[0]
-    for i, p in enumerate(params["layers"]):
+
+    def layer(state, xs):
+        x, carry = state
+        p, i = xs
         h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
         q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
         if cfg.attention_bias:
@@ -125,11 +140,16 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
         k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        o = attend(i, q, k, v).reshape(t, cfg.q_size)
-        x = x + o @ p["wo"]
+        o, carry = attend(i, q, k, v, carry)
+        x = x + o.reshape(t, cfg.q_size) @ p["wo"]
         h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
         x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
-    return x
+        return (x, carry), None
+
+    x = params["embed"][tokens]  # [T, H]
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids))
+    return x, carry
 
 
 def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
@@ -144,19 +164,18 @@ def forward(
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits."""
-    new_caches = list(kv_caches)
     sm_scale = cfg.head_dim**-0.5
 
-    def attend(i, q, k, v):
-        k_pages, v_pages = pallas_kernels.write_kv(*new_caches[i], k, v, inputs.slot_mapping, backend=attn_backend)
-        new_caches[i] = (k_pages, v_pages)
-        return pallas_kernels.ragged_paged_attention(
+    def attend(i, q, k, v, kv):
+        k_pages, v_pages = pallas_kernels.write_kv(*kv, k, v, inputs.slot_mapping, backend=attn_backend, layer=i)
+        out = pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs,
-            sm_scale=sm_scale, sliding_window=cfg.sliding_window, backend=attn_backend,
+            sm_scale=sm_scale, sliding_window=cfg.sliding_window, backend=attn_backend, layer=i,
         )
+        return out, (k_pages, v_pages)
 
-    x = _decoder(params, cfg, inputs.tokens, inputs.positions, attend)
-    return x[inputs.logits_indices], new_caches
+    x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches))
+    return x[inputs.logits_indices], kv_caches
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None) -> jax.Array:
@@ -177,5 +196,5 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    x = _decoder(params, cfg, tokens, positions, lambda i, q, k, v: dense_causal_attention(q, k, v, cfg.sliding_window))
+    x, _ = _decoder(params, cfg, tokens, positions, lambda i, q, k, v, c: (dense_causal_attention(q, k, v, cfg.sliding_window), c))
     return compute_logits(params, cfg, x)

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from models.llama import stack_layers
 from models.config import LlamaConfig
 from models.gguf_loader import CheckpointError
 
@@ -80,7 +81,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
                 "bv": get(b + "self_attn.v_proj.bias"),
             }
         layers.append(layer)
-    params = {"embed": get("model.embed_tokens.weight"), "layers": layers, "final_norm": get("model.norm.weight")}
+    params = {"embed": get("model.embed_tokens.weight"), "layers": stack_layers(layers), "final_norm": get("model.norm.weight")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = get("lm_head.weight").T
     import jax

@@ -31,7 +31,7 @@ def resolve_backend(name: str) -> str:
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
-                           decode_only: bool = False) -> jax.Array:
+                           decode_only: bool = False, layer: jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
@@ -52,7 +52,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
+  if layer is not None:  # TODO(kernels): index the layer inside the kernel instead of slicing it out
+    k_pages, v_pages = k_pages[layer], v_pages[layer]
   from pallas_kernels import ragged_kernel  # noqa: PLC0415 (imports Pallas lazily)
   return ragged_kernel.ragged_paged_attention(
       q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -60,12 +62,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       interpret=backend == "pallas_interpret")
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla"):
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None):
   """Writes new K/V rows (k, v: [T, Hkv, D]) into flat slots (page * page_size + offset).
 
-  Negative slots are padding and are skipped. Returns the updated (k_pages, v_pages).
+  Negative slots are padding and are skipped. With `layer` (int32 scalar) the pages hold every
+  layer, [L, Hkv, P, ps, D], and only that layer is written. Returns the updated (k_pages, v_pages).
   """
   backend = resolve_backend(backend)
-  if backend == "xla":
-    return reference.write_kv(k_pages, v_pages, k, v, slot_mapping)
+  if backend in ("xla", "pallas", "pallas_interpret"):
+    return reference.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer)
   raise NotImplementedError(f"backend {backend!r} is not implemented yet")

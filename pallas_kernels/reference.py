@@ -56,8 +56,12 @@ def _pages_per_block(num_tokens: int, page_size: int, max_pages_per_seq: int) ->
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None,
-                           pages_per_block: int | None = None) -> jax.Array:
+                           pages_per_block: int | None = None,
+                           layer: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
+
+  With `layer` (int32 scalar), k/v_pages hold every layer, [L, Hkv, P, ps, D], and layer `layer`
+  is read in place (the gather indexes the layer; nothing of a whole layer is sliced out).
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
   [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros.
@@ -65,7 +69,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
       jnp.asarray, (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  num_kv_heads, num_pages, page_size, _ = k_pages.shape[-4:]
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
   if num_q_heads % num_kv_heads:
@@ -97,10 +101,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     cols = jnp.minimum(cols, max_pages_per_seq - 1)
     page_ids = jnp.clip(page_rows[:, cols], 0, num_pages - 1)
     # Gather: [Hkv, T, ppb, ps, D] -> [T, Hkv, block_len, D].
-    k = k_pages[:, page_ids].reshape(num_kv_heads, num_tokens, block_len, head_dim)
-    v = v_pages[:, page_ids].reshape(num_kv_heads, num_tokens, block_len, head_dim)
-    k = k.transpose(1, 0, 2, 3)
-    v = v.transpose(1, 0, 2, 3)
+    if layer is None:
+      # [Hkv, T, ppb, ps, D] -> [T, Hkv, block_len, D]
+      k = k_pages[:, page_ids].transpose(1, 0, 2, 3, 4)
+      v = v_pages[:, page_ids].transpose(1, 0, 2, 3, 4)
+    else:
+      # Scalar layer + [T, ppb] ids index around a slice: [T, ppb, Hkv, ps, D] -> [T, Hkv, ppb, ps, D]
+      k = k_pages[layer, :, page_ids].transpose(0, 2, 1, 3, 4)
+      v = v_pages[layer, :, page_ids].transpose(0, 2, 1, 3, 4)
+    k = k.reshape(num_tokens, num_kv_heads, block_len, head_dim)
+    v = v.reshape(num_tokens, num_kv_heads, block_len, head_dim)
     s = jnp.einsum("tkgd,tkbd->tkgb", qg, k,
                    preferred_element_type=jnp.float32)               # [T, Hkv, G, block_len]
     if soft_cap is not None:
@@ -131,20 +141,27 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping):
+def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = None):
   """Scatter new K/V rows ([T, Hkv, D]) into their slots; negative slots are padding and skipped.
 
-  slot = page * page_size + offset. Returns the updated (k_pages, v_pages); under jit with the
-  pages donated, XLA performs the scatter in place.
+  slot = page * page_size + offset. With `layer`, the pages hold every layer ([L, Hkv, P, ps, D])
+  and only layer `layer` is written. Returns the updated (k_pages, v_pages); under jit with the
+  pages donated (or carried through a loop), XLA performs the scatter in place.
   """
-  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape[-4:]
   num_slots = num_pages * page_size
   # Negative indices would wrap around; send them out of range so mode="drop" skips them.
   slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
 
   def scatter(pages, new):
-    flat = pages.reshape(num_kv_heads, num_slots, head_dim)
-    flat = flat.at[:, slots].set(new.transpose(1, 0, 2).astype(pages.dtype), mode="drop")
+    new = new.astype(pages.dtype)                                    # [T, Hkv, D]
+    if layer is None:
+      flat = pages.reshape(num_kv_heads, num_slots, head_dim)
+      flat = flat.at[:, slots].set(new.transpose(1, 0, 2), mode="drop")
+    else:
+      # Scalar layer + [T] slots index around a slice: the update is [T, Hkv, D].
+      flat = pages.reshape(pages.shape[0], num_kv_heads, num_slots, head_dim)
+      flat = flat.at[layer, :, slots].set(new, mode="drop")
     return flat.reshape(pages.shape)
 
   return scatter(k_pages, k), scatter(v_pages, v)

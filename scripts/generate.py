@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""Offline batch generation: JSONL in, JSONL out, through the continuous batch.
+
+    python scripts/generate.py --config configs/smollm2-135m.yaml --input in.jsonl --output out.jsonl \
+        [--set cache.num_pages=512 ...] [--print]
+
+Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, temperature, top_p, top_k, min_p,
+             seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, cache_salt.
+Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
+             or {"id", "error"} for a bad line; the job goes on.
+Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C stops
+cleanly; every line written is whole. A summary ends the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.config import ConfigKeyError, load_config  # noqa: E402
+from engine.request import RequestError, SamplingParams  # noqa: E402
+
+SAMPLING_FIELDS = {
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
+    "presence_penalty", "frequency_penalty", "repetition_penalty",
+}
+LINE_FIELDS = SAMPLING_FIELDS | {"id", "prompt", "messages", "cache_salt"}
+DEFAULT_MAX_TOKENS = 256
+
+
+def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | None]:
+    """-> (id, request fields, error). A line that is not a JSON object with an id gets id None."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, None, f"line {number}: not valid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return None, None, f"line {number}: expected a JSON object"
+    rid = obj.get("id")
+    if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        return None, None, f"line {number}: missing or invalid 'id' (a string or integer)"
+    rid = str(rid)
+    unknown = sorted(set(obj) - LINE_FIELDS)
+    if unknown:
+        return rid, None, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"
+    if ("prompt" in obj) == ("messages" in obj):
+        return rid, None, "exactly one of 'prompt' (text) or 'messages' (chat) is required"
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        return rid, None, "'prompt' must be a string"
+    if "messages" in obj and not (
+        isinstance(obj["messages"], list)
+        and obj["messages"]
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
+    ):
+        return rid, None, "'messages' must be a non-empty list of {role, content} strings"
+    if "cache_salt" in obj and not isinstance(obj["cache_salt"], str):
+        return rid, None, "'cache_salt' must be a string"
+    return rid, obj, None
+
+
+def sampling_params(obj: dict) -> SamplingParams:
+    kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    if isinstance(kwargs.get("stop"), str):
+        kwargs["stop"] = (kwargs["stop"],)
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        raise RequestError(str(e)) from e
+
+
+def answered_ids(path: str) -> set[str]:
+    """Ids already in the output file; a torn last line (killed mid-write) is cut off first."""
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb+") as f:
+        data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end != len(data):
+            f.truncate(end)
+    ids = set()
+    for line in data[:end].splitlines():
+        try:
+            ids.add(str(json.loads(line)["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    return ids
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--print", dest="echo", action="store_true", help="also print each answer")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigKeyError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.input):
+        print(f"input file {args.input} not found", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    from engine.engine import LLMEngine
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    done = answered_ids(args.output)
+    if done:
+        print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
+    engine = LLMEngine(config, progress=True)
+    max_waiting = 4 * config.scheduler.max_running  # requests are fed as the batch drains, not all at once
+    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0)
+    t0 = time.perf_counter()
+    pending: dict[str, str] = {}  # engine request id -> user id
+
+    with open(args.input) as src, open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
+
+        def emit(record: dict) -> None:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(1)
+            if args.echo and "text" in record:
+                tqdm.write(f"[{record['id']}] {record['text']}")
+
+        def drain(limit: int) -> None:
+            while len(pending) > limit:
+                for r in engine.step():
+                    if not r.finished or r.request_id not in pending:
+                        continue
+                    rid = pending.pop(r.request_id)
+                    totals["requests"] += 1
+                    totals["prompt"] += r.prompt_tokens
+                    totals["cached"] += r.cached_tokens
+                    totals["generated"] += len(r.token_ids)
+                    emit({"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                          "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens})
+                elapsed = time.perf_counter() - t0
+                hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
+                bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}", running=len(pending))
+
+        try:
+            seen: set[str] = set(done)
+            for number, line in enumerate(src, 1):
+                if not line.strip():
+                    continue
+                rid, obj, error = parse_line(line, number)
+                if rid is not None and rid in seen:
+                    if rid not in done:
+                        totals["duplicates"] += 1
+                    continue
+                if error is None:
+                    try:
+                        prompt = engine.tokenizer.encode_chat(obj["messages"]) if "messages" in obj else obj["prompt"]
+                        engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"))
+                        pending[engine_id] = rid
+                    except (RequestError, ValueError) as e:
+                        error = str(e)
+                if rid is not None:
+                    seen.add(rid)
+                if error is not None:
+                    totals["errors"] += 1
+                    emit({"id": rid, "error": error} if rid is not None else {"id": None, "line": number, "error": error})
+                drain(max_waiting)
+            drain(0)
+        except KeyboardInterrupt:
+            print(f"\ninterrupted: {len(pending)} requests unanswered; run again to resume", file=sys.stderr)
+
+    wall = time.perf_counter() - t0
+    hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
+    print(
+        f"summary: {totals['requests']} requests answered, {totals['errors']} errors, {totals['duplicates']} duplicate ids skipped | "
+        f"prompt tokens {totals['prompt']}, cached {totals['cached']} (hit rate {hit:.1%}), generated {totals['generated']} | "
+        f"{totals['requests'] / wall:.2f} req/s, {totals['generated'] / wall:.1f} generated tok/s | wall {wall:.1f} s "
+        f"(+ start-up {engine.startup_s:.1f} s)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,7 +3,7 @@
 The hash of page i covers every token up to the end of page i (and the namespace), because it
 chains through the hash of page i - 1:
 
-    root = H(TAG, namespace)        h_0 = H(root, page_0 tokens)        h_i = H(h_{i-1}, page_i tokens)
+    root = H(TAG, namespace)    h_0 = H(root, page 0 tokens)    h_i = H(h_{i-1}, page i tokens)
 
 so equal hashes mean equal prefixes (up to 64-bit collisions), which is exactly when two caches can
 share KV. The radix cache names pages in its "stored"/"removed" events with these hashes, and the

@@ -76,7 +76,7 @@ class PagePool:
             self._check_id(page)
             if self._refcounts[page] < n:
                 raise ValueError(
-                    f"page {page} has refcount {self._refcounts[page]}, cannot drop {n} reference(s)"
+                    f"page {page} has refcount {self._refcounts[page]}, cannot drop {n}"
                 )
         for page, n in counts.items():
             self._refcounts[page] -= n
@@ -93,7 +93,7 @@ class PagePool:
         assert len(free) == len(self._free), "a page is on the free list twice"
         for page in free:
             assert 0 <= page < self.num_pages, f"free list holds out-of-range page {page}"
-            assert self._refcounts[page] == 0, f"free page {page} has refcount {self._refcounts[page]}"
+            assert self._refcounts[page] == 0, f"free page {page} has a nonzero refcount"
         used = [p for p, rc in enumerate(self._refcounts) if rc != 0]
         for page in used:
             assert self._refcounts[page] > 0, f"page {page} has negative refcount"

@@ -115,7 +115,7 @@ class RadixCache:
 
     def insert(self, tokens: Sequence[int], pages: Sequence[int],
                namespace: str | None = None) -> int:
-        """Store `pages` as the KV of `tokens` (full pages only); return how many tokens were cached.
+        """Store `pages` as the KV of `tokens` (whole pages); return how many were already cached.
 
         Positions already in the tree keep the tree's page; the caller's page there is not taken.
         The tree takes one reference on each page it newly stores; the caller keeps its own.
@@ -260,7 +260,8 @@ class RadixCache:
         key = node.tokens[:ps]
         gone_pages, gone_hashes = node.pages[keep:], node.hashes[keep:]
         parent_hash = node.hashes[keep - 1] if keep else node.parent.last_hash()
-        node.tokens, node.pages, node.hashes = node.tokens[: keep * ps], node.pages[:keep], node.hashes[:keep]
+        node.tokens, node.pages = node.tokens[: keep * ps], node.pages[:keep]
+        node.hashes = node.hashes[:keep]
         self.pool.unref(gone_pages)  # NOTE: drops the tree's one reference on each page
         self._num_cached_pages -= n
         self._num_evictable_pages -= n
@@ -316,7 +317,8 @@ class RadixCache:
                     assert child.alive and child.parent is node and child.namespace == namespace
                     assert child.pages and len(child.tokens) == len(child.pages) * ps, "ragged edge"
                     assert key == child.tokens[:ps], "child not keyed by its first page"
-                    assert child.hashes == page_hashes(child.tokens, ps, namespace, node.last_hash())
+                    hashes = page_hashes(child.tokens, ps, namespace, node.last_hash())
+                    assert child.hashes == hashes, "block hashes do not chain"
                     assert child.last_access <= node.last_access, "child more recent than parent"
                     for page in child.pages:
                         assert page not in seen_pages, f"page {page} stored twice in the tree"
@@ -332,8 +334,8 @@ class RadixCache:
                         num_evictable += len(node.pages)
                         if not node.children:
                             leaves.add(id(node))
-        assert num_nodes == self._num_nodes, (num_nodes, self._num_nodes)
-        assert num_pages == self._num_cached_pages, (num_pages, self._num_cached_pages)
-        assert num_evictable == self._num_evictable_pages, (num_evictable, self._num_evictable_pages)
+        assert num_nodes == self._num_nodes, "node count drifted"
+        assert num_pages == self._num_cached_pages, "num_cached_pages drifted"
+        assert num_evictable == self._num_evictable_pages, "num_evictable_pages drifted"
         in_heap = {id(node) for stamp, _, node in self._heap if self._is_candidate(stamp, node)}
         assert leaves <= in_heap, "an evictable leaf is missing from the eviction heap"

@@ -224,6 +224,7 @@ def test_eviction_heap_stays_bounded():
 
 # --- stateful model --------------------------------------------------------------------------
 NUM_PAGES, NAMESPACES = 14, [None, "a"]
+PROMPTS = [(), (0, 0, 1, 1), (0, 0, 1, 1, 2, 2), (0, 0, 2), (2, 1, 2, 1, 2, 1)]  # shared heads
 
 
 @dataclass
@@ -247,6 +248,7 @@ class CacheMachine(RuleBasedStateMachine):
         self.tree: dict[tuple, int] = {}  # (namespace, prefix through a page) -> tree page
         self.written: dict[int, tuple] = {}  # page -> (namespace, prefix whose KV it holds)
         self.router: set[int] = set()  # block hashes announced by events
+        self.history: list[tuple] = []  # sequences seen, for follow-up turns
 
     def model_match(self, tokens, namespace):
         pages = []
@@ -291,9 +293,13 @@ class CacheMachine(RuleBasedStateMachine):
         for i in range(len(expected), n):
             self.tree[(req.namespace, tuple(req.tokens[: (i + 1) * PS]))] = req.pages[i]
 
-    @rule(tokens=st.lists(st.integers(0, 2), min_size=1, max_size=12),
+    @rule(data=st.data(), suffix=st.lists(st.integers(0, 1), max_size=5),
           namespace=st.sampled_from(NAMESPACES))
-    def start(self, tokens, namespace):
+    def start(self, data, suffix, namespace):
+        # A shared system prompt, or an earlier conversation (next turn), plus a new suffix.
+        head = data.draw(st.sampled_from(PROMPTS + self.history[-8:]))
+        tokens = (list(head) + suffix)[:12] or [0]
+        self.history.append(tuple(tokens))
         m = self.cache.match(tokens, namespace)
         assert m.pages == self.model_match(tokens, namespace)
         assert m.num_tokens == len(m.pages) * PS
@@ -333,6 +339,7 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(data=st.data(), finish=st.booleans())
     def end(self, data, finish):  # finish inserts the whole sequence; abort does not
         req = self.requests.pop(data.draw(st.sampled_from(sorted(self.requests))))
+        self.history.append(tuple(req.tokens))
         if finish:
             self.insert_full_pages(req)
         self.cache.unlock(req.node)

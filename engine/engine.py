@@ -74,14 +74,20 @@ def resolve_dtype(name: str):
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, progress: bool = True):
+    """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests)."""
+
+    def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None):
         t0 = time.perf_counter()
         self.config = config
         setup_compilation_cache(config.compilation_cache_dir)
         self.dtype = resolve_dtype(config.model.dtype)
-        self.model_cfg, params = load_weights(config.model.path, self.dtype)
+        if model is None:
+            self.model_cfg, params = load_weights(config.model.path, self.dtype)
+            self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+        else:
+            self.model_cfg, params, self.tokenizer = model
+            params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
         self.params = jax.device_put(params)
-        self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         num_pages = config.cache.num_pages or int(
             config.cache.memory_gb * 2**30 // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype)

@@ -29,12 +29,13 @@ class LLM:
     >>> llm.chat([[{"role": "user", "content": "What is 2+2?"}]], SamplingParams(temperature=0, max_tokens=20))
     """
 
-    def __init__(self, config: EngineConfig | str | None = None, progress: bool = True, **overrides):
+    def __init__(self, config: EngineConfig | str | None = None, progress: bool = True, model: tuple | None = None,
+                 **overrides):
         if not isinstance(config, EngineConfig):
             config = load_config(config)
         if overrides:
             config = config.replace(**{k.replace("__", "."): v for k, v in overrides.items()})
-        self.engine = LLMEngine(config, progress=progress)
+        self.engine = LLMEngine(config, progress=progress, model=model)
         self.tokenizer = self.engine.tokenizer
 
     def generate(

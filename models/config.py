@@ -119,6 +119,9 @@ class LlamaConfig:
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
         window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        # transformers >= 5 writes `rope_parameters` (rope_theta inside); older configs `rope_scaling` + `rope_theta`.
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -128,8 +131,8 @@ class LlamaConfig:
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
-            rope_theta=float(cfg.get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling"), source),
+            rope_theta=float(rope_theta),
+            rope_scaling=_rope_scaling_from_hf(rope, source),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),

@@ -26,16 +26,41 @@ def convert(source: str, output: str, dtype: str = "float32") -> None:
     Tokenizer.load(tokenizer_source(source)).save_pretrained(os.path.join(output, "tokenizer"))
 
 
+def time_loads(source: str, output: str, repeats: int = 3) -> tuple[float, float]:
+    """Median seconds to load the weights onto the device from `source` and from the Orbax `output`, alternating."""
+    import statistics
+
+    import jax
+    import jax.numpy as jnp
+
+    from models.loader import load_weights
+
+    times: dict[str, list[float]] = {source: [], output: []}
+    for _ in range(repeats):
+        for path in (source, output):
+            t0 = time.perf_counter()
+            _, params = load_weights(path, jnp.float32)
+            jax.block_until_ready(jax.device_put(params))
+            times[path].append(time.perf_counter() - t0)
+            del params
+    return statistics.median(times[source]), statistics.median(times[output])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True)
     ap.add_argument("--output", required=True)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    ap.add_argument("--time-load", action="store_true", help="then time loading the source vs the Orbax checkpoint")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     print(f"converting {args.source} -> {args.output} ({args.dtype})", file=sys.stderr)
     convert(args.source, args.output, args.dtype)
     print(f"done in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if args.time_load:
+        src_s, orbax_s = time_loads(args.source, args.output)
+        print(f"load to device, median of 3 alternating: source {src_s:.2f} s, Orbax {orbax_s:.2f} s, "
+              f"ratio source/Orbax {src_s / orbax_s:.1f}x")
     return 0
 
 

@@ -1,0 +1,336 @@
+#!/usr/bin/env python3
+"""Serving benchmarks with the metrics of SGLang's and vLLM's: named workloads, side-by-side configurations.
+
+In-process (two engine configurations, interleaved repetitions, each repetition starting from a cold cache):
+
+    python scripts/bench.py --workload shared-prefix --config configs/smollm2-135m.yaml \
+        --set-a cache.prefix_caching=false --set-b cache.prefix_caching=true --repeats 2 --max-concurrency 8
+
+Against a running server (OpenAI /v1/completions, streaming; several servers side by side with several --url):
+
+    python scripts/bench.py --workload shared-prefix --url http://127.0.0.1:8000 --max-concurrency 64 --num-requests 500
+
+Decode host overhead (share of step time outside the jitted step) at a fixed batch:
+
+    python scripts/bench.py --workload decode --decode-batch 32 --config configs/smollm2-135m.yaml
+
+Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
+random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
+random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
+arrives and carries the whole history). Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
+p50/p90/p99; token hit rate = cached prompt tokens / prompt tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import random
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOKEN_LO = 1000  # random ids are drawn from [TOKEN_LO, vocab - 1000): ordinary tokens, never special ones
+
+
+@dataclasses.dataclass
+class Turn:
+    prompt: list[int]  # for multi-turn: the new user message only; history is prepended at send time
+    max_tokens: int
+
+
+@dataclasses.dataclass
+class Session:
+    """One request, or one conversation whose turns go out one after another."""
+
+    turns: list[Turn]
+    group: int = -1  # shared-prefix group (-1: none)
+
+
+@dataclasses.dataclass
+class Result:
+    prompt_tokens: int
+    cached_tokens: int
+    output_tokens: int
+    ttft_s: float
+    e2e_s: float
+    itl_s: list[float]
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------------------------- workloads
+def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(TOKEN_LO, vocab - 1000) for _ in range(n)]
+
+
+def make_workload(args, vocab: int) -> tuple[list[Session], int]:
+    """-> (sessions in send order, ideal number of cached prompt tokens)."""
+    rng = random.Random(args.seed)
+    if args.workload == "shared-prefix":
+        systems = [_ids(rng, args.system_len, vocab) for _ in range(args.groups)]
+        sessions = [Session([Turn(systems[g] + _ids(rng, args.question_len, vocab), args.output_len)], g)
+                    for g in range(args.groups) for _ in range(args.prompts_per_group)]
+        rng.shuffle(sessions)
+        page = args.page_size
+        ideal = (args.prompts_per_group - 1) * args.groups * (args.system_len // page * page)
+        return sessions, ideal
+    if args.workload == "prefix-repetition":
+        prefixes = [_ids(rng, args.system_len, vocab) for _ in range(args.groups)]
+        sessions = [Session([Turn(prefixes[i % args.groups] + _ids(rng, args.question_len, vocab), args.output_len)], i % args.groups)
+                    for i in range(args.num_requests)]
+        rng.shuffle(sessions)
+        page = args.page_size
+        ideal = (args.num_requests - args.groups) * (args.system_len // page * page)
+        return sessions, ideal
+    if args.workload == "random":
+        return [Session([Turn(_ids(rng, args.system_len + args.question_len, vocab), args.output_len)])
+                for _ in range(args.num_requests)], 0
+    if args.workload == "multi-turn":
+        sessions = [Session([Turn(_ids(rng, args.system_len if t == 0 else args.question_len, vocab), args.output_len)
+                             for t in range(args.turns)]) for _ in range(args.num_requests)]
+        return sessions, 0
+    raise SystemExit(f"unknown workload {args.workload!r}")
+
+
+# --------------------------------------------------------------------------------------- engine mode
+def run_engine(engine, sessions: list[Session], max_concurrency: int, request_rate: float, rng: random.Random) -> tuple[list[Result], float]:
+    """Drives an in-process LLMEngine: at most `max_concurrency` sessions in flight, Poisson arrivals at `request_rate`."""
+    from engine.request import SamplingParams
+
+    results: list[Result] = []
+    queue = list(sessions)
+    active: dict[str, tuple[Session, int, list[int], float]] = {}  # rid -> (session, turn index, history, sent at)
+    next_arrival = time.perf_counter()
+    t0 = time.perf_counter()
+
+    def send(session: Session, turn: int, history: list[int]) -> None:
+        prompt = history + session.turns[turn].prompt
+        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=True)
+        rid = engine.add_request(prompt, params)
+        active[rid] = (session, turn, prompt, time.perf_counter())
+
+    while queue or active:
+        now = time.perf_counter()
+        while queue and len(active) < max_concurrency and now >= next_arrival:
+            send(queue.pop(0), 0, [])
+            if request_rate != float("inf"):
+                next_arrival += rng.expovariate(request_rate)
+        if not active:
+            time.sleep(max(0.0, next_arrival - time.perf_counter()))
+            continue
+        for out in engine.step():
+            if not out.finished:
+                continue
+            session, turn, prompt, sent = active.pop(out.request_id)
+            times = out.token_times_s or []
+            results.append(Result(out.prompt_tokens, out.cached_tokens, len(out.token_ids), out.ttft_s, out.e2e_s,
+                                  [b - a for a, b in zip(times, times[1:])]))
+            if turn + 1 < len(session.turns):
+                send(session, turn + 1, prompt + out.token_ids)
+    return results, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------------------- HTTP mode
+async def _http_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float) -> tuple[Result, list[int]]:
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}, "logprobs": None}
+    start = time.perf_counter()
+    times, usage, text_ids = [], {}, []
+    try:
+        async with client.stream("POST", f"{url}/v1/completions", json=body, timeout=timeout_s) as resp:
+            if resp.status_code != 200:
+                return Result(len(prompt), 0, 0, 0, 0, [], error=f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}"), []
+            async for line in resp.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.perf_counter())
+    except Exception as e:  # noqa: BLE001 (every failure is counted as an error of this request)
+        return Result(len(prompt), 0, 0, 0, 0, [], error=f"{type(e).__name__}: {e}"), []
+    end = time.perf_counter()
+    if not times or not usage:
+        return Result(len(prompt), 0, 0, 0, 0, [], error="stream ended without tokens or usage"), []
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+    return Result(usage["prompt_tokens"], cached, usage["completion_tokens"], times[0] - start, end - start,
+                  [b - a for a, b in zip(times, times[1:])]), text_ids
+
+
+async def run_http(url: str, model: str, sessions: list[Session], max_concurrency: int, request_rate: float,
+                   rng: random.Random, timeout_s: float) -> tuple[list[Result], float]:
+    import httpx
+
+    sem = asyncio.Semaphore(max_concurrency)
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=max_concurrency + 8, max_keepalive_connections=max_concurrency + 8)
+    async with httpx.AsyncClient(limits=limits) as client:
+
+        async def one(session: Session) -> None:
+            async with sem:
+                history: list[int] = []
+                for turn in session.turns:
+                    prompt = history + turn.prompt
+                    res, _ = await _http_request(client, url, model, prompt, turn.max_tokens, timeout_s)
+                    results.append(res)
+                    if res.error:
+                        return
+                    history = prompt + [TOKEN_LO] * res.output_tokens  # ids are not streamed back; see docs
+
+        t0 = time.perf_counter()
+        tasks = []
+        for s in sessions:
+            tasks.append(asyncio.create_task(one(s)))
+            if request_rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(request_rate))
+        await asyncio.gather(*tasks)
+        return results, time.perf_counter() - t0
+
+
+# -------------------------------------------------------------------------------------------- metrics
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def summarize(results: list[Result], wall_s: float, ideal_cached: int) -> dict:
+    ok = [r for r in results if not r.error]
+    prompt = sum(r.prompt_tokens for r in ok)
+    cached = sum(r.cached_tokens for r in ok)
+    out_tokens = sum(r.output_tokens for r in ok)
+    ttft = [r.ttft_s for r in ok]
+    e2e = [r.e2e_s for r in ok]
+    tpot = [(r.e2e_s - r.ttft_s) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    itl = [x for r in ok for x in r.itl_s]
+    hits = [r.ttft_s for r in ok if r.cached_tokens > 0]
+    m = {
+        "requests": len(ok), "errors": len(results) - len(ok), "wall_s": wall_s,
+        "request_throughput": len(ok) / wall_s, "output_throughput": out_tokens / wall_s,
+        "total_token_throughput": (prompt + out_tokens) / wall_s,
+        "prompt_tokens": prompt, "cached_tokens": cached, "token_hit_rate": cached / prompt if prompt else 0.0,
+        "hit_rate_of_ideal": (cached / ideal_cached) if ideal_cached else float("nan"),
+        "ttft_with_hit_p50_s": _pct(hits, 0.5),
+    }
+    for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2e", e2e)):
+        for q in (0.5, 0.9, 0.99):
+            m[f"{name}_p{int(q * 100)}_s"] = _pct(values, q)
+    return m
+
+
+def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
+    """Medians over repetitions; with two configurations also the ratio B/A."""
+    med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in names}
+    keys = list(med[names[0]])
+    header = f"{'metric':<24}" + "".join(f"{n:>16}" for n in names) + ("     B/A" if len(names) == 2 else "")
+    print(header)
+    print("-" * len(header))
+    for k in keys:
+        row = f"{k:<24}" + "".join(f"{med[n][k]:>16.4g}" for n in names)
+        if len(names) == 2 and med[names[0]][k]:
+            row += f"{med[names[1]][k] / med[names[0]][k]:>8.3g}"
+        print(row)
+
+
+# ----------------------------------------------------------------------------------------------- main
+def decode_overhead(args) -> None:
+    """Steady decode at a fixed batch: median step time, device time, and the host share of each step."""
+    from engine.config import load_config
+    from engine.engine import LLMEngine
+    from engine.request import SamplingParams
+
+    config = load_config(args.config, args.set_a)
+    engine = LLMEngine(config)
+    rng = random.Random(args.seed)
+    for _ in range(args.decode_batch):
+        engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size), SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+    steps = []
+    while engine.has_unfinished():
+        engine.step()
+        s = engine.last_step
+        if s.get("num_decode") == args.decode_batch and not s.get("num_prefill"):
+            steps.append(s)
+    total = statistics.median(s["total_s"] for s in steps)
+    device = statistics.median(s["device_s"] for s in steps)
+    share = statistics.median(1 - s["device_s"] / s["total_s"] for s in steps)
+    print(f"decode batch {args.decode_batch}: {len(steps)} pure-decode steps; median step {total * 1e3:.1f} ms, "
+          f"device (dispatch -> results on host) {device * 1e3:.1f} ms, host overhead {share:.1%} of the step; "
+          f"{args.decode_batch / total:.1f} tok/s")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "decode"], required=True)
+    ap.add_argument("--config", default="configs/smollm2-135m.yaml")
+    ap.add_argument("--set", dest="set_common", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
+    ap.add_argument("--set-a", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set-b", nargs="*", default=None, metavar="KEY=VALUE", help="a second configuration, run interleaved")
+    ap.add_argument("--url", nargs="*", default=None, help="benchmark servers instead (one column each)")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--groups", type=int, default=8)
+    ap.add_argument("--prompts-per-group", type=int, default=8)
+    ap.add_argument("--system-len", type=int, default=1024)
+    ap.add_argument("--question-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--num-requests", type=int, default=64)
+    ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--max-concurrency", type=int, default=8)
+    ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
+    ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--page-size", type=int, default=16, help="for the ideal hit rate (HTTP mode)")
+    ap.add_argument("--timeout-s", type=float, default=1800)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", help="also write the raw metrics here")
+    args = ap.parse_args(argv)
+    args.set_a = args.set_common + args.set_a
+    if args.workload == "decode":
+        decode_overhead(args)
+        return 0
+
+    runs: dict[str, list[dict]] = {}
+    if args.url:
+        sessions, ideal = make_workload(args, vocab=49152)
+        for url in args.url:
+            res, wall = asyncio.run(run_http(url.rstrip("/"), args.model, sessions, args.max_concurrency,
+                                             args.request_rate, random.Random(args.seed), args.timeout_s))
+            runs[url] = [summarize(res, wall, ideal)]
+        names = list(args.url)
+    else:
+        from engine.config import load_config
+        from engine.engine import LLMEngine
+
+        configs = {"A": load_config(args.config, args.set_a)}
+        if args.set_b is not None:
+            configs["B"] = load_config(args.config, args.set_common + args.set_b)
+        engines = {name: LLMEngine(cfg) for name, cfg in configs.items()}
+        args.page_size = configs["A"].cache.page_size
+        sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size)
+        for name, cfg in configs.items():
+            print(f"{name}: --set {' '.join(args.set_a if name == 'A' else args.set_common + args.set_b) or '(none)'}", file=sys.stderr)
+        for rep in range(args.repeats):
+            for name, engine in engines.items():  # interleaved: A, B, A, B, ...
+                engine.reset_prefix_cache()
+                res, wall = run_engine(engine, sessions, args.max_concurrency, args.request_rate, random.Random(args.seed))
+                runs.setdefault(name, []).append(summarize(res, wall, ideal))
+                print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)
+        names = list(configs)
+    print(f"\nworkload {args.workload}: {len(sessions)} sessions, concurrency {args.max_concurrency}, "
+          f"rate {args.request_rate}/s, {args.repeats} repeat(s), medians")
+    print_table(names, runs)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args) | {"request_rate": str(args.request_rate)}, "runs": runs}, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

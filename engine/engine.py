@@ -25,12 +25,14 @@ from typing import Sequence as Seq
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import pallas_kernels
 from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
+from models import sharding
 from models.loader import load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
 
@@ -82,15 +84,19 @@ class LLMEngine:
         setup_compilation_cache(config.compilation_cache_dir)
         self.dtype = resolve_dtype(config.model.dtype)
         if model is None:
-            self.model_cfg, params = load_weights(config.model.path, self.dtype)
+            model_cfg, params = load_weights(config.model.path, self.dtype)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
         else:
-            self.model_cfg, params, self.tokenizer = model
-            params = jax.tree.map(lambda a: jnp.asarray(a, self.dtype), params)
-        self.params = jax.device_put(params)
+            model_cfg, params, self.tokenizer = model
+            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), params)
+        tp = config.parallel.tensor
+        self.mesh = sharding.make_mesh(tp) if tp > 1 else None
+        self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
+        self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
+        # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
         num_pages = config.cache.num_pages or int(
-            config.cache.memory_gb * 2**30 // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype)
+            config.cache.memory_gb * 2**30 * tp // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype)
         )
         if num_pages * config.cache.page_size < self.max_model_len:
             raise ValueError(
@@ -100,7 +106,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len)
         self.scheduler.eos_ids = frozenset(self.tokenizer.stop_ids)
         backend = pallas_kernels.resolve_backend(config.attention.backend)
-        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend)
+        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
+                                  mesh=self.mesh)
         self.runner.warmup(progress)
         self._ids = itertools.count()
         self._seed_rng = random.Random()

@@ -25,7 +25,7 @@ from engine import sampler
 from engine.config import EngineConfig
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
-from models import llama
+from models import llama, sharding
 from models.config import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
-                 dtype, backend: str):
+                 dtype, backend: str, mesh=None):
         self.cfg = model_cfg
         self.params = params
         self.page_size = config.cache.page_size
@@ -72,9 +72,14 @@ class ModelRunner:
         self.token_buckets = pow2_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
         self.seq_buckets = pow2_buckets(1, self.max_seqs)
         self.backend = backend
+        self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
-        self.kv = (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))  # allocated once, donated to every step
-        self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend), donate_argnames="kv_caches")
+        # Allocated once (split by KV head across a tensor-parallel mesh), donated to every step.
+        kv_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, sharding.KV_SPEC)
+        self.kv = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=kv_sharding)()
+        self._replicated = None if mesh is None else sharding.replicated(mesh)
+        self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend, mesh=mesh),
+                                donate_argnames="kv_caches")
         self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
         self.last_timing: dict[str, float] = {}
@@ -87,10 +92,10 @@ class ModelRunner:
         jobs = [("forward", t) for t in self.token_buckets] + [("head", s) for s in self.seq_buckets]
         for kind, n in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
-                inputs = self._pack_padding(n)
+                inputs = self._to_device(self._pack_padding(n))
                 self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
             else:
-                s_in = sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False)
+                s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
                 jax.block_until_ready(
                     self._head(self.params, self._hidden, s_in, num_rows=n, use_penalties=False, use_filters=False,
                                num_top_logprobs=0)
@@ -133,7 +138,7 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> StepOutput:
         t0 = time.perf_counter()
-        inputs = self.pack(plan)
+        inputs = self._to_device(self.pack(plan))
         t1 = time.perf_counter()
         if plan.page_copies:
             self.copy_pages(plan.page_copies)
@@ -145,7 +150,7 @@ class ModelRunner:
         use_filters = any(p.uses_filters and not p.greedy for p in params)
         top = max((p.logprobs or 0 for p in params), default=0)
         num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
-        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties)
+        s_in = self._to_device(sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties))
         out = self._head(self.params, hidden, s_in, num_rows=num_rows, use_penalties=use_penalties,
                          use_filters=use_filters, num_top_logprobs=num_top)
         tokens, logprobs, top_ids, top_lps = jax.device_get(out)
@@ -153,6 +158,10 @@ class ModelRunner:
         self.last_timing = {"pack_s": t1 - t0, "device_s": time.perf_counter() - t1}
         n = len(plan.chunks)
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
+
+    def _to_device(self, tree):
+        """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
+        return jax.device_put(tree, self._replicated)
 
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs):
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
@@ -165,7 +174,7 @@ class ModelRunner:
         src = np.zeros(n, np.int32)
         dst = np.full(n, self.num_pages, np.int32)  # out of range: dropped
         src[: len(copies)], dst[: len(copies)] = zip(*copies)
-        self.kv = self._copy(self.kv, src, dst)
+        self.kv = self._copy(self.kv, *self._to_device((src, dst)))
 
 
 def _copy_pages(kv, src, dst):

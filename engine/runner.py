@@ -83,6 +83,7 @@ class ModelRunner:
         self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
         self.last_timing: dict[str, float] = {}
+        self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
     def warmup(self, progress: bool = True) -> None:
@@ -138,11 +139,7 @@ class ModelRunner:
 
     def run(self, plan: StepPlan) -> StepOutput:
         t0 = time.perf_counter()
-        inputs = self._to_device(self.pack(plan))
-        t1 = time.perf_counter()
-        if plan.page_copies:
-            self.copy_pages(plan.page_copies)
-        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
+        inputs = self.pack(plan)
         num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
         rows = [(c.seq.params, c.seq.seed, len(c.seq.output_ids), c.seq.prompt_ids, c.seq.output_ids) for c in plan.chunks]
         params = [c.seq.params for c in plan.chunks if c.sample]
@@ -150,14 +147,27 @@ class ModelRunner:
         use_filters = any(p.uses_filters and not p.greedy for p in params)
         top = max((p.logprobs or 0 for p in params), default=0)
         num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
-        s_in = self._to_device(sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties))
-        out = self._head(self.params, hidden, s_in, num_rows=num_rows, use_penalties=use_penalties,
-                         use_filters=use_filters, num_top_logprobs=num_top)
-        tokens, logprobs, top_ids, top_lps = jax.device_get(out)
+        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties)
+        copies = self._pack_copies(plan.page_copies)
+        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top)
+        if self.followers is not None:
+            step = self.followers.lead(step)
+        t1 = time.perf_counter()
+        tokens, logprobs, top_ids, top_lps = self.execute(step)
         # Host time spent packing vs time from the first dispatch until the results are back on the host.
         self.last_timing = {"pack_s": t1 - t0, "device_s": time.perf_counter() - t1}
         n = len(plan.chunks)
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
+
+    def execute(self, step: "StepArrays") -> tuple[np.ndarray, ...]:
+        """The device work of one step; every process of a multi-host replica runs it on the same arrays."""
+        if step.copies is not None:
+            self.kv = self._copy(self.kv, *self._to_device(step.copies))
+        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs))
+        out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
+                         use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top)
+        # Replicated results: every process reads its own copy (also when the array spans several hosts).
+        return tuple(np.asarray(a.addressable_data(0)) for a in out)
 
     def _to_device(self, tree):
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
@@ -168,13 +178,28 @@ class ModelRunner:
         return sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
                               num_top_logprobs=num_top_logprobs)
 
-    def copy_pages(self, copies: list[tuple[int, int]]) -> None:
-        """Copy-on-write of whole pages (every layer), before a step that writes into the copies."""
+    def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+        """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
+        if not copies:
+            return None
         n = bucket_for(len(copies), self.seq_buckets)
         src = np.zeros(n, np.int32)
         dst = np.full(n, self.num_pages, np.int32)  # out of range: dropped
         src[: len(copies)], dst[: len(copies)] = zip(*copies)
-        self.kv = self._copy(self.kv, *self._to_device((src, dst)))
+        return src, dst
+
+
+@dataclasses.dataclass
+class StepArrays:
+    """Everything the device needs for one step, as host arrays (what a multi-host leader broadcasts)."""
+
+    inputs: llama.ModelInputs
+    sampling: sampler.SamplingInputs
+    copies: tuple[np.ndarray, np.ndarray] | None
+    num_rows: int
+    use_penalties: bool
+    use_filters: bool
+    num_top: int
 
 
 def _copy_pages(kv, src, dst):

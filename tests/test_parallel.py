@@ -22,7 +22,7 @@ def tokenizer():
     return Tokenizer.load(tokenizer_source(SMOLLM2))
 
 
-def _workload(vocab: int):
+def workload(vocab: int):
     """Shared prefixes (hits), an identical prompt (whole hit), and enough length to preempt in a small pool."""
     rng = np.random.default_rng(0)
     system = list(rng.integers(100, vocab - 100, 40))
@@ -32,14 +32,20 @@ def _workload(vocab: int):
 
 def _run(model, tp: int, num_pages: int):
     llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": num_pages}), progress=False, model=model)
-    outs = llm.generate(_workload(model[0].vocab_size), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    outs = llm.generate(workload(model[0].vocab_size), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     return [o.token_ids for o in outs], llm.engine
 
 
-def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(tokenizer):
+def tiny_model():
+    """Random Llama with 8 query heads and 2 KV heads over SmolLM2's vocabulary (deterministic weights)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=512)
-    model = (cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tokenizer)
+    return cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tokenizer
+
+
+def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption():
+    model = tiny_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running
     assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
     for tp in (2, 4):  # at 4 the 2 KV heads are replicated (each device holds one)
@@ -76,3 +82,27 @@ def test_smollm2_identical_at_tp_1_and_3(tokenizer):
     out, engine = _run(model, 3, num_pages=24)
     assert out == ref
     assert engine.stats()["cached_prompt_tokens"] > 0
+
+
+@pytest.mark.slow
+def test_two_processes_one_replica_follow_the_leader(tmp_path):
+    """jax.distributed on loopback: process 0 schedules, process 1 follows; TP=4 over 2 processes x 2 CPU devices."""
+    import json
+    import socket
+    import subprocess
+    import sys
+
+    ref, _ = _run(tiny_model(), 1, num_pages=16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "out.json"
+    worker = [sys.executable, "tests/_multihost_worker.py"]
+    procs = [subprocess.Popen(worker + [str(i), str(port), str(out)]) for i in (1, 0)]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0]
+    assert json.loads(out.read_text()) == ref

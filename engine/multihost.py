@@ -1,0 +1,79 @@
+"""One replica over several hosts: process 0 schedules and serves; every process runs the same step.
+
+`jax.distributed.initialize` joins the processes into one global device list, so the tensor-parallel
+mesh spans hosts and XLA's collectives cross them. Only process 0 has a scheduler: before each step
+it broadcasts a small header (which compiled variant to run) and then the step's host arrays; the
+other processes (`follow`) receive them and call the same jitted functions, so every collective
+has all its participants. A STOP header ends the followers.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from engine.config import ParallelConfig
+
+OP_STOP, OP_STEP = 0, 1
+_HEADER_LEN = 7  # op, token bucket, num_rows, use_penalties, use_filters, num_top, copies bucket (0: none)
+
+
+_joined = False  # jax.distributed can be initialized once per process
+
+
+def initialize(cfg: ParallelConfig) -> None:
+    """Joins this process to the others of its replica (no-op for one process, or when already joined)."""
+    global _joined
+    if cfg.num_processes == 1 or _joined:
+        return
+    import jax
+
+    if cfg.coordinator_address is None:
+        raise ValueError("parallel.coordinator_address (host:port of process 0) is required when parallel.num_processes > 1")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices' collectives across processes
+    jax.distributed.initialize(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
+    _joined = True
+
+
+def is_leader() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def _broadcast(tree):
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+class Followers:
+    """The leader's side: announce each step to the other processes."""
+
+    def lead(self, step):
+        header = np.array([OP_STEP, step.inputs.tokens.shape[0], step.num_rows, step.use_penalties, step.use_filters,
+                           step.num_top, 0 if step.copies is None else step.copies[0].shape[0]], np.int32)
+        _broadcast(header)
+        return _broadcast(step)
+
+    def stop(self) -> None:
+        _broadcast(np.array([OP_STOP] + [0] * (_HEADER_LEN - 1), np.int32))
+
+
+def follow(runner) -> None:
+    """A follower's loop: run every step the leader announces, until it says stop."""
+    from engine import sampler
+    from engine.runner import StepArrays
+
+    while True:
+        header = np.asarray(_broadcast(np.zeros(_HEADER_LEN, np.int32)))
+        op, num_tokens, num_rows, use_penalties, use_filters, num_top, num_copies = (int(x) for x in header)
+        if op == OP_STOP:
+            return
+        template = StepArrays(
+            inputs=runner._pack_padding(num_tokens),
+            sampling=sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties)),
+            copies=(np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
+            num_rows=num_rows, use_penalties=bool(use_penalties), use_filters=bool(use_filters), num_top=num_top,
+        )
+        step = _broadcast(template)
+        runner.execute(StepArrays(step.inputs, step.sampling, step.copies, num_rows, bool(use_penalties),
+                                  bool(use_filters), num_top))

@@ -44,20 +44,22 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   soft_cap * tanh(score / soft_cap) before masking. q head h reads kv head h // (Hq // Hkv).
   Rows past cu_q_lens[num_seqs] are padding: their output is finite but unspecified.
 
-  decode_only (static): the caller promises every real sequence has exactly one new token
-  (row s is sequence s). The Pallas backend then uses the split-KV decode kernel; the xla
-  backend ignores the flag.
+  decode_only (static, a performance hint): the caller expects every real sequence to have one
+  new token. The Pallas backends then use the split-KV decode kernel (pallas_kernels/
+  decode_kernel.py), which handles every row independently and so stays correct for any batch,
+  only slower on long chunks. The xla backend ignores the flag.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-  from pallas_kernels import ragged_kernel  # noqa: PLC0415 (imports Pallas lazily)
-  return ragged_kernel.ragged_paged_attention(
-      q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-      interpret=backend == "pallas_interpret")
+  # Pallas modules are imported lazily so that the xla path never touches Pallas.
+  from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
+  kernel = decode_kernel.decode_attention if decode_only else ragged_kernel.ragged_paged_attention
+  return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                interpret=backend == "pallas_interpret")
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla"):
@@ -68,4 +70,6 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla"):
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.write_kv(k_pages, v_pages, k, v, slot_mapping)
-  raise NotImplementedError(f"backend {backend!r} is not implemented yet")
+  from pallas_kernels import write_kv_kernel  # noqa: PLC0415
+  return write_kv_kernel.write_kv(k_pages, v_pages, k, v, slot_mapping,
+                                  interpret=backend == "pallas_interpret")

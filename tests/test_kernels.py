@@ -20,10 +20,6 @@ MIXED = [(1, 9), (5, 5), (1, 1), (11, 20), (3, 40)]
 DECODES = [(1, 9), (1, 1), (1, 33), (1, 16), (1, 50)]
 
 
-def _tol(dtype):
-  return dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=2e-2, atol=2e-2)
-
-
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend",
                                              "decode_only"))
 def _attn(*args, **kwargs):
@@ -51,33 +47,10 @@ def _public(backend, decode_only=False):
   return functools.partial(_attn, backend=backend, decode_only=decode_only)
 
 
-def _check(fn, seqs, *, seed=0, num_q_heads=4, num_kv_heads=2, head_dim=32, page_size=4,
-           dtype=np.float32, sliding_window=None, soft_cap=None, num_tokens=None, max_seqs=None,
-           nan_padding=False, compare_xla=True):
-  """Runs fn on a fresh random batch; checks real rows against float64 numpy and the xla path."""
-  rng = np.random.default_rng(seed)
-  batch = testing.random_ragged_batch(
-      rng, seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      page_size=page_size, num_tokens=num_tokens, max_seqs=max_seqs)
-  n = batch.num_valid_tokens
-  q = np.array(batch.q)
-  if nan_padding:
-    q[n:] = np.nan  # padding rows must not poison real ones
-  args = [jnp.asarray(q, dtype), jnp.asarray(batch.k_pages, dtype),
-          jnp.asarray(batch.v_pages, dtype), *map(jnp.asarray, batch.args[3:])]
-  opts = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
-  out = fn(*args, **opts)
-  assert out.shape == q.shape and out.dtype == dtype
-  out = np.asarray(out.astype(jnp.float32))
-  if not nan_padding:
-    assert np.isfinite(out).all(), "padding rows must stay finite"
-  # Float64 attention on the inputs as rounded to dtype.
-  rounded = testing.RaggedBatch(*[np.asarray(a.astype(jnp.float32)) if i < 3 else np.asarray(a)
-                                  for i, a in enumerate(args)])
-  np.testing.assert_allclose(out[:n], testing.attention_f64(rounded, **opts), **_tol(dtype))
-  if compare_xla:
-    ref = np.asarray(_attn(*args, backend="xla", **opts).astype(jnp.float32))
-    np.testing.assert_allclose(out[:n], ref[:n], **_tol(dtype))
+def _check(fn, seqs, *, compare_xla=True, **kwargs):
+  """Float64 numpy always; the xla reference too unless fn is the xla reference itself."""
+  reference_fn = functools.partial(_attn, backend="xla") if compare_xla else None
+  testing.check_attention(fn, seqs, reference_fn=reference_fn, **kwargs)
 
 
 def _random_seqs(rng, max_num_seqs=5, max_kv_len=40, decode_only=False):

@@ -129,8 +129,12 @@ def _prefill_kernel(
 
 
 def default_block_sizes(group: int, head_dim: int) -> tuple[int, int]:
-  """(block_q tokens, block_kv positions) for the prefill kernel: ~64-row tiles, 32 for D=256."""
-  target_rows = 64 if head_dim <= 128 else 32
+  """(block_q tokens, block_kv positions) for the prefill kernel.
+
+  Tiles of ~128 rows (64 for D=256) against 64 KV positions: each K/V byte loaded then feeds
+  ~rows FLOPs, which is what keeps long-prefix prefill near the compute roofline (docs/kernels.md).
+  """
+  target_rows = 128 if head_dim <= 128 else 64
   group_padded = next_pow2(group)
   block_q = max(1, target_rows // group_padded)
   # Keep rows >= 16 for Triton's dot.
@@ -142,7 +146,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            block_q: int | None = None, block_kv: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                           num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
   """Pallas ragged paged attention (see pallas_kernels.ragged_paged_attention). Returns [T, Hq, D]."""
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
@@ -151,6 +155,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   default_q, default_kv = default_block_sizes(group, head_dim)
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+  if num_warps is None:
+    num_warps = 8 if block_q * next_pow2(group) * head_dim >= 128 * 128 else 4
 
   # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
   num_blocks = (num_tokens + min(max_seqs, num_tokens) * (block_q - 1)) // block_q

@@ -106,9 +106,9 @@ def test_reference_block_size_is_only_a_knob():
                                       page_size=4, num_tokens=24)
   n = batch.num_valid_tokens
   want = testing.attention_f64(batch, sm_scale=0.25, sliding_window=7)
-  for pages_per_block in (1, 3, 16):
+  for pages_per_block, block_q in ((1, 1), (3, 2), (16, 8), (None, None)):
     out = reference.ragged_paged_attention(*batch.args, sm_scale=0.25, sliding_window=7,
-                                           pages_per_block=pages_per_block)
+                                           pages_per_block=pages_per_block, block_q=block_q)
     np.testing.assert_allclose(np.asarray(out)[:n], want, rtol=1e-5, atol=1e-5)
 
 
@@ -145,6 +145,11 @@ def test_ragged_kernel_long_chunk_over_prefix():
   """One chunk spanning many q blocks and KV tiles, plus a decode, page_size 8."""
   _check(_ragged(8, 16), [(37, 61), (1, 30)], seed=3, page_size=8, num_tokens=40, max_seqs=4,
          sliding_window=20)
+
+
+def test_ragged_kernel_more_sequences_than_tokens():
+  """A bucket with few token rows and many (mostly padding) sequence slots."""
+  _check(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])

@@ -107,8 +107,10 @@ def test_reference_block_size_is_only_a_knob():
   n = batch.num_valid_tokens
   want = testing.attention_f64(batch, sm_scale=0.25, sliding_window=7)
   for pages_per_block, block_q in ((1, 1), (3, 2), (16, 8), (None, None)):
-    out = reference.ragged_paged_attention(*batch.args, sm_scale=0.25, sliding_window=7,
-                                           pages_per_block=pages_per_block, block_q=block_q)
+    fn = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=0.25,
+                                   sliding_window=7, pages_per_block=pages_per_block,
+                                   block_q=block_q))
+    out = fn(*batch.args)
     np.testing.assert_allclose(np.asarray(out)[:n], want, rtol=1e-5, atol=1e-5)
 
 

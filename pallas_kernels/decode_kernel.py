@@ -104,7 +104,10 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
-  pages_per_tile, block_kv = kv_tile(page_size, block_kv or (128 if head_dim <= 128 else 64))
+  # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
+  itemsize = jnp.dtype(k_pages.dtype).itemsize
+  default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
+  pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   num_splits = num_splits or default_num_splits(num_tokens, num_kv_heads)
 
   seq_ids, positions, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)

@@ -128,18 +128,18 @@ def _prefill_kernel(
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def default_block_sizes(group: int, head_dim: int) -> tuple[int, int]:
+def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, int]:
   """(block_q tokens, block_kv positions) for the prefill kernel.
 
-  Tiles of ~128 rows (64 for D=256) against 64 KV positions: each K/V byte loaded then feeds
-  ~rows FLOPs, which is what keeps long-prefix prefill near the compute roofline (docs/kernels.md).
+  bf16, D <= 128: ~128-row tiles against 64 KV positions (each loaded K/V byte then feeds ~rows
+  FLOPs, see docs/kernels.md). The q tile is kept at ~32 KB and a K or V tile at <= 16 KB per
+  pipeline stage, so D = 256 and float32 get proportionally smaller tiles (shared memory).
   """
-  target_rows = 128 if head_dim <= 128 else 64
+  target_rows = max(16, min(128, 32768 // (head_dim * itemsize)))
   group_padded = next_pow2(group)
   block_q = max(1, target_rows // group_padded)
-  # Keep rows >= 16 for Triton's dot.
-  block_q = max(block_q, -(-16 // group_padded))
-  return next_pow2(block_q), 64 if head_dim <= 128 else 32
+  block_kv = max(16, min(64, 16384 // (head_dim * itemsize)))
+  return next_pow2(block_q), block_kv
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -147,12 +147,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, interpret: bool = False,
                            block_q: int | None = None, block_kv: int | None = None,
                            num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
-  """Pallas ragged paged attention (see pallas_kernels.ragged_paged_attention). Returns [T, Hq, D]."""
+  """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
-  default_q, default_kv = default_block_sizes(group, head_dim)
+  default_q, default_kv = default_block_sizes(group, head_dim,
+                                             jnp.dtype(k_pages.dtype).itemsize)
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   if num_warps is None:

@@ -11,7 +11,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RaggedBatch:
-  """One ragged attention call's inputs, as numpy arrays (see pallas_kernels.ragged_paged_attention)."""
+  """One ragged attention call's inputs as numpy arrays (pallas_kernels.ragged_paged_attention)."""
   q: np.ndarray             # [T, Hq, D]
   k_pages: np.ndarray       # [Hkv, P, ps, D]
   v_pages: np.ndarray       # [Hkv, P, ps, D]

@@ -191,8 +191,8 @@ def main(argv=None):
         continue
       gbs, tflops = n_bytes / seconds / 1e9, n_flops / seconds / 1e12
       print(f"{name:<26} {backend:<17} {seconds * 1e3:9.3f} {gbs:8.1f} "
-            f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} {100 * tflops * 1e12 / mm_flops:5.1f}% "
-            f"{err:9.2e}", flush=True)
+            f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} "
+            f"{100 * tflops * 1e12 / mm_flops:5.1f}% {err:9.2e}", flush=True)
     del batch, call_args, ref_out, rows
 
 

@@ -47,7 +47,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   decode_only (static, a performance hint): the caller expects every real sequence to have one
   new token. The Pallas backends then use the split-KV decode kernel (pallas_kernels/
   decode_kernel.py), which handles every row independently and so stays correct for any batch,
-  only slower on long chunks. The xla backend ignores the flag.
+  only slower on long chunks. Buckets with T <= S (rows <= sequence slots) use it regardless.
+  The xla backend ignores the flag.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
@@ -56,7 +57,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
-  kernel = decode_kernel.decode_attention if decode_only else ragged_kernel.ragged_paged_attention
+  # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
+  # would hold ~1 row each), so it takes the split-KV decode kernel too.
+  use_decode = decode_only or q.shape[0] <= page_indices.shape[0]
+  kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
                 interpret=backend == "pallas_interpret")

@@ -154,12 +154,15 @@ def test_ragged_kernel_more_sequences_than_tokens():
   _check(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
 
 
-@pytest.mark.parametrize("decode_only", [False, True])
-def test_public_pallas_interpret(decode_only):
+@pytest.mark.parametrize("seqs,decode_only,num_tokens,max_seqs", [
+    (MIXED, False, 24, 7),           # ragged kernel
+    (DECODES, True, 24, 7),          # decode kernel, by the caller's hint
+    ([(3, 9), (1, 4)], False, 4, 8),  # decode kernel, chosen because T <= S
+])
+def test_public_pallas_interpret(seqs, decode_only, num_tokens, max_seqs):
   """Default block sizes through the public entry point."""
-  seqs = DECODES if decode_only else MIXED
-  _check(_public("pallas_interpret", decode_only), seqs, seed=5, num_tokens=24, max_seqs=7,
-         dtype=jnp.bfloat16)
+  _check(_public("pallas_interpret", decode_only), seqs, seed=5, num_tokens=num_tokens,
+         max_seqs=max_seqs, dtype=jnp.bfloat16)
 
 
 # ---------------------------------------------------------------------------------------------

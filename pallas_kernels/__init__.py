@@ -44,31 +44,44 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   soft_cap * tanh(score / soft_cap) before masking. q head h reads kv head h // (Hq // Hkv).
   Rows past cu_q_lens[num_seqs] are padding: their output is finite but unspecified.
 
-  decode_only (static): the caller promises every real sequence has exactly one new token
-  (row s is sequence s). The Pallas backend then uses the split-KV decode kernel; the xla
-  backend ignores the flag.
+  decode_only (static, a performance hint): the caller expects every real sequence to have one
+  new token. The Pallas backends then use the split-KV decode kernel (pallas_kernels/
+  decode_kernel.py), which handles every row independently and so stays correct for any batch,
+  only slower on long chunks. Buckets with T <= S (rows <= sequence slots) use it regardless.
+  The xla backend ignores the flag.
+
+  layer (int32 scalar): k_pages / v_pages hold every layer, [L, Hkv, P, page_size, D] (the
+  engine's stacked cache carried through `lax.scan`); attention reads that layer.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
-  if layer is not None:  # TODO(kernels): index the layer inside the kernel instead of slicing it out
+  if layer is not None:
+    # TODO(kernels): index the layer inside the Pallas kernels; this slice costs a copy of the layer.
     k_pages, v_pages = k_pages[layer], v_pages[layer]
-  from pallas_kernels import ragged_kernel  # noqa: PLC0415 (imports Pallas lazily)
-  return ragged_kernel.ragged_paged_attention(
-      q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-      sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-      interpret=backend == "pallas_interpret")
+  # Pallas modules are imported lazily so that the xla path never touches Pallas.
+  from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
+  # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
+  # would hold ~1 row each), so it takes the split-KV decode kernel too.
+  use_decode = decode_only or q.shape[0] <= page_indices.shape[0]
+  kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
+  return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                interpret=backend == "pallas_interpret")
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None):
   """Writes new K/V rows (k, v: [T, Hkv, D]) into flat slots (page * page_size + offset).
 
   Negative slots are padding and are skipped. With `layer` (int32 scalar) the pages hold every
-  layer, [L, Hkv, P, ps, D], and only that layer is written. Returns the updated (k_pages, v_pages).
+  layer, [L, Hkv, P, page_size, D], and only that layer is written (an in-place scatter on the
+  stacked cache, whatever the backend). Returns the updated (k_pages, v_pages).
   """
   backend = resolve_backend(backend)
-  if backend in ("xla", "pallas", "pallas_interpret"):
+  if backend == "xla" or layer is not None:
     return reference.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer)
-  raise NotImplementedError(f"backend {backend!r} is not implemented yet")
+  from pallas_kernels import write_kv_kernel  # noqa: PLC0415
+  return write_kv_kernel.write_kv(k_pages, v_pages, k, v, slot_mapping,
+                                  interpret=backend == "pallas_interpret")

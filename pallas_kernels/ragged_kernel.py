@@ -32,7 +32,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.reference import token_metadata
+from pallas_kernels.reference import query_blocks
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -128,54 +128,48 @@ def _prefill_kernel(
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def default_block_sizes(group: int, head_dim: int) -> tuple[int, int]:
-  """(block_q tokens, block_kv positions) for the prefill kernel: ~64-row tiles, 32 for D=256."""
-  target_rows = 64 if head_dim <= 128 else 32
+def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, int]:
+  """(block_q tokens, block_kv positions) for the prefill kernel.
+
+  bf16, D <= 128: ~128-row tiles against 64 KV positions (each loaded K/V byte then feeds ~rows
+  FLOPs, see docs/kernels.md). The q tile is kept at ~32 KB and a K or V tile at <= 16 KB per
+  pipeline stage, so D = 256 and float32 get proportionally smaller tiles (shared memory).
+  """
+  target_rows = max(16, min(128, 32768 // (head_dim * itemsize)))
   group_padded = next_pow2(group)
   block_q = max(1, target_rows // group_padded)
-  # Keep rows >= 16 for Triton's dot.
-  block_q = max(block_q, -(-16 // group_padded))
-  return next_pow2(block_q), 64 if head_dim <= 128 else 32
+  block_kv = max(16, min(64, 16384 // (head_dim * itemsize)))
+  return next_pow2(block_q), block_kv
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            block_q: int | None = None, block_kv: int | None = None,
-                           num_warps: int = 4, num_stages: int = 2) -> jax.Array:
-  """Pallas ragged paged attention (see pallas_kernels.ragged_paged_attention). Returns [T, Hq, D]."""
+                           num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
+  """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, num_pages, page_size, _ = k_pages.shape
-  max_seqs, max_pages_per_seq = page_indices.shape
+  max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
-  default_q, default_kv = default_block_sizes(group, head_dim)
+  default_q, default_kv = default_block_sizes(group, head_dim,
+                                             jnp.dtype(k_pages.dtype).itemsize)
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+  if num_warps is None:
+    num_warps = 8 if block_q * next_pow2(group) * head_dim >= 128 * 128 else 4
 
   # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
-  num_blocks = (num_tokens + min(max_seqs, num_tokens) * (block_q - 1)) // block_q
-  seq_live = jnp.arange(max_seqs) < num_seqs[0]
-  q_lens = jnp.where(seq_live, cu_q_lens[1:] - cu_q_lens[:-1], 0)        # [S]
-  seq_num_blocks = (q_lens + block_q - 1) // block_q                       # [S]
-  seq_block_end = jnp.cumsum(seq_num_blocks)                               # [S]
-  seq_block_start = seq_block_end - seq_num_blocks
-  b = jnp.arange(num_blocks, dtype=jnp.int32)
-  block_seq = jnp.minimum(jnp.searchsorted(seq_block_end, b, side="right"), max_seqs - 1)
-  block_offset = (b - seq_block_start[block_seq]) * block_q                # token offset in chunk
-  block_rows = jnp.clip(q_lens[block_seq] - block_offset, 0, block_q)      # [NB]
-  block_rows = jnp.where(b < seq_block_end[-1], block_rows, 0).astype(jnp.int32)
-  block_kv_len = kv_lens[block_seq].astype(jnp.int32)
-  block_first_pos = (block_kv_len - q_lens[block_seq] + block_offset).astype(jnp.int32)
-  row_tokens = cu_q_lens[block_seq][:, None] + block_offset[:, None] + jnp.arange(block_q)
-  row_tokens = jnp.clip(row_tokens, 0, num_tokens - 1)                     # [NB, block_q]
+  blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q)
+  num_blocks = blocks.seq.shape[0]
   # Page-table rows per block, padded to whole tiles; out-of-range ids clamped (masked anyway).
   max_pages_padded = -(-max_pages_per_seq // pages_per_tile) * pages_per_tile
   block_pages = jnp.pad(page_indices, ((0, 0), (0, max_pages_padded - max_pages_per_seq)))
-  block_pages = jnp.clip(block_pages[block_seq], 0, num_pages - 1).astype(jnp.int32)
+  block_pages = jnp.clip(block_pages[blocks.seq], 0, num_pages - 1).astype(jnp.int32)
 
   # --- Pack (tokens x q heads of one kv head) into tiles. ----------------------------------
   qg, group_padded = _group_heads(q, num_kv_heads)
-  q_tiles = pack_rows(qg, row_tokens, group_padded)                        # [Hkv, NB, rows, D]
+  q_tiles = pack_rows(qg, blocks.row_tokens, group_padded)                 # [Hkv, NB, rows, D]
   rows = block_q * group_padded
 
   kernel = functools.partial(
@@ -195,13 +189,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
-  )(block_first_pos, block_rows, block_kv_len, block_pages, q_tiles, k_pages, v_pages)
+  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, q_tiles, k_pages, v_pages)
 
-  # --- Unpack: token t of sequence s sits in block seq_block_start[s] + (t - cu[s]) // block_q.
-  seq_ids, _, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
-  local = jnp.arange(num_tokens) - cu_q_lens[seq_ids]
-  tok_block = jnp.clip(seq_block_start[seq_ids] + local // block_q, 0, num_blocks - 1)
-  tok_row = (local % block_q) * group_padded
+  # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
+  tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded
   o = o_tiles.reshape(num_kv_heads, num_blocks * rows, head_dim)
   o = o[:, (tok_block * rows + tok_row)[:, None] + jnp.arange(group)]      # [Hkv, T, G, D]
   return o.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)

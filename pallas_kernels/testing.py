@@ -11,7 +11,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class RaggedBatch:
-  """One ragged attention call's inputs, as numpy arrays (see pallas_kernels.ragged_paged_attention)."""
+  """One ragged attention call's inputs as numpy arrays (pallas_kernels.ragged_paged_attention)."""
   q: np.ndarray             # [T, Hq, D]
   k_pages: np.ndarray       # [Hkv, P, ps, D]
   v_pages: np.ndarray       # [Hkv, P, ps, D]
@@ -112,3 +112,46 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
     p /= p.sum(axis=-1, keepdims=True)
     out[q_start:q_end] = np.einsum("htl,hld->thd", p, v)
   return out
+
+
+def tolerances(dtype) -> dict:
+  """assert_allclose tolerances: float32 within 1e-5, bfloat16 within 2e-2."""
+  return dict(rtol=1e-5, atol=1e-5) if np.dtype(dtype) == np.float32 else dict(rtol=2e-2, atol=2e-2)
+
+
+def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: int = 4,
+                    num_kv_heads: int = 2, head_dim: int = 32, page_size: int = 4,
+                    dtype=np.float32, sliding_window: int | None = None,
+                    soft_cap: float | None = None, num_tokens: int | None = None,
+                    max_seqs: int | None = None, nan_padding: bool = False) -> None:
+  """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
+
+  Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
+  when given, against reference_fn's output; padding rows must stay finite unless nan_padding
+  fills padding query rows with NaN (then only the real rows are checked: NaN must not leak).
+  """
+  import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
+
+  rng = np.random.default_rng(seed)
+  batch = random_ragged_batch(
+      rng, seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+      page_size=page_size, num_tokens=num_tokens, max_seqs=max_seqs)
+  n = batch.num_valid_tokens
+  q = np.array(batch.q)
+  if nan_padding:
+    q[n:] = np.nan
+  args = [jnp.asarray(q, dtype), jnp.asarray(batch.k_pages, dtype),
+          jnp.asarray(batch.v_pages, dtype), *map(jnp.asarray, batch.args[3:])]
+  opts = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
+  out = fn(*args, **opts)
+  assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
+  out = np.asarray(out.astype(jnp.float32))
+  if not nan_padding:
+    assert np.isfinite(out).all(), "padding rows must stay finite"
+  rounded = RaggedBatch(*[np.asarray(a.astype(jnp.float32)) if i < 3 else np.asarray(a)
+                          for i, a in enumerate(args)])
+  tol = tolerances(dtype)
+  np.testing.assert_allclose(out[:n], attention_f64(rounded, **opts), **tol)
+  if reference_fn is not None:
+    ref = np.asarray(reference_fn(*args, **opts).astype(jnp.float32))
+    np.testing.assert_allclose(out[:n], ref[:n], **tol)

@@ -1,4 +1,9 @@
-"""Attention kernels vs float64 numpy attention and vs each other, on fresh random ragged batches."""
+"""Attention kernels vs float64 numpy attention and vs the xla reference, on fresh random batches.
+
+Every Pallas case runs in interpret mode on CPU; shapes are tiny and block sizes are forced small
+so that the loops over query blocks, KV tiles and KV splits all take several steps. A last group
+lowers each kernel for CUDA (Pallas -> Triton IR, no GPU needed) at production-like shapes.
+"""
 import functools
 
 import jax
@@ -7,14 +12,12 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import testing
+from pallas_kernels import decode_kernel, ragged_kernel, reference, testing, write_kv_kernel
 
-# A mixed batch: decodes, a one-token chunk, chunks longer than a page, lengths not page multiples.
+# Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
+# not page multiples, and a whole prompt as one chunk.
 MIXED = [(1, 9), (5, 5), (1, 1), (11, 20), (3, 40)]
-
-
-def _tol(dtype):
-  return (1e-5, 1e-5) if dtype == np.float32 else (2e-2, 2e-2)
+DECODES = [(1, 9), (1, 1), (1, 33), (1, 16), (1, 50)]
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend",
@@ -23,31 +26,39 @@ def _attn(*args, **kwargs):
   return pallas_kernels.ragged_paged_attention(*args, **kwargs)
 
 
-def _check_attention(seed, seqs, *, backend, num_q_heads=4, num_kv_heads=2, head_dim=32,
-                     page_size=4, dtype=np.float32, sliding_window=None, soft_cap=None,
-                     num_tokens=None, max_seqs=None, decode_only=False, compare_xla=True):
-  rng = np.random.default_rng(seed)
-  batch = testing.random_ragged_batch(
-      rng, seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      page_size=page_size, num_tokens=num_tokens, max_seqs=max_seqs, dtype=np.float32)
-  args = [jnp.asarray(a) for a in batch.args]
-  args[:3] = [a.astype(dtype) for a in args[:3]]
-  sm_scale = head_dim ** -0.5
-  opts = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap)
-  out = _attn(*args, backend=backend, decode_only=decode_only, **opts)
-  assert out.shape == batch.q.shape and out.dtype == dtype
-  n = batch.num_valid_tokens
-  out = np.asarray(out.astype(jnp.float32))
-  assert np.isfinite(out).all(), "padding rows must not be NaN/inf"
-  # Float64 reference on the same (possibly rounded) inputs.
-  rounded = testing.RaggedBatch(*[np.asarray(a.astype(jnp.float32)) if i < 3 else np.asarray(a)
-                                  for i, a in enumerate(args)])
-  want = testing.attention_f64(rounded, **opts)
-  rtol, atol = _tol(dtype)
-  np.testing.assert_allclose(out[:n], want, rtol=rtol, atol=atol)
-  if compare_xla and backend != "xla":
-    ref = np.asarray(_attn(*args, backend="xla", **opts).astype(jnp.float32))
-    np.testing.assert_allclose(out[:n], ref[:n], rtol=rtol, atol=atol)
+def _ragged(block_q, block_kv):
+  """The prefill kernel in interpret mode with small blocks (many q blocks and KV tiles)."""
+  @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+  def fn(*args, **opts):
+    return ragged_kernel.ragged_paged_attention(*args, interpret=True, block_q=block_q,
+                                                block_kv=block_kv, **opts)
+  return fn
+
+
+def _decode(block_kv, num_splits):
+  @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
+  def fn(*args, **opts):
+    return decode_kernel.decode_attention(*args, interpret=True, block_kv=block_kv,
+                                          num_splits=num_splits, **opts)
+  return fn
+
+
+def _public(backend, decode_only=False):
+  return functools.partial(_attn, backend=backend, decode_only=decode_only)
+
+
+def _check(fn, seqs, *, compare_xla=True, **kwargs):
+  """Float64 numpy always; the xla reference too unless fn is the xla reference itself."""
+  reference_fn = functools.partial(_attn, backend="xla") if compare_xla else None
+  testing.check_attention(fn, seqs, reference_fn=reference_fn, **kwargs)
+
+
+def _random_seqs(rng, max_num_seqs=5, max_kv_len=40, decode_only=False):
+  seqs = []
+  for _ in range(int(rng.integers(1, max_num_seqs + 1))):
+    kv_len = int(rng.integers(1, max_kv_len))
+    seqs.append((1 if decode_only else int(rng.integers(1, kv_len + 1)), kv_len))
+  return seqs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -56,7 +67,8 @@ def _check_attention(seed, seqs, *, backend, num_q_heads=4, num_kv_heads=2, head
 def test_resolve_backend():
   assert pallas_kernels.resolve_backend("xla") == "xla"
   assert pallas_kernels.resolve_backend("pallas_interpret") == "pallas_interpret"
-  assert pallas_kernels.resolve_backend("auto") in ("xla", "pallas")
+  assert pallas_kernels.resolve_backend("auto") == ("pallas" if jax.default_backend() == "gpu"
+                                                    else "xla")
   with pytest.raises(ValueError, match="auto, xla, pallas, pallas_interpret"):
     pallas_kernels.resolve_backend("cuda")
 
@@ -65,63 +77,181 @@ def test_resolve_backend():
 # xla reference vs float64 numpy.
 
 @pytest.mark.parametrize("seed", range(3))
-def test_reference_mixed_random(seed):
-  rng = np.random.default_rng(100 + seed)
-  seqs = []
-  for _ in range(rng.integers(1, 6)):
-    kv_len = int(rng.integers(1, 40))
-    seqs.append((int(rng.integers(1, kv_len + 1)), kv_len))
+def test_reference_random(seed):
+  seqs = _random_seqs(np.random.default_rng(100 + seed))
   num_valid = sum(q for q, _ in seqs)
-  _check_attention(seed, seqs, backend="xla", num_tokens=num_valid + 3, max_seqs=len(seqs) + 2)
+  _check(_public("xla"), seqs, seed=seed, num_tokens=num_valid + 3, max_seqs=len(seqs) + 2,
+         compare_xla=False)
 
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2), (8, 1)])
 def test_reference_gqa(num_q_heads, num_kv_heads):
-  _check_attention(1, MIXED, backend="xla", num_q_heads=num_q_heads, num_kv_heads=num_kv_heads)
+  _check(_public("xla"), MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+         compare_xla=False)
 
 
 @pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (None, 2.0), (8, 3.0)])
 def test_reference_window_softcap(sliding_window, soft_cap):
-  _check_attention(2, MIXED, backend="xla", sliding_window=sliding_window, soft_cap=soft_cap,
-                   num_tokens=24, max_seqs=7)
+  _check(_public("xla"), MIXED, seed=2, sliding_window=sliding_window, soft_cap=soft_cap,
+         num_tokens=24, max_seqs=7, nan_padding=True, compare_xla=False)
 
 
 def test_reference_bfloat16():
-  _check_attention(3, MIXED, backend="xla", dtype=jnp.bfloat16, num_tokens=24)
+  _check(_public("xla"), MIXED, seed=3, dtype=jnp.bfloat16, num_tokens=24, compare_xla=False)
 
 
-def test_reference_small_blocks_match_large():
-  """The KV block size is a tuning knob only."""
+def test_reference_block_size_is_only_a_knob():
   rng = np.random.default_rng(4)
   batch = testing.random_ragged_batch(rng, MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16,
                                       page_size=4, num_tokens=24)
-  outs = [np.asarray(pallas_kernels.reference.ragged_paged_attention(
-      *batch.args, sm_scale=0.25, sliding_window=7, pages_per_block=ppb)) for ppb in (1, 3, 16)]
   n = batch.num_valid_tokens
-  np.testing.assert_allclose(outs[0][:n], outs[1][:n], rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(outs[0][:n], outs[2][:n], rtol=1e-5, atol=1e-5)
+  want = testing.attention_f64(batch, sm_scale=0.25, sliding_window=7)
+  for pages_per_block, block_q in ((1, 1), (3, 2), (16, 8), (None, None)):
+    fn = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=0.25,
+                                   sliding_window=7, pages_per_block=pages_per_block,
+                                   block_q=block_q))
+    out = fn(*batch.args)
+    np.testing.assert_allclose(np.asarray(out)[:n], want, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas ragged (prefill + decode) kernel, interpret mode.
+
+@pytest.mark.parametrize("seed", range(2))
+def test_ragged_kernel_random(seed):
+  rng = np.random.default_rng(200 + seed)
+  seqs = _random_seqs(rng)
+  num_valid = sum(q for q, _ in seqs)
+  _check(_ragged(4, 16), seqs, seed=seed, page_size=int(rng.choice([4, 8])),
+         num_tokens=num_valid + 5, max_seqs=len(seqs) + 2)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
+    (2, 2, 64, np.float32),        # GQA 1
+    (3, 1, 128, np.float32),       # GQA 3 (padded to 4)
+    (8, 2, 256, jnp.bfloat16),     # GQA 4
+    (8, 1, 64, jnp.bfloat16),      # GQA 8
+])
+def test_ragged_kernel_gqa_head_dim(num_q_heads, num_kv_heads, head_dim, dtype):
+  _check(_ragged(4, 16), MIXED, seed=1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+         head_dim=head_dim, dtype=dtype, num_tokens=24, max_seqs=6)
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (None, 2.0), (13, 3.0)])
+def test_ragged_kernel_window_softcap(sliding_window, soft_cap):
+  _check(_ragged(4, 16), MIXED, seed=2, sliding_window=sliding_window, soft_cap=soft_cap,
+         num_tokens=24, max_seqs=7, nan_padding=True)
+
+
+def test_ragged_kernel_long_chunk_over_prefix():
+  """One chunk spanning many q blocks and KV tiles, plus a decode, page_size 8."""
+  _check(_ragged(8, 16), [(37, 61), (1, 30)], seed=3, page_size=8, num_tokens=40, max_seqs=4,
+         sliding_window=20)
+
+
+def test_ragged_kernel_more_sequences_than_tokens():
+  """A bucket with few token rows and many (mostly padding) sequence slots."""
+  _check(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
+
+
+@pytest.mark.parametrize("seqs,decode_only,num_tokens,max_seqs", [
+    (MIXED, False, 24, 7),           # ragged kernel
+    (DECODES, True, 24, 7),          # decode kernel, by the caller's hint
+    ([(3, 9), (1, 4)], False, 4, 8),  # decode kernel, chosen because T <= S
+])
+def test_public_pallas_interpret(seqs, decode_only, num_tokens, max_seqs):
+  """Default block sizes through the public entry point."""
+  _check(_public("pallas_interpret", decode_only), seqs, seed=5, num_tokens=num_tokens,
+         max_seqs=max_seqs, dtype=jnp.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pallas split-KV decode kernel, interpret mode.
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_kernel_splits(num_splits):
+  rng = np.random.default_rng(300 + num_splits)
+  seqs = _random_seqs(rng, max_kv_len=60, decode_only=True)
+  _check(_decode(16, num_splits), seqs, seed=num_splits, num_tokens=len(seqs) + 2,
+         max_seqs=len(seqs) + 3, nan_padding=True)
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
+    (2, 2, 128, np.float32),
+    (3, 1, 64, jnp.bfloat16),
+    (8, 2, 64, np.float32),
+    (8, 1, 256, jnp.bfloat16),
+])
+def test_decode_kernel_gqa_head_dim(num_q_heads, num_kv_heads, head_dim, dtype):
+  _check(_decode(16, 4), DECODES, seed=6, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+         head_dim=head_dim, dtype=dtype, page_size=8)
+
+
+@pytest.mark.parametrize("sliding_window,soft_cap", [(6, None), (20, 2.5)])
+def test_decode_kernel_window_softcap(sliding_window, soft_cap):
+  _check(_decode(16, 4), DECODES, seed=7, sliding_window=sliding_window, soft_cap=soft_cap,
+         num_tokens=8, max_seqs=6)
+
+
+def test_decode_kernel_is_correct_on_chunks_too():
+  """Rows are independent, so decode_only is only a performance hint."""
+  _check(_decode(16, 2), MIXED, seed=8, num_tokens=24)
 
 
 # ---------------------------------------------------------------------------------------------
 # write_kv.
 
-@pytest.mark.parametrize("backend", ["xla"])
-def test_write_kv(backend):
-  rng = np.random.default_rng(5)
+@pytest.mark.parametrize("backend,dtype", [("xla", np.float32), ("pallas_interpret", np.float32),
+                                           ("pallas_interpret", jnp.bfloat16)])
+def test_write_kv(backend, dtype):
+  rng = np.random.default_rng(9)
   num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
   shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k_pages, v_pages = rng.standard_normal(shape), rng.standard_normal(shape)
+  # Untouched slots are NaN and must stay NaN; touched ones must hold exactly the new rows.
+  k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
   k = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
   v = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
   slots = rng.permutation(num_pages * page_size)[:num_tokens].astype(np.int32)
-  slots[[2, 7]] = [-1, -5]  # padding rows, including one that would wrap to a real slot
-  write = jax.jit(functools.partial(pallas_kernels.write_kv, backend=backend), donate_argnums=(0, 1))
-  got_k, got_v = write(jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32),
-                       jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(slots))
+  slots[[2, 7]] = [-1, -5]  # padding rows; -5 would wrap onto a real slot if not dropped
+  write = jax.jit(functools.partial(pallas_kernels.write_kv, backend=backend),
+                  donate_argnums=(0, 1))
+  got_k, got_v = write(jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
+                       jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
+                       jnp.asarray(slots))
+  assert got_k.dtype == dtype and got_k.shape == shape
   want_k, want_v = k_pages.copy(), v_pages.copy()
   for t, slot in enumerate(slots):
     if slot >= 0:
       want_k[:, slot // page_size, slot % page_size] = k[t]
       want_v[:, slot // page_size, slot % page_size] = v[t]
-  np.testing.assert_allclose(np.asarray(got_k), want_k, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(got_v), want_v, rtol=1e-6)
+  round_ = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
+  np.testing.assert_array_equal(np.asarray(got_k.astype(jnp.float32)), round_(want_k))
+  np.testing.assert_array_equal(np.asarray(got_v.astype(jnp.float32)), round_(want_v))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton lowering (Pallas -> TTIR for CUDA) at production-like shapes: catches unsupported
+# primitives and indexing on a machine without a GPU. Compiling the IR still needs a GPU.
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size,dtype", [
+    (32, 8, 128, 16, jnp.bfloat16),   # Llama-3-8B
+    (12, 4, 64, 8, jnp.bfloat16),     # GQA 3, small pages
+    (8, 1, 256, 32, jnp.float32),
+    (4, 4, 128, 128, jnp.bfloat16),   # GQA 1, big pages
+])
+def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype):
+  rng = np.random.default_rng(10)
+  batch = testing.random_ragged_batch(rng, [(1, 9), (20, 300)], num_q_heads=num_q_heads,
+                                      num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                      page_size=page_size, num_tokens=32, max_seqs=4)
+  args = [jnp.asarray(a, dtype) if i < 3 else jnp.asarray(a) for i, a in enumerate(batch.args)]
+  for decode_only in (False, True):
+    fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1, sliding_window=64,
+                           soft_cap=30.0, backend="pallas", decode_only=decode_only)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "triton" in text
+  new = jnp.zeros((32, num_kv_heads, head_dim), dtype)
+  fn = functools.partial(write_kv_kernel.write_kv)
+  text = jax.jit(fn).trace(args[1], args[2], new, new, jnp.arange(32, dtype=jnp.int32)).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert "triton" in text

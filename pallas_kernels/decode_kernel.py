@@ -1,0 +1,153 @@
+"""Pallas (Triton backend) split-KV decode kernel: one program per (row, kv head, KV split).
+
+Decode is memory bound and has little parallelism per sequence (one query token), so a small
+batch would leave most SMs idle if one program walked a whole long context. Each query row's
+visible KV range [window start, pos] is cut into `num_splits` contiguous runs of tiles; program
+(t, h, i) walks run i and writes an unnormalised partial (acc [rows, D], running max m and sum l,
+all float32). A jnp epilogue merges the partials by log-sum-exp:
+    M = max_i m_i,   out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i.
+Runs are sized per row at run time (cdiv(num_tiles, num_splits) tiles), so short rows leave the
+trailing programs empty (zero trips, m = mask value, l = 0: they drop out of the merge).
+
+Every row is handled independently from its own position, so the kernel is correct for any
+ragged batch; it is only efficient when each sequence has one new token (the caller's
+`decode_only` hint), since a chunk's rows would each re-read the KV.
+
+Tile: the Gp (G rounded up to a power of two) q heads of one kv head, zero-padded to >= 16 rows
+for Triton's dot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ragged_kernel import MASK_VALUE, _cdiv, _group_heads, kv_tile, next_pow2
+from pallas_kernels.reference import token_metadata
+
+
+def _decode_kernel(
+    pos_ref,     # []   absolute position of this row (-1: padding row)
+    pages_ref,   # [max_pages_padded] the row's sequence's page-table row
+    q_ref,       # [rows, D]
+    k_ref,       # [P, ps, D] this kv head's pages
+    v_ref,       # [P, ps, D]
+    acc_ref,     # [rows, D] float32, unnormalised
+    m_ref,       # [rows] float32
+    l_ref,       # [rows] float32
+    *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+    pages_per_tile: int, num_splits: int):
+  rows, head_dim = q_ref.shape
+  page_size = k_ref.shape[1]
+  block_kv = pages_per_tile * page_size
+  split = pl.program_id(2)
+  pos = pos_ref[()]
+
+  kv_end = pos + 1                                  # 0 for padding rows
+  kv_start = jnp.int32(0)
+  if sliding_window is not None:
+    kv_start = jnp.maximum(pos - sliding_window + 1, 0)
+  first_tile = lax.div(kv_start, block_kv)
+  num_tiles = jnp.maximum(_cdiv(kv_end, block_kv) - first_tile, 0)
+  tiles_per_split = _cdiv(num_tiles, num_splits)
+  tile_lo = first_tile + split * tiles_per_split
+  tile_hi = jnp.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
+
+  q = q_ref[...]                                                        # [rows, D]
+
+  def body(tile, carry):
+    acc, m, l = carry
+    page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]  # [ppt]
+    k = k_ref[page_ids].reshape(block_kv, head_dim)                     # [block_kv, D]
+    v = v_ref[page_ids].reshape(block_kv, head_dim)
+    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
+    if soft_cap is not None:
+      s = soft_cap * jnp.tanh(s / soft_cap)
+    kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)    # [block_kv]
+    mask = kv_pos <= pos
+    if sliding_window is not None:
+      mask &= kv_pos > pos - sliding_window
+    s = jnp.where(mask[None, :], s, MASK_VALUE)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))                          # [rows]
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[:, None])
+    l = alpha * l + jnp.sum(p, axis=1)
+    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+  init = (jnp.zeros((rows, head_dim), jnp.float32),
+          jnp.full((rows,), MASK_VALUE, jnp.float32),
+          jnp.zeros((rows,), jnp.float32))
+  acc, m, l = lax.fori_loop(tile_lo, jnp.maximum(tile_lo, tile_hi), body, init)
+  acc_ref[...] = acc
+  m_ref[...] = m
+  l_ref[...] = l
+
+
+def default_num_splits(num_tokens: int, num_kv_heads: int, target_programs: int = 256,
+                       max_splits: int = 16) -> int:
+  """Enough KV splits that rows x kv heads x splits fills a large GPU (~2 programs per SM)."""
+  return max(1, min(max_splits, next_pow2(-(-target_programs // (num_tokens * num_kv_heads)))))
+
+
+def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
+                     sm_scale: float, sliding_window: int | None = None,
+                     soft_cap: float | None = None, interpret: bool = False,
+                     block_kv: int | None = None, num_splits: int | None = None,
+                     num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+  """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
+  num_tokens, num_q_heads, head_dim = q.shape
+  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  max_pages_per_seq = page_indices.shape[1]
+  group = num_q_heads // num_kv_heads
+  # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
+  itemsize = jnp.dtype(k_pages.dtype).itemsize
+  default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
+  pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+  num_splits = num_splits or default_num_splits(num_tokens, num_kv_heads)
+
+  seq_ids, positions, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  max_pages_padded = -(-max_pages_per_seq // pages_per_tile) * pages_per_tile
+  row_pages = jnp.pad(page_indices, ((0, 0), (0, max_pages_padded - max_pages_per_seq)))
+  row_pages = jnp.clip(row_pages[seq_ids], 0, num_pages - 1).astype(jnp.int32)  # [T, maxpp]
+
+  # [T, Hkv * Gp, D] -> [T, Hkv, rows, D], zero rows up to Triton's 16-row minimum.
+  qg, group_padded = _group_heads(q, num_kv_heads)
+  rows = max(16, group_padded)
+  qg = qg.reshape(num_tokens, num_kv_heads, group_padded, head_dim)
+  q_tiles = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group_padded), (0, 0)))
+
+  kernel = functools.partial(
+      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+      pages_per_tile=pages_per_tile, num_splits=num_splits)
+  page_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda t, h, i: (h, 0, 0, 0))
+  acc, m, l = pl.pallas_call(
+      kernel,
+      grid=(num_tokens, num_kv_heads, num_splits),
+      in_specs=[pl.BlockSpec((None,), lambda t, h, i: (t,)),
+                pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
+                pl.BlockSpec((None, None, rows, head_dim), lambda t, h, i: (t, h, 0, 0)),
+                page_spec, page_spec],
+      out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda t, h, i: (i, t, h, 0, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
+                 pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0))],
+      out_shape=[jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows, head_dim),
+                                      jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows), jnp.float32)],
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="ragged_paged_decode_attention",
+  )(positions.astype(jnp.int32), row_pages, q_tiles, k_pages, v_pages)
+
+  # Log-sum-exp merge of the splits: [splits, T, Hkv, rows(, D)] -> [T, Hkv, rows, D].
+  m_max = m.max(axis=0)
+  w = jnp.exp(m - m_max)                                                 # empty splits -> 0
+  l_sum = (w * l).sum(axis=0)
+  out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
+  out = out[:, :, :group]                                                # [T, Hkv, G, D]
+  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

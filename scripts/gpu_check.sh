@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Attention-kernel check on a GPU box (jax with CUDA preinstalled, no network, < 8 minutes):
+#   1. the kernel tests in interpret mode (CPU) and the compiled Pallas kernels on the GPU;
+#   2. the benchmark table (scripts/kernel_bench.py).
+# Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
+# Usage: bash scripts/gpu_check.sh [python]      (default: python from PATH, or $PYTHON)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY="${1:-${PYTHON:-python}}"
+status=0
+
+step() {  # step NAME TIMEOUT_S CMD...
+  local name="$1" limit="$2"; shift 2
+  echo "=== ${name} ($(date -u +%H:%M:%S), limit ${limit}s)"
+  local start=$SECONDS
+  timeout --signal=INT --kill-after=10 "${limit}" "$@"
+  local rc=$?
+  echo "=== ${name}: exit ${rc} after $((SECONDS - start))s"
+  [[ ${rc} -eq 0 ]] || status=1
+}
+
+"${PY}" -c 'import jax; print("jax", jax.__version__, jax.devices())' || status=1
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
+
+step "kernel tests, interpret mode (CPU)" 170 \
+  env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
+step "compiled Pallas kernels (GPU)" 100 \
+  env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
+step "kernel benchmark (GPU)" 200 \
+  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py
+
+echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
+exit ${status}

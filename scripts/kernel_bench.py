@@ -1,0 +1,200 @@
+"""Attention kernel benchmark: decode and prefill at Llama-3-8B head shapes, bfloat16.
+
+Prints one table row per (case, backend): median time, achieved bandwidth and FLOP rate (from the
+case's ideal bytes and FLOPs, see docs/kernels.md), each also as a fraction of ceilings measured
+on this device at start-up (device-to-device copy bandwidth, large bf16 matmul), and the largest
+difference from the xla reference output.
+
+  python scripts/kernel_bench.py            # GPU: the full table (scripts/gpu_check.sh runs it)
+  python scripts/kernel_bench.py --quick    # tiny shapes, Pallas in interpret mode: CPU smoke test
+
+Backends: `pallas` (our kernels; decode cases use the split-KV decode kernel), `xla` (the jnp
+reference), and for decode `jax_paged` = jax.experimental.pallas.ops.gpu.paged_attention. JAX's
+kernel takes a dense batch (q [B, Hq, D], one page-table row and length per sequence, exactly one
+query token each) over the same [Hkv, P, page_size, D] page layout, and needs
+pages_per_sequence % k_splits == 0; it has no ragged chunks, sliding window or padding rows.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+
+
+def time_fn(fn, *args, reps: int, inner: int | None = None) -> float:
+  """Median seconds per call. Each timed sample runs `inner` calls back to back (hides launch
+  gaps; by default enough for ~20 ms); slow cases take fewer samples to bound the total time."""
+  jax.block_until_ready(fn(*args))  # compile + warm up
+  start = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  first = time.perf_counter() - start
+  if inner is None:
+    inner = max(1, min(20, int(0.02 / max(first, 1e-6))))
+  if first > 0.2:
+    reps = min(reps, 3)
+  samples = []
+  for _ in range(reps):
+    start = time.perf_counter()
+    for _ in range(inner):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - start) / inner)
+  return statistics.median(samples)
+
+
+def measure_ceilings(quick: bool) -> tuple[float, float]:
+  """(copy bytes/s, bf16 matmul FLOP/s) measured on the default device."""
+  n = (1 << 20) if quick else (1 << 30)                       # elements (bf16: 2 GiB on GPU)
+  x = jnp.ones((n,), jnp.bfloat16)
+  copy = jax.jit(lambda a: a + 1)                               # reads and writes every byte
+  copy_s = time_fn(copy, x, reps=5, inner=3)
+  del x
+  m = 512 if quick else 8192
+  a = jnp.ones((m, m), jnp.bfloat16)
+  mm = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32).astype(p.dtype))
+  mm_s = time_fn(mm, a, a, reps=5, inner=3)
+  return 2 * 2 * n / copy_s, 2 * m ** 3 / mm_s
+
+
+def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype):
+  """Device-side random ragged batch with shuffled page tables (no big host transfers)."""
+  num_seqs = len(q_lens)
+  pages_per_seq = [-(-kv // page_size) for kv in kv_lens]
+  max_pages = max(pages_per_seq)
+  num_pages = sum(pages_per_seq)
+  kq, kk, kv, kp = jax.random.split(key, 4)
+  shape = (num_kv_heads, num_pages, page_size, head_dim)
+  k_pages = jax.random.normal(kk, shape, dtype)
+  v_pages = jax.random.normal(kv, shape, dtype)
+  perm = np.asarray(jax.random.permutation(kp, num_pages))
+  page_indices = np.zeros((num_seqs, max_pages), np.int32)
+  start = 0
+  for s, n in enumerate(pages_per_seq):
+    page_indices[s, :n] = perm[start:start + n]
+    start += n
+  num_tokens = sum(q_lens)
+  return dict(
+      q=jax.random.normal(kq, (num_tokens, num_q_heads, head_dim), dtype),
+      k_pages=k_pages, v_pages=v_pages,
+      kv_lens=jnp.asarray(kv_lens, jnp.int32),
+      page_indices=jnp.asarray(page_indices),
+      cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
+      num_seqs=jnp.asarray([num_seqs], jnp.int32))
+
+
+def ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, itemsize):
+  """(bytes, flops): every visible KV row read once, q read and out written once; causal FLOPs."""
+  kv_bytes = sum(kv_lens) * num_kv_heads * head_dim * 2 * itemsize
+  q_bytes = sum(q_lens) * num_q_heads * head_dim * 2 * itemsize
+  visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens))
+  return kv_bytes + q_bytes, 4 * num_q_heads * head_dim * visible
+
+
+def jax_paged_fn(batch, *, sm_scale, interpret):
+  """JAX's GPU paged_attention on a decode batch, or None when it is unavailable."""
+  try:
+    from jax.experimental.pallas.ops.gpu import paged_attention as jax_pa  # noqa: PLC0415
+  except Exception:  # noqa: BLE001 (any import failure means: skip this column)
+    return None
+  pages_per_seq = batch["page_indices"].shape[1]
+  k_splits = math.gcd(16, pages_per_seq)
+  fn = functools.partial(jax_pa.paged_attention, k_splits=k_splits,
+                         pages_per_compute_block=math.gcd(8, pages_per_seq // k_splits),
+                         interpret=interpret)
+  # JAX's kernel does not scale q; fold sm_scale in (one tiny multiply, included in the timing).
+  return jax.jit(lambda q, k, v, pt, lens: fn(q * jnp.asarray(sm_scale, q.dtype), k, v, pt, lens))
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="tiny shapes, Pallas in interpret mode (runs on CPU)")
+  parser.add_argument("--page-size", type=int, default=16)
+  parser.add_argument("--reps", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  quick = args.quick
+  pallas_backend = "pallas_interpret" if quick else "pallas"
+  if quick:
+    num_q_heads, num_kv_heads, head_dim = 8, 2, 64
+    decode_cases = [(b, ctx) for b in (1, 4) for ctx in (64, 256)]
+    prefill_cases = [(chunk, prefix) for chunk in (16, 64) for prefix in (0, 64)]
+    reps, inner = args.reps or 2, 1
+  else:
+    num_q_heads, num_kv_heads, head_dim = 32, 8, 128  # Llama-3-8B
+    decode_cases = [(b, ctx) for b in (1, 8, 64) for ctx in (1024, 8192, 32768)]
+    prefill_cases = [(chunk, prefix) for chunk in (512, 2048) for prefix in (0, 2048, 8192)]
+    reps, inner = args.reps or 7, None
+  dtype = jnp.bfloat16
+  page_size = args.page_size
+  sm_scale = head_dim ** -0.5
+
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  copy_bw, mm_flops = measure_ceilings(quick)
+  print(f"ceilings: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.1f} TFLOP/s")
+  print(f"heads: {num_q_heads} q / {num_kv_heads} kv, head_dim {head_dim}, page_size {page_size}, "
+        f"bfloat16; GB/s and TFLOP/s from ideal bytes/FLOPs (docs/kernels.md)")
+  header = (f"{'case':<26} {'backend':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} "
+            f"{'%mm':>6} {'max|err|':>9}")
+  print(header)
+  print("-" * len(header))
+
+  attn = jax.jit(pallas_kernels.ragged_paged_attention,
+                 static_argnames=("sm_scale", "backend", "decode_only"))
+  key = jax.random.key(0)
+  cases = [("decode", b, ctx) for b, ctx in decode_cases] + \
+          [("prefill", c, p) for c, p in prefill_cases]
+  for kind, a, b in cases:
+    key, sub = jax.random.split(key)
+    if kind == "decode":
+      name = f"decode B={a} ctx={b}"
+      q_lens, kv_lens = [1] * a, [b] * a
+    else:
+      name = f"prefill chunk={a} prefix={b}"
+      q_lens, kv_lens = [a], [a + b]
+    batch = make_batch(sub, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
+                       num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                       dtype=dtype)
+    n_bytes, n_flops = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim,
+                                  jnp.dtype(dtype).itemsize)
+    call_args = (batch["q"], batch["k_pages"], batch["v_pages"], batch["kv_lens"],
+                 batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"])
+    runs = {
+        "xla": functools.partial(attn, sm_scale=sm_scale, backend="xla"),
+        pallas_backend: functools.partial(attn, sm_scale=sm_scale, backend=pallas_backend,
+                                          decode_only=kind == "decode"),
+    }
+    ref_out = runs["xla"](*call_args)
+    rows = [(backend, fn, call_args) for backend, fn in runs.items()]
+    if kind == "decode" and (fn := jax_paged_fn(batch, sm_scale=sm_scale, interpret=quick)):
+      rows.append(("jax_paged", fn, (batch["q"], batch["k_pages"], batch["v_pages"],
+                                     batch["page_indices"], batch["kv_lens"])))
+    for backend, fn, fn_args in rows:
+      try:
+        err = float(jnp.max(jnp.abs(fn(*fn_args).astype(jnp.float32)
+                                    - ref_out.astype(jnp.float32))))
+        seconds = time_fn(fn, *fn_args, reps=reps, inner=inner)
+      except Exception as e:  # noqa: BLE001 (report and go on with the other rows)
+        print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      gbs, tflops = n_bytes / seconds / 1e9, n_flops / seconds / 1e12
+      print(f"{name:<26} {backend:<17} {seconds * 1e3:9.3f} {gbs:8.1f} "
+            f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} "
+            f"{100 * tflops * 1e12 / mm_flops:5.1f}% {err:9.2e}", flush=True)
+    del batch, call_args, ref_out, rows
+
+
+if __name__ == "__main__":
+  main()

@@ -36,6 +36,7 @@ from engine.request import RequestError, SamplingParams, validate_prompt
 log = logging.getLogger(__name__)
 
 MAX_SAMPLES_PER_CALL = 4 * MAX_N  # prompts x n in one completions call
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
 
 
 class ApiError(Exception):
@@ -152,18 +153,22 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         finals: dict[int, RequestOutput] = {}
         try:
             async with stream:
-                it = stream.__aiter__()
+                it, loop = stream.__aiter__(), asyncio.get_running_loop()
+                checked_s = loop.time()
                 while True:
                     try:
-                        index, out = await asyncio.wait_for(it.__anext__(), timeout=1.0)
+                        index, out = await asyncio.wait_for(it.__anext__(), timeout=DISCONNECT_POLL_S)
+                        if out.finished:
+                            finals[index] = out
                     except asyncio.TimeoutError:
-                        if await request.is_disconnected():
-                            return {}  # the client is gone; leaving the block aborts the requests
-                        continue
+                        pass
                     except StopAsyncIteration:
                         break
-                    if out.finished:
-                        finals[index] = out
+                    # NOTE: uvicorn does not cancel a handler whose client left; poll, and abort.
+                    if loop.time() - checked_s >= DISCONNECT_POLL_S:
+                        checked_s = loop.time()
+                        if await request.is_disconnected():
+                            return {}  # leaving the block aborts the requests
         except (RequestError, EngineStopped) as e:
             raise _engine_error(e) from None
         if any(out.finish_reason == "abort" for out in finals.values()):
@@ -281,6 +286,18 @@ def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
+_UNION_HINTS = {
+    "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _is_union_tag(x) -> bool:
+    """pydantic names union branches in `loc` ("str", "list[str]", "TextPart"); fields are snake_case."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or x[:1].isupper())
+
+
 def _describe_validation_error(errors) -> tuple[str, str | None]:
     """First pydantic error -> ("field.path: what is wrong", top-level field)."""
     if not errors:
@@ -288,18 +305,18 @@ def _describe_validation_error(errors) -> tuple[str, str | None]:
     e = errors[0]
     if e.get("type") == "json_invalid":
         return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query")]
-    # Unions report each branch ("prompt.str", "prompt.list[int]"); keep the user-facing path.
-    loc = [x for x in loc if not any(c in x for c in "[]") and x not in ("str", "int", "float", "bool")]
-    where = ".".join(loc)
-    if e.get("type") == "missing" and not loc:
-        return "request body is missing or not a JSON object", None
-    if e.get("type") == "model_attributes_type" or (e.get("type") == "dict_type" and not loc):
+    loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
+    tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+    if tag is not None:  # a value no branch of a union accepted: say what the field takes
+        path = loc[:tag]
+        field = next((x for x in reversed(path) if isinstance(x, str)), "")
+        where = ".".join(map(str, path))
+        return f"{where}: expected {_UNION_HINTS.get(field, 'a value of another type')}", (path[0] if path else None)
+    where = ".".join(map(str, loc))
+    if not loc and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
         return "request body must be a JSON object", None
-    msg = e.get("msg", "invalid value")
-    if e.get("type") == "missing":
-        msg = "required field is missing"
-    return (f"{where}: {msg}" if where else msg), (loc[0] if loc else None)
+    msg = "required field is missing" if e.get("type") == "missing" else e.get("msg", "invalid value")
+    return (f"{where}: {msg}" if where else msg), (str(loc[0]) if loc else None)
 
 
 class _Guard:

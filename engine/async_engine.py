@@ -109,6 +109,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._accepting = True
+        self.num_aborted = 0  # requests ended early: client gone, shutdown
         self._stats = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.on_finished: Callable[[RequestOutput], None] | None = None  # metrics hook, engine thread
@@ -148,7 +149,7 @@ class AsyncEngine:
         self._commands.put(("abort", request_ids))
 
     def stats(self) -> dict:
-        """Latest `LLMEngine.stats()` (+ waiting_tokens), taken on the engine thread after each step."""
+        """Latest `LLMEngine.stats()` (+ waiting_tokens, num_aborted), taken on the engine thread after each step."""
         return self._stats
 
     # -------------------------------------------------------------------------- engine thread
@@ -196,6 +197,7 @@ class AsyncEngine:
                 for rid in cmd[1]:
                     if self.engine.abort(rid):
                         self._streams.pop(rid, None)
+                        self.num_aborted += 1
             elif cmd[0] == "abort_all":
                 self._abort_all()
             elif cmd[0] == "stop":
@@ -225,6 +227,7 @@ class AsyncEngine:
     def _abort_all(self) -> None:
         for rid, stream in list(self._streams.items()):
             self.engine.abort(rid)
+            self.num_aborted += 1
             stream._put(RequestOutput(rid, "", [], True, "abort", "", [], 0, 0))
         self._streams.clear()
 
@@ -254,6 +257,7 @@ class AsyncEngine:
 
     def _read_stats(self) -> dict:
         stats = dict(self.engine.stats())
+        stats["num_aborted"] = self.num_aborted
         if "waiting_tokens" not in stats:
             # NOTE: tokens the waiting requests still have to prefill (before prefix-cache hits).
             stats["waiting_tokens"] = sum(s.num_tokens - s.num_computed for s in self.engine.scheduler.waiting)

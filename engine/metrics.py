@@ -42,6 +42,7 @@ class _EngineStatsCollector:
         counters = {
             "radixlm_preemptions": ("requests preempted (recompute)", s["num_preemptions"]),
             "radixlm_evicted_pages": ("pages evicted from the radix cache", s["num_evicted_pages"]),
+            "radixlm_requests_aborted": ("requests ended early (client gone, shutdown)", s["num_aborted"]),
             "radixlm_engine_steps": ("engine steps run", s["num_steps"]),
             "radixlm_scheduled_prompt_tokens": ("prompt tokens admitted by the scheduler", s["prompt_tokens"]),
             "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),

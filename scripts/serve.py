@@ -70,6 +70,9 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         self._engine.begin_shutdown()
         super().handle_exit(sig, frame)
+        # NOTE: uvicorn re-raises captured signals after its graceful shutdown (exit -15, or a
+        # KeyboardInterrupt traceback); the shutdown is complete by then, so exit 0 instead.
+        self._captured_signals.clear()
 
 
 if __name__ == "__main__":

@@ -8,14 +8,27 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from engine.request import MAX_TOP_LOGPROBS
 
 MAX_N = 16  # samples per prompt
 MAX_PROMPTS = 64  # prompts per completions call
 
-_Int32 = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+def _integral(value: Any) -> Any:
+    """2.0 is the integer 2 (JSON does not tell them apart); "2", 2.5 and true stay wrong."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int(**bounds) -> Any:
+    """An integer field type with bounds (NOTE: Field before the validator, or the schema loses them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+_Int32 = _int(ge=0, le=2**31 - 1)
+_StopString = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[_Int32], Field(min_length=1)]
 
 
@@ -33,11 +46,11 @@ class _SamplingFields(_Body):
     model: str
     temperature: float | None = Field(None, ge=0, description="0 = greedy")
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1 = off")
+    top_k: _int(ge=-1, le=2**31 - 1) | None = Field(None, description="0 or -1 = off")
     min_p: float | None = Field(None, ge=0, le=1)
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1, description="with n > 1, sample i uses seed + i")
-    stop: str | list[str] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    seed: _int(ge=-(2**63), le=2**64 - 1) | None = Field(None, description="with n > 1, sample i uses seed + i")
+    stop: _StopString | list[_StopString] | None = None
+    n: _int(ge=1, le=MAX_N) = 1
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, gt=0)
@@ -52,8 +65,8 @@ class _SamplingFields(_Body):
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    max_tokens: _int(ge=1) | None = 16
+    logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     echo: bool = False
     suffix: str | None = None
 
@@ -72,10 +85,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(None, ge=1, description="default: the rest of the context")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: _int(ge=1) | None = Field(None, description="default: the rest of the context")
+    max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

@@ -229,6 +229,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             msg = m.model_dump(exclude_none=True)
             if isinstance(m.content, list):
                 msg["content"] = "".join(part.text for part in m.content)
+            msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
             messages.append(msg)
         try:
             prompt_ids = tokenizer.encode_chat(messages)
@@ -294,8 +295,8 @@ _UNION_HINTS = {
 
 
 def _is_union_tag(x) -> bool:
-    """pydantic names union branches in `loc` ("str", "list[str]", "TextPart"); fields are snake_case."""
-    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or x[:1].isupper())
+    """pydantic names union branches in `loc` ("str", "constrained-str", "list[str]", "TextPart"); fields are snake_case."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
 
 
 def _describe_validation_error(errors) -> tuple[str, str | None]:

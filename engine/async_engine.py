@@ -99,7 +99,15 @@ class RequestStream:
 
     # called on the engine thread
     def _put(self, item) -> None:
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
 
 
 class AsyncEngine:
@@ -238,6 +246,8 @@ class AsyncEngine:
         self._streams.clear()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop per step, not one per token.
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -249,7 +259,12 @@ class AsyncEngine:
                         self.on_finished(out)
                     except Exception:
                         log.exception("on_finished hook failed")
-            stream._put(out)
+            batches.setdefault(stream._loop, []).append((stream._queue, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
 
     def _after_change(self) -> None:
         self.feed.publish(self.engine.drain_cache_events())

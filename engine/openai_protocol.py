@@ -94,3 +94,36 @@ class ChatCompletionRequest(_SamplingFields):
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_UNION_HINTS = {
+    "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _is_union_tag(x) -> bool:
+    """pydantic names union branches in `loc` ("str", "constrained-str", "list[str]", "TextPart"); fields are snake_case."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
+
+
+def describe_validation_error(errors) -> tuple[str, str | None]:
+    """First pydantic error -> ("field.path: what is wrong", top-level field)."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
+    tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+    if tag is not None:  # a value no branch of a union accepted: say what the field takes
+        path = loc[:tag]
+        field = next((x for x in reversed(path) if isinstance(x, str)), "")
+        where = ".".join(map(str, path))
+        return f"{where}: expected {_UNION_HINTS.get(field, 'a value of another type')}", (path[0] if path else None)
+    where = ".".join(map(str, loc))
+    if not loc and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return "request body must be a JSON object", None
+    msg = "required field is missing" if e.get("type") == "missing" else e.get("msg", "invalid value")
+    return (f"{where}: {msg}" if where else msg), (str(loc[0]) if loc else None)

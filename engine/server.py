@@ -13,7 +13,6 @@ import asyncio
 import functools
 import json
 import logging
-import secrets
 import time
 import uuid
 from typing import AsyncIterator
@@ -26,10 +25,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from engine.async_engine import AsyncEngine, EngineStopped, GenerateRequest
 from engine.config import EngineConfig
 from engine.engine import RequestOutput
+from engine.http_guard import RequestGuard
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ChatCompletionRequest, CompletionRequest, error_body,
+    MAX_N, ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body,
 )
 from engine.request import RequestError, SamplingParams, validate_prompt
 
@@ -71,7 +71,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                   description="OpenAI-compatible API of one RadixLM replica")
     app.state.engine = engine
     app.state.metrics = metrics
-    app.add_middleware(_Guard, api_key=api_key, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
 
     # -------------------------------------------------------------------------------- errors
     @app.exception_handler(ApiError)
@@ -80,7 +80,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
-        message, param = _describe_validation_error(e.errors())
+        message, param = describe_validation_error(e.errors())
         return JSONResponse(error_body(message, param=param), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
@@ -285,120 +285,3 @@ def _engine_error(e: Exception) -> ApiError:
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
-
-
-_UNION_HINTS = {
-    "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
-    "stop": "a string or a list of strings",
-    "content": 'a string or a list of {"type": "text", "text": ...} parts',
-}
-
-
-def _is_union_tag(x) -> bool:
-    """pydantic names union branches in `loc` ("str", "constrained-str", "list[str]", "TextPart"); fields are snake_case."""
-    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
-
-
-def _describe_validation_error(errors) -> tuple[str, str | None]:
-    """First pydantic error -> ("field.path: what is wrong", top-level field)."""
-    if not errors:
-        return "invalid request", None
-    e = errors[0]
-    if e.get("type") == "json_invalid":
-        return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
-    loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
-    tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
-    if tag is not None:  # a value no branch of a union accepted: say what the field takes
-        path = loc[:tag]
-        field = next((x for x in reversed(path) if isinstance(x, str)), "")
-        where = ".".join(map(str, path))
-        return f"{where}: expected {_UNION_HINTS.get(field, 'a value of another type')}", (path[0] if path else None)
-    where = ".".join(map(str, loc))
-    if not loc and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
-        return "request body must be a JSON object", None
-    msg = "required field is missing" if e.get("type") == "missing" else e.get("msg", "invalid value")
-    return (f"{where}: {msg}" if where else msg), (str(loc[0]) if loc else None)
-
-
-class _Guard:
-    """ASGI middleware: API key on /v1/*, body size limit, request counts by endpoint and status."""
-
-    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/load",
-                  "/v1/cache_events", "/v1/cache_state", "/openapi.json", "/docs"}
-
-    def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
-        self.app = app
-        self.api_key = api_key
-        self.max_body_bytes = max_body_bytes
-        self.metrics = metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        path = scope["path"]
-        status = {"code": 500}
-
-        async def send_counted(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            if self.api_key and path.startswith("/v1/") and not self._authorized(scope):
-                return await _send_json(send_counted, 401, error_body(
-                    "invalid or missing API key (send Authorization: Bearer <key>)", "authentication_error",
-                    code="invalid_api_key"))
-            headers = dict(scope.get("headers") or ())
-            length = headers.get(b"content-length")
-            if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                return await _send_json(send_counted, 413, self._too_large())
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                body, more, too_large = bytearray(), True, False
-                while more:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        return
-                    body += message.get("body", b"")
-                    more = message.get("more_body", False)
-                    if len(body) > self.max_body_bytes:
-                        too_large = True
-                        break
-                if too_large:
-                    return await _send_json(send_counted, 413, self._too_large())
-                receive = _replay(bytes(body), receive)
-            await self.app(scope, receive, send_counted)
-        finally:
-            endpoint = path if path in self._ENDPOINTS else "other"
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-    def _authorized(self, scope) -> bool:
-        for name, value in scope.get("headers") or ():
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(
-                    token.strip().encode("latin-1"), self.api_key.encode("utf-8"))
-        return False
-
-    def _too_large(self) -> dict:
-        return error_body(f"request body is larger than server.max_body_bytes={self.max_body_bytes}",
-                          code="request_too_large")
-
-
-def _replay(body: bytes, receive):
-    sent = False
-
-    async def replay():
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return replay
-
-
-async def _send_json(send, status: int, obj: dict) -> None:
-    data = json.dumps(obj).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
-    await send({"type": "http.response.body", "body": data})

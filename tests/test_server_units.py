@@ -7,9 +7,8 @@ import pydantic
 import pytest
 
 from engine.cache_feed import CacheEventFeed
-from engine.openai_protocol import ChatCompletionRequest, CompletionRequest
+from engine.openai_protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error
 from engine.radix_cache import CacheEvent
-from engine.server import _describe_validation_error
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -68,14 +67,14 @@ def test_feed_reports_gaps_and_limits_batches():
 def test_validation_errors_name_the_field(body, message, param):
     with pytest.raises(pydantic.ValidationError) as e:
         CompletionRequest.model_validate(body)
-    got_message, got_param = _describe_validation_error(e.value.errors())
+    got_message, got_param = describe_validation_error(e.value.errors())
     assert got_message.startswith(message) and got_param == param
 
 
 def test_chat_validation_errors_name_the_message():
     with pytest.raises(pydantic.ValidationError) as e:
         ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": 5}]})
-    assert _describe_validation_error(e.value.errors()) == (
+    assert describe_validation_error(e.value.errors()) == (
         'messages.0.content: expected a string or a list of {"type": "text", "text": ...} parts', "messages")
 
 

@@ -40,7 +40,7 @@ class GenerateRequest:
     namespace: str | None = None
 
 
-_FINISHED = object()  # sentinel closing a stream after all its requests finished
+IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
 
 
 class RequestStream:
@@ -125,7 +125,9 @@ class AsyncEngine:
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
-        self._thread.start()
+        """Starts the engine thread (once; later calls do nothing)."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
 
     def begin_shutdown(self) -> None:
         """Stop accepting; every in-flight request ends now with finish_reason "abort" (signal-handler safe)."""
@@ -162,14 +164,16 @@ class AsyncEngine:
 
     # -------------------------------------------------------------------------- engine thread
     def _run(self) -> None:
+        wait_s: float | None = None
         try:
             while True:
-                # Block for commands only when idle; otherwise take what arrived since the last step.
-                block = not self.engine.has_unfinished()
-                if not self._apply_commands(block):
+                # Wait for commands only when idle; otherwise take what arrived since the last step.
+                if not self._apply_commands(wait_s):
                     break
+                wait_s = None
                 if not self.engine.has_unfinished():
                     continue
+                num_steps = self.engine.num_steps
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # a bug; fail the requests in flight, keep serving
@@ -178,6 +182,8 @@ class AsyncEngine:
                     continue
                 self._deliver(outputs)
                 self._after_change()
+                # NOTE: work but nothing schedulable (no plan) would spin; wait a little for commands instead.
+                wait_s = IDLE_WAIT_S if self.engine.num_steps == num_steps else 0.0
         finally:
             self._accepting = False
             self._fail_all(EngineStopped("the server is shutting down"))
@@ -189,15 +195,15 @@ class AsyncEngine:
                 if cmd[0] == "add":
                     cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
 
-    def _apply_commands(self, block: bool) -> bool:
-        """Applies queued commands; False on "stop"."""
+    def _apply_commands(self, wait_s: float | None) -> bool:
+        """Applies queued commands, waiting up to `wait_s` for the first (None: until one comes); False on "stop"."""
         changed = False
         while True:
             try:
-                cmd = self._commands.get(block=block)
+                cmd = self._commands.get(block=wait_s != 0.0, timeout=wait_s)
             except queue.Empty:
                 break
-            block = False
+            wait_s = 0.0
             changed = True
             if cmd[0] == "add":
                 self._add(cmd[1], cmd[2])

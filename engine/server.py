@@ -62,8 +62,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return tokenizer.decode([token_id], skip_special_tokens=False)
 
     async def lifespan(app: FastAPI):
-        if not engine._thread.is_alive():
-            engine.start()
+        engine.start()
         yield
         await asyncio.get_running_loop().run_in_executor(None, engine.stop)
 

@@ -118,6 +118,7 @@ class _FakeEngine:
         self.step_s = step_s
         self.live: dict = {}
         self.num_aborted = 0
+        self.num_steps = 0
         self._events = []
 
     def add_request(self, prompt_ids, params, request_id=None, namespace=None):
@@ -141,6 +142,7 @@ class _FakeEngine:
         from engine.engine import RequestOutput
 
         time.sleep(self.step_s)
+        self.num_steps += 1
         outs = []
         for rid, (prompt, params, out) in list(self.live.items()):
             out.append(prompt[len(out) % len(prompt)])

@@ -49,6 +49,7 @@ class RequestGuard:
                 while more:
                     message = await receive()
                     if message["type"] == "http.disconnect":
+                        status["code"] = 499  # client closed the request (nginx's name for it)
                         return
                     body += message.get("body", b"")
                     more = message.get("more_body", False)

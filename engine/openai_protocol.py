@@ -58,7 +58,8 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[_Int32] | None = None
-    cache_salt: str | None = Field(None, description="requests with different salts never share cached pages")
+    cache_salt: str | None = Field(None, description="requests with different salts never share cached pages; "
+                                                      "an empty salt is no salt")
     user: str | None = None
 
 

@@ -1,0 +1,285 @@
+"""`AsyncEngine`: an `LLMEngine` driven by one background thread, fed and drained from asyncio.
+
+The engine is not thread safe, so only the engine thread touches it:
+
+    HTTP handler (event loop)                     engine thread
+    submit() -> command queue  ─────────────────▶ apply commands (add / abort / abort all)
+                                                  engine.step()  while there is work
+    RequestStream (asyncio.Queue) ◀── call_soon_threadsafe ── RequestOutput deltas
+                                                  engine.drain_cache_events() -> CacheEventFeed
+                                                  engine.stats() -> snapshot read by /load, /metrics
+
+A stream that is closed before its requests finish (client gone, handler cancelled) aborts them, so
+their pages go back to the pool at the next step boundary.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import logging
+import queue
+import threading
+from typing import Callable, Sequence
+
+from engine.cache_feed import CacheEventFeed
+from engine.engine import LLMEngine, RequestOutput
+from engine.request import RequestError, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class EngineStopped(RuntimeError):
+    """The engine is shutting down (or died) and takes no more requests."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    namespace: str | None = None
+
+
+IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
+
+
+class RequestStream:
+    """Outputs of the requests of one API call, as (index, RequestOutput), until every one has finished.
+
+    Use as `async with engine.submit(...) as stream: async for index, out in stream: ...`; leaving
+    the block early aborts the unfinished requests.
+    """
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str]):
+        self._engine = engine
+        self.request_ids = request_ids
+        self._index = {rid: i for i, rid in enumerate(request_ids)}
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._unfinished = set(request_ids)
+        self.added: concurrent.futures.Future = concurrent.futures.Future()
+
+    async def __aenter__(self) -> "RequestStream":
+        try:
+            await asyncio.wrap_future(self.added)  # raises RequestError / EngineStopped
+        except asyncio.CancelledError:
+            self.close()  # NOTE: queued after the add, so the engine adds then aborts
+            raise
+        except BaseException:
+            self._unfinished.clear()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> tuple[int, RequestOutput]:
+        if not self._unfinished:
+            raise StopAsyncIteration
+        item = await self._queue.get()
+        if isinstance(item, BaseException):
+            self._unfinished.clear()
+            raise item
+        if item.finished:
+            self._unfinished.discard(item.request_id)
+        return self._index[item.request_id], item
+
+    def close(self) -> None:
+        if self._unfinished:
+            self._engine._abort(list(self._unfinished))
+            self._unfinished.clear()
+
+    def __del__(self):
+        # NOTE: safety net for a stream dropped without close() (a response never started).
+        if getattr(self, "_unfinished", None):
+            self._engine._abort(list(self._unfinished))
+
+    # called on the engine thread
+    def _put(self, item) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening
+            pass
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, feed: CacheEventFeed | None = None):
+        self.engine = engine
+        self.feed = feed or CacheEventFeed()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}  # engine thread only
+        self._accepting = True
+        self.num_aborted = 0  # requests ended early: client gone, shutdown
+        self._stats = self._read_stats()
+        self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.on_finished: Callable[[RequestOutput], None] | None = None  # metrics hook, engine thread
+        self.feed.publish(engine.drain_cache_events())
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Starts the engine thread (once; later calls do nothing)."""
+        if not self._thread.is_alive() and self._thread.ident is None:
+            self._thread.start()
+
+    def begin_shutdown(self) -> None:
+        """Stop accepting; every in-flight request ends now with finish_reason "abort" (signal-handler safe)."""
+        self._accepting = False
+        self._commands.put(("abort_all",))
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Aborts everything and joins the engine thread."""
+        self.begin_shutdown()
+        self._commands.put(("stop",))
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+
+    @property
+    def accepting(self) -> bool:
+        return self._accepting and self._thread.is_alive()
+
+    # ------------------------------------------------------------------------------ requests
+    def submit(self, requests: Sequence[GenerateRequest], request_id: str) -> RequestStream:
+        """Queues requests `{request_id}-{i}`; await the stream (`async with`) to learn if they were accepted."""
+        stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(requests))])
+        if not self.accepting:
+            stream.added.set_exception(EngineStopped("the server is shutting down"))
+        else:
+            self._commands.put(("add", stream, list(requests)))
+        return stream
+
+    def _abort(self, request_ids: list[str]) -> None:
+        self._commands.put(("abort", request_ids))
+
+    def stats(self) -> dict:
+        """Latest `LLMEngine.stats()` (+ waiting_tokens, num_aborted), taken on the engine thread after each step."""
+        return self._stats
+
+    # -------------------------------------------------------------------------- engine thread
+    def _run(self) -> None:
+        wait_s: float | None = None
+        try:
+            while True:
+                # Wait for commands only when idle; otherwise take what arrived since the last step.
+                if not self._apply_commands(wait_s):
+                    break
+                wait_s = None
+                if not self.engine.has_unfinished():
+                    continue
+                num_steps = self.engine.num_steps
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a bug; fail the requests in flight, keep serving
+                    log.exception("engine step failed")
+                    self._fail_all(RuntimeError(f"engine step failed: {e}"))
+                    continue
+                self._deliver(outputs)
+                self._after_change()
+                # NOTE: work but nothing schedulable (no plan) would spin; wait a little for commands instead.
+                wait_s = IDLE_WAIT_S if self.engine.num_steps == num_steps else 0.0
+        finally:
+            self._accepting = False
+            self._fail_all(EngineStopped("the server is shutting down"))
+            while True:  # requests queued behind the stop still get an answer
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    break
+                if cmd[0] == "add":
+                    cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
+
+    def _apply_commands(self, wait_s: float | None) -> bool:
+        """Applies queued commands, waiting up to `wait_s` for the first (None: until one comes); False on "stop"."""
+        changed = False
+        while True:
+            try:
+                cmd = self._commands.get(block=wait_s != 0.0, timeout=wait_s)
+            except queue.Empty:
+                break
+            wait_s = 0.0
+            changed = True
+            if cmd[0] == "add":
+                self._add(cmd[1], cmd[2])
+            elif cmd[0] == "abort":
+                for rid in cmd[1]:
+                    if self.engine.abort(rid):
+                        self._streams.pop(rid, None)
+                        self.num_aborted += 1
+            elif cmd[0] == "abort_all":
+                self._abort_all()
+            elif cmd[0] == "stop":
+                return False
+        if changed:
+            self._after_change()
+        return True
+
+    def _add(self, stream: RequestStream, requests: list[GenerateRequest]) -> None:
+        if not self._accepting:
+            stream.added.set_exception(EngineStopped("the server is shutting down"))
+            return
+        added = []
+        try:
+            for rid, req in zip(stream.request_ids, requests):
+                self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace)
+                added.append(rid)
+                self._streams[rid] = stream
+        except Exception as e:  # all or nothing: one bad sample fails the call
+            for rid in added:
+                self.engine.abort(rid)
+                self._streams.pop(rid, None)
+            stream.added.set_exception(e if isinstance(e, RequestError) else RequestError(str(e)))
+            return
+        stream.added.set_result(None)
+
+    def _abort_all(self) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            self.num_aborted += 1
+            stream._put(RequestOutput(rid, "", [], True, "abort", "", [], 0, 0))
+        self._streams.clear()
+
+    def _fail_all(self, error: BaseException) -> None:
+        for rid, stream in list(self._streams.items()):
+            self.engine.abort(rid)
+            stream._put(error)
+        self._streams.clear()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        # One wake-up per event loop per step, not one per token.
+        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+                if self.on_finished is not None:
+                    try:
+                        self.on_finished(out)
+                    except Exception:
+                        log.exception("on_finished hook failed")
+            batches.setdefault(stream._loop, []).append((stream._queue, out))
+        for loop, items in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that loop is closed: nobody is listening
+                pass
+
+    def _after_change(self) -> None:
+        self.feed.publish(self.engine.drain_cache_events())
+        self._stats = self._read_stats()
+
+    def _read_stats(self) -> dict:
+        stats = dict(self.engine.stats())
+        stats["num_aborted"] = self.num_aborted
+        if "waiting_tokens" not in stats:
+            # NOTE: tokens the waiting requests still have to prefill (before prefix-cache hits).
+            stats["waiting_tokens"] = sum(s.num_tokens - s.num_computed for s in self.engine.scheduler.waiting)
+        return stats

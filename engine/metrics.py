@@ -1,0 +1,87 @@
+"""Prometheus metrics of one replica (`GET /metrics`), in a registry of its own.
+
+Per-request metrics (tokens, latencies) are recorded when a request finishes; engine-wide numbers
+(pages, queue, preemptions, evictions) are read from the latest `engine.stats()` at scrape time.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from engine.engine import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TPOT_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class _EngineStatsCollector:
+    def __init__(self, stats: Callable[[], dict]):
+        self._stats = stats
+
+    def collect(self):
+        s = self._stats()
+        gauges = {
+            "radixlm_pages_free": ("KV pages in the free pool", s["pages_free"]),
+            "radixlm_pages_total": ("KV pages in the pool", s["pages_total"]),
+            "radixlm_pages_used": ("KV pages referenced by the tree or requests", s["pages_total"] - s["pages_free"]),
+            "radixlm_pages_tree": ("KV pages held by the radix cache", s["pages_tree"]),
+            "radixlm_pages_held_by_requests": ("KV page references held by running requests", s["pages_held_by_requests"]),
+            "radixlm_num_requests_waiting": ("requests in the waiting queue", s["num_waiting"]),
+            "radixlm_num_requests_running": ("requests in the running batch", s["num_running"]),
+            "radixlm_waiting_tokens": ("prompt tokens the waiting requests still have to prefill", s["waiting_tokens"]),
+            "radixlm_cache_hit_rate": (
+                "cached prompt tokens / prompt tokens, since start",
+                s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,
+            ),
+        }
+        for name, (doc, value) in gauges.items():
+            yield GaugeMetricFamily(name, doc, value=value)
+        counters = {
+            "radixlm_preemptions": ("requests preempted (recompute)", s["num_preemptions"]),
+            "radixlm_evicted_pages": ("pages evicted from the radix cache", s["num_evicted_pages"]),
+            "radixlm_requests_aborted": ("requests ended early (client gone, shutdown)", s["num_aborted"]),
+            "radixlm_engine_steps": ("engine steps run", s["num_steps"]),
+            "radixlm_scheduled_prompt_tokens": ("prompt tokens admitted by the scheduler", s["prompt_tokens"]),
+            "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),
+        }
+        for name, (doc, value) in counters.items():
+            yield CounterMetricFamily(name, doc, value=value)
+
+
+class ServerMetrics:
+    def __init__(self, stats: Callable[[], dict]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("radixlm_requests", "HTTP API requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("radixlm_prompt_tokens", "prompt tokens of finished requests", registry=r)
+        self.cached_tokens = Counter("radixlm_cached_tokens", "prompt tokens of finished requests served from the cache",
+                                     registry=r)
+        self.generated_tokens = Counter("radixlm_generated_tokens", "tokens generated", registry=r)
+        self.finished = Counter("radixlm_requests_finished", "engine requests finished, by reason", ["reason"], registry=r)
+        self.ttft = Histogram("radixlm_time_to_first_token_seconds", "arrival to first token", registry=r,
+                              buckets=_LATENCY_BUCKETS_S)
+        self.tpot = Histogram("radixlm_time_per_output_token_seconds", "mean time between output tokens, per request",
+                              registry=r, buckets=_TPOT_BUCKETS_S)
+        self.e2e = Histogram("radixlm_e2e_request_latency_seconds", "arrival to last token", registry=r,
+                             buckets=_LATENCY_BUCKETS_S)
+        r.register(_EngineStatsCollector(stats))
+
+    def on_finished(self, out: RequestOutput) -> None:
+        """Called on the engine thread for each finished request."""
+        self.finished.labels(out.finish_reason or "unknown").inc()
+        self.prompt_tokens.inc(out.prompt_tokens)
+        self.cached_tokens.inc(out.cached_tokens)
+        self.generated_tokens.inc(len(out.token_ids))
+        if out.ttft_s is not None:
+            self.ttft.observe(out.ttft_s)
+        if out.e2e_s is not None:
+            self.e2e.observe(out.e2e_s)
+            if out.ttft_s is not None and len(out.token_ids) > 1:
+                self.tpot.observe((out.e2e_s - out.ttft_s) / (len(out.token_ids) - 1))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""`RequestOutput`s -> OpenAI response bodies: whole responses, SSE chunks, logprobs, usage.
+
+`kind` is "text" (/v1/completions) or "chat" (/v1/chat/completions). Choice `index` is
+prompt_index * n + sample_index, as OpenAI numbers them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from engine.engine import RequestOutput
+
+
+def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) -> dict:
+    """Prompt tokens count once per prompt (not per sample); cached tokens are those of each prompt's first sample."""
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion_tokens = sum(len(out.token_ids) for out in finals.values())
+    cached = sum(finals[i * n].cached_tokens for i in range(len(prompts)) if i * n in finals)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+class ChoiceFormatter:
+    def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
+                 logprobs: bool):
+        self.kind = kind
+        self.token_text = token_text
+        self.id, self.model, self.created = call_id, model, created
+        self.logprobs = logprobs
+        self._offsets: dict[int, int] = {}  # choice index -> chars streamed so far (completions text_offset)
+
+    # ------------------------------------------------------------------------------ whole
+    def choice(self, index: int, out: RequestOutput) -> dict:
+        lp = self._logprobs(index, out, 0) if self.logprobs else None
+        if self.kind == "chat":
+            return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
+                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+        return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
+                "stop_reason": out.stop_reason}
+
+    def response(self, choices: list[dict], usage_: dict) -> dict:
+        obj = "chat.completion" if self.kind == "chat" else "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                "usage": usage_}
+
+    # ---------------------------------------------------------------------------- streamed
+    def role_delta(self, index: int) -> dict:
+        return {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+
+    def delta(self, index: int, out: RequestOutput) -> dict | None:
+        """The stream choice for one step's output; None when it carries nothing to show."""
+        new_tokens = len(out.delta_token_ids)
+        if not (out.delta_text or out.finished or (self.logprobs and new_tokens)):
+            return None
+        lp = self._logprobs(index, out, len(out.token_ids) - new_tokens) if self.logprobs else None
+        if self.kind == "chat":
+            delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
+            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
+        else:
+            choice = {"index": index, "text": out.delta_text, "logprobs": lp, "finish_reason": out.finish_reason}
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        self._offsets[index] = self._offsets.get(index, 0) + len(out.delta_text)
+        return choice
+
+    def chunk(self, choices: list[dict], include_usage: bool, usage_: dict | None = None) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        c = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if include_usage:
+            c["usage"] = usage_
+        return c
+
+    # ---------------------------------------------------------------------------- logprobs
+    def _logprobs(self, index: int, out: RequestOutput, start: int) -> dict | None:
+        """Logprobs of generated tokens [start:] in the endpoint's format."""
+        if out.logprobs is None:
+            return None
+        ids = out.token_ids[start:]
+        lps = out.logprobs[start:]
+        tops = (out.top_logprobs or [])[start:] if out.top_logprobs else [[] for _ in ids]
+        texts = [self.token_text(t) for t in ids]
+        if self.kind == "chat":
+            return {"content": [
+                {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8")),
+                 "top_logprobs": [{"token": (ts := self.token_text(t)), "logprob": tlp, "bytes": list(ts.encode("utf-8"))}
+                                  for t, tlp in top]}
+                for s, lp, top in zip(texts, lps, tops)
+            ]}
+        offsets, pos = [], self._offsets.get(index, 0)
+        for s in texts:
+            offsets.append(pos)
+            pos += len(s)
+        return {
+            "tokens": texts,
+            "token_logprobs": lps,
+            "top_logprobs": [{self.token_text(t): tlp for t, tlp in top} for top in tops] if out.top_logprobs else None,
+            "text_offset": offsets,
+        }

@@ -1,0 +1,130 @@
+"""Request bodies of the OpenAI-compatible API (pydantic), and the OpenAI error body.
+
+Types are strict ("5" is not an integer) and NaN/inf are refused, so a wrongly typed field is a 400
+naming it, never a surprise deeper down. Range checks that need the model (context length,
+vocabulary) happen in the server and the engine.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from engine.request import MAX_TOP_LOGPROBS
+
+MAX_N = 16  # samples per prompt
+MAX_PROMPTS = 64  # prompts per completions call
+
+
+
+def _integral(value: Any) -> Any:
+    """2.0 is the integer 2 (JSON does not tell them apart); "2", 2.5 and true stay wrong."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def _int(**bounds) -> Any:
+    """An integer field type with bounds (NOTE: Field before the validator, or the schema loses them)."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+_Int32 = _int(ge=0, le=2**31 - 1)
+_StopString = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[_Int32], Field(min_length=1)]
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _SamplingFields(_Body):
+    """Fields both endpoints share."""
+
+    model: str
+    temperature: float | None = Field(None, ge=0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: _int(ge=-1, le=2**31 - 1) | None = Field(None, description="0 or -1 = off")
+    min_p: float | None = Field(None, ge=0, le=1)
+    seed: _int(ge=-(2**63), le=2**64 - 1) | None = Field(None, description="with n > 1, sample i uses seed + i")
+    stop: _StopString | list[_StopString] | None = None
+    n: _int(ge=1, le=MAX_N) = 1
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[_Int32] | None = None
+    cache_salt: str | None = Field(None, description="requests with different salts never share cached pages; "
+                                                      "an empty salt is no salt")
+    user: str | None = None
+
+
+class CompletionRequest(_SamplingFields):
+    prompt: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    max_tokens: _int(ge=1) | None = 16
+    logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    echo: bool = False
+    suffix: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")  # templates may read extra keys (name, tool_calls)
+
+    role: str
+    content: str | list[TextPart] | None = None
+
+
+class ChatCompletionRequest(_SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: _int(ge=1) | None = Field(None, description="default: the rest of the context")
+    max_completion_tokens: _int(ge=1) | None = None
+    logprobs: bool = False
+    top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+
+
+def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+_UNION_HINTS = {
+    "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
+    "stop": "a string or a list of strings",
+    "content": 'a string or a list of {"type": "text", "text": ...} parts',
+}
+
+
+def _is_union_tag(x) -> bool:
+    """pydantic names union branches in `loc` ("str", "constrained-str", "list[str]", "TextPart"); fields are snake_case."""
+    return isinstance(x, str) and (x in ("str", "int", "float", "bool") or "[" in x or "-" in x or x[:1].isupper())
+
+
+def describe_validation_error(errors) -> tuple[str, str | None]:
+    """First pydantic error -> ("field.path: what is wrong", top-level field)."""
+    if not errors:
+        return "invalid request", None
+    e = errors[0]
+    if e.get("type") == "json_invalid":
+        return f"request body is not valid JSON: {e.get('ctx', {}).get('error', e.get('msg'))}", None
+    loc = [x for x in e.get("loc", ()) if x not in ("body", "query")]
+    tag = next((i for i, x in enumerate(loc) if _is_union_tag(x)), None)
+    if tag is not None:  # a value no branch of a union accepted: say what the field takes
+        path = loc[:tag]
+        field = next((x for x in reversed(path) if isinstance(x, str)), "")
+        where = ".".join(map(str, path))
+        return f"{where}: expected {_UNION_HINTS.get(field, 'a value of another type')}", (path[0] if path else None)
+    where = ".".join(map(str, loc))
+    if not loc and e.get("type") in ("missing", "model_attributes_type", "dict_type"):
+        return "request body must be a JSON object", None
+    msg = "required field is missing" if e.get("type") == "missing" else e.get("msg", "invalid value")
+    return (f"{where}: {msg}" if where else msg), (str(loc[0]) if loc else None)

@@ -1,0 +1,286 @@
+"""OpenAI-compatible HTTP API of one replica (FastAPI), over an `AsyncEngine`.
+
+    POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
+    GET  /v1/models, /health, /metrics, /load
+    GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
+
+Every error is an OpenAI error body `{"error": {"message", "type", "param", "code"}}`; a request the
+engine refuses is a 400 naming the problem, and the server keeps serving.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.async_engine import AsyncEngine, EngineStopped, GenerateRequest
+from engine.config import EngineConfig
+from engine.engine import RequestOutput
+from engine.http_guard import RequestGuard
+from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
+from engine.openai_format import ChoiceFormatter, usage
+from engine.openai_protocol import (
+    MAX_N, ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body,
+)
+from engine.request import RequestError, SamplingParams, validate_prompt
+
+log = logging.getLogger(__name__)
+
+MAX_SAMPLES_PER_CALL = 4 * MAX_N  # prompts x n in one completions call
+DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
+def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = None) -> FastAPI:
+    """The ASGI app; starts the engine thread on start-up and stops it on shutdown."""
+    server_cfg = config.server
+    llm = engine.engine
+    tokenizer = llm.tokenizer
+    max_model_len = llm.max_model_len
+    max_prompt_len = min(server_cfg.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
+    metrics = ServerMetrics(engine.stats)
+    engine.on_finished = metrics.on_finished
+    created = int(time.time())
+
+    @functools.lru_cache(maxsize=1 << 16)
+    def token_text(token_id: int) -> str:
+        return tokenizer.decode([token_id], skip_special_tokens=False)
+
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        await asyncio.get_running_loop().run_in_executor(None, engine.stop)
+
+    app = FastAPI(title="RadixLM", version="0.1.0", lifespan=lifespan,
+                  description="OpenAI-compatible API of one RadixLM replica")
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
+
+    # -------------------------------------------------------------------------------- errors
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, e: ApiError):
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, e: RequestValidationError):
+        message, param = describe_validation_error(e.errors())
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, e: StarletteHTTPException):
+        type_ = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), type_), status_code=e.status_code, headers=e.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, e: Exception):
+        log.exception("unhandled error on %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    # -------------------------------------------------------------------------- generation
+    def check_model(model: str) -> None:
+        if model != server_cfg.model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {server_cfg.model_name!r}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    def check_prompt(prompt_ids: list[int], max_tokens: int, param: str) -> None:
+        if len(prompt_ids) > max_prompt_len:
+            raise ApiError(400, f"prompt has {len(prompt_ids)} tokens; this server allows at most {max_prompt_len} "
+                                f"(context: {max_model_len} tokens)", param=param, code="context_length_exceeded")
+        try:
+            validate_prompt(prompt_ids, llm.model_cfg.vocab_size, max_model_len, max_tokens)
+        except RequestError as e:
+            msg = str(e)
+            raise ApiError(400, msg, param="max_tokens" if msg.startswith("prompt (") else param,
+                           code="context_length_exceeded" if "context" in msg else None) from None
+
+    def sampling_params(body, max_tokens: int, logprobs: int | None, i: int) -> SamplingParams:
+        seed = None if body.seed is None else body.seed + i
+        fields = dict(
+            max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+            top_k=0 if body.top_k == -1 else body.top_k, min_p=body.min_p, seed=seed,
+            stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
+            stop_token_ids=tuple(body.stop_token_ids or ()), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            ignore_eos=body.ignore_eos, logprobs=logprobs,
+        )
+        try:
+            return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
+        except RequestError as e:
+            raise ApiError(400, str(e), param=str(e).split()[0]) from None
+
+    async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
+                  logprobs: int | None):
+        n = body.n
+        if len(prompts) * n > MAX_SAMPLES_PER_CALL:
+            raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
+                           param="n")
+        reqs = [
+            GenerateRequest(p, sampling_params(body, mt, logprobs, j), body.cache_salt or None)
+            for p, mt in zip(prompts, max_tokens) for j in range(n)
+        ]
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        call_id = f"{prefix}-{uuid.uuid4().hex}"
+        fmt = ChoiceFormatter(kind, token_text, call_id, server_cfg.model_name, int(time.time()), logprobs is not None)
+        stream = engine.submit(reqs, call_id)
+        if not body.stream:
+            return JSONResponse(await collect(request, stream, fmt, prompts, n))
+        try:
+            await stream.__aenter__()  # refusals become HTTP errors before the 200 goes out
+        except (RequestError, EngineStopped) as e:
+            raise _engine_error(e) from None
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(sse(stream, fmt, prompts, n, include_usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    async def collect(request: Request, stream, fmt: ChoiceFormatter, prompts, n: int) -> dict:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async with stream:
+                it, loop = stream.__aiter__(), asyncio.get_running_loop()
+                checked_s = loop.time()
+                while True:
+                    try:
+                        index, out = await asyncio.wait_for(it.__anext__(), timeout=DISCONNECT_POLL_S)
+                        if out.finished:
+                            finals[index] = out
+                    except asyncio.TimeoutError:
+                        pass
+                    except StopAsyncIteration:
+                        break
+                    # NOTE: uvicorn does not cancel a handler whose client left; poll, and abort.
+                    if loop.time() - checked_s >= DISCONNECT_POLL_S:
+                        checked_s = loop.time()
+                        if await request.is_disconnected():
+                            return {}  # leaving the block aborts the requests
+        except (RequestError, EngineStopped) as e:
+            raise _engine_error(e) from None
+        if any(out.finish_reason == "abort" for out in finals.values()):
+            raise ApiError(503, "the server is shutting down; request aborted", "server_error")
+        choices = [fmt.choice(i, finals[i]) for i in sorted(finals)]
+        return fmt.response(choices, usage(finals, prompts, n))
+
+    async def sse(stream, fmt: ChoiceFormatter, prompts, n: int, include_usage: bool) -> AsyncIterator[str]:
+        finals: dict[int, RequestOutput] = {}
+        try:
+            async with stream:
+                if fmt.kind == "chat":
+                    for i in range(len(stream.request_ids)):
+                        yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage))
+                async for index, out in stream:
+                    if out.finish_reason == "abort":
+                        yield _sse(error_body("the server is shutting down; request aborted", "server_error"))
+                        break
+                    if out.finished:
+                        finals[index] = out
+                    delta = fmt.delta(index, out)
+                    if delta is not None:
+                        yield _sse(fmt.chunk([delta], include_usage))
+                else:
+                    if include_usage:
+                        yield _sse(fmt.chunk([], include_usage, usage(finals, prompts, n)))
+        except EngineStopped as e:
+            yield _sse(error_body(str(e), "server_error"))
+        except RuntimeError as e:
+            log.error("stream failed: %s", e)
+            yield _sse(error_body(str(e), "server_error"))
+        yield "data: [DONE]\n\n"
+
+    @app.post("/v1/completions", response_model=None, summary="Text completion (OpenAI-compatible)")
+    async def completions(request: Request, body: CompletionRequest):
+        check_model(body.model)
+        if body.echo:
+            raise ApiError(400, "echo is not supported", param="echo")
+        if body.suffix:
+            raise ApiError(400, "suffix is not supported", param="suffix")
+        p = body.prompt
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            p = [p]
+        prompts = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+        for ids in prompts:
+            if not ids:
+                raise ApiError(400, "prompt is empty", param="prompt")
+            check_prompt(ids, body.max_tokens, "prompt")
+        return await run(request, body, "text", prompts, [body.max_tokens] * len(prompts), body.logprobs)
+
+    @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI-compatible)")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+        messages = []
+        for m in body.messages:
+            msg = m.model_dump(exclude_none=True)
+            if isinstance(m.content, list):
+                msg["content"] = "".join(part.text for part in m.content)
+            msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
+            messages.append(msg)
+        try:
+            prompt_ids = tokenizer.encode_chat(messages)
+        except Exception as e:  # template errors (roles out of order, ...) are the caller's
+            raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
+        if not prompt_ids:
+            raise ApiError(400, "messages render to an empty prompt", param="messages")
+        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, max_model_len - len(prompt_ids))
+        check_prompt(prompt_ids, max_tokens, "messages")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs)
+
+    # ------------------------------------------------------------------------------- status
+    @app.get("/v1/models", summary="The model this server serves")
+    async def models():
+        return {"object": "list", "data": [{
+            "id": server_cfg.model_name, "object": "model", "created": created, "owned_by": "radixlm",
+            "max_model_len": max_model_len,
+        }]}
+
+    @app.get("/health", summary="200 while the engine runs, 503 otherwise")
+    async def health():
+        if not engine.accepting:
+            raise ApiError(503, "the engine is not running", "server_error")
+        return {"status": "ok"}
+
+    @app.get("/load", summary="Queue and page counts, for the router")
+    async def load():
+        s = engine.stats()
+        return {"running": s["num_running"], "waiting": s["num_waiting"], "waiting_tokens": s["waiting_tokens"],
+                "pages_free": s["pages_free"], "pages_total": s["pages_total"]}
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus_metrics():
+        return Response(metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/v1/cache_events", summary="Radix-cache events with seq > after (router feed)")
+    async def cache_events(after: int = Query(0, ge=0, le=2**63 - 1)):
+        return engine.feed.events_after(after)
+
+    @app.get("/v1/cache_state", summary="Every block hash the cache holds now, by namespace (router resync)")
+    async def cache_state():
+        return engine.feed.state()
+
+    return app
+
+
+def _engine_error(e: Exception) -> ApiError:
+    if isinstance(e, EngineStopped):
+        return ApiError(503, str(e), "server_error")
+    return ApiError(400, str(e))
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"

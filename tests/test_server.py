@@ -1,0 +1,386 @@
+"""The OpenAI-compatible server end to end: scripts/serve.py with SmolLM2 on 127.0.0.1, driven by the
+official `openai` client and raw HTTP. One server for the module; the last test shuts it down with SIGTERM.
+"""
+import collections
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+
+from engine.block_hash import page_hashes
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = "smollm2-135m-instruct"
+API_KEY = "test-key"
+PAGE_SIZE = 16
+MAX_MODEL_LEN = 512
+OVERRIDES = [
+    "scheduler.max_batch_tokens=64", "scheduler.max_running=8", "cache.num_pages=256",
+    f"model.max_model_len={MAX_MODEL_LEN}", f"cache.page_size={PAGE_SIZE}", "server.max_body_bytes=65536",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("serve") / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml",
+         "--set", f"server.port={port}", *OVERRIDES],
+        cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        env={**os.environ, "JAX_PLATFORMS": "cpu", "RADIXLM_API_KEY": API_KEY},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server did not start:\n{log_path.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"url": url, "proc": proc, "log": log_path}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server["url"], headers={"Authorization": f"Bearer {API_KEY}"}, timeout=120) as c:
+        yield c
+
+
+def _metric(http, name: str) -> float:
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise KeyError(name)
+
+
+def _wait_idle(http, timeout_s: float = 30):
+    """Until no request holds pages; returns the last /load."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        load = http.get("/load").json()
+        held = _metric(http, "radixlm_pages_held_by_requests")
+        if (held == 0 and load["running"] == 0 and load["waiting"] == 0) or time.monotonic() > deadline:
+            return load, held
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------------------------ happy paths
+def test_models_health_load(client, http):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert http.get("/health").json() == {"status": "ok"}
+    load = http.get("/load").json()
+    assert set(load) == {"running", "waiting", "waiting_tokens", "pages_free", "pages_total"}
+    assert load["pages_total"] == 256
+    assert "radixlm_pages_free" in http.get("/metrics").text
+    assert http.get("/openapi.json").json()["paths"]["/v1/completions"]
+
+
+def test_completion_stream_matches_non_stream(client):
+    prompt = "The capital of France is"
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
+    assert full.object == "text_completion" and full.choices[0].finish_reason in ("length", "stop")
+    assert full.choices[0].text
+    assert full.usage.prompt_tokens > 0 and full.usage.completion_tokens <= 6
+    assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == full.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == full.choices[0].finish_reason
+
+
+def test_chat_stream_with_usage_matches_non_stream(client):
+    messages = [{"role": "user", "content": "Say hello."}]
+    full = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+    msg = full.choices[0].message
+    assert msg.role == "assistant" and msg.content
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=messages, max_completion_tokens=6, temperature=0, stream=True,
+        stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == msg.content
+    assert chunks[0].choices[0].delta.role == "assistant"
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None
+    assert last.usage.prompt_tokens == full.usage.prompt_tokens
+    assert last.usage.completion_tokens == full.usage.completion_tokens
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_stop_strings(client):
+    prompt = "Here is a list of fruits: apples, pears,"
+    free = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0).choices[0].text
+    # A stop string from the middle of the greedy text: the output ends right before it.
+    cut = next(i for i in range(2, len(free) - 2) if free.find(free[i:i + 2]) == i and free[i:i + 2].strip())
+    stop = free[cut:cut + 2]
+    for stream in (False, True):
+        if stream:
+            chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                                    stop=[stop, "never-there"], stream=True))
+            text, reason = "".join(c.choices[0].text for c in chunks), chunks[-1].choices[0].finish_reason
+        else:
+            choice = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                               stop=stop).choices[0]
+            text, reason = choice.text, choice.finish_reason
+        assert text == free[:cut] and reason == "stop"
+
+
+def test_seed_reproducible_at_temperature_1(client):
+    kw = dict(model=MODEL, prompt="Once upon a time", max_tokens=6, temperature=1.0)
+    a = client.completions.create(seed=1234, **kw).choices[0].text
+    b = client.completions.create(seed=1234, **kw).choices[0].text
+    assert a == b
+    # n samples use seeds seed, seed + 1, ...: the first equals the single request's sample.
+    many = client.completions.create(seed=1234, n=3, **kw)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert many.choices[0].text == a
+
+
+def test_cached_tokens_and_cache_salt(client):
+    system = "You are a careful assistant. " * 12  # > 4 pages of shared prefix
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": "Hi"}]
+    salt = {"cache_salt": f"t-{time.time_ns()}"}
+    first = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body=salt)
+    again = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1, extra_body=salt)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens >= 4 * PAGE_SIZE
+    other = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1,
+                                           extra_body={"cache_salt": salt["cache_salt"] + "-other"})
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_logprobs(client):
+    c = client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=3, temperature=0, logprobs=2)
+    lp = c.choices[0].logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 3
+    assert all(len(t) <= 2 for t in lp.top_logprobs) and all(x <= 0 for x in lp.token_logprobs)
+    # Greedy: the chosen token is the most likely one.
+    assert lp.token_logprobs[0] == pytest.approx(max(lp.top_logprobs[0].values()), abs=1e-4)
+    chat = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 2 and all(len(t.top_logprobs) == 3 for t in content)
+
+
+def test_token_id_prompts_and_batches(client):
+    prompts = ["Hello", "Goodbye"]
+    out = client.completions.create(model=MODEL, prompt=prompts, max_tokens=2, temperature=0, n=2)
+    assert sorted(c.index for c in out.choices) == [0, 1, 2, 3]
+    assert out.choices[0].text == out.choices[1].text  # greedy samples of one prompt agree
+    ids = client.completions.create(model=MODEL, prompt=[[19556]], max_tokens=2, temperature=0)  # "Hello"
+    assert ids.usage.prompt_tokens == 1
+
+
+# --------------------------------------------------------------------------------- cache feed
+def test_cache_events_feed_names_prompt_pages(http):
+    salt = f"feed-{time.time_ns()}"
+    prompt = list(range(1000, 1000 + 3 * PAGE_SIZE + 5))  # 3 full pages + a partial one
+    start = http.get("/v1/cache_events", params={"after": 0}).json()
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1, "cache_salt": salt})
+    assert r.status_code == 200, r.text
+    expected = page_hashes(prompt, PAGE_SIZE, salt)
+    feed = http.get("/v1/cache_events", params={"after": start["last_seq"]}).json()
+    assert feed["epoch"] == start["epoch"] and feed["gap"] is False
+    stored = [h for e in feed["events"] if e["kind"] == "stored" and e["namespace"] == salt for h in e["block_hashes"]]
+    assert stored[:3] == expected
+    seqs = [e["seq"] for e in feed["events"]]
+    assert seqs == list(range(start["last_seq"] + 1, feed["last_seq"] + 1))
+    state = http.get("/v1/cache_state").json()
+    assert state["epoch"] == feed["epoch"] and state["last_seq"] >= feed["last_seq"]
+    assert set(expected) <= set(state["block_hashes"][salt])
+    assert http.get("/v1/cache_events", params={"after": 10**12}).json()["gap"] is True
+
+
+# --------------------------------------------------------------------------------- bad input
+def _error(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for w in words:
+        assert w in err["message"], err
+    return err
+
+
+def test_bad_requests_are_4xx_openai_errors(http, client):
+    post = lambda body, path="/v1/completions": http.post(path, json=body)  # noqa: E731
+    ok = {"model": MODEL, "prompt": "Hi", "max_tokens": 1}
+    _error(http.post("/v1/completions", content=b'{"model": "x", "prompt": ', headers={"content-type": "application/json"}),
+           400, "not valid JSON")
+    _error(post([1, 2]), 400, "JSON object")
+    assert _error(post({"model": MODEL}), 400, "prompt", "missing")["param"] == "prompt"
+    assert _error(post({**ok, "max_tokens": "5"}), 400, "max_tokens")["param"] == "max_tokens"
+    _error(post({**ok, "prompt": ""}), 400, "prompt is empty")
+    _error(post({**ok, "prompt": []}), 400, "prompt")
+    _error(post({**ok, "prompt": "word " * 600}), 400, "prompt has", "at most")
+    _error(post({**ok, "max_tokens": 0}), 400, "max_tokens")
+    _error(post({**ok, "max_tokens": -3}), 400, "max_tokens")
+    _error(post({**ok, "max_tokens": MAX_MODEL_LEN}), 400, "max_tokens", "context")
+    _error(post({**ok, "temperature": -1}), 400, "temperature")
+    _error(post({**ok, "top_p": 0}), 400, "top_p")
+    _error(post({**ok, "top_p": 1.01}), 400, "top_p")
+    _error(post({**ok, "prompt": [10**6]}), 400, "vocabulary")
+    _error(post({**ok, "stop": [""]}), 400, "stop")
+    _error(post({**ok, "logprobs": 50}), 400, "logprobs")
+    _error(post({**ok, "n": 0}), 400, "n")
+    err = _error(post({**ok, "model": "gpt-17"}), 404, "gpt-17")
+    assert err["code"] == "model_not_found"
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    _error(post({**chat, "messages": []}, "/v1/chat/completions"), 400, "messages")
+    _error(post({**chat, "messages": [{"role": "user", "content": 5}]}, "/v1/chat/completions"), 400, "content")
+    _error(post({**chat, "max_completion_tokens": 10**6}, "/v1/chat/completions"), 400, "context")
+    _error(post({**chat, "top_logprobs": 2}, "/v1/chat/completions"), 400, "top_logprobs")
+    _error(post({**chat, "temperature": "hot"}, "/v1/chat/completions"), 400, "temperature")
+    _error(http.post("/v1/completions", content=b"x" * 70000, headers={"content-type": "application/json"}),
+           413, "max_body_bytes")
+    _error(http.get("/v1/nowhere"), 404)
+    # Authentication: no key, wrong key.
+    _error(httpx.post(str(http.base_url) + "/v1/completions", json=ok), 401, "API key")
+    _error(http.post("/v1/completions", json=ok, headers={"Authorization": "Bearer wrong"}), 401, "API key")
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(http.base_url) + "/v1", api_key="wrong", max_retries=0).models.list()
+    # The official client raises the matching errors.
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model=MODEL, prompt="Hi", max_tokens=1, temperature=-2)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "Hi"}], max_tokens=1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=10**5,
+                                       stream=True)
+    # ... and the server keeps serving.
+    r = post(ok)
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
+    assert http.get("/health").status_code == 200
+
+
+def _shorten(value, depth: int = 0):
+    """Caps strings and lists in a generated body, so each example prefills a few pages at most."""
+    if isinstance(value, str):
+        return value[:64]
+    if isinstance(value, list):
+        return [_shorten(v, depth + 1) for v in value[:8 if depth else 4]]
+    if isinstance(value, dict):
+        return {k: _shorten(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.timeout(240)
+def test_schemathesis_no_server_errors(server):
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import not_a_server_error
+
+    schema = schemathesis.openapi.from_url(server["url"] + "/openapi.json")
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    positive, negative = schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE
+    seen = collections.Counter()
+    for path, method, modes in [
+        ("/v1/completions", "POST", (positive, negative)), ("/v1/chat/completions", "POST", (positive, negative)),
+        ("/v1/cache_events", "GET", (positive, negative)), ("/v1/cache_state", "GET", (positive,)),
+        ("/v1/models", "GET", (positive,)), ("/load", "GET", (positive,)),
+    ]:
+        for mode in modes:
+            @settings(max_examples=6, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            @given(case=schema[path][method].as_strategy(generation_mode=mode))
+            def run(case):
+                if isinstance(case.body, dict):  # the served model; short prompts, short outputs, no streams
+                    case.body.update(model=MODEL, stream=False, max_tokens=2)
+                    case.body.pop("max_completion_tokens", None)
+                    if isinstance(case.body.get("n"), int):
+                        case.body["n"] = min(case.body["n"], 2)
+                    case.body = _shorten(case.body)
+                response = case.call(base_url=server["url"], headers=headers, timeout=60)
+                seen[(path, response.status_code)] += 1
+                case.validate_response(response, checks=[not_a_server_error])
+
+            run()
+    print("schemathesis:", sorted(seen.items()))
+    assert seen[("/v1/completions", 200)] and seen[("/v1/chat/completions", 200)]
+    assert seen[("/v1/completions", 400)] and seen[("/v1/chat/completions", 400)]
+    assert all(status < 500 for _, status in seen)
+
+
+# --------------------------------------------------------------------------------- disconnects
+def test_dropped_clients_free_their_pages(server, http):
+    def stream_and_drop(prompt: str, num_chunks: int):
+        with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
+                          headers={"Authorization": f"Bearer {API_KEY}"},
+                          json={"model": MODEL, "prompt": prompt, "max_tokens": 200, "stream": True,
+                                "ignore_eos": True}) as r:
+            assert r.status_code == 200
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= num_chunks:
+                    break  # leaving the block closes the connection mid-stream
+
+    def non_stream_and_drop(prompt: str):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server["url"] + "/v1/completions", timeout=3, headers={"Authorization": f"Bearer {API_KEY}"},
+                       json={"model": MODEL, "prompt": prompt, "max_tokens": 200, "ignore_eos": True})
+
+    threads = [threading.Thread(target=stream_and_drop, args=(f"Story number {i}:", 2 + 2 * i)) for i in range(3)]
+    threads.append(threading.Thread(target=non_stream_and_drop, args=("A long essay:",)))
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    load = http.get("/load").json()
+    assert load["running"] + load["waiting"] > 0  # the non-streaming one is still in flight
+    for t in threads:
+        t.join(60)
+    load, held = _wait_idle(http, timeout_s=20)
+    assert held == 0 and load["running"] == 0 and load["waiting"] == 0
+    assert load["pages_free"] + _metric(http, "radixlm_pages_tree") == load["pages_total"]
+    assert _metric(http, "radixlm_requests_aborted_total") >= 4
+    r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
+    assert r.status_code == 200
+
+
+# --------------------------------------------------------------------------------- shutdown (last)
+def test_sigterm_ends_streams_and_exits(server):
+    proc = server["proc"]
+    lines: list[str] = []
+    with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {API_KEY}"},
+                      json={"model": MODEL, "prompt": "Count to a thousand:", "max_tokens": 400, "stream": True,
+                            "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line:
+                lines.append(line)
+            if len(lines) == 2:
+                proc.send_signal(signal.SIGTERM)
+    assert lines[-1] == "data: [DONE]"
+    assert "error" in json.loads(lines[-2][len("data: "):])
+    assert proc.wait(30) == 0

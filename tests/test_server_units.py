@@ -1,0 +1,243 @@
+"""Server pieces that need no model: the cache-events feed, request validation messages, serve.py start-up errors."""
+import os
+import subprocess
+import sys
+
+import pydantic
+import pytest
+
+from engine.cache_feed import CacheEventFeed
+from engine.openai_protocol import ChatCompletionRequest, CompletionRequest, describe_validation_error
+from engine.radix_cache import CacheEvent
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stored(*hashes, parent=None, ns=None):
+    return CacheEvent("stored", tuple(hashes), parent, ns)
+
+
+def _removed(*hashes, parent=None, ns=None):
+    return CacheEvent("removed", tuple(hashes), parent, ns)
+
+
+def test_feed_numbers_events_and_tracks_state():
+    feed = CacheEventFeed()
+    feed.publish([_stored(1, 2), _stored(3, parent=2), _stored(7, ns="salt")])
+    feed.publish([_removed(3, parent=2)])
+    got = feed.events_after(0)
+    assert got["epoch"] == feed.epoch and got["last_seq"] == 4 and got["gap"] is False
+    assert [e["seq"] for e in got["events"]] == [1, 2, 3, 4]
+    assert got["events"][1] == {"seq": 2, "kind": "stored", "block_hashes": [3], "parent_hash": 2, "namespace": None}
+    assert [e["seq"] for e in feed.events_after(2)["events"]] == [3, 4]
+    assert feed.events_after(4)["events"] == [] and feed.events_after(4)["gap"] is False
+    assert feed.state() == {"epoch": feed.epoch, "last_seq": 4, "block_hashes": {"": [1, 2], "salt": [7]}}
+    feed.publish([_removed(7, ns="salt")])
+    assert feed.state()["block_hashes"] == {"": [1, 2]}
+
+
+def test_feed_reports_gaps_and_limits_batches():
+    feed = CacheEventFeed(capacity=100)
+    for i in range(1000):
+        feed.publish([_stored(i)])
+    newest = feed.events_after(999)
+    assert newest["gap"] is False and [e["seq"] for e in newest["events"]] == [1000]
+    old = feed.events_after(10)
+    assert old["gap"] is True and old["events"][0]["seq"] == 901  # the oldest still held
+    assert feed.events_after(899)["gap"] is True
+    assert feed.events_after(900)["gap"] is False
+    assert feed.events_after(5000)["gap"] is True  # ahead of this process: another epoch
+    assert len(feed.events_after(900, limit=10)["events"]) == 10
+    assert len(feed.state()["block_hashes"][""]) == 1000
+
+
+@pytest.mark.parametrize(
+    "body, message, param",
+    [
+        ({"model": "m"}, "prompt: required field is missing", "prompt"),
+        ({"model": "m", "prompt": []}, "prompt: expected a non-empty string", "prompt"),
+        ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
+        ({"model": "m", "prompt": "x", "temperature": -0.5}, "temperature: Input should be greater than or equal to 0", "temperature"),
+        ({"model": "m", "prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1", "top_p"),
+        ({"model": "m", "prompt": "x", "stop": 3}, "stop: expected a string or a list of strings", "stop"),
+        ({"model": 5, "prompt": "x"}, "model: Input should be a valid string", "model"),
+    ],
+)
+def test_validation_errors_name_the_field(body, message, param):
+    with pytest.raises(pydantic.ValidationError) as e:
+        CompletionRequest.model_validate(body)
+    got_message, got_param = describe_validation_error(e.value.errors())
+    assert got_message.startswith(message) and got_param == param
+
+
+def test_chat_validation_errors_name_the_message():
+    with pytest.raises(pydantic.ValidationError) as e:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": 5}]})
+    assert describe_validation_error(e.value.errors()) == (
+        'messages.0.content: expected a string or a list of {"type": "text", "text": ...} parts', "messages")
+
+
+@pytest.mark.parametrize("override", ["server.nope=1", "server.port=70000", "scheduler.max_running=abc"])
+def test_serve_refuses_bad_config_with_exit_code_2(override):
+    proc = subprocess.run(
+        [sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set", override],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert override.split("=")[0] in proc.stderr
+
+
+# ------------------------------------------------------------------------------ a fake engine behind the real app
+class _FakeTokenizer:
+    """One token per character (its code point)."""
+
+    stop_ids = frozenset()
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+    def encode_chat(self, messages, add_generation_prompt=True):
+        return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
+
+
+class _FakeEngine:
+    """Echoes the prompt, one character per step; finishes at max_tokens. Stands in for LLMEngine."""
+
+    def __init__(self, step_s: float = 0.005):
+        from types import SimpleNamespace
+
+        self.tokenizer = _FakeTokenizer()
+        self.model_cfg = SimpleNamespace(vocab_size=0x3000)
+        self.max_model_len = 256
+        self.scheduler = SimpleNamespace(waiting=[])
+        self.step_s = step_s
+        self.live: dict = {}
+        self.num_aborted = 0
+        self.num_steps = 0
+        self._events = []
+
+    def add_request(self, prompt_ids, params, request_id=None, namespace=None):
+        from engine.request import validate_prompt
+
+        validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
+        self.live[request_id] = (list(prompt_ids), params, [])
+        self._events.append(CacheEvent("stored", (len(self.live),), None, namespace))
+        return request_id
+
+    def abort(self, request_id):
+        self.num_aborted += request_id in self.live
+        return self.live.pop(request_id, None) is not None
+
+    def has_unfinished(self):
+        return bool(self.live)
+
+    def step(self):
+        import time
+
+        from engine.engine import RequestOutput
+
+        time.sleep(self.step_s)
+        self.num_steps += 1
+        outs = []
+        for rid, (prompt, params, out) in list(self.live.items()):
+            out.append(prompt[len(out) % len(prompt)])
+            done = len(out) >= params.max_tokens
+            if done:
+                del self.live[rid]
+            outs.append(RequestOutput(rid, chr(out[-1]), [out[-1]], done, "length" if done else None,
+                                      self.tokenizer.decode(out), list(out), len(prompt), 0, ttft_s=0.01,
+                                      e2e_s=0.02 if done else None))
+        return outs
+
+    def drain_cache_events(self):
+        events, self._events = self._events, []
+        return events
+
+    def stats(self):
+        return {"num_waiting": 0, "num_running": len(self.live), "pages_total": 10, "pages_free": 10 - len(self.live),
+                "pages_tree": 0, "pages_held_by_requests": len(self.live), "num_preemptions": 0,
+                "num_evicted_pages": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "num_steps": 0}
+
+
+@pytest.fixture
+def fake_app():
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    fake = _FakeEngine()
+    config = EngineConfig(server=ServerConfig(model_name="fake", api_key=None, max_body_bytes=4096))
+    with TestClient(create_app(AsyncEngine(fake), config, api_key="k"),
+                    headers={"Authorization": "Bearer k"}) as client:
+        yield client, fake
+
+
+def test_fake_engine_completion_stream_and_usage(fake_app):
+    client, _ = fake_app
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == "abcab" and body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+            "stream": True, "stream_options": {"include_usage": True}}) as s:
+        lines = [line for line in s.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [__import__("json").loads(line[len("data: "):]) for line in lines[:-1]]
+    texts = {0: "", 1: ""}
+    for c in chunks[:-1]:
+        for choice in c["choices"]:
+            texts[choice["index"]] += choice["delta"].get("content", "")
+    assert texts == {0: "<use", 1: "<use"}
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 8
+
+
+def test_fake_engine_errors_and_feed(fake_app):
+    client, fake = fake_app
+    assert client.post("/v1/completions", json={"model": "fake", "prompt": "x" * 300}).status_code == 400
+    assert client.post("/v1/completions", json={"model": "other", "prompt": "x"}).status_code == 404
+    assert client.post("/v1/completions", content=b"{" * 5000).status_code == 413
+    assert client.get("/v1/models", headers={"Authorization": "Bearer nope"}).status_code == 401
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "x", "max_tokens": 1, "cache_salt": "s"})
+    assert r.status_code == 200
+    feed = client.get("/v1/cache_events", params={"after": 0}).json()
+    assert feed["events"][-1]["namespace"] == "s"
+    assert client.get("/v1/cache_state").json()["last_seq"] == feed["last_seq"]
+    assert client.get("/load").json()["running"] == 0
+    assert "radixlm_requests_total" in client.get("/metrics").text
+
+
+def test_async_engine_close_aborts_unfinished_requests():
+    import asyncio
+
+    from engine.async_engine import AsyncEngine, GenerateRequest
+    from engine.request import SamplingParams
+
+    fake = _FakeEngine(step_s=0.01)
+    engine = AsyncEngine(fake)
+    engine.start()
+
+    async def main():
+        reqs = [GenerateRequest([65, 66], SamplingParams(max_tokens=200)) for _ in range(3)]
+        async with engine.submit(reqs, "call") as stream:
+            got = [await stream.__anext__() for _ in range(4)]
+        assert {i for i, _ in got} <= {0, 1, 2}
+        for _ in range(100):
+            if not fake.live:
+                break
+            await asyncio.sleep(0.01)
+        assert not fake.live and fake.num_aborted == 3 and engine.stats()["num_aborted"] == 3
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()

@@ -258,6 +258,7 @@ class LLMEngine:
         s = self.scheduler
         return {
             "num_waiting": len(s.waiting),
+            "waiting_tokens": sum(q.num_tokens - q.num_computed for q in s.waiting),
             "num_running": len(s.running),
             "pages_total": s.pool.num_pages,
             "pages_free": s.pool.num_free,

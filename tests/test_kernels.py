@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import decode_kernel, ragged_kernel, reference, testing, write_kv_kernel
+from pallas_kernels import decode_kernel, ragged_kernel, reference, testing
 
 # Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
 # not page multiples, and a whole prompt as one chunk.
@@ -201,12 +201,20 @@ def test_decode_kernel_is_correct_on_chunks_too():
 # ---------------------------------------------------------------------------------------------
 # write_kv.
 
-@pytest.mark.parametrize("backend,dtype", [("xla", np.float32), ("pallas_interpret", np.float32),
-                                           ("pallas_interpret", jnp.bfloat16)])
-def test_write_kv(backend, dtype):
+@pytest.mark.parametrize("backend,dtype,stacked", [
+    ("xla", np.float32, True),
+    ("pallas_interpret", np.float32, False),
+    ("pallas_interpret", jnp.bfloat16, True),
+])
+def test_write_kv(backend, dtype, stacked):
+  """Into NaN pages: exactly the new rows land, nothing else changes. stacked: a [L, ...] cache
+  and a random traced layer; only that layer may change."""
   rng = np.random.default_rng(9)
   num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
   shape = (num_kv_heads, num_pages, page_size, head_dim)
+  if stacked:
+    shape = (NUM_LAYERS, *shape)
+  layer = int(rng.integers(NUM_LAYERS)) if stacked else None
   # Untouched slots are NaN and must stay NaN; touched ones must hold exactly the new rows.
   k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
   k = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
@@ -217,13 +225,15 @@ def test_write_kv(backend, dtype):
                   donate_argnums=(0, 1))
   got_k, got_v = write(jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
                        jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
-                       jnp.asarray(slots))
+                       jnp.asarray(slots), layer=None if layer is None else jnp.int32(layer))
   assert got_k.dtype == dtype and got_k.shape == shape
   want_k, want_v = k_pages.copy(), v_pages.copy()
+  want_k_layer = want_k if layer is None else want_k[layer]  # views: writes land in want_*
+  want_v_layer = want_v if layer is None else want_v[layer]
   for t, slot in enumerate(slots):
     if slot >= 0:
-      want_k[:, slot // page_size, slot % page_size] = k[t]
-      want_v[:, slot // page_size, slot % page_size] = v[t]
+      want_k_layer[:, slot // page_size, slot % page_size] = k[t]
+      want_v_layer[:, slot // page_size, slot % page_size] = v[t]
   round_ = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(got_k.astype(jnp.float32)), round_(want_k))
   np.testing.assert_array_equal(np.asarray(got_v.astype(jnp.float32)), round_(want_v))
@@ -240,18 +250,112 @@ def test_write_kv(backend, dtype):
     (4, 4, 128, 128, jnp.bfloat16),   # GQA 1, big pages
 ])
 def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype):
+  """Every kernel, in the engine's form: stacked [L, ...] cache and a traced layer index."""
   rng = np.random.default_rng(10)
   batch = testing.random_ragged_batch(rng, [(1, 9), (20, 300)], num_q_heads=num_q_heads,
                                       num_kv_heads=num_kv_heads, head_dim=head_dim,
                                       page_size=page_size, num_tokens=32, max_seqs=4)
-  args = [jnp.asarray(a, dtype) if i < 3 else jnp.asarray(a) for i, a in enumerate(batch.args)]
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, *batch.k_pages.shape), dtype)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  args = [jnp.asarray(batch.q, dtype), pages, pages, *map(jnp.asarray, batch.args[3:])]
   for decode_only in (False, True):
     fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1, sliding_window=64,
                            soft_cap=30.0, backend="pallas", decode_only=decode_only)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fn).trace(*args, layer=layer).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
-  new = jnp.zeros((32, num_kv_heads, head_dim), dtype)
-  fn = functools.partial(write_kv_kernel.write_kv)
-  text = jax.jit(fn).trace(args[1], args[2], new, new, jnp.arange(32, dtype=jnp.int32)).lower(
-      lowering_platforms=("cuda",)).as_text()
+  new = jax.ShapeDtypeStruct((32, num_kv_heads, head_dim), dtype)
+  slots = jax.ShapeDtypeStruct((32,), jnp.int32)
+  fn = functools.partial(pallas_kernels.write_kv, backend="pallas")
+  text = jax.jit(fn, donate_argnums=(0, 1)).trace(pages, pages, new, new, slots, layer=layer) \
+      .lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's stacked cache: [L, Hkv, P, ps, D] with a traced layer index, read and written in
+# place. Every layer holds different random content, so reading the wrong layer shows up.
+
+NUM_LAYERS = 3
+
+
+def _stacked_batch(seed, seqs, *, num_tokens, max_seqs, dtype=np.float32, **shape):
+  """A random batch whose k/v pages are stacked over NUM_LAYERS layers of different content."""
+  rng = np.random.default_rng(seed)
+  batch = testing.random_ragged_batch(rng, seqs, num_tokens=num_tokens, max_seqs=max_seqs,
+                                      **shape)
+  k_all = np.stack([batch.k_pages] + [rng.standard_normal(batch.k_pages.shape)
+                                      for _ in range(NUM_LAYERS - 1)])
+  v_all = np.stack([batch.v_pages] + [rng.standard_normal(batch.v_pages.shape)
+                                      for _ in range(NUM_LAYERS - 1)])
+  perm = rng.permutation(NUM_LAYERS)  # the batch's own pages land in a random layer
+  k_all, v_all = jnp.asarray(k_all[perm], dtype), jnp.asarray(v_all[perm], dtype)
+  rest = [jnp.asarray(a) for a in batch.args[3:]]
+  return jnp.asarray(batch.q, dtype), k_all, v_all, rest
+
+
+_LAYER_KERNELS = {
+    "xla": functools.partial(reference.ragged_paged_attention, block_q=2, pages_per_block=2),
+    "ragged": functools.partial(ragged_kernel.ragged_paged_attention, interpret=True, block_q=4,
+                                block_kv=16),
+    "decode": functools.partial(decode_kernel.decode_attention, interpret=True, block_kv=16,
+                                num_splits=3),
+}
+
+
+@pytest.mark.parametrize("kernel", _LAYER_KERNELS)
+def test_stacked_cache_reads_the_layer(kernel):
+  """attention(k_all, layer=l) == attention(k_all[l]) for a random traced layer l."""
+  q, k_all, v_all, rest = _stacked_batch(11, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
+                                         num_kv_heads=2, head_dim=32, page_size=4)
+  opts = dict(sm_scale=32 ** -0.5, sliding_window=13, soft_cap=3.0)
+  fn = jax.jit(functools.partial(_LAYER_KERNELS[kernel], **opts))
+  for layer in np.random.default_rng(12).permutation(NUM_LAYERS)[:2]:
+    got = fn(q, k_all, v_all, *rest, layer=jnp.int32(layer))
+    want = fn(q, k_all[layer], v_all[layer], *rest)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_stacked_cache_under_scan(decode_only):
+  """The engine's call pattern: lax.scan over layers, the stacked cache as the carry; each step
+  writes its layer's new K/V (write_kv) and attends over it. Pallas (interpret) == xla."""
+  seqs = DECODES if decode_only else MIXED
+  num_tokens, max_seqs, head_dim, page_size = 24, 7, 32, 4
+  q, k_all, v_all, (kv_lens, page_indices, cu_q_lens, num_seqs) = _stacked_batch(
+      13, seqs, num_tokens=num_tokens, max_seqs=max_seqs, num_q_heads=4, num_kv_heads=2,
+      head_dim=head_dim, page_size=page_size)
+  rng = np.random.default_rng(14)
+  # Each layer's new tokens (queries, keys, values) and their slots; padding rows get slot -1.
+  seq_ids, positions, valid = reference.token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  pages = page_indices[seq_ids, jnp.maximum(positions, 0) // page_size]
+  slots = jnp.where(valid, pages * page_size + positions % page_size, -1)
+  qs = jnp.asarray(rng.standard_normal((NUM_LAYERS, *q.shape)), q.dtype)
+  ks = jnp.asarray(rng.standard_normal((NUM_LAYERS, num_tokens, 2, head_dim)), q.dtype)
+  vs = jnp.asarray(rng.standard_normal((NUM_LAYERS, num_tokens, 2, head_dim)), q.dtype)
+
+  def run(backend):
+    def layer_step(cache, xs):
+      k_pages, v_pages = cache
+      i, q_i, k_i, v_i = xs
+      k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k_i, v_i, slots,
+                                                 backend=backend, layer=i)
+      out = pallas_kernels.ragged_paged_attention(
+          q_i, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+          sm_scale=head_dim ** -0.5, sliding_window=9, backend=backend, decode_only=decode_only,
+          layer=i)
+      return (k_pages, v_pages), out
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def forward(k_pages, v_pages):
+      layer_ids = jnp.arange(NUM_LAYERS, dtype=jnp.int32)
+      return jax.lax.scan(layer_step, (k_pages, v_pages), (layer_ids, qs, ks, vs))
+
+    return forward(jnp.copy(k_all), jnp.copy(v_all))
+
+  (k_got, v_got), out_got = run("pallas_interpret")
+  (k_want, v_want), out_want = run("xla")
+  np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_want))
+  np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+  n = int(cu_q_lens[int(num_seqs[0])])
+  np.testing.assert_allclose(np.asarray(out_got)[:, :n], np.asarray(out_want)[:, :n],
+                             **testing.tolerances(np.float32))

@@ -51,16 +51,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   The xla backend ignores the flag.
 
   layer (int32 scalar): k_pages / v_pages hold every layer, [L, Hkv, P, page_size, D] (the
-  engine's stacked cache carried through `lax.scan`); attention reads that layer.
+  engine's stacked cache carried through `lax.scan`); attention reads that layer in place, every
+  backend indexing it inside its gather or kernel (no copy of the layer). layer must be in
+  [0, L); the Pallas kernels clamp it so that a bad index can never read outside the cache.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
-  if layer is not None:
-    # TODO(kernels): index the layer inside the Pallas kernels; this slice costs a copy of the layer.
-    k_pages, v_pages = k_pages[layer], v_pages[layer]
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -68,7 +67,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   use_decode = decode_only or q.shape[0] <= page_indices.shape[0]
   kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
+                sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
                 interpret=backend == "pallas_interpret")
 
 
@@ -76,12 +75,13 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", laye
   """Writes new K/V rows (k, v: [T, Hkv, D]) into flat slots (page * page_size + offset).
 
   Negative slots are padding and are skipped. With `layer` (int32 scalar) the pages hold every
-  layer, [L, Hkv, P, page_size, D], and only that layer is written (an in-place scatter on the
-  stacked cache, whatever the backend). Returns the updated (k_pages, v_pages).
+  layer, [L, Hkv, P, page_size, D], and only that layer is written, in place (layer in [0, L);
+  the Pallas kernel writes nothing for any other). Returns the updated (k_pages, v_pages); under jit with the pages donated,
+  or carried through `lax.scan`, only the new rows move.
   """
   backend = resolve_backend(backend)
-  if backend == "xla" or layer is not None:
+  if backend == "xla":
     return reference.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer)
   from pallas_kernels import write_kv_kernel  # noqa: PLC0415
-  return write_kv_kernel.write_kv(k_pages, v_pages, k, v, slot_mapping,
+  return write_kv_kernel.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer,
                                   interpret=backend == "pallas_interpret")

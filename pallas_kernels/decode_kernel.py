@@ -13,6 +13,9 @@ Every row is handled independently from its own position, so the kernel is corre
 ragged batch; it is only efficient when each sequence has one new token (the caller's
 `decode_only` hint), since a chunk's rows would each re-read the KV.
 
+Stacked cache: as in the ragged kernel, k/v_pages are [L, Hkv, P, ps, D] and the kernel reads
+k_ref[layer, page_ids] (layer an int32 scalar input), in place.
+
 Tile: the Gp (G rounded up to a power of two) q heads of one kv head, zero-padded to >= 16 rows
 for Triton's dot.
 """
@@ -26,25 +29,28 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_kernel import MASK_VALUE, _cdiv, _group_heads, kv_tile, next_pow2
+from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, kv_tile, next_pow2,
+                                          stacked_cache)
 from pallas_kernels.reference import token_metadata
 
 
 def _decode_kernel(
     pos_ref,     # []   absolute position of this row (-1: padding row)
     pages_ref,   # [max_pages_padded] the row's sequence's page-table row
+    layer_ref,   # []   the layer to read
     q_ref,       # [rows, D]
-    k_ref,       # [P, ps, D] this kv head's pages
-    v_ref,       # [P, ps, D]
+    k_ref,       # [L, P, ps, D] this kv head's pages, every layer
+    v_ref,       # [L, P, ps, D]
     acc_ref,     # [rows, D] float32, unnormalised
     m_ref,       # [rows] float32
     l_ref,       # [rows] float32
     *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
     pages_per_tile: int, num_splits: int):
   rows, head_dim = q_ref.shape
-  page_size = k_ref.shape[1]
+  page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
   split = pl.program_id(2)
+  layer = layer_ref[()]
   pos = pos_ref[()]
 
   kv_end = pos + 1                                  # 0 for padding rows
@@ -62,8 +68,8 @@ def _decode_kernel(
   def body(tile, carry):
     acc, m, l = carry
     page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]  # [ppt]
-    k = k_ref[page_ids].reshape(block_kv, head_dim)                     # [block_kv, D]
-    v = v_ref[page_ids].reshape(block_kv, head_dim)
+    k = k_ref[layer, page_ids].reshape(block_kv, head_dim)              # [block_kv, D]
+    v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
@@ -97,11 +103,14 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, target_programs: int 
 def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                      sm_scale: float, sliding_window: int | None = None,
                      soft_cap: float | None = None, interpret: bool = False,
-                     block_kv: int | None = None, num_splits: int | None = None,
-                     num_warps: int = 4, num_stages: int = 2) -> jax.Array:
+                     layer: jax.Array | None = None, block_kv: int | None = None,
+                     num_splits: int | None = None, num_warps: int = 4,
+                     num_stages: int = 2) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
+  k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
+  layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
   # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
@@ -124,12 +133,14 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
       pages_per_tile=pages_per_tile, num_splits=num_splits)
-  page_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda t, h, i: (h, 0, 0, 0))
+  page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
+                           lambda t, h, i: (0, h, 0, 0, 0))
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(num_tokens, num_kv_heads, num_splits),
       in_specs=[pl.BlockSpec((None,), lambda t, h, i: (t,)),
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
+                pl.BlockSpec((None,), lambda t, h, i: (0,)),
                 pl.BlockSpec((None, None, rows, head_dim), lambda t, h, i: (t, h, 0, 0)),
                 page_spec, page_spec],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda t, h, i: (i, t, h, 0, 0)),
@@ -142,7 +153,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_decode_attention",
-  )(positions.astype(jnp.int32), row_pages, q_tiles, k_pages, v_pages)
+  )(positions.astype(jnp.int32), row_pages, layer, q_tiles, k_pages, v_pages)
 
   # Log-sum-exp merge of the splits: [splits, T, Hkv, rows(, D)] -> [T, Hkv, rows, D].
   m_max = m.max(axis=0)

@@ -12,6 +12,11 @@ r is token r // Gp, head r % Gp). One kv head's pages are then read once for all
 all tokens of the block, and the dots have M = rows >= 16 as Triton requires. The packing and
 unpacking are jnp gathers outside the kernel (O(T * Hq * D), small next to the KV traffic).
 
+Stacked cache: k/v_pages are [L, Hkv, P, ps, D] (every layer, the engine's `lax.scan` carry) and
+the layer is an int32 scalar input; each program's BlockSpec covers all layers of its kv head and
+the kernel loads k_ref[layer, page_ids], so one layer is read in place (Triton refs are global
+memory; nothing is sliced or copied). A per-layer cache [Hkv, P, ps, D] is viewed as L = 1.
+
 KV loop: tiles of `block_kv` positions = `pages_per_tile` pages gathered through the page table
 (k_ref[page_ids] with a vector of page ids). The loop runs over tiles
     [window_start(first row) // block_kv, cdiv(last row's position + 1, block_kv))
@@ -54,6 +59,23 @@ def kv_tile(page_size: int, block_kv: int) -> tuple[int, int]:
   return block_kv // page_size, block_kv
 
 
+def stacked_cache(k_pages, v_pages, layer):
+  """The kernels' cache view: (k_pages, v_pages [L, Hkv, P, ps, D], layer [1] int32).
+
+  layer None: k/v_pages are one layer, [Hkv, P, ps, D], viewed as L = 1 (a free reshape).
+  Otherwise they are stacked, [L, Hkv, P, ps, D], and layer is an int32 scalar in [0, L); the
+  caller decides what an out-of-range layer does (attention clamps, like a jnp gather).
+  """
+  if layer is None:
+    if k_pages.ndim != 4:
+      raise ValueError(f"per-layer pages must be [Hkv, P, ps, D], got {k_pages.shape}; "
+                       "pass layer= for a stacked cache")
+    return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32)
+  if k_pages.ndim != 5:
+    raise ValueError(f"with layer=, pages must be stacked [L, Hkv, P, ps, D], got {k_pages.shape}")
+  return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
+
+
 def pack_rows(x, row_tokens, num_groups_padded: int):
   """[T, Hq, D] -> [Hkv, NB, block_q * Gp, D] tiles; row_tokens [NB, block_q] are row ids of x."""
   num_tokens, num_q_heads, head_dim = x.shape
@@ -78,15 +100,17 @@ def _prefill_kernel(
     num_rows_ref,    # []   real tokens in the block (0: empty program)
     kv_len_ref,      # []   the sequence's KV length
     pages_ref,       # [max_pages_padded] the sequence's page-table row
+    layer_ref,       # []   the layer to read
     q_ref,           # [rows, D]
-    k_ref,           # [P, ps, D] this kv head's pages
-    v_ref,           # [P, ps, D]
+    k_ref,           # [L, P, ps, D] this kv head's pages, every layer
+    v_ref,           # [L, P, ps, D]
     o_ref,           # [rows, D]
     *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
     group_padded: int, pages_per_tile: int):
   rows, head_dim = q_ref.shape
-  page_size = k_ref.shape[1]
+  page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
+  layer = layer_ref[()]
   first_pos = first_pos_ref[()]
   num_rows = num_rows_ref[()]
   kv_len = kv_len_ref[()]
@@ -103,8 +127,8 @@ def _prefill_kernel(
   def body(tile, carry):
     acc, m, l = carry
     page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
-    k = k_ref[page_ids].reshape(block_kv, head_dim)                       # [block_kv, D]
-    v = v_ref[page_ids].reshape(block_kv, head_dim)
+    k = k_ref[layer, page_ids].reshape(block_kv, head_dim)                # [block_kv, D]
+    v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
     s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
     if soft_cap is not None:
       s = soft_cap * jnp.tanh(s / soft_cap)
@@ -145,11 +169,14 @@ def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
-                           block_q: int | None = None, block_kv: int | None = None,
-                           num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
+                           layer: jax.Array | None = None, block_q: int | None = None,
+                           block_kv: int | None = None, num_warps: int | None = None,
+                           num_stages: int = 2) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
+  k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
+  layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
   default_q, default_kv = default_block_sizes(group, head_dim,
@@ -176,20 +203,23 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
       group_padded=group_padded, pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
-  page_spec = pl.BlockSpec((None, num_pages, page_size, head_dim), lambda i, h: (h, 0, 0, 0))
+  page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
+                           lambda i, h: (0, h, 0, 0, 0))
   tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda i, h: (h, i, 0, 0))
   o_tiles = pl.pallas_call(
       kernel,
       grid=(num_blocks, num_kv_heads),
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
+                pl.BlockSpec((None,), lambda i, h: (0,)),
                 tile_spec, page_spec, page_spec],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
-  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, q_tiles, k_pages, v_pages)
+  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, q_tiles, k_pages,
+    v_pages)
 
   # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
   tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded

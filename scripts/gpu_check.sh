@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Attention-kernel check on a GPU box (jax with CUDA preinstalled, no network, < 8 minutes):
 #   1. the kernel tests in interpret mode (CPU) and the compiled Pallas kernels on the GPU;
-#   2. the benchmark table (scripts/kernel_bench.py).
+#   2. the benchmark table (scripts/kernel_bench.py), every call in the engine's layout: a stacked
+#      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2).
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]      (default: python from PATH, or $PYTHON)
 set -uo pipefail
@@ -22,12 +23,13 @@ step() {  # step NAME TIMEOUT_S CMD...
 "${PY}" -c 'import jax; print("jax", jax.__version__, jax.devices())' || status=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
-step "kernel tests, interpret mode (CPU)" 170 \
+step "kernel tests, interpret mode (CPU)" 150 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
-step "compiled Pallas kernels (GPU)" 100 \
+step "compiled Pallas kernels (GPU)" 120 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
 step "kernel benchmark (GPU)" 200 \
-  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py
+  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
+    --num-layers 2
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

@@ -8,11 +8,16 @@ difference from the xla reference output.
   python scripts/kernel_bench.py            # GPU: the full table (scripts/gpu_check.sh runs it)
   python scripts/kernel_bench.py --quick    # tiny shapes, Pallas in interpret mode: CPU smoke test
 
+Our backends are called as the engine calls them: a stacked cache [L, Hkv, P, page_size, D]
+(`--num-layers`, default 2) and a traced int32 layer index (the last layer, so the kernels must
+offset into the stack), the layer read in place.
+
 Backends: `pallas` (our kernels; decode cases use the split-KV decode kernel), `xla` (the jnp
 reference), and for decode `jax_paged` = jax.experimental.pallas.ops.gpu.paged_attention. JAX's
 kernel takes a dense batch (q [B, Hq, D], one page-table row and length per sequence, exactly one
-query token each) over the same [Hkv, P, page_size, D] page layout, and needs
-pages_per_sequence % k_splits == 0; it has no ragged chunks, sliding window or padding rows.
+query token each) over one layer's [Hkv, P, page_size, D] pages (the same content, kept as its
+own array so that no slice is timed), and needs pages_per_sequence % k_splits == 0; it has no
+ragged chunks, sliding window or padding rows.
 """
 from __future__ import annotations
 
@@ -68,16 +73,25 @@ def measure_ceilings(quick: bool) -> tuple[float, float]:
   return 2 * 2 * n / copy_s, 2 * m ** 3 / mm_s
 
 
-def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype):
-  """Device-side random ragged batch with shuffled page tables (no big host transfers)."""
+def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
+               num_layers):
+  """Device-side random ragged batch with shuffled page tables (no big host transfers).
+
+  k_all / v_all [L, Hkv, P, ps, D]: layer L - 1 holds k_pages / v_pages (one layer's pages, kept
+  for jax_paged); the other layers hold other random values.
+  """
   num_seqs = len(q_lens)
   pages_per_seq = [-(-kv // page_size) for kv in kv_lens]
   max_pages = max(pages_per_seq)
   num_pages = sum(pages_per_seq)
-  kq, kk, kv, kp = jax.random.split(key, 4)
+  kq, kk, kv, kp, ko = jax.random.split(key, 5)
   shape = (num_kv_heads, num_pages, page_size, head_dim)
   k_pages = jax.random.normal(kk, shape, dtype)
   v_pages = jax.random.normal(kv, shape, dtype)
+  other = jax.random.normal(ko, (num_layers - 1, *shape), dtype)
+  k_all = jnp.concatenate([other, k_pages[None]])
+  v_all = jnp.concatenate([-other, v_pages[None]])
+  del other
   perm = np.asarray(jax.random.permutation(kp, num_pages))
   page_indices = np.zeros((num_seqs, max_pages), np.int32)
   start = 0
@@ -87,7 +101,8 @@ def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, pag
   num_tokens = sum(q_lens)
   return dict(
       q=jax.random.normal(kq, (num_tokens, num_q_heads, head_dim), dtype),
-      k_pages=k_pages, v_pages=v_pages,
+      k_pages=k_pages, v_pages=v_pages, k_all=k_all, v_all=v_all,
+      layer=jnp.int32(num_layers - 1),
       kv_lens=jnp.asarray(kv_lens, jnp.int32),
       page_indices=jnp.asarray(page_indices),
       cu_q_lens=jnp.asarray(np.cumsum([0, *q_lens]), jnp.int32),
@@ -123,6 +138,8 @@ def main(argv=None):
                       help="tiny shapes, Pallas in interpret mode (runs on CPU)")
   parser.add_argument("--page-size", type=int, default=16)
   parser.add_argument("--reps", type=int, default=None)
+  parser.add_argument("--num-layers", type=int, default=2,
+                      help="layers in the stacked cache; the last one is read")
   args = parser.parse_args(argv)
 
   quick = args.quick
@@ -145,7 +162,8 @@ def main(argv=None):
   copy_bw, mm_flops = measure_ceilings(quick)
   print(f"ceilings: copy {copy_bw / 1e9:.0f} GB/s, bf16 matmul {mm_flops / 1e12:.1f} TFLOP/s")
   print(f"heads: {num_q_heads} q / {num_kv_heads} kv, head_dim {head_dim}, page_size {page_size}, "
-        f"bfloat16; GB/s and TFLOP/s from ideal bytes/FLOPs (docs/kernels.md)")
+        f"bfloat16, stacked cache of {args.num_layers} layers (the last one read); GB/s and "
+        f"TFLOP/s from ideal bytes/FLOPs (docs/kernels.md)")
   header = (f"{'case':<26} {'backend':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} "
             f"{'%mm':>6} {'max|err|':>9}")
   print(header)
@@ -153,6 +171,7 @@ def main(argv=None):
 
   attn = jax.jit(pallas_kernels.ragged_paged_attention,
                  static_argnames=("sm_scale", "backend", "decode_only"))
+  assert args.num_layers >= 1
   key = jax.random.key(0)
   cases = [("decode", b, ctx) for b, ctx in decode_cases] + \
           [("prefill", c, p) for c, p in prefill_cases]
@@ -166,15 +185,15 @@ def main(argv=None):
       q_lens, kv_lens = [a], [a + b]
     batch = make_batch(sub, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
                        num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                       dtype=dtype)
+                       dtype=dtype, num_layers=args.num_layers)
     n_bytes, n_flops = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim,
                                   jnp.dtype(dtype).itemsize)
-    call_args = (batch["q"], batch["k_pages"], batch["v_pages"], batch["kv_lens"],
-                 batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"])
+    call_args = (batch["q"], batch["k_all"], batch["v_all"], batch["kv_lens"],
+                 batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"], batch["layer"])
     runs = {
-        "xla": functools.partial(attn, sm_scale=sm_scale, backend="xla"),
-        pallas_backend: functools.partial(attn, sm_scale=sm_scale, backend=pallas_backend,
-                                          decode_only=kind == "decode"),
+        "xla": lambda *a: attn(*a[:-1], layer=a[-1], sm_scale=sm_scale, backend="xla"),
+        pallas_backend: lambda *a: attn(*a[:-1], layer=a[-1], sm_scale=sm_scale,
+                                        backend=pallas_backend, decode_only=kind == "decode"),
     }
     ref_out = runs["xla"](*call_args)
     rows = [(backend, fn, call_args) for backend, fn in runs.items()]

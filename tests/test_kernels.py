@@ -1,8 +1,12 @@
 """Attention kernels vs float64 numpy attention and vs the xla reference, on fresh random batches.
 
 Every Pallas case runs in interpret mode on CPU; shapes are tiny and block sizes are forced small
-so that the loops over query blocks, KV tiles and KV splits all take several steps. A last group
-lowers each kernel for CUDA (Pallas -> Triton IR, no GPU needed) at production-like shapes.
+so that the loops over query blocks, KV tiles and KV splits all take several steps. Nearly all the
+time goes into compiling, so each case covers several features at once (GQA x head_dim x dtype x
+window / soft cap), kernels are checked against float64 numpy (the xla reference is checked
+against it too, and against the kernels in the public-entry and `lax.scan` tests), and XLA
+compiles without backend optimisation. The engine's stacked cache (a traced layer index) has its
+own group; a last group lowers each kernel for CUDA (Pallas -> Triton IR, no GPU needed).
 """
 import functools
 
@@ -12,45 +16,36 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import decode_kernel, ragged_kernel, reference, testing, write_kv_kernel
+from pallas_kernels import decode_kernel, ragged_kernel, reference, testing
 
 # Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
 # not page multiples, and a whole prompt as one chunk.
 MIXED = [(1, 9), (5, 5), (1, 1), (11, 20), (3, 40)]
 DECODES = [(1, 9), (1, 1), (1, 33), (1, 16), (1, 50)]
 
+# Tiny programs compile ~2x faster without LLVM's backend optimisations; results are unchanged.
+_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+_OPTS = ("sm_scale", "sliding_window", "soft_cap")
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend",
-                                             "decode_only"))
+
+@functools.partial(_jit, static_argnames=(*_OPTS, "backend", "decode_only"))
 def _attn(*args, **kwargs):
   return pallas_kernels.ragged_paged_attention(*args, **kwargs)
-
-
-def _ragged(block_q, block_kv):
-  """The prefill kernel in interpret mode with small blocks (many q blocks and KV tiles)."""
-  @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
-  def fn(*args, **opts):
-    return ragged_kernel.ragged_paged_attention(*args, interpret=True, block_q=block_q,
-                                                block_kv=block_kv, **opts)
-  return fn
-
-
-def _decode(block_kv, num_splits):
-  @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap"))
-  def fn(*args, **opts):
-    return decode_kernel.decode_attention(*args, interpret=True, block_kv=block_kv,
-                                          num_splits=num_splits, **opts)
-  return fn
 
 
 def _public(backend, decode_only=False):
   return functools.partial(_attn, backend=backend, decode_only=decode_only)
 
 
-def _check(fn, seqs, *, compare_xla=True, **kwargs):
-  """Float64 numpy always; the xla reference too unless fn is the xla reference itself."""
-  reference_fn = functools.partial(_attn, backend="xla") if compare_xla else None
-  testing.check_attention(fn, seqs, reference_fn=reference_fn, **kwargs)
+def _ragged(block_q, block_kv):
+  """The prefill kernel in interpret mode with small blocks (many q blocks and KV tiles)."""
+  return _jit(functools.partial(ragged_kernel.ragged_paged_attention, interpret=True,
+                                block_q=block_q, block_kv=block_kv), static_argnames=_OPTS)
+
+
+def _decode(block_kv, num_splits):
+  return _jit(functools.partial(decode_kernel.decode_attention, interpret=True, block_kv=block_kv,
+                                num_splits=num_splits), static_argnames=_OPTS)
 
 
 def _random_seqs(rng, max_num_seqs=5, max_kv_len=40, decode_only=False):
@@ -59,6 +54,21 @@ def _random_seqs(rng, max_num_seqs=5, max_kv_len=40, decode_only=False):
     kv_len = int(rng.integers(1, max_kv_len))
     seqs.append((1 if decode_only else int(rng.integers(1, kv_len + 1)), kv_len))
   return seqs
+
+
+# Each case: (q heads, kv heads, head_dim, dtype, sliding_window, soft_cap). Together: GQA 1/3/4/8,
+# head_dim 64/128/256, float32 (1e-5) and bfloat16 (2e-2), window, soft cap, both, neither.
+FEATURES = [
+    pytest.param(2, 2, 64, np.float32, 5, None, id="gqa1-d64-f32-window"),
+    pytest.param(3, 1, 128, np.float32, None, 2.0, id="gqa3-d128-f32-softcap"),
+    pytest.param(8, 2, 256, jnp.bfloat16, 13, 3.0, id="gqa4-d256-bf16-window-softcap"),
+    pytest.param(8, 1, 64, jnp.bfloat16, None, None, id="gqa8-d64-bf16"),
+]
+
+
+def _features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap):
+  return dict(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype,
+              sliding_window=sliding_window, soft_cap=soft_cap)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,28 +86,19 @@ def test_resolve_backend():
 # ---------------------------------------------------------------------------------------------
 # xla reference vs float64 numpy.
 
-@pytest.mark.parametrize("seed", range(3))
-def test_reference_random(seed):
-  seqs = _random_seqs(np.random.default_rng(100 + seed))
+def test_reference_random():
+  """Random lengths, padding rows and padding sequences."""
+  seqs = _random_seqs(np.random.default_rng(100))
   num_valid = sum(q for q, _ in seqs)
-  _check(_public("xla"), seqs, seed=seed, num_tokens=num_valid + 3, max_seqs=len(seqs) + 2,
-         compare_xla=False)
+  testing.check_attention(_public("xla"), seqs, num_tokens=num_valid + 3, max_seqs=len(seqs) + 2)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads", [(2, 2), (6, 2), (8, 2), (8, 1)])
-def test_reference_gqa(num_q_heads, num_kv_heads):
-  _check(_public("xla"), MIXED, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-         compare_xla=False)
-
-
-@pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (None, 2.0), (8, 3.0)])
-def test_reference_window_softcap(sliding_window, soft_cap):
-  _check(_public("xla"), MIXED, seed=2, sliding_window=sliding_window, soft_cap=soft_cap,
-         num_tokens=24, max_seqs=7, nan_padding=True, compare_xla=False)
-
-
-def test_reference_bfloat16():
-  _check(_public("xla"), MIXED, seed=3, dtype=jnp.bfloat16, num_tokens=24, compare_xla=False)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype,sliding_window,soft_cap",
+                         FEATURES)
+def test_reference_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap):
+  testing.check_attention(
+      _public("xla"), MIXED, seed=2, num_tokens=24, max_seqs=7, nan_padding=True,
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
 def test_reference_block_size_is_only_a_knob():
@@ -106,10 +107,12 @@ def test_reference_block_size_is_only_a_knob():
                                       page_size=4, num_tokens=24)
   n = batch.num_valid_tokens
   want = testing.attention_f64(batch, sm_scale=0.25, sliding_window=7)
-  for pages_per_block, block_q in ((1, 1), (3, 2), (16, 8), (None, None)):
-    fn = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=0.25,
-                                   sliding_window=7, pages_per_block=pages_per_block,
-                                   block_q=block_q))
+  # Row by row with one-page KV blocks; 2-token query blocks with 3-page KV blocks (the default
+  # sizes run in every other reference test).
+  for pages_per_block, block_q in ((1, 1), (3, 2)):
+    fn = _jit(functools.partial(reference.ragged_paged_attention, sm_scale=0.25,
+                                sliding_window=7, pages_per_block=pages_per_block,
+                                block_q=block_q))
     out = fn(*batch.args)
     np.testing.assert_allclose(np.asarray(out)[:n], want, rtol=1e-5, atol=1e-5)
 
@@ -117,113 +120,100 @@ def test_reference_block_size_is_only_a_knob():
 # ---------------------------------------------------------------------------------------------
 # Pallas ragged (prefill + decode) kernel, interpret mode.
 
-@pytest.mark.parametrize("seed", range(2))
-def test_ragged_kernel_random(seed):
-  rng = np.random.default_rng(200 + seed)
+def test_ragged_kernel_random():
+  rng = np.random.default_rng(200)
   seqs = _random_seqs(rng)
   num_valid = sum(q for q, _ in seqs)
-  _check(_ragged(4, 16), seqs, seed=seed, page_size=int(rng.choice([4, 8])),
-         num_tokens=num_valid + 5, max_seqs=len(seqs) + 2)
+  testing.check_attention(_ragged(4, 16), seqs, page_size=8, num_tokens=num_valid + 5,
+                          max_seqs=len(seqs) + 2)
 
 
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
-    (2, 2, 64, np.float32),        # GQA 1
-    (3, 1, 128, np.float32),       # GQA 3 (padded to 4)
-    (8, 2, 256, jnp.bfloat16),     # GQA 4
-    (8, 1, 64, jnp.bfloat16),      # GQA 8
-])
-def test_ragged_kernel_gqa_head_dim(num_q_heads, num_kv_heads, head_dim, dtype):
-  _check(_ragged(4, 16), MIXED, seed=1, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-         head_dim=head_dim, dtype=dtype, num_tokens=24, max_seqs=6)
-
-
-@pytest.mark.parametrize("sliding_window,soft_cap", [(5, None), (None, 2.0), (13, 3.0)])
-def test_ragged_kernel_window_softcap(sliding_window, soft_cap):
-  _check(_ragged(4, 16), MIXED, seed=2, sliding_window=sliding_window, soft_cap=soft_cap,
-         num_tokens=24, max_seqs=7, nan_padding=True)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype,sliding_window,soft_cap",
+                         FEATURES)
+def test_ragged_kernel_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window,
+                                soft_cap):
+  testing.check_attention(
+      _ragged(4, 16), MIXED, seed=1, num_tokens=24, max_seqs=7, nan_padding=True,
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
 def test_ragged_kernel_long_chunk_over_prefix():
   """One chunk spanning many q blocks and KV tiles, plus a decode, page_size 8."""
-  _check(_ragged(8, 16), [(37, 61), (1, 30)], seed=3, page_size=8, num_tokens=40, max_seqs=4,
-         sliding_window=20)
+  testing.check_attention(_ragged(8, 16), [(37, 61), (1, 30)], seed=3, page_size=8,
+                          num_tokens=40, max_seqs=4, sliding_window=20)
 
 
 def test_ragged_kernel_more_sequences_than_tokens():
   """A bucket with few token rows and many (mostly padding) sequence slots."""
-  _check(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
+  testing.check_attention(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
 
 
-@pytest.mark.parametrize("seqs,decode_only,num_tokens,max_seqs", [
-    (MIXED, False, 24, 7),           # ragged kernel
-    (DECODES, True, 24, 7),          # decode kernel, by the caller's hint
-    ([(3, 9), (1, 4)], False, 4, 8),  # decode kernel, chosen because T <= S
+@pytest.mark.parametrize("seqs,num_tokens,max_seqs", [
+    (MIXED, 24, 7),              # ragged kernel
+    ([(3, 9), (1, 4)], 4, 8),    # decode kernel, chosen because T <= S
 ])
-def test_public_pallas_interpret(seqs, decode_only, num_tokens, max_seqs):
-  """Default block sizes through the public entry point."""
-  _check(_public("pallas_interpret", decode_only), seqs, seed=5, num_tokens=num_tokens,
-         max_seqs=max_seqs, dtype=jnp.bfloat16)
+def test_public_pallas_interpret(seqs, num_tokens, max_seqs):
+  """Default block sizes through the public entry point, against numpy and the xla reference."""
+  testing.check_attention(_public("pallas_interpret"), seqs, seed=5, num_tokens=num_tokens,
+                          max_seqs=max_seqs, dtype=jnp.bfloat16,
+                          reference_fn=functools.partial(_attn, backend="xla"))
 
 
 # ---------------------------------------------------------------------------------------------
 # Pallas split-KV decode kernel, interpret mode.
 
 @pytest.mark.parametrize("num_splits", [1, 3, 8])
-def test_decode_kernel_splits(num_splits):
+def test_decode_kernel_random(num_splits):
+  """Random decode batches; 1 split, splits that do not divide the tiles, more splits than tiles."""
   rng = np.random.default_rng(300 + num_splits)
   seqs = _random_seqs(rng, max_kv_len=60, decode_only=True)
-  _check(_decode(16, num_splits), seqs, seed=num_splits, num_tokens=len(seqs) + 2,
-         max_seqs=len(seqs) + 3, nan_padding=True)
-
-
-@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype", [
-    (2, 2, 128, np.float32),
-    (3, 1, 64, jnp.bfloat16),
-    (8, 2, 64, np.float32),
-    (8, 1, 256, jnp.bfloat16),
-])
-def test_decode_kernel_gqa_head_dim(num_q_heads, num_kv_heads, head_dim, dtype):
-  _check(_decode(16, 4), DECODES, seed=6, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
-         head_dim=head_dim, dtype=dtype, page_size=8)
-
-
-@pytest.mark.parametrize("sliding_window,soft_cap", [(6, None), (20, 2.5)])
-def test_decode_kernel_window_softcap(sliding_window, soft_cap):
-  _check(_decode(16, 4), DECODES, seed=7, sliding_window=sliding_window, soft_cap=soft_cap,
-         num_tokens=8, max_seqs=6)
+  testing.check_attention(_decode(16, num_splits), seqs, seed=num_splits, page_size=8,
+                          num_tokens=len(seqs) + 2, max_seqs=len(seqs) + 3, nan_padding=True,
+                          **_features(*FEATURES[num_splits % 4].values))
 
 
 def test_decode_kernel_is_correct_on_chunks_too():
   """Rows are independent, so decode_only is only a performance hint."""
-  _check(_decode(16, 2), MIXED, seed=8, num_tokens=24)
+  testing.check_attention(_decode(16, 2), MIXED, seed=8, num_tokens=24,
+                          **_features(*FEATURES[2].values))
 
 
 # ---------------------------------------------------------------------------------------------
 # write_kv.
 
-@pytest.mark.parametrize("backend,dtype", [("xla", np.float32), ("pallas_interpret", np.float32),
-                                           ("pallas_interpret", jnp.bfloat16)])
-def test_write_kv(backend, dtype):
+@pytest.mark.parametrize("backend,dtype,stacked", [
+    ("xla", np.float32, True),
+    ("pallas_interpret", np.float32, False),
+    ("pallas_interpret", jnp.bfloat16, True),
+])
+def test_write_kv(backend, dtype, stacked):
+  """Into NaN pages: exactly the new rows land, nothing else changes. stacked: a [L, ...] cache
+  and a random traced layer; only that layer may change."""
   rng = np.random.default_rng(9)
   num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
   shape = (num_kv_heads, num_pages, page_size, head_dim)
+  if stacked:
+    shape = (NUM_LAYERS, *shape)
+  layer = int(rng.integers(NUM_LAYERS)) if stacked else None
   # Untouched slots are NaN and must stay NaN; touched ones must hold exactly the new rows.
   k_pages, v_pages = np.full(shape, np.nan), np.full(shape, np.nan)
   k = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
   v = rng.standard_normal((num_tokens, num_kv_heads, head_dim))
   slots = rng.permutation(num_pages * page_size)[:num_tokens].astype(np.int32)
   slots[[2, 7]] = [-1, -5]  # padding rows; -5 would wrap onto a real slot if not dropped
-  write = jax.jit(functools.partial(pallas_kernels.write_kv, backend=backend),
-                  donate_argnums=(0, 1))
+  write = _jit(functools.partial(pallas_kernels.write_kv, backend=backend),
+               donate_argnums=(0, 1))
   got_k, got_v = write(jnp.asarray(k_pages, dtype), jnp.asarray(v_pages, dtype),
                        jnp.asarray(k, jnp.float32), jnp.asarray(v, jnp.float32),
-                       jnp.asarray(slots))
+                       jnp.asarray(slots), layer=None if layer is None else jnp.int32(layer))
   assert got_k.dtype == dtype and got_k.shape == shape
   want_k, want_v = k_pages.copy(), v_pages.copy()
+  want_k_layer = want_k if layer is None else want_k[layer]  # views: writes land in want_*
+  want_v_layer = want_v if layer is None else want_v[layer]
   for t, slot in enumerate(slots):
     if slot >= 0:
-      want_k[:, slot // page_size, slot % page_size] = k[t]
-      want_v[:, slot // page_size, slot % page_size] = v[t]
+      want_k_layer[:, slot // page_size, slot % page_size] = k[t]
+      want_v_layer[:, slot // page_size, slot % page_size] = v[t]
   round_ = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(got_k.astype(jnp.float32)), round_(want_k))
   np.testing.assert_array_equal(np.asarray(got_v.astype(jnp.float32)), round_(want_v))
@@ -240,18 +230,113 @@ def test_write_kv(backend, dtype):
     (4, 4, 128, 128, jnp.bfloat16),   # GQA 1, big pages
 ])
 def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype):
+  """Every kernel, in the engine's form: stacked [L, ...] cache and a traced layer index."""
   rng = np.random.default_rng(10)
   batch = testing.random_ragged_batch(rng, [(1, 9), (20, 300)], num_q_heads=num_q_heads,
                                       num_kv_heads=num_kv_heads, head_dim=head_dim,
                                       page_size=page_size, num_tokens=32, max_seqs=4)
-  args = [jnp.asarray(a, dtype) if i < 3 else jnp.asarray(a) for i, a in enumerate(batch.args)]
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, *batch.k_pages.shape), dtype)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  args = [jnp.asarray(batch.q, dtype), pages, pages, *map(jnp.asarray, batch.args[3:])]
   for decode_only in (False, True):
     fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1, sliding_window=64,
                            soft_cap=30.0, backend="pallas", decode_only=decode_only)
-    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    text = jax.jit(fn).trace(*args, layer=layer).lower(lowering_platforms=("cuda",)).as_text()
     assert "triton" in text
-  new = jnp.zeros((32, num_kv_heads, head_dim), dtype)
-  fn = functools.partial(write_kv_kernel.write_kv)
-  text = jax.jit(fn).trace(args[1], args[2], new, new, jnp.arange(32, dtype=jnp.int32)).lower(
-      lowering_platforms=("cuda",)).as_text()
+  new = jax.ShapeDtypeStruct((32, num_kv_heads, head_dim), dtype)
+  slots = jax.ShapeDtypeStruct((32,), jnp.int32)
+  fn = functools.partial(pallas_kernels.write_kv, backend="pallas")
+  text = jax.jit(fn, donate_argnums=(0, 1)).trace(pages, pages, new, new, slots, layer=layer) \
+      .lower(lowering_platforms=("cuda",)).as_text()
   assert "triton" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine's stacked cache: [L, Hkv, P, ps, D] with a traced layer index, read and written in
+# place. Every layer holds different random content, so reading the wrong layer shows up.
+
+NUM_LAYERS = 3
+
+
+def _stacked_batch(seed, seqs, *, num_tokens, max_seqs, dtype=np.float32, **shape):
+  """A random batch whose k/v pages are stacked over NUM_LAYERS layers of different content."""
+  rng = np.random.default_rng(seed)
+  batch = testing.random_ragged_batch(rng, seqs, num_tokens=num_tokens, max_seqs=max_seqs,
+                                      **shape)
+  k_all = np.stack([batch.k_pages] + [rng.standard_normal(batch.k_pages.shape)
+                                      for _ in range(NUM_LAYERS - 1)])
+  v_all = np.stack([batch.v_pages] + [rng.standard_normal(batch.v_pages.shape)
+                                      for _ in range(NUM_LAYERS - 1)])
+  perm = rng.permutation(NUM_LAYERS)  # the batch's own pages land in a random layer
+  k_all, v_all = jnp.asarray(k_all[perm], dtype), jnp.asarray(v_all[perm], dtype)
+  rest = [jnp.asarray(a) for a in batch.args[3:]]
+  return jnp.asarray(batch.q, dtype), k_all, v_all, rest
+
+
+_LAYER_KERNELS = {
+    "xla": functools.partial(reference.ragged_paged_attention, block_q=2, pages_per_block=2),
+    "ragged": functools.partial(ragged_kernel.ragged_paged_attention, interpret=True, block_q=4,
+                                block_kv=16),
+    "decode": functools.partial(decode_kernel.decode_attention, interpret=True, block_kv=16,
+                                num_splits=3),
+}
+
+
+@pytest.mark.parametrize("kernel", _LAYER_KERNELS)
+def test_stacked_cache_reads_the_layer(kernel):
+  """attention(k_all, layer=l) == attention(k_all[l]) for a random traced layer l."""
+  q, k_all, v_all, rest = _stacked_batch(11, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
+                                         num_kv_heads=2, head_dim=32, page_size=4)
+  opts = dict(sm_scale=32 ** -0.5, sliding_window=13, soft_cap=3.0)
+  fn = _jit(functools.partial(_LAYER_KERNELS[kernel], **opts))
+  for layer in np.random.default_rng(12).permutation(NUM_LAYERS)[:2]:
+    got = fn(q, k_all, v_all, *rest, layer=jnp.int32(layer))
+    want = fn(q, k_all[layer], v_all[layer], *rest)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+def test_stacked_cache_under_scan():
+  """The engine's call pattern: lax.scan over layers, the stacked cache as the (donated) carry;
+  each step writes its layer's new K/V (write_kv) and attends over it. Pallas (interpret; the
+  ragged and the decode kernel) == xla, caches bit for bit."""
+  seqs = MIXED
+  num_tokens, max_seqs, head_dim, page_size = 24, 7, 32, 4
+  q, k_all, v_all, (kv_lens, page_indices, cu_q_lens, num_seqs) = _stacked_batch(
+      13, seqs, num_tokens=num_tokens, max_seqs=max_seqs, num_q_heads=4, num_kv_heads=2,
+      head_dim=head_dim, page_size=page_size)
+  rng = np.random.default_rng(14)
+  # Each layer's new tokens (queries, keys, values) and their slots; padding rows get slot -1.
+  seq_ids, positions, valid = reference.token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  pages = page_indices[seq_ids, jnp.maximum(positions, 0) // page_size]
+  slots = jnp.where(valid, pages * page_size + positions % page_size, -1)
+  qs = jnp.asarray(rng.standard_normal((NUM_LAYERS, *q.shape)), q.dtype)
+  ks = jnp.asarray(rng.standard_normal((NUM_LAYERS, num_tokens, 2, head_dim)), q.dtype)
+  vs = jnp.asarray(rng.standard_normal((NUM_LAYERS, num_tokens, 2, head_dim)), q.dtype)
+
+  def run(backend, decode_only=False):
+    def layer_step(cache, xs):
+      k_pages, v_pages = cache
+      i, q_i, k_i, v_i = xs
+      k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k_i, v_i, slots,
+                                                 backend=backend, layer=i)
+      out = pallas_kernels.ragged_paged_attention(
+          q_i, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+          sm_scale=head_dim ** -0.5, sliding_window=9, backend=backend, decode_only=decode_only,
+          layer=i)
+      return (k_pages, v_pages), out
+
+    @functools.partial(_jit, donate_argnums=(0, 1))
+    def forward(k_pages, v_pages):
+      layer_ids = jnp.arange(NUM_LAYERS, dtype=jnp.int32)
+      return jax.lax.scan(layer_step, (k_pages, v_pages), (layer_ids, qs, ks, vs))
+
+    return forward(jnp.copy(k_all), jnp.copy(v_all))
+
+  (k_want, v_want), out_want = run("xla")
+  n = int(cu_q_lens[int(num_seqs[0])])
+  for decode_only in (False, True):
+    (k_got, v_got), out_got = run("pallas_interpret", decode_only)
+    np.testing.assert_array_equal(np.asarray(k_got), np.asarray(k_want))
+    np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
+    np.testing.assert_allclose(np.asarray(out_got)[:, :n], np.asarray(out_want)[:, :n],
+                               **testing.tolerances(np.float32))

@@ -77,3 +77,55 @@ def test_write_kv_gpu():
   for g, w in zip(got, want):
     np.testing.assert_array_equal(np.asarray(g.astype(jnp.float32)),
                                   np.asarray(w.astype(jnp.float32)))
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+def test_stacked_cache_under_scan_gpu(decode_only):
+  """The engine's call pattern, compiled: lax.scan over 4 layers of a stacked [L, Hkv, P, ps, D]
+  cache carried (and donated) through the scan; each layer writes its new K/V and attends over
+  them. Pallas == xla: caches bit for bit, outputs within bf16 tolerance."""
+  num_layers, num_kv_heads, head_dim, page_size = 4, 8, 128, 16
+  seqs = DECODES if decode_only else MIXED
+  num_tokens = sum(q for q, _ in seqs) + 5
+  rng = np.random.default_rng(1)
+  batch = testing.random_ragged_batch(rng, seqs, num_q_heads=32, num_kv_heads=num_kv_heads,
+                                      head_dim=head_dim, page_size=page_size,
+                                      num_tokens=num_tokens, max_seqs=len(seqs) + 2)
+  kv_lens, page_indices, cu_q_lens, num_seqs = map(jnp.asarray, batch.args[3:])
+  pages_shape = (num_layers, *batch.k_pages.shape)
+  k_all = jnp.asarray(rng.standard_normal(pages_shape), jnp.bfloat16)
+  v_all = jnp.asarray(rng.standard_normal(pages_shape), jnp.bfloat16)
+  from pallas_kernels.reference import token_metadata  # noqa: PLC0415
+  seq_ids, positions, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  pages = page_indices[seq_ids, jnp.maximum(positions, 0) // page_size]
+  slots = jnp.where(valid, pages * page_size + positions % page_size, -1)
+  new_shape = (num_layers, num_tokens, num_kv_heads, head_dim)
+  qs = jnp.asarray(rng.standard_normal((num_layers, *batch.q.shape)), jnp.bfloat16)
+  ks = jnp.asarray(rng.standard_normal(new_shape), jnp.bfloat16)
+  vs = jnp.asarray(rng.standard_normal(new_shape), jnp.bfloat16)
+
+  def run(backend):
+    def layer_step(cache, xs):
+      i, q_i, k_i, v_i = xs
+      k_pages, v_pages = pallas_kernels.write_kv(*cache, k_i, v_i, slots, backend=backend, layer=i)
+      out = pallas_kernels.ragged_paged_attention(
+          q_i, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+          sm_scale=head_dim ** -0.5, sliding_window=64, backend=backend, decode_only=decode_only,
+          layer=i)
+      return (k_pages, v_pages), out
+
+    forward = jax.jit(lambda k, v: jax.lax.scan(
+        layer_step, (k, v), (jnp.arange(num_layers, dtype=jnp.int32), qs, ks, vs)),
+        donate_argnums=(0, 1))
+    return forward(jnp.copy(k_all), jnp.copy(v_all))
+
+  (k_want, v_want), out_want = run("xla")
+  (k_got, v_got), out_got = run("pallas")
+  np.testing.assert_array_equal(np.asarray(k_got.astype(jnp.float32)),
+                                np.asarray(k_want.astype(jnp.float32)))
+  np.testing.assert_array_equal(np.asarray(v_got.astype(jnp.float32)),
+                                np.asarray(v_want.astype(jnp.float32)))
+  n = batch.num_valid_tokens
+  np.testing.assert_allclose(np.asarray(out_got[:, :n].astype(jnp.float32)),
+                             np.asarray(out_want[:, :n].astype(jnp.float32)),
+                             **testing.tolerances(jnp.bfloat16))

@@ -83,10 +83,10 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
     for name, overrides in {
         "on": {"cache.num_pages": 256},
         "off": {"cache.num_pages": 256, "cache.prefix_caching": False},
-        "tiny": {"cache.num_pages": 20},  # one max-length sequence needs 16: forces eviction and preemption
+        "tiny": {"cache.num_pages": 16},  # one max-length sequence needs 16: forces eviction and preemption
     }.items():
         llm = LLM(EngineConfig().replace(**{**SMALL, **overrides}), progress=False, model=smollm2)
-        runs[name] = _generate(llm, prompts)
+        runs[name] = _generate(llm, prompts, max_tokens=16)
         stats = llm.engine.stats()
         assert stats["pages_held_by_requests"] == 0
         assert stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
@@ -109,12 +109,15 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
 
 @pytest.mark.slow
 def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
-    prompts = [(tokenizer.encode("The capital of France is"), None), (tokenizer.encode("def add(a, b):"), None),
+    """The Pallas kernels (interpret mode) inside the whole engine: greedy outputs identical to the xla path.
+    One token bucket (16) keeps interpret-mode compilation short; prompts longer than it are chunked."""
+    prompts = [(tokenizer.encode("The capital of France is"), None), (tokenizer.encode("def add(a, b):\n    return"), None),
                (tokenizer.encode("The capital of France is"), None)]
     outs = {}
     for backend in ("xla", "pallas_interpret"):
         llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "attention.backend": backend,
-                                            "scheduler.max_batch_tokens": 32}), progress=False, model=smollm2)
+                                            "scheduler.max_batch_tokens": 16, "scheduler.max_running": 4}),
+                  progress=False, model=smollm2)
         outs[backend] = _generate(llm, prompts, max_tokens=6)[0]
     assert outs["xla"] == outs["pallas_interpret"]
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from models.llama import stack_layers
 from models.config import ConfigError, LlamaConfig
+from models.weights import assemble
 
 
 class CheckpointError(ValueError):
@@ -40,6 +40,15 @@ def gguf_metadata(reader) -> dict[str, Any]:
         except Exception:  # exotic field types the reader can't render: not needed for the model
             continue
     return meta
+
+
+GGUF_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "blk.{i}.attn_norm.weight", "wq": "blk.{i}.attn_q.weight", "wk": "blk.{i}.attn_k.weight",
+    "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
+    "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight", "w_down": "blk.{i}.ffn_down.weight",
+    "bq": "blk.{i}.attn_q.bias", "bk": "blk.{i}.attn_k.bias", "bv": "blk.{i}.attn_v.bias",
+}
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -75,34 +84,10 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
             raise CheckpointError(f"{path}: tensor {name!r} holds {arr.size} values, its shape {shape} needs {np.prod(shape)}")
         return arr.reshape(shape).astype(np.float32, copy=False)
 
-    permuted = cfg.architecture == "llama"
-    layers = []
-    for i in range(cfg.num_layers):
-        b = f"blk.{i}."
-        wq, wk = get(b + "attn_q.weight"), get(b + "attn_k.weight")
-        if permuted:
-            wq, wk = _unpermute(wq, cfg.num_heads), _unpermute(wk, cfg.num_kv_heads)
-        layer = {
-            "attn_norm": get(b + "attn_norm.weight"),
-            "wq": wq.T,
-            "wk": wk.T,
-            "wv": get(b + "attn_v.weight").T,
-            "wo": get(b + "attn_output.weight").T,
-            "mlp_norm": get(b + "ffn_norm.weight"),
-            "w_gate": get(b + "ffn_gate.weight").T,
-            "w_up": get(b + "ffn_up.weight").T,
-            "w_down": get(b + "ffn_down.weight").T,
-        }
-        if cfg.attention_bias:
-            layer |= {"bq": get(b + "attn_q.bias"), "bk": get(b + "attn_k.bias"), "bv": get(b + "attn_v.bias")}
-        layers.append(layer)
-    params = {"embed": get("token_embd.weight"), "layers": stack_layers(layers), "final_norm": get("output_norm.weight")}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("output.weight").T
-    return cfg, _cast(params, dtype)
+    def read(key: str, name: str) -> np.ndarray:
+        arr = get(name)
+        if cfg.architecture == "llama" and key in ("wq", "wk"):
+            arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
+        return arr
 
-
-def _cast(params: dict, dtype: Any) -> dict:
-    import jax
-
-    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=dtype), params)
+    return cfg, assemble(cfg, GGUF_NAMES, read, dtype)

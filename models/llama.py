@@ -99,11 +99,6 @@ def check_params(cfg: LlamaConfig, params: Params, source: str) -> None:
             )
 
 
-def stack_layers(layers: list[dict]) -> dict:
-    """Per-layer weight dicts (loader order) -> one dict of [L, ...] numpy arrays."""
-    return {name: np.stack([layer[name] for layer in layers]) for name in layers[0]}
-
-
 # ---------------------------------------------------------------------------------------------- layers
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)

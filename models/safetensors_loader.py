@@ -7,9 +7,20 @@ from typing import Any
 
 import numpy as np
 
-from models.llama import stack_layers
 from models.config import LlamaConfig
 from models.gguf_loader import CheckpointError
+from models.weights import assemble
+
+
+HF_NAMES = {
+    "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
+    "attn_norm": "model.layers.{i}.input_layernorm.weight", "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "wq": "model.layers.{i}.self_attn.q_proj.weight", "wk": "model.layers.{i}.self_attn.k_proj.weight",
+    "wv": "model.layers.{i}.self_attn.v_proj.weight", "wo": "model.layers.{i}.self_attn.o_proj.weight",
+    "bq": "model.layers.{i}.self_attn.q_proj.bias", "bk": "model.layers.{i}.self_attn.k_proj.bias",
+    "bv": "model.layers.{i}.self_attn.v_proj.bias", "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
+}
 
 
 def read_hf_config(directory: str) -> LlamaConfig:
@@ -55,35 +66,9 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
         except SafetensorError as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
 
-    def get(name: str) -> np.ndarray:
+    def read(key: str, name: str) -> np.ndarray:
         if name not in tensors:
             raise CheckpointError(f"{directory}: missing tensor {name!r}")
         return tensors[name]
 
-    layers = []
-    for i in range(cfg.num_layers):
-        b = f"model.layers.{i}."
-        layer = {
-            "attn_norm": get(b + "input_layernorm.weight"),
-            "wq": get(b + "self_attn.q_proj.weight").T,
-            "wk": get(b + "self_attn.k_proj.weight").T,
-            "wv": get(b + "self_attn.v_proj.weight").T,
-            "wo": get(b + "self_attn.o_proj.weight").T,
-            "mlp_norm": get(b + "post_attention_layernorm.weight"),
-            "w_gate": get(b + "mlp.gate_proj.weight").T,
-            "w_up": get(b + "mlp.up_proj.weight").T,
-            "w_down": get(b + "mlp.down_proj.weight").T,
-        }
-        if cfg.attention_bias:
-            layer |= {
-                "bq": get(b + "self_attn.q_proj.bias"),
-                "bk": get(b + "self_attn.k_proj.bias"),
-                "bv": get(b + "self_attn.v_proj.bias"),
-            }
-        layers.append(layer)
-    params = {"embed": get("model.embed_tokens.weight"), "layers": stack_layers(layers), "final_norm": get("model.norm.weight")}
-    if not cfg.tie_word_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
-    import jax
-
-    return cfg, jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=dtype), params)
+    return cfg, assemble(cfg, HF_NAMES, read, dtype)

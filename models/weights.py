@@ -1,0 +1,34 @@
+"""From a checkpoint's own tensor names to the model's weight pytree (the one place that knows the layout).
+
+Each loader supplies a name table (our key -> its tensor name, `{i}` for the layer) and a reader that
+returns a tensor by name in torch orientation ([out, in]); `assemble` transposes matrices for x @ W,
+stacks layers on axis 0, adds biases when the config has them, and drops `lm_head` when it is tied.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from models.config import LlamaConfig
+
+LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
+BIAS_KEYS = ("bq", "bk", "bv")
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
+
+
+def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any) -> dict:
+    """`read(key, tensor_name)` -> float32 array in torch orientation; returns the pytree in `dtype`."""
+
+    def load(key: str, i: int | None = None) -> np.ndarray:
+        arr = read(key, names[key].format(i=i))
+        return arr.T if key in TRANSPOSED else arr
+
+    keys = LAYER_KEYS + (BIAS_KEYS if cfg.attention_bias else ())
+    layers = {k: np.stack([load(k, i) for i in range(cfg.num_layers)]) for k in keys}
+    params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
+    if not cfg.tie_word_embeddings:
+        params["lm_head"] = load("lm_head")
+    import jax
+
+    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=dtype), params)

@@ -11,12 +11,11 @@ H100-class replica until measured ones replace them. See docs/routing.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--feed-lag", type=float, default=SimConfig.feed_lag_s, help="cache event poll interval, s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
-    p.add_argument("--json", help="also write every result row to this JSON file")
+    p.add_argument("--jsonl", help="append each result row to this file as soon as its run ends")
     a = p.parse_args(argv)
 
     jobs = []
@@ -81,8 +80,15 @@ def main(argv: list[str] | None = None) -> None:
                             decode_ms_per_token=a.decode_ms, feed_lag_s=a.feed_lag)
             for policy in a.policies.split(","):
                 jobs.append((policy, TraceSpec(trace_name, a.requests, rate, a.seed), cfg))
+    rows = []
     with ProcessPoolExecutor(a.jobs) if a.jobs > 1 else _Serial() as ex:
-        rows = list(ex.map(_run, jobs))
+        for row in ex.map(_run, jobs) if a.jobs <= 1 else (f.result() for f in as_completed([ex.submit(_run, j) for j in jobs])):
+            rows.append(row)
+            if a.jsonl:
+                with open(a.jsonl, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    order = {(p, t.name, c.num_replicas): i for i, (p, t, c) in enumerate(jobs)}
+    rows.sort(key=lambda r: order[(r["policy"], r["trace"], r["replicas"])])
     for trace_name in a.trace.split(","):
         sel = [r for r in rows if r["trace"] == trace_name]
         rate = a.rate_per_replica or DEFAULT_RATE[trace_name]
@@ -90,9 +96,6 @@ def main(argv: list[str] | None = None) -> None:
               f"{a.num_pages} pages x {a.page_size} tokens per replica, prefill {a.prefill_ms} ms/token, "
               f"decode {a.decode_ms} ms/token\n")
         print(table(sel))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "rows": rows, "sim_config_defaults": dataclasses.asdict(SimConfig())}, f, indent=1)
 
 
 class _Serial:

@@ -87,19 +87,18 @@ def generate_trace(spec: TraceSpec, num_replicas: int, page_size: int,
         out = _lognormal_int(rng, 120, 0.7, 8, 1024, m)
         times = t + np.cumsum(gaps)
         t = float(times[-1])
-        for i in range(m):
-            n_tail = int(tail[i])
-            if shared[i]:
-                g = int(group[i])
-                prefix_len = int(prefix_lens[g])
-                head = prefix_pages[g]
+        plens = [int(x) for x in prefix_lens]
+        for ti, sh, g, n_tail, n_out in zip(times.tolist(), shared.tolist(), group.tolist(), tail.tolist(),
+                                            out.tolist()):
+            if sh:
+                prefix_len, head = plens[g], prefix_pages[g]
             else:
                 prefix_len, head = 0, ()
             prompt_len = prefix_len + n_tail
             n_unique = prompt_len // ps - len(head)
             hashes = head + tuple(range(next_id, next_id + n_unique))
             next_id += n_unique
-            yield float(times[i]), hashes, prompt_len, int(out[i])
+            yield ti, hashes, prompt_len, n_out
 
 
 # ------------------------------------------------------------------------------------ the replicas
@@ -145,12 +144,9 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
     states = [ReplicaState() for _ in range(n_rep)]
     reps = [_Replica(cfg.num_pages, feed) for _ in range(n_rep)]
     n = trace.num_requests
-    arrival = np.zeros(n)
-    ttft = np.zeros(n)
-    finish_t = np.zeros(n)
-    prompt = np.zeros(n, np.int64)
-    matched = np.zeros(n, np.int64)
-    where = np.zeros(n, np.int64)
+    # NOTE: plain lists while simulating (numpy scalar access is slow); arrays for the summary.
+    arrival, ttft, finish_t = [0.0] * n, [0.0] * n, [0.0] * n
+    prompt, matched, where = [0] * n, [0] * n, [0] * n
     decisions: dict[str, int] = {}
     # per request while alive: hashes, output_len, lock handle, private pages, routed tokens
     live: dict[int, list] = {}
@@ -184,13 +180,13 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             rep.queue.popleft()
             rep.running += 1
             rep.prefill_busy = True
-            hit_len = min(hit * ps, int(prompt[rid]) - 1)  # a fully cached prompt recomputes 1 token
+            hit_len = min(hit * ps, prompt[rid] - 1)  # a fully cached prompt recomputes 1 token
             matched[rid] = hit_len
             live[rid][2], live[rid][3] = node, private
             heapq.heappush(heap, (now + (prompt[rid] - hit_len) * prefill_s, _PREFILL_DONE, rid))
 
     def on_prefill_done(rid: int, now: float) -> None:
-        r = int(where[rid])
+        r = where[rid]
         rep, st, rec = reps[r], states[r], live[rid]
         hashes, out_len, node = rec[0], rec[1], rec[2]
         leaf, cached = rep.cache.insert(hashes)
@@ -205,10 +201,10 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
         try_start(r, now)
 
     def on_finish(rid: int, now: float) -> None:
-        r = int(where[rid])
+        r = where[rid]
         rep, st = reps[r], states[r]
         hashes, out_len, node, private, _ = live.pop(rid)
-        n_out = (int(prompt[rid]) + out_len) // ps - len(hashes)
+        n_out = (prompt[rid] + out_len) // ps - len(hashes)
         seq = hashes + tuple(range(unique_out[0], unique_out[0] + n_out))
         unique_out[0] += n_out
         _, cached = rep.cache.insert(seq)
@@ -253,7 +249,8 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
         try_start(r, t)
     advance(float("inf"))
     assert not live, f"{len(live)} requests never finished"
-    return summarize(policy_name, cfg, arrival, ttft, finish_t, prompt, matched, where, decisions)
+    return summarize(policy_name, cfg, np.array(arrival), np.array(ttft), np.array(finish_t),
+                     np.array(prompt, np.int64), np.array(matched, np.int64), np.array(where, np.int64), decisions)
 
 
 def summarize(policy_name, cfg, arrival, ttft, finish_t, prompt, matched, where, decisions) -> dict:

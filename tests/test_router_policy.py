@@ -73,9 +73,15 @@ def test_hot_spot_guard_spreads_one_popular_prefix():
     # mean in flight 6.5: 20 > 1.25 * 6.5 + 4, so the prefix may not pin the request to replica 0
     c = pa.route(req(100, 70), states, now=0.0)
     assert (c.replica, c.reason) == (2, "hot_spot")
-    # below the threshold the prefix wins despite the higher load
-    states[0].in_flight = 6
+    # replica 2 now holds the prefix too (pending), so the next request of it stays there
     c = pa.route(req(100, 70), states, now=0.0)
+    assert (c.replica, c.reason, c.matched_len) == (2, "prefix", 64 * PS)
+    # below the threshold the prefix wins despite the higher load
+    idx2 = PrefixIndex(4)
+    idx2.store(0, range(100, 164))
+    pa2 = make_policy("prefix_aware", idx2, PS, hot_spot_ratio=1.25, hot_spot_slack=4)
+    states[0].in_flight = 6
+    c = pa2.route(req(100, 70), states, now=0.0)
     assert (c.replica, c.reason) == (0, "prefix")
 
 

@@ -73,9 +73,9 @@ def test_hot_spot_guard_spreads_one_popular_prefix():
     # mean in flight 6.5: 20 > 1.25 * 6.5 + 4, so the prefix may not pin the request to replica 0
     c = pa.route(req(100, 70), states, now=0.0)
     assert (c.replica, c.reason) == (2, "hot_spot")
-    # replica 2 now holds the prefix too (pending), so the next request of it stays there
+    # replica 2 now holds this prompt too (pending), so the same prompt again stays there
     c = pa.route(req(100, 70), states, now=0.0)
-    assert (c.replica, c.reason, c.matched_len) == (2, "prefix", 64 * PS)
+    assert (c.replica, c.reason, c.matched_len) == (2, "prefix", 70 * PS)
     # below the threshold the prefix wins despite the higher load
     idx2 = PrefixIndex(4)
     idx2.store(0, range(100, 164))

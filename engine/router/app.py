@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -99,6 +100,10 @@ class Router:
 
     async def start(self) -> None:
         timeout = httpx.Timeout(self.cfg.request_timeout_s, connect=self.cfg.connect_timeout_s)
+        # NOTE: the key authenticates only the router's own calls (health, load, cache feeds);
+        # client requests carry the client's own Authorization header through.
+        key = self.cfg.replica_api_key or os.environ.get("RADIXLM_API_KEY")
+        self._own_headers = {"authorization": f"Bearer {key}"} if key else {}
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000,
                                                                               max_keepalive_connections=200))
         await self.check_all()
@@ -129,10 +134,10 @@ class Router:
         url, st = self.urls[slot], self.states[slot]
         timeout = self.cfg.connect_timeout_s
         try:
-            r = await self.client.get(f"{url}/health", timeout=timeout)
+            r = await self.client.get(f"{url}/health", timeout=timeout, headers=self._own_headers)
             if r.status_code != 200:
                 raise httpx.HTTPStatusError("not ready", request=r.request, response=r)
-            load = await self.client.get(f"{url}/load", timeout=timeout)
+            load = await self.client.get(f"{url}/load", timeout=timeout, headers=self._own_headers)
             if load.status_code == 200:
                 st.waiting_tokens = int(load.json().get("waiting_tokens", 0))
             if not st.up:
@@ -156,7 +161,8 @@ class Router:
 
     async def resync(self, slot: int) -> None:
         """Whole cache state from the replica; a replica without the feed endpoints stays unindexed."""
-        r = await self.client.get(f"{self.urls[slot]}/v1/cache_state", timeout=self.cfg.request_timeout_s)
+        r = await self.client.get(f"{self.urls[slot]}/v1/cache_state", timeout=self.cfg.request_timeout_s,
+                                  headers=self._own_headers)
         if r.status_code == 404:
             return
         r.raise_for_status()
@@ -174,7 +180,7 @@ class Router:
                     if not feed.synced:
                         return
                 r = await self.client.get(f"{url}/v1/cache_events", params={"after": feed.last_seq},
-                                          timeout=self.cfg.request_timeout_s)
+                                          timeout=self.cfg.request_timeout_s, headers=self._own_headers)
                 if r.status_code == 404:
                     return
                 r.raise_for_status()

@@ -23,6 +23,7 @@ class RouterConfig:
     policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
     page_size: int = 16  # the replicas' cache.page_size: block hashes must be cut the same way
     tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
+    replica_api_key: str | None = None  # Bearer key for the router's own calls (cache feeds); else $RADIXLM_API_KEY
     host: str = "127.0.0.1"
     port: int = 8080
     health_interval_s: float = 1.0  # GET /health and /load on every replica

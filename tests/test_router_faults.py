@@ -41,13 +41,16 @@ def wait_for(pred, timeout_s=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_replica(port: int, ttft_s: float) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.router.fake_replica", "--port", str(port),
-                             "--page-size", str(PS), "--num-pages", "512", "--ttft-s", str(ttft_s)],
-                            cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-    wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
-             what=f"fake replica on {port}")
-    return proc
+def start_replicas(ports, ttft_s: float, *extra: str) -> dict[int, subprocess.Popen]:
+    """Fake replica processes on `ports`, started together, returned once all answer /health."""
+    procs = {port: subprocess.Popen([sys.executable, "-m", "engine.router.fake_replica", "--port", str(port),
+                                     "--page-size", str(PS), "--num-pages", "512", "--ttft-s", str(ttft_s), *extra],
+                                    cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+             for port in ports}
+    for port in ports:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
+                 what=f"fake replica on {port}")
+    return procs
 
 
 class RouterThread:
@@ -104,7 +107,7 @@ def ask(url: str, i: int, stream: bool, tag: str):
 @pytest.fixture
 def cluster():
     ports = [free_port() for _ in range(3)]
-    procs = {p: start_replica(p, ttft_s=0.15) for p in ports}
+    procs = start_replicas(ports, ttft_s=0.15)
     router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
     yield ports, procs, router
     router.stop()
@@ -137,7 +140,7 @@ def test_kill_replica_mid_run(cluster):
     assert not state["up"] and state["index_blocks"] == 0 and state["pending_runs"] == 0
     assert router.router.index.num_confirmed(victim) == 0
     # Restart (a new process: a new epoch); it rejoins after a resync and receives traffic again.
-    procs[ports[victim]] = start_replica(ports[victim], ttft_s=0.15)
+    procs.update(start_replicas([ports[victim]], ttft_s=0.15))
     wait_for(lambda: router.replicas()[victim]["up"], what="victim back up")
     with ThreadPoolExecutor(12) as ex:
         results = list(ex.map(lambda i: ask(router.url, 100 + i, i % 2 == 0, "run2"), range(12)))
@@ -168,3 +171,33 @@ def test_prefix_sticks_and_feed_confirms(cluster):
     r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30)
     assert r.status_code in (502, 503)
     wait_for(lambda: httpx.get(f"{router.url}/health", timeout=5).status_code == 503, what="router unhealthy")
+
+
+def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
+    """After the first byte there is no retry: the client gets an SSE error event, not a silent cut."""
+    ports = [free_port() for _ in range(2)]
+    procs = start_replicas(ports, 0.05, "--chunk-delay-s", "0.2")
+    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
+    try:
+        wait_for(lambda: all(r["up"] for r in router.replicas()), what="replicas up")
+        body = {"model": "fake", "max_tokens": 20, "stream": True, "prompt": "hello"}
+        lines = []
+        with httpx.Client(timeout=30) as c, c.stream("POST", f"{router.url}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                lines.append(line)
+                if len(lines) == 1:
+                    victim = ports.index(int(json.loads(line[6:])["replica"].split(":")[1]))
+                    procs[ports[victim]].kill()
+        assert len(lines) < 21 and "data: [DONE]" not in lines
+        assert "error" in json.loads(lines[-1][6:])
+        wait_for(lambda: not router.replicas()[victim]["up"], what="victim marked down")
+        # the next request goes to the survivor
+        r = httpx.post(f"{router.url}/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 200 and r.json()["replica"] == f"fake:{ports[1 - victim]}"
+    finally:
+        router.stop()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()

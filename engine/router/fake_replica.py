@@ -8,7 +8,7 @@ router tests (tests/test_router_faults.py) and demos run in seconds on any machi
 
 Requests are served one at a time (an asyncio lock = the replica's queue); each waits
 ttft_s + new_prompt_tokens * prefill_s_per_token before its first byte, and a stream then sends
-its whole body in one write. Tokenizer: one token per UTF-8 byte (`ByteTokenizer`); the router
+its whole body in one write (or one chunk every chunk_delay_s). Tokenizer: one token per UTF-8 byte (`ByteTokenizer`); the router
 uses the same with `tokenizer: bytes`.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import Response, StreamingResponse
 
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
@@ -58,7 +58,8 @@ def prompt_tokens(tok: ByteTokenizer, body: dict, chat: bool) -> list[int]:
 
 
 def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
-               prefill_s_per_token: float = 0.0, name: str = "fake", max_events: int = 100_000):
+               prefill_s_per_token: float = 0.0, name: str = "fake", max_events: int = 100_000,
+               chunk_delay_s: float = 0.0):
     app = FastAPI()
     pool = PagePool(num_pages)
     cache = RadixCache(pool, page_size)
@@ -113,8 +114,16 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                 delta = {"index": 0, "delta": {"content": w}} if chat else {"index": 0, "text": w}
                 chunks.append({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                "created": created, "model": model, "choices": [delta], "replica": name})
-            text = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-            return Response(text, media_type="text/event-stream")
+            lines = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+            if chunk_delay_s <= 0:
+                return Response("".join(lines), media_type="text/event-stream")
+
+            async def trickle():
+                for line in lines:
+                    yield line
+                    await asyncio.sleep(chunk_delay_s)
+
+            return StreamingResponse(trickle(), media_type="text/event-stream")
         text = "".join(words)
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
                   if chat else {"index": 0, "text": text, "finish_reason": "length"})
@@ -177,11 +186,14 @@ def main() -> None:
     p.add_argument("--num-pages", type=int, default=256)
     p.add_argument("--ttft-s", type=float, default=0.05)
     p.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    p.add_argument("--chunk-delay-s", type=float, default=0.0,
+                   help="0: a stream's whole body in one write; else this pause between its chunks")
     p.add_argument("--name", default=None)
     a = p.parse_args()
     import uvicorn
 
-    app = create_app(a.page_size, a.num_pages, a.ttft_s, a.prefill_s_per_token, a.name or f"fake:{a.port}")
+    app = create_app(a.page_size, a.num_pages, a.ttft_s, a.prefill_s_per_token, a.name or f"fake:{a.port}",
+                     chunk_delay_s=a.chunk_delay_s)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 
 

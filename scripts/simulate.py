@@ -26,12 +26,13 @@ DEFAULT_RATE = {"support_desk": 8.0, "many_groups": 0.7}  # requests/s per repli
 
 def _run(args: tuple[str, TraceSpec, SimConfig]) -> dict:
     policy, trace, cfg = args
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = simulate(policy, trace, cfg)
     out["trace"] = trace.name
     out["wall_s"] = time.perf_counter() - t0
-    print(f"  done {trace.name} {cfg.num_replicas:>3} replicas {policy:<13} in {out['wall_s']:.0f} s",
-          file=sys.stderr, flush=True)
+    out["cpu_s"] = time.process_time() - c0
+    print(f"  done {trace.name} {cfg.num_replicas:>3} replicas {policy:<13} in {out['wall_s']:.0f} s "
+          f"({out['cpu_s']:.0f} s CPU)", file=sys.stderr, flush=True)
     return out
 
 

@@ -227,6 +227,7 @@ class Router:
         stream = bool(body.get("stream"))
         req = self.route_request(body, chat=path.endswith("chat/completions"))
         fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
+        fwd["accept-encoding"] = "identity"  # NOTE: bytes are relayed raw, so they must not be compressed
         tried: set[int] = set()
         last_error = "no replica is up"
         for _ in range(self.cfg.max_attempts):

@@ -29,6 +29,8 @@ def _run(args: tuple[str, TraceSpec, SimConfig]) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     out = simulate(policy, trace, cfg)
     out["trace"] = trace.name
+    out["rate_per_replica"] = trace.rate_per_replica
+    out["prefill_ms_per_token"] = cfg.prefill_ms_per_token
     out["wall_s"] = time.perf_counter() - t0
     out["cpu_s"] = time.process_time() - c0
     print(f"  done {trace.name} {cfg.num_replicas:>3} replicas {policy:<13} in {out['wall_s']:.0f} s "
@@ -37,15 +39,18 @@ def _run(args: tuple[str, TraceSpec, SimConfig]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| replicas | policy | token hit rate | throughput (req/s) | TTFT p50 (s) | TTFT p99 (s) "
+    lines = ["| replicas | policy | token hit rate | throughput (req/s) | prefill busy | TTFT p50 (s) | TTFT p99 (s) "
              "| requests/replica max / mean | prefill GPU-h/day @1M | saved vs round_robin (GPU-h/day) |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     base = {(r["trace"], r["replicas"]): r["prefill_gpu_h_per_1m"] for r in rows if r["policy"] == "round_robin"}
     for r in rows:
         rr = base.get((r["trace"], r["replicas"]))
         saved = f"{rr - r['prefill_gpu_h_per_1m']:.1f}" if rr is not None else "n/a"
+        # fraction of time a replica's prefill engine is busy at this arrival rate
+        busy = (r.get("rate_per_replica", DEFAULT_RATE[r["trace"]]) * r["prefill_tokens_per_request"]
+                * r.get("prefill_ms_per_token", SimConfig.prefill_ms_per_token) / 1e3)
         lines.append(
-            f"| {r['replicas']} | {r['policy']} | {r['hit_rate']:.1%} | {r['throughput_rps']:.1f} "
+            f"| {r['replicas']} | {r['policy']} | {r['hit_rate']:.1%} | {r['throughput_rps']:.1f} | {busy:.0%} "
             f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} "
             f"| {r['per_replica_max']} / {r['per_replica_mean']:.0f} | {r['prefill_gpu_h_per_1m']:.1f} | {saved} |")
     return "\n".join(lines)

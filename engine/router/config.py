@@ -1,0 +1,96 @@
+"""RouterConfig: one frozen dataclass; configs/router.yaml plus `--set key=value` only fill it.
+
+`replicas` is the one list-valued option. engine.config's coercion knows scalars only, so here a
+YAML list (or a comma-separated string) is joined into one string before `from_dict`, and
+`RouterConfig.replica_urls` splits it again.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Literal
+
+import yaml
+
+from engine.config import DEFAULT_MODEL, ConfigKeyError, from_dict, parse_overrides
+
+POLICIES = ("round_robin", "least_load", "prefix_aware")
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    replicas: str = "http://127.0.0.1:8001"  # base URLs, comma-separated (YAML: a list is fine)
+    policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
+    page_size: int = 16  # the replicas' cache.page_size: block hashes must be cut the same way
+    tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
+    replica_api_key: str | None = None  # Bearer key for the router's own calls (cache feeds); else $RADIXLM_API_KEY
+    host: str = "127.0.0.1"
+    port: int = 8080
+    health_interval_s: float = 1.0  # GET /health and /load on every replica
+    poll_interval_s: float = 0.2  # GET /v1/cache_events on every replica that is up
+    connect_timeout_s: float = 2.0
+    request_timeout_s: float = 600.0  # whole upstream request (read timeout for streams)
+    max_attempts: int = 3  # replicas tried per request before answering 502/503
+    pending_ttl_s: float = 30.0  # optimistic index entries live this long unless events confirm them
+    prefill_weight: float = 2.0  # prefix_aware cost: weight of the prefill tokens a replica would compute
+    request_cost_tokens: int = 32  # one in-flight request weighs this many prefill tokens in the cost
+    hot_spot_ratio: float = 1.25  # prefix choice refused when its load > ratio * mean load + slack
+    hot_spot_slack: int = 4  # in-flight requests
+
+    def __post_init__(self):
+        if not self.replica_urls:
+            raise ConfigKeyError("replicas: at least one replica base URL is needed")
+        for url in self.replica_urls:
+            if not url.startswith(("http://", "https://")):
+                raise ConfigKeyError(f"replicas: {url!r} is not an http(s):// base URL")
+        if len(set(self.replica_urls)) != len(self.replica_urls):
+            raise ConfigKeyError("replicas: a URL is listed twice")
+        if self.page_size <= 0:
+            raise ConfigKeyError(f"page_size must be > 0, got {self.page_size}")
+        if not 0 < self.port < 65536:
+            raise ConfigKeyError(f"port must be in 1..65535, got {self.port}")
+        for key in ("health_interval_s", "poll_interval_s", "connect_timeout_s", "request_timeout_s",
+                    "pending_ttl_s", "hot_spot_ratio", "prefill_weight"):
+            if getattr(self, key) <= 0:
+                raise ConfigKeyError(f"{key} must be > 0, got {getattr(self, key)}")
+        if self.max_attempts < 1:
+            raise ConfigKeyError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.request_cost_tokens < 0 or self.hot_spot_slack < 0:
+            raise ConfigKeyError("request_cost_tokens and hot_spot_slack must be >= 0")
+
+    @property
+    def replica_urls(self) -> tuple[str, ...]:
+        return tuple(u.strip().rstrip("/") for u in self.replicas.split(",") if u.strip())
+
+
+def _join_replicas(data: dict) -> dict:
+    value = data.get("replicas")
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(u, str) for u in value):
+            raise ConfigKeyError(f"replicas: expected a list of URLs, got {value!r}")
+        data = {**data, "replicas": ",".join(value)}
+    return data
+
+
+def router_config_from_dict(data: dict[str, Any] | None) -> RouterConfig:
+    return from_dict(RouterConfig, _join_replicas(dict(data or {})))
+
+
+def load_router_config(path: str | None = None, overrides: list[str] | None = None) -> RouterConfig:
+    """YAML at `path` (flat keys, or under a `router:` section) plus `--set key=value` overrides."""
+    data: dict = {}
+    if path:
+        if not os.path.isfile(path):
+            raise ConfigKeyError(f"config file {path} not found")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigKeyError(f"{path}: top level must be a mapping")
+        if set(data) == {"router"} and isinstance(data["router"], dict):
+            data = data["router"]
+    for key, value in parse_overrides(overrides).items():
+        data[key.removeprefix("router.")] = value
+    return router_config_from_dict(data)

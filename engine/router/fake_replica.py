@@ -1,0 +1,201 @@
+"""A fake replica: the replica HTTP contract the router codes against, with no model.
+
+Real HTTP (FastAPI), a real RadixCache over a PagePool publishing the cache event feed, and a
+deterministic "generator" (the output depends only on the prompt's tokens and max_tokens), so
+router tests (tests/test_router_faults.py) and demos run in seconds on any machine:
+
+    python -m engine.router.fake_replica --port 8001 [--num-pages 256] [--ttft-s 0.05]
+
+Requests are served one at a time (an asyncio lock = the replica's queue); each waits
+ttft_s + new_prompt_tokens * prefill_s_per_token before its first byte, and a stream then sends
+its whole body in one write (or one chunk every chunk_delay_s). Tokenizer: one token per UTF-8 byte (`ByteTokenizer`); the router
+uses the same with `tokenizer: bytes`.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections import deque
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+
+from engine.page_pool import PagePool
+from engine.radix_cache import RadixCache
+
+MAX_EVENTS_PER_CALL = 10_000
+
+
+class ByteTokenizer:
+    """One token per UTF-8 byte; chat turns rendered as "<role>content\\n", then "<assistant>"."""
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        text = "".join(f"<{m.get('role', 'user')}>{m.get('content', '')}\n" for m in messages)
+        return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
+
+
+def fake_output(tokens: list[int], max_tokens: int) -> list[str]:
+    """Deterministic "generated" words for a prompt."""
+    seed = hashlib.blake2b(bytes(str(tokens), "ascii"), digest_size=4).hexdigest()
+    return [f" w{seed}-{i}" for i in range(max_tokens)]
+
+
+def prompt_tokens(tok: ByteTokenizer, body: dict, chat: bool) -> list[int]:
+    if chat:
+        return tok.encode_chat(body["messages"])
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+        prompt = prompt[0]  # a batch: the router routes (and this fake serves) the first prompt
+    return tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+
+
+def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
+               prefill_s_per_token: float = 0.0, name: str = "fake", max_events: int = 100_000,
+               chunk_delay_s: float = 0.0):
+    app = FastAPI()
+    pool = PagePool(num_pages)
+    cache = RadixCache(pool, page_size)
+    tok = ByteTokenizer()
+    epoch = uuid.uuid4().hex
+    events: deque[dict] = deque(maxlen=max_events)
+    state = {"seq": 0, "served": 0, "waiting": 0, "waiting_tokens": 0, "running": 0}
+    lock = asyncio.Lock()
+
+    def publish() -> None:
+        for e in cache.drain_events():
+            state["seq"] += 1
+            events.append({"seq": state["seq"], "kind": e.kind, "block_hashes": list(e.block_hashes),
+                           "parent_hash": e.parent_hash, "namespace": e.namespace})
+
+    async def serve(tokens: list[int], namespace: str | None) -> None:
+        """Queue, "prefill" (sleep), and store the prompt's full pages in the cache."""
+        state["waiting"] += 1
+        state["waiting_tokens"] += len(tokens)
+        async with lock:
+            state["waiting"] -= 1
+            state["waiting_tokens"] -= len(tokens)
+            state["running"] += 1
+            try:
+                full = tokens[: len(tokens) - len(tokens) % page_size]
+                m = cache.match(full, namespace)
+                await asyncio.sleep(ttft_s + (len(tokens) - m.num_tokens) * prefill_s_per_token)
+                need = len(full) // page_size
+                if pool.num_free < need:
+                    cache.evict(need - pool.num_free)
+                if pool.num_free >= need:
+                    pages = pool.alloc(need)
+                    cache.insert(full, pages, namespace)
+                    pool.unref(pages)
+                publish()
+            finally:
+                state["running"] -= 1
+                state["served"] += 1
+
+    async def completion(request: Request, chat: bool):
+        body = await request.json()
+        tokens = prompt_tokens(tok, body, chat)
+        max_tokens = int(body.get("max_tokens") or 8)
+        await serve(tokens, body.get("cache_salt"))
+        words = fake_output(tokens, max_tokens)
+        rid, created, model = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time()), body.get("model", "fake")
+        usage = {"prompt_tokens": len(tokens), "completion_tokens": max_tokens,
+                 "total_tokens": len(tokens) + max_tokens}
+        if body.get("stream"):
+            chunks = []
+            for w in words:
+                delta = {"index": 0, "delta": {"content": w}} if chat else {"index": 0, "text": w}
+                chunks.append({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                               "created": created, "model": model, "choices": [delta], "replica": name})
+            lines = [f"data: {json.dumps(c)}\n\n" for c in chunks] + ["data: [DONE]\n\n"]
+            if chunk_delay_s <= 0:
+                return Response("".join(lines), media_type="text/event-stream")
+
+            async def trickle():
+                for line in lines:
+                    yield line
+                    await asyncio.sleep(chunk_delay_s)
+
+            return StreamingResponse(trickle(), media_type="text/event-stream")
+        text = "".join(words)
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "length"}
+                  if chat else {"index": 0, "text": text, "finish_reason": "length"})
+        return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model, "choices": [choice], "usage": usage, "replica": name}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await completion(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await completion(request, chat=True)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": name}]}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/load")
+    async def load():
+        return {"running": state["running"], "waiting": state["waiting"],
+                "waiting_tokens": state["waiting_tokens"], "pages_free": pool.num_free,
+                "pages_total": num_pages}
+
+    @app.get("/v1/cache_events")
+    async def cache_events(after: int = 0):
+        oldest = events[0]["seq"] if events else state["seq"] + 1
+        gap = after + 1 < oldest and after < state["seq"]
+        out = [e for e in events if e["seq"] > after][:MAX_EVENTS_PER_CALL]
+        return {"epoch": epoch, "last_seq": state["seq"], "gap": gap, "events": out}
+
+    @app.get("/v1/cache_state")
+    async def cache_state():
+        by_ns: dict[str, list[int]] = {}
+        for namespace, root in cache._roots.items():
+            stack = [root]
+            while stack:
+                node = stack.pop()
+                by_ns.setdefault(namespace or "", []).extend(node.hashes)
+                stack.extend(node.children.values())
+        return {"epoch": epoch, "last_seq": state["seq"], "block_hashes": by_ns}
+
+    @app.get("/stats")
+    async def stats():
+        return {"served": state["served"], "epoch": epoch, "name": name}
+
+    app.state.cache = cache
+    return app
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="fake replica for router tests and demos (no model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--page-size", type=int, default=16)
+    p.add_argument("--num-pages", type=int, default=256)
+    p.add_argument("--ttft-s", type=float, default=0.05)
+    p.add_argument("--prefill-s-per-token", type=float, default=0.0)
+    p.add_argument("--chunk-delay-s", type=float, default=0.0,
+                   help="0: a stream's whole body in one write; else this pause between its chunks")
+    p.add_argument("--name", default=None)
+    a = p.parse_args()
+    import uvicorn
+
+    app = create_app(a.page_size, a.num_pages, a.ttft_s, a.prefill_s_per_token, a.name or f"fake:{a.port}",
+                     chunk_delay_s=a.chunk_delay_s)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

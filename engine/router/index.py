@@ -1,0 +1,222 @@
+"""Exact per-replica prefix index: which chained block hashes each replica's radix cache holds.
+
+A block hash names a whole prefix (it chains through every page before it, see engine.block_hash),
+so "replica r can reuse the first k pages of a request" is exactly "r holds the request's first k
+block hashes". Two kinds of entries per replica slot:
+
+- confirmed[r]: a set mirrored from r's cache event feed ("stored" adds, "removed" drops),
+  replaced by a /v1/cache_state snapshot on resync (gap or new epoch), emptied when r goes down.
+  Updates are bulk set operations (C speed), whatever the number of pages an event names;
+- pending runs: chains of hashes the router records the moment it routes a request to r (r
+  stores those pages only after its prefill, and the event arrives a poll later), so a burst of
+  one prefix keeps landing where the first request went. A run is kept whole, keyed by its first
+  hash, and expires after a TTL: recording costs O(1), not O(pages).
+
+NOTE (the invariant `match` relies on): a confirmed set is closed under prefixes. A radix tree
+holds every ancestor of every page it holds, events are applied in order and snapshots are whole
+trees, so if r holds a request's hash i it holds hashes 0..i-1 too. The reusable depth on r is
+then found by binary search (O(log pages) lookups per replica holding the first page), and
+`match_linear` is the page-by-page reference the tests compare it with.
+`EventFeed` is one replica's cursor over its event feed.
+"""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterable, Literal, Sequence
+
+
+def _common_len(run: tuple[int, ...], hashes: Sequence[int], start: int) -> int:
+    """Length of the common prefix of `run` and hashes[start:], given run[0] == hashes[start].
+
+    NOTE: binary search is exact because both are chains from the same parent: equal at page i
+    means equal at every page before i.
+    """
+    k = len(run)
+    if tuple(hashes[start : start + k]) == run:
+        return k
+    lo, hi = 1, min(k, len(hashes) - start)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if hashes[start + mid] == run[mid]:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+class PrefixIndex:
+    """Block hashes held per replica slot (0..num_replicas-1). Host data only, no I/O."""
+
+    def __init__(self, num_replicas: int, pending_ttl_s: float = 30.0) -> None:
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        self.num_replicas = num_replicas
+        self.pending_ttl_s = pending_ttl_s
+        self._confirmed: list[set[int]] = [set() for _ in range(num_replicas)]
+        self._runs: dict[int, list[tuple[int, tuple[int, ...], float]]] = {}  # first hash -> [(slot, run, expiry)]
+        # NOTE: expiries are recorded in call order with a fixed TTL, so the deque is sorted.
+        self._expiry: deque[tuple[float, int, tuple[int, tuple[int, ...], float]]] = deque()
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def match(self, hashes: Sequence[int]) -> list[int]:
+        """Per slot, how many leading hashes of `hashes` it holds (pages of reusable prefix)."""
+        depth = [0] * self.num_replicas
+        n = len(hashes)
+        if n:
+            h0, hint = hashes[0], n  # hint: the last depth found; replicas often agree
+            for slot, held in enumerate(self._confirmed):
+                if h0 not in held:
+                    continue
+                if hashes[hint - 1] in held and (hint == n or hashes[hint] not in held):
+                    depth[slot] = hint
+                    continue
+                lo, hi = 1, n  # hashes[lo - 1] held; the depth is the first i in [lo, n] not held
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if hashes[mid] in held:
+                        lo = mid + 1
+                    else:
+                        hi = mid
+                depth[slot] = hint = lo
+        if self._runs:
+            self._extend_with_runs(hashes, depth)
+        return depth
+
+    def match_linear(self, hashes: Sequence[int]) -> list[int]:
+        """Reference for `match`: page by page, no reliance on prefix closure."""
+        depth = []
+        for held in self._confirmed:
+            d = 0
+            while d < len(hashes) and hashes[d] in held:
+                d += 1
+            depth.append(d)
+        if self._runs:
+            self._extend_with_runs(hashes, depth)
+        return depth
+
+    def _extend_with_runs(self, hashes: Sequence[int], depth: list[int]) -> None:
+        runs, n = self._runs, len(hashes)
+        todo = set(depth)  # distinct depths: one lookup each
+        while todo:
+            d = todo.pop()
+            if d >= n:
+                continue
+            entries = runs.get(hashes[d])
+            if not entries:
+                continue
+            for slot, run, _ in entries:
+                if depth[slot] == d:
+                    ext = _common_len(run, hashes, d)
+                    if d + ext > depth[slot]:
+                        depth[slot] = d + ext
+                        todo.add(d + ext)  # a later run may continue this one
+            # NOTE: slots moved past d by one entry are not re-tested against d's other entries.
+
+    def holds(self, slot: int, h: int) -> bool:
+        """Confirmed (from events or a snapshot) only."""
+        return h in self._confirmed[slot]
+
+    def num_confirmed(self, slot: int) -> int:
+        return len(self._confirmed[slot])
+
+    def num_pending_runs(self, slot: int) -> int:
+        return sum(1 for entries in self._runs.values() for e in entries if e[0] == slot)
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def store(self, slot: int, hashes: Iterable[int]) -> None:
+        self._confirmed[slot].update(hashes)
+
+    def remove(self, slot: int, hashes: Iterable[int]) -> None:
+        self._confirmed[slot].difference_update(hashes)
+
+    def record(self, slot: int, hashes: Sequence[int], now: float) -> None:
+        """Optimistically mark `hashes` (a chain run) as held by `slot` until now + pending_ttl_s."""
+        if not len(hashes):
+            return
+        entry = (slot, tuple(hashes), now + self.pending_ttl_s)
+        self._runs.setdefault(entry[1][0], []).append(entry)
+        self._expiry.append((entry[2], entry[1][0], entry))
+
+    def expire(self, now: float) -> None:
+        """Drop pending runs whose TTL has passed."""
+        q, runs = self._expiry, self._runs
+        while q and q[0][0] <= now:
+            _, key, entry = q.popleft()
+            entries = runs.get(key)
+            if entries is not None:
+                entries[:] = [e for e in entries if e is not entry]
+                if not entries:
+                    del runs[key]
+
+    def reset(self, slot: int, hashes: Iterable[int]) -> None:
+        """Resync: `slot`'s confirmed set becomes exactly `hashes` (a cache_state snapshot)."""
+        self._confirmed[slot] = set(hashes)
+
+    def drop(self, slot: int) -> None:
+        """Forget everything about `slot` (it went down): confirmed entries and pending runs."""
+        self._confirmed[slot] = set()
+        for key in list(self._runs):
+            kept = [e for e in self._runs[key] if e[0] != slot]
+            if kept:
+                self._runs[key] = kept
+            else:
+                del self._runs[key]
+
+    def apply_event(self, slot: int, event: dict[str, Any]) -> None:
+        """One cache event as the replicas publish it ({"kind", "block_hashes", ...})."""
+        kind = event["kind"]
+        if kind == "stored":
+            self.store(slot, event["block_hashes"])
+        elif kind == "removed":
+            self.remove(slot, event["block_hashes"])
+        else:
+            raise ValueError(f"unknown cache event kind {kind!r}")
+
+
+class EventFeed:
+    """One replica's cursor over its /v1/cache_events feed, applying what it reads to the index.
+
+    The feed is trusted only within one epoch and without gaps: a new epoch (the replica restarted)
+    or `gap: true` (events were dropped) asks for a resync from /v1/cache_state, whose `last_seq`
+    the next poll continues after.
+    """
+
+    def __init__(self, index: PrefixIndex, slot: int) -> None:
+        self.index = index
+        self.slot = slot
+        self.epoch: str | None = None  # None: never synced, or dropped since
+        self.last_seq = 0
+
+    @property
+    def synced(self) -> bool:
+        return self.epoch is not None
+
+    def apply(self, response: dict[str, Any]) -> Literal["resync", "more", "done"]:
+        """Apply a /v1/cache_events?after=last_seq response.
+
+        "resync": fetch /v1/cache_state and call `resync`; "more": the replica has more events
+        (poll again now); "done": caught up.
+        """
+        if self.epoch is None or response["epoch"] != self.epoch or response.get("gap"):
+            return "resync"
+        for event in response["events"]:
+            seq = event["seq"]
+            if seq <= self.last_seq:
+                continue  # already applied (an overlapping poll)
+            self.index.apply_event(self.slot, event)
+            self.last_seq = seq
+        return "more" if response["last_seq"] > self.last_seq else "done"
+
+    def resync(self, state: dict[str, Any]) -> None:
+        """Replace this replica's confirmed hashes with a /v1/cache_state snapshot."""
+        self.index.reset(self.slot, (h for hashes in state["block_hashes"].values() for h in hashes))
+        self.epoch = state["epoch"]
+        self.last_seq = state["last_seq"]
+
+    def drop(self) -> None:
+        """The replica went down: forget its entries; the next contact resyncs."""
+        self.index.drop(self.slot)
+        self.epoch = None
+        self.last_seq = 0

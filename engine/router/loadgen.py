@@ -1,0 +1,88 @@
+"""Shared-prefix load for a live router (or one replica): groups of requests sharing a long system
+prompt, each with its own short question, streamed, with TTFT and throughput measured here.
+
+    python -m engine.router.loadgen --url http://127.0.0.1:8080 --groups 12 --prefix-words 700 \
+        --requests 360 --concurrency 6
+
+Group popularity is uniform and requests are shuffled, so with more groups than one replica's
+cache holds, only routing by prefix keeps every group's prefix hot somewhere. At the end the
+router's /metrics hit-rate estimate is printed when the URL is a router.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import time
+
+import httpx
+
+
+def group_prompt(group: int, words: int) -> str:
+    rng = random.Random(group)
+    vocab = ["alpha", "bravo", "cargo", "delta", "ember", "fjord", "gamma", "harbor", "ivory", "jolly", "karma",
+             "lunar", "mango", "nylon", "orbit", "pixel", "quartz", "radar", "sonic", "tango", "umbra", "vivid"]
+    body = " ".join(rng.choice(vocab) for _ in range(words))
+    return f"You are support agent #{group}. Policy manual follows. {body}"
+
+
+async def one(client: httpx.AsyncClient, url: str, model: str, group: int, i: int, words: int,
+              max_tokens: int) -> tuple[float, float]:
+    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
+            "messages": [{"role": "system", "content": group_prompt(group, words)},
+                         {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}]}
+    t0 = time.perf_counter()
+    ttft = None
+    async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
+                if "error" in json.loads(line[6:]):
+                    raise RuntimeError(line)
+                ttft = time.perf_counter() - t0
+    return ttft if ttft is not None else float("nan"), time.perf_counter() - t0
+
+
+async def run(a: argparse.Namespace) -> None:
+    rng = random.Random(a.seed)
+    jobs = [(rng.randrange(a.groups), i) for i in range(a.requests)]
+    sem = asyncio.Semaphore(a.concurrency)
+    results: list[tuple[float, float]] = []
+    async with httpx.AsyncClient(timeout=600) as client:
+        async def task(g: int, i: int) -> None:
+            async with sem:
+                results.append(await one(client, a.url, a.model, g, i, a.prefix_words, a.max_tokens))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(task(g, i) for g, i in jobs))
+        wall = time.perf_counter() - t0
+        ttfts = sorted(r[0] for r in results)
+        print(f"{len(results)} requests in {wall:.1f} s: {len(results) / wall:.2f} req/s, "
+              f"TTFT p50 {statistics.median(ttfts):.3f} s, p99 {ttfts[int(0.99 * (len(ttfts) - 1))]:.3f} s")
+        try:
+            metrics = (await client.get(f"{a.url}/metrics")).text
+            for line in metrics.splitlines():
+                if line.startswith(("radixlm_router_hit_rate_estimate", "radixlm_router_requests_total",
+                                    "radixlm_router_decisions_total", "radixlm_router_retries_total")):
+                    print(line)
+        except httpx.HTTPError:
+            pass
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8080")
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--groups", type=int, default=12)
+    p.add_argument("--prefix-words", type=int, default=700, help="system prompt length in words (~1.4 tokens each)")
+    p.add_argument("--requests", type=int, default=360)
+    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    asyncio.run(run(p.parse_args()))
+
+
+if __name__ == "__main__":
+    main()

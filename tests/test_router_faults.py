@@ -1,0 +1,203 @@
+"""The router against real HTTP fake replicas (engine.router.fake_replica) on 127.0.0.1, no model:
+a replica killed mid-run loses no request, its index entries go, and after a restart it
+gets traffic again."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from engine.router.app import create_app
+from engine.router.config import router_config_from_dict
+from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
+
+pytestmark = pytest.mark.timeout(120)
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, timeout_s=20.0, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if pred():
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_replicas(ports, ttft_s: float, *extra: str) -> dict[int, subprocess.Popen]:
+    """Fake replica processes on `ports`, started together, returned once all answer /health."""
+    procs = {port: subprocess.Popen([sys.executable, "-m", "engine.router.fake_replica", "--port", str(port),
+                                     "--page-size", str(PS), "--num-pages", "512", "--ttft-s", str(ttft_s), *extra],
+                                    cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+             for port in ports}
+    for port in ports:
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
+                 what=f"fake replica on {port}")
+    return procs
+
+
+class RouterThread:
+    """The router app under uvicorn in a thread of this process (so tests can read its state)."""
+
+    def __init__(self, replicas, **overrides):
+        import uvicorn
+
+        self.port = free_port()
+        cfg = router_config_from_dict({"replicas": replicas, "page_size": PS, "tokenizer": "bytes",
+                                       "port": self.port, "health_interval_s": 0.2, "poll_interval_s": 0.05,
+                                       "connect_timeout_s": 1.0, "request_timeout_s": 30.0, **overrides})
+        self.app = create_app(cfg)
+        self.router = self.app.state.router
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, what="router start")
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def replicas(self):
+        return httpx.get(f"{self.url}/replicas", timeout=5).json()["replicas"]
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def ask(url: str, i: int, stream: bool, tag: str):
+    """One request; returns (text the client saw, expected text, status)."""
+    body = {"model": "fake", "max_tokens": 4, "stream": stream,
+            "messages": [{"role": "system", "content": f"{tag} prefix {i % 6} " + "x" * 40},
+                         {"role": "user", "content": f"question {i}"}]}
+    expected = "".join(fake_output(prompt_tokens(ByteTokenizer(), body, chat=True), 4))
+    with httpx.Client(timeout=60) as c:
+        if not stream:
+            r = c.post(f"{url}/v1/chat/completions", json=body)
+            return (r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else r.text), expected, r.status_code
+        text, done = "", False
+        with c.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[len("data: "):]
+                if data == "[DONE]":
+                    done = True
+                    continue
+                chunk = json.loads(data)
+                assert "error" not in chunk, chunk
+                text += chunk["choices"][0]["delta"]["content"]
+        return text, expected, r.status_code if done else -1
+
+
+@pytest.fixture
+def cluster():
+    ports = [free_port() for _ in range(3)]
+    procs = start_replicas(ports, ttft_s=0.15)
+    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
+    yield ports, procs, router
+    router.stop()
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_kill_replica_mid_run(cluster):
+    ports, procs, router = cluster
+    wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
+    victim = 1
+    # A burst that queues on every replica (each serves one request at a time, 0.15 s apiece).
+    with ThreadPoolExecutor(24) as ex:
+        futures = [ex.submit(ask, router.url, i, i % 2 == 0, "run1") for i in range(36)]
+        wait_for(lambda: router.router.states[victim].in_flight >= 3, what="requests queued on the victim")
+        assert router.router.index.num_confirmed(victim) + router.router.index.num_pending_runs(victim) > 0
+        procs[ports[victim]].send_signal(signal.SIGKILL)
+        procs[ports[victim]].wait()
+        results = [f.result() for f in futures]
+    # No request lost: every one completed with the right output, streams included.
+    for text, expected, status in results:
+        assert status == 200 and text == expected
+    retries = sum(s.value for m in router.router.metrics.retries.collect() for s in m.samples
+                  if s.name.endswith("_total"))
+    assert retries >= 1, "the kill should have hit requests in flight on the victim"
+    # The dead replica is down and its index entries are gone.
+    state = router.replicas()[victim]
+    assert not state["up"] and state["index_blocks"] == 0 and state["pending_runs"] == 0
+    assert router.router.index.num_confirmed(victim) == 0
+    # Restart (a new process: a new epoch); it rejoins after a resync and receives traffic again.
+    procs.update(start_replicas([ports[victim]], ttft_s=0.15))
+    wait_for(lambda: router.replicas()[victim]["up"], what="victim back up")
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(lambda i: ask(router.url, 100 + i, i % 2 == 0, "run2"), range(12)))
+    for text, expected, status in results:
+        assert status == 200 and text == expected
+    served = httpx.get(f"http://127.0.0.1:{ports[victim]}/stats", timeout=5).json()["served"]
+    assert served >= 1
+    wait_for(lambda: router.replicas()[victim]["index_blocks"] > 0, what="victim's feed re-indexed")
+    metrics = httpx.get(f"{router.url}/metrics", timeout=5).text
+    assert "radixlm_router_hit_rate_estimate" in metrics and "radixlm_router_replica_up" in metrics
+
+
+def test_prefix_sticks_and_feed_confirms(cluster):
+    ports, procs, router = cluster
+    wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
+    body = {"model": "fake", "max_tokens": 2, "prompt": "shared system prompt " * 8 + "q0"}
+    first = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"]
+    # The feed confirms the stored pages on that replica (events, not only the optimistic record).
+    slot = [f"fake:{p}" for p in ports].index(first)
+    wait_for(lambda: router.replicas()[slot]["index_blocks"] > 0, what="stored events indexed")
+    for i in range(1, 5):
+        body["prompt"] = "shared system prompt " * 8 + f"q{i}"
+        assert httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"] == first
+    # A replica that refuses connections is skipped; all down -> 503.
+    for proc in procs.values():
+        proc.kill()
+        proc.wait()
+    r = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30)
+    assert r.status_code in (502, 503)
+    wait_for(lambda: httpx.get(f"{router.url}/health", timeout=5).status_code == 503, what="router unhealthy")
+
+
+def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
+    """After the first byte there is no retry: the client gets an SSE error event, not a silent cut."""
+    ports = [free_port() for _ in range(2)]
+    procs = start_replicas(ports, 0.05, "--chunk-delay-s", "0.2")
+    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
+    try:
+        wait_for(lambda: all(r["up"] for r in router.replicas()), what="replicas up")
+        body = {"model": "fake", "max_tokens": 20, "stream": True, "prompt": "hello"}
+        lines = []
+        with httpx.Client(timeout=30) as c, c.stream("POST", f"{router.url}/v1/completions", json=body) as r:
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                lines.append(line)
+                if len(lines) == 1:
+                    victim = ports.index(int(json.loads(line[6:])["replica"].split(":")[1]))
+                    procs[ports[victim]].kill()
+        assert len(lines) < 21 and "data: [DONE]" not in lines
+        assert "error" in json.loads(lines[-1][6:])
+        wait_for(lambda: not router.replicas()[victim]["up"], what="victim marked down")
+        # the next request goes to the survivor
+        r = httpx.post(f"{router.url}/v1/completions", json={**body, "stream": False}, timeout=30)
+        assert r.status_code == 200 and r.json()["replica"] == f"fake:{ports[1 - victim]}"
+    finally:
+        router.stop()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()

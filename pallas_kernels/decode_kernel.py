@@ -29,7 +29,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, kv_tile, next_pow2,
+from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_tile, next_pow2,
                                           stacked_cache)
 from pallas_kernels.reference import token_metadata
 
@@ -65,25 +65,14 @@ def _decode_kernel(
 
   q = q_ref[...]                                                        # [rows, D]
 
-  def body(tile, carry):
-    acc, m, l = carry
-    page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]  # [ppt]
-    k = k_ref[layer, page_ids].reshape(block_kv, head_dim)              # [block_kv, D]
-    v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale  # [rows, block_kv]
-    if soft_cap is not None:
-      s = soft_cap * jnp.tanh(s / soft_cap)
-    kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)    # [block_kv]
+  def visible(kv_pos):                                                  # [1, block_kv]
     mask = kv_pos <= pos
     if sliding_window is not None:
       mask &= kv_pos > pos - sliding_window
-    s = jnp.where(mask[None, :], s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))                          # [rows]
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, l
+    return mask[None, :]
+
+  body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
+                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap)
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),

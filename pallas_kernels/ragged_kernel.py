@@ -84,6 +84,33 @@ def pack_rows(x, row_tokens, num_groups_padded: int):
       .transpose(2, 0, 1, 3, 4).reshape(-1, num_blocks, block_q * num_groups_padded, head_dim)
 
 
+def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, pages_per_tile: int,
+                   sm_scale: float, soft_cap: float | None):
+  """One online-softmax step of q [rows, D] over KV tile `tile` of a sequence (a fori_loop body).
+
+  pages_ref holds the sequence's page-table row; k/v_ref [L, P, ps, D] one kv head's pages of every
+  layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows, block_kv]. carry is
+  (acc [rows, D], running max m [rows], running sum l [rows]), all float32.
+  """
+  acc, m, l = carry
+  head_dim = q.shape[-1]
+  block_kv = pages_per_tile * k_ref.shape[2]
+  page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
+  k = k_ref[layer, page_ids].reshape(block_kv, head_dim)                # [block_kv, D]
+  v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
+  if soft_cap is not None:
+    s = soft_cap * jnp.tanh(s / soft_cap)
+  kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
+  s = jnp.where(visible(kv_pos), s, MASK_VALUE)
+  m_new = jnp.maximum(m, jnp.max(s, axis=1))                            # [rows]
+  alpha = jnp.exp(m - m_new)
+  p = jnp.exp(s - m_new[:, None])                                       # [rows, block_kv]
+  l = alpha * l + jnp.sum(p, axis=1)
+  acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+  return acc, m_new, l
+
+
 def _group_heads(q, num_kv_heads: int):
   """[T, Hq, D] -> [T, Hkv * Gp, D], each kv head's q-head group zero-padded to Gp heads."""
   num_tokens, num_q_heads, head_dim = q.shape
@@ -124,25 +151,14 @@ def _prefill_kernel(
   tile_lo = lax.div(kv_start, block_kv)
   tile_hi = _cdiv(kv_end, block_kv)
 
-  def body(tile, carry):
-    acc, m, l = carry
-    page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
-    k = k_ref[layer, page_ids].reshape(block_kv, head_dim)                # [block_kv, D]
-    v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
-    s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
-    if soft_cap is not None:
-      s = soft_cap * jnp.tanh(s / soft_cap)
-    kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
+  def visible(kv_pos):                                                    # [rows, block_kv]
     mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < kv_len)
     if sliding_window is not None:
       mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
-    s = jnp.where(mask, s, MASK_VALUE)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1))                            # [rows]
-    alpha = jnp.exp(m - m_new)
-    p = jnp.exp(s - m_new[:, None])                                       # [rows, block_kv]
-    l = alpha * l + jnp.sum(p, axis=1)
-    acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return acc, m_new, l
+    return mask
+
+  body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
+                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap)
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),

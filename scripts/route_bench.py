@@ -1,0 +1,147 @@
+#!/usr/bin/env python3
+"""Routing policies on real replicas, side by side in one run: for each policy, fresh replicas
+(scripts/serve.py on loopback, small KV pools) behind a fresh router (scripts/route.py), the same
+shared-prefix load (engine.router.loadgen), then the replicas' own counters.
+
+    python scripts/route_bench.py --replicas 3 --num-pages 96 --groups 12 --prefix-words 160 --requests 120
+
+Reports per policy: token hit rate (cached / prompt tokens, summed over the replicas' /metrics),
+the ideal hit rate for the workload, request throughput, TTFT p50/p99, requests per replica max/mean.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import time
+
+import httpx
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def _wait_healthy(url: str, procs: list[subprocess.Popen], timeout_s: float = 900) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError(f"a process exited while waiting for {url}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url} not healthy after {timeout_s} s")
+
+
+def _metric(text: str, name: str) -> float:
+    total = 0.0
+    for line in text.splitlines():
+        if re.match(rf"^{name}(\{{.*\}})? ", line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def run_policy(policy: str, args, base_port: int) -> dict:
+    from engine.router import loadgen
+
+    ports = [base_port + i for i in range(args.replicas)]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    replicas = [
+        subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
+                          f"server.port={p}", f"cache.num_pages={args.num_pages}", "cache.page_size=16",
+                          "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024"],
+                         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for p in ports
+    ]
+    router = None
+    try:
+        for url in urls:
+            _wait_healthy(url, replicas)
+        router_port = base_port + 50
+        router = subprocess.Popen([sys.executable, "scripts/route.py", "--config", "configs/router.yaml", "--set",
+                                   f"replicas={','.join(urls)}", f"policy={policy}", f"port={router_port}"],
+                                  cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        router_url = f"http://127.0.0.1:{router_port}"
+        _wait_healthy(router_url, [router])
+        ns = argparse.Namespace(url=router_url, model="smollm2-135m-instruct", groups=args.groups,
+                                prefix_words=args.prefix_words, requests=args.requests, concurrency=args.concurrency,
+                                max_tokens=args.max_tokens, seed=args.seed)
+        t0 = time.perf_counter()
+        results = asyncio.run(_collect(ns))
+        wall = time.perf_counter() - t0
+        per_replica, prompt, cached = [], 0.0, 0.0
+        for url in urls:
+            text = httpx.get(f"{url}/metrics", timeout=10).text
+            per_replica.append(_metric(text, "radixlm_requests_finished_total"))
+            prompt += _metric(text, "radixlm_prompt_tokens_total")
+            cached += _metric(text, "radixlm_cached_tokens_total")
+        ttfts = sorted(r[0] for r in results)
+        mean = sum(per_replica) / len(per_replica)
+        return {"policy": policy, "requests": len(results), "req_per_s": len(results) / wall,
+                "token_hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt,
+                "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p99_s": ttfts[int(0.99 * (len(ttfts) - 1))],
+                "per_replica": per_replica, "max_over_mean": max(per_replica) / mean if mean else 0.0}
+    finally:
+        for p in ([router] if router else []) + replicas:
+            p.terminate()
+        for p in ([router] if router else []) + replicas:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+async def _collect(ns) -> list[tuple[float, float]]:
+    """loadgen's requests, returning (ttft, e2e) per request."""
+    import random
+
+    from engine.router import loadgen
+
+    rng = random.Random(ns.seed)
+    jobs = [(rng.randrange(ns.groups), i) for i in range(ns.requests)]
+    sem = asyncio.Semaphore(ns.concurrency)
+    results: list[tuple[float, float]] = []
+    async with httpx.AsyncClient(timeout=1800) as client:
+
+        async def task(g: int, i: int) -> None:
+            async with sem:
+                results.append(await loadgen.one(client, ns.url, ns.model, g, i, ns.prefix_words, ns.max_tokens))
+
+        await asyncio.gather(*(task(g, i) for g, i in jobs))
+    return results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--policies", default="round_robin,least_load,prefix_aware")
+    ap.add_argument("--replicas", type=int, default=3)
+    ap.add_argument("--num-pages", type=int, default=96)
+    ap.add_argument("--groups", type=int, default=12)
+    ap.add_argument("--prefix-words", type=int, default=160)
+    ap.add_argument("--requests", type=int, default=120)
+    ap.add_argument("--concurrency", type=int, default=6)
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--base-port", type=int, default=18100)
+    args = ap.parse_args(argv)
+    rows = []
+    for k, policy in enumerate(args.policies.split(",")):
+        row = run_policy(policy, args, args.base_port + 100 * k)
+        rows.append(row)
+        print(f"{policy}: {row}", file=sys.stderr, flush=True)
+    print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
+          f"system prompts; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output tokens")
+    print(f"{'policy':<14}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'max/mean':>10}  requests per replica")
+    for r in rows:
+        print(f"{r['policy']:<14}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
+              f"{r['ttft_p99_s']:>10.2f}{r['max_over_mean']:>10.2f}  {[int(x) for x in r['per_replica']]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -336,6 +336,7 @@ def test_schemathesis_no_server_errors(server):
 
 # --------------------------------------------------------------------------------- disconnects
 def test_dropped_clients_free_their_pages(server, http):
+    """A disconnect storm: 16 streaming clients drop at different points, one non-streaming client times out."""
     def stream_and_drop(prompt: str, num_chunks: int):
         with httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
                           headers={"Authorization": f"Bearer {API_KEY}"},
@@ -351,7 +352,7 @@ def test_dropped_clients_free_their_pages(server, http):
             httpx.post(server["url"] + "/v1/completions", timeout=3, headers={"Authorization": f"Bearer {API_KEY}"},
                        json={"model": MODEL, "prompt": prompt, "max_tokens": 200, "ignore_eos": True})
 
-    threads = [threading.Thread(target=stream_and_drop, args=(f"Story number {i}:", 2 + 2 * i)) for i in range(3)]
+    threads = [threading.Thread(target=stream_and_drop, args=(f"Story number {i}:", 1 + i % 6)) for i in range(16)]
     threads.append(threading.Thread(target=non_stream_and_drop, args=("A long essay:",)))
     for t in threads:
         t.start()
@@ -363,7 +364,7 @@ def test_dropped_clients_free_their_pages(server, http):
     load, held = _wait_idle(http, timeout_s=20)
     assert held == 0 and load["running"] == 0 and load["waiting"] == 0
     assert load["pages_free"] + _metric(http, "radixlm_pages_tree") == load["pages_total"]
-    assert _metric(http, "radixlm_requests_aborted_total") >= 4
+    assert _metric(http, "radixlm_requests_aborted_total") >= 17
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 1})
     assert r.status_code == 200
 

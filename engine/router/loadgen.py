@@ -45,19 +45,33 @@ async def one(client: httpx.AsyncClient, url: str, model: str, group: int, i: in
     return ttft if ttft is not None else float("nan"), time.perf_counter() - t0
 
 
-async def run(a: argparse.Namespace) -> None:
-    rng = random.Random(a.seed)
-    jobs = [(rng.randrange(a.groups), i) for i in range(a.requests)]
-    sem = asyncio.Semaphore(a.concurrency)
+def jobs(groups: int, requests: int, seed: int) -> list[tuple[int, int]]:
+    """(group, request index) in send order: uniform group popularity, shuffled."""
+    rng = random.Random(seed)
+    return [(rng.randrange(groups), i) for i in range(requests)]
+
+
+async def collect(url: str, model: str, work: list[tuple[int, int]], words: int, max_tokens: int,
+                  concurrency: int, timeout_s: float = 600) -> list[tuple[float, float]]:
+    """Sends `work` with at most `concurrency` in flight; (TTFT, end-to-end) per request."""
+    sem = asyncio.Semaphore(concurrency)
     results: list[tuple[float, float]] = []
-    async with httpx.AsyncClient(timeout=600) as client:
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+
         async def task(g: int, i: int) -> None:
             async with sem:
-                results.append(await one(client, a.url, a.model, g, i, a.prefix_words, a.max_tokens))
+                results.append(await one(client, url, model, g, i, words, max_tokens))
 
-        t0 = time.perf_counter()
-        await asyncio.gather(*(task(g, i) for g, i in jobs))
-        wall = time.perf_counter() - t0
+        await asyncio.gather(*(task(g, i) for g, i in work))
+    return results
+
+
+async def run(a: argparse.Namespace) -> None:
+    t0 = time.perf_counter()
+    results = await collect(a.url, a.model, jobs(a.groups, a.requests, a.seed), a.prefix_words, a.max_tokens,
+                            a.concurrency)
+    wall = time.perf_counter() - t0
+    async with httpx.AsyncClient(timeout=60) as client:
         ttfts = sorted(r[0] for r in results)
         print(f"{len(results)} requests in {wall:.1f} s: {len(results) / wall:.2f} req/s, "
               f"TTFT p50 {statistics.median(ttfts):.3f} s, p99 {ttfts[int(0.99 * (len(ttfts) - 1))]:.3f} s")

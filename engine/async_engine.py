@@ -159,7 +159,7 @@ class AsyncEngine:
         self._commands.put(("abort", request_ids))
 
     def stats(self) -> dict:
-        """Latest `LLMEngine.stats()` (+ waiting_tokens, num_aborted), taken on the engine thread after each step."""
+        """Latest `LLMEngine.stats()` (+ num_aborted), taken on the engine thread after each step."""
         return self._stats
 
     # -------------------------------------------------------------------------- engine thread
@@ -279,7 +279,4 @@ class AsyncEngine:
     def _read_stats(self) -> dict:
         stats = dict(self.engine.stats())
         stats["num_aborted"] = self.num_aborted
-        if "waiting_tokens" not in stats:
-            # NOTE: tokens the waiting requests still have to prefill (before prefix-cache hits).
-            stats["waiting_tokens"] = sum(s.num_tokens - s.num_computed for s in self.engine.scheduler.waiting)
         return stats

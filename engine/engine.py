@@ -105,8 +105,8 @@ class LLMEngine:
                 f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
                 f"model.max_model_len={self.max_model_len} tokens"
             )
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len)
-        self.scheduler.eos_ids = frozenset(self.tokenizer.stop_ids)
+        self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
+                                   eos_ids=frozenset(self.tokenizer.stop_ids))
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
                                   mesh=self.mesh)

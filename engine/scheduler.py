@@ -58,8 +58,10 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 
 
 class Scheduler:
-    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int):
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
+                 eos_ids: frozenset[int] = frozenset()):
         self.cfg = sched
+        self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
         self.page_size = cache.page_size
         self.max_model_len = max_model_len
         self.pool = PagePool(num_pages)
@@ -326,8 +328,6 @@ class Scheduler:
         if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
             return "length"
         return None
-
-    eos_ids: frozenset[int] = frozenset()
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a running sequence: its full pages stay cached, its own references go."""

@@ -129,8 +129,8 @@ class PrefixAware:
         turn = self._turn % n  # rotation: among equal costs, spread instead of always taking slot 0
         plen = request.prompt_len
         # One pass (this runs per request at 1M-request simulator scale): the replica holding the
-        # longest prefix (ties: fewer in flight), total load, and the cheapest replica.
-        prefix_i, prefix_depth, prefix_load = -1, -1, 0
+        # longest prefix and its load (ties: fewer in flight), total load, and the cheapest replica.
+        prefix_depth, prefix_load = -1, 0
         total_load = num_up = 0
         best_i, best_cost, best_rot = -1, 0.0, 0
         for i, r in enumerate(replicas):
@@ -140,7 +140,7 @@ class PrefixAware:
             num_up += 1
             total_load += load
             if d > prefix_depth or (d == prefix_depth and load < prefix_load):
-                prefix_i, prefix_depth, prefix_load = i, d, load
+                prefix_depth, prefix_load = d, load
             backlog = r.queued_tokens if r.queued_tokens > r.waiting_tokens else r.waiting_tokens
             cost = w * (plen - d * ps) + backlog + rc * load
             rot = (i - turn) % n

@@ -80,7 +80,9 @@ class ModelRunner:
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend, mesh=mesh),
                                 donate_argnames="kv_caches")
-        self._head = jax.jit(self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs"))
+        self._head = jax.jit(
+            self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only")
+        )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
         self.last_timing: dict[str, float] = {}
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
@@ -99,7 +101,7 @@ class ModelRunner:
                 s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
                 jax.block_until_ready(
                     self._head(self.params, self._hidden, s_in, num_rows=n, use_penalties=False, use_filters=False,
-                               num_top_logprobs=0)
+                               num_top_logprobs=0, greedy_only=True)
                 )
 
     def _pack_padding(self, num_tokens: int) -> llama.ModelInputs:
@@ -145,11 +147,12 @@ class ModelRunner:
         params = [c.seq.params for c in plan.chunks if c.sample]
         use_penalties = any(p.uses_penalties for p in params)
         use_filters = any(p.uses_filters and not p.greedy for p in params)
+        greedy_only = all(p.greedy for p in params)
         top = max((p.logprobs or 0 for p in params), default=0)
         num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties)
         copies = self._pack_copies(plan.page_copies)
-        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top)
+        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only)
         if self.followers is not None:
             step = self.followers.lead(step)
         t1 = time.perf_counter()
@@ -165,7 +168,8 @@ class ModelRunner:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs))
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
-                         use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top)
+                         use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
+                         greedy_only=step.greedy_only)
         # Replicated results: every process reads its own copy (also when the array spans several hosts).
         return tuple(np.asarray(a.addressable_data(0)) for a in out)
 
@@ -173,10 +177,10 @@ class ModelRunner:
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
-    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs):
+    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only):
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
         return sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                              num_top_logprobs=num_top_logprobs)
+                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
 
     def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
@@ -200,6 +204,7 @@ class StepArrays:
     use_penalties: bool
     use_filters: bool
     num_top: int
+    greedy_only: bool
 
 
 def _copy_pages(kv, src, dst):

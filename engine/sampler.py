@@ -68,11 +68,13 @@ def _filter_sorted(sorted_logits: jax.Array, s: SamplingInputs) -> jax.Array:
 
 
 def sample(
-    logits: jax.Array, s: SamplingInputs, *, use_penalties: bool, use_filters: bool, num_top_logprobs: int
+    logits: jax.Array, s: SamplingInputs, *, use_penalties: bool, use_filters: bool, num_top_logprobs: int,
+    greedy_only: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [S, V] float32 -> (tokens [S] int32, logprobs [S], top_ids [S, K], top_logprobs [S, K]).
 
     Returned logprobs are those of the model's raw distribution (before penalties and temperature).
+    greedy_only (static): every row has temperature 0, so no random draw is made at all.
     """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     if use_penalties:
@@ -80,6 +82,8 @@ def sample(
         rp = s.repetition_penalty[:, None]
         logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy_only:
+        return _finish(greedy, raw_logprobs, num_top_logprobs)
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seeds, s.steps)
     if use_filters:
@@ -89,11 +93,15 @@ def sample(
         sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
     else:
         sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    tokens = jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32))
+    return _finish(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
+
+
+def _finish(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):
+    """(tokens, their logprobs, top_ids, top_logprobs) from the chosen tokens and the raw log-softmax."""
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     if num_top_logprobs:
         top_lps, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)
     else:
-        top_lps = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        top_ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
+        top_lps = jnp.zeros((tokens.shape[0], 0), jnp.float32)
+        top_ids = jnp.zeros((tokens.shape[0], 0), jnp.int32)
     return tokens, logprobs, top_ids.astype(jnp.int32), top_lps

@@ -1,10 +1,11 @@
 """Plain-jnp ragged paged attention and KV write: the `xla` backend.
 
 This is the reference every Pallas kernel is tested against, and also what the engine runs on CPU,
-so it is written flash-style: a `lax.while_loop` over KV blocks (a few pages each) up to the
-longest KV length in the batch, with an online softmax in float32. Nothing of size
-[T, max_context] is ever materialised; the trip count is dynamic, so only T (the number of query
-rows) is a static shape and context length never causes a recompile.
+so it is written flash-style and walks the same grid as the kernel: a loop over the query blocks
+in use, and for each a `lax.while_loop` over its own KV blocks (a few pages each), with an online
+softmax in float32. Nothing of size [T, max_context] is ever materialised; trip counts are dynamic,
+so only T (the number of query rows) is a static shape, context length never causes a recompile,
+and padding rows, empty sequence slots and tiles past the causal limit cost nothing.
 
 Layout (one layer):
   q:            [T, Hq, D]       all sequences' new tokens back to back
@@ -16,16 +17,16 @@ Layout (one layer):
 """
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Query blocks x KV positions gathered per loop iteration: bounds the [NB, Hkv, block, D] gather.
-_GATHER_BUDGET = 8192
-_MAX_BLOCK_LEN = 512
-_MAX_QUERY_BLOCK = 16
+# Default tile sizes (tuning knobs only; see ragged_paged_attention).
+_BLOCK_KV_TOKENS = 256
+_MAX_QUERY_BLOCK = 64
 
 
 def token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
@@ -67,11 +68,18 @@ def num_query_blocks(num_tokens: int, max_seqs: int, block_q: int) -> int:
   return (num_tokens + min(max_seqs, num_tokens) * (block_q - 1)) // block_q
 
 
-def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int) -> QueryBlocks:
-  """Maps query blocks to sequences with jnp only (cumsum/searchsorted), no host round trip."""
+def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int,
+                 seq_mask: jax.Array | None = None) -> QueryBlocks:
+  """Maps query blocks to sequences with jnp only (cumsum/searchsorted), no host round trip.
+
+  Blocks in use come first, in sequence order. With `seq_mask` ([S] bool), only the sequences it
+  selects get blocks; the token_block / token_slot of the others' rows are meaningless.
+  """
   max_seqs = kv_lens.shape[0]
   num_blocks = num_query_blocks(num_tokens, max_seqs, block_q)
   seq_live = jnp.arange(max_seqs) < num_seqs[0]
+  if seq_mask is not None:
+    seq_live &= seq_mask
   q_lens = jnp.where(seq_live, cu_q_lens[1:] - cu_q_lens[:-1], 0)        # [S]
   seq_num_blocks = (q_lens + block_q - 1) // block_q                       # [S]
   seq_block_end = jnp.cumsum(seq_num_blocks)                               # [S]
@@ -95,22 +103,6 @@ def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int) ->
       token_block=i32(token_block), token_slot=i32(local % block_q))
 
 
-def _pages_per_block(num_blocks: int, page_size: int, max_pages_per_seq: int) -> int:
-  """Static KV block size in pages: large for decode batches, small for long prefills."""
-  block_len = _MAX_BLOCK_LEN
-  while block_len > page_size and num_blocks * block_len > _GATHER_BUDGET:
-    block_len //= 2
-  return max(1, min(block_len // page_size, max_pages_per_seq))
-
-
-def _query_block_len(num_tokens: int, max_seqs: int) -> int:
-  """Tokens per query block: 1 for decode-sized buckets, up to 16 when T >> S (prefill)."""
-  block_q = 1
-  while block_q < _MAX_QUERY_BLOCK and 2 * block_q * max_seqs <= num_tokens:
-    block_q *= 2
-  return block_q
-
-
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | None = None,
                            soft_cap: float | None = None, pages_per_block: int | None = None,
@@ -123,94 +115,119 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
   [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros.
 
-  Query rows are processed in blocks of block_q consecutive tokens of one sequence (the same
-  grouping as the Pallas kernel); block_q = 1 (decode buckets, T <= 2S) is plain row-by-row
-  attention, larger blocks (T >> S) share each gathered KV block among block_q tokens and turn
-  the dots into [block_q * G, D] x [D, block_len] matmuls, ~10x faster on CPU for prefill.
-  pages_per_block and block_q are tuning knobs only.
+  Work is done one query block at a time, like one program of the Pallas kernel's grid: a
+  `fori_loop` over the blocks in use (a dynamic count, so padding rows and empty sequence slots
+  cost nothing), and inside it a `while_loop` over that block's own KV blocks, from the first one
+  its sliding window reaches to the last one its causal limit reaches (tiles past the diagonal are
+  never visited). A KV block is gathered straight into [Hkv, block_len, D] (no transpose) and
+  every dot is batched over KV heads with the GQA group packed into the rows.
+
+  Two passes share that loop: sequences with at least `block_q // 8` (and >= 2) new tokens run in
+  tiles of `block_q` tokens ([block_q * G, D] x [D, block_len] matmuls, each KV block read once
+  per tile); the others (decodes) run token by token, so a decode in a mixed batch never pays for
+  a tile of padding rows. block_q (default 64) and pages_per_block (default 256 tokens' worth) are
+  tuning knobs only.
   """
   q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
       jnp.asarray, (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
   num_tokens, num_q_heads, head_dim = q.shape
-  num_kv_heads, num_pages, page_size, _ = k_pages.shape[-4:]
-  max_seqs, max_pages_per_seq = page_indices.shape
-  group = num_q_heads // num_kv_heads
+  num_kv_heads, _, page_size, _ = k_pages.shape[-4:]
+  max_pages_per_seq = page_indices.shape[1]
   if num_q_heads % num_kv_heads:
     raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-  block_q = block_q or _query_block_len(num_tokens, max_seqs)
-  blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q)
+  block_q = max(1, min(block_q or _MAX_QUERY_BLOCK, num_tokens))
+  if pages_per_block is None:
+    pages_per_block = max(1, _BLOCK_KV_TOKENS // page_size)
+  pages_per_block = min(pages_per_block, max_pages_per_seq)
+  if layer is None:  # one layer: view it as a stack of one
+    k_pages, v_pages, layer = k_pages[None], v_pages[None], jnp.int32(0)
+  qs = (q.astype(jnp.float32) * sm_scale).reshape(
+      num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+  attend = functools.partial(
+      _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+      pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap)
+  if block_q == 1:
+    out = attend(1, None)
+  else:
+    live = jnp.arange(kv_lens.shape[0]) < num_seqs[0]
+    q_lens = jnp.where(live, cu_q_lens[1:] - cu_q_lens[:-1], 0)
+    tiled = q_lens >= max(2, block_q // 8)                             # [S]
+    seq_ids, _, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+    out = jnp.where(tiled[seq_ids][:, None, None, None], attend(block_q, tiled), attend(1, ~tiled))
+  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+
+
+def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
+                   block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap):
+  """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
+
+  qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D]. Returns [T, Hkv, G, D]
+  (rows of other sequences are meaningless).
+  """
+  num_tokens, num_kv_heads, group, head_dim = qs.shape
+  num_pages, page_size = k_pages.shape[2], k_pages.shape[3]
+  max_pages_per_seq = page_indices.shape[1]
+  blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q, seq_mask)
   num_q_blocks = blocks.seq.shape[0]
   rows = block_q * group                    # a block's (token, q head) rows, token-major
-  if pages_per_block is None:
-    pages_per_block = _pages_per_block(num_q_blocks, page_size, max_pages_per_seq)
   block_len = pages_per_block * page_size
-
-  # Row positions [NB, rows]; rows past a block's real tokens get -1 (they see nothing).
-  slot = jnp.arange(block_q, dtype=jnp.int32)
-  token_pos = jnp.where(slot < blocks.num_rows[:, None], blocks.first_pos[:, None] + slot, -1)
-  row_pos = jnp.repeat(token_pos, group, axis=1)                     # [NB, rows]
-  page_rows = page_indices[blocks.seq]                               # [NB, max_pages]
-  # q tiles scaled once, in float32: [T, Hq, D] -> [NB, Hkv, rows, D].
-  qs = (q.astype(jnp.float32) * sm_scale).reshape(num_tokens, num_kv_heads, group, head_dim)
+  # q tiles [NB, Hkv, rows, D].
   q_tiles = qs[blocks.row_tokens].transpose(0, 2, 1, 3, 4).reshape(
       num_q_blocks, num_kv_heads, rows, head_dim)
+  heads = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None]
+  slot = jnp.arange(block_q, dtype=jnp.int32)
+  num_used = jnp.sum(blocks.num_rows > 0)   # blocks in use come first
 
-  # KV blocks to visit: from the first block any row's window reaches to the last one any row needs.
-  end_pos = jnp.max(row_pos) + 1
-  num_kv_blocks = (end_pos + block_len - 1) // block_len
-  if sliding_window is None:
-    first_kv_block = jnp.int32(0)
-  else:
-    lo = jnp.maximum(row_pos - sliding_window + 1, 0)
-    first_kv_block = jnp.min(jnp.where(row_pos >= 0, lo, end_pos)) // block_len
-  first_kv_block = jnp.minimum(first_kv_block, num_kv_blocks)
+  def one_block(i, out):
+    first, num_rows = blocks.first_pos[i], blocks.num_rows[i]
+    row_pos = jnp.repeat(jnp.where(slot < num_rows, first + slot, -1), group)   # [rows]
+    end_kv_block = (first + num_rows + block_len - 1) // block_len
+    if sliding_window is None:
+      first_kv_block = jnp.int32(0)
+    else:
+      first_kv_block = jnp.maximum(first - sliding_window + 1, 0) // block_len
+    page_row = page_indices[blocks.seq[i]]
+    q_tile = q_tiles[i]                                                # [Hkv, rows, D]
 
-  def body(carry):
-    b, m, l, acc = carry
-    # Page ids of KV block b for every query block: [NB, ppb]; out-of-table columns are masked
-    # by position below, so clamping them to the last column is harmless.
-    cols = b * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32)
-    cols = jnp.minimum(cols, max_pages_per_seq - 1)
-    page_ids = jnp.clip(page_rows[:, cols], 0, num_pages - 1)
-    # Gather -> [NB, Hkv, block_len, D].
-    if layer is None:  # [Hkv, NB, ppb, ps, D]
-      k = k_pages[:, page_ids].transpose(1, 0, 2, 3, 4)
-      v = v_pages[:, page_ids].transpose(1, 0, 2, 3, 4)
-    else:  # a scalar layer and [NB, ppb] ids around a slice index as [NB, ppb, Hkv, ps, D]
-      k = k_pages[layer, :, page_ids].transpose(0, 2, 1, 3, 4)
-      v = v_pages[layer, :, page_ids].transpose(0, 2, 1, 3, 4)
-    k = k.reshape(num_q_blocks, num_kv_heads, block_len, head_dim).astype(jnp.float32)
-    v = v.reshape(num_q_blocks, num_kv_heads, block_len, head_dim).astype(jnp.float32)
-    s = jnp.einsum("nkrd,nkbd->nkrb", q_tiles, k,
-                   preferred_element_type=jnp.float32)               # [NB, Hkv, rows, block_len]
-    if soft_cap is not None:
-      s = soft_cap * jnp.tanh(s / soft_cap)
-    kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)  # [block_len]
-    mask = kv_pos <= row_pos[..., None]                              # [NB, rows, block_len]
-    if sliding_window is not None:
-      mask &= kv_pos > row_pos[..., None] - sliding_window
-    s = jnp.where(mask[:, None], s, -jnp.inf)
-    # Online softmax; a row with nothing visible yet keeps m = -inf and contributes zeros.
-    m_new = jnp.maximum(m, s.max(axis=-1))                           # [NB, Hkv, rows]
-    m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
-    p = jnp.exp(s - m_safe[..., None])                               # [NB, Hkv, rows, block_len]
-    alpha = jnp.exp(m - m_safe)                                      # [NB, Hkv, rows]
-    l = alpha * l + p.sum(axis=-1)
-    pv = jnp.einsum("nkrb,nkbd->nkrd", p, v, preferred_element_type=jnp.float32)
-    acc = alpha[..., None] * acc + pv                                # [NB, Hkv, rows, D]
-    return b + 1, m_new, l, acc
+    def kv_step(carry):
+      b, m, l, acc = carry
+      # Columns past the table are masked by position below; clamping them is harmless.
+      cols = jnp.minimum(b * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32),
+                         max_pages_per_seq - 1)
+      page_ids = jnp.clip(page_row[cols], 0, num_pages - 1)[None, :]
+      k = k_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim)
+      v = v_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim)
+      s = jnp.einsum("krd,kbd->krb", q_tile, k.astype(jnp.float32),
+                     preferred_element_type=jnp.float32)             # [Hkv, rows, block_len]
+      if soft_cap is not None:
+        s = soft_cap * jnp.tanh(s / soft_cap)
+      kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
+      mask = kv_pos <= row_pos[:, None]                              # [rows, block_len]
+      if sliding_window is not None:
+        mask &= kv_pos > row_pos[:, None] - sliding_window
+      s = jnp.where(mask, s, -jnp.inf)
+      # Online softmax; a row with nothing visible yet keeps m = -inf and contributes zeros.
+      m_new = jnp.maximum(m, s.max(axis=-1))                         # [Hkv, rows]
+      m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new)
+      p = jnp.exp(s - m_safe[..., None])
+      alpha = jnp.exp(m - m_safe)
+      l = alpha * l + p.sum(axis=-1)
+      pv = jnp.einsum("krb,kbd->krd", p, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+      return b + 1, m_new, l, alpha[..., None] * acc + pv
 
-  stats_shape = (num_q_blocks, num_kv_heads, rows)
-  init = (first_kv_block,
-          jnp.full(stats_shape, -jnp.inf, jnp.float32),
-          jnp.zeros(stats_shape, jnp.float32),
-          jnp.zeros((*stats_shape, head_dim), jnp.float32))
-  _, _, l, acc = lax.while_loop(lambda c: c[0] < num_kv_blocks, body, init)
-  out = acc / jnp.where(l == 0.0, 1.0, l)[..., None]                 # [NB, Hkv, rows, D]
+    init = (first_kv_block,
+            jnp.full((num_kv_heads, rows), -jnp.inf, jnp.float32),
+            jnp.zeros((num_kv_heads, rows), jnp.float32),
+            jnp.zeros((num_kv_heads, rows, head_dim), jnp.float32))
+    _, _, l, acc = lax.while_loop(lambda c: c[0] < end_kv_block, kv_step, init)
+    tile = acc / jnp.where(l == 0.0, 1.0, l)[..., None]                # [Hkv, rows, D]
+    return lax.dynamic_update_slice(out, tile[None], (i, 0, 0, 0))
+
+  out = lax.fori_loop(0, num_used, one_block,
+                      jnp.zeros((num_q_blocks, num_kv_heads, rows, head_dim), jnp.float32))
   # Row t of q is token slot token_slot[t] of block token_block[t].
   out = out.reshape(num_q_blocks, num_kv_heads, block_q, group, head_dim)
-  out = out[blocks.token_block, :, blocks.token_slot]                # [T, Hkv, G, D]
-  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+  return out[blocks.token_block, :, blocks.token_slot]                 # [T, Hkv, G, D]
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = None):

@@ -14,6 +14,10 @@ Decode host overhead (share of step time outside the jitted step) at a fixed bat
 
     python scripts/bench.py --workload decode --decode-batch 32 --config configs/smollm2-135m.yaml
 
+The model step alone (forward + KV write) at fixed decode and prefill shapes:
+
+    python scripts/bench.py --workload steps --repeats 5
+
 Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
@@ -266,9 +270,61 @@ def decode_overhead(args) -> None:
           f"{args.decode_batch / total:.1f} tok/s")
 
 
+def step_times(args) -> None:
+    """Median wall time of the jitted model step (forward + KV write, no head) on the real weights, for
+    fixed decode and prefill shapes: the per-step cost that every workload above is made of."""
+    import jax
+    import numpy as np
+
+    from engine.config import load_config
+    from engine.engine import LLMEngine
+    from engine.runner import bucket_for
+
+    engine = LLMEngine(load_config(args.config, args.set_a))
+    runner = engine.runner
+    ps = runner.page_size
+
+    def inputs(chunks: list[tuple[int, int]]):  # (start, new tokens) per sequence, disjoint pages
+        inp = runner._pack_padding(bucket_for(sum(n for _, n in chunks), runner.token_buckets))
+        row, first_page = 0, 0
+        for i, (start, n) in enumerate(chunks):
+            pages = (first_page + np.arange(-(-(start + n) // ps))) % runner.num_pages
+            first_page += len(pages)
+            pos = np.arange(start, start + n)
+            inp.tokens[row : row + n] = 7
+            inp.positions[row : row + n] = pos
+            inp.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
+            inp.kv_lens[i], inp.page_indices[i, : len(pages)] = start + n, pages
+            row += n
+            inp.cu_q_lens[i + 1 :], inp.logits_indices[i] = row, row - 1
+        inp.num_seqs[0] = len(chunks)
+        return runner._to_device(inp)
+
+    shapes = {
+        "decode 8 x 1,152 context": [(1151, 1)] * 8,
+        "decode 32 x 1,152 context": [(1151, 1)] * 32,
+        "decode 8 x 64 context": [(63, 1)] * 8,
+        "prefill 128 over a 1,024 prefix": [(1024, 128)],
+        "prefill 512 from position 0": [(0, 512)],
+        "prefill 512 over a 512 prefix": [(512, 512)],
+        "mixed: 8 decodes + 128 over 1,024": [(1151, 1)] * 8 + [(1024, 128)],
+    }
+    print(f"\nmodel step (forward + KV write), median of {args.repeats} after one warm-up, backend {runner.backend}:")
+    for name, chunks in shapes.items():
+        if len(chunks) > runner.max_seqs or sum(n for _, n in chunks) > runner.token_buckets[-1]:
+            continue
+        data, times = inputs(chunks), []
+        for _ in range(args.repeats + 1):
+            t0 = time.perf_counter()
+            hidden, runner.kv = runner._forward(runner.params, kv_caches=runner.kv, inputs=data)
+            jax.block_until_ready(hidden)
+            times.append(time.perf_counter() - t0)
+        print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "decode"], required=True)
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "decode", "steps"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     ap.add_argument("--set-a", nargs="*", default=[], metavar="KEY=VALUE")
@@ -294,6 +350,9 @@ def main(argv=None) -> int:
     args.set_a = args.set_common + args.set_a
     if args.workload == "decode":
         decode_overhead(args)
+        return 0
+    if args.workload == "steps":
+        step_times(args)
         return 0
 
     runs: dict[str, list[dict]] = {}

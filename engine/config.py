@@ -55,9 +55,15 @@ class SchedulerConfig:
     max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     max_running: int = 32  # sequences in the running batch
     policy: Literal["fcfs", "lpm"] = "fcfs"  # lpm: longest cached prefix first
+    # A prompt prefills at most this many tokens per step (0: as many as the budget allows), so the short
+    # uncached tails of prompts that arrive behind a long prompt start within a step (vLLM's
+    # long_prefill_token_threshold).
+    long_prefill_tokens: int = 0
 
     def __post_init__(self):
         _positive("scheduler.max_batch_tokens", self.max_batch_tokens)
+        if self.long_prefill_tokens < 0:
+            raise ConfigKeyError(f"scheduler.long_prefill_tokens must be >= 0 (0 = no limit), got {self.long_prefill_tokens}")
         _positive("scheduler.max_running", self.max_running)
         if self.max_batch_tokens < self.max_running:
             raise ConfigKeyError(

@@ -120,7 +120,7 @@ class Scheduler:
         for seq in [s for s in self.running if s.is_prefilling]:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit)
             n = min(n, self._fit(seq, n))
             if n <= 0:
                 continue
@@ -152,6 +152,11 @@ class Scheduler:
             return None
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill)
 
+    @property
+    def _chunk_limit(self) -> int:
+        """Most prompt tokens one sequence prefills in a step (scheduler.long_prefill_tokens)."""
+        return self.cfg.long_prefill_tokens or self.cfg.max_batch_tokens
+
     def _admission_order(self) -> list[Sequence]:
         waiting = list(self.waiting)
         if self.cfg.policy == "lpm" and self.prefix_caching:
@@ -177,7 +182,7 @@ class Scheduler:
             # Whole sequence cached: recompute only the last token, into a private copy of the last page.
             cow_src = shared.pop()
             num_cached -= 1
-        n = min(len(tokens) - num_cached, budget)
+        n = min(len(tokens) - num_cached, budget, self._chunk_limit)
         num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
         if not self._reserve(num_pages_needed, protect=match):
             return None

@@ -211,3 +211,16 @@ def test_config_file_overrides_and_errors(tmp_path):
 def test_default_config_file_is_valid():
     cfg = load_config("configs/smollm2-135m.yaml")
     assert cfg.model.path == SMOLLM2 and resolve_path(cfg.model.path).endswith(".gguf")
+
+
+def test_token_buckets_cover_every_step_size_with_bounded_padding():
+    from engine.runner import bucket_for, token_buckets
+
+    buckets = token_buckets(16, 512)
+    assert buckets == [16, 32, 64, 128, 192, 256, 384, 512]
+    for n in range(1, 513):
+        b = bucket_for(n, buckets)
+        assert b >= n and (b <= 16 or b < 2 * n) and (n <= 128 or b <= 1.5 * n)
+    assert token_buckets(16, 300)[-1] == 384 and token_buckets(16, 16) == [16]
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        bucket_for(513, buckets)

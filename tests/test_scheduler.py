@@ -39,9 +39,10 @@ class FakeRunner:
         return sampled
 
 
-def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True):
+def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0):
     sched = Scheduler(
-        SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy),
+        SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
+                        long_prefill_tokens=long_prefill_tokens),
         CacheConfig(page_size=page_size, num_pages=num_pages, prefix_caching=caching),
         num_pages=num_pages,
         max_model_len=256,
@@ -115,6 +116,25 @@ def test_chunked_prefill_respects_budget_and_mixes_decodes():
     run_all(sched, runner, [a, long], on_plan=lambda p: mixed.append((p.num_decode_tokens, p.num_prefill_tokens)))
     assert any(d > 0 and pf > 0 for d, pf in mixed), "decodes and prefill chunks must share steps"
     assert all(d + pf <= 8 for d, pf in mixed)
+
+
+@pytest.mark.parametrize("limit", [0, 8])
+def test_long_prefill_limit_lets_a_short_prompt_start_beside_a_long_one(limit):
+    sched, runner = make(max_batch_tokens=32, num_pages=128, long_prefill_tokens=limit)
+    long, short = seq("long", [1 + i % 40 for i in range(100)]), seq("short", [7, 8, 9])
+    sched.add(long)
+    first = sched.schedule()
+    sched.commit(first, runner.run(first))
+    sched.add(short)  # arrives while the long prompt is still prefilling
+    second = sched.schedule()
+    chunks = {c.seq.request_id: len(c.token_ids) for c in second.chunks}
+    if limit:
+        assert chunks == {"long": 8, "short": 3}, "the long prompt is capped; the short one starts now"
+    else:
+        assert chunks == {"long": 32}, "without a limit the long prompt takes the whole budget"
+    sched.commit(second, runner.run(second))
+    outputs = run_all(sched, runner, [])
+    assert sched.stats.cached_prompt_tokens == 0 and not sched.has_work() and outputs == {}
 
 
 def test_namespaces_never_share_pages():

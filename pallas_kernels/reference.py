@@ -24,8 +24,11 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-# Default tile sizes (tuning knobs only; see ragged_paged_attention).
-_BLOCK_KV_TOKENS = 256
+# Default tile sizes (tuning knobs only; see ragged_paged_attention). The loops run one tile at a
+# time, which suits a CPU; on an accelerator (where this path is only the kernels' reference) larger
+# KV tiles keep the number of sequential iterations down.
+_BLOCK_KV_TOKENS_CPU = 256
+_BLOCK_KV_TOKENS_ACCELERATOR = 2048
 _MAX_QUERY_BLOCK = 64
 
 
@@ -125,8 +128,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   Two passes share that loop: sequences with at least `block_q // 8` (and >= 2) new tokens run in
   tiles of `block_q` tokens ([block_q * G, D] x [D, block_len] matmuls, each KV block read once
   per tile); the others (decodes) run token by token, so a decode in a mixed batch never pays for
-  a tile of padding rows. block_q (default 64) and pages_per_block (default 256 tokens' worth) are
-  tuning knobs only.
+  a tile of padding rows. block_q (default 64) and pages_per_block (default 256 tokens' worth on
+  CPU, 2,048 on accelerators) are tuning knobs only.
   """
   q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
       jnp.asarray, (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
@@ -137,7 +140,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
   block_q = max(1, min(block_q or _MAX_QUERY_BLOCK, num_tokens))
   if pages_per_block is None:
-    pages_per_block = max(1, _BLOCK_KV_TOKENS // page_size)
+    cpu = jax.default_backend() == "cpu"
+    block_kv = _BLOCK_KV_TOKENS_CPU if cpu else _BLOCK_KV_TOKENS_ACCELERATOR
+    pages_per_block = max(1, block_kv // page_size)
   pages_per_block = min(pages_per_block, max_pages_per_seq)
   if layer is None:  # one layer: view it as a stack of one
     k_pages, v_pages, layer = k_pages[None], v_pages[None], jnp.int32(0)

@@ -19,6 +19,8 @@ import heapq
 import itertools
 from typing import Sequence
 
+from engine.router.index import common_run_len
+
 
 class _Edge:
     __slots__ = ("hashes", "parent", "children", "lock_count", "last_access", "alive")
@@ -122,18 +124,9 @@ class HashCache:
             child = node.children.get(hashes[pos])
             if child is None:
                 break
-            ch = child.hashes
-            k = len(ch)
-            if hashes[pos : pos + k] != ch:
-                lo, hi = 1, min(k, n - pos)  # ch[0] matched (the key); first mismatch in [lo, hi]
-                while lo < hi:
-                    mid = (lo + hi) // 2
-                    if hashes[pos + mid] == ch[mid]:
-                        lo = mid + 1
-                    else:
-                        hi = mid
-                if lo < k:
-                    child = self._split(child, lo)
+            common = common_run_len(child.hashes, hashes, pos)  # child.hashes[0] matched (the key)
+            if common < len(child.hashes):
+                child = self._split(child, common)
             child.last_access = clock
             pos += len(child.hashes)
             node = child

@@ -25,7 +25,7 @@ from collections import deque
 from typing import Any, Iterable, Literal, Sequence
 
 
-def _common_len(run: tuple[int, ...], hashes: Sequence[int], start: int) -> int:
+def common_run_len(run: tuple[int, ...], hashes: Sequence[int], start: int) -> int:
     """Length of the common prefix of `run` and hashes[start:], given run[0] == hashes[start].
 
     NOTE: binary search is exact because both are chains from the same parent: equal at page i
@@ -107,7 +107,7 @@ class PrefixIndex:
                 continue
             for slot, run, _ in entries:
                 if depth[slot] == d:
-                    ext = _common_len(run, hashes, d)
+                    ext = common_run_len(run, hashes, d)
                     if d + ext > depth[slot]:
                         depth[slot] = d + ext
                         todo.add(d + ext)  # a later run may continue this one

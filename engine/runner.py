@@ -106,7 +106,8 @@ class ModelRunner:
 
     # ------------------------------------------------------------------------------ compile
     def warmup(self, progress: bool = True) -> None:
-        """Compiles every token bucket and sequence bucket now, so no request waits on XLA."""
+        """Compiles every token bucket and sequence bucket now (the head both greedy-only and sampling, as
+        a plain request uses them), so no request waits on XLA."""
         from tqdm import tqdm
 
         jobs = [("forward", t) for t in self.token_buckets] + [("head", s) for s in self.seq_buckets]
@@ -114,11 +115,12 @@ class ModelRunner:
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
                 self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
-            else:
-                s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
+                continue
+            s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
+            for greedy_only in (True, False):
                 jax.block_until_ready(
                     self._head(self.params, self._hidden, s_in, num_rows=n, use_penalties=False, use_filters=False,
-                               num_top_logprobs=0, greedy_only=True)
+                               num_top_logprobs=0, greedy_only=greedy_only)
                 )
 
     def _pack_padding(self, num_tokens: int) -> llama.ModelInputs:

@@ -274,31 +274,23 @@ def step_times(args) -> None:
     """Median wall time of the jitted model step (forward + KV write, no head) on the real weights, for
     fixed decode and prefill shapes: the per-step cost that every workload above is made of."""
     import jax
-    import numpy as np
 
     from engine.config import load_config
     from engine.engine import LLMEngine
-    from engine.runner import bucket_for
+    from engine.scheduler import Chunk, StepPlan
 
     engine = LLMEngine(load_config(args.config, args.set_a))
     runner = engine.runner
-    ps = runner.page_size
 
     def inputs(chunks: list[tuple[int, int]]):  # (start, new tokens) per sequence, disjoint pages
-        inp = runner._pack_padding(bucket_for(sum(n for _, n in chunks), runner.token_buckets))
-        row, first_page = 0, 0
-        for i, (start, n) in enumerate(chunks):
-            pages = (first_page + np.arange(-(-(start + n) // ps))) % runner.num_pages
-            first_page += len(pages)
-            pos = np.arange(start, start + n)
-            inp.tokens[row : row + n] = 7
-            inp.positions[row : row + n] = pos
-            inp.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
-            inp.kv_lens[i], inp.page_indices[i, : len(pages)] = start + n, pages
-            row += n
-            inp.cu_q_lens[i + 1 :], inp.logits_indices[i] = row, row - 1
-        inp.num_seqs[0] = len(chunks)
-        return runner._to_device(inp)
+        plan_chunks, first_page = [], 0
+        for start, n in chunks:
+            num_pages = -(-(start + n) // runner.page_size)
+            pages = tuple(p % runner.num_pages for p in range(first_page, first_page + num_pages))
+            first_page += num_pages
+            plan_chunks.append(Chunk(seq=None, token_ids=[7] * n, start=start, pages=pages, sample=True))
+        num_prefill = sum(n for _, n in chunks)
+        return runner._to_device(runner.pack(StepPlan(plan_chunks, [], 0, num_prefill)))
 
     shapes = {
         "decode 8 x 1,152 context": [(1151, 1)] * 8,

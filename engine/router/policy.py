@@ -78,12 +78,9 @@ class RoundRobin:
     def route(self, request: RouteRequest, replicas: Sequence[ReplicaState], now: float,
               exclude: Collection[int] = ()) -> Choice:
         n = len(replicas)
-        for k in range(n):
-            i = (self._next + k) % n
-            if replicas[i].up and i not in exclude:
-                self._next = i + 1
-                return Choice(i, 0, self.name)
-        raise NoReplicaAvailable("no replica is up (or all were tried)")
+        i = min(_candidates(replicas, exclude), key=lambda i: (i - self._next) % n)  # next in rotation
+        self._next = i + 1
+        return Choice(i, 0, self.name)
 
 
 class LeastLoad:

@@ -93,7 +93,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      sm_scale: float, sliding_window: int | None = None,
                      soft_cap: float | None = None, interpret: bool = False,
                      layer: jax.Array | None = None, block_kv: int | None = None,
-                     num_splits: int | None = None, num_warps: int = 4,
+                     num_splits: int | None = None, num_warps: int | None = None,
                      num_stages: int = 2) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
   k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
@@ -107,6 +107,10 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   num_splits = num_splits or default_num_splits(num_tokens, num_kv_heads)
+  if num_warps is None:
+    # With head_dim 256 the [16, D] accumulator and q tile push 4 warps past 255 registers
+    # (spills); below that 4 warps fit (~230 for D=128 bf16; scripts/kernel_compile_check.py).
+    num_warps = 8 if head_dim >= 256 else 4
 
   seq_ids, positions, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
   max_pages_padded = -(-max_pages_per_seq // pages_per_tile) * pages_per_tile

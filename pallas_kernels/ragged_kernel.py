@@ -173,9 +173,11 @@ def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, 
 
   bf16, D <= 128: ~128-row tiles against 64 KV positions (each loaded K/V byte then feeds ~rows
   FLOPs, see docs/kernels.md). The q tile is kept at ~32 KB and a K or V tile at <= 16 KB per
-  pipeline stage, so D = 256 and float32 get proportionally smaller tiles (shared memory).
+  pipeline stage, so D = 256 and float32 get proportionally smaller tiles (shared memory), but
+  never under 64 rows: Hopper's wgmma takes M >= 64 per warpgroup, and a 32-row tile falls back
+  to the older mma instructions (scripts/kernel_compile_check.py checks both).
   """
-  target_rows = max(16, min(128, 32768 // (head_dim * itemsize)))
+  target_rows = max(64, min(128, 32768 // (head_dim * itemsize)))
   group_padded = next_pow2(group)
   block_q = max(1, target_rows // group_padded)
   block_kv = max(16, min(64, 16384 // (head_dim * itemsize)))
@@ -200,7 +202,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   if num_warps is None:
-    num_warps = 8 if block_q * next_pow2(group) * head_dim >= 128 * 128 else 4
+    # The accumulator [rows, D] and the scores [rows, block_kv] stay in registers (float32) for
+    # the whole KV loop: past 16K of them, 4 warps spill (scripts/kernel_compile_check.py).
+    rows = block_q * next_pow2(group)
+    num_warps = 8 if rows * (head_dim + block_kv) >= 16384 else 4
 
   # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
   blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q)

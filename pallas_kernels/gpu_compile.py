@@ -1,0 +1,239 @@
+"""Compiles the Pallas kernels to GPU machine code on a machine without a GPU.
+
+JAX lowers a Pallas kernel to a Triton IR module on any machine (`lowering_platforms`); turning
+that module into PTX/cubin (CUDA) or AMDGCN/HSACO (ROCm) normally happens inside the GPU plugin.
+The `triton` package can do that last step for a named target with no device present (it ships
+`ptxas`, `cuobjdump` and `nvdisasm` for CUDA and LLVM's AMDGPU backend for ROCm). This module takes
+the Triton module that JAX's lowering builds for one `pallas_call`, compiles it with `triton` for
+a target chip and reads the resources off the binary:
+
+  shared memory per program, registers per thread, spilled bytes (local memory / scratch), and
+  whether the matrix units are used (Hopper `HGMMA` = wgmma, Ampere `HMMA`, CDNA `v_mfma`).
+
+That catches, before any GPU time is spent, what interpret mode and IR lowering cannot: a tile
+that overflows shared memory, registers that spill, a dot that falls off the tensor cores.
+The `triton` release need not match the one inside the GPU plugin; its IR parser must accept the
+module (tested with jax 0.10.2 and triton 3.6).
+
+    modules = triton_modules(fn, *args, platform="cuda")     # fn: jittable, args: arrays/shapes
+    report = compile_module(modules[0], TARGETS["sm90"])     # -> CompileReport
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+from typing import Any
+
+import jax
+from jax._src.pallas.triton import pallas_call_registration
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """A GPU to compile for. shared_limit_bytes: the most shared memory (LDS) one program may use."""
+  name: str
+  platform: str              # "cuda" | "rocm": the JAX lowering platform
+  arch: int | str            # CUDA compute capability (90) or AMDGPU processor ("gfx942")
+  warp_size: int
+  shared_limit_bytes: int
+  max_registers: int         # per thread: 255 on NVIDIA; 512 VGPRs (arch + acc) per lane on CDNA3
+  cards: str
+
+
+TARGETS = {
+    "sm90": Target("sm90", "cuda", 90, 32, 227 * 1024, 255, "H100, H200"),
+    "sm80": Target("sm80", "cuda", 80, 32, 163 * 1024, 255, "A100"),
+    "gfx942": Target("gfx942", "rocm", "gfx942", 64, 64 * 1024, 512, "MI300X, MI325X"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TritonModule:
+  """The Triton IR of one pallas_call, as JAX lowered it, and its launch options."""
+  name: str
+  text: str
+  num_warps: int
+  num_stages: int
+  platform: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  name: str
+  target: str
+  num_warps: int
+  num_stages: int
+  shared_bytes: int
+  registers: int             # per thread (CUDA: REG; ROCm: VGPRs + AGPRs)
+  spill_bytes: int           # CUDA: stack + local bytes per thread; ROCm: spilled VGPRs * 4
+  matrix_instructions: str   # "HGMMA", "HMMA", "MFMA" or "" when no dot uses the matrix units
+
+  @property
+  def fits(self) -> bool:
+    return self.shared_bytes <= TARGETS[self.target].shared_limit_bytes
+
+
+class _Captured(Exception):
+  """Raised from inside JAX's Pallas lowering once the Triton module is in hand (no GPU compile)."""
+
+  def __init__(self, text: str):
+    super().__init__("captured")
+    self.text = text
+
+
+def _pallas_calls(jaxpr) -> list[Any]:
+  """Every pallas_call equation in a (closed) jaxpr, nested jit/scan/cond bodies included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      found.append(eqn)
+      continue
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
+        if hasattr(inner, "eqns"):
+          found.extend(_pallas_calls(inner))
+  return found
+
+
+def triton_modules(fn, *args, platform: str = "cuda", **kwargs) -> list[TritonModule]:
+  """The Triton module of each pallas_call in `jax.jit(fn)(*args, **kwargs)`, in program order.
+
+  args may be arrays or jax.ShapeDtypeStructs. Lowers the function once per pallas_call: JAX's
+  lowering is stopped right after it builds each kernel's module, so no GPU (and, on jax >= 0.11,
+  no GPU plugin) is needed.
+  """
+  traced = jax.jit(fn).trace(*args, **kwargs)
+  calls = _pallas_calls(traced.jaxpr.jaxpr)
+  lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
+  modules = []
+  for index, eqn in enumerate(calls):
+    seen = 0
+
+    def capture(*a, _index=index, **k):
+      nonlocal seen
+      result = lower(*a, **k)
+      seen += 1
+      if seen - 1 == _index:
+        raise _Captured(result.module.operation.get_asm(enable_debug_info=False))
+      return result
+
+    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+    try:
+      traced.lower(lowering_platforms=(platform,))
+    except _Captured as captured:
+      text = captured.text
+    else:
+      raise RuntimeError(f"pallas_call {index} of {fn} was not lowered for {platform}")
+    finally:
+      pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+    params = eqn.params["compiler_params"]
+    num_stages = params.num_stages if params.num_stages is not None else (
+        1 if platform == "rocm" else 3)  # JAX's defaults when a kernel names none
+    modules.append(TritonModule(
+        name=str(eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name), text=text,
+        num_warps=params.num_warps if params.num_warps is not None else 4,
+        num_stages=num_stages, platform=platform))
+  return modules
+
+
+def compile_module(module: TritonModule, target: Target) -> CompileReport:
+  """Compiles one module for `target` with the triton package; raises what triton raises."""
+  import triton  # noqa: PLC0415  (a test-time dependency; the engine never needs it)
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+
+  if module.platform != target.platform:
+    raise ValueError(f"module lowered for {module.platform}, target {target.name} is "
+                     f"{target.platform}")
+  backend = "cuda" if target.platform == "cuda" else "hip"
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, f"{module.name}.ttir")
+    with open(path, "w") as f:
+      f.write(module.text)
+    kernel = triton.compile(path, target=GPUTarget(backend, target.arch, target.warp_size),
+                            options=dict(num_warps=module.num_warps,
+                                         num_stages=module.num_stages))
+    if target.platform == "cuda":
+      registers, spill_bytes, matrix = _cuda_resources(kernel.asm["cubin"], tmp)
+    else:
+      registers, spill_bytes, matrix = _amd_resources(kernel.asm["amdgcn"])
+  return CompileReport(name=module.name, target=target.name, num_warps=module.num_warps,
+                       num_stages=module.num_stages, shared_bytes=kernel.metadata.shared,
+                       registers=registers, spill_bytes=spill_bytes, matrix_instructions=matrix)
+
+
+def _cuda_tool(name: str) -> str:
+  import triton  # noqa: PLC0415
+  return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _cuda_resources(cubin: bytes, tmp: str) -> tuple[int, int, str]:
+  """(registers, stack + local bytes, tensor-core instruction) of a cubin, via cuobjdump/nvdisasm."""
+  path = os.path.join(tmp, "kernel.cubin")
+  with open(path, "wb") as f:
+    f.write(cubin)
+  usage = subprocess.run([_cuda_tool("cuobjdump"), "-res-usage", path], check=True,
+                         capture_output=True, text=True).stdout
+  fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", usage))
+  sass = subprocess.run([_cuda_tool("nvdisasm"), "-c", path], check=True, capture_output=True,
+                        text=True).stdout
+  matrix = "HGMMA" if "HGMMA" in sass else "HMMA" if "HMMA" in sass else ""
+  return int(fields["REG"]), int(fields["STACK"]) + int(fields["LOCAL"]), matrix
+
+
+def _amd_resources(amdgcn: str) -> tuple[int, int, str]:
+  """(VGPRs + AGPRs, spilled VGPR bytes, "MFMA" or "") from the kernel's AMDGCN metadata."""
+  def field(key: str) -> int:
+    found = re.search(rf"\.{key}:\s+(\d+)", amdgcn)
+    return int(found.group(1)) if found else 0
+  registers = field("vgpr_count") + field("agpr_count")
+  return registers, 4 * field("vgpr_spill_count"), "MFMA" if "v_mfma" in amdgcn else ""
+
+
+# Head shapes the checks compile: the gpu_check benchmark's, and the models the engine ships for.
+HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim)
+    "llama3-8b": (32, 8, 128),
+    "smollm2-135m": (9, 3, 64),
+    "gemma3-270m": (4, 1, 256),
+    "mha-d128": (16, 16, 128),
+}
+
+
+def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
+                   platform: str = "cuda", page_size: int = 16, num_layers: int = 2,
+                   sliding_window: int | None = None, soft_cap: float | None = None,
+                   ) -> dict[str, TritonModule]:
+  """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
+  traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
+  "write_kv": KV write}. Only shapes are needed, no data."""
+  import functools  # noqa: PLC0415
+
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  import pallas_kernels  # noqa: PLC0415
+
+  num_tokens, max_seqs, max_pages = 256, 16, 64
+  pages = jax.ShapeDtypeStruct((num_layers, num_kv_heads, max_seqs * max_pages, page_size,
+                                head_dim), dtype)
+  q = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)
+  kv_lens = jax.ShapeDtypeStruct((max_seqs,), jnp.int32)
+  page_indices = jax.ShapeDtypeStruct((max_seqs, max_pages), jnp.int32)
+  cu_q_lens = jax.ShapeDtypeStruct((max_seqs + 1,), jnp.int32)
+  num_seqs = jax.ShapeDtypeStruct((1,), jnp.int32)
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  modules = {}
+  for kind, decode_only in (("prefill", False), ("decode", True)):
+    fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=head_dim ** -0.5,
+                           sliding_window=sliding_window, soft_cap=soft_cap, backend="pallas",
+                           decode_only=decode_only)
+    [modules[kind]] = triton_modules(fn, q, pages, pages, kv_lens, page_indices, cu_q_lens,
+                                     num_seqs, layer=layer, platform=platform)
+  new = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, head_dim), dtype)
+  slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+  write = functools.partial(pallas_kernels.write_kv, backend="pallas")
+  [modules["write_kv"]] = triton_modules(write, pages, pages, new, new, slots, layer=layer,
+                                         platform=platform)
+  return modules

@@ -1,0 +1,79 @@
+"""Compiles every attention kernel for H100/H200 (sm90), A100 (sm80) and MI300 (gfx942) on this
+machine, no GPU needed, and prints what each binary uses: shared memory, registers, spills and
+matrix instructions (pallas_kernels/gpu_compile.py). Exits 1 if any kernel fails to compile,
+overflows shared memory or spills, or if an attention dot misses the matrix units.
+
+    .venv/bin/python scripts/kernel_compile_check.py [--targets sm90,gfx942] [--shapes llama3-8b]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax.numpy as jnp  # noqa: E402
+
+from pallas_kernels import gpu_compile  # noqa: E402
+
+VARIANTS = {"causal": dict(), "window+softcap": dict(sliding_window=512, soft_cap=30.0)}
+
+
+def problems(kind: str, report: gpu_compile.CompileReport) -> list[str]:
+  """What is wrong with one compiled kernel, if anything."""
+  found = []
+  if not report.fits:
+    found.append(f"shared memory {report.shared_bytes} B over "
+                 f"{gpu_compile.TARGETS[report.target].shared_limit_bytes} B")
+  if report.spill_bytes:
+    found.append(f"spills {report.spill_bytes} B")
+  if kind != "write_kv" and not report.matrix_instructions:
+    found.append("dots off the matrix units")
+  if kind == "prefill" and report.target == "sm90" and report.matrix_instructions != "HGMMA":
+    found.append("prefill without wgmma")
+  return found
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--targets", default="sm90,gfx942",
+                      help=f"any of {','.join(gpu_compile.TARGETS)}")
+  parser.add_argument("--shapes", default=",".join(gpu_compile.HEAD_SHAPES))
+  parser.add_argument("--dtypes", default="bfloat16,float32")
+  args = parser.parse_args()
+  targets = [gpu_compile.TARGETS[t] for t in args.targets.split(",")]
+  print(f"{'heads':13s} {'dtype':8s} {'variant':14s} {'kernel':8s} {'target':6s} {'warps':>5s} "
+        f"{'stages':>6s} {'smem KB':>7s} {'regs':>4s} {'spill':>5s} {'matrix':6s} problems")
+  failures, start = 0, time.time()
+  for shape in args.shapes.split(","):
+    heads = gpu_compile.HEAD_SHAPES[shape]
+    for dtype in args.dtypes.split(","):
+      for variant, options in VARIANTS.items():
+        lowered = {}
+        for target in targets:
+          if target.platform not in lowered:
+            lowered[target.platform] = gpu_compile.engine_kernels(
+                *heads, jnp.dtype(dtype), platform=target.platform, **options)
+          for kind, module in lowered[target.platform].items():
+            try:
+              report = gpu_compile.compile_module(module, target)
+            except Exception as e:  # noqa: BLE001  (report every kernel, then fail)
+              failures += 1
+              print(f"{shape:13s} {dtype:8s} {variant:14s} {kind:8s} {target.name:6s} "
+                    f"compile failed: {type(e).__name__}: {str(e)[:300]}")
+              continue
+            found = problems(kind, report)
+            failures += bool(found)
+            print(f"{shape:13s} {dtype:8s} {variant:14s} {kind:8s} {target.name:6s} "
+                  f"{report.num_warps:5d} {report.num_stages:6d} {report.shared_bytes / 1024:7.0f} "
+                  f"{report.registers:4d} {report.spill_bytes:5d} "
+                  f"{report.matrix_instructions or '-':6s} {'; '.join(found)}", flush=True)
+  print(f"{failures} problem(s); {time.time() - start:.0f} s")
+  sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,67 @@
+"""The Pallas kernels compiled to GPU machine code on this (GPU-less) machine with the `triton`
+package: H100/H200 (sm90) and MI300 (gfx942) binaries at the engine's default tiles fit in shared
+memory, spill no registers, and run their dots on the matrix units (prefill on Hopper's wgmma).
+The negative cases show that the checks see an oversized tile and a spilling kernel."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from pallas_kernels import gpu_compile, ragged_kernel
+
+pytest.importorskip("triton")
+
+SHAPES = [("llama3-8b", "bfloat16"), ("smollm2-135m", "float32"), ("smollm2-135m", "bfloat16"),
+          ("gemma3-270m", "bfloat16"), ("gemma3-270m", "float32")]
+
+
+@pytest.mark.parametrize("platform,targets", [("cuda", ["sm90"]), ("rocm", ["gfx942"])])
+@pytest.mark.parametrize("shape,dtype", SHAPES)
+def test_default_tiles_compile_without_spills(shape, dtype, platform, targets):
+  modules = gpu_compile.engine_kernels(*gpu_compile.HEAD_SHAPES[shape], jnp.dtype(dtype),
+                                       platform=platform, sliding_window=512, soft_cap=30.0)
+  assert set(modules) == {"prefill", "decode", "write_kv"}
+  for target in targets:
+    for kind, module in modules.items():
+      report = gpu_compile.compile_module(module, gpu_compile.TARGETS[target])
+      assert report.fits, (kind, report)
+      assert report.spill_bytes == 0, (kind, report)
+      assert 0 < report.registers <= gpu_compile.TARGETS[target].max_registers, (kind, report)
+      if kind == "write_kv":
+        assert report.shared_bytes == 0 and not report.matrix_instructions, report
+      else:
+        want = {"sm90": "HGMMA" if kind == "prefill" else "HMMA", "gfx942": "MFMA"}[target]
+        assert report.matrix_instructions == want, (kind, report)
+
+
+def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
+  pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
+  fn = functools.partial(ragged_kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=512,
+                         soft_cap=30.0, **tiles)
+  [module] = gpu_compile.triton_modules(
+      fn, jax.ShapeDtypeStruct((128, num_q_heads, head_dim), dtype), pages, pages,
+      jax.ShapeDtypeStruct((4,), jnp.int32), jax.ShapeDtypeStruct((4, 16), jnp.int32),
+      jax.ShapeDtypeStruct((5,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+  return module
+
+
+def test_oversized_tile_is_reported():
+  """256 rows x D=256 against 256 KV positions needs far more than Hopper's 227 KB."""
+  module = _prefill_module(4, 1, 256, jnp.bfloat16, block_q=64, block_kv=256, num_warps=8)
+  report = gpu_compile.compile_module(module, gpu_compile.TARGETS["sm90"])
+  assert not report.fits and report.shared_bytes > 227 * 1024, report
+
+
+def test_register_spills_are_reported():
+  """Llama-3-8B heads at the default 128x64 tile but 4 warps: float32 accumulators spill."""
+  module = _prefill_module(32, 8, 128, jnp.bfloat16, num_warps=4)
+  assert module.num_warps == 4
+  report = gpu_compile.compile_module(module, gpu_compile.TARGETS["sm90"])
+  assert report.spill_bytes > 0, report
+
+
+def test_module_and_target_platforms_must_agree():
+  module = _prefill_module(4, 2, 64, jnp.bfloat16)
+  with pytest.raises(ValueError, match="lowered for cuda"):
+    gpu_compile.compile_module(module, gpu_compile.TARGETS["gfx942"])

@@ -15,7 +15,7 @@ that overflows shared memory, registers that spill, a dot that falls off the ten
 The `triton` release need not match the one inside the GPU plugin; its IR parser must accept the
 module (tested with jax 0.10.2 and triton 3.6).
 
-    modules = triton_modules(fn, *args, platform="cuda")     # fn: jittable, args: arrays/shapes
+    modules = triton_modules(fn, *args, target=TARGETS["sm90"])  # args: arrays or shapes
     report = compile_module(modules[0], TARGETS["sm90"])     # -> CompileReport
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ class Target:
   name: str
   platform: str              # "cuda" | "rocm": the JAX lowering platform
   arch: int | str            # CUDA compute capability (90) or AMDGPU processor ("gfx942")
+  device_kind: str           # what jax >= 0.11 reads the lowering's target chip from
   warp_size: int
   shared_limit_bytes: int
   max_registers: int         # per thread: 255 on NVIDIA; 512 VGPRs (arch + acc) per lane on CDNA3
@@ -44,9 +45,9 @@ class Target:
 
 
 TARGETS = {
-    "sm90": Target("sm90", "cuda", 90, 32, 227 * 1024, 255, "H100, H200"),
-    "sm80": Target("sm80", "cuda", 80, 32, 163 * 1024, 255, "A100"),
-    "gfx942": Target("gfx942", "rocm", "gfx942", 64, 64 * 1024, 512, "MI300X, MI325X"),
+    "sm90": Target("sm90", "cuda", 90, "NVIDIA H100", 32, 227 * 1024, 255, "H100, H200"),
+    "sm80": Target("sm80", "cuda", 80, "NVIDIA A100", 32, 163 * 1024, 255, "A100"),
+    "gfx942": Target("gfx942", "rocm", "gfx942", "gfx942", 64, 64 * 1024, 512, "MI300X, MI325X"),
 }
 
 
@@ -57,7 +58,7 @@ class TritonModule:
   text: str
   num_warps: int
   num_stages: int
-  platform: str
+  target: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,44 +100,56 @@ def _pallas_calls(jaxpr) -> list[Any]:
   return found
 
 
-def triton_modules(fn, *args, platform: str = "cuda", **kwargs) -> list[TritonModule]:
+def lowering_device(target: Target):
+  """Context in which JAX lowers Pallas Triton kernels for `target` with no GPU present.
+
+  jax >= 0.11 reads the target chip from the abstract mesh's device and refuses to lower a Triton
+  kernel without one ("No supported GPU devices found"); jax 0.10 ignores it and assumes sm90.
+  """
+  device = jax.sharding.AbstractDevice(target.device_kind, 1, target.platform)
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), (jax.sharding.AxisType.Explicit,),
+                                   abstract_device=device)
+  return jax.sharding.use_abstract_mesh(mesh)
+
+
+def triton_modules(fn, *args, target: Target = TARGETS["sm90"], **kwargs) -> list[TritonModule]:
   """The Triton module of each pallas_call in `jax.jit(fn)(*args, **kwargs)`, in program order.
 
   args may be arrays or jax.ShapeDtypeStructs. Lowers the function once per pallas_call: JAX's
-  lowering is stopped right after it builds each kernel's module, so no GPU (and, on jax >= 0.11,
-  no GPU plugin) is needed.
+  lowering is stopped right after it builds each kernel's module, so neither a GPU nor the GPU
+  plugin is needed.
   """
-  traced = jax.jit(fn).trace(*args, **kwargs)
-  calls = _pallas_calls(traced.jaxpr.jaxpr)
   lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
   modules = []
-  for index, eqn in enumerate(calls):
-    seen = 0
+  with lowering_device(target):
+    traced = jax.jit(fn).trace(*args, **kwargs)
+    for index, eqn in enumerate(_pallas_calls(traced.jaxpr)):
+      seen = 0
 
-    def capture(*a, _index=index, **k):
-      nonlocal seen
-      result = lower(*a, **k)
-      seen += 1
-      if seen - 1 == _index:
-        raise _Captured(result.module.operation.get_asm(enable_debug_info=False))
-      return result
+      def capture(*a, _index=index, **k):
+        nonlocal seen
+        result = lower(*a, **k)
+        seen += 1
+        if seen - 1 == _index:
+          raise _Captured(result.module.operation.get_asm(enable_debug_info=False))
+        return result
 
-    pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
-    try:
-      traced.lower(lowering_platforms=(platform,))
-    except _Captured as captured:
-      text = captured.text
-    else:
-      raise RuntimeError(f"pallas_call {index} of {fn} was not lowered for {platform}")
-    finally:
-      pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
-    params = eqn.params["compiler_params"]
-    num_stages = params.num_stages if params.num_stages is not None else (
-        1 if platform == "rocm" else 3)  # JAX's defaults when a kernel names none
-    modules.append(TritonModule(
-        name=str(eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name), text=text,
-        num_warps=params.num_warps if params.num_warps is not None else 4,
-        num_stages=num_stages, platform=platform))
+      pallas_call_registration.lowering.lower_jaxpr_to_triton_module = capture
+      try:
+        traced.lower(lowering_platforms=(target.platform,))
+      except _Captured as captured:
+        text = captured.text
+      else:
+        raise RuntimeError(f"pallas_call {index} of {fn} was not lowered for {target.name}")
+      finally:
+        pallas_call_registration.lowering.lower_jaxpr_to_triton_module = lower
+      params = eqn.params["compiler_params"]
+      num_stages = params.num_stages if params.num_stages is not None else (
+          1 if target.platform == "rocm" else 3)  # JAX's defaults when a kernel names none
+      modules.append(TritonModule(
+          name=str(eqn.params.get("name") or eqn.params["jaxpr"].debug_info.func_name),
+          text=text, num_warps=params.num_warps if params.num_warps is not None else 4,
+          num_stages=num_stages, target=target.name))
   return modules
 
 
@@ -145,9 +158,8 @@ def compile_module(module: TritonModule, target: Target) -> CompileReport:
   import triton  # noqa: PLC0415  (a test-time dependency; the engine never needs it)
   from triton.backends.compiler import GPUTarget  # noqa: PLC0415
 
-  if module.platform != target.platform:
-    raise ValueError(f"module lowered for {module.platform}, target {target.name} is "
-                     f"{target.platform}")
+  if module.target != target.name:
+    raise ValueError(f"module lowered for {module.target}, not {target.name}")
   backend = "cuda" if target.platform == "cuda" else "hip"
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f"{module.name}.ttir")
@@ -203,7 +215,7 @@ HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim)
 
 
 def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
-                   platform: str = "cuda", page_size: int = 16, num_layers: int = 2,
+                   target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    ) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
@@ -230,10 +242,10 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
                            sliding_window=sliding_window, soft_cap=soft_cap, backend="pallas",
                            decode_only=decode_only)
     [modules[kind]] = triton_modules(fn, q, pages, pages, kv_lens, page_indices, cu_q_lens,
-                                     num_seqs, layer=layer, platform=platform)
+                                     num_seqs, layer=layer, target=target)
   new = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, head_dim), dtype)
   slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   write = functools.partial(pallas_kernels.write_kv, backend="pallas")
   [modules["write_kv"]] = triton_modules(write, pages, pages, new, new, slots, layer=layer,
-                                         platform=platform)
+                                         target=target)
   return modules

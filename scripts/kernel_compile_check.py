@@ -52,12 +52,9 @@ def main():
     heads = gpu_compile.HEAD_SHAPES[shape]
     for dtype in args.dtypes.split(","):
       for variant, options in VARIANTS.items():
-        lowered = {}
         for target in targets:
-          if target.platform not in lowered:
-            lowered[target.platform] = gpu_compile.engine_kernels(
-                *heads, jnp.dtype(dtype), platform=target.platform, **options)
-          for kind, module in lowered[target.platform].items():
+          modules = gpu_compile.engine_kernels(*heads, jnp.dtype(dtype), target=target, **options)
+          for kind, module in modules.items():
             try:
               report = gpu_compile.compile_module(module, target)
             except Exception as e:  # noqa: BLE001  (report every kernel, then fail)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import decode_kernel, ragged_kernel, reference, testing
+from pallas_kernels import decode_kernel, gpu_compile, ragged_kernel, reference, testing
 
 # Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
 # not page multiples, and a whole prompt as one chunk.
@@ -220,8 +220,9 @@ def test_write_kv(backend, dtype, stacked):
 
 
 # ---------------------------------------------------------------------------------------------
-# Triton lowering (Pallas -> TTIR for CUDA) at production-like shapes: catches unsupported
-# primitives and indexing on a machine without a GPU. Compiling the IR still needs a GPU.
+# Triton lowering (Pallas -> Triton IR for CUDA and ROCm) at production-like shapes: catches
+# unsupported primitives and indexing on a machine without a GPU. tests/test_kernels_compile.py
+# goes on to machine code where the triton package is installed.
 
 @pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,page_size,dtype", [
     (32, 8, 128, 16, jnp.bfloat16),   # Llama-3-8B
@@ -237,18 +238,23 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
                                       page_size=page_size, num_tokens=32, max_seqs=4)
   pages = jax.ShapeDtypeStruct((NUM_LAYERS, *batch.k_pages.shape), dtype)
   layer = jax.ShapeDtypeStruct((), jnp.int32)
-  args = [jnp.asarray(batch.q, dtype), pages, pages, *map(jnp.asarray, batch.args[3:])]
-  for decode_only in (False, True):
-    fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1, sliding_window=64,
-                           soft_cap=30.0, backend="pallas", decode_only=decode_only)
-    text = jax.jit(fn).trace(*args, layer=layer).lower(lowering_platforms=("cuda",)).as_text()
-    assert "triton" in text
+  args = [jax.ShapeDtypeStruct(batch.q.shape, dtype), pages, pages,
+          *map(jnp.asarray, batch.args[3:])]
   new = jax.ShapeDtypeStruct((32, num_kv_heads, head_dim), dtype)
   slots = jax.ShapeDtypeStruct((32,), jnp.int32)
-  fn = functools.partial(pallas_kernels.write_kv, backend="pallas")
-  text = jax.jit(fn, donate_argnums=(0, 1)).trace(pages, pages, new, new, slots, layer=layer) \
-      .lower(lowering_platforms=("cuda",)).as_text()
-  assert "triton" in text
+  for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+    names = []
+    for decode_only in (False, True):
+      fn = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=0.1,
+                             sliding_window=64, soft_cap=30.0, backend="pallas",
+                             decode_only=decode_only)
+      names += [m.name for m in gpu_compile.triton_modules(fn, *args, layer=layer, target=target)]
+    fn = functools.partial(pallas_kernels.write_kv, backend="pallas")
+    modules = gpu_compile.triton_modules(fn, pages, pages, new, new, slots, layer=layer,
+                                         target=target)
+    assert all("tt.func" in m.text for m in modules)
+    names += [m.name for m in modules]
+    assert names == ["ragged_paged_attention", "ragged_paged_decode_attention", "write_kv"], names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 # Attention-kernel check on a GPU box (jax with CUDA preinstalled, no network, < 8 minutes):
 #   1. the kernel tests in interpret mode (CPU) and the compiled Pallas kernels on the GPU;
 #   2. the benchmark table (scripts/kernel_bench.py), every call in the engine's layout: a stacked
-#      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2).
+#      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2);
+#   3. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]      (default: python from PATH, or $PYTHON)
 set -uo pipefail
@@ -23,13 +24,16 @@ step() {  # step NAME TIMEOUT_S CMD...
 "${PY}" -c 'import jax; print("jax", jax.__version__, jax.devices())' || status=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
-step "kernel tests, interpret mode (CPU)" 150 \
+step "kernel tests, interpret mode (CPU)" 100 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
 step "compiled Pallas kernels (GPU)" 120 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
-step "kernel benchmark (GPU)" 200 \
+step "kernel benchmark (GPU)" 170 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2
+step "launch-config sweep (GPU)" 70 \
+  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
+    --num-layers 2 --tune --reps 5
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

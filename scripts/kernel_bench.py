@@ -7,6 +7,13 @@ difference from the xla reference output.
 
   python scripts/kernel_bench.py            # GPU: the full table (scripts/gpu_check.sh runs it)
   python scripts/kernel_bench.py --quick    # tiny shapes, Pallas in interpret mode: CPU smoke test
+  python scripts/kernel_bench.py --tune     # GPU: launch-config sweep at the goal shapes
+
+`--tune` times our kernels under each launch configuration of TUNE_PREFILL / TUNE_DECODE /
+TUNE_SPLITS at the shapes the issue's goals name (prefill 2,048 over 8,192; decode 64 x 8k; split
+counts at 8 x 32k), so that one GPU session yields the data to set the defaults from. Every
+configuration listed compiles for sm90 without spills within shared memory
+(tests/test_kernels_compile.py checks that on the CPU), so no GPU time goes to failures.
 
 Our backends are called as the engine calls them: a stacked cache [L, Hkv, P, page_size, D]
 (`--num-layers`, default 2) and a traced int32 layer index (the last layer, so the kernels must
@@ -132,6 +139,75 @@ def jax_paged_fn(batch, *, sm_scale, interpret):
   return jax.jit(lambda q, k, v, pt, lens: fn(q * jnp.asarray(sm_scale, q.dtype), k, v, pt, lens))
 
 
+# Launch configurations swept by --tune (the first of each list is the default).
+TUNE_PREFILL = [  # (block_q tokens, block_kv positions, num_warps, num_stages); GQA 4: rows = 4 x block_q
+    (32, 64, 8, 2), (32, 64, 8, 3), (32, 128, 8, 2), (16, 128, 8, 2), (16, 64, 4, 2),
+    (32, 32, 8, 3)]
+TUNE_DECODE = [   # (block_kv positions, num_warps, num_stages)
+    (128, 4, 2), (128, 4, 3), (64, 4, 2), (64, 4, 3), (256, 8, 2), (128, 8, 3), (32, 4, 4)]
+TUNE_SPLITS = [1, 2, 4, 8, 16, 32]  # KV splits for decode at batch 8 x 32k (default: 4)
+
+
+def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_scale, copy_bw,
+         mm_flops):
+  """The --tune table: our kernels under each launch configuration, at the goal shapes."""
+  from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
+  interpret = quick
+  if quick:
+    prefill, decode, splits = (16, 48), (4, 64), (2, 96)
+    prefill_cfgs = [(4, 16, 4, 2), (8, 32, 4, 2)]
+    decode_cfgs = [(16, 4, 2), (32, 4, 2)]
+    split_counts = [1, 2]
+  else:
+    prefill, decode, splits = (2048, 8192), (64, 8192), (8, 32768)
+    prefill_cfgs, decode_cfgs, split_counts = TUNE_PREFILL, TUNE_DECODE, TUNE_SPLITS
+  runs = []
+  for block_q, block_kv, warps, stages in prefill_cfgs:
+    runs.append(("prefill", prefill, f"bq={block_q} bkv={block_kv} w={warps} s={stages}",
+                 functools.partial(ragged_kernel.ragged_paged_attention, block_q=block_q,
+                                   block_kv=block_kv, num_warps=warps, num_stages=stages)))
+  for block_kv, warps, stages in decode_cfgs:
+    runs.append(("decode", decode, f"bkv={block_kv} w={warps} s={stages}",
+                 functools.partial(decode_kernel.decode_attention, block_kv=block_kv,
+                                   num_warps=warps, num_stages=stages)))
+  for num_splits in split_counts:
+    runs.append(("decode", splits, f"splits={num_splits}",
+                 functools.partial(decode_kernel.decode_attention, num_splits=num_splits)))
+  header = f"{'case':<26} {'config':<26} {'ms':>9} {'%copy':>6} {'%mm':>6} {'max|err|':>9}"
+  print("\n" + header + "\n" + "-" * len(header))
+  key, batches = jax.random.key(1), {}
+  for kind, (a, b), label, kernel in runs:
+    if (kind, a, b) not in batches:
+      batches.clear()  # one shape's batch at a time (the 32k decode batch is large)
+      key, sub = jax.random.split(key)
+      q_lens, kv_lens = ([a], [a + b]) if kind == "prefill" else ([1] * a, [b] * a)
+      batch = make_batch(sub, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
+                         num_kv_heads=num_kv_heads, head_dim=head_dim,
+                         page_size=args.page_size, dtype=dtype, num_layers=args.num_layers)
+      call_args = (batch["q"], batch["k_all"], batch["v_all"], batch["kv_lens"],
+                   batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"])
+      ref = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=sm_scale,
+                                      backend="xla"))(*call_args, layer=batch["layer"])
+      cost = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim,
+                        jnp.dtype(dtype).itemsize)
+      batches[(kind, a, b)] = (call_args, batch["layer"], ref, cost)
+    call_args, layer, ref, (n_bytes, n_flops) = batches[(kind, a, b)]
+    name = f"{kind} {'chunk' if kind == 'prefill' else 'B'}={a} {'prefix' if kind == 'prefill' else 'ctx'}={b}"
+    fn = jax.jit(lambda *xs, kernel=kernel: kernel(*xs[:-1], layer=xs[-1], sm_scale=sm_scale,
+                                                  interpret=interpret))
+    try:
+      err = float(jnp.max(jnp.abs(fn(*call_args, layer).astype(jnp.float32)
+                                  - ref.astype(jnp.float32))))
+      seconds = time_fn(fn, *call_args, layer, reps=args.reps or (2 if quick else 7),
+                        inner=1 if quick else None)
+    except Exception as e:  # noqa: BLE001 (report and go on with the other configurations)
+      print(f"{name:<26} {label:<26} failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    print(f"{name:<26} {label:<26} {seconds * 1e3:9.3f} "
+          f"{100 * n_bytes / seconds / copy_bw:5.1f}% {100 * n_flops / seconds / mm_flops:5.1f}% "
+          f"{err:9.2e}", flush=True)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -140,6 +216,8 @@ def main(argv=None):
   parser.add_argument("--reps", type=int, default=None)
   parser.add_argument("--num-layers", type=int, default=2,
                       help="layers in the stacked cache; the last one is read")
+  parser.add_argument("--tune", action="store_true",
+                      help="sweep launch configurations at the goal shapes instead of the table")
   args = parser.parse_args(argv)
 
   quick = args.quick
@@ -164,6 +242,10 @@ def main(argv=None):
   print(f"heads: {num_q_heads} q / {num_kv_heads} kv, head_dim {head_dim}, page_size {page_size}, "
         f"bfloat16, stacked cache of {args.num_layers} layers (the last one read); GB/s and "
         f"TFLOP/s from ideal bytes/FLOPs (docs/kernels.md)")
+  if args.tune:
+    tune(args, quick=quick, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads,
+         head_dim=head_dim, dtype=dtype, sm_scale=sm_scale, copy_bw=copy_bw, mm_flops=mm_flops)
+    return
   header = (f"{'case':<26} {'backend':<17} {'ms':>9} {'GB/s':>8} {'%copy':>6} {'TFLOP/s':>8} "
             f"{'%mm':>6} {'max|err|':>9}")
   print(header)

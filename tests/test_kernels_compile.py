@@ -3,12 +3,14 @@ package: H100/H200 (sm90) and MI300 (gfx942) binaries at the engine's default ti
 memory, spill no registers, and run their dots on the matrix units (prefill on Hopper's wgmma).
 The negative cases show that the checks see an oversized tile and a spilling kernel."""
 import functools
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
 import pytest
 
-from pallas_kernels import gpu_compile, ragged_kernel
+from pallas_kernels import decode_kernel, gpu_compile, ragged_kernel
 
 pytest.importorskip("triton")
 
@@ -65,3 +67,38 @@ def test_module_and_target_platforms_must_agree():
   module = _prefill_module(4, 2, 64, jnp.bfloat16)
   with pytest.raises(ValueError, match="lowered for sm90, not gfx942"):
     gpu_compile.compile_module(module, gpu_compile.TARGETS["gfx942"])
+
+
+def _kernel_bench():
+  spec = importlib.util.spec_from_file_location(
+      "kernel_bench", pathlib.Path(__file__).parent.parent / "scripts" / "kernel_bench.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_tuning_sweep_configs_compile_without_spills():
+  """Every launch configuration gpu_check.sh sweeps (kernel_bench.py --tune) is viable on sm90,
+  so the rare GPU minutes never go to a kernel that cannot run or spills."""
+  bench = _kernel_bench()
+  target = gpu_compile.TARGETS["sm90"]
+  hq, hkv, d, dtype = 32, 8, 128, jnp.bfloat16
+  pages = jax.ShapeDtypeStruct((2, hkv, 1024, 16, d), dtype)
+
+  def shapes(num_tokens, num_seqs):
+    return (jax.ShapeDtypeStruct((num_tokens, hq, d), dtype), pages, pages,
+            jax.ShapeDtypeStruct((num_seqs,), jnp.int32),
+            jax.ShapeDtypeStruct((num_seqs, 64), jnp.int32),
+            jax.ShapeDtypeStruct((num_seqs + 1,), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+
+  layer = jax.ShapeDtypeStruct((), jnp.int32)
+  runs = [(functools.partial(ragged_kernel.ragged_paged_attention, block_q=bq, block_kv=bkv,
+                             num_warps=w, num_stages=s), shapes(2048, 1))
+          for bq, bkv, w, s in bench.TUNE_PREFILL]
+  runs += [(functools.partial(decode_kernel.decode_attention, block_kv=bkv, num_warps=w,
+                              num_stages=s), shapes(64, 64)) for bkv, w, s in bench.TUNE_DECODE]
+  for kernel, args in runs:
+    [module] = gpu_compile.triton_modules(functools.partial(kernel, sm_scale=0.1), *args,
+                                          layer=layer, target=target)
+    report = gpu_compile.compile_module(module, target)
+    assert report.fits and report.spill_bytes == 0, (kernel.keywords, report)

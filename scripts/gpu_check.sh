@@ -24,14 +24,14 @@ step() {  # step NAME TIMEOUT_S CMD...
 "${PY}" -c 'import jax; print("jax", jax.__version__, jax.devices())' || status=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
-step "kernel tests, interpret mode (CPU)" 100 \
+step "kernel tests, interpret mode (CPU)" 90 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
-step "compiled Pallas kernels (GPU)" 120 \
+step "compiled Pallas kernels and the engine (GPU)" 150 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
 step "kernel benchmark (GPU)" 170 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2
-step "launch-config sweep (GPU)" 70 \
+step "launch-config sweep (GPU)" 60 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2 --tune --reps 5
 

@@ -5,10 +5,10 @@
 #      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2);
 #   3. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
-# Usage: bash scripts/gpu_check.sh [python]      (default: python from PATH, or $PYTHON)
+# Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY="${1:-${PYTHON:-python}}"
+PY="${1:-${PYTHON:-$(command -v python || command -v python3)}}"
 status=0
 
 step() {  # step NAME TIMEOUT_S CMD...

@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         engine.follow()
         return 0
     max_waiting = 4 * config.scheduler.max_running  # requests are fed as the batch drains, not all at once
-    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0)
+    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0, streamed=0)
     t0 = time.perf_counter()
     pending: dict[str, str] = {}  # engine request id -> user id
 
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         def drain(limit: int) -> None:
             while len(pending) > limit:
                 for r in engine.step():
+                    if r.request_id in pending:
+                        totals["streamed"] += len(r.delta_token_ids)  # live rate counts unfinished requests too
                     if not r.finished or r.request_id not in pending:
                         continue
                     rid = pending.pop(r.request_id)
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                           "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens})
                 elapsed = time.perf_counter() - t0
                 hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
-                bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}", running=len(pending))
+                bar.set_postfix(tok_s=f"{totals['streamed'] / elapsed:.1f}", hit=f"{hit:.0%}", running=len(pending))
 
         try:
             seen: set[str] = set(done)

@@ -7,25 +7,19 @@ hash of each page (`block_hash.page_hashes`, chained from the parent's last hash
 keyed by the tokens of their first page, so siblings always differ in their first page.
 
 Ownership: the tree holds exactly ONE pool reference on every page it stores; callers keep and drop
-their own. Locks protect a path from eviction: `lock(node)` counts on the node and every ancestor,
-so a locked node's ancestors are locked too, and the evictable pages are exactly those of nodes
-with `lock_count == 0`, which always form whole subtrees.
-
-Eviction takes pages from the tail of the least recently used unlocked leaf, through a heap of
-candidate leaves with lazy invalidation (an entry is stale once its node is accessed again,
-gains a child, gets locked or leaves the tree). Recency is a monotonic counter stamped on the
-whole path by `match` and `insert`, so a parent is never older than its children.
+their own. Locks, splits and LRU leaf eviction are `engine.prefix_tree.PrefixTree`'s (shared with
+the router simulator's HashCache): `lock(node)` pins a path, `evict(n)` takes pages off the tail
+of the least recently used unlocked leaf, and `match` / `insert` stamp the path they walk.
 """
 
 from __future__ import annotations
 
-import heapq
-import itertools
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 from engine.block_hash import page_hashes
 from engine.page_pool import PagePool
+from engine.prefix_tree import Edge, PrefixTree
 
 
 @dataclass(frozen=True)
@@ -41,23 +35,21 @@ class CacheEvent:
     namespace: str | None
 
 
-class _Node:
+class _Node(Edge):
     """One edge of the tree. A root has no parent, no tokens and no pages."""
 
-    __slots__ = ("tokens", "pages", "hashes", "parent", "children", "namespace", "lock_count",
-                 "last_access", "alive")
+    __slots__ = ("tokens", "pages", "hashes", "namespace")
 
     def __init__(self, tokens: tuple[int, ...], pages: list[int], hashes: list[int],
                  parent: _Node | None, namespace: str | None, last_access: int) -> None:
+        super().__init__(parent, last_access)
         self.tokens = tokens  # NOTE: len(tokens) == len(pages) * page_size, >= 1 page except roots
         self.pages = pages
         self.hashes = hashes  # hashes[i] names pages[i]: chained over the whole path to it
-        self.parent = parent
-        self.children: dict[tuple[int, ...], _Node] = {}  # first page's tokens -> child
         self.namespace = namespace
-        self.lock_count = 0  # locks on this node plus locks on all its descendants
-        self.last_access = last_access
-        self.alive = True  # False once evicted (or, for a root, pruned): stale handle
+
+    def num_pages(self) -> int:
+        return len(self.pages)
 
     def last_hash(self) -> int | None:
         return self.hashes[-1] if self.hashes else None
@@ -72,32 +64,17 @@ class MatchResult:
     node: _Node
 
 
-class RadixCache:
+class RadixCache(PrefixTree):
     """Prefix cache over a `PagePool`. Not thread safe: the scheduler is its only caller."""
 
     def __init__(self, pool: PagePool, page_size: int) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
+        super().__init__()
         self.pool = pool
         self.page_size = page_size
         self._roots: dict[str | None, _Node] = {}
-        self._clock = 0
-        self._heap: list[tuple[int, int, _Node]] = []  # (last_access, tiebreak, candidate leaf)
-        self._tiebreak = itertools.count()
         self._events: list[CacheEvent] = []
-        # NOTE: maintained counters; check_invariants recounts them from the tree.
-        self._num_nodes = 0  # non-root nodes
-        self._num_cached_pages = 0
-        self._num_evictable_pages = 0  # pages of nodes with lock_count == 0
-
-    @property
-    def num_cached_pages(self) -> int:
-        return self._num_cached_pages
-
-    @property
-    def num_evictable_pages(self) -> int:
-        """Pages `evict` can release right now: all pages of unlocked nodes."""
-        return self._num_evictable_pages
 
     # --- lookup and insertion ------------------------------------------------------------------
 
@@ -132,68 +109,20 @@ class RadixCache:
             parent_hash = node.last_hash()
             hashes = page_hashes(tokens[num_cached:], ps, namespace, parent=parent_hash)
             self.pool.ref(new_pages)  # NOTE: the tree's one reference on each page it stores
-            leaf = _Node(tokens[num_cached:], new_pages, hashes, node, namespace, self._clock)
-            node.children[leaf.tokens[:ps]] = leaf
-            self._num_nodes += 1
-            self._num_cached_pages += len(new_pages)
-            self._num_evictable_pages += len(new_pages)
-            self._push(leaf)
+            self._add_leaf(node, _Node(tokens[num_cached:], new_pages, hashes, node, namespace,
+                                       self._clock))
             self._events.append(CacheEvent("stored", tuple(hashes), parent_hash, namespace))
         return num_cached
 
-    # --- locks ---------------------------------------------------------------------------------
-
-    def lock(self, node: _Node) -> None:
-        """Pin `node` and all its ancestors against eviction (counted: lock twice, unlock twice)."""
-        self._check_handle(node)
-        while node is not None:
-            if node.lock_count == 0:
-                self._num_evictable_pages -= len(node.pages)
-            node.lock_count += 1
-            node = node.parent
-
-    def unlock(self, node: _Node) -> None:
-        """Undo one `lock(node)`."""
-        self._check_handle(node)
-        # NOTE: ancestors' counts are >= node's, so checking node alone validates the whole path.
-        if node.lock_count < 1:
-            raise ValueError("unlock of a node that is not locked")
-        bottom = node
-        while node is not None:
-            node.lock_count -= 1
-            if node.lock_count == 0:
-                self._num_evictable_pages += len(node.pages)
-            node = node.parent
-        if bottom.lock_count == 0 and bottom.parent is not None and not bottom.children:
-            self._push(bottom)  # an unlocked leaf is an eviction candidate again
-
-    # --- eviction ------------------------------------------------------------------------------
-
-    def evict(self, num_pages: int) -> int:
-        """Release up to `num_pages` pages, LRU leaf first; return how many were released.
-
-        Pages come off the tail of a leaf, so exactly min(num_pages, num_evictable_pages) go.
-        """
-        released = 0
-        while released < num_pages and self._heap:
-            stamp, _, node = heapq.heappop(self._heap)
-            if not self._is_candidate(stamp, node):
-                continue  # stale entry: lazy invalidation
-            take = min(num_pages - released, len(node.pages))
-            self._trim(node, take)
-            released += take
-            if node.alive:
-                self._push(node)  # partly trimmed: still the LRU candidate
-        return released
+    # --- reset and inspection ------------------------------------------------------------------
 
     def reset(self) -> None:
         """Evict every unlocked page; locked paths (running requests) stay."""
         self.evict(self._num_evictable_pages)
         for root in list(self._roots.values()):
             if not root.children and root.lock_count == 0:
-                self._prune_root(root)
-        self._heap = [e for e in self._heap if self._is_candidate(e[0], e[2])]
-        heapq.heapify(self._heap)
+                self._root_emptied(root)
+        self._compact_heap()
 
     def held_pages(self) -> list[int]:
         """Every page the tree holds a reference on. Scans the tree: debug checks and tests only."""
@@ -216,11 +145,11 @@ class RadixCache:
         """Follow the full pages of `tokens` down from the root, splitting where the match ends
         mid-edge, and stamp the path as just used. Returns (deepest node, tokens matched, pages)."""
         ps = self.page_size
-        self._clock += 1
+        clock = self._tick()
         node = self._roots.get(namespace)
         if node is None:
             node = self._roots[namespace] = _Node((), [], [], None, namespace, 0)
-        node.last_access = self._clock
+        node.last_access = clock
         pos, pages = 0, []
         while pos < len(tokens):
             child = node.children.get(tokens[pos : pos + ps])
@@ -236,75 +165,36 @@ class RadixCache:
                 if n < len(child.pages):
                     child = self._split(child, n)
             # NOTE: stamping the whole path keeps every parent at least as recent as its children.
-            child.last_access = self._clock
+            child.last_access = clock
             pages.extend(child.pages)
             pos += len(child.tokens)
             node = child
-        if node.parent is not None and not node.children and node.lock_count == 0:
-            self._push(node)  # its stamp changed: the old heap entry is now stale
+        self._walked_to(node)
         return node, pos, pages
 
-    def _split(self, node: _Node, n: int) -> _Node:
-        """Cut `node` after its first `n` pages; return the new upper half.
+    def _key(self, node: _Node) -> tuple[int, ...]:
+        return node.tokens[: self.page_size]
 
-        The original object stays the lower half, so handles keep naming the same path end, and
-        its heap entries stay valid (same node, same stamp).
-        """
-        ps = self.page_size
-        cut = n * ps
-        upper = _Node(node.tokens[:cut], node.pages[:n], node.hashes[:n], node.parent,
-                      node.namespace, node.last_access)
-        # NOTE: every lock through `node` also passes through `upper`, so it inherits the count.
-        upper.lock_count = node.lock_count
-        node.parent.children[upper.tokens[:ps]] = upper
+    def _cut(self, node: _Node, n: int) -> _Node:
+        cut = n * self.page_size
+        upper = _Node(node.tokens[:cut], node.pages[:n], node.hashes[:n], None, node.namespace, 0)
         node.tokens, node.pages, node.hashes = node.tokens[cut:], node.pages[n:], node.hashes[n:]
-        node.parent = upper
-        upper.children[node.tokens[:ps]] = node
-        self._num_nodes += 1
         return upper
 
-    def _trim(self, node: _Node, n: int) -> None:
-        """Drop the last `n` pages of unlocked leaf `node`; remove it from the tree when empty."""
-        ps = self.page_size
+    def _drop_tail(self, node: _Node, n: int) -> None:
         keep = len(node.pages) - n
-        key = node.tokens[:ps]
         gone_pages, gone_hashes = node.pages[keep:], node.hashes[keep:]
         parent_hash = node.hashes[keep - 1] if keep else node.parent.last_hash()
-        node.tokens, node.pages = node.tokens[: keep * ps], node.pages[:keep]
-        node.hashes = node.hashes[:keep]
+        node.tokens = node.tokens[: keep * self.page_size]
+        node.pages, node.hashes = node.pages[:keep], node.hashes[:keep]
         self.pool.unref(gone_pages)  # NOTE: drops the tree's one reference on each page
-        self._num_cached_pages -= n
-        self._num_evictable_pages -= n
         self._events.append(CacheEvent("removed", tuple(gone_hashes), parent_hash, node.namespace))
-        if keep:
-            return
-        parent = node.parent
-        del parent.children[key]
-        node.alive = False
-        self._num_nodes -= 1
-        if not parent.children and parent.lock_count == 0:
-            if parent.parent is None:
-                self._prune_root(parent)
-            else:
-                self._push(parent)  # a parent becomes a candidate once its children are gone
 
-    def _prune_root(self, root: _Node) -> None:
+    def _root_emptied(self, root: _Node) -> None:
         """Forget an empty, unlocked namespace root, so namespaces seen once do not pile up."""
         if self._roots.get(root.namespace) is root:
             del self._roots[root.namespace]
             root.alive = False
-
-    def _is_candidate(self, stamp: int, node: _Node) -> bool:
-        return (node.alive and node.parent is not None and not node.children
-                and node.lock_count == 0 and stamp == node.last_access)
-
-    def _push(self, node: _Node) -> None:
-        heapq.heappush(self._heap, (node.last_access, next(self._tiebreak), node))
-        if len(self._heap) > 2 * self._num_nodes + 64:
-            # Compact stale entries (and duplicates); amortized O(1) per push, no tree scan.
-            live = {id(e[2]): e for e in self._heap if self._is_candidate(e[0], e[2])}
-            self._heap = list(live.values())
-            heapq.heapify(self._heap)
 
     def _check_handle(self, node: _Node) -> None:
         if not isinstance(node, _Node) or not node.alive:
@@ -314,38 +204,20 @@ class RadixCache:
         """Assert the tree's structure and counters. Scans everything: debug and tests only."""
         ps = self.page_size
         seen_pages: set[int] = set()
-        num_nodes = num_pages = num_evictable = 0
-        leaves: set[int] = set()  # ids of unlocked non-root leaves: must be heap candidates
         for namespace, root in self._roots.items():
             assert root.alive and root.parent is None and root.namespace == namespace
             assert not root.tokens and not root.pages and not root.hashes
             stack = [root]
             while stack:
                 node = stack.pop()
-                child_locks = 0
-                for key, child in node.children.items():
-                    assert child.alive and child.parent is node and child.namespace == namespace
-                    assert child.pages and len(child.tokens) == len(child.pages) * ps, "ragged edge"
-                    assert key == child.tokens[:ps], "child not keyed by its first page"
+                for child in node.children.values():
+                    assert child.namespace == namespace
+                    assert len(child.tokens) == len(child.pages) * ps, "ragged edge"
                     hashes = page_hashes(child.tokens, ps, namespace, node.last_hash())
                     assert child.hashes == hashes, "block hashes do not chain"
-                    assert child.last_access <= node.last_access, "child more recent than parent"
                     for page in child.pages:
                         assert page not in seen_pages, f"page {page} stored twice in the tree"
                         assert self.pool.refcount(page) >= 1, f"tree page {page} is free"
                         seen_pages.add(page)
-                    child_locks += child.lock_count
                     stack.append(child)
-                assert node.lock_count >= child_locks, "lock count below its children's sum"
-                if node is not root:
-                    num_nodes += 1
-                    num_pages += len(node.pages)
-                    if node.lock_count == 0:
-                        num_evictable += len(node.pages)
-                        if not node.children:
-                            leaves.add(id(node))
-        assert num_nodes == self._num_nodes, "node count drifted"
-        assert num_pages == self._num_cached_pages, "num_cached_pages drifted"
-        assert num_evictable == self._num_evictable_pages, "num_evictable_pages drifted"
-        in_heap = {id(node) for stamp, _, node in self._heap if self._is_candidate(stamp, node)}
-        assert leaves <= in_heap, "an evictable leaf is missing from the eviction heap"
+        self._check_counters(self._roots.values())

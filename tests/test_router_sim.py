@@ -54,6 +54,7 @@ def test_hash_cache_matches_radix_cache(seed):
         ev_fast, fast.events[:] = list(fast.events), []
         assert ev_fast == ev_ref
     ref.check_invariants()
+    fast.check_invariants()
 
 
 def test_trace_shapes():

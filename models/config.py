@@ -1,8 +1,10 @@
 """Architecture of a Llama-family decoder, read from an HF `config.json` or from GGUF metadata.
 
 One frozen dataclass describes every model the forward pass supports: Llama 2/3 (with Llama 3 RoPE
-scaling), Mistral, Qwen2/2.5 (q/k/v biases) and SmolLM2 (tied embeddings), GQA of any ratio and any
-head_dim. Unsupported architectures fail here, naming the source and the field.
+scaling), Mistral, Qwen2/2.5 (q/k/v biases), SmolLM2 (tied embeddings) and Gemma 3 (q/k norms,
+sandwich norms, GELU, scaled embeddings, sliding-window layers interleaved with global ones, each
+kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported architectures fail
+here, naming the source and the field.
 """
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ from typing import Any, Mapping
 import numpy as np
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+HIDDEN_ACTS = ("silu", "gelu_tanh")
+# Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on; its GGUF
+# metadata says neither this nor the local RoPE base (llama.cpp hard-codes both the same way).
+GEMMA3_SLIDING_PATTERN = 6
+GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
 class ConfigError(ValueError):
@@ -53,7 +60,14 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
     max_position: int = 4096
-    sliding_window: int | None = None  # Mistral-style window over all layers; None = full attention
+    sliding_window: int | None = None  # window of the windowed layers; None = full attention
+    sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
+    rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh" (gated MLP either way)
+    qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Gemma 3)
+    sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
+    embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -67,6 +81,23 @@ class LlamaConfig:
             raise ConfigError(f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
+        object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        if self.sliding_layers:
+            if len(self.sliding_layers) != self.num_layers:
+                raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+            if self.sliding_window is None:
+                raise ConfigError("sliding_layers is set but sliding_window is not")
+
+    @property
+    def sm_scale(self) -> float:
+        return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def mixed_windows(self) -> bool:
+        """Some layers are windowed and some are not: the window is chosen per layer at run time."""
+        return self.sliding_window is not None and bool(self.sliding_layers) and not all(self.sliding_layers)
 
     @property
     def q_size(self) -> int:
@@ -82,14 +113,18 @@ class LlamaConfig:
         per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += 3 * h * self.intermediate_size + 2 * h
+        per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return embed + self.num_layers * per_layer + h
 
-    def rope_inv_freq(self) -> np.ndarray:
-        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained."""
-        inv_freq = 1.0 / (self.rope_theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+    def rope_inv_freq(self, local: bool = False) -> np.ndarray:
+        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained.
+
+        local: those of the sliding-window layers (their own base, never scaled, as in Gemma 3)."""
+        theta = self.rope_local_theta if local and self.rope_local_theta else self.rope_theta
+        inv_freq = 1.0 / (theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
         s = self.rope_scaling
-        if s is None:
+        if s is None or (local and self.rope_local_theta):
             return inv_freq
         if s.rope_type == "linear":
             return inv_freq / s.factor
@@ -107,8 +142,11 @@ class LlamaConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type llama, mistral or qwen2)."""
         arch = cfg.get("model_type")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        if arch == "gemma3_text":
+            return _gemma3_from_hf(cfg, source)
+        if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
+            raise ConfigError(f"{source}: model_type={arch!r} is not supported "
+                              f"(supported: llama, mistral, qwen2, gemma3_text)")
 
         def need(key):
             if key not in cfg:
@@ -144,8 +182,8 @@ class LlamaConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture` llama or qwen2; Mistral GGUFs say llama)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2"):
-            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2)")
+        if arch not in ("llama", "qwen2", "gemma3"):
+            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2, gemma3)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -163,12 +201,23 @@ class LlamaConfig:
         if meta.get(f"{arch}.rope.scaling.type") == "linear":
             scaling = RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
         window = meta.get(f"{arch}.attention.sliding_window")
+        num_layers = int(need("block_count"))
+        gemma = {}
+        if arch == "gemma3":
+            # NOTE: llama.cpp stores Gemma's norm weights as 1 + w, so RMSNorm multiplies by them as is.
+            gemma = dict(
+                sliding_layers=tuple((i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(num_layers)),
+                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, hidden_act="gelu_tanh", qk_norm=True,
+                sandwich_norms=True, embed_scale=math.sqrt(hidden),
+                # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden / heads).
+                query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
+            )
         return cls(
             architecture=arch,
             vocab_size=int(vocab),
             hidden_size=hidden,
             intermediate_size=int(need("feed_forward_length")),
-            num_layers=int(need("block_count")),
+            num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
             head_dim=head_dim,
@@ -179,6 +228,7 @@ class LlamaConfig:
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             max_position=int(meta.get(f"{arch}.context_length", 4096)),
             sliding_window=int(window) if window else None,
+            **gemma,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,7 +239,61 @@ class LlamaConfig:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
+
+
+def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """An HF `gemma3_text` config.json (transformers 4.5x `rope_theta` / `rope_local_base_freq`, or
+    transformers 5 `rope_parameters` per layer type)."""
+
+    def need(key):
+        if key not in cfg:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if cfg.get(key):
+            raise ConfigError(f"{source}: {key}={cfg[key]} is not supported")
+    if cfg.get("use_bidirectional_attention"):
+        raise ConfigError(f"{source}: use_bidirectional_attention is not supported (a causal decoder only)")
+    num_layers = int(need("num_hidden_layers"))
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % cfg.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN) else "full_attention"
+        for i in range(num_layers)
+    ]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
+    rope = cfg.get("rope_parameters") or {}
+    full = rope.get("full_attention", rope)
+    local = rope.get("sliding_attention", {})
+    hidden = int(need("hidden_size"))
+    return LlamaConfig(
+        architecture="gemma3",
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=int(need("num_attention_heads")),
+        num_kv_heads=int(need("num_key_value_heads")),
+        head_dim=int(need("head_dim")),
+        rope_theta=float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))),
+        rope_scaling=_rope_scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bool(cfg.get("attention_bias", False)),
+        max_position=int(cfg.get("max_position_embeddings", 131072)),
+        sliding_window=int(need("sliding_window")),
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        rope_local_theta=float(local.get("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA))),
+        hidden_act="gelu_tanh" if cfg.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
+        else str(cfg.get("hidden_activation")),
+        qk_norm=True,
+        sandwich_norms=True,
+        embed_scale=math.sqrt(hidden),
+        query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+    )
 
 
 def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str) -> RopeScaling | None:

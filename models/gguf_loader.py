@@ -48,6 +48,8 @@ GGUF_NAMES = {
     "wv": "blk.{i}.attn_v.weight", "wo": "blk.{i}.attn_output.weight", "mlp_norm": "blk.{i}.ffn_norm.weight",
     "w_gate": "blk.{i}.ffn_gate.weight", "w_up": "blk.{i}.ffn_up.weight", "w_down": "blk.{i}.ffn_down.weight",
     "bq": "blk.{i}.attn_q.bias", "bk": "blk.{i}.attn_k.bias", "bv": "blk.{i}.attn_v.bias",
+    "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
+    "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
 }
 
 
@@ -64,6 +66,9 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
     reader = open_gguf(path)
     meta = gguf_metadata(reader)
     tensors = {t.name: t for t in reader.tensors}
+    arch = meta.get("general.architecture")
+    if f"{arch}.vocab_size" not in meta and "token_embd.weight" in tensors:
+        meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[-1])  # [hidden, vocab], fastest first
     try:
         cfg = LlamaConfig.from_gguf_metadata(meta, set(tensors), source=path)
     except ConfigError:

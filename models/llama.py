@@ -27,6 +27,7 @@ import numpy as np
 
 import pallas_kernels
 from models.config import LlamaConfig
+from models.weights import NORM_KEYS
 
 Params = dict
 KVCache = tuple  # (k_pages, v_pages), each [L, Hkv, num_pages, page_size, D]
@@ -63,6 +64,10 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     }
     if cfg.attention_bias:
         layers |= {"bq": (n, cfg.q_size), "bk": (n, cfg.kv_size), "bv": (n, cfg.kv_size)}
+    if cfg.qk_norm:
+        layers |= {"q_norm": (n, cfg.head_dim), "k_norm": (n, cfg.head_dim)}
+    if cfg.sandwich_norms:
+        layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
     shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -74,7 +79,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
-    norms = {"attn_norm", "mlp_norm", "final_norm"}
+    norms = NORM_KEYS
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
     arrays = [
         (1.0 + scale * jax.random.normal(k, s)) if any(n in path for n in norms) else scale * jax.random.normal(k, s)
@@ -114,36 +119,65 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-# (layer index, q [T, Hq, D], k/v [T, Hkv, D], carry) -> (out [T, Hq, D], carry)
-AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# (layer index, sliding window, q [T, Hq, D], k/v [T, Hkv, D], carry) -> (out [T, Hq, D], carry)
+AttentionFn = Callable[[jax.Array, Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+# The window of a global layer among windowed ones (Gemma 3): wider than any context.
+NO_WINDOW = 1 << 30
+
+
+def layer_window(cfg: LlamaConfig, windowed: jax.Array | None):
+    """The sliding window attention gets for a layer: None (static: no window anywhere), an int
+    (static: the same window on every layer), or, when windowed and global layers mix, an int32
+    scalar chosen per layer at run time (`windowed`: that layer's traced flag)."""
+    if cfg.sliding_window is None or (cfg.sliding_layers and not any(cfg.sliding_layers)):
+        return None
+    if cfg.mixed_windows:
+        return jnp.where(windowed, jnp.int32(cfg.sliding_window), jnp.int32(NO_WINDOW))
+    return cfg.sliding_window
+
+
+def _mlp(cfg: LlamaConfig, h: jax.Array, p: Params) -> jax.Array:
+    gate = h @ p["w_gate"]
+    act = jax.nn.gelu(gate, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(gate)
+    return (act * (h @ p["w_up"])) @ p["w_down"]
 
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
              carry: Any = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step)."""
-    inv_freq = cfg.rope_inv_freq()
-    t = tokens.shape[0]
+    t, eps = tokens.shape[0], cfg.rms_norm_eps
+    # Windowed layers may have their own RoPE base (Gemma 3): pick the table per layer.
+    inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, D/2]
+    windowed = np.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
 
     def layer(state, xs):
         x, carry = state
-        p, i = xs
-        h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
+        p, i, is_windowed = xs
+        h = rms_norm(x, p["attn_norm"], eps)
         q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
         if cfg.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-        q = apply_rope(q.reshape(t, cfg.num_heads, cfg.head_dim), positions, inv_freq)
-        k = apply_rope(k.reshape(t, cfg.num_kv_heads, cfg.head_dim), positions, inv_freq)
+        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+        inv_freq = jnp.asarray(inv_freqs, jnp.float32)[is_windowed.astype(jnp.int32)]
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        o, carry = attend(i, q, k, v, carry)
-        x = x + o.reshape(t, cfg.q_size) @ p["wo"]
-        h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
-        x = x + (jax.nn.silu(h @ p["w_gate"]) * (h @ p["w_up"])) @ p["w_down"]
+        o, carry = attend(i, layer_window(cfg, is_windowed), q, k, v, carry)
+        o = o.reshape(t, cfg.q_size) @ p["wo"]
+        x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
+        o = _mlp(cfg, rms_norm(x, p["mlp_norm"], eps), p)
+        x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         return (x, carry), None
 
     x = params["embed"][tokens]  # [T, H]
+    if cfg.embed_scale != 1.0:
+        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids))
+    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed)))
     return x, carry
 
 
@@ -162,13 +196,16 @@ def forward(
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
-    sm_scale = cfg.head_dim**-0.5
+    # A window that is the same on every layer stays a static int (or None); mixed windowed and global
+    # layers (Gemma 3) pass it per layer as a traced scalar.
+    static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
-    def local_attention(i, q, k, v, k_pages, v_pages, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+    def local_attention(i, window, q, k, v, k_pages, v_pages, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+        window = window if cfg.mixed_windows else static_window
         k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots, backend=attn_backend, layer=i)
         out = pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-            sm_scale=sm_scale, sliding_window=cfg.sliding_window, backend=attn_backend, layer=i,
+            sm_scale=cfg.sm_scale, sliding_window=window, backend=attn_backend, layer=i,
         )
         return out, k_pages, v_pages
 
@@ -180,14 +217,14 @@ def forward(
         heads = P(None, AXIS, None)  # [T, H, D] split by head
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), heads, heads, heads, KV_SPEC, KV_SPEC, P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), heads, heads, heads, KV_SPEC, KV_SPEC, P(), P(), P(), P(), P()),
             out_specs=(heads, KV_SPEC, KV_SPEC),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
 
-    def attend(i, q, k, v, kv):
+    def attend(i, window, q, k, v, kv):
         out, k_pages, v_pages = local_attention(
-            i, q, k, v, *kv, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
+            i, window if cfg.mixed_windows else jnp.int32(0), q, k, v, *kv, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
         return out, (k_pages, v_pages)
 
@@ -195,12 +232,14 @@ def forward(
     return x[inputs.logits_indices], kv_caches
 
 
-def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window: int | None = None) -> jax.Array:
+def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,
+                           sm_scale: float | None = None) -> jax.Array:
     """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
     t, hq, d = q.shape
     group = hq // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
-    scores = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k.astype(jnp.float32)) * d**-0.5
+    scale = d**-0.5 if sm_scale is None else sm_scale
+    scores = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
     qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     mask = ki <= qi
     if sliding_window is not None:
@@ -213,5 +252,6 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    x, _ = _decoder(params, cfg, tokens, positions, lambda i, q, k, v, c: (dense_causal_attention(q, k, v, cfg.sliding_window), c))
+    x, _ = _decoder(params, cfg, tokens, positions,
+                    lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale), c))
     return compute_logits(params, cfg, x)

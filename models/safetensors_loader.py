@@ -9,7 +9,7 @@ import numpy as np
 
 from models.config import LlamaConfig
 from models.gguf_loader import CheckpointError
-from models.weights import assemble
+from models.weights import NORM_KEYS, assemble
 
 
 HF_NAMES = {
@@ -20,6 +20,14 @@ HF_NAMES = {
     "bq": "model.layers.{i}.self_attn.q_proj.bias", "bk": "model.layers.{i}.self_attn.k_proj.bias",
     "bv": "model.layers.{i}.self_attn.v_proj.bias", "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Gemma 3 names its four norms differently (and Llama's "post_attention" norm is its pre-MLP one).
+GEMMA3_NAMES = {
+    **HF_NAMES,
+    "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 
@@ -66,9 +74,13 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
         except SafetensorError as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
 
+    gemma = cfg.architecture == "gemma3"
+
     def read(key: str, name: str) -> np.ndarray:
         if name not in tensors:
             raise CheckpointError(f"{directory}: missing tensor {name!r}")
-        return tensors[name]
+        # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
+        # (llama.cpp's GGUFs store 1 + w too).
+        return tensors[name] + 1.0 if gemma and key in NORM_KEYS else tensors[name]
 
-    return cfg, assemble(cfg, HF_NAMES, read, dtype)
+    return cfg, assemble(cfg, GEMMA3_NAMES if gemma else HF_NAMES, read, dtype)

@@ -14,6 +14,15 @@ from models.config import LlamaConfig
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
+QK_NORM_KEYS = ("q_norm", "k_norm")
+SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
+NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
+
+
+def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
+    """The per-layer weights a config needs."""
+    return (LAYER_KEYS + (BIAS_KEYS if cfg.attention_bias else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
+            + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
 
 
@@ -24,8 +33,7 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
         arr = read(key, names[key].format(i=i))
         return arr.T if key in TRANSPOSED else arr
 
-    keys = LAYER_KEYS + (BIAS_KEYS if cfg.attention_bias else ())
-    layers = {k: np.stack([load(k, i) for i in range(cfg.num_layers)]) for k in keys}
+    layers = {k: np.stack([load(k, i) for i in range(cfg.num_layers)]) for k in layer_keys(cfg)}
     params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")

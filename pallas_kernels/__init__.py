@@ -29,7 +29,7 @@ def resolve_backend(name: str) -> str:
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None,
+                           sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
                            decode_only: bool = False, layer: jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
@@ -40,7 +40,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   num_seqs [1] int32: sequences at index >= num_seqs[0] are padding (kv_len 0, empty chunk).
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and attends to KV positions
-  [0, pos] (only those > pos - sliding_window when a window is given). soft_cap applies
+  [0, pos] (only those > pos - sliding_window when a window is given; the window may be an int32
+  scalar traced per layer, e.g. Gemma 3's windowed and global layers under one scan). soft_cap applies
   soft_cap * tanh(score / soft_cap) before masking. q head h reads kv head h // (Hq // Hkv).
   Rows past cu_q_lens[num_seqs] are padding: their output is finite but unspecified.
 

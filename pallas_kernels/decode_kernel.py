@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_tile, next_pow2,
-                                          stacked_cache)
+                                          stacked_cache, window_input)
 from pallas_kernels.reference import token_metadata
 
 
@@ -38,13 +38,14 @@ def _decode_kernel(
     pos_ref,     # []   absolute position of this row (-1: padding row)
     pages_ref,   # [max_pages_padded] the row's sequence's page-table row
     layer_ref,   # []   the layer to read
+    window_ref,  # []   the sliding window (read only when has_window)
     q_ref,       # [rows, D]
     k_ref,       # [L, P, ps, D] this kv head's pages, every layer
     v_ref,       # [L, P, ps, D]
     acc_ref,     # [rows, D] float32, unnormalised
     m_ref,       # [rows] float32
     l_ref,       # [rows] float32
-    *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+    *, sm_scale: float, soft_cap: float | None, has_window: bool,
     pages_per_tile: int, num_splits: int):
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[2]
@@ -55,8 +56,9 @@ def _decode_kernel(
 
   kv_end = pos + 1                                  # 0 for padding rows
   kv_start = jnp.int32(0)
-  if sliding_window is not None:
-    kv_start = jnp.maximum(pos - sliding_window + 1, 0)
+  if has_window:
+    window = window_ref[()]
+    kv_start = jnp.maximum(pos - window + 1, 0)
   first_tile = lax.div(kv_start, block_kv)
   num_tiles = jnp.maximum(_cdiv(kv_end, block_kv) - first_tile, 0)
   tiles_per_split = _cdiv(num_tiles, num_splits)
@@ -67,8 +69,8 @@ def _decode_kernel(
 
   def visible(kv_pos):                                                  # [1, block_kv]
     mask = kv_pos <= pos
-    if sliding_window is not None:
-      mask &= kv_pos > pos - sliding_window
+    if has_window:
+      mask &= kv_pos > pos - window
     return mask[None, :]
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
@@ -90,7 +92,7 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, target_programs: int 
 
 
 def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                     sm_scale: float, sliding_window: int | None = None,
+                     sm_scale: float, sliding_window: int | jax.Array | None = None,
                      soft_cap: float | None = None, interpret: bool = False,
                      layer: jax.Array | None = None, block_kv: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
@@ -123,8 +125,9 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   qg = qg.reshape(num_tokens, num_kv_heads, group_padded, head_dim)
   q_tiles = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group_padded), (0, 0)))
 
+  has_window, window = window_input(sliding_window)
   kernel = functools.partial(
-      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
       pages_per_tile=pages_per_tile, num_splits=num_splits)
   page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
                            lambda t, h, i: (0, h, 0, 0, 0))
@@ -133,7 +136,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       grid=(num_tokens, num_kv_heads, num_splits),
       in_specs=[pl.BlockSpec((None,), lambda t, h, i: (t,)),
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
-                pl.BlockSpec((None,), lambda t, h, i: (0,)),
+                pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
                 pl.BlockSpec((None, None, rows, head_dim), lambda t, h, i: (t, h, 0, 0)),
                 page_spec, page_spec],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda t, h, i: (i, t, h, 0, 0)),
@@ -146,7 +149,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_decode_attention",
-  )(positions.astype(jnp.int32), row_pages, layer, q_tiles, k_pages, v_pages)
+  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles, k_pages, v_pages)
 
   # Log-sum-exp merge of the splits: [splits, T, Hkv, rows(, D)] -> [T, Hkv, rows, D].
   m_max = m.max(axis=0)

@@ -128,11 +128,12 @@ def _prefill_kernel(
     kv_len_ref,      # []   the sequence's KV length
     pages_ref,       # [max_pages_padded] the sequence's page-table row
     layer_ref,       # []   the layer to read
+    window_ref,      # []   the sliding window (read only when has_window)
     q_ref,           # [rows, D]
     k_ref,           # [L, P, ps, D] this kv head's pages, every layer
     v_ref,           # [L, P, ps, D]
     o_ref,           # [rows, D]
-    *, sm_scale: float, soft_cap: float | None, sliding_window: int | None,
+    *, sm_scale: float, soft_cap: float | None, has_window: bool,
     group_padded: int, pages_per_tile: int):
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[2]
@@ -146,15 +147,16 @@ def _prefill_kernel(
   row_pos = first_pos + lax.div(jnp.arange(rows, dtype=jnp.int32), group_padded)  # [rows]
   kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
   kv_start = jnp.int32(0)
-  if sliding_window is not None:
-    kv_start = jnp.maximum(first_pos - sliding_window + 1, 0)
+  if has_window:
+    window = window_ref[()]
+    kv_start = jnp.maximum(first_pos - window + 1, 0)
   tile_lo = lax.div(kv_start, block_kv)
   tile_hi = _cdiv(kv_end, block_kv)
 
   def visible(kv_pos):                                                    # [rows, block_kv]
     mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < kv_len)
-    if sliding_window is not None:
-      mask &= kv_pos[None, :] > row_pos[:, None] - sliding_window
+    if has_window:
+      mask &= kv_pos[None, :] > row_pos[:, None] - window
     return mask
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
@@ -184,8 +186,16 @@ def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, 
   return next_pow2(block_q), block_kv
 
 
+def window_input(sliding_window) -> tuple[bool, jax.Array]:
+  """(has_window, window as an int32 [1] kernel input) for a sliding window given as None, an
+  int, or a traced int32 scalar (a per-layer window, e.g. Gemma 3's windowed and global layers)."""
+  if sliding_window is None:
+    return False, jnp.zeros((1,), jnp.int32)
+  return True, jnp.asarray(sliding_window, jnp.int32).reshape(1)
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None,
+                           sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
                            block_kv: int | None = None, num_warps: int | None = None,
@@ -220,8 +230,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   q_tiles = pack_rows(qg, blocks.row_tokens, group_padded)                 # [Hkv, NB, rows, D]
   rows = block_q * group_padded
 
+  has_window, window = window_input(sliding_window)
   kernel = functools.partial(
-      _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, sliding_window=sliding_window,
+      _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
       group_padded=group_padded, pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
   page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
@@ -232,15 +243,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       grid=(num_blocks, num_kv_heads),
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
-                pl.BlockSpec((None,), lambda i, h: (0,)),
+                pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
                 tile_spec, page_spec, page_spec],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
-  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, q_tiles, k_pages,
-    v_pages)
+  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles,
+    k_pages, v_pages)
 
   # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
   tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded

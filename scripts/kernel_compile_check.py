@@ -19,7 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import gpu_compile  # noqa: E402
 
-VARIANTS = {"causal": dict(), "window+softcap": dict(sliding_window=512, soft_cap=30.0)}
+VARIANTS = {"causal": dict(), "window+softcap": dict(sliding_window=512, soft_cap=30.0),
+            "traced window": dict(traced_window=True)}  # per-layer windows (Gemma 3)
 
 
 def problems(kind: str, report: gpu_compile.CompileReport) -> list[str]:

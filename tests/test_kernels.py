@@ -301,6 +301,24 @@ def test_stacked_cache_reads_the_layer(kernel):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("kernel", _LAYER_KERNELS)
+def test_traced_window_equals_static_window(kernel):
+  """A per-layer window passed as a traced int32 (Gemma 3 under lax.scan) gives what the static
+  int gives, and a window wider than any context equals no window."""
+  q, k_all, v_all, rest = _stacked_batch(13, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
+                                         num_kv_heads=2, head_dim=32, page_size=4)
+  base = functools.partial(_LAYER_KERNELS[kernel], sm_scale=32 ** -0.5, soft_cap=3.0)
+  traced = _jit(lambda window, *xs, layer: base(*xs, sliding_window=window, layer=layer))
+  layer = jnp.int32(1)
+  for window in (3, 17):
+    want = _jit(functools.partial(base, sliding_window=window))(q, k_all, v_all, *rest, layer=layer)
+    got = traced(jnp.int32(window), q, k_all, v_all, *rest, layer=layer)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+  want = _jit(functools.partial(base, sliding_window=None))(q, k_all, v_all, *rest, layer=layer)
+  got = traced(jnp.int32(1 << 30), q, k_all, v_all, *rest, layer=layer)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
 def test_stacked_cache_under_scan():
   """The engine's call pattern: lax.scan over layers, the stacked cache as the (donated) carry;
   each step writes its layer's new K/V (write_kv) and attends over it. Pallas (interpret; the

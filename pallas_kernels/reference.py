@@ -242,19 +242,19 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   and only layer `layer` is written. Returns the updated (k_pages, v_pages); under jit with the
   pages donated (or carried through a loop), XLA performs the scatter in place.
   """
-  num_kv_heads, num_pages, page_size, head_dim = k_pages.shape[-4:]
-  num_slots = num_pages * page_size
-  # Negative indices would wrap around; send them out of range so mode="drop" skips them.
-  slots = jnp.where(slot_mapping < 0, num_slots, slot_mapping)
+  num_pages, page_size = k_pages.shape[-3:-1]
+  # Negative slots would wrap around; send them to page num_pages (out of range) so that
+  # mode="drop" skips them.
+  slots = jnp.where(slot_mapping < 0, num_pages * page_size, slot_mapping)
+  page, offset = slots // page_size, slots % page_size
 
   def scatter(pages, new):
+    # NOTE: index the pages in their own [.., Hkv, P, ps, D] shape. A reshape to flat slots
+    # first made XLA copy the whole (donated) cache at every write when Hkv == 1.
     new = new.astype(pages.dtype)                                    # [T, Hkv, D]
     if layer is None:
-      flat = pages.reshape(num_kv_heads, num_slots, head_dim)
-      flat = flat.at[:, slots].set(new.transpose(1, 0, 2), mode="drop")
-    else:  # a scalar layer and [T] slots around a slice index as [T, Hkv, D]
-      flat = pages.reshape(pages.shape[0], num_kv_heads, num_slots, head_dim)
-      flat = flat.at[layer, :, slots].set(new, mode="drop")
-    return flat.reshape(pages.shape)
+      return pages.at[:, page, offset].set(new.transpose(1, 0, 2), mode="drop")
+    # A scalar layer and [T] page/offset around a slice index as [T, Hkv, D].
+    return pages.at[layer, :, page, offset].set(new, mode="drop")
 
   return scatter(k_pages, k), scatter(v_pages, v)

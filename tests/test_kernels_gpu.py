@@ -147,9 +147,11 @@ def word_tokenizer(vocab_size: int):
   return Tokenizer(_HFBackend(hf), bos_id=0, eos_id=1, source="word-level test vocabulary")
 
 
-def engine_greedy_outputs(backends, *, seed: int = 0):
+def engine_greedy_outputs(backends, *, arch: str = "llama", seed: int = 0):
   """Greedy token ids of the same ragged prompt set (shared prefixes, one prompt a prefix of
-  another, long and short) through the engine with each attention backend, float32 weights."""
+  another, long and short) through the engine with each attention backend, float32 weights.
+  arch "llama": GQA 4, head_dim 64. "gemma3": one KV head, head_dim 256, windowed layers (window
+  32) around a global one, so the kernels take the window as a traced per-layer scalar."""
   import random  # noqa: PLC0415
 
   from engine.config import EngineConfig  # noqa: PLC0415
@@ -158,8 +160,15 @@ def engine_greedy_outputs(backends, *, seed: int = 0):
   from models import llama  # noqa: PLC0415
   from models.config import LlamaConfig  # noqa: PLC0415
 
-  cfg = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
-                    num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_position=1024)
+  if arch == "gemma3":
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_layers=4, num_heads=4, num_kv_heads=1, head_dim=256, max_position=1024,
+                      sliding_window=32, sliding_layers=(True, True, False, True),
+                      rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_tanh", qk_norm=True,
+                      sandwich_norms=True, embed_scale=16.0, tie_word_embeddings=False)
+  else:
+    cfg = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_position=1024)
   model = (cfg, llama.init_params(cfg, jax.random.key(seed), scale=0.5), word_tokenizer(512))
   rng = random.Random(seed)
   shared = [rng.randrange(3, 512) for _ in range(70)]
@@ -177,8 +186,9 @@ def engine_greedy_outputs(backends, *, seed: int = 0):
   return outputs
 
 
-def test_engine_greedy_outputs_identical_with_pallas_and_xla():
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_engine_greedy_outputs_identical_with_pallas_and_xla(arch):
   """The engine on the GPU: every prompt's greedy tokens are the same with the compiled Pallas
   kernels as with the xla path (full-precision float32 matmuls on both)."""
-  outputs = engine_greedy_outputs(("xla", "pallas"))
+  outputs = engine_greedy_outputs(("xla", "pallas"), arch=arch)
   assert outputs["xla"] == outputs["pallas"]

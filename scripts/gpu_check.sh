@@ -26,9 +26,9 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 
 step "kernel tests, interpret mode (CPU)" 90 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
-step "compiled Pallas kernels and the engine (GPU)" 150 \
+step "compiled Pallas kernels and the engine (GPU)" 180 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
-step "kernel benchmark (GPU)" 170 \
+step "kernel benchmark (GPU)" 150 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2
 step "launch-config sweep (GPU)" 60 \

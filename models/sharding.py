@@ -68,7 +68,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     vocab = AXIS if cfg.vocab_size % n == 0 else None
     col, row = P(None, None, AXIS), P(None, AXIS, None)  # split output features / input features
     layer_specs = {
-        "attn_norm": P(), "mlp_norm": P(),
+        "attn_norm": P(), "mlp_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
+        "q_norm": P(), "k_norm": P(),  # per head_dim, shared by every head: replicated
         "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         "wo": row, "w_gate": col, "w_up": col, "w_down": row,
     }

@@ -44,11 +44,22 @@ def tiny_model():
     return cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tokenizer
 
 
-def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption():
-    model = tiny_model()
+def tiny_gemma3():
+    """Random Gemma 3 (one KV head, q/k and sandwich norms, windowed layers around a global one)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=3, num_heads=4, num_kv_heads=1, head_dim=16, max_position=512, sliding_window=20,
+                      sliding_layers=(True, False, True), rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_tanh",
+                      qk_norm=True, sandwich_norms=True, embed_scale=8.0)
+    return cfg, llama.init_params(cfg, jax.random.key(4), scale=0.5), tokenizer
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3], ids=["llama", "gemma3"])
+def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
+    model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running
     assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
-    for tp in (2, 4):  # at 4 the 2 KV heads are replicated (each device holds one)
+    for tp in (2, 4):  # KV heads fewer than devices are replicated (each device holds one)
         out, engine = _run(model, tp, num_pages=16)
         assert out == ref, f"tensor parallel {tp} changed greedy outputs"
         assert engine.stats()["num_preemptions"] > 0

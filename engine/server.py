@@ -49,6 +49,7 @@ class ApiError(Exception):
 def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = None) -> FastAPI:
     """The ASGI app; starts the engine thread on start-up and stops it on shutdown."""
     server_cfg = config.server
+    model_name = config.served_model_name
     llm = engine.engine
     tokenizer = llm.tokenizer
     max_model_len = llm.max_model_len
@@ -94,8 +95,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
 
     # -------------------------------------------------------------------------- generation
     def check_model(model: str) -> None:
-        if model != server_cfg.model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {server_cfg.model_name!r}",
+        if model != model_name:
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
                            "invalid_request_error", "model", "model_not_found")
 
     def check_prompt(prompt_ids: list[int], max_tokens: int, param: str) -> None:
@@ -136,7 +137,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
-        fmt = ChoiceFormatter(kind, token_text, call_id, server_cfg.model_name, int(time.time()), logprobs is not None)
+        fmt = ChoiceFormatter(kind, token_text, call_id, model_name, int(time.time()), logprobs is not None)
         stream = engine.submit(reqs, call_id)
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
@@ -245,7 +246,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     @app.get("/v1/models", summary="The model this server serves")
     async def models():
         return {"object": "list", "data": [{
-            "id": server_cfg.model_name, "object": "model", "created": created, "owned_by": "radixlm",
+            "id": model_name, "object": "model", "created": created, "owned_by": "radixlm",
             "max_model_len": max_model_len,
         }]}
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     app = create_app(engine, config, api_key)
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
                                     access_log=False, timeout_graceful_shutdown=5), engine)
-    print(f"serve.py: serving {config.server.model_name!r} on http://{config.server.host}:{config.server.port}/v1"
+    print(f"serve.py: serving {config.served_model_name!r} on http://{config.server.host}:{config.server.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
     server.run()
     llm.shutdown()  # releases the followers of a multi-host replica

@@ -213,6 +213,15 @@ def test_default_config_file_is_valid():
     assert cfg.model.path == SMOLLM2 and resolve_path(cfg.model.path).endswith(".gguf")
 
 
+def test_config_files_load_and_name_their_models():
+    """Every shipped engine config loads; the served model id defaults to the checkpoint's name."""
+    names = {path: load_config(f"configs/{path}").served_model_name
+             for path in ("smollm2-135m.yaml", "serve-smollm2.yaml", "gemma3-270m.yaml")}
+    assert names == {"smollm2-135m.yaml": "SmolLM2-135M-Instruct.Q4_1", "serve-smollm2.yaml": "smollm2-135m-instruct",
+                     "gemma3-270m.yaml": "gemma-3-270m-q4_k_m"}
+    assert EngineConfig().replace(**{"model.path": "/ckpt/my-model/"}).served_model_name == "my-model"
+
+
 def test_token_buckets_cover_every_step_size_with_bounded_padding():
     from engine.runner import bucket_for, token_buckets
 

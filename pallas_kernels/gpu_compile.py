@@ -118,6 +118,9 @@ def triton_modules(fn, *args, target: Target = TARGETS["sm90"], **kwargs) -> lis
   args may be arrays or jax.ShapeDtypeStructs. Lowers the function once per pallas_call: JAX's
   lowering is stopped right after it builds each kernel's module, so neither a GPU nor the GPU
   plugin is needed.
+
+  NOTE: this swaps JAX's (private) Triton lowering function for the duration of each lowering, so
+  it is not thread safe; it is a test and tooling helper, never on the engine's path.
   """
   lower = pallas_call_registration.lowering.lower_jaxpr_to_triton_module
   modules = []

@@ -1,7 +1,7 @@
 """Architecture of a Llama-family decoder, read from an HF `config.json` or from GGUF metadata.
 
 One frozen dataclass describes every model the forward pass supports: Llama 2/3 (with Llama 3 RoPE
-scaling), Mistral, Qwen2/2.5 (q/k/v biases), SmolLM2 (tied embeddings) and Gemma 3 (q/k norms,
+scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings) and Gemma 3 (q/k norms,
 sandwich norms, GELU, scaled embeddings, sliding-window layers interleaved with global ones, each
 kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported architectures fail
 here, naming the source and the field.
@@ -15,7 +15,7 @@ from typing import Any, Mapping
 import numpy as np
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on; its GGUF
 # metadata says neither this nor the local RoPE base (llama.cpp hard-codes both the same way).
@@ -140,13 +140,13 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral or qwen2)."""
+        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3 or gemma3_text)."""
         arch = cfg.get("model_type")
         if arch == "gemma3_text":
             return _gemma3_from_hf(cfg, source)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, gemma3_text)")
+                              f"(supported: llama, mistral, qwen2, qwen3, gemma3_text)")
 
         def need(key):
             if key not in cfg:
@@ -176,14 +176,15 @@ class LlamaConfig:
             attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
+            qk_norm=arch == "qwen3",
         )
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama or qwen2; Mistral GGUFs say llama)."""
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3 or gemma3; Mistral GGUFs say llama)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "gemma3"):
-            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2, gemma3)")
+        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
+            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2, qwen3, gemma3)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -207,7 +208,7 @@ class LlamaConfig:
             # NOTE: llama.cpp stores Gemma's norm weights as 1 + w, so RMSNorm multiplies by them as is.
             gemma = dict(
                 sliding_layers=tuple((i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(num_layers)),
-                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, hidden_act="gelu_tanh", qk_norm=True,
+                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, hidden_act="gelu_tanh",
                 sandwich_norms=True, embed_scale=math.sqrt(hidden),
                 # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden / heads).
                 query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
@@ -228,6 +229,7 @@ class LlamaConfig:
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             max_position=int(meta.get(f"{arch}.context_length", 4096)),
             sliding_window=int(window) if window else None,
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             **gemma,
         )
 

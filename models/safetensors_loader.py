@@ -20,6 +20,7 @@ HF_NAMES = {
     "bq": "model.layers.{i}.self_attn.q_proj.bias", "bk": "model.layers.{i}.self_attn.k_proj.bias",
     "bv": "model.layers.{i}.self_attn.v_proj.bias", "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
+    "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 # Gemma 3 names its four norms differently (and Llama's "post_attention" norm is its pre-MLP one).
 GEMMA3_NAMES = {
@@ -27,7 +28,6 @@ GEMMA3_NAMES = {
     "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
-    "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
 
 

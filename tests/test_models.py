@@ -339,6 +339,31 @@ def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
 
 
 @pytest.mark.slow
+def test_qwen3_style_safetensors_checkpoint_matches_transformers(tmp_path):
+    """A tiny random Qwen3 (per-head q/k RMSNorm before RoPE, explicit head_dim != hidden / heads)."""
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(int(time.time()) % 1000)
+    hf_cfg = Qwen3Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True)
+    model = Qwen3ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.architecture == "qwen3" and cfg.qk_norm and not cfg.attention_bias and cfg.head_dim == 32
+    ids = list(np.random.default_rng().integers(0, 211, 90))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
 def test_gemma3_style_safetensors_checkpoint_matches_transformers(tmp_path):
     """A tiny random Gemma 3 (q/k and sandwich norms, GELU, scaled embeddings, windowed and global
     layers with their own RoPE bases, query_pre_attn_scalar != head_dim) saved by transformers:

@@ -1,9 +1,10 @@
 """Architecture of a Llama-family decoder, read from an HF `config.json` or from GGUF metadata.
 
 One frozen dataclass describes every model the forward pass supports: Llama 2/3 (with Llama 3 RoPE
-scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings) and Gemma 3 (q/k norms,
-sandwich norms, GELU, scaled embeddings, sliding-window layers interleaved with global ones, each
-kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported architectures fail
+scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings), Gemma 2
+(sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
+alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
+global one, each kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported architectures fail
 here, naming the source and the field.
 """
 from __future__ import annotations
@@ -15,11 +16,12 @@ from typing import Any, Mapping
 import numpy as np
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
-# Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on; its GGUF
-# metadata says neither this nor the local RoPE base (llama.cpp hard-codes both the same way).
-GEMMA3_SLIDING_PATTERN = 6
+# Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
+# 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
+# both the same way).
+GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
@@ -68,6 +70,8 @@ class LlamaConfig:
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
     embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
+    attn_soft_cap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
+    final_soft_cap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -142,11 +146,11 @@ class LlamaConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3 or gemma3_text)."""
         arch = cfg.get("model_type")
-        if arch == "gemma3_text":
-            return _gemma3_from_hf(cfg, source)
+        if arch in ("gemma2", "gemma3_text"):
+            return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, qwen3, gemma3_text)")
+                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)")
 
         def need(key):
             if key not in cfg:
@@ -183,8 +187,9 @@ class LlamaConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3 or gemma3; Mistral GGUFs say llama)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma3"):
-            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported (llama, qwen2, qwen3, gemma3)")
+        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
+            raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
+                              "(llama, qwen2, qwen3, gemma2, gemma3)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -204,15 +209,21 @@ class LlamaConfig:
         window = meta.get(f"{arch}.attention.sliding_window")
         num_layers = int(need("block_count"))
         gemma = {}
-        if arch == "gemma3":
+        if arch in GEMMA_SLIDING_PATTERN:
             # NOTE: llama.cpp stores Gemma's norm weights as 1 + w, so RMSNorm multiplies by them as is.
+            pattern = GEMMA_SLIDING_PATTERN[arch]
+            big = num_layers == (62 if arch == "gemma3" else 46)  # the 27B models
             gemma = dict(
-                sliding_layers=tuple((i + 1) % GEMMA3_SLIDING_PATTERN != 0 for i in range(num_layers)),
-                rope_local_theta=GEMMA3_LOCAL_ROPE_THETA, hidden_act="gelu_tanh",
-                sandwich_norms=True, embed_scale=math.sqrt(hidden),
-                # llama.cpp: 1/sqrt(head_dim), except Gemma 3 27B (62 layers): 1/sqrt(hidden / heads).
-                query_pre_attn_scalar=float(hidden // num_heads if num_layers == 62 else head_dim),
+                sliding_layers=tuple((i + 1) % pattern != 0 for i in range(num_layers)),
+                hidden_act="gelu_tanh", sandwich_norms=True, embed_scale=math.sqrt(hidden),
+                # llama.cpp: 1/sqrt(head_dim), except the 27B models: 1/sqrt(hidden / heads).
+                query_pre_attn_scalar=float(hidden // num_heads if big else head_dim),
             )
+            if arch == "gemma3":
+                gemma["rope_local_theta"] = GEMMA3_LOCAL_ROPE_THETA
+            else:
+                gemma["attn_soft_cap"] = float(need("attn_logit_softcapping"))
+                gemma["final_soft_cap"] = float(need("final_logit_softcapping"))
         return cls(
             architecture=arch,
             vocab_size=int(vocab),
@@ -245,24 +256,21 @@ class LlamaConfig:
         return cls(**d)
 
 
-def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
-    """An HF `gemma3_text` config.json (transformers 4.5x `rope_theta` / `rope_local_base_freq`, or
-    transformers 5 `rope_parameters` per layer type)."""
+def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `gemma2` or `gemma3_text` config.json (transformers 4.5x `rope_theta` /
+    `rope_local_base_freq`, or transformers 5 `rope_parameters`, per layer type for Gemma 3)."""
 
     def need(key):
         if key not in cfg:
             raise ConfigError(f"{source}: missing field {key!r}")
         return cfg[key]
 
-    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if cfg.get(key):
-            raise ConfigError(f"{source}: {key}={cfg[key]} is not supported")
     if cfg.get("use_bidirectional_attention"):
         raise ConfigError(f"{source}: use_bidirectional_attention is not supported (a causal decoder only)")
     num_layers = int(need("num_hidden_layers"))
+    pattern = cfg.get("sliding_window_pattern", GEMMA_SLIDING_PATTERN[arch])
     types = cfg.get("layer_types") or [
-        "sliding_attention" if (i + 1) % cfg.get("sliding_window_pattern", GEMMA3_SLIDING_PATTERN) else "full_attention"
-        for i in range(num_layers)
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
     ]
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
@@ -271,8 +279,10 @@ def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     full = rope.get("full_attention", rope)
     local = rope.get("sliding_attention", {})
     hidden = int(need("hidden_size"))
+    gemma3 = arch == "gemma3"
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
     return LlamaConfig(
-        architecture="gemma3",
+        architecture=arch,
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(need("intermediate_size")),
@@ -280,21 +290,23 @@ def _gemma3_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         num_heads=int(need("num_attention_heads")),
         num_kv_heads=int(need("num_key_value_heads")),
         head_dim=int(need("head_dim")),
-        rope_theta=float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))),
+        rope_theta=float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0))),
         rope_scaling=_rope_scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", False)),
-        max_position=int(cfg.get("max_position_embeddings", 131072)),
+        max_position=int(cfg.get("max_position_embeddings", 8192)),
         sliding_window=int(need("sliding_window")),
         sliding_layers=tuple(t == "sliding_attention" for t in types),
-        rope_local_theta=float(local.get("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA))),
-        hidden_act="gelu_tanh" if cfg.get("hidden_activation", "gelu_pytorch_tanh") == "gelu_pytorch_tanh"
-        else str(cfg.get("hidden_activation")),
-        qk_norm=True,
+        rope_local_theta=(float(local.get("rope_theta", cfg.get("rope_local_base_freq", GEMMA3_LOCAL_ROPE_THETA)))
+                          if gemma3 else None),
+        hidden_act="gelu_tanh" if act in ("gelu_pytorch_tanh", "gelu_tanh") else str(act),
+        qk_norm=gemma3,
         sandwich_norms=True,
         embed_scale=math.sqrt(hidden),
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
+        attn_soft_cap=float(cfg["attn_logit_softcapping"]) if cfg.get("attn_logit_softcapping") else None,
+        final_soft_cap=float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") else None,
     )
 
 

@@ -185,7 +185,10 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """[N, hidden] -> [N, vocab] float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    return jnp.dot(x, head, preferred_element_type=jnp.float32)
+    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if cfg.final_soft_cap:
+        logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
+    return logits
 
 
 def forward(
@@ -205,7 +208,7 @@ def forward(
         k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots, backend=attn_backend, layer=i)
         out = pallas_kernels.ragged_paged_attention(
             q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-            sm_scale=cfg.sm_scale, sliding_window=window, backend=attn_backend, layer=i,
+            sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
         )
         return out, k_pages, v_pages
 
@@ -233,13 +236,15 @@ def forward(
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,
-                           sm_scale: float | None = None) -> jax.Array:
+                           sm_scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
     """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
     t, hq, d = q.shape
     group = hq // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
     scale = d**-0.5 if sm_scale is None else sm_scale
     scores = jnp.einsum("qhd,khd->hqk", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    if soft_cap:
+        scores = soft_cap * jnp.tanh(scores / soft_cap)
     qi, ki = jnp.arange(t)[:, None], jnp.arange(t)[None, :]
     mask = ki <= qi
     if sliding_window is not None:
@@ -253,5 +258,5 @@ def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Ar
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     x, _ = _decoder(params, cfg, tokens, positions,
-                    lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale), c))
+                    lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c))
     return compute_logits(params, cfg, x)

@@ -22,8 +22,8 @@ HF_NAMES = {
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
-# Gemma 3 names its four norms differently (and Llama's "post_attention" norm is its pre-MLP one).
-GEMMA3_NAMES = {
+# Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
+GEMMA_NAMES = {
     **HF_NAMES,
     "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
@@ -74,7 +74,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
         except SafetensorError as e:
             raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
 
-    gemma = cfg.architecture == "gemma3"
+    gemma = cfg.architecture in ("gemma2", "gemma3")
 
     def read(key: str, name: str) -> np.ndarray:
         if name not in tensors:
@@ -83,4 +83,4 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
         # (llama.cpp's GGUFs store 1 + w too).
         return tensors[name] + 1.0 if gemma and key in NORM_KEYS else tensors[name]
 
-    return cfg, assemble(cfg, GEMMA3_NAMES if gemma else HF_NAMES, read, dtype)
+    return cfg, assemble(cfg, GEMMA_NAMES if gemma else HF_NAMES, read, dtype)

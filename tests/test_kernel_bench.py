@@ -27,3 +27,24 @@ def test_kernel_bench_quick(flags, num_rows):
   # Last column: max |ours - xla reference|, bfloat16 outputs.
   errors = [float(line.split()[-1]) for line in rows]
   assert max(errors) < 5e-2, out
+
+
+def test_goal_summary_reads_the_table(capsys):
+  """The summary gpu_check prints under the table: each goal PASS / FAIL from its rows, n/a when
+  the row is missing (a run cut short)."""
+  import importlib.util
+
+  spec = importlib.util.spec_from_file_location("kernel_bench", SCRIPT)
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  results = {  # (kind, a, b, backend) -> (seconds, fraction of copy bandwidth, of matmul rate)
+      ("decode", 64, 8192, "pallas"): (1.0e-3, 0.75, 0.01),
+      ("decode", 64, 8192, "jax_paged"): (1.1e-3, 0.68, 0.01),
+      ("decode", 1, 1024, "pallas"): (2.0e-5, 0.20, 0.0),
+      ("decode", 1, 1024, "jax_paged"): (1.0e-5, 0.40, 0.0),
+  }
+  bench.print_goals(results, "pallas")
+  out = capsys.readouterr().out
+  assert "PASS  decode 64 x 8k >= 70% of copy bandwidth: 75.0%" in out
+  assert "n/a   prefill 2k over 8k" in out
+  assert "FAIL  decode never slower than JAX's paged_attention: worst ratio 2.00x over 2 cases" in out

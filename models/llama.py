@@ -1,4 +1,5 @@
-"""Llama-family decoder as pure functions over a pytree of weights.
+"""Llama-family decoder as pure functions over a pytree of weights (the config's switches also make
+it Qwen2/3 and Gemma 2/3: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows).
 
 Weights are a plain dict pytree (see `param_shapes`), passed to jitted functions as arguments, never
 baked into the HLO. Two entry points share every layer but attention:

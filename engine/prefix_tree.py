@@ -45,6 +45,8 @@ class Edge:
 class PrefixTree:
     """Locks, splits and LRU eviction over `Edge`s. Not thread safe."""
 
+    edge_type: type = Edge  # a subclass's own edge class: handles of any other kind are refused
+
     def __init__(self) -> None:
         self._clock = 0
         self._heap: list[tuple[int, int, Edge]] = []  # (last_access, tiebreak, candidate leaf)
@@ -78,7 +80,7 @@ class PrefixTree:
         raise NotImplementedError
 
     def _check_handle(self, node: Edge) -> None:
-        if not isinstance(node, Edge) or not node.alive:
+        if not isinstance(node, self.edge_type) or not node.alive:
             raise ValueError("stale or foreign cache handle (its node was evicted)")
 
     def _root_emptied(self, root: Edge) -> None:
@@ -201,9 +203,9 @@ class PrefixTree:
         self._heap = [e for e in self._heap if self._is_candidate(e[0], e[2])]
         heapq.heapify(self._heap)
 
-    def _check_counters(self, roots) -> set[int]:
-        """Recount nodes, pages and evictable pages below `roots` against the counters and the
-        locks against children's; returns the ids of unlocked leaves. Debug and tests only."""
+    def _check_counters(self, roots) -> None:
+        """Recount nodes, pages and evictable pages below `roots` against the counters, the locks
+        against children's, and check every unlocked leaf is in the heap. Debug and tests only."""
         num_nodes = num_pages = num_evictable = 0
         leaves: set[int] = set()
         stack = list(roots)
@@ -230,4 +232,3 @@ class PrefixTree:
         assert num_evictable == self._num_evictable_pages, "num_evictable_pages drifted"
         in_heap = {id(node) for stamp, _, node in self._heap if self._is_candidate(stamp, node)}
         assert leaves <= in_heap, "an evictable leaf is missing from the eviction heap"
-        return leaves

@@ -67,6 +67,8 @@ class MatchResult:
 class RadixCache(PrefixTree):
     """Prefix cache over a `PagePool`. Not thread safe: the scheduler is its only caller."""
 
+    edge_type = _Node
+
     def __init__(self, pool: PagePool, page_size: int) -> None:
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
@@ -195,10 +197,6 @@ class RadixCache(PrefixTree):
         if self._roots.get(root.namespace) is root:
             del self._roots[root.namespace]
             root.alive = False
-
-    def _check_handle(self, node: _Node) -> None:
-        if not isinstance(node, _Node) or not node.alive:
-            raise ValueError("stale or foreign cache handle (its node was evicted)")
 
     def check_invariants(self) -> None:
         """Assert the tree's structure and counters. Scans everything: debug and tests only."""

@@ -33,6 +33,8 @@ class _Edge(Edge):
 class HashCache(PrefixTree):
     """Prefix tree of block-hash chains with LRU leaf eviction. One namespace (hashes carry it)."""
 
+    edge_type = _Edge
+
     def __init__(self, collect_events: bool = True) -> None:
         super().__init__()
         self.root = _Edge((), None, 0)
@@ -101,7 +103,3 @@ class HashCache(PrefixTree):
         if self.events is not None:
             self.events.append(("removed", node.hashes[keep:]))
         node.hashes = node.hashes[:keep]
-
-    def _check_handle(self, node: _Edge) -> None:
-        if not isinstance(node, _Edge) or not node.alive:
-            raise ValueError("stale or foreign cache handle (its edge was evicted)")

@@ -4,8 +4,8 @@ One frozen dataclass describes every model the forward pass supports: Llama 2/3 
 scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings), Gemma 2
 (sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
-global one, each kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported architectures fail
-here, naming the source and the field.
+global one, each kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported
+architectures fail here, naming the source and the field.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class LlamaConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
     hidden_act: str = "silu"  # "silu" | "gelu_tanh" (gated MLP either way)
-    qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Gemma 3)
+    qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
     embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
@@ -144,7 +144,7 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3 or gemma3_text)."""
+        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2 or gemma3_text)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
@@ -185,7 +185,8 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3 or gemma3; Mistral GGUFs say llama)."""
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2 or gemma3; Mistral GGUFs
+        say llama)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "

@@ -17,13 +17,13 @@ BIAS_KEYS = ("bq", "bk", "bv")
 QK_NORM_KEYS = ("q_norm", "k_norm")
 SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
 
 
 def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     """The per-layer weights a config needs."""
     return (LAYER_KEYS + (BIAS_KEYS if cfg.attention_bias else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
-TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head"})
 
 
 def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any) -> dict:

@@ -211,10 +211,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                                              jnp.dtype(k_pages.dtype).itemsize)
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+  rows = block_q * next_pow2(group)  # a tile: block_q tokens x the kv head's q heads, padded
   if num_warps is None:
     # The accumulator [rows, D] and the scores [rows, block_kv] stay in registers (float32) for
     # the whole KV loop: past 16K of them, 4 warps spill (scripts/kernel_compile_check.py).
-    rows = block_q * next_pow2(group)
     num_warps = 8 if rows * (head_dim + block_kv) >= 16384 else 4
 
   # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
@@ -228,7 +228,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   # --- Pack (tokens x q heads of one kv head) into tiles. ----------------------------------
   qg, group_padded = _group_heads(q, num_kv_heads)
   q_tiles = pack_rows(qg, blocks.row_tokens, group_padded)                 # [Hkv, NB, rows, D]
-  rows = block_q * group_padded
 
   has_window, window = window_input(sliding_window)
   kernel = functools.partial(

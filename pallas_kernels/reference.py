@@ -107,7 +107,7 @@ def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int,
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
-                           sm_scale: float, sliding_window: int | None = None,
+                           sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, pages_per_block: int | None = None,
                            block_q: int | None = None, layer: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].

@@ -124,6 +124,33 @@ def ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, itemsize):
   return kv_bytes + q_bytes, 4 * num_q_heads * head_dim * visible
 
 
+def case_batch(key, kind: str, a: int, b: int, *, num_q_heads, num_kv_heads, head_dim, page_size,
+               dtype, num_layers):
+  """(row name, device batch, (ideal bytes, FLOPs)) of one case: ("decode", batch, context) or
+  ("prefill", chunk, cached prefix)."""
+  if kind == "decode":
+    name, q_lens, kv_lens = f"decode B={a} ctx={b}", [1] * a, [b] * a
+  else:
+    name, q_lens, kv_lens = f"prefill chunk={a} prefix={b}", [a], [a + b]
+  batch = make_batch(key, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
+                     num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
+                     dtype=dtype, num_layers=num_layers)
+  cost = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize)
+  return name, batch, cost
+
+
+def kernel_args(batch):
+  """Our kernels' positional arguments, the stacked cache included (layer= comes last)."""
+  return (batch["q"], batch["k_all"], batch["v_all"], batch["kv_lens"], batch["page_indices"],
+          batch["cu_q_lens"], batch["num_seqs"], batch["layer"])
+
+
+def measure(fn, fn_args, ref, *, reps: int, inner: int | None) -> tuple[float, float]:
+  """(max |fn - ref|, median seconds per call)."""
+  err = float(jnp.max(jnp.abs(fn(*fn_args).astype(jnp.float32) - ref.astype(jnp.float32))))
+  return err, time_fn(fn, *fn_args, reps=reps, inner=inner)
+
+
 def jax_paged_fn(batch, *, sm_scale, interpret):
   """JAX's GPU paged_attention on a decode batch, or None when it is unavailable."""
   try:
@@ -180,26 +207,20 @@ def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_sc
     if (kind, a, b) not in batches:
       batches.clear()  # one shape's batch at a time (the 32k decode batch is large)
       key, sub = jax.random.split(key)
-      q_lens, kv_lens = ([a], [a + b]) if kind == "prefill" else ([1] * a, [b] * a)
-      batch = make_batch(sub, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
-                         num_kv_heads=num_kv_heads, head_dim=head_dim,
-                         page_size=args.page_size, dtype=dtype, num_layers=args.num_layers)
-      call_args = (batch["q"], batch["k_all"], batch["v_all"], batch["kv_lens"],
-                   batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"])
+      name, batch, cost = case_batch(sub, kind, a, b, num_q_heads=num_q_heads,
+                                     num_kv_heads=num_kv_heads, head_dim=head_dim,
+                                     page_size=args.page_size, dtype=dtype,
+                                     num_layers=args.num_layers)
+      call_args = kernel_args(batch)
       ref = jax.jit(functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=sm_scale,
-                                      backend="xla"))(*call_args, layer=batch["layer"])
-      cost = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim,
-                        jnp.dtype(dtype).itemsize)
-      batches[(kind, a, b)] = (call_args, batch["layer"], ref, cost)
-    call_args, layer, ref, (n_bytes, n_flops) = batches[(kind, a, b)]
-    name = f"{kind} {'chunk' if kind == 'prefill' else 'B'}={a} {'prefix' if kind == 'prefill' else 'ctx'}={b}"
+                                      backend="xla"))(*call_args[:-1], layer=call_args[-1])
+      batches[(kind, a, b)] = (name, call_args, ref, cost)
+    name, call_args, ref, (n_bytes, n_flops) = batches[(kind, a, b)]
     fn = jax.jit(lambda *xs, kernel=kernel: kernel(*xs[:-1], layer=xs[-1], sm_scale=sm_scale,
                                                   interpret=interpret))
     try:
-      err = float(jnp.max(jnp.abs(fn(*call_args, layer).astype(jnp.float32)
-                                  - ref.astype(jnp.float32))))
-      seconds = time_fn(fn, *call_args, layer, reps=args.reps or (2 if quick else 7),
-                        inner=1 if quick else None)
+      err, seconds = measure(fn, call_args, ref, reps=args.reps or (2 if quick else 7),
+                             inner=1 if quick else None)
     except Exception as e:  # noqa: BLE001 (report and go on with the other configurations)
       print(f"{name:<26} {label:<26} failed: {type(e).__name__}: {str(e)[:200]}")
       continue
@@ -263,19 +284,10 @@ def main(argv=None):
   cases = [c for c in goals if c in cases] + [c for c in cases if c not in goals]
   for kind, a, b in cases:
     key, sub = jax.random.split(key)
-    if kind == "decode":
-      name = f"decode B={a} ctx={b}"
-      q_lens, kv_lens = [1] * a, [b] * a
-    else:
-      name = f"prefill chunk={a} prefix={b}"
-      q_lens, kv_lens = [a], [a + b]
-    batch = make_batch(sub, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
-                       num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
-                       dtype=dtype, num_layers=args.num_layers)
-    n_bytes, n_flops = ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim,
-                                  jnp.dtype(dtype).itemsize)
-    call_args = (batch["q"], batch["k_all"], batch["v_all"], batch["kv_lens"],
-                 batch["page_indices"], batch["cu_q_lens"], batch["num_seqs"], batch["layer"])
+    name, batch, (n_bytes, n_flops) = case_batch(
+        sub, kind, a, b, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+        page_size=page_size, dtype=dtype, num_layers=args.num_layers)
+    call_args = kernel_args(batch)
     runs = {
         "xla": lambda *a: attn(*a[:-1], layer=a[-1], sm_scale=sm_scale, backend="xla"),
         pallas_backend: lambda *a: attn(*a[:-1], layer=a[-1], sm_scale=sm_scale,
@@ -288,9 +300,7 @@ def main(argv=None):
                                      batch["page_indices"], batch["kv_lens"])))
     for backend, fn, fn_args in rows:
       try:
-        err = float(jnp.max(jnp.abs(fn(*fn_args).astype(jnp.float32)
-                                    - ref_out.astype(jnp.float32))))
-        seconds = time_fn(fn, *fn_args, reps=reps, inner=inner)
+        err, seconds = measure(fn, fn_args, ref_out, reps=reps, inner=inner)
       except Exception as e:  # noqa: BLE001 (report and go on with the other rows)
         print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
         continue

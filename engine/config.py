@@ -59,6 +59,10 @@ class SchedulerConfig:
     # uncached tails of prompts that arrive behind a long prompt start within a step (vLLM's
     # long_prefill_token_threshold).
     long_prefill_tokens: int = 0
+    # Plan and launch step N+1 before step N's tokens are back (SGLang's overlap scheduler, vLLM's async
+    # scheduling): the host work of a step (scheduling, packing, detokenizing, stop checks) runs while the
+    # device computes, and N+1 reads N's sampled tokens on the device. Outputs are the same either way.
+    overlap: bool = True
 
     def __post_init__(self):
         _positive("scheduler.max_batch_tokens", self.max_batch_tokens)

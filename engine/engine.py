@@ -118,6 +118,8 @@ class LLMEngine:
         self._state: dict[str, _OutputState] = {}
         self.num_steps = 0
         self.last_step: dict = {}
+        self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
+        self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------ requests
@@ -153,18 +155,53 @@ class LLMEngine:
         return True
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     # ---------------------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
+        """Plans and launches one step; returns the outputs of the step that completed during this call.
+
+        With `scheduler.overlap` the step launched here is still running when this returns: its outputs
+        come with the next call, and the host work in between (this plan, the previous step's stop checks
+        and detokenizing) overlaps the device's work. Without it, each call completes its own step.
+        """
         t0 = time.perf_counter()
+        self._wait_s = 0.0
         plan = self.scheduler.schedule()
-        if plan is None:
+        outputs = []
+        if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):
+            outputs += self._complete()  # penalties count the generated tokens on the host
+        launched = self.runner.launch(plan) if plan is not None else None
+        outputs += self._complete()
+        if launched is not None:
+            self.scheduler.advance(plan)
+            self._inflight = (plan, launched)
+            if not self.config.scheduler.overlap:
+                outputs += self._complete()
+            self.num_steps += 1
+            # pack_s: host time packing and dispatching the launched step; wait_s: time blocked on results.
+            self.last_step = {"total_s": time.perf_counter() - t0, "num_decode": plan.num_decode_tokens,
+                              "num_prefill": plan.num_prefill_tokens, "pack_s": launched.pack_s, "wait_s": self._wait_s}
+        if self.config.debug_checks:
+            self.scheduler.check_invariants()
+        return outputs
+
+    @staticmethod
+    def _needs_known_tokens(plan) -> bool:
+        return any(c.sample and c.seq.params.uses_penalties for c in plan.chunks)
+
+    def _complete(self) -> list[RequestOutput]:
+        """Waits for the step in flight, puts its tokens in place, applies stops and streams the outputs."""
+        if self._inflight is None:
             return []
-        out = self.runner.run(plan)
+        plan, launched = self._inflight
+        self._inflight = None
+        t0 = time.perf_counter()
+        out = self.runner.fetch(launched)
         now = time.perf_counter()
+        self._wait_s += now - t0
         sampled = [int(t) if c.sample else None for c, t in zip(plan.chunks, out.tokens)]
-        got_token = self.scheduler.commit(plan, sampled)
+        got_token = self.scheduler.resolve(plan, sampled)
         index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
         outputs = []
         for seq in got_token:
@@ -180,11 +217,6 @@ class LLMEngine:
                 seq.first_token_s = now
             seq.token_times_s.append(now)
             outputs.append(self._postprocess(state, now))
-        if self.config.debug_checks:
-            self.scheduler.check_invariants()
-        self.num_steps += 1
-        self.last_step = {"total_s": time.perf_counter() - t0, "num_decode": plan.num_decode_tokens,
-                          "num_prefill": plan.num_prefill_tokens, **self.runner.last_timing}
         return outputs
 
     def reset_prefix_cache(self) -> int:

@@ -110,6 +110,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def has_pending_token(self) -> bool:
+        """The last output token is a placeholder: its step is launched but not yet back (overlapped scheduling)."""
+        return bool(self.output_ids) and self.output_ids[-1] < 0
+
+    @property
     def is_prefilling(self) -> bool:
         """True until every token but the last has its K/V computed (the last one is fed at the next step)."""
         return self.num_computed < self.num_tokens - 1
@@ -119,6 +124,12 @@ class Sequence:
         if stop <= n:
             return self.prompt_ids[start:stop]
         return (self.prompt_ids + self.output_ids)[start:stop]
+
+
+def placeholder(row: int) -> int:
+    """The stand-in for the token that row `row` of the step in flight is sampling (always negative); the
+    runner replaces it on the device with that step's sampled token."""
+    return -1 - row
 
 
 def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:

@@ -12,7 +12,6 @@ Two jitted functions keep the number of compiled shapes additive, not multiplica
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import time
@@ -95,13 +94,12 @@ class ModelRunner:
         kv_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, sharding.KV_SPEC)
         self.kv = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=kv_sharding)()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
-        self._forward = jax.jit(functools.partial(llama.forward, cfg=model_cfg, attn_backend=backend, mesh=mesh),
-                                donate_argnames="kv_caches")
+        self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
+        self._prev_tokens = jnp.zeros(self.max_seqs, jnp.int32)  # what the last launched step sampled
         self._head = jax.jit(
             self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only")
         )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
-        self.last_timing: dict[str, float] = {}
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
@@ -114,7 +112,8 @@ class ModelRunner:
         for kind, n in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
-                self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs)
+                self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
+                                                      prev_tokens=self._prev_tokens)
                 continue
             s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
             for greedy_only in (True, False):
@@ -159,6 +158,12 @@ class ModelRunner:
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:
+        """One step, start to finish."""
+        return self.fetch(self.launch(plan))
+
+    def launch(self, plan: StepPlan) -> "LaunchedStep":
+        """Packs the plan and dispatches its device work without waiting for it. Placeholder tokens in the
+        plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step."""
         t0 = time.perf_counter()
         inputs = self.pack(plan)
         num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
@@ -174,32 +179,49 @@ class ModelRunner:
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only)
         if self.followers is not None:
             step = self.followers.lead(step)
-        t1 = time.perf_counter()
-        tokens, logprobs, top_ids, top_lps = self.execute(step)
-        # Host time spent packing vs time from the first dispatch until the results are back on the host.
-        self.last_timing = {"pack_s": t1 - t0, "device_s": time.perf_counter() - t1}
-        n = len(plan.chunks)
+        out = self.dispatch(step)
+        return LaunchedStep(out, len(plan.chunks), time.perf_counter() - t0)
+
+    def fetch(self, launched: "LaunchedStep") -> StepOutput:
+        """Waits for a launched step's sampled tokens and logprobs (the step's one host sync)."""
+        tokens, logprobs, top_ids, top_lps = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
+        n = launched.num_chunks
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
 
-    def execute(self, step: "StepArrays") -> tuple[np.ndarray, ...]:
-        """The device work of one step; every process of a multi-host replica runs it on the same arrays."""
+    def execute(self, step: "StepArrays") -> None:
+        """A follower process's step of a multi-host replica: the leader's arrays, run to completion."""
+        jax.block_until_ready(self.dispatch(step))
+
+    def dispatch(self, step: "StepArrays") -> tuple[jax.Array, ...]:
+        """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
+        arrays. Returns (tokens, logprobs, top_ids, top_logprobs), replicated."""
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
-        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs))
+        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
+                                        prev_tokens=self._prev_tokens)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
                          use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
                          greedy_only=step.greedy_only)
-        # Replicated results: every process reads its own copy (also when the array spans several hosts).
-        return tuple(np.asarray(a.addressable_data(0)) for a in out)
+        self._prev_tokens = out[-1]
+        return out[:-1]
 
     def _to_device(self, tree):
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
+    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens):
+        """The model step, its placeholder tokens first replaced by those the previous step sampled."""
+        tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
+        return llama.forward(params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens),
+                             attn_backend=self.backend, mesh=self.mesh)
+
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only):
+        """Logits and sampling for the first `num_rows` rows; also the sampled tokens padded to max_running,
+        the next step's `prev_tokens`."""
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
-        return sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+        out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
+                             num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+        return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:num_rows].set(out[0])
 
     def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
@@ -210,6 +232,15 @@ class ModelRunner:
         dst = np.full(n, self.num_pages, np.int32)  # out of range: dropped
         src[: len(copies)], dst[: len(copies)] = zip(*copies)
         return src, dst
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchedStep:
+    """A dispatched step whose results are still on the device."""
+
+    outputs: tuple[jax.Array, ...]  # tokens, logprobs, top_ids, top_logprobs
+    num_chunks: int
+    pack_s: float  # host time to pack and dispatch it
 
 
 @dataclasses.dataclass

@@ -55,16 +55,21 @@ def build_inputs(
     return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen)
 
 
-def _filter_sorted(sorted_logits: jax.Array, s: SamplingInputs) -> jax.Array:
-    """Masks (to -inf) entries of descending-sorted, temperature-scaled logits [S, V] outside top-k/top-p/min-p."""
-    vocab = sorted_logits.shape[-1]
+def _filter_mask(scaled: jax.Array, s: SamplingInputs) -> jax.Array:
+    """Which entries of temperature-scaled logits [S, V] survive top-k / top-p / min-p (a bool mask in vocabulary
+    order). Computed over the descending sort, then scattered back: the draw that follows sees the vocabulary in
+    its own order, so a row without filters samples exactly as it would in a batch where nobody uses them."""
+    vocab = scaled.shape[-1]
+    order = jnp.argsort(-scaled, axis=-1)  # [S, V] descending
+    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
     rank = jnp.arange(vocab)[None, :]
     k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
     probs = jax.nn.softmax(sorted_logits, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = (rank < k) & (mass_before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
     keep = keep.at[:, 0].set(True)  # the most likely token always survives
-    return jnp.where(keep, sorted_logits, -jnp.inf)
+    rows = jnp.arange(scaled.shape[0])[:, None]
+    return jnp.zeros(scaled.shape, bool).at[rows, order].set(keep)
 
 
 def sample(
@@ -87,12 +92,8 @@ def sample(
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seeds, s.steps)
     if use_filters:
-        order = jnp.argsort(-scaled, axis=-1)  # [S, V] descending
-        filtered = _filter_sorted(jnp.take_along_axis(scaled, order, axis=-1), s)
-        picked = jax.vmap(jax.random.categorical)(keys, filtered)
-        sampled = jnp.take_along_axis(order, picked[:, None], axis=-1)[:, 0]
-    else:
-        sampled = jax.vmap(jax.random.categorical)(keys, scaled)
+        scaled = jnp.where(_filter_mask(scaled, s), scaled, -jnp.inf)
+    sampled = jax.vmap(jax.random.categorical)(keys, scaled)
     return _finish(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
 
 

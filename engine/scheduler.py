@@ -20,7 +20,7 @@ from engine.block_hash import page_hashes
 from engine.config import CacheConfig, SchedulerConfig
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
-from engine.request import Sequence, Status
+from engine.request import Sequence, Status, placeholder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +136,8 @@ class Scheduler:
         for seq in self._admission_order():
             if budget <= 0 or len(self.running) >= self.cfg.max_running:
                 break
+            if seq.has_pending_token:
+                continue  # preempted while its last token is still being sampled: readmitted once it is known
             chunk = self._admit(seq, budget, copies)
             if chunk == "wait":
                 continue  # its next page is being computed by another prefill: it will hit next time
@@ -301,43 +303,63 @@ class Scheduler:
 
     # ---------------------------------------------------------------------------------- commit
     def commit(self, plan: StepPlan, sampled: Iterable[int | None]) -> list[Sequence]:
-        """Records a finished step: computed tokens, one sampled token per sampling chunk.
+        """Records a finished step: `advance` and `resolve` at once (the step's tokens are already known)."""
+        self.advance(plan)
+        return self.resolve(plan, sampled)
 
-        Returns the sequences that got a new token (the engine checks stop strings and streams them).
+    def advance(self, plan: StepPlan) -> None:
+        """Records a step that has been launched, before its sampled tokens are known.
+
+        Computed lengths move on, finished prefill pages enter the tree (a later step that reads them
+        runs after this one on the device), and every sampling chunk appends a placeholder token
+        `placeholder(i)` that `resolve` replaces; the next step may already feed it to the model, and
+        the runner substitutes the sampled token on the device. A sequence that reaches its length
+        limit finishes here, so it takes no slot in the next step.
         """
-        got_token = []
-        for chunk, token in zip(plan.chunks, sampled):
+        for i, chunk in enumerate(plan.chunks):
             seq = chunk.seq
             if seq.status is not Status.RUNNING:
-                continue  # aborted while the step ran
+                continue  # aborted, or finished by the previous step's token, while this step ran
             seq.num_computed = chunk.start + len(chunk.token_ids)
             if seq.request_id in self._inflight_of:  # a prefill chunk
                 self._cache_computed(seq)  # other requests can hit these pages from the next step on
                 if not seq.is_prefilling:
                     self._clear_inflight(seq)
             if chunk.sample:
-                seq.output_ids.append(int(token))
-                got_token.append(seq)
-                reason = self._stop_reason(seq)
-                if reason:
-                    self.finish(seq, reason)
+                seq.output_ids.append(placeholder(i))
+                if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                    self.finish(seq, "length")
+
+    def resolve(self, plan: StepPlan, sampled: Iterable[int | None]) -> list[Sequence]:
+        """Puts an advanced step's sampled tokens in place of its placeholders and applies stop tokens.
+
+        Returns the sequences that got a new token (the engine checks stop strings and streams them).
+        """
+        got_token = []
+        for i, (chunk, token) in enumerate(zip(plan.chunks, sampled)):
+            seq = chunk.seq
+            if not chunk.sample or seq.finish_reason == "abort" or placeholder(i) not in seq.output_ids[-1:]:
+                continue  # aborted, or it was not running when the step was advanced
+            seq.output_ids[-1] = int(token)
+            got_token.append(seq)
+            if self._is_stop_token(seq):
+                self.finish(seq, "stop")
         return got_token
 
-    def _stop_reason(self, seq: Sequence) -> str | None:
+    def _is_stop_token(self, seq: Sequence) -> bool:
         token = seq.output_ids[-1]
         if token in seq.params.stop_token_ids:
             seq.stop_reason = token
-            return "stop"
-        if not seq.params.ignore_eos and token in self.eos_ids:
-            return "stop"
-        if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-            return "length"
-        return None
+            return True
+        return not seq.params.ignore_eos and token in self.eos_ids
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Ends a running sequence: its full pages stay cached, its own references go."""
+        """Ends a sequence: its full pages stay cached, its own references go. A stop token that arrives for
+        a sequence already ended by its length limit makes the reason "stop", as it would have been."""
         if seq.status is Status.RUNNING:
             self._release(seq)
+        elif seq.status is Status.WAITING and seq in self.waiting:  # preempted while its last token was pending
+            self.waiting.remove(seq)
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ------------------------------------------------------------------------------ invariants

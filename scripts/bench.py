@@ -263,8 +263,8 @@ def decode_overhead(args) -> None:
         if s.get("num_decode") == args.decode_batch and not s.get("num_prefill"):
             steps.append(s)
     total = statistics.median(s["total_s"] for s in steps)
-    device = statistics.median(s["device_s"] for s in steps)
-    share = statistics.median(1 - s["device_s"] / s["total_s"] for s in steps)
+    device = statistics.median(s["wait_s"] for s in steps)
+    share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps)
     print(f"decode batch {args.decode_batch}: {len(steps)} pure-decode steps; median step {total * 1e3:.1f} ms, "
           f"device (dispatch -> results on host) {device * 1e3:.1f} ms, host overhead {share:.1%} of the step; "
           f"{args.decode_batch / total:.1f} tok/s")
@@ -308,7 +308,8 @@ def step_times(args) -> None:
         data, times = inputs(chunks), []
         for _ in range(args.repeats + 1):
             t0 = time.perf_counter()
-            hidden, runner.kv = runner._forward(runner.params, kv_caches=runner.kv, inputs=data)
+            hidden, runner.kv = runner._forward(runner.params, kv_caches=runner.kv, inputs=data,
+                                                prev_tokens=runner._prev_tokens)
             jax.block_until_ready(hidden)
             times.append(time.perf_counter() - t0)
         print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")

@@ -233,3 +233,67 @@ def test_token_buckets_cover_every_step_size_with_bounded_padding():
     assert token_buckets(16, 300)[-1] == 384 and token_buckets(16, 16) == [16]
     with pytest.raises(ValueError, match="exceeds the largest bucket"):
         bucket_for(513, buckets)
+
+
+# ------------------------------------------------------------------------------ overlapped scheduling
+def _mixed_params(rng: random.Random, stop_tokens: list[int]) -> list[SamplingParams]:
+    """Every kind of request the overlap must not change: greedy, seeded sampling with filters,
+    penalties (those steps wait for the tokens), logprobs, stop tokens, stop strings, EOS, lengths 1..40."""
+    out = []
+    for i, stop in enumerate(stop_tokens):
+        kind = i % 6
+        n = rng.randint(1, 40)
+        out.append([
+            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True),
+            SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_tokens=n, seed=i, ignore_eos=True),
+            SamplingParams(temperature=0.7, presence_penalty=0.5, repetition_penalty=1.2, max_tokens=n, seed=i),
+            SamplingParams(temperature=0, max_tokens=n, logprobs=2, stop_token_ids=(stop,), ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=40, stop_token_ids=(stop,)),
+            SamplingParams(temperature=1.0, min_p=0.05, max_tokens=n, seed=i, stop=("e",)),
+        ][kind])
+    return out
+
+
+def test_overlap_never_changes_outputs(tiny_model, tokenizer):
+    """Step N+1 planned and launched before step N's tokens are back gives the same outputs as one step at a
+    time: every sampling mode, stops found one step late, a pool small enough to preempt requests whose last
+    token is still in flight, shared prefixes and namespaces; page invariants checked after every step."""
+    prompts = _prompts(tokenizer, random.Random(1))
+    small = {**SMALL, "cache.num_pages": 16, "debug_checks": True}
+    serial = LLM(EngineConfig().replace(**small, **{"scheduler.overlap": False}), progress=False, model=tiny_model)
+    free = _generate(serial, prompts, max_tokens=8)[0]
+    params = _mixed_params(random.Random(2), [out[4] for out in free])
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(EngineConfig().replace(**small, **{"scheduler.overlap": overlap}), progress=False, model=tiny_model)
+        engine = llm.engine
+        ids = [engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+        finals = llm._run(set(ids), progress=False)
+        runs[overlap] = [finals[i] for i in ids]
+        stats = engine.stats()
+        assert stats["num_preemptions"] > 0 and not engine.has_unfinished()
+        assert stats["pages_held_by_requests"] == 0 and stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
+    for a, b in zip(runs[False], runs[True]):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5) if a.logprobs else b.logprobs is None
+        assert all(t >= 0 for t in b.token_ids)
+    reasons = {(r.finish_reason, type(r.stop_reason).__name__) for r in runs[True]}
+    assert {("length", "NoneType"), ("stop", "int"), ("stop", "str")} <= reasons
+
+
+def test_overlap_abort_while_a_step_is_in_flight(tiny):
+    engine = tiny.engine
+    assert engine.config.scheduler.overlap
+    rid = engine.add_request([7] * 40, SamplingParams(max_tokens=100, ignore_eos=True))
+    keep = engine.add_request([8] * 20, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert engine.step() == []  # launched, not back yet: its outputs come with the next call
+    assert {o.request_id for o in engine.step()} == {rid, keep}
+    assert engine.abort(rid)  # while the second step is in flight
+    outs = []
+    while engine.has_unfinished():
+        outs += engine.step()
+    assert rid not in {o.request_id for o in outs}
+    assert [o for o in outs if o.finished and o.request_id == keep][0].token_ids == \
+        tiny.generate([[8] * 20], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids
+    stats = engine.stats()
+    assert stats["pages_held_by_requests"] == 0 and stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]

@@ -1,0 +1,115 @@
+"""The device sampler against numpy: filters keep exactly the allowed tokens, penalties, the drawn
+distribution, and a row's draw does not depend on what the other rows of the batch ask for."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import sampler
+from engine.request import SamplingParams
+
+V = 64
+
+
+def _inputs(params: list[SamplingParams], seeds: list[int], steps: list[int], outputs=None, prompts=None, vocab=V):
+    outputs = outputs or [[] for _ in params]
+    prompts = prompts or [[] for _ in params]
+    rows = [(p, seed, step, prompt, out) for p, seed, step, prompt, out in zip(params, seeds, steps, prompts, outputs)]
+    return sampler.build_inputs(rows, len(rows), vocab, use_penalties=any(p.uses_penalties for p in params))
+
+
+def _sample(logits, s_in, **flags):
+    flags = {"use_penalties": False, "use_filters": False, "num_top_logprobs": 0, **flags}
+    return [np.asarray(a) for a in sampler.sample(np.asarray(logits, np.float32), s_in, **flags)]
+
+
+def _allowed(logits: np.ndarray, p: SamplingParams) -> set[int]:
+    """numpy reference of top-k / top-p / min-p over one row of logits (already free of penalties)."""
+    scaled = logits / p.temperature
+    order = np.argsort(-scaled, kind="stable")
+    probs = np.exp(scaled[order] - scaled[order[0]])
+    probs /= probs.sum()
+    keep = np.ones(len(order), bool)
+    if p.top_k:
+        keep[p.top_k:] = False
+    keep &= (np.cumsum(probs) - probs) < p.top_p
+    keep &= probs >= p.min_p * probs[0]
+    keep[0] = True
+    return set(order[keep].tolist())
+
+
+def test_a_rows_draw_does_not_depend_on_the_other_rows_filters():
+    """Row 0 (plain temperature) draws the same token whether row 1 uses top-k (the filtered code path) or not."""
+    rng = np.random.default_rng(0)
+    plain, filtered = SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=3)
+    for seed in range(40):
+        logits = rng.normal(size=(2, V)) * 2
+        alone = _sample(logits, _inputs([plain, plain], [seed, 7], [seed, 0]))[0][0]
+        beside = _sample(logits, _inputs([plain, filtered], [seed, 7], [seed, 0]), use_filters=True)[0][0]
+        assert alone == beside
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(temperature=0.8, top_k=5),
+    SamplingParams(temperature=1.3, top_p=0.6),
+    SamplingParams(temperature=1.0, min_p=0.2),
+    SamplingParams(temperature=0.5, top_k=10, top_p=0.9, min_p=0.05),
+])
+def test_filters_keep_exactly_the_allowed_tokens(params):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(1, V)) * 3
+    allowed = _allowed(logits[0], params)
+    n = 512
+    tokens = _sample(np.repeat(logits, n, 0), _inputs([params] * n, list(range(n)), [0] * n), use_filters=True)[0]
+    drawn = set(tokens.tolist())
+    assert drawn <= allowed
+    assert len(drawn) >= min(len(allowed), 2)  # more than the argmax gets drawn when more is allowed
+
+
+def test_draws_follow_the_softmax_and_seeds_reproduce():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(1, 8)).astype(np.float32)
+    p = SamplingParams(temperature=0.7)
+    n = 4096
+    s_in = _inputs([p] * n, list(range(n)), [3] * n, vocab=8)
+    tokens = _sample(np.repeat(logits, n, 0), s_in)[0]
+    again = _sample(np.repeat(logits, n, 0), s_in)[0]
+    probs = np.exp(logits[0] / 0.7 - (logits[0] / 0.7).max())
+    probs /= probs.sum()
+    freq = np.bincount(tokens, minlength=8) / n
+    assert np.abs(freq - probs).max() < 0.03
+    np.testing.assert_array_equal(tokens, again)
+
+
+def test_greedy_rows_take_the_argmax_and_logprobs_are_the_raw_models():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, V)) * 2
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=0, top_k=2), SamplingParams(temperature=0)]
+    s_in = _inputs(params, [1, 2, 3], [0, 0, 0])
+    for flags in ({"greedy_only": True}, {"use_filters": True}, {}):
+        tokens, lps, top_ids, top_lps = _sample(logits, s_in, num_top_logprobs=4, **flags)
+        np.testing.assert_array_equal(tokens, logits.argmax(-1))
+        ref = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        np.testing.assert_allclose(lps, ref[np.arange(3), tokens], atol=1e-5)
+        np.testing.assert_array_equal(top_ids, np.argsort(-ref, -1)[:, :4])
+        np.testing.assert_allclose(top_lps, np.sort(ref, -1)[:, ::-1][:, :4], atol=1e-5)
+
+
+def test_penalties_match_the_openai_and_hf_definitions():
+    """presence/frequency (OpenAI: subtract per generated token) and repetition (HF/CTRL: divide positive logits,
+    multiply negative ones, over prompt and output tokens), checked through greedy choices."""
+    logits = np.zeros((1, V), np.float32)
+    logits[0, :4] = [3.0, 2.9, 2.8, -0.1]
+    # Token 0 generated twice: 3.0 - 0.05 - 2 x 0.1 = 2.75 < 2.9, so token 1 wins.
+    p = SamplingParams(temperature=0, presence_penalty=0.05, frequency_penalty=0.1)
+    out = _sample(logits, _inputs([p], [0], [2], outputs=[[0, 0]]), use_penalties=True)[0]
+    assert out[0] == 1
+    # Repetition 1.2: 3.0 / 1.2 = 2.5 < 2.8, so token 2 wins when 0 and 1 were in the prompt.
+    p = SamplingParams(temperature=0, repetition_penalty=1.2)
+    out = _sample(logits, _inputs([p], [0], [0], prompts=[[0, 1]]), use_penalties=True)[0]
+    assert out[0] == 2
+    # A negative logit is multiplied (dividing would raise it): -0.1 x 1.2 = -0.12 < -0.11.
+    logits2 = np.full((1, V), -1.0, np.float32)
+    logits2[0, 5:7] = [-0.1, -0.11]
+    out = _sample(logits2, _inputs([p], [0], [0], prompts=[[5]]), use_penalties=True)[0]
+    assert out[0] == 6

@@ -1,15 +1,17 @@
-"""`LLMEngine`: one replica. `step()` is schedule -> run -> postprocess, nothing else.
+"""`LLMEngine`: one replica. `step()` is schedule -> launch -> complete the previous step, nothing else.
 
 A request's life, text to text:
   1. `add_request` tokenizes (or takes token ids), validates, and queues a `Sequence`.
   2. `Scheduler.schedule` admits it: the radix cache supplies its longest cached prefix, pages are
      allocated for the unmatched tail only, which is prefilled in chunks inside a ragged batch that
      also carries every running decode.
-  3. `ModelRunner.run` packs the plan into bucketed arrays, runs the jitted step (KV donated) and
-     samples on the device; the sampled tokens come back in one host sync.
-  4. `Scheduler.commit` appends the tokens, caches finished prefill pages in the tree, applies stop
-     tokens and length limits; here the new tokens are detokenized incrementally, stop strings are
-     checked, and a `RequestOutput` (delta text + totals) is returned for streaming.
+  3. `ModelRunner.launch` packs the plan into bucketed arrays and dispatches the jitted step (KV
+     donated) and the sampler; `Scheduler.advance` records it with placeholder tokens.
+  4. While the device computes, the previous step completes: `ModelRunner.fetch` brings its sampled
+     tokens back in one host sync, `Scheduler.resolve` puts them in place and applies stop tokens;
+     here they are detokenized incrementally, stop strings are checked, and a `RequestOutput` (delta
+     text + totals) is returned for streaming. (`scheduler.overlap: false`: each step completes in
+     the call that launched it.)
   5. On finish the sequence's full pages stay in the tree (the next chat turn hits), its lock and
      references go, and the partial last page returns to the pool.
 """

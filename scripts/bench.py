@@ -10,6 +10,12 @@ Against a running server (OpenAI /v1/completions, streaming; several servers sid
 
     python scripts/bench.py --workload shared-prefix --url http://127.0.0.1:8000 --max-concurrency 64 --num-requests 500
 
+Overlapped scheduling on vs off, on a random model small enough that host time per step is comparable to
+device time (as on a GPU), with the config's tokenizer:
+
+    python scripts/bench.py --workload random --synthetic-model 64,2,8,2,16 --num-requests 64 --max-concurrency 32 \
+        --set-a scheduler.overlap=false --set-b scheduler.overlap=true --repeats 5
+
 Decode host overhead (share of step time outside the jitted step) at a fixed batch:
 
     python scripts/bench.py --workload decode --decode-batch 32 --config configs/smollm2-135m.yaml
@@ -245,6 +251,26 @@ def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def synthetic_model(spec: str, config):
+    """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`."""
+    import jax
+
+    from models import llama
+    from models.config import LlamaConfig
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    try:
+        hidden, layers, heads, kv_heads, head_dim = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--synthetic-model wants five integers HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM, got {spec!r}")
+    tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                      num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
+                      max_position=config.model.max_model_len)
+    return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
+
+
 def decode_overhead(args) -> None:
     """Steady decode at a fixed batch: median step time, device time, and the host share of each step."""
     from engine.config import load_config
@@ -339,6 +365,8 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the raw metrics here")
+    ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
+                    help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
     args = ap.parse_args(argv)
     args.set_a = args.set_common + args.set_a
     if args.workload == "decode":
@@ -363,7 +391,8 @@ def main(argv=None) -> int:
         configs = {"A": load_config(args.config, args.set_a)}
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
-        engines = {name: LLMEngine(cfg) for name, cfg in configs.items()}
+        model = synthetic_model(args.synthetic_model, configs["A"]) if args.synthetic_model else None
+        engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size)
         for name, cfg in configs.items():

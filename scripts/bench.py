@@ -16,7 +16,7 @@ device time (as on a GPU), with the config's tokenizer:
     python scripts/bench.py --workload random --synthetic-model 64,2,8,2,16 --num-requests 64 --max-concurrency 32 \
         --set-a scheduler.overlap=false --set-b scheduler.overlap=true --repeats 5
 
-Decode host overhead (share of step time outside the jitted step) at a fixed batch:
+Decode host overhead (the host's share of each step) at a fixed batch, for one or two configurations:
 
     python scripts/bench.py --workload decode --decode-batch 32 --config configs/smollm2-135m.yaml
 
@@ -272,28 +272,37 @@ def synthetic_model(spec: str, config):
 
 
 def decode_overhead(args) -> None:
-    """Steady decode at a fixed batch: median step time, device time, and the host share of each step."""
+    """Steady decode at a fixed batch, per configuration (A, and B when given): median step wall time, the part
+    spent waiting for the device, and the host's share (scheduling, packing, dispatch, detokenizing, stop
+    checks). Serial, the device idles through the host's share; overlapped, the host's share runs while the
+    device computes the step launched just before."""
     from engine.config import load_config
     from engine.engine import LLMEngine
     from engine.request import SamplingParams
 
-    config = load_config(args.config, args.set_a)
-    engine = LLMEngine(config)
-    rng = random.Random(args.seed)
-    for _ in range(args.decode_batch):
-        engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size), SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
-    steps = []
-    while engine.has_unfinished():
-        engine.step()
-        s = engine.last_step
-        if s.get("num_decode") == args.decode_batch and not s.get("num_prefill"):
-            steps.append(s)
-    total = statistics.median(s["total_s"] for s in steps)
-    device = statistics.median(s["wait_s"] for s in steps)
-    share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps)
-    print(f"decode batch {args.decode_batch}: {len(steps)} pure-decode steps; median step {total * 1e3:.1f} ms, "
-          f"device (dispatch -> results on host) {device * 1e3:.1f} ms, host overhead {share:.1%} of the step; "
-          f"{args.decode_batch / total:.1f} tok/s")
+    configs = {"A": args.set_a} | ({"B": args.set_common + args.set_b} if args.set_b is not None else {})
+    for name, overrides in configs.items():
+        config = load_config(args.config, overrides)
+        model = synthetic_model(args.synthetic_model, config) if args.synthetic_model else None
+        engine = LLMEngine(config, model=model)
+        rng = random.Random(args.seed)
+        for _ in range(args.decode_batch):
+            engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size),
+                               SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+        steps = []
+        while engine.has_unfinished():
+            launched = engine.num_steps
+            engine.step()
+            s = engine.last_step
+            if engine.num_steps > launched and s["num_decode"] == args.decode_batch and not s["num_prefill"]:
+                steps.append(s)
+        total = statistics.median(s["total_s"] for s in steps)
+        wait = statistics.median(s["wait_s"] for s in steps)
+        share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps)
+        mode = "overlapped with the device" if config.scheduler.overlap else "the device idles meanwhile"
+        print(f"{name} ({' '.join(overrides) or 'defaults'}): decode batch {args.decode_batch}, {len(steps)} pure-decode "
+              f"steps; median step {total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work "
+              f"{share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
 
 
 def step_times(args) -> None:

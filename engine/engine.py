@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from engine import multihost
+from engine import multihost, structured
 from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
@@ -115,6 +115,7 @@ class LLMEngine:
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         self.runner.warmup(progress and multihost.is_leader())
+        self.grammars = structured.Grammars(self.tokenizer, self.model_cfg.vocab_size)
         self._ids = itertools.count()
         self._seed_rng = random.Random()
         self._state: dict[str, _OutputState] = {}
@@ -144,6 +145,8 @@ class LLMEngine:
             raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed)
+        if params.structured is not None:
+            seq.matcher = self.grammars.matcher(params.structured)
         self._state[request_id] = _OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
         self.scheduler.add(seq)
         return request_id
@@ -172,8 +175,8 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         outputs = []
         if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):
-            outputs += self._complete()  # penalties count the generated tokens on the host
-        launched = self.runner.launch(plan) if plan is not None else None
+            outputs += self._complete()  # penalties count, and grammars consume, the generated tokens on the host
+        launched = self.runner.launch(plan, self._token_mask(plan)) if plan is not None else None
         outputs += self._complete()
         if launched is not None:
             self.scheduler.advance(plan)
@@ -190,7 +193,12 @@ class LLMEngine:
 
     @staticmethod
     def _needs_known_tokens(plan) -> bool:
-        return any(c.sample and c.seq.params.uses_penalties for c in plan.chunks)
+        return any(c.sample and (c.seq.params.uses_penalties or c.seq.matcher is not None) for c in plan.chunks)
+
+    def _token_mask(self, plan) -> np.ndarray | None:
+        """The tokens each sampling row may take, when some row follows a structured-output grammar."""
+        rows = [(c.seq.matcher, i) for i, c in enumerate(plan.chunks) if c.sample and c.seq.matcher is not None]
+        return self.grammars.masks(rows, len(plan.chunks)) if rows else None
 
     def _complete(self) -> list[RequestOutput]:
         """Waits for the step in flight, puts its tokens in place, applies stops and streams the outputs."""
@@ -210,6 +218,9 @@ class LLMEngine:
             state = self._state.get(seq.request_id)
             if state is None:
                 continue
+            if seq.matcher is not None and structured.advance(seq.matcher, seq.output_ids[-1]) \
+                    and seq.status is not Status.FINISHED:
+                self.scheduler.finish(seq, "stop")  # the grammar is complete
             i = index[seq.request_id]
             if seq.params.logprobs is not None:
                 seq.output_logprobs.append(float(out.logprobs[i]))
@@ -232,7 +243,7 @@ class LLMEngine:
         new_ids = seq.output_ids[state.num_ids_seen :]
         state.num_ids_seen = len(seq.output_ids)
         # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
-        state.text += state.detok.step(new_ids[:-1] if seq.finish_reason == "stop" else new_ids)
+        state.text += state.detok.step(new_ids[:-1] if seq.ended_by_token else new_ids)
         if seq.status is Status.FINISHED:
             state.text += state.detok.flush()
         stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)

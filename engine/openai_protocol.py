@@ -61,6 +61,13 @@ class _SamplingFields(_Body):
     cache_salt: str | None = Field(None, description="requests with different salts never share cached pages; "
                                                       "an empty salt is no salt")
     user: str | None = None
+    # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
+    response_format: dict[str, Any] | None = Field(
+        None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+    guided_json: dict[str, Any] | str | None = Field(None, description="a JSON schema the output follows")
+    guided_regex: str | None = Field(None, description="a regular expression the whole output matches")
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = Field(None, description="the output is one of these")
+    guided_grammar: str | None = Field(None, description="a Lark grammar (llguidance's dialect) the output follows")
 
 
 class CompletionRequest(_SamplingFields):

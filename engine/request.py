@@ -3,14 +3,49 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import time
-from typing import Sequence as Seq
+from typing import Any, Sequence as Seq
 
 MAX_TOP_LOGPROBS = 20
 
 
 class RequestError(ValueError):
     """A request the engine refuses; the message names the field and what is allowed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text, enforced token by token (exactly one field set):
+    `json` a JSON schema (dict or its text), `json_object` any JSON object, `regex` a regular expression the
+    whole text matches, `choice` one of these strings, `grammar` a Lark grammar (llguidance's dialect)."""
+
+    json: str | None = None  # the schema as JSON text (a dict is serialized here)
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+
+    def __post_init__(self):
+        if isinstance(self.json, dict):
+            object.__setattr__(self, "json", json.dumps(self.json))
+        if self.choice is not None:
+            if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(isinstance(c, str) for c in self.choice):
+                raise RequestError("structured output: choice must be a non-empty list of strings")
+            object.__setattr__(self, "choice", tuple(self.choice))
+        for name in ("json", "regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RequestError(f"structured output: {name} must be a non-empty string, got {value!r:.40}")
+        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        kinds += ["json_object"] if self.json_object else []
+        if len(kinds) != 1:
+            raise RequestError(f"structured output: set exactly one of json, json_object, regex, choice, grammar "
+                               f"(got {', '.join(kinds) or 'none'})")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +63,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k (<= 20)
+    structured: StructuredOutput | None = None  # JSON schema / regex / choice / grammar the output must follow
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -93,9 +129,11 @@ class Sequence:
     num_computed: int = 0  # tokens whose K/V are in `pages`
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
     lock_node: object = None  # radix node this sequence keeps locked (its cached path)
+    matcher: Any = None  # structured output: the grammar state (an llguidance matcher) after the known tokens
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
+    ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)
     stop_reason: str | int | None = None
     first_token_s: float | None = None
     finish_s: float | None = None

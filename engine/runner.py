@@ -97,7 +97,8 @@ class ModelRunner:
         self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
         self._prev_tokens = jnp.zeros(self.max_seqs, jnp.int32)  # what the last launched step sampled
         self._head = jax.jit(
-            self._head_impl, static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only")
+            self._head_impl,
+            static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
         )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
@@ -161,9 +162,10 @@ class ModelRunner:
         """One step, start to finish."""
         return self.fetch(self.launch(plan))
 
-    def launch(self, plan: StepPlan) -> "LaunchedStep":
+    def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None) -> "LaunchedStep":
         """Packs the plan and dispatches its device work without waiting for it. Placeholder tokens in the
-        plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step."""
+        plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step.
+        token_mask: [num chunks, ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs)."""
         t0 = time.perf_counter()
         inputs = self.pack(plan)
         num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
@@ -174,9 +176,12 @@ class ModelRunner:
         greedy_only = all(p.greedy for p in params)
         top = max((p.logprobs or 0 for p in params), default=0)
         num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
-        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties)
+        if token_mask is not None:  # padding rows allow everything
+            token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
+        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask)
         copies = self._pack_copies(plan.page_copies)
-        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only)
+        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
+                          token_mask is not None)
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -201,7 +206,7 @@ class ModelRunner:
                                         prev_tokens=self._prev_tokens)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
                          use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
-                         greedy_only=step.greedy_only)
+                         greedy_only=step.greedy_only, use_mask=step.use_mask)
         self._prev_tokens = out[-1]
         return out[:-1]
 
@@ -215,12 +220,13 @@ class ModelRunner:
         return llama.forward(params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens),
                              attn_backend=self.backend, mesh=self.mesh)
 
-    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only):
+    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
+                   use_mask=False):
         """Logits and sampling for the first `num_rows` rows; also the sampled tokens padded to max_running,
         the next step's `prev_tokens`."""
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
         out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                             num_top_logprobs=num_top_logprobs, greedy_only=greedy_only)
+                             num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
         return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:num_rows].set(out[0])
 
     def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -255,6 +261,7 @@ class StepArrays:
     use_filters: bool
     num_top: int
     greedy_only: bool
+    use_mask: bool = False
 
 
 def _copy_pages(kv, src, dst):

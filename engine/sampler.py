@@ -30,12 +30,15 @@ class SamplingInputs:
     steps: jax.Array  # [S] int32, tokens generated so far
     output_counts: jax.Array | None = None  # [S, V] float32, counts of generated tokens (penalties only)
     seen: jax.Array | None = None  # [S, V] bool, prompt or generated tokens (repetition penalty only)
+    token_mask: jax.Array | None = None  # [S, ceil(V / 32)] int32 bitmask of allowed tokens (structured outputs only)
 
 
 def build_inputs(
-    rows: list[tuple[SamplingParams, int, int, list[int], list[int]]], num_rows: int, vocab_size: int, use_penalties: bool
+    rows: list[tuple[SamplingParams, int, int, list[int], list[int]]], num_rows: int, vocab_size: int, use_penalties: bool,
+    token_mask: np.ndarray | None = None,
 ) -> SamplingInputs:
-    """Host arrays for `num_rows` (bucketed) rows from (params, seed, step, prompt_ids, output_ids) per real row."""
+    """Host arrays for `num_rows` (bucketed) rows from (params, seed, step, prompt_ids, output_ids) per real row;
+    `token_mask` [num_rows, ceil(V / 32)] when some row's tokens are constrained."""
     n = num_rows
     temperature = np.zeros(n, np.float32)
     top_k = np.zeros(n, np.int32)
@@ -52,7 +55,7 @@ def build_inputs(
             np.add.at(counts[i], np.asarray(output_ids, np.int64), 1.0)
             seen[i, prompt_ids] = True
             seen[i, output_ids] = True
-    return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen)
+    return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen, token_mask)
 
 
 def _filter_mask(scaled: jax.Array, s: SamplingInputs) -> jax.Array:
@@ -74,14 +77,17 @@ def _filter_mask(scaled: jax.Array, s: SamplingInputs) -> jax.Array:
 
 def sample(
     logits: jax.Array, s: SamplingInputs, *, use_penalties: bool, use_filters: bool, num_top_logprobs: int,
-    greedy_only: bool = False,
+    greedy_only: bool = False, use_mask: bool = False,
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [S, V] float32 -> (tokens [S] int32, logprobs [S], top_ids [S, K], top_logprobs [S, K]).
 
-    Returned logprobs are those of the model's raw distribution (before penalties and temperature).
+    Returned logprobs are those of the model's raw distribution (before masks, penalties and temperature).
     greedy_only (static): every row has temperature 0, so no random draw is made at all.
+    use_mask (static): `s.token_mask` allows only some tokens per row (structured outputs).
     """
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    if use_mask:
+        logits = jnp.where(allowed_tokens(s.token_mask, logits.shape[-1]), logits, -jnp.inf)
     if use_penalties:
         logits = logits - s.presence_penalty[:, None] * (s.output_counts > 0) - s.frequency_penalty[:, None] * s.output_counts
         rp = s.repetition_penalty[:, None]
@@ -95,6 +101,12 @@ def sample(
         scaled = jnp.where(_filter_mask(scaled, s), scaled, -jnp.inf)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled)
     return _finish(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
+
+
+def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
+    """[S, ceil(V / 32)] int32 bitmask -> [S, V] bool (bit t % 32 of word t // 32)."""
+    v = jnp.arange(vocab)
+    return ((token_mask[:, v // 32] >> (v % 32)) & 1).astype(bool)
 
 
 def _finish(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):

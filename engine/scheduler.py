@@ -343,6 +343,7 @@ class Scheduler:
             seq.output_ids[-1] = int(token)
             got_token.append(seq)
             if self._is_stop_token(seq):
+                seq.ended_by_token = True
                 self.finish(seq, "stop")
         return got_token
 

@@ -31,6 +31,7 @@ from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
     MAX_N, ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body,
 )
+from engine import structured
 from engine.request import RequestError, SamplingParams, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             ignore_eos=body.ignore_eos, logprobs=logprobs,
         )
         try:
+            fields["structured"] = structured.from_fields(
+                {k: getattr(body, k) for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")})
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
         except RequestError as e:
-            raise ApiError(400, str(e), param=str(e).split()[0]) from None
+            raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None
 
     async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
                   logprobs: int | None):

@@ -76,6 +76,9 @@ class _HFBackend:
     def special_tokens(self) -> dict[int, str]:
         return {i: t.content for i, t in self.tokenizer.get_added_tokens_decoder().items() if t.special}
 
+    def piece_bytes(self) -> list[bytes] | None:
+        return None  # the tokenizer JSON says it (byte-level BPE, metaspace, ...)
+
 
 class _SentencePieceBackend:
     """A `SentencePieceProcessor`, plus special-token matching in text (SentencePiece never matches control
@@ -138,6 +141,20 @@ class _SentencePieceBackend:
 
     def special_tokens(self) -> dict[int, str]:
         return dict(self._special_ids)
+
+    def piece_bytes(self) -> list[bytes]:
+        """The bytes each id stands for inside a text: "▁" is a space, <0xNN> pieces are byte NN, control
+        and special pieces are empty."""
+        p = self.processor
+        out = []
+        for i in range(self.vocab_size):
+            if p.is_byte(i):
+                out.append(bytes([int(p.id_to_piece(i)[3:5], 16)]))
+            elif i in self._special_ids or p.is_control(i) or p.is_unknown(i):
+                out.append(b"")
+            else:
+                out.append(p.id_to_piece(i).replace("\u2581", " ").encode("utf-8"))
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -294,6 +311,18 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (e.g. "<|im_start|>") map to their ids;
         BOS (EOS) is added only when the model asks for it and `add_special_tokens` is set."""
         return self._backend.encode(text, add_special_tokens)
+
+    def hf_json(self) -> str | None:
+        """The HF `tokenizers` JSON of this tokenizer (None for the SentencePiece backend)."""
+        return self._backend.tokenizer.to_str() if isinstance(self._backend, _HFBackend) else None
+
+    def piece_bytes(self) -> list[bytes] | None:
+        """For the SentencePiece backend, the bytes each id stands for inside a text (None for HF tokenizers)."""
+        return self._backend.piece_bytes()
+
+    @property
+    def special_ids(self) -> frozenset[int]:
+        return frozenset(self._backend.special_tokens())
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens)

@@ -5,7 +5,10 @@
         [--set cache.num_pages=512 ...] [--print]
 
 Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, temperature, top_p, top_k, min_p,
-             seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, cache_salt.
+             seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, cache_salt,
+             and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or
+             {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
+             guided_regex, guided_choice (a list of strings) or guided_grammar (Lark).
 Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
              or {"id", "error"} for a bad line; the job goes on.
 Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C stops
@@ -22,13 +25,15 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import ConfigKeyError, load_config  # noqa: E402
+from engine import structured  # noqa: E402
 from engine.request import RequestError, SamplingParams  # noqa: E402
 
 SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
     "presence_penalty", "frequency_penalty", "repetition_penalty",
 }
-LINE_FIELDS = SAMPLING_FIELDS | {"id", "prompt", "messages", "cache_salt"}
+STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
+LINE_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"id", "prompt", "messages", "cache_salt"}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -67,6 +72,7 @@ def sampling_params(obj: dict) -> SamplingParams:
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(kwargs.get("stop"), str):
         kwargs["stop"] = (kwargs["stop"],)
+    kwargs["structured"] = structured.from_fields(obj)
     try:
         return SamplingParams(**kwargs)
     except TypeError as e:

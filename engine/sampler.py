@@ -105,8 +105,8 @@ def sample(
 
 def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
     """[S, ceil(V / 32)] int32 bitmask -> [S, V] bool (bit t % 32 of word t // 32)."""
-    v = jnp.arange(vocab)
-    return ((token_mask[:, v // 32] >> (v % 32)) & 1).astype(bool)
+    bits = (token_mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # [S, W, 32]: a broadcast, no gather
+    return bits.reshape(token_mask.shape[0], -1)[:, :vocab].astype(bool)
 
 
 def _finish(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):

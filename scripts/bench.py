@@ -107,9 +107,14 @@ def make_workload(args, vocab: int) -> tuple[list[Session], int]:
 
 
 # --------------------------------------------------------------------------------------- engine mode
-def run_engine(engine, sessions: list[Session], max_concurrency: int, request_rate: float, rng: random.Random) -> tuple[list[Result], float]:
-    """Drives an in-process LLMEngine: at most `max_concurrency` sessions in flight, Poisson arrivals at `request_rate`."""
+def run_engine(engine, sessions: list[Session], max_concurrency: int, request_rate: float, rng: random.Random,
+               guided: dict | None = None) -> tuple[list[Result], float]:
+    """Drives an in-process LLMEngine: at most `max_concurrency` sessions in flight, Poisson arrivals at `request_rate`;
+    `guided` ({"guided_regex": ...} or {"guided_json": ...}) constrains every output."""
+    from engine import structured
     from engine.request import SamplingParams
+
+    constraint = structured.from_fields(guided or {})
 
     results: list[Result] = []
     queue = list(sessions)
@@ -119,7 +124,8 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
 
     def send(session: Session, turn: int, history: list[int]) -> None:
         prompt = history + session.turns[turn].prompt
-        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=True)
+        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=True,
+                                structured=constraint)
         rid = engine.add_request(prompt, params)
         active[rid] = (session, turn, prompt, time.perf_counter())
 
@@ -145,8 +151,9 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
 
 
 # ----------------------------------------------------------------------------------------- HTTP mode
-async def _http_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float) -> tuple[Result, list[int]]:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+async def _http_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float,
+                        guided: dict | None = None) -> tuple[Result, list[int]]:
+    body = {**(guided or {}), "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}, "logprobs": None}
     start = time.perf_counter()
     times, usage, text_ids = [], {}, []
@@ -173,7 +180,7 @@ async def _http_request(client, url: str, model: str, prompt: list[int], max_tok
 
 
 async def run_http(url: str, model: str, sessions: list[Session], max_concurrency: int, request_rate: float,
-                   rng: random.Random, timeout_s: float) -> tuple[list[Result], float]:
+                   rng: random.Random, timeout_s: float, guided: dict | None = None) -> tuple[list[Result], float]:
     import httpx
 
     sem = asyncio.Semaphore(max_concurrency)
@@ -186,7 +193,7 @@ async def run_http(url: str, model: str, sessions: list[Session], max_concurrenc
                 history: list[int] = []
                 for turn in session.turns:
                     prompt = history + turn.prompt
-                    res, _ = await _http_request(client, url, model, prompt, turn.max_tokens, timeout_s)
+                    res, _ = await _http_request(client, url, model, prompt, turn.max_tokens, timeout_s, guided)
                     results.append(res)
                     if res.error:
                         return
@@ -374,10 +381,16 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the raw metrics here")
+    ap.add_argument("--guided-regex", help="every output must match this regular expression (structured outputs)")
+    ap.add_argument("--guided-json", help="every output must follow this JSON schema (given as JSON text)")
+    ap.add_argument("--guided-only-b", action="store_true",
+                    help="constrain configuration B only (A unconstrained): the cost of structured outputs side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
     args = ap.parse_args(argv)
     args.set_a = args.set_common + args.set_a
+    guided = {k: v for k, v in (("guided_regex", args.guided_regex),
+                                ("guided_json", args.guided_json and json.loads(args.guided_json))) if v}
     if args.workload == "decode":
         decode_overhead(args)
         return 0
@@ -390,7 +403,7 @@ def main(argv=None) -> int:
         sessions, ideal = make_workload(args, vocab=49152)
         for url in args.url:
             res, wall = asyncio.run(run_http(url.rstrip("/"), args.model, sessions, args.max_concurrency,
-                                             args.request_rate, random.Random(args.seed), args.timeout_s))
+                                             args.request_rate, random.Random(args.seed), args.timeout_s, guided))
             runs[url] = [summarize(res, wall, ideal)]
         names = list(args.url)
     else:
@@ -409,7 +422,8 @@ def main(argv=None) -> int:
         for rep in range(args.repeats):
             for name, engine in engines.items():  # interleaved: A, B, A, B, ...
                 engine.reset_prefix_cache()
-                res, wall = run_engine(engine, sessions, args.max_concurrency, args.request_rate, random.Random(args.seed))
+                res, wall = run_engine(engine, sessions, args.max_concurrency, args.request_rate, random.Random(args.seed),
+                                       None if args.guided_only_b and name == "A" else guided)
                 runs.setdefault(name, []).append(summarize(res, wall, ideal))
                 print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)
         names = list(configs)

@@ -32,7 +32,7 @@ import numpy as np
 import pallas_kernels
 from engine import multihost, structured
 from engine.config import EngineConfig
-from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
+from engine.request import MAX_TOP_LOGPROBS, RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
 from models import sharding
@@ -57,6 +57,8 @@ class RequestOutput:
     cached_tokens: int
     logprobs: list[float] | None = None  # per generated token (when asked)
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_logprobs: list[float | None] | None = None  # per prompt token (the first is None), when asked
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     stop_reason: str | int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -147,6 +149,9 @@ class LLMEngine:
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed)
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
+        if params.prompt_logprobs is not None:
+            seq.prompt_logprobs.append(None)  # the first token has nothing before it
+            seq.prompt_top_logprobs.append([])
         self._state[request_id] = _OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
         self.scheduler.add(seq)
         return request_id
@@ -176,11 +181,16 @@ class LLMEngine:
         outputs = []
         if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):
             outputs += self._complete()  # penalties count, and grammars consume, the generated tokens on the host
-        launched = self.runner.launch(plan, self._token_mask(plan)) if plan is not None else None
+        launched = None
+        if plan is not None:
+            targets = self._prompt_targets(plan)
+            top = max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0)
+            launched = self.runner.launch(plan, self._token_mask(plan), [(r, t) for r, t, _, _ in targets],
+                                          min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length()) if top else 0)
         outputs += self._complete()
         if launched is not None:
             self.scheduler.advance(plan)
-            self._inflight = (plan, launched)
+            self._inflight = (plan, launched, targets)
             if not self.config.scheduler.overlap:
                 outputs += self._complete()
             self.num_steps += 1
@@ -200,16 +210,37 @@ class LLMEngine:
         rows = [(c.seq.matcher, i) for i, c in enumerate(plan.chunks) if c.sample and c.seq.matcher is not None]
         return self.grammars.masks(rows, len(plan.chunks)) if rows else None
 
+    @staticmethod
+    def _prompt_targets(plan) -> list[tuple[int, int, Sequence, int]]:
+        """(row, token, sequence, position) for each prompt position whose logprob this step computes: row r's
+        logits give the logprob of the prompt token after it. Positions already known (a recomputation after
+        preemption) are not asked for again."""
+        targets, row = [], 0
+        for c in plan.chunks:
+            seq = c.seq
+            if seq.params.prompt_logprobs is not None:
+                last = len(seq.prompt_ids) - 1
+                for pos in range(max(c.start, len(seq.prompt_logprobs) - 1), min(c.start + len(c.token_ids), last)):
+                    targets.append((row + pos - c.start, seq.prompt_ids[pos + 1], seq, pos + 1))
+            row += len(c.token_ids)
+        return targets
+
     def _complete(self) -> list[RequestOutput]:
         """Waits for the step in flight, puts its tokens in place, applies stops and streams the outputs."""
         if self._inflight is None:
             return []
-        plan, launched = self._inflight
+        plan, launched, targets = self._inflight
         self._inflight = None
         t0 = time.perf_counter()
         out = self.runner.fetch(launched)
         now = time.perf_counter()
         self._wait_s += now - t0
+        for row, _, seq, pos in targets:
+            if pos == len(seq.prompt_logprobs):  # in order, each position once
+                seq.prompt_logprobs.append(float(out.prompt_logprobs[row]))
+                k = seq.params.prompt_logprobs
+                seq.prompt_top_logprobs.append(
+                    [(int(t), float(lp)) for t, lp in zip(out.prompt_top_ids[row][:k], out.prompt_top_logprobs[row][:k])])
         sampled = [int(t) if c.sample else None for c, t in zip(plan.chunks, out.tokens)]
         got_token = self.scheduler.resolve(plan, sampled)
         index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
@@ -273,6 +304,8 @@ class LLMEngine:
             cached_tokens=seq.num_cached_prompt,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
             top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs else None,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
+            prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.params.prompt_logprobs else None,
             stop_reason=seq.stop_reason,
             ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
             e2e_s=(now - seq.arrival_s) if finished else None,

@@ -20,6 +20,8 @@ class Completion:
     e2e_s: float
     logprobs: list[float] | None = None
     stop_reason: str | int | None = None
+    prompt_logprobs: list[float | None] | None = None  # SamplingParams.prompt_logprobs: per prompt token, [0] None
+    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 class LLM:
@@ -90,4 +92,6 @@ def _completion(out: RequestOutput) -> Completion:
         e2e_s=out.e2e_s,
         logprobs=out.logprobs,
         stop_reason=out.stop_reason,
+        prompt_logprobs=out.prompt_logprobs,
+        prompt_top_logprobs=out.prompt_top_logprobs,
     )

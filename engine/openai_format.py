@@ -5,6 +5,7 @@ prompt_index * n + sample_index, as OpenAI numbers them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 from engine.engine import RequestOutput
@@ -24,16 +25,30 @@ def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) ->
 
 
 class ChoiceFormatter:
+    """echo (completions, whole responses): per prompt, (text, token ids) put before each of its n choices;
+    prompt_only: nothing was asked to be generated (max_tokens 0), so choices carry the echoed prompt only."""
+
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
-                 logprobs: bool):
+                 logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False):
         self.kind = kind
         self.token_text = token_text
         self.id, self.model, self.created = call_id, model, created
         self.logprobs = logprobs
+        self.echo, self.n, self.prompt_only = echo, n, prompt_only
         self._offsets: dict[int, int] = {}  # choice index -> chars streamed so far (completions text_offset)
+
+    def final(self, out: RequestOutput) -> RequestOutput:
+        """The final output as the response reports it (with max_tokens 0, the one token run for it is dropped)."""
+        if not self.prompt_only:
+            return out
+        return dataclasses.replace(out, text="", token_ids=[], finish_reason="length", stop_reason=None,
+                                   logprobs=[] if out.logprobs is not None else None,
+                                   top_logprobs=[] if out.top_logprobs is not None else None)
 
     # ------------------------------------------------------------------------------ whole
     def choice(self, index: int, out: RequestOutput) -> dict:
+        if self.echo is not None:
+            return self._echo_choice(index, out)
         lp = self._logprobs(index, out, 0) if self.logprobs else None
         if self.kind == "chat":
             return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
@@ -45,6 +60,23 @@ class ChoiceFormatter:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 "usage": usage_}
+
+    def _echo_choice(self, index: int, out: RequestOutput) -> dict:
+        prompt_text, prompt_ids = self.echo[index // self.n]
+        lp = None
+        if self.logprobs:
+            self._offsets[index] = len(prompt_text)  # the completion's offsets follow the prompt
+            gen = self._logprobs(index, out, 0) or {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
+            texts = [self.token_text(t) for t in prompt_ids]
+            offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+            tops = None
+            if out.prompt_top_logprobs is not None:
+                tops = [None] + [{self.token_text(t): tlp for t, tlp in top} for top in out.prompt_top_logprobs[1:]]
+                tops += gen["top_logprobs"] or [{} for _ in gen["tokens"]]
+            lp = {"tokens": texts + gen["tokens"], "token_logprobs": list(out.prompt_logprobs) + gen["token_logprobs"],
+                  "top_logprobs": tops, "text_offset": offsets + gen["text_offset"]}
+        return {"index": index, "text": prompt_text + out.text, "logprobs": lp, "finish_reason": out.finish_reason,
+                "stop_reason": out.stop_reason}
 
     # ---------------------------------------------------------------------------- streamed
     def role_delta(self, index: int) -> dict:

@@ -73,9 +73,9 @@ class _SamplingFields(_Body):
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
                   Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
-    max_tokens: _int(ge=1) | None = 16
+    max_tokens: _int(ge=0) | None = Field(16, description="0 only with echo: the prompt and its logprobs, nothing generated")
     logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
-    echo: bool = False
+    echo: bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")
     suffix: str | None = None
 
 

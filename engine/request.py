@@ -64,6 +64,9 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; 0: the sampled token's; k: also the top k (<= 20)
     structured: StructuredOutput | None = None  # JSON schema / regex / choice / grammar the output must follow
+    # Logprobs of the prompt's own tokens (each given those before it): None off, 0 the token's, k also the top k.
+    # The prompt is then computed in full (its logits are needed), not served from the prefix cache.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -88,6 +91,8 @@ class SamplingParams:
             raise RequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
             raise RequestError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
 
@@ -125,6 +130,8 @@ class Sequence:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # [0] is None: nothing precedes it
+    prompt_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, one reference each held by this sequence
     num_computed: int = 0  # tokens whose K/V are in `pages`
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission

@@ -74,6 +74,9 @@ class StepOutput:
     logprobs: np.ndarray  # [num_chunks] float32
     top_ids: np.ndarray  # [num_chunks, K]
     top_logprobs: np.ndarray  # [num_chunks, K]
+    prompt_logprobs: np.ndarray | None = None  # [T]: by row, the logprob of the row's prompt target
+    prompt_top_ids: np.ndarray | None = None  # [T, K]
+    prompt_top_logprobs: np.ndarray | None = None  # [T, K]
 
 
 class ModelRunner:
@@ -101,6 +104,7 @@ class ModelRunner:
             static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
         )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
+        self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
@@ -113,8 +117,8 @@ class ModelRunner:
         for kind, n in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
-                self._hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
-                                                      prev_tokens=self._prev_tokens)
+                self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
+                                                         prev_tokens=self._prev_tokens)
                 continue
             s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
             for greedy_only in (True, False):
@@ -162,10 +166,12 @@ class ModelRunner:
         """One step, start to finish."""
         return self.fetch(self.launch(plan))
 
-    def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None) -> "LaunchedStep":
+    def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None,
+               prompt_targets: list[tuple[int, int]] | None = None, prompt_top: int = 0) -> "LaunchedStep":
         """Packs the plan and dispatches its device work without waiting for it. Placeholder tokens in the
         plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step.
-        token_mask: [num chunks, ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs)."""
+        token_mask: [num chunks, ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs).
+        prompt_targets: (row, token) pairs whose logprob (and top `prompt_top`) to return (prompt logprobs)."""
         t0 = time.perf_counter()
         inputs = self.pack(plan)
         num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
@@ -180,8 +186,13 @@ class ModelRunner:
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask)
         copies = self._pack_copies(plan.page_copies)
+        targets = None
+        if prompt_targets:
+            targets = np.full(len(inputs.tokens), -1, np.int32)
+            rows, tokens = zip(*prompt_targets)
+            targets[list(rows)] = tokens
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
-                          token_mask is not None)
+                          token_mask is not None, targets, prompt_top)
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -189,9 +200,9 @@ class ModelRunner:
 
     def fetch(self, launched: "LaunchedStep") -> StepOutput:
         """Waits for a launched step's sampled tokens and logprobs (the step's one host sync)."""
-        tokens, logprobs, top_ids, top_lps = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
+        tokens, logprobs, top_ids, top_lps, *prompt = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
         n = launched.num_chunks
-        return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n])
+        return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt)
 
     def execute(self, step: "StepArrays") -> None:
         """A follower process's step of a multi-host replica: the leader's arrays, run to completion."""
@@ -199,26 +210,43 @@ class ModelRunner:
 
     def dispatch(self, step: "StepArrays") -> tuple[jax.Array, ...]:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
-        arrays. Returns (tokens, logprobs, top_ids, top_logprobs), replicated."""
+        arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
+        replicated."""
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
-        hidden, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
-                                        prev_tokens=self._prev_tokens)
+        hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
+                                                   prev_tokens=self._prev_tokens)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
                          use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
                          greedy_only=step.greedy_only, use_mask=step.use_mask)
         self._prev_tokens = out[-1]
-        return out[:-1]
+        if step.prompt_targets is None:
+            return out[:-1]
+        return out[:-1] + self._prompt_head(self.params, every_row, self._to_device(step.prompt_targets),
+                                            num_top=step.prompt_top)
 
     def _to_device(self, tree):
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
     def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens):
-        """The model step, its placeholder tokens first replaced by those the previous step sampled."""
+        """The model step, its placeholder tokens first replaced by those the previous step sampled.
+        Returns (hidden of each sequence's last row [S, H], every row's hidden [T, H], caches)."""
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
-        return llama.forward(params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens),
-                             attn_backend=self.backend, mesh=self.mesh)
+        (hidden, every_row), kv_caches = llama.forward(
+            params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
+            mesh=self.mesh, all_hidden=True)
+        return hidden, every_row, kv_caches
+
+    def _prompt_head_impl(self, params, every_row, targets, *, num_top):
+        """Logprob of `targets[r]` under row r's logits (prompt logprobs), and the top `num_top` of each row."""
+        logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, every_row), axis=-1)  # [T, V]
+        token_lp = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
+        if num_top:
+            top_lps, top_ids = jax.lax.top_k(logprobs, num_top)
+        else:
+            top_lps, top_ids = jnp.zeros((targets.shape[0], 0), jnp.float32), jnp.zeros((targets.shape[0], 0), jnp.int32)
+        return token_lp, top_ids.astype(jnp.int32), top_lps
 
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
                    use_mask=False):
@@ -262,6 +290,8 @@ class StepArrays:
     num_top: int
     greedy_only: bool
     use_mask: bool = False
+    prompt_targets: np.ndarray | None = None  # [T] int32: the token whose logprob row r gives, -1 for none
+    prompt_top: int = 0
 
 
 def _copy_pages(kv, src, dst):

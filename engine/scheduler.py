@@ -172,7 +172,7 @@ class Scheduler:
     def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]]) -> Chunk | str | None:
         """Admits `seq` with its cached prefix; "wait" if its next page is in flight, None if out of pages."""
         tokens = seq.all_ids
-        if self.prefix_caching:
+        if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
             match = self.tree.match(tokens, seq.namespace)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"

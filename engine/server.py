@@ -120,6 +120,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             stop_token_ids=tuple(body.stop_token_ids or ()), presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             ignore_eos=body.ignore_eos, logprobs=logprobs,
+            prompt_logprobs=logprobs if getattr(body, "echo", False) else None,  # echo returns the prompt's logprobs too
         )
         try:
             fields["structured"] = structured.from_fields(
@@ -129,18 +130,22 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None
 
     async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
-                  logprobs: int | None):
+                  logprobs: int | None, echo: list[str] | None = None):
+        """echo (completions): each prompt's text, put before its choices' text (and its tokens' logprobs before
+        theirs); with max_tokens 0 the choices carry the prompt only."""
         n = body.n
         if len(prompts) * n > MAX_SAMPLES_PER_CALL:
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
         reqs = [
-            GenerateRequest(p, sampling_params(body, mt, logprobs, j), body.cache_salt or None)
+            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j), body.cache_salt or None)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
-        fmt = ChoiceFormatter(kind, token_text, call_id, model_name, int(time.time()), logprobs is not None)
+        fmt = ChoiceFormatter(kind, token_text, call_id, model_name, int(time.time()), logprobs is not None,
+                              echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
+                              prompt_only=max_tokens[0] == 0)
         stream = engine.submit(reqs, call_id)
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
@@ -176,6 +181,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise _engine_error(e) from None
         if any(out.finish_reason == "abort" for out in finals.values()):
             raise ApiError(503, "the server is shutting down; request aborted", "server_error")
+        finals = {i: fmt.final(out) for i, out in finals.items()}
         choices = [fmt.choice(i, finals[i]) for i in sorted(finals)]
         return fmt.response(choices, usage(finals, prompts, n))
 
@@ -208,10 +214,13 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     @app.post("/v1/completions", response_model=None, summary="Text completion (OpenAI-compatible)")
     async def completions(request: Request, body: CompletionRequest):
         check_model(body.model)
-        if body.echo:
-            raise ApiError(400, "echo is not supported", param="echo")
         if body.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
+        if body.echo and body.stream:
+            raise ApiError(400, "echo is supported without stream only", param="echo")
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        if max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: the prompt and its logprobs)", param="max_tokens")
         p = body.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
@@ -219,8 +228,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         for ids in prompts:
             if not ids:
                 raise ApiError(400, "prompt is empty", param="prompt")
-            check_prompt(ids, body.max_tokens, "prompt")
-        return await run(request, body, "text", prompts, [body.max_tokens] * len(prompts), body.logprobs)
+            check_prompt(ids, max(max_tokens, 1), "prompt")
+        echo = [x if isinstance(x, str) else tokenizer.decode(x, skip_special_tokens=False) for x in p] if body.echo else None
+        return await run(request, body, "text", prompts, [max_tokens] * len(prompts), body.logprobs, echo)
 
     @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI-compatible)")
     async def chat_completions(request: Request, body: ChatCompletionRequest):

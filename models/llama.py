@@ -194,10 +194,11 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
-    mesh: jax.sharding.Mesh | None = None,
+    mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
+    all_hidden: the first item is (those rows, every row's hidden state [T, hidden]) instead.
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -233,7 +234,7 @@ def forward(
         return out, (k_pages, v_pages)
 
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches))
-    return x[inputs.logits_indices], kv_caches
+    return ((x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]), kv_caches
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,

@@ -8,9 +8,11 @@ Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, temper
              seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, cache_salt,
              and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
-             guided_regex, guided_choice (a list of strings) or guided_grammar (Lark).
-Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
-             or {"id", "error"} for a bad line; the job goes on.
+             guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
+             prompt_logprobs (0..20) add the generated / prompt tokens' logprobs to the output line
+             (scoring texts: prompt_logprobs 0 and max_tokens 1).
+Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"[, "logprobs"]
+             [, "prompt_logprobs" (the first is null)]} or {"id", "error"} for a bad line; the job goes on.
 Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C stops
 cleanly; every line written is whole. A summary ends the run.
 """
@@ -30,7 +32,7 @@ from engine.request import RequestError, SamplingParams  # noqa: E402
 
 SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
-    "presence_penalty", "frequency_penalty", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
 }
 STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 LINE_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"id", "prompt", "messages", "cache_salt"}
@@ -158,8 +160,13 @@ def main(argv: list[str] | None = None) -> int:
                     totals["prompt"] += r.prompt_tokens
                     totals["cached"] += r.cached_tokens
                     totals["generated"] += len(r.token_ids)
-                    emit({"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                          "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens})
+                    record = {"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                              "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens}
+                    if r.logprobs is not None:
+                        record["logprobs"] = r.logprobs
+                    if r.prompt_logprobs is not None:
+                        record["prompt_logprobs"] = r.prompt_logprobs
+                    emit(record)
                 elapsed = time.perf_counter() - t0
                 hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
                 bar.set_postfix(tok_s=f"{totals['streamed'] / elapsed:.1f}", hit=f"{hit:.0%}", running=len(pending))

@@ -298,3 +298,32 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):
         tiny.generate([[8] * 20], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0].token_ids
     stats = engine.stats()
     assert stats["pages_held_by_requests"] == 0 and stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
+
+
+# ------------------------------------------------------------------------------ prompt logprobs
+def test_prompt_logprobs_are_the_dense_models(tiny_model):
+    """Prompt logprobs (and their top k) equal the non-paged reference forward's, for prompts prefilled in
+    several chunks, under preemption, and for a prompt whose pages are cached (it is computed anyway; a
+    later plain request still hits the pages it left)."""
+    cfg, params, _ = tiny_model
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "scheduler.max_batch_tokens": 48,
+                                       "debug_checks": True}), progress=False, model=tiny_model)
+    rng = np.random.default_rng(0)
+    prompts = [[int(t) for t in rng.integers(1, 40000, size=n)] for n in (2, 100, 37, 64, 150)]
+    prompts.append(prompts[1])
+    params_list = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=k) for k in (0, 2, 5, 1, 0, 3)]
+    outs = llm.generate(prompts, params_list)
+    assert llm.engine.stats()["num_preemptions"] > 0
+    dense = jax.jit(lambda t: jax.nn.log_softmax(llama.forward_dense(jax.device_put(params), cfg, t), axis=-1))
+    for prompt, p, out in zip(prompts, params_list, outs):
+        ref = np.asarray(dense(jnp.asarray(prompt, jnp.int32)))
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+        np.testing.assert_allclose(out.prompt_logprobs[1:], ref[np.arange(len(prompt) - 1), prompt[1:]], rtol=3e-5, atol=1e-4)
+        assert out.cached_tokens == 0
+        if p.prompt_logprobs:
+            for i, top in enumerate(out.prompt_top_logprobs[1:]):
+                assert [t for t, _ in top] == list(np.argsort(-ref[i])[: p.prompt_logprobs])
+        else:
+            assert out.prompt_top_logprobs is None
+    plain = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=2))[0]
+    assert plain.cached_tokens > 0 and plain.prompt_logprobs is None

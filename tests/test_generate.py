@@ -118,7 +118,7 @@ def test_ctrl_c_leaves_a_valid_file(tiny_checkpoint, tmp_path):
     assert len(_lines(out)) >= 100
 
 
-def test_input_lines_take_structured_output_fields():
+def test_input_lines_take_structured_output_and_logprob_fields():
     from engine.request import RequestError, StructuredOutput
     from scripts import generate
 
@@ -128,3 +128,5 @@ def test_input_lines_take_structured_output_fields():
     assert generate.sampling_params(generate.parse_line(json.dumps(line), 2)[1]).structured.json == '{"type": "object"}'
     with pytest.raises(RequestError, match="guided_regex: regex must be a non-empty string"):
         generate.sampling_params({"prompt": "x", "guided_regex": ""})
+    scoring = generate.sampling_params(generate.parse_line('{"id": 3, "prompt": "x", "prompt_logprobs": 0, "max_tokens": 1}', 3)[1])
+    assert (scoring.prompt_logprobs, scoring.max_tokens) == (0, 1)

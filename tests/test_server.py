@@ -313,6 +313,30 @@ def test_structured_outputs(client, http):
     _error(http.post("/v1/completions", json={**ok, "guided_regex": "a", "guided_choice": ["b"]}), 400, "both")
 
 
+def test_echo_returns_the_prompt_and_its_logprobs(client, http):
+    """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
+    logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""
+    prompt = "The capital of France is Paris. The capital of Italy is Rome."
+    scored = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    c = scored.choices[0]
+    assert c.text == prompt and c.finish_reason == "length" and scored.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert "".join(lp.tokens) == prompt and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert len(lp.tokens) == scored.usage.prompt_tokens and all(x < 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert all(len(top) == 1 and max(top.values()) >= lp_ for top, lp_ in zip(lp.top_logprobs[1:], lp.token_logprobs[1:]))
+    more = client.completions.create(model=MODEL, prompt=prompt, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    m = more.choices[0]
+    assert m.text.startswith(prompt) and len(m.logprobs.tokens) == len(lp.tokens) + more.usage.completion_tokens
+    assert m.logprobs.token_logprobs[: len(lp.tokens)] == pytest.approx(lp.token_logprobs, abs=1e-4)
+    assert m.logprobs.text_offset[len(lp.tokens)] == len(prompt)
+    plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True)
+    assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    ok = {"model": MODEL, "prompt": "Hi", "echo": True}
+    _error(http.post("/v1/completions", json={**ok, "stream": True}), 400, "echo", "without stream")
+    _error(http.post("/v1/completions", json={**ok, "echo": False, "max_tokens": 0}), 400, "max_tokens", "only with echo")
+
+
 def _shorten(value, depth: int = 0):
     """Caps strings and lists in a generated body, so each example prefills a few pages at most."""
     if isinstance(value, str):

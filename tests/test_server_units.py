@@ -57,7 +57,7 @@ def test_feed_reports_gaps_and_limits_batches():
         ({"model": "m"}, "prompt: required field is missing", "prompt"),
         ({"model": "m", "prompt": []}, "prompt: expected a non-empty string", "prompt"),
         ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", "max_tokens"),
-        ({"model": "m", "prompt": "x", "max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
+        ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens: Input should be greater than or equal to 0", "max_tokens"),
         ({"model": "m", "prompt": "x", "temperature": -0.5}, "temperature: Input should be greater than or equal to 0", "temperature"),
         ({"model": "m", "prompt": "x", "top_p": 1.5}, "top_p: Input should be less than or equal to 1", "top_p"),
         ({"model": "m", "prompt": "x", "stop": 3}, "stop: expected a string or a list of strings", "stop"),

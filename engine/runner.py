@@ -30,6 +30,7 @@ from models.config import LlamaConfig
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_BUCKET = 16
+PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory: this many rows of logits)
 
 
 def pow2_buckets(smallest: int, largest: int) -> list[int]:
@@ -239,14 +240,23 @@ class ModelRunner:
         return hidden, every_row, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):
-        """Logprob of `targets[r]` under row r's logits (prompt logprobs), and the top `num_top` of each row."""
-        logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, every_row), axis=-1)  # [T, V]
-        token_lp = jnp.take_along_axis(logprobs, jnp.maximum(targets, 0)[:, None], axis=-1)[:, 0]
-        if num_top:
-            top_lps, top_ids = jax.lax.top_k(logprobs, num_top)
-        else:
-            top_lps, top_ids = jnp.zeros((targets.shape[0], 0), jnp.float32), jnp.zeros((targets.shape[0], 0), jnp.int32)
-        return token_lp, top_ids.astype(jnp.int32), top_lps
+        """Logprob of `targets[r]` under row r's logits (prompt logprobs), and the top `num_top` of each row.
+        Rows go through in blocks of 64, so at most [64, vocab] logits exist at once whatever the step size."""
+
+        def block(args):
+            x, tgt = args
+            logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, x), axis=-1)
+            token_lp = jnp.take_along_axis(logprobs, jnp.maximum(tgt, 0)[:, None], axis=-1)[:, 0]
+            if num_top:
+                top_lps, top_ids = jax.lax.top_k(logprobs, num_top)
+            else:
+                top_lps, top_ids = jnp.zeros((x.shape[0], 0), jnp.float32), jnp.zeros((x.shape[0], 0), jnp.int32)
+            return token_lp, top_ids.astype(jnp.int32), top_lps
+
+        t = targets.shape[0]
+        size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t
+        out = jax.lax.map(block, (every_row.reshape(t // size, size, -1), targets.reshape(t // size, size)))
+        return tuple(a.reshape(t, *a.shape[2:]) for a in out)
 
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
                    use_mask=False):

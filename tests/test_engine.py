@@ -301,19 +301,22 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):
 
 
 # ------------------------------------------------------------------------------ prompt logprobs
-def test_prompt_logprobs_are_the_dense_models(tiny_model):
+@pytest.mark.parametrize("overrides", [
+    {"cache.num_pages": 16, "scheduler.max_batch_tokens": 48},  # many chunks, preemption
+    {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256},  # steps of 192/256 rows: several head blocks
+], ids=["chunked-preempted", "blocks"])
+def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
     """Prompt logprobs (and their top k) equal the non-paged reference forward's, for prompts prefilled in
     several chunks, under preemption, and for a prompt whose pages are cached (it is computed anyway; a
     later plain request still hits the pages it left)."""
     cfg, params, _ = tiny_model
-    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "scheduler.max_batch_tokens": 48,
-                                       "debug_checks": True}), progress=False, model=tiny_model)
+    llm = LLM(EngineConfig().replace(**{**SMALL, **overrides, "debug_checks": True}), progress=False, model=tiny_model)
     rng = np.random.default_rng(0)
     prompts = [[int(t) for t in rng.integers(1, 40000, size=n)] for n in (2, 100, 37, 64, 150)]
     prompts.append(prompts[1])
     params_list = [SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, prompt_logprobs=k) for k in (0, 2, 5, 1, 0, 3)]
     outs = llm.generate(prompts, params_list)
-    assert llm.engine.stats()["num_preemptions"] > 0
+    assert (llm.engine.stats()["num_preemptions"] > 0) == (overrides["cache.num_pages"] == 16)
     dense = jax.jit(lambda t: jax.nn.log_softmax(llama.forward_dense(jax.device_put(params), cfg, t), axis=-1))
     for prompt, p, out in zip(prompts, params_list, outs):
         ref = np.asarray(dense(jnp.asarray(prompt, jnp.int32)))

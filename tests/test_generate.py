@@ -48,6 +48,13 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
             elif i % 50 == 33:
                 f.write(json.dumps({"id": rid, "prompt": ""}) + "\n")
                 bad.add(rid)
+            elif i % 50 == 41:  # a constraint that does not compile
+                f.write(json.dumps({"id": rid, "prompt": "x", "max_tokens": 2, "guided_regex": "a(b"}) + "\n")
+                bad.add(rid)
+            elif i % 50 in (9, 27):  # structured outputs; scoring (prompt logprobs)
+                constraint = {"guided_choice": ["yes", "no"]} if i % 50 == 9 else {"prompt_logprobs": 0}
+                f.write(json.dumps({"id": rid, "prompt": f"Item {i}: yes or no?", "max_tokens": 4, **constraint}) + "\n")
+                good.add(rid)
             elif i % 2:
                 f.write(json.dumps({"id": rid, "messages": [{"role": "user", "content": f"Question {i % 7}?"}],
                                     "max_tokens": 3, "temperature": 0}) + "\n")
@@ -98,8 +105,15 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
     assert set(errors) == bad
     assert any("temperature" in e for e in errors.values()) and any("colour" in e for e in errors.values())
     assert any("prompt is empty" in e for e in errors.values())
+    assert "structured output (regex)" in errors["r41"] and "unclosed group" in errors["r41"]
+    by_id = {r["id"]: r for r in lines if "text" in r}
+    choices = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 9]
+    assert choices and all(r["text"] in ("yes", "no") for r in choices)
+    scored = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 27]
+    assert scored and all(r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["prompt_tokens"]
+                          and all(x < 0 for x in r["prompt_logprobs"][1:]) for r in scored)
     assert sum(1 for r in lines if r["id"] is None) == 20  # the unreadable lines, each once
-    sample = next(r for r in lines if "text" in r)
+    sample = next(r for r in lines if "text" in r and "prompt_logprobs" not in r)
     assert set(sample) == {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
     assert any(r.get("cached_tokens", 0) > 0 for r in lines)
 

@@ -108,13 +108,14 @@ def make_workload(args, vocab: int) -> tuple[list[Session], int]:
 
 # --------------------------------------------------------------------------------------- engine mode
 def run_engine(engine, sessions: list[Session], max_concurrency: int, request_rate: float, rng: random.Random,
-               guided: dict | None = None) -> tuple[list[Result], float]:
+               options: dict | None = None) -> tuple[list[Result], float]:
     """Drives an in-process LLMEngine: at most `max_concurrency` sessions in flight, Poisson arrivals at `request_rate`;
-    `guided` ({"guided_regex": ...} or {"guided_json": ...}) constrains every output."""
+    `options` apply to every request: "guided_regex" / "guided_json" (structured outputs), "prompt_logprobs"."""
     from engine import structured
     from engine.request import SamplingParams
 
-    constraint = structured.from_fields(guided or {})
+    options = options or {}
+    constraint = structured.from_fields(options)
 
     results: list[Result] = []
     queue = list(sessions)
@@ -125,7 +126,7 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
     def send(session: Session, turn: int, history: list[int]) -> None:
         prompt = history + session.turns[turn].prompt
         params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=True,
-                                structured=constraint)
+                                structured=constraint, prompt_logprobs=options.get("prompt_logprobs"))
         rid = engine.add_request(prompt, params)
         active[rid] = (session, turn, prompt, time.perf_counter())
 
@@ -383,14 +384,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the raw metrics here")
     ap.add_argument("--guided-regex", help="every output must match this regular expression (structured outputs)")
     ap.add_argument("--guided-json", help="every output must follow this JSON schema (given as JSON text)")
-    ap.add_argument("--guided-only-b", action="store_true",
-                    help="constrain configuration B only (A unconstrained): the cost of structured outputs side by side")
+    ap.add_argument("--prompt-logprobs", type=int, help="every request also asks for its prompt's logprobs (top k)")
+    ap.add_argument("--options-only-b", action="store_true",
+                    help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
     args = ap.parse_args(argv)
     args.set_a = args.set_common + args.set_a
     guided = {k: v for k, v in (("guided_regex", args.guided_regex),
                                 ("guided_json", args.guided_json and json.loads(args.guided_json))) if v}
+    options = guided | ({"prompt_logprobs": args.prompt_logprobs} if args.prompt_logprobs is not None else {})
     if args.workload == "decode":
         decode_overhead(args)
         return 0
@@ -423,7 +426,7 @@ def main(argv=None) -> int:
             for name, engine in engines.items():  # interleaved: A, B, A, B, ...
                 engine.reset_prefix_cache()
                 res, wall = run_engine(engine, sessions, args.max_concurrency, args.request_rate, random.Random(args.seed),
-                                       None if args.guided_only_b and name == "A" else guided)
+                                       None if args.options_only_b and name == "A" else options)
                 runs.setdefault(name, []).append(summarize(res, wall, ideal))
                 print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)
         names = list(configs)

@@ -113,7 +113,7 @@ class LLMEngine:
                                    eos_ids=frozenset(self.tokenizer.stop_ids))
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
-                                  mesh=self.mesh)
+                                  mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids))
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         self.runner.warmup(progress and multihost.is_leader())
@@ -142,6 +142,9 @@ class LLMEngine:
         else:
             prompt_ids = [int(t) for t in prompt]
         validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
+        bad = [t for t, _ in params.logit_bias if not 0 <= t < self.model_cfg.vocab_size]
+        if bad:
+            raise RequestError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if request_id in self._state:
             raise RequestError(f"request id {request_id!r} is already in use")

@@ -16,8 +16,8 @@ from engine.config import ParallelConfig
 
 OP_STOP, OP_STEP = 0, 1
 # op, token bucket, num_rows, use_penalties, use_filters, num_top, copies bucket (0: none), greedy_only, use_mask,
-# prompt logprobs wanted, their top k
-_HEADER_LEN = 11
+# prompt logprobs wanted, their top k, logit-bias entries per row (0: none)
+_HEADER_LEN = 12
 
 
 _joined = False  # jax.distributed can be initialized once per process
@@ -55,7 +55,8 @@ class Followers:
     def lead(self, step):
         header = np.array([OP_STEP, step.inputs.tokens.shape[0], step.num_rows, step.use_penalties, step.use_filters,
                            step.num_top, 0 if step.copies is None else step.copies[0].shape[0], step.greedy_only,
-                           step.use_mask, step.prompt_targets is not None, step.prompt_top], np.int32)
+                           step.use_mask, step.prompt_targets is not None, step.prompt_top,
+                           0 if step.sampling.bias_ids is None else step.sampling.bias_ids.shape[1]], np.int32)
         _broadcast(header)
         inputs, sampling, copies, targets = _broadcast((step.inputs, step.sampling, step.copies, step.prompt_targets))
         return dataclasses.replace(step, inputs=inputs, sampling=sampling, copies=copies, prompt_targets=targets)
@@ -72,13 +73,14 @@ def follow(runner) -> None:
     while True:
         header = np.asarray(_broadcast(np.zeros(_HEADER_LEN, np.int32)))
         (op, num_tokens, num_rows, use_penalties, use_filters, num_top, num_copies, greedy_only, use_mask, use_prompt,
-         prompt_top) = (int(x) for x in header)
+         prompt_top, num_bias) = (int(x) for x in header)
         if op == OP_STOP:
             return
         template = (
             runner._pack_padding(num_tokens),
             sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties),
-                                 np.zeros((num_rows, (runner.cfg.vocab_size + 31) // 32), np.int32) if use_mask else None),
+                                 np.zeros((num_rows, (runner.cfg.vocab_size + 31) // 32), np.int32) if use_mask else None,
+                                 num_bias=num_bias),
             (np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
             np.zeros(num_tokens, np.int32) if use_prompt else None,
         )

@@ -61,6 +61,8 @@ class _SamplingFields(_Body):
     cache_salt: str | None = Field(None, description="requests with different salts never share cached pages; "
                                                       "an empty salt is no salt")
     user: str | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100] added to its logit")
+    min_tokens: _int(ge=0) | None = Field(None, description="no end token or stop id before this many tokens")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')

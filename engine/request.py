@@ -67,8 +67,21 @@ class SamplingParams:
     # Logprobs of the prompt's own tokens (each given those before it): None off, 0 the token's, k also the top k.
     # The prompt is then computed in full (its logits are needed), not served from the prefix cache.
     prompt_logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits (OpenAI)
+    min_tokens: int = 0  # end tokens and stop ids cannot be sampled before this many tokens (vLLM)
 
     def __post_init__(self):
+        if isinstance(self.logit_bias, dict):
+            object.__setattr__(self, "logit_bias", tuple(self.logit_bias.items()))
+        try:
+            bias = tuple(sorted((int(t), float(b)) for t, b in self.logit_bias))
+        except (TypeError, ValueError):
+            raise RequestError("logit_bias must map token ids to numbers") from None
+        if any(not -100 <= b <= 100 for _, b in bias):
+            raise RequestError("logit_bias values must be in [-100, 100]")
+        object.__setattr__(self, "logit_bias", bias)
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))

@@ -82,8 +82,9 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
-                 dtype, backend: str, mesh=None):
+                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset()):
         self.cfg = model_cfg
+        self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
         self.page_size = config.cache.page_size
         self.num_pages = num_pages
@@ -185,7 +186,7 @@ class ModelRunner:
         num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
         if token_mask is not None:  # padding rows allow everything
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
-        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask)
+        s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
         copies = self._pack_copies(plan.page_copies)
         targets = None
         if prompt_targets:

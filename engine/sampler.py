@@ -31,14 +31,25 @@ class SamplingInputs:
     output_counts: jax.Array | None = None  # [S, V] float32, counts of generated tokens (penalties only)
     seen: jax.Array | None = None  # [S, V] bool, prompt or generated tokens (repetition penalty only)
     token_mask: jax.Array | None = None  # [S, ceil(V / 32)] int32 bitmask of allowed tokens (structured outputs only)
+    bias_ids: jax.Array | None = None  # [S, K] int32: logit_bias and min_tokens entries (K a power of two; 0 pads)
+    bias_values: jax.Array | None = None  # [S, K] float32 added at bias_ids (-inf bans a token)
+
+
+def bias_entries(p: SamplingParams, step: int, eos_ids: frozenset[int]) -> list[tuple[int, float]]:
+    """A row's additive logit entries: its logit_bias, and -inf on end tokens and stop ids before min_tokens."""
+    entries = list(p.logit_bias)
+    if step < p.min_tokens:
+        entries += [(t, -np.inf) for t in sorted(set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids)))]
+    return entries
 
 
 def build_inputs(
     rows: list[tuple[SamplingParams, int, int, list[int], list[int]]], num_rows: int, vocab_size: int, use_penalties: bool,
-    token_mask: np.ndarray | None = None,
+    token_mask: np.ndarray | None = None, eos_ids: frozenset[int] = frozenset(), num_bias: int | None = None,
 ) -> SamplingInputs:
     """Host arrays for `num_rows` (bucketed) rows from (params, seed, step, prompt_ids, output_ids) per real row;
-    `token_mask` [num_rows, ceil(V / 32)] when some row's tokens are constrained."""
+    `token_mask` [num_rows, ceil(V / 32)] when some row's tokens are constrained. Bias arrays are [num_rows, K],
+    K the next power of two of the longest row's entries (`num_bias` forces K; 0: none)."""
     n = num_rows
     temperature = np.zeros(n, np.float32)
     top_k = np.zeros(n, np.int32)
@@ -55,7 +66,17 @@ def build_inputs(
             np.add.at(counts[i], np.asarray(output_ids, np.int64), 1.0)
             seen[i, prompt_ids] = True
             seen[i, output_ids] = True
-    return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen, token_mask)
+    entries = [bias_entries(p, step, eos_ids) for p, _, step, _, _ in rows]
+    longest = max(map(len, entries), default=0)
+    k = num_bias if num_bias is not None else (1 << (longest - 1).bit_length() if longest else 0)
+    bias_ids = bias_values = None
+    if k:
+        bias_ids, bias_values = np.zeros((n, k), np.int32), np.zeros((n, k), np.float32)
+        for i, row in enumerate(entries):
+            if row:
+                bias_ids[i, : len(row)], bias_values[i, : len(row)] = zip(*row)
+    return SamplingInputs(temperature, top_k, top_p, min_p, presence, frequency, rep, seeds, steps, counts, seen, token_mask,
+                          bias_ids, bias_values)
 
 
 def _filter_mask(scaled: jax.Array, s: SamplingInputs) -> jax.Array:
@@ -85,9 +106,12 @@ def sample(
     greedy_only (static): every row has temperature 0, so no random draw is made at all.
     use_mask (static): `s.token_mask` allows only some tokens per row (structured outputs).
     """
+    logits = jnp.asarray(logits)
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     if use_mask:
         logits = jnp.where(allowed_tokens(s.token_mask, logits.shape[-1]), logits, -jnp.inf)
+    if s.bias_ids is not None:
+        logits = logits.at[jnp.arange(logits.shape[0])[:, None], s.bias_ids].add(s.bias_values)
     if use_penalties:
         logits = logits - s.presence_penalty[:, None] * (s.output_counts > 0) - s.frequency_penalty[:, None] * s.output_counts
         rp = s.repetition_penalty[:, None]

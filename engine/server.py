@@ -121,6 +121,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             ignore_eos=body.ignore_eos, logprobs=logprobs,
             prompt_logprobs=logprobs if getattr(body, "echo", False) else None,  # echo returns the prompt's logprobs too
+            logit_bias=body.logit_bias, min_tokens=body.min_tokens,
         )
         try:
             fields["structured"] = structured.from_fields(

@@ -4,8 +4,9 @@
     python scripts/generate.py --config configs/smollm2-135m.yaml --input in.jsonl --output out.jsonl \
         [--set cache.num_pages=512 ...] [--print]
 
-Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, temperature, top_p, top_k, min_p,
-             seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, cache_salt,
+Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
+             min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
+             ({"token id": bias}), cache_salt,
              and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
              guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
@@ -32,7 +33,8 @@ from engine.request import RequestError, SamplingParams  # noqa: E402
 
 SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
+    "min_tokens",
 }
 STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
 LINE_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"id", "prompt", "messages", "cache_salt"}

@@ -330,3 +330,22 @@ def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
             assert out.prompt_top_logprobs is None
     plain = llm.generate([prompts[1]], SamplingParams(temperature=0, max_tokens=2))[0]
     assert plain.cached_tokens > 0 and plain.prompt_logprobs is None
+
+
+def test_logit_bias_and_min_tokens_in_the_engine(tiny):
+    llm = tiny
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids
+    stop = free[1]
+    held = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, min_tokens=6, stop_token_ids=(stop,),
+                                                    ignore_eos=True))[0]
+    assert len(held.token_ids) >= 6 and stop not in held.token_ids[:5]
+    early = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=(stop,), ignore_eos=True))[0]
+    assert early.token_ids == free[:2] and early.finish_reason == "stop"
+    forced = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.9, seed=3, max_tokens=4, logit_bias={1234: 100.0},
+                                                      ignore_eos=True))[0]
+    assert forced.token_ids == [1234] * 4
+    banned = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=6, logit_bias={free[0]: -100},
+                                                      ignore_eos=True))[0]
+    assert banned.token_ids[0] != free[0] and free[0] not in banned.token_ids
+    with pytest.raises(RequestError, match="logit_bias token id 99999999 is outside the vocabulary"):
+        llm.engine.add_request([1, 2], SamplingParams(logit_bias={99999999: 1.0}))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import sampler
-from engine.request import SamplingParams
+from engine.request import RequestError, SamplingParams
 
 V = 64
 
@@ -113,3 +113,25 @@ def test_penalties_match_the_openai_and_hf_definitions():
     logits2[0, 5:7] = [-0.1, -0.11]
     out = _sample(logits2, _inputs([p], [0], [0], prompts=[[5]]), use_penalties=True)[0]
     assert out[0] == 6
+
+
+def test_logit_bias_and_min_tokens():
+    """logit_bias adds to the named logits (-100 bans, +100 forces); before min_tokens no end token or stop id
+    can be drawn, after it they can; rows without entries are untouched."""
+    logits = np.zeros((3, V), np.float32)
+    logits[:, 7] = 5.0  # the argmax everywhere
+    params = [SamplingParams(temperature=0, logit_bias={7: -100, 9: 3.0}),
+              SamplingParams(temperature=0, max_tokens=8, min_tokens=4, stop_token_ids=(11,)),
+              SamplingParams(temperature=0)]
+    out = _sample(logits, sampler.build_inputs([(p, 0, 0, [], []) for p in params], 3, V, False, eos_ids=frozenset({7})))[0]
+    assert list(out) == [9, int(np.argmax(np.where(np.isin(np.arange(V), [7, 11]), -np.inf, logits[1]))), 7]
+    after = sampler.build_inputs([(params[1], 0, 4, [], [1, 2, 3, 4])], 1, V, False, eos_ids=frozenset({7}))
+    assert after.bias_ids is None and _sample(logits[1:2], after)[0][0] == 7
+    plain = sampler.build_inputs([(params[2], 0, 0, [], [])], 1, V, False)
+    assert plain.bias_ids is None
+    with pytest.raises(RequestError, match="logit_bias values"):
+        SamplingParams(logit_bias={1: 101})
+    with pytest.raises(RequestError, match="logit_bias must map"):
+        SamplingParams(logit_bias={"x": 1})
+    with pytest.raises(RequestError, match="min_tokens"):
+        SamplingParams(max_tokens=2, min_tokens=3)

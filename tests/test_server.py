@@ -313,6 +313,18 @@ def test_structured_outputs(client, http):
     _error(http.post("/v1/completions", json={**ok, "guided_regex": "a", "guided_choice": ["b"]}), 400, "both")
 
 
+def test_logit_bias_and_min_tokens(client, http):
+    token = 28  # any id: +100 makes it the only choice
+    r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logit_bias={str(token): 100}, logprobs=0)
+    assert r.choices[0].logprobs.tokens and len(set(r.choices[0].logprobs.tokens)) == 1
+    eos = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 6, "min_tokens": 6,
+                                             "temperature": 0, "logit_bias": {"2": 100}}).json()
+    assert eos["usage"]["completion_tokens"] == 6  # the end token (2) is pushed to the top but held back
+    _error(http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "logit_bias": {"1": 500}}), 400, "logit_bias")
+    _error(http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2, "min_tokens": 5}), 400,
+           "min_tokens")
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

@@ -9,6 +9,7 @@ import dataclasses
 from typing import Callable
 
 from engine.engine import RequestOutput
+from engine.tool_calls import ToolChoice
 
 
 def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) -> dict:
@@ -29,8 +30,11 @@ class ChoiceFormatter:
     prompt_only: nothing was asked to be generated (max_tokens 0), so choices carry the echoed prompt only."""
 
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
-                 logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False):
+                 logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False,
+                 tools: ToolChoice | None = None):
         self.kind = kind
+        # Chat with tools that may be called: a reply becomes tool_calls once finished, so streams hold it back.
+        self.tools = tools if tools is not None and tools.active else None
         self.token_text = token_text
         self.id, self.model, self.created = call_id, model, created
         self.logprobs = logprobs
@@ -51,8 +55,9 @@ class ChoiceFormatter:
             return self._echo_choice(index, out)
         lp = self._logprobs(index, out, 0) if self.logprobs else None
         if self.kind == "chat":
-            return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": lp,
-                    "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+            message, finish = self._message(out)
+            return {"index": index, "message": {"role": "assistant", **message}, "logprobs": lp,
+                    "finish_reason": finish, "stop_reason": out.stop_reason}
         return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
                 "stop_reason": out.stop_reason}
 
@@ -60,6 +65,18 @@ class ChoiceFormatter:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                 "usage": usage_}
+
+    def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
+        """A finished chat reply as message fields and finish reason: tool calls when the tools say so."""
+        if self.tools is None or out.finish_reason != "stop":
+            return {"content": out.text}, out.finish_reason
+        try:
+            content, calls = self.tools.parse(out.text)
+        except (ValueError, KeyError, TypeError):  # not the calls it should be: say what was written
+            return {"content": out.text}, out.finish_reason
+        if not calls:
+            return {"content": content}, out.finish_reason
+        return {"content": content, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
 
     def _echo_choice(self, index: int, out: RequestOutput) -> dict:
         prompt_text, prompt_ids = self.echo[index // self.n]
@@ -85,6 +102,14 @@ class ChoiceFormatter:
     def delta(self, index: int, out: RequestOutput) -> dict | None:
         """The stream choice for one step's output; None when it carries nothing to show."""
         new_tokens = len(out.delta_token_ids)
+        if self.tools is not None:  # the reply may turn out to be tool calls: all of it at the end
+            if not out.finished:
+                return None
+            message, finish = self._message(out)
+            if "tool_calls" in message:
+                message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
+            return {"index": index, "delta": {k: v for k, v in message.items() if v is not None}, "logprobs": None,
+                    "finish_reason": finish, "stop_reason": out.stop_reason}
         if not (out.delta_text or out.finished or (self.logprobs and new_tokens)):
             return None
         lp = self._logprobs(index, out, len(out.token_ids) - new_tokens) if self.logprobs else None

@@ -93,8 +93,31 @@ class ChatMessage(BaseModel):
     content: str | list[TextPart] | None = None
 
 
+class FunctionSpec(_Body):
+    name: Annotated[str, Field(min_length=1, max_length=64)]
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="a JSON schema of the arguments")
+
+
+class ToolSpec(_Body):
+    type: Literal["function"]
+    function: FunctionSpec
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    tools: list[ToolSpec] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" when tools are given; a named function or "required" forces valid calls')
     max_tokens: _int(ge=1) | None = Field(None, description="default: the rest of the context")
     max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = False
@@ -107,6 +130,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 
 
 _UNION_HINTS = {
+    "tool_choice": '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
     "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
     "stop": "a string or a list of strings",
     "content": 'a string or a list of {"type": "text", "text": ...} parts',

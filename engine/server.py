@@ -20,6 +20,7 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine, EngineStopped, GenerateRequest
@@ -32,6 +33,7 @@ from engine.openai_protocol import (
     MAX_N, ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body,
 )
 from engine import structured
+from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, validate_prompt
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, msg, param="max_tokens" if msg.startswith("prompt (") else param,
                            code="context_length_exceeded" if "context" in msg else None) from None
 
-    def sampling_params(body, max_tokens: int, logprobs: int | None, i: int) -> SamplingParams:
+    def sampling_params(body, max_tokens: int, logprobs: int | None, i: int, tools: ToolChoice | None = None) -> SamplingParams:
         seed = None if body.seed is None else body.seed + i
         fields = dict(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -126,12 +128,17 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         try:
             fields["structured"] = structured.from_fields(
                 {k: getattr(body, k) for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")})
+            forced = tools.constraint() if tools is not None else None
+            if forced is not None:
+                if fields["structured"] is not None:
+                    raise RequestError(f'tool_choice: "{tools.mode}" already constrains the reply; drop response_format / guided_*')
+                fields["structured"] = forced
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None
 
     async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
-                  logprobs: int | None, echo: list[str] | None = None):
+                  logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None):
         """echo (completions): each prompt's text, put before its choices' text (and its tokens' logprobs before
         theirs); with max_tokens 0 the choices carry the prompt only."""
         n = body.n
@@ -139,14 +146,14 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
         reqs = [
-            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j), body.cache_salt or None)
+            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
         fmt = ChoiceFormatter(kind, token_text, call_id, model_name, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
-                              prompt_only=max_tokens[0] == 0)
+                              prompt_only=max_tokens[0] == 0, tools=tools)
         stream = engine.submit(reqs, call_id)
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
@@ -245,8 +252,14 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                 msg["content"] = "".join(part.text for part in m.content)
             msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
             messages.append(msg)
+        tool_specs = [t.model_dump(exclude_none=True) for t in body.tools or []]
         try:
-            prompt_ids = tokenizer.encode_chat(messages)
+            choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
+            tools = ToolChoice(tool_specs, choice)
+        except RequestError as e:
+            raise ApiError(400, str(e), param=str(e).split(":")[0].split()[0]) from None
+        try:
+            prompt_ids = tokenizer.encode_chat(messages, **({"tools": tool_specs} if tool_specs else {}))
         except Exception as e:  # template errors (roles out of order, ...) are the caller's
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         if not prompt_ids:
@@ -254,7 +267,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, max_model_len - len(prompt_ids))
         check_prompt(prompt_ids, max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs)
+        return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
 
     # ------------------------------------------------------------------------------- status
     @app.get("/v1/models", summary="The model this server serves")

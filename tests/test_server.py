@@ -313,6 +313,40 @@ def test_structured_outputs(client, http):
     _error(http.post("/v1/completions", json={**ok, "guided_regex": "a", "guided_choice": ["b"]}), 400, "both")
 
 
+def test_tool_calls(client, http):
+    """tool_choice naming a function or "required" gives calls whose arguments follow the schema (streamed too);
+    "auto" with a model that writes no <tool_call> block is a plain reply; bad choices are 400s naming them."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20},
+                                                              "unit": {"enum": ["celsius", "fahrenheit"]}},
+                             "required": ["city", "unit"], "additionalProperties": False}}}]
+    messages = [{"role": "user", "content": "What is the weather in Paris?"}]
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named, max_tokens=40)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.content is None
+    [call] = c.message.tool_calls
+    assert call.function.name == "get_weather" and call.id.startswith("call_")
+    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+    stream = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named, max_tokens=40,
+                                            temperature=0, stream=True)
+    deltas = [ch.choices[0] for ch in stream if ch.choices]
+    [last] = [d for d in deltas if d.finish_reason]
+    assert last.finish_reason == "tool_calls" and last.delta.tool_calls[0].function.name == "get_weather"
+    assert set(json.loads(last.delta.tool_calls[0].function.arguments)) == {"city", "unit"}
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required", max_tokens=60)
+    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content and not r.choices[0].message.tool_calls  # SmolLM2 has no tool format
+    chat = {"model": MODEL, "messages": messages, "max_tokens": 4}
+    _error(http.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": {"type": "function",
+                                                   "function": {"name": "nope"}}}), 400, "no tool named 'nope'")
+    _error(http.post("/v1/chat/completions", json={**chat, "tool_choice": "required"}), 400, "needs tools")
+    _error(http.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": "sometimes"}), 400, "tool_choice")
+    _error(http.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": named,
+                                                   "response_format": {"type": "json_object"}}), 400, "already constrains")
+
+
 def test_logit_bias_and_min_tokens(client, http):
     token = 28  # any id: +100 makes it the only choice
     r = client.completions.create(model=MODEL, prompt="Hi", max_tokens=3, logit_bias={str(token): 100}, logprobs=0)

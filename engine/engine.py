@@ -32,7 +32,7 @@ import numpy as np
 import pallas_kernels
 from engine import multihost, structured
 from engine.config import EngineConfig
-from engine.request import MAX_TOP_LOGPROBS, RequestError, SamplingParams, Sequence, Status, validate_prompt
+from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
 from models import sharding
@@ -187,9 +187,8 @@ class LLMEngine:
         launched = None
         if plan is not None:
             targets = self._prompt_targets(plan)
-            top = max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0)
             launched = self.runner.launch(plan, self._token_mask(plan), [(r, t) for r, t, _, _ in targets],
-                                          min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length()) if top else 0)
+                                          max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0))
         outputs += self._complete()
         if launched is not None:
             self.scheduler.advance(plan)

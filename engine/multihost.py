@@ -67,7 +67,7 @@ class Followers:
 
 def follow(runner) -> None:
     """A follower's loop: run every step the leader announces, until it says stop."""
-    from engine import sampler
+    from engine import sampler, structured
     from engine.runner import StepArrays
 
     while True:
@@ -79,7 +79,8 @@ def follow(runner) -> None:
         template = (
             runner._pack_padding(num_tokens),
             sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties),
-                                 np.zeros((num_rows, (runner.cfg.vocab_size + 31) // 32), np.int32) if use_mask else None,
+                                 np.zeros((num_rows, structured.mask_words(runner.cfg.vocab_size)), np.int32)
+                                 if use_mask else None,
                                  num_bias=num_bias),
             (np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
             np.zeros(num_tokens, np.int32) if use_prompt else None,

@@ -6,6 +6,7 @@ prompt_index * n + sample_index, as OpenAI numbers them.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Callable
 
 from engine.engine import RequestOutput
@@ -85,7 +86,7 @@ class ChoiceFormatter:
             self._offsets[index] = len(prompt_text)  # the completion's offsets follow the prompt
             gen = self._logprobs(index, out, 0) or {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
             texts = [self.token_text(t) for t in prompt_ids]
-            offsets = [sum(map(len, texts[:i])) for i in range(len(texts))]
+            offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=0))
             tops = None
             if out.prompt_top_logprobs is not None:
                 tops = [None] + [{self.token_text(t): tlp for t, tlp in top} for top in out.prompt_top_logprobs[1:]]

@@ -58,6 +58,11 @@ def token_buckets(smallest: int, largest: int) -> list[int]:
     return out
 
 
+def top_bucket(k: int) -> int:
+    """How many top logprobs a step computes when k are asked for: the next power of two (few distinct shapes)."""
+    return 0 if k == 0 else min(MAX_TOP_LOGPROBS, 1 << (k - 1).bit_length())
+
+
 def bucket_for(n: int, buckets: list[int]) -> int:
     for b in buckets:
         if b >= n:
@@ -182,8 +187,7 @@ class ModelRunner:
         use_penalties = any(p.uses_penalties for p in params)
         use_filters = any(p.uses_filters and not p.greedy for p in params)
         greedy_only = all(p.greedy for p in params)
-        top = max((p.logprobs or 0 for p in params), default=0)
-        num_top = 0 if top == 0 else min(MAX_TOP_LOGPROBS, 1 << (top - 1).bit_length())  # few distinct shapes
+        num_top = top_bucket(max((p.logprobs or 0 for p in params), default=0))
         if token_mask is not None:  # padding rows allow everything
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
@@ -191,10 +195,10 @@ class ModelRunner:
         targets = None
         if prompt_targets:
             targets = np.full(len(inputs.tokens), -1, np.int32)
-            rows, tokens = zip(*prompt_targets)
-            targets[list(rows)] = tokens
+            target_rows, target_tokens = zip(*prompt_targets)
+            targets[list(target_rows)] = target_tokens
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
-                          token_mask is not None, targets, prompt_top)
+                          token_mask is not None, targets, top_bucket(prompt_top))
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -247,12 +251,7 @@ class ModelRunner:
         def block(args):
             x, tgt = args
             logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, x), axis=-1)
-            token_lp = jnp.take_along_axis(logprobs, jnp.maximum(tgt, 0)[:, None], axis=-1)[:, 0]
-            if num_top:
-                top_lps, top_ids = jax.lax.top_k(logprobs, num_top)
-            else:
-                top_lps, top_ids = jnp.zeros((x.shape[0], 0), jnp.float32), jnp.zeros((x.shape[0], 0), jnp.int32)
-            return token_lp, top_ids.astype(jnp.int32), top_lps
+            return sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)[1:]
 
         t = targets.shape[0]
         size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t

@@ -118,13 +118,13 @@ def sample(
         logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
-        return _finish(greedy, raw_logprobs, num_top_logprobs)
+        return with_logprobs(greedy, raw_logprobs, num_top_logprobs)
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seeds, s.steps)
     if use_filters:
         scaled = jnp.where(_filter_mask(scaled, s), scaled, -jnp.inf)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    return _finish(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
+    return with_logprobs(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
 
 
 def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
@@ -133,7 +133,7 @@ def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
     return bits.reshape(token_mask.shape[0], -1)[:, :vocab].astype(bool)
 
 
-def _finish(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):
+def with_logprobs(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):
     """(tokens, their logprobs, top_ids, top_logprobs) from the chosen tokens and the raw log-softmax."""
     logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
     if num_top_logprobs:

@@ -127,7 +127,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         )
         try:
             fields["structured"] = structured.from_fields(
-                {k: getattr(body, k) for k in ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")})
+                {k: getattr(body, k) for k in structured.FIELDS})
             forced = tools.constraint() if tools is not None else None
             if forced is not None:
                 if fields["structured"] is not None:

@@ -126,14 +126,15 @@ class _PieceTokenizer:
 
 
 # --------------------------------------------------------------------------------- request fields
-_GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+# The request fields that carry a constraint (the server's and the offline job's).
+FIELDS = ("response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar")
 
 
 def from_fields(fields: Mapping[str, Any]) -> StructuredOutput | None:
     """The constraint a request asks for, from OpenAI's `response_format` ({"type": "json_object"} or
     {"type": "json_schema", "json_schema": {"schema": ...}}) or vLLM's `guided_json` / `guided_regex` /
     `guided_choice` / `guided_grammar`; None when it asks for none. RequestError names a malformed field."""
-    given = [k for k in ("response_format", *_GUIDED) if fields.get(k) is not None]
+    given = [k for k in FIELDS if fields.get(k) is not None]
     if len(given) > 1:
         raise RequestError(f"{given[0]} and {given[1]} both constrain the output; give one")
     if not given:

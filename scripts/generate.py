@@ -36,8 +36,7 @@ SAMPLING_FIELDS = {
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
     "min_tokens",
 }
-STRUCTURED_FIELDS = {"response_format", "guided_json", "guided_regex", "guided_choice", "guided_grammar"}
-LINE_FIELDS = SAMPLING_FIELDS | STRUCTURED_FIELDS | {"id", "prompt", "messages", "cache_salt"}
+LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt"}
 DEFAULT_MAX_TOKENS = 256
 
 

@@ -77,6 +77,33 @@ class SchedulerConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    """Speculative decoding by n-gram lookup (vLLM's `ngram`, also called prompt lookup): a decoding sequence's
+    last `ngram_max` .. `ngram_min` tokens are looked up earlier in its own prompt and output, and the tokens
+    that followed the latest occurrence are verified in one step with the real token. Pays where outputs
+    repeat their input (editing, extraction, quoting, summaries, code); outputs are the same as without."""
+
+    method: Literal["off", "ngram"] = "off"
+    num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
+    ngram_min: int = 2
+    ngram_max: int = 4
+    max_batch: int = 0  # speculate only in steps with at most this many decoding sequences (0: any)
+
+    def __post_init__(self):
+        _positive("speculative.num_tokens", self.num_tokens)
+        _positive("speculative.ngram_min", self.ngram_min)
+        if self.ngram_max < self.ngram_min:
+            raise ConfigKeyError(f"speculative.ngram_max ({self.ngram_max}) must be >= speculative.ngram_min ({self.ngram_min})")
+        if self.max_batch < 0:
+            raise ConfigKeyError(f"speculative.max_batch must be >= 0 (0 = any batch), got {self.max_batch}")
+
+    @property
+    def draft_tokens(self) -> int:
+        """Draft tokens a sequence may get per step: 0 when off."""
+        return self.num_tokens if self.method != "off" else 0
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     backend: Literal["auto", "xla", "pallas", "pallas_interpret"] = "auto"
 
@@ -116,6 +143,7 @@ class EngineConfig:
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     attention: AttentionConfig = AttentionConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
     compilation_cache_dir: str = "~/.cache/radixlm/jax"  # JAX persistent compilation cache; "" disables

@@ -110,7 +110,7 @@ class LLMEngine:
                 f"model.max_model_len={self.max_model_len} tokens"
             )
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
-                                   eos_ids=frozenset(self.tokenizer.stop_ids))
+                                   eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative)
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids))
@@ -180,8 +180,10 @@ class LLMEngine:
         """
         t0 = time.perf_counter()
         self._wait_s = 0.0
-        plan = self.scheduler.schedule()
         outputs = []
+        if self.config.speculative.draft_tokens:
+            outputs += self._complete()  # drafts are read from the sequences' known tokens
+        plan = self.scheduler.schedule()
         if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):
             outputs += self._complete()  # penalties count, and grammars consume, the generated tokens on the host
         launched = None
@@ -243,7 +245,9 @@ class LLMEngine:
                 k = seq.params.prompt_logprobs
                 seq.prompt_top_logprobs.append(
                     [(int(t), float(lp)) for t, lp in zip(out.prompt_top_ids[row][:k], out.prompt_top_logprobs[row][:k])])
-        sampled = [int(t) if c.sample else None for c, t in zip(plan.chunks, out.tokens)]
+        rows = launched.head_rows
+        sampled = [out.tokens[r] if c.sample else None for c, r in zip(plan.chunks, rows)]
+        num_before = [len(c.seq.output_ids) - 1 for c in plan.chunks]  # output length before this step's tokens
         got_token = self.scheduler.resolve(plan, sampled)
         index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
         outputs = []
@@ -251,17 +255,20 @@ class LLMEngine:
             state = self._state.get(seq.request_id)
             if state is None:
                 continue
+            i = index[seq.request_id]
+            num_new = len(seq.output_ids) - num_before[i]  # more than one when draft tokens were accepted
             if seq.matcher is not None and structured.advance(seq.matcher, seq.output_ids[-1]) \
                     and seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq, "stop")  # the grammar is complete
-            i = index[seq.request_id]
+                self.scheduler.finish(seq, "stop")  # the grammar is complete (never speculated: one token)
             if seq.params.logprobs is not None:
-                seq.output_logprobs.append(float(out.logprobs[i]))
                 k = seq.params.logprobs
-                seq.output_top_logprobs.append([(int(t), float(lp)) for t, lp in zip(out.top_ids[i][:k], out.top_logprobs[i][:k])])
+                for r in rows[i][:num_new]:
+                    seq.output_logprobs.append(float(out.logprobs[r]))
+                    seq.output_top_logprobs.append(
+                        [(int(t), float(lp)) for t, lp in zip(out.top_ids[r][:k], out.top_logprobs[r][:k])])
             if seq.first_token_s is None:
                 seq.first_token_s = now
-            seq.token_times_s.append(now)
+            seq.token_times_s.extend([now] * num_new)
             outputs.append(self._postprocess(state, now))
         return outputs
 
@@ -348,6 +355,8 @@ class LLMEngine:
             "num_evicted_pages": s.stats.num_evicted_pages,
             "prompt_tokens": s.stats.prompt_tokens,
             "cached_prompt_tokens": s.stats.cached_prompt_tokens,
+            "spec_draft_tokens": s.stats.spec_draft_tokens,
+            "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "num_steps": self.num_steps,
         }
 

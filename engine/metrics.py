@@ -46,6 +46,8 @@ class _EngineStatsCollector:
             "radixlm_engine_steps": ("engine steps run", s["num_steps"]),
             "radixlm_scheduled_prompt_tokens": ("prompt tokens admitted by the scheduler", s["prompt_tokens"]),
             "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),
+            "radixlm_spec_decode_draft_tokens": ("draft tokens verified (speculative decoding)", s["spec_draft_tokens"]),
+            "radixlm_spec_decode_accepted_tokens": ("draft tokens accepted (speculative decoding)", s["spec_accepted_tokens"]),
         }
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)

@@ -6,8 +6,9 @@ head + sampler run on the hidden rows of each sequence's last token. One host sy
 sampled tokens and their logprobs.
 
 Two jitted functions keep the number of compiled shapes additive, not multiplicative:
-  forward: (params, kv, inputs[T bucket; S = max_running]) -> (hidden [S, H], kv)   one per T bucket
-  head:    (params, hidden, sampling inputs [S bucket])     -> tokens, logprobs       one per S bucket
+  forward: (params, kv, inputs[T bucket; S = max_running]) -> (hidden [R, H], kv)   one per T bucket
+  head:    (params, hidden, sampling inputs [R bucket])     -> tokens, logprobs       one per R bucket
+R, the head rows, is one per sequence (max_running), plus one per draft token with speculative decoding.
 """
 from __future__ import annotations
 
@@ -76,10 +77,10 @@ def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class StepOutput:
-    tokens: np.ndarray  # [num_chunks] int32 (meaningful where the chunk samples)
-    logprobs: np.ndarray  # [num_chunks] float32
-    top_ids: np.ndarray  # [num_chunks, K]
-    top_logprobs: np.ndarray  # [num_chunks, K]
+    tokens: np.ndarray  # [num head rows] int32 (meaningful where the chunk samples): row i is chunk i's last position
+    logprobs: np.ndarray  # [num head rows] float32
+    top_ids: np.ndarray  # [num head rows, K]
+    top_logprobs: np.ndarray  # [num head rows, K]
     prompt_logprobs: np.ndarray | None = None  # [T]: by row, the logprob of the row's prompt target
     prompt_top_ids: np.ndarray | None = None  # [T, K]
     prompt_top_logprobs: np.ndarray | None = None  # [T, K]
@@ -95,8 +96,11 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.max_seqs = config.scheduler.max_running
+        # Head rows: each chunk's last position, then each draft position (speculative decoding).
+        self.seq_buckets = pow2_buckets(1, min(self.max_seqs * (1 + config.speculative.draft_tokens),
+                                               config.scheduler.max_batch_tokens))
+        self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
-        self.seq_buckets = pow2_buckets(1, self.max_seqs)
         self.backend = backend
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
@@ -144,12 +148,13 @@ class ModelRunner:
             page_indices=np.zeros((s, p), np.int32),
             cu_q_lens=np.zeros(s + 1, np.int32),
             num_seqs=np.zeros(1, np.int32),
-            logits_indices=np.zeros(s, np.int32),
+            logits_indices=np.zeros(self.max_rows, np.int32),
         )
 
     # ---------------------------------------------------------------------------------- step
-    def pack(self, plan: StepPlan) -> llama.ModelInputs:
+    def pack(self, plan: StepPlan, head_rows: list[list[int]] | None = None) -> llama.ModelInputs:
         """Host arrays of the plan in its token bucket (sequence axis always max_running long)."""
+        head_rows = head_rows if head_rows is not None else self.head_rows(plan)
         num_tokens = plan.num_tokens
         inputs = self._pack_padding(bucket_for(num_tokens, self.token_buckets))
         ps, row = self.page_size, 0
@@ -164,7 +169,7 @@ class ModelRunner:
             inputs.page_indices[i, : len(pages)] = pages
             row += n
             inputs.cu_q_lens[i + 1] = row
-            inputs.logits_indices[i] = row - 1
+            inputs.logits_indices[head_rows[i]] = np.arange(row - len(head_rows[i]), row)
         inputs.cu_q_lens[len(plan.chunks) + 1 :] = row
         inputs.num_seqs[0] = len(plan.chunks)
         return inputs
@@ -180,9 +185,15 @@ class ModelRunner:
         token_mask: [num chunks, ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs).
         prompt_targets: (row, token) pairs whose logprob (and top `prompt_top`) to return (prompt logprobs)."""
         t0 = time.perf_counter()
-        inputs = self.pack(plan)
-        num_rows = bucket_for(len(plan.chunks), self.seq_buckets)
-        rows = [(c.seq.params, c.seq.seed, len(c.seq.output_ids), c.seq.prompt_ids, c.seq.output_ids) for c in plan.chunks]
+        head_rows = self.head_rows(plan)
+        inputs = self.pack(plan, head_rows)
+        num_real = sum(map(len, head_rows))
+        num_rows = bucket_for(num_real, self.seq_buckets)
+        # Row r samples output index `step` of its sequence: a draft position j samples index len(output) + j.
+        rows = [None] * num_real
+        for c, chunk_rows in zip(plan.chunks, head_rows):
+            for j, r in enumerate(chunk_rows):
+                rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + j, c.seq.prompt_ids, c.seq.output_ids)
         params = [c.seq.params for c in plan.chunks if c.sample]
         use_penalties = any(p.uses_penalties for p in params)
         use_filters = any(p.uses_filters and not p.greedy for p in params)
@@ -202,12 +213,25 @@ class ModelRunner:
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
-        return LaunchedStep(out, len(plan.chunks), time.perf_counter() - t0)
+        return LaunchedStep(out, head_rows, time.perf_counter() - t0)
+
+    @staticmethod
+    def head_rows(plan: StepPlan) -> list[list[int]]:
+        """The head rows of each chunk, in position order. Chunk i's last position is row i (the row a placeholder
+        names); a chunk with k draft tokens also samples at its k positions before that, in rows after every
+        chunk's last row."""
+        out, extra = [], len(plan.chunks)
+        for i, c in enumerate(plan.chunks):
+            k = len(c.draft)
+            out.append(list(range(extra, extra + k)) + [i])
+            extra += k
+        return out
 
     def fetch(self, launched: "LaunchedStep") -> StepOutput:
-        """Waits for a launched step's sampled tokens and logprobs (the step's one host sync)."""
+        """Waits for a launched step's sampled tokens and logprobs (the step's one host sync). They come by head row
+        (`LaunchedStep.head_rows`)."""
         tokens, logprobs, top_ids, top_lps, *prompt = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
-        n = launched.num_chunks
+        n = sum(map(len, launched.head_rows))
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt)
 
     def execute(self, step: "StepArrays") -> None:
@@ -265,7 +289,8 @@ class ModelRunner:
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
         out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
-        return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:num_rows].set(out[0])
+        n = min(num_rows, self.max_seqs)  # rows past max_running are draft positions: no placeholder names them
+        return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
 
     def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
@@ -283,7 +308,7 @@ class LaunchedStep:
     """A dispatched step whose results are still on the device."""
 
     outputs: tuple[jax.Array, ...]  # tokens, logprobs, top_ids, top_logprobs
-    num_chunks: int
+    head_rows: list[list[int]]  # by chunk, the rows of its sampled tokens in position order (`ModelRunner.head_rows`)
     pack_s: float  # host time to pack and dispatch it
 
 

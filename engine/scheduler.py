@@ -16,8 +16,11 @@ import collections
 import dataclasses
 from typing import Iterable
 
+import numpy as np
+
 from engine.block_hash import page_hashes
-from engine.config import CacheConfig, SchedulerConfig
+from engine import speculative
+from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.request import Sequence, Status, placeholder
@@ -32,13 +35,16 @@ class Chunk:
     start: int
     pages: tuple[int, ...]  # the sequence's whole page list (page-table row)
     sample: bool  # this chunk ends at the sequence's last token: sample the next one
+    # Speculative decoding: the chunk's last len(draft) tokens are proposed continuations, verified by sampling at
+    # every position from the real last token on (see engine.speculative).
+    draft: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     chunks: list[Chunk]  # decodes first, then prefill chunks
     page_copies: list[tuple[int, int]]  # (src, dst): copy-on-write of a shared last page before the step
-    num_decode_tokens: int
+    num_decode_tokens: int  # decodes' tokens, drafts included
     num_prefill_tokens: int
 
     @property
@@ -52,6 +58,8 @@ class SchedulerStats:
     num_evicted_pages: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
+    spec_accepted_tokens: int = 0  # of which accepted
 
 
 LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
@@ -59,8 +67,9 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
-                 eos_ids: frozenset[int] = frozenset()):
+                 eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig()):
         self.cfg = sched
+        self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
         self.page_size = cache.page_size
         self.max_model_len = max_model_len
@@ -105,16 +114,20 @@ class Scheduler:
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
 
-        # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence.
-        for seq in [s for s in self.running if not s.is_prefilling]:
+        # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence. With speculative
+        #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
+        decodes = [s for s in self.running if not s.is_prefilling]
+        speculate = self.spec.draft_tokens > 0 and (not self.spec.max_batch or len(decodes) <= self.spec.max_batch)
+        for i, seq in enumerate(decodes):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             if not self._make_room(seq, seq.num_tokens, scheduled):
                 continue
-            chunks.append(self._chunk(seq, seq.num_computed, 1))
+            draft = self._draft(seq, budget - (len(decodes) - i)) if speculate else []
+            chunks.append(self._chunk(seq, seq.num_computed, 1 + len(draft), draft))
             scheduled.add(seq.request_id)
-            budget -= 1
-            num_decode += 1
+            budget -= 1 + len(draft)
+            num_decode += 1 + len(draft)
 
         # 2. Running prefills continue, chunked by the budget.
         for seq in [s for s in self.running if s.is_prefilling]:
@@ -205,14 +218,36 @@ class Scheduler:
         self._mark_inflight(seq)
         return self._chunk(seq, num_cached, n)
 
-    def _chunk(self, seq: Sequence, start: int, n: int) -> Chunk:
+    def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
         return Chunk(
             seq=seq,
-            token_ids=seq.token_slice(start, start + n),
+            token_ids=seq.token_slice(start, start + n - len(draft)) + list(draft),
             start=start,
             pages=tuple(seq.pages),
-            sample=start + n == seq.num_tokens,
+            sample=start + n - len(draft) == seq.num_tokens,
+            draft=tuple(draft),
         )
+
+    def _draft(self, seq: Sequence, budget: int) -> list[int]:
+        """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,
+        `budget` and the pages it holds plus free ones allow; the pages are taken now. None for sequences whose
+        sampling reads the generated tokens on the host (penalties, grammars) or whose last token is pending."""
+        if seq.params.uses_penalties or seq.matcher is not None or seq.has_pending_token:
+            return []
+        room = min(
+            self.spec.num_tokens,
+            budget,
+            seq.params.max_tokens - len(seq.output_ids) - 1,  # the step yields up to len(draft) + 1 tokens
+            self.max_model_len - seq.num_tokens - 1,
+            (len(seq.pages) + self.pool.num_free) * self.page_size - seq.num_tokens,  # no eviction for a guess
+        )
+        if room <= 0:
+            return []
+        draft = speculative.propose_ngram(seq.all_ids, room, self.spec.ngram_min, self.spec.ngram_max)
+        need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
+        if need > 0:
+            seq.pages += self.pool.alloc(need)
+        return draft
 
     # ------------------------------------------------------------------------------------ pages
     def _reserve(self, n: int, protect=None) -> bool:
@@ -320,7 +355,7 @@ class Scheduler:
             seq = chunk.seq
             if seq.status is not Status.RUNNING:
                 continue  # aborted, or finished by the previous step's token, while this step ran
-            seq.num_computed = chunk.start + len(chunk.token_ids)
+            seq.num_computed = chunk.start + len(chunk.token_ids) - len(chunk.draft)  # drafts count once accepted
             if seq.request_id in self._inflight_of:  # a prefill chunk
                 self._cache_computed(seq)  # other requests can hit these pages from the next step on
                 if not seq.is_prefilling:
@@ -330,21 +365,40 @@ class Scheduler:
                 if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
                     self.finish(seq, "length")
 
-    def resolve(self, plan: StepPlan, sampled: Iterable[int | None]) -> list[Sequence]:
+    def resolve(self, plan: StepPlan, sampled: Iterable[int | Iterable[int] | None]) -> list[Sequence]:
         """Puts an advanced step's sampled tokens in place of its placeholders and applies stop tokens.
 
-        Returns the sequences that got a new token (the engine checks stop strings and streams them).
+        `sampled[i]` is chunk i's token, or, for a chunk with draft tokens, the tokens sampled at each of its
+        positions from the real last token on: the accepted drafts' tokens follow the first (see
+        engine.speculative), each checked for stops and the length limit in turn.
+        Returns the sequences that got new tokens (the engine checks stop strings and streams them).
         """
         got_token = []
-        for i, (chunk, token) in enumerate(zip(plan.chunks, sampled)):
+        for i, (chunk, tokens) in enumerate(zip(plan.chunks, sampled)):
             seq = chunk.seq
             if not chunk.sample or seq.finish_reason == "abort" or placeholder(i) not in seq.output_ids[-1:]:
                 continue  # aborted, or it was not running when the step was advanced
-            seq.output_ids[-1] = int(token)
+            tokens = [int(t) for t in np.atleast_1d(tokens)]
+            seq.output_ids[-1] = tokens[0]
             got_token.append(seq)
             if self._is_stop_token(seq):
                 seq.ended_by_token = True
                 self.finish(seq, "stop")
+                continue
+            if not chunk.draft or seq.status is not Status.RUNNING:
+                continue
+            self.stats.spec_draft_tokens += len(chunk.draft)
+            for token in tokens[1 : speculative.accepted(chunk.draft, tokens) + 1]:
+                seq.num_computed += 1  # the accepted draft token before `token` holds valid K/V
+                seq.output_ids.append(token)
+                self.stats.spec_accepted_tokens += 1
+                if self._is_stop_token(seq):
+                    seq.ended_by_token = True
+                    self.finish(seq, "stop")
+                    break
+                if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
+                    self.finish(seq, "length")
+                    break
         return got_token
 
     def _is_stop_token(self, seq: Sequence) -> bool:

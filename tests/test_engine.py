@@ -282,6 +282,50 @@ def test_overlap_never_changes_outputs(tiny_model, tokenizer):
     assert {("length", "NoneType"), ("stop", "int"), ("stop", "str")} <= reasons
 
 
+def _repetitive_params(rng: random.Random, tokenizer, n: int) -> list[SamplingParams]:
+    """Requests whose outputs repeat (a random model held to three tokens by logit_bias), so n-gram drafts are
+    accepted and rejected, in every mode that may speculate (greedy, seeded sampling with filters, logprobs,
+    stop ids inside an accepted run, min_tokens, stop strings, lengths 1..40) and one that may not (penalties)."""
+    out = []
+    for i in range(n):
+        few = rng.sample(range(100, 30000), 3)
+        bias = {t: 100.0 for t in few}
+        m = rng.randint(1, 40)
+        out.append([
+            SamplingParams(temperature=0, max_tokens=m, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=m, logit_bias=bias, logprobs=2, ignore_eos=True),
+            SamplingParams(temperature=0.8, top_k=40, max_tokens=m, seed=i, logit_bias=bias, ignore_eos=True),
+            SamplingParams(temperature=0, max_tokens=40, logit_bias=bias, stop_token_ids=(few[0],), min_tokens=5),
+            SamplingParams(temperature=0, max_tokens=m, logit_bias=bias, stop=(tokenizer.decode([few[1]]),), ignore_eos=True),
+            SamplingParams(temperature=0.7, presence_penalty=0.5, max_tokens=m, seed=i, logit_bias=bias),
+        ][i % 6])
+    return out
+
+
+def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
+    """N-gram speculative decoding yields several tokens per step but the same tokens as plain decoding, greedy
+    and seeded sampling alike, with a pool small enough to preempt; logprobs of accepted tokens are their rows'."""
+    prompts = _prompts(tokenizer, random.Random(1))
+    params = _repetitive_params(random.Random(2), tokenizer, len(prompts))
+    runs, steps = {}, {}
+    for name, overrides in {
+        "plain": {"cache.num_pages": 64},
+        "ngram": {"cache.num_pages": 16, "speculative.method": "ngram", "speculative.num_tokens": 3,
+                  "speculative.ngram_min": 1, "debug_checks": True},
+    }.items():
+        llm = LLM(EngineConfig().replace(**SMALL, **overrides), progress=False, model=tiny_model)
+        engine = llm.engine
+        ids = [engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+        finals = llm._run(set(ids), progress=False)
+        runs[name], steps[name] = [finals[i] for i in ids], engine.stats()
+    for a, b in zip(runs["plain"], runs["ngram"]):
+        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+        assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
+    s = steps["ngram"]
+    assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
+    assert {r.finish_reason for r in runs["ngram"]} == {"stop", "length"}
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

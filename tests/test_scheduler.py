@@ -3,22 +3,38 @@ every step, that each sequence's page table really holds its own tokens (so pref
 chunking, eviction and preemption are verified without a model)."""
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from engine.config import CacheConfig, SchedulerConfig
+from engine import speculative
+
+from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.request import SamplingParams, Sequence, Status
 from engine.scheduler import Scheduler
 
 VOCAB = 50
 
 
-class FakeRunner:
-    """KV store = page -> list of token ids; the 'model' samples a token determined by the whole sequence."""
+def random_model(ids: tuple[int, ...]) -> int:
+    """The fake 'model': a token determined by the whole sequence."""
+    return hash(ids) % VOCAB
 
-    def __init__(self, num_pages: int, page_size: int):
+
+def repetitive_model(ids: tuple[int, ...]) -> int:
+    """Mostly repeats the token three back (so n-gram drafts are often right), sometimes not."""
+    h = hash(ids)
+    return ids[-3] if len(ids) >= 3 and h % 4 else h % VOCAB
+
+
+class FakeRunner:
+    """KV store = page -> list of token ids; the model samples a token determined by the whole sequence. Chunks
+    with draft tokens get a token for every position from the real last token on, as the engine's runner does."""
+
+    def __init__(self, num_pages: int, page_size: int, model=random_model):
         self.ps = page_size
+        self.model = model
         self.store = [[None] * page_size for _ in range(num_pages)]
         self.prev: list[int | None] = []  # what the last run sampled: placeholders stand for these
 
@@ -35,27 +51,33 @@ class FakeRunner:
                 pos = c.start + i
                 self.store[c.pages[pos // self.ps]][pos % self.ps] = self.token(tok)
             end = c.start + len(c.token_ids)
-            ids = [self.token(t) for t in seq.all_ids[:end]]
+            ids = [self.token(t) for t in seq.all_ids[: c.start] + c.token_ids]
             # NOTE: this is the invariant attention relies on: every position < end reads its own token.
             for pos in range(end):
                 got = self.store[c.pages[pos // self.ps]][pos % self.ps]
                 assert got == ids[pos], f"{seq.request_id}: position {pos} holds {got}, expected {ids[pos]}"
-            sampled.append(hash(tuple(ids)) % VOCAB if c.sample else None)
-        self.prev = sampled
+            if not c.sample:
+                sampled.append(None)
+            elif c.draft:
+                sampled.append([self.model(tuple(ids[:p])) for p in range(end - len(c.draft), end + 1)])
+            else:
+                sampled.append(self.model(tuple(ids)))
+        self.prev = [t if t is None or isinstance(t, int) else t[-1] for t in sampled]
         return sampled
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
-         eos_ids=frozenset()):
+         eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256):
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
         CacheConfig(page_size=page_size, num_pages=num_pages, prefix_caching=caching),
         num_pages=num_pages,
-        max_model_len=256,
+        max_model_len=max_model_len,
         eos_ids=eos_ids,
+        spec=spec,
     )
-    return sched, FakeRunner(num_pages, page_size)
+    return sched, FakeRunner(num_pages, page_size, model)
 
 
 def seq(rid, tokens, max_tokens=4, namespace=None):
@@ -243,3 +265,79 @@ def test_abort_frees_everything():
     assert not sched.running
     sched.check_invariants()
     assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
+
+
+# ------------------------------------------------------------------------------ speculative decoding
+def test_speculative_decoding_never_changes_outputs():
+    """N-gram drafts verified in the step change how many tokens a step yields, never which: with a model that
+    mostly repeats itself (drafts accepted and rejected), stops inside an accepted run, length limits (max_tokens
+    and the context), budgets and pools small enough to preempt, outputs equal plain decoding's. Page tables are
+    checked every step (rejected drafts leave stale K/V past the computed length that must never be read)."""
+    drafted = accepted = 0
+    for seed in range(6):
+        results, work = {}, {}
+        for name, kwargs in {
+            "plain": dict(num_pages=256),
+            "spec": dict(num_pages=256, spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3)),
+            "spec-long": dict(num_pages=256, spec=SpeculativeConfig(method="ngram", num_tokens=7, ngram_min=2, ngram_max=4)),
+            "spec-tiny": dict(num_pages=14, max_running=6, max_batch_tokens=12,
+                              spec=SpeculativeConfig(method="ngram", num_tokens=3, ngram_min=1, ngram_max=2)),
+            "spec-nocache": dict(num_pages=256, caching=False, spec=SpeculativeConfig(method="ngram", max_batch=3)),
+        }.items():
+            sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}), model=repetitive_model, max_model_len=40)
+            seqs = _workload(random.Random(seed), 30)
+            for s in seqs:
+                s.params = dataclasses.replace(s.params, max_tokens=random.Random(s.request_id).randrange(1, 30))
+            computed = []  # tokens computed at non-draft positions
+            results[name] = run_all(sched, runner, seqs,
+                                    on_plan=lambda p: computed.append(p.num_tokens - sum(len(c.draft) for c in p.chunks)))
+            assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
+            drafted += sched.stats.spec_draft_tokens
+            accepted += sched.stats.spec_accepted_tokens
+            if name in ("plain", "spec", "spec-long"):  # no preemption: an accepted draft is a token not computed again
+                work[name] = sum(computed) + sched.stats.spec_accepted_tokens
+        assert all(r == results["plain"] for r in results.values()), seed
+        assert work["spec"] == work["spec-long"] == work["plain"]
+    assert 0 < accepted < drafted
+
+
+def test_draft_tokens_respect_budget_pages_and_limits():
+    spec = SpeculativeConfig(method="ngram", num_tokens=5, ngram_min=1, ngram_max=2)
+    sched, runner = make(num_pages=8, page_size=4, max_batch_tokens=8, max_running=4, spec=spec, model=repetitive_model)
+    a = seq("a", [3, 4, 5, 3, 4, 5, 3, 4], max_tokens=4)
+    sched.add(a)
+    plan = sched.schedule()
+    sched.commit(plan, runner.run(plan))  # prefill; a's first token is sampled
+    plan = sched.schedule()
+    [chunk] = plan.chunks
+    assert len(chunk.draft) == 2  # max_tokens 4: one token out, at most 3 more from this step = 1 real + 2 drafts
+    assert chunk.token_ids[1:] == list(chunk.draft) and len(chunk.pages) * 4 >= a.num_tokens + 2
+    sched.commit(plan, runner.run(plan))
+    sched.check_invariants()
+    b = seq("b", [7, 8, 7, 8, 7, 8, 7, 8, 7, 8], max_tokens=20)
+    c = seq("c", [9, 10, 9, 10, 9, 10, 9, 10, 9, 10], max_tokens=20)
+    sched, runner = make(num_pages=64, page_size=4, max_batch_tokens=20, max_running=4, spec=spec, model=repetitive_model)
+    sched.add(b)
+    sched.add(c)
+    plan = sched.schedule()
+    sched.commit(plan, runner.run(plan))
+    plan = sched.schedule()
+    # Drafts share the budget (20 tokens: b takes 1 + 5, c 1 + 5), each decode keeps its slot.
+    assert plan.num_tokens == 12 and [len(ch.draft) for ch in plan.chunks] == [5, 5]
+    assert sched.stats.spec_draft_tokens == 0  # counted when verified
+    sched.commit(plan, runner.run(plan))
+    assert sched.stats.spec_draft_tokens == 10
+    sched, runner = make(num_pages=64, page_size=4, max_batch_tokens=8, max_running=4, model=repetitive_model)
+    sched.add(b := seq("b", b.prompt_ids, max_tokens=20))
+    sched.add(c := seq("c", c.prompt_ids, max_tokens=20))
+    while b.is_prefilling or c.is_prefilling:  # both decoding, without drafts so far
+        plan = sched.schedule()
+        sched.commit(plan, runner.run(plan))
+    sched.spec = spec
+    plan = sched.schedule()
+    assert plan.num_tokens == 8 and [len(ch.draft) for ch in plan.chunks] == [5, 1]  # c keeps its one token
+    assert speculative.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 1, 3) == [7, 1]  # the latest occurrence
+    assert speculative.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 5, 1, 3) == [9, 1, 2, 3, 7]  # ... with k followers
+    assert speculative.propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
+    assert speculative.propose_ngram([5, 5], 3, 1, 1) == [5]
+    assert speculative.accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and speculative.accepted([4], [3, 4]) == 0

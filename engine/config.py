@@ -83,7 +83,7 @@ class SpeculativeConfig:
     that followed the latest occurrence are verified in one step with the real token. Pays where outputs
     repeat their input (editing, extraction, quoting, summaries, code); outputs are the same as without."""
 
-    method: Literal["off", "ngram"] = "off"
+    method: Literal["none", "ngram"] = "none"
     num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
     ngram_min: int = 2
     ngram_max: int = 4
@@ -99,8 +99,8 @@ class SpeculativeConfig:
 
     @property
     def draft_tokens(self) -> int:
-        """Draft tokens a sequence may get per step: 0 when off."""
-        return self.num_tokens if self.method != "off" else 0
+        """Draft tokens a sequence may get per step: 0 without speculation."""
+        return self.num_tokens if self.method != "none" else 0
 
 
 @dataclasses.dataclass(frozen=True)

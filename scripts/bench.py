@@ -20,6 +20,11 @@ Decode host overhead (the host's share of each step) at a fixed batch, for one o
 
     python scripts/bench.py --workload decode --decode-batch 32 --config configs/smollm2-135m.yaml
 
+Speculative decoding (n-gram lookup) on vs off, on chat prompts whose answers repeat their text:
+
+    python scripts/bench.py --workload copy --num-requests 16 --max-concurrency 8 --output-len 128 \
+        --set-b speculative.method=ngram --repeats 3
+
 The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
     python scripts/bench.py --workload steps --repeats 5
@@ -27,7 +32,8 @@ The model step alone (forward + KV write) at fixed decode and prefill shapes:
 Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
-arrives and carries the whole history). Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
+arrives and carries the whole history), copy (chat prompts asking to repeat a generated paragraph word for word;
+ends at the model's end token). Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
 p50/p90/p99; token hit rate = cached prompt tokens / prompt tokens.
 """
 from __future__ import annotations
@@ -51,6 +57,7 @@ TOKEN_LO = 1000  # random ids are drawn from [TOKEN_LO, vocab - 1000): ordinary 
 class Turn:
     prompt: list[int]  # for multi-turn: the new user message only; history is prepended at send time
     max_tokens: int
+    ignore_eos: bool = True  # random-id prompts run to max_tokens; natural-text ones (copy) end where the model ends
 
 
 @dataclasses.dataclass
@@ -77,9 +84,33 @@ def _ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(TOKEN_LO, vocab - 1000) for _ in range(n)]
 
 
-def make_workload(args, vocab: int) -> tuple[list[Session], int]:
-    """-> (sessions in send order, ideal number of cached prompt tokens)."""
+_SUBJECTS = ("The committee", "Our team", "The new server", "Maria", "The city council", "A small bakery", "The museum",
+             "Every student", "The old ferry", "Two engineers")
+_VERBS = ("reviewed", "approved", "moved", "painted", "rebuilt", "opened", "tested", "described", "sold", "measured")
+_OBJECTS = ("the annual budget", "a wooden bridge", "the east wing", "three old trains", "the main library",
+            "a garden of roses", "the river path", "its first exhibit", "the north tower", "a list of names")
+_TIMES = ("on Tuesday", "last spring", "in 1998", "before noon", "after the storm", "during the festival", "in early May",
+          "at midnight", "twice a year", "without a plan")
+
+
+def copy_prompts(rng: random.Random, tokenizer, n: int, sentences: int) -> list[list[int]]:
+    """Chat prompts asking to repeat a paragraph word for word: outputs that repeat the prompt, the case n-gram
+    speculative decoding is for (as editing, extraction and quoting are)."""
+    prompts = []
+    for _ in range(n):
+        text = " ".join(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)} {rng.choice(_TIMES)}."
+                        for _ in range(sentences))
+        prompts.append(tokenizer.encode_chat(
+            [{"role": "user", "content": f"Repeat the following text exactly, word for word:\n\n{text}"}]))
+    return prompts
+
+
+def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]:
+    """-> (sessions in send order, ideal number of cached prompt tokens). `tokenizer`: for natural-text workloads."""
     rng = random.Random(args.seed)
+    if args.workload == "copy":
+        return [Session([Turn(p, args.output_len, ignore_eos=False)])
+                for p in copy_prompts(rng, tokenizer, args.num_requests, args.copy_sentences)], 0
     if args.workload == "shared-prefix":
         systems = [_ids(rng, args.system_len, vocab) for _ in range(args.groups)]
         sessions = [Session([Turn(systems[g] + _ids(rng, args.question_len, vocab), args.output_len)], g)
@@ -125,7 +156,7 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
 
     def send(session: Session, turn: int, history: list[int]) -> None:
         prompt = history + session.turns[turn].prompt
-        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=True,
+        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=session.turns[turn].ignore_eos,
                                 structured=constraint, prompt_logprobs=options.get("prompt_logprobs"))
         rid = engine.add_request(prompt, params)
         active[rid] = (session, turn, prompt, time.perf_counter())
@@ -153,8 +184,8 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
 
 # ----------------------------------------------------------------------------------------- HTTP mode
 async def _http_request(client, url: str, model: str, prompt: list[int], max_tokens: int, timeout_s: float,
-                        guided: dict | None = None) -> tuple[Result, list[int]]:
-    body = {**(guided or {}), "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                        guided: dict | None = None, ignore_eos: bool = True) -> tuple[Result, list[int]]:
+    body = {**(guided or {}), "model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos,
             "stream": True, "stream_options": {"include_usage": True}, "logprobs": None}
     start = time.perf_counter()
     times, usage, text_ids = [], {}, []
@@ -194,7 +225,7 @@ async def run_http(url: str, model: str, sessions: list[Session], max_concurrenc
                 history: list[int] = []
                 for turn in session.turns:
                     prompt = history + turn.prompt
-                    res, _ = await _http_request(client, url, model, prompt, turn.max_tokens, timeout_s, guided)
+                    res, _ = await _http_request(client, url, model, prompt, turn.max_tokens, timeout_s, guided, turn.ignore_eos)
                     results.append(res)
                     if res.error:
                         return
@@ -247,7 +278,8 @@ def summarize(results: list[Result], wall_s: float, ideal_cached: int) -> dict:
 def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
     """Medians over repetitions; with two configurations also the ratio B/A."""
     med = {n: {k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]} for n in names}
-    keys = list(med[names[0]])
+    keys = list(dict.fromkeys(k for n in names for k in med[n]))  # a metric only one configuration has: nan elsewhere
+    med = {n: {k: m.get(k, float("nan")) for k in keys} for n, m in med.items()}
     header = f"{'metric':<24}" + "".join(f"{n:>16}" for n in names) + ("     B/A" if len(names) == 2 else "")
     print(header)
     print("-" * len(header))
@@ -360,7 +392,7 @@ def step_times(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "decode", "steps"], required=True)
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     ap.add_argument("--set-a", nargs="*", default=[], metavar="KEY=VALUE")
@@ -375,6 +407,7 @@ def main(argv=None) -> int:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)
+    ap.add_argument("--copy-sentences", type=int, default=6, help="copy workload: sentences in each paragraph to repeat")
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
     ap.add_argument("--decode-batch", type=int, default=32)
@@ -403,7 +436,14 @@ def main(argv=None) -> int:
 
     runs: dict[str, list[dict]] = {}
     if args.url:
-        sessions, ideal = make_workload(args, vocab=49152)
+        tokenizer = None
+        if args.workload == "copy":  # natural text: the served model's tokenizer, from --config
+            from engine.config import load_config
+            from models.loader import tokenizer_source
+            from models.tokenizer import Tokenizer
+
+            tokenizer = Tokenizer.load(tokenizer_source(load_config(args.config, args.set_a).model.path))
+        sessions, ideal = make_workload(args, vocab=49152, tokenizer=tokenizer)
         for url in args.url:
             res, wall = asyncio.run(run_http(url.rstrip("/"), args.model, sessions, args.max_concurrency,
                                              args.request_rate, random.Random(args.seed), args.timeout_s, guided))
@@ -419,15 +459,20 @@ def main(argv=None) -> int:
         model = synthetic_model(args.synthetic_model, configs["A"]) if args.synthetic_model else None
         engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
-        sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size)
+        sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)
         for name, cfg in configs.items():
             print(f"{name}: --set {' '.join(args.set_a if name == 'A' else args.set_common + args.set_b) or '(none)'}", file=sys.stderr)
         for rep in range(args.repeats):
             for name, engine in engines.items():  # interleaved: A, B, A, B, ...
                 engine.reset_prefix_cache()
+                before = engine.stats()
                 res, wall = run_engine(engine, sessions, args.max_concurrency, args.request_rate, random.Random(args.seed),
                                        None if args.options_only_b and name == "A" else options)
                 runs.setdefault(name, []).append(summarize(res, wall, ideal))
+                after = engine.stats()
+                drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
+                if drafted:  # speculative decoding: accepted / verified draft tokens
+                    runs[name][-1]["spec_acceptance"] = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted
                 print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)
         names = list(configs)
     print(f"\nworkload {args.workload}: {len(sessions)} sessions, concurrency {args.max_concurrency}, "

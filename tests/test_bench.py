@@ -20,3 +20,19 @@ def test_side_by_side_on_a_synthetic_model(tmp_path, capsys):
     for name in ("A", "B"):
         assert len(runs[name]) == 2
         assert all(r["requests"] == 6 and r["errors"] == 0 for r in runs[name])
+
+
+def test_copy_workload_reports_draft_acceptance(tmp_path, capsys):
+    """The copy workload (natural-text chat prompts, ending at the end token) with speculative decoding in B only:
+    the table gains B's draft acceptance, and both configurations produce the same number of tokens."""
+    out = tmp_path / "runs.json"
+    small = ["scheduler.max_batch_tokens=128", "scheduler.max_running=4", "model.max_model_len=256", "cache.num_pages=64"]
+    rc = bench.main(["--workload", "copy", "--synthetic-model", "32,1,4,2,8", "--num-requests", "4", "--copy-sentences", "2",
+                     "--output-len", "24", "--max-concurrency", "4", "--set", *small,
+                     "--set-b", "speculative.method=ngram", "speculative.ngram_min=1", "--json", str(out)])
+    assert rc == 0
+    assert "spec_acceptance" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert "spec_acceptance" not in runs["A"][0] and 0 <= runs["B"][0]["spec_acceptance"] <= 1
+    tokens = [round(r[0]["output_throughput"] * r[0]["wall_s"]) for r in (runs["A"], runs["B"])]
+    assert tokens[0] == tokens[1] > 0

@@ -326,6 +326,28 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
     assert {r.finish_reason for r in runs["ngram"]} == {"stop", "length"}
 
 
+@pytest.mark.slow
+def test_speculative_decoding_on_smollm2_same_text_fewer_steps(smollm2, tokenizer):
+    """SmolLM2 repeating paragraphs (scripts/bench.py's copy workload): most drafts are accepted, the steps drop by
+    more than half, and greedy and seeded-sampling outputs are the plain engine's."""
+    from scripts.bench import copy_prompts
+
+    prompts = copy_prompts(random.Random(0), tokenizer, 4, 3)
+    params = [SamplingParams(temperature=0, max_tokens=64), SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=64)]
+    outs, stats = {}, {}
+    for method in ("none", "ngram"):
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, "speculative.method": method}), progress=False,
+                  model=smollm2)
+        outs[method] = [llm.generate(prompts, p) for p in params]
+        stats[method] = llm.engine.stats()
+    for plain, spec in zip(outs["none"], outs["ngram"]):
+        assert [o.token_ids for o in plain] == [o.token_ids for o in spec]
+        assert [o.text for o in plain] == [o.text for o in spec]
+    s = stats["ngram"]
+    assert s["spec_accepted_tokens"] > 0.6 * s["spec_draft_tokens"]
+    assert s["num_steps"] < 0.5 * stats["none"]["num_steps"]
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

@@ -40,6 +40,10 @@ class CacheConfig:
     page_size: int = 16  # tokens per KV page
     num_pages: int = 0  # 0: derive from memory_gb
     memory_gb: float = 1.0  # KV cache budget when num_pages is 0
+    # Host tier (engine.host_cache): pages the tree evicts are kept in this much host memory and copied back on a
+    # later hit instead of being recomputed. 0: off.
+    host_memory_gb: float = 0.0
+    host_num_pages: int = 0  # host slots; 0: derive from host_memory_gb
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -48,6 +52,8 @@ class CacheConfig:
             raise ConfigKeyError(f"cache.num_pages must be >= 0 (0 = from cache.memory_gb), got {self.num_pages}")
         if self.memory_gb <= 0:
             raise ConfigKeyError(f"cache.memory_gb must be > 0, got {self.memory_gb}")
+        if self.host_memory_gb < 0 or self.host_num_pages < 0:
+            raise ConfigKeyError("cache.host_memory_gb and cache.host_num_pages must be >= 0 (0 = no host tier)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -109,11 +109,18 @@ class LLMEngine:
                 f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
                 f"model.max_model_len={self.max_model_len} tokens"
             )
+        # Host tier: whole pages (every KV head) in host memory.
+        num_host_pages = config.cache.host_num_pages or int(
+            config.cache.host_memory_gb * 2**30 // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype))
+        if num_host_pages and config.parallel.num_processes > 1:
+            raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
-                                   eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative)
+                                   eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
+                                   num_host_pages=num_host_pages)
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
-                                  mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids))
+                                  mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
+                                  num_host_pages=num_host_pages if config.cache.prefix_caching else 0)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         self.runner.warmup(progress and multihost.is_leader())
@@ -273,9 +280,9 @@ class LLMEngine:
         return outputs
 
     def reset_prefix_cache(self) -> int:
-        """Drops every cached page no running request uses (benchmarks start each repetition cold)."""
+        """Drops every cached page no running request uses, host tier included (benchmarks start each repetition cold)."""
         before = self.scheduler.tree.num_cached_pages
-        self.scheduler.tree.reset()
+        self.scheduler.reset_cache()
         return before - self.scheduler.tree.num_cached_pages
 
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
@@ -355,6 +362,10 @@ class LLMEngine:
             "num_evicted_pages": s.stats.num_evicted_pages,
             "prompt_tokens": s.stats.prompt_tokens,
             "cached_prompt_tokens": s.stats.cached_prompt_tokens,
+            "host_pages_total": s.host.num_slots if s.host is not None else 0,
+            "host_pages_used": len(s.host) if s.host is not None else 0,
+            "host_hit_tokens": s.stats.host_hit_tokens,
+            "host_saved_pages": s.stats.host_saved_pages,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "num_steps": self.num_steps,

@@ -32,6 +32,8 @@ class _EngineStatsCollector:
             "radixlm_num_requests_waiting": ("requests in the waiting queue", s["num_waiting"]),
             "radixlm_num_requests_running": ("requests in the running batch", s["num_running"]),
             "radixlm_waiting_tokens": ("prompt tokens the waiting requests still have to prefill", s["waiting_tokens"]),
+            "radixlm_host_pages_total": ("host-tier page slots", s["host_pages_total"]),
+            "radixlm_host_pages_used": ("host-tier slots holding an evicted page", s["host_pages_used"]),
             "radixlm_cache_hit_rate": (
                 "cached prompt tokens / prompt tokens, since start",
                 s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,
@@ -46,6 +48,8 @@ class _EngineStatsCollector:
             "radixlm_engine_steps": ("engine steps run", s["num_steps"]),
             "radixlm_scheduled_prompt_tokens": ("prompt tokens admitted by the scheduler", s["prompt_tokens"]),
             "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),
+            "radixlm_host_hit_tokens": ("prompt tokens copied back from the host tier", s["host_hit_tokens"]),
+            "radixlm_host_saved_pages": ("evicted pages copied to the host tier", s["host_saved_pages"]),
             "radixlm_spec_decode_draft_tokens": ("draft tokens verified (speculative decoding)", s["spec_draft_tokens"]),
             "radixlm_spec_decode_accepted_tokens": ("draft tokens accepted (speculative decoding)", s["spec_accepted_tokens"]),
         }

@@ -15,7 +15,7 @@ of the least recently used unlocked leaf, and `match` / `insert` stamp the path 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 from engine.block_hash import page_hashes
 from engine.page_pool import PagePool
@@ -77,6 +77,8 @@ class RadixCache(PrefixTree):
         self.page_size = page_size
         self._roots: dict[str | None, _Node] = {}
         self._events: list[CacheEvent] = []
+        # Called with (pages, their block hashes) just before the tree lets go of them (the host tier saves them).
+        self.on_evict: Callable[[list[int], list[int]], None] | None = None
 
     # --- lookup and insertion ------------------------------------------------------------------
 
@@ -186,6 +188,8 @@ class RadixCache(PrefixTree):
     def _drop_tail(self, node: _Node, n: int) -> None:
         keep = len(node.pages) - n
         gone_pages, gone_hashes = node.pages[keep:], node.hashes[keep:]
+        if self.on_evict is not None:
+            self.on_evict(gone_pages, gone_hashes)
         parent_hash = node.hashes[keep - 1] if keep else node.parent.last_hash()
         node.tokens = node.tokens[: keep * self.page_size]
         node.pages, node.hashes = node.pages[:keep], node.hashes[:keep]

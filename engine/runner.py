@@ -88,7 +88,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
-                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset()):
+                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0):
         self.cfg = model_cfg
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
@@ -115,6 +115,13 @@ class ModelRunner:
             static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
         )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
+        # Host tier (engine.host_cache): (k, v) slots in host memory, [L, Hkv, slots, page_size, D] like the cache (np.zeros
+        # maps untouched memory lazily); saves copy device pages out asynchronously and land here at the next fetch.
+        host_shape = shape[:2] + (num_host_pages,) + shape[3:]
+        self.host_kv = (np.zeros(host_shape, dtype), np.zeros(host_shape, dtype)) if num_host_pages else None
+        self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
+        self._gather = jax.jit(_gather_pages)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
@@ -203,13 +210,15 @@ class ModelRunner:
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
         copies = self._pack_copies(plan.page_copies)
+        saves = self._pack_pairs(plan.host_saves, fill=(0, -1))  # padding: page 0 read, dropped on landing
+        loads = self._pack_pairs(plan.host_loads, fill=(0, self.num_pages))  # padding: written out of range, dropped
         targets = None
         if prompt_targets:
             targets = np.full(len(inputs.tokens), -1, np.int32)
             target_rows, target_tokens = zip(*prompt_targets)
             targets[list(target_rows)] = target_tokens
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
-                          token_mask is not None, targets, top_bucket(prompt_top))
+                          token_mask is not None, targets, top_bucket(prompt_top), saves, loads)
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -231,6 +240,7 @@ class ModelRunner:
         """Waits for a launched step's sampled tokens and logprobs (the step's one host sync). They come by head row
         (`LaunchedStep.head_rows`)."""
         tokens, logprobs, top_ids, top_lps, *prompt = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
+        self._land_saves()
         n = sum(map(len, launched.head_rows))
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt)
 
@@ -242,6 +252,17 @@ class ModelRunner:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
         replicated."""
+        if step.host_saves is not None:  # before anything below can overwrite the evicted pages
+            pages, slots = step.host_saves
+            saved = self._gather(self.kv, self._to_device(pages))
+            for a in saved:
+                a.copy_to_host_async()
+            self._pending_saves.append((slots, saved))
+        if step.host_loads is not None:
+            slots, pages = step.host_loads
+            self._land_saves()  # a load may read a slot saved by this or a recent step
+            k, v = self.host_kv
+            self.kv = self._scatter(self.kv, *self._to_device((k[:, :, slots], v[:, :, slots], pages)))
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
@@ -292,6 +313,24 @@ class ModelRunner:
         n = min(num_rows, self.max_seqs)  # rows past max_running are draft positions: no placeholder names them
         return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
 
+    def _land_saves(self) -> None:
+        """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
+        newer page)."""
+        for slots, (k, v) in self._pending_saves:
+            keep = slots >= 0
+            self.host_kv[0][:, :, slots[keep]] = np.asarray(k)[:, :, keep]
+            self.host_kv[1][:, :, slots[keep]] = np.asarray(v)[:, :, keep]
+        self._pending_saves = []
+
+    def _pack_pairs(self, pairs: list[tuple[int, int]], fill: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(a, b) pairs as two int32 arrays padded to a power of two with `fill` (few compiled shapes)."""
+        if not pairs:
+            return None
+        n = 1 << (len(pairs) - 1).bit_length()
+        a, b = np.full(n, fill[0], np.int32), np.full(n, fill[1], np.int32)
+        a[: len(pairs)], b[: len(pairs)] = zip(*pairs)
+        return a, b
+
     def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
         if not copies:
@@ -327,6 +366,18 @@ class StepArrays:
     use_mask: bool = False
     prompt_targets: np.ndarray | None = None  # [T] int32: the token whose logprob row r gives, -1 for none
     prompt_top: int = 0
+    host_saves: tuple[np.ndarray, np.ndarray] | None = None  # (pages, host slots; -1 pads): evicted pages to host
+    host_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, pages; out-of-range pads): hits to device
+
+
+def _gather_pages(kv, pages):
+    """(k, v) [L, Hkv, n, ps, D] of `pages` (every layer)."""
+    return kv[0][:, :, pages], kv[1][:, :, pages]
+
+
+def _scatter_pages(kv, k, v, pages):
+    """Writes (k, v) [L, Hkv, n, ps, D] into `pages` (out-of-range pages dropped)."""
+    return kv[0].at[:, :, pages].set(k, mode="drop"), kv[1].at[:, :, pages].set(v, mode="drop")
 
 
 def _copy_pages(kv, src, dst):

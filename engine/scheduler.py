@@ -21,6 +21,7 @@ import numpy as np
 from engine.block_hash import page_hashes
 from engine import speculative
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from engine.host_cache import HostPageIndex
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.request import Sequence, Status, placeholder
@@ -46,6 +47,10 @@ class StepPlan:
     page_copies: list[tuple[int, int]]  # (src, dst): copy-on-write of a shared last page before the step
     num_decode_tokens: int  # decodes' tokens, drafts included
     num_prefill_tokens: int
+    # Host tier (engine.host_cache), before the step, in this order: (page, slot) evicted pages copied to host slots,
+    # then (slot, page) host slots copied into the pages of admitted prompts that hit them.
+    host_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    host_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -58,6 +63,8 @@ class SchedulerStats:
     num_evicted_pages: int = 0
     prompt_tokens: int = 0
     cached_prompt_tokens: int = 0
+    host_hit_tokens: int = 0  # prompt tokens copied back from the host tier instead of computed
+    host_saved_pages: int = 0  # evicted pages copied to the host tier
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
 
@@ -67,7 +74,8 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
-                 eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig()):
+                 eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
+                 num_host_pages: int = 0):
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -83,6 +91,12 @@ class Scheduler:
         # sequence whose next uncached page is here waits for it instead of computing it again.
         self._inflight: collections.Counter[int] = collections.Counter()
         self._inflight_of: dict[str, list[int]] = {}
+        # Host tier: evicted pages are saved to host slots (the plan carries the copies), prompts continue their match there.
+        self.host = HostPageIndex(num_host_pages) if num_host_pages and self.prefix_caching else None
+        self._host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
+        self._loading: set[int] = set()  # slots the plan being built loads from: not reused for a save in it
+        if self.host is not None:
+            self.tree.on_evict = self._save_to_host
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -111,6 +125,8 @@ class Scheduler:
         budget = self.cfg.max_batch_tokens
         chunks: list[Chunk] = []
         copies: list[tuple[int, int]] = []
+        loads: list[tuple[int, int]] = []
+        self._loading = set()
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
 
@@ -151,7 +167,7 @@ class Scheduler:
                 break
             if seq.has_pending_token:
                 continue  # preempted while its last token is still being sampled: readmitted once it is known
-            chunk = self._admit(seq, budget, copies)
+            chunk = self._admit(seq, budget, copies, loads)
             if chunk == "wait":
                 continue  # its next page is being computed by another prefill: it will hit next time
             if chunk is None:
@@ -164,8 +180,10 @@ class Scheduler:
             self.waiting = collections.deque(s for s in self.waiting if id(s) not in admitted)
 
         if not chunks:
-            return None
-        return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill)
+            return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
+        saves, self._host_saves = self._host_saves, []
+        return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
+                        host_saves=saves, host_loads=loads)
 
     @property
     def _chunk_limit(self) -> int:
@@ -182,14 +200,20 @@ class Scheduler:
             return window + waiting[LPM_WINDOW:]
         return waiting
 
-    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]]) -> Chunk | str | None:
+    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]],
+               loads: list[tuple[int, int]]) -> Chunk | str | None:
         """Admits `seq` with its cached prefix; "wait" if its next page is in flight, None if out of pages."""
         tokens = seq.all_ids
+        host_slots: list[int] = []
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
             match = self.tree.match(tokens, seq.namespace)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             shared, num_cached = list(match.pages), match.num_tokens
+            if self.host is not None and num_cached < len(tokens):
+                host_slots = self._host_hits(seq, match)
+                num_cached += len(host_slots) * self.page_size
+                self._loading.update(host_slots)  # before any eviction below can pick their slots for a save
         else:
             match, shared, num_cached = None, [], 0
         cow_src = None
@@ -208,6 +232,8 @@ class Scheduler:
         seq.pages = shared + self.pool.alloc(num_pages_needed)
         if cow_src is not None:
             copies.append((cow_src, seq.pages[len(shared)]))
+        loads += zip(host_slots, seq.pages[len(shared) : len(shared) + len(host_slots)])
+        self.stats.host_hit_tokens += len(host_slots) * self.page_size
         seq.num_computed = num_cached
         seq.num_tree_tokens = len(shared) * self.page_size
         if seq.num_preemptions == 0:
@@ -217,6 +243,34 @@ class Scheduler:
         self.running.append(seq)
         self._mark_inflight(seq)
         return self._chunk(seq, num_cached, n)
+
+    def _host_hits(self, seq: Sequence, match) -> list[int]:
+        """Host slots of the pages after the tree's match, while they are there in a row (never the page of the last
+        token: a step must compute at least that one)."""
+        tokens, ps = seq.all_ids, self.page_size
+        end = (len(tokens) - 1) // ps * ps
+        slots = []
+        for h in page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash()):
+            slot = self.host.lookup(h)
+            if slot is None:
+                break
+            slots.append(slot)
+        return slots
+
+    def _save_to_host(self, pages: list[int], hashes: list[int]) -> None:
+        """The tree is evicting `pages`: copy each to a host slot (unless its hash is there already) before reuse."""
+        for page, h in zip(pages, hashes):
+            slot = self.host.store(h, avoid=self._loading)
+            if slot is not None:
+                self._host_saves.append((page, slot))
+                self.stats.host_saved_pages += 1
+
+    def reset_cache(self) -> None:
+        """Drops every cached page no running sequence uses, on the device and in the host tier."""
+        self.tree.reset()
+        if self.host is not None:
+            self.host.reset()
+            self._host_saves.clear()
 
     def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
         return Chunk(

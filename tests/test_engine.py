@@ -348,6 +348,22 @@ def test_speculative_decoding_on_smollm2_same_text_fewer_steps(smollm2, tokenize
     assert s["num_steps"] < 0.5 * stats["none"]["num_steps"]
 
 
+def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):
+    """A 16-page pool thrashes on 66 prompts over three system prompts; with a host tier the pages it evicts come back
+    by copy (overlapped steps, saves and loads in flight): the same greedy tokens, more prompt tokens cached."""
+    prompts = _prompts(tokenizer, random.Random(3))
+    prompts = prompts[::-1] + prompts  # the second half needs prefixes the first half's namespaces pushed out
+    runs = {}
+    for name, overrides in {"tiny": {}, "tiny+host": {"cache.host_num_pages": 48}}.items():
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "debug_checks": True, **overrides}),
+                  progress=False, model=tiny_model)
+        runs[name] = (*_generate(llm, prompts, max_tokens=8), llm.engine.stats())
+    (plain, plain_cached, plain_stats), (tiered, cached, stats) = runs["tiny"], runs["tiny+host"]
+    assert plain == tiered
+    assert stats["host_hit_tokens"] > 0 and stats["host_saved_pages"] > 0 and plain_stats["host_hit_tokens"] == 0
+    assert sum(cached) > sum(plain_cached) and stats["host_pages_used"] <= stats["host_pages_total"] == 48
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

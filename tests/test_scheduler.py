@@ -9,6 +9,7 @@ import random
 import pytest
 
 from engine import speculative
+from engine.host_cache import HostPageIndex
 
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.request import SamplingParams, Sequence, Status
@@ -36,12 +37,17 @@ class FakeRunner:
         self.ps = page_size
         self.model = model
         self.store = [[None] * page_size for _ in range(num_pages)]
+        self.host: dict[int, list[int]] = {}  # host tier: slot -> a saved page's tokens
         self.prev: list[int | None] = []  # what the last run sampled: placeholders stand for these
 
     def token(self, t: int) -> int:
         return self.prev[-1 - t] if t < 0 else t
 
     def run(self, plan):
+        for page, slot in plan.host_saves:  # as the runner: saves, then loads, then copies, then the step
+            self.host[slot] = list(self.store[page])
+        for slot, page in plan.host_loads:
+            self.store[page] = list(self.host[slot])
         for src, dst in plan.page_copies:
             self.store[dst] = list(self.store[src])
         sampled = []
@@ -67,7 +73,7 @@ class FakeRunner:
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
-         eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256):
+         eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0):
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
@@ -76,6 +82,7 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         max_model_len=max_model_len,
         eos_ids=eos_ids,
         spec=spec,
+        num_host_pages=host_pages,
     )
     return sched, FakeRunner(num_pages, page_size, model)
 
@@ -212,15 +219,17 @@ def _workload(rng: random.Random, n: int):
     return seqs
 
 
-def _cache_and_overlap_runs(seed: int) -> int:
-    """Runs one workload with the cache off, on, and thrashing, each serial and overlapped; all outputs must be
-    equal. Returns how often a sequence was preempted while its last token was still being sampled."""
-    results, pending_preempted = {}, 0
+def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
+    """Runs one workload with the cache off, on, thrashing, and thrashing with a host tier, each serial and
+    overlapped; all outputs must be equal. Returns how often a sequence was preempted while its last token was
+    still being sampled, and how many prompt tokens came back from the host tier."""
+    results, pending_preempted, host_hits = {}, 0, 0
     for overlap in (False, True):
         for name, kwargs in {
             "off": dict(caching=False, num_pages=256),
             "on": dict(caching=True, num_pages=256),
             "tiny": dict(caching=True, num_pages=14, max_running=6),
+            "tiny+host": dict(caching=True, num_pages=14, max_running=6, host_pages=6),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}))
             preempt = sched.preempt
@@ -235,20 +244,23 @@ def _cache_and_overlap_runs(seed: int) -> int:
             assert not sched.running and not sched.waiting
             # When every request has ended, the pool is exactly free pages + the tree's pages.
             assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
-            if name == "tiny":
+            if name.startswith("tiny"):
                 assert sched.stats.num_preemptions + sched.stats.num_evicted_pages > 0, "the tiny pool must thrash"
+            host_hits += sched.stats.host_hit_tokens
     first = results["off", False]
     assert all(r == first for r in results.values())
     assert any(out[-1] in (0, 1, 2) and len(out) < s.params.max_tokens
                for out, s in zip(first.values(), _workload(random.Random(seed), 30)))  # some stop early
-    return pending_preempted
+    return pending_preempted, host_hits
 
 
 def test_outputs_identical_with_cache_off_on_and_thrashing_serial_or_overlapped():
-    """Prefix caching never changes results, even with a pool small enough to force eviction and preemption;
+    """Prefix caching never changes results, even with a pool small enough to force eviction and preemption, with
+    or without a host tier (a small one, so its slots are reused: the fake runner's pages are checked every step);
     neither does overlapped scheduling, where stops (tokens 0-2 end a sequence) are found a step late and
     sequences are preempted while their last token is still being sampled (which the runs do reach)."""
-    assert sum(_cache_and_overlap_runs(seed) for seed in range(8)) > 0
+    pending, host_hits = zip(*(_cache_and_overlap_runs(seed) for seed in range(8)))
+    assert sum(pending) > 0 and sum(host_hits) > 0
 
 
 def test_abort_frees_everything():
@@ -341,3 +353,35 @@ def test_draft_tokens_respect_budget_pages_and_limits():
     assert speculative.propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
     assert speculative.propose_ngram([5, 5], 3, 1, 1) == [5]
     assert speculative.accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and speculative.accepted([4], [3, 4]) == 0
+
+
+# ------------------------------------------------------------------------------------ host tier
+def test_host_tier_brings_evicted_prefixes_back():
+    """A prefix evicted from a small pool is copied to the host tier and copied back for the next prompt that shares
+    it (more cached tokens than without the tier, same outputs; page contents checked by the fake runner)."""
+    system = list(range(3, 3 + 16))  # four pages
+    other = list(range(30, 30 + 16))
+
+    def run(host_pages):
+        sched, runner = make(num_pages=6, page_size=4, max_batch_tokens=32, max_running=1, host_pages=host_pages)
+        outs = [run_all(sched, runner, [seq(f"r{i}", p + [i + 1], max_tokens=3)])
+                for i, p in enumerate([system, other, system, other, system])]
+        return outs, sched.stats
+
+    plain, plain_stats = run(0)
+    tiered, stats = run(8)
+    assert plain == tiered
+    assert stats.host_hit_tokens >= 32 and stats.cached_prompt_tokens == plain_stats.cached_prompt_tokens + stats.host_hit_tokens
+    assert stats.host_saved_pages > 0
+
+
+def test_host_page_index_is_lru_and_spares_slots_being_read():
+    index = HostPageIndex(2)
+    assert index.store(10) == 0 and index.store(11) == 1
+    assert index.store(10) is None  # already there
+    assert index.lookup(10) == 0  # 10 is now the most recent: 11 goes first
+    assert index.store(12) == 1 and 11 not in index and index.lookup(11) is None
+    assert index.store(13, avoid={0}) == 1 and 12 not in index  # slot 0 is being loaded this step: the next LRU goes
+    assert index.store(14, avoid={0, 1}) is None and 14 not in index  # nothing may be taken: not saved
+    index.reset()
+    assert len(index) == 0 and index.store(15) == 0

@@ -1,0 +1,58 @@
+"""The host tier of the prefix cache: KV pages the radix tree evicts from the device, kept in host memory.
+
+Device memory bounds how much of a workload's shared prefixes the radix tree can keep; host memory is
+usually many times larger. With `cache.host_memory_gb` > 0 a page the tree evicts is copied to a host
+slot before the pool hands it out again, named by its chained block hash (`engine.block_hash`, which
+covers the namespace and every token before the page, so equal hashes mean equal K/V). A prompt whose
+tree match ends early continues its match here, page by page, and those pages are copied back into
+fresh device pages before the step that reads them: a copy instead of a prefill.
+
+`HostPageIndex` is the host-side bookkeeping only (ints: hash -> slot, LRU). The scheduler decides
+what to save and load; the runner moves the bytes (`ModelRunner` keeps the slots' arrays).
+"""
+from __future__ import annotations
+
+import collections
+
+
+class HostPageIndex:
+    """Which block hashes have their KV in which host slot; least recently used slots are reused first."""
+
+    def __init__(self, num_slots: int):
+        self.num_slots = num_slots
+        self._slots: collections.OrderedDict[int, int] = collections.OrderedDict()  # hash -> slot, LRU first
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def __contains__(self, block_hash: int) -> bool:
+        return block_hash in self._slots
+
+    def lookup(self, block_hash: int) -> int | None:
+        """The slot holding `block_hash` (now the most recently used), or None."""
+        slot = self._slots.get(block_hash)
+        if slot is not None:
+            self._slots.move_to_end(block_hash)
+        return slot
+
+    def store(self, block_hash: int, avoid: set[int] = frozenset()) -> int | None:
+        """A slot to copy the page named `block_hash` into, taking the least recently used one (not in `avoid`: slots
+        still to be read) when all are in use. None when the page is here already (K/V of a hash never change), or
+        no slot can be taken."""
+        if block_hash in self._slots:
+            self._slots.move_to_end(block_hash)
+            return None
+        if self._free:
+            slot = self._free.pop()
+        else:
+            victim = next((h for h, s in self._slots.items() if s not in avoid), None)
+            if victim is None:
+                return None
+            slot = self._slots.pop(victim)
+        self._slots[block_hash] = slot
+        return slot
+
+    def reset(self) -> None:
+        self._slots.clear()
+        self._free = list(range(self.num_slots - 1, -1, -1))

@@ -5,7 +5,10 @@
 - "required": the reply is a JSON list of one or more {"name", "arguments"} objects, each name one of the
   tools and its arguments that tool's schema (parallel calls).
 - "auto": the model chooses; calls are read from `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
-  blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates) and the rest is content.
+  blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates) and the rest is content; or,
+  when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
+  separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
+  after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
 - "none" (or no tools): a plain reply.
 """
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 from engine.request import RequestError, StructuredOutput
 
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+_MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes their calls
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,13 +84,41 @@ class ToolChoice:
                 obj = json.loads(block)
             except ValueError:
                 continue
-            if isinstance(obj, dict) and obj.get("name") in self.functions:
-                args = obj.get("arguments", obj.get("parameters", {}))
-                calls.append(ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args)))
-        if not calls:
-            return text, []
-        content = _BLOCK.sub("", text).strip()
-        return content or None, calls
+            call = self._call(obj)
+            if call is not None:
+                calls.append(call)
+        if calls:
+            content = _BLOCK.sub("", text).strip()
+            return content or None, calls
+        calls = self._bare_calls(text)
+        return (None, calls) if calls else (text, [])
+
+    def _call(self, obj: Any) -> ToolCall | None:
+        """A call from one parsed {"name", "arguments" | "parameters"} object naming one of the tools."""
+        if not isinstance(obj, dict) or obj.get("name") not in self.functions:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        return ToolCall(obj["name"], args if isinstance(args, str) else json.dumps(args))
+
+    def _bare_calls(self, text: str) -> list[ToolCall]:
+        """Calls when the whole reply is JSON calls (after an optional marker): objects or lists of objects,
+        separated by whitespace, "," or ";". Anything else, or a name that is not a tool: no calls."""
+        rest = text.strip()
+        for marker in _MARKERS:
+            rest = rest.removeprefix(marker).strip()
+        decoder, calls = json.JSONDecoder(), []
+        while rest:
+            try:
+                obj, end = decoder.raw_decode(rest)
+            except ValueError:
+                return []
+            for item in obj if isinstance(obj, list) else [obj]:
+                call = self._call(item)
+                if call is None:
+                    return []
+                calls.append(call)
+            rest = rest[end:].lstrip().lstrip(";,").lstrip()
+        return calls
 
 
 def _parameters(function: dict[str, Any]) -> dict:

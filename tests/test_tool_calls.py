@@ -53,6 +53,18 @@ def test_parse_replies():
     # Unknown names and broken JSON are not calls: the reply stays content.
     plain = 'No tools needed. <tool_call>{"name": "rm_rf", "arguments": {}}</tool_call><tool_call>{oops</tool_call>'
     assert auto.parse(plain) == (plain, [])
+    # Whole-reply JSON calls: Llama 3 ({"name", "parameters"}, ";"-separated, after <|python_tag|>) and Mistral (a list).
+    for reply in ('{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}',
+                  '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}; '
+                  '{"name": "get_time", "parameters": {"zone": "UTC"}}',
+                  '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}, '
+                  '{"name": "get_time", "arguments": {"zone": "UTC"}}]'):
+        content, calls = auto.parse(reply)
+        assert content is None and calls[0].name == "get_weather" and json.loads(calls[0].arguments)["city"] == "Oslo"
+        assert [c.name for c in calls[1:]] in ([], ["get_time"])
+    for reply in ('{"name": "rm_rf", "parameters": {}}', '{"answer": 42}', '[1, 2]', '{"name": "get_time"} and more',
+                  'The JSON is {"name": "get_time", "parameters": {}}'):
+        assert auto.parse(reply) == (reply, [])  # not (only) calls to known tools: content
     named = ToolChoice([WEATHER], {"type": "function", "function": {"name": "get_weather"}})
     assert named.parse('{"city":"Rome","unit":"F"}')[1][0].arguments == '{"city":"Rome","unit":"F"}'
     required = ToolChoice([WEATHER, TIME], "required")

@@ -38,6 +38,7 @@ class GenerateRequest:
     prompt_ids: list[int]
     params: SamplingParams
     namespace: str | None = None
+    priority: int = 0  # scheduler.policy "priority": lower runs first
 
 
 IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
@@ -227,7 +228,8 @@ class AsyncEngine:
         added = []
         try:
             for rid, req in zip(stream.request_ids, requests):
-                self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace)
+                self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,
+                                        priority=req.priority)
                 added.append(rid)
                 self._streams[rid] = stream
         except Exception as e:  # all or nothing: one bad sample fails the call

@@ -60,7 +60,9 @@ class CacheConfig:
 class SchedulerConfig:
     max_batch_tokens: int = 512  # tokens per step (decodes + prefill chunks)
     max_running: int = 32  # sequences in the running batch
-    policy: Literal["fcfs", "lpm"] = "fcfs"  # lpm: longest cached prefix first
+    # fcfs: arrival order; lpm: longest cached prefix first; priority: each request's `priority` (lower first, then
+    # arrival), and a more urgent arrival preempts the least urgent running requests when the batch or pool is full.
+    policy: Literal["fcfs", "lpm", "priority"] = "fcfs"
     # A prompt prefills at most this many tokens per step (0: as many as the budget allows), so the short
     # uncached tails of prompts that arrive behind a long prompt start within a step (vLLM's
     # long_prefill_token_threshold).

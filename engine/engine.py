@@ -141,9 +141,15 @@ class LLMEngine:
         params: SamplingParams | None = None,
         request_id: str | None = None,
         namespace: str | None = None,
+        priority: int = 0,
     ) -> str:
-        """Queues a request (text or token ids); raises RequestError naming what is wrong."""
+        """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
+        first) needs scheduler.policy "priority"."""
         params = params or SamplingParams()
+        if not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+            raise RequestError(f"priority must be a 32-bit integer, got {priority!r}")
+        if priority and self.config.scheduler.policy != "priority":
+            raise RequestError(f"priority {priority} needs scheduler.policy=priority (it is {self.config.scheduler.policy})")
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
         else:
@@ -156,7 +162,8 @@ class LLMEngine:
         if request_id in self._state:
             raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
-        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed)
+        seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed,
+                       priority=priority)
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
         if params.prompt_logprobs is not None:

@@ -58,6 +58,7 @@ class _SamplingFields(_Body):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     stop_token_ids: list[_Int32] | None = None
+    priority: _int(ge=-(2**31), le=2**31 - 1) = Field(0, description="scheduler.policy priority: lower runs first (vLLM)")
     cache_salt: str | None = Field(None, description="requests with different salts never share cached pages; "
                                                       "an empty salt is no salt")
     user: str | None = None

@@ -129,10 +129,12 @@ class Scheduler:
         self._loading = set()
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
+        if self.cfg.policy == "priority":
+            self._preempt_for_priority()
 
         # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence. With speculative
         #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
-        decodes = [s for s in self.running if not s.is_prefilling]
+        decodes = [s for s in self._by_urgency(self.running) if not s.is_prefilling]
         speculate = self.spec.draft_tokens > 0 and (not self.spec.max_batch or len(decodes) <= self.spec.max_batch)
         for i, seq in enumerate(decodes):
             if seq.status is not Status.RUNNING:
@@ -146,7 +148,7 @@ class Scheduler:
             num_decode += 1 + len(draft)
 
         # 2. Running prefills continue, chunked by the budget.
-        for seq in [s for s in self.running if s.is_prefilling]:
+        for seq in [s for s in self._by_urgency(self.running) if s.is_prefilling]:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit)
@@ -190,8 +192,40 @@ class Scheduler:
         """Most prompt tokens one sequence prefills in a step (scheduler.long_prefill_tokens)."""
         return self.cfg.long_prefill_tokens or self.cfg.max_batch_tokens
 
+    def _by_urgency(self, seqs) -> list[Sequence]:
+        """Most urgent first under the priority policy (stable: ties keep their order), else as given."""
+        return sorted(seqs, key=lambda s: s.priority) if self.cfg.policy == "priority" else list(seqs)
+
+    def _preempt_for_priority(self) -> None:
+        """Priority policy: a waiting sequence more urgent than some running ones takes their place when the batch is
+        full or the pool is short of the pages its first chunk needs; the least urgent (newest among equals) go first."""
+        slots = pages = 0  # claimed by the more urgent waiting sequences before this one
+        for seq in self._admission_order():
+            if seq.has_pending_token:
+                continue
+            victims = [s for s in reversed(self.running) if s.priority > seq.priority]
+            if not victims:
+                return  # the rest wait for sequences at least as urgent as themselves
+            victims.sort(key=lambda s: -s.priority)  # stable: newest first among equals
+            slots, pages = slots + 1, pages + self._pages_to_admit(seq)
+            while victims and (len(self.running) + slots > self.cfg.max_running or pages > self._obtainable_pages):
+                self.preempt(victims.pop(0))
+
+    def _pages_to_admit(self, seq: Sequence) -> int:
+        """Pages admitting `seq` would allocate for its first chunk, after its cached prefix."""
+        cached = self.tree.match(seq.all_ids, seq.namespace).num_tokens if self.prefix_caching else 0
+        cached = min(cached, seq.num_tokens - 1)
+        n = min(seq.num_tokens - cached, self.cfg.max_batch_tokens, self._chunk_limit)
+        return -(-(cached + n) // self.page_size) - cached // self.page_size
+
+    @property
+    def _obtainable_pages(self) -> int:
+        return self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
+
     def _admission_order(self) -> list[Sequence]:
         waiting = list(self.waiting)
+        if self.cfg.policy == "priority":
+            return self._by_urgency(waiting)
         if self.cfg.policy == "lpm" and self.prefix_caching:
             # Longest cached prefix first (ties keep arrival order) over a bounded window of the queue.
             window = waiting[:LPM_WINDOW]
@@ -318,14 +352,15 @@ class Scheduler:
 
     def _fit(self, seq: Sequence, n: int) -> int:
         """How many of `n` more tokens fit in the pages the sequence has or could get now."""
-        obtainable = self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
-        return min(n, (len(seq.pages) + obtainable) * self.page_size - seq.num_computed)
+        return min(n, (len(seq.pages) + self._obtainable_pages) * self.page_size - seq.num_computed)
 
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
         """Gives `seq` pages for `num_tokens` tokens, preempting newer sequences; False if `seq` itself was preempted."""
         need = -(-num_tokens // self.page_size) - len(seq.pages)
         while not self._reserve(need):
             victims = [s for s in reversed(self.running) if s is not seq and s.request_id not in scheduled]
+            if self.cfg.policy == "priority":
+                victims.sort(key=lambda s: -s.priority)  # stable: the least urgent first, newest among equals
             victim = victims[0] if victims else seq
             self.preempt(victim)
             if victim is seq:

@@ -146,7 +146,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
         reqs = [
-            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None)
+            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None, body.priority)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"

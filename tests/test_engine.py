@@ -364,6 +364,27 @@ def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):
     assert sum(cached) > sum(plain_cached) and stats["host_pages_used"] <= stats["host_pages_total"] == 48
 
 
+def test_priority_policy_in_the_engine(tiny_model, tiny):
+    """scheduler.policy=priority: an urgent request arriving at a full batch (one slot) preempts the running one and
+    finishes first; every output is the one the fcfs engine gives. A priority without that policy is refused by name."""
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "scheduler.max_running": 1,
+                                        "scheduler.policy": "priority"}), progress=False, model=tiny_model)
+    engine, params = llm.engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    prompts = [[5, 6, 7], [8, 9, 10], [11, 12, 13]]
+    ids = [engine.add_request(p, params, priority=5) for p in prompts[:2]]
+    finished = []
+    for _ in range(4):
+        finished += [o for o in engine.step() if o.finished]
+    ids.append(engine.add_request(prompts[2], params, priority=-1))
+    while engine.has_unfinished():
+        finished += [o for o in engine.step() if o.finished]
+    assert finished[0].request_id == ids[2] and engine.stats()["num_preemptions"] >= 1
+    by_id = {o.request_id: o.token_ids for o in finished}
+    assert [by_id[i] for i in ids] == [o.token_ids for o in tiny.generate(prompts, params)]
+    with pytest.raises(RequestError, match="priority 1 needs scheduler.policy=priority"):
+        tiny.engine.add_request([1, 2], params, priority=1)
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

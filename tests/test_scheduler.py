@@ -230,6 +230,7 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             "on": dict(caching=True, num_pages=256),
             "tiny": dict(caching=True, num_pages=14, max_running=6),
             "tiny+host": dict(caching=True, num_pages=14, max_running=6, host_pages=6),
+            "tiny+priority": dict(caching=True, num_pages=14, max_running=6, policy="priority"),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}))
             preempt = sched.preempt
@@ -240,7 +241,10 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
                 preempt(s)
 
             sched.preempt = counting_preempt
-            results[name, overlap] = run_all(sched, runner, _workload(random.Random(seed), 30), overlap=overlap)
+            seqs = _workload(random.Random(seed), 30)
+            for i, s in enumerate(seqs):
+                s.priority = (i * 7) % 3 if name == "tiny+priority" else 0  # later arrivals often more urgent: preemption
+            results[name, overlap] = run_all(sched, runner, seqs, overlap=overlap)
             assert not sched.running and not sched.waiting
             # When every request has ended, the pool is exactly free pages + the tree's pages.
             assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
@@ -385,3 +389,39 @@ def test_host_page_index_is_lru_and_spares_slots_being_read():
     assert index.store(14, avoid={0, 1}) is None and 14 not in index  # nothing may be taken: not saved
     index.reset()
     assert len(index) == 0 and index.store(15) == 0
+
+
+# ------------------------------------------------------------------------------------ priority
+def test_priority_policy_orders_admission_and_preempts_the_least_urgent():
+    sched, runner = make(num_pages=64, max_running=2, max_batch_tokens=32, policy="priority")
+    low_old, low_new = seq("low-old", [5] * 6, max_tokens=30), seq("low-new", [6] * 6, max_tokens=30)
+    for s in (low_old, low_new):
+        s.priority = 5
+        sched.add(s)
+    for _ in range(3):
+        plan = sched.schedule()
+        sched.commit(plan, runner.run(plan))
+    urgent = seq("urgent", [7] * 6, max_tokens=3)
+    urgent.priority = -1
+    later = seq("later", [8] * 6, max_tokens=3)  # priority 0: more urgent than the low ones, less than `urgent`
+    sched.add(later)
+    sched.add(urgent)
+    plan = sched.schedule()
+    # The batch was full: the two arrivals, both more urgent, displace both low-priority sequences.
+    assert [c.seq.request_id for c in plan.chunks] == ["urgent", "later"]
+    assert low_new.status is low_old.status is Status.WAITING and sched.stats.num_preemptions == 2
+    finished = []
+    while sched.has_work():
+        plan = sched.schedule()
+        sched.commit(plan, runner.run(plan))
+        finished += [s.request_id for s in (urgent, later, low_old, low_new)
+                     if s.status is Status.FINISHED and s.request_id not in finished]
+        sched.check_invariants()
+    assert finished[:2] == ["urgent", "later"]
+    # Equal priorities keep arrival order, and a policy other than "priority" ignores the field.
+    sched, runner = make(num_pages=64, max_running=1, policy="fcfs")
+    a, b = seq("a", [1, 2]), seq("b", [3, 4])
+    b.priority = -10
+    sched.add(a)
+    sched.add(b)
+    assert [c.seq.request_id for c in sched.schedule().chunks] == ["a"]

@@ -120,11 +120,13 @@ class _FakeEngine:
         self.num_aborted = 0
         self.num_steps = 0
         self._events = []
+        self.priorities: dict = {}
 
-    def add_request(self, prompt_ids, params, request_id=None, namespace=None):
+    def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0):
         from engine.request import validate_prompt
 
         validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
+        self.priorities[request_id] = priority
         self.live[request_id] = (list(prompt_ids), params, [])
         self._events.append(CacheEvent("stored", (len(self.live),), None, namespace))
         return request_id
@@ -216,6 +218,11 @@ def test_fake_engine_errors_and_feed(fake_app):
     assert client.get("/v1/cache_state").json()["last_seq"] == feed["last_seq"]
     assert client.get("/load").json()["running"] == 0
     assert "radixlm_requests_total" in client.get("/metrics").text
+    r = client.post("/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x"}],
+                                                   "max_tokens": 1, "priority": -3})
+    assert r.status_code == 200 and -3 in fake.priorities.values()
+    r = client.post("/v1/completions", json={"model": "fake", "prompt": "x", "priority": "high"})
+    assert r.status_code == 400 and "priority" in r.text
 
 
 def test_async_engine_close_aborts_unfinished_requests():

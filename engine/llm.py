@@ -6,7 +6,8 @@ from typing import Sequence as Seq
 
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine, RequestOutput
-from engine.request import SamplingParams
+from engine.request import RequestError, SamplingParams
+from engine.tool_calls import ToolChoice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +23,7 @@ class Completion:
     stop_reason: str | int | None = None
     prompt_logprobs: list[float | None] | None = None  # SamplingParams.prompt_logprobs: per prompt token, [0] None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    tool_calls: list | None = None  # chat with tools: the `engine.tool_calls.ToolCall`s read from the reply (text: the rest)
 
 
 class LLM:
@@ -63,10 +65,30 @@ class LLM:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         namespace: str | None = None,
         progress: bool = False,
+        tools: list[dict] | None = None,
+        tool_choice: str | dict | None = None,
     ) -> list[Completion]:
-        """Applies the model's chat template to each message list, then generates."""
-        prompts = [self.tokenizer.encode_chat(list(messages)) for messages in conversations]
-        return self.generate(prompts, params, namespace, progress)
+        """Applies the model's chat template to each message list, then generates. `tools` / `tool_choice` as in
+        OpenAI's chat API (`engine.tool_calls`): the tools reach the template, a named or "required" choice holds
+        the reply to the tools' schemas, and calls found in a reply come back in `Completion.tool_calls`."""
+        choice = ToolChoice(tools or [], tool_choice)
+        prompts = [self.tokenizer.encode_chat(list(messages), **({"tools": tools} if tools else {}))
+                   for messages in conversations]
+        forced = choice.constraint()
+        if forced is not None:
+            params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
+            if any(p.structured is not None for p in params_list):
+                raise RequestError(f'tool_choice "{choice.mode}" already constrains the reply; drop structured')
+            params = [dataclasses.replace(p, structured=forced) for p in params_list]
+        outs = self.generate(prompts, params, namespace, progress)
+        if not choice.active:
+            return outs
+        replies = []
+        for out in outs:
+            content, calls = choice.parse(out.text)
+            replies.append(dataclasses.replace(out, text=content or "", tool_calls=calls, finish_reason="tool_calls")
+                           if calls else out)
+        return replies
 
     def _run(self, pending: set[str], progress: bool) -> dict[str, Completion]:
         from tqdm import tqdm

@@ -91,3 +91,15 @@ def test_a_random_model_forced_to_call_writes_valid_calls():
             for call in calls:
                 args = json.loads(call.arguments)
                 assert (call.name, sorted(args)) in [("get_weather", ["city", "unit"]), ("get_time", ["zone"])]
+    # The Python API: LLM.chat with tools holds the reply to them and returns the calls it read.
+    outs = llm.chat([[{"role": "user", "content": f"call {i}"}] for i in range(3)],
+                    [SamplingParams(temperature=1.0, seed=i, max_tokens=200) for i in range(3)],
+                    tools=[WEATHER, TIME], tool_choice="required")
+    for out in outs:
+        assert out.finish_reason == "tool_calls" and out.text == "" and out.tool_calls
+        assert {c.name for c in out.tool_calls} <= {"get_weather", "get_time"}
+    with pytest.raises(RequestError, match="already constrains"):
+        llm.chat([[{"role": "user", "content": "x"}]], SamplingParams(structured=ToolChoice([WEATHER], "required").constraint()),
+                 tools=[WEATHER], tool_choice="required")
+    plain = llm.chat([[{"role": "user", "content": "x"}]], SamplingParams(temperature=0, max_tokens=4))[0]
+    assert plain.tool_calls is None

@@ -295,12 +295,26 @@ class LLMEngine:
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
         seq = state.seq
         new_ids = seq.output_ids[state.num_ids_seen :]
-        state.num_ids_seen = len(seq.output_ids)
         # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
-        state.text += state.detok.step(new_ids[:-1] if seq.ended_by_token else new_ids)
+        text_ids = new_ids[:-1] if seq.ended_by_token else new_ids
+        stop_at = None
+        if len(text_ids) > 1 and seq.params.stop:
+            # Several tokens at once (accepted draft tokens): the output ends at the token that completes a stop
+            # string, as it does one token per step; the tokens after it are dropped.
+            for j, token in enumerate(text_ids):
+                state.text += state.detok.step([token])
+                stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
+                if stop_at is not None:
+                    if j + 1 < len(new_ids):
+                        self._truncate_output(seq, state.num_ids_seen + j + 1)
+                    break
+        else:
+            state.text += state.detok.step(text_ids)
+        state.num_ids_seen = len(seq.output_ids)
         if seq.status is Status.FINISHED:
             state.text += state.detok.flush()
-        stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
+        if stop_at is None:
+            stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
         if stop_at is not None and seq.status is not Status.FINISHED:
             self.scheduler.finish(seq, "stop")
         if stop_at is not None:
@@ -334,6 +348,16 @@ class LLMEngine:
             e2e_s=(now - seq.arrival_s) if finished else None,
             token_times_s=list(seq.token_times_s) if finished else None,
         )
+
+    def _truncate_output(self, seq: Sequence, n: int) -> None:
+        """Keeps the first `n` output tokens: a stop string ended the output there, inside a run of accepted draft
+        tokens. A sequence the run had already ended (a later stop token, the length limit) now ends by "stop"."""
+        del seq.output_ids[n:], seq.output_logprobs[n:], seq.output_top_logprobs[n:], seq.token_times_s[n:]
+        seq.ended_by_token = False
+        if seq.status is Status.FINISHED:
+            seq.finish_reason = "stop"
+        else:
+            seq.num_computed = min(seq.num_computed, seq.num_tokens)  # K/V of the kept tokens only
 
     @property
     def is_leader(self) -> bool:

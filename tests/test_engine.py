@@ -201,7 +201,7 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert (cfg.cache.page_size, cfg.cache.num_pages, cfg.scheduler.policy, cfg.model.dtype) == (32, 99, "lpm", "float32")
     with pytest.raises(ConfigKeyError, match=r"unknown config key 'cache.pagesize' \(allowed in cache: "):
         load_config(str(path), ["cache.pagesize=3"])
-    with pytest.raises(ConfigKeyError, match=r"scheduler.policy: 'random' is not allowed \(allowed: fcfs, lpm\)"):
+    with pytest.raises(ConfigKeyError, match=r"scheduler.policy: 'random' is not allowed \(allowed: fcfs, lpm, priority\)"):
         load_config(None, ["scheduler.policy=random"])
     with pytest.raises(ConfigKeyError, match="cache.page_size must be a power of two"):
         load_config(None, ["cache.page_size=12"])
@@ -324,6 +324,23 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
     s = steps["ngram"]
     assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
     assert {r.finish_reason for r in runs["ngram"]} == {"stop", "length"}
+
+
+def test_speculative_stop_string_inside_an_accepted_run(tiny_model, tiny, tokenizer):
+    """A stop string completed by a token in the middle of a run of accepted draft tokens ends the output at that
+    token, as decoding one token per step does: the same tokens, text, reason and logprobs."""
+    t = 1234
+    prompt = [t] * 8  # the drafts (more t's) are right from the first decode on
+    params = [SamplingParams(temperature=0, max_tokens=30, logit_bias={t: 100.0}, logprobs=0, ignore_eos=True,
+                             stop=(tokenizer.decode([t] * n),)) for n in (3, 4)]
+    spec = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "speculative.method": "ngram"}), progress=False,
+               model=tiny_model)
+    outs = spec.generate([prompt, prompt], params)
+    assert spec.engine.stats()["spec_accepted_tokens"] > 0
+    for out, plain in zip(outs, tiny.generate([prompt, prompt], params)):
+        assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == \
+            (plain.token_ids, plain.text, plain.finish_reason, plain.stop_reason)
+        assert out.finish_reason == "stop" and len(out.logprobs) == len(out.token_ids) < 5
 
 
 @pytest.mark.slow

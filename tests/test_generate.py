@@ -121,7 +121,7 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_valid_file(tiny_checkpoint, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _input_file(inp, 600)
+    _input_file(inp, 5000)  # far more than fit before the signal, however slowly this test's own polling runs
     proc = subprocess.Popen(_cmd(tiny_checkpoint, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
     while time.time() < deadline and not (out.exists() and sum(1 for _ in open(out)) >= 100):

@@ -224,9 +224,15 @@ class LLMEngine:
         return any(c.sample and (c.seq.params.uses_penalties or c.seq.matcher is not None) for c in plan.chunks)
 
     def _token_mask(self, plan) -> np.ndarray | None:
-        """The tokens each sampling row may take, when some row follows a structured-output grammar."""
-        rows = [(c.seq.matcher, i) for i, c in enumerate(plan.chunks) if c.sample and c.seq.matcher is not None]
-        return self.grammars.masks(rows, len(plan.chunks)) if rows else None
+        """The tokens each head row may sample, when some row follows a structured-output grammar (a chunk with draft
+        tokens: each position's mask, the grammar advanced through the drafts before it)."""
+        head_rows = self.runner.head_rows(plan)
+        constrained = [(c, rows) for c, rows in zip(plan.chunks, head_rows) if c.sample and c.seq.matcher is not None]
+        if not constrained:
+            return None
+        plain = [(c.seq.matcher, rows[-1]) for c, rows in constrained if not c.draft]
+        drafts = [(c.seq.matcher, rows, list(c.draft)) for c, rows in constrained if c.draft]
+        return self.grammars.masks(plain, sum(map(len, head_rows)), drafts)
 
     @staticmethod
     def _prompt_targets(plan) -> list[tuple[int, int, Sequence, int]]:
@@ -270,10 +276,16 @@ class LLMEngine:
             if state is None:
                 continue
             i = index[seq.request_id]
+            if seq.matcher is not None:
+                new = seq.output_ids[num_before[i] :]
+                for j, token in enumerate(new):
+                    if structured.advance(seq.matcher, token):  # the grammar is complete: the output ends here
+                        if j + 1 < len(new):
+                            self._truncate_output(seq, num_before[i] + j + 1)
+                        if seq.status is not Status.FINISHED:
+                            self.scheduler.finish(seq, "stop")
+                        break
             num_new = len(seq.output_ids) - num_before[i]  # more than one when draft tokens were accepted
-            if seq.matcher is not None and structured.advance(seq.matcher, seq.output_ids[-1]) \
-                    and seq.status is not Status.FINISHED:
-                self.scheduler.finish(seq, "stop")  # the grammar is complete (never speculated: one token)
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
                 for r in rows[i][:num_new]:

@@ -189,7 +189,7 @@ class ModelRunner:
                prompt_targets: list[tuple[int, int]] | None = None, prompt_top: int = 0) -> "LaunchedStep":
         """Packs the plan and dispatches its device work without waiting for it. Placeholder tokens in the
         plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step.
-        token_mask: [num chunks, ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs).
+        token_mask: [head rows (`head_rows`), ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs).
         prompt_targets: (row, token) pairs whose logprob (and top `prompt_top`) to return (prompt logprobs)."""
         t0 = time.perf_counter()
         head_rows = self.head_rows(plan)

@@ -19,7 +19,7 @@ from typing import Iterable
 import numpy as np
 
 from engine.block_hash import page_hashes
-from engine import speculative
+from engine import speculative, structured
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.host_cache import HostPageIndex
 from engine.page_pool import PagePool
@@ -318,9 +318,10 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,
-        `budget` and the pages it holds plus free ones allow; the pages are taken now. None for sequences whose
-        sampling reads the generated tokens on the host (penalties, grammars) or whose last token is pending."""
-        if seq.params.uses_penalties or seq.matcher is not None or seq.has_pending_token:
+        `budget` and the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs)
+        cuts the draft where it stops accepting it. None for sequences whose sampling reads the generated tokens on
+        the host (penalties) or whose last token is pending."""
+        if seq.params.uses_penalties or seq.has_pending_token:
             return []
         room = min(
             self.spec.num_tokens,
@@ -332,6 +333,8 @@ class Scheduler:
         if room <= 0:
             return []
         draft = speculative.propose_ngram(seq.all_ids, room, self.spec.ngram_min, self.spec.ngram_max)
+        if draft and seq.matcher is not None:
+            draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages += self.pool.alloc(need)

@@ -68,15 +68,31 @@ class Grammars:
             raise RequestError(f"structured output ({so.kind}): {matcher.get_error()}")
         return matcher
 
-    def masks(self, matchers: list[tuple[Any, int]], num_rows: int) -> np.ndarray:
-        """[num_rows, words] int32: row i from matcher (m, i); rows without a matcher allow everything."""
-        from llguidance.numpy import fill_next_token_bitmask_par
+    def masks(self, matchers: list[tuple[Any, int]], num_rows: int,
+              drafts: list[tuple[Any, list[int], list[int]]] = ()) -> np.ndarray:
+        """[num_rows, words] int32: row i from matcher (m, i); rows without a matcher allow everything.
+        `drafts` (speculative decoding): (m, rows, draft) fills rows[j] with m's mask after draft[:j] (j = 0..len(draft)),
+        m itself left as it was."""
+        from llguidance.numpy import fill_next_token_bitmask_par, fill_next_token_bitmask_par_with_draft_tokens
 
         self._ll()
-        mask = np.full((num_rows, mask_words(self.vocab_size)), -1, np.int32)
+        words = mask_words(self.vocab_size)
+        mask = np.full((num_rows, words), -1, np.int32)
         if matchers:
             fill_next_token_bitmask_par(self._executor, matchers, mask)
+        if drafts:
+            starts = np.cumsum([0] + [len(rows) for _, rows, _ in drafts])
+            buf = np.full((starts[-1], words), -1, np.int32)  # each draft's rows contiguous, as llguidance fills them
+            fill_next_token_bitmask_par_with_draft_tokens(
+                self._executor, [(m, int(start), list(draft)) for (m, _, draft), start in zip(drafts, starts)], buf)
+            for (_, rows, _), start in zip(drafts, starts):
+                mask[rows] = buf[start : start + len(rows)]
         return mask
+
+
+def valid_prefix(matcher, tokens: list[int]) -> int:
+    """How many of `tokens` the grammar accepts in a row from the matcher's state (the matcher does not move)."""
+    return matcher.validate_tokens(tokens)
 
 
 def advance(matcher, token: int) -> bool:

@@ -196,11 +196,13 @@ class ModelRunner:
         inputs = self.pack(plan, head_rows)
         num_real = sum(map(len, head_rows))
         num_rows = bucket_for(num_real, self.seq_buckets)
-        # Row r samples output index `step` of its sequence: a draft position j samples index len(output) + j.
+        # Row r samples output index `step` of its sequence: a draft position j samples index len(output) + j, after
+        # the output and the drafts before it (what penalties count).
         rows = [None] * num_real
         for c, chunk_rows in zip(plan.chunks, head_rows):
             for j, r in enumerate(chunk_rows):
-                rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + j, c.seq.prompt_ids, c.seq.output_ids)
+                rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + j, c.seq.prompt_ids,
+                           c.seq.output_ids + list(c.draft[:j]) if j else c.seq.output_ids)
         params = [c.seq.params for c in plan.chunks if c.sample]
         use_penalties = any(p.uses_penalties for p in params)
         use_filters = any(p.uses_filters and not p.greedy for p in params)

@@ -319,9 +319,8 @@ class Scheduler:
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,
         `budget` and the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs)
-        cuts the draft where it stops accepting it. None for sequences whose sampling reads the generated tokens on
-        the host (penalties) or whose last token is pending."""
-        if seq.params.uses_penalties or seq.has_pending_token:
+        cuts the draft where it stops accepting it. None while the last token is pending (overlapped steps)."""
+        if seq.has_pending_token:
             return []
         room = min(
             self.spec.num_tokens,

@@ -284,8 +284,8 @@ def test_overlap_never_changes_outputs(tiny_model, tokenizer):
 
 def _repetitive_params(rng: random.Random, tokenizer, n: int) -> list[SamplingParams]:
     """Requests whose outputs repeat (a random model held to three tokens by logit_bias), so n-gram drafts are
-    accepted and rejected, in every mode that may speculate (greedy, seeded sampling with filters, logprobs,
-    stop ids inside an accepted run, min_tokens, stop strings, lengths 1..40) and one that may not (penalties)."""
+    accepted and rejected, in every sampling mode (greedy, seeded sampling with filters, logprobs, stop ids inside an
+    accepted run, min_tokens, stop strings, penalties counting the drafts before each position, lengths 1..40)."""
     out = []
     for i in range(n):
         few = rng.sample(range(100, 30000), 3)
@@ -297,7 +297,7 @@ def _repetitive_params(rng: random.Random, tokenizer, n: int) -> list[SamplingPa
             SamplingParams(temperature=0.8, top_k=40, max_tokens=m, seed=i, logit_bias=bias, ignore_eos=True),
             SamplingParams(temperature=0, max_tokens=40, logit_bias=bias, stop_token_ids=(few[0],), min_tokens=5),
             SamplingParams(temperature=0, max_tokens=m, logit_bias=bias, stop=(tokenizer.decode([few[1]]),), ignore_eos=True),
-            SamplingParams(temperature=0.7, presence_penalty=0.5, max_tokens=m, seed=i, logit_bias=bias),
+            SamplingParams(temperature=0.7, frequency_penalty=2.0, max_tokens=m, seed=i, logit_bias=bias),  # cycles
         ][i % 6])
     return out
 

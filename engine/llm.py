@@ -6,7 +6,7 @@ from typing import Sequence as Seq
 
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine, RequestOutput
-from engine.request import RequestError, SamplingParams
+from engine.request import MAX_TOP_LOGPROBS, RequestError, SamplingParams
 from engine.tool_calls import ToolChoice
 
 
@@ -20,10 +20,21 @@ class Completion:
     ttft_s: float
     e2e_s: float
     logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None  # SamplingParams.logprobs = k > 0: per token, the top k
     stop_reason: str | int | None = None
     prompt_logprobs: list[float | None] | None = None  # SamplingParams.prompt_logprobs: per prompt token, [0] None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     tool_calls: list | None = None  # chat with tools: the `engine.tool_calls.ToolCall`s read from the reply (text: the rest)
+
+
+@dataclasses.dataclass(frozen=True)
+class Beam:
+    """One result of `LLM.beam_search`."""
+
+    token_ids: list[int]
+    logprob: float  # cumulative logprob of token_ids given the prompt
+    score: float  # logprob / len(token_ids) ** length_penalty: the order of the results
+    text: str
 
 
 class LLM:
@@ -90,6 +101,51 @@ class LLM:
                            if calls else out)
         return replies
 
+    def beam_search(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]] | str,
+        beam_width: int = 4,
+        max_tokens: int = 16,
+        length_penalty: float = 1.0,
+        ignore_eos: bool = False,
+        namespace: str | None = None,
+    ) -> list[list[Beam]]:
+        """Beam search: for each prompt, the `beam_width` best continuations by cumulative logprob / length **
+        length_penalty, best first. Every live beam of every prompt runs as one request per step (one token, its
+        top 2 x beam_width logprobs), in one continuous batch; the beams' shared history comes from the prefix cache
+        (each step recomputes at most the tail after the last full page). A beam ends at an end token (kept in its
+        tokens, not in its text) or at max_tokens."""
+        if not 1 <= beam_width <= MAX_TOP_LOGPROBS // 2:
+            raise RequestError(f"beam_width must be in [1, {MAX_TOP_LOGPROBS // 2}], got {beam_width}")
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        end_ids = set() if ignore_eos else set(self.tokenizer.stop_ids)
+        params = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
+        live = [[([], 0.0)] for _ in prompts]  # per prompt: (generated tokens, cumulative logprob)
+        done: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
+        for _ in range(max_tokens):
+            requests = {self.engine.add_request(prompt + tokens, params, namespace=namespace): (i, tokens, logprob)
+                        for i, prompt in enumerate(prompts) for tokens, logprob in live[i]}
+            if not requests:
+                break
+            candidates: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
+            for rid, out in self._run(set(requests), progress=False).items():
+                i, tokens, logprob = requests[rid]
+                candidates[i] += [(tokens + [t], logprob + lp) for t, lp in out.top_logprobs[0]]
+            for i, cands in enumerate(candidates):
+                cands.sort(key=lambda c: -c[1])  # stable: ties keep the order the model ranked them
+                live[i] = []
+                for tokens, logprob in cands[:beam_width]:
+                    (done[i] if tokens[-1] in end_ids else live[i]).append((tokens, logprob))
+        results = []
+        for finished, running in zip(done, live):
+            beams = [Beam(tokens, logprob, logprob / len(tokens) ** length_penalty,
+                          self.tokenizer.decode(tokens[:-1] if tokens[-1] in end_ids else tokens))
+                     for tokens, logprob in finished + running]
+            results.append(sorted(beams, key=lambda b: -b.score)[:beam_width])
+        return results
+
     def _run(self, pending: set[str], progress: bool) -> dict[str, Completion]:
         from tqdm import tqdm
 
@@ -113,6 +169,7 @@ def _completion(out: RequestOutput) -> Completion:
         ttft_s=out.ttft_s,
         e2e_s=out.e2e_s,
         logprobs=out.logprobs,
+        top_logprobs=out.top_logprobs,
         stop_reason=out.stop_reason,
         prompt_logprobs=out.prompt_logprobs,
         prompt_top_logprobs=out.prompt_top_logprobs,

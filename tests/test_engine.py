@@ -402,6 +402,47 @@ def test_priority_policy_in_the_engine(tiny_model, tiny):
         tiny.engine.add_request([1, 2], params, priority=1)
 
 
+def test_beam_search_is_the_dense_models(tiny_model, tiny):
+    """LLM.beam_search equals a beam search over the non-paged reference forward (same beams, same cumulative
+    logprobs), and the beams' shared history is served from the prefix cache."""
+    cfg, params, _ = tiny_model
+    dense = jax.jit(lambda t: jax.nn.log_softmax(llama.forward_dense(jax.device_put(params), cfg, t)[-1]))
+    width, steps = 3, 5
+
+    def reference(prompt):
+        live = [([], 0.0)]
+        for _ in range(steps):
+            cands = []
+            for tokens, logprob in live:
+                lp = np.asarray(dense(jnp.asarray(prompt + tokens, jnp.int32)))
+                cands += [(tokens + [int(t)], logprob + float(lp[t])) for t in np.argsort(-lp)[: 2 * width]]
+            live = sorted(cands, key=lambda c: -c[1])[:width]
+        return live
+
+    prompts = [[5, 6, 7] * 12, [9, 8, 7, 6, 5]]
+    before = tiny.engine.stats()["cached_prompt_tokens"]
+    results = tiny.beam_search(prompts, beam_width=width, max_tokens=steps, ignore_eos=True)
+    for prompt, beams in zip(prompts, results):
+        ref = reference(prompt)
+        assert [b.token_ids for b in beams] == [tokens for tokens, _ in ref]
+        assert [b.logprob for b in beams] == pytest.approx([lp for _, lp in ref], abs=1e-4)
+        assert all(b.score == pytest.approx(b.logprob / steps) for b in beams)
+    assert tiny.engine.stats()["cached_prompt_tokens"] - before >= 32 * (steps - 1)  # the long prompt's 2 full pages
+    with pytest.raises(RequestError, match="beam_width must be in"):
+        tiny.beam_search([[1, 2]], beam_width=11)
+
+
+@pytest.mark.slow
+def test_beam_search_on_smollm2(smollm2, tokenizer):
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128}), progress=False, model=smollm2)
+    prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France? One word."}])
+    beams = llm.beam_search([prompt], beam_width=3, max_tokens=12)[0]
+    assert len(beams) == 3 and "Paris" in beams[0].text
+    assert [b.score for b in beams] == sorted((b.score for b in beams), reverse=True)
+    ended = [b for b in beams if b.token_ids[-1] in tokenizer.stop_ids]
+    assert all(tokenizer.decode(b.token_ids[:-1]) == b.text for b in ended)
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

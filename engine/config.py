@@ -29,6 +29,9 @@ class ModelSpec:
     path: str = DEFAULT_MODEL  # .gguf file, HF safetensors dir, Orbax dir, or pkg:<package>/<file>
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: float32 on CPU, bfloat16 on GPU
     max_model_len: int = 2048  # prompt + generated tokens per sequence (capped by the model's own limit)
+    # A Jinja chat template replacing the model's (or giving one to a model without): a file path, or the template
+    # itself when it contains "{{" or "{%" (vLLM's --chat-template).
+    chat_template: str | None = None
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

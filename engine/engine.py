@@ -37,6 +37,7 @@ from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
 from models import sharding
 from models.loader import load_weights, tokenizer_source
+from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -95,6 +96,8 @@ class LLMEngine:
         else:
             model_cfg, params, self.tokenizer = model
             params = jax.tree.map(lambda a: np.asarray(a, self.dtype), params)
+        if config.model.chat_template:
+            self.tokenizer = self.tokenizer.with_chat_template(read_chat_template(config.model.chat_template))
         tp = config.parallel.tensor
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from datetime import datetime
 from typing import Any
 
@@ -55,6 +56,23 @@ def compile_chat_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env.from_string(source)
+
+
+def read_chat_template(value: str) -> str:
+    """`model.chat_template`: the template itself when it contains "{{" or "{%", else a file to read. Raises
+    ValueError naming the key when the file is missing or the template does not compile."""
+    source = value
+    if "{{" not in value and "{%" not in value:
+        try:
+            with open(os.path.expanduser(value), encoding="utf-8") as f:
+                source = f.read()
+        except OSError as e:
+            raise ValueError(f"model.chat_template: cannot read {value!r} ({e.strerror})") from None
+    try:
+        compile_chat_template(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ValueError(f"model.chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+    return source
 
 
 def render_chat_template(

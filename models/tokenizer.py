@@ -14,6 +14,7 @@ Two backends sit behind one interface:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -185,6 +186,12 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._source!r}, vocab_size={self.vocab_size})"
+
+    def with_chat_template(self, template: str) -> Tokenizer:
+        """A copy that renders chats with `template` (model.chat_template) instead of the model's own."""
+        other = copy.copy(self)
+        other.chat_template = template
+        return other
 
     # --- loading ------------------------------------------------------------------------------------------
 

@@ -443,6 +443,17 @@ def test_beam_search_on_smollm2(smollm2, tokenizer):
     assert all(tokenizer.decode(b.token_ids[:-1]) == b.text for b in ended)
 
 
+def test_chat_template_from_the_config(tiny_model, tmp_path):
+    template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 32, "model.chat_template": template}),
+              progress=False, model=tiny_model)
+    assert llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == "<user>hi<assistant>"
+    assert tiny_model[2].chat_template != template  # the model's own tokenizer is untouched
+    with pytest.raises(ValueError, match="model.chat_template: cannot read"):
+        LLM(EngineConfig().replace(**{**SMALL, "model.chat_template": str(tmp_path / "none.jinja")}), progress=False,
+            model=tiny_model)
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

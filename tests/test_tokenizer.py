@@ -13,7 +13,7 @@ import jinja2
 import numpy as np
 import pytest
 
-from models.chat_template import render_chat_template
+from models.chat_template import read_chat_template, render_chat_template
 from models.detokenizer import IncrementalDetokenizer
 from models.tokenizer import Tokenizer, _read_gguf_tokenizer_metadata
 
@@ -425,3 +425,20 @@ def test_chat_template_sandbox_and_globals(tmp_path):
         tok.apply_chat_template([{"role": "assistant", "content": "x"}])
     with pytest.raises(jinja2.exceptions.SecurityError):
         render_chat_template("{{ ''.__class__.__mro__ }}", [], add_generation_prompt=True, special_tokens={})
+
+
+def test_chat_template_override_inline_or_file(smollm2, tmp_path):
+    """model.chat_template: a template given inline or as a file replaces the model's, on a copy of the tokenizer."""
+    template = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                "{% if add_generation_prompt %}[assistant] {% endif %}")
+    path = tmp_path / "chat.jinja"
+    path.write_text(template)
+    for value in (template, str(path)):
+        tok = smollm2.with_chat_template(read_chat_template(value))
+        text = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        assert text == "[user] hi\n[assistant] "
+    assert smollm2.chat_template != template
+    with pytest.raises(ValueError, match="model.chat_template: cannot read"):
+        read_chat_template(str(tmp_path / "missing.jinja"))
+    with pytest.raises(ValueError, match="model.chat_template: not a valid Jinja template"):
+        read_chat_template("{% for %}")

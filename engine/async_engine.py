@@ -39,6 +39,7 @@ class GenerateRequest:
     params: SamplingParams
     namespace: str | None = None
     priority: int = 0  # scheduler.policy "priority": lower runs first
+    adapter: str | None = None  # a LoRA adapter of the engine (None: the base model)
 
 
 IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
@@ -229,7 +230,7 @@ class AsyncEngine:
         try:
             for rid, req in zip(stream.request_ids, requests):
                 self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,
-                                        priority=req.priority)
+                                        priority=req.priority, adapter=req.adapter)
                 added.append(rid)
                 self._streams[rid] = stream
         except Exception as e:  # all or nothing: one bad sample fails the call

@@ -115,6 +115,19 @@ class SpeculativeConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters served beside the base model (models.lora): each request picks one by name (the server's
+    `model` field, the offline job's `adapter`, `add_request(adapter=)`) or none. Their KV caches never mix."""
+
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT adapter directory
+
+    def __post_init__(self):
+        for name in self.adapters:
+            if not name or "/" in name:
+                raise ConfigKeyError(f"lora.adapters: adapter names must be non-empty without '/', got {name!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AttentionConfig:
     backend: Literal["auto", "xla", "pallas", "pallas_interpret"] = "auto"
 
@@ -155,6 +168,7 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     attention: AttentionConfig = AttentionConfig()
     speculative: SpeculativeConfig = SpeculativeConfig()
+    lora: LoraConfig = LoraConfig()
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
     compilation_cache_dir: str = "~/.cache/radixlm/jax"  # JAX persistent compilation cache; "" disables
@@ -226,6 +240,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigKeyError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigKeyError(f"{key}: expected a mapping (name: value), got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", args[1], v) for k, v in value.items()}
     raise ConfigKeyError(f"{key}: unsupported field type {tp}")
 
 

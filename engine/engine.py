@@ -36,11 +36,13 @@ from engine.request import RequestError, SamplingParams, Sequence, Status, valid
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
 from models import sharding
-from models.loader import load_weights, tokenizer_source
+from models.loader import load_weights, resolve_path, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+ADAPTER_NAMESPACE = "\x00"  # starts the cache namespace of a LoRA adapter's requests; refused in user namespaces
 
 
 @dataclasses.dataclass
@@ -120,10 +122,12 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=num_host_pages)
+        self.adapters = list(config.lora.adapters)  # adapter i + 1 of the stacked LoRA weights
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
-                                  num_host_pages=num_host_pages if config.cache.prefix_caching else 0)
+                                  num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
+                                  lora=self._load_adapters(config))
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         self.runner.warmup(progress and multihost.is_leader())
@@ -137,6 +141,18 @@ class LLMEngine:
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
 
+    def _load_adapters(self, config: EngineConfig) -> dict:
+        """The configured LoRA adapters, stacked for the step ({} without any)."""
+        if not config.lora.adapters:
+            return {}
+        if config.parallel.tensor > 1 or config.parallel.num_processes > 1:
+            raise ValueError("lora.adapters: LoRA adapters are served on one device per replica (parallel.tensor = 1)")
+        from models import lora
+
+        loaded = [lora.load_peft_adapter(resolve_path(path), self.model_cfg) for path in config.lora.adapters.values()]
+        log.info("LoRA adapters: %s", ", ".join(config.lora.adapters))
+        return lora.stack_adapters(loaded, self.model_cfg, self.dtype)
+
     # ------------------------------------------------------------------------------ requests
     def add_request(
         self,
@@ -145,10 +161,13 @@ class LLMEngine:
         request_id: str | None = None,
         namespace: str | None = None,
         priority: int = 0,
+        adapter: str | None = None,
     ) -> str:
         """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
-        first) needs scheduler.policy "priority"."""
+        first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model)."""
         params = params or SamplingParams()
+        if adapter is not None and adapter not in self.adapters:
+            raise RequestError(f"no LoRA adapter named {adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
         if not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
             raise RequestError(f"priority must be a 32-bit integer, got {priority!r}")
         if priority and self.config.scheduler.policy != "priority":
@@ -165,8 +184,12 @@ class LLMEngine:
         if request_id in self._state:
             raise RequestError(f"request id {request_id!r} is already in use")
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
+        if namespace is not None and namespace.startswith(ADAPTER_NAMESPACE):
+            raise RequestError(f"cache namespace (cache_salt) must not start with {ADAPTER_NAMESPACE!r}")
+        if adapter is not None:  # an adapter's K/V differ from the base model's: a namespace no salt can name
+            namespace = ADAPTER_NAMESPACE + adapter + ("" if namespace is None else ADAPTER_NAMESPACE + namespace)
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed,
-                       priority=priority)
+                       priority=priority, adapter=0 if adapter is None else self.adapters.index(adapter) + 1)
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
         if params.prompt_logprobs is not None:

@@ -59,14 +59,16 @@ class LLM:
         params: SamplingParams | Seq[SamplingParams] | None = None,
         namespace: str | None = None,
         progress: bool = False,
+        adapter: str | None = None,
     ) -> list[Completion]:
-        """Runs every prompt (text or token ids) through the continuous batch; results in input order."""
+        """Runs every prompt (text or token ids) through the continuous batch; results in input order. `adapter`: one
+        of the config's lora.adapters (None: the base model)."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
         if len(params_list) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
-        ids = [self.engine.add_request(p, sp, namespace=namespace) for p, sp in zip(prompts, params_list)]
+        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter) for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
 
@@ -78,6 +80,7 @@ class LLM:
         progress: bool = False,
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
+        adapter: str | None = None,
     ) -> list[Completion]:
         """Applies the model's chat template to each message list, then generates. `tools` / `tool_choice` as in
         OpenAI's chat API (`engine.tool_calls`): the tools reach the template, a named or "required" choice holds
@@ -91,7 +94,7 @@ class LLM:
             if any(p.structured is not None for p in params_list):
                 raise RequestError(f'tool_choice "{choice.mode}" already constrains the reply; drop structured')
             params = [dataclasses.replace(p, structured=forced) for p in params_list]
-        outs = self.generate(prompts, params, namespace, progress)
+        outs = self.generate(prompts, params, namespace, progress, adapter)
         if not choice.active:
             return outs
         replies = []

@@ -138,6 +138,7 @@ class Sequence:
     namespace: str | None = None  # cache_salt / adapter: caches of different namespaces never share pages
     seed: int = 0  # resolved seed (params.seed or drawn at arrival)
     priority: int = 0  # scheduler.policy "priority": lower runs first
+    adapter: int = 0  # LoRA adapter index (0: the base model)
     arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
 
     status: Status = Status.WAITING

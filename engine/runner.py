@@ -88,10 +88,12 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
-                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0):
+                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
+                 lora: dict | None = None):
         self.cfg = model_cfg
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
+        self.lora = lora or {}  # models.lora.stack_adapters of the loaded LoRA adapters ({}: none)
         self.page_size = config.cache.page_size
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
@@ -136,7 +138,7 @@ class ModelRunner:
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
                 self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
-                                                         prev_tokens=self._prev_tokens)
+                                                         prev_tokens=self._prev_tokens, lora=self.lora)
                 continue
             s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
             for greedy_only in (True, False):
@@ -156,6 +158,7 @@ class ModelRunner:
             cu_q_lens=np.zeros(s + 1, np.int32),
             num_seqs=np.zeros(1, np.int32),
             logits_indices=np.zeros(self.max_rows, np.int32),
+            adapter_ids=np.zeros(num_tokens, np.int32) if self.lora else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -170,6 +173,8 @@ class ModelRunner:
             pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
             pages = np.asarray(chunk.pages, np.int32)
             inputs.tokens[row : row + n] = chunk.token_ids
+            if self.lora:
+                inputs.adapter_ids[row : row + n] = chunk.seq.adapter
             inputs.positions[row : row + n] = pos
             inputs.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
             inputs.kv_lens[i] = chunk.start + n
@@ -268,7 +273,7 @@ class ModelRunner:
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
-                                                   prev_tokens=self._prev_tokens)
+                                                   prev_tokens=self._prev_tokens, lora=self.lora)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
                          use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
                          greedy_only=step.greedy_only, use_mask=step.use_mask)
@@ -282,13 +287,13 @@ class ModelRunner:
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
-    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens):
+    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora):
         """The model step, its placeholder tokens first replaced by those the previous step sampled.
         Returns (hidden of each sequence's last row [S, H], every row's hidden [T, H], caches)."""
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
         (hidden, every_row), kv_caches = llama.forward(
             params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
-            mesh=self.mesh, all_hidden=True)
+            mesh=self.mesh, all_hidden=True, lora=lora)
         return hidden, every_row, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):

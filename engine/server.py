@@ -97,9 +97,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     # -------------------------------------------------------------------------- generation
+    adapters = list(llm.adapters)  # LoRA adapters, served as models of their own names (vLLM's convention)
+
     def check_model(model: str) -> None:
-        if model != model_name:
-            raise ApiError(404, f"model {model!r} does not exist; this server serves {model_name!r}",
+        if model != model_name and model not in adapters:
+            served = ", ".join(repr(m) for m in [model_name, *adapters])
+            raise ApiError(404, f"model {model!r} does not exist; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
 
     def check_prompt(prompt_ids: list[int], max_tokens: int, param: str) -> None:
@@ -146,12 +149,13 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
         reqs = [
-            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None, body.priority)
+            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None, body.priority,
+                            body.model if body.model in adapters else None)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
-        fmt = ChoiceFormatter(kind, token_text, call_id, model_name, int(time.time()), logprobs is not None,
+        fmt = ChoiceFormatter(kind, token_text, call_id, body.model, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
                               prompt_only=max_tokens[0] == 0, tools=tools)
         stream = engine.submit(reqs, call_id)
@@ -270,12 +274,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
 
     # ------------------------------------------------------------------------------- status
-    @app.get("/v1/models", summary="The model this server serves")
+    @app.get("/v1/models", summary="The model this server serves, and its LoRA adapters")
     async def models():
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": created, "owned_by": "radixlm",
-            "max_model_len": max_model_len,
-        }]}
+        base = {"id": model_name, "object": "model", "created": created, "owned_by": "radixlm", "max_model_len": max_model_len}
+        return {"object": "list", "data": [base] + [
+            {**base, "id": name, "parent": model_name} for name in adapters]}
 
     @app.get("/health", summary="200 while the engine runs, 503 otherwise")
     async def health():

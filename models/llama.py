@@ -28,6 +28,7 @@ import numpy as np
 
 import pallas_kernels
 from models.config import LlamaConfig
+from models.lora import lora_delta
 from models.weights import NORM_KEYS
 
 Params = dict
@@ -47,6 +48,7 @@ class ModelInputs:
     cu_q_lens: jax.Array  # [S + 1] int32
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [S] int32, row of each sequence's last token (its logits are returned)
+    adapter_ids: jax.Array | None = None  # [T] int32: each token's LoRA adapter (0: none), with adapters loaded
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
@@ -138,26 +140,31 @@ def layer_window(cfg: LlamaConfig, windowed: jax.Array | None):
     return cfg.sliding_window
 
 
-def _mlp(cfg: LlamaConfig, h: jax.Array, p: Params) -> jax.Array:
-    gate = h @ p["w_gate"]
-    act = jax.nn.gelu(gate, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(gate)
-    return (act * (h @ p["w_up"])) @ p["w_down"]
-
-
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
-             carry: Any = None) -> tuple[jax.Array, Any]:
+             carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
-    the final norm, the attention carry: the KV cache for the paged step)."""
+    the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
+    with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table per layer.
     inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, D/2]
     windowed = np.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
+    lora = lora or {}
+    onehot = None
+    if lora:
+        num_adapters = next(iter(lora.values()))["a"].shape[1]
+        onehot = adapter_ids[:, None] == jnp.arange(1, num_adapters + 1, dtype=jnp.int32)[None, :]  # [T, N]
 
     def layer(state, xs):
         x, carry = state
-        p, i, is_windowed = xs
+        p, i, is_windowed, lo = xs
+
+        def proj(h, name):
+            y = h @ p[name]
+            return y + lora_delta(h, lo[name], onehot) if name in lo else y
+
         h = rms_norm(x, p["attn_norm"], eps)
-        q, k, v = h @ p["wq"], h @ p["wk"], h @ p["wv"]
+        q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
         if cfg.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q = q.reshape(t, cfg.num_heads, cfg.head_dim)
@@ -168,9 +175,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         o, carry = attend(i, layer_window(cfg, is_windowed), q, k, v, carry)
-        o = o.reshape(t, cfg.q_size) @ p["wo"]
+        o = proj(o.reshape(t, cfg.q_size), "wo")
         x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
-        o = _mlp(cfg, rms_norm(x, p["mlp_norm"], eps), p)
+        h = rms_norm(x, p["mlp_norm"], eps)
+        gate = proj(h, "w_gate")
+        act = jax.nn.gelu(gate, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(gate)
+        o = proj(act * proj(h, "w_up"), "w_down")
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         return (x, carry), None
 
@@ -178,7 +188,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed)))
+    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed), lora))
     return x, carry
 
 
@@ -194,7 +204,7 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
-    mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False,
+    mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
@@ -233,7 +243,8 @@ def forward(
         )
         return out, (k_pages, v_pages)
 
-    x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches))
+    x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
+                            inputs.adapter_ids)
     return ((x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]), kv_caches
 
 

@@ -7,6 +7,7 @@
 Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
              min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
              ({"token id": bias}), cache_salt, priority (with scheduler.policy=priority: lower runs first),
+             adapter (one of the config's lora.adapters),
              and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
              guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
@@ -36,7 +37,7 @@ SAMPLING_FIELDS = {
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
     "min_tokens",
 }
-LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority"}
+LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter"}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
                     try:
                         prompt = engine.tokenizer.encode_chat(obj["messages"]) if "messages" in obj else obj["prompt"]
                         engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
-                                                       priority=obj.get("priority", 0))
+                                                       priority=obj.get("priority", 0), adapter=obj.get("adapter"))
                         pending[engine_id] = rid
                     except (RequestError, ValueError) as e:
                         error = str(e)

@@ -121,12 +121,15 @@ class _FakeEngine:
         self.num_steps = 0
         self._events = []
         self.priorities: dict = {}
+        self.adapter_of: dict = {}
+        self.adapters = ["sql"]  # a LoRA adapter, listed as a model of its own
 
-    def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0):
+    def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None):
         from engine.request import validate_prompt
 
         validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
         self.priorities[request_id] = priority
+        self.adapter_of[request_id] = adapter
         self.live[request_id] = (list(prompt_ids), params, [])
         self._events.append(CacheEvent("stored", (len(self.live),), None, namespace))
         return request_id
@@ -223,6 +226,12 @@ def test_fake_engine_errors_and_feed(fake_app):
     assert r.status_code == 200 and -3 in fake.priorities.values()
     r = client.post("/v1/completions", json={"model": "fake", "prompt": "x", "priority": "high"})
     assert r.status_code == 400 and "priority" in r.text
+    models = client.get("/v1/models").json()["data"]
+    assert [m["id"] for m in models] == ["fake", "sql"] and models[1]["parent"] == "fake"
+    r = client.post("/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 1})
+    assert r.status_code == 200 and r.json()["model"] == "sql" and "sql" in fake.adapter_of.values()
+    r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert r.status_code == 404 and "'fake', 'sql'" in r.json()["error"]["message"]
 
 
 def test_async_engine_close_aborts_unfinished_requests():

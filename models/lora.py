@@ -1,0 +1,100 @@
+"""LoRA adapters (HF PEFT format) for serving several fine-tunes of one base model in one batch.
+
+An adapter adds `x @ A @ B * scale` to a projection's output (`scale` = lora_alpha / r, or
+lora_alpha / sqrt(r) with rsLoRA). Loaded adapters are stacked per projection, layers first like the
+base weights: A [L, N, in, R], B [L, N, R, out] (N adapters, R the largest rank; smaller ranks are
+zero-padded, missing projections are zeros, the scale is folded into B). Each token carries the
+index of its request's adapter (0: none), and the step adds, for every projection,
+
+    delta = ((x @ A[n]) * [n == adapter]) @ B[n]   summed over n
+
+so one compiled step serves any mix of adapters at the cost of N low-rank products (small next to
+the base matmul while N x R is small next to the hidden size).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import LlamaConfig
+
+# Our projection name -> (PEFT module name, its parent block).
+PROJECTIONS = {
+    "wq": ("q_proj", "self_attn"), "wk": ("k_proj", "self_attn"), "wv": ("v_proj", "self_attn"),
+    "wo": ("o_proj", "self_attn"), "w_gate": ("gate_proj", "mlp"), "w_up": ("up_proj", "mlp"),
+    "w_down": ("down_proj", "mlp"),
+}
+
+
+def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"wq": (h, cfg.q_size), "wk": (h, cfg.kv_size), "wv": (h, cfg.kv_size), "wo": (cfg.q_size, h),
+            "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
+
+
+def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """A PEFT LoRA directory (`adapter_config.json` + `adapter_model.safetensors`) -> {projection: (A [L, in, r],
+    B [L, r, out] with the scale folded in)} for the projections it adapts. ValueError names what is wrong."""
+    from safetensors.numpy import load_file
+
+    config_path, weights_path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
+    for f in (config_path, weights_path):
+        if not os.path.isfile(f):
+            raise ValueError(f"LoRA adapter {path}: {os.path.basename(f)} not found")
+    with open(config_path) as f:
+        meta = json.load(f)
+    r, alpha = int(meta.get("r", 8)), float(meta.get("lora_alpha", 8))
+    scale = alpha / math.sqrt(r) if meta.get("use_rslora") else alpha / r
+    tensors = load_file(weights_path)
+    dims = projection_dims(cfg)
+    out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, (module, block) in PROJECTIONS.items():
+        keys = [(f"base_model.model.model.layers.{layer}.{block}.{module}.lora_A.weight",
+                 f"base_model.model.model.layers.{layer}.{block}.{module}.lora_B.weight") for layer in range(cfg.num_layers)]
+        present = [a in tensors and b in tensors for a, b in keys]
+        if not any(present):
+            continue
+        d_in, d_out = dims[name]
+        a_all = np.zeros((cfg.num_layers, d_in, r), np.float32)
+        b_all = np.zeros((cfg.num_layers, r, d_out), np.float32)
+        for layer, ((ka, kb), ok) in enumerate(zip(keys, present)):
+            if not ok:
+                continue
+            a, b = tensors[ka].astype(np.float32), tensors[kb].astype(np.float32)  # PEFT: A [r, in], B [out, r]
+            if a.shape != (r, d_in) or b.shape != (d_out, r):
+                raise ValueError(f"LoRA adapter {path}: {module} of layer {layer} has A {a.shape} and B {b.shape}; "
+                                 f"the model needs A {(r, d_in)} and B {(d_out, r)} (r={r})")
+            a_all[layer], b_all[layer] = a.T, b.T * scale
+        out[name] = (a_all, b_all)
+    if not out:
+        raise ValueError(f"LoRA adapter {path}: no lora_A / lora_B weights for any of "
+                         f"{', '.join(m for m, _ in PROJECTIONS.values())}")
+    return out
+
+
+def stack_adapters(adapters: list[dict[str, tuple[np.ndarray, np.ndarray]]], cfg: LlamaConfig, dtype) -> dict:
+    """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]}, adapter n at index n - 1."""
+    rank = max(a.shape[-1] for adapter in adapters for a, _ in adapter.values())
+    dims = projection_dims(cfg)
+    names = [n for n in PROJECTIONS if any(n in adapter for adapter in adapters)]
+    stacked = {}
+    for name in names:
+        d_in, d_out = dims[name]
+        a_all = np.zeros((cfg.num_layers, len(adapters), d_in, rank), np.float32)
+        b_all = np.zeros((cfg.num_layers, len(adapters), rank, d_out), np.float32)
+        for n, adapter in enumerate(adapters):
+            if name in adapter:
+                a, b = adapter[name]
+                a_all[:, n, :, : a.shape[-1]], b_all[:, n, : b.shape[1]] = a, b
+        stacked[name] = {"a": jnp.asarray(a_all, dtype), "b": jnp.asarray(b_all, dtype)}
+    return stacked
+
+
+def lora_delta(x: jnp.ndarray, weights: dict, onehot: jnp.ndarray) -> jnp.ndarray:
+    """x [T, in], weights {"a": [N, in, R], "b": [N, R, out]} (one layer), onehot [T, N] -> [T, out]."""
+    xa = jnp.einsum("ti,nir->tnr", x, weights["a"]) * onehot[:, :, None].astype(x.dtype)
+    return jnp.einsum("tnr,nro->to", xa, weights["b"])

@@ -76,6 +76,27 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
     return out
 
 
+def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, modules=tuple(PROJECTIONS), seed: int = 0,
+                         rslora: bool = False, std: float = 0.3) -> str:
+    """A random adapter in HF PEFT's layout (A [r, in], B [out, r] per layer and module) at `path` (tests, benchmarks)."""
+    from safetensors.numpy import save_file
+
+    rng, dims, tensors = np.random.default_rng(seed), projection_dims(cfg), {}
+    for name in modules:
+        module, block = PROJECTIONS[name]
+        d_in, d_out = dims[name]
+        for layer in range(cfg.num_layers):
+            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, std, (rank, d_in)).astype(np.float32)
+            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, std, (d_out, rank)).astype(np.float32)
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
+                   "target_modules": [PROJECTIONS[m][0] for m in modules]}, f)
+    return path
+
+
 def stack_adapters(adapters: list[dict[str, tuple[np.ndarray, np.ndarray]]], cfg: LlamaConfig, dtype) -> dict:
     """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]}, adapter n at index n - 1."""
     rank = max(a.shape[-1] for adapter in adapters for a, _ in adapter.values())

@@ -25,6 +25,10 @@ Speculative decoding (n-gram lookup) on vs off, on chat prompts whose answers re
     python scripts/bench.py --workload copy --num-requests 16 --max-concurrency 8 --output-len 128 \
         --set-b speculative.method=ngram --repeats 3
 
+LoRA cost: decode with N random rank-R adapters loaded and the batch spread over them (B) vs none (A):
+
+    python scripts/bench.py --workload decode --decode-batch 32 --set-b --lora-b 4,16
+
 The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
     python scripts/bench.py --workload steps --repeats 5
@@ -311,6 +315,19 @@ def synthetic_model(spec: str, config):
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
 
 
+def random_lora_overrides(spec: str, model_cfg) -> list[str]:
+    """--lora-b N,RANK: N random LoRA adapters of rank RANK on every projection, written to a temporary directory,
+    as lora.adapters overrides."""
+    import tempfile
+
+    from models.lora import write_random_adapter
+
+    n, rank = (int(x) for x in spec.split(","))
+    root = tempfile.mkdtemp(prefix="radixlm-lora-")
+    return [f"lora.adapters.lora{i}={write_random_adapter(os.path.join(root, f'lora{i}'), model_cfg, rank, 2 * rank, seed=i, std=0.02)}"
+            for i in range(n)]
+
+
 def decode_overhead(args) -> None:
     """Steady decode at a fixed batch, per configuration (A, and B when given): median step wall time, the part
     spent waiting for the device, and the host's share (scheduling, packing, dispatch, detokenizing, stop
@@ -321,14 +338,20 @@ def decode_overhead(args) -> None:
     from engine.request import SamplingParams
 
     configs = {"A": args.set_a} | ({"B": args.set_common + args.set_b} if args.set_b is not None else {})
+    model_cfg = None
     for name, overrides in configs.items():
+        if name == "B" and args.lora_b:
+            overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
         model = synthetic_model(args.synthetic_model, config) if args.synthetic_model else None
         engine = LLMEngine(config, model=model)
+        model_cfg = engine.model_cfg
         rng = random.Random(args.seed)
-        for _ in range(args.decode_batch):
+        adapters = [None, *engine.adapters]  # requests spread over the base model and every adapter
+        for i in range(args.decode_batch):
             engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size),
-                               SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+                               SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
+                               adapter=adapters[i % len(adapters)])
         steps = []
         while engine.has_unfinished():
             launched = engine.num_steps
@@ -408,6 +431,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--copy-sentences", type=int, default=6, help="copy workload: sentences in each paragraph to repeat")
+    ap.add_argument("--lora-b", metavar="N,RANK", help="decode workload: B also serves N random LoRA adapters of this rank "
+                                                       "(requests spread over the base model and every adapter)")
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
     ap.add_argument("--decode-batch", type=int, default=32)

@@ -36,3 +36,12 @@ def test_copy_workload_reports_draft_acceptance(tmp_path, capsys):
     assert "spec_acceptance" not in runs["A"][0] and 0 <= runs["B"][0]["spec_acceptance"] <= 1
     tokens = [round(r[0]["output_throughput"] * r[0]["wall_s"]) for r in (runs["A"], runs["B"])]
     assert tokens[0] == tokens[1] > 0
+
+
+def test_decode_with_random_lora_adapters_in_b(capsys):
+    rc = bench.main(["--workload", "decode", "--synthetic-model", "32,1,4,2,8", "--decode-batch", "3", "--output-len", "6",
+                     "--set", "scheduler.max_batch_tokens=64", "scheduler.max_running=4", "model.max_model_len=128",
+                     "cache.num_pages=32", "--set-b", "--lora-b", "2,4"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert out.count("pure-decode steps") == 2 and "lora.adapters.lora1=" in out

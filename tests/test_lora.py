@@ -3,12 +3,10 @@ merged into its weights gives, in a batch that mixes adapters; their caches neve
 from __future__ import annotations
 
 import copy
-import json
 
 import jax
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -16,7 +14,7 @@ from engine.request import RequestError, SamplingParams
 from models import llama
 from models.config import LlamaConfig
 from models.loader import tokenizer_source
-from models.lora import PROJECTIONS, load_peft_adapter, projection_dims
+from models.lora import PROJECTIONS, load_peft_adapter, write_random_adapter
 from models.tokenizer import Tokenizer
 
 SMALL = {"scheduler.max_batch_tokens": 64, "scheduler.max_running": 8, "model.max_model_len": 128,
@@ -31,24 +29,6 @@ def base():
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tok
 
 
-def write_adapter(path, cfg, rank: int, alpha: float, modules, seed: int, rslora: bool = False):
-    """A random adapter in HF PEFT's layout (A [r, in], B [out, r] per layer and module)."""
-    rng, dims, tensors = np.random.default_rng(seed), projection_dims(cfg), {}
-    for name in modules:
-        module, block = PROJECTIONS[name]
-        d_in, d_out = dims[name]
-        for layer in range(cfg.num_layers):
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, 0.3, (rank, d_in)).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, 0.3, (d_out, rank)).astype(np.float32)
-    path.mkdir()
-    save_file(tensors, str(path / "adapter_model.safetensors"))
-    (path / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
-        "target_modules": [PROJECTIONS[m][0] for m in modules]}))
-    return str(path)
-
-
 def merged(model, path):
     """The base model with the adapter added into its weights: W + A @ B * scale."""
     cfg, params, tok = model
@@ -59,8 +39,8 @@ def merged(model, path):
 
 
 def test_adapters_equal_their_merged_weights_in_one_mixed_batch(base, tmp_path):
-    a = write_adapter(tmp_path / "a", base[0], rank=4, alpha=8, modules=["wq", "wv", "wo"], seed=1)
-    b = write_adapter(tmp_path / "b", base[0], rank=8, alpha=4, modules=list(PROJECTIONS), seed=2, rslora=True)
+    a = write_random_adapter(str(tmp_path / "a"), base[0], rank=4, alpha=8, modules=["wq", "wv", "wo"], seed=1)
+    b = write_random_adapter(str(tmp_path / "b"), base[0], rank=8, alpha=4, modules=list(PROJECTIONS), seed=2, rslora=True)
     prompts = [[5, 6, 7, 8] * 5, [9, 10, 11], [12] * 33, [5, 6, 7, 8] * 5 + [1]]
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     served = LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a, "b": b}, "debug_checks": True}),
@@ -79,7 +59,7 @@ def test_adapters_equal_their_merged_weights_in_one_mixed_batch(base, tmp_path):
 
 
 def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
-    a = write_adapter(tmp_path / "a", base[0], rank=2, alpha=2, modules=["wq"], seed=3)
+    a = write_random_adapter(str(tmp_path / "a"), base[0], rank=2, alpha=2, modules=["wq"], seed=3)
     llm = LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a}}), progress=False, model=base)
     prompt, params = [7] * 40, SamplingParams(temperature=0, max_tokens=2)
     assert llm.generate([prompt], params)[0].cached_tokens == 0
@@ -91,7 +71,7 @@ def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
         llm.engine.add_request(prompt, params, namespace="\x00a")
     with pytest.raises(ValueError, match="adapter_config.json not found"):
         LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"x": str(tmp_path)}}), progress=False, model=base)
-    bad = write_adapter(tmp_path / "bad", LlamaConfig(architecture="llama", vocab_size=100, hidden_size=32,
+    bad = write_random_adapter(str(tmp_path / "bad"), LlamaConfig(architecture="llama", vocab_size=100, hidden_size=32,
                                                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                                       head_dim=8, max_position=64), rank=2, alpha=2, modules=["wq"], seed=4)
     with pytest.raises(ValueError, match="q_proj of layer 0 has A"):

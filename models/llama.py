@@ -47,7 +47,7 @@ class ModelInputs:
     page_indices: jax.Array  # [S, max_pages_per_seq] int32
     cu_q_lens: jax.Array  # [S + 1] int32
     num_seqs: jax.Array  # [1] int32
-    logits_indices: jax.Array  # [S] int32, row of each sequence's last token (its logits are returned)
+    logits_indices: jax.Array  # [R] int32: the rows whose hidden states are returned (each sequence's last token, then draft positions)
     adapter_ids: jax.Array | None = None  # [T] int32: each token's LoRA adapter (0: none), with adapters loaded
 
 

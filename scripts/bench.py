@@ -329,43 +329,46 @@ def random_lora_overrides(spec: str, model_cfg) -> list[str]:
 
 
 def decode_overhead(args) -> None:
-    """Steady decode at a fixed batch, per configuration (A, and B when given): median step wall time, the part
-    spent waiting for the device, and the host's share (scheduling, packing, dispatch, detokenizing, stop
-    checks). Serial, the device idles through the host's share; overlapped, the host's share runs while the
-    device computes the step launched just before."""
+    """Steady decode at a fixed batch, per configuration (A, and B when given; `--repeats` runs interleaved, A, B,
+    A, B, ...): median step wall time, the part spent waiting for the device, and the host's share (scheduling,
+    packing, dispatch, detokenizing, stop checks). Serial, the device idles through the host's share; overlapped,
+    the host's share runs while the device computes the step launched just before."""
     from engine.config import load_config
     from engine.engine import LLMEngine
     from engine.request import SamplingParams
 
     configs = {"A": args.set_a} | ({"B": args.set_common + args.set_b} if args.set_b is not None else {})
-    model_cfg = None
+    engines, model_cfg = {}, None
     for name, overrides in configs.items():
         if name == "B" and args.lora_b:
-            overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
+            configs[name] = overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
         model = synthetic_model(args.synthetic_model, config) if args.synthetic_model else None
-        engine = LLMEngine(config, model=model)
-        model_cfg = engine.model_cfg
-        rng = random.Random(args.seed)
-        adapters = [None, *engine.adapters]  # requests spread over the base model and every adapter
-        for i in range(args.decode_batch):
-            engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size),
-                               SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
-                               adapter=adapters[i % len(adapters)])
-        steps = []
-        while engine.has_unfinished():
-            launched = engine.num_steps
-            engine.step()
-            s = engine.last_step
-            if engine.num_steps > launched and s["num_decode"] == args.decode_batch and not s["num_prefill"]:
-                steps.append(s)
-        total = statistics.median(s["total_s"] for s in steps)
-        wait = statistics.median(s["wait_s"] for s in steps)
-        share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps)
-        mode = "overlapped with the device" if config.scheduler.overlap else "the device idles meanwhile"
-        print(f"{name} ({' '.join(overrides) or 'defaults'}): decode batch {args.decode_batch}, {len(steps)} pure-decode "
-              f"steps; median step {total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work "
-              f"{share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
+        engines[name] = LLMEngine(config, model=model)
+        model_cfg = engines[name].model_cfg
+    steps: dict[str, list[dict]] = {name: [] for name in engines}
+    for _ in range(args.repeats):
+        for name, engine in engines.items():
+            rng = random.Random(args.seed)
+            adapters = [None, *engine.adapters]  # requests spread over the base model and every adapter
+            for i in range(args.decode_batch):
+                engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size),
+                                   SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
+                                   adapter=adapters[i % len(adapters)])
+            while engine.has_unfinished():
+                launched = engine.num_steps
+                engine.step()
+                s = engine.last_step
+                if engine.num_steps > launched and s["num_decode"] == args.decode_batch and not s["num_prefill"]:
+                    steps[name].append(s)
+    for name, engine in engines.items():
+        total = statistics.median(s["total_s"] for s in steps[name])
+        wait = statistics.median(s["wait_s"] for s in steps[name])
+        share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps[name])
+        mode = "overlapped with the device" if engine.config.scheduler.overlap else "the device idles meanwhile"
+        print(f"{name} ({' '.join(configs[name]) or 'defaults'}): decode batch {args.decode_batch}, {len(steps[name])} "
+              f"pure-decode steps; median step {total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host "
+              f"work {share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
 
 
 def step_times(args) -> None:

@@ -207,6 +207,8 @@ class Scheduler:
             if not victims:
                 return  # the rest wait for sequences at least as urgent as themselves
             victims.sort(key=lambda s: -s.priority)  # stable: newest first among equals
+            if slots >= self.cfg.max_running:
+                return  # more urgent waiting sequences than the batch holds: the rest cannot run this step anyway
             slots, pages = slots + 1, pages + self._pages_to_admit(seq)
             while victims and (len(self.running) + slots > self.cfg.max_running or pages > self._obtainable_pages):
                 self.preempt(victims.pop(0))

@@ -20,6 +20,16 @@ from typing import Sequence
 _TAG = b"radixlm/block-hash/v1"
 _MASK_64 = (1 << 64) - 1
 
+ADAPTER_NAMESPACE = "\x00"  # starts the namespace of a LoRA adapter's requests; no cache_salt may start with it
+
+
+def cache_namespace(salt: str | None, adapter: str | None = None) -> str | None:
+    """The cache namespace of a request: its `cache_salt`, within its LoRA adapter's own namespace when it has one
+    (an adapter's K/V differ from the base model's). The engine and the router both name pages with it."""
+    if adapter is None:
+        return salt
+    return ADAPTER_NAMESPACE + adapter + ("" if salt is None else ADAPTER_NAMESPACE + salt)
+
 
 def _digest(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")

@@ -31,6 +31,7 @@ import numpy as np
 
 import pallas_kernels
 from engine import multihost, structured
+from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
@@ -42,7 +43,6 @@ from models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-ADAPTER_NAMESPACE = "\x00"  # starts the cache namespace of a LoRA adapter's requests; refused in user namespaces
 
 
 @dataclasses.dataclass
@@ -186,8 +186,7 @@ class LLMEngine:
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(32)
         if namespace is not None and namespace.startswith(ADAPTER_NAMESPACE):
             raise RequestError(f"cache namespace (cache_salt) must not start with {ADAPTER_NAMESPACE!r}")
-        if adapter is not None:  # an adapter's K/V differ from the base model's: a namespace no salt can name
-            namespace = ADAPTER_NAMESPACE + adapter + ("" if namespace is None else ADAPTER_NAMESPACE + namespace)
+        namespace = cache_namespace(namespace, adapter)
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed,
                        priority=priority, adapter=0 if adapter is None else self.adapters.index(adapter) + 1)
         if params.structured is not None:

@@ -173,6 +173,35 @@ def test_prefix_sticks_and_feed_confirms(cluster):
     wait_for(lambda: httpx.get(f"{router.url}/health", timeout=5).status_code == 503, what="router unhealthy")
 
 
+def test_adapter_requests_keep_prefix_affinity():
+    """The router learns the replicas' LoRA adapters from /v1/models and hashes a request for one in that adapter's
+    cache namespace, as the replica stores it: repeated adapter prompts stick to the replica that cached them."""
+    ports = [free_port() for _ in range(3)]
+    procs = start_replicas(ports, 0.05, "--adapters", "sql")
+    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
+    try:
+        wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
+        assert router.router.adapters == {"sql"}
+        body = {"model": "sql", "max_tokens": 2, "prompt": "shared adapter prompt " * 8 + "q0"}
+        first = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"]
+        slot = [f"fake:{p}" for p in ports].index(first)
+        wait_for(lambda: router.replicas()[slot]["index_blocks"] > 0, what="stored events indexed")
+        confirmed = router.router.index.num_confirmed(slot)
+        for i in range(1, 4):
+            body["prompt"] = "shared adapter prompt " * 8 + f"q{i}"
+            assert httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"] == first
+        req = router.router.route_request(body, chat=False)
+        base = router.router.route_request({**body, "model": "fake"}, chat=False)
+        # The replica's stored-page events name the adapter's pages with the very hashes the router computes.
+        assert confirmed > 0 and router.router.index.holds(slot, req.block_hashes[0])
+        assert req.block_hashes[0] != base.block_hashes[0] and not router.router.index.holds(slot, base.block_hashes[0])
+    finally:
+        router.stop()
+        for proc in procs.values():
+            proc.kill()
+            proc.wait()
+
+
 def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
     """After the first byte there is no retry: the client gets an SSE error event, not a silent cut."""
     ports = [free_port() for _ in range(2)]

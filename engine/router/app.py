@@ -3,7 +3,8 @@
 One request's life through the router:
 1. tokenize once (chat: `encode_chat(messages)`; completions: `encode(prompt)` or the token ids)
    and cut the tokens into chained block hashes with the replicas' page size, namespace =
-   the request's `cache_salt` (engine.block_hash.page_hashes);
+   the request's `cache_salt`, within its LoRA adapter's namespace when `model` names one of the
+   adapters the replicas list in /v1/models (engine.block_hash.cache_namespace, page_hashes);
 2. the policy picks a replica (engine.router.policy; prefix_aware records the request's hashes
    on it as pending);
 3. the body is forwarded unchanged (httpx, streaming when the client asked for a stream);
@@ -30,7 +31,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from engine.block_hash import page_hashes
+from engine.block_hash import cache_namespace, page_hashes
 from engine.router.config import RouterConfig
 from engine.router.index import EventFeed, PrefixIndex
 from engine.router.metrics import RouterMetrics
@@ -65,6 +66,7 @@ class Router:
         # NOTE: a replica starts down; it is routable once /health answers and its index is synced.
         self.states = [ReplicaState(up=False) for _ in self.urls]
         self.feeds = [EventFeed(self.index, slot) for slot in range(len(self.urls))]
+        self.adapters: set[str] = set()  # LoRA adapter names the replicas serve (learned from their /v1/models)
         self.metrics = RouterMetrics(self.urls)
         self.client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
@@ -115,6 +117,7 @@ class Router:
             if load.status_code == 200:
                 st.waiting_tokens = int(load.json().get("waiting_tokens", 0))
             if not st.up:
+                await self.learn_adapters(slot)
                 await self.resync(slot)
                 st.up = True
                 self.metrics.up.labels(url).set(1)
@@ -123,6 +126,17 @@ class Router:
             if st.up:
                 log.warning("replica %s failed its health check: %r", url, e)
             self.mark_down(slot)
+
+    async def learn_adapters(self, slot: int) -> None:
+        """LoRA adapters the replica serves (its /v1/models entries with a `parent`): a request naming one is hashed
+        in that adapter's cache namespace, as the replica stores it."""
+        try:
+            r = await self.client.get(f"{self.urls[slot]}/v1/models", timeout=self.cfg.connect_timeout_s,
+                                      headers=self._own_headers)
+            if r.status_code == 200:
+                self.adapters |= {m["id"] for m in r.json().get("data", []) if m.get("parent")}
+        except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
+            pass  # no adapters learned: their requests route without prefix affinity
 
     def mark_down(self, slot: int) -> None:
         st = self.states[slot]
@@ -182,8 +196,9 @@ class Router:
                 if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
                     prompt = prompt[0]  # a batch of prompts: routed by the first
                 tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            salt = body.get("cache_salt")
-            hashes = page_hashes(tokens, self.cfg.page_size, salt if isinstance(salt, str) else None)
+            salt, model = body.get("cache_salt"), body.get("model")
+            adapter = model if isinstance(model, str) and model in self.adapters else None
+            hashes = page_hashes(tokens, self.cfg.page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
         except Exception:
             return RouteRequest((), 0)
         return RouteRequest(tuple(hashes), len(tokens))

@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
 
+from engine.block_hash import cache_namespace
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 
@@ -59,7 +60,7 @@ def prompt_tokens(tok: ByteTokenizer, body: dict, chat: bool) -> list[int]:
 
 def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                prefill_s_per_token: float = 0.0, name: str = "fake", max_events: int = 100_000,
-               chunk_delay_s: float = 0.0):
+               chunk_delay_s: float = 0.0, adapters: tuple[str, ...] = ()):
     app = FastAPI()
     pool = PagePool(num_pages)
     cache = RadixCache(pool, page_size)
@@ -103,7 +104,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         body = await request.json()
         tokens = prompt_tokens(tok, body, chat)
         max_tokens = int(body.get("max_tokens") or 8)
-        await serve(tokens, body.get("cache_salt"))
+        model = body.get("model")
+        await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
         words = fake_output(tokens, max_tokens)
         rid, created, model = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time()), body.get("model", "fake")
         usage = {"prompt_tokens": len(tokens), "completion_tokens": max_tokens,
@@ -140,7 +142,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": name}]}
+        return {"object": "list", "data": [{"id": "fake", "object": "model", "owned_by": name}] + [
+            {"id": a, "object": "model", "owned_by": name, "parent": "fake"} for a in adapters]}
 
     @app.get("/health")
     async def health():
@@ -189,11 +192,12 @@ def main() -> None:
     p.add_argument("--chunk-delay-s", type=float, default=0.0,
                    help="0: a stream's whole body in one write; else this pause between its chunks")
     p.add_argument("--name", default=None)
+    p.add_argument("--adapters", default="", help="comma-separated LoRA adapter names it claims to serve")
     a = p.parse_args()
     import uvicorn
 
     app = create_app(a.page_size, a.num_pages, a.ttft_s, a.prefill_s_per_token, a.name or f"fake:{a.port}",
-                     chunk_delay_s=a.chunk_delay_s)
+                     chunk_delay_s=a.chunk_delay_s, adapters=tuple(x for x in a.adapters.split(",") if x))
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
 
 

@@ -102,6 +102,7 @@ class LLMEngine:
             self.tokenizer = self.tokenizer.with_chat_template(read_chat_template(config.model.chat_template))
         tp = config.parallel.tensor
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
+        self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
@@ -145,13 +146,15 @@ class LLMEngine:
         """The configured LoRA adapters, stacked for the step ({} without any)."""
         if not config.lora.adapters:
             return {}
-        if config.parallel.tensor > 1 or config.parallel.num_processes > 1:
-            raise ValueError("lora.adapters: LoRA adapters are served on one device per replica (parallel.tensor = 1)")
+        if config.parallel.num_processes > 1:
+            raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         from models import lora
 
-        loaded = [lora.load_peft_adapter(resolve_path(path), self.model_cfg) for path in config.lora.adapters.values()]
+        loaded = [lora.load_peft_adapter(resolve_path(path), self._loaded_cfg) for path in config.lora.adapters.values()]
+        loaded = sharding.prepare_lora_for_tensor_parallel(self._loaded_cfg, loaded, config.parallel.tensor)
         log.info("LoRA adapters: %s", ", ".join(config.lora.adapters))
-        return lora.stack_adapters(loaded, self.model_cfg, self.dtype)
+        stacked = lora.stack_adapters(loaded, self.model_cfg, self.dtype)
+        return sharding.shard_lora(stacked, self.mesh) if self.mesh is not None else stacked
 
     # ------------------------------------------------------------------------------ requests
     def add_request(

@@ -48,19 +48,41 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
             f"num_kv_heads={cfg.num_kv_heads} neither divides nor is divided by parallel.tensor={n}: no layout keeps each "
             "query head with its KV head on one device"
         )
-    repeat = n // cfg.num_kv_heads
-    d = cfg.head_dim
     layers = dict(params["layers"])
-
-    def rep(w: np.ndarray) -> np.ndarray:  # [..., Hkv * D] -> [..., Hkv * repeat * D], each head repeated in place
-        w = np.asarray(w)
-        heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, 1, d)
-        return np.broadcast_to(heads, (*w.shape[:-1], cfg.num_kv_heads, repeat, d)).reshape(*w.shape[:-1], -1)
-
     for name in ("wk", "wv", "bk", "bv"):
         if name in layers:
-            layers[name] = rep(layers[name])
+            layers[name] = _repeat_kv_heads(layers[name], cfg, n)
     return dataclasses.replace(cfg, num_kv_heads=n), {**params, "layers": layers}
+
+
+def _repeat_kv_heads(w, cfg: LlamaConfig, n: int) -> np.ndarray:
+    """[..., Hkv * D] -> [..., n * D]: each KV head repeated in place, n // Hkv times (n devices, fewer KV heads)."""
+    w = np.asarray(w)
+    heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, 1, cfg.head_dim)
+    return np.broadcast_to(heads, (*w.shape[:-1], cfg.num_kv_heads, n // cfg.num_kv_heads, cfg.head_dim)).reshape(
+        *w.shape[:-1], -1)
+
+
+def prepare_lora_for_tensor_parallel(cfg: LlamaConfig, adapters: list[dict], n: int) -> list[dict]:
+    """LoRA adapters loaded for the original `cfg` (models.lora.load_peft_adapter) -> the layout of the prepared
+    config: the K and V projections' B matrices get the same repeated KV heads as the weights."""
+    if n == 1 or cfg.num_kv_heads % n == 0:
+        return adapters
+    return [{name: (a, _repeat_kv_heads(b, cfg, n) if name in ("wk", "wv") else b) for name, (a, b) in adapter.items()}
+            for adapter in adapters]
+
+
+def shard_lora(lora: dict, mesh: Mesh) -> dict:
+    """Stacked adapters (models.lora.stack_adapters) sharded like the projections they adapt: for a column-parallel
+    projection B is split by output features (A replicated); for a row-parallel one A by input features."""
+    row_parallel = {"wo", "w_down"}
+    out = {}
+    for name, w in lora.items():
+        a_spec = P(None, None, AXIS, None) if name in row_parallel else P()
+        b_spec = P() if name in row_parallel else P(None, None, None, AXIS)
+        out[name] = {"a": jax.device_put(w["a"], NamedSharding(mesh, a_spec)),
+                     "b": jax.device_put(w["b"], NamedSharding(mesh, b_spec))}
+    return out
 
 
 def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:

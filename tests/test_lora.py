@@ -76,6 +76,3 @@ def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
                                                       head_dim=8, max_position=64), rank=2, alpha=2, modules=["wq"], seed=4)
     with pytest.raises(ValueError, match="q_proj of layer 0 has A"):
         LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"x": bad}}), progress=False, model=base)
-    with pytest.raises(ValueError, match="one device per replica"):
-        LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a}, "parallel.tensor": 2}), progress=False,
-            model=base)

@@ -65,6 +65,30 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
         assert engine.stats()["num_preemptions"] > 0
 
 
+def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):
+    """LoRA adapters sharded like the projections they adapt (B split by output features for q/k/v/gate/up, A by
+    input features for o/down; K/V heads repeated when devices outnumber them): the same greedy tokens at any
+    tensor-parallel degree, for requests of each adapter and of the base model in one batch."""
+    from models.lora import PROJECTIONS, write_random_adapter
+
+    model = tiny_model()
+    paths = {"a": write_random_adapter(str(tmp_path / "a"), model[0], 4, 8, modules=list(PROJECTIONS), seed=1),
+             "b": write_random_adapter(str(tmp_path / "b"), model[0], 2, 2, modules=["wk", "wv", "w_down"], seed=2)}
+    prompts = workload(model[0].vocab_size)[:4]
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for tp in (1, 2, 4):
+        llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": 64,
+                                            "lora.adapters": paths}), progress=False, model=model)
+        jobs = [(p, adapter) for adapter in (None, "a", "b") for p in prompts]
+        ids = [llm.engine.add_request(p, params, adapter=adapter) for p, adapter in jobs]
+        finals = llm._run(set(ids), progress=False)
+        outs[tp] = [finals[i].token_ids for i in ids]
+    assert outs[1] == outs[2] == outs[4]
+    n = len(prompts)
+    assert outs[1][:n] != outs[1][n : 2 * n] and outs[1][:n] != outs[1][2 * n :]  # the adapters change the outputs
+
+
 def test_memory_per_device_is_1_over_n(tokenizer):
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16, max_position=512)

@@ -27,8 +27,9 @@ def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) ->
 
 
 class ChoiceFormatter:
-    """echo (completions, whole responses): per prompt, (text, token ids) put before each of its n choices;
-    prompt_only: nothing was asked to be generated (max_tokens 0), so choices carry the echoed prompt only."""
+    """echo (completions): per prompt, (text, token ids) put before each of its n choices (streamed: in each choice's
+    first chunk); prompt_only: nothing was asked to be generated (max_tokens 0), so choices carry the echoed prompt
+    only."""
 
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
                  logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False,
@@ -41,6 +42,7 @@ class ChoiceFormatter:
         self.logprobs = logprobs
         self.echo, self.n, self.prompt_only = echo, n, prompt_only
         self._offsets: dict[int, int] = {}  # choice index -> chars streamed so far (completions text_offset)
+        self._echoed: set[int] = set()  # streamed choices whose prompt has been sent
 
     def final(self, out: RequestOutput) -> RequestOutput:
         """The final output as the response reports it (with max_tokens 0, the one token run for it is dropped)."""
@@ -80,21 +82,39 @@ class ChoiceFormatter:
         return {"content": content, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
 
     def _echo_choice(self, index: int, out: RequestOutput) -> dict:
-        prompt_text, prompt_ids = self.echo[index // self.n]
-        lp = None
-        if self.logprobs:
-            self._offsets[index] = len(prompt_text)  # the completion's offsets follow the prompt
-            gen = self._logprobs(index, out, 0) or {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
-            texts = [self.token_text(t) for t in prompt_ids]
-            offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=0))
-            tops = None
-            if out.prompt_top_logprobs is not None:
-                tops = [None] + [{self.token_text(t): tlp for t, tlp in top} for top in out.prompt_top_logprobs[1:]]
-                tops += gen["top_logprobs"] or [{} for _ in gen["tokens"]]
-            lp = {"tokens": texts + gen["tokens"], "token_logprobs": list(out.prompt_logprobs) + gen["token_logprobs"],
-                  "top_logprobs": tops, "text_offset": offsets + gen["text_offset"]}
+        prompt_text, _ = self.echo[index // self.n]
+        lp = self._echo_logprobs(index, out, 0) if self.logprobs else None
         return {"index": index, "text": prompt_text + out.text, "logprobs": lp, "finish_reason": out.finish_reason,
                 "stop_reason": out.stop_reason}
+
+    def _echo_logprobs(self, index: int, out: RequestOutput, start: int) -> dict:
+        """Completions logprobs of the echoed prompt (the first token's is null), then of generated tokens [start:]."""
+        prompt_text, prompt_ids = self.echo[index // self.n]
+        self._offsets[index] = len(prompt_text)  # the completion's offsets follow the prompt
+        gen = self._logprobs(index, out, start) or {"tokens": [], "token_logprobs": [], "top_logprobs": None, "text_offset": []}
+        texts = [self.token_text(t) for t in prompt_ids]
+        offsets = list(itertools.accumulate(map(len, texts[:-1]), initial=0))
+        tops = None
+        if out.prompt_top_logprobs is not None:
+            tops = [None] + [{self.token_text(t): tlp for t, tlp in top} for top in out.prompt_top_logprobs[1:]]
+            tops += gen["top_logprobs"] or [{} for _ in gen["tokens"]]
+        return {"tokens": texts + gen["tokens"], "token_logprobs": list(out.prompt_logprobs) + gen["token_logprobs"],
+                "top_logprobs": tops, "text_offset": offsets + gen["text_offset"]}
+
+    def _echo_delta(self, index: int, out: RequestOutput) -> dict:
+        """A streamed choice's first chunk: the prompt (and its logprobs), then what this step generated."""
+        self._echoed.add(index)
+        out = self.final(out)  # max_tokens 0: the token run for it is not shown
+        new = out.token_ids[len(out.token_ids) - len(out.delta_token_ids):] if not self.prompt_only else []
+        start = len(out.token_ids) - len(new)
+        lp = self._echo_logprobs(index, out, start) if self.logprobs else None
+        prompt_text, _ = self.echo[index // self.n]
+        text = prompt_text + ("" if self.prompt_only else out.delta_text)
+        self._offsets[index] = len(text)
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+        return choice
 
     # ---------------------------------------------------------------------------- streamed
     def role_delta(self, index: int) -> dict:
@@ -102,6 +122,8 @@ class ChoiceFormatter:
 
     def delta(self, index: int, out: RequestOutput) -> dict | None:
         """The stream choice for one step's output; None when it carries nothing to show."""
+        if self.echo is not None and index not in self._echoed:
+            return self._echo_delta(index, out)
         new_tokens = len(out.delta_token_ids)
         if self.tools is not None:  # the reply may turn out to be tool calls: all of it at the end
             if not out.finished:

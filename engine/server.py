@@ -209,7 +209,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                         yield _sse(error_body("the server is shutting down; request aborted", "server_error"))
                         break
                     if out.finished:
-                        finals[index] = out
+                        finals[index] = fmt.final(out)
                     delta = fmt.delta(index, out)
                     if delta is not None:
                         yield _sse(fmt.chunk([delta], include_usage))
@@ -228,8 +228,6 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         check_model(body.model)
         if body.suffix:
             raise ApiError(400, "suffix is not supported", param="suffix")
-        if body.echo and body.stream:
-            raise ApiError(400, "echo is supported without stream only", param="echo")
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: the prompt and its logprobs)", param="max_tokens")

@@ -378,8 +378,16 @@ def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     assert m.logprobs.text_offset[len(lp.tokens)] == len(prompt)
     plain = client.completions.create(model=MODEL, prompt=prompt, max_tokens=2, echo=True)
     assert plain.choices[0].text.startswith(prompt) and plain.choices[0].logprobs is None
+    # Streamed: the prompt (and its logprobs) come in each choice's first chunk; the whole is the same.
+    for max_tokens, whole in ((3, m), (0, c)):
+        chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=max_tokens, echo=True, logprobs=1,
+                                                temperature=0, stream=True, stream_options={"include_usage": True}))
+        parts = [ch.choices[0] for ch in chunks if ch.choices]
+        assert "".join(p.text for p in parts) == whole.text and parts[-1].finish_reason == whole.finish_reason
+        assert [t for p in parts for t in p.logprobs.tokens] == whole.logprobs.tokens
+        assert [o for p in parts for o in p.logprobs.text_offset] == whole.logprobs.text_offset
+        assert chunks[-1].usage.completion_tokens == max_tokens
     ok = {"model": MODEL, "prompt": "Hi", "echo": True}
-    _error(http.post("/v1/completions", json={**ok, "stream": True}), 400, "echo", "without stream")
     _error(http.post("/v1/completions", json={**ok, "echo": False, "max_tokens": 0}), 400, "max_tokens", "only with echo")
 
 

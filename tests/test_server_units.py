@@ -230,6 +230,11 @@ def test_fake_engine_errors_and_feed(fake_app):
     assert [m["id"] for m in models] == ["fake", "sql"] and models[1]["parent"] == "fake"
     r = client.post("/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 1})
     assert r.status_code == 200 and r.json()["model"] == "sql" and "sql" in fake.adapter_of.values()
+    with client.stream("POST", "/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 2, "echo": True,
+                                                         "stream": True}) as s:
+        texts = [__import__("json").loads(line[6:])["choices"][0]["text"] for line in s.iter_lines()
+                 if line.startswith("data: {")]
+    assert texts[0].startswith("abc") and "".join(texts) == "abcab"  # the prompt first, then the completion
     r = client.post("/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404 and "'fake', 'sql'" in r.json()["error"]["message"]
 

@@ -65,6 +65,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
+    queue_s: float | None = None  # arrival to first admission into the running batch
     token_times_s: list[float] | None = None
 
 
@@ -385,6 +386,7 @@ class LLMEngine:
             prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.params.prompt_logprobs else None,
             stop_reason=seq.stop_reason,
             ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
+            queue_s=(seq.first_scheduled_s - seq.arrival_s) if seq.first_scheduled_s else None,
             e2e_s=(now - seq.arrival_s) if finished else None,
             token_times_s=list(seq.token_times_s) if finished else None,
         )

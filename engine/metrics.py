@@ -74,6 +74,12 @@ class ServerMetrics:
                               registry=r, buckets=_TPOT_BUCKETS_S)
         self.e2e = Histogram("radixlm_e2e_request_latency_seconds", "arrival to last token", registry=r,
                              buckets=_LATENCY_BUCKETS_S)
+        self.queue = Histogram("radixlm_request_queue_time_seconds", "arrival to first admission into the running batch",
+                               registry=r, buckets=_LATENCY_BUCKETS_S)
+        self.prefill = Histogram("radixlm_request_prefill_time_seconds", "first admission to first token", registry=r,
+                                 buckets=_LATENCY_BUCKETS_S)
+        self.decode = Histogram("radixlm_request_decode_time_seconds", "first token to last token", registry=r,
+                                buckets=_LATENCY_BUCKETS_S)
         r.register(_EngineStatsCollector(stats))
 
     def on_finished(self, out: RequestOutput) -> None:
@@ -84,6 +90,12 @@ class ServerMetrics:
         self.generated_tokens.inc(len(out.token_ids))
         if out.ttft_s is not None:
             self.ttft.observe(out.ttft_s)
+        if out.queue_s is not None:
+            self.queue.observe(out.queue_s)
+            if out.ttft_s is not None:
+                self.prefill.observe(max(out.ttft_s - out.queue_s, 0.0))
+        if out.e2e_s is not None and out.ttft_s is not None:
+            self.decode.observe(out.e2e_s - out.ttft_s)
         if out.e2e_s is not None:
             self.e2e.observe(out.e2e_s)
             if out.ttft_s is not None and len(out.token_ids) > 1:

@@ -157,6 +157,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)
     stop_reason: str | int | None = None
+    first_scheduled_s: float | None = None  # first admitted to the running batch (the end of its queueing)
     first_token_s: float | None = None
     finish_s: float | None = None
     token_times_s: list[float] = dataclasses.field(default_factory=list)

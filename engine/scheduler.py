@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import time
 from typing import Iterable
 
 import numpy as np
@@ -276,6 +277,8 @@ class Scheduler:
             seq.num_cached_prompt = num_cached
             self.stats.cached_prompt_tokens += num_cached
         seq.status = Status.RUNNING
+        if seq.first_scheduled_s is None:
+            seq.first_scheduled_s = time.perf_counter()
         self.running.append(seq)
         self._mark_inflight(seq)
         return self._chunk(seq, num_cached, n)

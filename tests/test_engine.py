@@ -396,6 +396,7 @@ def test_priority_policy_in_the_engine(tiny_model, tiny):
     while engine.has_unfinished():
         finished += [o for o in engine.step() if o.finished]
     assert finished[0].request_id == ids[2] and engine.stats()["num_preemptions"] >= 1
+    assert all(0 <= o.queue_s <= o.ttft_s <= o.e2e_s for o in finished)  # the preempted request queued longest too
     by_id = {o.request_id: o.token_ids for o in finished}
     assert [by_id[i] for i in ids] == [o.token_ids for o in tiny.generate(prompts, params)]
     with pytest.raises(RequestError, match="priority 1 needs scheduler.policy=priority"):

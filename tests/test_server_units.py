@@ -264,3 +264,20 @@ def test_async_engine_close_aborts_unfinished_requests():
         asyncio.run(main())
     finally:
         engine.stop()
+
+
+def test_request_phase_histograms():
+    """Queue, prefill and decode times of a finished request land in their histograms (they sum to end-to-end)."""
+    from engine.engine import RequestOutput
+    from engine.metrics import ServerMetrics
+
+    m = ServerMetrics(lambda: {})
+    out = RequestOutput("r", "", [1], True, "length", "ab", [1, 2], 5, 0, ttft_s=0.3, e2e_s=1.0, queue_s=0.1)
+    m.on_finished(out)
+
+    def total(h):
+        return {s.name: s.value for metric in h.collect() for s in metric.samples}
+
+    assert total(m.queue)["radixlm_request_queue_time_seconds_sum"] == pytest.approx(0.1)
+    assert total(m.prefill)["radixlm_request_prefill_time_seconds_sum"] == pytest.approx(0.2)
+    assert total(m.decode)["radixlm_request_decode_time_seconds_sum"] == pytest.approx(0.7)

@@ -152,6 +152,7 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
     lock_node: object = None  # radix node this sequence keeps locked (its cached path)
     matcher: Any = None  # structured output: the grammar state (an llguidance matcher) after the known tokens
+    ngram_index: Any = None  # speculative decoding: an engine.speculative.NgramIndex over the known tokens
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"

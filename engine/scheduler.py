@@ -336,7 +336,9 @@ class Scheduler:
         )
         if room <= 0:
             return []
-        draft = speculative.propose_ngram(seq.all_ids, room, self.spec.ngram_min, self.spec.ngram_max)
+        if seq.ngram_index is None:
+            seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max)
+        draft = seq.ngram_index.propose(seq.all_ids, room)
         if draft and seq.matcher is not None:
             draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)

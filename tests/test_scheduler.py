@@ -353,9 +353,23 @@ def test_draft_tokens_respect_budget_pages_and_limits():
     plan = sched.schedule()
     assert plan.num_tokens == 8 and [len(ch.draft) for ch in plan.chunks] == [5, 1]  # c keeps its one token
     assert speculative.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2, 1, 3) == [7, 1]  # the latest occurrence
-    assert speculative.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 5, 1, 3) == [9, 1, 2, 3, 7]  # ... with k followers
+    assert speculative.propose_ngram([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 5, 1, 3) == [7, 1, 2, 3, 7]  # copies into itself
     assert speculative.propose_ngram([1, 2, 3, 4], 3, 1, 3) == []
-    assert speculative.propose_ngram([5, 5], 3, 1, 1) == [5]
+    assert speculative.propose_ngram([5, 5], 3, 1, 1) == [5, 5, 5]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_ngram_index_proposes_what_the_full_scan_does(seed):
+    """The scheduler's NgramIndex (updated as tokens are appended, one or several at a time) against the reference
+    full scan, on fresh random sequences over small vocabularies (many repeats), every length, several (n, k)."""
+    rng = random.Random(seed)
+    lo, hi = rng.choice([(1, 1), (1, 3), (2, 4), (3, 3)])
+    tokens = [rng.randrange(rng.choice([2, 3, 8])) for _ in range(rng.randrange(1, 6))]
+    index = speculative.NgramIndex(lo, hi)
+    while len(tokens) < 300:
+        k = rng.randrange(1, 8)
+        assert index.propose(tokens, k) == speculative.propose_ngram(tokens, k, lo, hi), (tokens, k)
+        tokens += [rng.randrange(3) for _ in range(rng.randrange(1, 5))]
     assert speculative.accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and speculative.accepted([4], [3, 4]) == 0
 
 

@@ -153,6 +153,8 @@ class Sequence:
     lock_node: object = None  # radix node this sequence keeps locked (its cached path)
     matcher: Any = None  # structured output: the grammar state (an llguidance matcher) after the known tokens
     ngram_index: Any = None  # speculative decoding: an engine.speculative.NgramIndex over the known tokens
+    spec_misses: int = 0  # speculative decoding: verifications in a row that accepted no draft token
+    spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"

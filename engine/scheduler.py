@@ -327,6 +327,9 @@ class Scheduler:
         cuts the draft where it stops accepting it. None while the last token is pending (overlapped steps)."""
         if seq.has_pending_token:
             return []
+        if seq.spec_pause:
+            seq.spec_pause -= 1
+            return []
         room = min(
             self.spec.num_tokens,
             budget,
@@ -486,7 +489,10 @@ class Scheduler:
             if not chunk.draft or seq.status is not Status.RUNNING:
                 continue
             self.stats.spec_draft_tokens += len(chunk.draft)
-            for token in tokens[1 : speculative.accepted(chunk.draft, tokens) + 1]:
+            keep = speculative.accepted(chunk.draft, tokens)
+            seq.spec_misses = 0 if keep else seq.spec_misses + 1
+            seq.spec_pause = speculative.pause_after(seq.spec_misses)
+            for token in tokens[1 : keep + 1]:
                 seq.num_computed += 1  # the accepted draft token before `token` holds valid K/V
                 seq.output_ids.append(token)
                 self.stats.spec_accepted_tokens += 1

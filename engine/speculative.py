@@ -69,6 +69,15 @@ class NgramIndex:
         return []
 
 
+MAX_PAUSE = 16  # steps a sequence whose drafts keep missing waits at most before drafting again
+
+
+def pause_after(misses: int) -> int:
+    """Steps to skip drafting after `misses` verifications in a row accepted nothing: none after one, then 2, 4, 8,
+    16. A wrong draft costs its verification positions; text that stopped repeating stops paying for them."""
+    return 0 if misses < 2 else min(MAX_PAUSE, 1 << (misses - 1))
+
+
 def accepted(draft: Seq[int], sampled: Seq[int]) -> int:
     """How many draft tokens a verification step keeps: `sampled[j]` is the token sampled after the chunk's
     j-th position ([last token, *draft]), so draft[j] stands while it equals sampled[j]."""

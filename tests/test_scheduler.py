@@ -358,6 +358,26 @@ def test_draft_tokens_respect_budget_pages_and_limits():
     assert speculative.propose_ngram([5, 5], 3, 1, 1) == [5, 5, 5]
 
 
+def test_drafts_back_off_while_they_keep_missing():
+    """Text that does not repeat (the random fake model) stops paying for drafts: after two verifications in a row
+    accept nothing, a sequence waits 2, 4, ... 16 steps before drafting again; an accepted draft resets it."""
+    assert [speculative.pause_after(m) for m in range(7)] == [0, 0, 2, 4, 8, 16, 16]
+    spec = SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=1)
+    drafted = {}
+    for pause in (True, False):
+        sched, runner = make(num_pages=256, max_model_len=256, spec=spec)
+        if not pause:
+            speculative_pause, speculative.pause_after = speculative.pause_after, lambda misses: 0
+        try:
+            out = run_all(sched, runner, [seq(f"r{i}", [i + 1, 3, i + 1, 3], max_tokens=120) for i in range(3)])
+        finally:
+            if not pause:
+                speculative.pause_after = speculative_pause
+        drafted[pause] = (sched.stats.spec_draft_tokens, out)
+    assert drafted[True][1] == drafted[False][1]  # the same outputs
+    assert drafted[True][0] < drafted[False][0] / 2
+
+
 @pytest.mark.parametrize("seed", range(4))
 def test_incremental_ngram_index_proposes_what_the_full_scan_does(seed):
     """The scheduler's NgramIndex (updated as tokens are appended, one or several at a time) against the reference

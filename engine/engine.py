@@ -44,7 +44,6 @@ from models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 
-
 @dataclasses.dataclass
 class RequestOutput:
     """What one step produced for one request; the final one (finished=True) carries the totals."""
@@ -255,10 +254,10 @@ class LLMEngine:
     def _token_mask(self, plan) -> np.ndarray | None:
         """The tokens each head row may sample, when some row follows a structured-output grammar (a chunk with draft
         tokens: each position's mask, the grammar advanced through the drafts before it)."""
+        if not any(c.sample and c.seq.matcher is not None for c in plan.chunks):
+            return None
         head_rows = self.runner.head_rows(plan)
         constrained = [(c, rows) for c, rows in zip(plan.chunks, head_rows) if c.sample and c.seq.matcher is not None]
-        if not constrained:
-            return None
         plain = [(c.seq.matcher, rows[-1]) for c, rows in constrained if not c.draft]
         drafts = [(c.seq.matcher, rows, list(c.draft)) for c, rows in constrained if c.draft]
         return self.grammars.masks(plain, sum(map(len, head_rows)), drafts)

@@ -63,11 +63,8 @@ class LLM:
     ) -> list[Completion]:
         """Runs every prompt (text or token ids) through the continuous batch; results in input order. `adapter`: one
         of the config's lora.adapters (None: the base model)."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-        if len(params_list) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params_list)} sampling params")
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(params, len(prompts))
         ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter) for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
@@ -88,12 +85,9 @@ class LLM:
         choice = ToolChoice(tools or [], tool_choice)
         prompts = [self.tokenizer.encode_chat(list(messages), **({"tools": tools} if tools else {}))
                    for messages in conversations]
-        forced = choice.constraint()
-        if forced is not None:
-            params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * len(prompts)
-            if any(p.structured is not None for p in params_list):
-                raise RequestError(f'tool_choice "{choice.mode}" already constrains the reply; drop structured')
-            params = [dataclasses.replace(p, structured=forced) for p in params_list]
+        if choice.constraint() is not None:
+            params = [dataclasses.replace(p, structured=choice.constrain(p.structured, "structured"))
+                      for p in _params_list(params, len(prompts))]
         outs = self.generate(prompts, params, namespace, progress, adapter)
         if not choice.active:
             return outs
@@ -120,9 +114,7 @@ class LLM:
         tokens, not in its text) or at max_tokens."""
         if not 1 <= beam_width <= MAX_TOP_LOGPROBS // 2:
             raise RequestError(f"beam_width must be in [1, {MAX_TOP_LOGPROBS // 2}], got {beam_width}")
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in prompts]
+        prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in _prompt_list(prompts)]
         end_ids = set() if ignore_eos else set(self.tokenizer.stop_ids)
         params = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
         live = [[([], 0.0)] for _ in prompts]  # per prompt: (generated tokens, cumulative logprob)
@@ -160,6 +152,19 @@ class LLM:
                         finals[out.request_id] = _completion(out)
                         bar.update(1)
         return finals
+
+
+def _prompt_list(prompts) -> list:
+    """One prompt (text or token ids) or several -> a list of prompts."""
+    return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+
+
+def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or one each (ValueError when the counts differ)."""
+    params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * n
+    if len(params_list) != n:
+        raise ValueError(f"{n} prompts but {len(params_list)} sampling params")
+    return params_list
 
 
 def _completion(out: RequestOutput) -> Completion:

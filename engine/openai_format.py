@@ -105,8 +105,7 @@ class ChoiceFormatter:
         """A streamed choice's first chunk: the prompt (and its logprobs), then what this step generated."""
         self._echoed.add(index)
         out = self.final(out)  # max_tokens 0: the token run for it is not shown
-        new = out.token_ids[len(out.token_ids) - len(out.delta_token_ids):] if not self.prompt_only else []
-        start = len(out.token_ids) - len(new)
+        start = len(out.token_ids) - (0 if self.prompt_only else len(out.delta_token_ids))  # this step's tokens
         lp = self._echo_logprobs(index, out, start) if self.logprobs else None
         prompt_text, _ = self.echo[index // self.n]
         text = prompt_text + ("" if self.prompt_only else out.delta_text)

@@ -216,7 +216,7 @@ class ModelRunner:
         if token_mask is not None:  # padding rows allow everything
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
-        copies = self._pack_copies(plan.page_copies)
+        copies = self._pack_pairs(plan.page_copies, fill=(0, self.num_pages))  # copy-on-write; padding dropped
         saves = self._pack_pairs(plan.host_saves, fill=(0, -1))  # padding: page 0 read, dropped on landing
         loads = self._pack_pairs(plan.host_loads, fill=(0, self.num_pages))  # padding: written out of range, dropped
         targets = None
@@ -338,15 +338,6 @@ class ModelRunner:
         a[: len(pairs)], b[: len(pairs)] = zip(*pairs)
         return a, b
 
-    def _pack_copies(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
-        """Copy-on-write of whole pages (every layer) before the step: (src, dst) in a sequence bucket."""
-        if not copies:
-            return None
-        n = bucket_for(len(copies), self.seq_buckets)
-        src = np.zeros(n, np.int32)
-        dst = np.full(n, self.num_pages, np.int32)  # out of range: dropped
-        src[: len(copies)], dst[: len(copies)] = zip(*copies)
-        return src, dst
 
 
 @dataclasses.dataclass(frozen=True)

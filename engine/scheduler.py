@@ -204,10 +204,9 @@ class Scheduler:
         for seq in self._admission_order():
             if seq.has_pending_token:
                 continue
-            victims = [s for s in reversed(self.running) if s.priority > seq.priority]
+            victims = self._victims(lambda s: s.priority > seq.priority)
             if not victims:
                 return  # the rest wait for sequences at least as urgent as themselves
-            victims.sort(key=lambda s: -s.priority)  # stable: newest first among equals
             if slots >= self.cfg.max_running:
                 return  # more urgent waiting sequences than the batch holds: the rest cannot run this step anyway
             slots, pages = slots + 1, pages + self._pages_to_admit(seq)
@@ -370,9 +369,7 @@ class Scheduler:
         """Gives `seq` pages for `num_tokens` tokens, preempting newer sequences; False if `seq` itself was preempted."""
         need = -(-num_tokens // self.page_size) - len(seq.pages)
         while not self._reserve(need):
-            victims = [s for s in reversed(self.running) if s is not seq and s.request_id not in scheduled]
-            if self.cfg.policy == "priority":
-                victims.sort(key=lambda s: -s.priority)  # stable: the least urgent first, newest among equals
+            victims = self._victims(lambda s: s is not seq and s.request_id not in scheduled)
             victim = victims[0] if victims else seq
             self.preempt(victim)
             if victim is seq:
@@ -380,6 +377,14 @@ class Scheduler:
         if need > 0:
             seq.pages += self.pool.alloc(need)
         return True
+
+    def _victims(self, eligible) -> list[Sequence]:
+        """Running sequences that `eligible` accepts, in preemption order: newest first, and under the priority policy
+        the least urgent first (newest among equals)."""
+        victims = [s for s in reversed(self.running) if eligible(s)]
+        if self.cfg.policy == "priority":
+            victims.sort(key=lambda s: -s.priority)  # stable
+        return victims
 
     def preempt(self, seq: Sequence) -> None:
         """Recompute preemption: computed full pages go to the tree, the sequence waits at the front."""
@@ -463,8 +468,7 @@ class Scheduler:
                     self._clear_inflight(seq)
             if chunk.sample:
                 seq.output_ids.append(placeholder(i))
-                if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                    self.finish(seq, "length")
+                self._end_at_length_limit(seq)
 
     def resolve(self, plan: StepPlan, sampled: Iterable[int | Iterable[int] | None]) -> list[Sequence]:
         """Puts an advanced step's sampled tokens in place of its placeholders and applies stop tokens.
@@ -482,9 +486,7 @@ class Scheduler:
             tokens = [int(t) for t in np.atleast_1d(tokens)]
             seq.output_ids[-1] = tokens[0]
             got_token.append(seq)
-            if self._is_stop_token(seq):
-                seq.ended_by_token = True
-                self.finish(seq, "stop")
+            if self._end_at_stop_token(seq):
                 continue
             if not chunk.draft or seq.status is not Status.RUNNING:
                 continue
@@ -496,14 +498,24 @@ class Scheduler:
                 seq.num_computed += 1  # the accepted draft token before `token` holds valid K/V
                 seq.output_ids.append(token)
                 self.stats.spec_accepted_tokens += 1
-                if self._is_stop_token(seq):
-                    seq.ended_by_token = True
-                    self.finish(seq, "stop")
-                    break
-                if len(seq.output_ids) >= seq.params.max_tokens or seq.num_tokens >= self.max_model_len:
-                    self.finish(seq, "length")
+                if self._end_at_stop_token(seq) or self._end_at_length_limit(seq):
                     break
         return got_token
+
+    def _end_at_stop_token(self, seq: Sequence) -> bool:
+        """Finishes `seq` ("stop") if its last token is an end token or a stop id."""
+        if not self._is_stop_token(seq):
+            return False
+        seq.ended_by_token = True
+        self.finish(seq, "stop")
+        return True
+
+    def _end_at_length_limit(self, seq: Sequence) -> bool:
+        """Finishes `seq` ("length") once it has max_tokens output tokens or fills the context."""
+        if len(seq.output_ids) < seq.params.max_tokens and seq.num_tokens < self.max_model_len:
+            return False
+        self.finish(seq, "length")
+        return True
 
     def _is_stop_token(self, seq: Sequence) -> bool:
         token = seq.output_ids[-1]

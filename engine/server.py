@@ -131,11 +131,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         try:
             fields["structured"] = structured.from_fields(
                 {k: getattr(body, k) for k in structured.FIELDS})
-            forced = tools.constraint() if tools is not None else None
-            if forced is not None:
-                if fields["structured"] is not None:
-                    raise RequestError(f'tool_choice: "{tools.mode}" already constrains the reply; drop response_format / guided_*')
-                fields["structured"] = forced
+            if tools is not None:
+                fields["structured"] = tools.constrain(fields["structured"], "response_format / guided_*")
             return SamplingParams(**{k: v for k, v in fields.items() if v is not None})
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None

@@ -70,6 +70,16 @@ class ToolChoice:
             return StructuredOutput(json={"type": "array", "minItems": 1, "items": {"anyOf": calls}})
         return None
 
+    def constrain(self, structured: StructuredOutput | None, own: str) -> StructuredOutput | None:
+        """The reply's constraint: the one this tool_choice forces (named, "required"), else `structured`; a request
+        with both is refused (`own` names the caller's constraint fields in the message)."""
+        forced = self.constraint()
+        if forced is None:
+            return structured
+        if structured is not None:
+            raise RequestError(f'tool_choice: "{self.mode}" already constrains the reply; drop {own}')
+        return forced
+
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, calls) of a finished reply; content None when the reply is only calls."""
         if not self.active:

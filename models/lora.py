@@ -31,9 +31,11 @@ PROJECTIONS = {
 
 
 def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return {"wq": (h, cfg.q_size), "wk": (h, cfg.kv_size), "wv": (h, cfg.kv_size), "wo": (cfg.q_size, h),
-            "w_gate": (h, i), "w_up": (h, i), "w_down": (i, h)}
+    """(in, out) of each adaptable projection, from the model's own weight shapes."""
+    from models.llama import param_shapes  # models.llama imports this module for lora_delta
+
+    layers = param_shapes(cfg)["layers"]
+    return {name: tuple(layers[name][1:]) for name in PROJECTIONS}
 
 
 def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:

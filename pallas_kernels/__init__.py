@@ -31,7 +31,8 @@ def resolve_backend(name: str) -> str:
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
-                           decode_only: bool = False, layer: jax.Array | None = None) -> jax.Array:
+                           decode_only: bool = False, layer: jax.Array | None = None,
+                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
@@ -55,12 +56,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   engine's stacked cache carried through `lax.scan`); attention reads that layer in place, every
   backend indexing it inside its gather or kernel (no copy of the layer). layer must be in
   [0, L); the Pallas kernels clamp it so that a bad index can never read outside the cache.
+
+  k_scales, v_scales ([L, Hkv, P, ps] or [Hkv, P, ps] float32): the pages are an 8-bit cache
+  (int8 or float8_e4m3fn, pallas_kernels/kv_quant.py) and position j of a page stands for
+  pages[..., j, :] * scales[..., j]. Given exactly when the pages are 8-bit.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
-        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer)
+        sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
+        k_scales=k_scales, v_scales=v_scales)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -69,20 +75,24 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-                interpret=backend == "pallas_interpret")
+                interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales)
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None):
+def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,
+             k_scales: jax.Array | None = None, v_scales: jax.Array | None = None):
   """Writes new K/V rows (k, v: [T, Hkv, D]) into flat slots (page * page_size + offset).
 
   Negative slots are padding and are skipped. With `layer` (int32 scalar) the pages hold every
   layer, [L, Hkv, P, page_size, D], and only that layer is written, in place (layer in [0, L);
   the Pallas kernel writes nothing for any other). Returns the updated (k_pages, v_pages); under jit with the pages donated,
-  or carried through `lax.scan`, only the new rows move.
+  or carried through `lax.scan`, only the new rows move. An 8-bit cache (k/v_scales given, as in
+  ragged_paged_attention) quantizes each new row and returns (k_pages, v_pages, k_scales, v_scales).
   """
   backend = resolve_backend(backend)
   if backend == "xla":
-    return reference.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer)
+    return reference.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer, k_scales=k_scales,
+                              v_scales=v_scales)
   from pallas_kernels import write_kv_kernel  # noqa: PLC0415
   return write_kv_kernel.write_kv(k_pages, v_pages, k, v, slot_mapping, layer=layer,
-                                  interpret=backend == "pallas_interpret")
+                                  interpret=backend == "pallas_interpret", k_scales=k_scales,
+                                  v_scales=v_scales)

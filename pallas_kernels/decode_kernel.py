@@ -30,7 +30,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_tile, next_pow2,
-                                          stacked_cache, window_input)
+                                          scale_specs, stacked_cache, window_input)
 from pallas_kernels.reference import token_metadata
 
 
@@ -42,11 +42,11 @@ def _decode_kernel(
     q_ref,       # [rows, D]
     k_ref,       # [L, P, ps, D] this kv head's pages, every layer
     v_ref,       # [L, P, ps, D]
-    acc_ref,     # [rows, D] float32, unnormalised
-    m_ref,       # [rows] float32
-    l_ref,       # [rows] float32
-    *, sm_scale: float, soft_cap: float | None, has_window: bool,
+    *refs,       # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] then the outputs:
+                 # acc [rows, D] float32 unnormalised, m [rows] float32, l [rows] float32
+    sm_scale: float, soft_cap: float | None, has_window: bool,
     pages_per_tile: int, num_splits: int):
+  *scale_refs, acc_ref, m_ref, l_ref = refs
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
@@ -74,7 +74,8 @@ def _decode_kernel(
     return mask[None, :]
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
-                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap)
+                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
+                           scale_refs=scale_refs or None)
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
@@ -96,16 +97,16 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      soft_cap: float | None = None, interpret: bool = False,
                      layer: jax.Array | None = None, block_kv: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2) -> jax.Array:
+                     num_stages: int = 2, k_scales=None, v_scales=None) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
-  k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
+  k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
   num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
   # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
-  itemsize = jnp.dtype(k_pages.dtype).itemsize
+  itemsize = max(jnp.dtype(k_pages.dtype).itemsize, jnp.dtype(q.dtype).itemsize)  # 8-bit tiles convert to q's
   default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   num_splits = num_splits or default_num_splits(num_tokens, num_kv_heads)
@@ -138,7 +139,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
                 pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
                 pl.BlockSpec((None, None, rows, head_dim), lambda t, h, i: (t, h, 0, 0)),
-                page_spec, page_spec],
+                page_spec, page_spec, *scale_specs(scales, page_spec)],
       out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda t, h, i: (i, t, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0))],
@@ -149,7 +150,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_decode_attention",
-  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles, k_pages, v_pages)
+  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles, k_pages, v_pages, *(scales or ()))
 
   # Log-sum-exp merge of the splits: [splits, T, Hkv, rows(, D)] -> [T, Hkv, rows, D].
   m_max = m.max(axis=0)

@@ -220,11 +220,12 @@ HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim)
 def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
                    target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
-                   traced_window: bool = False) -> dict[str, TritonModule]:
+                   traced_window: bool = False, kv_dtype=None) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
   "write_kv": KV write}. Only shapes are needed, no data. traced_window: the window is a traced
-  int32 scalar, as for models that mix windowed and global layers (Gemma 3)."""
+  int32 scalar, as for models that mix windowed and global layers (Gemma 3). kv_dtype: an 8-bit
+  cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py)."""
   import functools  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -232,8 +233,12 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
   import pallas_kernels  # noqa: PLC0415
 
   num_tokens, max_seqs, max_pages = 256, 16, 64
-  pages = jax.ShapeDtypeStruct((num_layers, num_kv_heads, max_seqs * max_pages, page_size,
-                                head_dim), dtype)
+  pages_shape = (num_layers, num_kv_heads, max_seqs * max_pages, page_size, head_dim)
+  pages = jax.ShapeDtypeStruct(pages_shape, kv_dtype or dtype)
+  scales = {}
+  if kv_dtype is not None:
+    scale = jax.ShapeDtypeStruct(pages_shape[:-1], jnp.float32)
+    scales = dict(k_scales=scale, v_scales=scale)
   q = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)
   kv_lens = jax.ShapeDtypeStruct((max_seqs,), jnp.int32)
   page_indices = jax.ShapeDtypeStruct((max_seqs, max_pages), jnp.int32)
@@ -250,10 +255,10 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
     else:
       fn, extra = functools.partial(attend, sliding_window=sliding_window), {}
     [modules[kind]] = triton_modules(fn, q, pages, pages, kv_lens, page_indices, cu_q_lens,
-                                     num_seqs, layer=layer, target=target, **extra)
+                                     num_seqs, layer=layer, target=target, **extra, **scales)
   new = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, head_dim), dtype)
   slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   write = functools.partial(pallas_kernels.write_kv, backend="pallas")
   [modules["write_kv"]] = triton_modules(write, pages, pages, new, new, slots, layer=layer,
-                                         target=target)
+                                         target=target, **scales)
   return modules

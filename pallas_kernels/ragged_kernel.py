@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import kv_quant
 from pallas_kernels.reference import query_blocks
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
@@ -59,21 +60,36 @@ def kv_tile(page_size: int, block_kv: int) -> tuple[int, int]:
   return block_kv // page_size, block_kv
 
 
-def stacked_cache(k_pages, v_pages, layer):
-  """The kernels' cache view: (k_pages, v_pages [L, Hkv, P, ps, D], layer [1] int32).
+def stacked_cache(k_pages, v_pages, layer, k_scales=None, v_scales=None):
+  """The kernels' cache view: (k_pages, v_pages [L, Hkv, P, ps, D], layer [1] int32, scales).
 
   layer None: k/v_pages are one layer, [Hkv, P, ps, D], viewed as L = 1 (a free reshape).
   Otherwise they are stacked, [L, Hkv, P, ps, D], and layer is an int32 scalar in [0, L); the
   caller decides what an out-of-range layer does (attention clamps, like a jnp gather).
+  scales: None, or (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache (kv_quant), viewed alike.
   """
+  if kv_quant.is_quantized(k_pages.dtype) != (k_scales is not None):
+    raise ValueError(f"k/v_scales go with an 8-bit cache and only with one; pages are {k_pages.dtype}")
+  scales = None if k_scales is None else (k_scales, v_scales)
   if layer is None:
     if k_pages.ndim != 4:
       raise ValueError(f"per-layer pages must be [Hkv, P, ps, D], got {k_pages.shape}; "
                        "pass layer= for a stacked cache")
-    return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32)
+    scales = scales and (k_scales[None], v_scales[None])
+    return k_pages[None], v_pages[None], jnp.zeros((1,), jnp.int32), scales
   if k_pages.ndim != 5:
     raise ValueError(f"with layer=, pages must be stacked [L, Hkv, P, ps, D], got {k_pages.shape}")
-  return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1)
+  return k_pages, v_pages, jnp.asarray(layer, jnp.int32).reshape(1), scales
+
+
+def scale_specs(scales, page_spec: pl.BlockSpec) -> list[pl.BlockSpec]:
+  """BlockSpecs of (k_scales, v_scales) matching the pages' spec minus D; [] for a full-precision cache."""
+  if scales is None:
+    return []
+  block = page_spec.block_shape[:-1]
+  index_map = page_spec.index_map
+  spec = pl.BlockSpec(block, lambda *idx: index_map(*idx)[:-1])
+  return [spec, spec]
 
 
 def pack_rows(x, row_tokens, num_groups_padded: int):
@@ -85,20 +101,26 @@ def pack_rows(x, row_tokens, num_groups_padded: int):
 
 
 def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, pages_per_tile: int,
-                   sm_scale: float, soft_cap: float | None):
+                   sm_scale: float, soft_cap: float | None, scale_refs=None):
   """One online-softmax step of q [rows, D] over KV tile `tile` of a sequence (a fori_loop body).
 
   pages_ref holds the sequence's page-table row; k/v_ref [L, P, ps, D] one kv head's pages of every
   layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows, block_kv]. carry is
-  (acc [rows, D], running max m [rows], running sum l [rows]), all float32.
+  (acc [rows, D], running max m [rows], running sum l [rows]), all float32. scale_refs: None, or
+  (k_scales, v_scales) [L, P, ps] of an 8-bit cache: a key's scale multiplies its score column and
+  a value's scale its probability column (kv_quant), so the 8-bit tile only converts to q's dtype.
   """
   acc, m, l = carry
   head_dim = q.shape[-1]
   block_kv = pages_per_tile * k_ref.shape[2]
   page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
-  k = k_ref[layer, page_ids].reshape(block_kv, head_dim)                # [block_kv, D]
-  v = v_ref[layer, page_ids].reshape(block_kv, head_dim)
+  k = k_ref[layer, page_ids].reshape(block_kv, head_dim).astype(q.dtype)  # [block_kv, D]
+  v = v_ref[layer, page_ids].reshape(block_kv, head_dim).astype(q.dtype)
   s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
+  if scale_refs is not None:
+    k_scale = scale_refs[0][layer, page_ids].reshape(block_kv)           # [block_kv] float32
+    v_scale = scale_refs[1][layer, page_ids].reshape(block_kv)
+    s = s * k_scale[None, :]
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
   kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
@@ -107,6 +129,8 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
   alpha = jnp.exp(m - m_new)
   p = jnp.exp(s - m_new[:, None])                                       # [rows, block_kv]
   l = alpha * l + jnp.sum(p, axis=1)
+  if scale_refs is not None:
+    p = p * v_scale[None, :]
   acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return acc, m_new, l
 
@@ -132,9 +156,10 @@ def _prefill_kernel(
     q_ref,           # [rows, D]
     k_ref,           # [L, P, ps, D] this kv head's pages, every layer
     v_ref,           # [L, P, ps, D]
-    o_ref,           # [rows, D]
-    *, sm_scale: float, soft_cap: float | None, has_window: bool,
+    *refs,           # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, D]
+    sm_scale: float, soft_cap: float | None, has_window: bool,
     group_padded: int, pages_per_tile: int):
+  *scale_refs, o_ref = refs
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
@@ -160,7 +185,8 @@ def _prefill_kernel(
     return mask
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
-                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap)
+                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
+                           scale_refs=scale_refs or None)
 
   init = (jnp.zeros((rows, head_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
@@ -199,16 +225,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
                            block_kv: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2) -> jax.Array:
+                           num_stages: int = 2, k_scales=None, v_scales=None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
-  k_pages, v_pages, layer = stacked_cache(k_pages, v_pages, layer)
+  k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
   num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
-  default_q, default_kv = default_block_sizes(group, head_dim,
-                                             jnp.dtype(k_pages.dtype).itemsize)
+  # Tiles are sized by what they hold after conversion (an 8-bit tile becomes q's dtype).
+  default_q, default_kv = default_block_sizes(group, head_dim, max(jnp.dtype(k_pages.dtype).itemsize,
+                                                                  jnp.dtype(q.dtype).itemsize))
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   rows = block_q * next_pow2(group)  # a tile: block_q tokens x the kv head's q heads, padded
@@ -243,14 +270,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
-                tile_spec, page_spec, page_spec],
+                tile_spec, page_spec, page_spec, *scale_specs(scales, page_spec)],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
   )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles,
-    k_pages, v_pages)
+    k_pages, v_pages, *(scales or ()))
 
   # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
   tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded

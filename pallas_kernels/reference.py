@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import kv_quant
+
 # Default tile sizes (tuning knobs only; see ragged_paged_attention). The loops run one tile at a
 # time, which suits a CPU; on an accelerator (where this path is only the kernels' reference) larger
 # KV tiles keep the number of sequential iterations down.
@@ -109,11 +111,14 @@ def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int,
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, pages_per_block: int | None = None,
-                           block_q: int | None = None, layer: jax.Array | None = None) -> jax.Array:
+                           block_q: int | None = None, layer: jax.Array | None = None,
+                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
   With `layer` (int32 scalar), k/v_pages hold every layer, [L, Hkv, P, ps, D], and layer `layer`
   is read in place: the gather indexes the layer, nothing of a whole layer is sliced out.
+  k/v_scales ([.., Hkv, P, ps] float32, like the pages without D): the pages are an 8-bit cache
+  (pallas_kernels/kv_quant.py), each gathered vector scaled by its own factor.
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
   [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros.
@@ -146,11 +151,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   pages_per_block = min(pages_per_block, max_pages_per_seq)
   if layer is None:  # one layer: view it as a stack of one
     k_pages, v_pages, layer = k_pages[None], v_pages[None], jnp.int32(0)
+    if k_scales is not None:
+      k_scales, v_scales = k_scales[None], v_scales[None]
   qs = (q.astype(jnp.float32) * sm_scale).reshape(
       num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
   attend = functools.partial(
       _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
-      pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap)
+      pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap,
+      scales=None if k_scales is None else (k_scales, v_scales))
   if block_q == 1:
     out = attend(1, None)
   else:
@@ -163,11 +171,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
 
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
-                   block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap):
+                   block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
-  qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D]. Returns [T, Hkv, G, D]
-  (rows of other sequences are meaningless).
+  qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D]; scales: None or
+  (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache. Returns [T, Hkv, G, D] (rows of other
+  sequences are meaningless).
   """
   num_tokens, num_kv_heads, group, head_dim = qs.shape
   num_pages, page_size = k_pages.shape[2], k_pages.shape[3]
@@ -200,9 +209,12 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       cols = jnp.minimum(b * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32),
                          max_pages_per_seq - 1)
       page_ids = jnp.clip(page_row[cols], 0, num_pages - 1)[None, :]
-      k = k_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim)
-      v = v_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim)
-      s = jnp.einsum("krd,kbd->krb", q_tile, k.astype(jnp.float32),
+      k = k_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+      v = v_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+      if scales is not None:
+        k = k * scales[0][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
+        v = v * scales[1][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
+      s = jnp.einsum("krd,kbd->krb", q_tile, k,
                      preferred_element_type=jnp.float32)             # [Hkv, rows, block_len]
       if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
@@ -217,7 +229,7 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       p = jnp.exp(s - m_safe[..., None])
       alpha = jnp.exp(m - m_safe)
       l = alpha * l + p.sum(axis=-1)
-      pv = jnp.einsum("krb,kbd->krd", p, v.astype(jnp.float32), preferred_element_type=jnp.float32)
+      pv = jnp.einsum("krb,kbd->krd", p, v, preferred_element_type=jnp.float32)
       return b + 1, m_new, l, alpha[..., None] * acc + pv
 
     init = (first_kv_block,
@@ -235,12 +247,17 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
   return out[blocks.token_block, :, blocks.token_slot]                 # [T, Hkv, G, D]
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = None):
+def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = None,
+             k_scales: jax.Array | None = None, v_scales: jax.Array | None = None):
   """Scatter new K/V rows ([T, Hkv, D]) into their slots; negative slots are padding and skipped.
 
   slot = page * page_size + offset. With `layer`, the pages hold every layer ([L, Hkv, P, ps, D])
   and only layer `layer` is written. Returns the updated (k_pages, v_pages); under jit with the
   pages donated (or carried through a loop), XLA performs the scatter in place.
+
+  An 8-bit cache (int8 / float8_e4m3fn pages) needs k/v_scales ([.., Hkv, P, ps] float32): each row
+  is quantized (kv_quant.quantize), its values and scale written, and the result is
+  (k_pages, v_pages, k_scales, v_scales).
   """
   num_pages, page_size = k_pages.shape[-3:-1]
   # Negative slots would wrap around; send them to page num_pages (out of range) so that
@@ -251,10 +268,16 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   def scatter(pages, new):
     # NOTE: index the pages in their own [.., Hkv, P, ps, D] shape. A reshape to flat slots
     # first made XLA copy the whole (donated) cache at every write when Hkv == 1.
-    new = new.astype(pages.dtype)                                    # [T, Hkv, D]
+    new = new.astype(pages.dtype)                                    # [T, Hkv(, D)]
     if layer is None:
-      return pages.at[:, page, offset].set(new.transpose(1, 0, 2), mode="drop")
-    # A scalar layer and [T] page/offset around a slice index as [T, Hkv, D].
+      return pages.at[:, page, offset].set(jnp.moveaxis(new, 1, 0), mode="drop")
+    # A scalar layer and [T] page/offset around a slice index as [T, Hkv(, D)].
     return pages.at[layer, :, page, offset].set(new, mode="drop")
 
-  return scatter(k_pages, k), scatter(v_pages, v)
+  quantized = kv_quant.is_quantized(k_pages.dtype)
+  if quantized != (k_scales is not None):
+    raise ValueError(f"k/v_scales go with an 8-bit cache and only with one; pages are {k_pages.dtype}")
+  if not quantized:
+    return scatter(k_pages, k), scatter(v_pages, v)
+  (k, ks), (v, vs) = kv_quant.quantize(k, k_pages.dtype), kv_quant.quantize(v, v_pages.dtype)
+  return scatter(k_pages, k), scatter(v_pages, v), scatter(k_scales, ks), scatter(v_scales, vs)

@@ -123,12 +123,15 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     num_kv_heads: int = 2, head_dim: int = 32, page_size: int = 4,
                     dtype=np.float32, sliding_window: int | None = None,
                     soft_cap: float | None = None, num_tokens: int | None = None,
-                    max_seqs: int | None = None, nan_padding: bool = False) -> None:
+                    max_seqs: int | None = None, nan_padding: bool = False,
+                    kv_dtype=None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
   when given, against reference_fn's output; padding rows must stay finite unless nan_padding
   fills padding query rows with NaN (then only the real rows are checked: NaN must not leak).
+  kv_dtype (int8 / float8_e4m3fn): the pages are quantized (kv_quant.quantize) and passed with
+  k_scales= / v_scales=; the float64 attention reads them dequantized.
   """
   import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
 
@@ -143,15 +146,21 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   args = [jnp.asarray(q, dtype), jnp.asarray(batch.k_pages, dtype),
           jnp.asarray(batch.v_pages, dtype), *map(jnp.asarray, batch.args[3:])]
   opts = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
-  out = fn(*args, **opts)
+  call_opts = dict(opts)
+  as_read = [np.asarray(a.astype(jnp.float32)) for a in args[:3]]  # what the float64 attention reads
+  if kv_dtype is not None:
+    from pallas_kernels import kv_quant  # noqa: PLC0415
+    (args[1], k_scales), (args[2], v_scales) = (kv_quant.quantize(a, kv_dtype) for a in args[1:3])
+    call_opts.update(k_scales=k_scales, v_scales=v_scales)
+    as_read[1:] = kv_quant.dequantize_np(args[1], k_scales), kv_quant.dequantize_np(args[2], v_scales)
+  out = fn(*args, **call_opts)
   assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
   out = np.asarray(out.astype(jnp.float32))
   if not nan_padding:
     assert np.isfinite(out).all(), "padding rows must stay finite"
-  rounded = RaggedBatch(*[np.asarray(a.astype(jnp.float32)) if i < 3 else np.asarray(a)
-                          for i, a in enumerate(args)])
+  rounded = RaggedBatch(*as_read, *map(np.asarray, args[3:]))
   tol = tolerances(dtype)
   np.testing.assert_allclose(out[:n], attention_f64(rounded, **opts), **tol)
   if reference_fn is not None:
-    ref = np.asarray(reference_fn(*args, **opts).astype(jnp.float32))
+    ref = np.asarray(reference_fn(*args, **call_opts).astype(jnp.float32))
     np.testing.assert_allclose(out[:n], ref[:n], **tol)

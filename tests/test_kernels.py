@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import pallas_kernels
-from pallas_kernels import decode_kernel, gpu_compile, ragged_kernel, reference, testing
+from pallas_kernels import decode_kernel, gpu_compile, kv_quant, ragged_kernel, reference, testing
 
 # Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
 # not page multiples, and a whole prompt as one chunk.
@@ -176,6 +176,83 @@ def test_decode_kernel_is_correct_on_chunks_too():
   """Rows are independent, so decode_only is only a performance hint."""
   testing.check_attention(_decode(16, 2), MIXED, seed=8, num_tokens=24,
                           **_features(*FEATURES[2].values))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit KV cache (pallas_kernels/kv_quant.py): every backend reads the same quantized pages.
+
+KV_QUANT = [
+    pytest.param(jnp.int8, jnp.bfloat16, 4, 2, 64, 7, None, id="int8-bf16-gqa2-window"),
+    pytest.param(jnp.float8_e4m3fn, np.float32, 8, 1, 128, None, 2.0, id="fp8-f32-gqa8-softcap"),
+]
+
+
+@pytest.mark.parametrize("kv_dtype,dtype,num_q_heads,num_kv_heads,head_dim,sliding_window,soft_cap",
+                         KV_QUANT)
+@pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
+def test_quantized_cache(kernel, kv_dtype, dtype, num_q_heads, num_kv_heads, head_dim,
+                         sliding_window, soft_cap):
+  """Each backend on quantized pages (garbage slots quantized too) against float64 attention over
+  the dequantized pages, and against the xla reference, at the cache's dtype tolerance."""
+  fn = {"xla": _public("xla"), "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
+  seqs = DECODES if kernel == "decode" else MIXED
+  testing.check_attention(
+      fn, seqs, seed=11, page_size=8, num_tokens=sum(q for q, _ in seqs) + 3, max_seqs=7,
+      kv_dtype=kv_dtype, reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"),
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_quantize_error_bound(kv_dtype):
+  """int8: every element within half a step (scale / 2); e4m3: within 2^-4 of its magnitude (3
+  mantissa bits), or of the smallest normal step. The largest element is exact; zeros stay zero."""
+  rng = np.random.default_rng(12)
+  x = rng.standard_normal((64, 4, 32)) * rng.uniform(1e-3, 1e3, (64, 4, 1))
+  x[3, 1] = 0.0
+  values, scales = kv_quant.quantize(jnp.asarray(x, jnp.float32), kv_dtype)
+  assert values.dtype == kv_dtype and scales.dtype == jnp.float32 and scales.shape == (64, 4)
+  back = kv_quant.dequantize_np(values, scales)
+  err = np.abs(back - x)
+  s = np.asarray(scales, np.float64)[..., None]
+  if kv_dtype == jnp.int8:
+    assert (err <= 0.5001 * s).all()
+  else:
+    assert (err <= np.maximum(np.abs(x) * 2.0**-4, s * 2.0**-9) * 1.0001).all()
+  top = np.abs(x).argmax(-1)[..., None]
+  np.testing.assert_allclose(np.take_along_axis(back, top, -1), np.take_along_axis(x, top, -1), rtol=1e-6)
+  assert (back[3, 1] == 0).all() and np.asarray(scales)[3, 1] == 1.0
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
+def test_write_kv_quantized(backend):
+  """Both backends write the same values and scales (quantized from the new rows), into the traced
+  layer only; padding slots are skipped."""
+  rng = np.random.default_rng(13)
+  num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
+  shape = (NUM_LAYERS, num_kv_heads, num_pages, page_size, head_dim)
+  k_pages = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+  v_pages = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
+  k_scales = jnp.asarray(rng.uniform(size=shape[:-1]), jnp.float32)
+  v_scales = jnp.asarray(rng.uniform(size=shape[:-1]), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((num_tokens, num_kv_heads, head_dim)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((num_tokens, num_kv_heads, head_dim)), jnp.float32)
+  slots = rng.permutation(num_pages * page_size)[:num_tokens].astype(np.int32)
+  slots[[2, 7]] = [-1, -5]
+  layer = int(rng.integers(NUM_LAYERS))
+  got = _jit(functools.partial(pallas_kernels.write_kv, backend=backend))(
+      k_pages, v_pages, k, v, jnp.asarray(slots), layer=jnp.int32(layer), k_scales=k_scales,
+      v_scales=v_scales)
+  want = [np.array(a) for a in (k_pages, v_pages, k_scales, v_scales)]
+  (kq, ks), (vq, vs) = kv_quant.quantize(k, jnp.int8), kv_quant.quantize(v, jnp.int8)
+  for t, slot in enumerate(slots):
+    if slot >= 0:
+      for arr, new in zip(want, (kq, vq, ks, vs)):
+        arr[layer, :, slot // page_size, slot % page_size] = np.asarray(new[t])
+  assert [a.dtype for a in got] == [jnp.int8, jnp.int8, jnp.float32, jnp.float32]
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), w)
+  with pytest.raises(ValueError, match="8-bit cache"):
+    pallas_kernels.write_kv(k_pages, v_pages, k, v, jnp.asarray(slots), layer=jnp.int32(0), backend=backend)
 
 
 # ---------------------------------------------------------------------------------------------

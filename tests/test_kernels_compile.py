@@ -39,6 +39,23 @@ def test_default_tiles_compile_without_spills(shape, dtype, target):
       assert report.matrix_instructions == want, (kind, report)
 
 
+@pytest.mark.parametrize("shape,kv_dtype", [("llama3-8b", "int8"), ("gemma3-270m", "float8_e4m3fn")])
+def test_quantized_cache_kernels_compile(shape, kv_dtype):
+  """8-bit caches (pallas_kernels/kv_quant.py) at the default tiles: no spills and wgmma prefill on
+  Hopper. On MI300 they compile and fit, but the 8-bit -> bfloat16 conversions spill a few hundred
+  bytes at these tiles (docs/kernels.md)."""
+  for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+    modules = gpu_compile.engine_kernels(*gpu_compile.HEAD_SHAPES[shape], jnp.dtype(jnp.bfloat16),
+                                         target=target, soft_cap=30.0, sliding_window=512,
+                                         kv_dtype=jnp.dtype(kv_dtype))
+    for kind, module in modules.items():
+      report = gpu_compile.compile_module(module, target)
+      assert report.fits, (kind, report)
+      if target.name == "sm90":
+        assert report.spill_bytes == 0, (kind, report)
+        assert report.matrix_instructions == {"prefill": "HGMMA", "decode": "HMMA", "write_kv": ""}[kind]
+
+
 def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
   pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
   fn = functools.partial(ragged_kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=512,

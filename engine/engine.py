@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
+from pallas_kernels import kv_quant
 from engine import multihost, structured
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.config import EngineConfig
@@ -106,18 +107,17 @@ class LLMEngine:
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
+        self.kv_dtype = kv_quant.KV_DTYPES.get(config.cache.kv_dtype, jnp.dtype(self.dtype))
+        page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)
         # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
-        num_pages = config.cache.num_pages or int(
-            config.cache.memory_gb * 2**30 * tp // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype)
-        )
+        num_pages = config.cache.num_pages or int(config.cache.memory_gb * 2**30 * tp // page_bytes)
         if num_pages * config.cache.page_size < self.max_model_len:
             raise ValueError(
                 f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
                 f"model.max_model_len={self.max_model_len} tokens"
             )
         # Host tier: whole pages (every KV head) in host memory.
-        num_host_pages = config.cache.host_num_pages or int(
-            config.cache.host_memory_gb * 2**30 // kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.dtype))
+        num_host_pages = config.cache.host_num_pages or int(config.cache.host_memory_gb * 2**30 // page_bytes)
         if num_host_pages and config.parallel.num_processes > 1:
             raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
@@ -125,7 +125,7 @@ class LLMEngine:
                                    num_host_pages=num_host_pages)
         self.adapters = list(config.lora.adapters)  # adapter i + 1 of the stacked LoRA weights
         backend = pallas_kernels.resolve_backend(config.attention.backend)
-        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.dtype, backend,
+        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
                                   lora=self._load_adapters(config))

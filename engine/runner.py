@@ -27,6 +27,7 @@ from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
 from models import llama, sharding
 from models.config import LlamaConfig
+from pallas_kernels import kv_quant
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +72,9 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, dtype) -> int:
-    return 2 * cfg.num_layers * cfg.num_kv_heads * page_size * cfg.head_dim * jnp.dtype(dtype).itemsize
+def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
+    """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
+    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.head_dim, kv_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +90,7 @@ class StepOutput:
 
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
-                 dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
+                 kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
                  lora: dict | None = None):
         self.cfg = model_cfg
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -106,9 +108,15 @@ class ModelRunner:
         self.backend = backend
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
-        # Allocated once (split by KV head across a tensor-parallel mesh), donated to every step.
-        kv_sharding = None if mesh is None else jax.sharding.NamedSharding(mesh, sharding.KV_SPEC)
-        self.kv = jax.jit(lambda: (jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)), out_shardings=kv_sharding)()
+        # The cache: (k_pages, v_pages) [L, Hkv, P, ps, D], and (k_scales, v_scales) [L, Hkv, P, ps] after them when
+        # 8-bit (pallas_kernels/kv_quant.py). Every array leads with [L, Hkv, P]: page copies, host saves and loads
+        # handle them alike. Allocated once (split by KV head across a tensor-parallel mesh), donated to every step.
+        kv_shapes = [(shape, kv_dtype)] * 2
+        if kv_quant.is_quantized(kv_dtype):
+            kv_shapes += [(shape[:-1], kv_quant.SCALE_DTYPE)] * 2
+        kv_sharding = None if mesh is None else tuple(
+            jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s))) for s, _ in kv_shapes)
+        self.kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
         self._prev_tokens = jnp.zeros(self.max_seqs, jnp.int32)  # what the last launched step sampled
@@ -117,11 +125,12 @@ class ModelRunner:
             static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
         )
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
-        # Host tier (engine.host_cache): (k, v) slots in host memory, [L, Hkv, slots, page_size, D] like the cache (np.zeros
-        # maps untouched memory lazily); saves copy device pages out asynchronously and land here at the next fetch.
-        host_shape = shape[:2] + (num_host_pages,) + shape[3:]
-        self.host_kv = (np.zeros(host_shape, dtype), np.zeros(host_shape, dtype)) if num_host_pages else None
-        self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, jax.Array]]] = []
+        # Host tier (engine.host_cache): slots in host memory for every cache array, [L, Hkv, slots, ...] like the
+        # cache (np.zeros maps untouched memory lazily); saves copy device pages out asynchronously and land here at the
+        # next fetch.
+        self.host_kv = tuple(np.zeros(s[:2] + (num_host_pages,) + s[3:], d) for s, d in kv_shapes) \
+            if num_host_pages else None
+        self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, ...]]] = []
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
@@ -268,8 +277,8 @@ class ModelRunner:
         if step.host_loads is not None:
             slots, pages = step.host_loads
             self._land_saves()  # a load may read a slot saved by this or a recent step
-            k, v = self.host_kv
-            self.kv = self._scatter(self.kv, *self._to_device((k[:, :, slots], v[:, :, slots], pages)))
+            loaded = tuple(h[:, :, slots] for h in self.host_kv)
+            self.kv = self._scatter(self.kv, *self._to_device((loaded, pages)))
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
@@ -323,10 +332,10 @@ class ModelRunner:
     def _land_saves(self) -> None:
         """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
         newer page)."""
-        for slots, (k, v) in self._pending_saves:
+        for slots, saved in self._pending_saves:
             keep = slots >= 0
-            self.host_kv[0][:, :, slots[keep]] = np.asarray(k)[:, :, keep]
-            self.host_kv[1][:, :, slots[keep]] = np.asarray(v)[:, :, keep]
+            for host, pages in zip(self.host_kv, saved):
+                host[:, :, slots[keep]] = np.asarray(pages)[:, :, keep]
         self._pending_saves = []
 
     def _pack_pairs(self, pairs: list[tuple[int, int]], fill: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -368,17 +377,18 @@ class StepArrays:
     host_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, pages; out-of-range pads): hits to device
 
 
+# The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.
+
 def _gather_pages(kv, pages):
-    """(k, v) [L, Hkv, n, ps, D] of `pages` (every layer)."""
-    return kv[0][:, :, pages], kv[1][:, :, pages]
+    """Each cache array's `pages` (every layer): [L, Hkv, n, ...]."""
+    return tuple(a[:, :, pages] for a in kv)
 
 
-def _scatter_pages(kv, k, v, pages):
-    """Writes (k, v) [L, Hkv, n, ps, D] into `pages` (out-of-range pages dropped)."""
-    return kv[0].at[:, :, pages].set(k, mode="drop"), kv[1].at[:, :, pages].set(v, mode="drop")
+def _scatter_pages(kv, loaded, pages):
+    """Writes `loaded` (like `_gather_pages`' result) into `pages` (out-of-range pages dropped)."""
+    return tuple(a.at[:, :, pages].set(new, mode="drop") for a, new in zip(kv, loaded))
 
 
 def _copy_pages(kv, src, dst):
-    """kv: (k, v) each [L, Hkv, P, ps, D]; copies pages src[i] -> dst[i] (out-of-range dst dropped)."""
-    k, v = kv
-    return k.at[:, :, dst].set(k[:, :, src], mode="drop"), v.at[:, :, dst].set(v[:, :, src], mode="drop")
+    """Copies pages src[i] -> dst[i] in every cache array (out-of-range dst dropped)."""
+    return tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in kv)

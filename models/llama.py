@@ -32,7 +32,8 @@ from models.lora import lora_delta
 from models.weights import NORM_KEYS
 
 Params = dict
-KVCache = tuple  # (k_pages, v_pages), each [L, Hkv, num_pages, page_size, D]
+KVCache = tuple  # (k_pages, v_pages) [L, Hkv, num_pages, page_size, D], then (k_scales, v_scales) [L, Hkv, num_pages,
+# page_size] for an 8-bit cache (pallas_kernels/kv_quant.py)
 
 
 @jax.tree_util.register_dataclass
@@ -215,33 +216,37 @@ def forward(
     # layers (Gemma 3) pass it per layer as a traced scalar.
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
-    def local_attention(i, window, q, k, v, k_pages, v_pages, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+    def local_attention(i, window, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
         window = window if cfg.mixed_windows else static_window
-        k_pages, v_pages = pallas_kernels.write_kv(k_pages, v_pages, k, v, slots, backend=attn_backend, layer=i)
+        scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
+        kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **scales)
+        scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
         out = pallas_kernels.ragged_paged_attention(
-            q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
+            q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
+            **scales,
         )
-        return out, k_pages, v_pages
+        return out, kv
 
     if mesh is not None:
         from jax.sharding import PartitionSpec as P
 
-        from models.sharding import AXIS, KV_SPEC
+        from models.sharding import AXIS, kv_spec
 
         heads = P(None, AXIS, None)  # [T, H, D] split by head
+        kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), heads, heads, heads, KV_SPEC, KV_SPEC, P(), P(), P(), P(), P()),
-            out_specs=(heads, KV_SPEC, KV_SPEC),
+            in_specs=(P(), P(), heads, heads, heads, kv_specs, P(), P(), P(), P(), P()),
+            out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
 
     def attend(i, window, q, k, v, kv):
-        out, k_pages, v_pages = local_attention(
-            i, window if cfg.mixed_windows else jnp.int32(0), q, k, v, *kv, inputs.slot_mapping, inputs.kv_lens, inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
+        return local_attention(
+            i, window if cfg.mixed_windows else jnp.int32(0), q, k, v, kv, inputs.slot_mapping, inputs.kv_lens,
+            inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
-        return out, (k_pages, v_pages)
 
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids)

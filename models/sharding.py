@@ -106,7 +106,9 @@ def shard_params(cfg: LlamaConfig, params: dict, mesh: Mesh) -> dict:
     return jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)), params, specs)
 
 
-KV_SPEC = P(None, AXIS, None, None, None)  # [L, Hkv, pages, page_size, D]: split by KV head
+def kv_spec(ndim: int = 5) -> P:
+    """A cache array split by KV head: pages [L, Hkv, P, ps, D] (ndim 5), an 8-bit cache's scales [L, Hkv, P, ps] (4)."""
+    return P(None, AXIS, *[None] * (ndim - 2))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

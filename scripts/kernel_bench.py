@@ -20,7 +20,10 @@ Our backends are called as the engine calls them: a stacked cache [L, Hkv, P, pa
 offset into the stack), the layer read in place.
 
 Backends: `pallas` (our kernels; decode cases use the split-KV decode kernel), `xla` (the jnp
-reference), and for decode `jax_paged` = jax.experimental.pallas.ops.gpu.paged_attention. JAX's
+reference), for decode `pallas int8` (the decode kernel over the same cache quantized to int8 with
+a float32 scale per vector, pallas_kernels/kv_quant.py: its bytes are the 8-bit values plus the
+scales, its error includes the quantization's) and `jax_paged` =
+jax.experimental.pallas.ops.gpu.paged_attention. JAX's
 kernel takes a dense batch (q [B, Hq, D], one page-table row and length per sequence, exactly one
 query token each) over one layer's [Hkv, P, page_size, D] pages (the same content, kept as its
 own array so that no slice is timed), and needs pages_per_sequence % k_splits == 0; it has no
@@ -43,6 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from pallas_kernels import kv_quant  # noqa: E402
 
 
 def time_fn(fn, *args, reps: int, inner: int | None = None) -> float:
@@ -116,9 +120,10 @@ def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, pag
       num_seqs=jnp.asarray([num_seqs], jnp.int32))
 
 
-def ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, itemsize):
-  """(bytes, flops): every visible KV row read once, q read and out written once; causal FLOPs."""
-  kv_bytes = sum(kv_lens) * num_kv_heads * head_dim * 2 * itemsize
+def ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, itemsize, kv_vector_bytes=None):
+  """(bytes, flops): every visible KV row read once, q read and out written once; causal FLOPs.
+  kv_vector_bytes: bytes of one cached (token, kv head) K or V vector (default head_dim * itemsize)."""
+  kv_bytes = sum(kv_lens) * num_kv_heads * (kv_vector_bytes or head_dim * itemsize) * 2
   q_bytes = sum(q_lens) * num_q_heads * head_dim * 2 * itemsize
   visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens))
   return kv_bytes + q_bytes, 4 * num_q_heads * head_dim * visible
@@ -295,6 +300,12 @@ def main(argv=None):
     }
     ref_out = runs["xla"](*call_args)
     rows = [(backend, fn, call_args) for backend, fn in runs.items()]
+    if kind == "decode":
+      (k8, ks), (v8, vs) = (kv_quant.quantize(batch[n], jnp.int8) for n in ("k_all", "v_all"))
+      int8_args = (*call_args[:1], k8, v8, *call_args[3:], ks, vs)
+      rows.append(("pallas int8", lambda *a: attn(*a[:-3], layer=a[-3], k_scales=a[-2], v_scales=a[-1],
+                                                  sm_scale=sm_scale, backend=pallas_backend,
+                                                  decode_only=True), int8_args))
     if kind == "decode" and (fn := jax_paged_fn(batch, sm_scale=sm_scale, interpret=quick)):
       rows.append(("jax_paged", fn, (batch["q"], batch["k_pages"], batch["v_pages"],
                                      batch["page_indices"], batch["kv_lens"])))
@@ -304,12 +315,18 @@ def main(argv=None):
       except Exception as e:  # noqa: BLE001 (report and go on with the other rows)
         print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
         continue
-      gbs, tflops = n_bytes / seconds / 1e9, n_flops / seconds / 1e12
+      if backend == "pallas int8":  # its own ideal bytes: 8-bit values and a float32 scale per vector
+        row_bytes = ideal_cost([1] * a, [b] * a, num_q_heads, num_kv_heads, head_dim, 2, head_dim + 4)[0]
+      else:
+        row_bytes = n_bytes
+      gbs, tflops = row_bytes / seconds / 1e9, n_flops / seconds / 1e12
       results[(kind, a, b, backend)] = (seconds, gbs * 1e9 / copy_bw, tflops * 1e12 / mm_flops)
       print(f"{name:<26} {backend:<17} {seconds * 1e3:9.3f} {gbs:8.1f} "
             f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} "
             f"{100 * tflops * 1e12 / mm_flops:5.1f}% {err:9.2e}", flush=True)
     del batch, call_args, ref_out, rows
+    if kind == "decode":
+      del k8, v8, ks, vs, int8_args
   if not quick:
     print_goals(results, pallas_backend)
 

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stats = llm.stats()
     print(f"serve.py: engine ready in {time.perf_counter() - t0:.1f} s: {stats['pages_total']} KV pages of "
-          f"{config.cache.page_size} tokens, context {llm.max_model_len} tokens", file=sys.stderr, flush=True)
+          f"{config.cache.page_size} tokens ({llm.engine.kv_dtype.name}), context {llm.max_model_len} tokens",
+          file=sys.stderr, flush=True)
 
     engine = AsyncEngine(llm)
     app = create_app(engine, config, api_key)

@@ -27,7 +27,7 @@ def main() -> None:
         mesh = sharding.make_mesh(tp)
         weights = sharding.shard_params(cfg, params, mesh)
         shape = (cfg.num_layers, cfg.num_kv_heads, NUM_PAGES, PAGE_SIZE, cfg.head_dim)
-        kv_sharding = jax.sharding.NamedSharding(mesh, sharding.KV_SPEC)
+        kv_sharding = jax.sharding.NamedSharding(mesh, sharding.kv_spec())
         kv = jax.jit(lambda: (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32)), out_shardings=kv_sharding)()
         w, k = sharding.bytes_per_device(weights), sharding.bytes_per_device(kv)
         print(f"parallel.tensor={tp}: weights per device (MiB) {sorted(round(v / 2**20, 1) for v in w.values())}, "

@@ -96,12 +96,15 @@ def test_unsupported_gguf_tensor_type_and_shape_mismatch(tmp_path):
 
 
 # --------------------------------------------------------------------------------- paged vs dense
-def _paged_run(cfg, params, prompts, page_size=4, chunk=5, backend="xla"):
-    """Runs prompts through `llama.forward` in ragged chunks over shuffled pages; returns last-row logits per step."""
+def _paged_run(cfg, params, prompts, page_size=4, chunk=5, backend="xla", kv_dtype=None):
+    """Runs prompts through `llama.forward` in ragged chunks over shuffled pages; returns last-row logits per step.
+    kv_dtype: an 8-bit cache (pages in that dtype and float32 scales)."""
     rng = np.random.default_rng(0)
     num_pages = 64
     shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    kv = (jnp.zeros(shape), jnp.zeros(shape))
+    kv = (jnp.zeros(shape, kv_dtype or jnp.float32), jnp.zeros(shape, kv_dtype or jnp.float32))
+    if kv_dtype is not None:
+        kv += (jnp.ones(shape[:-1]), jnp.ones(shape[:-1]))
     perm = rng.permutation(num_pages)
     pages = [perm[i * 16:(i + 1) * 16] for i in range(len(prompts))]
     done = [0] * len(prompts)
@@ -159,6 +162,24 @@ def test_paged_forward_matches_dense_reference(arch, backend):
         ref = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(prompt, jnp.int32)))
         for p, logits in by_pos.items():
             np.testing.assert_allclose(logits, ref[p], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_8bit_cache_forward_same_on_both_backends_close_to_dense(kv_dtype):
+    """Gemma 3's layers (traced per-layer window) over an 8-bit stacked cache: xla and the Pallas kernels (write and
+    attention) read the same stored bytes, so their logits agree to float32 rounding; both stay near the dense
+    full-precision forward (the quantization's error)."""
+    params = llama.init_params(TINY_GEMMA3, jax.random.key(7))
+    rng = np.random.default_rng(1)
+    prompts = [list(rng.integers(0, TINY_GEMMA3.vocab_size, n)) for n in (3, 13, 22)]
+    runs = {b: _paged_run(TINY_GEMMA3, params, prompts, backend=b, kv_dtype=kv_dtype) for b in ("xla", "pallas_interpret")}
+    worst = 0.0
+    for prompt, xla, pallas in zip(prompts, runs["xla"], runs["pallas_interpret"]):
+        ref = np.asarray(llama.forward_dense(params, TINY_GEMMA3, jnp.asarray(prompt, jnp.int32)))
+        for p in xla:
+            np.testing.assert_allclose(pallas[p], xla[p], rtol=1e-5, atol=1e-5)
+            worst = max(worst, np.abs(xla[p] - ref[p]).max() / np.abs(ref[p]).max())
+    assert 0 < worst < (0.05 if kv_dtype == jnp.int8 else 0.15), worst  # measured: 0.020 and 0.066
 
 
 def test_gemma3_orbax_round_trip(tmp_path):

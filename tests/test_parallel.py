@@ -30,8 +30,9 @@ def workload(vocab: int):
     return prompts + [prompts[0], list(rng.integers(100, vocab - 100, 30))]
 
 
-def _run(model, tp: int, num_pages: int):
-    llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": num_pages}), progress=False, model=model)
+def _run(model, tp: int, num_pages: int, **overrides):
+    llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": num_pages, **overrides}),
+              progress=False, model=model)
     outs = llm.generate(workload(model[0].vocab_size), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
     return [o.token_ids for o in outs], llm.engine
 
@@ -63,6 +64,18 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
         out, engine = _run(model, tp, num_pages=16)
         assert out == ref, f"tensor parallel {tp} changed greedy outputs"
         assert engine.stats()["num_preemptions"] > 0
+
+
+def test_int8_kv_cache_identical_at_tp_1_and_4():
+    """An 8-bit cache's scales are split by KV head like its pages (and repeated with them when devices outnumber
+    the KV heads, Gemma 3's one): the same greedy tokens at every degree, with hits and preemption."""
+    model = tiny_gemma3()
+    ref, engine1 = _run(model, 1, num_pages=16, **{"cache.kv_dtype": "int8"})
+    assert len(engine1.runner.kv) == 4 and engine1.runner.kv[0].dtype == np.int8
+    assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
+    for tp in (4,):  # one KV head: each device holds a copy of it and its scales
+        out, engine = _run(model, tp, num_pages=16, **{"cache.kv_dtype": "int8"})
+        assert out == ref, f"tensor parallel {tp} changed greedy outputs with an int8 cache"
 
 
 def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):

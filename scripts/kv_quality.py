@@ -1,0 +1,79 @@
+"""What an 8-bit KV cache (cache.kv_dtype) costs in accuracy, measured against the model's own cache dtype.
+
+For each cache dtype one engine scores the same texts teacher-forced (prompt logprobs: every position's
+log-probability of the next text token and its top-1 token) and continues short prompts greedily.
+Reported against `auto`: perplexity, mean |delta logprob| per token, top-1 agreement per position, and
+how many greedy tokens stay identical before the first difference.
+
+    .venv/bin/python scripts/kv_quality.py --kv-dtypes auto int8 fp8_e4m3
+
+Texts: this repository's own docs (no network), cut into windows of --window tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+import numpy as np  # noqa: E402
+
+from engine.config import load_config  # noqa: E402
+from engine.llm import LLM  # noqa: E402
+from engine.request import SamplingParams  # noqa: E402
+from models.loader import load_weights, tokenizer_source  # noqa: E402
+from models.tokenizer import Tokenizer  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):\n", "Write a short poem about the sea.",
+           "List the planets of the solar system:", "Once upon a time, in a small village,",
+           "The three laws of thermodynamics are", "To make bread, you first", "SELECT name FROM users WHERE"]
+
+
+def texts(tokenizer: Tokenizer, window: int, count: int) -> list[list[int]]:
+    root = pathlib.Path(__file__).resolve().parent.parent
+    ids = []
+    for path in sorted((root / "docs").glob("*.md")) + [root / "README.md"]:
+        ids += tokenizer.encode(path.read_text(), add_special_tokens=False)
+    return [ids[i * window:(i + 1) * window] for i in range(min(count, len(ids) // window))]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", default="configs/smollm2-135m.yaml")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--kv-dtypes", nargs="+", default=["auto", "int8", "fp8_e4m3"])
+    ap.add_argument("--window", type=int, default=512, help="tokens per scored text")
+    ap.add_argument("--num-texts", type=int, default=8)
+    ap.add_argument("--output-len", type=int, default=64, help="greedy tokens per prompt")
+    args = ap.parse_args(argv)
+
+    base = load_config(args.config, args.set)
+    cfg, params = load_weights(base.model.path)
+    tokenizer = Tokenizer.load(tokenizer_source(base.model.path))
+    scored = texts(tokenizer, args.window, args.num_texts)
+    results = {}
+    for kv_dtype in args.kv_dtypes:
+        llm = LLM(base.replace(**{"cache.kv_dtype": kv_dtype}), progress=False, model=(cfg, params, tokenizer))
+        outs = llm.generate(scored, SamplingParams(max_tokens=1, prompt_logprobs=1))
+        logprobs = np.array([lp for o in outs for lp in o.prompt_logprobs[1:]])
+        top1 = np.array([top[0][0] for o in outs for top in o.prompt_top_logprobs[1:]])
+        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
+        results[kv_dtype] = (logprobs, top1, [g.token_ids for g in greedy])
+        print(f"{kv_dtype}: {llm.engine.stats()['pages_total']} pages", file=sys.stderr)
+
+    ref_lp, ref_top, ref_greedy = results[args.kv_dtypes[0]]
+    print(f"{len(scored)} texts x {args.window} tokens scored, {len(PROMPTS)} prompts x {args.output_len} greedy tokens; "
+          f"reference: {args.kv_dtypes[0]}\n")
+    print("| kv_dtype | perplexity | mean abs delta logprob | top-1 agreement | greedy tokens identical before the first difference (mean) |")
+    print("|---|---|---|---|---|")
+    for kv_dtype, (lp, top1, greedy) in results.items():
+        same = [next((i for i, (a, b) in enumerate(zip(r, g)) if a != b), len(r)) for r, g in zip(ref_greedy, greedy)]
+        print(f"| {kv_dtype} | {math.exp(-lp.mean()):.3f} | {np.abs(lp - ref_lp).mean():.4f} | "
+              f"{(top1 == ref_top).mean():.2%} | {np.mean(same):.1f} of {args.output_len} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

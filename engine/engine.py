@@ -107,7 +107,9 @@ class LLMEngine:
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
-        self.kv_dtype = kv_quant.KV_DTYPES.get(config.cache.kv_dtype, jnp.dtype(self.dtype))
+        # The cache arrays' dtype: the model's, or an 8-bit storage type (pallas_kernels/kv_quant.py).
+        kind = config.cache.kv_dtype
+        self.kv_dtype = jnp.dtype(self.dtype) if kind == "auto" else kv_quant.storage_dtype(kind)
         page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)
         # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
         num_pages = config.cache.num_pages or int(config.cache.memory_gb * 2**30 * tp // page_bytes)

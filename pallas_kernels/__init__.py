@@ -58,7 +58,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   [0, L); the Pallas kernels clamp it so that a bad index can never read outside the cache.
 
   k_scales, v_scales ([L, Hkv, P, ps] or [Hkv, P, ps] float32): the pages are an 8-bit cache
-  (int8 or float8_e4m3fn, pallas_kernels/kv_quant.py) and position j of a page stands for
+  (int8, or float8_e4m3fn stored as uint8 bits: pallas_kernels/kv_quant.py) and position j stands for
   pages[..., j, :] * scales[..., j]. Given exactly when the pages are 8-bit.
   """
   backend = resolve_backend(backend)

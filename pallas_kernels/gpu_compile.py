@@ -234,7 +234,9 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
 
   num_tokens, max_seqs, max_pages = 256, 16, 64
   pages_shape = (num_layers, num_kv_heads, max_seqs * max_pages, page_size, head_dim)
-  pages = jax.ShapeDtypeStruct(pages_shape, kv_dtype or dtype)
+  from pallas_kernels import kv_quant  # noqa: PLC0415
+
+  pages = jax.ShapeDtypeStruct(pages_shape, dtype if kv_dtype is None else kv_quant.storage_dtype(kv_dtype))
   scales = {}
   if kv_dtype is not None:
     scale = jax.ShapeDtypeStruct(pages_shape[:-1], jnp.float32)

@@ -1,7 +1,8 @@
 """8-bit KV cache: each (token, kv head) vector stored in an 8-bit type with its own float32 scale.
 
-A quantized cache is four arrays instead of two: k/v_pages [.., Hkv, P, ps, D] in int8 or
-float8_e4m3fn, and k/v_scales [.., Hkv, P, ps] float32. A stored vector dequantizes to
+A quantized cache is four arrays instead of two: k/v_pages [.., Hkv, P, ps, D] of int8 values, or
+float8_e4m3fn values kept as their uint8 bits (see _STORAGE), and k/v_scales [.., Hkv, P, ps]
+float32. A stored vector dequantizes to
 values.astype(float32) * scale. The scale is the vector's absolute maximum over the type's largest
 value (127 for int8, 448 for e4m3), so nothing saturates and the largest element is exact; int8
 rounds every element to within scale / 2, e4m3 to 3 mantissa bits.
@@ -19,44 +20,71 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
-# cache.kv_dtype names -> storage dtype.
+# cache.kv_dtype names -> what a stored value is.
 KV_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn)}
+# What the cache arrays hold: int8 as is, float8 as its uint8 bits.
+# NOTE: XLA's CPU backend has no float8 gather or scatter and upcasts the whole operand for one: a
+# float8 cache array was copied whole at every write and every attention read (0.38 s per write on a
+# 5,000-page SmolLM2 cache instead of 60 us). Stored as uint8, the cache only ever moves bytes; a
+# gathered tile is bitcast to float8 before it converts.
+_STORAGE = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8)}
+_VALUES = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn)}
 
 SCALE_DTYPE = jnp.dtype(jnp.float32)
 
 
+def storage_dtype(kind) -> jnp.dtype:
+  """The cache arrays' dtype for a cache.kv_dtype name ("int8", "fp8_e4m3") or a value dtype."""
+  dtype = KV_DTYPES[kind] if isinstance(kind, str) else jnp.dtype(kind)
+  return _STORAGE.get(dtype, dtype)
+
+
 def is_quantized(dtype) -> bool:
-  return jnp.dtype(dtype) in KV_DTYPES.values()
+  """Whether cache arrays of this (storage) dtype are an 8-bit cache (with scales)."""
+  return jnp.dtype(dtype) in _VALUES
+
+
+def to_compute(values: jax.Array, dtype) -> jax.Array:
+  """Stored cache values (any cache dtype, 8-bit or not) as `dtype`; exact for 8-bit values into
+  bfloat16 / float32."""
+  value_dtype = _VALUES.get(jnp.dtype(values.dtype))
+  if value_dtype is not None and value_dtype != values.dtype:
+    values = lax.bitcast_convert_type(values, value_dtype)
+  return values.astype(dtype)
 
 
 def max_value(dtype) -> float:
-  """The largest magnitude a vector's absolute maximum is mapped to."""
+  """The largest magnitude a vector's absolute maximum is mapped to (dtype: the value dtype)."""
   dtype = jnp.dtype(dtype)
   return 127.0 if dtype == jnp.int8 else float(jnp.finfo(dtype).max)
 
 
 def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """x [..., D] -> (values [..., D] in dtype, scales [...] float32); an all-zero vector gets scale 1."""
-  dtype = jnp.dtype(dtype)
-  top = max_value(dtype)
+  """x [..., D] -> (stored values [..., D], scales [...] float32); dtype: a value or storage dtype.
+  An all-zero vector gets scale 1."""
+  storage = storage_dtype(dtype)
+  value_dtype = _VALUES[storage]
+  top = max_value(value_dtype)
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=-1)
   scale = jnp.where(amax > 0, amax / top, 1.0)
   y = jnp.clip(x / scale[..., None], -top, top)
-  if dtype == jnp.int8:
+  if value_dtype == jnp.int8:
     y = jnp.round(y)
-  return y.astype(dtype), scale
+  y = y.astype(value_dtype)
+  return (y if storage == value_dtype else lax.bitcast_convert_type(y, storage)), scale
 
 
 def dequantize(values: jax.Array, scales: jax.Array) -> jax.Array:
-  """(values [..., D], scales [...]) -> float32 [..., D]."""
-  return values.astype(jnp.float32) * scales[..., None].astype(jnp.float32)
+  """(stored values [..., D], scales [...]) -> float32 [..., D]."""
+  return to_compute(values, jnp.float32) * scales[..., None].astype(jnp.float32)
 
 
-def dequantize_np(values: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def dequantize_np(values, scales) -> np.ndarray:
   """Host (numpy) dequantize, float64: what the float64 test attention reads."""
-  return np.asarray(jnp.asarray(values).astype(jnp.float32), np.float64) * np.asarray(scales, np.float64)[..., None]
+  return np.asarray(to_compute(jnp.asarray(values), jnp.float32), np.float64) * np.asarray(scales, np.float64)[..., None]
 
 
 def page_bytes(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype) -> int:

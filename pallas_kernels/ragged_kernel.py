@@ -114,8 +114,8 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
   head_dim = q.shape[-1]
   block_kv = pages_per_tile * k_ref.shape[2]
   page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
-  k = k_ref[layer, page_ids].reshape(block_kv, head_dim).astype(q.dtype)  # [block_kv, D]
-  v = v_ref[layer, page_ids].reshape(block_kv, head_dim).astype(q.dtype)
+  k = kv_quant.to_compute(k_ref[layer, page_ids], q.dtype).reshape(block_kv, head_dim)  # [block_kv, D]
+  v = kv_quant.to_compute(v_ref[layer, page_ids], q.dtype).reshape(block_kv, head_dim)
   s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
   if scale_refs is not None:
     k_scale = scale_refs[0][layer, page_ids].reshape(block_kv)           # [block_kv] float32

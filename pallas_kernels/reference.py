@@ -209,8 +209,8 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       cols = jnp.minimum(b * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32),
                          max_pages_per_seq - 1)
       page_ids = jnp.clip(page_row[cols], 0, num_pages - 1)[None, :]
-      k = k_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
-      v = v_pages[layer, heads, page_ids].reshape(num_kv_heads, block_len, head_dim).astype(jnp.float32)
+      k = kv_quant.to_compute(k_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, head_dim)
+      v = kv_quant.to_compute(v_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, head_dim)
       if scales is not None:
         k = k * scales[0][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
         v = v * scales[1][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
@@ -255,7 +255,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   and only layer `layer` is written. Returns the updated (k_pages, v_pages); under jit with the
   pages donated (or carried through a loop), XLA performs the scatter in place.
 
-  An 8-bit cache (int8 / float8_e4m3fn pages) needs k/v_scales ([.., Hkv, P, ps] float32): each row
+  An 8-bit cache (int8 / uint8-stored float8_e4m3fn pages, kv_quant) needs k/v_scales ([.., Hkv, P, ps] float32): each row
   is quantized (kv_quant.quantize), its values and scale written, and the result is
   (k_pages, v_pages, k_scales, v_scales).
   """

@@ -15,6 +15,7 @@ import argparse
 import math
 import pathlib
 import sys
+import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
@@ -55,13 +56,14 @@ def main(argv=None) -> int:
     scored = texts(tokenizer, args.window, args.num_texts)
     results = {}
     for kv_dtype in args.kv_dtypes:
+        t0 = time.perf_counter()
         llm = LLM(base.replace(**{"cache.kv_dtype": kv_dtype}), progress=False, model=(cfg, params, tokenizer))
         outs = llm.generate(scored, SamplingParams(max_tokens=1, prompt_logprobs=1))
         logprobs = np.array([lp for o in outs for lp in o.prompt_logprobs[1:]])
         top1 = np.array([top[0][0] for o in outs for top in o.prompt_top_logprobs[1:]])
         greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
         results[kv_dtype] = (logprobs, top1, [g.token_ids for g in greedy])
-        print(f"{kv_dtype}: {llm.engine.stats()['pages_total']} pages", file=sys.stderr)
+        print(f"{kv_dtype}: {llm.engine.stats()['pages_total']} pages, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 
     ref_lp, ref_top, ref_greedy = results[args.kv_dtypes[0]]
     print(f"{len(scored)} texts x {args.window} tokens scored, {len(PROMPTS)} prompts x {args.output_len} greedy tokens; "

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     stats = llm.stats()
     print(f"serve.py: engine ready in {time.perf_counter() - t0:.1f} s: {stats['pages_total']} KV pages of "
-          f"{config.cache.page_size} tokens ({llm.engine.kv_dtype.name}), context {llm.max_model_len} tokens",
+          f"{config.cache.page_size} tokens ({config.cache.kv_dtype}), context {llm.max_model_len} tokens",
           file=sys.stderr, flush=True)
 
     engine = AsyncEngine(llm)

@@ -398,15 +398,15 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
         llm = LLM(EngineConfig().replace(**{**SMALL, "cache.kv_dtype": kv_dtype, "debug_checks": True, **overrides}),
                   progress=False, model=tiny_model)
         runs[name] = (*_generate(llm, prompts, max_tokens=8), llm.engine.stats())
-        assert [a.dtype for a in llm.engine.runner.kv] == [kv_quant.KV_DTYPES[kv_dtype]] * 2 + [jnp.float32] * 2
+        assert [a.dtype for a in llm.engine.runner.kv] == [kv_quant.storage_dtype(kv_dtype)] * 2 + [jnp.float32] * 2
     assert all(run[0] == runs["on"][0] for run in runs.values())
     assert sum(runs["on"][1]) > 0 and sum(runs.get("off", ([], [0]))[1]) == 0
     assert runs["tiny+host"][2]["host_hit_tokens"] > 0 and runs["tiny+host"][2]["num_evicted_pages"] > 0
     cfg = tiny_model[0]
     page_bytes = {dtype: kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim, dtype)
-                  for dtype in (jnp.float32, kv_quant.KV_DTYPES[kv_dtype])}
-    assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[kv_quant.KV_DTYPES[kv_dtype]])
-    assert page_bytes[jnp.float32] == 3.2 * page_bytes[kv_quant.KV_DTYPES[kv_dtype]]  # 4 bytes vs 1 + 4 / head_dim 16
+                  for dtype in (jnp.float32, kv_quant.storage_dtype(kv_dtype))}
+    assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[kv_quant.storage_dtype(kv_dtype)])
+    assert page_bytes[jnp.float32] == 3.2 * page_bytes[kv_quant.storage_dtype(kv_dtype)]  # 4 bytes vs 1 + 4 / head_dim 16
 
 
 def test_priority_policy_in_the_engine(tiny_model, tiny):

@@ -60,6 +60,35 @@ def test_pallas_gpu_window_softcap(decode_only, sliding_window, soft_cap):
       soft_cap=soft_cap, num_tokens=sum(q for q, _ in seqs) + 3)
 
 
+@pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
+def test_pallas_gpu_8bit_cache(decode_only, kv_dtype):
+  """8-bit pages with float32 scales (pallas_kernels/kv_quant.py), Llama-3-8B heads, bfloat16 q."""
+  seqs = DECODES if decode_only else MIXED
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), seqs,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=32, num_kv_heads=8,
+      head_dim=128, page_size=16, dtype=jnp.bfloat16, sliding_window=128, kv_dtype=kv_dtype,
+      num_tokens=sum(q for q, _ in seqs) + 3)
+
+
+def test_write_kv_8bit_gpu():
+  """The Pallas write of an 8-bit cache stores the same values and scales as the jnp scatter."""
+  rng = np.random.default_rng(1)
+  shape = (2, 8, 40, 16, 128)
+  caches = [jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) for _ in range(2)]
+  caches += [jnp.asarray(rng.uniform(size=shape[:-1]), jnp.float32) for _ in range(2)]
+  k, v = (jnp.asarray(rng.standard_normal((64, 8, 128)), jnp.bfloat16) for _ in range(2))
+  slots = rng.permutation(40 * 16)[:64].astype(np.int32)
+  slots[::7] = -1
+  args = (caches[0], caches[1], k, v, jnp.asarray(slots))
+  opts = dict(layer=jnp.int32(1), k_scales=caches[2], v_scales=caches[3])
+  want = pallas_kernels.write_kv(*args, backend="xla", **opts)
+  got = jax.jit(functools.partial(pallas_kernels.write_kv, backend="pallas"))(*args, **opts)
+  for g, w in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+
+
 def test_write_kv_gpu():
   rng = np.random.default_rng(0)
   shape = (8, 40, 16, 128)

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import kv_quant
 from models import llama
 from models.config import ConfigError, LlamaConfig
 from models.gguf_loader import CheckpointError
@@ -102,7 +103,8 @@ def _paged_run(cfg, params, prompts, page_size=4, chunk=5, backend="xla", kv_dty
     rng = np.random.default_rng(0)
     num_pages = 64
     shape = (cfg.num_layers, cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
-    kv = (jnp.zeros(shape, kv_dtype or jnp.float32), jnp.zeros(shape, kv_dtype or jnp.float32))
+    storage = jnp.float32 if kv_dtype is None else kv_quant.storage_dtype(kv_dtype)
+    kv = (jnp.zeros(shape, storage), jnp.zeros(shape, storage))
     if kv_dtype is not None:
         kv += (jnp.ones(shape[:-1]), jnp.ones(shape[:-1]))
     perm = rng.permutation(num_pages)

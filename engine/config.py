@@ -43,9 +43,10 @@ class CacheConfig:
     page_size: int = 16  # tokens per KV page
     num_pages: int = 0  # 0: derive from memory_gb
     memory_gb: float = 1.0  # KV cache budget when num_pages is 0
-    # Storage of cached K/V: "auto" keeps model.dtype; "int8" / "fp8_e4m3" store each (token, kv head) vector in
-    # 8 bits with a float32 scale (pallas_kernels/kv_quant.py): ~2x the pages of bfloat16 in the same memory_gb.
-    kv_dtype: Literal["auto", "int8", "fp8_e4m3"] = "auto"
+    # Storage of cached K/V: "auto" keeps model.dtype; "bfloat16" halves a float32 model's cache; "int8" / "fp8_e4m3"
+    # store each (token, kv head) vector in 8 bits with a float32 scale (pallas_kernels/kv_quant.py): ~2x the pages of
+    # bfloat16 in the same memory_gb.
+    kv_dtype: Literal["auto", "bfloat16", "int8", "fp8_e4m3"] = "auto"
     # Host tier (engine.host_cache): pages the tree evicts are kept in this much host memory and copied back on a
     # later hit instead of being recomputed. 0: off.
     host_memory_gb: float = 0.0

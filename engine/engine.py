@@ -109,7 +109,7 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' dtype: the model's, or an 8-bit storage type (pallas_kernels/kv_quant.py).
         kind = config.cache.kv_dtype
-        self.kv_dtype = jnp.dtype(self.dtype) if kind == "auto" else kv_quant.storage_dtype(kind)
+        self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)
         # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
         num_pages = config.cache.num_pages or int(config.cache.memory_gb * 2**30 * tp // page_bytes)

@@ -22,28 +22,33 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-# cache.kv_dtype names -> what a stored value is.
-KV_DTYPES = {"int8": jnp.dtype(jnp.int8), "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn)}
-# What the cache arrays hold: int8 as is, float8 as its uint8 bits.
-# NOTE: XLA's CPU backend has no float8 gather or scatter and upcasts the whole operand for one: a
-# float8 cache array was copied whole at every write and every attention read (0.38 s per write on a
-# 5,000-page SmolLM2 cache instead of 60 us). Stored as uint8, the cache only ever moves bytes; a
-# gathered tile is bitcast to float8 before it converts.
-_STORAGE = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8)}
-_VALUES = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8): jnp.dtype(jnp.float8_e4m3fn)}
+# cache.kv_dtype names -> what a stored value is (int8 and float8 with per-vector scales).
+KV_DTYPES = {"bfloat16": jnp.dtype(jnp.bfloat16), "int8": jnp.dtype(jnp.int8),
+             "fp8_e4m3": jnp.dtype(jnp.float8_e4m3fn)}
+# What the engine's cache arrays hold: float32 and int8 as they are, bfloat16 and float8 as their
+# uint16 / uint8 bits.
+# NOTE: XLA's CPU backend has no bfloat16 or float8 gather and scatter and upcasts the whole operand
+# for one: such a cache was copied whole at every write and every attention read (0.38 s per write on
+# a 5,000-page float8 SmolLM2 cache instead of 60 us; 1.5 GB of temporaries for a bfloat16 one).
+# Stored as unsigned ints, the cache only ever moves bits; a gathered tile is bitcast back before it
+# converts (free on a GPU, where XLA and Triton move either the same way).
+_STORAGE = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8),
+            jnp.dtype(jnp.bfloat16): jnp.dtype(jnp.uint16)}
+_VALUES = {storage: value for value, storage in _STORAGE.items()}
+_QUANTIZED = (jnp.dtype(jnp.int8), jnp.dtype(jnp.uint8))  # storage dtypes that come with scales
 
 SCALE_DTYPE = jnp.dtype(jnp.float32)
 
 
 def storage_dtype(kind) -> jnp.dtype:
-  """The cache arrays' dtype for a cache.kv_dtype name ("int8", "fp8_e4m3") or a value dtype."""
+  """The cache arrays' dtype for a cache.kv_dtype name ("bfloat16", "int8", "fp8_e4m3") or a value dtype."""
   dtype = KV_DTYPES[kind] if isinstance(kind, str) else jnp.dtype(kind)
   return _STORAGE.get(dtype, dtype)
 
 
 def is_quantized(dtype) -> bool:
   """Whether cache arrays of this (storage) dtype are an 8-bit cache (with scales)."""
-  return jnp.dtype(dtype) in _VALUES
+  return jnp.dtype(dtype) in _QUANTIZED
 
 
 def to_compute(values: jax.Array, dtype) -> jax.Array:
@@ -53,6 +58,14 @@ def to_compute(values: jax.Array, dtype) -> jax.Array:
   if value_dtype is not None and value_dtype != values.dtype:
     values = lax.bitcast_convert_type(values, value_dtype)
   return values.astype(dtype)
+
+
+def to_storage(x: jax.Array, dtype) -> jax.Array:
+  """Full-precision values x as cache arrays of (storage) dtype hold them: rounded to bfloat16 and bitcast for
+  uint16, converted for float32 / bfloat16 pages. Not for 8-bit caches (`quantize`)."""
+  value_dtype = _VALUES.get(jnp.dtype(dtype), jnp.dtype(dtype))
+  x = x.astype(value_dtype)
+  return x if value_dtype == dtype else lax.bitcast_convert_type(x, dtype)
 
 
 def max_value(dtype) -> float:
@@ -65,6 +78,8 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   """x [..., D] -> (stored values [..., D], scales [...] float32); dtype: a value or storage dtype.
   An all-zero vector gets scale 1."""
   storage = storage_dtype(dtype)
+  if not is_quantized(storage):
+    raise ValueError(f"{jnp.dtype(dtype)} is not an 8-bit cache type")
   value_dtype = _VALUES[storage]
   top = max_value(value_dtype)
   x = x.astype(jnp.float32)

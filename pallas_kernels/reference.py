@@ -268,7 +268,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   def scatter(pages, new):
     # NOTE: index the pages in their own [.., Hkv, P, ps, D] shape. A reshape to flat slots
     # first made XLA copy the whole (donated) cache at every write when Hkv == 1.
-    new = new.astype(pages.dtype)                                    # [T, Hkv(, D)]
+    new = new if new.dtype == pages.dtype else kv_quant.to_storage(new, pages.dtype)  # [T, Hkv(, D)]
     if layer is None:
       return pages.at[:, page, offset].set(jnp.moveaxis(new, 1, 0), mode="drop")
     # A scalar layer and [T] page/offset around a slice index as [T, Hkv(, D)].

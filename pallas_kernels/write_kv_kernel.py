@@ -57,7 +57,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, layer: jax.Array | None = 
   page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
                            lambda t, h: (0, h, 0, 0, 0))
   row_spec = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
-  rows, caches = [k, v], [k_pages, v_pages]
+  rows, caches = [kv_quant.to_storage(k, k_pages.dtype), kv_quant.to_storage(v, v_pages.dtype)], [k_pages, v_pages]
   row_specs, cache_specs = [row_spec, row_spec], [page_spec, page_spec]
   if scales is not None:
     (k, ks), (v, vs) = kv_quant.quantize(k, k_pages.dtype), kv_quant.quantize(v, v_pages.dtype)

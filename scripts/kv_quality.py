@@ -5,7 +5,7 @@ log-probability of the next text token and its top-1 token) and continues short 
 Reported against `auto`: perplexity, mean |delta logprob| per token, top-1 agreement per position, and
 how many greedy tokens stay identical before the first difference.
 
-    .venv/bin/python scripts/kv_quality.py --kv-dtypes auto int8 fp8_e4m3
+    .venv/bin/python scripts/kv_quality.py --kv-dtypes auto bfloat16 int8 fp8_e4m3
 
 Texts: this repository's own docs (no network), cut into windows of --window tokens.
 """
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--kv-dtypes", nargs="+", default=["auto", "int8", "fp8_e4m3"])
+    ap.add_argument("--kv-dtypes", nargs="+", default=["auto", "bfloat16", "int8", "fp8_e4m3"])
     ap.add_argument("--window", type=int, default=512, help="tokens per scored text")
     ap.add_argument("--num-texts", type=int, default=8)
     ap.add_argument("--output-len", type=int, default=64, help="greedy tokens per prompt")

@@ -381,11 +381,12 @@ def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):
     assert sum(cached) > sum(plain_cached) and stats["host_pages_used"] <= stats["host_pages_total"] == 48
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "bfloat16"])
 def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_model, tokenizer, kv_dtype):
     """With an 8-bit cache (values + per-vector scales) the same invariants hold: caching on or off (int8), and a
     thrashing pool whose host tier saves and restores pages, scales included, give the same greedy tokens. The pool
-    size comes from memory_gb at 8 bits plus one float32 scale per vector."""
+    size comes from memory_gb at 8 bits plus one float32 scale per vector. (bfloat16: a float32 model's cache in
+    16 bits, no scales.)"""
     from pallas_kernels import kv_quant
 
     prompts = _prompts(tokenizer, random.Random(5))
@@ -398,15 +399,18 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
         llm = LLM(EngineConfig().replace(**{**SMALL, "cache.kv_dtype": kv_dtype, "debug_checks": True, **overrides}),
                   progress=False, model=tiny_model)
         runs[name] = (*_generate(llm, prompts, max_tokens=8), llm.engine.stats())
-        assert [a.dtype for a in llm.engine.runner.kv] == [kv_quant.storage_dtype(kv_dtype)] * 2 + [jnp.float32] * 2
+        storage = kv_quant.storage_dtype(kv_dtype)
+        scales = [jnp.float32] * 2 if kv_quant.is_quantized(storage) else []
+        assert [a.dtype for a in llm.engine.runner.kv] == [storage] * 2 + scales
     assert all(run[0] == runs["on"][0] for run in runs.values())
     assert sum(runs["on"][1]) > 0 and sum(runs.get("off", ([], [0]))[1]) == 0
     assert runs["tiny+host"][2]["host_hit_tokens"] > 0 and runs["tiny+host"][2]["num_evicted_pages"] > 0
     cfg = tiny_model[0]
     page_bytes = {dtype: kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim, dtype)
-                  for dtype in (jnp.float32, kv_quant.storage_dtype(kv_dtype))}
-    assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[kv_quant.storage_dtype(kv_dtype)])
-    assert page_bytes[jnp.float32] == 3.2 * page_bytes[kv_quant.storage_dtype(kv_dtype)]  # 4 bytes vs 1 + 4 / head_dim 16
+                  for dtype in (jnp.float32, storage)}
+    assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[storage])
+    # 4 bytes per element vs 2, or vs 1 + a 4-byte scale per head_dim (16) elements
+    assert page_bytes[jnp.float32] == (2 if kv_dtype == "bfloat16" else 3.2) * page_bytes[storage]
 
 
 def test_priority_policy_in_the_engine(tiny_model, tiny):

@@ -422,14 +422,17 @@ def test_xla_write_kv_updates_the_cache_in_place(num_kv_heads):
     assert stats.temp_size_in_bytes < cache_bytes / 16, (fn.__name__, stats.temp_size_in_bytes)
 
 
-@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
-def test_xla_8bit_cache_is_never_copied(kv_dtype):
-  """An 8-bit cache under the engine's scan: the write (values and scales) stays in place and the
-  attention read gathers only its blocks. A float8 cache array made XLA's CPU backend upcast, i.e.
-  copy, the whole cache at every write and read; it is stored as uint8 bits (kv_quant)."""
+@pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn, jnp.bfloat16])
+def test_xla_cache_storage_is_never_copied(kv_dtype):
+  """The engine's cache storage under its scan: the write (values, and scales when 8-bit) stays in
+  place and the attention read gathers only its blocks. A float8 or bfloat16 cache array made XLA's
+  CPU backend upcast, i.e. copy, the whole cache at every write and read; they are stored as their
+  uint8 / uint16 bits (kv_quant.storage_dtype)."""
   shape = (NUM_LAYERS, 2, 4096, 16, 64)  # 25 MB of 8-bit values: the attention's own blocks are far smaller
   storage = kv_quant.storage_dtype(kv_dtype)
-  cache = (jax.ShapeDtypeStruct(shape, storage),) * 2 + (jax.ShapeDtypeStruct(shape[:-1], jnp.float32),) * 2
+  cache = (jax.ShapeDtypeStruct(shape, storage),) * 2
+  if kv_quant.is_quantized(storage):
+    cache += (jax.ShapeDtypeStruct(shape[:-1], jnp.float32),) * 2
   new = jax.ShapeDtypeStruct((16, 2, 64), jnp.float32)
   q = jax.ShapeDtypeStruct((16, 4, 64), jnp.float32)
   meta = (jnp.full(4, 300, jnp.int32), jnp.arange(4 * 20, dtype=jnp.int32).reshape(4, 20),
@@ -437,17 +440,17 @@ def test_xla_8bit_cache_is_never_copied(kv_dtype):
 
   def step(kv, q, k, slots):
     def body(kv, i):
-      kv = reference.write_kv(kv[0], kv[1], k, k, slots, layer=i, k_scales=kv[2], v_scales=kv[3])
-      out = reference.ragged_paged_attention(q, kv[0], kv[1], *meta, sm_scale=0.1, layer=i, k_scales=kv[2],
-                                             v_scales=kv[3])
-      return kv, out
+      scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
+      kv = reference.write_kv(kv[0], kv[1], k, k, slots, layer=i, **scales)
+      scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
+      return kv, reference.ragged_paged_attention(q, kv[0], kv[1], *meta, sm_scale=0.1, layer=i, **scales)
     return jax.lax.scan(body, kv, jnp.arange(NUM_LAYERS))
 
   stats = jax.jit(step, donate_argnums=0).lower(cache, q, new, jax.ShapeDtypeStruct((16,), jnp.int32)) \
       .compile().memory_analysis()
   cache_bytes = sum(np.prod(c.shape) * c.dtype.itemsize for c in cache)
   assert stats.alias_size_in_bytes == cache_bytes
-  assert stats.temp_size_in_bytes < np.prod(shape) / 16, stats.temp_size_in_bytes
+  assert stats.temp_size_in_bytes < np.prod(shape) / 16, stats.temp_size_in_bytes  # 8-bit values / 16
 
 
 def test_stacked_cache_under_scan():

@@ -352,7 +352,7 @@ def decode_overhead(args) -> None:
             rng = random.Random(args.seed)
             adapters = [None, *engine.adapters]  # requests spread over the base model and every adapter
             for i in range(args.decode_batch):
-                engine.add_request(_ids(rng, 64, engine.model_cfg.vocab_size),
+                engine.add_request(_ids(rng, args.decode_prompt_len, engine.model_cfg.vocab_size),
                                    SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
                                    adapter=adapters[i % len(adapters)])
             while engine.has_unfinished():
@@ -439,6 +439,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--decode-prompt-len", type=int, default=64, help="decode workload: prompt tokens per request")
     ap.add_argument("--page-size", type=int, default=16, help="for the ideal hit rate (HTTP mode)")
     ap.add_argument("--timeout-s", type=float, default=1800)
     ap.add_argument("--seed", type=int, default=0)

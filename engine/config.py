@@ -32,6 +32,9 @@ class ModelSpec:
     # A Jinja chat template replacing the model's (or giving one to a model without): a file path, or the template
     # itself when it contains "{{" or "{%" (vLLM's --chat-template).
     chat_template: str | None = None
+    # "int8": the projections' weights stored as int8 with a float32 scale per output feature (W8A16, models/quant.py):
+    # a quarter of their float32 bytes, half of bfloat16. Embeddings, LM head and norms keep model.dtype.
+    quantization: Literal["none", "int8"] = "none"
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

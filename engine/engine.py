@@ -37,7 +37,7 @@ from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
-from models import sharding
+from models import quant, sharding
 from models.loader import load_weights, resolve_path, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
@@ -105,6 +105,10 @@ class LLMEngine:
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
+        if config.model.quantization == "int8":
+            t_quant = time.perf_counter()
+            params = quant.quantize_params(params)
+            log.info("int8 weights: projections quantized in %.1f s", time.perf_counter() - t_quant)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' dtype: the model's, or an 8-bit storage type (pallas_kernels/kv_quant.py).

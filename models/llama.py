@@ -29,6 +29,7 @@ import numpy as np
 import pallas_kernels
 from models.config import LlamaConfig
 from models.lora import lora_delta
+from models.quant import SCALE_SUFFIX
 from models.weights import NORM_KEYS
 
 Params = dict
@@ -161,7 +162,11 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, lo = xs
 
         def proj(h, name):
-            y = h @ p[name]
+            if name + SCALE_SUFFIX in p:  # int8 weight, float32 scale per output feature (models/quant.py)
+                y = jnp.dot(h, p[name].astype(h.dtype), preferred_element_type=jnp.float32)
+                y = (y * p[name + SCALE_SUFFIX]).astype(h.dtype)
+            else:
+                y = h @ p[name]
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         h = rms_norm(x, p["attn_norm"], eps)

@@ -185,6 +185,29 @@ def test_8bit_cache_forward_same_on_both_backends_close_to_dense(kv_dtype):
     assert 0 < worst < bound, worst
 
 
+@pytest.mark.parametrize("cfg", [TINY, TINY_GEMMA3], ids=["llama", "gemma3"])
+def test_int8_weights_are_their_dequantized_weights(cfg):
+    """model.quantization=int8 (models/quant.py): every element within half a step of its column's scale, and the
+    forward over int8 weights equals the forward over those weights dequantized to float32 (the int8 matmul path is
+    exact up to float rounding), paged like the engine and dense."""
+    from models import quant
+
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(11)))
+    qparams = quant.quantize_params(params)
+    for name in quant.PROJECTIONS:
+        w, s = qparams["layers"][name], qparams["layers"][name + quant.SCALE_SUFFIX]
+        assert w.dtype == np.int8 and s.shape == (cfg.num_layers, params["layers"][name].shape[-1])
+        assert (np.abs(w.astype(np.float32) * s[:, None, :] - params["layers"][name]) <= 0.5001 * s[:, None, :]).all()
+    dparams = quant.dequantize_params(qparams)
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, 24), jnp.int32)
+    got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    prompts = [list(np.asarray(ids[:n])) for n in (5, 13)]
+    for q_run, d_run in zip(_paged_run(cfg, qparams, prompts), _paged_run(cfg, dparams, prompts)):
+        for p in q_run:
+            np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
+
+
 def test_gemma3_orbax_round_trip(tmp_path):
     """Per-layer windows, RoPE bases and norms survive convert -> radixlm.json -> load; same logits."""
     from models.checkpoint import load_orbax, save_orbax

@@ -19,11 +19,16 @@ SCALE_SUFFIX = "_scale"
 
 
 def quantize_weight(w) -> tuple[np.ndarray, np.ndarray]:
-    """[..., in, out] float -> (int8 [..., in, out], float32 scales [..., out]); an all-zero column gets scale 1."""
-    w = np.asarray(w, np.float32)
-    amax = np.abs(w).max(axis=-2)
-    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
-    return np.clip(np.rint(w / scale[..., None, :]), -127, 127).astype(np.int8), scale
+    """[L, in, out] float -> (int8 [L, in, out], float32 scales [L, out]); an all-zero column gets scale 1.
+    One layer at a time, so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB)."""
+    w = np.asarray(w)
+    values, scales = np.empty(w.shape, np.int8), np.empty((w.shape[0], w.shape[-1]), np.float32)
+    for layer in range(w.shape[0]):
+        x = w[layer].astype(np.float32)
+        amax = np.abs(x).max(axis=0)
+        scales[layer] = np.where(amax > 0, amax / 127.0, 1.0)
+        values[layer] = np.clip(np.rint(x / scales[layer]), -127, 127)
+    return values, scales
 
 
 def quantize_params(params: dict) -> dict:

@@ -111,7 +111,8 @@ class LLMEngine:
             log.info("int8 weights: projections quantized in %.1f s", time.perf_counter() - t_quant)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
-        # The cache arrays' dtype: the model's, or an 8-bit storage type (pallas_kernels/kv_quant.py).
+        # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
+        # float8 kept as their bits.
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)

@@ -109,8 +109,9 @@ class ModelRunner:
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
         # The cache: (k_pages, v_pages) [L, Hkv, P, ps, D] in kv_dtype (a storage dtype: bfloat16 and float8 as their
-        # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit. Every array leads with [L, Hkv, P]: page copies, host saves and loads
-        # handle them alike. Allocated once (split by KV head across a tensor-parallel mesh), donated to every step.
+        # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit. Every
+        # array leads with [L, Hkv, P]: page copies, host saves and loads handle them alike. Allocated once (split by
+        # KV head across a tensor-parallel mesh), donated to every step.
         kv_shapes = [(shape, kv_dtype)] * 2
         if kv_quant.is_quantized(kv_dtype):
             kv_shapes += [(shape[:-1], kv_quant.SCALE_DTYPE)] * 2

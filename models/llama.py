@@ -28,6 +28,7 @@ import numpy as np
 
 import pallas_kernels
 from models.config import LlamaConfig
+from pallas_kernels import kv_quant
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX
 from models.weights import NORM_KEYS
@@ -223,13 +224,11 @@ def forward(
 
     def local_attention(i, window, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
         window = window if cfg.mixed_windows else static_window
-        scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
-        kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **scales)
-        scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
+        kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
-            **scales,
+            **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from models import quant
 from models.config import LlamaConfig
 
 AXIS = "tp"
@@ -95,9 +96,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         "wo": row, "w_gate": col, "w_up": col, "w_down": row,
     }
-    for name in ("wq", "wk", "wv", "w_gate", "w_up"):  # int8 weights' scales (models/quant.py): split like the outputs
-        layer_specs[name + "_scale"] = P(None, AXIS)
-    layer_specs |= {"wo_scale": P(), "w_down_scale": P()}
+    for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
+        layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()
     specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)

@@ -61,8 +61,9 @@ def to_compute(values: jax.Array, dtype) -> jax.Array:
 
 
 def to_storage(x: jax.Array, dtype) -> jax.Array:
-  """Full-precision values x as cache arrays of (storage) dtype hold them: rounded to bfloat16 and bitcast for
-  uint16, converted for float32 / bfloat16 pages. Not for 8-bit caches (`quantize`)."""
+  """Values x as cache arrays of (storage) dtype hold them: converted to the value dtype (rounded to
+  bfloat16, to e4m3, truncated to int8) and bitcast when stored as bits. 8-bit rows go through
+  `quantize`, which scales them into range first."""
   value_dtype = _VALUES.get(jnp.dtype(dtype), jnp.dtype(dtype))
   x = x.astype(value_dtype)
   return x if value_dtype == dtype else lax.bitcast_convert_type(x, dtype)
@@ -88,13 +89,21 @@ def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
   y = jnp.clip(x / scale[..., None], -top, top)
   if value_dtype == jnp.int8:
     y = jnp.round(y)
-  y = y.astype(value_dtype)
-  return (y if storage == value_dtype else lax.bitcast_convert_type(y, storage)), scale
+  return to_storage(y, storage), scale
 
 
-def dequantize(values: jax.Array, scales: jax.Array) -> jax.Array:
-  """(stored values [..., D], scales [...]) -> float32 [..., D]."""
-  return to_compute(values, jnp.float32) * scales[..., None].astype(jnp.float32)
+def to_store(k: jax.Array, v: jax.Array, dtype) -> tuple[jax.Array, ...]:
+  """New K/V rows [T, Hkv, D] as a cache of (storage) dtype holds them: (k, v), and for an 8-bit cache
+  (k, v, k_scales, v_scales) quantized, in the order of the cache's arrays."""
+  if not is_quantized(dtype):
+    return to_storage(k, dtype), to_storage(v, dtype)
+  (k, k_scales), (v, v_scales) = quantize(k, dtype), quantize(v, dtype)
+  return k, v, k_scales, v_scales
+
+
+def scale_kwargs(cache: tuple) -> dict:
+  """The k_scales= / v_scales= arguments for a cache tuple (k_pages, v_pages[, k_scales, v_scales])."""
+  return dict(zip(("k_scales", "v_scales"), cache[2:]))
 
 
 def dequantize_np(values, scales) -> np.ndarray:

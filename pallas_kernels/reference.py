@@ -268,7 +268,7 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   def scatter(pages, new):
     # NOTE: index the pages in their own [.., Hkv, P, ps, D] shape. A reshape to flat slots
     # first made XLA copy the whole (donated) cache at every write when Hkv == 1.
-    new = new if new.dtype == pages.dtype else kv_quant.to_storage(new, pages.dtype)  # [T, Hkv(, D)]
+    # new: [T, Hkv(, D)] in the array's dtype (kv_quant.to_store).
     if layer is None:
       return pages.at[:, page, offset].set(jnp.moveaxis(new, 1, 0), mode="drop")
     # A scalar layer and [T] page/offset around a slice index as [T, Hkv(, D)].
@@ -277,7 +277,5 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = Non
   quantized = kv_quant.is_quantized(k_pages.dtype)
   if quantized != (k_scales is not None):
     raise ValueError(f"k/v_scales go with an 8-bit cache and only with one; pages are {k_pages.dtype}")
-  if not quantized:
-    return scatter(k_pages, k), scatter(v_pages, v)
-  (k, ks), (v, vs) = kv_quant.quantize(k, k_pages.dtype), kv_quant.quantize(v, v_pages.dtype)
-  return scatter(k_pages, k), scatter(v_pages, v), scatter(k_scales, ks), scatter(v_scales, vs)
+  caches = (k_pages, v_pages, k_scales, v_scales) if quantized else (k_pages, v_pages)
+  return tuple(map(scatter, caches, kv_quant.to_store(k, v, k_pages.dtype)))

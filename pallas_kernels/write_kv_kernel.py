@@ -39,9 +39,9 @@ def _write_kernel(slot_ref, layer_ref, *refs):
   @pl.when((slot >= 0) & (slot < num_pages * page_size) & (layer >= 0) & (layer < num_layers))
   def _():
     page, offset = lax.div(slot, page_size), lax.rem(slot, page_size)
-    for row, out in zip(rows, outs):
+    for row, out in zip(rows, outs):  # rows already in their array's dtype (kv_quant.to_store)
       if len(out.shape) == 4:
-        out[layer, page, offset, :] = row[...].astype(out.dtype)
+        out[layer, page, offset, :] = row[...]
       else:
         out[layer, page, offset] = row[()]
 
@@ -57,14 +57,11 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, layer: jax.Array | None = 
   page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
                            lambda t, h: (0, h, 0, 0, 0))
   row_spec = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
-  rows, caches = [kv_quant.to_storage(k, k_pages.dtype), kv_quant.to_storage(v, v_pages.dtype)], [k_pages, v_pages]
-  row_specs, cache_specs = [row_spec, row_spec], [page_spec, page_spec]
-  if scales is not None:
-    (k, ks), (v, vs) = kv_quant.quantize(k, k_pages.dtype), kv_quant.quantize(v, v_pages.dtype)
-    rows = [k, v, ks, vs]
-    caches += list(scales)
-    row_specs += 2 * [pl.BlockSpec((None, None), lambda t, h: (t, h))]
-    cache_specs += scale_specs(scales, page_spec)
+  rows = kv_quant.to_store(k, v, k_pages.dtype)  # (k, v[, k_scales, v_scales]) as stored
+  caches = [k_pages, v_pages, *(scales or ())]
+  scale_row_spec = pl.BlockSpec((None, None), lambda t, h: (t, h))
+  row_specs = [row_spec, row_spec] + [scale_row_spec] * (len(rows) - 2)
+  cache_specs = [page_spec, page_spec, *scale_specs(scales, page_spec)]
   n = len(rows)
   out = pl.pallas_call(
       _write_kernel,

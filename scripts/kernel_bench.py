@@ -320,7 +320,8 @@ def main(argv=None):
         print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
         continue
       if backend == "pallas int8":  # its own ideal bytes: 8-bit values and a float32 scale per vector
-        row_bytes = ideal_cost([1] * a, [b] * a, num_q_heads, num_kv_heads, head_dim, 2, head_dim + 4)[0]
+        row_bytes = ideal_cost([1] * a, [b] * a, num_q_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
+                               head_dim + kv_quant.SCALE_DTYPE.itemsize)[0]
       else:
         row_bytes = n_bytes
       gbs, tflops = row_bytes / seconds / 1e9, n_flops / seconds / 1e12

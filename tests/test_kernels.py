@@ -440,10 +440,9 @@ def test_xla_cache_storage_is_never_copied(kv_dtype):
 
   def step(kv, q, k, slots):
     def body(kv, i):
-      scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
-      kv = reference.write_kv(kv[0], kv[1], k, k, slots, layer=i, **scales)
-      scales = dict(zip(("k_scales", "v_scales"), kv[2:]))
-      return kv, reference.ragged_paged_attention(q, kv[0], kv[1], *meta, sm_scale=0.1, layer=i, **scales)
+      kv = reference.write_kv(kv[0], kv[1], k, k, slots, layer=i, **kv_quant.scale_kwargs(kv))
+      return kv, reference.ragged_paged_attention(q, kv[0], kv[1], *meta, sm_scale=0.1, layer=i,
+                                                  **kv_quant.scale_kwargs(kv))
     return jax.lax.scan(body, kv, jnp.arange(NUM_LAYERS))
 
   stats = jax.jit(step, donate_argnums=0).lower(cache, q, new, jax.ShapeDtypeStruct((16,), jnp.int32)) \

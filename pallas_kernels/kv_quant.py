@@ -28,8 +28,8 @@ KV_DTYPES = {"bfloat16": jnp.dtype(jnp.bfloat16), "int8": jnp.dtype(jnp.int8),
 # What the engine's cache arrays hold: float32 and int8 as they are, bfloat16 and float8 as their
 # uint16 / uint8 bits.
 # NOTE: XLA's CPU backend has no bfloat16 or float8 gather and scatter and upcasts the whole operand
-# for one: such a cache was copied whole at every write and every attention read (0.38 s per write on
-# a 5,000-page float8 SmolLM2 cache instead of 60 us; 1.5 GB of temporaries for a bfloat16 one).
+# for one: such a cache was copied whole at every write and every attention read (XLA's memory analysis:
+# temporaries the size of the cache; tests/test_kernels.py::test_xla_cache_storage_is_never_copied).
 # Stored as unsigned ints, the cache only ever moves bits; a gathered tile is bitcast back before it
 # converts (free on a GPU, where XLA and Triton move either the same way).
 _STORAGE = {jnp.dtype(jnp.int8): jnp.dtype(jnp.int8), jnp.dtype(jnp.float8_e4m3fn): jnp.dtype(jnp.uint8),

@@ -179,6 +179,9 @@ class EngineConfig:
     parallel: ParallelConfig = ParallelConfig()
     server: ServerConfig = ServerConfig()
     compilation_cache_dir: str = "~/.cache/radixlm/jax"  # JAX persistent compilation cache; "" disables
+    # Compile every token and sequence bucket at start-up, so no request waits on XLA. false: each bucket compiles on
+    # first use (a quick experiment or a test that uses few buckets starts in a fraction of the time).
+    warmup: bool = True
     debug_checks: bool = False  # assert page-pool and radix-cache invariants after every step
 
     def replace(self, **overrides: Any) -> "EngineConfig":

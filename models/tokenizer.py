@@ -18,7 +18,6 @@ import copy
 import json
 import os
 import re
-import struct
 from typing import Any, Iterable, Sequence
 
 from models.chat_template import render_chat_template
@@ -367,74 +366,12 @@ class Tokenizer:
 # GGUF
 
 
-_GGUF_SCALARS = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8",
-                 11: "<i8", 12: "<f8"}  # fmt: skip  # GGUFValueType -> dtype; 8 is STRING, 9 is ARRAY
-_GGUF_STRING, _GGUF_ARRAY, _GGUF_BOOL = 8, 9, 7
-
-
 def _read_gguf_tokenizer_metadata(path: str) -> dict[str, Any]:
-    """The `tokenizer.*` key-value pairs of a GGUF file, from its header only (no tensor is touched).
+    """The `tokenizer.*` key-value pairs of a GGUF file, from its header only (no tensor is touched)."""
+    from models.gguf_loader import read_gguf
 
-    NOTE: gguf.GGUFReader builds a numpy view per array element: ~50 s for Gemma 3's 262k-token
-    vocabulary. This reads the same key-value section directly (~0.5 s); a test checks both agree.
-    """
-    import mmap
-
-    import numpy as np
-
-    with open(path, "rb") as f:
-        try:
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        except ValueError as e:  # empty file
-            raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
-    with buf:
-        if len(buf) < 24 or buf[:4] != b"GGUF":
-            raise ValueError(f"{path}: not a readable GGUF file (no GGUF magic)")
-        version, _num_tensors, num_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: unsupported GGUF version {version} (readable: 2, 3, little-endian)")
-        pos = 24
-
-        def read_str() -> str:
-            nonlocal pos
-            (n,) = struct.unpack_from("<Q", buf, pos)
-            pos += 8 + n
-            return buf[pos - n : pos].decode("utf-8", errors="replace")
-
-        def read_value(vtype: int):
-            nonlocal pos
-            if vtype == _GGUF_STRING:
-                return read_str()
-            if vtype == _GGUF_ARRAY:
-                itype, count = struct.unpack_from("<IQ", buf, pos)
-                pos += 12
-                if itype in _GGUF_SCALARS:
-                    dtype = np.dtype(_GGUF_SCALARS[itype])
-                    items = np.frombuffer(buf, dtype, count, pos).tolist()
-                    pos += count * dtype.itemsize
-                    return [bool(x) for x in items] if itype == _GGUF_BOOL else items
-                return [read_value(itype) for _ in range(count)]
-            if vtype not in _GGUF_SCALARS:
-                raise ValueError(f"{path}: corrupt GGUF metadata (value type {vtype} at byte {pos})")
-            dtype = np.dtype(_GGUF_SCALARS[vtype])
-            value = np.frombuffer(buf, dtype, 1, pos)[0].item()
-            pos += dtype.itemsize
-            return bool(value) if vtype == _GGUF_BOOL else value
-
-        meta = {}
-        try:
-            for _ in range(num_kv):
-                key = read_str()
-                (vtype,) = struct.unpack_from("<I", buf, pos)
-                pos += 4
-                value = read_value(vtype)
-                if key.startswith("tokenizer."):
-                    meta[key] = value
-        except (struct.error, ValueError) as e:
-            raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt metadata: {e})") from e
-    if "tokenizer.ggml.precompiled_charsmap" in meta:
-        meta["tokenizer.ggml.precompiled_charsmap"] = bytes(meta["tokenizer.ggml.precompiled_charsmap"])
-    return meta
+    meta, _ = read_gguf(path, tensors=False)
+    return {k: v for k, v in meta.items() if k.startswith("tokenizer.")}
 
 
 def _byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id, add_bos, add_eos):

@@ -107,8 +107,9 @@ class LLMEngine:
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
         if config.model.quantization == "int8":
             t_quant = time.perf_counter()
-            params = quant.quantize_params(params)
-            log.info("int8 weights: projections quantized in %.1f s", time.perf_counter() - t_quant)
+            params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings)
+            log.info("int8 weights: projections%s quantized in %.1f s",
+                     ", embeddings and LM head" if config.model.quantize_embeddings else "", time.perf_counter() - t_quant)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and

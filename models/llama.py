@@ -191,7 +191,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         return (x, carry), None
 
-    x = params["embed"][tokens]  # [T, H]
+    x = embed_tokens(params, tokens)  # [T, H]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -199,11 +199,23 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     return x, carry
 
 
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    """[T] ids -> [T, hidden] rows of the embedding table (int8 rows times their scales: models/quant.py)."""
+    rows = params["embed"][tokens]
+    if "embed" + SCALE_SUFFIX not in params:
+        return rows
+    dtype = params["final_norm"].dtype  # the model's dtype
+    return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
+
+
 def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """[N, hidden] -> [N, vocab] float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    name = "embed" if cfg.tie_word_embeddings else "lm_head"
     head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
+    if name + SCALE_SUFFIX in params:  # int8 head: a float32 scale per vocabulary column
+        logits = logits * params[name + SCALE_SUFFIX]
     if cfg.final_soft_cap:
         logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
     return logits

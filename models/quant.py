@@ -1,11 +1,15 @@
-"""Weight-only int8 quantization of the decoder's projections (`model.quantization: int8`, W8A16).
+"""Weight-only int8 quantization (`model.quantization: int8`, W8A16): the projections, the embeddings and the LM head.
 
 Each projection W [L, in, out] (q, k, v, o, gate, up, down) is stored as int8 values with one float32
 scale per layer and output feature, `scale = max_i |W[l, i, o]| / 127`, next to it as `<name>_scale`
 [L, out]. The step converts a layer's int8 weight to the activations' dtype inside the matmul and
-scales the output columns: x @ (W_q * s) = (x @ W_q) * s. Embeddings, the LM head, norms and biases
-stay in model.dtype. Weights take a quarter of their float32 bytes (half of bfloat16); activations
-and the KV cache are unchanged (cache.kv_dtype quantizes the cache).
+scales the output columns: x @ (W_q * s) = (x @ W_q) * s.
+
+With `model.quantize_embeddings`, the embedding table [V, H] gets one scale per token row (`embed_scale` [V]): a lookup scales the rows
+it gathers, and a tied LM head, x @ E^T, scales its output columns by the same V scales. An untied
+`lm_head` [H, V] gets one scale per output column (`lm_head_scale` [V]); otherwise both keep model.dtype,
+as norms and biases always do. Weights take a quarter of their float32 bytes (half of bfloat16); activations and the
+KV cache are unchanged (cache.kv_dtype quantizes the cache).
 
 Quantizing is deterministic and happens after loading (any checkpoint) and after the tensor-parallel
 layout is prepared (repeated KV heads quantize alike), before the weights are placed on devices.
@@ -31,18 +35,45 @@ def quantize_weight(w) -> tuple[np.ndarray, np.ndarray]:
     return values, scales
 
 
-def quantize_params(params: dict) -> dict:
-    """The weight pytree with every projection int8 and its `<name>_scale` beside it (host arrays)."""
+def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
+    """[N, K] float -> (int8 [N, K], float32 scales [N]), a scale per row (an embedding table's token rows);
+    `chunk` rows at a time, so the float32 temporaries stay small for a 128k-262k vocabulary."""
+    w = np.asarray(w)
+    values, scales = np.empty(w.shape, np.int8), np.empty(w.shape[0], np.float32)
+    for start in range(0, w.shape[0], chunk):
+        x = w[start : start + chunk].astype(np.float32)
+        amax = np.abs(x).max(axis=1)
+        scales[start : start + chunk] = np.where(amax > 0, amax / 127.0, 1.0)
+        values[start : start + chunk] = np.clip(np.rint(x / scales[start : start + chunk, None]), -127, 127)
+    return values, scales
+
+
+def quantize_params(params: dict, embeddings: bool = False) -> dict:
+    """The weight pytree with every projection int8 (and with `embeddings`, the embedding table and an untied LM
+    head), each with its `<name>_scale` beside it (host arrays)."""
     layers = dict(params["layers"])
     for name in PROJECTIONS:
         layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name])
-    return {**params, "layers": layers}
+    out = {**params, "layers": layers}
+    if not embeddings:
+        return out
+    out["embed"], out["embed" + SCALE_SUFFIX] = quantize_rows(params["embed"])
+    if "lm_head" in params:  # [H, V]: a scale per output column, as a projection's
+        values, scales = quantize_weight(np.asarray(params["lm_head"])[None])
+        out["lm_head"], out["lm_head" + SCALE_SUFFIX] = values[0], scales[0]
+    return out
 
 
 def dequantize_params(params: dict, dtype=np.float32) -> dict:
-    """Inverse view for tests: every int8 projection times its scale, in `dtype`, scales dropped."""
+    """Inverse view for tests: every int8 weight times its scale, in `dtype`, scales dropped."""
     layers = {k: v for k, v in params["layers"].items() if not k.endswith(SCALE_SUFFIX)}
     for name in PROJECTIONS:
         w, s = np.asarray(params["layers"][name]), np.asarray(params["layers"][name + SCALE_SUFFIX])
         layers[name] = (w.astype(np.float32) * s[..., None, :]).astype(dtype)
-    return {**params, "layers": layers}
+    out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}
+    out["layers"] = layers
+    if "embed" + SCALE_SUFFIX in params:
+        out["embed"] = (np.asarray(params["embed"], np.float32) * params["embed" + SCALE_SUFFIX][:, None]).astype(dtype)
+    if "lm_head" + SCALE_SUFFIX in params:
+        out["lm_head"] = (np.asarray(params["lm_head"], np.float32) * np.asarray(params["lm_head" + SCALE_SUFFIX])).astype(dtype)
+    return out

@@ -101,6 +101,9 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)
+    for name in ("embed", "lm_head"):  # int8 embeddings / head: a scale per vocabulary entry, split like them
+        if name + quant.SCALE_SUFFIX in params:
+            specs[name + quant.SCALE_SUFFIX] = P(vocab)
     return specs
 
 

@@ -431,6 +431,8 @@ def test_int8_weights_in_the_engine(tiny_model, tokenizer):
     assert runs["on"][0] == runs["tiny"][0] and sum(runs["on"][1]) > 0
     with pytest.raises(RequestError, match="max_tokens"):
         llm.generate(["hi"], SamplingParams(max_tokens=0))
+    with pytest.raises(ValueError, match="model.quantize_embeddings needs model.quantization: int8"):
+        EngineConfig().replace(**{"model.quantize_embeddings": True})
 
 
 def test_priority_policy_in_the_engine(tiny_model, tiny):

@@ -246,19 +246,33 @@ def test_8bit_cache_forward_same_on_both_backends_close_to_dense(kv_dtype):
     assert 0 < worst < bound, worst
 
 
-def test_int8_weights_are_their_dequantized_weights():
-    """model.quantization=int8 (models/quant.py): every element within half a step of its column's scale, and the
-    forward over int8 weights equals the forward over those weights dequantized to float32 (the int8 matmul path is
-    exact up to float rounding), paged like the engine and dense. Gemma 3's layer: every projection, q/k norms."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_int8_weights_are_their_dequantized_weights(tied):
+    """model.quantization=int8 (models/quant.py): every element within half a step of its column's (an embedding
+    row's) scale, and the forward over int8 weights equals the forward over those weights dequantized to float32
+    (the int8 matmul path is exact up to float rounding), paged like the engine and dense. Gemma 3's layer: every
+    projection, q/k norms; the LM head tied to the int8 embeddings or its own."""
     from models import quant
 
-    cfg = TINY_GEMMA3
+    cfg = dataclasses.replace(TINY_GEMMA3, tie_word_embeddings=tied)
     params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(11)))
-    qparams = quant.quantize_params(params)
+    assert ("lm_head" in params) != tied
+    assert quant.quantize_params(params)["embed"].dtype == np.float32  # embeddings only when asked
+    qparams = quant.quantize_params(params, embeddings=True)
     for name in quant.PROJECTIONS:
         w, s = qparams["layers"][name], qparams["layers"][name + quant.SCALE_SUFFIX]
         assert w.dtype == np.int8 and s.shape == (cfg.num_layers, params["layers"][name].shape[-1])
         assert (np.abs(w.astype(np.float32) * s[:, None, :] - params["layers"][name]) <= 0.5001 * s[:, None, :]).all()
+    w, s = qparams["embed"], qparams["embed" + quant.SCALE_SUFFIX]
+    assert w.dtype == np.int8 and s.shape == (cfg.vocab_size,)
+    assert (np.abs(w.astype(np.float32) * s[:, None] - params["embed"]) <= 0.5001 * s[:, None]).all()
+    chunked = quant.quantize_rows(params["embed"], chunk=7)  # a large vocabulary goes a chunk of rows at a time
+    np.testing.assert_array_equal(chunked[0], w)
+    np.testing.assert_array_equal(chunked[1], s)
+    if not tied:
+        w, s = qparams["lm_head"], qparams["lm_head" + quant.SCALE_SUFFIX]
+        assert w.dtype == np.int8 and s.shape == (cfg.vocab_size,)
+        assert (np.abs(w.astype(np.float32) * s - params["lm_head"]) <= 0.5001 * s).all()
     dparams = quant.dequantize_params(qparams)
     ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, 24), jnp.int32)
     got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))

@@ -69,16 +69,18 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
 def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4():
     """An 8-bit cache's scales are split by KV head like its pages (and repeated with them when devices outnumber
     the KV heads, Gemma 3's one); int8 weights' scales are split like their output features (column-parallel) or
-    replicated (row-parallel). The same greedy tokens at every degree, with hits and preemption."""
+    replicated (row-parallel), the int8 embeddings' (the tied head's) by vocabulary entry. The same greedy tokens at
+    every degree, with hits and preemption."""
     model = tiny_gemma3()
-    int8 = {"cache.kv_dtype": "int8", "model.quantization": "int8"}
+    int8 = {"cache.kv_dtype": "int8", "model.quantization": "int8", "model.quantize_embeddings": True}
     ref, engine1 = _run(model, 1, num_pages=16, **int8)
     assert len(engine1.runner.kv) == 4 and engine1.runner.kv[0].dtype == np.int8
-    assert engine1.params["layers"]["w_down"].dtype == np.int8
+    assert engine1.params["layers"]["w_down"].dtype == np.int8 and engine1.params["embed"].dtype == np.int8
     assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
     for tp in (4,):  # one KV head: each device holds a copy of it and its scales
         out, engine = _run(model, tp, num_pages=16, **int8)
         assert out == ref, f"tensor parallel {tp} changed greedy outputs with int8 weights and cache"
+        assert tuple(engine.params["embed_scale"].sharding.spec) == tuple(engine.params["embed"].sharding.spec)[:1] == ("tp",)
 
 
 def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):

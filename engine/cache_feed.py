@@ -2,8 +2,12 @@
 
 Contract (the router codes against exactly this):
   GET /v1/cache_events?after=N -> {"epoch", "last_seq", "gap", "events": [{"seq", "kind", "block_hashes",
-                                   "parent_hash", "namespace"}, ...]}   events with seq > N, oldest first
-  GET /v1/cache_state          -> {"epoch", "last_seq", "block_hashes": {"<namespace or ''>": [hash, ...]}}
+                                   "parent_hash", "namespace", "medium"}, ...]}   events with seq > N, oldest first
+  GET /v1/cache_state          -> {"epoch", "last_seq", "block_hashes": {"<namespace or ''>": [hash, ...]},
+                                   "host_block_hashes": [hash, ...]}
+
+`medium` is "device" for the radix tree's pages and "host" for its host tier (cache.host_memory_gb): pages whose
+K/V wait in host memory, which a request reuses by a copy instead of a prefill. A hash can be in both.
 
 `epoch` is fixed for this process: a subscriber that sees it change, or `gap: true` (the events after
 N already left the ring buffer, or N is ahead of `last_seq`), resyncs from /v1/cache_state.
@@ -30,6 +34,7 @@ class CacheEventFeed:
         self._first_seq = 1
         self._last_seq = 0
         self._state: dict[str, set[int]] = {}  # namespace ("" for None) -> block hashes held now
+        self._host: set[int] = set()  # block hashes in the host tier now
 
     def publish(self, events: Iterable) -> None:
         """Appends radix-cache `CacheEvent`s (kind, block_hashes, parent_hash, namespace) in order."""
@@ -43,7 +48,11 @@ class CacheEventFeed:
                     "block_hashes": hashes,
                     "parent_hash": e.parent_hash,
                     "namespace": e.namespace,
+                    "medium": e.medium,
                 })
+                if e.medium == "host":
+                    (self._host.update if e.kind == "stored" else self._host.difference_update)(hashes)
+                    continue
                 held = self._state.setdefault(e.namespace or "", set())
                 if e.kind == "stored":
                     held.update(hashes)
@@ -71,4 +80,5 @@ class CacheEventFeed:
                 "epoch": self.epoch,
                 "last_seq": self._last_seq,
                 "block_hashes": {ns: sorted(h) for ns, h in self._state.items()},
+                "host_block_hashes": sorted(self._host),
             }

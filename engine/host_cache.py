@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import collections
 
+from engine.radix_cache import CacheEvent
+
 
 class HostPageIndex:
     """Which block hashes have their KV in which host slot; least recently used slots are reused first."""
@@ -22,6 +24,8 @@ class HostPageIndex:
         self.num_slots = num_slots
         self._slots: collections.OrderedDict[int, int] = collections.OrderedDict()  # hash -> slot, LRU first
         self._free = list(range(num_slots - 1, -1, -1))
+        self._events: list[tuple[str, int]] = []  # ("stored" | "removed", hash) in order, for the router's feed
+        self.record_events = True  # False: keep no events (nobody drains them: an offline engine)
 
     def __len__(self) -> int:
         return len(self._slots)
@@ -50,9 +54,32 @@ class HostPageIndex:
             if victim is None:
                 return None
             slot = self._slots.pop(victim)
+            if self.record_events:
+                self._events.append(("removed", victim))
         self._slots[block_hash] = slot
+        if self.record_events:
+            self._events.append(("stored", block_hash))
         return slot
 
     def reset(self) -> None:
+        if self.record_events:
+            self._events.extend(("removed", h) for h in self._slots)
         self._slots.clear()
         self._free = list(range(self.num_slots - 1, -1, -1))
+
+    def drain_events(self) -> list[CacheEvent]:
+        """Hashes that entered or left the host tier since the last call, as `medium="host"` cache events (runs of
+        one kind in order, so a hash stored and then reused for another within one call ends up removed). A tier
+        that kept no events (`record_events` False) starts keeping them here, reporting what it holds now."""
+        if not self.record_events:  # kept none so far: this first drain reports what the tier holds now
+            self.record_events = True
+            self._events = [("stored", h) for h in self._slots]
+        out: list[CacheEvent] = []
+        run: list[int] = []
+        for i, (kind, h) in enumerate(self._events):
+            run.append(h)
+            if i + 1 == len(self._events) or self._events[i + 1][0] != kind:
+                out.append(CacheEvent(kind, tuple(run), None, None, medium="host"))  # type: ignore[arg-type]
+                run = []
+        self._events.clear()
+        return out

@@ -26,13 +26,15 @@ from engine.prefix_tree import Edge, PrefixTree
 class CacheEvent:
     """Pages entering ("stored") or leaving ("removed") the tree, named by chained block hash.
 
-    `parent_hash` is the hash of the page just before `block_hashes[0]` (None at the root).
+    `parent_hash` is the hash of the page just before `block_hashes[0]` (None at the root). `medium` "host": the
+    pages' K/V entered or left the host tier (engine.host_cache) instead; those events carry no parent or namespace.
     """
 
     kind: Literal["stored", "removed"]
     block_hashes: tuple[int, ...]
     parent_hash: int | None
     namespace: str | None
+    medium: Literal["device", "host"] = "device"
 
 
 class _Node(Edge):
@@ -77,6 +79,7 @@ class RadixCache(PrefixTree):
         self.page_size = page_size
         self._roots: dict[str | None, _Node] = {}
         self._events: list[CacheEvent] = []
+        self.record_events = True  # False: keep no events (nobody drains them: an offline engine)
         # Called with (pages, their block hashes) just before the tree lets go of them (the host tier saves them).
         self.on_evict: Callable[[list[int], list[int]], None] | None = None
 
@@ -115,7 +118,8 @@ class RadixCache(PrefixTree):
             self.pool.ref(new_pages)  # NOTE: the tree's one reference on each page it stores
             self._add_leaf(node, _Node(tokens[num_cached:], new_pages, hashes, node, namespace,
                                        self._clock))
-            self._events.append(CacheEvent("stored", tuple(hashes), parent_hash, namespace))
+            if self.record_events:
+                self._events.append(CacheEvent("stored", tuple(hashes), parent_hash, namespace))
         return num_cached
 
     # --- reset and inspection ------------------------------------------------------------------
@@ -139,7 +143,16 @@ class RadixCache(PrefixTree):
         return pages
 
     def drain_events(self) -> list[CacheEvent]:
-        """Events since the last drain, oldest first."""
+        """Events since the last drain, oldest first. A tree that kept no events (`record_events` False) starts
+        keeping them here, and this first drain reports what it holds now ("stored", parents before children)."""
+        if not self.record_events:
+            self.record_events = True
+            stack = list(self._roots.values())
+            while stack:
+                node = stack.pop()
+                if node.pages:
+                    self._events.append(CacheEvent("stored", tuple(node.hashes), node.parent.last_hash(), node.namespace))
+                stack.extend(node.children.values())
         events, self._events = self._events, []
         return events
 
@@ -194,7 +207,8 @@ class RadixCache(PrefixTree):
         node.tokens = node.tokens[: keep * self.page_size]
         node.pages, node.hashes = node.pages[:keep], node.hashes[:keep]
         self.pool.unref(gone_pages)  # NOTE: drops the tree's one reference on each page
-        self._events.append(CacheEvent("removed", tuple(gone_hashes), parent_hash, node.namespace))
+        if self.record_events:
+            self._events.append(CacheEvent("removed", tuple(gone_hashes), parent_hash, node.namespace))
 
     def _root_emptied(self, root: _Node) -> None:
         """Forget an empty, unlocked namespace root, so namespaces seen once do not pile up."""

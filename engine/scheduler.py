@@ -84,6 +84,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.pool = PagePool(num_pages)
         self.tree = RadixCache(self.pool, cache.page_size)
+        self.tree.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
         self.prefix_caching = cache.prefix_caching
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: oldest first
@@ -97,6 +98,7 @@ class Scheduler:
         self._host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
         self._loading: set[int] = set()  # slots the plan being built loads from: not reused for a save in it
         if self.host is not None:
+            self.host.record_events = False
             self.tree.on_evict = self._save_to_host
 
     # ----------------------------------------------------------------------------------- queue

@@ -386,6 +386,40 @@ def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):
     assert sum(cached) > sum(plain_cached) and stats["host_pages_used"] <= stats["host_pages_total"] == 48
 
 
+def test_cache_events_for_the_router_cover_the_host_tier(tiny_model, tokenizer):
+    """The router's feed (engine.cache_feed) from a replica with a host tier: its events add up to exactly the hashes
+    the radix tree and the host tier hold, so a router index fed from them matches each prompt as deep as the replica
+    itself would reuse it (tree, then host tier). An engine nobody drains keeps no events."""
+    from engine.block_hash import page_hashes
+    from engine.cache_feed import CacheEventFeed
+    from engine.router.index import EventFeed, PrefixIndex
+
+    prompts = _prompts(tokenizer, random.Random(4))
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "cache.host_num_pages": 48}), progress=False,
+              model=tiny_model)
+    engine = llm.engine
+    _generate(llm, prompts[:8], max_tokens=4)
+    assert not engine.scheduler.tree._events and not engine.scheduler.host._events  # offline: nothing kept
+    feed, index = CacheEventFeed(), PrefixIndex(1)
+    router = EventFeed(index, 0)
+    feed.publish(engine.drain_cache_events())  # what AsyncEngine does at start; the router then syncs
+    router.resync(feed.state())
+    host = engine.scheduler.host
+    for i in range(0, len(prompts), 6):
+        _generate(llm, prompts[i : i + 6], max_tokens=4)
+        feed.publish(engine.drain_cache_events())
+        assert router.apply(feed.events_after(router.last_seq)) == "done"
+        assert feed.state()["host_block_hashes"] == sorted(host._slots)
+    assert any(e["medium"] == "host" for e in feed.events_after(0)["events"])
+    for prompt, ns in prompts:
+        hashes = page_hashes(prompt[: len(prompt) - 1], SMALL["cache.page_size"], ns)
+        tree_pages = len(engine.scheduler.tree.match(prompt[: len(prompt) - 1], ns).pages)
+        depth = tree_pages
+        while depth < len(hashes) and hashes[depth] in host:
+            depth += 1
+        assert index.match(hashes) == [depth], prompt
+
+
 @pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
 def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_model, tokenizer, kv_dtype):
     """With an 8-bit cache (values + per-vector scales) the same invariants hold: caching on or off (int8), and a

@@ -55,6 +55,28 @@ def test_drop_and_reset():
     assert idx.match(a) == [0, 5]
 
 
+def test_host_tier_extends_the_match():
+    """A replica continues its tree match in its host tier page by page (engine.host_cache): the index counts
+    those pages as held, from `medium: "host"` events and cache_state's host_block_hashes."""
+    idx = PrefixIndex(3)
+    a = chain(100, 10)
+    idx.apply_event(0, ev(1, "stored", a[:3]))
+    idx.apply_event(0, {**ev(2, "stored", a[3:6] + a[7:9]), "medium": "host"})  # a[6] is in neither tier
+    idx.apply_event(1, {**ev(1, "stored", a[:2]), "medium": "host"})  # host only: a match from the first page
+    idx.store(2, a[5:], medium="host")  # unreachable: the pages before it are nowhere
+    assert idx.match(a) == idx.match_linear(a) == [6, 2, 0]
+    assert idx.num_confirmed(0) == 3 and idx.num_host(0) == 5
+    idx.apply_event(0, {**ev(3, "removed", a[4:5]), "medium": "host"})
+    assert idx.match(a) == [4, 2, 0]
+    with pytest.raises(ValueError, match="medium 'disk'"):
+        idx.apply_event(0, {**ev(4, "stored", a), "medium": "disk"})
+    feed = EventFeed(idx, 1)
+    feed.resync({"epoch": "e", "last_seq": 0, "block_hashes": {"": list(a[:1])}, "host_block_hashes": list(a[1:4])})
+    assert idx.match(a)[1] == 4
+    feed.drop()
+    assert idx.match(a)[1] == 0 and idx.num_host(1) == 0
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_match_equals_linear_reference_on_real_cache_trees(seed):
     """Feed the index from HashCaches driven at random (inserts, evictions, pending records):
@@ -75,6 +97,8 @@ def test_match_equals_linear_reference_on_real_cache_trees(seed):
             caches[r].evict(rng.randrange(1, 6))
         elif op < 0.8:
             idx.record(r, seq[rng.randrange(len(seq)):], now=step / 10)
+        elif op < 0.9:  # a host tier: any pages, not closed under prefixes
+            (idx.store if rng.random() < 0.6 else idx.remove)(r, seq[rng.randrange(len(seq)):], "host")
         for slot, c in enumerate(caches):
             for kind, hashes in c.events:
                 (idx.store if kind == "stored" else idx.remove)(slot, hashes)
@@ -82,7 +106,7 @@ def test_match_equals_linear_reference_on_real_cache_trees(seed):
         idx.expire(step / 10)
         probe = rng.choice(heads)[: rng.randrange(1, 12)] + (next(fresh),)
         assert idx.match(probe) == idx.match_linear(probe)
-        if not idx._runs:
+        if not idx._runs and not any(idx.num_host(s) for s in range(n)):
             assert idx.match(probe) == [c.match(probe)[1] for c in caches]
 
 

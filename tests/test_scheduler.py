@@ -402,12 +402,19 @@ def test_host_tier_brings_evicted_prefixes_back():
 
     def run(host_pages):
         sched, runner = make(num_pages=6, page_size=4, max_batch_tokens=32, max_running=1, host_pages=host_pages)
+        if sched.host is not None:  # the router feed's events (LLMEngine.drain_cache_events turns them on)
+            sched.host.record_events = True
         outs = [run_all(sched, runner, [seq(f"r{i}", p + [i + 1], max_tokens=3)])
                 for i, p in enumerate([system, other, system, other, system])]
-        return outs, sched.stats
+        return outs, sched.stats, sched
 
-    plain, plain_stats = run(0)
-    tiered, stats = run(8)
+    plain, plain_stats, _ = run(0)
+    tiered, stats, sched = run(8)
+    held = set()  # the host tier's events add up to what it holds
+    for e in sched.host.drain_events():
+        assert e.medium == "host"
+        (held.update if e.kind == "stored" else held.difference_update)(e.block_hashes)
+    assert held == set(sched.host._slots) and len(held) >= 4
     assert plain == tiered
     assert stats.host_hit_tokens >= 32 and stats.cached_prompt_tokens == plain_stats.cached_prompt_tokens + stats.host_hit_tokens
     assert stats.host_saved_pages > 0
@@ -423,6 +430,10 @@ def test_host_page_index_is_lru_and_spares_slots_being_read():
     assert index.store(14, avoid={0, 1}) is None and 14 not in index  # nothing may be taken: not saved
     index.reset()
     assert len(index) == 0 and index.store(15) == 0
+    events = [(e.kind, e.block_hashes) for e in index.drain_events()]  # in order, runs of one kind
+    assert events == [("stored", (10, 11)), ("removed", (11,)), ("stored", (12,)), ("removed", (12,)), ("stored", (13,)),
+                      ("removed", (10, 13)), ("stored", (15,))]
+    assert index.drain_events() == []
 
 
 # ------------------------------------------------------------------------------------ priority

@@ -28,12 +28,18 @@ def test_feed_numbers_events_and_tracks_state():
     got = feed.events_after(0)
     assert got["epoch"] == feed.epoch and got["last_seq"] == 4 and got["gap"] is False
     assert [e["seq"] for e in got["events"]] == [1, 2, 3, 4]
-    assert got["events"][1] == {"seq": 2, "kind": "stored", "block_hashes": [3], "parent_hash": 2, "namespace": None}
+    assert got["events"][1] == {"seq": 2, "kind": "stored", "block_hashes": [3], "parent_hash": 2, "namespace": None,
+                                "medium": "device"}
     assert [e["seq"] for e in feed.events_after(2)["events"]] == [3, 4]
     assert feed.events_after(4)["events"] == [] and feed.events_after(4)["gap"] is False
-    assert feed.state() == {"epoch": feed.epoch, "last_seq": 4, "block_hashes": {"": [1, 2], "salt": [7]}}
+    assert feed.state() == {"epoch": feed.epoch, "last_seq": 4, "block_hashes": {"": [1, 2], "salt": [7]},
+                            "host_block_hashes": []}
     feed.publish([_removed(7, ns="salt")])
     assert feed.state()["block_hashes"] == {"": [1, 2]}
+    # The host tier's pages: their own set; a hash can be in both tiers.
+    feed.publish([CacheEvent("stored", (2, 9, 8), None, None, "host"), CacheEvent("removed", (9,), None, None, "host")])
+    assert feed.events_after(5)["events"][0]["medium"] == "host"
+    assert feed.state()["block_hashes"] == {"": [1, 2]} and feed.state()["host_block_hashes"] == [2, 8]
 
 
 def test_feed_reports_gaps_and_limits_batches():

@@ -7,6 +7,10 @@ block hashes". Two kinds of entries per replica slot:
 - confirmed[r]: a set mirrored from r's cache event feed ("stored" adds, "removed" drops),
   replaced by a /v1/cache_state snapshot on resync (gap or new epoch), emptied when r goes down.
   Updates are bulk set operations (C speed), whatever the number of pages an event names;
+- host[r]: the hashes whose K/V wait in r's host tier (events with `medium: "host"`). r continues a
+  request's tree match there page by page and copies those pages in instead of prefilling them, so
+  `match` extends each replica's depth over the consecutive hashes its host tier holds. This set is
+  not closed under prefixes (the host tier evicts by LRU), so the extension is a linear walk;
 - pending runs: chains of hashes the router records the moment it routes a request to r (r
   stores those pages only after its prefill, and the event arrives a poll later), so a burst of
   one prefix keeps landing where the first request went. A run is kept whole, keyed by its first
@@ -53,6 +57,7 @@ class PrefixIndex:
         self.num_replicas = num_replicas
         self.pending_ttl_s = pending_ttl_s
         self._confirmed: list[set[int]] = [set() for _ in range(num_replicas)]
+        self._host: list[set[int]] = [set() for _ in range(num_replicas)]
         self._runs: dict[int, list[tuple[int, tuple[int, ...], float]]] = {}  # first hash -> [(slot, run, expiry)]
         # NOTE: expiries are recorded in call order with a fixed TTL, so the deque is sorted.
         self._expiry: deque[tuple[float, int, tuple[int, tuple[int, ...], float]]] = deque()
@@ -79,21 +84,31 @@ class PrefixIndex:
                     else:
                         hi = mid
                 depth[slot] = hint = lo
+        self._extend_with_host(hashes, depth)
         if self._runs:
             self._extend_with_runs(hashes, depth)
         return depth
 
     def match_linear(self, hashes: Sequence[int]) -> list[int]:
-        """Reference for `match`: page by page, no reliance on prefix closure."""
+        """Reference for `match`: page by page, no reliance on prefix closure (a page counts if either tier holds
+        it: the device tier's closure means no device page follows a page only the host holds)."""
         depth = []
-        for held in self._confirmed:
+        for held, host in zip(self._confirmed, self._host):
             d = 0
-            while d < len(hashes) and hashes[d] in held:
+            while d < len(hashes) and (hashes[d] in held or hashes[d] in host):
                 d += 1
             depth.append(d)
         if self._runs:
             self._extend_with_runs(hashes, depth)
         return depth
+
+    def _extend_with_host(self, hashes: Sequence[int], depth: list[int]) -> None:
+        for slot, host in enumerate(self._host):
+            if host:
+                d = depth[slot]
+                while d < len(hashes) and hashes[d] in host:
+                    d += 1
+                depth[slot] = d
 
     def _extend_with_runs(self, hashes: Sequence[int], depth: list[int]) -> None:
         runs, n = self._runs, len(hashes)
@@ -125,11 +140,14 @@ class PrefixIndex:
 
     # --- writes --------------------------------------------------------------------------------
 
-    def store(self, slot: int, hashes: Iterable[int]) -> None:
-        self._confirmed[slot].update(hashes)
+    def store(self, slot: int, hashes: Iterable[int], medium: str = "device") -> None:
+        (self._host if medium == "host" else self._confirmed)[slot].update(hashes)
 
-    def remove(self, slot: int, hashes: Iterable[int]) -> None:
-        self._confirmed[slot].difference_update(hashes)
+    def remove(self, slot: int, hashes: Iterable[int], medium: str = "device") -> None:
+        (self._host if medium == "host" else self._confirmed)[slot].difference_update(hashes)
+
+    def num_host(self, slot: int) -> int:
+        return len(self._host[slot])
 
     def record(self, slot: int, hashes: Sequence[int], now: float) -> None:
         """Optimistically mark `hashes` (a chain run) as held by `slot` until now + pending_ttl_s."""
@@ -150,13 +168,16 @@ class PrefixIndex:
                 if not entries:
                     del runs[key]
 
-    def reset(self, slot: int, hashes: Iterable[int]) -> None:
-        """Resync: `slot`'s confirmed set becomes exactly `hashes` (a cache_state snapshot)."""
+    def reset(self, slot: int, hashes: Iterable[int], host_hashes: Iterable[int] = ()) -> None:
+        """Resync: `slot`'s confirmed set becomes exactly `hashes`, its host tier `host_hashes` (a cache_state
+        snapshot)."""
         self._confirmed[slot] = set(hashes)
+        self._host[slot] = set(host_hashes)
 
     def drop(self, slot: int) -> None:
         """Forget everything about `slot` (it went down): confirmed entries and pending runs."""
         self._confirmed[slot] = set()
+        self._host[slot] = set()
         for key in list(self._runs):
             kept = [e for e in self._runs[key] if e[0] != slot]
             if kept:
@@ -165,12 +186,14 @@ class PrefixIndex:
                 del self._runs[key]
 
     def apply_event(self, slot: int, event: dict[str, Any]) -> None:
-        """One cache event as the replicas publish it ({"kind", "block_hashes", ...})."""
-        kind = event["kind"]
+        """One cache event as the replicas publish it ({"kind", "block_hashes", "medium", ...}; no medium: device)."""
+        kind, medium = event["kind"], event.get("medium", "device")
+        if medium not in ("device", "host"):
+            raise ValueError(f"unknown cache event medium {medium!r}")
         if kind == "stored":
-            self.store(slot, event["block_hashes"])
+            self.store(slot, event["block_hashes"], medium)
         elif kind == "removed":
-            self.remove(slot, event["block_hashes"])
+            self.remove(slot, event["block_hashes"], medium)
         else:
             raise ValueError(f"unknown cache event kind {kind!r}")
 
@@ -211,7 +234,8 @@ class EventFeed:
 
     def resync(self, state: dict[str, Any]) -> None:
         """Replace this replica's confirmed hashes with a /v1/cache_state snapshot."""
-        self.index.reset(self.slot, (h for hashes in state["block_hashes"].values() for h in hashes))
+        self.index.reset(self.slot, (h for hashes in state["block_hashes"].values() for h in hashes),
+                         state.get("host_block_hashes", ()))
         self.epoch = state["epoch"]
         self.last_seq = state["last_seq"]
 

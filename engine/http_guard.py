@@ -16,7 +16,7 @@ class RequestGuard:
     """ASGI middleware: API key on /v1/*, body size limit, request counts by endpoint and status."""
 
     _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/load",
-                  "/v1/cache_events", "/v1/cache_state", "/openapi.json", "/docs"}
+                  "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json", "/docs"}
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
         self.app = app

@@ -125,6 +125,20 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
+class TokenizeRequest(_Body):
+    """POST /tokenize (vLLM's and SGLang's): a prompt, or chat messages through the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = Field(True, description="with prompt: BOS/EOS as the tokenizer adds them")
+    add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's turn opening")
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0)]]
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

@@ -30,7 +30,8 @@ from engine.http_guard import RequestGuard
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ChatCompletionRequest, CompletionRequest, describe_validation_error, error_body,
+    MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    describe_validation_error, error_body,
 )
 from engine import structured
 from engine.tool_calls import ToolChoice
@@ -244,13 +245,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        messages = []
-        for m in body.messages:
-            msg = m.model_dump(exclude_none=True)
-            if isinstance(m.content, list):
-                msg["content"] = "".join(part.text for part in m.content)
-            msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
-            messages.append(msg)
+        messages = template_messages(body.messages)
         tool_specs = [t.model_dump(exclude_none=True) for t in body.tools or []]
         try:
             choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
@@ -267,6 +262,32 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         check_prompt(prompt_ids, max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
+
+    # ----------------------------------------------------------------------------- tokenizer
+    @app.post("/tokenize", summary="Token ids of a prompt, or of chat messages after the chat template")
+    async def tokenize(body: TokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise ApiError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
+        else:
+            try:
+                ids = tokenizer.encode_chat(template_messages(body.messages),
+                                            add_generation_prompt=body.add_generation_prompt)
+            except Exception as e:  # template errors (roles out of order, ...) are the caller's
+                raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
+        return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
+
+    @app.post("/detokenize", summary="The text of token ids")
+    async def detokenize(body: DetokenizeRequest):
+        if body.model is not None:
+            check_model(body.model)
+        bad = next((t for t in body.tokens if t >= tokenizer.vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"tokens: id {bad} is outside the vocabulary (size {tokenizer.vocab_size})", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     # ------------------------------------------------------------------------------- status
     @app.get("/v1/models", summary="The model this server serves, and its LoRA adapters")
@@ -300,6 +321,18 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return engine.feed.state()
 
     return app
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as the chat template reads them: text parts joined, content never missing."""
+    out = []
+    for m in messages:
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            msg["content"] = "".join(part.text for part in m.content)
+        msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
+        out.append(msg)
+    return out
 
 
 def _engine_error(e: Exception) -> ApiError:

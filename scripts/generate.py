@@ -15,14 +15,15 @@ Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_to
              (scoring texts: prompt_logprobs 0 and max_tokens 1).
 Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"[, "logprobs"]
              [, "prompt_logprobs" (the first is null)]} or {"id", "error"} for a bad line; the job goes on.
-Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C stops
-cleanly; every line written is whole. A summary ends the run.
+Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
+SIGTERM (a job scheduler's stop) stops cleanly; every line written is whole. A summary ends the run.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -107,7 +108,15 @@ def answered(path: str) -> tuple[set[str], set[int]]:
     return ids, lines
 
 
+def _stop_cleanly(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    # NOTE: a process inherits an ignored SIGINT (a `cmd &` in a non-interactive shell, some test runners), and
+    # Python then leaves it ignored: Ctrl-C and SIGTERM both stop the job cleanly whatever the parent did.
+    signal.signal(signal.SIGINT, _stop_cleanly)
+    signal.signal(signal.SIGTERM, _stop_cleanly)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--input", required=True)

@@ -49,8 +49,9 @@ def table(rows: list[dict]) -> str:
         # fraction of time a replica's prefill engine is busy at this arrival rate
         busy = (r.get("rate_per_replica", DEFAULT_RATE[r["trace"]]) * r["prefill_tokens_per_request"]
                 * r.get("prefill_ms_per_token", SimConfig.prefill_ms_per_token) / 1e3)
+        hit = f"{r['hit_rate']:.1%}" + (f" (host {r['host_hit_rate']:.1%})" if r.get("host_hit_rate") else "")
         lines.append(
-            f"| {r['replicas']} | {r['policy']} | {r['hit_rate']:.1%} | {r['throughput_rps']:.1f} | {busy:.0%} "
+            f"| {r['replicas']} | {r['policy']} | {hit} | {r['throughput_rps']:.1f} | {busy:.0%} "
             f"| {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} "
             f"| {r['per_replica_max']} / {r['per_replica_mean']:.0f} | {r['prefill_gpu_h_per_1m']:.1f} | {saved} |")
     return "\n".join(lines)
@@ -72,6 +73,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--decode-ms", type=float, default=SimConfig.decode_ms_per_token,
                    help="decode step time per generated token (placeholder default)")
     p.add_argument("--feed-lag", type=float, default=SimConfig.feed_lag_s, help="cache event poll interval, s")
+    p.add_argument("--host-pages", type=int, default=0, help="host-tier pages per replica (cache.host_memory_gb)")
+    p.add_argument("--host-load-ms", type=float, default=SimConfig.host_load_ms_per_page,
+                   help="placeholder: ms to copy one page back from the host tier")
+    p.add_argument("--host-invisible", action="store_true",
+                   help="the router's index does not get the host tier's events (as before the feed carried them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--jobs", type=int, default=1, help="simulations run in parallel processes")
     p.add_argument("--jsonl", help="append each result row to this file as soon as its run ends")
@@ -83,7 +89,8 @@ def main(argv: list[str] | None = None) -> None:
         for n in (int(x) for x in a.replicas.split(",")):
             cfg = SimConfig(num_replicas=n, num_pages=a.num_pages, page_size=a.page_size,
                             max_running=a.max_running, prefill_ms_per_token=a.prefill_ms,
-                            decode_ms_per_token=a.decode_ms, feed_lag_s=a.feed_lag)
+                            decode_ms_per_token=a.decode_ms, feed_lag_s=a.feed_lag, host_pages=a.host_pages,
+                            host_load_ms_per_page=a.host_load_ms, host_visible=not a.host_invisible)
             for policy in a.policies.split(","):
                 jobs.append((policy, TraceSpec(trace_name, a.requests, rate, a.seed), cfg))
     rows = []
@@ -100,7 +107,9 @@ def main(argv: list[str] | None = None) -> None:
         rate = a.rate_per_replica or DEFAULT_RATE[trace_name]
         print(f"\n### {trace_name}: {a.requests:,} requests, {rate} req/s per replica, "
               f"{a.num_pages} pages x {a.page_size} tokens per replica, prefill {a.prefill_ms} ms/token, "
-              f"decode {a.decode_ms} ms/token\n")
+              f"decode {a.decode_ms} ms/token"
+              + (f", host tier {a.host_pages} pages per replica ({'not ' if a.host_invisible else ''}seen by the router)"
+                 if a.host_pages else "") + "\n")
         print(table(sel))
 
 

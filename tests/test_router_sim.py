@@ -79,3 +79,14 @@ def test_simulate_small(trace):
         assert r["ttft_p50_s"] <= r["ttft_p99_s"]
     assert rows["round_robin"]["per_replica_max"] == 375  # exact cycling
     assert rows["prefix_aware"]["hit_rate"] > rows["round_robin"]["hit_rate"]
+
+
+def test_host_tier_in_the_simulator_and_the_router_seeing_it():
+    """Replicas with a host tier (engine.host_cache's semantics) bring evicted prefixes back by copy; a router whose
+    index gets the tier's events (medium host) routes to where they wait, so more of each prompt is reused."""
+    spec = TraceSpec("many_groups", 2000, 0.7)
+    rows = {name: simulate("prefix_aware", spec, SimConfig(num_replicas=4, num_pages=2048, **kw)) for name, kw in {
+        "none": {}, "invisible": {"host_pages": 8192, "host_visible": False}, "visible": {"host_pages": 8192}}.items()}
+    assert rows["none"]["host_hit_rate"] == 0 < rows["invisible"]["host_hit_rate"] < rows["visible"]["host_hit_rate"]
+    assert rows["none"]["hit_rate"] < rows["invisible"]["hit_rate"] < rows["visible"]["hit_rate"]
+    assert rows["visible"]["prefill_tokens_per_request"] < 0.9 * rows["invisible"]["prefill_tokens_per_request"]

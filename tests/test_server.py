@@ -112,6 +112,27 @@ def test_models_health_load(client, http):
     assert http.get("/openapi.json").json()["paths"]["/v1/completions"]
 
 
+def test_tokenize_and_detokenize(http, client):
+    """POST /tokenize gives the ids the server itself prompts with (a prompt as /v1/completions reads it, messages
+    through the chat template as /v1/chat/completions does); POST /detokenize inverts it."""
+    text = "The capital of France is"
+    tok = http.post("/tokenize", json={"model": MODEL, "prompt": text}).json()
+    assert tok["count"] == len(tok["tokens"]) > 3 and tok["max_model_len"] == MAX_MODEL_LEN
+    done = client.completions.create(model=MODEL, prompt=text, max_tokens=1)
+    assert done.usage.prompt_tokens == tok["count"]
+    assert http.post("/detokenize", json={"tokens": tok["tokens"]}).json() == {"prompt": text}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]}]
+    chat = http.post("/tokenize", json={"messages": messages}).json()
+    answer = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert answer.usage.prompt_tokens == chat["count"]
+    opened = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert opened["count"] < chat["count"]
+    for path, body, param in [("/tokenize", {"prompt": "x", "messages": messages}, "prompt"), ("/tokenize", {}, "prompt"),
+                              ("/detokenize", {"tokens": [1, 10**9]}, "tokens"), ("/tokenize", {"model": "gpt-x", "prompt": "x"}, "model")]:
+        r = http.post(path, json=body)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
+
+
 def test_completion_stream_matches_non_stream(client):
     prompt = "The capital of France is"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)
@@ -416,6 +437,7 @@ def test_schemathesis_no_server_errors(server):
         ("/v1/completions", "POST", (positive, negative)), ("/v1/chat/completions", "POST", (positive, negative)),
         ("/v1/cache_events", "GET", (positive, negative)), ("/v1/cache_state", "GET", (positive,)),
         ("/v1/models", "GET", (positive,)), ("/load", "GET", (positive,)),
+        ("/tokenize", "POST", (positive, negative)), ("/detokenize", "POST", (positive, negative)),
     ]:
         for mode in modes:
             @settings(max_examples=6, deadline=None, derandomize=True, database=None,

@@ -40,6 +40,7 @@ class HashCache(PrefixTree):
         self.root = _Edge((), None, 0)
         # ("stored" | "removed", hashes); None: not collected
         self.events: list[tuple[str, tuple[int, ...]]] | None = [] if collect_events else None
+        self.on_evict = None  # called with the hashes of pages the tree lets go of (a host tier keeps them)
 
     def match(self, hashes: tuple[int, ...]) -> tuple[_Edge, int]:
         """(handle, pages matched) for the longest cached prefix of `hashes`; stamps the path."""
@@ -100,6 +101,8 @@ class HashCache(PrefixTree):
 
     def _drop_tail(self, node: _Edge, n: int) -> None:
         keep = len(node.hashes) - n
+        if self.on_evict is not None:
+            self.on_evict(node.hashes[keep:])
         if self.events is not None:
             self.events.append(("removed", node.hashes[keep:]))
         node.hashes = node.hashes[:keep]

@@ -12,7 +12,11 @@ interval). Each replica is modelled as:
   (at least one token), started when the engine is idle, a running slot is free
   (max_running) and its pages fit; TTFT = prefill end - arrival;
 - decode in a batch that does not slow with its size: a request finishes output_len * decode_ms
-  after its prefill.
+  after its prefill;
+- optionally a host tier of `host_pages` (engine.host_cache's semantics): pages the tree evicts
+  keep their hash in an LRU of that size; a request continues its tree match there page by page
+  and pays `host_load_ms_per_page` for each instead of their prefill. `host_visible`: whether
+  the router's index gets the tier's events (engine.cache_feed's `medium: "host"`).
 
 Traces are sequences of block hashes, not tokens: a shared prefix is a fixed tuple of random
 64-bit ids, every other page a fresh id (ids only ever need to be equal exactly when prefixes
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Iterator
 
 import numpy as np
@@ -113,6 +117,9 @@ class SimConfig:
     prefill_ms_per_token: float = 0.2  # placeholder (H100-class replica): see docs/routing.md
     decode_ms_per_token: float = 20.0  # placeholder: one decode step, whatever the batch
     feed_lag_s: float = 0.2  # cache events reach the index at this poll interval
+    host_pages: int = 0  # host-tier pages per replica (0: none)
+    host_load_ms_per_page: float = 0.1  # placeholder: one page's K/V over PCIe (~2 MB for an 8B model)
+    host_visible: bool = True  # the router's index sees the host tier's events
     pending_ttl_s: float = 30.0
     prefill_weight: float = 2.0
     request_cost_tokens: int = 32
@@ -121,14 +128,40 @@ class SimConfig:
 
 
 class _Replica:
-    __slots__ = ("cache", "queue", "prefill_busy", "running", "free_pages", "events")
+    __slots__ = ("cache", "queue", "prefill_busy", "running", "free_pages", "host", "host_pages", "host_events")
 
-    def __init__(self, num_pages: int, collect_events: bool) -> None:
+    def __init__(self, num_pages: int, collect_events: bool, host_pages: int = 0) -> None:
         self.cache = HashCache(collect_events)
         self.queue: deque[int] = deque()  # request ids waiting for the prefill engine
         self.prefill_busy = False
         self.running = 0
         self.free_pages = num_pages  # pool pages neither in the tree nor private to a request
+        self.host: OrderedDict[int, None] = OrderedDict()  # host-tier hashes, least recently used first
+        self.host_pages = host_pages
+        self.host_events: list[tuple[str, int]] | None = [] if collect_events else None
+        if host_pages:
+            self.cache.on_evict = self.save_to_host
+
+    def save_to_host(self, hashes: tuple[int, ...]) -> None:
+        for h in hashes:
+            if h in self.host:
+                self.host.move_to_end(h)
+                continue
+            if len(self.host) >= self.host_pages:
+                victim, _ = self.host.popitem(last=False)
+                if self.host_events is not None:
+                    self.host_events.append(("removed", victim))
+            self.host[h] = None
+            if self.host_events is not None:
+                self.host_events.append(("stored", h))
+
+    def host_match(self, hashes: tuple[int, ...], start: int) -> int:
+        """Pages after `start` (the tree's match) the host tier holds, consecutively; touched as used."""
+        k = 0
+        while start + k < len(hashes) and hashes[start + k] in self.host:
+            self.host.move_to_end(hashes[start + k])
+            k += 1
+        return k
 
 
 _PREFILL_DONE, _FINISH = 0, 1
@@ -142,8 +175,9 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
                          cfg.hot_spot_slack)
     feed = policy.uses_index
     states = [ReplicaState() for _ in range(n_rep)]
-    reps = [_Replica(cfg.num_pages, feed) for _ in range(n_rep)]
+    reps = [_Replica(cfg.num_pages, feed, cfg.host_pages) for _ in range(n_rep)]
     n = trace.num_requests
+    host_hit = [0] * n  # prompt tokens a request loaded from its replica's host tier
     # NOTE: plain lists while simulating (numpy scalar access is slow); arrays for the summary.
     arrival, ttft, finish_t = [0.0] * n, [0.0] * n, [0.0] * n
     prompt, matched, where = [0] * n, [0] * n, [0] * n
@@ -170,7 +204,7 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             hashes, out_len = live[rid][0], live[rid][1]
             node, hit = rep.cache.match(hashes)
             rep.cache.lock(node)
-            # pages: unmatched full prompt pages, then the partial page and the output
+            # pages: unmatched full prompt pages (those loaded from the host tier too), then the partial page and the output
             private = len(hashes) - hit + (prompt[rid] % ps + out_len + ps - 1) // ps
             if not alloc(rep, private):
                 rep.cache.unlock(node)
@@ -180,10 +214,14 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             rep.queue.popleft()
             rep.running += 1
             rep.prefill_busy = True
-            hit_len = min(hit * ps, prompt[rid] - 1)  # a fully cached prompt recomputes 1 token
+            # NOTE: matched after the allocation, whose evictions may have moved pages into the host tier
+            loaded = rep.host_match(hashes, hit) if rep.host_pages else 0
+            hit_len = min((hit + loaded) * ps, prompt[rid] - 1)  # a fully cached prompt recomputes 1 token
             matched[rid] = hit_len
+            host_hit[rid] = max(hit_len - hit * ps, 0)
             live[rid][2], live[rid][3] = node, private
-            heapq.heappush(heap, (now + (prompt[rid] - hit_len) * prefill_s, _PREFILL_DONE, rid))
+            done = now + (prompt[rid] - hit_len) * prefill_s + loaded * cfg.host_load_ms_per_page / 1e3
+            heapq.heappush(heap, (done, _PREFILL_DONE, rid))
 
     def on_prefill_done(rid: int, now: float) -> None:
         r = where[rid]
@@ -221,6 +259,11 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             for kind, hashes in rep.cache.events:
                 (index.store if kind == "stored" else index.remove)(r, hashes)
             rep.cache.events.clear()
+            if rep.host_events:
+                if cfg.host_visible:
+                    for kind, h in rep.host_events:
+                        (index.store if kind == "stored" else index.remove)(r, (h,), "host")
+                rep.host_events.clear()
 
     def advance(until: float) -> None:
         nonlocal next_poll
@@ -250,10 +293,11 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
     advance(float("inf"))
     assert not live, f"{len(live)} requests never finished"
     return summarize(policy_name, cfg, np.array(arrival), np.array(ttft), np.array(finish_t),
-                     np.array(prompt, np.int64), np.array(matched, np.int64), np.array(where, np.int64), decisions)
+                     np.array(prompt, np.int64), np.array(matched, np.int64), np.array(where, np.int64), decisions,
+                     np.array(host_hit, np.int64))
 
 
-def summarize(policy_name, cfg, arrival, ttft, finish_t, prompt, matched, where, decisions) -> dict:
+def summarize(policy_name, cfg, arrival, ttft, finish_t, prompt, matched, where, decisions, host_hit) -> dict:
     n = len(arrival)
     per_replica = np.bincount(where, minlength=cfg.num_replicas)
     prefill_tokens = float((prompt - matched).sum())
@@ -263,6 +307,7 @@ def summarize(policy_name, cfg, arrival, ttft, finish_t, prompt, matched, where,
         "replicas": cfg.num_replicas,
         "requests": n,
         "hit_rate": float(matched.sum() / prompt.sum()),
+        "host_hit_rate": float(host_hit.sum() / prompt.sum()),  # the part of hit_rate loaded from host tiers
         "throughput_rps": n / span,
         "ttft_p50_s": float(np.percentile(ttft, 50)),
         "ttft_p99_s": float(np.percentile(ttft, 99)),

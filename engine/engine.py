@@ -107,7 +107,8 @@ class LLMEngine:
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
         if config.model.quantization == "int8":
             t_quant = time.perf_counter()
-            params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings)
+            params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings,
+                                           progress=progress and multihost.is_leader())
             log.info("int8 weights: projections%s quantized in %.1f s",
                      ", embeddings and LM head" if config.model.quantize_embeddings else "", time.perf_counter() - t_quant)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)

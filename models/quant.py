@@ -22,7 +22,7 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 SCALE_SUFFIX = "_scale"
 
 
-def quantize_weight(w) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
     """[L, in, out] float -> (int8 [L, in, out], float32 scales [L, out]); an all-zero column gets scale 1.
     One layer at a time, so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB)."""
     w = np.asarray(w)
@@ -32,6 +32,8 @@ def quantize_weight(w) -> tuple[np.ndarray, np.ndarray]:
         amax = np.abs(x).max(axis=0)
         scales[layer] = np.where(amax > 0, amax / 127.0, 1.0)
         values[layer] = np.clip(np.rint(x / scales[layer]), -127, 127)
+        if on_layer is not None:
+            on_layer()
     return values, scales
 
 
@@ -48,12 +50,17 @@ def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     return values, scales
 
 
-def quantize_params(params: dict, embeddings: bool = False) -> dict:
+def quantize_params(params: dict, embeddings: bool = False, progress: bool = False) -> dict:
     """The weight pytree with every projection int8 (and with `embeddings`, the embedding table and an untied LM
-    head), each with its `<name>_scale` beside it (host arrays)."""
+    head), each with its `<name>_scale` beside it (host arrays). `progress`: a bar over the layers' projections
+    (an 8B model's take tens of seconds on the host)."""
+    from tqdm import tqdm
+
     layers = dict(params["layers"])
-    for name in PROJECTIONS:
-        layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name])
+    num_layers = len(layers[PROJECTIONS[0]])
+    with tqdm(total=num_layers * len(PROJECTIONS), desc="int8 weights", unit="matrix", disable=not progress) as bar:
+        for name in PROJECTIONS:
+            layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name], on_layer=bar.update)
     out = {**params, "layers": layers}
     if not embeddings:
         return out

@@ -420,12 +420,13 @@ def test_cache_events_for_the_router_cover_the_host_tier(tiny_model, tokenizer):
         assert index.match(hashes) == [depth], prompt
 
 
-@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3"])
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8_e4m3", "bfloat16"])
 def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_model, tokenizer, kv_dtype):
     """With an 8-bit cache (values + per-vector scales) the same invariants hold: caching on or off (int8), and a
     thrashing pool whose host tier saves and restores pages, scales included, give the same greedy tokens. The pool
-    size comes from memory_gb at 8 bits plus one float32 scale per vector. (A bfloat16 cache, stored as uint16 bits,
-    is tested in test_kernels.py / test_models.py: never copied, the same on both backends.)"""
+    size comes from memory_gb at 8 bits plus one float32 scale per vector. The same for a bfloat16 cache under this
+    float32 model (stored as uint16 bits, no scales; also tested in test_kernels.py / test_models.py: never copied,
+    the same on both backends)."""
     from pallas_kernels import kv_quant
 
     prompts = _prompts(tokenizer, random.Random(5))
@@ -448,7 +449,8 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
     page_bytes = {dtype: kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim, dtype)
                   for dtype in (jnp.float32, storage)}
     assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[storage])
-    assert page_bytes[jnp.float32] == 3.2 * page_bytes[storage]  # 4 bytes per element vs 1 + a 4-byte scale per 16
+    # 4 bytes per element vs 1 + a 4-byte scale per 16 (8-bit), or vs 2 (bfloat16)
+    assert page_bytes[jnp.float32] == (2.0 if kv_dtype == "bfloat16" else 3.2) * page_bytes[storage]
 
 
 def test_int8_weights_in_the_engine(tiny_model, tokenizer):

@@ -114,7 +114,8 @@ def read_gguf(path: str, tensors: bool = True) -> tuple[dict[str, Any], dict[str
         raise CheckpointError(f"{path}: not a readable GGUF file (truncated header)")
     version, num_tensors, num_kv = struct.unpack_from("<IQQ", raw, 4)
     if version not in (2, 3):
-        raise CheckpointError(f"{path}: unsupported GGUF version {version} (readable: 2, 3, little-endian)")
+        order = " (a big-endian file)" if version > 0xFFFF and version & 0xFFFF == 0 else ""
+        raise CheckpointError(f"{path}: unsupported GGUF version {version}{order} (readable: 2, 3, little-endian)")
     pos = 24
 
     def read_str() -> str:
@@ -165,7 +166,9 @@ def read_gguf(path: str, tensors: bool = True) -> tuple[dict[str, Any], dict[str
     if "tokenizer.ggml.precompiled_charsmap" in meta:
         meta["tokenizer.ggml.precompiled_charsmap"] = bytes(meta["tokenizer.ggml.precompiled_charsmap"])
 
-    alignment = int(meta.get("general.alignment", _DEFAULT_ALIGNMENT))
+    alignment = meta.get("general.alignment", _DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0:
+        raise CheckpointError(f"{path}: not a readable GGUF file (general.alignment {alignment!r})")
     data_start = -(-pos // alignment) * alignment
     out: dict[str, GGUFTensor] = {}
     for name, dims, type_id, offset in infos:

@@ -64,6 +64,12 @@ def test_missing_and_corrupt_files(tmp_path):
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
     with pytest.raises(CheckpointError, match="bad.gguf: not a readable GGUF file"):
         load_weights(str(bad))
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "big") + bytes(16))
+    with pytest.raises(CheckpointError, match="version 50331648 \\(a big-endian file\\)"):
+        load_weights(str(bad))
+    bad.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + (0).to_bytes(8, "little") + (5).to_bytes(8, "little"))
+    with pytest.raises(CheckpointError, match="truncated or corrupt header"):  # 5 key-value pairs announced, none there
+        load_weights(str(bad))
     with pytest.raises(CheckpointError, match="not installed"):
         resolve_path("pkg:no_such_package_xyz/model.gguf")
 

@@ -105,12 +105,14 @@ class LLMEngine:
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
-        if config.model.quantization == "int8":
+        if config.model.quantization != "none":
             t_quant = time.perf_counter()
             params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings,
                                            progress=progress and multihost.is_leader())
             log.info("int8 weights: projections%s quantized in %.1f s",
                      ", embeddings and LM head" if config.model.quantize_embeddings else "", time.perf_counter() - t_quant)
+            if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
+                self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
         self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and

@@ -72,6 +72,9 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     attn_soft_cap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
     final_soft_cap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
+    # set by model.quantization: w8a8.
+    int8_activations: bool = False
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:

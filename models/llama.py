@@ -164,8 +164,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
 
         def proj(h, name):
             if name + SCALE_SUFFIX in p:  # int8 weight, float32 scale per output feature (models/quant.py)
-                y = jnp.dot(h, p[name].astype(h.dtype), preferred_element_type=jnp.float32)
-                y = (y * p[name + SCALE_SUFFIX]).astype(h.dtype)
+                y = int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, cfg.int8_activations).astype(h.dtype)
             else:
                 y = h @ p[name]
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
@@ -208,14 +207,31 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
 
 
+def int8_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, int8_activations: bool) -> jax.Array:
+    """h [N, K] @ an int8 matrix w (K on axis `w_contract`) whose output columns have float32 `scale`s -> [N, M]
+    float32. W8A16: w converted to h's dtype. W8A8 (`int8_activations`): each row of h quantized to int8 with its
+    own scale (max |h| / 127), an int8 x int8 -> int32 dot, both scales applied after."""
+    dims = (((h.ndim - 1,), (w_contract,)), ((), ()))
+    if not int8_activations:
+        return jax.lax.dot_general(h, w.astype(h.dtype), dims, preferred_element_type=jnp.float32) * scale
+    h32 = h.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(h32), axis=-1, keepdims=True)
+    h_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    hq = jnp.clip(jnp.round(h32 / h_scale), -127, 127).astype(jnp.int8)
+    acc = jax.lax.dot_general(hq, w, dims, preferred_element_type=jnp.int32)
+    return acc.astype(jnp.float32) * h_scale * scale
+
+
 def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """[N, hidden] -> [N, vocab] float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     name = "embed" if cfg.tie_word_embeddings else "lm_head"
-    head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
-    logits = jnp.dot(x, head.astype(x.dtype), preferred_element_type=jnp.float32)
     if name + SCALE_SUFFIX in params:  # int8 head: a float32 scale per vocabulary column
-        logits = logits * params[name + SCALE_SUFFIX]
+        logits = int8_dot(x, params[name], params[name + SCALE_SUFFIX], 1 if cfg.tie_word_embeddings else 0,
+                          cfg.int8_activations)
+    else:
+        head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
+        logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
     if cfg.final_soft_cap:
         logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
     return logits

@@ -453,15 +453,18 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
     assert page_bytes[jnp.float32] == (2.0 if kv_dtype == "bfloat16" else 3.2) * page_bytes[storage]
 
 
-def test_int8_weights_in_the_engine(tiny_model, tokenizer):
-    """model.quantization=int8: the projections are int8 on the device, and prefix caching (a roomy pool, a thrashing
-    one) still never changes the greedy tokens; a request with bad input still gets its error."""
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_int8_weights_in_the_engine(tiny_model, tokenizer, mode):
+    """model.quantization=int8 / w8a8: the projections are int8 on the device, and prefix caching (a roomy pool, a
+    thrashing one) still never changes the greedy tokens (w8a8 quantizes each token's activations on their own, so a
+    token's result does not depend on what else is in the step); a request with bad input still gets its error."""
     prompts = _prompts(tokenizer, random.Random(6))
     runs = {}
     for name, overrides in {"on": {"cache.num_pages": 128}, "tiny": {"cache.num_pages": 16}}.items():
-        llm = LLM(EngineConfig().replace(**{**SMALL, "model.quantization": "int8", **overrides}), progress=False,
+        llm = LLM(EngineConfig().replace(**{**SMALL, "model.quantization": mode, **overrides}), progress=False,
                   model=tiny_model)
         runs[name] = _generate(llm, prompts, max_tokens=8)
+    assert llm.engine.model_cfg.int8_activations == (mode == "w8a8")
     layers = llm.engine.params["layers"]
     assert layers["wq"].dtype == jnp.int8 and layers["wq_scale"].dtype == jnp.float32 and layers["attn_norm"].dtype == jnp.float32
     assert runs["on"][0] == runs["tiny"][0] and sum(runs["on"][1]) > 0

@@ -66,13 +66,15 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
         assert engine.stats()["num_preemptions"] > 0
 
 
-def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4():
+@pytest.mark.parametrize("mode", ["int8", "w8a8"])
+def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4(mode):
     """An 8-bit cache's scales are split by KV head like its pages (and repeated with them when devices outnumber
     the KV heads, Gemma 3's one); int8 weights' scales are split like their output features (column-parallel) or
     replicated (row-parallel), the int8 embeddings' (the tied head's) by vocabulary entry. The same greedy tokens at
-    every degree, with hits and preemption."""
+    every degree, with hits and preemption. W8A8 too: a row-parallel projection's per-token activation scale is a max
+    over every device's features, and its int32 partial sums add exactly."""
     model = tiny_gemma3()
-    int8 = {"cache.kv_dtype": "int8", "model.quantization": "int8", "model.quantize_embeddings": True}
+    int8 = {"cache.kv_dtype": "int8", "model.quantization": mode, "model.quantize_embeddings": True}
     ref, engine1 = _run(model, 1, num_pages=16, **int8)
     assert len(engine1.runner.kv) == 4 and engine1.runner.kv[0].dtype == np.int8
     assert engine1.params["layers"]["w_down"].dtype == np.int8 and engine1.params["embed"].dtype == np.int8

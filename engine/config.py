@@ -37,12 +37,17 @@ class ModelSpec:
     # "w8a8": the same weights, and their matmuls take int8 activations (a scale per token, computed each step):
     # int8 x int8 -> int32 dots, the int8 units' rate, at more accuracy cost.
     quantization: Literal["none", "int8", "w8a8"] = "none"
+    # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
+    # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
+    smoothquant_alpha: float = 0.5
     # With quantization int8, the embedding table and LM head too (a scale per vocabulary entry): a large part of a
     # small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
     quantize_embeddings: bool = False
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)
+        if not 0 <= self.smoothquant_alpha <= 1:
+            raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         if self.quantize_embeddings and self.quantization == "none":
             raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8 or w8a8")
 

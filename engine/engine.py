@@ -37,7 +37,7 @@ from engine.config import EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
-from models import quant, sharding
+from models import llama, quant, sharding
 from models.loader import load_weights, resolve_path, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
@@ -105,6 +105,11 @@ class LLMEngine:
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
+        if config.model.quantization == "w8a8" and config.model.smoothquant_alpha > 0:
+            if config.lora.adapters:
+                log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
+            else:
+                params = self._smooth(params, config.model.smoothquant_alpha)
         if config.model.quantization != "none":
             t_quant = time.perf_counter()
             params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings,
@@ -426,6 +431,20 @@ class LLMEngine:
         if self.runner.followers is not None:
             self.runner.followers.stop()
             self.runner.followers = None
+
+    def _smooth(self, params: dict, alpha: float) -> dict:
+        """SmoothQuant for W8A8: each projection group's largest |input| per channel over built-in calibration text,
+        then the smoothing folded into the float weights (models/quant.smooth_params)."""
+        t0 = time.perf_counter()
+        device_params = jax.device_put(params)
+        amax = None
+        for ids in quant.calibration_ids(self.tokenizer):
+            a = llama.activation_amax(device_params, self.model_cfg, jnp.asarray(ids, jnp.int32))
+            amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
+        del device_params
+        params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)
+        log.info("w8a8: SmoothQuant (alpha %.2f) calibrated in %.1f s", alpha, time.perf_counter() - t0)
+        return params
 
     def drain_cache_events(self):
         """Pages stored in / removed from the radix cache, and from its host tier, since the last call (for the

@@ -144,7 +144,8 @@ def layer_window(cfg: LlamaConfig, windowed: jax.Array | None):
 
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
-             carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None) -> tuple[jax.Array, Any]:
+             carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
+             stats: bool = False) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
@@ -170,6 +171,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         h = rms_norm(x, p["attn_norm"], eps)
+        amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
         q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
         if cfg.attention_bias:
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
@@ -186,16 +188,19 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         h = rms_norm(x, p["mlp_norm"], eps)
         gate = proj(h, "w_gate")
         act = jax.nn.gelu(gate, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(gate)
-        o = proj(act * proj(h, "w_up"), "w_down")
+        down_in = act * proj(h, "w_up")
+        o = proj(down_in, "w_down")
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
-        return (x, carry), None
+        if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
+            amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
+        return (x, carry), amax
 
     x = embed_tokens(params, tokens)  # [T, H]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, carry), _ = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed), lora))
-    return x, carry
+    (x, carry), amax = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed), lora))
+    return (x, carry, amax) if stats else (x, carry)
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
@@ -304,6 +309,17 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
+@functools.partial(jax.jit, static_argnums=1)
+def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict[str, jax.Array]:
+    """The dense forward of one sequence, returning per layer the largest |input| of each projection group by
+    channel: {"attn_in": [L, hidden] (q/k/v), "mlp_in": [L, hidden] (gate/up), "down_in": [L, intermediate]}."""
+    positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
+    _, _, amax = _decoder(params, cfg, tokens, positions,
+                          lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c),
+                          stats=True)
+    return amax
+
+
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)

@@ -84,3 +84,51 @@ def dequantize_params(params: dict, dtype=np.float32) -> dict:
     if "lm_head" + SCALE_SUFFIX in params:
         out["lm_head"] = (np.asarray(params["lm_head"], np.float32) * np.asarray(params["lm_head" + SCALE_SUFFIX])).astype(dtype)
     return out
+
+
+# SmoothQuant: move activation outliers into the weights before W8A8 (model.quantization: w8a8)
+CALIBRATION_MODULES = ("os", "io", "pprint", "dataclasses", "enum", "heapq", "bisect", "csv", "string", "random",
+                       "math", "shutil", "tempfile", "inspect")  # not scripts/quality.py's texts, which measure it
+
+
+def calibration_ids(tokenizer, num_tokens: int = 2048, window: int = 512) -> list[list[int]]:
+    """Windows of `window` token ids from standard-library docstrings (always at hand, no network)."""
+    import importlib
+    import inspect
+
+    docs: list[str] = []
+    for name in CALIBRATION_MODULES:
+        module = importlib.import_module(name)
+        docs += [d for d in [inspect.getdoc(module)] + [inspect.getdoc(getattr(module, a)) for a in sorted(dir(module))
+                                                        if not a.startswith("_")] if d and d not in docs]
+    ids = tokenizer.encode("\n\n".join(docs), add_special_tokens=False)
+    return [ids[i : i + window] for i in range(0, min(num_tokens, len(ids)) - window + 1, window)]
+
+
+def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
+    """SmoothQuant (Xiao et al. 2023) on a float weight pytree, from each projection group's largest |input| per
+    channel (`llama.activation_amax` over calibration text). For input channel j of a group, s_j =
+    max|X_j|^alpha / max|W_j|^(1 - alpha); the inputs are divided by s and the weights' rows multiplied by it, so
+    x @ W is unchanged and per-token int8 activations no longer have a few huge channels setting every step.
+    Divisions fold into what makes the input: the attention and MLP norms' weights (q/k/v, gate/up) and w_up's
+    output columns (w_down's input is act(gate) * up). The forward is the same up to float rounding (tested)."""
+    layers = {k: np.asarray(v, np.float32).copy() if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
+              for k, v in params["layers"].items()}
+
+    def factors(x_amax, weights):
+        x_amax = np.asarray(x_amax, np.float32)  # [L, in]
+        w_amax = np.max([np.abs(layers[w]).max(axis=2) for w in weights], axis=0)  # [L, in]
+        s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
+        return np.where((x_amax > 0) & (w_amax > 0), s, 1.0).astype(np.float32)
+
+    for norm, weights, key in (("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", ("w_gate", "w_up"), "mlp_in")):
+        s = factors(amax[key], weights)
+        layers[norm] /= s
+        for w in weights:
+            layers[w] *= s[:, :, None]
+    s = factors(amax["down_in"], ("w_down",))
+    layers["w_up"] /= s[:, None, :]
+    layers["w_down"] *= s[:, :, None]
+    dtype = np.asarray(params["layers"]["wq"]).dtype
+    return {**params, "layers": {k: v.astype(dtype) if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
+                                 for k, v in layers.items()}}

@@ -318,6 +318,30 @@ def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
     assert np.abs(w8a8 - w8a16).max() < 0.05 * np.abs(w8a16).max()
 
 
+@pytest.mark.parametrize("cfg", [TINY_GEMMA3, TINY], ids=["gemma3", "llama"])
+def test_smoothquant_keeps_the_float_forward_and_evens_the_channels(cfg):
+    """models/quant.smooth_params with activation maxima from llama.activation_amax: the float forward is unchanged
+    (the divisions fold into the norms and w_up), and the q/k/v inputs' channel maxima become more even (one
+    channel made an outlier here, as real models have)."""
+    from models import quant
+
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(8)))
+    params["layers"]["attn_norm"] = params["layers"]["attn_norm"].copy()
+    params["layers"]["attn_norm"][:, 3] *= 40.0  # an outlier channel into q/k/v
+    ids = jnp.asarray(np.random.default_rng(int(time.time()) % 1000).integers(0, cfg.vocab_size, 32), jnp.int32)
+    amax = jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids))
+    assert amax["attn_in"].shape == (cfg.num_layers, cfg.hidden_size) and amax["down_in"].shape[1] == cfg.intermediate_size
+    smoothed = quant.smooth_params(params, amax, alpha=0.5)
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    after = np.asarray(llama.activation_amax(smoothed, cfg, ids)["attn_in"])
+
+    def spread(a):
+        return float((a.max(axis=1) / np.median(a, axis=1)).max())
+
+    assert spread(after) < 0.5 * spread(amax["attn_in"])
+
+
 def test_gemma3_orbax_round_trip(tmp_path):
     """Per-layer windows, RoPE bases and norms survive convert -> radixlm.json -> load; same logits."""
     from models.checkpoint import load_orbax, save_orbax

@@ -308,21 +308,23 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
     return jnp.einsum("hqk,khd->qhd", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
+def _dense_attend(cfg: LlamaConfig) -> AttentionFn:
+    """The decoder's attention over one sequence's own K/V (no cache): the dense reference paths."""
+    return lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict[str, jax.Array]:
     """The dense forward of one sequence, returning per layer the largest |input| of each projection group by
     channel: {"attn_in": [L, hidden] (q/k/v), "mlp_in": [L, hidden] (gate/up), "down_in": [L, intermediate]}."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    _, _, amax = _decoder(params, cfg, tokens, positions,
-                          lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c),
-                          stats=True)
+    _, _, amax = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), stats=True)
     return amax
 
 
+@functools.partial(jax.jit, static_argnums=(1,))
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    x, _ = _decoder(params, cfg, tokens, positions,
-                    lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c))
+    x, _ = _decoder(params, cfg, tokens, positions, _dense_attend(cfg))
     return compute_logits(params, cfg, x)

@@ -68,18 +68,14 @@ class HostPageIndex:
         self._free = list(range(self.num_slots - 1, -1, -1))
 
     def drain_events(self) -> list[CacheEvent]:
-        """Hashes that entered or left the host tier since the last call, as `medium="host"` cache events (runs of
-        one kind in order, so a hash stored and then reused for another within one call ends up removed). A tier
-        that kept no events (`record_events` False) starts keeping them here, reporting what it holds now."""
+        """Hashes that entered or left the host tier since the last call, as at most two `medium="host"` cache events:
+        "removed" then "stored", each hash under its last change (the tier is a set, not a tree: nothing orders one
+        hash's events against another's, and a full tier swaps one hash for another on every save). A tier that kept
+        no events (`record_events` False) starts keeping them here, reporting what it holds now."""
         if not self.record_events:  # kept none so far: this first drain reports what the tier holds now
             self.record_events = True
             self._events = [("stored", h) for h in self._slots]
-        out: list[CacheEvent] = []
-        run: list[int] = []
-        for i, (kind, h) in enumerate(self._events):
-            run.append(h)
-            if i + 1 == len(self._events) or self._events[i + 1][0] != kind:
-                out.append(CacheEvent(kind, tuple(run), None, None, medium="host"))  # type: ignore[arg-type]
-                run = []
+        last = dict((h, kind) for kind, h in self._events)
         self._events.clear()
-        return out
+        return [CacheEvent(kind, hashes, None, None, medium="host")  # type: ignore[arg-type]
+                for kind in ("removed", "stored") if (hashes := tuple(h for h, k in last.items() if k == kind))]

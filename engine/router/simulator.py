@@ -13,8 +13,8 @@ interval). Each replica is modelled as:
   (max_running) and its pages fit; TTFT = prefill end - arrival;
 - decode in a batch that does not slow with its size: a request finishes output_len * decode_ms
   after its prefill;
-- optionally a host tier of `host_pages` (engine.host_cache's semantics): pages the tree evicts
-  keep their hash in an LRU of that size; a request continues its tree match there page by page
+- optionally a host tier of `host_pages` (engine.host_cache.HostPageIndex itself): pages the tree
+  evicts keep their hash in an LRU of that size; a request continues its tree match there page by page
   and pays `host_load_ms_per_page` for each instead of their prefill. `host_visible`: whether
   the router's index gets the tier's events (engine.cache_feed's `medium: "host"`).
 
@@ -26,11 +26,12 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Iterator
 
 import numpy as np
 
+from engine.host_cache import HostPageIndex
 from engine.router.hash_cache import HashCache
 from engine.router.index import PrefixIndex
 from engine.router.policy import ReplicaState, RouteRequest, make_policy
@@ -128,38 +129,27 @@ class SimConfig:
 
 
 class _Replica:
-    __slots__ = ("cache", "queue", "prefill_busy", "running", "free_pages", "host", "host_pages", "host_events")
+    __slots__ = ("cache", "queue", "prefill_busy", "running", "free_pages", "host")
 
-    def __init__(self, num_pages: int, collect_events: bool, host_pages: int = 0) -> None:
+    def __init__(self, num_pages: int, collect_events: bool, host_pages: int = 0, host_events: bool = False) -> None:
         self.cache = HashCache(collect_events)
         self.queue: deque[int] = deque()  # request ids waiting for the prefill engine
         self.prefill_busy = False
         self.running = 0
         self.free_pages = num_pages  # pool pages neither in the tree nor private to a request
-        self.host: OrderedDict[int, None] = OrderedDict()  # host-tier hashes, least recently used first
-        self.host_pages = host_pages
-        self.host_events: list[tuple[str, int]] | None = [] if collect_events else None
-        if host_pages:
+        self.host = HostPageIndex(host_pages) if host_pages else None  # hashes only: no K/V is simulated
+        if self.host is not None:
+            self.host.record_events = host_events  # only what the router's index will read
             self.cache.on_evict = self.save_to_host
 
     def save_to_host(self, hashes: tuple[int, ...]) -> None:
         for h in hashes:
-            if h in self.host:
-                self.host.move_to_end(h)
-                continue
-            if len(self.host) >= self.host_pages:
-                victim, _ = self.host.popitem(last=False)
-                if self.host_events is not None:
-                    self.host_events.append(("removed", victim))
-            self.host[h] = None
-            if self.host_events is not None:
-                self.host_events.append(("stored", h))
+            self.host.store(h)
 
     def host_match(self, hashes: tuple[int, ...], start: int) -> int:
         """Pages after `start` (the tree's match) the host tier holds, consecutively; touched as used."""
         k = 0
-        while start + k < len(hashes) and hashes[start + k] in self.host:
-            self.host.move_to_end(hashes[start + k])
+        while start + k < len(hashes) and self.host.lookup(hashes[start + k]) is not None:
             k += 1
         return k
 
@@ -175,7 +165,7 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
                          cfg.hot_spot_slack)
     feed = policy.uses_index
     states = [ReplicaState() for _ in range(n_rep)]
-    reps = [_Replica(cfg.num_pages, feed, cfg.host_pages) for _ in range(n_rep)]
+    reps = [_Replica(cfg.num_pages, feed, cfg.host_pages, feed and cfg.host_visible) for _ in range(n_rep)]
     n = trace.num_requests
     host_hit = [0] * n  # prompt tokens a request loaded from its replica's host tier
     # NOTE: plain lists while simulating (numpy scalar access is slow); arrays for the summary.
@@ -215,7 +205,7 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             rep.running += 1
             rep.prefill_busy = True
             # NOTE: matched after the allocation, whose evictions may have moved pages into the host tier
-            loaded = rep.host_match(hashes, hit) if rep.host_pages else 0
+            loaded = rep.host_match(hashes, hit) if rep.host is not None else 0
             hit_len = min((hit + loaded) * ps, prompt[rid] - 1)  # a fully cached prompt recomputes 1 token
             matched[rid] = hit_len
             host_hit[rid] = max(hit_len - hit * ps, 0)
@@ -259,11 +249,9 @@ def simulate(policy_name: str, trace: TraceSpec, cfg: SimConfig) -> dict:
             for kind, hashes in rep.cache.events:
                 (index.store if kind == "stored" else index.remove)(r, hashes)
             rep.cache.events.clear()
-            if rep.host_events:
-                if cfg.host_visible:
-                    for kind, h in rep.host_events:
-                        (index.store if kind == "stored" else index.remove)(r, (h,), "host")
-                rep.host_events.clear()
+            if rep.host is not None and cfg.host_visible:
+                for e in rep.host.drain_events():
+                    (index.store if e.kind == "stored" else index.remove)(r, e.block_hashes, "host")
 
     def advance(until: float) -> None:
         nonlocal next_poll

@@ -122,6 +122,30 @@ class RadixCache(PrefixTree):
                 self._events.append(CacheEvent("stored", tuple(hashes), parent_hash, namespace))
         return num_cached
 
+    def adopt(self, tokens: Sequence[int], pages: Sequence[int], namespace: str | None,
+              take: Callable[[int, int], bool]) -> list[int]:
+        """Where the tree stores a prefix of `tokens` (whole pages), puts the caller's page in place of the tree's
+        wherever `take(tree_page, page)`: the caller's page holds the same positions' K/V and is the better one to
+        keep (a hybrid cache: it has window slots, the tree's has not; engine.window_pages). The tree references each
+        page it takes and drops the one it gives up; block hashes stay, so no event. Returns the pages taken."""
+        ps = self.page_size
+        if len(tokens) != len(pages) * ps:
+            raise ValueError(f"adopt needs whole pages: {len(tokens)} tokens != {len(pages)} pages * {ps}")
+        node, end, _ = self._walk(tuple(tokens), namespace)
+        end //= ps
+        taken = []
+        while node.parent is not None:
+            start = end - len(node.pages)
+            for i, old in enumerate(node.pages):
+                new = pages[start + i]
+                if new != old and take(old, new):
+                    self.pool.ref([new])
+                    self.pool.unref([old])
+                    node.pages[i] = new
+                    taken.append(new)
+            end, node = start, node.parent
+        return taken
+
     # --- reset and inspection ------------------------------------------------------------------
 
     def reset(self) -> None:

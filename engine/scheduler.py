@@ -26,6 +26,7 @@ from engine.host_cache import HostPageIndex
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.request import Sequence, Status, placeholder
+from engine.window_pages import WindowPages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +41,8 @@ class Chunk:
     # Speculative decoding: the chunk's last len(draft) tokens are proposed continuations, verified by sampling at
     # every position from the real last token on (see engine.speculative).
     draft: tuple[int, ...] = ()
+    # Hybrid cache (engine.window_pages): the window slot of each of `pages`, -1 where it has none (out of window).
+    window_pages: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +55,8 @@ class StepPlan:
     # then (slot, page) host slots copied into the pages of admitted prompts that hit them.
     host_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     host_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Hybrid cache: (src, dst) window slots copied with `page_copies` (the copied page's windowed layers).
+    window_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -68,6 +73,8 @@ class SchedulerStats:
     host_saved_pages: int = 0  # evicted pages copied to the host tier
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
+    window_evicted_pages: int = 0  # hybrid cache: window slots the tree gave up (the pages' full K/V stays)
+    window_recomputed_tokens: int = 0  # cached prompt tokens recomputed because their window had been evicted
 
 
 LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
@@ -76,7 +83,9 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
-                 num_host_pages: int = 0):
+                 num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0):
+        """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
+        layers and the slots those layers' K/V have (0: every layer keeps every page)."""
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -97,9 +106,13 @@ class Scheduler:
         self.host = HostPageIndex(num_host_pages) if num_host_pages and self.prefix_caching else None
         self._host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
         self._loading: set[int] = set()  # slots the plan being built loads from: not reused for a save in it
+        self._window_copies: list[tuple[int, int]] = []  # (src, dst) window slots of the plan being built
         if self.host is not None:
             self.host.record_events = False
-            self.tree.on_evict = self._save_to_host
+        self.window = WindowPages(num_window_pages, window, cache.page_size) if num_window_pages else None
+        if self.window is not None and self.host is not None:
+            raise ValueError("a hybrid cache (window pages) has no host tier")
+        self.tree.on_evict = self._tree_evicting
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -187,8 +200,9 @@ class Scheduler:
         if not chunks:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
         saves, self._host_saves = self._host_saves, []
+        window_copies, self._window_copies = self._window_copies, []
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
-                        host_saves=saves, host_loads=loads)
+                        host_saves=saves, host_loads=loads, window_copies=window_copies)
 
     @property
     def _chunk_limit(self) -> int:
@@ -217,14 +231,28 @@ class Scheduler:
 
     def _pages_to_admit(self, seq: Sequence) -> int:
         """Pages admitting `seq` would allocate for its first chunk, after its cached prefix."""
-        cached = self.tree.match(seq.all_ids, seq.namespace).num_tokens if self.prefix_caching else 0
+        cached = self._match(seq)[0].num_tokens if self.prefix_caching else 0
         cached = min(cached, seq.num_tokens - 1)
         n = min(seq.num_tokens - cached, self.cfg.max_batch_tokens, self._chunk_limit)
         return -(-(cached + n) // self.page_size) - cached // self.page_size
 
     @property
     def _obtainable_pages(self) -> int:
-        return self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
+        """Pages a sequence could get now (freeing unlocked tree pages): each new page takes a window slot too."""
+        n = self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
+        return n if self.window is None else min(n, self.window.num_obtainable)
+
+    @property
+    def _free_pages(self) -> int:
+        """Pages a sequence can get without evicting anything."""
+        return self.pool.num_free if self.window is None else min(self.pool.num_free, self.window.pool.num_free)
+
+    def _alloc(self, n: int) -> list[int]:
+        """`n` new pages (reserved before), each with a window slot in a hybrid cache."""
+        pages = self.pool.alloc(n)
+        if self.window is not None:
+            self.window.alloc(pages)
+        return pages
 
     def _admission_order(self) -> list[Sequence]:
         waiting = list(self.waiting)
@@ -233,7 +261,7 @@ class Scheduler:
         if self.cfg.policy == "lpm" and self.prefix_caching:
             # Longest cached prefix first (ties keep arrival order) over a bounded window of the queue.
             window = waiting[:LPM_WINDOW]
-            lengths = {id(s): self.tree.match(s.all_ids, s.namespace).num_tokens for s in window}
+            lengths = {id(s): self._match(s)[0].num_tokens for s in window}
             window.sort(key=lambda s: -lengths[id(s)])
             return window + waiting[LPM_WINDOW:]
         return waiting
@@ -244,7 +272,7 @@ class Scheduler:
         tokens = seq.all_ids
         host_slots: list[int] = []
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
-            match = self.tree.match(tokens, seq.namespace)
+            match, num_stored = self._match(seq)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             shared, num_cached = list(match.pages), match.num_tokens
@@ -261,19 +289,31 @@ class Scheduler:
             num_cached -= 1
         n = min(len(tokens) - num_cached, budget, self._chunk_limit)
         num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
+        window_held = []
+        if self.window is not None:  # hold the window's slots first, so that reserving cannot evict them
+            seq.window_from = self.window.first_page(num_cached)
+            window_held = shared[seq.window_from :] + ([cow_src] if cow_src is not None else [])
+            self.window.ref(window_held)
         if not self._reserve(num_pages_needed, protect=match):
+            if self.window is not None:
+                self.window.release(window_held)
             return None
         if match is not None:
             self.tree.lock(match.node)
             seq.lock_node = match.node
             self.pool.ref(shared)
-        seq.pages = shared + self.pool.alloc(num_pages_needed)
+        seq.pages = shared + self._alloc(num_pages_needed)
         if cow_src is not None:
             copies.append((cow_src, seq.pages[len(shared)]))
+            if self.window is not None:
+                self._window_copies.append((self.window.slot_of[cow_src], self.window.slot_of[seq.pages[len(shared)]]))
+                self.window.release([cow_src])  # copied before the step: the tree's page keeps its own hold
         loads += zip(host_slots, seq.pages[len(shared) : len(shared) + len(host_slots)])
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
         seq.num_computed = num_cached
         seq.num_tree_tokens = len(shared) * self.page_size
+        if match is not None:
+            self.stats.window_recomputed_tokens += max(0, min(num_stored, len(tokens) - 1) - num_cached)
         if seq.num_preemptions == 0:
             seq.num_cached_prompt = num_cached
             self.stats.cached_prompt_tokens += num_cached
@@ -283,6 +323,18 @@ class Scheduler:
         self.running.append(seq)
         self._mark_inflight(seq)
         return self._chunk(seq, num_cached, n)
+
+    def _match(self, seq: Sequence):
+        """(the tree's longest prefix of `seq` that it can start after, how many tokens the tree stores). A hybrid
+        cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages);
+        the pages after it are recomputed."""
+        match = self.tree.match(seq.all_ids, seq.namespace)
+        if self.window is None:
+            return match, match.num_tokens
+        usable = self.window.usable(match.pages, seq.num_tokens)
+        if usable == len(match.pages):
+            return match, match.num_tokens
+        return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
 
     def _host_hits(self, seq: Sequence, match) -> list[int]:
         """Host slots of the pages after the tree's match, while they are there in a row (never the page of the last
@@ -297,8 +349,13 @@ class Scheduler:
             slots.append(slot)
         return slots
 
-    def _save_to_host(self, pages: list[int], hashes: list[int]) -> None:
-        """The tree is evicting `pages`: copy each to a host slot (unless its hash is there already) before reuse."""
+    def _tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
+        """The tree is letting go of `pages`: their window slots go with them, and with a host tier each is copied to
+        a host slot (unless its hash is there already) before reuse."""
+        if self.window is not None:
+            self.window.tree_drop(pages)
+        if self.host is None:
+            return
         for page, h in zip(pages, hashes):
             slot = self.host.store(h, avoid=self._loading)
             if slot is not None:
@@ -320,6 +377,7 @@ class Scheduler:
             pages=tuple(seq.pages),
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
+            window_pages=() if self.window is None else tuple(self.window.slot_of.get(p, -1) for p in seq.pages),
         )
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
@@ -336,7 +394,7 @@ class Scheduler:
             budget,
             seq.params.max_tokens - len(seq.output_ids) - 1,  # the step yields up to len(draft) + 1 tokens
             self.max_model_len - seq.num_tokens - 1,
-            (len(seq.pages) + self.pool.num_free) * self.page_size - seq.num_tokens,  # no eviction for a guess
+            (len(seq.pages) + self._free_pages) * self.page_size - seq.num_tokens,  # no eviction for a guess
         )
         if room <= 0:
             return []
@@ -347,12 +405,17 @@ class Scheduler:
             draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
-            seq.pages += self.pool.alloc(need)
+            seq.pages += self._alloc(need)
         return draft
 
     # ------------------------------------------------------------------------------------ pages
     def _reserve(self, n: int, protect=None) -> bool:
-        """Makes `n` pages free, evicting unlocked tree leaves if needed."""
+        """Makes `n` pages (and in a hybrid cache `n` window slots) free, evicting unlocked tree leaves and the tree's
+        window slots if needed."""
+        if self.window is not None and n > self.window.pool.num_free:
+            self.stats.window_evicted_pages += self.window.reserve(n)
+            if n > self.window.pool.num_free:
+                return False
         if n <= self.pool.num_free:
             return True
         if self.prefix_caching:
@@ -377,7 +440,7 @@ class Scheduler:
             if victim is seq:
                 return False
         if need > 0:
-            seq.pages += self.pool.alloc(need)
+            seq.pages += self._alloc(need)
         return True
 
     def _victims(self, eligible) -> list[Sequence]:
@@ -401,6 +464,9 @@ class Scheduler:
         if seq.lock_node is not None:
             self.tree.unlock(seq.lock_node)
             seq.lock_node = None
+        if self.window is not None:
+            self.window.release(seq.pages[seq.window_from :])
+            seq.window_from = 0
         self.pool.unref(seq.pages)
         seq.pages, seq.num_computed, seq.num_tree_tokens = [], 0, 0
         self._clear_inflight(seq)
@@ -414,7 +480,13 @@ class Scheduler:
         if num_full * self.page_size <= seq.num_tree_tokens:
             return
         tokens = seq.token_slice(0, num_full * self.page_size)
-        self.tree.insert(tokens, seq.pages[:num_full], seq.namespace)
+        num_cached = self.tree.insert(tokens, seq.pages[:num_full], seq.namespace)
+        if self.window is not None:
+            # Pages the tree stores without window slots that this sequence recomputed: the tree takes them instead.
+            ps, slot_of = self.page_size, self.window.slot_of
+            taken = self.tree.adopt(tokens[:num_cached], seq.pages[: num_cached // ps], seq.namespace,
+                                    lambda old, new: old not in slot_of and new in slot_of)
+            self.window.tree_hold(taken + seq.pages[num_cached // ps : num_full])
         match = self.tree.match(tokens, seq.namespace)
         self.tree.lock(match.node)
         if seq.lock_node is not None:
@@ -468,6 +540,11 @@ class Scheduler:
                 self._cache_computed(seq)  # other requests can hit these pages from the next step on
                 if not seq.is_prefilling:
                     self._clear_inflight(seq)
+            if self.window is not None:  # pages out of reach of the tokens still to compute leave its window
+                start = self.window.first_page(seq.num_computed)
+                if start > seq.window_from:
+                    self.window.release(seq.pages[seq.window_from : start])
+                    seq.window_from = start
             if chunk.sample:
                 seq.output_ids.append(placeholder(i))
                 self._end_at_length_limit(seq)
@@ -549,3 +626,12 @@ class Scheduler:
                 f"page {page}: refcount {self.pool.refcount(page)} but {holders[page]} holders"
             )
         assert self.pool.num_free + self.pool.num_used == self.pool.num_pages
+        if self.window is not None:
+            window_holders: collections.Counter[int] = collections.Counter()
+            for seq in self.running:
+                window_holders.update(seq.pages[seq.window_from :])
+            self.window.check_invariants(window_holders)
+            tree_pages = set(self.tree.held_pages())
+            assert self.window.tree_held() <= tree_pages, "the tree holds the window slot of a page it does not store"
+            assert all(p in self.window.tree_held() for p in tree_pages if p in self.window.slot_of), \
+                "a tree page's window slot is not held by the tree"

@@ -33,10 +33,13 @@ class FakeRunner:
     """KV store = page -> list of token ids; the model samples a token determined by the whole sequence. Chunks
     with draft tokens get a token for every position from the real last token on, as the engine's runner does."""
 
-    def __init__(self, num_pages: int, page_size: int, model=random_model):
+    def __init__(self, num_pages: int, page_size: int, model=random_model, window: int = 0, window_pages: int = 0):
         self.ps = page_size
         self.model = model
         self.store = [[None] * page_size for _ in range(num_pages)]
+        # Hybrid cache: the windowed layers' store, by window slot; a token must read the last `window` positions there.
+        self.window = window
+        self.window_store = [[None] * page_size for _ in range(window_pages)]
         self.host: dict[int, list[int]] = {}  # host tier: slot -> a saved page's tokens
         self.prev: list[int | None] = []  # what the last run sampled: placeholders stand for these
 
@@ -50,18 +53,29 @@ class FakeRunner:
             self.store[page] = list(self.host[slot])
         for src, dst in plan.page_copies:
             self.store[dst] = list(self.store[src])
+        for src, dst in plan.window_copies:
+            self.window_store[dst] = list(self.window_store[src])
         sampled = []
         for c in plan.chunks:
             seq = c.seq
             for i, tok in enumerate(c.token_ids):
                 pos = c.start + i
                 self.store[c.pages[pos // self.ps]][pos % self.ps] = self.token(tok)
+                if self.window:
+                    slot = c.window_pages[pos // self.ps]
+                    assert slot >= 0, f"{seq.request_id}: new position {pos} has no window slot"
+                    self.window_store[slot][pos % self.ps] = self.token(tok)
             end = c.start + len(c.token_ids)
             ids = [self.token(t) for t in seq.all_ids[: c.start] + c.token_ids]
             # NOTE: this is the invariant attention relies on: every position < end reads its own token.
             for pos in range(end):
                 got = self.store[c.pages[pos // self.ps]][pos % self.ps]
                 assert got == ids[pos], f"{seq.request_id}: position {pos} holds {got}, expected {ids[pos]}"
+            # ... and in the windowed layers, every position the chunk's first token can see.
+            for pos in range(max(0, c.start - self.window + 1), end if self.window else 0):
+                slot = c.window_pages[pos // self.ps]
+                got = self.window_store[slot][pos % self.ps] if slot >= 0 else "no slot"
+                assert got == ids[pos], f"{seq.request_id}: window position {pos} holds {got}, expected {ids[pos]}"
             if not c.sample:
                 sampled.append(None)
             elif c.draft:
@@ -73,7 +87,8 @@ class FakeRunner:
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
-         eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0):
+         eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
+         window_pages=0):
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
@@ -83,8 +98,10 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         eos_ids=eos_ids,
         spec=spec,
         num_host_pages=host_pages,
+        window=window,
+        num_window_pages=window_pages,
     )
-    return sched, FakeRunner(num_pages, page_size, model)
+    return sched, FakeRunner(num_pages, page_size, model, window, window_pages)
 
 
 def seq(rid, tokens, max_tokens=4, namespace=None):
@@ -231,6 +248,10 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             "tiny": dict(caching=True, num_pages=14, max_running=6),
             "tiny+host": dict(caching=True, num_pages=14, max_running=6, host_pages=6),
             "tiny+priority": dict(caching=True, num_pages=14, max_running=6, policy="priority"),
+            # Hybrid cache: windowed layers see 6 positions, in few slots (the tree's are evicted, prefixes recomputed).
+            "window": dict(caching=True, num_pages=64, window=6, window_pages=12),
+            "window+tiny": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11),
+            "window+priority": dict(caching=True, num_pages=20, max_running=6, window=9, window_pages=12, policy="priority"),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}))
             preempt = sched.preempt
@@ -243,13 +264,15 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             sched.preempt = counting_preempt
             seqs = _workload(random.Random(seed), 30)
             for i, s in enumerate(seqs):
-                s.priority = (i * 7) % 3 if name == "tiny+priority" else 0  # later arrivals often more urgent: preemption
+                s.priority = (i * 7) % 3 if name.endswith("priority") else 0  # later arrivals often more urgent: preemption
             results[name, overlap] = run_all(sched, runner, seqs, overlap=overlap)
             assert not sched.running and not sched.waiting
             # When every request has ended, the pool is exactly free pages + the tree's pages.
             assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
-            if name.startswith("tiny"):
+            if "tiny" in name:
                 assert sched.stats.num_preemptions + sched.stats.num_evicted_pages > 0, "the tiny pool must thrash"
+            if sched.window is not None:  # ... and the window slots are then the tree's alone, or free
+                assert sched.window.num_obtainable == sched.window.pool.num_pages
             host_hits += sched.stats.host_hit_tokens
     first = results["off", False]
     assert all(r == first for r in results.values())
@@ -299,6 +322,8 @@ def test_speculative_decoding_never_changes_outputs():
             "spec-tiny": dict(num_pages=14, max_running=6, max_batch_tokens=12,
                               spec=SpeculativeConfig(method="ngram", num_tokens=3, ngram_min=1, ngram_max=2)),
             "spec-nocache": dict(num_pages=256, caching=False, spec=SpeculativeConfig(method="ngram", max_batch=3)),
+            "spec-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
+                                spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3)),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}), model=repetitive_model, max_model_len=40)
             seqs = _workload(random.Random(seed), 30)
@@ -469,3 +494,36 @@ def test_priority_policy_orders_admission_and_preempts_the_least_urgent():
     sched.add(a)
     sched.add(b)
     assert [c.seq.request_id for c in sched.schedule().chunks] == ["a"]
+
+
+# ------------------------------------------------------------------------------ hybrid cache (window slots)
+def test_hybrid_cache_recomputes_a_prefix_whose_window_was_evicted_then_restores_it():
+    """A cached prefix is usable only up to where its windowed layers still have the last window's K/V. Once other
+    traffic has taken those slots, the next request recomputes the prefix (its full K/V stays cached) and the tree
+    takes the recomputed pages, so the request after that hits the whole prefix again."""
+    sched, runner = make(num_pages=64, max_batch_tokens=16, window=8, window_pages=10)
+    prefix = list(range(1, 41))  # 10 pages of 4
+    run_all(sched, runner, [seq("a", prefix + [45])])
+    b = seq("b", prefix + [46])
+    run_all(sched, runner, [b])
+    assert b.num_cached_prompt == 40
+    run_all(sched, runner, [seq("c", [47 + i % 3 for i in range(41)])])  # another prefix takes the window slots
+    assert sched.tree.match(prefix).num_tokens == 40, "the prefix's full K/V is still cached"
+    assert not any(p in sched.window.slot_of for p in sched.tree.match(prefix).pages[-2:]), "its window is not"
+    d = seq("d", prefix + [48])
+    run_all(sched, runner, [d])
+    assert d.num_cached_prompt < 40 and sched.stats.window_recomputed_tokens == 40 - d.num_cached_prompt
+    e = seq("e", prefix + [49])
+    run_all(sched, runner, [e])
+    assert e.num_cached_prompt == 40, "d's recomputed pages restored the prefix's window"
+    assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
+
+
+def test_hybrid_cache_sequences_hold_only_their_window():
+    """A long sequence holds window slots for the pages its next token can see (plus its newest), not its whole
+    length: with slots for 4 pages of a 6-token window it prefills and decodes 60 tokens."""
+    sched, runner = make(num_pages=64, max_batch_tokens=4, max_running=1, window=6, window_pages=4, max_model_len=80)
+    long = seq("long", [1 + i % 40 for i in range(50)], max_tokens=10)
+    held = []
+    run_all(sched, runner, [long], on_plan=lambda p: held.append(len(p.chunks[0].seq.pages) - p.chunks[0].seq.window_from))
+    assert len(long.output_ids) == 10 and max(held) <= 4

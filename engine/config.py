@@ -66,6 +66,12 @@ class CacheConfig:
     # later hit instead of being recomputed. 0: off.
     host_memory_gb: float = 0.0
     host_num_pages: int = 0  # host slots; 0: derive from host_memory_gb
+    # Models mixing sliding-window and global layers (Gemma 2 and 3): the windowed layers keep only the K/V their
+    # window can still see, in a pool of window slots of their own (engine.window_pages), so the same memory holds
+    # several times the context (Gemma 3: 5 of 6 layers). false: every layer keeps every page (needed for a host tier).
+    hybrid: bool = True
+    # Window slots of a hybrid cache; 0: enough for every running sequence's window, the rest of memory_gb for pages.
+    window_pages: int = 0
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -76,6 +82,8 @@ class CacheConfig:
             raise ConfigKeyError(f"cache.memory_gb must be > 0, got {self.memory_gb}")
         if self.host_memory_gb < 0 or self.host_num_pages < 0:
             raise ConfigKeyError("cache.host_memory_gb and cache.host_num_pages must be >= 0 (0 = no host tier)")
+        if self.window_pages < 0:
+            raise ConfigKeyError(f"cache.window_pages must be >= 0 (0 = from the running batch), got {self.window_pages}")
 
 
 @dataclasses.dataclass(frozen=True)

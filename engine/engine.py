@@ -33,7 +33,7 @@ import pallas_kernels
 from pallas_kernels import kv_quant
 from engine import multihost, structured
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
-from engine.config import EngineConfig
+from engine.config import ConfigKeyError, EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
@@ -126,7 +126,14 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)
         # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
-        num_pages = config.cache.num_pages or int(config.cache.memory_gb * 2**30 * tp // page_bytes)
+        num_pages, num_window_pages = self._cache_sizes(config, page_bytes)
+        ps = config.cache.page_size
+        if num_window_pages:
+            log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
+                     "the %d windowed layers", num_pages, ps, num_pages * ps, self.model_cfg.num_layers -
+                     sum(self.model_cfg.sliding_layers), num_window_pages, sum(self.model_cfg.sliding_layers))
+        else:
+            log.info("KV cache: %d pages x %d tokens (%d tokens)", num_pages, ps, num_pages * ps)
         if num_pages * config.cache.page_size < self.max_model_len:
             raise ValueError(
                 f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
@@ -134,17 +141,21 @@ class LLMEngine:
             )
         # Host tier: whole pages (every KV head) in host memory.
         num_host_pages = config.cache.host_num_pages or int(config.cache.host_memory_gb * 2**30 // page_bytes)
+        if num_host_pages and num_window_pages:
+            raise ValueError("cache.host_memory_gb: the host tier keeps whole pages of every layer, which a hybrid cache "
+                             "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
         if num_host_pages and config.parallel.num_processes > 1:
             raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
-                                   num_host_pages=num_host_pages)
+                                   num_host_pages=num_host_pages, window=self.model_cfg.sliding_window or 0,
+                                   num_window_pages=num_window_pages)
         self.adapters = list(config.lora.adapters)  # adapter i + 1 of the stacked LoRA weights
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
-                                  lora=self._load_adapters(config))
+                                  lora=self._load_adapters(config), num_window_pages=num_window_pages)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -158,6 +169,32 @@ class LLMEngine:
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
+
+    def _cache_sizes(self, config: EngineConfig, page_bytes: int) -> tuple[int, int]:
+        """(pages, window slots) of the KV cache. A model mixing windowed and global layers gets a hybrid cache
+        (engine.window_pages; 0 slots otherwise): by default enough window slots for every running sequence's window
+        and a step's new pages, and the rest of cache.memory_gb in pages of the global layers alone."""
+        cache, cfg = config.cache, self.model_cfg
+        budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
+        if not (cache.hybrid and cfg.mixed_windows):
+            return cache.num_pages or budget // page_bytes, 0
+        ps, sched = cache.page_size, config.scheduler
+        window_pages = -(-(cfg.sliding_window - 1) // ps) + 1  # what one sequence's next token can see, and its page
+        max_pages = -(-self.max_model_len // ps)
+        wanted = sched.max_running * (window_pages + 1) + -(-sched.max_batch_tokens // ps)
+        layer_bytes = page_bytes // cfg.num_layers
+        num_windowed = sum(cfg.sliding_layers)
+        if cache.num_pages:
+            num_pages = cache.num_pages
+            num_window = cache.window_pages or min(wanted, num_pages)
+        else:
+            num_window = cache.window_pages or min(wanted, budget // page_bytes)
+            num_pages = (budget - num_window * num_windowed * layer_bytes) // ((cfg.num_layers - num_windowed) * layer_bytes)
+        least = min(window_pages + 1, max_pages)
+        if num_window < least:
+            raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's window of "
+                                 f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")
+        return num_pages, num_window
 
     def _load_adapters(self, config: EngineConfig) -> dict:
         """The configured LoRA adapters, stacked for the step ({} without any)."""
@@ -476,6 +513,10 @@ class LLMEngine:
             "host_saved_pages": s.stats.host_saved_pages,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
+            "window_pages_total": s.window.pool.num_pages if s.window is not None else 0,
+            "window_pages_free": s.window.pool.num_free if s.window is not None else 0,
+            "window_evicted_pages": s.stats.window_evicted_pages,
+            "window_recomputed_tokens": s.stats.window_recomputed_tokens,
             "num_steps": self.num_steps,
         }
 

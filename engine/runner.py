@@ -91,7 +91,8 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
-                 lora: dict | None = None):
+                 lora: dict | None = None, num_window_pages: int = 0):
+        """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots."""
         self.cfg = model_cfg
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
@@ -108,6 +109,12 @@ class ModelRunner:
         self.backend = backend
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
+        self.layout = None
+        if num_window_pages:  # one stack of every layer's pages: [1, Hkv, layout.size, ps, D]
+            if num_host_pages:
+                raise ValueError("a hybrid cache has no host tier")
+            self.layout = llama.HybridLayout(model_cfg.sliding_layers, num_pages, num_window_pages)
+            shape = (1,) + shape[1:2] + (self.layout.size,) + shape[3:]
         # The cache: (k_pages, v_pages) [L, Hkv, P, ps, D] in kv_dtype (a storage dtype: bfloat16 and float8 as their
         # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit. Every
         # array leads with [L, Hkv, P]: page copies, host saves and loads handle them alike. Allocated once (split by
@@ -169,6 +176,8 @@ class ModelRunner:
             num_seqs=np.zeros(1, np.int32),
             logits_indices=np.zeros(self.max_rows, np.int32),
             adapter_ids=np.zeros(num_tokens, np.int32) if self.lora else None,
+            window_slot_mapping=np.full(num_tokens, -1, np.int32) if self.layout else None,
+            window_page_indices=np.zeros((s, p), np.int32) if self.layout else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -189,6 +198,10 @@ class ModelRunner:
             inputs.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
             inputs.kv_lens[i] = chunk.start + n
             inputs.page_indices[i, : len(pages)] = pages
+            if self.layout is not None:
+                slots = np.asarray(chunk.window_pages, np.int32)
+                inputs.window_slot_mapping[row : row + n] = slots[pos // ps] * ps + pos % ps
+                inputs.window_page_indices[i, : len(slots)] = np.maximum(slots, 0)  # out of the window: never read
             row += n
             inputs.cu_q_lens[i + 1] = row
             inputs.logits_indices[head_rows[i]] = np.arange(row - len(head_rows[i]), row)
@@ -226,7 +239,11 @@ class ModelRunner:
         if token_mask is not None:  # padding rows allow everything
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
-        copies = self._pack_pairs(plan.page_copies, fill=(0, self.num_pages))  # copy-on-write; padding dropped
+        if self.layout is None:
+            copies = self._pack_pairs(plan.page_copies, fill=(0, self.num_pages))  # copy-on-write; padding dropped
+        else:
+            copies = self._pack_pairs(self.layout.flat_pairs(plan.page_copies, plan.window_copies),
+                                      fill=(0, self.layout.size))
         saves = self._pack_pairs(plan.host_saves, fill=(0, -1))  # padding: page 0 read, dropped on landing
         loads = self._pack_pairs(plan.host_loads, fill=(0, self.num_pages))  # padding: written out of range, dropped
         targets = None
@@ -303,7 +320,7 @@ class ModelRunner:
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
         (hidden, every_row), kv_caches = llama.forward(
             params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
-            mesh=self.mesh, all_hidden=True, lora=lora)
+            mesh=self.mesh, all_hidden=True, lora=lora, layout=self.layout)
         return hidden, every_row, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):

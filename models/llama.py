@@ -52,6 +52,42 @@ class ModelInputs:
     num_seqs: jax.Array  # [1] int32
     logits_indices: jax.Array  # [R] int32: the rows whose hidden states are returned (each sequence's last token, then draft positions)
     adapter_ids: jax.Array | None = None  # [T] int32: each token's LoRA adapter (0: none), with adapters loaded
+    # A hybrid cache (`HybridLayout`): the windowed layers' slots in place of pages, laid out like slot_mapping and
+    # page_indices (a window slot per page; out-of-window pages hold any valid slot: attention never reads them).
+    window_slot_mapping: jax.Array | None = None  # [T] int32
+    window_page_indices: jax.Array | None = None  # [S, max_pages_per_seq] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class HybridLayout:
+    """A hybrid KV cache (engine.window_pages): the global layers keep `num_pages` pages each and the sliding-window
+    layers `num_window_pages` slots each, all in one array per cache tensor, [1, Hkv, size, page_size, ...]: layer
+    l's page p is entry bases[l] + p. Each layer reads and writes through its own table (page_indices or
+    window_page_indices, shifted by its base), so one scanned layer body serves both kinds and no layer keeps
+    pages it never reads."""
+
+    windowed: tuple[bool, ...]  # per layer
+    num_pages: int
+    num_window_pages: int
+
+    @property
+    def bases(self) -> tuple[int, ...]:
+        out, g, w = [], 0, sum(not x for x in self.windowed) * self.num_pages
+        for windowed in self.windowed:
+            out.append(w if windowed else g)
+            w, g = (w + self.num_window_pages, g) if windowed else (w, g + self.num_pages)
+        return tuple(out)
+
+    @property
+    def size(self) -> int:
+        num_windowed = sum(self.windowed)
+        return (len(self.windowed) - num_windowed) * self.num_pages + num_windowed * self.num_window_pages
+
+    def flat_pairs(self, page_pairs, slot_pairs) -> list[tuple[int, int]]:
+        """(src, dst) page copies and window-slot copies as pairs of entries in every layer."""
+        bases = self.bases
+        return [(b + s, b + d) for b, w in zip(bases, self.windowed)
+                for s, d in (slot_pairs if w else page_pairs)]
 
 
 def param_shapes(cfg: LlamaConfig) -> Params:
@@ -245,10 +281,12 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
+    layout: HybridLayout | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
     all_hidden: the first item is (those rows, every row's hidden state [T, hidden]) instead.
+    layout: the caches are a hybrid cache (`HybridLayout`; inputs carry the window slots).
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -280,9 +318,17 @@ def forward(
         )
 
     def attend(i, window, q, k, v, kv):
+        slots, page_indices, layer = inputs.slot_mapping, inputs.page_indices, i
+        if layout is not None:  # this layer's entries of the one stacked array: its table shifted by its base
+            windowed = jnp.asarray(layout.windowed)[i]
+            base = jnp.asarray(layout.bases, jnp.int32)[i]
+            slots = jnp.where(windowed, inputs.window_slot_mapping, slots)
+            slots = jnp.where(slots < 0, -1, slots + base * kv[0].shape[3])
+            page_indices = jnp.where(windowed, inputs.window_page_indices, page_indices) + base
+            layer = jnp.int32(0)
         return local_attention(
-            i, window if cfg.mixed_windows else jnp.int32(0), q, k, v, kv, inputs.slot_mapping, inputs.kv_lens,
-            inputs.page_indices, inputs.cu_q_lens, inputs.num_seqs
+            layer, window if cfg.mixed_windows else jnp.int32(0), q, k, v, kv, slots, inputs.kv_lens,
+            page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
 
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,

@@ -389,7 +389,8 @@ def step_times(args) -> None:
             num_pages = -(-(start + n) // runner.page_size)
             pages = tuple(p % runner.num_pages for p in range(first_page, first_page + num_pages))
             first_page += num_pages
-            plan_chunks.append(Chunk(seq=None, token_ids=[7] * n, start=start, pages=pages, sample=True))
+            window = tuple(p % runner.layout.num_window_pages for p in pages) if runner.layout else ()  # hybrid cache
+            plan_chunks.append(Chunk(seq=None, token_ids=[7] * n, start=start, pages=pages, sample=True, window_pages=window))
         num_prefill = sum(n for _, n in chunks)
         return runner._to_device(runner.pack(StepPlan(plan_chunks, [], 0, num_prefill)))
 

@@ -128,6 +128,67 @@ def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
     assert outs["pallas_interpret"][1][2] >= 32  # the repeated prompt's first pages came from the cache
 
 
+# ------------------------------------------------------------------------------ hybrid cache (windowed layers)
+@pytest.fixture(scope="module")
+def tiny_gemma3(tokenizer):
+    """A random Gemma 3 whose windowed layers see 12 tokens (shorter than most prompts): 3 of 4 layers windowed."""
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, sliding_window=12,
+                      sliding_layers=(True, True, False, True), rope_theta=1e6, rope_local_theta=1e4,
+                      hidden_act="gelu_tanh", qk_norm=True, sandwich_norms=True, embed_scale=8.0)
+    return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.5), tokenizer
+
+
+HYBRID = {**SMALL, "cache.page_size": 4, "scheduler.max_batch_tokens": 32}
+
+
+def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
+    """Windowed layers keeping only their window's K/V (cache.hybrid): greedy outputs equal full KV's, the cache
+    off's and the dense forward's, also with so few window slots that cached windows are evicted, prefixes
+    recomputed and restored, and sequences preempted."""
+    prompts = _prompts(tokenizer, random.Random(1))
+    runs, stats = {}, {}
+    for name, overrides in {
+        "full": {"cache.num_pages": 256, "cache.hybrid": False},
+        "hybrid": {"cache.num_pages": 256},
+        "hybrid-off": {"cache.num_pages": 256, "cache.prefix_caching": False},
+        "hybrid-few-slots": {"cache.num_pages": 64, "cache.window_pages": 12},
+        "hybrid-few-pages": {"cache.num_pages": 20, "cache.window_pages": 40, "scheduler.overlap": False,
+                             "model.max_model_len": 80},
+    }.items():
+        llm = LLM(EngineConfig().replace(**{**HYBRID, **overrides}), progress=False, model=tiny_gemma3)
+        runs[name] = _generate(llm, prompts, max_tokens=10)
+        stats[name] = st = llm.engine.stats()
+        assert st["pages_held_by_requests"] == 0 and st["pages_free"] + st["pages_tree"] == st["pages_total"]
+        assert (st["window_pages_total"] > 0) == name.startswith("hybrid")
+    assert all(r[0] == runs["full"][0] for r in runs.values())
+    assert stats["hybrid"]["window_pages_total"] == 8 * (3 + 2) + 8  # auto: every running window, a step's pages
+    assert sum(runs["hybrid"][1]) > 0.5 * sum(len(p) for p, _ in prompts)
+    assert stats["hybrid-few-slots"]["window_evicted_pages"] > 0 and stats["hybrid-few-slots"]["window_recomputed_tokens"] > 0
+    assert stats["hybrid-few-pages"]["num_preemptions"] > 0
+    cfg, params, _ = tiny_gemma3
+    params = jax.device_put(params)
+    for (prompt, _), out in zip(prompts, runs["hybrid-few-slots"][0]):
+        seq = prompt + out
+        logits = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(seq + [0] * (64 - len(seq) % 64), jnp.int32)))
+        assert list(logits[len(prompt) - 1 : len(seq) - 1].argmax(-1)) == out
+
+
+def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):
+    """The Pallas kernels reading and writing a hybrid cache through each layer's own table agree with xla."""
+    long = tokenizer.encode("A short history of the city: Paris grew on an island in the Seine, and its kings "
+                            "built walls, bridges, markets and churches along both banks.")
+    prompts = [(long, None), (tokenizer.encode("def add(a, b):\n    return"), None), (long, None)]
+    outs = {}
+    for backend in ("xla", "pallas_interpret"):
+        llm = LLM(EngineConfig().replace(**{**HYBRID, "cache.num_pages": 24, "cache.window_pages": 16, "model.max_model_len": 96,
+                                            "scheduler.max_batch_tokens": 16, "scheduler.max_running": 2,
+                                            "attention.backend": backend}), progress=False, model=tiny_gemma3)
+        outs[backend] = _generate(llm, prompts, max_tokens=6)
+    assert outs["xla"][0] == outs["pallas_interpret"][0]
+    assert outs["pallas_interpret"][1][2] >= 16
+
+
 # ------------------------------------------------------------------------------ API, tiny model
 def test_stop_strings_and_stop_tokens(tiny):
     llm = tiny

@@ -532,6 +532,7 @@ def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
     assert len(prompts[2]) > 600
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
     assert outs[3].cached_tokens > 0 and outs[3].token_ids == outs[0].token_ids
+    assert llm.engine.stats()["window_pages_total"] > 0, "the windowed layers keep only their window (cache.hybrid)"
     _assert_greedy_is_argmax(hf_gemma3, prompts, outs)
 
 

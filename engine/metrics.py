@@ -34,6 +34,9 @@ class _EngineStatsCollector:
             "radixlm_waiting_tokens": ("prompt tokens the waiting requests still have to prefill", s["waiting_tokens"]),
             "radixlm_host_pages_total": ("host-tier page slots", s["host_pages_total"]),
             "radixlm_host_pages_used": ("host-tier slots holding an evicted page", s["host_pages_used"]),
+            "radixlm_window_pages_total": ("window slots of a hybrid cache's sliding-window layers", s["window_pages_total"]),
+            "radixlm_window_pages_used": ("window slots held by requests or the radix cache",
+                                          s["window_pages_total"] - s["window_pages_free"]),
             "radixlm_cache_hit_rate": (
                 "cached prompt tokens / prompt tokens, since start",
                 s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,
@@ -50,6 +53,9 @@ class _EngineStatsCollector:
             "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),
             "radixlm_host_hit_tokens": ("prompt tokens copied back from the host tier", s["host_hit_tokens"]),
             "radixlm_host_saved_pages": ("evicted pages copied to the host tier", s["host_saved_pages"]),
+            "radixlm_window_evicted_pages": ("window slots the radix cache gave up (hybrid cache)", s["window_evicted_pages"]),
+            "radixlm_window_recomputed_tokens": ("cached prompt tokens recomputed because their window was evicted",
+                                                 s["window_recomputed_tokens"]),
             "radixlm_spec_decode_draft_tokens": ("draft tokens verified (speculative decoding)", s["spec_draft_tokens"]),
             "radixlm_spec_decode_accepted_tokens": ("draft tokens accepted (speculative decoding)", s["spec_accepted_tokens"]),
         }

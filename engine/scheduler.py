@@ -482,10 +482,12 @@ class Scheduler:
         tokens = seq.token_slice(0, num_full * self.page_size)
         num_cached = self.tree.insert(tokens, seq.pages[:num_full], seq.namespace)
         if self.window is not None:
-            # Pages the tree stores without window slots that this sequence recomputed: the tree takes them instead.
-            ps, slot_of = self.page_size, self.window.slot_of
-            taken = self.tree.adopt(tokens[:num_cached], seq.pages[: num_cached // ps], seq.namespace,
-                                    lambda old, new: old not in slot_of and new in slot_of)
+            ps, slot_of, taken = self.page_size, self.window.slot_of, []
+            if num_cached > seq.num_tree_tokens:
+                # The tree stores pages this sequence recomputed (their window was evicted): it takes this sequence's
+                # pages where its own have no window slots.
+                taken = self.tree.adopt(tokens[:num_cached], seq.pages[: num_cached // ps], seq.namespace,
+                                        lambda old, new: old not in slot_of and new in slot_of)
             self.window.tree_hold(taken + seq.pages[num_cached // ps : num_full])
         match = self.tree.match(tokens, seq.namespace)
         self.tree.lock(match.node)

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 import numpy as np
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
@@ -72,6 +72,14 @@ class LlamaConfig:
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     attn_soft_cap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
     final_soft_cap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # Mixture of experts on every layer (models/moe.py; Mixtral, Qwen2-MoE, Qwen3-MoE): 0 = a dense MLP.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0  # experts each token goes through (top k of the router's)
+    moe_intermediate_size: int = 0  # one expert's intermediate size
+    norm_topk_prob: bool = True  # the top k routing weights renormalized to sum to 1
+    # Qwen2-MoE: a shared expert every token goes through (the dense MLP's weights at this intermediate size), scaled
+    # by a sigmoid gate; 0 = none.
+    shared_expert_intermediate_size: int = 0
     # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
     # set by model.quantization: w8a8.
     int8_activations: bool = False
@@ -96,6 +104,11 @@ class LlamaConfig:
                 raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
             if self.sliding_window is None:
                 raise ConfigError("sliding_layers is set but sliding_window is not")
+        if self.num_experts:
+            if not 1 <= self.num_experts_per_tok <= self.num_experts:
+                raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
+            if self.moe_intermediate_size <= 0:
+                raise ConfigError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
 
     @property
     def sm_scale(self) -> float:
@@ -105,6 +118,11 @@ class LlamaConfig:
     def mixed_windows(self) -> bool:
         """Some layers are windowed and some are not: the window is chosen per layer at run time."""
         return self.sliding_window is not None and bool(self.sliding_layers) and not all(self.sliding_layers)
+
+    @property
+    def mlp_intermediate_size(self) -> int:
+        """Intermediate size of the dense MLP weights (w_gate, w_up, w_down): a MoE model's shared expert, or 0."""
+        return self.shared_expert_intermediate_size if self.num_experts else self.intermediate_size
 
     @property
     def q_size(self) -> int:
@@ -119,7 +137,13 @@ class LlamaConfig:
         h, per_layer = self.hidden_size, 0
         per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
-        per_layer += 3 * h * self.intermediate_size + 2 * h
+        if self.num_experts:
+            per_layer += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
+            if self.shared_expert_intermediate_size:
+                per_layer += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
+            per_layer += 2 * h
+        else:
+            per_layer += 3 * h * self.intermediate_size + 2 * h
         per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return embed + self.num_layers * per_layer + h
@@ -147,13 +171,15 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2 or gemma3_text)."""
+        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, and the
+        mixture-of-experts mixtral, qwen2_moe, qwen3_moe)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text)")
+                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, "
+                              f"qwen3_moe)")
 
         def need(key):
             if key not in cfg:
@@ -163,7 +189,7 @@ class LlamaConfig:
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch == "mistral") else None
+        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
         # transformers >= 5 writes `rope_parameters` (rope_theta inside); older configs `rope_scaling` + `rope_theta`.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
@@ -180,10 +206,11 @@ class LlamaConfig:
             rope_scaling=_rope_scaling_from_hf(rope, source),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch == "qwen2")),
+            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
-            qk_norm=arch == "qwen3",
+            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            **_experts_from_hf(cfg, source, arch),
         )
 
     @classmethod
@@ -201,6 +228,9 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: missing GGUF field {full!r}")
             return meta[full]
 
+        if meta.get(f"{arch}.expert_count"):
+            raise ConfigError(f"{source}: a mixture-of-experts GGUF ({arch}.expert_count="
+                              f"{meta[f'{arch}.expert_count']}) is not supported; load the HF safetensors checkpoint")
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
         head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // num_heads)
@@ -258,6 +288,25 @@ class LlamaConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         return cls(**d)
+
+
+def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of an HF config ({} for a dense model)."""
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+        return {}
+    if not num_experts or not cfg.get("num_experts_per_tok"):
+        raise ConfigError(f"{source}: a {arch} config needs num_experts (or num_local_experts) and num_experts_per_tok")
+    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step") or 1) != 1:
+        raise ConfigError(f"{source}: dense layers among the expert layers (mlp_only_layers, decoder_sparse_step) "
+                          "are not supported")
+    return dict(
+        num_experts=int(num_experts),
+        num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch == "mixtral")),  # Mixtral: softmax over the top k
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+    )
 
 
 def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:

@@ -29,6 +29,7 @@ import numpy as np
 import pallas_kernels
 from models.config import LlamaConfig
 from pallas_kernels import kv_quant
+from models import moe
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX
 from models.weights import NORM_KEYS
@@ -92,7 +93,7 @@ class HybridLayout:
 
 def param_shapes(cfg: LlamaConfig) -> Params:
     """The weight pytree as shapes (HF orientation transposed to x @ W; layers stacked on axis 0)."""
-    h, i, n = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+    h, i, n = cfg.hidden_size, cfg.mlp_intermediate_size, cfg.num_layers
     layers = {
         "attn_norm": (n, h),
         "wq": (n, h, cfg.q_size),
@@ -100,10 +101,14 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         "wv": (n, h, cfg.kv_size),
         "wo": (n, cfg.q_size, h),
         "mlp_norm": (n, h),
-        "w_gate": (n, h, i),
-        "w_up": (n, h, i),
-        "w_down": (n, i, h),
     }
+    if i:  # the dense MLP (a MoE model's shared expert)
+        layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
+    if cfg.num_experts:
+        e, mi = cfg.num_experts, cfg.moe_intermediate_size
+        layers |= {"router": (n, h, e), "moe_gate": (n, e, h, mi), "moe_up": (n, e, h, mi), "moe_down": (n, e, mi, h)}
+        if cfg.shared_expert_intermediate_size:
+            layers[moe.SHARED_GATE] = (n, h, 1)
     if cfg.attention_bias:
         layers |= {"bq": (n, cfg.q_size), "bk": (n, cfg.kv_size), "bv": (n, cfg.kv_size)}
     if cfg.qk_norm:
@@ -195,6 +200,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         num_adapters = next(iter(lora.values()))["a"].shape[1]
         onehot = adapter_ids[:, None] == jnp.arange(1, num_adapters + 1, dtype=jnp.int32)[None, :]  # [T, N]
 
+    act = functools.partial(jax.nn.gelu, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu
+
     def layer(state, xs):
         x, carry = state
         p, i, is_windowed, lo = xs
@@ -222,10 +229,15 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         o = proj(o.reshape(t, cfg.q_size), "wo")
         x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         h = rms_norm(x, p["mlp_norm"], eps)
-        gate = proj(h, "w_gate")
-        act = jax.nn.gelu(gate, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu(gate)
-        down_in = act * proj(h, "w_up")
-        o = proj(down_in, "w_down")
+        o = down_in = None
+        if cfg.mlp_intermediate_size:  # the dense MLP, or a MoE model's shared expert
+            down_in = act(proj(h, "w_gate")) * proj(h, "w_up")
+            o = proj(down_in, "w_down")
+        if cfg.num_experts:
+            if o is not None:
+                o = o * jax.nn.sigmoid(h @ p[moe.SHARED_GATE])
+            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+            o = routed if o is None else o + routed
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))

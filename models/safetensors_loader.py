@@ -22,6 +22,26 @@ HF_NAMES = {
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
+# w2 down); Qwen2-MoE's shared expert takes the dense MLP's keys.
+QWEN_MOE_NAMES = {
+    **HF_NAMES,
+    "router": "model.layers.{i}.mlp.gate.weight",
+    "moe_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "moe_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "moe_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "w_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "w_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "shared_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
+MIXTRAL_NAMES = {
+    **HF_NAMES,
+    "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "moe_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
+    "moe_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
+    "moe_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+}
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
     **HF_NAMES,
@@ -83,4 +103,6 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
         # (llama.cpp's GGUFs store 1 + w too).
         return tensors[name] + 1.0 if gemma and key in NORM_KEYS else tensors[name]
 
-    return cfg, assemble(cfg, GEMMA_NAMES if gemma else HF_NAMES, read, dtype)
+    names = {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
+        cfg.architecture, GEMMA_NAMES if gemma else HF_NAMES)
+    return cfg, assemble(cfg, names, read, dtype)

@@ -40,8 +40,9 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
         return cfg, params
     if cfg.num_heads % n:
         raise ShardingError(f"num_heads={cfg.num_heads} is not divisible by parallel.tensor={n}: no layout splits the heads evenly")
-    if cfg.intermediate_size % n:
-        raise ShardingError(f"intermediate_size={cfg.intermediate_size} is not divisible by parallel.tensor={n}")
+    for name in ("mlp_intermediate_size", "moe_intermediate_size"):  # the dense MLP (or shared expert), each expert
+        if getattr(cfg, name) % n:
+            raise ShardingError(f"{name.removeprefix('mlp_')}={getattr(cfg, name)} is not divisible by parallel.tensor={n}")
     if cfg.num_kv_heads % n == 0:
         return cfg, params
     if n % cfg.num_kv_heads or cfg.num_heads % n:
@@ -95,6 +96,9 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "q_norm": P(), "k_norm": P(),  # per head_dim, shared by every head: replicated
         "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         "wo": row, "w_gate": col, "w_up": col, "w_down": row,
+        # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
+        "router": P(), "shared_gate": P(),
+        "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
     }
     for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()

@@ -55,7 +55,17 @@ def tiny_gemma3():
     return cfg, llama.init_params(cfg, jax.random.key(4), scale=0.5), tokenizer
 
 
-@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3], ids=["llama", "gemma3"])
+def tiny_qwen2_moe():
+    """Random Qwen2-MoE (q/k/v biases, 8 experts of which each token takes 2, a gated shared expert)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="qwen2_moe", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, attention_bias=True,
+                      num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64,
+                      norm_topk_prob=False)
+    return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.5), tokenizer
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe], ids=["llama", "gemma3", "qwen2_moe"])
 def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running

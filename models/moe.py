@@ -1,0 +1,55 @@
+"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k experts.
+
+Weights of one layer (leaves of the stacked layer pytree, [L] first there):
+  router [H, E]; moe_gate, moe_up [E, H, I]; moe_down [E, I, H] (I: one expert's intermediate size);
+  Qwen2-MoE's shared expert: the dense MLP's w_gate / w_up / w_down, scaled per token by sigmoid(x @ shared_gate),
+  shared_gate [H, 1].
+
+`moe_mlp` is the step's path: the (token, expert) pairs are sorted by expert and each projection runs as one grouped
+matmul over the experts' row groups (`jax.lax.ragged_dot`), so a token costs its k experts, not all E.
+`moe_mlp_reference` runs every expert on every token and weights them by a dense routing matrix: the slow
+reference the fast path is tested against.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
+SHARED_GATE = "shared_gate"
+
+
+def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
+    """(weights [T, k] float32, experts [T, k] int32): softmax over the router's logits, the k largest, renormalized
+    to sum to 1 when `norm_topk_prob` (Mixtral's softmax over its top-k logits is the same thing)."""
+    probs = jax.nn.softmax(jnp.dot(h, router, preferred_element_type=jnp.float32), axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return weights, experts.astype(jnp.int32)
+
+
+def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+    """h [T, H] -> [T, H]: each token through its top-k experts, grouped by expert."""
+    num_tokens, num_experts = h.shape[0], p["router"].shape[-1]
+    weights, experts = route(h, p["router"], top_k, norm_topk_prob)
+    flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
+    order = jnp.argsort(flat)  # stable: a group's rows keep token order
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    rows = h[order // top_k]  # [T * k, H], grouped by expert
+    hidden = act(jax.lax.ragged_dot(rows, p["moe_gate"], sizes)) * jax.lax.ragged_dot(rows, p["moe_up"], sizes)
+    out = jax.lax.ragged_dot(hidden, p["moe_down"], sizes)  # [T * k, H]
+    out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
+    return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
+
+
+def moe_mlp_reference(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+    """The same layer with every expert on every token (E times the work), weighted by a dense [T, E] routing."""
+    weights, experts = route(h, p["router"], top_k, norm_topk_prob)
+    dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
+    dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
+    hidden = act(jnp.einsum("th,ehi->tei", h, p["moe_gate"])) * jnp.einsum("th,ehi->tei", h, p["moe_up"])
+    out = jnp.einsum("tei,eih->teh", hidden, p["moe_down"])
+    return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

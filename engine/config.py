@@ -43,6 +43,10 @@ class ModelSpec:
     # With quantization int8, the embedding table and LM head too (a scale per vocabulary entry): a large part of a
     # small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
     quantize_embeddings: bool = False
+    # Mixture-of-experts layers (models/moe.py): "grouped" runs each token's top-k experts as grouped matmuls
+    # (lax.ragged_dot), "dense" every expert on every token; "auto": grouped on a GPU or TPU, dense on the CPU (where
+    # jax lowers ragged_dot to a dense matmul over every group).
+    moe_backend: Literal["auto", "grouped", "dense"] = "auto"
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

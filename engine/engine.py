@@ -108,6 +108,10 @@ class LLMEngine:
         if config.model.quantization != "none" and model_cfg.num_experts:
             raise ConfigKeyError(f"model.quantization: {config.model.quantization} does not cover mixture-of-experts "
                                  "layers yet (their experts are most of the weights); use none")
+        if model_cfg.num_experts:
+            grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
+                                                                and jax.default_backend() != "cpu")
+            self.model_cfg = dataclasses.replace(self.model_cfg, moe_grouped=grouped)
         if config.model.quantization == "w8a8" and config.model.smoothquant_alpha > 0:
             if config.lora.adapters:
                 log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")

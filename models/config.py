@@ -83,6 +83,9 @@ class LlamaConfig:
     # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
     # set by model.quantization: w8a8.
     int8_activations: bool = False
+    # How to run expert layers, not a checkpoint's: grouped matmuls instead of every expert (models/moe.py), set by
+    # model.moe_backend.
+    moe_grouped: bool = False
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -236,7 +236,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         if cfg.num_experts:
             if o is not None:
                 o = o * jax.nn.sigmoid(h @ p[moe.SHARED_GATE])
-            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, act)
+            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, act, cfg.moe_grouped)
             o = routed if o is None else o + routed
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)

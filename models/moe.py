@@ -22,6 +22,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from models.quant import SCALE_SUFFIX
+
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
 SHARED_GATE = "shared_gate"
 
@@ -49,8 +51,17 @@ def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Ca
     order = jnp.argsort(flat)  # stable: a group's rows keep token order
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     rows = h[order // top_k]  # [T * k, H], grouped by expert
-    hidden = act(jax.lax.ragged_dot(rows, p["moe_gate"], sizes)) * jax.lax.ragged_dot(rows, p["moe_up"], sizes)
-    out = jax.lax.ragged_dot(hidden, p["moe_down"], sizes)  # [T * k, H]
+    row_expert = flat[order]
+
+    def dot(x, name):  # int8 experts (models/quant.py): converted for the matmul, each row scaled by its expert's scales
+        w = p[name]
+        if name + SCALE_SUFFIX not in p:
+            return jax.lax.ragged_dot(x, w, sizes)
+        y = jax.lax.ragged_dot(x, w.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
+        return (y * p[name + SCALE_SUFFIX][row_expert]).astype(x.dtype)
+
+    hidden = act(dot(rows, "moe_gate")) * dot(rows, "moe_up")
+    out = dot(hidden, "moe_down")  # [T * k, H]
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
@@ -60,6 +71,13 @@ def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Call
     weights, experts = route(h, p["router"], top_k, norm_topk_prob)
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
-    hidden = act(jnp.einsum("th,ehi->tei", h, p["moe_gate"])) * jnp.einsum("th,ehi->tei", h, p["moe_up"])
-    out = jnp.einsum("tei,eih->teh", hidden, p["moe_down"])
+    def dot(spec, x, name):  # int8 experts: converted for the matmul, each expert's columns scaled
+        w = p[name]
+        if name + SCALE_SUFFIX not in p:
+            return jnp.einsum(spec, x, w)
+        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y * p[name + SCALE_SUFFIX]).astype(x.dtype)
+
+    hidden = act(dot("th,ehi->tei", h, "moe_gate")) * dot("th,ehi->tei", h, "moe_up")
+    out = dot("tei,eih->teh", hidden, "moe_down")
     return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

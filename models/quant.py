@@ -2,7 +2,8 @@
 
 Each projection W [L, in, out] (q, k, v, o, gate, up, down) is stored as int8 values with one float32
 scale per layer and output feature, `scale = max_i |W[l, i, o]| / 127`, next to it as `<name>_scale`
-[L, out]. The step converts a layer's int8 weight to the activations' dtype inside the matmul and
+[L, out]; a mixture-of-experts layer's experts [L, E, in, out] get a scale per layer, expert and output feature
+(`<name>_scale` [L, E, out]). The step converts a layer's int8 weight to the activations' dtype inside the matmul and
 scales the output columns: x @ (W_q * s) = (x @ W_q) * s.
 
 With `model.quantize_embeddings`, the embedding table [V, H] gets one scale per token row (`embed_scale` [V]): a lookup scales the rows
@@ -19,19 +20,21 @@ from __future__ import annotations
 import numpy as np
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 SCALE_SUFFIX = "_scale"
 
 
 def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
-    """[L, in, out] float -> (int8 [L, in, out], float32 scales [L, out]); an all-zero column gets scale 1.
-    One layer at a time, so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB)."""
+    """[L, ..., in, out] float -> (int8 of the same shape, float32 scales [L, ..., out]): a scale per output feature
+    of each matrix (a layer's projection, or each expert's); an all-zero column gets scale 1. One layer at a time,
+    so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB)."""
     w = np.asarray(w)
-    values, scales = np.empty(w.shape, np.int8), np.empty((w.shape[0], w.shape[-1]), np.float32)
+    values, scales = np.empty(w.shape, np.int8), np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
     for layer in range(w.shape[0]):
         x = w[layer].astype(np.float32)
-        amax = np.abs(x).max(axis=0)
+        amax = np.abs(x).max(axis=-2)
         scales[layer] = np.where(amax > 0, amax / 127.0, 1.0)
-        values[layer] = np.clip(np.rint(x / scales[layer]), -127, 127)
+        values[layer] = np.clip(np.rint(x / np.expand_dims(scales[layer], -2)), -127, 127)
         if on_layer is not None:
             on_layer()
     return values, scales
@@ -57,9 +60,10 @@ def quantize_params(params: dict, embeddings: bool = False, progress: bool = Fal
     from tqdm import tqdm
 
     layers = dict(params["layers"])
-    num_layers = len(layers[PROJECTIONS[0]])
-    with tqdm(total=num_layers * len(PROJECTIONS), desc="int8 weights", unit="matrix", disable=not progress) as bar:
-        for name in PROJECTIONS:
+    names = [name for name in PROJECTIONS + EXPERTS if name in layers]  # a MoE model: experts, maybe no dense MLP
+    num_layers = len(layers[names[0]])
+    with tqdm(total=num_layers * len(names), desc="int8 weights", unit="matrix", disable=not progress) as bar:
+        for name in names:
             layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name], on_layer=bar.update)
     out = {**params, "layers": layers}
     if not embeddings:
@@ -74,7 +78,7 @@ def quantize_params(params: dict, embeddings: bool = False, progress: bool = Fal
 def dequantize_params(params: dict, dtype=np.float32) -> dict:
     """Inverse view for tests: every int8 weight times its scale, in `dtype`, scales dropped."""
     layers = {k: v for k, v in params["layers"].items() if not k.endswith(SCALE_SUFFIX)}
-    for name in PROJECTIONS:
+    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in params["layers"]]:
         w, s = np.asarray(params["layers"][name]), np.asarray(params["layers"][name + SCALE_SUFFIX])
         layers[name] = (w.astype(np.float32) * s[..., None, :]).astype(dtype)
     out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}

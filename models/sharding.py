@@ -102,6 +102,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     }
     for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()
+    for name in quant.EXPERTS:  # int8 experts' scales [L, E, out]: split with gate's and up's intermediate features
+        layer_specs[name + quant.SCALE_SUFFIX] = P() if name == "moe_down" else P(None, None, AXIS)
     specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)

@@ -152,7 +152,7 @@ def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
         "full": {"cache.num_pages": 256, "cache.hybrid": False},
         "hybrid": {"cache.num_pages": 256},
         "hybrid-off": {"cache.num_pages": 256, "cache.prefix_caching": False},
-        "hybrid-few-slots": {"cache.num_pages": 64, "cache.window_pages": 12},
+        "hybrid-few-slots": {"cache.num_pages": 64, "cache.window_pages": 12, "debug_checks": True},
         "hybrid-few-pages": {"cache.num_pages": 20, "cache.window_pages": 40, "scheduler.overlap": False,
                              "model.max_model_len": 80},
     }.items():

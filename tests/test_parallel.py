@@ -95,6 +95,17 @@ def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4(mode):
         assert tuple(engine.params["embed_scale"].sharding.spec) == tuple(engine.params["embed"].sharding.spec)[:1] == ("tp",)
 
 
+def test_int8_experts_identical_at_tp_1_and_4():
+    """int8 experts' scales (per expert and output feature) split with gate's and up's intermediate features and
+    replicated for down: the same greedy tokens at 1 and 4 devices, as the unquantized run's structure."""
+    model = tiny_qwen2_moe()
+    ref, engine1 = _run(model, 1, num_pages=16, **{"model.quantization": "int8"})
+    assert engine1.params["layers"]["moe_gate"].dtype == np.int8 and engine1.stats()["num_preemptions"] > 0
+    out, engine = _run(model, 4, num_pages=16, **{"model.quantization": "int8"})
+    assert out == ref
+    assert tuple(engine.params["layers"]["moe_up_scale"].sharding.spec) == (None, None, "tp")
+
+
 def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):
     """LoRA adapters sharded like the projections they adapt (B split by output features for q/k/v/gate/up, A by
     input features for o/down; K/V heads repeated when devices outnumber them): the same greedy tokens at any

@@ -1,6 +1,7 @@
 """HF checkpoint directories: `config.json` plus `model.safetensors` or a sharded index."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any
@@ -78,31 +79,45 @@ def _shard_files(directory: str) -> list[str]:
 
 
 def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
-    """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory."""
+    """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory.
+
+    Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
+    host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
+    float32)."""
+    import jax
     from safetensors import SafetensorError, safe_open
 
     cfg = read_hf_config(directory)
-    tensors: dict[str, np.ndarray] = {}
-    for path in _shard_files(directory):
-        if not os.path.isfile(path):
-            raise CheckpointError(f"{path}: shard listed in the index is missing")
-        try:
-            # framework="flax" reads bfloat16 too; convert each tensor to float32 numpy on the host.
-            with safe_open(path, framework="flax") as f:
-                for name in f.keys():
-                    tensors[name] = np.asarray(f.get_tensor(name), dtype=np.float32)
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
-
     gemma = cfg.architecture in ("gemma2", "gemma3")
+    # framework="flax" reads bfloat16 too (numpy has no bfloat16); on the host CPU, so no accelerator memory is used.
+    try:
+        host = jax.local_devices(backend="cpu")[0]
+    except RuntimeError:  # JAX_PLATFORMS without cpu: the default device
+        host = None
+    with contextlib.ExitStack() as files:
+        shard_of = {}
+        for path in _shard_files(directory):
+            if not os.path.isfile(path):
+                raise CheckpointError(f"{path}: shard listed in the index is missing")
+            try:
+                f = files.enter_context(safe_open(path, framework="flax"))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
+            shard_of.update(dict.fromkeys(f.keys(), (path, f)))
 
-    def read(key: str, name: str) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"{directory}: missing tensor {name!r}")
-        # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
-        # (llama.cpp's GGUFs store 1 + w too).
-        return tensors[name] + 1.0 if gemma and key in NORM_KEYS else tensors[name]
+        def read(key: str, name: str) -> np.ndarray:
+            if name not in shard_of:
+                raise CheckpointError(f"{directory}: missing tensor {name!r}")
+            path, f = shard_of[name]
+            try:
+                with jax.default_device(host):
+                    arr = np.asarray(f.get_tensor(name))
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
+            # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
+            # (llama.cpp's GGUFs store 1 + w too).
+            return arr.astype(np.float32) + 1.0 if gemma and key in NORM_KEYS else arr
 
-    names = {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
-        cfg.architecture, GEMMA_NAMES if gemma else HF_NAMES)
-    return cfg, assemble(cfg, names, read, dtype)
+        names = {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
+            cfg.architecture, GEMMA_NAMES if gemma else HF_NAMES)
+        return cfg, assemble(cfg, names, read, dtype)

@@ -32,7 +32,10 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
 
 
 def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any) -> dict:
-    """`read(key, tensor_name)` -> float32 array in torch orientation; returns the pytree in `dtype`."""
+    """`read(key, tensor_name)` -> a float array (any float dtype) in torch orientation; returns the pytree in `dtype`.
+
+    Each stacked weight is allocated once in `dtype` and filled a layer at a time, so the host holds the weights in
+    `dtype` plus one layer's tensor, never a float32 copy of the whole checkpoint."""
 
     def load(key: str, i: int | None = None) -> np.ndarray:
         name = names[key]
@@ -42,8 +45,15 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
             arr = read(key, name.format(i=i))
         return np.swapaxes(arr, -1, -2) if key in TRANSPOSED else arr
 
-    layers = {k: np.stack([load(k, i) for i in range(cfg.num_layers)]) for k in layer_keys(cfg)}
-    params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
+    def stacked(key: str) -> np.ndarray:
+        first = load(key, 0)
+        out = np.empty((cfg.num_layers, *first.shape), dtype)
+        out[0] = first
+        for i in range(1, cfg.num_layers):
+            out[i] = load(key, i)
+        return out
+
+    params = {"embed": load("embed"), "layers": {k: stacked(k) for k in layer_keys(cfg)}, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")
     import jax

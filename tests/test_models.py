@@ -74,6 +74,47 @@ def test_missing_and_corrupt_files(tmp_path):
         resolve_path("pkg:no_such_package_xyz/model.gguf")
 
 
+def test_safetensors_load_holds_the_weights_not_a_float32_copy(tmp_path):
+    """A float16 checkpoint loaded as bfloat16: tensors go one at a time into the stacked arrays, so the numpy memory
+    at its peak is the weights plus about one tensor, not a float32 copy of the checkpoint (which the loader used
+    to make: twice the file, then stacked copies on top). The weights equal the file's."""
+    import json
+    import tracemalloc
+
+    import ml_dtypes
+    from safetensors.numpy import save_file
+
+    h, inter, layers, vocab = 128, 512, 4, 2048
+    rng = np.random.default_rng(0)
+    tensors = {"model.embed_tokens.weight": rng.normal(size=(vocab, h)), "lm_head.weight": rng.normal(size=(vocab, h)),
+               "model.norm.weight": np.ones(h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors |= {p + "input_layernorm.weight": np.ones(h), p + "post_attention_layernorm.weight": np.ones(h),
+                    p + "self_attn.q_proj.weight": rng.normal(size=(h, h)), p + "self_attn.k_proj.weight": rng.normal(size=(h, h)),
+                    p + "self_attn.v_proj.weight": rng.normal(size=(h, h)), p + "self_attn.o_proj.weight": rng.normal(size=(h, h)),
+                    p + "mlp.gate_proj.weight": rng.normal(size=(inter, h)), p + "mlp.up_proj.weight": rng.normal(size=(inter, h)),
+                    p + "mlp.down_proj.weight": rng.normal(size=(h, inter))}
+    save_file({k: v.astype(np.float16) for k, v in tensors.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": h, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 4}))
+    load_weights(str(tmp_path), ml_dtypes.bfloat16)  # once untraced: the modules it imports lazily are not counted
+    tracemalloc.start()
+    try:
+        _, params = load_weights(str(tmp_path), ml_dtypes.bfloat16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    weights = sum(a.nbytes for a in jax.tree.leaves(params))
+    largest = max(a.size for a in tensors.values()) * 4  # one tensor in float32
+    assert peak < weights + 3 * largest, (peak, weights, largest)
+    assert params["layers"]["w_down"].dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(params["layers"]["w_down"][2].astype(np.float32),
+                                  tensors["model.layers.2.mlp.down_proj.weight"].astype(np.float16).astype(
+                                      ml_dtypes.bfloat16).astype(np.float32).T)
+
+
 def test_unsupported_gguf_tensor_type_and_shape_mismatch(tmp_path):
     import gguf
 

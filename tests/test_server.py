@@ -133,6 +133,29 @@ def test_tokenize_and_detokenize(http, client):
         assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (path, body, r.text)
 
 
+def test_embeddings(client, http):
+    """POST /v1/embeddings (the openai client asks for base64): a unit vector of the model's width per input, the
+    same input the same vector, `dimensions` the first ones normalized again, usage = the inputs' tokens; bad input
+    is a 400 naming the field."""
+    import numpy as np
+
+    texts = ["The capital of France is Paris.", "def add(a, b): return a + b", "The capital of France is Paris."]
+    r = client.embeddings.create(model=MODEL, input=texts)
+    vectors = [np.asarray(d.embedding, np.float64) for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and all(v.shape == (576,) for v in vectors)
+    assert all(abs(np.linalg.norm(v) - 1) < 1e-5 for v in vectors)
+    np.testing.assert_allclose(vectors[0], vectors[2], atol=1e-5)
+    assert vectors[0] @ vectors[1] < 0.999
+    assert r.usage.prompt_tokens == sum(http.post("/tokenize", json={"prompt": t}).json()["count"] for t in texts)
+    body = {"model": MODEL, "input": texts[0], "encoding_format": "float", "dimensions": 64}
+    short = np.asarray(http.post("/v1/embeddings", json=body).json()["data"][0]["embedding"])
+    np.testing.assert_allclose(short, vectors[0][:64] / np.linalg.norm(vectors[0][:64]), atol=1e-5)
+    for bad, param in [({"model": MODEL, "input": ""}, "input"), ({"model": MODEL, "input": "x", "dimensions": 10**6}, "dimensions"),
+                       ({"model": "gpt-x", "input": "x"}, "model"), ({"model": MODEL, "input": [10**9]}, "input")]:
+        r = http.post("/v1/embeddings", json=bad)
+        assert r.status_code in (400, 404) and r.json()["error"]["param"] == param, (bad, r.text)
+
+
 def test_completion_stream_matches_non_stream(client):
     prompt = "The capital of France is"
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0)

@@ -67,6 +67,7 @@ class RequestOutput:
     e2e_s: float | None = None
     queue_s: float | None = None  # arrival to first admission into the running batch
     token_times_s: list[float] | None = None
+    embedding: np.ndarray | None = None  # SamplingParams.embed: [hidden] float32, L2-normalized (no text, no tokens)
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -365,6 +366,9 @@ class LLMEngine:
             if state is None:
                 continue
             i = index[seq.request_id]
+            if seq.params.embed and seq.embedding is None:  # its prompt's last token is row rows[i][-1]
+                vector = out.hidden[rows[i][-1]]
+                seq.embedding = vector / max(float(np.linalg.norm(vector)), 1e-12)
             if seq.matcher is not None:
                 new = seq.output_ids[num_before[i] :]
                 for j, token in enumerate(new):
@@ -430,6 +434,8 @@ class LLMEngine:
         if finished:
             seq.finish_s = now
             self._state.pop(seq.request_id, None)
+        if seq.params.embed:  # the token sampled after the prompt is not an output
+            delta, new_ids, visible, state.text = "", [], 0, ""
         return RequestOutput(
             request_id=seq.request_id,
             delta_text=delta,
@@ -437,7 +443,7 @@ class LLMEngine:
             finished=finished,
             finish_reason=seq.finish_reason,
             text=state.text[:visible],
-            token_ids=list(seq.output_ids),
+            token_ids=[] if seq.params.embed else list(seq.output_ids),
             prompt_tokens=len(seq.prompt_ids),
             cached_tokens=seq.num_cached_prompt,
             logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
@@ -449,6 +455,7 @@ class LLMEngine:
             queue_s=(seq.first_scheduled_s - seq.arrival_s) if seq.first_scheduled_s else None,
             e2e_s=(now - seq.arrival_s) if finished else None,
             token_times_s=list(seq.token_times_s) if finished else None,
+            embedding=seq.embedding,
         )
 
     def _truncate_output(self, seq: Sequence, n: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence as Seq
 
+import numpy as np
+
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine, RequestOutput
 from engine.request import MAX_TOP_LOGPROBS, RequestError, SamplingParams
@@ -98,6 +100,16 @@ class LLM:
                            if calls else out)
         return replies
 
+    def embed(self, prompts: Seq[str] | Seq[Seq[int]] | str, namespace: str | None = None,
+              progress: bool = False) -> list[np.ndarray]:
+        """One L2-normalized float32 vector per prompt (text or token ids): the final hidden state of the prompt's last
+        token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
+        and prefix cache as generation (a shared instruction prefix is computed once)."""
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
+        ids = [self.engine.add_request(p, params, namespace=namespace) for p in _prompt_list(prompts)]
+        finals = self._run(set(ids), progress, keep=True)
+        return [finals[i].embedding for i in ids]
+
     def beam_search(
         self,
         prompts: Seq[str] | Seq[Seq[int]] | str,
@@ -141,15 +153,16 @@ class LLM:
             results.append(sorted(beams, key=lambda b: -b.score)[:beam_width])
         return results
 
-    def _run(self, pending: set[str], progress: bool) -> dict[str, Completion]:
+    def _run(self, pending: set[str], progress: bool, keep: bool = False) -> dict:
+        """Steps until every request in `pending` has finished: their Completions (keep: the RequestOutputs)."""
         from tqdm import tqdm
 
-        finals: dict[str, Completion] = {}
+        finals: dict = {}
         with tqdm(total=len(pending), desc="generating", unit="req", disable=not progress) as bar:
             while pending - finals.keys():
                 for out in self.engine.step():
                     if out.finished and out.request_id in pending:
-                        finals[out.request_id] = _completion(out)
+                        finals[out.request_id] = out if keep else _completion(out)
                         bar.update(1)
         return finals
 

@@ -125,6 +125,19 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
 
 
+class EmbeddingRequest(_Body):
+    """POST /v1/embeddings (OpenAI's): last-token pooling of the served model (SamplingParams.embed)."""
+    model: str
+    input: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
+                 Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: _int(ge=1) | None = Field(None, description="keep the first this many dimensions, normalized again "
+                                                            "(Matryoshka-trained models)")
+    user: str | None = None
+    priority: _int(ge=-(2**31), le=2**31 - 1) = 0
+    cache_salt: str | None = None
+
+
 class TokenizeRequest(_Body):
     """POST /tokenize (vLLM's and SGLang's): a prompt, or chat messages through the chat template."""
     model: str | None = None

@@ -69,6 +69,10 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits (OpenAI)
     min_tokens: int = 0  # end tokens and stop ids cannot be sampled before this many tokens (vLLM)
+    # An embedding request: the prompt's last token's final hidden state (after the final norm, L2-normalized) comes
+    # back as RequestOutput.embedding and nothing is generated (max_tokens must be 1: the step's one sampled token is
+    # dropped). Last-token pooling, as decoder embedding models (Qwen3-Embedding, e5-mistral) are trained.
+    embed: bool = False
 
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):
@@ -108,6 +112,8 @@ class SamplingParams:
             raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if self.embed and self.max_tokens != 1:
+            raise RequestError(f"an embedding request generates nothing: max_tokens must be 1, got {self.max_tokens}")
 
     @property
     def greedy(self) -> bool:
@@ -161,6 +167,7 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)
     stop_reason: str | int | None = None
+    embedding: Any = None  # SamplingParams.embed: the L2-normalized float32 vector, once computed
     first_scheduled_s: float | None = None  # first admitted to the running batch (the end of its queueing)
     first_token_s: float | None = None
     finish_s: float | None = None

@@ -86,6 +86,7 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None  # [T]: by row, the logprob of the row's prompt target
     prompt_top_ids: np.ndarray | None = None  # [T, K]
     prompt_top_logprobs: np.ndarray | None = None  # [T, K]
+    hidden: np.ndarray | None = None  # [num head rows, hidden] after the final norm (steps with embedding requests)
 
 
 class ModelRunner:
@@ -256,7 +257,8 @@ class ModelRunner:
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
-        return LaunchedStep(out, head_rows, time.perf_counter() - t0)
+        return LaunchedStep(out, head_rows, time.perf_counter() - t0,
+                            want_hidden=any(c.sample and c.seq.params.embed for c in plan.chunks))
 
     @staticmethod
     def head_rows(plan: StepPlan) -> list[list[int]]:
@@ -273,10 +275,13 @@ class ModelRunner:
     def fetch(self, launched: "LaunchedStep") -> StepOutput:
         """Waits for a launched step's sampled tokens and logprobs (the step's one host sync). They come by head row
         (`LaunchedStep.head_rows`)."""
-        tokens, logprobs, top_ids, top_lps, *prompt = (np.asarray(a.addressable_data(0)) for a in launched.outputs)
+        host = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731
+        tokens, logprobs, top_ids, top_lps = map(host, launched.outputs[:4])
+        prompt = map(host, launched.outputs[5:])
         self._land_saves()
         n = sum(map(len, launched.head_rows))
-        return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt)
+        hidden = host(launched.outputs[4])[:n].astype(np.float32) if launched.want_hidden else None
+        return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt, hidden=hidden)
 
     def execute(self, step: "StepArrays") -> None:
         """A follower process's step of a multi-host replica: the leader's arrays, run to completion."""
@@ -285,7 +290,7 @@ class ModelRunner:
     def dispatch(self, step: "StepArrays") -> tuple[jax.Array, ...]:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
-        replicated."""
+        replicated (and the head rows after the final norm after top_logprobs)."""
         if step.host_saves is not None:  # before anything below can overwrite the evicted pages
             pages, slots = step.host_saves
             saved = self._gather(self.kv, self._to_device(pages))
@@ -339,13 +344,15 @@ class ModelRunner:
 
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
                    use_mask=False):
-        """Logits and sampling for the first `num_rows` rows; also the sampled tokens padded to max_running,
-        the next step's `prev_tokens`."""
+        """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
+        read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
+        step's `prev_tokens`."""
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
         out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
         n = min(num_rows, self.max_seqs)  # rows past max_running are draft positions: no placeholder names them
-        return *out, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
+        normed = llama.final_hidden(params, self.cfg, hidden[:num_rows])
+        return *out, normed, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
 
     def _land_saves(self) -> None:
         """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
@@ -371,9 +378,10 @@ class ModelRunner:
 class LaunchedStep:
     """A dispatched step whose results are still on the device."""
 
-    outputs: tuple[jax.Array, ...]  # tokens, logprobs, top_ids, top_logprobs
+    outputs: tuple[jax.Array, ...]  # tokens, logprobs, top_ids, top_logprobs, normed head rows[, prompt logprobs ...]
     head_rows: list[list[int]]  # by chunk, the rows of its sampled tokens in position order (`ModelRunner.head_rows`)
     pack_s: float  # host time to pack and dispatch it
+    want_hidden: bool = False  # an embedding request ends its prompt in this step: fetch the normed rows too
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """OpenAI-compatible HTTP API of one replica (FastAPI), over an `AsyncEngine`.
 
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
+    POST /v1/embeddings                          last-token pooling of the served model
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
 
@@ -10,6 +11,7 @@ engine refuses is a 400 naming the problem, and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import base64
 import functools
 import json
 import logging
@@ -17,6 +19,7 @@ import time
 import uuid
 from typing import AsyncIterator
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,7 +33,7 @@ from engine.http_guard import RequestGuard
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, TokenizeRequest,
+    MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
     describe_validation_error, error_body,
 )
 from engine import structured
@@ -168,6 +171,15 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def collect(request: Request, stream, fmt: ChoiceFormatter, prompts, n: int) -> dict:
+        finals = await gather(request, stream)
+        if finals is None:
+            return {}
+        finals = {i: fmt.final(out) for i, out in finals.items()}
+        choices = [fmt.choice(i, finals[i]) for i in sorted(finals)]
+        return fmt.response(choices, usage(finals, prompts, n))
+
+    async def gather(request: Request, stream) -> dict[int, RequestOutput] | None:
+        """The final output of each of the stream's requests, by index; None if the client left (they are aborted)."""
         finals: dict[int, RequestOutput] = {}
         try:
             async with stream:
@@ -186,14 +198,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                     if loop.time() - checked_s >= DISCONNECT_POLL_S:
                         checked_s = loop.time()
                         if await request.is_disconnected():
-                            return {}  # leaving the block aborts the requests
+                            return None  # leaving the block aborts the requests
         except (RequestError, EngineStopped) as e:
             raise _engine_error(e) from None
         if any(out.finish_reason == "abort" for out in finals.values()):
             raise ApiError(503, "the server is shutting down; request aborted", "server_error")
-        finals = {i: fmt.final(out) for i, out in finals.items()}
-        choices = [fmt.choice(i, finals[i]) for i in sorted(finals)]
-        return fmt.response(choices, usage(finals, prompts, n))
+        return finals
 
     async def sse(stream, fmt: ChoiceFormatter, prompts, n: int, include_usage: bool) -> AsyncIterator[str]:
         finals: dict[int, RequestOutput] = {}
@@ -264,6 +274,38 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
 
     # ----------------------------------------------------------------------------- tokenizer
+    @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
+    async def embeddings(request: Request, body: EmbeddingRequest):
+        check_model(body.model)
+        x = body.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            x = [x]
+        if any(not t for t in x):
+            raise ApiError(400, "input is empty", param="input")
+        prompts = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in x]
+        for ids in prompts:
+            check_prompt(ids, 1, "input")
+        width = llm.model_cfg.hidden_size
+        if body.dimensions is not None and body.dimensions > width:
+            raise ApiError(400, f"dimensions={body.dimensions} is more than the model's {width}", param="dimensions")
+        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
+        adapter = body.model if body.model in adapters else None
+        reqs = [GenerateRequest(p, params, body.cache_salt or None, body.priority, adapter) for p in prompts]
+        finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}"))
+        if finals is None:
+            return JSONResponse({})
+        data = []
+        for i in range(len(prompts)):
+            vector = finals[i].embedding
+            if body.dimensions is not None:  # Matryoshka: the first dimensions, unit length again
+                vector = vector[: body.dimensions] / max(float(np.linalg.norm(vector[: body.dimensions])), 1e-12)
+            value = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
+                     else vector.astype(float).tolist())
+            data.append({"object": "embedding", "index": i, "embedding": value})
+        num_tokens = sum(map(len, prompts))
+        return JSONResponse({"object": "list", "data": data, "model": body.model,
+                             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
     @app.post("/tokenize", summary="Token ids of a prompt, or of chat messages after the chat template")
     async def tokenize(body: TokenizeRequest):
         if body.model is not None:

@@ -275,9 +275,14 @@ def int8_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, int8
     return acc.astype(jnp.float32) * h_scale * scale
 
 
+def final_hidden(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
+    """The decoder's output rows [N, hidden] after the final norm: what the LM head reads, and an embedding."""
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+
+
 def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """[N, hidden] -> [N, vocab] float32."""
-    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    x = final_hidden(params, cfg, x)
     name = "embed" if cfg.tie_word_embeddings else "lm_head"
     if name + SCALE_SUFFIX in params:  # int8 head: a float32 scale per vocabulary column
         logits = int8_dot(x, params[name], params[name + SCALE_SUFFIX], 1 if cfg.tie_word_embeddings else 0,

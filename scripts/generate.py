@@ -12,9 +12,11 @@ Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_to
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
              guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
              prompt_logprobs (0..20) add the generated / prompt tokens' logprobs to the output line
-             (scoring texts: prompt_logprobs 0 and max_tokens 1).
+             (scoring texts: prompt_logprobs 0 and max_tokens 1); "embed": true asks for the prompt's embedding
+             instead (last-token pooling, unit length; no sampling fields).
 Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"[, "logprobs"]
-             [, "prompt_logprobs" (the first is null)]} or {"id", "error"} for a bad line; the job goes on.
+             [, "prompt_logprobs" (the first is null)]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an
+             embedding, or {"id", "error"} for a bad line; the job goes on.
 Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
 SIGTERM (a job scheduler's stop) stops cleanly; every line written is whole. A summary ends the run.
 """
@@ -38,7 +40,8 @@ SAMPLING_FIELDS = {
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
     "min_tokens",
 }
-LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter"}
+LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
+                                                           "embed"}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -73,6 +76,12 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
 
 
 def sampling_params(obj: dict) -> SamplingParams:
+    if obj.get("embed", False) is not False:
+        given = sorted((SAMPLING_FIELDS | set(structured.FIELDS)) & set(obj))
+        if obj["embed"] is not True or given:
+            raise RequestError("'embed' must be true, and an embedding line takes no sampling fields"
+                               + (f" (got {given[0]!r})" if given else ""))
+        return SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
     kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(kwargs.get("stop"), str):
@@ -173,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                     totals["generated"] += len(r.token_ids)
                     record = {"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                               "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens}
+                    if r.embedding is not None:
+                        record = {"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,
+                                  "cached_tokens": r.cached_tokens}
                     if r.logprobs is not None:
                         record["logprobs"] = r.logprobs
                     if r.prompt_logprobs is not None:

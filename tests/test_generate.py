@@ -57,6 +57,12 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
             elif i % 50 == 41:  # a constraint that does not compile
                 f.write(json.dumps({"id": rid, "prompt": "x", "max_tokens": 2, "guided_regex": "a(b"}) + "\n")
                 bad.add(rid)
+            elif i % 50 == 45:  # an embedding
+                f.write(json.dumps({"id": rid, "prompt": f"Shared system prompt for everyone. Item {i}", "embed": True}) + "\n")
+                good.add(rid)
+            elif i % 50 == 47:  # an embedding with a sampling field
+                f.write(json.dumps({"id": rid, "prompt": "x", "embed": True, "temperature": 0.5}) + "\n")
+                bad.add(rid)
             elif i % 50 in (9, 27):  # structured outputs; scoring (prompt logprobs)
                 constraint = {"guided_choice": ["yes", "no"]} if i % 50 == 9 else {"prompt_logprobs": 0}
                 f.write(json.dumps({"id": rid, "prompt": f"Item {i}: yes or no?", "max_tokens": 4, **constraint}) + "\n")
@@ -105,12 +111,16 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
     lines = _lines(out)
     ids = [r["id"] for r in lines if r["id"] is not None]
     assert len(ids) == len(set(ids)), "an id was answered twice"
-    answered = {r["id"] for r in lines if "text" in r}
+    answered = {r["id"] for r in lines if "text" in r or "embedding" in r}
     errors = {r["id"]: r["error"] for r in lines if "error" in r and r["id"] is not None}
     assert answered == good
     assert set(errors) == bad
     assert any("temperature" in e for e in errors.values()) and any("colour" in e for e in errors.values())
     assert any("prompt is empty" in e for e in errors.values())
+    assert "no sampling fields (got 'temperature')" in errors["r47"]
+    embedded = [r for r in lines if "embedding" in r]
+    assert embedded and all(set(r) == {"id", "embedding", "prompt_tokens", "cached_tokens"} and len(r["embedding"]) == 64
+                            and abs(sum(x * x for x in r["embedding"]) - 1) < 1e-4 for r in embedded)
     assert "structured output (regex)" in errors["r41"] and "unclosed group" in errors["r41"]
     by_id = {r["id"]: r for r in lines if "text" in r}
     choices = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 9]

@@ -218,12 +218,12 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2 or gemma3; Mistral GGUFs
-        say llama)."""
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, qwen2moe or qwen3moe;
+        Mistral GGUFs say llama, and Mixtral's llama with experts)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3)")
+                              "(llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -231,9 +231,15 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: missing GGUF field {full!r}")
             return meta[full]
 
+        experts = {}
         if meta.get(f"{arch}.expert_count"):
-            raise ConfigError(f"{source}: a mixture-of-experts GGUF ({arch}.expert_count="
-                              f"{meta[f'{arch}.expert_count']}) is not supported; load the HF safetensors checkpoint")
+            # llama.cpp's graphs: softmax routing; qwen3moe and Mixtral renormalize the top k, qwen2moe does not.
+            experts = dict(
+                num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(need("expert_used_count")),
+                moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length") or need("feed_forward_length")),
+                norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
+                shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+            )
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
         head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // num_heads)
@@ -261,11 +267,12 @@ class LlamaConfig:
             else:
                 gemma["attn_soft_cap"] = float(need("attn_logit_softcapping"))
                 gemma["final_soft_cap"] = float(need("final_logit_softcapping"))
+        names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama"}
         return cls(
-            architecture=arch,
+            architecture=names.get(arch, arch),
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(need("feed_forward_length")),
+            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or experts["moe_intermediate_size"]),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
@@ -279,6 +286,7 @@ class LlamaConfig:
             sliding_window=int(window) if window else None,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             **gemma,
+            **experts,
         )
 
     def to_dict(self) -> dict[str, Any]:

@@ -29,6 +29,15 @@ GGUF_NAMES = {
     "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
     "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
 }
+# Mixture-of-experts layers: each layer's experts stored together ([E, out, in]); Qwen2-MoE's shared expert and its
+# gate (a vector) under `shexp`.
+GGUF_MOE_NAMES = {
+    **GGUF_NAMES,
+    "router": "blk.{i}.ffn_gate_inp.weight", "moe_gate": "blk.{i}.ffn_gate_exps.weight",
+    "moe_up": "blk.{i}.ffn_up_exps.weight", "moe_down": "blk.{i}.ffn_down_exps.weight",
+    "w_gate": "blk.{i}.ffn_gate_shexp.weight", "w_up": "blk.{i}.ffn_up_shexp.weight",
+    "w_down": "blk.{i}.ffn_down_shexp.weight", "shared_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
+}
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -66,11 +75,11 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
 
     def read(key: str, name: str) -> np.ndarray:
         arr = get(name)
-        if cfg.architecture == "llama" and key in ("wq", "wk"):
+        if arch == "llama" and key in ("wq", "wk"):  # Mixtral's too
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
-        return arr
+        return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
-    return cfg, assemble(cfg, GGUF_NAMES, read, dtype)
+    return cfg, assemble(cfg, GGUF_MOE_NAMES if cfg.num_experts else GGUF_NAMES, read, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

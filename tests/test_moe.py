@@ -104,6 +104,90 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     _assert_greedy_is_argmax(model, prompts, outs)
 
 
+def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
+    """An HF MoE checkpoint's weights (F32) under llama.cpp's GGUF names and layouts: experts stacked [E, out, in],
+    the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    moe = "block_sparse_moe" if arch == "llama" else "mlp"
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(cfg.num_layers)
+    w.add_context_length(cfg.max_position)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_expert_count(cfg.num_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if arch != "llama":
+        w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    if cfg.shared_expert_intermediate_size:
+        w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+
+    def permute(x, heads):  # llama.cpp's row order for its RoPE (the loader undoes it)
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    if not cfg.tie_word_embeddings:
+        w.add_tensor("output.weight", sd["lm_head.weight"])
+    names = {"w1": "gate", "w3": "up", "w2": "down"} if arch == "llama" else {"gate_proj": "gate", "up_proj": "up",
+                                                                            "down_proj": "down"}
+    for i in range(cfg.num_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                             ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")):
+            if hf + theirs + ".weight" in sd:
+                w.add_tensor(blk + ours + ".weight", sd[hf + theirs + ".weight"])
+        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
+            for kind in ("weight", "bias"):
+                x = sd.get(f"{hf}self_attn.{theirs}.{kind}")
+                if x is not None:
+                    heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(ours)
+                    w.add_tensor(f"{blk}{ours}.{kind}", permute(x, heads) if arch == "llama" and heads else x)
+        w.add_tensor(blk + "ffn_gate_inp.weight", sd[f"{hf}{moe}.gate.weight"])
+        for theirs, ours in names.items():
+            w.add_tensor(f"{blk}ffn_{ours}_exps.weight",
+                         np.stack([sd[f"{hf}{moe}.experts.{e}.{theirs}.weight"] for e in range(cfg.num_experts)]))
+        if cfg.shared_expert_intermediate_size:
+            for ours in ("gate", "up", "down"):
+                w.add_tensor(f"{blk}ffn_{ours}_shexp.weight", sd[f"{hf}mlp.shared_expert.{ours}_proj.weight"])
+            w.add_tensor(blk + "ffn_gate_inp_shexp.weight", sd[f"{hf}mlp.shared_expert_gate.weight"][0])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("qwen2_moe", "qwen2moe")])
+def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp_path):
+    """A GGUF holding an HF MoE checkpoint's weights as llama.cpp's converter writes them (stacked experts, Mixtral as
+    `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert): the same config and logits as the HF
+    directory, which matches transformers (above). No published MoE GGUF is small enough to install here."""
+    from models.loader import load_weights
+
+    model = _hf_moe(kind)
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path / "hf"))
+    _write_gguf_like_llama_cpp(tmp_path / "hf", cfg, tmp_path / "m.gguf", arch)
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    assert gguf_cfg.architecture == kind
+    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
+                  "shared_expert_intermediate_size", "attention_bias", "qk_norm", "num_kv_heads", "head_dim"):
+        assert getattr(gguf_cfg, field) == getattr(cfg, field), field
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
+    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 def tiny_moe(shared: int = 0):
     """A random Qwen3-MoE-like model (no transformers): 8 experts, top 2."""
     cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,

@@ -31,11 +31,12 @@ PROJECTIONS = {
 
 
 def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adaptable projection, from the model's own weight shapes."""
+    """(in, out) of each adaptable projection the model has, from its own weight shapes (a mixture-of-experts model
+    has no dense MLP unless it has a shared expert)."""
     from models.llama import param_shapes  # models.llama imports this module for lora_delta
 
     layers = param_shapes(cfg)["layers"]
-    return {name: tuple(layers[name][1:]) for name in PROJECTIONS}
+    return {name: tuple(layers[name][1:]) for name in PROJECTIONS if name in layers}
 
 
 def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -54,10 +55,14 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
     tensors = load_file(weights_path)
     dims = projection_dims(cfg)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    used: set[str] = set()
     for name, (module, block) in PROJECTIONS.items():
+        if name not in dims:
+            continue
         keys = [(f"base_model.model.model.layers.{layer}.{block}.{module}.lora_A.weight",
                  f"base_model.model.model.layers.{layer}.{block}.{module}.lora_B.weight") for layer in range(cfg.num_layers)]
         present = [a in tensors and b in tensors for a, b in keys]
+        used.update(k for pair, ok in zip(keys, present) if ok for k in pair)
         if not any(present):
             continue
         d_in, d_out = dims[name]
@@ -74,7 +79,12 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
         out[name] = (a_all, b_all)
     if not out:
         raise ValueError(f"LoRA adapter {path}: no lora_A / lora_B weights for any of "
-                         f"{', '.join(m for m, _ in PROJECTIONS.values())}")
+                         f"{', '.join(m for m, _ in PROJECTIONS.values() if m)}")
+    # NOTE: a LoRA weight this model cannot apply (experts, embeddings, the head) would change nothing silently.
+    ignored = sorted(k for k in tensors if k not in used)
+    if ignored:
+        raise ValueError(f"LoRA adapter {path}: {ignored[0]} adapts a module this model does not adapt (supported: "
+                         f"{', '.join(f'{b}.{m}' for n, (m, b) in PROJECTIONS.items() if n in dims)})")
     return out
 
 

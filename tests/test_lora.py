@@ -76,3 +76,28 @@ def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
                                                       head_dim=8, max_position=64), rank=2, alpha=2, modules=["wq"], seed=4)
     with pytest.raises(ValueError, match="q_proj of layer 0 has A"):
         LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"x": bad}}), progress=False, model=base)
+
+
+def test_attention_adapters_on_a_moe_model_and_expert_adapters_refused(base, tmp_path):
+    """A mixture-of-experts model (no dense MLP) serves an attention adapter exactly as its merged weights; an adapter
+    that also adapts something this model cannot (an expert's projection here) is refused, naming the tensor,
+    instead of being applied in part."""
+    from safetensors.numpy import load_file, save_file
+
+    _, _, tok = base
+    cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024, qk_norm=True,
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    moe_model = (cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tok)
+    a = write_random_adapter(str(tmp_path / "a"), cfg, rank=4, alpha=8.0, modules=("wq", "wv", "wo"), std=0.1)
+    served = LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a}}), progress=False, model=moe_model)
+    reference = LLM(EngineConfig().replace(**SMALL), progress=False, model=merged(moe_model, a))
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13]]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    assert ([o.token_ids for o in served.generate(prompts, greedy, adapter="a")]
+            == [o.token_ids for o in reference.generate(prompts, greedy)])
+    tensors = load_file(f"{a}/adapter_model.safetensors")
+    expert = "base_model.model.model.layers.0.mlp.experts.1.gate_proj.lora_A.weight"
+    save_file({**tensors, expert: np.zeros((4, 64), np.float32)}, f"{a}/adapter_model.safetensors")
+    with pytest.raises(ValueError, match="experts.1.gate_proj.lora_A.weight adapts a module this model does not"):
+        load_peft_adapter(a, cfg)

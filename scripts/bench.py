@@ -145,7 +145,8 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
 def run_engine(engine, sessions: list[Session], max_concurrency: int, request_rate: float, rng: random.Random,
                options: dict | None = None) -> tuple[list[Result], float]:
     """Drives an in-process LLMEngine: at most `max_concurrency` sessions in flight, Poisson arrivals at `request_rate`;
-    `options` apply to every request: "guided_regex" / "guided_json" (structured outputs), "prompt_logprobs"."""
+    `options` apply to every request: "guided_regex" / "guided_json" (structured outputs), "prompt_logprobs", "embed"
+    (embedding requests: the prompt's last-token state, nothing generated)."""
     from engine import structured
     from engine.request import SamplingParams
 
@@ -160,8 +161,12 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
 
     def send(session: Session, turn: int, history: list[int]) -> None:
         prompt = history + session.turns[turn].prompt
-        params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens, ignore_eos=session.turns[turn].ignore_eos,
-                                structured=constraint, prompt_logprobs=options.get("prompt_logprobs"))
+        if options.get("embed"):
+            params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, embed=True)
+        else:
+            params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens,
+                                    ignore_eos=session.turns[turn].ignore_eos, structured=constraint,
+                                    prompt_logprobs=options.get("prompt_logprobs"))
         rid = engine.add_request(prompt, params)
         active[rid] = (session, turn, prompt, time.perf_counter())
 
@@ -448,6 +453,7 @@ def main(argv=None) -> int:
     ap.add_argument("--guided-regex", help="every output must match this regular expression (structured outputs)")
     ap.add_argument("--guided-json", help="every output must follow this JSON schema (given as JSON text)")
     ap.add_argument("--prompt-logprobs", type=int, help="every request also asks for its prompt's logprobs (top k)")
+    ap.add_argument("--embed", action="store_true", help="every request is an embedding request (in-process mode)")
     ap.add_argument("--options-only-b", action="store_true",
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
@@ -457,6 +463,7 @@ def main(argv=None) -> int:
     guided = {k: v for k, v in (("guided_regex", args.guided_regex),
                                 ("guided_json", args.guided_json and json.loads(args.guided_json))) if v}
     options = guided | ({"prompt_logprobs": args.prompt_logprobs} if args.prompt_logprobs is not None else {})
+    options |= {"embed": True} if args.embed else {}
     if args.workload == "decode":
         decode_overhead(args)
         return 0

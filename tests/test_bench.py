@@ -22,6 +22,20 @@ def test_side_by_side_on_a_synthetic_model(tmp_path, capsys):
         assert all(r["requests"] == 6 and r["errors"] == 0 for r in runs[name])
 
 
+def test_embedding_requests_through_the_shared_prefix_workload(tmp_path, capsys):
+    """--embed: every request an embedding (no output tokens), the shared prefixes served from the cache in B."""
+    out = tmp_path / "runs.json"
+    small = ["scheduler.max_batch_tokens=64", "scheduler.max_running=4", "model.max_model_len=128", "cache.num_pages=64"]
+    rc = bench.main(["--workload", "shared-prefix", "--embed", "--synthetic-model", "32,1,4,2,8", "--groups", "2",
+                     "--prompts-per-group", "3", "--system-len", "32", "--question-len", "4", "--max-concurrency", "3",
+                     "--set", *small, "--set-a", "cache.prefix_caching=false", "--set-b", "cache.prefix_caching=true",
+                     "--json", str(out)])
+    assert rc == 0 and "request_throughput" in capsys.readouterr().out
+    runs = json.loads(out.read_text())["runs"]
+    assert all(r["requests"] == 6 and r["errors"] == 0 and r["output_throughput"] == 0 for name in "AB" for r in runs[name])
+    assert runs["A"][0]["cached_tokens"] == 0 < runs["B"][0]["cached_tokens"]
+
+
 def test_copy_workload_reports_draft_acceptance(tmp_path, capsys):
     """The copy workload (natural-text chat prompts, ending at the end token) with speculative decoding in B only:
     the table gains B's draft acceptance, and both configurations produce the same number of tokens."""

@@ -44,10 +44,11 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--top-k", type=int, default=8)
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 256, 2048])
     parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.experts, args.top_k, args.tokens, args.reps = 32, 16, 8, 2, [1, 24], 3
-    dtype = jnp.float32 if args.quick else jnp.bfloat16
+    dtype = jnp.float32 if args.quick else jnp.dtype(args.dtype)
     h, i, e, k = args.hidden, args.intermediate, args.experts, args.top_k
     key = jax.random.split(jax.random.key(0), 5)
     p = {"router": jax.random.normal(key[0], (h, e)) * h**-0.5,
@@ -69,7 +70,7 @@ def main(argv=None) -> list[dict]:
             diff = float(np.max(np.abs(np.asarray(fn(x, p), np.float32) - ref)))
             rate = 2 * 3 * t * k * h * i / seconds / 1e12
             rows.append(dict(tokens=t, path=name, ms=seconds * 1e3, tflops=rate, max_diff=diff))
-            print(f"{t:>7} {name:>8} {seconds * 1e3:>9.3f} {rate:>9.2f} {diff:>9.2e}")
+            print(f"{t:>7} {name:>8} {seconds * 1e3:>9.3f} {rate:>9.3f} {diff:>9.2e}")
     return rows
 
 

@@ -113,18 +113,13 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
     sd = load_file(str(hf_dir / "model.safetensors"))
     moe = "block_sparse_moe" if arch == "llama" else "mlp"
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_key_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_expert_count(cfg.num_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
+    for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),
+                       (w.add_key_length, cfg.head_dim), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
+                       (w.add_rope_freq_base, cfg.rope_theta), (w.add_vocab_size, cfg.vocab_size),
+                       (w.add_expert_count, cfg.num_experts), (w.add_expert_used_count, cfg.num_experts_per_tok)):
+        add(value)
     if arch != "llama":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if cfg.shared_expert_intermediate_size:

@@ -164,6 +164,9 @@ def test_prefix_sticks_and_feed_confirms(cluster):
     for i in range(1, 5):
         body["prompt"] = "shared system prompt " * 8 + f"q{i}"
         assert httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"] == first
+    # Embedding requests are routed by their input's prefix the same way.
+    embed = {"model": "fake", "input": "shared system prompt " * 8 + "an embedding query"}
+    assert httpx.post(f"{router.url}/v1/embeddings", json=embed, timeout=30).json()["replica"] == first
     # A replica that refuses connections is skipped; all down -> 503.
     for proc in procs.values():
         proc.kill()

@@ -192,7 +192,7 @@ class Router:
             if chat:
                 tokens = self.tokenizer.encode_chat(body["messages"])
             else:
-                prompt = body["prompt"]
+                prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
                 if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
                     prompt = prompt[0]  # a batch of prompts: routed by the first
                 tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -359,6 +359,10 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await router.forward("/v1/chat/completions", await request.body(), dict(request.headers))
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        return await router.forward("/v1/embeddings", await request.body(), dict(request.headers))
 
     @app.get("/v1/models")
     async def models(request: Request):

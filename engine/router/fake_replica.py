@@ -52,7 +52,7 @@ def fake_output(tokens: list[int], max_tokens: int) -> list[str]:
 def prompt_tokens(tok: ByteTokenizer, body: dict, chat: bool) -> list[int]:
     if chat:
         return tok.encode_chat(body["messages"])
-    prompt = body.get("prompt", "")
+    prompt = body.get("prompt", body.get("input", ""))  # completions' prompt, embeddings' input
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
         prompt = prompt[0]  # a batch: the router routes (and this fake serves) the first prompt
     return tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -139,6 +139,15 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await completion(request, chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request):
+        body = await request.json()
+        tokens = prompt_tokens(tok, body, chat=False)
+        model = body.get("model")
+        await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
+        return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [1.0, 0.0]}],
+                "model": model, "usage": {"prompt_tokens": len(tokens), "total_tokens": len(tokens)}, "replica": name}
 
     @app.get("/v1/models")
     async def models():

@@ -185,6 +185,9 @@ class ServerConfig:
     model_name: str = ""  # the id /v1/models lists and requests must name ("": from model.path)
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0: model.max_model_len - 1
+    # Chat replies of reasoning models split into `reasoning_content` (the <think> part) and `content` (engine/
+    # reasoning.py): "qwen3" when the model opens <think> itself, "deepseek_r1" when the template opens it.
+    reasoning_parser: Literal["none", "qwen3", "deepseek_r1"] = "none"
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

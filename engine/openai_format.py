@@ -10,6 +10,7 @@ import itertools
 from typing import Callable
 
 from engine.engine import RequestOutput
+from engine.reasoning import ReasoningStream, split
 from engine.tool_calls import ToolChoice
 
 
@@ -29,12 +30,14 @@ def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) ->
 class ChoiceFormatter:
     """echo (completions): per prompt, (text, token ids) put before each of its n choices (streamed: in each choice's
     first chunk); prompt_only: nothing was asked to be generated (max_tokens 0), so choices carry the echoed prompt
-    only."""
+    only; reasoning (chat): a reasoning parser (engine/reasoning.py) that moves the thinking to `reasoning_content`."""
 
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
                  logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False,
-                 tools: ToolChoice | None = None):
+                 tools: ToolChoice | None = None, reasoning: str = "none"):
         self.kind = kind
+        self.reasoning = reasoning if kind == "chat" else "none"
+        self._streams: dict[int, ReasoningStream] = {}  # choice index -> its thinking / answer split so far
         # Chat with tools that may be called: a reply becomes tool_calls once finished, so streams hold it back.
         self.tools = tools if tools is not None and tools.active else None
         self.token_text = token_text
@@ -70,16 +73,19 @@ class ChoiceFormatter:
                 "usage": usage_}
 
     def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
-        """A finished chat reply as message fields and finish reason: tool calls when the tools say so."""
+        """A finished chat reply as message fields and finish reason: the thinking apart with a reasoning parser, tool
+        calls (read from the answer) when the tools say so."""
+        thinking, text = split(out.text, self.reasoning) if self.reasoning != "none" else (None, out.text)
+        fields = {"reasoning_content": thinking} if thinking is not None else {}
         if self.tools is None or out.finish_reason != "stop":
-            return {"content": out.text}, out.finish_reason
+            return {"content": text, **fields}, out.finish_reason
         try:
-            content, calls = self.tools.parse(out.text)
+            content, calls = self.tools.parse(text)
         except (ValueError, KeyError, TypeError):  # not the calls it should be: say what was written
-            return {"content": out.text}, out.finish_reason
+            return {"content": text, **fields}, out.finish_reason
         if not calls:
-            return {"content": content}, out.finish_reason
-        return {"content": content, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
+            return {"content": content, **fields}, out.finish_reason
+        return {"content": content, **fields, "tool_calls": [c.as_openai() for c in calls]}, "tool_calls"
 
     def _echo_choice(self, index: int, out: RequestOutput) -> dict:
         prompt_text, _ = self.echo[index // self.n]
@@ -136,7 +142,14 @@ class ChoiceFormatter:
             return None
         lp = self._logprobs(index, out, len(out.token_ids) - new_tokens) if self.logprobs else None
         if self.kind == "chat":
-            delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
+            if self.reasoning != "none":  # each part's growth; a tail that may still become a tag waits
+                thinking, answer = self._streams.setdefault(index, ReasoningStream(self.reasoning)).feed(
+                    out.delta_text, out.finished)
+                delta = {k: v for k, v in (("reasoning_content", thinking), ("content", answer)) if v}
+                if not (delta or out.finished or lp):
+                    return None
+            else:
+                delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
             choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
         else:
             choice = {"index": index, "text": out.delta_text, "logprobs": lp, "finish_reason": out.finish_reason}

@@ -123,6 +123,8 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: _int(ge=1) | None = None
     logprobs: bool = False
     top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description='variables for the chat template, e.g. {"enable_thinking": false} (Qwen3)')
 
 
 class EmbeddingRequest(_Body):
@@ -145,6 +147,7 @@ class TokenizeRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = Field(True, description="with prompt: BOS/EOS as the tokenizer adds them")
     add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's turn opening")
+    chat_template_kwargs: dict[str, Any] | None = Field(None, description="with messages: variables for the template")
 
 
 class DetokenizeRequest(_Body):

@@ -158,7 +158,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         call_id = f"{prefix}-{uuid.uuid4().hex}"
         fmt = ChoiceFormatter(kind, token_text, call_id, body.model, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
-                              prompt_only=max_tokens[0] == 0, tools=tools)
+                              prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser)
         stream = engine.submit(reqs, call_id)
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
@@ -263,7 +263,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split(":")[0].split()[0]) from None
         try:
-            prompt_ids = tokenizer.encode_chat(messages, **({"tools": tool_specs} if tool_specs else {}))
+            kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {})}
+            prompt_ids = tokenizer.encode_chat(messages, **kwargs)
         except Exception as e:  # template errors (roles out of order, ...) are the caller's
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         if not prompt_ids:
@@ -317,7 +318,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         else:
             try:
                 ids = tokenizer.encode_chat(template_messages(body.messages),
-                                            add_generation_prompt=body.add_generation_prompt)
+                                            add_generation_prompt=body.add_generation_prompt,
+                                            **(body.chat_template_kwargs or {}))
             except Exception as e:  # template errors (roles out of order, ...) are the caller's
                 raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}

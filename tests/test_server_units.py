@@ -1,4 +1,5 @@
 """Server pieces that need no model: the cache-events feed, request validation messages, serve.py start-up errors."""
+import json
 import os
 import subprocess
 import sys
@@ -107,7 +108,9 @@ class _FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)
 
-    def encode_chat(self, messages, add_generation_prompt=True):
+    def encode_chat(self, messages, add_generation_prompt=True, raw=False):
+        if raw:  # chat_template_kwargs {"raw": true}: the last message as it is, so the fake's echo is a chosen reply
+            return self.encode(messages[-1]["content"])
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
 
@@ -191,6 +194,39 @@ def fake_app():
     with TestClient(create_app(AsyncEngine(fake), config, api_key="k"),
                     headers={"Authorization": "Bearer k"}) as client:
         yield client, fake
+
+
+@pytest.mark.parametrize("parser,reply,thinking,answer", [
+    ("qwen3", "<think>plan it</think>\n\nThe answer.", "plan it", "The answer."),
+    ("qwen3", "No thinking.", None, "No thinking."),
+    ("deepseek_r1", "steps</think>Done.", "steps", "Done."),
+])
+def test_reasoning_parser_splits_chat_replies_whole_and_streamed(parser, reply, thinking, answer):
+    """server.reasoning_parser: the thinking comes as `reasoning_content` and the rest as `content`, in a whole
+    response and summed over a stream's deltas alike; chat_template_kwargs reach the template (the fake's echoes the
+    last message as the reply when it gets raw=true)."""
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    config = EngineConfig(server=ServerConfig(model_name="fake", api_key=None, reasoning_parser=parser))
+    body = {"model": "fake", "messages": [{"role": "user", "content": reply}], "max_tokens": len(reply),
+            "chat_template_kwargs": {"raw": True}}
+    with TestClient(create_app(AsyncEngine(_FakeEngine()), config, api_key=None)) as client:
+        message = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]
+        assert message.get("reasoning_content") == thinking and message["content"] == answer
+        streamed = {"reasoning_content": "", "content": ""}
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        for key in streamed:
+                            streamed[key] += choice["delta"].get(key) or ""
+        assert streamed == {"reasoning_content": thinking or "", "content": answer}
+        tokens = client.post("/tokenize", json={"messages": body["messages"], "chat_template_kwargs": {"raw": True}})
+        assert tokens.json()["count"] == len(reply)
 
 
 def test_fake_engine_completion_stream_and_usage(fake_app):

@@ -1,0 +1,49 @@
+"""Reasoning parsers (engine/reasoning.py): thinking apart from the answer, the same whether the reply comes whole or
+streamed in any pieces."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from engine.reasoning import ReasoningStream, split
+
+CASES = {
+    "qwen3": [
+        ("<think>plan it</think>\n\nThe answer.", ("plan it", "The answer.")),
+        ("\n<think>\nsteps\n</think>done", ("\nsteps\n", "done")),
+        ("No thinking here.", (None, "No thinking here.")),  # enable_thinking false
+        ("<think>ran out of tokens while thin", ("ran out of tokens while thin", "")),
+        ("<think></think>", ("", "")),
+        ("<thi", (None, "<thi")),  # a finished reply that only looks like the tag's start is an answer
+    ],
+    "deepseek_r1": [
+        ("plan it</think>\n\nThe answer.", ("plan it", "The answer.")),
+        ("<think>plan</think>ok", ("plan", "ok")),  # the model repeated the opening tag
+        ("still thinking", ("still thinking", "")),
+        ("", ("", "")),
+    ],
+}
+
+
+@pytest.mark.parametrize("parser", list(CASES))
+def test_whole_replies(parser):
+    for text, want in CASES[parser]:
+        assert split(text, parser) == want, text
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_any_streamed_pieces_add_up_to_the_whole_reply_and_never_show_a_partial_tag(seed):
+    rng = random.Random(seed)
+    parser = rng.choice(list(CASES))
+    text, _ = rng.choice(CASES[parser])
+    text += rng.choice(["", " more", "</think>x", "<"])
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 8)))) if len(text) > 1 else []
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    stream, thinking, answer = ReasoningStream(parser), "", ""
+    for i, piece in enumerate(pieces):
+        t, a = stream.feed(piece, finished=i == len(pieces) - 1)
+        assert "</think>" not in t + a and not (t + a).endswith(("</", "</th")) or i == len(pieces) - 1
+        thinking, answer = thinking + t, answer + a
+    want_thinking, want_answer = split(text, parser)
+    assert (thinking, answer) == (want_thinking or "", want_answer), (parser, pieces)

@@ -377,8 +377,14 @@ class Scheduler:
             pages=tuple(seq.pages),
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
-            window_pages=() if self.window is None else tuple(self.window.slot_of.get(p, -1) for p in seq.pages),
+            window_pages=() if self.window is None else self._window_row(seq),
         )
+
+    def _window_row(self, seq: Sequence) -> tuple[int, ...]:
+        """The window slot of each of the sequence's pages; -1 before `window_from` (pages nothing it computes can
+        see), so a step's host work is the window's length, not the sequence's."""
+        slot_of = self.window.slot_of
+        return (-1,) * seq.window_from + tuple(slot_of[p] for p in seq.pages[seq.window_from :])
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,

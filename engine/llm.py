@@ -80,13 +80,15 @@ class LLM:
         tools: list[dict] | None = None,
         tool_choice: str | dict | None = None,
         adapter: str | None = None,
+        chat_template_kwargs: dict | None = None,
     ) -> list[Completion]:
         """Applies the model's chat template to each message list, then generates. `tools` / `tool_choice` as in
         OpenAI's chat API (`engine.tool_calls`): the tools reach the template, a named or "required" choice holds
-        the reply to the tools' schemas, and calls found in a reply come back in `Completion.tool_calls`."""
+        the reply to the tools' schemas, and calls found in a reply come back in `Completion.tool_calls`.
+        `chat_template_kwargs`: variables for the template, e.g. {"enable_thinking": False} (Qwen3)."""
         choice = ToolChoice(tools or [], tool_choice)
-        prompts = [self.tokenizer.encode_chat(list(messages), **({"tools": tools} if tools else {}))
-                   for messages in conversations]
+        kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        prompts = [self.tokenizer.encode_chat(list(messages), **kwargs) for messages in conversations]
         if choice.constraint() is not None:
             params = [dataclasses.replace(p, structured=choice.constrain(p.structured, "structured"))
                       for p in _params_list(params, len(prompts))]

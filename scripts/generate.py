@@ -7,7 +7,8 @@
 Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
              min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
              ({"token id": bias}), cache_salt, priority (with scheduler.policy=priority: lower runs first),
-             adapter (one of the config's lora.adapters),
+             adapter (one of the config's lora.adapters), chat_template_kwargs (with messages: variables for the
+             chat template, e.g. {"enable_thinking": false}),
              and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
              guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
@@ -41,7 +42,7 @@ SAMPLING_FIELDS = {
     "min_tokens",
 }
 LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
-                                                           "embed"}
+                                                           "embed", "chat_template_kwargs"}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -70,6 +71,8 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
         and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
     ):
         return rid, None, "'messages' must be a non-empty list of {role, content} strings"
+    if "chat_template_kwargs" in obj and ("messages" not in obj or not isinstance(obj["chat_template_kwargs"], dict)):
+        return rid, None, "'chat_template_kwargs' must be an object, with 'messages'"
     if obj.get("cache_salt") is not None and not isinstance(obj["cache_salt"], str):
         return rid, None, "'cache_salt' must be a string or null"
     return rid, obj, None
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 if error is None:
                     try:
-                        prompt = engine.tokenizer.encode_chat(obj["messages"]) if "messages" in obj else obj["prompt"]
+                        prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}))
+                                  if "messages" in obj else obj["prompt"])
                         engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
                                                        priority=obj.get("priority", 0), adapter=obj.get("adapter"))
                         pending[engine_id] = rid

@@ -205,6 +205,19 @@ def test_stop_strings_and_stop_tokens(tiny):
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
 
 
+def test_chat_template_kwargs_reach_the_template(tiny_model):
+    """LLM.chat(chat_template_kwargs=...) passes variables to the template (Qwen3's enable_thinking is one)."""
+    template = "{% if enable_thinking is defined and not enable_thinking %}Answer at once. {% endif %}{{ messages[-1]['content'] }}"
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "model.chat_template": template}), progress=False,
+              model=tiny_model)
+    conversation, params = [[{"role": "user", "content": "Hello there"}]], SamplingParams(temperature=0, max_tokens=2)
+    plain = llm.chat(conversation, params)[0]
+    direct = llm.chat(conversation, params, chat_template_kwargs={"enable_thinking": False})[0]
+    encode = llm.tokenizer.encode
+    assert plain.prompt_tokens == len(encode("Hello there", add_special_tokens=False))
+    assert direct.prompt_tokens == len(encode("Answer at once. Hello there", add_special_tokens=False))
+
+
 def test_seeds_reproducible_whatever_else_is_in_the_batch(tiny):
     llm = tiny
     p = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, max_tokens=12, seed=1234, ignore_eos=True)

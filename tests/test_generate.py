@@ -57,6 +57,11 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
             elif i % 50 == 41:  # a constraint that does not compile
                 f.write(json.dumps({"id": rid, "prompt": "x", "max_tokens": 2, "guided_regex": "a(b"}) + "\n")
                 bad.add(rid)
+            elif i % 50 == 3:  # template variables; and the same field without messages
+                line = ({"messages": [{"role": "user", "content": "Hi"}], "chat_template_kwargs": {"enable_thinking": False}}
+                        if i % 100 == 3 else {"prompt": "x", "chat_template_kwargs": {}})
+                f.write(json.dumps({"id": rid, "max_tokens": 2, **line}) + "\n")
+                (good if i % 100 == 3 else bad).add(rid)
             elif i % 50 == 45:  # an embedding
                 f.write(json.dumps({"id": rid, "prompt": f"Shared system prompt for everyone. Item {i}", "embed": True}) + "\n")
                 good.add(rid)

@@ -16,8 +16,10 @@ Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_to
              (scoring texts: prompt_logprobs 0 and max_tokens 1); "embed": true asks for the prompt's embedding
              instead (last-token pooling, unit length; no sampling fields).
 Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"[, "logprobs"]
-             [, "prompt_logprobs" (the first is null)]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an
-             embedding, or {"id", "error"} for a bad line; the job goes on.
+             [, "prompt_logprobs" (the first is null)][, "reasoning_content" (messages lines, with
+             --set server.reasoning_parser=qwen3 | deepseek_r1: the thinking, "text" the answer)]},
+             {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or {"id", "error"} for a bad line;
+             the job goes on.
 Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
 SIGTERM (a job scheduler's stop) stops cleanly; every line written is whole. A summary ends the run.
 """
@@ -34,6 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import ConfigKeyError, load_config  # noqa: E402
 from engine import structured  # noqa: E402
+from engine.reasoning import split as split_reasoning  # noqa: E402
 from engine.request import RequestError, SamplingParams  # noqa: E402
 
 SAMPLING_FIELDS = {
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0, streamed=0)
     t0 = time.perf_counter()
     pending: dict[str, str] = {}  # engine request id -> user id
+    chat_lines: dict[str, bool] = {}  # engine request id -> the line had messages (a reasoning parser splits those)
 
     with open(args.input) as src, open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
 
@@ -185,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     totals["generated"] += len(r.token_ids)
                     record = {"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
                               "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens}
+                    if chat_lines.pop(r.request_id, False) and config.server.reasoning_parser != "none":
+                        thinking, record["text"] = split_reasoning(r.text, config.server.reasoning_parser)
+                        record["reasoning_content"] = thinking
                     if r.embedding is not None:
                         record = {"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,
                                   "cached_tokens": r.cached_tokens}
@@ -216,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                         engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
                                                        priority=obj.get("priority", 0), adapter=obj.get("adapter"))
                         pending[engine_id] = rid
+                        chat_lines[engine_id] = "messages" in obj
                     except (RequestError, ValueError) as e:
                         error = str(e)
                 if rid is not None:

@@ -172,3 +172,18 @@ def test_input_lines_take_structured_output_and_logprob_fields():
         generate.sampling_params({"prompt": "x", "guided_regex": ""})
     scoring = generate.sampling_params(generate.parse_line('{"id": 3, "prompt": "x", "prompt_logprobs": 0, "max_tokens": 1}', 3)[1])
     assert (scoring.prompt_logprobs, scoring.max_tokens) == (0, 1)
+
+
+def test_reasoning_parser_adds_reasoning_content_to_message_lines(tiny_checkpoint, tmp_path):
+    """With server.reasoning_parser set, a messages line's output has "reasoning_content" (the random model writes no
+    <think>, so null, and "text" is the whole reply); a prompt line is left alone."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "chat", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+                               "chat_template_kwargs": {"enable_thinking": False}}) + "\n"
+                   + json.dumps({"id": "plain", "prompt": "Hi", "max_tokens": 3}) + "\n")
+    done = subprocess.run(_cmd(tiny_checkpoint, inp, out) + ["server.reasoning_parser=qwen3"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    by_id = {r["id"]: r for r in _lines(out)}
+    assert "reasoning_content" in by_id["chat"] and by_id["chat"]["reasoning_content"] is None
+    assert "text" in by_id["chat"] and "reasoning_content" not in by_id["plain"]

@@ -95,6 +95,18 @@ def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4(mode):
         assert tuple(engine.params["embed_scale"].sharding.spec) == tuple(engine.params["embed"].sharding.spec)[:1] == ("tp",)
 
 
+def test_embeddings_equal_at_tp_1_and_4():
+    """Embedding requests under tensor parallelism: the head's normed rows come back whole (replicated), the same
+    vectors as on one device up to summation order."""
+    model = tiny_model()
+    prompts = [[5, 6, 7, 8, 9], list(range(10, 40))]
+    vectors = {tp: LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": 32}), progress=False,
+                       model=model).embed(prompts) for tp in (1, 4)}
+    for a, b in zip(vectors[1], vectors[4]):
+        assert a.shape == b.shape == (64,)
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+
 def test_int8_experts_identical_at_tp_1_and_4():
     """int8 experts' scales (per expert and output feature) split with gate's and up's intermediate features and
     replicated for down: the same greedy tokens at 1 and 4 devices, as the unquantized run's structure."""

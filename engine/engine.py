@@ -37,6 +37,7 @@ from engine.config import ConfigKeyError, EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
+from engine.window_pages import slots_per_sequence
 from models import llama, quant, sharding
 from models.loader import load_weights, resolve_path, tokenizer_source
 from models.chat_template import read_chat_template
@@ -187,9 +188,9 @@ class LLMEngine:
         if not (cache.hybrid and cfg.mixed_windows):
             return cache.num_pages or budget // page_bytes, 0
         ps, sched = cache.page_size, config.scheduler
-        window_pages = -(-(cfg.sliding_window - 1) // ps) + 1  # what one sequence's next token can see, and its page
+        per_sequence = slots_per_sequence(cfg.sliding_window, ps)
         max_pages = -(-self.max_model_len // ps)
-        wanted = sched.max_running * (window_pages + 1) + -(-sched.max_batch_tokens // ps)
+        wanted = sched.max_running * per_sequence + -(-sched.max_batch_tokens // ps)
         layer_bytes = page_bytes // cfg.num_layers
         num_windowed = sum(cfg.sliding_layers)
         if cache.num_pages:
@@ -198,7 +199,7 @@ class LLMEngine:
         else:
             num_window = cache.window_pages or min(wanted, budget // page_bytes)
             num_pages = (budget - num_window * num_windowed * layer_bytes) // ((cfg.num_layers - num_windowed) * layer_bytes)
-        least = min(window_pages + 1, max_pages)
+        least = min(per_sequence, max_pages)
         if num_window < least:
             raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's window of "
                                  f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")

@@ -107,8 +107,7 @@ class LLM:
         """One L2-normalized float32 vector per prompt (text or token ids): the final hidden state of the prompt's last
         token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
         and prefix cache as generation (a shared instruction prefix is computed once)."""
-        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
-        ids = [self.engine.add_request(p, params, namespace=namespace) for p in _prompt_list(prompts)]
+        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace) for p in _prompt_list(prompts)]
         finals = self._run(set(ids), progress, keep=True)
         return [finals[i].embedding for i in ids]
 

@@ -115,6 +115,11 @@ class SamplingParams:
         if self.embed and self.max_tokens != 1:
             raise RequestError(f"an embedding request generates nothing: max_tokens must be 1, got {self.max_tokens}")
 
+    @classmethod
+    def embedding(cls) -> "SamplingParams":
+        """An embedding request's params (`embed`): nothing is sampled that anyone sees."""
+        return cls(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0

@@ -639,7 +639,7 @@ class Scheduler:
             for seq in self.running:
                 window_holders.update(seq.pages[seq.window_from :])
             self.window.check_invariants(window_holders)
-            tree_pages = set(self.tree.held_pages())
-            assert self.window.tree_held() <= tree_pages, "the tree holds the window slot of a page it does not store"
-            assert all(p in self.window.tree_held() for p in tree_pages if p in self.window.slot_of), \
+            tree_pages, tree_held = set(self.tree.held_pages()), self.window.tree_held()
+            assert tree_held <= tree_pages, "the tree holds the window slot of a page it does not store"
+            assert all(p in tree_held for p in tree_pages if p in self.window.slot_of), \
                 "a tree page's window slot is not held by the tree"

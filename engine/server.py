@@ -274,7 +274,6 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
 
-    # ----------------------------------------------------------------------------- tokenizer
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):
         check_model(body.model)
@@ -289,9 +288,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         width = llm.model_cfg.hidden_size
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions={body.dimensions} is more than the model's {width}", param="dimensions")
-        params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
         adapter = body.model if body.model in adapters else None
-        reqs = [GenerateRequest(p, params, body.cache_salt or None, body.priority, adapter) for p in prompts]
+        reqs = [GenerateRequest(p, SamplingParams.embedding(), body.cache_salt or None, body.priority, adapter)
+                for p in prompts]
         finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}"))
         if finals is None:
             return JSONResponse({})
@@ -307,6 +306,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
 
+    # ----------------------------------------------------------------------------- tokenizer
     @app.post("/tokenize", summary="Token ids of a prompt, or of chat messages after the chat template")
     async def tokenize(body: TokenizeRequest):
         if body.model is not None:

@@ -26,6 +26,11 @@ from typing import Iterable
 from engine.page_pool import PagePool
 
 
+def slots_per_sequence(window: int, page_size: int) -> int:
+    """Most slots a decoding sequence holds: the pages its next token can see in a windowed layer, and a new page."""
+    return -(-(window - 1) // page_size) + 2
+
+
 class WindowPages:
     """Window slots for pages: allocation, holders' references and the tree's evictable holds. Not thread safe."""
 
@@ -45,10 +50,6 @@ class WindowPages:
     def first_page(self, pos: int) -> int:
         """Index of the first page the token at position `pos` attends to in a windowed layer."""
         return max(0, pos - self.window + 1) // self.page_size
-
-    def pages_needed(self, num_tokens: int) -> int:
-        """Most slots one sequence can hold at once while computing up to `num_tokens` new tokens in a step."""
-        return -(-(self.window - 1) // self.page_size) + 1 + -(-num_tokens // self.page_size)
 
     def usable(self, pages: list[int], num_tokens: int) -> int:
         """How many of a cached prefix's `pages` a sequence of `num_tokens` tokens can take: the most j whose first

@@ -272,7 +272,8 @@ class LlamaConfig:
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or experts["moe_intermediate_size"]),
+            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or experts.get("moe_intermediate_size")
+                                  or need("feed_forward_length")),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),

@@ -79,7 +79,7 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
         out[name] = (a_all, b_all)
     if not out:
         raise ValueError(f"LoRA adapter {path}: no lora_A / lora_B weights for any of "
-                         f"{', '.join(m for m, _ in PROJECTIONS.values() if m)}")
+                         f"{', '.join(m for m, _ in PROJECTIONS.values())}")
     # NOTE: a LoRA weight this model cannot apply (experts, embeddings, the head) would change nothing silently.
     ignored = sorted(k for k in tensors if k not in used)
     if ignored:

@@ -17,6 +17,7 @@ measured by scripts/moe_bench.py (scripts/gpu_check.sh runs it), not yet on reco
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -38,6 +39,15 @@ def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> 
     return weights, experts.astype(jnp.int32)
 
 
+def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s) -> jax.Array:
+    """matmul(x, w) with expert weights `name`. int8 experts (models/quant.py) are converted for the matmul and its
+    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale."""
+    if name + SCALE_SUFFIX not in p:
+        return matmul(x, p[name])
+    y = matmul(x, p[name].astype(x.dtype), preferred_element_type=jnp.float32)
+    return (y * scales(p[name + SCALE_SUFFIX])).astype(x.dtype)
+
+
 def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable, grouped: bool) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights."""
     return (grouped_moe if grouped else dense_moe)(h, p, top_k, norm_topk_prob, act)
@@ -51,17 +61,16 @@ def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Ca
     order = jnp.argsort(flat)  # stable: a group's rows keep token order
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
     rows = h[order // top_k]  # [T * k, H], grouped by expert
-    row_expert = flat[order]
 
-    def dot(x, name):  # int8 experts (models/quant.py): converted for the matmul, each row scaled by its expert's scales
-        w = p[name]
-        if name + SCALE_SUFFIX not in p:
-            return jax.lax.ragged_dot(x, w, sizes)
-        y = jax.lax.ragged_dot(x, w.astype(x.dtype), sizes, preferred_element_type=jnp.float32)
-        return (y * p[name + SCALE_SUFFIX][row_expert]).astype(x.dtype)
+    def grouped(x, w, **kw):
+        return jax.lax.ragged_dot(x, w, sizes, **kw)
 
-    hidden = act(dot(rows, "moe_gate")) * dot(rows, "moe_up")
-    out = dot(hidden, "moe_down")  # [T * k, H]
+    def row_scales(s):  # each row's expert's scales
+        return s[flat[order]]
+
+    hidden = (act(_experts_matmul(grouped, rows, p, "moe_gate", row_scales))
+              * _experts_matmul(grouped, rows, p, "moe_up", row_scales))
+    out = _experts_matmul(grouped, hidden, p, "moe_down", row_scales)  # [T * k, H]
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
@@ -71,13 +80,7 @@ def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Call
     weights, experts = route(h, p["router"], top_k, norm_topk_prob)
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
-    def dot(spec, x, name):  # int8 experts: converted for the matmul, each expert's columns scaled
-        w = p[name]
-        if name + SCALE_SUFFIX not in p:
-            return jnp.einsum(spec, x, w)
-        y = jnp.einsum(spec, x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-        return (y * p[name + SCALE_SUFFIX]).astype(x.dtype)
-
-    hidden = act(dot("th,ehi->tei", h, "moe_gate")) * dot("th,ehi->tei", h, "moe_up")
-    out = dot("tei,eih->teh", hidden, "moe_down")
+    every = functools.partial(jnp.einsum, "th,ehi->tei")
+    hidden = act(_experts_matmul(every, h, p, "moe_gate")) * _experts_matmul(every, h, p, "moe_up")
+    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), hidden, p, "moe_down")
     return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

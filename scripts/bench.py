@@ -162,7 +162,7 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
     def send(session: Session, turn: int, history: list[int]) -> None:
         prompt = history + session.turns[turn].prompt
         if options.get("embed"):
-            params = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True, embed=True)
+            params = SamplingParams.embedding()
         else:
             params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens,
                                     ignore_eos=session.turns[turn].ignore_eos, structured=constraint,

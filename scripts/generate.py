@@ -87,7 +87,7 @@ def sampling_params(obj: dict) -> SamplingParams:
         if obj["embed"] is not True or given:
             raise RequestError("'embed' must be true, and an embedding line takes no sampling fields"
                                + (f" (got {given[0]!r})" if given else ""))
-        return SamplingParams(max_tokens=1, temperature=0, ignore_eos=True, embed=True)
+        return SamplingParams.embedding()
     kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(kwargs.get("stop"), str):

@@ -20,6 +20,10 @@ Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cach
              --set server.reasoning_parser=qwen3 | deepseek_r1: the thinking, "text" the answer)]},
              {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or {"id", "error"} for a bad line;
              the job goes on.
+OpenAI's Batch API format is read too (found from the first line, or --format openai): input lines
+{"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"},
+output lines {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; the bodies take every
+field the server's endpoints take, and get the responses the server would send (engine/openai_batch.py).
 Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
 SIGTERM (a job scheduler's stop) stops cleanly; every line written is whole. A summary ends the run.
 """
@@ -35,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import ConfigKeyError, load_config  # noqa: E402
-from engine import structured  # noqa: E402
+from engine import openai_batch, structured  # noqa: E402
 from engine.reasoning import split as split_reasoning  # noqa: E402
 from engine.request import RequestError, SamplingParams  # noqa: E402
 
@@ -99,8 +103,9 @@ def sampling_params(obj: dict) -> SamplingParams:
         raise RequestError(str(e)) from e
 
 
-def answered(path: str) -> tuple[set[str], set[int]]:
-    """Ids already in the output file, and the numbers of input lines answered without an id.
+def answered(path: str, key: str = "id") -> tuple[set[str], set[int]]:
+    """Ids (`key`: id, or custom_id in OpenAI's format) already in the output file, and the numbers of input lines
+    answered without an id.
 
     A torn last line (killed mid-write) is cut off first."""
     if not os.path.exists(path):
@@ -114,55 +119,20 @@ def answered(path: str) -> tuple[set[str], set[int]]:
     for line in data[:end].splitlines():
         try:
             record = json.loads(line)
-            if record["id"] is None:
+            if record[key] is None:
                 lines.add(int(record["line"]))
             else:
-                ids.add(str(record["id"]))
+                ids.add(str(record[key]))
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
     return ids, lines
 
 
-def _stop_cleanly(signum, frame):
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str] | None = None) -> int:
-    # NOTE: a process inherits an ignored SIGINT (a `cmd &` in a non-interactive shell, some test runners), and
-    # Python then leaves it ignored: Ctrl-C and SIGTERM both stop the job cleanly whatever the parent did.
-    signal.signal(signal.SIGINT, _stop_cleanly)
-    signal.signal(signal.SIGTERM, _stop_cleanly)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--config", required=True)
-    ap.add_argument("--input", required=True)
-    ap.add_argument("--output", required=True)
-    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--print", dest="echo", action="store_true", help="also print each answer")
-    args = ap.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigKeyError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        return 2
-    if not os.path.isfile(args.input):
-        print(f"input file {args.input} not found", file=sys.stderr)
-        return 2
-
+def _run_lines(args, config, engine, done: set[str], done_lines: set[int], totals: dict, t0: float) -> None:
+    """This job's own line format, fed to the engine directly as the batch drains."""
     from tqdm import tqdm
 
-    from engine.engine import LLMEngine
-
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    done, done_lines = answered(args.output)
-    if done or done_lines:
-        print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
-    engine = LLMEngine(config, progress=True)
-    if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
-        engine.follow()
-        return 0
     max_waiting = 4 * config.scheduler.max_running  # requests are fed as the batch drains, not all at once
-    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0, streamed=0)
-    t0 = time.perf_counter()
     pending: dict[str, str] = {}  # engine request id -> user id
     chat_lines: dict[str, bool] = {}  # engine request id -> the line had messages (a reasoning parser splits those)
 
@@ -236,6 +206,102 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             print(f"\ninterrupted: {len(pending)} requests unanswered; run again to resume", file=sys.stderr)
 
+
+
+def _run_openai(args, config, engine, done: set[str], done_lines: set[int], totals: dict, t0: float) -> None:
+    """OpenAI's Batch API lines, answered by the server's handlers (engine/openai_batch.py)."""
+    import asyncio
+
+    from tqdm import tqdm
+
+    from engine.async_engine import AsyncEngine
+    from engine.server import create_app
+
+    app = create_app(AsyncEngine(engine), config)
+
+    def lines():
+        seen = set(done)
+        with open(args.input) as src:
+            for number, raw in enumerate(src, 1):
+                if not raw.strip() or number in done_lines:
+                    continue
+                line = openai_batch.parse_line(raw, number)
+                if line.custom_id is not None and line.custom_id in seen:
+                    totals["duplicates"] += line.custom_id not in done
+                    continue
+                if line.custom_id is not None:
+                    seen.add(line.custom_id)
+                yield line
+
+    with open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
+
+        def emit(record: dict) -> None:
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            bar.update(1)
+            response = record["response"]
+            if response is None or response["status_code"] != 200:
+                totals["errors"] += 1
+                return
+            totals["requests"] += 1
+            usage = response["body"].get("usage", {})
+            totals["prompt"] += usage.get("prompt_tokens", 0)
+            totals["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+            totals["generated"] += usage.get("completion_tokens", 0)
+            if args.echo:
+                for choice in response["body"].get("choices", []):
+                    text = choice["message"]["content"] if "message" in choice else choice["text"]
+                    tqdm.write(f"[{record['custom_id']}] {text}")
+            elapsed = time.perf_counter() - t0
+            hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
+            bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}")
+
+        concurrency = 4 * config.scheduler.max_running  # requests in flight (the rest wait in the file)
+        if not asyncio.run(openai_batch.run(app, lines(), emit, concurrency)):
+            print("\ninterrupted: requests in flight dropped; run again to resume", file=sys.stderr)
+
+
+def _stop_cleanly(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    # NOTE: a process inherits an ignored SIGINT (a `cmd &` in a non-interactive shell, some test runners), and
+    # Python then leaves it ignored: Ctrl-C and SIGTERM both stop the job cleanly whatever the parent did.
+    signal.signal(signal.SIGINT, _stop_cleanly)
+    signal.signal(signal.SIGTERM, _stop_cleanly)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--input", required=True)
+    ap.add_argument("--output", required=True)
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--print", dest="echo", action="store_true", help="also print each answer")
+    ap.add_argument("--format", choices=("auto", "lines", "openai"), default="auto",
+                    help="input format: this job's own lines, or OpenAI's Batch API lines (auto: from the first line)")
+    args = ap.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigKeyError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    if not os.path.isfile(args.input):
+        print(f"input file {args.input} not found", file=sys.stderr)
+        return 2
+
+    from engine.engine import LLMEngine
+
+    openai_format = args.format == "openai" or (args.format == "auto" and openai_batch.is_batch_file(args.input))
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    done, done_lines = answered(args.output, "custom_id" if openai_format else "id")
+    if done or done_lines:
+        print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
+    engine = LLMEngine(config, progress=True)
+    if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
+        engine.follow()
+        return 0
+    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0, streamed=0)
+    t0 = time.perf_counter()
+    (_run_openai if openai_format else _run_lines)(args, config, engine, done, done_lines, totals, t0)
     engine.shutdown()
     wall = time.perf_counter() - t0
     hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0

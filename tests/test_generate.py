@@ -187,3 +187,99 @@ def test_reasoning_parser_adds_reasoning_content_to_message_lines(tiny_checkpoin
     by_id = {r["id"]: r for r in _lines(out)}
     assert "reasoning_content" in by_id["chat"] and by_id["chat"]["reasoning_content"] is None
     assert "text" in by_id["chat"] and "reasoning_content" not in by_id["plain"]
+
+
+def _batch_line(custom_id, url, body, method="POST") -> str:
+    return json.dumps({"custom_id": custom_id, "method": method, "url": url, "body": body}) + "\n"
+
+
+def test_openai_batch_lines_name_their_problems():
+    from engine.openai_batch import parse_line
+
+    assert parse_line(_batch_line("a", "/v1/embeddings", {"model": "m", "input": "x"}), 1).error is None
+    cases = {
+        "{nope": ("invalid_json_line", "line 7: not valid JSON"),
+        "[1]": ("invalid_json_line", "expected a JSON object"),
+        json.dumps({"url": "/v1/completions", "body": {}}): ("missing_custom_id", "'custom_id' must be a non-empty string"),
+        _batch_line("a", "/v1/completions", {}, method="GET"): ("invalid_method", "'method' must be \"POST\", got 'GET'"),
+        _batch_line("a", "/v1/images", {}): ("invalid_url", "got '/v1/images'"),
+        _batch_line("a", "/v1/completions", [1]): ("invalid_body", "'body' must be a JSON object"),
+        _batch_line("a", "/v1/completions", {"stream": True}): ("invalid_body", "'stream': true is not supported"),
+    }
+    for raw, (code, message) in cases.items():
+        line = parse_line(raw, 7)
+        assert line.error[0] == code and message in line.error[1], (raw, line.error)
+
+
+@pytest.mark.slow
+def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpoint, tmp_path):
+    """OpenAI's Batch API lines: each answered once with its endpoint's response (greedy texts equal to this job's own
+    format on the same prompts), refusals as the server's error responses, unusable lines as errors; a run cut off
+    (with a torn last line) resumes without answering anything twice."""
+    system = {"role": "system", "content": "You are a helpful assistant. Answer briefly and precisely."}
+    chats = {f"chat{i}": [system, {"role": "user", "content": f"Question number {i}?"}] for i in range(12)}
+    texts = {f"text{i}": f"Shared document text, part {i}:" for i in range(6)}
+    inp, own, out = tmp_path / "batch.jsonl", tmp_path / "own.jsonl", tmp_path / "out.jsonl"
+    with open(inp, "w") as f:
+        for cid, messages in chats.items():
+            f.write(_batch_line(cid, "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 4,
+                                                              "temperature": 0}))
+        for cid, prompt in texts.items():
+            f.write(_batch_line(cid, "/v1/completions", {"model": "tiny", "prompt": prompt, "max_tokens": 3,
+                                                         "temperature": 0, "logprobs": 2}))
+        f.write(_batch_line("sampled", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "n": 2,
+                                                           "seed": 5}))
+        f.write(_batch_line("embed", "/v1/embeddings", {"model": "tiny", "input": ["one text", "another text"]}))
+        f.write(_batch_line("other-model", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [system]}))
+        f.write(_batch_line("hot", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}))
+        f.write(_batch_line("streamed", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True}))
+        f.write("{not json\n")
+        f.write(_batch_line("chat0", "/v1/completions", {"model": "tiny", "prompt": "a duplicate id"}))
+    with open(own, "w") as f:
+        for cid, messages in chats.items():
+            f.write(json.dumps({"id": cid, "messages": messages, "max_tokens": 4, "temperature": 0}) + "\n")
+        for cid, prompt in texts.items():
+            f.write(json.dumps({"id": cid, "prompt": prompt, "max_tokens": 3, "temperature": 0}) + "\n")
+    cmd = _cmd(tiny_checkpoint, inp, out) + ["server.model_name=tiny"]
+    runs = [subprocess.run(args, capture_output=True, text=True, timeout=600)
+            for args in (cmd, _cmd(tiny_checkpoint, own, tmp_path / "own-out.jsonl"))]
+    for done in runs:
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "summary: 20 requests answered, 4 errors, 1 duplicate ids skipped" in runs[0].stderr
+    first = _lines(out)
+    by_id = {r["custom_id"]: r for r in first}
+    assert [r["custom_id"] for r in first].count(None) == 1 and len(first) == len(by_id) == 24
+    assert {cid for cid in by_id if cid is not None} == {*chats, *texts, "sampled", "embed", "other-model", "hot", "streamed"}
+    mine = {r["id"]: r["text"] for r in _lines(tmp_path / "own-out.jsonl")}
+    for cid in chats:
+        response = by_id[cid]["response"]
+        assert by_id[cid]["error"] is None and response["status_code"] == 200 and by_id[cid]["id"].startswith("batch_req_")
+        assert response["body"]["object"] == "chat.completion"
+        assert response["body"]["choices"][0]["message"]["content"] == mine[cid]
+    for cid in texts:
+        body = by_id[cid]["response"]["body"]
+        assert body["choices"][0]["text"] == mine[cid] and len(body["choices"][0]["logprobs"]["top_logprobs"][0]) == 2
+    assert sum(by_id[cid]["response"]["body"]["usage"]["prompt_tokens_details"]["cached_tokens"] for cid in chats) > 0
+    assert [c["index"] for c in by_id["sampled"]["response"]["body"]["choices"]] == [0, 1]
+    vectors = by_id["embed"]["response"]["body"]["data"]
+    assert len(vectors) == 2 and abs(sum(x * x for x in vectors[0]["embedding"]) - 1) < 1e-4
+    refused = by_id["other-model"]["response"]
+    assert refused["status_code"] == 404 and refused["body"]["error"]["code"] == "model_not_found"
+    hot = by_id["hot"]["response"]
+    assert hot["status_code"] == 400 and "temperature" in hot["body"]["error"]["message"]
+    assert by_id["streamed"]["response"] is None and by_id["streamed"]["error"]["code"] == "invalid_body"
+    unreadable = next(r for r in first if r["custom_id"] is None)
+    assert unreadable["line"] == 24 and unreadable["error"]["code"] == "invalid_json_line"
+
+    # Cut off after 10 answers, mid-line: the rerun answers the rest, each once, the greedy ones as before.
+    with open(out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in first[:10])
+        f.write('{"id": "batch_req_torn", "custom_id": "te')
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming: " in done.stderr and "summary:" in done.stderr
+    again = _lines(out)
+    assert len(again) == 24 and sorted(map(str, (r["custom_id"] for r in again))) == sorted(map(str, by_id))
+    for r in again[10:]:
+        if r["custom_id"] in chats:
+            assert r["response"]["body"]["choices"][0]["message"]["content"] == mine[r["custom_id"]]

@@ -4,8 +4,9 @@ One frozen dataclass describes every model the forward pass supports: Llama 2/3 
 scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings), Gemma 2
 (sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
-global one, each kind with its own RoPE base), GQA of any ratio and any head_dim. Unsupported
-architectures fail here, naming the source and the field.
+global one, each kind with its own RoPE base), GQA of any ratio and any head_dim; RoPE scaled as
+Llama 3, linearly or by YaRN (Qwen2.5/Qwen3 long-context configs). Unsupported architectures fail here,
+naming the source and the field.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import numpy as np
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
+ROPE_TYPES = ("llama3", "linear", "yarn")  # RopeScaling.rope_type
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
@@ -31,19 +33,41 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RopeScaling:
-    """Llama 3 style frequency-dependent RoPE scaling (`rope_type: llama3`) or plain linear scaling."""
+    """How a checkpoint stretched RoPE past its pretraining context: Llama 3's frequency-dependent scaling
+    (`llama3`), plain `linear` scaling, or YaRN (`yarn`: long wavelengths divided by `factor`, short ones kept, a
+    ramp between, and cos and sin multiplied by an attention factor)."""
 
-    rope_type: str  # "llama3" | "linear"
+    rope_type: str  # one of ROPE_TYPES
     factor: float
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position: int = 8192
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    original_max_position: int = 8192  # llama3, yarn: the pretraining context
+    # yarn: pairs turning more than beta_fast times over the original context keep their frequency, those under
+    # beta_slow turns are interpolated; `truncate` rounds the ramp's ends out to whole pairs.
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    # yarn: what cos and sin are multiplied by; None: derived from factor (and mscale / mscale_all_dim, DeepSeek's
+    # pair, where both are set): LlamaConfig.rope_attention_factor.
+    attention_factor: float | None = None
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
 
     def __post_init__(self):
-        if self.rope_type not in ("llama3", "linear"):
-            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported (llama3, linear)")
+        if self.rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
         if self.factor <= 0:
             raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
+        if self.original_max_position <= 0:
+            raise ConfigError(f"rope_scaling.original_max_position must be > 0, got {self.original_max_position}")
+        if self.rope_type != "yarn":
+            return
+        if self.beta_slow <= 0:
+            raise ConfigError(f"rope_scaling.beta_slow must be > 0, got {self.beta_slow}")
+        if self.beta_fast < self.beta_slow:
+            raise ConfigError(f"rope_scaling.beta_fast must be >= beta_slow={self.beta_slow}, got {self.beta_fast}")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ConfigError(f"rope_scaling.attention_factor must be > 0, got {self.attention_factor}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,11 +181,26 @@ class LlamaConfig:
         local: those of the sliding-window layers (their own base, never scaled, as in Gemma 3)."""
         theta = self.rope_local_theta if local and self.rope_local_theta else self.rope_theta
         inv_freq = 1.0 / (theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
-        s = self.rope_scaling
-        if s is None or (local and self.rope_local_theta):
+        s = self._layer_rope_scaling(local)
+        if s is None:
             return inv_freq
         if s.rope_type == "linear":
             return inv_freq / s.factor
+        if s.rope_type == "yarn":
+            # Pair i turns original_max_position * inv_freq[i] / 2pi times over the original context; a pair
+            # turning more than beta_fast times keeps its frequency, one turning under beta_slow times is divided
+            # by `factor`, and a linear ramp over the pair index joins the two (its ends clamped as transformers does).
+            def pair_turning(turns):
+                return self.head_dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+            low, high = pair_turning(s.beta_fast), pair_turning(s.beta_slow)
+            if s.truncate:
+                low, high = math.floor(low), math.ceil(high)
+            low, high = max(low, 0), min(high, self.head_dim - 1)
+            if low == high:
+                high += 0.001
+            ramp = np.clip((np.arange(self.head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+            return ramp * inv_freq / s.factor + (1 - ramp) * inv_freq
         # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
         low_freq_wavelen = s.original_max_position / s.low_freq_factor
         high_freq_wavelen = s.original_max_position / s.high_freq_factor
@@ -170,6 +209,27 @@ class LlamaConfig:
         scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
         mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
         return np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+
+    def rope_attention_factor(self, local: bool = False) -> float:
+        """What RoPE's cos and sin are multiplied by (so q and k both, after rotation): YaRN's attention factor,
+        1 otherwise. local: as in rope_inv_freq."""
+        s = self._layer_rope_scaling(local)
+        if s is None or s.rope_type != "yarn":
+            return 1.0
+        if s.attention_factor is not None:
+            return s.attention_factor
+
+        def mscale(m):  # YaRN's 0.1 ln(factor) + 1, its log term weighted by m
+            return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
+
+        # NOTE: `and` on purpose: transformers takes the ratio only when both are set and nonzero.
+        if s.mscale and s.mscale_all_dim:
+            return mscale(s.mscale) / mscale(s.mscale_all_dim)
+        return mscale(1.0)
+
+    def _layer_rope_scaling(self, local: bool) -> RopeScaling | None:
+        """The scaling of the global layers, or of the windowed ones (none where they have their own base)."""
+        return None if local and self.rope_local_theta else self.rope_scaling
 
     # ---------------------------------------------------------------- sources
     @classmethod
@@ -206,7 +266,7 @@ class LlamaConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling_from_hf(rope, source),
+            rope_scaling=_rope_scaling_from_hf(rope, source, cfg),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
@@ -246,9 +306,6 @@ class LlamaConfig:
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         if not vocab:
             raise ConfigError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
-        scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":
-            scaling = RopeScaling("linear", float(meta[f"{arch}.rope.scaling.factor"]))
         window = meta.get(f"{arch}.attention.sliding_window")
         num_layers = int(need("block_count"))
         gemma = {}
@@ -279,7 +336,7 @@ class LlamaConfig:
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
             head_dim=head_dim,
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
+            rope_scaling=_rope_scaling_from_gguf(meta, arch, source),
             rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -356,7 +413,7 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
         num_kv_heads=int(need("num_key_value_heads")),
         head_dim=int(need("head_dim")),
         rope_theta=float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0))),
-        rope_scaling=_rope_scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source),
+        rope_scaling=_rope_scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", False)),
@@ -375,7 +432,9 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
     )
 
 
-def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str) -> RopeScaling | None:
+def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str, cfg: Mapping[str, Any]) -> RopeScaling | None:
+    """An HF `rope_scaling` / `rope_parameters` dict, read as transformers reads it; `cfg` is the whole
+    config.json (YaRN's defaults come from its max_position_embeddings)."""
     if not rs:
         return None
     rope_type = rs.get("rope_type", rs.get("type"))
@@ -391,4 +450,59 @@ def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str) -> RopeScal
         )
     if rope_type == "linear":
         return RopeScaling("linear", float(rs["factor"]))
-    raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported (llama3, linear)")
+    if rope_type == "yarn":
+        # transformers: a top-level original_max_position_embeddings wins over the dict's (Phi-3's layout), and
+        # both default to max_position_embeddings; a null factor is the ratio of the two contexts.
+        max_position = cfg.get("max_position_embeddings")
+        original = (cfg.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
+                    or max_position)
+        if not original:
+            raise ConfigError(f"{source}: yarn rope_scaling needs original_max_position_embeddings")
+        factor = rs.get("factor")
+        if factor is None:
+            if not max_position:
+                raise ConfigError(f"{source}: yarn rope_scaling needs factor (or max_position_embeddings)")
+            factor = max_position / original
+
+        def optional(key):
+            return None if rs.get(key) is None else float(rs[key])
+
+        return RopeScaling(
+            "yarn", float(factor), original_max_position=int(original),
+            beta_fast=float(rs.get("beta_fast") or 32.0), beta_slow=float(rs.get("beta_slow") or 1.0),  # 0 = unset
+            truncate=bool(rs.get("truncate", True)), attention_factor=optional("attention_factor"),
+            mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
+        )
+    raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+
+
+def _rope_scaling_from_gguf(meta: Mapping[str, Any], arch: str, source: str) -> RopeScaling | None:
+    """`{arch}.rope.scaling.*` as llama.cpp's converter writes it (gguf.Keys.Rope). Llama 3 scaling is no type
+    there (a rope_freqs tensor)."""
+    key = f"{arch}.rope.scaling."
+    kind = meta.get(key + "type")
+    if kind in (None, "none"):
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ConfigError(f"{source}: {key}type={kind!r} is not supported (none, linear, yarn)")
+    if key + "factor" not in meta:
+        raise ConfigError(f"{source}: missing GGUF field {key + 'factor'!r}")
+    factor = float(meta[key + "factor"])
+    if kind == "linear":
+        return RopeScaling("linear", factor)
+    if float(meta.get(key + "yarn_ext_factor", 1.0)) != 1.0:  # llama.cpp's weight of the ramp; transformers has none
+        raise ConfigError(f"{source}: {key}yarn_ext_factor={meta[key + 'yarn_ext_factor']} is not supported (1)")
+    original = meta.get(key + "original_context_length") or meta.get(f"{arch}.context_length")
+    if not original:
+        raise ConfigError(f"{source}: missing GGUF field {key + 'original_context_length'!r}")
+    # yarn_log_multiplier is HF's mscale_all_dim with mscale 1 (llama.cpp reads it so for these architectures; its
+    # DeepSeek-style ones store 0.1 x mscale_all_dim instead). yarn_attn_factor is HF's attention_factor.
+    log_mul = float(meta.get(key + "yarn_log_multiplier") or 0.0)
+    attention_factor = meta.get(key + "yarn_attn_factor")
+    return RopeScaling(
+        "yarn", factor, original_max_position=int(original),
+        beta_fast=float(meta.get(key + "yarn_beta_fast") or 32.0),
+        beta_slow=float(meta.get(key + "yarn_beta_slow") or 1.0),
+        attention_factor=None if attention_factor is None else float(attention_factor),
+        mscale=1.0 if log_mul else None, mscale_all_dim=log_mul or None,
+    )

@@ -158,10 +158,12 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return (x32 * w.astype(jnp.float32)).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """Rotate-half RoPE (HF layout). x: [T, H, D], positions: [T]."""
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0) -> jax.Array:
+    """Rotate-half RoPE (HF layout). x: [T, H, D], positions: [T]. cos and sin are multiplied by
+    `attention_factor` (YaRN's; a float32 scalar, traced or not)."""
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]  # [T, D/2]
-    cos, sin = jnp.cos(freqs)[:, None, :], jnp.sin(freqs)[:, None, :]  # [T, 1, D/2]
+    cos = jnp.cos(freqs)[:, None, :] * attention_factor  # [T, 1, D/2]
+    sin = jnp.sin(freqs)[:, None, :] * attention_factor
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -191,8 +193,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
-    # Windowed layers may have their own RoPE base (Gemma 3): pick the table per layer.
+    # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, D/2]
+    rope_factors = np.array([cfg.rope_attention_factor(), cfg.rope_attention_factor(local=True)])  # [2]
     windowed = np.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
     lora = lora or {}
     onehot = None
@@ -222,8 +225,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        inv_freq = jnp.asarray(inv_freqs, jnp.float32)[is_windowed.astype(jnp.int32)]
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        table = is_windowed.astype(jnp.int32)
+        inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
+        rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
+        q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         o, carry = attend(i, layer_window(cfg, is_windowed), q, k, v, carry)
         o = proj(o.reshape(t, cfg.q_size), "wo")

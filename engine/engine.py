@@ -40,6 +40,7 @@ from engine.scheduler import Scheduler
 from engine.window_pages import slots_per_sequence
 from models import llama, quant, sharding
 from models.loader import load_weights, resolve_path, tokenizer_source
+from models.safetensors_loader import params_from_state_dict
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
@@ -106,7 +107,7 @@ class LLMEngine:
         tp = config.parallel.tensor
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
-        self.model_cfg, params = sharding.prepare_for_tensor_parallel(model_cfg, params, tp)
+        self.model_cfg, _ = sharding.prepare_for_tensor_parallel(model_cfg, {"layers": {}}, tp)  # the config only
         if config.model.quantization == "w8a8" and model_cfg.num_experts:
             raise ConfigKeyError("model.quantization: w8a8 does not cover mixture-of-experts layers yet; use int8 "
                                  "(W8A16: the experts' weights in int8 too)")
@@ -114,20 +115,13 @@ class LLMEngine:
             grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
                                                                 and jax.default_backend() != "cpu")
             self.model_cfg = dataclasses.replace(self.model_cfg, moe_grouped=grouped)
-        if config.model.quantization == "w8a8" and config.model.smoothquant_alpha > 0:
-            if config.lora.adapters:
-                log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
-            else:
-                params = self._smooth(params, config.model.smoothquant_alpha)
-        if config.model.quantization != "none":
-            t_quant = time.perf_counter()
-            params = quant.quantize_params(params, embeddings=config.model.quantize_embeddings,
-                                           progress=progress and multihost.is_leader())
-            log.info("int8 weights: projections%s quantized in %.1f s",
-                     ", embeddings and LM head" if config.model.quantize_embeddings else "", time.perf_counter() - t_quant)
-            if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
-                self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
-        self.params = sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
+        if config.model.smoothquant_alpha > 0 and config.model.quantization == "w8a8" and config.lora.adapters:
+            log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
+        params = self._runtime_params(params, progress)
+        if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
+            self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
+        self.params = self._place(params)
+        self.weights_version = 0  # update_weights counts up
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
         # float8 kept as their bits.
@@ -178,6 +172,25 @@ class LLMEngine:
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
+
+    def _runtime_params(self, params: dict, progress: bool) -> dict:
+        """Loaded weights (host arrays, `self.dtype`) -> the layout the step reads, still on the host: KV heads
+        repeated for tensor parallelism, SmoothQuant folded in, int8 quantization."""
+        model = self.config.model
+        _, params = sharding.prepare_for_tensor_parallel(self._loaded_cfg, params, self.config.parallel.tensor)
+        if model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters:
+            params = self._smooth(params, model.smoothquant_alpha)
+        if model.quantization != "none":
+            t_quant = time.perf_counter()
+            params = quant.quantize_params(params, embeddings=model.quantize_embeddings,
+                                           progress=progress and multihost.is_leader())
+            log.info("int8 weights: projections%s quantized in %.1f s",
+                     ", embeddings and LM head" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
+        return params
+
+    def _place(self, params: dict) -> dict:
+        """Host weights -> device arrays: split across the mesh, or on the one device."""
+        return sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
 
     def _cache_sizes(self, config: EngineConfig, page_bytes: int) -> tuple[int, int]:
         """(pages, window slots) of the KV cache. A model mixing windowed and global layers gets a hybrid cache
@@ -398,6 +411,58 @@ class LLMEngine:
         self.scheduler.reset_cache()
         return before - self.scheduler.tree.num_cached_pages
 
+    # ------------------------------------------------------------------------------ weight updates
+    def load_weights_for_update(self, source, progress: bool = False) -> "PreparedWeights":
+        """New weights for `update_weights`, read and checked while the engine keeps serving: `source` is a checkpoint
+        path (any `model.path` form; its config must equal the served one), a pytree in the layout `load_weights`
+        returns, or HF tensor names -> arrays (`model.layers.0.self_attn.q_proj.weight`, ...; a trainer's state
+        dict; numpy or JAX arrays). -> host arrays in the layout the step reads (quantized as `model.quantization`
+        says)."""
+        if self.config.parallel.num_processes > 1:
+            raise ValueError("update_weights is not supported with parallel.num_processes > 1")
+        cfg = self._loaded_cfg
+        if isinstance(source, str):
+            loaded_cfg, params = load_weights(source, self.dtype)
+            differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
+            if differ:
+                name = differ[0]
+                raise ValueError(f"{source}: its {name}={getattr(loaded_cfg, name)!r}, the served model's is "
+                                 f"{getattr(cfg, name)!r}; update_weights takes weights of the same architecture")
+        elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head."))
+                                                           for k in source):
+            params = params_from_state_dict(cfg, source, self.dtype)
+        else:
+            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
+        llama.check_params(cfg, params, "update_weights")
+        return PreparedWeights(self._runtime_params(params, progress))
+
+    def update_weights(self, source, progress: bool = False) -> float:
+        """Serves new weights from now on, without recompiling (same shapes and dtypes, same step functions); the
+        prefix cache is emptied, since its K/V came from the old weights. `source`: as `load_weights_for_update` takes,
+        or what it returned. Only between requests: with requests unfinished, a ValueError says so (the server waits
+        for them first). LoRA adapters stay as they are. -> seconds taken."""
+        t0 = time.perf_counter()
+        if self.has_unfinished():
+            raise ValueError(f"update_weights: {len(self.scheduler.running) + len(self.scheduler.waiting)} requests are "
+                             "unfinished; update between batches, or abort them first")
+        host = source if isinstance(source, PreparedWeights) else self.load_weights_for_update(source, progress)
+        old = dict(jax.tree_util.tree_flatten_with_path(self.params)[0])
+        new = jax.tree_util.tree_flatten_with_path(host.params)[0]
+        if len(new) != len(old):
+            raise ValueError(f"update_weights: {len(new)} tensors, the served weights have {len(old)}")
+        for path, arr in new:
+            have = old.get(path)
+            if have is None or have.shape != arr.shape or have.dtype != arr.dtype:
+                raise ValueError(f"update_weights: tensor {jax.tree_util.keystr(path)} is {arr.dtype}{list(arr.shape)}, the "
+                                 f"served one {'missing' if have is None else f'{have.dtype}{list(have.shape)}'}")
+        self.params = self.runner.params = None  # the old weights leave the device before the new arrive
+        self.params = self.runner.params = self._place(host.params)
+        self.scheduler.reset_cache()
+        self.weights_version += 1
+        seconds = time.perf_counter() - t0
+        log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
+        return seconds
+
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
         seq = state.seq
         new_ids = seq.output_ids[state.num_ids_seen :]
@@ -489,9 +554,10 @@ class LLMEngine:
         then the smoothing folded into the float weights (models/quant.smooth_params)."""
         t0 = time.perf_counter()
         device_params = jax.device_put(params)
+        float_cfg = dataclasses.replace(self.model_cfg, int8_activations=False)  # the weights are not quantized yet
         amax = None
         for ids in quant.calibration_ids(self.tokenizer):
-            a = llama.activation_amax(device_params, self.model_cfg, jnp.asarray(ids, jnp.int32))
+            a = llama.activation_amax(device_params, float_cfg, jnp.asarray(ids, jnp.int32))
             amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
         del device_params
         params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)
@@ -534,6 +600,13 @@ class LLMEngine:
             "window_recomputed_tokens": s.stats.window_recomputed_tokens,
             "num_steps": self.num_steps,
         }
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeights:
+    """Weights `LLMEngine.load_weights_for_update` read, checked and laid out (host arrays), for `update_weights`."""
+
+    params: dict
 
 
 @dataclasses.dataclass

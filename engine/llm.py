@@ -111,6 +111,12 @@ class LLM:
         finals = self._run(set(ids), progress, keep=True)
         return [finals[i].embedding for i in ids]
 
+    def update_weights(self, source, progress: bool = False) -> float:
+        """Generates with new weights from now on (RL rollouts between training steps; a fine-tuned checkpoint): a
+        checkpoint path, a pytree in `load_weights`' layout, or an HF-named state dict (numpy or JAX arrays). No
+        recompilation; the prefix cache starts empty. -> seconds taken (`LLMEngine.update_weights`)."""
+        return self.engine.update_weights(source, progress)
+
     def beam_search(
         self,
         prompts: Seq[str] | Seq[Seq[int]] | str,

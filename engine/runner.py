@@ -128,7 +128,9 @@ class ModelRunner:
         self.kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
-        self._prev_tokens = jnp.zeros(self.max_seqs, jnp.int32)  # what the last launched step sampled
+        # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
+        # step and the rest share one compiled forward.
+        self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
         self._head = jax.jit(
             self._head_impl,
             static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -88,7 +88,6 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
     from safetensors import SafetensorError, safe_open
 
     cfg = read_hf_config(directory)
-    gemma = cfg.architecture in ("gemma2", "gemma3")
     # framework="flax" reads bfloat16 too (numpy has no bfloat16); on the host CPU, so no accelerator memory is used.
     try:
         host = jax.local_devices(backend="cpu")[0]
@@ -114,10 +113,30 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
                     arr = np.asarray(f.get_tensor(name))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
-            # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
-            # (llama.cpp's GGUFs store 1 + w too).
-            return arr.astype(np.float32) + 1.0 if gemma and key in NORM_KEYS else arr
+            return _from_hf(cfg, key, arr)
 
-        names = {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
-            cfg.architecture, GEMMA_NAMES if gemma else HF_NAMES)
-        return cfg, assemble(cfg, names, read, dtype)
+        return cfg, assemble(cfg, hf_names(cfg), read, dtype)
+
+
+def hf_names(cfg: LlamaConfig) -> dict[str, str]:
+    """The HF tensor names of an architecture's weights (our key -> name, `{i}` the layer, `{e}` the expert)."""
+    return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
+        cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
+
+
+def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
+    # (llama.cpp's GGUFs store 1 + w too).
+    return arr.astype(np.float32) + 1.0 if cfg.architecture in ("gemma2", "gemma3") and key in NORM_KEYS else arr
+
+
+def params_from_state_dict(cfg: LlamaConfig, tensors: Mapping[str, Any], dtype: Any = np.float32) -> dict:
+    """An HF-named state dict (name -> numpy or JAX array, torch orientation) -> the model's weight pytree. Names it
+    does not need are ignored; a missing one is a CheckpointError naming it."""
+
+    def read(key: str, name: str) -> np.ndarray:
+        if name not in tensors:
+            raise CheckpointError(f"state dict: missing tensor {name!r}")
+        return _from_hf(cfg, key, np.asarray(tensors[name]))
+
+    return assemble(cfg, hf_names(cfg), read, dtype)

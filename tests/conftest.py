@@ -6,3 +6,24 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+
+import pytest  # noqa: E402
+
+_LOWERED: list[str] = []  # every function JAX lowered (to compile it, or to look it up in the persistent cache)
+_listening = False
+
+
+@pytest.fixture
+def lowered():
+    """-> a function listing the functions JAX lowered since the test began. A lowering means an executable that was
+    not in memory: a compile, or a persistent-cache lookup."""
+    global _listening
+    if not _listening:
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(
+            lambda event, secs, fun_name="", **kw: _LOWERED.append(fun_name)
+            if event == "/jax/core/compile/jaxpr_to_mlir_module_duration" else None)
+        _listening = True
+    start = len(_LOWERED)
+    return lambda: _LOWERED[start:]

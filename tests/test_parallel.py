@@ -76,6 +76,17 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
         assert engine.stats()["num_preemptions"] > 0
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_warmup_compiles_every_forward_a_replica_runs(tp, lowered):
+    """With warmup on, serving compiles no forward step. (Under tensor parallelism the first step's `prev_tokens`
+    were placed on one device, the head's on the mesh: every bucket was compiled a second time while serving.)"""
+    llm = LLM(EngineConfig().replace(**{**BASE, "warmup": True, "parallel.tensor": tp, "cache.num_pages": 64}),
+              progress=False, model=tiny_model())
+    mark = len(lowered())
+    llm.generate(workload(llm.engine.model_cfg.vocab_size), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert [name for name in lowered()[mark:] if "forward" in name] == []
+
+
 @pytest.mark.parametrize("mode", ["int8", "w8a8"])
 def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4(mode):
     """An 8-bit cache's scales are split by KV head like its pages (and repeated with them when devices outnumber

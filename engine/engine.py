@@ -599,6 +599,7 @@ class LLMEngine:
             "window_evicted_pages": s.stats.window_evicted_pages,
             "window_recomputed_tokens": s.stats.window_recomputed_tokens,
             "num_steps": self.num_steps,
+            "weights_version": self.weights_version,
         }
 
 

@@ -1,4 +1,4 @@
-"""ASGI middleware in front of the API: API key on /v1/*, request body size limit, request counts.
+"""ASGI middleware in front of the API: API key on /v1/* and the admin endpoints, request body size limit, request counts.
 
 It runs before FastAPI parses anything, so a missing key is a 401 and an oversized body a 413 even
 when the body is not valid JSON; chunked bodies are counted as they arrive, never buffered past the limit.
@@ -13,10 +13,13 @@ from engine.openai_protocol import error_body
 
 
 class RequestGuard:
-    """ASGI middleware: API key on /v1/*, body size limit, request counts by endpoint and status."""
+    """ASGI middleware: API key on /v1/* and the admin endpoints, body size limit, request counts by endpoint and
+    status."""
 
-    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/load",
-                  "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json", "/docs"}
+    _ADMIN = {"/update_weights_from_disk"}
+    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+                  "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json", "/docs",
+                  *_ADMIN}
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
         self.app = app
@@ -36,7 +39,7 @@ class RequestGuard:
             await send(message)
 
         try:
-            if self.api_key and path.startswith("/v1/") and not self._authorized(scope):
+            if self.api_key and (path.startswith("/v1/") or path in self._ADMIN) and not self._authorized(scope):
                 return await _send_json(send_counted, 401, error_body(
                     "invalid or missing API key (send Authorization: Bearer <key>)", "authentication_error",
                     code="invalid_api_key"))

@@ -150,6 +150,13 @@ class TokenizeRequest(_Body):
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="with messages: variables for the template")
 
 
+class UpdateWeightsRequest(_Body):
+    """POST /update_weights_from_disk (SGLang's): serve the weights at `model_path` from now on."""
+    model_path: Annotated[str, Field(min_length=1)] = Field(description="a checkpoint of the served architecture: a "
+                                                                        "GGUF file, HF safetensors or Orbax directory")
+    abort_all_requests: bool = Field(False, description="abort the requests in flight instead of letting them finish")
+
+
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]

@@ -34,7 +34,7 @@ from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
     MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-    describe_validation_error, error_body,
+    UpdateWeightsRequest, describe_validation_error, error_body,
 )
 from engine import structured
 from engine.tool_calls import ToolChoice
@@ -43,6 +43,7 @@ from engine.request import RequestError, SamplingParams, validate_prompt
 log = logging.getLogger(__name__)
 
 MAX_SAMPLES_PER_CALL = 4 * MAX_N  # prompts x n in one completions call
+ABORTED = "request aborted: the server is shutting down, or replacing its weights (abort_all_requests)"
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
 
 
@@ -202,7 +203,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         except (RequestError, EngineStopped) as e:
             raise _engine_error(e) from None
         if any(out.finish_reason == "abort" for out in finals.values()):
-            raise ApiError(503, "the server is shutting down; request aborted", "server_error")
+            raise ApiError(503, ABORTED, "server_error")
         return finals
 
     async def sse(stream, fmt: ChoiceFormatter, prompts, n: int, include_usage: bool) -> AsyncIterator[str]:
@@ -214,7 +215,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                         yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage))
                 async for index, out in stream:
                     if out.finish_reason == "abort":
-                        yield _sse(error_body("the server is shutting down; request aborted", "server_error"))
+                        yield _sse(error_body(ABORTED, "server_error"))
                         break
                     if out.finished:
                         finals[index] = fmt.final(out)
@@ -332,6 +333,25 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if bad is not None:
             raise ApiError(400, f"tokens: id {bad} is outside the vocabulary (size {tokenizer.vocab_size})", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    # -------------------------------------------------------------------------------- admin
+    @app.post("/update_weights_from_disk", summary="Serve new weights of the same architecture (server.allow_weight_updates)")
+    async def update_weights_from_disk(body: UpdateWeightsRequest):
+        if not server_cfg.allow_weight_updates:
+            raise ApiError(403, "weight updates are off; start the server with server.allow_weight_updates: true",
+                           "permission_error")
+        try:
+            update = await engine.update_weights(body.model_path, body.abort_all_requests)
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        except RequestError as e:  # another update is waiting
+            raise ApiError(409, str(e)) from None
+        except (ValueError, OSError) as e:  # a bad path or checkpoint, or other weights: the old ones keep serving
+            raise ApiError(400, str(e), param="model_path") from None
+        return {"success": True, "message": f"serving {body.model_path} (weights version {update.weights_version}); "
+                                            "prefix cache emptied", "weights_version": update.weights_version,
+                "seconds": round(update.seconds, 3), "waited_for_requests": update.waited_for,
+                "aborted_requests": update.aborted}
 
     # ------------------------------------------------------------------------------- status
     @app.get("/v1/models", summary="The model this server serves, and its LoRA adapters")

@@ -135,3 +135,93 @@ def test_bad_weights_are_refused_by_name_and_the_old_ones_keep_serving(tokenizer
         if outs:
             assert outs[0].token_ids == before[0]
     assert llm.engine.weights_version == 0 and _tokens(llm, prompts) == before
+
+
+def test_server_swaps_weights_after_the_requests_in_flight(tokenizer, tmp_path, monkeypatch):
+    """POST /update_weights_from_disk: requests in flight finish on the old weights, requests sent meanwhile wait and
+    run on the new ones; abort_all_requests ends the ones in flight instead; a bad path is a 400 and the weights
+    serving stay; off unless allowed; needs the API key."""
+    import asyncio
+
+    import httpx
+
+    from engine.async_engine import AsyncEngine
+    from engine.engine import LLMEngine
+    from engine.server import create_app
+
+    cfg = _cfg(tokenizer.vocab_size)
+    old, new = _params(cfg, 7), _params(cfg, 8)
+    save_orbax(str(tmp_path / "old"), cfg, old, "float32")
+    config = EngineConfig().replace(**BASE, **{"server.allow_weight_updates": True, "server.model_name": "tiny"})
+    prompts = _prompts(cfg.vocab_size, 14)
+    long = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+    want_old = [o.token_ids for o in LLM(config, progress=False, model=(cfg, old, tokenizer)).generate(prompts[:2], long)]
+    want_new = _tokens(LLM(config, progress=False, model=(cfg, new, tokenizer)), prompts[1:2])[0]
+    llm_engine = LLMEngine(config, progress=False, model=(cfg, old, tokenizer))
+    engine = AsyncEngine(llm_engine)
+    app = create_app(engine, config, api_key="k")
+    # The in-flight case needs the update to arrive within the 80 steps of a request: no disk read in between.
+    prepared = llm_engine.load_weights_for_update(new)
+    read_from_disk = llm_engine.load_weights_for_update
+    monkeypatch.setattr(llm_engine, "load_weights_for_update",
+                        lambda source: prepared if source == "new" else read_from_disk(source))
+
+    def completion(prompt, max_tokens):
+        return {"model": "tiny", "prompt": [int(t) for t in prompt], "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+
+    async def until(condition, what):
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    async def scenario(client):
+        in_flight = asyncio.create_task(client.post("/v1/completions", json=completion(prompts[0], 80)))
+        await until(lambda: engine.stats()["num_running"] > 0, "the first request to run")
+        update = asyncio.create_task(client.post("/update_weights_from_disk", json={"model_path": "new"}))
+        await until(lambda: engine._update is not None, "the update to wait")
+        waiting = asyncio.create_task(client.post("/v1/completions", json=completion(prompts[1], 12)))
+        held = await asyncio.gather(in_flight, update, waiting)
+        bad = await client.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "missing")})
+        unauthorized = await client.post("/update_weights_from_disk", json={"model_path": "new"},
+                                         headers={"Authorization": ""})
+        # Back to the old weights, from disk, aborting a request in flight.
+        in_flight = asyncio.create_task(client.post("/v1/completions", json=completion(prompts[0], 80)))
+        await until(lambda: engine.stats()["num_running"] > 0, "the request to run")
+        restore = await client.post("/update_weights_from_disk",
+                                    json={"model_path": str(tmp_path / "old"), "abort_all_requests": True})
+        aborted = await in_flight
+        after = await client.post("/v1/completions", json=completion(prompts[1], 80))
+        return held, bad, unauthorized, restore, aborted, after
+
+    async def main():
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", headers={"Authorization": "Bearer k"},
+                timeout=120) as client:
+            return await asyncio.wait_for(scenario(client), 300)
+
+    (first, update, second), bad, unauthorized, restore, aborted, after = asyncio.run(main())
+    assert update.status_code == 200, update.text
+    assert update.json() | {"seconds": 0} == {"success": True, "message": "serving new (weights version 1); prefix cache "
+                                              "emptied", "weights_version": 1, "seconds": 0, "waited_for_requests": 1,
+                                              "aborted_requests": 0}
+    assert first.json()["choices"][0]["text"] == tokenizer.decode(want_old[0])  # finished on the old weights
+    assert second.json()["choices"][0]["text"] == tokenizer.decode(want_new)  # waited, ran on the new ones
+    assert bad.status_code == 400 and "missing" in bad.json()["error"]["message"]
+    assert bad.json()["error"]["param"] == "model_path"
+    assert unauthorized.status_code == 401
+    assert restore.status_code == 200 and restore.json()["weights_version"] == 2
+    assert restore.json()["aborted_requests"] == 1 and restore.json()["waited_for_requests"] == 0
+    assert aborted.status_code == 503 and "abort_all_requests" in aborted.json()["error"]["message"]
+    assert after.json()["choices"][0]["text"] == tokenizer.decode(want_old[1])
+
+    closed = create_app(AsyncEngine(llm_engine), EngineConfig().replace(**BASE))
+
+    async def refused():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=closed), base_url="http://test") as client:
+            return await client.post("/update_weights_from_disk", json={"model_path": "new"})
+
+    response = asyncio.run(refused())
+    assert response.status_code == 403 and "server.allow_weight_updates" in response.json()["error"]["message"]

@@ -136,9 +136,9 @@ class AsyncEngine:
         self._stats = self._read_stats()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self.on_finished: Callable[[RequestOutput], None] | None = None  # metrics hook, engine thread
-        # A weight update waiting for the requests in flight to finish (engine thread only), and the requests that
-        # arrived meanwhile: they start on the new weights.
-        self._update: tuple | None = None  # (PreparedWeights, future, its loop)
+        # Work waiting for the requests in flight to finish (a weight update, sleep; engine thread only), and the
+        # requests that arrived meanwhile: they are added after it.
+        self._when_idle: tuple | None = None  # (fn(waited, aborted), future, its loop, requests in flight, abort them)
         self._held: list[tuple] = []
         self.feed.publish(engine.drain_cache_events())
 
@@ -178,10 +178,42 @@ class AsyncEngine:
         """New weights (`LLMEngine.update_weights`' sources): read and checked off the engine thread while it keeps
         serving, then swapped in once the requests in flight have finished (or been aborted, `abort_running`);
         requests that arrive meanwhile wait and run on the new weights."""
+        prepared = await asyncio.get_running_loop().run_in_executor(None, self.engine.load_weights_for_update, source)
+
+        def swap(waited: int, aborted: int) -> WeightUpdate:
+            seconds = self.engine.update_weights(prepared)
+            return WeightUpdate(seconds, self.engine.weights_version, waited, aborted)
+
+        return await self._once_idle(swap, abort_running)
+
+    async def sleep(self, level: int, abort_running: bool = False) -> None:
+        """`LLMEngine.sleep` once the requests in flight have finished (or been aborted); requests that arrive meanwhile
+        are refused as the sleeping engine refuses them."""
+        await self._once_idle(lambda waited, aborted: self.engine.sleep(level), abort_running)
+
+    async def wake_up(self) -> None:
+        await self._on_engine_thread(self.engine.wake_up)
+
+    async def _once_idle(self, fn: Callable[[int, int], object], abort_running: bool):
         loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(None, self.engine.load_weights_for_update, source)
         done = loop.create_future()
-        self._commands.put(("update_weights", prepared, abort_running, done, loop))
+        self._commands.put(("when_idle", fn, abort_running, done, loop))
+        return await done
+
+    async def load_adapter(self, name: str, path: str) -> None:
+        """`LLMEngine.load_adapter`: the files read off the engine thread, the slot filled between steps."""
+        loop = asyncio.get_running_loop()
+        weights, digest = await loop.run_in_executor(None, self.engine._read_adapter, path)
+        await self._on_engine_thread(lambda: self.engine._install_adapter(name, weights, digest))
+
+    async def unload_adapter(self, name: str) -> None:
+        await self._on_engine_thread(lambda: self.engine.unload_adapter(name))
+
+    async def _on_engine_thread(self, fn: Callable[[], object]):
+        """fn() on the engine thread, between steps -> its result (its exception raised here)."""
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._commands.put(("call", fn, done, loop))
         return await done
 
     def _abort(self, request_ids: list[str]) -> None:
@@ -200,8 +232,8 @@ class AsyncEngine:
                 if not self._apply_commands(wait_s):
                     break
                 wait_s = None
-                if self._update is not None and not self.engine.has_unfinished():
-                    self._swap_weights()
+                if self._when_idle is not None and not self.engine.has_unfinished():
+                    self._run_when_idle()
                 if not self.engine.has_unfinished():
                     continue
                 num_steps = self.engine.num_steps
@@ -218,8 +250,8 @@ class AsyncEngine:
         finally:
             self._accepting = False
             self._fail_all(EngineStopped("the server is shutting down"))
-            if self._update is not None:
-                _, done, loop, _, _ = self._update
+            if self._when_idle is not None:
+                _, done, loop, _, _ = self._when_idle
                 loop.call_soon_threadsafe(_settle, done, None, EngineStopped("the server is shutting down"))
             for cmd in self._held:
                 cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
@@ -230,6 +262,9 @@ class AsyncEngine:
                     break
                 if cmd[0] == "add":
                     cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
+                elif cmd[0] in ("call", "when_idle"):
+                    cmd[-2].get_loop().call_soon_threadsafe(_settle, cmd[-2], None,
+                                                            EngineStopped("the server is shutting down"))
 
     def _apply_commands(self, wait_s: float | None) -> bool:
         """Applies queued commands, waiting up to `wait_s` for the first (None: until one comes); False on "stop"."""
@@ -242,16 +277,24 @@ class AsyncEngine:
             wait_s = 0.0
             changed = True
             if cmd[0] == "add":
-                if self._update is not None:
+                if self._when_idle is not None:
                     self._held.append(cmd)
                 else:
                     self._add(cmd[1], cmd[2])
-            elif cmd[0] == "update_weights":
-                _, prepared, abort_running, done, loop = cmd
-                if self._update is not None:
-                    loop.call_soon_threadsafe(_settle, done, None, RequestError("a weight update is already waiting"))
+            elif cmd[0] == "call":
+                _, fn, done, loop = cmd
+                try:
+                    result, error = fn(), None
+                except Exception as e:
+                    result, error = None, e
+                loop.call_soon_threadsafe(_settle, done, result, error)
+            elif cmd[0] == "when_idle":
+                _, fn, abort_running, done, loop = cmd
+                if self._when_idle is not None:
+                    loop.call_soon_threadsafe(_settle, done, None, RequestError("a weight update or sleep is already "
+                                                                                "waiting for the requests in flight"))
                     continue
-                self._update = (prepared, done, loop, len(self._streams), abort_running)
+                self._when_idle = (fn, done, loop, len(self._streams), abort_running)
                 if abort_running:
                     self._abort_all()
             elif cmd[0] == "abort":
@@ -288,19 +331,18 @@ class AsyncEngine:
             return
         stream.added.set_result(None)
 
-    def _swap_weights(self) -> None:
-        prepared, done, loop, in_flight, aborted = self._update
-        self._update = None
+    def _run_when_idle(self) -> None:
+        fn, done, loop, in_flight, aborted = self._when_idle
+        self._when_idle = None
         try:
-            result, error = WeightUpdate(self.engine.update_weights(prepared), self.engine.weights_version,
-                                         0 if aborted else in_flight, in_flight if aborted else 0), None
-        except Exception as e:  # refused: the old weights keep serving
+            result, error = fn(0 if aborted else in_flight, in_flight if aborted else 0), None
+        except Exception as e:  # refused (bad weights, ...): the engine serves as before
             result, error = None, e
         loop.call_soon_threadsafe(_settle, done, result, error)
         held, self._held = self._held, []
         for cmd in held:
             self._add(cmd[1], cmd[2])
-        self._after_change()  # the emptied cache reaches the router feed
+        self._after_change()  # an emptied cache reaches the router feed
 
     def _abort_all(self) -> None:
         for rid, stream in list(self._streams.items()):

@@ -151,11 +151,25 @@ class LoraConfig:
     `model` field, the offline job's `adapter`, `add_request(adapter=)`) or none. Their KV caches never mix."""
 
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # name -> PEFT adapter directory
+    # Slots for adapters loaded while serving (LLMEngine.load_adapter, POST /v1/load_lora_adapter), the configured
+    # ones included; 0: just the configured ones, none loaded later. Every slot costs its low-rank products in every
+    # step, loaded or not.
+    max_adapters: int = 0
+    max_rank: int = 0  # the largest rank a slot holds (with max_adapters; 0: 16, or the configured adapters' largest)
 
     def __post_init__(self):
         for name in self.adapters:
-            if not name or "/" in name:
-                raise ConfigKeyError(f"lora.adapters: adapter names must be non-empty without '/', got {name!r}")
+            check_adapter_name(name)
+        if self.max_adapters < 0 or self.max_rank < 0:
+            raise ConfigKeyError("lora.max_adapters and lora.max_rank must be >= 0")
+        if self.max_adapters and self.max_adapters < len(self.adapters):
+            raise ConfigKeyError(f"lora.max_adapters={self.max_adapters} is fewer than the {len(self.adapters)} "
+                                 "adapters in lora.adapters")
+
+
+def check_adapter_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ConfigKeyError(f"lora.adapters: adapter names must be non-empty without '/', got {name!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,8 +202,9 @@ class ServerConfig:
     # Chat replies of reasoning models split into `reasoning_content` (the <think> part) and `content` (engine/
     # reasoning.py): "qwen3" when the model opens <think> itself, "deepseek_r1" when the template opens it.
     reasoning_parser: Literal["none", "qwen3", "deepseek_r1"] = "none"
-    # POST /update_weights_from_disk (SGLang's): load new weights from a path on this machine. Off unless set, since
-    # any client that may call it can make the server read a path of its choosing (with api_key set, it needs the key).
+    # POST /update_weights_from_disk (SGLang's), /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): new
+    # weights or adapters from a path on this machine. Off unless set, since any client that may call them can make
+    # the server read a path of its choosing (with api_key set, they need the key).
     allow_weight_updates: bool = False
 
     def __post_init__(self):

@@ -121,7 +121,10 @@ class LLMEngine:
         if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
             self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
         self.params = self._place(params)
+        self._param_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         self.weights_version = 0  # update_weights counts up
+        self.sleep_level = 0  # sleep(): 1 weights in host memory, 2 weights dropped; the KV cache freed at both
+        self._host_params = None  # the weights while asleep at level 1
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
         # float8 kept as their bits.
@@ -153,7 +156,12 @@ class LLMEngine:
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=num_host_pages, window=self.model_cfg.sliding_window or 0,
                                    num_window_pages=num_window_pages)
-        self.adapters = list(config.lora.adapters)  # adapter i + 1 of the stacked LoRA weights
+        # LoRA slots: slot i holds adapter i + 1 of the stacked weights (None: empty, lora.max_adapters), with the host
+        # copy it was stacked from and a digest of its files (a name reloaded with other weights empties the cache).
+        self.adapters: list[str | None] = list(config.lora.adapters)
+        self.adapters += [None] * (config.lora.max_adapters - len(self.adapters))
+        self._adapter_weights: list[dict | None] = [None] * len(self.adapters)
+        self._adapter_digests: dict[str, str] = {}
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
@@ -219,18 +227,85 @@ class LLMEngine:
         return num_pages, num_window
 
     def _load_adapters(self, config: EngineConfig) -> dict:
-        """The configured LoRA adapters, stacked for the step ({} without any)."""
-        if not config.lora.adapters:
+        """The configured LoRA adapters (and empty slots), stacked for the step ({} without any)."""
+        if not self.adapters:
             return {}
         if config.parallel.num_processes > 1:
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
+        for i, (name, path) in enumerate(config.lora.adapters.items()):
+            self._adapter_weights[i], self._adapter_digests[name] = self._read_adapter(path)
+        if config.lora.adapters:
+            log.info("LoRA adapters: %s", ", ".join(config.lora.adapters))
+        return self._stacked_adapters()
+
+    def _read_adapter(self, path: str) -> tuple[dict, str]:
+        """A PEFT adapter directory -> (its weights in this replica's layout, a digest of its files)."""
+        import hashlib
+
         from models import lora
 
-        loaded = [lora.load_peft_adapter(resolve_path(path), self._loaded_cfg) for path in config.lora.adapters.values()]
-        loaded = sharding.prepare_lora_for_tensor_parallel(self._loaded_cfg, loaded, config.parallel.tensor)
-        log.info("LoRA adapters: %s", ", ".join(config.lora.adapters))
-        stacked = lora.stack_adapters(loaded, self.model_cfg, self.dtype)
+        path = resolve_path(path)
+        adapter = lora.load_peft_adapter(path, self._loaded_cfg)
+        max_rank = self.config.lora.max_rank or 16
+        if self.config.lora.max_adapters and lora.rank(adapter) > max_rank:
+            raise ValueError(f"LoRA adapter {path}: rank {lora.rank(adapter)} is over lora.max_rank={max_rank}")
+        digest = hashlib.blake2b(digest_size=16)
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            with open(os.path.join(path, name), "rb") as f:
+                digest.update(f.read())
+        [adapter] = sharding.prepare_lora_for_tensor_parallel(self._loaded_cfg, [adapter], self.config.parallel.tensor)
+        return adapter, digest.hexdigest()
+
+    def _stacked_adapters(self) -> dict:
+        from models import lora
+
+        dynamic = self.config.lora.max_adapters > 0
+        stacked = lora.stack_adapters(self._adapter_weights, self.model_cfg, self.dtype, every_projection=dynamic,
+                                      max_rank=(self.config.lora.max_rank or 16) if dynamic else 0)
         return sharding.shard_lora(stacked, self.mesh) if self.mesh is not None else stacked
+
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters loaded now, by name."""
+        return [name for name in self.adapters if name is not None]
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serves a PEFT LoRA adapter by `name` from now on, in a free slot (lora.max_adapters), without recompiling:
+        the stacked weights keep their shapes. Its requests' cache namespace is its name: pages cached for an earlier
+        adapter of that name are used again if its files are the same, and the whole cache is emptied if they
+        differ. ValueError names what is wrong (no slot, rank over lora.max_rank, a bad adapter, the name taken)."""
+        self._install_adapter(name, *self._read_adapter(path))
+
+    def _install_adapter(self, name: str, weights: dict, digest: str) -> None:
+        if not self.config.lora.max_adapters:
+            raise ValueError("loading LoRA adapters while serving needs lora.max_adapters (slots) > 0")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"LoRA adapter names must be non-empty without '/', got {name!r}")
+        if name in self.adapters:
+            raise ValueError(f"a LoRA adapter named {name!r} is already loaded; unload it first")
+        if None not in self.adapters:
+            raise ValueError(f"all lora.max_adapters={len(self.adapters)} slots are taken "
+                             f"({', '.join(self.adapter_names)}); unload one first")
+        if self._adapter_digests.get(name, digest) != digest:  # its old pages hold K/V of other weights
+            self.scheduler.reset_cache()
+            log.warning("LoRA adapter %r reloaded with other weights: prefix cache emptied", name)
+        slot = self.adapters.index(None)
+        self.adapters[slot], self._adapter_weights[slot] = name, weights
+        self._adapter_digests[name] = digest
+        self.runner.lora = self._stacked_adapters()
+        log.info("LoRA adapter %r loaded (slot %d of %d)", name, slot + 1, len(self.adapters))
+
+    def unload_adapter(self, name: str) -> None:
+        """Frees `name`'s slot. ValueError if no adapter has that name, or requests of it are unfinished."""
+        if name not in self.adapters:
+            raise ValueError(f"no LoRA adapter named {name!r} (loaded: {', '.join(self.adapter_names) or 'none'})")
+        slot = self.adapters.index(name)
+        users = sum(1 for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter == slot + 1)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} has {users} unfinished requests; unload it when they are done")
+        self.adapters[slot], self._adapter_weights[slot] = None, None
+        self.runner.lora = self._stacked_adapters()
+        log.info("LoRA adapter %r unloaded", name)
 
     # ------------------------------------------------------------------------------ requests
     def add_request(
@@ -245,8 +320,10 @@ class LLMEngine:
         """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
         first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model)."""
         params = params or SamplingParams()
-        if adapter is not None and adapter not in self.adapters:
-            raise RequestError(f"no LoRA adapter named {adapter!r} (loaded: {', '.join(self.adapters) or 'none'})")
+        if self.sleep_level:
+            raise EngineAsleep(f"the engine is asleep (level {self.sleep_level}); wake_up first")
+        if adapter is not None and adapter not in self.adapter_names:
+            raise RequestError(f"no LoRA adapter named {adapter!r} (loaded: {', '.join(self.adapter_names) or 'none'})")
         if not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
             raise RequestError(f"priority must be a 32-bit integer, got {priority!r}")
         if priority and self.config.scheduler.policy != "priority":
@@ -446,7 +523,7 @@ class LLMEngine:
             raise ValueError(f"update_weights: {len(self.scheduler.running) + len(self.scheduler.waiting)} requests are "
                              "unfinished; update between batches, or abort them first")
         host = source if isinstance(source, PreparedWeights) else self.load_weights_for_update(source, progress)
-        old = dict(jax.tree_util.tree_flatten_with_path(self.params)[0])
+        old = dict(jax.tree_util.tree_flatten_with_path(self._param_avals)[0])
         new = jax.tree_util.tree_flatten_with_path(host.params)[0]
         if len(new) != len(old):
             raise ValueError(f"update_weights: {len(new)} tensors, the served weights have {len(old)}")
@@ -456,12 +533,51 @@ class LLMEngine:
                 raise ValueError(f"update_weights: tensor {jax.tree_util.keystr(path)} is {arr.dtype}{list(arr.shape)}, the "
                                  f"served one {'missing' if have is None else f'{have.dtype}{list(have.shape)}'}")
         self.params = self.runner.params = None  # the old weights leave the device before the new arrive
-        self.params = self.runner.params = self._place(host.params)
+        self._host_params = None
+        if self.sleep_level:  # asleep: the new weights wait in host memory for wake_up (level 1 from now on)
+            self._host_params, self.sleep_level = host.params, 1
+        else:
+            self.params = self.runner.params = self._place(host.params)
         self.scheduler.reset_cache()
         self.weights_version += 1
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds
+
+    # ------------------------------------------------------------------------------------ sleep
+    def sleep(self, level: int = 1) -> None:
+        """Frees the accelerator memory this replica holds, for another job on the same devices (an RL trainer between
+        rollouts): the KV cache is freed and the prefix cache emptied; level 1 keeps the weights in host memory, level
+        2 drops them (update_weights gives new ones). Requests are refused until `wake_up`. Only between requests."""
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 (weights kept in host memory) or 2 (weights dropped), got {level!r}")
+        if self.sleep_level:
+            raise ValueError(f"already asleep (level {self.sleep_level})")
+        if self.has_unfinished():
+            raise ValueError(f"sleep: {len(self.scheduler.running) + len(self.scheduler.waiting)} requests are "
+                             "unfinished; sleep between batches, or abort them first")
+        t0 = time.perf_counter()
+        self.scheduler.reset_cache()
+        self._host_params = jax.device_get(self.params) if level == 1 else None
+        for array in (*jax.tree.leaves(self.params), *self.runner.kv):
+            array.delete()  # now, not when the last reference goes
+        self.params = self.runner.params = self.runner.kv = None
+        self.sleep_level = level
+        log.info("asleep (level %d) in %.1f s: KV cache%s freed", level, time.perf_counter() - t0,
+                 " and weights (kept in host memory)" if level == 1 else " and weights")
+
+    def wake_up(self) -> None:
+        """Allocates the KV cache again and puts the weights back on the devices (level 1, or after update_weights);
+        the replica then serves as before it slept."""
+        if not self.sleep_level:
+            return
+        if self._host_params is None:
+            raise ValueError("asleep at level 2 without weights: update_weights first, then wake_up")
+        t0 = time.perf_counter()
+        self.params = self.runner.params = self._place(self._host_params)
+        self.runner.kv = self.runner._allocate_kv()
+        self._host_params, self.sleep_level = None, 0
+        log.info("awake in %.1f s", time.perf_counter() - t0)
 
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
         seq = state.seq
@@ -600,7 +716,12 @@ class LLMEngine:
             "window_recomputed_tokens": s.stats.window_recomputed_tokens,
             "num_steps": self.num_steps,
             "weights_version": self.weights_version,
+            "sleep_level": self.sleep_level,
         }
+
+
+class EngineAsleep(RequestError):
+    """A request sent while the engine sleeps (LLMEngine.sleep)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,7 +16,7 @@ class RequestGuard:
     """ASGI middleware: API key on /v1/* and the admin endpoints, body size limit, request counts by endpoint and
     status."""
 
-    _ADMIN = {"/update_weights_from_disk"}
+    _ADMIN = {"/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up"}
     _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
                   "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json", "/docs",
                   *_ADMIN}

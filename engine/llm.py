@@ -117,6 +117,22 @@ class LLM:
         recompilation; the prefix cache starts empty. -> seconds taken (`LLMEngine.update_weights`)."""
         return self.engine.update_weights(source, progress)
 
+    def sleep(self, level: int = 1) -> None:
+        """Frees the devices for another job (an RL trainer between rollouts): the KV cache, and the weights (level 1:
+        kept in host memory; level 2: dropped, `update_weights` gives new ones) until `wake_up` (`LLMEngine.sleep`)."""
+        self.engine.sleep(level)
+
+    def wake_up(self) -> None:
+        self.engine.wake_up()
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Serves a PEFT LoRA adapter by `name` from now on (`generate(..., adapter=name)`), in one of
+        lora.max_adapters slots, without recompiling (`LLMEngine.load_adapter`)."""
+        self.engine.load_adapter(name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        self.engine.unload_adapter(name)
+
     def beam_search(
         self,
         prompts: Seq[str] | Seq[Seq[int]] | str,

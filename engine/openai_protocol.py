@@ -157,6 +157,16 @@ class UpdateWeightsRequest(_Body):
     abort_all_requests: bool = Field(False, description="abort the requests in flight instead of letting them finish")
 
 
+class LoadAdapterRequest(_Body):
+    """POST /v1/load_lora_adapter (vLLM's)."""
+    lora_name: Annotated[str, Field(min_length=1)]
+    lora_path: Annotated[str, Field(min_length=1)] = Field(description="a PEFT LoRA directory on the server's machine")
+
+
+class UnloadAdapterRequest(_Body):
+    lora_name: Annotated[str, Field(min_length=1)]
+
+
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[Annotated[int, Field(ge=0)]]

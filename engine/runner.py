@@ -125,7 +125,8 @@ class ModelRunner:
             kv_shapes += [(shape[:-1], kv_quant.SCALE_DTYPE)] * 2
         kv_sharding = None if mesh is None else tuple(
             jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s))) for s, _ in kv_shapes)
-        self.kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)()
+        self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
+        self.kv = self._allocate_kv()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first

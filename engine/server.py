@@ -4,6 +4,8 @@
     POST /v1/embeddings                          last-token pooling of the served model
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
+    POST /update_weights_from_disk, /v1/load_lora_adapter, /v1/unload_lora_adapter, /sleep, /wake_up
+                                                 admin, with server.allow_weight_updates; GET /is_sleeping
 
 Every error is an OpenAI error body `{"error": {"message", "type", "param", "code"}}`; a request the
 engine refuses is a 400 naming the problem, and the server keeps serving.
@@ -28,13 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.async_engine import AsyncEngine, EngineStopped, GenerateRequest
 from engine.config import EngineConfig
-from engine.engine import RequestOutput
+from engine.engine import EngineAsleep, RequestOutput
 from engine.http_guard import RequestGuard
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
     MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-    UpdateWeightsRequest, describe_validation_error, error_body,
+    LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest, describe_validation_error, error_body,
 )
 from engine import structured
 from engine.tool_calls import ToolChoice
@@ -102,11 +104,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
 
     # -------------------------------------------------------------------------- generation
-    adapters = list(llm.adapters)  # LoRA adapters, served as models of their own names (vLLM's convention)
+    def adapters() -> list[str]:  # LoRA adapters, served as models of their own names (vLLM's convention)
+        return llm.adapter_names
 
     def check_model(model: str) -> None:
-        if model != model_name and model not in adapters:
-            served = ", ".join(repr(m) for m in [model_name, *adapters])
+        if model != model_name and model not in adapters():
+            served = ", ".join(repr(m) for m in [model_name, *adapters()])
             raise ApiError(404, f"model {model!r} does not exist; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
 
@@ -152,7 +155,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                            param="n")
         reqs = [
             GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None, body.priority,
-                            body.model if body.model in adapters else None)
+                            body.model if body.model in adapters() else None)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
@@ -289,7 +292,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         width = llm.model_cfg.hidden_size
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions={body.dimensions} is more than the model's {width}", param="dimensions")
-        adapter = body.model if body.model in adapters else None
+        adapter = body.model if body.model in adapters() else None
         reqs = [GenerateRequest(p, SamplingParams.embedding(), body.cache_salt or None, body.priority, adapter)
                 for p in prompts]
         finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}"))
@@ -335,11 +338,14 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
 
     # -------------------------------------------------------------------------------- admin
+    def check_admin() -> None:
+        if not server_cfg.allow_weight_updates:
+            raise ApiError(403, "weight and adapter updates are off; start the server with server.allow_weight_updates: "
+                                "true", "permission_error")
+
     @app.post("/update_weights_from_disk", summary="Serve new weights of the same architecture (server.allow_weight_updates)")
     async def update_weights_from_disk(body: UpdateWeightsRequest):
-        if not server_cfg.allow_weight_updates:
-            raise ApiError(403, "weight updates are off; start the server with server.allow_weight_updates: true",
-                           "permission_error")
+        check_admin()
         try:
             update = await engine.update_weights(body.model_path, body.abort_all_requests)
         except EngineStopped as e:
@@ -353,12 +359,61 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                 "seconds": round(update.seconds, 3), "waited_for_requests": update.waited_for,
                 "aborted_requests": update.aborted}
 
+    @app.post("/v1/load_lora_adapter", summary="Serve a LoRA adapter by name (vLLM's; lora.max_adapters slots)")
+    async def load_lora_adapter(body: LoadAdapterRequest):
+        check_admin()
+        try:
+            await engine.load_adapter(body.lora_name, body.lora_path)
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        except (ValueError, OSError) as e:
+            raise ApiError(400, str(e)) from None
+        return {"success": True, "message": f"LoRA adapter {body.lora_name!r} loaded"}
+
+    @app.post("/v1/unload_lora_adapter", summary="Stop serving a LoRA adapter (vLLM's)")
+    async def unload_lora_adapter(body: UnloadAdapterRequest):
+        check_admin()
+        try:
+            await engine.unload_adapter(body.lora_name)
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        except ValueError as e:
+            raise ApiError(404 if str(e).startswith("no LoRA adapter") else 400, str(e), param="lora_name") from None
+        return {"success": True, "message": f"LoRA adapter {body.lora_name!r} unloaded"}
+
+    @app.post("/sleep", summary="Free the KV cache (and the weights) for another job on the devices (vLLM's)")
+    async def sleep(level: int = Query(1, ge=1, le=2), abort_all_requests: bool = False):
+        check_admin()
+        try:
+            await engine.sleep(level, abort_all_requests)
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        except ValueError as e:  # already asleep, or another sleep or update waiting
+            raise ApiError(409, str(e)) from None
+        return {"success": True, "sleep_level": level}
+
+    @app.post("/wake_up", summary="Allocate the KV cache and restore the weights (vLLM's)")
+    async def wake_up():
+        check_admin()
+        try:
+            await engine.wake_up()
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        except ValueError as e:  # level 2 without new weights
+            raise ApiError(409, str(e)) from None
+        return {"success": True}
+
+    @app.get("/is_sleeping", summary="Whether the engine sleeps (vLLM's)")
+    async def is_sleeping():
+        level = llm.sleep_level
+        return {"is_sleeping": level > 0, "sleep_level": level}
+
     # ------------------------------------------------------------------------------- status
     @app.get("/v1/models", summary="The model this server serves, and its LoRA adapters")
     async def models():
         base = {"id": model_name, "object": "model", "created": created, "owned_by": "radixlm", "max_model_len": max_model_len}
         return {"object": "list", "data": [base] + [
-            {**base, "id": name, "parent": model_name} for name in adapters]}
+            {**base, "id": name, "parent": model_name} for name in adapters()]}
 
     @app.get("/health", summary="200 while the engine runs, 503 otherwise")
     async def health():
@@ -400,7 +455,7 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _engine_error(e: Exception) -> ApiError:
-    if isinstance(e, EngineStopped):
+    if isinstance(e, (EngineStopped, EngineAsleep)):
         return ApiError(503, str(e), "server_error")
     return ApiError(400, str(e))
 

@@ -109,18 +109,26 @@ def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, m
     return path
 
 
-def stack_adapters(adapters: list[dict[str, tuple[np.ndarray, np.ndarray]]], cfg: LlamaConfig, dtype) -> dict:
-    """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]}, adapter n at index n - 1."""
-    rank = max(a.shape[-1] for adapter in adapters for a, _ in adapter.values())
+def rank(adapter: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
+    return max(a.shape[-1] for a, _ in adapter.values())
+
+
+def stack_adapters(adapters: list[dict[str, tuple[np.ndarray, np.ndarray]] | None], cfg: LlamaConfig, dtype,
+                   max_rank: int = 0, every_projection: bool = False) -> dict:
+    """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]}, adapter n at index n - 1; None
+    is an empty slot (zeros). R: the largest rank, or `max_rank`; `every_projection`: every projection the model has,
+    adapted or not, so adapters loaded later fit the same shapes (lora.max_adapters)."""
+    loaded = [adapter for adapter in adapters if adapter is not None]
+    rank_ = max_rank or max(rank(adapter) for adapter in loaded)
     dims = projection_dims(cfg)
-    names = [n for n in PROJECTIONS if any(n in adapter for adapter in adapters)]
+    names = [n for n in PROJECTIONS if n in dims and (every_projection or any(n in adapter for adapter in loaded))]
     stacked = {}
     for name in names:
         d_in, d_out = dims[name]
-        a_all = np.zeros((cfg.num_layers, len(adapters), d_in, rank), np.float32)
-        b_all = np.zeros((cfg.num_layers, len(adapters), rank, d_out), np.float32)
+        a_all = np.zeros((cfg.num_layers, len(adapters), d_in, rank_), np.float32)
+        b_all = np.zeros((cfg.num_layers, len(adapters), rank_, d_out), np.float32)
         for n, adapter in enumerate(adapters):
-            if name in adapter:
+            if adapter is not None and name in adapter:
                 a, b = adapter[name]
                 a_all[:, n, :, : a.shape[-1]], b_all[:, n, : b.shape[1]] = a, b
         stacked[name] = {"a": jnp.asarray(a_all, dtype), "b": jnp.asarray(b_all, dtype)}

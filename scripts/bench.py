@@ -355,7 +355,7 @@ def decode_overhead(args) -> None:
     for _ in range(args.repeats):
         for name, engine in engines.items():
             rng = random.Random(args.seed)
-            adapters = [None, *engine.adapters]  # requests spread over the base model and every adapter
+            adapters = [None, *engine.adapter_names]  # requests spread over the base model and every adapter
             for i in range(args.decode_batch):
                 engine.add_request(_ids(rng, args.decode_prompt_len, engine.model_cfg.vocab_size),
                                    SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),

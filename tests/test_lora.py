@@ -101,3 +101,60 @@ def test_attention_adapters_on_a_moe_model_and_expert_adapters_refused(base, tmp
     save_file({**tensors, expert: np.zeros((4, 64), np.float32)}, f"{a}/adapter_model.safetensors")
     with pytest.raises(ValueError, match="experts.1.gate_proj.lora_A.weight adapts a module this model does not"):
         load_peft_adapter(a, cfg)
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_adapters_loaded_while_serving_equal_configured_ones_without_recompiling(base, tmp_path, tp, lowered):
+    """lora.max_adapters slots: an adapter loaded later serves exactly what it serves when configured at start-up,
+    with no new executable; unloading frees its slot; a name reloaded with the same files reuses its cached pages,
+    with other files empties the cache; refusals are named."""
+    a = write_random_adapter(str(tmp_path / "a"), base[0], rank=4, alpha=8, modules=["wq", "wv"], seed=5)
+    b = write_random_adapter(str(tmp_path / "b"), base[0], rank=8, alpha=4, modules=list(PROJECTIONS), seed=6)
+    c = write_random_adapter(str(tmp_path / "c"), base[0], rank=2, alpha=4, modules=["w_down"], seed=7)
+    big = write_random_adapter(str(tmp_path / "big"), base[0], rank=16, alpha=4, modules=["wq"], seed=8)
+    prompts = [[5, 6, 7, 8] * 10 + [i] for i in range(3)]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    small = {**SMALL, "parallel.tensor": tp}
+    static = LLM(EngineConfig().replace(**small, **{"lora.adapters": {"a": a, "b": b}}), progress=False, model=base)
+    want = {name: [o.token_ids for o in static.generate(prompts, params, adapter=name)] for name in (None, "a", "b")}
+
+    llm = LLM(EngineConfig().replace(**small, **{"lora.adapters": {"a": a}, "lora.max_adapters": 3, "lora.max_rank": 8}),
+              progress=False, model=base)
+    assert [o.token_ids for o in llm.generate(prompts, params, adapter="a")] == want["a"]
+    llm.generate(prompts, params)  # every step shape this test runs, compiled before the load
+    mark = len(lowered())
+    llm.load_adapter("b", b)
+    assert llm.engine.adapter_names == ["a", "b"]
+    assert [o.token_ids for o in llm.generate(prompts, params, adapter="b")] == want["b"]
+    assert [o.token_ids for o in llm.generate(prompts, params, adapter="a")] == want["a"]
+    assert [o.token_ids for o in llm.generate(prompts, params)] == want[None]
+    assert [name for name in lowered()[mark:] if "forward" in name] == []
+
+    with pytest.raises(ValueError, match="'b' is already loaded"):
+        llm.load_adapter("b", b)
+    with pytest.raises(ValueError, match="rank 16 is over lora.max_rank=8"):
+        llm.load_adapter("big", big)
+    llm.load_adapter("c", c)
+    with pytest.raises(ValueError, match=r"all lora.max_adapters=3 slots are taken \(a, b, c\)"):
+        llm.load_adapter("d", a)
+    rid = llm.engine.add_request(prompts[0], params, adapter="c")
+    with pytest.raises(ValueError, match="'c' has 1 unfinished requests"):
+        llm.unload_adapter("c")
+    llm._run({rid}, progress=False)
+    llm.unload_adapter("c")
+
+    llm.unload_adapter("b")
+    with pytest.raises(RequestError, match=r"no LoRA adapter named 'b' \(loaded: a\)"):
+        llm.engine.add_request(prompts[0], params, adapter="b")
+    llm.load_adapter("b", b)  # the same files: its cached pages serve again
+    out = llm.generate(prompts[:1], params, adapter="b")[0]
+    assert out.cached_tokens > 0 and out.token_ids == want["b"][0]
+    llm.unload_adapter("b")
+    llm.load_adapter("b", a)  # other files under the name: nothing cached for the old ones is used
+    out = llm.generate(prompts[:1], params, adapter="b")[0]
+    assert out.cached_tokens == 0 and out.token_ids == want["a"][0]
+    with pytest.raises(ValueError, match="no LoRA adapter named 'zz'"):
+        llm.unload_adapter("zz")
+    plain = LLM(EngineConfig().replace(**SMALL), progress=False, model=base)
+    with pytest.raises(ValueError, match="needs lora.max_adapters"):
+        plain.load_adapter("a", a)

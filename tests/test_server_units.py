@@ -131,7 +131,8 @@ class _FakeEngine:
         self._events = []
         self.priorities: dict = {}
         self.adapter_of: dict = {}
-        self.adapters = ["sql"]  # a LoRA adapter, listed as a model of its own
+        self.adapter_names = ["sql"]  # a LoRA adapter, listed as a model of its own
+        self.sleep_level = 0
 
     def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None):
         from engine.request import validate_prompt

@@ -1,6 +1,7 @@
-"""Weight updates (`LLMEngine.update_weights`): the new weights are served exactly as a fresh engine serves them, with
-no recompilation; the prefix cache starts empty (its K/V came from the old weights); bad weights are refused by name
-and leave the old ones serving."""
+"""Changing what a live replica serves: weight updates (`LLMEngine.update_weights`: the new weights served exactly as a
+fresh engine serves them, with no recompilation; the prefix cache starts empty, since its K/V came from the old
+weights; bad weights refused by name, the old ones still serving), sleep and wake-up, and LoRA adapters loaded over
+HTTP."""
 from __future__ import annotations
 
 import jax
@@ -143,8 +144,6 @@ def test_server_swaps_weights_after_the_requests_in_flight(tokenizer, tmp_path, 
     serving stay; off unless allowed; needs the API key."""
     import asyncio
 
-    import httpx
-
     from engine.async_engine import AsyncEngine
     from engine.engine import LLMEngine
     from engine.server import create_app
@@ -181,7 +180,7 @@ def test_server_swaps_weights_after_the_requests_in_flight(tokenizer, tmp_path, 
         in_flight = asyncio.create_task(client.post("/v1/completions", json=completion(prompts[0], 80)))
         await until(lambda: engine.stats()["num_running"] > 0, "the first request to run")
         update = asyncio.create_task(client.post("/update_weights_from_disk", json={"model_path": "new"}))
-        await until(lambda: engine._update is not None, "the update to wait")
+        await until(lambda: engine._when_idle is not None, "the update to wait")
         waiting = asyncio.create_task(client.post("/v1/completions", json=completion(prompts[1], 12)))
         held = await asyncio.gather(in_flight, update, waiting)
         bad = await client.post("/update_weights_from_disk", json={"model_path": str(tmp_path / "missing")})
@@ -196,13 +195,7 @@ def test_server_swaps_weights_after_the_requests_in_flight(tokenizer, tmp_path, 
         after = await client.post("/v1/completions", json=completion(prompts[1], 80))
         return held, bad, unauthorized, restore, aborted, after
 
-    async def main():
-        async with app.router.lifespan_context(app), httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test", headers={"Authorization": "Bearer k"},
-                timeout=120) as client:
-            return await asyncio.wait_for(scenario(client), 300)
-
-    (first, update, second), bad, unauthorized, restore, aborted, after = asyncio.run(main())
+    (first, update, second), bad, unauthorized, restore, aborted, after = _serve(app, scenario, api_key="k")
     assert update.status_code == 200, update.text
     assert update.json() | {"seconds": 0} == {"success": True, "message": "serving new (weights version 1); prefix cache "
                                               "emptied", "weights_version": 1, "seconds": 0, "waited_for_requests": 1,
@@ -218,10 +211,133 @@ def test_server_swaps_weights_after_the_requests_in_flight(tokenizer, tmp_path, 
     assert after.json()["choices"][0]["text"] == tokenizer.decode(want_old[1])
 
     closed = create_app(AsyncEngine(llm_engine), EngineConfig().replace(**BASE))
+    for path, body in (("/update_weights_from_disk", {"model_path": "new"}),
+                       ("/v1/load_lora_adapter", {"lora_name": "a", "lora_path": "x"}),
+                       ("/v1/unload_lora_adapter", {"lora_name": "a"})):
+        response = _serve(closed, lambda client: client.post(path, json=body))
+        assert response.status_code == 403 and "server.allow_weight_updates" in response.json()["error"]["message"]
 
-    async def refused():
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=closed), base_url="http://test") as client:
-            return await client.post("/update_weights_from_disk", json={"model_path": "new"})
 
-    response = asyncio.run(refused())
-    assert response.status_code == 403 and "server.allow_weight_updates" in response.json()["error"]["message"]
+def test_server_loads_and_unloads_lora_adapters(tokenizer, tmp_path):
+    """POST /v1/load_lora_adapter, /v1/unload_lora_adapter (vLLM's): the adapter is served as a model of its name and
+    listed by /v1/models; refusals are 400 / 404 naming the problem."""
+    from engine.async_engine import AsyncEngine
+    from engine.engine import LLMEngine
+    from engine.server import create_app
+    from models.lora import write_random_adapter
+
+    cfg = _cfg(tokenizer.vocab_size)
+    params = _params(cfg, 9)
+    sql = write_random_adapter(str(tmp_path / "sql"), cfg, rank=4, alpha=8, modules=["wq", "wv"], seed=1)
+    prompt = _prompts(cfg.vocab_size, 15)[0]
+    config = EngineConfig().replace(**BASE, **{"server.allow_weight_updates": True, "server.model_name": "tiny",
+                                               "lora.max_adapters": 2, "lora.max_rank": 4})
+    static = LLM(EngineConfig().replace(**BASE, **{"lora.adapters": {"sql": sql}}), progress=False,
+                 model=(cfg, params, tokenizer))
+    want = static.generate([prompt], GREEDY, adapter="sql")[0].token_ids
+    app = create_app(AsyncEngine(LLMEngine(config, progress=False, model=(cfg, params, tokenizer))), config)
+    completion = {"model": "sql", "prompt": [int(t) for t in prompt], "max_tokens": 12, "temperature": 0,
+                  "ignore_eos": True}
+
+    async def scenario(client):
+        before = await client.post("/v1/completions", json=completion)
+        loaded = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": sql})
+        again = await client.post("/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": sql})
+        missing = await client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": str(tmp_path / "no")})
+        models = await client.get("/v1/models")
+        served = await client.post("/v1/completions", json=completion)
+        unloaded = await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        unknown = await client.post("/v1/unload_lora_adapter", json={"lora_name": "sql"})
+        after = await client.post("/v1/completions", json=completion)
+        return before, loaded, again, missing, models, served, unloaded, unknown, after
+
+    before, loaded, again, missing, models, served, unloaded, unknown, after = _serve(app, scenario)
+    assert before.status_code == 404 and after.status_code == 404  # no such model before the load and after the unload
+    assert loaded.status_code == 200 and loaded.json()["success"] is True
+    assert again.status_code == 400 and "already loaded" in again.json()["error"]["message"]
+    assert missing.status_code == 400 and "adapter_config.json not found" in missing.json()["error"]["message"]
+    assert [m["id"] for m in models.json()["data"]] == ["tiny", "sql"]
+    assert served.status_code == 200 and served.json()["choices"][0]["text"] == tokenizer.decode(want)
+    assert unloaded.status_code == 200
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "lora_name"
+
+
+def test_sleep_frees_the_devices_and_wakes_to_the_same_outputs(tokenizer, lowered):
+    from engine.engine import EngineAsleep
+
+    cfg = _cfg(tokenizer.vocab_size)
+    old, new = _params(cfg, 10), _params(cfg, 11)
+    config = EngineConfig().replace(**BASE)
+    llm = LLM(config, progress=False, model=(cfg, old, tokenizer))
+    prompts = _prompts(cfg.vocab_size, 16)
+    llm.generate(prompts[:1], GREEDY)
+    before = _tokens(llm, prompts)
+    held = sum(a.nbytes for a in (*jax.tree.leaves(llm.engine.params), *llm.engine.runner.kv))
+    live = sum(a.nbytes for a in jax.live_arrays())
+    mark = len(lowered())
+
+    llm.sleep(1)
+    assert live - sum(a.nbytes for a in jax.live_arrays()) >= held  # weights and KV cache off the device
+    with pytest.raises(EngineAsleep, match=r"asleep \(level 1\); wake_up first"):
+        llm.engine.add_request(prompts[0], GREEDY)
+    with pytest.raises(ValueError, match="already asleep"):
+        llm.sleep(2)
+    llm.wake_up()
+    first = llm.generate(prompts[:1], GREEDY)[0]
+    assert first.cached_tokens == 0 and first.token_ids == before[0]
+    assert _tokens(llm, prompts) == before
+
+    llm.sleep(2)
+    with pytest.raises(ValueError, match="update_weights first"):
+        llm.wake_up()
+    llm.update_weights(new)  # to host memory: the engine sleeps on
+    assert llm.engine.sleep_level == 1 and llm.engine.params is None
+    llm.wake_up()
+    llm.generate(prompts[:1], GREEDY)
+    after = _tokens(llm, prompts)
+    assert [name for name in lowered()[mark:] if "forward" in name or "head" in name] == []  # nothing recompiled
+    assert after == _tokens(LLM(config, progress=False, model=(cfg, new, tokenizer)), prompts)
+
+
+def test_server_sleeps_and_wakes(tokenizer):
+    from engine.async_engine import AsyncEngine
+    from engine.engine import LLMEngine
+    from engine.server import create_app
+
+    cfg = _cfg(tokenizer.vocab_size)
+    config = EngineConfig().replace(**BASE, **{"server.allow_weight_updates": True, "server.model_name": "tiny"})
+    app = create_app(AsyncEngine(LLMEngine(config, progress=False, model=(cfg, _params(cfg, 12), tokenizer))), config)
+    completion = {"model": "tiny", "prompt": "Hello there", "max_tokens": 4, "temperature": 0}
+
+    async def scenario(client):
+        awake = await client.post("/v1/completions", json=completion)
+        slept = await client.post("/sleep", params={"level": 1})
+        state = await client.get("/is_sleeping")
+        refused = await client.post("/v1/completions", json=completion)
+        again = await client.post("/sleep", params={"level": 2})
+        woke = await client.post("/wake_up")
+        served = await client.post("/v1/completions", json=completion)
+        return awake, slept, state, refused, again, woke, served, await client.get("/is_sleeping")
+
+    awake, slept, state, refused, again, woke, served, after = _serve(app, scenario)
+    assert slept.json() == {"success": True, "sleep_level": 1}
+    assert state.json() == {"is_sleeping": True, "sleep_level": 1}
+    assert refused.status_code == 503 and "asleep" in refused.json()["error"]["message"]
+    assert again.status_code == 409 and "already asleep" in again.json()["error"]["message"]
+    assert woke.status_code == 200 and after.json()["is_sleeping"] is False
+    assert served.json()["choices"][0]["text"] == awake.json()["choices"][0]["text"]
+
+
+def _serve(app, scenario, api_key: str | None = None):
+    """scenario(client) against `app` in this process (started and stopped around it; no socket)."""
+    import asyncio
+
+    import httpx
+
+    async def main():
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers, timeout=120) as client:
+            return await asyncio.wait_for(scenario(client), 300)
+
+    return asyncio.run(main())

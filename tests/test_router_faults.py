@@ -205,6 +205,40 @@ def test_adapter_requests_keep_prefix_affinity():
             proc.wait()
 
 
+def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
+    """Adapter loads and unloads, weight updates, sleep and wake-up sent to the router go to every replica up; the
+    router learns the adapters anew and drops the index entries of caches the new weights emptied; a call every
+    replica refuses keeps their status, and a replica down is skipped."""
+    ports, procs, router = cluster
+    wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+
+    loaded = httpx.post(f"{router.url}/v1/load_lora_adapter", json={"lora_name": "sql", "lora_path": "/a"}, timeout=30)
+    assert loaded.status_code == 200 and loaded.json()["success"] is True
+    assert sorted(a["replica"] for a in loaded.json()["replicas"]) == sorted(urls)
+    assert router.router.adapters == {"sql"}
+    for url in urls:
+        assert "sql" in [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    refused = httpx.post(f"{router.url}/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "bad"}, timeout=30)
+    assert refused.status_code == 400 and refused.json()["success"] is False
+    assert all("adapter_config.json" in a["body"]["error"]["message"] for a in refused.json()["replicas"])
+    assert httpx.post(f"{router.url}/v1/unload_lora_adapter", json={"lora_name": "sql"}, timeout=30).status_code == 200
+    assert router.router.adapters == set()
+
+    body = {"model": "fake", "max_tokens": 2, "prompt": "a prompt to cache " * 8}
+    slot = [f"fake:{p}" for p in ports].index(httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"])
+    wait_for(lambda: router.router.index.num_confirmed(slot) > 0, what="stored events indexed")
+    updated = httpx.post(f"{router.url}/update_weights_from_disk", json={"model_path": "/new"}, timeout=30)
+    assert updated.status_code == 200 and all(a["body"]["weights_version"] == 1 for a in updated.json()["replicas"])
+    wait_for(lambda: router.router.index.num_confirmed(slot) == 0, what="the emptied cache reaching the index")
+
+    procs[ports[2]].kill()
+    procs[ports[2]].wait()
+    wait_for(lambda: not router.replicas()[2]["up"], what="the replica marked down")
+    again = httpx.post(f"{router.url}/update_weights_from_disk", json={"model_path": "/newer"}, timeout=30)
+    assert again.status_code == 200 and sorted(a["replica"] for a in again.json()["replicas"]) == sorted(urls[:2])
+
+
 def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
     """After the first byte there is no retry: the client gets an SSE error event, not a silent cut."""
     ports = [free_port() for _ in range(2)]

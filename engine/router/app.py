@@ -17,6 +17,9 @@ Background tasks keep the picture current: every health_interval_s, GET /health 
 each replica (a replica that answers again after being down is resynced from /v1/cache_state,
 then rejoins); every poll_interval_s, GET /v1/cache_events?after=last_seq from each replica that
 is up (a gap or a new epoch resyncs).
+
+Admin calls (new weights, LoRA adapters loaded or unloaded, sleep, wake-up) go to every replica that is up
+at once; the answer lists each replica's.
 """
 from __future__ import annotations
 
@@ -40,6 +43,8 @@ from engine.router.policy import NoReplicaAvailable, ReplicaState, RouteRequest,
 log = logging.getLogger("radixlm.router")
 
 _FORWARD_HEADERS = ("authorization", "content-type", "accept", "openai-organization", "openai-project")
+# Sent to every replica (engine/server.py's admin endpoints): a replica fleet changes weights and adapters together.
+BROADCAST = ("/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up")
 
 
 def load_tokenizer(path: str):
@@ -117,7 +122,7 @@ class Router:
             if load.status_code == 200:
                 st.waiting_tokens = int(load.json().get("waiting_tokens", 0))
             if not st.up:
-                await self.learn_adapters(slot)
+                self.adapters |= await self.learn_adapters(slot)
                 await self.resync(slot)
                 st.up = True
                 self.metrics.up.labels(url).set(1)
@@ -127,16 +132,49 @@ class Router:
                 log.warning("replica %s failed its health check: %r", url, e)
             self.mark_down(slot)
 
-    async def learn_adapters(self, slot: int) -> None:
+    async def learn_adapters(self, slot: int) -> set[str]:
         """LoRA adapters the replica serves (its /v1/models entries with a `parent`): a request naming one is hashed
         in that adapter's cache namespace, as the replica stores it."""
         try:
             r = await self.client.get(f"{self.urls[slot]}/v1/models", timeout=self.cfg.connect_timeout_s,
                                       headers=self._own_headers)
             if r.status_code == 200:
-                self.adapters |= {m["id"] for m in r.json().get("data", []) if m.get("parent")}
+                return {m["id"] for m in r.json().get("data", []) if m.get("parent")}
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             pass  # no adapters learned: their requests route without prefix affinity
+        return set()
+
+    async def relearn_adapters(self) -> None:
+        """The adapters every replica up serves now (after adapters were loaded or unloaded)."""
+        learned = await asyncio.gather(*(self.learn_adapters(slot) for slot, st in enumerate(self.states) if st.up))
+        self.adapters = set().union(*learned)
+
+    async def broadcast(self, path: str, query: str, raw: bytes, headers: dict[str, str]) -> JSONResponse:
+        """An admin call to every replica that is up, at once. -> 200 with each replica's answer when all succeed;
+        else their shared status when all failed alike (a bad path: 400 everywhere), or 502 (some did, some not)."""
+        fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
+        slots = [slot for slot, st in enumerate(self.states) if st.up]
+        if not slots:
+            return JSONResponse({"error": {"message": "no replica is up", "type": "upstream_unavailable"}}, 503)
+
+        async def one(slot: int) -> dict:
+            url = self.urls[slot]
+            try:
+                r = await self.client.post(f"{url}{path}" + (f"?{query}" if query else ""), content=raw, headers=fwd)
+            except httpx.HTTPError as e:
+                return {"replica": url, "status_code": 502, "body": {"error": {"message": f"{type(e).__name__}: {e}"}}}
+            try:
+                body = r.json()
+            except ValueError:
+                body = {"text": r.text}
+            return {"replica": url, "status_code": r.status_code, "body": body}
+
+        answers = await asyncio.gather(*(one(slot) for slot in slots))
+        if path.endswith("_lora_adapter"):
+            await self.relearn_adapters()
+        codes = {a["status_code"] for a in answers}
+        status = 200 if codes == {200} else codes.pop() if len(codes) == 1 else 502
+        return JSONResponse({"success": status == 200, "replicas": answers}, status_code=status)
 
     def mark_down(self, slot: int) -> None:
         st = self.states[slot]
@@ -363,6 +401,13 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await router.forward("/v1/embeddings", await request.body(), dict(request.headers))
+
+    for path in BROADCAST:
+        async def admin(request: Request):
+            return await router.broadcast(request.url.path, request.url.query, await request.body(),
+                                          dict(request.headers))
+
+        app.add_api_route(path, admin, methods=["POST"], summary="sent to every replica that is up")
 
     @app.get("/v1/models")
     async def models(request: Request):

@@ -23,7 +23,7 @@ from collections import deque
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
 from engine.page_pool import PagePool
@@ -62,6 +62,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                prefill_s_per_token: float = 0.0, name: str = "fake", max_events: int = 100_000,
                chunk_delay_s: float = 0.0, adapters: tuple[str, ...] = ()):
     app = FastAPI()
+    adapters = list(adapters)  # the admin endpoints below change it
     pool = PagePool(num_pages)
     cache = RadixCache(pool, page_size)
     tok = ByteTokenizer()
@@ -182,9 +183,33 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                 stack.extend(node.children.values())
         return {"epoch": epoch, "last_seq": state["seq"], "block_hashes": by_ns}
 
+    # Admin endpoints as a replica answers them: adapters come and go, new weights empty the cache (its removals go
+    # out on the feed); "bad" as a path is refused as a missing checkpoint is.
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        body = await request.json()
+        if body["lora_path"] == "bad":
+            return JSONResponse({"error": {"message": "LoRA adapter bad: adapter_config.json not found"}}, 400)
+        adapters.append(body["lora_name"])
+        return {"success": True}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        adapters.remove((await request.json())["lora_name"])
+        return {"success": True}
+
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request):
+        if (await request.json())["model_path"] == "bad":
+            return JSONResponse({"error": {"message": "bad: no such file or directory"}}, 400)
+        cache.reset()
+        publish()
+        state["weights_version"] = state.get("weights_version", 0) + 1
+        return {"success": True, "weights_version": state["weights_version"]}
+
     @app.get("/stats")
     async def stats():
-        return {"served": state["served"], "epoch": epoch, "name": name}
+        return {"served": state["served"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
 
     app.state.cache = cache
     return app

@@ -108,6 +108,9 @@ class LLMEngine:
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
         self.model_cfg, _ = sharding.prepare_for_tensor_parallel(model_cfg, {"layers": {}}, tp)  # the config only
+        self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
+        # The context served, not the checkpoint's: it picks LongRoPE's table (RopeScaling.longrope_factors).
+        self.model_cfg = dataclasses.replace(self.model_cfg, max_position=self.max_model_len)
         if config.model.quantization == "w8a8" and model_cfg.num_experts:
             raise ConfigKeyError("model.quantization: w8a8 does not cover mixture-of-experts layers yet; use int8 "
                                  "(W8A16: the experts' weights in int8 too)")
@@ -125,7 +128,6 @@ class LLMEngine:
         self.weights_version = 0  # update_weights counts up
         self.sleep_level = 0  # sleep(): 1 weights in host memory, 2 weights dropped; the KV cache freed at both
         self._host_params = None  # the weights while asleep at level 1
-        self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
         # float8 kept as their bits.
         kind = config.cache.kv_dtype

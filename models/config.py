@@ -4,9 +4,9 @@ One frozen dataclass describes every model the forward pass supports: Llama 2/3 
 scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings), Gemma 2
 (sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
-global one, each kind with its own RoPE base), GQA of any ratio and any head_dim; RoPE scaled as
-Llama 3, linearly or by YaRN (Qwen2.5/Qwen3 long-context configs). Unsupported architectures fail here,
-naming the source and the field.
+global one, each kind with its own RoPE base) and Phi-3 / Phi-4-mini (LongRoPE, partial rotary embeddings), GQA of
+any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
+LongRoPE. Unsupported architectures fail here, naming the source and the field.
 """
 from __future__ import annotations
 
@@ -17,9 +17,10 @@ from typing import Any, Mapping
 import numpy as np
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
+                           "phi3")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
-ROPE_TYPES = ("llama3", "linear", "yarn")  # RopeScaling.rope_type
+ROPE_TYPES = ("llama3", "linear", "yarn", "longrope")  # RopeScaling.rope_type
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
@@ -34,24 +35,29 @@ class ConfigError(ValueError):
 @dataclasses.dataclass(frozen=True, slots=True)
 class RopeScaling:
     """How a checkpoint stretched RoPE past its pretraining context: Llama 3's frequency-dependent scaling
-    (`llama3`), plain `linear` scaling, or YaRN (`yarn`: long wavelengths divided by `factor`, short ones kept, a
-    ramp between, and cos and sin multiplied by an attention factor)."""
+    (`llama3`), plain `linear` scaling, YaRN (`yarn`: long wavelengths divided by `factor`, short ones kept, a
+    ramp between, and cos and sin multiplied by an attention factor) or LongRoPE (`longrope`, Phi-3: a divisor per
+    frequency, from one of two lists, and an attention factor)."""
 
     rope_type: str  # one of ROPE_TYPES
     factor: float
     low_freq_factor: float = 1.0  # llama3
     high_freq_factor: float = 4.0  # llama3
-    original_max_position: int = 8192  # llama3, yarn: the pretraining context
+    original_max_position: int = 8192  # llama3, yarn, longrope: the pretraining context
     # yarn: pairs turning more than beta_fast times over the original context keep their frequency, those under
     # beta_slow turns are interpolated; `truncate` rounds the ramp's ends out to whole pairs.
     beta_fast: float = 32.0
     beta_slow: float = 1.0
     truncate: bool = True
-    # yarn: what cos and sin are multiplied by; None: derived from factor (and mscale / mscale_all_dim, DeepSeek's
-    # pair, where both are set): LlamaConfig.rope_attention_factor.
+    # yarn, longrope: what cos and sin are multiplied by; None: derived from factor (and yarn's mscale /
+    # mscale_all_dim, DeepSeek's pair, where both are set): LlamaConfig.rope_attention_factor.
     attention_factor: float | None = None
     mscale: float | None = None
     mscale_all_dim: float | None = None
+    # longrope: [rotary_dim // 2] divisors of the inverse frequencies, for short and for long contexts
+    # (longrope_factors says which); `factor` only sets the attention factor.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
 
     def __post_init__(self):
         if self.rope_type not in ROPE_TYPES:
@@ -60,14 +66,33 @@ class RopeScaling:
             raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
         if self.original_max_position <= 0:
             raise ConfigError(f"rope_scaling.original_max_position must be > 0, got {self.original_max_position}")
+        if self.attention_factor is not None and self.attention_factor <= 0:
+            raise ConfigError(f"rope_scaling.attention_factor must be > 0, got {self.attention_factor}")
+        for name in ("short_factor", "long_factor"):
+            factors = tuple(float(f) for f in getattr(self, name))  # hashable: the config is a static jit argument
+            object.__setattr__(self, name, factors)
+            if self.rope_type == "longrope" and not factors:
+                raise ConfigError(f"rope_scaling.{name} is required for longrope")
+            bad = next((f for f in factors if not 0 < f < math.inf), None)
+            if bad is not None:
+                raise ConfigError(f"rope_scaling.{name} must be finite and > 0, got {bad}")
         if self.rope_type != "yarn":
             return
         if self.beta_slow <= 0:
             raise ConfigError(f"rope_scaling.beta_slow must be > 0, got {self.beta_slow}")
         if self.beta_fast < self.beta_slow:
             raise ConfigError(f"rope_scaling.beta_fast must be >= beta_slow={self.beta_slow}, got {self.beta_fast}")
-        if self.attention_factor is not None and self.attention_factor <= 0:
-            raise ConfigError(f"rope_scaling.attention_factor must be > 0, got {self.attention_factor}")
+
+    def longrope_factors(self, context_len: int) -> tuple[float, ...]:
+        """LongRoPE's divisors for a model that serves up to `context_len` positions: the long factors when that
+        exceeds the pretraining context (original_max_position), else the short ones.
+
+        NOTE: chosen once per model, from the context it serves (as llama.cpp does, by its context size), never per
+        sequence. transformers picks by the length of the sequence in hand, so a sequence that grows past
+        original_max_position switches tables while its cached keys keep the other one's rotation; a paged KV
+        cache shared across lengths cannot do that. So a 128k Phi-3 uses its long factors at every length, where
+        transformers uses the short ones on sequences up to original_max_position (the two agree past it)."""
+        return self.long_factor if context_len > self.original_max_position else self.short_factor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -82,9 +107,12 @@ class LlamaConfig:
     head_dim: int
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
-    # [head_dim // 2] divisors of the global layers' inverse frequencies, after rope_scaling: a GGUF's
+    # [rotary_dim // 2] divisors of the global layers' inverse frequencies, after rope_scaling: a GGUF's
     # `rope_freqs.weight` (llama.cpp's converter writes Llama 3 scaling so, not as metadata); None: none.
     rope_freq_factors: tuple[float, ...] | None = None
+    # RoPE turns the first rotary_dim = int(head_dim * this) dims of each head (rotate-half within them); the rest
+    # pass unrotated (Phi-4-mini: 0.75).
+    partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
@@ -129,12 +157,16 @@ class LlamaConfig:
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
+            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1] and leave an even "
+                              f"number of rotary dims > 0 (head_dim={self.head_dim}: {self.rotary_dim})")
+        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
+            for name in ("short_factor", "long_factor"):
+                self._check_num_pairs(f"rope_scaling.{name}", len(getattr(self.rope_scaling, name)))
         if self.rope_freq_factors is not None:
             factors = tuple(float(f) for f in self.rope_freq_factors)  # hashable: the config is a static jit argument
             object.__setattr__(self, "rope_freq_factors", factors)
-            if len(factors) != self.head_dim // 2:
-                raise ConfigError(f"rope_freq_factors (GGUF tensor 'rope_freqs.weight') has {len(factors)} values, "
-                                  f"head_dim={self.head_dim} needs {self.head_dim // 2}")
+            self._check_num_pairs("rope_freq_factors (GGUF tensor 'rope_freqs.weight')", len(factors))
             if not all(0 < f < math.inf for f in factors):
                 raise ConfigError(f"rope_freq_factors (GGUF tensor 'rope_freqs.weight') must be finite and > 0, got "
                                   f"{next(f for f in factors if not 0 < f < math.inf)}")
@@ -148,6 +180,17 @@ class LlamaConfig:
                 raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
             if self.moe_intermediate_size <= 0:
                 raise ConfigError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
+
+    def _check_num_pairs(self, field: str, n: int) -> None:
+        """A per-frequency list must have one value per rotated pair."""
+        if n != self.rotary_dim // 2:
+            partial = f" x partial_rotary_factor={self.partial_rotary_factor}" if self.partial_rotary_factor != 1 else ""
+            raise ConfigError(f"{field} has {n} values, head_dim={self.head_dim}{partial} needs {self.rotary_dim // 2}")
+
+    @property
+    def rotary_dim(self) -> int:
+        """The dims of each q/k head RoPE turns, the first ones (as transformers rounds: down)."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     @property
     def sm_scale(self) -> float:
@@ -188,7 +231,7 @@ class LlamaConfig:
         return embed + self.num_layers * per_layer + h
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
-        """[head_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
+        """[rotary_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
         divided by rope_freq_factors (as llama.cpp divides by rope_freqs).
 
         local: those of the sliding-window layers (their own base, never scaled, as in Gemma 3)."""
@@ -200,26 +243,29 @@ class LlamaConfig:
     def _scaled_inv_freq(self, local: bool) -> np.ndarray:
         """rope_inv_freq before rope_freq_factors."""
         theta = self.rope_local_theta if local and self.rope_local_theta else self.rope_theta
-        inv_freq = 1.0 / (theta ** (np.arange(0, self.head_dim, 2, dtype=np.float64) / self.head_dim))
+        dim = self.rotary_dim
+        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
         s = self._layer_rope_scaling(local)
         if s is None:
             return inv_freq
         if s.rope_type == "linear":
             return inv_freq / s.factor
+        if s.rope_type == "longrope":
+            return inv_freq / np.asarray(s.longrope_factors(self.max_position), np.float64)
         if s.rope_type == "yarn":
             # Pair i turns original_max_position * inv_freq[i] / 2pi times over the original context; a pair
             # turning more than beta_fast times keeps its frequency, one turning under beta_slow times is divided
             # by `factor`, and a linear ramp over the pair index joins the two (its ends clamped as transformers does).
             def pair_turning(turns):
-                return self.head_dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
+                return dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
 
             low, high = pair_turning(s.beta_fast), pair_turning(s.beta_slow)
             if s.truncate:
                 low, high = math.floor(low), math.ceil(high)
-            low, high = max(low, 0), min(high, self.head_dim - 1)
+            low, high = max(low, 0), min(high, dim - 1)
             if low == high:
                 high += 0.001
-            ramp = np.clip((np.arange(self.head_dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+            ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
             return ramp * inv_freq / s.factor + (1 - ramp) * inv_freq
         # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
         low_freq_wavelen = s.original_max_position / s.low_freq_factor
@@ -231,13 +277,15 @@ class LlamaConfig:
         return np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
 
     def rope_attention_factor(self, local: bool = False) -> float:
-        """What RoPE's cos and sin are multiplied by (so q and k both, after rotation): YaRN's attention factor,
-        1 otherwise. local: as in rope_inv_freq."""
+        """What RoPE's cos and sin are multiplied by (so q and k both, after rotation): YaRN's or LongRoPE's
+        attention factor, 1 otherwise. local: as in rope_inv_freq."""
         s = self._layer_rope_scaling(local)
-        if s is None or s.rope_type != "yarn":
+        if s is None or s.rope_type not in ("yarn", "longrope"):
             return 1.0
         if s.attention_factor is not None:
             return s.attention_factor
+        if s.rope_type == "longrope":  # sqrt(1 + ln(factor) / ln(original context)), short factors or long
+            return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(s.original_max_position))
 
         def mscale(m):  # YaRN's 0.1 ln(factor) + 1, its log term weighted by m
             return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
@@ -254,15 +302,15 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, and the
-        mixture-of-experts mixtral, qwen2_moe, qwen3_moe)."""
+        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, and
+        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, mixtral, qwen2_moe, "
-                              f"qwen3_moe)")
+                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
+                              f"qwen2_moe, qwen3_moe)")
 
         def need(key):
             if key not in cfg:
@@ -272,8 +320,12 @@ class LlamaConfig:
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
-        window = cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral")) else None
-        # transformers >= 5 writes `rope_parameters` (rope_theta inside); older configs `rope_scaling` + `rope_theta`.
+        # transformers windows every layer of a Mistral, Mixtral or Phi-3 whose sliding_window is set (some Phi-3-mini
+        # revisions: 2047), of the others only with use_sliding_window.
+        window = (cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral", "phi3"))
+                  else None)
+        # transformers >= 5 writes `rope_parameters` (rope_theta and partial_rotary_factor inside); older configs
+        # `rope_scaling` + top-level `rope_theta`, `partial_rotary_factor`.
         rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
         return cls(
@@ -287,6 +339,7 @@ class LlamaConfig:
             head_dim=int(head_dim),
             rope_theta=float(rope_theta),
             rope_scaling=_rope_scaling_from_hf(rope, source, cfg),
+            partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
@@ -298,14 +351,16 @@ class LlamaConfig:
 
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str,
-                           rope_freqs: np.ndarray | None = None) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, qwen2moe or qwen3moe;
-        Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's `rope_freqs.weight`
-        [head_dim // 2], where it has one (Llama 3.1+: their RoPE scaling)."""
+                           rope_freqs: np.ndarray | None = None,
+                           longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe or
+        qwen3moe; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
+        `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
+        a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "qwen2moe", "qwen3moe"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3, qwen2moe, qwen3moe)")
+                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -324,7 +379,15 @@ class LlamaConfig:
             )
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
-        head_dim = int(meta.get(f"{arch}.attention.key_length") or meta.get(f"{arch}.rope.dimension_count") or hidden // num_heads)
+        # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3).
+        rope_dims = meta.get(f"{arch}.rope.dimension_count")
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or (arch != "phi3" and rope_dims) or hidden // num_heads)
+        partial_rotary_factor = 1.0
+        if arch == "phi3" and rope_dims:
+            if rope_dims % 2 or not 0 < rope_dims <= head_dim:
+                raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} must be even and in "
+                                  f"(0, head_dim={head_dim}]")
+            partial_rotary_factor = rope_dims / head_dim
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         if not vocab:
             raise ConfigError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
@@ -346,8 +409,20 @@ class LlamaConfig:
             else:
                 gemma["attn_soft_cap"] = float(need("attn_logit_softcapping"))
                 gemma["final_soft_cap"] = float(need("final_logit_softcapping"))
+        max_position = int(meta.get(f"{arch}.context_length", 4096))
+        rope_scaling = _rope_scaling_from_gguf(meta, arch, source)
+        if longrope_factors is not None:  # llama.cpp's converter writes LongRoPE so (and no rope.scaling.type)
+            key = f"{arch}.rope.scaling."
+            original = meta.get(key + "original_context_length")
+            if not original:
+                raise ConfigError(f"{source}: missing GGUF field {key + 'original_context_length'!r}")
+            attention_factor = meta.get(key + "attn_factor")
+            short, long = (tuple(np.ravel(f).tolist()) for f in longrope_factors)
+            rope_scaling = RopeScaling(
+                "longrope", max_position / int(original), original_max_position=int(original), short_factor=short,
+                long_factor=long, attention_factor=None if attention_factor is None else float(attention_factor))
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama"}
-        return cls(
+        cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
             hidden_size=hidden,
@@ -358,17 +433,22 @@ class LlamaConfig:
             num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
             head_dim=head_dim,
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-            rope_scaling=_rope_scaling_from_gguf(meta, arch, source),
+            rope_scaling=rope_scaling,
             rope_freq_factors=None if rope_freqs is None else tuple(np.ravel(rope_freqs).tolist()),
+            partial_rotary_factor=partial_rotary_factor,
             rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
-            max_position=int(meta.get(f"{arch}.context_length", 4096)),
+            max_position=max_position,
             sliding_window=int(window) if window else None,
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             **gemma,
             **experts,
         )
+        if arch == "phi3" and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
+            raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "
+                              f"head_dim={head_dim}")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -457,12 +537,22 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
 
 def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str, cfg: Mapping[str, Any]) -> RopeScaling | None:
     """An HF `rope_scaling` / `rope_parameters` dict, read as transformers reads it; `cfg` is the whole
-    config.json (YaRN's defaults come from its max_position_embeddings)."""
+    config.json (YaRN's and LongRoPE's defaults come from its max_position_embeddings)."""
     if not rs:
         return None
     rope_type = rs.get("rope_type", rs.get("type"))
     if rope_type in (None, "default"):
         return None
+    phi3 = cfg.get("model_type") == "phi3"
+    if phi3 and rope_type in ("su", "yarn"):  # transformers reads both as longrope in a Phi-3 config
+        rope_type = "longrope"
+    types = ROPE_TYPES if phi3 else tuple(t for t in ROPE_TYPES if t != "longrope")  # the one family using LongRoPE
+    if rope_type not in types:
+        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported ({', '.join(types)})")
+    # transformers: a top-level original_max_position_embeddings wins over the dict's (Phi-3's layout), and both
+    # default to max_position_embeddings.
+    max_position = cfg.get("max_position_embeddings")
+    original = cfg.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings") or max_position
     if rope_type == "llama3":
         return RopeScaling(
             "llama3",
@@ -473,30 +563,32 @@ def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str, cfg: Mappin
         )
     if rope_type == "linear":
         return RopeScaling("linear", float(rs["factor"]))
-    if rope_type == "yarn":
-        # transformers: a top-level original_max_position_embeddings wins over the dict's (Phi-3's layout), and
-        # both default to max_position_embeddings; a null factor is the ratio of the two contexts.
-        max_position = cfg.get("max_position_embeddings")
-        original = (cfg.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings")
-                    or max_position)
-        if not original:
-            raise ConfigError(f"{source}: yarn rope_scaling needs original_max_position_embeddings")
-        factor = rs.get("factor")
-        if factor is None:
-            if not max_position:
-                raise ConfigError(f"{source}: yarn rope_scaling needs factor (or max_position_embeddings)")
-            factor = max_position / original
+    # yarn or longrope
+    if not original:
+        raise ConfigError(f"{source}: {rope_type} rope_scaling needs original_max_position_embeddings")
+    factor = rs.get("factor")  # null: the ratio of the two contexts
+    if factor is None:
+        if not max_position:
+            raise ConfigError(f"{source}: {rope_type} rope_scaling needs factor (or max_position_embeddings)")
+        factor = max_position / original
 
-        def optional(key):
-            return None if rs.get(key) is None else float(rs[key])
+    def optional(key):
+        return None if rs.get(key) is None else float(rs[key])
 
-        return RopeScaling(
-            "yarn", float(factor), original_max_position=int(original),
-            beta_fast=float(rs.get("beta_fast") or 32.0), beta_slow=float(rs.get("beta_slow") or 1.0),  # 0 = unset
-            truncate=bool(rs.get("truncate", True)), attention_factor=optional("attention_factor"),
-            mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
-        )
-    raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
+    if rope_type == "longrope":
+        for key in ("short_factor", "long_factor"):
+            if not isinstance(rs.get(key), (list, tuple)):
+                raise ConfigError(f"{source}: longrope rope_scaling needs {key} (a list of numbers)")
+        # factor sets the attention factor only; max_position picks short or long (RopeScaling.longrope_factors)
+        return RopeScaling("longrope", float(factor), original_max_position=int(original),
+                           short_factor=tuple(rs["short_factor"]), long_factor=tuple(rs["long_factor"]),
+                           attention_factor=optional("attention_factor"))
+    return RopeScaling(
+        "yarn", float(factor), original_max_position=int(original),
+        beta_fast=float(rs.get("beta_fast") or 32.0), beta_slow=float(rs.get("beta_slow") or 1.0),  # 0 = unset
+        truncate=bool(rs.get("truncate", True)), attention_factor=optional("attention_factor"),
+        mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
+    )
 
 
 def _rope_scaling_from_gguf(meta: Mapping[str, Any], arch: str, source: str) -> RopeScaling | None:

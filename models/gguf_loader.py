@@ -30,6 +30,8 @@ GGUF_NAMES = {
     "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
 }
 ROPE_FREQS = "rope_freqs.weight"  # LlamaConfig.rope_freq_factors, read with the config
+# phi3's LongRoPE divisors (RopeScaling short_factor, long_factor), read with the config.
+ROPE_FACTORS = ("rope_factors_short.weight", "rope_factors_long.weight")
 # Mixture-of-experts layers: each layer's experts stored together ([E, out, in]); Qwen2-MoE's shared expert and its
 # gate (a vector) under `shexp`.
 GGUF_MOE_NAMES = {
@@ -39,6 +41,22 @@ GGUF_MOE_NAMES = {
     "w_gate": "blk.{i}.ffn_gate_shexp.weight", "w_up": "blk.{i}.ffn_up_shexp.weight",
     "w_down": "blk.{i}.ffn_down_shexp.weight", "shared_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
 }
+
+# Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
+# (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
+GGUF_PHI3_NAMES = {k: v for k, v in GGUF_NAMES.items() if k not in ("w_gate", "w_up")} | {
+    "w_gate_up": "blk.{i}.ffn_up.weight"}
+GGUF_PHI3_QKV_NAMES = {k: v for k, v in GGUF_PHI3_NAMES.items() if k not in ("wq", "wk", "wv")} | {
+    "wqkv": "blk.{i}.attn_qkv.weight"}
+
+
+def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
+    """The GGUF tensor names of a file's weights (our key, or a fused one, -> name, `{i}` the layer)."""
+    if cfg.num_experts:
+        return GGUF_MOE_NAMES
+    if cfg.architecture == "phi3":
+        return GGUF_PHI3_QKV_NAMES if "blk.0.attn_qkv.weight" in tensor_names else GGUF_PHI3_NAMES
+    return GGUF_NAMES
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -68,10 +86,12 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
     arch = meta.get("general.architecture")
     if f"{arch}.vocab_size" not in meta and "token_embd.weight" in tensors:
         meta[f"{arch}.vocab_size"] = int(tensors["token_embd.weight"].shape[0])  # [vocab, hidden]
-    # Part of the config, not a weight: llama.cpp's per-frequency RoPE divisors (Llama 3.1+ scaling).
+    # Part of the config, not weights: llama.cpp's per-frequency RoPE divisors (Llama 3.1+ scaling, phi3's LongRoPE).
     rope_freqs = get(ROPE_FREQS) if ROPE_FREQS in tensors else None
+    longrope = tuple(get(name) for name in ROPE_FACTORS) if any(name in tensors for name in ROPE_FACTORS) else None
     try:
-        cfg = LlamaConfig.from_gguf_metadata(meta, set(tensors), source=path, rope_freqs=rope_freqs)
+        cfg = LlamaConfig.from_gguf_metadata(meta, set(tensors), source=path, rope_freqs=rope_freqs,
+                                             longrope_factors=longrope)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
@@ -83,7 +103,7 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
-    return cfg, assemble(cfg, GGUF_MOE_NAMES if cfg.num_experts else GGUF_NAMES, read, dtype)
+    return cfg, assemble(cfg, gguf_names(cfg, tensors), read, dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

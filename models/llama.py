@@ -1,5 +1,6 @@
 """Llama-family decoder as pure functions over a pytree of weights (the config's switches also make
-it Qwen2/3 and Gemma 2/3: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows).
+it Qwen2/3, Gemma 2/3 and Phi-3: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows,
+partial rotary embeddings).
 
 Weights are a plain dict pytree (see `param_shapes`), passed to jitted functions as arguments, never
 baked into the HLO. Two entry points share every layer but attention:
@@ -159,13 +160,18 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0) -> jax.Array:
-    """Rotate-half RoPE (HF layout). x: [T, H, D], positions: [T]. cos and sin are multiplied by
-    `attention_factor` (YaRN's; a float32 scalar, traced or not)."""
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]  # [T, D/2]
-    cos = jnp.cos(freqs)[:, None, :] * attention_factor  # [T, 1, D/2]
+    """Rotate-half RoPE (HF layout) on the first R = 2 * len(inv_freq) dims of each head; the other D - R pass
+    unrotated (partial rotary embeddings, Phi-4-mini; R = D elsewhere). x: [T, H, D], positions: [T]. cos and sin
+    are multiplied by `attention_factor` (YaRN's or LongRoPE's; a float32 scalar, traced or not)."""
+    rot = 2 * inv_freq.shape[-1]  # static: the table's shape
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]  # [T, R/2]
+    cos = jnp.cos(freqs)[:, None, :] * attention_factor  # [T, 1, R/2]
     sin = jnp.sin(freqs)[:, None, :] * attention_factor
-    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32[..., :rot], 2, axis=-1)
+    rotated = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
+    passed = [x32[..., rot:]] if rot < x.shape[-1] else []  # [T, H, D - R]
+    return jnp.concatenate(rotated + passed, axis=-1).astype(x.dtype)
 
 
 # (layer index, sliding window, q [T, Hq, D], k/v [T, Hkv, D], carry) -> (out [T, Hq, D], carry)
@@ -194,7 +200,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
-    inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, D/2]
+    inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, rotary_dim / 2]
     rope_factors = np.array([cfg.rope_attention_factor(), cfg.rope_attention_factor(local=True)])  # [2]
     windowed = np.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
     lora = lora or {}

@@ -50,6 +50,10 @@ GEMMA_NAMES = {
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+# Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
+PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
+    "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
+}
 
 
 def read_hf_config(directory: str) -> LlamaConfig:
@@ -119,8 +123,9 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
 
 
 def hf_names(cfg: LlamaConfig) -> dict[str, str]:
-    """The HF tensor names of an architecture's weights (our key -> name, `{i}` the layer, `{e}` the expert)."""
-    return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES}.get(
+    """The HF tensor names of an architecture's weights (our key, or a fused one, -> name, `{i}` the layer, `{e}` the
+    expert)."""
+    return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -2,8 +2,9 @@
 
 Each loader supplies a name table (our key -> its tensor name, `{i}` for the layer, `{e}` for the expert where a
 checkpoint stores experts one by one) and a reader that returns a tensor by name in torch orientation ([out, in],
-or [E, out, in] for experts stored together); `assemble` transposes matrices for x @ W, stacks experts on their own
-axis and layers on axis 0, adds biases when the config has them, and drops `lm_head` when it is tied.
+or [E, out, in] for experts stored together); `assemble` cuts fused projections into their parts, transposes matrices
+for x @ W, stacks experts on their own axis and layers on axis 0, adds biases when the config has them, and drops
+`lm_head` when it is tied.
 """
 from __future__ import annotations
 
@@ -20,6 +21,16 @@ QK_NORM_KEYS = ("q_norm", "k_norm")
 SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", *MOE_KEYS, SHARED_GATE})
+# Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj), their output rows stacked in this
+# order. A fused key in a name table takes the place of its parts; the model keeps the parts (no change to the forward).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
+    """The output rows of each part of a fused tensor."""
+    if fused == "wqkv":
+        return cfg.q_size, cfg.kv_size, cfg.kv_size
+    return cfg.mlp_intermediate_size, cfg.mlp_intermediate_size
 
 
 def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
@@ -33,9 +44,11 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
 
 def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any) -> dict:
     """`read(key, tensor_name)` -> a float array (any float dtype) in torch orientation; returns the pytree in `dtype`.
+    `key` is ours, or a FUSED key for a fused tensor.
 
     Each stacked weight is allocated once in `dtype` and filled a layer at a time, so the host holds the weights in
-    `dtype` plus one layer's tensor, never a float32 copy of the whole checkpoint."""
+    `dtype` plus one layer's tensor, never a float32 copy of the whole checkpoint (a fused tensor is read once per
+    layer and cut into its parts)."""
 
     def load(key: str, i: int | None = None) -> np.ndarray:
         name = names[key]
@@ -45,15 +58,33 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
             arr = read(key, name.format(i=i))
         return np.swapaxes(arr, -1, -2) if key in TRANSPOSED else arr
 
-    def stacked(key: str) -> np.ndarray:
-        first = load(key, 0)
-        out = np.empty((cfg.num_layers, *first.shape), dtype)
-        out[0] = first
-        for i in range(1, cfg.num_layers):
-            out[i] = load(key, i)
+    def load_fused(fused: str, i: int) -> list[np.ndarray]:
+        """Layer i's fused tensor cut into its parts, [in, rows] each."""
+        name = names[fused].format(i=i)
+        arr, rows = read(fused, name), fused_rows(cfg, fused)
+        if arr.shape[0] != sum(rows):
+            raise ValueError(f"tensor {name!r} has {arr.shape[0]} rows, the config needs "
+                             f"{' + '.join(map(str, rows))} ({', '.join(FUSED[fused])})")
+        return [np.swapaxes(part, -1, -2) for part in np.split(arr, np.cumsum(rows)[:-1])]
+
+    def stacked(keys: tuple[str, ...], load_layer: Callable[[int], list[np.ndarray]]) -> dict[str, np.ndarray]:
+        """{key: [L, ...]}, load_layer(i) giving layer i's array of each key."""
+        out = {}
+        for i in range(cfg.num_layers):
+            for key, arr in zip(keys, load_layer(i)):
+                if i == 0:
+                    out[key] = np.empty((cfg.num_layers, *arr.shape), dtype)
+                out[key][i] = arr
         return out
 
-    params = {"embed": load("embed"), "layers": {k: stacked(k) for k in layer_keys(cfg)}, "final_norm": load("final_norm")}
+    layers = {}
+    for key in layer_keys(cfg):
+        fused = next((f for f, parts in FUSED.items() if key in parts and f in names), None)
+        if fused is None:
+            layers |= stacked((key,), lambda i: [load(key, i)])
+        elif key == FUSED[fused][0]:  # the other parts come with it
+            layers |= stacked(FUSED[fused], lambda i: load_fused(fused, i))
+    params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")
     import jax

@@ -60,9 +60,10 @@ class RequestStream:
     the block early aborts the unfinished requests.
     """
 
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str]):
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], final_only: bool = False):
         self._engine = engine
         self.request_ids = request_ids
+        self.final_only = final_only  # only each request's final output is delivered (a non-streaming call)
         self._index = {rid: i for i, rid in enumerate(request_ids)}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -165,9 +166,10 @@ class AsyncEngine:
         return self._accepting and self._thread.is_alive()
 
     # ------------------------------------------------------------------------------ requests
-    def submit(self, requests: Sequence[GenerateRequest], request_id: str) -> RequestStream:
-        """Queues requests `{request_id}-{i}`; await the stream (`async with`) to learn if they were accepted."""
-        stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(requests))])
+    def submit(self, requests: Sequence[GenerateRequest], request_id: str, final_only: bool = False) -> RequestStream:
+        """Queues requests `{request_id}-{i}`; await the stream (`async with`) to learn if they were accepted.
+        final_only: the stream yields each request's final output only (no wake-up of the caller per token)."""
+        stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(requests))], final_only)
         if not self.accepting:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
         else:
@@ -362,7 +364,7 @@ class AsyncEngine:
         batches: dict[asyncio.AbstractEventLoop, list] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is None:
+            if stream is None or (stream.final_only and not out.finished):
                 continue
             if out.finished:
                 del self._streams[out.request_id]

@@ -163,7 +163,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         fmt = ChoiceFormatter(kind, token_text, call_id, body.model, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
                               prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser)
-        stream = engine.submit(reqs, call_id)
+        stream = engine.submit(reqs, call_id, final_only=not body.stream)
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
         try:
@@ -295,7 +295,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         adapter = body.model if body.model in adapters() else None
         reqs = [GenerateRequest(p, SamplingParams.embedding(), body.cache_salt or None, body.priority, adapter)
                 for p in prompts]
-        finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}"))
+        finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}", final_only=True))
         if finals is None:
             return JSONResponse({})
         data = []

@@ -33,6 +33,10 @@ The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
     python scripts/bench.py --workload steps --repeats 5
 
+Changing a live replica's weights: read a checkpoint, swap it in, sleep and wake up (and the bytes sleep frees):
+
+    python scripts/bench.py --workload weight-swap --repeats 5
+
 Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
@@ -422,9 +426,48 @@ def step_times(args) -> None:
         print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")
 
 
+def weight_swap(args) -> None:
+    """What changing a live replica's weights costs, median of --repeats: reading and laying out a checkpoint (the
+    config's own model.path, while serving goes on), the swap itself, sleep (level 1) and wake-up; and the device
+    bytes sleep frees. After each swap, one short request checks that the replica still serves."""
+    import jax
+
+    from engine.config import load_config
+    from engine.engine import LLMEngine
+    from engine.request import SamplingParams
+
+    config = load_config(args.config, args.set_a)
+    engine = LLMEngine(config)
+    probe = SamplingParams(temperature=0, max_tokens=4)
+    times: dict[str, list[float]] = {}
+    freed = []
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        times.setdefault(name, []).append(time.perf_counter() - t0)
+        return out
+
+    for _ in range(args.repeats):
+        prepared = timed("read + lay out the checkpoint", lambda: engine.load_weights_for_update(config.model.path))
+        timed("swap (update_weights)", lambda: engine.update_weights(prepared))
+        live = sum(a.nbytes for a in jax.live_arrays())
+        timed("sleep (level 1)", lambda: engine.sleep(1))
+        freed.append(live - sum(a.nbytes for a in jax.live_arrays()))
+        timed("wake_up", engine.wake_up)
+        engine.add_request("Hello", probe)
+        timed("first request after (4 tokens)", lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
+    print(f"\nweights of {config.model.path} ({jax.numpy.dtype(engine.dtype).name}, quantization {config.model.quantization}), "
+          f"median of {args.repeats}:")
+    for name, values in times.items():
+        print(f"  {name:<34} {statistics.median(values) * 1e3:9.1f} ms")
+    print(f"  {'device bytes freed by sleep':<34} {statistics.median(freed) / 2**20:9.1f} MiB")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps"], required=True)
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps",
+                                           "weight-swap"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     ap.add_argument("--set-a", nargs="*", default=[], metavar="KEY=VALUE")
@@ -469,6 +512,9 @@ def main(argv=None) -> int:
         return 0
     if args.workload == "steps":
         step_times(args)
+        return 0
+    if args.workload == "weight-swap":
+        weight_swap(args)
         return 0
 
     runs: dict[str, list[dict]] = {}

@@ -1,7 +1,9 @@
-"""scripts/bench.py end to end on a synthetic model: two configurations side by side, one table."""
+"""scripts/bench.py end to end: on a synthetic model, two configurations side by side, one table; the weight-swap timings on SmolLM2."""
 from __future__ import annotations
 
 import json
+
+import pytest
 
 from scripts import bench
 
@@ -59,3 +61,16 @@ def test_decode_with_random_lora_adapters_in_b(capsys):
     assert rc == 0
     out = capsys.readouterr().out
     assert out.count("pure-decode steps") == 2 and "lora.adapters.lora1=" in out
+
+
+@pytest.mark.slow
+def test_weight_swap_reports_each_phase(capsys):
+    rc = bench.main(["--workload", "weight-swap", "--repeats", "1", "--set-a", "model.max_model_len=256",
+                     "cache.num_pages=64", "warmup=false"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for phase in ("read + lay out the checkpoint", "swap (update_weights)", "sleep (level 1)", "wake_up",
+                  "first request after (4 tokens)", "device bytes freed by sleep"):
+        assert phase in out
+    freed = float(out.split("device bytes freed by sleep")[1].split()[0])
+    assert freed > 100  # MiB: SmolLM2's weights (f32, ~540 MiB) and its KV cache leave the device

@@ -205,8 +205,8 @@ class AsyncEngine:
     async def load_adapter(self, name: str, path: str) -> None:
         """`LLMEngine.load_adapter`: the files read off the engine thread, the slot filled between steps."""
         loop = asyncio.get_running_loop()
-        weights, digest = await loop.run_in_executor(None, self.engine._read_adapter, path)
-        await self._on_engine_thread(lambda: self.engine._install_adapter(name, weights, digest))
+        weights, digest = await loop.run_in_executor(None, self.engine.adapters.read, path)
+        await self._on_engine_thread(lambda: self.engine.install_adapter(name, weights, digest))
 
     async def unload_adapter(self, name: str) -> None:
         await self._on_engine_thread(lambda: self.engine.unload_adapter(name))

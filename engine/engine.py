@@ -32,6 +32,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels import kv_quant
 from engine import multihost, structured
+from engine.adapters import AdapterSlots
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.config import ConfigKeyError, EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
@@ -158,17 +159,14 @@ class LLMEngine:
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=num_host_pages, window=self.model_cfg.sliding_window or 0,
                                    num_window_pages=num_window_pages)
-        # LoRA slots: slot i holds adapter i + 1 of the stacked weights (None: empty, lora.max_adapters), with the host
-        # copy it was stacked from and a digest of its files (a name reloaded with other weights empties the cache).
-        self.adapters: list[str | None] = list(config.lora.adapters)
-        self.adapters += [None] * (config.lora.max_adapters - len(self.adapters))
-        self._adapter_weights: list[dict | None] = [None] * len(self.adapters)
-        self._adapter_digests: dict[str, str] = {}
+        if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
+            raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
+        self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
-                                  lora=self._load_adapters(config), num_window_pages=num_window_pages)
+                                  lora=self.adapters.stacked(), num_window_pages=num_window_pages)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -228,86 +226,34 @@ class LLMEngine:
                                  f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")
         return num_pages, num_window
 
-    def _load_adapters(self, config: EngineConfig) -> dict:
-        """The configured LoRA adapters (and empty slots), stacked for the step ({} without any)."""
-        if not self.adapters:
-            return {}
-        if config.parallel.num_processes > 1:
-            raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
-        for i, (name, path) in enumerate(config.lora.adapters.items()):
-            self._adapter_weights[i], self._adapter_digests[name] = self._read_adapter(path)
-        if config.lora.adapters:
-            log.info("LoRA adapters: %s", ", ".join(config.lora.adapters))
-        return self._stacked_adapters()
-
-    def _read_adapter(self, path: str) -> tuple[dict, str]:
-        """A PEFT adapter directory -> (its weights in this replica's layout, a digest of its files)."""
-        import hashlib
-
-        from models import lora
-
-        path = resolve_path(path)
-        adapter = lora.load_peft_adapter(path, self._loaded_cfg)
-        max_rank = self.config.lora.max_rank or 16
-        if self.config.lora.max_adapters and lora.rank(adapter) > max_rank:
-            raise ValueError(f"LoRA adapter {path}: rank {lora.rank(adapter)} is over lora.max_rank={max_rank}")
-        digest = hashlib.blake2b(digest_size=16)
-        for name in ("adapter_config.json", "adapter_model.safetensors"):
-            with open(os.path.join(path, name), "rb") as f:
-                digest.update(f.read())
-        [adapter] = sharding.prepare_lora_for_tensor_parallel(self._loaded_cfg, [adapter], self.config.parallel.tensor)
-        return adapter, digest.hexdigest()
-
-    def _stacked_adapters(self) -> dict:
-        from models import lora
-
-        dynamic = self.config.lora.max_adapters > 0
-        stacked = lora.stack_adapters(self._adapter_weights, self.model_cfg, self.dtype, every_projection=dynamic,
-                                      max_rank=(self.config.lora.max_rank or 16) if dynamic else 0)
-        return sharding.shard_lora(stacked, self.mesh) if self.mesh is not None else stacked
-
     @property
     def adapter_names(self) -> list[str]:
         """The LoRA adapters loaded now, by name."""
-        return [name for name in self.adapters if name is not None]
+        return self.adapters.loaded
 
     def load_adapter(self, name: str, path: str) -> None:
         """Serves a PEFT LoRA adapter by `name` from now on, in a free slot (lora.max_adapters), without recompiling:
         the stacked weights keep their shapes. Its requests' cache namespace is its name: pages cached for an earlier
         adapter of that name are used again if its files are the same, and the whole cache is emptied if they
         differ. ValueError names what is wrong (no slot, rank over lora.max_rank, a bad adapter, the name taken)."""
-        self._install_adapter(name, *self._read_adapter(path))
+        self.install_adapter(name, *self.adapters.read(path))
 
-    def _install_adapter(self, name: str, weights: dict, digest: str) -> None:
-        if not self.config.lora.max_adapters:
-            raise ValueError("loading LoRA adapters while serving needs lora.max_adapters (slots) > 0")
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"LoRA adapter names must be non-empty without '/', got {name!r}")
-        if name in self.adapters:
-            raise ValueError(f"a LoRA adapter named {name!r} is already loaded; unload it first")
-        if None not in self.adapters:
-            raise ValueError(f"all lora.max_adapters={len(self.adapters)} slots are taken "
-                             f"({', '.join(self.adapter_names)}); unload one first")
-        if self._adapter_digests.get(name, digest) != digest:  # its old pages hold K/V of other weights
+    def install_adapter(self, name: str, weights: dict, digest: str) -> None:
+        """load_adapter with the files already read (`self.adapters.read`, off the engine thread)."""
+        if self.adapters.install(name, weights, digest):  # its old pages hold K/V of other weights
             self.scheduler.reset_cache()
             log.warning("LoRA adapter %r reloaded with other weights: prefix cache emptied", name)
-        slot = self.adapters.index(None)
-        self.adapters[slot], self._adapter_weights[slot] = name, weights
-        self._adapter_digests[name] = digest
-        self.runner.lora = self._stacked_adapters()
-        log.info("LoRA adapter %r loaded (slot %d of %d)", name, slot + 1, len(self.adapters))
+        self.runner.lora = self.adapters.stacked()
 
     def unload_adapter(self, name: str) -> None:
         """Frees `name`'s slot. ValueError if no adapter has that name, or requests of it are unfinished."""
-        if name not in self.adapters:
-            raise ValueError(f"no LoRA adapter named {name!r} (loaded: {', '.join(self.adapter_names) or 'none'})")
-        slot = self.adapters.index(name)
-        users = sum(1 for seq in (*self.scheduler.running, *self.scheduler.waiting) if seq.adapter == slot + 1)
+        self.adapters.check_loaded(name)
+        users = sum(1 for seq in (*self.scheduler.running, *self.scheduler.waiting)
+                    if seq.adapter == self.adapters.id_of(name))
         if users:
             raise ValueError(f"LoRA adapter {name!r} has {users} unfinished requests; unload it when they are done")
-        self.adapters[slot], self._adapter_weights[slot] = None, None
-        self.runner.lora = self._stacked_adapters()
-        log.info("LoRA adapter %r unloaded", name)
+        self.adapters.remove(name)
+        self.runner.lora = self.adapters.stacked()
 
     # ------------------------------------------------------------------------------ requests
     def add_request(
@@ -346,7 +292,7 @@ class LLMEngine:
             raise RequestError(f"cache namespace (cache_salt) must not start with {ADAPTER_NAMESPACE!r}")
         namespace = cache_namespace(namespace, adapter)
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed,
-                       priority=priority, adapter=0 if adapter is None else self.adapters.index(adapter) + 1)
+                       priority=priority, adapter=self.adapters.id_of(adapter))
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
         if params.prompt_logprobs is not None:

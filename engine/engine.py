@@ -34,14 +34,14 @@ from pallas_kernels import kv_quant
 from engine import multihost, structured
 from engine.adapters import AdapterSlots
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
+from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page
 from engine.scheduler import Scheduler
 from engine.window_pages import slots_per_sequence
-from models import llama, quant, sharding
-from models.loader import load_weights, resolve_path, tokenizer_source
-from models.safetensors_loader import params_from_state_dict
+from models import sharding
+from models.loader import load_weights, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
@@ -121,14 +121,13 @@ class LLMEngine:
             self.model_cfg = dataclasses.replace(self.model_cfg, moe_grouped=grouped)
         if config.model.smoothquant_alpha > 0 and config.model.quantization == "w8a8" and config.lora.adapters:
             log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
-        params = self._runtime_params(params, progress)
+        self.weights = ReplicaWeights(config, self._loaded_cfg, self.model_cfg, self.dtype, self.mesh, self.tokenizer,
+                                      params, progress)
+        del params
         if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
             self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
-        self.params = self._place(params)
-        self._param_avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         self.weights_version = 0  # update_weights counts up
         self.sleep_level = 0  # sleep(): 1 weights in host memory, 2 weights dropped; the KV cache freed at both
-        self._host_params = None  # the weights while asleep at level 1
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
         # float8 kept as their bits.
         kind = config.cache.kv_dtype
@@ -181,24 +180,10 @@ class LLMEngine:
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
 
-    def _runtime_params(self, params: dict, progress: bool) -> dict:
-        """Loaded weights (host arrays, `self.dtype`) -> the layout the step reads, still on the host: KV heads
-        repeated for tensor parallelism, SmoothQuant folded in, int8 quantization."""
-        model = self.config.model
-        _, params = sharding.prepare_for_tensor_parallel(self._loaded_cfg, params, self.config.parallel.tensor)
-        if model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters:
-            params = self._smooth(params, model.smoothquant_alpha)
-        if model.quantization != "none":
-            t_quant = time.perf_counter()
-            params = quant.quantize_params(params, embeddings=model.quantize_embeddings,
-                                           progress=progress and multihost.is_leader())
-            log.info("int8 weights: projections%s quantized in %.1f s",
-                     ", embeddings and LM head" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
-        return params
-
-    def _place(self, params: dict) -> dict:
-        """Host weights -> device arrays: split across the mesh, or on the one device."""
-        return sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
+    @property
+    def params(self) -> dict | None:
+        """The weights on the devices (None while asleep)."""
+        return self.weights.params
 
     def _cache_sizes(self, config: EngineConfig, page_bytes: int) -> tuple[int, int]:
         """(pages, window slots) of the KV cache. A model mixing windowed and global layers gets a hybrid cache
@@ -437,55 +422,27 @@ class LLMEngine:
         return before - self.scheduler.tree.num_cached_pages
 
     # ------------------------------------------------------------------------------ weight updates
-    def load_weights_for_update(self, source, progress: bool = False) -> "PreparedWeights":
-        """New weights for `update_weights`, read and checked while the engine keeps serving: `source` is a checkpoint
-        path (any `model.path` form; its config must equal the served one), a pytree in the layout `load_weights`
-        returns, or HF tensor names -> arrays (`model.layers.0.self_attn.q_proj.weight`, ...; a trainer's state
-        dict; numpy or JAX arrays). -> host arrays in the layout the step reads (quantized as `model.quantization`
-        says)."""
-        if self.config.parallel.num_processes > 1:
-            raise ValueError("update_weights is not supported with parallel.num_processes > 1")
-        cfg = self._loaded_cfg
-        if isinstance(source, str):
-            loaded_cfg, params = load_weights(source, self.dtype)
-            differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
-            if differ:
-                name = differ[0]
-                raise ValueError(f"{source}: its {name}={getattr(loaded_cfg, name)!r}, the served model's is "
-                                 f"{getattr(cfg, name)!r}; update_weights takes weights of the same architecture")
-        elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head."))
-                                                           for k in source):
-            params = params_from_state_dict(cfg, source, self.dtype)
-        else:
-            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
-        llama.check_params(cfg, params, "update_weights")
-        return PreparedWeights(self._runtime_params(params, progress))
+    def load_weights_for_update(self, source, progress: bool = False) -> PreparedWeights:
+        """New weights for `update_weights`, read and laid out while the engine keeps serving (`ReplicaWeights.read`:
+        a checkpoint path, a pytree in `load_weights`' layout, or an HF-named state dict)."""
+        return self.weights.read(source, progress)
 
     def update_weights(self, source, progress: bool = False) -> float:
         """Serves new weights from now on, without recompiling (same shapes and dtypes, same step functions); the
         prefix cache is emptied, since its K/V came from the old weights. `source`: as `load_weights_for_update` takes,
         or what it returned. Only between requests: with requests unfinished, a ValueError says so (the server waits
-        for them first). LoRA adapters stay as they are. -> seconds taken."""
+        for them first). Asleep, the weights wait in host memory for `wake_up`. LoRA adapters stay as they are.
+        -> seconds taken."""
         t0 = time.perf_counter()
         if self.has_unfinished():
             raise ValueError(f"update_weights: {len(self.scheduler.running) + len(self.scheduler.waiting)} requests are "
                              "unfinished; update between batches, or abort them first")
-        host = source if isinstance(source, PreparedWeights) else self.load_weights_for_update(source, progress)
-        old = dict(jax.tree_util.tree_flatten_with_path(self._param_avals)[0])
-        new = jax.tree_util.tree_flatten_with_path(host.params)[0]
-        if len(new) != len(old):
-            raise ValueError(f"update_weights: {len(new)} tensors, the served weights have {len(old)}")
-        for path, arr in new:
-            have = old.get(path)
-            if have is None or have.shape != arr.shape or have.dtype != arr.dtype:
-                raise ValueError(f"update_weights: tensor {jax.tree_util.keystr(path)} is {arr.dtype}{list(arr.shape)}, the "
-                                 f"served one {'missing' if have is None else f'{have.dtype}{list(have.shape)}'}")
-        self.params = self.runner.params = None  # the old weights leave the device before the new arrive
-        self._host_params = None
-        if self.sleep_level:  # asleep: the new weights wait in host memory for wake_up (level 1 from now on)
-            self._host_params, self.sleep_level = host.params, 1
-        else:
-            self.params = self.runner.params = self._place(host.params)
+        new = source if isinstance(source, PreparedWeights) else self.weights.read(source, progress)
+        self.weights.check(new)
+        self.runner.params = None  # the old weights leave the device before the new arrive
+        self.weights.swap(new)
+        self.runner.params = self.weights.params
+        self.sleep_level = min(self.sleep_level, 1)  # asleep without weights no more
         self.scheduler.reset_cache()
         self.weights_version += 1
         seconds = time.perf_counter() - t0
@@ -506,10 +463,11 @@ class LLMEngine:
                              "unfinished; sleep between batches, or abort them first")
         t0 = time.perf_counter()
         self.scheduler.reset_cache()
-        self._host_params = jax.device_get(self.params) if level == 1 else None
-        for array in (*jax.tree.leaves(self.params), *self.runner.kv):
+        self.runner.params = None
+        self.weights.offload(keep=level == 1)
+        for array in self.runner.kv:
             array.delete()  # now, not when the last reference goes
-        self.params = self.runner.params = self.runner.kv = None
+        self.runner.kv = None
         self.sleep_level = level
         log.info("asleep (level %d) in %.1f s: KV cache%s freed", level, time.perf_counter() - t0,
                  " and weights (kept in host memory)" if level == 1 else " and weights")
@@ -519,12 +477,11 @@ class LLMEngine:
         the replica then serves as before it slept."""
         if not self.sleep_level:
             return
-        if self._host_params is None:
-            raise ValueError("asleep at level 2 without weights: update_weights first, then wake_up")
         t0 = time.perf_counter()
-        self.params = self.runner.params = self._place(self._host_params)
+        self.weights.restore()
+        self.runner.params = self.weights.params
         self.runner.kv = self.runner._allocate_kv()
-        self._host_params, self.sleep_level = None, 0
+        self.sleep_level = 0
         log.info("awake in %.1f s", time.perf_counter() - t0)
 
     def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
@@ -613,21 +570,6 @@ class LLMEngine:
             self.runner.followers.stop()
             self.runner.followers = None
 
-    def _smooth(self, params: dict, alpha: float) -> dict:
-        """SmoothQuant for W8A8: each projection group's largest |input| per channel over built-in calibration text,
-        then the smoothing folded into the float weights (models/quant.smooth_params)."""
-        t0 = time.perf_counter()
-        device_params = jax.device_put(params)
-        float_cfg = dataclasses.replace(self.model_cfg, int8_activations=False)  # the weights are not quantized yet
-        amax = None
-        for ids in quant.calibration_ids(self.tokenizer):
-            a = llama.activation_amax(device_params, float_cfg, jnp.asarray(ids, jnp.int32))
-            amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
-        del device_params
-        params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)
-        log.info("w8a8: SmoothQuant (alpha %.2f) calibrated in %.1f s", alpha, time.perf_counter() - t0)
-        return params
-
     def drain_cache_events(self):
         """Pages stored in / removed from the radix cache, and from its host tier, since the last call (for the
         router feed). The engine keeps events only from the first call on, which reports what the cache holds then:
@@ -670,13 +612,6 @@ class LLMEngine:
 
 class EngineAsleep(RequestError):
     """A request sent while the engine sleeps (LLMEngine.sleep)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class PreparedWeights:
-    """Weights `LLMEngine.load_weights_for_update` read, checked and laid out (host arrays), for `update_weights`."""
-
-    params: dict
 
 
 @dataclasses.dataclass

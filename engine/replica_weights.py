@@ -1,0 +1,134 @@
+"""A replica's weights: laid out for the step and placed on its devices at start-up, new ones read and swapped in
+while it serves, moved off the devices while it sleeps.
+
+The layout pipeline is one for all three (`prepare`): KV heads repeated for tensor parallelism, SmoothQuant folded
+in (w8a8), int8 quantization; then `place` splits them over the mesh with the same shardings every time. New
+weights are checked against the abstract shapes and dtypes of the ones placed at start-up, so the compiled steps
+run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the engine's
+business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from engine import multihost
+from engine.config import EngineConfig
+from models import llama, quant, sharding
+from models.config import LlamaConfig
+from models.loader import load_weights
+from models.safetensors_loader import params_from_state_dict
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedWeights:
+    """Weights `ReplicaWeights.read` read, checked and laid out (host arrays), ready to swap in."""
+
+    params: dict
+
+
+class ReplicaWeights:
+    def __init__(self, config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: LlamaConfig, dtype, mesh, tokenizer,
+                 params: dict, progress: bool):
+        """loaded_cfg: the checkpoint's config (new weights must match it); model_cfg: the one the step runs, before
+        int8 activations (SmoothQuant calibrates the float model); params: the loaded weights (host arrays)."""
+        self.config, self.loaded_cfg, self.model_cfg = config, loaded_cfg, model_cfg
+        self.dtype, self.mesh, self.tokenizer = dtype, mesh, tokenizer
+        self.params: dict | None = self.place(self.prepare(params, progress))
+        self.avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
+        self.host: dict | None = None  # off the devices (asleep): the weights to put back, if kept
+
+    def prepare(self, params: dict, progress: bool) -> dict:
+        """Loaded weights (host arrays, `dtype`) -> the layout the step reads, still on the host."""
+        model = self.config.model
+        _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
+        if model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters:
+            params = self._smooth(params, model.smoothquant_alpha)
+        if model.quantization != "none":
+            t_quant = time.perf_counter()
+            params = quant.quantize_params(params, embeddings=model.quantize_embeddings,
+                                           progress=progress and multihost.is_leader())
+            log.info("int8 weights: projections%s quantized in %.1f s",
+                     ", embeddings and LM head" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
+        return params
+
+    def place(self, params: dict) -> dict:
+        """Host weights -> device arrays: split across the mesh, or on the one device."""
+        return sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
+
+    def read(self, source, progress: bool = False) -> PreparedWeights:
+        """New weights, read and laid out while the replica serves: `source` is a checkpoint path (any `model.path`
+        form; its config must equal the served one), a pytree in the layout `load_weights` returns, or HF tensor names
+        -> arrays (`model.layers.0.self_attn.q_proj.weight`, ...; a trainer's state dict; numpy or JAX arrays)."""
+        if self.config.parallel.num_processes > 1:
+            raise ValueError("update_weights is not supported with parallel.num_processes > 1")
+        cfg = self.loaded_cfg
+        if isinstance(source, str):
+            loaded_cfg, params = load_weights(source, self.dtype)
+            differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
+            if differ:
+                name = differ[0]
+                raise ValueError(f"{source}: its {name}={getattr(loaded_cfg, name)!r}, the served model's is "
+                                 f"{getattr(cfg, name)!r}; update_weights takes weights of the same architecture")
+        elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head."))
+                                                           for k in source):
+            params = params_from_state_dict(cfg, source, self.dtype)
+        else:
+            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
+        llama.check_params(cfg, params, "update_weights")
+        return PreparedWeights(self.prepare(params, progress))
+
+    def check(self, new: PreparedWeights) -> None:
+        """ValueError naming a tensor whose shape or dtype is not the served one's."""
+        old = dict(jax.tree_util.tree_flatten_with_path(self.avals)[0])
+        flat = jax.tree_util.tree_flatten_with_path(new.params)[0]
+        if len(flat) != len(old):
+            raise ValueError(f"update_weights: {len(flat)} tensors, the served weights have {len(old)}")
+        for path, arr in flat:
+            have = old.get(path)
+            if have is None or have.shape != arr.shape or have.dtype != arr.dtype:
+                raise ValueError(f"update_weights: tensor {jax.tree_util.keystr(path)} is {arr.dtype}{list(arr.shape)}, the "
+                                 f"served one {'missing' if have is None else f'{have.dtype}{list(have.shape)}'}")
+
+    def swap(self, new: PreparedWeights) -> None:
+        """Serves `new` (checked) from now on: placed at once, or kept in host memory while off the devices. Nothing
+        else may hold the old arrays, or the device holds both for a moment."""
+        if self.params is None:
+            self.host = new.params
+        else:
+            self.params = None  # the old weights leave the device before the new arrive
+            self.params = self.place(new.params)
+
+    def offload(self, keep: bool) -> None:
+        """Off the devices now (deleted, not left to the last reference), kept in host memory if `keep`."""
+        self.host = jax.device_get(self.params) if keep else None
+        for array in jax.tree.leaves(self.params):
+            array.delete()
+        self.params = None
+
+    def restore(self) -> None:
+        """Back on the devices; ValueError if none were kept (and none swapped in since)."""
+        if self.host is None:
+            raise ValueError("asleep at level 2 without weights: update_weights first, then wake_up")
+        self.params, self.host = self.place(self.host), None
+
+    def _smooth(self, params: dict, alpha: float) -> dict:
+        """SmoothQuant for W8A8: each projection group's largest |input| per channel over built-in calibration text,
+        then the smoothing folded into the float weights (models/quant.smooth_params)."""
+        t0 = time.perf_counter()
+        device_params = jax.device_put(params)
+        amax = None
+        for ids in quant.calibration_ids(self.tokenizer):
+            a = llama.activation_amax(device_params, self.model_cfg, jnp.asarray(ids, jnp.int32))
+            amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
+        del device_params
+        params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)
+        log.info("w8a8: SmoothQuant (alpha %.2f) calibrated in %.1f s", alpha, time.perf_counter() - t0)
+        return params

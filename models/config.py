@@ -6,7 +6,7 @@ scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied em
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
 global one, each kind with its own RoPE base) and Phi-3 / Phi-4-mini (LongRoPE, partial rotary embeddings), GQA of
 any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
-LongRoPE. Unsupported architectures fail here, naming the source and the field.
+LongRoPE (models/rope.py). Unsupported architectures fail here, naming the source and the field.
 """
 from __future__ import annotations
 
@@ -16,83 +16,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from models import rope
+from models.errors import ConfigError
+from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: models.config.ROPE_TYPES)
+
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
                            "phi3")
 HIDDEN_ACTS = ("silu", "gelu_tanh")
-ROPE_TYPES = ("llama3", "linear", "yarn", "longrope")  # RopeScaling.rope_type
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
-
-
-class ConfigError(ValueError):
-    """A model configuration that names an unsupported or inconsistent setting."""
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class RopeScaling:
-    """How a checkpoint stretched RoPE past its pretraining context: Llama 3's frequency-dependent scaling
-    (`llama3`), plain `linear` scaling, YaRN (`yarn`: long wavelengths divided by `factor`, short ones kept, a
-    ramp between, and cos and sin multiplied by an attention factor) or LongRoPE (`longrope`, Phi-3: a divisor per
-    frequency, from one of two lists, and an attention factor)."""
-
-    rope_type: str  # one of ROPE_TYPES
-    factor: float
-    low_freq_factor: float = 1.0  # llama3
-    high_freq_factor: float = 4.0  # llama3
-    original_max_position: int = 8192  # llama3, yarn, longrope: the pretraining context
-    # yarn: pairs turning more than beta_fast times over the original context keep their frequency, those under
-    # beta_slow turns are interpolated; `truncate` rounds the ramp's ends out to whole pairs.
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    truncate: bool = True
-    # yarn, longrope: what cos and sin are multiplied by; None: derived from factor (and yarn's mscale /
-    # mscale_all_dim, DeepSeek's pair, where both are set): LlamaConfig.rope_attention_factor.
-    attention_factor: float | None = None
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    # longrope: [rotary_dim // 2] divisors of the inverse frequencies, for short and for long contexts
-    # (longrope_factors says which); `factor` only sets the attention factor.
-    short_factor: tuple[float, ...] = ()
-    long_factor: tuple[float, ...] = ()
-
-    def __post_init__(self):
-        if self.rope_type not in ROPE_TYPES:
-            raise ConfigError(f"rope_scaling.rope_type={self.rope_type!r} is not supported ({', '.join(ROPE_TYPES)})")
-        if self.factor <= 0:
-            raise ConfigError(f"rope_scaling.factor must be > 0, got {self.factor}")
-        if self.original_max_position <= 0:
-            raise ConfigError(f"rope_scaling.original_max_position must be > 0, got {self.original_max_position}")
-        if self.attention_factor is not None and self.attention_factor <= 0:
-            raise ConfigError(f"rope_scaling.attention_factor must be > 0, got {self.attention_factor}")
-        for name in ("short_factor", "long_factor"):
-            factors = tuple(float(f) for f in getattr(self, name))  # hashable: the config is a static jit argument
-            object.__setattr__(self, name, factors)
-            if self.rope_type == "longrope" and not factors:
-                raise ConfigError(f"rope_scaling.{name} is required for longrope")
-            bad = next((f for f in factors if not 0 < f < math.inf), None)
-            if bad is not None:
-                raise ConfigError(f"rope_scaling.{name} must be finite and > 0, got {bad}")
-        if self.rope_type != "yarn":
-            return
-        if self.beta_slow <= 0:
-            raise ConfigError(f"rope_scaling.beta_slow must be > 0, got {self.beta_slow}")
-        if self.beta_fast < self.beta_slow:
-            raise ConfigError(f"rope_scaling.beta_fast must be >= beta_slow={self.beta_slow}, got {self.beta_fast}")
-
-    def longrope_factors(self, context_len: int) -> tuple[float, ...]:
-        """LongRoPE's divisors for a model that serves up to `context_len` positions: the long factors when that
-        exceeds the pretraining context (original_max_position), else the short ones.
-
-        NOTE: chosen once per model, from the context it serves (as llama.cpp does, by its context size), never per
-        sequence. transformers picks by the length of the sequence in hand, so a sequence that grows past
-        original_max_position switches tables while its cached keys keep the other one's rotation; a paged KV
-        cache shared across lengths cannot do that. So a 128k Phi-3 uses its long factors at every length, where
-        transformers uses the short ones on sequences up to original_max_position (the two agree past it)."""
-        return self.long_factor if context_len > self.original_max_position else self.short_factor
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -157,19 +93,8 @@ class LlamaConfig:
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
-        if not 0 < self.partial_rotary_factor <= 1 or self.rotary_dim % 2 or not self.rotary_dim:
-            raise ConfigError(f"partial_rotary_factor={self.partial_rotary_factor} must be in (0, 1] and leave an even "
-                              f"number of rotary dims > 0 (head_dim={self.head_dim}: {self.rotary_dim})")
-        if self.rope_scaling is not None and self.rope_scaling.rope_type == "longrope":
-            for name in ("short_factor", "long_factor"):
-                self._check_num_pairs(f"rope_scaling.{name}", len(getattr(self.rope_scaling, name)))
-        if self.rope_freq_factors is not None:
-            factors = tuple(float(f) for f in self.rope_freq_factors)  # hashable: the config is a static jit argument
-            object.__setattr__(self, "rope_freq_factors", factors)
-            self._check_num_pairs("rope_freq_factors (GGUF tensor 'rope_freqs.weight')", len(factors))
-            if not all(0 < f < math.inf for f in factors):
-                raise ConfigError(f"rope_freq_factors (GGUF tensor 'rope_freqs.weight') must be finite and > 0, got "
-                                  f"{next(f for f in factors if not 0 < f < math.inf)}")
+        object.__setattr__(self, "rope_freq_factors", rope.check(self.head_dim, self.partial_rotary_factor,
+                                                                 self.rope_scaling, self.rope_freq_factors))
         if self.sliding_layers:
             if len(self.sliding_layers) != self.num_layers:
                 raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
@@ -181,16 +106,10 @@ class LlamaConfig:
             if self.moe_intermediate_size <= 0:
                 raise ConfigError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
 
-    def _check_num_pairs(self, field: str, n: int) -> None:
-        """A per-frequency list must have one value per rotated pair."""
-        if n != self.rotary_dim // 2:
-            partial = f" x partial_rotary_factor={self.partial_rotary_factor}" if self.partial_rotary_factor != 1 else ""
-            raise ConfigError(f"{field} has {n} values, head_dim={self.head_dim}{partial} needs {self.rotary_dim // 2}")
-
     @property
     def rotary_dim(self) -> int:
         """The dims of each q/k head RoPE turns, the first ones (as transformers rounds: down)."""
-        return int(self.head_dim * self.partial_rotary_factor)
+        return rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
 
     @property
     def sm_scale(self) -> float:
@@ -232,72 +151,23 @@ class LlamaConfig:
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
         """[rotary_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
-        divided by rope_freq_factors (as llama.cpp divides by rope_freqs).
+        divided by rope_freq_factors (as llama.cpp divides by rope_freqs); rope.inverse_frequencies computes them.
 
         local: those of the sliding-window layers (their own base, never scaled, as in Gemma 3)."""
-        inv_freq = self._scaled_inv_freq(local)
-        if self.rope_freq_factors is None or (local and self.rope_local_theta):  # as _layer_rope_scaling
-            return inv_freq
-        return inv_freq / np.asarray(self.rope_freq_factors, np.float64)
-
-    def _scaled_inv_freq(self, local: bool) -> np.ndarray:
-        """rope_inv_freq before rope_freq_factors."""
-        theta = self.rope_local_theta if local and self.rope_local_theta else self.rope_theta
-        dim = self.rotary_dim
-        inv_freq = 1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
-        s = self._layer_rope_scaling(local)
-        if s is None:
-            return inv_freq
-        if s.rope_type == "linear":
-            return inv_freq / s.factor
-        if s.rope_type == "longrope":
-            return inv_freq / np.asarray(s.longrope_factors(self.max_position), np.float64)
-        if s.rope_type == "yarn":
-            # Pair i turns original_max_position * inv_freq[i] / 2pi times over the original context; a pair
-            # turning more than beta_fast times keeps its frequency, one turning under beta_slow times is divided
-            # by `factor`, and a linear ramp over the pair index joins the two (its ends clamped as transformers does).
-            def pair_turning(turns):
-                return dim * math.log(s.original_max_position / (turns * 2 * math.pi)) / (2 * math.log(theta))
-
-            low, high = pair_turning(s.beta_fast), pair_turning(s.beta_slow)
-            if s.truncate:
-                low, high = math.floor(low), math.ceil(high)
-            low, high = max(low, 0), min(high, dim - 1)
-            if low == high:
-                high += 0.001
-            ramp = np.clip((np.arange(dim // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
-            return ramp * inv_freq / s.factor + (1 - ramp) * inv_freq
-        # llama3: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
-        low_freq_wavelen = s.original_max_position / s.low_freq_factor
-        high_freq_wavelen = s.original_max_position / s.high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-        scaled = np.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-        mid = (wavelen <= low_freq_wavelen) & (wavelen >= high_freq_wavelen)
-        return np.where(mid, (1 - smooth) * inv_freq / s.factor + smooth * inv_freq, scaled)
+        theta, scaling, freq_factors = self._layer_rope(local)
+        return rope.inverse_frequencies(theta, self.rotary_dim, scaling, freq_factors, context_len=self.max_position)
 
     def rope_attention_factor(self, local: bool = False) -> float:
         """What RoPE's cos and sin are multiplied by (so q and k both, after rotation): YaRN's or LongRoPE's
-        attention factor, 1 otherwise. local: as in rope_inv_freq."""
-        s = self._layer_rope_scaling(local)
-        if s is None or s.rope_type not in ("yarn", "longrope"):
-            return 1.0
-        if s.attention_factor is not None:
-            return s.attention_factor
-        if s.rope_type == "longrope":  # sqrt(1 + ln(factor) / ln(original context)), short factors or long
-            return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(s.original_max_position))
+        attention factor, 1 otherwise (rope.attention_factor). local: as in rope_inv_freq."""
+        return rope.attention_factor(self._layer_rope(local)[1])
 
-        def mscale(m):  # YaRN's 0.1 ln(factor) + 1, its log term weighted by m
-            return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
-
-        # NOTE: `and` on purpose: transformers takes the ratio only when both are set and nonzero.
-        if s.mscale and s.mscale_all_dim:
-            return mscale(s.mscale) / mscale(s.mscale_all_dim)
-        return mscale(1.0)
-
-    def _layer_rope_scaling(self, local: bool) -> RopeScaling | None:
-        """The scaling of the global layers, or of the windowed ones (none where they have their own base)."""
-        return None if local and self.rope_local_theta else self.rope_scaling
+    def _layer_rope(self, local: bool) -> tuple[float, RopeScaling | None, tuple[float, ...] | None]:
+        """(RoPE base, rope_scaling, rope_freq_factors) of the global layers, or of the windowed ones: their own base,
+        never scaled, where they have one."""
+        if local and self.rope_local_theta:
+            return self.rope_local_theta, None, None
+        return self.rope_theta, self.rope_scaling, self.rope_freq_factors
 
     # ---------------------------------------------------------------- sources
     @classmethod
@@ -326,8 +196,8 @@ class LlamaConfig:
                   else None)
         # transformers >= 5 writes `rope_parameters` (rope_theta and partial_rotary_factor inside); older configs
         # `rope_scaling` + top-level `rope_theta`, `partial_rotary_factor`.
-        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_theta = rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -338,8 +208,9 @@ class LlamaConfig:
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
             head_dim=int(head_dim),
             rope_theta=float(rope_theta),
-            rope_scaling=_rope_scaling_from_hf(rope, source, cfg),
-            partial_rotary_factor=float(rope.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 1.0))),
+            rope_scaling=rope.scaling_from_hf(rope_params, source, cfg),
+            partial_rotary_factor=float(rope_params.get("partial_rotary_factor",
+                                                        cfg.get("partial_rotary_factor", 1.0))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
@@ -410,17 +281,9 @@ class LlamaConfig:
                 gemma["attn_soft_cap"] = float(need("attn_logit_softcapping"))
                 gemma["final_soft_cap"] = float(need("final_logit_softcapping"))
         max_position = int(meta.get(f"{arch}.context_length", 4096))
-        rope_scaling = _rope_scaling_from_gguf(meta, arch, source)
+        rope_scaling = rope.scaling_from_gguf(meta, arch, source)
         if longrope_factors is not None:  # llama.cpp's converter writes LongRoPE so (and no rope.scaling.type)
-            key = f"{arch}.rope.scaling."
-            original = meta.get(key + "original_context_length")
-            if not original:
-                raise ConfigError(f"{source}: missing GGUF field {key + 'original_context_length'!r}")
-            attention_factor = meta.get(key + "attn_factor")
-            short, long = (tuple(np.ravel(f).tolist()) for f in longrope_factors)
-            rope_scaling = RopeScaling(
-                "longrope", max_position / int(original), original_max_position=int(original), short_factor=short,
-                long_factor=long, attention_factor=None if attention_factor is None else float(attention_factor))
+            rope_scaling = rope.longrope_from_gguf(meta, arch, source, longrope_factors, context_len=max_position)
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama"}
         cfg = cls(
             architecture=names.get(arch, arch),
@@ -500,9 +363,9 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
     unknown = set(types) - {"sliding_attention", "full_attention"}
     if unknown:
         raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
-    rope = cfg.get("rope_parameters") or {}
-    full = rope.get("full_attention", rope)
-    local = rope.get("sliding_attention", {})
+    rope_params = cfg.get("rope_parameters") or {}
+    full = rope_params.get("full_attention", rope_params)
+    local = rope_params.get("sliding_attention", {})
     hidden = int(need("hidden_size"))
     gemma3 = arch == "gemma3"
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
@@ -516,7 +379,7 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
         num_kv_heads=int(need("num_key_value_heads")),
         head_dim=int(need("head_dim")),
         rope_theta=float(full.get("rope_theta", cfg.get("rope_theta", 1_000_000.0 if gemma3 else 10_000.0))),
-        rope_scaling=_rope_scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
+        rope_scaling=rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", False)),
@@ -532,92 +395,4 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
         attn_soft_cap=float(cfg["attn_logit_softcapping"]) if cfg.get("attn_logit_softcapping") else None,
         final_soft_cap=float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") else None,
-    )
-
-
-def _rope_scaling_from_hf(rs: Mapping[str, Any] | None, source: str, cfg: Mapping[str, Any]) -> RopeScaling | None:
-    """An HF `rope_scaling` / `rope_parameters` dict, read as transformers reads it; `cfg` is the whole
-    config.json (YaRN's and LongRoPE's defaults come from its max_position_embeddings)."""
-    if not rs:
-        return None
-    rope_type = rs.get("rope_type", rs.get("type"))
-    if rope_type in (None, "default"):
-        return None
-    phi3 = cfg.get("model_type") == "phi3"
-    if phi3 and rope_type in ("su", "yarn"):  # transformers reads both as longrope in a Phi-3 config
-        rope_type = "longrope"
-    types = ROPE_TYPES if phi3 else tuple(t for t in ROPE_TYPES if t != "longrope")  # the one family using LongRoPE
-    if rope_type not in types:
-        raise ConfigError(f"{source}: rope_scaling type {rope_type!r} is not supported ({', '.join(types)})")
-    # transformers: a top-level original_max_position_embeddings wins over the dict's (Phi-3's layout), and both
-    # default to max_position_embeddings.
-    max_position = cfg.get("max_position_embeddings")
-    original = cfg.get("original_max_position_embeddings") or rs.get("original_max_position_embeddings") or max_position
-    if rope_type == "llama3":
-        return RopeScaling(
-            "llama3",
-            float(rs["factor"]),
-            float(rs.get("low_freq_factor", 1.0)),
-            float(rs.get("high_freq_factor", 4.0)),
-            int(rs.get("original_max_position_embeddings", 8192)),
-        )
-    if rope_type == "linear":
-        return RopeScaling("linear", float(rs["factor"]))
-    # yarn or longrope
-    if not original:
-        raise ConfigError(f"{source}: {rope_type} rope_scaling needs original_max_position_embeddings")
-    factor = rs.get("factor")  # null: the ratio of the two contexts
-    if factor is None:
-        if not max_position:
-            raise ConfigError(f"{source}: {rope_type} rope_scaling needs factor (or max_position_embeddings)")
-        factor = max_position / original
-
-    def optional(key):
-        return None if rs.get(key) is None else float(rs[key])
-
-    if rope_type == "longrope":
-        for key in ("short_factor", "long_factor"):
-            if not isinstance(rs.get(key), (list, tuple)):
-                raise ConfigError(f"{source}: longrope rope_scaling needs {key} (a list of numbers)")
-        # factor sets the attention factor only; max_position picks short or long (RopeScaling.longrope_factors)
-        return RopeScaling("longrope", float(factor), original_max_position=int(original),
-                           short_factor=tuple(rs["short_factor"]), long_factor=tuple(rs["long_factor"]),
-                           attention_factor=optional("attention_factor"))
-    return RopeScaling(
-        "yarn", float(factor), original_max_position=int(original),
-        beta_fast=float(rs.get("beta_fast") or 32.0), beta_slow=float(rs.get("beta_slow") or 1.0),  # 0 = unset
-        truncate=bool(rs.get("truncate", True)), attention_factor=optional("attention_factor"),
-        mscale=optional("mscale"), mscale_all_dim=optional("mscale_all_dim"),
-    )
-
-
-def _rope_scaling_from_gguf(meta: Mapping[str, Any], arch: str, source: str) -> RopeScaling | None:
-    """`{arch}.rope.scaling.*` as llama.cpp's converter writes it (gguf.Keys.Rope). Llama 3 scaling is no type
-    there (a rope_freqs tensor: LlamaConfig.rope_freq_factors)."""
-    key = f"{arch}.rope.scaling."
-    kind = meta.get(key + "type")
-    if kind in (None, "none"):
-        return None
-    if kind not in ("linear", "yarn"):
-        raise ConfigError(f"{source}: {key}type={kind!r} is not supported (none, linear, yarn)")
-    if key + "factor" not in meta:
-        raise ConfigError(f"{source}: missing GGUF field {key + 'factor'!r}")
-    factor = float(meta[key + "factor"])
-    if kind == "linear":
-        return RopeScaling("linear", factor)
-    if float(meta.get(key + "yarn_ext_factor", 1.0)) != 1.0:  # llama.cpp's weight of the ramp; transformers has none
-        raise ConfigError(f"{source}: {key}yarn_ext_factor={meta[key + 'yarn_ext_factor']} is not supported (1)")
-    original = meta.get(key + "original_context_length") or meta.get(f"{arch}.context_length")
-    if not original:
-        raise ConfigError(f"{source}: missing GGUF field {key + 'original_context_length'!r}")
-    # yarn_log_multiplier is HF's mscale_all_dim with mscale 1 (llama.cpp reads it so for these architectures; its
-    # DeepSeek-style ones store 0.1 x mscale_all_dim instead). yarn_attn_factor is HF's attention_factor.
-    log_mul = float(meta.get(key + "yarn_log_multiplier") or 0.0)
-    attention_factor = meta.get(key + "yarn_attn_factor")
-    return RopeScaling(
-        "yarn", factor, original_max_position=int(original),
-        beta_fast=float(meta.get(key + "yarn_beta_fast") or 32.0),
-        beta_slow=float(meta.get(key + "yarn_beta_slow") or 1.0),
-        attention_factor=None if attention_factor is None else float(attention_factor),
-        mscale=1.0 if log_mul else None, mscale_all_dim=log_mul or None,
     )

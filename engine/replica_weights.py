@@ -29,7 +29,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class PreparedWeights:
-    """Weights `ReplicaWeights.read` read, checked and laid out (host arrays), ready to swap in."""
+    """Weights `ReplicaWeights.read` read, checked and laid out (host arrays, or device arrays a trainer passed),
+    ready to swap in."""
 
     params: dict
 
@@ -60,7 +61,11 @@ class ReplicaWeights:
         return params
 
     def place(self, params: dict) -> dict:
-        """Host weights -> device arrays: split across the mesh, or on the one device."""
+        """Host weights (or device arrays) -> device arrays of their own: split across the mesh, or on the one device.
+        Never the given arrays themselves: a trainer may donate or delete its own, and sleep deletes these."""
+        # NOTE: a copy first: jax.device_put(may_alias=False) to a replicated sharding still shares the source
+        # device's buffer (jax 0.10.2: deleting the result deletes the source).
+        params = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, params)
         return sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
 
     def read(self, source, progress: bool = False) -> PreparedWeights:
@@ -80,10 +85,23 @@ class ReplicaWeights:
         elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head."))
                                                            for k in source):
             params = params_from_state_dict(cfg, source, self.dtype)
+        elif self._stays_on_device(source):
+            # An in-process trainer's arrays: cast where they are, then copied device to device by `place`.
+            params = jax.tree.map(lambda a: a.astype(self.dtype), source)
+            llama.check_params(cfg, params, "update_weights")
+            return PreparedWeights(params)
         else:
             params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
         llama.check_params(cfg, params, "update_weights")
         return PreparedWeights(self.prepare(params, progress))
+
+    def _stays_on_device(self, source) -> bool:
+        """Whether weights given as JAX arrays can skip host memory: `prepare` would leave them as they are (no
+        quantization, no KV heads to repeat for tensor parallelism)."""
+        leaves = jax.tree.leaves(source)
+        tp = self.config.parallel.tensor
+        return (bool(leaves) and all(isinstance(a, jax.Array) for a in leaves)
+                and self.config.model.quantization == "none" and self.loaded_cfg.num_kv_heads % tp == 0)
 
     def check(self, new: PreparedWeights) -> None:
         """ValueError naming a tensor whose shape or dtype is not the served one's."""

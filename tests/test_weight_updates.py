@@ -89,6 +89,25 @@ def test_new_weights_are_served_like_a_fresh_engine_without_recompiling(tokenize
     assert after != before
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_a_trainers_device_arrays_go_device_to_device_and_stay_its_own(tokenizer, tp):
+    """A pytree of JAX arrays on the devices (an in-process trainer's) never passes through host memory (a transfer
+    guard forbids it), is served as a fresh engine serves it, and stays the trainer's: the engine copies, so its sleep
+    (which deletes the engine's arrays) or a donation by the trainer touches nothing of the other's."""
+    cfg = _cfg(tokenizer.vocab_size)
+    config = EngineConfig().replace(**BASE, **{"parallel.tensor": tp})
+    llm = LLM(config, progress=False, model=(cfg, _params(cfg, 20), tokenizer))
+    trained = llama.init_params(cfg, jax.random.key(21), scale=0.5)  # device arrays
+    prompts = _prompts(cfg.vocab_size, 17)
+    with jax.transfer_guard_device_to_host("disallow"):
+        llm.update_weights(trained)
+    assert all(not a.is_deleted() for a in jax.tree.leaves(trained))
+    served = _tokens(llm, prompts)
+    llm.sleep(2)  # deletes the engine's arrays, not the trainer's
+    np.asarray(trained["layers"]["wq"])
+    assert served == _tokens(LLM(config, progress=False, model=(cfg, trained, tokenizer)), prompts)
+
+
 def test_weights_from_a_checkpoint_directory_and_from_an_hf_state_dict(tokenizer, tmp_path):
     cfg = _cfg(tokenizer.vocab_size, attention_bias=True)
     old, new = _params(cfg, 3), _params(cfg, 4)

@@ -347,6 +347,34 @@ def test_server_sleeps_and_wakes(tokenizer):
     assert served.json()["choices"][0]["text"] == awake.json()["choices"][0]["text"]
 
 
+def test_the_rl_example_trains_and_serves_in_one_process_without_recompiling(tokenizer, lowered):
+    """examples/rl_loop.py on a tiny model: rollouts, sleep, a REINFORCE step in JAX, the new weights back as device
+    arrays, wake-up; round after round with no engine step compiled again (warmup compiled them all)."""
+    import importlib.util
+    import os
+
+    import jax.numpy as jnp
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "rl_loop.py")
+    spec = importlib.util.spec_from_file_location("rl_loop", path)
+    rl_loop = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl_loop)
+
+    cfg = _cfg(tokenizer.vocab_size)
+    host = _params(cfg, 30)
+    llm = LLM(EngineConfig().replace(**{**BASE, "warmup": True}), progress=False, model=(cfg, host, tokenizer))
+    lines = []
+    first = rl_loop.run(llm, jax.tree.map(jnp.asarray, host), rl_loop.PROMPTS[:2], "a", steps=1, samples=2,
+                        max_tokens=6, lr=1e-2, log=lines.append)
+    mark = len(lowered())
+    later = rl_loop.run(llm, jax.tree.map(jnp.asarray, host), rl_loop.PROMPTS[:2], "a", steps=2, samples=2,
+                        max_tokens=6, lr=1e-2, log=lines.append)
+    assert len(first) == 1 and len(later) == 2 and len(lines) == 3 and "weights version 3" in lines[-1]
+    assert llm.engine.weights_version == 3 and llm.engine.sleep_level == 0
+    assert [name for name in lowered()[mark:] if "_forward_impl" in name] == []
+    assert llm.generate(["Hello"], GREEDY)[0].token_ids  # it serves on
+
+
 def _serve(app, scenario, api_key: str | None = None):
     """scenario(client) against `app` in this process (started and stopped around it; no socket)."""
     import asyncio

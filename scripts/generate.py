@@ -207,7 +207,6 @@ def _run_lines(args, config, engine, done: set[str], done_lines: set[int], total
             print(f"\ninterrupted: {len(pending)} requests unanswered; run again to resume", file=sys.stderr)
 
 
-
 def _run_openai(args, config, engine, done: set[str], done_lines: set[int], totals: dict, t0: float) -> None:
     """OpenAI's Batch API lines, answered by the server's handlers (engine/openai_batch.py)."""
     import asyncio

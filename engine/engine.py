@@ -127,6 +127,9 @@ class LLMEngine:
         if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
             self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
         self.weights_version = 0  # update_weights counts up
+        # What the weights served came from: model.path, or the last update's path (the router compares it with the
+        # fleet's; "in-process" for arrays given directly).
+        self.weights_source = config.model.path if model is None else "in-process"
         self.sleep_level = 0  # sleep(): 1 weights in host memory, 2 weights dropped; the KV cache freed at both
         # The cache arrays' storage dtype (pallas_kernels/kv_quant.py): the model's or cache.kv_dtype, bfloat16 and
         # float8 kept as their bits.
@@ -445,6 +448,7 @@ class LLMEngine:
         self.sleep_level = min(self.sleep_level, 1)  # asleep without weights no more
         self.scheduler.reset_cache()
         self.weights_version += 1
+        self.weights_source = source if isinstance(source, str) else new.source
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds
@@ -606,6 +610,7 @@ class LLMEngine:
             "window_recomputed_tokens": s.stats.window_recomputed_tokens,
             "num_steps": self.num_steps,
             "weights_version": self.weights_version,
+            "weights_source": self.weights_source,
             "sleep_level": self.sleep_level,
         }
 

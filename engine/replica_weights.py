@@ -33,6 +33,7 @@ class PreparedWeights:
     ready to swap in."""
 
     params: dict
+    source: str = "in-process"  # the checkpoint path they were read from
 
 
 class ReplicaWeights:
@@ -93,7 +94,7 @@ class ReplicaWeights:
         else:
             params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
         llama.check_params(cfg, params, "update_weights")
-        return PreparedWeights(self.prepare(params, progress))
+        return PreparedWeights(self.prepare(params, progress), source if isinstance(source, str) else "in-process")
 
     def _stays_on_device(self, source) -> bool:
         """Whether weights given as JAX arrays can skip host memory: `prepare` would leave them as they are (no

@@ -425,7 +425,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     async def load():
         s = engine.stats()
         return {"running": s["num_running"], "waiting": s["num_waiting"], "waiting_tokens": s["waiting_tokens"],
-                "pages_free": s["pages_free"], "pages_total": s["pages_total"]}
+                "pages_free": s["pages_free"], "pages_total": s["pages_total"], "weights": s["weights_source"]}
 
     @app.get("/metrics", summary="Prometheus metrics")
     async def prometheus_metrics():

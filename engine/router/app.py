@@ -19,7 +19,8 @@ then rejoins); every poll_interval_s, GET /v1/cache_events?after=last_seq from e
 is up (a gap or a new epoch resyncs).
 
 Admin calls (new weights, LoRA adapters loaded or unloaded, sleep, wake-up) go to every replica that is up
-at once; the answer lists each replica's.
+at once; the answer lists each replica's. A replica that comes up later is caught up (the fleet's weights and
+adapters replayed) before it gets traffic.
 """
 from __future__ import annotations
 
@@ -85,6 +86,11 @@ class Router:
         # client requests carry the client's own Authorization header through.
         key = self.cfg.replica_api_key or os.environ.get("RADIXLM_API_KEY")
         self._own_headers = {"authorization": f"Bearer {key}"} if key else {}
+        # The fleet's state that admin calls set, replayed to a replica that comes up without it (restarted from its
+        # config, or down during the call): the last weights update and the adapters loaded since, as (body, the
+        # caller's headers).
+        self._fleet_weights: tuple[bytes, dict[str, str]] | None = None
+        self._fleet_adapters: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.client = httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=1000,
                                                                               max_keepalive_connections=200))
         await self.check_all()
@@ -122,6 +128,7 @@ class Router:
             if load.status_code == 200:
                 st.waiting_tokens = int(load.json().get("waiting_tokens", 0))
             if not st.up:
+                await self.catch_up(slot, load.json().get("weights") if load.status_code == 200 else None)
                 self.adapters |= await self.learn_adapters(slot)
                 await self.resync(slot)
                 st.up = True
@@ -143,6 +150,36 @@ class Router:
         except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError):
             pass  # no adapters learned: their requests route without prefix affinity
         return set()
+
+    async def catch_up(self, slot: int, weights: str | None) -> None:
+        """Replays to a replica coming up the admin calls it lacks: the fleet's weights if it serves others (its
+        /load `weights`), and the adapters it does not list. A replay refused keeps it down (retried next check)."""
+        calls = []
+        if self._fleet_weights is not None and json.loads(self._fleet_weights[0]).get("model_path") != weights:
+            calls.append(("/update_weights_from_disk", *self._fleet_weights))
+        if self._fleet_adapters:
+            served = await self.learn_adapters(slot)
+            calls += [("/v1/load_lora_adapter", raw, headers) for name, (raw, headers) in self._fleet_adapters.items()
+                      if name not in served]
+        for path, raw, headers in calls:
+            r = await self.client.post(f"{self.urls[slot]}{path}", content=raw, headers=headers)
+            if r.status_code != 200:
+                raise RuntimeError(f"replaying {path} to {self.urls[slot]}: {r.status_code} {r.text[:200]}")
+        if calls:
+            log.info("replica %s caught up: %s", self.urls[slot], ", ".join(path for path, _, _ in calls))
+
+    def _remember(self, path: str, raw: bytes, headers: dict[str, str]) -> None:
+        """Records an admin call some replica took, for `catch_up`."""
+        try:
+            name = json.loads(raw).get("lora_name")
+        except (ValueError, AttributeError):
+            return
+        if path == "/update_weights_from_disk":
+            self._fleet_weights = (raw, headers)
+        elif path == "/v1/load_lora_adapter":
+            self._fleet_adapters[name] = (raw, headers)
+        elif path == "/v1/unload_lora_adapter":
+            self._fleet_adapters.pop(name, None)
 
     async def relearn_adapters(self) -> None:
         """The adapters every replica up serves now (after adapters were loaded or unloaded)."""
@@ -170,6 +207,8 @@ class Router:
             return {"replica": url, "status_code": r.status_code, "body": body}
 
         answers = await asyncio.gather(*(one(slot) for slot in slots))
+        if any(a["status_code"] == 200 for a in answers):
+            self._remember(path, raw, fwd)
         if path.endswith("_lora_adapter"):
             await self.relearn_adapters()
         codes = {a["status_code"] for a in answers}

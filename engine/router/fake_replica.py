@@ -163,7 +163,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     async def load():
         return {"running": state["running"], "waiting": state["waiting"],
                 "waiting_tokens": state["waiting_tokens"], "pages_free": pool.num_free,
-                "pages_total": num_pages}
+                "pages_total": num_pages, "weights": state.get("weights", "fake")}
 
     @app.get("/v1/cache_events")
     async def cache_events(after: int = 0):
@@ -200,8 +200,10 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
 
     @app.post("/update_weights_from_disk")
     async def update_weights_from_disk(request: Request):
-        if (await request.json())["model_path"] == "bad":
+        path = (await request.json())["model_path"]
+        if path == "bad":
             return JSONResponse({"error": {"message": "bad: no such file or directory"}}, 400)
+        state["weights"] = path
         cache.reset()
         publish()
         state["weights_version"] = state.get("weights_version", 0) + 1

@@ -13,7 +13,7 @@ import hashlib
 import logging
 import os
 
-from engine.config import LoraConfig
+from engine.config import LoraConfig, check_adapter_name
 from models import lora, sharding
 from models.config import LlamaConfig
 from models.loader import resolve_path
@@ -74,8 +74,7 @@ class AdapterSlots:
         other files before). ValueError names what is wrong."""
         if not self.cfg.max_adapters:
             raise ValueError("loading LoRA adapters while serving needs lora.max_adapters (slots) > 0")
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ValueError(f"LoRA adapter names must be non-empty without '/', got {name!r}")
+        check_adapter_name(name)
         if name in self.names:
             raise ValueError(f"a LoRA adapter named {name!r} is already loaded; unload it first")
         if None not in self.names:

@@ -197,10 +197,8 @@ class AsyncEngine:
         await self._on_engine_thread(self.engine.wake_up)
 
     async def _once_idle(self, fn: Callable[[int, int], object], abort_running: bool):
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        self._commands.put(("when_idle", fn, abort_running, done, loop))
-        return await done
+        """fn(requests waited for, requests aborted) on the engine thread once nothing is in flight."""
+        return await self._ask("when_idle", fn, abort_running)
 
     async def load_adapter(self, name: str, path: str) -> None:
         """`LLMEngine.load_adapter`: the files read off the engine thread, the slot filled between steps."""
@@ -213,9 +211,13 @@ class AsyncEngine:
 
     async def _on_engine_thread(self, fn: Callable[[], object]):
         """fn() on the engine thread, between steps -> its result (its exception raised here)."""
+        return await self._ask("call", fn)
+
+    async def _ask(self, *command):
+        """Queues `command` + (a future, its loop) for the engine thread, which settles the future."""
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._commands.put(("call", fn, done, loop))
+        self._commands.put((*command, done, loop))
         return await done
 
     def _abort(self, request_ids: list[str]) -> None:

@@ -448,7 +448,7 @@ class LLMEngine:
         self.sleep_level = min(self.sleep_level, 1)  # asleep without weights no more
         self.scheduler.reset_cache()
         self.weights_version += 1
-        self.weights_source = source if isinstance(source, str) else new.source
+        self.weights_source = new.source
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds

@@ -75,7 +75,7 @@ class ReplicaWeights:
         -> arrays (`model.layers.0.self_attn.q_proj.weight`, ...; a trainer's state dict; numpy or JAX arrays)."""
         if self.config.parallel.num_processes > 1:
             raise ValueError("update_weights is not supported with parallel.num_processes > 1")
-        cfg = self.loaded_cfg
+        cfg, on_device = self.loaded_cfg, False
         if isinstance(source, str):
             loaded_cfg, params = load_weights(source, self.dtype)
             differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
@@ -88,13 +88,12 @@ class ReplicaWeights:
             params = params_from_state_dict(cfg, source, self.dtype)
         elif self._stays_on_device(source):
             # An in-process trainer's arrays: cast where they are, then copied device to device by `place`.
-            params = jax.tree.map(lambda a: a.astype(self.dtype), source)
-            llama.check_params(cfg, params, "update_weights")
-            return PreparedWeights(params)
+            params, on_device = jax.tree.map(lambda a: a.astype(self.dtype), source), True
         else:
             params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
         llama.check_params(cfg, params, "update_weights")
-        return PreparedWeights(self.prepare(params, progress), source if isinstance(source, str) else "in-process")
+        return PreparedWeights(params if on_device else self.prepare(params, progress),
+                               source if isinstance(source, str) else "in-process")
 
     def _stays_on_device(self, source) -> bool:
         """Whether weights given as JAX arrays can skip host memory: `prepare` would leave them as they are (no

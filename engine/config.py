@@ -76,6 +76,11 @@ class CacheConfig:
     hybrid: bool = True
     # Window slots of a hybrid cache; 0: enough for every running sequence's window, the rest of memory_gb for pages.
     window_pages: int = 0
+    # Disk tier (engine.disk_cache): every page the tree stores is also written to a file under this directory, named
+    # by its block hash; a restarted replica, or another one sharing the directory, reads prompts' pages back instead
+    # of prefilling them. Files of other weights, models or cache layouts go to directories of their own. None: off.
+    disk_path: str | None = None
+    disk_gb: float = 16.0  # the disk tier's size: least recently used files are deleted beyond it
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -86,6 +91,8 @@ class CacheConfig:
             raise ConfigKeyError(f"cache.memory_gb must be > 0, got {self.memory_gb}")
         if self.host_memory_gb < 0 or self.host_num_pages < 0:
             raise ConfigKeyError("cache.host_memory_gb and cache.host_num_pages must be >= 0 (0 = no host tier)")
+        if self.disk_gb <= 0:
+            raise ConfigKeyError(f"cache.disk_gb must be > 0, got {self.disk_gb}")
         if self.window_pages < 0:
             raise ConfigKeyError(f"cache.window_pages must be >= 0 (0 = from the running batch), got {self.window_pages}")
 
@@ -206,11 +213,16 @@ class ServerConfig:
     # weights or adapters from a path on this machine. Off unless set, since any client that may call them can make
     # the server read a path of its choosing (with api_key set, they need the key).
     allow_weight_updates: bool = False
+    # /v1/responses with store: true (the default) keeps this many responses and their conversations in memory, for
+    # GET /v1/responses/{id} and previous_response_id; the least recently used go first. 0: none kept.
+    max_stored_responses: int = 1000
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ConfigKeyError(f"server.port must be in 1..65535, got {self.port}")
         _positive("server.max_body_bytes", self.max_body_bytes)
+        if self.max_stored_responses < 0:
+            raise ConfigKeyError(f"server.max_stored_responses must be >= 0, got {self.max_stored_responses}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,9 @@ A request's life, text to text:
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import os
@@ -33,11 +35,12 @@ import pallas_kernels
 from pallas_kernels import kv_quant
 from engine import multihost, structured
 from engine.adapters import AdapterSlots
+from engine.disk_cache import DiskCache, arrays_digest, layout_key, replica_layout, weights_identity
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
-from engine.runner import ModelRunner, kv_bytes_per_page
+from engine.runner import ModelRunner, kv_bytes_per_page, kv_page_specs
 from engine.scheduler import Scheduler
 from engine.window_pages import slots_per_sequence
 from models import sharding
@@ -46,6 +49,8 @@ from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
+
+DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages being read from disk, per step call
 
 
 @dataclasses.dataclass
@@ -121,6 +126,8 @@ class LLMEngine:
             self.model_cfg = dataclasses.replace(self.model_cfg, moe_grouped=grouped)
         if config.model.smoothquant_alpha > 0 and config.model.quantization == "w8a8" and config.lora.adapters:
             log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
+        # The disk tier names the K/V of weights given as arrays by their bytes (of a checkpoint: by its files).
+        weights_id = arrays_digest(params) if model is not None and config.cache.disk_path else None
         self.weights = ReplicaWeights(config, self._loaded_cfg, self.model_cfg, self.dtype, self.mesh, self.tokenizer,
                                       params, progress)
         del params
@@ -157,18 +164,30 @@ class LLMEngine:
                              "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
         if num_host_pages and config.parallel.num_processes > 1:
             raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
+        backend = pallas_kernels.resolve_backend(config.attention.backend)
+        self.disk = None  # the disk tier (engine.disk_cache)
+        if config.cache.disk_path and config.cache.prefix_caching:
+            if num_window_pages:
+                raise ValueError("cache.disk_path: the disk tier keeps whole pages of every layer, which a hybrid cache "
+                                 "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
+            if config.parallel.num_processes > 1:
+                raise ValueError("cache.disk_path (the disk tier) is not supported with parallel.num_processes > 1")
+            self._disk_layout = functools.partial(replica_layout, config, self.model_cfg, self.dtype, self.kv_dtype,
+                                                  backend)
+            layout = self._disk_layout(weights_id or weights_identity(config.model.path))
+            self.disk = DiskCache(config.cache.disk_path, layout_key(layout), kv_page_specs(self.model_cfg, ps, self.kv_dtype),
+                                  max(1, int(config.cache.disk_gb * 2**30 // page_bytes)), describe=layout)
         self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=num_host_pages, window=self.model_cfg.sliding_window or 0,
-                                   num_window_pages=num_window_pages)
+                                   num_window_pages=num_window_pages, disk=self.disk)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
-        backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
                                   mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
-                                  lora=self.adapters.stacked(), num_window_pages=num_window_pages)
+                                  lora=self.adapters.stacked(), num_window_pages=num_window_pages, disk=self.disk)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -323,6 +342,8 @@ class LLMEngine:
             launched = self.runner.launch(plan, self._token_mask(plan), [(r, t) for r, t, _, _ in targets],
                                           max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0))
         outputs += self._complete()
+        if launched is None and self.disk is not None:
+            self._disk_idle()
         if launched is not None:
             self.scheduler.advance(plan)
             self._inflight = (plan, launched, targets)
@@ -335,6 +356,13 @@ class LLMEngine:
         if self.config.debug_checks:
             self.scheduler.check_invariants()
         return outputs
+
+    def _disk_idle(self) -> None:
+        """No step runs: pages the tree stored since the last one are written out now, and requests whose prompt pages
+        are being read from disk are waited for (briefly: the caller's loop comes back)."""
+        self.runner.save_to_disk(self.scheduler.take_disk_saves())
+        if reads := self.scheduler.disk_reads():
+            concurrent.futures.wait(reads, timeout=DISK_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
 
     @staticmethod
     def _needs_known_tokens(plan) -> bool:
@@ -449,9 +477,22 @@ class LLMEngine:
         self.scheduler.reset_cache()
         self.weights_version += 1
         self.weights_source = new.source
+        if self.disk is not None:
+            self._disk_weights(new.source)
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds
+
+    def _disk_weights(self, source: str) -> None:
+        """The disk tier's files for the weights served from now on: a directory of their own, or none for weights
+        given as arrays (hashing them would cost more than it saves on every update of an RL loop)."""
+        if os.path.exists(source):
+            layout = self._disk_layout(weights_identity(source))
+            self.disk.set_key(layout_key(layout), describe=layout)
+        else:
+            log.warning("the disk tier is off until the next weight update from a checkpoint: weights given as arrays "
+                        "have no file to name their K/V by")
+            self.disk.set_key(None)
 
     # ------------------------------------------------------------------------------------ sleep
     def sleep(self, level: int = 1) -> None:
@@ -569,7 +610,10 @@ class LLMEngine:
         multihost.follow(self.runner)
 
     def shutdown(self) -> None:
-        """Releases the followers of a multi-host replica (no-op otherwise)."""
+        """Writes out what the disk tier still lacks, and releases the followers of a multi-host replica."""
+        if self.disk is not None:
+            self.runner.save_to_disk(self.scheduler.take_disk_saves())
+            self.disk.flush()
         if self.runner.followers is not None:
             self.runner.followers.stop()
             self.runner.followers = None
@@ -602,6 +646,9 @@ class LLMEngine:
             "host_pages_used": len(s.host) if s.host is not None else 0,
             "host_hit_tokens": s.stats.host_hit_tokens,
             "host_saved_pages": s.stats.host_saved_pages,
+            "disk_pages": len(self.disk) if self.disk is not None else 0,
+            "disk_hit_tokens": s.stats.disk_hit_tokens,
+            "disk_saved_pages": s.stats.disk_saved_pages,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "window_pages_total": s.window.pool.num_pages if s.window is not None else 0,

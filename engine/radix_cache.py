@@ -82,6 +82,8 @@ class RadixCache(PrefixTree):
         self.record_events = True  # False: keep no events (nobody drains them: an offline engine)
         # Called with (pages, their block hashes) just before the tree lets go of them (the host tier saves them).
         self.on_evict: Callable[[list[int], list[int]], None] | None = None
+        # Called with (pages, their block hashes, namespace) when the tree stores new pages (the disk tier writes them).
+        self.on_store: Callable[[list[int], list[int], str | None], None] | None = None
 
     # --- lookup and insertion ------------------------------------------------------------------
 
@@ -120,6 +122,8 @@ class RadixCache(PrefixTree):
                                        self._clock))
             if self.record_events:
                 self._events.append(CacheEvent("stored", tuple(hashes), parent_hash, namespace))
+            if self.on_store is not None:
+                self.on_store(new_pages, hashes, namespace)
         return num_cached
 
     def adopt(self, tokens: Sequence[int], pages: Sequence[int], namespace: str | None,

@@ -72,6 +72,16 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
+def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of one page of each cache array, every layer: K and V [L, Hkv, page_size, D], and their scales
+    [L, Hkv, page_size] when 8-bit (the disk tier's file layout)."""
+    shape = (cfg.num_layers, cfg.num_kv_heads, page_size, cfg.head_dim)
+    specs = [(shape, np.dtype(kv_dtype))] * 2
+    if kv_quant.is_quantized(kv_dtype):
+        specs += [(shape[:-1], np.dtype(kv_quant.SCALE_DTYPE))] * 2
+    return specs
+
+
 def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
     """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
     return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.head_dim, kv_dtype)
@@ -92,8 +102,9 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
-                 lora: dict | None = None, num_window_pages: int = 0):
-        """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots."""
+                 lora: dict | None = None, num_window_pages: int = 0, disk=None):
+        """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
+        disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to."""
         self.cfg = model_cfg
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
@@ -143,6 +154,10 @@ class ModelRunner:
         self.host_kv = tuple(np.zeros(s[:2] + (num_host_pages,) + s[3:], d) for s, d in kv_shapes) \
             if num_host_pages else None
         self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, ...]]] = []
+        # Disk tier: pages gathered and copied to the host asynchronously, handed to the disk's writer at the next fetch
+        # (with the layout key they were computed under: new weights make the pages of the old ones worthless).
+        self.disk = disk
+        self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
@@ -250,13 +265,16 @@ class ModelRunner:
                                       fill=(0, self.layout.size))
         saves = self._pack_pairs(plan.host_saves, fill=(0, -1))  # padding: page 0 read, dropped on landing
         loads = self._pack_pairs(plan.host_loads, fill=(0, self.num_pages))  # padding: written out of range, dropped
+        disk_saves = self._pack_disk_saves(plan.disk_saves)
+        disk_loads = self._pack_disk_loads(plan.disk_loads)
         targets = None
         if prompt_targets:
             targets = np.full(len(inputs.tokens), -1, np.int32)
             target_rows, target_tokens = zip(*prompt_targets)
             targets[list(target_rows)] = target_tokens
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
-                          token_mask is not None, targets, top_bucket(prompt_top), saves, loads)
+                          token_mask is not None, targets, top_bucket(prompt_top), saves, loads, disk_saves,
+                          disk_loads)
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -294,6 +312,8 @@ class ModelRunner:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
         replicated (and the head rows after the final norm after top_logprobs)."""
+        if step.disk_saves is not None:  # before anything below can overwrite them (pages evicted since)
+            self._dispatch_disk_saves(*step.disk_saves)
         if step.host_saves is not None:  # before anything below can overwrite the evicted pages
             pages, slots = step.host_saves
             saved = self._gather(self.kv, self._to_device(pages))
@@ -305,6 +325,8 @@ class ModelRunner:
             self._land_saves()  # a load may read a slot saved by this or a recent step
             loaded = tuple(h[:, :, slots] for h in self.host_kv)
             self.kv = self._scatter(self.kv, *self._to_device((loaded, pages)))
+        if step.disk_loads is not None:
+            self.kv = self._scatter(self.kv, *self._to_device(step.disk_loads))
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
@@ -359,12 +381,45 @@ class ModelRunner:
 
     def _land_saves(self) -> None:
         """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
-        newer page)."""
+        newer page), and hands those saved for the disk tier to its writer."""
         for slots, saved in self._pending_saves:
             keep = slots >= 0
             for host, pages in zip(self.host_kv, saved):
                 host[:, :, slots[keep]] = np.asarray(pages)[:, :, keep]
         self._pending_saves = []
+        for key, hashes, saved in self._pending_disk:
+            self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
+        self._pending_disk = []
+
+    def save_to_disk(self, pairs: list[tuple[int, int]]) -> None:
+        """Writes (page, block hash) pages out now, with no step to carry them (the engine is idle)."""
+        if pairs:
+            self._dispatch_disk_saves(*self._pack_disk_saves(pairs))
+            self._land_saves()
+
+    def _dispatch_disk_saves(self, pages: np.ndarray, hashes: tuple[int, ...]) -> None:
+        saved = self._gather(self.kv, self._to_device(pages))
+        for a in saved:
+            a.copy_to_host_async()
+        self._pending_disk.append((self.disk.key, hashes, saved))
+
+    def _pack_disk_saves(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, tuple[int, ...]] | None:
+        """(pages padded to a power of two with page 0, block hashes: the real pages' only)."""
+        if not pairs:
+            return None
+        pages, hashes = zip(*pairs)
+        n = 1 << (len(pairs) - 1).bit_length()
+        return np.array(pages + (0,) * (n - len(pages)), np.int32), hashes
+
+    def _pack_disk_loads(self, pairs: list[tuple[tuple[np.ndarray, ...], int]]):
+        """(each cache array's pages [L, Hkv, n, ...], pages), n padded to a power of two (out-of-range pages: dropped)."""
+        if not pairs:
+            return None
+        n = 1 << (len(pairs) - 1).bit_length()
+        payloads, pages = zip(*pairs)
+        pad = [tuple(np.zeros_like(a) for a in payloads[0])] * (n - len(pairs))
+        arrays = tuple(np.stack(page, axis=2) for page in zip(*payloads, *pad))
+        return arrays, np.array(list(pages) + [self.num_pages] * (n - len(pages)), np.int32)
 
     def _pack_pairs(self, pairs: list[tuple[int, int]], fill: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
         """(a, b) pairs as two int32 arrays padded to a power of two with `fill` (few compiled shapes)."""
@@ -404,6 +459,8 @@ class StepArrays:
     prompt_top: int = 0
     host_saves: tuple[np.ndarray, np.ndarray] | None = None  # (pages, host slots; -1 pads): evicted pages to host
     host_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, pages; out-of-range pads): hits to device
+    disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None  # (pages, padded; their block hashes): to the disk tier
+    disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, pages): to device
 
 
 # The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Iterable
 
 import numpy as np
 
-from engine.block_hash import page_hashes
+from engine.block_hash import ADAPTER_NAMESPACE, page_hashes
 from engine import speculative, structured
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.host_cache import HostPageIndex
@@ -57,6 +58,10 @@ class StepPlan:
     host_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # Hybrid cache: (src, dst) window slots copied with `page_copies` (the copied page's windowed layers).
     window_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # Disk tier (engine.disk_cache), with the host tier's: (page, block hash) pages the tree stored since the last
+    # plan, written out from before the step; (payload, page) pages read from disk, copied in before the step.
+    disk_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    disk_loads: list[tuple[object, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -71,6 +76,8 @@ class SchedulerStats:
     cached_prompt_tokens: int = 0
     host_hit_tokens: int = 0  # prompt tokens copied back from the host tier instead of computed
     host_saved_pages: int = 0  # evicted pages copied to the host tier
+    disk_hit_tokens: int = 0  # prompt tokens read from the disk tier instead of computed
+    disk_saved_pages: int = 0  # pages the tree stored that were sent to the disk tier
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
     window_evicted_pages: int = 0  # hybrid cache: window slots the tree gave up (the pages' full K/V stays)
@@ -83,9 +90,10 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
-                 num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0):
+                 num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None):
         """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
-        layers and the slots those layers' K/V have (0: every layer keeps every page)."""
+        layers and the slots those layers' K/V have (0: every layer keeps every page). disk: the disk tier (an
+        engine.disk_cache.DiskCache, or what tests give in its place)."""
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -113,6 +121,16 @@ class Scheduler:
         if self.window is not None and self.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.tree.on_evict = self._tree_evicting
+        # Disk tier: every page the tree stores is written out (the plan carries the copies), prompts continue their
+        # match there after the host tier, waiting in the queue while their pages are read.
+        self.disk = disk if self.prefix_caching else None
+        self._disk_saves: list[tuple[int, int]] = []  # (page, hash) not yet in a plan
+        # Reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
+        self._disk_reading: dict[int, tuple] = {}
+        if self.disk is not None:
+            if self.window is not None:
+                raise ValueError("a hybrid cache (window pages) has no disk tier")
+            self.tree.on_store = self._tree_storing
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -142,6 +160,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         copies: list[tuple[int, int]] = []
         loads: list[tuple[int, int]] = []
+        disk_loads: list[tuple[object, int]] = []
         self._loading = set()
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
@@ -185,9 +204,9 @@ class Scheduler:
                 break
             if seq.has_pending_token:
                 continue  # preempted while its last token is still being sampled: readmitted once it is known
-            chunk = self._admit(seq, budget, copies, loads)
+            chunk = self._admit(seq, budget, copies, loads, disk_loads)
             if chunk == "wait":
-                continue  # its next page is being computed by another prefill: it will hit next time
+                continue  # its next page is being computed by another prefill, or read from disk: it will hit then
             if chunk is None:
                 break  # out of pages: later arrivals must not overtake (no starvation of long prompts)
             chunks.append(chunk)
@@ -196,13 +215,16 @@ class Scheduler:
             num_prefill += len(chunk.token_ids)
         if admitted:
             self.waiting = collections.deque(s for s in self.waiting if id(s) not in admitted)
+        if self._disk_reading:  # finished reads stay with the sequences that wait for them; later prompts hit the tree
+            self._disk_reading = {h: r for h, r in self._disk_reading.items() if not r[1].done()}
 
         if not chunks:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
         saves, self._host_saves = self._host_saves, []
         window_copies, self._window_copies = self._window_copies, []
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
-                        host_saves=saves, host_loads=loads, window_copies=window_copies)
+                        host_saves=saves, host_loads=loads, window_copies=window_copies,
+                        disk_saves=self.take_disk_saves(), disk_loads=disk_loads)
 
     @property
     def _chunk_limit(self) -> int:
@@ -266,19 +288,27 @@ class Scheduler:
             return window + waiting[LPM_WINDOW:]
         return waiting
 
-    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]],
-               loads: list[tuple[int, int]]) -> Chunk | str | None:
-        """Admits `seq` with its cached prefix; "wait" if its next page is in flight, None if out of pages."""
+    def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]], loads: list[tuple[int, int]],
+               disk_loads: list[tuple[object, int]]) -> Chunk | str | None:
+        """Admits `seq` with its cached prefix; "wait" if its next page is in flight or being read from disk, None if
+        out of pages."""
         tokens = seq.all_ids
         host_slots: list[int] = []
+        disk_pages: list[object] = []
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
             match, num_stored = self._match(seq)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             shared, num_cached = list(match.pages), match.num_tokens
-            if self.host is not None and num_cached < len(tokens):
-                host_slots = self._host_hits(seq, match)
-                num_cached += len(host_slots) * self.page_size
+            if self.host is not None or self.disk is not None:
+                after = self._hashes_after(seq, match)
+                if self.host is not None:
+                    host_slots = self._host_hits(after)
+                if self.disk is not None and len(host_slots) < len(after):
+                    disk_pages = self._disk_hits(seq, after[len(host_slots) :])
+                    if disk_pages is None:
+                        return "wait"
+                num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
                 self._loading.update(host_slots)  # before any eviction below can pick their slots for a save
         else:
             match, shared, num_cached = None, [], 0
@@ -308,8 +338,12 @@ class Scheduler:
             if self.window is not None:
                 self._window_copies.append((self.window.slot_of[cow_src], self.window.slot_of[seq.pages[len(shared)]]))
                 self.window.release([cow_src])  # copied before the step: the tree's page keeps its own hold
-        loads += zip(host_slots, seq.pages[len(shared) : len(shared) + len(host_slots)])
+        loaded = seq.pages[len(shared) :]
+        loads += zip(host_slots, loaded)
+        disk_loads += zip(disk_pages, loaded[len(host_slots) :])
+        seq.disk_read = None
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
+        self.stats.disk_hit_tokens += len(disk_pages) * self.page_size
         seq.num_computed = num_cached
         seq.num_tree_tokens = len(shared) * self.page_size
         if match is not None:
@@ -336,18 +370,63 @@ class Scheduler:
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
 
-    def _host_hits(self, seq: Sequence, match) -> list[int]:
-        """Host slots of the pages after the tree's match, while they are there in a row (never the page of the last
-        token: a step must compute at least that one)."""
+    def _hashes_after(self, seq: Sequence, match) -> list[int]:
+        """Block hashes of the full pages after the tree's match, up to (never including) the page of the last token:
+        a step must compute at least that one."""
         tokens, ps = seq.all_ids, self.page_size
         end = (len(tokens) - 1) // ps * ps
+        return page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash())
+
+    def _host_hits(self, hashes: list[int]) -> list[int]:
+        """Host slots of the first of `hashes`, while they are there in a row."""
         slots = []
-        for h in page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash()):
+        for h in hashes:
             slot = self.host.lookup(h)
             if slot is None:
                 break
             slots.append(slot)
         return slots
+
+    def _disk_hits(self, seq: Sequence, hashes: list[int]) -> list[object] | None:
+        """The pages of the first of `hashes` that the disk tier holds in a row, read; None while they are being read
+        (the read starts here, the first time). An adapter's pages are not kept there (its files can change)."""
+        if seq.namespace is not None and seq.namespace.startswith(ADAPTER_NAMESPACE):
+            return []
+        key = self.disk.key
+        if seq.disk_read is None or seq.disk_read[0] != key:  # another prompt's read of the same pages will do
+            seq.disk_read = self._disk_reading.get(hashes[0])
+        if seq.disk_read is not None and seq.disk_read[0] == key:
+            future = seq.disk_read[1]
+            if not future.done():
+                return None
+            got = future.result() if future.exception() is None else {}
+            if hashes[0] in got:  # else the match moved back (its pages were evicted meanwhile): read again
+                return list(itertools.takewhile(lambda p: p is not None, (got.get(h) for h in hashes)))
+        n = self.disk.present(hashes)
+        seq.disk_read = (key, self.disk.fetch(hashes[:n])) if n else None
+        if n:
+            self._disk_reading[hashes[0]] = seq.disk_read
+        return None if n else []
+
+    def take_disk_saves(self) -> list[tuple[int, int]]:
+        """(page, hash) pages stored since the last plan, for the disk tier: the next plan's, or written out at once
+        when no step runs."""
+        saves, self._disk_saves = self._disk_saves, []
+        return saves
+
+    def disk_reads(self) -> list:
+        """The disk reads (futures) that waiting sequences wait for, each once."""
+        reads = {id(s.disk_read[1]): s.disk_read[1] for s in self.waiting if s.disk_read is not None}
+        return [f for f in reads.values() if not f.done()]
+
+    def _tree_storing(self, pages: list[int], hashes: list[int], namespace: str | None) -> None:
+        """The tree stores new pages: those the disk tier lacks are written out from before the next step (the step
+        computing them, dispatched before it, has written their K/V by then)."""
+        if namespace is not None and namespace.startswith(ADAPTER_NAMESPACE):
+            return
+        new = [(p, h) for p, h in zip(pages, hashes) if self.disk.wanted(h)]
+        self._disk_saves += new
+        self.stats.disk_saved_pages += len(new)
 
     def _tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
         """The tree is letting go of `pages`: their window slots go with them, and with a host tier each is copied to
@@ -368,6 +447,8 @@ class Scheduler:
         if self.host is not None:
             self.host.reset()
             self._host_saves.clear()
+        self._disk_saves.clear()  # K/V of the weights that were: never written under the new ones' key
+        self._disk_reading.clear()
 
     def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
         return Chunk(

@@ -3,6 +3,7 @@ every step, that each sequence's page table really holds its own tokens (so pref
 chunking, eviction and preemption are verified without a model)."""
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import random
 
@@ -29,12 +30,45 @@ def repetitive_model(ids: tuple[int, ...]) -> int:
     return ids[-3] if len(ids) >= 3 and h % 4 else h % VOCAB
 
 
+class FakeDisk:
+    """The disk tier's interface over a dict (block hash -> a page's tokens). Reads complete at the fake runner's next
+    step (or when the loop finds nothing else to run), so sequences really wait for them."""
+
+    def __init__(self, files: dict[int, list] | None = None):
+        self.files = {} if files is None else files
+        self.key = "layout"
+        self.pending: list[tuple[concurrent.futures.Future, list[int]]] = []
+        self.num_reads = 0
+
+    def present(self, hashes) -> int:
+        n = 0
+        while n < len(hashes) and hashes[n] in self.files:
+            n += 1
+        return n
+
+    def wanted(self, block_hash: int) -> bool:
+        return block_hash not in self.files
+
+    def fetch(self, hashes) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        self.pending.append((future, list(hashes)))
+        self.num_reads += 1
+        return future
+
+    def complete_reads(self) -> None:
+        for future, hashes in self.pending:
+            future.set_result({h: list(self.files[h]) for h in hashes if h in self.files})
+        self.pending = []
+
+
 class FakeRunner:
     """KV store = page -> list of token ids; the model samples a token determined by the whole sequence. Chunks
     with draft tokens get a token for every position from the real last token on, as the engine's runner does."""
 
-    def __init__(self, num_pages: int, page_size: int, model=random_model, window: int = 0, window_pages: int = 0):
+    def __init__(self, num_pages: int, page_size: int, model=random_model, window: int = 0, window_pages: int = 0,
+                 disk: FakeDisk | None = None):
         self.ps = page_size
+        self.disk = disk
         self.model = model
         self.store = [[None] * page_size for _ in range(num_pages)]
         # Hybrid cache: the windowed layers' store, by window slot; a token must read the last `window` positions there.
@@ -47,10 +81,14 @@ class FakeRunner:
         return self.prev[-1 - t] if t < 0 else t
 
     def run(self, plan):
-        for page, slot in plan.host_saves:  # as the runner: saves, then loads, then copies, then the step
+        for page, h in plan.disk_saves:  # as the runner: saves, then loads, then copies, then the step
+            self.disk.files[h] = list(self.store[page])
+        for page, slot in plan.host_saves:
             self.host[slot] = list(self.store[page])
         for slot, page in plan.host_loads:
             self.store[page] = list(self.host[slot])
+        for tokens, page in plan.disk_loads:
+            self.store[page] = list(tokens)
         for src, dst in plan.page_copies:
             self.store[dst] = list(self.store[src])
         for src, dst in plan.window_copies:
@@ -83,12 +121,14 @@ class FakeRunner:
             else:
                 sampled.append(self.model(tuple(ids)))
         self.prev = [t if t is None or isinstance(t, int) else t[-1] for t in sampled]
+        if self.disk is not None:
+            self.disk.complete_reads()
         return sampled
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
          eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
-         window_pages=0):
+         window_pages=0, disk: FakeDisk | None = None):
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
@@ -100,8 +140,9 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         num_host_pages=host_pages,
         window=window,
         num_window_pages=window_pages,
+        disk=disk,
     )
-    return sched, FakeRunner(num_pages, page_size, model, window, window_pages)
+    return sched, FakeRunner(num_pages, page_size, model, window, window_pages, disk)
 
 
 def seq(rid, tokens, max_tokens=4, namespace=None):
@@ -117,6 +158,9 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
     steps, inflight = 0, None
     while sched.has_work() or inflight:
         plan = sched.schedule()
+        if plan is None and not inflight and sched.disk_reads():  # the engine waits for the reads here
+            runner.disk.complete_reads()
+            continue
         assert plan is not None or inflight, "work left but nothing scheduled (deadlock)"
         if plan is not None:
             assert plan.num_tokens <= sched.cfg.max_batch_tokens
@@ -136,6 +180,8 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
             sched.check_invariants()
         steps += 1
         assert steps < 10_000
+    if runner.disk is not None:  # what the engine writes out once idle
+        runner.disk.files.update((h, list(runner.store[page])) for page, h in sched.take_disk_saves())
     return {s.request_id: list(s.output_ids) for s in seqs}
 
 
@@ -240,13 +286,16 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
     """Runs one workload with the cache off, on, thrashing, and thrashing with a host tier, each serial and
     overlapped; all outputs must be equal. Returns how often a sequence was preempted while its last token was
     still being sampled, and how many prompt tokens came back from the host tier."""
-    results, pending_preempted, host_hits = {}, 0, 0
+    results, pending_preempted, host_hits, disk_hits = {}, 0, 0, 0
+    disk = FakeDisk()  # one disk for the runs below that use it: the later ones start with the earlier ones' pages
     for overlap in (False, True):
         for name, kwargs in {
             "off": dict(caching=False, num_pages=256),
             "on": dict(caching=True, num_pages=256),
             "tiny": dict(caching=True, num_pages=14, max_running=6),
             "tiny+host": dict(caching=True, num_pages=14, max_running=6, host_pages=6),
+            "tiny+disk": dict(caching=True, num_pages=14, max_running=6, disk=disk),
+            "tiny+host+disk": dict(caching=True, num_pages=14, max_running=6, host_pages=4, disk=disk),
             "tiny+priority": dict(caching=True, num_pages=14, max_running=6, policy="priority"),
             # Hybrid cache: windowed layers see 6 positions, in few slots (the tree's are evicted, prefixes recomputed).
             "window": dict(caching=True, num_pages=64, window=6, window_pages=12),
@@ -274,20 +323,21 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             if sched.window is not None:  # ... and the window slots are then the tree's alone, or free
                 assert sched.window.num_obtainable == sched.window.pool.num_pages
             host_hits += sched.stats.host_hit_tokens
+            disk_hits += sched.stats.disk_hit_tokens
     first = results["off", False]
     assert all(r == first for r in results.values())
     assert any(out[-1] in (0, 1, 2) and len(out) < s.params.max_tokens
                for out, s in zip(first.values(), _workload(random.Random(seed), 30)))  # some stop early
-    return pending_preempted, host_hits
+    return pending_preempted, host_hits, disk_hits
 
 
 def test_outputs_identical_with_cache_off_on_and_thrashing_serial_or_overlapped():
     """Prefix caching never changes results, even with a pool small enough to force eviction and preemption, with
-    or without a host tier (a small one, so its slots are reused: the fake runner's pages are checked every step);
-    neither does overlapped scheduling, where stops (tokens 0-2 end a sequence) are found a step late and
+    or without a host tier (a small one, so its slots are reused: the fake runner's pages are checked every step)
+    and a disk tier (the runs after the first start with the pages the earlier ones wrote: a restart); neither does overlapped scheduling, where stops (tokens 0-2 end a sequence) are found a step late and
     sequences are preempted while their last token is still being sampled (which the runs do reach)."""
-    pending, host_hits = zip(*(_cache_and_overlap_runs(seed) for seed in range(8)))
-    assert sum(pending) > 0 and sum(host_hits) > 0
+    pending, host_hits, disk_hits = zip(*(_cache_and_overlap_runs(seed) for seed in range(8)))
+    assert sum(pending) > 0 and sum(host_hits) > 0 and sum(disk_hits) > 0
 
 
 def test_abort_frees_everything():
@@ -443,6 +493,56 @@ def test_host_tier_brings_evicted_prefixes_back():
     assert plain == tiered
     assert stats.host_hit_tokens >= 32 and stats.cached_prompt_tokens == plain_stats.cached_prompt_tokens + stats.host_hit_tokens
     assert stats.host_saved_pages > 0
+
+
+# ------------------------------------------------------------------------------------ disk tier
+def test_disk_tier_serves_a_restarted_replica_the_same_outputs():
+    """A replica writes every page its tree stores to the disk tier; a new one (a restart: empty pool and tree) reads
+    the prompts' pages back instead of computing them: the same outputs, the fake runner checking every page table
+    every step. Prompts sharing a prefix share one read, and a prompt waiting for its read lets others run."""
+    system = list(range(3, 3 + 20))  # five pages
+    prompts = [system + [40 + i, 41 + i] for i in range(6)] + [list(range(60, 75))]
+
+    def run(disk, stagger=False):
+        sched, runner = make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, disk=disk)
+        seqs = [seq(f"r{i}", p, max_tokens=3) for i, p in enumerate(prompts)]
+        if stagger:  # the first prompt alone first: its pages, and its output's, enter the tree
+            return run_all(sched, runner, seqs[:1]) | run_all(sched, runner, seqs[1:]), sched
+        return run_all(sched, runner, seqs), sched
+
+    plain, _ = run(None)
+    disk = FakeDisk()
+    first, sched = run(disk, stagger=True)
+    assert first == plain and sched.stats.disk_hit_tokens == 0
+    assert sched.stats.disk_saved_pages == len(disk.files) >= 5  # the system prompt's pages, and the outputs' too
+    restarted, sched = run(disk)
+    assert restarted == plain
+    assert sched.stats.disk_hit_tokens >= 6 * 20 and disk.num_reads == 2  # six prompts share one read; one more
+    assert sched.stats.cached_prompt_tokens >= sched.stats.disk_hit_tokens
+
+    # While the system prompt's pages are read, a prompt the disk lacks is admitted; the six wait.
+    sched, runner = make(num_pages=64, page_size=4, max_batch_tokens=64, max_running=8, disk=FakeDisk(disk.files))
+    for i, p in enumerate(prompts[:6] + [list(range(80, 90))]):
+        sched.add(seq(f"r{i}", p, max_tokens=3))
+    plan = sched.schedule()
+    assert [c.seq.request_id for c in plan.chunks] == ["r6"] and len(sched.disk_reads()) == 1
+    sched.abort("r0")  # the sequence that started the read goes; the others keep its read
+    runner.run(plan)
+    plan = sched.schedule()
+    assert sorted(c.seq.request_id for c in plan.chunks) == ["r1", "r2", "r3", "r4", "r5", "r6"]
+    assert len(plan.disk_loads) == 5 * 5 and sched.stats.disk_hit_tokens == 5 * 20
+
+
+def test_disk_tier_never_writes_adapter_pages():
+    """An adapter's K/V are keyed by its name, whose files can change: they are neither written nor read."""
+    from engine.block_hash import cache_namespace
+
+    disk = FakeDisk()
+    sched, runner = make(num_pages=64, page_size=4, disk=disk)
+    run_all(sched, runner, [seq("a", list(range(3, 20)), namespace=cache_namespace(None, "my-adapter"))])
+    assert not disk.files and not disk.num_reads
+    run_all(sched, runner, [seq("b", list(range(3, 20)), namespace="tenant")])
+    assert len(disk.files) == 5  # 17 prompt tokens and 3 of the 4 outputs hold K/V
 
 
 def test_host_page_index_is_lru_and_spares_slots_being_read():

@@ -17,9 +17,9 @@ class RequestGuard:
     status."""
 
     _ADMIN = {"/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up"}
-    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
-                  "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json", "/docs",
-                  *_ADMIN}
+    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/health",
+                  "/metrics", "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json",
+                  "/docs", *_ADMIN}
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int, metrics: ServerMetrics):
         self.app = app
@@ -64,7 +64,8 @@ class RequestGuard:
                 receive = _replay(bytes(body), receive)
             await self.app(scope, receive, send_counted)
         finally:
-            endpoint = path if path in self._ENDPOINTS else "other"
+            endpoint = (path if path in self._ENDPOINTS else
+                        "/v1/responses/{id}" if path.startswith("/v1/responses/") else "other")
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
     def _authorized(self, scope) -> bool:

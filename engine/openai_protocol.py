@@ -172,6 +172,48 @@ class DetokenizeRequest(_Body):
     tokens: list[Annotated[int, Field(ge=0)]]
 
 
+class ResponsesRequest(_Body):
+    """POST /v1/responses (OpenAI's Responses API), run as a chat request (engine/openai_responses.py checks and
+    translates `input`, `tools`, `tool_choice` and `text`, refusing what it does not support by name)."""
+    model: str
+    input: str | Annotated[list[dict[str, Any]], Field(min_length=1)] = Field(
+        description='a string (one user message), or items: {"role", "content"} messages, function_call and '
+                    'function_call_output items')
+    instructions: str | None = Field(None, description="a system message before the conversation (not carried over "
+                                                       "by previous_response_id)")
+    previous_response_id: str | None = Field(None, description="continue this stored response's conversation")
+    max_output_tokens: _int(ge=1) | None = Field(None, description="default: the rest of the context")
+    temperature: float | None = Field(None, ge=0, description="0 = greedy")
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = Field(None, description='function tools: {"type": "function", "name", '
+                                                                 '"description", "parameters"}')
+    tool_choice: str | dict[str, Any] | None = Field(None, description='"none", "auto", "required" or {"type": '
+                                                                       '"function", "name": ...}')
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = Field(None, description='{"format": {"type": "text" | "json_object" | "json_schema", '
+                                                          '...}}')
+    store: bool = Field(True, description="keep the response for GET /v1/responses/{id} and previous_response_id")
+    metadata: dict[str, str] | None = None
+    user: str | None = None
+    reasoning: dict[str, Any] | None = Field(None, description="echoed; effort is not applied")
+    background: bool = False  # refused when true
+    truncation: Literal["disabled", "auto"] | None = None  # "auto" refused
+    conversation: str | dict[str, Any] | None = None  # refused (previous_response_id keeps conversations here)
+    prompt: dict[str, Any] | None = None  # refused (stored prompt templates)
+    priority: _int(ge=-(2**31), le=2**31 - 1) = 0
+    cache_salt: str | None = None
+
+
+class ApiError(Exception):
+    """An error answer of the API: an HTTP status and the OpenAI error body's fields."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,
                code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
@@ -182,6 +224,7 @@ _UNION_HINTS = {
     "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
     "stop": "a string or a list of strings",
     "content": 'a string or a list of {"type": "text", "text": ...} parts',
+    "input": "a string or a non-empty list of input items",
 }
 
 

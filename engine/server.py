@@ -2,6 +2,8 @@
 
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
     POST /v1/embeddings                          last-token pooling of the served model
+    POST /v1/responses, GET/DELETE /v1/responses/{id}   OpenAI's Responses API, on the chat path
+                                                 (engine/openai_responses.py)
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
     POST /update_weights_from_disk, /v1/load_lora_adapter, /v1/unload_lora_adapter, /sleep, /wake_up
@@ -35,9 +37,11 @@ from engine.http_guard import RequestGuard
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest, TokenizeRequest,
-    LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest, describe_validation_error, error_body,
+    MAX_N, ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+    TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest, describe_validation_error,
+    error_body,
 )
+from engine import openai_responses
 from engine import structured
 from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, validate_prompt
@@ -47,13 +51,6 @@ log = logging.getLogger(__name__)
 MAX_SAMPLES_PER_CALL = 4 * MAX_N  # prompts x n in one completions call
 ABORTED = "request aborted: the server is shutting down, or replacing its weights (abort_all_requests)"
 DISCONNECT_POLL_S = 0.5  # how often a non-streaming handler checks that its client is still there
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
 
 def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = None) -> FastAPI:
@@ -145,10 +142,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None
 
-    async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
-                  logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None):
-        """echo (completions): each prompt's text, put before its choices' text (and its tokens' logprobs before
-        theirs); with max_tokens 0 the choices carry the prompt only."""
+    async def submit(body, kind: str, prompts: list[list[int]], max_tokens: list[int], logprobs: int | None,
+                     echo: list[str] | None = None, tools: ToolChoice | None = None):
+        """The call's requests to the engine -> (stream, formatter); a stream call's is entered, so that refusals
+        become HTTP errors before the 200 goes out. echo (completions): each prompt's text, put before its choices'
+        text (and its tokens' logprobs before theirs); with max_tokens 0 the choices carry the prompt only."""
         n = body.n
         if len(prompts) * n > MAX_SAMPLES_PER_CALL:
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
@@ -164,12 +162,19 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
                               prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser)
         stream = engine.submit(reqs, call_id, final_only=not body.stream)
+        if body.stream:
+            try:
+                await stream.__aenter__()
+            except (RequestError, EngineStopped) as e:
+                raise _engine_error(e) from None
+        return stream, fmt
+
+    async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
+                  logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None):
+        stream, fmt = await submit(body, kind, prompts, max_tokens, logprobs, echo, tools)
+        n = body.n
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
-        try:
-            await stream.__aenter__()  # refusals become HTTP errors before the 200 goes out
-        except (RequestError, EngineStopped) as e:
-            raise _engine_error(e) from None
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(sse(stream, fmt, prompts, n, include_usage), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -254,8 +259,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         echo = [x if isinstance(x, str) else tokenizer.decode(x, skip_special_tokens=False) for x in p] if body.echo else None
         return await run(request, body, "text", prompts, [max_tokens] * len(prompts), body.logprobs, echo)
 
-    @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI-compatible)")
-    async def chat_completions(request: Request, body: ChatCompletionRequest):
+    def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None]:
+        """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs)."""
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -276,7 +281,20 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         max_tokens = body.max_completion_tokens or body.max_tokens or max(1, max_model_len - len(prompt_ids))
         check_prompt(prompt_ids, max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        return prompt_ids, max_tokens, tools, logprobs
+
+    @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI-compatible)")
+    async def chat_completions(request: Request, body: ChatCompletionRequest):
+        prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
+
+    async def start_chat(body: ChatCompletionRequest):  # /v1/responses runs as a chat request
+        prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
+        return (prompt_ids, *await submit(body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools))
+
+    app.include_router(openai_responses.routes(
+        openai_responses.ChatPath(start_chat, gather, lambda text: len(tokenizer.encode(text, add_special_tokens=False))),
+        openai_responses.ResponseStore(server_cfg.max_stored_responses)))
 
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):

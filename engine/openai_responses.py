@@ -1,0 +1,428 @@
+"""OpenAI's Responses API (`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`) on the chat endpoint's path.
+
+A Responses request becomes a `ChatCompletionRequest`, so it gets the same chat template, sampling, tools,
+structured outputs and reasoning parser; the chat reply becomes Responses output items:
+
+    request:  instructions (a system message) + the stored conversation of `previous_response_id` + `input` items
+              -> chat messages; function tools -> chat tools; `text.format` -> response_format;
+              `max_output_tokens` -> max_tokens
+    reply:    a `reasoning` item (the reasoning parser's thinking), a `message` item (`output_text`), `function_call`
+              items (`call_id`, `name`, `arguments`); status "incomplete" when max_output_tokens ended it
+    stream:   typed SSE events in OpenAI's order, numbered by `sequence_number` (`Output`)
+
+Conversation state: with `store` (the default) a finished response is kept with its conversation as chat messages
+(`ResponseStore`, LRU of `server.max_stored_responses`). A request naming it in `previous_response_id` sends only the
+new turn; the prompt it renders starts with the earlier turns' tokens, which the radix cache still holds, so only the
+new turn is prefilled. What this server does not do (built-in tools, background runs, non-text input, unknown item
+types) is a 400 naming it. This module imports no JAX: the router uses `input_messages` to hash prompts.
+"""
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import json
+import time
+import uuid
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from engine.openai_protocol import ApiError, ChatCompletionRequest, ResponsesRequest, describe_validation_error
+
+ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
+TEXT_PARTS = ("input_text", "output_text")
+
+
+def _id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+# -------------------------------------------------------------------------------------------- request
+def input_messages(items: str | list[dict], history: list[dict] = ()) -> list[dict]:
+    """Responses input (a string, or items) as the chat messages that follow `history`: function_call items become
+    the assistant's tool_calls, function_call_output items tool messages; reasoning items are dropped (templates drop
+    earlier turns' thinking). Anything else is an ApiError naming the item."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    messages: list[dict] = []
+    call_ids = {call["id"] for m in history for call in m.get("tool_calls") or ()}
+    for i, item in enumerate(items):
+        where = f"input[{i}]"
+        kind = item.get("type", "message" if "role" in item else None)
+        if kind == "message":
+            role = ROLES.get(item.get("role"))
+            if role is None:
+                raise _bad(f"{where}.role: expected one of {', '.join(ROLES)}, got {item.get('role')!r}")
+            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+        elif kind == "function_call":
+            call = {"id": _string(item, "call_id", where), "type": "function",
+                    "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
+            call_ids.add(call["id"])
+            if messages and messages[-1]["role"] == "assistant":  # parallel calls, or calls after text: one turn
+                messages[-1].setdefault("tool_calls", []).append(call)
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            call_id = _string(item, "call_id", where)
+            if call_id not in call_ids:
+                raise _bad(f"{where}: no function_call with call_id {call_id!r} comes before this output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": _text(item.get("output"), f"{where}.output")})
+        elif kind != "reasoning":
+            raise _bad(f"{where}: items of type {kind!r} are not supported (message, function_call, function_call_output "
+                       "and reasoning items are)")
+    return messages
+
+
+def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionRequest, list[dict]]:
+    """-> (the chat request this turn runs as, the conversation so far: `history` and this turn's input, without the
+    instructions, which previous_response_id does not carry over)."""
+    _refuse_unsupported(body)
+    conversation = [*history, *input_messages(body.input, history)]
+    system = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
+    fields = {"model": body.model, "messages": system + conversation, "tools": _chat_tools(body.tools),
+              "tool_choice": _chat_tool_choice(body.tool_choice), "response_format": _response_format(body.text),
+              "max_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
+              "stream": body.stream, "user": body.user, "priority": body.priority, "cache_salt": body.cache_salt}
+    try:
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), conversation
+    except ValidationError as e:
+        message, param = describe_validation_error(e.errors())
+        raise ApiError(400, message, param=param) from None
+
+
+def _refuse_unsupported(body: ResponsesRequest) -> None:
+    if body.background:
+        raise _bad("background: true is not supported; a response is made while its request is open", "background")
+    if body.truncation == "auto":
+        raise _bad('truncation: "auto" is not supported; a conversation longer than the context is refused',
+                   "truncation")
+    if body.conversation is not None:
+        raise _bad("conversation: the Conversations API is not supported; continue with previous_response_id",
+                   "conversation")
+    if body.prompt is not None:
+        raise _bad("prompt: stored prompt templates are not supported; send instructions and input", "prompt")
+
+
+def _chat_tools(tools: list[dict] | None) -> list[dict] | None:
+    """Function tools in the chat shape; built-in tools (web_search, file_search, ...) are refused by name."""
+    if not tools:
+        return None
+    out = []
+    for i, tool in enumerate(tools):
+        kind = tool.get("type")
+        if kind != "function":
+            raise _bad(f'tools[{i}]: {kind!r} tools are not supported; only function tools ({{"type": "function", '
+                       '"name", "parameters"})', "tools")
+        name, params, description = tool.get("name"), tool.get("parameters"), tool.get("description")
+        if not isinstance(name, str) or not name:
+            raise _bad(f"tools[{i}].name: a function tool needs a name", "tools")
+        if not isinstance(params, (dict, type(None))) or not isinstance(description, (str, type(None))):
+            raise _bad(f"tools[{i}]: parameters must be a JSON schema object, description a string", "tools")
+        out.append({"type": "function", "function": {k: v for k, v in (("name", name), ("description", description),
+                                                                        ("parameters", params)) if v is not None}})
+    return out
+
+
+def _chat_tool_choice(choice: str | dict | None) -> str | dict | None:
+    if choice is None or choice in ("none", "auto", "required"):
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        if not isinstance(choice.get("name"), str):
+            raise _bad('tool_choice: {"type": "function"} needs a "name"', "tool_choice")
+        return {"type": "function", "function": {"name": choice["name"]}}
+    kind = choice.get("type") if isinstance(choice, dict) else choice
+    raise _bad(f'tool_choice: {kind!r} is not supported; expected "none", "auto", "required" or {{"type": "function", '
+               '"name": ...})', "tool_choice")
+
+
+def _response_format(text: dict | None) -> dict | None:
+    """text.format as chat's response_format (structured outputs)."""
+    fmt = (text or {}).get("format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise _bad("text.format.schema: json_schema needs a JSON schema object", "text")
+        return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "response", "schema": fmt["schema"]}}
+    raise _bad(f"text.format: type {kind!r} is not supported; expected text, json_object or json_schema", "text")
+
+
+def _text(content: Any, where: str) -> str:
+    """A message's content (a string, or text parts) as one string; other parts (images, files, audio) are refused."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad(f"{where}: expected a string or a list of input_text parts")
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in TEXT_PARTS or not isinstance(part.get("text"), str):
+            raise _bad(f"{where}[{j}]: {kind!r} parts are not supported; text only ({', '.join(TEXT_PARTS)})")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _string(item: dict, key: str, where: str) -> str:
+    if not isinstance(item.get(key), str):
+        raise _bad(f"{where}.{key}: required string is missing")
+    return item[key]
+
+
+def _bad(message: str, param: str = "input") -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+# -------------------------------------------------------------------------------------------- output
+class Output:
+    """A response's output items as they grow, and the stream events that tell it (numbered from 0). Text comes as
+    thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text."""
+
+    def __init__(self):
+        self.items: list[dict] = []
+        self._open: dict | None = None
+        self._sequence = 0
+
+    def event(self, type_: str, **fields) -> dict:
+        e = {"type": type_, "sequence_number": self._sequence, **fields}
+        self._sequence += 1
+        return e
+
+    def add(self, fields: dict) -> list[dict]:
+        """A chat reply's fields, whole or one stream delta: reasoning_content, content, tool_calls."""
+        events = []
+        if fields.get("reasoning_content"):
+            events += self._text("reasoning", fields["reasoning_content"])
+        if fields.get("content"):
+            events += self._text("message", fields["content"])
+        for call in fields.get("tool_calls") or ():
+            events += self._close("completed")
+            name, arguments = call["function"]["name"], call["function"]["arguments"]
+            item = {"id": _id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"],
+                    "name": name, "arguments": ""}
+            where = {"item_id": item["id"], "output_index": len(self.items)}
+            self.items.append(item)
+            events.append(self.event("response.output_item.added", output_index=where["output_index"],
+                                     item=copy.deepcopy(item)))
+            events.append(self.event("response.function_call_arguments.delta", **where, delta=arguments))
+            item.update(arguments=arguments, status="completed")
+            events.append(self.event("response.function_call_arguments.done", **where, name=name, arguments=arguments))
+            events.append(self.event("response.output_item.done", output_index=where["output_index"],
+                                     item=copy.deepcopy(item)))
+        return events
+
+    def finish(self, status: str) -> list[dict]:
+        """Closes the open item with the response's status ("completed" or "incomplete"); a reply with neither text
+        nor calls is one empty message."""
+        events = []
+        if not any(item["type"] in ("message", "function_call") for item in self.items):
+            events += self._close("completed") + self._open_item("message")
+        return events + self._close(status)
+
+    def text_of(self, kind: str) -> str:
+        return "".join(item["content"][0]["text"] for item in self.items if item["type"] == kind)
+
+    def _text(self, kind: str, text: str) -> list[dict]:
+        events = []
+        if self._open is None or self._open["type"] != kind:
+            events += self._close("completed") + self._open_item(kind)
+        self._open["content"][0]["text"] += text
+        delta = ("response.output_text.delta", {"logprobs": []}) if kind == "message" else ("response.reasoning_text.delta", {})
+        return events + [self.event(delta[0], **self._where(), delta=text, **delta[1])]
+
+    def _open_item(self, kind: str) -> list[dict]:
+        if kind == "message":
+            item = {"id": _id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
+            part = {"type": "output_text", "text": "", "annotations": []}
+        else:
+            item = {"id": _id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
+            part = {"type": "reasoning_text", "text": ""}
+        self.items.append(item)
+        self._open = item
+        events = [self.event("response.output_item.added", output_index=len(self.items) - 1, item=copy.deepcopy(item)),
+                  self.event("response.content_part.added", **self._where(), part=dict(part))]
+        item["content"].append(part)
+        return events
+
+    def _close(self, status: str) -> list[dict]:
+        item = self._open
+        if item is None:
+            return []
+        where, part = self._where(), item["content"][0]
+        self._open = None
+        item["status"] = status
+        done = ("response.output_text.done", {"logprobs": []}) if item["type"] == "message" else ("response.reasoning_text.done", {})
+        return [self.event(done[0], **where, text=part["text"], **done[1]),
+                self.event("response.content_part.done", **where, part=dict(part)),
+                self.event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item))]
+
+    def _where(self) -> dict:
+        """The open item's place, as its text events name it."""
+        return {"item_id": self._open["id"], "output_index": len(self.items) - 1, "content_index": 0}
+
+
+def response_object(body: ResponsesRequest, response_id: str, created_at: int, status: str, output: list[dict] = (),
+                    usage: dict | None = None, error: dict | None = None) -> dict:
+    """The response as OpenAI shapes it, echoing the request's settings."""
+    return {
+        "id": response_id, "object": "response", "created_at": created_at, "status": status, "background": False,
+        "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
+        "output": list(output), "parallel_tool_calls": body.parallel_tool_calls,
+        "previous_response_id": body.previous_response_id,
+        "reasoning": body.reasoning or {"effort": None, "summary": None}, "store": body.store,
+        "temperature": 1.0 if body.temperature is None else body.temperature,
+        "top_p": 1.0 if body.top_p is None else body.top_p, "text": body.text or {"format": {"type": "text"}},
+        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "truncation": body.truncation or "disabled",
+        "usage": usage, "user": body.user, "metadata": body.metadata or {},
+    }
+
+
+# ---------------------------------------------------------------------------------------------- state
+@dataclasses.dataclass(frozen=True)
+class Stored:
+    response: dict
+    conversation: list[dict]  # chat messages up to and including the reply, no instructions
+
+
+class ResponseStore:
+    """Stored responses by id, least recently used first out past `capacity` (0: none kept)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._entries: collections.OrderedDict[str, Stored] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def put(self, response: dict, conversation: list[dict]) -> None:
+        self._entries[response["id"]] = Stored(response, conversation)
+        self._entries.move_to_end(response["id"])
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def get(self, response_id: str) -> Stored | None:
+        entry = self._entries.get(response_id)
+        if entry is not None:
+            self._entries.move_to_end(response_id)
+        return entry
+
+    def delete(self, response_id: str) -> bool:
+        return self._entries.pop(response_id, None) is not None
+
+
+# --------------------------------------------------------------------------------------------- routes
+@dataclasses.dataclass(frozen=True)
+class ChatPath:
+    """What the chat endpoint lends this one (engine/server.py)."""
+    # A chat request up to the engine -> (prompt ids, its RequestStream, its ChoiceFormatter); ApiError when refused.
+    # A stream is already entered (refusals come before the 200).
+    start: Callable[[ChatCompletionRequest], Awaitable[tuple[list[int], Any, Any]]]
+    # The stream's final RequestOutputs by index; None when the client left (the requests are aborted).
+    gather: Callable[[Request, Any], Awaitable[dict | None]]
+    count_tokens: Callable[[str], int]  # tokens of a text (the reply's reasoning tokens)
+
+
+@dataclasses.dataclass
+class _Reply:
+    """One response being made."""
+    body: ResponsesRequest
+    prompt_ids: list[int]
+    conversation: list[dict]  # up to this turn's input
+    id: str = dataclasses.field(default_factory=lambda: _id("resp"))
+    created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    output: Output = dataclasses.field(default_factory=Output)
+
+
+def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
+    api = APIRouter()
+
+    def stored(response_id: str, param: str | None = None) -> Stored:
+        entry = store.get(response_id)
+        if entry is None:
+            raise _not_found(response_id, param)
+        return entry
+
+    def finish(reply: _Reply, final) -> tuple[list[dict], dict]:
+        """Closes the output after the final RequestOutput -> (its last events, the response); stores it."""
+        status = "incomplete" if final.finish_reason == "length" else "completed"
+        events = reply.output.finish(status)
+        reasoning = reply.output.text_of("reasoning")
+        output_tokens = len(final.token_ids)
+        usage = {"input_tokens": len(reply.prompt_ids), "input_tokens_details": {"cached_tokens": final.cached_tokens},
+                 "output_tokens": output_tokens,
+                 "output_tokens_details": {"reasoning_tokens": min(chat.count_tokens(reasoning), output_tokens)
+                                           if reasoning else 0},
+                 "total_tokens": len(reply.prompt_ids) + output_tokens}
+        response = response_object(reply.body, reply.id, reply.created_at, status, reply.output.items, usage)
+        if reply.body.store:
+            store.put(response, reply.conversation + input_messages(reply.output.items))
+        return events, response
+
+    async def events(reply: _Reply, stream, fmt) -> AsyncIterator[str]:
+        out = reply.output
+        for kind in ("response.created", "response.in_progress"):
+            yield _sse(out.event(kind, response=response_object(reply.body, reply.id, reply.created_at, "in_progress")))
+        final = None
+        try:
+            async with stream:
+                async for index, step in stream:
+                    if step.finish_reason == "abort":
+                        raise RuntimeError("request aborted: the server is shutting down, or replacing its weights")
+                    choice = fmt.delta(index, step)
+                    for e in out.add(choice["delta"]) if choice is not None else ():
+                        yield _sse(e)
+                    if step.finished:
+                        final = fmt.final(step)
+        except RuntimeError as e:  # the engine stopped, or aborted the request
+            failed = response_object(reply.body, reply.id, reply.created_at, "failed", out.items,
+                                     error={"code": "server_error", "message": str(e)})
+            yield _sse(out.event("response.failed", response=failed))
+            return
+        done, response = finish(reply, final)
+        for e in done:
+            yield _sse(e)
+        yield _sse(out.event(f"response.{response['status']}", response=response))
+
+    @api.post("/v1/responses", response_model=None, summary="Create a model response (OpenAI's Responses API)")
+    async def create_response(request: Request, body: ResponsesRequest):
+        history = [] if body.previous_response_id is None else \
+            stored(body.previous_response_id, "previous_response_id").conversation
+        chat_body, conversation = chat_request(body, history)
+        prompt_ids, stream, fmt = await chat.start(chat_body)
+        reply = _Reply(body, prompt_ids, conversation)
+        if body.stream:
+            return StreamingResponse(events(reply, stream, fmt), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        finals = await chat.gather(request, stream)
+        if finals is None:  # the client left
+            return JSONResponse({})
+        final = fmt.final(finals[0])
+        reply.output.add(fmt.choice(0, final)["message"])
+        return JSONResponse(finish(reply, final)[1])
+
+    @api.get("/v1/responses/{response_id}", summary="A stored response")
+    async def get_response(response_id: str):
+        return stored(response_id).response
+
+    @api.delete("/v1/responses/{response_id}", summary="Delete a stored response")
+    async def delete_response(response_id: str):
+        if not store.delete(response_id):
+            raise _not_found(response_id)
+        return {"id": response_id, "object": "response", "deleted": True}
+
+    return api
+
+
+def _not_found(response_id: str, param: str | None = None) -> ApiError:
+    return ApiError(404, f"no stored response {response_id!r} (unknown, deleted, evicted, or made with store: false)",
+                    param=param, code="response_not_found")
+
+
+def _sse(event: dict) -> str:
+    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"

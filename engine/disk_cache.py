@@ -19,6 +19,7 @@ miss, and is deleted.
 """
 from __future__ import annotations
 
+import atexit
 import collections
 import concurrent.futures
 import hashlib
@@ -28,6 +29,7 @@ import os
 import queue
 import struct
 import threading
+import weakref
 from pathlib import Path
 from typing import Sequence
 
@@ -82,6 +84,7 @@ class DiskCache:
         self._writer = threading.Thread(target=self._write_loop, name="disk-cache-writer", daemon=True)
         self._writer.start()
         self._readers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="disk-cache-reader")
+        atexit.register(_flush_at_exit, weakref.ref(self))  # the writer is a daemon: finish its queue first
 
     # --------------------------------------------------------------------------------- identity
     def set_key(self, key: str | None, describe: dict | None = None) -> None:
@@ -163,7 +166,11 @@ class DiskCache:
 
     def _write_loop(self) -> None:
         while True:
-            directory, hashes, pages, index = self._writes.get()
+            item = self._writes.get()
+            if item is None:  # close()
+                self._writes.task_done()
+                return
+            directory, hashes, pages, index = item
             try:
                 for h, i in zip(hashes, index):
                     self._write_one(directory, h, tuple(np.ascontiguousarray(a[:, :, i]) for a in pages))
@@ -253,8 +260,16 @@ class DiskCache:
         return tuple(payload)
 
     def close(self) -> None:
-        self.flush()
+        """Writes what is queued, then stops the writer and the readers."""
+        self._writes.put(None)
+        self._writer.join()
         self._readers.shutdown(wait=True)
+
+
+def _flush_at_exit(ref) -> None:
+    disk = ref()
+    if disk is not None and disk._writer.is_alive():
+        disk.flush()
 
 
 def arrays_digest(tree) -> str:

@@ -342,8 +342,6 @@ class LLMEngine:
             launched = self.runner.launch(plan, self._token_mask(plan), [(r, t) for r, t, _, _ in targets],
                                           max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0))
         outputs += self._complete()
-        if launched is None and self.disk is not None:
-            self._disk_idle()
         if launched is not None:
             self.scheduler.advance(plan)
             self._inflight = (plan, launched, targets)
@@ -353,15 +351,18 @@ class LLMEngine:
             # pack_s: host time packing and dispatching the launched step; wait_s: time blocked on results.
             self.last_step = {"total_s": time.perf_counter() - t0, "num_decode": plan.num_decode_tokens,
                               "num_prefill": plan.num_prefill_tokens, "pack_s": launched.pack_s, "wait_s": self._wait_s}
+        if self.disk is not None and self._inflight is None:  # the device is idle
+            self._disk_idle(wait=launched is None)
         if self.config.debug_checks:
             self.scheduler.check_invariants()
         return outputs
 
-    def _disk_idle(self) -> None:
-        """No step runs: pages the tree stored since the last one are written out now, and requests whose prompt pages
-        are being read from disk are waited for (briefly: the caller's loop comes back)."""
+    def _disk_idle(self, wait: bool) -> None:
+        """No step is in flight: pages the tree stored since the last one are written out now, and, when no step could
+        run (`wait`), requests whose prompt pages are being read from disk are waited for (briefly: the caller's loop
+        comes back)."""
         self.runner.save_to_disk(self.scheduler.take_disk_saves())
-        if reads := self.scheduler.disk_reads():
+        if wait and (reads := self.scheduler.disk_reads()):
             concurrent.futures.wait(reads, timeout=DISK_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
 
     @staticmethod

@@ -1,0 +1,144 @@
+"""The disk tier of the prefix cache (engine.disk_cache): its files, and an engine restarted onto them.
+
+The scheduler's side (what is written and read, waiting for reads, shared reads) is tested on host data in
+tests/test_scheduler.py; here the bytes: a page read back equals the page written, damaged files are misses, the
+directory is named by what the K/V depend on, and a new engine on the same directory gives the same greedy tokens.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig
+from engine.disk_cache import DiskCache, layout_key
+from engine.llm import LLM
+from tests.test_engine import SMALL, _generate, _prompts, tiny_model, tokenizer  # noqa: F401 (fixtures)
+
+SPECS = [((2, 3, 4, 8), np.float32), ((2, 3, 4, 8), np.float32), ((2, 3, 4), np.float32), ((2, 3, 4), np.float32)]
+
+
+def _pages(rng: np.random.Generator, n: int) -> tuple[np.ndarray, ...]:
+    """n random pages of each array in SPECS: [L, Hkv, n, ...], as the runner hands them over."""
+    return tuple(rng.standard_normal(s[:2] + (n,) + s[2:]).astype(d) for s, d in SPECS)
+
+
+def _page(pages, i):
+    return tuple(a[:, :, i] for a in pages)
+
+
+def test_pages_read_back_as_written_and_damaged_files_are_misses(tmp_path):
+    rng = np.random.default_rng(0)
+    disk = DiskCache(tmp_path, "k1", SPECS, capacity_pages=100)
+    hashes = [rng.integers(2**63) for _ in range(5)]
+    pages = _pages(rng, 5)
+    disk.put(hashes, pages, "k1")
+    disk.put(hashes[:1], _pages(rng, 1), "stale key")  # pages of weights no longer served: dropped
+    disk.flush()
+    assert disk.present(hashes) == 5 and len(disk) == 5 and not disk.wanted(hashes[0])
+    got = disk.fetch(hashes).result()
+    assert list(got) == hashes
+    for i, h in enumerate(hashes):
+        for a, b in zip(got[h], _page(pages, i)):
+            np.testing.assert_array_equal(a, b)
+
+    # Another process (or a restart) finds the files, oldest first; one truncated file ends a read's run there.
+    again = DiskCache(tmp_path, "k1", SPECS, capacity_pages=100)
+    assert again.present(hashes) == 5
+    path = again._path(hashes[2])
+    with open(path, "r+b") as f:
+        f.truncate(100)
+    assert list(again.fetch(hashes).result()) == hashes[:2]
+    assert not path.exists() and again.stats["read_errors"] == 1 and again.present(hashes) == 2
+    os.remove(again._path(hashes[0]))  # deleted by another process: a miss, not an error
+    assert again.fetch(hashes).result() == {} and again.present(hashes) == 0
+
+    # Another layout key is another directory; no key, no tier.
+    other = DiskCache(tmp_path, "k2", SPECS, capacity_pages=100)
+    assert other.present(hashes) == 0 and other.wanted(hashes[1])
+    other.set_key(None)
+    other.put(hashes, pages, None)
+    other.flush()
+    assert other.present(hashes) == 0 and not other.wanted(hashes[1]) and not any((tmp_path / "k2").rglob("*.kv"))
+    for d in (disk, again, other):
+        d.close()
+
+
+def test_capacity_deletes_the_least_recently_used_files(tmp_path):
+    rng = np.random.default_rng(1)
+    disk = DiskCache(tmp_path, "k", SPECS, capacity_pages=3)
+    hashes = list(range(1, 6))
+    disk.put(hashes[:3], _pages(rng, 3), "k")
+    disk.flush()
+    disk.fetch(hashes[:1]).result()  # page 1 is now the most recently used
+    disk.put(hashes[3:], _pages(rng, 2), "k")
+    disk.flush()
+    on_disk = {int(p.stem, 16) for p in (tmp_path / "k").rglob("*.kv")}
+    assert on_disk == {1, 4, 5} and len(disk) == 3 and disk.stats["pages_deleted"] == 2
+    # A restart with less room keeps the most recently used.
+    smaller = DiskCache(tmp_path, "k", SPECS, capacity_pages=1)
+    assert len(smaller) == 1 and len(list((tmp_path / "k").rglob("*.kv"))) == 1
+    disk.close()
+    smaller.close()
+
+
+def test_layout_key_names_everything_the_kv_depends_on():
+    base = {"weights": {"/m.gguf": (1, 2)}, "kv_dtype": "float32", "page_size": 16}
+    assert layout_key(base) == layout_key(dict(base))
+    assert len({layout_key(base), layout_key({**base, "kv_dtype": "int8"}), layout_key({**base, "page_size": 32}),
+                layout_key({**base, "weights": {"/m.gguf": (1, 3)}})}) == 4
+
+
+@pytest.mark.parametrize("kv_dtype", ["auto", "int8"])
+def test_a_restarted_engine_reads_its_prompts_back_with_the_same_outputs(tiny_model, tokenizer, tmp_path, kv_dtype):
+    """Engine A serves prompts with a disk tier and shuts down; engine B, new, on the same directory, gets the prompts'
+    pages from disk: the same greedy tokens as an engine without the tier, more prompt tokens cached. A thrashing pool
+    (16 pages) on the same files gives them too (debug checks on every step). An 8-bit cache's scales travel with it."""
+    prompts = _prompts(tokenizer, random.Random(6))
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "cache.kv_dtype": kv_dtype, "debug_checks": True})
+    plain = _generate(LLM(config, progress=False, model=tiny_model), prompts, max_tokens=8)
+    with_disk = config.replace(**{"cache.disk_path": str(tmp_path)})
+    a = LLM(with_disk, progress=False, model=tiny_model)
+    assert _generate(a, prompts, max_tokens=8)[0] == plain[0]
+    a.engine.shutdown()
+    stats = a.engine.stats()
+    assert stats["disk_pages"] == stats["disk_saved_pages"] > 10 and stats["disk_hit_tokens"] == 0
+
+    for name, overrides in {"restart": {}, "restart+tiny": {"cache.num_pages": 16}}.items():
+        b = LLM(with_disk.replace(**overrides), progress=False, model=tiny_model)
+        tokens, cached = _generate(b, prompts, max_tokens=8)
+        assert tokens == plain[0], name
+        stats = b.engine.stats()
+        assert stats["disk_hit_tokens"] > 0 and sum(cached) > sum(plain[1]), name
+        assert b.engine.disk.stats["read_errors"] == 0
+    assert len(os.listdir(tmp_path)) == 1  # one layout: these engines share the directory
+
+
+def test_other_weights_or_layouts_never_read_each_others_files(tiny_model, tokenizer, tmp_path):
+    """Other weights, another KV dtype or page size: another directory, so no hits across them; an update to weights
+    given as arrays turns the tier off (nothing names them), and outputs stay the new weights' own."""
+    import jax
+
+    prompts = _prompts(tokenizer, random.Random(7))[:12]
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
+    cfg, params, tok = tiny_model
+    other_params = jax.tree.map(lambda a: a * 1.01, params)
+    first = LLM(config, progress=False, model=tiny_model)
+    _generate(first, prompts, max_tokens=4)
+    first.engine.shutdown()
+    for overrides, model in [({}, (cfg, other_params, tok)), ({"cache.kv_dtype": "bfloat16"}, tiny_model),
+                             ({"cache.page_size": 32}, tiny_model)]:
+        llm = LLM(config.replace(**overrides), progress=False, model=model)
+        _generate(llm, prompts, max_tokens=4)
+        assert llm.engine.stats()["disk_hit_tokens"] == 0, overrides
+        llm.engine.shutdown()
+    assert len(os.listdir(tmp_path)) == 4
+
+    again = LLM(config, progress=False, model=tiny_model)
+    again.update_weights(other_params)
+    assert again.engine.disk.key is None
+    fresh = LLM(config.replace(**{"cache.disk_path": None}), progress=False, model=(cfg, other_params, tok))
+    assert _generate(again, prompts, max_tokens=4)[0] == _generate(fresh, prompts, max_tokens=4)[0]
+    assert again.engine.stats()["disk_hit_tokens"] == 0

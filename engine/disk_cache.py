@@ -76,6 +76,7 @@ class DiskCache:
         self._lock = threading.Lock()
         self._index: collections.OrderedDict[int, None] = collections.OrderedDict()  # hashes on disk, LRU first
         self._writing: set[int] = set()  # queued for the writer, not yet renamed into place
+        self._unreadable: set[int] = set()  # reads failed (a file that cannot be opened or deleted): never looked up
         self.stats = collections.Counter()  # pages_written, pages_read, write_skipped, read_errors, pages_deleted
         self.key: str | None = None
         self.dir: Path | None = None
@@ -91,7 +92,7 @@ class DiskCache:
         """Serve the directory of `key` from now on (new weights: a new key); None turns the tier off (weights
         with no stable name). Lists the files already there, oldest first."""
         with self._lock:
-            self.key, self._index = key, collections.OrderedDict()
+            self.key, self._index, self._unreadable = key, collections.OrderedDict(), set()
             self.dir = None if key is None else self.root / key
         if self.dir is None:
             return
@@ -129,7 +130,9 @@ class DiskCache:
         n = 0
         for h in hashes:
             with self._lock:
-                known = h in self._index
+                known, bad = h in self._index, h in self._unreadable
+            if bad:
+                break
             if not known:
                 if not self._path(h).exists():
                     break
@@ -192,6 +195,7 @@ class DiskCache:
                 with self._lock:
                     if directory == self.dir:
                         self._index[block_hash] = None
+                        self._unreadable.discard(block_hash)
                         self.stats["pages_written"] += 1
         except OSError as e:
             self.stats["write_errors"] += 1
@@ -235,9 +239,12 @@ class DiskCache:
             with open(path, "rb") as f:
                 data = f.read()
             os.utime(path)  # recency survives a restart (the next start-up lists files by mtime)
-        except OSError:  # gone: deleted by a process sharing the directory
+        except OSError as e:  # gone (deleted by a process sharing the directory), or unreadable
             with self._lock:
                 self._index.pop(block_hash, None)
+                if not isinstance(e, FileNotFoundError):
+                    self._unreadable.add(block_hash)
+                    self.stats["read_errors"] += 1
             return None
         magic, stored_hash, size = _HEADER.unpack_from(data)
         if magic != _MAGIC or stored_hash != block_hash or size != self.page_bytes \
@@ -246,7 +253,11 @@ class DiskCache:
             self.stats["read_errors"] += 1
             with self._lock:
                 self._index.pop(block_hash, None)
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                with self._lock:
+                    self._unreadable.add(block_hash)
             return None
         payload, offset = [], _HEADER.size
         for shape, dtype in self.specs:

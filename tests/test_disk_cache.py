@@ -52,8 +52,12 @@ def test_pages_read_back_as_written_and_damaged_files_are_misses(tmp_path):
         f.truncate(100)
     assert list(again.fetch(hashes).result()) == hashes[:2]
     assert not path.exists() and again.stats["read_errors"] == 1 and again.present(hashes) == 2
+    os.remove(again._path(hashes[1]))  # something that cannot be read: a miss, and never looked up again
+    os.mkdir(again._path(hashes[1]))
+    assert list(again.fetch(hashes).result()) == hashes[:1] and again.present(hashes) == 1
+    assert again.stats["read_errors"] == 2
     os.remove(again._path(hashes[0]))  # deleted by another process: a miss, not an error
-    assert again.fetch(hashes).result() == {} and again.present(hashes) == 0
+    assert again.fetch(hashes).result() == {} and again.present(hashes) == 0 and again.stats["read_errors"] == 2
 
     # Another layout key is another directory; no key, no tier.
     other = DiskCache(tmp_path, "k2", SPECS, capacity_pages=100)

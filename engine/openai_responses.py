@@ -81,16 +81,21 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompl
     instructions, which previous_response_id does not carry over)."""
     _refuse_unsupported(body)
     conversation = [*history, *input_messages(body.input, history)]
-    system = [] if body.instructions is None else [{"role": "system", "content": body.instructions}]
-    fields = {"model": body.model, "messages": system + conversation, "tools": _chat_tools(body.tools),
-              "tool_choice": _chat_tool_choice(body.tool_choice), "response_format": _response_format(body.text),
-              "max_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
-              "stream": body.stream, "user": body.user, "priority": body.priority, "cache_salt": body.cache_salt}
+    fields = {"model": body.model, "messages": prompt_messages(body.instructions, conversation),
+              "tools": _chat_tools(body.tools), "tool_choice": _chat_tool_choice(body.tool_choice),
+              "response_format": _response_format(body.text), "max_tokens": body.max_output_tokens,
+              "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "user": body.user,
+              "priority": body.priority, "cache_salt": body.cache_salt}
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), conversation
     except ValidationError as e:
         message, param = describe_validation_error(e.errors())
         raise ApiError(400, message, param=param) from None
+
+
+def prompt_messages(instructions: str | None, conversation: list[dict]) -> list[dict]:
+    """The chat messages a turn renders: the instructions as a system message, then the conversation."""
+    return ([] if instructions is None else [{"role": "system", "content": instructions}]) + conversation
 
 
 def _refuse_unsupported(body: ResponsesRequest) -> None:

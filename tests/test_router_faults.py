@@ -277,3 +277,72 @@ def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def respond(url: str, body: dict) -> tuple[int, dict]:
+    """POST /v1/responses -> (status, the response, or the error body); a stream's response is its last event's."""
+    with httpx.Client(timeout=30) as c:
+        if not body.get("stream"):
+            r = c.post(f"{url}/v1/responses", json=body)
+            return r.status_code, r.json()
+        with c.stream("POST", f"{url}/v1/responses", json=body) as r:
+            if r.status_code != 200:
+                return r.status_code, json.loads(r.read())
+            events = [json.loads(line[len("data: "):]) for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[0]["type"] == "response.created" and events[-1]["type"] == "response.completed"
+        return 200, events[-1]["response"]
+
+
+def test_responses_stay_with_the_replica_that_stored_them(cluster):
+    """A request with previous_response_id, and GET / DELETE /v1/responses/{id}, reach the replica that stored the
+    response (fake replicas answer 404 for ids they do not hold), even under round robin; the router learns the owner
+    from whole and streamed responses, and a router that never saw an id finds it by asking the replicas. An owner
+    that is down is a 503 naming it."""
+    ports, procs, router = cluster
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    rr = RouterThread(urls, policy="round_robin")
+    try:
+        wait_for(lambda: all(r["up"] for r in rr.replicas() + router.replicas()), what="all replicas up")
+        # Without previous_response_id, prefix affinity as for chat: instructions and input hash as their messages.
+        responses = rr.router.route_request({"instructions": "be brief " * 8, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, chat=True)
+        chat = rr.router.route_request({"messages": [{"role": "system", "content": "be brief " * 8},
+                                                     {"role": "user", "content": "hi"}]}, chat=True)
+        assert responses.block_hashes == chat.block_hashes and len(chat.block_hashes) > 1
+        owners = {}
+        for i in range(6):
+            status, first = respond(rr.url, {"model": "fake", "input": f"conversation {i}", "max_output_tokens": 3,
+                                             "stream": i % 2 == 0})
+            assert status == 200
+            last = first
+            for turn in range(2):
+                status, last = respond(rr.url, {"model": "fake", "input": f"turn {turn}", "stream": turn == i % 2,
+                                                "previous_response_id": last["id"], "max_output_tokens": 3})
+                assert status == 200 and last["replica"] == first["replica"], last
+            owners[last["id"]] = first["replica"]
+        assert len(set(owners.values())) > 1  # round robin spread the conversations
+        assert len(rr.router.response_owners) == 18
+        for response_id, replica in owners.items():
+            assert httpx.get(f"{rr.url}/v1/responses/{response_id}", timeout=30).json()["replica"] == replica
+        # A router that never saw these ids asks the replicas, then remembers.
+        some_id = next(iter(owners))
+        status, more = respond(router.url, {"model": "fake", "input": "again", "previous_response_id": some_id})
+        assert status == 200 and more["replica"] == owners[some_id]
+        assert router.router.response_owners.get(some_id) is not None
+        assert httpx.delete(f"{router.url}/v1/responses/{some_id}", timeout=30).json()["deleted"] is True
+        for r in (httpx.get(f"{rr.url}/v1/responses/{some_id}", timeout=30),
+                  httpx.post(f"{rr.url}/v1/responses", json={"model": "fake", "input": "x", "previous_response_id": some_id},
+                             timeout=30)):
+            assert r.status_code == 404 and some_id in r.json()["error"]["message"]
+        status, unstored = respond(rr.url, {"model": "fake", "input": "x", "store": False})
+        assert status == 200 and rr.router.response_owners.get(unstored["id"]) is None
+        # The owner of a conversation goes down: continuing it is a clear error, not another replica's 404.
+        victim_id, victim = next((rid, replica) for rid, replica in owners.items() if rid != some_id)
+        slot = [f"fake:{p}" for p in ports].index(victim)
+        procs[ports[slot]].kill()
+        procs[ports[slot]].wait()
+        wait_for(lambda: not rr.replicas()[slot]["up"], what="the owner marked down")
+        status, error = respond(rr.url, {"model": "fake", "input": "x", "previous_response_id": victim_id})
+        assert status == 503 and urls[slot] in error["error"]["message"] and "down" in error["error"]["message"]
+    finally:
+        rr.stop()

@@ -21,6 +21,9 @@ is up (a gap or a new epoch resyncs).
 Admin calls (new weights, LoRA adapters loaded or unloaded, sleep, wake-up) go to every replica that is up
 at once; the answer lists each replica's. A replica that comes up later is caught up (the fleet's weights and
 adapters replayed) before it gets traffic.
+
+Stored responses (/v1/responses) live in the memory of the replica that made them: a request with
+`previous_response_id`, and GET / DELETE /v1/responses/{id}, go to that replica only (response_owners.py).
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import time
+import urllib.parse
 from typing import Any
 
 import httpx
@@ -36,10 +40,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace, page_hashes
+from engine.openai_protocol import error_body
+from engine.openai_responses import input_messages, prompt_messages
 from engine.router.config import RouterConfig
 from engine.router.index import EventFeed, PrefixIndex
 from engine.router.metrics import RouterMetrics
-from engine.router.policy import NoReplicaAvailable, ReplicaState, RouteRequest, make_policy
+from engine.router.policy import Choice, NoReplicaAvailable, ReplicaState, RouteRequest, make_policy
+from engine.router.response_owners import ResponseOwners
 
 log = logging.getLogger("radixlm.router")
 
@@ -73,6 +80,7 @@ class Router:
         self.states = [ReplicaState(up=False) for _ in self.urls]
         self.feeds = [EventFeed(self.index, slot) for slot in range(len(self.urls))]
         self.adapters: set[str] = set()  # LoRA adapter names the replicas serve (learned from their /v1/models)
+        self.response_owners = ResponseOwners()  # stored /v1/responses ids -> the replica holding each
         self.metrics = RouterMetrics(self.urls)
         self.client: httpx.AsyncClient | None = None
         self._tasks: list[asyncio.Task] = []
@@ -264,10 +272,12 @@ class Router:
 
     def route_request(self, body: dict, chat: bool) -> RouteRequest:
         """Tokenize once and hash full pages; an unparseable body routes with no prefix (the
-        replica answers it with the proper 4xx)."""
+        replica answers it with the proper 4xx). chat: chat messages, or a Responses body's instructions and input."""
         try:
             if chat:
-                tokens = self.tokenizer.encode_chat(body["messages"])
+                messages = body["messages"] if "messages" in body else \
+                    prompt_messages(body.get("instructions"), input_messages(body["input"]))
+                tokens = self.tokenizer.encode_chat(messages)
             else:
                 prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
                 if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
@@ -291,16 +301,28 @@ class Router:
             return JSONResponse({"error": {"message": "body must be a JSON object", "type": "invalid_request_error"}},
                                 status_code=400)
         stream = bool(body.get("stream"))
-        req = self.route_request(body, chat=path.endswith("chat/completions"))
         fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
         fwd["accept-encoding"] = "identity"  # NOTE: bytes are relayed raw, so they must not be compressed
+        responses = path == "/v1/responses"
+        learn = responses and body.get("store") is not False  # the replica keeps it: remember where
+        pinned = None  # a conversation continues where its previous response is stored, and nowhere else
+        if responses and isinstance(body.get("previous_response_id"), str):
+            pinned = await self.response_owner(body["previous_response_id"], fwd)
+            if isinstance(pinned, Response):
+                return pinned
+            req = RouteRequest((), 0)
+        else:
+            req = self.route_request(body, chat=path.endswith(("/chat/completions", "/responses")))
         tried: set[int] = set()
         last_error = "no replica is up"
-        for _ in range(self.cfg.max_attempts):
-            try:
-                choice = self.policy.route(req, self.states, time.monotonic(), tried)
-            except NoReplicaAvailable:
-                break
+        for _ in range(self.cfg.max_attempts if pinned is None else 1):
+            if pinned is not None:
+                choice = Choice(pinned, 0, "previous_response")
+            else:
+                try:
+                    choice = self.policy.route(req, self.states, time.monotonic(), tried)
+                except NoReplicaAvailable:
+                    break
             slot, url = choice.replica, self.urls[choice.replica]
             tried.add(slot)
             matched = choice.matched_len
@@ -338,20 +360,31 @@ class Router:
                 continue
             self._count(slot, req.prompt_len, matched)
             ticket.first_byte()
+            learn = learn and upstream.status_code == 200
             if not stream:
                 await upstream.aclose()
                 ticket.release()
+                if learn:
+                    self.response_owners.learn(content, slot)
                 return Response(content, status_code=upstream.status_code, media_type=media_type)
-            return StreamingResponse(self._relay(first, chunks, upstream, ticket), status_code=upstream.status_code,
-                                     media_type=media_type)
+            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn),
+                                     status_code=upstream.status_code, media_type=media_type)
         self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
         return JSONResponse({"error": {"message": f"no replica could serve the request ({last_error})",
                                        "type": "upstream_unavailable"}}, status_code=503 if not tried else 502)
 
-    async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket"):
+    async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False):
+        """learn: a Responses stream, whose first event names the response stored on this replica."""
+        head = first if learn else None
         try:
+            if head is not None and self.response_owners.learn(head, ticket.slot):
+                head = None
             yield first
             async for chunk in chunks:
+                if head is not None:  # the id may arrive split over chunks: look in the stream's opening bytes
+                    head += chunk
+                    if self.response_owners.learn(head, ticket.slot) or len(head) > 1 << 16:
+                        head = None
                 yield chunk
         except Exception as e:
             # NOTE: bytes already reached the client: no retry. Say so in the stream's own terms.
@@ -363,6 +396,52 @@ class Router:
         finally:
             await upstream.aclose()
             ticket.release()
+
+    async def response_owner(self, response_id: str, headers: dict[str, str],
+                             param: str | None = "previous_response_id") -> int | Response:
+        """The slot of the replica that stored the response: learned from the responses that passed through, else
+        asked of every replica up (the id was evicted here, or the router restarted). An error response when no
+        replica up holds it, or the one that does is down."""
+        slot = self.response_owners.get(response_id)
+        if slot is None:
+            path = f"/v1/responses/{urllib.parse.quote(response_id, safe='')}"
+            slots = [s for s, st in enumerate(self.states) if st.up]
+
+            async def holds(s: int) -> bool:
+                try:
+                    r = await self.client.get(self.urls[s] + path, headers=headers, timeout=self.cfg.connect_timeout_s)
+                    return r.status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            found = await asyncio.gather(*(holds(s) for s in slots))
+            slot = next((s for s, ok in zip(slots, found) if ok), None)
+            if slot is None:
+                return JSONResponse(error_body(f"no replica up holds response {response_id!r} (unknown, deleted, "
+                                               "evicted, made with store: false, or its replica restarted)",
+                                               param=param, code="response_not_found"), 404)
+            self.response_owners.record(response_id, slot)
+        if not self.states[slot].up:
+            return JSONResponse(error_body(
+                f"response {response_id!r} is stored on replica {self.urls[slot]}, which is down; a replica keeps its "
+                "responses in its own memory, so this conversation cannot continue on another (send its whole input "
+                "instead)", "upstream_unavailable", param, "replica_down"), 503)
+        return slot
+
+    async def stored_response(self, method: str, response_id: str, headers: dict[str, str]) -> Response:
+        """GET or DELETE /v1/responses/{id}, on the replica that stored it."""
+        fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
+        slot = await self.response_owner(response_id, fwd, param=None)
+        if isinstance(slot, Response):
+            return slot
+        url = f"{self.urls[slot]}/v1/responses/{urllib.parse.quote(response_id, safe='')}"
+        try:
+            r = await self.client.request(method, url, headers=fwd, timeout=self.cfg.request_timeout_s)
+        except httpx.HTTPError as e:
+            return JSONResponse(error_body(f"{self.urls[slot]}: {e!r}", "upstream_unavailable"), 502)
+        if r.status_code == 404 or (method == "DELETE" and r.status_code == 200):
+            self.response_owners.forget(response_id)
+        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
 
     def _retry(self, slot: int, transport: bool) -> None:
         self.metrics.retries.labels(self.urls[slot]).inc()
@@ -440,6 +519,14 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):
         return await router.forward("/v1/embeddings", await request.body(), dict(request.headers))
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        return await router.forward("/v1/responses", await request.body(), dict(request.headers))
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    async def stored_response(request: Request, response_id: str):
+        return await router.stored_response(request.method, response_id, dict(request.headers))
 
     for path in BROADCAST:
         async def admin(request: Request):

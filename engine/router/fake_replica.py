@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
+from engine.openai_responses import input_messages, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 
@@ -140,6 +141,51 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await completion(request, chat=True)
+
+    stored: dict[str, list[dict]] = {}  # /v1/responses kept: id -> the conversation, up to the reply
+
+    @app.post("/v1/responses")
+    async def responses(request: Request):
+        """Responses as a replica stores them (previous_response_id continues a conversation stored here, else 404);
+        a stream opens with response.created, which names the id."""
+        body = await request.json()
+        previous = body.get("previous_response_id")
+        if previous is not None and previous not in stored:
+            return JSONResponse({"error": {"message": f"no stored response {previous!r}", "type": "invalid_request_error",
+                                           "param": "previous_response_id", "code": "response_not_found"}}, 404)
+        conversation = stored.get(previous, []) + input_messages(body["input"])
+        tokens = tok.encode_chat(prompt_messages(body.get("instructions"), conversation))
+        await serve(tokens, cache_namespace(body.get("cache_salt"), None))
+        text = "".join(fake_output(tokens, int(body.get("max_output_tokens") or 8)))
+        rid = f"resp_{uuid.uuid4().hex}"
+        response = {"id": rid, "object": "response", "status": "completed", "previous_response_id": previous,
+                    "output": [{"type": "message", "role": "assistant",
+                                "content": [{"type": "output_text", "text": text}]}], "replica": name}
+        if body.get("store", True):
+            stored[rid] = conversation + [{"role": "assistant", "content": text}]
+        if not body.get("stream"):
+            return response
+        events = [("response.created", {"response": {**response, "status": "in_progress", "output": []}}),
+                  ("response.output_text.delta", {"delta": text}), ("response.completed", {"response": response})]
+        lines = [f"event: {kind}\ndata: {json.dumps({'type': kind, 'sequence_number': i, **e})}\n\n"
+                 for i, (kind, e) in enumerate(events)]
+
+        async def trickle():  # in 7-byte pieces: the router finds the id however the stream is cut
+            for line in lines:
+                for i in range(0, len(line), 7):
+                    yield line[i:i + 7]
+                    await asyncio.sleep(chunk_delay_s)
+
+        return StreamingResponse(trickle(), media_type="text/event-stream")
+
+    @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
+    async def stored_response(request: Request, response_id: str):
+        if response_id not in stored:
+            return JSONResponse({"error": {"message": f"no stored response {response_id!r}"}}, 404)
+        if request.method == "DELETE":
+            del stored[response_id]
+            return {"id": response_id, "object": "response", "deleted": True}
+        return {"id": response_id, "object": "response", "replica": name}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

@@ -53,7 +53,8 @@ def input_messages(items: str | list[dict], history: list[dict] = ()) -> list[di
         where = f"input[{i}]"
         kind = item.get("type", "message" if "role" in item else None)
         if kind == "message":
-            role = ROLES.get(item.get("role"))
+            role = item.get("role")
+            role = ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise _bad(f"{where}.role: expected one of {', '.join(ROLES)}, got {item.get('role')!r}")
             messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
@@ -69,10 +70,11 @@ def input_messages(items: str | list[dict], history: list[dict] = ()) -> list[di
             call_id = _string(item, "call_id", where)
             if call_id not in call_ids:
                 raise _bad(f"{where}: no function_call with call_id {call_id!r} comes before this output")
-            messages.append({"role": "tool", "tool_call_id": call_id, "content": _text(item.get("output"), f"{where}.output")})
+            output = _text(item.get("output"), f"{where}.output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
         elif kind != "reasoning":
-            raise _bad(f"{where}: items of type {kind!r} are not supported (message, function_call, function_call_output "
-                       "and reasoning items are)")
+            raise _bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
+                       "function_call_output and reasoning items are)")
     return messages
 
 
@@ -184,6 +186,10 @@ def _bad(message: str, param: str = "input") -> ApiError:
 
 
 # -------------------------------------------------------------------------------------------- output
+_PART = {"message": "output_text", "reasoning": "reasoning_text"}  # an item's text part, and its events' names
+_LOGPROBS = {"message": {"logprobs": []}, "reasoning": {}}  # output_text events carry logprobs (none asked here)
+
+
 class Output:
     """A response's output items as they grow, and the stream events that tell it (numbered from 0). Text comes as
     thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text."""
@@ -237,16 +243,15 @@ class Output:
         if self._open is None or self._open["type"] != kind:
             events += self._close("completed") + self._open_item(kind)
         self._open["content"][0]["text"] += text
-        delta = ("response.output_text.delta", {"logprobs": []}) if kind == "message" else ("response.reasoning_text.delta", {})
-        return events + [self.event(delta[0], **self._where(), delta=text, **delta[1])]
+        return events + [self.event(f"response.{_PART[kind]}.delta", **self._where(), delta=text, **_LOGPROBS[kind])]
 
     def _open_item(self, kind: str) -> list[dict]:
         if kind == "message":
             item = {"id": _id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-            part = {"type": "output_text", "text": "", "annotations": []}
+            part = {"type": _PART[kind], "text": "", "annotations": []}
         else:
             item = {"id": _id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
-            part = {"type": "reasoning_text", "text": ""}
+            part = {"type": _PART[kind], "text": ""}
         self.items.append(item)
         self._open = item
         events = [self.event("response.output_item.added", output_index=len(self.items) - 1, item=copy.deepcopy(item)),
@@ -261,8 +266,8 @@ class Output:
         where, part = self._where(), item["content"][0]
         self._open = None
         item["status"] = status
-        done = ("response.output_text.done", {"logprobs": []}) if item["type"] == "message" else ("response.reasoning_text.done", {})
-        return [self.event(done[0], **where, text=part["text"], **done[1]),
+        kind = item["type"]
+        return [self.event(f"response.{_PART[kind]}.done", **where, text=part["text"], **_LOGPROBS[kind]),
                 self.event("response.content_part.done", **where, part=dict(part)),
                 self.event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item))]
 
@@ -283,8 +288,8 @@ def response_object(body: ResponsesRequest, response_id: str, created_at: int, s
         "reasoning": body.reasoning or {"effort": None, "summary": None}, "store": body.store,
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p, "text": body.text or {"format": {"type": "text"}},
-        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "truncation": body.truncation or "disabled",
-        "usage": usage, "user": body.user, "metadata": body.metadata or {},
+        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
+        "truncation": body.truncation or "disabled", "usage": usage, "user": body.user, "metadata": body.metadata or {},
     }
 
 

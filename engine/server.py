@@ -292,9 +292,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
         return (prompt_ids, *await submit(body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools))
 
-    app.include_router(openai_responses.routes(
-        openai_responses.ChatPath(start_chat, gather, lambda text: len(tokenizer.encode(text, add_special_tokens=False))),
-        openai_responses.ResponseStore(server_cfg.max_stored_responses)))
+    def count_tokens(text: str) -> int:
+        return len(tokenizer.encode(text, add_special_tokens=False))
+
+    app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens),
+                                               openai_responses.ResponseStore(server_cfg.max_stored_responses)))
 
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):

@@ -94,6 +94,7 @@ def test_request_becomes_a_chat_request():
     ({"input": [{"type": "web_search_call", "id": "ws_1"}]}, "items of type 'web_search_call'", "input"),
     ({"input": [{"content": "no role"}]}, "input[0]: items of type None", "input"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role: expected one of user, assistant", "input"),
+    ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role: expected one of user, assistant", "input"),
     ({"input": [{"type": "function_call_output", "call_id": "call_9", "output": "x"}]},
      "input[0]: no function_call with call_id 'call_9'", "input"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, "input[0].call_id: required", "input"),
@@ -102,6 +103,30 @@ def test_unsupported_requests_are_refused_by_name(fields, message, param):
     e = _refusal(fields)
     assert message in e.message, e.message
     assert e.param == param
+
+
+def test_any_json_items_are_a_chat_request_or_a_400():
+    """Whatever JSON the items, tools, tool_choice and text hold: a chat request, or an ApiError naming the problem."""
+    from hypothesis import given, settings, strategies as st
+
+    words = st.sampled_from(["type", "role", "content", "text", "call_id", "name", "arguments", "output", "message",
+                             "function_call", "function_call_output", "input_text", "user", "function", "format",
+                             "json_schema", "schema", "reasoning", "x"])
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | words,
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(words, inner, max_size=4),
+                               max_leaves=12)
+    objects = st.dictionaries(words, json_values, max_size=5)
+
+    @settings(max_examples=300, deadline=None)
+    @given(items=st.lists(objects, min_size=1, max_size=4), tools=st.lists(objects, max_size=2),
+           choice=st.none() | words | objects, text=st.none() | objects)
+    def check(items, tools, choice, text):
+        try:
+            chat_request(_request(input=items, tools=tools, tool_choice=choice, text=text), [])
+        except ApiError as e:
+            assert e.status == 400 and e.message
+
+    check()
 
 
 def test_request_body_validation_names_the_field():
@@ -116,14 +141,6 @@ def test_request_body_validation_names_the_field():
         with pytest.raises(pydantic.ValidationError) as e:
             ResponsesRequest.model_validate(body)
         assert describe_validation_error(e.value.errors())[0].startswith(message)
-
-
-def test_batch_files_take_responses_lines():
-    from engine.openai_batch import parse_line
-
-    line = parse_line(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/responses",
-                                  "body": {"model": "m", "input": "x"}}), 1)
-    assert line.error is None and line.url == "/v1/responses"
 
 
 # ----------------------------------------------------------------------------------------------- output
@@ -388,6 +405,25 @@ def test_fake_refusals_are_openai_errors(fake):
         r = client.post("/v1/responses", json=body)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
         assert words in r.json()["error"]["message"], r.text
+
+
+def test_fake_batch_file_line():
+    """An OpenAI Batch file's /v1/responses line is answered by the endpoint, in process."""
+    import asyncio
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.openai_batch import parse_line, run
+    from engine.server import create_app
+
+    app = create_app(AsyncEngine(_ScriptedEngine("ok")), EngineConfig(server=ServerConfig(model_name="fake")))
+    line = parse_line(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/responses",
+                                  "body": {"model": "fake", "input": "hi"}}), 1)
+    records = []
+    assert asyncio.run(run(app, [line], records.append, concurrency=1))
+    [record] = records
+    assert record["custom_id"] == "a" and record["response"]["status_code"] == 200
+    assert record["response"]["body"]["output"][0]["content"][0]["text"] == "ok"
 
 
 # ------------------------------------------------------------------------------------- SmolLM2, real socket

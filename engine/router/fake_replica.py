@@ -151,7 +151,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         body = await request.json()
         previous = body.get("previous_response_id")
         if previous is not None and previous not in stored:
-            return JSONResponse({"error": {"message": f"no stored response {previous!r}", "type": "invalid_request_error",
+            return JSONResponse({"error": {"message": f"no stored response {previous!r}",
                                            "param": "previous_response_id", "code": "response_not_found"}}, 404)
         conversation = stored.get(previous, []) + input_messages(body["input"])
         tokens = tok.encode_chat(prompt_messages(body.get("instructions"), conversation))

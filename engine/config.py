@@ -187,12 +187,19 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tensor: int = 1  # devices one replica's weights and KV heads are sharded over
+    # Replicas of the offline job (scripts/generate.py), one engine process each on its own `tensor` devices, lines
+    # routed by prefix (engine.data_parallel). Serving several replicas: scripts/route.py in front of serve.py's.
+    data: int = 1
     coordinator_address: str | None = None  # host:port of process 0, for several hosts
     num_processes: int = 1
     process_id: int = 0
 
     def __post_init__(self):
         _positive("parallel.tensor", self.tensor)
+        _positive("parallel.data", self.data)
+        if self.data > 1 and self.num_processes > 1:
+            raise ConfigKeyError("parallel.data > 1 with parallel.num_processes > 1: replicas spanning several hosts "
+                                 "are not run by the offline job; route over them with scripts/route.py")
         _positive("parallel.num_processes", self.num_processes)
         if not 0 <= self.process_id < self.num_processes:
             raise ConfigKeyError(f"parallel.process_id must be in [0, {self.num_processes}), got {self.process_id}")

@@ -19,7 +19,7 @@ import dataclasses
 import json
 import signal
 import uuid
-from typing import Callable, Iterable
+from typing import AsyncIterable, AsyncIterator, Callable, Iterable
 
 URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
 
@@ -82,10 +82,35 @@ def error_record(line: BatchLine) -> dict:
     return record
 
 
-async def run(app, lines: Iterable[BatchLine], emit: Callable[[dict], None], concurrency: int) -> bool:
+def count(record: dict, totals: dict) -> None:
+    """Adds an output line to the job's totals: requests (status 200), errors, and the usage of the response."""
+    response = record["response"]
+    if response is None or response["status_code"] != 200:
+        totals["errors"] += 1
+        return
+    totals["requests"] += 1
+    usage = response["body"].get("usage", {})
+    totals["prompt"] += usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    details = usage.get("prompt_tokens_details") or usage.get("input_tokens_details") or {}
+    totals["cached"] += details.get("cached_tokens", 0)
+    totals["generated"] += usage.get("completion_tokens", usage.get("output_tokens", 0))
+
+
+def texts(record: dict) -> list[tuple[str, str]]:
+    """(custom_id, text) of each choice of a completions or chat response (what --print shows)."""
+    response = record["response"]
+    if response is None or response["status_code"] != 200:
+        return []
+    choices = response["body"].get("choices", [])
+    return [(record["custom_id"], c["message"]["content"] if "message" in c else c.get("text")) for c in choices]
+
+
+async def run(app, lines: Iterable[BatchLine] | AsyncIterable[BatchLine], emit: Callable[[dict], None],
+              concurrency: int) -> bool:
     """Posts each line's body to `app` (started and stopped here), at most `concurrency` at a time, and emits each
-    line's record. SIGINT or SIGTERM stops feeding and drops the requests in flight (they are aborted, nothing is
-    written for them). -> whether every line was answered."""
+    line's record (`lines` may be asynchronous: a data-parallel worker's, engine.data_parallel). SIGINT or SIGTERM
+    stops feeding and drops the requests in flight (they are aborted, nothing is written for them). -> whether every
+    line was answered."""
     import httpx
 
     main = asyncio.current_task()
@@ -110,7 +135,7 @@ async def run(app, lines: Iterable[BatchLine], emit: Callable[[dict], None], con
     async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://batch",
                                                                     timeout=None) as client:
         try:
-            for line in lines:
+            async for line in _each(lines):
                 if line.error is not None:
                     emit(error_record(line))
                     continue
@@ -130,3 +155,12 @@ async def run(app, lines: Iterable[BatchLine], emit: Callable[[dict], None], con
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
+
+
+async def _each(lines: Iterable[BatchLine] | AsyncIterable[BatchLine]) -> AsyncIterator[BatchLine]:
+    if hasattr(lines, "__aiter__"):
+        async for line in lines:
+            yield line
+    else:
+        for line in lines:
+            yield line

@@ -39,69 +39,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.config import ConfigKeyError, load_config  # noqa: E402
-from engine import openai_batch, structured  # noqa: E402
-from engine.reasoning import split as split_reasoning  # noqa: E402
-from engine.request import RequestError, SamplingParams  # noqa: E402
-
-SAMPLING_FIELDS = {
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
-    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
-    "min_tokens",
-}
-LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
-                                                           "embed", "chat_template_kwargs"}
-DEFAULT_MAX_TOKENS = 256
-
-
-def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | None]:
-    """-> (id, request fields, error). A line that is not a JSON object with an id gets id None."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        return None, None, f"line {number}: not valid JSON ({e.msg})"
-    if not isinstance(obj, dict):
-        return None, None, f"line {number}: expected a JSON object"
-    rid = obj.get("id")
-    if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        return None, None, f"line {number}: missing or invalid 'id' (a string or integer)"
-    rid = str(rid)
-    unknown = sorted(set(obj) - LINE_FIELDS)
-    if unknown:
-        return rid, None, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"
-    if ("prompt" in obj) == ("messages" in obj):
-        return rid, None, "exactly one of 'prompt' (text) or 'messages' (chat) is required"
-    if "prompt" in obj and not isinstance(obj["prompt"], str):
-        return rid, None, "'prompt' must be a string"
-    if "messages" in obj and not (
-        isinstance(obj["messages"], list)
-        and obj["messages"]
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
-    ):
-        return rid, None, "'messages' must be a non-empty list of {role, content} strings"
-    if "chat_template_kwargs" in obj and ("messages" not in obj or not isinstance(obj["chat_template_kwargs"], dict)):
-        return rid, None, "'chat_template_kwargs' must be an object, with 'messages'"
-    if obj.get("cache_salt") is not None and not isinstance(obj["cache_salt"], str):
-        return rid, None, "'cache_salt' must be a string or null"
-    return rid, obj, None
-
-
-def sampling_params(obj: dict) -> SamplingParams:
-    if obj.get("embed", False) is not False:
-        given = sorted((SAMPLING_FIELDS | set(structured.FIELDS)) & set(obj))
-        if obj["embed"] is not True or given:
-            raise RequestError("'embed' must be true, and an embedding line takes no sampling fields"
-                               + (f" (got {given[0]!r})" if given else ""))
-        return SamplingParams.embedding()
-    kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
-    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
-    if isinstance(kwargs.get("stop"), str):
-        kwargs["stop"] = (kwargs["stop"],)
-    kwargs["structured"] = structured.from_fields(obj)
-    try:
-        return SamplingParams(**kwargs)
-    except TypeError as e:
-        raise RequestError(str(e)) from e
-
+from engine import offline_job, openai_batch  # noqa: E402
+from engine.offline_job import parse_line, sampling_params  # noqa: E402,F401 (this job's line format)
 
 def answered(path: str, key: str = "id") -> tuple[set[str], set[int]]:
     """Ids (`key`: id, or custom_id in OpenAI's format) already in the output file, and the numbers of input lines
@@ -133,78 +72,78 @@ def _run_lines(args, config, engine, done: set[str], done_lines: set[int], total
     from tqdm import tqdm
 
     max_waiting = 4 * config.scheduler.max_running  # requests are fed as the batch drains, not all at once
-    pending: dict[str, str] = {}  # engine request id -> user id
-    chat_lines: dict[str, bool] = {}  # engine request id -> the line had messages (a reasoning parser splits those)
-
-    with open(args.input) as src, open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
-
-        def emit(record: dict) -> None:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(1)
-            if args.echo and "text" in record:
-                tqdm.write(f"[{record['id']}] {record['text']}")
+    job = offline_job.LineJob(engine, config.server.reasoning_parser)
+    with open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
+        emit = _emitter(args, out, bar, offline_job.count, totals)
 
         def drain(limit: int) -> None:
-            while len(pending) > limit:
-                for r in engine.step():
-                    if r.request_id in pending:
-                        totals["streamed"] += len(r.delta_token_ids)  # live rate counts unfinished requests too
-                    if not r.finished or r.request_id not in pending:
-                        continue
-                    rid = pending.pop(r.request_id)
-                    totals["requests"] += 1
-                    totals["prompt"] += r.prompt_tokens
-                    totals["cached"] += r.cached_tokens
-                    totals["generated"] += len(r.token_ids)
-                    record = {"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                              "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens}
-                    if chat_lines.pop(r.request_id, False) and config.server.reasoning_parser != "none":
-                        thinking, record["text"] = split_reasoning(r.text, config.server.reasoning_parser)
-                        record["reasoning_content"] = thinking
-                    if r.embedding is not None:
-                        record = {"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,
-                                  "cached_tokens": r.cached_tokens}
-                    if r.logprobs is not None:
-                        record["logprobs"] = r.logprobs
-                    if r.prompt_logprobs is not None:
-                        record["prompt_logprobs"] = r.prompt_logprobs
+            while len(job) > limit:
+                for record in job.step():
                     emit(record)
                 elapsed = time.perf_counter() - t0
                 hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
-                bar.set_postfix(tok_s=f"{totals['streamed'] / elapsed:.1f}", hit=f"{hit:.0%}", running=len(pending))
+                bar.set_postfix(tok_s=f"{job.streamed / elapsed:.1f}", hit=f"{hit:.0%}", running=len(job))
 
         try:
-            seen: set[str] = set(done)
-            for number, line in enumerate(src, 1):
-                if not line.strip():
-                    continue
-                if number in done_lines:
-                    continue
-                rid, obj, error = parse_line(line, number)
-                if rid is not None and rid in seen:
-                    if rid not in done:
-                        totals["duplicates"] += 1
-                    continue
+            for number, rid, obj, error in own_lines(args.input, done, done_lines, totals):
                 if error is None:
-                    try:
-                        prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}))
-                                  if "messages" in obj else obj["prompt"])
-                        engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
-                                                       priority=obj.get("priority", 0), adapter=obj.get("adapter"))
-                        pending[engine_id] = rid
-                        chat_lines[engine_id] = "messages" in obj
-                    except (RequestError, ValueError) as e:
-                        error = str(e)
-                if rid is not None:
-                    seen.add(rid)
+                    error = job.submit(rid, obj)
                 if error is not None:
-                    totals["errors"] += 1
                     emit({"id": rid, "error": error} if rid is not None else {"id": None, "line": number, "error": error})
                 drain(max_waiting)
             drain(0)
         except KeyboardInterrupt:
-            print(f"\ninterrupted: {len(pending)} requests unanswered; run again to resume", file=sys.stderr)
+            print(f"\ninterrupted: {len(job)} requests unanswered; run again to resume", file=sys.stderr)
+
+
+def own_lines(path: str, done: set[str], done_lines: set[int], totals: dict):
+    """(line number, id, fields, error) of each input line still to answer; ids seen before are skipped (a second
+    line with an id already used is counted as a duplicate)."""
+    seen: set[str] = set(done)
+    with open(path) as src:
+        for number, line in enumerate(src, 1):
+            if not line.strip() or number in done_lines:
+                continue
+            rid, obj, error = parse_line(line, number)
+            if rid is not None and rid in seen:
+                totals["duplicates"] += rid not in done
+                continue
+            if rid is not None:
+                seen.add(rid)
+            yield number, rid, obj, error
+
+
+def openai_lines(path: str, done: set[str], done_lines: set[int], totals: dict):
+    """The Batch file's lines still to answer (openai_batch.BatchLine), duplicates of a custom_id skipped."""
+    seen = set(done)
+    with open(path) as src:
+        for number, raw in enumerate(src, 1):
+            if not raw.strip() or number in done_lines:
+                continue
+            line = openai_batch.parse_line(raw, number)
+            if line.custom_id is not None and line.custom_id in seen:
+                totals["duplicates"] += line.custom_id not in done
+                continue
+            if line.custom_id is not None:
+                seen.add(line.custom_id)
+            yield line
+
+
+def _emitter(args, out, bar, count, totals: dict):
+    """Writes an output line whole (a killed job leaves whole lines), counts it, shows it with --print."""
+    from tqdm import tqdm
+
+    def emit(record: dict) -> None:
+        out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        out.flush()
+        bar.update(1)
+        count(record, totals)
+        if args.echo:
+            for key, text in openai_batch.texts(record) if "custom_id" in record else [(record["id"], record.get("text"))]:
+                if text is not None:
+                    tqdm.write(f"[{key}] {text}")
+
+    return emit
 
 
 def _run_openai(args, config, engine, done: set[str], done_lines: set[int], totals: dict, t0: float) -> None:
@@ -217,47 +156,51 @@ def _run_openai(args, config, engine, done: set[str], done_lines: set[int], tota
     from engine.server import create_app
 
     app = create_app(AsyncEngine(engine), config)
-
-    def lines():
-        seen = set(done)
-        with open(args.input) as src:
-            for number, raw in enumerate(src, 1):
-                if not raw.strip() or number in done_lines:
-                    continue
-                line = openai_batch.parse_line(raw, number)
-                if line.custom_id is not None and line.custom_id in seen:
-                    totals["duplicates"] += line.custom_id not in done
-                    continue
-                if line.custom_id is not None:
-                    seen.add(line.custom_id)
-                yield line
-
     with open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
+        emit = _emitter(args, out, bar, openai_batch.count, totals)
 
-        def emit(record: dict) -> None:
-            out.write(json.dumps(record, ensure_ascii=False) + "\n")
-            out.flush()
-            bar.update(1)
-            response = record["response"]
-            if response is None or response["status_code"] != 200:
-                totals["errors"] += 1
-                return
-            totals["requests"] += 1
-            usage = response["body"].get("usage", {})
-            totals["prompt"] += usage.get("prompt_tokens", 0)
-            totals["cached"] += (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-            totals["generated"] += usage.get("completion_tokens", 0)
-            if args.echo:
-                for choice in response["body"].get("choices", []):
-                    text = choice["message"]["content"] if "message" in choice else choice["text"]
-                    tqdm.write(f"[{record['custom_id']}] {text}")
+        def show(record: dict) -> None:
+            emit(record)
             elapsed = time.perf_counter() - t0
             hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
             bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}")
 
         concurrency = 4 * config.scheduler.max_running  # requests in flight (the rest wait in the file)
-        if not asyncio.run(openai_batch.run(app, lines(), emit, concurrency)):
+        lines = openai_lines(args.input, done, done_lines, totals)
+        if not asyncio.run(openai_batch.run(app, lines, show, concurrency)):
             print("\ninterrupted: requests in flight dropped; run again to resume", file=sys.stderr)
+
+
+def _run_replicas(args, config, openai_format: bool, done: set[str], done_lines: set[int], totals: dict):
+    """parallel.data replicas, one engine process each (engine.data_parallel); this process reads, routes and writes.
+    -> (when the lines started, the slowest replica's start-up)."""
+    from tqdm import tqdm
+
+    from engine.data_parallel import Coordinator
+
+    count = openai_batch.count if openai_format else offline_job.count
+    lines = (openai_lines if openai_format else own_lines)(args.input, done, done_lines, totals)
+    coordinator = Coordinator(args.config, args.overrides, config, openai_format)
+    t0, startup_s = time.perf_counter(), 0.0
+    try:
+        startup_s = coordinator.wait_ready()
+        t0 = time.perf_counter()
+        with open(args.output, "a") as out, tqdm(desc="requests", unit="req") as bar:
+            write = _emitter(args, out, bar, count, totals)
+
+            def show(record: dict) -> None:
+                write(record)
+                elapsed = time.perf_counter() - t0
+                hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
+                bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}",
+                                replicas=sum(s.up for s in coordinator.states))
+
+            coordinator.run(lines, show)
+        print("lines answered per replica: " + ", ".join(f"{i}: {n}" for i, n in enumerate(coordinator.answered)),
+              file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {coordinator.stop()} requests unanswered; run again to resume", file=sys.stderr)
+    return t0, startup_s
 
 
 def _stop_cleanly(signum, frame):
@@ -294,21 +237,24 @@ def main(argv: list[str] | None = None) -> int:
     done, done_lines = answered(args.output, "custom_id" if openai_format else "id")
     if done or done_lines:
         print(f"resuming: {len(done)} ids already in {args.output}", file=sys.stderr)
-    engine = LLMEngine(config, progress=True)
-    if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
-        engine.follow()
-        return 0
-    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0, streamed=0)
-    t0 = time.perf_counter()
-    (_run_openai if openai_format else _run_lines)(args, config, engine, done, done_lines, totals, t0)
-    engine.shutdown()
+    totals = dict(requests=0, errors=0, duplicates=0, prompt=0, cached=0, generated=0)
+    if config.parallel.data > 1:
+        t0, startup_s = _run_replicas(args, config, openai_format, done, done_lines, totals)
+    else:
+        engine = LLMEngine(config, progress=True)
+        if not engine.is_leader:  # another process of a multi-host replica: replay process 0's steps
+            engine.follow()
+            return 0
+        t0, startup_s = time.perf_counter(), engine.startup_s
+        (_run_openai if openai_format else _run_lines)(args, config, engine, done, done_lines, totals, t0)
+        engine.shutdown()
     wall = time.perf_counter() - t0
     hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
     print(
         f"summary: {totals['requests']} requests answered, {totals['errors']} errors, {totals['duplicates']} duplicate ids skipped | "
         f"prompt tokens {totals['prompt']}, cached {totals['cached']} (hit rate {hit:.1%}), generated {totals['generated']} | "
         f"{totals['requests'] / wall:.2f} req/s, {totals['generated'] / wall:.1f} generated tok/s | wall {wall:.1f} s "
-        f"(+ start-up {engine.startup_s:.1f} s)",
+        f"(+ start-up {startup_s:.1f} s)",
         file=sys.stderr,
     )
     return 0

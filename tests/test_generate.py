@@ -283,3 +283,49 @@ def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpo
     for r in again[10:]:
         if r["custom_id"] in chats:
             assert r["response"]["body"]["choices"][0]["message"]["content"] == mine[r["custom_id"]]
+
+
+def _shared_prefix_file(path, n: int) -> None:
+    """n greedy lines over four long shared prefixes (two chat, two text), for prefix-affinity routing."""
+    systems = [" ".join(f"Rule {k} of handbook {g}: be exact." for k in range(12)) for g in range(4)]
+    with open(path, "w") as f:
+        for i in range(n):
+            g = i % 4
+            line = ({"messages": [{"role": "system", "content": systems[g]}, {"role": "user", "content": f"Q{i}?"}]}
+                    if g < 2 else {"prompt": f"{systems[g]} Question {i}:"})
+            f.write(json.dumps({"id": f"r{i}", "max_tokens": 4, "temperature": 0, **line}) + "\n")
+
+
+@pytest.mark.slow
+def test_data_parallel_replicas_answer_like_one_and_survive_a_dead_one(tiny_checkpoint, tmp_path):
+    """parallel.data=2: two engine processes answer every line exactly once, with the greedy tokens of one replica; the
+    prefix routing keeps each shared prefix mostly on one replica (cache hits close to one replica's). A replica
+    killed mid-run has its unanswered lines answered by the other."""
+    inp = tmp_path / "in.jsonl"
+    _shared_prefix_file(inp, 80)
+    one, two, killed = tmp_path / "one.jsonl", tmp_path / "two.jsonl", tmp_path / "killed.jsonl"
+    subprocess.run(_cmd(tiny_checkpoint, inp, one), check=True, capture_output=True)
+    run = subprocess.run(_cmd(tiny_checkpoint, inp, two) + ["parallel.data=2"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    single, double = ({r["id"]: r for r in _lines(p)} for p in (one, two))
+    assert len(_lines(two)) == len(double) == 80
+    assert {k: r["token_ids"] for k, r in double.items()} == {k: r["token_ids"] for k, r in single.items()}
+    cached = [sum(r["cached_tokens"] for r in rs.values()) for rs in (single, double)]
+    assert cached[1] >= 0.8 * cached[0] > 0, cached
+    assert "summary: 80 requests answered" in run.stderr
+
+    # Kill one replica once answers flow: the other answers the rest; nothing is written twice.
+    proc = subprocess.Popen(_cmd(tiny_checkpoint, inp, killed) + ["parallel.data=2", "scheduler.max_running=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None and not (killed.exists() and _count_lines(killed) >= 8):
+        time.sleep(0.1)
+    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "multiprocessing.spawn"], capture_output=True,
+                             text=True).stdout.split()
+    assert proc.poll() is None and len(workers) == 2, "both replicas must be running"
+    os.kill(int(workers[0]), signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    assert "died" in err and "summary: 80 requests answered" in err
+    survived = _lines(killed)
+    assert len(survived) == 80 and {r["id"]: r["token_ids"] for r in survived} == {k: r["token_ids"] for k, r in single.items()}

@@ -66,6 +66,28 @@ def load_tokenizer(path: str):
     return Tokenizer.load(resolve_path(path))
 
 
+def body_route(body: dict, chat: bool, tokenizer, page_size: int, adapters=()) -> RouteRequest:
+    """A request body's block hashes: tokenized once, full pages hashed in the request's cache namespace (its
+    cache_salt, within the adapter its `model` names). An unparseable body routes with no prefix (the replica answers
+    it with the proper 4xx). chat: chat messages, or a Responses body's instructions and input."""
+    try:
+        if chat:
+            messages = body["messages"] if "messages" in body else \
+                prompt_messages(body.get("instructions"), input_messages(body["input"]))
+            tokens = tokenizer.encode_chat(messages)
+        else:
+            prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+                prompt = prompt[0]  # a batch of prompts: routed by the first
+            tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        salt, model = body.get("cache_salt"), body.get("model")
+        adapter = model if isinstance(model, str) and model in adapters else None
+        hashes = page_hashes(tokens, page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
+    except Exception:
+        return RouteRequest((), 0)
+    return RouteRequest(tuple(hashes), len(tokens))
+
+
 class Router:
     """Replica states, index, policy and the upstream client; no HTTP server of its own."""
 
@@ -271,24 +293,7 @@ class Router:
     # --- requests ------------------------------------------------------------------------------
 
     def route_request(self, body: dict, chat: bool) -> RouteRequest:
-        """Tokenize once and hash full pages; an unparseable body routes with no prefix (the
-        replica answers it with the proper 4xx). chat: chat messages, or a Responses body's instructions and input."""
-        try:
-            if chat:
-                messages = body["messages"] if "messages" in body else \
-                    prompt_messages(body.get("instructions"), input_messages(body["input"]))
-                tokens = self.tokenizer.encode_chat(messages)
-            else:
-                prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
-                if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
-                    prompt = prompt[0]  # a batch of prompts: routed by the first
-                tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-            salt, model = body.get("cache_salt"), body.get("model")
-            adapter = model if isinstance(model, str) and model in self.adapters else None
-            hashes = page_hashes(tokens, self.cfg.page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
-        except Exception:
-            return RouteRequest((), 0)
-        return RouteRequest(tuple(hashes), len(tokens))
+        return body_route(body, chat, self.tokenizer, self.cfg.page_size, self.adapters)
 
     async def forward(self, path: str, raw: bytes, headers: dict[str, str]):
         """Pick a replica, forward, retry on failure before the first byte. Returns a Starlette

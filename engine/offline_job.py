@@ -1,0 +1,137 @@
+"""The offline job's own line format (scripts/generate.py): a line's fields -> a request, a finished request -> its
+output line. `LineJob` feeds lines to one engine as its batch drains; the job runs one, or one per replica
+(engine.data_parallel).
+
+Input line:  {"id", "prompt"} or {"id", "messages"} and optional request fields (LINE_FIELDS; scripts/generate.py
+             lists them). Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"
+             [, "logprobs"][, "prompt_logprobs"][, "reasoning_content"]}, {"id", "embedding", "prompt_tokens",
+             "cached_tokens"} for an embedding, or {"id", "error"} for a line refused.
+"""
+from __future__ import annotations
+
+import json
+
+from engine import structured
+from engine.reasoning import split as split_reasoning
+from engine.request import RequestError, SamplingParams
+
+SAMPLING_FIELDS = {
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
+    "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
+    "min_tokens",
+}
+LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
+                                                           "embed", "chat_template_kwargs"}
+DEFAULT_MAX_TOKENS = 256
+
+
+def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | None]:
+    """-> (id, request fields, error). A line that is not a JSON object with an id gets id None."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        return None, None, f"line {number}: not valid JSON ({e.msg})"
+    if not isinstance(obj, dict):
+        return None, None, f"line {number}: expected a JSON object"
+    rid = obj.get("id")
+    if rid is None or not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        return None, None, f"line {number}: missing or invalid 'id' (a string or integer)"
+    rid = str(rid)
+    unknown = sorted(set(obj) - LINE_FIELDS)
+    if unknown:
+        return rid, None, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"
+    if ("prompt" in obj) == ("messages" in obj):
+        return rid, None, "exactly one of 'prompt' (text) or 'messages' (chat) is required"
+    if "prompt" in obj and not isinstance(obj["prompt"], str):
+        return rid, None, "'prompt' must be a string"
+    if "messages" in obj and not (
+        isinstance(obj["messages"], list)
+        and obj["messages"]
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
+    ):
+        return rid, None, "'messages' must be a non-empty list of {role, content} strings"
+    if "chat_template_kwargs" in obj and ("messages" not in obj or not isinstance(obj["chat_template_kwargs"], dict)):
+        return rid, None, "'chat_template_kwargs' must be an object, with 'messages'"
+    if obj.get("cache_salt") is not None and not isinstance(obj["cache_salt"], str):
+        return rid, None, "'cache_salt' must be a string or null"
+    return rid, obj, None
+
+
+def sampling_params(obj: dict) -> SamplingParams:
+    if obj.get("embed", False) is not False:
+        given = sorted((SAMPLING_FIELDS | set(structured.FIELDS)) & set(obj))
+        if obj["embed"] is not True or given:
+            raise RequestError("'embed' must be true, and an embedding line takes no sampling fields"
+                               + (f" (got {given[0]!r})" if given else ""))
+        return SamplingParams.embedding()
+    kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
+    if isinstance(kwargs.get("stop"), str):
+        kwargs["stop"] = (kwargs["stop"],)
+    kwargs["structured"] = structured.from_fields(obj)
+    try:
+        return SamplingParams(**kwargs)
+    except TypeError as e:
+        raise RequestError(str(e)) from e
+
+
+class LineJob:
+    """This job's lines on one engine: `submit` adds one (or names why not), `step` runs one engine step and returns
+    the output lines of the requests it finished."""
+
+    def __init__(self, engine, reasoning_parser: str = "none"):
+        self.engine = engine
+        self.reasoning_parser = reasoning_parser
+        self.pending: dict[str, tuple[str, bool]] = {}  # engine request id -> (line id, the line had messages)
+        self.streamed = 0  # tokens generated so far, unfinished requests included (the live rate)
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def submit(self, rid: str, obj: dict) -> str | None:
+        """Adds a parsed line's request; -> None, or the error the engine refused it with."""
+        engine = self.engine
+        try:
+            prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}))
+                      if "messages" in obj else obj["prompt"])
+            engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
+                                           priority=obj.get("priority", 0), adapter=obj.get("adapter"))
+        except (RequestError, ValueError) as e:
+            return str(e)
+        self.pending[engine_id] = (rid, "messages" in obj)
+        return None
+
+    def step(self) -> list[dict]:
+        records = []
+        for r in self.engine.step():
+            if r.request_id in self.pending:
+                self.streamed += len(r.delta_token_ids)
+            if not r.finished or r.request_id not in self.pending:
+                continue
+            rid, chat = self.pending.pop(r.request_id)
+            if r.embedding is not None:
+                records.append({"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,
+                                "cached_tokens": r.cached_tokens})
+                continue
+            record = {"id": rid, "text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                      "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens}
+            if chat and self.reasoning_parser != "none":
+                thinking, record["text"] = split_reasoning(r.text, self.reasoning_parser)
+                record["reasoning_content"] = thinking
+            if r.logprobs is not None:
+                record["logprobs"] = r.logprobs
+            if r.prompt_logprobs is not None:
+                record["prompt_logprobs"] = r.prompt_logprobs
+            records.append(record)
+        return records
+
+
+def count(record: dict, totals: dict) -> None:
+    """Adds an output line to the job's totals (requests, errors, prompt / cached / generated tokens)."""
+    if "error" in record:
+        totals["errors"] += 1
+        return
+    totals["requests"] += 1
+    totals["prompt"] += record["prompt_tokens"]
+    totals["cached"] += record["cached_tokens"]
+    totals["generated"] += len(record.get("token_ids", ()))

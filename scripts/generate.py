@@ -24,7 +24,8 @@ OpenAI's Batch API format is read too (found from the first line, or --format op
 {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"},
 output lines {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; the bodies take every
 field the server's endpoints take, and get the responses the server would send (engine/openai_batch.py).
-Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
+With parallel.data=N the lines go to N replicas, one engine process each on its own devices, routed by prefix
+(engine/data_parallel.py). Re-running with the same output file resumes: ids already answered there are skipped. Ctrl-C (SIGINT) or
 SIGTERM (a job scheduler's stop) stops cleanly; every line written is whole. A summary ends the run.
 """
 from __future__ import annotations

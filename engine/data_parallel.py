@@ -16,6 +16,7 @@ nothing is written twice. The job stops only when no worker is left.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import os
@@ -51,6 +52,7 @@ def device_env(index: int, tensor: int, environ=os.environ) -> dict[str, str]:
 def _worker(index: int, config_path: str, overrides: list[str], env: dict, inbox, outbox, openai_format: bool) -> None:
     """One replica: an engine on its devices, answering the lines the coordinator sends until it sends None."""
     os.environ.update(env)
+    parent = os.getppid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator stops the job (and its workers)
     from engine.config import load_config
     from engine.engine import LLMEngine
@@ -64,19 +66,33 @@ def _worker(index: int, config_path: str, overrides: list[str], env: dict, inbox
     import jax
 
     outbox.put(("ready", index, (jax.default_backend(), jax.device_count(), engine.startup_s)))
+    take = functools.partial(_take, inbox, parent)
     if openai_format:
-        _answer_openai(index, engine, config, inbox, outbox)
+        _answer_openai(index, engine, config, take, outbox)
     else:
-        _answer_lines(index, engine, config, inbox, outbox)
+        _answer_lines(index, engine, config, take, outbox)
     engine.shutdown()
     outbox.put(("done", index, None))
+
+
+def _take(inbox, parent: int, block: bool = True):
+    """The coordinator's next item (queue.Empty if none and not `block`). A worker whose coordinator is gone (killed
+    outright: no None came) exits rather than wait forever."""
+    while True:
+        try:
+            return inbox.get(timeout=POLL_S) if block else inbox.get_nowait()
+        except queue.Empty:
+            if not block:
+                raise
+            if os.getppid() != parent:
+                raise SystemExit(0)
 
 
 def _events(events) -> list[dict]:
     return [{"kind": e.kind, "block_hashes": list(e.block_hashes), "medium": e.medium} for e in events]
 
 
-def _answer_lines(index: int, engine, config, inbox, outbox) -> None:
+def _answer_lines(index: int, engine, config, take, outbox) -> None:
     from engine.offline_job import LineJob
 
     job = LineJob(engine, config.server.reasoning_parser)
@@ -85,7 +101,7 @@ def _answer_lines(index: int, engine, config, inbox, outbox) -> None:
     while not closing or len(job):
         while not closing and len(job) < limit:
             try:
-                item = inbox.get(block=not len(job))  # idle: wait for work; busy: take what is there
+                item = take(block=not len(job))  # idle: wait for work; busy: take what is there
             except queue.Empty:
                 break
             if item is None:
@@ -100,7 +116,7 @@ def _answer_lines(index: int, engine, config, inbox, outbox) -> None:
                 outbox.put(("answers", index, records, _events(events)))
 
 
-def _answer_openai(index: int, engine, config, inbox, outbox) -> None:
+def _answer_openai(index: int, engine, config, take, outbox) -> None:
     from engine import openai_batch
     from engine.async_engine import AsyncEngine
     from engine.server import create_app
@@ -110,7 +126,7 @@ def _answer_openai(index: int, engine, config, inbox, outbox) -> None:
     app = create_app(async_engine, config)
 
     async def lines():
-        while (line := await asyncio.to_thread(inbox.get)) is not None:
+        while (line := await asyncio.to_thread(take)) is not None:
             yield line
 
     def emit(record: dict) -> None:
@@ -146,7 +162,10 @@ class Coordinator:
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(self.num)]
-        envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
+        try:
+            envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
+        except ValueError as e:
+            raise SystemExit(str(e)) from e
         self.procs = [ctx.Process(target=_worker, args=(i, config_path, overrides, envs[i], self.inboxes[i],
                                                          self.outbox, openai_format), daemon=True)
                       for i in range(self.num)]
@@ -158,10 +177,14 @@ class Coordinator:
         print(f"starting {self.num} replicas (parallel.data; the first one's progress is shown)", file=sys.stderr)
         ready: dict[int, tuple] = {}
         while len(ready) < self.num:
-            msg = self._receive()
-            if msg is None:
+            try:
+                kind, i, info = self.outbox.get(timeout=POLL_S)
+            except queue.Empty:
+                dead = [(i, p.exitcode) for i, p in enumerate(self.procs) if i not in ready and not p.is_alive()]
+                if dead:
+                    self.stop()
+                    raise SystemExit(f"replica {dead[0][0]} exited while starting (exit code {dead[0][1]})")
                 continue
-            kind, i, info = msg
             if kind == "failed":
                 self.stop()
                 raise SystemExit(f"replica {i} could not start: {info}")

@@ -329,3 +329,17 @@ def test_data_parallel_replicas_answer_like_one_and_survive_a_dead_one(tiny_chec
     assert "died" in err and "summary: 80 requests answered" in err
     survived = _lines(killed)
     assert len(survived) == 80 and {r["id"]: r["token_ids"] for r in survived} == {k: r["token_ids"] for k, r in single.items()}
+
+
+def test_each_replica_gets_its_own_devices_and_one_engine_is_one_replica():
+    from engine.config import ConfigKeyError, EngineConfig
+    from engine.data_parallel import device_env
+    from engine.engine import LLMEngine
+
+    assert device_env(1, 2, {}) == {"CUDA_VISIBLE_DEVICES": "2,3", "HIP_VISIBLE_DEVICES": "2,3"}
+    assert device_env(1, 1, {"CUDA_VISIBLE_DEVICES": "4,6"})["CUDA_VISIBLE_DEVICES"] == "6"
+    assert device_env(1, 1, {"JAX_PLATFORMS": "cpu"}) == {}
+    with pytest.raises(ValueError, match="replica 2 needs devices 2..2 of the visible ones"):
+        device_env(2, 1, {"CUDA_VISIBLE_DEVICES": "4,6"})
+    with pytest.raises(ConfigKeyError, match="parallel.data=2: one engine is one replica"):
+        LLMEngine(EngineConfig().replace(**{"parallel.data": 2}))

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import time
 from typing import Iterable
 
 import numpy as np
 
-from engine.block_hash import ADAPTER_NAMESPACE, page_hashes
+from engine.block_hash import page_hashes
 from engine import speculative, structured
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from engine.host_cache import HostPageIndex
+from engine.cache_tiers import CacheTiers
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 from engine.request import Sequence, Status, placeholder
@@ -110,27 +109,16 @@ class Scheduler:
         # sequence whose next uncached page is here waits for it instead of computing it again.
         self._inflight: collections.Counter[int] = collections.Counter()
         self._inflight_of: dict[str, list[int]] = {}
-        # Host tier: evicted pages are saved to host slots (the plan carries the copies), prompts continue their match there.
-        self.host = HostPageIndex(num_host_pages) if num_host_pages and self.prefix_caching else None
-        self._host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
-        self._loading: set[int] = set()  # slots the plan being built loads from: not reused for a save in it
         self._window_copies: list[tuple[int, int]] = []  # (src, dst) window slots of the plan being built
-        if self.host is not None:
-            self.host.record_events = False
         self.window = WindowPages(num_window_pages, window, cache.page_size) if num_window_pages else None
-        if self.window is not None and self.host is not None:
-            raise ValueError("a hybrid cache (window pages) has no host tier")
+        # Host and disk tiers (engine.cache_tiers): the tree's evicted pages saved to host slots, its stored pages
+        # written to disk (the plans carry the copies); prompts continue their match in them.
+        self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
+                                disk if self.prefix_caching else None, self.stats)
+        if self.window is not None and self.tiers.enabled:
+            raise ValueError("a hybrid cache (window pages) has no host or disk tier")
         self.tree.on_evict = self._tree_evicting
-        # Disk tier: every page the tree stores is written out (the plan carries the copies), prompts continue their
-        # match there after the host tier, waiting in the queue while their pages are read.
-        self.disk = disk if self.prefix_caching else None
-        self._disk_saves: list[tuple[int, int]] = []  # (page, hash) not yet in a plan
-        # Reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
-        self._disk_reading: dict[int, tuple] = {}
-        if self.disk is not None:
-            if self.window is not None:
-                raise ValueError("a hybrid cache (window pages) has no disk tier")
-            self.tree.on_store = self._tree_storing
+        self.tree.on_store = self.tiers.tree_storing
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -161,7 +149,7 @@ class Scheduler:
         copies: list[tuple[int, int]] = []
         loads: list[tuple[int, int]] = []
         disk_loads: list[tuple[object, int]] = []
-        self._loading = set()
+        self.tiers.start_plan()
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
         if self.cfg.policy == "priority":
@@ -215,16 +203,14 @@ class Scheduler:
             num_prefill += len(chunk.token_ids)
         if admitted:
             self.waiting = collections.deque(s for s in self.waiting if id(s) not in admitted)
-        if self._disk_reading:  # finished reads stay with the sequences that wait for them; later prompts hit the tree
-            self._disk_reading = {h: r for h, r in self._disk_reading.items() if not r[1].done()}
+        self.tiers.end_plan()
 
         if not chunks:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
-        saves, self._host_saves = self._host_saves, []
         window_copies, self._window_copies = self._window_copies, []
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
-                        host_saves=saves, host_loads=loads, window_copies=window_copies,
-                        disk_saves=self.take_disk_saves(), disk_loads=disk_loads)
+                        host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
+                        disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads)
 
     @property
     def _chunk_limit(self) -> int:
@@ -300,16 +286,12 @@ class Scheduler:
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             shared, num_cached = list(match.pages), match.num_tokens
-            if self.host is not None or self.disk is not None:
-                after = self._hashes_after(seq, match)
-                if self.host is not None:
-                    host_slots = self._host_hits(after)
-                if self.disk is not None and len(host_slots) < len(after):
-                    disk_pages = self._disk_hits(seq, after[len(host_slots) :])
-                    if disk_pages is None:
-                        return "wait"
+            if self.tiers.enabled:
+                hits = self.tiers.continue_match(seq, match)
+                if hits is None:
+                    return "wait"
+                host_slots, disk_pages = hits
                 num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
-                self._loading.update(host_slots)  # before any eviction below can pick their slots for a save
         else:
             match, shared, num_cached = None, [], 0
         cow_src = None
@@ -370,85 +352,29 @@ class Scheduler:
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
 
-    def _hashes_after(self, seq: Sequence, match) -> list[int]:
-        """Block hashes of the full pages after the tree's match, up to (never including) the page of the last token:
-        a step must compute at least that one."""
-        tokens, ps = seq.all_ids, self.page_size
-        end = (len(tokens) - 1) // ps * ps
-        return page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash())
-
-    def _host_hits(self, hashes: list[int]) -> list[int]:
-        """Host slots of the first of `hashes`, while they are there in a row."""
-        slots = []
-        for h in hashes:
-            slot = self.host.lookup(h)
-            if slot is None:
-                break
-            slots.append(slot)
-        return slots
-
-    def _disk_hits(self, seq: Sequence, hashes: list[int]) -> list[object] | None:
-        """The pages of the first of `hashes` that the disk tier holds in a row, read; None while they are being read
-        (the read starts here, the first time). An adapter's pages are not kept there (its files can change)."""
-        if seq.namespace is not None and seq.namespace.startswith(ADAPTER_NAMESPACE):
-            return []
-        key = self.disk.key
-        if seq.disk_read is None or seq.disk_read[0] != key:  # another prompt's read of the same pages will do
-            seq.disk_read = self._disk_reading.get(hashes[0])
-        if seq.disk_read is not None and seq.disk_read[0] == key:
-            future = seq.disk_read[1]
-            if not future.done():
-                return None
-            got = future.result() if future.exception() is None else {}
-            if hashes[0] in got:  # else the match moved back (its pages were evicted meanwhile): read again
-                return list(itertools.takewhile(lambda p: p is not None, (got.get(h) for h in hashes)))
-        n = self.disk.present(hashes)
-        seq.disk_read = (key, self.disk.fetch(hashes[:n])) if n else None
-        if n:
-            self._disk_reading[hashes[0]] = seq.disk_read
-        return None if n else []
-
-    def take_disk_saves(self) -> list[tuple[int, int]]:
-        """(page, hash) pages stored since the last plan, for the disk tier: the next plan's, or written out at once
-        when no step runs."""
-        saves, self._disk_saves = self._disk_saves, []
-        return saves
-
-    def disk_reads(self) -> list:
-        """The disk reads (futures) that waiting sequences wait for, each once."""
-        reads = {id(s.disk_read[1]): s.disk_read[1] for s in self.waiting if s.disk_read is not None}
-        return [f for f in reads.values() if not f.done()]
-
-    def _tree_storing(self, pages: list[int], hashes: list[int], namespace: str | None) -> None:
-        """The tree stores new pages: those the disk tier lacks are written out from before the next step (the step
-        computing them, dispatched before it, has written their K/V by then)."""
-        if namespace is not None and namespace.startswith(ADAPTER_NAMESPACE):
-            return
-        new = [(p, h) for p, h in zip(pages, hashes) if self.disk.wanted(h)]
-        self._disk_saves += new
-        self.stats.disk_saved_pages += len(new)
-
     def _tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
-        """The tree is letting go of `pages`: their window slots go with them, and with a host tier each is copied to
-        a host slot (unless its hash is there already) before reuse."""
+        """The tree is letting go of `pages`: their window slots go with them; the host tier saves them."""
         if self.window is not None:
             self.window.tree_drop(pages)
-        if self.host is None:
-            return
-        for page, h in zip(pages, hashes):
-            slot = self.host.store(h, avoid=self._loading)
-            if slot is not None:
-                self._host_saves.append((page, slot))
-                self.stats.host_saved_pages += 1
+        self.tiers.tree_evicting(pages, hashes)
+
+    @property
+    def host(self):
+        """The host tier's index (engine.host_cache.HostPageIndex), or None."""
+        return self.tiers.host
+
+    def take_disk_saves(self) -> list[tuple[int, int]]:
+        return self.tiers.take_disk_saves()
+
+    def disk_reads(self) -> list:
+        """The disk reads waiting sequences wait for (the engine waits on them when nothing else can run)."""
+        return self.tiers.disk_reads(self.waiting)
 
     def reset_cache(self) -> None:
-        """Drops every cached page no running sequence uses, on the device and in the host tier."""
+        """Drops every cached page no running sequence uses, on the device and in the host tier (the disk tier's
+        files stay: they are named by the weights they came from)."""
         self.tree.reset()
-        if self.host is not None:
-            self.host.reset()
-            self._host_saves.clear()
-        self._disk_saves.clear()  # K/V of the weights that were: never written under the new ones' key
-        self._disk_reading.clear()
+        self.tiers.reset()
 
     def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
         return Chunk(

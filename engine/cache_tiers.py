@@ -1,0 +1,136 @@
+"""The prefix cache below the device tree, as the scheduler sees it: the host tier (pages the tree evicts, kept in
+host slots: engine.host_cache) and the disk tier (every page the tree stores, also in files: engine.disk_cache).
+
+The tree calls in when it lets pages go (the host tier saves them) and when it stores new ones (the disk tier writes
+them); admission asks how far a prompt's match continues past the tree (host slots first, then disk pages, whose
+read starts here and is waited for); each plan takes the saves collected since the last. Ints and opaque page
+payloads only: the runner moves the bytes.
+"""
+from __future__ import annotations
+
+from engine.block_hash import ADAPTER_NAMESPACE, page_hashes
+from engine.host_cache import HostPageIndex
+from engine.request import Sequence
+
+
+class CacheTiers:
+    def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None):
+        """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
+        (the saved-page counts)."""
+        self.page_size = page_size
+        self.host = HostPageIndex(num_host_pages) if num_host_pages else None
+        if self.host is not None:
+            self.host.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
+        self.disk = disk
+        self.stats = stats
+        self.host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
+        self.disk_saves: list[tuple[int, int]] = []  # (page, hash) not yet in a plan
+        self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
+        # Disk reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
+        self._disk_reading: dict[int, tuple] = {}
+
+    @property
+    def enabled(self) -> bool:
+        return self.host is not None or self.disk is not None
+
+    # ------------------------------------------------------------------------------------ admission
+    def continue_match(self, seq: Sequence, match) -> tuple[list[int], list[object]] | None:
+        """(host slots, disk pages) holding the pages after the tree's `match`, in a row, host tier first (never the
+        page of the last token: a step must compute at least that one). None: the disk tier holds some, being read
+        (the read starts here the first time); the sequence waits for it."""
+        tokens, ps = seq.all_ids, self.page_size
+        end = (len(tokens) - 1) // ps * ps
+        hashes = page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash())
+        slots = []
+        if self.host is not None:
+            for h in hashes:
+                slot = self.host.lookup(h)
+                if slot is None:
+                    break
+                slots.append(slot)
+        pages: list[object] | None = []
+        if self.disk is not None and len(slots) < len(hashes) and not _is_adapter(seq.namespace):
+            pages = self._disk_hits(seq, hashes[len(slots) :])
+            if pages is None:
+                return None
+        self.loading.update(slots)  # before any eviction can pick these slots for a save in this plan
+        return slots, pages
+
+    def _disk_hits(self, seq: Sequence, hashes: list[int]) -> list[object] | None:
+        """The pages of the first of `hashes` that the disk tier holds in a row, read; None while being read."""
+        key = self.disk.key
+        if seq.disk_read is None or seq.disk_read[0] != key:  # another prompt's read of the same pages will do
+            seq.disk_read = self._disk_reading.get(hashes[0])
+        if seq.disk_read is not None and seq.disk_read[0] == key:
+            future = seq.disk_read[1]
+            if not future.done():
+                return None
+            got = future.result() if future.exception() is None else {}
+            if hashes[0] in got:  # else the match moved back (its pages were evicted meanwhile): read again
+                pages = []
+                for h in hashes:
+                    if h not in got:
+                        break
+                    pages.append(got[h])
+                return pages
+        n = self.disk.present(hashes)
+        seq.disk_read = (key, self.disk.fetch(hashes[:n])) if n else None
+        if n:
+            self._disk_reading[hashes[0]] = seq.disk_read
+        return None if n else []
+
+    def disk_reads(self, waiting) -> list:
+        """The disk reads (futures) that the `waiting` sequences wait for, each once."""
+        reads = {id(s.disk_read[1]): s.disk_read[1] for s in waiting if s.disk_read is not None}
+        return [f for f in reads.values() if not f.done()]
+
+    # ------------------------------------------------------------------------------------ plans
+    def start_plan(self) -> None:
+        self.loading = set()
+
+    def end_plan(self) -> None:
+        """Finished reads stay with the sequences that wait for them; later prompts find the pages in the tree."""
+        if self._disk_reading:
+            self._disk_reading = {h: r for h, r in self._disk_reading.items() if not r[1].done()}
+
+    def take_host_saves(self) -> list[tuple[int, int]]:
+        saves, self.host_saves = self.host_saves, []
+        return saves
+
+    def take_disk_saves(self) -> list[tuple[int, int]]:
+        """(page, hash) pages stored since the last plan: the next plan's, or written out at once when no step runs."""
+        saves, self.disk_saves = self.disk_saves, []
+        return saves
+
+    # ------------------------------------------------------------------------------------ the tree
+    def tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
+        """The tree lets go of `pages`: each is copied to a host slot (unless its hash is there already) before reuse."""
+        if self.host is None:
+            return
+        for page, h in zip(pages, hashes):
+            slot = self.host.store(h, avoid=self.loading)
+            if slot is not None:
+                self.host_saves.append((page, slot))
+                self.stats.host_saved_pages += 1
+
+    def tree_storing(self, pages: list[int], hashes: list[int], namespace: str | None) -> None:
+        """The tree stores new pages: those the disk tier lacks are written out from before the next step (the step
+        computing them, dispatched before it, has written their K/V by then). An adapter's pages are not kept there
+        (its files can change under its name)."""
+        if self.disk is None or _is_adapter(namespace):
+            return
+        new = [(p, h) for p, h in zip(pages, hashes) if self.disk.wanted(h)]
+        self.disk_saves += new
+        self.stats.disk_saved_pages += len(new)
+
+    def reset(self) -> None:
+        """Empties the host tier; pages of the weights that were are never written under the new ones' key."""
+        if self.host is not None:
+            self.host.reset()
+        self.host_saves.clear()
+        self.disk_saves.clear()
+        self._disk_reading.clear()
+
+
+def _is_adapter(namespace: str | None) -> bool:
+    return namespace is not None and namespace.startswith(ADAPTER_NAMESPACE)

@@ -1,4 +1,5 @@
-"""OpenAI's Responses API (`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`) on the chat endpoint's path.
+"""OpenAI's Responses API (`POST /v1/responses`, `GET` and `DELETE /v1/responses/{id}`,
+`GET /v1/responses/{id}/input_items`) on the chat endpoint's path.
 
 A Responses request becomes a `ChatCompletionRequest`, so it gets the same chat template, sampling, tools,
 structured outputs and reasoning parser; the chat reply becomes Responses output items:
@@ -7,13 +8,14 @@ structured outputs and reasoning parser; the chat reply becomes Responses output
               -> chat messages; function tools -> chat tools; `text.format` -> response_format;
               `max_output_tokens` -> max_tokens
     reply:    a `reasoning` item (the reasoning parser's thinking), a `message` item (`output_text`), `function_call`
-              items (`call_id`, `name`, `arguments`); status "incomplete" when max_output_tokens ended it
+              items (`call_id`, `name`, `arguments`; only the first with parallel_tool_calls: false); status
+              "incomplete" when max_output_tokens ended it
     stream:   typed SSE events in OpenAI's order, numbered by `sequence_number` (`Output`)
 
 Conversation state: with `store` (the default) a finished response is kept with its conversation as chat messages
-(`ResponseStore`, LRU of `server.max_stored_responses`). A request naming it in `previous_response_id` sends only the
-new turn; the prompt it renders starts with the earlier turns' tokens, which the radix cache still holds, so only the
-new turn is prefilled. What this server does not do (built-in tools, background runs, non-text input, unknown item
+(`ResponseStore`, LRU of `server.max_stored_responses`), and with this turn's input as items (input_items lists
+them). A request naming it in `previous_response_id` sends only the new turn; the prompt it renders starts with the
+earlier turns' tokens, which the radix cache still holds, so only the new turn is prefilled. What this server does not do (built-in tools, background runs, non-text input, unknown item
 types) is a 400 naming it. This module imports no JAX: the router uses `input_messages` to hash prompts.
 """
 from __future__ import annotations
@@ -24,9 +26,9 @@ import dataclasses
 import json
 import time
 import uuid
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
@@ -34,6 +36,7 @@ from engine.openai_protocol import ApiError, ChatCompletionRequest, ResponsesReq
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
+ITEM_ID_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
 
 
 def _id(prefix: str) -> str:
@@ -76,6 +79,38 @@ def input_messages(items: str | list[dict], history: list[dict] = ()) -> list[di
             raise _bad(f"{where}: items of type {kind!r} are not supported (message, function_call, "
                        "function_call_output and reasoning items are)")
     return messages
+
+
+def input_items(items: str | list[dict]) -> list[dict]:
+    """A turn's `input` (already accepted by `input_messages`) as the items input_items lists: a string is one user
+    message; a message's string content becomes one text part; each item keeps its id, or gets one."""
+    if isinstance(items, str):
+        items = [{"role": "user", "content": items}]
+    out = []
+    for item in copy.deepcopy(items):
+        kind = item.setdefault("type", "message")
+        if kind == "message" and isinstance(item["content"], str):
+            part = "output_text" if item["role"] == "assistant" else "input_text"
+            item["content"] = [{"type": part, "text": item["content"]}]
+        if kind != "reasoning":
+            item.setdefault("status", "completed")
+        out.append({"id": item.pop("id", None) or _id(ITEM_ID_PREFIX[kind]), **item})
+    return out
+
+
+def item_page(items: list[dict], order: str, limit: int, after: str | None) -> dict:
+    """OpenAI's list object of `items` in `order` ("asc": as sent, "desc": newest first): up to `limit` of them, those
+    after the item whose id is `after` (a 400 naming it when there is none)."""
+    ordered = items if order == "asc" else items[::-1]
+    start = 0
+    if after is not None:
+        ids = [item["id"] for item in ordered]
+        if after not in ids:
+            raise _bad(f"after: this response has no input item {after!r}", "after")
+        start = ids.index(after) + 1
+    data = ordered[start:start + limit]
+    return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None, "has_more": start + limit < len(ordered)}
 
 
 def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompletionRequest, list[dict]]:
@@ -192,9 +227,11 @@ _LOGPROBS = {"message": {"logprobs": []}, "reasoning": {}}  # output_text events
 
 class Output:
     """A response's output items as they grow, and the stream events that tell it (numbered from 0). Text comes as
-    thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text."""
+    thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text.
+    parallel_tool_calls False: function calls after the first are dropped."""
 
-    def __init__(self):
+    def __init__(self, parallel_tool_calls: bool = True):
+        self.parallel_tool_calls = parallel_tool_calls
         self.items: list[dict] = []
         self._open: dict | None = None
         self._sequence = 0
@@ -212,6 +249,8 @@ class Output:
         if fields.get("content"):
             events += self._text("message", fields["content"])
         for call in fields.get("tool_calls") or ():
+            if not self.parallel_tool_calls and any(item["type"] == "function_call" for item in self.items):
+                break
             events += self._close("completed")
             name, arguments = call["function"]["name"], call["function"]["arguments"]
             item = {"id": _id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"],
@@ -298,6 +337,7 @@ def response_object(body: ResponsesRequest, response_id: str, created_at: int, s
 class Stored:
     response: dict
     conversation: list[dict]  # chat messages up to and including the reply, no instructions
+    input_items: list[dict] = ()  # this turn's input, as items with ids (`input_items`)
 
 
 class ResponseStore:
@@ -310,8 +350,8 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response: dict, conversation: list[dict]) -> None:
-        self._entries[response["id"]] = Stored(response, conversation)
+    def put(self, response: dict, conversation: list[dict], items: list[dict] = ()) -> None:
+        self._entries[response["id"]] = Stored(response, conversation, list(items))
         self._entries.move_to_end(response["id"])
         while len(self._entries) > self.capacity:
             self._entries.popitem(last=False)
@@ -344,9 +384,10 @@ class _Reply:
     body: ResponsesRequest
     prompt_ids: list[int]
     conversation: list[dict]  # up to this turn's input
+    input_items: list[dict]  # this turn's input (`input_items`)
+    output: Output
     id: str = dataclasses.field(default_factory=lambda: _id("resp"))
     created_at: int = dataclasses.field(default_factory=lambda: int(time.time()))
-    output: Output = dataclasses.field(default_factory=Output)
 
 
 def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
@@ -371,7 +412,7 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
                  "total_tokens": len(reply.prompt_ids) + output_tokens}
         response = response_object(reply.body, reply.id, reply.created_at, status, reply.output.items, usage)
         if reply.body.store:
-            store.put(response, reply.conversation + input_messages(reply.output.items))
+            store.put(response, reply.conversation + input_messages(reply.output.items), reply.input_items)
         return events, response
 
     async def events(reply: _Reply, stream, fmt) -> AsyncIterator[str]:
@@ -405,7 +446,7 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
             stored(body.previous_response_id, "previous_response_id").conversation
         chat_body, conversation = chat_request(body, history)
         prompt_ids, stream, fmt = await chat.start(chat_body)
-        reply = _Reply(body, prompt_ids, conversation)
+        reply = _Reply(body, prompt_ids, conversation, input_items(body.input), Output(body.parallel_tool_calls))
         if body.stream:
             return StreamingResponse(events(reply, stream, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -419,6 +460,11 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
     @api.get("/v1/responses/{response_id}", summary="A stored response")
     async def get_response(response_id: str):
         return stored(response_id).response
+
+    @api.get("/v1/responses/{response_id}/input_items", summary="A stored response's input items")
+    async def list_input_items(response_id: str, order: Literal["asc", "desc"] = "desc",
+                               limit: Annotated[int, Query(ge=1, le=100)] = 20, after: str | None = None):
+        return item_page(stored(response_id).input_items, order, limit, after)
 
     @api.delete("/v1/responses/{response_id}", summary="Delete a stored response")
     async def delete_response(response_id: str):

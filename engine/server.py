@@ -2,8 +2,8 @@
 
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
     POST /v1/embeddings                          last-token pooling of the served model
-    POST /v1/responses, GET/DELETE /v1/responses/{id}   OpenAI's Responses API, on the chat path
-                                                 (engine/openai_responses.py)
+    POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
+                                                 OpenAI's Responses API, on the chat path (engine/openai_responses.py)
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
     POST /update_weights_from_disk, /v1/load_lora_adapter, /v1/unload_lora_adapter, /sleep, /wake_up

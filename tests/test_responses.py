@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from engine.openai_protocol import ApiError, ResponsesRequest
-from engine.openai_responses import Output, ResponseStore, chat_request, input_messages
+from engine.openai_responses import Output, ResponseStore, chat_request, input_items, input_messages, item_page
 from test_server_units import _FakeEngine, _FakeTokenizer  # the fake engine behind the real app
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather in a city",
@@ -224,6 +224,31 @@ def test_store_keeps_the_most_recently_used():
     assert none.get("a") is None
 
 
+def test_input_items_get_ids_and_pages():
+    [item] = input_items("hi")
+    assert item["id"].startswith("msg_") and {k: v for k, v in item.items() if k != "id"} == {
+        "type": "message", "role": "user", "content": [{"type": "input_text", "text": "hi"}], "status": "completed"}
+    sent = [{"role": "assistant", "content": "a"}, {"type": "function_call", "id": "fc_mine", "call_id": "c",
+                                                    "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c", "output": "1"}, {"type": "reasoning", "summary": []}]
+    items = input_items(sent)
+    assert sent[0] == {"role": "assistant", "content": "a"}  # the request's items are not changed
+    assert [i["id"][:3] for i in items] == ["msg", "fc_", "fco", "rs_"] and items[1]["id"] == "fc_mine"
+    assert items[0]["content"] == [{"type": "output_text", "text": "a"}] and "status" not in items[3]
+    ids = [i["id"] for i in items]
+    page = item_page(items, "desc", 2, None)
+    assert [i["id"] for i in page["data"]] == ids[:1:-1] and page["has_more"] is True
+    assert (page["first_id"], page["last_id"]) == (ids[3], ids[2])
+    page = item_page(items, "desc", 2, page["last_id"])
+    assert [i["id"] for i in page["data"]] == ids[1::-1] and page["has_more"] is False
+    assert [i["id"] for i in item_page(items, "asc", 20, ids[0])["data"]] == ids[1:]
+    assert item_page(items, "asc", 5, ids[3]) == {"object": "list", "data": [], "first_id": None, "last_id": None,
+                                                  "has_more": False}
+    with pytest.raises(ApiError) as e:
+        item_page(items, "asc", 5, "msg_other")
+    assert e.value.status == 400 and e.value.param == "after" and "msg_other" in e.value.message
+
+
 # ----------------------------------------------------------------------------- a scripted fake engine, real app
 @pytest.fixture
 def fake():
@@ -390,6 +415,56 @@ def test_fake_conversation_state_get_and_delete(fake):
     assert third["id"] in r.json()["error"]["message"]
     unstored = client.post("/v1/responses", json={"model": "fake", "input": "x", "store": False}).json()
     assert unstored["store"] is False and client.get(f"/v1/responses/{unstored['id']}").status_code == 404
+
+
+def test_fake_input_items_list_a_stored_responses_input(fake):
+    client, _ = fake("ok")
+    first = client.post("/v1/responses", json={"model": "fake", "input": "one"}).json()
+    sent = [{"role": "user", "content": f"m{i}"} for i in range(25)]
+    second = client.post("/v1/responses", json={"model": "fake", "input": sent, "previous_response_id": first["id"],
+                                                 "instructions": "not an item"}).json()
+    url = f"/v1/responses/{second['id']}/input_items"
+    page = client.get(url).json()  # newest first, 20 at a time; only this turn's input
+    texts = [item["content"][0]["text"] for item in page["data"]]
+    assert page["object"] == "list" and texts == [f"m{i}" for i in range(24, 4, -1)] and page["has_more"] is True
+    assert (page["first_id"], page["last_id"]) == (page["data"][0]["id"], page["data"][-1]["id"])
+    rest = client.get(url, params={"after": page["last_id"]}).json()
+    assert [item["content"][0]["text"] for item in rest["data"]] == ["m4", "m3", "m2", "m1", "m0"]
+    assert rest["has_more"] is False
+    asc = client.get(url, params={"order": "asc", "limit": 3}).json()
+    assert [item["id"] for item in asc["data"]] == [item["id"] for item in rest["data"][::-1][:3]]
+    assert client.get(url, params={"order": "asc", "limit": 3}).json() == asc  # ids are stored, not made per call
+    [item] = client.get(f"/v1/responses/{first['id']}/input_items").json()["data"]
+    assert item["role"] == "user" and item["content"] == [{"type": "input_text", "text": "one"}]
+    for params, param in [({"limit": 0}, "limit"), ({"limit": 101}, "limit"), ({"order": "up"}, "order"),
+                          ({"after": "msg_none"}, "after")]:
+        r = client.get(url, params=params)
+        assert r.status_code == 400 and param in r.json()["error"]["message"], r.text
+    gone = client.get("/v1/responses/resp_none/input_items")
+    assert gone.status_code == 404 and "resp_none" in gone.json()["error"]["message"]
+    assert gone.json()["error"]["code"] == "response_not_found"
+    unstored = client.post("/v1/responses", json={"model": "fake", "input": "x", "store": False}).json()
+    assert client.get(f"/v1/responses/{unstored['id']}/input_items").status_code == 404
+
+
+def test_fake_parallel_tool_calls_false_keeps_the_first_call(fake):
+    calls = "".join(f'<tool_call>{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}</tool_call>'
+                    for city in ("Paris", "Oslo"))
+    client, engine = fake(calls)
+    body = {"model": "fake", "input": "weather?", "tools": [WEATHER]}
+    both = client.post("/v1/responses", json=body).json()
+    assert [json.loads(item["arguments"])["city"] for item in both["output"]] == ["Paris", "Oslo"]
+    one = client.post("/v1/responses", json={**body, "parallel_tool_calls": False}).json()
+    [item] = one["output"]
+    assert item["type"] == "function_call" and json.loads(item["arguments"]) == {"city": "Paris"}
+    assert one["parallel_tool_calls"] is False
+    events = _events(client, {**body, "parallel_tool_calls": False})
+    assert _without_ids(_check_stream(events, one)["output"]) == _without_ids(one["output"])
+    # The stored conversation holds the one call, and its output continues it.
+    after = client.post("/v1/responses", json={"model": "fake", "previous_response_id": one["id"], "input": [
+        {"type": "function_call_output", "call_id": item["call_id"], "output": "21C"}]})
+    assert after.status_code == 200, after.text
+    assert engine.prompts[-1].count("<tool>") == 1
 
 
 def test_fake_refusals_are_openai_errors(fake):

@@ -346,3 +346,29 @@ def test_responses_stay_with_the_replica_that_stored_them(cluster):
         assert status == 503 and urls[slot] in error["error"]["message"] and "down" in error["error"]["message"]
     finally:
         rr.stop()
+
+
+def test_input_items_come_from_the_replica_that_stored_the_response(cluster):
+    """GET /v1/responses/{id}/input_items goes to the owner with the client's query (order, limit, after), from a
+    router that saw the response and from one that asks the replicas; an unknown id is a 404 naming it."""
+    ports, procs, router = cluster
+    rr = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
+    try:
+        wait_for(lambda: all(r["up"] for r in rr.replicas() + router.replicas()), what="all replicas up")
+        made = [respond(rr.url, {"model": "fake", "max_output_tokens": 3, "input": [
+            {"role": "user", "content": f"r{i} m{j}"} for j in range(3)]})[1] for i in range(3)]
+        assert len({m["replica"] for m in made}) == 3  # round robin: one response per replica
+        for i, m in enumerate(made):
+            url = f"/v1/responses/{m['id']}/input_items"
+            for base in (rr.url, router.url):  # `router` never saw the ids: it asks the replicas
+                r = httpx.get(base + url, timeout=30)
+                assert r.status_code == 200 and r.json()["replica"] == m["replica"], r.text
+                assert [item["content"][0]["text"] for item in r.json()["data"]] == [f"r{i} m2", f"r{i} m1", f"r{i} m0"]
+            page = httpx.get(rr.url + url, params={"order": "asc", "limit": 1}, timeout=30).json()
+            assert [item["content"][0]["text"] for item in page["data"]] == [f"r{i} m0"] and page["has_more"] is True
+            rest = httpx.get(rr.url + url, params={"order": "asc", "after": page["last_id"]}, timeout=30).json()
+            assert [item["content"][0]["text"] for item in rest["data"]] == [f"r{i} m1", f"r{i} m2"]
+        r = httpx.get(f"{rr.url}/v1/responses/resp_none/input_items", timeout=30)
+        assert r.status_code == 404 and "resp_none" in r.json()["error"]["message"]
+    finally:
+        rr.stop()

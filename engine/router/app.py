@@ -23,7 +23,8 @@ at once; the answer lists each replica's. A replica that comes up later is caugh
 adapters replayed) before it gets traffic.
 
 Stored responses (/v1/responses) live in the memory of the replica that made them: a request with
-`previous_response_id`, and GET / DELETE /v1/responses/{id}, go to that replica only (response_owners.py).
+`previous_response_id`, GET / DELETE /v1/responses/{id} and GET /v1/responses/{id}/input_items go to that replica
+only (response_owners.py).
 """
 from __future__ import annotations
 
@@ -433,13 +434,17 @@ class Router:
                 "instead)", "upstream_unavailable", param, "replica_down"), 503)
         return slot
 
-    async def stored_response(self, method: str, response_id: str, headers: dict[str, str]) -> Response:
-        """GET or DELETE /v1/responses/{id}, on the replica that stored it."""
+    async def stored_response(self, method: str, response_id: str, headers: dict[str, str], suffix: str = "",
+                              query: str = "") -> Response:
+        """GET or DELETE /v1/responses/{id}, or GET of its `suffix` ("/input_items") with the client's `query`, on the
+        replica that stored it."""
         fwd = {k: v for k, v in headers.items() if k.lower() in _FORWARD_HEADERS}
         slot = await self.response_owner(response_id, fwd, param=None)
         if isinstance(slot, Response):
             return slot
-        url = f"{self.urls[slot]}/v1/responses/{urllib.parse.quote(response_id, safe='')}"
+        url = f"{self.urls[slot]}/v1/responses/{urllib.parse.quote(response_id, safe='')}{suffix}"
+        if query:
+            url += f"?{query}"
         try:
             r = await self.client.request(method, url, headers=fwd, timeout=self.cfg.request_timeout_s)
         except httpx.HTTPError as e:
@@ -532,6 +537,11 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     async def stored_response(request: Request, response_id: str):
         return await router.stored_response(request.method, response_id, dict(request.headers))
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def input_items(request: Request, response_id: str):
+        return await router.stored_response("GET", response_id, dict(request.headers), "/input_items",
+                                            request.url.query)
 
     for path in BROADCAST:
         async def admin(request: Request):

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
-from engine.openai_responses import input_messages, prompt_messages
+from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
 
@@ -143,6 +143,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         return await completion(request, chat=True)
 
     stored: dict[str, list[dict]] = {}  # /v1/responses kept: id -> the conversation, up to the reply
+    stored_items: dict[str, list[dict]] = {}  # id -> its input items
 
     @app.post("/v1/responses")
     async def responses(request: Request):
@@ -163,6 +164,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                                 "content": [{"type": "output_text", "text": text}]}], "replica": name}
         if body.get("store", True):
             stored[rid] = conversation + [{"role": "assistant", "content": text}]
+            stored_items[rid] = input_items(body["input"])
         if not body.get("stream"):
             return response
         events = [("response.created", {"response": {**response, "status": "in_progress", "output": []}}),
@@ -183,9 +185,15 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         if response_id not in stored:
             return JSONResponse({"error": {"message": f"no stored response {response_id!r}"}}, 404)
         if request.method == "DELETE":
-            del stored[response_id]
+            del stored[response_id], stored_items[response_id]
             return {"id": response_id, "object": "response", "deleted": True}
         return {"id": response_id, "object": "response", "replica": name}
+
+    @app.get("/v1/responses/{response_id}/input_items")
+    async def list_input_items(response_id: str, order: str = "desc", limit: int = 20, after: str | None = None):
+        if response_id not in stored:
+            return JSONResponse({"error": {"message": f"no stored response {response_id!r}"}}, 404)
+        return {**item_page(stored_items[response_id], order, limit, after), "replica": name}
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request):

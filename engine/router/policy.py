@@ -1,6 +1,6 @@
 """Routing policies: a request's block hashes + what the router knows of each replica -> a replica.
 
-The live router (engine.router.app) and the simulator (engine.router.simulator) call the same
+The live router (engine.router.forward) and the simulator (engine.router.simulator) call the same
 objects: `policy.route(request, replicas, now, exclude)`. Policies own no I/O; the caller keeps
 `ReplicaState` current (up/down, in-flight requests, queued prefill tokens, the replica's own
 /load report) and the `PrefixIndex` fed from cache events.

@@ -1,0 +1,306 @@
+"""Client requests through the router (`Router`), over the replicas a `Fleet` (engine/router/fleet.py) keeps.
+
+One request's life through the router:
+1. tokenize once (chat: `encode_chat(messages)`; completions: `encode(prompt)` or the token ids)
+   and cut the tokens into chained block hashes with the replicas' page size, namespace =
+   the request's `cache_salt`, within its LoRA adapter's namespace when `model` names one of the
+   adapters the replicas list in /v1/models (engine.block_hash.cache_namespace, page_hashes);
+2. the policy picks a replica (engine.router.policy; prefix_aware records the request's hashes
+   on it as pending);
+3. the body is forwarded unchanged (httpx, streaming when the client asked for a stream);
+4. a failure before any byte reached the client (connection refused or reset, timeout, a 5xx,
+   an empty stream) is retried on a replica not yet tried, up to max_attempts; a transport
+   failure also marks the replica down, which drops its index entries. After the first byte
+   the response is committed: a replica dying mid-stream ends the stream with an SSE error event.
+
+Stored responses (/v1/responses) live in the memory of the replica that made them: a request with
+`previous_response_id`, GET / DELETE /v1/responses/{id} and GET /v1/responses/{id}/input_items go to that replica
+only (response_owners.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+from typing import Any
+
+import httpx
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from engine.block_hash import cache_namespace, page_hashes
+from engine.openai_protocol import error_body
+from engine.openai_responses import input_messages, prompt_messages
+from engine.router.config import RouterConfig
+from engine.router.fleet import FORWARD_HEADERS, Fleet
+from engine.router.index import PrefixIndex
+from engine.router.metrics import RouterMetrics
+from engine.router.policy import Choice, NoReplicaAvailable, RouteRequest, make_policy
+from engine.router.response_owners import ResponseOwners
+
+
+def load_tokenizer(path: str):
+    if path == "bytes":
+        from engine.router.fake_replica import ByteTokenizer
+
+        return ByteTokenizer()
+    from models.loader import resolve_path
+    from models.tokenizer import Tokenizer
+
+    return Tokenizer.load(resolve_path(path))
+
+
+def body_route(body: dict, chat: bool, tokenizer, page_size: int, adapters=()) -> RouteRequest:
+    """A request body's block hashes: tokenized once, full pages hashed in the request's cache namespace (its
+    cache_salt, within the adapter its `model` names). An unparseable body routes with no prefix (the replica answers
+    it with the proper 4xx). chat: chat messages, or a Responses body's instructions and input."""
+    try:
+        if chat:
+            messages = body["messages"] if "messages" in body else \
+                prompt_messages(body.get("instructions"), input_messages(body["input"]))
+            tokens = tokenizer.encode_chat(messages)
+        else:
+            prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+                prompt = prompt[0]  # a batch of prompts: routed by the first
+            tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        salt, model = body.get("cache_salt"), body.get("model")
+        adapter = model if isinstance(model, str) and model in adapters else None
+        hashes = page_hashes(tokens, page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
+    except Exception:
+        return RouteRequest((), 0)
+    return RouteRequest(tuple(hashes), len(tokens))
+
+
+class Router:
+    """The policy, the stored responses' owners and the requests in flight, over a `Fleet`; no HTTP server of its
+    own (engine/router/app.py serves it)."""
+
+    def __init__(self, cfg: RouterConfig, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
+        self.index = PrefixIndex(len(cfg.replica_urls), cfg.pending_ttl_s)
+        self.policy = make_policy(cfg.policy, self.index, cfg.page_size, cfg.prefill_weight,
+                                  cfg.request_cost_tokens, cfg.hot_spot_ratio, cfg.hot_spot_slack)
+        self.metrics = RouterMetrics(cfg.replica_urls)
+        self.fleet = Fleet(cfg, self.index, self.metrics)
+        # NOTE: the fleet's own lists (never rebound): the policy reads the states the health checks write.
+        self.urls, self.states = self.fleet.urls, self.fleet.states
+        self.response_owners = ResponseOwners()  # stored /v1/responses ids -> the replica holding each
+        self._prompt_tokens = self._matched_tokens = 0
+
+    @property
+    def client(self) -> httpx.AsyncClient | None:
+        return self.fleet.client
+
+    @property
+    def adapters(self) -> set[str]:
+        return self.fleet.adapters
+
+    async def start(self) -> None:
+        await self.fleet.start()
+
+    async def stop(self) -> None:
+        await self.fleet.stop()
+
+    def route_request(self, body: dict, chat: bool) -> RouteRequest:
+        return body_route(body, chat, self.tokenizer, self.cfg.page_size, self.adapters)
+
+    async def forward(self, path: str, raw: bytes, headers: dict[str, str]):
+        """Pick a replica, forward, retry on failure before the first byte. Returns a Starlette
+        Response (streaming when the client asked for a stream)."""
+        try:
+            body = json.loads(raw)
+            if not isinstance(body, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            return JSONResponse({"error": {"message": "body must be a JSON object", "type": "invalid_request_error"}},
+                                status_code=400)
+        stream = bool(body.get("stream"))
+        fwd = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+        fwd["accept-encoding"] = "identity"  # NOTE: bytes are relayed raw, so they must not be compressed
+        responses = path == "/v1/responses"
+        learn = responses and body.get("store") is not False  # the replica keeps it: remember where
+        pinned = None  # a conversation continues where its previous response is stored, and nowhere else
+        if responses and isinstance(body.get("previous_response_id"), str):
+            pinned = await self.response_owner(body["previous_response_id"], fwd)
+            if isinstance(pinned, Response):
+                return pinned
+            req = RouteRequest((), 0)
+        else:
+            req = self.route_request(body, chat=path.endswith(("/chat/completions", "/responses")))
+        tried: set[int] = set()
+        last_error = "no replica is up"
+        for _ in range(self.cfg.max_attempts if pinned is None else 1):
+            if pinned is not None:
+                choice = Choice(pinned, 0, "previous_response")
+            else:
+                try:
+                    choice = self.policy.route(req, self.states, time.monotonic(), tried)
+                except NoReplicaAvailable:
+                    break
+            slot, url = choice.replica, self.urls[choice.replica]
+            tried.add(slot)
+            matched = choice.matched_len
+            if not self.policy.uses_index and req.block_hashes:
+                matched = min(self.index.match(req.block_hashes)[slot] * self.cfg.page_size, req.prompt_len)
+            self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
+            ticket = _Ticket(self, slot, req.prompt_len - matched)
+            try:
+                upstream = await self.client.send(
+                    self.client.build_request("POST", url + path, content=raw, headers=fwd), stream=True)
+            except Exception as e:  # NOTE: not only httpx.TransportError: httpcore can leak
+                ticket.release()      # e.g. AttributeError when the peer dies mid-connect
+                last_error = f"{url}: {e!r}"
+                self._retry(slot, transport=True)
+                continue
+            if upstream.status_code >= 500:
+                await upstream.aclose()
+                ticket.release()
+                last_error = f"{url}: HTTP {upstream.status_code}"
+                self._retry(slot, transport=False)
+                continue
+            media_type = upstream.headers.get("content-type", "application/json")
+            chunks = upstream.aiter_raw()
+            try:
+                if not stream:
+                    content = await upstream.aread()
+                    first = None
+                else:
+                    first = await chunks.__anext__()  # the stream is committed only once this arrives
+            except Exception as e:  # a reset, a timeout, an empty stream: nothing reached the client
+                await upstream.aclose()
+                ticket.release()
+                last_error = f"{url}: {e!r}"
+                self._retry(slot, transport=not isinstance(e, StopAsyncIteration))
+                continue
+            self._count(slot, req.prompt_len, matched)
+            ticket.first_byte()
+            learn = learn and upstream.status_code == 200
+            if not stream:
+                await upstream.aclose()
+                ticket.release()
+                if learn:
+                    self.response_owners.learn(content, slot)
+                return Response(content, status_code=upstream.status_code, media_type=media_type)
+            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn),
+                                     status_code=upstream.status_code, media_type=media_type)
+        self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
+        return JSONResponse({"error": {"message": f"no replica could serve the request ({last_error})",
+                                       "type": "upstream_unavailable"}}, status_code=503 if not tried else 502)
+
+    async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False):
+        """learn: a Responses stream, whose first event names the response stored on this replica."""
+        head = first if learn else None
+        try:
+            if head is not None and self.response_owners.learn(head, ticket.slot):
+                head = None
+            yield first
+            async for chunk in chunks:
+                if head is not None:  # the id may arrive split over chunks: look in the stream's opening bytes
+                    head += chunk
+                    if self.response_owners.learn(head, ticket.slot) or len(head) > 1 << 16:
+                        head = None
+                yield chunk
+        except Exception as e:
+            # NOTE: bytes already reached the client: no retry. Say so in the stream's own terms.
+            self.metrics.failures.labels("mid_stream").inc()
+            self.fleet.mark_down(ticket.slot)
+            err = {"error": {"message": f"replica {self.urls[ticket.slot]} failed mid-stream: {e!r}",
+                             "type": "upstream_error"}}
+            yield f"data: {json.dumps(err)}\n\n".encode()
+        finally:
+            await upstream.aclose()
+            ticket.release()
+
+    async def response_owner(self, response_id: str, headers: dict[str, str],
+                             param: str | None = "previous_response_id") -> int | Response:
+        """The slot of the replica that stored the response: learned from the responses that passed through, else
+        asked of every replica up (the id was evicted here, or the router restarted). An error response when no
+        replica up holds it, or the one that does is down."""
+        slot = self.response_owners.get(response_id)
+        if slot is None:
+            path = f"/v1/responses/{urllib.parse.quote(response_id, safe='')}"
+            slots = [s for s, st in enumerate(self.states) if st.up]
+
+            async def holds(s: int) -> bool:
+                try:
+                    r = await self.client.get(self.urls[s] + path, headers=headers, timeout=self.cfg.connect_timeout_s)
+                    return r.status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            found = await asyncio.gather(*(holds(s) for s in slots))
+            slot = next((s for s, ok in zip(slots, found) if ok), None)
+            if slot is None:
+                return JSONResponse(error_body(f"no replica up holds response {response_id!r} (unknown, deleted, "
+                                               "evicted, made with store: false, or its replica restarted)",
+                                               param=param, code="response_not_found"), 404)
+            self.response_owners.record(response_id, slot)
+        if not self.states[slot].up:
+            return JSONResponse(error_body(
+                f"response {response_id!r} is stored on replica {self.urls[slot]}, which is down; a replica keeps its "
+                "responses in its own memory, so this conversation cannot continue on another (send its whole input "
+                "instead)", "upstream_unavailable", param, "replica_down"), 503)
+        return slot
+
+    async def stored_response(self, method: str, response_id: str, headers: dict[str, str], suffix: str = "",
+                              query: str = "") -> Response:
+        """GET or DELETE /v1/responses/{id}, or GET of its `suffix` ("/input_items") with the client's `query`, on the
+        replica that stored it."""
+        fwd = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
+        slot = await self.response_owner(response_id, fwd, param=None)
+        if isinstance(slot, Response):
+            return slot
+        url = f"{self.urls[slot]}/v1/responses/{urllib.parse.quote(response_id, safe='')}{suffix}"
+        if query:
+            url += f"?{query}"
+        try:
+            r = await self.client.request(method, url, headers=fwd, timeout=self.cfg.request_timeout_s)
+        except httpx.HTTPError as e:
+            return JSONResponse(error_body(f"{self.urls[slot]}: {e!r}", "upstream_unavailable"), 502)
+        if r.status_code == 404 or (method == "DELETE" and r.status_code == 200):
+            self.response_owners.forget(response_id)
+        return Response(r.content, status_code=r.status_code, media_type=r.headers.get("content-type"))
+
+    def _retry(self, slot: int, transport: bool) -> None:
+        self.metrics.retries.labels(self.urls[slot]).inc()
+        if transport:
+            self.fleet.mark_down(slot)
+
+    def _count(self, slot: int, prompt_len: int, matched: int) -> None:
+        self.metrics.requests.labels(self.urls[slot]).inc()
+        self.metrics.prompt_tokens.inc(prompt_len)
+        self.metrics.matched_tokens.inc(matched)
+        self._prompt_tokens += prompt_len
+        self._matched_tokens += matched
+        if self._prompt_tokens:
+            self.metrics.hit_rate.set(self._matched_tokens / self._prompt_tokens)
+
+
+class _Ticket:
+    """One attempt's claim on a replica's load counters; released exactly once."""
+
+    __slots__ = ("router", "slot", "tokens", "queued", "done")
+
+    def __init__(self, router: Router, slot: int, tokens: int) -> None:
+        self.router, self.slot, self.tokens = router, slot, tokens
+        st = router.states[slot]
+        st.in_flight += 1
+        st.queued_tokens += tokens
+        self.queued, self.done = True, False
+        router.metrics.in_flight.labels(router.urls[slot]).set(st.in_flight)
+
+    def first_byte(self) -> None:
+        if self.queued:
+            self.router.states[self.slot].queued_tokens -= self.tokens
+            self.queued = False
+
+    def release(self) -> None:
+        if self.done:
+            return
+        self.first_byte()
+        st = self.router.states[self.slot]
+        st.in_flight -= 1
+        self.done = True
+        self.router.metrics.in_flight.labels(self.router.urls[self.slot]).set(st.in_flight)

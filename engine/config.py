@@ -187,8 +187,9 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tensor: int = 1  # devices one replica's weights and KV heads are sharded over
-    # Replicas of the offline job (scripts/generate.py), one engine process each on its own `tensor` devices, lines
-    # routed by prefix (engine.data_parallel). Serving several replicas: scripts/route.py in front of serve.py's.
+    # Replicas on this host, one engine process each on its own `tensor` devices, requests routed by prefix: the
+    # offline job's (scripts/generate.py, engine.data_parallel) or the server's (scripts/serve.py: the router in
+    # front of them on server.port, engine.local_replicas).
     data: int = 1
     coordinator_address: str | None = None  # host:port of process 0, for several hosts
     num_processes: int = 1

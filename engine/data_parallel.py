@@ -158,7 +158,7 @@ class Coordinator:
         self.unanswered: list[dict[str, tuple[object, RouteRequest]]] = [{} for _ in range(self.num)]  # by key
         self.answered = [0] * self.num  # lines each replica answered
         self.done: set[int] = set()
-        self.tokenizer = _tokenizer(config)
+        self.tokenizer = replica_tokenizer(config)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
         self.outbox = ctx.Queue()
         self.inboxes = [ctx.Queue() for _ in range(self.num)]
@@ -314,7 +314,7 @@ class Coordinator:
             q.close()
 
 
-def _tokenizer(config):
+def replica_tokenizer(config):
     """The tokenizer the replicas prompt with (and their chat template), to hash lines as they will."""
     from models.chat_template import read_chat_template
     from models.loader import tokenizer_source

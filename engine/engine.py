@@ -100,8 +100,8 @@ class LLMEngine:
         t0 = time.perf_counter()
         if config.parallel.data > 1:
             raise ConfigKeyError(f"parallel.data={config.parallel.data}: one engine is one replica; the offline job "
-                                 "(scripts/generate.py) runs one engine process per replica, and scripts/route.py "
-                                 "routes over several servers")
+                                 "(scripts/generate.py) and the server (scripts/serve.py) run one engine process "
+                                 "per replica")
         self.config = config
         multihost.initialize(config.parallel)  # before anything touches a device
         setup_compilation_cache(config.compilation_cache_dir)

@@ -34,11 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    api_key = config.server.api_key or os.environ.get("RADIXLM_API_KEY") or None
+    if config.parallel.data > 1:  # several replicas on this host, the router in front (engine/local_replicas.py)
+        from engine.local_replicas import serve
+
+        return serve(args.config, args.overrides, config, api_key)
     from engine.async_engine import AsyncEngine
     from engine.engine import LLMEngine
     from engine.server import create_app
 
-    api_key = config.server.api_key or os.environ.get("RADIXLM_API_KEY") or None
     print(f"serve.py: loading {config.model.path} (then compiling the step buckets) ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:

@@ -9,8 +9,8 @@ A request's life, text to text:
      donated) and the sampler; `Scheduler.advance` records it with placeholder tokens.
   4. While the device computes, the previous step completes: `ModelRunner.fetch` brings its sampled
      tokens back in one host sync, `Scheduler.resolve` puts them in place and applies stop tokens;
-     here they are detokenized incrementally, stop strings are checked, and a `RequestOutput` (delta
-     text + totals) is returned for streaming. (`scheduler.overlap: false`: each step completes in
+     `engine.output.OutputState` detokenizes them incrementally and checks stop strings, and a
+     `RequestOutput` (delta text + totals) is returned for streaming. (`scheduler.overlap: false`: each step completes in
      the call that launched it.)
   5. On finish the sequence's full pages stay in the tree (the next chat turn hits), its lock and
      references go, and the partial last page returns to the pool.
@@ -39,6 +39,7 @@ from engine.disk_cache import DiskCache, arrays_digest, layout_key, replica_layo
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
+from engine.output import OutputState, RequestOutput, truncate_output
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
 from engine.runner import ModelRunner, kv_bytes_per_page, kv_page_specs
 from engine.scheduler import Scheduler
@@ -51,31 +52,6 @@ from models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages being read from disk, per step call
-
-
-@dataclasses.dataclass
-class RequestOutput:
-    """What one step produced for one request; the final one (finished=True) carries the totals."""
-
-    request_id: str
-    delta_text: str
-    delta_token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    text: str  # all text so far
-    token_ids: list[int]  # all generated ids so far
-    prompt_tokens: int
-    cached_tokens: int
-    logprobs: list[float] | None = None  # per generated token (when asked)
-    top_logprobs: list[list[tuple[int, float]]] | None = None
-    prompt_logprobs: list[float | None] | None = None  # per prompt token (the first is None), when asked
-    prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
-    stop_reason: str | int | None = None
-    ttft_s: float | None = None
-    e2e_s: float | None = None
-    queue_s: float | None = None  # arrival to first admission into the running batch
-    token_times_s: list[float] | None = None
-    embedding: np.ndarray | None = None  # SamplingParams.embed: [hidden] float32, L2-normalized (no text, no tokens)
 
 
 def setup_compilation_cache(directory: str) -> None:
@@ -199,7 +175,7 @@ class LLMEngine:
         self.grammars = structured.Grammars(self.tokenizer, self.model_cfg.vocab_size)
         self._ids = itertools.count()
         self._seed_rng = random.Random()
-        self._state: dict[str, _OutputState] = {}
+        self._state: dict[str, OutputState] = {}
         self.num_steps = 0
         self.last_step: dict = {}
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
@@ -309,7 +285,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
-        self._state[request_id] = _OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
+        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
         self.scheduler.add(seq)
         return request_id
 
@@ -434,7 +410,7 @@ class LLMEngine:
                 for j, token in enumerate(new):
                     if structured.advance(seq.matcher, token):  # the grammar is complete: the output ends here
                         if j + 1 < len(new):
-                            self._truncate_output(seq, num_before[i] + j + 1)
+                            truncate_output(seq, num_before[i] + j + 1)
                         if seq.status is not Status.FINISHED:
                             self.scheduler.finish(seq, "stop")
                         break
@@ -534,76 +510,11 @@ class LLMEngine:
         self.sleep_level = 0
         log.info("awake in %.1f s", time.perf_counter() - t0)
 
-    def _postprocess(self, state: "_OutputState", now: float) -> RequestOutput:
-        seq = state.seq
-        new_ids = seq.output_ids[state.num_ids_seen :]
-        # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
-        text_ids = new_ids[:-1] if seq.ended_by_token else new_ids
-        stop_at = None
-        if len(text_ids) > 1 and seq.params.stop:
-            # Several tokens at once (accepted draft tokens): the output ends at the token that completes a stop
-            # string, as it does one token per step; the tokens after it are dropped.
-            for j, token in enumerate(text_ids):
-                state.text += state.detok.step([token])
-                stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
-                if stop_at is not None:
-                    if j + 1 < len(new_ids):
-                        self._truncate_output(seq, state.num_ids_seen + j + 1)
-                    break
-        else:
-            state.text += state.detok.step(text_ids)
-        state.num_ids_seen = len(seq.output_ids)
-        if seq.status is Status.FINISHED:
-            state.text += state.detok.flush()
-        if stop_at is None:
-            stop_at = _find_stop(state.text, seq.params.stop, state.num_chars_emitted)
-        if stop_at is not None and seq.status is not Status.FINISHED:
-            self.scheduler.finish(seq, "stop")
-        if stop_at is not None:
-            index, stop = stop_at
-            state.text = state.text[:index]
-            seq.stop_reason = stop
-        finished = seq.status is Status.FINISHED
-        # Hold back a tail that could still become a stop string, so streams never show it.
-        visible = len(state.text) if finished else len(state.text) - _partial_stop_len(state.text, seq.params.stop)
-        delta = state.text[state.num_chars_emitted : visible]
-        state.num_chars_emitted = max(state.num_chars_emitted, visible)
-        if finished:
-            seq.finish_s = now
-            self._state.pop(seq.request_id, None)
-        if seq.params.embed:  # the token sampled after the prompt is not an output
-            delta, new_ids, visible, state.text = "", [], 0, ""
-        return RequestOutput(
-            request_id=seq.request_id,
-            delta_text=delta,
-            delta_token_ids=new_ids,
-            finished=finished,
-            finish_reason=seq.finish_reason,
-            text=state.text[:visible],
-            token_ids=[] if seq.params.embed else list(seq.output_ids),
-            prompt_tokens=len(seq.prompt_ids),
-            cached_tokens=seq.num_cached_prompt,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-            top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
-            prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.params.prompt_logprobs else None,
-            stop_reason=seq.stop_reason,
-            ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
-            queue_s=(seq.first_scheduled_s - seq.arrival_s) if seq.first_scheduled_s else None,
-            e2e_s=(now - seq.arrival_s) if finished else None,
-            token_times_s=list(seq.token_times_s) if finished else None,
-            embedding=seq.embedding,
-        )
-
-    def _truncate_output(self, seq: Sequence, n: int) -> None:
-        """Keeps the first `n` output tokens: a stop string ended the output there, inside a run of accepted draft
-        tokens. A sequence the run had already ended (a later stop token, the length limit) now ends by "stop"."""
-        del seq.output_ids[n:], seq.output_logprobs[n:], seq.output_top_logprobs[n:], seq.token_times_s[n:]
-        seq.ended_by_token = False
-        if seq.status is Status.FINISHED:
-            seq.finish_reason = "stop"
-        else:
-            seq.num_computed = min(seq.num_computed, seq.num_tokens)  # K/V of the kept tokens only
+    def _postprocess(self, state: OutputState, now: float) -> RequestOutput:
+        out = state.update(now, self.scheduler.finish)
+        if out.finished:
+            self._state.pop(out.request_id, None)
+        return out
 
     @property
     def is_leader(self) -> bool:
@@ -669,32 +580,3 @@ class LLMEngine:
 
 class EngineAsleep(RequestError):
     """A request sent while the engine sleeps (LLMEngine.sleep)."""
-
-
-@dataclasses.dataclass
-class _OutputState:
-    seq: Sequence
-    detok: object
-    text: str = ""
-    num_ids_seen: int = 0
-    num_chars_emitted: int = 0
-
-
-def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
-    """Earliest stop string in text[start - longest stop:] -> (index, stop)."""
-    if not stops:
-        return None
-    lo = max(0, start - max(map(len, stops)))
-    hits = [(i, s) for s in stops if (i := text.find(s, lo)) >= 0]
-    return min(hits) if hits else None
-
-
-def _partial_stop_len(text: str, stops: tuple[str, ...]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

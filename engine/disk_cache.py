@@ -106,8 +106,12 @@ class DiskCache:
         for sub in self.dir.iterdir():
             if sub.is_dir():
                 for f in os.scandir(sub):
-                    if f.name.endswith(".kv") and len(f.name) == 19:
-                        found.append((f.stat().st_mtime_ns, int(f.name[:16], 16)))
+                    if not f.name.endswith(".kv"):
+                        continue  # a write in progress (.tmp)
+                    try:  # a file another process deletes meanwhile, or a name not ours, is skipped
+                        found.append((f.stat().st_mtime_ns, int(f.name.removesuffix(".kv"), 16)))
+                    except (OSError, ValueError):
+                        continue
         found.sort()
         with self._lock:
             self._index.update((h, None) for _, h in found)

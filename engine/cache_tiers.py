@@ -8,23 +8,29 @@ payloads only: the runner moves the bytes.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from engine.block_hash import ADAPTER_NAMESPACE, page_hashes
 from engine.host_cache import HostPageIndex
 from engine.request import Sequence
 
 
 class CacheTiers:
-    def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None):
+    def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
+                 window_slot: Callable[[int], int] = lambda page: -1):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
-        (the saved-page counts)."""
+        (the saved-page counts). window_slot: a page's window slot in a hybrid cache (-1: none; the page's windowed
+        layers are written from there)."""
         self.page_size = page_size
+        self.window_slot = window_slot
+        self.hybrid = False  # set by a scheduler with window slots: a page without one is not written
         self.host = HostPageIndex(num_host_pages) if num_host_pages else None
         if self.host is not None:
             self.host.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
         self.disk = disk
         self.stats = stats
         self.host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
-        self.disk_saves: list[tuple[int, int]] = []  # (page, hash) not yet in a plan
+        self.disk_saves: list[tuple[int, int, int]] = []  # (page, window slot, hash) not yet in a plan
         self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
         # Disk reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
         self._disk_reading: dict[int, tuple] = {}
@@ -97,7 +103,7 @@ class CacheTiers:
         saves, self.host_saves = self.host_saves, []
         return saves
 
-    def take_disk_saves(self) -> list[tuple[int, int]]:
+    def take_disk_saves(self) -> list[tuple[int, int, int]]:
         """(page, hash) pages stored since the last plan: the next plan's, or written out at once when no step runs."""
         saves, self.disk_saves = self.disk_saves, []
         return saves
@@ -119,7 +125,8 @@ class CacheTiers:
         (its files can change under its name)."""
         if self.disk is None or _is_adapter(namespace):
             return
-        new = [(p, h) for p, h in zip(pages, hashes) if self.disk.wanted(h)]
+        new = [(p, slot, h) for p, h in zip(pages, hashes)
+               if self.disk.wanted(h) and ((slot := self.window_slot(p)) >= 0 or not self.hybrid)]
         self.disk_saves += new
         self.stats.disk_saved_pages += len(new)
 

@@ -147,13 +147,10 @@ class LLMEngine:
         backend = pallas_kernels.resolve_backend(config.attention.backend)
         self.disk = None  # the disk tier (engine.disk_cache)
         if config.cache.disk_path and config.cache.prefix_caching:
-            if num_window_pages:
-                raise ValueError("cache.disk_path: the disk tier keeps whole pages of every layer, which a hybrid cache "
-                                 "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
             if config.parallel.num_processes > 1:
                 raise ValueError("cache.disk_path (the disk tier) is not supported with parallel.num_processes > 1")
             self._disk_layout = functools.partial(replica_layout, config, self.model_cfg, self.dtype, self.kv_dtype,
-                                                  backend)
+                                                  backend, bool(num_window_pages))
             layout = self._disk_layout(weights_id or weights_identity(config.model.path))
             self.disk = DiskCache(config.cache.disk_path, layout_key(layout), kv_page_specs(self.model_cfg, ps, self.kv_dtype),
                                   max(1, int(config.cache.disk_gb * 2**30 // page_bytes)), describe=layout)

@@ -160,6 +160,8 @@ class ModelRunner:
         self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
+        self._gather_entries = jax.jit(_gather_entries)  # a hybrid cache's pages, for the disk tier
+        self._scatter_entries = jax.jit(_scatter_entries, donate_argnums=0)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
@@ -326,7 +328,8 @@ class ModelRunner:
             loaded = tuple(h[:, :, slots] for h in self.host_kv)
             self.kv = self._scatter(self.kv, *self._to_device((loaded, pages)))
         if step.disk_loads is not None:
-            self.kv = self._scatter(self.kv, *self._to_device(step.disk_loads))
+            scatter = self._scatter if self.layout is None else self._scatter_entries
+            self.kv = scatter(self.kv, *self._to_device(step.disk_loads))
         if step.copies is not None:
             self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
@@ -391,35 +394,50 @@ class ModelRunner:
             self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
         self._pending_disk = []
 
-    def save_to_disk(self, pairs: list[tuple[int, int]]) -> None:
-        """Writes (page, block hash) pages out now, with no step to carry them (the engine is idle)."""
-        if pairs:
-            self._dispatch_disk_saves(*self._pack_disk_saves(pairs))
+    def save_to_disk(self, saves: list[tuple[int, int, int]]) -> None:
+        """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""
+        if saves:
+            self._dispatch_disk_saves(*self._pack_disk_saves(saves))
             self._land_saves()
 
-    def _dispatch_disk_saves(self, pages: np.ndarray, hashes: tuple[int, ...]) -> None:
-        saved = self._gather(self.kv, self._to_device(pages))
+    def _dispatch_disk_saves(self, where: np.ndarray, hashes: tuple[int, ...]) -> None:
+        saved = (self._gather if self.layout is None else self._gather_entries)(self.kv, self._to_device(where))
         for a in saved:
             a.copy_to_host_async()
         self._pending_disk.append((self.disk.key, hashes, saved))
 
-    def _pack_disk_saves(self, pairs: list[tuple[int, int]]) -> tuple[np.ndarray, tuple[int, ...]] | None:
-        """(pages padded to a power of two with page 0, block hashes: the real pages' only)."""
-        if not pairs:
+    def _pack_disk_saves(self, saves: list[tuple[int, int, int]]) -> tuple[np.ndarray, tuple[int, ...]] | None:
+        """(where the pages are: pages, or a hybrid cache's [L, n] entries; padded to a power of two, block hashes of
+        the real ones)."""
+        if not saves:
             return None
-        pages, hashes = zip(*pairs)
-        n = 1 << (len(pairs) - 1).bit_length()
-        return np.array(pages + (0,) * (n - len(pages)), np.int32), hashes
+        pages, slots, hashes = zip(*saves)
+        return self._where(pages, slots, fill=0), hashes
 
-    def _pack_disk_loads(self, pairs: list[tuple[tuple[np.ndarray, ...], int]]):
-        """(each cache array's pages [L, Hkv, n, ...], pages), n padded to a power of two (out-of-range pages: dropped)."""
-        if not pairs:
+    def _pack_disk_loads(self, loads: list[tuple[tuple[np.ndarray, ...], int, int]]):
+        """(each cache array's pages [L, Hkv, n, ...], where they go), n padded to a power of two (padding: dropped)."""
+        if not loads:
             return None
-        n = 1 << (len(pairs) - 1).bit_length()
-        payloads, pages = zip(*pairs)
-        pad = [tuple(np.zeros_like(a) for a in payloads[0])] * (n - len(pairs))
+        n = 1 << (len(loads) - 1).bit_length()
+        payloads, pages, slots = zip(*loads)
+        pad = [tuple(np.zeros_like(a) for a in payloads[0])] * (n - len(loads))
         arrays = tuple(np.stack(page, axis=2) for page in zip(*payloads, *pad))
-        return arrays, np.array(list(pages) + [self.num_pages] * (n - len(pages)), np.int32)
+        return arrays, self._where(pages, slots, fill=-1)
+
+    def _where(self, pages, slots, fill: int) -> np.ndarray:
+        """Where pages live, padded to a power of two: the page ids; in a hybrid cache, [L, n] entries of the one
+        stacked array (a windowed layer's entry is the page's window slot; none, or `fill` -1: out of range, dropped
+        by a scatter)."""
+        n = 1 << (len(pages) - 1).bit_length()
+        if self.layout is None:
+            return np.array(list(pages) + [self.num_pages if fill < 0 else fill] * (n - len(pages)), np.int32)
+        size = self.layout.size
+        pages = np.array(list(pages) + [fill] * (n - len(pages)), np.int64)
+        slots = np.array(list(slots) + [fill] * (n - len(slots)), np.int64)
+        bases = np.array(self.layout.bases, np.int64)[:, None]
+        windowed = np.array(self.layout.windowed)[:, None]
+        entries = np.where(windowed, slots[None], pages[None])
+        return np.where(entries < 0, size, entries + bases).astype(np.int32)
 
     def _pack_pairs(self, pairs: list[tuple[int, int]], fill: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
         """(a, b) pairs as two int32 arrays padded to a power of two with `fill` (few compiled shapes)."""
@@ -459,8 +477,9 @@ class StepArrays:
     prompt_top: int = 0
     host_saves: tuple[np.ndarray, np.ndarray] | None = None  # (pages, host slots; -1 pads): evicted pages to host
     host_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, pages; out-of-range pads): hits to device
-    disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None  # (pages, padded; their block hashes): to the disk tier
-    disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, pages): to device
+    # (pages, or a hybrid cache's [L, n] entries, padded; their block hashes): to the disk tier
+    disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None
+    disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
 
 
 # The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.
@@ -473,6 +492,26 @@ def _gather_pages(kv, pages):
 def _scatter_pages(kv, loaded, pages):
     """Writes `loaded` (like `_gather_pages`' result) into `pages` (out-of-range pages dropped)."""
     return tuple(a.at[:, :, pages].set(new, mode="drop") for a, new in zip(kv, loaded))
+
+
+def _gather_entries(kv, entries):
+    """A hybrid cache's pages (every layer's entry of the one stacked array, entries [L, n]): [L, Hkv, n, ...]."""
+    num_layers, n = entries.shape
+    out = []
+    for a in kv:  # [1, Hkv, size, ...]
+        g = a[0][:, entries.reshape(-1)]  # [Hkv, L * n, ...]
+        out.append(jnp.swapaxes(g.reshape(g.shape[0], num_layers, n, *g.shape[2:]), 0, 1))
+    return tuple(out)
+
+
+def _scatter_entries(kv, loaded, entries):
+    """Writes `loaded` (like `_gather_entries`' result) into a hybrid cache's entries [L, n] (out of range: dropped)."""
+    num_layers, n = entries.shape
+    out = []
+    for a, new in zip(kv, loaded):  # new: [L, Hkv, n, ...]
+        upd = jnp.swapaxes(new, 0, 1).reshape(new.shape[1], num_layers * n, *new.shape[3:])[None]
+        out.append(a.at[:, :, entries.reshape(-1)].set(upd.astype(a.dtype), mode="drop"))
+    return tuple(out)
 
 
 def _copy_pages(kv, src, dst):

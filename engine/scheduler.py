@@ -57,10 +57,11 @@ class StepPlan:
     host_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # Hybrid cache: (src, dst) window slots copied with `page_copies` (the copied page's windowed layers).
     window_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    # Disk tier (engine.disk_cache), with the host tier's: (page, block hash) pages the tree stored since the last
-    # plan, written out from before the step; (payload, page) pages read from disk, copied in before the step.
-    disk_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
-    disk_loads: list[tuple[object, int]] = dataclasses.field(default_factory=list)
+    # Disk tier (engine.disk_cache), with the host tier's: (page, window slot, block hash) pages the tree stored since
+    # the last plan, written out from before the step; (payload, page, window slot) pages read from disk, copied in
+    # before the step. The window slot (a hybrid cache's windowed layers) is -1 without one.
+    disk_saves: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
+    disk_loads: list[tuple[object, int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -114,9 +115,10 @@ class Scheduler:
         # Host and disk tiers (engine.cache_tiers): the tree's evicted pages saved to host slots, its stored pages
         # written to disk (the plans carry the copies); prompts continue their match in them.
         self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
-                                disk if self.prefix_caching else None, self.stats)
-        if self.window is not None and self.tiers.enabled:
-            raise ValueError("a hybrid cache (window pages) has no host or disk tier")
+                                disk if self.prefix_caching else None, self.stats, self._window_slot)
+        self.tiers.hybrid = self.window is not None
+        if self.window is not None and self.tiers.host is not None:
+            raise ValueError("a hybrid cache (window pages) has no host tier")
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
 
@@ -148,7 +150,7 @@ class Scheduler:
         chunks: list[Chunk] = []
         copies: list[tuple[int, int]] = []
         loads: list[tuple[int, int]] = []
-        disk_loads: list[tuple[object, int]] = []
+        disk_loads: list[tuple[object, int, int]] = []
         self.tiers.start_plan()
         scheduled: set[str] = set()
         num_decode = num_prefill = 0
@@ -255,11 +257,12 @@ class Scheduler:
         """Pages a sequence can get without evicting anything."""
         return self.pool.num_free if self.window is None else min(self.pool.num_free, self.window.pool.num_free)
 
-    def _alloc(self, n: int) -> list[int]:
-        """`n` new pages (reserved before), each with a window slot in a hybrid cache."""
+    def _alloc(self, n: int, slots_from: int = 0) -> list[int]:
+        """`n` new pages (reserved before), each from `slots_from` on with a window slot in a hybrid cache (pages read
+        from the disk tier before the sequence's window need none)."""
         pages = self.pool.alloc(n)
         if self.window is not None:
-            self.window.alloc(pages)
+            self.window.alloc(pages[slots_from:])
         return pages
 
     def _admission_order(self) -> list[Sequence]:
@@ -275,7 +278,7 @@ class Scheduler:
         return waiting
 
     def _admit(self, seq: Sequence, budget: int, copies: list[tuple[int, int]], loads: list[tuple[int, int]],
-               disk_loads: list[tuple[object, int]]) -> Chunk | str | None:
+               disk_loads: list[tuple[object, int, int]]) -> Chunk | str | None:
         """Admits `seq` with its cached prefix; "wait" if its next page is in flight or being read from disk, None if
         out of pages."""
         tokens = seq.all_ids
@@ -314,7 +317,7 @@ class Scheduler:
             self.tree.lock(match.node)
             seq.lock_node = match.node
             self.pool.ref(shared)
-        seq.pages = shared + self._alloc(num_pages_needed)
+        seq.pages = shared + self._alloc(num_pages_needed, max(0, seq.window_from - len(shared)))
         if cow_src is not None:
             copies.append((cow_src, seq.pages[len(shared)]))
             if self.window is not None:
@@ -322,7 +325,7 @@ class Scheduler:
                 self.window.release([cow_src])  # copied before the step: the tree's page keeps its own hold
         loaded = seq.pages[len(shared) :]
         loads += zip(host_slots, loaded)
-        disk_loads += zip(disk_pages, loaded[len(host_slots) :])
+        disk_loads += [(data, page, self._window_slot(page)) for data, page in zip(disk_pages, loaded[len(host_slots) :])]
         seq.disk_read = None
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
         self.stats.disk_hit_tokens += len(disk_pages) * self.page_size
@@ -358,12 +361,16 @@ class Scheduler:
             self.window.tree_drop(pages)
         self.tiers.tree_evicting(pages, hashes)
 
+    def _window_slot(self, page: int) -> int:
+        """The page's window slot in a hybrid cache; -1 when it has none, or the cache is not hybrid."""
+        return -1 if self.window is None else self.window.slot_of.get(page, -1)
+
     @property
     def host(self):
         """The host tier's index (engine.host_cache.HostPageIndex), or None."""
         return self.tiers.host
 
-    def take_disk_saves(self) -> list[tuple[int, int]]:
+    def take_disk_saves(self) -> list[tuple[int, int, int]]:
         return self.tiers.take_disk_saves()
 
     def disk_reads(self) -> list:

@@ -15,7 +15,7 @@ import pytest
 from engine.config import EngineConfig
 from engine.disk_cache import DiskCache, layout_key
 from engine.llm import LLM
-from tests.test_engine import SMALL, _generate, _prompts, tiny_model, tokenizer  # noqa: F401 (fixtures)
+from tests.test_engine import HYBRID, SMALL, _generate, _prompts, tiny_gemma3, tiny_model, tokenizer  # noqa: F401
 
 SPECS = [((2, 3, 4, 8), np.float32), ((2, 3, 4, 8), np.float32), ((2, 3, 4), np.float32), ((2, 3, 4), np.float32)]
 
@@ -146,3 +146,23 @@ def test_other_weights_or_layouts_never_read_each_others_files(tiny_model, token
     fresh = LLM(config.replace(**{"cache.disk_path": None}), progress=False, model=(cfg, other_params, tok))
     assert _generate(again, prompts, max_tokens=4)[0] == _generate(fresh, prompts, max_tokens=4)[0]
     assert again.engine.stats()["disk_hit_tokens"] == 0
+
+
+def test_a_hybrid_cache_restarted_onto_its_files(tiny_gemma3, tokenizer, tmp_path):  # noqa: F811
+    """Gemma 3's hybrid cache (windowed layers in window slots): each page file holds every layer, the windowed ones
+    read from the page's slot. A restarted engine, with a window-slot pool small enough to evict, gives the greedy
+    tokens of one without the tier (debug checks on every step)."""
+    model = tiny_gemma3
+    prompts = _prompts(tokenizer, random.Random(8))
+    config = EngineConfig().replace(**{**HYBRID, "cache.num_pages": 256, "debug_checks": True})
+    plain = _generate(LLM(config, progress=False, model=model), prompts, max_tokens=6)
+    with_disk = config.replace(**{"cache.disk_path": str(tmp_path)})
+    first = LLM(with_disk, progress=False, model=model)
+    assert first.engine.scheduler.window is not None  # hybrid
+    assert _generate(first, prompts, max_tokens=6)[0] == plain[0]
+    first.engine.shutdown()
+    for name, overrides in {"restart": {}, "restart+few slots": {"cache.window_pages": 24}}.items():
+        again = LLM(with_disk.replace(**overrides), progress=False, model=model)
+        tokens, cached = _generate(again, prompts, max_tokens=6)
+        assert tokens == plain[0], name
+        assert again.engine.stats()["disk_hit_tokens"] > 0 and sum(cached) > sum(plain[1]), name

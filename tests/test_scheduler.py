@@ -57,7 +57,7 @@ class FakeDisk:
 
     def complete_reads(self) -> None:
         for future, hashes in self.pending:
-            future.set_result({h: list(self.files[h]) for h in hashes if h in self.files})
+            future.set_result({h: self.files[h] for h in hashes if h in self.files})
         self.pending = []
 
 
@@ -81,14 +81,16 @@ class FakeRunner:
         return self.prev[-1 - t] if t < 0 else t
 
     def run(self, plan):
-        for page, h in plan.disk_saves:  # as the runner: saves, then loads, then copies, then the step
-            self.disk.files[h] = list(self.store[page])
+        for page, slot, h in plan.disk_saves:  # as the runner: saves, then loads, then copies, then the step
+            self.disk.files[h] = (list(self.store[page]), list(self.window_store[slot]) if slot >= 0 else None)
         for page, slot in plan.host_saves:
             self.host[slot] = list(self.store[page])
         for slot, page in plan.host_loads:
             self.store[page] = list(self.host[slot])
-        for tokens, page in plan.disk_loads:
+        for (tokens, window_tokens), page, slot in plan.disk_loads:
             self.store[page] = list(tokens)
+            if slot >= 0:  # a hybrid cache: the windowed layers' K/V go to the page's window slot
+                self.window_store[slot] = list(window_tokens)
         for src, dst in plan.page_copies:
             self.store[dst] = list(self.store[src])
         for src, dst in plan.window_copies:
@@ -181,7 +183,8 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
         steps += 1
         assert steps < 10_000
     if runner.disk is not None:  # what the engine writes out once idle
-        runner.disk.files.update((h, list(runner.store[page])) for page, h in sched.take_disk_saves())
+        runner.disk.files.update((h, (list(runner.store[page]), list(runner.window_store[slot]) if slot >= 0 else None))
+                                 for page, slot, h in sched.take_disk_saves())
     return {s.request_id: list(s.output_ids) for s in seqs}
 
 
@@ -288,6 +291,7 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
     still being sampled, and how many prompt tokens came back from the host tier."""
     results, pending_preempted, host_hits, disk_hits = {}, 0, 0, 0
     disk = FakeDisk()  # one disk for the runs below that use it: the later ones start with the earlier ones' pages
+    window_disk = FakeDisk()  # a hybrid cache's pages carry their windowed layers too
     for overlap in (False, True):
         for name, kwargs in {
             "off": dict(caching=False, num_pages=256),
@@ -301,6 +305,7 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             "window": dict(caching=True, num_pages=64, window=6, window_pages=12),
             "window+tiny": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11),
             "window+priority": dict(caching=True, num_pages=20, max_running=6, window=9, window_pages=12, policy="priority"),
+            "window+disk": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11, disk=window_disk),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}))
             preempt = sched.preempt
@@ -324,6 +329,8 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
                 assert sched.window.num_obtainable == sched.window.pool.num_pages
             host_hits += sched.stats.host_hit_tokens
             disk_hits += sched.stats.disk_hit_tokens
+            if name == "window+disk" and overlap:  # the serial run before it wrote the pages: a restart
+                assert sched.stats.disk_hit_tokens > 0
     first = results["off", False]
     assert all(r == first for r in results.values())
     assert any(out[-1] in (0, 1, 2) and len(out) < s.params.max_tokens

@@ -1,5 +1,8 @@
 """ASGI middleware in front of the API: API key on /v1/* and the admin endpoints, request body size limit, request counts.
 
+The key comes as `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>` (Anthropic's); errors on
+/v1/messages are Anthropic's error body, elsewhere OpenAI's.
+
 It runs before FastAPI parses anything, so a missing key is a 401 and an oversized body a 413 even
 when the body is not valid JSON; chunked bodies are counted as they arrive, never buffered past the limit.
 """
@@ -8,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 
+from engine.anthropic_messages import error_body as anthropic_error_body
 from engine.metrics import ServerMetrics
 from engine.openai_protocol import error_body
 
@@ -17,7 +21,8 @@ class RequestGuard:
     status."""
 
     _ADMIN = {"/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up"}
-    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/models", "/health",
+    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+                  "/v1/messages/count_tokens", "/v1/models", "/health",
                   "/metrics", "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json",
                   "/docs", *_ADMIN}
 
@@ -31,6 +36,7 @@ class RequestGuard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
+        anthropic = path.startswith("/v1/messages")
         status = {"code": 500}
 
         async def send_counted(message):
@@ -40,13 +46,13 @@ class RequestGuard:
 
         try:
             if self.api_key and (path.startswith("/v1/") or path in self._ADMIN) and not self._authorized(scope):
-                return await _send_json(send_counted, 401, error_body(
-                    "invalid or missing API key (send Authorization: Bearer <key>)", "authentication_error",
-                    code="invalid_api_key"))
+                message = "invalid or missing API key (send Authorization: Bearer <key>, or x-api-key: <key>)"
+                return await _send_json(send_counted, 401, anthropic_error_body(401, message) if anthropic else
+                                        error_body(message, "authentication_error", code="invalid_api_key"))
             headers = dict(scope.get("headers") or ())
             length = headers.get(b"content-length")
             if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-                return await _send_json(send_counted, 413, self._too_large())
+                return await _send_json(send_counted, 413, self._too_large(anthropic))
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 body, more, too_large = bytearray(), True, False
                 while more:
@@ -60,7 +66,7 @@ class RequestGuard:
                         too_large = True
                         break
                 if too_large:
-                    return await _send_json(send_counted, 413, self._too_large())
+                    return await _send_json(send_counted, 413, self._too_large(anthropic))
                 receive = _replay(bytes(body), receive)
             await self.app(scope, receive, send_counted)
         finally:
@@ -69,16 +75,19 @@ class RequestGuard:
             self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
     def _authorized(self, scope) -> bool:
+        """The key in either header is enough."""
+        key, sent = self.api_key.encode("utf-8"), []
         for name, value in scope.get("headers") or ():
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
-                return scheme.lower() == "bearer" and secrets.compare_digest(
-                    token.strip().encode("latin-1"), self.api_key.encode("utf-8"))
-        return False
+                sent.append(token.strip().encode("latin-1") if scheme.lower() == "bearer" else None)
+            elif name == b"x-api-key":
+                sent.append(value.strip())
+        return any(token is not None and secrets.compare_digest(token, key) for token in sent)
 
-    def _too_large(self) -> dict:
-        return error_body(f"request body is larger than server.max_body_bytes={self.max_body_bytes}",
-                          code="request_too_large")
+    def _too_large(self, anthropic: bool = False) -> dict:
+        message = f"request body is larger than server.max_body_bytes={self.max_body_bytes}"
+        return anthropic_error_body(413, message) if anthropic else error_body(message, code="request_too_large")
 
 
 def _replay(body: bytes, receive):

@@ -4,12 +4,13 @@
     POST /v1/embeddings                          last-token pooling of the served model
     POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                                  OpenAI's Responses API, on the chat path (engine/openai_responses.py)
+    POST /v1/messages, /v1/messages/count_tokens Anthropic's Messages API, on the chat path (engine/anthropic_messages.py)
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
     POST /update_weights_from_disk, /v1/load_lora_adapter, /v1/unload_lora_adapter, /sleep, /wake_up
                                                  admin, with server.allow_weight_updates; GET /is_sleeping
 
-Every error is an OpenAI error body `{"error": {"message", "type", "param", "code"}}`; a request the
+Every error is an OpenAI error body (Anthropic's on /v1/messages) `{"error": {"message", "type", "param", "code"}}`; a request the
 engine refuses is a 400 naming the problem, and the server keeps serving.
 """
 from __future__ import annotations
@@ -41,7 +42,7 @@ from engine.openai_protocol import (
     TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest, describe_validation_error,
     error_body,
 )
-from engine import openai_responses
+from engine import anthropic_messages, openai_responses
 from engine import structured
 from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, validate_prompt
@@ -288,7 +289,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
         return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
 
-    async def start_chat(body: ChatCompletionRequest):  # /v1/responses runs as a chat request
+    async def start_chat(body: ChatCompletionRequest):  # /v1/responses and /v1/messages run as chat requests
         prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
         return (prompt_ids, *await submit(body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools))
 
@@ -297,6 +298,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
 
     app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens),
                                                openai_responses.ResponseStore(server_cfg.max_stored_responses)))
+    app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
+        start_chat, gather, lambda body: chat_prompt(body)[0], server_cfg.reasoning_parser != "none")))
 
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):

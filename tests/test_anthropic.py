@@ -1,0 +1,380 @@
+"""POST /v1/messages and /v1/messages/count_tokens (Anthropic's Messages API) on the chat path: request translation and
+refusals, content blocks and stream events, Anthropic's error body and x-api-key (no model; the scripted fake engine
+of tests/test_responses.py behind the real app); then SmolLM2 behind the real app on 127.0.0.1, compared with
+/v1/chat/completions, driven by raw HTTP and by the official `anthropic` client."""
+import json
+
+import pytest
+
+from engine.anthropic_messages import (Content, MessagesRequest, chat_messages, chat_request, error_body, stop_reason)
+from engine.openai_protocol import ApiError
+from test_responses import MODEL, PAGE_SIZE, _ChatTokenizer, _ScriptedEngine, fake, http, server  # noqa: F401
+
+WEATHER = {"name": "get_weather", "description": "Current weather in a city",
+           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"],
+                            "additionalProperties": False}}
+CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
+
+
+def _request(**fields) -> MessagesRequest:
+    return MessagesRequest.model_validate({"model": "m", "max_tokens": 8,
+                                           "messages": [{"role": "user", "content": "hi"}], **fields})
+
+
+def _refusal(fields: dict) -> ApiError:
+    with pytest.raises(ApiError) as e:
+        chat_request(_request(**fields), reasoning=False)
+    assert e.value.status == 400
+    return e.value
+
+
+# ---------------------------------------------------------------------------------------------- request
+def test_blocks_become_chat_messages():
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "weather in "}, {"type": "text", "text": "Paris?"}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "use the tool", "signature": "s"},
+            {"type": "text", "text": "Looking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Oslo"}}]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "21C"},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": [{"type": "text", "text": "down"}],
+             "is_error": True},
+            {"type": "text", "text": "thanks"}]},
+        {"role": "assistant", "content": "ok"},
+    ]
+    assert chat_messages([{"type": "text", "text": "be "}, {"type": "text", "text": "brief"}], messages) == [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "weather in Paris?"},
+        {"role": "assistant", "content": "Looking.", "tool_calls": [
+            {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
+            {"id": "toolu_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "21C"},
+        {"role": "tool", "tool_call_id": "toolu_2", "content": "Error: down"},
+        {"role": "user", "content": "thanks"},
+        {"role": "assistant", "content": "ok"},
+    ]
+    # A user turn of tool results only is tool messages only.
+    only = chat_messages(None, messages[:2] + [{"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_1"}]}])
+    assert only[-1] == {"role": "tool", "tool_call_id": "toolu_1", "content": ""}
+
+
+def test_request_becomes_a_chat_request():
+    chat = chat_request(_request(
+        system="terse", max_tokens=7, temperature=0, top_p=0.5, top_k=3, stop_sequences=["\n\n"], stream=True,
+        cache_salt="s", tools=[WEATHER], tool_choice={"type": "tool", "name": "get_weather"},
+        metadata={"user_id": "u"}, thinking={"type": "enabled", "budget_tokens": 1024}), reasoning=False)
+    assert [(m.role, m.content) for m in chat.messages] == [("system", "terse"), ("user", "hi")]
+    assert (chat.max_tokens, chat.temperature, chat.top_p, chat.top_k, chat.stop, chat.stream, chat.cache_salt,
+            chat.user) == (7, 0, 0.5, 3, ["\n\n"], True, "s", "u")
+    assert chat.tools[0].function.name == "get_weather"
+    assert chat.tools[0].function.parameters == WEATHER["input_schema"]
+    assert chat.tool_choice.function.name == "get_weather"
+    assert chat.chat_template_kwargs is None  # no reasoning parser: thinking is ignored
+    for kind, chat_kind in [("auto", "auto"), ("any", "required"), ("none", "none")]:
+        assert chat_request(_request(tools=[WEATHER], tool_choice={"type": kind}), False).tool_choice == chat_kind
+    assert chat_request(_request(tool_choice={"type": "auto"}), False).tool_choice is None  # no tools: nothing to do
+    for kind, enabled in [("enabled", True), ("disabled", False)]:
+        chat = chat_request(_request(thinking={"type": kind}), reasoning=True)
+        assert chat.chat_template_kwargs == {"enable_thinking": enabled}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
+     "messages[0].content[0]: image blocks are not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]}, "document blocks"),
+    ({"messages": [{"role": "user", "content": [{"type": "search_result"}]}]},
+     "content blocks of type 'search_result' are not supported"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_9", "content": "x"}]}]},
+     "no tool_use block with id 'toolu_9'"),
+    ({"messages": [{"role": "user", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": {}}]}]},
+     "tool_use blocks are not allowed in user messages"),
+    ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "id": "t", "name": "f", "input": []}]}]},
+     "input: a tool_use block's input must be an object"),
+    ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role: expected user or assistant"),
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content: expected a string or a list"),
+    ({"system": [{"type": "image"}]}, "system[0]: 'image' blocks are not supported here"),
+    ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "content[0].text: required string"),
+    ({"tools": [{"type": "web_search_20250305", "name": "web_search"}]}, "server tools ('web_search_20250305')"),
+    ({"tools": [{"type": "bash_20250124", "name": "bash"}]}, "server tools ('bash_20250124')"),
+    ({"tools": [{"name": "f"}]}, "tools[0]: input_schema must be a JSON schema object"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "tool"}}, 'tool_choice: {"type": "tool"} needs a "name"'),
+    ({"tools": [WEATHER], "tool_choice": {"type": "sometimes"}}, "tool_choice: type 'sometimes' is not supported"),
+    ({"thinking": {"type": "adaptive"}}, 'thinking.type: expected "enabled" or "disabled"'),
+])
+def test_unsupported_requests_are_refused_by_name(fields, message):
+    assert message in _refusal(fields).message
+
+
+def test_any_json_blocks_are_a_chat_request_or_a_400():
+    """Whatever JSON the messages, system, tools and tool_choice hold: a chat request, or an ApiError."""
+    from hypothesis import given, settings, strategies as st
+
+    words = st.sampled_from(["type", "role", "content", "text", "id", "name", "input", "tool_use", "tool_result",
+                             "tool_use_id", "is_error", "user", "assistant", "thinking", "tool", "any", "x"])
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | words,
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(words, inner, max_size=4),
+                               max_leaves=12)
+    objects = st.dictionaries(words, json_values, max_size=5)
+
+    @settings(max_examples=300, deadline=None)
+    @given(messages=st.lists(objects, min_size=1, max_size=4), system=st.none() | words | st.lists(objects, max_size=2),
+           tools=st.lists(objects, max_size=2), choice=st.none() | objects)
+    def check(messages, system, tools, choice):
+        try:
+            chat_request(_request(messages=messages, system=system, tools=tools, tool_choice=choice), False)
+        except ApiError as e:
+            assert e.status == 400 and e.message
+
+    check()
+
+
+# ------------------------------------------------------------------------------------------------- reply
+def _split(text: str, size: int) -> list[str]:
+    return [text[i:i + size] for i in range(0, len(text), size)]
+
+
+@pytest.mark.parametrize("thinking, text, calls", [
+    ("", "Paris.", []), ("plan", "Paris.", []), ("only thinking", "", []), ("", "", []),
+    ("", "Let me look.", [{"function": {"name": "f", "arguments": '{"a": 1}'}},
+                          {"function": {"name": "f", "arguments": '{"a": 2}'}}]),
+    ("plan", "", [{"function": {"name": "f", "arguments": "[1]"}}]),
+])
+def test_streamed_content_is_the_whole_content(thinking, text, calls):
+    """Blocks from a whole reply equal those from any split of it into deltas; each block starts, grows by deltas that
+    add up to it, and stops, one at a time."""
+    whole = Content()
+    whole.add({"reasoning_content": thinking, "content": text, "tool_calls": calls})
+    whole.finish()
+    for size in (1, 3, 100):
+        streamed, events = Content(), []
+        deltas = [{"reasoning_content": r} for r in _split(thinking, size)] + \
+                 [{"content": c} for c in _split(text, size)] + [{"tool_calls": calls}]
+        for delta in deltas:
+            events += streamed.add(delta)
+        events += streamed.finish()
+        assert _without_ids(streamed.blocks) == _without_ids(whole.blocks)
+        _check_blocks(events, streamed.blocks)
+    assert [b["type"] for b in whole.blocks] == (["thinking"] if thinking else []) + (["text"] if text else []) + \
+        ["tool_use"] * len(calls)
+    if calls:
+        assert whole.blocks[-1]["input"] == ({"a": 2} if len(calls) == 2 else {"arguments": [1]})
+
+
+def _without_ids(blocks: list[dict]) -> list[dict]:
+    return [{k: ("*" if k == "id" else v) for k, v in b.items()} for b in blocks]
+
+
+def _check_blocks(events: list[dict], blocks: list[dict]) -> None:
+    """content_block_start / _delta / _stop events, one block at a time, in index order, adding up to `blocks`."""
+    index = -1
+    for e in events:
+        if e["type"] == "content_block_start":
+            assert e["index"] == index + 1
+            index = e["index"]
+            start = e["content_block"]
+            assert start["type"] == blocks[index]["type"]
+            grown = {**start, "input": ""} if start["type"] == "tool_use" else dict(start)
+        else:
+            assert e["index"] == index
+        if e["type"] == "content_block_delta":
+            kind, delta = blocks[index]["type"], e["delta"]
+            key = {"text": "text", "thinking": "thinking", "tool_use": "partial_json"}[kind]
+            assert delta["type"] == {"text": "text_delta", "thinking": "thinking_delta",
+                                     "tool_use": "input_json_delta"}[kind]
+            grown["input" if kind == "tool_use" else key] += delta[key]
+        if e["type"] == "content_block_stop":
+            if grown["type"] == "tool_use":
+                grown["input"] = json.loads(grown["input"])
+            assert grown == blocks[index]
+    assert index == len(blocks) - 1
+
+
+def test_stop_reasons_and_error_body():
+    assert stop_reason("tool_calls", None, None) == ("tool_use", None)
+    assert stop_reason("length", None, ["x"]) == ("max_tokens", None)
+    assert stop_reason("stop", "\n\n", ["\n\n"]) == ("stop_sequence", "\n\n")
+    assert stop_reason("stop", 2, ["\n\n"]) == ("end_turn", None)  # an end token
+    assert stop_reason("stop", None, None) == ("end_turn", None)
+    assert error_body(404, "no") == {"type": "error", "error": {"type": "not_found_error", "message": "no"}}
+    assert error_body(503, "x")["error"]["type"] == "api_error"
+
+
+# ----------------------------------------------------------------------------- a scripted fake engine, real app
+def _post(client, body: dict, path: str = "/v1/messages", **kw):
+    return client.post(path, json={"model": "fake", "max_tokens": 200, **body}, **kw)
+
+
+def _events(client, body: dict) -> list[tuple[str, dict]]:
+    """A streamed message's (event name, data) pairs, checking each `event:` line names its data's type."""
+    events = []
+    with client.stream("POST", "/v1/messages", json={"model": "fake", "max_tokens": 200, **body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+                assert events[-1][1]["type"] == name
+    return events
+
+
+def _check_stream(events: list[tuple[str, dict]], whole: dict) -> None:
+    """Anthropic's order, and the stream adds up to the whole message (ids aside)."""
+    names = [name for name, _ in events]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"]
+    assert set(names[1:-2]) <= {"content_block_start", "content_block_delta", "content_block_stop"}
+    start = events[0][1]["message"]
+    assert start["content"] == [] and start["stop_reason"] is None and start["id"].startswith("msg_")
+    assert {k: start[k] for k in ("type", "role", "model")} == {k: whole[k] for k in ("type", "role", "model")}
+    _check_blocks([e for _, e in events[1:-2]], whole["content"] if not any(
+        b["type"] == "tool_use" for b in whole["content"]) else _ids_from(events, whole["content"]))
+    delta = events[-2][1]
+    assert (delta["delta"]["stop_reason"], delta["delta"]["stop_sequence"]) == (whole["stop_reason"],
+                                                                                whole["stop_sequence"])
+    assert delta["usage"] == whole["usage"]
+
+
+def _ids_from(events, blocks: list[dict]) -> list[dict]:
+    """`blocks` with the stream's tool_use ids (each message makes its own)."""
+    ids = {e["index"]: e["content_block"]["id"] for _, e in events if e["type"] == "content_block_start"
+           and e["content_block"]["type"] == "tool_use"}
+    return [{**b, "id": ids[i]} if i in ids else b for i, b in enumerate(blocks)]
+
+
+def test_fake_reply_whole_and_streamed(fake):
+    client, engine = fake("Bonjour. Au revoir.")
+    body = {"system": "be kind", "messages": [{"role": "user", "content": "hi"}], "metadata": {"user_id": "u"}}
+    r = _post(client, body)
+    assert r.status_code == 200, r.text
+    whole = r.json()
+    assert engine.prompts[-1] == "<system>be kind<user>hi<assistant>"
+    assert whole["id"].startswith("msg_") and (whole["type"], whole["role"], whole["model"]) == (
+        "message", "assistant", "fake")
+    assert whole["content"] == [{"type": "text", "text": "Bonjour. Au revoir."}]
+    assert (whole["stop_reason"], whole["stop_sequence"]) == ("end_turn", None)
+    prompt_len = len(engine.prompts[-1])
+    assert whole["usage"] == {"input_tokens": prompt_len, "output_tokens": 19, "cache_read_input_tokens": 0,
+                              "cache_creation_input_tokens": 0}
+    _check_stream(_events(client, body), whole)
+    short = _post(client, {**body, "max_tokens": 3}).json()
+    assert short["stop_reason"] == "max_tokens" and short["content"] == [{"type": "text", "text": "Bon"}]
+    _check_stream(_events(client, {**body, "max_tokens": 3}), short)
+    count = _post(client, body, "/v1/messages/count_tokens")
+    assert count.json() == {"input_tokens": prompt_len}
+    assert client.post("/v1/messages/count_tokens", json={"model": "fake", **body}).json() == count.json()
+
+
+def test_fake_thinking_and_tool_use(fake):
+    """The reasoning parser's thinking is a thinking block; a Hermes <tool_call> is a tool_use block with parsed
+    input (stop_reason tool_use), streamed whole as input_json_delta; its tool_result continues the conversation."""
+    client, _ = fake("<think>plan</think>The answer.", reasoning_parser="qwen3")
+    body = {"messages": [{"role": "user", "content": "q"}]}
+    whole = _post(client, body).json()
+    assert whole["content"] == [{"type": "thinking", "thinking": "plan", "signature": ""},
+                                {"type": "text", "text": "The answer."}]
+    _check_stream(_events(client, body), whole)
+
+    client, engine = fake(CALL)
+    body = {"messages": [{"role": "user", "content": "weather?"}], "tools": [WEATHER]}
+    whole = _post(client, body).json()
+    [block] = whole["content"]
+    assert block["type"] == "tool_use" and block["id"].startswith("toolu_") and block["name"] == "get_weather"
+    assert block["input"] == {"city": "Paris"} and whole["stop_reason"] == "tool_use"
+    events = _events(client, body)
+    _check_stream(events, whole)
+    assert [e["delta"]["type"] for _, e in events if e["type"] == "content_block_delta"] == ["input_json_delta"]
+    after = _post(client, {"tools": [WEATHER], "messages": [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": whole["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"], "content": "21C"}]}]})
+    assert after.status_code == 200, after.text
+    assert engine.prompts[-1] == "<user>weather?<assistant><tool>21C<assistant>"
+    two = fake(CALL + CALL.replace("Paris", "Oslo"))[0]
+    assert len(_post(two, body).json()["content"]) == 2
+    one = _post(two, {**body, "tool_choice": {"type": "auto", "disable_parallel_tool_use": True}}).json()
+    assert [b["input"] for b in one["content"]] == [{"city": "Paris"}]
+
+
+def test_fake_refusals_are_anthropic_errors(fake):
+    client, _ = fake("ok")
+    hi = [{"role": "user", "content": "x"}]
+    for body, status, words in [
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, 400, "image blocks"),
+        ({"messages": hi, "tools": [{"type": "web_search_20250305", "name": "web_search"}]}, 400, "server tools"),
+        ({"model": "fake", "messages": hi, "whole": True}, 400, "max_tokens: required field is missing"),
+        ({"messages": []}, 400, "messages"),
+        ({"messages": hi, "max_tokens": "5"}, 400, "max_tokens"),
+        ({"messages": hi, "model": "other"}, 404, "model 'other' does not exist"),
+        ({"messages": [{"role": "user", "content": "x" * 600}]}, 400, "prompt has"),
+        ({"messages": hi, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "nope"}}, 400,
+         "no tool named 'nope'"),
+    ]:
+        whole = body.pop("whole", False)
+        r = client.post("/v1/messages", json=body if whole else {"model": "fake", "max_tokens": 64, **body})
+        assert r.status_code == status, r.text
+        assert r.json()["type"] == "error" and set(r.json()["error"]) == {"type", "message"}, r.text
+        assert words in r.json()["error"]["message"], r.text
+        assert r.json()["error"]["type"] == ("not_found_error" if status == 404 else "invalid_request_error")
+    for raw in (b"not json", b"[1]"):
+        r = client.post("/v1/messages", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    r = _post(client, {"messages": [{"role": "user", "content": [{"type": "image"}]}]}, "/v1/messages/count_tokens")
+    assert r.status_code == 400 and "image blocks" in r.json()["error"]["message"]
+
+
+def test_fake_stream_error_event():
+    """A request the engine aborts mid-stream (a weight update, a shutdown): an `error` event ends the stream."""
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    app = create_app(AsyncEngine(_AbortingEngine("a long reply")), EngineConfig(server=ServerConfig(model_name="fake")))
+    with TestClient(app) as client:
+        events = _events(client, {"messages": [{"role": "user", "content": "hi"}]})
+    assert [name for name, _ in events] == ["message_start", "content_block_start"] + ["content_block_delta"] * 3 + [
+        "error"]
+    error = events[-1][1]
+    assert error["error"]["type"] == "api_error" and "aborted" in error["error"]["message"]
+
+
+class _AbortingEngine(_ScriptedEngine):
+    """Aborts every request after its third character."""
+
+    def step(self):
+        from engine.engine import RequestOutput
+
+        outs = super().step()
+        for i, out in enumerate(outs):
+            if len(out.token_ids) > 3:
+                self.live.pop(out.request_id, None)
+                outs[i] = RequestOutput(out.request_id, "", [], True, "abort", out.text, out.token_ids,
+                                        out.prompt_tokens, 0)
+        return outs
+
+
+def test_fake_x_api_key_and_bearer():
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    app = create_app(AsyncEngine(_ScriptedEngine("ok")), EngineConfig(server=ServerConfig(model_name="fake")),
+                     api_key="k3y")
+    body = {"model": "fake", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+    with TestClient(app) as client:
+        for headers in ({"x-api-key": "k3y"}, {"Authorization": "Bearer k3y"}):
+            assert client.post("/v1/messages", json=body, headers=headers).status_code == 200
+            assert client.post("/v1/chat/completions", json={**body, "max_tokens": 2},
+                               headers=headers).status_code == 200
+        for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            r = client.post("/v1/messages", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error", r.text
+            assert r.json()["type"] == "error"
+            r = client.post("/v1/chat/completions", json=body, headers=headers)
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # OpenAI's body there

@@ -378,3 +378,22 @@ def test_fake_x_api_key_and_bearer():
             assert r.json()["type"] == "error"
             r = client.post("/v1/chat/completions", json=body, headers=headers)
             assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # OpenAI's body there
+
+
+def test_router_hashes_the_equivalent_chat_messages():
+    """The router routes a Messages body by the chat messages it renders as, in its cache_salt's namespace; a body
+    the replica will refuse routes with no prefix."""
+    from engine.router.app import body_route
+    from engine.router.forward import anthropic_route_body
+
+    tokenizer = _ChatTokenizer()
+    body = {"model": "m", "max_tokens": 8, "system": [{"type": "text", "text": "You are a careful assistant. " * 3}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a fruit, please."}]}],
+            "cache_salt": "s"}
+    chat = {"messages": [{"role": "system", "content": "You are a careful assistant. " * 3},
+                         {"role": "user", "content": "Name a fruit, please."}], "cache_salt": "s"}
+    routed = body_route(anthropic_route_body(body), True, tokenizer, 16)
+    assert routed == body_route(chat, True, tokenizer, 16) and len(routed.block_hashes) > 2
+    assert routed != body_route({**chat, "cache_salt": None}, True, tokenizer, 16)
+    refused = {**body, "messages": [{"role": "user", "content": [{"type": "image"}]}]}
+    assert body_route(anthropic_route_body(refused), True, tokenizer, 16).block_hashes == ()

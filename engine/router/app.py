@@ -5,8 +5,8 @@
     engine/router/fleet.py     the replicas: health checks, cache feeds into the index, admin calls to all of them,
                                catch-up of a replica coming back (`Fleet`)
 
-Client endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/responses and its stored responses) are
-forwarded; the admin endpoints go to every replica that is up; /v1/models is the first replica's that answers;
+Client endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/responses and its stored responses,
+/v1/messages and /v1/messages/count_tokens) are forwarded; the admin endpoints go to every replica that is up; /v1/models is the first replica's that answers;
 /health, /replicas and /metrics are the router's own.
 """
 from __future__ import annotations
@@ -54,6 +54,14 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     @app.post("/v1/responses")
     async def responses(request: Request):
         return await router.forward("/v1/responses", await request.body(), dict(request.headers))
+
+    @app.post("/v1/messages")
+    async def messages(request: Request):
+        return await router.forward("/v1/messages", await request.body(), dict(request.headers))
+
+    @app.post("/v1/messages/count_tokens")
+    async def count_tokens(request: Request):
+        return await router.forward("/v1/messages/count_tokens", await request.body(), dict(request.headers))
 
     @app.api_route("/v1/responses/{response_id}", methods=["GET", "DELETE"])
     async def stored_response(request: Request, response_id: str):

@@ -27,7 +27,8 @@ from engine.router.policy import ReplicaState
 
 log = logging.getLogger("radixlm.router")
 
-FORWARD_HEADERS = ("authorization", "content-type", "accept", "openai-organization", "openai-project")
+FORWARD_HEADERS = ("authorization", "x-api-key", "content-type", "accept", "openai-organization", "openai-project",
+                   "anthropic-version", "anthropic-beta")
 # Sent to every replica (engine/server.py's admin endpoints): a replica fleet changes weights and adapters together.
 BROADCAST = ("/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up")
 

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine.anthropic_messages import chat_messages
 from engine.block_hash import cache_namespace, page_hashes
 from engine.openai_protocol import error_body
 from engine.openai_responses import input_messages, prompt_messages
@@ -70,6 +71,17 @@ def body_route(body: dict, chat: bool, tokenizer, page_size: int, adapters=()) -
     except Exception:
         return RouteRequest((), 0)
     return RouteRequest(tuple(hashes), len(tokens))
+
+
+def anthropic_route_body(body: dict) -> dict:
+    """An Anthropic Messages body as the chat body `body_route` hashes: `system` and `messages` as the chat messages
+    the replica renders (engine/anthropic_messages.py), with its cache_salt and model; {} (no prefix) when the
+    replica will refuse it."""
+    try:
+        messages = chat_messages(body.get("system"), body["messages"])
+    except Exception:
+        return {}
+    return {"messages": messages, **{k: body[k] for k in ("cache_salt", "model") if k in body}}
 
 
 class Router:
@@ -127,6 +139,8 @@ class Router:
             if isinstance(pinned, Response):
                 return pinned
             req = RouteRequest((), 0)
+        elif path.startswith("/v1/messages"):  # Anthropic's: system + messages, as the chat messages they render
+            req = self.route_request(anthropic_route_body(body), chat=True)
         else:
             req = self.route_request(body, chat=path.endswith(("/chat/completions", "/responses")))
         tried: set[int] = set()

@@ -397,3 +397,125 @@ def test_router_hashes_the_equivalent_chat_messages():
     assert routed != body_route({**chat, "cache_salt": None}, True, tokenizer, 16)
     refused = {**body, "messages": [{"role": "user", "content": [{"type": "image"}]}]}
     assert body_route(anthropic_route_body(refused), True, tokenizer, 16).block_hashes == ()
+
+
+# ------------------------------------------------------------------------------------- SmolLM2, real socket
+def _message(http, **fields) -> dict:
+    r = http.post("/v1/messages", json={"model": MODEL, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _chat(http, messages: list[dict], **fields) -> dict:
+    r = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "temperature": 0, **fields})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _text(message: dict) -> str:
+    return "".join(block["text"] for block in message["content"] if block["type"] == "text")
+
+
+def _model_events(http, body: dict) -> list[tuple[str, dict]]:
+    events = []
+    with http.stream("POST", "/v1/messages", json={"model": MODEL, "temperature": 0, **body, "stream": True}) as r:
+        assert r.status_code == 200, r.read()
+        name = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                name = line[len("event: "):]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+@pytest.mark.slow
+def test_model_text_equals_chat_and_streams(http):
+    """Greedy: system + messages give the chat endpoint's text for the same conversation; the stream's text deltas add
+    up to it; count_tokens is the chat prompt's length."""
+    system, question = "Answer in one sentence.", "What is the capital of France?"
+    m = _message(http, system=system, max_tokens=24, messages=[{"role": "user", "content": question}])
+    chat = _chat(http, [{"role": "system", "content": system}, {"role": "user", "content": question}], max_tokens=24)
+    assert _text(m) == chat["choices"][0]["message"]["content"] and _text(m)
+    assert m["usage"]["input_tokens"] + m["usage"]["cache_read_input_tokens"] == chat["usage"]["prompt_tokens"]
+    assert m["usage"]["output_tokens"] == chat["usage"]["completion_tokens"]
+    assert m["stop_reason"] == ("end_turn" if chat["choices"][0]["finish_reason"] == "stop" else "max_tokens")
+    count = http.post("/v1/messages/count_tokens", json={"model": MODEL, "system": system,
+                                                         "messages": [{"role": "user", "content": question}]})
+    assert count.json() == {"input_tokens": chat["usage"]["prompt_tokens"]}
+    events = _model_events(http, {"system": system, "max_tokens": 24,
+                                  "messages": [{"role": "user", "content": [{"type": "text", "text": question}]}]})
+    assert [n for n, _ in events][:2] == ["message_start", "content_block_start"]
+    assert [n for n, _ in events][-3:] == ["content_block_stop", "message_delta", "message_stop"]
+    deltas = [e["delta"]["text"] for _, e in events if e["type"] == "content_block_delta"]
+    assert len(deltas) > 1 and "".join(deltas) == _text(m)
+    assert events[-2][1]["delta"]["stop_reason"] == m["stop_reason"]
+    assert events[-2][1]["usage"]["output_tokens"] == m["usage"]["output_tokens"]
+
+
+@pytest.mark.slow
+def test_model_stop_sequences_max_tokens_and_cache(http):
+    """A stop sequence the reply reaches ends it with stop_reason stop_sequence; max_tokens with max_tokens; a second
+    turn reads the first turn's prompt pages from the prefix cache."""
+    messages = [{"role": "user", "content": "Count from 1 to 20, separated by commas."}]
+    full = _message(http, max_tokens=40, messages=messages)
+    assert "5" in _text(full), _text(full)
+    stopped = _message(http, max_tokens=40, messages=messages, stop_sequences=["5"])
+    assert (stopped["stop_reason"], stopped["stop_sequence"]) == ("stop_sequence", "5")
+    assert _text(stopped) == _text(full)[:_text(full).index("5")]
+    short = _message(http, max_tokens=3, messages=messages)
+    assert short["stop_reason"] == "max_tokens" and short["usage"]["output_tokens"] == 3
+    first = _message(http, system="You are terse.", max_tokens=16,
+                     messages=[{"role": "user", "content": "Name a fruit."}])
+    prompt_len = first["usage"]["input_tokens"] + first["usage"]["cache_read_input_tokens"]
+    second = _message(http, system="You are terse.", max_tokens=16, messages=[
+        {"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": first["content"]},
+        {"role": "user", "content": "And a vegetable?"}])
+    assert second["usage"]["cache_read_input_tokens"] >= prompt_len // PAGE_SIZE * PAGE_SIZE > 0, second["usage"]
+
+
+@pytest.mark.slow
+def test_model_tool_use_round_trip(http):
+    """tool_choice {type: tool} gives a tool_use block whose input follows the schema (streamed as input_json_delta
+    too); its tool_result gets a text reply."""
+    body = {"max_tokens": 40, "tools": [WEATHER], "tool_choice": {"type": "tool", "name": "get_weather"},
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}]}
+    m = _message(http, **body)
+    [block] = m["content"]
+    assert block["type"] == "tool_use" and block["name"] == "get_weather" and set(block["input"]) == {"city"}
+    assert m["stop_reason"] == "tool_use"
+    events = _model_events(http, body)
+    [partial] = [e["delta"]["partial_json"] for _, e in events if e["type"] == "content_block_delta"]
+    assert json.loads(partial) == block["input"] and events[-2][1]["delta"]["stop_reason"] == "tool_use"
+    after = _message(http, max_tokens=16, tools=[WEATHER], messages=body["messages"] + [
+        {"role": "assistant", "content": m["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block["id"],
+                                      "content": json.dumps({"temperature_c": 21})}]}])
+    assert [b["type"] for b in after["content"]] == ["text"] and _text(after)
+
+
+@pytest.mark.slow
+def test_model_through_the_anthropic_client(server, http):
+    """The official client's messages.create (whole and streamed) and count_tokens, over a real socket."""
+    anthropic = pytest.importorskip("anthropic")
+
+    client = anthropic.Anthropic(base_url=server, api_key="none", max_retries=0, timeout=300)
+    question = "What is the capital of France?"
+    m = client.messages.create(model=MODEL, max_tokens=16, temperature=0, system="Answer in one word.",
+                               messages=[{"role": "user", "content": question}])
+    chat = _chat(http, [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": question}],
+                 max_tokens=16)
+    assert m.content[0].text == chat["choices"][0]["message"]["content"] and m.type == "message"
+    assert m.usage.input_tokens + m.usage.cache_read_input_tokens == chat["usage"]["prompt_tokens"]
+    with client.messages.stream(model=MODEL, max_tokens=16, temperature=0, system="Answer in one word.",
+                                messages=[{"role": "user", "content": question}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == final.content[0].text == m.content[0].text and final.stop_reason == m.stop_reason
+    count = client.messages.count_tokens(model=MODEL, system="Answer in one word.",
+                                         messages=[{"role": "user", "content": question}])
+    assert count.input_tokens == chat["usage"]["prompt_tokens"]
+    with pytest.raises(anthropic.BadRequestError) as e:
+        client.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}])
+    assert "image blocks are not supported" in str(e.value)

@@ -8,6 +8,7 @@ payloads only: the runner moves the bytes.
 """
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from engine.block_hash import ADAPTER_NAMESPACE, page_hashes
@@ -17,12 +18,13 @@ from engine.request import Sequence
 
 class CacheTiers:
     def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
-                 window_slot: Callable[[int], int] = lambda page: -1):
+                 window_slot: Callable[[int], int] = lambda page: -1, disk_read_timeout_s: float = 10.0):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
         (the saved-page counts). window_slot: a page's window slot in a hybrid cache (-1: none; the page's windowed
         layers are written from there)."""
         self.page_size = page_size
         self.window_slot = window_slot
+        self.disk_read_timeout_s = disk_read_timeout_s
         self.hybrid = False  # set by a scheduler with window slots: a page without one is not written
         self.host = HostPageIndex(num_host_pages) if num_host_pages else None
         if self.host is not None:
@@ -63,14 +65,21 @@ class CacheTiers:
         return slots, pages
 
     def _disk_hits(self, seq: Sequence, hashes: list[int]) -> list[object] | None:
-        """The pages of the first of `hashes` that the disk tier holds in a row, read; None while being read."""
+        """The pages of the first of `hashes` that the disk tier holds in a row, read; None while being read (up to
+        the read timeout: then the sequence computes them, and reads nothing more)."""
         key = self.disk.key
+        if seq.disk_read == "timed out":
+            return []
         if seq.disk_read is None or seq.disk_read[0] != key:  # another prompt's read of the same pages will do
             seq.disk_read = self._disk_reading.get(hashes[0])
         if seq.disk_read is not None and seq.disk_read[0] == key:
             future = seq.disk_read[1]
             if not future.done():
-                return None
+                if time.monotonic() - seq.disk_read[2] < self.disk_read_timeout_s:
+                    return None
+                seq.disk_read = "timed out"
+                self.stats.disk_read_timeouts += 1
+                return []
             got = future.result() if future.exception() is None else {}
             if hashes[0] in got:  # else the match moved back (its pages were evicted meanwhile): read again
                 pages = []
@@ -80,14 +89,14 @@ class CacheTiers:
                     pages.append(got[h])
                 return pages
         n = self.disk.present(hashes)
-        seq.disk_read = (key, self.disk.fetch(hashes[:n])) if n else None
+        seq.disk_read = (key, self.disk.fetch(hashes[:n]), time.monotonic()) if n else None
         if n:
             self._disk_reading[hashes[0]] = seq.disk_read
         return None if n else []
 
     def disk_reads(self, waiting) -> list:
         """The disk reads (futures) that the `waiting` sequences wait for, each once."""
-        reads = {id(s.disk_read[1]): s.disk_read[1] for s in waiting if s.disk_read is not None}
+        reads = {id(s.disk_read[1]): s.disk_read[1] for s in waiting if isinstance(s.disk_read, tuple)}
         return [f for f in reads.values() if not f.done()]
 
     # ------------------------------------------------------------------------------------ plans

@@ -81,6 +81,9 @@ class CacheConfig:
     # of prefilling them. Files of other weights, models or cache layouts go to directories of their own. None: off.
     disk_path: str | None = None
     disk_gb: float = 16.0  # the disk tier's size: least recently used files are deleted beyond it
+    # A prompt waits at most this long for its pages to be read from disk (a slow or hung network filesystem), then
+    # computes them instead.
+    disk_read_timeout_s: float = 10.0
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -93,6 +96,8 @@ class CacheConfig:
             raise ConfigKeyError("cache.host_memory_gb and cache.host_num_pages must be >= 0 (0 = no host tier)")
         if self.disk_gb <= 0:
             raise ConfigKeyError(f"cache.disk_gb must be > 0, got {self.disk_gb}")
+        if self.disk_read_timeout_s < 0:
+            raise ConfigKeyError(f"cache.disk_read_timeout_s must be >= 0, got {self.disk_read_timeout_s}")
         if self.window_pages < 0:
             raise ConfigKeyError(f"cache.window_pages must be >= 0 (0 = from the running batch), got {self.window_pages}")
 

@@ -562,6 +562,7 @@ class LLMEngine:
             "disk_pages": len(self.disk) if self.disk is not None else 0,
             "disk_hit_tokens": s.stats.disk_hit_tokens,
             "disk_saved_pages": s.stats.disk_saved_pages,
+            "disk_read_timeouts": s.stats.disk_read_timeouts,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "window_pages_total": s.window.pool.num_pages if s.window is not None else 0,

@@ -56,6 +56,8 @@ class _EngineStatsCollector:
             "radixlm_host_saved_pages": ("evicted pages copied to the host tier", s["host_saved_pages"]),
             "radixlm_disk_hit_tokens": ("prompt tokens read from the disk tier", s["disk_hit_tokens"]),
             "radixlm_disk_saved_pages": ("pages the radix cache stored that were sent to the disk tier", s["disk_saved_pages"]),
+            "radixlm_disk_read_timeouts": ("prompts that stopped waiting for a disk read and computed their pages",
+                                           s["disk_read_timeouts"]),
             "radixlm_window_evicted_pages": ("window slots the radix cache gave up (hybrid cache)", s["window_evicted_pages"]),
             "radixlm_window_recomputed_tokens": ("cached prompt tokens recomputed because their window was evicted",
                                                  s["window_recomputed_tokens"]),

@@ -168,7 +168,8 @@ class Sequence:
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     window_from: int = 0  # hybrid cache: the first of `pages` whose window slot this sequence holds (engine.window_pages)
-    disk_read: Any = None  # disk tier: (layout key, future of {hash: page}) of its prompt pages being read for it
+    # Disk tier: (layout key, future of {hash: page}, started) of its prompt pages being read for it; "timed out"
+    disk_read: Any = None
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)

@@ -78,6 +78,7 @@ class SchedulerStats:
     host_saved_pages: int = 0  # evicted pages copied to the host tier
     disk_hit_tokens: int = 0  # prompt tokens read from the disk tier instead of computed
     disk_saved_pages: int = 0  # pages the tree stored that were sent to the disk tier
+    disk_read_timeouts: int = 0  # prompts that stopped waiting for their disk read (cache.disk_read_timeout_s)
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
     window_evicted_pages: int = 0  # hybrid cache: window slots the tree gave up (the pages' full K/V stays)
@@ -115,7 +116,8 @@ class Scheduler:
         # Host and disk tiers (engine.cache_tiers): the tree's evicted pages saved to host slots, its stored pages
         # written to disk (the plans carry the copies); prompts continue their match in them.
         self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
-                                disk if self.prefix_caching else None, self.stats, self._window_slot)
+                                disk if self.prefix_caching else None, self.stats, self._window_slot,
+                                cache.disk_read_timeout_s)
         self.tiers.hybrid = self.window is not None
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")

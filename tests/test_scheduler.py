@@ -39,6 +39,7 @@ class FakeDisk:
         self.key = "layout"
         self.pending: list[tuple[concurrent.futures.Future, list[int]]] = []
         self.num_reads = 0
+        self.hang = False  # reads never complete (a hung network filesystem)
 
     def present(self, hashes) -> int:
         n = 0
@@ -56,6 +57,8 @@ class FakeDisk:
         return future
 
     def complete_reads(self) -> None:
+        if self.hang:
+            return
         for future, hashes in self.pending:
             future.set_result({h: self.files[h] for h in hashes if h in self.files})
         self.pending = []
@@ -130,11 +133,12 @@ class FakeRunner:
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
          eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
-         window_pages=0, disk: FakeDisk | None = None):
+         window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0):
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
-        CacheConfig(page_size=page_size, num_pages=num_pages, prefix_caching=caching),
+        CacheConfig(page_size=page_size, num_pages=num_pages, prefix_caching=caching,
+                    disk_read_timeout_s=disk_read_timeout_s),
         num_pages=num_pages,
         max_model_len=max_model_len,
         eos_ids=eos_ids,
@@ -538,6 +542,19 @@ def test_disk_tier_serves_a_restarted_replica_the_same_outputs():
     plan = sched.schedule()
     assert sorted(c.seq.request_id for c in plan.chunks) == ["r1", "r2", "r3", "r4", "r5", "r6"]
     assert len(plan.disk_loads) == 5 * 5 and sched.stats.disk_hit_tokens == 5 * 20
+
+
+def test_a_prompt_stops_waiting_for_a_read_that_hangs():
+    """A read that never completes (a hung network filesystem): after cache.disk_read_timeout_s the prompt computes
+    its pages instead, with the same outputs, and does not read again."""
+    prompts = [list(range(3, 23)) + [40 + i] for i in range(3)]
+    plain = run_all(*make(num_pages=64, page_size=4), [seq(f"r{i}", p) for i, p in enumerate(prompts)])
+    disk = FakeDisk()
+    run_all(*make(num_pages=64, page_size=4, disk=disk), [seq(f"r{i}", p) for i, p in enumerate(prompts)])
+    disk.hang = True
+    sched, runner = make(num_pages=64, page_size=4, disk=disk, disk_read_timeout_s=0.0)
+    assert run_all(sched, runner, [seq(f"r{i}", p) for i, p in enumerate(prompts)]) == plain
+    assert sched.stats.disk_read_timeouts >= 1 and sched.stats.disk_hit_tokens == 0 and disk.num_reads == 1  # shared, once
 
 
 def test_disk_tier_never_writes_adapter_pages():

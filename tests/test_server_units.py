@@ -179,7 +179,7 @@ class _FakeEngine:
                 "num_evicted_pages": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "num_steps": 0,
                 "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "host_pages_total": 0, "host_pages_used": 0,
                 "host_hit_tokens": 0, "host_saved_pages": 0, "disk_pages": 0, "disk_hit_tokens": 0,
-                "disk_saved_pages": 0, "window_pages_total": 0, "window_pages_free": 0,
+                "disk_saved_pages": 0, "disk_read_timeouts": 0, "window_pages_total": 0, "window_pages_free": 0,
                 "window_evicted_pages": 0, "window_recomputed_tokens": 0, "weights_source": "fake"}
 
 

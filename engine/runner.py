@@ -327,11 +327,13 @@ class ModelRunner:
             self._land_saves()  # a load may read a slot saved by this or a recent step
             loaded = tuple(h[:, :, slots] for h in self.host_kv)
             self.kv = self._scatter(self.kv, *self._to_device((loaded, pages)))
+        if step.copies is not None:
+            self.kv = self._copy(self.kv, *self._to_device(step.copies))
+        # NOTE: after the copies: a copy-on-write source's window slot is held by the tree only, and may be handed to
+        # a page this plan reads from disk (a hybrid cache).
         if step.disk_loads is not None:
             scatter = self._scatter if self.layout is None else self._scatter_entries
             self.kv = scatter(self.kv, *self._to_device(step.disk_loads))
-        if step.copies is not None:
-            self.kv = self._copy(self.kv, *self._to_device(step.copies))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
                                                    prev_tokens=self._prev_tokens, lora=self.lora)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,

@@ -84,20 +84,20 @@ class FakeRunner:
         return self.prev[-1 - t] if t < 0 else t
 
     def run(self, plan):
-        for page, slot, h in plan.disk_saves:  # as the runner: saves, then loads, then copies, then the step
+        for page, slot, h in plan.disk_saves:  # as the runner: saves, host loads, copies, disk loads, the step
             self.disk.files[h] = (list(self.store[page]), list(self.window_store[slot]) if slot >= 0 else None)
         for page, slot in plan.host_saves:
             self.host[slot] = list(self.store[page])
         for slot, page in plan.host_loads:
             self.store[page] = list(self.host[slot])
-        for (tokens, window_tokens), page, slot in plan.disk_loads:
-            self.store[page] = list(tokens)
-            if slot >= 0:  # a hybrid cache: the windowed layers' K/V go to the page's window slot
-                self.window_store[slot] = list(window_tokens)
         for src, dst in plan.page_copies:
             self.store[dst] = list(self.store[src])
         for src, dst in plan.window_copies:
             self.window_store[dst] = list(self.window_store[src])
+        for (tokens, window_tokens), page, slot in plan.disk_loads:  # after the copies, as the runner
+            self.store[page] = list(tokens)
+            if slot >= 0:  # a hybrid cache: the windowed layers' K/V go to the page's window slot
+                self.window_store[slot] = list(window_tokens)
         sampled = []
         for c in plan.chunks:
             seq = c.seq
@@ -542,6 +542,20 @@ def test_disk_tier_serves_a_restarted_replica_the_same_outputs():
     plan = sched.schedule()
     assert sorted(c.seq.request_id for c in plan.chunks) == ["r1", "r2", "r3", "r4", "r5", "r6"]
     assert len(plan.disk_loads) == 5 * 5 and sched.stats.disk_hit_tokens == 5 * 20
+
+
+def test_disk_loads_land_after_copy_on_write_in_a_hybrid_cache():
+    """A whole-prompt hit copies its last page (and window slot) before the step; that slot is then held by the tree
+    only, so the same plan may hand it to a page read from disk. The copy must come first: found by fuzzing (this
+    workload failed with the disk loads before the copies, the fake runner's window check naming the position)."""
+    kw = dict(caching=True, num_pages=20, max_running=6, window=3, window_pages=11, max_batch_tokens=16,
+              long_prefill_tokens=4)
+    plain = run_all(*make(caching=False, num_pages=256), _workload(random.Random(396), 30))
+    disk = FakeDisk()
+    for overlap in (False, True):
+        sched, runner = make(**kw, disk=disk)
+        assert run_all(sched, runner, _workload(random.Random(396), 30), overlap=overlap) == plain
+    assert sched.stats.disk_hit_tokens > 0
 
 
 def test_a_prompt_stops_waiting_for_a_read_that_hangs():

@@ -19,12 +19,14 @@ import asyncio
 import functools
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
+import pickle
 import queue
 import signal
 import sys
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Collection, Iterable
 
 if TYPE_CHECKING:
     from engine.router.policy import RouteRequest
@@ -32,6 +34,14 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how often the coordinator looks for dead workers while it waits
+
+
+class _Lost(Exception):
+    """A worker died (its answer pipe closed, or its process is gone)."""
+
+    def __init__(self, index: int):
+        super().__init__(index)
+        self.index = index
 
 
 def device_env(index: int, tensor: int, environ=os.environ) -> dict[str, str]:
@@ -61,18 +71,18 @@ def _worker(index: int, config_path: str, overrides: list[str], env: dict, inbox
         config = load_config(config_path, overrides + ["parallel.data=1"])
         engine = LLMEngine(config, progress=index == 0)
     except Exception as e:  # reported by the coordinator, which stops the job
-        outbox.put(("failed", index, f"{type(e).__name__}: {e}"))
+        outbox.send(("failed", index, f"{type(e).__name__}: {e}"))
         return
     import jax
 
-    outbox.put(("ready", index, (jax.default_backend(), jax.device_count(), engine.startup_s)))
+    outbox.send(("ready", index, (jax.default_backend(), jax.device_count(), engine.startup_s)))
     take = functools.partial(_take, inbox, parent)
     if openai_format:
         _answer_openai(index, engine, config, take, outbox)
     else:
         _answer_lines(index, engine, config, take, outbox)
     engine.shutdown()
-    outbox.put(("done", index, None))
+    outbox.send(("done", index, None))
 
 
 def _take(inbox, parent: int, block: bool = True):
@@ -109,11 +119,11 @@ def _answer_lines(index: int, engine, config, take, outbox) -> None:
                 break
             rid, obj = item
             if (error := job.submit(rid, obj)) is not None:
-                outbox.put(("answers", index, [{"id": rid, "error": error}], []))
+                outbox.send(("answers", index, [{"id": rid, "error": error}], []))
         if len(job):
             records, events = job.step(), engine.drain_cache_events()
             if records or events:
-                outbox.put(("answers", index, records, _events(events)))
+                outbox.send(("answers", index, records, _events(events)))
 
 
 def _answer_openai(index: int, engine, config, take, outbox) -> None:
@@ -133,7 +143,7 @@ def _answer_openai(index: int, engine, config, take, outbox) -> None:
         nonlocal seen
         new = feed.events_after(seen)
         seen = new["last_seq"]
-        outbox.put(("answers", index, [record], new["events"]))
+        outbox.send(("answers", index, [record], new["events"]))
 
     asyncio.run(openai_batch.run(app, lines(), emit, 4 * config.scheduler.max_running))
 
@@ -160,17 +170,22 @@ class Coordinator:
         self.done: set[int] = set()
         self.tokenizer = replica_tokenizer(config)
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
-        self.outbox = ctx.Queue()
+        # NOTE: a pipe per worker for its answers, not one shared queue: a worker killed while writing would hold the
+        # shared queue's lock forever, and every other worker's answers with it.
+        pipes = [ctx.Pipe(duplex=False) for _ in range(self.num)]
+        self.conns = [receive for receive, _ in pipes]
         self.inboxes = [ctx.Queue() for _ in range(self.num)]
         try:
             envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
         except ValueError as e:
             raise SystemExit(str(e)) from e
         self.procs = [ctx.Process(target=_worker, args=(i, config_path, overrides, envs[i], self.inboxes[i],
-                                                         self.outbox, openai_format), daemon=True)
+                                                         pipes[i][1], openai_format), daemon=True)
                       for i in range(self.num)]
         for p in self.procs:
             p.start()
+        for _, send in pipes:
+            send.close()  # the workers hold the sending ends: a dead worker's pipe reads as closed
 
     def wait_ready(self) -> float:
         """Waits for every worker's engine; -> the slowest start-up. A worker that cannot start stops the job."""
@@ -178,13 +193,14 @@ class Coordinator:
         ready: dict[int, tuple] = {}
         while len(ready) < self.num:
             try:
-                kind, i, info = self.outbox.get(timeout=POLL_S)
-            except queue.Empty:
-                dead = [(i, p.exitcode) for i, p in enumerate(self.procs) if i not in ready and not p.is_alive()]
-                if dead:
-                    self.stop()
-                    raise SystemExit(f"replica {dead[0][0]} exited while starting (exit code {dead[0][1]})")
+                msg = self._next(skip=ready)
+            except _Lost as lost:
+                self.stop()
+                raise SystemExit(f"replica {lost.index} exited while starting (exit code "
+                                 f"{self.procs[lost.index].exitcode})") from None
+            if msg is None:
                 continue
+            kind, i, info = msg
             if kind == "failed":
                 self.stop()
                 raise SystemExit(f"replica {i} could not start: {info}")
@@ -251,14 +267,27 @@ class Coordinator:
 
     # --- answers ----------------------------------------------------------------------------------
     def _receive(self):
-        """The next message from a worker; None after POLL_S without one (dead workers are handled then)."""
+        """The next message from a worker; None after POLL_S without one. A worker found dead is handled here."""
         try:
-            return self.outbox.get(timeout=POLL_S)
-        except queue.Empty:
-            for i, p in enumerate(self.procs):
-                if self.states[i].up and i not in self.done and not p.is_alive():
-                    self._lost(i, p.exitcode)
+            return self._next(skip=self.done)
+        except _Lost as lost:
+            self._lost(lost.index, self.procs[lost.index].exitcode)
             return None
+
+    def _next(self, skip: Collection[int]):
+        """The next message from a worker not in `skip`, or None after POLL_S; _Lost for a worker that died."""
+        live = [i for i in range(self.num) if i not in skip]
+        ready = multiprocessing.connection.wait([self.conns[i] for i in live], timeout=POLL_S)
+        for i in live:
+            if self.conns[i] in ready:
+                try:
+                    return self.conns[i].recv()
+                except (EOFError, OSError, pickle.UnpicklingError):  # closed, or cut mid-message: the worker died
+                    raise _Lost(i) from None
+        for i in live:
+            if not self.procs[i].is_alive():
+                raise _Lost(i)
+        return None
 
     def _handle(self, msg) -> None:
         if msg is None:
@@ -285,6 +314,8 @@ class Coordinator:
 
     def _lost(self, i: int, exitcode) -> None:
         """Worker `i` died: its unanswered lines go to the others."""
+        if not self.states[i].up:
+            return
         lines = list(self.unanswered[i].items())
         self.states[i].up = False
         self.index.drop(i)
@@ -309,9 +340,11 @@ class Coordinator:
     def _close(self) -> None:
         for p in self.procs:
             p.join(timeout=60)
-        for q in [self.outbox, *self.inboxes]:
+        for q in self.inboxes:
             q.cancel_join_thread()  # what a dead worker left unread is dropped, not waited for
             q.close()
+        for conn in self.conns:
+            conn.close()
 
 
 def replica_tokenizer(config):

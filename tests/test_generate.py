@@ -320,11 +320,16 @@ def test_data_parallel_replicas_answer_like_one_and_survive_a_dead_one(tiny_chec
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None and not (killed.exists() and _count_lines(killed) >= 8):
         time.sleep(0.1)
-    workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "multiprocessing.spawn"], capture_output=True,
-                             text=True).stdout.split()
-    assert proc.poll() is None and len(workers) == 2, "both replicas must be running"
-    os.kill(int(workers[0]), signal.SIGKILL)
-    _, err = proc.communicate(timeout=600)
+    try:
+        workers = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "multiprocessing.spawn"], capture_output=True,
+                                 text=True).stdout.split()
+        assert proc.poll() is None and len(workers) == 2, "both replicas must be running"
+        os.kill(int(workers[0]), signal.SIGKILL)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:  # never leave a job (and its replicas) running after a failure
+            subprocess.run(["pkill", "-KILL", "-P", str(proc.pid)])
+            proc.kill()
     assert proc.returncode == 0, err[-3000:]
     assert "died" in err and "summary: 80 requests answered" in err
     survived = _lines(killed)

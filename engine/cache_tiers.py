@@ -18,14 +18,13 @@ from engine.request import Sequence
 
 class CacheTiers:
     def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
-                 window_slot: Callable[[int], int] = lambda page: -1, disk_read_timeout_s: float = 10.0):
+                 window_slot: Callable[[int], int] | None = None, disk_read_timeout_s: float = 10.0):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
-        (the saved-page counts). window_slot: a page's window slot in a hybrid cache (-1: none; the page's windowed
-        layers are written from there)."""
+        (the saved-page counts). window_slot: a hybrid cache's page -> window slot (-1: none; the page's windowed
+        layers are written from there, and a page without one is not written); None: not hybrid."""
         self.page_size = page_size
         self.window_slot = window_slot
         self.disk_read_timeout_s = disk_read_timeout_s
-        self.hybrid = False  # set by a scheduler with window slots: a page without one is not written
         self.host = HostPageIndex(num_host_pages) if num_host_pages else None
         if self.host is not None:
             self.host.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
@@ -134,8 +133,11 @@ class CacheTiers:
         (its files can change under its name)."""
         if self.disk is None or _is_adapter(namespace):
             return
-        new = [(p, slot, h) for p, h in zip(pages, hashes)
-               if self.disk.wanted(h) and ((slot := self.window_slot(p)) >= 0 or not self.hybrid)]
+        new = []
+        for page, h in zip(pages, hashes):
+            slot = -1 if self.window_slot is None else self.window_slot(page)
+            if self.disk.wanted(h) and (slot >= 0 or self.window_slot is None):
+                new.append((page, slot, h))
         self.disk_saves += new
         self.stats.disk_saved_pages += len(new)
 

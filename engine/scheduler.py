@@ -116,9 +116,8 @@ class Scheduler:
         # Host and disk tiers (engine.cache_tiers): the tree's evicted pages saved to host slots, its stored pages
         # written to disk (the plans carry the copies); prompts continue their match in them.
         self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
-                                disk if self.prefix_caching else None, self.stats, self._window_slot,
-                                cache.disk_read_timeout_s)
-        self.tiers.hybrid = self.window is not None
+                                disk if self.prefix_caching else None, self.stats,
+                                self._window_slot if self.window is not None else None, cache.disk_read_timeout_s)
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.tree.on_evict = self._tree_evicting

@@ -81,9 +81,7 @@ def _run_lines(args, config, engine, done: set[str], done_lines: set[int], total
             while len(job) > limit:
                 for record in job.step():
                     emit(record)
-                elapsed = time.perf_counter() - t0
-                hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
-                bar.set_postfix(tok_s=f"{job.streamed / elapsed:.1f}", hit=f"{hit:.0%}", running=len(job))
+                _progress(bar, totals, job.streamed, t0, running=len(job))
 
         try:
             for number, rid, obj, error in own_lines(args.input, done, done_lines, totals):
@@ -130,6 +128,12 @@ def openai_lines(path: str, done: set[str], done_lines: set[int], totals: dict):
             yield line
 
 
+def _progress(bar, totals: dict, tokens: int, t0: float, **extra) -> None:
+    """The bar's live figures: generated tokens per second since `t0`, the prompt tokens' hit rate, and `extra`."""
+    hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
+    bar.set_postfix(tok_s=f"{tokens / (time.perf_counter() - t0):.1f}", hit=f"{hit:.0%}", **extra)
+
+
 def _emitter(args, out, bar, count, totals: dict):
     """Writes an output line whole (a killed job leaves whole lines), counts it, shows it with --print."""
     from tqdm import tqdm
@@ -162,9 +166,7 @@ def _run_openai(args, config, engine, done: set[str], done_lines: set[int], tota
 
         def show(record: dict) -> None:
             emit(record)
-            elapsed = time.perf_counter() - t0
-            hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
-            bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}")
+            _progress(bar, totals, totals["generated"], t0)
 
         concurrency = 4 * config.scheduler.max_running  # requests in flight (the rest wait in the file)
         lines = openai_lines(args.input, done, done_lines, totals)
@@ -191,10 +193,7 @@ def _run_replicas(args, config, openai_format: bool, done: set[str], done_lines:
 
             def show(record: dict) -> None:
                 write(record)
-                elapsed = time.perf_counter() - t0
-                hit = totals["cached"] / totals["prompt"] if totals["prompt"] else 0.0
-                bar.set_postfix(tok_s=f"{totals['generated'] / elapsed:.1f}", hit=f"{hit:.0%}",
-                                replicas=sum(s.up for s in coordinator.states))
+                _progress(bar, totals, totals["generated"], t0, replicas=sum(s.up for s in coordinator.states))
 
             coordinator.run(lines, show)
         print("lines answered per replica: " + ", ".join(f"{i}: {n}" for i, n in enumerate(coordinator.answered)),

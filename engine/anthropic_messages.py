@@ -29,7 +29,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from engine.openai_protocol import ApiError, ChatCompletionRequest, describe_validation_error
+from engine.openai_protocol import ApiError, ChatCompletionRequest, describe_validation_error, sse_event
 
 ROLES = ("user", "assistant")
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # and {"type": "tool", "name"}: that one
@@ -322,24 +322,24 @@ def routes(chat: ChatPath) -> APIRouter:
                         raise RuntimeError("request aborted: the server is shutting down, or replacing its weights")
                     if not started:  # after the first step, which knows the cached prompt tokens
                         started = True
-                        yield _sse({"type": "message_start", "message": message(
+                        yield sse_event({"type": "message_start", "message": message(
                             body, message_id, [], (None, None), usage(prompt_len, step.cached_tokens, 0))})
                     choice = fmt.delta(index, step)
                     for e in content.add(choice["delta"]) if choice is not None else ():
-                        yield _sse(e)
+                        yield sse_event(e)
                     if step.finished:
                         final = fmt.final(step)
                         finish = choice["finish_reason"] if choice is not None else final.finish_reason
         except RuntimeError as e:  # the engine stopped, or aborted the request
-            yield _sse(error_body(500, str(e)))
+            yield sse_event(error_body(500, str(e)))
             return
         for e in content.finish():
-            yield _sse(e)
-        yield _sse({"type": "message_delta",
+            yield sse_event(e)
+        yield sse_event({"type": "message_delta",
                     "delta": dict(zip(("stop_reason", "stop_sequence"),
                                       stop_reason(finish, final.stop_reason, body.stop_sequences))),
                     "usage": usage(prompt_len, final.cached_tokens, len(final.token_ids))})
-        yield _sse({"type": "message_stop"})
+        yield sse_event({"type": "message_stop"})
 
     @api.post("/v1/messages", response_model=None, summary="Create a message (Anthropic's Messages API)")
     async def create_message(request: Request):
@@ -388,7 +388,3 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
         return model.model_validate(raw)
     except ValidationError as e:
         raise ApiError(400, describe_validation_error(e.errors())[0]) from None
-
-
-def _sse(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"

@@ -6,6 +6,7 @@ vocabulary) happen in the server and the engine.
 """
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
@@ -252,3 +253,8 @@ def describe_validation_error(errors) -> tuple[str, str | None]:
         return "request body must be a JSON object", None
     msg = "required field is missing" if e.get("type") == "missing" else e.get("msg", "invalid value")
     return (f"{where}: {msg}" if where else msg), (str(loc[0]) if loc else None)
+
+
+def sse_event(event: dict) -> str:
+    """One server-sent event named by its `type` (the Responses and Anthropic Messages streams)."""
+    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import json
 import time
 import uuid
 from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Literal
@@ -32,7 +31,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
-from engine.openai_protocol import ApiError, ChatCompletionRequest, ResponsesRequest, describe_validation_error
+from engine.openai_protocol import ApiError, ChatCompletionRequest, ResponsesRequest, describe_validation_error, sse_event
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
@@ -418,7 +417,7 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
     async def events(reply: _Reply, stream, fmt) -> AsyncIterator[str]:
         out = reply.output
         for kind in ("response.created", "response.in_progress"):
-            yield _sse(out.event(kind, response=response_object(reply.body, reply.id, reply.created_at, "in_progress")))
+            yield sse_event(out.event(kind, response=response_object(reply.body, reply.id, reply.created_at, "in_progress")))
         final = None
         try:
             async with stream:
@@ -427,18 +426,18 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
                         raise RuntimeError("request aborted: the server is shutting down, or replacing its weights")
                     choice = fmt.delta(index, step)
                     for e in out.add(choice["delta"]) if choice is not None else ():
-                        yield _sse(e)
+                        yield sse_event(e)
                     if step.finished:
                         final = fmt.final(step)
         except RuntimeError as e:  # the engine stopped, or aborted the request
             failed = response_object(reply.body, reply.id, reply.created_at, "failed", out.items,
                                      error={"code": "server_error", "message": str(e)})
-            yield _sse(out.event("response.failed", response=failed))
+            yield sse_event(out.event("response.failed", response=failed))
             return
         done, response = finish(reply, final)
         for e in done:
-            yield _sse(e)
-        yield _sse(out.event(f"response.{response['status']}", response=response))
+            yield sse_event(e)
+        yield sse_event(out.event(f"response.{response['status']}", response=response))
 
     @api.post("/v1/responses", response_model=None, summary="Create a model response (OpenAI's Responses API)")
     async def create_response(request: Request, body: ResponsesRequest):
@@ -478,7 +477,3 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
 def _not_found(response_id: str, param: str | None = None) -> ApiError:
     return ApiError(404, f"no stored response {response_id!r} (unknown, deleted, evicted, or made with store: false)",
                     param=param, code="response_not_found")
-
-
-def _sse(event: dict) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"

@@ -173,14 +173,15 @@ class Scheduler:
             budget -= 1 + len(draft)
             num_decode += 1 + len(draft)
 
-        # 2. Running prefills continue, chunked by the budget.
+        # 2. Running prefills continue, chunked by the budget and the pages free or evictable now. One whose pages are
+        #    full with none to get takes its next page from newer sequences (preempted), as a decode does: otherwise
+        #    prefills that each hold part of the pool (or of a hybrid cache's window slots) could all wait forever.
         for seq in [s for s in self._by_urgency(self.running) if s.is_prefilling]:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit)
-            n = min(n, self._fit(seq, n))
-            if n <= 0:
-                continue
+            fit = self._fit(seq, n)
+            n = fit if fit > 0 else min(n, self.page_size)
             if not self._make_room(seq, seq.num_computed + n, scheduled):
                 continue
             chunks.append(self._chunk(seq, seq.num_computed, n))
@@ -304,13 +305,20 @@ class Scheduler:
             cow_src = shared.pop()
             num_cached -= 1
         n = min(len(tokens) - num_cached, budget, self._chunk_limit)
-        num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
-        window_held = []
+        window_held, slotless = [], 0
         if self.window is not None:  # hold the window's slots first, so that reserving cannot evict them
             seq.window_from = self.window.first_page(num_cached)
             window_held = shared[seq.window_from :] + ([cow_src] if cow_src is not None else [])
             self.window.ref(window_held)
-        if not self._reserve(num_pages_needed, protect=match):
+            slotless = max(0, seq.window_from - len(shared))  # pages read from disk before its window: no slot
+            # Each other new page takes a slot: the chunk ends where the slots to be had do.
+            n = min(n, (len(shared) + slotless + self.window.num_obtainable) * self.page_size - num_cached)
+            if n <= 0:
+                self.window.release(window_held)
+                return None
+        num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
+        slotless = min(slotless, num_pages_needed)
+        if not self._reserve(num_pages_needed, protect=match, slots=num_pages_needed - slotless):
             if self.window is not None:
                 self.window.release(window_held)
             return None
@@ -318,7 +326,7 @@ class Scheduler:
             self.tree.lock(match.node)
             seq.lock_node = match.node
             self.pool.ref(shared)
-        seq.pages = shared + self._alloc(num_pages_needed, max(0, seq.window_from - len(shared)))
+        seq.pages = shared + self._alloc(num_pages_needed, slotless)
         if cow_src is not None:
             copies.append((cow_src, seq.pages[len(shared)]))
             if self.window is not None:
@@ -430,12 +438,13 @@ class Scheduler:
         return draft
 
     # ------------------------------------------------------------------------------------ pages
-    def _reserve(self, n: int, protect=None) -> bool:
-        """Makes `n` pages (and in a hybrid cache `n` window slots) free, evicting unlocked tree leaves and the tree's
-        window slots if needed."""
-        if self.window is not None and n > self.window.pool.num_free:
-            self.stats.window_evicted_pages += self.window.reserve(n)
-            if n > self.window.pool.num_free:
+    def _reserve(self, n: int, protect=None, slots: int | None = None) -> bool:
+        """Makes `n` pages (and in a hybrid cache `slots` window slots, by default `n`) free, evicting unlocked tree
+        leaves and the tree's window slots if needed."""
+        slots = n if slots is None else slots
+        if self.window is not None and slots > self.window.pool.num_free:
+            self.stats.window_evicted_pages += self.window.reserve(slots)
+            if slots > self.window.pool.num_free:
                 return False
         if n <= self.pool.num_free:
             return True

@@ -8,6 +8,7 @@ import dataclasses
 import random
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from engine import speculative
 from engine.host_cache import HostPageIndex
@@ -15,6 +16,7 @@ from engine.host_cache import HostPageIndex
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.request import SamplingParams, Sequence, Status
 from engine.scheduler import Scheduler
+from engine.window_pages import slots_per_sequence
 
 VOCAB = 50
 
@@ -349,6 +351,60 @@ def test_outputs_identical_with_cache_off_on_and_thrashing_serial_or_overlapped(
     sequences are preempted while their last token is still being sampled (which the runs do reach)."""
     pending, host_hits, disk_hits = zip(*(_cache_and_overlap_runs(seed) for seed in range(8)))
     assert sum(pending) > 0 and sum(host_hits) > 0 and sum(disk_hits) > 0
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
+    """Any configuration the engine accepts runs every request to the end with the outputs of an uncached run: page
+    size, a pool just big enough for one sequence or roomy, batch and chunk limits, policies, a hybrid cache with
+    window slots just enough for one sequence's window, host and disk tiers, speculative drafts, overlapped steps.
+    (Running prefills that each held part of the pool or of the window slots used to wait on each other forever.)"""
+    draw = data.draw
+    ps = draw(st.sampled_from([2, 4, 8]), label="page_size")
+    longest = 13 + 6 + 8  # the workload's longest prompt and output
+    least_pages = -(-longest // ps) + 1  # one sequence, and a copy-on-write page
+    kw = dict(page_size=ps, num_pages=draw(st.integers(least_pages, least_pages + 24), label="num_pages"))
+    kw["max_running"] = draw(st.integers(1, 8), label="max_running")
+    kw["max_batch_tokens"] = draw(st.integers(max(kw["max_running"], 4), 40), label="max_batch_tokens")
+    kw["long_prefill_tokens"] = draw(st.sampled_from([0, 0, 1, 3, 4, 9]), label="long_prefill_tokens")
+    kw["policy"] = draw(st.sampled_from(["fcfs", "lpm", "priority"]), label="policy")
+    if draw(st.booleans(), label="hybrid"):
+        kw["window"] = draw(st.integers(2, 12), label="window")
+        least_slots = slots_per_sequence(kw["window"], ps)
+        kw["window_pages"] = draw(st.integers(least_slots, least_slots + 12), label="window_pages")
+    else:
+        kw["host_pages"] = draw(st.sampled_from([0, 0, 2, 6]), label="host_pages")
+    if draw(st.booleans(), label="speculative"):
+        kw["spec"] = SpeculativeConfig(method="ngram", num_tokens=draw(st.integers(1, 4), label="draft_tokens"),
+                                       ngram_min=1, ngram_max=2)
+    disk = FakeDisk() if draw(st.booleans(), label="disk") else None
+    seed = draw(st.integers(0, 2**16), label="workload")
+    model = draw(st.sampled_from([random_model, repetitive_model]), label="model")
+
+    def workload():
+        seqs = _workload(random.Random(seed), 24)
+        for i, s in enumerate(seqs):
+            s.priority = (i * 7) % 3 if kw["policy"] == "priority" else 0
+        return seqs
+
+    plain = run_all(*make(caching=False, num_pages=256, model=model, eos_ids=frozenset({0, 1})), workload())
+    # The second run starts with the pages the first wrote to disk (a restart). The engine plans a speculative step
+    # only once the last one's tokens are known (drafts come from them): no overlap then.
+    for overlap in (False, "spec" not in kw):
+        sched, runner = make(**kw, model=model, eos_ids=frozenset({0, 1}), disk=disk)
+        assert run_all(sched, runner, workload(), overlap=overlap) == plain
+        assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
+
+
+def test_running_prefills_holding_every_window_slot_preempt_instead_of_waiting_forever():
+    """Six prompts admitted a few tokens at a time (long_prefill_tokens) hold all eleven window slots between them with
+    their next pages still to come: the oldest takes its page from the newest, rather than all of them waiting."""
+    kw = dict(num_pages=14, max_running=6, window=6, window_pages=11, max_batch_tokens=32, long_prefill_tokens=4)
+    sched, runner = make(**kw)
+    plain = run_all(*make(caching=False, num_pages=256), _workload(random.Random(48), 30))
+    assert run_all(sched, runner, _workload(random.Random(48), 30)) == plain
+    assert sched.stats.num_preemptions > 0
 
 
 def test_abort_frees_everything():

@@ -6,9 +6,8 @@ hold, all under one token budget. When pages run out it evicts unlocked tree lea
 the newest running sequence by recompute (its computed full pages stay in the tree, so readmission
 is mostly a hit). It never touches JAX: pages are ints, the plan is ints and lists.
 
-Page ownership (see DESIGN.md invariants): a running sequence holds one pool reference on each of
-its pages and locks the tree node of its cached path; the tree holds its own reference on every
-page it stores. Finishing inserts the sequence's full pages, unlocks, and drops its references.
+Which pages a sequence runs on, and who holds them, is `engine.seq_pages.SequencePages`'s part
+(pool, radix tree, window slots, host and disk tiers); the scheduler decides who runs and when.
 """
 from __future__ import annotations
 
@@ -22,11 +21,8 @@ import numpy as np
 from engine.block_hash import page_hashes
 from engine import speculative, structured
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
-from engine.cache_tiers import CacheTiers
-from engine.page_pool import PagePool
-from engine.radix_cache import RadixCache
 from engine.request import Sequence, Status, placeholder
-from engine.window_pages import WindowPages
+from engine.seq_pages import SequencePages
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,28 +96,16 @@ class Scheduler:
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
         self.page_size = cache.page_size
         self.max_model_len = max_model_len
-        self.pool = PagePool(num_pages)
-        self.tree = RadixCache(self.pool, cache.page_size)
-        self.tree.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
         self.prefix_caching = cache.prefix_caching
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.stats = SchedulerStats()
+        self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk)
+        self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
         # Full pages some running prefill is computing right now, by chained block hash: a waiting
         # sequence whose next uncached page is here waits for it instead of computing it again.
         self._inflight: collections.Counter[int] = collections.Counter()
         self._inflight_of: dict[str, list[int]] = {}
-        self._window_copies: list[tuple[int, int]] = []  # (src, dst) window slots of the plan being built
-        self.window = WindowPages(num_window_pages, window, cache.page_size) if num_window_pages else None
-        # Host and disk tiers (engine.cache_tiers): the tree's evicted pages saved to host slots, its stored pages
-        # written to disk (the plans carry the copies); prompts continue their match in them.
-        self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
-                                disk if self.prefix_caching else None, self.stats,
-                                self._window_slot if self.window is not None else None, cache.disk_read_timeout_s)
-        if self.window is not None and self.tiers.host is not None:
-            raise ValueError("a hybrid cache (window pages) has no host tier")
-        self.tree.on_evict = self._tree_evicting
-        self.tree.on_store = self.tiers.tree_storing
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -180,7 +164,7 @@ class Scheduler:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
             n = min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit)
-            fit = self._fit(seq, n)
+            fit = self.pages.fit(seq, n)
             n = fit if fit > 0 else min(n, self.page_size)
             if not self._make_room(seq, seq.num_computed + n, scheduled):
                 continue
@@ -211,7 +195,7 @@ class Scheduler:
 
         if not chunks:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
-        window_copies, self._window_copies = self._window_copies, []
+        window_copies = self.pages.take_window_copies()
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
                         host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
                         disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads)
@@ -238,34 +222,15 @@ class Scheduler:
             if slots >= self.cfg.max_running:
                 return  # more urgent waiting sequences than the batch holds: the rest cannot run this step anyway
             slots, pages = slots + 1, pages + self._pages_to_admit(seq)
-            while victims and (len(self.running) + slots > self.cfg.max_running or pages > self._obtainable_pages):
+            while victims and (len(self.running) + slots > self.cfg.max_running or pages > self.pages.num_obtainable):
                 self.preempt(victims.pop(0))
 
     def _pages_to_admit(self, seq: Sequence) -> int:
         """Pages admitting `seq` would allocate for its first chunk, after its cached prefix."""
-        cached = self._match(seq)[0].num_tokens if self.prefix_caching else 0
+        cached = self.pages.match(seq)[0].num_tokens if self.prefix_caching else 0
         cached = min(cached, seq.num_tokens - 1)
         n = min(seq.num_tokens - cached, self.cfg.max_batch_tokens, self._chunk_limit)
         return -(-(cached + n) // self.page_size) - cached // self.page_size
-
-    @property
-    def _obtainable_pages(self) -> int:
-        """Pages a sequence could get now (freeing unlocked tree pages): each new page takes a window slot too."""
-        n = self.pool.num_free + (self.tree.num_evictable_pages if self.prefix_caching else 0)
-        return n if self.window is None else min(n, self.window.num_obtainable)
-
-    @property
-    def _free_pages(self) -> int:
-        """Pages a sequence can get without evicting anything."""
-        return self.pool.num_free if self.window is None else min(self.pool.num_free, self.window.pool.num_free)
-
-    def _alloc(self, n: int, slots_from: int = 0) -> list[int]:
-        """`n` new pages (reserved before), each from `slots_from` on with a window slot in a hybrid cache (pages read
-        from the disk tier before the sequence's window need none)."""
-        pages = self.pool.alloc(n)
-        if self.window is not None:
-            self.window.alloc(pages[slots_from:])
-        return pages
 
     def _admission_order(self) -> list[Sequence]:
         waiting = list(self.waiting)
@@ -274,7 +239,7 @@ class Scheduler:
         if self.cfg.policy == "lpm" and self.prefix_caching:
             # Longest cached prefix first (ties keep arrival order) over a bounded window of the queue.
             window = waiting[:LPM_WINDOW]
-            lengths = {id(s): self._match(s)[0].num_tokens for s in window}
+            lengths = {id(s): self.pages.match(s)[0].num_tokens for s in window}
             window.sort(key=lambda s: -lengths[id(s)])
             return window + waiting[LPM_WINDOW:]
         return waiting
@@ -287,7 +252,7 @@ class Scheduler:
         host_slots: list[int] = []
         disk_pages: list[object] = []
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
-            match, num_stored = self._match(seq)
+            match, num_stored = self.pages.match(seq)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             shared, num_cached = list(match.pages), match.num_tokens
@@ -304,42 +269,17 @@ class Scheduler:
             # Whole sequence cached: recompute only the last token, into a private copy of the last page.
             cow_src = shared.pop()
             num_cached -= 1
-        n = min(len(tokens) - num_cached, budget, self._chunk_limit)
-        window_held, slotless = [], 0
-        if self.window is not None:  # hold the window's slots first, so that reserving cannot evict them
-            seq.window_from = self.window.first_page(num_cached)
-            window_held = shared[seq.window_from :] + ([cow_src] if cow_src is not None else [])
-            self.window.ref(window_held)
-            slotless = max(0, seq.window_from - len(shared))  # pages read from disk before its window: no slot
-            # Each other new page takes a slot: the chunk ends where the slots to be had do.
-            n = min(n, (len(shared) + slotless + self.window.num_obtainable) * self.page_size - num_cached)
-            if n <= 0:
-                self.window.release(window_held)
-                return None
-        num_pages_needed = -(-(num_cached + n) // self.page_size) - len(shared)
-        slotless = min(slotless, num_pages_needed)
-        if not self._reserve(num_pages_needed, protect=match, slots=num_pages_needed - slotless):
-            if self.window is not None:
-                self.window.release(window_held)
+        n = self.pages.admit(seq, match, shared, cow_src, num_cached, min(len(tokens) - num_cached, budget, self._chunk_limit),
+                             copies)
+        if n is None:
             return None
-        if match is not None:
-            self.tree.lock(match.node)
-            seq.lock_node = match.node
-            self.pool.ref(shared)
-        seq.pages = shared + self._alloc(num_pages_needed, slotless)
-        if cow_src is not None:
-            copies.append((cow_src, seq.pages[len(shared)]))
-            if self.window is not None:
-                self._window_copies.append((self.window.slot_of[cow_src], self.window.slot_of[seq.pages[len(shared)]]))
-                self.window.release([cow_src])  # copied before the step: the tree's page keeps its own hold
         loaded = seq.pages[len(shared) :]
         loads += zip(host_slots, loaded)
-        disk_loads += [(data, page, self._window_slot(page)) for data, page in zip(disk_pages, loaded[len(host_slots) :])]
+        disk_loads += [(data, page, self.pages.window_slot(page)) for data, page in zip(disk_pages, loaded[len(host_slots) :])]
         seq.disk_read = None
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
         self.stats.disk_hit_tokens += len(disk_pages) * self.page_size
         seq.num_computed = num_cached
-        seq.num_tree_tokens = len(shared) * self.page_size
         if match is not None:
             self.stats.window_recomputed_tokens += max(0, min(num_stored, len(tokens) - 1) - num_cached)
         if seq.num_preemptions == 0:
@@ -351,28 +291,6 @@ class Scheduler:
         self.running.append(seq)
         self._mark_inflight(seq)
         return self._chunk(seq, num_cached, n)
-
-    def _match(self, seq: Sequence):
-        """(the tree's longest prefix of `seq` that it can start after, how many tokens the tree stores). A hybrid
-        cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages);
-        the pages after it are recomputed."""
-        match = self.tree.match(seq.all_ids, seq.namespace)
-        if self.window is None:
-            return match, match.num_tokens
-        usable = self.window.usable(match.pages, seq.num_tokens)
-        if usable == len(match.pages):
-            return match, match.num_tokens
-        return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
-
-    def _tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
-        """The tree is letting go of `pages`: their window slots go with them; the host tier saves them."""
-        if self.window is not None:
-            self.window.tree_drop(pages)
-        self.tiers.tree_evicting(pages, hashes)
-
-    def _window_slot(self, page: int) -> int:
-        """The page's window slot in a hybrid cache; -1 when it has none, or the cache is not hybrid."""
-        return -1 if self.window is None else self.window.slot_of.get(page, -1)
 
     @property
     def host(self):
@@ -389,8 +307,7 @@ class Scheduler:
     def reset_cache(self) -> None:
         """Drops every cached page no running sequence uses, on the device and in the host tier (the disk tier's
         files stay: they are named by the weights they came from)."""
-        self.tree.reset()
-        self.tiers.reset()
+        self.pages.reset()
 
     def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
         return Chunk(
@@ -400,14 +317,8 @@ class Scheduler:
             pages=tuple(seq.pages),
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
-            window_pages=() if self.window is None else self._window_row(seq),
+            window_pages=self.pages.window_row(seq),
         )
-
-    def _window_row(self, seq: Sequence) -> tuple[int, ...]:
-        """The window slot of each of the sequence's pages; -1 before `window_from` (pages nothing it computes can
-        see), so a step's host work is the window's length, not the sequence's."""
-        slot_of = self.window.slot_of
-        return (-1,) * seq.window_from + tuple(slot_of[p] for p in seq.pages[seq.window_from :])
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,
@@ -423,7 +334,7 @@ class Scheduler:
             budget,
             seq.params.max_tokens - len(seq.output_ids) - 1,  # the step yields up to len(draft) + 1 tokens
             self.max_model_len - seq.num_tokens - 1,
-            (len(seq.pages) + self._free_pages) * self.page_size - seq.num_tokens,  # no eviction for a guess
+            (len(seq.pages) + self.pages.num_free) * self.page_size - seq.num_tokens,  # no eviction for a guess
         )
         if room <= 0:
             return []
@@ -434,43 +345,21 @@ class Scheduler:
             draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
-            seq.pages += self._alloc(need)
+            seq.pages += self.pages.alloc(need)
         return draft
 
     # ------------------------------------------------------------------------------------ pages
-    def _reserve(self, n: int, protect=None, slots: int | None = None) -> bool:
-        """Makes `n` pages (and in a hybrid cache `slots` window slots, by default `n`) free, evicting unlocked tree
-        leaves and the tree's window slots if needed."""
-        slots = n if slots is None else slots
-        if self.window is not None and slots > self.window.pool.num_free:
-            self.stats.window_evicted_pages += self.window.reserve(slots)
-            if slots > self.window.pool.num_free:
-                return False
-        if n <= self.pool.num_free:
-            return True
-        if self.prefix_caching:
-            if protect is not None:
-                self.tree.lock(protect.node)  # NOTE: the path being admitted must survive its own eviction
-            self.stats.num_evicted_pages += self.tree.evict(n - self.pool.num_free)
-            if protect is not None:
-                self.tree.unlock(protect.node)
-        return n <= self.pool.num_free
-
-    def _fit(self, seq: Sequence, n: int) -> int:
-        """How many of `n` more tokens fit in the pages the sequence has or could get now."""
-        return min(n, (len(seq.pages) + self._obtainable_pages) * self.page_size - seq.num_computed)
-
     def _make_room(self, seq: Sequence, num_tokens: int, scheduled: set[str]) -> bool:
         """Gives `seq` pages for `num_tokens` tokens, preempting newer sequences; False if `seq` itself was preempted."""
         need = -(-num_tokens // self.page_size) - len(seq.pages)
-        while not self._reserve(need):
+        while not self.pages.reserve(need):
             victims = self._victims(lambda s: s is not seq and s.request_id not in scheduled)
             victim = victims[0] if victims else seq
             self.preempt(victim)
             if victim is seq:
                 return False
         if need > 0:
-            seq.pages += self._alloc(need)
+            seq.pages += self.pages.alloc(need)
         return True
 
     def _victims(self, eligible) -> list[Sequence]:
@@ -490,41 +379,9 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
-        self._cache_computed(seq)
-        if seq.lock_node is not None:
-            self.tree.unlock(seq.lock_node)
-            seq.lock_node = None
-        if self.window is not None:
-            self.window.release(seq.pages[seq.window_from :])
-            seq.window_from = 0
-        self.pool.unref(seq.pages)
-        seq.pages, seq.num_computed, seq.num_tree_tokens = [], 0, 0
+        self.pages.release(seq)
         self._clear_inflight(seq)
         self.running.remove(seq)
-
-    def _cache_computed(self, seq: Sequence) -> None:
-        """Inserts the sequence's computed full pages into the tree and moves its lock to the new path."""
-        if not self.prefix_caching:
-            return
-        num_full = seq.num_computed // self.page_size
-        if num_full * self.page_size <= seq.num_tree_tokens:
-            return
-        tokens = seq.token_slice(0, num_full * self.page_size)
-        num_cached = self.tree.insert(tokens, seq.pages[:num_full], seq.namespace)
-        if self.window is not None:
-            ps, slot_of, taken = self.page_size, self.window.slot_of, []
-            if num_cached > seq.num_tree_tokens:
-                # The tree stores pages this sequence recomputed (their window was evicted): it takes this sequence's
-                # pages where its own have no window slots.
-                taken = self.tree.adopt(tokens[:num_cached], seq.pages[: num_cached // ps], seq.namespace,
-                                        lambda old, new: old not in slot_of and new in slot_of)
-            self.window.tree_hold(taken + seq.pages[num_cached // ps : num_full])
-        match = self.tree.match(tokens, seq.namespace)
-        self.tree.lock(match.node)
-        if seq.lock_node is not None:
-            self.tree.unlock(seq.lock_node)
-        seq.lock_node = match.node
-        seq.num_tree_tokens = match.num_tokens
 
     # -------------------------------------------------------------------- in-flight prefixes
     def _waits_for_inflight(self, seq: Sequence, num_cached: int) -> bool:
@@ -569,14 +426,10 @@ class Scheduler:
                 continue  # aborted, or finished by the previous step's token, while this step ran
             seq.num_computed = chunk.start + len(chunk.token_ids) - len(chunk.draft)  # drafts count once accepted
             if seq.request_id in self._inflight_of:  # a prefill chunk
-                self._cache_computed(seq)  # other requests can hit these pages from the next step on
+                self.pages.cache_computed(seq)  # other requests can hit these pages from the next step on
                 if not seq.is_prefilling:
                     self._clear_inflight(seq)
-            if self.window is not None:  # pages out of reach of the tokens still to compute leave its window
-                start = self.window.first_page(seq.num_computed)
-                if start > seq.window_from:
-                    self.window.release(seq.pages[seq.window_from : start])
-                    seq.window_from = start
+            self.pages.slide_window(seq)
             if chunk.sample:
                 seq.output_ids.append(placeholder(i))
                 self._end_at_length_limit(seq)
@@ -647,23 +500,4 @@ class Scheduler:
     # ------------------------------------------------------------------------------ invariants
     def check_invariants(self) -> None:
         """Every page is free or referenced exactly by the tree and running sequences (debug mode)."""
-        self.pool.check_invariants()
-        self.tree.check_invariants()
-        holders: collections.Counter[int] = collections.Counter(self.tree.held_pages())
-        for seq in self.running:
-            holders.update(seq.pages)
-        for page in range(self.pool.num_pages):
-            # NOTE: the DESIGN.md invariant: a page is free, or referenced exactly once per holder.
-            assert self.pool.refcount(page) == holders[page], (
-                f"page {page}: refcount {self.pool.refcount(page)} but {holders[page]} holders"
-            )
-        assert self.pool.num_free + self.pool.num_used == self.pool.num_pages
-        if self.window is not None:
-            window_holders: collections.Counter[int] = collections.Counter()
-            for seq in self.running:
-                window_holders.update(seq.pages[seq.window_from :])
-            self.window.check_invariants(window_holders)
-            tree_pages, tree_held = set(self.tree.held_pages()), self.window.tree_held()
-            assert tree_held <= tree_pages, "the tree holds the window slot of a page it does not store"
-            assert all(p in tree_held for p in tree_pages if p in self.window.slot_of), \
-                "a tree page's window slot is not held by the tree"
+        self.pages.check_invariants(self.running)

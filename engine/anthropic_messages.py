@@ -41,6 +41,20 @@ def _id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex[:24]}"
 
 
+# A message as `chat_messages` reads it (for the OpenAPI schema; the checks are there).
+MESSAGE_SCHEMA = {
+    "type": "object", "required": ["role", "content"],
+    "properties": {
+        "role": {"enum": ["user", "assistant"]},
+        "content": {"anyOf": [{"type": "string"}, {"type": "array", "items": {
+            "type": "object", "required": ["type"],
+            "properties": {"type": {"enum": ["text", "tool_use", "tool_result", "thinking"]}, "text": {"type": "string"},
+                           "id": {"type": "string"}, "name": {"type": "string"}, "input": {"type": "object"},
+                           "tool_use_id": {"type": "string"}, "content": {"type": "string"}}}}]},
+    },
+}
+
+
 class MessagesRequest(BaseModel):
     """POST /v1/messages; `messages`, `system`, `tools`, `tool_choice` and `thinking` are checked and translated by
     `chat_request`, which refuses what it does not support by name."""
@@ -48,7 +62,7 @@ class MessagesRequest(BaseModel):
 
     model: str
     max_tokens: int = Field(ge=1)
-    messages: Annotated[list[dict[str, Any]], Field(min_length=1)]
+    messages: Annotated[list[dict[str, Any]], Field(min_length=1, json_schema_extra={"items": MESSAGE_SCHEMA})]
     system: str | list[dict[str, Any]] | None = None
     temperature: float | None = Field(None, ge=0)
     top_p: float | None = Field(None, gt=0, le=1)
@@ -341,7 +355,8 @@ def routes(chat: ChatPath) -> APIRouter:
                     "usage": usage(prompt_len, final.cached_tokens, len(final.token_ids))})
         yield sse_event({"type": "message_stop"})
 
-    @api.post("/v1/messages", response_model=None, summary="Create a message (Anthropic's Messages API)")
+    @api.post("/v1/messages", response_model=None, summary="Create a message (Anthropic's Messages API)",
+              openapi_extra=_body_schema(MessagesRequest))
     async def create_message(request: Request):
         try:
             body = await _parse(request, MessagesRequest)
@@ -364,7 +379,8 @@ def routes(chat: ChatPath) -> APIRouter:
         except ApiError as e:
             return JSONResponse(error_body(e.status, e.message), status_code=e.status)
 
-    @api.post("/v1/messages/count_tokens", response_model=None, summary="A message's prompt tokens (Anthropic's)")
+    @api.post("/v1/messages/count_tokens", response_model=None, summary="A message's prompt tokens (Anthropic's)",
+              openapi_extra=_body_schema(CountTokensRequest))
     async def count_tokens(request: Request):
         try:
             body = await _parse(request, CountTokensRequest)
@@ -374,6 +390,11 @@ def routes(chat: ChatPath) -> APIRouter:
             return JSONResponse(error_body(e.status, e.message), status_code=e.status)
 
     return api
+
+
+def _body_schema(model: type[BaseModel]) -> dict:
+    """The OpenAPI request body of a route that reads its own body with `_parse` (FastAPI sees none)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
 
 
 async def _parse(request: Request, model: type[BaseModel]) -> Any:

@@ -461,6 +461,8 @@ def test_schemathesis_no_server_errors(server):
         ("/v1/cache_events", "GET", (positive, negative)), ("/v1/cache_state", "GET", (positive,)),
         ("/v1/models", "GET", (positive,)), ("/load", "GET", (positive,)),
         ("/tokenize", "POST", (positive, negative)), ("/detokenize", "POST", (positive, negative)),
+        ("/v1/responses", "POST", (positive, negative)), ("/v1/messages", "POST", (positive, negative)),
+        ("/v1/messages/count_tokens", "POST", (positive, negative)),
     ]:
         for mode in modes:
             @settings(max_examples=6, deadline=None, derandomize=True, database=None,
@@ -468,8 +470,9 @@ def test_schemathesis_no_server_errors(server):
             @given(case=schema[path][method].as_strategy(generation_mode=mode))
             def run(case):
                 if isinstance(case.body, dict):  # the served model; short prompts, short outputs, no streams
-                    case.body.update(model=MODEL, stream=False, max_tokens=2)
+                    case.body.update(model=MODEL, stream=False)
                     case.body.pop("max_completion_tokens", None)
+                    case.body["max_output_tokens" if path == "/v1/responses" else "max_tokens"] = 2
                     if isinstance(case.body.get("n"), int):
                         case.body["n"] = min(case.body["n"], 2)
                     case.body = _shorten(case.body)
@@ -482,6 +485,7 @@ def test_schemathesis_no_server_errors(server):
     assert seen[("/v1/completions", 200)] and seen[("/v1/chat/completions", 200)]
     assert seen[("/v1/completions", 400)] and seen[("/v1/chat/completions", 400)]
     assert all(status < 500 for _, status in seen)
+    assert seen[("/v1/messages", 200)] and seen[("/v1/messages", 400)] and seen[("/v1/responses", 400)]
 
 
 # --------------------------------------------------------------------------------- disconnects

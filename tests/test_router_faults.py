@@ -249,17 +249,22 @@ def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
         assert httpx.get(f"{url}/stats").json()["weights_version"] == 2
 
 
-def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
-    """After the first byte there is no retry: the client gets an SSE error event, not a silent cut."""
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/messages"])
+def test_replica_dying_mid_stream_ends_the_stream_with_an_error(path):
+    """After the first byte there is no retry: the client gets an SSE error event, not a silent cut (on Anthropic's
+    Messages API, its `error` event)."""
     ports = [free_port() for _ in range(2)]
     procs = start_replicas(ports, 0.05, "--chunk-delay-s", "0.2")
     router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
     try:
         wait_for(lambda: all(r["up"] for r in router.replicas()), what="replicas up")
-        body = {"model": "fake", "max_tokens": 20, "stream": True, "prompt": "hello"}
+        body = {"model": "fake", "max_tokens": 20, "stream": True}
+        body.update(messages=[{"role": "user", "content": "hello"}] if path == "/v1/messages" else {"prompt": "hello"})
         lines = []
-        with httpx.Client(timeout=30) as c, c.stream("POST", f"{router.url}/v1/completions", json=body) as r:
+        with httpx.Client(timeout=30) as c, c.stream("POST", f"{router.url}{path}", json=body) as r:
             for line in r.iter_lines():
+                if line.startswith("event: "):
+                    lines.append(line)
                 if not line.startswith("data: "):
                     continue
                 lines.append(line)
@@ -267,16 +272,41 @@ def test_replica_dying_mid_stream_ends_the_stream_with_an_error():
                     victim = ports.index(int(json.loads(line[6:])["replica"].split(":")[1]))
                     procs[ports[victim]].kill()
         assert len(lines) < 21 and "data: [DONE]" not in lines
-        assert "error" in json.loads(lines[-1][6:])
+        error = json.loads(lines[-1][6:])
+        assert "error" in error
+        if path == "/v1/messages":
+            assert lines[-2] == "event: error" and error["type"] == "error" and error["error"]["type"] == "api_error"
         wait_for(lambda: not router.replicas()[victim]["up"], what="victim marked down")
         # the next request goes to the survivor
-        r = httpx.post(f"{router.url}/v1/completions", json={**body, "stream": False}, timeout=30)
+        r = httpx.post(f"{router.url}{path}", json={**body, "stream": False}, timeout=30)
         assert r.status_code == 200 and r.json()["replica"] == f"fake:{ports[1 - victim]}"
     finally:
         router.stop()
         for proc in procs.values():
             proc.kill()
             proc.wait()
+
+
+def test_the_routers_own_errors_take_the_shape_of_the_api_asked():
+    """No replica up, or a body that is not a JSON object: OpenAI's error body on the OpenAI routes, Anthropic's on
+    /v1/messages (which Anthropic's SDK reads)."""
+    router = RouterThread([f"http://127.0.0.1:{free_port()}"])  # nothing listens there
+    try:
+        chat = {"model": "fake", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
+        r = httpx.post(f"{router.url}/v1/chat/completions", json=chat, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "upstream_unavailable"
+        r = httpx.post(f"{router.url}/v1/messages", json=chat, timeout=10)
+        assert r.status_code == 503 and r.json()["type"] == "error" and r.json()["error"]["type"] == "api_error"
+        assert "no replica could serve the request" in r.json()["error"]["message"]
+        r = httpx.post(f"{router.url}/v1/messages", json=[chat], timeout=10)
+        assert r.status_code == 400 and r.json() == {
+            "type": "error", "error": {"type": "invalid_request_error", "message": "body must be a JSON object"}}
+        anthropic = pytest.importorskip("anthropic")
+        client = anthropic.Anthropic(base_url=router.url, api_key="x", max_retries=0)
+        with pytest.raises(anthropic.InternalServerError, match="no replica could serve the request"):
+            client.messages.create(model="fake", max_tokens=4, messages=[{"role": "user", "content": "hi"}])
+    finally:
+        router.stop()
 
 
 def respond(url: str, body: dict) -> tuple[int, dict]:

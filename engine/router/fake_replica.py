@@ -142,6 +142,10 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     async def chat_completions(request: Request):
         return await completion(request, chat=True)
 
+    @app.post("/v1/messages")
+    async def messages(request: Request):  # the router relays bytes as they come: the chat path's serve its tests
+        return await completion(request, chat=True)
+
     stored: dict[str, list[dict]] = {}  # /v1/responses kept: id -> the conversation, up to the reply
     stored_items: dict[str, list[dict]] = {}  # id -> its input items
 

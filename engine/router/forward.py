@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from engine import anthropic_messages
 from engine.anthropic_messages import chat_messages
 from engine.block_hash import cache_namespace, page_hashes
 from engine.openai_protocol import error_body
@@ -126,8 +127,7 @@ class Router:
             if not isinstance(body, dict):
                 raise ValueError("not an object")
         except ValueError:
-            return JSONResponse({"error": {"message": "body must be a JSON object", "type": "invalid_request_error"}},
-                                status_code=400)
+            return _failure(path, 400, "body must be a JSON object", "invalid_request_error")
         stream = bool(body.get("stream"))
         fwd = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         fwd["accept-encoding"] = "identity"  # NOTE: bytes are relayed raw, so they must not be compressed
@@ -197,13 +197,14 @@ class Router:
                 if learn:
                     self.response_owners.learn(content, slot)
                 return Response(content, status_code=upstream.status_code, media_type=media_type)
-            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn),
+            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn, path.startswith("/v1/messages")),
                                      status_code=upstream.status_code, media_type=media_type)
         self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
-        return JSONResponse({"error": {"message": f"no replica could serve the request ({last_error})",
-                                       "type": "upstream_unavailable"}}, status_code=503 if not tried else 502)
+        return _failure(path, 503 if not tried else 502, f"no replica could serve the request ({last_error})",
+                        "upstream_unavailable")
 
-    async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False):
+    async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False,
+                     anthropic: bool = False):
         """learn: a Responses stream, whose first event names the response stored on this replica."""
         head = first if learn else None
         try:
@@ -220,9 +221,11 @@ class Router:
             # NOTE: bytes already reached the client: no retry. Say so in the stream's own terms.
             self.metrics.failures.labels("mid_stream").inc()
             self.fleet.mark_down(ticket.slot)
-            err = {"error": {"message": f"replica {self.urls[ticket.slot]} failed mid-stream: {e!r}",
-                             "type": "upstream_error"}}
-            yield f"data: {json.dumps(err)}\n\n".encode()
+            message = f"replica {self.urls[ticket.slot]} failed mid-stream: {e!r}"
+            if anthropic:  # Anthropic's stream error: an `error` event
+                yield f"event: error\ndata: {json.dumps(anthropic_messages.error_body(502, message))}\n\n".encode()
+            else:
+                yield f"data: {json.dumps(error_body(message, 'upstream_error'))}\n\n".encode()
         finally:
             await upstream.aclose()
             ticket.release()
@@ -318,3 +321,10 @@ class _Ticket:
         st.in_flight -= 1
         self.done = True
         self.router.metrics.in_flight.labels(self.router.urls[self.slot]).set(st.in_flight)
+
+
+def _failure(path: str, status: int, message: str, kind: str) -> JSONResponse:
+    """The router's own error response, shaped as the API of `path` answers errors (Anthropic's on /v1/messages)."""
+    if path.startswith("/v1/messages"):
+        return JSONResponse(anthropic_messages.error_body(status, message), status_code=status)
+    return JSONResponse(error_body(message, kind), status_code=status)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import itertools
 import logging
 import os
@@ -35,15 +34,15 @@ import pallas_kernels
 from pallas_kernels import kv_quant
 from engine import multihost, structured
 from engine.adapters import AdapterSlots
-from engine.disk_cache import DiskCache, arrays_digest, layout_key, replica_layout, weights_identity
+from engine.disk_cache import arrays_digest, weights_identity
+from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.output import OutputState, RequestOutput, truncate_output
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
-from engine.runner import ModelRunner, kv_bytes_per_page, kv_page_specs
+from engine.runner import ModelRunner
 from engine.scheduler import Scheduler
-from engine.window_pages import slots_per_sequence
 from models import sharding
 from models.loader import load_weights, tokenizer_source
 from models.chat_template import read_chat_template
@@ -122,49 +121,24 @@ class LLMEngine:
         # float8 kept as their bits.
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
-        page_bytes = kv_bytes_per_page(self.model_cfg, config.cache.page_size, self.kv_dtype)
-        # cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of every page.
-        num_pages, num_window_pages = self._cache_sizes(config, page_bytes)
-        ps = config.cache.page_size
-        if num_window_pages:
-            log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
-                     "the %d windowed layers", num_pages, ps, num_pages * ps, self.model_cfg.num_layers -
-                     sum(self.model_cfg.sliding_layers), num_window_pages, sum(self.model_cfg.sliding_layers))
-        else:
-            log.info("KV cache: %d pages x %d tokens (%d tokens)", num_pages, ps, num_pages * ps)
-        if num_pages * config.cache.page_size < self.max_model_len:
-            raise ValueError(
-                f"cache.num_pages={num_pages} x cache.page_size={config.cache.page_size} cannot hold one sequence of "
-                f"model.max_model_len={self.max_model_len} tokens"
-            )
-        # Host tier: whole pages (every KV head) in host memory.
-        num_host_pages = config.cache.host_num_pages or int(config.cache.host_memory_gb * 2**30 // page_bytes)
-        if num_host_pages and num_window_pages:
-            raise ValueError("cache.host_memory_gb: the host tier keeps whole pages of every layer, which a hybrid cache "
-                             "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
-        if num_host_pages and config.parallel.num_processes > 1:
-            raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
+        self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
         backend = pallas_kernels.resolve_backend(config.attention.backend)
-        self.disk = None  # the disk tier (engine.disk_cache)
+        self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
-            if config.parallel.num_processes > 1:
-                raise ValueError("cache.disk_path (the disk tier) is not supported with parallel.num_processes > 1")
-            self._disk_layout = functools.partial(replica_layout, config, self.model_cfg, self.dtype, self.kv_dtype,
-                                                  backend, bool(num_window_pages))
-            layout = self._disk_layout(weights_id or weights_identity(config.model.path))
-            self.disk = DiskCache(config.cache.disk_path, layout_key(layout), kv_page_specs(self.model_cfg, ps, self.kv_dtype),
-                                  max(1, int(config.cache.disk_gb * 2**30 // page_bytes)), describe=layout)
-        self.scheduler = Scheduler(config.scheduler, config.cache, num_pages, self.max_model_len,
+            self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,
+                                     weights_id or weights_identity(config.model.path))
+        self.disk = self._disk.cache if self._disk is not None else None
+        self.scheduler = Scheduler(config.scheduler, config.cache, self.kv.num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
-                                   num_host_pages=num_host_pages, window=self.model_cfg.sliding_window or 0,
-                                   num_window_pages=num_window_pages, disk=self.disk)
+                                   num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
+                                   num_window_pages=self.kv.num_window_pages, disk=self.disk)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
-        self.runner = ModelRunner(self.model_cfg, self.params, config, num_pages, self.max_model_len, self.kv_dtype, backend,
-                                  mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
-                                  num_host_pages=num_host_pages if config.cache.prefix_caching else 0,
-                                  lora=self.adapters.stacked(), num_window_pages=num_window_pages, disk=self.disk)
+        self.runner = ModelRunner(self.model_cfg, self.params, config, self.kv.num_pages, self.max_model_len,
+                                  self.kv_dtype, backend, mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
+                                  num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
+                                  num_window_pages=self.kv.num_window_pages, disk=self.disk)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -183,32 +157,6 @@ class LLMEngine:
     def params(self) -> dict | None:
         """The weights on the devices (None while asleep)."""
         return self.weights.params
-
-    def _cache_sizes(self, config: EngineConfig, page_bytes: int) -> tuple[int, int]:
-        """(pages, window slots) of the KV cache. A model mixing windowed and global layers gets a hybrid cache
-        (engine.window_pages; 0 slots otherwise): by default enough window slots for every running sequence's window
-        and a step's new pages, and the rest of cache.memory_gb in pages of the global layers alone."""
-        cache, cfg = config.cache, self.model_cfg
-        budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
-        if not (cache.hybrid and cfg.mixed_windows):
-            return cache.num_pages or budget // page_bytes, 0
-        ps, sched = cache.page_size, config.scheduler
-        per_sequence = slots_per_sequence(cfg.sliding_window, ps)
-        max_pages = -(-self.max_model_len // ps)
-        wanted = sched.max_running * per_sequence + -(-sched.max_batch_tokens // ps)
-        layer_bytes = page_bytes // cfg.num_layers
-        num_windowed = sum(cfg.sliding_layers)
-        if cache.num_pages:
-            num_pages = cache.num_pages
-            num_window = cache.window_pages or min(wanted, num_pages)
-        else:
-            num_window = cache.window_pages or min(wanted, budget // page_bytes)
-            num_pages = (budget - num_window * num_windowed * layer_bytes) // ((cfg.num_layers - num_windowed) * layer_bytes)
-        least = min(per_sequence, max_pages)
-        if num_window < least:
-            raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's window of "
-                                 f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")
-        return num_pages, num_window
 
     @property
     def adapter_names(self) -> list[str]:
@@ -455,22 +403,11 @@ class LLMEngine:
         self.scheduler.reset_cache()
         self.weights_version += 1
         self.weights_source = new.source
-        if self.disk is not None:
-            self._disk_weights(new.source)
+        if self._disk is not None:
+            self._disk.serve_weights(new.source)
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds
-
-    def _disk_weights(self, source: str) -> None:
-        """The disk tier's files for the weights served from now on: a directory of their own, or none for weights
-        given as arrays (hashing them would cost more than it saves on every update of an RL loop)."""
-        if os.path.exists(source):
-            layout = self._disk_layout(weights_identity(source))
-            self.disk.set_key(layout_key(layout), describe=layout)
-        else:
-            log.warning("the disk tier is off until the next weight update from a checkpoint: weights given as arrays "
-                        "have no file to name their K/V by")
-            self.disk.set_key(None)
 
     # ------------------------------------------------------------------------------------ sleep
     def sleep(self, level: int = 1) -> None:

@@ -1,0 +1,109 @@
+"""How big a replica's KV cache is and where its tiers live, decided once at start-up from the config and the model.
+
+`plan_kv_cache` sizes the device cache (pages of every layer; a hybrid cache's window slots for the sliding-window
+layers, engine.window_pages) and the host tier, and refuses by name what cannot work (a pool that cannot hold one
+sequence, a host tier with a hybrid cache, ...). `ReplicaDisk` is the disk tier of the replica: its files live under
+a key naming the K/V's layout and the weights served, which changes with each weight update.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+
+from engine.config import ConfigKeyError, EngineConfig
+from engine.disk_cache import DiskCache, layout_key, replica_layout, weights_identity
+from engine.runner import kv_bytes_per_page, kv_page_specs
+from engine.window_pages import slots_per_sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVPlan:
+    page_bytes: int  # one page of every layer's K and V, on one device
+    num_pages: int
+    num_window_pages: int  # window slots of a hybrid cache; 0: every layer keeps every page
+    num_host_pages: int  # the host tier's slots (whole pages); 0: none
+
+
+def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype) -> KVPlan:
+    """The cache sizes for `config` (cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of
+    every page); logs them. ValueError / ConfigKeyError name what cannot work."""
+    cache = config.cache
+    ps = cache.page_size
+    page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype)
+    num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, page_bytes)
+    if num_window_pages:
+        num_windowed = sum(model_cfg.sliding_layers)
+        log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
+                 "the %d windowed layers", num_pages, ps, num_pages * ps, model_cfg.num_layers - num_windowed,
+                 num_window_pages, num_windowed)
+    else:
+        log.info("KV cache: %d pages x %d tokens (%d tokens)", num_pages, ps, num_pages * ps)
+    if num_pages * ps < max_model_len:
+        raise ValueError(f"cache.num_pages={num_pages} x cache.page_size={ps} cannot hold one sequence of "
+                         f"model.max_model_len={max_model_len} tokens")
+    # Host tier: whole pages (every KV head) in host memory.
+    num_host_pages = cache.host_num_pages or int(cache.host_memory_gb * 2**30 // page_bytes)
+    if num_host_pages and num_window_pages:
+        raise ValueError("cache.host_memory_gb: the host tier keeps whole pages of every layer, which a hybrid cache "
+                         "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
+    if num_host_pages and config.parallel.num_processes > 1:
+        raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
+    return KVPlan(page_bytes, num_pages, num_window_pages, num_host_pages if cache.prefix_caching else 0)
+
+
+def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int) -> tuple[int, int]:
+    """(pages, window slots) of the device cache. A model mixing windowed and global layers gets a hybrid cache (0
+    slots otherwise): by default enough window slots for every running sequence's window and a step's new pages, and
+    the rest of cache.memory_gb in pages of the global layers alone."""
+    cache = config.cache
+    budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
+    if not (cache.hybrid and cfg.mixed_windows):
+        return cache.num_pages or budget // page_bytes, 0
+    ps, sched = cache.page_size, config.scheduler
+    per_sequence = slots_per_sequence(cfg.sliding_window, ps)
+    wanted = sched.max_running * per_sequence + -(-sched.max_batch_tokens // ps)
+    layer_bytes = page_bytes // cfg.num_layers
+    num_windowed = sum(cfg.sliding_layers)
+    if cache.num_pages:
+        num_pages = cache.num_pages
+        num_window = cache.window_pages or min(wanted, num_pages)
+    else:
+        num_window = cache.window_pages or min(wanted, budget // page_bytes)
+        num_pages = (budget - num_window * num_windowed * layer_bytes) // ((cfg.num_layers - num_windowed) * layer_bytes)
+    least = min(per_sequence, -(-max_model_len // ps))
+    if num_window < least:
+        raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's window of "
+                             f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")
+    return num_pages, num_window
+
+
+class ReplicaDisk:
+    """The replica's disk tier (`cache.disk_path`): an engine.disk_cache.DiskCache whose key names the K/V's layout
+    (model, dtypes, page size, tensor parallelism, attention backend, hybrid or not) and the weights served."""
+
+    def __init__(self, config: EngineConfig, model_cfg, dtype, kv_dtype, backend: str, plan: KVPlan, weights_id: str):
+        """weights_id: engine.disk_cache.weights_identity of the checkpoint, or arrays_digest of weights given as
+        arrays."""
+        if config.parallel.num_processes > 1:
+            raise ValueError("cache.disk_path (the disk tier) is not supported with parallel.num_processes > 1")
+        self._layout = functools.partial(replica_layout, config, model_cfg, dtype, kv_dtype, backend,
+                                         bool(plan.num_window_pages))
+        layout = self._layout(weights_id)
+        self.cache = DiskCache(config.cache.disk_path, layout_key(layout),
+                               kv_page_specs(model_cfg, config.cache.page_size, kv_dtype),
+                               max(1, int(config.cache.disk_gb * 2**30 // plan.page_bytes)), describe=layout)
+
+    def serve_weights(self, source: str) -> None:
+        """The files for the weights served from now on (`source`, an update's): a directory of their own, or none
+        for weights given as arrays (hashing them would cost more than it saves on every update of an RL loop)."""
+        if os.path.exists(source):
+            layout = self._layout(weights_identity(source))
+            self.cache.set_key(layout_key(layout), describe=layout)
+        else:
+            log.warning("the disk tier is off until the next weight update from a checkpoint: weights given as arrays "
+                        "have no file to name their K/V by")
+            self.cache.set_key(None)

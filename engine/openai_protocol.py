@@ -204,6 +204,10 @@ class ResponsesRequest(_Body):
     prompt: dict[str, Any] | None = None  # refused (stored prompt templates)
     priority: _int(ge=-(2**31), le=2**31 - 1) = 0
     cache_salt: str | None = None
+    include: list[str] | None = Field(None, description='"message.output_text.logprobs": the answer\'s token '
+                                                        'logprobs; other values are accepted and ignored')
+    top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(None, description="most likely tokens at each "
+                                                                            "position of the answer, with logprobs")
 
 
 class ApiError(Exception):

@@ -122,11 +122,18 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompl
               "response_format": _response_format(body.text), "max_tokens": body.max_output_tokens,
               "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "user": body.user,
               "priority": body.priority, "cache_salt": body.cache_salt}
+    if wants_logprobs(body):
+        fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
         return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), conversation
     except ValidationError as e:
         message, param = describe_validation_error(e.errors())
         raise ApiError(400, message, param=param) from None
+
+
+def wants_logprobs(body: ResponsesRequest) -> bool:
+    """The answer's token logprobs are asked for: `include` names them, or `top_logprobs` wants some."""
+    return LOGPROBS_INCLUDE in (body.include or ()) or bool(body.top_logprobs)
 
 
 def prompt_messages(instructions: str | None, conversation: list[dict]) -> list[dict]:
@@ -221,27 +228,34 @@ def _bad(message: str, param: str = "input") -> ApiError:
 
 # -------------------------------------------------------------------------------------------- output
 _PART = {"message": "output_text", "reasoning": "reasoning_text"}  # an item's text part, and its events' names
-_LOGPROBS = {"message": {"logprobs": []}, "reasoning": {}}  # output_text events carry logprobs (none asked here)
+LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 
 class Output:
     """A response's output items as they grow, and the stream events that tell it (numbered from 0). Text comes as
     thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text.
-    parallel_tool_calls False: function calls after the first are dropped."""
+    parallel_tool_calls False: function calls after the first are dropped. logprobs: the message's output_text part
+    and its events carry the answer's token logprobs (chat's `logprobs.content` entries, the shape the Responses API
+    gives them)."""
 
-    def __init__(self, parallel_tool_calls: bool = True):
+    def __init__(self, parallel_tool_calls: bool = True, logprobs: bool = False):
         self.parallel_tool_calls = parallel_tool_calls
+        self.logprobs = logprobs
         self.items: list[dict] = []
         self._open: dict | None = None
         self._sequence = 0
+        self._pending: list[dict] = []  # token logprobs whose text has not come yet (held back as a possible stop)
 
     def event(self, type_: str, **fields) -> dict:
         e = {"type": type_, "sequence_number": self._sequence, **fields}
         self._sequence += 1
         return e
 
-    def add(self, fields: dict) -> list[dict]:
-        """A chat reply's fields, whole or one stream delta: reasoning_content, content, tool_calls."""
+    def add(self, fields: dict, logprobs: list[dict] | None = None) -> list[dict]:
+        """A chat reply's fields, whole or one stream delta: reasoning_content, content, tool_calls; with the logprobs
+        of its tokens (chat's `logprobs.content`)."""
+        if self.logprobs and logprobs:
+            self._pending += logprobs
         events = []
         if fields.get("reasoning_content"):
             events += self._text("reasoning", fields["reasoning_content"])
@@ -280,13 +294,18 @@ class Output:
         events = []
         if self._open is None or self._open["type"] != kind:
             events += self._close("completed") + self._open_item(kind)
-        self._open["content"][0]["text"] += text
-        return events + [self.event(f"response.{_PART[kind]}.delta", **self._where(), delta=text, **_LOGPROBS[kind])]
+        part = self._open["content"][0]
+        part["text"] += text
+        logprobs = {}
+        if kind == "message":
+            logprobs["logprobs"], self._pending = self._pending, []
+            part["logprobs"] += logprobs["logprobs"]
+        return events + [self.event(f"response.{_PART[kind]}.delta", **self._where(), delta=text, **logprobs)]
 
     def _open_item(self, kind: str) -> list[dict]:
         if kind == "message":
             item = {"id": _id("msg"), "type": "message", "status": "in_progress", "role": "assistant", "content": []}
-            part = {"type": _PART[kind], "text": "", "annotations": []}
+            part = {"type": _PART[kind], "text": "", "annotations": [], "logprobs": []}
         else:
             item = {"id": _id("rs"), "type": "reasoning", "status": "in_progress", "summary": [], "content": []}
             part = {"type": _PART[kind], "text": ""}
@@ -305,7 +324,12 @@ class Output:
         self._open = None
         item["status"] = status
         kind = item["type"]
-        return [self.event(f"response.{_PART[kind]}.done", **where, text=part["text"], **_LOGPROBS[kind]),
+        logprobs = {}
+        if kind == "message":  # the tokens of text never shown (a stop string's) too, as chat gives them
+            part["logprobs"] += self._pending
+            self._pending = []
+            logprobs["logprobs"] = list(part["logprobs"])
+        return [self.event(f"response.{_PART[kind]}.done", **where, text=part["text"], **logprobs),
                 self.event("response.content_part.done", **where, part=dict(part)),
                 self.event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item))]
 
@@ -375,6 +399,7 @@ class ChatPath:
     # The stream's final RequestOutputs by index; None when the client left (the requests are aborted).
     gather: Callable[[Request, Any], Awaitable[dict | None]]
     count_tokens: Callable[[str], int]  # tokens of a text (the reply's reasoning tokens)
+    reasoning: bool = False  # the server has a reasoning parser (server.reasoning_parser)
 
 
 @dataclasses.dataclass
@@ -425,7 +450,7 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
                     if step.finish_reason == "abort":
                         raise RuntimeError("request aborted: the server is shutting down, or replacing its weights")
                     choice = fmt.delta(index, step)
-                    for e in out.add(choice["delta"]) if choice is not None else ():
+                    for e in out.add(choice["delta"], _token_logprobs(choice)) if choice is not None else ():
                         yield sse_event(e)
                     if step.finished:
                         final = fmt.final(step)
@@ -443,9 +468,13 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
     async def create_response(request: Request, body: ResponsesRequest):
         history = [] if body.previous_response_id is None else \
             stored(body.previous_response_id, "previous_response_id").conversation
+        if chat.reasoning and wants_logprobs(body):
+            raise _bad(f"include: {LOGPROBS_INCLUDE} is not supported when the server splits off reasoning "
+                       "(server.reasoning_parser)", "include")
         chat_body, conversation = chat_request(body, history)
         prompt_ids, stream, fmt = await chat.start(chat_body)
-        reply = _Reply(body, prompt_ids, conversation, input_items(body.input), Output(body.parallel_tool_calls))
+        reply = _Reply(body, prompt_ids, conversation, input_items(body.input),
+                       Output(body.parallel_tool_calls, wants_logprobs(body)))
         if body.stream:
             return StreamingResponse(events(reply, stream, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
@@ -453,7 +482,8 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
         if finals is None:  # the client left
             return JSONResponse({})
         final = fmt.final(finals[0])
-        reply.output.add(fmt.choice(0, final)["message"])
+        choice = fmt.choice(0, final)
+        reply.output.add(choice["message"], _token_logprobs(choice))
         return JSONResponse(finish(reply, final)[1])
 
     @api.get("/v1/responses/{response_id}", summary="A stored response")
@@ -472,6 +502,11 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
         return {"id": response_id, "object": "response", "deleted": True}
 
     return api
+
+
+def _token_logprobs(choice: dict) -> list[dict] | None:
+    """A chat choice's token logprobs (its `logprobs.content`), if it has them."""
+    return (choice.get("logprobs") or {}).get("content")
 
 
 def _not_found(response_id: str, param: str | None = None) -> ApiError:

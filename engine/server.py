@@ -296,7 +296,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens),
+    app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens,
+                                                                         server_cfg.reasoning_parser != "none"),
                                                openai_responses.ResponseStore(server_cfg.max_stored_responses)))
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
         start_chat, gather, lambda body: chat_prompt(body)[0], server_cfg.reasoning_parser != "none")))

@@ -189,6 +189,36 @@ def test_streamed_output_is_the_whole_output(reasoning, content, calls, status):
     assert whole.items[-1]["status"] == status
 
 
+def test_streamed_logprobs_are_the_whole_replys():
+    """The answer's token logprobs: on the output_text part, split over the delta events with their text (a token
+    whose text is held back, as a possible stop string, comes with the next text), whole on the done event (with
+    the tokens whose text never came)."""
+    content = "Paris is big."
+    entries = [{"token": c, "logprob": -i / 10, "bytes": [ord(c)], "top_logprobs": []} for i, c in enumerate(content)]
+    shown = len(content) - 2  # the last two tokens' text is never shown (a stop string)
+    whole = Output(logprobs=True)
+    whole.add({"content": content[:shown]}, entries)
+    whole_events = whole.finish("completed")
+    streamed, events = Output(logprobs=True), []
+    texts = [content[i] for i in range(shown)]
+    texts[3:6] = ["", "", content[3:6]]  # tokens 3 and 4 held back, shown with token 5
+    for i in range(len(content)):
+        events += streamed.add({"content": texts[i] if i < shown else ""}, [entries[i]])
+    events += streamed.finish("completed")
+    assert _without_ids(streamed.items) == _without_ids(whole.items)
+    assert streamed.items[0]["content"][0]["logprobs"] == entries
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert [e["delta"] for e in deltas] == [c for c in texts if c]
+    assert [len(e["logprobs"]) for e in deltas] == [1, 1, 1, 3] + [1] * (len(deltas) - 4)
+    assert sum((e["logprobs"] for e in deltas), []) == entries[:shown]
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert done["logprobs"] == entries and whole_events[0]["logprobs"] == entries
+    plain = Output()  # not asked for: none kept, empty lists as OpenAI sends them
+    events = plain.add({"content": "Hi"}, entries[:2]) + plain.finish("completed")
+    assert all(e["logprobs"] == [] for e in events if e["type"].startswith("response.output_text"))
+    assert plain.items[0]["content"][0]["logprobs"] == []
+
+
 def _check_event_order(events: list[dict], items: list[dict]) -> None:
     """Each output item: added, then its parts and deltas, then done with the item as it ended."""
     per_item: dict[int, list[str]] = {}
@@ -350,7 +380,7 @@ def test_fake_reply_whole_and_streamed(fake):
     assert whole["object"] == "response" and whole["id"].startswith("resp_") and whole["status"] == "completed"
     [message] = whole["output"]
     assert message["type"] == "message" and message["role"] == "assistant" and message["status"] == "completed"
-    assert message["content"] == [{"type": "output_text", "text": "Bonjour.", "annotations": []}]
+    assert message["content"] == [{"type": "output_text", "text": "Bonjour.", "annotations": [], "logprobs": []}]
     prompt_len = len(engine.prompts[-1])
     assert whole["usage"] == {"input_tokens": prompt_len, "input_tokens_details": {"cached_tokens": 0},
                               "output_tokens": 8, "output_tokens_details": {"reasoning_tokens": 0},
@@ -476,10 +506,14 @@ def test_fake_refusals_are_openai_errors(fake):
         ({"model": "fake", "input": "x", "max_output_tokens": "5"}, 400, "max_output_tokens"),
         ({"model": "other", "input": "x"}, 404, "model 'other' does not exist"),
         ({"model": "fake", "input": "x" * 600}, 400, "prompt has"),
+        ({"model": "fake", "input": "x", "top_logprobs": 21}, 400, "top_logprobs"),
     ]:
         r = client.post("/v1/responses", json=body)
         assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}, r.text
         assert words in r.json()["error"]["message"], r.text
+    client, _ = fake("ok", reasoning_parser="qwen3")
+    r = client.post("/v1/responses", json={"model": "fake", "input": "x", "include": ["message.output_text.logprobs"]})
+    assert r.status_code == 400 and "server.reasoning_parser" in r.json()["error"]["message"], r.text
 
 
 def test_fake_batch_file_line():
@@ -576,6 +610,27 @@ def test_model_input_and_instructions_equal_chat(http):
     final = _check_stream(events, r | {"usage": events[-1]["response"]["usage"]})
     deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
     assert len(deltas) > 1 and "".join(deltas) == _text(final) == _text(r)
+
+
+@pytest.mark.slow
+def test_model_logprobs_equal_chat(http):
+    """include message.output_text.logprobs with top_logprobs: the answer's token logprobs are chat's for the same
+    messages, on the output_text part and, streamed, over its delta events."""
+    question = "Name three colors."
+    r = _respond(http, input=question, max_output_tokens=10, include=["message.output_text.logprobs"], top_logprobs=3)
+    chat = _chat(http, [{"role": "user", "content": question}], max_tokens=10, logprobs=True, top_logprobs=3)
+    got, want = r["output"][0]["content"][0]["logprobs"], chat["choices"][0]["logprobs"]["content"]
+    assert len(got) == 10 and [e["token"] for e in got] == [e["token"] for e in want]
+    assert [e["bytes"] for e in got] == [e["bytes"] for e in want]
+    for g, w in zip(got, want):
+        assert g["logprob"] == pytest.approx(w["logprob"], abs=1e-4)
+        assert [t["token"] for t in g["top_logprobs"]] == [t["token"] for t in w["top_logprobs"]]
+        assert len(g["top_logprobs"]) == 3
+    events = _events(http, {"model": MODEL, "temperature": 0, "input": question, "max_output_tokens": 10,
+                            "top_logprobs": 3})  # top_logprobs alone asks for them too
+    streamed = sum((e["logprobs"] for e in events if e["type"] == "response.output_text.delta"), [])
+    [done] = [e for e in events if e["type"] == "response.output_text.done"]
+    assert [e["token"] for e in streamed] == [e["token"] for e in done["logprobs"]] == [e["token"] for e in got]
 
 
 @pytest.mark.slow

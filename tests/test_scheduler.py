@@ -194,6 +194,45 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
     return {s.request_id: list(s.output_ids) for s in seqs}
 
 
+def run_churn(sched, runner, seqs, rng: random.Random, overlap=False) -> set[str]:
+    """As run_all, but requests arrive a few at a time between steps and some are aborted while waiting or running
+    (step in flight or not), as the engine's callers do. Returns the aborted requests' ids."""
+    arriving, added, aborted = list(seqs), [], set()
+    steps, inflight = 0, None
+    while arriving or sched.has_work() or inflight:
+        for _ in range(rng.choice([0, 0, 1, 3])):
+            if arriving:
+                added.append(arriving.pop(0))
+                sched.add(added[-1])
+        live = [s for s in added if s.status is not Status.FINISHED]
+        if live and rng.random() < 0.1:
+            victim = rng.choice(live)
+            if sched.abort(victim.request_id) is not None:
+                aborted.add(victim.request_id)
+        plan = sched.schedule()
+        if plan is None and not inflight:
+            if sched.disk_reads():  # the engine waits for the reads here
+                runner.disk.complete_reads()
+                continue
+            assert arriving or not sched.has_work(), "work left but nothing scheduled (deadlock)"
+            continue
+        if plan is not None:
+            sampled = runner.run(plan)
+        if inflight:
+            sched.resolve(*inflight)
+            inflight = None
+        if plan is not None:
+            sched.advance(plan)
+            inflight = (plan, sampled)
+            if not overlap:
+                sched.resolve(*inflight)
+                inflight = None
+        sched.check_invariants()
+        steps += 1
+        assert steps < 10_000
+    return aborted
+
+
 def test_second_request_prefills_only_the_unmatched_tail():
     sched, runner = make()
     prefix = list(range(1, 17))  # 4 full pages
@@ -358,8 +397,8 @@ def test_outputs_identical_with_cache_off_on_and_thrashing_serial_or_overlapped(
 def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
     """Any configuration the engine accepts runs every request to the end with the outputs of an uncached run: page
     size, a pool just big enough for one sequence or roomy, batch and chunk limits, policies, a hybrid cache with
-    window slots just enough for one sequence's window, host and disk tiers, speculative drafts, overlapped steps.
-    (Running prefills that each held part of the pool or of the window slots used to wait on each other forever.)"""
+    window slots just enough for one sequence's window, host and disk tiers, speculative drafts, overlapped steps,
+    requests arriving between steps and aborted. (Running prefills that each held part of the pool or of the window slots used to wait on each other forever.)"""
     draw = data.draw
     ps = draw(st.sampled_from([2, 4, 8]), label="page_size")
     longest = 13 + 6 + 8  # the workload's longest prompt and output
@@ -379,6 +418,7 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
         kw["spec"] = SpeculativeConfig(method="ngram", num_tokens=draw(st.integers(1, 4), label="draft_tokens"),
                                        ngram_min=1, ngram_max=2)
     disk = FakeDisk() if draw(st.booleans(), label="disk") else None
+    churn = draw(st.booleans(), label="arrivals and aborts")
     seed = draw(st.integers(0, 2**16), label="workload")
     model = draw(st.sampled_from([random_model, repetitive_model]), label="model")
 
@@ -393,7 +433,14 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
     # only once the last one's tokens are known (drafts come from them): no overlap then.
     for overlap in (False, "spec" not in kw):
         sched, runner = make(**kw, model=model, eos_ids=frozenset({0, 1}), disk=disk)
-        assert run_all(sched, runner, workload(), overlap=overlap) == plain
+        if churn:  # the requests not aborted finish as they would alone
+            seqs = workload()
+            aborted = run_churn(sched, runner, seqs, random.Random(seed), overlap)
+            assert {s.request_id: s.output_ids for s in seqs if s.request_id not in aborted} == \
+                {k: v for k, v in plain.items() if k not in aborted}
+            assert all(s.finish_reason == "abort" for s in seqs if s.request_id in aborted)
+        else:
+            assert run_all(sched, runner, workload(), overlap=overlap) == plain
         assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
 
 

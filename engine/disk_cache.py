@@ -9,7 +9,10 @@ match there: the pages are read in the background while the request waits (other
 fresh device pages instead of being prefilled.
 
 `DiskCache` owns the files: a writer thread and a reader pool, an index of the hashes it knows to be there (files
-of other processes are found on a miss), and a capacity in pages, least recently used files deleted first. The
+of other processes are found on a miss), and a capacity in pages, least recently used files deleted first. Recency
+is the files' mtime (set on write, touched on read), and the writer lists the directory again every
+`rescan_every` pages it writes: replicas sharing a directory keep it, together, near one capacity (each may run
+over by what it writes between listings) instead of one capacity each. The
 scheduler decides what to write and read (`StepPlan.disk_saves`, `disk_loads`); the runner hands it the bytes.
 
 File format, `<dir>/<key>/<hh>/<hash:016x>.kv`: a 24-byte header (magic, block hash, payload bytes), then each
@@ -41,6 +44,7 @@ _MAGIC = b"RXKVpg01"
 _HEADER = struct.Struct("<8sQQ")  # magic, block hash, payload bytes
 FORMAT_VERSION = 1  # in every layout key: a new file format never reads old files
 MAX_PENDING_WRITES = 4096  # pages queued for the writer; beyond this new pages are not written (counted)
+RESCAN_EVERY = 256  # pages written between two listings of the directory (other processes' files, and deletions)
 
 Payload = tuple[np.ndarray, ...]  # one page of each cache array: [L, Hkv, ps, D] (K, V) and [L, Hkv, ps] (scales)
 
@@ -66,18 +70,21 @@ class DiskCache:
     under a lock."""
 
     def __init__(self, directory: str | os.PathLike, key: str, specs: Sequence[tuple[tuple[int, ...], np.dtype]],
-                 capacity_pages: int, describe: dict | None = None):
+                 capacity_pages: int, describe: dict | None = None, rescan_every: int = RESCAN_EVERY):
         if capacity_pages < 1:
             raise ValueError(f"the disk tier needs room for at least one page, got {capacity_pages}")
         self.specs = [(tuple(s), np.dtype(d)) for s, d in specs]
         self.page_bytes = sum(int(np.prod(s)) * d.itemsize for s, d in self.specs)
         self.capacity_pages = capacity_pages
+        self.rescan_every = rescan_every
+        self._written_since_scan = 0
         self.root = Path(directory)
         self._lock = threading.Lock()
         self._index: collections.OrderedDict[int, None] = collections.OrderedDict()  # hashes on disk, LRU first
         self._writing: set[int] = set()  # queued for the writer, not yet renamed into place
         self._unreadable: set[int] = set()  # reads failed (a file that cannot be opened or deleted): never looked up
-        self.stats = collections.Counter()  # pages_written, pages_read, write_skipped, read_errors, pages_deleted
+        # pages_written, pages_read, write_skipped, write_errors, read_errors, pages_deleted
+        self.stats = collections.Counter()
         self.key: str | None = None
         self.dir: Path | None = None
         self.set_key(key, describe)
@@ -102,8 +109,15 @@ class DiskCache:
                 (self.dir / "layout.json").write_text(json.dumps(describe, indent=1, sort_keys=True, default=str))
         except OSError as e:
             raise ValueError(f"cache.disk_path: cannot write {self.dir}: {e}") from e
+        found = self._rescan(self.dir)
+        log.info("disk tier: %d pages in %s (capacity %d pages of %.2f MiB)", found, self.dir, self.capacity_pages,
+                 self.page_bytes / 2**20)
+
+    def _rescan(self, directory: Path) -> int:
+        """Makes the index the files under `directory` now, least recently used (oldest mtime) first, and deletes
+        the oldest past capacity. -> how many files there were."""
         found = []
-        for sub in self.dir.iterdir():
+        for sub in directory.iterdir():
             if sub.is_dir():
                 for f in os.scandir(sub):
                     if not f.name.endswith(".kv"):
@@ -114,10 +128,12 @@ class DiskCache:
                         continue
         found.sort()
         with self._lock:
-            self._index.update((h, None) for _, h in found)
-        log.info("disk tier: %d pages in %s (capacity %d pages of %.2f MiB)", len(found), self.dir, self.capacity_pages,
-                 self.page_bytes / 2**20)
+            if directory != self.dir:
+                return len(found)  # the key changed meanwhile
+            self._index = collections.OrderedDict((h, None) for _, h in found)
+            self._written_since_scan = 0
         self._evict_over_capacity()
+        return len(found)
 
     def _path(self, block_hash: int) -> Path:
         name = f"{block_hash:016x}"
@@ -191,22 +207,34 @@ class DiskCache:
                 path = directory / name[:2] / f"{name}.kv"
                 path.parent.mkdir(exist_ok=True)
                 tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
-                with open(tmp, "wb") as f:
-                    f.write(_HEADER.pack(_MAGIC, block_hash, self.page_bytes))
-                    for a in payload:
-                        f.write(memoryview(a).cast("B"))
-                os.replace(tmp, path)
+                try:
+                    with open(tmp, "wb") as f:
+                        f.write(_HEADER.pack(_MAGIC, block_hash, self.page_bytes))
+                        for a in payload:
+                            f.write(memoryview(a).cast("B"))
+                    os.replace(tmp, path)
+                except OSError:
+                    tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
+                    raise
                 with self._lock:
                     if directory == self.dir:
                         self._index[block_hash] = None
                         self._unreadable.discard(block_hash)
                         self.stats["pages_written"] += 1
+                        self._written_since_scan += 1
         except OSError as e:
             self.stats["write_errors"] += 1
-            log.warning("disk tier: could not write page %016x: %s", block_hash, e)
+            if self.stats["write_errors"] in (1, 10) or self.stats["write_errors"] % 1000 == 0:  # not one per page
+                log.warning("disk tier: could not write page %016x (%d write errors so far): %s", block_hash,
+                            self.stats["write_errors"], e)
         finally:
             with self._lock:
                 self._writing.discard(block_hash)
+        if self._written_since_scan >= self.rescan_every and directory == self.dir:
+            try:
+                self._rescan(directory)
+            except OSError as e:  # the directory went away: the next write says so
+                log.warning("disk tier: could not list %s: %s", directory, e)
         self._evict_over_capacity()
 
     def _evict_over_capacity(self) -> None:

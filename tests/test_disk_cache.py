@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -86,6 +87,64 @@ def test_capacity_deletes_the_least_recently_used_files(tmp_path):
     assert len(smaller) == 1 and len(list((tmp_path / "k").rglob("*.kv"))) == 1
     disk.close()
     smaller.close()
+
+
+def test_replicas_sharing_a_directory_keep_one_capacity_together(tmp_path):
+    """Each process lists the directory again as it writes (here every 2 pages): the files of all of them stay
+    within one capacity, the least recently used (any process's) deleted first; a file another deleted is a miss."""
+    rng = np.random.default_rng(2)
+    a = DiskCache(tmp_path, "k", SPECS, capacity_pages=4, rescan_every=2)
+    b = DiskCache(tmp_path, "k", SPECS, capacity_pages=4, rescan_every=2)
+    a.put([1, 2, 3, 4], _pages(rng, 4), "k")
+    a.flush()
+    time.sleep(0.05)  # file times tick coarsely (a few ms)
+    a.fetch([2]).result()  # page 2 is now the most recently used of a's
+    time.sleep(0.05)
+    b.put([5, 6, 7], _pages(rng, 3), "k")
+    b.flush()
+    on_disk = {int(p.stem, 16) for p in (tmp_path / "k").rglob("*.kv")}
+    assert on_disk == {2, 5, 6, 7} and set(b._index) == on_disk
+    assert a.present([1]) == 1 and a.fetch([1]).result() == {} and a.present([1]) == 0  # deleted by b: a miss
+    assert a.present([2, 5]) == 2 and list(a.fetch([2, 5]).result()) == [2, 5]  # b's pages serve a too
+    a.close()
+    b.close()
+
+
+def test_a_full_disk_loses_pages_not_the_engine(tmp_path, monkeypatch, caplog):
+    """Writes that fail (no space left) leave no partial file, are counted, and are logged a few times, not once
+    per page; the tier keeps serving what it has."""
+    import errno
+
+    from engine import disk_cache
+
+    rng = np.random.default_rng(3)
+    disk = DiskCache(tmp_path, "k", SPECS, capacity_pages=100)
+    disk.put([1], _pages(rng, 1), "k")
+    disk.flush()
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(bytes(data)[:10])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(disk_cache, "open", Full, raising=False)
+    with caplog.at_level("WARNING", logger="engine.disk_cache"):
+        disk.put(list(range(2, 30)), _pages(rng, 28), "k")
+        disk.flush()
+    assert disk.stats["write_errors"] == 28 and len([r for r in caplog.records if "could not write" in r.message]) == 2
+    assert not list((tmp_path / "k").rglob("*.tmp")) and disk.present([1, 2]) == 1 and disk.wanted(2)
+    monkeypatch.undo()
+    assert list(disk.fetch([1]).result()) == [1]
+    disk.close()
 
 
 def test_layout_key_names_everything_the_kv_depends_on():

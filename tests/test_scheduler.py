@@ -158,17 +158,25 @@ def seq(rid, tokens, max_tokens=4, namespace=None):
                     namespace=namespace)
 
 
-def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
+def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False, churn: random.Random | None = None):
     """Runs to the end. overlap: as the engine's overlapped loop, step N+1 is planned and run before step N's
-    tokens are resolved (the fake runner reads the placeholders from what it sampled last)."""
-    for s in seqs:
-        sched.add(s)
+    tokens are resolved (the fake runner reads the placeholders from what it sampled last). churn: requests arrive
+    a few at a time between steps and some are aborted, waiting or running (step in flight or not), as the
+    engine's callers do (their finish_reason is "abort")."""
+    arriving = list(seqs)
     steps, inflight = 0, None
-    while sched.has_work() or inflight:
+    while arriving or sched.has_work() or inflight:
+        for _ in range(len(arriving) if churn is None else min(len(arriving), churn.choice([0, 0, 1, 3]))):
+            sched.add(arriving.pop(0))
+        live = [s for s in seqs if s.status is not Status.FINISHED and s not in arriving]
+        if churn is not None and live and churn.random() < 0.1:
+            sched.abort(churn.choice(live).request_id)
         plan = sched.schedule()
         if plan is None and not inflight and sched.disk_reads():  # the engine waits for the reads here
             runner.disk.complete_reads()
             continue
+        if plan is None and not inflight and (arriving or not sched.has_work()):
+            continue  # more to come, or the last request was just aborted
         assert plan is not None or inflight, "work left but nothing scheduled (deadlock)"
         if plan is not None:
             assert plan.num_tokens <= sched.cfg.max_batch_tokens
@@ -192,45 +200,6 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False):
         runner.disk.files.update((h, (list(runner.store[page]), list(runner.window_store[slot]) if slot >= 0 else None))
                                  for page, slot, h in sched.take_disk_saves())
     return {s.request_id: list(s.output_ids) for s in seqs}
-
-
-def run_churn(sched, runner, seqs, rng: random.Random, overlap=False) -> set[str]:
-    """As run_all, but requests arrive a few at a time between steps and some are aborted while waiting or running
-    (step in flight or not), as the engine's callers do. Returns the aborted requests' ids."""
-    arriving, added, aborted = list(seqs), [], set()
-    steps, inflight = 0, None
-    while arriving or sched.has_work() or inflight:
-        for _ in range(rng.choice([0, 0, 1, 3])):
-            if arriving:
-                added.append(arriving.pop(0))
-                sched.add(added[-1])
-        live = [s for s in added if s.status is not Status.FINISHED]
-        if live and rng.random() < 0.1:
-            victim = rng.choice(live)
-            if sched.abort(victim.request_id) is not None:
-                aborted.add(victim.request_id)
-        plan = sched.schedule()
-        if plan is None and not inflight:
-            if sched.disk_reads():  # the engine waits for the reads here
-                runner.disk.complete_reads()
-                continue
-            assert arriving or not sched.has_work(), "work left but nothing scheduled (deadlock)"
-            continue
-        if plan is not None:
-            sampled = runner.run(plan)
-        if inflight:
-            sched.resolve(*inflight)
-            inflight = None
-        if plan is not None:
-            sched.advance(plan)
-            inflight = (plan, sampled)
-            if not overlap:
-                sched.resolve(*inflight)
-                inflight = None
-        sched.check_invariants()
-        steps += 1
-        assert steps < 10_000
-    return aborted
 
 
 def test_second_request_prefills_only_the_unmatched_tail():
@@ -398,7 +367,8 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
     """Any configuration the engine accepts runs every request to the end with the outputs of an uncached run: page
     size, a pool just big enough for one sequence or roomy, batch and chunk limits, policies, a hybrid cache with
     window slots just enough for one sequence's window, host and disk tiers, speculative drafts, overlapped steps,
-    requests arriving between steps and aborted. (Running prefills that each held part of the pool or of the window slots used to wait on each other forever.)"""
+    requests arriving between steps and aborted. (Running prefills that each held part of the pool or of the window
+    slots used to wait on each other forever.)"""
     draw = data.draw
     ps = draw(st.sampled_from([2, 4, 8]), label="page_size")
     longest = 13 + 6 + 8  # the workload's longest prompt and output
@@ -433,14 +403,10 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
     # only once the last one's tokens are known (drafts come from them): no overlap then.
     for overlap in (False, "spec" not in kw):
         sched, runner = make(**kw, model=model, eos_ids=frozenset({0, 1}), disk=disk)
-        if churn:  # the requests not aborted finish as they would alone
-            seqs = workload()
-            aborted = run_churn(sched, runner, seqs, random.Random(seed), overlap)
-            assert {s.request_id: s.output_ids for s in seqs if s.request_id not in aborted} == \
-                {k: v for k, v in plain.items() if k not in aborted}
-            assert all(s.finish_reason == "abort" for s in seqs if s.request_id in aborted)
-        else:
-            assert run_all(sched, runner, workload(), overlap=overlap) == plain
+        seqs = workload()
+        out = run_all(sched, runner, seqs, overlap=overlap, churn=random.Random(seed) if churn else None)
+        aborted = {s.request_id for s in seqs if s.finish_reason == "abort"}
+        assert out == {k: out[k] if k in aborted else v for k, v in plain.items()}  # the others as they would alone
         assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
 
 

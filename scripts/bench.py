@@ -469,9 +469,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps",
                                            "weight-swap"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
-    ap.add_argument("--set", dest="set_common", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
-    ap.add_argument("--set-a", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument("--set-b", nargs="*", default=None, metavar="KEY=VALUE", help="a second configuration, run interleaved")
+    ap.add_argument("--set", dest="set_common", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
+    ap.add_argument("--set-a", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set-b", nargs="*", action="extend", default=None, metavar="KEY=VALUE", help="a second configuration, run interleaved")
     ap.add_argument("--url", nargs="*", default=None, help="benchmark servers instead (one column each)")
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--repeats", type=int, default=1)

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--input", required=True)
     ap.add_argument("--output", required=True)
-    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", dest="overrides", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     ap.add_argument("--print", dest="echo", action="store_true", help="also print each answer")
     ap.add_argument("--format", choices=("auto", "lines", "openai"), default="auto",
                     help="input format: this job's own lines, or OpenAI's Batch API lines (auto: from the first line)")

@@ -59,7 +59,7 @@ def texts(tokenizer: Tokenizer, window: int, count: int) -> list[list[int]]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--set", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
     ap.add_argument("--variants", nargs="+", metavar="OVERRIDES",
                     default=["", "cache.kv_dtype=bfloat16", "cache.kv_dtype=int8", "cache.kv_dtype=fp8_e4m3",
                              "model.quantization=int8"],

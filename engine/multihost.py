@@ -17,7 +17,7 @@ from engine.config import ParallelConfig
 OP_STOP, OP_STEP = 0, 1
 # op, token bucket, num_rows, use_penalties, use_filters, num_top, copies bucket (0: none), greedy_only, use_mask,
 # prompt logprobs wanted, their top k, logit-bias entries per row (0: none)
-_HEADER_LEN = 12
+_HEADER_LEN = 13
 
 
 _joined = False  # jax.distributed can be initialized once per process
@@ -56,7 +56,8 @@ class Followers:
         header = np.array([OP_STEP, step.inputs.tokens.shape[0], step.num_rows, step.use_penalties, step.use_filters,
                            step.num_top, 0 if step.copies is None else step.copies[0].shape[0], step.greedy_only,
                            step.use_mask, step.prompt_targets is not None, step.prompt_top,
-                           0 if step.sampling.bias_ids is None else step.sampling.bias_ids.shape[1]], np.int32)
+                           0 if step.sampling.bias_ids is None else step.sampling.bias_ids.shape[1],
+                           -1 if step.decode_kernel is None else int(step.decode_kernel)], np.int32)
         _broadcast(header)
         inputs, sampling, copies, targets = _broadcast((step.inputs, step.sampling, step.copies, step.prompt_targets))
         return dataclasses.replace(step, inputs=inputs, sampling=sampling, copies=copies, prompt_targets=targets)
@@ -73,7 +74,7 @@ def follow(runner) -> None:
     while True:
         header = np.asarray(_broadcast(np.zeros(_HEADER_LEN, np.int32)))
         (op, num_tokens, num_rows, use_penalties, use_filters, num_top, num_copies, greedy_only, use_mask, use_prompt,
-         prompt_top, num_bias) = (int(x) for x in header)
+         prompt_top, num_bias, decode_kernel) = (int(x) for x in header)
         if op == OP_STOP:
             return
         template = (
@@ -87,4 +88,5 @@ def follow(runner) -> None:
         )
         inputs, sampling, copies, targets = _broadcast(template)
         runner.execute(StepArrays(inputs, sampling, copies, num_rows, bool(use_penalties), bool(use_filters), num_top,
-                                  bool(greedy_only), bool(use_mask), targets, prompt_top))
+                                  bool(greedy_only), bool(use_mask), targets, prompt_top,
+                                  decode_kernel=None if decode_kernel < 0 else bool(decode_kernel)))

@@ -27,6 +27,7 @@ from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
 from models import llama, sharding
 from models.config import LlamaConfig
+import pallas_kernels
 from pallas_kernels import kv_quant
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,10 @@ class ModelRunner:
         self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
         self.backend = backend
+        # The Pallas backends compile each token bucket up to the one holding a whole batch of decodes (drafts
+        # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).
+        self.max_decode_bucket = bucket_for(min(self.max_seqs * (1 + config.speculative.draft_tokens),
+                                                config.scheduler.max_batch_tokens), self.token_buckets)
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
         self.layout = None
@@ -139,7 +144,7 @@ class ModelRunner:
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
-        self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches")
+        self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches", static_argnames="decode_only")
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
         # step and the rest share one compiled forward.
         self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
@@ -171,12 +176,14 @@ class ModelRunner:
         a plain request uses them), so no request waits on XLA."""
         from tqdm import tqdm
 
-        jobs = [("forward", t) for t in self.token_buckets] + [("head", s) for s in self.seq_buckets]
-        for kind, n in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
+        jobs = [("forward", t, kernel) for t in self.token_buckets for kernel in self._kernels(t)] + \
+            [("head", s, None) for s in self.seq_buckets]
+        for kind, n, kernel in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
                 self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
-                                                         prev_tokens=self._prev_tokens, lora=self.lora)
+                                                         prev_tokens=self._prev_tokens, lora=self.lora,
+                                                         decode_only=kernel)
                 continue
             s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
             for greedy_only in (True, False):
@@ -276,12 +283,28 @@ class ModelRunner:
             targets[list(target_rows)] = target_tokens
         step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
                           token_mask is not None, targets, top_bucket(prompt_top), saves, loads, disk_saves,
-                          disk_loads)
+                          disk_loads, self._decode_kernel(plan, len(inputs.tokens)))
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
         return LaunchedStep(out, head_rows, time.perf_counter() - t0,
                             want_hidden=any(c.sample and c.seq.params.embed for c in plan.chunks))
+
+    def _kernels(self, num_tokens: int) -> tuple[bool | None, ...]:
+        """The attention kernels a step in this token bucket may use (`decode_only`): one compiled step each."""
+        if self.backend == "xla":
+            return (None,)  # one attention path: no second compile
+        return (True, False) if num_tokens <= self.max_decode_bucket else (False,)
+
+    def _decode_kernel(self, plan: StepPlan, num_tokens: int) -> bool | None:
+        """The plan's attention kernel: on the Pallas backends the split-KV decode kernel when no sequence has more
+        than a few new tokens (decodes, drafts: `pallas_kernels.prefers_decode_kernel`), else the ragged one, whose
+        query blocks read a chunk's KV once per block instead of once per row (a short tail prefilled over a long
+        cached prefix, the prefix cache's common case)."""
+        kernels = self._kernels(num_tokens)
+        if len(kernels) == 1:
+            return kernels[0]
+        return pallas_kernels.prefers_decode_kernel(max(len(c.token_ids) for c in plan.chunks))
 
     @staticmethod
     def head_rows(plan: StepPlan) -> list[list[int]]:
@@ -335,7 +358,8 @@ class ModelRunner:
             scatter = self._scatter if self.layout is None else self._scatter_entries
             self.kv = scatter(self.kv, *self._to_device(step.disk_loads))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
-                                                   prev_tokens=self._prev_tokens, lora=self.lora)
+                                                   prev_tokens=self._prev_tokens, lora=self.lora,
+                                                   decode_only=step.decode_kernel)
         out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
                          use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
                          greedy_only=step.greedy_only, use_mask=step.use_mask)
@@ -349,13 +373,13 @@ class ModelRunner:
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
-    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora):
+    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, decode_only=None):
         """The model step, its placeholder tokens first replaced by those the previous step sampled.
         Returns (hidden of each sequence's last row [S, H], every row's hidden [T, H], caches)."""
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
         (hidden, every_row), kv_caches = llama.forward(
             params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
-            mesh=self.mesh, all_hidden=True, lora=lora, layout=self.layout)
+            mesh=self.mesh, all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
         return hidden, every_row, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):
@@ -482,6 +506,7 @@ class StepArrays:
     # (pages, or a hybrid cache's [L, n] entries, padded; their block hashes): to the disk tier
     disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None
     disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
+    decode_kernel: bool | None = None  # the attention kernel (ragged_paged_attention's decode_only); None: xla
 
 
 # The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.

@@ -309,12 +309,13 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
-    layout: HybridLayout | None = None,
+    layout: HybridLayout | None = None, decode_only: bool | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
     all_hidden: the first item is (those rows, every row's hidden state [T, hidden]) instead.
     layout: the caches are a hybrid cache (`HybridLayout`; inputs carry the window slots).
+    decode_only: the attention kernel to use on the Pallas backends (`pallas_kernels.ragged_paged_attention`).
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -327,7 +328,7 @@ def forward(
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
-            **kv_quant.scale_kwargs(kv),
+            decode_only=decode_only, **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 

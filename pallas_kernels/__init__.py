@@ -28,10 +28,21 @@ def resolve_backend(name: str) -> str:
   return name
 
 
+# Most new tokens of one sequence for which the decode kernel still pays: its rows each read the sequence's KV, but
+# split over programs; past this a chunk's rows are better served by the ragged kernel's shared KV tiles. 8 covers
+# decodes and speculative verification (up to 7 drafts). A guess until timed on a GPU (docs/kernels.md).
+DECODE_MAX_ROWS = 8
+
+
+def prefers_decode_kernel(max_chunk: int) -> bool:
+  """Whether a step whose longest chunk has `max_chunk` new tokens should pass decode_only=True."""
+  return max_chunk <= DECODE_MAX_ROWS
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
-                           decode_only: bool = False, layer: jax.Array | None = None,
+                           decode_only: bool | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
 
@@ -46,11 +57,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   soft_cap * tanh(score / soft_cap) before masking. q head h reads kv head h // (Hq // Hkv).
   Rows past cu_q_lens[num_seqs] are padding: their output is finite but unspecified.
 
-  decode_only (static, a performance hint): the caller expects every real sequence to have one
-  new token. The Pallas backends then use the split-KV decode kernel (pallas_kernels/
-  decode_kernel.py), which handles every row independently and so stays correct for any batch,
-  only slower on long chunks. Buckets with T <= S (rows <= sequence slots) use it regardless.
-  The xla backend ignores the flag.
+  decode_only (static, a performance hint): True: the split-KV decode kernel (pallas_kernels/
+  decode_kernel.py), for batches whose sequences have one new token each, or a few (see
+  DECODE_MAX_ROWS); it handles every row independently, so it stays correct for any batch, only
+  slower on long chunks (each row reads its sequence's KV). False: the ragged kernel (query blocks:
+  a chunk's rows share each KV tile). None: the decode kernel when T <= S (rows <= sequence slots),
+  a guess for callers that do not know their chunks; the engine passes the step's own answer
+  (`prefers_decode_kernel`). The xla backend ignores the flag.
 
   layer (int32 scalar): k_pages / v_pages hold every layer, [L, Hkv, P, page_size, D] (the
   engine's stacked cache carried through `lax.scan`); attention reads that layer in place, every
@@ -71,7 +84,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
   # would hold ~1 row each), so it takes the split-KV decode kernel too.
-  use_decode = decode_only or q.shape[0] <= page_indices.shape[0]
+  use_decode = q.shape[0] <= page_indices.shape[0] if decode_only is None else decode_only
   kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,

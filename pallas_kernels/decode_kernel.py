@@ -109,7 +109,9 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   itemsize = max(jnp.dtype(k_pages.dtype).itemsize, jnp.dtype(q.dtype).itemsize)  # 8-bit tiles convert to q's
   default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
-  num_splits = num_splits or default_num_splits(num_tokens, num_kv_heads)
+  # Splits fill a GPU's SMs; interpreted on a CPU each program costs a copy of its inputs, so one split (the merge
+  # of several is tested with num_splits given).
+  num_splits = num_splits or (1 if interpret else default_num_splits(num_tokens, num_kv_heads))
   if num_warps is None:
     # With head_dim 256 the [16, D] accumulator and q tile push 4 warps past 255 registers
     # (spills); below that 4 warps fit (~230 for D=128 bf16; scripts/kernel_compile_check.py).

@@ -253,8 +253,8 @@ def main(argv=None):
   pallas_backend = "pallas_interpret" if quick else "pallas"
   if quick:
     num_q_heads, num_kv_heads, head_dim = 8, 2, 64
-    decode_cases = [(b, ctx) for b in (1, 4) for ctx in (64, 256)]
-    prefill_cases = [(chunk, prefix) for chunk in (16, 64) for prefix in (0, 64)]
+    decode_cases = [(1, 64), (4, 256)]
+    prefill_cases = [(16, 0), (64, 64)]
     reps, inner = args.reps or 2, 1
   else:
     num_q_heads, num_kv_heads, head_dim = 32, 8, 128  # Llama-3-8B

@@ -129,6 +129,28 @@ def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
 
 
 # ------------------------------------------------------------------------------ hybrid cache (windowed layers)
+def test_pallas_steps_take_the_decode_kernel_only_when_every_chunk_is_short(tiny_model):
+    """On the Pallas backends a step whose sequences each have a few new tokens (decodes, drafts) takes the split-KV
+    decode kernel, and one with a longer chunk (a prompt's tail over its cached prefix) the ragged kernel, which
+    reads the chunk's KV once per query block, not once per row; buckets too big for a batch of decodes compile
+    the ragged kernel alone, and the xla backend compiles one step per bucket."""
+    import types
+
+    def plan(*lengths):
+        return types.SimpleNamespace(chunks=[types.SimpleNamespace(token_ids=[1] * n) for n in lengths])
+
+    config = {**SMALL, "scheduler.max_running": 4, "speculative.method": "ngram", "speculative.num_tokens": 3}
+    runner = LLM(EngineConfig().replace(**{**config, "attention.backend": "pallas_interpret"}), progress=False,
+                 model=tiny_model).engine.runner
+    assert runner.max_decode_bucket == 16  # 4 sequences x (1 + 3 drafts)
+    assert runner._decode_kernel(plan(1, 1, 1), 16) is True
+    assert runner._decode_kernel(plan(1, 4, 4, 1), 16) is True  # drafts verified
+    assert runner._decode_kernel(plan(1, 9), 16) is False  # a tail prefilled: the ragged kernel
+    assert runner._decode_kernel(plan(100), 128) is False and runner._kernels(128) == (False,)
+    xla = LLM(EngineConfig().replace(**config), progress=False, model=tiny_model).engine.runner
+    assert xla._decode_kernel(plan(1, 1), 16) is None and xla._kernels(16) == (None,)
+
+
 @pytest.fixture(scope="module")
 def tiny_gemma3(tokenizer):
     """A random Gemma 3 whose windowed layers see 12 tokens (shorter than most prompts): 3 of 4 layers windowed."""

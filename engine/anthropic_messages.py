@@ -7,7 +7,9 @@ reasoning parser; the chat reply becomes Anthropic content blocks:
               assistant's tool_calls (input as JSON arguments), tool_result blocks tool messages (before the turn's
               text), thinking blocks dropped (templates drop earlier turns' thinking); tools (name, description,
               input_schema) -> function tools; tool_choice auto / any / tool / none -> auto / required / named / none;
-              stop_sequences -> stop; thinking -> chat_template_kwargs.enable_thinking (with a reasoning parser)
+              stop_sequences -> stop; thinking -> chat_template_kwargs.enable_thinking (with a reasoning parser);
+              messages ending with the assistant's text: a prefilled reply the model continues
+              (continue_final_message), the reply holding only what follows
     reply:    a `thinking` block (the reasoning parser's thinking), a `text` block, `tool_use` blocks (`input` parsed);
               stop_reason end_turn | max_tokens | stop_sequence (and which) | tool_use
     stream:   SSE events in Anthropic's order (`Content`): message_start, per block content_block_start /
@@ -136,7 +138,11 @@ def chat_request(body: MessagesRequest, reasoning: bool) -> ChatCompletionReques
     """The chat request a Messages request runs as. reasoning: the server has a reasoning parser, so `thinking` sets
     the template's enable_thinking."""
     tools = _chat_tools(body.tools)
-    fields = {"model": body.model, "messages": chat_messages(body.system, body.messages), "tools": tools,
+    messages = chat_messages(body.system, body.messages)
+    final = messages[-1]
+    # A conversation ending with the assistant's text is a prefilled reply: the model continues it.
+    prefill = final["role"] == "assistant" and not final.get("tool_calls") and final["content"].strip() != ""
+    fields = {"model": body.model, "messages": messages, "tools": tools, "continue_final_message": prefill or None,
               "tool_choice": _chat_tool_choice(body.tool_choice, bool(tools)), "max_tokens": body.max_tokens,
               "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
               "stop": body.stop_sequences or None, "stream": body.stream, "cache_salt": body.cache_salt,

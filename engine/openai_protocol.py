@@ -126,6 +126,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description='variables for the chat template, e.g. {"enable_thinking": false} (Qwen3)')
+    add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opened")
+    continue_final_message: bool = Field(False, description="the last message, an assistant's, is the start of the "
+                                                            "reply: the model continues it (no generation prompt)")
 
 
 class EmbeddingRequest(_Body):
@@ -148,6 +151,7 @@ class TokenizeRequest(_Body):
     messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
     add_special_tokens: bool = Field(True, description="with prompt: BOS/EOS as the tokenizer adds them")
     add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's turn opening")
+    continue_final_message: bool = Field(False, description="with messages: end inside the last (assistant's) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="with messages: variables for the template")
 
 

@@ -272,8 +272,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             tools = ToolChoice(tool_specs, choice)
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split(":")[0].split()[0]) from None
+        generation = _generation_prompt(body)
         try:
-            kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {})}
+            kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {}), **generation}
             prompt_ids = tokenizer.encode_chat(messages, **kwargs)
         except Exception as e:  # template errors (roles out of order, ...) are the caller's
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
@@ -346,8 +347,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         else:
             try:
                 ids = tokenizer.encode_chat(template_messages(body.messages),
-                                            add_generation_prompt=body.add_generation_prompt,
-                                            **(body.chat_template_kwargs or {}))
+                                            **_generation_prompt(body), **(body.chat_template_kwargs or {}))
             except Exception as e:  # template errors (roles out of order, ...) are the caller's
                 raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
@@ -464,6 +464,18 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return engine.feed.state()
 
     return app
+
+
+def _generation_prompt(body) -> dict:
+    """How a request's chat prompt ends, as encode_chat's arguments: the assistant's turn opened, or with
+    `continue_final_message` the last message left open (add_generation_prompt then defaults to false; both set
+    true is a 400)."""
+    if not body.continue_final_message:
+        return {"add_generation_prompt": body.add_generation_prompt}
+    if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
+        raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true",
+                       param="continue_final_message")
+    return {"add_generation_prompt": False, "continue_final_message": True}
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:

@@ -340,26 +340,53 @@ class Tokenizer:
     # --- chat -----------------------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False,
+        **kwargs: Any
     ) -> str:
+        """The conversation as the model's template writes it, ending with the assistant's turn opened
+        (`add_generation_prompt`), or with `continue_final_message` inside the last message, an assistant's, so that
+        the model goes on writing it (a prefilled reply: Anthropic's assistant prefill, vLLM's flag)."""
         if not self.chat_template:
             raise ValueError(
                 f"{self._source}: the model defines no chat template (GGUF tokenizer.chat_template / "
                 "tokenizer_config.json chat_template / chat_template.jinja)"
             )
-        return render_chat_template(
+        if continue_final_message:
+            if add_generation_prompt:
+                raise ValueError("add_generation_prompt and continue_final_message cannot both be true")
+            final = messages[-1] if messages else {}
+            if final.get("role") != "assistant" or not isinstance(final.get("content"), str) \
+                    or not final["content"].strip():
+                raise ValueError("continue_final_message: the last message must be an assistant's, with text")
+        text = render_chat_template(
             self.chat_template,
             messages,
             add_generation_prompt=add_generation_prompt,
             special_tokens=self._template_tokens,
             **kwargs,
         )
+        return _open_final_message(text, messages[-1]["content"]) if continue_final_message else text
 
     def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
         # NOTE: templates write BOS themselves when the model wants it, so (as transformers'
         # apply_chat_template(tokenize=True) does) no special tokens are added on top.
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _open_final_message(text: str, content: str) -> str:
+    """`text` (a rendered conversation) cut right after the last message's `content`: whatever the template writes to
+    close the turn goes. Templates that strip a message's surrounding whitespace are followed: the cut comes after
+    the content as it was rendered."""
+    core = content.strip()
+    at = text.rfind(core)
+    if at < 0:
+        raise ValueError("continue_final_message: the chat template does not write the last message's text verbatim")
+    end = at + len(core)
+    trailing = content[len(content.rstrip()):]
+    if trailing and text.startswith(trailing, end):  # the template kept the message's trailing whitespace
+        end += len(trailing)
+    return text[:end]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -454,6 +454,28 @@ def test_model_text_equals_chat_and_streams(http):
 
 
 @pytest.mark.slow
+def test_model_assistant_prefill_is_continued(http):
+    """A conversation ending with the assistant's text is a prefilled reply: the prompt ends inside that message
+    (chat's continue_final_message, whose text this equals), and the reply holds only what follows."""
+    messages = [{"role": "user", "content": "What is the capital of France?"},
+                {"role": "assistant", "content": "The capital of France is"}]
+    m = _message(http, max_tokens=8, messages=messages)
+    chat = _chat(http, messages, max_tokens=8, continue_final_message=True)
+    assert _text(m) == chat["choices"][0]["message"]["content"] and "Paris" in _text(m), _text(m)
+    ids = http.post("/tokenize", json={"messages": messages, "add_generation_prompt": False,
+                                       "continue_final_message": True}).json()["tokens"]
+    assert m["usage"]["input_tokens"] + m["usage"]["cache_read_input_tokens"] == len(ids)
+    text = http.post("/detokenize", json={"tokens": ids}).json()["prompt"]
+    assert text.endswith("<|im_start|>assistant\nThe capital of France is"), text
+    both = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 4,
+                                                   "continue_final_message": True, "add_generation_prompt": True})
+    assert both.status_code == 400 and "cannot both be true" in both.json()["error"]["message"]
+    user_last = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages[:1], "max_tokens": 4,
+                                                        "continue_final_message": True})
+    assert user_last.status_code == 400 and "last message must be an assistant's" in user_last.json()["error"]["message"]
+
+
+@pytest.mark.slow
 def test_model_stop_sequences_max_tokens_and_cache(http):
     """A stop sequence the reply reaches ends it with stop_reason stop_sequence; max_tokens with max_tokens; a second
     turn reads the first turn's prompt pages from the prefix cache."""

@@ -153,6 +153,26 @@ def test_smollm2_chat_template_matches_transformers(smollm2, smollm2_ref, messag
 
 @pytest.mark.slow
 @needs_smollm2
+@pytest.mark.parametrize("prefill", ["The capital of France is", "Sure, here is the list:\n", "Answer: "])
+def test_continue_final_message_matches_transformers(smollm2, smollm2_ref, prefill):
+    """The prompt ends inside the assistant's last message (a prefilled reply), as transformers cuts it; a template
+    that trims messages is cut after the trimmed text; misuse is refused by name."""
+    messages = [{"role": "user", "content": "Tell me."}, {"role": "assistant", "content": prefill}]
+    text = smollm2.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True)
+    assert text == smollm2_ref.apply_chat_template(messages, tokenize=False, continue_final_message=True)
+    assert text.endswith(prefill) and smollm2.apply_chat_template(messages, add_generation_prompt=False).startswith(text)
+    trimming = smollm2.with_chat_template(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</{{ m['role'] }}>{% endfor %}")
+    assert trimming.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True) == \
+        f"<user>Tell me.</user><assistant>{prefill.strip()}"
+    with pytest.raises(ValueError, match="cannot both be true"):
+        smollm2.apply_chat_template(messages, continue_final_message=True)
+    with pytest.raises(ValueError, match="must be an assistant's"):
+        smollm2.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)
+
+
+@pytest.mark.slow
+@needs_smollm2
 def test_from_pretrained_dir_matches_gguf(smollm2, smollm2_ref, tmp_path):
     smollm2_ref.save_pretrained(tmp_path)
     from_dir = Tokenizer.load(tmp_path)

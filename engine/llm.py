@@ -81,13 +81,17 @@ class LLM:
         tool_choice: str | dict | None = None,
         adapter: str | None = None,
         chat_template_kwargs: dict | None = None,
+        continue_final_message: bool = False,
     ) -> list[Completion]:
         """Applies the model's chat template to each message list, then generates. `tools` / `tool_choice` as in
         OpenAI's chat API (`engine.tool_calls`): the tools reach the template, a named or "required" choice holds
         the reply to the tools' schemas, and calls found in a reply come back in `Completion.tool_calls`.
-        `chat_template_kwargs`: variables for the template, e.g. {"enable_thinking": False} (Qwen3)."""
+        `chat_template_kwargs`: variables for the template, e.g. {"enable_thinking": False} (Qwen3).
+        `continue_final_message`: each conversation ends with an assistant's message that the model continues (a
+        prefilled reply); the completion holds only what it adds."""
         choice = ToolChoice(tools or [], tool_choice)
-        kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {})}
+        kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {}),
+                  "continue_final_message": continue_final_message}
         prompts = [self.tokenizer.encode_chat(list(messages), **kwargs) for messages in conversations]
         if choice.constraint() is not None:
             params = [dataclasses.replace(p, structured=choice.constrain(p.structured, "structured"))

@@ -21,7 +21,7 @@ SAMPLING_FIELDS = {
     "min_tokens",
 }
 LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
-                                                           "embed", "chat_template_kwargs"}
+                                                           "embed", "chat_template_kwargs", "continue_final_message"}
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -52,6 +52,8 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
         return rid, None, "'messages' must be a non-empty list of {role, content} strings"
     if "chat_template_kwargs" in obj and ("messages" not in obj or not isinstance(obj["chat_template_kwargs"], dict)):
         return rid, None, "'chat_template_kwargs' must be an object, with 'messages'"
+    if "continue_final_message" in obj and ("messages" not in obj or not isinstance(obj["continue_final_message"], bool)):
+        return rid, None, "'continue_final_message' must be true or false, with 'messages'"
     if obj.get("cache_salt") is not None and not isinstance(obj["cache_salt"], str):
         return rid, None, "'cache_salt' must be a string or null"
     return rid, obj, None
@@ -92,7 +94,8 @@ class LineJob:
         """Adds a parsed line's request; -> None, or the error the engine refused it with."""
         engine = self.engine
         try:
-            prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}))
+            prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
+                                                   continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
             engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
                                            priority=obj.get("priority", 0), adapter=obj.get("adapter"))

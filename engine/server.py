@@ -468,14 +468,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
 
 def _generation_prompt(body) -> dict:
     """How a request's chat prompt ends, as encode_chat's arguments: the assistant's turn opened, or with
-    `continue_final_message` the last message left open (add_generation_prompt then defaults to false; both set
-    true is a 400)."""
+    `continue_final_message` the last message left open (add_generation_prompt then defaults to false)."""
     if not body.continue_final_message:
         return {"add_generation_prompt": body.add_generation_prompt}
-    if body.add_generation_prompt and "add_generation_prompt" in body.model_fields_set:
-        raise ApiError(400, "add_generation_prompt and continue_final_message cannot both be true",
-                       param="continue_final_message")
-    return {"add_generation_prompt": False, "continue_final_message": True}
+    explicit = "add_generation_prompt" in body.model_fields_set
+    return {"continue_final_message": True, **({"add_generation_prompt": body.add_generation_prompt} if explicit else {})}
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:

@@ -340,12 +340,15 @@ class Tokenizer:
     # --- chat -----------------------------------------------------------------------------------------------
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, continue_final_message: bool = False,
-        **kwargs: Any
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool | None = None,
+        continue_final_message: bool = False, **kwargs: Any
     ) -> str:
         """The conversation as the model's template writes it, ending with the assistant's turn opened
-        (`add_generation_prompt`), or with `continue_final_message` inside the last message, an assistant's, so that
-        the model goes on writing it (a prefilled reply: Anthropic's assistant prefill, vLLM's flag)."""
+        (`add_generation_prompt`, by default unless continuing), or with `continue_final_message` inside the last
+        message, an assistant's, so that the model goes on writing it (a prefilled reply: Anthropic's assistant
+        prefill, vLLM's flag)."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not continue_final_message
         if not self.chat_template:
             raise ValueError(
                 f"{self._source}: the model defines no chat template (GGUF tokenizer.chat_template / "
@@ -367,7 +370,8 @@ class Tokenizer:
         )
         return _open_final_message(text, messages[-1]["content"]) if continue_final_message else text
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool | None = None,
+                    **kwargs) -> list[int]:
         # NOTE: templates write BOS themselves when the model wants it, so (as transformers'
         # apply_chat_template(tokenize=True) does) no special tokens are added on top.
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)

@@ -644,6 +644,24 @@ def test_chat_template_from_the_config(tiny_model, tmp_path):
             model=tiny_model)
 
 
+def test_chat_continues_a_prefilled_reply(tiny):
+    """continue_final_message: the prompt ends inside the assistant's last message, and the completion is what the
+    model adds to it (LLM.chat; the offline job's lines take the field with messages)."""
+    import json
+
+    from engine.offline_job import parse_line
+
+    convo = [{"role": "user", "content": "Capital of France?"}, {"role": "assistant", "content": "It is"}]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    got = tiny.chat([convo], params, continue_final_message=True)[0]
+    text = tiny.tokenizer.apply_chat_template(convo, continue_final_message=True)
+    assert text.endswith("<|im_start|>assistant\nIt is")
+    assert got.token_ids == tiny.generate([tiny.tokenizer.encode(text, add_special_tokens=False)], params)[0].token_ids
+    assert got.token_ids != tiny.chat([convo], params)[0].token_ids  # a new turn after it is another prompt
+    assert parse_line(json.dumps({"id": 1, "messages": convo, "continue_final_message": True}), 1)[2] is None
+    assert "with 'messages'" in parse_line(json.dumps({"id": 1, "prompt": "x", "continue_final_message": True}), 1)[2]
+
+
 def test_overlap_abort_while_a_step_is_in_flight(tiny):
     engine = tiny.engine
     assert engine.config.scheduler.overlap

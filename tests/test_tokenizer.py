@@ -165,8 +165,9 @@ def test_continue_final_message_matches_transformers(smollm2, smollm2_ref, prefi
         "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] | trim }}</{{ m['role'] }}>{% endfor %}")
     assert trimming.apply_chat_template(messages, add_generation_prompt=False, continue_final_message=True) == \
         f"<user>Tell me.</user><assistant>{prefill.strip()}"
+    assert smollm2.apply_chat_template(messages, continue_final_message=True) == text  # no generation prompt then
     with pytest.raises(ValueError, match="cannot both be true"):
-        smollm2.apply_chat_template(messages, continue_final_message=True)
+        smollm2.apply_chat_template(messages, add_generation_prompt=True, continue_final_message=True)
     with pytest.raises(ValueError, match="must be an assistant's"):
         smollm2.apply_chat_template(messages[:1], add_generation_prompt=False, continue_final_message=True)
 

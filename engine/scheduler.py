@@ -175,7 +175,8 @@ class Scheduler:
 
         # 3. Admit waiting sequences in policy order while slots, budget and pages last.
         admitted: set[int] = set()
-        for seq in self._admission_order():
+        room = budget > 0 and len(self.running) < self.cfg.max_running
+        for seq in self._admission_order() if room else ():  # (lpm's order costs a tree match per waiting prompt)
             if budget <= 0 or len(self.running) >= self.cfg.max_running:
                 break
             if seq.has_pending_token:

@@ -312,6 +312,11 @@ class DiskCache:
 def _flush_at_exit(ref) -> None:
     disk = ref()
     if disk is not None and disk._writer.is_alive():
+        with disk._lock:
+            queued = len(disk._writing)
+        if queued >= 64:  # seconds of writing: say why the process has not ended yet
+            log.warning("disk tier: writing %d queued pages (%.0f MiB) to %s before exit", queued,
+                        queued * disk.page_bytes / 2**20, disk.dir)
         disk.flush()
 
 

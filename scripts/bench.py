@@ -356,6 +356,11 @@ def decode_overhead(args) -> None:
         engines[name] = LLMEngine(config, model=model)
         model_cfg = engines[name].model_cfg
     steps: dict[str, list[dict]] = {name: [] for name in engines}
+    profiler = None
+    if args.profile:  # the host side of every step, on the device's wait too (numpy.asarray: blocked on results)
+        import cProfile
+
+        profiler = cProfile.Profile()
     for _ in range(args.repeats):
         for name, engine in engines.items():
             rng = random.Random(args.seed)
@@ -366,7 +371,11 @@ def decode_overhead(args) -> None:
                                    adapter=adapters[i % len(adapters)])
             while engine.has_unfinished():
                 launched = engine.num_steps
+                if profiler is not None:
+                    profiler.enable()
                 engine.step()
+                if profiler is not None:
+                    profiler.disable()
                 s = engine.last_step
                 if engine.num_steps > launched and s["num_decode"] == args.decode_batch and not s["num_prefill"]:
                     steps[name].append(s)
@@ -378,6 +387,11 @@ def decode_overhead(args) -> None:
         print(f"{name} ({' '.join(configs[name]) or 'defaults'}): decode batch {args.decode_batch}, {len(steps[name])} "
               f"pure-decode steps; median step {total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host "
               f"work {share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
+    if profiler is not None:
+        import pstats
+
+        print("\nwhere the steps' time went (cProfile, every configuration and step, by own time):")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(args.profile)
 
 
 def step_times(args) -> None:
@@ -488,6 +502,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="decode workload: profile the steps and print the N functions with the most own time")
     ap.add_argument("--decode-prompt-len", type=int, default=64, help="decode workload: prompt tokens per request")
     ap.add_argument("--page-size", type=int, default=16, help="for the ideal hit rate (HTTP mode)")
     ap.add_argument("--timeout-s", type=float, default=1800)

@@ -13,6 +13,7 @@ R, the head rows, is one per sequence (max_running), plus one per draft token wi
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import time
@@ -210,31 +211,38 @@ class ModelRunner:
 
     # ---------------------------------------------------------------------------------- step
     def pack(self, plan: StepPlan, head_rows: list[list[int]] | None = None) -> llama.ModelInputs:
-        """Host arrays of the plan in its token bucket (sequence axis always max_running long)."""
+        """Host arrays of the plan in its token bucket (sequence axis always max_running long). Whole-array numpy,
+        not a loop over chunks: at batch 256 this is host work of every step (tests compare it with the loop)."""
         head_rows = head_rows if head_rows is not None else self.head_rows(plan)
-        num_tokens = plan.num_tokens
-        inputs = self._pack_padding(bucket_for(num_tokens, self.token_buckets))
-        ps, row = self.page_size, 0
-        for i, chunk in enumerate(plan.chunks):
-            n = len(chunk.token_ids)
-            pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
-            pages = np.asarray(chunk.pages, np.int32)
-            inputs.tokens[row : row + n] = chunk.token_ids
-            if self.lora:
-                inputs.adapter_ids[row : row + n] = chunk.seq.adapter
-            inputs.positions[row : row + n] = pos
-            inputs.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
-            inputs.kv_lens[i] = chunk.start + n
-            inputs.page_indices[i, : len(pages)] = pages
-            if self.layout is not None:
-                slots = np.asarray(chunk.window_pages, np.int32)
-                inputs.window_slot_mapping[row : row + n] = slots[pos // ps] * ps + pos % ps
-                inputs.window_page_indices[i, : len(slots)] = np.maximum(slots, 0)  # out of the window: never read
-            row += n
-            inputs.cu_q_lens[i + 1] = row
-            inputs.logits_indices[head_rows[i]] = np.arange(row - len(head_rows[i]), row)
-        inputs.cu_q_lens[len(plan.chunks) + 1 :] = row
-        inputs.num_seqs[0] = len(plan.chunks)
+        inputs = self._pack_padding(bucket_for(plan.num_tokens, self.token_buckets))
+        chunks, ps = plan.chunks, self.page_size
+        num = len(chunks)
+        lens = np.fromiter((len(c.token_ids) for c in chunks), np.int32, num)
+        starts = np.fromiter((c.start for c in chunks), np.int32, num)
+        cu = np.zeros(num + 1, np.int32)
+        np.cumsum(lens, out=cu[1:])
+        total = int(cu[-1])
+        seq_of_row = np.repeat(np.arange(num), lens)
+        pos = starts[seq_of_row] + np.arange(total, dtype=np.int32) - cu[:-1][seq_of_row]
+        inputs.tokens[:total] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
+        inputs.positions[:total] = pos
+        _fill_rows(inputs.page_indices, [c.pages for c in chunks])
+        inputs.slot_mapping[:total] = inputs.page_indices[seq_of_row, pos // ps] * ps + pos % ps
+        if self.lora:
+            inputs.adapter_ids[:total] = np.repeat(np.fromiter((c.seq.adapter for c in chunks), np.int32, num), lens)
+        if self.layout is not None:  # a page out of the window has slot -1: never read, never written
+            _fill_rows(inputs.window_page_indices, [c.window_pages for c in chunks])
+            inputs.window_slot_mapping[:total] = inputs.window_page_indices[seq_of_row, pos // ps] * ps + pos % ps
+            np.maximum(inputs.window_page_indices, 0, out=inputs.window_page_indices)
+        inputs.kv_lens[:num] = starts + lens
+        inputs.cu_q_lens[: num + 1] = cu
+        inputs.cu_q_lens[num + 1 :] = total
+        inputs.num_seqs[0] = num
+        rows_per_chunk = np.fromiter(map(len, head_rows), np.int32, num)
+        firsts = np.repeat(cu[1:] - rows_per_chunk, rows_per_chunk)  # each chunk's head rows are its last positions
+        within = np.arange(len(firsts), dtype=np.int32) - np.repeat(np.cumsum(rows_per_chunk) - rows_per_chunk,
+                                                                     rows_per_chunk)
+        inputs.logits_indices[list(itertools.chain.from_iterable(head_rows))] = firsts + within
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:
@@ -507,6 +515,14 @@ class StepArrays:
     disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None
     disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
     decode_kernel: bool | None = None  # the attention kernel (ragged_paged_attention's decode_only); None: xla
+
+
+def _fill_rows(table: np.ndarray, rows: list) -> None:
+    """table[i, :len(rows[i])] = rows[i] for every i, in one scatter."""
+    counts = np.fromiter(map(len, rows), np.int64, len(rows))
+    flat = np.fromiter(itertools.chain.from_iterable(rows), table.dtype, int(counts.sum()))
+    row_ids = np.repeat(np.arange(len(rows)), counts)
+    table[row_ids, np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)] = flat
 
 
 # The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.

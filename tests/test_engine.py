@@ -644,6 +644,77 @@ def test_chat_template_from_the_config(tiny_model, tmp_path):
             model=tiny_model)
 
 
+def _pack_loop(runner, plan, head_rows):
+    """runner.pack as a loop over chunks: the reference its whole-array version is tested against."""
+    inputs = runner._pack_padding(runner_bucket(runner, plan.num_tokens))
+    ps, row = runner.page_size, 0
+    for i, chunk in enumerate(plan.chunks):
+        n = len(chunk.token_ids)
+        pos = np.arange(chunk.start, chunk.start + n, dtype=np.int32)
+        pages = np.asarray(chunk.pages, np.int32)
+        inputs.tokens[row : row + n] = chunk.token_ids
+        if runner.lora:
+            inputs.adapter_ids[row : row + n] = chunk.seq.adapter
+        inputs.positions[row : row + n] = pos
+        inputs.slot_mapping[row : row + n] = pages[pos // ps] * ps + pos % ps
+        inputs.kv_lens[i] = chunk.start + n
+        inputs.page_indices[i, : len(pages)] = pages
+        if runner.layout is not None:
+            slots = np.asarray(chunk.window_pages, np.int32)
+            inputs.window_slot_mapping[row : row + n] = slots[pos // ps] * ps + pos % ps
+            inputs.window_page_indices[i, : len(slots)] = np.maximum(slots, 0)
+        row += n
+        inputs.cu_q_lens[i + 1] = row
+        inputs.logits_indices[head_rows[i]] = np.arange(row - len(head_rows[i]), row)
+    inputs.cu_q_lens[len(plan.chunks) + 1 :] = row
+    inputs.num_seqs[0] = len(plan.chunks)
+    return inputs
+
+
+def runner_bucket(runner, num_tokens):
+    from engine.runner import bucket_for
+
+    return bucket_for(num_tokens, runner.token_buckets)
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_pack_equals_the_loop_over_chunks(tiny_model, tiny_gemma3, hybrid):
+    """The step's host arrays, built with whole-array numpy, equal the per-chunk loop's on random plans: decodes,
+    drafts, prefill chunks, long page lists, a hybrid cache's window slots (-1 out of the window), LoRA ids."""
+    import types
+
+    model = tiny_gemma3 if hybrid else tiny_model
+    overrides = {**(HYBRID if hybrid else SMALL), "cache.num_pages": 64, "scheduler.max_running": 8,
+                 "speculative.method": "ngram", "speculative.num_tokens": 2}
+    runner = LLM(EngineConfig().replace(**overrides), progress=False, model=model).engine.runner
+    runner.lora = {"stacked": True}  # adapter ids packed too
+    rng = np.random.default_rng(0)
+    ps = runner.page_size
+    for _ in range(50):
+        chunks, budget = [], runner.token_buckets[-1]
+        for _ in range(int(rng.integers(1, runner.max_seqs + 1))):
+            n = int(rng.choice([1, 1, 2, 5, 17]))
+            draft = tuple(int(t) for t in rng.integers(0, 50, int(rng.integers(0, 3)))) if n > 1 and rng.random() < 0.3 else ()
+            if n > budget:
+                break
+            budget -= n
+            start = int(rng.integers(0, 60))
+            num_pages = -(-(start + n) // ps)
+            pages = tuple(int(p) for p in rng.permutation(64)[:num_pages])
+            window = tuple(int(w) if i >= num_pages - 3 else -1 for i, w in enumerate(rng.integers(0, 40, num_pages)))
+            chunks.append(types.SimpleNamespace(token_ids=[int(t) for t in rng.integers(0, 500, n)], start=start,
+                                                pages=pages, window_pages=window if hybrid else (), draft=draft,
+                                                seq=types.SimpleNamespace(adapter=int(rng.integers(0, 3)))))
+        plan = types.SimpleNamespace(chunks=chunks, num_tokens=sum(len(c.token_ids) for c in chunks))
+        head_rows = runner.head_rows(plan)
+        got, want = runner.pack(plan, head_rows), _pack_loop(runner, plan, head_rows)
+        for field in dataclasses.fields(got):
+            a, b = getattr(got, field.name), getattr(want, field.name)
+            assert (a is None) == (b is None), field.name
+            if a is not None:
+                np.testing.assert_array_equal(a, b, err_msg=field.name)
+
+
 def test_chat_continues_a_prefilled_reply(tiny):
     """continue_final_message: the prompt ends inside the assistant's last message, and the completion is what the
     model adds to it (LLM.chat; the offline job's lines take the field with messages)."""

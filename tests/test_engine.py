@@ -98,10 +98,10 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
     assert runs["on"][0] == runs["off"][0] == runs["tiny"][0] == runs["serial"][0]
     assert sum(runs["off"][1]) == 0
     # ... and identical to the model's non-paged reference forward (teacher-forced: each generated
-    # token is the dense argmax given everything before it).
+    # token is the dense argmax given everything before it), on every third prompt (the runs are equal on all).
     cfg, params, _ = smollm2
     params = jax.device_put(params)
-    for (prompt, _), out in zip(prompts, runs["on"][0]):
+    for (prompt, _), out in list(zip(prompts, runs["on"][0]))[::3]:
         seq = prompt + out
         padded = seq + [0] * (128 - len(seq) % 128)
         logits = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(padded, jnp.int32)))
@@ -123,7 +123,7 @@ def test_xla_and_pallas_interpret_backends_agree(smollm2, tokenizer):
         llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 20, "attention.backend": backend,
                                             "scheduler.max_batch_tokens": 16, "scheduler.max_running": 4}),
                   progress=False, model=smollm2)
-        outs[backend] = _generate(llm, prompts, max_tokens=6)
+        outs[backend] = _generate(llm, prompts, max_tokens=3)  # decode steps take the decode kernel
     assert outs["xla"][0] == outs["pallas_interpret"][0]
     assert outs["pallas_interpret"][1][2] >= 32  # the repeated prompt's first pages came from the cache
 

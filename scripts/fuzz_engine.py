@@ -1,0 +1,136 @@
+"""Engine-level fuzzing: random configurations on tiny random models, greedy outputs against a plain run.
+
+Each seed draws a model (a tiny Llama, or a tiny Gemma 3 whose windowed layers see 12 tokens), a KV dtype, a page
+size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
+hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
+a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
+namespaces) with invariants checked every step (`debug_checks`). Every engine must give the greedy tokens of the same
+model run with the cache off, a big pool and serial steps. The scheduler's own property test
+(tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
+page tables, copy-on-write, host and disk copies, window slots).
+
+    .venv/bin/python scripts/fuzz_engine.py --seeds 0 200          # ~8 s a seed on 2 CPU cores
+    .venv/bin/python scripts/fuzz_engine.py --seeds 0 5 --backend pallas_interpret
+
+Exit status 1 if any seed fails; each failure prints its configuration.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def tiny_models(tokenizer) -> dict:
+    import jax
+
+    from models import llama
+    from models.config import LlamaConfig
+
+    llama_cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                            intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16,
+                            max_position=1024)
+    gemma_cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                            intermediate_size=128, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                            max_position=512, sliding_window=12, sliding_layers=(True, True, False, True),
+                            rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_tanh", qk_norm=True,
+                            sandwich_norms=True, embed_scale=8.0)
+    return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer)}
+
+
+def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
+    """-> (model, the plain reference's overrides, the fuzzed engine's, max_tokens)."""
+    model = rng.choice(["llama", "gemma3"])
+    page_size, max_model_len = rng.choice([4, 8, 16]), 128
+    base = {"warmup": False, "model.max_model_len": max_model_len, "cache.page_size": page_size,
+            "cache.kv_dtype": rng.choice(["auto", "auto", "int8"])}
+    reference = {**base, "cache.num_pages": 256, "cache.prefix_caching": False, "scheduler.overlap": False,
+                 "scheduler.max_batch_tokens": 128, "scheduler.max_running": 8}
+    least = -(-max_model_len // page_size)
+    max_batch_tokens = rng.choice([16, 32, 64, 128])
+    fuzzed = {**base, "debug_checks": True, "attention.backend": backend,
+              "cache.num_pages": rng.choice([least, least + 4, least * 2, 256]),
+              "scheduler.max_batch_tokens": max_batch_tokens,
+              "scheduler.max_running": rng.randint(1, min(8, max_batch_tokens)),
+              "scheduler.long_prefill_tokens": rng.choice([0, 0, 8, 20]),
+              "scheduler.policy": rng.choice(["fcfs", "lpm"]),
+              "scheduler.overlap": rng.choice([True, False])}
+    if rng.random() < 0.3:
+        fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
+    if model == "gemma3" and rng.random() < 0.7:
+        fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])
+    if model == "llama" and rng.random() < 0.3:
+        fuzzed["cache.host_num_pages"] = rng.choice([4, 16])
+    return model, reference, fuzzed, rng.choice([4, 10, 20])
+
+
+def run_seed(seed: int, models: dict, tokenizer, backend: str) -> str | None:
+    """None if the seed passes, else what went wrong."""
+    from engine.config import EngineConfig
+    from engine.llm import LLM
+    from tests.test_engine import _generate, _prompts
+
+    rng = random.Random(seed)
+    model, reference, fuzzed, max_tokens = draw(rng, backend)
+    prompts = _prompts(tokenizer, random.Random(seed))
+    prompts = rng.sample(prompts, rng.randrange(6, len(prompts)))
+    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
+    if disk:
+        fuzzed["cache.disk_path"] = disk
+    try:
+        want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model]), prompts,
+                         max_tokens)[0]
+        for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
+            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model])
+            got = _generate(llm, prompts, max_tokens)[0]
+            held = llm.engine.stats()["pages_held_by_requests"]
+            llm.engine.shutdown()
+            if got != want:
+                diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+                return f"{model} {fuzzed}: outputs differ from the plain run at prompts {diff[:5]}"
+            if held:
+                return f"{model} {fuzzed}: {held} pages still held by finished requests"
+    except Exception as e:  # noqa: BLE001 (a crash is a finding too)
+        traceback.print_exc()
+        return f"{model} {fuzzed}: {type(e).__name__}: {str(e)[:300]}"
+    finally:
+        if disk:
+            shutil.rmtree(disk, ignore_errors=True)
+    return None
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", type=int, nargs=2, default=(0, 20), metavar=("FIRST", "END"))
+    ap.add_argument("--backend", default="xla", choices=["xla", "pallas_interpret"])
+    args = ap.parse_args(argv)
+
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from tests.test_engine import SMOLLM2
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    models = tiny_models(tokenizer)
+    failures = 0
+    for seed in range(*args.seeds):
+        t0 = time.perf_counter()
+        problem = run_seed(seed, models, tokenizer, args.backend)
+        failures += problem is not None
+        print(f"seed {seed}: {'ok' if problem is None else 'FAIL ' + problem} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)
+    print(f"{args.seeds[1] - args.seeds[0]} seeds, {failures} failed")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

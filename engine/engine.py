@@ -127,7 +127,6 @@ class LLMEngine:
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,
                                      weights_id or weights_identity(config.model.path))
-        self.disk = self._disk.cache if self._disk is not None else None
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv.num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
@@ -152,6 +151,11 @@ class LLMEngine:
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
+
+    @property
+    def disk(self):
+        """The disk tier's files (engine.disk_cache.DiskCache), or None."""
+        return self._disk.cache if self._disk is not None else None
 
     @property
     def params(self) -> dict | None:

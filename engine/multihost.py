@@ -16,7 +16,8 @@ from engine.config import ParallelConfig
 
 OP_STOP, OP_STEP = 0, 1
 # op, token bucket, num_rows, use_penalties, use_filters, num_top, copies bucket (0: none), greedy_only, use_mask,
-# prompt logprobs wanted, their top k, logit-bias entries per row (0: none)
+# prompt logprobs wanted, their top k, logit-bias entries per row (0: none), the attention kernel (decode_only 1 or
+# 0; -1: None)
 _HEADER_LEN = 13
 
 

@@ -24,12 +24,12 @@ import numpy as np
 
 from engine import sampler
 from engine.config import EngineConfig
+from engine.kv_copies import PageCopies
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
 from models import llama, sharding
 from models.config import LlamaConfig
 import pallas_kernels
-from engine.kv_copies import PageCopies
 from pallas_kernels import kv_quant
 
 log = logging.getLogger(__name__)
@@ -116,16 +116,16 @@ class ModelRunner:
         self.num_pages = num_pages
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.max_seqs = config.scheduler.max_running
-        # Head rows: each chunk's last position, then each draft position (speculative decoding).
-        self.seq_buckets = pow2_buckets(1, min(self.max_seqs * (1 + config.speculative.draft_tokens),
-                                               config.scheduler.max_batch_tokens))
+        # Head rows: each chunk's last position, then each draft position (speculative decoding): at most a whole batch
+        # of decodes with their drafts.
+        decode_rows = min(self.max_seqs * (1 + config.speculative.draft_tokens), config.scheduler.max_batch_tokens)
+        self.seq_buckets = pow2_buckets(1, decode_rows)
         self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
         self.backend = backend
         # The Pallas backends compile each token bucket up to the one holding a whole batch of decodes (drafts
         # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).
-        self.max_decode_bucket = bucket_for(min(self.max_seqs * (1 + config.speculative.draft_tokens),
-                                                config.scheduler.max_batch_tokens), self.token_buckets)
+        self.max_decode_bucket = bucket_for(decode_rows, self.token_buckets)
         self.mesh = mesh
         shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
         self.layout = None

@@ -12,6 +12,7 @@ import pytest
 from engine.config import EngineConfig, load_config
 from engine.llm import LLM
 from engine.request import RequestError, SamplingParams
+from engine.runner import bucket_for
 from models import llama
 from models.config import LlamaConfig
 from models.loader import load_weights, resolve_path, tokenizer_source
@@ -646,7 +647,7 @@ def test_chat_template_from_the_config(tiny_model, tmp_path):
 
 def _pack_loop(runner, plan, head_rows):
     """runner.pack as a loop over chunks: the reference its whole-array version is tested against."""
-    inputs = runner._pack_padding(runner_bucket(runner, plan.num_tokens))
+    inputs = runner._pack_padding(bucket_for(plan.num_tokens, runner.token_buckets))
     ps, row = runner.page_size, 0
     for i, chunk in enumerate(plan.chunks):
         n = len(chunk.token_ids)
@@ -669,12 +670,6 @@ def _pack_loop(runner, plan, head_rows):
     inputs.cu_q_lens[len(plan.chunks) + 1 :] = row
     inputs.num_seqs[0] = len(plan.chunks)
     return inputs
-
-
-def runner_bucket(runner, num_tokens):
-    from engine.runner import bucket_for
-
-    return bucket_for(num_tokens, runner.token_buckets)
 
 
 @pytest.mark.parametrize("hybrid", [False, True])

@@ -129,6 +129,7 @@ class Router:
         except ValueError:
             return _failure(path, 400, "body must be a JSON object", "invalid_request_error")
         stream = bool(body.get("stream"))
+        anthropic = _is_anthropic(path)
         fwd = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         fwd["accept-encoding"] = "identity"  # NOTE: bytes are relayed raw, so they must not be compressed
         responses = path == "/v1/responses"
@@ -139,7 +140,7 @@ class Router:
             if isinstance(pinned, Response):
                 return pinned
             req = RouteRequest((), 0)
-        elif path.startswith("/v1/messages"):  # Anthropic's: system + messages, as the chat messages they render
+        elif anthropic:  # Anthropic's: system + messages, as the chat messages they render
             req = self.route_request(anthropic_route_body(body), chat=True)
         else:
             req = self.route_request(body, chat=path.endswith(("/chat/completions", "/responses")))
@@ -197,7 +198,7 @@ class Router:
                 if learn:
                     self.response_owners.learn(content, slot)
                 return Response(content, status_code=upstream.status_code, media_type=media_type)
-            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn, path.startswith("/v1/messages")),
+            return StreamingResponse(self._relay(first, chunks, upstream, ticket, learn, anthropic),
                                      status_code=upstream.status_code, media_type=media_type)
         self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
         return _failure(path, 503 if not tried else 502, f"no replica could serve the request ({last_error})",
@@ -325,6 +326,11 @@ class _Ticket:
 
 def _failure(path: str, status: int, message: str, kind: str) -> JSONResponse:
     """The router's own error response, shaped as the API of `path` answers errors (Anthropic's on /v1/messages)."""
-    if path.startswith("/v1/messages"):
+    if _is_anthropic(path):
         return JSONResponse(anthropic_messages.error_body(status, message), status_code=status)
     return JSONResponse(error_body(message, kind), status_code=status)
+
+
+def _is_anthropic(path: str) -> bool:
+    """Anthropic's Messages API (`/v1/messages`, `/v1/messages/count_tokens`): its own body and error shapes."""
+    return path.startswith("/v1/messages")

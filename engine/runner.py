@@ -176,10 +176,9 @@ class ModelRunner:
                 continue
             s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
             for greedy_only in (True, False):
-                jax.block_until_ready(
-                    self._head(self.params, self._hidden, s_in, num_rows=n, use_penalties=False, use_filters=False,
-                               num_top_logprobs=0, greedy_only=greedy_only)
-                )
+                jax.block_until_ready(self._run_head(self._hidden, s_in, num_rows=n, use_penalties=False,
+                                                     use_filters=False, num_top=0, greedy_only=greedy_only,
+                                                     use_mask=False))
 
     def _pack_padding(self, num_tokens: int) -> llama.ModelInputs:
         s, p = self.max_seqs, self.max_pages_per_seq
@@ -329,14 +328,21 @@ class ModelRunner:
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
                                                    prev_tokens=self._prev_tokens, lora=self.lora,
                                                    decode_only=step.decode_kernel)
-        out = self._head(self.params, hidden, self._to_device(step.sampling), num_rows=step.num_rows,
-                         use_penalties=step.use_penalties, use_filters=step.use_filters, num_top_logprobs=step.num_top,
-                         greedy_only=step.greedy_only, use_mask=step.use_mask)
+        out = self._run_head(hidden, self._to_device(step.sampling), num_rows=step.num_rows,
+                             use_penalties=step.use_penalties, use_filters=step.use_filters, num_top=step.num_top,
+                             greedy_only=step.greedy_only, use_mask=step.use_mask)
         self._prev_tokens = out[-1]
         if step.prompt_targets is None:
             return out[:-1]
         return out[:-1] + self._prompt_head(self.params, every_row, self._to_device(step.prompt_targets),
                                             num_top=step.prompt_top)
+
+    def _run_head(self, hidden, s_in, *, num_rows: int, use_penalties: bool, use_filters: bool, num_top: int,
+                  greedy_only: bool, use_mask: bool):
+        """The jitted head, every static argument passed by name and always all of them: jit keys its cache on the
+        keywords given, so a call that leaves one to its default misses what a call naming it compiled."""
+        return self._head(self.params, hidden, s_in, num_rows=num_rows, use_penalties=use_penalties,
+                          use_filters=use_filters, num_top_logprobs=num_top, greedy_only=greedy_only, use_mask=use_mask)
 
     def _to_device(self, tree):
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
@@ -366,7 +372,7 @@ class ModelRunner:
         return tuple(a.reshape(t, *a.shape[2:]) for a in out)
 
     def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
-                   use_mask=False):
+                   use_mask):
         """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
         read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
         step's `prev_tokens`."""

@@ -77,14 +77,18 @@ def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_warmup_compiles_every_forward_a_replica_runs(tp, lowered):
-    """With warmup on, serving compiles no forward step. (Under tensor parallelism the first step's `prev_tokens`
-    were placed on one device, the head's on the mesh: every bucket was compiled a second time while serving.)"""
+def test_warmup_compiles_every_forward_and_head_a_replica_runs(tp, lowered):
+    """With warmup on, serving compiles no forward step and no head, greedy or sampling. (Under tensor parallelism
+    the first step's `prev_tokens` were placed on one device, the head's on the mesh: every bucket was compiled a
+    second time while serving. And the head was compiled again at each sequence bucket's first step, since warmup
+    left `use_mask` to its default and steps named it: jit keys its cache on the keywords given.)"""
     llm = LLM(EngineConfig().replace(**{**BASE, "warmup": True, "parallel.tensor": tp, "cache.num_pages": 64}),
               progress=False, model=tiny_model())
     mark = len(lowered())
-    llm.generate(workload(llm.engine.model_cfg.vocab_size), SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    assert [name for name in lowered()[mark:] if "forward" in name] == []
+    prompts = workload(llm.engine.model_cfg.vocab_size)
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    llm.generate(prompts[:3], SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=1))
+    assert [name for name in lowered()[mark:] if "forward" in name or "head" in name] == []
 
 
 @pytest.mark.parametrize("mode", ["int8", "w8a8"])

@@ -229,37 +229,55 @@ def _bad(message: str, param: str = "messages") -> ApiError:
 # -------------------------------------------------------------------------------------------- reply
 class Content:
     """A message's content blocks as they grow, and the content_block_* events that tell them. Text comes as
-    thinking, then text, then whole tool calls; at most one block (thinking or text) is open. one_tool_use
-    (tool_choice.disable_parallel_tool_use): calls after the first are dropped."""
+    thinking, then text; a tool call as a tool_use block whose input streams as input_json_delta while the call is
+    written (an input that is not a JSON object is sent whole when the call ends); one block is open at a time.
+    one_tool_use (tool_choice.disable_parallel_tool_use): calls after the first are dropped."""
 
     def __init__(self, one_tool_use: bool = False):
         self.one_tool_use = one_tool_use
         self.blocks: list[dict] = []
-        self._open: int | None = None  # index of the open text or thinking block
+        self._open: int | None = None  # index of the open block
+        self._calls: dict[int, int | None] = {}  # a chat tool call's index -> its block (None: dropped)
+        self._arguments = ""  # the open tool_use block's arguments so far
+        self._streamed = False  # ... sent as input_json_delta as they came
 
     def add(self, fields: dict) -> list[dict]:
-        """A chat reply's fields, whole or one stream delta: reasoning_content, content, tool_calls."""
+        """A chat reply's fields, whole or one stream delta: reasoning_content, content, tool_calls (a whole reply's
+        calls each with its id; a stream's first delta of a call with its id and name, then pieces of arguments)."""
         events = []
         if fields.get("reasoning_content"):
             events += self._text("thinking", fields["reasoning_content"])
         if fields.get("content"):
             events += self._text("text", fields["content"])
         for call in fields.get("tool_calls") or ():
-            if self.one_tool_use and any(b["type"] == "tool_use" for b in self.blocks):
-                break
-            events += self._close()
-            block = {"type": "tool_use", "id": _id("toolu"), "name": call["function"]["name"],
-                     "input": _input(call["function"]["arguments"])}
-            index = len(self.blocks)
-            self.blocks.append(block)
-            events += [{"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}},
-                       {"type": "content_block_delta", "index": index,
-                        "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}},
-                       {"type": "content_block_stop", "index": index}]
+            events += self._call(call)
         return events
 
     def finish(self) -> list[dict]:
         return self._close()
+
+    def _call(self, call: dict) -> list[dict]:
+        events = []
+        key = call.get("index", len(self._calls) if "id" in call else len(self._calls) - 1)
+        if "id" in call:  # a call begins
+            if self.one_tool_use and any(b["type"] == "tool_use" for b in self.blocks):
+                self._calls[key] = None
+                return []
+            events += self._close()
+            block = {"type": "tool_use", "id": _id("toolu"), "name": call["function"]["name"], "input": {}}
+            self._open = self._calls[key] = len(self.blocks)
+            self.blocks.append(block)
+            self._arguments, self._streamed = "", False
+            events.append({"type": "content_block_start", "index": self._open, "content_block": dict(block)})
+        if self._calls.get(key) is None or self._calls[key] != self._open:
+            return events
+        piece = call["function"].get("arguments") or ""
+        self._arguments += piece
+        if piece and (self._streamed or self._arguments.lstrip().startswith("{")):
+            self._streamed = True
+            events.append({"type": "content_block_delta", "index": self._open,
+                           "delta": {"type": "input_json_delta", "partial_json": piece}})
+        return events
 
     def _text(self, kind: str, text: str) -> list[dict]:
         events = []
@@ -277,7 +295,13 @@ class Content:
         if self._open is None:
             return []
         index, self._open = self._open, None
-        return [{"type": "content_block_stop", "index": index}]
+        block, events = self.blocks[index], []
+        if block["type"] == "tool_use":
+            block["input"] = _input(self._arguments)
+            if not self._streamed:  # not an object as it came: the input it became, whole
+                events.append({"type": "content_block_delta", "index": index,
+                               "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}})
+        return events + [{"type": "content_block_stop", "index": index}]
 
 
 def _input(arguments: str) -> dict:

@@ -11,7 +11,7 @@ from typing import Callable
 
 from engine.engine import RequestOutput
 from engine.reasoning import ReasoningStream, split
-from engine.tool_calls import ToolChoice
+from engine.tool_calls import ToolCallStream, ToolChoice
 
 
 def usage(finals: dict[int, RequestOutput], prompts: list[list[int]], n: int) -> dict:
@@ -38,8 +38,9 @@ class ChoiceFormatter:
         self.kind = kind
         self.reasoning = reasoning if kind == "chat" else "none"
         self._streams: dict[int, ReasoningStream] = {}  # choice index -> its thinking / answer split so far
-        # Chat with tools that may be called: a reply becomes tool_calls once finished, so streams hold it back.
+        # Chat with tools that may be called: a reply's tool calls (streamed: each choice's ToolCallStream).
         self.tools = tools if tools is not None and tools.active else None
+        self._tool_streams: dict[int, ToolCallStream] = {}
         self.token_text = token_text
         self.id, self.model, self.created = call_id, model, created
         self.logprobs = logprobs
@@ -130,33 +131,37 @@ class ChoiceFormatter:
         if self.echo is not None and index not in self._echoed:
             return self._echo_delta(index, out)
         new_tokens = len(out.delta_token_ids)
-        if self.tools is not None:  # the reply may turn out to be tool calls: all of it at the end
-            if not out.finished:
-                return None
-            message, finish = self._message(out)
-            if "tool_calls" in message:
-                message["tool_calls"] = [dict(call, index=i) for i, call in enumerate(message["tool_calls"])]
-            return {"index": index, "delta": {k: v for k, v in message.items() if v is not None}, "logprobs": None,
-                    "finish_reason": finish, "stop_reason": out.stop_reason}
-        if not (out.delta_text or out.finished or (self.logprobs and new_tokens)):
+        if self.kind == "chat":
+            fields, finish = self._chat_delta(index, out)
+        else:
+            fields, finish = {"text": out.delta_text}, out.finish_reason
+        if not (any(fields.values()) or out.finished or (self.logprobs and new_tokens)):
             return None
         lp = self._logprobs(index, out, len(out.token_ids) - new_tokens) if self.logprobs else None
-        if self.kind == "chat":
-            if self.reasoning != "none":  # each part's growth; a tail that may still become a tag waits
-                thinking, answer = self._streams.setdefault(index, ReasoningStream(self.reasoning)).feed(
-                    out.delta_text, out.finished)
-                delta = {k: v for k, v in (("reasoning_content", thinking), ("content", answer)) if v}
-                if not (delta or out.finished or lp):
-                    return None
-            else:
-                delta = {"content": out.delta_text} if out.delta_text or not out.finished else {}
-            choice = {"index": index, "delta": delta, "logprobs": lp, "finish_reason": out.finish_reason}
-        else:
-            choice = {"index": index, "text": out.delta_text, "logprobs": lp, "finish_reason": out.finish_reason}
+        body = {"delta": fields} if self.kind == "chat" else fields
+        choice = {"index": index, **body, "logprobs": lp, "finish_reason": finish}
         if out.finished:
             choice["stop_reason"] = out.stop_reason
         self._offsets[index] = self._offsets.get(index, 0) + len(out.delta_text)
         return choice
+
+    def _chat_delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:
+        """A chat step's delta fields and finish reason: the thinking apart with a reasoning parser (each part's
+        growth; a tail that may still become a tag waits), tool calls as they are written when tools may be called."""
+        if self.reasoning == "none" and self.tools is None:
+            return ({"content": out.delta_text} if out.delta_text or not out.finished else {}), out.finish_reason
+        thinking, answer = "", out.delta_text
+        if self.reasoning != "none":
+            thinking, answer = self._streams.setdefault(index, ReasoningStream(self.reasoning)).feed(
+                out.delta_text, out.finished)
+        calls, finish = [], out.finish_reason
+        if self.tools is not None:
+            stream = self._tool_streams.setdefault(index, ToolCallStream(self.tools))
+            answer, calls = stream.feed(answer, out.finished, complete=out.finish_reason == "stop")
+            if out.finished and stream.num_calls and out.finish_reason == "stop":
+                finish = "tool_calls"
+        delta = {k: v for k, v in (("reasoning_content", thinking), ("content", answer), ("tool_calls", calls)) if v}
+        return delta, finish
 
     def chunk(self, choices: list[dict], include_usage: bool, usage_: dict | None = None) -> dict:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"

@@ -233,7 +233,7 @@ LOGPROBS_INCLUDE = "message.output_text.logprobs"
 
 class Output:
     """A response's output items as they grow, and the stream events that tell it (numbered from 0). Text comes as
-    thinking, then answer, then whole function calls; at most one item (reasoning or message) is open for text.
+    thinking, then answer; a function call's arguments as they are written; one item is open at a time.
     parallel_tool_calls False: function calls after the first are dropped. logprobs: the message's output_text part
     and its events carry the answer's token logprobs (chat's `logprobs.content` entries, the shape the Responses API
     gives them)."""
@@ -242,7 +242,8 @@ class Output:
         self.parallel_tool_calls = parallel_tool_calls
         self.logprobs = logprobs
         self.items: list[dict] = []
-        self._open: dict | None = None
+        self._open: dict | None = None  # the item text or arguments go to
+        self._calls: dict[int, dict | None] = {}  # a chat tool call's index -> its function_call item (None: dropped)
         self._sequence = 0
         self._pending: list[dict] = []  # token logprobs whose text has not come yet (held back as a possible stop)
 
@@ -262,21 +263,31 @@ class Output:
         if fields.get("content"):
             events += self._text("message", fields["content"])
         for call in fields.get("tool_calls") or ():
+            events += self._call(call)
+        return events
+
+    def _call(self, call: dict) -> list[dict]:
+        """A function_call item: added when its call begins (id and name), its arguments' deltas as they come, done
+        when the next item begins or the response ends."""
+        events = []
+        key = call.get("index", len(self._calls) if "id" in call else len(self._calls) - 1)
+        if "id" in call:
             if not self.parallel_tool_calls and any(item["type"] == "function_call" for item in self.items):
-                break
+                self._calls[key] = None
+                return []
             events += self._close("completed")
-            name, arguments = call["function"]["name"], call["function"]["arguments"]
             item = {"id": _id("fc"), "type": "function_call", "status": "in_progress", "call_id": call["id"],
-                    "name": name, "arguments": ""}
-            where = {"item_id": item["id"], "output_index": len(self.items)}
+                    "name": call["function"]["name"], "arguments": ""}
+            self._calls[key] = item
             self.items.append(item)
-            events.append(self.event("response.output_item.added", output_index=where["output_index"],
+            self._open = item
+            events.append(self.event("response.output_item.added", output_index=len(self.items) - 1,
                                      item=copy.deepcopy(item)))
-            events.append(self.event("response.function_call_arguments.delta", **where, delta=arguments))
-            item.update(arguments=arguments, status="completed")
-            events.append(self.event("response.function_call_arguments.done", **where, name=name, arguments=arguments))
-            events.append(self.event("response.output_item.done", output_index=where["output_index"],
-                                     item=copy.deepcopy(item)))
+        item = self._calls.get(key)
+        piece = call["function"].get("arguments") or ""
+        if item is not None and item is self._open and piece:
+            item["arguments"] += piece
+            events.append(self.event("response.function_call_arguments.delta", **self._where(), delta=piece))
         return events
 
     def finish(self, status: str) -> list[dict]:
@@ -320,10 +331,15 @@ class Output:
         item = self._open
         if item is None:
             return []
-        where, part = self._where(), item["content"][0]
+        where = self._where()
         self._open = None
         item["status"] = status
         kind = item["type"]
+        if kind == "function_call":
+            return [self.event("response.function_call_arguments.done", **where, name=item["name"],
+                               arguments=item["arguments"]),
+                    self.event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item))]
+        part = item["content"][0]
         logprobs = {}
         if kind == "message":  # the tokens of text never shown (a stop string's) too, as chat gives them
             part["logprobs"] += self._pending
@@ -334,8 +350,9 @@ class Output:
                 self.event("response.output_item.done", output_index=where["output_index"], item=copy.deepcopy(item))]
 
     def _where(self) -> dict:
-        """The open item's place, as its text events name it."""
-        return {"item_id": self._open["id"], "output_index": len(self.items) - 1, "content_index": 0}
+        """The open item's place, as its events name it."""
+        where = {"item_id": self._open["id"], "output_index": len(self.items) - 1}
+        return where if self._open["type"] == "function_call" else {**where, "content_index": 0}
 
 
 def response_object(body: ResponsesRequest, response_id: str, created_at: int, status: str, output: list[dict] = (),

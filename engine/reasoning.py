@@ -16,7 +16,7 @@ START, END = "<think>", "</think>"
 PARSERS = ("none", "qwen3", "deepseek_r1")
 
 
-def _partial_tag(text: str, tag: str) -> int:
+def partial_tag(text: str, tag: str) -> int:
     """Length of the longest end of `text` that is a proper start of `tag` (it may still become the tag)."""
     return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
@@ -37,7 +37,7 @@ def split(text: str, parser: str, finished: bool = True) -> tuple[str | None, st
         return "", ""
     end = body.find(END)
     if end < 0:
-        return (body if finished else body[: len(body) - _partial_tag(body, END)]), ""
+        return (body if finished else body[: len(body) - partial_tag(body, END)]), ""
     return body[:end], body[end + len(END):].lstrip()
 
 

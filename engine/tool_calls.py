@@ -10,6 +10,12 @@
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
   after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
 - "none" (or no tools): a plain reply.
+
+Streamed (`ToolCallStream`), a call goes out as it is written, as OpenAI streams them: its id and name once the
+name is read, then its arguments piece by piece. Content streams around `<tool_call>` blocks; a reply that
+starts like whole-reply JSON calls is held to the end and parsed as above. On replies whose blocks are valid,
+the stream's calls and content are `parse`'s (the content up to surrounding whitespace); a block that is broken
+JSON after its name and arguments began to stream stays a call, where `parse` would drop it.
 """
 from __future__ import annotations
 
@@ -19,9 +25,13 @@ import re
 import uuid
 from typing import Any
 
+from engine.reasoning import partial_tag
 from engine.request import RequestError, StructuredOutput
 
+_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# A call object's start when its name comes first, up to the first character of its arguments.
+_HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes their calls
 
 
@@ -129,6 +139,242 @@ class ToolChoice:
                 calls.append(call)
             rest = rest[end:].lstrip().lstrip(";,").lstrip()
         return calls
+
+
+class _ValueEnd:
+    """Where a JSON object or array that starts at text[0] ends, read as the text grows: brackets counted outside
+    strings (escapes honoured)."""
+
+    def __init__(self):
+        self.pos, self.depth, self.in_string, self.escaped, self.end = 0, 0, False, False, None
+
+    def scan(self, text: str) -> int | None:
+        """-> the offset just past the closing bracket, or None while it has not come; `text` only grows."""
+        while self.end is None and self.pos < len(text):
+            c = text[self.pos]
+            self.pos += 1
+            if self.in_string:
+                if self.escaped:
+                    self.escaped = False
+                elif c == "\\":
+                    self.escaped = True
+                elif c == '"':
+                    self.in_string = False
+            elif c == '"':
+                self.in_string = True
+            elif c in "{[":
+                self.depth += 1
+            elif c in "}]":
+                self.depth -= 1
+                if self.depth == 0:
+                    self.end = self.pos
+        return self.end
+
+
+class _CallReader:
+    """One call object as it is written: once `{"name": <a tool>, "arguments": {` (or `[`) is read, the call's
+    header and then its arguments' text as it grows; any other shape is held whole and parsed when it ends."""
+
+    def __init__(self, choice: "ToolChoice"):
+        self.choice = choice
+        self.call: ToolCall | None = None  # set once streaming
+        self.held = False  # the head did not match: parsed when the object ends
+        self._args_at = 0
+        self._args = _ValueEnd()
+        self._sent = 0
+
+    def update(self, text: str) -> tuple[ToolCall | None, str]:
+        """The object's text so far -> (the call, when this text began it; its new arguments text)."""
+        started = None
+        if self.call is None and not self.held:
+            m = _HEAD.match(text)
+            if m is not None:
+                name = json.loads(m.group(1))
+                if name in self.choice.functions and text[m.end()] in "{[":
+                    self.call = started = ToolCall(name, "")
+                    self._args_at = m.end()
+                else:
+                    self.held = True
+        if self.call is None:
+            return None, ""
+        value = text[self._args_at:]
+        end = self._args.scan(value)
+        upto = len(value) if end is None else end
+        delta, self._sent = value[self._sent:upto], upto
+        return started, delta
+
+    def close(self, text: str) -> tuple[ToolCall | None, str]:
+        """The whole object: what `update` has not said yet; a held object becomes a call if it parses as one."""
+        started, args = self.update(text)
+        if self.call is not None:
+            return started, args
+        try:
+            call = self.choice._call(json.loads(text))
+        except ValueError:
+            call = None
+        return (call, call.arguments) if call is not None else (None, "")
+
+
+class ToolCallStream:
+    """One streamed chat choice's answer text in, (content, tool call deltas in OpenAI's stream shape) out, step by
+    step. auto: content streams, `<tool_call>` blocks become calls as they are written (a tail that may still become
+    the tag waits); a reply that starts like whole-reply JSON calls (`{`, `[`, a marker) is held and parsed at the
+    end; a block that is not a call waits, with the content after it, until a call makes it dropped (as `parse`
+    drops it) or the end makes it content. named: the reply is the arguments. required: a JSON list of calls, each
+    streamed as it is written. `complete` (the reply stopped, not cut by the length limit): only then do held
+    replies parse as calls; otherwise what is held ends as content."""
+
+    def __init__(self, choice: "ToolChoice"):
+        self.choice = choice
+        self.text = ""
+        self.num_calls = 0
+        self._state = {"auto": "start", "named": "named", "required": "list"}[choice.mode]
+        self._pos = 0  # text read up to here (content or list scanning)
+        self._reader: _CallReader | None = None
+        self._block_at = 0  # where the open block's (or list element's) text starts
+        self._element: _ValueEnd | None = None
+        self._space = ""  # whitespace after the content sent so far: sent once more content follows
+        self._sent_content = False
+        self._held: list[tuple[str, str]] | None = None  # ("content" | "block", text) behind a block that is no call
+
+    def feed(self, text: str, finished: bool, complete: bool = True) -> tuple[str, list[dict]]:
+        self.text += text
+        self._content_out, self._calls_out = [], []
+        getattr(self, f"_{self._state}")(finished, complete)
+        if finished:
+            self._finish(complete)
+        return "".join(self._content_out), self._merged_calls()
+
+    # ---- modes
+    def _named(self, finished: bool, complete: bool) -> None:
+        if self._pos == 0 and self.text:
+            self._begin(ToolCall(self.choice.name, ""))
+        if len(self.text) > self._pos:
+            self._arguments(self.text[self._pos:])
+            self._pos = len(self.text)
+
+    def _list(self, finished: bool, complete: bool) -> None:
+        while True:
+            if self._reader is None:
+                rest = self.text[self._pos:]
+                skipped = len(rest) - len(rest.lstrip(" \t\r\n[,"))
+                self._pos += skipped
+                if not rest[skipped:].startswith("{"):
+                    return
+                self._reader, self._element, self._block_at = _CallReader(self.choice), _ValueEnd(), self._pos
+            element = self.text[self._block_at:]
+            end = self._element.scan(element)
+            if end is None:
+                self._read(self._reader.update(element))
+                return
+            self._read(self._reader.close(element[:end]))
+            self._reader, self._pos = None, self._block_at + end
+
+    def _start(self, finished: bool, complete: bool) -> None:
+        body = self.text.lstrip()
+        if body.startswith(("{", "[", *_MARKERS)):
+            self._state = "bare"
+            self._bare(finished, complete)
+        elif body and (finished or not any(m.startswith(body) for m in _MARKERS)):
+            self._state = "content"
+            self._content(finished, complete)
+
+    def _bare(self, finished: bool, complete: bool) -> None:
+        if not finished:
+            return
+        content, calls = self.choice.parse(self.text) if complete else (self.text, [])
+        if content:
+            self._say(content)
+        for call in calls:
+            self._begin(call)
+            self._arguments(call.arguments)
+
+    def _content(self, finished: bool, complete: bool) -> None:
+        while True:
+            if self._reader is not None:  # inside a block
+                close = self.text.find(_CLOSE, self._block_at)
+                if close < 0:
+                    block = self.text[self._block_at:]
+                    self._read(self._reader.update(block[:len(block) - partial_tag(block, _CLOSE)]))
+                    return
+                block = self.text[self._block_at:close]
+                started, args = self._reader.close(block)
+                if started is None and self._reader.call is None:  # not a call
+                    if self.num_calls == 0:
+                        self._held = (self._held or []) + [("block", _OPEN + block + _CLOSE)]
+                else:
+                    self._read((started, args))
+                self._reader, self._pos = None, close + len(_CLOSE)
+                continue
+            opening = self.text.find(_OPEN, self._pos)
+            if opening < 0:
+                end = len(self.text) if finished else len(self.text) - partial_tag(self.text[self._pos:], _OPEN)
+                self._plain(self.text[self._pos:end])
+                self._pos = end
+                return
+            self._plain(self.text[self._pos:opening])
+            self._reader, self._block_at = _CallReader(self.choice), opening + len(_OPEN)
+
+    def _finish(self, complete: bool) -> None:
+        if self._state == "content" and self._reader is not None and self._reader.call is None:
+            self._plain(_OPEN + self.text[self._block_at:])  # a block never closed is text
+            self._reader = None
+        if self._held is not None:  # no call came after the block that is not one: all of it is content
+            held, self._held = self._held, None
+            self._plain("".join(text for _, text in held))
+        if self.num_calls == 0 and self._space:
+            self._say(self._space)
+            self._space = ""
+
+    # ---- output
+    def _plain(self, text: str) -> None:
+        """Content, its surrounding whitespace held (a reply with calls has its content stripped)."""
+        if not text:
+            return
+        if self._held is not None:
+            self._held.append(("content", text))
+            return
+        text = self._space + text
+        body = text.rstrip()
+        self._space = text[len(body):]
+        if not self._sent_content and self.num_calls:
+            body = body.lstrip()
+        if body:
+            self._say(body)
+
+    def _say(self, text: str) -> None:
+        self._sent_content = True
+        self._content_out.append(text)
+
+    def _read(self, step: tuple[ToolCall | None, str]) -> None:
+        started, args = step
+        if started is not None:
+            self._begin(started)
+        if args:
+            self._arguments(args)
+
+    def _begin(self, call: ToolCall) -> None:
+        if self._held is not None:  # a call after a block that is no call: that block is dropped, content kept
+            held, self._held = self._held, None
+            for kind, text in held:
+                if kind == "content":
+                    self._plain(text)
+        self.num_calls += 1
+        self._calls_out.append({"index": self.num_calls - 1, "id": call.id, "type": "function",
+                                "function": {"name": call.name, "arguments": ""}})
+
+    def _arguments(self, text: str) -> None:
+        self._calls_out.append({"index": self.num_calls - 1, "function": {"arguments": text}})
+
+    def _merged_calls(self) -> list[dict]:
+        """This step's deltas, one per call: a call's header and its arguments so far go out together."""
+        merged: list[dict] = []
+        for d in self._calls_out:
+            if merged and merged[-1]["index"] == d["index"]:
+                merged[-1]["function"]["arguments"] += d["function"]["arguments"]
+            else:
+                merged.append({**d, "function": dict(d["function"])})
+        return merged
 
 
 def _parameters(function: dict[str, Any]) -> dict:

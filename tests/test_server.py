@@ -366,22 +366,33 @@ def test_tool_calls(client, http):
                              "required": ["city", "unit"], "additionalProperties": False}}}]
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
     named = {"type": "function", "function": {"name": "get_weather"}}
-    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named, max_tokens=40)
-    c = r.choices[0]
-    assert c.finish_reason == "tool_calls" and c.message.content is None
-    [call] = c.message.tool_calls
-    assert call.function.name == "get_weather" and call.id.startswith("call_")
-    assert set(json.loads(call.function.arguments)) == {"city", "unit"}
-    stream = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=named, max_tokens=40,
-                                            temperature=0, stream=True)
-    deltas = [ch.choices[0] for ch in stream if ch.choices]
-    [last] = [d for d in deltas if d.finish_reason]
-    assert last.finish_reason == "tool_calls" and last.delta.tool_calls[0].function.name == "get_weather"
-    assert set(json.loads(last.delta.tool_calls[0].function.arguments)) == {"city", "unit"}
-    r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice="required", max_tokens=60)
-    assert r.choices[0].finish_reason == "tool_calls" and r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    for choice in (named, "required"):
+        r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
+                                           max_tokens=60, temperature=0)
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.content is None
+        [call] = c.message.tool_calls
+        assert call.function.name == "get_weather" and call.id.startswith("call_")
+        assert set(json.loads(call.function.arguments)) == {"city", "unit"}
+        # Streamed: the call's id and name first, then its arguments in many pieces (as OpenAI streams them).
+        stream = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, tool_choice=choice,
+                                                max_tokens=60, temperature=0, stream=True)
+        deltas = [ch.choices[0] for ch in stream if ch.choices]
+        parts = [tc for d in deltas for tc in d.delta.tool_calls or ()]
+        assert parts[0].id.startswith("call_") and parts[0].function.name == "get_weather"
+        assert all(p.index == 0 and p.id is None and p.function.name is None for p in parts[1:]) and len(parts) > 5
+        assert json.loads("".join(p.function.arguments for p in parts)) == json.loads(call.function.arguments)
+        assert [d.finish_reason for d in deltas if d.finish_reason] == ["tool_calls"]
+        assert not any(d.delta.content for d in deltas)
     r = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=8, temperature=0)
     assert r.choices[0].message.content and not r.choices[0].message.tool_calls  # SmolLM2 has no tool format
+    # "auto" streamed: a reply with no call streams as content, step by step, with its logprobs.
+    stream = client.chat.completions.create(model=MODEL, messages=messages, tools=tools, max_tokens=8, temperature=0,
+                                            stream=True, logprobs=True)
+    deltas = [ch.choices[0] for ch in stream if ch.choices]
+    texts = [d.delta.content for d in deltas if d.delta.content]
+    assert len(texts) > 2 and "".join(texts) == r.choices[0].message.content
+    assert sum(len(d.logprobs.content) for d in deltas if d.logprobs) == 8
     chat = {"model": MODEL, "messages": messages, "max_tokens": 4}
     _error(http.post("/v1/chat/completions", json={**chat, "tools": tools, "tool_choice": {"type": "function",
                                                    "function": {"name": "nope"}}}), 400, "no tool named 'nope'")

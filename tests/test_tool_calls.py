@@ -6,11 +6,15 @@ import json
 
 import jax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.config import EngineConfig
+from engine.openai_format import ChoiceFormatter
+from engine.output import RequestOutput
 from engine.llm import LLM
 from engine.request import RequestError, SamplingParams
-from engine.tool_calls import ToolChoice
+from engine.tool_calls import ToolCallStream, ToolChoice
 from models import llama
 from models.config import LlamaConfig
 from models.loader import tokenizer_source
@@ -103,3 +107,122 @@ def test_a_random_model_forced_to_call_writes_valid_calls():
                  tools=[WEATHER], tool_choice="required")
     plain = llm.chat([[{"role": "user", "content": "x"}]], SamplingParams(temperature=0, max_tokens=4))[0]
     assert plain.tool_calls is None
+
+
+# ------------------------------------------------------------------------------------------------ streamed
+AUTO_REPLIES = [
+    'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n</tool_call>'
+    '<tool_call>{"name": "get_time", "parameters": {"zone": "CET"}}</tool_call>',
+    'A <tool_call>{"name": "get_time", "arguments": {"zone": "a}b{\\"c]", "n": [1, {"x": "]"}]}}</tool_call> B\n',
+    '<tool_call>{"name": "get_weather", "arguments": {"city": "Zürich", "unit": "C"}}</tool_call>\n\nDone.  ',
+    'x <tool_call>{oops</tool_call> y <tool_call>{"name": "get_time", "arguments": {"zone": "UTC"}}</tool_call> z',
+    'No tools needed. <tool_call>{"name": "rm_rf", "arguments": {}}</tool_call><tool_call>{oops</tool_call>',
+    '<tool_call>{"arguments": {"zone": "UTC"}, "name": "get_time"}</tool_call>',
+    '<tool_call>{"name": "get_time", "arguments": "{\\"zone\\": \\"UTC\\"}"}</tool_call>',
+    'Hi <tool_call>{"name": "get_time", "arg',
+    '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}',
+    '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}; '
+    '{"name": "get_time", "parameters": {"zone": "UTC"}}',
+    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}]',
+    '{"answer": 42}', '[1, 2]', 'The JSON is {"name": "get_time", "parameters": {}}', '<b>bold</b> and <tool',
+    '  plain text, spaced  ', '<|py', '',
+]
+NAMED_REPLY = '{"city": "Rome", "unit": "F"}'
+REQUIRED_REPLY = ('[{"name":"get_time","arguments":{"zone":"UTC"}}, '
+                  '{"name": "get_weather", "arguments": {"city": "O}s\\"lo", "unit": "C"}}]')
+
+
+def _streamed(choice: ToolChoice, text: str, cuts: list[int], complete: bool = True):
+    """(content, [(id, name, arguments)], number of steps that sent arguments) of `text` fed in pieces."""
+    stream = ToolCallStream(choice)
+    bounds = sorted({min(c, len(text)) for c in cuts}) + [len(text)]
+    content, calls, steps_with_args, start = "", {}, 0, 0
+    for i, end in enumerate(bounds):
+        delta, deltas = stream.feed(text[start:end], finished=i == len(bounds) - 1, complete=complete)
+        start = end
+        content += delta
+        assert len({d["index"] for d in deltas}) == len(deltas)  # one delta per call a step
+        for d in deltas:
+            if "id" in d:
+                assert d["index"] == len(calls) and d["type"] == "function"
+                calls[d["index"]] = [d["id"], d["function"]["name"], ""]
+            calls[d["index"]][2] += d["function"]["arguments"]
+        steps_with_args += any(d["function"]["arguments"] for d in deltas)
+    assert stream.num_calls == len(calls)
+    return content, [tuple(c) for c in calls.values()], steps_with_args
+
+
+@settings(max_examples=40, deadline=None)
+@given(cuts=st.lists(st.integers(0, 200), max_size=30))
+def test_streamed_calls_and_content_are_the_parsed_replys(cuts):
+    """However a reply arrives, the stream's calls are `parse`'s (names, arguments as JSON) and its content is
+    `parse`'s up to surrounding whitespace; every call its own id."""
+    cases = [(ToolChoice([WEATHER, TIME], "auto"), r) for r in AUTO_REPLIES] + [
+        (ToolChoice([WEATHER], {"type": "function", "function": {"name": "get_weather"}}), NAMED_REPLY),
+        (ToolChoice([WEATHER, TIME], "required"), REQUIRED_REPLY)]
+    for choice, reply in cases:
+        content, calls, _ = _streamed(choice, reply, cuts)
+        want_content, want_calls = choice.parse(reply)
+        assert content.strip() == (want_content or "").strip(), reply
+        assert [(name, json.loads(args)) for _, name, args in calls] == \
+            [(c.name, json.loads(c.arguments)) for c in want_calls], reply
+        assert len({i for i, _, _ in calls}) == len(calls)
+
+
+def test_a_call_streams_while_it_is_written():
+    """Fed a character at a time, content comes before the call, the call's name comes once read, and its
+    arguments come in many steps (not at the block's end); text that may still become `<tool_call>` waits."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    reply = AUTO_REPLIES[1]
+    stream, seen = ToolCallStream(auto), []
+    for i, c in enumerate(reply):
+        seen.append(stream.feed(c, finished=i == len(reply) - 1))
+    content = [d for d, _ in seen]
+    assert "".join(content[:reply.index("<tool_call>") + 1]) == "A" and "<" not in "".join(content)
+    first_call = next(i for i, (_, calls) in enumerate(seen) if calls)
+    assert first_call == reply.index('"arguments": {') + len('"arguments": ') and seen[first_call][1][0]["function"] == \
+        {"name": "get_time", "arguments": "{"}
+    assert sum(bool(calls) for _, calls in seen) == len('{"zone": "a}b{\\"c]", "n": [1, {"x": "]"}]}')
+    for choice, reply in [(ToolChoice([WEATHER], {"type": "function", "function": {"name": "get_weather"}}), NAMED_REPLY),
+                          (ToolChoice([WEATHER, TIME], "required"), REQUIRED_REPLY)]:
+        _, calls, steps = _streamed(choice, reply, list(range(len(reply))))
+        assert steps > 10 and len(calls) == len(choice.parse(reply)[1])
+
+
+def test_a_reply_cut_by_the_length_limit_keeps_held_text_as_content():
+    """Not complete (finish_reason "length"): a held whole-reply JSON is content, as the finished reply is; calls
+    already streamed stay."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    reply = '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}'
+    assert _streamed(auto, reply, [5, 20], complete=False)[:2] == (reply, [])
+    cut = 'Hi <tool_call>{"name": "get_time", "arguments": {"zone": "U'
+    content, calls, _ = _streamed(auto, cut, [20, 50], complete=False)
+    assert content == "Hi" and [(name, args) for _, name, args in calls] == [("get_time", '{"zone": "U')]
+
+
+def test_a_chat_stream_splits_thinking_content_and_calls_and_keeps_logprobs():
+    """The chat formatter: thinking (a reasoning parser's) first, the answer's content, then the call as it is
+    written, a token's logprobs in the chunk its token came in; the last chunk's finish reason is tool_calls, and
+    the pieces add up to the whole reply's message."""
+    reply = ('<think>The user wants weather.</think>Checking.<tool_call>{"name": "get_weather", "arguments": '
+             '{"city": "Paris", "unit": "C"}}</tool_call>')
+    fmt = ChoiceFormatter("chat", chr, "chatcmpl-1", "m", 0, logprobs=True, tools=ToolChoice([WEATHER, TIME], "auto"),
+                          reasoning="qwen3")
+    chunks = []
+    for i in range(len(reply)):
+        done = i == len(reply) - 1
+        out = RequestOutput("r", reply[i], [ord(reply[i])], done, "stop" if done else None, reply[:i + 1],
+                            [ord(c) for c in reply[:i + 1]], 5, 0, logprobs=[-0.5] * (i + 1), top_logprobs=[[]] * (i + 1))
+        chunks.append(fmt.delta(0, out))
+    assert all(c is not None for c in chunks)  # every token's logprob goes out with its step
+    assert sum(len(c["logprobs"]["content"]) for c in chunks) == len(reply)
+    thinking = "".join(c["delta"].get("reasoning_content", "") for c in chunks)
+    content = "".join(c["delta"].get("content", "") for c in chunks)
+    parts = [tc for c in chunks for tc in c["delta"].get("tool_calls", ())]
+    assert (thinking, content) == ("The user wants weather.", "Checking.")
+    assert parts[0]["function"]["name"] == "get_weather" and len(parts) > 10
+    assert json.loads("".join(p["function"]["arguments"] for p in parts)) == {"city": "Paris", "unit": "C"}
+    assert [c["finish_reason"] for c in chunks if c["finish_reason"]] == ["tool_calls"]
+    message, finish = fmt._message(out)
+    assert (message["reasoning_content"], message["content"], finish) == (thinking, content, "tool_calls")
+    assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "unit": "C"}

@@ -50,9 +50,12 @@ class ReplicaWeights:
     def prepare(self, params: dict, progress: bool) -> dict:
         """Loaded weights (host arrays, `dtype`) -> the layout the step reads, still on the host."""
         model = self.config.model
-        _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
+        # NOTE: calibrated on the checkpoint's layout, before tensor parallelism repeats KV heads: the same program
+        # whatever the degree, so the same smoothing and int8 weights (a repeated head's attention differs in the last
+        # bits, and a calibrated max moved by one ulp moves some weights by a quantization step).
         if model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters:
             params = self._smooth(params, model.smoothquant_alpha)
+        _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
         if model.quantization != "none":
             t_quant = time.perf_counter()
             params = quant.quantize_params(params, embeddings=model.quantize_embeddings,
@@ -142,9 +145,10 @@ class ReplicaWeights:
         then the smoothing folded into the float weights (models/quant.smooth_params)."""
         t0 = time.perf_counter()
         device_params = jax.device_put(params)
+        cfg = dataclasses.replace(self.model_cfg, num_kv_heads=self.loaded_cfg.num_kv_heads)  # the checkpoint's heads
         amax = None
         for ids in quant.calibration_ids(self.tokenizer):
-            a = llama.activation_amax(device_params, self.model_cfg, jnp.asarray(ids, jnp.int32))
+            a = llama.activation_amax(device_params, cfg, jnp.asarray(ids, jnp.int32))
             amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
         del device_params
         params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)

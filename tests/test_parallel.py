@@ -106,6 +106,12 @@ def test_int8_kv_cache_and_weights_identical_at_tp_1_and_4(mode):
     assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
     for tp in (4,):  # one KV head: each device holds a copy of it and its scales
         out, engine = _run(model, tp, num_pages=16, **int8)
+        # The same weights, smoothed norms and int8 projections (all but the repeated KV heads'): W8A8's SmoothQuant
+        # calibrates on the checkpoint's layout (calibrated on repeated heads, a max one ulp off moved the smoothing,
+        # some weights by a quantization step, and greedy tokens with them).
+        for name, value in engine1.params["layers"].items():
+            if engine.params["layers"][name].shape == value.shape:
+                np.testing.assert_array_equal(np.asarray(engine.params["layers"][name]), np.asarray(value), name)
         assert out == ref, f"tensor parallel {tp} changed greedy outputs with int8 weights and cache"
         assert tuple(engine.params["embed_scale"].sharding.spec) == tuple(engine.params["embed"].sharding.spec)[:1] == ("tp",)
 

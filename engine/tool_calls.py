@@ -12,10 +12,10 @@
 - "none" (or no tools): a plain reply.
 
 Streamed (`ToolCallStream`), a call goes out as it is written, as OpenAI streams them: its id and name once the
-name is read, then its arguments piece by piece. Content streams around `<tool_call>` blocks; a reply that
-starts like whole-reply JSON calls is held to the end and parsed as above. On replies whose blocks are valid,
-the stream's calls and content are `parse`'s (the content up to surrounding whitespace); a block that is broken
-JSON after its name and arguments began to stream stays a call, where `parse` would drop it.
+name is read, then its arguments piece by piece. Content streams around `<tool_call>` blocks; whole-reply JSON
+calls stream once an object names a tool (until then the reply is held, and parsed whole when it ends). On valid
+replies the stream's calls and content are `parse`'s (the content up to surrounding whitespace); where JSON breaks
+after a call began to stream, the call stays and what follows is content, where `parse` would keep no call.
 """
 from __future__ import annotations
 
@@ -218,11 +218,12 @@ class _CallReader:
 class ToolCallStream:
     """One streamed chat choice's answer text in, (content, tool call deltas in OpenAI's stream shape) out, step by
     step. auto: content streams, `<tool_call>` blocks become calls as they are written (a tail that may still become
-    the tag waits); a reply that starts like whole-reply JSON calls (`{`, `[`, a marker) is held and parsed at the
-    end; a block that is not a call waits, with the content after it, until a call makes it dropped (as `parse`
-    drops it) or the end makes it content. named: the reply is the arguments. required: a JSON list of calls, each
-    streamed as it is written. `complete` (the reply stopped, not cut by the length limit): only then do held
-    replies parse as calls; otherwise what is held ends as content."""
+    the tag waits); a block that is not a call waits, with the content after it, until a call makes it dropped (as
+    `parse` drops it) or the end makes it content; a reply that starts like whole-reply JSON calls (`{`, `[`, a
+    marker) streams its calls once an object names a tool, and is held until then (parsed whole at the end). named:
+    the reply is the arguments. required: a JSON list of calls, each streamed as it is written. `complete` (the
+    reply stopped, not cut by the length limit): only then do held replies parse as calls; otherwise what is held
+    ends as content."""
 
     def __init__(self, choice: "ToolChoice"):
         self.choice = choice
@@ -233,6 +234,7 @@ class ToolCallStream:
         self._reader: _CallReader | None = None
         self._block_at = 0  # where the open block's (or list element's) text starts
         self._element: _ValueEnd | None = None
+        self._bare_failed = False  # whole-reply JSON calls: text that is no call came
         self._space = ""  # whitespace after the content sent so far: sent once more content follows
         self._sent_content = False
         self._held: list[tuple[str, str]] | None = None  # ("content" | "block", text) behind a block that is no call
@@ -254,33 +256,58 @@ class ToolCallStream:
             self._pos = len(self.text)
 
     def _list(self, finished: bool, complete: bool) -> None:
+        self._objects()
+
+    def _objects(self) -> bool:
+        """Reads call objects from `_pos` on, separated by whitespace, `,` or `;`, in a list or not, each streamed as it
+        is written. -> False once an object is not a call, or other text comes (`_pos` stays at its start)."""
         while True:
             if self._reader is None:
                 rest = self.text[self._pos:]
-                skipped = len(rest) - len(rest.lstrip(" \t\r\n[,"))
+                skipped = len(rest) - len(rest.lstrip(" \t\r\n[],;"))
+                if rest[skipped:] and not rest[skipped:].startswith("{"):
+                    return False
                 self._pos += skipped
-                if not rest[skipped:].startswith("{"):
-                    return
+                if not rest[skipped:]:
+                    return True
                 self._reader, self._element, self._block_at = _CallReader(self.choice), _ValueEnd(), self._pos
             element = self.text[self._block_at:]
             end = self._element.scan(element)
             if end is None:
                 self._read(self._reader.update(element))
-                return
-            self._read(self._reader.close(element[:end]))
+                return True
+            started, args = self._reader.close(element[:end])
+            if started is None and self._reader.call is None:
+                self._reader = None
+                return False
+            self._read((started, args))
             self._reader, self._pos = None, self._block_at + end
 
     def _start(self, finished: bool, complete: bool) -> None:
         body = self.text.lstrip()
+        if not finished and any(m.startswith(body) for m in _MARKERS):  # a marker may still be arriving
+            return
         if body.startswith(("{", "[", *_MARKERS)):
             self._state = "bare"
+            rest = body
+            for marker in _MARKERS:
+                rest = rest.removeprefix(marker).lstrip()
+            self._pos = len(self.text) - len(rest)
             self._bare(finished, complete)
-        elif body and (finished or not any(m.startswith(body) for m in _MARKERS)):
+        elif body:
             self._state = "content"
             self._content(finished, complete)
 
     def _bare(self, finished: bool, complete: bool) -> None:
+        """Whole-reply JSON calls: each streamed once its object names a tool; until one does, all is held and the
+        finished reply parsed whole (calls, or content). After calls, text that is no call ends as content."""
+        if not self._bare_failed:
+            self._bare_failed = not self._objects()
         if not finished:
+            return
+        if self.num_calls:
+            if self._bare_failed or self._reader is not None and self._reader.call is None:
+                self._say(self.text[self._pos:])
             return
         content, calls = self.choice.parse(self.text) if complete else (self.text, [])
         if content:

@@ -123,8 +123,9 @@ AUTO_REPLIES = [
     '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}',
     '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}; '
     '{"name": "get_time", "parameters": {"zone": "UTC"}}',
-    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}]',
-    '{"answer": 42}', '[1, 2]', 'The JSON is {"name": "get_time", "parameters": {}}', '<b>bold</b> and <tool',
+    '[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "C"}}, '
+    '{"name": "get_time", "arguments": {"zone": "UTC"}}]',
+    '{"answer": 42}', '{"answer": {"name": "get_time", "parameters": {}}}', '[{"name": "get_time"}]', '[1, 2]', 'The JSON is {"name": "get_time", "parameters": {}}', '<b>bold</b> and <tool',
     '  plain text, spaced  ', '<|py', '',
 ]
 NAMED_REPLY = '{"city": "Rome", "unit": "F"}'
@@ -184,20 +185,22 @@ def test_a_call_streams_while_it_is_written():
         {"name": "get_time", "arguments": "{"}
     assert sum(bool(calls) for _, calls in seen) == len('{"zone": "a}b{\\"c]", "n": [1, {"x": "]"}]}')
     for choice, reply in [(ToolChoice([WEATHER], {"type": "function", "function": {"name": "get_weather"}}), NAMED_REPLY),
-                          (ToolChoice([WEATHER, TIME], "required"), REQUIRED_REPLY)]:
+                          (ToolChoice([WEATHER, TIME], "required"), REQUIRED_REPLY),
+                          (auto, AUTO_REPLIES[9]), (auto, AUTO_REPLIES[10])]:  # Llama 3's and Mistral's whole-reply calls
         _, calls, steps = _streamed(choice, reply, list(range(len(reply))))
         assert steps > 10 and len(calls) == len(choice.parse(reply)[1])
 
 
 def test_a_reply_cut_by_the_length_limit_keeps_held_text_as_content():
-    """Not complete (finish_reason "length"): a held whole-reply JSON is content, as the finished reply is; calls
-    already streamed stay."""
+    """Not complete (finish_reason "length"): held JSON is content, as the finished reply is; calls already streamed
+    stay, with the arguments written so far."""
     auto = ToolChoice([WEATHER, TIME], "auto")
-    reply = '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "C"}}'
+    reply = '{"answer": {"city": "Oslo", "unit": "C"}}'
     assert _streamed(auto, reply, [5, 20], complete=False)[:2] == (reply, [])
-    cut = 'Hi <tool_call>{"name": "get_time", "arguments": {"zone": "U'
-    content, calls, _ = _streamed(auto, cut, [20, 50], complete=False)
-    assert content == "Hi" and [(name, args) for _, name, args in calls] == [("get_time", '{"zone": "U')]
+    for cut, content_before in [('Hi <tool_call>{"name": "get_time", "arguments": {"zone": "U', "Hi"),
+                                ('<|python_tag|>{"name": "get_time", "parameters": {"zone": "U', "")]:
+        content, calls, _ = _streamed(auto, cut, [20, 50], complete=False)
+        assert content == content_before and [(name, args) for _, name, args in calls] == [("get_time", '{"zone": "U')]
 
 
 def test_a_chat_stream_splits_thinking_content_and_calls_and_keeps_logprobs():

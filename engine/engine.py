@@ -41,7 +41,7 @@ from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.output import OutputState, RequestOutput, truncate_output
 from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
-from engine.runner import ModelRunner
+from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
 from models import sharding
 from models.loader import load_weights, tokenizer_source
@@ -285,6 +285,15 @@ class LLMEngine:
         if self.config.debug_checks:
             self.scheduler.check_invariants()
         return outputs
+
+    def warmup_sampling_filters(self, progress: bool = True) -> None:
+        """With `warmup`, the head's top-k/top-p/min-p variant compiled now at every sequence bucket too: a server's
+        requests may ask for them, and a compile in a step holds up every stream in the batch. (Not in a multi-host
+        replica: its processes run each computation together, and theirs follow steps only.)"""
+        if self.config.warmup and self.runner.params is not None and self.config.parallel.num_processes == 1:
+            t0 = time.perf_counter()
+            self.runner.warmup_heads(list(FILTER_HEADS), progress)
+            log.info("top-k/top-p sampling compiled in %.1f s", time.perf_counter() - t0)
 
     def _disk_idle(self, wait: bool) -> None:
         """No step is in flight: pages the tree stored since the last one are written out now, and, when no step could

@@ -166,19 +166,29 @@ class ModelRunner:
         from tqdm import tqdm
 
         jobs = [("forward", t, kernel) for t in self.token_buckets for kernel in self._kernels(t)] + \
-            [("head", s, None) for s in self.seq_buckets]
-        for kind, n, kernel in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
+            [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS]
+        for kind, n, arg in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self._to_device(self._pack_padding(n))
                 self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                          prev_tokens=self._prev_tokens, lora=self.lora,
-                                                         decode_only=kernel)
-                continue
-            s_in = self._to_device(sampler.build_inputs([], n, self.cfg.vocab_size, use_penalties=False))
-            for greedy_only in (True, False):
-                jax.block_until_ready(self._run_head(self._hidden, s_in, num_rows=n, use_penalties=False,
-                                                     use_filters=False, num_top=0, greedy_only=greedy_only,
-                                                     use_mask=False))
+                                                         decode_only=arg)
+            else:
+                self._compile_head(n, *arg)
+
+    def warmup_heads(self, variants: list[tuple[bool, bool]], progress: bool = True) -> None:
+        """Compiles more (greedy_only, use_filters) variants of the head at every sequence bucket, after `warmup`."""
+        from tqdm import tqdm
+
+        jobs = [(s, variant) for s in self.seq_buckets for variant in variants]
+        for n, variant in tqdm(jobs, desc="compiling sampling heads", unit="bucket", disable=not progress):
+            self._compile_head(n, *variant)
+
+    def _compile_head(self, num_rows: int, greedy_only: bool, use_filters: bool) -> None:
+        s_in = self._to_device(sampler.build_inputs([], num_rows, self.cfg.vocab_size, use_penalties=False))
+        jax.block_until_ready(self._run_head(self._hidden, s_in, num_rows=num_rows, use_penalties=False,
+                                             use_filters=use_filters, num_top=0, greedy_only=greedy_only,
+                                             use_mask=False))
 
     def _pack_padding(self, num_tokens: int) -> llama.ModelInputs:
         s, p = self.max_seqs, self.max_pages_per_seq
@@ -419,6 +429,12 @@ class StepArrays:
     disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None
     disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
     decode_kernel: bool | None = None  # the attention kernel (ragged_paged_attention's decode_only); None: xla
+
+
+# The head variants (greedy_only, use_filters) warmup compiles: greedy, and sampling by temperature alone. A server adds
+# top-k/top-p/min-p sampling (FILTER_HEADS; `LLMEngine.warmup_sampling_filters`).
+PLAIN_HEADS = ((True, False), (False, False))
+FILTER_HEADS = ((False, True),)
 
 
 def _fill_rows(table: np.ndarray, rows: list) -> None:

@@ -229,3 +229,20 @@ def test_a_chat_stream_splits_thinking_content_and_calls_and_keeps_logprobs():
     message, finish = fmt._message(out)
     assert (message["reasoning_content"], message["content"], finish) == (thinking, content, "tool_calls")
     assert json.loads(message["tool_calls"][0]["function"]["arguments"]) == {"city": "Paris", "unit": "C"}
+
+
+PIECES = ["<tool_call>", "</tool_call>", "<tool", "_call>", "{", "}", "[", "]", '"', "\\", ":", ",", ";", " ", "\n",
+          '"name"', '"arguments"', '"parameters"', '"get_time"', '"get_weather"', '"zone"', '"UTC"', "1", "x",
+          "<|python_tag|>", "[TOOL_CALLS]", "<|py"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(pieces=st.lists(st.sampled_from(PIECES), max_size=40), cuts=st.lists(st.integers(0, 120), max_size=12),
+       complete=st.booleans())
+def test_any_text_streams_without_error_and_a_reply_without_calls_is_all_content(pieces, cuts, complete):
+    text = "".join(pieces)
+    content, calls, _ = _streamed(ToolChoice([WEATHER, TIME], "auto"), text, cuts, complete)
+    if not calls and text.strip():
+        assert content == text
+    for _, name, _ in calls:
+        assert name in ("get_time", "get_weather")

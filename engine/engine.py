@@ -147,6 +147,7 @@ class LLMEngine:
         self._seed_rng = random.Random()
         self._state: dict[str, OutputState] = {}
         self.num_steps = 0
+        self.num_generated_tokens = 0  # tokens sampled for requests, unfinished ones included (a job's live rate)
         self.last_step: dict = {}
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
@@ -200,9 +201,11 @@ class LLMEngine:
         namespace: str | None = None,
         priority: int = 0,
         adapter: str | None = None,
+        stream: bool = True,
     ) -> str:
         """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
-        first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model)."""
+        first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model).
+        stream False: `step` returns only the request's final output (no per-step text and copies of its tokens)."""
         params = params or SamplingParams()
         if self.sleep_level:
             raise EngineAsleep(f"the engine is asleep (level {self.sleep_level}); wake_up first")
@@ -234,7 +237,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
-        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids))
+        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids), stream)
         self.scheduler.add(seq)
         return request_id
 
@@ -382,7 +385,12 @@ class LLMEngine:
             if seq.first_token_s is None:
                 seq.first_token_s = now
             seq.token_times_s.extend([now] * num_new)
-            outputs.append(self._postprocess(state, now))
+            self.num_generated_tokens += num_new
+            output = state.update(now, self.scheduler.finish)
+            if output is not None:
+                outputs.append(output)
+                if output.finished:
+                    self._state.pop(output.request_id, None)
         return outputs
 
     def reset_prefix_cache(self) -> int:
@@ -456,12 +464,6 @@ class LLMEngine:
         self.runner.kv = self.runner._allocate_kv()
         self.sleep_level = 0
         log.info("awake in %.1f s", time.perf_counter() - t0)
-
-    def _postprocess(self, state: OutputState, now: float) -> RequestOutput:
-        out = state.update(now, self.scheduler.finish)
-        if out.finished:
-            self._state.pop(out.request_id, None)
-        return out
 
     @property
     def is_leader(self) -> bool:

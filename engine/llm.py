@@ -67,7 +67,7 @@ class LLM:
         of the config's lora.adapters (None: the base model)."""
         prompts = _prompt_list(prompts)
         params_list = _params_list(params, len(prompts))
-        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter) for p, sp in zip(prompts, params_list)]
+        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, stream=False) for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
 
@@ -111,7 +111,7 @@ class LLM:
         """One L2-normalized float32 vector per prompt (text or token ids): the final hidden state of the prompt's last
         token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
         and prefix cache as generation (a shared instruction prefix is computed once)."""
-        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace) for p in _prompt_list(prompts)]
+        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, stream=False) for p in _prompt_list(prompts)]
         finals = self._run(set(ids), progress, keep=True)
         return [finals[i].embedding for i in ids]
 
@@ -159,7 +159,7 @@ class LLM:
         live = [[([], 0.0)] for _ in prompts]  # per prompt: (generated tokens, cumulative logprob)
         done: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
         for _ in range(max_tokens):
-            requests = {self.engine.add_request(prompt + tokens, params, namespace=namespace): (i, tokens, logprob)
+            requests = {self.engine.add_request(prompt + tokens, params, namespace=namespace, stream=False): (i, tokens, logprob)
                         for i, prompt in enumerate(prompts) for tokens, logprob in live[i]}
             if not requests:
                 break

@@ -85,7 +85,12 @@ class LineJob:
         self.engine = engine
         self.reasoning_parser = reasoning_parser
         self.pending: dict[str, tuple[str, bool]] = {}  # engine request id -> (line id, the line had messages)
-        self.streamed = 0  # tokens generated so far, unfinished requests included (the live rate)
+        self._generated_before = engine.num_generated_tokens
+
+    @property
+    def streamed(self) -> int:
+        """Tokens generated so far, unfinished requests included (the live rate)."""
+        return self.engine.num_generated_tokens - self._generated_before
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -98,7 +103,7 @@ class LineJob:
                                                    continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
             engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
-                                           priority=obj.get("priority", 0), adapter=obj.get("adapter"))
+                                           priority=obj.get("priority", 0), adapter=obj.get("adapter"), stream=False)
         except (RequestError, ValueError) as e:
             return str(e)
         self.pending[engine_id] = (rid, "messages" in obj)
@@ -107,8 +112,6 @@ class LineJob:
     def step(self) -> list[dict]:
         records = []
         for r in self.engine.step():
-            if r.request_id in self.pending:
-                self.streamed += len(r.delta_token_ids)
             if not r.finished or r.request_id not in self.pending:
                 continue
             rid, chat = self.pending.pop(r.request_id)

@@ -41,14 +41,19 @@ class OutputState:
 
     seq: Sequence
     detok: object
+    stream: bool = True  # False: only the final output is wanted (None before it)
     text: str = ""
     num_ids_seen: int = 0
     num_chars_emitted: int = 0
 
-    def update(self, now: float, finish: Callable[[Sequence, str], None]) -> RequestOutput:
+    def update(self, now: float, finish: Callable[[Sequence, str], None]) -> RequestOutput | None:
         """The request's output after its latest tokens: new text detokenized, stop strings applied (`finish` ends a
-        sequence that one ends), the tail that could still become a stop string held back."""
+        sequence that one ends), the tail that could still become a stop string held back. Not streamed: None until
+        it finishes, and with no stop strings nothing is done before then (the text is decoded once, at the end;
+        the detokenizer gives the same text for any split of the ids)."""
         seq = self.seq
+        if not self.stream and not seq.params.stop and seq.status is not Status.FINISHED:
+            return None
         new_ids = seq.output_ids[self.num_ids_seen :]
         # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
         text_ids = new_ids[:-1] if seq.ended_by_token else new_ids
@@ -77,6 +82,8 @@ class OutputState:
             self.text = self.text[:index]
             seq.stop_reason = stop
         finished = seq.status is Status.FINISHED
+        if not (finished or self.stream):
+            return None
         # Hold back a tail that could still become a stop string, so streams never show it.
         visible = len(self.text) if finished else len(self.text) - partial_stop_len(self.text, seq.params.stop)
         delta = self.text[self.num_chars_emitted : visible]

@@ -228,6 +228,36 @@ def test_stop_strings_and_stop_tokens(tiny):
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
 
 
+def test_final_only_outputs_equal_the_streamed_ones(tiny):
+    """A request added with stream=False gives only its final output, and it is the streamed request's last one (text
+    decoded once at the end, or step by step when stop strings may end it), in one batch with streamed requests."""
+    engine = tiny.engine
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(2, 12))] for _ in range(6)]
+    free = tiny.generate(prompts[1:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].text
+    stop = next(free[k:k + 3] for k in range(6, 17) if free[k:k + 3].strip())
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2, stop=(stop,)),
+              SamplingParams(temperature=0.9, seed=3, max_tokens=20, min_tokens=4)]
+    ids = {}
+    for i, prompt in enumerate(prompts):
+        for stream in (True, False):
+            ids[engine.add_request(prompt, params[i % 3], stream=stream)] = (i, stream)
+    seen, finals = {True: 0, False: 0}, {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            i, stream = ids[out.request_id]
+            seen[stream] += 1
+            assert stream or out.finished
+            if out.finished:
+                finals[i, stream] = dataclasses.replace(out, request_id="", delta_text="", delta_token_ids=[], e2e_s=None,
+                                                        ttft_s=None, queue_s=None, token_times_s=None)
+    assert seen[False] == len(prompts) < seen[True]
+    for i in range(len(prompts)):
+        assert finals[i, False] == dataclasses.replace(finals[i, True], cached_tokens=finals[i, False].cached_tokens), i
+    assert finals[1, False].finish_reason == "stop" and finals[1, False].stop_reason == stop
+
+
 def test_chat_template_kwargs_reach_the_template(tiny_model):
     """LLM.chat(chat_template_kwargs=...) passes variables to the template (Qwen3's enable_thinking is one)."""
     template = "{% if enable_thinking is defined and not enable_thinking %}Answer at once. {% endif %}{{ messages[-1]['content'] }}"

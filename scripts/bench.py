@@ -29,6 +29,12 @@ LoRA cost: decode with N random rank-R adapters loaded and the batch spread over
 
     python scripts/bench.py --workload decode --decode-batch 32 --set-b --lora-b 4,16
 
+Host work of streamed outputs (A) vs final-only ones (B, `add_request(stream=False)`), long outputs at batch 256:
+
+    python scripts/bench.py --workload decode --synthetic-model 64,2,8,2,16 --decode-batch 256 --output-len 384 \
+        --set scheduler.overlap=false scheduler.max_running=256 scheduler.max_batch_tokens=4096 cache.num_pages=20000 \
+        --set-b --final-only-b
+
 The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
     python scripts/bench.py --workload steps --repeats 5
@@ -368,7 +374,7 @@ def decode_overhead(args) -> None:
             for i in range(args.decode_batch):
                 engine.add_request(_ids(rng, args.decode_prompt_len, engine.model_cfg.vocab_size),
                                    SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
-                                   adapter=adapters[i % len(adapters)])
+                                   adapter=adapters[i % len(adapters)], stream=not (name == "B" and args.final_only_b))
             while engine.has_unfinished():
                 launched = engine.num_steps
                 if profiler is not None:
@@ -383,10 +389,12 @@ def decode_overhead(args) -> None:
         total = statistics.median(s["total_s"] for s in steps[name])
         wait = statistics.median(s["wait_s"] for s in steps[name])
         share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps[name])
+        host = statistics.median(s["total_s"] - s["wait_s"] for s in steps[name])
         mode = "overlapped with the device" if engine.config.scheduler.overlap else "the device idles meanwhile"
-        print(f"{name} ({' '.join(configs[name]) or 'defaults'}): decode batch {args.decode_batch}, {len(steps[name])} "
-              f"pure-decode steps; median step {total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host "
-              f"work {share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
+        label = (' '.join(configs[name]) or 'defaults') + (", final-only outputs" if name == "B" and args.final_only_b else "")
+        print(f"{name} ({label}): decode batch {args.decode_batch}, {len(steps[name])} pure-decode steps; median step "
+              f"{total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work {host * 1e3:.2f} ms, "
+              f"{share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
     if profiler is not None:
         import pstats
 
@@ -497,6 +505,9 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--copy-sentences", type=int, default=6, help="copy workload: sentences in each paragraph to repeat")
+    ap.add_argument("--final-only-b", action="store_true",
+                    help="decode workload: B's requests want their final outputs only (add_request(stream=False), as "
+                         "LLM.generate and the offline job add theirs)")
     ap.add_argument("--lora-b", metavar="N,RANK", help="decode workload: B also serves N random LoRA adapters of this rank "
                                                        "(requests spread over the base model and every adapter)")
     ap.add_argument("--max-concurrency", type=int, default=8)

@@ -142,7 +142,6 @@ class AsyncEngine:
         self._when_idle: tuple | None = None  # (fn(waited, aborted), future, its loop, requests in flight, abort them)
         self._held: list[tuple] = []
         self.feed.publish(engine.drain_cache_events())
-        engine.warmup_sampling_filters()  # a server's requests may sample with top-k/top-p: compiled before they come
 
     # ----------------------------------------------------------------------------- lifecycle
     def start(self) -> None:

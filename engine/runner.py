@@ -432,7 +432,7 @@ class StepArrays:
 
 
 # The head variants (greedy_only, use_filters) warmup compiles: greedy, and sampling by temperature alone. A server adds
-# top-k/top-p/min-p sampling (FILTER_HEADS; `LLMEngine.warmup_sampling_filters`).
+# top-k/top-p/min-p sampling (FILTER_HEADS; `LLMEngine.warmup_sampling_filters`, which scripts/serve.py calls).
 PLAIN_HEADS = ((True, False), (False, False))
 FILTER_HEADS = ((False, True),)
 

@@ -55,11 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serve.py: process {config.parallel.process_id} following process 0", file=sys.stderr, flush=True)
         llm.follow()
         return 0
-    engine = AsyncEngine(llm)  # (compiles top-k/top-p sampling too)
+    llm.warmup_sampling_filters()  # a server's requests may sample with top-k/top-p: compiled before they come
     stats = llm.stats()
     print(f"serve.py: engine ready in {time.perf_counter() - t0:.1f} s: {stats['pages_total']} KV pages of "
           f"{config.cache.page_size} tokens ({config.cache.kv_dtype}), context {llm.max_model_len} tokens",
           file=sys.stderr, flush=True)
+
+    engine = AsyncEngine(llm)
     app = create_app(engine, config, api_key)
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
                                     access_log=False, timeout_graceful_shutdown=5), engine)

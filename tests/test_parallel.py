@@ -89,7 +89,7 @@ def test_warmup_compiles_every_forward_and_head_a_replica_runs(tp, lowered):
     llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     llm.generate(prompts[:3], SamplingParams(temperature=0.8, max_tokens=8, ignore_eos=True, seed=1))
     assert [name for name in lowered()[mark:] if "forward" in name or "head" in name] == []
-    # A server (AsyncEngine) compiles top-k/top-p sampling too: requests that ask for it compile nothing either.
+    # A server (scripts/serve.py) compiles top-k/top-p sampling too: requests that ask for it compile nothing either.
     llm.engine.warmup_sampling_filters(progress=False)
     mark = len(lowered())
     llm.generate(prompts, SamplingParams(temperature=0.8, top_p=0.9, top_k=20, max_tokens=8, ignore_eos=True, seed=1))

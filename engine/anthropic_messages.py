@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from engine.openai_protocol import ApiError, ChatCompletionRequest, describe_validation_error, sse_event
+from engine.tool_calls import call_index
 
 ROLES = ("user", "assistant")
 TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # and {"type": "tool", "name"}: that one
@@ -258,7 +259,7 @@ class Content:
 
     def _call(self, call: dict) -> list[dict]:
         events = []
-        key = call.get("index", len(self._calls) if "id" in call else len(self._calls) - 1)
+        key = call_index(call, len(self._calls))
         if "id" in call:  # a call begins
             if self.one_tool_use and any(b["type"] == "tool_use" for b in self.blocks):
                 self._calls[key] = None

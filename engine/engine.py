@@ -295,7 +295,7 @@ class LLMEngine:
         replica: its processes run each computation together, and theirs follow steps only.)"""
         if self.config.warmup and self.runner.params is not None and self.config.parallel.num_processes == 1:
             t0 = time.perf_counter()
-            self.runner.warmup_heads(list(FILTER_HEADS), progress)
+            self.runner.warmup_heads(FILTER_HEADS, progress)
             log.info("top-k/top-p sampling compiled in %.1f s", time.perf_counter() - t0)
 
     def _disk_idle(self, wait: bool) -> None:

@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from engine.openai_protocol import ApiError, ChatCompletionRequest, ResponsesRequest, describe_validation_error, sse_event
+from engine.tool_calls import call_index
 
 ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 TEXT_PARTS = ("input_text", "output_text")
@@ -270,7 +271,7 @@ class Output:
         """A function_call item: added when its call begins (id and name), its arguments' deltas as they come, done
         when the next item begins or the response ends."""
         events = []
-        key = call.get("index", len(self._calls) if "id" in call else len(self._calls) - 1)
+        key = call_index(call, len(self._calls))
         if "id" in call:
             if not self.parallel_tool_calls and any(item["type"] == "function_call" for item in self.items):
                 self._calls[key] = None

@@ -12,13 +12,10 @@ stream can send each part's growth as it comes (holding back a tail that may sti
 """
 from __future__ import annotations
 
+from engine.output import partial_stop_len
+
 START, END = "<think>", "</think>"
 PARSERS = ("none", "qwen3", "deepseek_r1")
-
-
-def partial_tag(text: str, tag: str) -> int:
-    """Length of the longest end of `text` that is a proper start of `tag` (it may still become the tag)."""
-    return next((n for n in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-n:])), 0)
 
 
 def split(text: str, parser: str, finished: bool = True) -> tuple[str | None, str]:
@@ -37,7 +34,7 @@ def split(text: str, parser: str, finished: bool = True) -> tuple[str | None, st
         return "", ""
     end = body.find(END)
     if end < 0:
-        return (body if finished else body[: len(body) - partial_tag(body, END)]), ""
+        return (body if finished else body[: len(body) - partial_stop_len(body, (END,))]), ""
     return body[:end], body[end + len(END):].lstrip()
 
 

@@ -176,7 +176,7 @@ class ModelRunner:
             else:
                 self._compile_head(n, *arg)
 
-    def warmup_heads(self, variants: list[tuple[bool, bool]], progress: bool = True) -> None:
+    def warmup_heads(self, variants: tuple[tuple[bool, bool], ...], progress: bool = True) -> None:
         """Compiles more (greedy_only, use_filters) variants of the head at every sequence bucket, after `warmup`."""
         from tqdm import tqdm
 

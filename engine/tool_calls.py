@@ -25,7 +25,7 @@ import re
 import uuid
 from typing import Any
 
-from engine.reasoning import partial_tag
+from engine.output import partial_stop_len
 from engine.request import RequestError, StructuredOutput
 
 _OPEN, _CLOSE = "<tool_call>", "</tool_call>"
@@ -215,6 +215,12 @@ class _CallReader:
         return (call, call.arguments) if call is not None else (None, "")
 
 
+def call_index(call: dict, num_seen: int) -> int:
+    """Which call a chat `tool_calls` entry adds to, `num_seen` calls seen so far: a stream's entries name it
+    (`index`); a whole reply's come one per call, each with its id."""
+    return call.get("index", num_seen if "id" in call else num_seen - 1)
+
+
 class ToolCallStream:
     """One streamed chat choice's answer text in, (content, tool call deltas in OpenAI's stream shape) out, step by
     step. auto: content streams, `<tool_call>` blocks become calls as they are written (a tail that may still become
@@ -313,8 +319,7 @@ class ToolCallStream:
         if content:
             self._say(content)
         for call in calls:
-            self._begin(call)
-            self._arguments(call.arguments)
+            self._read((call, call.arguments))
 
     def _content(self, finished: bool, complete: bool) -> None:
         while True:
@@ -322,7 +327,7 @@ class ToolCallStream:
                 close = self.text.find(_CLOSE, self._block_at)
                 if close < 0:
                     block = self.text[self._block_at:]
-                    self._read(self._reader.update(block[:len(block) - partial_tag(block, _CLOSE)]))
+                    self._read(self._reader.update(block[:len(block) - partial_stop_len(block, (_CLOSE,))]))
                     return
                 block = self.text[self._block_at:close]
                 started, args = self._reader.close(block)
@@ -335,7 +340,7 @@ class ToolCallStream:
                 continue
             opening = self.text.find(_OPEN, self._pos)
             if opening < 0:
-                end = len(self.text) if finished else len(self.text) - partial_tag(self.text[self._pos:], _OPEN)
+                end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:], (_OPEN,))
                 self._plain(self.text[self._pos:end])
                 self._pos = end
                 return

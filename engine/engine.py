@@ -353,7 +353,9 @@ class LLMEngine:
                 seq.prompt_top_logprobs.append(
                     [(int(t), float(lp)) for t, lp in zip(out.prompt_top_ids[row][:k], out.prompt_top_logprobs[row][:k])])
         rows = launched.head_rows
-        sampled = [out.tokens[r] if c.sample else None for c, r in zip(plan.chunks, rows)]
+        tokens = out.tokens.tolist()  # Python ints once, not a numpy scalar per sequence
+        sampled = [None if not c.sample else tokens[r[0]] if len(r) == 1 else [tokens[j] for j in r]
+                   for c, r in zip(plan.chunks, rows)]
         num_before = [len(c.seq.output_ids) - 1 for c in plan.chunks]  # output length before this step's tokens
         got_token = self.scheduler.resolve(plan, sampled)
         index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}

@@ -199,10 +199,12 @@ class Sequence:
         return self.num_computed < self.num_tokens - 1
 
     def token_slice(self, start: int, stop: int) -> list[int]:
-        n = len(self.prompt_ids)
+        n = len(self.prompt_ids)  # sliced from the parts: a decode's one token never copies the whole history
         if stop <= n:
             return self.prompt_ids[start:stop]
-        return (self.prompt_ids + self.output_ids)[start:stop]
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
 
 
 def placeholder(row: int) -> int:

@@ -27,6 +27,7 @@ from engine.config import EngineConfig
 from engine.kv_copies import PageCopies
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
+from engine.transfer import Packed, unpacked
 from models import llama, sharding
 from models.config import LlamaConfig
 import pallas_kernels
@@ -169,7 +170,7 @@ class ModelRunner:
             [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS]
         for kind, n, arg in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
-                inputs = self._to_device(self._pack_padding(n))
+                inputs = self.put_inputs(self._pack_padding(n))
                 self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                          prev_tokens=self._prev_tokens, lora=self.lora,
                                                          decode_only=arg)
@@ -185,7 +186,7 @@ class ModelRunner:
             self._compile_head(n, *variant)
 
     def _compile_head(self, num_rows: int, greedy_only: bool, use_filters: bool) -> None:
-        s_in = self._to_device(sampler.build_inputs([], num_rows, self.cfg.vocab_size, use_penalties=False))
+        s_in = self._to_device(Packed.of(sampler.build_inputs([], num_rows, self.cfg.vocab_size, use_penalties=False)))
         jax.block_until_ready(self._run_head(self._hidden, s_in, num_rows=num_rows, use_penalties=False,
                                              use_filters=use_filters, num_top=0, greedy_only=greedy_only,
                                              use_mask=False))
@@ -335,10 +336,11 @@ class ModelRunner:
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
         replicated (and the head rows after the final norm after top_logprobs)."""
         self.kv = self.copies.apply(self.kv, step)
-        hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=self._to_device(step.inputs),
+        inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
+        hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                    prev_tokens=self._prev_tokens, lora=self.lora,
                                                    decode_only=step.decode_kernel)
-        out = self._run_head(hidden, self._to_device(step.sampling), num_rows=step.num_rows,
+        out = self._run_head(hidden, s_in, num_rows=step.num_rows,
                              use_penalties=step.use_penalties, use_filters=step.use_filters, num_top=step.num_top,
                              greedy_only=step.greedy_only, use_mask=step.use_mask)
         self._prev_tokens = out[-1]
@@ -358,9 +360,14 @@ class ModelRunner:
         """Host arrays to the device in one transfer (replicated over a tensor-parallel mesh)."""
         return jax.device_put(tree, self._replicated)
 
+    def put_inputs(self, inputs: llama.ModelInputs) -> Packed:
+        """A step's model inputs on the device as the forward takes them (`engine.transfer.Packed`)."""
+        return self._to_device(Packed.of(inputs))
+
     def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, decode_only=None):
         """The model step, its placeholder tokens first replaced by those the previous step sampled.
         Returns (hidden of each sequence's last row [S, H], every row's hidden [T, H], caches)."""
+        inputs = unpacked(inputs)
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
         (hidden, every_row), kv_caches = llama.forward(
             params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
@@ -386,6 +393,7 @@ class ModelRunner:
         """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
         read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
         step's `prev_tokens`."""
+        s_in = unpacked(s_in)
         logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
         out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
                              num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)

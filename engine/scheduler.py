@@ -448,7 +448,7 @@ class Scheduler:
             seq = chunk.seq
             if not chunk.sample or seq.finish_reason == "abort" or placeholder(i) not in seq.output_ids[-1:]:
                 continue  # aborted, or it was not running when the step was advanced
-            tokens = [int(t) for t in np.atleast_1d(tokens)]
+            tokens = [tokens] if isinstance(tokens, int) else [int(t) for t in np.atleast_1d(tokens)]
             seq.output_ids[-1] = tokens[0]
             got_token.append(seq)
             if self._end_at_stop_token(seq):

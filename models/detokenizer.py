@@ -65,3 +65,55 @@ class IncrementalDetokenizer:
         self._prefix_offset = self._read_offset = len(self._ids)
         self._prefix_text = ""
         return delta
+
+
+class StreamDetokenizer:
+    """`IncrementalDetokenizer`'s contract for a HF `tokenizers.Tokenizer`, run by its `DecodeStream` (the same
+    two-offset technique, in Rust: one call a step where the Python version makes two decodes and the list slices
+    around them; at batch 256 that is host work of every decode step).
+
+    Beside the stream we keep only what `flush` needs: the ids of the text last emitted (the stream's decoding
+    context) and the ids held back since. A decoder whose text changes before the new ids (the stream raises:
+    the emitted text is no prefix of the new decode) gets the Python version's answer for that step.
+    """
+
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
+        from tokenizers.decoders import DecodeStream
+
+        self._tokenizer = tokenizer
+        self._new_stream = lambda ids: DecodeStream(ids=ids, skip_special_tokens=True)
+        context = [int(i) for i in prompt_ids[-_PROMPT_CONTEXT_LEN:]]
+        if context and self._decode(context).endswith(_REPLACEMENT_CHAR):
+            context = []  # as IncrementalDetokenizer: a prompt tail that ends mid-character is no context
+        self._stream = self._new_stream(context)
+        self._context = context  # the stream's window: ids of the text emitted last
+        self._held: list[int] = []  # ids after them whose text is not out yet
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+    def step(self, new_ids: Sequence[int]) -> str:
+        """Text finalised by `new_ids` (may be empty while an incomplete character is held back)."""
+        new = [int(i) for i in new_ids]
+        if not new:
+            return ""
+        self._held += new
+        try:
+            text = self._stream.step(self._tokenizer, new)
+        except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception for an invalid prefix
+            # The stream kept the ids and its old context, as when it holds them back.
+            prefix, full = self._decode(self._context), self._decode(self._context + self._held)
+            if len(full) <= len(prefix) or full.endswith(_REPLACEMENT_CHAR):
+                return ""
+            text, self._stream = full[len(prefix) :], self._new_stream(self._held)
+        if text is None:
+            return ""
+        self._context, self._held = self._held, []
+        return text
+
+    def flush(self) -> str:
+        """Whatever is still held back (an incomplete character decodes to U+FFFD here). Call once, at the end."""
+        if not self._held:
+            return ""
+        full = self._decode(self._context + self._held)
+        return full[len(self._decode(self._context)) :]

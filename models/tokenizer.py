@@ -21,7 +21,7 @@ import re
 from typing import Any, Iterable, Sequence
 
 from models.chat_template import render_chat_template
-from models.detokenizer import IncrementalDetokenizer
+from models.detokenizer import IncrementalDetokenizer, StreamDetokenizer
 
 # GGUF token types (llama.cpp `llama_token_type`); SentencePiece uses the same numbers.
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -333,8 +333,11 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens)
 
-    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer:
-        """A streaming decoder for the ids generated after `prompt_ids` (special tokens skipped)."""
+    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer | StreamDetokenizer:
+        """A streaming decoder for the ids generated after `prompt_ids` (special tokens skipped): `tokenizers`' own
+        for HF tokenizers, ours for SentencePiece."""
+        if isinstance(self._backend, _HFBackend):
+            return StreamDetokenizer(self._backend.tokenizer, prompt_ids)
         return IncrementalDetokenizer(lambda ids: self._backend.decode(ids, True), prompt_ids)
 
     # --- chat -----------------------------------------------------------------------------------------------

@@ -423,7 +423,7 @@ def step_times(args) -> None:
             window = tuple(p % runner.layout.num_window_pages for p in pages) if runner.layout else ()  # hybrid cache
             plan_chunks.append(Chunk(seq=None, token_ids=[7] * n, start=start, pages=pages, sample=True, window_pages=window))
         num_prefill = sum(n for _, n in chunks)
-        return runner._to_device(runner.pack(StepPlan(plan_chunks, [], 0, num_prefill)))
+        return runner.put_inputs(runner.pack(StepPlan(plan_chunks, [], 0, num_prefill)))
 
     shapes = {
         "decode 8 x 1,152 context": [(1151, 1)] * 8,

@@ -740,6 +740,65 @@ def test_pack_equals_the_loop_over_chunks(tiny_model, tiny_gemma3, hybrid):
                 np.testing.assert_array_equal(a, b, err_msg=field.name)
 
 
+def test_packed_step_inputs_unpack_to_the_arrays_on_host_and_in_jit():
+    """engine.transfer.Packed: the leaves of each dtype in one buffer; unpacked, on the host or inside jit, every
+    leaf equals what went in (None leaves stay None); one compile per layout, a new one when a shape changes."""
+    import hypothesis.extra.numpy as hnp
+    from hypothesis import given, settings, strategies as st
+
+    from engine.sampler import build_inputs
+    from engine.transfer import Packed
+
+    traces = []
+
+    @jax.jit
+    def roundtrip(packed):
+        traces.append(1)
+        return packed.unpack()
+
+    dtypes = st.sampled_from([np.int32, np.float32, np.uint32, np.bool_])
+    leaf = dtypes.flatmap(lambda d: hnp.arrays(d, hnp.array_shapes(min_dims=0, max_dims=3, min_side=0, max_side=4)))
+
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.one_of(st.none(), leaf), min_size=1, max_size=8))
+    def check(leaves):
+        packed = Packed.of({"leaves": leaves})
+        assert len(packed.buffers) == len({np.asarray(x).dtype for x in leaves if x is not None})
+        for got in (packed.unpack()["leaves"], roundtrip(packed)["leaves"]):
+            assert len(got) == len(leaves)
+            for a, b in zip(got, leaves):
+                assert (a is None) == (b is None)
+                if b is not None:
+                    assert a.dtype == b.dtype and a.shape == b.shape
+                    np.testing.assert_array_equal(np.asarray(a), b)
+
+    check()
+    rows = build_inputs([], 8, 100, use_penalties=False)
+    roundtrip(Packed.of(rows))
+    n = len(traces)
+    roundtrip(Packed.of(build_inputs([], 8, 100, use_penalties=False)))  # same layout: no new compile
+    assert len(traces) == n
+    roundtrip(Packed.of(build_inputs([], 16, 100, use_penalties=False)))  # another bucket: a new one
+    assert len(traces) == n + 1
+
+
+def test_token_slice_equals_slicing_the_whole_sequence():
+    from hypothesis import given, settings, strategies as st
+
+    from engine.request import Sequence
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.integers(0, 6), st.integers(0, 6), st.data())
+    def check(num_prompt, num_output, data):
+        seq = Sequence("r", list(range(100, 100 + num_prompt)), SamplingParams())
+        seq.output_ids = list(range(200, 200 + num_output))
+        start = data.draw(st.integers(0, num_prompt + num_output))
+        stop = data.draw(st.integers(start, num_prompt + num_output))
+        assert seq.token_slice(start, stop) == (seq.prompt_ids + seq.output_ids)[start:stop]
+
+    check()
+
+
 def test_chat_continues_a_prefilled_reply(tiny):
     """continue_final_message: the prompt ends inside the assistant's last message, and the completion is what the
     model adds to it (LLM.chat; the offline job's lines take the field with messages)."""

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from models.chat_template import read_chat_template, render_chat_template
-from models.detokenizer import IncrementalDetokenizer
+from models.detokenizer import IncrementalDetokenizer, StreamDetokenizer
 from models.tokenizer import Tokenizer, _read_gguf_tokenizer_metadata
 
 
@@ -335,6 +335,65 @@ def test_detokenizer_real_text_split_everywhere(smollm2, text):
             deltas = [detok.step(ids[:cut]), *(detok.step([i]) for i in ids[cut:]), detok.flush()]
             assert "".join(deltas) == text
             assert not any("\ufffd" in d for d in deltas)
+
+
+def _same_deltas(hf_tokenizer, ids: list[int], rng: random.Random, prompt_ids: list[int]) -> None:
+    """`StreamDetokenizer` (tokenizers' DecodeStream) gives the Python version's delta at every step, on one split."""
+    fast = StreamDetokenizer(hf_tokenizer, prompt_ids)
+    slow = IncrementalDetokenizer(lambda x: hf_tokenizer.decode(list(x), skip_special_tokens=True), prompt_ids)
+    pos = 0
+    while pos < len(ids):
+        n = rng.choice([0, 1, 1, 1, 2, 3])
+        assert fast.step(ids[pos : pos + n]) == slow.step(ids[pos : pos + n]), (ids, pos, n, prompt_ids)
+        pos += n
+    assert fast.flush() == slow.flush(), (ids, prompt_ids)
+
+
+@pytest.mark.slow
+@needs_smollm2
+def test_stream_detokenizer_matches_the_python_one_byte_level(smollm2):
+    hf = smollm2._backend.tokenizer
+    rng = random.Random(11)
+    byte_ids = [smollm2.encode(ch, add_special_tokens=False)[0] for ch in "é日🙂"]
+    specials = sorted(smollm2.special_ids)
+    for _ in range(300):
+        pool = [rng.randrange(smollm2.vocab_size), rng.randrange(17, 273), *byte_ids, rng.choice(specials)]
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
+        prompt = [rng.choice(pool) for _ in range(rng.randrange(0, 9))]
+        _same_deltas(hf, ids, rng, prompt)
+
+
+@pytest.mark.slow
+def test_stream_detokenizer_matches_the_python_one_sentencepiece_style(gemma_ref):
+    """A HF tokenizer with a Metaspace decoder and byte fallback (Gemma 3's, as transformers converts it): leading
+    spaces depend on what precedes a token."""
+    rng = random.Random(12)
+    vocab = gemma_ref.get_vocab_size()
+    for _ in range(300):  # byte-fallback pieces <0x00>..<0xFF> are ids 238..493; 0-5 are pad/eos/bos/unk/mask
+        pool = [rng.randrange(vocab), rng.randrange(238, 494), rng.randrange(0, 6), 236743]  # 236743: "▁"
+        ids = [rng.choice(pool) for _ in range(rng.randrange(1, 40))]
+        prompt = [rng.choice(pool) for _ in range(rng.randrange(0, 9))]
+        _same_deltas(gemma_ref, ids, rng, prompt)
+
+
+def test_stream_detokenizer_takes_the_python_answer_where_the_stream_raises():
+    """tokenizers' DecodeStream raises when the emitted text is no prefix of the new decode (no decoder we load does
+    that); the step then answers as IncrementalDetokenizer does and the stream restarts from the new context."""
+    from tokenizers import Tokenizer as HFTokenizer, decoders, models
+
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 3}, unk_token="[UNK]"))
+    hf.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # tokens joined by spaces
+
+    class Raising:
+        def step(self, tokenizer, ids):
+            raise Exception("Invalid prefix encountered")  # what tokenizers raises
+
+    fast = StreamDetokenizer(hf, [1])
+    slow = IncrementalDetokenizer(lambda x: hf.decode(list(x), skip_special_tokens=True), [1])
+    assert fast.step([2]) == slow.step([2]) == " b"
+    fast._stream = Raising()
+    assert fast.step([3, 1]) == slow.step([3, 1]) == " c a"
+    assert [fast.step([2]), fast.step([3]), fast.flush()] == [slow.step([2]), slow.step([3]), slow.flush()] == [" b", " c", ""]
 
 
 def test_detokenizer_holds_back_incomplete_characters():

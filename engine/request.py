@@ -7,6 +7,8 @@ import json
 import time
 from typing import Any, Sequence as Seq
 
+import numpy as np
+
 MAX_TOP_LOGPROBS = 20
 
 
@@ -179,6 +181,24 @@ class Sequence:
     first_token_s: float | None = None
     finish_s: float | None = None
     token_times_s: list[float] = dataclasses.field(default_factory=list)
+    # `pages` as int32 for the step's page table (`page_array`): the list it mirrors, a buffer, how much is copied
+    _page_mirror: tuple = dataclasses.field(default=(None, None, 0), repr=False, compare=False)
+
+    def page_array(self) -> np.ndarray:
+        """`pages` as an int32 array, copying only the pages added since the last call: between admission and release
+        a sequence's page list only grows (a new list then), so the arrays returned earlier stay true as snapshots
+        (views of a buffer whose first entries never change). A long context's page table is thus not rebuilt from
+        Python ints every step. (Debug mode checks that the list was not changed in place.)"""
+        pages = self.pages
+        mirrored, buf, n = self._page_mirror
+        if mirrored is not pages or n > len(pages):
+            buf, n = np.empty(max(2 * len(pages), 16), np.int32), 0
+        if len(pages) > len(buf):
+            buf = np.concatenate([buf[:n], np.empty(2 * len(pages) - n, np.int32)])
+        if len(pages) > n:
+            buf[n : len(pages)] = pages[n:]
+        self._page_mirror = (pages, buf, len(pages))
+        return buf[: len(pages)]
 
     @property
     def all_ids(self) -> list[int]:

@@ -224,7 +224,8 @@ class ModelRunner:
         pos = starts[seq_of_row] + np.arange(total, dtype=np.int32) - cu[:-1][seq_of_row]
         inputs.tokens[:total] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
         inputs.positions[:total] = pos
-        _fill_rows(inputs.page_indices, [c.pages for c in chunks])
+        for i, c in enumerate(chunks):  # rows of int32 arrays (Sequence.page_array): no Python int per page
+            inputs.page_indices[i, : len(c.pages)] = c.pages
         inputs.slot_mapping[:total] = inputs.page_indices[seq_of_row, pos // ps] * ps + pos % ps
         if self.lora:
             inputs.adapter_ids[:total] = np.repeat(np.fromiter((c.seq.adapter for c in chunks), np.int32, num), lens)

@@ -32,7 +32,7 @@ class Chunk:
     seq: Sequence  # for the engine's post-processing; the runner reads only the plain fields below
     token_ids: list[int]
     start: int
-    pages: tuple[int, ...]  # the sequence's whole page list (page-table row)
+    pages: np.ndarray  # int32, the sequence's whole page list (page-table row; `Sequence.page_array`)
     sample: bool  # this chunk ends at the sequence's last token: sample the next one
     # Speculative decoding: the chunk's last len(draft) tokens are proposed continuations, verified by sampling at
     # every position from the real last token on (see engine.speculative).
@@ -315,7 +315,7 @@ class Scheduler:
             seq=seq,
             token_ids=seq.token_slice(start, start + n - len(draft)) + list(draft),
             start=start,
-            pages=tuple(seq.pages),
+            pages=seq.page_array(),
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
             window_pages=self.pages.window_row(seq),
@@ -502,3 +502,5 @@ class Scheduler:
     def check_invariants(self) -> None:
         """Every page is free or referenced exactly by the tree and running sequences (debug mode)."""
         self.pages.check_invariants(self.running)
+        for seq in self.running:
+            assert seq.page_array().tolist() == seq.pages, f"{seq.request_id}: pages changed in place"

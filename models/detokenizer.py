@@ -94,10 +94,14 @@ class StreamDetokenizer:
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text finalised by `new_ids` (may be empty while an incomplete character is held back)."""
-        new = [int(i) for i in new_ids]
-        if not new:
+        if not new_ids:
             return ""
-        self._held += new
+        if len(new_ids) == 1:  # a decode's one token: the stream takes an int faster than a list
+            new = int(new_ids[0])
+            self._held.append(new)
+        else:
+            new = [int(i) for i in new_ids]
+            self._held += new
         try:
             text = self._stream.step(self._tokenizer, new)
         except Exception:  # noqa: BLE001 - tokenizers raises a plain Exception for an invalid prefix

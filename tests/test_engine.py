@@ -799,6 +799,38 @@ def test_token_slice_equals_slicing_the_whole_sequence():
     check()
 
 
+def test_page_array_mirrors_pages_and_earlier_arrays_stay_snapshots():
+    """Sequence.page_array under what the scheduler does to `pages`: append (decode, prefill chunks), a new list
+    (admission), an empty one (release). Each call equals the list; arrays returned earlier still hold the pages
+    they had (chunks of a step in flight keep them)."""
+    from hypothesis import given, settings, strategies as st
+
+    from engine.request import Sequence
+
+    ops = st.lists(st.one_of(st.tuples(st.just("append"), st.integers(0, 40)),
+                             st.tuples(st.just("admit"), st.integers(0, 40)), st.tuples(st.just("release"), st.just(0)),
+                             st.tuples(st.just("read"), st.just(0))), max_size=30)
+
+    @settings(max_examples=150, deadline=None)
+    @given(ops)
+    def check(steps):
+        seq, taken, fresh = Sequence("r", [1], SamplingParams()), [], iter(range(10**6))
+        for op, n in steps:
+            if op == "append":
+                seq.pages += [next(fresh) for _ in range(n)]
+            elif op == "admit":
+                seq.pages = [next(fresh) for _ in range(n)]
+            elif op == "release":
+                seq.pages = []
+            got = seq.page_array()
+            assert got.dtype == np.int32 and got.tolist() == seq.pages
+            taken.append((got, list(seq.pages)))
+            for array, pages in taken:
+                assert array.tolist() == pages
+
+    check()
+
+
 def test_chat_continues_a_prefilled_reply(tiny):
     """continue_final_message: the prompt ends inside the assistant's last message, and the completion is what the
     model adds to it (LLM.chat; the offline job's lines take the field with messages)."""

@@ -379,22 +379,26 @@ def decode_overhead(args) -> None:
                 launched = engine.num_steps
                 if profiler is not None:
                     profiler.enable()
+                cpu0 = time.thread_time()
                 engine.step()
+                cpu = time.thread_time() - cpu0
                 if profiler is not None:
                     profiler.disable()
                 s = engine.last_step
                 if engine.num_steps > launched and s["num_decode"] == args.decode_batch and not s["num_prefill"]:
-                    steps[name].append(s)
+                    steps[name].append(s | {"cpu_s": cpu})
     for name, engine in engines.items():
         total = statistics.median(s["total_s"] for s in steps[name])
         wait = statistics.median(s["wait_s"] for s in steps[name])
         share = statistics.median(1 - s["wait_s"] / s["total_s"] for s in steps[name])
         host = statistics.median(s["total_s"] - s["wait_s"] for s in steps[name])
+        cpu = statistics.median(s["cpu_s"] for s in steps[name])
         mode = "overlapped with the device" if engine.config.scheduler.overlap else "the device idles meanwhile"
         label = (' '.join(configs[name]) or 'defaults') + (", final-only outputs" if name == "B" and args.final_only_b else "")
         print(f"{name} ({label}): decode batch {args.decode_batch}, {len(steps[name])} pure-decode steps; median step "
               f"{total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work {host * 1e3:.2f} ms, "
-              f"{share:.1%} of the step ({mode}); {args.decode_batch / total:.1f} tok/s")
+              f"{share:.1%} of the step ({mode}); the step's thread used {cpu * 1e3:.2f} ms of CPU; "
+              f"{args.decode_batch / total:.1f} tok/s")
     if profiler is not None:
         import pstats
 

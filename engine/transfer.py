@@ -20,28 +20,26 @@ class Packed:
     """A pytree of arrays stored as one 1-D buffer per dtype (`of`), and unpacked inside jitted code (`unpack`)."""
 
     def __init__(self, buffers: tuple, layout: tuple):
-        self.buffers = buffers  # one per dtype, in `layout`'s dtype order
-        self.layout = layout  # (treedef, dtypes, ((dtype index, offset, shape) per leaf))
+        self.buffers = buffers  # one per dtype (the dtypes are the buffers': jit keys on them already)
+        self.layout = layout  # (treedef, ((buffer index, offset, shape) per leaf))
 
     @classmethod
     def of(cls, tree) -> Packed:
         """The host arrays of `tree` (None leaves stay None), one buffer per dtype."""
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         groups: dict[np.dtype, list[np.ndarray]] = {}
-        sizes: dict[np.dtype, int] = {}
         slots = []
         for leaf in leaves:
             a = np.asarray(leaf)
             group = groups.setdefault(a.dtype, [])
-            slots.append((list(groups).index(a.dtype), sizes.get(a.dtype, 0), a.shape))
+            slots.append((list(groups).index(a.dtype), sum(x.size for x in group), a.shape))
             group.append(a.reshape(-1))
-            sizes[a.dtype] = sizes.get(a.dtype, 0) + a.size
         buffers = tuple(np.concatenate(g) if len(g) > 1 else g[0] for g in groups.values())
-        return cls(buffers, (treedef, tuple(d.str for d in groups), tuple(slots)))
+        return cls(buffers, (treedef, tuple(slots)))
 
     def unpack(self):
         """The tree again, each leaf a slice of its dtype's buffer (in jitted code: static slices)."""
-        treedef, _, slots = self.layout
+        treedef, slots = self.layout
         leaves = [self.buffers[i][offset : offset + math.prod(shape)].reshape(shape) for i, offset, shape in slots]
         return jax.tree_util.tree_unflatten(treedef, leaves)
 

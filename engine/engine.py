@@ -40,7 +40,7 @@ from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.output import OutputState, RequestOutput, truncate_output
-from engine.request import RequestError, SamplingParams, Sequence, Status, validate_prompt
+from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
 from models import sharding
@@ -219,6 +219,7 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = [int(t) for t in prompt]
+        prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
         validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
         bad = [t for t, _ in params.logit_bias if not 0 <= t < self.model_cfg.vocab_size]
         if bad:

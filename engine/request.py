@@ -75,6 +75,8 @@ class SamplingParams:
     # back as RequestOutput.embedding and nothing is generated (max_tokens must be 1: the step's one sampled token is
     # dropped). Last-token pooling, as decoder embedding models (Qwen3-Embedding, e5-mistral) are trained.
     embed: bool = False
+    # Left truncation (vLLM's): keep only the prompt's last k tokens; -1: as many as fit before max_tokens.
+    truncate_prompt_tokens: int | None = None
 
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):
@@ -114,6 +116,9 @@ class SamplingParams:
             raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        k = self.truncate_prompt_tokens
+        if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
+            raise RequestError(f"truncate_prompt_tokens must be -1 or a positive integer, got {k!r}")
         if self.embed and self.max_tokens != 1:
             raise RequestError(f"an embedding request generates nothing: max_tokens must be 1, got {self.max_tokens}")
 
@@ -231,6 +236,14 @@ def placeholder(row: int) -> int:
     """The stand-in for the token that row `row` of the step in flight is sampling (always negative); the
     runner replaces it on the device with that step's sampled token."""
     return -1 - row
+
+
+def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int, max_tokens: int) -> list[int]:
+    """The prompt's last `keep` tokens (`truncate_prompt_tokens`; vLLM's left truncation): -1 keeps as many as fit
+    in the context before `max_tokens` new ones, None keeps all."""
+    if keep == -1:
+        keep = max(1, max_model_len - max_tokens)
+    return prompt_ids[-keep:] if keep is not None and len(prompt_ids) > keep else prompt_ids
 
 
 def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:

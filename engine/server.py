@@ -45,7 +45,7 @@ from engine.openai_protocol import (
 from engine import anthropic_messages, openai_responses
 from engine import structured
 from engine.tool_calls import ToolChoice
-from engine.request import RequestError, SamplingParams, validate_prompt
+from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt
 
 log = logging.getLogger(__name__)
 
@@ -252,12 +252,14 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         p = body.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
-        prompts = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+        given = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+        prompts = [truncate_prompt(ids, body.truncate_prompt_tokens, max_model_len, max(max_tokens, 1)) for ids in given]
         for ids in prompts:
             if not ids:
                 raise ApiError(400, "prompt is empty", param="prompt")
             check_prompt(ids, max(max_tokens, 1), "prompt")
-        echo = [x if isinstance(x, str) else tokenizer.decode(x, skip_special_tokens=False) for x in p] if body.echo else None
+        echo = [x if isinstance(x, str) and len(ids) == len(whole) else tokenizer.decode(ids, skip_special_tokens=False)
+                for x, ids, whole in zip(p, prompts, given)] if body.echo else None
         return await run(request, body, "text", prompts, [max_tokens] * len(prompts), body.logprobs, echo)
 
     def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None]:
@@ -280,7 +282,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         if not prompt_ids:
             raise ApiError(400, "messages render to an empty prompt", param="messages")
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, max_model_len - len(prompt_ids))
+        requested = body.max_completion_tokens or body.max_tokens
+        prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, max_model_len, requested or 1)
+        max_tokens = requested or max(1, max_model_len - len(prompt_ids))
         check_prompt(prompt_ids, max_tokens, "messages")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         return prompt_ids, max_tokens, tools, logprobs

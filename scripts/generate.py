@@ -6,7 +6,8 @@
 
 Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
              min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
-             ({"token id": bias}), cache_salt, priority (with scheduler.policy=priority: lower runs first),
+             ({"token id": bias}), truncate_prompt_tokens (keep the prompt's last k tokens; -1: as many as fit),
+             cache_salt, priority (with scheduler.policy=priority: lower runs first),
              adapter (one of the config's lora.adapters), chat_template_kwargs (with messages: variables for the
              chat template, e.g. {"enable_thinking": false}),
              and one structured-output constraint: response_format (OpenAI's: {"type": "json_object"} or

@@ -899,6 +899,31 @@ def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
     assert plain.cached_tokens > 0 and plain.prompt_logprobs is None
 
 
+def test_truncate_prompt_tokens_keeps_the_last_tokens(tiny):
+    """truncate_prompt_tokens=k runs the prompt's last k tokens (vLLM's left truncation): the same tokens as sending
+    those alone; -1 keeps as many as fit before max_tokens, so a prompt longer than the context still runs."""
+    llm = tiny
+    prompt = [int(t) for t in np.random.default_rng(7).integers(1000, 2000, 40)]
+    greedy = dict(temperature=0, max_tokens=6, ignore_eos=True)
+    want = llm.generate([prompt[-9:]], SamplingParams(**greedy))[0]
+    got = llm.generate([prompt], SamplingParams(**greedy, truncate_prompt_tokens=9))[0]
+    assert got.token_ids == want.token_ids and got.prompt_tokens == 9
+    assert llm.generate([prompt], SamplingParams(**greedy, truncate_prompt_tokens=100))[0].prompt_tokens == 40
+    context = llm.engine.max_model_len
+    long = (prompt * (context // len(prompt) + 2))[: context + 10]
+    with pytest.raises(RequestError, match="context allows at most"):
+        llm.engine.add_request(long, SamplingParams(**greedy))
+    fit = llm.generate([long], SamplingParams(**greedy, truncate_prompt_tokens=-1))[0]
+    assert fit.prompt_tokens == context - 6 and len(fit.token_ids) == 6
+    assert fit.token_ids == llm.generate([long[-(context - 6):]], SamplingParams(**greedy))[0].token_ids
+    for bad in (0, -2, True, 1.5):
+        with pytest.raises(RequestError, match="truncate_prompt_tokens must be -1 or a positive integer"):
+            SamplingParams(truncate_prompt_tokens=bad)
+    from engine.offline_job import sampling_params  # an offline-job line field too
+
+    assert sampling_params({"prompt": "x", "truncate_prompt_tokens": 9}).truncate_prompt_tokens == 9
+
+
 def test_logit_bias_and_min_tokens_in_the_engine(tiny):
     llm = tiny
     free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0].token_ids

@@ -414,6 +414,26 @@ def test_logit_bias_and_min_tokens(client, http):
            "min_tokens")
 
 
+def test_truncate_prompt_tokens(http):
+    """vLLM's truncate_prompt_tokens on both endpoints: the prompt's last k tokens run (usage counts them, echo shows
+    them); -1 keeps what fits before max_tokens; other values are a 400."""
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": "one two three four five six seven eight nine ten"}
+                    ).json()["tokens"]
+    body = {"model": MODEL, "max_tokens": 4, "temperature": 0}
+    whole = http.post("/v1/completions", json={**body, "prompt": ids[-5:], "echo": True}).json()
+    cut = http.post("/v1/completions", json={**body, "prompt": ids, "truncate_prompt_tokens": 5, "echo": True}).json()
+    assert cut["usage"]["prompt_tokens"] == 5 and cut["choices"][0]["text"] == whole["choices"][0]["text"]
+    long = http.post("/v1/completions", json={**body, "prompt": ids * (MAX_MODEL_LEN // len(ids) + 1)})
+    _error(long, 400, "context")
+    fit = http.post("/v1/completions", json={**body, "prompt": ids * (MAX_MODEL_LEN // len(ids) + 1),
+                                             "truncate_prompt_tokens": -1}).json()
+    assert fit["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 4 and fit["usage"]["completion_tokens"] == 4
+    chat = {**body, "messages": [{"role": "user", "content": "Tell me a story about a cat. " * 5}]}
+    assert http.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 7}).json()["usage"]["prompt_tokens"] == 7
+    _error(http.post("/v1/completions", json={**body, "prompt": "Hi", "truncate_prompt_tokens": -2}), 400,
+           "truncate_prompt_tokens")
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

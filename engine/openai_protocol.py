@@ -65,7 +65,7 @@ class _SamplingFields(_Body):
     user: str | None = None
     logit_bias: dict[str, float] | None = Field(None, description="token id -> bias in [-100, 100] added to its logit")
     min_tokens: _int(ge=0) | None = Field(None, description="no end token or stop id before this many tokens")
-    truncate_prompt_tokens: _int(ge=-1) | None = Field(
+    truncate_prompt_tokens: Literal[-1] | _int(ge=1, le=2**31 - 1) | None = Field(
         None, description="keep only the prompt's last k tokens (vLLM's); -1: as many as fit before max_tokens")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
     response_format: dict[str, Any] | None = Field(

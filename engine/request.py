@@ -243,7 +243,7 @@ def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int,
     in the context before `max_tokens` new ones, None keeps all."""
     if keep == -1:
         keep = max(1, max_model_len - max_tokens)
-    return prompt_ids[-keep:] if keep is not None and len(prompt_ids) > keep else prompt_ids
+    return prompt_ids[-keep:] if keep is not None and 0 < keep < len(prompt_ids) else prompt_ids
 
 
 def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:

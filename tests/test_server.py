@@ -430,8 +430,9 @@ def test_truncate_prompt_tokens(http):
     assert fit["usage"]["prompt_tokens"] == MAX_MODEL_LEN - 4 and fit["usage"]["completion_tokens"] == 4
     chat = {**body, "messages": [{"role": "user", "content": "Tell me a story about a cat. " * 5}]}
     assert http.post("/v1/chat/completions", json={**chat, "truncate_prompt_tokens": 7}).json()["usage"]["prompt_tokens"] == 7
-    _error(http.post("/v1/completions", json={**body, "prompt": "Hi", "truncate_prompt_tokens": -2}), 400,
-           "truncate_prompt_tokens")
+    for bad in (-2, 0):
+        _error(http.post("/v1/completions", json={**body, "prompt": "Hi", "truncate_prompt_tokens": bad}), 400,
+               "truncate_prompt_tokens")
 
 
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):

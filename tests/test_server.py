@@ -514,10 +514,24 @@ def test_schemathesis_no_server_errors(server):
 
             run()
     print("schemathesis:", sorted(seen.items()))
-    assert seen[("/v1/completions", 200)] and seen[("/v1/chat/completions", 200)]
-    assert seen[("/v1/completions", 400)] and seen[("/v1/chat/completions", 400)]
     assert all(status < 500 for _, status in seen)
-    assert seen[("/v1/messages", 200)] and seen[("/v1/messages", 400)] and seen[("/v1/responses", 400)]
+    assert seen[("/v1/completions", 400)] and seen[("/v1/chat/completions", 400)]
+    assert seen[("/v1/messages", 400)] and seen[("/v1/responses", 400)]
+    # Schema-valid draws are often refused for what no schema says (token ids past the vocabulary, a priority
+    # without the priority policy), so whether a draw reaches the engine depends on the draw. These do, always.
+    valid = {
+        "/v1/completions": {"model": MODEL, "prompt": "Hello there", "max_tokens": 2, "truncate_prompt_tokens": 2,
+                            "logprobs": 1, "n": 2},
+        "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+                                 "truncate_prompt_tokens": -1, "logprobs": True, "top_logprobs": 2},
+        "/v1/messages": {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        "/v1/responses": {"model": MODEL, "input": "Hi", "max_output_tokens": 2},
+    }
+    for path, body in valid.items():
+        case = schema[path]["POST"].Case(body=body)
+        response = case.call(base_url=server["url"], headers=headers, timeout=60)
+        assert response.status_code == 200, (path, response.text)
+        case.validate_response(response, checks=[not_a_server_error])
 
 
 # --------------------------------------------------------------------------------- disconnects

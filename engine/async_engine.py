@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 
 from engine.cache_feed import CacheEventFeed
 from engine.engine import LLMEngine, RequestOutput
+from engine.output import OutputKind
 from engine.request import RequestError, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -321,10 +322,11 @@ class AsyncEngine:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
             return
         added = []
+        kind = OutputKind.FINAL if stream.final_only else OutputKind.DELTA  # a stream's step costs the same at any length
         try:
             for rid, req in zip(stream.request_ids, requests):
                 self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,
-                                        priority=req.priority, adapter=req.adapter)
+                                        priority=req.priority, adapter=req.adapter, output_kind=kind)
                 added.append(rid)
                 self._streams[rid] = stream
         except Exception as e:  # all or nothing: one bad sample fails the call

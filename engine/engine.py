@@ -10,7 +10,7 @@ A request's life, text to text:
   4. While the device computes, the previous step completes: `ModelRunner.fetch` brings its sampled
      tokens back in one host sync, `Scheduler.resolve` puts them in place and applies stop tokens;
      `engine.output.OutputState` detokenizes them incrementally and checks stop strings, and a
-     `RequestOutput` (delta text + totals) is returned for streaming. (`scheduler.overlap: false`: each step completes in
+     `RequestOutput` is returned (`OutputKind`: the totals so far, the step's delta, or the final one only). (`scheduler.overlap: false`: each step completes in
      the call that launched it.)
   5. On finish the sequence's full pages stay in the tree (the next chat turn hits), its lock and
      references go, and the partial last page returns to the pool.
@@ -39,7 +39,7 @@ from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
-from engine.output import OutputState, RequestOutput, truncate_output
+from engine.output import OutputKind, OutputState, RequestOutput, truncate_output
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
@@ -201,11 +201,13 @@ class LLMEngine:
         namespace: str | None = None,
         priority: int = 0,
         adapter: str | None = None,
-        stream: bool = True,
+        output_kind: OutputKind = OutputKind.CUMULATIVE,
     ) -> str:
         """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
         first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model).
-        stream False: `step` returns only the request's final output (no per-step text and copies of its tokens)."""
+        `output_kind` (engine.output.OutputKind): one output per step with everything so far (CUMULATIVE), with what
+        the step added (DELTA: what a stream sends, at a cost that does not grow with the output), or the final
+        output only (FINAL: no per-step text at all)."""
         params = params or SamplingParams()
         if self.sleep_level:
             raise EngineAsleep(f"the engine is asleep (level {self.sleep_level}); wake_up first")
@@ -238,7 +240,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
-        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids), stream)
+        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids), output_kind)
         self.scheduler.add(seq)
         return request_id
 

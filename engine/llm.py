@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence as Seq
 
 import numpy as np
 
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine, RequestOutput
+from engine.output import OutputKind
 from engine.request import MAX_TOP_LOGPROBS, RequestError, SamplingParams
 from engine.tool_calls import ToolChoice
 
@@ -67,7 +69,8 @@ class LLM:
         of the config's lora.adapters (None: the base model)."""
         prompts = _prompt_list(prompts)
         params_list = _params_list(params, len(prompts))
-        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, stream=False) for p, sp in zip(prompts, params_list)]
+        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, output_kind=OutputKind.FINAL)
+               for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
 
@@ -111,7 +114,8 @@ class LLM:
         """One L2-normalized float32 vector per prompt (text or token ids): the final hidden state of the prompt's last
         token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
         and prefix cache as generation (a shared instruction prefix is computed once)."""
-        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, stream=False) for p in _prompt_list(prompts)]
+        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, output_kind=OutputKind.FINAL)
+               for p in _prompt_list(prompts)]
         finals = self._run(set(ids), progress, keep=True)
         return [finals[i].embedding for i in ids]
 
@@ -159,7 +163,9 @@ class LLM:
         live = [[([], 0.0)] for _ in prompts]  # per prompt: (generated tokens, cumulative logprob)
         done: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
         for _ in range(max_tokens):
-            requests = {self.engine.add_request(prompt + tokens, params, namespace=namespace, stream=False): (i, tokens, logprob)
+            add = functools.partial(self.engine.add_request, params=params, namespace=namespace,
+                                    output_kind=OutputKind.FINAL)
+            requests = {add(prompt + tokens): (i, tokens, logprob)
                         for i, prompt in enumerate(prompts) for tokens, logprob in live[i]}
             if not requests:
                 break

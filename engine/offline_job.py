@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 
 from engine import structured
+from engine.output import OutputKind
 from engine.reasoning import split as split_reasoning
 from engine.request import RequestError, SamplingParams
 
@@ -103,7 +104,8 @@ class LineJob:
                                                    continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
             engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
-                                           priority=obj.get("priority", 0), adapter=obj.get("adapter"), stream=False)
+                                           priority=obj.get("priority", 0), adapter=obj.get("adapter"),
+                                           output_kind=OutputKind.FINAL)
         except (RequestError, ValueError) as e:
             return str(e)
         self.pending[engine_id] = (rid, "messages" in obj)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Callable
 
 import numpy as np
@@ -10,17 +11,31 @@ import numpy as np
 from engine.request import Sequence, Status
 
 
+class OutputKind(enum.Enum):
+    """Which outputs a request gets, and what their list and text fields hold.
+
+    CUMULATIVE: one per step; `text`, `token_ids` and the logprob lists hold everything so far (copies: a step's
+    cost grows with the output). DELTA: one per step; those fields hold only what the step added (`text` is
+    `delta_text`; prompt logprobs come whole in the first output), so a step costs the same at any length: what a
+    stream sends. FINAL: the final output only. Whatever the kind, the final output carries the totals, and the
+    last `len(delta_token_ids)` entries of `token_ids` and the logprob lists are this output's tokens."""
+
+    CUMULATIVE = "cumulative"
+    DELTA = "delta"
+    FINAL = "final"
+
+
 @dataclasses.dataclass
 class RequestOutput:
-    """What one step produced for one request; the final one (finished=True) carries the totals."""
+    """What one step produced for one request (see OutputKind); the final one (finished=True) carries the totals."""
 
     request_id: str
     delta_text: str
     delta_token_ids: list[int]
     finished: bool
     finish_reason: str | None
-    text: str  # all text so far
-    token_ids: list[int]  # all generated ids so far
+    text: str  # all text so far (OutputKind.DELTA, before the final output: delta_text)
+    token_ids: list[int]  # all generated ids so far (DELTA, before the final output: delta_token_ids)
     prompt_tokens: int
     cached_tokens: int
     logprobs: list[float] | None = None  # per generated token (when asked)
@@ -41,20 +56,23 @@ class OutputState:
 
     seq: Sequence
     detok: object
-    stream: bool = True  # False: only the final output is wanted (None before it)
+    kind: OutputKind = OutputKind.CUMULATIVE
     text: str = ""
     num_ids_seen: int = 0
     num_chars_emitted: int = 0
+    num_outputs: int = 0
 
     def update(self, now: float, finish: Callable[[Sequence, str], None]) -> RequestOutput | None:
         """The request's output after its latest tokens: new text detokenized, stop strings applied (`finish` ends a
-        sequence that one ends), the tail that could still become a stop string held back. Not streamed: None until
-        it finishes, and with no stop strings nothing is done before then (the text is decoded once, at the end;
-        the detokenizer gives the same text for any split of the ids)."""
+        sequence that one ends), the tail that could still become a stop string held back. OutputKind.FINAL: None
+        until it finishes, and with no stop strings nothing is done before then (the text is decoded once, at the
+        end; the detokenizer gives the same text for any split of the ids)."""
         seq = self.seq
-        if not self.stream and not seq.params.stop and seq.status is not Status.FINISHED:
+        stream = self.kind is not OutputKind.FINAL
+        if not stream and not seq.params.stop and seq.status is not Status.FINISHED:
             return None
-        new_ids = seq.output_ids[self.num_ids_seen :]
+        start = self.num_ids_seen
+        new_ids = seq.output_ids[start:]
         # A stop token (EOS, end of turn, stop_token_ids) ends the text without appearing in it.
         text_ids = new_ids[:-1] if seq.ended_by_token else new_ids
         stop_at = None
@@ -66,7 +84,8 @@ class OutputState:
                 stop_at = find_stop(self.text, seq.params.stop, self.num_chars_emitted)
                 if stop_at is not None:
                     if j + 1 < len(new_ids):
-                        truncate_output(seq, self.num_ids_seen + j + 1)
+                        truncate_output(seq, start + j + 1)
+                        new_ids = new_ids[: j + 1]  # the tokens after it were dropped
                     break
         else:
             self.text += self.detok.step(text_ids)
@@ -82,7 +101,7 @@ class OutputState:
             self.text = self.text[:index]
             seq.stop_reason = stop
         finished = seq.status is Status.FINISHED
-        if not (finished or self.stream):
+        if not (finished or stream):
             return None
         # Hold back a tail that could still become a stop string, so streams never show it.
         visible = len(self.text) if finished else len(self.text) - partial_stop_len(self.text, seq.params.stop)
@@ -92,20 +111,27 @@ class OutputState:
             seq.finish_s = now
         if seq.params.embed:  # the token sampled after the prompt is not an output
             delta, new_ids, visible, self.text = "", [], 0, ""
+        self.num_outputs += 1
+        if finished or self.kind is OutputKind.CUMULATIVE:  # everything so far (copies)
+            lo, text, token_ids, prompt_lo = 0, self.text[:visible], [] if seq.params.embed else list(seq.output_ids), 0
+        else:  # DELTA: what this step added; the prompt's logprobs once, with the first output
+            lo, text, token_ids = start, delta, new_ids
+            prompt_lo = 0 if self.num_outputs == 1 else len(seq.prompt_logprobs)
+        want_lp, want_plp = seq.params.logprobs, seq.params.prompt_logprobs
         return RequestOutput(
             request_id=seq.request_id,
             delta_text=delta,
             delta_token_ids=new_ids,
             finished=finished,
             finish_reason=seq.finish_reason,
-            text=self.text[:visible],
-            token_ids=[] if seq.params.embed else list(seq.output_ids),
+            text=text,
+            token_ids=token_ids,
             prompt_tokens=len(seq.prompt_ids),
             cached_tokens=seq.num_cached_prompt,
-            logprobs=list(seq.output_logprobs) if seq.params.logprobs is not None else None,
-            top_logprobs=list(seq.output_top_logprobs) if seq.params.logprobs else None,
-            prompt_logprobs=list(seq.prompt_logprobs) if seq.params.prompt_logprobs is not None else None,
-            prompt_top_logprobs=list(seq.prompt_top_logprobs) if seq.params.prompt_logprobs else None,
+            logprobs=seq.output_logprobs[lo:] if want_lp is not None else None,
+            top_logprobs=seq.output_top_logprobs[lo:] if want_lp else None,
+            prompt_logprobs=seq.prompt_logprobs[prompt_lo:] if want_plp is not None else None,
+            prompt_top_logprobs=seq.prompt_top_logprobs[prompt_lo:] if want_plp else None,
             stop_reason=seq.stop_reason,
             ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
             queue_s=(seq.first_scheduled_s - seq.arrival_s) if seq.first_scheduled_s else None,

@@ -29,11 +29,12 @@ LoRA cost: decode with N random rank-R adapters loaded and the batch spread over
 
     python scripts/bench.py --workload decode --decode-batch 32 --set-b --lora-b 4,16
 
-Host work of streamed outputs (A) vs final-only ones (B, `add_request(stream=False)`), long outputs at batch 256:
+Host work of the outputs a request asks for (`add_request(output_kind=...)`): cumulative (A) vs deltas (B, what a
+server's streams get), long outputs at batch 256 (`--output-kind-b final`: what LLM.generate and the offline job get):
 
     python scripts/bench.py --workload decode --synthetic-model 64,2,8,2,16 --decode-batch 256 --output-len 384 \
         --set scheduler.overlap=false scheduler.max_running=256 scheduler.max_batch_tokens=4096 cache.num_pages=20000 \
-        --set-b --final-only-b
+        --set-b --output-kind-b delta
 
 The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
@@ -350,8 +351,10 @@ def decode_overhead(args) -> None:
     the host's share runs while the device computes the step launched just before."""
     from engine.config import load_config
     from engine.engine import LLMEngine
+    from engine.output import OutputKind
     from engine.request import SamplingParams
 
+    kinds = {"A": OutputKind(args.output_kind), "B": OutputKind(args.output_kind_b or args.output_kind)}
     configs = {"A": args.set_a} | ({"B": args.set_common + args.set_b} if args.set_b is not None else {})
     engines, model_cfg = {}, None
     for name, overrides in configs.items():
@@ -374,7 +377,7 @@ def decode_overhead(args) -> None:
             for i in range(args.decode_batch):
                 engine.add_request(_ids(rng, args.decode_prompt_len, engine.model_cfg.vocab_size),
                                    SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
-                                   adapter=adapters[i % len(adapters)], stream=not (name == "B" and args.final_only_b))
+                                   adapter=adapters[i % len(adapters)], output_kind=kinds[name])
             while engine.has_unfinished():
                 launched = engine.num_steps
                 if profiler is not None:
@@ -394,7 +397,7 @@ def decode_overhead(args) -> None:
         host = statistics.median(s["total_s"] - s["wait_s"] for s in steps[name])
         cpu = statistics.median(s["cpu_s"] for s in steps[name])
         mode = "overlapped with the device" if engine.config.scheduler.overlap else "the device idles meanwhile"
-        label = (' '.join(configs[name]) or 'defaults') + (", final-only outputs" if name == "B" and args.final_only_b else "")
+        label = f"{' '.join(configs[name]) or 'defaults'}, {kinds[name].value} outputs"
         print(f"{name} ({label}): decode batch {args.decode_batch}, {len(steps[name])} pure-decode steps; median step "
               f"{total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work {host * 1e3:.2f} ms, "
               f"{share:.1%} of the step ({mode}); the step's thread used {cpu * 1e3:.2f} ms of CPU; "
@@ -509,9 +512,12 @@ def main(argv=None) -> int:
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--copy-sentences", type=int, default=6, help="copy workload: sentences in each paragraph to repeat")
-    ap.add_argument("--final-only-b", action="store_true",
-                    help="decode workload: B's requests want their final outputs only (add_request(stream=False), as "
-                         "LLM.generate and the offline job add theirs)")
+    ap.add_argument("--output-kind", choices=["cumulative", "delta", "final"], default="cumulative",
+                    help="decode workload: the outputs each request asks for (engine.output.OutputKind): every step's "
+                         "totals so far, every step's delta (a server's streams), or the final one only (LLM.generate, "
+                         "the offline job)")
+    ap.add_argument("--output-kind-b", choices=["cumulative", "delta", "final"],
+                    help="decode workload: B's output kind (default: --output-kind)")
     ap.add_argument("--lora-b", metavar="N,RANK", help="decode workload: B also serves N random LoRA adapters of this rank "
                                                        "(requests spread over the base model and every adapter)")
     ap.add_argument("--max-concurrency", type=int, default=8)

@@ -11,6 +11,7 @@ import pytest
 
 from engine.config import EngineConfig, load_config
 from engine.llm import LLM
+from engine.output import OutputKind, RequestOutput
 from engine.request import RequestError, SamplingParams
 from engine.runner import bucket_for
 from models import llama
@@ -228,34 +229,91 @@ def test_stop_strings_and_stop_tokens(tiny):
     assert out.finish_reason == "stop" and out.token_ids == free.token_ids[: free.token_ids.index(tok) + 1]
 
 
-def test_final_only_outputs_equal_the_streamed_ones(tiny):
-    """A request added with stream=False gives only its final output, and it is the streamed request's last one (text
-    decoded once at the end, or step by step when stop strings may end it), in one batch with streamed requests."""
+def _outputs_by_kind(engine, prompts, params) -> dict[tuple[int, OutputKind], list[RequestOutput]]:
+    """Each prompt added once per output kind, all in one batch; -> (prompt index, kind) -> its outputs in order."""
+    ids, outs = {}, {}
+    for i, prompt in enumerate(prompts):
+        for kind in OutputKind:
+            ids[engine.add_request(prompt, params[i % len(params)], output_kind=kind)] = (i, kind)
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs.setdefault(ids[out.request_id], []).append(out)
+    return outs
+
+
+def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]]) -> None:
+    """The three kinds of one request agree: FINAL gives the final output only, and it is the others' last one; DELTA's
+    outputs are CUMULATIVE's step by step, their lists and text only what each step added (prompt logprobs whole in
+    the first); in every output the last len(delta_token_ids) entries of the lists are that output's tokens.
+    (Logprobs to float32 rounding: the copies of a request sit in different rows of the batch.)"""
+    def same(a, b):
+        for field in ("logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs"):
+            x, y = getattr(a, field), getattr(b, field)
+            assert (x is None) == (y is None), field
+            if x is not None:
+                assert np.allclose(_floats(x), _floats(y), rtol=1e-5, atol=1e-5, equal_nan=True) and _ints(x) == _ints(y), field
+        return True
+
+    def timeless(out):
+        return dataclasses.replace(out, request_id="", delta_text="", delta_token_ids=[], e2e_s=None, ttft_s=None,
+                                   queue_s=None, token_times_s=None, cached_tokens=0, logprobs=None, top_logprobs=None,
+                                   prompt_logprobs=None, prompt_top_logprobs=None)
+
+    for i in {i for i, _ in outs}:
+        cumulative, delta, final = (outs[i, kind] for kind in OutputKind)
+        assert len(final) == 1 and final[0].finished and len(delta) == len(cumulative)
+        assert timeless(final[0]) == timeless(delta[-1]) == timeless(cumulative[-1])
+        assert same(final[0], delta[-1]) and same(final[0], cumulative[-1])
+        for n, (c, d) in enumerate(zip(cumulative, delta)):
+            assert (d.delta_text, d.delta_token_ids, d.finished) == (c.delta_text, c.delta_token_ids, c.finished)
+            k = len(c.delta_token_ids)
+            tail = {f: dataclasses.replace(o, **{f: getattr(o, f)[len(getattr(o, f)) - k:] for f in
+                                                ("token_ids", "logprobs", "top_logprobs") if getattr(o, f) is not None})
+                    for f, o in (("c", c), ("d", d))}
+            assert tail["c"].token_ids == tail["d"].token_ids
+            if not d.finished:
+                assert (d.text, d.token_ids) == (d.delta_text, d.delta_token_ids)
+                assert d.logprobs is None or len(d.logprobs) == k
+                if n:  # the prompt's logprobs come once, with the first output
+                    c = dataclasses.replace(c, prompt_logprobs=c.prompt_logprobs and [],
+                                            prompt_top_logprobs=c.prompt_top_logprobs and [])
+                assert same(dataclasses.replace(tail["d"], prompt_logprobs=d.prompt_logprobs),
+                            dataclasses.replace(tail["c"], prompt_logprobs=c.prompt_logprobs,
+                                                prompt_top_logprobs=c.prompt_top_logprobs))
+        assert "".join(d.delta_text for d in delta) == final[0].text
+        assert [t for d in delta for t in d.delta_token_ids] == final[0].token_ids
+
+
+def _floats(x) -> list[float]:
+    """The logprobs in a logprob list or a top-logprobs list (None for the first prompt token: nan)."""
+    out = []
+    for v in x:
+        if isinstance(v, list):
+            out += [lp for _, lp in v]
+        else:
+            out.append(float("nan") if v is None else v)
+    return np.array(out, float)
+
+
+def _ints(x) -> list:
+    return [[t for t, _ in v] if isinstance(v, list) else v is None for v in x]
+
+
+def test_output_kinds_agree(tiny):
+    """Cumulative, delta and final-only outputs of the same requests in one batch (text decoded once at the end, or
+    step by step when stop strings may end it; logprobs and prompt logprobs; seeded sampling)."""
     engine = tiny.engine
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(2, 12))] for _ in range(6)]
     free = tiny.generate(prompts[1:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].text
     stop = next(free[k:k + 3] for k in range(6, 17) if free[k:k + 3].strip())
-    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+    params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1),
               SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2, stop=(stop,)),
-              SamplingParams(temperature=0.9, seed=3, max_tokens=20, min_tokens=4)]
-    ids = {}
-    for i, prompt in enumerate(prompts):
-        for stream in (True, False):
-            ids[engine.add_request(prompt, params[i % 3], stream=stream)] = (i, stream)
-    seen, finals = {True: 0, False: 0}, {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            i, stream = ids[out.request_id]
-            seen[stream] += 1
-            assert stream or out.finished
-            if out.finished:
-                finals[i, stream] = dataclasses.replace(out, request_id="", delta_text="", delta_token_ids=[], e2e_s=None,
-                                                        ttft_s=None, queue_s=None, token_times_s=None)
-    assert seen[False] == len(prompts) < seen[True]
-    for i in range(len(prompts)):
-        assert finals[i, False] == dataclasses.replace(finals[i, True], cached_tokens=finals[i, False].cached_tokens), i
-    assert finals[1, False].finish_reason == "stop" and finals[1, False].stop_reason == stop
+              SamplingParams(temperature=0.9, seed=3, max_tokens=20, min_tokens=4, logprobs=0)]
+    outs = _outputs_by_kind(engine, prompts, params)
+    _check_output_kinds(outs)
+    assert outs[1, OutputKind.FINAL][0].finish_reason == "stop" and outs[1, OutputKind.FINAL][0].stop_reason == stop
+    assert len(outs[0, OutputKind.DELTA]) == 20
 
 
 def test_chat_template_kwargs_reach_the_template(tiny_model):
@@ -473,6 +531,7 @@ def test_speculative_stop_string_inside_an_accepted_run(tiny_model, tiny, tokeni
         assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == \
             (plain.token_ids, plain.text, plain.finish_reason, plain.stop_reason)
         assert out.finish_reason == "stop" and len(out.logprobs) == len(out.token_ids) < 5
+    _check_output_kinds(_outputs_by_kind(spec.engine, [prompt, prompt], params))  # streamed: no dropped token shown
 
 
 @pytest.mark.slow

@@ -134,7 +134,7 @@ class _FakeEngine:
         self.adapter_names = ["sql"]  # a LoRA adapter, listed as a model of its own
         self.sleep_level = 0
 
-    def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None):
+    def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None, output_kind=None):
         from engine.request import validate_prompt
 
         validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)

@@ -40,6 +40,7 @@ from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import ConfigKeyError, EngineConfig
 from engine.output import OutputKind, OutputState, RequestOutput, truncate_output
+from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
@@ -237,10 +238,13 @@ class LLMEngine:
                        priority=priority, adapter=self.adapters.id_of(adapter))
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
+        seq.token_rules = TokenRules.of(params, lambda text: self.tokenizer.encode(text, add_special_tokens=False),
+                                        self.model_cfg.vocab_size)
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
-        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids), output_kind)
+        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens),
+                                                output_kind)
         self.scheduler.add(seq)
         return request_id
 
@@ -311,18 +315,27 @@ class LLMEngine:
 
     @staticmethod
     def _needs_known_tokens(plan) -> bool:
-        return any(c.sample and (c.seq.params.uses_penalties or c.seq.matcher is not None) for c in plan.chunks)
+        return any(c.sample and (c.seq.params.uses_penalties or c.seq.matcher is not None
+                                 or (c.seq.token_rules is not None and c.seq.token_rules.needs_history))
+                   for c in plan.chunks)
 
     def _token_mask(self, plan) -> np.ndarray | None:
         """The tokens each head row may sample, when some row follows a structured-output grammar (a chunk with draft
-        tokens: each position's mask, the grammar advanced through the drafts before it)."""
-        if not any(c.sample and c.seq.matcher is not None for c in plan.chunks):
+        tokens: each position's mask, the grammar advanced through the drafts before it) or token rules
+        (allowed_token_ids, bad_words: engine.token_rules)."""
+        if not any(c.sample and (c.seq.matcher is not None or c.seq.token_rules is not None) for c in plan.chunks):
             return None
         head_rows = self.runner.head_rows(plan)
         constrained = [(c, rows) for c, rows in zip(plan.chunks, head_rows) if c.sample and c.seq.matcher is not None]
         plain = [(c.seq.matcher, rows[-1]) for c, rows in constrained if not c.draft]
         drafts = [(c.seq.matcher, rows, list(c.draft)) for c, rows in constrained if c.draft]
-        return self.grammars.masks(plain, sum(map(len, head_rows)), drafts)
+        num_rows = sum(map(len, head_rows))
+        mask = (self.grammars.masks(plain, num_rows, drafts) if constrained
+                else np.full((num_rows, structured.mask_words(self.model_cfg.vocab_size)), -1, np.int32))
+        for c, rows in zip(plan.chunks, head_rows):
+            if c.sample and c.seq.token_rules is not None:
+                c.seq.token_rules.apply(mask, rows, c.seq.output_ids, c.draft)
+        return mask
 
     @staticmethod
     def _prompt_targets(plan) -> list[tuple[int, int, Sequence, int]]:

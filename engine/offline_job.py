@@ -19,7 +19,8 @@ from engine.request import RequestError, SamplingParams
 SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
-    "min_tokens", "truncate_prompt_tokens",
+    "min_tokens", "truncate_prompt_tokens", "stop_token_ids", "allowed_token_ids", "bad_words",
+    "include_stop_str_in_output", "skip_special_tokens",
 }
 LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
                                                            "embed", "chat_template_kwargs", "continue_final_message"}

@@ -67,6 +67,11 @@ class _SamplingFields(_Body):
     min_tokens: _int(ge=0) | None = Field(None, description="no end token or stop id before this many tokens")
     truncate_prompt_tokens: Literal[-1] | _int(ge=1, le=2**31 - 1) | None = Field(
         None, description="keep only the prompt's last k tokens (vLLM's); -1: as many as fit before max_tokens")
+    allowed_token_ids: TokenIds | None = Field(None, description="only these token ids may be sampled (vLLM's)")
+    bad_words: list[Annotated[str, Field(pattern=r"\S")]] | None = Field(
+        None, description="words never generated (vLLM's)")
+    include_stop_str_in_output: bool = Field(False, description="the stop string that ends the output stays in it")
+    skip_special_tokens: bool = Field(True, description="false: special tokens the model writes appear in the text")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')
@@ -176,7 +181,7 @@ class UnloadAdapterRequest(_Body):
 
 class DetokenizeRequest(_Body):
     model: str | None = None
-    tokens: list[Annotated[int, Field(ge=0)]]
+    tokens: list[_Int32]
 
 
 class ResponsesRequest(_Body):

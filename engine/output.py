@@ -98,7 +98,7 @@ class OutputState:
             finish(seq, "stop")
         if stop_at is not None:
             index, stop = stop_at
-            self.text = self.text[:index]
+            self.text = self.text[: index + len(stop) if seq.params.include_stop_str_in_output else index]
             seq.stop_reason = stop
         finished = seq.status is Status.FINISHED
         if not (finished or stream):

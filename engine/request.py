@@ -77,6 +77,13 @@ class SamplingParams:
     embed: bool = False
     # Left truncation (vLLM's): keep only the prompt's last k tokens; -1: as many as fit before max_tokens.
     truncate_prompt_tokens: int | None = None
+    # vLLM's: only these ids may be sampled (end tokens too: list them to let the output end before max_tokens)
+    allowed_token_ids: tuple[int, ...] | None = None
+    # vLLM's: words never generated: a word's last token is banned wherever the output so far ends with its other
+    # tokens (each word as written and with a leading space: tokenizers encode the two differently)
+    bad_words: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False  # a stop string that ends the output stays in its text (vLLM)
+    skip_special_tokens: bool = True  # False: special tokens the model writes appear in the text (vLLM)
 
     def __post_init__(self):
         if isinstance(self.logit_bias, dict):
@@ -116,6 +123,18 @@ class SamplingParams:
             raise RequestError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise RequestError("stop strings must be non-empty")
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if isinstance(ids, (str, bytes)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise RequestError(f"allowed_token_ids must be a list of token ids, got {ids!r:.60}")
+            if not ids:
+                raise RequestError("allowed_token_ids must not be empty (nothing could be sampled)")
+            object.__setattr__(self, "allowed_token_ids", tuple(sorted(set(ids))))
+        if isinstance(self.bad_words, str):
+            object.__setattr__(self, "bad_words", (self.bad_words,))
+        object.__setattr__(self, "bad_words", tuple(self.bad_words))
+        if any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise RequestError("bad_words must be non-empty strings")
         k = self.truncate_prompt_tokens
         if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not (k == -1 or k >= 1)):
             raise RequestError(f"truncate_prompt_tokens must be -1 or a positive integer, got {k!r}")
@@ -170,6 +189,7 @@ class Sequence:
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
     lock_node: object = None  # radix node this sequence keeps locked (its cached path)
     matcher: Any = None  # structured output: the grammar state (an llguidance matcher) after the known tokens
+    token_rules: Any = None  # allowed_token_ids / bad_words as an engine.token_rules.TokenRules
     ngram_index: Any = None  # speculative decoding: an engine.speculative.NgramIndex over the known tokens
     spec_misses: int = 0  # speculative decoding: verifications in a row that accepted no draft token
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)

@@ -132,7 +132,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
             ignore_eos=body.ignore_eos, logprobs=logprobs,
             prompt_logprobs=logprobs if getattr(body, "echo", False) else None,  # echo returns the prompt's logprobs too
-            logit_bias=body.logit_bias, min_tokens=body.min_tokens,
+            logit_bias=body.logit_bias, min_tokens=body.min_tokens, bad_words=tuple(body.bad_words or ()),
+            allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
+            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
         )
         try:
             fields["structured"] = structured.from_fields(

@@ -89,18 +89,19 @@ class StreamDetokenizer:
     the emitted text is no prefix of the new decode) gets the Python version's answer for that step.
     """
 
-    def __init__(self, tokenizer, prompt_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True):
         from tokenizers.decoders import DecodeStream
 
         self._tokenizer = tokenizer
-        self._new_stream = lambda ids: DecodeStream(ids=ids, skip_special_tokens=True)
+        self._skip = skip_special_tokens
+        self._new_stream = lambda ids: DecodeStream(ids=ids, skip_special_tokens=skip_special_tokens)
         context = _prompt_context(prompt_ids, self._decode)
         self._stream = self._new_stream(context)
         self._context = context  # the stream's window: ids of the text emitted last
         self._held: list[int] = []  # ids after them whose text is not out yet
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
 
     def step(self, new_ids: Sequence[int]) -> str:
         """Text finalised by `new_ids` (may be empty while an incomplete character is held back)."""

@@ -333,12 +333,13 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens)
 
-    def detokenizer(self, prompt_ids: Sequence[int] = ()) -> IncrementalDetokenizer | StreamDetokenizer:
-        """A streaming decoder for the ids generated after `prompt_ids` (special tokens skipped): `tokenizers`' own
-        for HF tokenizers, ours for SentencePiece."""
+    def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True
+                    ) -> IncrementalDetokenizer | StreamDetokenizer:
+        """A streaming decoder for the ids generated after `prompt_ids` (special tokens skipped unless
+        `skip_special_tokens` is False): `tokenizers`' own for HF tokenizers, ours for SentencePiece."""
         if isinstance(self._backend, _HFBackend):
-            return StreamDetokenizer(self._backend.tokenizer, prompt_ids)
-        return IncrementalDetokenizer(lambda ids: self._backend.decode(ids, True), prompt_ids)
+            return StreamDetokenizer(self._backend.tokenizer, prompt_ids, skip_special_tokens)
+        return IncrementalDetokenizer(lambda ids: self._backend.decode(ids, skip_special_tokens), prompt_ids)
 
     # --- chat -----------------------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@
 Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
              min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
              ({"token id": bias}), truncate_prompt_tokens (keep the prompt's last k tokens; -1: as many as fit),
+             stop_token_ids, allowed_token_ids, bad_words, include_stop_str_in_output, skip_special_tokens (vLLM's),
              cache_salt, priority (with scheduler.policy=priority: lower runs first),
              adapter (one of the config's lora.adapters), chat_template_kwargs (with messages: variables for the
              chat template, e.g. {"enable_thinking": false}),

@@ -1000,3 +1000,73 @@ def test_logit_bias_and_min_tokens_in_the_engine(tiny):
     assert banned.token_ids[0] != free[0] and free[0] not in banned.token_ids
     with pytest.raises(RequestError, match="logit_bias token id 99999999 is outside the vocabulary"):
         llm.engine.add_request([1, 2], SamplingParams(logit_bias={99999999: 1.0}))
+
+
+def test_allowed_token_ids_and_bad_words(tiny_model, tiny, tokenizer):
+    """allowed_token_ids: greedy and sampled outputs use only those ids, and greedy is the free argmax among them
+    (the same as biasing them by +100: another path through the sampler). bad_words: the output is the free one up to
+    where a banned word would be finished, and differs there; with speculative decoding the same tokens."""
+    llm = tiny
+    prompt = [5, 6, 7]
+    allowed = (17, 300, 1234, 4000, 2)
+    for params in (SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed),
+                   SamplingParams(temperature=1.0, seed=4, max_tokens=10, ignore_eos=True, allowed_token_ids=allowed)):
+        out = llm.generate([prompt], params)[0]
+        assert set(out.token_ids) <= set(allowed) and len(out.token_ids) == 10
+    biased = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                   logit_bias={t: 100.0 for t in allowed}))[0]
+    assert llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                 allowed_token_ids=allowed))[0].token_ids == biased.token_ids
+
+    free = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].token_ids
+    encode = lambda text: tuple(tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+    for start in range(4, 20):  # a word of the free output that the rule's encodings find in it
+        word = tokenizer.decode(free[start:start + 2]).strip()
+        seqs = [s for s in {encode(word), encode(" " + word)} if len(s) > 1]
+        hits = [(i + len(s) - 1, s) for s in seqs for i in range(len(free)) if tuple(free[i:i + len(s)]) == s]
+        if word and hits:
+            break
+    last, _ = min(hits)
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, bad_words=(word,))
+    spec = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "speculative.method": "ngram"}), progress=False,
+               model=tiny_model)
+    for engine_llm in (llm, spec):
+        out = engine_llm.generate([prompt], params)[0].token_ids
+        assert out[:last] == free[:last] and out[last] != free[last]
+        assert not any(tuple(out[i:i + len(s)]) == s for s in seqs for i in range(len(out)))
+    with pytest.raises(RequestError, match="allowed_token_ids: token id 99999999 is outside the vocabulary"):
+        llm.engine.add_request([1, 2], SamplingParams(allowed_token_ids=(1, 99999999)))
+    with pytest.raises(RequestError, match="bad_words must be non-empty"):
+        SamplingParams(bad_words=(" ",))
+
+
+def test_token_rules_never_empty_a_row():
+    """A ban that would leave a row nothing to sample is not applied; bans follow the history row by row (drafts)."""
+    from engine.token_rules import TokenRules, bitmask
+
+    vocab = 100
+    rules = TokenRules(bitmask(np.array([7, 40]), vocab), [(7,), (3, 40)])
+    mask = np.full((4, 4), -1, np.int32)
+    rules.apply(mask, [0, 1, 2], [1, 2, 3], draft=[40, 3])
+    allowed = lambda row: [t for t in range(vocab) if mask[row, t >> 5] >> (t & 31) & 1]  # noqa: E731
+    assert allowed(0) == [7, 40]  # after ...3, banning 7 and 40 would leave nothing: the allowed ids stay
+    assert allowed(1) == [40]  # after ...3, 40: only the one-token ban applies
+    assert allowed(2) == [7, 40]  # after ...40, 3: both banned again would empty it
+    assert allowed(3) == list(range(vocab))  # not a row of this request
+
+
+def test_stop_string_kept_and_special_tokens_shown(tiny, tokenizer):
+    """include_stop_str_in_output keeps the stop string that ended the text; skip_special_tokens=False shows the
+    special tokens the model writes (here forced by allowed_token_ids)."""
+    llm = tiny
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0].text
+    stop = next(free[k:k + 3] for k in range(len(free) // 2, len(free) - 3) if free[k:k + 3].strip())
+    kept = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=(stop,),
+                                                    include_stop_str_in_output=True))[0]
+    assert kept.text == free[: free.find(stop) + len(stop)] and kept.stop_reason == stop
+    special = tokenizer.encode("<|im_start|>", add_special_tokens=False)
+    assert len(special) == 1
+    for skip, text in ((True, ""), (False, "<|im_start|>" * 3)):
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
+                                                       allowed_token_ids=tuple(special), skip_special_tokens=skip))[0]
+        assert out.token_ids == special * 3 and out.text == text

@@ -172,6 +172,12 @@ def test_input_lines_take_structured_output_and_logprob_fields():
         generate.sampling_params({"prompt": "x", "guided_regex": ""})
     scoring = generate.sampling_params(generate.parse_line('{"id": 3, "prompt": "x", "prompt_logprobs": 0, "max_tokens": 1}', 3)[1])
     assert (scoring.prompt_logprobs, scoring.max_tokens) == (0, 1)
+    vllm = generate.sampling_params({"prompt": "x", "stop_token_ids": [3], "allowed_token_ids": [9, 4, 9],
+                                     "bad_words": ["no"], "include_stop_str_in_output": True, "skip_special_tokens": False})
+    assert (vllm.stop_token_ids, vllm.allowed_token_ids, vllm.bad_words) == ((3,), (4, 9), ("no",))
+    assert vllm.include_stop_str_in_output and not vllm.skip_special_tokens
+    with pytest.raises(RequestError, match="allowed_token_ids must be a list of token ids"):
+        generate.sampling_params({"prompt": "x", "allowed_token_ids": ["a"]})
 
 
 def test_reasoning_parser_adds_reasoning_content_to_message_lines(tiny_checkpoint, tmp_path):

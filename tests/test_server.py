@@ -435,6 +435,33 @@ def test_truncate_prompt_tokens(http):
                "truncate_prompt_tokens")
 
 
+def test_vllm_token_fields(http):
+    """allowed_token_ids, bad_words, include_stop_str_in_output and skip_special_tokens reach the engine from both
+    endpoints, streamed or not; malformed values are a 400 naming the field."""
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    free = http.post("/v1/completions", json={**body, "logprobs": 0}).json()["choices"][0]
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": free["text"], "add_special_tokens": False}).json()["tokens"]
+    allowed = sorted(set(ids[:3]))
+    out = http.post("/v1/completions", json={**body, "allowed_token_ids": allowed, "logprobs": 0}).json()["choices"][0]
+    texts = {http.post("/detokenize", json={"model": MODEL, "tokens": [t]}).json()["prompt"] for t in allowed}
+    assert set(out["logprobs"]["tokens"]) <= texts and len(out["logprobs"]["tokens"]) == 8
+    word = free["logprobs"]["tokens"][0].strip() or free["logprobs"]["tokens"][1].strip()
+    banned = http.post("/v1/completions", json={**body, "bad_words": [word]}).json()["choices"][0]["text"]
+    assert word not in banned.split() and banned != free["text"]
+    stop = free["text"][3:6]
+    kept = http.post("/v1/completions", json={**body, "stop": [stop], "include_stop_str_in_output": True}).json()
+    assert kept["choices"][0]["text"] == free["text"][: free["text"].find(stop) + len(stop)]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "ignore_eos": True, "allowed_token_ids": [1], "stream": True}  # 1: <|im_start|>, special
+    for skip, text in ((True, ""), (False, "<|im_start|>" * 3)):
+        with http.stream("POST", "/v1/chat/completions", json={**chat, "skip_special_tokens": skip}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"]) == text
+    for field, bad in (("allowed_token_ids", []), ("allowed_token_ids", [10**9]), ("bad_words", [" "]),
+                       ("skip_special_tokens", "no")):
+        _error(http.post("/v1/completions", json={**body, field: bad}), 400, field)
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

@@ -34,7 +34,7 @@ class ChoiceFormatter:
 
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
                  logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False,
-                 tools: ToolChoice | None = None, reasoning: str = "none"):
+                 tools: ToolChoice | None = None, reasoning: str = "none", prompt_ids: list[list[int]] | None = None):
         self.kind = kind
         self.reasoning = reasoning if kind == "chat" else "none"
         self._streams: dict[int, ReasoningStream] = {}  # choice index -> its thinking / answer split so far
@@ -47,6 +47,9 @@ class ChoiceFormatter:
         self.echo, self.n, self.prompt_only = echo, n, prompt_only
         self._offsets: dict[int, int] = {}  # choice index -> chars streamed so far (completions text_offset)
         self._echoed: set[int] = set()  # streamed choices whose prompt has been sent
+        # vLLM's return_token_ids: each prompt's ids, and choices (chunks) carry their generated ids
+        self.prompt_ids = prompt_ids
+        self._started: set[int] = set()  # streamed choices with a chunk sent
 
     def final(self, out: RequestOutput) -> RequestOutput:
         """The final output as the response reports it (with max_tokens 0, the one token run for it is dropped)."""
@@ -59,19 +62,33 @@ class ChoiceFormatter:
     # ------------------------------------------------------------------------------ whole
     def choice(self, index: int, out: RequestOutput) -> dict:
         if self.echo is not None:
-            return self._echo_choice(index, out)
+            return self._with_ids(self._echo_choice(index, out), index, out.token_ids, True)
         lp = self._logprobs(index, out, 0) if self.logprobs else None
         if self.kind == "chat":
             message, finish = self._message(out)
-            return {"index": index, "message": {"role": "assistant", **message}, "logprobs": lp,
-                    "finish_reason": finish, "stop_reason": out.stop_reason}
-        return {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
-                "stop_reason": out.stop_reason}
+            choice = {"index": index, "message": {"role": "assistant", **message}, "logprobs": lp,
+                      "finish_reason": finish, "stop_reason": out.stop_reason}
+        else:
+            choice = {"index": index, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason,
+                      "stop_reason": out.stop_reason}
+        return self._with_ids(choice, index, out.token_ids, True)
+
+    def _with_ids(self, choice: dict, index: int, ids: list[int], first: bool) -> dict:
+        """return_token_ids: the choice's generated ids (streamed: this chunk's); a completion's first chunk (or whole
+        choice) also has its prompt's ids (a chat's are on the response, or its first chunk)."""
+        if self.prompt_ids is not None:
+            choice["token_ids"] = list(ids)
+            if first and self.kind == "text":
+                choice["prompt_token_ids"] = self.prompt_ids[index // self.n]
+        return choice
 
     def response(self, choices: list[dict], usage_: dict) -> dict:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
-                "usage": usage_}
+        response = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
+                    "usage": usage_}
+        if self.prompt_ids is not None and self.kind == "chat":
+            response["prompt_token_ids"] = self.prompt_ids[0]
+        return response
 
     def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
         """A finished chat reply as message fields and finish reason: the thinking apart with a reasoning parser, tool
@@ -120,7 +137,8 @@ class ChoiceFormatter:
         choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
         if out.finished:
             choice["stop_reason"] = out.stop_reason
-        return choice
+        self._started.add(index)
+        return self._with_ids(choice, index, [] if self.prompt_only else out.delta_token_ids, True)
 
     # ---------------------------------------------------------------------------- streamed
     def role_delta(self, index: int) -> dict:
@@ -143,7 +161,9 @@ class ChoiceFormatter:
         if out.finished:
             choice["stop_reason"] = out.stop_reason
         self._offsets[index] = self._offsets.get(index, 0) + len(out.delta_text)
-        return choice
+        first = index not in self._started
+        self._started.add(index)
+        return self._with_ids(choice, index, out.delta_token_ids, first)
 
     def _chat_delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:
         """A chat step's delta fields and finish reason: the thinking apart with a reasoning parser (each part's
@@ -163,9 +183,12 @@ class ChoiceFormatter:
         delta = {k: v for k, v in (("reasoning_content", thinking), ("content", answer), ("tool_calls", calls)) if v}
         return delta, finish
 
-    def chunk(self, choices: list[dict], include_usage: bool, usage_: dict | None = None) -> dict:
+    def chunk(self, choices: list[dict], include_usage: bool, usage_: dict | None = None, first: bool = False) -> dict:
+        """A stream chunk; `first`: a chat's first (with return_token_ids, it carries the prompt's ids)."""
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         c = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+        if first and self.prompt_ids is not None and self.kind == "chat":
+            c["prompt_token_ids"] = self.prompt_ids[0]
         if include_usage:
             c["usage"] = usage_
         return c

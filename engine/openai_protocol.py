@@ -72,6 +72,9 @@ class _SamplingFields(_Body):
         None, description="words never generated (vLLM's)")
     include_stop_str_in_output: bool = Field(False, description="the stop string that ends the output stays in it")
     skip_special_tokens: bool = Field(True, description="false: special tokens the model writes appear in the text")
+    return_tokens_as_token_ids: bool = Field(False, description='logprobs name tokens "token_id:<id>" (vLLM\'s)')
+    return_token_ids: bool = Field(False, description="choices carry their generated token ids, and the response "
+                                                      "(completions: each choice) the prompt's (vLLM's)")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')

@@ -161,9 +161,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
-        fmt = ChoiceFormatter(kind, token_text, call_id, body.model, int(time.time()), logprobs is not None,
+        as_ids = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else token_text
+        fmt = ChoiceFormatter(kind, as_ids, call_id, body.model, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
-                              prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser)
+                              prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser,
+                              prompt_ids=prompts if body.return_token_ids else None)
         stream = engine.submit(reqs, call_id, final_only=not body.stream)
         if body.stream:
             try:
@@ -223,7 +225,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             async with stream:
                 if fmt.kind == "chat":
                     for i in range(len(stream.request_ids)):
-                        yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage))
+                        yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage, first=i == 0))
                 async for index, out in stream:
                     if out.finish_reason == "abort":
                         yield _sse(error_body(ABORTED, "server_error"))

@@ -462,6 +462,38 @@ def test_vllm_token_fields(http):
         _error(http.post("/v1/completions", json={**body, field: bad}), 400, field)
 
 
+def test_return_token_ids(http):
+    """vLLM's return_token_ids (what RL trainers read instead of tokenizing the text again) and
+    return_tokens_as_token_ids, whole and streamed, on both endpoints."""
+    prompt_ids = http.post("/tokenize", json={"model": MODEL, "prompt": "The capital of France is"}).json()["tokens"]
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 6, "temperature": 0, "logprobs": 0,
+            "return_token_ids": True, "return_tokens_as_token_ids": True, "n": 2}
+    whole = http.post("/v1/completions", json=body).json()
+    for choice in whole["choices"]:
+        assert choice["prompt_token_ids"] == prompt_ids and len(choice["token_ids"]) == 6
+        assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in choice["token_ids"]]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = {0: [], 1: []}
+    for c in chunks:
+        for choice in c["choices"]:
+            streamed[choice["index"]] += choice["token_ids"]
+            assert ("prompt_token_ids" in choice) == (choice["token_ids"] == streamed[choice["index"]])
+    assert [streamed[i] for i in (0, 1)] == [c["token_ids"] for c in whole["choices"]]
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0,
+            "return_token_ids": True}
+    reply = http.post("/v1/chat/completions", json=chat).json()
+    templated = http.post("/tokenize", json={"model": MODEL, "messages": chat["messages"]}).json()["tokens"]
+    assert reply["prompt_token_ids"] == templated and len(reply["choices"][0]["token_ids"]) == 4
+    with http.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["prompt_token_ids"] == templated
+    assert [t for c in chunks for choice in c["choices"] for t in choice.get("token_ids", [])] == \
+        reply["choices"][0]["token_ids"]
+    plain = http.post("/v1/completions", json={**body, "return_token_ids": False, "return_tokens_as_token_ids": False})
+    assert "token_ids" not in plain.json()["choices"][0]
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

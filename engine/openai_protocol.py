@@ -39,6 +39,8 @@ class _Body(BaseModel):
 
 class StreamOptions(_Body):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="with include_usage: every chunk's usage counts the "
+                                                            "tokens so far (vLLM's)")
 
 
 class _SamplingFields(_Body):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import functools
 import json
 import logging
@@ -181,7 +182,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(sse(stream, fmt, prompts, n, include_usage), media_type="text/event-stream",
+        continuous = include_usage and body.stream_options.continuous_usage_stats
+        return StreamingResponse(sse(stream, fmt, prompts, n, include_usage, continuous), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     async def collect(request: Request, stream, fmt: ChoiceFormatter, prompts, n: int) -> dict:
@@ -219,22 +221,35 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(503, ABORTED, "server_error")
         return finals
 
-    async def sse(stream, fmt: ChoiceFormatter, prompts, n: int, include_usage: bool) -> AsyncIterator[str]:
+    async def sse(stream, fmt: ChoiceFormatter, prompts, n: int, include_usage: bool,
+                  continuous_usage: bool = False) -> AsyncIterator[str]:
+        """The call's SSE stream; continuous_usage (vLLM's stream_options.continuous_usage_stats): every chunk's usage
+        counts the tokens so far (prompt tokens once per prompt, generated ones over every choice)."""
         finals: dict[int, RequestOutput] = {}
+        prompt_tokens, generated = sum(map(len, prompts)), collections.Counter()
+
+        def so_far() -> dict | None:
+            if not continuous_usage:
+                return None
+            total = sum(generated.values())
+            return {"prompt_tokens": prompt_tokens, "completion_tokens": total, "total_tokens": prompt_tokens + total}
+
         try:
             async with stream:
                 if fmt.kind == "chat":
                     for i in range(len(stream.request_ids)):
-                        yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage, first=i == 0))
+                        yield _sse(fmt.chunk([fmt.role_delta(i)], include_usage, so_far(), first=i == 0))
                 async for index, out in stream:
                     if out.finish_reason == "abort":
                         yield _sse(error_body(ABORTED, "server_error"))
                         break
+                    generated[index] += len(out.delta_token_ids)
                     if out.finished:
                         finals[index] = fmt.final(out)
+                        generated[index] = len(finals[index].token_ids)
                     delta = fmt.delta(index, out)
                     if delta is not None:
-                        yield _sse(fmt.chunk([delta], include_usage))
+                        yield _sse(fmt.chunk([delta], include_usage, so_far()))
                 else:
                     if include_usage:
                         yield _sse(fmt.chunk([], include_usage, usage(finals, prompts, n)))

@@ -494,6 +494,28 @@ def test_return_token_ids(http):
     assert "token_ids" not in plain.json()["choices"][0]
 
 
+def test_continuous_usage_stats(http):
+    """vLLM's stream_options.continuous_usage_stats: every chunk's usage counts the tokens generated so far over all
+    choices (an echo of the prompt alone counts none); the last chunk's is the call's usage."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    for extra in ({"max_tokens": 5, "n": 2, "return_token_ids": True}, {"max_tokens": 0, "echo": True}):
+        body = {"model": MODEL, "prompt": "Once upon a time", "temperature": 0, "stream": True,
+                "stream_options": options, **extra}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        seen = 0
+        for c in chunks[:-1]:
+            seen += sum(len(choice.get("token_ids", [])) for choice in c["choices"])
+            assert c["usage"]["completion_tokens"] == seen
+        assert chunks[-1]["usage"]["completion_tokens"] == seen == 2 * extra["max_tokens"]
+        assert chunks[-1]["usage"]["prompt_tokens"] == chunks[0]["usage"]["prompt_tokens"] > 0
+    with http.stream("POST", "/v1/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                                                           "max_tokens": 3, "stream": True, "stream_options": options,
+                                                           "ignore_eos": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert chunks[0]["usage"]["completion_tokens"] == 0 and chunks[-2]["usage"]["completion_tokens"] == 3
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

@@ -15,6 +15,7 @@ from engine.request import MAX_TOP_LOGPROBS
 
 MAX_N = 16  # samples per prompt
 MAX_PROMPTS = 64  # prompts per completions call
+MAX_DOCUMENTS = 1024  # texts to score or rerank per call
 
 
 
@@ -152,6 +153,31 @@ class EmbeddingRequest(_Body):
     dimensions: _int(ge=1) | None = Field(None, description="keep the first this many dimensions, normalized again "
                                                             "(Matryoshka-trained models)")
     user: str | None = None
+    priority: _int(ge=-(2**31), le=2**31 - 1) = 0
+    cache_salt: str | None = None
+
+
+_Text = Annotated[str, Field(min_length=1)]
+
+
+class ScoreRequest(_Body):
+    """POST /v1/score (vLLM's): the cosine similarity of the embeddings (last-token pooling) of each pair: one text_1
+    against each text_2, or text_1[i] against text_2[i]."""
+    model: str
+    text_1: _Text | Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]
+    text_2: _Text | Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]
+    priority: _int(ge=-(2**31), le=2**31 - 1) = 0
+    cache_salt: str | None = None
+
+
+class RerankRequest(_Body):
+    """POST /v1/rerank (Jina's and Cohere's, as vLLM serves it): documents by the cosine similarity of their embedding
+    to the query's, most relevant first."""
+    model: str
+    query: _Text
+    documents: Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]
+    top_n: _int(ge=1) | None = Field(None, description="return this many (default: all)")
+    return_documents: bool = True
     priority: _int(ge=-(2**31), le=2**31 - 1) = 0
     cache_salt: str | None = None
 

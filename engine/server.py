@@ -2,6 +2,7 @@
 
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
     POST /v1/embeddings                          last-token pooling of the served model
+    POST /v1/score, /v1/rerank                   cosine similarity of those embeddings (vLLM's; Jina's and Cohere's)
     POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                                  OpenAI's Responses API, on the chat path (engine/openai_responses.py)
     POST /v1/messages, /v1/messages/count_tokens Anthropic's Messages API, on the chat path (engine/anthropic_messages.py)
@@ -40,8 +41,8 @@ from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
     MAX_N, ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-    TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest, describe_validation_error,
-    error_body,
+    RerankRequest, ScoreRequest, TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest,
+    describe_validation_error, error_body,
 )
 from engine import anthropic_messages, openai_responses
 from engine import structured
@@ -326,37 +327,87 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
         start_chat, gather, lambda body: chat_prompt(body)[0], server_cfg.reasoning_parser != "none")))
 
+    async def embed(request: Request, body, texts: list, param: str) -> tuple[list[np.ndarray], int] | None:
+        """The unit embeddings of texts (strings or token ids) and their token count; None if the client left."""
+        if any(not t for t in texts):
+            raise ApiError(400, f"{param} is empty", param=param)
+        prompts = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
+        for ids in prompts:
+            check_prompt(ids, 1, param)
+        adapter = body.model if body.model in adapters() else None
+        reqs = [GenerateRequest(p, SamplingParams.embedding(), body.cache_salt or None, body.priority, adapter)
+                for p in prompts]
+        finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}", final_only=True))
+        if finals is None:
+            return None
+        return [finals[i].embedding for i in range(len(prompts))], sum(map(len, prompts))
+
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):
         check_model(body.model)
         x = body.input
         if isinstance(x, str) or (x and isinstance(x[0], int)):
             x = [x]
-        if any(not t for t in x):
-            raise ApiError(400, "input is empty", param="input")
-        prompts = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in x]
-        for ids in prompts:
-            check_prompt(ids, 1, "input")
         width = llm.model_cfg.hidden_size
         if body.dimensions is not None and body.dimensions > width:
             raise ApiError(400, f"dimensions={body.dimensions} is more than the model's {width}", param="dimensions")
-        adapter = body.model if body.model in adapters() else None
-        reqs = [GenerateRequest(p, SamplingParams.embedding(), body.cache_salt or None, body.priority, adapter)
-                for p in prompts]
-        finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}", final_only=True))
-        if finals is None:
+        embedded = await embed(request, body, x, "input")
+        if embedded is None:
             return JSONResponse({})
+        vectors, num_tokens = embedded
         data = []
-        for i in range(len(prompts)):
-            vector = finals[i].embedding
+        for i, vector in enumerate(vectors):
             if body.dimensions is not None:  # Matryoshka: the first dimensions, unit length again
                 vector = vector[: body.dimensions] / max(float(np.linalg.norm(vector[: body.dimensions])), 1e-12)
             value = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
                      else vector.astype(float).tolist())
             data.append({"object": "embedding", "index": i, "embedding": value})
-        num_tokens = sum(map(len, prompts))
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+    async def similarities(request: Request, body, queries: list[str], texts: list[str]) -> tuple[list[float], int] | None:
+        """Cosine similarity of queries[i] and texts[i] (one query: against every text), each distinct text embedded
+        once (pairs sharing a query share its prefix in the cache anyway); -> (scores, tokens embedded)."""
+        distinct = list(dict.fromkeys(queries + texts))
+        embedded = await embed(request, body, distinct, "text")
+        if embedded is None:
+            return None
+        vectors = dict(zip(distinct, embedded[0]))
+        pairs = zip(queries * len(texts) if len(queries) == 1 else queries, texts)
+        return [float(np.dot(vectors[a], vectors[b])) for a, b in pairs], embedded[1]
+
+    @app.post("/v1/score", response_model=None, summary="Pair scores: cosine similarity of embeddings (vLLM's)")
+    async def score(request: Request, body: ScoreRequest):
+        check_model(body.model)
+        text_1 = [body.text_1] if isinstance(body.text_1, str) else body.text_1
+        text_2 = [body.text_2] if isinstance(body.text_2, str) else body.text_2
+        if len(text_1) != 1 and len(text_1) != len(text_2):
+            raise ApiError(400, f"text_1 has {len(text_1)} texts and text_2 {len(text_2)}: give one text_1, or as many "
+                                "as text_2", param="text_1")
+        scored = await similarities(request, body, text_1, text_2)
+        if scored is None:
+            return JSONResponse({})
+        scores, num_tokens = scored
+        return JSONResponse({"id": f"score-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                             "model": body.model, "data": [{"index": i, "object": "score", "score": x}
+                                                           for i, x in enumerate(scores)],
+                             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+    @app.post("/v1/rerank", response_model=None, summary="Documents by relevance to a query (Jina's, Cohere's)")
+    async def rerank(request: Request, body: RerankRequest):
+        check_model(body.model)
+        scored = await similarities(request, body, [body.query], body.documents)
+        if scored is None:
+            return JSONResponse({})
+        scores, num_tokens = scored
+        order = sorted(range(len(scores)), key=lambda i: -scores[i])[: body.top_n]
+        results = [{"index": i, "relevance_score": scores[i],
+                    **({"document": {"text": body.documents[i]}} if body.return_documents else {})} for i in order]
+        return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": body.model, "results": results,
+                             "usage": {"total_tokens": num_tokens}})
+
+    for alias, endpoint in (("/score", score), ("/rerank", rerank), ("/v2/rerank", rerank)):  # vLLM serves these too
+        app.add_api_route(alias, endpoint, methods=["POST"], response_model=None, include_in_schema=False)
 
     # ----------------------------------------------------------------------------- tokenizer
     @app.post("/tokenize", summary="Token ids of a prompt, or of chat messages after the chat template")

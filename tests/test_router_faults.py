@@ -167,6 +167,11 @@ def test_prefix_sticks_and_feed_confirms(cluster):
     # Embedding requests are routed by their input's prefix the same way.
     embed = {"model": "fake", "input": "shared system prompt " * 8 + "an embedding query"}
     assert httpx.post(f"{router.url}/v1/embeddings", json=embed, timeout=30).json()["replica"] == first
+    query = "shared system prompt " * 8 + "a query"  # scores and reranks by their query's (text_1's)
+    assert httpx.post(f"{router.url}/v1/score", json={"model": "fake", "text_1": query, "text_2": ["a", "b"]},
+                      timeout=30).json()["replica"] == first
+    assert httpx.post(f"{router.url}/v1/rerank", json={"model": "fake", "query": query, "documents": ["a"]},
+                      timeout=30).json()["replica"] == first
     # A replica that refuses connections is skipped; all down -> 503.
     for proc in procs.values():
         proc.kill()

@@ -13,6 +13,7 @@ import threading
 import time
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
@@ -492,6 +493,32 @@ def test_return_token_ids(http):
         reply["choices"][0]["token_ids"]
     plain = http.post("/v1/completions", json={**body, "return_token_ids": False, "return_tokens_as_token_ids": False})
     assert "token_ids" not in plain.json()["choices"][0]
+
+
+def test_score_and_rerank_are_cosines_of_the_embeddings(http):
+    """/v1/score (1:N and N:N) and /v1/rerank (sorted, top_n, without documents) equal the dot products of the unit
+    vectors /v1/embeddings returns; /score, /rerank and /v2/rerank answer the same; mismatched lists are a 400."""
+    query, docs = "Where is the Eiffel Tower?", ["It is in Paris.", "Bananas are yellow.", "The tower is 330 m tall."]
+    data = http.post("/v1/embeddings", json={"model": MODEL, "input": [query] + docs}).json()["data"]
+    vectors = [np.array(d["embedding"]) for d in data]
+    expected = [float(vectors[0] @ v) for v in vectors[1:]]
+    one_to_many = http.post("/v1/score", json={"model": MODEL, "text_1": query, "text_2": docs}).json()
+    assert [d["score"] for d in one_to_many["data"]] == pytest.approx(expected, abs=1e-4)
+    assert one_to_many["usage"]["prompt_tokens"] > 0
+    pairs = http.post("/score", json={"model": MODEL, "text_1": docs, "text_2": docs[::-1]}).json()["data"]
+    assert [d["score"] for d in pairs] == pytest.approx([float(vectors[1 + i] @ vectors[3 - i]) for i in range(3)],
+                                                          abs=1e-4)
+    order = sorted(range(3), key=lambda i: -expected[i])
+    for path in ("/v1/rerank", "/rerank", "/v2/rerank"):
+        ranked = http.post(path, json={"model": MODEL, "query": query, "documents": docs}).json()["results"]
+        assert [r["index"] for r in ranked] == order
+        assert [r["document"]["text"] for r in ranked] == [docs[i] for i in order]
+        assert [r["relevance_score"] for r in ranked] == pytest.approx([expected[i] for i in order], abs=1e-4)
+    top = http.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": docs, "top_n": 1,
+                                        "return_documents": False}).json()["results"]
+    assert top == [{"index": order[0], "relevance_score": pytest.approx(expected[order[0]], abs=1e-4)}]
+    _error(http.post("/v1/score", json={"model": MODEL, "text_1": docs[:2], "text_2": docs}), 400, "text_1")
+    _error(http.post("/v1/rerank", json={"model": MODEL, "query": query, "documents": []}), 400, "documents")
 
 
 def test_continuous_usage_stats(http):

@@ -53,7 +53,8 @@ def fake_output(tokens: list[int], max_tokens: int) -> list[str]:
 def prompt_tokens(tok: ByteTokenizer, body: dict, chat: bool) -> list[int]:
     if chat:
         return tok.encode_chat(body["messages"])
-    prompt = body.get("prompt", body.get("input", ""))  # completions' prompt, embeddings' input
+    # completions' prompt, embeddings' input, score's text_1, rerank's query
+    prompt = next((body[k] for k in ("prompt", "input", "text_1", "query") if k in body), "")
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
         prompt = prompt[0]  # a batch: the router routes (and this fake serves) the first prompt
     return tok.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
@@ -207,6 +208,15 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [1.0, 0.0]}],
                 "model": model, "usage": {"prompt_tokens": len(tokens), "total_tokens": len(tokens)}, "replica": name}
+
+    for path in ("/v1/score", "/v1/rerank"):  # the query's (text_1's) pages are what the router routes by
+        async def pooled(request: Request):
+            body = await request.json()
+            tokens = prompt_tokens(tok, body, chat=False)
+            await serve(tokens, cache_namespace(body.get("cache_salt"), None))
+            return {"usage": {"prompt_tokens": len(tokens), "total_tokens": len(tokens)}, "replica": name}
+
+        app.add_api_route(path, pooled, methods=["POST"])
 
     @app.get("/v1/models")
     async def models():

@@ -62,7 +62,8 @@ def body_route(body: dict, chat: bool, tokenizer, page_size: int, adapters=()) -
                 prompt_messages(body.get("instructions"), input_messages(body["input"]))
             tokens = tokenizer.encode_chat(messages)
         else:
-            prompt = body["prompt"] if "prompt" in body else body["input"]  # completions, embeddings
+            # completions, embeddings, score, rerank
+            prompt = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
                 prompt = prompt[0]  # a batch of prompts: routed by the first
             tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]

@@ -603,6 +603,7 @@ def test_schemathesis_no_server_errors(server):
         ("/tokenize", "POST", (positive, negative)), ("/detokenize", "POST", (positive, negative)),
         ("/v1/responses", "POST", (positive, negative)), ("/v1/messages", "POST", (positive, negative)),
         ("/v1/messages/count_tokens", "POST", (positive, negative)),
+        ("/v1/score", "POST", (positive, negative)), ("/v1/rerank", "POST", (positive, negative)),
     ]:
         for mode in modes:
             @settings(max_examples=6, deadline=None, derandomize=True, database=None,

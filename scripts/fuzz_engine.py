@@ -4,7 +4,8 @@ Each seed draws a model (a tiny Llama, or a tiny Gemma 3 whose windowed layers s
 size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
 hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
 a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
-namespaces) with invariants checked every step (`debug_checks`). Every engine must give the greedy tokens of the same
+namespaces), some seeds with token rules (few allowed ids, bad words among them), with invariants checked every
+step (`debug_checks`). Every engine must give the greedy tokens of the same
 model run with the cache off, a big pool and serial steps. The scheduler's own property test
 (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
 page tables, copy-on-write, host and disk copies, window slots).
@@ -74,8 +75,8 @@ def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
     return model, reference, fuzzed, rng.choice([4, 10, 20])
 
 
-def run_seed(seed: int, models: dict, tokenizer, backend: str) -> str | None:
-    """None if the seed passes, else what went wrong."""
+def run_seed(seed: int, models: dict, tokenizer, backend: str) -> tuple[str | None, str]:
+    """-> (None if the seed passes, else what went wrong; what it ran beyond the engine's configuration)."""
     from engine.config import EngineConfig
     from engine.llm import LLM
     from tests.test_engine import _generate, _prompts
@@ -84,29 +85,36 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str) -> str | None:
     model, reference, fuzzed, max_tokens = draw(rng, backend)
     prompts = _prompts(tokenizer, random.Random(seed))
     prompts = rng.sample(prompts, rng.randrange(6, len(prompts)))
+    rules = {}
+    if rng.random() < 0.3:  # few allowed ids, and bad words among them, so that bans fire every few tokens
+        allowed = rng.sample(range(3, 2000), 40)
+        rules = {"allowed_token_ids": tuple(allowed),
+                 "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
+        rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
+    extra = "token rules" if rules else ""
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk
     try:
         want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model]), prompts,
-                         max_tokens)[0]
+                         max_tokens, **rules)[0]
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
             llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model])
-            got = _generate(llm, prompts, max_tokens)[0]
+            got = _generate(llm, prompts, max_tokens, **rules)[0]
             held = llm.engine.stats()["pages_held_by_requests"]
             llm.engine.shutdown()
             if got != want:
                 diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
-                return f"{model} {fuzzed}: outputs differ from the plain run at prompts {diff[:5]}"
+                return f"{model} {fuzzed} {rules}: outputs differ from the plain run at prompts {diff[:5]}", extra
             if held:
-                return f"{model} {fuzzed}: {held} pages still held by finished requests"
+                return f"{model} {fuzzed}: {held} pages still held by finished requests", extra
     except Exception as e:  # noqa: BLE001 (a crash is a finding too)
         traceback.print_exc()
-        return f"{model} {fuzzed}: {type(e).__name__}: {str(e)[:300]}"
+        return f"{model} {fuzzed} {rules}: {type(e).__name__}: {str(e)[:300]}", extra
     finally:
         if disk:
             shutil.rmtree(disk, ignore_errors=True)
-    return None
+    return None, extra
 
 
 def main(argv=None) -> int:
@@ -124,10 +132,10 @@ def main(argv=None) -> int:
     failures = 0
     for seed in range(*args.seeds):
         t0 = time.perf_counter()
-        problem = run_seed(seed, models, tokenizer, args.backend)
+        problem, extra = run_seed(seed, models, tokenizer, args.backend)
         failures += problem is not None
-        print(f"seed {seed}: {'ok' if problem is None else 'FAIL ' + problem} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)
+        print(f"seed {seed}: {'ok' if problem is None else 'FAIL ' + problem} ({time.perf_counter() - t0:.0f} s"
+              f"{', ' + extra if extra else ''})", flush=True)
     print(f"{args.seeds[1] - args.seeds[0]} seeds, {failures} failed")
     return 1 if failures else 0
 

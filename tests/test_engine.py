@@ -63,8 +63,9 @@ def _prompts(tokenizer, rng: random.Random) -> list[tuple[list[int], str | None]
     return prompts
 
 
-def _generate(llm: LLM, prompts, max_tokens=8):
-    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+def _generate(llm: LLM, prompts, max_tokens=8, **rules):
+    """Greedy tokens and cached prompt tokens of each (prompt, namespace); `rules`: more SamplingParams fields."""
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **rules)
     engine = llm.engine
     ids = [engine.add_request(p, params, namespace=ns) for p, ns in prompts]
     finals = llm._run(set(ids), progress=False)

@@ -5,7 +5,7 @@ its output line carries that endpoint's response.
     output: {"id": "batch_req_...", "custom_id": "q1", "response": {"status_code": 200, "request_id": ...,
              "body": {...}}, "error": null}
 
-URLs: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses. The bodies go to the server's own handlers
+URLs: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/score, /v1/rerank. The bodies go to the server's own handlers
 (`engine.server.create_app`) in this process, through an ASGI transport (no socket), so a batch line takes every
 field an HTTP request takes (n, tools, response_format, logprobs, echo, ...) with the same checks; a body the
 server refuses gets its error response (status_code 400/404, the error body) and the job goes on. A line that names
@@ -21,7 +21,7 @@ import signal
 import uuid
 from typing import AsyncIterable, AsyncIterator, Callable, Iterable
 
-URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses")
+URLS = ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses", "/v1/score", "/v1/rerank")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

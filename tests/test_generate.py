@@ -236,6 +236,8 @@ def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpo
         f.write(_batch_line("sampled", "/v1/completions", {"model": "tiny", "prompt": "Hi", "max_tokens": 3, "n": 2,
                                                            "seed": 5}))
         f.write(_batch_line("embed", "/v1/embeddings", {"model": "tiny", "input": ["one text", "another text"]}))
+        f.write(_batch_line("rerank", "/v1/rerank", {"model": "tiny", "query": "one text",
+                                                     "documents": ["another text", "one text"]}))
         f.write(_batch_line("other-model", "/v1/chat/completions", {"model": "gpt-4o-mini", "messages": [system]}))
         f.write(_batch_line("hot", "/v1/completions", {"model": "tiny", "prompt": "x", "temperature": -1}))
         f.write(_batch_line("streamed", "/v1/completions", {"model": "tiny", "prompt": "x", "stream": True}))
@@ -251,11 +253,12 @@ def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpo
             for args in (cmd, _cmd(tiny_checkpoint, own, tmp_path / "own-out.jsonl"))]
     for done in runs:
         assert done.returncode == 0, done.stderr[-3000:]
-    assert "summary: 20 requests answered, 4 errors, 1 duplicate ids skipped" in runs[0].stderr
+    assert "summary: 21 requests answered, 4 errors, 1 duplicate ids skipped" in runs[0].stderr
     first = _lines(out)
     by_id = {r["custom_id"]: r for r in first}
-    assert [r["custom_id"] for r in first].count(None) == 1 and len(first) == len(by_id) == 24
-    assert {cid for cid in by_id if cid is not None} == {*chats, *texts, "sampled", "embed", "other-model", "hot", "streamed"}
+    assert [r["custom_id"] for r in first].count(None) == 1 and len(first) == len(by_id) == 25
+    assert {cid for cid in by_id if cid is not None} == {*chats, *texts, "sampled", "embed", "rerank", "other-model",
+                                                         "hot", "streamed"}
     mine = {r["id"]: r["text"] for r in _lines(tmp_path / "own-out.jsonl")}
     for cid in chats:
         response = by_id[cid]["response"]
@@ -269,13 +272,15 @@ def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpo
     assert [c["index"] for c in by_id["sampled"]["response"]["body"]["choices"]] == [0, 1]
     vectors = by_id["embed"]["response"]["body"]["data"]
     assert len(vectors) == 2 and abs(sum(x * x for x in vectors[0]["embedding"]) - 1) < 1e-4
+    ranked = by_id["rerank"]["response"]["body"]["results"]
+    assert [r["index"] for r in ranked] == [1, 0] and abs(ranked[0]["relevance_score"] - 1) < 1e-4  # itself first
     refused = by_id["other-model"]["response"]
     assert refused["status_code"] == 404 and refused["body"]["error"]["code"] == "model_not_found"
     hot = by_id["hot"]["response"]
     assert hot["status_code"] == 400 and "temperature" in hot["body"]["error"]["message"]
     assert by_id["streamed"]["response"] is None and by_id["streamed"]["error"]["code"] == "invalid_body"
     unreadable = next(r for r in first if r["custom_id"] is None)
-    assert unreadable["line"] == 24 and unreadable["error"]["code"] == "invalid_json_line"
+    assert unreadable["line"] == 25 and unreadable["error"]["code"] == "invalid_json_line"
 
     # Cut off after 10 answers, mid-line: the rerun answers the rest, each once, the greedy ones as before.
     with open(out, "w") as f:
@@ -285,7 +290,7 @@ def test_openai_batch_format_answers_as_the_server_does_and_resumes(tiny_checkpo
     assert done.returncode == 0, done.stderr[-3000:]
     assert "resuming: " in done.stderr and "summary:" in done.stderr
     again = _lines(out)
-    assert len(again) == 24 and sorted(map(str, (r["custom_id"] for r in again))) == sorted(map(str, by_id))
+    assert len(again) == 25 and sorted(map(str, (r["custom_id"] for r in again))) == sorted(map(str, by_id))
     for r in again[10:]:
         if r["custom_id"] in chats:
             assert r["response"]["body"]["choices"][0]["message"]["content"] == mine[r["custom_id"]]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence as Seq
+from typing import Iterator, Sequence as Seq
 
 import numpy as np
 
@@ -73,6 +73,35 @@ class LLM:
                for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
+
+    def stream(
+        self,
+        prompts: Seq[str] | Seq[Seq[int]] | str,
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        namespace: str | None = None,
+        adapter: str | None = None,
+    ) -> Iterator[tuple[int, RequestOutput]]:
+        """Runs the prompts as `generate` does, yielding (prompt index, RequestOutput) as each step ends: an output
+        holds what its step added (`delta_text`, `delta_token_ids`: OutputKind.DELTA), and each prompt's last one
+        (`finished`) its totals. Leaving the loop early (a break, an exception) aborts the prompts not finished."""
+        prompts = _prompt_list(prompts)
+        params_list = _params_list(params, len(prompts))
+        index: dict[str, int] = {}
+        pending: set[str] = set()
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params_list)):
+                rid = self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, output_kind=OutputKind.DELTA)
+                index[rid] = i
+                pending.add(rid)
+            while pending:
+                for out in self.engine.step():
+                    if out.request_id in index:
+                        if out.finished:
+                            pending.discard(out.request_id)
+                        yield index[out.request_id], out
+        finally:
+            for rid in pending:
+                self.engine.abort(rid)
 
     def chat(
         self,

@@ -1071,3 +1071,27 @@ def test_stop_string_kept_and_special_tokens_shown(tiny, tokenizer):
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True,
                                                        allowed_token_ids=tuple(special), skip_special_tokens=skip))[0]
         assert out.token_ids == special * 3 and out.text == text
+
+
+def test_llm_stream_yields_the_generated_deltas_and_aborts_when_left(tiny):
+    """LLM.stream: per prompt, the deltas add up to generate's text and tokens, and the last output carries the
+    totals; leaving the loop early aborts the rest, which return their pages."""
+    llm = tiny
+    prompts = [[5, 6, 7], [8, 9, 10, 11], [5, 6, 7, 12]]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (6, 9, 3)]
+    whole = llm.generate(prompts, params)
+    text, tokens, finals = ["", "", ""], [[], [], []], {}
+    for i, out in llm.stream(prompts, params):
+        text[i] += out.delta_text
+        tokens[i] += out.delta_token_ids
+        if out.finished:
+            finals[i] = out
+    for i, done in enumerate(whole):
+        assert (text[i], tokens[i]) == (done.text, done.token_ids) == (finals[i].text, finals[i].token_ids)
+    for n, (i, out) in enumerate(llm.stream(prompts, SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))):
+        if n == 4:
+            break
+    assert not llm.engine.scheduler.has_work()  # aborted; a step still in flight (overlap) completes with no outputs
+    while llm.engine.has_unfinished():
+        assert llm.engine.step() == []
+    assert llm.engine.stats()["pages_held_by_requests"] == 0

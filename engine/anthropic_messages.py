@@ -408,7 +408,7 @@ def routes(chat: ChatPath) -> APIRouter:
                                         stop_reason(choice["finish_reason"], final.stop_reason, body.stop_sequences),
                                         usage(len(prompt_ids), final.cached_tokens, len(final.token_ids))))
         except ApiError as e:
-            return JSONResponse(error_body(e.status, e.message), status_code=e.status)
+            return JSONResponse(error_body(e.status, e.message), status_code=e.status, headers=e.headers)
 
     @api.post("/v1/messages/count_tokens", response_model=None, summary="A message's prompt tokens (Anthropic's)",
               openapi_extra=_body_schema(CountTokensRequest))

@@ -34,6 +34,10 @@ class EngineStopped(RuntimeError):
     """The engine is shutting down (or died) and takes no more requests."""
 
 
+class EngineOverloaded(EngineStopped):
+    """The engine takes no more requests for now: as many as `max_waiting` already wait for a place in the batch."""
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerateRequest:
     prompt_ids: list[int]
@@ -128,8 +132,11 @@ def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, feed: CacheEventFeed | None = None):
+    def __init__(self, engine: LLMEngine, feed: CacheEventFeed | None = None, max_waiting: int = 0):
+        """max_waiting: a call whose requests would make more than this many wait is refused (EngineOverloaded);
+        0: no limit."""
         self.engine = engine
+        self.max_waiting = max_waiting
         self.feed = feed or CacheEventFeed()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
@@ -320,6 +327,12 @@ class AsyncEngine:
     def _add(self, stream: RequestStream, requests: list[GenerateRequest]) -> None:
         if not self._accepting:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
+            return
+        waiting = self.engine.num_waiting if self.max_waiting else 0
+        if self.max_waiting and waiting + len(requests) > self.max_waiting:
+            stream.added.set_exception(EngineOverloaded(
+                f"the server is overloaded: {waiting} requests wait already (server.max_waiting_requests="
+                f"{self.max_waiting}); try again shortly"))
             return
         added = []
         kind = OutputKind.FINAL if stream.final_only else OutputKind.DELTA  # a stream's step costs the same at any length

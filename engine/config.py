@@ -229,11 +229,16 @@ class ServerConfig:
     # /v1/responses with store: true (the default) keeps this many responses and their conversations in memory, for
     # GET /v1/responses/{id} and previous_response_id; the least recently used go first. 0: none kept.
     max_stored_responses: int = 1000
+    # A call whose requests would make more than this many wait for a place in the batch is refused: 503 with
+    # Retry-After, and the router tries another replica. 0: no limit (a burst waits, however long).
+    max_waiting_requests: int = 0
 
     def __post_init__(self):
         if not 0 < self.port < 65536:
             raise ConfigKeyError(f"server.port must be in 1..65535, got {self.port}")
         _positive("server.max_body_bytes", self.max_body_bytes)
+        if self.max_waiting_requests < 0:
+            raise ConfigKeyError(f"server.max_waiting_requests must be >= 0, got {self.max_waiting_requests}")
         if self.max_stored_responses < 0:
             raise ConfigKeyError(f"server.max_stored_responses must be >= 0, got {self.max_stored_responses}")
 

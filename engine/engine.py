@@ -511,6 +511,11 @@ class LLMEngine:
         return events
 
     # -------------------------------------------------------------------------------- stats
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for a place in the batch (preempted ones included)."""
+        return len(self.scheduler.waiting)
+
     def stats(self) -> dict:
         s = self.scheduler
         return {

@@ -256,9 +256,10 @@ class ApiError(Exception):
     """An error answer of the API: an HTTP status and the OpenAI error body's fields."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None):
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers  # of the response (Retry-After)
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

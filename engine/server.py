@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from engine.async_engine import AsyncEngine, EngineStopped, GenerateRequest
+from engine.async_engine import AsyncEngine, EngineOverloaded, EngineStopped, GenerateRequest
 from engine.config import EngineConfig
 from engine.engine import EngineAsleep, RequestOutput
 from engine.http_guard import RequestGuard
@@ -86,7 +86,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     # -------------------------------------------------------------------------------- errors
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status)
+        return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -562,6 +562,8 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _engine_error(e: Exception) -> ApiError:
+    if isinstance(e, EngineOverloaded):  # clients (and the router, on another replica) may try again
+        return ApiError(503, str(e), "server_error", code="overloaded", headers={"Retry-After": "1"})
     if isinstance(e, (EngineStopped, EngineAsleep)):
         return ApiError(503, str(e), "server_error")
     return ApiError(400, str(e))

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{config.cache.page_size} tokens ({config.cache.kv_dtype}), context {llm.max_model_len} tokens",
           file=sys.stderr, flush=True)
 
-    engine = AsyncEngine(llm)
+    engine = AsyncEngine(llm, max_waiting=config.server.max_waiting_requests)
     app = create_app(engine, config, api_key)
     server = _Server(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="info",
                                     access_log=False, timeout_graceful_shutdown=5), engine)

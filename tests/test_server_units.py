@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pydantic
 import pytest
@@ -133,6 +134,11 @@ class _FakeEngine:
         self.adapter_of: dict = {}
         self.adapter_names = ["sql"]  # a LoRA adapter, listed as a model of its own
         self.sleep_level = 0
+        self.max_running = None  # None: every request runs; n: those past the first n count as waiting
+
+    @property
+    def num_waiting(self):
+        return 0 if self.max_running is None else max(0, len(self.live) - self.max_running)
 
     def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None, output_kind=None):
         from engine.request import validate_prompt
@@ -326,3 +332,36 @@ def test_request_phase_histograms():
     assert total(m.queue)["radixlm_request_queue_time_seconds_sum"] == pytest.approx(0.1)
     assert total(m.prefill)["radixlm_request_prefill_time_seconds_sum"] == pytest.approx(0.2)
     assert total(m.decode)["radixlm_request_decode_time_seconds_sum"] == pytest.approx(0.7)
+
+
+def test_a_full_queue_refuses_with_503_and_retry_after():
+    """server.max_waiting_requests (AsyncEngine max_waiting): a call whose requests would make more than that many
+    wait gets a 503 naming the limit, with Retry-After, on the OpenAI and Anthropic endpoints alike; once the queue
+    drains, calls are taken again. No limit by default."""
+    from contextlib import ExitStack
+
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    fake = _FakeEngine(step_s=0.02)
+    fake.max_running = 1
+    config = EngineConfig(server=ServerConfig(model_name="fake", api_key=None, max_waiting_requests=2))
+    body = {"model": "fake", "prompt": "x" * 40, "max_tokens": 200, "stream": True}  # 4 s each
+    with TestClient(create_app(AsyncEngine(fake, max_waiting=2), config, api_key=None)) as client, ExitStack() as held:
+        for _ in range(3):  # one runs, two wait
+            assert held.enter_context(client.stream("POST", "/v1/completions", json=body)).status_code == 200
+        refused = client.post("/v1/completions", json={**body, "stream": False})
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded" and "max_waiting_requests=2" in refused.text
+        anthropic = client.post("/v1/messages", json={"model": "fake", "max_tokens": 4,
+                                                      "messages": [{"role": "user", "content": "hi"}]})
+        assert anthropic.status_code == 503 and anthropic.headers["retry-after"] == "1"
+        held.close()
+        for _ in range(200):
+            if not fake.live:
+                break
+            time.sleep(0.02)
+        assert client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200

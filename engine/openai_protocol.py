@@ -241,7 +241,8 @@ class ResponsesRequest(_Body):
     user: str | None = None
     reasoning: dict[str, Any] | None = Field(None, description="echoed; effort is not applied")
     background: bool = False  # refused when true
-    truncation: Literal["disabled", "auto"] | None = None  # "auto" refused
+    truncation: Literal["disabled", "auto"] | None = Field(
+        None, description='"auto": the oldest turns of a conversation too long for the context are dropped')
     conversation: str | dict[str, Any] | None = None  # refused (previous_response_id keeps conversations here)
     prompt: dict[str, Any] | None = None  # refused (stored prompt templates)
     priority: _int(ge=-(2**31), le=2**31 - 1) = 0

@@ -118,6 +118,21 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompl
     instructions, which previous_response_id does not carry over)."""
     _refuse_unsupported(body)
     conversation = [*history, *input_messages(body.input, history)]
+    return chat_body(body, conversation), conversation
+
+
+def without_oldest_turn(conversation: list[dict], keep: int) -> list[dict] | None:
+    """truncation "auto": the conversation without its oldest turn (its first message and what follows up to the
+    next user message, so no reply or tool result is left without what it answers); None when that would cut into
+    the last `keep` messages (this turn's input)."""
+    cut = 1
+    while cut < len(conversation) and conversation[cut]["role"] != "user":
+        cut += 1
+    return conversation[cut:] if len(conversation) - cut >= keep else None
+
+
+def chat_body(body: ResponsesRequest, conversation: list[dict]) -> ChatCompletionRequest:
+    """The chat request a turn runs as, over `conversation` (the instructions put before it)."""
     fields = {"model": body.model, "messages": prompt_messages(body.instructions, conversation),
               "tools": _chat_tools(body.tools), "tool_choice": _chat_tool_choice(body.tool_choice),
               "response_format": _response_format(body.text), "max_tokens": body.max_output_tokens,
@@ -126,7 +141,7 @@ def chat_request(body: ResponsesRequest, history: list[dict]) -> tuple[ChatCompl
     if wants_logprobs(body):
         fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:
-        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None}), conversation
+        return ChatCompletionRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         message, param = describe_validation_error(e.errors())
         raise ApiError(400, message, param=param) from None
@@ -145,9 +160,6 @@ def prompt_messages(instructions: str | None, conversation: list[dict]) -> list[
 def _refuse_unsupported(body: ResponsesRequest) -> None:
     if body.background:
         raise _bad("background: true is not supported; a response is made while its request is open", "background")
-    if body.truncation == "auto":
-        raise _bad('truncation: "auto" is not supported; a conversation longer than the context is refused',
-                   "truncation")
     if body.conversation is not None:
         raise _bad("conversation: the Conversations API is not supported; continue with previous_response_id",
                    "conversation")
@@ -489,8 +501,18 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
         if chat.reasoning and wants_logprobs(body):
             raise _bad(f"include: {LOGPROBS_INCLUDE} is not supported when the server splits off reasoning "
                        "(server.reasoning_parser)", "include")
-        chat_body, conversation = chat_request(body, history)
-        prompt_ids, stream, fmt = await chat.start(chat_body)
+        turn, conversation = chat_request(body, history)
+        keep = len(conversation) - len(history)  # this turn's input
+        while True:
+            try:
+                prompt_ids, stream, fmt = await chat.start(turn)
+                break
+            except ApiError as e:  # truncation "auto": the oldest turns go until the prompt fits
+                shorter = without_oldest_turn(conversation, keep) if body.truncation == "auto" else None
+                if e.code != "context_length_exceeded" or shorter is None:
+                    raise
+                conversation = shorter
+                turn = chat_body(body, conversation)
         reply = _Reply(body, prompt_ids, conversation, input_items(body.input),
                        Output(body.parallel_tool_calls, wants_logprobs(body)))
         if body.stream:

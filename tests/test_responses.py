@@ -82,7 +82,6 @@ def test_request_becomes_a_chat_request():
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice: 'web_search_preview' is not supported", "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice: 'sometimes' is not supported", "tool_choice"),
     ({"background": True}, "background: true is not supported", "background"),
-    ({"truncation": "auto"}, 'truncation: "auto" is not supported', "truncation"),
     ({"conversation": "conv_1"}, "conversation: the Conversations API is not supported", "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt: stored prompt templates are not supported", "prompt"),
     ({"text": {"format": {"type": "grammar"}}}, "text.format: type 'grammar' is not supported", "text"),
@@ -721,3 +720,26 @@ def test_model_through_the_openai_client(server, http):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
     assert events[-1].response.output_text == r.output_text
+
+
+def test_truncation_auto_drops_the_oldest_turns(fake):
+    """A previous_response_id chain that outgrows the context: "disabled" (the default) is a 400 naming the context;
+    "auto" drops whole turns from the oldest until the prompt fits, keeping the instructions and this turn's input,
+    and the next turn continues from the shortened conversation. An input that alone does not fit stays a 400."""
+    client, engine = fake("r" * 40)
+    body = {"model": "fake", "instructions": "sys", "max_output_tokens": 40}
+    previous = None
+    for i in range(12):  # each turn adds ~60 tokens; the context is 512
+        r = client.post("/v1/responses", json={**body, "input": f"question {i} " + "q" * 10,
+                                               "previous_response_id": previous, "truncation": "auto"})
+        assert r.status_code == 200, r.text
+        previous = r.json()["id"]
+        prompt = engine.prompts[-1]
+        assert prompt.startswith("<system>sys<user>") and prompt.endswith(f"question {i} " + "q" * 10 + "<assistant>")
+        assert len(prompt) + 40 <= 512 and r.json()["truncation"] == "auto"
+    assert "<user>question 0 " not in prompt and "<user>question 7 " in prompt  # the oldest went, the recent stayed
+    refused = client.post("/v1/responses", json={**body, "input": "next", "previous_response_id": previous,
+                                                 "max_output_tokens": 200})
+    assert refused.status_code == 400 and "context" in refused.json()["error"]["message"]
+    alone = client.post("/v1/responses", json={**body, "input": "x" * 600, "truncation": "auto"})
+    assert alone.status_code == 400 and alone.json()["error"]["code"] == "context_length_exceeded"

@@ -244,3 +244,20 @@ def test_smollm2_answers_in_the_schema():
     answer = json.loads(shaped.text)
     assert set(answer) == {"country", "capital"} and answer["capital"] == "Paris"
     assert shaped.finish_reason == "stop" and free.text != shaped.text
+
+
+def test_token_rules_narrow_a_grammar(llm):
+    """allowed_token_ids and bad_words on top of a grammar: the grammar's text, written with the tokens the rules leave
+    (a bad word bans its tokens, not the text: another spelling may still write it); allowed ids the grammar refuses
+    all leave the grammar's own choice (a row is never emptied)."""
+    tok = llm.tokenizer
+    yes, no = tok.encode("yes", add_special_tokens=False), tok.encode("no", add_special_tokens=False)
+    choice = StructuredOutput(choice=("yes", "no"))
+    base = dict(temperature=0, max_tokens=4, structured=choice)
+    assert llm.generate([[1, 2, 3]], SamplingParams(**base, allowed_token_ids=(*no, *tok.stop_ids)))[0].text == "no"
+    assert llm.generate([[1, 2, 3]], SamplingParams(**base, allowed_token_ids=(*yes, *tok.stop_ids)))[0].text == "yes"
+    free = llm.generate([[1, 2, 3]], SamplingParams(**base))[0]
+    word = tok.encode(free.text, add_special_tokens=False)  # a bad word bans these tokens, not every spelling
+    banned = llm.generate([[1, 2, 3]], SamplingParams(**base, bad_words=(free.text,)))[0]
+    assert banned.text in ("yes", "no") and word[0] not in banned.token_ids
+    assert llm.generate([[1, 2, 3]], SamplingParams(**base, allowed_token_ids=(17,)))[0].text == free.text

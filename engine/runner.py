@@ -338,12 +338,18 @@ class ModelRunner:
         replicated (and the head rows after the final norm after top_logprobs)."""
         self.kv = self.copies.apply(self.kv, step)
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
+        t0, compiled = time.perf_counter(), (_num_compiled(self._forward), _num_compiled(self._head))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                    prev_tokens=self._prev_tokens, lora=self.lora,
                                                    decode_only=step.decode_kernel)
         out = self._run_head(hidden, s_in, num_rows=step.num_rows,
                              use_penalties=step.use_penalties, use_filters=step.use_filters, num_top=step.num_top,
                              greedy_only=step.greedy_only, use_mask=step.use_mask)
+        if (_num_compiled(self._forward), _num_compiled(self._head)) != compiled:  # the stall every stream just saw
+            log.info("a step compiled a new shape in %.1f s (%d tokens, %d sampling rows, penalties=%s, filters=%s, "
+                     "top logprobs=%d, token mask=%s); steps like it reuse it from now on", time.perf_counter() - t0,
+                     len(step.inputs.tokens), step.num_rows, step.use_penalties, step.use_filters, step.num_top,
+                     step.use_mask)
         self._prev_tokens = out[-1]
         if step.prompt_targets is None:
             return out[:-1]
@@ -444,6 +450,12 @@ class StepArrays:
 # top-k/top-p/min-p sampling (FILTER_HEADS; `LLMEngine.warmup_sampling_filters`, which scripts/serve.py calls).
 PLAIN_HEADS = ((True, False), (False, False))
 FILTER_HEADS = ((False, True),)
+
+
+def _num_compiled(fn) -> int:
+    """How many shapes a jitted function has compiled (-1 where this jax does not say)."""
+    size = getattr(fn, "_cache_size", None)
+    return size() if callable(size) else -1
 
 
 def _fill_rows(table: np.ndarray, rows: list) -> None:

@@ -1095,3 +1095,23 @@ def test_llm_stream_yields_the_generated_deltas_and_aborts_when_left(tiny):
     while llm.engine.has_unfinished():
         assert llm.engine.step() == []
     assert llm.engine.stats()["pages_held_by_requests"] == 0
+
+
+def test_a_step_that_compiles_says_so(tiny_model, caplog):
+    """Without warmup, the step that first needs a shape compiles it and logs how long every stream waited; the same
+    step again logs nothing, and a new head variant (penalties) logs again, naming it."""
+    import logging
+
+    llm = LLM(EngineConfig().replace(**SMALL, **{"cache.num_pages": 32}), progress=False, model=tiny_model)
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with caplog.at_level(logging.INFO, logger="engine.runner"):
+        llm.generate([[5, 6, 7]], params)
+        first = [r.getMessage() for r in caplog.records if "compiled a new shape" in r.getMessage()]
+        caplog.clear()
+        llm.generate([[5, 6, 8]], params)
+        again = [r.getMessage() for r in caplog.records if "compiled a new shape" in r.getMessage()]
+        caplog.clear()
+        llm.generate([[5, 6, 8]], dataclasses.replace(params, presence_penalty=0.5))
+        penalties = [r.getMessage() for r in caplog.records if "compiled a new shape" in r.getMessage()]
+    assert first and not again
+    assert penalties and all("penalties=True" in m for m in penalties)

@@ -57,7 +57,11 @@ class OutputState:
     seq: Sequence
     detok: object
     kind: OutputKind = OutputKind.CUMULATIVE
+    # The text so far is "".join(head) + text: `head` keeps what no stop string can reach any more, so that a step
+    # appends to a short string (appending to an attribute copies it: a step's cost would grow with the output).
     text: str = ""
+    head: list[str] = dataclasses.field(default_factory=list)
+    offset: int = 0  # len("".join(head)): `text` starts there
     num_ids_seen: int = 0
     num_chars_emitted: int = 0
     num_outputs: int = 0
@@ -81,7 +85,7 @@ class OutputState:
             # string, as it does one token per step; the tokens after it are dropped.
             for j, token in enumerate(text_ids):
                 self.text += self.detok.step([token])
-                stop_at = find_stop(self.text, seq.params.stop, self.num_chars_emitted)
+                stop_at = find_stop(self.text, seq.params.stop, self.num_chars_emitted - self.offset)
                 if stop_at is not None:
                     if j + 1 < len(new_ids):
                         truncate_output(seq, start + j + 1)
@@ -93,7 +97,7 @@ class OutputState:
         if seq.status is Status.FINISHED:
             self.text += self.detok.flush()
         if stop_at is None:
-            stop_at = find_stop(self.text, seq.params.stop, self.num_chars_emitted)
+            stop_at = find_stop(self.text, seq.params.stop, self.num_chars_emitted - self.offset)
         if stop_at is not None and seq.status is not Status.FINISHED:
             finish(seq, "stop")
         if stop_at is not None:
@@ -105,19 +109,21 @@ class OutputState:
             return None
         # Hold back a tail that could still become a stop string, so streams never show it.
         visible = len(self.text) if finished else len(self.text) - partial_stop_len(self.text, seq.params.stop)
-        delta = self.text[self.num_chars_emitted : visible]
-        self.num_chars_emitted = max(self.num_chars_emitted, visible)
+        delta = self.text[self.num_chars_emitted - self.offset : visible]
+        self.num_chars_emitted = max(self.num_chars_emitted, self.offset + visible)
         if finished:
             seq.finish_s = now
         if seq.params.embed:  # the token sampled after the prompt is not an output
-            delta, new_ids, visible, self.text = "", [], 0, ""
+            delta, new_ids, visible, self.text, self.head = "", [], 0, "", []
         self.num_outputs += 1
         if finished or self.kind is OutputKind.CUMULATIVE:  # everything so far (copies)
-            lo, text, token_ids, prompt_lo = 0, self.text[:visible], [] if seq.params.embed else list(seq.output_ids), 0
+            text = "".join([*self.head, self.text[:visible]]) if self.head else self.text[:visible]
+            lo, token_ids, prompt_lo = 0, [] if seq.params.embed else list(seq.output_ids), 0
         else:  # DELTA: what this step added; the prompt's logprobs once, with the first output
             lo, text, token_ids = start, delta, new_ids
             prompt_lo = 0 if self.num_outputs == 1 else len(seq.prompt_logprobs)
         want_lp, want_plp = seq.params.logprobs, seq.params.prompt_logprobs
+        self._compact(seq.params.stop)
         return RequestOutput(
             request_id=seq.request_id,
             delta_text=delta,
@@ -139,6 +145,19 @@ class OutputState:
             token_times_s=list(seq.token_times_s) if finished else None,
             embedding=seq.embedding,
         )
+
+
+    def _compact(self, stops: tuple[str, ...]) -> None:
+        """Moves the text no stop string can reach any more (emitted, and before the longest stop's reach) to `head`,
+        once there is enough of it: each character is copied a bounded number of times, whatever the length."""
+        cut = self.num_chars_emitted - self.offset - max(map(len, stops), default=0)
+        if cut >= COMPACT_CHARS:
+            self.head.append(self.text[:cut])
+            self.text = self.text[cut:]
+            self.offset += cut
+
+
+COMPACT_CHARS = 4096
 
 
 def truncate_output(seq: Sequence, n: int) -> None:

@@ -36,6 +36,11 @@ server's streams get), long outputs at batch 256 (`--output-kind-b final`: what 
         --set scheduler.overlap=false scheduler.max_running=256 scheduler.max_batch_tokens=4096 cache.num_pages=20000 \
         --set-b --output-kind-b delta
 
+The host's per-step output work (no model) as 64 outputs grow to 20,000 tokens: flat when a step's cost does not
+grow with the output:
+
+    python scripts/bench.py --workload output-growth --decode-batch 64 --output-len 20000
+
 The model step alone (forward + KV write) at fixed decode and prefill shapes:
 
     python scripts/bench.py --workload steps --repeats 5
@@ -455,6 +460,34 @@ def step_times(args) -> None:
         print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")
 
 
+def output_growth(args) -> None:
+    """The host's per-step output work (detokenizing, stop checks, the DELTA output a server streams) for
+    `--decode-batch` sequences as their outputs grow to `--output-len` tokens, without a model: median per-step time
+    over the last 100 steps of each quarter. Flat: a step's cost does not grow with the output."""
+    from engine.config import load_config
+    from engine.output import OutputKind, OutputState
+    from engine.request import SamplingParams, Sequence
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_source(load_config(args.config, args.set_a).model.path))
+    rng = random.Random(args.seed)
+    words = [tokenizer.encode(" " + w, add_special_tokens=False)[0] for w in "the of and to in is was for on at".split()]
+    states = [OutputState(Sequence(request_id=str(i), prompt_ids=[1, 2, 3],
+                                   params=SamplingParams(max_tokens=args.output_len, stop=("zzzz",))),
+                          tokenizer.detokenizer([1, 2, 3]), OutputKind.DELTA) for i in range(args.decode_batch)]
+    quarter, times = max(args.output_len // 4, 100), []
+    for step in range(args.output_len):
+        t0 = time.perf_counter()
+        for state in states:
+            state.seq.output_ids.append(rng.choice(words))
+            state.update(0.0, lambda seq, reason: None)
+        times.append(time.perf_counter() - t0)
+        if (step + 1) % quarter == 0:
+            print(f"tokens {step + 1 - 99}-{step + 1}: median {statistics.median(times[-100:]) * 1e3:.3f} ms per step "
+                  f"({args.decode_batch} sequences, DELTA outputs, a 4-character stop string)")
+
+
 def weight_swap(args) -> None:
     """What changing a live replica's weights costs, median of --repeats: reading and laying out a checkpoint (the
     config's own model.path, while serving goes on), the swap itself, sleep (level 1) and wake-up; and the device
@@ -496,7 +529,7 @@ def weight_swap(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps",
-                                           "weight-swap"], required=True)
+                                           "weight-swap", "output-growth"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     ap.add_argument("--set-a", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
@@ -552,6 +585,9 @@ def main(argv=None) -> int:
         return 0
     if args.workload == "weight-swap":
         weight_swap(args)
+        return 0
+    if args.workload == "output-growth":
+        output_growth(args)
         return 0
 
     runs: dict[str, list[dict]] = {}

@@ -74,3 +74,10 @@ def test_weight_swap_reports_each_phase(capsys):
         assert phase in out
     freed = float(out.split("device bytes freed by sleep")[1].split()[0])
     assert freed > 100  # MiB: SmolLM2's weights (f32, ~540 MiB) and its KV cache leave the device
+
+
+def test_output_growth_workload_runs(capsys):
+    """The output-growth workload prints a per-step time for each quarter of the outputs."""
+    assert bench.main(["--workload", "output-growth", "--decode-batch", "4", "--output-len", "400"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("tokens ")]
+    assert len(lines) == 4 and all("ms per step (4 sequences" in line for line in lines)

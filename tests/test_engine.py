@@ -215,7 +215,9 @@ def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):
 
 
 # ------------------------------------------------------------------------------ API, tiny model
-def test_stop_strings_and_stop_tokens(tiny):
+@pytest.mark.parametrize("compact", [4096, 1])
+def test_stop_strings_and_stop_tokens(tiny, monkeypatch, compact):
+    monkeypatch.setattr("engine.output.COMPACT_CHARS", compact)
     llm = tiny
     free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
     assert free.finish_reason == "length" and len(free.token_ids) == 24
@@ -300,9 +302,12 @@ def _ints(x) -> list:
     return [[t for t, _ in v] if isinstance(v, list) else v is None for v in x]
 
 
-def test_output_kinds_agree(tiny):
+@pytest.mark.parametrize("compact", [4096, 1])
+def test_output_kinds_agree(tiny, monkeypatch, compact):
     """Cumulative, delta and final-only outputs of the same requests in one batch (text decoded once at the end, or
-    step by step when stop strings may end it; logprobs and prompt logprobs; seeded sampling)."""
+    step by step when stop strings may end it; logprobs and prompt logprobs; seeded sampling); and with the text
+    moved out of the stop strings' reach at every step (`OutputState._compact`), the same outputs."""
+    monkeypatch.setattr("engine.output.COMPACT_CHARS", compact)
     engine = tiny.engine
     rng = random.Random(7)
     prompts = [[rng.randrange(3, 2000) for _ in range(rng.randrange(2, 12))] for _ in range(6)]
@@ -517,9 +522,11 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
     assert {r.finish_reason for r in runs["ngram"]} == {"stop", "length"}
 
 
-def test_speculative_stop_string_inside_an_accepted_run(tiny_model, tiny, tokenizer):
+@pytest.mark.parametrize("compact", [4096, 1])
+def test_speculative_stop_string_inside_an_accepted_run(tiny_model, tiny, tokenizer, monkeypatch, compact):
     """A stop string completed by a token in the middle of a run of accepted draft tokens ends the output at that
-    token, as decoding one token per step does: the same tokens, text, reason and logprobs."""
+    token, as decoding one token per step does: the same tokens, text, reason and logprobs (text compacted or not)."""
+    monkeypatch.setattr("engine.output.COMPACT_CHARS", compact)
     t = 1234
     prompt = [t] * 8  # the drafts (more t's) are right from the first decode on
     params = [SamplingParams(temperature=0, max_tokens=30, logit_bias={t: 100.0}, logprobs=0, ignore_eos=True,

@@ -328,14 +328,14 @@ class AsyncEngine:
         if not self._accepting:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
             return
-        waiting = self.engine.num_waiting if self.max_waiting else 0
-        if self.max_waiting and waiting + len(requests) > self.max_waiting:
+        if self.max_waiting and (waiting := self.engine.num_waiting) + len(requests) > self.max_waiting:
             stream.added.set_exception(EngineOverloaded(
                 f"the server is overloaded: {waiting} requests wait already (server.max_waiting_requests="
                 f"{self.max_waiting}); try again shortly"))
             return
         added = []
-        kind = OutputKind.FINAL if stream.final_only else OutputKind.DELTA  # a stream's step costs the same at any length
+        # A stream gets deltas: its step costs the same at any length.
+        kind = OutputKind.FINAL if stream.final_only else OutputKind.DELTA
         try:
             for rid, req in zip(stream.request_ids, requests):
                 self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,

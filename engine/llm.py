@@ -191,9 +191,9 @@ class LLM:
         params = SamplingParams(temperature=0, max_tokens=1, logprobs=2 * beam_width, ignore_eos=True)
         live = [[([], 0.0)] for _ in prompts]  # per prompt: (generated tokens, cumulative logprob)
         done: list[list[tuple[list[int], float]]] = [[] for _ in prompts]
+        add = functools.partial(self.engine.add_request, params=params, namespace=namespace,
+                                output_kind=OutputKind.FINAL)
         for _ in range(max_tokens):
-            add = functools.partial(self.engine.add_request, params=params, namespace=namespace,
-                                    output_kind=OutputKind.FINAL)
             requests = {add(prompt + tokens): (i, tokens, logprob)
                         for i, prompt in enumerate(prompts) for tokens, logprob in live[i]}
             if not requests:

@@ -49,7 +49,6 @@ class ChoiceFormatter:
         self._echoed: set[int] = set()  # streamed choices whose prompt has been sent
         # vLLM's return_token_ids: each prompt's ids, and choices (chunks) carry their generated ids
         self.prompt_ids = prompt_ids
-        self._started: set[int] = set()  # streamed choices with a chunk sent
 
     def final(self, out: RequestOutput) -> RequestOutput:
         """The final output as the response reports it (with max_tokens 0, the one token run for it is dropped)."""
@@ -137,7 +136,6 @@ class ChoiceFormatter:
         choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
         if out.finished:
             choice["stop_reason"] = out.stop_reason
-        self._started.add(index)
         return self._with_ids(choice, index, [] if self.prompt_only else out.delta_token_ids, True)
 
     # ---------------------------------------------------------------------------- streamed
@@ -160,9 +158,8 @@ class ChoiceFormatter:
         choice = {"index": index, **body, "logprobs": lp, "finish_reason": finish}
         if out.finished:
             choice["stop_reason"] = out.stop_reason
+        first = index not in self._offsets  # every chunk sent sets its choice's offset
         self._offsets[index] = self._offsets.get(index, 0) + len(out.delta_text)
-        first = index not in self._started
-        self._started.add(index)
         return self._with_ids(choice, index, out.delta_token_ids, first)
 
     def _chat_delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:

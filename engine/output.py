@@ -64,7 +64,6 @@ class OutputState:
     offset: int = 0  # len("".join(head)): `text` starts there
     num_ids_seen: int = 0
     num_chars_emitted: int = 0
-    num_outputs: int = 0
 
     def update(self, now: float, finish: Callable[[Sequence, str], None]) -> RequestOutput | None:
         """The request's output after its latest tokens: new text detokenized, stop strings applied (`finish` ends a
@@ -115,13 +114,12 @@ class OutputState:
             seq.finish_s = now
         if seq.params.embed:  # the token sampled after the prompt is not an output
             delta, new_ids, visible, self.text, self.head = "", [], 0, "", []
-        self.num_outputs += 1
         if finished or self.kind is OutputKind.CUMULATIVE:  # everything so far (copies)
             text = "".join([*self.head, self.text[:visible]]) if self.head else self.text[:visible]
             lo, token_ids, prompt_lo = 0, [] if seq.params.embed else list(seq.output_ids), 0
-        else:  # DELTA: what this step added; the prompt's logprobs once, with the first output
+        else:  # DELTA: what this step added; the prompt's logprobs once, with the first output (its first tokens)
             lo, text, token_ids = start, delta, new_ids
-            prompt_lo = 0 if self.num_outputs == 1 else len(seq.prompt_logprobs)
+            prompt_lo = 0 if start == 0 else len(seq.prompt_logprobs)
         want_lp, want_plp = seq.params.logprobs, seq.params.prompt_logprobs
         self._compact(seq.params.stop)
         return RequestOutput(

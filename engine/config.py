@@ -36,11 +36,15 @@ class ModelSpec:
     # a quarter of their float32 bytes, half of bfloat16. Embeddings, LM head and norms keep model.dtype.
     # "w8a8": the same weights, and their matmuls take int8 activations (a scale per token, computed each step):
     # int8 x int8 -> int32 dots, the int8 units' rate, at more accuracy cost.
-    quantization: Literal["none", "int8", "w8a8"] = "none"
+    # "int4": the projections' weights in 4 bits, a float16 scale and offset per group of quantization_group_size input
+    # features (W4A16, GPTQ's and AWQ's layout): ~5 bits a weight with groups of 32, which a GGUF Q4_1 file's blocks
+    # come back from exactly; 4.25 with 128.
+    quantization: Literal["none", "int8", "w8a8", "int4"] = "none"
+    quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
     # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
     smoothquant_alpha: float = 0.5
-    # With quantization int8, the embedding table and LM head too (a scale per vocabulary entry): a large part of a
+    # With quantization int8, w8a8 or int4, the embedding table and LM head too, in int8 (a scale per vocabulary entry): a large part of a
     # small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
     quantize_embeddings: bool = False
     # Mixture-of-experts layers (models/moe.py): "grouped" runs each token's top-k experts as grouped matmuls
@@ -52,8 +56,9 @@ class ModelSpec:
         _positive("model.max_model_len", self.max_model_len)
         if not 0 <= self.smoothquant_alpha <= 1:
             raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
+        _positive("model.quantization_group_size", self.quantization_group_size)
         if self.quantize_embeddings and self.quantization == "none":
-            raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8 or w8a8")
+            raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8, w8a8 or int4")
 
 
 @dataclasses.dataclass(frozen=True)

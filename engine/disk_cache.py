@@ -340,5 +340,5 @@ def replica_layout(config, model_cfg, dtype, kv_dtype, backend: str, hybrid: boo
     m = config.model
     return {"weights": weights, "model": repr(model_cfg), "dtype": str(np.dtype(dtype)), "hybrid": hybrid,
             "kv_dtype": str(np.dtype(kv_dtype)), "quantization": [m.quantization, m.smoothquant_alpha,
-                                                                 m.quantize_embeddings],
+                                                                 m.quantize_embeddings, m.quantization_group_size],
             "page_size": config.cache.page_size, "tensor": config.parallel.tensor, "attention": backend}

@@ -2,7 +2,7 @@
 while it serves, moved off the devices while it sleeps.
 
 The layout pipeline is one for all three (`prepare`): KV heads repeated for tensor parallelism, SmoothQuant folded
-in (w8a8), int8 quantization; then `place` splits them over the mesh with the same shardings every time. New
+in (w8a8), int8 or int4 quantization; then `place` splits them over the mesh with the same shardings every time. New
 weights are checked against the abstract shapes and dtypes of the ones placed at start-up, so the compiled steps
 run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the engine's
 business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
@@ -58,10 +58,11 @@ class ReplicaWeights:
         _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
         if model.quantization != "none":
             t_quant = time.perf_counter()
-            params = quant.quantize_params(params, embeddings=model.quantize_embeddings,
-                                           progress=progress and multihost.is_leader())
-            log.info("int8 weights: projections%s quantized in %.1f s",
-                     ", embeddings and LM head" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
+            method = "int4" if model.quantization == "int4" else "int8"
+            params = quant.quantize_params(params, method, model.quantization_group_size,
+                                           embeddings=model.quantize_embeddings, progress=progress and multihost.is_leader())
+            log.info("%s weights: projections%s quantized in %.1f s", method,
+                     ", embeddings and LM head (int8)" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
         return params
 
     def place(self, params: dict) -> dict:

@@ -32,7 +32,7 @@ from models.config import LlamaConfig
 from pallas_kernels import kv_quant
 from models import moe
 from models.lora import lora_delta
-from models.quant import SCALE_SUFFIX
+from models.quant import OFFSET_SUFFIX, SCALE_SUFFIX, dequantize_int4
 from models.weights import NORM_KEYS
 
 Params = dict
@@ -216,7 +216,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, lo = xs
 
         def proj(h, name):
-            if name + SCALE_SUFFIX in p:  # int8 weight, float32 scale per output feature (models/quant.py)
+            if name + OFFSET_SUFFIX in p:  # int4 weight, float16 scale and offset per group of inputs (models/quant.py)
+                w = dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], h.dtype)
+                y = jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+            elif name + SCALE_SUFFIX in p:  # int8 weight, float32 scale per output feature (models/quant.py)
                 y = int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, cfg.int8_activations).astype(h.dtype)
             else:
                 y = h @ p[name]

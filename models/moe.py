@@ -23,7 +23,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from models.quant import SCALE_SUFFIX
+from models.quant import OFFSET_SUFFIX, SCALE_SUFFIX, dequantize_int4
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
 SHARED_GATE = "shared_gate"
@@ -41,7 +41,10 @@ def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> 
 
 def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s) -> jax.Array:
     """matmul(x, w) with expert weights `name`. int8 experts (models/quant.py) are converted for the matmul and its
-    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale."""
+    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale; int4 experts are
+    dequantized into x's dtype."""
+    if name + OFFSET_SUFFIX in p:  # int4 experts: each group of inputs' scale and offset, read into x's dtype
+        return matmul(x, dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], x.dtype))
     if name + SCALE_SUFFIX not in p:
         return matmul(x, p[name])
     y = matmul(x, p[name].astype(x.dtype), preferred_element_type=jnp.float32)

@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization (`model.quantization: int8`, W8A16): the projections, the embeddings and the LM head.
+"""Weight-only quantization: int8 (`model.quantization: int8`, W8A16) for the projections, the embeddings and the LM
+head; int4 (`model.quantization: int4`, W4A16) for the projections.
 
 Each projection W [L, in, out] (q, k, v, o, gate, up, down) is stored as int8 values with one float32
 scale per layer and output feature, `scale = max_i |W[l, i, o]| / 127`, next to it as `<name>_scale`
@@ -12,16 +13,31 @@ it gathers, and a tied LM head, x @ E^T, scales its output columns by the same V
 as norms and biases always do. Weights take a quarter of their float32 bytes (half of bfloat16); activations and the
 KV cache are unchanged (cache.kv_dtype quantizes the cache).
 
+Weight-only int4 (`model.quantization: int4`, W4A16): each projection W [L, in, out] is stored as unsigned 4-bit
+values with a float16 scale and offset per group of `group_size` consecutive input features (for each layer and
+output feature; GPTQ's and AWQ's layout, and GGUF's Q4 blocks'), `<name>_scale` and `<name>_offset` [L, in / group,
+out]: W[l, i, o] = q * scale[l, i // group, o] + offset[l, i // group, o], q in [0, 15]. The step converts a layer's
+weight to the activations' dtype inside the matmul. A group spans the smallest to the largest of its weights, so a
+GGUF Q4_1 block (32 values d * q + m, its smallest at q = 0 and its largest at q = 15) comes back exactly with
+group_size 32: SmolLM2's projections lose nothing. 4 bits per weight plus 32 bits of scale and offset per group
+(5 bits with groups of 32, 4.25 with 128), against 8 for int8. Embeddings and the LM head take int8 with
+`model.quantize_embeddings`.
+
 Quantizing is deterministic and happens after loading (any checkpoint) and after the tensor-parallel
 layout is prepared (repeated KV heads quantize alike), before the weights are placed on devices.
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 SCALE_SUFFIX = "_scale"
+OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value
+INT4_MAX = 15
 
 
 def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
@@ -40,6 +56,52 @@ def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
     return values, scales
 
 
+def quantize_weight_int4(w, group_size: int, on_layer=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[L, ..., in, out] float -> (uint4 of the same shape, float16 scales and offsets [L, ..., in / group_size, out]):
+    each group of `group_size` input features (per output feature) mapped onto 0..15 between its smallest and its
+    largest weight. The values are rounded against the float16 scale and offset they will be read with; a group of
+    equal weights gets scale 1 and q = 0. One layer at a time, like `quantize_weight`."""
+    w = np.asarray(w)
+    *lead, fan_in, fan_out = w.shape
+    groups = fan_in // group_size
+    values = np.empty(w.shape, ml_dtypes.uint4)
+    scales, offsets = (np.empty((*lead, groups, fan_out), np.float16) for _ in range(2))
+    for layer in range(w.shape[0]):
+        x = w[layer].astype(np.float32).reshape(*lead[1:], groups, group_size, fan_out)
+        low, high = x.min(axis=-2), x.max(axis=-2)
+        offset = low.astype(np.float16)
+        scale = ((high - low) / INT4_MAX).astype(np.float16)
+        scale[scale == 0] = 1  # a constant group (or one too narrow for float16): every q = 0, the offset alone
+        q = np.rint((x - np.expand_dims(offset, -2).astype(np.float32)) / np.expand_dims(scale, -2).astype(np.float32))
+        values[layer] = np.clip(q, 0, INT4_MAX).reshape(w.shape[1:])
+        scales[layer], offsets[layer] = scale, offset
+        if on_layer is not None:
+            on_layer()
+    return values, scales, offsets
+
+
+def dequantize_int4(values, scales, offsets, dtype=np.float32):
+    """The weights int4 values, scales and offsets stand for ([..., in, out], numpy or jax arrays alike): what a
+    matmul reads."""
+    xp = jnp if isinstance(values, jax.Array) else np
+    *lead, fan_in, fan_out = values.shape
+    groups = scales.shape[-2]
+    q = values.astype(xp.float32).reshape(*lead, groups, fan_in // groups, fan_out)
+    w = q * scales.astype(xp.float32)[..., None, :] + offsets.astype(xp.float32)[..., None, :]
+    return w.reshape(values.shape).astype(dtype)
+
+
+def check_group_size(params: dict, group_size: int) -> None:
+    """ValueError naming the first projection whose input features `group_size` does not divide."""
+    if group_size < 1:
+        raise ValueError(f"model.quantization_group_size must be positive, got {group_size}")
+    for name in PROJECTIONS + EXPERTS:
+        w = params["layers"].get(name)
+        if w is not None and w.shape[-2] % group_size:
+            raise ValueError(f"model.quantization_group_size={group_size} does not divide {name}'s {w.shape[-2]} input "
+                             f"features; take a divisor of it (32 fits most models)")
+
+
 def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     """[N, K] float -> (int8 [N, K], float32 scales [N]), a scale per row (an embedding table's token rows);
     `chunk` rows at a time, so the float32 temporaries stay small for a 128k-262k vocabulary."""
@@ -53,18 +115,26 @@ def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
     return values, scales
 
 
-def quantize_params(params: dict, embeddings: bool = False, progress: bool = False) -> dict:
-    """The weight pytree with every projection int8 (and with `embeddings`, the embedding table and an untied LM
-    head), each with its `<name>_scale` beside it (host arrays). `progress`: a bar over the layers' projections
-    (an 8B model's take tens of seconds on the host)."""
+def quantize_params(params: dict, method: str = "int8", group_size: int = 32, embeddings: bool = False,
+                    progress: bool = False) -> dict:
+    """The weight pytree with every projection quantized (host arrays): `method` "int8" (`<name>_scale` beside each)
+    or "int4" (groups of `group_size` input features, `<name>_scale` and `<name>_offset` beside each). With
+    `embeddings`, the embedding table and an untied LM head become int8 (either method). `progress`: a bar over the
+    layers' projections (an 8B model's take tens of seconds on the host)."""
     from tqdm import tqdm
 
     layers = dict(params["layers"])
     names = [name for name in PROJECTIONS + EXPERTS if name in layers]  # a MoE model: experts, maybe no dense MLP
     num_layers = len(layers[names[0]])
-    with tqdm(total=num_layers * len(names), desc="int8 weights", unit="matrix", disable=not progress) as bar:
+    if method == "int4":
+        check_group_size(params, group_size)
+    with tqdm(total=num_layers * len(names), desc=f"{method} weights", unit="matrix", disable=not progress) as bar:
         for name in names:
-            layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name], on_layer=bar.update)
+            if method == "int4":
+                layers[name], layers[name + SCALE_SUFFIX], layers[name + OFFSET_SUFFIX] = quantize_weight_int4(
+                    layers[name], group_size, on_layer=bar.update)
+            else:
+                layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name], on_layer=bar.update)
     out = {**params, "layers": layers}
     if not embeddings:
         return out
@@ -76,11 +146,15 @@ def quantize_params(params: dict, embeddings: bool = False, progress: bool = Fal
 
 
 def dequantize_params(params: dict, dtype=np.float32) -> dict:
-    """Inverse view for tests: every int8 weight times its scale, in `dtype`, scales dropped."""
-    layers = {k: v for k, v in params["layers"].items() if not k.endswith(SCALE_SUFFIX)}
-    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in params["layers"]]:
-        w, s = np.asarray(params["layers"][name]), np.asarray(params["layers"][name + SCALE_SUFFIX])
-        layers[name] = (w.astype(np.float32) * s[..., None, :]).astype(dtype)
+    """Inverse view for tests: every int8 weight times its scale (int4: `dequantize_int4`), in `dtype`, scales dropped."""
+    src = params["layers"]
+    layers = {k: v for k, v in src.items() if not k.endswith((SCALE_SUFFIX, OFFSET_SUFFIX))}
+    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in src]:
+        w, s = np.asarray(src[name]), np.asarray(src[name + SCALE_SUFFIX])
+        if name + OFFSET_SUFFIX in src:
+            layers[name] = dequantize_int4(w, s, np.asarray(src[name + OFFSET_SUFFIX]), dtype)
+        else:
+            layers[name] = (w.astype(np.float32) * s[..., None, :]).astype(dtype)
     out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}
     out["layers"] = layers
     if "embed" + SCALE_SUFFIX in params:

@@ -330,6 +330,57 @@ def test_int8_weights_are_their_dequantized_weights(tied):
             np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
 
 
+@pytest.mark.parametrize("group_size", [8, 32])
+def test_int4_weights_are_their_dequantized_weights(group_size):
+    """model.quantization=int4 (models/quant.py): each weight within half a step of its group's scale (plus the float16
+    rounding of the group's ends), the group's smallest and largest weights kept; the forward over int4 weights equals
+    the forward over those weights dequantized (the dequantize-then-dot path is exact up to float rounding), paged
+    like the engine and dense, on fresh random weights. A group size that does not divide a projection's inputs is
+    refused by name."""
+    from models import quant
+
+    cfg = TINY_GEMMA3
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    qparams = quant.quantize_params(params, "int4", group_size)
+    for name in quant.PROJECTIONS:
+        w, s, o = (qparams["layers"][name + suffix] for suffix in ("", quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX))
+        x = params["layers"][name]
+        groups = x.shape[1] // group_size
+        assert w.dtype == "uint4" and w.shape == x.shape and s.dtype == o.dtype == np.float16
+        assert s.shape == o.shape == (cfg.num_layers, groups, x.shape[2])
+        back = quant.dequantize_int4(w, s, o).reshape(cfg.num_layers, groups, group_size, -1)
+        x = x.reshape(back.shape)
+        ends = np.abs(x).max(axis=2) * 2.0**-10  # float16 rounding of the offset and of 15 steps
+        assert (np.abs(back - x) <= s[:, :, None].astype(np.float32) * 0.5 + ends[:, :, None]).all(), name
+        np.testing.assert_allclose(back.min(axis=2), x.min(axis=2), atol=np.abs(x).max() * 2.0**-10)
+    assert quant.dequantize_params(qparams)["layers"].keys() == params["layers"].keys()
+    dparams = quant.dequantize_params(qparams)
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, 24), jnp.int32)
+    got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    prompts = [list(np.asarray(ids[:n])) for n in (5, 13)]
+    for q_run, d_run in zip(_paged_run(cfg, qparams, prompts), _paged_run(cfg, dparams, prompts)):
+        for p in q_run:
+            np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
+    with pytest.raises(ValueError, match="quantization_group_size=48 does not divide wq's 64 input features"):
+        quant.quantize_params(params, "int4", 48)
+
+
+def test_int4_groups_of_32_give_back_gguf_q4_1_blocks_exactly():
+    """A GGUF Q4_1 block is 32 weights d * q + m with q in 0..15 spanning the block (float16 d and m): int4 with
+    groups of 32 finds the same d, m and q, so the weights come back bit for bit (fresh random weights quantized by
+    the gguf package, in the file's [out, in] layout with blocks along the inputs, transposed as the loader does)."""
+    import gguf
+
+    from models import quant
+
+    rng = np.random.default_rng(int(time.time()) % 1000)
+    x = (rng.standard_normal((2, 48, 96)) * rng.uniform(0.01, 1, (2, 48, 1))).astype(np.float32)
+    q4_1 = gguf.GGMLQuantizationType.Q4_1
+    w = gguf.quants.dequantize(gguf.quants.quantize(x.reshape(-1, 96), q4_1), q4_1).reshape(x.shape).transpose(0, 2, 1)
+    np.testing.assert_array_equal(quant.dequantize_int4(*quant.quantize_weight_int4(w, 32)), w)
+
+
 def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
     """llama.int8_dot with int8 activations: each row of h quantized to int8 with scale max|row| / 127, an exact
     int32 dot with the int8 weight, both scales applied: equal to that arithmetic done in float64 numpy on fresh
@@ -455,6 +506,25 @@ def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, n):
         ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
     ours = _dense_logits(params, cfg, ids)
     assert np.abs(ours - ref).max() <= 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_int4_weights_are_the_files_and_match_transformers(smollm2, hf_smollm2):
+    """SmolLM2's GGUF stores its projections as Q4_1 blocks: int4 with groups of 32 holds them exactly (every weight
+    dequantizes to the loaded float32 one), and its logits match transformers' like the float model's do."""
+    import torch
+
+    from models import quant
+
+    cfg, params = smollm2
+    qparams = quant.quantize_params(jax.tree.map(np.asarray, params), "int4", 32)
+    dparams = quant.dequantize_params(qparams)
+    for name in quant.PROJECTIONS:
+        np.testing.assert_array_equal(dparams["layers"][name], np.asarray(params["layers"][name]), name)
+    ids = _prompt_ids(130, 7)
+    with torch.no_grad():
+        ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(_dense_logits(jax.device_put(qparams), cfg, ids) - ref).max() <= 1e-3
 
 
 @pytest.mark.slow

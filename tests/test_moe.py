@@ -217,25 +217,32 @@ def test_engine_on_a_moe_model_equals_the_dense_forward(shared, backend):
 
 
 @pytest.mark.parametrize("grouped", [False, True])
-def test_int8_experts_equal_the_dequantized_weights(grouped):
-    """int8 experts (a scale per expert and output feature): each path's output equals the float path's over the
-    dequantized weights, on fresh random input; w8a8 is refused by name."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_experts_equal_the_dequantized_weights(grouped, method):
+    """int8 experts (a scale per expert and output feature) and int4 ones (a scale and offset per expert, group of 8
+    inputs and output feature): each path's output equals the float path's over the dequantized weights, on fresh
+    random input."""
     from models import quant
 
-    rng = np.random.default_rng(int(grouped))
+    rng = np.random.default_rng(int(time.time()) % 1000)
     e, h, i, t = 6, 32, 24, 19
     layer = {"router": rng.normal(size=(h, e)), "moe_gate": rng.normal(size=(e, h, i)),
              "moe_up": rng.normal(size=(e, h, i)), "moe_down": rng.normal(size=(e, i, h))}
     stacked = {k: np.asarray(v, np.float32)[None] for k, v in layer.items()}  # one layer: [1, ...]
-    q = quant.quantize_params({"layers": stacked})["layers"]
-    assert q["moe_gate"].dtype == np.int8 and q["moe_gate_scale"].shape == (1, e, i)
+    q = quant.quantize_params({"layers": stacked}, method, group_size=8)["layers"]
+    if method == "int4":
+        assert q["moe_gate"].dtype == "uint4" and q["moe_gate_offset"].shape == q["moe_gate_scale"].shape == (1, e, 4, i)
+        assert q["moe_down_scale"].shape == (1, e, 3, h)
+    else:
+        assert q["moe_gate"].dtype == np.int8 and q["moe_gate_scale"].shape == (1, e, i)
     deq = quant.dequantize_params({"layers": q})["layers"]
     run = moe.grouped_moe if grouped else moe.dense_moe
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
     got = run(x, {k: jnp.asarray(v[0]) for k, v in q.items()}, 2, True, jax.nn.silu)
     want = run(x, {k: jnp.asarray(v[0]) for k, v in deq.items()}, 2, True, jax.nn.silu)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
-    assert np.abs(np.asarray(deq["moe_down"]) - stacked["moe_down"]).max() <= np.abs(stacked["moe_down"]).max() / 127
+    steps = 127 if method == "int8" else 7  # half of the range over 15 steps
+    assert np.abs(np.asarray(deq["moe_down"]) - stacked["moe_down"]).max() <= np.abs(stacked["moe_down"]).max() / steps
 
 
 def test_w8a8_on_a_moe_model_is_refused_by_name():

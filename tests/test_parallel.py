@@ -144,6 +144,29 @@ def test_int8_experts_identical_at_tp_1_and_4():
     assert tuple(engine.params["layers"]["moe_up_scale"].sharding.spec) == (None, None, "tp")
 
 
+@pytest.mark.parametrize("make", [tiny_model, tiny_qwen2_moe], ids=["dense", "moe"])
+def test_int4_weights_identical_at_tp_1_and_4(make):
+    """int4 weights' scales and offsets split like their weights: with a column-parallel weight's output features,
+    with a row-parallel one's inputs (each device holds whole groups). The same greedy tokens at 1 and 4 devices, dense
+    and MoE; a group size that leaves a row-parallel weight fewer groups than devices is refused by name."""
+    model = make()
+    int4 = {"model.quantization": "int4", "model.quantization_group_size": 8}
+    ref, engine1 = _run(model, 1, num_pages=16, **int4)
+    assert engine1.stats()["num_preemptions"] > 0
+    out, engine = _run(model, 4, num_pages=16, **int4)
+    assert out == ref
+    layers = engine.params["layers"]
+    row, col = ("moe_down", "moe_up") if make is tiny_qwen2_moe else ("wo", "w_up")
+    for name in (row, col):
+        assert layers[name].dtype == np.dtype("uint4")
+        assert (tuple(layers[name + "_scale"].sharding.spec) == tuple(layers[name + "_offset"].sharding.spec)
+                == tuple(layers[name].sharding.spec))
+    assert tuple(layers[row].sharding.spec)[-2] == "tp" and tuple(layers[col].sharding.spec)[-1] == "tp"
+    if make is tiny_model:
+        with pytest.raises(sharding.ShardingError, match="wo's 2 int4 groups do not split over parallel.tensor=4"):
+            _run(model, 4, num_pages=16, **{**int4, "model.quantization_group_size": 64})
+
+
 def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):
     """LoRA adapters sharded like the projections they adapt (B split by output features for q/k/v/gate/up, A by
     input features for o/down; K/V heads repeated when devices outnumber them): the same greedy tokens at any

@@ -44,6 +44,7 @@ class ReplicaWeights:
         self.config, self.loaded_cfg, self.model_cfg = config, loaded_cfg, model_cfg
         self.dtype, self.mesh, self.tokenizer = dtype, mesh, tokenizer
         self.params: dict | None = self.place(self.prepare(params, progress))
+        log.info("weights: %.1f MiB on each device", max(sharding.bytes_per_device(self.params).values()) / 2**20)
         self.avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
         self.host: dict | None = None  # off the devices (asleep): the weights to put back, if kept
 

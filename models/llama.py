@@ -216,13 +216,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, lo = xs
 
         def proj(h, name):
-            if name + OFFSET_SUFFIX in p:  # int4 weight, float16 scale and offset per group of inputs (models/quant.py)
-                w = dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], h.dtype)
-                y = jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
-            elif name + SCALE_SUFFIX in p:  # int8 weight, float32 scale per output feature (models/quant.py)
-                y = int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, cfg.int8_activations).astype(h.dtype)
-            else:
-                y = h @ p[name]
+            y = linear(h, p, name, cfg.int8_activations)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         h = rms_norm(x, p["attn_norm"], eps)
@@ -272,6 +266,18 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
         return rows
     dtype = params["final_norm"].dtype  # the model's dtype
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
+
+
+def linear(h: jax.Array, p: Params, name: str, int8_activations: bool = False) -> jax.Array:
+    """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, int8 ones (a float32
+    scale per output feature) or int4 ones (a float16 scale and offset per group of inputs, dequantized into h's
+    dtype for the matmul); models/quant.py has the formats."""
+    if name + OFFSET_SUFFIX in p:
+        w = dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], h.dtype)
+        return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
+    if name + SCALE_SUFFIX in p:
+        return int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, int8_activations).astype(h.dtype)
+    return h @ p[name]
 
 
 def int8_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, int8_activations: bool) -> jax.Array:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -134,10 +135,17 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def array_bytes(a) -> int:
+    """Bytes `a` takes in device memory: 4-bit types (int4 weights) are packed two to a byte, which `nbytes` (one
+    byte per element for them) does not count."""
+    packed = np.dtype(a.dtype) in (np.dtype(jnp.int4), np.dtype(jnp.uint4))
+    return -(-a.size // 2) if packed else a.nbytes
+
+
 def bytes_per_device(tree) -> dict[str, int]:
     """Bytes of every array in `tree` held by each device, read from the arrays' own shards."""
     out: dict[str, int] = {}
     for leaf in jax.tree.leaves(tree):
         for shard in leaf.addressable_shards:
-            out[str(shard.device)] = out.get(str(shard.device), 0) + shard.data.nbytes
+            out[str(shard.device)] = out.get(str(shard.device), 0) + array_bytes(shard.data)
     return out

@@ -497,6 +497,7 @@ def weight_swap(args) -> None:
     from engine.config import load_config
     from engine.engine import LLMEngine
     from engine.request import SamplingParams
+    from models import sharding
 
     config = load_config(args.config, args.set_a)
     engine = LLMEngine(config)
@@ -513,9 +514,9 @@ def weight_swap(args) -> None:
     for _ in range(args.repeats):
         prepared = timed("read + lay out the checkpoint", lambda: engine.load_weights_for_update(config.model.path))
         timed("swap (update_weights)", lambda: engine.update_weights(prepared))
-        live = sum(a.nbytes for a in jax.live_arrays())
+        live = sum(sharding.array_bytes(a) for a in jax.live_arrays())
         timed("sleep (level 1)", lambda: engine.sleep(1))
-        freed.append(live - sum(a.nbytes for a in jax.live_arrays()))
+        freed.append(live - sum(sharding.array_bytes(a) for a in jax.live_arrays()))
         timed("wake_up", engine.wake_up)
         engine.add_request("Hello", probe)
         timed("first request after (4 tokens)", lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])

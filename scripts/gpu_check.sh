@@ -4,7 +4,9 @@
 #   2. the benchmark table (scripts/kernel_bench.py), every call in the engine's layout: a stacked
 #      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2);
 #   3. one mixture-of-experts layer, grouped vs dense experts (scripts/moe_bench.py: model.moe_backend's choice);
-#   4. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
+#   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4
+#      dequantization into the GEMM, and what 4 and 8 bits buy at decode batches);
+#   5. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
 set -uo pipefail
@@ -27,14 +29,16 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 
 step "kernel tests, interpret mode (CPU)" 75 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
-step "compiled Pallas kernels and the engine (GPU)" 180 \
+step "compiled Pallas kernels and the engine (GPU)" 165 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
 step "kernel benchmark (GPU)" 150 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2
 step "mixture-of-experts layer, grouped vs dense (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/moe_bench.py --tokens 1 64 2048 --reps 5
-step "launch-config sweep (GPU)" 45 \
+step "projection matmuls by weight format: none, int8, int4 (GPU)" 30 \
+  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/matmul_bench.py --reps 5
+step "launch-config sweep (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2 --tune --reps 5
 

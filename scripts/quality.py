@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from engine.config import load_config  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.request import SamplingParams  # noqa: E402
+from models import sharding  # noqa: E402
 from models.loader import load_weights, tokenizer_source  # noqa: E402
 from models.tokenizer import Tokenizer  # noqa: E402
 
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         top1 = np.array([top[0][0] for o in outs for top in o.prompt_top_logprobs[1:]])
         greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True))
         name = variant or "(reference)"
-        weights_mb = sum(a.nbytes for a in jax.tree.leaves(llm.engine.params)) / 2**20
+        weights_mb = sum(sharding.array_bytes(a) for a in jax.tree.leaves(llm.engine.params)) / 2**20
         results[name] = (logprobs, top1, [g.token_ids for g in greedy], weights_mb, llm.engine.stats()["pages_total"])
         print(f"{name}: {llm.engine.stats()['pages_total']} pages, {time.perf_counter() - t0:.0f} s", file=sys.stderr)
 

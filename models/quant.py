@@ -17,9 +17,10 @@ Weight-only int4 (`model.quantization: int4`, W4A16): each projection W [L, in, 
 values with a float16 scale and offset per group of `group_size` consecutive input features (for each layer and
 output feature; GPTQ's and AWQ's layout, and GGUF's Q4 blocks'), `<name>_scale` and `<name>_offset` [L, in / group,
 out]: W[l, i, o] = q * scale[l, i // group, o] + offset[l, i // group, o], q in [0, 15]. The step converts a layer's
-weight to the activations' dtype inside the matmul. A group spans the smallest to the largest of its weights, so a
-GGUF Q4_1 block (32 values d * q + m, its smallest at q = 0 and its largest at q = 15) comes back exactly with
-group_size 32: SmolLM2's projections lose nothing. 4 bits per weight plus 32 bits of scale and offset per group
+weight to the activations' dtype inside the matmul. Each group's scale and offset are the best of a few candidate
+grids and least-squares refits (`_int4_layer`): a GGUF Q4_1 block (32 values d * q + m, its smallest at q = 0 and its
+largest at q = 15) comes back exactly with group_size 32 (SmolLM2's projections lose nothing), a Q4_K block up to
+its scale's float16 rounding. 4 bits per weight plus 32 bits of scale and offset per group
 (5 bits with groups of 32, 4.25 with 128), against 8 for int8. Embeddings and the LM head take int8 with
 `model.quantize_embeddings`.
 
@@ -27,6 +28,8 @@ Quantizing is deterministic and happens after loading (any checkpoint) and after
 layout is prepared (repeated KV heads quantize alike), before the weights are placed on devices.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -56,28 +59,64 @@ def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
     return values, scales
 
 
+INT4_SPANS = (15, 14, 13, 12)  # a group's range split into this many steps: tried in turn (see _int4_layer)
+INT4_REFINE_STEPS = 2
+
+
 def quantize_weight_int4(w, group_size: int, on_layer=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[L, ..., in, out] float -> (uint4 of the same shape, float16 scales and offsets [L, ..., in / group_size, out]):
-    each group of `group_size` input features (per output feature) mapped onto 0..15 between its smallest and its
-    largest weight. The values are rounded against the float16 scale and offset they will be read with; a group of
-    equal weights gets scale 1 and q = 0. One layer at a time, like `quantize_weight`."""
+    each group of `group_size` input features (per output feature) mapped onto 0..15 with the least squared error
+    `_int4_layer` finds. One layer at a time (jitted, on the default device), like `quantize_weight`."""
     w = np.asarray(w)
-    *lead, fan_in, fan_out = w.shape
-    groups = fan_in // group_size
     values = np.empty(w.shape, ml_dtypes.uint4)
-    scales, offsets = (np.empty((*lead, groups, fan_out), np.float16) for _ in range(2))
+    scales, offsets = (np.empty((*w.shape[:-2], w.shape[-2] // group_size, w.shape[-1]), np.float16) for _ in range(2))
     for layer in range(w.shape[0]):
-        x = w[layer].astype(np.float32).reshape(*lead[1:], groups, group_size, fan_out)
-        low, high = x.min(axis=-2), x.max(axis=-2)
-        offset = low.astype(np.float16)
-        scale = ((high - low) / INT4_MAX).astype(np.float16)
-        scale[scale == 0] = 1  # a constant group (or one too narrow for float16): every q = 0, the offset alone
-        q = np.rint((x - np.expand_dims(offset, -2).astype(np.float32)) / np.expand_dims(scale, -2).astype(np.float32))
-        values[layer] = np.clip(q, 0, INT4_MAX).reshape(w.shape[1:])
-        scales[layer], offsets[layer] = scale, offset
+        q, scales[layer], offsets[layer] = (np.asarray(a) for a in _int4_layer(np.asarray(w[layer], np.float32),
+                                                                              group_size))
+        values[layer] = q.astype(ml_dtypes.uint4)
         if on_layer is not None:
             on_layer()
     return values, scales, offsets
+
+
+@functools.partial(jax.jit, static_argnames="group_size")
+def _int4_layer(w: jax.Array, group_size: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One layer's [..., in, out] float32 -> (q uint8 in 0..15, float16 scales and offsets [..., in / group, out]).
+
+    Per group, the lowest squared error (measured with the float16 scale and offset it would be stored with) among:
+    the group's range from its smallest weight in 15, 14, 13 or 12 steps (a GGUF Q4_1 block is exactly the first,
+    a Q4_K block whose values use fewer than 16 levels one of the others, up to its float16 scale's rounding), then
+    INT4_REFINE_STEPS least-squares refits of scale and offset to the chosen levels (linear regression of the
+    weights on q), each kept only where it lowers the error. A candidate never replaces an equally good one, so an
+    exact fit stays exact; a group of equal weights gets scale 1 and q = 0."""
+    *lead, fan_in, fan_out = w.shape
+    x = w.reshape(*lead, fan_in // group_size, group_size, fan_out)  # [..., G, g, out]
+
+    def fit(scale, offset):
+        scale16, offset16 = scale.astype(jnp.float16), offset.astype(jnp.float16)
+        scale16 = jnp.where(scale16 > 0, scale16, jnp.float16(1))
+        s, o = scale16.astype(jnp.float32)[..., None, :], offset16.astype(jnp.float32)[..., None, :]
+        q = jnp.clip(jnp.rint((x - o) / s), 0, INT4_MAX)
+        return q, scale16, offset16, jnp.sum(jnp.square(q * s + o - x), axis=-2)
+
+    def better(best, cand):
+        take = cand[3] < best[3]
+        return tuple(jnp.where(take[..., None, :] if a.ndim == x.ndim else take, c, a) for a, c in zip(best, cand))
+
+    low, high = x.min(axis=-2), x.max(axis=-2)
+    best = fit((high - low) / INT4_SPANS[0], low)
+    for span in INT4_SPANS[1:]:
+        best = better(best, fit((high - low) / span, low))
+    for _ in range(INT4_REFINE_STEPS):
+        q, scale = best[0], best[1].astype(jnp.float32)
+        q_mean, x_mean = q.mean(axis=-2), x.mean(axis=-2)
+        var = jnp.sum(jnp.square(q - q_mean[..., None, :]), axis=-2)
+        cov = jnp.sum((q - q_mean[..., None, :]) * (x - x_mean[..., None, :]), axis=-2)
+        refit = jnp.where(var > 0, cov / jnp.where(var > 0, var, 1), scale)
+        refit = jnp.where(refit > 0, refit, scale)
+        best = better(best, fit(refit, x_mean - refit * q_mean))
+    q, scale, offset, _ = best
+    return q.astype(jnp.uint8).reshape(w.shape), scale, offset
 
 
 def dequantize_int4(values, scales, offsets, dtype=np.float32):

@@ -64,8 +64,9 @@ def _state_dict(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
     return out
 
 
-@pytest.mark.parametrize("overrides", [{}, {"model.quantization": "int8", "parallel.tensor": 4}],
-                         ids=["float", "int8-tp4"])
+@pytest.mark.parametrize("overrides", [{}, {"model.quantization": "int8", "parallel.tensor": 4},
+                                       {"model.quantization": "int4", "model.quantization_group_size": 8}],
+                         ids=["float", "int8-tp4", "int4"])
 def test_new_weights_are_served_like_a_fresh_engine_without_recompiling(tokenizer, overrides, lowered):
     cfg = _cfg(tokenizer.vocab_size)
     old, new = _params(cfg, 1), _params(cfg, 2)

@@ -243,6 +243,7 @@ class LLMEngine:
         if params.prompt_logprobs is not None:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
+            seq.prompt_ranks.append(None)
         self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens),
                                                 output_kind)
         self.scheduler.add(seq)
@@ -365,6 +366,7 @@ class LLMEngine:
         for row, _, seq, pos in targets:
             if pos == len(seq.prompt_logprobs):  # in order, each position once
                 seq.prompt_logprobs.append(float(out.prompt_logprobs[row]))
+                seq.prompt_ranks.append(int(out.prompt_ranks[row]))
                 k = seq.params.prompt_logprobs
                 seq.prompt_top_logprobs.append(
                     [(int(t), float(lp)) for t, lp in zip(out.prompt_top_ids[row][:k], out.prompt_top_logprobs[row][:k])])

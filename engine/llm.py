@@ -28,6 +28,7 @@ class Completion:
     stop_reason: str | int | None = None
     prompt_logprobs: list[float | None] | None = None  # SamplingParams.prompt_logprobs: per prompt token, [0] None
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None  # per prompt token, its rank under the logits before it (1: the top)
     tool_calls: list | None = None  # chat with tools: the `engine.tool_calls.ToolCall`s read from the reply (text: the rest)
 
 
@@ -256,4 +257,5 @@ def _completion(out: RequestOutput) -> Completion:
         stop_reason=out.stop_reason,
         prompt_logprobs=out.prompt_logprobs,
         prompt_top_logprobs=out.prompt_top_logprobs,
+        prompt_ranks=out.prompt_ranks,
     )

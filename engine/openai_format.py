@@ -34,7 +34,8 @@ class ChoiceFormatter:
 
     def __init__(self, kind: str, token_text: Callable[[int], str], call_id: str, model: str, created: int,
                  logprobs: bool, echo: list[tuple[str, list[int]]] | None = None, n: int = 1, prompt_only: bool = False,
-                 tools: ToolChoice | None = None, reasoning: str = "none", prompt_ids: list[list[int]] | None = None):
+                 tools: ToolChoice | None = None, reasoning: str = "none", prompt_ids: list[list[int]] | None = None,
+                 prompt_logprobs: tuple[list[list[int]], int] | None = None):
         self.kind = kind
         self.reasoning = reasoning if kind == "chat" else "none"
         self._streams: dict[int, ReasoningStream] = {}  # choice index -> its thinking / answer split so far
@@ -49,6 +50,8 @@ class ChoiceFormatter:
         self._echoed: set[int] = set()  # streamed choices whose prompt has been sent
         # vLLM's return_token_ids: each prompt's ids, and choices (chunks) carry their generated ids
         self.prompt_ids = prompt_ids
+        # vLLM's prompt_logprobs: (each prompt's ids, k); completions' choices, or the chat response, carry them
+        self.prompt_logprobs = prompt_logprobs
 
     def final(self, out: RequestOutput) -> RequestOutput:
         """The final output as the response reports it (with max_tokens 0, the one token run for it is dropped)."""
@@ -60,6 +63,12 @@ class ChoiceFormatter:
 
     # ------------------------------------------------------------------------------ whole
     def choice(self, index: int, out: RequestOutput) -> dict:
+        choice = self._choice(index, out)
+        if self.prompt_logprobs is not None and self.kind == "text":
+            choice["prompt_logprobs"] = self._prompt_logprobs(index, out)
+        return choice
+
+    def _choice(self, index: int, out: RequestOutput) -> dict:
         if self.echo is not None:
             return self._with_ids(self._echo_choice(index, out), index, out.token_ids, True)
         lp = self._logprobs(index, out, 0) if self.logprobs else None
@@ -81,13 +90,32 @@ class ChoiceFormatter:
                 choice["prompt_token_ids"] = self.prompt_ids[index // self.n]
         return choice
 
-    def response(self, choices: list[dict], usage_: dict) -> dict:
+    def response(self, choices: list[dict], usage_: dict, finals: dict[int, RequestOutput] | None = None) -> dict:
         obj = "chat.completion" if self.kind == "chat" else "text_completion"
         response = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices,
                     "usage": usage_}
         if self.prompt_ids is not None and self.kind == "chat":
             response["prompt_token_ids"] = self.prompt_ids[0]
+        if self.prompt_logprobs is not None and self.kind == "chat" and finals:
+            response["prompt_logprobs"] = self._prompt_logprobs(0, finals[min(finals)])
         return response
+
+    def _prompt_logprobs(self, index: int, out: RequestOutput) -> list[dict | None]:
+        """vLLM's prompt_logprobs of choice `index`'s prompt: None for the first token, then per position a dict from
+        token id to {logprob, rank, decoded_token} holding the prompt's token and the k most likely ones."""
+        prompts, k = self.prompt_logprobs
+        prompt = prompts[index // self.n]
+        entries: list[dict | None] = [None]
+        for pos in range(1, len(prompt)):
+            token = prompt[pos]
+            entry = {str(token): self._logprob_entry(token, out.prompt_logprobs[pos], out.prompt_ranks[pos])}
+            for rank, (t, lp) in enumerate(out.prompt_top_logprobs[pos][:k] if k else (), 1):
+                entry.setdefault(str(t), self._logprob_entry(t, lp, rank))
+            entries.append(entry)
+        return entries
+
+    def _logprob_entry(self, token: int, logprob: float, rank: int) -> dict:
+        return {"logprob": logprob, "rank": rank, "decoded_token": self.token_text(token)}
 
     def _message(self, out: RequestOutput) -> tuple[dict, str | None]:
         """A finished chat reply as message fields and finish reason: the thinking apart with a reasoning parser, tool

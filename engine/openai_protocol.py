@@ -76,6 +76,9 @@ class _SamplingFields(_Body):
     include_stop_str_in_output: bool = Field(False, description="the stop string that ends the output stays in it")
     skip_special_tokens: bool = Field(True, description="false: special tokens the model writes appear in the text")
     return_tokens_as_token_ids: bool = Field(False, description='logprobs name tokens "token_id:<id>" (vLLM\'s)')
+    prompt_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = Field(
+        None, description="each prompt token's logprob and rank, and the k most likely tokens at each position "
+                          "(vLLM's: completions in each choice, chat on the response); not with stream")
     return_token_ids: bool = Field(False, description="choices carry their generated token ids, and the response "
                                                       "(completions: each choice) the prompt's (vLLM's)")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.

@@ -42,6 +42,7 @@ class RequestOutput:
     top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_logprobs: list[float | None] | None = None  # per prompt token (the first is None), when asked
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
+    prompt_ranks: list[int | None] | None = None  # per prompt token, its rank under the logits before it (1: the top)
     stop_reason: str | int | None = None
     ttft_s: float | None = None
     e2e_s: float | None = None
@@ -136,6 +137,7 @@ class OutputState:
             top_logprobs=seq.output_top_logprobs[lo:] if want_lp else None,
             prompt_logprobs=seq.prompt_logprobs[prompt_lo:] if want_plp is not None else None,
             prompt_top_logprobs=seq.prompt_top_logprobs[prompt_lo:] if want_plp else None,
+            prompt_ranks=seq.prompt_ranks[prompt_lo:] if want_plp is not None else None,
             stop_reason=seq.stop_reason,
             ttft_s=(seq.first_token_s - seq.arrival_s) if seq.first_token_s else None,
             queue_s=(seq.first_scheduled_s - seq.arrival_s) if seq.first_scheduled_s else None,

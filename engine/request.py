@@ -184,6 +184,7 @@ class Sequence:
     output_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # [0] is None: nothing precedes it
     prompt_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    prompt_ranks: list[int | None] = dataclasses.field(default_factory=list)  # each prompt token's rank (1: top)
     pages: list[int] = dataclasses.field(default_factory=list)  # KV pages, one reference each held by this sequence
     num_computed: int = 0  # tokens whose K/V are in `pages`
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission

@@ -100,6 +100,7 @@ class StepOutput:
     prompt_logprobs: np.ndarray | None = None  # [T]: by row, the logprob of the row's prompt target
     prompt_top_ids: np.ndarray | None = None  # [T, K]
     prompt_top_logprobs: np.ndarray | None = None  # [T, K]
+    prompt_ranks: np.ndarray | None = None  # [T]: by row, the rank of the row's prompt target (1: the most likely)
     hidden: np.ndarray | None = None  # [num head rows, hidden] after the final norm (steps with embedding requests)
 
 
@@ -334,7 +335,7 @@ class ModelRunner:
 
     def dispatch(self, step: "StepArrays") -> tuple[jax.Array, ...]:
         """The device work of one step, dispatched; every process of a multi-host replica runs it on the same
-        arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs]),
+        arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs, ranks]),
         replicated (and the head rows after the final norm after top_logprobs)."""
         self.kv = self.copies.apply(self.kv, step)
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
@@ -382,13 +383,16 @@ class ModelRunner:
         return hidden, every_row, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):
-        """Logprob of `targets[r]` under row r's logits (prompt logprobs), and the top `num_top` of each row.
-        Rows go through in blocks of 64, so at most [64, vocab] logits exist at once whatever the step size."""
+        """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the
+        target's rank (1 + the tokens more likely than it). Rows go through in blocks of 64, so at most [64, vocab]
+        logits exist at once whatever the step size."""
 
         def block(args):
             x, tgt = args
             logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, x), axis=-1)
-            return sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)[1:]
+            _, lp, top_ids, top_lps = sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)
+            rank = 1 + jnp.sum(logprobs > lp[:, None], axis=-1, dtype=jnp.int32)
+            return lp, top_ids, top_lps, rank
 
         t = targets.shape[0]
         size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t

@@ -132,8 +132,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             stop=(body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ()),
             stop_token_ids=tuple(body.stop_token_ids or ()), presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
-            ignore_eos=body.ignore_eos, logprobs=logprobs,
-            prompt_logprobs=logprobs if getattr(body, "echo", False) else None,  # echo returns the prompt's logprobs too
+            ignore_eos=body.ignore_eos, logprobs=logprobs,  # echo returns the prompt's logprobs too:
+            prompt_logprobs=_prompt_top(logprobs if getattr(body, "echo", False) else None, body.prompt_logprobs),
             logit_bias=body.logit_bias, min_tokens=body.min_tokens, bad_words=tuple(body.bad_words or ()),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
@@ -153,6 +153,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         become HTTP errors before the 200 goes out. echo (completions): each prompt's text, put before its choices'
         text (and its tokens' logprobs before theirs); with max_tokens 0 the choices carry the prompt only."""
         n = body.n
+        if body.stream and body.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs is not available with stream: true", param="prompt_logprobs")
         if len(prompts) * n > MAX_SAMPLES_PER_CALL:
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
@@ -167,7 +169,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         fmt = ChoiceFormatter(kind, as_ids, call_id, body.model, int(time.time()), logprobs is not None,
                               echo=None if echo is None else [(text, ids) for text, ids in zip(echo, prompts)], n=n,
                               prompt_only=max_tokens[0] == 0, tools=tools, reasoning=config.server.reasoning_parser,
-                              prompt_ids=prompts if body.return_token_ids else None)
+                              prompt_ids=prompts if body.return_token_ids else None,
+                              prompt_logprobs=None if body.prompt_logprobs is None else (prompts, body.prompt_logprobs))
         stream = engine.submit(reqs, call_id, final_only=not body.stream)
         if body.stream:
             try:
@@ -193,7 +196,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             return {}
         finals = {i: fmt.final(out) for i, out in finals.items()}
         choices = [fmt.choice(i, finals[i]) for i in sorted(finals)]
-        return fmt.response(choices, usage(finals, prompts, n))
+        return fmt.response(choices, usage(finals, prompts, n), finals)
 
     async def gather(request: Request, stream) -> dict[int, RequestOutput] | None:
         """The final output of each of the stream's requests, by index; None if the client left (they are aborted)."""
@@ -559,6 +562,12 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
         msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
         out.append(msg)
     return out
+
+
+def _prompt_top(*ks: int | None) -> int | None:
+    """The engine's prompt_logprobs for fields that each ask for prompt logprobs with k alternatives (None: not)."""
+    asked = [k for k in ks if k is not None]
+    return max(asked) if asked else None
 
 
 def _engine_error(e: Exception) -> ApiError:

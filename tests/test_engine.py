@@ -250,7 +250,7 @@ def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]])
     the first); in every output the last len(delta_token_ids) entries of the lists are that output's tokens.
     (Logprobs to float32 rounding: the copies of a request sit in different rows of the batch.)"""
     def same(a, b):
-        for field in ("logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs"):
+        for field in ("logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs", "prompt_ranks"):
             x, y = getattr(a, field), getattr(b, field)
             assert (x is None) == (y is None), field
             if x is not None:
@@ -260,7 +260,7 @@ def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]])
     def timeless(out):
         return dataclasses.replace(out, request_id="", delta_text="", delta_token_ids=[], e2e_s=None, ttft_s=None,
                                    queue_s=None, token_times_s=None, cached_tokens=0, logprobs=None, top_logprobs=None,
-                                   prompt_logprobs=None, prompt_top_logprobs=None)
+                                   prompt_logprobs=None, prompt_top_logprobs=None, prompt_ranks=None)
 
     for i in {i for i, _ in outs}:
         cumulative, delta, final = (outs[i, kind] for kind in OutputKind)
@@ -279,10 +279,11 @@ def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]])
                 assert d.logprobs is None or len(d.logprobs) == k
                 if n:  # the prompt's logprobs come once, with the first output
                     c = dataclasses.replace(c, prompt_logprobs=c.prompt_logprobs and [],
-                                            prompt_top_logprobs=c.prompt_top_logprobs and [])
+                                            prompt_top_logprobs=c.prompt_top_logprobs and [],
+                                            prompt_ranks=c.prompt_ranks and [])
                 assert same(dataclasses.replace(tail["d"], prompt_logprobs=d.prompt_logprobs),
                             dataclasses.replace(tail["c"], prompt_logprobs=c.prompt_logprobs,
-                                                prompt_top_logprobs=c.prompt_top_logprobs))
+                                                prompt_top_logprobs=c.prompt_top_logprobs, prompt_ranks=c.prompt_ranks))
         assert "".join(d.delta_text for d in delta) == final[0].text
         assert [t for d in delta for t in d.delta_token_ids] == final[0].token_ids
 
@@ -949,9 +950,9 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):
     {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256},  # steps of 192/256 rows: several head blocks
 ], ids=["chunked-preempted", "blocks"])
 def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
-    """Prompt logprobs (and their top k) equal the non-paged reference forward's, for prompts prefilled in
-    several chunks, under preemption, and for a prompt whose pages are cached (it is computed anyway; a
-    later plain request still hits the pages it left)."""
+    """Prompt logprobs (their top k, and each prompt token's rank) equal the non-paged reference forward's, for
+    prompts prefilled in several chunks, under preemption, and for a prompt whose pages are cached (it is computed
+    anyway; a later plain request still hits the pages it left)."""
     cfg, params, _ = tiny_model
     llm = LLM(EngineConfig().replace(**{**SMALL, **overrides, "debug_checks": True}), progress=False, model=tiny_model)
     rng = np.random.default_rng(0)
@@ -964,7 +965,12 @@ def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
     for prompt, p, out in zip(prompts, params_list, outs):
         ref = np.asarray(dense(jnp.asarray(prompt, jnp.int32)))
         assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
-        np.testing.assert_allclose(out.prompt_logprobs[1:], ref[np.arange(len(prompt) - 1), prompt[1:]], rtol=3e-5, atol=1e-4)
+        target = ref[np.arange(len(prompt) - 1), prompt[1:]]
+        np.testing.assert_allclose(out.prompt_logprobs[1:], target, rtol=3e-5, atol=1e-4)
+        ranks = np.array(out.prompt_ranks[1:])
+        assert out.prompt_ranks[0] is None and len(ranks) == len(prompt) - 1  # rank: 1 + the tokens more likely
+        assert ((ranks >= 1 + (ref[:-1] > target[:, None] + 1e-4).sum(1))
+                & (ranks <= 1 + (ref[:-1] > target[:, None] - 1e-4).sum(1))).all()
         assert out.cached_tokens == 0
         if p.prompt_logprobs:
             for i, top in enumerate(out.prompt_top_logprobs[1:]):

@@ -543,6 +543,43 @@ def test_continuous_usage_stats(http):
     assert chunks[0]["usage"]["completion_tokens"] == 0 and chunks[-2]["usage"]["completion_tokens"] == 3
 
 
+def test_prompt_logprobs_on_completions_and_chat(http):
+    """vLLM's prompt_logprobs: completions put them in each choice, chat on the response; per position after the
+    first, a dict from token id to {logprob, rank, decoded_token} holding the prompt's token (its rank counted over
+    the whole vocabulary) and the k most likely tokens (ranks 1..k). The numbers are echo's; a chat's positions are
+    its templated prompt's (/tokenize); with stream: true it is refused by name."""
+    prompt = "The capital of France is Paris. The capital of Italy is"
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    echo = http.post("/v1/completions", json={**body, "echo": True, "logprobs": 2}).json()["choices"][0]["logprobs"]
+    got = http.post("/v1/completions", json={**body, "prompt_logprobs": 2, "n": 2}).json()
+    ids = http.post("/tokenize", json={"model": MODEL, "prompt": prompt}).json()["tokens"]
+    for choice in got["choices"]:
+        plp = choice["prompt_logprobs"]
+        assert plp[0] is None and len(plp) == len(ids) == len(echo["tokens"]) - 1  # echo also shows the output token
+        for pos, (entry, token) in enumerate(zip(plp[1:], ids[1:]), 1):
+            mine = entry[str(token)]
+            assert mine["logprob"] == pytest.approx(echo["token_logprobs"][pos], abs=1e-4)
+            assert mine["decoded_token"] == echo["tokens"][pos]
+            top = sorted((v for k, v in entry.items() if v["rank"] <= 2), key=lambda v: v["rank"])
+            assert [v["rank"] for v in top] == [1, 2] and top[0]["logprob"] >= top[1]["logprob"]
+            assert mine["rank"] <= 2 or top[1]["logprob"] >= mine["logprob"]
+            assert (mine["rank"] <= 2) == (len(entry) == 2) and mine["rank"] >= 1
+            assert {v["decoded_token"] for v in top} == set(echo["top_logprobs"][pos])
+    plain = http.post("/v1/completions", json=body).json()["choices"][0]
+    assert "prompt_logprobs" not in plain
+
+    messages = [{"role": "user", "content": "Name a colour."}]
+    chat = http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "max_tokens": 2,
+                                                  "prompt_logprobs": 0}).json()
+    chat_ids = http.post("/tokenize", json={"messages": messages}).json()["tokens"]
+    plp = chat["prompt_logprobs"]
+    assert plp[0] is None and len(plp) == len(chat_ids) == chat["usage"]["prompt_tokens"]
+    assert all(list(entry) == [str(t)] and entry[str(t)]["logprob"] <= 0 for entry, t in zip(plp[1:], chat_ids[1:]))
+    assert "prompt_logprobs" not in chat["choices"][0]
+    _error(http.post("/v1/chat/completions", json={"model": MODEL, "messages": messages, "prompt_logprobs": 1,
+                                                   "stream": True}), 400, "prompt_logprobs", "stream")
+
+
 def test_echo_returns_the_prompt_and_its_logprobs(client, http):
     """Completions echo (how evaluation harnesses score text): the prompt before the completion, its tokens'
     logprobs first (the first is null), max_tokens 0 for the prompt alone; the same numbers every time."""

@@ -158,3 +158,21 @@ def test_adapters_loaded_while_serving_equal_configured_ones_without_recompiling
     plain = LLM(EngineConfig().replace(**SMALL), progress=False, model=base)
     with pytest.raises(ValueError, match="needs lora.max_adapters"):
         plain.load_adapter("a", a)
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_adapters_over_quantized_base_weights(base, tmp_path, method):
+    """An adapter adds its float delta to a quantized projection's output: served over int8 or int4 base weights, it
+    gives what the base weights dequantized, with the adapter merged in, give."""
+    from models import quant
+
+    path = write_random_adapter(str(tmp_path / "a"), base[0], rank=4, alpha=8, modules=list(PROJECTIONS), seed=3)
+    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11], [12] * 33]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    overrides = {"model.quantization": method, "model.quantization_group_size": 16, "lora.adapters": {"a": path}}
+    served = LLM(EngineConfig().replace(**SMALL, **overrides), progress=False, model=base)
+    got = [o.token_ids for o in served.generate(prompts, params, adapter="a")]
+    cfg, weights, tok = base
+    dequantized = quant.dequantize_params(quant.quantize_params(jax.tree.map(np.asarray, weights), method, 16))
+    ref = LLM(EngineConfig().replace(**SMALL), progress=False, model=merged((cfg, dequantized, tok), path))
+    assert got == [o.token_ids for o in ref.generate(prompts, params)]

@@ -293,6 +293,21 @@ def test_8bit_cache_forward_same_on_both_backends_close_to_dense(kv_dtype):
     assert 0 < worst < bound, worst
 
 
+def _assert_forward_is_the_dequantized_forward(cfg, qparams, seed: int) -> None:
+    """The forward over quantized weights equals the forward over those weights dequantized to float32 (the quantized
+    matmul paths are exact up to float rounding), dense and paged like the engine."""
+    from models import quant
+
+    dparams = quant.dequantize_params(qparams)
+    ids = jnp.asarray(np.random.default_rng(seed).integers(0, cfg.vocab_size, 24), jnp.int32)
+    got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    prompts = [list(np.asarray(ids[:n])) for n in (5, 13)]
+    for q_run, d_run in zip(_paged_run(cfg, qparams, prompts), _paged_run(cfg, dparams, prompts)):
+        for p in q_run:
+            np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_int8_weights_are_their_dequantized_weights(tied):
     """model.quantization=int8 (models/quant.py): every element within half a step of its column's (an embedding
@@ -320,14 +335,7 @@ def test_int8_weights_are_their_dequantized_weights(tied):
         w, s = qparams["lm_head"], qparams["lm_head" + quant.SCALE_SUFFIX]
         assert w.dtype == np.int8 and s.shape == (cfg.vocab_size,)
         assert (np.abs(w.astype(np.float32) * s - params["lm_head"]) <= 0.5001 * s).all()
-    dparams = quant.dequantize_params(qparams)
-    ids = jnp.asarray(np.random.default_rng(2).integers(0, cfg.vocab_size, 24), jnp.int32)
-    got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    prompts = [list(np.asarray(ids[:n])) for n in (5, 13)]
-    for q_run, d_run in zip(_paged_run(cfg, qparams, prompts), _paged_run(cfg, dparams, prompts)):
-        for p in q_run:
-            np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
+    _assert_forward_is_the_dequantized_forward(cfg, qparams, seed=2)
 
 
 def _min_max_int4_error(x, group_size):
@@ -366,14 +374,7 @@ def test_int4_weights_are_their_dequantized_weights(group_size):
         assert (err <= plain * (1 + 1e-5) + 1e-12).all(), name
         assert err.sum() < 0.97 * plain.sum(), name
     assert quant.dequantize_params(qparams)["layers"].keys() == params["layers"].keys()
-    dparams = quant.dequantize_params(qparams)
-    ids = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, 24), jnp.int32)
-    got, want = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (qparams, dparams))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    prompts = [list(np.asarray(ids[:n])) for n in (5, 13)]
-    for q_run, d_run in zip(_paged_run(cfg, qparams, prompts), _paged_run(cfg, dparams, prompts)):
-        for p in q_run:
-            np.testing.assert_allclose(q_run[p], d_run[p], rtol=1e-4, atol=1e-4 * np.abs(d_run[p]).max())
+    _assert_forward_is_the_dequantized_forward(cfg, qparams, seed=3)
     with pytest.raises(ValueError, match="quantization_group_size=48 does not divide wq's 64 input features"):
         quant.quantize_params(params, "int4", 48)
 

@@ -79,7 +79,7 @@ class RequestStream:
         try:
             await asyncio.wrap_future(self.added)  # raises RequestError / EngineStopped
         except asyncio.CancelledError:
-            self.close()  # NOTE: queued after the add, so the engine adds then aborts
+            self.close()  # NOTE: queued after the add: an add not yet taken is skipped, a taken one aborted
             raise
         except BaseException:
             self._unfinished.clear()
@@ -119,6 +119,12 @@ class RequestStream:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening
             pass
+
+
+def _refuse(added: concurrent.futures.Future, error: BaseException) -> None:
+    """Fails a queued add, unless its caller cancelled it meanwhile (a cancelled future takes no exception)."""
+    if added.set_running_or_notify_cancel():
+        added.set_exception(error)
 
 
 def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
@@ -266,14 +272,14 @@ class AsyncEngine:
                 _, done, loop, _, _ = self._when_idle
                 loop.call_soon_threadsafe(_settle, done, None, EngineStopped("the server is shutting down"))
             for cmd in self._held:
-                cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
+                _refuse(cmd[1].added, EngineStopped("the server is shutting down"))
             while True:  # requests queued behind the stop still get an answer
                 try:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     break
                 if cmd[0] == "add":
-                    cmd[1].added.set_exception(EngineStopped("the server is shutting down"))
+                    _refuse(cmd[1].added, EngineStopped("the server is shutting down"))
                 elif cmd[0] in ("call", "when_idle"):
                     cmd[-2].get_loop().call_soon_threadsafe(_settle, cmd[-2], None,
                                                             EngineStopped("the server is shutting down"))
@@ -325,6 +331,8 @@ class AsyncEngine:
         return True
 
     def _add(self, stream: RequestStream, requests: list[GenerateRequest]) -> None:
+        if not stream.added.set_running_or_notify_cancel():  # cancelled while queued: nobody waits, nothing added
+            return
         if not self._accepting:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
             return

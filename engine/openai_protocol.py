@@ -243,7 +243,8 @@ class ResponsesRequest(_Body):
     metadata: dict[str, str] | None = None
     user: str | None = None
     reasoning: dict[str, Any] | None = Field(None, description="echoed; effort is not applied")
-    background: bool = False  # refused when true
+    background: bool = Field(False, description="made with no client waiting: returned in_progress, polled with GET "
+                                                "/v1/responses/{id}, cancelled with POST .../cancel; needs store")
     truncation: Literal["disabled", "auto"] | None = Field(
         None, description='"auto": the oldest turns of a conversation too long for the context are dropped')
     conversation: str | dict[str, Any] | None = None  # refused (previous_response_id keeps conversations here)

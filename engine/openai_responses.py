@@ -15,11 +15,13 @@ structured outputs and reasoning parser; the chat reply becomes Responses output
 Conversation state: with `store` (the default) a finished response is kept with its conversation as chat messages
 (`ResponseStore`, LRU of `server.max_stored_responses`), and with this turn's input as items (input_items lists
 them). A request naming it in `previous_response_id` sends only the new turn; the prompt it renders starts with the
-earlier turns' tokens, which the radix cache still holds, so only the new turn is prefilled. What this server does not do (built-in tools, background runs, non-text input, unknown item
-types) is a 400 naming it. This module imports no JAX: the router uses `input_messages` to hash prompts.
+earlier turns' tokens, which the radix cache still holds, so only the new turn is prefilled. With `background: true` the response is made with no client waiting: the call returns it
+"in_progress" at once, GET polls it, `POST /v1/responses/{id}/cancel` aborts it. What this server does not do
+(built-in tools, non-text input, unknown item types) is a 400 naming it. This module imports no JAX: the router uses `input_messages` to hash prompts.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import copy
 import dataclasses
@@ -158,8 +160,10 @@ def prompt_messages(instructions: str | None, conversation: list[dict]) -> list[
 
 
 def _refuse_unsupported(body: ResponsesRequest) -> None:
-    if body.background:
-        raise _bad("background: true is not supported; a response is made while its request is open", "background")
+    if body.background and not body.store:
+        raise _bad("background: true needs store: true (the response is fetched with GET /v1/responses/{id})", "store")
+    if body.background and body.stream:
+        raise _bad("background: true with stream: true is not supported; poll GET /v1/responses/{id}", "stream")
     if body.conversation is not None:
         raise _bad("conversation: the Conversations API is not supported; continue with previous_response_id",
                    "conversation")
@@ -372,7 +376,8 @@ def response_object(body: ResponsesRequest, response_id: str, created_at: int, s
                     usage: dict | None = None, error: dict | None = None) -> dict:
     """The response as OpenAI shapes it, echoing the request's settings."""
     return {
-        "id": response_id, "object": "response", "created_at": created_at, "status": status, "background": False,
+        "id": response_id, "object": "response", "created_at": created_at, "status": status,
+        "background": body.background,
         "error": error, "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "model": body.model,
         "output": list(output), "parallel_tool_calls": body.parallel_tool_calls,
@@ -389,7 +394,7 @@ def response_object(body: ResponsesRequest, response_id: str, created_at: int, s
 @dataclasses.dataclass(frozen=True)
 class Stored:
     response: dict
-    conversation: list[dict]  # chat messages up to and including the reply, no instructions
+    conversation: list[dict] | None  # chat messages up to and including the reply, no instructions (None: unfinished)
     input_items: list[dict] = ()  # this turn's input, as items with ids (`input_items`)
 
 
@@ -403,7 +408,7 @@ class ResponseStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def put(self, response: dict, conversation: list[dict], items: list[dict] = ()) -> None:
+    def put(self, response: dict, conversation: list[dict] | None, items: list[dict] = ()) -> None:
         self._entries[response["id"]] = Stored(response, conversation, list(items))
         self._entries.move_to_end(response["id"])
         while len(self._entries) > self.capacity:
@@ -432,6 +437,14 @@ class ChatPath:
     reasoning: bool = False  # the server has a reasoning parser (server.reasoning_parser)
 
 
+class _Detached:
+    """The client of a background response: never gone (the response is made whoever waits for it)."""
+
+    @staticmethod
+    async def is_disconnected() -> bool:
+        return False
+
+
 @dataclasses.dataclass
 class _Reply:
     """One response being made."""
@@ -446,6 +459,7 @@ class _Reply:
 
 def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
     api = APIRouter()
+    background: dict[str, asyncio.Task] = {}  # response id -> the task making it (background: true, unfinished)
 
     def stored(response_id: str, param: str | None = None) -> Stored:
         entry = store.get(response_id)
@@ -468,6 +482,28 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
         if reply.body.store:
             store.put(response, reply.conversation + input_messages(reply.output.items), reply.input_items)
         return events, response
+
+    def answer(reply: _Reply, fmt, final) -> dict:
+        """The finished response after the final RequestOutput (stored with store: true)."""
+        final = fmt.final(final)
+        choice = fmt.choice(0, final)
+        reply.output.add(choice["message"], _token_logprobs(choice))
+        return finish(reply, final)[1]
+
+    async def make_in_background(reply: _Reply, stream, fmt) -> None:
+        """background: true: the response made with no client waiting; the store holds it "in_progress" until it is
+        "completed" (or "incomplete"), "failed" (the engine stopped or aborted it) or "cancelled"."""
+        try:
+            finals = await chat.gather(_Detached(), stream)
+            answer(reply, fmt, finals[0])
+        except asyncio.CancelledError:  # POST /v1/responses/{id}/cancel; leaving gather aborted the request
+            store.put(response_object(reply.body, reply.id, reply.created_at, "cancelled"), None, reply.input_items)
+        except Exception as e:  # noqa: BLE001 - whatever ended it is the response's error
+            message = e.message if isinstance(e, ApiError) else f"{type(e).__name__}: {e}"
+            store.put(response_object(reply.body, reply.id, reply.created_at, "failed",
+                                      error={"code": "server_error", "message": message}), None, reply.input_items)
+        finally:
+            background.pop(reply.id, None)
 
     async def events(reply: _Reply, stream, fmt) -> AsyncIterator[str]:
         out = reply.output
@@ -498,6 +534,9 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
     async def create_response(request: Request, body: ResponsesRequest):
         history = [] if body.previous_response_id is None else \
             stored(body.previous_response_id, "previous_response_id").conversation
+        if history is None:
+            raise _bad(f"previous_response_id: {body.previous_response_id!r} has not finished (background); poll GET "
+                       "/v1/responses/{id} until its status is completed", "previous_response_id")
         if chat.reasoning and wants_logprobs(body):
             raise _bad(f"include: {LOGPROBS_INCLUDE} is not supported when the server splits off reasoning "
                        "(server.reasoning_parser)", "include")
@@ -518,16 +557,31 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
         if body.stream:
             return StreamingResponse(events(reply, stream, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        if body.background:
+            response = response_object(body, reply.id, reply.created_at, "in_progress")
+            store.put(response, None, reply.input_items)
+            background[reply.id] = asyncio.create_task(make_in_background(reply, stream, fmt))
+            return JSONResponse(response)
         finals = await chat.gather(request, stream)
         if finals is None:  # the client left
             return JSONResponse({})
-        final = fmt.final(finals[0])
-        choice = fmt.choice(0, final)
-        reply.output.add(choice["message"], _token_logprobs(choice))
-        return JSONResponse(finish(reply, final)[1])
+        return JSONResponse(answer(reply, fmt, finals[0]))
 
     @api.get("/v1/responses/{response_id}", summary="A stored response")
     async def get_response(response_id: str):
+        return stored(response_id).response
+
+    @api.post("/v1/responses/{response_id}/cancel", summary="Cancel a background response")
+    async def cancel_response(response_id: str):
+        """A background response still being made is aborted and becomes "cancelled"; a finished one is returned as
+        it is."""
+        entry = stored(response_id)
+        if not entry.response["background"]:
+            raise _bad(f"{response_id!r} was not made with background: true; only those can be cancelled", "response_id")
+        task = background.get(response_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
         return stored(response_id).response
 
     @api.get("/v1/responses/{response_id}/input_items", summary="A stored response's input items")
@@ -537,6 +591,9 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
 
     @api.delete("/v1/responses/{response_id}", summary="Delete a stored response")
     async def delete_response(response_id: str):
+        if (task := background.get(response_id)) is not None:  # being made: stopped first
+            task.cancel()
+            await asyncio.wait([task])
         if not store.delete(response_id):
             raise _not_found(response_id)
         return {"id": response_id, "object": "response", "deleted": True}

@@ -81,7 +81,8 @@ def test_request_becomes_a_chat_request():
     ({"tools": [{"type": "function"}]}, "tools[0].name: a function tool needs a name", "tools"),
     ({"tool_choice": {"type": "web_search_preview"}}, "tool_choice: 'web_search_preview' is not supported", "tool_choice"),
     ({"tool_choice": "sometimes"}, "tool_choice: 'sometimes' is not supported", "tool_choice"),
-    ({"background": True}, "background: true is not supported", "background"),
+    ({"background": True, "store": False}, "background: true needs store: true", "store"),
+    ({"background": True, "stream": True}, "background: true with stream: true is not supported", "stream"),
     ({"conversation": "conv_1"}, "conversation: the Conversations API is not supported", "conversation"),
     ({"prompt": {"id": "pmpt_1"}}, "prompt: stored prompt templates are not supported", "prompt"),
     ({"text": {"format": {"type": "grammar"}}}, "text.format: type 'grammar' is not supported", "text"),
@@ -478,6 +479,57 @@ def test_fake_input_items_list_a_stored_responses_input(fake):
     assert client.get(f"/v1/responses/{unstored['id']}/input_items").status_code == 404
 
 
+def _until(condition, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def _poll(client, response_id: str, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while (got := client.get(f"/v1/responses/{response_id}").json())["status"] == "in_progress":
+        assert time.monotonic() < deadline, got
+        time.sleep(0.02)
+    return got
+
+
+def test_fake_background_responses_are_polled_cancelled_and_continued(fake):
+    """background: true returns the response in_progress at once; GET shows it so until it is the response a
+    foreground call gives (and it continues a conversation like one); cancel aborts the engine's request and leaves
+    it "cancelled" (a finished one is returned as it is); a conversation cannot continue an unfinished response, a
+    foreground one cannot be cancelled, and deleting an unfinished one stops it."""
+    client, engine = fake("The answer is 42.")
+    body = {"model": "fake", "input": "question", "temperature": 0}
+    fg = client.post("/v1/responses", json=body).json()
+    started = client.post("/v1/responses", json={**body, "background": True}).json()
+    assert started["status"] == "in_progress" and started["background"] is True and started["output"] == []
+    assert client.get(f"/v1/responses/{started['id']}/input_items").json()["data"][0]["content"][0]["text"] == "question"
+    done = _poll(client, started["id"])
+    assert done["status"] == "completed" and done["background"] is True
+    assert _without_ids(done["output"]) == _without_ids(fg["output"]) and done["usage"] == fg["usage"]
+    assert client.post(f"/v1/responses/{done['id']}/cancel").json() == done  # finished: as it is
+    after = client.post("/v1/responses", json={**body, "input": "and?", "previous_response_id": done["id"]})
+    assert after.status_code == 200 and "The answer is 42." in engine.prompts[-1]
+
+    engine.step_s = 0.05  # 17 characters: ~0.85 s
+    slow = client.post("/v1/responses", json={**body, "background": True}).json()
+    r = client.post("/v1/responses", json={**body, "input": "x", "previous_response_id": slow["id"]})
+    assert r.status_code == 400 and "has not finished" in r.json()["error"]["message"]
+    aborted = engine.num_aborted
+    cancelled = client.post(f"/v1/responses/{slow['id']}/cancel").json()
+    assert cancelled["status"] == "cancelled" and cancelled["id"] == slow["id"]
+    _until(lambda: engine.num_aborted == aborted + 1 and not engine.live)  # the engine thread takes the abort
+    assert client.get(f"/v1/responses/{slow['id']}").json() == cancelled
+    r = client.post(f"/v1/responses/{fg['id']}/cancel")
+    assert r.status_code == 400 and "only those can be cancelled" in r.json()["error"]["message"]
+    assert client.post("/v1/responses/resp_none/cancel").status_code == 404
+    gone = client.post("/v1/responses", json={**body, "background": True}).json()
+    assert client.delete(f"/v1/responses/{gone['id']}").json()["deleted"] is True
+    assert client.get(f"/v1/responses/{gone['id']}").status_code == 404
+    _until(lambda: engine.num_aborted == aborted + 2 and not engine.live)
+
+
 def test_fake_parallel_tool_calls_false_keeps_the_first_call(fake):
     calls = "".join(f'<tool_call>{{"name": "get_weather", "arguments": {{"city": "{city}"}}}}</tool_call>'
                     for city in ("Paris", "Oslo"))
@@ -502,7 +554,7 @@ def test_fake_refusals_are_openai_errors(fake):
     client, _ = fake("ok")
     for body, status, words in [
         ({"model": "fake", "input": "x", "tools": [{"type": "web_search"}]}, 400, "'web_search' tools are not supported"),
-        ({"model": "fake", "input": "x", "background": True}, 400, "background: true is not supported"),
+        ({"model": "fake", "input": "x", "background": True, "store": False}, 400, "needs store: true"),
         ({"model": "fake", "input": [{"role": "user", "content": [{"type": "input_audio"}]}]}, 400, "'input_audio' parts"),
         ({"model": "fake", "input": "x", "max_output_tokens": "5"}, 400, "max_output_tokens"),
         ({"model": "other", "input": "x"}, 404, "model 'other' does not exist"),
@@ -696,7 +748,8 @@ def test_model_get_delete_and_unknown_ids(http):
 
 @pytest.mark.slow
 def test_model_through_the_openai_client(server, http):
-    """The official client's responses.create / retrieve / delete and its typed stream, over a real socket."""
+    """The official client's responses.create / retrieve / delete / cancel (background: true) and its typed stream, over
+    a real socket."""
     import openai
 
     client = openai.OpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=300)
@@ -708,7 +761,7 @@ def test_model_through_the_openai_client(server, http):
     assert r.output_text == chat["choices"][0]["message"]["content"] and r.status == "completed"
     assert r.usage.input_tokens == chat["usage"]["prompt_tokens"]
     follow = client.responses.create(model=MODEL, input="Why?", previous_response_id=r.id, max_output_tokens=8,
-                                     temperature=0)
+                                     temperature=0, instructions="Answer in one word.")  # (not carried over)
     assert follow.usage.input_tokens_details.cached_tokens > 0
     assert client.responses.retrieve(follow.id).output_text == follow.output_text
     client.responses.delete(follow.id)
@@ -720,6 +773,13 @@ def test_model_through_the_openai_client(server, http):
     assert events[0].type == "response.created" and events[-1].type == "response.completed"
     assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == r.output_text
     assert events[-1].response.output_text == r.output_text
+    started = client.responses.create(model=MODEL, input=question, instructions="Answer in one word.",
+                                      max_output_tokens=12, temperature=0, background=True)
+    assert started.status == "in_progress" and started.background
+    _until(lambda: client.responses.retrieve(started.id).status != "in_progress", timeout_s=120)
+    assert client.responses.retrieve(started.id).output_text == r.output_text
+    long = client.responses.create(model=MODEL, input="Write a long story.", max_output_tokens=400, background=True)
+    assert client.responses.cancel(long.id).status in ("cancelled", "completed")
 
 
 def test_truncation_auto_drops_the_oldest_turns(fake):

@@ -384,8 +384,9 @@ def test_responses_stay_with_the_replica_that_stored_them(cluster):
 
 
 def test_input_items_come_from_the_replica_that_stored_the_response(cluster):
-    """GET /v1/responses/{id}/input_items goes to the owner with the client's query (order, limit, after), from a
-    router that saw the response and from one that asks the replicas; an unknown id is a 404 naming it."""
+    """GET /v1/responses/{id}/input_items goes to the owner with the client's query (order, limit, after), and POST
+    /v1/responses/{id}/cancel to the owner, from a router that saw the response and from one that asks the replicas;
+    an unknown id is a 404 naming it."""
     ports, procs, router = cluster
     rr = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
     try:
@@ -399,11 +400,14 @@ def test_input_items_come_from_the_replica_that_stored_the_response(cluster):
                 r = httpx.get(base + url, timeout=30)
                 assert r.status_code == 200 and r.json()["replica"] == m["replica"], r.text
                 assert [item["content"][0]["text"] for item in r.json()["data"]] == [f"r{i} m2", f"r{i} m1", f"r{i} m0"]
+                cancel = httpx.post(f"{base}/v1/responses/{m['id']}/cancel", timeout=30)
+                assert cancel.status_code == 200 and cancel.json()["replica"] == m["replica"], cancel.text
             page = httpx.get(rr.url + url, params={"order": "asc", "limit": 1}, timeout=30).json()
             assert [item["content"][0]["text"] for item in page["data"]] == [f"r{i} m0"] and page["has_more"] is True
             rest = httpx.get(rr.url + url, params={"order": "asc", "after": page["last_id"]}, timeout=30).json()
             assert [item["content"][0]["text"] for item in rest["data"]] == [f"r{i} m1", f"r{i} m2"]
         r = httpx.get(f"{rr.url}/v1/responses/resp_none/input_items", timeout=30)
         assert r.status_code == 404 and "resp_none" in r.json()["error"]["message"]
+        assert httpx.post(f"{rr.url}/v1/responses/resp_none/cancel", timeout=30).status_code == 404
     finally:
         rr.stop()

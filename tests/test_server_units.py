@@ -317,6 +317,42 @@ def test_async_engine_close_aborts_unfinished_requests():
         engine.stop()
 
 
+def test_a_call_cancelled_while_its_add_waits_leaves_the_engine_serving():
+    """A call cancelled while its requests wait to be added (its client left; a background response cancelled) is
+    never added, or added and aborted; either way the engine thread lives on and serves the next call (it used to
+    die setting the result of the cancelled add)."""
+    import asyncio
+    import threading
+
+    from engine.async_engine import AsyncEngine, GenerateRequest
+    from engine.request import SamplingParams
+
+    fake = _FakeEngine(step_s=0.001)
+    engine = AsyncEngine(fake)
+    engine.start()
+    gate = threading.Event()
+
+    async def main():
+        busy = asyncio.ensure_future(engine._on_engine_thread(gate.wait))  # the engine thread held in a call of its own
+        await asyncio.sleep(0.05)
+        stream = engine.submit([GenerateRequest([65, 66], SamplingParams(max_tokens=5))], "gone")
+        entering = asyncio.ensure_future(stream.__aenter__())
+        await asyncio.sleep(0.05)
+        entering.cancel()
+        await asyncio.gather(entering, return_exceptions=True)
+        gate.set()
+        await busy
+        async with engine.submit([GenerateRequest([67], SamplingParams(max_tokens=3))], "next") as stream:
+            outs = [out async for _, out in stream]
+        assert outs[-1].finished and outs[-1].token_ids == [67, 67, 67]
+        assert engine.accepting and not fake.live
+
+    try:
+        asyncio.run(main())
+    finally:
+        engine.stop()
+
+
 def test_request_phase_histograms():
     """Queue, prefill and decode times of a finished request land in their histograms (they sum to end-to-end)."""
     from engine.engine import RequestOutput

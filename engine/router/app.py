@@ -79,6 +79,10 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
         return await router.stored_response("GET", response_id, dict(request.headers), "/input_items",
                                             request.url.query)
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(request: Request, response_id: str):
+        return await router.stored_response("POST", response_id, dict(request.headers), "/cancel")
+
     for path in BROADCAST:
         async def admin(request: Request):
             return await router.fleet.broadcast(request.url.path, request.url.query, await request.body(),

@@ -194,6 +194,12 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
             return {"id": response_id, "object": "response", "deleted": True}
         return {"id": response_id, "object": "response", "replica": name}
 
+    @app.post("/v1/responses/{response_id}/cancel")
+    async def cancel_response(response_id: str):  # every response here is finished: returned as it is
+        if response_id not in stored:
+            return JSONResponse({"error": {"message": f"no stored response {response_id!r}"}}, 404)
+        return {"id": response_id, "object": "response", "status": "completed", "replica": name}
+
     @app.get("/v1/responses/{response_id}/input_items")
     async def list_input_items(response_id: str, order: str = "desc", limit: int = 20, after: str | None = None):
         if response_id not in stored:

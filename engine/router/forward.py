@@ -14,7 +14,8 @@ One request's life through the router:
    the response is committed: a replica dying mid-stream ends the stream with an SSE error event.
 
 Stored responses (/v1/responses) live in the memory of the replica that made them: a request with
-`previous_response_id`, GET / DELETE /v1/responses/{id} and GET /v1/responses/{id}/input_items go to that replica
+`previous_response_id`, GET / DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items and POST
+/v1/responses/{id}/cancel go to that replica
 only (response_owners.py).
 """
 from __future__ import annotations
@@ -265,8 +266,8 @@ class Router:
 
     async def stored_response(self, method: str, response_id: str, headers: dict[str, str], suffix: str = "",
                               query: str = "") -> Response:
-        """GET or DELETE /v1/responses/{id}, or GET of its `suffix` ("/input_items") with the client's `query`, on the
-        replica that stored it."""
+        """GET or DELETE /v1/responses/{id}, or its `suffix` ("/input_items" with the client's `query`, POST "/cancel"),
+        on the replica that stored it."""
         fwd = {k: v for k, v in headers.items() if k.lower() in FORWARD_HEADERS}
         slot = await self.response_owner(response_id, fwd, param=None)
         if isinstance(slot, Response):

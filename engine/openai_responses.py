@@ -434,6 +434,8 @@ class ChatPath:
     # The stream's final RequestOutputs by index; None when the client left (the requests are aborted).
     gather: Callable[[Request, Any], Awaitable[dict | None]]
     count_tokens: Callable[[str], int]  # tokens of a text (the reply's reasoning tokens)
+    # Waits for the engine to take a stream's requests; its refusals (overloaded, shutting down) as ApiErrors.
+    enter: Callable[[Any], Awaitable[None]]
     reasoning: bool = False  # the server has a reasoning parser (server.reasoning_parser)
 
 
@@ -558,6 +560,7 @@ def routes(chat: ChatPath, store: ResponseStore) -> APIRouter:
             return StreamingResponse(events(reply, stream, fmt), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         if body.background:
+            await chat.enter(stream)  # a refusal is this call's error, not a failed response
             response = response_object(body, reply.id, reply.created_at, "in_progress")
             store.put(response, None, reply.input_items)
             background[reply.id] = asyncio.create_task(make_in_background(reply, stream, fmt))

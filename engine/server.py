@@ -173,11 +173,15 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                               prompt_logprobs=None if body.prompt_logprobs is None else (prompts, body.prompt_logprobs))
         stream = engine.submit(reqs, call_id, final_only=not body.stream)
         if body.stream:
-            try:
-                await stream.__aenter__()
-            except (RequestError, EngineStopped) as e:
-                raise _engine_error(e) from None
+            await enter(stream)
         return stream, fmt
+
+    async def enter(stream) -> None:
+        """Waits for the engine to take a call's requests: its refusals become HTTP errors (before any 200 goes out)."""
+        try:
+            await stream.__aenter__()
+        except (RequestError, EngineStopped) as e:
+            raise _engine_error(e) from None
 
     async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
                   logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None):
@@ -324,7 +328,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
 
-    app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens,
+    app.include_router(openai_responses.routes(openai_responses.ChatPath(start_chat, gather, count_tokens, enter,
                                                                          server_cfg.reasoning_parser != "none"),
                                                openai_responses.ResponseStore(server_cfg.max_stored_responses)))
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(

@@ -395,6 +395,8 @@ def test_a_full_queue_refuses_with_503_and_retry_after():
         anthropic = client.post("/v1/messages", json={"model": "fake", "max_tokens": 4,
                                                       "messages": [{"role": "user", "content": "hi"}]})
         assert anthropic.status_code == 503 and anthropic.headers["retry-after"] == "1"
+        background = client.post("/v1/responses", json={"model": "fake", "input": "hi", "background": True})
+        assert background.status_code == 503 and background.json()["error"]["code"] == "overloaded"  # not "failed" later
         held.close()
         for _ in range(200):
             if not fake.live:

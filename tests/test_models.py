@@ -407,6 +407,21 @@ def test_int4_groups_of_32_give_back_gguf_4_bit_blocks():
     assert np.square(back - w.astype(np.float64)).sum() < 0.01 * _min_max_int4_error(w, 32).sum()
 
 
+def test_matmul_bench_quick_runs_every_weight_format():
+    """scripts/matmul_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: a row per (tokens, format),
+    each format's output that of the float weights it stands for."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parent.parent / "scripts" / "matmul_bench.py"
+    spec = importlib.util.spec_from_file_location("matmul_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.main(["--quick"])
+    assert [(r["tokens"], r["format"]) for r in rows] == [(t, f) for t in (1, 24) for f in bench.FORMATS]
+    assert all(r["ms"] > 0 and r["rel_diff"] < 1e-5 for r in rows)
+
+
 def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
     """llama.int8_dot with int8 activations: each row of h quantized to int8 with scale max|row| / 127, an exact
     int32 dot with the int8 weight, both scales applied: equal to that arithmetic done in float64 numpy on fresh

@@ -130,6 +130,16 @@ def dequantize_int4(values, scales, offsets, dtype=np.float32):
     return w.reshape(values.shape).astype(dtype)
 
 
+def dequantize_weight(layers: dict, name: str, dtype=np.float32):
+    """Projection `name` of `layers` as the float weights its int8 values and scale (int4: values, scales and offsets)
+    stand for, in `dtype`; numpy or jax arrays alike (a jax array stays on its device)."""
+    w, scale = layers[name], layers[name + SCALE_SUFFIX]
+    if name + OFFSET_SUFFIX in layers:
+        return dequantize_int4(w, scale, layers[name + OFFSET_SUFFIX], dtype)
+    xp = jnp if isinstance(w, jax.Array) else np
+    return (w.astype(xp.float32) * scale[..., None, :]).astype(dtype)
+
+
 def check_group_size(params: dict, group_size: int) -> None:
     """ValueError naming the first projection whose input features `group_size` does not divide."""
     if group_size < 1:
@@ -188,12 +198,9 @@ def dequantize_params(params: dict, dtype=np.float32) -> dict:
     """Inverse view for tests: every int8 weight times its scale (int4: `dequantize_int4`), in `dtype`, scales dropped."""
     src = params["layers"]
     layers = {k: v for k, v in src.items() if not k.endswith((SCALE_SUFFIX, OFFSET_SUFFIX))}
+    host = {k: np.asarray(v) for k, v in src.items() if k.endswith((SCALE_SUFFIX, OFFSET_SUFFIX))}
     for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in src]:
-        w, s = np.asarray(src[name]), np.asarray(src[name + SCALE_SUFFIX])
-        if name + OFFSET_SUFFIX in src:
-            layers[name] = dequantize_int4(w, s, np.asarray(src[name + OFFSET_SUFFIX]), dtype)
-        else:
-            layers[name] = (w.astype(np.float32) * s[..., None, :]).astype(dtype)
+        layers[name] = dequantize_weight({**host, name: np.asarray(src[name])}, name, dtype)
     out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}
     out["layers"] = layers
     if "embed" + SCALE_SUFFIX in params:

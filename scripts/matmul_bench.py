@@ -39,21 +39,6 @@ def stacked_mlp(params: dict, x: jax.Array) -> jax.Array:
     return jax.lax.scan(layer, x, params)[0]
 
 
-def dequantized(params: dict, dtype) -> dict:
-    """The float weights a format's arrays stand for, computed on the device (the reference each format is checked
-    against: the same matmuls over these)."""
-    out = {}
-    for name in ("w_up", "w_down"):
-        w, scale, offset = (params.get(name + suffix) for suffix in ("", "_scale", "_offset"))
-        if offset is not None:
-            out[name] = quant.dequantize_int4(w, scale, offset, dtype)
-        elif scale is not None:
-            out[name] = (w.astype(jnp.float32) * scale[..., None, :]).astype(dtype)
-        else:
-            out[name] = w
-    return out
-
-
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke test)")
@@ -76,12 +61,13 @@ def main(argv=None) -> list[dict]:
     print(f"{'tokens':>7} {'format':>9} {'ms/layer':>9} {'GB/s':>8} {'of copy':>8} {'vs none':>8} {'temp MiB':>9} "
           f"{'rel diff':>9}")
     rows, fn = [], jax.jit(stacked_mlp)
-    formats = {}
+    formats, references = {}, {}  # the arrays of each format; the float weights they stand for (on the device)
     for name, method in FORMATS.items():
         if method is None:
-            formats[name] = {k: jnp.asarray(w, dtype) for k, w in weights.items()}
+            formats[name] = references[name] = {k: jnp.asarray(w, dtype) for k, w in weights.items()}
             continue
         formats[name] = jax.tree.map(jnp.asarray, quant.quantize_params({"layers": weights}, *method)["layers"])
+        references[name] = {k: quant.dequantize_weight(formats[name], k, dtype) for k in weights}
     for t in args.tokens:
         x = jax.random.normal(jax.random.key(t), (t, h)).astype(dtype)
         base_s = None
@@ -91,7 +77,7 @@ def main(argv=None) -> list[dict]:
             nbytes = sum(sharding.array_bytes(a) for a in jax.tree.leaves(params)) / n
             temp = fn.lower(params, x).compile().memory_analysis()
             temp_mib = temp.temp_size_in_bytes / 2**20 if temp is not None else float("nan")
-            want = np.asarray(fn(jax.jit(dequantized, static_argnums=1)(params, dtype), x), np.float32)
+            want = np.asarray(fn(references[name], x), np.float32)
             diff = float(np.max(np.abs(np.asarray(fn(params, x), np.float32) - want)) / max(np.abs(want).max(), 1e-30))
             rows.append(dict(tokens=t, format=name, ms=seconds * 1e3, gbps=nbytes / seconds / 1e9,
                              of_copy=nbytes / seconds / copy_bw, speedup=base_s / seconds, temp_mib=temp_mib,

@@ -43,7 +43,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, backend: str = "xla",
                            decode_only: bool | None = None, layer: jax.Array | None = None,
-                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None) -> jax.Array:
+                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
+                           sinks: jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
@@ -73,13 +74,18 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   k_scales, v_scales ([L, Hkv, P, ps] or [Hkv, P, ps] float32): the pages are an 8-bit cache
   (int8, or float8_e4m3fn stored as uint8 bits: pallas_kernels/kv_quant.py) and position j stands for
   pages[..., j, :] * scales[..., j]. Given exactly when the pages are 8-bit.
+
+  sinks ([Hq] float32, gpt-oss's attention sinks; with `layer` too, the one layer's row): the
+  softmax of q head h gets one more logit, sinks[h], that has no value:
+  out = sum_j e^s_j v_j / (e^sinks[h] + sum_j e^s_j), s_j the scores after sm_scale, soft cap and
+  masking; the sink itself is neither scaled, capped nor masked. None (static) leaves it out.
   """
   backend = resolve_backend(backend)
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-        k_scales=k_scales, v_scales=v_scales)
+        k_scales=k_scales, v_scales=v_scales, sinks=sinks)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -88,7 +94,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   kernel = decode_kernel.decode_attention if use_decode else ragged_kernel.ragged_paged_attention
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-                interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales)
+                interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales,
+                sinks=sinks)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,

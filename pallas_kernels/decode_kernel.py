@@ -8,6 +8,8 @@ all float32). A jnp epilogue merges the partials by log-sum-exp:
     M = max_i m_i,   out = sum_i exp(m_i - M) acc_i / sum_i exp(m_i - M) l_i.
 Runs are sized per row at run time (cdiv(num_tiles, num_splits) tiles), so short rows leave the
 trailing programs empty (zero trips, m = mask value, l = 0: they drop out of the merge).
+Attention sinks (gpt-oss, one value-less logit per q head) join the merge only, as one more
+partial with m = sink, l = 1, acc = 0; the programs never see them.
 
 Every row is handled independently from its own position, so the kernel is correct for any
 ragged batch; it is only efficient when each sequence has one new token (the caller's
@@ -97,7 +99,8 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      soft_cap: float | None = None, interpret: bool = False,
                      layer: jax.Array | None = None, block_kv: int | None = None,
                      num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2, k_scales=None, v_scales=None) -> jax.Array:
+                     num_stages: int = 2, k_scales=None, v_scales=None,
+                     sinks: jax.Array | None = None) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
   k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
@@ -154,10 +157,15 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       name="ragged_paged_decode_attention",
   )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles, k_pages, v_pages, *(scales or ()))
 
-  # Log-sum-exp merge of the splits: [splits, T, Hkv, rows(, D)] -> [T, Hkv, rows, D].
+  # Log-sum-exp merge of the splits: [splits, T, Hkv, G(, D)] -> [T, Hkv, G, D].
+  acc, m, l = acc[..., :group, :], m[..., :group], l[..., :group]        # the real q heads
   m_max = m.max(axis=0)
+  if sinks is not None:  # the sink is one more partial: m = sink, l = exp(sink - sink) = 1, acc = 0
+    sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, group)
+    m_max = jnp.maximum(m_max, sinks)
   w = jnp.exp(m - m_max)                                                 # empty splits -> 0
   l_sum = (w * l).sum(axis=0)
+  if sinks is not None:
+    l_sum += jnp.exp(sinks - m_max)
   out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
-  out = out[:, :, :group]                                                # [T, Hkv, G, D]
   return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)

@@ -220,12 +220,14 @@ HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim)
 def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
                    target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
-                   traced_window: bool = False, kv_dtype=None) -> dict[str, TritonModule]:
+                   traced_window: bool = False, kv_dtype=None,
+                   sinks: bool = False) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
   "write_kv": KV write}. Only shapes are needed, no data. traced_window: the window is a traced
   int32 scalar, as for models that mix windowed and global layers (Gemma 3). kv_dtype: an 8-bit
-  cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py)."""
+  cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py). sinks:
+  attention sinks, a [Hq] float32 input (gpt-oss)."""
   import functools  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -247,17 +249,20 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
   cu_q_lens = jax.ShapeDtypeStruct((max_seqs + 1,), jnp.int32)
   num_seqs = jax.ShapeDtypeStruct((1,), jnp.int32)
   layer = jax.ShapeDtypeStruct((), jnp.int32)
+  attend_inputs = dict(scales)
+  if sinks:
+    attend_inputs["sinks"] = jax.ShapeDtypeStruct((num_q_heads,), jnp.float32)
   modules = {}
   for kind, decode_only in (("prefill", False), ("decode", True)):
     attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=head_dim ** -0.5,
                                soft_cap=soft_cap, backend="pallas", decode_only=decode_only)
     if traced_window:
-      fn = lambda *xs, window, layer, attend=attend: attend(*xs, sliding_window=window, layer=layer)
+      fn = lambda *xs, window, attend=attend, **kw: attend(*xs, sliding_window=window, **kw)
       extra = dict(window=jax.ShapeDtypeStruct((), jnp.int32))
     else:
       fn, extra = functools.partial(attend, sliding_window=sliding_window), {}
     [modules[kind]] = triton_modules(fn, q, pages, pages, kv_lens, page_indices, cu_q_lens,
-                                     num_seqs, layer=layer, target=target, **extra, **scales)
+                                     num_seqs, layer=layer, target=target, **extra, **attend_inputs)
   new = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, head_dim), dtype)
   slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   write = functools.partial(pallas_kernels.write_kv, backend="pallas")

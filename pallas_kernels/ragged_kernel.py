@@ -25,6 +25,11 @@ of its first row are never loaded. Inside a tile a positional mask handles the d
 window edge and kv_len. Online softmax in float32 with a finite mask value: a row that has seen
 only masked scores carries a junk (m, l) that is wiped (alpha = exp(mask - real) = 0) as soon as
 it meets its first visible score, and every real row sees at least its own position.
+
+Attention sinks (gpt-oss): one learned logit per q head joins every row's softmax with no value.
+The online softmax starts from it, m = sink and l = exp(sink - sink) = 1 with acc = 0, instead of
+from the mask value; each row reads its own head's sink from a small [Hkv, rows] input laid out
+like the q tile. Without sinks that input and code are absent.
 """
 from __future__ import annotations
 
@@ -156,9 +161,12 @@ def _prefill_kernel(
     q_ref,           # [rows, D]
     k_ref,           # [L, P, ps, D] this kv head's pages, every layer
     v_ref,           # [L, P, ps, D]
-    *refs,           # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, D]
-    sm_scale: float, soft_cap: float | None, has_window: bool,
+    *refs,           # [sinks [rows] (has_sinks),] [k_scales, v_scales ([L, P, ps], an 8-bit
+                     # cache's),] o_ref [rows, D]
+    sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool,
     group_padded: int, pages_per_tile: int):
+  if has_sinks:
+    sinks_ref, *refs = refs
   *scale_refs, o_ref = refs
   rows, head_dim = q_ref.shape
   page_size = k_ref.shape[2]
@@ -188,9 +196,11 @@ def _prefill_kernel(
                            pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
                            scale_refs=scale_refs or None)
 
-  init = (jnp.zeros((rows, head_dim), jnp.float32),
-          jnp.full((rows,), MASK_VALUE, jnp.float32),
-          jnp.zeros((rows,), jnp.float32))
+  if has_sinks:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
+    m0, l0 = sinks_ref[...], jnp.ones((rows,), jnp.float32)
+  else:
+    m0, l0 = jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32)
+  init = (jnp.zeros((rows, head_dim), jnp.float32), m0, l0)
   acc, _, l = lax.fori_loop(tile_lo, tile_hi, body, init)
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -220,12 +230,21 @@ def window_input(sliding_window) -> tuple[bool, jax.Array]:
   return True, jnp.asarray(sliding_window, jnp.int32).reshape(1)
 
 
+def sink_rows(sinks, num_kv_heads: int, group_padded: int, rows: int) -> jax.Array:
+  """sinks [Hq] -> [Hkv, rows] float32 laid out like a q tile: row r holds q head r % Gp's sink
+  (0 for the padding heads)."""
+  sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, -1)
+  sinks = jnp.pad(sinks, ((0, 0), (0, group_padded - sinks.shape[1])))
+  return jnp.tile(sinks, (1, rows // group_padded))
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
                            block_kv: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2, k_scales=None, v_scales=None) -> jax.Array:
+                           num_stages: int = 2, k_scales=None, v_scales=None,
+                           sinks: jax.Array | None = None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
   k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
@@ -257,9 +276,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   q_tiles = pack_rows(qg, blocks.row_tokens, group_padded)                 # [Hkv, NB, rows, D]
 
   has_window, window = window_input(sliding_window)
+  has_sinks = sinks is not None
+  sinks = [sink_rows(sinks, num_kv_heads, group_padded, rows)] if has_sinks else []
+  sink_specs = [pl.BlockSpec((None, rows), lambda i, h: (h, 0))] if has_sinks else []
   kernel = functools.partial(
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
-      group_padded=group_padded, pages_per_tile=pages_per_tile)
+      has_sinks=has_sinks, group_padded=group_padded, pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
   page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
                            lambda i, h: (0, h, 0, 0, 0))
@@ -270,14 +292,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
-                tile_spec, page_spec, page_spec, *scale_specs(scales, page_spec)],
+                tile_spec, page_spec, page_spec, *sink_specs, *scale_specs(scales, page_spec)],
       out_specs=tile_spec,
       out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
   )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles,
-    k_pages, v_pages, *(scales or ()))
+    k_pages, v_pages, *sinks, *(scales or ()))
 
   # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
   tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded

@@ -112,13 +112,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, pages_per_block: int | None = None,
                            block_q: int | None = None, layer: jax.Array | None = None,
-                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None) -> jax.Array:
+                           k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
+                           sinks: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
   With `layer` (int32 scalar), k/v_pages hold every layer, [L, Hkv, P, ps, D], and layer `layer`
   is read in place: the gather indexes the layer, nothing of a whole layer is sliced out.
   k/v_scales ([.., Hkv, P, ps] float32, like the pages without D): the pages are an 8-bit cache
-  (pallas_kernels/kv_quant.py), each gathered vector scaled by its own factor.
+  (pallas_kernels/kv_quant.py), each gathered vector scaled by its own factor. sinks ([Hq]
+  float32): one more logit per q head in every row's softmax, with no value; the online softmax
+  starts from it (m = sink, l = 1) instead of from nothing.
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
   [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros.
@@ -155,10 +158,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       k_scales, v_scales = k_scales[None], v_scales[None]
   qs = (q.astype(jnp.float32) * sm_scale).reshape(
       num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+  if sinks is not None:
+    sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, num_q_heads // num_kv_heads)
   attend = functools.partial(
       _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
       pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap,
-      scales=None if k_scales is None else (k_scales, v_scales))
+      scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks)
   if block_q == 1:
     out = attend(1, None)
   else:
@@ -171,12 +176,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
 
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
-                   block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None):
+                   block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None,
+                   sinks=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
   qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D]; scales: None or
-  (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache. Returns [T, Hkv, G, D] (rows of other
-  sequences are meaningless).
+  (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache; sinks: None or [Hkv, G] float32.
+  Returns [T, Hkv, G, D] (rows of other sequences are meaningless).
   """
   num_tokens, num_kv_heads, group, head_dim = qs.shape
   num_pages, page_size = k_pages.shape[2], k_pages.shape[3]
@@ -232,10 +238,13 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       pv = jnp.einsum("krb,kbd->krd", p, v, preferred_element_type=jnp.float32)
       return b + 1, m_new, l, alpha[..., None] * acc + pv
 
-    init = (first_kv_block,
-            jnp.full((num_kv_heads, rows), -jnp.inf, jnp.float32),
-            jnp.zeros((num_kv_heads, rows), jnp.float32),
-            jnp.zeros((num_kv_heads, rows, head_dim), jnp.float32))
+    if sinks is None:
+      m0 = jnp.full((num_kv_heads, rows), -jnp.inf, jnp.float32)
+      l0 = jnp.zeros((num_kv_heads, rows), jnp.float32)
+    else:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
+      m0 = jnp.tile(sinks, (1, block_q))                               # row r: q head r % G
+      l0 = jnp.ones((num_kv_heads, rows), jnp.float32)
+    init = (first_kv_block, m0, l0, jnp.zeros((num_kv_heads, rows, head_dim), jnp.float32))
     _, _, l, acc = lax.while_loop(lambda c: c[0] < end_kv_block, kv_step, init)
     tile = acc / jnp.where(l == 0.0, 1.0, l)[..., None]                # [Hkv, rows, D]
     return lax.dynamic_update_slice(out, tile[None], (i, 0, 0, 0))

@@ -81,9 +81,21 @@ def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num
       num_seqs=np.array([len(seqs)], np.int32))
 
 
+def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
+  """[Hq] float32 attention sinks: one +10 (outweighs the scores: that head's output shrinks by
+  orders of magnitude), one -30 (no effect within float32 tolerance), the rest in [-3, 3], shuffled."""
+  sinks = rng.uniform(-3.0, 3.0, num_q_heads)
+  sinks[:2] = (10.0, -30.0)[:num_q_heads]
+  return rng.permutation(sinks).astype(np.float32)
+
+
 def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
-                  soft_cap: float | None = None) -> np.ndarray:
-  """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, D]."""
+                  soft_cap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
+  """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, D].
+
+  sinks [Hq]: one more logit per head in every row's softmax, with no value (gpt-oss), taken as
+  given: not scaled, capped or masked.
+  """
   q = np.asarray(batch.q, np.float64)
   k_pages = np.asarray(batch.k_pages, np.float64)
   v_pages = np.asarray(batch.v_pages, np.float64)
@@ -108,8 +120,14 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
     if sliding_window is not None:
       mask &= kv_pos[None, :] > pos[:, None] - sliding_window
     scores = np.where(mask[None], scores, -np.inf)
-    p = np.exp(scores - scores.max(axis=-1, keepdims=True))
-    p /= p.sum(axis=-1, keepdims=True)
+    if sinks is None:
+      p = np.exp(scores - scores.max(axis=-1, keepdims=True))
+      p /= p.sum(axis=-1, keepdims=True)
+    else:
+      sink = np.asarray(sinks, np.float64)[:, None, None]                   # [Hq, 1, 1]
+      m = np.maximum(scores.max(axis=-1, keepdims=True), sink)
+      p = np.exp(scores - m)
+      p /= p.sum(axis=-1, keepdims=True) + np.exp(sink - m)
     out[q_start:q_end] = np.einsum("htl,hld->thd", p, v)
   return out
 
@@ -124,14 +142,15 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     dtype=np.float32, sliding_window: int | None = None,
                     soft_cap: float | None = None, num_tokens: int | None = None,
                     max_seqs: int | None = None, nan_padding: bool = False,
-                    kv_dtype=None) -> None:
+                    kv_dtype=None, sinks: np.ndarray | None = None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
   when given, against reference_fn's output; padding rows must stay finite unless nan_padding
   fills padding query rows with NaN (then only the real rows are checked: NaN must not leak).
   kv_dtype (int8 / float8_e4m3fn): the pages are quantized (kv_quant.quantize) and passed with
-  k_scales= / v_scales=; the float64 attention reads them dequantized.
+  k_scales= / v_scales=; the float64 attention reads them dequantized. sinks ([Hq]): passed as
+  sinks= (float32), and to the float64 attention.
   """
   import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
 
@@ -147,6 +166,9 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
           jnp.asarray(batch.v_pages, dtype), *map(jnp.asarray, batch.args[3:])]
   opts = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
   call_opts = dict(opts)
+  if sinks is not None:
+    sinks = np.asarray(sinks, np.float32)
+    opts["sinks"], call_opts["sinks"] = sinks, jnp.asarray(sinks)
   as_read = [np.asarray(a.astype(jnp.float32)) for a in args[:3]]  # what the float64 attention reads
   if kv_dtype is not None:
     from pallas_kernels import kv_quant  # noqa: PLC0415

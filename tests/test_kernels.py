@@ -148,14 +148,16 @@ def test_ragged_kernel_more_sequences_than_tokens():
   testing.check_attention(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
 
 
-@pytest.mark.parametrize("seqs,num_tokens,max_seqs", [
-    (MIXED, 24, 7),              # ragged kernel
-    ([(3, 9), (1, 4)], 4, 8),    # decode kernel, chosen because T <= S
+@pytest.mark.parametrize("seqs,num_tokens,max_seqs,sinks", [
+    (MIXED, 24, 7, False),              # ragged kernel
+    ([(3, 9), (1, 4)], 4, 8, False),    # decode kernel, chosen because T <= S
+    (MIXED, 24, 7, True),               # ragged kernel, attention sinks
 ])
-def test_public_pallas_interpret(seqs, num_tokens, max_seqs):
+def test_public_pallas_interpret(seqs, num_tokens, max_seqs, sinks):
   """Default block sizes through the public entry point, against numpy and the xla reference."""
   testing.check_attention(_public("pallas_interpret"), seqs, seed=5, num_tokens=num_tokens,
                           max_seqs=max_seqs, dtype=jnp.bfloat16,
+                          sinks=testing.random_sinks(np.random.default_rng(5), 4) if sinks else None,
                           reference_fn=functools.partial(_attn, backend="xla"))
 
 
@@ -179,19 +181,64 @@ def test_decode_kernel_is_correct_on_chunks_too():
 
 
 # ---------------------------------------------------------------------------------------------
-# 8-bit KV cache (pallas_kernels/kv_quant.py): every backend reads the same quantized pages.
+# Attention sinks (gpt-oss): one value-less logit per q head joins every softmax.
 
-KV_QUANT = [
-    pytest.param(jnp.int8, jnp.bfloat16, 4, 2, 64, 7, None, id="int8-bf16-gqa2-window"),
-    pytest.param(jnp.float8_e4m3fn, np.float32, 8, 1, 128, None, 2.0, id="fp8-f32-gqa8-softcap"),
+def test_attention_f64_sinks():
+  """The float64 attention itself: sinks=None is the plain softmax (bit for bit a sink of -inf), a
+  sink of -30 changes nothing, and a row that sees one position weighs it by e^s / (e^s + e^sink)."""
+  batch = testing.random_ragged_batch(np.random.default_rng(15), MIXED, num_q_heads=4,
+                                      num_kv_heads=2, head_dim=16, page_size=4, dtype=np.float64)
+  opts = dict(sm_scale=0.25, sliding_window=7, soft_cap=3.0)
+  plain = testing.attention_f64(batch, **opts)
+  np.testing.assert_array_equal(testing.attention_f64(batch, sinks=np.full(4, -np.inf), **opts), plain)
+  np.testing.assert_allclose(testing.attention_f64(batch, sinks=np.full(4, -30.0), **opts), plain,
+                             rtol=1e-9, atol=1e-9)
+  sinks = np.array([10.0, -30.0, 0.5, -2.0])
+  out = testing.attention_f64(batch, sinks=sinks, **opts)
+  # MIXED's third sequence, (1, 1), is row 6: one position, its scale and cap applied, not the sink's.
+  page = batch.page_indices[2, 0]
+  k, v = np.repeat(batch.k_pages[:, page, 0], 2, axis=0), np.repeat(batch.v_pages[:, page, 0], 2, axis=0)
+  s = 3.0 * np.tanh((batch.q[6] * k).sum(-1) * 0.25 / 3.0)                # [Hq]
+  np.testing.assert_allclose(out[6], v / (1.0 + np.exp(sinks - s))[:, None], rtol=1e-12)
+
+
+# Each case: (q heads, kv heads, head_dim, dtype, sliding_window, soft_cap); GQA 1/4/8, float32 and
+# bfloat16, a soft cap (which must not touch the +10 sink), windows.
+SINK_FEATURES = [
+    pytest.param(4, 4, 64, np.float32, 5, None, id="gqa1-d64-f32-window"),
+    pytest.param(8, 2, 128, jnp.bfloat16, 13, 3.0, id="gqa4-d128-bf16-window-softcap"),
+    pytest.param(8, 1, 64, np.float32, None, 2.0, id="gqa8-d64-f32-softcap"),
 ]
 
 
-@pytest.mark.parametrize("kv_dtype,dtype,num_q_heads,num_kv_heads,head_dim,sliding_window,soft_cap",
-                         KV_QUANT)
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype,sliding_window,soft_cap",
+                         SINK_FEATURES)
+@pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
+def test_sinks(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap):
+  """Each backend with sinks (random_sinks: +10, -30, moderate) on decodes and chunks against float64
+  attention with sinks; the decode kernel's splits merge with the sink (3 splits)."""
+  fn = {"xla": _public("xla"), "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
+  testing.check_attention(
+      fn, MIXED, seed=16, num_tokens=24, max_seqs=7, nan_padding=True,
+      sinks=testing.random_sinks(np.random.default_rng(16), num_q_heads),
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
+
+
+# ---------------------------------------------------------------------------------------------
+# 8-bit KV cache (pallas_kernels/kv_quant.py): every backend reads the same quantized pages.
+
+KV_QUANT = [
+    pytest.param(jnp.int8, jnp.bfloat16, 4, 2, 64, 7, None, False, id="int8-bf16-gqa2-window"),
+    pytest.param(jnp.float8_e4m3fn, np.float32, 8, 1, 128, None, 2.0, True,
+                 id="fp8-f32-gqa8-softcap-sinks"),
+]
+
+
+@pytest.mark.parametrize(
+    "kv_dtype,dtype,num_q_heads,num_kv_heads,head_dim,sliding_window,soft_cap,sinks", KV_QUANT)
 @pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
 def test_quantized_cache(kernel, kv_dtype, dtype, num_q_heads, num_kv_heads, head_dim,
-                         sliding_window, soft_cap):
+                         sliding_window, soft_cap, sinks):
   """Each backend on quantized pages (garbage slots quantized too) against float64 attention over
   the dequantized pages, and against the xla reference, at the cache's dtype tolerance."""
   fn = {"xla": _public("xla"), "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
@@ -199,6 +246,7 @@ def test_quantized_cache(kernel, kv_dtype, dtype, num_q_heads, num_kv_heads, hea
   testing.check_attention(
       fn, seqs, seed=11, page_size=8, num_tokens=sum(q for q, _ in seqs) + 3, max_seqs=7,
       kv_dtype=kv_dtype, reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"),
+      sinks=testing.random_sinks(np.random.default_rng(11), num_q_heads) if sinks else None,
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
@@ -367,14 +415,16 @@ _LAYER_KERNELS = {
 
 @pytest.mark.parametrize("kernel", _LAYER_KERNELS)
 def test_stacked_cache_reads_the_layer(kernel):
-  """attention(k_all, layer=l) == attention(k_all[l]) for a random traced layer l."""
+  """attention(k_all, layer=l) == attention(k_all[l]) for a random traced layer l, with attention
+  sinks (the layer's own [Hq] row either way)."""
   q, k_all, v_all, rest = _stacked_batch(11, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
                                          num_kv_heads=2, head_dim=32, page_size=4)
   opts = dict(sm_scale=32 ** -0.5, sliding_window=13, soft_cap=3.0)
   fn = _jit(functools.partial(_LAYER_KERNELS[kernel], **opts))
+  sinks = jnp.asarray(testing.random_sinks(np.random.default_rng(12), 4))
   for layer in np.random.default_rng(12).permutation(NUM_LAYERS)[:2]:
-    got = fn(q, k_all, v_all, *rest, layer=jnp.int32(layer))
-    want = fn(q, k_all[layer], v_all[layer], *rest)
+    got = fn(q, k_all, v_all, *rest, layer=jnp.int32(layer), sinks=sinks)
+    want = fn(q, k_all[layer], v_all[layer], *rest, sinks=sinks)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
 
 

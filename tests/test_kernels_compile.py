@@ -56,6 +56,20 @@ def test_quantized_cache_kernels_compile(shape, kv_dtype):
         assert report.matrix_instructions == {"prefill": "HGMMA", "decode": "HMMA", "write_kv": ""}[kind]
 
 
+def test_sinks_kernels_compile():
+  """gpt-oss heads (64 q, 8 kv, head_dim 64) with attention sinks (the prefill kernel's [rows]
+  input) and a per-layer window, bf16: no spills, prefill on wgmma on Hopper, MFMA on MI300."""
+  for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+    modules = gpu_compile.engine_kernels(64, 8, 64, jnp.dtype(jnp.bfloat16), target=target,
+                                         traced_window=True, sinks=True)
+    for kind, module in modules.items():
+      report = gpu_compile.compile_module(module, target)
+      assert report.fits and report.spill_bytes == 0, (kind, report)
+      if kind != "write_kv":
+        want = {"sm90": "HGMMA" if kind == "prefill" else "HMMA", "gfx942": "MFMA"}[target.name]
+        assert report.matrix_instructions == want, (kind, report)
+
+
 def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
   pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
   fn = functools.partial(ragged_kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=512,

@@ -61,6 +61,18 @@ def test_pallas_gpu_window_softcap(decode_only, sliding_window, soft_cap):
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
+def test_pallas_gpu_sinks(decode_only):
+  """Attention sinks (+10, -30 and moderate ones) with gpt-oss heads (64 q, 8 kv, head_dim 64) and
+  its 128-token window, bfloat16."""
+  seqs = DECODES if decode_only else MIXED
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), seqs,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=64, num_kv_heads=8,
+      head_dim=64, page_size=16, dtype=jnp.bfloat16, sliding_window=128,
+      sinks=testing.random_sinks(np.random.default_rng(2), 64), num_tokens=sum(q for q, _ in seqs) + 3)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_pallas_gpu_8bit_cache(decode_only, kv_dtype):
   """8-bit pages with float32 scales (pallas_kernels/kv_quant.py), Llama-3-8B heads, bfloat16 q."""

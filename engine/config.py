@@ -225,8 +225,9 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int = 0  # 0: model.max_model_len - 1
     # Chat replies of reasoning models split into `reasoning_content` (the <think> part) and `content` (engine/
-    # reasoning.py): "qwen3" when the model opens <think> itself, "deepseek_r1" when the template opens it.
-    reasoning_parser: Literal["none", "qwen3", "deepseek_r1"] = "none"
+    # reasoning.py): "qwen3" when the model opens <think> itself, "deepseek_r1" when the template opens it; "gpt_oss":
+    # the harmony format's analysis channel (its tool calls too).
+    reasoning_parser: Literal["none", "qwen3", "deepseek_r1", "gpt_oss"] = "none"
     # POST /update_weights_from_disk (SGLang's), /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's): new
     # weights or adapters from a path on this machine. Off unless set, since any client that may call them can make
     # the server read a path of its choosing (with api_key set, they need the key).

@@ -9,11 +9,12 @@ Input line:  {"id", "prompt"} or {"id", "messages"} and optional request fields 
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 from engine import structured
 from engine.output import OutputKind
-from engine.reasoning import split as split_reasoning
+from engine.reasoning import keeps_special_tokens, split as split_reasoning
 from engine.request import RequestError, SamplingParams
 
 SAMPLING_FIELDS = {
@@ -104,7 +105,10 @@ class LineJob:
             prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
                                                    continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
-            engine_id = engine.add_request(prompt, sampling_params(obj), namespace=obj.get("cache_salt"),
+            params = sampling_params(obj)
+            if "messages" in obj and keeps_special_tokens(self.reasoning_parser):
+                params = dataclasses.replace(params, skip_special_tokens=False)
+            engine_id = engine.add_request(prompt, params, namespace=obj.get("cache_salt"),
                                            priority=obj.get("priority", 0), adapter=obj.get("adapter"),
                                            output_kind=OutputKind.FINAL)
         except (RequestError, ValueError) as e:

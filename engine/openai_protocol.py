@@ -142,6 +142,9 @@ class ChatCompletionRequest(_SamplingFields):
     top_logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     chat_template_kwargs: dict[str, Any] | None = Field(
         None, description='variables for the chat template, e.g. {"enable_thinking": false} (Qwen3)')
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="the chat template's `reasoning_effort` (gpt-oss's system message says it); templates "
+                          "that do not read it ignore it")
     add_generation_prompt: bool = Field(True, description="end the prompt with the assistant's turn opened")
     continue_final_message: bool = Field(False, description="the last message, an assistant's, is the start of the "
                                                             "reply: the model continues it (no generation prompt)")
@@ -242,7 +245,8 @@ class ResponsesRequest(_Body):
     store: bool = Field(True, description="keep the response for GET /v1/responses/{id} and previous_response_id")
     metadata: dict[str, str] | None = None
     user: str | None = None
-    reasoning: dict[str, Any] | None = Field(None, description="echoed; effort is not applied")
+    reasoning: dict[str, Any] | None = Field(None, description='{"effort": ...}: the chat template\'s reasoning_effort '
+                                                               "(as chat's reasoning_effort); echoed")
     background: bool = Field(False, description="made with no client waiting: returned in_progress, polled with GET "
                                                 "/v1/responses/{id}, cancelled with POST .../cancel; needs store")
     truncation: Literal["disabled", "auto"] | None = Field(

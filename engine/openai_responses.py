@@ -139,7 +139,8 @@ def chat_body(body: ResponsesRequest, conversation: list[dict]) -> ChatCompletio
               "tools": _chat_tools(body.tools), "tool_choice": _chat_tool_choice(body.tool_choice),
               "response_format": _response_format(body.text), "max_tokens": body.max_output_tokens,
               "temperature": body.temperature, "top_p": body.top_p, "stream": body.stream, "user": body.user,
-              "priority": body.priority, "cache_salt": body.cache_salt}
+              "priority": body.priority, "cache_salt": body.cache_salt,
+              "reasoning_effort": (body.reasoning or {}).get("effort")}
     if wants_logprobs(body):
         fields.update(logprobs=True, top_logprobs=body.top_logprobs or 0)
     try:

@@ -46,6 +46,7 @@ from engine.openai_protocol import (
 )
 from engine import anthropic_messages, openai_responses
 from engine import structured
+from engine.reasoning import keeps_special_tokens
 from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt
 
@@ -124,7 +125,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, msg, param="max_tokens" if msg.startswith("prompt (") else param,
                            code="context_length_exceeded" if "context" in msg else None) from None
 
-    def sampling_params(body, max_tokens: int, logprobs: int | None, i: int, tools: ToolChoice | None = None) -> SamplingParams:
+    def sampling_params(body, max_tokens: int, logprobs: int | None, i: int, tools: ToolChoice | None = None,
+                        keep_special: bool = False) -> SamplingParams:
+        """keep_special: special tokens stay in the text whatever the request says (the reasoning parser reads them)."""
         seed = None if body.seed is None else body.seed + i
         fields = dict(
             max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
@@ -136,7 +139,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             prompt_logprobs=_prompt_top(logprobs if getattr(body, "echo", False) else None, body.prompt_logprobs),
             logit_bias=body.logit_bias, min_tokens=body.min_tokens, bad_words=tuple(body.bad_words or ()),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
-            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens and not keep_special,
         )
         try:
             fields["structured"] = structured.from_fields(
@@ -158,8 +161,10 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if len(prompts) * n > MAX_SAMPLES_PER_CALL:
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
+        keep_special = kind == "chat" and keeps_special_tokens(config.server.reasoning_parser)
         reqs = [
-            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools), body.cache_salt or None, body.priority,
+            GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools, keep_special), body.cache_salt or None,
+                            body.priority,
                             body.model if body.model in adapters() else None)
             for p, mt in zip(prompts, max_tokens) for j in range(n)
         ]
@@ -303,7 +308,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, str(e), param=str(e).split(":")[0].split()[0]) from None
         generation = _generation_prompt(body)
         try:
-            kwargs = {**(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {}), **generation}
+            effort = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
+            kwargs = {**effort, **(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {}),
+                      **generation}
             prompt_ids = tokenizer.encode_chat(messages, **kwargs)
         except Exception as e:  # template errors (roles out of order, ...) are the caller's
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None

@@ -4,8 +4,8 @@ One frozen dataclass describes every model the forward pass supports: Llama 2/3 
 scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied embeddings), Gemma 2
 (sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
-global one, each kind with its own RoPE base) and Phi-3 / Phi-4-mini (LongRoPE, partial rotary embeddings), GQA of
-any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
+global one, each kind with its own RoPE base) and Phi-3 / Phi-4-mini (LongRoPE, partial rotary embeddings) and
+gpt-oss (attention sinks, biases on every projection, experts with biases and a clamped SwiGLU), GQA of any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
 LongRoPE (models/rope.py). Unsupported architectures fail here, naming the source and the field.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3")
-HIDDEN_ACTS = ("silu", "gelu_tanh")
+                           "phi3", "gpt_oss")
+# The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
+HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
@@ -52,11 +53,18 @@ class LlamaConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
+    attention_out_bias: bool = False  # the output projection too (gpt-oss)
+    # A learned logit per query head in every softmax, with no value (gpt-oss's attention sinks): attention may give
+    # part of its weight to nothing.
+    attention_sinks: bool = False
     max_position: int = 4096
     sliding_window: int | None = None  # window of the windowed layers; None = full attention
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
-    hidden_act: str = "silu"  # "silu" | "gelu_tanh" (gated MLP either way)
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "swiglu_oai" (gated MLP either way)
+    # swiglu_oai (gpt-oss): (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float = 7.0
     qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
     embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
@@ -71,6 +79,7 @@ class LlamaConfig:
     # Qwen2-MoE: a shared expert every token goes through (the dense MLP's weights at this intermediate size), scaled
     # by a sigmoid gate; 0 = none.
     shared_expert_intermediate_size: int = 0
+    moe_bias: bool = False  # the router and every expert projection carry biases (gpt-oss)
     # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
     # set by model.quantization: w8a8.
     int8_activations: bool = False
@@ -138,8 +147,10 @@ class LlamaConfig:
         h, per_layer = self.hidden_size, 0
         per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
+        per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
         if self.num_experts:
             per_layer += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
+            per_layer += self.num_experts * (2 * self.moe_intermediate_size + h + 1) * self.moe_bias
             if self.shared_expert_intermediate_size:
                 per_layer += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
             per_layer += 2 * h
@@ -173,14 +184,14 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, and
-        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe)."""
+        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
                               f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
-                              f"qwen2_moe, qwen3_moe)")
+                              f"qwen2_moe, qwen3_moe, gpt_oss)")
 
         def need(key):
             if key not in cfg:
@@ -191,9 +202,13 @@ class LlamaConfig:
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
         # transformers windows every layer of a Mistral, Mixtral or Phi-3 whose sliding_window is set (some Phi-3-mini
-        # revisions: 2047), of the others only with use_sliding_window.
-        window = (cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral", "phi3"))
+        # revisions: 2047), of the others only with use_sliding_window; gpt-oss the layers its layer_types name.
+        window = (cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral", "phi3", "gpt_oss"))
                   else None)
+        types = cfg.get("layer_types") if arch == "gpt_oss" and window else None
+        if types and set(types) - {"sliding_attention", "full_attention"}:
+            raise ConfigError(f"{source}: layer_types {sorted(set(types) - {'sliding_attention', 'full_attention'})} "
+                              "are not supported")
         # transformers >= 5 writes `rope_parameters` (rope_theta and partial_rotary_factor inside); older configs
         # `rope_scaling` + top-level `rope_theta`, `partial_rotary_factor`.
         rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
@@ -214,9 +229,15 @@ class LlamaConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
+            # gpt-oss's attention_bias covers o_proj too (transformers builds all four projections with it)
+            attention_out_bias=arch == "gpt_oss" and bool(cfg.get("attention_bias", True)),
+            attention_sinks=arch == "gpt_oss",
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
+            sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
+            **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
+                    swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **_experts_from_hf(cfg, source, arch),
         )
 
@@ -224,14 +245,14 @@ class LlamaConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str,
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe or
-        qwen3moe; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe
+        or gpt-oss; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe)")
+                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -247,6 +268,7 @@ class LlamaConfig:
                 moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length") or need("feed_forward_length")),
                 norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
                 shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
+                moe_bias=arch == "gpt-oss",
             )
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
@@ -284,7 +306,16 @@ class LlamaConfig:
         rope_scaling = rope.scaling_from_gguf(meta, arch, source)
         if longrope_factors is not None:  # llama.cpp's converter writes LongRoPE so (and no rope.scaling.type)
             rope_scaling = rope.longrope_from_gguf(meta, arch, source, longrope_factors, context_len=max_position)
-        names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama"}
+        gpt_oss = {}
+        if arch == "gpt-oss":
+            # What the metadata leaves out, as in OpenAI's reference (and its HF config): windowed layers first, then
+            # every other one; YaRN's ramp not rounded to whole pairs (truncate: false); SwiGLU's alpha and clamp.
+            gpt_oss = dict(sliding_layers=tuple(i % 2 == 0 for i in range(num_layers)) if window else (),
+                           attention_out_bias=True, attention_sinks=True, hidden_act="swiglu_oai")
+            if rope_scaling is not None and rope_scaling.rope_type == "yarn":
+                rope_scaling = dataclasses.replace(rope_scaling, truncate=False)
+        names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
+                 "gpt-oss": "gpt_oss"}
         cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
@@ -307,6 +338,7 @@ class LlamaConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             **gemma,
             **experts,
+            **gpt_oss,
         )
         if arch == "phi3" and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
             raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "
@@ -328,7 +360,7 @@ class LlamaConfig:
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
     num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
-    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe"):
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"):
         return {}
     if not num_experts or not cfg.get("num_experts_per_tok"):
         raise ConfigError(f"{source}: a {arch} config needs num_experts (or num_local_experts) and num_experts_per_tok")
@@ -339,8 +371,10 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
         num_experts=int(num_experts),
         num_experts_per_tok=int(cfg["num_experts_per_tok"]),
         moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch == "mixtral")),  # Mixtral: softmax over the top k
+        # Mixtral and gpt-oss: softmax over the top k logits, the same as the top k probabilities renormalized
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch in ("mixtral", "gpt_oss"))),
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        moe_bias=arch == "gpt_oss",
     )
 
 

@@ -41,6 +41,13 @@ GGUF_MOE_NAMES = {
     "w_gate": "blk.{i}.ffn_gate_shexp.weight", "w_up": "blk.{i}.ffn_up_shexp.weight",
     "w_down": "blk.{i}.ffn_down_shexp.weight", "shared_gate": "blk.{i}.ffn_gate_inp_shexp.weight",
 }
+# gpt-oss: biases on every projection and expert, a sink per head; its pre-MLP norm is called post_attention_norm.
+GGUF_GPT_OSS_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if "shexp" not in v} | {
+    "mlp_norm": "blk.{i}.post_attention_norm.weight", "bo": "blk.{i}.attn_output.bias",
+    "sinks": "blk.{i}.attn_sinks.weight", "router_bias": "blk.{i}.ffn_gate_inp.bias",
+    "moe_gate_bias": "blk.{i}.ffn_gate_exps.bias", "moe_up_bias": "blk.{i}.ffn_up_exps.bias",
+    "moe_down_bias": "blk.{i}.ffn_down_exps.bias",
+}
 
 # Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
 # (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
@@ -52,6 +59,8 @@ GGUF_PHI3_QKV_NAMES = {k: v for k, v in GGUF_PHI3_NAMES.items() if k not in ("wq
 
 def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
     """The GGUF tensor names of a file's weights (our key, or a fused one, -> name, `{i}` the layer)."""
+    if cfg.architecture == "gpt_oss":
+        return GGUF_GPT_OSS_NAMES
     if cfg.num_experts:
         return GGUF_MOE_NAMES
     if cfg.architecture == "phi3":

@@ -1,6 +1,6 @@
 """Llama-family decoder as pure functions over a pytree of weights (the config's switches also make
-it Qwen2/3, Gemma 2/3 and Phi-3: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows,
-partial rotary embeddings).
+it Qwen2/3, Gemma 2/3, Phi-3 and gpt-oss: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows,
+partial rotary embeddings, attention sinks).
 
 Weights are a plain dict pytree (see `param_shapes`), passed to jitted functions as arguments, never
 baked into the HLO. Two entry points share every layer but attention:
@@ -110,8 +110,15 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"router": (n, h, e), "moe_gate": (n, e, h, mi), "moe_up": (n, e, h, mi), "moe_down": (n, e, mi, h)}
         if cfg.shared_expert_intermediate_size:
             layers[moe.SHARED_GATE] = (n, h, 1)
+        if cfg.moe_bias:
+            layers |= {"router_bias": (n, e), "moe_gate_bias": (n, e, mi), "moe_up_bias": (n, e, mi),
+                       "moe_down_bias": (n, e, h)}
     if cfg.attention_bias:
         layers |= {"bq": (n, cfg.q_size), "bk": (n, cfg.kv_size), "bv": (n, cfg.kv_size)}
+    if cfg.attention_out_bias:
+        layers["bo"] = (n, h)
+    if cfg.attention_sinks:
+        layers["sinks"] = (n, cfg.num_heads)
     if cfg.qk_norm:
         layers |= {"q_norm": (n, cfg.head_dim), "k_norm": (n, cfg.head_dim)}
     if cfg.sandwich_norms:
@@ -174,8 +181,9 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attenti
     return jnp.concatenate(rotated + passed, axis=-1).astype(x.dtype)
 
 
-# (layer index, sliding window, q [T, Hq, D], k/v [T, Hkv, D], carry) -> (out [T, Hq, D], carry)
-AttentionFn = Callable[[jax.Array, Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+# (layer index, sliding window, attention sinks [Hq] float32 or None, q [T, Hq, D], k/v [T, Hkv, D], carry)
+#   -> (out [T, Hq, D], carry)
+AttentionFn = Callable[[jax.Array, Any, Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 # The window of a global layer among windowed ones (Gemma 3): wider than any context.
 NO_WINDOW = 1 << 30
@@ -190,6 +198,21 @@ def layer_window(cfg: LlamaConfig, windowed: jax.Array | None):
     if cfg.mixed_windows:
         return jnp.where(windowed, jnp.int32(cfg.sliding_window), jnp.int32(NO_WINDOW))
     return cfg.sliding_window
+
+
+def gated_activation(cfg: LlamaConfig) -> moe.Glu:
+    """The gated MLP's (gate, up) -> down input: act(gate) * up, or gpt-oss's clamped SwiGLU."""
+    if cfg.hidden_act == "swiglu_oai":
+        alpha, limit = cfg.swiglu_alpha, cfg.swiglu_limit
+
+        def clamped(gate, up):
+            gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+            return (up + 1) * gate * jax.nn.sigmoid(gate * alpha)
+
+        return clamped
+    if cfg.hidden_act == "gelu_tanh":
+        return lambda gate, up: jax.nn.gelu(gate, approximate=True) * up
+    return moe.swiglu
 
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
@@ -209,7 +232,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         num_adapters = next(iter(lora.values()))["a"].shape[1]
         onehot = adapter_ids[:, None] == jnp.arange(1, num_adapters + 1, dtype=jnp.int32)[None, :]  # [T, N]
 
-    act = functools.partial(jax.nn.gelu, approximate=True) if cfg.hidden_act == "gelu_tanh" else jax.nn.silu
+    glu = gated_activation(cfg)
 
     def layer(state, xs):
         x, carry = state
@@ -233,18 +256,21 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
         q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
         v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        o, carry = attend(i, layer_window(cfg, is_windowed), q, k, v, carry)
+        sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
+        o, carry = attend(i, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
         o = proj(o.reshape(t, cfg.q_size), "wo")
+        if cfg.attention_out_bias:
+            o = o + p["bo"]
         x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         h = rms_norm(x, p["mlp_norm"], eps)
         o = down_in = None
         if cfg.mlp_intermediate_size:  # the dense MLP, or a MoE model's shared expert
-            down_in = act(proj(h, "w_gate")) * proj(h, "w_up")
+            down_in = glu(proj(h, "w_gate"), proj(h, "w_up"))
             o = proj(down_in, "w_down")
         if cfg.num_experts:
             if o is not None:
                 o = o * jax.nn.sigmoid(h @ p[moe.SHARED_GATE])
-            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, act, cfg.moe_grouped)
+            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, glu, cfg.moe_grouped)
             o = routed if o is None else o + routed
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
@@ -331,13 +357,13 @@ def forward(
     # layers (Gemma 3) pass it per layer as a traced scalar.
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
-    def local_attention(i, window, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+    def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
         window = window if cfg.mixed_windows else static_window
         kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
-            decode_only=decode_only, **kv_quant.scale_kwargs(kv),
+            decode_only=decode_only, sinks=sinks if cfg.attention_sinks else None, **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 
@@ -350,12 +376,12 @@ def forward(
         kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), heads, heads, heads, kv_specs, P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P()),
             out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
 
-    def attend(i, window, q, k, v, kv):
+    def attend(i, window, sinks, q, k, v, kv):
         slots, page_indices, layer = inputs.slot_mapping, inputs.page_indices, i
         if layout is not None:  # this layer's entries of the one stacked array: its table shifted by its base
             windowed = jnp.asarray(layout.windowed)[i]
@@ -365,7 +391,8 @@ def forward(
             page_indices = jnp.where(windowed, inputs.window_page_indices, page_indices) + base
             layer = jnp.int32(0)
         return local_attention(
-            layer, window if cfg.mixed_windows else jnp.int32(0), q, k, v, kv, slots, inputs.kv_lens,
+            layer, window if cfg.mixed_windows else jnp.int32(0),
+            jnp.zeros((cfg.num_heads,), jnp.float32) if sinks is None else sinks, q, k, v, kv, slots, inputs.kv_lens,
             page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
 
@@ -375,8 +402,10 @@ def forward(
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,
-                           sm_scale: float | None = None, soft_cap: float | None = None) -> jax.Array:
-    """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]."""
+                           sm_scale: float | None = None, soft_cap: float | None = None,
+                           sinks: jax.Array | None = None) -> jax.Array:
+    """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. sinks [Hq]: one
+    more logit per head in each softmax, with no value (gpt-oss)."""
     t, hq, d = q.shape
     group = hq // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
@@ -388,13 +417,19 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
     mask = ki <= qi
     if sliding_window is not None:
         mask &= ki > qi - sliding_window
-    probs = jax.nn.softmax(jnp.where(mask[None], scores, -jnp.inf), axis=-1)
+    scores = jnp.where(mask[None], scores, -jnp.inf)
+    if sinks is not None:  # the sink's column joins the softmax and is dropped after it
+        sink_col = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None, None], (hq, t, 1))
+        probs = jax.nn.softmax(jnp.concatenate([scores, sink_col], axis=-1), axis=-1)[..., :t]
+    else:
+        probs = jax.nn.softmax(scores, axis=-1)
     return jnp.einsum("hqk,khd->qhd", probs, v.astype(jnp.float32)).astype(q.dtype)
 
 
 def _dense_attend(cfg: LlamaConfig) -> AttentionFn:
     """The decoder's attention over one sequence's own K/V (no cache): the dense reference paths."""
-    return lambda i, w, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap), c)
+    return lambda i, w, sinks, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap, sinks),
+                                            c)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -1,9 +1,10 @@
-"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE, Qwen3-MoE): a router picks each token's top-k experts.
+"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): a router picks each token's top-k experts.
 
 Weights of one layer (leaves of the stacked layer pytree, [L] first there):
   router [H, E]; moe_gate, moe_up [E, H, I]; moe_down [E, I, H] (I: one expert's intermediate size);
   Qwen2-MoE's shared expert: the dense MLP's w_gate / w_up / w_down, scaled per token by sigmoid(x @ shared_gate),
-  shared_gate [H, 1].
+  shared_gate [H, 1]; gpt-oss's biases (`LlamaConfig.moe_bias`): router_bias [E], moe_gate_bias, moe_up_bias [E, I],
+  moe_down_bias [E, H].
 
 Two ways to run a layer, the same results (tested against each other and float64 numpy on fresh random input):
   - `grouped_moe`: the (token, expert) pairs sorted by expert, each projection one grouped matmul over the experts'
@@ -26,13 +27,25 @@ import jax.numpy as jnp
 from models.quant import OFFSET_SUFFIX, SCALE_SUFFIX, dequantize_int4
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
+MOE_BIAS_KEYS = ("router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias")
 SHARED_GATE = "shared_gate"
 
+# The gated activation: (gate projection, up projection) -> the down projection's input (models.llama.gated_activation).
+Glu = Callable[[jax.Array, jax.Array], jax.Array]
 
-def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool) -> tuple[jax.Array, jax.Array]:
-    """(weights [T, k] float32, experts [T, k] int32): softmax over the router's logits, the k largest, renormalized
-    to sum to 1 when `norm_topk_prob` (Mixtral's softmax over its top-k logits is the same thing)."""
-    probs = jax.nn.softmax(jnp.dot(h, router, preferred_element_type=jnp.float32), axis=-1)
+
+def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
+    """Llama's, Mixtral's and Qwen's gated activation."""
+    return jax.nn.silu(gate) * up
+
+
+def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool,
+          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """(weights [T, k] float32, experts [T, k] int32): softmax over the router's logits (plus `bias`), the k largest,
+    renormalized to sum to 1 when `norm_topk_prob` (Mixtral's and gpt-oss's softmax over the top-k logits is the
+    same thing)."""
+    logits = jnp.dot(h, router, preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(logits if bias is None else logits + bias.astype(jnp.float32), axis=-1)
     weights, experts = jax.lax.top_k(probs, top_k)
     if norm_topk_prob:
         weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
@@ -51,15 +64,21 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
     return (y * scales(p[name + SCALE_SUFFIX])).astype(x.dtype)
 
 
-def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable, grouped: bool) -> jax.Array:
+def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu, grouped: bool) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights."""
-    return (grouped_moe if grouped else dense_moe)(h, p, top_k, norm_topk_prob, act)
+    return (grouped_moe if grouped else dense_moe)(h, p, top_k, norm_topk_prob, glu)
 
 
-def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
+    """y plus expert projection `name`'s bias (`rows(bias)`: each row's, broadcast against y), where it has one."""
+    bias = p.get(name + "_bias")
+    return y if bias is None else y + rows(bias).astype(y.dtype)
+
+
+def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, num_experts = h.shape[0], p["router"].shape[-1]
-    weights, experts = route(h, p["router"], top_k, norm_topk_prob)
+    weights, experts = route(h, p["router"], top_k, norm_topk_prob, p.get("router_bias"))
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
     order = jnp.argsort(flat)  # stable: a group's rows keep token order
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
@@ -68,22 +87,28 @@ def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Ca
     def grouped(x, w, **kw):
         return jax.lax.ragged_dot(x, w, sizes, **kw)
 
-    def row_scales(s):  # each row's expert's scales
+    def row_scales(s):  # each row's expert's scales (or biases)
         return s[flat[order]]
 
-    hidden = (act(_experts_matmul(grouped, rows, p, "moe_gate", row_scales))
-              * _experts_matmul(grouped, rows, p, "moe_up", row_scales))
-    out = _experts_matmul(grouped, hidden, p, "moe_down", row_scales)  # [T * k, H]
+    def project(x, name):
+        return _plus_bias(_experts_matmul(grouped, x, p, name, row_scales), p, name, row_scales)
+
+    out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
-def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, act: Callable) -> jax.Array:
+def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu) -> jax.Array:
     """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
-    weights, experts = route(h, p["router"], top_k, norm_topk_prob)
+    weights, experts = route(h, p["router"], top_k, norm_topk_prob, p.get("router_bias"))
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
     every = functools.partial(jnp.einsum, "th,ehi->tei")
-    hidden = act(_experts_matmul(every, h, p, "moe_gate")) * _experts_matmul(every, h, p, "moe_up")
-    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), hidden, p, "moe_down")
+
+    def per_expert(b):  # [E, out] -> [1, E, out]: every token's row of each expert
+        return b[None]
+
+    gate, up = (_plus_bias(_experts_matmul(every, h, p, name), p, name, per_expert) for name in ("moe_gate", "moe_up"))
+    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), glu(gate, up), p, "moe_down")
+    out = _plus_bias(out, p, "moe_down", per_expert)
     return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

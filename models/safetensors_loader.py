@@ -50,6 +50,18 @@ GEMMA_NAMES = {
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
+# gpt-oss: every projection with a bias, a sink logit per head, experts stored together as [E, in, out] with gate and
+# up fused and interleaved column by column (`_from_hf` puts them in torch orientation, gate rows then up rows), as
+# bfloat16 or as MXFP4 (`<name>_blocks`, `<name>_scales`: `dequantize_mxfp4`).
+GPT_OSS_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
+    "bo": "model.layers.{i}.self_attn.o_proj.bias", "sinks": "model.layers.{i}.self_attn.sinks",
+    "router": "model.layers.{i}.mlp.router.weight", "router_bias": "model.layers.{i}.mlp.router.bias",
+    "moe_gate_up": "model.layers.{i}.mlp.experts.gate_up_proj",
+    "moe_gate_up_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
+    "moe_down": "model.layers.{i}.mlp.experts.down_proj", "moe_down_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
+}
+# MXFP4's 4-bit values (e2m1), by code: the sign is the high bit.
+FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -109,15 +121,19 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
             shard_of.update(dict.fromkeys(f.keys(), (path, f)))
 
         def read(key: str, name: str) -> np.ndarray:
+            return _from_hf(cfg, key, get(name))
+
+        def get(name: str) -> np.ndarray:
+            if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
+                return np.swapaxes(dequantize_mxfp4(get(name + "_blocks"), get(name + "_scales")), -1, -2)
             if name not in shard_of:
                 raise CheckpointError(f"{directory}: missing tensor {name!r}")
             path, f = shard_of[name]
             try:
                 with jax.default_device(host):
-                    arr = np.asarray(f.get_tensor(name))
+                    return np.asarray(f.get_tensor(name))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
-            return _from_hf(cfg, key, arr)
 
         return cfg, assemble(cfg, hf_names(cfg), read, dtype)
 
@@ -125,14 +141,36 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
 def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     """The HF tensor names of an architecture's weights (our key, or a fused one, -> name, `{i}` the layer, `{e}` the
     expert)."""
-    return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES}.get(
+    return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
+            "gpt_oss": GPT_OSS_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
 def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """A stored tensor as `weights.assemble` reads it (torch orientation)."""
     # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
     # (llama.cpp's GGUFs store 1 + w too).
-    return arr.astype(np.float32) + 1.0 if cfg.architecture in ("gemma2", "gemma3") and key in NORM_KEYS else arr
+    if cfg.architecture in ("gemma2", "gemma3") and key in NORM_KEYS:
+        return arr.astype(np.float32) + 1.0
+    if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):
+        arr = np.swapaxes(arr, -1, -2)  # [E, in, out] -> [E, out, in]
+    if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_gate_up_bias"):
+        rows = -2 if key == "moe_gate_up" else -1  # gate and up interleaved -> gate rows, then up rows
+        arr = np.concatenate([arr.take(range(0, arr.shape[rows], 2), axis=rows),
+                              arr.take(range(1, arr.shape[rows], 2), axis=rows)], axis=rows)
+    return arr
+
+
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OCP MXFP4 (gpt-oss's experts): blocks [..., G, 16] uint8, two e2m1 values a byte (low nibble first), and
+    scales [..., G] uint8, a power of two per 32 values (exponent + 127) -> float32 [..., G * 32]."""
+    blocks, scales = np.asarray(blocks, np.uint8), np.asarray(scales, np.uint8)
+    if blocks.shape[:-1] != scales.shape:
+        raise CheckpointError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match")
+    values = np.stack([FP4_E2M1[blocks & 0x0F], FP4_E2M1[blocks >> 4]], axis=-1)  # [..., G, 16, 2]
+    values = values.reshape(*scales.shape, -1)  # [..., G, 32]
+    out = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
+    return out.reshape(*scales.shape[:-1], -1)
 
 
 def params_from_state_dict(cfg: LlamaConfig, tensors: Mapping[str, Any], dtype: Any = np.float32) -> dict:

@@ -100,6 +100,10 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
         "router": P(), "shared_gate": P(),
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
+        # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);
+        # gate / up biases split with their outputs; a sink per query head, with its head.
+        "bo": P(), "sinks": P(None, AXIS), "router_bias": P(), "moe_gate_bias": P(None, None, AXIS),
+        "moe_up_bias": P(None, None, AXIS), "moe_down_bias": P(),
     }
     for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()

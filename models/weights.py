@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from models.config import LlamaConfig
-from models.moe import MOE_KEYS, SHARED_GATE
+from models.moe import MOE_BIAS_KEYS, MOE_KEYS, SHARED_GATE
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
@@ -21,15 +21,19 @@ QK_NORM_KEYS = ("q_norm", "k_norm")
 SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", *MOE_KEYS, SHARED_GATE})
-# Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj), their output rows stacked in this
-# order. A fused key in a name table takes the place of its parts; the model keeps the parts (no change to the forward).
-FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+# Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
+# and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
+# the model keeps the parts (no change to the forward).
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up"), "moe_gate_up": ("moe_gate", "moe_up"),
+         "moe_gate_up_bias": ("moe_gate_bias", "moe_up_bias")}
 
 
 def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
     """The output rows of each part of a fused tensor."""
     if fused == "wqkv":
         return cfg.q_size, cfg.kv_size, cfg.kv_size
+    if fused.startswith("moe_"):
+        return cfg.moe_intermediate_size, cfg.moe_intermediate_size
     return cfg.mlp_intermediate_size, cfg.mlp_intermediate_size
 
 
@@ -37,8 +41,10 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     """The per-layer weights a config needs."""
     keys = LAYER_KEYS if cfg.mlp_intermediate_size else tuple(k for k in LAYER_KEYS if k not in ("w_gate", "w_up", "w_down"))
     if cfg.num_experts:
-        keys += MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size else ())
-    return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
+        keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size else ())
+                 + (MOE_BIAS_KEYS if cfg.moe_bias else ()))
+    return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
+            + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
 
 
@@ -59,13 +65,15 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
         return np.swapaxes(arr, -1, -2) if key in TRANSPOSED else arr
 
     def load_fused(fused: str, i: int) -> list[np.ndarray]:
-        """Layer i's fused tensor cut into its parts, [in, rows] each."""
+        """Layer i's fused tensor cut into its parts: [(E,) in, rows] each, or [(E,) rows] for biases."""
         name = names[fused].format(i=i)
         arr, rows = read(fused, name), fused_rows(cfg, fused)
-        if arr.shape[0] != sum(rows):
-            raise ValueError(f"tensor {name!r} has {arr.shape[0]} rows, the config needs "
+        axis = -1 if fused.endswith("_bias") else -2  # torch orientation: a matrix's rows are its outputs
+        if arr.shape[axis] != sum(rows):
+            raise ValueError(f"tensor {name!r} has {arr.shape[axis]} rows, the config needs "
                              f"{' + '.join(map(str, rows))} ({', '.join(FUSED[fused])})")
-        return [np.swapaxes(part, -1, -2) for part in np.split(arr, np.cumsum(rows)[:-1])]
+        parts = np.split(arr, np.cumsum(rows)[:-1], axis=axis)
+        return parts if axis == -1 else [np.swapaxes(part, -1, -2) for part in parts]
 
     def stacked(keys: tuple[str, ...], load_layer: Callable[[int], list[np.ndarray]]) -> dict[str, np.ndarray]:
         """{key: [L, ...]}, load_layer(i) giving layer i's array of each key."""

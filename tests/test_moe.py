@@ -33,8 +33,8 @@ def test_grouped_and_dense_experts_match_float64(seed):
     p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
     norm = bool(rng.integers(2))
-    fast = moe.grouped_moe(x, p, top_k, norm, jax.nn.silu)
-    ref = moe.dense_moe(x, p, top_k, norm, jax.nn.silu)
+    fast = moe.grouped_moe(x, p, top_k, norm, moe.swiglu)
+    ref = moe.dense_moe(x, p, top_k, norm, moe.swiglu)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # ... and against plain float64 numpy, one token and one expert at a time
     x64, p64 = np.asarray(x, np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -238,8 +238,8 @@ def test_quantized_experts_equal_the_dequantized_weights(grouped, method):
     deq = quant.dequantize_params({"layers": q})["layers"]
     run = moe.grouped_moe if grouped else moe.dense_moe
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
-    got = run(x, {k: jnp.asarray(v[0]) for k, v in q.items()}, 2, True, jax.nn.silu)
-    want = run(x, {k: jnp.asarray(v[0]) for k, v in deq.items()}, 2, True, jax.nn.silu)
+    got = run(x, {k: jnp.asarray(v[0]) for k, v in q.items()}, 2, True, moe.swiglu)
+    want = run(x, {k: jnp.asarray(v[0]) for k, v in deq.items()}, 2, True, moe.swiglu)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     steps = 127 if method == "int8" else 7  # half of the range over 15 steps
     assert np.abs(np.asarray(deq["moe_down"]) - stacked["moe_down"]).max() <= np.abs(stacked["moe_down"]).max() / steps

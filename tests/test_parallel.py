@@ -65,7 +65,21 @@ def tiny_qwen2_moe():
     return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.5), tokenizer
 
 
-@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe], ids=["llama", "gemma3", "qwen2_moe"])
+def tiny_gpt_oss():
+    """Random gpt-oss (sinks per query head, biases on every projection and expert, clamped SwiGLU, windowed layers)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="gpt_oss", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=32,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=512, attention_bias=True,
+                      attention_out_bias=True, attention_sinks=True, sliding_window=20, sliding_layers=(True, False),
+                      hidden_act="swiglu_oai", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                      moe_bias=True)
+    params = llama.init_params(cfg, jax.random.key(6), scale=0.5)
+    sinks = jax.random.normal(jax.random.key(7), params["layers"]["sinks"].shape) * 2  # sinks that take real weight
+    return cfg, {**params, "layers": {**params["layers"], "sinks": sinks}}, tokenizer
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss],
+                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss"])
 def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running

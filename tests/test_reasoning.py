@@ -47,3 +47,43 @@ def test_any_streamed_pieces_add_up_to_the_whole_reply_and_never_show_a_partial_
         thinking, answer = thinking + t, answer + a
     want_thinking, want_answer = split(text, parser)
     assert (thinking, answer) == (want_thinking or "", want_answer), (parser, pieces)
+
+
+# gpt-oss's harmony replies, as the server decodes them (special tokens kept); <|return|> ends the reply as a stop token
+HARMONY = [
+    ("<|channel|>analysis<|message|>User wants the capital.<|end|><|start|>assistant<|channel|>final<|message|>Paris.",
+     ("User wants the capital.", "Paris.")),
+    ("<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>analysis<|message|>b<|end|>"
+     "<|start|>assistant<|channel|>final<|message|>c", ("a\n\nb", "c")),  # thoughts joined by a blank line
+    ("<|channel|>final<|message|>No thinking.", (None, "No thinking.")),
+    ("Plain text, no header.", (None, "Plain text, no header.")),
+    ("<|channel|>analysis<|message|>ran out while thin", ("ran out while thin", "")),
+    ("<|channel|>analysis<|message|>weather?<|end|><|start|>assistant<|channel|>commentary to=functions.get_weather "
+     '<|constrain|>json<|message|>{"city": "Paris"}<|call|>',
+     ("weather?", '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>')),
+    ("<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant to=functions.lookup<|channel|>commentary"
+     ' json<|message|>{"q": 1}<|call|>',  # a preamble, then a call whose recipient comes with the role
+     (None, 'Let me check.<tool_call>{"name": "lookup", "arguments": {"q": 1}}</tool_call>')),
+    ("<|channel|>final<|message|>x<|end|><|start|>assistant<|chan", (None, "x")),  # a header cut off: dropped
+]
+
+
+def test_harmony_whole_replies():
+    for text, want in HARMONY:
+        assert split(text, "gpt_oss") == want, text
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_harmony_streamed_in_any_pieces_adds_up_and_never_shows_a_marker(seed):
+    rng = random.Random(seed)
+    text, _ = rng.choice(HARMONY)
+    text += rng.choice(["", "<|end|><|start|>assistant<|channel|>final<|message|> more", "<|"])
+    cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randrange(0, 12))))
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    stream, thinking, answer = ReasoningStream("gpt_oss"), "", ""
+    for i, piece in enumerate(pieces):
+        t, a = stream.feed(piece, finished=i == len(pieces) - 1)
+        assert "<|" not in t + a or i == len(pieces) - 1, (pieces, t, a)
+        thinking, answer = thinking + t, answer + a
+    want_thinking, want_answer = split(text, "gpt_oss")
+    assert (thinking, answer) == (want_thinking or "", want_answer), pieces

@@ -109,7 +109,8 @@ class _FakeTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(i) for i in ids)
 
-    def encode_chat(self, messages, add_generation_prompt=True, raw=False):
+    def encode_chat(self, messages, add_generation_prompt=True, raw=False, **variables):
+        self.variables = variables  # the template's other variables (tools, reasoning_effort, ...), for tests to read
         if raw:  # chat_template_kwargs {"raw": true}: the last message as it is, so the fake's echo is a chosen reply
             return self.encode(messages[-1]["content"])
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
@@ -127,6 +128,8 @@ class _FakeEngine:
         self.scheduler = SimpleNamespace(waiting=[])
         self.step_s = step_s
         self.live: dict = {}
+        self.params_seen: list = []
+        self.finish_reason = "length"  # of every request at max_tokens ("stop": as if its last token were a stop token)
         self.num_aborted = 0
         self.num_steps = 0
         self._events = []
@@ -147,6 +150,7 @@ class _FakeEngine:
         self.priorities[request_id] = priority
         self.adapter_of[request_id] = adapter
         self.live[request_id] = (list(prompt_ids), params, [])
+        self.params_seen.append(params)
         self._events.append(CacheEvent("stored", (len(self.live),), None, namespace))
         return request_id
 
@@ -170,7 +174,7 @@ class _FakeEngine:
             done = len(out) >= params.max_tokens
             if done:
                 del self.live[rid]
-            outs.append(RequestOutput(rid, chr(out[-1]), [out[-1]], done, "length" if done else None,
+            outs.append(RequestOutput(rid, chr(out[-1]), [out[-1]], done, self.finish_reason if done else None,
                                       self.tokenizer.decode(out), list(out), len(prompt), 0, ttft_s=0.01,
                                       e2e_s=0.02 if done else None))
         return outs
@@ -208,6 +212,8 @@ def fake_app():
     ("qwen3", "<think>plan it</think>\n\nThe answer.", "plan it", "The answer."),
     ("qwen3", "No thinking.", None, "No thinking."),
     ("deepseek_r1", "steps</think>Done.", "steps", "Done."),
+    ("gpt_oss", "<|channel|>analysis<|message|>plan<|end|><|start|>assistant<|channel|>final<|message|>Done.", "plan",
+     "Done."),
 ])
 def test_reasoning_parser_splits_chat_replies_whole_and_streamed(parser, reply, thinking, answer):
     """server.reasoning_parser: the thinking comes as `reasoning_content` and the rest as `content`, in a whole
@@ -235,6 +241,46 @@ def test_reasoning_parser_splits_chat_replies_whole_and_streamed(parser, reply, 
         assert streamed == {"reasoning_content": thinking or "", "content": answer}
         tokens = client.post("/tokenize", json={"messages": body["messages"], "chat_template_kwargs": {"raw": True}})
         assert tokens.json()["count"] == len(reply)
+
+
+def test_gpt_oss_tool_calls_and_reasoning_effort():
+    """server.reasoning_parser gpt_oss: a harmony reply's message to functions.NAME is a tool call (whole and
+    streamed), its analysis the reasoning; chat requests keep special tokens in their text (the markers are special
+    tokens); reasoning_effort reaches the chat template."""
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.server import create_app
+
+    reply = ("<|channel|>analysis<|message|>Need the weather.<|end|><|start|>assistant<|channel|>commentary "
+             'to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}<|call|>')
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    config = EngineConfig(server=ServerConfig(model_name="fake", api_key=None, reasoning_parser="gpt_oss"))
+    body = {"model": "fake", "messages": [{"role": "user", "content": reply}], "max_tokens": len(reply),
+            "chat_template_kwargs": {"raw": True}, "tools": tools}
+    fake = _FakeEngine()
+    fake.max_model_len, fake.finish_reason = 1024, "stop"  # <|call|> is a stop token
+    with TestClient(create_app(AsyncEngine(fake), config, api_key=None)) as client:
+        r = client.post("/v1/chat/completions", json=body).json()
+        message, finish = r["choices"][0]["message"], r["choices"][0]["finish_reason"]
+        assert message["reasoning_content"] == "Need the weather." and not message.get("content")
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+            ("get_weather", {"city": "Paris"})] and finish == "tool_calls"
+        names, arguments = [], ""
+        with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    for call in json.loads(line[6:])["choices"][0]["delta"].get("tool_calls") or []:
+                        names += [call["function"]["name"]] if call["function"].get("name") else []
+                        arguments += call["function"].get("arguments") or ""
+        assert names == ["get_weather"] and json.loads(arguments) == {"city": "Paris"}
+        assert fake.params_seen and not any(p.skip_special_tokens for p in fake.params_seen)
+        client.post("/v1/chat/completions", json={**body, "reasoning_effort": "high"})
+        assert fake.tokenizer.variables["reasoning_effort"] == "high"
+        client.post("/v1/completions", json={"model": "fake", "prompt": "abc", "max_tokens": 2})
+        assert fake.params_seen[-1].skip_special_tokens  # completions are not chat replies: as the request says
 
 
 def test_fake_engine_completion_stream_and_usage(fake_app):

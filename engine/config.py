@@ -39,12 +39,15 @@ class ModelSpec:
     # "int4": the projections' weights in 4 bits, a float16 scale and offset per group of quantization_group_size input
     # features (W4A16, GPTQ's and AWQ's layout): ~5 bits a weight with groups of 32, which a GGUF Q4_1 file's blocks
     # come back from exactly; 4.25 with 128.
-    quantization: Literal["none", "int8", "w8a8", "int4"] = "none"
+    # "mxfp4": OCP MXFP4 (gpt-oss's experts): e2m1 codes and a power of two per 32 inputs, 4.25 bits a weight; a
+    # mixture-of-experts model's experts (its other projections keep model.dtype, as gpt-oss's checkpoints have them),
+    # a dense model's projections. An MXFP4 checkpoint's experts come back exactly.
+    quantization: Literal["none", "int8", "w8a8", "int4", "mxfp4"] = "none"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
     # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
     smoothquant_alpha: float = 0.5
-    # With quantization int8, w8a8 or int4, the embedding table and LM head too, in int8 (a scale per vocabulary entry): a large part of a
+    # With quantization int8, w8a8, int4 or mxfp4, the embedding table and LM head too, in int8 (a scale per vocabulary entry): a large part of a
     # small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
     quantize_embeddings: bool = False
     # Mixture-of-experts layers (models/moe.py): "grouped" runs each token's top-k experts as grouped matmuls
@@ -58,7 +61,7 @@ class ModelSpec:
             raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         _positive("model.quantization_group_size", self.quantization_group_size)
         if self.quantize_embeddings and self.quantization == "none":
-            raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8, w8a8 or int4")
+            raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8, w8a8, int4 or mxfp4")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -59,10 +59,11 @@ class ReplicaWeights:
         _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
         if model.quantization != "none":
             t_quant = time.perf_counter()
-            method = "int4" if model.quantization == "int4" else "int8"
+            method = "int8" if model.quantization == "w8a8" else model.quantization
             params = quant.quantize_params(params, method, model.quantization_group_size,
                                            embeddings=model.quantize_embeddings, progress=progress and multihost.is_leader())
-            log.info("%s weights: projections%s quantized in %.1f s", method,
+            log.info("%s weights: %s%s quantized in %.1f s", method,
+                     "experts" if method == "mxfp4" and self.loaded_cfg.num_experts else "projections",
                      ", embeddings and LM head (int8)" if model.quantize_embeddings else "", time.perf_counter() - t_quant)
         return params
 

@@ -564,15 +564,31 @@ def _generation_prompt(body) -> dict:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Chat messages as the chat template reads them: text parts joined, content never missing."""
+    """Chat messages as the chat template reads them: text parts joined, content never missing, an assistant's tool
+    calls' `arguments` as the object their JSON text holds (as vLLM hands them over: templates that write
+    `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again)."""
     out = []
     for m in messages:
         msg = m.model_dump(exclude_none=True)
         if isinstance(m.content, list):
             msg["content"] = "".join(part.text for part in m.content)
         msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
+        if isinstance(msg.get("tool_calls"), list):
+            msg["tool_calls"] = [_parsed_arguments(call) for call in msg["tool_calls"]]
         out.append(msg)
     return out
+
+
+def _parsed_arguments(call):
+    """A tool call whose function's `arguments` is JSON text of an object, with that object instead (else as is)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
 
 
 def _prompt_top(*ks: int | None) -> int | None:

@@ -32,7 +32,7 @@ from models.config import LlamaConfig
 from pallas_kernels import kv_quant
 from models import moe
 from models.lora import lora_delta
-from models.quant import OFFSET_SUFFIX, SCALE_SUFFIX, dequantize_int4
+from models.quant import SCALE_SUFFIX, packed_weight
 from models.weights import NORM_KEYS
 
 Params = dict
@@ -296,10 +296,10 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
 
 def linear(h: jax.Array, p: Params, name: str, int8_activations: bool = False) -> jax.Array:
     """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, int8 ones (a float32
-    scale per output feature) or int4 ones (a float16 scale and offset per group of inputs, dequantized into h's
-    dtype for the matmul); models/quant.py has the formats."""
-    if name + OFFSET_SUFFIX in p:
-        w = dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], h.dtype)
+    scale per output feature) or 4-bit ones (int4: a float16 scale and offset per group of inputs; mxfp4: e2m1 codes
+    and a power of two per group; dequantized into h's dtype for the matmul); models/quant.py has the formats."""
+    w = packed_weight(p, name, h.dtype)
+    if w is not None:
         return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
     if name + SCALE_SUFFIX in p:
         return int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, int8_activations).astype(h.dtype)

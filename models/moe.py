@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from models.quant import OFFSET_SUFFIX, SCALE_SUFFIX, dequantize_int4
+from models.quant import SCALE_SUFFIX, packed_weight
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
 MOE_BIAS_KEYS = ("router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias")
@@ -54,10 +54,11 @@ def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool,
 
 def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s) -> jax.Array:
     """matmul(x, w) with expert weights `name`. int8 experts (models/quant.py) are converted for the matmul and its
-    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale; int4 experts are
-    dequantized into x's dtype."""
-    if name + OFFSET_SUFFIX in p:  # int4 experts: each group of inputs' scale and offset, read into x's dtype
-        return matmul(x, dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], x.dtype))
+    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale; 4-bit experts (int4,
+    mxfp4) are dequantized into x's dtype."""
+    w = packed_weight(p, name, x.dtype)
+    if w is not None:
+        return matmul(x, w)
     if name + SCALE_SUFFIX not in p:
         return matmul(x, p[name])
     y = matmul(x, p[name].astype(x.dtype), preferred_element_type=jnp.float32)

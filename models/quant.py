@@ -24,6 +24,15 @@ its scale's float16 rounding. 4 bits per weight plus 32 bits of scale and offset
 (5 bits with groups of 32, 4.25 with 128), against 8 for int8. Embeddings and the LM head take int8 with
 `model.quantize_embeddings`.
 
+MXFP4 (`model.quantization: mxfp4`, OCP's microscaling format, gpt-oss's experts): each weight a 4-bit e2m1 code
+(sign, 2 exponent bits, 1 mantissa bit: 0, 0.5, 1, 1.5, 2, 3, 4, 6 and their negatives) and each group of 32 input
+features (per output feature) a power-of-two scale, stored as its biased 8-bit exponent (E8M0): `<name>_exponent`
+[L, (E,) in / 32, out], W = E2M1[code] * 2^(exponent - 127); 4.25 bits a weight. A group's exponent puts its largest
+|weight| in [4, 8) of the grid (larger values clamp to 6), codes round to the nearest grid value: weights that MXFP4
+holds exactly (a dequantized gpt-oss checkpoint) come back exactly. A model with experts keeps its other projections
+in model.dtype, as gpt-oss's MXFP4 checkpoints do (attention is a few percent of the weights); a dense model's
+projections all go to MXFP4.
+
 Quantizing is deterministic and happens after loading (any checkpoint) and after the tensor-parallel
 layout is prepared (repeated KV heads quantize alike), before the weights are placed on devices.
 """
@@ -40,7 +49,12 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value
+EXPONENT_SUFFIX = "_exponent"  # mxfp4 weights: a group's power-of-two scale, biased by 127 (E8M0)
 INT4_MAX = 15
+MX_GROUP = 32  # input features per MXFP4 scale (OCP MX)
+# e2m1 values by 4-bit code, the sign in the high bit (MXFP4's elements)
+E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+                       np.float32)
 
 
 def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
@@ -130,9 +144,64 @@ def dequantize_int4(values, scales, offsets, dtype=np.float32):
     return w.reshape(values.shape).astype(dtype)
 
 
+def quantize_weight_mxfp4(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
+    """[L, ..., in, out] float -> (uint4 e2m1 codes of the same shape, uint8 biased exponents [L, ..., in / 32, out]),
+    one layer at a time (the module docstring has the format)."""
+    w = np.asarray(w)
+    codes = np.empty(w.shape, ml_dtypes.uint4)
+    exponents = np.empty((*w.shape[:-2], w.shape[-2] // MX_GROUP, w.shape[-1]), np.uint8)
+    for layer in range(w.shape[0]):
+        q, exponents[layer] = (np.asarray(a) for a in _mxfp4_layer(np.asarray(w[layer], np.float32)))
+        codes[layer] = q.astype(ml_dtypes.uint4)
+        if on_layer is not None:
+            on_layer()
+    return codes, exponents
+
+
+@jax.jit
+def _mxfp4_layer(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """One layer's [..., in, out] float32 -> (codes uint8 in 0..15, biased exponents uint8 [..., in / 32, out])."""
+    *lead, fan_in, fan_out = w.shape
+    x = w.reshape(*lead, fan_in // MX_GROUP, MX_GROUP, fan_out)
+    amax = jnp.abs(x).max(axis=-2)
+    # the largest power of two p with amax / p >= 4 (the grid's top binade is [4, 6]); an all-zero group: p = 1.
+    # frexp, not log2: amax = m * 2^e with m in [0.5, 1) exactly, so floor(log2(amax)) = e - 1 with no rounding.
+    _, e = jnp.frexp(amax)
+    exp = jnp.clip(jnp.where(amax > 0, e - 3, 0), -127, 127).astype(jnp.float32)
+    v = jnp.abs(x) / jnp.exp2(exp)[..., None, :]
+    grid = jnp.asarray(E2M1_VALUES[:8])
+    # the nearest grid value (on a tie the smaller); past 6: 6
+    code = jnp.argmin(jnp.abs(v[..., None] - grid), axis=-1).astype(jnp.uint8)
+    code = code | jnp.where(jnp.signbit(x), jnp.uint8(8), jnp.uint8(0))
+    return code.reshape(w.shape), (exp + 127).astype(jnp.uint8)
+
+
+def dequantize_mxfp4(codes, exponents, dtype=np.float32):
+    """The weights MXFP4 codes and exponents stand for ([..., in, out], numpy or jax arrays alike): what a matmul
+    reads."""
+    xp = jnp if isinstance(codes, jax.Array) else np
+    *lead, fan_in, fan_out = codes.shape
+    groups = exponents.shape[-2]
+    values = xp.asarray(E2M1_VALUES)[codes.astype(xp.int32)].reshape(*lead, groups, fan_in // groups, fan_out)
+    scales = xp.exp2(exponents.astype(xp.float32) - 127)
+    return (values * scales[..., None, :]).reshape(codes.shape).astype(dtype)
+
+
+def packed_weight(p: dict, name: str, dtype):
+    """Projection `name` of `p` as float weights in `dtype` when it is stored in 4 bits (int4 or mxfp4), for the
+    matmul to read; None for float and int8 weights."""
+    if name + OFFSET_SUFFIX in p:
+        return dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], dtype)
+    if name + EXPONENT_SUFFIX in p:
+        return dequantize_mxfp4(p[name], p[name + EXPONENT_SUFFIX], dtype)
+    return None
+
+
 def dequantize_weight(layers: dict, name: str, dtype=np.float32):
-    """Projection `name` of `layers` as the float weights its int8 values and scale (int4: values, scales and offsets)
-    stand for, in `dtype`; numpy or jax arrays alike (a jax array stays on its device)."""
+    """Projection `name` of `layers` as the float weights its int8 values and scale (int4: values, scales and offsets;
+    mxfp4: codes and exponents) stand for, in `dtype`; numpy or jax arrays alike (a jax array stays on its device)."""
+    if name + EXPONENT_SUFFIX in layers:
+        return dequantize_mxfp4(layers[name], layers[name + EXPONENT_SUFFIX], dtype)
     w, scale = layers[name], layers[name + SCALE_SUFFIX]
     if name + OFFSET_SUFFIX in layers:
         return dequantize_int4(w, scale, layers[name + OFFSET_SUFFIX], dtype)
@@ -140,15 +209,23 @@ def dequantize_weight(layers: dict, name: str, dtype=np.float32):
     return (w.astype(xp.float32) * scale[..., None, :]).astype(dtype)
 
 
-def check_group_size(params: dict, group_size: int) -> None:
-    """ValueError naming the first projection whose input features `group_size` does not divide."""
+def check_group_size(params: dict, group_size: int, names=PROJECTIONS + EXPERTS, what="model.quantization_group_size") -> None:
+    """ValueError naming the first projection among `names` whose input features `group_size` does not divide."""
     if group_size < 1:
-        raise ValueError(f"model.quantization_group_size must be positive, got {group_size}")
-    for name in PROJECTIONS + EXPERTS:
+        raise ValueError(f"{what} must be positive, got {group_size}")
+    for name in names:
         w = params["layers"].get(name)
         if w is not None and w.shape[-2] % group_size:
-            raise ValueError(f"model.quantization_group_size={group_size} does not divide {name}'s {w.shape[-2]} input "
-                             f"features; take a divisor of it (32 fits most models)")
+            raise ValueError(f"{what}={group_size} does not divide {name}'s {w.shape[-2]} input features"
+                             + ("; take a divisor of it (32 fits most models)" if what.startswith("model.") else ""))
+
+
+def quantized_names(layers: dict, method: str) -> list[str]:
+    """The projections `method` quantizes: all of them, but for mxfp4 only a mixture-of-experts model's experts."""
+    names = [name for name in PROJECTIONS + EXPERTS if name in layers]  # a MoE model: experts, maybe no dense MLP
+    if method == "mxfp4" and any(name in layers for name in EXPERTS):
+        names = [name for name in EXPERTS if name in layers]
+    return names
 
 
 def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
@@ -166,20 +243,25 @@ def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_params(params: dict, method: str = "int8", group_size: int = 32, embeddings: bool = False,
                     progress: bool = False) -> dict:
-    """The weight pytree with every projection quantized (host arrays): `method` "int8" (`<name>_scale` beside each)
-    or "int4" (groups of `group_size` input features, `<name>_scale` and `<name>_offset` beside each). With
-    `embeddings`, the embedding table and an untied LM head become int8 (either method). `progress`: a bar over the
-    layers' projections (an 8B model's take tens of seconds on the host)."""
+    """The weight pytree with every projection quantized (host arrays): `method` "int8" (`<name>_scale` beside each),
+    "int4" (groups of `group_size` input features, `<name>_scale` and `<name>_offset` beside each) or "mxfp4" (a MoE
+    model's experts, a dense model's projections: `<name>_exponent` beside each). With `embeddings`, the embedding
+    table and an untied LM head become int8 (any method). `progress`: a bar over the layers' projections (an 8B
+    model's take tens of seconds on the host)."""
     from tqdm import tqdm
 
     layers = dict(params["layers"])
-    names = [name for name in PROJECTIONS + EXPERTS if name in layers]  # a MoE model: experts, maybe no dense MLP
+    names = quantized_names(layers, method)
     num_layers = len(layers[names[0]])
     if method == "int4":
         check_group_size(params, group_size)
+    if method == "mxfp4":
+        check_group_size(params, MX_GROUP, names, "MXFP4's group of inputs")
     with tqdm(total=num_layers * len(names), desc=f"{method} weights", unit="matrix", disable=not progress) as bar:
         for name in names:
-            if method == "int4":
+            if method == "mxfp4":
+                layers[name], layers[name + EXPONENT_SUFFIX] = quantize_weight_mxfp4(layers[name], on_layer=bar.update)
+            elif method == "int4":
                 layers[name], layers[name + SCALE_SUFFIX], layers[name + OFFSET_SUFFIX] = quantize_weight_int4(
                     layers[name], group_size, on_layer=bar.update)
             else:
@@ -195,11 +277,13 @@ def quantize_params(params: dict, method: str = "int8", group_size: int = 32, em
 
 
 def dequantize_params(params: dict, dtype=np.float32) -> dict:
-    """Inverse view for tests: every int8 weight times its scale (int4: `dequantize_int4`), in `dtype`, scales dropped."""
+    """Inverse view for tests: every int8 weight times its scale (int4: `dequantize_int4`, mxfp4: `dequantize_mxfp4`),
+    in `dtype`, scales dropped."""
     src = params["layers"]
-    layers = {k: v for k, v in src.items() if not k.endswith((SCALE_SUFFIX, OFFSET_SUFFIX))}
-    host = {k: np.asarray(v) for k, v in src.items() if k.endswith((SCALE_SUFFIX, OFFSET_SUFFIX))}
-    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in src]:
+    suffixes = (SCALE_SUFFIX, OFFSET_SUFFIX, EXPONENT_SUFFIX)
+    layers = {k: v for k, v in src.items() if not k.endswith(suffixes)}
+    host = {k: np.asarray(v) for k, v in src.items() if k.endswith(suffixes)}
+    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in src or n + EXPONENT_SUFFIX in src]:
         layers[name] = dequantize_weight({**host, name: np.asarray(src[name])}, name, dtype)
     out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}
     out["layers"] = layers

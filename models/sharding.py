@@ -109,13 +109,18 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()
     for name in quant.EXPERTS:  # int8 experts' scales [L, E, out]: split with gate's and up's intermediate features
         layer_specs[name + quant.SCALE_SUFFIX] = P() if name == "moe_down" else P(None, None, AXIS)
-    for name in quant.PROJECTIONS + quant.EXPERTS:  # int4 weights' scales and offsets [L, (E,) in / group, out]: split
-        if name + quant.OFFSET_SUFFIX in params["layers"]:  # along with the weight's inputs or outputs, like the weight
-            groups = params["layers"][name + quant.SCALE_SUFFIX].shape[-2]
+    for name in quant.PROJECTIONS + quant.EXPERTS:  # 4-bit weights' per-group arrays [L, (E,) in / group, out]: int4's
+        # scales and offsets, mxfp4's exponents; split along with the weight's inputs or outputs, like the weight
+        mx = name + quant.EXPONENT_SUFFIX in params["layers"]
+        if name + quant.OFFSET_SUFFIX in params["layers"] or mx:
+            groups = params["layers"][name + (quant.EXPONENT_SUFFIX if mx else quant.SCALE_SUFFIX)].shape[-2]
             if layer_specs[name][-2] == AXIS and groups % n:
-                raise ShardingError(f"{name}'s {groups} int4 groups do not split over parallel.tensor={n}: take a "
-                                    "model.quantization_group_size that leaves a multiple of it")
-            layer_specs[name + quant.SCALE_SUFFIX] = layer_specs[name + quant.OFFSET_SUFFIX] = layer_specs[name]
+                raise ShardingError(
+                    f"{name}'s {groups} {'MXFP4' if mx else 'int4'} groups do not split over parallel.tensor={n}: "
+                    + ("each device needs whole groups of 32 inputs" if mx
+                       else "take a model.quantization_group_size that leaves a multiple of it"))
+            for suffix in ((quant.EXPONENT_SUFFIX,) if mx else (quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
+                layer_specs[name + suffix] = layer_specs[name]
     specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)

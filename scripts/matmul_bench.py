@@ -6,7 +6,8 @@
 Each format runs `models.llama.linear`, the engine's own projection code, as the engine does: weights stacked
 [L, in, out] and read one layer at a time under `lax.scan` (per layer, x -> w_up -> w_down, hidden 4096 ->
 intermediate 14336 -> 4096). Formats: `none` (model dtype), `int8` (a float32 scale per output feature, W8A16),
-`int4/32` and `int4/128` (a float16 scale and offset per group of 32 or 128 inputs, W4A16). Each row: median time
+`int4/32` and `int4/128` (a float16 scale and offset per group of 32 or 128 inputs, W4A16), `mxfp4` (e2m1 codes, a
+power of two per 32 inputs; a table lookup where int4 has a multiply-add). Each row: median time
 per layer, the weight bytes it read per second (the format's own bytes, scales included) and that as a fraction of
 the device-to-device copy bandwidth measured at start-up, the speed-up over `none`, XLA's temporary buffer size for
 the whole program (a converted layer's weight materialized before its matmul shows here as about its bf16 size:
@@ -28,7 +29,8 @@ import numpy as np  # noqa: E402
 from models import llama, quant, sharding  # noqa: E402
 from scripts.kernel_bench import measure_ceilings, time_fn  # noqa: E402
 
-FORMATS = {"none": None, "int8": ("int8", 1), "int4/32": ("int4", 32), "int4/128": ("int4", 128)}  # (method, group)
+FORMATS = {"none": None, "int8": ("int8", 1), "int4/32": ("int4", 32), "int4/128": ("int4", 128),
+           "mxfp4": ("mxfp4", 32)}  # (method, group)
 
 
 def stacked_mlp(params: dict, x: jax.Array) -> jax.Array:

@@ -173,6 +173,13 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
         want = model(torch.tensor([ids])).logits[0].numpy()
     got = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # model.quantization: mxfp4 keeps those experts in 4.25 bits and loses nothing: the same weights, bit for bit
+    from models import quant
+
+    packed = quant.quantize_params(params, "mxfp4")["layers"]
+    for name in ("moe_gate", "moe_up", "moe_down"):
+        assert packed[name].dtype == np.dtype("uint4")
+        np.testing.assert_array_equal(quant.dequantize_weight(packed, name), params["layers"][name])
 
 
 def _write_gguf_like_llama_cpp(tensors: dict, cfg: LlamaConfig, path) -> None:
@@ -255,10 +262,10 @@ def test_gguf_in_llama_cpp_layout_loads_as_transformers_runs_it(tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
+@pytest.mark.parametrize("method", ["int8", "int4", "mxfp4"])
 def test_quantized_weights_keep_the_biases_and_sinks(method):
-    """model.quantization on gpt-oss: projections and experts quantized, biases and sinks kept as they are; the
-    quantized forward equals the forward over the dequantized weights."""
+    """model.quantization on gpt-oss: projections and experts quantized (mxfp4: the experts only), biases and sinks
+    kept as they are; the quantized forward equals the forward over the dequantized weights."""
     from models import quant
 
     cfg = LlamaConfig(architecture="gpt_oss", vocab_size=128, hidden_size=64, intermediate_size=32, num_layers=2,
@@ -269,8 +276,28 @@ def test_quantized_weights_keep_the_biases_and_sinks(method):
     q = quant.quantize_params(params, method, group_size=16)
     for name in ("bo", "sinks", "router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias"):
         np.testing.assert_array_equal(q["layers"][name], params["layers"][name])
-    assert q["layers"]["moe_gate" + quant.SCALE_SUFFIX] is not None
+    assert q["layers"]["moe_gate"].dtype == (np.int8 if method == "int8" else np.dtype("uint4"))
+    assert (q["layers"]["wq"].dtype == np.float32) == (method == "mxfp4")  # mxfp4 leaves attention as it is
     ids = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, 24), jnp.int32)
     got = llama.forward_dense(jax.device_put(q), cfg, ids)
     want = llama.forward_dense(jax.device_put(quant.dequantize_params(q)), cfg, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+
+
+def test_mxfp4_round_trip():
+    """quant.quantize_weight_mxfp4: weights MXFP4 holds (any codes, exponents from tiny to huge, all-zero groups) come
+    back exactly; other weights within the grid's spacing (half a step, and under 2 steps where the largest of a
+    group clamps to 6)."""
+    from models import quant
+
+    rng = np.random.default_rng()
+    codes = rng.integers(0, 16, (2, 3, 96, 5)).astype(np.uint8)
+    exponents = rng.integers(90, 170, (2, 3, 3, 5)).astype(np.uint8)
+    codes[0, 0, :32, 0] = 0  # an all-zero group
+    w = quant.dequantize_mxfp4(codes, exponents)
+    np.testing.assert_array_equal(quant.dequantize_mxfp4(*quant.quantize_weight_mxfp4(w)), w)
+    x = rng.normal(size=(2, 64, 24)).astype(np.float32) * np.exp(rng.normal(size=(2, 1, 24)) * 3)
+    back_codes, back_exp = quant.quantize_weight_mxfp4(x)
+    step = np.repeat(np.exp2(back_exp.astype(np.float32) - 127), 32, axis=-2)  # 1 unit of the grid in each group
+    err = np.abs(quant.dequantize_mxfp4(back_codes, back_exp) - x)
+    assert (err <= 2 * step).all() and np.median(err / step) < 0.5

@@ -65,14 +65,14 @@ def tiny_qwen2_moe():
     return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.5), tokenizer
 
 
-def tiny_gpt_oss():
+def tiny_gpt_oss(expert_size: int = 32):
     """Random gpt-oss (sinks per query head, biases on every projection and expert, clamped SwiGLU, windowed layers)."""
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    cfg = LlamaConfig(architecture="gpt_oss", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=32,
-                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=512, attention_bias=True,
-                      attention_out_bias=True, attention_sinks=True, sliding_window=20, sliding_layers=(True, False),
-                      hidden_act="swiglu_oai", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                      moe_bias=True)
+    cfg = LlamaConfig(architecture="gpt_oss", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                      intermediate_size=expert_size, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16,
+                      max_position=512, attention_bias=True, attention_out_bias=True, attention_sinks=True,
+                      sliding_window=20, sliding_layers=(True, False), hidden_act="swiglu_oai", num_experts=4,
+                      num_experts_per_tok=2, moe_intermediate_size=expert_size, moe_bias=True)
     params = llama.init_params(cfg, jax.random.key(6), scale=0.5)
     sinks = jax.random.normal(jax.random.key(7), params["layers"]["sinks"].shape) * 2  # sinks that take real weight
     return cfg, {**params, "layers": {**params["layers"], "sinks": sinks}}, tokenizer
@@ -179,6 +179,22 @@ def test_int4_weights_identical_at_tp_1_and_4(make):
     if make is tiny_model:
         with pytest.raises(sharding.ShardingError, match="wo's 2 int4 groups do not split over parallel.tensor=4"):
             _run(model, 4, num_pages=16, **{**int4, "model.quantization_group_size": 64})
+
+
+def test_mxfp4_experts_identical_at_tp_1_and_2():
+    """MXFP4 experts' exponents split like their weights (a row-parallel weight's groups of 32 inputs whole on each
+    device); attention stays in model.dtype. The same greedy tokens at 1 and 2 devices; 4 would cut groups: refused."""
+    model = tiny_gpt_oss(expert_size=64)
+    mx = {"model.quantization": "mxfp4"}
+    ref, _ = _run(model, 1, num_pages=16, **mx)
+    out, engine = _run(model, 2, num_pages=16, **mx)
+    assert out == ref
+    layers = engine.params["layers"]
+    assert layers["moe_down"].dtype == np.dtype("uint4") and layers["wq"].dtype == np.float32
+    for name in ("moe_gate", "moe_down"):
+        assert tuple(layers[name + "_exponent"].sharding.spec) == tuple(layers[name].sharding.spec)
+    with pytest.raises(sharding.ShardingError, match="moe_down's 2 MXFP4 groups do not split over parallel.tensor=4"):
+        _run(model, 4, num_pages=16, **mx)
 
 
 def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):

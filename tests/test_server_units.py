@@ -449,3 +449,19 @@ def test_a_full_queue_refuses_with_503_and_retry_after():
                 break
             time.sleep(0.02)
         assert client.post("/v1/completions", json={**body, "stream": False, "max_tokens": 2}).status_code == 200
+
+
+def test_tool_call_arguments_reach_the_template_as_objects():
+    """An assistant's tool calls in the history: `arguments` JSON text becomes the object (templates write
+    `arguments | tojson`); text that is not a JSON object stays as it is."""
+    from engine.openai_protocol import ChatMessage
+    from engine.server import template_messages
+
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
+    odd = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}
+    messages = [ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call, odd]}),
+                ChatMessage.model_validate({"role": "tool", "content": "sunny", "tool_call_id": "c1"})]
+    got = template_messages(messages)
+    assert got[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
+    assert got[0]["tool_calls"][1]["function"]["arguments"] == "not json" and got[0]["content"] == ""
+    assert got[1] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}

@@ -83,7 +83,8 @@ class LLMEngine:
         setup_compilation_cache(config.compilation_cache_dir)
         self.dtype = resolve_dtype(config.model.dtype)
         if model is None:
-            model_cfg, params = load_weights(config.model.path, self.dtype)
+            model_cfg, params = load_weights(config.model.path, self.dtype,
+                                             mxfp4_experts=config.model.quantization == "mxfp4")
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
         else:
             model_cfg, params, self.tokenizer = model

@@ -83,7 +83,8 @@ class ReplicaWeights:
             raise ValueError("update_weights is not supported with parallel.num_processes > 1")
         cfg, on_device = self.loaded_cfg, False
         if isinstance(source, str):
-            loaded_cfg, params = load_weights(source, self.dtype)
+            loaded_cfg, params = load_weights(source, self.dtype,
+                                              mxfp4_experts=self.config.model.quantization == "mxfp4")
             differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
             if differ:
                 name = differ[0]

@@ -52,8 +52,9 @@ def checkpoint_kind(path: str) -> str:
     raise CheckpointError(f"{path}: directory holds neither radixlm.json (Orbax) nor config.json (HF safetensors)")
 
 
-def load_weights(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
-    """Config and weights of `dtype` from any supported source (numpy or device arrays)."""
+def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
+    """Config and weights of `dtype` from any supported source (numpy or device arrays). mxfp4_experts: an HF
+    checkpoint's MXFP4 experts stay in MXFP4 (`load_safetensors_dir`; `model.quantization: mxfp4` serves them so)."""
     from models.llama import check_params
 
     path = resolve_path(path)
@@ -69,7 +70,7 @@ def load_weights(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]
     else:
         from models.safetensors_loader import load_safetensors_dir
 
-        cfg, params = load_safetensors_dir(path, dtype)
+        cfg, params = load_safetensors_dir(path, dtype, mxfp4_experts)
     check_params(cfg, params, path)
     return cfg, params
 

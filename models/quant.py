@@ -253,6 +253,8 @@ def quantize_params(params: dict, method: str = "int8", group_size: int = 32, em
     layers = dict(params["layers"])
     names = quantized_names(layers, method)
     num_layers = len(layers[names[0]])
+    if method == "mxfp4":  # experts loaded in MXFP4 already (an MXFP4 checkpoint's) are kept as they are
+        names = [name for name in names if name + EXPONENT_SUFFIX not in layers]
     if method == "int4":
         check_group_size(params, group_size)
     if method == "mxfp4":

@@ -8,7 +8,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+import ml_dtypes
+
 from models.config import LlamaConfig
+from models.quant import EXPERTS, EXPONENT_SUFFIX
 from models.gguf_loader import CheckpointError
 from models.weights import NORM_KEYS, assemble
 
@@ -94,8 +97,12 @@ def _shard_files(directory: str) -> list[str]:
     raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
+def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
     """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory.
+
+    mxfp4_experts: experts the checkpoint stores in MXFP4 (gpt-oss) stay in it, as `model.quantization: mxfp4` holds
+    them (uint4 codes and `<name>_exponent`; models/quant.py), never passing through `dtype` (the host then holds a
+    byte a weight for them, not two).
 
     Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
     host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
@@ -135,7 +142,37 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32) -> tuple[Llama
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
 
-        return cfg, assemble(cfg, hf_names(cfg), read, dtype)
+        names = hf_names(cfg)
+        packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
+                  and names["moe_down"].format(i=0) + "_blocks" in shard_of)
+        params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
+        if packed:
+            params["layers"].update(_mxfp4_experts(cfg, names, get))
+        return cfg, params
+
+
+def _mxfp4_experts(cfg: LlamaConfig, names: Mapping[str, str], get) -> dict[str, np.ndarray]:
+    """gpt-oss's MXFP4 experts as quant's mxfp4 layout: codes [L, E, in, out] uint4, exponents [L, E, in / 32, out],
+    gate and up apart (the checkpoint interleaves their rows). `get(name)` reads a stored tensor."""
+    out: dict[str, np.ndarray] = {}
+
+    def put(key: str, i: int, codes: np.ndarray, exponents: np.ndarray) -> None:  # [E, out, in], [E, out, in / 32]
+        for name, arr in ((key, codes.swapaxes(-1, -2)), (key + EXPONENT_SUFFIX, exponents.swapaxes(-1, -2))):
+            if i == 0:
+                out[name] = np.empty((cfg.num_layers, *arr.shape), ml_dtypes.uint4 if name == key else np.uint8)
+            out[name][i] = arr
+
+    for i in range(cfg.num_layers):
+        for fused, parts in (("moe_gate_up", ("moe_gate", "moe_up")), ("moe_down", ("moe_down",))):
+            name = names[fused].format(i=i)
+            blocks, scales = get(name + "_blocks"), np.asarray(get(name + "_scales"), np.uint8)
+            codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*scales.shape[:-1], -1)  # [E, out, in]
+            if len(parts) == 2:  # rows interleaved gate, up: cut apart
+                for j, part in enumerate(parts):
+                    put(part, i, codes[:, j::2], scales[:, j::2])
+            else:
+                put(parts[0], i, codes, scales)
+    return out
 
 
 def hf_names(cfg: LlamaConfig) -> dict[str, str]:

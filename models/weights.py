@@ -48,9 +48,11 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
 
 
-def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any) -> dict:
+def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any,
+             skip: frozenset[str] = frozenset()) -> dict:
     """`read(key, tensor_name)` -> a float array (any float dtype) in torch orientation; returns the pytree in `dtype`.
-    `key` is ours, or a FUSED key for a fused tensor.
+    `key` is ours, or a FUSED key for a fused tensor. Layer weights in `skip` are left out (the caller reads them
+    its own way).
 
     Each stacked weight is allocated once in `dtype` and filled a layer at a time, so the host holds the weights in
     `dtype` plus one layer's tensor, never a float32 copy of the whole checkpoint (a fused tensor is read once per
@@ -87,6 +89,8 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
 
     layers = {}
     for key in layer_keys(cfg):
+        if key in skip:
+            continue
         fused = next((f for f, parts in FUSED.items() if key in parts and f in names), None)
         if fused is None:
             layers |= stacked((key,), lambda i: [load(key, i)])

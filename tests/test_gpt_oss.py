@@ -177,9 +177,24 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
     from models import quant
 
     packed = quant.quantize_params(params, "mxfp4")["layers"]
+    _, direct = load_weights(str(tmp_path), mxfp4_experts=True)  # read as MXFP4, never dequantized
     for name in ("moe_gate", "moe_up", "moe_down"):
-        assert packed[name].dtype == np.dtype("uint4")
+        assert packed[name].dtype == direct["layers"][name].dtype == np.dtype("uint4")
         np.testing.assert_array_equal(quant.dequantize_weight(packed, name), params["layers"][name])
+        for suffix in ("", quant.EXPONENT_SUFFIX):
+            np.testing.assert_array_equal(direct["layers"][name + suffix], packed[name + suffix])
+    assert quant.quantize_params(direct, "mxfp4")["layers"]["moe_gate"] is direct["layers"]["moe_gate"]  # kept
+    Tokenizer.load(tokenizer_source(SMOLLM2)).save_pretrained(tmp_path)  # any tokenizer: the prompts are ids
+    prompts = [list(rng.integers(1, cfg.vocab_size, n)) for n in (5, 17)]
+    outs = {}
+    for method in ("none", "mxfp4"):  # the engine reads the checkpoint itself: MXFP4 straight to the devices
+        llm = LLM(None, progress=False, **{"model.path": str(tmp_path), "model.quantization": method, "warmup": False,
+                                           "cache.num_pages": 16, "cache.page_size": 8, "model.max_model_len": 64})
+        outs[method] = [o.token_ids for o in llm.generate(prompts, SamplingParams(temperature=0, max_tokens=6,
+                                                                                 ignore_eos=True))]
+        if method == "mxfp4":
+            assert llm.engine.params["layers"]["moe_up"].dtype == np.dtype("uint4")
+    assert outs["mxfp4"] == outs["none"]
 
 
 def _write_gguf_like_llama_cpp(tensors: dict, cfg: LlamaConfig, path) -> None:

@@ -32,6 +32,17 @@ _END_OF_TURN_TOKENS = frozenset({
     "<EOT>", "<|return|>", "<|call|>", "<｜end▁of▁sentence｜>",
 })  # fmt: skip
 
+
+
+def _turn_ends(stop_ids: set[int], text_of: dict[int, str]) -> set[int]:
+    """`stop_ids` but harmony's <|end|> (gpt-oss), which ends each message inside a reply (the thinking, then the
+    answer): a vocabulary with <|return|> and <|call|> ends its replies with those (as llama.cpp does for it)."""
+    texts = {text_of.get(i) for i in stop_ids}
+    if {"<|return|>", "<|call|>"} <= texts:
+        return {i for i in stop_ids if text_of.get(i) != "<|end|>"}
+    return stop_ids
+
+
 # Pre-tokenizer splits for GGUF byte-level vocabularies, by `tokenizer.ggml.pre` (regexes as llama.cpp's
 # llama-vocab.cpp). Each entry: (isolate single digits first, main split regex).
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
@@ -240,6 +251,7 @@ class Tokenizer:
         stop_ids = {token_id(k) for k in ("eot_token_id", "eom_token_id")} - {None}
         stop_ids |= {i for i, (t, k) in enumerate(zip(tokens, token_types))
                      if k == _TOKEN_CONTROL and t in _END_OF_TURN_TOKENS}  # fmt: skip
+        stop_ids = _turn_ends(stop_ids, {i: tokens[i] for i in stop_ids if 0 <= i < len(tokens)})
         return cls(
             backend,
             bos_id=bos_id,
@@ -272,7 +284,7 @@ class Tokenizer:
 
         ids = {name: backend.token_to_id(text) for name, text in names.items()}
         special = backend.special_tokens()
-        stop_ids = {i for i, t in special.items() if t in _END_OF_TURN_TOKENS}
+        stop_ids = _turn_ends({i for i, t in special.items() if t in _END_OF_TURN_TOKENS}, special)
         eos_ids = _read_json(os.path.join(path, "generation_config.json")).get("eos_token_id")
         stop_ids |= set(eos_ids if isinstance(eos_ids, list) else [eos_ids] if eos_ids is not None else [])
         return cls(

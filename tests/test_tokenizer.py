@@ -522,3 +522,25 @@ def test_chat_template_override_inline_or_file(smollm2, tmp_path):
         read_chat_template(str(tmp_path / "missing.jinja"))
     with pytest.raises(ValueError, match="model.chat_template: not a valid Jinja template"):
         read_chat_template("{% for %}")
+
+
+@pytest.mark.parametrize("harmony", [True, False])
+def test_harmony_replies_end_at_return_or_call_not_at_end(tmp_path, harmony):
+    """gpt-oss's <|end|> closes each message inside a reply (its thinking, then its answer): with <|return|> and
+    <|call|> in the vocabulary, those end replies and <|end|> does not. Elsewhere <|end|> ends a turn (Phi-3)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    specials = ["<|end|>", "<|return|>", "<|call|>"] if harmony else ["<|end|>"]
+    hf = HFTokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    hf.add_special_tokens(specials)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = Tokenizer.load(str(tmp_path))
+    stops = {tok.decode([i], skip_special_tokens=False) for i in tok.stop_ids}
+    assert stops == ({"<|return|>", "<|call|>"} if harmony else {"<|end|>"})
+    # a GGUF vocabulary (llama.cpp's gpt-oss files mark them control tokens)
+    tokens = ["a", "b", "ab", *specials]
+    _write_gguf(tmp_path / "h.gguf", **{"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt2",
+                                       "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
+                                       "tokenizer.ggml.token_type": [1, 1, 1] + [3] * len(specials)})
+    assert {tokens[i] for i in Tokenizer.load(tmp_path / "h.gguf").stop_ids} == stops

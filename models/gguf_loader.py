@@ -12,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
+import ml_dtypes
+
 from models.config import ConfigError, LlamaConfig
+from models.quant import EXPERTS, EXPONENT_SUFFIX, MX_GROUP
 from models.weights import assemble
 
 
@@ -74,8 +77,10 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     return w.reshape(num_heads, out // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
-    """Reads config and weights (numpy arrays of `dtype`) from a GGUF file."""
+def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
+    """Reads config and weights (numpy arrays of `dtype`) from a GGUF file. mxfp4_experts: experts stored as MXFP4
+    (gpt-oss files) stay in it, as `model.quantization: mxfp4` holds them (`_mxfp4_experts`), never passing through
+    `dtype`."""
     import gguf
 
     meta, tensors = read_gguf(path)
@@ -112,7 +117,36 @@ def load_gguf(path: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict]:
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
-    return cfg, assemble(cfg, gguf_names(cfg, tensors), read, dtype)
+    names = gguf_names(cfg, tensors)
+    packed = mxfp4_experts and cfg.num_experts and all(
+        tensors[names[key].format(i=i)].tensor_type.name == "MXFP4" for key in EXPERTS for i in range(cfg.num_layers)
+        if names[key].format(i=i) in tensors)
+    params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
+    if packed:
+        params["layers"].update(_mxfp4_experts(cfg, names, tensors, path))
+    return cfg, params
+
+
+def _mxfp4_experts(cfg: LlamaConfig, names: dict[str, str], tensors: dict, path: str) -> dict[str, np.ndarray]:
+    """A file's MXFP4 experts in quant's mxfp4 layout: codes [L, E, in, out] uint4, exponents [L, E, in / 32, out].
+    ggml's block: its exponent byte (the same E8M0 bias), then 16 bytes whose low nibbles are the first 16 codes and
+    high nibbles the last 16 (codes index the same e2m1 values; ggml keeps them doubled, with the scale halved)."""
+    out: dict[str, np.ndarray] = {}
+    for key in EXPERTS:
+        for i in range(cfg.num_layers):
+            name = names[key].format(i=i)
+            if name not in tensors:
+                raise CheckpointError(f"{path}: missing tensor {name!r}")
+            t = tensors[name]
+            blocks = np.asarray(t.data).reshape(*t.shape[:-1], t.shape[-1] // MX_GROUP, 1 + MX_GROUP // 2)
+            qs = blocks[..., 1:]
+            codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(t.shape)  # [E, out, in]
+            for arr, suffix in ((codes, ""), (blocks[..., 0], EXPONENT_SUFFIX)):
+                arr = np.swapaxes(arr, -1, -2)
+                if i == 0:
+                    out[key + suffix] = np.empty((cfg.num_layers, *arr.shape), ml_dtypes.uint4 if not suffix else np.uint8)
+                out[key + suffix][i] = arr
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------

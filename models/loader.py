@@ -53,8 +53,8 @@ def checkpoint_kind(path: str) -> str:
 
 
 def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
-    """Config and weights of `dtype` from any supported source (numpy or device arrays). mxfp4_experts: an HF
-    checkpoint's MXFP4 experts stay in MXFP4 (`load_safetensors_dir`; `model.quantization: mxfp4` serves them so)."""
+    """Config and weights of `dtype` from any supported source (numpy or device arrays). mxfp4_experts: MXFP4 experts
+    (gpt-oss's HF checkpoints and GGUFs) stay in MXFP4 (`model.quantization: mxfp4` serves them so)."""
     from models.llama import check_params
 
     path = resolve_path(path)
@@ -62,7 +62,7 @@ def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False
     if kind == "gguf":
         from models.gguf_loader import load_gguf
 
-        cfg, params = load_gguf(path, dtype)
+        cfg, params = load_gguf(path, dtype, mxfp4_experts)
     elif kind == "orbax":
         from models.checkpoint import load_orbax
 

@@ -275,6 +275,15 @@ def test_gguf_in_llama_cpp_layout_loads_as_transformers_runs_it(tmp_path):
         want = model(torch.tensor([ids])).logits[0].numpy()
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+    # read as MXFP4 (model.quantization: mxfp4): the codes and exponents quantizing the dequantized experts gives
+    from models import quant
+
+    _, direct = load_weights(str(tmp_path / "m.gguf"), mxfp4_experts=True)
+    want_packed = quant.quantize_params(gguf_params, "mxfp4")["layers"]
+    for name in ("moe_gate", "moe_up", "moe_down"):
+        assert direct["layers"][name].dtype == np.dtype("uint4")
+        for suffix in ("", quant.EXPONENT_SUFFIX):
+            np.testing.assert_array_equal(direct["layers"][name + suffix], want_packed[name + suffix])
 
 
 @pytest.mark.parametrize("method", ["int8", "int4", "mxfp4"])

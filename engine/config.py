@@ -54,6 +54,10 @@ class ModelSpec:
     # (lax.ragged_dot), "dense" every expert on every token; "auto": grouped on a GPU or TPU, dense on the CPU (where
     # jax lowers ragged_dot to a dense matmul over every group).
     moe_backend: Literal["auto", "grouped", "dense"] = "auto"
+    # "auto": the sampling the checkpoint recommends (generation_config.json's temperature, top_p, top_k, min_p,
+    # repetition_penalty; a GGUF's general.sampling.*) fills what a request leaves out (vLLM's --generation-config);
+    # "none": SamplingParams' own defaults (temperature 1, no top-k/top-p).
+    generation_config: Literal["auto", "none"] = "auto"
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

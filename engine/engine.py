@@ -45,7 +45,7 @@ from engine.request import RequestError, SamplingParams, Sequence, Status, trunc
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
 from models import sharding
-from models.loader import load_weights, tokenizer_source
+from models.loader import load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
@@ -89,6 +89,12 @@ class LLMEngine:
         else:
             model_cfg, params, self.tokenizer = model
             params = jax.tree.map(lambda a: np.asarray(a, self.dtype), params)
+        # What the checkpoint recommends for the sampling fields a request leaves out (model.generation_config)
+        self.sampling_defaults = (sampling_defaults(config.model.path)
+                                  if model is None and config.model.generation_config == "auto" else {})
+        if self.sampling_defaults:
+            log.info("sampling defaults from the checkpoint (requests that leave them out; model.generation_config: "
+                     "none turns this off): %s", ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
         if config.model.chat_template:
             self.tokenizer = self.tokenizer.with_chat_template(read_chat_template(config.model.chat_template))
         tp = config.parallel.tensor

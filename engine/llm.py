@@ -58,6 +58,12 @@ class LLM:
         self.engine = LLMEngine(config, progress=progress, model=model)
         self.tokenizer = self.engine.tokenizer
 
+    def default_sampling_params(self) -> SamplingParams:
+        """What `generate`, `stream` and `chat` sample with when given no SamplingParams: the checkpoint's recommended
+        sampling (`model.generation_config: auto`: its generation_config.json or GGUF metadata), else
+        SamplingParams' own defaults."""
+        return SamplingParams(**self.engine.sampling_defaults)
+
     def generate(
         self,
         prompts: Seq[str] | Seq[Seq[int]] | str,
@@ -69,7 +75,7 @@ class LLM:
         """Runs every prompt (text or token ids) through the continuous batch; results in input order. `adapter`: one
         of the config's lora.adapters (None: the base model)."""
         prompts = _prompt_list(prompts)
-        params_list = _params_list(params, len(prompts))
+        params_list = _params_list(params, len(prompts), self.default_sampling_params())
         ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, output_kind=OutputKind.FINAL)
                for p, sp in zip(prompts, params_list)]
         finals = self._run(set(ids), progress)
@@ -86,7 +92,7 @@ class LLM:
         holds what its step added (`delta_text`, `delta_token_ids`: OutputKind.DELTA), and each prompt's last one
         (`finished`) its totals. Leaving the loop early (a break, an exception) aborts the prompts not finished."""
         prompts = _prompt_list(prompts)
-        params_list = _params_list(params, len(prompts))
+        params_list = _params_list(params, len(prompts), self.default_sampling_params())
         index: dict[str, int] = {}
         pending: set[str] = set()
         try:
@@ -128,7 +134,7 @@ class LLM:
         prompts = [self.tokenizer.encode_chat(list(messages), **kwargs) for messages in conversations]
         if choice.constraint() is not None:
             params = [dataclasses.replace(p, structured=choice.constrain(p.structured, "structured"))
-                      for p in _params_list(params, len(prompts))]
+                      for p in _params_list(params, len(prompts), self.default_sampling_params())]
         outs = self.generate(prompts, params, namespace, progress, adapter)
         if not choice.active:
             return outs
@@ -235,9 +241,10 @@ def _prompt_list(prompts) -> list:
     return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
 
 
-def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int) -> list[SamplingParams]:
-    """One SamplingParams for every prompt, or one each (ValueError when the counts differ)."""
-    params_list = list(params) if isinstance(params, (list, tuple)) else [params or SamplingParams()] * n
+def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int,
+                 default: SamplingParams) -> list[SamplingParams]:
+    """One SamplingParams for every prompt, or one each (ValueError when the counts differ); None: `default`."""
+    params_list = list(params) if isinstance(params, (list, tuple)) else [params or default] * n
     if len(params_list) != n:
         raise ValueError(f"{n} prompts but {len(params_list)} sampling params")
     return params_list

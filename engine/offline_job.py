@@ -15,7 +15,7 @@ import json
 from engine import structured
 from engine.output import OutputKind
 from engine.reasoning import keeps_special_tokens, split as split_reasoning
-from engine.request import RequestError, SamplingParams
+from engine.request import RequestError, SamplingParams, with_defaults
 
 SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
@@ -62,14 +62,15 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
     return rid, obj, None
 
 
-def sampling_params(obj: dict) -> SamplingParams:
+def sampling_params(obj: dict, defaults: dict | None = None) -> SamplingParams:
+    """A line's SamplingParams; `defaults` (the checkpoint's recommended sampling) fill the fields it leaves out."""
     if obj.get("embed", False) is not False:
         given = sorted((SAMPLING_FIELDS | set(structured.FIELDS)) & set(obj))
         if obj["embed"] is not True or given:
             raise RequestError("'embed' must be true, and an embedding line takes no sampling fields"
                                + (f" (got {given[0]!r})" if given else ""))
         return SamplingParams.embedding()
-    kwargs = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    kwargs = with_defaults({k: obj[k] for k in SAMPLING_FIELDS if k in obj}, defaults or {})
     kwargs.setdefault("max_tokens", DEFAULT_MAX_TOKENS)
     if isinstance(kwargs.get("stop"), str):
         kwargs["stop"] = (kwargs["stop"],)
@@ -105,7 +106,7 @@ class LineJob:
             prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
                                                    continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
-            params = sampling_params(obj)
+            params = sampling_params(obj, getattr(engine, "sampling_defaults", None))
             if "messages" in obj and keeps_special_tokens(self.reasoning_parser):
                 params = dataclasses.replace(params, skip_special_tokens=False)
             engine_id = engine.add_request(prompt, params, namespace=obj.get("cache_salt"),

@@ -48,7 +48,7 @@ from engine import anthropic_messages, openai_responses
 from engine import structured
 from engine.reasoning import keeps_special_tokens
 from engine.tool_calls import ToolChoice
-from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt
+from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt, with_defaults
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     llm = engine.engine
     tokenizer = llm.tokenizer
     max_model_len = llm.max_model_len
+    sampling_defaults = getattr(llm, "sampling_defaults", {})  # the checkpoint's recommended sampling
     max_prompt_len = min(server_cfg.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
     metrics = ServerMetrics(engine.stats)
     engine.on_finished = metrics.on_finished
@@ -141,6 +142,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens and not keep_special,
         )
+        fields = with_defaults(fields, sampling_defaults)
         try:
             fields["structured"] = structured.from_fields(
                 {k: getattr(body, k) for k in structured.FIELDS})

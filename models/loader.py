@@ -80,3 +80,36 @@ def tokenizer_source(path: str) -> str:
     path = resolve_path(path)
     kind = checkpoint_kind(path)
     return os.path.join(path, "tokenizer") if kind == "orbax" else path
+
+
+# A GGUF's recommended sampling (llama.cpp's general.sampling.* keys) -> SamplingParams' fields
+_GGUF_SAMPLING = {"general.sampling.temp": "temperature", "general.sampling.top_p": "top_p",
+                  "general.sampling.top_k": "top_k", "general.sampling.min_p": "min_p",
+                  "general.sampling.penalty_repeat": "repetition_penalty"}
+_HF_SAMPLING = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(path: str) -> dict[str, float | int]:
+    """The sampling a checkpoint recommends (its `generation_config.json`, a GGUF's `general.sampling.*` metadata):
+    SamplingParams fields -> values, {} when it says nothing. Values that are no number are skipped."""
+    import json
+
+    path = resolve_path(path)
+    if checkpoint_kind(path) == "gguf":
+        from models.gguf_loader import read_gguf
+
+        meta, _ = read_gguf(path, tensors=False)
+        found = {field: meta[key] for key, field in _GGUF_SAMPLING.items() if key in meta}
+    else:
+        config = os.path.join(tokenizer_source(path), "generation_config.json")
+        try:
+            with open(config) as f:
+                raw = json.load(f)
+        except (OSError, ValueError):
+            raw = {}
+        found = {field: raw[field] for field in _HF_SAMPLING if field in raw} if isinstance(raw, dict) else {}
+    out: dict[str, float | int] = {}
+    for field, value in found.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[field] = int(value) if field == "top_k" else float(value)
+    return out

@@ -5,6 +5,7 @@ engine's greedy tokens on every attention backend."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import time
 
@@ -185,6 +186,8 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
             np.testing.assert_array_equal(direct["layers"][name + suffix], packed[name + suffix])
     assert quant.quantize_params(direct, "mxfp4")["layers"]["moe_gate"] is direct["layers"]["moe_gate"]  # kept
     Tokenizer.load(tokenizer_source(SMOLLM2)).save_pretrained(tmp_path)  # any tokenizer: the prompts are ids
+    config = json.loads((tmp_path / "generation_config.json").read_text())  # and recommended sampling, as Qwen3's
+    (tmp_path / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.6, "top_k": 20}))
     prompts = [list(rng.integers(1, cfg.vocab_size, n)) for n in (5, 17)]
     outs = {}
     for method in ("none", "mxfp4"):  # the engine reads the checkpoint itself: MXFP4 straight to the devices
@@ -194,6 +197,8 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
                                                                                  ignore_eos=True))]
         if method == "mxfp4":
             assert llm.engine.params["layers"]["moe_up"].dtype == np.dtype("uint4")
+        # model.generation_config auto: the checkpoint's sampling is what a call without SamplingParams samples with
+        assert (llm.default_sampling_params().temperature, llm.default_sampling_params().top_k) == (0.6, 20)
     assert outs["mxfp4"] == outs["none"]
 
 

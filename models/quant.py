@@ -176,13 +176,23 @@ def _mxfp4_layer(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     return code.reshape(w.shape), (exp + 127).astype(jnp.uint8)
 
 
+def _e2m1_values(codes, xp):
+    """E2M1_VALUES[codes] as float32, built from the codes' bits (sign, 2-bit exponent, 1-bit mantissa) rather than
+    looked up: integer ops and a bitcast, which vectorize and fuse where a gather from a table may not."""
+    c = codes.astype(xp.uint32)
+    sign, exp, mantissa = (c >> 3) << 31, (c >> 1) & 3, c & 1
+    normal = ((exp + 126) << 23) | (mantissa << 22)  # (1 + m / 2) * 2^(e - 1)
+    bits = sign | xp.where(exp > 0, normal, mantissa * xp.uint32(0x3F000000))  # e = 0: 0 or 0.5
+    return jax.lax.bitcast_convert_type(bits, jnp.float32) if xp is jnp else bits.view(np.float32)
+
+
 def dequantize_mxfp4(codes, exponents, dtype=np.float32):
     """The weights MXFP4 codes and exponents stand for ([..., in, out], numpy or jax arrays alike): what a matmul
     reads."""
     xp = jnp if isinstance(codes, jax.Array) else np
     *lead, fan_in, fan_out = codes.shape
     groups = exponents.shape[-2]
-    values = xp.asarray(E2M1_VALUES)[codes.astype(xp.int32)].reshape(*lead, groups, fan_in // groups, fan_out)
+    values = _e2m1_values(codes, xp).reshape(*lead, groups, fan_in // groups, fan_out)
     scales = xp.exp2(exponents.astype(xp.float32) - 127)
     return (values * scales[..., None, :]).reshape(codes.shape).astype(dtype)
 

@@ -41,7 +41,8 @@ class ModelSpec:
     # come back from exactly; 4.25 with 128.
     # "mxfp4": OCP MXFP4 (gpt-oss's experts): e2m1 codes and a power of two per 32 inputs, 4.25 bits a weight; a
     # mixture-of-experts model's experts (its other projections keep model.dtype, as gpt-oss's checkpoints have them),
-    # a dense model's projections. An MXFP4 checkpoint's experts come back exactly.
+    # a dense model's projections. An MXFP4 checkpoint's experts come back exactly; other weights lose far more than
+    # under int4 (docs/benchmarks.md).
     quantization: Literal["none", "int8", "w8a8", "int4", "mxfp4"] = "none"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);

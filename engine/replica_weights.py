@@ -60,6 +60,9 @@ class ReplicaWeights:
         if model.quantization != "none":
             t_quant = time.perf_counter()
             method = "int8" if model.quantization == "w8a8" else model.quantization
+            if method == "mxfp4" and not any(k.endswith(quant.EXPONENT_SUFFIX) for k in params["layers"]):
+                log.warning("model.quantization: mxfp4 rounds this checkpoint's float weights to MXFP4, which costs far "
+                            "more accuracy than int4 (docs/benchmarks.md); it is exact for MXFP4 checkpoints (gpt-oss)")
             params = quant.quantize_params(params, method, model.quantization_group_size,
                                            embeddings=model.quantize_embeddings, progress=progress and multihost.is_leader())
             log.info("%s weights: %s%s quantized in %.1f s", method,

@@ -52,6 +52,13 @@ _LLAMA3_SPLIT = (
 _QWEN2_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k's (GPT-4o, gpt-oss, Llama 4): words split at case changes, a contraction kept with its word, "/" after
+# punctuation
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "roberta-bpe"), (False, _GPT2_SPLIT)),
     # NOTE: StarCoder-family vocabularies (SmolLM among them) isolate every digit before the GPT-2 split, as
@@ -59,6 +66,7 @@ _GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone"), (True, _GPT2_SPLIT)),
     **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), (False, _LLAMA3_SPLIT)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (False, _QWEN2_SPLIT)),
+    **dict.fromkeys(("gpt-4o", "llama4"), (False, _GPT4O_SPLIT)),
 }
 
 _SP_MODEL_TYPES = {"llama": "BPE", "t5": "UNIGRAM"}  # GGUF tokenizer.ggml.model -> SentencePiece model type

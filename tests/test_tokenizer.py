@@ -544,3 +544,18 @@ def test_harmony_replies_end_at_return_or_call_not_at_end(tmp_path, harmony):
                                        "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["a b"],
                                        "tokenizer.ggml.token_type": [1, 1, 1] + [3] * len(specials)})
     assert {tokens[i] for i in Tokenizer.load(tmp_path / "h.gguf").stop_ids} == stops
+
+
+def test_gguf_gpt4o_pre_tokenizer_splits_as_o200k(tmp_path):
+    """tokenizer.ggml.pre "gpt-4o" (gpt-oss's GGUFs; "llama4" too): words split where case changes, contractions
+    stay with their word, digits by three, a space before a number on its own; unlike Llama 3's split."""
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab"],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1]}
+    text = "HelloWorld don't 12345 $HOME"
+    splits = {}
+    for pre in ("gpt-4o", "llama3"):
+        _write_gguf(tmp_path / f"{pre}.gguf", **fields, **{"tokenizer.ggml.pre": pre})
+        hf = Tokenizer.load(tmp_path / f"{pre}.gguf")._backend.tokenizer
+        splits[pre] = [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
+    assert splits["gpt-4o"] == ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġ$", "HOME"]
+    assert splits["llama3"] == ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġ$", "HOME"]

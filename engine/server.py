@@ -568,7 +568,8 @@ def _generation_prompt(body) -> dict:
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
     """Chat messages as the chat template reads them: text parts joined, content never missing, an assistant's tool
     calls' `arguments` as the object their JSON text holds (as vLLM hands them over: templates that write
-    `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again)."""
+    `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again), and its
+    `reasoning_content` (or `reasoning`) also as `thinking`."""
     out = []
     for m in messages:
         msg = m.model_dump(exclude_none=True)
@@ -577,6 +578,9 @@ def template_messages(messages: list[ChatMessage]) -> list[dict]:
         msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
         if isinstance(msg.get("tool_calls"), list):
             msg["tool_calls"] = [_parsed_arguments(call) for call in msg["tool_calls"]]
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if msg.get("role") == "assistant" and isinstance(reasoning, str) and reasoning and "thinking" not in msg:
+            msg["thinking"] = reasoning  # the field gpt-oss's template reads (it keeps the thinking of tool-call turns)
         out.append(msg)
     return out
 

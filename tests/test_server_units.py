@@ -453,15 +453,17 @@ def test_a_full_queue_refuses_with_503_and_retry_after():
 
 def test_tool_call_arguments_reach_the_template_as_objects():
     """An assistant's tool calls in the history: `arguments` JSON text becomes the object (templates write
-    `arguments | tojson`); text that is not a JSON object stays as it is."""
+    `arguments | tojson`); text that is not a JSON object stays as it is; its reasoning_content is `thinking` too."""
     from engine.openai_protocol import ChatMessage
     from engine.server import template_messages
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
     odd = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}
-    messages = [ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call, odd]}),
+    messages = [ChatMessage.model_validate({"role": "assistant", "content": None, "tool_calls": [call, odd],
+                                            "reasoning_content": "Need the weather."}),
                 ChatMessage.model_validate({"role": "tool", "content": "sunny", "tool_call_id": "c1"})]
     got = template_messages(messages)
+    assert got[0]["thinking"] == "Need the weather."  # as gpt-oss's template reads it
     assert got[0]["tool_calls"][0]["function"]["arguments"] == {"city": "Paris"}
     assert got[0]["tool_calls"][1]["function"]["arguments"] == "not json" and got[0]["content"] == ""
     assert got[1] == {"role": "tool", "content": "sunny", "tool_call_id": "c1"}

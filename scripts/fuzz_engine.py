@@ -1,6 +1,7 @@
 """Engine-level fuzzing: random configurations on tiny random models, greedy outputs against a plain run.
 
-Each seed draws a model (a tiny Llama, or a tiny Gemma 3 whose windowed layers see 12 tokens), a KV dtype, a page
+Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, or a tiny gpt-oss: sinks,
+experts, windowed layers of 12), a KV dtype, a page
 size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
 hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
 a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
@@ -45,13 +46,21 @@ def tiny_models(tokenizer) -> dict:
                             max_position=512, sliding_window=12, sliding_layers=(True, True, False, True),
                             rope_theta=1e6, rope_local_theta=1e4, hidden_act="gelu_tanh", qk_norm=True,
                             sandwich_norms=True, embed_scale=8.0)
+    gpt_oss_cfg = LlamaConfig(architecture="gpt_oss", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                              intermediate_size=32, num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16,
+                              max_position=512, attention_bias=True, attention_out_bias=True, attention_sinks=True,
+                              sliding_window=12, sliding_layers=(True, False), hidden_act="swiglu_oai", num_experts=4,
+                              num_experts_per_tok=2, moe_intermediate_size=32, moe_bias=True)
+    gpt_oss = llama.init_params(gpt_oss_cfg, jax.random.key(6), scale=0.5)
+    sinks = jax.random.normal(jax.random.key(7), gpt_oss["layers"]["sinks"].shape) * 2  # sinks that take real weight
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
-            "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer)}
+            "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
+            "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer)}
 
 
 def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
     """-> (model, the plain reference's overrides, the fuzzed engine's, max_tokens)."""
-    model = rng.choice(["llama", "gemma3"])
+    model = rng.choice(["llama", "gemma3", "gpt_oss"])
     page_size, max_model_len = rng.choice([4, 8, 16]), 128
     base = {"warmup": False, "model.max_model_len": max_model_len, "cache.page_size": page_size,
             "cache.kv_dtype": rng.choice(["auto", "auto", "int8"])}
@@ -68,7 +77,7 @@ def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
               "scheduler.overlap": rng.choice([True, False])}
     if rng.random() < 0.3:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
-    if model == "gemma3" and rng.random() < 0.7:
+    if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
         fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])
     if model == "llama" and rng.random() < 0.3:
         fuzzed["cache.host_num_pages"] = rng.choice([4, 16])

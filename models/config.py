@@ -5,7 +5,8 @@ scaling), Mistral, Qwen2/2.5 (q/k/v biases), Qwen3 (q/k norms), SmolLM2 (tied em
 (sandwich norms, GELU, scaled embeddings, attention and final logit soft caps, windowed layers
 alternating with global ones) and Gemma 3 (q/k norms instead of soft caps, 5 windowed layers per
 global one, each kind with its own RoPE base) and Phi-3 / Phi-4-mini (LongRoPE, partial rotary embeddings) and
-gpt-oss (attention sinks, biases on every projection, experts with biases and a clamped SwiGLU), GQA of any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
+gpt-oss (attention sinks, biases on every projection, experts with biases and a clamped SwiGLU) and SmolLM3 (no
+RoPE on every fourth layer), GQA of any ratio and any head_dim; RoPE scaled as Llama 3, linearly, by YaRN (Qwen2.5/Qwen3 long-context configs) or by
 LongRoPE (models/rope.py). Unsupported architectures fail here, naming the source and the field.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss")
+                           "phi3", "gpt_oss", "smollm3")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -60,6 +61,7 @@ class LlamaConfig:
     max_position: int = 4096
     sliding_window: int | None = None  # window of the windowed layers; None = full attention
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
+    rope_layers: tuple[bool, ...] = ()  # per layer, False = no positional embedding (SmolLM3's NoPE layers); () = all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
     hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "swiglu_oai" (gated MLP either way)
     # swiglu_oai (gpt-oss): (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
@@ -102,6 +104,9 @@ class LlamaConfig:
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
+        object.__setattr__(self, "rope_layers", tuple(bool(b) for b in self.rope_layers))
+        if self.rope_layers and len(self.rope_layers) != self.num_layers:
+            raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
         object.__setattr__(self, "rope_freq_factors", rope.check(self.head_dim, self.partial_rotary_factor,
                                                                  self.rope_scaling, self.rope_freq_factors))
         if self.sliding_layers:
@@ -183,15 +188,15 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, and
+        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, and
         the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, mixtral, "
-                              f"qwen2_moe, qwen3_moe, gpt_oss)")
+                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, "
+                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss)")
 
         def need(key):
             if key not in cfg:
@@ -205,7 +210,7 @@ class LlamaConfig:
         # revisions: 2047), of the others only with use_sliding_window; gpt-oss the layers its layer_types name.
         window = (cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral", "phi3", "gpt_oss"))
                   else None)
-        types = cfg.get("layer_types") if arch == "gpt_oss" and window else None
+        types = cfg.get("layer_types") if arch in ("gpt_oss", "smollm3") and window else None
         if types and set(types) - {"sliding_attention", "full_attention"}:
             raise ConfigError(f"{source}: layer_types {sorted(set(types) - {'sliding_attention', 'full_attention'})} "
                               "are not supported")
@@ -235,6 +240,7 @@ class LlamaConfig:
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
+            rope_layers=_rope_layers(cfg) if arch == "smollm3" else (),
             qk_norm=arch in ("qwen3", "qwen3_moe"),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
@@ -245,14 +251,15 @@ class LlamaConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str,
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe
-        or gpt-oss; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
+        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe,
+        gpt-oss or smollm3; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss"):
+        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss",
+                        "smollm3"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss)")
+                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss, smollm3)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -306,7 +313,7 @@ class LlamaConfig:
         rope_scaling = rope.scaling_from_gguf(meta, arch, source)
         if longrope_factors is not None:  # llama.cpp's converter writes LongRoPE so (and no rope.scaling.type)
             rope_scaling = rope.longrope_from_gguf(meta, arch, source, longrope_factors, context_len=max_position)
-        gpt_oss = {}
+        gpt_oss = {}  # (and SmolLM3's)
         if arch == "gpt-oss":
             # What the metadata leaves out, as in OpenAI's reference (and its HF config): windowed layers first, then
             # every other one; YaRN's ramp not rounded to whole pairs (truncate: false); SwiGLU's alpha and clamp.
@@ -314,6 +321,8 @@ class LlamaConfig:
                            attention_out_bias=True, attention_sinks=True, hidden_act="swiglu_oai")
             if rope_scaling is not None and rope_scaling.rope_type == "yarn":
                 rope_scaling = dataclasses.replace(rope_scaling, truncate=False)
+        if arch == "smollm3":  # llama.cpp's graph: every 4th layer without RoPE (the metadata does not say)
+            gpt_oss["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
                  "gpt-oss": "gpt_oss"}
         cfg = cls(
@@ -354,7 +363,18 @@ class LlamaConfig:
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
+        d["rope_layers"] = tuple(d.get("rope_layers", ()))
         return cls(**d)
+
+
+def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
+    """SmolLM3's layers with RoPE: `no_rope_layers` (1 = RoPE, 0 = none), else every `no_rope_layer_interval`-th
+    layer without (transformers' default, 4)."""
+    given = cfg.get("no_rope_layers")
+    if given:
+        return tuple(bool(x) for x in given)
+    interval = int(cfg.get("no_rope_layer_interval") or 4)
+    return tuple((i + 1) % interval != 0 for i in range(int(cfg["num_hidden_layers"])))
 
 
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:

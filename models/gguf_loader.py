@@ -1,7 +1,7 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` GGUFs for its interleaved RoPE; they are
-permuted back here so every loader hands the model the HF layout.
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`) GGUFs for its interleaved RoPE; they
+are permuted back here so every loader hands the model the HF layout.
 """
 from __future__ import annotations
 
@@ -113,7 +113,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
 
     def read(key: str, name: str) -> np.ndarray:
         arr = get(name)
-        if arch == "llama" and key in ("wq", "wk"):  # Mixtral's too
+        if arch in ("llama", "smollm3") and key in ("wq", "wk"):  # Mixtral's too; SmolLM3's converter is Llama's
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 

@@ -223,9 +223,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
-    inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True)])  # [2, rotary_dim / 2]
-    rope_factors = np.array([cfg.rope_attention_factor(), cfg.rope_attention_factor(local=True)])  # [2]
+    # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
+    inv_freqs = np.stack([cfg.rope_inv_freq(), cfg.rope_inv_freq(local=True),
+                          np.zeros_like(cfg.rope_inv_freq())])  # [3, rotary_dim / 2]
+    rope_factors = np.array([cfg.rope_attention_factor(), cfg.rope_attention_factor(local=True), 1.0])  # [3]
     windowed = np.asarray(cfg.sliding_layers or [cfg.sliding_window is not None] * cfg.num_layers)
+    tables = np.where(np.asarray(cfg.rope_layers or [True] * cfg.num_layers), windowed.astype(np.int32), 2)
     lora = lora or {}
     onehot = None
     if lora:
@@ -236,7 +239,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
 
     def layer(state, xs):
         x, carry = state
-        p, i, is_windowed, lo = xs
+        p, i, is_windowed, table, lo = xs
 
         def proj(h, name):
             y = linear(h, p, name, cfg.int8_activations)
@@ -251,7 +254,6 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        table = is_windowed.astype(jnp.int32)
         inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
         rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
         q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
@@ -281,7 +283,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, carry), amax = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed), lora))
+    (x, carry), amax = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed),
+                                                        jnp.asarray(tables, jnp.int32), lora))
     return (x, carry, amax) if stats else (x, carry)
 
 

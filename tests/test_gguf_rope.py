@@ -49,11 +49,11 @@ def _llama_cpp_rope_freqs(hparams: dict) -> np.ndarray:
     return np.asarray(factors, np.float32)
 
 
-def _write_llama_gguf(path, cfg, tensors: dict[str, np.ndarray]) -> None:
-    """A `llama` GGUF of `cfg`'s metadata holding `tensors` (GGUF names) as they are."""
+def _write_llama_gguf(path, cfg, tensors: dict[str, np.ndarray], arch: str = "llama") -> None:
+    """A `llama` (or `arch`) GGUF of `cfg`'s metadata holding `tensors` (GGUF names) as they are."""
     import gguf
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), arch)
     for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                        (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),
@@ -75,8 +75,9 @@ def _llama_cpp_tensors(sd: dict[str, np.ndarray], cfg) -> dict[str, np.ndarray]:
     def permute(x, heads):
         return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if "lm_head.weight" in sd:  # not with tied embeddings
+        out["output.weight"] = sd["lm_head.weight"]
     for i in range(cfg.num_layers):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),

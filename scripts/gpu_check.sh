@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Attention-kernel check on a GPU box (jax with CUDA preinstalled, no network, < 8 minutes):
-#   1. the kernel tests in interpret mode (CPU) and the compiled Pallas kernels on the GPU;
+#   1. the kernel tests in interpret mode (CPU, in the background) and the compiled Pallas kernels on the GPU;
 #   2. the benchmark table (scripts/kernel_bench.py), every call in the engine's layout: a stacked
 #      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2);
 #   3. one mixture-of-experts layer, grouped vs dense experts (scripts/moe_bench.py: model.moe_backend's choice);
-#   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4
+#   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4/mxfp4
 #      dequantization into the GEMM, and what 4 and 8 bits buy at decode batches);
 #   5. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
@@ -27,16 +27,22 @@ step() {  # step NAME TIMEOUT_S CMD...
 "${PY}" -c 'import jax; print("jax", jax.__version__, jax.devices())' || status=1
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || true
 
-step "kernel tests, interpret mode (CPU)" 75 \
-  env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider
+# The interpret-mode tests need only the CPU: they run beside the GPU tests (their output follows those's).
+cpu_log="$(mktemp)"
+( step "kernel tests, interpret mode (CPU, beside the next step)" 150 \
+    env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider; exit ${status} ) \
+  >"${cpu_log}" 2>&1 &
+cpu_pid=$!
 step "compiled Pallas kernels and the engine (GPU)" 165 \
   env JAX_PLATFORMS=cuda "${PY}" -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider
+wait "${cpu_pid}" || status=1
+cat "${cpu_log}"; rm -f "${cpu_log}"
 step "kernel benchmark (GPU)" 150 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \
     --num-layers 2
 step "mixture-of-experts layer, grouped vs dense (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/moe_bench.py --tokens 1 64 2048 --reps 5
-step "projection matmuls by weight format: none, int8, int4 (GPU)" 30 \
+step "projection matmuls by weight format: none, int8, int4, mxfp4 (GPU)" 45 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/matmul_bench.py --reps 5
 step "launch-config sweep (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \

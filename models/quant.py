@@ -210,11 +210,10 @@ def packed_weight(p: dict, name: str, dtype):
 def dequantize_weight(layers: dict, name: str, dtype=np.float32):
     """Projection `name` of `layers` as the float weights its int8 values and scale (int4: values, scales and offsets;
     mxfp4: codes and exponents) stand for, in `dtype`; numpy or jax arrays alike (a jax array stays on its device)."""
-    if name + EXPONENT_SUFFIX in layers:
-        return dequantize_mxfp4(layers[name], layers[name + EXPONENT_SUFFIX], dtype)
+    packed = packed_weight(layers, name, dtype)
+    if packed is not None:
+        return packed
     w, scale = layers[name], layers[name + SCALE_SUFFIX]
-    if name + OFFSET_SUFFIX in layers:
-        return dequantize_int4(w, scale, layers[name + OFFSET_SUFFIX], dtype)
     xp = jnp if isinstance(w, jax.Array) else np
     return (w.astype(xp.float32) * scale[..., None, :]).astype(dtype)
 

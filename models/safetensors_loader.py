@@ -11,7 +11,7 @@ import numpy as np
 import ml_dtypes
 
 from models.config import LlamaConfig
-from models.quant import EXPERTS, EXPONENT_SUFFIX
+from models.quant import EXPERTS, EXPONENT_SUFFIX, dequantize_mxfp4
 from models.gguf_loader import CheckpointError
 from models.weights import NORM_KEYS, assemble
 
@@ -55,7 +55,7 @@ GEMMA_NAMES = {
 }
 # gpt-oss: every projection with a bias, a sink logit per head, experts stored together as [E, in, out] with gate and
 # up fused and interleaved column by column (`_from_hf` puts them in torch orientation, gate rows then up rows), as
-# bfloat16 or as MXFP4 (`<name>_blocks`, `<name>_scales`: `dequantize_mxfp4`).
+# bfloat16 or as MXFP4 (`<name>_blocks`, `<name>_scales`: `dequantize_mxfp4_blocks`).
 GPT_OSS_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
     "bo": "model.layers.{i}.self_attn.o_proj.bias", "sinks": "model.layers.{i}.self_attn.sinks",
     "router": "model.layers.{i}.mlp.router.weight", "router_bias": "model.layers.{i}.mlp.router.bias",
@@ -63,8 +63,6 @@ GPT_OSS_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up"
     "moe_gate_up_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
     "moe_down": "model.layers.{i}.mlp.experts.down_proj", "moe_down_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
 }
-# MXFP4's 4-bit values (e2m1), by code: the sign is the high bit.
-FP4_E2M1 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -132,7 +130,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
 
         def get(name: str) -> np.ndarray:
             if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
-                return np.swapaxes(dequantize_mxfp4(get(name + "_blocks"), get(name + "_scales")), -1, -2)
+                return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
             if name not in shard_of:
                 raise CheckpointError(f"{directory}: missing tensor {name!r}")
             path, f = shard_of[name]
@@ -165,8 +163,7 @@ def _mxfp4_experts(cfg: LlamaConfig, names: Mapping[str, str], get) -> dict[str,
     for i in range(cfg.num_layers):
         for fused, parts in (("moe_gate_up", ("moe_gate", "moe_up")), ("moe_down", ("moe_down",))):
             name = names[fused].format(i=i)
-            blocks, scales = get(name + "_blocks"), np.asarray(get(name + "_scales"), np.uint8)
-            codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*scales.shape[:-1], -1)  # [E, out, in]
+            codes, scales = mxfp4_codes(get(name + "_blocks")), np.asarray(get(name + "_scales"), np.uint8)  # [E, out, in]
             if len(parts) == 2:  # rows interleaved gate, up: cut apart
                 for j, part in enumerate(parts):
                     put(part, i, codes[:, j::2], scales[:, j::2])
@@ -198,16 +195,21 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    """OCP MXFP4 (gpt-oss's experts): blocks [..., G, 16] uint8, two e2m1 values a byte (low nibble first), and
-    scales [..., G] uint8, a power of two per 32 values (exponent + 127) -> float32 [..., G * 32]."""
-    blocks, scales = np.asarray(blocks, np.uint8), np.asarray(scales, np.uint8)
-    if blocks.shape[:-1] != scales.shape:
-        raise CheckpointError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not match")
-    values = np.stack([FP4_E2M1[blocks & 0x0F], FP4_E2M1[blocks >> 4]], axis=-1)  # [..., G, 16, 2]
-    values = values.reshape(*scales.shape, -1)  # [..., G, 32]
-    out = np.ldexp(values, scales.astype(np.int32)[..., None] - 127)
-    return out.reshape(*scales.shape[:-1], -1)
+def mxfp4_codes(blocks: np.ndarray) -> np.ndarray:
+    """An HF checkpoint's MXFP4 blocks [..., G, 16] uint8, two e2m1 codes a byte (low nibble first) -> the codes
+    [..., G * 32] uint8."""
+    blocks = np.asarray(blocks, np.uint8)
+    return np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-2], -1)
+
+
+def dequantize_mxfp4_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """OCP MXFP4 (gpt-oss's experts): blocks [..., G, 16] uint8 (`mxfp4_codes`) and scales [..., G] uint8, a power of
+    two per 32 values (exponent + 127) -> float32 [..., G * 32], the values `quant.dequantize_mxfp4` reads from them."""
+    scales = np.asarray(scales, np.uint8)
+    if np.shape(blocks)[:-1] != scales.shape:
+        raise CheckpointError(f"MXFP4 blocks {np.shape(blocks)} and scales {scales.shape} do not match")
+    # quant's layout groups along axis -2 ([..., in, out]); the checkpoint's along the last axis
+    return np.swapaxes(dequantize_mxfp4(np.swapaxes(mxfp4_codes(blocks), -1, -2), np.swapaxes(scales, -1, -2)), -1, -2)
 
 
 def params_from_state_dict(cfg: LlamaConfig, tensors: Mapping[str, Any], dtype: Any = np.float32) -> dict:

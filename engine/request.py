@@ -50,13 +50,9 @@ class StructuredOutput:
         return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False))
 
 
-# Sampling fields a model may recommend (its generation_config.json, a GGUF's general.sampling.*): used where a request
-# leaves them out (vLLM's --generation-config auto).
-DEFAULTABLE_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-
-
 def with_defaults(fields: dict, defaults: dict) -> dict:
-    """`fields` (a request's sampling fields, None where it says nothing) with the model's `defaults` in the gaps."""
+    """`fields` (a request's sampling fields, None where it says nothing) with the model's `defaults` in the gaps: the
+    sampling its checkpoint recommends (models.loader.sampling_defaults; vLLM's --generation-config auto)."""
     return {**fields, **{k: v for k, v in defaults.items() if fields.get(k) is None}}
 
 

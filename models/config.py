@@ -313,16 +313,16 @@ class LlamaConfig:
         rope_scaling = rope.scaling_from_gguf(meta, arch, source)
         if longrope_factors is not None:  # llama.cpp's converter writes LongRoPE so (and no rope.scaling.type)
             rope_scaling = rope.longrope_from_gguf(meta, arch, source, longrope_factors, context_len=max_position)
-        gpt_oss = {}  # (and SmolLM3's)
+        implied = {}  # what gpt-oss's and SmolLM3's metadata leave to llama.cpp's graphs
         if arch == "gpt-oss":
             # What the metadata leaves out, as in OpenAI's reference (and its HF config): windowed layers first, then
             # every other one; YaRN's ramp not rounded to whole pairs (truncate: false); SwiGLU's alpha and clamp.
-            gpt_oss = dict(sliding_layers=tuple(i % 2 == 0 for i in range(num_layers)) if window else (),
+            implied = dict(sliding_layers=tuple(i % 2 == 0 for i in range(num_layers)) if window else (),
                            attention_out_bias=True, attention_sinks=True, hidden_act="swiglu_oai")
             if rope_scaling is not None and rope_scaling.rope_type == "yarn":
                 rope_scaling = dataclasses.replace(rope_scaling, truncate=False)
         if arch == "smollm3":  # llama.cpp's graph: every 4th layer without RoPE (the metadata does not say)
-            gpt_oss["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
+            implied["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
                  "gpt-oss": "gpt_oss"}
         cfg = cls(
@@ -347,7 +347,7 @@ class LlamaConfig:
             qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
             **gemma,
             **experts,
-            **gpt_oss,
+            **implied,
         )
         if arch == "phi3" and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
             raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "

@@ -19,11 +19,12 @@ import numpy as np
 
 from models import rope
 from models.errors import ConfigError
+from models.moe import SCORINGS, Routing
 from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: models.config.ROPE_TYPES)
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss", "smollm3")
+                           "phi3", "gpt_oss", "smollm3", "glm4_moe")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -82,6 +83,16 @@ class LlamaConfig:
     # by a sigmoid gate; 0 = none.
     shared_expert_intermediate_size: int = 0
     moe_bias: bool = False  # the router and every expert projection carry biases (gpt-oss)
+    shared_expert_gate: bool = True  # the shared expert is scaled by a sigmoid gate (Qwen2-MoE; not GLM-4.5, DeepSeek)
+    # Per layer, True = experts, False = a dense MLP of intermediate_size (the first_k_dense_replace layers of GLM-4.5
+    # and DeepSeek, Qwen-MoE's mlp_only_layers); () = every layer alike. Each kind's weights are stacked over its own
+    # layers only (models/llama.py: `layer_group`).
+    moe_layers: tuple[bool, ...] = ()
+    router_scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3, GLM-4.5): models/moe.Routing
+    router_score_bias: bool = False  # e_score_correction_bias: chooses experts, does not weigh them
+    expert_groups: int = 1  # n_group: experts in equal groups, a token's chosen from its best topk_group groups
+    expert_groups_per_tok: int = 1  # topk_group
+    routed_scaling_factor: float = 1.0  # the routing weights multiplied by this
     # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
     # set by model.quantization: w8a8.
     int8_activations: bool = False
@@ -119,6 +130,22 @@ class LlamaConfig:
                 raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts={self.num_experts}]")
             if self.moe_intermediate_size <= 0:
                 raise ConfigError(f"moe_intermediate_size must be > 0, got {self.moe_intermediate_size}")
+            if self.router_scoring not in SCORINGS:
+                raise ConfigError(f"router scoring {self.router_scoring!r} is not supported ({', '.join(SCORINGS)})")
+            if self.num_experts % self.expert_groups or not 1 <= self.expert_groups_per_tok <= self.expert_groups:
+                raise ConfigError(f"n_group={self.expert_groups} must divide num_experts={self.num_experts} and "
+                                  f"topk_group={self.expert_groups_per_tok} be in [1, n_group]")
+            if self.expert_groups_per_tok * (self.num_experts // self.expert_groups) < self.num_experts_per_tok:
+                raise ConfigError(f"topk_group={self.expert_groups_per_tok} groups of {self.num_experts // self.expert_groups} "
+                                  f"experts cannot hold num_experts_per_tok={self.num_experts_per_tok}")
+        object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
+        if self.moe_layers:
+            if len(self.moe_layers) != self.num_layers:
+                raise ConfigError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
+            if not self.num_experts or not any(self.moe_layers):
+                raise ConfigError("moe_layers marks expert layers but the config has no experts")
+            if all(self.moe_layers):
+                object.__setattr__(self, "moe_layers", ())
 
     @property
     def rotary_dim(self) -> int:
@@ -133,6 +160,21 @@ class LlamaConfig:
     def mixed_windows(self) -> bool:
         """Some layers are windowed and some are not: the window is chosen per layer at run time."""
         return self.sliding_window is not None and bool(self.sliding_layers) and not all(self.sliding_layers)
+
+    @property
+    def mixed_mlp(self) -> bool:
+        """Some layers have experts and some a dense MLP (`moe_layers`)."""
+        return bool(self.moe_layers)
+
+    @property
+    def num_moe_layers(self) -> int:
+        return sum(self.moe_layers) if self.moe_layers else self.num_layers * bool(self.num_experts)
+
+    @property
+    def routing(self) -> Routing:
+        return Routing(top_k=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob, scoring=self.router_scoring,
+                       groups=self.expert_groups, groups_per_tok=self.expert_groups_per_tok,
+                       scaling=self.routed_scaling_factor)
 
     @property
     def mlp_intermediate_size(self) -> int:
@@ -153,17 +195,19 @@ class LlamaConfig:
         per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
+        per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms + 2 * h
+        dense_mlp = 3 * h * self.intermediate_size
+        moe_mlp = 0
         if self.num_experts:
-            per_layer += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
-            per_layer += self.num_experts * (2 * self.moe_intermediate_size + h + 1) * self.moe_bias
-            if self.shared_expert_intermediate_size:
-                per_layer += 3 * h * self.shared_expert_intermediate_size + h  # the shared expert and its gate
-            per_layer += 2 * h
-        else:
-            per_layer += 3 * h * self.intermediate_size + 2 * h
-        per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms
+            moe_mlp += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
+            moe_mlp += self.num_experts * (2 * self.moe_intermediate_size + h + 1) * self.moe_bias
+            moe_mlp += self.num_experts * self.router_score_bias
+            if self.shared_expert_intermediate_size:  # the shared expert and its gate
+                moe_mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
+        num_moe = self.num_moe_layers
+        mlps = num_moe * moe_mlp + (self.num_layers - num_moe) * dense_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embed + self.num_layers * per_layer + h
+        return embed + self.num_layers * per_layer + mlps + h
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
         """[rotary_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
@@ -189,14 +233,14 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, and
-        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss)."""
+        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
                               f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, "
-                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss)")
+                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe)")
 
         def need(key):
             if key not in cfg:
@@ -241,7 +285,7 @@ class LlamaConfig:
             sliding_window=int(window) if window else None,
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
             rope_layers=_rope_layers(cfg) if arch == "smollm3" else (),
-            qk_norm=arch in ("qwen3", "qwen3_moe"),
+            qk_norm=arch in ("qwen3", "qwen3_moe") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **_experts_from_hf(cfg, source, arch),
@@ -364,6 +408,7 @@ class LlamaConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         d["rope_layers"] = tuple(d.get("rope_layers", ()))
+        d["moe_layers"] = tuple(d.get("moe_layers", ()))
         return cls(**d)
 
 
@@ -379,22 +424,35 @@ def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
 
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
-    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
-    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss"):
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe"):
         return {}
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0
     if not num_experts or not cfg.get("num_experts_per_tok"):
-        raise ConfigError(f"{source}: a {arch} config needs num_experts (or num_local_experts) and num_experts_per_tok")
-    if cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step") or 1) != 1:
-        raise ConfigError(f"{source}: dense layers among the expert layers (mlp_only_layers, decoder_sparse_step) "
-                          "are not supported")
+        raise ConfigError(f"{source}: a {arch} config needs num_experts (or num_local_experts, n_routed_experts) and "
+                          "num_experts_per_tok")
+    num_layers, moe_intermediate = int(cfg["num_hidden_layers"]), int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
+    if arch == "glm4_moe":  # DeepSeek-V3's router: sigmoid scores, a correction bias, groups; shared experts ungated
+        first_dense = int(cfg.get("first_k_dense_replace") or 0)
+        return dict(
+            num_experts=int(num_experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=moe_intermediate, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+            shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * moe_intermediate,
+            shared_expert_gate=False, moe_layers=tuple(i >= first_dense for i in range(num_layers)),
+            router_scoring="sigmoid", router_score_bias=True, expert_groups=int(cfg.get("n_group") or 1),
+            expert_groups_per_tok=int(cfg.get("topk_group") or 1),
+            routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+        )
+    # Qwen-MoE: a layer has experts unless mlp_only_layers names it, and then only every decoder_sparse_step-th
+    dense, step = set(cfg.get("mlp_only_layers") or ()), int(cfg.get("decoder_sparse_step") or 1)
     return dict(
         num_experts=int(num_experts),
         num_experts_per_tok=int(cfg["num_experts_per_tok"]),
-        moe_intermediate_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        moe_intermediate_size=moe_intermediate,
         # Mixtral and gpt-oss: softmax over the top k logits, the same as the top k probabilities renormalized
         norm_topk_prob=bool(cfg.get("norm_topk_prob", arch in ("mixtral", "gpt_oss"))),
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
         moe_bias=arch == "gpt_oss",
+        moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     )
 
 

@@ -33,7 +33,7 @@ from pallas_kernels import kv_quant
 from models import moe
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
-from models.weights import NORM_KEYS
+from models.weights import NORM_KEYS, layer_kind, layers_of
 
 Params = dict
 KVCache = tuple  # (k_pages, v_pages) [L, Hkv, num_pages, page_size, D], then (k_scales, v_scales) [L, Hkv, num_pages,
@@ -108,11 +108,16 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     if cfg.num_experts:
         e, mi = cfg.num_experts, cfg.moe_intermediate_size
         layers |= {"router": (n, h, e), "moe_gate": (n, e, h, mi), "moe_up": (n, e, h, mi), "moe_down": (n, e, mi, h)}
-        if cfg.shared_expert_intermediate_size:
+        if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate:
             layers[moe.SHARED_GATE] = (n, h, 1)
         if cfg.moe_bias:
             layers |= {"router_bias": (n, e), "moe_gate_bias": (n, e, mi), "moe_up_bias": (n, e, mi),
                        "moe_down_bias": (n, e, h)}
+        if cfg.router_score_bias:
+            layers[moe.SCORE_BIAS] = (n, e)
+        if cfg.mixed_mlp:  # the dense layers' MLP
+            di = cfg.intermediate_size
+            layers |= {"dense_gate": (n, h, di), "dense_up": (n, h, di), "dense_down": (n, di, h)}
     if cfg.attention_bias:
         layers |= {"bq": (n, cfg.q_size), "bk": (n, cfg.kv_size), "bv": (n, cfg.kv_size)}
     if cfg.attention_out_bias:
@@ -123,6 +128,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"q_norm": (n, cfg.head_dim), "k_norm": (n, cfg.head_dim)}
     if cfg.sandwich_norms:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
+    # a weight of one kind of layer only (models with expert and dense layers) is stacked over those layers
+    layers = {k: (len(layers_of(cfg, k)), *shape[1:]) for k, shape in layers.items()}
     shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
@@ -236,14 +243,37 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         onehot = adapter_ids[:, None] == jnp.arange(1, num_adapters + 1, dtype=jnp.int32)[None, :]  # [T, N]
 
     glu = gated_activation(cfg)
+    if stats and cfg.mixed_mlp:
+        raise ValueError("activation statistics (w8a8 smoothing) of a model whose layers mix experts and dense MLPs "
+                         "are not supported")
+    # Weights of one kind of layer only (models whose layers mix expert and dense MLPs) are not scanned: each layer
+    # takes its kind's at its place among them.
+    scanned = {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) is None}
+    by_kind = {kind: {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) == kind} for kind in ("moe", "dense")}
+    is_moe_layer = np.asarray(cfg.moe_layers or [bool(cfg.num_experts)] * cfg.num_layers)
+    places = np.where(is_moe_layer, np.cumsum(is_moe_layer) - 1, np.cumsum(~is_moe_layer) - 1).astype(np.int32)
 
     def layer(state, xs):
         x, carry = state
-        p, i, is_windowed, table, lo = xs
+        p, i, is_windowed, table, lo, is_moe, place = xs
 
-        def proj(h, name):
-            y = linear(h, p, name, cfg.int8_activations)
+        def proj(h, name, w=p):
+            y = linear(h, w, name, cfg.int8_activations)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
+
+        def mlp(h, w, experts: bool):
+            """(the MLP's output, the down projection's input or None): the dense MLP (or shared expert) in `w`,
+            plus the experts in an expert layer."""
+            o = down_in = None
+            if "w_gate" in w:  # the dense MLP, or a MoE layer's shared expert
+                down_in = glu(proj(h, "w_gate", w), proj(h, "w_up", w))
+                o = proj(down_in, "w_down", w)
+            if experts:
+                if o is not None and cfg.shared_expert_gate:
+                    o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
+                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped)
+                o = routed if o is None else o + routed
+            return o, down_in
 
         h = rms_norm(x, p["attn_norm"], eps)
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
@@ -265,15 +295,14 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             o = o + p["bo"]
         x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         h = rms_norm(x, p["mlp_norm"], eps)
-        o = down_in = None
-        if cfg.mlp_intermediate_size:  # the dense MLP, or a MoE model's shared expert
-            down_in = glu(proj(h, "w_gate"), proj(h, "w_up"))
-            o = proj(down_in, "w_down")
-        if cfg.num_experts:
-            if o is not None:
-                o = o * jax.nn.sigmoid(h @ p[moe.SHARED_GATE])
-            routed = moe.moe_mlp(h, p, cfg.num_experts_per_tok, cfg.norm_topk_prob, glu, cfg.moe_grouped)
-            o = routed if o is None else o + routed
+        if cfg.mixed_mlp:  # each kind's weights at this layer's place among its kind; one branch runs
+            def take(kind):
+                return {name.replace("dense_", "w_"): w[place] for name, w in by_kind[kind].items()}
+
+            o = jax.lax.cond(is_moe, lambda h: mlp(h, take("moe"), True)[0], lambda h: mlp(h, take("dense"), False)[0],
+                             h)
+        else:
+            o, down_in = mlp(h, p, bool(cfg.num_experts))
         x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
@@ -283,8 +312,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    (x, carry), amax = jax.lax.scan(layer, (x, carry), (params["layers"], layer_ids, jnp.asarray(windowed),
-                                                        jnp.asarray(tables, jnp.int32), lora))
+    (x, carry), amax = jax.lax.scan(layer, (x, carry), (scanned, layer_ids, jnp.asarray(windowed),
+                                                        jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
+                                                        jnp.asarray(places)))
     return (x, carry, amax) if stats else (x, carry)
 
 

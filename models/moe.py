@@ -43,11 +43,13 @@ class Routing:
     top_k: int
     norm_topk_prob: bool = True  # the k weights renormalized to sum to 1
     scoring: str = "softmax"  # "softmax" over the experts, or an independent "sigmoid" per expert (DeepSeek-V3, GLM-4.5)
-    # Group-limited routing (DeepSeek-V3's n_group / topk_group): the experts fall in `groups` equal groups, each group
-    # is ranked by the sum of its two best scores, and a token's k experts come from its `groups_per_tok` best groups.
+    # Group-limited routing (DeepSeek's n_group / topk_group): the experts fall in `groups` equal groups, each group is
+    # ranked by the sum of its `group_top` best scores, and a token's k experts come from its `groups_per_tok` best
+    # groups.
     groups: int = 1
     groups_per_tok: int = 1
     scaling: float = 1.0  # the weights multiplied by this after any renormalization (routed_scaling_factor)
+    group_top: int = 2  # a group's score: the sum of its best this many scores (DeepSeek-V2: 1, its best)
 
 # The gated activation: (gate projection, up projection) -> the down projection's input (models.llama.gated_activation).
 Glu = Callable[[jax.Array, jax.Array], jax.Array]
@@ -72,7 +74,7 @@ def route(h: jax.Array, p: dict, routing: Routing) -> tuple[jax.Array, jax.Array
     if routing.groups > 1:
         num_tokens, num_experts = choice.shape
         grouped = choice.reshape(num_tokens, routing.groups, num_experts // routing.groups)
-        group_scores = jnp.sum(jax.lax.top_k(grouped, min(2, grouped.shape[-1]))[0], axis=-1)  # [T, groups]
+        group_scores = jnp.sum(jax.lax.top_k(grouped, min(routing.group_top, grouped.shape[-1]))[0], axis=-1)
         _, best = jax.lax.top_k(group_scores, routing.groups_per_tok)
         keep = jnp.zeros(group_scores.shape, bool).at[jnp.arange(num_tokens)[:, None], best].set(True)
         choice = jnp.where(keep[:, :, None], grouped, -jnp.inf).reshape(num_tokens, num_experts)

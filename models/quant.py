@@ -45,8 +45,10 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
-# (the dense_* ones: a dense layer's MLP in a model with expert layers too, models/weights.DENSE_KEYS)
-PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "dense_gate", "dense_up", "dense_down")
+# dense_*: a dense layer's MLP in a model with expert layers too (models/weights.DENSE_KEYS); wq_a, wq_b, wkv_a: latent
+# attention's (models/weights.MLA_KEYS; its wkv_b stays in model.dtype, read whole by the absorbed products)
+PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "dense_gate", "dense_up", "dense_down", "wq_a", "wq_b",
+               "wkv_a")
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value

@@ -57,6 +57,14 @@ GLM4_MOE_NAMES = {
     "w_up": "model.layers.{i}.mlp.shared_experts.up_proj.weight",
     "w_down": "model.layers.{i}.mlp.shared_experts.down_proj.weight",
 }
+# DeepSeek-V2/V3: latent attention (weights.MLA_KEYS), experts as GLM-4.5's (V2 without the correction bias).
+DEEPSEEK_NAMES = {k: v for k, v in GLM4_MOE_NAMES.items() if k not in ("wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm")} | {
+    "wq_a": "model.layers.{i}.self_attn.q_a_proj.weight", "q_a_norm": "model.layers.{i}.self_attn.q_a_layernorm.weight",
+    "wq_b": "model.layers.{i}.self_attn.q_b_proj.weight",
+    "wkv_a": "model.layers.{i}.self_attn.kv_a_proj_with_mqa.weight",
+    "kv_a_norm": "model.layers.{i}.self_attn.kv_a_layernorm.weight",
+    "wkv_b": "model.layers.{i}.self_attn.kv_b_proj.weight",
+}
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
     **HF_NAMES,
@@ -115,11 +123,14 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
 
     Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
     host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
-    float32)."""
+    float32). FP8 weights (DeepSeek-V3's and the Qwen3 / Llama "-FP8" checkpoints') are dequantized into `dtype` as
+    they are read (`dequantize_fp8`)."""
     import jax
     from safetensors import SafetensorError, safe_open
 
     cfg = read_hf_config(directory)
+    block = _fp8_block(directory)
+    _numpy_float8()
     # framework="flax" reads bfloat16 too (numpy has no bfloat16); on the host CPU, so no accelerator memory is used.
     try:
         host = jax.local_devices(backend="cpu")[0]
@@ -147,9 +158,16 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
             path, f = shard_of[name]
             try:
                 with jax.default_device(host):
-                    return np.asarray(f.get_tensor(name))
+                    arr = np.asarray(f.get_tensor(name))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
+            if "float8" in str(arr.dtype):
+                scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in shard_of), None)
+                if scale is None:
+                    raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype} without a {name}_scale_inv or "
+                                          f"{name}_scale beside it (an FP8 format this loader does not read)")
+                return dequantize_fp8(arr, get(scale), block if scale.endswith("_inv") else None, name)
+            return arr
 
         names = hf_names(cfg)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
@@ -187,7 +205,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     """The HF tensor names of an architecture's weights (our key, or a fused one, -> name, `{i}` the layer, `{e}` the
     expert)."""
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
-            "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES}.get(
+            "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
+            "deepseek_v3": DEEPSEEK_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -197,6 +216,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     # (llama.cpp's GGUFs store 1 + w too).
     if cfg.architecture in ("gemma2", "gemma3") and key in NORM_KEYS:
         return arr.astype(np.float32) + 1.0
+    if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
+        return mla_rope_rows(cfg, key, arr)
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):
         arr = np.swapaxes(arr, -1, -2)  # [E, in, out] -> [E, out, in]
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_gate_up_bias"):
@@ -204,6 +225,61 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         arr = np.concatenate([arr.take(range(0, arr.shape[rows], 2), axis=rows),
                               arr.take(range(1, arr.shape[rows], 2), axis=rows)], axis=rows)
     return arr
+
+
+def mla_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """A DeepSeek checkpoint's query projection (wq or wq_b: [heads x (nope + rope), in]) or latent projection (wkv_a:
+    [latent + rope, in]) with the RoPE rows as `_mla_qkv` reads them: turned by rotate-half, where DeepSeek turns
+    interleaved pairs (each pair's two rows become row j and row j + rope / 2; the scores are unchanged, q and k
+    being reordered alike), and wkv_a's RoPE rows first."""
+    rope_dim, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
+    pairs = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
+    if key == "wkv_a":
+        return np.concatenate([arr[cfg.kv_lora_rank:][pairs], arr[: cfg.kv_lora_rank]])
+    heads = arr.reshape(cfg.num_heads, nope + rope_dim, -1)
+    return np.concatenate([heads[:, :nope], heads[:, nope:][:, pairs]], axis=1).reshape(arr.shape)
+
+
+def _numpy_float8() -> None:
+    """safetensors builds an F8_E4M3 / F8_E5M2 tensor with numpy's dtype of that name, which numpy lacks: name
+    ml_dtypes' (jax's own float8 types) there, once."""
+    for name in ("float8_e4m3fn", "float8_e5m2"):
+        if name not in np.__dict__:
+            setattr(np, name, getattr(ml_dtypes, name))
+
+
+QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")  # a checkpoint's quantization_config.quant_method we read
+
+
+def _fp8_block(directory: str) -> tuple[int, int]:
+    """The [rows, cols] of weight the FP8 block scales cover: config.json's quantization_config.weight_block_size
+    (transformers' "fp8" method, DeepSeek-V3's layout), 128 x 128 where it says none. A quantization method the loader
+    does not read is a CheckpointError naming it."""
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        quant = json.load(f).get("quantization_config") or {}
+    if quant and quant.get("quant_method") not in QUANT_METHODS:
+        raise CheckpointError(f"{path}: quantization_config.quant_method={quant.get('quant_method')!r} is not supported "
+                              f"({', '.join(QUANT_METHODS)}; the FP8 ones dequantized at load)")
+    rows, cols = quant.get("weight_block_size") or (128, 128)
+    return int(rows), int(cols)
+
+
+def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, name: str) -> np.ndarray:
+    """An FP8 (e4m3) weight [out, in] times its scales -> float32: a scale per block of [rows, cols] weights
+    (`<name>_scale_inv` [ceil(out / rows), ceil(in / cols)], DeepSeek-V3's; `block` given), or per output row or
+    one for the tensor (`<name>_scale`, compressed-tensors' [out, 1] or [])."""
+    w, scale = np.asarray(w).astype(np.float32), np.asarray(scale, np.float32)
+    if block is not None:
+        rows, cols = block
+        want = (-(-w.shape[0] // rows), -(-w.shape[1] // cols))
+        if scale.shape != want:
+            raise CheckpointError(f"{name}_scale_inv has shape {scale.shape}; {name} {w.shape} in blocks of "
+                                  f"{rows} x {cols} needs {want}")
+        scale = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[: w.shape[0], : w.shape[1]]
+    elif scale.size not in (1, w.shape[0]):
+        raise CheckpointError(f"{name}_scale has shape {scale.shape}; {name} {w.shape} needs one per row or one")
+    return w * scale.reshape(scale.shape if block is not None else (-1, 1) if scale.size > 1 else ())
 
 
 def mxfp4_codes(blocks: np.ndarray) -> np.ndarray:

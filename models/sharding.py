@@ -100,6 +100,9 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "wo": row, "w_gate": col, "w_up": col, "w_down": row, "dense_gate": col, "dense_up": col, "dense_down": row,
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
         "router": P(), "shared_gate": P(), "router_score_bias": P(),
+        # Latent attention: the query and latent-up projections split by head; the latent (and its RoPE key), shared
+        # by every head, computed on every device into its own copy of the cache.
+        "wq_a": P(), "q_a_norm": P(), "wq_b": col, "wkv_a": P(), "kv_a_norm": P(), "wkv_b": col,
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
         # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);
         # gate / up biases split with their outputs; a sink per query head, with its head.

@@ -20,13 +20,19 @@ LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up",
 BIAS_KEYS = ("bq", "bk", "bv")
 QK_NORM_KEYS = ("q_norm", "k_norm")
 SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
+# Latent attention (DeepSeek; models/llama.py `_mla_qkv`) in place of wq / wk / wv: queries directly (wq) or through a
+# low-rank projection and its norm (wq_a, q_a_norm, wq_b); the latent and RoPE key (wkv_a), the latent's norm, and the
+# latent's up-projection to every head's key and value (wkv_b).
+MLA_KEYS = ("wkv_a", "kv_a_norm", "wkv_b")
+MLA_Q_LORA_KEYS = ("wq_a", "q_a_norm", "wq_b")
 MLP_KEYS = ("w_gate", "w_up", "w_down")  # the dense MLP, or in a mixture-of-experts layer its shared expert
 # In a model whose layers mix expert and dense MLPs (`LlamaConfig.moe_layers`): the dense layers' MLP, stacked over
 # those layers only, as the expert layers' weights are over theirs (`layer_kind`).
 DENSE_KEYS = ("dense_gate", "dense_up", "dense_down")
 EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIAS, *MLP_KEYS})
-NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS})
-TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE})
+NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
+                        "wkv_a", "wkv_b"})
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
@@ -46,6 +52,9 @@ def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
 def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     """The per-layer weights a config needs."""
     keys = LAYER_KEYS if cfg.mlp_intermediate_size else tuple(k for k in LAYER_KEYS if k not in MLP_KEYS)
+    if cfg.mla:
+        keys = tuple(k for k in keys if k not in ("wq", "wk", "wv")) + MLA_KEYS + (MLA_Q_LORA_KEYS if cfg.q_lora_rank
+                                                                                  else ("wq",))
     if cfg.num_experts:
         keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else ())
                  + (MOE_BIAS_KEYS if cfg.moe_bias else ()) + ((SCORE_BIAS,) if cfg.router_score_bias else ())

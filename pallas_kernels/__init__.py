@@ -19,12 +19,18 @@ BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 __all__ = ["BACKENDS", "ragged_paged_attention", "resolve_backend", "write_kv"]
 
 
-def resolve_backend(name: str) -> str:
-  """Validates a backend name; "auto" becomes "pallas" on a GPU and "xla" elsewhere."""
+def resolve_backend(name: str, head_dim: int | None = None) -> str:
+  """Validates a backend name; "auto" becomes "pallas" on a GPU and "xla" elsewhere. The compiled kernels need a
+  power-of-two `head_dim` (Triton's tiles): with another (latent attention's 576), "auto" is "xla" and "pallas" an
+  error that names it."""
   if name not in BACKENDS:
     raise ValueError(f"unknown attention backend {name!r}; allowed values: {', '.join(BACKENDS)}")
+  tiles_fit = head_dim is None or head_dim & (head_dim - 1) == 0
   if name == "auto":
-    return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return "pallas" if jax.default_backend() == "gpu" and tiles_fit else "xla"
+  if name == "pallas" and not tiles_fit:
+    raise ValueError(f"attention.backend=pallas needs a power-of-two head_dim (the kernels' tiles), the model has "
+                     f"{head_dim}; use attention.backend=xla")
   return name
 
 

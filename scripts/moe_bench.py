@@ -56,7 +56,7 @@ def main(argv=None) -> list[dict]:
          "moe_up": jax.random.normal(key[2], (e, h, i)) * h**-0.5,
          "moe_down": jax.random.normal(key[3], (e, i, h)) * i**-0.5}
     p = {name: w.astype(dtype) for name, w in p.items()}
-    paths = {name: jax.jit(lambda x, p, f=f: f(x, p, k, True, moe.swiglu))
+    paths = {name: jax.jit(lambda x, p, f=f: f(x, p, moe.Routing(top_k=k), moe.swiglu))
              for name, f in (("grouped", moe.grouped_moe), ("dense", moe.dense_moe))}
     print(f"MoE layer on {jax.devices()[0].device_kind}: hidden {h}, {e} experts of {i}, top {k}, "
           f"{jnp.dtype(dtype).name}, median of {args.reps}")

@@ -81,6 +81,11 @@ def test_resolve_backend():
                                                     else "xla")
   with pytest.raises(ValueError, match="auto, xla, pallas, pallas_interpret"):
     pallas_kernels.resolve_backend("cuda")
+  # Triton's tiles are powers of two: latent attention's 576-dim heads run on xla, and asking for pallas says why
+  assert pallas_kernels.resolve_backend("auto", 576) == "xla"
+  assert pallas_kernels.resolve_backend("pallas_interpret", 576) == "pallas_interpret"
+  with pytest.raises(ValueError, match="power-of-two head_dim.*has 576"):
+    pallas_kernels.resolve_backend("pallas", 576)
 
 
 # ---------------------------------------------------------------------------------------------

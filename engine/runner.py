@@ -77,18 +77,19 @@ def bucket_for(n: int, buckets: list[int]) -> int:
 
 
 def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of one page of each cache array, every layer: K and V [L, Hkv, page_size, D], and their scales
-    [L, Hkv, page_size] when 8-bit (the disk tier's file layout)."""
-    shape = (cfg.num_layers, cfg.num_kv_heads, page_size, cfg.head_dim)
-    specs = [(shape, np.dtype(kv_dtype))] * 2
+    """(shape, dtype) of one page of each cache array, every layer: K and V [L, Hkv, page_size, D] (a latent cache's
+    of their own widths, `LlamaConfig.kv_dims`), and their scales [L, Hkv, page_size] when 8-bit (the disk tier's
+    file layout)."""
+    shape = (cfg.num_layers, cfg.num_kv_heads, page_size)
+    specs = [(shape + (dim,), np.dtype(kv_dtype)) for dim in cfg.kv_dims]
     if kv_quant.is_quantized(kv_dtype):
-        specs += [(shape[:-1], np.dtype(kv_quant.SCALE_DTYPE))] * 2
+        specs += [(shape, np.dtype(kv_quant.SCALE_DTYPE))] * 2
     return specs
 
 
 def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
     """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
-    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.head_dim, kv_dtype)
+    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +130,7 @@ class ModelRunner:
         # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).
         self.max_decode_bucket = bucket_for(decode_rows, self.token_buckets)
         self.mesh = mesh
-        shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size, model_cfg.head_dim)
+        shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size)
         self.layout = None
         if num_window_pages:  # one stack of every layer's pages: [1, Hkv, layout.size, ps, D]
             if num_host_pages:
@@ -140,9 +141,9 @@ class ModelRunner:
         # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit. Every
         # array leads with [L, Hkv, P]: page copies, host saves and loads handle them alike. Allocated once (split by
         # KV head across a tensor-parallel mesh), donated to every step.
-        kv_shapes = [(shape, kv_dtype)] * 2
+        kv_shapes = [(shape + (dim,), kv_dtype) for dim in model_cfg.kv_dims]  # D: head_dim, or a latent cache's
         if kv_quant.is_quantized(kv_dtype):
-            kv_shapes += [(shape[:-1], kv_quant.SCALE_DTYPE)] * 2
+            kv_shapes += [(shape, kv_quant.SCALE_DTYPE)] * 2
         kv_sharding = None if mesh is None else tuple(
             jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s))) for s, _ in kv_shapes)
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)

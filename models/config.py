@@ -96,8 +96,8 @@ class LlamaConfig:
     expert_group_top: int = 2  # a group's score: the sum of its best this many (DeepSeek-V3: 2; V2: 1, the max)
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi K2; models/llama.py `_mla_qkv`): K and V come from one
     # latent of kv_lora_rank dims per token (plus one shared RoPE key of qk_rope_head_dim), which is all the cache
-    # holds: head_dim is qk_rope_head_dim + kv_lora_rank and num_kv_heads 1 (under tensor parallelism, a copy per
-    # device: models/sharding.py). 0 = ordinary attention.
+    # holds (`kv_dims`): head_dim (a query's width, absorbed) is qk_rope_head_dim + kv_lora_rank and num_kv_heads 1
+    # (under tensor parallelism, a copy per device: models/sharding.py). 0 = ordinary attention.
     kv_lora_rank: int = 0
     q_lora_rank: int = 0  # queries through a low-rank projection of this rank (0: projected directly)
     qk_nope_head_dim: int = 0  # each head's query / key dims without RoPE
@@ -175,6 +175,11 @@ class LlamaConfig:
     def mla(self) -> bool:
         """Multi-head latent attention (DeepSeek): the cache holds one latent per token."""
         return self.kv_lora_rank > 0
+
+    @property
+    def kv_dims(self) -> tuple[int, int]:
+        """The widths of a cached K and V vector: head_dim both, or latent attention's RoPE key and latent."""
+        return (self.qk_rope_head_dim, self.kv_lora_rank) if self.mla else (self.head_dim, self.head_dim)
 
     @property
     def sm_scale(self) -> float:
@@ -330,15 +335,16 @@ class LlamaConfig:
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe,
-        gpt-oss, smollm3 or glm4moe; Mistral GGUFs say llama, and Mixtral's llama with experts). rope_freqs: the file's
+        gpt-oss, smollm3, glm4moe or deepseek2; Mistral GGUFs say llama, and Mixtral's llama with experts; DeepSeek-V2,
+        V3 and Kimi K2 deepseek2). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
         if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss",
-                        "smollm3", "glm4moe"):
+                        "smollm3", "glm4moe", "deepseek2"):
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
                               "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss, smollm3, "
-                              "glm4moe)")
+                              "glm4moe, deepseek2)")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -397,8 +403,13 @@ class LlamaConfig:
                 rope_scaling = dataclasses.replace(rope_scaling, truncate=False)
         if arch == "smollm3":  # llama.cpp's graph: every 4th layer without RoPE (the metadata does not say)
             implied["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
+        latent = {}
+        if arch == "deepseek2":  # one cached KV head of [RoPE key, latent] (older files' key_length is a query head's)
+            rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
+            head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe"}
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
+                 "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
         cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
@@ -407,7 +418,7 @@ class LlamaConfig:
                                   or need("feed_forward_length")),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
+            num_kv_heads=1 if latent else int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
             head_dim=head_dim,
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
@@ -422,6 +433,7 @@ class LlamaConfig:
             **gemma,
             **experts,
             **implied,
+            **latent,
         )
         if partial and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
             raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "
@@ -450,7 +462,9 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it), the correction
     bias `exp_probs_b.bias` choosing experts, the weights scaled by `expert_weights_scale`, groups where
     `expert_group_count` says; its first `leading_dense_block_count` layers dense, its `expert_shared_count` shared
-    experts one ungated MLP of that many times an expert's intermediate size."""
+    experts one ungated MLP of that many times an expert's intermediate size. deepseek2 alike, but softmax where
+    `expert_gating_func` is absent (llama.cpp's default for V2 files) and not renormalized where `expert_weights_norm`
+    is; its softmax files (V2) rank groups by their best expert as the model does (llama.cpp: by their best two)."""
     if not meta.get(f"{arch}.expert_count"):
         return {}
     used = meta.get(f"{arch}.expert_used_count")
@@ -469,14 +483,54 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     return dict(
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch != "qwen2moe")),
-        shared_expert_intermediate_size=shared, shared_expert_gate=arch != "glm4moe",
+        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2"))),
+        shared_expert_intermediate_size=shared, shared_expert_gate=arch not in ("glm4moe", "deepseek2"),
         moe_bias=arch == "gpt-oss",
         moe_layers=tuple(i >= first_dense for i in range(num_layers)),
         router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
         expert_groups=int(meta.get(f"{arch}.expert_group_count") or 1),
         expert_groups_per_tok=int(meta.get(f"{arch}.expert_group_used_count") or 1),
         routed_scaling_factor=float(meta.get(f"{arch}.expert_weights_scale") or 1.0),
+        expert_group_top=1 if arch == "deepseek2" and scoring == "softmax" else 2,
+    )
+
+
+def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScaling | None,
+                                source: str) -> tuple[RopeScaling | None, dict[str, Any]]:
+    """A deepseek2 GGUF's latent attention: (its RoPE scaling as the model runs it, the LlamaConfig fields).
+
+    A query head's width (nope + rope) and a value head's are `attention.key_length_mla` / `value_length_mla` where
+    the file has them (llama.cpp's converter since it splits attn_kv_b; key_length / value_length then describe the
+    absorbed KV head: kv_lora_rank + rope, kv_lora_rank), else `key_length` / `value_length`. The softmax scale is
+    llama.cpp's: mscale^2 / sqrt(nope + rope), mscale = 1 + `rope.scaling.yarn_log_multiplier` ln(factor), the
+    converter storing 0.1 x mscale_all_dim there; RoPE itself unscaled by YaRN's magnitude (HF: mscale over
+    mscale_all_dim, equal in every DeepSeek config)."""
+
+    def need(key):
+        if f"deepseek2.{key}" not in meta:
+            raise ConfigError(f"{source}: missing GGUF field 'deepseek2.{key}'")
+        return meta[f"deepseek2.{key}"]
+
+    rank, rope_dim = int(need("attention.kv_lora_rank")), int(need("rope.dimension_count"))
+    qk = int(meta.get("deepseek2.attention.key_length_mla") or need("attention.key_length"))
+    v_dim = int(meta.get("deepseek2.attention.value_length_mla") or need("attention.value_length"))
+    if qk <= rope_dim:
+        raise ConfigError(f"{source}: a query head of {qk} dims cannot hold rope.dimension_count={rope_dim} and more")
+    # the converter's 0.1 x mscale_all_dim, undone in float32 as llama.cpp does (0.1 x 1.0 reads back as 1.0)
+    mscale_all_dim = float(np.float32(meta.get("deepseek2.rope.scaling.yarn_log_multiplier") or 0.0) / np.float32(0.1))
+    if rope_scaling is not None and rope_scaling.rope_type == "yarn":
+        rope_scaling = dataclasses.replace(rope_scaling, mscale=mscale_all_dim or None,
+                                           mscale_all_dim=mscale_all_dim or None,
+                                           attention_factor=rope_scaling.attention_factor or (None if mscale_all_dim
+                                                                                              else 1.0))
+    sm_scale = qk**-0.5
+    if mscale_all_dim and rope_scaling is not None and rope_scaling.factor > 1:
+        mscale = 0.1 * mscale_all_dim * math.log(rope_scaling.factor) + 1.0
+        sm_scale *= mscale * mscale
+    return rope_scaling, dict(
+        kv_lora_rank=rank, q_lora_rank=int(meta.get("deepseek2.attention.q_lora_rank") or 0),
+        qk_nope_head_dim=qk - rope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
+        query_pre_attn_scalar=sm_scale**-2,
     )
 
 

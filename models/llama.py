@@ -299,7 +299,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
         o, carry = attend(i, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
         if cfg.mla:  # each head's latent output -> its values
-            o = jnp.einsum("thc,chv->thv", o[..., cfg.qk_rope_head_dim:], _mla_up(cfg, p)[1])
+            o = jnp.einsum("thc,chv->thv", o, _mla_up(cfg, p)[1].astype(o.dtype))
         o = proj(o.reshape(t, -1), "wo")
         if cfg.attention_out_bias:
             o = o + p["bo"]
@@ -336,11 +336,13 @@ def _mla_up(cfg: LlamaConfig, p: Params) -> tuple[jax.Array, jax.Array]:
 
 def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Multi-head latent attention (DeepSeek-V2/V3) as attention with one KV head over the latent, the key and value
-    up-projections absorbed: q [T, H, D], k and v [T, 1, D], D = qk_rope + kv_lora_rank, RoPE dims first.
+    up-projections absorbed: q [T, H, qk_rope + kv_lora_rank] (RoPE dims first), k [T, 1, qk_rope] (the RoPE key) and
+    v [T, 1, kv_lora_rank] (the latent), a latent cache's layout (`pallas_kernels.ragged_paged_attention`: a
+    position's key is its k and v together, its value v).
 
     A head's score q_nope . (W_UK c) + q_rope . k_rope equals [q_rope, W_UK^T q_nope] . [k_rope, c], so the cache holds
-    the latent c and the RoPE key once per token, for every head; the value is c (the RoPE dims zero), and each head's
-    output latent is taken through W_UV after attention (`_decoder`)."""
+    the latent c and the RoPE key once per token, for every head; attention returns each head's latent output, which
+    W_UV takes to its values (`_decoder`)."""
     t, heads, nope, rope_dim = h.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     if cfg.q_lora_rank:
         q = proj(rms_norm(proj(h, "wq_a"), p["q_a_norm"], cfg.rms_norm_eps), "wq_b")
@@ -352,10 +354,9 @@ def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> tuple[jax.Array
     kv = proj(h, "wkv_a")  # [T, rope_dim + latent]
     latent = rms_norm(kv[:, rope_dim:], p["kv_a_norm"], cfg.rms_norm_eps)
     q = jnp.concatenate([q[..., nope:], q_latent], axis=-1)
-    k = jnp.concatenate([kv[:, :rope_dim], latent], axis=-1)[:, None]
-    v = jnp.concatenate([jnp.zeros((t, rope_dim), latent.dtype), latent], axis=-1)[:, None]
-    copies = (t, cfg.num_kv_heads, cfg.head_dim)  # one, or one per device under tensor parallelism
-    return q, jnp.broadcast_to(k, copies), jnp.broadcast_to(v, copies)
+    copies = (t, cfg.num_kv_heads)  # one, or one per device under tensor parallelism
+    return (q, jnp.broadcast_to(kv[:, None, :rope_dim], copies + (rope_dim,)),
+            jnp.broadcast_to(latent[:, None], copies + (cfg.kv_lora_rank,)))
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
@@ -478,8 +479,11 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
                            sm_scale: float | None = None, soft_cap: float | None = None,
                            sinks: jax.Array | None = None) -> jax.Array:
     """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. sinks [Hq]: one
-    more logit per head in each softmax, with no value (gpt-oss)."""
+    more logit per head in each softmax, with no value (gpt-oss). k and v narrower than q: latent attention (a key
+    is k and v together, its value v; `_mla_qkv`) -> [T, Hq, Dv]."""
     t, hq, d = q.shape
+    if k.shape[-1] != d:
+        k = jnp.concatenate([k, v], axis=-1)
     group = hq // k.shape[1]
     k, v = jnp.repeat(k, group, axis=1), jnp.repeat(v, group, axis=1)
     scale = d**-0.5 if sm_scale is None else sm_scale

@@ -19,15 +19,18 @@ BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 __all__ = ["BACKENDS", "ragged_paged_attention", "resolve_backend", "write_kv"]
 
 
-def resolve_backend(name: str, head_dim: int | None = None) -> str:
+def resolve_backend(name: str, head_dim: int | None = None, latent: bool = False) -> str:
   """Validates a backend name; "auto" becomes "pallas" on a GPU and "xla" elsewhere. The compiled kernels need a
-  power-of-two `head_dim` (Triton's tiles): with another (latent attention's 576), "auto" is "xla" and "pallas" an
-  error that names it."""
+  power-of-two `head_dim` (Triton's tiles) and do not read a `latent` cache (DeepSeek's): for such a model "auto" is
+  "xla", and a Pallas backend an error that says why."""
   if name not in BACKENDS:
     raise ValueError(f"unknown attention backend {name!r}; allowed values: {', '.join(BACKENDS)}")
   tiles_fit = head_dim is None or head_dim & (head_dim - 1) == 0
   if name == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and tiles_fit else "xla"
+    return "pallas" if jax.default_backend() == "gpu" and tiles_fit and not latent else "xla"
+  if name != "xla" and latent:
+    raise ValueError(f"attention.backend={name}: the Pallas kernels do not read a latent cache (multi-head latent "
+                     "attention) yet; use attention.backend=xla")
   if name == "pallas" and not tiles_fit:
     raise ValueError(f"attention.backend=pallas needs a power-of-two head_dim (the kernels' tiles), the model has "
                      f"{head_dim}; use attention.backend=xla")
@@ -87,6 +90,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   masking; the sink itself is neither scaled, capped nor masked. None (static) leaves it out.
   """
   backend = resolve_backend(backend)
+  if reference.latent_dims(q, k_pages, v_pages) and backend != "xla":
+    raise ValueError("latent attention (k and v pages narrower than q: a DeepSeek model's cache) runs on the xla "
+                     "backend; the Pallas kernels do not read a latent cache yet")
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,

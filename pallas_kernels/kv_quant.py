@@ -111,7 +111,8 @@ def dequantize_np(values, scales) -> np.ndarray:
   return np.asarray(to_compute(jnp.asarray(values), jnp.float32), np.float64) * np.asarray(scales, np.float64)[..., None]
 
 
-def page_bytes(num_layers: int, num_kv_heads: int, page_size: int, head_dim: int, dtype) -> int:
-  """Bytes of one KV page over every layer: K and V values, plus their scales when quantized."""
-  per_vector = head_dim * jnp.dtype(dtype).itemsize + (SCALE_DTYPE.itemsize if is_quantized(dtype) else 0)
-  return 2 * num_layers * num_kv_heads * page_size * per_vector
+def page_bytes(num_layers: int, num_kv_heads: int, page_size: int, dims: tuple[int, int], dtype) -> int:
+  """Bytes of one KV page over every layer: K and V values (`dims`: their widths), plus their scales when
+  quantized."""
+  per_token = sum(dims) * jnp.dtype(dtype).itemsize + (2 * SCALE_DTYPE.itemsize if is_quantized(dtype) else 0)
+  return num_layers * num_kv_heads * page_size * per_token

@@ -9,7 +9,8 @@ and padding rows, empty sequence slots and tiles past the causal limit cost noth
 
 Layout (one layer):
   q:            [T, Hq, D]       all sequences' new tokens back to back
-  k/v_pages:    [Hkv, P, ps, D]  P pages of ps tokens each
+  k/v_pages:    [Hkv, P, ps, D]  P pages of ps tokens each (latent attention: k [.., Dk], v [.., Dv],
+                                 D = Dk + Dv; see ragged_paged_attention)
   kv_lens:      [S] int32        KV length of each sequence, new tokens included
   page_indices: [S, max_pages]   int32 page ids of each sequence, in order
   cu_q_lens:    [S + 1] int32    cumulative query lengths
@@ -116,6 +117,11 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            sinks: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
+  Latent attention (DeepSeek's MLA, absorbed; models/llama.py `_mla_qkv`): k_pages [.., Dk] and
+  v_pages [.., Dv] narrower than q's D = Dk + Dv. A position's key is then its k and v vectors
+  together ([RoPE key, latent]) and its value the v vector alone (the latent): the cache holds each
+  latent once. Returns [T, Hq, Dv].
+
   With `layer` (int32 scalar), k/v_pages hold every layer, [L, Hkv, P, ps, D], and layer `layer`
   is read in place: the gather indexes the layer, nothing of a whole layer is sliced out.
   k/v_scales ([.., Hkv, P, ps] float32, like the pages without D): the pages are an 8-bit cache
@@ -143,6 +149,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       jnp.asarray, (q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
   num_tokens, num_q_heads, head_dim = q.shape
   num_kv_heads, _, page_size, _ = k_pages.shape[-4:]
+  latent_dims(q, k_pages, v_pages)
   max_pages_per_seq = page_indices.shape[1]
   if num_q_heads % num_kv_heads:
     raise ValueError(f"num_q_heads={num_q_heads} is not a multiple of num_kv_heads={num_kv_heads}")
@@ -172,7 +179,19 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     tiled = q_lens >= max(2, block_q // 8)                             # [S]
     seq_ids, _, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
     out = jnp.where(tiled[seq_ids][:, None, None, None], attend(block_q, tiled), attend(1, ~tiled))
-  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+  return out.reshape(num_tokens, num_q_heads, v_pages.shape[-1]).astype(q.dtype)
+
+
+def latent_dims(q, k_pages, v_pages) -> bool:
+  """Whether the pages are a latent cache (k and v narrower than q, together as wide); ValueError
+  for widths that fit neither layout."""
+  dq, dk, dv = q.shape[-1], k_pages.shape[-1], v_pages.shape[-1]
+  if dk == dq == dv:
+    return False
+  if dk + dv == dq:
+    return True
+  raise ValueError(f"q is {dq} wide, k and v pages {dk} and {dv}: they must all be equal, or k + v = q "
+                   "(latent attention)")
 
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -180,11 +199,13 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
                    sinks=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
-  qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D]; scales: None or
-  (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache; sinks: None or [Hkv, G] float32.
-  Returns [T, Hkv, G, D] (rows of other sequences are meaningless).
+  qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D] (or a latent cache's
+  Dk and Dv wide); scales: None or (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache; sinks:
+  None or [Hkv, G] float32. Returns [T, Hkv, G, Dv] (rows of other sequences are meaningless).
   """
   num_tokens, num_kv_heads, group, head_dim = qs.shape
+  k_dim, v_dim = k_pages.shape[-1], v_pages.shape[-1]
+  latent = k_dim != head_dim
   num_pages, page_size = k_pages.shape[2], k_pages.shape[3]
   max_pages_per_seq = page_indices.shape[1]
   blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q, seq_mask)
@@ -215,11 +236,13 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       cols = jnp.minimum(b * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32),
                          max_pages_per_seq - 1)
       page_ids = jnp.clip(page_row[cols], 0, num_pages - 1)[None, :]
-      k = kv_quant.to_compute(k_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, head_dim)
-      v = kv_quant.to_compute(v_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, head_dim)
+      k = kv_quant.to_compute(k_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, k_dim)
+      v = kv_quant.to_compute(v_pages[layer, heads, page_ids], jnp.float32).reshape(num_kv_heads, block_len, v_dim)
       if scales is not None:
         k = k * scales[0][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
         v = v * scales[1][layer, heads, page_ids].reshape(num_kv_heads, block_len, 1)
+      if latent:  # the key: the RoPE key and the latent together
+        k = jnp.concatenate([k, v], axis=-1)
       s = jnp.einsum("krd,kbd->krb", q_tile, k,
                      preferred_element_type=jnp.float32)             # [Hkv, rows, block_len]
       if soft_cap is not None:
@@ -244,16 +267,16 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
     else:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
       m0 = jnp.tile(sinks, (1, block_q))                               # row r: q head r % G
       l0 = jnp.ones((num_kv_heads, rows), jnp.float32)
-    init = (first_kv_block, m0, l0, jnp.zeros((num_kv_heads, rows, head_dim), jnp.float32))
+    init = (first_kv_block, m0, l0, jnp.zeros((num_kv_heads, rows, v_dim), jnp.float32))
     _, _, l, acc = lax.while_loop(lambda c: c[0] < end_kv_block, kv_step, init)
-    tile = acc / jnp.where(l == 0.0, 1.0, l)[..., None]                # [Hkv, rows, D]
+    tile = acc / jnp.where(l == 0.0, 1.0, l)[..., None]                # [Hkv, rows, Dv]
     return lax.dynamic_update_slice(out, tile[None], (i, 0, 0, 0))
 
   out = lax.fori_loop(0, num_used, one_block,
-                      jnp.zeros((num_q_blocks, num_kv_heads, rows, head_dim), jnp.float32))
+                      jnp.zeros((num_q_blocks, num_kv_heads, rows, v_dim), jnp.float32))
   # Row t of q is token slot token_slot[t] of block token_block[t].
-  out = out.reshape(num_q_blocks, num_kv_heads, block_q, group, head_dim)
-  return out[blocks.token_block, :, blocks.token_slot]                 # [T, Hkv, G, D]
+  out = out.reshape(num_q_blocks, num_kv_heads, block_q, group, v_dim)
+  return out[blocks.token_block, :, blocks.token_slot]                 # [T, Hkv, G, Dv]
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, layer: jax.Array | None = None,

@@ -34,8 +34,10 @@ def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num
                         head_dim: int, page_size: int, num_tokens: int | None = None,
                         max_seqs: int | None = None, max_pages_per_seq: int | None = None,
                         extra_pages: int = 3, dtype=np.float32,
-                        garbage_scale: float = 30.0) -> RaggedBatch:
+                        garbage_scale: float = 30.0,
+                        latent_dims: tuple[int, int] | None = None) -> RaggedBatch:
   """A batch of sequences given as (q_len, kv_len) pairs, with padding rows and padding sequences.
+  latent_dims (Dk, Dv): a latent cache (DeepSeek's): K pages Dk wide, V pages Dv, q head_dim = Dk + Dv.
 
   Pages are shuffled across the pool, so page tables are non-contiguous. Everything a correct
   kernel must ignore (KV slots past kv_len, unused pages, unused page-table columns, padding query
@@ -53,9 +55,10 @@ def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num
   assert max_pages_per_seq >= max(seq_pages)
   num_pages = sum(seq_pages) + extra_pages
 
-  shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k_pages = garbage_scale * rng.standard_normal(shape)
-  v_pages = garbage_scale * rng.standard_normal(shape)
+  k_dim, v_dim = latent_dims or (head_dim, head_dim)
+  assert latent_dims is None or k_dim + v_dim == head_dim
+  k_pages = garbage_scale * rng.standard_normal((num_kv_heads, num_pages, page_size, k_dim))
+  v_pages = garbage_scale * rng.standard_normal((num_kv_heads, num_pages, page_size, v_dim))
   # Page table: a random permutation of the pool; unused columns point at random pages.
   perm = rng.permutation(num_pages)
   page_indices = rng.integers(0, num_pages, size=(max_seqs, max_pages_per_seq))
@@ -66,8 +69,8 @@ def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num
       next_page += 1
       page_indices[s, j] = page
       n = min(page_size, kv_len - j * page_size)
-      k_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, head_dim))
-      v_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, head_dim))
+      k_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, k_dim))
+      v_pages[:, page, :n] = rng.standard_normal((num_kv_heads, n, v_dim))
 
   q = rng.standard_normal((num_tokens, num_q_heads, head_dim))
   q[num_valid:] *= garbage_scale
@@ -91,24 +94,28 @@ def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
 
 def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
-  """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, D].
+  """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, Dv].
 
   sinks [Hq]: one more logit per head in every row's softmax, with no value (gpt-oss), taken as
-  given: not scaled, capped or masked.
+  given: not scaled, capped or masked. K and V pages narrower than q: a latent cache, each key its
+  K and V vectors together.
   """
   q = np.asarray(batch.q, np.float64)
   k_pages = np.asarray(batch.k_pages, np.float64)
   v_pages = np.asarray(batch.v_pages, np.float64)
+  if k_pages.shape[-1] != q.shape[-1]:
+    k_pages = np.concatenate([k_pages, v_pages], axis=-1)
   num_kv_heads, _, page_size, head_dim = k_pages.shape
+  v_dim = v_pages.shape[-1]
   num_q_heads = q.shape[1]
   group = num_q_heads // num_kv_heads
-  out = np.zeros((batch.num_valid_tokens, num_q_heads, head_dim))
+  out = np.zeros((batch.num_valid_tokens, num_q_heads, v_dim))
   for s in range(int(batch.num_seqs[0])):
     q_start, q_end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
     kv_len = int(batch.kv_lens[s])
     pages = batch.page_indices[s, :-(-kv_len // page_size)]
     k = k_pages[:, pages].reshape(num_kv_heads, -1, head_dim)[:, :kv_len]  # [Hkv, L, D]
-    v = v_pages[:, pages].reshape(num_kv_heads, -1, head_dim)[:, :kv_len]
+    v = v_pages[:, pages].reshape(num_kv_heads, -1, v_dim)[:, :kv_len]
     k = np.repeat(k, group, axis=0)                                        # [Hq, L, D]
     v = np.repeat(v, group, axis=0)
     pos = kv_len - (q_end - q_start) + np.arange(q_end - q_start)          # [q_len]
@@ -142,7 +149,8 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     dtype=np.float32, sliding_window: int | None = None,
                     soft_cap: float | None = None, num_tokens: int | None = None,
                     max_seqs: int | None = None, nan_padding: bool = False,
-                    kv_dtype=None, sinks: np.ndarray | None = None) -> None:
+                    kv_dtype=None, sinks: np.ndarray | None = None,
+                    latent_dims: tuple[int, int] | None = None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
@@ -150,14 +158,14 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   fills padding query rows with NaN (then only the real rows are checked: NaN must not leak).
   kv_dtype (int8 / float8_e4m3fn): the pages are quantized (kv_quant.quantize) and passed with
   k_scales= / v_scales=; the float64 attention reads them dequantized. sinks ([Hq]): passed as
-  sinks= (float32), and to the float64 attention.
+  sinks= (float32), and to the float64 attention. latent_dims: a latent cache (random_ragged_batch).
   """
   import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
 
   rng = np.random.default_rng(seed)
   batch = random_ragged_batch(
       rng, seqs, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-      page_size=page_size, num_tokens=num_tokens, max_seqs=max_seqs)
+      page_size=page_size, num_tokens=num_tokens, max_seqs=max_seqs, latent_dims=latent_dims)
   n = batch.num_valid_tokens
   q = np.array(batch.q)
   if nan_padding:
@@ -176,7 +184,7 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
     call_opts.update(k_scales=k_scales, v_scales=v_scales)
     as_read[1:] = kv_quant.dequantize_np(args[1], k_scales), kv_quant.dequantize_np(args[2], v_scales)
   out = fn(*args, **call_opts)
-  assert out.shape == q.shape and out.dtype == dtype, (out.shape, out.dtype)
+  assert out.shape == q.shape[:-1] + batch.v_pages.shape[-1:] and out.dtype == dtype, (out.shape, out.dtype)
   out = np.asarray(out.astype(jnp.float32))
   if not nan_padding:
     assert np.isfinite(out).all(), "padding rows must stay finite"

@@ -641,7 +641,7 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
     assert sum(runs["on"][1]) > 0 and sum(runs.get("off", ([], [0]))[1]) == 0
     assert runs["tiny+host"][2]["host_hit_tokens"] > 0 and runs["tiny+host"][2]["num_evicted_pages"] > 0
     cfg = tiny_model[0]
-    page_bytes = {dtype: kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, 16, cfg.head_dim, dtype)
+    page_bytes = {dtype: kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, 16, cfg.kv_dims, dtype)
                   for dtype in (jnp.float32, storage)}
     assert runs["on"][2]["pages_total"] == int(0.001 * 2**30 // page_bytes[storage])
     # 4 bytes per element vs 1 + a 4-byte scale per 16 (8-bit), or vs 2 (bfloat16)

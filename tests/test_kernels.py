@@ -9,6 +9,7 @@ compiles without backend optimisation. The engine's stacked cache (a traced laye
 own group; a last group lowers each kernel for CUDA (Pallas -> Triton IR, no GPU needed).
 """
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +105,29 @@ def test_reference_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_
   testing.check_attention(
       _public("xla"), MIXED, seed=2, num_tokens=24, max_seqs=7, nan_padding=True,
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
+
+
+@pytest.mark.parametrize("dtype,kv_dtype", [(np.float32, None), (jnp.bfloat16, None), (np.float32, "int8")])
+@pytest.mark.parametrize("num_q_heads,latent_dims,sliding_window", [(4, (8, 32), None), (16, (16, 64), 9),
+                                                                     (3, (8, 24), None)])
+def test_reference_latent_cache(num_q_heads, latent_dims, sliding_window, dtype, kv_dtype):
+  """A latent cache (DeepSeek's MLA): K pages hold a RoPE key, V pages a latent; each position's key is
+  both, its value the latent. Ragged batches with padding, one KV head for 3 to 16 q heads, 8-bit pages."""
+  testing.check_attention(
+      _public("xla"), MIXED, seed=int(time.time()) % 1000, num_tokens=24, max_seqs=7, nan_padding=True,
+      num_q_heads=num_q_heads, num_kv_heads=1, head_dim=sum(latent_dims), latent_dims=latent_dims,
+      dtype=dtype, kv_dtype=kv_dtype, sliding_window=sliding_window)
+
+
+def test_kernels_refuse_a_latent_cache_by_name():
+  batch = testing.random_ragged_batch(np.random.default_rng(0), [(2, 5)], num_q_heads=4, num_kv_heads=1,
+                                      head_dim=40, page_size=4, latent_dims=(8, 32))
+  with pytest.raises(ValueError, match="do not read a latent cache"):
+    pallas_kernels.ragged_paged_attention(*map(jnp.asarray, batch.args), sm_scale=0.1, backend="pallas_interpret")
+  with pytest.raises(ValueError, match="k and v pages 8 and 30"):
+    pallas_kernels.ragged_paged_attention(jnp.asarray(batch.q), jnp.asarray(batch.k_pages),
+                                          jnp.asarray(batch.v_pages[..., :30]), *map(jnp.asarray, batch.args[3:]),
+                                          sm_scale=0.1)
 
 
 def test_reference_block_size_is_only_a_knob():

@@ -1,7 +1,8 @@
 """Engine-level fuzzing: random configurations on tiny random models, greedy outputs against a plain run.
 
-Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, or a tiny gpt-oss: sinks,
-experts, windowed layers of 12), a KV dtype, a page
+Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
+experts, windowed layers of 12, or a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones), a KV dtype,
+a page
 size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
 hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
 a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
@@ -53,14 +54,24 @@ def tiny_models(tokenizer) -> dict:
                               num_experts_per_tok=2, moe_intermediate_size=32, moe_bias=True)
     gpt_oss = llama.init_params(gpt_oss_cfg, jax.random.key(6), scale=0.5)
     sinks = jax.random.normal(jax.random.key(7), gpt_oss["layers"]["sinks"].shape) * 2  # sinks that take real weight
+    # DeepSeek-V3-like: latent attention (a cache of RoPE keys and latents), a dense first layer, sigmoid group routing
+    deepseek_cfg = LlamaConfig(architecture="deepseek_v3", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                               intermediate_size=96, num_layers=3, num_heads=4, num_kv_heads=1, head_dim=8 + 32,
+                               max_position=512, query_pre_attn_scalar=24.0, kv_lora_rank=32, q_lora_rank=24,
+                               qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, num_experts=8,
+                               num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=32,
+                               shared_expert_gate=False, moe_layers=(False, True, True), router_scoring="sigmoid",
+                               router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
+                               routed_scaling_factor=2.5)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
             "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
-            "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer)}
+            "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer),
+            "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
 
 
 def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
     """-> (model, the plain reference's overrides, the fuzzed engine's, max_tokens)."""
-    model = rng.choice(["llama", "gemma3", "gpt_oss"])
+    model = rng.choice(["llama", "gemma3", "gpt_oss", "deepseek"])
     page_size, max_model_len = rng.choice([4, 8, 16]), 128
     base = {"warmup": False, "model.max_model_len": max_model_len, "cache.page_size": page_size,
             "cache.kv_dtype": rng.choice(["auto", "auto", "int8"])}
@@ -79,7 +90,7 @@ def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
     if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
         fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])
-    if model == "llama" and rng.random() < 0.3:
+    if model in ("llama", "deepseek") and rng.random() < 0.3:
         fuzzed["cache.host_num_pages"] = rng.choice([4, 16])
     return model, reference, fuzzed, rng.choice([4, 10, 20])
 

@@ -488,21 +488,28 @@ def test_gemma3_orbax_round_trip(tmp_path):
                                   np.asarray(llama.forward_dense(params, TINY_GEMMA3, ids)))
 
 
-@pytest.mark.parametrize("num_kv_heads", [1, 2])
+@pytest.mark.parametrize("num_kv_heads", [1, 2, "latent"])
 def test_engine_step_never_copies_the_kv_cache(num_kv_heads):
     """The jitted step with the cache donated (as the runner calls it) updates the cache in place: no
-    temporary near the cache's size, for MQA (one KV head, as Gemma 3 270M) and GQA alike."""
-    cfg = dataclasses.replace(TINY_GEMMA3, num_kv_heads=num_kv_heads)
+    temporary near the cache's size, for MQA (one KV head, as Gemma 3 270M), GQA and a latent cache (DeepSeek's:
+    K and V pages of their own widths) alike."""
+    if num_kv_heads == "latent":
+        from test_deepseek import tiny_deepseek_v3
+
+        cfg = tiny_deepseek_v3()[0]
+    else:
+        cfg = dataclasses.replace(TINY_GEMMA3, num_kv_heads=num_kv_heads)
     num_pages, t, s = 8192, 32, 4
-    cache = jax.ShapeDtypeStruct((cfg.num_layers, num_kv_heads, num_pages, 16, cfg.head_dim), jnp.float32)
+    k_cache, v_cache = (jax.ShapeDtypeStruct((cfg.num_layers, cfg.num_kv_heads, num_pages, 16, dim), jnp.float32)
+                        for dim in cfg.kv_dims)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
     inputs = llama.ModelInputs(tokens=i32(t), positions=i32(t), slot_mapping=i32(t), kv_lens=i32(s),
                                page_indices=i32(s, 64), cu_q_lens=i32(s + 1), num_seqs=i32(1), logits_indices=i32(s))
     params = jax.tree.map(lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32), llama.param_shapes(cfg),
                           is_leaf=lambda x: isinstance(x, tuple))
     step = jax.jit(lambda p, kv, inp: llama.forward(p, cfg, kv, inp), donate_argnums=1)
-    stats = step.lower(params, (cache, cache), inputs).compile().memory_analysis()
-    cache_bytes = 2 * np.prod(cache.shape) * 4
+    stats = step.lower(params, (k_cache, v_cache), inputs).compile().memory_analysis()
+    cache_bytes = (np.prod(k_cache.shape) + np.prod(v_cache.shape)) * 4
     assert stats.alias_size_in_bytes == cache_bytes
     assert stats.temp_size_in_bytes < cache_bytes / 16, stats.temp_size_in_bytes
 

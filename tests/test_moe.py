@@ -406,3 +406,37 @@ def test_moe_bench_quick_runs_both_paths_and_they_agree():
     rows = bench.main(["--quick"])
     assert [(r["tokens"], r["path"]) for r in rows] == [(1, "grouped"), (1, "dense"), (24, "grouped"), (24, "dense")]
     assert all(r["ms"] > 0 and r["max_diff"] < 1e-4 for r in rows)
+
+
+# zai-org/GLM-4.5-Air's config.json, the fields that shape the model
+GLM_45_AIR = {
+    "model_type": "glm4_moe", "architectures": ["Glm4MoeForCausalLM"], "attention_bias": True, "head_dim": 128,
+    "hidden_act": "silu", "hidden_size": 4096, "partial_rotary_factor": 0.5, "intermediate_size": 10944,
+    "max_position_embeddings": 131072, "moe_intermediate_size": 1408, "norm_topk_prob": True,
+    "num_attention_heads": 96, "n_group": 1, "topk_group": 1, "n_routed_experts": 128, "n_shared_experts": 1,
+    "routed_scaling_factor": 1.0, "num_experts_per_tok": 8, "first_k_dense_replace": 1, "num_hidden_layers": 46,
+    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_scaling": None, "rope_theta": 1000000,
+    "num_nextn_predict_layers": 1, "tie_word_embeddings": False, "use_qk_norm": False, "vocab_size": 151552,
+}
+
+
+def test_config_from_the_real_glm_45_air_checkpoint():
+    """GLM-4.5-Air's config.json: every field that shapes the model, and its parameter count as transformers builds it
+    (on the meta device; the correction biases are buffers there, tensors in the checkpoint; the multi-token-prediction
+    layer is in neither)."""
+    import torch
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = LlamaConfig.from_hf_config(GLM_45_AIR)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) == (46, 96, 8, 128, 64)
+    assert cfg.moe_layers == (False,) + (True,) * 45 and cfg.attention_bias and not cfg.qk_norm
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.mlp_intermediate_size) == (
+        128, 8, 1408, 1408)
+    assert cfg.routing == moe.Routing(top_k=8, norm_topk_prob=True, scoring="sigmoid", groups=1, groups_per_tok=1,
+                                      scaling=1.0)
+    with torch.device("meta"):
+        hf = Glm4MoeForCausalLM(Glm4MoeConfig(**{k: v for k, v in GLM_45_AIR.items()
+                                                 if k not in ("architectures", "model_type")}))
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
+    assert f"{cfg.num_params():,}" == "106,852,251,264"  # "106B total parameters"

@@ -45,6 +45,7 @@ from engine.request import RequestError, SamplingParams, Sequence, Status, trunc
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
 from models import sharding
+from models.weights import cast_params
 from models.loader import load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
@@ -88,7 +89,7 @@ class LLMEngine:
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
         else:
             model_cfg, params, self.tokenizer = model
-            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), params)
+            params = cast_params(params, self.dtype)
         # What the checkpoint recommends for the sampling fields a request leaves out (model.generation_config)
         self.sampling_defaults = (sampling_defaults(config.model.path)
                                   if model is None and config.model.generation_config == "auto" else {})

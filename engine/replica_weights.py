@@ -20,6 +20,7 @@ import numpy as np
 from engine import multihost
 from engine.config import EngineConfig
 from models import llama, quant, sharding
+from models.weights import cast_params
 from models.config import LlamaConfig
 from models.loader import load_weights
 from models.safetensors_loader import params_from_state_dict
@@ -98,9 +99,9 @@ class ReplicaWeights:
             params = params_from_state_dict(cfg, source, self.dtype)
         elif self._stays_on_device(source):
             # An in-process trainer's arrays: cast where they are, then copied device to device by `place`.
-            params, on_device = jax.tree.map(lambda a: a.astype(self.dtype), source), True
+            params, on_device = cast_params(source, self.dtype, lambda a, d: a.astype(d)), True
         else:
-            params = jax.tree.map(lambda a: np.asarray(a, self.dtype), source)
+            params = cast_params(source, self.dtype)
         llama.check_params(cfg, params, "update_weights")
         return PreparedWeights(params if on_device else self.prepare(params, progress),
                                source if isinstance(source, str) else "in-process")

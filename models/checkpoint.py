@@ -13,6 +13,7 @@ import numpy as np
 
 from models.config import LlamaConfig
 from models.gguf_loader import CheckpointError
+from models.weights import cast_params
 from models.llama import check_params, param_shapes
 
 FORMAT = "radixlm-orbax-v1"
@@ -59,5 +60,5 @@ def load_orbax(path: str, dtype: Any) -> tuple[LlamaConfig, dict]:
         raise CheckpointError(f"{path}/params: cannot restore Orbax checkpoint ({type(e).__name__}: {e})") from e
     check_params(cfg, params, path)
     if np.dtype(dtype) != saved_dtype:
-        params = jax.tree.map(lambda a: a.astype(dtype), params)
+        params = cast_params(params, dtype, lambda a, d: a.astype(d))
     return cfg, params

@@ -30,6 +30,10 @@ MLP_KEYS = ("w_gate", "w_up", "w_down")  # the dense MLP, or in a mixture-of-exp
 # those layers only, as the expert layers' weights are over theirs (`layer_kind`).
 DENSE_KEYS = ("dense_gate", "dense_up", "dense_down")
 EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIAS, *MLP_KEYS})
+# Kept in float32 whatever the model's dtype: the router's correction bias chooses experts by differences of a few
+# thousandths between scores, which bfloat16's rounding of a bias of ~1 would swamp (DeepSeek-V3 and GLM-4.5 ship it
+# in float32, and transformers, vLLM and SGLang keep it so).
+FLOAT32_KEYS = frozenset({SCORE_BIAS})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
                         "wkv_a", "wkv_b"})
@@ -118,7 +122,8 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
         for n, i in enumerate(layers_of(cfg, keys[0])):
             for key, arr in zip(keys, load_layer(i)):
                 if n == 0:
-                    out[key] = np.empty((len(layers_of(cfg, key)), *arr.shape), dtype)
+                    out[key] = np.empty((len(layers_of(cfg, key)), *arr.shape),
+                                        np.float32 if key in FLOAT32_KEYS else dtype)
                 out[key][n] = arr
         return out
 
@@ -134,6 +139,15 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
     params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")
+    return cast_params(params, dtype, np.ascontiguousarray)
+
+
+def cast_params(params: dict, dtype: Any, to: Callable = np.asarray) -> dict:
+    """The (float) weight pytree in `dtype`, FLOAT32_KEYS in float32; `to(array, dtype)` converts (numpy's on the
+    host; `lambda a, d: a.astype(d)` where the arrays are)."""
     import jax
 
-    return jax.tree.map(lambda a: np.ascontiguousarray(a, dtype=dtype), params)
+    def convert(path, a):
+        return to(a, np.float32 if getattr(path[-1], "key", None) in FLOAT32_KEYS else dtype)
+
+    return jax.tree_util.tree_map_with_path(convert, params)

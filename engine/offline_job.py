@@ -107,7 +107,7 @@ class LineJob:
                                                    continue_final_message=obj.get("continue_final_message", False))
                       if "messages" in obj else obj["prompt"])
             params = sampling_params(obj, getattr(engine, "sampling_defaults", None))
-            if "messages" in obj and keeps_special_tokens(self.reasoning_parser):
+            if "messages" in obj and keeps_special_tokens(self.reasoning_parser, engine.tokenizer.special_texts):
                 params = dataclasses.replace(params, skip_special_tokens=False)
             engine_id = engine.add_request(prompt, params, namespace=obj.get("cache_salt"),
                                            priority=obj.get("priority", 0), adapter=obj.get("adapter"),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Collection
 
 from engine.output import partial_stop_len
 
@@ -33,9 +34,12 @@ PARSERS = ("none", "qwen3", "deepseek_r1", "gpt_oss")
 
 
 
-def keeps_special_tokens(parser: str) -> bool:
-    """Whether chat replies under `parser` must keep special tokens in their text (its markers are special tokens)."""
-    return parser == "gpt_oss"
+def keeps_special_tokens(parser: str, special: Collection[str] = (), tools: bool = False) -> bool:
+    """Whether chat replies under `parser` must keep special tokens in their text: harmony's markers are special
+    tokens, and so are <think> and <tool_call> in some tokenizers (GLM-4.5's; `special`: the tokenizer's special
+    tokens), which a reasoning parser or a reply with `tools` must read (as vLLM's GLM-4.5 parsers ask)."""
+    return (parser == "gpt_oss" or (parser != "none" and START in special)
+            or (tools and "<tool_call>" in special))
 
 
 # harmony's markers

@@ -163,7 +163,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if len(prompts) * n > MAX_SAMPLES_PER_CALL:
             raise ApiError(400, f"{len(prompts)} prompts x n={n} is more than {MAX_SAMPLES_PER_CALL} samples per call",
                            param="n")
-        keep_special = kind == "chat" and keeps_special_tokens(config.server.reasoning_parser)
+        keep_special = kind == "chat" and keeps_special_tokens(config.server.reasoning_parser, tokenizer.special_texts,
+                                                               tools is not None and tools.active)
         reqs = [
             GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools, keep_special), body.cache_salt or None,
                             body.priority,

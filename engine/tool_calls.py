@@ -7,7 +7,10 @@
 - "auto": the model chooses; calls are read from `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
   blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates), or from GLM-4.5's
   `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>` (each value a string where the
-  tool's schema says string, else read as JSON where it parses), and the rest is content; or,
+  tool's schema says string, else read as JSON where it parses), or from DeepSeek's
+  `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS ```<｜tool▁call▁end｜>` (V3, R1; V3.1 without
+  `function` and the fence), its `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>` around them dropped; the rest is
+  content; or,
   when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
   after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
@@ -30,14 +33,20 @@ from typing import Any
 from engine.output import partial_stop_len
 from engine.request import RequestError, StructuredOutput
 
-_OPEN, _CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+# A call block's opening tag -> its closing one: Hermes' (Qwen, GLM-4.5), DeepSeek-V3's (special tokens)
+BLOCK_TAGS = {"<tool_call>": "</tool_call>", "<｜tool▁call▁begin｜>": "<｜tool▁call▁end｜>"}
+_BLOCK = re.compile("|".join(rf"{re.escape(o)}\s*(.*?)\s*{re.escape(c)}" for o, c in BLOCK_TAGS.items()), re.S)
+_WRAPPERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")  # DeepSeek's around its blocks: never content
+_MARKUP = (*BLOCK_TAGS, *_WRAPPERS)
 # A call object's start when its name comes first, up to the first character of its arguments.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes their calls
 # GLM-4.5's block body: the name, then key / value pairs
 _XML_CALL = re.compile(r"\s*([^\s<]+)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)", re.S)
 _XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
+# DeepSeek-V3's / R1's block body (`function`, the name, the arguments in a JSON code fence), and V3.1's (name, arguments)
+_DEEPSEEK_CALL = re.compile(r"\s*function<｜tool▁sep｜>([^\s<]+)\s*```(?:json)?\s*(.*?)\s*```\s*", re.S)
+_DEEPSEEK_V31_CALL = re.compile(r"\s*([^\s<]+)<｜tool▁sep｜>(.*)", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,9 +112,11 @@ class ToolChoice:
             return None, [ToolCall(self.name, text)]
         if self.mode == "required":
             return None, [ToolCall(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
+        for wrapper in _WRAPPERS:
+            text = text.replace(wrapper, "")
         calls = []
-        for block in _BLOCK.findall(text):
-            call = self._block_call(block)
+        for match in _BLOCK.finditer(text):
+            call = self._block_call(next(g for g in match.groups() if g is not None))
             if call is not None:
                 calls.append(call)
         if calls:
@@ -115,11 +126,19 @@ class ToolChoice:
         return (None, calls) if calls else (text, [])
 
     def _block_call(self, body: str) -> ToolCall | None:
-        """The call a `<tool_call>` block's body holds: a JSON object, or GLM-4.5's name and key / value pairs."""
+        """The call a block's body holds: a JSON object, GLM-4.5's name and key / value pairs, or DeepSeek's name and
+        arguments."""
         try:
             return self._call(json.loads(body))
         except ValueError:
+            pass
+        m = _DEEPSEEK_CALL.fullmatch(body) or _DEEPSEEK_V31_CALL.fullmatch(body)
+        if m is None:
             return self._call(self._xml_call(body))
+        try:
+            return self._call({"name": m.group(1), "arguments": json.loads(m.group(2))})
+        except ValueError:
+            return None
 
     def _xml_call(self, body: str) -> dict | None:
         """GLM-4.5's `NAME<arg_key>K</arg_key><arg_value>V</arg_value>...` as {"name", "arguments"}: a value is kept as
@@ -269,6 +288,7 @@ class ToolCallStream:
         self._pos = 0  # text read up to here (content or list scanning)
         self._reader: _CallReader | None = None
         self._block_at = 0  # where the open block's (or list element's) text starts
+        self._tag = ""  # the open block's opening tag
         self._element: _ValueEnd | None = None
         self._bare_failed = False  # whole-reply JSON calls: text that is no call came
         self._space = ""  # whitespace after the content sent so far: sent once more content follows
@@ -354,32 +374,37 @@ class ToolCallStream:
     def _content(self, finished: bool, complete: bool) -> None:
         while True:
             if self._reader is not None:  # inside a block
-                close = self.text.find(_CLOSE, self._block_at)
+                closing = BLOCK_TAGS[self._tag]
+                close = self.text.find(closing, self._block_at)
                 if close < 0:
                     block = self.text[self._block_at:]
-                    self._read(self._reader.update(block[:len(block) - partial_stop_len(block, (_CLOSE,))]))
+                    self._read(self._reader.update(block[:len(block) - partial_stop_len(block, (closing,))]))
                     return
                 block = self.text[self._block_at:close]
                 started, args = self._reader.close(block, block=True)
                 if started is None and self._reader.call is None:  # not a call
                     if self.num_calls == 0:
-                        self._held = (self._held or []) + [("block", _OPEN + block + _CLOSE)]
+                        self._held = (self._held or []) + [("block", self._tag + block + closing)]
                 else:
                     self._read((started, args))
-                self._reader, self._pos = None, close + len(_CLOSE)
+                self._reader, self._pos = None, close + len(closing)
                 continue
-            opening = self.text.find(_OPEN, self._pos)
-            if opening < 0:
-                end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:], (_OPEN,))
+            found = [(at, tag) for tag in _MARKUP if (at := self.text.find(tag, self._pos)) >= 0]
+            if not found:
+                end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:], _MARKUP)
                 self._plain(self.text[self._pos:end])
                 self._pos = end
                 return
+            opening, tag = min(found)
             self._plain(self.text[self._pos:opening])
-            self._reader, self._block_at = _CallReader(self.choice), opening + len(_OPEN)
+            if tag in _WRAPPERS:
+                self._pos = opening + len(tag)
+                continue
+            self._reader, self._block_at, self._tag = _CallReader(self.choice), opening + len(tag), tag
 
     def _finish(self, complete: bool) -> None:
         if self._state == "content" and self._reader is not None and self._reader.call is None:
-            self._plain(_OPEN + self.text[self._block_at:])  # a block never closed is text
+            self._plain(self._tag + self.text[self._block_at:])  # a block never closed is text
             self._reader = None
         if self._held is not None:  # no call came after the block that is not one: all of it is content
             held, self._held = self._held, None

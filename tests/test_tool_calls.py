@@ -76,6 +76,19 @@ def test_parse_replies():
     assert content is None and (calls[0].name, json.loads(calls[0].arguments)) == ("get_time", {"zone": "UTC"})
 
 
+def test_deepseek_calls():
+    """DeepSeek-V3 / R1's blocks (`function`, the name, a fenced JSON) and V3.1's (the name, the JSON) inside the
+    <｜tool▁calls▁begin｜> ... <｜tool▁calls▁end｜> wrapper, which is never content; an unknown tool is not a call."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    content, calls = auto.parse(AUTO_REPLIES[-3])
+    assert content == "Let me check."
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Tokyo", "unit": "C"}),
+                                                                  ("get_time", {"zone": "UTC"})]
+    content, calls = auto.parse(AUTO_REPLIES[-2])
+    assert content == "Done." and [(c.name, json.loads(c.arguments)) for c in calls] == [("get_time", {"zone": "CET"})]
+    assert auto.parse(AUTO_REPLIES[-1]) == ("<｜tool▁call▁begin｜>rm_rf<｜tool▁sep｜>{}<｜tool▁call▁end｜>", [])
+
+
 def test_glm_calls_read_values_by_the_tools_schema():
     """GLM-4.5's `<tool_call>NAME<arg_key>K</arg_key><arg_value>V</arg_value></tool_call>`: a value the schema types
     string stays text (even "42"), others are read as JSON where they parse; a call without arguments; an unknown
@@ -154,6 +167,13 @@ AUTO_REPLIES = [
     '</arg_key>\n<arg_value>C</arg_value>\n</tool_call><tool_call>get_time<arg_key>zone</arg_key><arg_value>UTC'
     '</arg_value></tool_call>',
     '<tool_call>nope\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call> not a tool',
+    # DeepSeek-V3 / R1 (a fenced JSON) and V3.1 (bare JSON) blocks, in their wrapper
+    'Let me check.\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
+    '{"city": "Tokyo", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n'
+    '```json\n{"zone": "UTC"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
+    '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"zone": "CET"}<｜tool▁call▁end｜><｜tool▁calls▁end｜>'
+    ' Done.',
+    '<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>rm_rf<｜tool▁sep｜>{}<｜tool▁call▁end｜><｜tool▁calls▁end｜>',
 ]
 NAMED_REPLY = '{"city": "Rome", "unit": "F"}'
 REQUIRED_REPLY = ('[{"name":"get_time","arguments":{"zone":"UTC"}}, '

@@ -488,6 +488,21 @@ def test_gemma3_orbax_round_trip(tmp_path):
                                   np.asarray(llama.forward_dense(params, TINY_GEMMA3, ids)))
 
 
+def test_deepseek_orbax_round_trip(tmp_path):
+    """Latent attention, expert and dense layers stacked apart, the float32 correction bias: convert -> load gives the
+    same config, weights and dtypes."""
+    from models.checkpoint import load_orbax, save_orbax
+    from test_deepseek import tiny_deepseek_v3
+
+    from models.weights import cast_params
+
+    cfg, params = tiny_deepseek_v3()
+    save_orbax(str(tmp_path / "ckpt"), cfg, cast_params(jax.tree.map(np.asarray, params), jnp.bfloat16), "bfloat16")
+    loaded_cfg, loaded = load_orbax(str(tmp_path / "ckpt"), jnp.bfloat16)
+    assert loaded_cfg == cfg and loaded["layers"]["dense_gate"].shape[0] == 1 and loaded["layers"]["moe_up"].shape[0] == 2
+    assert loaded["layers"]["router_score_bias"].dtype == np.float32 and loaded["layers"]["wkv_b"].dtype == jnp.bfloat16
+
+
 @pytest.mark.parametrize("num_kv_heads", [1, 2, "latent"])
 def test_engine_step_never_copies_the_kv_cache(num_kv_heads):
     """The jitted step with the cache donated (as the runner calls it) updates the cache in place: no

@@ -53,6 +53,7 @@ def load_orbax(path: str, dtype: Any) -> tuple[LlamaConfig, dict]:
     target = jax.tree.map(
         lambda s: jax.ShapeDtypeStruct(s, saved_dtype), param_shapes(cfg), is_leaf=lambda x: isinstance(x, tuple)
     )
+    target = cast_params(target, saved_dtype, lambda a, d: jax.ShapeDtypeStruct(a.shape, d))  # float32 keys stay
     try:
         with ocp.StandardCheckpointer() as ckpt:
             params = ckpt.restore(os.path.join(path, "params"), target)

@@ -131,7 +131,7 @@ class LLMEngine:
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
-        backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.head_dim, self.model_cfg.mla)
+        backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,

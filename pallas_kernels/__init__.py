@@ -19,21 +19,19 @@ BACKENDS = ("auto", "xla", "pallas", "pallas_interpret")
 __all__ = ["BACKENDS", "ragged_paged_attention", "resolve_backend", "write_kv"]
 
 
-def resolve_backend(name: str, head_dim: int | None = None, latent: bool = False) -> str:
-  """Validates a backend name; "auto" becomes "pallas" on a GPU and "xla" elsewhere. The compiled kernels need a
-  power-of-two `head_dim` (Triton's tiles) and do not read a `latent` cache (DeepSeek's): for such a model "auto" is
-  "xla", and a Pallas backend an error that says why."""
+def resolve_backend(name: str, dims: tuple[int, ...] | None = None) -> str:
+  """Validates a backend name; "auto" becomes "pallas" on a GPU and "xla" elsewhere. `dims`: the widths the compiled
+  kernels tile, a cached K and V vector's (LlamaConfig.kv_dims: head_dim twice, or a latent cache's RoPE key and
+  latent). Triton's tiles need powers of two >= 16: for other widths "auto" is "xla" and "pallas" an error that
+  names the width (interpret mode tiles nothing and takes any)."""
   if name not in BACKENDS:
     raise ValueError(f"unknown attention backend {name!r}; allowed values: {', '.join(BACKENDS)}")
-  tiles_fit = head_dim is None or head_dim & (head_dim - 1) == 0
+  untileable = [d for d in dims or () if d < 16 or d & (d - 1)]
   if name == "auto":
-    return "pallas" if jax.default_backend() == "gpu" and tiles_fit and not latent else "xla"
-  if name != "xla" and latent:
-    raise ValueError(f"attention.backend={name}: the Pallas kernels do not read a latent cache (multi-head latent "
-                     "attention) yet; use attention.backend=xla")
-  if name == "pallas" and not tiles_fit:
-    raise ValueError(f"attention.backend=pallas needs a power-of-two head_dim (the kernels' tiles), the model has "
-                     f"{head_dim}; use attention.backend=xla")
+    return "pallas" if jax.default_backend() == "gpu" and not untileable else "xla"
+  if name == "pallas" and untileable:
+    raise ValueError(f"attention.backend=pallas needs K and V widths that are powers of two >= 16 (the kernels' "
+                     f"tiles); the model's cache has {untileable[0]} (widths {tuple(dims)}); use attention.backend=xla")
   return name
 
 
@@ -54,12 +52,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            decode_only: bool | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
                            sinks: jax.Array | None = None) -> jax.Array:
-  """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, D], q's dtype.
+  """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, Dv], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
   one layer's cache, new tokens already written. kv_lens [S] int32: KV length of each sequence,
   new tokens included. page_indices [S, max_pages_per_seq] int32. cu_q_lens [S + 1] int32.
   num_seqs [1] int32: sequences at index >= num_seqs[0] are padding (kv_len 0, empty chunk).
+
+  A latent cache (DeepSeek's multi-head latent attention): k_pages [.., Dk] and v_pages [.., Dv]
+  with Dk + Dv = D. A position's key is its K and V rows together, its value the V row, and the
+  output is [T, Hq, Dv]; every backend reads it (docs/kernels.md, "Latent cache").
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and attends to KV positions
   [0, pos] (only those > pos - sliding_window when a window is given; the window may be an int32
@@ -90,9 +92,6 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   masking; the sink itself is neither scaled, capped nor masked. None (static) leaves it out.
   """
   backend = resolve_backend(backend)
-  if reference.latent_dims(q, k_pages, v_pages) and backend != "xla":
-    raise ValueError("latent attention (k and v pages narrower than q: a DeepSeek model's cache) runs on the xla "
-                     "backend; the Pallas kernels do not read a latent cache yet")
   if backend == "xla":
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
@@ -112,7 +111,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,
              k_scales: jax.Array | None = None, v_scales: jax.Array | None = None):
-  """Writes new K/V rows (k, v: [T, Hkv, D]) into flat slots (page * page_size + offset).
+  """Writes new K/V rows (k, v: [T, Hkv, D], or a latent cache's [.., Dk] and [.., Dv]) into flat slots
+  (page * page_size + offset).
 
   Negative slots are padding and are skipped. With `layer` (int32 scalar) the pages hold every
   layer, [L, Hkv, P, page_size, D], and only that layer is written, in place (layer in [0, L);

@@ -19,7 +19,12 @@ Stacked cache: as in the ragged kernel, k/v_pages are [L, Hkv, P, ps, D] and the
 k_ref[layer, page_ids] (layer an int32 scalar input), in place.
 
 Tile: the Gp (G rounded up to a power of two) q heads of one kv head, zero-padded to >= 16 rows
-for Triton's dot.
+for Triton's dot; a group larger than `block_h` heads (a latent cache's 16 to 128 q heads on one
+kv head) is cut over programs of block_h heads, grid (T, Hkv * Gp / block_h, num_splits).
+
+Latent cache (DeepSeek's MLA, see ragged_kernel): q's RoPE part [rows, Dk] is dotted with the K
+tile and its latent part [rows, Dv] with the V tile, which is also the value tile; the partials
+are Dv wide.
 """
 from __future__ import annotations
 
@@ -31,9 +36,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_tile, next_pow2,
-                                          scale_specs, stacked_cache, window_input)
-from pallas_kernels.reference import token_metadata
+from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_head_of, kv_tile,
+                                          next_pow2, scale_specs, stacked_cache, window_input)
+from pallas_kernels.reference import latent_dims, token_metadata
 
 
 def _decode_kernel(
@@ -41,15 +46,19 @@ def _decode_kernel(
     pages_ref,   # [max_pages_padded] the row's sequence's page-table row
     layer_ref,   # []   the layer to read
     window_ref,  # []   the sliding window (read only when has_window)
-    q_ref,       # [rows, D]
-    k_ref,       # [L, P, ps, D] this kv head's pages, every layer
-    v_ref,       # [L, P, ps, D]
-    *refs,       # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] then the outputs:
-                 # acc [rows, D] float32 unnormalised, m [rows] float32, l [rows] float32
-    sm_scale: float, soft_cap: float | None, has_window: bool,
+    q_ref,       # [rows, Dk] (a latent cache: q's RoPE part)
+    k_ref,       # [L, P, ps, Dk] this kv head's pages, every layer
+    v_ref,       # [L, P, ps, Dv] (Dv = Dk unless latent)
+    *refs,       # [q_latent [rows, Dv] (latent),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
+                 # then the outputs: acc [rows, Dv] float32 unnormalised, m [rows], l [rows] float32
+    sm_scale: float, soft_cap: float | None, has_window: bool, latent: bool,
     pages_per_tile: int, num_splits: int):
+  q_latent = None
+  if latent:
+    q_latent_ref, *refs = refs
+    q_latent = q_latent_ref[...]                                        # [rows, Dv]
   *scale_refs, acc_ref, m_ref, l_ref = refs
-  rows, head_dim = q_ref.shape
+  rows, v_dim = acc_ref.shape
   page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
   split = pl.program_id(2)
@@ -67,7 +76,7 @@ def _decode_kernel(
   tile_lo = first_tile + split * tiles_per_split
   tile_hi = jnp.minimum(tile_lo + tiles_per_split, first_tile + num_tiles)
 
-  q = q_ref[...]                                                        # [rows, D]
+  q = q_ref[...]                                                        # [rows, Dk]
 
   def visible(kv_pos):                                                  # [1, block_kv]
     mask = kv_pos <= pos
@@ -77,9 +86,9 @@ def _decode_kernel(
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
                            pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
-                           scale_refs=scale_refs or None)
+                           scale_refs=scale_refs or None, q_latent=q_latent)
 
-  init = (jnp.zeros((rows, head_dim), jnp.float32),
+  init = (jnp.zeros((rows, v_dim), jnp.float32),
           jnp.full((rows,), MASK_VALUE, jnp.float32),
           jnp.zeros((rows,), jnp.float32))
   acc, m, l = lax.fori_loop(tile_lo, jnp.maximum(tile_lo, tile_hi), body, init)
@@ -94,78 +103,107 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, target_programs: int 
   return max(1, min(max_splits, next_pow2(-(-target_programs // (num_tokens * num_kv_heads)))))
 
 
+def latent_block_sizes(group: int, itemsize: int) -> tuple[int, int]:
+  """(block_h q heads, block_kv positions) for the decode kernel on a latent cache (DeepSeek: Dk =
+  64, Dv = 512). 16-bit: up to 64 heads a program (DeepSeek-V3's 128 on one device: 2 programs
+  per row, wgmma on Hopper) against 16 positions, or 16 heads (V3 at TP 8, V2-Lite) against 32;
+  float32: 16 heads against 16. 8 warps, no spills on sm90 and MI300 (docs/kernels.md)."""
+  if itemsize > 2:
+    return min(next_pow2(group), 16), 16
+  block_h = min(next_pow2(group), 64)
+  return block_h, max(16, 512 // max(16, block_h))
+
+
 def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                      sm_scale: float, sliding_window: int | jax.Array | None = None,
                      soft_cap: float | None = None, interpret: bool = False,
                      layer: jax.Array | None = None, block_kv: int | None = None,
-                     num_splits: int | None = None, num_warps: int | None = None,
-                     num_stages: int = 2, k_scales=None, v_scales=None,
+                     block_h: int | None = None, num_splits: int | None = None,
+                     num_warps: int | None = None, num_stages: int = 2, k_scales=None, v_scales=None,
                      sinks: jax.Array | None = None) -> jax.Array:
-  """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention."""
+  """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention.
+  block_h: q heads per program (a power of two <= the padded GQA group; by default the whole
+  group, or latent_block_sizes' share of a latent cache's)."""
+  latent = latent_dims(q, k_pages, v_pages)
   k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  num_layers, num_kv_heads, num_pages, page_size, k_dim = k_pages.shape
+  v_dim = v_pages.shape[-1]
   max_pages_per_seq = page_indices.shape[1]
-  group = num_q_heads // num_kv_heads
-  # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
+  group_padded = next_pow2(num_q_heads // num_kv_heads)
   itemsize = max(jnp.dtype(k_pages.dtype).itemsize, jnp.dtype(q.dtype).itemsize)  # 8-bit tiles convert to q's
-  default_kv = max(16, min(128, 32768 // (head_dim * itemsize)))
+  if latent:
+    default_h, default_kv = latent_block_sizes(num_q_heads // num_kv_heads, itemsize)
+  else:
+    # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
+    default_h, default_kv = group_padded, max(16, min(128, 32768 // (head_dim * itemsize)))
+  block_h = block_h or default_h
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
+  num_head_splits = group_padded // block_h
   # Splits fill a GPU's SMs; interpreted on a CPU each program costs a copy of its inputs, so one split (the merge
   # of several is tested with num_splits given).
-  num_splits = num_splits or (1 if interpret else default_num_splits(num_tokens, num_kv_heads))
+  num_splits = num_splits or (1 if interpret else default_num_splits(num_tokens, num_kv_heads * num_head_splits))
+  rows = max(16, block_h)  # the head block, zero rows up to Triton's 16-row minimum
   if num_warps is None:
     # With head_dim 256 the [16, D] accumulator and q tile push 4 warps past 255 registers
     # (spills); below that 4 warps fit (~230 for D=128 bf16; scripts/kernel_compile_check.py).
-    num_warps = 8 if head_dim >= 256 else 4
+    # A latent tile (a [rows, 512] accumulator, two q tiles) takes 8 too.
+    num_warps = 8 if latent or head_dim >= 256 else 4
 
   seq_ids, positions, _ = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
   max_pages_padded = -(-max_pages_per_seq // pages_per_tile) * pages_per_tile
   row_pages = jnp.pad(page_indices, ((0, 0), (0, max_pages_padded - max_pages_per_seq)))
   row_pages = jnp.clip(row_pages[seq_ids], 0, num_pages - 1).astype(jnp.int32)  # [T, maxpp]
 
-  # [T, Hkv * Gp, D] -> [T, Hkv, rows, D], zero rows up to Triton's 16-row minimum.
-  qg, group_padded = _group_heads(q, num_kv_heads)
-  rows = max(16, group_padded)
-  qg = qg.reshape(num_tokens, num_kv_heads, group_padded, head_dim)
-  q_tiles = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group_padded), (0, 0)))
+  # [T, Hq, D] -> [T, NH, rows, D]: head blocks of block_h heads, zero rows up to `rows`.
+  qg = _group_heads(q, num_kv_heads, block_h)
+  num_head_blocks = qg.shape[1]
+  q_tiles = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - block_h), (0, 0)))
+  # A latent cache's q: the RoPE part against K, the latent part against V (two power-of-two dots).
+  q_tiles = [q_tiles[..., :k_dim], q_tiles[..., k_dim:]] if latent else [q_tiles]
 
   has_window, window = window_input(sliding_window)
   kernel = functools.partial(
-      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
+      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, latent=latent,
       pages_per_tile=pages_per_tile, num_splits=num_splits)
-  page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
-                           lambda t, h, i: (0, h, 0, 0, 0))
+  k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
+                                 lambda t, h, i: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
+                    for dim in (k_dim, v_dim))
+  tile_specs = [pl.BlockSpec((None, None, rows, t.shape[-1]), lambda t, h, i: (t, h, 0, 0)) for t in q_tiles]
+  partial_shape = (num_splits, num_tokens, num_head_blocks, rows)
   acc, m, l = pl.pallas_call(
       kernel,
-      grid=(num_tokens, num_kv_heads, num_splits),
+      grid=(num_tokens, num_head_blocks, num_splits),
       in_specs=[pl.BlockSpec((None,), lambda t, h, i: (t,)),
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
                 pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
-                pl.BlockSpec((None, None, rows, head_dim), lambda t, h, i: (t, h, 0, 0)),
-                page_spec, page_spec, *scale_specs(scales, page_spec)],
-      out_specs=[pl.BlockSpec((None, None, None, rows, head_dim), lambda t, h, i: (i, t, h, 0, 0)),
+                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *scale_specs(scales, k_spec)],
+      out_specs=[pl.BlockSpec((None, None, None, rows, v_dim), lambda t, h, i: (i, t, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0))],
-      out_shape=[jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows, head_dim),
-                                      jnp.float32),
-                 jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows), jnp.float32),
-                 jax.ShapeDtypeStruct((num_splits, num_tokens, num_kv_heads, rows), jnp.float32)],
+      out_shape=[jax.ShapeDtypeStruct((*partial_shape, v_dim), jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape, jnp.float32),
+                 jax.ShapeDtypeStruct(partial_shape, jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_decode_attention",
-  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles, k_pages, v_pages, *(scales or ()))
+  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles[0], k_pages, v_pages, *q_tiles[1:],
+    *(scales or ()))
 
-  # Log-sum-exp merge of the splits: [splits, T, Hkv, G(, D)] -> [T, Hkv, G, D].
-  acc, m, l = acc[..., :group, :], m[..., :group], l[..., :group]        # the real q heads
+  # Log-sum-exp merge of the splits: [splits, T, NH, block_h(, Dv)] -> [T, Hq(, Dv)].
+  def q_heads(x):  # [splits, T, NH, rows(, Dv)] -> [splits, T, Hq(, Dv)]: the real q heads
+    x = x[:, :, :, :block_h].reshape(num_splits, num_tokens, num_kv_heads, group_padded, *x.shape[4:])
+    return x[:, :, :, :num_q_heads // num_kv_heads].reshape(num_splits, num_tokens, num_q_heads, *x.shape[4:])
+
+  acc, m, l = q_heads(acc), q_heads(m), q_heads(l)
   m_max = m.max(axis=0)
   if sinks is not None:  # the sink is one more partial: m = sink, l = exp(sink - sink) = 1, acc = 0
-    sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, group)
+    sinks = jnp.asarray(sinks, jnp.float32).reshape(num_q_heads)
     m_max = jnp.maximum(m_max, sinks)
   w = jnp.exp(m - m_max)                                                 # empty splits -> 0
   l_sum = (w * l).sum(axis=0)
   if sinks is not None:
     l_sum += jnp.exp(sinks - m_max)
   out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
-  return out.reshape(num_tokens, num_q_heads, head_dim).astype(q.dtype)
+  return out.astype(q.dtype)                                             # [T, Hq, Dv]

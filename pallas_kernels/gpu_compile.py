@@ -163,14 +163,14 @@ def compile_module(module: TritonModule, target: Target) -> CompileReport:
 
   if module.target != target.name:
     raise ValueError(f"module lowered for {module.target}, not {target.name}")
-  backend = "cuda" if target.platform == "cuda" else "hip"
+  gpu = GPUTarget("cuda" if target.platform == "cuda" else "hip", target.arch, target.warp_size)
+  options = dict(num_warps=module.num_warps, num_stages=module.num_stages)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, f"{module.name}.ttir")
+    text = _ttir_passes(module.text, path, gpu, options)
     with open(path, "w") as f:
-      f.write(module.text)
-    kernel = triton.compile(path, target=GPUTarget(backend, target.arch, target.warp_size),
-                            options=dict(num_warps=module.num_warps,
-                                         num_stages=module.num_stages))
+      f.write(text)
+    kernel = triton.compile(path, target=gpu, options=options)
     if target.platform == "cuda":
       registers, spill_bytes, matrix = _cuda_resources(kernel.asm["cubin"], tmp)
     else:
@@ -178,6 +178,31 @@ def compile_module(module: TritonModule, target: Target) -> CompileReport:
   return CompileReport(name=module.name, target=target.name, num_warps=module.num_warps,
                        num_stages=module.num_stages, shared_bytes=kernel.metadata.shared,
                        registers=registers, spill_bytes=spill_bytes, matrix_instructions=matrix)
+
+
+def _ttir_passes(text: str, path: str, gpu, options: dict) -> str:
+  """The module after Triton's own TTIR passes (canonicalize, combine, CSE, loop unrolling), which
+  the GPU plugin runs on a Pallas kernel's module first (XLA's Triton pipeline starts with them).
+
+  NOTE: `triton.compile` skips a stage's passes when it is given that stage's IR as a file (for IR
+  tests), so a .ttir source would go straight to TTGIR. Without these passes no `acc + dot(p, v)`
+  becomes one dot accumulating in place (the combine pass), and every kernel looked to need a second
+  accumulator's registers."""
+  from triton._C.libtriton import ir  # noqa: PLC0415
+  from triton.backends.compiler import Language  # noqa: PLC0415
+  from triton.compiler.compiler import make_backend  # noqa: PLC0415
+
+  backend = make_backend(gpu)
+  with open(path, "w") as f:
+    f.write(text)
+  context = ir.context()
+  ir.load_dialects(context)
+  backend.load_dialects(context)
+  stages = {}
+  backend.add_stages(stages, backend.parse_options(options), Language.TRITON)
+  module = ir.parse_mlir_module(path, context)
+  module.context = context  # as triton.compile does (the passes read it)
+  return str(stages["ttir"](module, {}))
 
 
 def _cuda_tool(name: str) -> str:
@@ -209,22 +234,28 @@ def _amd_resources(amdgcn: str) -> tuple[int, int, str]:
 
 
 # Head shapes the checks compile: the gpu_check benchmark's, and the models the engine ships for.
-HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim)
+HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim, or a latent cache's (Dk, Dv))
     "llama3-8b": (32, 8, 128),
     "smollm2-135m": (9, 3, 64),
     "gemma3-270m": (4, 1, 256),
     "mha-d128": (16, 16, 128),
+    # DeepSeek-V3 / R1 / Kimi K2 (multi-head latent attention): one RoPE key (64) and one latent
+    # (512) per token, shared by every q head: 16 on each of 8 tensor-parallel devices, 128 on one.
+    # (V2-Lite has V3-TP8's heads: 16 on one device.)
+    "deepseek-v3-tp8": (16, 1, (64, 512)),
+    "deepseek-v3": (128, 1, (64, 512)),
 }
 
 
-def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
+def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[int, int], dtype, *,
                    target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    traced_window: bool = False, kv_dtype=None,
                    sinks: bool = False) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
-  "write_kv": KV write}. Only shapes are needed, no data. traced_window: the window is a traced
+  "write_kv": KV write}. Only shapes are needed, no data. head_dim (Dk, Dv): a latent cache, K
+  pages Dk and V pages Dv wide, q Dk + Dv (DeepSeek's MLA). traced_window: the window is a traced
   int32 scalar, as for models that mix windowed and global layers (Gemma 3). kv_dtype: an 8-bit
   cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py). sinks:
   attention sinks, a [Hq] float32 input (gpt-oss)."""
@@ -235,15 +266,18 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
   import pallas_kernels  # noqa: PLC0415
 
   num_tokens, max_seqs, max_pages = 256, 16, 64
-  pages_shape = (num_layers, num_kv_heads, max_seqs * max_pages, page_size, head_dim)
+  k_dim, v_dim = head_dim if isinstance(head_dim, tuple) else (head_dim, head_dim)
+  q_dim = k_dim + v_dim if isinstance(head_dim, tuple) else head_dim
+  pages_shape = (num_layers, num_kv_heads, max_seqs * max_pages, page_size)
   from pallas_kernels import kv_quant  # noqa: PLC0415
 
-  pages = jax.ShapeDtypeStruct(pages_shape, dtype if kv_dtype is None else kv_quant.storage_dtype(kv_dtype))
+  storage = dtype if kv_dtype is None else kv_quant.storage_dtype(kv_dtype)
+  k_pages, v_pages = (jax.ShapeDtypeStruct((*pages_shape, dim), storage) for dim in (k_dim, v_dim))
   scales = {}
   if kv_dtype is not None:
-    scale = jax.ShapeDtypeStruct(pages_shape[:-1], jnp.float32)
+    scale = jax.ShapeDtypeStruct(pages_shape, jnp.float32)
     scales = dict(k_scales=scale, v_scales=scale)
-  q = jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), dtype)
+  q = jax.ShapeDtypeStruct((num_tokens, num_q_heads, q_dim), dtype)
   kv_lens = jax.ShapeDtypeStruct((max_seqs,), jnp.int32)
   page_indices = jax.ShapeDtypeStruct((max_seqs, max_pages), jnp.int32)
   cu_q_lens = jax.ShapeDtypeStruct((max_seqs + 1,), jnp.int32)
@@ -254,18 +288,18 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
     attend_inputs["sinks"] = jax.ShapeDtypeStruct((num_q_heads,), jnp.float32)
   modules = {}
   for kind, decode_only in (("prefill", False), ("decode", True)):
-    attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=head_dim ** -0.5,
+    attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=q_dim ** -0.5,
                                soft_cap=soft_cap, backend="pallas", decode_only=decode_only)
     if traced_window:
       fn = lambda *xs, window, attend=attend, **kw: attend(*xs, sliding_window=window, **kw)
       extra = dict(window=jax.ShapeDtypeStruct((), jnp.int32))
     else:
       fn, extra = functools.partial(attend, sliding_window=sliding_window), {}
-    [modules[kind]] = triton_modules(fn, q, pages, pages, kv_lens, page_indices, cu_q_lens,
+    [modules[kind]] = triton_modules(fn, q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens,
                                      num_seqs, layer=layer, target=target, **extra, **attend_inputs)
-  new = jax.ShapeDtypeStruct((num_tokens, num_kv_heads, head_dim), dtype)
+  new_k, new_v = (jax.ShapeDtypeStruct((num_tokens, num_kv_heads, dim), dtype) for dim in (k_dim, v_dim))
   slots = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   write = functools.partial(pallas_kernels.write_kv, backend="pallas")
-  [modules["write_kv"]] = triton_modules(write, pages, pages, new, new, slots, layer=layer,
+  [modules["write_kv"]] = triton_modules(write, k_pages, v_pages, new_k, new_v, slots, layer=layer,
                                          target=target, **scales)
   return modules

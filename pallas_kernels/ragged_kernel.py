@@ -28,8 +28,16 @@ it meets its first visible score, and every real row sees at least its own posit
 
 Attention sinks (gpt-oss): one learned logit per q head joins every row's softmax with no value.
 The online softmax starts from it, m = sink and l = exp(sink - sink) = 1 with acc = 0, instead of
-from the mask value; each row reads its own head's sink from a small [Hkv, rows] input laid out
-like the q tile. Without sinks that input and code are absent.
+from the mask value; each row reads its own head's sink from a small [programs, rows] input laid
+out like the q tile. Without sinks that input and code are absent.
+
+Latent cache (DeepSeek's multi-head latent attention, absorbed; `reference.latent_dims`): K pages
+[.., Dk] hold each position's RoPE key, V pages [.., Dv] its latent, and q is [T, Hq, Dk + Dv]. A
+position's key is its K and V rows together, its value the V row, so a tile's scores are two dots
+on power-of-two widths, q[:, :Dk] K^T + q[:, Dk:] V^T (Dk + Dv = 576 is no Triton tile), the V tile
+then serves both dots, and the output is Dv wide. With Hkv = 1 the GQA group is every q head (16
+to 128), more than one tile's rows: the group is cut into programs of `block_h` heads, each a
+"virtual" kv head reading its real kv head's pages (grid (num_q_blocks, Hkv * Gp / block_h)).
 """
 from __future__ import annotations
 
@@ -43,7 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import kv_quant
-from pallas_kernels.reference import query_blocks
+from pallas_kernels.reference import latent_dims, query_blocks
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -97,35 +105,41 @@ def scale_specs(scales, page_spec: pl.BlockSpec) -> list[pl.BlockSpec]:
   return [spec, spec]
 
 
-def pack_rows(x, row_tokens, num_groups_padded: int):
-  """[T, Hq, D] -> [Hkv, NB, block_q * Gp, D] tiles; row_tokens [NB, block_q] are row ids of x."""
-  num_tokens, num_q_heads, head_dim = x.shape
+def pack_rows(qg, row_tokens):
+  """[T, NH, block_h, D] (_group_heads) -> [NH, NB, block_q * block_h, D] tiles; row_tokens
+  [NB, block_q] are token ids of qg. Tile row r is token r // block_h, head r % block_h."""
+  _, num_head_blocks, block_h, head_dim = qg.shape
   num_blocks, block_q = row_tokens.shape
-  return x[row_tokens].reshape(num_blocks, block_q, -1, num_groups_padded, head_dim) \
-      .transpose(2, 0, 1, 3, 4).reshape(-1, num_blocks, block_q * num_groups_padded, head_dim)
+  return qg[row_tokens].transpose(2, 0, 1, 3, 4).reshape(
+      num_head_blocks, num_blocks, block_q * block_h, head_dim)
 
 
 def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, pages_per_tile: int,
-                   sm_scale: float, soft_cap: float | None, scale_refs=None):
-  """One online-softmax step of q [rows, D] over KV tile `tile` of a sequence (a fori_loop body).
+                   sm_scale: float, soft_cap: float | None, scale_refs=None, q_latent=None):
+  """One online-softmax step of q [rows, Dk] over KV tile `tile` of a sequence (a fori_loop body).
 
-  pages_ref holds the sequence's page-table row; k/v_ref [L, P, ps, D] one kv head's pages of every
-  layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows, block_kv]. carry is
-  (acc [rows, D], running max m [rows], running sum l [rows]), all float32. scale_refs: None, or
-  (k_scales, v_scales) [L, P, ps] of an 8-bit cache: a key's scale multiplies its score column and
-  a value's scale its probability column (kv_quant), so the 8-bit tile only converts to q's dtype.
+  pages_ref holds the sequence's page-table row; k_ref [L, P, ps, Dk], v_ref [L, P, ps, Dv] one kv
+  head's pages of every layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows,
+  block_kv]. carry is (acc [rows, Dv], running max m [rows], running sum l [rows]), all float32.
+  scale_refs: None, or (k_scales, v_scales) [L, P, ps] of an 8-bit cache: a key's scale multiplies
+  its score column and a value's scale its probability column (kv_quant), so the 8-bit tile only
+  converts to q's dtype. q_latent [rows, Dv]: a latent cache, whose keys are the K and V rows
+  together: the scores are q K^T + q_latent V^T (each part times its own row's scale).
   """
   acc, m, l = carry
-  head_dim = q.shape[-1]
   block_kv = pages_per_tile * k_ref.shape[2]
   page_ids = pages_ref[pl.ds(tile * pages_per_tile, pages_per_tile)]    # [ppt]
-  k = kv_quant.to_compute(k_ref[layer, page_ids], q.dtype).reshape(block_kv, head_dim)  # [block_kv, D]
-  v = kv_quant.to_compute(v_ref[layer, page_ids], q.dtype).reshape(block_kv, head_dim)
-  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32) * sm_scale    # [rows, block_kv]
+  k = kv_quant.to_compute(k_ref[layer, page_ids], q.dtype).reshape(block_kv, k_ref.shape[-1])  # [block_kv, Dk]
+  v = kv_quant.to_compute(v_ref[layer, page_ids], q.dtype).reshape(block_kv, v_ref.shape[-1])  # [block_kv, Dv]
+  s = jnp.dot(q, k.T, preferred_element_type=jnp.float32)               # [rows, block_kv]
   if scale_refs is not None:
     k_scale = scale_refs[0][layer, page_ids].reshape(block_kv)           # [block_kv] float32
     v_scale = scale_refs[1][layer, page_ids].reshape(block_kv)
     s = s * k_scale[None, :]
+  if q_latent is not None:  # the key's latent part: the V tile serves both dots
+    s_latent = jnp.dot(q_latent, v.T, preferred_element_type=jnp.float32)
+    s = s + (s_latent if scale_refs is None else s_latent * v_scale[None, :])
+  s = s * sm_scale
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
   kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
@@ -140,14 +154,31 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
   return acc, m_new, l
 
 
-def _group_heads(q, num_kv_heads: int):
-  """[T, Hq, D] -> [T, Hkv * Gp, D], each kv head's q-head group zero-padded to Gp heads."""
+def _group_heads(q, num_kv_heads: int, block_h: int):
+  """[T, Hq, D] -> [T, Hkv * Gp // block_h, block_h, D]: each kv head's q-head group zero-padded to
+  Gp heads (a power of two) and cut into head blocks of block_h (a power of two <= Gp), one per
+  program; head block b reads kv head b // (Gp // block_h)."""
   num_tokens, num_q_heads, head_dim = q.shape
   group = num_q_heads // num_kv_heads
   group_padded = next_pow2(group)
+  if block_h & (block_h - 1) or not 0 < block_h <= group_padded:
+    raise ValueError(f"block_h={block_h} must be a power of two <= {group_padded} (the padded GQA group)")
   qg = q.reshape(num_tokens, num_kv_heads, group, head_dim)
   qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_padded - group), (0, 0)))
-  return qg.reshape(num_tokens, num_kv_heads * group_padded, head_dim), group_padded
+  return qg.reshape(num_tokens, -1, block_h, head_dim)
+
+
+def _ungroup_heads(o, num_q_heads: int, num_kv_heads: int):
+  """[T, Hkv * Gp // block_h, block_h, D] -> [T, Hq, D], _group_heads undone (padding heads dropped)."""
+  num_tokens, _, _, head_dim = o.shape
+  o = o.reshape(num_tokens, num_kv_heads, -1, head_dim)
+  return o[:, :, :num_q_heads // num_kv_heads].reshape(num_tokens, num_q_heads, head_dim)
+
+
+def kv_head_of(head_block, num_head_splits: int):
+  """The kv head that head-block program `head_block` reads, in an index map (which sees program
+  ids only), when each kv head's group is cut into num_head_splits head blocks."""
+  return head_block if num_head_splits == 1 else lax.div(head_block, num_head_splits)
 
 
 def _prefill_kernel(
@@ -158,17 +189,21 @@ def _prefill_kernel(
     pages_ref,       # [max_pages_padded] the sequence's page-table row
     layer_ref,       # []   the layer to read
     window_ref,      # []   the sliding window (read only when has_window)
-    q_ref,           # [rows, D]
-    k_ref,           # [L, P, ps, D] this kv head's pages, every layer
-    v_ref,           # [L, P, ps, D]
-    *refs,           # [sinks [rows] (has_sinks),] [k_scales, v_scales ([L, P, ps], an 8-bit
-                     # cache's),] o_ref [rows, D]
-    sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool,
-    group_padded: int, pages_per_tile: int):
+    q_ref,           # [rows, Dk] (a latent cache: q's first Dk columns, the RoPE part)
+    k_ref,           # [L, P, ps, Dk] this kv head's pages, every layer
+    v_ref,           # [L, P, ps, Dv] (Dv = Dk unless latent)
+    *refs,           # [q_latent [rows, Dv] (latent),] [sinks [rows] (has_sinks),] [k_scales,
+                     # v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
+    sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, latent: bool,
+    block_h: int, pages_per_tile: int):
+  q_latent = None
+  if latent:
+    q_latent_ref, *refs = refs
+    q_latent = q_latent_ref[...]                                          # [rows, Dv]
   if has_sinks:
     sinks_ref, *refs = refs
   *scale_refs, o_ref = refs
-  rows, head_dim = q_ref.shape
+  rows, v_dim = o_ref.shape
   page_size = k_ref.shape[2]
   block_kv = pages_per_tile * page_size
   layer = layer_ref[()]
@@ -176,8 +211,8 @@ def _prefill_kernel(
   num_rows = num_rows_ref[()]
   kv_len = kv_len_ref[()]
 
-  q = q_ref[...]                                                          # [rows, D]
-  row_pos = first_pos + lax.div(jnp.arange(rows, dtype=jnp.int32), group_padded)  # [rows]
+  q = q_ref[...]                                                          # [rows, Dk]
+  row_pos = first_pos + lax.div(jnp.arange(rows, dtype=jnp.int32), block_h)  # [rows]
   kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
   kv_start = jnp.int32(0)
   if has_window:
@@ -194,13 +229,13 @@ def _prefill_kernel(
 
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
                            pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
-                           scale_refs=scale_refs or None)
+                           scale_refs=scale_refs or None, q_latent=q_latent)
 
   if has_sinks:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
     m0, l0 = sinks_ref[...], jnp.ones((rows,), jnp.float32)
   else:
     m0, l0 = jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32)
-  init = (jnp.zeros((rows, head_dim), jnp.float32), m0, l0)
+  init = (jnp.zeros((rows, v_dim), jnp.float32), m0, l0)
   acc, _, l = lax.fori_loop(tile_lo, tile_hi, body, init)
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -222,6 +257,24 @@ def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, 
   return next_pow2(block_q), block_kv
 
 
+def latent_block_sizes(group: int, itemsize: int) -> tuple[int, int, int]:
+  """(block_q tokens, block_h q heads, block_kv positions) for the prefill kernel on a latent cache
+  (DeepSeek: Dk = 64, Dv = 512), whose [rows, Dv] float32 accumulator bounds the tile.
+
+  16-bit: 64 rows (Hopper's wgmma needs M >= 64), whole tokens' groups when the group fits (4
+  tokens x 16 heads at DeepSeek-V3 TP 8), else 64 heads of one token (the group cut over programs:
+  2 at V3's 128 heads), against 16 KV positions: 8 warps hold the accumulator in 128 registers a
+  thread (sm90: 196 in all, 245 with a window and soft cap, 108 KB of shared memory; MI300: 233, 64
+  KB). 32 positions
+  still fit Hopper (255 registers) but spill on MI300, and a 64-row float32 q tile does not fit
+  beside its accumulator: float32 runs 16 rows (mma.sync, no wgmma). scripts/kernel_compile_check.py
+  and docs/kernels.md have the numbers.
+  """
+  rows = 64 if itemsize <= 2 else 16
+  block_h = min(next_pow2(group), rows)
+  return rows // block_h, block_h, 16
+
+
 def window_input(sliding_window) -> tuple[bool, jax.Array]:
   """(has_window, window as an int32 [1] kernel input) for a sliding window given as None, an
   int, or a traced int32 scalar (a per-layer window, e.g. Gemma 3's windowed and global layers)."""
@@ -230,38 +283,53 @@ def window_input(sliding_window) -> tuple[bool, jax.Array]:
   return True, jnp.asarray(sliding_window, jnp.int32).reshape(1)
 
 
-def sink_rows(sinks, num_kv_heads: int, group_padded: int, rows: int) -> jax.Array:
-  """sinks [Hq] -> [Hkv, rows] float32 laid out like a q tile: row r holds q head r % Gp's sink
-  (0 for the padding heads)."""
+def sink_rows(sinks, num_kv_heads: int, block_h: int, rows: int) -> jax.Array:
+  """sinks [Hq] -> [Hkv * Gp // block_h, rows] float32 laid out like the q tiles (_group_heads,
+  pack_rows): row r of head block b holds q head b * block_h + r % block_h's sink of the padded
+  group (0 for the padding heads)."""
   sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, -1)
-  sinks = jnp.pad(sinks, ((0, 0), (0, group_padded - sinks.shape[1])))
-  return jnp.tile(sinks, (1, rows // group_padded))
+  sinks = jnp.pad(sinks, ((0, 0), (0, next_pow2(sinks.shape[1]) - sinks.shape[1])))
+  return jnp.tile(sinks.reshape(-1, block_h), (1, rows // block_h))
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
-                           block_kv: int | None = None, num_warps: int | None = None,
-                           num_stages: int = 2, k_scales=None, v_scales=None,
-                           sinks: jax.Array | None = None) -> jax.Array:
-  """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention)."""
+                           block_kv: int | None = None, block_h: int | None = None,
+                           num_warps: int | None = None, num_stages: int = 2, k_scales=None,
+                           v_scales=None, sinks: jax.Array | None = None) -> jax.Array:
+  """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention). block_h: q
+  heads per program (a power of two <= the padded GQA group; by default the whole group, or
+  latent_block_sizes' share of a latent cache's); the group is cut over Gp / block_h programs."""
+  latent = latent_dims(q, k_pages, v_pages)
   k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
   layer = jnp.clip(layer, 0, k_pages.shape[0] - 1)
   num_tokens, num_q_heads, head_dim = q.shape
-  num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
+  num_layers, num_kv_heads, num_pages, page_size, k_dim = k_pages.shape
+  v_dim = v_pages.shape[-1]
   max_pages_per_seq = page_indices.shape[1]
   group = num_q_heads // num_kv_heads
+  group_padded = next_pow2(group)
   # Tiles are sized by what they hold after conversion (an 8-bit tile becomes q's dtype).
-  default_q, default_kv = default_block_sizes(group, head_dim, max(jnp.dtype(k_pages.dtype).itemsize,
-                                                                  jnp.dtype(q.dtype).itemsize))
+  itemsize = max(jnp.dtype(k_pages.dtype).itemsize, jnp.dtype(q.dtype).itemsize)
+  if latent:
+    default_q, default_h, default_kv = latent_block_sizes(group, itemsize)
+    if block_h and not block_q:
+      default_q = max(1, default_q * default_h // block_h)
+  else:
+    default_q, default_kv = default_block_sizes(group, head_dim, itemsize)
+    default_h = group_padded
+  block_h = block_h or default_h
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
-  rows = block_q * next_pow2(group)  # a tile: block_q tokens x the kv head's q heads, padded
+  rows = block_q * block_h  # a tile: block_q tokens x block_h q heads of one kv head
+  num_head_splits = group_padded // block_h
   if num_warps is None:
-    # The accumulator [rows, D] and the scores [rows, block_kv] stay in registers (float32) for
-    # the whole KV loop: past 16K of them, 4 warps spill (scripts/kernel_compile_check.py).
-    num_warps = 8 if rows * (head_dim + block_kv) >= 16384 else 4
+    # The accumulator [rows, Dv] and the scores [rows, block_kv] stay in registers (float32) for
+    # the whole KV loop: past 16K of them, 4 warps spill (scripts/kernel_compile_check.py); a latent
+    # tile's two q tiles too, even at 16 rows.
+    num_warps = 8 if latent or rows * (v_dim + block_kv) >= 16384 else 4
 
   # --- Query blocks -> sequences (all jnp, no host sync). ----------------------------------
   blocks = query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens, block_q)
@@ -271,38 +339,41 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   block_pages = jnp.pad(page_indices, ((0, 0), (0, max_pages_padded - max_pages_per_seq)))
   block_pages = jnp.clip(block_pages[blocks.seq], 0, num_pages - 1).astype(jnp.int32)
 
-  # --- Pack (tokens x q heads of one kv head) into tiles. ----------------------------------
-  qg, group_padded = _group_heads(q, num_kv_heads)
-  q_tiles = pack_rows(qg, blocks.row_tokens, group_padded)                 # [Hkv, NB, rows, D]
+  # --- Pack (tokens x q heads of one head block) into tiles. -------------------------------
+  q_tiles = pack_rows(_group_heads(q, num_kv_heads, block_h), blocks.row_tokens)  # [NH, NB, rows, D]
+  num_head_blocks = q_tiles.shape[0]
+  # A latent cache's q: the RoPE part against K, the latent part against V (two power-of-two dots).
+  q_tiles = [q_tiles[..., :k_dim], q_tiles[..., k_dim:]] if latent else [q_tiles]
 
   has_window, window = window_input(sliding_window)
   has_sinks = sinks is not None
-  sinks = [sink_rows(sinks, num_kv_heads, group_padded, rows)] if has_sinks else []
+  sinks = [sink_rows(sinks, num_kv_heads, block_h, rows)] if has_sinks else []
   sink_specs = [pl.BlockSpec((None, rows), lambda i, h: (h, 0))] if has_sinks else []
   kernel = functools.partial(
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
-      has_sinks=has_sinks, group_padded=group_padded, pages_per_tile=pages_per_tile)
+      has_sinks=has_sinks, latent=latent, block_h=block_h, pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
-  page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
-                           lambda i, h: (0, h, 0, 0, 0))
-  tile_spec = pl.BlockSpec((None, None, rows, head_dim), lambda i, h: (h, i, 0, 0))
+  k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
+                                 lambda i, h: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
+                    for dim in (k_dim, v_dim))
+  tile_specs = [pl.BlockSpec((None, None, rows, t.shape[-1]), lambda i, h: (h, i, 0, 0)) for t in q_tiles]
+  out_spec = pl.BlockSpec((None, None, rows, v_dim), lambda i, h: (h, i, 0, 0))
   o_tiles = pl.pallas_call(
       kernel,
-      grid=(num_blocks, num_kv_heads),
+      grid=(num_blocks, num_head_blocks),
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
-                tile_spec, page_spec, page_spec, *sink_specs, *scale_specs(scales, page_spec)],
-      out_specs=tile_spec,
-      out_shape=jax.ShapeDtypeStruct(q_tiles.shape, q.dtype),
+                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *scale_specs(scales, k_spec)],
+      out_specs=out_spec,
+      out_shape=jax.ShapeDtypeStruct((num_head_blocks, num_blocks, rows, v_dim), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
-  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles,
-    k_pages, v_pages, *sinks, *(scales or ()))
+  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles[0],
+    k_pages, v_pages, *q_tiles[1:], *sinks, *(scales or ()))
 
-  # --- Unpack: row t is slot token_slot[t] of block token_block[t]. ------------------------
-  tok_block, tok_row = blocks.token_block, blocks.token_slot * group_padded
-  o = o_tiles.reshape(num_kv_heads, num_blocks * rows, head_dim)
-  o = o[:, (tok_block * rows + tok_row)[:, None] + jnp.arange(group)]      # [Hkv, T, G, D]
-  return o.transpose(1, 0, 2, 3).reshape(num_tokens, num_q_heads, head_dim)
+  # --- Unpack: row t is token slot token_slot[t] of block token_block[t]. ------------------
+  o = o_tiles.reshape(num_head_blocks, num_blocks, block_q, block_h, v_dim)
+  o = o[:, blocks.token_block, blocks.token_slot]                          # [NH, T, block_h, Dv]
+  return _ungroup_heads(o.transpose(1, 0, 2, 3), num_q_heads, num_kv_heads)

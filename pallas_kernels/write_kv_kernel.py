@@ -1,8 +1,9 @@
 """Pallas (Triton backend) KV write: scatter new K/V rows into their page slots, in place.
 
-Grid (T, Hkv): program (t, h) copies k[t, h] and v[t, h] ([D] each) to slot slot_mapping[t] of
-layer `layer`, kv head h, or does nothing when the slot is negative (padding) or past the pool, or
-the layer is out of range. The pages are the engine's stacked cache [L, Hkv, P, ps, D] (a
+Grid (T, Hkv): program (t, h) copies k[t, h] and v[t, h] ([D] each, or a latent cache's RoPE key
+[Dk] and latent [Dv]) to slot slot_mapping[t] of layer `layer`, kv head h, or does nothing when the
+slot is negative (padding) or past the pool, or the layer is out of range. The pages are the
+engine's stacked cache [L, Hkv, P, ps, D] (a
 per-layer [Hkv, P, ps, D] cache is viewed as L = 1); each program's block covers every layer of
 its kv head and the layer is an int32 scalar input, indexed inside the kernel. An 8-bit cache
 (kv_quant) gets its rows quantized by jnp first; the kernel then also writes each row's scale. The page arrays
@@ -52,16 +53,16 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping, *, layer: jax.Array | None = 
   updated (k_scales, v_scales) after them for an 8-bit cache (rows quantized here, kv_quant)."""
   shapes = [a.shape for a in (k_pages, v_pages, k_scales, v_scales) if a is not None]
   k_pages, v_pages, layer, scales = stacked_cache(k_pages, v_pages, layer, k_scales, v_scales)
-  num_layers, num_kv_heads, num_pages, page_size, head_dim = k_pages.shape
+  num_layers, num_kv_heads, num_pages, page_size, _ = k_pages.shape
   num_tokens = k.shape[0]
-  page_spec = pl.BlockSpec((num_layers, None, num_pages, page_size, head_dim),
-                           lambda t, h: (0, h, 0, 0, 0))
-  row_spec = pl.BlockSpec((None, None, head_dim), lambda t, h: (t, h, 0))
+  k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, pages.shape[-1]),
+                                 lambda t, h: (0, h, 0, 0, 0)) for pages in (k_pages, v_pages))
   rows = kv_quant.to_store(k, v, k_pages.dtype)  # (k, v[, k_scales, v_scales]) as stored
   caches = [k_pages, v_pages, *(scales or ())]
   scale_row_spec = pl.BlockSpec((None, None), lambda t, h: (t, h))
-  row_specs = [row_spec, row_spec] + [scale_row_spec] * (len(rows) - 2)
-  cache_specs = [page_spec, page_spec, *scale_specs(scales, page_spec)]
+  row_specs = [pl.BlockSpec((None, None, new.shape[-1]), lambda t, h: (t, h, 0)) for new in (k, v)]
+  row_specs += [scale_row_spec] * (len(rows) - 2)
+  cache_specs = [k_spec, v_spec, *scale_specs(scales, k_spec)]
   n = len(rows)
   out = pl.pallas_call(
       _write_kernel,

@@ -2,7 +2,8 @@
 # Attention-kernel check on a GPU box (jax with CUDA preinstalled, no network, < 8 minutes):
 #   1. the kernel tests in interpret mode (CPU, in the background) and the compiled Pallas kernels on the GPU;
 #   2. the benchmark table (scripts/kernel_bench.py), every call in the engine's layout: a stacked
-#      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2);
+#      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2); Llama-3-8B heads, and
+#      one decode row over DeepSeek-V3's latent cache (16 q heads on one kv head of a 64-wide key and 512-wide latent);
 #   3. one mixture-of-experts layer, grouped vs dense experts (scripts/moe_bench.py: model.moe_backend's choice);
 #   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4/mxfp4
 #      dequantization into the GEMM, and what 4 and 8 bits buy at decode batches);
@@ -29,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 
 # The interpret-mode tests need only the CPU: they run beside the GPU tests (their output follows those's).
 cpu_log="$(mktemp)"
-( step "kernel tests, interpret mode (CPU, beside the next step)" 150 \
+( step "kernel tests, interpret mode (CPU, beside the next step)" 165 \
     env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider; exit ${status} ) \
   >"${cpu_log}" 2>&1 &
 cpu_pid=$!

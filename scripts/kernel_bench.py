@@ -15,6 +15,9 @@ counts at 8 x 32k), so that one GPU session yields the data to set the defaults 
 configuration listed compiles for sm90 without spills within shared memory
 (tests/test_kernels_compile.py checks that on the CPU), so no GPU time goes to failures.
 
+One more decode row reads a latent cache at DeepSeek-V3's heads under tensor parallelism 8 (MLA_HEADS: 16 q heads on
+one kv head whose K pages hold a 64-wide RoPE key and V pages a 512-wide latent; rows marked MLA), pallas vs xla.
+
 Our backends are called as the engine calls them: a stacked cache [L, Hkv, P, page_size, D]
 (`--num-layers`, default 2) and a traced int32 layer index (the last layer, so the kernels must
 offset into the stack), the layer read in place.
@@ -84,24 +87,32 @@ def measure_ceilings(quick: bool) -> tuple[float, float]:
   return 2 * 2 * n / copy_s, 2 * m ** 3 / mm_s
 
 
+def widths(head_dim) -> tuple[int, int, int]:
+  """(q, K, V widths) of head_dim: an int, or a latent cache's (Dk, Dv) (q is Dk + Dv wide)."""
+  if isinstance(head_dim, tuple):
+    return sum(head_dim), *head_dim
+  return head_dim, head_dim, head_dim
+
+
 def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, page_size, dtype,
                num_layers):
   """Device-side random ragged batch with shuffled page tables (no big host transfers).
 
   k_all / v_all [L, Hkv, P, ps, D]: layer L - 1 holds k_pages / v_pages (one layer's pages, kept
-  for jax_paged); the other layers hold other random values.
+  for jax_paged); the other layers hold other random values. head_dim (Dk, Dv): a latent cache.
   """
   num_seqs = len(q_lens)
   pages_per_seq = [-(-kv // page_size) for kv in kv_lens]
   max_pages = max(pages_per_seq)
   num_pages = sum(pages_per_seq)
   kq, kk, kv, kp, ko = jax.random.split(key, 5)
-  shape = (num_kv_heads, num_pages, page_size, head_dim)
-  k_pages = jax.random.normal(kk, shape, dtype)
-  v_pages = jax.random.normal(kv, shape, dtype)
-  other = jax.random.normal(ko, (num_layers - 1, *shape), dtype)
-  k_all = jnp.concatenate([other, k_pages[None]])
-  v_all = jnp.concatenate([-other, v_pages[None]])
+  q_dim, k_dim, v_dim = widths(head_dim)
+  shape = (num_kv_heads, num_pages, page_size)
+  k_pages = jax.random.normal(kk, (*shape, k_dim), dtype)
+  v_pages = jax.random.normal(kv, (*shape, v_dim), dtype)
+  other = jax.random.normal(ko, (num_layers - 1, *shape, max(k_dim, v_dim)), dtype)
+  k_all = jnp.concatenate([other[..., :k_dim], k_pages[None]])
+  v_all = jnp.concatenate([-other[..., :v_dim], v_pages[None]])
   del other
   perm = np.asarray(jax.random.permutation(kp, num_pages))
   page_indices = np.zeros((num_seqs, max_pages), np.int32)
@@ -111,7 +122,7 @@ def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, pag
     start += n
   num_tokens = sum(q_lens)
   return dict(
-      q=jax.random.normal(kq, (num_tokens, num_q_heads, head_dim), dtype),
+      q=jax.random.normal(kq, (num_tokens, num_q_heads, q_dim), dtype),
       k_pages=k_pages, v_pages=v_pages, k_all=k_all, v_all=v_all,
       layer=jnp.int32(num_layers - 1),
       kv_lens=jnp.asarray(kv_lens, jnp.int32),
@@ -122,11 +133,13 @@ def make_batch(key, *, q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, pag
 
 def ideal_cost(q_lens, kv_lens, num_q_heads, num_kv_heads, head_dim, itemsize, kv_vector_bytes=None):
   """(bytes, flops): every visible KV row read once, q read and out written once; causal FLOPs.
-  kv_vector_bytes: bytes of one cached (token, kv head) K or V vector (default head_dim * itemsize)."""
-  kv_bytes = sum(kv_lens) * num_kv_heads * (kv_vector_bytes or head_dim * itemsize) * 2
-  q_bytes = sum(q_lens) * num_q_heads * head_dim * 2 * itemsize
+  kv_vector_bytes: bytes of one cached (token, kv head) K or V vector (default head_dim * itemsize).
+  head_dim (Dk, Dv): a latent cache, each position's K and V rows read once, scores over both, values V."""
+  q_dim, k_dim, v_dim = widths(head_dim)
+  kv_bytes = sum(kv_lens) * num_kv_heads * (kv_vector_bytes * 2 if kv_vector_bytes else (k_dim + v_dim) * itemsize)
+  q_bytes = sum(q_lens) * num_q_heads * (q_dim + v_dim) * itemsize
   visible = sum(q * (kv - q) + q * (q + 1) // 2 for q, kv in zip(q_lens, kv_lens))
-  return kv_bytes + q_bytes, 4 * num_q_heads * head_dim * visible
+  return kv_bytes + q_bytes, 2 * num_q_heads * (q_dim + v_dim) * visible
 
 
 def case_batch(key, kind: str, a: int, b: int, *, num_q_heads, num_kv_heads, head_dim, page_size,
@@ -137,6 +150,8 @@ def case_batch(key, kind: str, a: int, b: int, *, num_q_heads, num_kv_heads, hea
     name, q_lens, kv_lens = f"decode B={a} ctx={b}", [1] * a, [b] * a
   else:
     name, q_lens, kv_lens = f"prefill chunk={a} prefix={b}", [a], [a + b]
+  if isinstance(head_dim, tuple):
+    name += " MLA"
   batch = make_batch(key, q_lens=q_lens, kv_lens=kv_lens, num_q_heads=num_q_heads,
                      num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=page_size,
                      dtype=dtype, num_layers=num_layers)
@@ -170,6 +185,11 @@ def jax_paged_fn(batch, *, sm_scale, interpret):
   # JAX's kernel does not scale q; fold sm_scale in (one tiny multiply, included in the timing).
   return jax.jit(lambda q, k, v, pt, lens: fn(q * jnp.asarray(sm_scale, q.dtype), k, v, pt, lens))
 
+
+# DeepSeek-V3 at tensor parallelism 8: 16 q heads on one kv head of a latent cache (a 64-wide RoPE key, a 512-wide
+# latent); its decode cases (batch, context) get pallas and xla rows.
+MLA_HEADS = (16, 1, (64, 512))
+MLA_DECODE_CASES = [(64, 8192)]
 
 # Decode cases that also get a `pallas int8` row on a GPU (the large memory-bound ones; gpu_check's time limit).
 INT8_DECODE_CASES = {(64, 8192), (8, 32768), (64, 32768)}
@@ -255,11 +275,13 @@ def main(argv=None):
     num_q_heads, num_kv_heads, head_dim = 8, 2, 64
     decode_cases = [(1, 64), (4, 256)]
     prefill_cases = [(16, 0), (64, 64)]
+    mla_heads, mla_cases = (4, 1, (16, 32)), [(2, 64)]
     reps, inner = args.reps or 2, 1
   else:
     num_q_heads, num_kv_heads, head_dim = 32, 8, 128  # Llama-3-8B
     decode_cases = [(b, ctx) for b in (1, 8, 64) for ctx in (1024, 8192, 32768)]
     prefill_cases = [(chunk, prefix) for chunk in (512, 2048) for prefix in (0, 2048, 8192)]
+    mla_heads, mla_cases = MLA_HEADS, MLA_DECODE_CASES
     reps, inner = args.reps or 7, None
   dtype = jnp.bfloat16
   page_size = args.page_size
@@ -285,12 +307,16 @@ def main(argv=None):
   assert args.num_layers >= 1
   key = jax.random.key(0)
   results = {}  # (kind, a, b, backend) -> (seconds, fraction of copy bandwidth, fraction of matmul)
-  cases = [("decode", b, ctx) for b, ctx in decode_cases] + \
-          [("prefill", c, p) for c, p in prefill_cases]
-  # The goals' shapes first, so a run cut short by gpu_check's time limit still has them.
-  goals = [("decode", 64, 8192), ("prefill", 2048, 8192)]
+  heads = (num_q_heads, num_kv_heads, head_dim)
+  cases = [("decode", b, ctx, heads) for b, ctx in decode_cases] + \
+          [("prefill", c, p, heads) for c, p in prefill_cases]
+  # The goals' shapes first, so a run cut short by gpu_check's time limit still has them; the latent cache's last.
+  goals = [("decode", 64, 8192, heads), ("prefill", 2048, 8192, heads)]
   cases = [c for c in goals if c in cases] + [c for c in cases if c not in goals]
-  for kind, a, b in cases:
+  cases += [("decode", b, ctx, mla_heads) for b, ctx in mla_cases]
+  for kind, a, b, (num_q_heads, num_kv_heads, head_dim) in cases:
+    latent = isinstance(head_dim, tuple)
+    sm_scale = widths(head_dim)[0] ** -0.5
     key, sub = jax.random.split(key)
     name, batch, (n_bytes, n_flops) = case_batch(
         sub, kind, a, b, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
@@ -303,14 +329,14 @@ def main(argv=None):
     }
     ref_out = runs["xla"](*call_args)
     rows = [(backend, fn, call_args) for backend, fn in runs.items()]
-    int8_row = kind == "decode" and (quick or (a, b) in INT8_DECODE_CASES)
+    int8_row = kind == "decode" and not latent and (quick or (a, b) in INT8_DECODE_CASES)
     if int8_row:
       (k8, ks), (v8, vs) = (kv_quant.quantize(batch[n], jnp.int8) for n in ("k_all", "v_all"))
       int8_args = (*call_args[:1], k8, v8, *call_args[3:], ks, vs)
       rows.append(("pallas int8", lambda *a: attn(*a[:-3], layer=a[-3], k_scales=a[-2], v_scales=a[-1],
                                                   sm_scale=sm_scale, backend=pallas_backend,
                                                   decode_only=True), int8_args))
-    if kind == "decode" and (fn := jax_paged_fn(batch, sm_scale=sm_scale, interpret=quick)):
+    if kind == "decode" and not latent and (fn := jax_paged_fn(batch, sm_scale=sm_scale, interpret=quick)):
       rows.append(("jax_paged", fn, (batch["q"], batch["k_pages"], batch["v_pages"],
                                      batch["page_indices"], batch["kv_lens"])))
     for backend, fn, fn_args in rows:
@@ -325,7 +351,8 @@ def main(argv=None):
       else:
         row_bytes = n_bytes
       gbs, tflops = row_bytes / seconds / 1e9, n_flops / seconds / 1e12
-      results[(kind, a, b, backend)] = (seconds, gbs * 1e9 / copy_bw, tflops * 1e12 / mm_flops)
+      if not latent:
+        results[(kind, a, b, backend)] = (seconds, gbs * 1e9 / copy_bw, tflops * 1e12 / mm_flops)
       print(f"{name:<26} {backend:<17} {seconds * 1e3:9.3f} {gbs:8.1f} "
             f"{100 * gbs * 1e9 / copy_bw:5.1f}% {tflops:8.2f} "
             f"{100 * tflops * 1e12 / mm_flops:5.1f}% {err:9.2e}", flush=True)

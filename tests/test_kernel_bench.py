@@ -19,7 +19,7 @@ def _run(*flags):
   return out
 
 
-@pytest.mark.parametrize("flags,num_rows", [((), 12), (("--tune",), 6)])
+@pytest.mark.parametrize("flags,num_rows", [((), 14), (("--tune",), 6)])
 def test_kernel_bench_quick(flags, num_rows):
   out = _run(*flags)
   rows = [line for line in out.splitlines() if line.startswith(("decode ", "prefill "))]

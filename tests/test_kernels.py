@@ -38,15 +38,16 @@ def _public(backend, decode_only=False):
   return functools.partial(_attn, backend=backend, decode_only=decode_only)
 
 
-def _ragged(block_q, block_kv):
-  """The prefill kernel in interpret mode with small blocks (many q blocks and KV tiles)."""
+def _ragged(block_q, block_kv, block_h=None):
+  """The prefill kernel in interpret mode with small blocks (many q blocks and KV tiles; block_h:
+  a GQA group cut over programs)."""
   return _jit(functools.partial(ragged_kernel.ragged_paged_attention, interpret=True,
-                                block_q=block_q, block_kv=block_kv), static_argnames=_OPTS)
+                                block_q=block_q, block_kv=block_kv, block_h=block_h), static_argnames=_OPTS)
 
 
-def _decode(block_kv, num_splits):
+def _decode(block_kv, num_splits, block_h=None):
   return _jit(functools.partial(decode_kernel.decode_attention, interpret=True, block_kv=block_kv,
-                                num_splits=num_splits), static_argnames=_OPTS)
+                                num_splits=num_splits, block_h=block_h), static_argnames=_OPTS)
 
 
 def _random_seqs(rng, max_num_seqs=5, max_kv_len=40, decode_only=False):
@@ -82,11 +83,16 @@ def test_resolve_backend():
                                                     else "xla")
   with pytest.raises(ValueError, match="auto, xla, pallas, pallas_interpret"):
     pallas_kernels.resolve_backend("cuda")
-  # Triton's tiles are powers of two: latent attention's 576-dim heads run on xla, and asking for pallas says why
-  assert pallas_kernels.resolve_backend("auto", 576) == "xla"
-  assert pallas_kernels.resolve_backend("pallas_interpret", 576) == "pallas_interpret"
-  with pytest.raises(ValueError, match="power-of-two head_dim.*has 576"):
-    pallas_kernels.resolve_backend("pallas", 576)
+  # The widths the kernels tile: a cached K and V vector's (LlamaConfig.kv_dims). DeepSeek's latent cache (64, 512)
+  # tiles, though a query is 576 wide; Triton's tiles need powers of two >= 16, and asking for pallas says which.
+  gpu = jax.default_backend() == "gpu"
+  assert pallas_kernels.resolve_backend("auto", (64, 512)) == ("pallas" if gpu else "xla")
+  assert pallas_kernels.resolve_backend("pallas", (64, 512)) == "pallas"
+  for dims, bad in (((96, 96), 96), ((8, 32), 8), ((64, 576), 576)):
+    assert pallas_kernels.resolve_backend("auto", dims) == "xla"
+    assert pallas_kernels.resolve_backend("pallas_interpret", dims) == "pallas_interpret"
+    with pytest.raises(ValueError, match=f"powers of two >= 16.*cache has {bad} "):
+      pallas_kernels.resolve_backend("pallas", dims)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,15 +125,60 @@ def test_reference_latent_cache(num_q_heads, latent_dims, sliding_window, dtype,
       dtype=dtype, kv_dtype=kv_dtype, sliding_window=sliding_window)
 
 
-def test_kernels_refuse_a_latent_cache_by_name():
+# Latent caches on the kernels: (q heads, (Dk, Dv), dtype, sliding_window, soft_cap, kv_dtype, sinks, block_h). One
+# kv head throughout (DeepSeek's); block_h 4 cuts the group of 16 over 4 programs.
+LATENT = [
+    pytest.param(4, (8, 32), np.float32, 7, 3.0, None, False, None, id="g4-8x32-f32-window-softcap"),
+    pytest.param(16, (16, 64), jnp.bfloat16, None, None, None, True, 4, id="g16-16x64-bf16-sinks-split4"),
+    pytest.param(16, (16, 64), np.float32, 9, None, jnp.int8, False, 8, id="g16-16x64-f32-int8-window-split2"),
+]
+
+
+@pytest.mark.parametrize("num_q_heads,latent_dims,dtype,sliding_window,soft_cap,kv_dtype,sinks,block_h", LATENT)
+@pytest.mark.parametrize("kernel", ["ragged", "decode"])
+def test_kernels_latent_cache(kernel, num_q_heads, latent_dims, dtype, sliding_window, soft_cap, kv_dtype, sinks,
+                              block_h):
+  """Both kernels on a latent cache (K pages a RoPE key, V pages a latent; scores over both, values the latent)
+  against float64 numpy and the xla reference: decodes and chunks, lengths not page multiples, padding rows (NaN)
+  and sequences, small blocks so that q blocks, KV tiles, KV splits and head blocks all take several steps."""
+  fn = _ragged(2, 16, block_h) if kernel == "ragged" else _decode(16, 3, block_h)
+  testing.check_attention(
+      fn, MIXED, seed=int(time.time()) % 1000, num_tokens=24, max_seqs=7, nan_padding=True, num_q_heads=num_q_heads,
+      num_kv_heads=1, head_dim=sum(latent_dims), latent_dims=latent_dims, dtype=dtype, kv_dtype=kv_dtype,
+      sliding_window=sliding_window, soft_cap=soft_cap, page_size=8,
+      sinks=testing.random_sinks(np.random.default_rng(17), num_q_heads) if sinks else None,
+      reference_fn=functools.partial(_attn, backend="xla"))
+
+
+@pytest.mark.parametrize("seqs,decode_only", [([(1, 9), (3, 20)], False), ([(1, 9), (1, 40)], True)])
+def test_latent_cache_real_widths(seqs, decode_only):
+  """DeepSeek-V3's widths (a 64-wide RoPE key and a 512-wide latent, 16 q heads as at TP 8) through the public
+  entry point at the default tiles, bfloat16, against float64 numpy and the xla reference."""
+  testing.check_attention(
+      _public("pallas_interpret", decode_only), seqs, seed=int(time.time()) % 1000, num_q_heads=16,
+      num_kv_heads=1, head_dim=576, latent_dims=(64, 512), page_size=16, dtype=jnp.bfloat16,
+      num_tokens=sum(q for q, _ in seqs) + 2, max_seqs=len(seqs) + 1,
+      reference_fn=functools.partial(_attn, backend="xla"))
+
+
+def test_latent_cache_large_group():
+  """128 q heads on the latent cache's one kv head (DeepSeek-V3 on one device): the default decode tiles cut the
+  group over 2 programs of 64 heads, the prefill tiles over 2 programs of 64 heads a token."""
+  for decode_only in (True, False):
+    testing.check_attention(
+        _public("pallas_interpret", decode_only), [(1, 12), (2, 7)], seed=int(time.time()) % 1000, num_q_heads=128,
+        num_kv_heads=1, head_dim=48, latent_dims=(16, 32), page_size=4, dtype=jnp.bfloat16, num_tokens=4,
+        max_seqs=3, reference_fn=functools.partial(_attn, backend="xla"))
+
+
+def test_latent_widths_are_checked():
   batch = testing.random_ragged_batch(np.random.default_rng(0), [(2, 5)], num_q_heads=4, num_kv_heads=1,
                                       head_dim=40, page_size=4, latent_dims=(8, 32))
-  with pytest.raises(ValueError, match="do not read a latent cache"):
-    pallas_kernels.ragged_paged_attention(*map(jnp.asarray, batch.args), sm_scale=0.1, backend="pallas_interpret")
-  with pytest.raises(ValueError, match="k and v pages 8 and 30"):
-    pallas_kernels.ragged_paged_attention(jnp.asarray(batch.q), jnp.asarray(batch.k_pages),
-                                          jnp.asarray(batch.v_pages[..., :30]), *map(jnp.asarray, batch.args[3:]),
-                                          sm_scale=0.1)
+  for backend in ("xla", "pallas_interpret"):
+    with pytest.raises(ValueError, match="k and v pages 8 and 30"):
+      pallas_kernels.ragged_paged_attention(jnp.asarray(batch.q), jnp.asarray(batch.k_pages),
+                                            jnp.asarray(batch.v_pages[..., :30]), *map(jnp.asarray, batch.args[3:]),
+                                            sm_scale=0.1, backend=backend)
 
 
 def test_reference_block_size_is_only_a_knob():
@@ -371,6 +422,30 @@ def test_write_kv(backend, dtype, stacked):
   round_ = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
   np.testing.assert_array_equal(np.asarray(got_k.astype(jnp.float32)), round_(want_k))
   np.testing.assert_array_equal(np.asarray(got_v.astype(jnp.float32)), round_(want_v))
+
+
+@pytest.mark.parametrize("kv_dtype", [jnp.bfloat16, jnp.int8])
+def test_write_kv_latent(kv_dtype):
+  """A latent cache's rows (K a RoPE key of 16, V a latent of 64): the Pallas write stores what the jnp scatter
+  stores, bit for bit (values and, 8-bit, scales), into the traced layer only; padding slots skipped."""
+  rng = np.random.default_rng(18)
+  num_pages, page_size, num_tokens, layer = 5, 4, 9, 1
+  storage = kv_quant.storage_dtype(kv_dtype)
+  cache = [jnp.asarray(rng.integers(0, 100, (NUM_LAYERS, 1, num_pages, page_size, d)), storage) for d in (16, 64)]
+  if kv_quant.is_quantized(storage):
+    cache += [jnp.asarray(rng.uniform(size=(NUM_LAYERS, 1, num_pages, page_size)), jnp.float32)] * 2
+  k = jnp.asarray(rng.standard_normal((num_tokens, 1, 16)), jnp.float32)
+  v = jnp.asarray(rng.standard_normal((num_tokens, 1, 64)), jnp.float32)
+  slots = rng.permutation(num_pages * page_size)[:num_tokens].astype(np.int32)
+  slots[[2, 7]] = [-1, -5]
+  outs = [_jit(functools.partial(pallas_kernels.write_kv, backend=backend))(
+      cache[0], cache[1], k, v, jnp.asarray(slots), layer=jnp.int32(layer), **kv_quant.scale_kwargs(cache))
+      for backend in ("xla", "pallas_interpret")]
+  for want, got, old in zip(*outs, cache):
+    assert got.shape == old.shape and got.dtype == old.dtype
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(np.asarray(got)[layer - 1], np.asarray(old)[layer - 1])  # other layers untouched
+  assert not np.array_equal(np.asarray(outs[1][1]), np.asarray(cache[1]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,8 @@ def test_default_tiles_compile_without_spills(shape, dtype, target):
       assert report.matrix_instructions == want, (kind, report)
 
 
-@pytest.mark.parametrize("shape,kv_dtype", [("llama3-8b", "int8"), ("gemma3-270m", "float8_e4m3fn")])
+@pytest.mark.parametrize("shape,kv_dtype", [("llama3-8b", "int8"), ("gemma3-270m", "float8_e4m3fn"),
+                                            ("deepseek-v3-tp8", "int8")])
 def test_quantized_cache_kernels_compile(shape, kv_dtype):
   """8-bit caches (pallas_kernels/kv_quant.py) at the default tiles: no spills and wgmma prefill on
   Hopper. On MI300 they compile and fit, but the 8-bit -> bfloat16 conversions spill a few hundred
@@ -54,6 +55,27 @@ def test_quantized_cache_kernels_compile(shape, kv_dtype):
       if target.name == "sm90":
         assert report.spill_bytes == 0, (kind, report)
         assert report.matrix_instructions == {"prefill": "HGMMA", "decode": "HMMA", "write_kv": ""}[kind]
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx942"])
+@pytest.mark.parametrize("shape,dtype", [("deepseek-v3-tp8", "bfloat16"), ("deepseek-v3", "bfloat16"),
+                                         ("deepseek-v3", "float32")])
+def test_latent_cache_kernels_compile(shape, dtype, target):
+  """DeepSeek-V3's latent cache (a 64-wide RoPE key and a 512-wide latent per token on one kv head) at the default
+  latent tiles: 16 q heads (tensor parallel 8) and 128 (one device, the group cut over 2 programs of 64 heads).
+  Within shared memory, no spills; bfloat16 prefill on wgmma, and decode too once its tile has 64 rows (128 heads);
+  float32 runs 16-row tiles on mma.sync."""
+  target = gpu_compile.TARGETS[target]
+  num_q_heads, num_kv_heads, dims = gpu_compile.HEAD_SHAPES[shape]
+  modules = gpu_compile.engine_kernels(num_q_heads, num_kv_heads, dims, jnp.dtype(dtype), target=target)
+  wgmma = {"prefill": dtype == "bfloat16", "decode": dtype == "bfloat16" and num_q_heads >= 64}
+  for kind, module in modules.items():
+    report = gpu_compile.compile_module(module, target)
+    assert report.fits and report.spill_bytes == 0, (kind, report)
+    assert 0 < report.registers <= target.max_registers, (kind, report)
+    if kind != "write_kv":
+      want = {"sm90": "HGMMA" if wgmma[kind] else "HMMA", "gfx942": "MFMA"}[target.name]
+      assert report.matrix_instructions == want, (kind, report)
 
 
 def test_sinks_kernels_compile():

@@ -84,6 +84,20 @@ def test_pallas_gpu_8bit_cache(decode_only, kv_dtype):
       num_tokens=sum(q for q, _ in seqs) + 3)
 
 
+@pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("num_q_heads,kv_dtype", [(16, None), (128, None), (16, jnp.int8)])
+def test_pallas_gpu_latent_cache(decode_only, num_q_heads, kv_dtype):
+  """DeepSeek-V3's latent cache (one kv head: K pages a 64-wide RoPE key, V pages a 512-wide latent; q 576 wide),
+  16 q heads (tensor parallel 8) and 128 (one device: the group cut over programs of 64 heads), bfloat16, 8-bit
+  pages too, at the default latent tiles."""
+  seqs = DECODES if decode_only else MIXED
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), seqs,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=num_q_heads, num_kv_heads=1,
+      head_dim=576, latent_dims=(64, 512), page_size=16, dtype=jnp.bfloat16, kv_dtype=kv_dtype,
+      num_tokens=sum(q for q, _ in seqs) + 3, nan_padding=True)
+
+
 def test_write_kv_8bit_gpu():
   """The Pallas write of an 8-bit cache stores the same values and scales as the jnp scatter."""
   rng = np.random.default_rng(1)

@@ -86,7 +86,7 @@ class LlamaConfig:
     shared_expert_gate: bool = True  # the shared expert is scaled by a sigmoid gate (Qwen2-MoE; not GLM-4.5, DeepSeek)
     # Per layer, True = experts, False = a dense MLP of intermediate_size (the first_k_dense_replace layers of GLM-4.5
     # and DeepSeek, Qwen-MoE's mlp_only_layers); () = every layer alike. Each kind's weights are stacked over its own
-    # layers only (models/llama.py: `layer_group`).
+    # layers only (models/weights.py: `layer_kind`).
     moe_layers: tuple[bool, ...] = ()
     router_scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3, GLM-4.5): models/moe.Routing
     router_score_bias: bool = False  # e_score_correction_bias: chooses experts, does not weigh them
@@ -523,10 +523,7 @@ def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScali
                                            mscale_all_dim=mscale_all_dim or None,
                                            attention_factor=rope_scaling.attention_factor or (None if mscale_all_dim
                                                                                               else 1.0))
-    sm_scale = qk**-0.5
-    if mscale_all_dim and rope_scaling is not None and rope_scaling.factor > 1:
-        mscale = 0.1 * mscale_all_dim * math.log(rope_scaling.factor) + 1.0
-        sm_scale *= mscale * mscale
+    sm_scale = rope.yarn_softmax_scale(qk, rope_scaling and rope_scaling.factor, mscale_all_dim)
     return rope_scaling, dict(
         kv_lora_rank=rank, q_lora_rank=int(meta.get("deepseek2.attention.q_lora_rank") or 0),
         qk_nope_head_dim=qk - rope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
@@ -596,10 +593,7 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
     rank = int(need("kv_lora_rank"))
     rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     scaling = rope.scaling_from_hf(rope_params, source, cfg)
-    sm_scale = (nope + rope_dim) ** -0.5
-    if scaling is not None and rope_params.get("mscale_all_dim") and scaling.factor > 1:
-        mscale = 0.1 * float(rope_params["mscale_all_dim"]) * math.log(scaling.factor) + 1.0
-        sm_scale *= mscale * mscale
+    sm_scale = rope.yarn_softmax_scale(nope + rope_dim, scaling and scaling.factor, rope_params.get("mscale_all_dim"))
     v3 = arch == "deepseek_v3"
     method = cfg.get("topk_method") or ("noaux_tc" if v3 else "greedy")
     if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
@@ -608,7 +602,8 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
     moe_intermediate = int(need("moe_intermediate_size"))
     first_dense = int(cfg.get("first_k_dense_replace") or 0)
     step = int(cfg.get("moe_layer_freq") or 1)
-    if cfg.get("scoring_func", "sigmoid" if v3 else "softmax") != ("sigmoid" if v3 else "softmax"):
+    scoring = "sigmoid" if v3 else "softmax"
+    if cfg.get("scoring_func", scoring) != scoring:
         raise ConfigError(f"{source}: scoring_func={cfg.get('scoring_func')!r} is not supported for {arch}")
     return LlamaConfig(
         architecture=arch,
@@ -638,7 +633,7 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
         shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * moe_intermediate,
         shared_expert_gate=False,
         moe_layers=tuple(i >= first_dense and i % step == 0 for i in range(num_layers)),
-        router_scoring="sigmoid" if v3 else "softmax",
+        router_scoring=scoring,
         router_score_bias=v3,
         expert_groups=int(cfg.get("n_group") or 1) if grouped else 1,
         expert_groups_per_tok=int(cfg.get("topk_group") or 1) if grouped else 1,

@@ -176,13 +176,24 @@ def attention_factor(s: RopeScaling | None) -> float:
     if s.rope_type == "longrope":  # sqrt(1 + ln(factor) / ln(original context)), short factors or long
         return 1.0 if s.factor <= 1 else math.sqrt(1 + math.log(s.factor) / math.log(s.original_max_position))
 
-    def mscale(m):  # YaRN's 0.1 ln(factor) + 1, its log term weighted by m
-        return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
-
     # NOTE: `and` on purpose: transformers takes the ratio only when both are set and nonzero.
     if s.mscale and s.mscale_all_dim:
-        return mscale(s.mscale) / mscale(s.mscale_all_dim)
-    return mscale(1.0)
+        return yarn_mscale(s.factor, s.mscale) / yarn_mscale(s.factor, s.mscale_all_dim)
+    return yarn_mscale(s.factor)
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's magnitude 0.1 m ln(factor) + 1 (1 where factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def yarn_softmax_scale(qk_dim: int, factor: float | None, mscale_all_dim: float | None) -> float:
+    """DeepSeek's softmax scale: qk_dim^-1/2, times YaRN's magnitude at mscale_all_dim squared where the RoPE scaling
+    (`factor`) and mscale_all_dim are both given (transformers' yarn_apply_mscale, llama.cpp's deepseek2 graph)."""
+    scale = qk_dim**-0.5
+    if factor is not None and mscale_all_dim:
+        scale *= yarn_mscale(factor, mscale_all_dim) ** 2
+    return scale
 
 
 # ---------------------------------------------------------------- sources

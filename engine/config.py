@@ -24,6 +24,10 @@ def _positive(key: str, value: int) -> None:
         raise ConfigKeyError(f"{key} must be > 0, got {value}")
 
 
+# model.quantization that quantizes activations too (W8A8) -> its weights' format (models/quant.py)
+W8A8 = {"w8a8": "int8", "w8a8_fp8": "fp8"}
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     path: str = DEFAULT_MODEL  # .gguf file, HF safetensors dir, Orbax dir, or pkg:<package>/<file>
@@ -43,13 +47,17 @@ class ModelSpec:
     # mixture-of-experts model's experts (its other projections keep model.dtype, as gpt-oss's checkpoints have them),
     # a dense model's projections. An MXFP4 checkpoint's experts come back exactly; other weights lose far more than
     # under int4 (docs/benchmarks.md).
-    quantization: Literal["none", "int8", "w8a8", "int4", "mxfp4"] = "none"
+    # "fp8": the projections' weights in e4m3 (OCP FP8) with a float32 scale per output feature (W8A16), a byte a
+    # weight; an FP8 checkpoint's weights (DeepSeek-V3/R1, "-FP8" models: a scale per 128 x 128 block) are kept as
+    # stored, bit for bit. "w8a8_fp8": the same weights (an FP8 checkpoint's requantized per output feature) and e4m3
+    # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300). Not for expert layers.
+    quantization: Literal["none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"] = "none"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
     # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
     smoothquant_alpha: float = 0.5
-    # With quantization int8, w8a8, int4 or mxfp4, the embedding table and LM head too, in int8 (a scale per vocabulary entry): a large part of a
-    # small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
+    # With any quantization, the embedding table and LM head too, in int8 (a scale per vocabulary entry): a large part
+    # of a small model's weights, at some accuracy (SmolLM2: 210 -> 129 MiB, perplexity +0.4% instead of +0.2%).
     quantize_embeddings: bool = False
     # Mixture-of-experts layers (models/moe.py): "grouped" runs each token's top-k experts as grouped matmuls
     # (lax.ragged_dot), "dense" every expert on every token; "auto": grouped on a GPU or TPU, dense on the CPU (where
@@ -66,7 +74,8 @@ class ModelSpec:
             raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         _positive("model.quantization_group_size", self.quantization_group_size)
         if self.quantize_embeddings and self.quantization == "none":
-            raise ConfigKeyError("model.quantize_embeddings needs model.quantization: int8, w8a8, int4 or mxfp4")
+            raise ConfigKeyError("model.quantize_embeddings needs a model.quantization (int8, w8a8, int4, mxfp4, fp8, "
+                                 "w8a8_fp8)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,7 +38,7 @@ from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
 from engine.replica_weights import PreparedWeights, ReplicaWeights
-from engine.config import ConfigKeyError, EngineConfig
+from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.output import OutputKind, OutputState, RequestOutput, truncate_output
 from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
@@ -84,8 +84,7 @@ class LLMEngine:
         setup_compilation_cache(config.compilation_cache_dir)
         self.dtype = resolve_dtype(config.model.dtype)
         if model is None:
-            model_cfg, params = load_weights(config.model.path, self.dtype,
-                                             mxfp4_experts=config.model.quantization == "mxfp4")
+            model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
         else:
             model_cfg, params, self.tokenizer = model
@@ -105,9 +104,10 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The context served, not the checkpoint's: it picks LongRoPE's table (RopeScaling.longrope_factors).
         self.model_cfg = dataclasses.replace(self.model_cfg, max_position=self.max_model_len)
-        if config.model.quantization == "w8a8" and model_cfg.num_experts:
-            raise ConfigKeyError("model.quantization: w8a8 does not cover mixture-of-experts layers yet; use int8 "
-                                 "(W8A16: the experts' weights in int8 too)")
+        if config.model.quantization in W8A8 and model_cfg.num_experts:
+            weights_only = W8A8[config.model.quantization]
+            raise ConfigKeyError(f"model.quantization: {config.model.quantization} does not cover mixture-of-experts "
+                                 f"layers yet; use {weights_only} (W8A16: the experts' weights in {weights_only} too)")
         if model_cfg.num_experts:
             grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
                                                                 and jax.default_backend() != "cpu")
@@ -119,8 +119,8 @@ class LLMEngine:
         self.weights = ReplicaWeights(config, self._loaded_cfg, self.model_cfg, self.dtype, self.mesh, self.tokenizer,
                                       params, progress)
         del params
-        if config.model.quantization == "w8a8":  # the decoder reads it: int8 activations into the int8 matmuls
-            self.model_cfg = dataclasses.replace(self.model_cfg, int8_activations=True)
+        if config.model.quantization in W8A8:  # the decoder reads it: 8-bit activations into the 8-bit matmuls
+            self.model_cfg = dataclasses.replace(self.model_cfg, quantized_activations=True)
         self.weights_version = 0  # update_weights counts up
         # What the weights served came from: model.path, or the last update's path (the router compares it with the
         # fleet's; "in-process" for arrays given directly).

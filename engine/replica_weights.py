@@ -2,9 +2,9 @@
 while it serves, moved off the devices while it sleeps.
 
 The layout pipeline is one for all three (`prepare`): KV heads repeated for tensor parallelism, SmoothQuant folded
-in (w8a8), int8 or int4 quantization; then `place` splits them over the mesh with the same shardings every time. New
-weights are checked against the abstract shapes and dtypes of the ones placed at start-up, so the compiled steps
-run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the engine's
+in (w8a8), the weights quantized (models/quant.py); then `place` splits them over the mesh with the same shardings
+every time. New weights are checked against the abstract shapes and dtypes of the ones placed at start-up, so the
+compiled steps run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the engine's
 business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine import multihost
-from engine.config import EngineConfig
+from engine.config import W8A8, EngineConfig
 from models import llama, quant, sharding
 from models.weights import cast_params
 from models.config import LlamaConfig
@@ -60,7 +60,7 @@ class ReplicaWeights:
         _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
         if model.quantization != "none":
             t_quant = time.perf_counter()
-            method = "int8" if model.quantization == "w8a8" else model.quantization
+            method = W8A8.get(model.quantization, model.quantization)
             if method == "mxfp4" and not any(k.endswith(quant.EXPONENT_SUFFIX) for k in params["layers"]):
                 log.warning("model.quantization: mxfp4 rounds this checkpoint's float weights to MXFP4, which costs far "
                             "more accuracy than int4 (docs/benchmarks.md); it is exact for MXFP4 checkpoints (gpt-oss)")
@@ -87,8 +87,7 @@ class ReplicaWeights:
             raise ValueError("update_weights is not supported with parallel.num_processes > 1")
         cfg, on_device = self.loaded_cfg, False
         if isinstance(source, str):
-            loaded_cfg, params = load_weights(source, self.dtype,
-                                              mxfp4_experts=self.config.model.quantization == "mxfp4")
+            loaded_cfg, params = load_weights(source, self.dtype, self.config.model.quantization)
             differ = [f.name for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(loaded_cfg, f.name)]
             if differ:
                 name = differ[0]

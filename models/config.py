@@ -103,9 +103,9 @@ class LlamaConfig:
     qk_nope_head_dim: int = 0  # each head's query / key dims without RoPE
     qk_rope_head_dim: int = 0  # ... and with it
     v_head_dim: int = 0  # each head's value dims
-    # How to run int8 weights (models/quant.py), not a checkpoint's: int8 activations too (W8A8, a scale per token),
-    # set by model.quantization: w8a8.
-    int8_activations: bool = False
+    # How to run 8-bit weights (models/quant.py), not a checkpoint's: activations quantized like them (int8 or e4m3, a
+    # scale per token: W8A8), set by model.quantization: w8a8 and w8a8_fp8.
+    quantized_activations: bool = False
     # How to run expert layers, not a checkpoint's: grouped matmuls instead of every expert (models/moe.py), set by
     # model.moe_backend.
     moe_grouped: bool = False

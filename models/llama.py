@@ -263,7 +263,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, table, lo, is_moe, place = xs
 
         def proj(h, name, w=p):
-            y = linear(h, w, name, cfg.int8_activations)
+            y = linear(h, w, name, cfg.quantized_activations)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         def mlp(h, w, experts: bool):
@@ -368,30 +368,35 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
 
 
-def linear(h: jax.Array, p: Params, name: str, int8_activations: bool = False) -> jax.Array:
-    """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, int8 ones (a float32
-    scale per output feature) or 4-bit ones (int4: a float16 scale and offset per group of inputs; mxfp4: e2m1 codes
-    and a power of two per group; dequantized into h's dtype for the matmul); models/quant.py has the formats."""
+def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False) -> jax.Array:
+    """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, 8-bit ones (int8 or
+    e4m3 with a float32 scale per output feature), 4-bit ones (int4: a float16 scale and offset per group of inputs;
+    mxfp4: e2m1 codes and a power of two per group) or an FP8 checkpoint's blocks (the last two dequantized into h's
+    dtype for the matmul); models/quant.py has the formats."""
     w = packed_weight(p, name, h.dtype)
     if w is not None:
         return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
     if name + SCALE_SUFFIX in p:
-        return int8_dot(h, p[name], p[name + SCALE_SUFFIX], 0, int8_activations).astype(h.dtype)
+        return scaled_dot(h, p[name], p[name + SCALE_SUFFIX], 0, quantized_activations).astype(h.dtype)
     return h @ p[name]
 
 
-def int8_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, int8_activations: bool) -> jax.Array:
-    """h [N, K] @ an int8 matrix w (K on axis `w_contract`) whose output columns have float32 `scale`s -> [N, M]
-    float32. W8A16: w converted to h's dtype. W8A8 (`int8_activations`): each row of h quantized to int8 with its
-    own scale (max |h| / 127), an int8 x int8 -> int32 dot, both scales applied after."""
+def scaled_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, quantized_activations: bool) -> jax.Array:
+    """h [N, K] @ an 8-bit matrix w (int8 or e4m3; K on axis `w_contract`) whose output columns have float32 `scale`s
+    -> [N, M] float32. W8A16: w converted to h's dtype. W8A8 (`quantized_activations`): each row of h quantized to w's
+    type with its own scale (int8: max |h| / 127, rounded; e4m3: max |h| / 448, to the nearest e4m3), an 8-bit x
+    8-bit dot (int32 or float32 sums), both scales applied after."""
     dims = (((h.ndim - 1,), (w_contract,)), ((), ()))
-    if not int8_activations:
+    if not quantized_activations:
         return jax.lax.dot_general(h, w.astype(h.dtype), dims, preferred_element_type=jnp.float32) * scale
+    fp8 = w.dtype == jnp.float8_e4m3fn
+    top = float(jnp.finfo(w.dtype).max) if fp8 else 127.0
     h32 = h.astype(jnp.float32)
     amax = jnp.max(jnp.abs(h32), axis=-1, keepdims=True)
-    h_scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    hq = jnp.clip(jnp.round(h32 / h_scale), -127, 127).astype(jnp.int8)
-    acc = jax.lax.dot_general(hq, w, dims, preferred_element_type=jnp.int32)
+    h_scale = jnp.where(amax > 0, amax / top, 1.0)
+    hq = jnp.clip(h32 / h_scale, -top, top)
+    hq = hq.astype(w.dtype) if fp8 else jnp.round(hq).astype(jnp.int8)
+    acc = jax.lax.dot_general(hq, w, dims, preferred_element_type=jnp.float32 if fp8 else jnp.int32)
     return acc.astype(jnp.float32) * h_scale * scale
 
 
@@ -405,8 +410,8 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     x = final_hidden(params, cfg, x)
     name = "embed" if cfg.tie_word_embeddings else "lm_head"
     if name + SCALE_SUFFIX in params:  # int8 head: a float32 scale per vocabulary column
-        logits = int8_dot(x, params[name], params[name + SCALE_SUFFIX], 1 if cfg.tie_word_embeddings else 0,
-                          cfg.int8_activations)
+        logits = scaled_dot(x, params[name], params[name + SCALE_SUFFIX], 1 if cfg.tie_word_embeddings else 0,
+                            cfg.quantized_activations)
     else:
         head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)

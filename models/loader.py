@@ -52,9 +52,10 @@ def checkpoint_kind(path: str) -> str:
     raise CheckpointError(f"{path}: directory holds neither radixlm.json (Orbax) nor config.json (HF safetensors)")
 
 
-def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
-    """Config and weights of `dtype` from any supported source (numpy or device arrays). mxfp4_experts: MXFP4 experts
-    (gpt-oss's HF checkpoints and GGUFs) stay in MXFP4 (`model.quantization: mxfp4` serves them so)."""
+def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none") -> tuple[LlamaConfig, dict]:
+    """Config and weights of `dtype` from any supported source (numpy or device arrays). `quantization`: the
+    model.quantization served, whose formats stay as the checkpoint stores them: "mxfp4", MXFP4 experts (gpt-oss's HF
+    checkpoints and GGUFs); "fp8", an FP8 checkpoint's block-scaled weights (models/quant.py)."""
     from models.llama import check_params
 
     path = resolve_path(path)
@@ -62,7 +63,7 @@ def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False
     if kind == "gguf":
         from models.gguf_loader import load_gguf
 
-        cfg, params = load_gguf(path, dtype, mxfp4_experts)
+        cfg, params = load_gguf(path, dtype, mxfp4_experts=quantization == "mxfp4")
     elif kind == "orbax":
         from models.checkpoint import load_orbax
 
@@ -70,7 +71,9 @@ def load_weights(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False
     else:
         from models.safetensors_loader import load_safetensors_dir
 
-        cfg, params = load_safetensors_dir(path, dtype, mxfp4_experts)
+        cfg, params = load_safetensors_dir(path, dtype, mxfp4_experts=quantization == "mxfp4",
+                                           keep_fp8={"fp8": ("block", "channel"), "w8a8_fp8": ("channel",)}.get(
+                                               quantization, ()))
     check_params(cfg, params, path)
     return cfg, params
 

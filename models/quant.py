@@ -1,5 +1,5 @@
-"""Weight-only quantization: int8 (`model.quantization: int8`, W8A16) for the projections, the embeddings and the LM
-head; int4 (`model.quantization: int4`, W4A16) for the projections.
+"""Weight quantization: int8 (`model.quantization: int8`, W8A16) for the projections, the embeddings and the LM
+head; int4 (`model.quantization: int4`, W4A16), MXFP4 and FP8 for the projections.
 
 Each projection W [L, in, out] (q, k, v, o, gate, up, down) is stored as int8 values with one float32
 scale per layer and output feature, `scale = max_i |W[l, i, o]| / 127`, next to it as `<name>_scale`
@@ -33,6 +33,18 @@ holds exactly (a dequantized gpt-oss checkpoint) come back exactly. A model with
 in model.dtype, as gpt-oss's MXFP4 checkpoints do (attention is a few percent of the weights); a dense model's
 projections all go to MXFP4.
 
+FP8 (`model.quantization: fp8`, W8A16; `w8a8_fp8`, W8A8): each weight an e4m3 float (OCP FP8: 4 exponent bits, 3
+mantissa bits, largest 448), a byte a weight. A float checkpoint's projections and experts get int8's layout with e4m3
+values: a float32 scale per output feature, `scale = max_i |W[l, i, o]| / 448` (`<name>_scale` [L, (E,) out]), each
+weight rounded to the nearest e4m3 value (3 mantissa bits: within 1/16 of its magnitude, where int8's step is 1/127 of
+the column's largest). An FP8 checkpoint's weights (DeepSeek-V3/R1, Qwen3 / Llama "-FP8": e4m3 with a scale per block
+of 128 x 128) are kept as stored, bit for bit: `<name>_block_scale` [L, (E,) in / 128, out / 128], W = e4m3 *
+scale of its block (`dequantize_fp8_blocks`); the projections such a checkpoint leaves in float (or the loader cannot
+keep in blocks: DeepSeek's wkv_a, whose rows are reordered across blocks) keep model.dtype. The matmul converts the
+weight to the activations' dtype (W8A16); with `w8a8_fp8` it also quantizes each token's activations to e4m3 (a scale
+per token, max |x| / 448) for an e4m3 x e4m3 -> float32 dot, the FP8 tensor cores' rate on Hopper and MI300
+(per-output-feature scales only: block-scaled weights run W8A16).
+
 Quantizing is deterministic and happens after loading (any checkpoint) and after the tensor-parallel
 layout is prepared (repeated KV heads quantize alike), before the weights are placed on devices.
 """
@@ -53,6 +65,10 @@ EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per lay
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value
 EXPONENT_SUFFIX = "_exponent"  # mxfp4 weights: a group's power-of-two scale, biased by 127 (E8M0)
+BLOCK_SCALE_SUFFIX = "_block_scale"  # fp8 weights kept as an FP8 checkpoint stores them: a scale per block
+QUANT_SUFFIXES = (BLOCK_SCALE_SUFFIX, SCALE_SUFFIX, OFFSET_SUFFIX, EXPONENT_SUFFIX)  # the longest first
+FP8 = ml_dtypes.float8_e4m3fn
+FP8_MAX = float(ml_dtypes.finfo(FP8).max)  # 448
 INT4_MAX = 15
 MX_GROUP = 32  # input features per MXFP4 scale (OCP MX)
 # e2m1 values by 4-bit code, the sign in the high bit (MXFP4's elements)
@@ -60,17 +76,20 @@ E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0
                        np.float32)
 
 
-def quantize_weight(w, on_layer=None) -> tuple[np.ndarray, np.ndarray]:
+def quantize_weight(w, on_layer=None, dtype=np.int8) -> tuple[np.ndarray, np.ndarray]:
     """[L, ..., in, out] float -> (int8 of the same shape, float32 scales [L, ..., out]): a scale per output feature
     of each matrix (a layer's projection, or each expert's); an all-zero column gets scale 1. One layer at a time,
-    so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB)."""
+    so the float32 temporaries are one layer's (an 8B model's stacked w_gate is 7.5 GB). `dtype` FP8: e4m3 values,
+    the column's largest |weight| at 448, each rounded to the nearest e4m3 value."""
     w = np.asarray(w)
-    values, scales = np.empty(w.shape, np.int8), np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
+    top = FP8_MAX if dtype == FP8 else 127.0
+    values, scales = np.empty(w.shape, dtype), np.empty(w.shape[:-2] + w.shape[-1:], np.float32)
     for layer in range(w.shape[0]):
         x = w[layer].astype(np.float32)
         amax = np.abs(x).max(axis=-2)
-        scales[layer] = np.where(amax > 0, amax / 127.0, 1.0)
-        values[layer] = np.clip(np.rint(x / np.expand_dims(scales[layer], -2)), -127, 127)
+        scales[layer] = np.where(amax > 0, amax / top, 1.0)
+        x = np.clip(x / np.expand_dims(scales[layer], -2), -top, top)
+        values[layer] = x.astype(FP8) if dtype == FP8 else np.rint(x)
         if on_layer is not None:
             on_layer()
     return values, scales
@@ -200,9 +219,34 @@ def dequantize_mxfp4(codes, exponents, dtype=np.float32):
     return (values * scales[..., None, :]).reshape(codes.shape).astype(dtype)
 
 
+def quantize_weight_fp8_blocks(w, block: int = 128) -> tuple[np.ndarray, np.ndarray]:
+    """[L, ..., in, out] float -> (e4m3 of the same shape, float32 scales [L, ..., in / block, out / block]): a scale
+    per block of block x block weights, its largest |weight| / 448, as an FP8 checkpoint stores them (benchmarks and
+    tests; `model.quantization: fp8` keeps a checkpoint's own blocks and quantizes float weights per output feature)."""
+    w = np.asarray(w, np.float32)
+    *lead, fan_in, fan_out = w.shape
+    blocks = w.reshape(*lead, fan_in // block, block, fan_out // block, block)
+    amax = np.abs(blocks).max(axis=(-3, -1))
+    scales = np.where(amax > 0, amax / FP8_MAX, 1.0).astype(np.float32)
+    values = np.clip(blocks / scales[..., :, None, :, None], -FP8_MAX, FP8_MAX).astype(FP8).reshape(w.shape)
+    return values, scales
+
+
+def dequantize_fp8_blocks(values, scales, dtype=np.float32):
+    """The weights of an FP8 checkpoint kept as stored: e4m3 values [..., in, out] times the scale of their block,
+    scales [..., in / block_in, out / block_out] (numpy or jax arrays alike)."""
+    xp = jnp if isinstance(values, jax.Array) else np
+    *lead, fan_in, fan_out = values.shape
+    rows, cols = scales.shape[-2:]
+    w = values.astype(xp.float32).reshape(*lead, rows, fan_in // rows, cols, fan_out // cols)
+    return (w * scales.astype(xp.float32)[..., :, None, :, None]).reshape(values.shape).astype(dtype)
+
+
 def packed_weight(p: dict, name: str, dtype):
-    """Projection `name` of `p` as float weights in `dtype` when it is stored in 4 bits (int4 or mxfp4), for the
-    matmul to read; None for float and int8 weights."""
+    """Projection `name` of `p` as float weights in `dtype` when it is stored in 4 bits (int4 or mxfp4) or in FP8
+    blocks, for the matmul to read; None for float weights and those with a scale per output feature (int8, fp8)."""
+    if name + BLOCK_SCALE_SUFFIX in p:
+        return dequantize_fp8_blocks(p[name], p[name + BLOCK_SCALE_SUFFIX], dtype)
     if name + OFFSET_SUFFIX in p:
         return dequantize_int4(p[name], p[name + SCALE_SUFFIX], p[name + OFFSET_SUFFIX], dtype)
     if name + EXPONENT_SUFFIX in p:
@@ -233,10 +277,13 @@ def check_group_size(params: dict, group_size: int, names=PROJECTIONS + EXPERTS,
 
 
 def quantized_names(layers: dict, method: str) -> list[str]:
-    """The projections `method` quantizes: all of them, but for mxfp4 only a mixture-of-experts model's experts."""
+    """The projections `method` quantizes: all of them, but for mxfp4 only a mixture-of-experts model's experts, and
+    for fp8 none of an FP8 checkpoint's (those it stores in FP8 are kept so; those it does not, stay in float)."""
     names = [name for name in PROJECTIONS + EXPERTS if name in layers]  # a MoE model: experts, maybe no dense MLP
     if method == "mxfp4" and any(name in layers for name in EXPERTS):
         names = [name for name in EXPERTS if name in layers]
+    if method == "fp8" and any(name + s in layers for name in names for s in (BLOCK_SCALE_SUFFIX, SCALE_SUFFIX)):
+        names = []
     return names
 
 
@@ -255,16 +302,17 @@ def quantize_rows(w, chunk: int = 16384) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_params(params: dict, method: str = "int8", group_size: int = 32, embeddings: bool = False,
                     progress: bool = False) -> dict:
-    """The weight pytree with every projection quantized (host arrays): `method` "int8" (`<name>_scale` beside each),
-    "int4" (groups of `group_size` input features, `<name>_scale` and `<name>_offset` beside each) or "mxfp4" (a MoE
-    model's experts, a dense model's projections: `<name>_exponent` beside each). With `embeddings`, the embedding
+    """The weight pytree with every projection quantized (host arrays): `method` "int8" or "fp8" (`<name>_scale`
+    beside each; an FP8 checkpoint's weights, kept as stored, are left as they are), "int4" (groups of `group_size`
+    input features, `<name>_scale` and `<name>_offset` beside each) or "mxfp4" (a MoE model's experts, a dense
+    model's projections: `<name>_exponent` beside each). With `embeddings`, the embedding
     table and an untied LM head become int8 (any method). `progress`: a bar over the layers' projections (an 8B
     model's take tens of seconds on the host)."""
     from tqdm import tqdm
 
     layers = dict(params["layers"])
     names = quantized_names(layers, method)
-    num_layers = len(layers[names[0]])
+    num_layers = len(layers[names[0]]) if names else 0
     if method == "mxfp4":  # experts loaded in MXFP4 already (an MXFP4 checkpoint's) are kept as they are
         names = [name for name in names if name + EXPONENT_SUFFIX not in layers]
     if method == "int4":
@@ -279,7 +327,8 @@ def quantize_params(params: dict, method: str = "int8", group_size: int = 32, em
                 layers[name], layers[name + SCALE_SUFFIX], layers[name + OFFSET_SUFFIX] = quantize_weight_int4(
                     layers[name], group_size, on_layer=bar.update)
             else:
-                layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(layers[name], on_layer=bar.update)
+                layers[name], layers[name + SCALE_SUFFIX] = quantize_weight(
+                    layers[name], on_layer=bar.update, dtype=FP8 if method == "fp8" else np.int8)
     out = {**params, "layers": layers}
     if not embeddings:
         return out
@@ -291,13 +340,12 @@ def quantize_params(params: dict, method: str = "int8", group_size: int = 32, em
 
 
 def dequantize_params(params: dict, dtype=np.float32) -> dict:
-    """Inverse view for tests: every int8 weight times its scale (int4: `dequantize_int4`, mxfp4: `dequantize_mxfp4`),
-    in `dtype`, scales dropped."""
+    """Inverse view for tests: every int8 or fp8 weight times its scale (int4: `dequantize_int4`, mxfp4:
+    `dequantize_mxfp4`, FP8 blocks: `dequantize_fp8_blocks`), in `dtype`, scales dropped."""
     src = params["layers"]
-    suffixes = (SCALE_SUFFIX, OFFSET_SUFFIX, EXPONENT_SUFFIX)
-    layers = {k: v for k, v in src.items() if not k.endswith(suffixes)}
-    host = {k: np.asarray(v) for k, v in src.items() if k.endswith(suffixes)}
-    for name in [n for n in PROJECTIONS + EXPERTS if n + SCALE_SUFFIX in src or n + EXPONENT_SUFFIX in src]:
+    layers = {k: v for k, v in src.items() if not k.endswith(QUANT_SUFFIXES)}
+    host = {k: np.asarray(v) for k, v in src.items() if k.endswith(QUANT_SUFFIXES)}
+    for name in [n for n in PROJECTIONS + EXPERTS if any(n + s in src for s in QUANT_SUFFIXES)]:
         layers[name] = dequantize_weight({**host, name: np.asarray(src[name])}, name, dtype)
     out = {k: v for k, v in params.items() if not k.endswith(SCALE_SUFFIX)}
     out["layers"] = layers

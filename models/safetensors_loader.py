@@ -11,9 +11,10 @@ import numpy as np
 import ml_dtypes
 
 from models.config import LlamaConfig
-from models.quant import EXPERTS, EXPONENT_SUFFIX, dequantize_mxfp4
+from models.quant import (BLOCK_SCALE_SUFFIX, EXPERTS, EXPONENT_SUFFIX, FP8, PROJECTIONS, SCALE_SUFFIX,
+                          dequantize_mxfp4)
 from models.gguf_loader import CheckpointError
-from models.weights import NORM_KEYS, assemble
+from models.weights import NORM_KEYS, assemble, layers_of
 
 
 HF_NAMES = {
@@ -114,12 +115,14 @@ def _shard_files(directory: str) -> list[str]:
     raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
+def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts: bool = False,
+                         keep_fp8: tuple[str, ...] = ()) -> tuple[LlamaConfig, dict]:
     """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory.
 
     mxfp4_experts: experts the checkpoint stores in MXFP4 (gpt-oss) stay in it, as `model.quantization: mxfp4` holds
     them (uint4 codes and `<name>_exponent`; models/quant.py), never passing through `dtype` (the host then holds a
-    byte a weight for them, not two).
+    byte a weight for them, not two). keep_fp8: the FP8 layouts kept as stored, as `model.quantization: fp8` holds
+    them ("block": e4m3 and `<name>_block_scale`; "channel": e4m3 and `<name>_scale`; `_kept_fp8`).
 
     Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
     host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
@@ -150,18 +153,24 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
         def read(key: str, name: str) -> np.ndarray:
             return _from_hf(cfg, key, get(name))
 
-        def get(name: str) -> np.ndarray:
-            if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
-                return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
+        def stored(name: str) -> np.ndarray:
+            """A tensor as the file stores it."""
             if name not in shard_of:
                 raise CheckpointError(f"{directory}: missing tensor {name!r}")
             path, f = shard_of[name]
             try:
                 with jax.default_device(host):
-                    arr = np.asarray(f.get_tensor(name))
+                    return np.asarray(f.get_tensor(name))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
+
+        def get(name: str) -> np.ndarray:
+            """A tensor as floats: MXFP4 and FP8 ones dequantized."""
+            if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
+                return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
+            arr = stored(name)
             if "float8" in str(arr.dtype):
+                path = shard_of[name][0]
                 scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in shard_of), None)
                 if scale is None:
                     raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype} without a {name}_scale_inv or "
@@ -172,10 +181,71 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
         names = hf_names(cfg)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
                   and names["moe_down"].format(i=0) + "_blocks" in shard_of)
-        params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
+        kept = _kept_fp8(cfg, names, shard_of, block, keep_fp8) if keep_fp8 else {}
+        params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS if packed else ()) | frozenset(kept))
         if packed:
             params["layers"].update(_mxfp4_experts(cfg, names, get))
+        for key, layout in kept.items():
+            params["layers"].update(_fp8_weights(cfg, key, names[key], block if layout == "block" else None, stored))
         return cfg, params
+
+
+def _kept_fp8(cfg: LlamaConfig, names: Mapping[str, str], shard_of: Mapping[str, tuple], block: tuple[int, int],
+              keep: tuple[str, ...]) -> dict[str, str]:
+    """The projections an FP8 checkpoint stores in e4m3 that can be kept so -> their layout, "block" (a scale per
+    block of `block` weights, both dims whole blocks) or "channel" (compressed-tensors' scale per output row, or one
+    for the tensor), where it is in `keep`. Not wkv_a (its RoPE rows move across blocks, `mla_rope_rows`), nor a query
+    projection whose heads' RoPE rows straddle two blocks; those are dequantized."""
+    rows, cols = block
+    kept = {}
+    for key in PROJECTIONS + EXPERTS:
+        if key not in names or key == "wkv_a":
+            continue
+        first = names[key].format(i=layers_of(cfg, key)[0], e=0)
+        if first not in shard_of or shard_of[first][1].get_slice(first).get_dtype() != "F8_E4M3":
+            continue
+        if first + "_scale_inv" in shard_of:
+            out, fan_in = shard_of[first][1].get_slice(first).get_shape()[-2:]
+            whole = out % rows == 0 and fan_in % cols == 0 and (not cfg.mla or key not in ("wq", "wq_b") or all(
+                start // rows == (start + cfg.qk_rope_head_dim - 1) // rows
+                for start in range(cfg.qk_nope_head_dim, out, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)))
+            layout = "block" if whole else None
+        else:
+            layout = "channel" if first + "_scale" in shard_of else None
+        if layout in keep:
+            kept[key] = layout
+    return kept
+
+
+def _fp8_weights(cfg: LlamaConfig, key: str, name: str, block: tuple[int, int] | None, stored) -> dict[str, np.ndarray]:
+    """Projection `key` kept in e4m3 as the checkpoint stores it, stacked over its layers in quant's layout: values
+    [L, (E,) in, out] with `<key>_block_scale` [L, (E,) in / cols, out / rows] (`block` (rows, cols)) or `<key>_scale`
+    [L, (E,) out]. `stored(name)` reads a tensor as stored."""
+    out: dict[str, np.ndarray] = {}
+    suffix = BLOCK_SCALE_SUFFIX if block is not None else SCALE_SUFFIX
+
+    def one(tensor: str) -> tuple[np.ndarray, np.ndarray]:  # [out, in] e4m3 -> ([in, out], its scales transposed)
+        w = stored(tensor)
+        if w.dtype != FP8:
+            raise CheckpointError(f"tensor {tensor!r} is {w.dtype}, where the first layer's is e4m3: a checkpoint with "
+                                  "FP8 and float layers in one projection is not read as FP8 (model.quantization: none "
+                                  "dequantizes it)")
+        scale = _fp8_scale(w, stored(tensor + ("_scale_inv" if block is not None else "_scale")), block, tensor)
+        if cfg.mla and key in ("wq", "wq_b"):  # RoPE rows reordered within their blocks (`_kept_fp8`)
+            w = mla_rope_rows(cfg, key, w)
+        return w.T, scale.T if block is not None else scale
+
+    for n, i in enumerate(layers_of(cfg, key)):
+        if "{e}" in name:
+            parts = [one(name.format(i=i, e=e)) for e in range(cfg.num_experts)]
+            w, scale = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+        else:
+            w, scale = one(name.format(i=i))
+        if n == 0:
+            count = len(layers_of(cfg, key))
+            out[key], out[key + suffix] = np.empty((count, *w.shape), FP8), np.empty((count, *scale.shape), np.float32)
+        out[key][n], out[key + suffix][n] = w, scale
+    return out
 
 
 def _mxfp4_experts(cfg: LlamaConfig, names: Mapping[str, str], get) -> dict[str, np.ndarray]:
@@ -265,21 +335,32 @@ def _fp8_block(directory: str) -> tuple[int, int]:
     return int(rows), int(cols)
 
 
-def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, name: str) -> np.ndarray:
-    """An FP8 (e4m3) weight [out, in] times its scales -> float32: a scale per block of [rows, cols] weights
-    (`<name>_scale_inv` [ceil(out / rows), ceil(in / cols)], DeepSeek-V3's; `block` given), or per output row or
-    one for the tensor (`<name>_scale`, compressed-tensors' [out, 1] or [])."""
-    w, scale = np.asarray(w).astype(np.float32), np.asarray(scale, np.float32)
+def _fp8_scale(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, name: str) -> np.ndarray:
+    """An FP8 weight's scales checked against its shape [out, in], float32: [ceil(out / rows), ceil(in / cols)] for
+    a scale per block (`block` given), else [out] (a scale per row, or the tensor's one repeated)."""
+    scale = np.asarray(scale, np.float32)
     if block is not None:
         rows, cols = block
         want = (-(-w.shape[0] // rows), -(-w.shape[1] // cols))
         if scale.shape != want:
             raise CheckpointError(f"{name}_scale_inv has shape {scale.shape}; {name} {w.shape} in blocks of "
                                   f"{rows} x {cols} needs {want}")
-        scale = np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[: w.shape[0], : w.shape[1]]
-    elif scale.size not in (1, w.shape[0]):
+        return scale
+    if scale.size not in (1, w.shape[0]):
         raise CheckpointError(f"{name}_scale has shape {scale.shape}; {name} {w.shape} needs one per row or one")
-    return w * scale.reshape(scale.shape if block is not None else (-1, 1) if scale.size > 1 else ())
+    return np.broadcast_to(scale.reshape(-1), (w.shape[0],))
+
+
+def dequantize_fp8(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, name: str) -> np.ndarray:
+    """An FP8 (e4m3) weight [out, in] times its scales -> float32: a scale per block of [rows, cols] weights
+    (`<name>_scale_inv` [ceil(out / rows), ceil(in / cols)], DeepSeek-V3's; `block` given), or per output row or
+    one for the tensor (`<name>_scale`, compressed-tensors' [out, 1] or [])."""
+    scale = _fp8_scale(w, scale, block, name)
+    w = np.asarray(w).astype(np.float32)
+    if block is None:
+        return w * scale[:, None]
+    rows, cols = block
+    return w * np.repeat(np.repeat(scale, rows, axis=0), cols, axis=1)[: w.shape[0], : w.shape[1]]
 
 
 def mxfp4_codes(blocks: np.ndarray) -> np.ndarray:

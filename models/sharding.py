@@ -53,17 +53,24 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
             "query head with its KV head on one device"
         )
     layers = dict(params["layers"])
-    for name in ("wk", "wv", "bk", "bv"):
+    # with an FP8 checkpoint's weights kept as stored (models/quant.py), their scales: a column's, or a block's
+    for name in ("wk", "wv", "bk", "bv") + tuple(w + s for w in ("wk", "wv") for s in (quant.SCALE_SUFFIX,
+                                                                                       quant.BLOCK_SCALE_SUFFIX)):
         if name in layers:
+            if layers[name].shape[-1] % cfg.num_kv_heads:
+                raise ShardingError(f"{name}: the FP8 checkpoint's blocks of {name.split('_')[0]} span two KV heads, "
+                                    f"which parallel.tensor={n} repeats; serve it with model.quantization: w8a8_fp8 "
+                                    "(a scale per output feature)")
             layers[name] = _repeat_kv_heads(layers[name], cfg, n)
     return dataclasses.replace(cfg, num_kv_heads=n), {**params, "layers": layers}
 
 
 def _repeat_kv_heads(w, cfg: LlamaConfig, n: int) -> np.ndarray:
-    """[..., Hkv * D] -> [..., n * D]: each KV head repeated in place, n // Hkv times (n devices, fewer KV heads)."""
+    """[..., Hkv * W] -> [..., n * W]: each KV head's W columns (its head_dim, or its blocks' scales) repeated in
+    place, n // Hkv times (n devices, fewer KV heads)."""
     w = np.asarray(w)
-    heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, 1, cfg.head_dim)
-    return np.broadcast_to(heads, (*w.shape[:-1], cfg.num_kv_heads, n // cfg.num_kv_heads, cfg.head_dim)).reshape(
+    heads = w.reshape(*w.shape[:-1], cfg.num_kv_heads, 1, w.shape[-1] // cfg.num_kv_heads)
+    return np.broadcast_to(heads, (*heads.shape[:-2], n // cfg.num_kv_heads, heads.shape[-1])).reshape(
         *w.shape[:-1], -1)
 
 
@@ -125,6 +132,15 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
                        else "take a model.quantization_group_size that leaves a multiple of it"))
             for suffix in ((quant.EXPONENT_SUFFIX,) if mx else (quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
                 layer_specs[name + suffix] = layer_specs[name]
+    for name in quant.PROJECTIONS + quant.EXPERTS:  # an FP8 checkpoint's block scales [L, (E,) in / b, out / b]
+        scales = params["layers"].get(name + quant.BLOCK_SCALE_SUFFIX)
+        if scales is not None:
+            axis = layer_specs[name].index(AXIS) if AXIS in layer_specs[name] else None
+            if axis is not None and scales.shape[axis] % n:
+                side = "inputs" if axis == scales.ndim - 2 else "outputs"
+                raise ShardingError(f"{name}'s {scales.shape[axis]} FP8 blocks of {side} do not split over "
+                                    f"parallel.tensor={n}: each device needs whole blocks")
+            layer_specs[name + quant.BLOCK_SCALE_SUFFIX] = layer_specs[name]
     specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)

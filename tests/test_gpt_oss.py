@@ -179,7 +179,7 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
     from models import quant
 
     packed = quant.quantize_params(params, "mxfp4")["layers"]
-    _, direct = load_weights(str(tmp_path), mxfp4_experts=True)  # read as MXFP4, never dequantized
+    _, direct = load_weights(str(tmp_path), quantization="mxfp4")  # read as MXFP4, never dequantized
     for name in ("moe_gate", "moe_up", "moe_down"):
         assert packed[name].dtype == direct["layers"][name].dtype == np.dtype("uint4")
         np.testing.assert_array_equal(quant.dequantize_weight(packed, name), params["layers"][name])
@@ -277,7 +277,7 @@ def test_gguf_in_llama_cpp_layout_loads_as_transformers_runs_it(tmp_path):
     # read as MXFP4 (model.quantization: mxfp4): the weights the dequantized experts are, bit for bit
     from models import quant
 
-    _, direct = load_weights(str(tmp_path / "m.gguf"), mxfp4_experts=True)
+    _, direct = load_weights(str(tmp_path / "m.gguf"), quantization="mxfp4")
     for name in ("moe_gate", "moe_up", "moe_down"):
         assert direct["layers"][name].dtype == np.dtype("uint4")
         np.testing.assert_array_equal(quant.dequantize_weight(direct["layers"], name), gguf_params["layers"][name])

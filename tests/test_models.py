@@ -409,7 +409,8 @@ def test_int4_groups_of_32_give_back_gguf_4_bit_blocks():
 
 def test_matmul_bench_quick_runs_every_weight_format():
     """scripts/matmul_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: a row per (tokens, format),
-    each format's output that of the float weights it stands for."""
+    each format's output that of the float weights it stands for (the W8A8 formats' within their activations'
+    rounding)."""
     import importlib.util
     import pathlib
 
@@ -419,11 +420,12 @@ def test_matmul_bench_quick_runs_every_weight_format():
     spec.loader.exec_module(bench)
     rows = bench.main(["--quick"])
     assert [(r["tokens"], r["format"]) for r in rows] == [(t, f) for t in (1, 24) for f in bench.FORMATS]
-    assert all(r["ms"] > 0 and r["rel_diff"] < 1e-5 for r in rows)
+    assert all(r["ms"] > 0 and r["rel_diff"] < (0.15 if bench.FORMATS[r["format"]][2] else 1e-5)
+               for r in rows if r["format"] != "none")
 
 
 def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
-    """llama.int8_dot with int8 activations: each row of h quantized to int8 with scale max|row| / 127, an exact
+    """llama.scaled_dot with int8 activations: each row of h quantized to int8 with scale max|row| / 127, an exact
     int32 dot with the int8 weight, both scales applied: equal to that arithmetic done in float64 numpy on fresh
     random input (a zero row stays zero); and the whole W8A8 forward stays near the W8A16 one (tied int8 head too)."""
     from models import quant
@@ -432,21 +434,21 @@ def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
     h = rng.standard_normal((9, 96)).astype(np.float32) * rng.uniform(0.1, 10, (9, 1)).astype(np.float32)
     h[3] = 0
     w, s = quant.quantize_weight(rng.standard_normal((1, 96, 40)).astype(np.float32))
-    got = np.asarray(llama.int8_dot(jnp.asarray(h), jnp.asarray(w[0]), jnp.asarray(s[0]), 0, True))
+    got = np.asarray(llama.scaled_dot(jnp.asarray(h), jnp.asarray(w[0]), jnp.asarray(s[0]), 0, True))
     hs = np.abs(h).max(axis=1, keepdims=True) / 127.0
     hs[hs == 0] = 1
     hq = np.clip(np.rint(h / hs), -127, 127)
     want = (hq @ w[0].astype(np.float64)) * hs * s[0]
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
     assert not got[3].any()
-    transposed = np.asarray(llama.int8_dot(jnp.asarray(h), jnp.asarray(w[0].T.copy()), jnp.asarray(s[0]), 1, True))
+    transposed = np.asarray(llama.scaled_dot(jnp.asarray(h), jnp.asarray(w[0].T.copy()), jnp.asarray(s[0]), 1, True))
     np.testing.assert_array_equal(transposed, got)
 
     cfg = TINY_GEMMA3
     qparams = quant.quantize_params(jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(3))), embeddings=True)
     ids = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, 24), jnp.int32)
     w8a16 = np.asarray(llama.forward_dense(qparams, cfg, ids))
-    w8a8 = np.asarray(llama.forward_dense(qparams, dataclasses.replace(cfg, int8_activations=True), ids))
+    w8a8 = np.asarray(llama.forward_dense(qparams, dataclasses.replace(cfg, quantized_activations=True), ids))
     assert not np.array_equal(w8a8, w8a16)
     assert np.abs(w8a8 - w8a16).max() < 0.05 * np.abs(w8a16).max()
 

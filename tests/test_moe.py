@@ -317,7 +317,7 @@ def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp
 
         _write_gguf_like_llama_cpp(tmp_path / "hf", cfg, tmp_path / "q.gguf", arch, mxfp4_experts=True)
         _, dequantized = load_weights(str(tmp_path / "q.gguf"))
-        _, direct = load_weights(str(tmp_path / "q.gguf"), mxfp4_experts=True)
+        _, direct = load_weights(str(tmp_path / "q.gguf"), quantization="mxfp4")
         for name in ("moe_gate", "moe_up", "moe_down"):
             assert direct["layers"][name].dtype == np.dtype("uint4") and len(direct["layers"][name]) == 2
             np.testing.assert_array_equal(quant.dequantize_weight(direct["layers"], name), dequantized["layers"][name])

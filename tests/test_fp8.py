@@ -1,0 +1,231 @@
+"""FP8 weights (`model.quantization: fp8` and `w8a8_fp8`; models/quant.py): the rounding and both matmuls against
+float64 numpy on fresh random input, the forward against the dequantized model's, and an FP8 checkpoint kept as it is
+stored (bit for bit) in the engine and across devices."""
+import dataclasses
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from engine.config import ConfigKeyError, EngineConfig
+from engine.llm import LLM
+from models import llama, quant, sharding
+from models.config import LlamaConfig
+from models.loader import load_weights, tokenizer_source
+from models.tokenizer import Tokenizer
+from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
+
+FP8 = ml_dtypes.float8_e4m3fn
+# every finite e4m3 value, for the nearest-value checks (independent of any cast)
+E4M3 = np.unique(np.arange(256, dtype=np.uint8).view(FP8).astype(np.float64))
+E4M3 = E4M3[np.isfinite(E4M3)]
+
+
+def _rng() -> np.random.Generator:
+    return np.random.default_rng(int(time.time() * 1000) % 2**32)  # fresh input each run
+
+
+def _is_nearest(x: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Whether each q is an e4m3 value nearest to x (ties either way)."""
+    x = np.asarray(x, np.float64)
+    best = np.abs(x[..., None] - E4M3).min(axis=-1)
+    return np.abs(x - np.asarray(q, np.float64)) <= best
+
+
+def fp8_blocks(w: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """w [out, in] -> (e4m3 codes, a float32 scale per block of rows x cols: its largest |w| / 448), as DeepSeek-V3's
+    checkpoints store weights (blocks cut at the edges)."""
+    out, inn = w.shape
+    nb = (-(-out // rows), -(-inn // cols))
+    padded = np.zeros((nb[0] * rows, nb[1] * cols), np.float32)
+    padded[:out, :inn] = w
+    amax = np.abs(padded.reshape(nb[0], rows, nb[1], cols)).max(axis=(1, 3))
+    scale = np.where(amax > 0, amax / 448.0, 1.0).astype(np.float32)
+    codes = (w / np.repeat(np.repeat(scale, rows, 0), cols, 1)[:out, :inn]).astype(FP8)
+    return codes, scale
+
+
+def test_fp8_weights_are_each_columns_nearest_e4m3_values_scaled_to_448():
+    """quantize_weight(dtype=FP8): a float32 scale per output feature (and expert), its largest |w| / 448 (an all-zero
+    column: 1); every value the e4m3 nearest to w / scale; so each weight within 1/16 of itself (e4m3's 3 mantissa
+    bits) or, below e4m3's normals, within half its subnormal step."""
+    rng = _rng()
+    w = rng.standard_normal((2, 3, 96, 40)).astype(np.float32) * np.exp(rng.uniform(-7, 7, (2, 3, 1, 40))).astype(
+        np.float32)
+    w[1, 2, :, 5] = 0
+    values, scales = quant.quantize_weight(w, dtype=FP8)
+    assert values.dtype == FP8 and scales.dtype == np.float32 and scales.shape == (2, 3, 40)
+    amax = np.abs(w).max(axis=-2)
+    np.testing.assert_array_equal(scales, np.where(amax > 0, amax / np.float32(448), 1))
+    assert scales[1, 2, 5] == 1 and not values[1, 2, :, 5].astype(np.float32).any()
+    scaled = w / scales[..., None, :]
+    assert _is_nearest(scaled, values).all()
+    np.testing.assert_array_equal(np.abs(values.astype(np.float32)).max(axis=-2)[amax > 0], 448)
+    back = quant.dequantize_weight({"w": values, "w_scale": scales}, "w").astype(np.float64)
+    tiny = scales[..., None, :] * 2.0**-10  # half of e4m3's subnormal step, 2^-9
+    assert (np.abs(back - w) <= np.maximum(np.abs(w) / 16, tiny)).all()
+
+
+def test_fp8_dots_are_e4m3_arithmetic():
+    """llama.scaled_dot on e4m3 weights. W8A16: the weights converted, the dot, each column's scale: the dequantized
+    weights' product within float32 rounding. W8A8 (`quantized_activations`): each row of h scaled to 448 (max |row| /
+    448) and rounded to the nearest e4m3, an e4m3 x e4m3 dot summed in float32, both scales applied: that arithmetic
+    in float64 numpy (a zero row stays zero); the same with the weight stored transposed (up to float32 sums)."""
+    rng = _rng()
+    h = rng.standard_normal((9, 96)).astype(np.float32) * rng.uniform(0.1, 10, (9, 1)).astype(np.float32)
+    h[3] = 0
+    w, s = quant.quantize_weight(rng.standard_normal((1, 96, 40)).astype(np.float32), dtype=FP8)
+    w64 = w[0].astype(np.float64)
+    w16 = np.asarray(llama.scaled_dot(jnp.asarray(h), jnp.asarray(w[0]), jnp.asarray(s[0]), 0, False))
+    want16 = h.astype(np.float64) @ (w64 * s[0])
+    np.testing.assert_allclose(w16, want16, rtol=1e-5, atol=1e-5 * np.abs(want16).max())
+
+    got = np.asarray(llama.scaled_dot(jnp.asarray(h), jnp.asarray(w[0]), jnp.asarray(s[0]), 0, True))
+    hs = np.abs(h).max(axis=1, keepdims=True) / np.float32(448)
+    hs[hs == 0] = 1
+    x = h / hs
+    hq = E4M3[np.abs(x[..., None] - E4M3).argmin(axis=-1)]
+    want = (hq @ w64) * hs * s[0]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+    assert not got[3].any()
+    transposed = np.asarray(llama.scaled_dot(jnp.asarray(h), jnp.asarray(w[0].T.copy()), jnp.asarray(s[0]), 1, True))
+    np.testing.assert_allclose(transposed, got, rtol=1e-6, atol=1e-6 * np.abs(want).max())  # float32 sums' order
+
+
+def _tiny(**kw) -> LlamaConfig:
+    return LlamaConfig(**{"architecture": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
+                          "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "max_position": 512,
+                          **kw})
+
+
+@pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
+def test_fp8_forward_is_the_dequantized_models(experts):
+    """A model with fp8 projections (and experts) computes what the model holding their dequantized values computes,
+    within float32 rounding; with e4m3 activations too (W8A8) it stays near that, and differs from it."""
+    moe = {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 32} if experts else {}
+    cfg = _tiny(**moe)
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    fp8 = quant.quantize_params(params, "fp8")
+    names = [n for n in quant.PROJECTIONS + quant.EXPERTS if n in params["layers"]]
+    assert all(fp8["layers"][n].dtype == FP8 for n in names) and ("moe_up" in names) == bool(experts)
+    ids = jnp.asarray(_rng().integers(0, cfg.vocab_size, 24), jnp.int32)
+    got = np.asarray(llama.forward_dense(jax.device_put(fp8), cfg, ids))
+    want = np.asarray(llama.forward_dense(jax.device_put(quant.dequantize_params(fp8)), cfg, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    if not experts:
+        w8a8 = np.asarray(llama.forward_dense(jax.device_put(fp8), dataclasses.replace(cfg, quantized_activations=True),
+                                              ids))
+        assert not np.array_equal(w8a8, got)
+        assert np.abs(w8a8 - got).max() < 0.15 * np.abs(got).max()  # e4m3's rounding: up to 1/16 each
+
+
+def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, layout: str, block=(32, 32)) -> dict:
+    """An HF checkpoint of `params` with every projection in e4m3: "block" (DeepSeek-V3's `weight_scale_inv` per
+    block, quantization_config.weight_block_size) or "channel" (compressed-tensors' `weight_scale` per row, but one
+    for the whole tensor in layer 1's q_proj). Returns the stored tensors."""
+    from safetensors.flax import save_file  # numpy's writer has no float8
+
+    tensors = {}
+    for name, w in _state_dict(cfg, params).items():
+        if not name.endswith("proj.weight"):
+            tensors[name] = np.asarray(w, np.float32)
+        elif layout == "block":
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(w, *block)
+        else:
+            whole = name == "model.layers.1.self_attn.q_proj.weight"
+            codes, scale = fp8_blocks(w, *((w.shape[0], w.shape[1]) if whole else (1, w.shape[1])))
+            tensors[name], tensors[name + "_scale"] = codes, scale.reshape(()) if whole else scale
+    directory.mkdir()
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    quant_cfg = ({"quant_method": "fp8", "weight_block_size": list(block)} if layout == "block"
+                 else {"quant_method": "compressed-tensors"})
+    (directory / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": 512,
+        "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta, "tie_word_embeddings": False,
+        "quantization_config": quant_cfg}))
+    tokenizer.save_pretrained(str(directory))
+    return tensors
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two FP8 checkpoints of one random Llama over SmolLM2's vocabulary (32 x 32 blocks; a scale per row)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = _tiny(vocab_size=tokenizer.vocab_size, tie_word_embeddings=False)
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(5), scale=0.5))
+    root = tmp_path_factory.mktemp("fp8")
+    return {layout: (root / layout, _write_fp8_checkpoint(root / layout, cfg, params, tokenizer, layout))
+            for layout in ("block", "channel")}
+
+
+@pytest.mark.parametrize("layout", ["block", "channel"])
+def test_an_fp8_checkpoint_is_kept_as_stored(checkpoints, layout):
+    """model.quantization: fp8 keeps an FP8 checkpoint's e4m3 weights bit for bit, each with its scales (a block's:
+    `<name>_block_scale`; a row's, or the tensor's repeated: `<name>_scale`), and they stand for exactly the weights
+    the checkpoint dequantized at load holds; w8a8_fp8 keeps only the per-row layout (it needs a scale per output)."""
+    directory, stored = checkpoints[layout]
+    cfg, kept = load_weights(str(directory), quantization="fp8")
+    _, dequantized = load_weights(str(directory))
+    layers, suffix = kept["layers"], "_block_scale" if layout == "block" else "_scale"
+    for key, module in (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("w_down", "mlp.down_proj")):
+        assert layers[key].dtype == FP8 and layers[key + suffix].dtype == np.float32
+        for i in range(cfg.num_layers):
+            name = f"model.layers.{i}.{module}.weight"
+            np.testing.assert_array_equal(layers[key][i].view(np.uint8), stored[name].T.view(np.uint8))
+            scale = stored[name + ("_scale_inv" if layout == "block" else "_scale")]
+            want = scale.T if layout == "block" else np.broadcast_to(scale.reshape(-1), (stored[name].shape[0],))
+            np.testing.assert_array_equal(layers[key + suffix][i], want)
+    if layout == "block":
+        assert layers["wq_block_scale"].shape == (2, 64 // 32, 128 // 32)
+    back = quant.dequantize_params(kept)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(back)[0], jax.tree.leaves(dequantized)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+    assert quant.quantize_params(kept, "fp8")["layers"].keys() == layers.keys()  # nothing quantized twice
+    _, for_w8a8 = load_weights(str(directory), quantization="w8a8_fp8")
+    assert (for_w8a8["layers"]["wq"].dtype == FP8) == (layout == "channel")
+
+
+@pytest.mark.slow
+def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(checkpoints):
+    """The engine on an FP8 checkpoint kept as stored (32 x 32 blocks) gives the greedy tokens of the engine on the
+    same checkpoint dequantized at load, with prefix hits; at 4 devices too (block scales split with their weights,
+    the 2 KV heads' blocks repeated to 4). A block size that spans two KV heads, or blocks that do not split over the
+    devices, are refused by name."""
+    directory, _ = checkpoints["block"]
+    base = {"warmup": False, "model.path": str(directory), "cache.page_size": 8, "cache.num_pages": 96,
+            "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
+    prompts = _prompts(49152, 3)
+    want = [o.token_ids for o in LLM(EngineConfig().replace(**base), progress=False).generate(prompts, GREEDY)]
+    for tp in (1, 4):
+        llm = LLM(EngineConfig().replace(**base, **{"model.quantization": "fp8", "parallel.tensor": tp}),
+                  progress=False)
+        outs = llm.generate(prompts, GREEDY)
+        assert [o.token_ids for o in outs] == want and sum(o.cached_tokens for o in outs) > 0
+        layers = llm.engine.params["layers"]
+        assert layers["w_up"].dtype == FP8 and layers["attn_norm"].dtype == np.float32
+        if tp == 4:
+            for name in ("wq", "wk", "wo", "w_down"):
+                assert tuple(layers[name + "_block_scale"].sharding.spec) == tuple(layers[name].sharding.spec)
+
+    cfg = _tiny(num_kv_heads=4, head_dim=16)
+    params = {"layers": {"wk": np.zeros((2, 64, 64), FP8), "wk_block_scale": np.ones((2, 1, 1), np.float32)}}
+    with pytest.raises(sharding.ShardingError, match="blocks of wk span two KV heads"):
+        sharding.prepare_for_tensor_parallel(dataclasses.replace(cfg, num_kv_heads=2), params, 4)
+    params = {"layers": {"wq": np.zeros((2, 64, 64), FP8), "wq_block_scale": np.ones((2, 1, 2), np.float32)}}
+    with pytest.raises(sharding.ShardingError, match="wq's 2 FP8 blocks of outputs do not split over parallel.tensor=4"):
+        sharding.param_specs(cfg, params, 4)
+
+
+def test_w8a8_fp8_refuses_expert_layers():
+    cfg = _tiny(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    with pytest.raises(ConfigKeyError, match="w8a8_fp8 does not cover mixture-of-experts layers yet; use fp8"):
+        LLM(EngineConfig().replace(**{"warmup": False, "model.quantization": "w8a8_fp8"}), progress=False,
+            model=(cfg, llama.init_params(cfg, jax.random.key(0)), tokenizer))

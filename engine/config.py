@@ -51,7 +51,9 @@ class ModelSpec:
     # weight; an FP8 checkpoint's weights (DeepSeek-V3/R1, "-FP8" models: a scale per 128 x 128 block) are kept as
     # stored, bit for bit. "w8a8_fp8": the same weights (an FP8 checkpoint's requantized per output feature) and e4m3
     # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300). Not for expert layers.
-    quantization: Literal["none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"] = "none"
+    # "auto": what the checkpoint stores, as vLLM picks it (models.loader.checkpoint_quantization): fp8 for an FP8
+    # checkpoint, mxfp4 for an MXFP4 one (gpt-oss), none otherwise; "none": every weight in model.dtype.
+    quantization: Literal["auto", "none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"] = "auto"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
     # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
@@ -73,7 +75,7 @@ class ModelSpec:
         if not 0 <= self.smoothquant_alpha <= 1:
             raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         _positive("model.quantization_group_size", self.quantization_group_size)
-        if self.quantize_embeddings and self.quantization == "none":
+        if self.quantize_embeddings and self.quantization in ("none", "auto"):
             raise ConfigKeyError("model.quantize_embeddings needs a model.quantization (int8, w8a8, int4, mxfp4, fp8, "
                                  "w8a8_fp8)")
 

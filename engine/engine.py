@@ -46,7 +46,7 @@ from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
 from models import sharding
 from models.weights import cast_params
-from models.loader import load_weights, sampling_defaults, tokenizer_source
+from models.loader import checkpoint_quantization, load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
 from models.tokenizer import Tokenizer
 
@@ -79,6 +79,12 @@ class LLMEngine:
             raise ConfigKeyError(f"parallel.data={config.parallel.data}: one engine is one replica; the offline job "
                                  "(scripts/generate.py) and the server (scripts/serve.py) run one engine process "
                                  "per replica")
+        if config.model.quantization == "auto":  # what the checkpoint stores (weights given as arrays: none)
+            quantization = checkpoint_quantization(config.model.path) if model is None else "none"
+            if quantization != "none":
+                log.info("model.quantization: auto -> %s (the checkpoint's own format; none dequantizes it)",
+                         quantization)
+            config = config.replace(**{"model.quantization": quantization})
         self.config = config
         multihost.initialize(config.parallel)  # before anything touches a device
         setup_compilation_cache(config.compilation_cache_dir)

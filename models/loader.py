@@ -78,6 +78,28 @@ def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none")
     return cfg, params
 
 
+def checkpoint_quantization(path: str) -> str:
+    """The model.quantization that serves a checkpoint's weights as it stores them (what `model.quantization: auto`
+    picks, as vLLM does): "fp8" for an FP8 checkpoint (config.json's quantization_config.quant_method "fp8", or
+    compressed-tensors with 8-bit float weights), "mxfp4" for an MXFP4 one (gpt-oss), "none" for the rest (float
+    weights; GGUF files and Orbax directories, which load dequantized)."""
+    import json
+
+    path = resolve_path(path)
+    if checkpoint_kind(path) != "safetensors":
+        return "none"
+    with open(os.path.join(path, "config.json")) as f:
+        quant = json.load(f).get("quantization_config") or {}
+    method = quant.get("quant_method")
+    if method in ("fp8", "mxfp4"):
+        return method
+    groups = (quant.get("config_groups") or {}).values() if method == "compressed-tensors" else ()
+    if any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
+           for g in groups):
+        return "fp8"
+    return "none"
+
+
 def tokenizer_source(path: str) -> str:
     """Where the tokenizer of a checkpoint lives: the GGUF itself, the HF dir, or `<orbax dir>/tokenizer`."""
     path = resolve_path(path)

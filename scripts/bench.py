@@ -520,7 +520,8 @@ def weight_swap(args) -> None:
         timed("wake_up", engine.wake_up)
         engine.add_request("Hello", probe)
         timed("first request after (4 tokens)", lambda: [engine.step() for _ in iter(engine.has_unfinished, False)])
-    print(f"\nweights of {config.model.path} ({jax.numpy.dtype(engine.dtype).name}, quantization {config.model.quantization}), "
+    print(f"\nweights of {config.model.path} ({jax.numpy.dtype(engine.dtype).name}, quantization "
+          f"{engine.config.model.quantization}), "
           f"median of {args.repeats}:")
     for name, values in times.items():
         print(f"  {name:<34} {statistics.median(values) * 1e3:9.1f} ms")

@@ -15,7 +15,7 @@ from engine.config import ConfigKeyError, EngineConfig
 from engine.llm import LLM
 from models import llama, quant, sharding
 from models.config import LlamaConfig
-from models.loader import load_weights, tokenizer_source
+from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
 from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
 
@@ -141,8 +141,9 @@ def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, 
             tensors[name], tensors[name + "_scale"] = codes, scale.reshape(()) if whole else scale
     directory.mkdir()
     save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(directory / "model.safetensors"))
-    quant_cfg = ({"quant_method": "fp8", "weight_block_size": list(block)} if layout == "block"
-                 else {"quant_method": "compressed-tensors"})
+    quant_cfg = ({"quant_method": "fp8", "weight_block_size": list(block)} if layout == "block" else {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
+            "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}})
     (directory / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -190,22 +191,27 @@ def test_an_fp8_checkpoint_is_kept_as_stored(checkpoints, layout):
     assert quant.quantize_params(kept, "fp8")["layers"].keys() == layers.keys()  # nothing quantized twice
     _, for_w8a8 = load_weights(str(directory), quantization="w8a8_fp8")
     assert (for_w8a8["layers"]["wq"].dtype == FP8) == (layout == "channel")
+    assert checkpoint_quantization(str(directory)) == "fp8"  # what model.quantization: auto serves it with
+    assert checkpoint_quantization(SMOLLM2) == "none"
 
 
 @pytest.mark.slow
 def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(checkpoints):
-    """The engine on an FP8 checkpoint kept as stored (32 x 32 blocks) gives the greedy tokens of the engine on the
-    same checkpoint dequantized at load, with prefix hits; at 4 devices too (block scales split with their weights,
-    the 2 KV heads' blocks repeated to 4). A block size that spans two KV heads, or blocks that do not split over the
-    devices, are refused by name."""
+    """The engine on an FP8 checkpoint kept as stored (32 x 32 blocks; model.quantization auto, the default, picks
+    fp8 for it) gives the greedy tokens of the engine on the same checkpoint dequantized at load (none), with prefix
+    hits; at 4 devices too (block scales split with their weights, the 2 KV heads' blocks repeated to 4). A block
+    size that spans two KV heads, or blocks that do not split over the devices, are refused by name."""
     directory, _ = checkpoints["block"]
     base = {"warmup": False, "model.path": str(directory), "cache.page_size": 8, "cache.num_pages": 96,
             "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
     prompts = _prompts(49152, 3)
-    want = [o.token_ids for o in LLM(EngineConfig().replace(**base), progress=False).generate(prompts, GREEDY)]
-    for tp in (1, 4):
-        llm = LLM(EngineConfig().replace(**base, **{"model.quantization": "fp8", "parallel.tensor": tp}),
+    dequantized = LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}), progress=False)
+    want = [o.token_ids for o in dequantized.generate(prompts, GREEDY)]
+    assert dequantized.engine.params["layers"]["wq"].dtype == np.float32
+    for tp, quantization in ((1, "auto"), (4, "fp8")):
+        llm = LLM(EngineConfig().replace(**base, **{"model.quantization": quantization, "parallel.tensor": tp}),
                   progress=False)
+        assert llm.engine.config.model.quantization == "fp8"
         outs = llm.generate(prompts, GREEDY)
         assert [o.token_ids for o in outs] == want and sum(o.cached_tokens for o in outs) > 0
         layers = llm.engine.params["layers"]

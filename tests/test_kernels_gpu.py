@@ -247,3 +247,36 @@ def test_engine_greedy_outputs_identical_with_pallas_and_xla(arch):
   kernels as with the xla path (full-precision float32 matmuls on both)."""
   outputs = engine_greedy_outputs(("xla", "pallas"), arch=arch)
   assert outputs["xla"] == outputs["pallas"]
+
+
+@pytest.mark.parametrize("tokens", [1, 64, 300])
+def test_fp8_matmuls_on_the_gpu(tokens):
+  """The FP8 weight paths as XLA compiles them on the GPU (models/quant.py): e4m3 weights converted for a bfloat16
+  dot (fp8), e4m3 x e4m3 with a scale per token (w8a8_fp8: FP8 tensor cores, whose sums may be narrower than
+  float32), and 128 x 128 blocks dequantized per layer (an FP8 checkpoint), each against float64 numpy on the same
+  e4m3 values."""
+  import ml_dtypes
+
+  from models import llama, quant
+
+  rng = np.random.default_rng(tokens)
+  h = (rng.standard_normal((tokens, 512)) * rng.uniform(0.1, 4, (tokens, 1))).astype(np.float32)
+  w = rng.standard_normal((1, 512, 384)).astype(np.float32) / 20
+  values, scales = quant.quantize_weight(w, dtype=quant.FP8)
+  hb = np.asarray(jnp.asarray(h, jnp.bfloat16).astype(jnp.float32), np.float64)
+  exact = hb @ (values[0].astype(np.float64) * scales[0])
+  tol = 2e-2 * np.abs(exact).max()
+  w16 = jax.jit(lambda x, v, s: llama.scaled_dot(x, v, s, 0, False))(
+      jnp.asarray(h, jnp.bfloat16), jnp.asarray(values[0]), jnp.asarray(scales[0]))
+  np.testing.assert_allclose(np.asarray(w16, np.float64), exact, atol=tol)
+  w8a8 = jax.jit(lambda x, v, s: llama.scaled_dot(x, v, s, 0, True))(
+      jnp.asarray(h, jnp.bfloat16), jnp.asarray(values[0]), jnp.asarray(scales[0]))
+  hs = np.abs(hb).max(axis=1, keepdims=True) / 448
+  hq = (hb / hs).astype(np.float32).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(w8a8, np.float64), (hq @ values[0].astype(np.float64)) * hs * scales[0],
+                             atol=tol)
+  blocks, block_scales = quant.quantize_weight_fp8_blocks(w, 128)
+  layer = {"w": jnp.asarray(blocks[0]), "w" + quant.BLOCK_SCALE_SUFFIX: jnp.asarray(block_scales[0])}
+  out = jax.jit(lambda x, p: llama.linear(x, p, "w"))(jnp.asarray(h, jnp.bfloat16), layer)
+  want = hb @ quant.dequantize_fp8_blocks(blocks[0], block_scales[0]).astype(np.float64)
+  np.testing.assert_allclose(np.asarray(out, np.float64), want, atol=tol)

@@ -50,7 +50,7 @@ class ModelSpec:
     # "fp8": the projections' weights in e4m3 (OCP FP8) with a float32 scale per output feature (W8A16), a byte a
     # weight; an FP8 checkpoint's weights (DeepSeek-V3/R1, "-FP8" models: a scale per 128 x 128 block) are kept as
     # stored, bit for bit. "w8a8_fp8": the same weights (an FP8 checkpoint's requantized per output feature) and e4m3
-    # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300). Not for expert layers.
+    # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300); expert layers too.
     # "auto": what the checkpoint stores, as vLLM picks it (models.loader.checkpoint_quantization): fp8 for an FP8
     # checkpoint, mxfp4 for an MXFP4 one (gpt-oss), none otherwise; "none": every weight in model.dtype.
     quantization: Literal["auto", "none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"] = "auto"

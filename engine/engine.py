@@ -110,10 +110,10 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The context served, not the checkpoint's: it picks LongRoPE's table (RopeScaling.longrope_factors).
         self.model_cfg = dataclasses.replace(self.model_cfg, max_position=self.max_model_len)
-        if config.model.quantization in W8A8 and model_cfg.num_experts:
-            weights_only = W8A8[config.model.quantization]
-            raise ConfigKeyError(f"model.quantization: {config.model.quantization} does not cover mixture-of-experts "
-                                 f"layers yet; use {weights_only} (W8A16: the experts' weights in {weights_only} too)")
+        if config.model.quantization == "w8a8" and model_cfg.num_experts:
+            raise ConfigKeyError("model.quantization: w8a8 does not cover mixture-of-experts layers yet (SmoothQuant "
+                                 "calibrates dense MLPs); use int8 (W8A16: the experts' weights in int8 too) or "
+                                 "w8a8_fp8")
         if model_cfg.num_experts:
             grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
                                                                 and jax.default_backend() != "cpu")

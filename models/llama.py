@@ -30,7 +30,7 @@ import numpy as np
 import pallas_kernels
 from models.config import LlamaConfig
 from pallas_kernels import kv_quant
-from models import moe
+from models import moe, quant
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
 from models.weights import NORM_KEYS, layer_kind, layers_of
@@ -276,7 +276,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             if experts:
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
-                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped)
+                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations)
                 o = routed if o is None else o + routed
             return o, down_in
 
@@ -389,14 +389,8 @@ def scaled_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, qu
     dims = (((h.ndim - 1,), (w_contract,)), ((), ()))
     if not quantized_activations:
         return jax.lax.dot_general(h, w.astype(h.dtype), dims, preferred_element_type=jnp.float32) * scale
-    fp8 = w.dtype == jnp.float8_e4m3fn
-    top = float(jnp.finfo(w.dtype).max) if fp8 else 127.0
-    h32 = h.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(h32), axis=-1, keepdims=True)
-    h_scale = jnp.where(amax > 0, amax / top, 1.0)
-    hq = jnp.clip(h32 / h_scale, -top, top)
-    hq = hq.astype(w.dtype) if fp8 else jnp.round(hq).astype(jnp.int8)
-    acc = jax.lax.dot_general(hq, w, dims, preferred_element_type=jnp.float32 if fp8 else jnp.int32)
+    hq, h_scale = quant.quantize_activations(h, w.dtype)
+    acc = jax.lax.dot_general(hq, w, dims, preferred_element_type=jnp.int32 if w.dtype == jnp.int8 else jnp.float32)
     return acc.astype(jnp.float32) * h_scale * scale
 
 

@@ -27,6 +27,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from models import quant
 from models.quant import SCALE_SUFFIX, packed_weight
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
@@ -88,22 +89,34 @@ def route(h: jax.Array, p: dict, routing: Routing) -> tuple[jax.Array, jax.Array
     return weights * routing.scaling, experts.astype(jnp.int32)
 
 
-def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s) -> jax.Array:
-    """matmul(x, w) with expert weights `name`. int8 experts (models/quant.py) are converted for the matmul and its
-    float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale; 4-bit experts (int4,
-    mxfp4) are dequantized into x's dtype."""
+def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: Callable = lambda s: s,
+                    quantized_activations: bool = False) -> jax.Array:
+    """matmul(x, w) with expert weights `name`. 8-bit experts (int8, e4m3; models/quant.py) are converted for the
+    matmul and its float32 output scaled by `scales(<name>_scale)`, each output's expert and feature scale; with
+    `quantized_activations` each row of x is quantized to their type instead (a scale per row, W8A8); 4-bit experts
+    (int4, mxfp4) and FP8 blocks are dequantized into x's dtype."""
     w = packed_weight(p, name, x.dtype)
     if w is not None:
         return matmul(x, w)
     if name + SCALE_SUFFIX not in p:
         return matmul(x, p[name])
-    y = matmul(x, p[name].astype(x.dtype), preferred_element_type=jnp.float32)
+    w = p[name]
+    if quantized_activations:
+        xq, x_scale = quant.quantize_activations(x, w.dtype)
+        y = matmul(xq, w, preferred_element_type=jnp.int32 if w.dtype == jnp.int8 else jnp.float32)
+        # a row's scale against the output's rows: [T, 1] -> [T, 1, 1] where the output has an expert axis too
+        y = y.astype(jnp.float32) * x_scale.reshape(x_scale.shape[:1] + (1,) * (y.ndim - x_scale.ndim)
+                                                    + x_scale.shape[1:])
+    else:
+        y = matmul(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
     return (y * scales(p[name + SCALE_SUFFIX])).astype(x.dtype)
 
 
-def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool) -> jax.Array:
-    """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights."""
-    return (grouped_moe if grouped else dense_moe)(h, p, routing, glu)
+def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
+            quantized_activations: bool = False) -> jax.Array:
+    """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
+    (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8)."""
+    return (grouped_moe if grouped else dense_moe)(h, p, routing, glu, quantized_activations)
 
 
 def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
@@ -112,7 +125,7 @@ def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
     return y if bias is None else y + rows(bias).astype(y.dtype)
 
 
-def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
+def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, num_experts, top_k = h.shape[0], p["router"].shape[-1], routing.top_k
     weights, experts = route(h, p, routing)
@@ -128,14 +141,14 @@ def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
         return s[flat[order]]
 
     def project(x, name):
-        return _plus_bias(_experts_matmul(grouped, x, p, name, row_scales), p, name, row_scales)
+        return _plus_bias(_experts_matmul(grouped, x, p, name, row_scales, quantized_activations), p, name, row_scales)
 
     out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
-def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
+def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
     """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
     weights, experts = route(h, p, routing)
     dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
@@ -145,7 +158,9 @@ def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu) -> jax.Array:
     def per_expert(b):  # [E, out] -> [1, E, out]: every token's row of each expert
         return b[None]
 
-    gate, up = (_plus_bias(_experts_matmul(every, h, p, name), p, name, per_expert) for name in ("moe_gate", "moe_up"))
-    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), glu(gate, up), p, "moe_down")
+    gate, up = (_plus_bias(_experts_matmul(every, h, p, name, quantized_activations=quantized_activations), p, name,
+                           per_expert) for name in ("moe_gate", "moe_up"))
+    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), glu(gate, up), p, "moe_down",
+                          quantized_activations=quantized_activations)
     out = _plus_bias(out, p, "moe_down", per_expert)
     return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

@@ -232,6 +232,19 @@ def quantize_weight_fp8_blocks(w, block: int = 128) -> tuple[np.ndarray, np.ndar
     return values, scales
 
 
+def quantize_activations(h: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """Each row of h (the last axis) in 8 bits for a W8A8 matmul against `dtype` weights -> (values, float32 scales
+    [..., 1]): int8, scale max |row| / 127, rounded; e4m3, scale max |row| / 448, to the nearest e4m3. A zero row
+    gets scale 1."""
+    fp8 = jnp.dtype(dtype) == jnp.float8_e4m3fn
+    top = FP8_MAX if fp8 else 127.0
+    h32 = h.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(h32), axis=-1, keepdims=True)
+    scale = jnp.where(amax > 0, amax / top, 1.0)
+    values = jnp.clip(h32 / scale, -top, top)
+    return (values.astype(dtype) if fp8 else jnp.round(values).astype(jnp.int8)), scale
+
+
 def dequantize_fp8_blocks(values, scales, dtype=np.float32):
     """The weights of an FP8 checkpoint kept as stored: e4m3 values [..., in, out] times the scale of their block,
     scales [..., in / block_in, out / block_out] (numpy or jax arrays alike)."""

@@ -105,7 +105,8 @@ def _tiny(**kw) -> LlamaConfig:
 @pytest.mark.parametrize("experts", [0, 4], ids=["dense", "moe"])
 def test_fp8_forward_is_the_dequantized_models(experts):
     """A model with fp8 projections (and experts) computes what the model holding their dequantized values computes,
-    within float32 rounding; with e4m3 activations too (W8A8) it stays near that, and differs from it."""
+    within float32 rounding; with e4m3 activations too (W8A8) it stays near that, and differs from it; the experts'
+    grouped matmuls give what running every expert gives, with e4m3 activations too."""
     moe = {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 32} if experts else {}
     cfg = _tiny(**moe)
     params = jax.device_get(llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
@@ -116,11 +117,14 @@ def test_fp8_forward_is_the_dequantized_models(experts):
     got = np.asarray(llama.forward_dense(jax.device_put(fp8), cfg, ids))
     want = np.asarray(llama.forward_dense(jax.device_put(quant.dequantize_params(fp8)), cfg, ids))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-    if not experts:
-        w8a8 = np.asarray(llama.forward_dense(jax.device_put(fp8), dataclasses.replace(cfg, quantized_activations=True),
-                                              ids))
-        assert not np.array_equal(w8a8, got)
-        assert np.abs(w8a8 - got).max() < 0.15 * np.abs(got).max()  # e4m3's rounding: up to 1/16 each
+    w8a8 = np.asarray(llama.forward_dense(jax.device_put(fp8), dataclasses.replace(cfg, quantized_activations=True),
+                                          ids))
+    assert not np.array_equal(w8a8, got)
+    assert np.abs(w8a8 - got).max() < 0.15 * np.abs(got).max()  # e4m3's rounding: up to 1/16 each
+    if experts:
+        grouped = np.asarray(llama.forward_dense(jax.device_put(fp8), dataclasses.replace(
+            cfg, quantized_activations=True, moe_grouped=True), ids))
+        np.testing.assert_allclose(grouped, w8a8, rtol=1e-4, atol=1e-4 * np.abs(w8a8).max())
 
 
 def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, layout: str, block=(32, 32)) -> dict:
@@ -229,9 +233,24 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
         sharding.param_specs(cfg, params, 4)
 
 
-def test_w8a8_fp8_refuses_expert_layers():
+def test_w8a8_refuses_expert_layers_and_w8a8_fp8_serves_them():
+    """int8 W8A8 needs SmoothQuant, which calibrates dense MLPs: refused on expert layers by name; e4m3 W8A8 needs no
+    smoothing, and an expert model's engine (grouped experts) gives the dense forward's greedy tokens under it."""
     cfg = _tiny(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    with pytest.raises(ConfigKeyError, match="w8a8_fp8 does not cover mixture-of-experts layers yet; use fp8"):
-        LLM(EngineConfig().replace(**{"warmup": False, "model.quantization": "w8a8_fp8"}), progress=False,
-            model=(cfg, llama.init_params(cfg, jax.random.key(0)), tokenizer))
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
+    base = {"warmup": False, "cache.page_size": 8, "cache.num_pages": 64, "model.moe_backend": "grouped"}
+    with pytest.raises(ConfigKeyError, match="w8a8 does not cover mixture-of-experts layers yet"):
+        LLM(EngineConfig().replace(**base, **{"model.quantization": "w8a8"}), progress=False,
+            model=(cfg, params, tokenizer))
+    llm = LLM(EngineConfig().replace(**base, **{"model.quantization": "w8a8_fp8"}), progress=False,
+              model=(cfg, params, tokenizer))
+    assert llm.engine.params["layers"]["moe_up"].dtype == FP8 and llm.engine.model_cfg.quantized_activations
+    prompts = [p[:20] for p in _prompts(cfg.vocab_size, 8)]
+    outs = llm.generate(prompts, GREEDY)
+    served = jax.device_put(quant.quantize_params(params, "fp8"))
+    run_cfg = dataclasses.replace(cfg, quantized_activations=True, moe_grouped=True)
+    for prompt, out in zip(prompts, outs):
+        seq = prompt + out.token_ids
+        logits = np.asarray(llama.forward_dense(served, run_cfg, jnp.asarray(seq, jnp.int32)))
+        assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids

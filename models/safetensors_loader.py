@@ -132,7 +132,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
     from safetensors import SafetensorError, safe_open
 
     cfg = read_hf_config(directory)
-    block = _fp8_block(directory)
+    block, block_scales = _fp8_block(directory)
     _numpy_float8()
     # framework="flax" reads bfloat16 too (numpy has no bfloat16); on the host CPU, so no accelerator memory is used.
     try:
@@ -175,26 +175,28 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
                 if scale is None:
                     raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype} without a {name}_scale_inv or "
                                           f"{name}_scale beside it (an FP8 format this loader does not read)")
-                return dequantize_fp8(arr, get(scale), block if scale.endswith("_inv") else None, name)
+                return dequantize_fp8(arr, get(scale), block if scale.endswith(block_scales) else None, name)
             return arr
 
         names = hf_names(cfg)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
                   and names["moe_down"].format(i=0) + "_blocks" in shard_of)
-        kept = _kept_fp8(cfg, names, shard_of, block, keep_fp8) if keep_fp8 else {}
+        kept = _kept_fp8(cfg, names, shard_of, block, block_scales, keep_fp8) if keep_fp8 else {}
         params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS if packed else ()) | frozenset(kept))
         if packed:
             params["layers"].update(_mxfp4_experts(cfg, names, get))
-        for key, layout in kept.items():
-            params["layers"].update(_fp8_weights(cfg, key, names[key], block if layout == "block" else None, stored))
+        for key, (layout, suffix) in kept.items():
+            params["layers"].update(_fp8_weights(cfg, key, names[key], block if layout == "block" else None, suffix,
+                                                 stored))
         return cfg, params
 
 
 def _kept_fp8(cfg: LlamaConfig, names: Mapping[str, str], shard_of: Mapping[str, tuple], block: tuple[int, int],
-              keep: tuple[str, ...]) -> dict[str, str]:
-    """The projections an FP8 checkpoint stores in e4m3 that can be kept so -> their layout, "block" (a scale per
-    block of `block` weights, both dims whole blocks) or "channel" (compressed-tensors' scale per output row, or one
-    for the tensor), where it is in `keep`. Not wkv_a (its RoPE rows move across blocks, `mla_rope_rows`), nor a query
+              block_scales: tuple[str, ...], keep: tuple[str, ...]) -> dict[str, tuple[str, str]]:
+    """The projections an FP8 checkpoint stores in e4m3 that can be kept so -> (their layout, their scales' suffix):
+    "block" (a scale per block of `block` weights, both dims whole blocks; scales named with a suffix in
+    `block_scales`) or "channel" (compressed-tensors' scale per output row, or one for the tensor), where the layout
+    is in `keep`. Not wkv_a (its RoPE rows move across blocks, `mla_rope_rows`), nor a query
     projection whose heads' RoPE rows straddle two blocks; those are dequantized."""
     rows, cols = block
     kept = {}
@@ -204,23 +206,25 @@ def _kept_fp8(cfg: LlamaConfig, names: Mapping[str, str], shard_of: Mapping[str,
         first = names[key].format(i=layers_of(cfg, key)[0], e=0)
         if first not in shard_of or shard_of[first][1].get_slice(first).get_dtype() != "F8_E4M3":
             continue
-        if first + "_scale_inv" in shard_of:
+        suffix = next((s for s in ("_scale_inv", "_scale") if first + s in shard_of), None)
+        if suffix in block_scales:
             out, fan_in = shard_of[first][1].get_slice(first).get_shape()[-2:]
             whole = out % rows == 0 and fan_in % cols == 0 and (not cfg.mla or key not in ("wq", "wq_b") or all(
                 start // rows == (start + cfg.qk_rope_head_dim - 1) // rows
                 for start in range(cfg.qk_nope_head_dim, out, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)))
             layout = "block" if whole else None
         else:
-            layout = "channel" if first + "_scale" in shard_of else None
+            layout = "channel" if suffix else None
         if layout in keep:
-            kept[key] = layout
+            kept[key] = (layout, suffix)
     return kept
 
 
-def _fp8_weights(cfg: LlamaConfig, key: str, name: str, block: tuple[int, int] | None, stored) -> dict[str, np.ndarray]:
-    """Projection `key` kept in e4m3 as the checkpoint stores it, stacked over its layers in quant's layout: values
-    [L, (E,) in, out] with `<key>_block_scale` [L, (E,) in / cols, out / rows] (`block` (rows, cols)) or `<key>_scale`
-    [L, (E,) out]. `stored(name)` reads a tensor as stored."""
+def _fp8_weights(cfg: LlamaConfig, key: str, name: str, block: tuple[int, int] | None, scale_suffix: str,
+                 stored) -> dict[str, np.ndarray]:
+    """Projection `key` kept in e4m3 as the checkpoint stores it (its scales in `<tensor><scale_suffix>`), stacked
+    over its layers in quant's layout: values [L, (E,) in, out] with `<key>_block_scale` [L, (E,) in / cols, out /
+    rows] (`block` (rows, cols)) or `<key>_scale` [L, (E,) out]. `stored(name)` reads a tensor as stored."""
     out: dict[str, np.ndarray] = {}
     suffix = BLOCK_SCALE_SUFFIX if block is not None else SCALE_SUFFIX
 
@@ -230,7 +234,7 @@ def _fp8_weights(cfg: LlamaConfig, key: str, name: str, block: tuple[int, int] |
             raise CheckpointError(f"tensor {tensor!r} is {w.dtype}, where the first layer's is e4m3: a checkpoint with "
                                   "FP8 and float layers in one projection is not read as FP8 (model.quantization: none "
                                   "dequantizes it)")
-        scale = _fp8_scale(w, stored(tensor + ("_scale_inv" if block is not None else "_scale")), block, tensor)
+        scale = _fp8_scale(w, stored(tensor + scale_suffix), block, tensor)
         if cfg.mla and key in ("wq", "wq_b"):  # RoPE rows reordered within their blocks (`_kept_fp8`)
             w = mla_rope_rows(cfg, key, w)
         return w.T, scale.T if block is not None else scale
@@ -321,9 +325,11 @@ def _numpy_float8() -> None:
 QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")  # a checkpoint's quantization_config.quant_method we read
 
 
-def _fp8_block(directory: str) -> tuple[int, int]:
-    """The [rows, cols] of weight the FP8 block scales cover: config.json's quantization_config.weight_block_size
-    (transformers' "fp8" method, DeepSeek-V3's layout), 128 x 128 where it says none. A quantization method the loader
+def _fp8_block(directory: str) -> tuple[tuple[int, int], tuple[str, ...]]:
+    """The [rows, cols] of weight the FP8 block scales cover, and the suffixes of the scale tensors that hold a scale
+    per block: config.json's quantization_config.weight_block_size (transformers' "fp8" method, DeepSeek-V3's layout:
+    `<weight>_scale_inv`), or compressed-tensors' `block_structure` for its "block" strategy (`<weight>_scale`, which
+    otherwise holds a scale per row or one per tensor); 128 x 128 where it says none. A quantization method the loader
     does not read is a CheckpointError naming it."""
     path = os.path.join(directory, "config.json")
     with open(path) as f:
@@ -331,8 +337,10 @@ def _fp8_block(directory: str) -> tuple[int, int]:
     if quant and quant.get("quant_method") not in QUANT_METHODS:
         raise CheckpointError(f"{path}: quantization_config.quant_method={quant.get('quant_method')!r} is not supported "
                               f"({', '.join(QUANT_METHODS)}; the FP8 ones dequantized at load)")
-    rows, cols = quant.get("weight_block_size") or (128, 128)
-    return int(rows), int(cols)
+    weights = [(g.get("weights") or {}) for g in (quant.get("config_groups") or {}).values()]
+    blocked = next((w for w in weights if w.get("strategy") == "block"), None)
+    rows, cols = quant.get("weight_block_size") or (blocked or {}).get("block_structure") or (128, 128)
+    return (int(rows), int(cols)), ("_scale_inv", "_scale") if blocked else ("_scale_inv",)
 
 
 def _fp8_scale(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, name: str) -> np.ndarray:
@@ -343,7 +351,7 @@ def _fp8_scale(w: np.ndarray, scale: np.ndarray, block: tuple[int, int] | None, 
         rows, cols = block
         want = (-(-w.shape[0] // rows), -(-w.shape[1] // cols))
         if scale.shape != want:
-            raise CheckpointError(f"{name}_scale_inv has shape {scale.shape}; {name} {w.shape} in blocks of "
+            raise CheckpointError(f"{name}'s block scales have shape {scale.shape}; {name} {w.shape} in blocks of "
                                   f"{rows} x {cols} needs {want}")
         return scale
     if scale.size not in (1, w.shape[0]):

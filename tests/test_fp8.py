@@ -129,25 +129,27 @@ def test_fp8_forward_is_the_dequantized_models(experts):
 
 def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, layout: str, block=(32, 32)) -> dict:
     """An HF checkpoint of `params` with every projection in e4m3: "block" (DeepSeek-V3's `weight_scale_inv` per
-    block, quantization_config.weight_block_size) or "channel" (compressed-tensors' `weight_scale` per row, but one
-    for the whole tensor in layer 1's q_proj). Returns the stored tensors."""
+    block, quantization_config.weight_block_size), "ct_block" (compressed-tensors' "block" strategy: `weight_scale`
+    per block of its block_structure) or "channel" (compressed-tensors' `weight_scale` per row, but one for the whole
+    tensor in layer 1's q_proj). Returns the stored tensors."""
     from safetensors.flax import save_file  # numpy's writer has no float8
 
     tensors = {}
     for name, w in _state_dict(cfg, params).items():
         if not name.endswith("proj.weight"):
             tensors[name] = np.asarray(w, np.float32)
-        elif layout == "block":
-            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(w, *block)
+        elif layout.endswith("block"):
+            tensors[name], tensors[name + ("_scale_inv" if layout == "block" else "_scale")] = fp8_blocks(w, *block)
         else:
             whole = name == "model.layers.1.self_attn.q_proj.weight"
             codes, scale = fp8_blocks(w, *((w.shape[0], w.shape[1]) if whole else (1, w.shape[1])))
             tensors[name], tensors[name + "_scale"] = codes, scale.reshape(()) if whole else scale
     directory.mkdir()
     save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    strategy = {"strategy": "block", "block_structure": list(block)} if layout == "ct_block" else {"strategy": "channel"}
     quant_cfg = ({"quant_method": "fp8", "weight_block_size": list(block)} if layout == "block" else {
         "quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"group_0": {
-            "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", "strategy": "channel"}}}})
+            "targets": ["Linear"], "weights": {"num_bits": 8, "type": "float", **strategy}}}})
     (directory / "config.json").write_text(json.dumps({
         "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
@@ -161,16 +163,17 @@ def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """Two FP8 checkpoints of one random Llama over SmolLM2's vocabulary (32 x 32 blocks; a scale per row)."""
+    """FP8 checkpoints of one random Llama over SmolLM2's vocabulary (32 x 32 blocks in either format; a scale per
+    row)."""
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     cfg = _tiny(vocab_size=tokenizer.vocab_size, tie_word_embeddings=False)
     params = jax.device_get(llama.init_params(cfg, jax.random.key(5), scale=0.5))
     root = tmp_path_factory.mktemp("fp8")
     return {layout: (root / layout, _write_fp8_checkpoint(root / layout, cfg, params, tokenizer, layout))
-            for layout in ("block", "channel")}
+            for layout in ("block", "ct_block", "channel")}
 
 
-@pytest.mark.parametrize("layout", ["block", "channel"])
+@pytest.mark.parametrize("layout", ["block", "ct_block", "channel"])
 def test_an_fp8_checkpoint_is_kept_as_stored(checkpoints, layout):
     """model.quantization: fp8 keeps an FP8 checkpoint's e4m3 weights bit for bit, each with its scales (a block's:
     `<name>_block_scale`; a row's, or the tensor's repeated: `<name>_scale`), and they stand for exactly the weights
@@ -178,16 +181,17 @@ def test_an_fp8_checkpoint_is_kept_as_stored(checkpoints, layout):
     directory, stored = checkpoints[layout]
     cfg, kept = load_weights(str(directory), quantization="fp8")
     _, dequantized = load_weights(str(directory))
-    layers, suffix = kept["layers"], "_block_scale" if layout == "block" else "_scale"
+    blocks = layout.endswith("block")
+    layers, suffix = kept["layers"], "_block_scale" if blocks else "_scale"
     for key, module in (("wq", "self_attn.q_proj"), ("wk", "self_attn.k_proj"), ("w_down", "mlp.down_proj")):
         assert layers[key].dtype == FP8 and layers[key + suffix].dtype == np.float32
         for i in range(cfg.num_layers):
             name = f"model.layers.{i}.{module}.weight"
             np.testing.assert_array_equal(layers[key][i].view(np.uint8), stored[name].T.view(np.uint8))
             scale = stored[name + ("_scale_inv" if layout == "block" else "_scale")]
-            want = scale.T if layout == "block" else np.broadcast_to(scale.reshape(-1), (stored[name].shape[0],))
+            want = scale.T if blocks else np.broadcast_to(scale.reshape(-1), (stored[name].shape[0],))
             np.testing.assert_array_equal(layers[key + suffix][i], want)
-    if layout == "block":
+    if blocks:
         assert layers["wq_block_scale"].shape == (2, 64 // 32, 128 // 32)
     back = quant.dequantize_params(kept)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(back)[0], jax.tree.leaves(dequantized)):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import pallas_kernels
-from pallas_kernels import kv_quant
+from pallas_kernels import fp8_matmul, kv_quant
 from engine import multihost, structured
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
@@ -44,7 +44,7 @@ from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
-from models import sharding
+from models import quant, sharding
 from models.weights import cast_params
 from models.loader import checkpoint_quantization, load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
@@ -138,6 +138,12 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
+        # An FP8 checkpoint's block-scaled weights: read by the Pallas kernel where attention runs Pallas, on one device
+        # (XLA would replicate a pallas_call's sharded operands) that converts e4m3 (pallas_kernels/fp8_matmul.py)
+        if backend.startswith("pallas") and tp == 1 and any(
+                k.endswith(quant.BLOCK_SCALE_SUFFIX) for k in self.params["layers"]) and (
+                backend == "pallas_interpret" or fp8_matmul.supported(jax.devices()[0])):
+            self.model_cfg = dataclasses.replace(self.model_cfg, fp8_kernel=backend)
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,

@@ -29,7 +29,7 @@ import numpy as np
 
 import pallas_kernels
 from models.config import LlamaConfig
-from pallas_kernels import kv_quant
+from pallas_kernels import fp8_matmul, kv_quant
 from models import moe, quant
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
@@ -263,7 +263,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, table, lo, is_moe, place = xs
 
         def proj(h, name, w=p):
-            y = linear(h, w, name, cfg.quantized_activations)
+            y = linear(h, w, name, cfg.quantized_activations, cfg.fp8_kernel)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         def mlp(h, w, experts: bool):
@@ -368,11 +368,19 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
 
 
-def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False) -> jax.Array:
+def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False,
+           fp8_kernel: str = "none") -> jax.Array:
     """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, 8-bit ones (int8 or
     e4m3 with a float32 scale per output feature), 4-bit ones (int4: a float16 scale and offset per group of inputs;
     mxfp4: e2m1 codes and a power of two per group) or an FP8 checkpoint's blocks (the last two dequantized into h's
-    dtype for the matmul); models/quant.py has the formats."""
+    dtype for the matmul; the blocks read by the Pallas kernel instead with `fp8_kernel` "pallas" or
+    "pallas_interpret", LlamaConfig.fp8_kernel); models/quant.py has the formats."""
+    if (fp8_kernel != "none" and name + quant.BLOCK_SCALE_SUFFIX in p
+            and fp8_matmul.tileable(p[name].shape, p[name + quant.BLOCK_SCALE_SUFFIX].shape)):
+        rows = h.reshape(-1, h.shape[-1])
+        out = fp8_matmul.block_fp8_matmul(rows, p[name], p[name + quant.BLOCK_SCALE_SUFFIX],
+                                          interpret=fp8_kernel == "pallas_interpret")
+        return out.reshape(*h.shape[:-1], out.shape[-1])
     w = packed_weight(p, name, h.dtype)
     if w is not None:
         return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)

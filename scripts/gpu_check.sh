@@ -6,7 +6,8 @@
 #      one decode row over DeepSeek-V3's latent cache (16 q heads on one kv head of a 64-wide key and 512-wide latent);
 #   3. one mixture-of-experts layer, grouped vs dense experts (scripts/moe_bench.py: model.moe_backend's choice);
 #   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4/mxfp4/
-#      fp8 dequantization into the GEMM, what 4 and 8 bits buy at decode batches, what FP8 and int8 activations buy);
+#      fp8 dequantization into the GEMM, what 4 and 8 bits buy at decode batches, what FP8 and int8 activations buy,
+#      FP8 blocks dequantized by XLA against the Pallas kernel that reads them, pallas_kernels/fp8_matmul.py);
 #   5. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
@@ -43,7 +44,7 @@ step "kernel benchmark (GPU)" 150 \
     --num-layers 2
 step "mixture-of-experts layer, grouped vs dense (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/moe_bench.py --tokens 1 64 2048 --reps 5
-step "projection matmuls by weight format: none, int8, w8a8, int4, mxfp4, fp8, w8a8_fp8, fp8 blocks (GPU)" 75 \
+step "projection matmuls by weight format: none, int8, w8a8, int4, mxfp4, fp8, w8a8_fp8, fp8 blocks (XLA, kernel) (GPU)" 85 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/matmul_bench.py --reps 5
 step "launch-config sweep (GPU)" 30 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "${PY}" scripts/kernel_bench.py \

@@ -10,7 +10,8 @@ intermediate 14336 -> 4096). Formats: `none` (model dtype), `int8` (a float32 sc
 float16 scale and offset per group of 32 or 128 inputs, W4A16), `mxfp4` (e2m1 codes, a power of two per 32 inputs; a
 table lookup where int4 has a multiply-add), `fp8` (e4m3 weights, a scale per output feature, W8A16), `w8a8_fp8`
 (e4m3 activations too: an e4m3 x e4m3 dot, the FP8 tensor cores on Hopper and MI300), `fp8/128` (e4m3 with a scale
-per 128 x 128 block, as an FP8 checkpoint such as DeepSeek-V3's is served; W8A16). Each row: median time
+per 128 x 128 block, as an FP8 checkpoint such as DeepSeek-V3's is served; W8A16, dequantized by XLA) and
+`fp8/128+k` (the same weights read by the Pallas kernel, pallas_kernels/fp8_matmul.py). Each row: median time
 per layer, the weight bytes it read per second (the format's own bytes, scales included) and that as a fraction of
 the device-to-device copy bandwidth measured at start-up, the speed-up over `none`, XLA's temporary buffer size for
 the whole program (a converted layer's weight materialized before its matmul shows here as about its bf16 size:
@@ -31,12 +32,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import llama, quant, sharding  # noqa: E402
+from pallas_kernels import fp8_matmul  # noqa: E402
 from scripts.kernel_bench import measure_ceilings, time_fn  # noqa: E402
 
-# (quantize_params' method, group size, activations quantized); fp8/128: blocks of 128 x 128 (`quant_blocks`)
-FORMATS = {"none": None, "int8": ("int8", 1, False), "w8a8": ("int8", 1, True), "int4/32": ("int4", 32, False),
-           "int4/128": ("int4", 128, False), "mxfp4": ("mxfp4", 32, False), "fp8": ("fp8", 1, False),
-           "w8a8_fp8": ("fp8", 1, True), "fp8/128": ("fp8_blocks", 128, False)}
+# (quantize_params' method, group size, activations quantized, FP8 block kernel); fp8/128: blocks of 128 x 128
+# (`quant_blocks`), dequantized by XLA or read by pallas_kernels/fp8_matmul.py ("pallas" on a GPU that converts e4m3,
+# "pallas_interpret" with --quick)
+FORMATS = {"none": None, "int8": ("int8", 1, False, "none"), "w8a8": ("int8", 1, True, "none"),
+           "int4/32": ("int4", 32, False, "none"), "int4/128": ("int4", 128, False, "none"),
+           "mxfp4": ("mxfp4", 32, False, "none"), "fp8": ("fp8", 1, False, "none"),
+           "w8a8_fp8": ("fp8", 1, True, "none"), "fp8/128": ("fp8_blocks", 128, False, "none"),
+           "fp8/128+k": ("fp8_blocks", 128, False, "pallas")}
 
 
 def quant_blocks(weights: dict, method: str, group: int) -> dict:
@@ -49,11 +55,12 @@ def quant_blocks(weights: dict, method: str, group: int) -> dict:
     return out
 
 
-def stacked_mlp(params: dict, x: jax.Array, quantized_activations: bool = False) -> jax.Array:
+def stacked_mlp(params: dict, x: jax.Array, quantized_activations: bool = False,
+                fp8_kernel: str = "none") -> jax.Array:
     """x [N, H] through every layer's w_up then w_down (no activation: the matmuls alone), one layer per scan step."""
     def layer(x, p):
-        up = llama.linear(x, p, "w_up", quantized_activations)
-        return llama.linear(up, p, "w_down", quantized_activations), None
+        up = llama.linear(x, p, "w_up", quantized_activations, fp8_kernel)
+        return llama.linear(up, p, "w_down", quantized_activations, fp8_kernel), None
 
     return jax.lax.scan(layer, x, params)[0]
 
@@ -79,9 +86,13 @@ def main(argv=None) -> list[dict]:
           f"{jnp.dtype(dtype).name}, median of {args.reps}; copy ceiling {copy_bw / 1e9:.0f} GB/s")
     print(f"{'tokens':>7} {'format':>9} {'ms/layer':>9} {'GB/s':>8} {'of copy':>8} {'vs none':>8} {'temp MiB':>9} "
           f"{'rel diff':>9}")
-    rows, jitted = [], jax.jit(stacked_mlp, static_argnums=2)
+    rows, jitted = [], jax.jit(stacked_mlp, static_argnums=(2, 3))
+    kernel = "pallas_interpret" if args.quick else "pallas" if fp8_matmul.supported(jax.devices()[0]) else None
     formats, references = {}, {}  # the arrays of each format; the float weights they stand for (on the device)
     for name, method in FORMATS.items():
+        if method and method[3] != "none" and kernel is None:
+            print(f"{name}: skipped ({jax.devices()[0].device_kind} cannot convert e4m3 in Triton)")
+            continue
         if method is None:
             formats[name] = references[name] = {k: jnp.asarray(w, dtype) for k, w in weights.items()}
             continue
@@ -92,14 +103,15 @@ def main(argv=None) -> list[dict]:
         base_s = None
         for name, params in formats.items():
             activations = bool(FORMATS[name] and FORMATS[name][2])
+            fp8_kernel = kernel if FORMATS[name] and FORMATS[name][3] != "none" else "none"
 
-            def fn(p, x, activations=activations):
-                return jitted(p, x, activations)
+            def fn(p, x, activations=activations, fp8_kernel=fp8_kernel):
+                return jitted(p, x, activations, fp8_kernel)
 
             seconds = time_fn(fn, params, x, reps=args.reps) / n
             base_s = base_s or seconds
             nbytes = sum(sharding.array_bytes(a) for a in jax.tree.leaves(params)) / n
-            temp = jitted.lower(params, x, activations).compile().memory_analysis()
+            temp = jitted.lower(params, x, activations, fp8_kernel).compile().memory_analysis()
             temp_mib = temp.temp_size_in_bytes / 2**20 if temp is not None else float("nan")
             want = np.asarray(jitted(references[name], x, False), np.float32)
             diff = float(np.max(np.abs(np.asarray(fn(params, x), np.float32) - want)) / max(np.abs(want).max(), 1e-30))

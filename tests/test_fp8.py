@@ -96,6 +96,34 @@ def test_fp8_dots_are_e4m3_arithmetic():
     np.testing.assert_allclose(transposed, got, rtol=1e-6, atol=1e-6 * np.abs(want).max())  # float32 sums' order
 
 
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_block_fp8_matmul_kernel_matches_float64(dtype):
+    """pallas_kernels/fp8_matmul.block_fp8_matmul (interpret mode) against float64 numpy on the same e4m3 values and
+    block scales, and against XLA's path, on fresh random input: 1 to 130 rows (one to three row tiles, padding rows),
+    square and oblong blocks of 32 to 128, every block its own magnitude; float32 within 1e-5 of the largest output,
+    bfloat16 within 2e-2. Blocks the tiles cannot hold are refused by name."""
+    from pallas_kernels import fp8_matmul
+
+    rng = _rng()
+    for m, (k, n), (bk, bn) in [(1, (256, 384), (128, 128)), (7, (384, 256), (128, 128)), (16, (128, 256), (32, 64)),
+                                (40, (256, 128), (128, 128)), (130, (128, 128), (64, 32))]:
+        w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 4, (n // bn, 1, k // bk, 1))).repeat(bn, 0).reshape(
+            n, k // bk, 1).repeat(bk, 2).reshape(n, k)
+        codes, scale = fp8_blocks(w.astype(np.float32), bn, bk)  # [out, in] as a checkpoint stores it
+        values, scales = codes.T.copy(), scale.T.copy()  # [in, out], [in / bk, out / bn]: as the engine keeps it
+        x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+        got = np.asarray(fp8_matmul.block_fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), interpret=True),
+                         np.float64)
+        exact = np.asarray(x, np.float64) @ (values.astype(np.float64) * np.repeat(np.repeat(scales, bk, 0), bn, 1))
+        tol = (1e-5 if dtype == np.float32 else 2e-2) * np.abs(exact).max()
+        assert got.shape == (m, n)
+        np.testing.assert_allclose(got, exact, atol=tol, err_msg=f"{m} x {k} @ {k} x {n} in {bk} x {bn} blocks")
+        xla = np.asarray(fp8_matmul.block_fp8_matmul_reference(x, jnp.asarray(values), jnp.asarray(scales)), np.float64)
+        np.testing.assert_allclose(got, xla, atol=tol)
+    with pytest.raises(ValueError, match="powers of two >= 16"):
+        fp8_matmul.block_fp8_matmul(jnp.zeros((2, 64)), jnp.zeros((64, 64), FP8), jnp.ones((8, 1)), interpret=True)
+
+
 def _tiny(**kw) -> LlamaConfig:
     return LlamaConfig(**{"architecture": "llama", "vocab_size": 300, "hidden_size": 64, "intermediate_size": 128,
                           "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 32, "max_position": 512,
@@ -207,7 +235,8 @@ def test_an_fp8_checkpoint_is_kept_as_stored(checkpoints, layout):
 def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(checkpoints):
     """The engine on an FP8 checkpoint kept as stored (32 x 32 blocks; model.quantization auto, the default, picks
     fp8 for it) gives the greedy tokens of the engine on the same checkpoint dequantized at load (none), with prefix
-    hits; at 4 devices too (block scales split with their weights, the 2 KV heads' blocks repeated to 4). A block
+    hits; at 4 devices too (block scales split with their weights, the 2 KV heads' blocks repeated to 4), and with the
+    Pallas FP8 matmul kernel (interpret mode). A block
     size that spans two KV heads, or blocks that do not split over the devices, are refused by name."""
     directory, _ = checkpoints["block"]
     base = {"warmup": False, "model.path": str(directory), "cache.page_size": 8, "cache.num_pages": 96,
@@ -227,6 +256,10 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
         if tp == 4:
             for name in ("wq", "wk", "wo", "w_down"):
                 assert tuple(layers[name + "_block_scale"].sharding.spec) == tuple(layers[name].sharding.spec)
+    # the Pallas kernel reading the e4m3 tiles (pallas_interpret here: attention and the FP8 matmuls alike)
+    llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret"}), progress=False)
+    assert llm.engine.model_cfg.fp8_kernel == "pallas_interpret"
+    assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY)] == want[:2]
 
     cfg = _tiny(num_kv_heads=4, head_dim=16)
     params = {"layers": {"wk": np.zeros((2, 64, 64), FP8), "wk_block_scale": np.ones((2, 1, 1), np.float32)}}

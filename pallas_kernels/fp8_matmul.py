@@ -1,0 +1,104 @@
+"""Pallas (Triton backend) matmul against FP8 block-scaled weights: x [M, K] @ W [K, N] where W is stored as e4m3
+values with a float32 scale per block of `block` x `block` weights (an FP8 checkpoint's layout as
+`model.quantization: fp8` keeps it: DeepSeek-V3/R1, the "-FP8" models; models/quant.py).
+
+Why a kernel: XLA's reference path (`block_fp8_matmul_reference`) dequantizes a layer's weight into the activations'
+dtype and then runs a GEMM; unless XLA fuses that into the GEMM it writes and reads two bytes a weight beside the
+one it stores, which at decode (M small, the weights' bytes are the time) costs up to 5x the bytes of the e4m3 read
+alone. Here the weight never leaves its e4m3 byte in memory: each program converts its tiles on the fly.
+
+Grid (cdiv(M, bm), N / bn): program (i, j) owns output rows [i bm, (i + 1) bm) and columns [j bn, (j + 1) bn), with
+bn = the weight block's width, so one block scale covers each weight tile it reads. It walks K one weight block at a
+time (a `fori_loop` over K / block steps): the [bm, block] activation tile and the [block, bn] e4m3 tile, the latter
+converted to the activations' dtype, one tensor-core dot into a float32 [bm, bn] accumulator, times that block's
+scale. bm follows M (16 for decode batches up to 16, up to 64 for prefill chunks) so a decode step does not compute
+64 rows of padding. Rows past M are zero padding (the wrapper pads, then drops them).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+
+def block_fp8_matmul_reference(x: jax.Array, values: jax.Array, scales: jax.Array) -> jax.Array:
+  """x [M, K] @ (values [K, N] e4m3 times the scale of their block, scales [K / bk, N / bn]) -> [M, N] in x's dtype,
+  float32 sums: the weight dequantized into x's dtype first (XLA's path)."""
+  from models import quant
+
+  w = quant.dequantize_fp8_blocks(values, scales, x.dtype)
+  return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+def _fp8_matmul_kernel(x_ref, w_ref, s_ref, o_ref, *, block_k: int):
+  # x_ref [bm, K] (this program's rows), w_ref [K, bn] e4m3 (its columns), s_ref [K / block_k] (their blocks'
+  # scales), o_ref [bm, bn].
+  num_k = x_ref.shape[1] // block_k
+
+  def body(kb, acc):
+    x = x_ref[:, pl.ds(kb * block_k, block_k)]
+    w = w_ref[pl.ds(kb * block_k, block_k), :].astype(x.dtype)
+    return acc + jnp.dot(x, w, preferred_element_type=jnp.float32) * s_ref[kb]
+
+  acc = lax.fori_loop(0, num_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+  o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def supported(device: jax.Device) -> bool:
+  """Whether the compiled kernel runs on `device`: Triton converts e4m3 on NVIDIA from compute capability 8.9 (Ada,
+  Hopper; an A100's sm80 fails to compile it) and on AMD's MI300 series (CDNA3)."""
+  capability = getattr(device, "compute_capability", None)
+  if capability:
+    return tuple(int(part) for part in str(capability).split(".")[:2]) >= (8, 9)
+  return "MI3" in device.device_kind
+
+
+def tileable(values_shape: tuple[int, ...], scales_shape: tuple[int, ...]) -> bool:
+  """Whether weights [K, N] with block scales [K / bk, N / bn] suit the kernel: blocks that tile both dims, powers of
+  two >= 16 wide (its tiles)."""
+  (k, n), (kb, nb) = values_shape[-2:], scales_shape[-2:]
+  return all(size % blocks == 0 and size // blocks >= 16 and not (size // blocks) & (size // blocks - 1)
+             for size, blocks in ((k, kb), (n, nb)))
+
+
+def row_block(m: int) -> int:
+  """Rows per program for M rows: the smallest power of two >= M, at least 16 (the tensor cores' smallest tile) and
+  at most 64."""
+  return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages"))
+def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, interpret: bool = False,
+                     num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
+  """x [M, K] (bfloat16 or float32) @ FP8 block-scaled weights -> [M, N] in x's dtype; the same contract as
+  `block_fp8_matmul_reference`. The weight blocks must tile K and N (an FP8 checkpoint's kept weights do:
+  `safetensors_loader._kept_fp8`) and be powers of two >= 16 wide. num_warps: 8 for 64-row tiles (4 spend ~166
+  registers a thread on sm90 and ~216 VGPRs on gfx942; 8 halve that), 4 below; 2 stages of K tiles in flight (at 64
+  rows 80 KB of shared memory on sm90 and 32 KB of an MI300's 64 KB LDS, which 3 stages would fill;
+  scripts/kernel_compile_check.py)."""
+  (m, k), (k_w, n) = x.shape, values.shape
+  if k_w != k or not tileable(values.shape, scales.shape):
+    raise ValueError(f"x {x.shape} @ weights {values.shape} with block scales {scales.shape}: the blocks must tile "
+                     "both dims in powers of two >= 16")
+  block_k, block_n = k // scales.shape[0], n // scales.shape[1]
+  bm = row_block(m)
+  num_warps = num_warps or (8 if bm >= 64 else 4)
+  padded = -(-m // bm) * bm
+  x = jnp.pad(x, ((0, padded - m), (0, 0)))
+  out = pl.pallas_call(
+      functools.partial(_fp8_matmul_kernel, block_k=block_k),
+      grid=(padded // bm, n // block_n),
+      in_specs=[pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
+                pl.BlockSpec((scales.shape[0], None), lambda i, j: (0, j))],
+      out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((padded, n), x.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="block_fp8_matmul",
+  )(x, values, scales.astype(jnp.float32))
+  return out[:m]

@@ -138,9 +138,9 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
-        # An FP8 checkpoint's block-scaled weights: read by the Pallas kernel where attention runs Pallas, on one device
-        # (XLA would replicate a pallas_call's sharded operands) that converts e4m3 (pallas_kernels/fp8_matmul.py)
-        if backend.startswith("pallas") and tp == 1 and any(
+        # An FP8 checkpoint's block-scaled weights: read by the Pallas kernel where attention runs Pallas, on devices
+        # that convert e4m3 (pallas_kernels/fp8_matmul.py; per device under tensor parallelism)
+        if backend.startswith("pallas") and any(
                 k.endswith(quant.BLOCK_SCALE_SUFFIX) for k in self.params["layers"]) and (
                 backend == "pallas_interpret" or fp8_matmul.supported(jax.devices()[0])):
             self.model_cfg = dataclasses.replace(self.model_cfg, fp8_kernel=backend)

@@ -111,7 +111,7 @@ class LlamaConfig:
     moe_grouped: bool = False
     # How to run an FP8 checkpoint's block-scaled projections, not a checkpoint's: "none" (XLA dequantizes a layer's
     # weight for its GEMM), "pallas" / "pallas_interpret" (pallas_kernels/fp8_matmul.py reads the e4m3 tiles), set
-    # by the engine from its attention backend on one device.
+    # by the engine from its attention backend.
     fp8_kernel: str = "none"
 
     def __post_init__(self):

@@ -229,10 +229,11 @@ def gated_activation(cfg: LlamaConfig) -> moe.Glu:
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
-             stats: bool = False) -> tuple[jax.Array, Any]:
+             stats: bool = False, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
-    with `adapter_ids` [T] adds each token's adapter to the projections it adapts."""
+    with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
+    mesh the weights are split over (the Pallas FP8 matmuls run per device)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -263,7 +264,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, table, lo, is_moe, place = xs
 
         def proj(h, name, w=p):
-            y = linear(h, w, name, cfg.quantized_activations, cfg.fp8_kernel)
+            y = linear(h, w, name, cfg.quantized_activations, cfg.fp8_kernel, mesh)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         def mlp(h, w, experts: bool):
@@ -368,25 +369,55 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
 
 
-def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False,
-           fp8_kernel: str = "none") -> jax.Array:
+def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False, fp8_kernel: str = "none",
+           mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, 8-bit ones (int8 or
     e4m3 with a float32 scale per output feature), 4-bit ones (int4: a float16 scale and offset per group of inputs;
     mxfp4: e2m1 codes and a power of two per group) or an FP8 checkpoint's blocks (the last two dequantized into h's
     dtype for the matmul; the blocks read by the Pallas kernel instead with `fp8_kernel` "pallas" or
-    "pallas_interpret", LlamaConfig.fp8_kernel); models/quant.py has the formats."""
+    "pallas_interpret", LlamaConfig.fp8_kernel, per device of a tensor-parallel `mesh`); models/quant.py has the
+    formats."""
     if (fp8_kernel != "none" and name + quant.BLOCK_SCALE_SUFFIX in p
             and fp8_matmul.tileable(p[name].shape, p[name + quant.BLOCK_SCALE_SUFFIX].shape)):
-        rows = h.reshape(-1, h.shape[-1])
-        out = fp8_matmul.block_fp8_matmul(rows, p[name], p[name + quant.BLOCK_SCALE_SUFFIX],
-                                          interpret=fp8_kernel == "pallas_interpret")
-        return out.reshape(*h.shape[:-1], out.shape[-1])
+        return _fp8_kernel_linear(h, p[name], p[name + quant.BLOCK_SCALE_SUFFIX], name,
+                                  fp8_kernel == "pallas_interpret", mesh)
     w = packed_weight(p, name, h.dtype)
     if w is not None:
         return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)
     if name + SCALE_SUFFIX in p:
         return scaled_dot(h, p[name], p[name + SCALE_SUFFIX], 0, quantized_activations).astype(h.dtype)
     return h @ p[name]
+
+
+def _fp8_kernel_linear(h: jax.Array, values: jax.Array, scales: jax.Array, name: str, interpret: bool,
+                       mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """h [..., in] @ an FP8 checkpoint's block-scaled projection `name` through pallas_kernels/fp8_matmul.py. Under a
+    tensor-parallel mesh each device runs it on its own share under shard_map, as XLA's partitioner splits the dot
+    (a pallas_call it would run on gathered operands): a column-parallel weight's output features, a row-parallel
+    one's input features (float32 partial sums, all-reduced, then h's dtype), a replicated one whole."""
+    rows = h.reshape(-1, h.shape[-1])
+
+    def local(x, v, s, out_dtype=h.dtype):
+        return fp8_matmul.block_fp8_matmul(x, v, s, interpret=interpret, out_dtype=out_dtype)
+
+    if mesh is None:
+        out = local(rows, values, scales)
+    else:
+        from jax.sharding import PartitionSpec as P
+
+        from models.sharding import AXIS, COLUMN_PARALLEL, ROW_PARALLEL
+
+        if name in ROW_PARALLEL:
+            split, inputs, outputs = P(AXIS, None), P(None, AXIS), P()
+
+            def per_device(x, v, s):
+                return jax.lax.psum(local(x, v, s, jnp.float32), AXIS).astype(h.dtype)
+        else:
+            split = P(None, AXIS) if name in COLUMN_PARALLEL else P()
+            inputs, outputs, per_device = P(), split, local
+        out = jax.shard_map(per_device, mesh=mesh, in_specs=(inputs, split, split), out_specs=outputs,
+                            check_vma=False)(rows, values, scales)
+    return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 def scaled_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, quantized_activations: bool) -> jax.Array:
@@ -478,7 +509,7 @@ def forward(
         )
 
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
-                            inputs.adapter_ids)
+                            inputs.adapter_ids, mesh=mesh)
     return ((x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]), kv_caches
 
 

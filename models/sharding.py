@@ -96,6 +96,14 @@ def shard_lora(lora: dict, mesh: Mesh) -> dict:
     return out
 
 
+# Projections [L, in, out] split by output features (column-parallel) or by input features (row-parallel: each device
+# sums its inputs' share, then an all-reduce); the others are replicated. Latent attention: the query and latent-up
+# projections split by head; the latent (and its RoPE key), shared by every head, is computed on every device into its
+# own copy of the cache (wq_a, wkv_a replicated).
+COLUMN_PARALLEL = ("wq", "wk", "wv", "w_gate", "w_up", "dense_gate", "dense_up", "wq_b", "wkv_b")
+ROW_PARALLEL = ("wo", "w_down", "dense_down")
+
+
 def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     """PartitionSpec per weight (layers stacked on axis 0)."""
     vocab = AXIS if cfg.vocab_size % n == 0 else None
@@ -103,13 +111,11 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     layer_specs = {
         "attn_norm": P(), "mlp_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
         "q_norm": P(), "k_norm": P(),  # per head_dim, shared by every head: replicated
-        "wq": col, "wk": col, "wv": col, "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
-        "wo": row, "w_gate": col, "w_up": col, "w_down": row, "dense_gate": col, "dense_up": col, "dense_down": row,
+        **dict.fromkeys(COLUMN_PARALLEL, col), **dict.fromkeys(ROW_PARALLEL, row),
+        "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
         "router": P(), "shared_gate": P(), "router_score_bias": P(),
-        # Latent attention: the query and latent-up projections split by head; the latent (and its RoPE key), shared
-        # by every head, computed on every device into its own copy of the cache.
-        "wq_a": P(), "q_a_norm": P(), "wq_b": col, "wkv_a": P(), "kv_a_norm": P(), "wkv_b": col,
+        "wq_a": P(), "q_a_norm": P(), "wkv_a": P(), "kv_a_norm": P(),
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
         # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);
         # gate / up biases split with their outputs; a sink per query head, with its head.

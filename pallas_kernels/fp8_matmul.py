@@ -71,11 +71,11 @@ def row_block(m: int) -> int:
   return min(64, max(16, 1 << max(0, (m - 1).bit_length())))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages"))
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "out_dtype"))
 def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, interpret: bool = False,
-                     num_warps: int | None = None, num_stages: int = 2) -> jax.Array:
-  """x [M, K] (bfloat16 or float32) @ FP8 block-scaled weights -> [M, N] in x's dtype; the same contract as
-  `block_fp8_matmul_reference`. The weight blocks must tile K and N (an FP8 checkpoint's kept weights do:
+                     num_warps: int | None = None, num_stages: int = 2, out_dtype=None) -> jax.Array:
+  """x [M, K] (bfloat16 or float32) @ FP8 block-scaled weights -> [M, N] in x's dtype (or `out_dtype`: float32 for
+  partial sums that are reduced across devices); the same contract as `block_fp8_matmul_reference`. The weight blocks must tile K and N (an FP8 checkpoint's kept weights do:
   `safetensors_loader._kept_fp8`) and be powers of two >= 16 wide. num_warps: 8 for 64-row tiles (4 spend ~166
   registers a thread on sm90 and ~216 VGPRs on gfx942; 8 halve that), 4 below; 2 stages of K tiles in flight (at 64
   rows 80 KB of shared memory on sm90 and 32 KB of an MI300's 64 KB LDS, which 3 stages would fill;
@@ -96,7 +96,7 @@ def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, inte
                 pl.BlockSpec((k, block_n), lambda i, j: (0, j)),
                 pl.BlockSpec((scales.shape[0], None), lambda i, j: (0, j))],
       out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
-      out_shape=jax.ShapeDtypeStruct((padded, n), x.dtype),
+      out_shape=jax.ShapeDtypeStruct((padded, n), out_dtype or x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="block_fp8_matmul",

@@ -236,7 +236,7 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
     """The engine on an FP8 checkpoint kept as stored (32 x 32 blocks; model.quantization auto, the default, picks
     fp8 for it) gives the greedy tokens of the engine on the same checkpoint dequantized at load (none), with prefix
     hits; at 4 devices too (block scales split with their weights, the 2 KV heads' blocks repeated to 4), and with the
-    Pallas FP8 matmul kernel (interpret mode). A block
+    Pallas FP8 matmul kernel (interpret mode) at 1 and 4 devices. A block
     size that spans two KV heads, or blocks that do not split over the devices, are refused by name."""
     directory, _ = checkpoints["block"]
     base = {"warmup": False, "model.path": str(directory), "cache.page_size": 8, "cache.num_pages": 96,
@@ -256,10 +256,13 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
         if tp == 4:
             for name in ("wq", "wk", "wo", "w_down"):
                 assert tuple(layers[name + "_block_scale"].sharding.spec) == tuple(layers[name].sharding.spec)
-    # the Pallas kernel reading the e4m3 tiles (pallas_interpret here: attention and the FP8 matmuls alike)
-    llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret"}), progress=False)
-    assert llm.engine.model_cfg.fp8_kernel == "pallas_interpret"
-    assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY)] == want[:2]
+    # the Pallas kernel reading the e4m3 tiles (pallas_interpret here: attention and the FP8 matmuls alike), on one
+    # device and per device of 4 (column-parallel outputs, row-parallel inputs and their all-reduce)
+    for tp in (1, 4):
+        llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret", "parallel.tensor": tp}),
+                  progress=False)
+        assert llm.engine.model_cfg.fp8_kernel == "pallas_interpret"
+        assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY)] == want[:2]
 
     cfg = _tiny(num_kv_heads=4, head_dim=16)
     params = {"layers": {"wk": np.zeros((2, 64, 64), FP8), "wk_block_scale": np.ones((2, 1, 1), np.float32)}}

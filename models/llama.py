@@ -277,7 +277,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             if experts:
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
-                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations)
+                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations,
+                                     cfg.fp8_kernel, mesh)
                 o = routed if o is None else o + routed
             return o, down_in
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from models import quant
+from pallas_kernels import fp8_matmul
 from models.quant import SCALE_SUFFIX, packed_weight
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
@@ -112,11 +113,48 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
     return (y * scales(p[name + SCALE_SUFFIX])).astype(x.dtype)
 
 
-def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
-            quantized_activations: bool = False) -> jax.Array:
+def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, quantized_activations: bool = False,
+            fp8_kernel: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
-    (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8)."""
-    return (grouped_moe if grouped else dense_moe)(h, p, routing, glu, quantized_activations)
+    (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `fp8_kernel`: an FP8 checkpoint's
+    block-scaled experts read by the Pallas grouped kernel on the grouped path, per device of `mesh`)."""
+    if grouped:
+        return grouped_moe(h, p, routing, glu, quantized_activations, fp8_kernel, mesh)
+    return dense_moe(h, p, routing, glu, quantized_activations)
+
+
+def _grouped_fp8(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: bool,
+                 mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Rows grouped by expert @ FP8 block-scaled experts `name` through pallas_kernels/fp8_matmul.py's grouped
+    kernel. Under a tensor-parallel mesh per device under shard_map, as the experts are split: gate and up by their
+    output features, down by its input features (float32 partial sums, all-reduced)."""
+    values, scales = p[name], p[name + quant.BLOCK_SCALE_SUFFIX]
+
+    def local(x, v, s, sizes, out_dtype=x.dtype):
+        return fp8_matmul.grouped_block_fp8_matmul(x, v, s, sizes, interpret=interpret, out_dtype=out_dtype)
+
+    if mesh is None:
+        return local(x, values, scales, sizes)
+    from jax.sharding import PartitionSpec as P
+
+    from models.sharding import AXIS
+
+    if name == "moe_down":
+        def per_device(x, v, s, sizes):
+            return jax.lax.psum(local(x, v, s, sizes, jnp.float32), AXIS).astype(x.dtype)
+
+        specs, out = (P(None, AXIS), P(None, AXIS, None), P(None, AXIS, None), P()), P()
+    else:
+        per_device, specs, out = local, (P(), P(None, None, AXIS), P(None, None, AXIS), P()), P(None, AXIS)
+    return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(x, values, scales, sizes)
+
+
+def fp8_kernel_reads(p: dict, name: str, devices: int = 1) -> bool:
+    """Whether the grouped FP8 kernel can read experts `name`: block-scaled, in blocks its tiles hold, within its int32
+    offsets on each of `devices`."""
+    scales = p.get(name + quant.BLOCK_SCALE_SUFFIX)
+    return (scales is not None and fp8_matmul.tileable(p[name].shape, scales.shape)
+            and p[name].size // devices < 2**31)
 
 
 def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
@@ -125,7 +163,8 @@ def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
     return y if bias is None else y + rows(bias).astype(y.dtype)
 
 
-def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
+def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False,
+                fp8_kernel: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, num_experts, top_k = h.shape[0], p["router"].shape[-1], routing.top_k
     weights, experts = route(h, p, routing)
@@ -141,7 +180,11 @@ def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_act
         return s[flat[order]]
 
     def project(x, name):
-        return _plus_bias(_experts_matmul(grouped, x, p, name, row_scales, quantized_activations), p, name, row_scales)
+        if fp8_kernel != "none" and fp8_kernel_reads(p, name, mesh.size if mesh is not None else 1):
+            y = _grouped_fp8(x, p, name, sizes, fp8_kernel == "pallas_interpret", mesh)
+        else:
+            y = _experts_matmul(grouped, x, p, name, row_scales, quantized_activations)
+        return _plus_bias(y, p, name, row_scales)
 
     out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)

@@ -102,3 +102,70 @@ def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, inte
       name="block_fp8_matmul",
   )(x, values, scales.astype(jnp.float32))
   return out[:m]
+
+
+def _grouped_fp8_kernel(expert_ref, x_ref, w_ref, s_ref, o_ref, *, block_k: int, block_n: int):
+  # expert_ref [] (this row tile's expert, -1: an empty tile), x_ref [bm, K] (its rows, grouped by expert and padded
+  # per expert to whole tiles), w_ref [E, K, N] e4m3 (every expert: only this one's columns are read), s_ref
+  # [E, K / block_k, N / block_n], o_ref [bm, block_n].
+  expert, j = expert_ref[()], pl.program_id(1)
+  num_k = x_ref.shape[1] // block_k
+
+  @pl.when(expert >= 0)
+  def _():
+    def body(kb, acc):
+      x = x_ref[:, pl.ds(kb * block_k, block_k)]
+      w = w_ref[expert, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)].astype(x.dtype)
+      return acc + jnp.dot(x, w, preferred_element_type=jnp.float32) * s_ref[expert, kb, j]
+
+    acc = lax.fori_loop(0, num_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "out_dtype"))
+def grouped_block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax.Array, *,
+                             interpret: bool = False, num_warps: int | None = None, num_stages: int = 2,
+                             out_dtype=None) -> jax.Array:
+  """Rows x [R, K] grouped by expert (group_sizes [E] rows each, in expert order, as `moe.grouped_moe` sorts them) @
+  each group's expert of FP8 block-scaled weights values [E, K, N] e4m3, scales [E, K / bk, N / bn] -> [R, N]: what
+  `jax.lax.ragged_dot(x, dequantized weights, group_sizes)` computes, reading only the experts that have rows.
+
+  The rows are laid out in tiles of bm rows, each expert's padded to whole tiles (at most cdiv(R, bm) + min(R, E)
+  tiles), each tile knowing its expert (-1: unused, skipped); grid (tiles, N / bn) runs the dense kernel's K loop on
+  its expert's [block, bn] e4m3 tiles; the rows come back in their order. bm follows the rows per expert on average
+  (16 at decode, up to 64)."""
+  (r, k), (num_experts, k_w, n) = x.shape, values.shape
+  if k_w != k or not tileable(values.shape, scales.shape):
+    raise ValueError(f"x {x.shape} @ experts {values.shape} with block scales {scales.shape}: the blocks must tile "
+                     "both dims in powers of two >= 16")
+  if values.size >= 2**31:
+    raise ValueError(f"experts {values.shape}: {values.size} weights, past the kernel's int32 offsets (2^31); split "
+                     "them over devices (parallel.tensor)")
+  block_k, block_n = k // scales.shape[-2], n // scales.shape[-1]
+  bm = row_block(-(-r // num_experts))
+  num_warps = num_warps or (8 if bm >= 64 else 4)
+  num_tiles = -(-r // bm) + min(r, num_experts)
+  sizes = group_sizes.astype(jnp.int32)
+  tiles_per_expert = -(-sizes // bm)
+  first_tile = jnp.cumsum(tiles_per_expert) - tiles_per_expert  # [E]
+  starts = jnp.cumsum(sizes) - sizes  # each expert's first row in x
+  expert_of_row = jnp.repeat(jnp.arange(num_experts, dtype=jnp.int32), sizes, total_repeat_length=r)
+  slot = first_tile[expert_of_row] * bm + jnp.arange(r, dtype=jnp.int32) - starts[expert_of_row]  # [R]
+  tiles = jnp.zeros((num_tiles * bm, k), x.dtype).at[slot].set(x)
+  tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
+  owner = jnp.searchsorted(jnp.cumsum(tiles_per_expert), tile_ids, side="right").astype(jnp.int32)
+  tile_expert = jnp.where(owner < num_experts, owner, -1)
+  out = pl.pallas_call(
+      functools.partial(_grouped_fp8_kernel, block_k=block_k, block_n=block_n),
+      grid=(num_tiles, n // block_n),
+      in_specs=[pl.BlockSpec((None,), lambda i, j: (i,)),
+                pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
+                pl.BlockSpec(values.shape, lambda i, j: (0, 0, 0)),
+                pl.BlockSpec(scales.shape, lambda i, j: (0, 0, 0))],
+      out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
+      out_shape=jax.ShapeDtypeStruct((num_tiles * bm, n), out_dtype or x.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name="grouped_block_fp8_matmul",
+  )(tile_expert, tiles, values, scales.astype(jnp.float32))
+  return out[slot]

@@ -42,8 +42,12 @@ def problems(kind: str, report: gpu_compile.CompileReport, wgmma: bool = True) -
   return found
 
 
-# pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes: (what, rows M, K, N), bfloat16 rows, 128 x 128 blocks
-FP8_MATMULS = [("decode wq_a", 1, 7168, 1536), ("batch-64 mlp", 64, 7168, 18432), ("prefill wo", 2048, 16384, 7168)]
+# pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes: (what, rows M, experts E (0: the dense kernel), K, N),
+# bfloat16 rows, 128 x 128 blocks; the grouped kernel over one device's share of 8 (the experts' 2048 intermediate
+# features / 8)
+FP8_MATMULS = [("decode wq_a", 1, 0, 7168, 1536), ("batch-64 mlp", 64, 0, 7168, 18432),
+               ("prefill wo", 2048, 0, 16384, 7168), ("decode experts", 8, 256, 7168, 256),
+               ("prefill experts", 16384, 256, 256, 7168)]
 
 
 def fp8_matmul_rows(targets) -> int:
@@ -53,23 +57,27 @@ def fp8_matmul_rows(targets) -> int:
 
   import jax
 
-  from pallas_kernels.fp8_matmul import block_fp8_matmul, row_block
+  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_block_fp8_matmul, row_block
 
   failures = 0
-  for what, m, k, n in FP8_MATMULS:
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn),
-            jax.ShapeDtypeStruct((k // 128, n // 128), jnp.float32))
+  for what, m, e, k, n in FP8_MATMULS:
+    experts = (e,) if e else ()
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((*experts, k, n), jnp.float8_e4m3fn),
+            jax.ShapeDtypeStruct((*experts, k // 128, n // 128), jnp.float32),
+            *([jax.ShapeDtypeStruct((e,), jnp.int32)] if e else []))
     for target in targets:
-      label = f"{'fp8 ' + what:15s} {'bfloat16':8s} {f'{m}x{k}x{n}':14s} {'fp8mm':8s} {target.name:6s}"
+      label = (f"{'fp8 ' + what:15s} {'bfloat16':8s} {f'{m}x{k}x{n}' + (f'/{e}' if e else ''):14s} "
+               f"{'grouped' if e else 'fp8mm':8s} {target.name:6s}")
       try:
-        [module] = gpu_compile.triton_modules(functools.partial(block_fp8_matmul), *args, target=target)
+        kernel = grouped_block_fp8_matmul if e else block_fp8_matmul
+        [module] = gpu_compile.triton_modules(functools.partial(kernel), *args, target=target)
         report = gpu_compile.compile_module(module, target)
       except Exception as e:  # noqa: BLE001
         print(f"{label} compile failed ({type(e).__name__}): "
               + ("no e4m3 conversion before sm89, XLA's path serves it" if target.name == "sm80" else str(e)[:300]))
         failures += target.name != "sm80"
         continue
-      found = problems("prefill" if row_block(m) >= 64 else "decode", report)
+      found = problems("prefill" if row_block(-(-m // (e or 1))) >= 64 else "decode", report)
       failures += bool(found)
       print(f"{label} {report.num_warps:5d} {report.num_stages:6d} {report.shared_bytes / 1024:7.0f} "
             f"{report.registers:4d} {report.spill_bytes:5d} {report.matrix_instructions or '-':6s} "

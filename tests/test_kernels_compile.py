@@ -103,25 +103,30 @@ def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
   return module
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 7168, 1536), (64, 7168, 18432), (2048, 16384, 7168)],
-                         ids=["decode-wq_a", "batch-mlp", "prefill-wo"])
-def test_fp8_block_matmul_compiles(m, k, n):
-  """pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes (bfloat16 rows against e4m3 weights in 128 x 128 blocks)
-  with its default launch: no spills, within shared memory, on the matrix units (wgmma from 64-row tiles on Hopper);
-  A100's sm80 cannot convert e4m3 in Triton, which is why the engine keeps XLA's path there (fp8_matmul.supported)."""
-  from pallas_kernels.fp8_matmul import block_fp8_matmul
+@pytest.mark.parametrize("m,e,k,n", [(1, 0, 7168, 1536), (64, 0, 7168, 18432), (2048, 0, 16384, 7168),
+                                     (8, 256, 7168, 256), (16384, 256, 256, 7168)],
+                         ids=["decode-wq_a", "batch-mlp", "prefill-wo", "decode-experts", "prefill-experts"])
+def test_fp8_block_matmul_compiles(m, e, k, n):
+  """pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes (bfloat16 rows against e4m3 weights in 128 x 128 blocks;
+  the grouped kernel over 256 experts, one device's share of 8) with its default launch: no spills, within shared
+  memory, on the matrix units (wgmma from 64-row tiles on Hopper); A100's sm80 cannot convert e4m3 in Triton, which
+  is why the engine keeps XLA's path there (fp8_matmul.supported)."""
+  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_block_fp8_matmul
 
-  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn),
-          jax.ShapeDtypeStruct((k // 128, n // 128), jnp.float32))
+  experts = (e,) if e else ()
+  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((*experts, k, n), jnp.float8_e4m3fn),
+          jax.ShapeDtypeStruct((*experts, k // 128, n // 128), jnp.float32),
+          *([jax.ShapeDtypeStruct((e,), jnp.int32)] if e else []))
+  kernel = grouped_block_fp8_matmul if e else block_fp8_matmul
   for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
-    [module] = gpu_compile.triton_modules(block_fp8_matmul, *args, target=target)
+    [module] = gpu_compile.triton_modules(kernel, *args, target=target)
     report = gpu_compile.compile_module(module, target)
     assert report.fits and report.spill_bytes == 0 and 0 < report.registers <= target.max_registers, report
-    want = {"sm90": "HGMMA" if m >= 64 else "HMMA", "gfx942": "MFMA"}[target.name]
+    want = {"sm90": "HGMMA" if m // (e or 1) >= 64 else "HMMA", "gfx942": "MFMA"}[target.name]
     assert report.matrix_instructions == want, report
   if m == 1:
     sm80 = gpu_compile.TARGETS["sm80"]
-    [module] = gpu_compile.triton_modules(block_fp8_matmul, *args, target=sm80)
+    [module] = gpu_compile.triton_modules(kernel, *args, target=sm80)
     with pytest.raises(Exception):
       gpu_compile.compile_module(module, sm80)
 

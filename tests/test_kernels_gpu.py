@@ -300,3 +300,23 @@ def test_block_fp8_matmul_kernel_on_the_gpu(m):
   np.testing.assert_allclose(got, exact, atol=tol)
   xla = fp8_matmul.block_fp8_matmul_reference(x, jnp.asarray(values[0]), jnp.asarray(scales[0]))
   np.testing.assert_allclose(got, np.asarray(xla, np.float64), atol=tol)
+
+
+@pytest.mark.parametrize("rows", [8, 500])
+def test_grouped_block_fp8_matmul_kernel_on_the_gpu(rows):
+  """The grouped FP8 kernel compiled (experts' e4m3 weights in 128 x 128 blocks, rows grouped by expert, some experts
+  empty) against XLA's ragged_dot over the dequantized experts."""
+  from models import quant
+  from pallas_kernels import fp8_matmul
+
+  if not fp8_matmul.supported(jax.devices()[0]):
+    pytest.skip(f"{jax.devices()[0].device_kind} cannot convert e4m3 in Triton")
+  rng = np.random.default_rng(rows)
+  values, scales = quant.quantize_weight_fp8_blocks(rng.standard_normal((16, 512, 256)).astype(np.float32) / 20)
+  sizes = np.bincount(rng.integers(0, 12, rows), minlength=16)  # experts 12..15 get no rows
+  x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
+  got = fp8_matmul.grouped_block_fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), jnp.asarray(sizes))
+  want = jax.lax.ragged_dot(x, jnp.asarray(quant.dequantize_fp8_blocks(values, scales), jnp.bfloat16),
+                            jnp.asarray(sizes, jnp.int32), preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                             atol=2e-2 * float(jnp.abs(want).max()))

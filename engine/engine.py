@@ -138,12 +138,16 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
-        # An FP8 checkpoint's block-scaled weights: read by the Pallas kernel where attention runs Pallas, on devices
-        # that convert e4m3 (pallas_kernels/fp8_matmul.py; per device under tensor parallelism)
-        if backend.startswith("pallas") and any(
-                k.endswith(quant.BLOCK_SCALE_SUFFIX) for k in self.params["layers"]) and (
-                backend == "pallas_interpret" or fp8_matmul.supported(jax.devices()[0])):
-            self.model_cfg = dataclasses.replace(self.model_cfg, fp8_kernel=backend)
+        # Quantized weights the Pallas kernels read as stored where attention runs Pallas (pallas_kernels/fp8_matmul.py,
+        # per device under tensor parallelism): an FP8 checkpoint's blocks, 8-bit experts; e4m3 on devices that
+        # convert it
+        layers = self.params["layers"]
+        read = [k.removesuffix(quant.BLOCK_SCALE_SUFFIX) for k in layers if k.endswith(quant.BLOCK_SCALE_SUFFIX)] + [
+            k for k in quant.EXPERTS if k + quant.SCALE_SUFFIX in layers and k + quant.OFFSET_SUFFIX not in layers]
+        if backend.startswith("pallas") and read and (
+                backend == "pallas_interpret" or fp8_matmul.supported(jax.devices()[0])
+                or all(layers[k].dtype == jnp.int8 for k in read)):
+            self.model_cfg = dataclasses.replace(self.model_cfg, quant_kernels=backend)
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,

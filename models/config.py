@@ -109,10 +109,10 @@ class LlamaConfig:
     # How to run expert layers, not a checkpoint's: grouped matmuls instead of every expert (models/moe.py), set by
     # model.moe_backend.
     moe_grouped: bool = False
-    # How to run an FP8 checkpoint's block-scaled projections, not a checkpoint's: "none" (XLA dequantizes a layer's
-    # weight for its GEMM), "pallas" / "pallas_interpret" (pallas_kernels/fp8_matmul.py reads the e4m3 tiles), set
-    # by the engine from its attention backend.
-    fp8_kernel: str = "none"
+    # How to run quantized weights' matmuls, not a checkpoint's: "none" (XLA converts a layer's weights for its GEMM),
+    # "pallas" / "pallas_interpret" (pallas_kernels/fp8_matmul.py: an FP8 checkpoint's block-scaled projections, and
+    # 8-bit experts on the grouped path, read as stored), set by the engine from its attention backend.
+    quant_kernels: str = "none"
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -264,7 +264,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         p, i, is_windowed, table, lo, is_moe, place = xs
 
         def proj(h, name, w=p):
-            y = linear(h, w, name, cfg.quantized_activations, cfg.fp8_kernel, mesh)
+            y = linear(h, w, name, cfg.quantized_activations, cfg.quant_kernels, mesh)
             return y + lora_delta(h, lo[name], onehot) if name in lo else y
 
         def mlp(h, w, experts: bool):
@@ -278,7 +278,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
                 routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations,
-                                     cfg.fp8_kernel, mesh)
+                                     cfg.quant_kernels, mesh)
                 o = routed if o is None else o + routed
             return o, down_in
 
@@ -370,18 +370,18 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
 
 
-def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False, fp8_kernel: str = "none",
+def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False, quant_kernels: str = "none",
            mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """h [N, in] @ one layer's projection `name` in `p` -> [N, out] in h's dtype: float weights, 8-bit ones (int8 or
     e4m3 with a float32 scale per output feature), 4-bit ones (int4: a float16 scale and offset per group of inputs;
     mxfp4: e2m1 codes and a power of two per group) or an FP8 checkpoint's blocks (the last two dequantized into h's
-    dtype for the matmul; the blocks read by the Pallas kernel instead with `fp8_kernel` "pallas" or
-    "pallas_interpret", LlamaConfig.fp8_kernel, per device of a tensor-parallel `mesh`); models/quant.py has the
+    dtype for the matmul; the blocks read by the Pallas kernel instead with `quant_kernels` "pallas" or
+    "pallas_interpret", LlamaConfig.quant_kernels, per device of a tensor-parallel `mesh`); models/quant.py has the
     formats."""
-    if (fp8_kernel != "none" and name + quant.BLOCK_SCALE_SUFFIX in p
+    if (quant_kernels != "none" and name + quant.BLOCK_SCALE_SUFFIX in p
             and fp8_matmul.tileable(p[name].shape, p[name + quant.BLOCK_SCALE_SUFFIX].shape)):
         return _fp8_kernel_linear(h, p[name], p[name + quant.BLOCK_SCALE_SUFFIX], name,
-                                  fp8_kernel == "pallas_interpret", mesh)
+                                  quant_kernels == "pallas_interpret", mesh)
     w = packed_weight(p, name, h.dtype)
     if w is not None:
         return jnp.dot(h, w, preferred_element_type=jnp.float32).astype(h.dtype)

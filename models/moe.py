@@ -114,24 +114,26 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
 
 
 def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, quantized_activations: bool = False,
-            fp8_kernel: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+            quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
-    (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `fp8_kernel`: an FP8 checkpoint's
-    block-scaled experts read by the Pallas grouped kernel on the grouped path, per device of `mesh`)."""
+    (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `quant_kernels`: 8-bit experts read by the
+    Pallas grouped kernel on the grouped path, per device of `mesh`; LlamaConfig.quant_kernels)."""
     if grouped:
-        return grouped_moe(h, p, routing, glu, quantized_activations, fp8_kernel, mesh)
+        return grouped_moe(h, p, routing, glu, quantized_activations, quant_kernels, mesh)
     return dense_moe(h, p, routing, glu, quantized_activations)
 
 
-def _grouped_fp8(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: bool,
-                 mesh: jax.sharding.Mesh | None) -> jax.Array:
-    """Rows grouped by expert @ FP8 block-scaled experts `name` through pallas_kernels/fp8_matmul.py's grouped
-    kernel. Under a tensor-parallel mesh per device under shard_map, as the experts are split: gate and up by their
-    output features, down by its input features (float32 partial sums, all-reduced)."""
-    values, scales = p[name], p[name + quant.BLOCK_SCALE_SUFFIX]
+def _grouped_kernel(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: bool,
+                    mesh: jax.sharding.Mesh | None) -> jax.Array:
+    """Rows grouped by expert @ 8-bit experts `name` (an FP8 checkpoint's blocks, or int8 / e4m3 with a scale per
+    output feature) through pallas_kernels/fp8_matmul.py's grouped kernel. Under a tensor-parallel mesh per device
+    under shard_map, as the experts are split: gate and up by their output features, down by its input features
+    (float32 partial sums, all-reduced)."""
+    blocks = name + quant.BLOCK_SCALE_SUFFIX in p
+    values, scales = p[name], p[name + (quant.BLOCK_SCALE_SUFFIX if blocks else SCALE_SUFFIX)]
 
     def local(x, v, s, sizes, out_dtype=x.dtype):
-        return fp8_matmul.grouped_block_fp8_matmul(x, v, s, sizes, interpret=interpret, out_dtype=out_dtype)
+        return fp8_matmul.grouped_scaled_matmul(x, v, s, sizes, interpret=interpret, out_dtype=out_dtype)
 
     if mesh is None:
         return local(x, values, scales, sizes)
@@ -143,18 +145,28 @@ def _grouped_fp8(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: 
         def per_device(x, v, s, sizes):
             return jax.lax.psum(local(x, v, s, sizes, jnp.float32), AXIS).astype(x.dtype)
 
-        specs, out = (P(None, AXIS), P(None, AXIS, None), P(None, AXIS, None), P()), P()
+        scale_spec = P(None, AXIS, None) if blocks else P()  # a column's scale: down's outputs are not split
+        specs, out = (P(None, AXIS), P(None, AXIS, None), scale_spec, P()), P()
     else:
-        per_device, specs, out = local, (P(), P(None, None, AXIS), P(None, None, AXIS), P()), P(None, AXIS)
+        scale_spec = P(None, None, AXIS) if blocks else P(None, AXIS)
+        per_device, specs, out = local, (P(), P(None, None, AXIS), scale_spec, P()), P(None, AXIS)
     return jax.shard_map(per_device, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(x, values, scales, sizes)
 
 
-def fp8_kernel_reads(p: dict, name: str, devices: int = 1) -> bool:
-    """Whether the grouped FP8 kernel can read experts `name`: block-scaled, in blocks its tiles hold, within its int32
-    offsets on each of `devices`."""
-    scales = p.get(name + quant.BLOCK_SCALE_SUFFIX)
-    return (scales is not None and fp8_matmul.tileable(p[name].shape, scales.shape)
-            and p[name].size // devices < 2**31)
+def kernel_reads(p: dict, name: str, devices: int = 1) -> bool:
+    """Whether the grouped kernel can read experts `name` split over `devices` (gate and up by outputs, down by
+    inputs): 8-bit weights (int8, e4m3) with a scale per block or per output feature, each device's share in tiles
+    the kernel takes and within its int32 offsets."""
+    blocks = name + quant.BLOCK_SCALE_SUFFIX in p
+    scales = p.get(name + (quant.BLOCK_SCALE_SUFFIX if blocks else SCALE_SUFFIX))
+    if scales is None or name + quant.OFFSET_SUFFIX in p or p[name].dtype not in (jnp.int8, jnp.float8_e4m3fn):
+        return False
+    split = -2 if name == "moe_down" else -1
+    shape, scale_shape = list(p[name].shape), list(scales.shape)
+    shape[split] //= devices
+    if blocks or split == -1:
+        scale_shape[split] //= devices
+    return fp8_matmul.grouped_tileable(tuple(shape), tuple(scale_shape)) and p[name].size // devices < 2**31
 
 
 def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
@@ -164,7 +176,7 @@ def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
 
 
 def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False,
-                fp8_kernel: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     num_tokens, num_experts, top_k = h.shape[0], p["router"].shape[-1], routing.top_k
     weights, experts = route(h, p, routing)
@@ -180,8 +192,9 @@ def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_act
         return s[flat[order]]
 
     def project(x, name):
-        if fp8_kernel != "none" and fp8_kernel_reads(p, name, mesh.size if mesh is not None else 1):
-            y = _grouped_fp8(x, p, name, sizes, fp8_kernel == "pallas_interpret", mesh)
+        if (quant_kernels != "none" and not quantized_activations
+                and kernel_reads(p, name, mesh.size if mesh is not None else 1)):
+            y = _grouped_kernel(x, p, name, sizes, quant_kernels == "pallas_interpret", mesh)
         else:
             y = _experts_matmul(grouped, x, p, name, row_scales, quantized_activations)
         return _plus_bias(y, p, name, row_scales)

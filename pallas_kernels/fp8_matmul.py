@@ -1,6 +1,7 @@
-"""Pallas (Triton backend) matmul against FP8 block-scaled weights: x [M, K] @ W [K, N] where W is stored as e4m3
-values with a float32 scale per block of `block` x `block` weights (an FP8 checkpoint's layout as
-`model.quantization: fp8` keeps it: DeepSeek-V3/R1, the "-FP8" models; models/quant.py).
+"""Pallas (Triton backend) matmuls against 8-bit weights read as stored: x [M, K] @ W [K, N] where W is an FP8
+checkpoint's e4m3 values with a float32 scale per block of `block` x `block` weights (the layout
+`model.quantization: fp8` keeps: DeepSeek-V3/R1, the "-FP8" models; models/quant.py), and the grouped form for
+experts (`grouped_scaled_matmul`: those blocks, or int8 / e4m3 experts with a scale per output feature).
 
 Why a kernel: XLA's reference path (`block_fp8_matmul_reference`) dequantizes a layer's weight into the activations'
 dtype and then runs a GEMM; unless XLA fuses that into the GEMM it writes and reads two bytes a weight beside the
@@ -104,10 +105,11 @@ def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, inte
   return out[:m]
 
 
-def _grouped_fp8_kernel(expert_ref, x_ref, w_ref, s_ref, o_ref, *, block_k: int, block_n: int):
+def _grouped_kernel(expert_ref, x_ref, w_ref, s_ref, o_ref, *, block_k: int, block_n: int, per_column: bool):
   # expert_ref [] (this row tile's expert, -1: an empty tile), x_ref [bm, K] (its rows, grouped by expert and padded
-  # per expert to whole tiles), w_ref [E, K, N] e4m3 (every expert: only this one's columns are read), s_ref
-  # [E, K / block_k, N / block_n], o_ref [bm, block_n].
+  # per expert to whole tiles), w_ref [E, K, N] 8-bit (every expert: only this one's columns are read), s_ref
+  # [E, K / block_k, N / block_n] (a scale per block) or [E, N] (`per_column`: a scale per output feature, applied
+  # after the K loop), o_ref [bm, block_n].
   expert, j = expert_ref[()], pl.program_id(1)
   num_k = x_ref.shape[1] // block_k
 
@@ -116,32 +118,43 @@ def _grouped_fp8_kernel(expert_ref, x_ref, w_ref, s_ref, o_ref, *, block_k: int,
     def body(kb, acc):
       x = x_ref[:, pl.ds(kb * block_k, block_k)]
       w = w_ref[expert, pl.ds(kb * block_k, block_k), pl.ds(j * block_n, block_n)].astype(x.dtype)
-      return acc + jnp.dot(x, w, preferred_element_type=jnp.float32) * s_ref[expert, kb, j]
+      part = jnp.dot(x, w, preferred_element_type=jnp.float32)
+      return acc + (part if per_column else part * s_ref[expert, kb, j])
 
     acc = lax.fori_loop(0, num_k, body, jnp.zeros(o_ref.shape, jnp.float32))
+    if per_column:
+      acc = acc * s_ref[expert, pl.ds(j * block_n, block_n)][None, :]
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
+def _tile(size: int) -> int | None:
+  """The widest power-of-two tile (16 to 128) that divides `size`, None if none does."""
+  return next((t for t in (128, 64, 32, 16) if size % t == 0), None)
+
+
 @functools.partial(jax.jit, static_argnames=("interpret", "num_warps", "num_stages", "out_dtype"))
-def grouped_block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax.Array, *,
-                             interpret: bool = False, num_warps: int | None = None, num_stages: int = 2,
-                             out_dtype=None) -> jax.Array:
+def grouped_scaled_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, group_sizes: jax.Array, *,
+                          interpret: bool = False, num_warps: int | None = None, num_stages: int = 2,
+                          out_dtype=None) -> jax.Array:
   """Rows x [R, K] grouped by expert (group_sizes [E] rows each, in expert order, as `moe.grouped_moe` sorts them) @
-  each group's expert of FP8 block-scaled weights values [E, K, N] e4m3, scales [E, K / bk, N / bn] -> [R, N]: what
-  `jax.lax.ragged_dot(x, dequantized weights, group_sizes)` computes, reading only the experts that have rows.
+  each group's expert of 8-bit weights values [E, K, N] -> [R, N] in x's dtype (or `out_dtype`): what
+  `jax.lax.ragged_dot(x, dequantized weights, group_sizes)` computes, reading only the experts that have rows. The
+  weights: an FP8 checkpoint's e4m3 with scales [E, K / bk, N / bn] per block (`grouped_tileable`), or int8 / e4m3
+  with scales [E, N] per output feature (models/quant.py's int8 and fp8 experts).
 
   The rows are laid out in tiles of bm rows, each expert's padded to whole tiles (at most cdiv(R, bm) + min(R, E)
   tiles), each tile knowing its expert (-1: unused, skipped); grid (tiles, N / bn) runs the dense kernel's K loop on
-  its expert's [block, bn] e4m3 tiles; the rows come back in their order. bm follows the rows per expert on average
-  (16 at decode, up to 64)."""
+  its expert's 8-bit tiles; the rows come back in their order. bm follows the rows per expert on average (16 at
+  decode, up to 64)."""
   (r, k), (num_experts, k_w, n) = x.shape, values.shape
-  if k_w != k or not tileable(values.shape, scales.shape):
-    raise ValueError(f"x {x.shape} @ experts {values.shape} with block scales {scales.shape}: the blocks must tile "
-                     "both dims in powers of two >= 16")
+  per_column = scales.ndim == 2
+  if k_w != k or not grouped_tileable(values.shape, scales.shape):
+    raise ValueError(f"x {x.shape} @ experts {values.shape} with scales {scales.shape}: the kernel's tiles need "
+                     "blocks (or, with a scale per output feature, dims) in powers of two >= 16")
   if values.size >= 2**31:
     raise ValueError(f"experts {values.shape}: {values.size} weights, past the kernel's int32 offsets (2^31); split "
                      "them over devices (parallel.tensor)")
-  block_k, block_n = k // scales.shape[-2], n // scales.shape[-1]
+  block_k, block_n = (_tile(k), _tile(n)) if per_column else (k // scales.shape[-2], n // scales.shape[-1])
   bm = row_block(-(-r // num_experts))
   num_warps = num_warps or (8 if bm >= 64 else 4)
   num_tiles = -(-r // bm) + min(r, num_experts)
@@ -156,16 +169,24 @@ def grouped_block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array,
   owner = jnp.searchsorted(jnp.cumsum(tiles_per_expert), tile_ids, side="right").astype(jnp.int32)
   tile_expert = jnp.where(owner < num_experts, owner, -1)
   out = pl.pallas_call(
-      functools.partial(_grouped_fp8_kernel, block_k=block_k, block_n=block_n),
+      functools.partial(_grouped_kernel, block_k=block_k, block_n=block_n, per_column=per_column),
       grid=(num_tiles, n // block_n),
       in_specs=[pl.BlockSpec((None,), lambda i, j: (i,)),
                 pl.BlockSpec((bm, k), lambda i, j: (i, 0)),
-                pl.BlockSpec(values.shape, lambda i, j: (0, 0, 0)),
-                pl.BlockSpec(scales.shape, lambda i, j: (0, 0, 0))],
+                pl.BlockSpec(values.shape, lambda i, j: (0,) * values.ndim),
+                pl.BlockSpec(scales.shape, lambda i, j: (0,) * scales.ndim)],
       out_specs=pl.BlockSpec((bm, block_n), lambda i, j: (i, j)),
       out_shape=jax.ShapeDtypeStruct((num_tiles * bm, n), out_dtype or x.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
-      name="grouped_block_fp8_matmul",
+      name="grouped_scaled_matmul",
   )(tile_expert, tiles, values, scales.astype(jnp.float32))
   return out[slot]
+
+
+def grouped_tileable(values_shape: tuple[int, ...], scales_shape: tuple[int, ...]) -> bool:
+  """Whether experts [E, K, N] with these scales suit the grouped kernel: block scales [E, K / bk, N / bn] in blocks
+  `tileable` takes, or scales [E, N] per output feature with K and N multiples of 16."""
+  if len(scales_shape) == 2:
+    return _tile(values_shape[-2]) is not None and _tile(values_shape[-1]) is not None
+  return tileable(values_shape, scales_shape)

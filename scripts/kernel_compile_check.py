@@ -42,40 +42,43 @@ def problems(kind: str, report: gpu_compile.CompileReport, wgmma: bool = True) -
   return found
 
 
-# pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes: (what, rows M, experts E (0: the dense kernel), K, N),
-# bfloat16 rows, 128 x 128 blocks; the grouped kernel over one device's share of 8 (the experts' 2048 intermediate
-# features / 8)
-FP8_MATMULS = [("decode wq_a", 1, 0, 7168, 1536), ("batch-64 mlp", 64, 0, 7168, 18432),
-               ("prefill wo", 2048, 0, 16384, 7168), ("decode experts", 8, 256, 7168, 256),
-               ("prefill experts", 16384, 256, 256, 7168)]
+# pallas_kernels/fp8_matmul.py: (what, rows M, experts E (0: the dense kernel), K, N, weight dtype, scales), bfloat16
+# rows. DeepSeek-V3's shapes in 128 x 128 blocks (the grouped kernel over one device's share of 8: the experts' 2048
+# intermediate features / 8), and Qwen3-30B-A3B's experts (128 of 2048 x 768) with a scale per output feature
+# (model.quantization int8 / fp8 on its float checkpoint).
+FP8_MATMULS = [("decode wq_a", 1, 0, 7168, 1536, "float8_e4m3fn", "block"),
+               ("batch-64 mlp", 64, 0, 7168, 18432, "float8_e4m3fn", "block"),
+               ("prefill wo", 2048, 0, 16384, 7168, "float8_e4m3fn", "block"),
+               ("decode experts", 8, 256, 7168, 256, "float8_e4m3fn", "block"),
+               ("prefill experts", 16384, 256, 256, 7168, "float8_e4m3fn", "block"),
+               ("int8 experts", 64, 128, 2048, 768, "int8", "feature"),
+               ("e4m3 experts", 8192, 128, 768, 2048, "float8_e4m3fn", "feature")]
 
 
 def fp8_matmul_rows(targets) -> int:
-  """Compiles the FP8 block matmul at FP8_MATMULS' shapes for each target and prints a row each; returns how many
+  """Compiles the 8-bit weight matmuls at FP8_MATMULS' shapes for each target and prints a row each; returns how many
   had problems. A target that cannot convert e4m3 (sm80) is reported, not counted: the engine keeps XLA's path there."""
-  import functools
-
   import jax
 
-  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_block_fp8_matmul, row_block
+  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_scaled_matmul, row_block
 
   failures = 0
-  for what, m, e, k, n in FP8_MATMULS:
+  for what, m, e, k, n, wdtype, scales in FP8_MATMULS:
     experts = (e,) if e else ()
-    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((*experts, k, n), jnp.float8_e4m3fn),
-            jax.ShapeDtypeStruct((*experts, k // 128, n // 128), jnp.float32),
-            *([jax.ShapeDtypeStruct((e,), jnp.int32)] if e else []))
+    scale_shape = (*experts, k // 128, n // 128) if scales == "block" else (*experts, n)
+    args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((*experts, k, n), jnp.dtype(wdtype)),
+            jax.ShapeDtypeStruct(scale_shape, jnp.float32), *([jax.ShapeDtypeStruct((e,), jnp.int32)] if e else []))
     for target in targets:
-      label = (f"{'fp8 ' + what:15s} {'bfloat16':8s} {f'{m}x{k}x{n}' + (f'/{e}' if e else ''):14s} "
+      label = (f"{what:15s} {'bfloat16':8s} {f'{m}x{k}x{n}' + (f'/{e}' if e else ''):14s} "
                f"{'grouped' if e else 'fp8mm':8s} {target.name:6s}")
       try:
-        kernel = grouped_block_fp8_matmul if e else block_fp8_matmul
-        [module] = gpu_compile.triton_modules(functools.partial(kernel), *args, target=target)
+        [module] = gpu_compile.triton_modules(grouped_scaled_matmul if e else block_fp8_matmul, *args, target=target)
         report = gpu_compile.compile_module(module, target)
-      except Exception as e:  # noqa: BLE001
-        print(f"{label} compile failed ({type(e).__name__}): "
-              + ("no e4m3 conversion before sm89, XLA's path serves it" if target.name == "sm80" else str(e)[:300]))
-        failures += target.name != "sm80"
+      except Exception as err:  # noqa: BLE001
+        e4m3 = target.name == "sm80" and wdtype == "float8_e4m3fn"
+        print(f"{label} compile failed ({type(err).__name__}): "
+              + ("no e4m3 conversion before sm89, XLA's path serves it" if e4m3 else str(err)[:300]))
+        failures += not e4m3
         continue
       found = problems("prefill" if row_block(-(-m // (e or 1))) >= 64 else "decode", report)
       failures += bool(found)

@@ -56,11 +56,11 @@ def quant_blocks(weights: dict, method: str, group: int) -> dict:
 
 
 def stacked_mlp(params: dict, x: jax.Array, quantized_activations: bool = False,
-                fp8_kernel: str = "none") -> jax.Array:
+                quant_kernels: str = "none") -> jax.Array:
     """x [N, H] through every layer's w_up then w_down (no activation: the matmuls alone), one layer per scan step."""
     def layer(x, p):
-        up = llama.linear(x, p, "w_up", quantized_activations, fp8_kernel)
-        return llama.linear(up, p, "w_down", quantized_activations, fp8_kernel), None
+        up = llama.linear(x, p, "w_up", quantized_activations, quant_kernels)
+        return llama.linear(up, p, "w_down", quantized_activations, quant_kernels), None
 
     return jax.lax.scan(layer, x, params)[0]
 
@@ -103,15 +103,15 @@ def main(argv=None) -> list[dict]:
         base_s = None
         for name, params in formats.items():
             activations = bool(FORMATS[name] and FORMATS[name][2])
-            fp8_kernel = kernel if FORMATS[name] and FORMATS[name][3] != "none" else "none"
+            quant_kernels = kernel if FORMATS[name] and FORMATS[name][3] != "none" else "none"
 
-            def fn(p, x, activations=activations, fp8_kernel=fp8_kernel):
-                return jitted(p, x, activations, fp8_kernel)
+            def fn(p, x, activations=activations, quant_kernels=quant_kernels):
+                return jitted(p, x, activations, quant_kernels)
 
             seconds = time_fn(fn, params, x, reps=args.reps) / n
             base_s = base_s or seconds
             nbytes = sum(sharding.array_bytes(a) for a in jax.tree.leaves(params)) / n
-            temp = jitted.lower(params, x, activations, fp8_kernel).compile().memory_analysis()
+            temp = jitted.lower(params, x, activations, quant_kernels).compile().memory_analysis()
             temp_mib = temp.temp_size_in_bytes / 2**20 if temp is not None else float("nan")
             want = np.asarray(jitted(references[name], x, False), np.float32)
             diff = float(np.max(np.abs(np.asarray(fn(params, x), np.float32) - want)) / max(np.abs(want).max(), 1e-30))

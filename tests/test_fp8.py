@@ -261,7 +261,7 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
     for tp in (1, 4):
         llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret", "parallel.tensor": tp}),
                   progress=False)
-        assert llm.engine.model_cfg.fp8_kernel == "pallas_interpret"
+        assert llm.engine.model_cfg.quant_kernels == "pallas_interpret"
         assert [o.token_ids for o in llm.generate(prompts[:2], GREEDY)] == want[:2]
 
     cfg = _tiny(num_kv_heads=4, head_dim=16)
@@ -274,23 +274,28 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
 
 
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
-def test_grouped_block_fp8_matmul_kernel_matches_ragged_dot(dtype):
-    """pallas_kernels/fp8_matmul.grouped_block_fp8_matmul (interpret mode): rows grouped by expert (sizes drawn fresh,
-    empty experts and lone rows among them) against float64 numpy per group and against XLA's ragged_dot over the
-    dequantized experts; float32 within 1e-5 of the largest output, bfloat16 within 2e-2."""
+def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
+    """pallas_kernels/fp8_matmul.grouped_scaled_matmul (interpret mode): rows grouped by expert (sizes drawn fresh,
+    empty experts and lone rows among them) @ experts in 8 bits (e4m3 blocks of 16 to 128; int8 and e4m3 with a scale
+    per output feature, dims that are multiples of 16 but not of 128) against float64 numpy per group and against
+    XLA's ragged_dot over the dequantized experts; float32 within 1e-5 of the largest output, bfloat16 within 2e-2."""
     from pallas_kernels import fp8_matmul
 
     rng = _rng()
     for num_experts, k, n, block, rows in [(6, 256, 384, 128, 9), (8, 128, 64, 32, 1), (3, 64, 128, 16, 150),
-                                           (5, 128, 128, 64, 40)]:
-        values, scales = quant.quantize_weight_fp8_blocks(rng.standard_normal((num_experts, k, n)).astype(np.float32),
-                                                          block)
+                                           (5, 128, 128, 64, 40), (6, 96, 48, "int8", 20), (4, 64, 80, "e4m3", 30)]:
+        w = rng.standard_normal((num_experts, k, n)).astype(np.float32)
+        if block in ("int8", "e4m3"):  # a scale per output feature (model.quantization int8 / fp8 on float experts)
+            values, scales = (a[0] for a in quant.quantize_weight(w[None], dtype=np.int8 if block == "int8" else FP8))
+        else:
+            values, scales = quant.quantize_weight_fp8_blocks(w, block)
         sizes = np.bincount(rng.integers(0, num_experts, rows), minlength=num_experts)
         sizes[rng.integers(0, num_experts)] = 0  # an expert without rows
         x = jnp.asarray(rng.standard_normal((int(sizes.sum()), k)), dtype)
-        got = np.asarray(fp8_matmul.grouped_block_fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales),
+        got = np.asarray(fp8_matmul.grouped_scaled_matmul(x, jnp.asarray(values), jnp.asarray(scales),
                                                              jnp.asarray(sizes), interpret=True), np.float64)
-        w = quant.dequantize_fp8_blocks(values, scales).astype(np.float64)
+        w = (quant.dequantize_weight({"w": values, "w_scale": scales}, "w") if scales.ndim == 2
+             else quant.dequantize_fp8_blocks(values, scales)).astype(np.float64)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         exact = np.concatenate([np.asarray(x[a:b], np.float64) @ w[e] for e, (a, b) in
                                 enumerate(zip(bounds[:-1], bounds[1:]))]).reshape(-1, n)
@@ -320,11 +325,12 @@ def _hf_tensors(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.slow
-def test_an_fp8_expert_model_serves_with_the_grouped_kernel_at_tp_1_and_2(tmp_path):
+def test_an_8bit_expert_model_serves_with_the_grouped_kernel(tmp_path):
     """A Qwen3-MoE checkpoint with every projection and expert in e4m3 (16 x 16 blocks): the engine with the grouped
     FP8 kernel reading the experts (and the dense kernel the attention projections; interpret mode, grouped experts)
-    gives the greedy tokens of the engine on the checkpoint dequantized at load, at 1 and 2 devices (experts split by
-    their intermediate blocks, the down projection's partial sums all-reduced)."""
+    gives the greedy tokens of the engine on the checkpoint dequantized at load, at 2 devices (experts split by their
+    intermediate blocks, the down projection's partial sums all-reduced); with int8 experts (a scale per output
+    feature) the grouped kernel gives the XLA engine's tokens."""
     from safetensors.flax import save_file
 
     from tests.test_moe import tiny_moe
@@ -353,13 +359,18 @@ def test_an_fp8_expert_model_serves_with_the_grouped_kernel_at_tp_1_and_2(tmp_pa
     prompts, greedy = [p[:16] for p in _prompts(cfg.vocab_size, 4)][:2], dataclasses.replace(GREEDY, max_tokens=6)
     want = [o.token_ids for o in LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}),
                                      progress=False).generate(prompts, greedy)]
-    for tp in (1, 2):
-        llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret", "parallel.tensor": tp}),
-                  progress=False)
-        layers = llm.engine.params["layers"]
-        assert llm.engine.model_cfg.fp8_kernel == "pallas_interpret" and layers["moe_down"].dtype == FP8
-        assert "moe_down_block_scale" in layers and layers["router"].dtype == np.float32
-        assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+    llm = LLM(EngineConfig().replace(**base, **{"attention.backend": "pallas_interpret", "parallel.tensor": 2}),
+              progress=False)
+    layers = llm.engine.params["layers"]
+    assert llm.engine.model_cfg.quant_kernels == "pallas_interpret" and layers["moe_down"].dtype == FP8
+    assert "moe_down_block_scale" in layers and layers["router"].dtype == np.float32
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
+    # int8 experts (a scale per output feature) through the same grouped kernel, on one device
+    int8 = {**base, "model.quantization": "int8"}
+    want = [o.token_ids for o in LLM(EngineConfig().replace(**int8), progress=False).generate(prompts, greedy)]
+    llm = LLM(EngineConfig().replace(**int8, **{"attention.backend": "pallas_interpret"}), progress=False)
+    assert llm.engine.model_cfg.quant_kernels == "pallas_interpret" and llm.engine.params["layers"]["moe_up"].dtype == np.int8
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
 
 
 def test_w8a8_refuses_expert_layers_and_w8a8_fp8_serves_them():

@@ -104,31 +104,37 @@ def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
 
 
 @pytest.mark.parametrize("m,e,k,n", [(1, 0, 7168, 1536), (64, 0, 7168, 18432), (2048, 0, 16384, 7168),
-                                     (8, 256, 7168, 256), (16384, 256, 256, 7168)],
-                         ids=["decode-wq_a", "batch-mlp", "prefill-wo", "decode-experts", "prefill-experts"])
+                                     (8, 256, 7168, 256), (16384, 256, 256, 7168), (64, 128, 2048, -768)],
+                         ids=["decode-wq_a", "batch-mlp", "prefill-wo", "decode-experts", "prefill-experts",
+                              "int8-experts-per-feature"])
 def test_fp8_block_matmul_compiles(m, e, k, n):
   """pallas_kernels/fp8_matmul.py at DeepSeek-V3's shapes (bfloat16 rows against e4m3 weights in 128 x 128 blocks;
   the grouped kernel over 256 experts, one device's share of 8) with its default launch: no spills, within shared
   memory, on the matrix units (wgmma from 64-row tiles on Hopper); A100's sm80 cannot convert e4m3 in Triton, which
-  is why the engine keeps XLA's path there (fp8_matmul.supported)."""
-  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_block_fp8_matmul
+  is why the engine keeps XLA's path there (fp8_matmul.supported). n < 0: int8 experts of |n| outputs with a scale
+  per output feature (Qwen3-30B-A3B's under model.quantization int8), which sm80 compiles too."""
+  from pallas_kernels.fp8_matmul import block_fp8_matmul, grouped_scaled_matmul
 
-  experts = (e,) if e else ()
-  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16), jax.ShapeDtypeStruct((*experts, k, n), jnp.float8_e4m3fn),
-          jax.ShapeDtypeStruct((*experts, k // 128, n // 128), jnp.float32),
+  experts, per_feature, n = (e,) if e else (), n < 0, abs(n)
+  args = (jax.ShapeDtypeStruct((m, k), jnp.bfloat16),
+          jax.ShapeDtypeStruct((*experts, k, n), jnp.int8 if per_feature else jnp.float8_e4m3fn),
+          jax.ShapeDtypeStruct((*experts, n) if per_feature else (*experts, k // 128, n // 128), jnp.float32),
           *([jax.ShapeDtypeStruct((e,), jnp.int32)] if e else []))
-  kernel = grouped_block_fp8_matmul if e else block_fp8_matmul
+  kernel = grouped_scaled_matmul if e else block_fp8_matmul
   for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
     [module] = gpu_compile.triton_modules(kernel, *args, target=target)
     report = gpu_compile.compile_module(module, target)
     assert report.fits and report.spill_bytes == 0 and 0 < report.registers <= target.max_registers, report
     want = {"sm90": "HGMMA" if m // (e or 1) >= 64 else "HMMA", "gfx942": "MFMA"}[target.name]
     assert report.matrix_instructions == want, report
-  if m == 1:
+  if m == 1 or per_feature:
     sm80 = gpu_compile.TARGETS["sm80"]
     [module] = gpu_compile.triton_modules(kernel, *args, target=sm80)
-    with pytest.raises(Exception):
-      gpu_compile.compile_module(module, sm80)
+    if per_feature:
+      assert gpu_compile.compile_module(module, sm80).matrix_instructions == "HMMA"
+    else:
+      with pytest.raises(Exception):
+        gpu_compile.compile_module(module, sm80)
 
 
 def test_oversized_tile_is_reported():

@@ -303,7 +303,7 @@ def test_block_fp8_matmul_kernel_on_the_gpu(m):
 
 
 @pytest.mark.parametrize("rows", [8, 500])
-def test_grouped_block_fp8_matmul_kernel_on_the_gpu(rows):
+def test_grouped_scaled_matmul_kernel_on_the_gpu(rows):
   """The grouped FP8 kernel compiled (experts' e4m3 weights in 128 x 128 blocks, rows grouped by expert, some experts
   empty) against XLA's ragged_dot over the dequantized experts."""
   from models import quant
@@ -315,7 +315,7 @@ def test_grouped_block_fp8_matmul_kernel_on_the_gpu(rows):
   values, scales = quant.quantize_weight_fp8_blocks(rng.standard_normal((16, 512, 256)).astype(np.float32) / 20)
   sizes = np.bincount(rng.integers(0, 12, rows), minlength=16)  # experts 12..15 get no rows
   x = jnp.asarray(rng.standard_normal((rows, 512)), jnp.bfloat16)
-  got = fp8_matmul.grouped_block_fp8_matmul(x, jnp.asarray(values), jnp.asarray(scales), jnp.asarray(sizes))
+  got = fp8_matmul.grouped_scaled_matmul(x, jnp.asarray(values), jnp.asarray(scales), jnp.asarray(sizes))
   want = jax.lax.ragged_dot(x, jnp.asarray(quant.dequantize_fp8_blocks(values, scales), jnp.bfloat16),
                             jnp.asarray(sizes, jnp.int32), preferred_element_type=jnp.float32)
   np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),

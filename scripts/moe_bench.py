@@ -4,9 +4,13 @@
     python scripts/moe_bench.py --quick    # tiny shapes on the CPU: a smoke test
 
 `grouped` runs each token's top-k experts as grouped matmuls (lax.ragged_dot); `dense` runs every expert on every
-token. Each row: median time of the jitted layer (router, top-k, experts, combine), the useful rate (2 x 3 x
-tokens x k x hidden x intermediate FLOPs, the work the top-k experts need, whatever the path does), and the largest
-difference from the dense path's output. scripts/gpu_check.sh runs it; `model.moe_backend` picks the path.
+token; `int8` is the grouped path on int8 experts (a scale per output feature, model.quantization: int8) as XLA runs
+it (converting every expert's weights for ragged_dot), `int8+k` the same experts read by the Pallas grouped kernel
+(pallas_kernels/fp8_matmul.py: only the experts with rows, as their bytes; interpret mode with --quick). Each row:
+median time of the jitted layer (router, top-k, experts, combine), the useful rate (2 x 3 x tokens x k x hidden x
+intermediate FLOPs, the work the top-k experts need, whatever the path does), and the largest difference from the
+dense path's output (the int8 rows: from `int8`'s). scripts/gpu_check.sh runs it; `model.moe_backend` picks the
+path.
 """
 from __future__ import annotations
 
@@ -22,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from models import moe  # noqa: E402
+from models import moe, quant  # noqa: E402
 
 
 def median_s(fn, *args, reps: int) -> float:
@@ -56,18 +60,27 @@ def main(argv=None) -> list[dict]:
          "moe_up": jax.random.normal(key[2], (e, h, i)) * h**-0.5,
          "moe_down": jax.random.normal(key[3], (e, i, h)) * i**-0.5}
     p = {name: w.astype(dtype) for name, w in p.items()}
-    paths = {name: jax.jit(lambda x, p, f=f: f(x, p, moe.Routing(top_k=k), moe.swiglu))
-             for name, f in (("grouped", moe.grouped_moe), ("dense", moe.dense_moe))}
+    int8 = {"router": p["router"]}
+    for name in ("moe_gate", "moe_up", "moe_down"):
+        values, scales = quant.quantize_weight(np.asarray(p[name], np.float32)[None])
+        int8[name], int8[name + quant.SCALE_SUFFIX] = jnp.asarray(values[0]), jnp.asarray(scales[0])
+    kernel = "pallas_interpret" if args.quick else "pallas"
+    routing = moe.Routing(top_k=k)
+    paths = {"grouped": (jax.jit(lambda x, p: moe.grouped_moe(x, p, routing, moe.swiglu)), p, "dense"),
+             "dense": (jax.jit(lambda x, p: moe.dense_moe(x, p, routing, moe.swiglu)), p, "dense"),
+             "int8": (jax.jit(lambda x, p: moe.grouped_moe(x, p, routing, moe.swiglu)), int8, "int8"),
+             "int8+k": (jax.jit(lambda x, p: moe.grouped_moe(x, p, routing, moe.swiglu, quant_kernels=kernel)), int8,
+                        "int8")}
     print(f"MoE layer on {jax.devices()[0].device_kind}: hidden {h}, {e} experts of {i}, top {k}, "
           f"{jnp.dtype(dtype).name}, median of {args.reps}")
     print(f"{'tokens':>7} {'path':>8} {'ms':>9} {'TFLOP/s':>9} {'max diff':>9}")
     rows = []
     for t in args.tokens:
         x = jax.random.normal(jax.random.fold_in(key[4], t), (t, h)).astype(dtype)
-        ref = np.asarray(paths["dense"](x, p), np.float32)
-        for name, fn in paths.items():
-            seconds = median_s(fn, x, p, reps=args.reps)
-            diff = float(np.max(np.abs(np.asarray(fn(x, p), np.float32) - ref)))
+        refs = {name: np.asarray(paths[name][0](x, paths[name][1]), np.float32) for name in ("dense", "int8")}
+        for name, (fn, weights, reference) in paths.items():
+            seconds = median_s(fn, x, weights, reps=args.reps)
+            diff = float(np.max(np.abs(np.asarray(fn(x, weights), np.float32) - refs[reference])))
             rate = 2 * 3 * t * k * h * i / seconds / 1e12
             rows.append(dict(tokens=t, path=name, ms=seconds * 1e3, tflops=rate, max_diff=diff))
             print(f"{t:>7} {name:>8} {seconds * 1e3:>9.3f} {rate:>9.3f} {diff:>9.2e}")

@@ -320,3 +320,21 @@ def test_grouped_scaled_matmul_kernel_on_the_gpu(rows):
                             jnp.asarray(sizes, jnp.int32), preferred_element_type=jnp.float32)
   np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                              atol=2e-2 * float(jnp.abs(want).max()))
+
+
+def test_grouped_int8_experts_kernel_on_the_gpu():
+  """The grouped kernel compiled on int8 experts with a scale per output feature (any GPU converts int8) against
+  XLA's ragged_dot over the dequantized experts."""
+  from models import quant
+  from pallas_kernels import fp8_matmul
+
+  rng = np.random.default_rng(3)
+  values, scales = (a[0] for a in quant.quantize_weight(rng.standard_normal((1, 16, 512, 384)).astype(np.float32)))
+  sizes = np.bincount(rng.integers(0, 10, 200), minlength=16)
+  x = jnp.asarray(rng.standard_normal((200, 512)), jnp.bfloat16)
+  got = fp8_matmul.grouped_scaled_matmul(x, jnp.asarray(values), jnp.asarray(scales), jnp.asarray(sizes))
+  dequantized = quant.dequantize_weight({"w": values, "w_scale": scales}, "w")
+  want = jax.lax.ragged_dot(x, jnp.asarray(dequantized, jnp.bfloat16), jnp.asarray(sizes, jnp.int32),
+                            preferred_element_type=jnp.float32)
+  np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
+                             atol=2e-2 * float(jnp.abs(want).max()))

@@ -395,7 +395,8 @@ def test_w8a8_on_a_moe_model_is_refused_by_name():
 
 
 def test_moe_bench_quick_runs_both_paths_and_they_agree():
-    """scripts/moe_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: every row, paths agreeing."""
+    """scripts/moe_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: every row, paths agreeing (the
+    Pallas grouped kernel on int8 experts with XLA's int8 path)."""
     import importlib.util
     import pathlib
 
@@ -404,7 +405,8 @@ def test_moe_bench_quick_runs_both_paths_and_they_agree():
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rows = bench.main(["--quick"])
-    assert [(r["tokens"], r["path"]) for r in rows] == [(1, "grouped"), (1, "dense"), (24, "grouped"), (24, "dense")]
+    assert [(r["tokens"], r["path"]) for r in rows] == [(t, p) for t in (1, 24) for p in ("grouped", "dense", "int8",
+                                                                                          "int8+k")]
     assert all(r["ms"] > 0 and r["max_diff"] < 1e-4 for r in rows)
 
 

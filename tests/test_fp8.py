@@ -17,7 +17,7 @@ from models import llama, quant, sharding
 from models.config import LlamaConfig
 from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
-from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts
+from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
 
 FP8 = ml_dtypes.float8_e4m3fn
 # every finite e4m3 value, for the nearest-value checks (independent of any cast)
@@ -163,7 +163,7 @@ def _write_fp8_checkpoint(directory, cfg: LlamaConfig, params: dict, tokenizer, 
     from safetensors.flax import save_file  # numpy's writer has no float8
 
     tensors = {}
-    for name, w in _hf_tensors(cfg, params).items():
+    for name, w in _state_dict(cfg, params).items():
         if not name.endswith("proj.weight"):
             tensors[name] = np.asarray(w, np.float32)
         elif layout.endswith("block"):
@@ -306,24 +306,6 @@ def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
         np.testing.assert_allclose(got, np.asarray(ragged, np.float64), atol=tol)
 
 
-def _hf_tensors(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
-    """Our pytree -> HF tensor names in torch orientation, one tensor per expert where the names say so."""
-    from models.safetensors_loader import hf_names
-    from models.weights import TRANSPOSED
-
-    out = {}
-    for key, name in hf_names(cfg).items():
-        stacked = params["layers"].get(key) if "{i}" in name else params.get(key)
-        if stacked is None:
-            continue
-        for i in range(cfg.num_layers) if "{i}" in name else [None]:
-            arr = np.asarray(stacked[i] if i is not None else stacked)
-            for e in range(cfg.num_experts) if "{e}" in name else [None]:
-                one = arr[e] if e is not None else arr
-                out[name.format(i=i, e=e)] = np.swapaxes(one, -1, -2) if key in TRANSPOSED else one
-    return out
-
-
 @pytest.mark.slow
 def test_an_8bit_expert_model_serves_with_the_grouped_kernel(tmp_path):
     """A Qwen3-MoE checkpoint with every projection and expert in e4m3 (16 x 16 blocks): the engine with the grouped
@@ -337,7 +319,7 @@ def test_an_8bit_expert_model_serves_with_the_grouped_kernel(tmp_path):
 
     cfg, params = tiny_moe()
     tensors = {}
-    for name, w in _hf_tensors(cfg, jax.device_get(params)).items():
+    for name, w in _state_dict(cfg, jax.device_get(params)).items():
         if name.endswith("proj.weight") and "mlp.gate." not in name:
             tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(np.asarray(w, np.float32), 16, 16)
         else:

@@ -52,7 +52,8 @@ def _tokens(llm: LLM, prompts) -> list[list[int]]:
 
 
 def _state_dict(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
-    """Our pytree -> HF tensor names in torch orientation (what a trainer holds)."""
+    """Our pytree -> HF tensor names in torch orientation (what a trainer holds), one tensor per expert where the
+    names say so."""
     out = {}
     for key, name in hf_names(cfg).items():
         stacked = params["layers"].get(key) if "{i}" in name else params.get(key)
@@ -60,7 +61,9 @@ def _state_dict(cfg: LlamaConfig, params: dict) -> dict[str, np.ndarray]:
             continue
         for i in range(cfg.num_layers) if "{i}" in name else [None]:
             arr = np.asarray(stacked[i] if i is not None else stacked)
-            out[name.format(i=i)] = np.swapaxes(arr, -1, -2) if key in TRANSPOSED else arr
+            for e in range(cfg.num_experts) if "{e}" in name else [None]:
+                one = arr[e] if e is not None else arr
+                out[name.format(i=i, e=e)] = np.swapaxes(one, -1, -2) if key in TRANSPOSED else one
     return out
 
 

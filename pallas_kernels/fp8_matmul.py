@@ -85,6 +85,8 @@ def block_fp8_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, *, inte
   if k_w != k or not tileable(values.shape, scales.shape):
     raise ValueError(f"x {x.shape} @ weights {values.shape} with block scales {scales.shape}: the blocks must tile "
                      "both dims in powers of two >= 16")
+  if m == 0:
+    return jnp.zeros((0, n), out_dtype or x.dtype)
   block_k, block_n = k // scales.shape[0], n // scales.shape[1]
   bm = row_block(m)
   num_warps = num_warps or (8 if bm >= 64 else 4)
@@ -154,6 +156,8 @@ def grouped_scaled_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, gr
   if values.size >= 2**31:
     raise ValueError(f"experts {values.shape}: {values.size} weights, past the kernel's int32 offsets (2^31); split "
                      "them over devices (parallel.tensor)")
+  if r == 0:
+    return jnp.zeros((0, n), out_dtype or x.dtype)
   block_k, block_n = (_tile(k), _tile(n)) if per_column else (k // scales.shape[-2], n // scales.shape[-1])
   bm = row_block(-(-r // num_experts))
   num_warps = num_warps or (8 if bm >= 64 else 4)

@@ -120,6 +120,9 @@ def test_block_fp8_matmul_kernel_matches_float64(dtype):
         np.testing.assert_allclose(got, exact, atol=tol, err_msg=f"{m} x {k} @ {k} x {n} in {bk} x {bn} blocks")
         xla = np.asarray(fp8_matmul.block_fp8_matmul_reference(x, jnp.asarray(values), jnp.asarray(scales)), np.float64)
         np.testing.assert_allclose(got, xla, atol=tol)
+    empty = fp8_matmul.block_fp8_matmul(jnp.zeros((0, k), dtype), jnp.asarray(values), jnp.asarray(scales),
+                                        interpret=True)
+    assert empty.shape == (0, n)
     with pytest.raises(ValueError, match="powers of two >= 16"):
         fp8_matmul.block_fp8_matmul(jnp.zeros((2, 64)), jnp.zeros((64, 64), FP8), jnp.ones((8, 1)), interpret=True)
 
@@ -276,7 +279,7 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
 @pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
 def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
     """pallas_kernels/fp8_matmul.grouped_scaled_matmul (interpret mode): rows grouped by expert (sizes drawn fresh,
-    empty experts and lone rows among them) @ experts in 8 bits (e4m3 blocks of 16 to 128; int8 and e4m3 with a scale
+    empty experts, lone rows and no rows at all among them) @ experts in 8 bits (e4m3 blocks of 16 to 128; int8 and e4m3 with a scale
     per output feature, dims that are multiples of 16 but not of 128) against float64 numpy per group and against
     XLA's ragged_dot over the dequantized experts; float32 within 1e-5 of the largest output, bfloat16 within 2e-2."""
     from pallas_kernels import fp8_matmul
@@ -304,6 +307,9 @@ def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
         ragged = jax.lax.ragged_dot(x, jnp.asarray(w, dtype), jnp.asarray(sizes, jnp.int32),
                                     preferred_element_type=jnp.float32)
         np.testing.assert_allclose(got, np.asarray(ragged, np.float64), atol=tol)
+    empty = fp8_matmul.grouped_scaled_matmul(jnp.zeros((0, k), dtype), jnp.asarray(values), jnp.asarray(scales),
+                                             jnp.zeros(values.shape[0], jnp.int32), interpret=True)
+    assert empty.shape == (0, n)  # no rows at all (every expert empty)
 
 
 @pytest.mark.slow

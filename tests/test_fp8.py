@@ -302,7 +302,7 @@ def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         exact = np.concatenate([np.asarray(x[a:b], np.float64) @ w[e] for e, (a, b) in
                                 enumerate(zip(bounds[:-1], bounds[1:]))]).reshape(-1, n)
-        tol = (1e-5 if dtype == np.float32 else 2e-2) * max(np.abs(exact).max(), 1e-30)
+        tol = (1e-5 if dtype == np.float32 else 2e-2) * np.abs(exact).max(initial=1e-30)
         np.testing.assert_allclose(got, exact, atol=tol, err_msg=f"sizes {sizes}")
         ragged = jax.lax.ragged_dot(x, jnp.asarray(w, dtype), jnp.asarray(sizes, jnp.int32),
                                     preferred_element_type=jnp.float32)

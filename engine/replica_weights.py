@@ -4,8 +4,8 @@ while it serves, moved off the devices while it sleeps.
 The layout pipeline is one for all three (`prepare`): KV heads repeated for tensor parallelism, SmoothQuant folded
 in (w8a8), the weights quantized (models/quant.py); then `place` splits them over the mesh with the same shardings
 every time. New weights are checked against the abstract shapes and dtypes of the ones placed at start-up, so the
-compiled steps run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the engine's
-business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
+compiled steps run them unchanged. What the cache holds, whether requests are in flight, and the KV arrays are the
+engine's business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
 """
 from __future__ import annotations
 

@@ -204,11 +204,12 @@ def _kept_fp8(cfg: LlamaConfig, names: Mapping[str, str], shard_of: Mapping[str,
         if key not in names or key == "wkv_a":
             continue
         first = names[key].format(i=layers_of(cfg, key)[0], e=0)
-        if first not in shard_of or shard_of[first][1].get_slice(first).get_dtype() != "F8_E4M3":
+        tensor = shard_of[first][1].get_slice(first) if first in shard_of else None
+        if tensor is None or tensor.get_dtype() != "F8_E4M3":
             continue
         suffix = next((s for s in ("_scale_inv", "_scale") if first + s in shard_of), None)
         if suffix in block_scales:
-            out, fan_in = shard_of[first][1].get_slice(first).get_shape()[-2:]
+            out, fan_in = tensor.get_shape()[-2:]
             whole = out % rows == 0 and fan_in % cols == 0 and (not cfg.mla or key not in ("wq", "wq_b") or all(
                 start // rows == (start + cfg.qk_rope_head_dim - 1) // rows
                 for start in range(cfg.qk_nope_head_dim, out, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim)))

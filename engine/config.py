@@ -26,6 +26,7 @@ def _positive(key: str, value: int) -> None:
 
 # model.quantization that quantizes activations too (W8A8) -> its weights' format (models/quant.py)
 W8A8 = {"w8a8": "int8", "w8a8_fp8": "fp8"}
+Quantization = Literal["auto", "none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +54,7 @@ class ModelSpec:
     # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300); expert layers too.
     # "auto": what the checkpoint stores, as vLLM picks it (models.loader.checkpoint_quantization): fp8 for an FP8
     # checkpoint, mxfp4 for an MXFP4 one (gpt-oss), none otherwise; "none": every weight in model.dtype.
-    quantization: Literal["auto", "none", "int8", "w8a8", "int4", "mxfp4", "fp8", "w8a8_fp8"] = "auto"
+    quantization: Quantization = "auto"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);
     # 0 turns it off. Not with LoRA adapters (they read the unsmoothed inputs).
@@ -156,16 +157,23 @@ class SchedulerConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SpeculativeConfig:
-    """Speculative decoding by n-gram lookup (vLLM's `ngram`, also called prompt lookup): a decoding sequence's
-    last `ngram_max` .. `ngram_min` tokens are looked up earlier in its own prompt and output, and the tokens
-    that followed the latest occurrence are verified in one step with the real token. Pays where outputs
-    repeat their input (editing, extraction, quoting, summaries, code); outputs are the same as without."""
+    """Speculative decoding: each decoding sequence proposes `num_tokens` draft tokens, verified in one step with the
+    real token; outputs are the same as without (engine/speculative.py).
 
-    method: Literal["none", "ngram"] = "none"
+    `ngram` (vLLM's `ngram`, also called prompt lookup): the sequence's last `ngram_max` .. `ngram_min` tokens are
+    looked up earlier in its own prompt and output, and the tokens that followed the latest occurrence are the draft.
+    Pays where outputs repeat their input (editing, extraction, quoting, summaries, code).
+    `draft_model` (vLLM's `draft_model`): a small model of the same vocabulary (`model`: any `model.path` form) drafts
+    greedily, on the same devices, with its own K/V in the same pages as the target's (so the prefix cache serves
+    both). Pays wherever the small model often guesses the large one's next tokens."""
+
+    method: Literal["none", "ngram", "draft_model"] = "none"
     num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
     ngram_min: int = 2
     ngram_max: int = 4
     max_batch: int = 0  # speculate only in steps with at most this many decoding sequences (0: any)
+    model: str = ""  # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...)
+    quantization: Quantization = "auto"  # draft_model: the draft's weights, as model.quantization (auto: as its checkpoint)
 
     def __post_init__(self):
         _positive("speculative.num_tokens", self.num_tokens)

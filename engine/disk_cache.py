@@ -332,13 +332,16 @@ def arrays_digest(tree) -> str:
     return h.hexdigest()
 
 
-def replica_layout(config, model_cfg, dtype, kv_dtype, backend: str, hybrid: bool, weights: dict | str) -> dict:
+def replica_layout(config, model_cfg, dtype, kv_dtype, backend: str, hybrid: bool, weights: dict | str,
+                   draft: dict | None = None) -> dict:
     """Everything a replica's K/V bytes depend on besides the tokens (which the block hash covers): the weights, the
     model as served (after tensor-parallel preparation), the dtypes and quantization, the page size, the tensor
     parallelism (reductions in another order round differently), the attention backend and whether the cache is
-    hybrid (windowed layers read their window from slots)."""
+    hybrid (windowed layers read their window from slots); and a draft model's (`draft`: its "config", "weights" and
+    "quantization"), whose K/V the pages hold too."""
     m = config.model
-    return {"weights": weights, "model": repr(model_cfg), "dtype": str(np.dtype(dtype)), "hybrid": hybrid,
+    extra = {} if draft is None else {"draft": [repr(draft["config"]), draft["weights"], draft["quantization"]]}
+    return {**extra, "weights": weights, "model": repr(model_cfg), "dtype": str(np.dtype(dtype)), "hybrid": hybrid,
             "kv_dtype": str(np.dtype(kv_dtype)), "quantization": [m.quantization, m.smoothquant_alpha,
                                                                  m.quantize_embeddings, m.quantization_group_size],
             "page_size": config.cache.page_size, "tensor": config.parallel.tensor, "attention": backend}

@@ -32,7 +32,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import multihost, structured
+from engine import draft_model, multihost, structured
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
@@ -71,9 +71,11 @@ def resolve_dtype(name: str):
 
 
 class LLMEngine:
-    """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests)."""
+    """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests); `draft` =
+    (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`."""
 
-    def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None):
+    def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None,
+                 draft: tuple | None = None):
         t0 = time.perf_counter()
         if config.parallel.data > 1:
             raise ConfigKeyError(f"parallel.data={config.parallel.data}: one engine is one replica; the offline job "
@@ -136,7 +138,12 @@ class LLMEngine:
         # float8 kept as their bits.
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
-        self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype)
+        self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model)
+        if config.speculative.method == "draft_model":
+            draft_model.check_supported(config, self.model_cfg)
+            self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, progress)
+        draft_cfg = self.draft.cfg if self.draft else None
+        self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
         # Quantized weights the Pallas kernels read as stored where attention runs Pallas (pallas_kernels/fp8_matmul.py,
         # per device under tensor parallelism): an FP8 checkpoint's blocks, 8-bit experts; e4m3 on devices that
@@ -151,7 +158,7 @@ class LLMEngine:
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,
-                                     weights_id or weights_identity(config.model.path))
+                                     weights_id or weights_identity(config.model.path), self._draft_identity(draft))
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv.num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
@@ -162,7 +169,8 @@ class LLMEngine:
         self.runner = ModelRunner(self.model_cfg, self.params, config, self.kv.num_pages, self.max_model_len,
                                   self.kv_dtype, backend, mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
-                                  num_window_pages=self.kv.num_window_pages, disk=self.disk)
+                                  num_window_pages=self.kv.num_window_pages, disk=self.disk,
+                                  draft=(draft_cfg, self.draft.weights.params) if self.draft else None)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -177,6 +185,14 @@ class LLMEngine:
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
+
+    def _draft_identity(self, given: tuple | None) -> dict | None:
+        """What names the draft model's K/V for the disk tier (its config, weights and quantization); None without."""
+        if self.draft is None:
+            return None
+        spec = self.config.speculative
+        weights = arrays_digest(given[1]) if given is not None else weights_identity(spec.model)
+        return {"config": self.draft.cfg, "weights": weights, "quantization": spec.quantization}
 
     @property
     def disk(self):
@@ -298,13 +314,16 @@ class LLMEngine:
         if self.config.speculative.draft_tokens:
             outputs += self._complete()  # drafts are read from the sequences' known tokens
         plan = self.scheduler.schedule()
+        if plan is not None and self.draft is not None:  # the draft model fills the draft slots the plan reserved
+            plan = draft_model.fill_drafts(plan, self.runner.propose(plan))
         if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):
             outputs += self._complete()  # penalties count, and grammars consume, the generated tokens on the host
         launched = None
         if plan is not None:
             targets = self._prompt_targets(plan)
             launched = self.runner.launch(plan, self._token_mask(plan), [(r, t) for r, t, _, _ in targets],
-                                          max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0))
+                                          max((seq.params.prompt_logprobs for _, _, seq, _ in targets), default=0),
+                                          copied=self.draft is not None)
         outputs += self._complete()
         if launched is not None:
             self.scheduler.advance(plan)
@@ -488,8 +507,10 @@ class LLMEngine:
                              "unfinished; sleep between batches, or abort them first")
         t0 = time.perf_counter()
         self.scheduler.reset_cache()
-        self.runner.params = None
+        self.runner.params = self.runner.draft_params = None
         self.weights.offload(keep=level == 1)
+        if self.draft is not None:  # kept whatever the level: weight updates give the model's weights only
+            self.draft.weights.offload(keep=True)
         for array in self.runner.kv:
             array.delete()  # now, not when the last reference goes
         self.runner.kv = None
@@ -505,6 +526,9 @@ class LLMEngine:
         t0 = time.perf_counter()
         self.weights.restore()
         self.runner.params = self.weights.params
+        if self.draft is not None:
+            self.draft.weights.restore()
+            self.runner.draft_params = self.draft.weights.params
         self.runner.kv = self.runner._allocate_kv()
         self.sleep_level = 0
         log.info("awake in %.1f s", time.perf_counter() - t0)

@@ -18,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 
+COPY_FIELDS = ("copies", "host_saves", "host_loads", "disk_saves", "disk_loads")  # StepArrays' fields `pack` fills
+
+
 class PageCopies:
     """Page copies of a step and the tiers' host side. `to_device`: the runner's (replicated over a mesh)."""
 
@@ -49,7 +52,7 @@ class PageCopies:
         else:
             copies = self._pack_pairs(self.layout.flat_pairs(plan.page_copies, plan.window_copies),
                                       fill=(0, self.layout.size))
-        return {"copies": copies,
+        return {"copies": copies,  # COPY_FIELDS
                 "host_saves": self._pack_pairs(plan.host_saves, fill=(0, -1)),  # padding: page 0 read, dropped on landing
                 "host_loads": self._pack_pairs(plan.host_loads, fill=(0, self.num_pages)),  # padding: out of range
                 "disk_saves": self._pack_disk_saves(plan.disk_saves),

@@ -28,12 +28,12 @@ class KVPlan:
     num_host_pages: int  # the host tier's slots (whole pages); 0: none
 
 
-def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype) -> KVPlan:
+def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype, draft_cfg=None) -> KVPlan:
     """The cache sizes for `config` (cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of
-    every page); logs them. ValueError / ConfigKeyError name what cannot work."""
+    every page; a draft model's K/V shares the pages); logs them. ValueError / ConfigKeyError name what cannot work."""
     cache = config.cache
     ps = cache.page_size
-    page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype)
+    page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype, draft_cfg)
     num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, page_bytes)
     if num_window_pages:
         num_windowed = sum(model_cfg.sliding_layers)
@@ -85,16 +85,19 @@ class ReplicaDisk:
     """The replica's disk tier (`cache.disk_path`): an engine.disk_cache.DiskCache whose key names the K/V's layout
     (model, dtypes, page size, tensor parallelism, attention backend, hybrid or not) and the weights served."""
 
-    def __init__(self, config: EngineConfig, model_cfg, dtype, kv_dtype, backend: str, plan: KVPlan, weights_id: str):
+    def __init__(self, config: EngineConfig, model_cfg, dtype, kv_dtype, backend: str, plan: KVPlan, weights_id: str,
+                 draft: dict | None = None):
         """weights_id: engine.disk_cache.weights_identity of the checkpoint, or arrays_digest of weights given as
-        arrays."""
+        arrays. draft: a draft model's identity (config, weights, quantization; speculative.method: draft_model),
+        whose K/V the pages hold too."""
         if config.parallel.num_processes > 1:
             raise ValueError("cache.disk_path (the disk tier) is not supported with parallel.num_processes > 1")
         self._layout = functools.partial(replica_layout, config, model_cfg, dtype, kv_dtype, backend,
-                                         bool(plan.num_window_pages))
+                                         bool(plan.num_window_pages), draft=draft)
         layout = self._layout(weights_id)
+        draft_cfg = None if draft is None else draft["config"]
         self.cache = DiskCache(config.cache.disk_path, layout_key(layout),
-                               kv_page_specs(model_cfg, config.cache.page_size, kv_dtype),
+                               kv_page_specs(model_cfg, config.cache.page_size, kv_dtype, draft_cfg),
                                max(1, int(config.cache.disk_gb * 2**30 // plan.page_bytes)), describe=layout)
 
     def serve_weights(self, source: str) -> None:

@@ -50,12 +50,12 @@ class LLM:
     """
 
     def __init__(self, config: EngineConfig | str | None = None, progress: bool = True, model: tuple | None = None,
-                 **overrides):
+                 draft: tuple | None = None, **overrides):
         if not isinstance(config, EngineConfig):
             config = load_config(config)
         if overrides:
             config = config.replace(**{k.replace("__", "."): v for k, v in overrides.items()})
-        self.engine = LLMEngine(config, progress=progress, model=model)
+        self.engine = LLMEngine(config, progress=progress, model=model, draft=draft)
         self.tokenizer = self.engine.tokenizer
 
     def default_sampling_params(self) -> SamplingParams:

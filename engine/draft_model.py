@@ -35,18 +35,19 @@ class DraftModel:
 
 def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
     """ConfigKeyError naming what a draft model does not run with (yet)."""
-    if config.parallel.tensor > 1 or config.parallel.num_processes > 1:
-        raise ConfigKeyError("speculative.method: draft_model runs on one device for now (parallel.tensor and "
-                             "parallel.num_processes must be 1)")
+    if config.parallel.num_processes > 1:
+        raise ConfigKeyError("speculative.method: draft_model does not run in a multi-host replica yet "
+                             "(parallel.num_processes must be 1)")
     if config.cache.hybrid and model_cfg.mixed_windows:
         raise ConfigKeyError("speculative.method: draft_model keeps its K/V in whole pages, which a hybrid cache (this "
                              "model's sliding-window layers) does not have; set cache.hybrid: false")
 
 
-def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple | None, progress: bool) -> DraftModel:
+def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple | None, mesh, progress: bool) -> DraftModel:
     """The draft model of `config.speculative`: its checkpoint (`speculative.model`, quantized as
-    `speculative.quantization`), or `given` = (LlamaConfig, params) in-process. ConfigKeyError if its vocabulary is
-    not the model's (a draft token must mean the same text to both)."""
+    `speculative.quantization`), or `given` = (LlamaConfig, params) in-process; a whole copy on every device of a
+    tensor-parallel `mesh` (a draft is small: splitting it would add a collective per layer to each of its rounds).
+    ConfigKeyError if its vocabulary is not the model's (a draft token must mean the same text to both)."""
     spec = config.speculative
     t0 = time.perf_counter()
     if given is not None:
@@ -61,8 +62,8 @@ def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple |
     if cfg.num_experts:
         log.warning("speculative.model is a mixture of experts: a draft pays when it is much cheaper than the model")
     draft_config = config.replace(**{"model.path": spec.model or "in-process", "model.quantization": quantization,
-                                     "model.quantize_embeddings": False, "lora.adapters": {}})
-    weights = ReplicaWeights(draft_config, cfg, cfg, dtype, None, tokenizer, params, progress)
+                                     "model.quantize_embeddings": False, "lora.adapters": {}, "parallel.tensor": 1})
+    weights = ReplicaWeights(draft_config, cfg, cfg, dtype, mesh, tokenizer, params, progress, replicate=True)
     if quantization in W8A8:
         cfg = dataclasses.replace(cfg, quantized_activations=True)
     log.info("draft model %s (%d layers, hidden %d, %s) ready in %.1f s: %d draft tokens per sequence per step",

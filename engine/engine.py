@@ -141,7 +141,7 @@ class LLMEngine:
         self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model)
         if config.speculative.method == "draft_model":
             draft_model.check_supported(config, self.model_cfg)
-            self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, progress)
+            self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
         draft_cfg = self.draft.cfg if self.draft else None
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)

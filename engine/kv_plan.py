@@ -34,7 +34,9 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     cache = config.cache
     ps = cache.page_size
     page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype, draft_cfg)
-    num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, page_bytes)
+    # On the devices a draft's K/V is whole on each of the tensor-parallel devices (the model's is split across them).
+    replicas = (config.parallel.tensor - 1) * (kv_bytes_per_page(draft_cfg, ps, kv_dtype) if draft_cfg else 0)
+    num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, page_bytes + replicas)
     if num_window_pages:
         num_windowed = sum(model_cfg.sliding_layers)
         log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "

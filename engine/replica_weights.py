@@ -39,11 +39,12 @@ class PreparedWeights:
 
 class ReplicaWeights:
     def __init__(self, config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: LlamaConfig, dtype, mesh, tokenizer,
-                 params: dict, progress: bool):
+                 params: dict, progress: bool, replicate: bool = False):
         """loaded_cfg: the checkpoint's config (new weights must match it); model_cfg: the one the step runs, before
-        int8 activations (SmoothQuant calibrates the float model); params: the loaded weights (host arrays)."""
+        int8 activations (SmoothQuant calibrates the float model); params: the loaded weights (host arrays).
+        replicate: a whole copy on every device of the mesh instead of split across it (a draft model)."""
         self.config, self.loaded_cfg, self.model_cfg = config, loaded_cfg, model_cfg
-        self.dtype, self.mesh, self.tokenizer = dtype, mesh, tokenizer
+        self.dtype, self.mesh, self.tokenizer, self.replicate = dtype, mesh, tokenizer, replicate
         self.params: dict | None = self.place(self.prepare(params, progress))
         log.info("weights: %.1f MiB on each device", max(sharding.bytes_per_device(self.params).values()) / 2**20)
         self.avals = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), self.params)
@@ -77,7 +78,9 @@ class ReplicaWeights:
         # NOTE: a copy first: jax.device_put(may_alias=False) to a replicated sharding still shares the source
         # device's buffer (jax 0.10.2: deleting the result deletes the source).
         params = jax.tree.map(lambda a: a.copy() if isinstance(a, jax.Array) else a, params)
-        return sharding.shard_params(self.model_cfg, params, self.mesh) if self.mesh else jax.device_put(params)
+        if self.mesh is None or self.replicate:
+            return jax.device_put(params, None if self.mesh is None else sharding.replicated(self.mesh))
+        return sharding.shard_params(self.model_cfg, params, self.mesh)
 
     def read(self, source, progress: bool = False) -> PreparedWeights:
         """New weights, read and laid out while the replica serves: `source` is a checkpoint path (any `model.path`

@@ -22,6 +22,7 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from engine import sampler
 from engine.config import EngineConfig
@@ -155,9 +156,12 @@ class ModelRunner:
                 raise ValueError("a hybrid cache has no host tier")
             self.layout = llama.HybridLayout(model_cfg.sliding_layers, num_pages, num_window_pages)
             kv_shapes = [((1, s[1], self.layout.size) + s[3:], d) for s, d in kv_shapes]
+        # The model's arrays split by KV head across a tensor-parallel mesh; a draft's whole on every device, as its
+        # weights are.
         self.num_model_kv = len(cache_arrays(model_cfg, (), kv_dtype))  # the model's arrays; the draft's follow
         kv_sharding = None if mesh is None else tuple(
-            jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s))) for s, _ in kv_shapes)
+            jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s)) if i < self.num_model_kv else P())
+            for i, (s, _) in enumerate(kv_shapes))
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
         self._replicated = None if mesh is None else sharding.replicated(mesh)

@@ -168,12 +168,32 @@ def test_pallas_interpret_and_warmup(tiny_model, draft, tokenizer):
     assert llm.engine.runner._propose._cache_size() == compiled
 
 
+def test_tensor_parallel_model_with_a_whole_draft_on_each_device(tiny_model, draft, tokenizer):
+    """The model split over 2 and 4 devices, the draft whole on each (its K/V too): plain decoding's tokens with
+    either draft, every draft of the model as its own accepted (prefix hits included)."""
+    prompts = _prompts(tokenizer, random.Random(16))[:12]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16})
+    plain, _ = _run(base, tiny_model, None, prompts, params)
+    for tp, model_draft in ((2, tiny_model[:2]), (4, draft)):
+        llm = LLM(base.replace(**{**DRAFT, "parallel.tensor": tp}), progress=False, model=tiny_model,
+                  draft=model_draft)
+        k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
+        assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp and d.sharding.is_fully_replicated
+        ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+        finals = llm._run(set(ids), progress=False)
+        for a, i in zip(plain, ids):
+            _same(a, finals[i])
+        stats = llm.engine.stats()
+        assert stats["spec_draft_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+        if model_draft is not draft:
+            assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+
+
 def test_refusals(tiny_model, draft, tokenizer):
     base = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32})
     with pytest.raises(ConfigKeyError, match="needs speculative.model"):
         LLM(base, progress=False, model=tiny_model)
-    with pytest.raises(ConfigKeyError, match="one device"):
-        LLM(base.replace(**{"parallel.tensor": 2}), progress=False, model=tiny_model, draft=draft)
     cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, max_position=1024, sliding_window=32,
                       sliding_layers=(True, False), qk_norm=True, sandwich_norms=True, tie_word_embeddings=True)

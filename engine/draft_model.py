@@ -24,7 +24,7 @@ from models.weights import cast_params
 
 log = logging.getLogger(__name__)
 
-PROBE_TEXT = "Speculative decoding: the draft's tokens must be the model's. 0123456789 \u00e9\u00e8 \u4e2d\u6587 {\"k\": [1]}"
+PROBE_TEXT = "Speculative decoding: the draft's tokens must be the model's. 0123 \u00e9\u00e8 \u4e2d\u6587 {\"k\": [1]}"
 
 
 @dataclasses.dataclass
@@ -43,7 +43,8 @@ def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
                              "model's sliding-window layers) does not have; set cache.hybrid: false")
 
 
-def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple | None, mesh, progress: bool) -> DraftModel:
+def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple | None, mesh,
+               progress: bool) -> DraftModel:
     """The draft model of `config.speculative`: its checkpoint (`speculative.model`, quantized as
     `speculative.quantization`), or `given` = (LlamaConfig, params) in-process; a whole copy on every device of a
     tensor-parallel `mesh` (a draft is small: splitting it would add a collective per layer to each of its rounds).
@@ -99,8 +100,8 @@ def fill_drafts(plan: StepPlan, drafts: list[list[int]]) -> StepPlan:
             if chunk.seq.matcher is not None:
                 draft = draft[: structured.valid_prefix(chunk.seq.matcher, draft)]
             cut += len(chunk.draft) - len(draft)
-            chunk = dataclasses.replace(chunk, token_ids=chunk.token_ids[: len(chunk.token_ids) - len(chunk.draft)] + draft,
-                                        draft=tuple(draft))
+            real = chunk.token_ids[: len(chunk.token_ids) - len(chunk.draft)]
+            chunk = dataclasses.replace(chunk, token_ids=real + draft, draft=tuple(draft))
         chunks.append(chunk)
     return dataclasses.replace(plan, chunks=chunks, num_decode_tokens=plan.num_decode_tokens - cut)
 

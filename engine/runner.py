@@ -122,8 +122,8 @@ class ModelRunner:
                  lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
-        draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; one device, no hybrid
-        cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it)."""
+        draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
+        no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it)."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -416,13 +416,14 @@ class ModelRunner:
             all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
         drafts = kv_caches[self.num_model_kv :]
         if self.draft_cfg is not None:
-            _, drafts = llama.forward(draft_params, self.draft_cfg, drafts, dataclasses.replace(inputs, adapter_ids=None),
-                                      attn_backend=self.backend, decode_only=decode_only)
+            _, drafts = llama.forward(draft_params, self.draft_cfg, drafts,
+                                      dataclasses.replace(inputs, adapter_ids=None), attn_backend=self.backend,
+                                      decode_only=decode_only)
         return hidden, every_row, (*own, *drafts)
 
     def propose(self, plan: StepPlan) -> list[list[int]]:
         """Draft tokens of every chunk with draft slots (`Chunk.draft`: how many), the draft model's greedy
-        continuation of its last token, one token per call of the draft on the device (`_propose_impl`); [] for the
+        continuation of its last token, one token per round of the draft on the device (`_propose_impl`); [] for the
         other chunks. Reads the draft's K/V of the tokens before (the steps wrote it) and writes it for the tokens it
         feeds (the step that verifies them writes it again). The plan's page copies are applied first (its launch
         then skips them: `launch(copied=True)`): a page a draft writes to may be one the plan evicts, whose saves to
@@ -461,7 +462,7 @@ class ModelRunner:
                                        page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
                                        num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
             hidden, drafts_kv = llama.forward(draft_params, self.draft_cfg, kv[self.num_model_kv :], inputs,
-                                              attn_backend=self.backend, decode_only=True if self.backend != "xla" else None)
+                                              attn_backend=self.backend, decode_only=self.backend != "xla" or None)
             logits = llama.compute_logits(draft_params, self.draft_cfg, hidden)[:, :vocab]
             tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
             return tok, drafts.at[:, i].set(tok), (*kv[: self.num_model_kv], *drafts_kv)

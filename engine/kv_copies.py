@@ -37,9 +37,11 @@ class PageCopies:
         # Disk tier: pages gathered and copied to the host asynchronously, handed to the disk's writer at the next
         # fetch (with the layout key they were computed under: new weights make the pages of the old ones worthless).
         self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
-        # Module-level jits (below): every runner of the process shares what they compile.
-        self._copy, self._gather, self._scatter = _COPY, _GATHER, _SCATTER
-        self._gather_entries, self._scatter_entries = _GATHER_ENTRIES, _SCATTER_ENTRIES
+        self._copy = jax.jit(_copy_pages, donate_argnums=0)
+        self._gather = jax.jit(_gather_pages)
+        self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
+        self._gather_entries = jax.jit(_gather_entries)
+        self._scatter_entries = jax.jit(_scatter_entries, donate_argnums=0)
 
     # ------------------------------------------------------------------------------ host side of a plan
     def pack(self, plan) -> dict:
@@ -183,10 +185,3 @@ def _scatter_entries(kv, loaded, entries):
 def _copy_pages(kv, src, dst):
     """Copies pages src[i] -> dst[i] in every cache array (out-of-range dst dropped)."""
     return tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in kv)
-
-
-_COPY = jax.jit(_copy_pages, donate_argnums=0)
-_GATHER = jax.jit(_gather_pages)
-_SCATTER = jax.jit(_scatter_pages, donate_argnums=0)
-_GATHER_ENTRIES = jax.jit(_gather_entries)
-_SCATTER_ENTRIES = jax.jit(_scatter_entries, donate_argnums=0)

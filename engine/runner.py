@@ -9,13 +9,10 @@ Two jitted functions keep the number of compiled shapes additive, not multiplica
   forward: (params, kv, inputs[T bucket; S = max_running]) -> (hidden [R, H], kv)   one per T bucket
   head:    (params, hidden, sampling inputs [R bucket])     -> tokens, logprobs       one per R bucket
 R, the head rows, is one per sequence (max_running), plus one per draft token with speculative decoding.
-Both are module-level and specialised on a `StepSpec` (the model, backend, mesh, layout and limits), so every runner
-of a process with the same spec reuses what another compiled (a new engine after `sleep`, replicas in tests).
 """
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import logging
 import math
@@ -168,18 +165,21 @@ class ModelRunner:
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
+        self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches", static_argnames="decode_only")
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
         # step and the rest share one compiled forward.
         self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
+        self._head = jax.jit(
+            self._head_impl,
+            static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
+        )
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
+        self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
         # Draft model: `propose` runs num_draft rounds of it for a bucket of rows (one per drafting sequence).
         self.num_draft = config.speculative.num_tokens
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
-        self.spec = StepSpec(model_cfg, backend, mesh, self.layout, self.num_model_kv, self.draft_cfg, self.max_seqs,
-                             self.page_size, self.num_draft)
-        self._forward, self._head, self._prompt_head, self._propose = (
-            functools.partial(f, spec=self.spec) for f in (_forward, _head, _prompt_head, _propose))
+        self._propose = jax.jit(self._propose_impl, donate_argnums=1)
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
@@ -402,6 +402,25 @@ class ModelRunner:
         """A step's model inputs on the device as the forward takes them (`engine.transfer.Packed`)."""
         return self._to_device(Packed.of(inputs))
 
+    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
+                      decode_only=None):
+        """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
+        model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
+        prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
+        [T, H], caches)."""
+        inputs = unpacked(inputs)
+        tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
+        inputs = dataclasses.replace(inputs, tokens=tokens)
+        (hidden, every_row), own = llama.forward(
+            params, self.cfg, kv_caches[: self.num_model_kv], inputs, attn_backend=self.backend, mesh=self.mesh,
+            all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
+        drafts = kv_caches[self.num_model_kv :]
+        if self.draft_cfg is not None:
+            _, drafts = llama.forward(draft_params, self.draft_cfg, drafts,
+                                      dataclasses.replace(inputs, adapter_ids=None), attn_backend=self.backend,
+                                      decode_only=decode_only)
+        return hidden, every_row, (*own, *drafts)
+
     def propose(self, plan: StepPlan) -> list[list[int]]:
         """Draft tokens of every chunk with draft slots (`Chunk.draft`: how many), the draft model's greedy
         continuation of its last token, one token per round of the draft on the device (`_propose_impl`); [] for the
@@ -427,115 +446,64 @@ class ModelRunner:
             out[i] = drafts[j, : counts[j]].tolist()
         return out
 
+    def _propose_impl(self, draft_params, kv_caches, tokens, starts, counts, pages):
+        """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
+        starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
+        K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
+        rows, ps = tokens.shape[0], self.page_size
+        seq = jnp.arange(rows, dtype=jnp.int32)
+        vocab = min(self.cfg.vocab_size, self.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
+
+        def one(i, carry):
+            tok, drafts, kv = carry
+            pos = starts + i
+            slots = jnp.where(i < counts, pages[seq, pos // ps] * ps + pos % ps, -1)
+            inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
+                                       page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
+                                       num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
+            hidden, drafts_kv = llama.forward(draft_params, self.draft_cfg, kv[self.num_model_kv :], inputs,
+                                              attn_backend=self.backend, decode_only=self.backend != "xla" or None)
+            logits = llama.compute_logits(draft_params, self.draft_cfg, hidden)[:, :vocab]
+            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return tok, drafts.at[:, i].set(tok), (*kv[: self.num_model_kv], *drafts_kv)
+
+        init = (tokens, jnp.zeros((rows, self.num_draft), jnp.int32), tuple(kv_caches))
+        _, drafts, kv_caches = jax.lax.fori_loop(0, self.num_draft, one, init)
+        return drafts, kv_caches
+
+    def _prompt_head_impl(self, params, every_row, targets, *, num_top):
+        """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the
+        target's rank (1 + the tokens more likely than it). Rows go through in blocks of 64, so at most [64, vocab]
+        logits exist at once whatever the step size."""
+
+        def block(args):
+            x, tgt = args
+            logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, x), axis=-1)
+            _, lp, top_ids, top_lps = sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)
+            rank = 1 + jnp.sum(logprobs > lp[:, None], axis=-1, dtype=jnp.int32)
+            return lp, top_ids, top_lps, rank
+
+        t = targets.shape[0]
+        size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t
+        out = jax.lax.map(block, (every_row.reshape(t // size, size, -1), targets.reshape(t // size, size)))
+        return tuple(a.reshape(t, *a.shape[2:]) for a in out)
+
+    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
+                   use_mask):
+        """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
+        read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
+        step's `prev_tokens`."""
+        s_in = unpacked(s_in)
+        logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
+        out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
+                             num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
+        n = min(num_rows, self.max_seqs)  # rows past max_running are draft positions: no placeholder names them
+        normed = llama.final_hidden(params, self.cfg, hidden[:num_rows])
+        return *out, normed, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
+
     def save_to_disk(self, saves: list[tuple[int, int, int]]) -> None:
         """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""
         self.copies.save_to_disk(self.kv, saves)
-
-
-@dataclasses.dataclass(frozen=True)
-class StepSpec:
-    """What a runner's jitted functions are specialised on besides their arguments' shapes. The functions are
-    module-level and take it as a static argument, so runners of the same model, layout and limits share their
-    compiled steps (a jit's cache belongs to the function: bound methods would compile again for every runner)."""
-
-    cfg: LlamaConfig
-    backend: str
-    mesh: object  # jax.sharding.Mesh or None
-    layout: llama.HybridLayout | None
-    num_model_kv: int  # the model's cache arrays; a draft model's follow
-    draft_cfg: LlamaConfig | None
-    max_seqs: int
-    page_size: int
-    num_draft: int  # draft model rounds per step
-
-
-# The model step, its head and prompt-logprob head, and the draft model's rounds: module-level, compiled once per
-# process for each StepSpec and shape.
-
-
-def _forward_impl(params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params, *,
-                  spec: StepSpec, decode_only=None):
-    """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
-    model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
-    prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
-    [T, H], caches)."""
-    inputs = unpacked(inputs)
-    tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
-    inputs = dataclasses.replace(inputs, tokens=tokens)
-    (hidden, every_row), own = llama.forward(
-        params, spec.cfg, kv_caches[: spec.num_model_kv], inputs, attn_backend=spec.backend, mesh=spec.mesh,
-        all_hidden=True, lora=lora, layout=spec.layout, decode_only=decode_only)
-    drafts = kv_caches[spec.num_model_kv :]
-    if spec.draft_cfg is not None:
-        _, drafts = llama.forward(draft_params, spec.draft_cfg, drafts,
-                                  dataclasses.replace(inputs, adapter_ids=None), attn_backend=spec.backend,
-                                  decode_only=decode_only)
-    return hidden, every_row, (*own, *drafts)
-
-
-def _propose_impl(draft_params, kv_caches, tokens, starts, counts, pages, *, spec: StepSpec):
-    """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
-    starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
-    K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
-    rows, ps = tokens.shape[0], spec.page_size
-    seq = jnp.arange(rows, dtype=jnp.int32)
-    vocab = min(spec.cfg.vocab_size, spec.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
-
-    def one(i, carry):
-        tok, drafts, kv = carry
-        pos = starts + i
-        slots = jnp.where(i < counts, pages[seq, pos // ps] * ps + pos % ps, -1)
-        inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
-                                   page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
-                                   num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
-        hidden, drafts_kv = llama.forward(draft_params, spec.draft_cfg, kv[spec.num_model_kv :], inputs,
-                                          attn_backend=spec.backend, decode_only=spec.backend != "xla" or None)
-        logits = llama.compute_logits(draft_params, spec.draft_cfg, hidden)[:, :vocab]
-        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        return tok, drafts.at[:, i].set(tok), (*kv[: spec.num_model_kv], *drafts_kv)
-
-    init = (tokens, jnp.zeros((rows, spec.num_draft), jnp.int32), tuple(kv_caches))
-    _, drafts, kv_caches = jax.lax.fori_loop(0, spec.num_draft, one, init)
-    return drafts, kv_caches
-
-
-def _prompt_head_impl(params, every_row, targets, *, spec: StepSpec, num_top):
-    """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the
-    target's rank (1 + the tokens more likely than it). Rows go through in blocks of 64, so at most [64, vocab]
-    logits exist at once whatever the step size."""
-
-    def block(args):
-        x, tgt = args
-        logprobs = jax.nn.log_softmax(llama.compute_logits(params, spec.cfg, x), axis=-1)
-        _, lp, top_ids, top_lps = sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)
-        rank = 1 + jnp.sum(logprobs > lp[:, None], axis=-1, dtype=jnp.int32)
-        return lp, top_ids, top_lps, rank
-
-    t = targets.shape[0]
-    size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t
-    out = jax.lax.map(block, (every_row.reshape(t // size, size, -1), targets.reshape(t // size, size)))
-    return tuple(a.reshape(t, *a.shape[2:]) for a in out)
-
-
-def _head_impl(params, hidden, s_in, *, spec: StepSpec, num_rows, use_penalties, use_filters, num_top_logprobs,
-               greedy_only, use_mask):
-    """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
-    read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
-    step's `prev_tokens`."""
-    s_in = unpacked(s_in)
-    logits = llama.compute_logits(params, spec.cfg, hidden[:num_rows])
-    out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                         num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
-    n = min(num_rows, spec.max_seqs)  # rows past max_running are draft positions: no placeholder names them
-    normed = llama.final_hidden(params, spec.cfg, hidden[:num_rows])
-    return *out, normed, jnp.zeros(spec.max_seqs, jnp.int32).at[:n].set(out[0][:n])
-
-
-_forward = jax.jit(_forward_impl, donate_argnames="kv_caches", static_argnames=("spec", "decode_only"))
-_head = jax.jit(_head_impl, static_argnames=("spec", "num_rows", "use_penalties", "use_filters", "num_top_logprobs",
-                                             "greedy_only", "use_mask"))
-_prompt_head = jax.jit(_prompt_head_impl, static_argnames=("spec", "num_top"))
-_propose = jax.jit(_propose_impl, donate_argnames="kv_caches", static_argnames="spec")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -578,9 +546,8 @@ FILTER_HEADS = ((False, True),)
 
 
 def _num_compiled(fn) -> int:
-    """How many shapes a jitted function (or a partial of one) has compiled, for every runner (-1 where this jax does
-    not say)."""
-    size = getattr(getattr(fn, "func", fn), "_cache_size", None)
+    """How many shapes a jitted function has compiled (-1 where this jax does not say)."""
+    size = getattr(fn, "_cache_size", None)
     return size() if callable(size) else -1
 
 

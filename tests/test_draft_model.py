@@ -150,8 +150,6 @@ def test_sleep_keeps_the_draft(tiny_model, tokenizer):
 def test_pallas_interpret_and_warmup(tiny_model, draft, tokenizer):
     """The draft on the Pallas backend (its rounds on the decode kernel, the mirror step on the step's kernel) gives
     xla's outputs; warmup compiles the draft rounds of every row bucket."""
-    from engine.runner import _num_compiled, _propose
-
     prompts = [([100 + i, 7, 8, 9, 10 + i], None) for i in range(3)]
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3
     config = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32, "scheduler.max_running": 4,
@@ -162,12 +160,11 @@ def test_pallas_interpret_and_warmup(tiny_model, draft, tokenizer):
     for a, b in zip(plain, spec):
         _same(a, b)
     assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
-    before = _num_compiled(_propose)  # the runners of a process share the compiled functions
     llm = LLM(config.replace(**{"warmup": True}), progress=False, model=tiny_model, draft=draft)
-    compiled = _num_compiled(_propose)
-    assert compiled - before == len(llm.engine.runner.draft_buckets) == 3
+    compiled = llm.engine.runner._propose._cache_size()
+    assert compiled == len(llm.engine.runner.draft_buckets) == 3
     llm.generate([p for p, _ in prompts], params[0])
-    assert _num_compiled(_propose) == compiled
+    assert llm.engine.runner._propose._cache_size() == compiled
 
 
 def test_tensor_parallel_model_with_a_whole_draft_on_each_device(tiny_model, draft, tokenizer):

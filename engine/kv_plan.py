@@ -33,10 +33,11 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     every page; a draft model's K/V shares the pages); logs them. ValueError / ConfigKeyError name what cannot work."""
     cache = config.cache
     ps = cache.page_size
-    page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype, draft_cfg)
-    # On the devices a draft's K/V is whole on each of the tensor-parallel devices (the model's is split across them).
-    replicas = (config.parallel.tensor - 1) * (kv_bytes_per_page(draft_cfg, ps, kv_dtype) if draft_cfg else 0)
-    num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, page_bytes + replicas)
+    draft_bytes = kv_bytes_per_page(draft_cfg, ps, kv_dtype) if draft_cfg else 0
+    page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype) + draft_bytes
+    # On the devices the model's K/V is split across the tensor-parallel devices, a draft's is whole on each.
+    device_bytes = page_bytes + (config.parallel.tensor - 1) * draft_bytes
+    num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, device_bytes)
     if num_window_pages:
         num_windowed = sum(model_cfg.sliding_layers)
         log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "

@@ -97,10 +97,9 @@ def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype,
     return cache_arrays(cfg, (page_size,), kv_dtype, draft)
 
 
-def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype, draft: LlamaConfig | None = None) -> int:
-    """One page over every layer and KV head: K and V, and their scales for an 8-bit cache (and a draft model's)."""
-    own = kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
-    return own + (kv_bytes_per_page(draft, page_size, kv_dtype) if draft is not None else 0)
+def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
+    """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
+    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

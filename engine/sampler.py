@@ -79,21 +79,46 @@ def build_inputs(
                           bias_ids, bias_values)
 
 
-def _filter_mask(scaled: jax.Array, s: SamplingInputs) -> jax.Array:
-    """Which entries of temperature-scaled logits [S, V] survive top-k / top-p / min-p (a bool mask in vocabulary
-    order). Computed over the descending sort, then scattered back: the draw that follows sees the vocabulary in
-    its own order, so a row without filters samples exactly as it would in a batch where nobody uses them."""
-    vocab = scaled.shape[-1]
-    order = jnp.argsort(-scaled, axis=-1)  # [S, V] descending
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-    rank = jnp.arange(vocab)[None, :]
-    k = jnp.where(s.top_k > 0, s.top_k, vocab)[:, None]
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
+FILTER_CANDIDATES = 256  # top-k / top-p / min-p look among each row's this many most likely tokens first
+
+
+def _keep_ranked(ranked: jax.Array, s: SamplingInputs, total: jax.Array) -> jax.Array:
+    """Which of each row's most likely tokens survive top-k / top-p / min-p: `ranked` [S, N] are the row's N largest
+    temperature-scaled logits in descending order, `total` [S, 1] its whole row's sum of exp(logit - max). Every
+    condition only gets stricter down the ranking, so the kept tokens are always a leading run."""
+    probs = jnp.exp(ranked - ranked[:, :1]) / total
+    rank = jnp.arange(ranked.shape[-1])[None, :]
+    k = jnp.where(s.top_k > 0, s.top_k, jnp.iinfo(jnp.int32).max)[:, None]
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     keep = (rank < k) & (mass_before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
-    keep = keep.at[:, 0].set(True)  # the most likely token always survives
+    return keep.at[:, 0].set(True)  # the most likely token always survives
+
+
+def _filter_mask(scaled: jax.Array, s: SamplingInputs, candidates: int = FILTER_CANDIDATES) -> jax.Array:
+    """Which entries of temperature-scaled logits [S, V] survive top-k / top-p / min-p (a bool mask in vocabulary
+    order; all of a row without filters, so it draws exactly as in a batch where nobody uses them).
+
+    The ranking is over each row's `candidates` most likely tokens (`lax.top_k`, ~70x cheaper than sorting 49k
+    logits on a CPU) when every filtered row's kept run ends inside them, which top-k up to `candidates` and top-p /
+    min-p over a peaked distribution do; otherwise over the whole sorted vocabulary. Both give the same mask."""
+    vocab = scaled.shape[-1]
     rows = jnp.arange(scaled.shape[0])[:, None]
-    return jnp.zeros(scaled.shape, bool).at[rows, order].set(keep)
+    total = jnp.exp(scaled - scaled.max(axis=-1, keepdims=True)).sum(axis=-1, keepdims=True)
+    filtered = ((s.top_k > 0) & (s.top_k < vocab)) | (s.top_p < 1) | (s.min_p > 0)
+
+    def over(ids: jax.Array) -> jax.Array:  # ids [S, N]: each row's N most likely tokens, in descending order
+        keep = _keep_ranked(jnp.take_along_axis(scaled, ids, axis=-1), s, total)
+        return jnp.zeros(scaled.shape, bool).at[rows, ids].set(keep), keep[:, -1]
+
+    def whole() -> jax.Array:
+        return over(jnp.argsort(-scaled, axis=-1))[0]
+
+    if candidates >= vocab:
+        mask = whole()
+    else:
+        short, last_kept = over(jax.lax.top_k(scaled, candidates)[1])
+        mask = jax.lax.cond(jnp.any(filtered & last_kept), whole, lambda: short)
+    return mask | ~filtered[:, None]
 
 
 def sample(

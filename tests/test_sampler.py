@@ -2,6 +2,7 @@
 distribution, and a row's draw does not depend on what the other rows of the batch ask for."""
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,6 +65,33 @@ def test_filters_keep_exactly_the_allowed_tokens(params):
     drawn = set(tokens.tolist())
     assert drawn <= allowed
     assert len(drawn) >= min(len(allowed), 2)  # more than the argmax gets drawn when more is allowed
+
+
+def test_filters_over_the_most_likely_tokens_equal_the_whole_sort():
+    """The filter mask ranked over each row's few most likely tokens (when every filtered row's kept run ends among
+    them) equals the mask over the whole sorted vocabulary, and the numpy reference; a batch where one row's kept run
+    does not fit takes the whole sort; rows without filters keep everything. Fresh random rows each run."""
+    rng = np.random.default_rng()
+    vocab, candidates = 512, 16
+    fitting = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=3),
+               SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, top_p=0.9, min_p=0.1),
+               SamplingParams(temperature=1.0, min_p=0.3), SamplingParams(temperature=1.0, top_k=8, top_p=0.95)]
+    anything = fitting + [SamplingParams(temperature=1.0, top_k=candidates), SamplingParams(temperature=1.0, top_k=40)]
+    fitted = unfitted = 0
+    for batch in range(12):  # even: peaked rows, short kept runs (they fit); odd: anything, rows flat to peaked
+        pool = anything if batch % 2 else fitting
+        params = [pool[j] for j in rng.integers(len(pool), size=6)]
+        scale = rng.choice([0.5, 3.0, 8.0], size=(6, 1)) if batch % 2 else 8.0
+        logits = rng.normal(size=(6, vocab)) * scale
+        x, s_in = jnp.asarray(logits, jnp.float32), _inputs(params, [0] * 6, [0] * 6, vocab=vocab)
+        few = np.asarray(sampler._filter_mask(x, s_in, candidates))
+        np.testing.assert_array_equal(few, np.asarray(sampler._filter_mask(x, s_in, vocab)))
+        allowed = [_allowed(row, p) if p.uses_filters else set(range(vocab)) for row, p in zip(logits, params)]
+        assert [set(np.flatnonzero(m).tolist()) for m in few] == allowed
+        fits = all(len(a) < candidates for a, p in zip(allowed, params) if p.uses_filters)
+        fitted += fits
+        unfitted += not fits
+    assert fitted and unfitted  # both paths ran
 
 
 def test_draws_follow_the_softmax_and_seeds_reproduce():

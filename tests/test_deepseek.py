@@ -20,6 +20,7 @@ from models.config import ConfigError, LlamaConfig
 from models.loader import tokenizer_source
 from models.tokenizer import Tokenizer
 from models.weights import FLOAT32_KEYS, NORM_KEYS
+from dense_reference import dense_logits
 from test_fp8 import fp8_blocks
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 
@@ -247,7 +248,7 @@ def test_engine_equals_the_dense_forward(quantization):
     device_params = jax.device_put(reference)
     for prompt, out in zip(prompts, outs):
         seq = prompt + out.token_ids
-        logits = np.asarray(llama.forward_dense(device_params, cfg, jnp.asarray(seq, jnp.int32)))
+        logits = dense_logits(device_params, cfg, seq)
         assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import jax
-import jax.numpy as jnp
 import pytest
 
 from engine.config import ConfigKeyError, EngineConfig
@@ -14,6 +13,7 @@ from engine.llm import LLM
 from engine.request import SamplingParams, StructuredOutput
 from models import llama
 from models.config import LlamaConfig
+from dense_reference import dense_logits
 from test_engine import SMALL, SMOLLM2, _prompts, _repetitive_params, smollm2, tiny_model, tokenizer  # noqa: F401
 
 DRAFT = {"speculative.method": "draft_model", "speculative.num_tokens": 3, "debug_checks": True}
@@ -93,11 +93,11 @@ def test_drafts_are_the_draft_models_greedy_continuations(tiny_model, draft, tok
     _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 16}), tiny_model, draft, prompts, params)
     assert len(proposed) > 40
     cfg, params = draft
-    dense = jax.jit(lambda p, t: llama.forward_dense(p, cfg, t))
+    params = jax.device_put(params)
     for tokens, drafted in random.Random(0).sample(proposed, 40):
         ids = list(tokens)
         for _ in drafted:
-            ids.append(int(jnp.argmax(dense(params, jnp.asarray(ids, jnp.int32))[-1])))
+            ids.append(int(dense_logits(params, cfg, ids)[-1].argmax()))
         assert ids[len(tokens):] == drafted
 
 

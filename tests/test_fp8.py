@@ -17,6 +17,7 @@ from models import llama, quant, sharding
 from models.config import LlamaConfig
 from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
+from dense_reference import dense_logits
 from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
 
 FP8 = ml_dtypes.float8_e4m3fn
@@ -383,5 +384,5 @@ def test_w8a8_refuses_expert_layers_and_w8a8_fp8_serves_them():
     run_cfg = dataclasses.replace(cfg, quantized_activations=True, moe_grouped=True)
     for prompt, out in zip(prompts, outs):
         seq = prompt + out.token_ids
-        logits = np.asarray(llama.forward_dense(served, run_cfg, jnp.asarray(seq, jnp.int32)))
+        logits = dense_logits(served, run_cfg, seq)
         assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dense_reference import dense_logits
 from pallas_kernels import kv_quant
 from models import llama
 from models.config import ConfigError, LlamaConfig
@@ -269,7 +270,7 @@ def test_paged_forward_matches_dense_reference(arch, backend):
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 7, 13, 22)]
     got = _paged_run(cfg, params, prompts, backend=backend)
     for prompt, by_pos in zip(prompts, got):
-        ref = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(prompt, jnp.int32)))
+        ref = dense_logits(params, cfg, prompt)
         for p, logits in by_pos.items():
             np.testing.assert_allclose(logits, ref[p], rtol=1e-5, atol=1e-5)
 
@@ -285,7 +286,7 @@ def test_8bit_cache_forward_same_on_both_backends_close_to_dense(kv_dtype):
     runs = {b: _paged_run(TINY_GEMMA3, params, prompts, backend=b, kv_dtype=kv_dtype) for b in ("xla", "pallas_interpret")}
     worst = 0.0
     for prompt, xla, pallas in zip(prompts, runs["xla"], runs["pallas_interpret"]):
-        ref = np.asarray(llama.forward_dense(params, TINY_GEMMA3, jnp.asarray(prompt, jnp.int32)))
+        ref = dense_logits(params, TINY_GEMMA3, prompt)
         for p in xla:
             np.testing.assert_allclose(pallas[p], xla[p], rtol=1e-5, atol=1e-5)
             worst = max(worst, np.abs(xla[p] - ref[p]).max() / np.abs(ref[p]).max())
@@ -552,14 +553,6 @@ def _prompt_ids(n: int, seed: int) -> list[int]:
     return list(np.random.default_rng(seed).integers(0, 49152, n))
 
 
-def _dense_logits(params, cfg, ids):
-    """Dense forward on ids padded to a power of two (causal: padding never reaches real rows)."""
-    n = len(ids)
-    padded = 1 << max(4, (n - 1).bit_length())
-    out = llama.forward_dense(params, cfg, jnp.asarray(list(ids) + [0] * (padded - n), jnp.int32))
-    return np.asarray(out[:n])
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("n", [1, 17, 130, 500])
 def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, n):
@@ -569,7 +562,7 @@ def test_smollm2_logits_match_transformers(smollm2, hf_smollm2, n):
     ids = _prompt_ids(n, n)
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
-    ours = _dense_logits(params, cfg, ids)
+    ours = dense_logits(params, cfg, ids)
     assert np.abs(ours - ref).max() <= 1e-3
 
 
@@ -589,7 +582,7 @@ def test_smollm2_int4_weights_are_the_files_and_match_transformers(smollm2, hf_s
     ids = _prompt_ids(130, 7)
     with torch.no_grad():
         ref = hf_smollm2(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(_dense_logits(jax.device_put(qparams), cfg, ids) - ref).max() <= 1e-3
+    assert np.abs(dense_logits(jax.device_put(qparams), cfg, ids) - ref).max() <= 1e-3
 
 
 @pytest.mark.slow
@@ -696,7 +689,7 @@ def test_gemma3_270m_gguf_matches_transformers(hf_gemma3):
         ids = [2] + list(np.random.default_rng(n).integers(3, 262000, n - 1))
         with torch.no_grad():
             ref = hf_gemma3(torch.tensor([ids])).logits[0].numpy()
-        np.testing.assert_allclose(_dense_logits(params, cfg, ids), ref, atol=1e-3, rtol=1e-4)
+        np.testing.assert_allclose(dense_logits(params, cfg, ids), ref, atol=1e-3, rtol=1e-4)
 
     from models.loader import tokenizer_source
     from models.tokenizer import Tokenizer

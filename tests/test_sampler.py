@@ -163,3 +163,18 @@ def test_logit_bias_and_min_tokens():
         SamplingParams(logit_bias={"x": 1})
     with pytest.raises(RequestError, match="min_tokens"):
         SamplingParams(max_tokens=2, min_tokens=3)
+
+
+def test_sampler_bench_runs():
+    """scripts/sampler_bench.py (docs/benchmarks.md) runs both paths on both kinds of rows and finds their masks
+    equal (it asserts so)."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).parent.parent / "scripts" / "sampler_bench.py"
+    out = subprocess.run([sys.executable, str(script), "--vocab", "4096", "--repeats", "1"], check=True,
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith(("peaked", "flat"))]
+    assert [r[0] for r in rows] == ["peaked", "flat"] and all(r[-1].endswith("x") for r in rows), out

@@ -2,7 +2,6 @@
 compile (tests check the engine against it token by token, at lengths that change with every step)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -11,7 +10,8 @@ from models import llama
 
 def dense_logits(params, cfg, ids, multiple: int = 64) -> np.ndarray:
     """Logits [len(ids), vocab] of `llama.forward_dense` over `ids` followed by zeros up to a multiple of `multiple`:
-    attention is causal, so no position sees the padding after it and the rows are the unpadded sequence's."""
+    attention is causal, so no position sees the padding after it and the rows are the unpadded sequence's. Callers
+    put `params` on the device once (as a loop of calls would otherwise copy them every time)."""
     n = len(ids)
     padded = jnp.asarray(list(ids) + [0] * (-n % multiple), jnp.int32)
-    return np.asarray(llama.forward_dense(jax.device_put(params), cfg, padded))[:n]
+    return np.asarray(llama.forward_dense(params, cfg, padded))[:n]

@@ -56,7 +56,10 @@ class ReplicaWeights:
         # NOTE: calibrated on the checkpoint's layout, before tensor parallelism repeats KV heads: the same program
         # whatever the degree, so the same smoothing and int8 weights (a repeated head's attention differs in the last
         # bits, and a calibrated max moved by one ulp moves some weights by a quantization step).
-        if model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters:
+        # (not a checkpoint whose weights are int8 already: it was smoothed, or not, when it was quantized)
+        stored_int8 = any(k.endswith(quant.SCALE_SUFFIX) for k in params["layers"])
+        if (model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters
+                and not stored_int8):
             params = self._smooth(params, model.smoothquant_alpha)
         _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
         if model.quantization != "none":

@@ -55,7 +55,8 @@ def checkpoint_kind(path: str) -> str:
 def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none") -> tuple[LlamaConfig, dict]:
     """Config and weights of `dtype` from any supported source (numpy or device arrays). `quantization`: the
     model.quantization served, whose formats stay as the checkpoint stores them: "mxfp4", MXFP4 experts (gpt-oss's HF
-    checkpoints and GGUFs); "fp8", an FP8 checkpoint's block-scaled weights (models/quant.py)."""
+    checkpoints and GGUFs); "fp8", an FP8 checkpoint's block-scaled weights (models/quant.py); "int4", a GPTQ, AWQ or
+    compressed-tensors checkpoint's 4-bit weights, "int8" and "w8a8" its 8-bit ones (models/int_checkpoint.py)."""
     from models.llama import check_params
 
     path = resolve_path(path)
@@ -73,7 +74,8 @@ def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none")
 
         cfg, params = load_safetensors_dir(path, dtype, mxfp4_experts=quantization == "mxfp4",
                                            keep_fp8={"fp8": ("block", "channel"), "w8a8_fp8": ("channel",)}.get(
-                                               quantization, ()))
+                                               quantization, ()),
+                                           keep_int={"int4": (4,), "int8": (8,), "w8a8": (8,)}.get(quantization, ()))
     check_params(cfg, params, path)
     return cfg, params
 
@@ -81,8 +83,10 @@ def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none")
 def checkpoint_quantization(path: str) -> str:
     """The model.quantization that serves a checkpoint's weights as it stores them (what `model.quantization: auto`
     picks, as vLLM does): "fp8" for an FP8 checkpoint (config.json's quantization_config.quant_method "fp8", or
-    compressed-tensors with 8-bit float weights), "mxfp4" for an MXFP4 one (gpt-oss), "none" for the rest (float
-    weights; GGUF files and Orbax directories, which load dequantized)."""
+    compressed-tensors with 8-bit float weights), "mxfp4" for an MXFP4 one (gpt-oss), "int4" for a 4-bit integer one
+    (GPTQ, AWQ, compressed-tensors) whose groups are contiguous, "int8" for an 8-bit one with a scale per output
+    feature and no zero point ("w8a8" where it quantizes activations to int8 too), "none" for the rest (float weights;
+    GGUF files and Orbax directories, and the integer layouts these do not keep, which load dequantized)."""
     import json
 
     path = resolve_path(path)
@@ -97,7 +101,9 @@ def checkpoint_quantization(path: str) -> str:
     if any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
            for g in groups):
         return "fp8"
-    return "none"
+    from models.safetensors_loader import kept_int_quantization
+
+    return kept_int_quantization(path)
 
 
 def tokenizer_source(path: str) -> str:

@@ -325,11 +325,12 @@ def quantize_params(params: dict, method: str = "int8", group_size: int = 32, em
 
     layers = dict(params["layers"])
     names = quantized_names(layers, method)
+    # weights loaded quantized already (an MXFP4 checkpoint's experts, a GPTQ / AWQ / compressed-tensors checkpoint's
+    # projections: models/int_checkpoint.py) are kept as they are
+    names = [name for name in names if not any(name + suffix in layers for suffix in QUANT_SUFFIXES)]
     num_layers = len(layers[names[0]]) if names else 0
-    if method == "mxfp4":  # experts loaded in MXFP4 already (an MXFP4 checkpoint's) are kept as they are
-        names = [name for name in names if name + EXPONENT_SUFFIX not in layers]
     if method == "int4":
-        check_group_size(params, group_size)
+        check_group_size(params, group_size, names)
     if method == "mxfp4":
         check_group_size(params, MX_GROUP, names, "MXFP4's group of inputs")
     with tqdm(total=num_layers * len(names), desc=f"{method} weights", unit="matrix", disable=not progress) as bar:

@@ -11,9 +11,10 @@ import numpy as np
 import ml_dtypes
 
 from models.config import LlamaConfig
-from models.quant import (BLOCK_SCALE_SUFFIX, EXPERTS, EXPONENT_SUFFIX, FP8, PROJECTIONS, SCALE_SUFFIX,
-                          dequantize_mxfp4)
+from models.quant import (BLOCK_SCALE_SUFFIX, EXPERTS, EXPONENT_SUFFIX, FP8, OFFSET_SUFFIX, PROJECTIONS,
+                          SCALE_SUFFIX, dequantize_mxfp4)
 from models.gguf_loader import CheckpointError
+from models.int_checkpoint import INT_METHODS, IntScheme, has_packed_weight, int_scheme, read_int_weight
 from models.weights import NORM_KEYS, assemble, layers_of
 
 
@@ -115,24 +116,13 @@ def _shard_files(directory: str) -> list[str]:
     raise CheckpointError(f"{directory}: neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts: bool = False,
-                         keep_fp8: tuple[str, ...] = ()) -> tuple[LlamaConfig, dict]:
-    """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory.
-
-    mxfp4_experts: experts the checkpoint stores in MXFP4 (gpt-oss) stay in it, as `model.quantization: mxfp4` holds
-    them (uint4 codes and `<name>_exponent`; models/quant.py), never passing through `dtype` (the host then holds a
-    byte a weight for them, not two). keep_fp8: the FP8 layouts kept as stored, as `model.quantization: fp8` holds
-    them ("block": e4m3 and `<name>_block_scale`; "channel": e4m3 and `<name>_scale`; `_kept_fp8`).
-
-    Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
-    host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
-    float32). FP8 weights (DeepSeek-V3's and the Qwen3 / Llama "-FP8" checkpoints') are dequantized into `dtype` as
-    they are read (`dequantize_fp8`)."""
+@contextlib.contextmanager
+def _opened_shards(directory: str):
+    """The checkpoint's safetensors files, open while the block runs: yields (tensor name -> (its file's path, the
+    open file), stored(name) -> the tensor as the file holds it, a numpy array on the host)."""
     import jax
     from safetensors import SafetensorError, safe_open
 
-    cfg = read_hf_config(directory)
-    block, block_scales = _fp8_block(directory)
     _numpy_float8()
     # framework="flax" reads bfloat16 too (numpy has no bfloat16); on the host CPU, so no accelerator memory is used.
     try:
@@ -150,11 +140,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
                 raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
             shard_of.update(dict.fromkeys(f.keys(), (path, f)))
 
-        def read(key: str, name: str) -> np.ndarray:
-            return _from_hf(cfg, key, get(name))
-
         def stored(name: str) -> np.ndarray:
-            """A tensor as the file stores it."""
             if name not in shard_of:
                 raise CheckpointError(f"{directory}: missing tensor {name!r}")
             path, f = shard_of[name]
@@ -164,10 +150,43 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file, tensor {name!r} ({e})") from e
 
+        yield shard_of, stored
+
+
+def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts: bool = False,
+                         keep_fp8: tuple[str, ...] = (), keep_int: tuple[int, ...] = ()) -> tuple[LlamaConfig, dict]:
+    """Reads config and weights (numpy arrays of `dtype`) from an HF safetensors directory.
+
+    mxfp4_experts: experts the checkpoint stores in MXFP4 (gpt-oss) stay in it, as `model.quantization: mxfp4` holds
+    them (uint4 codes and `<name>_exponent`; models/quant.py), never passing through `dtype` (the host then holds a
+    byte a weight for them, not two). keep_fp8: the FP8 layouts kept as stored, as `model.quantization: fp8` holds
+    them ("block": e4m3 and `<name>_block_scale`; "channel": e4m3 and `<name>_scale`; `_kept_fp8`). keep_int: the
+    bit widths of an integer checkpoint's (GPTQ, AWQ, compressed-tensors; models/int_checkpoint.py) weights kept as
+    stored: 4, as `model.quantization: int4` holds them; 8, as `int8` does (`_kept_int`).
+
+    Tensors are read one at a time, in their stored dtype, straight into the stacked arrays (`weights.assemble`): the
+    host holds the weights in `dtype` plus one tensor (a 16 GB bfloat16 checkpoint no longer passes through 32 GB of
+    float32). FP8 weights (DeepSeek-V3's and the Qwen3 / Llama "-FP8" checkpoints') and integer ones are dequantized
+    into `dtype` as they are read (`dequantize_fp8`, `IntWeight.dequantize`)."""
+    cfg = read_hf_config(directory)
+    block, block_scales = _fp8_block(directory)
+    scheme = int_scheme(directory)
+    with _opened_shards(directory) as (shard_of, stored):
+
+        def read(key: str, name: str) -> np.ndarray:
+            return _from_hf(cfg, key, get(name))
+
+        def has(name: str) -> bool:
+            return name in shard_of
+
         def get(name: str) -> np.ndarray:
-            """A tensor as floats: MXFP4 and FP8 ones dequantized."""
+            """A tensor as floats: MXFP4, FP8 and integer ones dequantized."""
             if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
                 return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
+            prefix = name.removesuffix(".weight")
+            if scheme is not None and name != prefix and (has_packed_weight(prefix, has) or (
+                    has(name + "_scale") and shard_of[name][1].get_slice(name).get_dtype() == "I8")):
+                return read_int_weight(prefix, scheme, stored, has).dequantize().T
             arr = stored(name)
             if "float8" in str(arr.dtype):
                 path = shard_of[name][0]
@@ -182,13 +201,99 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
                   and names["moe_down"].format(i=0) + "_blocks" in shard_of)
         kept = _kept_fp8(cfg, names, shard_of, block, block_scales, keep_fp8) if keep_fp8 else {}
-        params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS if packed else ()) | frozenset(kept))
+        kept_int = (_kept_int(cfg, names, scheme, stored, has, keep_int) if scheme is not None and keep_int
+                    else {})
+        params = assemble(cfg, names, read, dtype,
+                          skip=frozenset(EXPERTS if packed else ()) | frozenset(kept) | frozenset(kept_int))
         if packed:
             params["layers"].update(_mxfp4_experts(cfg, names, get))
         for key, (layout, suffix) in kept.items():
             params["layers"].update(_fp8_weights(cfg, key, names[key], block if layout == "block" else None, suffix,
                                                  stored))
+        for key, bits in kept_int.items():
+            params["layers"].update(_int_weights(cfg, key, names[key], bits, scheme, stored, has))
         return cfg, params
+
+
+def kept_int_quantization(directory: str) -> str:
+    """The model.quantization that keeps an integer checkpoint's weights as stored ("int4", "int8", or "w8a8" where
+    it quantizes activations to int8 too), or "none" when it is no integer checkpoint or quant keeps none of its
+    layouts (they are dequantized at load)."""
+    scheme = int_scheme(directory)
+    if scheme is None:
+        return "none"
+    cfg = read_hf_config(directory)
+    with _opened_shards(directory) as (shard_of, stored):
+        bits = set(_kept_int(cfg, hf_names(cfg), scheme, stored, shard_of.__contains__, (4, 8)).values())
+    if 4 in bits:
+        return "int4"
+    return ("w8a8" if scheme.activations else "int8") if bits else "none"
+
+
+def _int_layout(weight, bits: int) -> bool:
+    """Whether an IntWeight fits the layout kept for `bits` (models/quant.py): 4-bit with contiguous groups (int4),
+    or 8-bit with one symmetric scale per output feature (int8)."""
+    if weight.bits != bits or weight.act_order:
+        return False
+    return bits == 4 or (bits == 8 and weight.symmetric and weight.scale.shape[0] == 1)
+
+
+def _kept_int(cfg: LlamaConfig, names: Mapping[str, str], scheme: IntScheme, stored, has,
+              keep: tuple[int, ...]) -> dict[str, int]:
+    """The projections an integer checkpoint stores in a layout quant keeps (`_int_layout`) with a bit width in
+    `keep` -> that width, judged by their first layer's tensor. Not latent attention's wq, wq_b and wkv_a (their RoPE
+    rows are reordered at load, `mla_rope_rows`), nor fused tensors (Phi-3's); those are dequantized."""
+    kept = {}
+    for key in PROJECTIONS + EXPERTS:
+        if key not in names or (cfg.mla and key in ("wq", "wq_b", "wkv_a")) or cfg.architecture == "gpt_oss":
+            continue
+        first = names[key].format(i=layers_of(cfg, key)[0], e=0).removesuffix(".weight")
+        if not (has_packed_weight(first, has) or has(first + ".weight_scale")):
+            continue
+        if has(first + ".weight") and stored(first + ".weight").dtype != np.int8:
+            continue  # e4m3 with a scale: an FP8 checkpoint's
+        weight = read_int_weight(first, scheme, stored, has)
+        bits = next((b for b in keep if _int_layout(weight, b)), None)
+        if bits is not None:
+            kept[key] = bits
+    return kept
+
+
+def _int_weights(cfg: LlamaConfig, key: str, name: str, bits: int, scheme: IntScheme, stored,
+                 has) -> dict[str, np.ndarray]:
+    """Projection `key` kept as the integer checkpoint stores it, stacked over its layers in quant's layout: 4 bits,
+    uint4 values [L, (E,) in, out] with float32 `<key>_scale` and `<key>_offset` [L, (E,) groups, out]; 8 bits, int8
+    values with `<key>_scale` [L, (E,) out]."""
+    import ml_dtypes
+
+    out: dict[str, np.ndarray] = {}
+
+    def one(tensor: str) -> tuple[np.ndarray, ...]:
+        weight = read_int_weight(tensor.removesuffix(".weight"), scheme, stored, has)
+        if not _int_layout(weight, bits):
+            raise CheckpointError(f"tensor {tensor!r}: a {weight.bits}-bit weight"
+                                  f"{' in act-order groups' if weight.act_order else ''} where the first layer's is "
+                                  f"kept in {bits} bits; model.quantization: none dequantizes every layer")
+        if bits == 4:
+            return weight.q.astype(ml_dtypes.uint4), weight.scale, weight.offset
+        return weight.signed_int8(), weight.scale[0]
+
+    layers = layers_of(cfg, key)
+    for n, i in enumerate(layers):
+        if "{e}" in name:
+            parts = [one(name.format(i=i, e=e)) for e in range(cfg.num_experts)]
+            arrays = tuple(np.stack([p[j] for p in parts]) for j in range(len(parts[0])))
+        else:
+            arrays = one(name.format(i=i))
+        suffixes = ("", SCALE_SUFFIX, OFFSET_SUFFIX)[: len(arrays)]
+        for suffix, arr in zip(suffixes, arrays):
+            if n == 0:
+                out[key + suffix] = np.empty((len(layers), *arr.shape), arr.dtype)
+            if out[key + suffix].shape[1:] != arr.shape:
+                raise CheckpointError(f"tensor {name.format(i=i, e=0)!r}: its {key + suffix} has shape {arr.shape}, "
+                                      f"layer {layers[0]}'s {out[key + suffix].shape[1:]}")
+            out[key + suffix][n] = arr
+    return out
 
 
 def _kept_fp8(cfg: LlamaConfig, names: Mapping[str, str], shard_of: Mapping[str, tuple], block: tuple[int, int],
@@ -323,7 +428,7 @@ def _numpy_float8() -> None:
             setattr(np, name, getattr(ml_dtypes, name))
 
 
-QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors")  # a checkpoint's quantization_config.quant_method we read
+QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors", *INT_METHODS)  # a checkpoint's quantization_config.quant_method we read
 
 
 def _fp8_block(directory: str) -> tuple[tuple[int, int], tuple[str, ...]]:
@@ -337,7 +442,7 @@ def _fp8_block(directory: str) -> tuple[tuple[int, int], tuple[str, ...]]:
         quant = json.load(f).get("quantization_config") or {}
     if quant and quant.get("quant_method") not in QUANT_METHODS:
         raise CheckpointError(f"{path}: quantization_config.quant_method={quant.get('quant_method')!r} is not supported "
-                              f"({', '.join(QUANT_METHODS)}; the FP8 ones dequantized at load)")
+                              f"({', '.join(QUANT_METHODS)})")
     weights = [(g.get("weights") or {}) for g in (quant.get("config_groups") or {}).values()]
     blocked = next((w for w in weights if w.get("strategy") == "block"), None)
     rows, cols = quant.get("weight_block_size") or (blocked or {}).get("block_structure") or (128, 128)

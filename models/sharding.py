@@ -53,9 +53,10 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
             "query head with its KV head on one device"
         )
     layers = dict(params["layers"])
-    # with an FP8 checkpoint's weights kept as stored (models/quant.py), their scales: a column's, or a block's
-    for name in ("wk", "wv", "bk", "bv") + tuple(w + s for w in ("wk", "wv") for s in (quant.SCALE_SUFFIX,
-                                                                                       quant.BLOCK_SCALE_SUFFIX)):
+    # with quantized weights (an FP8 checkpoint's kept as stored, int8, int4; models/quant.py), their scales (a
+    # column's, a block's, a group's) and int4's offsets
+    for name in ("wk", "wv", "bk", "bv") + tuple(w + s for w in ("wk", "wv") for s in (
+            quant.SCALE_SUFFIX, quant.BLOCK_SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
         if name in layers:
             if layers[name].shape[-1] % cfg.num_kv_heads:
                 raise ShardingError(f"{name}: the FP8 checkpoint's blocks of {name.split('_')[0]} span two KV heads, "
@@ -135,7 +136,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
                 raise ShardingError(
                     f"{name}'s {groups} {'MXFP4' if mx else 'int4'} groups do not split over parallel.tensor={n}: "
                     + ("each device needs whole groups of 32 inputs" if mx
-                       else "take a model.quantization_group_size that leaves a multiple of it"))
+                       else "take a model.quantization_group_size that leaves a multiple of it (a checkpoint's own "
+                            "int4 groups: fewer devices, or model.quantization: none to dequantize them)"))
             for suffix in ((quant.EXPONENT_SUFFIX,) if mx else (quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
                 layer_specs[name + suffix] = layer_specs[name]
     for name in quant.PROJECTIONS + quant.EXPERTS:  # an FP8 checkpoint's block scales [L, (E,) in / b, out / b]

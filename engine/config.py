@@ -43,7 +43,8 @@ class ModelSpec:
     # int8 x int8 -> int32 dots, the int8 units' rate, at more accuracy cost.
     # "int4": the projections' weights in 4 bits, a float16 scale and offset per group of quantization_group_size input
     # features (W4A16, GPTQ's and AWQ's layout): ~5 bits a weight with groups of 32, which a GGUF Q4_1 file's blocks
-    # come back from exactly; 4.25 with 128.
+    # come back from exactly; 4.25 with 128. A GPTQ, AWQ or compressed-tensors 4-bit checkpoint's own groups are kept
+    # as stored (float32 scale and offset; models/int_checkpoint.py), as an 8-bit one's are under int8 / w8a8.
     # "mxfp4": OCP MXFP4 (gpt-oss's experts): e2m1 codes and a power of two per 32 inputs, 4.25 bits a weight; a
     # mixture-of-experts model's experts (its other projections keep model.dtype, as gpt-oss's checkpoints have them),
     # a dense model's projections. An MXFP4 checkpoint's experts come back exactly; other weights lose far more than
@@ -53,7 +54,8 @@ class ModelSpec:
     # stored, bit for bit. "w8a8_fp8": the same weights (an FP8 checkpoint's requantized per output feature) and e4m3
     # activations, a scale per token: the FP8 tensor cores' rate (Hopper, MI300); expert layers too.
     # "auto": what the checkpoint stores, as vLLM picks it (models.loader.checkpoint_quantization): fp8 for an FP8
-    # checkpoint, mxfp4 for an MXFP4 one (gpt-oss), none otherwise; "none": every weight in model.dtype.
+    # checkpoint, mxfp4 for an MXFP4 one (gpt-oss), int4 / int8 / w8a8 for an integer one (GPTQ, AWQ,
+    # compressed-tensors) whose layout quant keeps, none otherwise; "none": every weight in model.dtype.
     quantization: Quantization = "auto"
     quantization_group_size: int = 32  # int4: input features per scale and offset (a divisor of every projection's)
     # w8a8: SmoothQuant's migration strength, calibrated at start-up on built-in text (models/quant.smooth_params);

@@ -185,7 +185,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
                 return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
             prefix = name.removesuffix(".weight")
             if scheme is not None and name != prefix and (has_packed_weight(prefix, has) or (
-                    has(name + "_scale") and shard_of[name][1].get_slice(name).get_dtype() == "I8")):
+                    has(name) and has(name + "_scale") and shard_of[name][1].get_slice(name).get_dtype() == "I8")):
                 return read_int_weight(prefix, scheme, stored, has).dequantize().T
             arr = stored(name)
             if "float8" in str(arr.dtype):

@@ -10,6 +10,7 @@ before the first difference.
         cache.kv_dtype=fp8_e4m3 model.quantization=int8
 
 Texts: docstrings of standard-library modules (TEXT_MODULES; no network), cut into windows of --window tokens.
+A variant may name another checkpoint of the model (`model.path=...`, e.g. a GPTQ / AWQ / compressed-tensors export).
 """
 from __future__ import annotations
 
@@ -78,7 +79,10 @@ def main(argv=None) -> int:
     for variant in args.variants:
         t0 = time.perf_counter()
         config = load_config(args.config, args.set + variant.split())
-        llm = LLM(config, progress=False, model=(cfg, params, tokenizer))
+        # the base checkpoint's weights, loaded once; a variant naming another checkpoint (a quantized export of the
+        # same model, over the same vocabulary) loads its own, as model.quantization says
+        own = config.model.path != base.model.path
+        llm = LLM(config, progress=False, model=None if own else (cfg, params, tokenizer))
         outs = llm.generate(scored, SamplingParams(max_tokens=1, prompt_logprobs=1))
         logprobs = np.array([lp for o in outs for lp in o.prompt_logprobs[1:]])
         top1 = np.array([top[0][0] for o in outs for top in o.prompt_top_logprobs[1:]])

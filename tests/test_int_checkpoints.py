@@ -3,7 +3,6 @@ library itself, the format of llm-compressor's W4A16 / W8A16 / W8A8 checkpoints,
 reference), GPTQ's and AWQ's (packed here field by field from their formats' definitions, since neither library runs
 on this CPU) load as exactly the weights they stand for, are kept as stored where models/quant.py has their layout,
 and serve the tokens of their dequantized weights."""
-import copy
 import json
 import time
 
@@ -19,6 +18,7 @@ from models.sharding import ShardingError
 from models.gguf_loader import CheckpointError
 from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
+from scripts.ct_checkpoint import SCHEMES, write_compressed_tensors
 from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts
 
 torch = pytest.importorskip("torch")
@@ -26,15 +26,9 @@ transformers = pytest.importorskip("transformers")
 
 MODULES = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj", "wo": "self_attn.o_proj",
            "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj", "w_down": "mlp.down_proj"}
-# id -> (bits, symmetric, strategy, int8 activations too, the model.quantization `auto` serves it with)
-CT_SCHEMES = {
-    "w4a16": (4, True, "group", False, "int4"),
-    "w4a16-asym": (4, False, "group", False, "int4"),
-    "w4a16-asym-channel": (4, False, "channel", False, "int4"),
-    "w8a16": (8, True, "channel", False, "int8"),
-    "w8a8": (8, True, "channel", True, "w8a8"),
-    "w8a16-asym-group": (8, False, "group", False, "none"),  # no kept layout: dequantized at load
-}
+# compressed-tensors scheme (scripts/ct_checkpoint.py) -> the model.quantization `auto` serves it with
+CT_SCHEMES = {"w4a16": "int4", "w4a16-asym": "int4", "w4a16-asym-channel": "int4", "w8a16": "int8", "w8a8": "w8a8",
+              "w8a16-asym-group": "none"}  # (the last: no kept layout, dequantized at load)
 
 
 def _seed() -> int:
@@ -57,38 +51,6 @@ def hf_model(tokenizer):
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def _compressed_tensors(model, tokenizer, directory, scheme: str):
-    """`model` quantized with compressed-tensors' scheme `scheme` (CT_SCHEMES; groups of 32) and saved compressed by
-    the library, as llm-compressor saves a checkpoint: min-max scales stored in bfloat16's precision (a checkpoint's
-    scales are in the model's dtype), zero points where asymmetric."""
-    from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
-                                                 apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
-
-    bits, symmetric, strategy, activations, _ = CT_SCHEMES[scheme]
-    model = copy.deepcopy(model)
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
-                               group_size=32 if strategy == "group" else None)
-    inputs = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True) if activations else None
-    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
-        targets=["Linear"], weights=weights, input_activations=inputs)}, ignore=["lm_head"]))
-    with torch.no_grad():
-        for module in model.modules():
-            if hasattr(module, "weight_scale"):
-                w = module.weight
-                groups = w.unflatten(-1, (-1, 32)) if strategy == "group" else w[:, None, :]
-                scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), weights)
-                module.weight_scale.copy_(scale.to(torch.bfloat16).float())
-                if hasattr(module, "weight_zero_point"):
-                    module.weight_zero_point.copy_(zero)
-    compressor = ModelCompressor.from_pretrained_model(model, "int-quantized" if activations else "pack-quantized")
-    compressor.compress_model(model)
-    model.save_pretrained(directory)
-    compressor.update_config(str(directory))
-    tokenizer.save_pretrained(str(directory))
-
-
 def _assert_same_weights(params: dict, state_dict: dict, num_layers: int) -> None:
     for key, module in MODULES.items():
         for i in range(num_layers):
@@ -98,15 +60,16 @@ def _assert_same_weights(params: dict, state_dict: dict, num_layers: int) -> Non
 
 @pytest.mark.parametrize("scheme", CT_SCHEMES)
 def test_compressed_tensors_checkpoints_load_as_the_library_decompresses_them(hf_model, tokenizer, tmp_path, scheme):
-    """A compressed-tensors checkpoint (pack-quantized 4- and 8-bit, symmetric or with zero points, a scale per group
-    of 32 or per output feature; int-quantized W8A8) loads as exactly the weights transformers decompresses it to,
+    """A compressed-tensors checkpoint written by the library (scripts/ct_checkpoint.py: pack-quantized 4- and 8-bit,
+    symmetric or with zero points, a scale per group of 32 or per output feature; int-quantized W8A8; min-max scales in
+    bfloat16's precision) loads as exactly the weights transformers decompresses it to,
     kept as stored where quant has the layout (4 bits: uint4 values with a float32 scale and offset per group; 8 bits
     symmetric per output feature: int8 and a scale), which `model.quantization: auto` then serves; quantizing the
     model again leaves them as they are; the forward gives transformers' logits."""
     from transformers import CompressedTensorsConfig
 
-    _compressed_tensors(hf_model, tokenizer, tmp_path, scheme)
-    bits, _, strategy, activations, served = CT_SCHEMES[scheme]
+    write_compressed_tensors(hf_model, tokenizer, tmp_path, scheme)
+    (_, _, strategy, activations), served = SCHEMES[scheme], CT_SCHEMES[scheme]
     assert checkpoint_quantization(str(tmp_path)) == served
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, quantization_config=CompressedTensorsConfig(run_compressed=False), dtype=torch.float32).eval()
@@ -243,7 +206,7 @@ def test_a_4bit_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_2(h
     split between them); at 4, the output projection's 2 groups are refused by name."""
     from transformers import CompressedTensorsConfig
 
-    _compressed_tensors(hf_model, tokenizer, tmp_path, "w4a16-asym")
+    write_compressed_tensors(hf_model, tokenizer, tmp_path, "w4a16-asym")
     base = {"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8, "cache.num_pages": 96,
             "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
     prompts = _prompts(tokenizer.vocab_size, _seed())
@@ -276,7 +239,7 @@ def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, toke
 
     from dense_reference import dense_logits
 
-    _compressed_tensors(hf_model, tokenizer, tmp_path, "w8a8")
+    write_compressed_tensors(hf_model, tokenizer, tmp_path, "w8a8")
     cfg, stored = load_weights(str(tmp_path), quantization="w8a8")
     llm = LLM(EngineConfig().replace(**{"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8,
                                         "cache.num_pages": 64, "model.max_model_len": 128}), progress=False)

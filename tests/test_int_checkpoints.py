@@ -19,7 +19,7 @@ from models.gguf_loader import CheckpointError
 from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
 from scripts.ct_checkpoint import SCHEMES, write_compressed_tensors
-from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts
+from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -107,47 +107,66 @@ def _pack(fields: np.ndarray, bits: int, axis: int, order=None) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(words.astype(np.uint32).view(np.int32), 0, axis))
 
 
-def _integer_checkpoint(hf_model, tokenizer, directory, method: str, bits: int = 4, v1: bool = True,
+def _integer_checkpoint(tensors: dict, config: dict, tokenizer, directory, method: str, bits: int = 4, v1: bool = True,
                         symmetric: bool = False, act_order: bool = False) -> dict:
-    """An HF checkpoint of `hf_model`'s shapes whose projections are random integers in GPTQ's or AWQ's layout (groups
-    of 32 inputs; float16 scales); the rest as float32. Returns key -> [layers] of the weights it stands for, [in, out]
-    float32: W = (q - z) * s, computed here value by value."""
+    """An HF checkpoint of `tensors` (HF names -> float arrays; config.json's fields `config`) whose projections
+    (`*proj.weight`, experts' too) are random integers in GPTQ's or AWQ's layout (groups of 32 inputs; float16 scales);
+    the rest as given. Returns tensor name -> the weight it stands for, [out, in] float32: W = (q - z) * s, computed
+    here value by value."""
     from safetensors.numpy import save_file
 
     rng = np.random.default_rng(_seed())
-    tensors = {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}
-    want = {key: [] for key in MODULES}
+    tensors, want = dict(tensors), {}
     top = (1 << bits) - 1
-    for i in range(hf_model.config.num_hidden_layers):
-        for key, module in MODULES.items():
-            name = f"model.layers.{i}.{module}"
-            fan_out, fan_in = tensors.pop(name + ".weight").shape
-            groups = fan_in // 32
-            q = rng.integers(0, top + 1, (fan_in, fan_out))
-            # v1 stores z - 1: zero points from 1 (a 0 would be written as -1)
-            z = np.full((groups, fan_out), 1 << (bits - 1)) if symmetric else rng.integers(1 if v1 else 0, top + 1,
-                                                                                         (groups, fan_out))
-            s = (rng.uniform(0.02, 0.08, (groups, fan_out)) * rng.choice([-1, 1], (groups, fan_out))).astype(np.float16)
-            g_idx = rng.permutation(np.arange(fan_in) // 32) if act_order else np.arange(fan_in) // 32
-            want[key].append(((q - z[g_idx]) * s[g_idx].astype(np.float32)).astype(np.float32))
-            if method == "gptq":
-                tensors[name + ".qweight"] = _pack(q, bits, 0)
-                tensors[name + ".qzeros"] = _pack((z - 1) & top if v1 else z, bits, 1)
-                tensors[name + ".g_idx"] = g_idx.astype(np.int32)
-            else:
-                tensors[name + ".qweight"] = _pack(q, bits, 1, order=(0, 2, 4, 6, 1, 3, 5, 7))
-                tensors[name + ".qzeros"] = _pack(z, bits, 1, order=(0, 2, 4, 6, 1, 3, 5, 7))
-            tensors[name + ".scales"] = s
+    for weight in [name for name in tensors if name.endswith("proj.weight")]:
+        name = weight.removesuffix(".weight")
+        fan_out, fan_in = tensors.pop(weight).shape
+        groups = fan_in // 32
+        q = rng.integers(0, top + 1, (fan_in, fan_out))
+        # v1 stores z - 1: zero points from 1 (a 0 would be written as -1)
+        z = (np.full((groups, fan_out), 1 << (bits - 1)) if symmetric
+             else rng.integers(1 if v1 else 0, top + 1, (groups, fan_out)))
+        s = (rng.uniform(0.02, 0.08, (groups, fan_out)) * rng.choice([-1, 1], (groups, fan_out))).astype(np.float16)
+        g_idx = rng.permutation(np.arange(fan_in) // 32) if act_order else np.arange(fan_in) // 32
+        want[weight] = ((q - z[g_idx]) * s[g_idx].astype(np.float32)).astype(np.float32).T
+        if method == "gptq":
+            tensors[name + ".qweight"] = _pack(q, bits, 0)
+            tensors[name + ".qzeros"] = _pack((z - 1) & top if v1 else z, bits, 1)
+            tensors[name + ".g_idx"] = g_idx.astype(np.int32)
+        else:
+            tensors[name + ".qweight"] = _pack(q, bits, 1, order=(0, 2, 4, 6, 1, 3, 5, 7))
+            tensors[name + ".qzeros"] = _pack(z, bits, 1, order=(0, 2, 4, 6, 1, 3, 5, 7))
+        tensors[name + ".scales"] = s
     directory.mkdir(exist_ok=True)
-    save_file(tensors, str(directory / "model.safetensors"))
-    config = hf_model.config.to_dict()
-    config["quantization_config"] = (
+    save_file({k: np.ascontiguousarray(v, np.float32 if v.dtype == np.float64 else v.dtype) for k, v in tensors.items()},
+              str(directory / "model.safetensors"))
+    config = {**config, "quantization_config": (
         {"quant_method": "gptq", "bits": bits, "group_size": 32, "desc_act": act_order, "sym": symmetric,
          "checkpoint_format": "gptq" if v1 else "gptq_v2"} if method == "gptq"
-        else {"quant_method": "awq", "bits": bits, "group_size": 32, "zero_point": True, "version": "gemm"})
+        else {"quant_method": "awq", "bits": bits, "group_size": 32, "zero_point": True, "version": "gemm"})}
     (directory / "config.json").write_text(json.dumps(config))
     tokenizer.save_pretrained(str(directory))
-    return {key: np.stack(ws) for key, ws in want.items()}
+    return want
+
+
+def _hf_tensors(hf_model) -> tuple[dict, dict]:
+    return {k: v.detach().numpy() for k, v in hf_model.state_dict().items()}, hf_model.config.to_dict()
+
+
+def _moe_tensors() -> tuple[dict, dict]:
+    """A random Qwen3-MoE (8 experts, top 2; tests/test_moe.py's) as HF tensors and config.json's fields."""
+    from tests.test_moe import tiny_moe
+
+    cfg, params = tiny_moe()
+    config = {"architectures": ["Qwen3MoeForCausalLM"], "model_type": "qwen3_moe", "vocab_size": cfg.vocab_size,
+              "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
+              "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+              "num_key_value_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim, "max_position_embeddings": 512,
+              "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": cfg.rope_theta,
+              "tie_word_embeddings": cfg.tie_word_embeddings, "num_experts": cfg.num_experts,
+              "num_experts_per_tok": cfg.num_experts_per_tok, "moe_intermediate_size": cfg.moe_intermediate_size,
+              "norm_topk_prob": cfg.norm_topk_prob, "decoder_sparse_step": 1, "mlp_only_layers": []}
+    return _state_dict(cfg, jax.device_get(params)), config
 
 
 INTEGER_CASES = {  # id -> (_integer_checkpoint's arguments, the model.quantization `auto` serves it with)
@@ -157,38 +176,43 @@ INTEGER_CASES = {  # id -> (_integer_checkpoint's arguments, the model.quantizat
     "gptq-act-order": ({"method": "gptq", "act_order": True}, "none"),
     "gptq-8bit": ({"method": "gptq", "bits": 8}, "none"),
     "awq": ({"method": "awq"}, "int4"),
+    "gptq-moe": ({"method": "gptq"}, "int4"),
 }
 
 
 @pytest.mark.parametrize("case", INTEGER_CASES)
 def test_gptq_and_awq_checkpoints_load_as_the_weights_they_stand_for(hf_model, tokenizer, tmp_path, case):
-    """GPTQ (zero points stored minus one, or as they are in gptq_v2; symmetric; act-order's scattered groups; 8 bits)
-    and AWQ (outputs packed in its 0 2 4 6 1 3 5 7 order) checkpoints load as exactly (q - z) * s; a 4-bit one with
-    contiguous groups is kept as stored (uint4, a float32 scale and offset per group: `auto` serves it as int4), the
-    others are dequantized."""
+    """GPTQ (zero points stored minus one, or as they are in gptq_v2; symmetric; act-order's scattered groups; 8 bits;
+    a mixture-of-experts model's experts, one tensor each) and AWQ (outputs packed in its 0 2 4 6 1 3 5 7 order)
+    checkpoints load as exactly (q - z) * s; a 4-bit one with contiguous groups is kept as stored (uint4, a float32
+    scale and offset per group: `auto` serves it as int4), the others are dequantized."""
     kwargs, served = INTEGER_CASES[case]
-    want = _integer_checkpoint(hf_model, tokenizer, tmp_path, **kwargs)
+    tensors, config = _moe_tensors() if case.endswith("moe") else _hf_tensors(hf_model)
+    want = _integer_checkpoint(tensors, config, tokenizer, tmp_path, **kwargs)
     assert checkpoint_quantization(str(tmp_path)) == served
-    _, dequantized = load_weights(str(tmp_path))
+    cfg, dequantized = load_weights(str(tmp_path))
     _, kept = load_weights(str(tmp_path), quantization="int4")
-    assert (kept["layers"]["wq"].dtype == ml_dtypes.uint4) == (served == "int4")
-    back = quant.dequantize_params(kept) if served == "int4" else dequantized
-    for key in MODULES:
-        np.testing.assert_array_equal(dequantized["layers"][key], want[key], key)
-        np.testing.assert_array_equal(back["layers"][key], want[key], key)
+    quantized = [k for k in (*MODULES, *quant.EXPERTS) if k in kept["layers"]]
+    assert all((kept["layers"][k].dtype == ml_dtypes.uint4) == (served == "int4") for k in quantized)
+    assert "moe_up" in quantized if case.endswith("moe") else "wq" in quantized
+    got = _state_dict(cfg, dequantized)
+    back = _state_dict(cfg, quant.dequantize_params(kept))
+    for name, w in want.items():
+        np.testing.assert_array_equal(got[name], w, name)
+        np.testing.assert_array_equal(back[name], w, name)
 
 
 def test_integer_checkpoints_it_cannot_read_are_refused_by_name(hf_model, tokenizer, tmp_path):
     """AWQ's GEMV layout and 3-bit GPTQ (fields across words) are CheckpointErrors naming them, as is a scale whose
     shape does not fit its weight."""
-    _integer_checkpoint(hf_model, tokenizer, tmp_path, "awq")
+    _integer_checkpoint(*_hf_tensors(hf_model), tokenizer, tmp_path, "awq")
     config = json.loads((tmp_path / "config.json").read_text())
     for quant_config, match in (({"quant_method": "awq", "version": "gemv"}, "AWQ version='gemv' is not supported"),
                                 ({"quant_method": "gptq", "bits": 3}, "3-bit weights packed across int32 words")):
         (tmp_path / "config.json").write_text(json.dumps({**config, "quantization_config": quant_config}))
         with pytest.raises(CheckpointError, match=match):
             load_weights(str(tmp_path))
-    _integer_checkpoint(hf_model, tokenizer, tmp_path, "gptq")
+    _integer_checkpoint(*_hf_tensors(hf_model), tokenizer, tmp_path, "gptq")
     from safetensors.numpy import load_file, save_file
 
     tensors = load_file(str(tmp_path / "model.safetensors"))

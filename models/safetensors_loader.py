@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from typing import Any, Mapping
 
@@ -17,6 +18,7 @@ from models.gguf_loader import CheckpointError
 from models.int_checkpoint import INT_METHODS, IntScheme, has_packed_weight, int_scheme, read_int_weight
 from models.weights import NORM_KEYS, assemble, layers_of
 
+log = logging.getLogger(__name__)
 
 HF_NAMES = {
     "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
@@ -227,6 +229,10 @@ def kept_int_quantization(directory: str) -> str:
         bits = set(_kept_int(cfg, hf_names(cfg), scheme, stored, shard_of.__contains__, (4, 8)).values())
     if 4 in bits:
         return "int4"
+    if not bits:
+        log.warning("%s: its %s integer weights are in a layout not served as stored (act-order groups, 8 bits in "
+                    "groups or with zero points, 2 bits): they are dequantized into model.dtype at load "
+                    "(model.quantization int4 or int8 re-quantizes them)", directory, scheme.method)
     return ("w8a8" if scheme.activations else "int8") if bits else "none"
 
 

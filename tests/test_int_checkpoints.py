@@ -181,15 +181,17 @@ INTEGER_CASES = {  # id -> (_integer_checkpoint's arguments, the model.quantizat
 
 
 @pytest.mark.parametrize("case", INTEGER_CASES)
-def test_gptq_and_awq_checkpoints_load_as_the_weights_they_stand_for(hf_model, tokenizer, tmp_path, case):
+def test_gptq_and_awq_checkpoints_load_as_the_weights_they_stand_for(hf_model, tokenizer, tmp_path, case, caplog):
     """GPTQ (zero points stored minus one, or as they are in gptq_v2; symmetric; act-order's scattered groups; 8 bits;
     a mixture-of-experts model's experts, one tensor each) and AWQ (outputs packed in its 0 2 4 6 1 3 5 7 order)
     checkpoints load as exactly (q - z) * s; a 4-bit one with contiguous groups is kept as stored (uint4, a float32
-    scale and offset per group: `auto` serves it as int4), the others are dequantized."""
+    scale and offset per group: `auto` serves it as int4), the others are dequantized, and the log says so."""
     kwargs, served = INTEGER_CASES[case]
     tensors, config = _moe_tensors() if case.endswith("moe") else _hf_tensors(hf_model)
     want = _integer_checkpoint(tensors, config, tokenizer, tmp_path, **kwargs)
-    assert checkpoint_quantization(str(tmp_path)) == served
+    with caplog.at_level("WARNING"):
+        assert checkpoint_quantization(str(tmp_path)) == served
+    assert ("dequantized into model.dtype at load" in caplog.text) == (served == "none")
     cfg, dequantized = load_weights(str(tmp_path))
     _, kept = load_weights(str(tmp_path), quantization="int4")
     quantized = [k for k in (*MODULES, *quant.EXPERTS) if k in kept["layers"]]

@@ -50,7 +50,6 @@ class IntWeight:
     bits: int
     symmetric: bool  # offset = -2^(bits-1) * scale: no zero point of its own
     act_order: bool = False  # GPTQ's scattered groups: `groups_of` holds each input's group
-
     groups_of: np.ndarray | None = None  # [in] int, only with act_order
 
     def dequantize(self) -> np.ndarray:

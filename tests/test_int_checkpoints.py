@@ -72,7 +72,7 @@ def test_compressed_tensors_checkpoints_load_as_the_library_decompresses_them(hf
     (_, _, strategy, activations), served = SCHEMES[scheme], CT_SCHEMES[scheme]
     assert checkpoint_quantization(str(tmp_path)) == served
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=CompressedTensorsConfig(run_compressed=False), dtype=torch.float32).eval()
+        tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
     state_dict = {k: v.detach().numpy() for k, v in reference.state_dict().items()}
     cfg, kept = load_weights(str(tmp_path), quantization=served)
     _, dequantized = load_weights(str(tmp_path))
@@ -240,7 +240,7 @@ def test_a_4bit_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_2(h
     want = [o.token_ids for o in dequantized.generate(prompts, GREEDY)]
     assert dequantized.engine.params["layers"]["wq"].dtype == np.float32
     reference = transformers.AutoModelForCausalLM.from_pretrained(
-        tmp_path, quantization_config=CompressedTensorsConfig(run_compressed=False), dtype=torch.float32).eval()
+        tmp_path, quantization_config=CompressedTensorsConfig(dequantize=True), dtype=torch.float32).eval()
     ids = list(prompts[-1])
     with torch.no_grad():
         for _ in range(GREEDY.max_tokens):  # greedy, step by step (no end-of-text stop: ignore_eos)

@@ -145,19 +145,14 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     """Random weights of the right shapes (tests and synthetic benchmarks)."""
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    keys = jax.random.split(key, len(leaves))
+    norms = NORM_KEYS
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
-    norms = tuple(any(n in path for n in NORM_KEYS) for path in paths)
-    arrays = _random_leaves(key, tuple(tuple(s) for s in leaves), norms, scale, jnp.dtype(dtype))
-    return jax.tree.unflatten(treedef, list(arrays))
-
-
-@functools.partial(jax.jit, static_argnames=("shapes", "norms", "dtype"))
-def _random_leaves(key: jax.Array, shapes: tuple, norms: tuple, scale, dtype) -> list[jax.Array]:
-    """init_params' arrays in one program (one compile per model shape, where op-by-op random draws compiled a few
-    programs per weight): scale * N(0, 1) for each shape, 1 + that for norms."""
-    keys = jax.random.split(key, len(shapes))
-    return [((1.0 + scale * jax.random.normal(k, s)) if norm else scale * jax.random.normal(k, s)).astype(dtype)
-            for k, s, norm in zip(keys, shapes, norms)]
+    arrays = [
+        (1.0 + scale * jax.random.normal(k, s)) if any(n in path for n in norms) else scale * jax.random.normal(k, s)
+        for k, s, path in zip(keys, leaves, paths)
+    ]
+    return jax.tree.unflatten(treedef, [a.astype(dtype) for a in arrays])
 
 
 def check_params(cfg: LlamaConfig, params: Params, source: str) -> None:

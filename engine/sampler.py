@@ -90,7 +90,10 @@ def _keep_ranked(ranked: jax.Array, s: SamplingInputs, total: jax.Array) -> jax.
     rank = jnp.arange(ranked.shape[-1])[None, :]
     k = jnp.where(s.top_k > 0, s.top_k, jnp.iinfo(jnp.int32).max)[:, None]
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (rank < k) & (mass_before < s.top_p[:, None]) & (probs >= s.min_p[:, None] * probs[:, :1])
+    # top_p 1 keeps every token: in float32 the mass before a far-tail token rounds to 1.0 (a peaked row's top-k
+    # would otherwise lose its last few)
+    nucleus = (mass_before < s.top_p[:, None]) | (s.top_p[:, None] >= 1)
+    keep = (rank < k) & nucleus & (probs >= s.min_p[:, None] * probs[:, :1])
     return keep.at[:, 0].set(True)  # the most likely token always survives
 
 

@@ -33,7 +33,8 @@ def _allowed(logits: np.ndarray, p: SamplingParams) -> set[int]:
     keep = np.ones(len(order), bool)
     if p.top_k:
         keep[p.top_k:] = False
-    keep &= (np.cumsum(probs) - probs) < p.top_p
+    if p.top_p < 1:  # 1: no nucleus (the mass before a far-tail token may round to 1)
+        keep &= (np.cumsum(probs) - probs) < p.top_p
     keep &= probs >= p.min_p * probs[0]
     keep[0] = True
     return set(order[keep].tolist())

@@ -270,8 +270,6 @@ def _int_weights(cfg: LlamaConfig, key: str, name: str, bits: int, scheme: IntSc
     """Projection `key` kept as the integer checkpoint stores it, stacked over its layers in quant's layout: 4 bits,
     uint4 values [L, (E,) in, out] with float32 `<key>_scale` and `<key>_offset` [L, (E,) groups, out]; 8 bits, int8
     values with `<key>_scale` [L, (E,) out]."""
-    import ml_dtypes
-
     out: dict[str, np.ndarray] = {}
 
     def one(tensor: str) -> tuple[np.ndarray, ...]:

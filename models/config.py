@@ -24,13 +24,20 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss", "smollm3", "glm4_moe", "deepseek_v2", "deepseek_v3")
+                           "phi3", "gpt_oss", "smollm3", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3",
+                           "granite")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
+# The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
+                      "glm4moe", "deepseek2", "olmo2", "granite")
+# The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
+HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, mixtral, "
+                  "qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
 
@@ -69,11 +76,21 @@ class LlamaConfig:
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
     qk_norm: bool = False  # RMSNorm on each q and k head before RoPE (Qwen3, Gemma 3)
+    # ... over each projection's heads together, weights [q_size] and [kv_size] (OLMo 2 / 3), not per head
+    qk_norm_whole: bool = False
     sandwich_norms: bool = False  # RMSNorm on the attention and MLP outputs too (Gemma 2/3)
+    # RMSNorm on the attention's and the MLP's inputs (attn_norm, mlp_norm); False: on their outputs only (OLMo 2 / 3,
+    # whose sandwich_norms are its only ones)
+    pre_norms: bool = True
     embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     attn_soft_cap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
     final_soft_cap: float | None = None  # logits -> c * tanh(logits / c) (Gemma 2)
+    # Granite's multipliers: the softmax scale itself (None: from query_pre_attn_scalar or head_dim), each attention
+    # and MLP output's before it joins the residual stream, and the logits' divisor.
+    attention_multiplier: float | None = None
+    residual_multiplier: float = 1.0
+    logits_scaling: float = 1.0
     # Mixture of experts on every layer (models/moe.py; Mixtral, Qwen2-MoE, Qwen3-MoE): 0 = a dense MLP.
     num_experts: int = 0
     num_experts_per_tok: int = 0  # experts each token goes through (top k of the router's)
@@ -128,6 +145,12 @@ class LlamaConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for RoPE")
         if self.hidden_act not in HIDDEN_ACTS:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
+        if not self.pre_norms and not self.sandwich_norms:
+            raise ConfigError("pre_norms=False needs sandwich_norms (a layer normed nowhere is not a decoder here)")
+        if self.qk_norm_whole and not self.qk_norm:
+            raise ConfigError("qk_norm_whole is set but qk_norm is not")
+        if self.logits_scaling == 0:
+            raise ConfigError("logits_scaling must not be 0 (the logits are divided by it)")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
         object.__setattr__(self, "rope_layers", tuple(bool(b) for b in self.rope_layers))
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
@@ -187,7 +210,14 @@ class LlamaConfig:
 
     @property
     def sm_scale(self) -> float:
+        if self.attention_multiplier is not None:
+            return float(self.attention_multiplier)
         return float(self.query_pre_attn_scalar or self.head_dim) ** -0.5
+
+    @property
+    def qk_norm_sizes(self) -> tuple[int, int]:
+        """The widths of the q and k norms' weights: a head's, or a whole projection's (qk_norm_whole)."""
+        return (self.q_size, self.kv_size) if self.qk_norm_whole else (self.head_dim, self.head_dim)
 
     @property
     def mixed_windows(self) -> bool:
@@ -236,7 +266,7 @@ class LlamaConfig:
             per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
-        per_layer += 2 * self.head_dim * self.qk_norm + 2 * h * self.sandwich_norms + 2 * h
+        per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms + 2 * h * self.pre_norms
         dense_mlp = 3 * h * self.intermediate_size
         moe_mlp = 0
         if self.num_experts:
@@ -273,17 +303,18 @@ class LlamaConfig:
     # ---------------------------------------------------------------- sources
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
-        """Reads an HF `config.json` dict (model_type llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, and
-        the mixture-of-experts mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3 / kimi_k2)."""
+        """Reads an HF `config.json` dict (model_type: HF_MODEL_TYPES)."""
         arch = cfg.get("model_type")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
+        if arch in ("olmo2", "olmo3"):
+            return _olmo_from_hf(cfg, source, arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
-            raise ConfigError(f"{source}: model_type={arch!r} is not supported "
-                              f"(supported: llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, "
-                              f"mixtral, qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2)")
+            raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=true is not supported (the dense MLP's projections have no biases here)")
 
         def need(key):
             if key not in cfg:
@@ -321,8 +352,8 @@ class LlamaConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
-            # gpt-oss's attention_bias covers o_proj too (transformers builds all four projections with it)
-            attention_out_bias=arch == "gpt_oss" and bool(cfg.get("attention_bias", True)),
+            # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
+            attention_out_bias=arch in ("gpt_oss", "granite") and bool(cfg.get("attention_bias", arch == "gpt_oss")),
             attention_sinks=arch == "gpt_oss",
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
@@ -331,6 +362,7 @@ class LlamaConfig:
             qk_norm=arch in ("qwen3", "qwen3_moe") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
+            **(_granite_multipliers(cfg) if arch == "granite" else {}),
             **_experts_from_hf(cfg, source, arch),
         )
 
@@ -338,17 +370,14 @@ class LlamaConfig:
     def from_gguf_metadata(cls, meta: Mapping[str, Any], tensor_names: set[str], source: str,
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
-        """Reads GGUF metadata (`general.architecture` llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe,
-        gpt-oss, smollm3, glm4moe or deepseek2; Mistral GGUFs say llama, and Mixtral's llama with experts; DeepSeek-V2,
-        V3 and Kimi K2 deepseek2). rope_freqs: the file's
+        """Reads GGUF metadata (`general.architecture`: GGUF_ARCHITECTURES; Mistral GGUFs say llama, and Mixtral's llama
+        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; OLMo 3 olmo2). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
-        if arch not in ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss",
-                        "smollm3", "glm4moe", "deepseek2"):
+        if arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
-                              "(llama, qwen2, qwen3, gemma2, gemma3, phi3, qwen2moe, qwen3moe, gpt-oss, smollm3, "
-                              "glm4moe, deepseek2)")
+                              f"({', '.join(GGUF_ARCHITECTURES)})")
 
         def need(key):
             full = f"{arch}.{key}"
@@ -407,12 +436,28 @@ class LlamaConfig:
                 rope_scaling = dataclasses.replace(rope_scaling, truncate=False)
         if arch == "smollm3":  # llama.cpp's graph: every 4th layer without RoPE (the metadata does not say)
             implied["rope_layers"] = _rope_layers({"num_hidden_layers": num_layers})
+        if arch == "olmo2":  # norms after attention and the MLP only, q/k norms over whole projections
+            implied = dict(pre_norms=False, sandwich_norms=True, qk_norm_whole=True,
+                           attention_out_bias="blk.0.attn_output.bias" in tensor_names)
+            pattern = meta.get(f"{arch}.attention.sliding_window_pattern")
+            if window and pattern is not None:  # OLMo 3: windowed layers with RoPE unscaled, as transformers runs them
+                if len(pattern) != num_layers:
+                    raise ConfigError(f"{source}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries "
+                                      f"for {num_layers} layers")
+                implied |= dict(sliding_layers=tuple(bool(b) for b in pattern),
+                                rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
+        if arch == "granite":  # the converter writes Granite's multipliers as scales
+            implied = dict(embed_scale=float(meta.get(f"{arch}.embedding_scale") or 1.0),
+                           attention_multiplier=float(meta.get(f"{arch}.attention.scale") or 1.0),
+                           residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
+                           logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
+                           attention_out_bias="blk.0.attn_output.bias" in tensor_names)
         latent = {}
         if arch == "deepseek2":  # one cached KV head of [RoPE key, latent] (older files' key_length is a query head's)
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
         cfg = cls(
             architecture=names.get(arch, arch),
@@ -643,6 +688,63 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
         expert_groups_per_tok=int(cfg.get("topk_group") or 1) if grouped else 1,
         routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         expert_group_top=2 if v3 else 1,
+    )
+
+
+def _granite_multipliers(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """An HF `granite` config's four multipliers as LlamaConfig fields (transformers' defaults: 1)."""
+    return dict(embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
+                attention_multiplier=float(cfg.get("attention_multiplier", 1.0)),
+                residual_multiplier=float(cfg.get("residual_multiplier", 1.0)),
+                logits_scaling=float(cfg.get("logits_scaling", 1.0)))
+
+
+def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `olmo2` or `olmo3` config.json: norms after attention and the MLP only, q/k norms over whole projections;
+    OLMo 3's windowed layers (`layer_types`, else all but every fourth) keep RoPE unscaled and the global ones take
+    `rope_scaling` (transformers 5: `rope_parameters` per layer type), as transformers runs them."""
+
+    def need(key):
+        if key not in cfg:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    num_layers = int(need("num_hidden_layers"))
+    window = cfg.get("sliding_window") if arch == "olmo3" else None
+    types = (cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention"
+                                        for i in range(num_layers)]) if window else []
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
+    rope_params = cfg.get("rope_parameters") or {}
+    full = rope_params.get("full_attention", rope_params)
+    local = rope_params.get("sliding_attention", {})
+    theta = float(full.get("rope_theta", cfg.get("rope_theta", 500_000.0 if arch == "olmo3" else 10_000.0)))
+    num_heads = int(need("num_attention_heads"))
+    bias = bool(cfg.get("attention_bias", False))
+    return LlamaConfig(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=int(need("hidden_size")),
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or int(need("hidden_size")) // num_heads),
+        rope_theta=theta,
+        rope_scaling=rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        attention_bias=bias,
+        attention_out_bias=bias,
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        sliding_window=int(window) if window else None,
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        rope_local_theta=float(local.get("rope_theta", theta)) if window else None,
+        qk_norm=True,
+        qk_norm_whole=True,
+        sandwich_norms=True,
+        pre_norms=False,
     )
 
 

@@ -1,8 +1,8 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`) GGUFs for its interleaved RoPE; they
-are permuted back here so every loader hands the model the HF layout (deepseek2's, which it leaves as HF has them,
-are reordered as an HF DeepSeek checkpoint's are).
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`) GGUFs for its interleaved
+RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's, which it leaves as HF
+has them, are reordered as an HF DeepSeek checkpoint's are).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ GGUF_NAMES = {
     "bq": "blk.{i}.attn_q.bias", "bk": "blk.{i}.attn_k.bias", "bv": "blk.{i}.attn_v.bias",
     "q_norm": "blk.{i}.attn_q_norm.weight", "k_norm": "blk.{i}.attn_k_norm.weight",
     "post_attn_norm": "blk.{i}.post_attention_norm.weight", "post_mlp_norm": "blk.{i}.post_ffw_norm.weight",
+    "bo": "blk.{i}.attn_output.bias",  # (Granite, OLMo with attention biases)
 }
 ROPE_FREQS = "rope_freqs.weight"  # LlamaConfig.rope_freq_factors, read with the config
 # phi3's LongRoPE divisors (RopeScaling short_factor, long_factor), read with the config.
@@ -150,8 +151,9 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
-        if arch in ("llama", "smollm3") and key in ("wq", "wk"):  # Mixtral's too; SmolLM3's converter is Llama's
-            arr = _unpermute(arr, cfg.num_heads if key == "wq" else cfg.num_kv_heads)
+        if arch in ("llama", "smollm3", "granite") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
+            # and Granite's converters are Llama's, which permutes biases too (olmo2's leaves rows as HF has them)
+            arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
             from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
 

@@ -1,6 +1,6 @@
 """Llama-family decoder as pure functions over a pytree of weights (the config's switches also make
-it Qwen2/3, Gemma 2/3, Phi-3 and gpt-oss: biases, q/k norms, sandwich norms, GELU, soft caps, per-layer windows,
-partial rotary embeddings, attention sinks).
+it Qwen2/3, Gemma 2/3, Phi-3, OLMo 2/3, Granite and gpt-oss: biases, q/k norms, sandwich or post norms, GELU, soft
+caps, Granite's multipliers, per-layer windows, partial rotary embeddings, attention sinks).
 
 Weights are a plain dict pytree (see `param_shapes`), passed to jitted functions as arguments, never
 baked into the HLO. Two entry points share every layer but attention:
@@ -95,7 +95,7 @@ class HybridLayout:
 def param_shapes(cfg: LlamaConfig) -> Params:
     """The weight pytree as shapes (HF orientation transposed to x @ W; layers stacked on axis 0)."""
     h, i, n = cfg.hidden_size, cfg.mlp_intermediate_size, cfg.num_layers
-    layers = {"attn_norm": (n, h), "mlp_norm": (n, h)}
+    layers = {"attn_norm": (n, h), "mlp_norm": (n, h)} if cfg.pre_norms else {}
     if cfg.mla:
         heads, qk, rank = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.q_lora_rank
         layers |= {
@@ -130,7 +130,7 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     if cfg.attention_sinks:
         layers["sinks"] = (n, cfg.num_heads)
     if cfg.qk_norm:
-        layers |= {"q_norm": (n, cfg.head_dim), "k_norm": (n, cfg.head_dim)}
+        layers |= {"q_norm": (n, cfg.qk_norm_sizes[0]), "k_norm": (n, cfg.qk_norm_sizes[1])}
     if cfg.sandwich_norms:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
     # a weight of one kind of layer only (models with expert and dense layers) is stacked over those layers
@@ -259,6 +259,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     is_moe_layer = np.asarray(cfg.moe_layers or [bool(cfg.num_experts)] * cfg.num_layers)
     places = np.where(is_moe_layer, np.cumsum(is_moe_layer) - 1, np.cumsum(~is_moe_layer) - 1).astype(np.int32)
 
+    def residual(o):
+        """A block's output as it joins the residual stream (Granite scales it)."""
+        return o if cfg.residual_multiplier == 1.0 else o * jnp.asarray(cfg.residual_multiplier, o.dtype)
+
     def layer(state, xs):
         x, carry = state
         p, i, is_windowed, table, lo, is_moe, place = xs
@@ -282,7 +286,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 o = routed if o is None else o + routed
             return o, down_in
 
-        h = rms_norm(x, p["attn_norm"], eps)
+        h = rms_norm(x, p["attn_norm"], eps) if cfg.pre_norms else x
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
         if cfg.mla:
             q, k, v = _mla_qkv(cfg, p, h, proj)
@@ -290,10 +294,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
             if cfg.attention_bias:
                 q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+            if cfg.qk_norm_whole:  # over all heads of each projection (OLMo 2)
+                q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
             q = q.reshape(t, cfg.num_heads, cfg.head_dim)
             k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
             v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_whole:
             q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
         inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
         rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
@@ -305,8 +311,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         o = proj(o.reshape(t, -1), "wo")
         if cfg.attention_out_bias:
             o = o + p["bo"]
-        x = x + (rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
-        h = rms_norm(x, p["mlp_norm"], eps)
+        x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
+        h = rms_norm(x, p["mlp_norm"], eps) if cfg.pre_norms else x
         if cfg.mixed_mlp:  # each kind's weights at this layer's place among its kind; one branch runs
             def take(kind):
                 return {name.replace("dense_", "w_"): w[place] for name, w in by_kind[kind].items()}
@@ -315,7 +321,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                              h)
         else:
             o, down_in = mlp(h, p, bool(cfg.num_experts))
-        x = x + (rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
+        x = x + residual(rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
         return (x, carry), amax
@@ -449,6 +455,8 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     else:
         head = params["embed"].T if cfg.tie_word_embeddings else params["lm_head"]
         logits = jnp.dot(x, head, preferred_element_type=jnp.float32)
+    if cfg.logits_scaling != 1.0:  # Granite
+        logits = logits / cfg.logits_scaling
     if cfg.final_soft_cap:
         logits = cfg.final_soft_cap * jnp.tanh(logits / cfg.final_soft_cap)
     return logits

@@ -276,6 +276,8 @@ def scaling_from_gguf(meta: Mapping[str, Any], arch: str, source: str) -> RopeSc
     # DeepSeek-style ones store 0.1 x mscale_all_dim instead). yarn_attn_factor is HF's attention_factor.
     log_mul = float(meta.get(key + "yarn_log_multiplier") or 0.0)
     attention_factor = meta.get(key + "yarn_attn_factor")
+    if arch == "olmo2" and attention_factor is None:  # its converter writes HF's attention_factor as attn_factor
+        attention_factor = meta.get(key + "attn_factor")
     return RopeScaling(
         "yarn", factor, original_max_position=int(original),
         beta_fast=float(meta.get(key + "yarn_beta_fast") or 32.0),

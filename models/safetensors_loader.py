@@ -29,6 +29,7 @@ HF_NAMES = {
     "bv": "model.layers.{i}.self_attn.v_proj.bias", "w_gate": "model.layers.{i}.mlp.gate_proj.weight",
     "w_up": "model.layers.{i}.mlp.up_proj.weight", "w_down": "model.layers.{i}.mlp.down_proj.weight",
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
+    "bo": "model.layers.{i}.self_attn.o_proj.bias",  # (Granite with attention_bias)
 }
 # The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
 DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
@@ -73,6 +74,12 @@ DEEPSEEK_NAMES = {k: v for k, v in GLM4_MOE_NAMES.items() if k not in ("wk", "wv
 GEMMA_NAMES = {
     **HF_NAMES,
     "mlp_norm": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
+    "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+# OLMo 2 / 3: no norms before attention and the MLP, one after each (`post_attention_layernorm` is not Llama's pre-MLP
+# norm here).
+OLMO_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("attn_norm", "mlp_norm")} | {
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
@@ -390,7 +397,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     expert)."""
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
-            "deepseek_v3": DEEPSEEK_NAMES}.get(
+            "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -55,7 +55,9 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
     layers = dict(params["layers"])
     # with quantized weights (an FP8 checkpoint's kept as stored, int8, int4; models/quant.py), their scales (a
     # column's, a block's, a group's) and int4's offsets
-    for name in ("wk", "wv", "bk", "bv") + tuple(w + s for w in ("wk", "wv") for s in (
+    # (and a k norm over the whole projection, OLMo 2's: the mean square over repeated heads is the same)
+    for name in ("wk", "wv", "bk", "bv") + (("k_norm",) if cfg.qk_norm_whole else ()) + tuple(
+            w + s for w in ("wk", "wv") for s in (
             quant.SCALE_SUFFIX, quant.BLOCK_SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
         if name in layers:
             if layers[name].shape[-1] % cfg.num_kv_heads:
@@ -111,7 +113,9 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
     col, row = P(None, None, AXIS), P(None, AXIS, None)  # split output features / input features
     layer_specs = {
         "attn_norm": P(), "mlp_norm": P(), "post_attn_norm": P(), "post_mlp_norm": P(),
-        "q_norm": P(), "k_norm": P(),  # per head_dim, shared by every head: replicated
+        # per head_dim, shared by every head: replicated; over a whole projection (OLMo 2): split with its heads (XLA
+        # sums the mean square across devices)
+        **dict.fromkeys(("q_norm", "k_norm"), P(None, AXIS) if cfg.qk_norm_whole else P()),
         **dict.fromkeys(COLUMN_PARALLEL, col), **dict.fromkeys(ROW_PARALLEL, row),
         "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.

@@ -63,6 +63,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else ())
                  + (MOE_BIAS_KEYS if cfg.moe_bias else ()) + ((SCORE_BIAS,) if cfg.router_score_bias else ())
                  + (DENSE_KEYS if cfg.mixed_mlp else ()))
+    if not cfg.pre_norms:
+        keys = tuple(k for k in keys if k not in ("attn_norm", "mlp_norm"))
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))

@@ -49,11 +49,14 @@ def _llama_cpp_rope_freqs(hparams: dict) -> np.ndarray:
     return np.asarray(factors, np.float32)
 
 
-def _write_llama_gguf(path, cfg, tensors: dict[str, np.ndarray], arch: str = "llama") -> None:
-    """A `llama` (or `arch`) GGUF of `cfg`'s metadata holding `tensors` (GGUF names) as they are."""
+def _write_llama_gguf(path, cfg, tensors: dict[str, np.ndarray], arch: str = "llama", **meta) -> None:
+    """A `llama` (or `arch`) GGUF of `cfg`'s metadata holding `tensors` (GGUF names) as they are; `meta`: more
+    metadata, by GGUFWriter method (`sliding_window=8` calls add_sliding_window(8))."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
+    for name, value in meta.items():
+        getattr(w, "add_" + name)(value)
     for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                        (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),

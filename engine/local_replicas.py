@@ -12,6 +12,7 @@ weight update and adapters to it (docs/routing.md). Stopping the server stops th
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -27,10 +28,14 @@ MAX_BACKOFF_S = 60.0
 STABLE_S = 300.0  # a replica up this long has its restart delay reset
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(n: int) -> list[int]:
+    """n distinct free local ports: each socket stays bound until all are chosen (ports taken one at a time, each
+    released before the next, may repeat)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
 
 
 class LocalReplicas:
@@ -40,7 +45,7 @@ class LocalReplicas:
         from engine.data_parallel import device_env
 
         self.num = config.parallel.data
-        self.ports = [free_port() for _ in range(self.num)]
+        self.ports = free_ports(self.num)
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         self.envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
         base = [sys.executable, SERVE] + (["--config", config_path] if config_path else [])

@@ -4,7 +4,6 @@ gets traffic again."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
+from engine.local_replicas import free_ports
 from engine.router.app import create_app
 from engine.router.config import router_config_from_dict
 from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
@@ -21,12 +21,6 @@ from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PS = 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout_s=20.0, what="condition"):
@@ -59,7 +53,7 @@ class RouterThread:
     def __init__(self, replicas, **overrides):
         import uvicorn
 
-        self.port = free_port()
+        [self.port] = free_ports(1)
         cfg = router_config_from_dict({"replicas": replicas, "page_size": PS, "tokenizer": "bytes",
                                        "port": self.port, "health_interval_s": 0.2, "poll_interval_s": 0.05,
                                        "connect_timeout_s": 1.0, "request_timeout_s": 30.0, **overrides})
@@ -106,7 +100,7 @@ def ask(url: str, i: int, stream: bool, tag: str):
 
 @pytest.fixture
 def cluster():
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     procs = start_replicas(ports, ttft_s=0.15)
     router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
     yield ports, procs, router
@@ -184,7 +178,7 @@ def test_prefix_sticks_and_feed_confirms(cluster):
 def test_adapter_requests_keep_prefix_affinity():
     """The router learns the replicas' LoRA adapters from /v1/models and hashes a request for one in that adapter's
     cache namespace, as the replica stores it: repeated adapter prompts stick to the replica that cached them."""
-    ports = [free_port() for _ in range(3)]
+    ports = free_ports(3)
     procs = start_replicas(ports, 0.05, "--adapters", "sql")
     router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
     try:
@@ -258,7 +252,7 @@ def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
 def test_replica_dying_mid_stream_ends_the_stream_with_an_error(path):
     """After the first byte there is no retry: the client gets an SSE error event, not a silent cut (on Anthropic's
     Messages API, its `error` event)."""
-    ports = [free_port() for _ in range(2)]
+    ports = free_ports(2)
     procs = start_replicas(ports, 0.05, "--chunk-delay-s", "0.2")
     router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
     try:
@@ -295,7 +289,7 @@ def test_replica_dying_mid_stream_ends_the_stream_with_an_error(path):
 def test_the_routers_own_errors_take_the_shape_of_the_api_asked():
     """No replica up, or a body that is not a JSON object: OpenAI's error body on the OpenAI routes, Anthropic's on
     /v1/messages (which Anthropic's SDK reads)."""
-    router = RouterThread([f"http://127.0.0.1:{free_port()}"])  # nothing listens there
+    router = RouterThread([f"http://127.0.0.1:{free_ports(1)[0]}"])  # nothing listens there
     try:
         chat = {"model": "fake", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}
         r = httpx.post(f"{router.url}/v1/chat/completions", json=chat, timeout=10)

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from engine.local_replicas import free_port
+from engine.local_replicas import free_ports
 from tests.test_generate import tiny_checkpoint  # noqa: F401 (fixture)
 
 SYSTEM = "You are a careful assistant for a hardware store. Answer in one short sentence. " * 6
@@ -37,7 +37,7 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow
 def test_two_replicas_behind_one_port(tiny_checkpoint, tmp_path):  # noqa: F811
-    port = free_port()
+    [port] = free_ports(1)
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
                              f"model.path={tiny_checkpoint}", "model.max_model_len=256", "cache.num_pages=256",

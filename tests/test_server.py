@@ -6,7 +6,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,6 +17,7 @@ import openai
 import pytest
 
 from engine.block_hash import page_hashes
+from engine.local_replicas import free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -32,15 +32,9 @@ OVERRIDES = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
+    [port] = free_ports(1)
     log_path = tmp_path_factory.mktemp("serve") / "serve.log"
     log = open(log_path, "w")
     proc = subprocess.Popen(

@@ -15,3 +15,50 @@ def dense_logits(params, cfg, ids, multiple: int = 64) -> np.ndarray:
     n = len(ids)
     padded = jnp.asarray(list(ids) + [0] * (-n % multiple), jnp.int32)
     return np.asarray(llama.forward_dense(params, cfg, padded))[:n]
+
+
+def hf_model_from_gguf(path: str, workdir: str):
+    """transformers' float32 model of a GGUF file (what AutoModelForCausalLM.from_pretrained(gguf_file=...) builds),
+    read from a copy without the tokenizer's arrays.
+
+    NOTE: gguf.GGUFReader builds a numpy view per element of every metadata array and transformers reads a file twice
+    (config, then weights): ~2 min for Gemma 3's 262k-token vocabulary, ~1 min for SmolLM2's 49k merges, which the
+    model never reads. The copy keeps every tensor's bytes and every other metadata value (ints written as int32, or
+    uint64 where they do not fit: transformers reads values, not widths), so transformers still dequantizes and runs
+    the file's weights its own way."""
+    import os
+
+    import gguf
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from models.gguf_loader import read_gguf
+
+    meta, tensors = read_gguf(path)
+    arch = meta["general.architecture"]
+    copy = os.path.join(workdir, os.path.basename(path))
+    w = gguf.GGUFWriter(copy, arch)
+    for key, value in meta.items():
+        if key in ("general.architecture", "general.alignment") or (key.startswith("tokenizer.") and
+                                                                      isinstance(value, (list, bytes))):
+            continue
+        if isinstance(value, list):
+            w.add_array(key, value)
+        elif isinstance(value, bool):
+            w.add_bool(key, value)
+        elif isinstance(value, int):
+            (w.add_int32 if -2**31 <= value < 2**31 else w.add_uint64)(key, value)
+        elif isinstance(value, float):
+            w.add_float32(key, value)
+        else:
+            w.add_string(key, value)
+    if f"{arch}.vocab_size" not in meta:  # transformers counts the tokens otherwise
+        w.add_uint32(f"{arch}.vocab_size", tensors["token_embd.weight"].shape[0])
+    for t in tensors.values():
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    model = AutoModelForCausalLM.from_pretrained(workdir, gguf_file=os.path.basename(path), dtype=torch.float32)
+    return model.eval()

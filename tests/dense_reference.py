@@ -22,8 +22,8 @@ def hf_model_from_gguf(path: str, workdir: str):
     read from a copy without the tokenizer's arrays.
 
     NOTE: gguf.GGUFReader builds a numpy view per element of every metadata array and transformers reads a file twice
-    (config, then weights): ~2 min for Gemma 3's 262k-token vocabulary, ~1 min for SmolLM2's 49k merges, which the
-    model never reads. The copy keeps every tensor's bytes and every other metadata value (ints written as int32, or
+    (config, then weights): reading Gemma 3 270M took 70 s against 11 s from the copy, SmolLM2 27 s against 16 s,
+    side by side on this 2-core machine, 2026-12-04 (its vocabulary and merges, which the model never reads). The copy keeps every tensor's bytes and every other metadata value (ints written as int32, or
     uint64 where they do not fit: transformers reads values, not widths), so transformers still dequantizes and runs
     the file's weights its own way."""
     import os

@@ -125,7 +125,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             raise CheckpointError(f"{path}: missing tensor {name!r}")
         t = tensors[name]
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # a plain view: memmap slices cost
         except NotImplementedError as e:
             raise CheckpointError(f"{path}: tensor {name!r} has unsupported GGUF type {t.tensor_type.name}") from e
         if arr.size != int(np.prod(t.shape)):

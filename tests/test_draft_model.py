@@ -213,7 +213,7 @@ def test_smollm2_with_its_int8_self_as_draft(smollm2, tokenizer):
     drafts accepted, far fewer steps."""
     prompts = [tokenizer.encode_chat([{"role": "user", "content": q}], add_generation_prompt=True)
                for q in ("Write a haiku about the sea.", "List three colors.", "What is the capital of France?")]
-    params = SamplingParams(temperature=0, max_tokens=48)
+    params = SamplingParams(temperature=0, max_tokens=32)
     outs, stats = {}, {}
     for name, extra in {"plain": {}, "draft": {"speculative.method": "draft_model", "speculative.model": SMOLLM2,
                                                 "speculative.quantization": "int8"}}.items():

@@ -86,7 +86,8 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
 def _cmd(ckpt, inp, out):
     return [sys.executable, "scripts/generate.py", "--config", "configs/smollm2-135m.yaml", "--input", str(inp),
             "--output", str(out), "--set", f"model.path={ckpt}", "scheduler.max_batch_tokens=256",
-            "scheduler.max_running=32", "cache.num_pages=256", "model.max_model_len=256"]
+            "scheduler.max_running=32", "cache.num_pages=256", "model.max_model_len=256",
+            "warmup=false"]  # (each job is a fresh process: warm-up would compile every bucket, used or not)
 
 
 def _lines(path) -> list[dict]:

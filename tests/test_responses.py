@@ -593,7 +593,8 @@ MODEL = "smollm2-135m-instruct"
 PAGE_SIZE = 16
 # test_server.py's, so the persistent compilation cache serves both
 OVERRIDES = ["scheduler.max_batch_tokens=64", "scheduler.max_running=8", "cache.num_pages=256",
-             "model.max_model_len=512", f"cache.page_size={PAGE_SIZE}", "server.max_body_bytes=65536"]
+             "model.max_model_len=512", f"cache.page_size={PAGE_SIZE}", "server.max_body_bytes=65536",
+             "warmup=false"]  # (the API formats under test need no warm-up; test_server's server compiles it)
 
 
 @pytest.fixture(scope="module")

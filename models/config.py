@@ -24,7 +24,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss", "smollm3", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3",
+                           "phi3", "gpt_oss", "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3",
                            "granite")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
@@ -34,9 +34,10 @@ HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
-                      "glm4moe", "deepseek2", "olmo2", "granite")
+                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
-HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, mixtral, "
+HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
+                  "mixtral, "
                   "qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 
@@ -347,11 +348,13 @@ class LlamaConfig:
             head_dim=int(head_dim),
             rope_theta=float(rope_theta),
             rope_scaling=rope.scaling_from_hf(rope_params, source, cfg),
-            partial_rotary_factor=float(rope_params.get("partial_rotary_factor",
-                                                        cfg.get("partial_rotary_factor", 1.0))),
+            # (GLM-4 turns half of each head unless it says otherwise, as transformers' config defaults it)
+            partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get(
+                "partial_rotary_factor", 0.5 if arch in ("glm", "glm4") else 1.0))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe"))),
+            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4"))),
+            sandwich_norms=arch == "glm4",  # GLM-4-0414: norms after attention and the MLP as well as before
             # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
             attention_out_bias=arch in ("gpt_oss", "granite") and bool(cfg.get("attention_bias", arch == "gpt_oss")),
             attention_sinks=arch == "gpt_oss",
@@ -387,10 +390,10 @@ class LlamaConfig:
 
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
-        # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4moe: the
-        # first rope_dims, rotate-half within them, as llama.cpp's NeoX RoPE turns them).
+        # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4, glm4moe: the
+        # first rope_dims; glm4's in interleaved pairs, reordered at load, gguf_loader).
         rope_dims = meta.get(f"{arch}.rope.dimension_count")
-        partial = arch in ("phi3", "glm4moe")
+        partial = arch in ("phi3", "glm4", "glm4moe")
         head_dim = int(meta.get(f"{arch}.attention.key_length") or (not partial and rope_dims) or hidden // num_heads)
         partial_rotary_factor = 1.0
         if partial and rope_dims:
@@ -446,6 +449,8 @@ class LlamaConfig:
                                       f"for {num_layers} layers")
                 implied |= dict(sliding_layers=tuple(bool(b) for b in pattern),
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
+        if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
+            implied = dict(sandwich_norms=True)
         if arch == "granite":  # the converter writes Granite's multipliers as scales
             implied = dict(embed_scale=float(meta.get(f"{arch}.embedding_scale") or 1.0),
                            attention_multiplier=float(meta.get(f"{arch}.attention.scale") or 1.0),

@@ -93,6 +93,12 @@ GPT_OSS_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up"
     "moe_gate_up_bias": "model.layers.{i}.mlp.experts.gate_up_proj_bias",
     "moe_down": "model.layers.{i}.mlp.experts.down_proj", "moe_down_bias": "model.layers.{i}.mlp.experts.down_proj_bias",
 }
+# GLM-4 (glm) and GLM-4-0414 (glm4): gate and up in one tensor (weights.FUSED); glm4 norms the attention's and the
+# MLP's outputs too (its `post_attention_layernorm` is Llama's pre-MLP norm).
+GLM_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up")} | {
+    "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight"}
+GLM4_NAMES = GLM_NAMES | {"post_attn_norm": "model.layers.{i}.post_self_attn_layernorm.weight",
+                          "post_mlp_norm": "model.layers.{i}.post_mlp_layernorm.weight"}
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -397,7 +403,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     expert)."""
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
-            "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES}.get(
+            "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "glm": GLM_NAMES,
+            "glm4": GLM4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -409,6 +416,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32) + 1.0
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
+    if cfg.architecture in ("glm", "glm4") and key in ("wq", "wk", "bq", "bk"):
+        return glm_rope_rows(cfg, key, arr)
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):
         arr = np.swapaxes(arr, -1, -2)  # [E, in, out] -> [E, out, in]
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_gate_up_bias"):
@@ -418,17 +427,30 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def rope_pair_rows(arr: np.ndarray, num_heads: int, start: int, rope_dim: int) -> np.ndarray:
+    """A projection's rows (or a bias) of `num_heads` heads, each head's RoPE rows [start, start + rope_dim) reordered
+    from interleaved pairs to halves (each pair's two rows become row j and row j + rope_dim / 2), as the model's
+    rotate-half RoPE turns them; the scores are unchanged where q and k are reordered alike."""
+    pairs = start + np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
+    heads = arr.reshape(num_heads, -1, *arr.shape[1:])
+    order = np.concatenate([np.arange(start), pairs, np.arange(start + rope_dim, heads.shape[1])])
+    return heads[:, order].reshape(arr.shape)
+
+
+def glm_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """GLM-4's q or k rows (weight or bias): it turns each head's first rotary_dim dims in interleaved pairs."""
+    return rope_pair_rows(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads, 0, cfg.rotary_dim)
+
+
 def mla_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     """A DeepSeek checkpoint's query projection (wq or wq_b: [heads x (nope + rope), in]) or latent projection (wkv_a:
     [latent + rope, in]) with the RoPE rows as `_mla_qkv` reads them: turned by rotate-half, where DeepSeek turns
     interleaved pairs (each pair's two rows become row j and row j + rope / 2; the scores are unchanged, q and k
     being reordered alike), and wkv_a's RoPE rows first."""
     rope_dim, nope = cfg.qk_rope_head_dim, cfg.qk_nope_head_dim
-    pairs = np.concatenate([np.arange(0, rope_dim, 2), np.arange(1, rope_dim, 2)])
     if key == "wkv_a":
-        return np.concatenate([arr[cfg.kv_lora_rank:][pairs], arr[: cfg.kv_lora_rank]])
-    heads = arr.reshape(cfg.num_heads, nope + rope_dim, -1)
-    return np.concatenate([heads[:, :nope], heads[:, nope:][:, pairs]], axis=1).reshape(arr.shape)
+        return np.concatenate([rope_pair_rows(arr[cfg.kv_lora_rank:], 1, 0, rope_dim), arr[: cfg.kv_lora_rank]])
+    return rope_pair_rows(arr, cfg.num_heads, nope, rope_dim)
 
 
 def _numpy_float8() -> None:

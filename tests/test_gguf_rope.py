@@ -62,7 +62,8 @@ def _write_llama_gguf(path, cfg, tensors: dict[str, np.ndarray], arch: str = "ll
                        (w.add_head_count, cfg.num_heads), (w.add_head_count_kv, cfg.num_kv_heads),
                        (w.add_rope_dimension_count, cfg.head_dim), (w.add_layer_norm_rms_eps, cfg.rms_norm_eps),
                        (w.add_rope_freq_base, cfg.rope_theta), (w.add_vocab_size, cfg.vocab_size)):
-        add(value)
+        if add.__name__.removeprefix("add_") not in meta:  # (`meta` may say otherwise: a partial RoPE's dimension)
+            add(value)
     for name, x in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(x, np.float32))
     w.write_header_to_file()

@@ -65,11 +65,13 @@ _GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     # NOTE: StarCoder-family vocabularies (SmolLM among them) isolate every digit before the GPT-2 split, as
     # their tokenizer.json does (Digits(individual_digits) + ByteLevel) and llama.cpp does.
     **dict.fromkeys(("smollm", "starcoder", "refact", "codeshell", "command-r", "exaone"), (True, _GPT2_SPLIT)),
-    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx"), (False, _LLAMA3_SPLIT)),
+    **dict.fromkeys(("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "glm4", "chatglm-bpe"),
+                    (False, _LLAMA3_SPLIT)),
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (False, _QWEN2_SPLIT)),
     **dict.fromkeys(("gpt-4o", "llama4"), (False, _GPT4O_SPLIT)),
 }
 
+_NO_BOS_PRE_TOKENIZERS = ("glm4", "chatglm-bpe")  # GLM-4's GGUFs (GLM-4.5 too): no BOS added, as llama.cpp reads them
 _SP_MODEL_TYPES = {"llama": "BPE", "t5": "UNIGRAM"}  # GGUF tokenizer.ggml.model -> SentencePiece model type
 
 
@@ -240,8 +242,10 @@ class Tokenizer:
             return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
 
         bos_id, eos_id = token_id("bos_token_id"), token_id("eos_token_id")
-        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise.
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+        # llama.cpp adds BOS to SentencePiece vocabularies unless the file says otherwise, and never to GLM-4's (their
+        # chat template writes [gMASK]<sop> itself; the converter names <|endoftext|> BOS).
+        add_bos = (bool(meta.get("tokenizer.ggml.add_bos_token", model == "llama"))
+                   and meta.get("tokenizer.ggml.pre") not in _NO_BOS_PRE_TOKENIZERS)
         add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False))
         if model == "gpt2":
             backend = _HFBackend(_byte_level_bpe_from_gguf(path, meta, tokens, token_types, bos_id, eos_id,

@@ -559,3 +559,19 @@ def test_gguf_gpt4o_pre_tokenizer_splits_as_o200k(tmp_path):
         splits[pre] = [piece for piece, _ in hf.pre_tokenizer.pre_tokenize_str(text)]
     assert splits["gpt-4o"] == ["Hello", "World", "Ġdon't", "Ġ", "123", "45", "Ġ$", "HOME"]
     assert splits["llama3"] == ["HelloWorld", "Ġdon", "'t", "Ġ", "123", "45", "Ġ$", "HOME"]
+
+
+def test_gguf_glm4_pre_tokenizer_splits_as_llama3_and_adds_no_bos(tmp_path):
+    """tokenizer.ggml.pre "glm4" (GLM-4-0414's and GLM-4.5's GGUFs): Llama 3's split; no BOS even where the file asks
+    for one (llama.cpp drops it: the chat template writes [gMASK]<sop>, and the converter names <|endoftext|> BOS)."""
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b", "ab", "<|endoftext|>"],
+              "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.token_type": [1, 1, 1, 3],
+              "tokenizer.ggml.bos_token_id": 3, "tokenizer.ggml.add_bos_token": True}
+    encoded = {}
+    for pre in ("glm4", "llama3"):
+        _write_gguf(tmp_path / f"{pre}.gguf", **fields, **{"tokenizer.ggml.pre": pre})
+        tokenizer = Tokenizer.load(tmp_path / f"{pre}.gguf")
+        split = [piece for piece, _ in tokenizer._backend.tokenizer.pre_tokenizer.pre_tokenize_str("don't 12345")]
+        assert split == ["don", "'t", "Ġ", "123", "45"]
+        encoded[pre] = tokenizer.encode("ab")
+    assert encoded == {"glm4": [2], "llama3": [3, 2]}

@@ -23,9 +23,10 @@ from models.moe import SCORINGS, Routing
 from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: models.config.ROPE_TYPES)
 
 # HF `model_type` / GGUF `general.architecture` values this decoder implements.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe",
-                           "phi3", "gpt_oss", "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3",
-                           "granite")
+SUPPORTED_ARCHITECTURES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
+    "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
+    "granitemoeshared")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -34,12 +35,13 @@ HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
-                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite")
+                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "mixtral, "
-                  "qwen2_moe, qwen3_moe, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
+                  "mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, deepseek_v2, "
+                  "deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
+GRANITE_HF = ("granite", "granitemoe", "granitemoeshared")  # Granite's multipliers; the MoE ones' experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -356,7 +358,8 @@ class LlamaConfig:
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4"))),
             sandwich_norms=arch == "glm4",  # GLM-4-0414: norms after attention and the MLP as well as before
             # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
-            attention_out_bias=arch in ("gpt_oss", "granite") and bool(cfg.get("attention_bias", arch == "gpt_oss")),
+            attention_out_bias=(arch == "gpt_oss" or arch in GRANITE_HF)
+            and bool(cfg.get("attention_bias", arch == "gpt_oss")),
             attention_sinks=arch == "gpt_oss",
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
@@ -365,7 +368,7 @@ class LlamaConfig:
             qk_norm=arch in ("qwen3", "qwen3_moe") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
-            **(_granite_multipliers(cfg) if arch == "granite" else {}),
+            **(_granite_multipliers(cfg) if arch in GRANITE_HF else {}),
             **_experts_from_hf(cfg, source, arch),
         )
 
@@ -451,7 +454,7 @@ class LlamaConfig:
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
         if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
             implied = dict(sandwich_norms=True)
-        if arch == "granite":  # the converter writes Granite's multipliers as scales
+        if arch in ("granite", "granitemoe"):  # the converter writes Granite's multipliers as scales
             implied = dict(embed_scale=float(meta.get(f"{arch}.embedding_scale") or 1.0),
                            attention_multiplier=float(meta.get(f"{arch}.attention.scale") or 1.0),
                            residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
@@ -462,7 +465,9 @@ class LlamaConfig:
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2",
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
+                 "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
+                 "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
         cfg = cls(
             architecture=names.get(arch, arch),
@@ -538,7 +543,7 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2"))),
-        shared_expert_intermediate_size=shared, shared_expert_gate=arch not in ("glm4moe", "deepseek2"),
+        shared_expert_intermediate_size=shared, shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe"),
         moe_bias=arch == "gpt-oss",
         moe_layers=tuple(i >= first_dense for i in range(num_layers)),
         router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
@@ -597,7 +602,7 @@ def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
 
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
-    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe"):
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe", "granitemoe", "granitemoeshared"):
         return {}
     num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0
     if not num_experts or not cfg.get("num_experts_per_tok"):
@@ -621,9 +626,12 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
         num_experts=int(num_experts),
         num_experts_per_tok=int(cfg["num_experts_per_tok"]),
         moe_intermediate_size=moe_intermediate,
-        # Mixtral and gpt-oss: softmax over the top k logits, the same as the top k probabilities renormalized
-        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch in ("mixtral", "gpt_oss"))),
-        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        # Mixtral, gpt-oss and Granite: softmax over the top k logits, the same as the top k probabilities renormalized
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", arch in ("mixtral", "gpt_oss", *GRANITE_HF))),
+        # (Granite's shared expert, `shared_intermediate_size` wide, is added ungated)
+        shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size")
+                                            or cfg.get("shared_intermediate_size") or 0),
+        shared_expert_gate=arch not in ("granitemoe", "granitemoeshared"),
         moe_bias=arch == "gpt_oss",
         moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     )

@@ -1,8 +1,8 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`) GGUFs for its interleaved
-RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's, which it leaves as HF
-has them, are reordered as an HF DeepSeek checkpoint's are).
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`) GGUFs for its
+interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's and glm4's,
+which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are).
 """
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ GGUF_PHI3_NAMES = {k: v for k, v in GGUF_NAMES.items() if k not in ("w_gate", "w
 GGUF_PHI3_QKV_NAMES = {k: v for k, v in GGUF_PHI3_NAMES.items() if k not in ("wq", "wk", "wv")} | {
     "wqkv": "blk.{i}.attn_qkv.weight"}
 
+# Granite MoE (granitemoe, also granitemoeshared's files): experts as Mixtral's GGUFs hold them (the converter cuts
+# input_linear into ffn_gate_exps and ffn_up_exps), the shared expert's gate and up likewise under `shexp`, ungated.
+GGUF_GRANITE_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_gate"}
 # GLM-4-0414 (glm4): gate and up fused in ffn_up as Phi-3's, the attention's output norm post_attention_norm, the
 # MLP's post_ffw_norm; q/k rows (and biases) as HF has them, RoPE in interleaved pairs (llama.cpp's NORM mode),
 # reordered at load as an HF checkpoint's are (safetensors_loader.glm_rope_rows).
@@ -95,6 +98,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GLM4_MOE_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
+    if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
+        return GGUF_GRANITE_MOE_NAMES
     if cfg.num_experts:
         return GGUF_MOE_NAMES
     if cfg.architecture == "glm4":
@@ -158,7 +163,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
-        if arch in ("llama", "smollm3", "granite") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
+        if arch in ("llama", "smollm3", "granite", "granitemoe") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
             # and Granite's converters are Llama's, which permutes biases too (olmo2's leaves rows as HF has them)
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):

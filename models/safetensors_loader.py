@@ -99,6 +99,16 @@ GLM_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up")} |
     "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight"}
 GLM4_NAMES = GLM_NAMES | {"post_attn_norm": "model.layers.{i}.post_self_attn_layernorm.weight",
                           "post_mlp_norm": "model.layers.{i}.post_mlp_layernorm.weight"}
+# Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
+# ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
+# `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused.
+GRANITE_MOE_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
+    "router": "model.layers.{i}.block_sparse_moe.router.layer.weight",
+    "moe_gate_up": "model.layers.{i}.block_sparse_moe.input_linear.weight",
+    "moe_down": "model.layers.{i}.block_sparse_moe.output_linear.weight",
+    "w_gate_up": "model.layers.{i}.shared_mlp.input_linear.weight",
+    "w_down": "model.layers.{i}.shared_mlp.output_linear.weight",
+}
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -404,7 +414,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "glm": GLM_NAMES,
-            "glm4": GLM4_NAMES}.get(
+            "glm4": GLM4_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -1,6 +1,6 @@
 """OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed layers) and
-Granite (embedding, attention, residual and logit multipliers), as HF checkpoints and GGUFs in llama.cpp's layout;
-against transformers."""
+Granite (embedding, attention, residual and logit multipliers; Granite MoE's experts, fused gate/up, and shared expert),
+as HF checkpoints and GGUFs in llama.cpp's layout; against transformers."""
 from __future__ import annotations
 
 import time
@@ -35,6 +35,13 @@ def _hf_model(arch: str):
         rope = {"full_attention": YARN, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
         return transformers.Olmo3ForCausalLM(transformers.Olmo3Config(
             **TINY, num_hidden_layers=4, sliding_window=8, rope_parameters=rope)).eval()
+    if arch == "granitemoe":
+        return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
+            **TINY, num_hidden_layers=3, attention_bias=True, num_local_experts=4, num_experts_per_tok=2, **GRANITE)).eval()
+    if arch == "granitemoeshared":
+        return transformers.GraniteMoeSharedForCausalLM(transformers.GraniteMoeSharedConfig(
+            **TINY, num_hidden_layers=3, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=40,
+            **GRANITE)).eval()
     return transformers.GraniteForCausalLM(transformers.GraniteConfig(
         **TINY, num_hidden_layers=3, attention_bias=True, **GRANITE)).eval()
 
@@ -55,6 +62,10 @@ def test_configs_read_as_transformers_builds_the_models():
     assert (granite.embed_scale, granite.sm_scale, granite.residual_multiplier, granite.logits_scaling) == (
         12.0, 0.09, 0.22, 8.0)
     assert granite.attention_bias and granite.attention_out_bias
+    shared = LlamaConfig.from_hf_config({**base, "model_type": "granitemoeshared", "num_local_experts": 4,
+                                         "num_experts_per_tok": 2, "shared_intermediate_size": 40, **GRANITE})
+    assert (shared.num_experts, shared.moe_intermediate_size, shared.norm_topk_prob) == (4, 64, True)
+    assert (shared.shared_expert_intermediate_size, shared.shared_expert_gate, shared.embed_scale) == (40, False, 12.0)
     with pytest.raises(ConfigError, match="mlp_bias"):
         LlamaConfig.from_hf_config({**base, "model_type": "granite", "mlp_bias": True})
     with pytest.raises(ConfigError, match="pre_norms=False needs sandwich_norms"):
@@ -63,8 +74,13 @@ def test_configs_read_as_transformers_builds_the_models():
     # parameter counts as transformers' (q/k norms of a whole projection, no pre-norms; Granite's output bias)
     import transformers
 
-    for arch, hf_config in (("olmo2", transformers.Olmo2Config), ("granite", transformers.GraniteConfig)):
-        cfg = {**base, "model_type": arch, **({"attention_bias": True} if arch == "granite" else {})}
+    moe = {"num_local_experts": 4, "num_experts_per_tok": 2}
+    for arch, hf_config, extra in (("olmo2", transformers.Olmo2Config, {}),
+                                   ("granite", transformers.GraniteConfig, {"attention_bias": True}),
+                                   ("granitemoe", transformers.GraniteMoeConfig, moe),
+                                   ("granitemoeshared", transformers.GraniteMoeSharedConfig,
+                                    {**moe, "shared_intermediate_size": 40})):
+        cfg = {**base, "model_type": arch, **extra}
         model = getattr(transformers, hf_config.__name__.replace("Config", "ForCausalLM"))(
             hf_config(**{k: v for k, v in cfg.items() if k != "model_type"}))
         assert LlamaConfig.from_hf_config(cfg).num_params() == sum(p.numel() for p in model.parameters())
@@ -73,6 +89,8 @@ def test_configs_read_as_transformers_builds_the_models():
 def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dict[str, np.ndarray]:
     """An HF state dict under llama.cpp's names: olmo2's (its rows as HF has them, norms after attention and the MLP)
     or granite's (Llama's, Q/K rows and biases permuted)."""
+    if arch in ("granitemoe", "granitemoeshared"):
+        return _granite_moe_gguf_tensors(sd, cfg)
     if arch == "granite":
         out = _llama_cpp_tensors(sd, cfg)
 
@@ -100,12 +118,48 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
     return out
 
 
+def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
+    """A Granite MoE state dict as llama.cpp's converter writes it: Llama's names with Q/K rows (and biases) permuted,
+    each `input_linear` cut into gate and up (the experts' ffn_gate_exps / ffn_up_exps, the shared expert's
+    ffn_gate_shexp / ffn_up_shexp), the router ffn_gate_inp."""
+
+    def permute(x, heads):
+        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
+           "output.weight": sd["lm_head.weight"]}
+    for i in range(cfg.num_layers):
+        hf, blk = f"model.layers.{i}.", f"blk.{i}."
+        for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
+                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+                             ("ffn_gate_inp", "block_sparse_moe.router.layer"),
+                             ("ffn_down_exps", "block_sparse_moe.output_linear"),
+                             ("ffn_down_shexp", "shared_mlp.output_linear")):
+            if f"{hf}{theirs}.weight" in sd:  # (no shared expert in granitemoe)
+                out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
+        for ours, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
+            for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
+                out[f"{blk}attn_{ours}.{kind}"] = permute(sd[f"{hf}self_attn.{ours}_proj.{kind}"], heads)
+        if cfg.attention_bias:
+            out[blk + "attn_v.bias"] = sd[hf + "self_attn.v_proj.bias"]
+            out[blk + "attn_output.bias"] = sd[hf + "self_attn.o_proj.bias"]
+        gate, up = np.split(sd[hf + "block_sparse_moe.input_linear.weight"], 2, axis=-2)
+        out[blk + "ffn_gate_exps.weight"], out[blk + "ffn_up_exps.weight"] = gate, up
+        if hf + "shared_mlp.input_linear.weight" in sd:
+            gate, up = np.split(sd[hf + "shared_mlp.input_linear.weight"], 2, axis=-2)
+            out[blk + "ffn_gate_shexp.weight"], out[blk + "ffn_up_shexp.weight"] = gate, up
+    return out
+
+
 def _gguf_meta(cfg: LlamaConfig, arch: str) -> dict:
     """What llama.cpp's converter writes beyond a Llama's: Granite's multipliers as scales; OLMo 3's window, its
     pattern and YaRN (HF's attention_factor as attn_factor)."""
-    if arch == "granite":
+    if "granite" in arch:
+        experts = dict(expert_count=cfg.num_experts, expert_used_count=cfg.num_experts_per_tok) if cfg.num_experts else {}
+        if cfg.shared_expert_intermediate_size:
+            experts["expert_shared_feed_forward_length"] = cfg.shared_expert_intermediate_size
         return dict(embedding_scale=cfg.embed_scale, attention_scale=cfg.attention_multiplier,
-                    residual_scale=cfg.residual_multiplier, logit_scale=cfg.logits_scaling)
+                    residual_scale=cfg.residual_multiplier, logit_scale=cfg.logits_scaling, **experts)
     if arch == "olmo3":
         import gguf
 
@@ -131,7 +185,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["olmo2", "olmo3", "granite"])
+@pytest.mark.parametrize("arch", ["olmo2", "olmo3", "granite", "granitemoe", "granitemoeshared"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
@@ -143,7 +197,7 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     assert cfg.architecture == arch
     tokens = jnp.asarray(ids, jnp.int32)
     logits = llama.forward_dense(params, cfg, tokens)
-    if arch == "granite":  # each multiplier matters (parity alone could miss one that is ~1)
+    if "granite" in arch:  # each multiplier matters (parity alone could miss one that is ~1)
         for name, value in dict(residual_multiplier=1.0, logits_scaling=1.0, attention_multiplier=None,
                                 embed_scale=1.0).items():
             other = llama.forward_dense(params, dataclasses.replace(cfg, **{name: value}), tokens)
@@ -156,7 +210,8 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     from safetensors.numpy import load_file
 
     sd = load_file(str(tmp_path / "model.safetensors"))
-    _write_llama_gguf(tmp_path / "m.gguf", cfg, _gguf_tensors(sd, cfg, arch), arch="olmo2" if "olmo" in arch else arch,
+    gguf_arch = {"olmo3": "olmo2", "granitemoeshared": "granitemoe"}.get(arch, arch)  # (as llama.cpp names them)
+    _write_llama_gguf(tmp_path / "m.gguf", cfg, _gguf_tensors(sd, cfg, arch), arch=gguf_arch,
                       **_gguf_meta(cfg, arch))
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
     _assert_same_config(gguf_cfg, cfg)

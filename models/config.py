@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared")
+    "granitemoeshared", "exaone4", "seed_oss")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -35,11 +35,11 @@ HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
-                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe")
+                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, deepseek_v2, "
-                  "deepseek_v3, kimi_k2")
+                  "exaone4, seed_oss, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, "
+                  "deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared")  # Granite's multipliers; the MoE ones' experts
 
@@ -312,7 +312,7 @@ class LlamaConfig:
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
-        if arch in ("olmo2", "olmo3"):
+        if arch in ("olmo2", "olmo3", "exaone4"):
             return _olmo_from_hf(cfg, source, arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
@@ -355,11 +355,12 @@ class LlamaConfig:
                 "partial_rotary_factor", 0.5 if arch in ("glm", "glm4") else 1.0))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4"))),
+            attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"))),
             sandwich_norms=arch == "glm4",  # GLM-4-0414: norms after attention and the MLP as well as before
             # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
-            attention_out_bias=(arch == "gpt_oss" or arch in GRANITE_HF)
-            and bool(cfg.get("attention_bias", arch == "gpt_oss")),
+            # (Seed-OSS says so apart: attention_out_bias)
+            attention_out_bias=((arch == "gpt_oss" or arch in GRANITE_HF) and bool(cfg.get("attention_bias", arch == "gpt_oss"))
+                                or bool(cfg.get("attention_out_bias"))),
             attention_sinks=arch == "gpt_oss",
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
@@ -454,6 +455,8 @@ class LlamaConfig:
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
         if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
             implied = dict(sandwich_norms=True)
+        if arch == "seed_oss":  # Llama's layers with q/k/v biases (rows as HF has them, NeoX RoPE), o's where present
+            implied = dict(attention_out_bias="blk.0.attn_output.bias" in tensor_names)
         if arch in ("granite", "granitemoe"):  # the converter writes Granite's multipliers as scales
             implied = dict(embed_scale=float(meta.get(f"{arch}.embedding_scale") or 1.0),
                            attention_multiplier=float(meta.get(f"{arch}.attention.scale") or 1.0),
@@ -727,9 +730,11 @@ def _granite_multipliers(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
-    """An HF `olmo2` or `olmo3` config.json: norms after attention and the MLP only, q/k norms over whole projections;
-    OLMo 3's windowed layers (`layer_types`, else all but every fourth) keep RoPE unscaled and the global ones take
-    `rope_scaling` (transformers 5: `rope_parameters` per layer type), as transformers runs them."""
+    """An HF `olmo2`, `olmo3` or `exaone4` config.json: norms after attention and the MLP only. OLMo: q/k norms over
+    whole projections; OLMo 3's windowed layers (`layer_types`, else all but every fourth) keep RoPE unscaled and the
+    global ones take `rope_scaling` (transformers 5: `rope_parameters` per layer type), as transformers runs them.
+    EXAONE 4: q/k norms per head; with a `sliding_window`, windowed layers (`layer_types`, else
+    `sliding_window_pattern`: every n-th layer global, or a string such as "LLLG") and global ones without RoPE."""
 
     def need(key):
         if key not in cfg:
@@ -737,10 +742,17 @@ def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig
         return cfg[key]
 
     num_layers = int(need("num_hidden_layers"))
-    window = cfg.get("sliding_window") if arch == "olmo3" else None
-    types, full, local = _layer_types(cfg, source, num_layers, 4)
+    window = cfg.get("sliding_window") if arch in ("olmo3", "exaone4") else None
+    pattern = (cfg.get("sliding_window_pattern") or 4) if arch == "exaone4" else 4
+    if isinstance(pattern, str) and not cfg.get("layer_types"):  # "LLLG": a window (L) or not (G) per layer, repeated
+        if set(pattern) - {"L", "G"}:
+            raise ConfigError(f"{source}: sliding_window_pattern={pattern!r} is not a string of L and G")
+        cfg = {**cfg, "layer_types": ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention"
+                                      for i in range(num_layers)]}
+    types, full, local = _layer_types(cfg, source, num_layers, pattern if isinstance(pattern, int) else 4)
     types = types if window else []
     theta = float(full.get("rope_theta", cfg.get("rope_theta", 500_000.0 if arch == "olmo3" else 10_000.0)))
+    exaone = arch == "exaone4"
     num_heads = int(need("num_attention_heads"))
     bias = bool(cfg.get("attention_bias", False))
     return LlamaConfig(
@@ -761,9 +773,11 @@ def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig
         max_position=int(cfg.get("max_position_embeddings", 4096)),
         sliding_window=int(window) if window else None,
         sliding_layers=tuple(t == "sliding_attention" for t in types),
-        rope_local_theta=float(local.get("rope_theta", theta)) if window else None,
+        # EXAONE 4: RoPE (and its scaling) on the windowed layers alone where any are windowed
+        rope_layers=tuple(t == "sliding_attention" for t in types) if exaone else (),
+        rope_local_theta=float(local.get("rope_theta", theta)) if window and not exaone else None,
         qk_norm=True,
-        qk_norm_whole=True,
+        qk_norm_whole=not exaone,
         sandwich_norms=True,
         pre_norms=False,
     )

@@ -77,7 +77,7 @@ GEMMA_NAMES = {
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "post_mlp_norm": "model.layers.{i}.post_feedforward_layernorm.weight",
 }
-# OLMo 2 / 3: no norms before attention and the MLP, one after each (`post_attention_layernorm` is not Llama's pre-MLP
+# OLMo 2 / 3 and EXAONE 4: no norms before attention and the MLP, one after each (`post_attention_layernorm` is not Llama's pre-MLP
 # norm here).
 OLMO_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("attn_norm", "mlp_norm")} | {
     "post_attn_norm": "model.layers.{i}.post_attention_layernorm.weight",
@@ -413,7 +413,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     expert)."""
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
-            "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "glm": GLM_NAMES,
+            "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 

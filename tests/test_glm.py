@@ -16,7 +16,7 @@ from models.loader import load_weights
 from models.safetensors_loader import rope_pair_rows
 from test_gguf_rope import _write_llama_gguf
 from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
-from test_olmo_granite import _assert_same_config
+from test_archs import _assert_same_config
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,

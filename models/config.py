@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "exaone4", "seed_oss")
+    "granitemoeshared", "exaone4", "seed_oss", "cohere", "cohere2")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -35,10 +35,11 @@ HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
-                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss")
+                      "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
+                      "cohere2")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "exaone4, seed_oss, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, "
+                  "exaone4, seed_oss, cohere, cohere2, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, "
                   "deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared")  # Granite's multipliers; the MoE ones' experts
@@ -85,6 +86,10 @@ class LlamaConfig:
     # RMSNorm on the attention's and the MLP's inputs (attn_norm, mlp_norm); False: on their outputs only (OLMo 2 / 3,
     # whose sandwich_norms are its only ones)
     pre_norms: bool = True
+    # Attention and the MLP both read the one norm's output (attn_norm; no mlp_norm), their outputs added to the
+    # residual stream together (Cohere)
+    parallel_block: bool = False
+    norm_kind: str = "rms"  # the residual stream's norms: "rms" | "layer" (LayerNorm without a bias: Cohere)
     embed_scale: float = 1.0  # embeddings multiplied by this (Gemma: sqrt(hidden_size))
     query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (None: head_dim)
     attn_soft_cap: float | None = None  # scores -> c * tanh(scores / c) (Gemma 2)
@@ -150,6 +155,10 @@ class LlamaConfig:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         if not self.pre_norms and not self.sandwich_norms:
             raise ConfigError("pre_norms=False needs sandwich_norms (a layer normed nowhere is not a decoder here)")
+        if self.norm_kind not in ("rms", "layer"):
+            raise ConfigError(f"norm_kind={self.norm_kind!r} is not supported (rms, layer)")
+        if self.parallel_block and (not self.pre_norms or self.sandwich_norms):
+            raise ConfigError("parallel_block needs pre_norms and no sandwich_norms (one norm feeds attention and MLP)")
         if self.qk_norm_whole and not self.qk_norm:
             raise ConfigError("qk_norm_whole is set but qk_norm is not")
         if self.logits_scaling == 0:
@@ -269,7 +278,8 @@ class LlamaConfig:
             per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
-        per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms + 2 * h * self.pre_norms
+        per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms
+        per_layer += (1 if self.parallel_block else 2) * h * self.pre_norms
         dense_mlp = 3 * h * self.intermediate_size
         moe_mlp = 0
         if self.num_experts:
@@ -314,6 +324,8 @@ class LlamaConfig:
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch in ("olmo2", "olmo3", "exaone4"):
             return _olmo_from_hf(cfg, source, arch)
+        if arch in ("cohere", "cohere2"):
+            return _cohere_from_hf(cfg, source, arch)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
         if cfg.get("mlp_bias"):
@@ -455,6 +467,15 @@ class LlamaConfig:
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
         if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
             implied = dict(sandwich_norms=True)
+        if arch in ("command-r", "cohere2"):  # one LayerNorm before attention and the MLP both; llama.cpp's graph:
+            # Cohere 2's windows on all but every 4th layer, RoPE on the windowed ones alone
+            if "blk.0.attn_q_norm.weight" in tensor_names:  # Command R+'s LayerNorm per q/k head
+                raise ConfigError(f"{source}: attn_q_norm / attn_k_norm (a LayerNorm per q/k head) are not supported")
+            logit_scale = float(meta.get(f"{arch}.logit_scale") or 1.0)
+            windowed = tuple((i + 1) % 4 != 0 for i in range(num_layers)) if arch == "cohere2" else ()
+            implied = dict(parallel_block=True, norm_kind="layer", logits_scaling=1.0 / logit_scale,
+                           sliding_layers=windowed, rope_layers=windowed,
+                           attention_out_bias="blk.0.attn_output.bias" in tensor_names)
         if arch == "seed_oss":  # Llama's layers with q/k/v biases (rows as HF has them, NeoX RoPE), o's where present
             implied = dict(attention_out_bias="blk.0.attn_output.bias" in tensor_names)
         if arch in ("granite", "granitemoe"):  # the converter writes Granite's multipliers as scales
@@ -470,7 +491,7 @@ class LlamaConfig:
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
                  "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
-                 "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2",
+                 "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
         cfg = cls(
             architecture=names.get(arch, arch),
@@ -486,7 +507,8 @@ class LlamaConfig:
             rope_scaling=rope_scaling,
             rope_freq_factors=None if rope_freqs is None else tuple(np.ravel(rope_freqs).tolist()),
             partial_rotary_factor=partial_rotary_factor,
-            rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+            rms_norm_eps=float(need("attention.layer_norm_epsilon" if arch in ("command-r", "cohere2")
+                                    else "attention.layer_norm_rms_epsilon")),
             tie_word_embeddings="output.weight" not in tensor_names,
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             max_position=max_position,
@@ -780,6 +802,53 @@ def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig
         qk_norm_whole=not exaone,
         sandwich_norms=True,
         pre_norms=False,
+    )
+
+
+def _cohere_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `cohere` (Command R, Aya Expanse) or `cohere2` (Command R7B, Command A) config.json: one LayerNorm without
+    bias (`layer_norm_eps`) before attention and the MLP both, whose outputs join the stream together; RoPE on
+    interleaved pairs (the loader reorders q/k rows); logits times `logit_scale`; tied embeddings. Cohere 2: windowed
+    layers (`layer_types`, else all but every `sliding_window_pattern`-th) with RoPE around global ones without."""
+
+    def need(key):
+        if key not in cfg:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    if cfg.get("use_qk_norm"):  # Command R+'s LayerNorm per head, weights [heads, head_dim]
+        raise ConfigError(f"{source}: use_qk_norm=true is not supported (a LayerNorm per q/k head)")
+    num_layers, num_heads, hidden = int(need("num_hidden_layers")), int(need("num_attention_heads")), int(need("hidden_size"))
+    window = cfg.get("sliding_window") if arch == "cohere2" else None
+    types, full, _ = _layer_types(cfg, source, num_layers, int(cfg.get("sliding_window_pattern") or 4))
+    types = types if window else []
+    rope_params = full if full.get("rope_theta") else {}
+    bias = bool(cfg.get("attention_bias", False))
+    logit_scale = float(cfg.get("logit_scale", 0.0625))
+    if logit_scale == 0:
+        raise ConfigError(f"{source}: logit_scale must not be 0")
+    return LlamaConfig(
+        architecture=arch,
+        vocab_size=int(need("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")),
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_scaling=rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
+        rms_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
+        attention_bias=bias,
+        attention_out_bias=bias,
+        max_position=int(cfg.get("max_position_embeddings", 8192)),
+        sliding_window=int(window) if window else None,
+        sliding_layers=tuple(t == "sliding_attention" for t in types),
+        rope_layers=tuple(t == "sliding_attention" for t in types),  # no RoPE on the global layers
+        logits_scaling=1.0 / logit_scale,
+        parallel_block=True,
+        norm_kind="layer",
     )
 
 

@@ -86,8 +86,13 @@ GGUF_PHI3_QKV_NAMES = {k: v for k, v in GGUF_PHI3_NAMES.items() if k not in ("wq
 GGUF_GRANITE_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_gate"}
 # GLM-4-0414 (glm4): gate and up fused in ffn_up as Phi-3's, the attention's output norm post_attention_norm, the
 # MLP's post_ffw_norm; q/k rows (and biases) as HF has them, RoPE in interleaved pairs (llama.cpp's NORM mode),
-# reordered at load as an HF checkpoint's are (safetensors_loader.glm_rope_rows).
+# reordered at load as an HF checkpoint's are (safetensors_loader.interleaved_rope_rows).
 GGUF_GLM4_NAMES = GGUF_PHI3_NAMES
+
+
+# Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
+# rows as HF has them (llama.cpp turns their pairs in NORM mode), reordered at load as GLM-4's are.
+GGUF_COHERE_NAMES = {k: v for k, v in GGUF_NAMES.items() if k != "mlp_norm"}
 
 
 def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
@@ -104,6 +109,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_MOE_NAMES
     if cfg.architecture == "glm4":
         return GGUF_GLM4_NAMES
+    if cfg.parallel_block:
+        return GGUF_COHERE_NAMES
     if cfg.architecture == "phi3":
         return GGUF_PHI3_QKV_NAMES if "blk.0.attn_qkv.weight" in tensor_names else GGUF_PHI3_NAMES
     return GGUF_NAMES
@@ -170,10 +177,10 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
 
             arr = mla_rope_rows(cfg, key, arr)
-        if arch == "glm4" and key in ("wq", "wk", "bq", "bk"):
-            from models.safetensors_loader import glm_rope_rows
+        if cfg.architecture in ("glm4", "cohere", "cohere2") and key in ("wq", "wk", "bq", "bk"):  # pairs turned
+            from models.safetensors_loader import interleaved_rope_rows
 
-            arr = glm_rope_rows(cfg, key, arr)
+            arr = interleaved_rope_rows(cfg, key, arr)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
     names = gguf_names(cfg, tensors)

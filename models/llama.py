@@ -96,6 +96,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     """The weight pytree as shapes (HF orientation transposed to x @ W; layers stacked on axis 0)."""
     h, i, n = cfg.hidden_size, cfg.mlp_intermediate_size, cfg.num_layers
     layers = {"attn_norm": (n, h), "mlp_norm": (n, h)} if cfg.pre_norms else {}
+    if cfg.parallel_block:  # one norm before attention and the MLP both
+        del layers["mlp_norm"]
     if cfg.mla:
         heads, qk, rank = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.q_lora_rank
         layers |= {
@@ -176,6 +178,19 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return (x32 * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def layer_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm without a bias (Cohere's): mean-centred, scaled to unit variance, times w; in float32."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (x32 * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def stream_norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array) -> jax.Array:
+    """A norm of the residual stream (before or after attention and the MLP, the final one): cfg.norm_kind's."""
+    return (layer_norm if cfg.norm_kind == "layer" else rms_norm)(x, w, cfg.rms_norm_eps)
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0) -> jax.Array:
@@ -286,7 +301,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 o = routed if o is None else o + routed
             return o, down_in
 
-        h = rms_norm(x, p["attn_norm"], eps) if cfg.pre_norms else x
+        h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
+        attn_in = h
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
         if cfg.mla:
             q, k, v = _mla_qkv(cfg, p, h, proj)
@@ -312,7 +328,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         if cfg.attention_out_bias:
             o = o + p["bo"]
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
-        h = rms_norm(x, p["mlp_norm"], eps) if cfg.pre_norms else x
+        if cfg.parallel_block:  # the MLP reads what attention read; both outputs join the stream
+            h = attn_in
+        else:
+            h = stream_norm(cfg, x, p["mlp_norm"]) if cfg.pre_norms else x
         if cfg.mixed_mlp:  # each kind's weights at this layer's place among its kind; one branch runs
             def take(kind):
                 return {name.replace("dense_", "w_"): w[place] for name, w in by_kind[kind].items()}
@@ -442,7 +461,7 @@ def scaled_dot(h: jax.Array, w: jax.Array, scale: jax.Array, w_contract: int, qu
 
 def final_hidden(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
     """The decoder's output rows [N, hidden] after the final norm: what the LM head reads, and an embedding."""
-    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    return stream_norm(cfg, x, params["final_norm"])
 
 
 def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:

@@ -396,7 +396,7 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
     x @ W is unchanged and per-token int8 activations no longer have a few huge channels setting every step.
     Divisions fold into what makes the input: the attention and MLP norms' weights (q/k/v, gate/up) and w_up's
     output columns (w_down's input is act(gate) * up); a model without norms before its projections (OLMo 2) smooths
-    w_down's inputs only. The forward is the same up to float rounding (tested)."""
+    w_down's inputs only, one whose attention and MLP read one norm (Cohere) all five projections by one factor. The forward is the same up to float rounding (tested)."""
     layers = {k: np.asarray(v, np.float32).copy() if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
               for k, v in params["layers"].items()}
 
@@ -406,7 +406,10 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
         s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
         return np.where((x_amax > 0) & (w_amax > 0), s, 1.0).astype(np.float32)
 
-    for norm, weights, key in (("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", ("w_gate", "w_up"), "mlp_in")):
+    groups = [("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", ("w_gate", "w_up"), "mlp_in")]
+    if "attn_norm" in layers and "mlp_norm" not in layers:  # a parallel block (Cohere): one norm feeds all five
+        groups = [("attn_norm", ("wq", "wk", "wv", "w_gate", "w_up"), "attn_in")]
+    for norm, weights, key in groups:
         if norm not in layers:  # no norm before the projections (OLMo 2): nothing to fold the division into
             continue
         s = factors(amax[key], weights)

@@ -99,6 +99,11 @@ GLM_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up")} |
     "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight"}
 GLM4_NAMES = GLM_NAMES | {"post_attn_norm": "model.layers.{i}.post_self_attn_layernorm.weight",
                           "post_mlp_norm": "model.layers.{i}.post_mlp_layernorm.weight"}
+# Cohere (Command R, Aya Expanse) and Cohere 2 (Command R7B, Command A): one norm per layer (a LayerNorm without bias)
+# before attention and the MLP both, tied embeddings.
+COHERE_NAMES = {k: v for k, v in HF_NAMES.items() if k != "mlp_norm"}
+# Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
+INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
 # ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
 # `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused.
@@ -414,7 +419,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
-            "glm4": GLM4_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES}.get(
+            "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -426,8 +431,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32) + 1.0
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
-    if cfg.architecture in ("glm", "glm4") and key in ("wq", "wk", "bq", "bk"):
-        return glm_rope_rows(cfg, key, arr)
+    if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):
+        return interleaved_rope_rows(cfg, key, arr)
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):
         arr = np.swapaxes(arr, -1, -2)  # [E, in, out] -> [E, out, in]
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_gate_up_bias"):
@@ -447,8 +452,9 @@ def rope_pair_rows(arr: np.ndarray, num_heads: int, start: int, rope_dim: int) -
     return heads[:, order].reshape(arr.shape)
 
 
-def glm_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
-    """GLM-4's q or k rows (weight or bias): it turns each head's first rotary_dim dims in interleaved pairs."""
+def interleaved_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """q or k rows (weight or bias) of a model that turns each head's first rotary_dim dims in interleaved pairs
+    (GLM-4, Cohere), as the model's rotate-half RoPE turns them."""
     return rope_pair_rows(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads, 0, cfg.rotary_dim)
 
 

@@ -2,7 +2,9 @@
 transformers: OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed
 layers), EXAONE 4 (OLMo 2's norms with per-head q/k norms; windowed layers with RoPE around global ones without),
 Granite (embedding, attention, residual and logit multipliers; Granite MoE's experts, fused gate/up, and shared
-expert) and Seed-OSS (q/k/v and o biases)."""
+expert), Seed-OSS (q/k/v and o biases) and Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
+outputs join the stream together; RoPE on interleaved pairs; Cohere 2's windowed layers with RoPE around global ones
+without)."""
 from __future__ import annotations
 
 import time
@@ -45,6 +47,11 @@ def _hf_model(arch: str):
     if arch == "seed_oss":
         return transformers.SeedOssForCausalLM(transformers.SeedOssConfig(
             **TINY, num_hidden_layers=3, head_dim=24, attention_out_bias=True)).eval()
+    if arch == "cohere":
+        return transformers.CohereForCausalLM(transformers.CohereConfig(**TINY, num_hidden_layers=3, logit_scale=0.25)).eval()
+    if arch == "cohere2":  # windowed layers 0-2 (8 tokens), global layer 3 without RoPE
+        return transformers.Cohere2ForCausalLM(transformers.Cohere2Config(
+            **TINY, num_hidden_layers=4, sliding_window=8, logit_scale=0.25)).eval()
     if arch == "granitemoe":
         return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
             **TINY, num_hidden_layers=3, attention_bias=True, num_local_experts=4, num_experts_per_tok=2, **GRANITE)).eval()
@@ -86,6 +93,12 @@ def test_configs_read_as_transformers_builds_the_models():
         LlamaConfig.from_hf_config({**base, "model_type": "exaone4", "sliding_window": 16, "sliding_window_pattern": "LX"})
     seed = LlamaConfig.from_hf_config({**base, "model_type": "seed_oss", "attention_out_bias": True})
     assert seed.attention_bias and seed.attention_out_bias  # q/k/v biases unless told otherwise, o's where told
+    cohere2 = LlamaConfig.from_hf_config({**base, "model_type": "cohere2", "sliding_window": 16, "logit_scale": 0.25})
+    assert cohere2.sliding_layers == cohere2.rope_layers == (True, True, True, False) * 2
+    assert (cohere2.parallel_block, cohere2.norm_kind, cohere2.logits_scaling, cohere2.tie_word_embeddings) == (
+        True, "layer", 4.0, True)
+    with pytest.raises(ConfigError, match="use_qk_norm"):
+        LlamaConfig.from_hf_config({**base, "model_type": "cohere", "use_qk_norm": True})
     with pytest.raises(ConfigError, match="mlp_bias"):
         LlamaConfig.from_hf_config({**base, "model_type": "granite", "mlp_bias": True})
     with pytest.raises(ConfigError, match="pre_norms=False needs sandwich_norms"):
@@ -100,6 +113,8 @@ def test_configs_read_as_transformers_builds_the_models():
                                    ("granitemoe", transformers.GraniteMoeConfig, moe),
                                    ("exaone4", transformers.Exaone4Config, {"sliding_window": 16}),
                                    ("seed_oss", transformers.SeedOssConfig, {"head_dim": 8}),
+                                   ("cohere", transformers.CohereConfig, {}),
+                                   ("cohere2", transformers.Cohere2Config, {"sliding_window": 16}),
                                    ("granitemoeshared", transformers.GraniteMoeSharedConfig,
                                     {**moe, "shared_intermediate_size": 40})):
         cfg = {**base, "model_type": arch, **extra}
@@ -113,17 +128,19 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
     or granite's (Llama's, Q/K rows and biases permuted)."""
     if arch in ("granitemoe", "granitemoeshared"):
         return _granite_moe_gguf_tensors(sd, cfg)
-    if arch == "seed_oss":  # Llama's names, rows as HF has them (its converter leaves them), biases on q/k/v and o
-        out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-               "output.weight": sd["lm_head.weight"]}
+    if arch in ("seed_oss", "cohere", "cohere2"):  # Llama's names, rows as HF has them (their converters leave them)
+        out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+        if "lm_head.weight" in sd:  # (Cohere's embeddings are tied)
+            out["output.weight"] = sd["lm_head.weight"]
         for i in range(cfg.num_layers):
             hf, blk = f"model.layers.{i}.", f"blk.{i}."
             for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
                                  ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
                                  ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
                                  ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
-                out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
-                if "attn_" in ours and ours != "attn_norm":
+                if f"{hf}{theirs}.weight" in sd:  # (Cohere: no norm before the MLP of its own)
+                    out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
+                if f"{hf}{theirs}.bias" in sd:  # Seed-OSS's q/k/v and o biases
                     out[f"{blk}{ours}.bias"] = sd[f"{hf}{theirs}.bias"]
         return out
     if arch == "granite":
@@ -189,6 +206,9 @@ def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> di
 def _gguf_meta(cfg: LlamaConfig, arch: str) -> dict:
     """What llama.cpp's converter writes beyond a Llama's: Granite's multipliers as scales; OLMo 3's window, its
     pattern and YaRN (HF's attention_factor as attn_factor)."""
+    if "cohere" in arch:
+        return dict(logit_scale=1.0 / cfg.logits_scaling, layer_norm_eps=cfg.rms_norm_eps,
+                    **({"sliding_window": cfg.sliding_window} if cfg.sliding_window else {}))
     if "granite" in arch:
         experts = dict(expert_count=cfg.num_experts, expert_used_count=cfg.num_experts_per_tok) if cfg.num_experts else {}
         if cfg.shared_expert_intermediate_size:
@@ -221,7 +241,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3", "exaone4", "granite", "granitemoe", "granitemoeshared",
-                                  "seed_oss"])
+                                  "seed_oss", "cohere", "cohere2"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
@@ -252,7 +272,7 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     from safetensors.numpy import load_file
 
     sd = load_file(str(tmp_path / "model.safetensors"))
-    gguf_arch = {"olmo3": "olmo2", "granitemoeshared": "granitemoe"}.get(arch, arch)  # (as llama.cpp names them)
+    gguf_arch = {"olmo3": "olmo2", "granitemoeshared": "granitemoe", "cohere": "command-r"}.get(arch, arch)  # (as llama.cpp names them)
     _write_llama_gguf(tmp_path / "m.gguf", cfg, _gguf_tensors(sd, cfg, arch), arch=gguf_arch,
                       **_gguf_meta(cfg, arch))
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
@@ -277,5 +297,23 @@ def test_smoothquant_without_norms_before_the_projections_smooths_the_down_proje
     assert "attn_norm" not in smoothed["layers"]
     changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
     assert sorted(changed) == ["w_down", "w_up"]
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_smoothquant_of_a_parallel_block_smooths_all_five_projections_by_one_factor():
+    """Cohere's attention and MLP read one norm: SmoothQuant folds one division into it and multiplies q/k/v and
+    gate/up alike (two factors folded into one norm would change the forward); the float forward is unchanged."""
+    from models import quant
+
+    cfg = LlamaConfig(architecture="cohere", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, parallel_block=True, norm_kind="layer",
+                      tie_word_embeddings=True, logits_scaling=4.0)
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    assert "mlp_norm" not in params["layers"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
+    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
+    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
+    assert sorted(changed) == ["attn_norm", "w_down", "w_gate", "w_up", "wk", "wq", "wv"]
     want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "exaone4", "seed_oss", "cohere", "cohere2")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -39,10 +39,10 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
                       "cohere2")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "exaone4, seed_oss, cohere, cohere2, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, gpt_oss, glm4_moe, "
-                  "deepseek_v2, deepseek_v3, kimi_k2")
+                  "exaone4, seed_oss, cohere, cohere2, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
+                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
-GRANITE_HF = ("granite", "granitemoe", "granitemoeshared")  # Granite's multipliers; the MoE ones' experts
+GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -336,6 +336,12 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: missing field {key!r}")
             return cfg[key]
 
+        granite4 = arch == "granitemoehybrid"  # Granite 4.0: attention layers only here, an MLP or experts after each
+        if granite4:
+            kinds = set(cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"]) - {"attention", "full_attention"}
+            if kinds:
+                raise ConfigError(f"{source}: granitemoehybrid layers {sorted(kinds)} are not supported "
+                                  "(Mamba-2 layers need a recurrent state; Granite 4.0's attention-only models are read)")
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
@@ -355,7 +361,9 @@ class LlamaConfig:
             architecture=arch,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(need("intermediate_size")),
+            # (Granite 4.0 without experts: the shared MLP is the MLP)
+            intermediate_size=int(need("shared_intermediate_size") if granite4 and not cfg.get("num_local_experts")
+                                  else need("intermediate_size")),
             num_layers=int(need("num_hidden_layers")),
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
@@ -377,7 +385,8 @@ class LlamaConfig:
             max_position=int(cfg.get("max_position_embeddings", 4096)),
             sliding_window=int(window) if window else None,
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
-            rope_layers=_rope_layers(cfg) if arch == "smollm3" else (),
+            rope_layers=(_rope_layers(cfg) if arch == "smollm3" else (False,) * int(need("num_hidden_layers"))
+                         if granite4 and cfg.get("position_embedding_type") != "rope" else ()),  # Granite 4.0's NoPE
             qk_norm=arch in ("qwen3", "qwen3_moe") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
@@ -627,7 +636,8 @@ def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
 
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
-    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe", "granitemoe", "granitemoeshared"):
+    if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe", "granitemoe", "granitemoeshared",
+                    "granitemoehybrid") or (arch == "granitemoehybrid" and not cfg.get("num_local_experts")):
         return {}
     num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0
     if not num_experts or not cfg.get("num_experts_per_tok"):
@@ -656,7 +666,7 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
         # (Granite's shared expert, `shared_intermediate_size` wide, is added ungated)
         shared_expert_intermediate_size=int(cfg.get("shared_expert_intermediate_size")
                                             or cfg.get("shared_intermediate_size") or 0),
-        shared_expert_gate=arch not in ("granitemoe", "granitemoeshared"),
+        shared_expert_gate=arch not in GRANITE_HF,
         moe_bias=arch == "gpt_oss",
         moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
     )

@@ -106,7 +106,8 @@ COHERE_NAMES = {k: v for k, v in HF_NAMES.items() if k != "mlp_norm"}
 INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
 # ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
-# `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused.
+# `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused. Granite 4.0
+# (granitemoehybrid, attention layers only) alike, its `shared_mlp` the MLP where it has no experts.
 GRANITE_MOE_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
     "router": "model.layers.{i}.block_sparse_moe.router.layer.weight",
     "moe_gate_up": "model.layers.{i}.block_sparse_moe.input_linear.weight",
@@ -419,7 +420,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
-            "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES}.get(
+            "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
+            "granitemoehybrid": GRANITE_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -52,6 +52,10 @@ def _hf_model(arch: str):
     if arch == "cohere2":  # windowed layers 0-2 (8 tokens), global layer 3 without RoPE
         return transformers.Cohere2ForCausalLM(transformers.Cohere2Config(
             **TINY, num_hidden_layers=4, sliding_window=8, logit_scale=0.25)).eval()
+    if arch == "granitemoehybrid":  # Granite 4.0 Micro's kind: attention layers only, the shared MLP the MLP
+        return transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+            **TINY, num_hidden_layers=3, layer_types=["attention"] * 3, num_local_experts=0,
+            shared_intermediate_size=40, position_embedding_type="rope", **GRANITE)).eval()
     if arch == "granitemoe":
         return transformers.GraniteMoeForCausalLM(transformers.GraniteMoeConfig(
             **TINY, num_hidden_layers=3, attention_bias=True, num_local_experts=4, num_experts_per_tok=2, **GRANITE)).eval()
@@ -97,6 +101,12 @@ def test_configs_read_as_transformers_builds_the_models():
     assert cohere2.sliding_layers == cohere2.rope_layers == (True, True, True, False) * 2
     assert (cohere2.parallel_block, cohere2.norm_kind, cohere2.logits_scaling, cohere2.tie_word_embeddings) == (
         True, "layer", 4.0, True)
+    granite4 = {**base, "model_type": "granitemoehybrid", "layer_types": ["attention"] * 8, "num_local_experts": 0,
+                "shared_intermediate_size": 40}
+    assert LlamaConfig.from_hf_config(granite4).rope_layers == (False,) * 8  # NoPE unless position_embedding_type: rope
+    assert LlamaConfig.from_hf_config({**granite4, "position_embedding_type": "rope"}).rope_layers == ()
+    with pytest.raises(ConfigError, match="Mamba-2"):
+        LlamaConfig.from_hf_config({**granite4, "layer_types": ["mamba"] * 7 + ["attention"]})
     with pytest.raises(ConfigError, match="use_qk_norm"):
         LlamaConfig.from_hf_config({**base, "model_type": "cohere", "use_qk_norm": True})
     with pytest.raises(ConfigError, match="mlp_bias"):
@@ -114,6 +124,9 @@ def test_configs_read_as_transformers_builds_the_models():
                                    ("exaone4", transformers.Exaone4Config, {"sliding_window": 16}),
                                    ("seed_oss", transformers.SeedOssConfig, {"head_dim": 8}),
                                    ("cohere", transformers.CohereConfig, {}),
+                                   ("granitemoehybrid", transformers.GraniteMoeHybridConfig,
+                                    {"layer_types": ["attention"] * 8, "shared_intermediate_size": 40, "mamba_n_heads": 8,
+                                     **moe}),
                                    ("cohere2", transformers.Cohere2Config, {"sliding_window": 16}),
                                    ("granitemoeshared", transformers.GraniteMoeSharedConfig,
                                     {**moe, "shared_intermediate_size": 40})):
@@ -241,7 +254,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3", "exaone4", "granite", "granitemoe", "granitemoeshared",
-                                  "seed_oss", "cohere", "cohere2"])
+                                  "granitemoehybrid", "seed_oss", "cohere", "cohere2"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
@@ -258,6 +271,9 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
                                 embed_scale=1.0).items():
             other = llama.forward_dense(params, dataclasses.replace(cfg, **{name: value}), tokens)
             assert float(jnp.abs(other - logits).max()) > 2e-4, name
+    if arch == "granitemoehybrid":  # (llama.cpp writes attention-only Granite 4.0 models as granite / granitemoe)
+        _engine_greedy_is_transformers(model, cfg, params)
+        return
     if arch == "exaone4":  # RoPE on the windowed layers would differ on the global one
         assert cfg.sliding_layers == cfg.rope_layers == (True, True, True, False)
         everywhere = llama.forward_dense(params, dataclasses.replace(cfg, rope_layers=()), tokens)

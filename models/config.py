@@ -761,19 +761,52 @@ def _granite_multipliers(cfg: Mapping[str, Any]) -> dict[str, Any]:
                 logits_scaling=float(cfg.get("logits_scaling", 1.0)))
 
 
-def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
-    """An HF `olmo2`, `olmo3` or `exaone4` config.json: norms after attention and the MLP only. OLMo: q/k norms over
-    whole projections; OLMo 3's windowed layers (`layer_types`, else all but every fourth) keep RoPE unscaled and the
-    global ones take `rope_scaling` (transformers 5: `rope_parameters` per layer type), as transformers runs them.
-    EXAONE 4: q/k norms per head; with a `sliding_window`, windowed layers (`layer_types`, else
-    `sliding_window_pattern`: every n-th layer global, or a string such as "LLLG") and global ones without RoPE."""
+def _need(cfg: Mapping[str, Any], source: str):
+    """need(key) -> cfg[key], or a ConfigError naming the missing field."""
 
     def need(key):
         if key not in cfg:
             raise ConfigError(f"{source}: missing field {key!r}")
         return cfg[key]
 
-    num_layers = int(need("num_hidden_layers"))
+    return need
+
+
+def _layers_from_hf(cfg: Mapping[str, Any], source: str, arch: str, window, types, full: Mapping[str, Any],
+                    theta: float, **fields) -> LlamaConfig:
+    """A config.json's sizes, RoPE (`full`: the global layers' parameters), biases and windows (`types`: each layer's,
+    when `window`) as a LlamaConfig of `arch`, with `fields` on top."""
+    need = _need(cfg, source)
+    num_heads, bias = int(need("num_attention_heads")), bool(cfg.get("attention_bias", False))
+    return LlamaConfig(**{
+        "architecture": arch,
+        "vocab_size": int(need("vocab_size")),
+        "hidden_size": int(need("hidden_size")),
+        "intermediate_size": int(need("intermediate_size")),
+        "num_layers": int(need("num_hidden_layers")),
+        "num_heads": num_heads,
+        "num_kv_heads": int(cfg.get("num_key_value_heads") or num_heads),
+        "head_dim": int(cfg.get("head_dim") or int(need("hidden_size")) // num_heads),
+        "rope_theta": theta,
+        "rope_scaling": rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
+        "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-5)),
+        "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+        "attention_bias": bias,
+        "attention_out_bias": bias,
+        "max_position": int(cfg.get("max_position_embeddings", 4096)),
+        "sliding_window": int(window) if window else None,
+        "sliding_layers": tuple(t == "sliding_attention" for t in types) if window else (),
+        **fields,
+    })
+
+
+def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `olmo2`, `olmo3` or `exaone4` config.json: norms after attention and the MLP only. OLMo: q/k norms over
+    whole projections; OLMo 3's windowed layers (`layer_types`, else all but every fourth) keep RoPE unscaled and the
+    global ones take `rope_scaling` (transformers 5: `rope_parameters` per layer type), as transformers runs them.
+    EXAONE 4: q/k norms per head; with a `sliding_window`, windowed layers (`layer_types`, else
+    `sliding_window_pattern`: every n-th layer global, or a string such as "LLLG") and global ones without RoPE."""
+    num_layers = int(_need(cfg, source)("num_hidden_layers"))
     window = cfg.get("sliding_window") if arch in ("olmo3", "exaone4") else None
     pattern = (cfg.get("sliding_window_pattern") or 4) if arch == "exaone4" else 4
     if isinstance(pattern, str) and not cfg.get("layer_types"):  # "LLLG": a window (L) or not (G) per layer, repeated
@@ -782,36 +815,14 @@ def _olmo_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig
         cfg = {**cfg, "layer_types": ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention"
                                       for i in range(num_layers)]}
     types, full, local = _layer_types(cfg, source, num_layers, pattern if isinstance(pattern, int) else 4)
-    types = types if window else []
     theta = float(full.get("rope_theta", cfg.get("rope_theta", 500_000.0 if arch == "olmo3" else 10_000.0)))
     exaone = arch == "exaone4"
-    num_heads = int(need("num_attention_heads"))
-    bias = bool(cfg.get("attention_bias", False))
-    return LlamaConfig(
-        architecture=arch,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=int(need("hidden_size")),
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(cfg.get("head_dim") or int(need("hidden_size")) // num_heads),
-        rope_theta=theta,
-        rope_scaling=rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
-        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        attention_bias=bias,
-        attention_out_bias=bias,
-        max_position=int(cfg.get("max_position_embeddings", 4096)),
-        sliding_window=int(window) if window else None,
-        sliding_layers=tuple(t == "sliding_attention" for t in types),
+    return _layers_from_hf(
+        cfg, source, arch, window, types, full, theta,
         # EXAONE 4: RoPE (and its scaling) on the windowed layers alone where any are windowed
-        rope_layers=tuple(t == "sliding_attention" for t in types) if exaone else (),
+        rope_layers=tuple(t == "sliding_attention" for t in types) if exaone and window else (),
         rope_local_theta=float(local.get("rope_theta", theta)) if window and not exaone else None,
-        qk_norm=True,
-        qk_norm_whole=not exaone,
-        sandwich_norms=True,
-        pre_norms=False,
+        qk_norm=True, qk_norm_whole=not exaone, sandwich_norms=True, pre_norms=False,
     )
 
 
@@ -820,45 +831,20 @@ def _cohere_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConf
     bias (`layer_norm_eps`) before attention and the MLP both, whose outputs join the stream together; RoPE on
     interleaved pairs (the loader reorders q/k rows); logits times `logit_scale`; tied embeddings. Cohere 2: windowed
     layers (`layer_types`, else all but every `sliding_window_pattern`-th) with RoPE around global ones without."""
-
-    def need(key):
-        if key not in cfg:
-            raise ConfigError(f"{source}: missing field {key!r}")
-        return cfg[key]
-
     if cfg.get("use_qk_norm"):  # Command R+'s LayerNorm per head, weights [heads, head_dim]
         raise ConfigError(f"{source}: use_qk_norm=true is not supported (a LayerNorm per q/k head)")
-    num_layers, num_heads, hidden = int(need("num_hidden_layers")), int(need("num_attention_heads")), int(need("hidden_size"))
+    num_layers = int(_need(cfg, source)("num_hidden_layers"))
     window = cfg.get("sliding_window") if arch == "cohere2" else None
     types, full, _ = _layer_types(cfg, source, num_layers, int(cfg.get("sliding_window_pattern") or 4))
-    types = types if window else []
-    rope_params = full if full.get("rope_theta") else {}
-    bias = bool(cfg.get("attention_bias", False))
     logit_scale = float(cfg.get("logit_scale", 0.0625))
     if logit_scale == 0:
         raise ConfigError(f"{source}: logit_scale must not be 0")
-    return LlamaConfig(
-        architecture=arch,
-        vocab_size=int(need("vocab_size")),
-        hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")),
-        num_layers=num_layers,
-        num_heads=num_heads,
-        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
-        rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))),
-        rope_scaling=rope.scaling_from_hf(full if full.get("rope_type") else cfg.get("rope_scaling"), source, cfg),
-        rms_norm_eps=float(cfg.get("layer_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        attention_bias=bias,
-        attention_out_bias=bias,
-        max_position=int(cfg.get("max_position_embeddings", 8192)),
-        sliding_window=int(window) if window else None,
-        sliding_layers=tuple(t == "sliding_attention" for t in types),
-        rope_layers=tuple(t == "sliding_attention" for t in types),  # no RoPE on the global layers
-        logits_scaling=1.0 / logit_scale,
-        parallel_block=True,
-        norm_kind="layer",
+    return _layers_from_hf(
+        {**cfg, "rms_norm_eps": cfg.get("layer_norm_eps", 1e-5), "tie_word_embeddings": cfg.get("tie_word_embeddings", True),
+         "max_position_embeddings": cfg.get("max_position_embeddings", 8192)},
+        source, arch, window, types, full, float(full.get("rope_theta", cfg.get("rope_theta", 10000.0))),
+        rope_layers=tuple(t == "sliding_attention" for t in types) if window else (),  # no RoPE on global layers
+        logits_scaling=1.0 / logit_scale, parallel_block=True, norm_kind="layer",
     )
 
 

@@ -136,26 +136,30 @@ def test_configs_read_as_transformers_builds_the_models():
         assert LlamaConfig.from_hf_config(cfg).num_params() == sum(p.numel() for p in model.parameters())
 
 
+def _gguf_renamed(sd: dict[str, np.ndarray], cfg: LlamaConfig, pairs) -> dict[str, np.ndarray]:
+    """An HF state dict's tensors under llama.cpp's names, as they are: the embeddings, the final norm and the head
+    (unless tied), and in each layer each (GGUF name, HF name) pair's weight and bias where the state dict has them."""
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if "lm_head.weight" in sd:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        for ours, theirs in pairs:
+            for kind in ("weight", "bias"):
+                if f"model.layers.{i}.{theirs}.{kind}" in sd:
+                    out[f"blk.{i}.{ours}.{kind}"] = sd[f"model.layers.{i}.{theirs}.{kind}"]
+    return out
+
+
 def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dict[str, np.ndarray]:
     """An HF state dict under llama.cpp's names: olmo2's (its rows as HF has them, norms after attention and the MLP)
     or granite's (Llama's, Q/K rows and biases permuted)."""
     if arch in ("granitemoe", "granitemoeshared"):
         return _granite_moe_gguf_tensors(sd, cfg)
     if arch in ("seed_oss", "cohere", "cohere2"):  # Llama's names, rows as HF has them (their converters leave them)
-        out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
-        if "lm_head.weight" in sd:  # (Cohere's embeddings are tied)
-            out["output.weight"] = sd["lm_head.weight"]
-        for i in range(cfg.num_layers):
-            hf, blk = f"model.layers.{i}.", f"blk.{i}."
-            for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                                 ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
-                                 ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                                 ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
-                if f"{hf}{theirs}.weight" in sd:  # (Cohere: no norm before the MLP of its own)
-                    out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
-                if f"{hf}{theirs}.bias" in sd:  # Seed-OSS's q/k/v and o biases
-                    out[f"{blk}{ours}.bias"] = sd[f"{hf}{theirs}.bias"]
-        return out
+        return _gguf_renamed(sd, cfg, (
+            ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_q", "self_attn.q_proj"),
+            ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+            ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")))
     if arch == "granite":
         out = _llama_cpp_tensors(sd, cfg)
 
@@ -169,18 +173,11 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
             out[blk + "attn_v.bias"] = sd[hf + "v_proj.bias"]
             out[blk + "attn_output.bias"] = sd[hf + "o_proj.bias"]
         return out
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_layers):
-        hf, blk = f"model.layers.{i}.", f"blk.{i}."
-        for ours, theirs in (("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
-                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"),
-                             ("post_attention_norm", "post_attention_layernorm"),
-                             ("post_ffw_norm", "post_feedforward_layernorm"), ("ffn_gate", "mlp.gate_proj"),
-                             ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")):
-            out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
-    return out
+    return _gguf_renamed(sd, cfg, (
+        ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"), ("attn_q_norm", "self_attn.q_norm"), ("attn_k_norm", "self_attn.k_norm"),
+        ("post_attention_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_feedforward_layernorm"),
+        ("ffn_gate", "mlp.gate_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")))
 
 
 def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
@@ -191,23 +188,15 @@ def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> di
     def permute(x, heads):
         return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = _gguf_renamed(sd, cfg, (
+        ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_v", "self_attn.v_proj"),
+        ("attn_output", "self_attn.o_proj"), ("ffn_gate_inp", "block_sparse_moe.router.layer"),
+        ("ffn_down_exps", "block_sparse_moe.output_linear"), ("ffn_down_shexp", "shared_mlp.output_linear")))
     for i in range(cfg.num_layers):
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
-        for ours, theirs in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"),
-                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("ffn_gate_inp", "block_sparse_moe.router.layer"),
-                             ("ffn_down_exps", "block_sparse_moe.output_linear"),
-                             ("ffn_down_shexp", "shared_mlp.output_linear")):
-            if f"{hf}{theirs}.weight" in sd:  # (no shared expert in granitemoe)
-                out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
         for ours, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
             for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
                 out[f"{blk}attn_{ours}.{kind}"] = permute(sd[f"{hf}self_attn.{ours}_proj.{kind}"], heads)
-        if cfg.attention_bias:
-            out[blk + "attn_v.bias"] = sd[hf + "self_attn.v_proj.bias"]
-            out[blk + "attn_output.bias"] = sd[hf + "self_attn.o_proj.bias"]
         gate, up = np.split(sd[hf + "block_sparse_moe.input_linear.weight"], 2, axis=-2)
         out[blk + "ffn_gate_exps.weight"], out[blk + "ffn_up_exps.weight"] = gate, up
         if hf + "shared_mlp.input_linear.weight" in sd:

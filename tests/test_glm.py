@@ -16,7 +16,7 @@ from models.loader import load_weights
 from models.safetensors_loader import rope_pair_rows
 from test_gguf_rope import _write_llama_gguf
 from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
-from test_archs import _assert_same_config
+from test_archs import _assert_same_config, _gguf_renamed
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
@@ -77,19 +77,11 @@ def _hf_model(arch: str):
 def _glm4_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> dict[str, np.ndarray]:
     """A GLM-4-0414 state dict under llama.cpp's names, as its converter writes it: rows as HF has them (llama.cpp turns
     glm4's pairs as they are), gate and up fused in ffn_up, the output norms post_attention_norm and post_ffw_norm."""
-    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
-    for i in range(cfg.num_layers):
-        hf, blk = f"model.layers.{i}.", f"blk.{i}."
-        for ours, theirs in (("attn_norm", "input_layernorm"), ("post_attention_norm", "post_self_attn_layernorm"),
-                             ("ffn_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_mlp_layernorm"),
-                             ("attn_q", "self_attn.q_proj"), ("attn_k", "self_attn.k_proj"),
-                             ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
-                             ("ffn_up", "mlp.gate_up_proj"), ("ffn_down", "mlp.down_proj")):
-            out[f"{blk}{ours}.weight"] = sd[f"{hf}{theirs}.weight"]
-        for ours, theirs in (("attn_q", "q_proj"), ("attn_k", "k_proj"), ("attn_v", "v_proj")):
-            out[f"{blk}{ours}.bias"] = sd[f"{hf}self_attn.{theirs}.bias"]
-    return out
+    return _gguf_renamed(sd, cfg, (
+        ("attn_norm", "input_layernorm"), ("post_attention_norm", "post_self_attn_layernorm"),
+        ("ffn_norm", "post_attention_layernorm"), ("post_ffw_norm", "post_mlp_layernorm"), ("attn_q", "self_attn.q_proj"),
+        ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
+        ("ffn_up", "mlp.gate_up_proj"), ("ffn_down", "mlp.down_proj")))
 
 
 @pytest.mark.slow

@@ -26,9 +26,9 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
-HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai")
+HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
@@ -36,10 +36,10 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
-                      "cohere2")
+                      "cohere2", "arcee")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "exaone4, seed_oss, cohere, cohere2, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
+                  "exaone4, seed_oss, cohere, cohere2, arcee, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
@@ -75,7 +75,9 @@ class LlamaConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_layers: tuple[bool, ...] = ()  # per layer, False = no positional embedding (SmolLM3's NoPE layers); () = all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
-    hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "swiglu_oai" (gated MLP either way)
+    hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "swiglu_oai" | "relu2" (relu(x)^2: Arcee's, not gated)
+    # The dense MLP is act(x @ w_gate) * (x @ w_up) -> w_down; False: act(x @ w_up) -> w_down, no w_gate (Arcee)
+    gated_mlp: bool = True
     # swiglu_oai (gpt-oss): (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
     swiglu_alpha: float = 1.702
     swiglu_limit: float = 7.0
@@ -155,6 +157,8 @@ class LlamaConfig:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         if not self.pre_norms and not self.sandwich_norms:
             raise ConfigError("pre_norms=False needs sandwich_norms (a layer normed nowhere is not a decoder here)")
+        if not self.gated_mlp and (self.num_experts or self.hidden_act == "swiglu_oai"):
+            raise ConfigError("gated_mlp=False is for dense MLPs with a plain activation (not experts, not swiglu_oai)")
         if self.norm_kind not in ("rms", "layer"):
             raise ConfigError(f"norm_kind={self.norm_kind!r} is not supported (rms, layer)")
         if self.parallel_block and (not self.pre_norms or self.sandwich_norms):
@@ -280,7 +284,7 @@ class LlamaConfig:
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
         per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms
         per_layer += (1 if self.parallel_block else 2) * h * self.pre_norms
-        dense_mlp = 3 * h * self.intermediate_size
+        dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
         moe_mlp = 0
         if self.num_experts:
             moe_mlp += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
@@ -376,6 +380,8 @@ class LlamaConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"))),
+            **(dict(gated_mlp=False, hidden_act=_plain_act(cfg.get("hidden_act", "relu2"), source)) if arch == "arcee"
+               else {}),
             sandwich_norms=arch == "glm4",  # GLM-4-0414: norms after attention and the MLP as well as before
             # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
             # (Seed-OSS says so apart: attention_out_bias)
@@ -485,6 +491,8 @@ class LlamaConfig:
             implied = dict(parallel_block=True, norm_kind="layer", logits_scaling=1.0 / logit_scale,
                            sliding_layers=windowed, rope_layers=windowed,
                            attention_out_bias="blk.0.attn_output.bias" in tensor_names)
+        if arch == "arcee":  # Llama's layers (Q/K permuted as its converter's), the MLP up -> relu^2 -> down
+            implied = dict(gated_mlp=False, hidden_act="relu2")
         if arch == "seed_oss":  # Llama's layers with q/k/v biases (rows as HF has them, NeoX RoPE), o's where present
             implied = dict(attention_out_bias="blk.0.attn_output.bias" in tensor_names)
         if arch in ("granite", "granitemoe"):  # the converter writes Granite's multipliers as scales
@@ -751,6 +759,13 @@ def _layer_types(cfg: Mapping[str, Any], source: str, num_layers: int,
         raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
     rope_params = cfg.get("rope_parameters") or {}
     return types, rope_params.get("full_attention", rope_params), rope_params.get("sliding_attention", {})
+
+
+def _plain_act(name: str, source: str) -> str:
+    """An ungated MLP's activation (Arcee's relu2) by its HF name."""
+    if name != "relu2":
+        raise ConfigError(f"{source}: hidden_act={name!r} is not supported for an MLP without a gate (relu2)")
+    return name
 
 
 def _granite_multipliers(cfg: Mapping[str, Any]) -> dict[str, Any]:

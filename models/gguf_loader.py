@@ -170,7 +170,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
-        if arch in ("llama", "smollm3", "granite", "granitemoe") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
+        if arch in ("llama", "smollm3", "granite", "granitemoe", "arcee") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
             # and Granite's converters are Llama's, which permutes biases too (olmo2's leaves rows as HF has them)
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):

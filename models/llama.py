@@ -112,6 +112,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"wq": (n, h, cfg.q_size), "wk": (n, h, cfg.kv_size), "wv": (n, h, cfg.kv_size), "wo": (n, cfg.q_size, h)}
     if i:  # the dense MLP (a MoE model's shared expert)
         layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
+        if not cfg.gated_mlp:
+            del layers["w_gate"]
     if cfg.num_experts:
         e, mi = cfg.num_experts, cfg.moe_intermediate_size
         layers |= {"router": (n, h, e), "moe_gate": (n, e, h, mi), "moe_up": (n, e, h, mi), "moe_down": (n, e, mi, h)}
@@ -242,6 +244,12 @@ def gated_activation(cfg: LlamaConfig) -> moe.Glu:
     return moe.swiglu
 
 
+def plain_activation(cfg: LlamaConfig):
+    """An ungated MLP's activation (`gated_mlp` false): relu(x)^2 (Arcee)."""
+    assert cfg.hidden_act == "relu2", cfg.hidden_act
+    return lambda x: jnp.square(jax.nn.relu(x))
+
+
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
              stats: bool = False, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, Any]:
@@ -290,8 +298,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             """(the MLP's output, the down projection's input or None): the dense MLP (or shared expert) in `w`,
             plus the experts in an expert layer."""
             o = down_in = None
-            if "w_gate" in w:  # the dense MLP, or a MoE layer's shared expert
-                down_in = glu(proj(h, "w_gate", w), proj(h, "w_up", w))
+            if "w_down" in w:  # the dense MLP, or a MoE layer's shared expert
+                down_in = (glu(proj(h, "w_gate", w), proj(h, "w_up", w)) if cfg.gated_mlp
+                           else plain_activation(cfg)(proj(h, "w_up", w)))
                 o = proj(down_in, "w_down", w)
             if experts:
                 if o is not None and cfg.shared_expert_gate:

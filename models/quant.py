@@ -401,6 +401,7 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
               for k, v in params["layers"].items()}
 
     def factors(x_amax, weights):
+        weights = [w for w in weights if w in layers]  # (an ungated MLP has no w_gate)
         x_amax = np.asarray(x_amax, np.float32)  # [L, in]
         w_amax = np.max([np.abs(layers[w]).max(axis=2) for w in weights], axis=0)  # [L, in]
         s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
@@ -415,9 +416,12 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
         s = factors(amax[key], weights)
         layers[norm] /= s
         for w in weights:
-            layers[w] *= s[:, :, None]
+            if w in layers:
+                layers[w] *= s[:, :, None]
     s = factors(amax["down_in"], ("w_down",))
-    layers["w_up"] /= s[:, None, :]
+    # w_down's input is act(gate) * up, linear in up; without a gate it is relu(up)^2 (the one ungated activation
+    # here), which dividing up by sqrt(s) divides by s
+    layers["w_up"] /= (s if "w_gate" in layers else np.sqrt(s))[:, None, :]
     layers["w_down"] *= s[:, :, None]
     dtype = np.asarray(params["layers"]["wq"]).dtype
     return {**params, "layers": {k: v.astype(dtype) if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v

@@ -67,6 +67,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys = tuple(k for k in keys if k not in ("attn_norm", "mlp_norm"))
     if cfg.parallel_block:  # one norm before attention and the MLP both
         keys = tuple(k for k in keys if k != "mlp_norm")
+    if not cfg.gated_mlp:  # up -> act -> down
+        keys = tuple(k for k in keys if k != "w_gate")
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))

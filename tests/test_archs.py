@@ -2,7 +2,7 @@
 transformers: OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed
 layers), EXAONE 4 (OLMo 2's norms with per-head q/k norms; windowed layers with RoPE around global ones without),
 Granite (embedding, attention, residual and logit multipliers; Granite MoE's experts, fused gate/up, and shared
-expert), Seed-OSS (q/k/v and o biases) and Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
+expert), Seed-OSS (q/k/v and o biases), Arcee (an MLP without a gate: up -> relu^2 -> down) and Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
 outputs join the stream together; RoPE on interleaved pairs; Cohere 2's windowed layers with RoPE around global ones
 without)."""
 from __future__ import annotations
@@ -44,6 +44,9 @@ def _hf_model(arch: str):
     if arch == "exaone4":  # windowed layers 0-2 (8 tokens) with Llama 3 RoPE scaling, global layer 3 without RoPE
         return transformers.Exaone4ForCausalLM(transformers.Exaone4Config(
             **TINY, num_hidden_layers=4, sliding_window=8, sliding_window_pattern=4, rope_parameters=LLAMA3)).eval()
+    if arch == "arcee":
+        return transformers.ArceeForCausalLM(transformers.ArceeConfig(**TINY, num_hidden_layers=3, rope_parameters={
+            "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0})).eval()
     if arch == "seed_oss":
         return transformers.SeedOssForCausalLM(transformers.SeedOssConfig(
             **TINY, num_hidden_layers=3, head_dim=24, attention_out_bias=True)).eval()
@@ -124,6 +127,7 @@ def test_configs_read_as_transformers_builds_the_models():
                                    ("exaone4", transformers.Exaone4Config, {"sliding_window": 16}),
                                    ("seed_oss", transformers.SeedOssConfig, {"head_dim": 8}),
                                    ("cohere", transformers.CohereConfig, {}),
+                                   ("arcee", transformers.ArceeConfig, {}),
                                    ("granitemoehybrid", transformers.GraniteMoeHybridConfig,
                                     {"layer_types": ["attention"] * 8, "shared_intermediate_size": 40, "mamba_n_heads": 8,
                                      **moe}),
@@ -134,6 +138,11 @@ def test_configs_read_as_transformers_builds_the_models():
         model = getattr(transformers, hf_config.__name__.replace("Config", "ForCausalLM"))(
             hf_config(**{k: v for k, v in cfg.items() if k != "model_type"}))
         assert LlamaConfig.from_hf_config(cfg).num_params() == sum(p.numel() for p in model.parameters())
+
+
+def _permuted(x: np.ndarray, heads: int) -> np.ndarray:
+    """Q or K rows (or a bias) as llama.cpp's Llama converter writes them, for its interleaved RoPE."""
+    return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
 
 
 def _gguf_renamed(sd: dict[str, np.ndarray], cfg: LlamaConfig, pairs) -> dict[str, np.ndarray]:
@@ -155,6 +164,14 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
     or granite's (Llama's, Q/K rows and biases permuted)."""
     if arch in ("granitemoe", "granitemoeshared"):
         return _granite_moe_gguf_tensors(sd, cfg)
+    if arch == "arcee":  # Llama's converter: Q/K rows permuted; no ffn_gate
+        out = _gguf_renamed(sd, cfg, (
+            ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_v", "self_attn.v_proj"),
+            ("attn_output", "self_attn.o_proj"), ("ffn_up", "mlp.up_proj"), ("ffn_down", "mlp.down_proj")))
+        for i in range(cfg.num_layers):
+            out[f"blk.{i}.attn_q.weight"] = _permuted(sd[f"model.layers.{i}.self_attn.q_proj.weight"], cfg.num_heads)
+            out[f"blk.{i}.attn_k.weight"] = _permuted(sd[f"model.layers.{i}.self_attn.k_proj.weight"], cfg.num_kv_heads)
+        return out
     if arch in ("seed_oss", "cohere", "cohere2"):  # Llama's names, rows as HF has them (their converters leave them)
         return _gguf_renamed(sd, cfg, (
             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_q", "self_attn.q_proj"),
@@ -163,13 +180,10 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
     if arch == "granite":
         out = _llama_cpp_tensors(sd, cfg)
 
-        def permute(x, heads):
-            return x.reshape(heads, 2, x.shape[0] // heads // 2).swapaxes(1, 2).reshape(x.shape)
-
         for i in range(cfg.num_layers):
             hf, blk = f"model.layers.{i}.self_attn.", f"blk.{i}."
-            out[blk + "attn_q.bias"] = permute(sd[hf + "q_proj.bias"], cfg.num_heads)
-            out[blk + "attn_k.bias"] = permute(sd[hf + "k_proj.bias"], cfg.num_kv_heads)
+            out[blk + "attn_q.bias"] = _permuted(sd[hf + "q_proj.bias"], cfg.num_heads)
+            out[blk + "attn_k.bias"] = _permuted(sd[hf + "k_proj.bias"], cfg.num_kv_heads)
             out[blk + "attn_v.bias"] = sd[hf + "v_proj.bias"]
             out[blk + "attn_output.bias"] = sd[hf + "o_proj.bias"]
         return out
@@ -185,9 +199,6 @@ def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> di
     each `input_linear` cut into gate and up (the experts' ffn_gate_exps / ffn_up_exps, the shared expert's
     ffn_gate_shexp / ffn_up_shexp), the router ffn_gate_inp."""
 
-    def permute(x, heads):
-        return x.reshape(heads, 2, x.shape[0] // heads // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
-
     out = _gguf_renamed(sd, cfg, (
         ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_v", "self_attn.v_proj"),
         ("attn_output", "self_attn.o_proj"), ("ffn_gate_inp", "block_sparse_moe.router.layer"),
@@ -196,7 +207,7 @@ def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> di
         hf, blk = f"model.layers.{i}.", f"blk.{i}."
         for ours, heads in (("q", cfg.num_heads), ("k", cfg.num_kv_heads)):
             for kind in ("weight", "bias") if cfg.attention_bias else ("weight",):
-                out[f"{blk}attn_{ours}.{kind}"] = permute(sd[f"{hf}self_attn.{ours}_proj.{kind}"], heads)
+                out[f"{blk}attn_{ours}.{kind}"] = _permuted(sd[f"{hf}self_attn.{ours}_proj.{kind}"], heads)
         gate, up = np.split(sd[hf + "block_sparse_moe.input_linear.weight"], 2, axis=-2)
         out[blk + "ffn_gate_exps.weight"], out[blk + "ffn_up_exps.weight"] = gate, up
         if hf + "shared_mlp.input_linear.weight" in sd:
@@ -208,6 +219,12 @@ def _granite_moe_gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig) -> di
 def _gguf_meta(cfg: LlamaConfig, arch: str) -> dict:
     """What llama.cpp's converter writes beyond a Llama's: Granite's multipliers as scales; OLMo 3's window, its
     pattern and YaRN (HF's attention_factor as attn_factor)."""
+    if arch == "arcee":
+        import gguf
+
+        s = cfg.rope_scaling
+        return dict(rope_scaling_type=gguf.RopeScalingType.YARN, rope_scaling_factor=s.factor,
+                    rope_scaling_orig_ctx_len=s.original_max_position)
     if "cohere" in arch:
         return dict(logit_scale=1.0 / cfg.logits_scaling, layer_norm_eps=cfg.rms_norm_eps,
                     **({"sliding_window": cfg.sliding_window} if cfg.sliding_window else {}))
@@ -243,7 +260,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3", "exaone4", "granite", "granitemoe", "granitemoeshared",
-                                  "granitemoehybrid", "seed_oss", "cohere", "cohere2"])
+                                  "granitemoehybrid", "seed_oss", "arcee", "cohere", "cohere2"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
@@ -320,5 +337,22 @@ def test_smoothquant_of_a_parallel_block_smooths_all_five_projections_by_one_fac
     smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
     changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
     assert sorted(changed) == ["attn_norm", "w_down", "w_gate", "w_up", "wk", "wq", "wv"]
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_smoothquant_of_an_ungated_mlp_keeps_the_forward():
+    """Arcee's MLP has no gate: w_down reads relu(up)^2, so SmoothQuant divides up's columns by sqrt(s) for w_down's rows
+    times s (by s, as for a gated MLP, the forward would change); q/k/v and up smoothed into the norms."""
+    from models import quant
+
+    cfg = LlamaConfig(architecture="arcee", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, gated_mlp=False, hidden_act="relu2")
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    assert "w_gate" not in params["layers"]
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
+    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
+    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
+    assert sorted(changed) == ["attn_norm", "mlp_norm", "w_down", "w_up", "wk", "wq", "wv"]
     want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -26,9 +26,9 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
-HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2")
+HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
 # 1 with 1); GGUF metadata says neither this nor Gemma 3's local RoPE base (llama.cpp hard-codes
 # both the same way).
@@ -39,7 +39,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
                       "cohere2", "arcee")
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
-                  "exaone4, seed_oss, cohere, cohere2, arcee, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
+                  "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
@@ -75,7 +75,9 @@ class LlamaConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_layers: tuple[bool, ...] = ()  # per layer, False = no positional embedding (SmolLM3's NoPE layers); () = all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
-    hidden_act: str = "silu"  # "silu" | "gelu_tanh" | "swiglu_oai" | "relu2" (relu(x)^2: Arcee's, not gated)
+    # "silu" | "gelu_tanh" | "swiglu_oai" | "relu2" (relu(x)^2: Arcee's, not gated) | "xielu" (Apertus's, not gated: its
+    # four scalars per layer are weights, `weights.XIELU_KEYS`)
+    hidden_act: str = "silu"
     # The dense MLP is act(x @ w_gate) * (x @ w_up) -> w_down; False: act(x @ w_up) -> w_down, no w_gate (Arcee)
     gated_mlp: bool = True
     # swiglu_oai (gpt-oss): (clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
@@ -157,6 +159,8 @@ class LlamaConfig:
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported ({', '.join(HIDDEN_ACTS)})")
         if not self.pre_norms and not self.sandwich_norms:
             raise ConfigError("pre_norms=False needs sandwich_norms (a layer normed nowhere is not a decoder here)")
+        if self.hidden_act == "xielu" and self.gated_mlp:
+            raise ConfigError("hidden_act=xielu is an ungated MLP's activation (gated_mlp=False)")
         if not self.gated_mlp and (self.num_experts or self.hidden_act == "swiglu_oai"):
             raise ConfigError("gated_mlp=False is for dense MLPs with a plain activation (not experts, not swiglu_oai)")
         if self.norm_kind not in ("rms", "layer"):
@@ -284,7 +288,7 @@ class LlamaConfig:
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
         per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms
         per_layer += (1 if self.parallel_block else 2) * h * self.pre_norms
-        dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size
+        dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size + 2 * (self.hidden_act == "xielu")
         moe_mlp = 0
         if self.num_experts:
             moe_mlp += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
@@ -380,8 +384,9 @@ class LlamaConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"))),
-            **(dict(gated_mlp=False, hidden_act=_plain_act(cfg.get("hidden_act", "relu2"), source)) if arch == "arcee"
-               else {}),
+            **(dict(gated_mlp=False, hidden_act=_plain_act(cfg.get("hidden_act", "relu2" if arch == "arcee" else "xielu"),
+                                                           source))
+               if arch in ("arcee", "apertus") else {}),
             sandwich_norms=arch == "glm4",  # GLM-4-0414: norms after attention and the MLP as well as before
             # gpt-oss's and Granite's attention_bias covers o_proj too (transformers builds all four projections with it)
             # (Seed-OSS says so apart: attention_out_bias)
@@ -393,7 +398,7 @@ class LlamaConfig:
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
             rope_layers=(_rope_layers(cfg) if arch == "smollm3" else (False,) * int(need("num_hidden_layers"))
                          if granite4 and cfg.get("position_embedding_type") != "rope" else ()),  # Granite 4.0's NoPE
-            qk_norm=arch in ("qwen3", "qwen3_moe") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "apertus") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **(_granite_multipliers(cfg) if arch in GRANITE_HF else {}),
@@ -762,9 +767,9 @@ def _layer_types(cfg: Mapping[str, Any], source: str, num_layers: int,
 
 
 def _plain_act(name: str, source: str) -> str:
-    """An ungated MLP's activation (Arcee's relu2) by its HF name."""
-    if name != "relu2":
-        raise ConfigError(f"{source}: hidden_act={name!r} is not supported for an MLP without a gate (relu2)")
+    """An ungated MLP's activation (Arcee's relu2, Apertus's xielu) by its HF name."""
+    if name not in ("relu2", "xielu"):
+        raise ConfigError(f"{source}: hidden_act={name!r} is not supported for an MLP without a gate (relu2, xielu)")
     return name
 
 

@@ -114,6 +114,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
         if not cfg.gated_mlp:
             del layers["w_gate"]
+        if cfg.hidden_act == "xielu":
+            layers |= {"xielu_alpha_p": (n, 1), "xielu_alpha_n": (n, 1), "xielu_beta": (n,), "xielu_eps": (n,)}
     if cfg.num_experts:
         e, mi = cfg.num_experts, cfg.moe_intermediate_size
         layers |= {"router": (n, h, e), "moe_gate": (n, e, h, mi), "moe_up": (n, e, h, mi), "moe_down": (n, e, mi, h)}
@@ -244,10 +246,22 @@ def gated_activation(cfg: LlamaConfig) -> moe.Glu:
     return moe.swiglu
 
 
-def plain_activation(cfg: LlamaConfig):
-    """An ungated MLP's activation (`gated_mlp` false): relu(x)^2 (Arcee)."""
-    assert cfg.hidden_act == "relu2", cfg.hidden_act
-    return lambda x: jnp.square(jax.nn.relu(x))
+def plain_activation(cfg: LlamaConfig, p: Params):
+    """An ungated MLP's activation (`gated_mlp` false): relu(x)^2 (Arcee), or xIELU with layer p's scalars (Apertus):
+    alpha_p x^2 + beta x above 0, alpha_n (expm1(min(x, eps)) - x) + beta x below, the alphas through a softplus."""
+    if cfg.hidden_act == "relu2":
+        return lambda x: jnp.square(jax.nn.relu(x))
+    assert cfg.hidden_act == "xielu", cfg.hidden_act
+    beta, eps = p["xielu_beta"], p["xielu_eps"]
+    alpha_p, alpha_n = jax.nn.softplus(p["xielu_alpha_p"][0]), beta + jax.nn.softplus(p["xielu_alpha_n"][0])
+
+    def xielu(x):
+        x32 = x.astype(jnp.float32)
+        out = jnp.where(x32 > 0, alpha_p * x32 * x32 + beta * x32,
+                        (jnp.expm1(jnp.minimum(x32, eps)) - x32) * alpha_n + beta * x32)
+        return out.astype(x.dtype)
+
+    return xielu
 
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
@@ -300,7 +314,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             o = down_in = None
             if "w_down" in w:  # the dense MLP, or a MoE layer's shared expert
                 down_in = (glu(proj(h, "w_gate", w), proj(h, "w_up", w)) if cfg.gated_mlp
-                           else plain_activation(cfg)(proj(h, "w_up", w)))
+                           else plain_activation(cfg, w)(proj(h, "w_up", w)))
                 o = proj(down_in, "w_down", w)
             if experts:
                 if o is not None and cfg.shared_expert_gate:

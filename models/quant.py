@@ -418,11 +418,18 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
         for w in weights:
             if w in layers:
                 layers[w] *= s[:, :, None]
+    if "xielu_beta" in layers:  # xIELU(up / s) is no multiple of xIELU(up): nothing to fold w_down's division into
+        return _cast_smoothed(params, layers)
     s = factors(amax["down_in"], ("w_down",))
-    # w_down's input is act(gate) * up, linear in up; without a gate it is relu(up)^2 (the one ungated activation
-    # here), which dividing up by sqrt(s) divides by s
+    # w_down's input is act(gate) * up, linear in up; without a gate relu(up)^2, which dividing up by sqrt(s) divides
+    # by s
     layers["w_up"] /= (s if "w_gate" in layers else np.sqrt(s))[:, None, :]
     layers["w_down"] *= s[:, :, None]
+    return _cast_smoothed(params, layers)
+
+
+def _cast_smoothed(params: dict, layers: dict) -> dict:
+    """The smoothed float32 layers back in the checkpoint's dtype."""
     dtype = np.asarray(params["layers"]["wq"]).dtype
     return {**params, "layers": {k: v.astype(dtype) if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
                                  for k, v in layers.items()}}

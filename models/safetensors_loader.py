@@ -102,6 +102,13 @@ GLM4_NAMES = GLM_NAMES | {"post_attn_norm": "model.layers.{i}.post_self_attn_lay
 # Cohere (Command R, Aya Expanse) and Cohere 2 (Command R7B, Command A): one norm per layer (a LayerNorm without bias)
 # before attention and the MLP both, tied embeddings.
 COHERE_NAMES = {k: v for k, v in HF_NAMES.items() if k != "mlp_norm"}
+# Apertus: Llama's attention with per-head q/k norms, its norms named for what they precede, an MLP without a gate
+# whose xIELU activation keeps four scalars per layer (weights.XIELU_KEYS).
+APERTUS_NAMES = {k: v for k, v in HF_NAMES.items() if k != "w_gate"} | {
+    "attn_norm": "model.layers.{i}.attention_layernorm.weight", "mlp_norm": "model.layers.{i}.feedforward_layernorm.weight",
+    "xielu_alpha_p": "model.layers.{i}.mlp.act_fn.alpha_p", "xielu_alpha_n": "model.layers.{i}.mlp.act_fn.alpha_n",
+    "xielu_beta": "model.layers.{i}.mlp.act_fn.beta", "xielu_eps": "model.layers.{i}.mlp.act_fn.eps",
+}
 # Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
 INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
@@ -421,7 +428,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
-            "granitemoehybrid": GRANITE_MOE_NAMES}.get(
+            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

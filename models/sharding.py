@@ -120,6 +120,7 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
         "router": P(), "shared_gate": P(), "router_score_bias": P(),
+        "xielu_alpha_p": P(), "xielu_alpha_n": P(), "xielu_beta": P(), "xielu_eps": P(),
         "wq_a": P(), "q_a_norm": P(), "wkv_a": P(), "kv_a_norm": P(),
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
         # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);

@@ -33,7 +33,9 @@ EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIA
 # Kept in float32 whatever the model's dtype: the router's correction bias chooses experts by differences of a few
 # thousandths between scores, which bfloat16's rounding of a bias of ~1 would swamp (DeepSeek-V3 and GLM-4.5 ship it
 # in float32, and transformers, vLLM and SGLang keep it so).
-FLOAT32_KEYS = frozenset({SCORE_BIAS})
+# Apertus's xIELU activation: four scalars per layer (alpha_p and alpha_n before their softplus, beta, eps), [L, 1] and [L].
+XIELU_KEYS = ("xielu_alpha_p", "xielu_alpha_n", "xielu_beta", "xielu_eps")
+FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
                         "wkv_a", "wkv_b"})
@@ -69,6 +71,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys = tuple(k for k in keys if k != "mlp_norm")
     if not cfg.gated_mlp:  # up -> act -> down
         keys = tuple(k for k in keys if k != "w_gate")
+    if cfg.hidden_act == "xielu":
+        keys += XIELU_KEYS
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))

@@ -2,7 +2,8 @@
 transformers: OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed
 layers), EXAONE 4 (OLMo 2's norms with per-head q/k norms; windowed layers with RoPE around global ones without),
 Granite (embedding, attention, residual and logit multipliers; Granite MoE's experts, fused gate/up, and shared
-expert), Seed-OSS (q/k/v and o biases), Arcee (an MLP without a gate: up -> relu^2 -> down) and Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
+expert), Seed-OSS (q/k/v and o biases), Arcee and Apertus (MLPs without a gate: up -> relu^2 or xIELU -> down) and
+Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
 outputs join the stream together; RoPE on interleaved pairs; Cohere 2's windowed layers with RoPE around global ones
 without)."""
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _hf_model(arch: str):
     if arch == "arcee":
         return transformers.ArceeForCausalLM(transformers.ArceeConfig(**TINY, num_hidden_layers=3, rope_parameters={
             "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0})).eval()
+    if arch == "apertus":  # xIELU's per-layer scalars perturbed with the weights
+        return transformers.ApertusForCausalLM(transformers.ApertusConfig(
+            **TINY, num_hidden_layers=3, rope_parameters=LLAMA3, dtype=torch.float32)).eval()
     if arch == "seed_oss":
         return transformers.SeedOssForCausalLM(transformers.SeedOssConfig(
             **TINY, num_hidden_layers=3, head_dim=24, attention_out_bias=True)).eval()
@@ -128,6 +132,7 @@ def test_configs_read_as_transformers_builds_the_models():
                                    ("seed_oss", transformers.SeedOssConfig, {"head_dim": 8}),
                                    ("cohere", transformers.CohereConfig, {}),
                                    ("arcee", transformers.ArceeConfig, {}),
+                                   ("apertus", transformers.ApertusConfig, {}),
                                    ("granitemoehybrid", transformers.GraniteMoeHybridConfig,
                                     {"layer_types": ["attention"] * 8, "shared_intermediate_size": 40, "mamba_n_heads": 8,
                                      **moe}),
@@ -260,7 +265,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3", "exaone4", "granite", "granitemoe", "granitemoeshared",
-                                  "granitemoehybrid", "seed_oss", "arcee", "cohere", "cohere2"])
+                                  "granitemoehybrid", "seed_oss", "arcee", "apertus", "cohere", "cohere2"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine
@@ -268,7 +273,8 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     import dataclasses
 
     model = _hf_model(arch)
-    cfg, params, ids, _ = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
+    cfg, params, ids, _ = _hf_checkpoint_parity(model, tmp_path, 40,
+                                                lambda n: 0.3 if "norm" in n or "act_fn" in n else 0.05)
     assert cfg.architecture == arch
     tokens = jnp.asarray(ids, jnp.int32)
     logits = llama.forward_dense(params, cfg, tokens)
@@ -277,7 +283,8 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
                                 embed_scale=1.0).items():
             other = llama.forward_dense(params, dataclasses.replace(cfg, **{name: value}), tokens)
             assert float(jnp.abs(other - logits).max()) > 2e-4, name
-    if arch == "granitemoehybrid":  # (llama.cpp writes attention-only Granite 4.0 models as granite / granitemoe)
+    if arch in ("granitemoehybrid", "apertus"):  # (llama.cpp writes attention-only Granite 4.0 models as granite /
+        # granitemoe; its apertus GGUFs keep xIELU's scalars as metadata, not read here)
         _engine_greedy_is_transformers(model, cfg, params)
         return
     if arch == "exaone4":  # RoPE on the windowed layers would differ on the global one
@@ -354,5 +361,23 @@ def test_smoothquant_of_an_ungated_mlp_keeps_the_forward():
     smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
     changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
     assert sorted(changed) == ["attn_norm", "mlp_norm", "w_down", "w_up", "wk", "wq", "wv"]
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_smoothquant_of_an_xielu_mlp_leaves_the_down_projection():
+    """xIELU(up / s) is no multiple of xIELU(up): SmoothQuant smooths q/k/v and up into the norms and leaves w_down's
+    inputs (and xIELU's scalars) alone; the float forward is unchanged."""
+    from models import quant
+
+    cfg = LlamaConfig(architecture="apertus", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, gated_mlp=False, hidden_act="xielu", qk_norm=True)
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    params["layers"] |= {"xielu_alpha_p": np.full((2, 1), 0.5, np.float32), "xielu_alpha_n": np.full((2, 1), 0.2, np.float32),
+                         "xielu_beta": np.full((2,), 0.5, np.float32), "xielu_eps": np.full((2,), -1e-6, np.float32)}
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
+    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
+    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
+    assert sorted(changed) == ["attn_norm", "mlp_norm", "w_up", "wk", "wq", "wv"]
     want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

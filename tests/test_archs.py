@@ -301,7 +301,8 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     from safetensors.numpy import load_file
 
     sd = load_file(str(tmp_path / "model.safetensors"))
-    gguf_arch = {"olmo3": "olmo2", "granitemoeshared": "granitemoe", "cohere": "command-r"}.get(arch, arch)  # (as llama.cpp names them)
+    # (as llama.cpp names them)
+    gguf_arch = {"olmo3": "olmo2", "granitemoeshared": "granitemoe", "cohere": "command-r"}.get(arch, arch)
     _write_llama_gguf(tmp_path / "m.gguf", cfg, _gguf_tensors(sd, cfg, arch), arch=gguf_arch,
                       **_gguf_meta(cfg, arch))
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
@@ -312,72 +313,36 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     _engine_greedy_is_transformers(model, cfg, params)
 
 
-def test_smoothquant_without_norms_before_the_projections_smooths_the_down_projection_only():
-    """w8a8's SmoothQuant folds its divisions into the norms before q/k/v and gate/up; OLMo has none there, so only
-    w_down's inputs are smoothed (into w_up), and the float forward is unchanged."""
+SMOOTHING_CASES = {  # what SmoothQuant may fold its divisions into, by layer layout: (config fields, weights it changes)
+    # OLMo: no norms before the projections, so only w_down's inputs (into w_up's columns)
+    "olmo2": (dict(qk_norm=True, qk_norm_whole=True, sandwich_norms=True, pre_norms=False), ["w_down", "w_up"]),
+    # Cohere: one norm before attention and the MLP, one factor for all five projections (two would change the forward)
+    "cohere": (dict(parallel_block=True, norm_kind="layer", tie_word_embeddings=True, logits_scaling=4.0),
+               ["attn_norm", "w_down", "w_gate", "w_up", "wk", "wq", "wv"]),
+    # Arcee: w_down reads relu(up)^2, so up's columns are divided by sqrt(s) (by s, as when gated, would change it)
+    "arcee": (dict(gated_mlp=False, hidden_act="relu2"), ["attn_norm", "mlp_norm", "w_down", "w_up", "wk", "wq", "wv"]),
+    # Apertus: xIELU(up / s) is no multiple of xIELU(up): w_down's inputs (and xIELU's scalars) left alone
+    "apertus": (dict(gated_mlp=False, hidden_act="xielu", qk_norm=True), ["attn_norm", "mlp_norm", "w_up", "wk", "wq", "wv"]),
+}
+
+
+@pytest.mark.parametrize("arch", list(SMOOTHING_CASES))
+def test_smoothquant_folds_only_where_the_forward_is_kept(arch):
+    """w8a8's SmoothQuant divides inputs into the norms before q/k/v and gate/up, and w_down's into w_up, each layout
+    as far as it can (SMOOTHING_CASES); the weights it changes are those, and the float forward is unchanged."""
     from models import quant
 
-    cfg = LlamaConfig(architecture="olmo2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, qk_norm=True, qk_norm_whole=True, sandwich_norms=True,
-                      pre_norms=False)
+    fields, changed_keys = SMOOTHING_CASES[arch]
+    cfg = LlamaConfig(architecture=arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
+                      num_heads=4, num_kv_heads=2, head_dim=8, **fields)
     params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
-    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
-    assert "attn_norm" not in smoothed["layers"]
-    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
-    assert sorted(changed) == ["w_down", "w_up"]
-    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def test_smoothquant_of_a_parallel_block_smooths_all_five_projections_by_one_factor():
-    """Cohere's attention and MLP read one norm: SmoothQuant folds one division into it and multiplies q/k/v and
-    gate/up alike (two factors folded into one norm would change the forward); the float forward is unchanged."""
-    from models import quant
-
-    cfg = LlamaConfig(architecture="cohere", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, parallel_block=True, norm_kind="layer",
-                      tie_word_embeddings=True, logits_scaling=4.0)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
-    assert "mlp_norm" not in params["layers"]
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
-    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
-    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
-    assert sorted(changed) == ["attn_norm", "w_down", "w_gate", "w_up", "wk", "wq", "wv"]
-    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def test_smoothquant_of_an_ungated_mlp_keeps_the_forward():
-    """Arcee's MLP has no gate: w_down reads relu(up)^2, so SmoothQuant divides up's columns by sqrt(s) for w_down's rows
-    times s (by s, as for a gated MLP, the forward would change); q/k/v and up smoothed into the norms."""
-    from models import quant
-
-    cfg = LlamaConfig(architecture="arcee", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, gated_mlp=False, hidden_act="relu2")
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
-    assert "w_gate" not in params["layers"]
+    if arch == "apertus":  # xIELU's scalars as trained ones look (random ones could make it anything)
+        params["layers"] |= {"xielu_alpha_p": np.full((2, 1), 0.5, np.float32),
+                             "xielu_alpha_n": np.full((2, 1), 0.2, np.float32),
+                             "xielu_beta": np.full((2,), 0.5, np.float32), "xielu_eps": np.full((2,), -1e-6, np.float32)}
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
     smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
     changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
-    assert sorted(changed) == ["attn_norm", "mlp_norm", "w_down", "w_up", "wk", "wq", "wv"]
-    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
-
-
-def test_smoothquant_of_an_xielu_mlp_leaves_the_down_projection():
-    """xIELU(up / s) is no multiple of xIELU(up): SmoothQuant smooths q/k/v and up into the norms and leaves w_down's
-    inputs (and xIELU's scalars) alone; the float forward is unchanged."""
-    from models import quant
-
-    cfg = LlamaConfig(architecture="apertus", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, gated_mlp=False, hidden_act="xielu", qk_norm=True)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
-    params["layers"] |= {"xielu_alpha_p": np.full((2, 1), 0.5, np.float32), "xielu_alpha_n": np.full((2, 1), 0.2, np.float32),
-                         "xielu_beta": np.full((2,), 0.5, np.float32), "xielu_eps": np.full((2,), -1e-6, np.float32)}
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 24), jnp.int32)
-    smoothed = quant.smooth_params(params, jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids)))
-    changed = [k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k])]
-    assert sorted(changed) == ["attn_norm", "mlp_norm", "w_up", "wk", "wq", "wv"]
+    assert sorted(changed) == changed_keys
     want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

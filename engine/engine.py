@@ -103,6 +103,9 @@ class LLMEngine:
         if self.sampling_defaults:
             log.info("sampling defaults from the checkpoint (requests that leave them out; model.generation_config: "
                      "none turns this off): %s", ", ".join(f"{k}={v}" for k, v in self.sampling_defaults.items()))
+        if model_cfg.linear_layers:
+            config = self._recurrent_model(config, model_cfg)
+            self.config = config
         if config.model.chat_template:
             self.tokenizer = self.tokenizer.with_chat_template(read_chat_template(config.model.chat_template))
         tp = config.parallel.tensor
@@ -162,7 +165,8 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv.num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
-                                   num_window_pages=self.kv.num_window_pages, disk=self.disk)
+                                   num_window_pages=self.kv.num_window_pages, disk=self.disk,
+                                   num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
@@ -185,6 +189,23 @@ class LLMEngine:
         self._inflight = None  # (StepPlan, runner.LaunchedStep): launched, tokens not yet back
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
+
+    @staticmethod
+    def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
+        """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
+        do yet refused by name; prefix caching off (a cached prefix would need the state at its end)."""
+        unsupported = {"speculative.method": config.speculative.method != "none",
+                       "parallel.tensor": config.parallel.tensor > 1, "parallel.num_processes": config.parallel.num_processes > 1,
+                       "lora.adapters": bool(config.lora.adapters or config.lora.max_adapters)}
+        for key, used in unsupported.items():
+            if used:
+                raise ConfigKeyError(f"{key}: not supported yet for a model with linear attention layers "
+                                     f"({sum(model_cfg.linear_layers)} of its {model_cfg.num_layers} layers)")
+        if config.cache.prefix_caching:
+            log.info("cache.prefix_caching: off for a model with linear attention layers (a cached prefix needs their "
+                     "recurrent state at its end, which is not kept yet)")
+            config = config.replace(**{"cache.prefix_caching": False})
+        return config
 
     def _draft_identity(self, given: tuple | None) -> dict | None:
         """What names the draft model's K/V for the disk tier (its config, weights and quantization); None without."""

@@ -12,10 +12,13 @@ import functools
 import logging
 import os
 
+import numpy as np
+
 from engine.config import ConfigKeyError, EngineConfig
 from engine.disk_cache import DiskCache, layout_key, replica_layout, weights_identity
 from engine.runner import kv_bytes_per_page, kv_page_specs
 from engine.window_pages import slots_per_sequence
+from models import gated_delta
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +67,11 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
     the rest of cache.memory_gb in pages of the global layers alone."""
     cache = config.cache
     budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
+    if cfg.linear_layers:  # the recurrent states come out of it (a slot per running sequence and a scratch one)
+        budget -= (config.scheduler.max_running + 1) * gated_delta.state_bytes_per_slot(cfg, np.float32)
+        if not cache.num_pages and budget < page_bytes:
+            raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "
+                                 f"scheduler.max_running={config.scheduler.max_running} sequences and a page")
     if not (cache.hybrid and cfg.mixed_windows):
         return cache.num_pages or budget // page_bytes, 0
     ps, sched = cache.page_size, config.scheduler

@@ -201,6 +201,7 @@ class Sequence:
     spec_misses: int = 0  # speculative decoding: verifications in a row that accepted no draft token
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
+    state_slot: int = -1  # a model with linear attention layers: the slot of its recurrent state while it runs
     window_from: int = 0  # hybrid cache: the first of `pages` whose window slot this sequence holds (engine.window_pages)
     # Disk tier: (layout key, future of {hash: page}, started) of its prompt pages being read for it; "timed out"
     disk_read: Any = None

@@ -33,7 +33,7 @@ from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
 from engine.transfer import Packed, unpacked
-from models import llama, sharding
+from models import gated_delta, llama, sharding
 from models.config import LlamaConfig
 import pallas_kernels
 from pallas_kernels import kv_quant
@@ -88,7 +88,7 @@ def cache_arrays(cfg: LlamaConfig, pages: tuple[int, ...], kv_dtype,
     `LlamaConfig.kv_dims`), and their scales [L, Hkv, *pages] when 8-bit; then the same for a draft model's K/V
     (speculative decoding), which lives in the same pages. `pages`: (num_pages, page_size), or (page_size,) for one
     page (the disk tier's file layout)."""
-    shape = (cfg.num_layers, cfg.num_kv_heads) + pages
+    shape = (cfg.num_kv_layers, cfg.num_kv_heads) + pages
     arrays = [(shape + (dim,), np.dtype(kv_dtype)) for dim in cfg.kv_dims]
     if kv_quant.is_quantized(kv_dtype):
         arrays += [(shape, np.dtype(kv_quant.SCALE_DTYPE))] * 2
@@ -103,7 +103,7 @@ def kv_page_specs(cfg: LlamaConfig, page_size: int, kv_dtype,
 
 def kv_bytes_per_page(cfg: LlamaConfig, page_size: int, kv_dtype) -> int:
     """One page over every layer and KV head: K and V, and their scales for an 8-bit cache."""
-    return kv_quant.page_bytes(cfg.num_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
+    return kv_quant.page_bytes(cfg.num_kv_layers, cfg.num_kv_heads, page_size, cfg.kv_dims, kv_dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,23 +137,23 @@ class StepStatics:
 
 
 def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
-                  decode_only=None):
+                  states=None, decode_only=None):
     """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
     model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
     prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
-    [T, H], caches)."""
+    [T, H], caches, recurrent states (a model with linear attention layers; else None))."""
     inputs = unpacked(inputs)
     tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
     inputs = dataclasses.replace(inputs, tokens=tokens)
-    (hidden, every_row), own = llama.forward(
+    (hidden, every_row), own, *rest = llama.forward(
         params, st.cfg, kv_caches[: st.num_model_kv], inputs, attn_backend=st.backend, mesh=st.mesh,
-        all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only)
+        all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states)
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
                                   dataclasses.replace(inputs, adapter_ids=None), attn_backend=st.backend,
                                   decode_only=decode_only)
-    return hidden, every_row, (*own, *drafts)
+    return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
 
 
 def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, pages):
@@ -231,7 +231,7 @@ def step_programs(statics: StepStatics) -> StepPrograms:
     gone; older ones are freed with their executables (a process that builds engine after engine of other settings
     would otherwise keep every executable it ever compiled: thousands of mapped code regions)."""
     return StepPrograms(
-        forward=jax.jit(functools.partial(_forward_impl, statics), donate_argnames="kv_caches",
+        forward=jax.jit(functools.partial(_forward_impl, statics), donate_argnames=("kv_caches", "states"),
                         static_argnames="decode_only"),
         head=jax.jit(functools.partial(_head_impl, statics), static_argnames=(
             "num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")),
@@ -288,6 +288,11 @@ class ModelRunner:
             for i, (s, _) in enumerate(kv_shapes))
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
+        # Linear attention layers' recurrent states (models/gated_delta.py): a slot per running sequence
+        # (Sequence.state_slot) and one that padding sequences write to; donated to every step like the cache.
+        self.state_scratch = self.max_seqs
+        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1, jnp.float32))()
+                       if model_cfg.linear_layers else None)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
                                    self.max_seqs, self.page_size, config.speculative.num_tokens)
@@ -317,9 +322,9 @@ class ModelRunner:
         for kind, n, arg in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
             if kind == "forward":
                 inputs = self.put_inputs(self._pack_padding(n))
-                self._hidden, _, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
-                                                         prev_tokens=self._prev_tokens, lora=self.lora,
-                                                         draft_params=self.draft_params, decode_only=arg)
+                self._hidden, _, self.kv, self.states = self._forward(
+                    self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
+                    draft_params=self.draft_params, states=self.states, decode_only=arg)
             elif kind == "draft":
                 rows = np.zeros(n, np.int32)
                 _, self.kv = self._propose(self.draft_params, self.kv,
@@ -356,6 +361,7 @@ class ModelRunner:
             adapter_ids=np.zeros(num_tokens, np.int32) if self.lora else None,
             window_slot_mapping=np.full(num_tokens, -1, np.int32) if self.layout else None,
             window_page_indices=np.zeros((s, p), np.int32) if self.layout else None,
+            state_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -385,6 +391,8 @@ class ModelRunner:
             inputs.window_slot_mapping[:total] = inputs.window_page_indices[seq_of_row, pos // ps] * ps + pos % ps
             np.maximum(inputs.window_page_indices, 0, out=inputs.window_page_indices)
         inputs.kv_lens[:num] = starts + lens
+        if self.states is not None:
+            inputs.state_slots[:num] = [c.seq.state_slot for c in chunks]
         inputs.cu_q_lens[: num + 1] = cu
         inputs.cu_q_lens[num + 1 :] = total
         inputs.num_seqs[0] = num
@@ -493,9 +501,9 @@ class ModelRunner:
         self.kv = self.copies.apply(self.kv, step)
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
         t0, compiled = time.perf_counter(), (_num_compiled(self._forward), _num_compiled(self._head))
-        hidden, every_row, self.kv = self._forward(self.params, kv_caches=self.kv, inputs=inputs,
-                                                   prev_tokens=self._prev_tokens, lora=self.lora,
-                                                   draft_params=self.draft_params, decode_only=step.decode_kernel)
+        hidden, every_row, self.kv, self.states = self._forward(
+            self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
+            draft_params=self.draft_params, states=self.states, decode_only=step.decode_kernel)
         out = self._run_head(hidden, s_in, num_rows=step.num_rows,
                              use_penalties=step.use_penalties, use_filters=step.use_filters, num_top=step.num_top,
                              greedy_only=step.greedy_only, use_mask=step.use_mask)

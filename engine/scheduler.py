@@ -87,10 +87,12 @@ LPM_WINDOW = 256  # waiting sequences the lpm policy sorts per step
 class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
-                 num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None):
+                 num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None,
+                 num_state_slots: int = 0):
         """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
         layers and the slots those layers' K/V have (0: every layer keeps every page). disk: the disk tier (an
-        engine.disk_cache.DiskCache, or what tests give in its place)."""
+        engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
+        layers, its recurrent-state slots (max_running: one per running sequence)."""
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -100,7 +102,8 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.stats = SchedulerStats()
-        self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk)
+        self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
+                                   num_state_slots)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
         # Full pages some running prefill is computing right now, by chained block hash: a waiting
         # sequence whose next uncached page is here waits for it instead of computing it again.

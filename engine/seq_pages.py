@@ -26,10 +26,11 @@ class SequencePages:
     """Pages, cached prefixes and window slots for the scheduler's sequences. Not thread safe."""
 
     def __init__(self, cache: CacheConfig, num_pages: int, stats, num_host_pages: int = 0, window: int = 0,
-                 num_window_pages: int = 0, disk=None):
+                 num_window_pages: int = 0, disk=None, num_state_slots: int = 0):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
         sliding window and window slots (0: every layer keeps every page). disk: the disk tier (an
-        engine.disk_cache.DiskCache, or what tests give in its place)."""
+        engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
+        layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`)."""
         self.page_size = cache.page_size
         self.prefix_caching = cache.prefix_caching
         self.stats = stats
@@ -45,6 +46,8 @@ class SequencePages:
                                 self.window_slot if self.window is not None else None, cache.disk_read_timeout_s)
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
+        self.has_states = num_state_slots > 0
+        self.free_state_slots = list(range(num_state_slots))[::-1]
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
 
@@ -150,6 +153,8 @@ class SequencePages:
                 self._window_copies.append((self.window.slot_of[cow_src], self.window.slot_of[seq.pages[len(shared)]]))
                 self.window.release([cow_src])  # copied before the step: the tree's page keeps its own hold
         seq.num_tree_tokens = len(shared) * self.page_size
+        if self.has_states and seq.state_slot < 0:  # (never empty: the running never outnumber the slots)
+            seq.state_slot = self.free_state_slots.pop()
         return n
 
     def take_window_copies(self) -> list[tuple[int, int]]:
@@ -202,6 +207,9 @@ class SequencePages:
             seq.window_from = 0
         self.pool.unref(seq.pages)
         seq.pages, seq.num_computed, seq.num_tree_tokens = [], 0, 0
+        if seq.state_slot >= 0:  # its recurrent state goes with it (a preempted sequence computes it again)
+            self.free_state_slots.append(seq.state_slot)
+            seq.state_slot = -1
 
     def reset(self) -> None:
         """Drops every cached page no running sequence uses, on the device and in the host tier (the disk tier's
@@ -230,6 +238,8 @@ class SequencePages:
                 f"page {page}: refcount {self.pool.refcount(page)} but {holders[page]} holders"
             )
         assert self.pool.num_free + self.pool.num_used == self.pool.num_pages
+        held = [seq.state_slot for seq in running if seq.state_slot >= 0]
+        assert len(set(held)) == len(held) and not set(held) & set(self.free_state_slots), "a state slot held twice"
         if self.window is not None:
             window_holders: collections.Counter[int] = collections.Counter()
             for seq in running:

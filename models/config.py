@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -40,7 +40,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2")
+                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
@@ -132,6 +132,18 @@ class LlamaConfig:
     qk_nope_head_dim: int = 0  # each head's query / key dims without RoPE
     qk_rope_head_dim: int = 0  # ... and with it
     v_head_dim: int = 0  # each head's value dims
+    # Gated DeltaNet layers (Qwen3.5; models/gated_delta.py): per layer, True = linear attention over a recurrent state
+    # (no K/V cached), False = softmax attention; () = attention everywhere. The attention weights and the KV cache
+    # are stacked over the attention layers only, the linear layers' weights and states over theirs.
+    linear_layers: tuple[bool, ...] = ()
+    linear_num_key_heads: int = 0
+    linear_num_value_heads: int = 0
+    linear_key_head_dim: int = 0
+    linear_value_head_dim: int = 0
+    linear_conv_kernel: int = 4  # the causal depthwise convolution's width over q, k and v
+    # q_proj also gives each head an output gate (its rows [query, gate] per head): attention's output is multiplied by
+    # sigmoid(gate) before o_proj (Qwen3.5)
+    attn_output_gate: bool = False
     # How to run 8-bit weights (models/quant.py), not a checkpoint's: activations quantized like them (int8 or e4m3, a
     # scale per token: W8A8), set by model.quantization: w8a8 and w8a8_fp8.
     quantized_activations: bool = False
@@ -203,6 +215,18 @@ class LlamaConfig:
             if self.expert_groups_per_tok * (self.num_experts // self.expert_groups) < self.num_experts_per_tok:
                 raise ConfigError(f"topk_group={self.expert_groups_per_tok} groups of {self.num_experts // self.expert_groups} "
                                   f"experts cannot hold num_experts_per_tok={self.num_experts_per_tok}")
+        object.__setattr__(self, "linear_layers", tuple(bool(b) for b in self.linear_layers))
+        if self.linear_layers:
+            if len(self.linear_layers) != self.num_layers:
+                raise ConfigError(f"linear_layers has {len(self.linear_layers)} entries for {self.num_layers} layers")
+            sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
+                     self.linear_value_head_dim)
+            if min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
+                raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
+                                  "value heads a multiple of key heads and linear_conv_kernel >= 2")
+            if all(self.linear_layers) or self.mla or self.sliding_window is not None or self.num_experts:
+                raise ConfigError("linear attention layers need some attention layers, and are not supported with "
+                                  "latent attention, sliding windows or experts")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -250,6 +274,20 @@ class LlamaConfig:
         return bool(self.moe_layers)
 
     @property
+    def num_kv_layers(self) -> int:
+        """The layers that attend over a KV cache (all but the linear attention layers)."""
+        return self.num_layers - sum(self.linear_layers)
+
+    @property
+    def linear_conv_dim(self) -> int:
+        """A linear attention layer's q, k and v together (what its convolution mixes)."""
+        return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_value_dim
+
+    @property
+    def linear_value_dim(self) -> int:
+        return self.linear_num_value_heads * self.linear_value_head_dim
+
+    @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers) if self.moe_layers else self.num_layers * bool(self.num_experts)
 
@@ -283,10 +321,16 @@ class LlamaConfig:
             per_layer += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)  # latent -> K, V
             per_layer += heads * self.v_head_dim * h  # output
         else:
-            per_layer += h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+            per_layer += h * (self.q_size * (2 if self.attn_output_gate else 1) + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         per_layer += h * self.attention_out_bias + self.num_heads * self.attention_sinks
-        per_layer += sum(self.qk_norm_sizes) * self.qk_norm + 2 * h * self.sandwich_norms
+        per_layer += sum(self.qk_norm_sizes) * self.qk_norm
+        num_linear = sum(self.linear_layers)
+        attention = (self.num_layers - num_linear) * per_layer
+        hv, value = self.linear_num_value_heads, self.linear_value_dim
+        linear = num_linear * (h * (self.linear_conv_dim + value + 2 * hv) + self.linear_conv_dim * self.linear_conv_kernel
+                               + 2 * hv + self.linear_value_head_dim + value * h)
+        per_layer = 2 * h * self.sandwich_norms
         per_layer += (1 if self.parallel_block else 2) * h * self.pre_norms
         dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size + 2 * (self.hidden_act == "xielu")
         moe_mlp = 0
@@ -299,7 +343,7 @@ class LlamaConfig:
         num_moe = self.num_moe_layers
         mlps = num_moe * moe_mlp + (self.num_layers - num_moe) * dense_mlp
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return embed + self.num_layers * per_layer + mlps + h
+        return embed + attention + linear + self.num_layers * per_layer + mlps + h
 
     def rope_inv_freq(self, local: bool = False) -> np.ndarray:
         """[rotary_dim // 2] float64 inverse frequencies, scaled as the checkpoint was trained: by rope_scaling, then
@@ -334,6 +378,8 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
+        if arch in ("qwen3_5", "qwen3_5_text"):
+            return _qwen3_5_from_hf(cfg, source)
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
         if cfg.get("mlp_bias"):
@@ -557,6 +603,7 @@ class LlamaConfig:
         d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
         d["rope_layers"] = tuple(d.get("rope_layers", ()))
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
+        d["linear_layers"] = tuple(d.get("linear_layers", ()))
         return cls(**d)
 
 
@@ -911,4 +958,36 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
         query_pre_attn_scalar=float(cfg.get("query_pre_attn_scalar", 256)),
         attn_soft_cap=float(cfg["attn_logit_softcapping"]) if cfg.get("attn_logit_softcapping") else None,
         final_soft_cap=float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") else None,
+    )
+
+
+def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """An HF `qwen3_5` (its `text_config`; the vision tower is not read) or `qwen3_5_text` config.json: Gated DeltaNet
+    layers around every `full_attention_interval`-th attention layer (`layer_types`), attention with an output gate,
+    per-head q/k norms, RoPE on a quarter of each head; every RMSNorm of the stream and of q/k scales by 1 + w (the
+    loader adds the 1). Text positions turn all three of M-RoPE's sections alike: plain RoPE."""
+    cfg = cfg.get("text_config") or cfg
+    need = _need(cfg, source)
+    num_layers = int(need("num_hidden_layers"))
+    interval = int(cfg.get("full_attention_interval", 4))
+    types = cfg.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention"
+                                       for i in range(num_layers)]
+    unknown = set(types) - {"linear_attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: layer_types {sorted(unknown)} are not supported")
+    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope_params.get("rope_type", "default") not in ("default", "mrope"):
+        raise ConfigError(f"{source}: rope_type={rope_params['rope_type']!r} is not supported for qwen3_5")
+    return _layers_from_hf(
+        {**cfg, "rope_scaling": None}, source, "qwen3_5", None, types, {},
+        float(rope_params.get("rope_theta", cfg.get("rope_theta", 10_000_000.0))),
+        partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qk_norm=True, attn_output_gate=True,
+        linear_layers=tuple(t == "linear_attention" for t in types),
+        linear_num_key_heads=int(need("linear_num_key_heads")),
+        linear_num_value_heads=int(need("linear_num_value_heads")),
+        linear_key_head_dim=int(need("linear_key_head_dim")),
+        linear_value_head_dim=int(need("linear_value_head_dim")),
+        linear_conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
     )

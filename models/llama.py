@@ -30,10 +30,10 @@ import numpy as np
 import pallas_kernels
 from models.config import LlamaConfig
 from pallas_kernels import fp8_matmul, kv_quant
-from models import moe, quant
+from models import gated_delta, moe, quant
 from models.lora import lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
-from models.weights import NORM_KEYS, layer_kind, layers_of
+from models.weights import NORM_KEYS, layer_kind, layers_of, mixer_kind
 
 Params = dict
 KVCache = tuple  # (k_pages, v_pages) [L, Hkv, num_pages, page_size, D], then (k_scales, v_scales) [L, Hkv, num_pages,
@@ -58,6 +58,8 @@ class ModelInputs:
     # page_indices (a window slot per page; out-of-window pages hold any valid slot: attention never reads them).
     window_slot_mapping: jax.Array | None = None  # [T] int32
     window_page_indices: jax.Array | None = None  # [S, max_pages_per_seq] int32
+    # A model with linear attention layers: each sequence's state slot (models/gated_delta.py), [S] int32
+    state_slots: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +111,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= ({"wq_a": (n, h, rank), "q_a_norm": (n, rank), "wq_b": (n, rank, heads * qk)} if rank
                    else {"wq": (n, h, heads * qk)})
     else:
-        layers |= {"wq": (n, h, cfg.q_size), "wk": (n, h, cfg.kv_size), "wv": (n, h, cfg.kv_size), "wo": (n, cfg.q_size, h)}
+        layers |= {"wq": (n, h, cfg.q_size * (2 if cfg.attn_output_gate else 1)), "wk": (n, h, cfg.kv_size),
+                   "wv": (n, h, cfg.kv_size), "wo": (n, cfg.q_size, h)}
     if i:  # the dense MLP (a MoE model's shared expert)
         layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
         if not cfg.gated_mlp:
@@ -139,6 +142,11 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"q_norm": (n, cfg.qk_norm_sizes[0]), "k_norm": (n, cfg.qk_norm_sizes[1])}
     if cfg.sandwich_norms:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
+    if cfg.linear_layers:  # Gated DeltaNet (models/gated_delta.py)
+        hv, conv = cfg.linear_num_value_heads, cfg.linear_conv_dim
+        layers |= {"gdn_qkv": (n, h, conv), "gdn_z": (n, h, cfg.linear_value_dim), "gdn_b": (n, h, hv),
+                   "gdn_a": (n, h, hv), "gdn_conv": (n, cfg.linear_conv_kernel, conv), "gdn_dt_bias": (n, hv),
+                   "gdn_a_log": (n, hv), "gdn_norm": (n, cfg.linear_value_head_dim), "gdn_out": (n, cfg.linear_value_dim, h)}
     # a weight of one kind of layer only (models with expert and dense layers) is stacked over those layers
     layers = {k: (len(layers_of(cfg, k)), *shape[1:]) for k, shape in layers.items()}
     shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}
@@ -152,7 +160,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
     keys = jax.random.split(key, len(leaves))
-    norms = NORM_KEYS
+    norms = NORM_KEYS | {"gdn_norm"}
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=lambda x: isinstance(x, tuple))[0]]
     arrays = [
         (1.0 + scale * jax.random.normal(k, s)) if any(n in path for n in norms) else scale * jax.random.normal(k, s)
@@ -266,11 +274,16 @@ def plain_activation(cfg: LlamaConfig, p: Params):
 
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
-             stats: bool = False, mesh: jax.sharding.Mesh | None = None) -> tuple[jax.Array, Any]:
+             stats: bool = False, mesh: jax.sharding.Mesh | None = None,
+             recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
-    mesh the weights are split over (the Pallas FP8 matmuls run per device)."""
+    mesh the weights are split over (the Pallas FP8 matmuls run per device).
+
+    `recurrent` (a model with linear attention layers): their states and the batch's state slots; the carry returned
+    is then (attention's carry, the new states). Each layer runs one kind of token mixer (`lax.cond`), attend's layer
+    index being the layer's place among the attention layers (the KV cache holds those only)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -295,6 +308,16 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     by_kind = {kind: {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) == kind} for kind in ("moe", "dense")}
     is_moe_layer = np.asarray(cfg.moe_layers or [bool(cfg.num_experts)] * cfg.num_layers)
     places = np.where(is_moe_layer, np.cumsum(is_moe_layer) - 1, np.cumsum(~is_moe_layer) - 1).astype(np.int32)
+    # Token mixers: each layer's kind and its place among its kind (its weights' index, its KV cache's or state's).
+    is_linear = np.asarray(cfg.linear_layers or [False] * cfg.num_layers)
+    mixer_places = np.where(is_linear, np.cumsum(is_linear) - 1, np.cumsum(~is_linear) - 1).astype(np.int32)
+    if cfg.linear_layers:
+        scanned = {k: v for k, v in scanned.items() if mixer_kind(cfg, k) is None}
+        by_mixer = {kind: {k: v for k, v in params["layers"].items() if mixer_kind(cfg, k) == kind}
+                    for kind in ("linear", "attention")}
+        if stats:
+            raise ValueError("activation statistics (w8a8 smoothing) of a model with linear attention layers are not "
+                             "supported")
 
     def residual(o):
         """A block's output as it joins the residual stream (Granite scales it)."""
@@ -302,7 +325,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
 
     def layer(state, xs):
         x, carry = state
-        p, i, is_windowed, table, lo, is_moe, place = xs
+        p, i, is_windowed, table, lo, is_moe, place, linear_layer, mixer_place = xs
 
         def proj(h, name, w=p):
             y = linear(h, w, name, cfg.quantized_activations, cfg.quant_kernels, mesh)
@@ -324,32 +347,57 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 o = routed if o is None else o + routed
             return o, down_in
 
+        def attention(h, p, carry, cache_layer):
+            """Attention's output (after wo) and carry."""
+            gate = None
+            if cfg.mla:
+                q, k, v = _mla_qkv(cfg, p, h, proj)
+            else:
+                q, k, v = proj(h, "wq", p), proj(h, "wk", p), proj(h, "wv", p)
+                if cfg.attention_bias:
+                    q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+                if cfg.qk_norm_whole:  # over all heads of each projection (OLMo 2)
+                    q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+                if cfg.attn_output_gate:  # each head's rows: [query, gate]
+                    q, gate = jnp.split(q.reshape(t, cfg.num_heads, 2 * cfg.head_dim), 2, axis=-1)
+                q = q.reshape(t, cfg.num_heads, cfg.head_dim)
+                k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+                v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+            if cfg.qk_norm and not cfg.qk_norm_whole:
+                q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
+            inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
+            rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
+            q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
+            sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
+            o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
+            if cfg.mla:  # each head's latent output -> its values
+                o = jnp.einsum("thc,chv->thv", o, _mla_up(cfg, p)[1].astype(o.dtype))
+            if gate is not None:
+                o = (o.astype(jnp.float32) * jax.nn.sigmoid(gate.astype(jnp.float32))).astype(o.dtype)
+            o = proj(o.reshape(t, -1), "wo", p)
+            if cfg.attention_out_bias:
+                o = o + p["bo"]
+            return o, carry
+
         h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
         attn_in = h
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
-        if cfg.mla:
-            q, k, v = _mla_qkv(cfg, p, h, proj)
+        if cfg.linear_layers:  # this layer's kind of token mixer; its weights at its place among its kind
+            def mix_attention(h, carry):
+                (kv, states), w = carry, {k: v[mixer_place] for k, v in by_mixer["attention"].items()}
+                o, kv = attention(h, w, kv, mixer_place)
+                return o, (kv, states)
+
+            def mix_linear(h, carry):
+                (kv, states), w = carry, {k: v[mixer_place] for k, v in by_mixer["linear"].items()}
+                o, conv, ssm = gated_delta.mix(cfg, w, h, states.conv[mixer_place], states.ssm[mixer_place],
+                                               recurrent[1], lambda h, name: proj(h, name, w))
+                return o, (kv, gated_delta.States(states.conv.at[mixer_place].set(conv),
+                                                  states.ssm.at[mixer_place].set(ssm)))
+
+            o, carry = jax.lax.cond(linear_layer, mix_linear, mix_attention, h, carry)
         else:
-            q, k, v = proj(h, "wq"), proj(h, "wk"), proj(h, "wv")
-            if cfg.attention_bias:
-                q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
-            if cfg.qk_norm_whole:  # over all heads of each projection (OLMo 2)
-                q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-            q = q.reshape(t, cfg.num_heads, cfg.head_dim)
-            k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-            v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm and not cfg.qk_norm_whole:
-            q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
-        inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
-        rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
-        q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
-        sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
-        o, carry = attend(i, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
-        if cfg.mla:  # each head's latent output -> its values
-            o = jnp.einsum("thc,chv->thv", o, _mla_up(cfg, p)[1].astype(o.dtype))
-        o = proj(o.reshape(t, -1), "wo")
-        if cfg.attention_out_bias:
-            o = o + p["bo"]
+            o, carry = attention(h, p, carry, i)
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         if cfg.parallel_block:  # the MLP reads what attention read; both outputs join the stream
             h = attn_in
@@ -372,9 +420,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    if cfg.linear_layers:
+        carry = (carry, recurrent[0])
     (x, carry), amax = jax.lax.scan(layer, (x, carry), (scanned, layer_ids, jnp.asarray(windowed),
                                                         jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
-                                                        jnp.asarray(places)))
+                                                        jnp.asarray(places), jnp.asarray(is_linear),
+                                                        jnp.asarray(mixer_places)))
     return (x, carry, amax) if stats else (x, carry)
 
 
@@ -507,13 +558,15 @@ def compute_logits(params: Params, cfg: LlamaConfig, x: jax.Array) -> jax.Array:
 def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
-    layout: HybridLayout | None = None, decode_only: bool | None = None,
+    layout: HybridLayout | None = None, decode_only: bool | None = None, states: gated_delta.States | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
     all_hidden: the first item is (those rows, every row's hidden state [T, hidden]) instead.
     layout: the caches are a hybrid cache (`HybridLayout`; inputs carry the window slots).
     decode_only: the attention kernel to use on the Pallas backends (`pallas_kernels.ragged_paged_attention`).
+    states: a model with linear attention layers' recurrent states (`inputs.state_slots` says whose is where); the
+    updated states are returned third.
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -559,9 +612,12 @@ def forward(
             page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
 
+    recurrent = None if states is None else (states, gated_delta.Batch(inputs.cu_q_lens, inputs.kv_lens,
+                                                                       inputs.num_seqs, inputs.state_slots))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
-                            inputs.adapter_ids, mesh=mesh)
-    return ((x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]), kv_caches
+                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
+    out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
+    return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 
 
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,
@@ -611,5 +667,7 @@ def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    x, _ = _decoder(params, cfg, tokens, positions, _dense_attend(cfg))
+    recurrent = ((gated_delta.allocate(cfg, 1, jnp.float32), gated_delta.one_sequence(tokens.shape[0]))
+                 if cfg.linear_layers else None)
+    x, _ = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), recurrent=recurrent)
     return compute_logits(params, cfg, x)

@@ -31,6 +31,13 @@ HF_NAMES = {
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "bo": "model.layers.{i}.self_attn.o_proj.bias",  # (Granite with attention_bias)
 }
+# Qwen3.5: attention layers as Qwen3's (q_proj's rows each head's query then its gate), Gated DeltaNet layers under
+# `linear_attn` (models/gated_delta.py). A Qwen3_5ForConditionalGeneration checkpoint keeps them under
+# `model.language_model.` (`_language_model`); its vision tower and multi-token-prediction layers are not read.
+QWEN3_5_NAMES = {**HF_NAMES, **{key: f"model.layers.{{i}}.linear_attn.{name}" for key, name in (
+    ("gdn_qkv", "in_proj_qkv.weight"), ("gdn_z", "in_proj_z.weight"), ("gdn_b", "in_proj_b.weight"),
+    ("gdn_a", "in_proj_a.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"),
+    ("gdn_norm", "norm.weight"), ("gdn_out", "out_proj.weight"))}}
 # The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
 DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
 # Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
@@ -235,7 +242,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
                 return dequantize_fp8(arr, get(scale), block if scale.endswith(block_scales) else None, name)
             return arr
 
-        names = hf_names(cfg)
+        names = _language_model(hf_names(cfg), shard_of)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
                   and names["moe_down"].format(i=0) + "_blocks" in shard_of)
         kept = _kept_fp8(cfg, names, shard_of, block, block_scales, keep_fp8) if keep_fp8 else {}
@@ -428,16 +435,26 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
-            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES}.get(
+            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
+
+
+def _language_model(names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[str, str]:
+    """The name table of a multimodal checkpoint's language model (`model.language_model.` where a text-only one has
+    `model.`: Qwen3.5's), or `names` as they are."""
+    if names["embed"] in shard_of or "model.language_model.embed_tokens.weight" not in shard_of:
+        return names
+    return {k: v.replace("model.", "model.language_model.", 1) if v.startswith("model.") else v for k, v in names.items()}
 
 
 def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     """A stored tensor as `weights.assemble` reads it (torch orientation)."""
     # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
     # (llama.cpp's GGUFs store 1 + w too).
-    if cfg.architecture in ("gemma2", "gemma3") and key in NORM_KEYS:
+    if cfg.architecture in ("gemma2", "gemma3", "qwen3_5") and key in NORM_KEYS:
         return arr.astype(np.float32) + 1.0
+    if key == "gdn_conv":  # [conv_dim, 1, K] -> [K, conv_dim]
+        return arr[:, 0, :].T
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):

@@ -35,10 +35,16 @@ EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIA
 # in float32, and transformers, vLLM and SGLang keep it so).
 # Apertus's xIELU activation: four scalars per layer (alpha_p and alpha_n before their softplus, beta, eps), [L, 1] and [L].
 XIELU_KEYS = ("xielu_alpha_p", "xielu_alpha_n", "xielu_beta", "xielu_eps")
-FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS})
+# Gated DeltaNet layers (models/gated_delta.py): q, k, v (one projection, convolved together), the output gate z, the
+# write strength b and decay a per value head, the convolution [K, conv_dim], the decay's bias and log rate per value
+# head (float32, as transformers computes the decay), the per-head norm before the gate, the output projection.
+LINEAR_KEYS = ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_norm", "gdn_out")
+# In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
+ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
+FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log"})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
-                        "wkv_a", "wkv_b"})
+                        "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out"})
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
@@ -73,6 +79,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys = tuple(k for k in keys if k != "w_gate")
     if cfg.hidden_act == "xielu":
         keys += XIELU_KEYS
+    if cfg.linear_layers:
+        keys += LINEAR_KEYS
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
@@ -87,9 +95,20 @@ def layer_kind(cfg: LlamaConfig, key: str) -> str | None:
     return "dense" if base in DENSE_KEYS else "moe" if base in EXPERT_LAYER_KEYS else None
 
 
+def mixer_kind(cfg: LlamaConfig, key: str) -> str | None:
+    """"linear" or "attention" for a weight stacked over one kind of token mixer only (in a model with linear attention
+    layers), None for one stacked over every layer. `key` may carry a quantization suffix."""
+    if not cfg.linear_layers:
+        return None
+    base = next((key.removesuffix(suffix) for suffix in QUANT_SUFFIXES if key.endswith(suffix)), key)
+    return "linear" if base in LINEAR_KEYS else "attention" if base in ATTENTION_KEYS else None
+
+
 def layers_of(cfg: LlamaConfig, key: str) -> list[int]:
     """The layers whose weights `key` stacks, in order."""
-    kind = layer_kind(cfg, key)
+    kind, mixer = layer_kind(cfg, key), mixer_kind(cfg, key)
+    if mixer is not None:
+        return [i for i, linear in enumerate(cfg.linear_layers) if linear == (mixer == "linear")]
     return list(range(cfg.num_layers)) if kind is None else [i for i, m in enumerate(cfg.moe_layers)
                                                              if m == (kind == "moe")]
 

@@ -453,9 +453,9 @@ def step_times(args) -> None:
         data, times = inputs(chunks), []
         for _ in range(args.repeats + 1):
             t0 = time.perf_counter()
-            hidden, _, runner.kv = runner._forward(runner.params, kv_caches=runner.kv, inputs=data,
-                                                   prev_tokens=runner._prev_tokens, lora=runner.lora,
-                                                   draft_params=runner.draft_params)
+            hidden, _, runner.kv, runner.states = runner._forward(
+                runner.params, kv_caches=runner.kv, inputs=data, prev_tokens=runner._prev_tokens, lora=runner.lora,
+                draft_params=runner.draft_params, states=runner.states)
             jax.block_until_ready(hidden)
             times.append(time.perf_counter() - t0)
         print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")

@@ -1,0 +1,222 @@
+"""Gated DeltaNet layers (Qwen3.5, Qwen3-Next): linear attention over a recurrent state instead of a KV cache.
+
+A layer projects each token to q, k (linear_num_key_heads x linear_key_head_dim), v (linear_num_value_heads x
+linear_value_head_dim), an output gate z, and per value head a write strength beta and a decay g. q, k and v first go
+through a causal depthwise convolution over the last `linear_conv_kernel` tokens. Each value head keeps a state
+S [Dk, Dv], updated by the gated delta rule:
+
+    S <- exp(g_t) S;   u_t = beta_t (v_t - S^T k_t);   S <- S + k_t u_t^T;   o_t = S^T q_t
+
+(q and k unit length, q scaled by Dk^-1/2), then o is RMS-normed per head, multiplied by silu(z) and projected out.
+
+A sequence's memory is therefore two arrays per layer, whatever its length: the convolution's last K - 1 inputs
+and S per value head. The engine keeps them in state slots (`States`), one per running sequence, stacked over the
+linear layers like the KV cache over the attention layers; a step reads and writes each sequence's slot.
+
+Two ways through a ragged batch (`mix`), both exact:
+- a sequence with one new token (a decode) takes the rule's single step, every such sequence at once;
+- a longer chunk goes through in pieces of `CHUNK` tokens, aligned to absolute positions that are multiples of
+  CHUNK, one piece after another (`lax.while_loop`: as many iterations as there are pieces). Within a piece the rule
+  is solved in matrix form (the WY representation of the gated delta rule): with G the decays' running sum from the
+  piece's start and the strictly lower triangle A[i, j] = beta_i exp(G_i - G_j) k_i . k_j,
+      (I + A) U = beta (V - exp(G) K S0)                      (a unit lower triangular solve)
+      O = exp(G) Q S0 + (Q K^T * exp(G_i - G_j), j <= i) U
+      S = exp(G_last) S0 + sum_i exp(G_last - G_i) k_i u_i^T
+  which is the token-by-token rule (`recurrent_reference`) reassociated: matrix products instead of a loop.
+
+Everything here runs in float32 (the state is kept in float32; the convolution's inputs in the model's dtype).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.config import LlamaConfig
+
+CHUNK = 64  # tokens per piece of a prefill chunk (the matrix form's block)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class States:
+    """Every linear layer's recurrent state, by state slot: conv [Lg, N, K - 1, conv_dim] (the convolution's last
+    inputs, oldest first, in the model's dtype) and ssm [Lg, N, Hv, Dk, Dv] float32."""
+
+    conv: jax.Array
+    ssm: jax.Array
+
+
+def state_shapes(cfg: LlamaConfig, num_slots: int, dtype) -> States:
+    """The (shape, dtype) of each state array for `num_slots` slots."""
+    lg = sum(cfg.linear_layers)
+    return States(conv=((lg, num_slots, cfg.linear_conv_kernel - 1, cfg.linear_conv_dim), np.dtype(dtype)),
+                  ssm=((lg, num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
+                       np.dtype(np.float32)))
+
+
+def state_bytes_per_slot(cfg: LlamaConfig, dtype) -> int:
+    """Bytes one state slot takes over every linear layer."""
+    shapes = state_shapes(cfg, 1, dtype)
+    return sum(int(np.prod(s)) * d.itemsize for s, d in (shapes.conv, shapes.ssm))
+
+
+def allocate(cfg: LlamaConfig, num_slots: int, dtype) -> States:
+    shapes = state_shapes(cfg, num_slots, dtype)
+    return States(conv=jnp.zeros(*shapes.conv), ssm=jnp.zeros(*shapes.ssm))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Where each sequence's tokens are in a ragged batch (the fields of `llama.ModelInputs` this needs)."""
+
+    cu_q_lens: jax.Array  # [S + 1] int32 (padded with the total past num_seqs)
+    kv_lens: jax.Array  # [S] int32: each sequence's length after this step
+    num_seqs: jax.Array  # [1] int32
+    slots: jax.Array  # [S] int32: each sequence's state slot
+
+
+def one_sequence(num_tokens: int) -> Batch:
+    """A batch of one sequence from position 0 in slot 0 (the dense reference)."""
+    return Batch(cu_q_lens=jnp.asarray([0, num_tokens], jnp.int32), kv_lens=jnp.asarray([num_tokens], jnp.int32),
+                 num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.zeros((1,), jnp.int32))
+
+
+def _l2norm(x: jax.Array) -> jax.Array:
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
+
+
+def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, batch: Batch,
+        proj) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One Gated DeltaNet layer's token mixing: h [T, hidden] (normed) -> (out [T, hidden], conv_state, ssm_state)
+    with this layer's states [N, ...] read at each sequence's slot (zero for a sequence starting at position 0) and
+    written back. `proj(h, name)`: the layer's projection `name` applied to h."""
+    t = h.shape[0]
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    dk, dv, kw = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel
+    cu, num = batch.cu_q_lens, batch.num_seqs[0]
+    s_count = batch.kv_lens.shape[0]
+    q_lens = cu[1:] - cu[:-1]  # [S]; 0 past num_seqs
+    starts = batch.kv_lens - q_lens
+    live = jnp.arange(s_count) < num
+    fresh = starts == 0
+    rows = jnp.arange(t, dtype=jnp.int32)
+    seq_of_row = jnp.clip(jnp.searchsorted(cu[1:], rows, side="right"), 0, s_count - 1).astype(jnp.int32)
+    local = rows - cu[seq_of_row]  # each row's index among its sequence's new tokens
+
+    # The causal depthwise convolution, its first K - 1 inputs from the sequence's conv state.
+    x = proj(h, "gdn_qkv")  # [T, conv_dim]
+    prev = jnp.where(fresh[:, None, None], 0, conv_state[batch.slots]).astype(x.dtype)  # [S, K - 1, conv_dim]
+    w = p["gdn_conv"].astype(jnp.float32)  # [K, conv_dim]
+    acc = jnp.zeros(x.shape, jnp.float32)
+    for o in range(kw):
+        rel = local - (kw - 1) + o  # the input's index among the sequence's new tokens (< 0: from the state)
+        val = jnp.where((rel >= 0)[:, None], x[jnp.clip(rows - (kw - 1) + o, 0, t - 1)],
+                        prev[seq_of_row, jnp.clip(kw - 1 + rel, 0, kw - 2)])
+        acc = acc + val.astype(jnp.float32) * w[o]
+    mixed = jax.nn.silu(acc).astype(x.dtype)
+    # Each sequence's new conv state: the last K - 1 of (its state, its new inputs).
+    c = q_lens[:, None] + jnp.arange(kw - 1)[None, :]  # [S, K - 1] indices into that concatenation
+    new_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
+                         x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
+    conv_state = conv_state.at[jnp.where(live, batch.slots, conv_state.shape[0])].set(
+        new_conv.astype(conv_state.dtype), mode="drop")
+
+    key_dim = hk * dk
+    q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5
+    k = _l2norm(mixed[:, key_dim : 2 * key_dim].reshape(t, hk, dk).astype(jnp.float32))
+    v = mixed[:, 2 * key_dim :].reshape(t, hv, dv).astype(jnp.float32)
+    q, k = jnp.repeat(q, hv // hk, axis=1), jnp.repeat(k, hv // hk, axis=1)  # each key head serves hv / hk value heads
+    beta = jax.nn.sigmoid(proj(h, "gdn_b").astype(jnp.float32))  # [T, Hv]
+    g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * jax.nn.softplus(
+        proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))
+
+    out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, cu, q_lens, starts, fresh, live, batch.slots)
+
+    # RMS norm per head (weight in the model's dtype, as transformers), times silu(z), projected out.
+    z = proj(h, "gdn_z").reshape(t, hv, dv).astype(jnp.float32)
+    normed = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    normed = (normed.astype(h.dtype) * p["gdn_norm"]).astype(jnp.float32) * jax.nn.silu(z)
+    return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), conv_state, ssm_state
+
+
+def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots):
+    """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
+    [N, Hv, Dk, Dv] the states by slot. Returns (o [T, Hv, Dv], ssm)."""
+    t, n_slots = q.shape[0], ssm.shape[0]
+
+    # Decodes: one token each, every such sequence in one step.
+    one = live & (q_lens == 1)
+    r = jnp.clip(cu[:-1], 0, t - 1)
+    s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[slots])  # [S, Hv, Dk, Dv]
+    s1 = s0 * jnp.exp(g[r])[..., None, None]
+    u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s1, k[r]))
+    s1 = s1 + k[r][..., None] * u[:, :, None, :]
+    o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
+    out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
+    ssm = ssm.at[jnp.where(one, slots, n_slots)].set(s1, mode="drop")
+
+    # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another.
+    c = CHUNK
+    longer = live & (q_lens > 1)
+    first = jnp.minimum(q_lens, c - starts % c)
+    pieces = jnp.where(longer, 1 + (q_lens - first + c - 1) // c, 0)
+    ends = jnp.cumsum(pieces)
+    pad = lambda a: jnp.concatenate([a, jnp.zeros((c,) + a.shape[1:], a.dtype)])  # noqa: E731 (slices stay in range)
+    q, k, v, g, beta, out = map(pad, (q, k, v, g, beta, out))
+
+    def piece(i, carry):
+        out, ssm = carry
+        s = jnp.searchsorted(ends, i, side="right")
+        nth = i - (ends[s] - pieces[s])
+        offset = jnp.where(nth == 0, 0, first[s] + (nth - 1) * c)
+        length = jnp.where(nth == 0, first[s], jnp.minimum(c, q_lens[s] - offset))
+        row0 = cu[s] + offset
+        take = lambda a: jax.lax.dynamic_slice_in_dim(a, row0, c)  # noqa: E731
+        s0 = jnp.where(fresh[s] & (nth == 0), 0.0, ssm[slots[s]])
+        o, s_last = chunk_rule(take(q), take(k), take(v), take(g), take(beta), s0, jnp.arange(c) < length)
+        mask = (jnp.arange(c) < length)[:, None, None]
+        out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, o, take(out)), row0, 0)
+        return out, ssm.at[slots[s]].set(s_last)
+
+    out, ssm = jax.lax.fori_loop(0, ends[-1], piece, (out, ssm))
+    return out[:t], ssm
+
+
+def chunk_rule(q, k, v, g, beta, s0, valid):
+    """The gated delta rule over one piece of C tokens from state s0 [H, Dk, Dv] in matrix form: q, k [C, H, Dk],
+    v [C, H, Dv], g, beta [C, H]; rows not `valid` [C] change nothing. Returns (o [C, H, Dv], final state)."""
+    c = q.shape[0]
+    g = jnp.where(valid[:, None], g, 0.0).T  # [H, C]
+    beta = jnp.where(valid[:, None], beta, 0.0).T
+    k = jnp.where(valid[:, None, None], k, 0.0)
+    gc = jnp.cumsum(g, axis=-1)  # [H, C]
+    i, j = np.arange(c)[:, None], np.arange(c)[None, :]
+    decay = jnp.exp(jnp.where(j <= i, gc[:, :, None] - gc[:, None, :], -jnp.inf))  # [H, C, C]: exp(G_i - G_j), j <= i
+    kk = jnp.einsum("ihd,jhd->hij", k, k)
+    a = jnp.where(j < i, beta[:, :, None] * decay * kk, 0.0)
+    rhs = beta[:, :, None] * (jnp.swapaxes(v, 0, 1) - jnp.exp(gc)[:, :, None] * jnp.einsum("ihd,hde->hie", k, s0))
+    u = jax.scipy.linalg.solve_triangular(a + jnp.eye(c), rhs, lower=True, unit_diagonal=True)  # [H, C, Dv]
+    qk = jnp.einsum("ihd,jhd->hij", q, k) * decay
+    o = jnp.exp(gc)[:, :, None] * jnp.einsum("ihd,hde->hie", q, s0) + jnp.einsum("hij,hje->hie", qk, u)
+    last = gc[:, -1]
+    s = jnp.exp(last)[:, None, None] * s0 + jnp.einsum("hi,ihd,hie->hde", jnp.exp(last[:, None] - gc), k, u)
+    return jnp.swapaxes(o, 0, 1), s
+
+
+def recurrent_reference(q, k, v, g, beta, s0):
+    """The rule token by token (the definition, for tests): q, k [T, H, Dk], v [T, H, Dv], g, beta [T, H], s0
+    [H, Dk, Dv] -> (o [T, H, Dv], final state)."""
+
+    def step(s, xs):
+        qt, kt, vt, gt, bt = xs
+        s = s * jnp.exp(gt)[:, None, None]
+        u = bt[:, None] * (vt - jnp.einsum("hkv,hk->hv", s, kt))
+        s = s + kt[:, :, None] * u[:, None, :]
+        return s, jnp.einsum("hkv,hk->hv", s, qt)
+
+    s, o = jax.lax.scan(step, s0, (q, k, v, g, beta))
+    return o, s

@@ -1,0 +1,170 @@
+"""Gated DeltaNet layers (Qwen3.5; models/gated_delta.py): the matrix form of the gated delta rule against the rule
+token by token, a ragged batch of decodes and chunks from live states against each sequence's tokens one at a
+time, and Qwen3.5 checkpoints against transformers (logits, and greedy tokens through the engine)."""
+from __future__ import annotations
+
+import random
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import gated_delta, llama
+from models.config import LlamaConfig
+from models.errors import ConfigError
+
+TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+            linear_key_head_dim=8, linear_value_head_dim=12, max_position_embeddings=256)
+
+
+def _rule_inputs(rng, t, h, dk, dv):
+    q = rng.standard_normal((t, h, dk)).astype(np.float32)
+    k = rng.standard_normal((t, h, dk)).astype(np.float32)
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)  # the layer's keys are unit length
+    v = rng.standard_normal((t, h, dv)).astype(np.float32)
+    g = -rng.uniform(0.0, 0.5, (t, h)).astype(np.float32)
+    beta = rng.uniform(0.0, 1.0, (t, h)).astype(np.float32)
+    return q, k, v, g, beta
+
+
+def _numpy_rule(q, k, v, g, beta, s0):
+    """The rule token by token in float64 numpy (the definition)."""
+    s, out = s0.astype(np.float64).copy(), []
+    for qt, kt, vt, gt, bt in zip(*(a.astype(np.float64) for a in (q, k, v, g, beta))):
+        s *= np.exp(gt)[:, None, None]
+        u = bt[:, None] * (vt - np.einsum("hkv,hk->hv", s, kt))
+        s += kt[:, :, None] * u[:, None, :]
+        out.append(np.einsum("hkv,hk->hv", s, qt))
+    return np.stack(out), s
+
+
+@pytest.mark.parametrize("valid", [64, 37, 1])
+def test_matrix_form_is_the_rule_token_by_token(valid):
+    rng = np.random.default_rng()
+    q, k, v, g, beta = _rule_inputs(rng, 64, 3, 8, 12)
+    s0 = rng.standard_normal((3, 8, 12)).astype(np.float32)
+    mask = np.arange(64) < valid
+    o, s = gated_delta.chunk_rule(*map(jnp.asarray, (q, k, v, g, beta, s0)), jnp.asarray(mask))
+    ref_o, ref_s = _numpy_rule(q[:valid], k[:valid], v[:valid], g[:valid], beta[:valid], s0)
+    np.testing.assert_allclose(np.asarray(o)[:valid], ref_o, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(s), ref_s, rtol=1e-4, atol=1e-4)
+    scan_o, scan_s = gated_delta.recurrent_reference(*map(jnp.asarray, (q[:valid], k[:valid], v[:valid], g[:valid],
+                                                                           beta[:valid], s0)))
+    np.testing.assert_allclose(np.asarray(scan_o), ref_o, rtol=1e-4, atol=1e-4)
+
+
+def _tiny_cfg() -> LlamaConfig:
+    return LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text"})
+
+
+def test_a_ragged_batch_is_each_sequence_token_by_token():
+    """Decodes and chunks (lengths across piece boundaries, starts not aligned to them, one at position 0) from states
+    left in their slots: the batch's outputs and states are those of feeding each sequence one token per step."""
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
+    proj = lambda h, name: h @ w[name]  # noqa: E731
+    rng = np.random.default_rng()
+    num_slots, starts, lens = 6, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
+    slots = [4, 0, 2, 5, 1]
+    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((num_slots, 3, cfg.linear_conv_dim)), jnp.float32),
+                                ssm=jnp.asarray(rng.standard_normal((num_slots, 4, 8, 12)) * 0.3, jnp.float32))
+    h = jnp.asarray(rng.standard_normal((sum(lens) + 7, cfg.hidden_size)), jnp.float32)  # 7 rows of padding
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    pad_seqs = 2  # the sequence axis padded past num_seqs, as the runner's
+    batch = gated_delta.Batch(
+        cu_q_lens=jnp.asarray(np.concatenate([cu, [cu[-1]] * pad_seqs])),
+        kv_lens=jnp.asarray(np.array(starts + [0] * pad_seqs) + np.array(lens + [0] * pad_seqs), jnp.int32),
+        num_seqs=jnp.asarray([len(lens)], jnp.int32), slots=jnp.asarray(slots + [3] * pad_seqs, jnp.int32))
+    out, conv, ssm = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))(h, states.conv, states.ssm,
+                                                                                            batch)
+    step = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))
+    for i, (start, n, slot) in enumerate(zip(starts, lens, slots)):
+        c, s = states.conv, states.ssm
+        for j in range(n):  # one token per step, from the same slot
+            one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32),
+                                    kv_lens=jnp.asarray([start + j + 1], jnp.int32),
+                                    num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32))
+            o, c, s = step(h[cu[i] + j : cu[i] + j + 1], c, s, one)
+            np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(c[slot]), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
+    np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[3]))  # no sequence's: untouched
+
+
+def test_qwen3_5_configs_read_as_transformers_builds_them():
+    cfg = _tiny_cfg()
+    assert cfg.linear_layers == (True, True, True, False) and cfg.num_kv_layers == 1
+    assert (cfg.attn_output_gate, cfg.qk_norm, cfg.rotary_dim, cfg.linear_conv_dim) == (True, True, 4, 80)
+    nested = LlamaConfig.from_hf_config({"model_type": "qwen3_5", "text_config": {
+        **TINY, "num_hidden_layers": 8, "full_attention_interval": 2,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                            "mrope_section": [1, 1, 0], "mrope_interleaved": True}}})
+    assert nested.linear_layers == (True, False) * 4 and nested.rope_theta == 1e6
+    with pytest.raises(ConfigError, match="layer_types"):
+        LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text", "layer_types": ["mamba"] * 4})
+    with pytest.raises(ConfigError, match="some attention layers"):
+        LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text", "layer_types": ["linear_attention"] * 4})
+
+
+def _hf_qwen3_5(**overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(int(time.time()) % 1000)
+    model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**{**TINY, **overrides})).eval()
+    with torch.no_grad():  # every weight away from its initial value (norms at 0 and 1, A_log, dt_bias)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.slow
+def test_qwen3_5_checkpoint_matches_transformers_and_serves_its_greedy_tokens(tmp_path):
+    pytest.importorskip("transformers")
+    import torch
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2, _assert_greedy_is_argmax
+
+    model = _hf_qwen3_5()
+    model.save_pretrained(tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 150))  # three pieces of the matrix form
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+    # Through the engine: prompts prefilled in chunks of a 48-token budget beside decodes, more prompts than running
+    # slots (slots reused), and a cache small enough to preempt.
+    rng = random.Random(0)
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (1, 5, 70, 150, 9, 40)]
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+        "warmup": False, "cache.num_pages": 26, "cache.page_size": 8, "model.max_model_len": 200,
+        "scheduler.max_batch_tokens": 48, "scheduler.max_running": 4})
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    _assert_greedy_is_argmax(model, prompts, outs)
+    assert llm.engine.scheduler.stats.num_preemptions > 0
+
+
+def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
+    from engine.config import ConfigKeyError
+    from engine.llm import LLM
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(0))
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    for key, value in (("speculative.method", "ngram"), ("lora.max_adapters", 2)):
+        with pytest.raises(ConfigKeyError, match=key.replace(".", r"\.").split("_")[0]):
+            LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})

@@ -111,6 +111,10 @@ class CacheConfig:
     # A prompt waits at most this long for its pages to be read from disk (a slow or hung network filesystem), then
     # computes them instead.
     disk_read_timeout_s: float = 10.0
+    # Models with linear attention layers (Qwen3.5): slots for snapshots of their recurrent state at page boundaries,
+    # without which a cached prefix cannot be resumed (engine.state_snapshots); each as big as a running sequence's
+    # state, out of memory_gb. 0: twice scheduler.max_running.
+    state_snapshots: int = 0
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -125,6 +129,8 @@ class CacheConfig:
             raise ConfigKeyError(f"cache.disk_gb must be > 0, got {self.disk_gb}")
         if self.disk_read_timeout_s < 0:
             raise ConfigKeyError(f"cache.disk_read_timeout_s must be >= 0, got {self.disk_read_timeout_s}")
+        if self.state_snapshots < 0:
+            raise ConfigKeyError(f"cache.state_snapshots must be >= 0 (0 = twice max_running), got {self.state_snapshots}")
         if self.window_pages < 0:
             raise ConfigKeyError(f"cache.window_pages must be >= 0 (0 = from the running batch), got {self.window_pages}")
 

@@ -147,6 +147,8 @@ class LLMEngine:
             self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
         draft_cfg = self.draft.cfg if self.draft else None
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
+        # Snapshots of the recurrent states at page boundaries: the prefix cache of a model with linear attention layers
+        self.num_snapshots = config.cache.state_snapshots if model_cfg.linear_layers and config.cache.prefix_caching else 0
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
         # Quantized weights the Pallas kernels read as stored where attention runs Pallas (pallas_kernels/fp8_matmul.py,
         # per device under tensor parallelism): an FP8 checkpoint's blocks, 8-bit experts; e4m3 on devices that
@@ -166,7 +168,8 @@ class LLMEngine:
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
                                    num_window_pages=self.kv.num_window_pages, disk=self.disk,
-                                   num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0)
+                                   num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0,
+                                   num_snapshots=self.num_snapshots)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
@@ -174,7 +177,8 @@ class LLMEngine:
                                   self.kv_dtype, backend, mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
                                   num_window_pages=self.kv.num_window_pages, disk=self.disk,
-                                  draft=(draft_cfg, self.draft.weights.params) if self.draft else None)
+                                  draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
+                                  num_snapshots=self.num_snapshots)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -193,18 +197,18 @@ class LLMEngine:
     @staticmethod
     def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
         """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
-        do yet refused by name; prefix caching off (a cached prefix would need the state at its end)."""
+        do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
         unsupported = {"speculative.method": config.speculative.method != "none",
                        "parallel.tensor": config.parallel.tensor > 1, "parallel.num_processes": config.parallel.num_processes > 1,
-                       "lora.adapters": bool(config.lora.adapters or config.lora.max_adapters)}
+                       "lora.adapters": bool(config.lora.adapters or config.lora.max_adapters),
+                       "cache.host_memory_gb": bool(config.cache.host_memory_gb or config.cache.host_num_pages),
+                       "cache.disk_path": bool(config.cache.disk_path)}
         for key, used in unsupported.items():
             if used:
                 raise ConfigKeyError(f"{key}: not supported yet for a model with linear attention layers "
                                      f"({sum(model_cfg.linear_layers)} of its {model_cfg.num_layers} layers)")
-        if config.cache.prefix_caching:
-            log.info("cache.prefix_caching: off for a model with linear attention layers (a cached prefix needs their "
-                     "recurrent state at its end, which is not kept yet)")
-            config = config.replace(**{"cache.prefix_caching": False})
+        if config.cache.prefix_caching and not config.cache.state_snapshots:
+            config = config.replace(**{"cache.state_snapshots": 2 * config.scheduler.max_running})
         return config
 
     def _draft_identity(self, given: tuple | None) -> dict | None:

@@ -68,10 +68,12 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
     cache = config.cache
     budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
     if cfg.linear_layers:  # the recurrent states come out of it (a slot per running sequence and a scratch one)
-        budget -= (config.scheduler.max_running + 1) * gated_delta.state_bytes_per_slot(cfg, np.float32)
+        slots = config.scheduler.max_running + 1 + (cache.state_snapshots if cache.prefix_caching else 0)
+        budget -= slots * gated_delta.state_bytes_per_slot(cfg, np.float32)
         if not cache.num_pages and budget < page_bytes:
             raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "
-                                 f"scheduler.max_running={config.scheduler.max_running} sequences and a page")
+                                 f"scheduler.max_running={config.scheduler.max_running} sequences, "
+                                 f"cache.state_snapshots={cache.state_snapshots} snapshots and a page")
     if not (cache.hybrid and cfg.mixed_windows):
         return cache.num_pages or budget // page_bytes, 0
     ps, sched = cache.page_size, config.scheduler

@@ -202,6 +202,11 @@ class Sequence:
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     state_slot: int = -1  # a model with linear attention layers: the slot of its recurrent state while it runs
+    # ... the chained block hash of each of its full pages, as far as computed (SequencePages.prefix_hash), the end of
+    # the cached path it left at admission (a snapshot is taken there), the hash of its latest snapshot
+    block_hashes: list[int] = dataclasses.field(default_factory=list)
+    snapshot_at: int = 0
+    latest_snapshot: int | None = None
     window_from: int = 0  # hybrid cache: the first of `pages` whose window slot this sequence holds (engine.window_pages)
     # Disk tier: (layout key, future of {hash: page}, started) of its prompt pages being read for it; "timed out"
     disk_read: Any = None

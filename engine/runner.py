@@ -243,11 +243,12 @@ def step_programs(statics: StepStatics) -> StepPrograms:
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
-                 lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None):
+                 lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
-        no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it)."""
+        no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
+        num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -289,10 +290,13 @@ class ModelRunner:
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()
         # Linear attention layers' recurrent states (models/gated_delta.py): a slot per running sequence
-        # (Sequence.state_slot) and one that padding sequences write to; donated to every step like the cache.
+        # (Sequence.state_slot), one that padding sequences write to, then the prefix cache's snapshots
+        # (engine.state_snapshots); donated to every step like the cache.
         self.state_scratch = self.max_seqs
-        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1, jnp.float32))()
+        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots,
+                                                 jnp.float32))()
                        if model_cfg.linear_layers else None)
+        self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
                                    self.max_seqs, self.page_size, config.speculative.num_tokens)
@@ -362,6 +366,8 @@ class ModelRunner:
             window_slot_mapping=np.full(num_tokens, -1, np.int32) if self.layout else None,
             window_page_indices=np.zeros((s, p), np.int32) if self.layout else None,
             state_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
+            snapshot_offsets=np.zeros(s, np.int32) if self.states is not None else None,
+            snapshot_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -393,6 +399,9 @@ class ModelRunner:
         inputs.kv_lens[:num] = starts + lens
         if self.states is not None:
             inputs.state_slots[:num] = [c.seq.state_slot for c in chunks]
+            for i, c in enumerate(chunks):
+                if c.snapshot is not None:
+                    inputs.snapshot_offsets[i], inputs.snapshot_slots[i] = c.snapshot
         inputs.cu_q_lens[: num + 1] = cu
         inputs.cu_q_lens[num + 1 :] = total
         inputs.num_seqs[0] = num
@@ -444,6 +453,7 @@ class ModelRunner:
                           num_top=num_top, greedy_only=greedy_only, use_mask=token_mask is not None,
                           prompt_targets=targets, prompt_top=top_bucket(prompt_top),
                           decode_kernel=self._decode_kernel(plan, len(inputs.tokens)),
+                          state_copies=self._state_copy_arrays(plan.state_copies),
                           **(dict.fromkeys(COPY_FIELDS) if copied else self.copies.pack(plan)))
         if self.followers is not None:
             step = self.followers.lead(step)
@@ -466,6 +476,14 @@ class ModelRunner:
         if len(kernels) == 1:
             return kernels[0]
         return pallas_kernels.prefers_decode_kernel(max(len(c.token_ids) for c in plan.chunks))
+
+    def _state_copy_arrays(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+        """(src, dst) state slots of a plan's copies, padded to max_running with the scratch slot; None without any."""
+        if not copies:
+            return None
+        pairs = np.full((2, self.max_seqs), self.state_scratch, np.int32)
+        pairs[:, : len(copies)] = np.asarray(copies, np.int32).T
+        return pairs[0], pairs[1]
 
     @staticmethod
     def head_rows(plan: StepPlan) -> list[list[int]]:
@@ -499,6 +517,8 @@ class ModelRunner:
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs, ranks]),
         replicated (and the head rows after the final norm after top_logprobs)."""
         self.kv = self.copies.apply(self.kv, step)
+        if step.state_copies is not None:
+            self.states = self._copy_states(self.states, *self._to_device(step.state_copies))
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
         t0, compiled = time.perf_counter(), (_num_compiled(self._forward), _num_compiled(self._head))
         hidden, every_row, self.kv, self.states = self._forward(
@@ -594,12 +614,19 @@ class StepArrays:
     disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None
     disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
     decode_kernel: bool | None = None  # the attention kernel (ragged_paged_attention's decode_only); None: xla
+    state_copies: tuple[np.ndarray, np.ndarray] | None = None  # (src, dst) recurrent-state slots, copied first
 
 
 # The head variants (greedy_only, use_filters) warmup compiles: greedy, and sampling by temperature alone. A server adds
 # top-k/top-p/min-p sampling (FILTER_HEADS; `LLMEngine.warmup_sampling_filters`, which scripts/serve.py calls).
 PLAIN_HEADS = ((True, False), (False, False))
 FILTER_HEADS = ((False, True),)
+
+
+def _copy_states(states: gated_delta.States, src: jax.Array, dst: jax.Array) -> gated_delta.States:
+    """Every linear layer's state of slot src[i] copied into slot dst[i] (a cached prefix's snapshot into a sequence's
+    slot; pairs (scratch, scratch) pad)."""
+    return jax.tree.map(lambda a: a.at[:, dst].set(a[:, src]), states)
 
 
 def _num_compiled(fn) -> int:

@@ -39,6 +39,9 @@ class Chunk:
     draft: tuple[int, ...] = ()
     # Hybrid cache (engine.window_pages): the window slot of each of `pages`, -1 where it has none (out of window).
     window_pages: tuple[int, ...] = ()
+    # A model with linear attention layers: (tokens of this chunk, slot) of the snapshot of its recurrent state taken
+    # after them (engine.state_snapshots), or None.
+    snapshot: tuple[int, int] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,9 @@ class StepPlan:
     # before the step. The window slot (a hybrid cache's windowed layers) is -1 without one.
     disk_saves: list[tuple[int, int, int]] = dataclasses.field(default_factory=list)
     disk_loads: list[tuple[object, int, int]] = dataclasses.field(default_factory=list)
+    # A model with linear attention layers: (snapshot slot, sequence slot) recurrent states copied before the step (an
+    # admitted prompt resuming a cached prefix).
+    state_copies: list[tuple[int, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -88,11 +94,12 @@ class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
                  num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None,
-                 num_state_slots: int = 0):
+                 num_state_slots: int = 0, num_snapshots: int = 0):
         """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
         layers and the slots those layers' K/V have (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
-        layers, its recurrent-state slots (max_running: one per running sequence)."""
+        layers, its recurrent-state slots (max_running: one per running sequence) and `num_snapshots` slots for the
+        prefix cache's snapshots of them."""
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -103,7 +110,7 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first
         self.stats = SchedulerStats()
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
-                                   num_state_slots)
+                                   num_state_slots, num_snapshots)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
         # Full pages some running prefill is computing right now, by chained block hash: a waiting
         # sequence whose next uncached page is here waits for it instead of computing it again.
@@ -197,12 +204,13 @@ class Scheduler:
             self.waiting = collections.deque(s for s in self.waiting if id(s) not in admitted)
         self.tiers.end_plan()
 
+        state_copies = self.pages.take_state_copies()
         if not chunks:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
         window_copies = self.pages.take_window_copies()
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
                         host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
-                        disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads)
+                        disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads, state_copies=state_copies)
 
     @property
     def _chunk_limit(self) -> int:
@@ -284,7 +292,11 @@ class Scheduler:
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
         self.stats.disk_hit_tokens += len(disk_pages) * self.page_size
         seq.num_computed = num_cached
-        if match is not None:
+        if self.pages.snapshots is not None:  # resume the recurrent state; snapshot it where the cached path ended
+            if num_cached:
+                self.pages.restore_state(seq, match)
+            seq.snapshot_at = num_stored if match is not None and num_stored > num_cached else 0
+        if match is not None and self.window is not None:
             self.stats.window_recomputed_tokens += max(0, min(num_stored, len(tokens) - 1) - num_cached)
         if seq.num_preemptions == 0:
             seq.num_cached_prompt = num_cached
@@ -322,6 +334,8 @@ class Scheduler:
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
             window_pages=self.pages.window_row(seq),
+            snapshot=(self.pages.take_snapshot(seq, start, start + n - len(draft))
+                      if self.pages.snapshots is not None else None),
         )
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:

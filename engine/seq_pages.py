@@ -17,8 +17,10 @@ import collections
 from engine.cache_tiers import CacheTiers
 from engine.config import CacheConfig
 from engine.page_pool import PagePool
+from engine.block_hash import page_hashes
 from engine.radix_cache import RadixCache
 from engine.request import Sequence
+from engine.state_snapshots import StateSnapshots
 from engine.window_pages import WindowPages
 
 
@@ -26,11 +28,12 @@ class SequencePages:
     """Pages, cached prefixes and window slots for the scheduler's sequences. Not thread safe."""
 
     def __init__(self, cache: CacheConfig, num_pages: int, stats, num_host_pages: int = 0, window: int = 0,
-                 num_window_pages: int = 0, disk=None, num_state_slots: int = 0):
+                 num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
         sliding window and window slots (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
-        layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`)."""
+        layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`), and `num_snapshots` more
+        for the prefix cache's (engine.state_snapshots) after a scratch one."""
         self.page_size = cache.page_size
         self.prefix_caching = cache.prefix_caching
         self.stats = stats
@@ -48,6 +51,12 @@ class SequencePages:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.has_states = num_state_slots > 0
         self.free_state_slots = list(range(num_state_slots))[::-1]
+        self._state_copies: list[tuple[int, int]] = []  # (snapshot slot, sequence's slot) of the plan being built
+        # Snapshots taken where a token was still being sampled (overlapped steps): (sequence, position, slot), named
+        # by their block hash once it is known.
+        self._unnamed: list[tuple[Sequence, int, int]] = []
+        self.snapshots = (StateSnapshots(num_state_slots + 1, num_snapshots)
+                          if self.has_states and self.prefix_caching else None)
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
 
@@ -57,12 +66,93 @@ class SequencePages:
         cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages);
         the pages after it are recomputed."""
         match = self.tree.match(seq.all_ids, seq.namespace)
+        if self.snapshots is not None:  # resumable only where a snapshot of the recurrent state is, before the last token
+            usable = self._snapshot_before(match, seq.num_tokens - 1)
+            if usable == match.num_tokens:
+                return match, match.num_tokens
+            return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
         if self.window is None:
             return match, match.num_tokens
         usable = self.window.usable(match.pages, seq.num_tokens)
         if usable == len(match.pages):
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
+
+    def _snapshot_before(self, match, limit: int) -> int:
+        """The deepest page boundary of `match`'s path at or before `limit` with a snapshot of the recurrent state (not
+        one this plan is still writing); 0 if none."""
+        node, end, ps = match.node, match.num_tokens, self.page_size
+        while node is not None and node.hashes:
+            for i in range(len(node.hashes) - 1, -1, -1):
+                pos = end - (len(node.hashes) - 1 - i) * ps
+                if pos <= limit and self.snapshots.usable(node.hashes[i]):
+                    return pos
+            end -= len(node.tokens)
+            node = node.parent
+        return 0
+
+    def prefix_hash(self, seq: Sequence, num_tokens: int) -> int:
+        """The chained block hash of the sequence's first `num_tokens` tokens (a page boundary > 0), extending the
+        hashes it keeps (`Sequence.block_hashes`)."""
+        done, n = len(seq.block_hashes), num_tokens // self.page_size
+        if n > done:
+            seq.block_hashes += page_hashes(seq.token_slice(done * self.page_size, n * self.page_size), self.page_size,
+                                            seq.namespace, parent=seq.block_hashes[-1] if done else None)
+        return seq.block_hashes[n - 1]
+
+    def restore_state(self, seq: Sequence, match) -> None:
+        """The sequence resumes after `match` (ending at a snapshot): its slot takes a copy of it before the step."""
+        self._state_copies.append((self.snapshots.slot(match.node.last_hash()), seq.state_slot))
+
+    def take_snapshot(self, seq: Sequence, start: int, end: int) -> tuple[int, int] | None:
+        """(tokens after `start`, slot) of the snapshot a chunk of `seq` over [start, end) takes, or None: at the end
+        of the cached path it left at admission, else at its prompt's last page boundary, else at its latest page
+        boundary (which replaces its previous latest)."""
+        ps = self.page_size
+        prompt_end = len(seq.prompt_ids) // ps * ps
+        for pos, latest in ((seq.snapshot_at, False), (prompt_end, False), (end // ps * ps, True)):
+            if start < pos <= end:
+                break
+        else:
+            return None
+        if seq.has_pending_token and pos >= seq.num_tokens:  # its last token is a placeholder: named later
+            slot = self.snapshots.reserve()
+            if slot is not None:
+                self._unnamed.append((seq, pos, slot))
+        else:
+            slot = self._named_snapshot(seq, pos, latest, self.snapshots.take)
+        return None if slot is None else (pos - start, slot)
+
+    def _named_snapshot(self, seq: Sequence, pos: int, latest: bool, put) -> int | None:
+        """put(block hash) -> the slot of the snapshot at `pos`; a sequence's latest replaces its previous one."""
+        block_hash = self.prefix_hash(seq, pos)
+        slot = put(block_hash)
+        if slot is not None and latest:
+            if seq.latest_snapshot is not None and seq.latest_snapshot != block_hash:
+                self.snapshots.drop([seq.latest_snapshot])
+            seq.latest_snapshot = block_hash
+        return slot
+
+    def _name_snapshots(self) -> None:
+        """Names the snapshots whose last token has been sampled since (an aborted sequence's give their slot back)."""
+        waiting = []
+        for seq, pos, slot in self._unnamed:
+            if seq.finish_reason == "abort" or seq.num_tokens < pos:
+                self.snapshots.release(slot)
+            elif seq.has_pending_token and pos >= seq.num_tokens:
+                waiting.append((seq, pos, slot))
+            else:
+                self._named_snapshot(seq, pos, True, lambda h: self.snapshots.name(slot, h) or slot)
+        self._unnamed = waiting
+
+    def take_state_copies(self) -> list[tuple[int, int]]:
+        """The (snapshot slot, sequence slot) copies of the plan being built; snapshots it takes are usable from the
+        next plan on."""
+        copies, self._state_copies = self._state_copies, []
+        if self.snapshots is not None:
+            self.snapshots.end_plan()
+            self._name_snapshots()
+        return copies
 
     @property
     def num_obtainable(self) -> int:
@@ -216,11 +306,18 @@ class SequencePages:
         files stay: they are named by the weights they came from)."""
         self.tree.reset()
         self.tiers.reset()
+        if self.snapshots is not None:
+            self.snapshots.reset()
+            for _, _, slot in self._unnamed:
+                self.snapshots.release(slot)
+            self._unnamed = []
 
     def _tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
         """The tree is letting go of `pages`: their window slots go with them; the host tier saves them."""
         if self.window is not None:
             self.window.tree_drop(pages)
+        if self.snapshots is not None:
+            self.snapshots.drop(hashes)
         self.tiers.tree_evicting(pages, hashes)
 
     # ------------------------------------------------------------------------------ invariants
@@ -240,6 +337,8 @@ class SequencePages:
         assert self.pool.num_free + self.pool.num_used == self.pool.num_pages
         held = [seq.state_slot for seq in running if seq.state_slot >= 0]
         assert len(set(held)) == len(held) and not set(held) & set(self.free_state_slots), "a state slot held twice"
+        if self.snapshots is not None:
+            self.snapshots.check_invariants([slot for _, _, slot in self._unnamed])
         if self.window is not None:
             window_holders: collections.Counter[int] = collections.Counter()
             for seq in running:

@@ -77,6 +77,10 @@ class Batch:
     kv_lens: jax.Array  # [S] int32: each sequence's length after this step
     num_seqs: jax.Array  # [1] int32
     slots: jax.Array  # [S] int32: each sequence's state slot
+    # A snapshot of a sequence's state after its first `snapshot_offsets[s]` new tokens (0: none), written to slot
+    # `snapshot_slots[s]` as well (the prefix cache's states at page boundaries: engine.state_snapshots)
+    snapshot_offsets: jax.Array | None = None  # [S] int32
+    snapshot_slots: jax.Array | None = None  # [S] int32
 
 
 def one_sequence(num_tokens: int) -> Batch:
@@ -124,6 +128,14 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
                          x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
     conv_state = conv_state.at[jnp.where(live, batch.slots, conv_state.shape[0])].set(
         new_conv.astype(conv_state.dtype), mode="drop")
+    snap = jnp.zeros_like(q_lens) if batch.snapshot_offsets is None else jnp.where(live, batch.snapshot_offsets, 0)
+    snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots,
+                           conv_state.shape[0])
+    if batch.snapshot_offsets is not None:  # the conv state after `snap` tokens, likewise
+        c = snap[:, None] + jnp.arange(kw - 1)[None, :]
+        snap_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
+                              x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
+        conv_state = conv_state.at[snap_slots].set(snap_conv.astype(conv_state.dtype), mode="drop")
 
     key_dim = hk * dk
     q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5
@@ -134,7 +146,8 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
     g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * jax.nn.softplus(
         proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))
 
-    out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, cu, q_lens, starts, fresh, live, batch.slots)
+    out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, cu, q_lens, starts, fresh, live, batch.slots, snap,
+                                 snap_slots)
 
     # RMS norm per head (weight in the model's dtype, as transformers), times silu(z), projected out.
     z = proj(h, "gdn_z").reshape(t, hv, dv).astype(jnp.float32)
@@ -143,9 +156,10 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
     return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), conv_state, ssm_state
 
 
-def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots):
+def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots, snap, snap_slots):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
-    [N, Hv, Dk, Dv] the states by slot. Returns (o [T, Hv, Dv], ssm)."""
+    [N, Hv, Dk, Dv] the states by slot; the state after each sequence's first snap [S] tokens also written to
+    snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm)."""
     t, n_slots = q.shape[0], ssm.shape[0]
 
     # Decodes: one token each, every such sequence in one step.
@@ -158,29 +172,38 @@ def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots):
     o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
     ssm = ssm.at[jnp.where(one, slots, n_slots)].set(s1, mode="drop")
+    ssm = ssm.at[jnp.where(one, snap_slots, n_slots)].set(s1, mode="drop")
 
-    # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another.
+    # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
+    # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.
     c = CHUNK
     longer = live & (q_lens > 1)
-    first = jnp.minimum(q_lens, c - starts % c)
-    pieces = jnp.where(longer, 1 + (q_lens - first + c - 1) // c, 0)
+    seg_lens = jnp.where(longer[:, None], jnp.stack([snap, q_lens - snap], axis=1), 0).reshape(-1)  # [2S]
+    seg_offsets = jnp.stack([jnp.zeros_like(snap), snap], axis=1).reshape(-1)
+    seg_seq = jnp.repeat(jnp.arange(q_lens.shape[0]), 2)
+    first = jnp.minimum(seg_lens, c - (starts[seg_seq] + seg_offsets) % c)
+    pieces = jnp.where(seg_lens > 0, 1 + (seg_lens - first + c - 1) // c, 0)
     ends = jnp.cumsum(pieces)
     pad = lambda a: jnp.concatenate([a, jnp.zeros((c,) + a.shape[1:], a.dtype)])  # noqa: E731 (slices stay in range)
     q, k, v, g, beta, out = map(pad, (q, k, v, g, beta, out))
 
     def piece(i, carry):
         out, ssm = carry
-        s = jnp.searchsorted(ends, i, side="right")
-        nth = i - (ends[s] - pieces[s])
-        offset = jnp.where(nth == 0, 0, first[s] + (nth - 1) * c)
-        length = jnp.where(nth == 0, first[s], jnp.minimum(c, q_lens[s] - offset))
+        seg = jnp.searchsorted(ends, i, side="right")
+        s = seg_seq[seg]
+        nth = i - (ends[seg] - pieces[seg])
+        within = jnp.where(nth == 0, 0, first[seg] + (nth - 1) * c)
+        length = jnp.where(nth == 0, first[seg], jnp.minimum(c, seg_lens[seg] - within))
+        offset = seg_offsets[seg] + within
         row0 = cu[s] + offset
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, row0, c)  # noqa: E731
-        s0 = jnp.where(fresh[s] & (nth == 0), 0.0, ssm[slots[s]])
+        s0 = jnp.where(fresh[s] & (offset == 0), 0.0, ssm[slots[s]])
         o, s_last = chunk_rule(take(q), take(k), take(v), take(g), take(beta), s0, jnp.arange(c) < length)
         mask = (jnp.arange(c) < length)[:, None, None]
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, o, take(out)), row0, 0)
-        return out, ssm.at[slots[s]].set(s_last)
+        ssm = ssm.at[slots[s]].set(s_last)
+        at_snapshot = (seg % 2 == 0) & (offset + length == snap[s])  # the last piece of the first segment
+        return out, ssm.at[jnp.where(at_snapshot, snap_slots[s], n_slots)].set(s_last, mode="drop")
 
     out, ssm = jax.lax.fori_loop(0, ends[-1], piece, (out, ssm))
     return out[:t], ssm

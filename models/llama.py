@@ -60,6 +60,8 @@ class ModelInputs:
     window_page_indices: jax.Array | None = None  # [S, max_pages_per_seq] int32
     # A model with linear attention layers: each sequence's state slot (models/gated_delta.py), [S] int32
     state_slots: jax.Array | None = None
+    snapshot_offsets: jax.Array | None = None  # [S] int32: a snapshot of the state after this many new tokens (0: none)
+    snapshot_slots: jax.Array | None = None  # [S] int32: ... into this slot (engine.state_snapshots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -612,8 +614,9 @@ def forward(
             page_indices, inputs.cu_q_lens, inputs.num_seqs
         )
 
-    recurrent = None if states is None else (states, gated_delta.Batch(inputs.cu_q_lens, inputs.kv_lens,
-                                                                       inputs.num_seqs, inputs.state_slots))
+    recurrent = None if states is None else (states, gated_delta.Batch(
+        inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
+        inputs.snapshot_slots))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]

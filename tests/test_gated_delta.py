@@ -62,14 +62,15 @@ def _tiny_cfg() -> LlamaConfig:
 
 def test_a_ragged_batch_is_each_sequence_token_by_token():
     """Decodes and chunks (lengths across piece boundaries, starts not aligned to them, one at position 0) from states
-    left in their slots: the batch's outputs and states are those of feeding each sequence one token per step."""
+    left in their slots: the batch's outputs and states are those of feeding each sequence one token per step, and
+    the snapshots taken within them (after the decode, inside a chunk, at a chunk's end) the states at those tokens."""
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
     rng = np.random.default_rng()
-    num_slots, starts, lens = 6, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
-    slots = [4, 0, 2, 5, 1]
+    num_slots, starts, lens = 10, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
+    slots, snapshots, snapshot_slots = [4, 0, 2, 5, 1], [1, 40, 0, 64, 90], [6, 7, 3, 8, 9]
     states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((num_slots, 3, cfg.linear_conv_dim)), jnp.float32),
                                 ssm=jnp.asarray(rng.standard_normal((num_slots, 4, 8, 12)) * 0.3, jnp.float32))
     h = jnp.asarray(rng.standard_normal((sum(lens) + 7, cfg.hidden_size)), jnp.float32)  # 7 rows of padding
@@ -78,7 +79,9 @@ def test_a_ragged_batch_is_each_sequence_token_by_token():
     batch = gated_delta.Batch(
         cu_q_lens=jnp.asarray(np.concatenate([cu, [cu[-1]] * pad_seqs])),
         kv_lens=jnp.asarray(np.array(starts + [0] * pad_seqs) + np.array(lens + [0] * pad_seqs), jnp.int32),
-        num_seqs=jnp.asarray([len(lens)], jnp.int32), slots=jnp.asarray(slots + [3] * pad_seqs, jnp.int32))
+        num_seqs=jnp.asarray([len(lens)], jnp.int32), slots=jnp.asarray(slots + [3] * pad_seqs, jnp.int32),
+        snapshot_offsets=jnp.asarray(snapshots + [5] * pad_seqs, jnp.int32),
+        snapshot_slots=jnp.asarray(snapshot_slots + [3] * pad_seqs, jnp.int32))
     out, conv, ssm = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))(h, states.conv, states.ssm,
                                                                                             batch)
     step = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))
@@ -90,9 +93,13 @@ def test_a_ragged_batch_is_each_sequence_token_by_token():
                                     num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32))
             o, c, s = step(h[cu[i] + j : cu[i] + j + 1], c, s, one)
             np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
+            if j + 1 == snapshots[i]:
+                np.testing.assert_allclose(np.asarray(conv[snapshot_slots[i]]), np.asarray(c[slot]), rtol=1e-6, atol=1e-6)
+                np.testing.assert_allclose(np.asarray(ssm[snapshot_slots[i]]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(c[slot]), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
     np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[3]))  # no sequence's: untouched
+    np.testing.assert_array_equal(np.asarray(conv[3]), np.asarray(states.conv[3]))
 
 
 def test_qwen3_5_configs_read_as_transformers_builds_them():
@@ -165,6 +172,48 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    for key, value in (("speculative.method", "ngram"), ("lora.max_adapters", 2)):
-        with pytest.raises(ConfigKeyError, match=key.replace(".", r"\.").split("_")[0]):
+    for key, value, named in (("speculative.method", "ngram", "speculative.method"), ("lora.max_adapters", 2, "lora"),
+                              ("cache.host_memory_gb", 0.01, "cache.host_memory_gb"),
+                              ("parallel.tensor", 2, "parallel.tensor")):
+        with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
+
+
+@pytest.mark.slow
+def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_tokens(tmp_path):
+    """A shared system prompt (computed twice, then resumed at the second's snapshot where the two parted), a
+    conversation's next turn (resumed at the first turn's latest snapshot), the same prompt again (its prompt-end
+    snapshot), with a snapshot pool small enough to reuse slots: every greedy token is transformers' argmax, and the
+    prompts after the first few are served partly from the cache."""
+    pytest.importorskip("transformers")
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2, _assert_greedy_is_argmax
+
+    model = _hf_qwen3_5()
+    model.save_pretrained(tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(75)]
+    tail = lambda n: [rng.randrange(3, cfg.vocab_size) for _ in range(n)]  # noqa: E731
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+        "warmup": False, "cache.num_pages": 64, "cache.page_size": 8, "model.max_model_len": 256,
+        "scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "cache.state_snapshots": 6, "debug_checks": True})
+    greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    waves = [[system + tail(5)], [system + tail(9)], [system + tail(3), system + tail(20), system + tail(1)]]
+    outs = []
+    for prompts in waves:
+        got = llm.generate(prompts, greedy)
+        _assert_greedy_is_argmax(model, prompts, got)
+        outs.append(got)
+    assert outs[0][0].cached_tokens == outs[1][0].cached_tokens == 0  # no snapshot where they part yet
+    assert all(o.cached_tokens == 72 for o in outs[2])  # the system prompt's last page boundary
+    first = waves[2][1]
+    second = first + outs[2][1].token_ids + tail(6)  # the next turn
+    again = list(first)  # the same prompt again
+    got = llm.generate([second, again], greedy)
+    _assert_greedy_is_argmax(model, [second, again], got)
+    assert got[0].cached_tokens == (len(first) + 10 - 1) // 8 * 8  # the first turn's latest page boundary
+    assert got[1].cached_tokens == len(first) // 8 * 8  # its prompt's last page boundary

@@ -24,6 +24,10 @@ Two ways through a ragged batch (`mix`), both exact:
       S = exp(G_last) S0 + sum_i exp(G_last - G_i) k_i u_i^T
   which is the token-by-token rule (`recurrent_reference`) reassociated: matrix products instead of a loop.
 
+A sequence may also ask for a snapshot of its state after its first n new tokens (`Batch.snapshot_offsets`: the
+prefix cache's, engine.state_snapshots): the chunk's pieces are cut there too, and the state (and the convolution's
+inputs) at that point written to a second slot.
+
 Everything here runs in float32 (the state is kept in float32; the convolution's inputs in the model's dtype).
 """
 from __future__ import annotations

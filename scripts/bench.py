@@ -316,8 +316,10 @@ def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def synthetic_model(spec: str, config):
-    """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`."""
+def synthetic_model(spec: str, config, arch: str = "llama"):
+    """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`; arch
+    qwen3_5: three Gated DeltaNet layers per attention layer (HEADS value heads and HEADS / 2 key heads of HEAD_DIM),
+    Qwen3.5's gated attention."""
     import jax
 
     from models import llama
@@ -330,9 +332,13 @@ def synthetic_model(spec: str, config):
     except ValueError:
         raise SystemExit(f"--synthetic-model wants five integers HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM, got {spec!r}")
     tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
-    cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+    linear = {} if arch == "llama" else dict(
+        linear_layers=tuple((i + 1) % 4 != 0 for i in range(layers)), linear_num_key_heads=max(1, heads // 2),
+        linear_num_value_heads=heads, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+        attn_output_gate=True, qk_norm=True, partial_rotary_factor=0.25)
+    cfg = LlamaConfig(architecture=arch, vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-                      max_position=config.model.max_model_len)
+                      max_position=config.model.max_model_len, **linear)
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
 
 
@@ -366,7 +372,7 @@ def decode_overhead(args) -> None:
         if name == "B" and args.lora_b:
             configs[name] = overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
-        model = synthetic_model(args.synthetic_model, config) if args.synthetic_model else None
+        model = synthetic_model(args.synthetic_model, config, args.synthetic_arch) if args.synthetic_model else None
         engines[name] = LLMEngine(config, model=model)
         model_cfg = engines[name].model_cfg
     steps: dict[str, list[dict]] = {name: [] for name in engines}
@@ -574,6 +580,8 @@ def main(argv=None) -> int:
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
+    ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5"], default="llama",
+                    help="--synthetic-model's layers: Llama's, or Qwen3.5's (Gated DeltaNet around every 4th attention layer)")
     args = ap.parse_args(argv)
     args.set_a = args.set_common + args.set_a
     guided = {k: v for k, v in (("guided_regex", args.guided_regex),
@@ -615,7 +623,7 @@ def main(argv=None) -> int:
         configs = {"A": load_config(args.config, args.set_a)}
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
-        model = synthetic_model(args.synthetic_model, configs["A"]) if args.synthetic_model else None
+        model = synthetic_model(args.synthetic_model, configs["A"], args.synthetic_arch) if args.synthetic_model else None
         engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)

@@ -217,3 +217,27 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     _assert_greedy_is_argmax(model, [second, again], got)
     assert got[0].cached_tokens == (len(first) + 10 - 1) // 8 * 8  # the first turn's latest page boundary
     assert got[1].cached_tokens == len(first) // 8 * 8  # its prompt's last page boundary
+
+
+def test_snapshot_slots_are_never_read_or_reused_within_the_plan_that_writes_them():
+    from engine.state_snapshots import StateSnapshots
+
+    snaps = StateSnapshots(first_slot=5, num_slots=2)
+    a = snaps.take(101)
+    assert a is not None and not snaps.usable(101)  # written by this plan's step: not readable before the next plan
+    b = snaps.take(102)
+    assert snaps.take(103) is None  # every slot is being written by this plan: no snapshot rather than a shared slot
+    snaps.drop([102])
+    assert snaps.take(104) is None  # ... and a dropped one's slot waits for the plan's end
+    snaps.end_plan()
+    assert snaps.usable(101) and not snaps.usable(102) and snaps.take(101) is None  # one snapshot per name
+    assert snaps.take(104) == b  # the freed slot
+    snaps.end_plan()
+    snaps.slot(101)  # 101 used: 104 is now the least recently used
+    assert snaps.take(105) == b and not snaps.usable(104)
+    slot = snaps.reserve()  # a name not known yet (a placeholder token): out of the LRU until named
+    assert slot == a and not snaps.usable(101)
+    snaps.end_plan()
+    snaps.name(slot, 106)
+    assert snaps.usable(106) and snaps.slot(106) == a
+    snaps.check_invariants()

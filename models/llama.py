@@ -384,20 +384,16 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
         attn_in = h
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
-        if cfg.linear_layers:  # this layer's kind of token mixer; its weights at its place among its kind
-            def mix_attention(h, carry):
-                (kv, states), w = carry, {k: v[mixer_place] for k, v in by_mixer["attention"].items()}
-                o, kv = attention(h, w, kv, mixer_place)
-                return o, (kv, states)
-
-            def mix_linear(h, carry):
-                (kv, states), w = carry, {k: v[mixer_place] for k, v in by_mixer["linear"].items()}
-                o, conv, ssm = gated_delta.mix(cfg, w, h, states.conv[mixer_place], states.ssm[mixer_place],
-                                               recurrent[1], lambda h, name: proj(h, name, w))
-                return o, (kv, gated_delta.States(states.conv.at[mixer_place].set(conv),
-                                                  states.ssm.at[mixer_place].set(ssm)))
-
-            o, carry = jax.lax.cond(linear_layer, mix_linear, mix_attention, h, carry)
+        if cfg.linear_layers:  # this layer's token mixer (static: `grouped`), its cache or state at its place among its kind
+            kv, states = carry
+            if linear_layer:
+                o, conv, ssm = gated_delta.mix(cfg, p, h, states.conv[mixer_place], states.ssm[mixer_place],
+                                               recurrent[1], proj)
+                carry = (kv, gated_delta.States(states.conv.at[mixer_place].set(conv),
+                                                states.ssm.at[mixer_place].set(ssm)))
+            else:
+                o, kv = attention(h, p, kv, mixer_place)
+                carry = (kv, states)
         else:
             o, carry = attention(h, p, carry, i)
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
@@ -422,13 +418,43 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    xs = (scanned, layer_ids, jnp.asarray(windowed), jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
+          jnp.asarray(places), jnp.asarray(is_linear), jnp.asarray(mixer_places))
     if cfg.linear_layers:
-        carry = (carry, recurrent[0])
-    (x, carry), amax = jax.lax.scan(layer, (x, carry), (scanned, layer_ids, jnp.asarray(windowed),
-                                                        jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
-                                                        jnp.asarray(places), jnp.asarray(is_linear),
-                                                        jnp.asarray(mixer_places)))
+        x, carry = _grouped_layers(cfg, layer, x, (carry, recurrent[0]), xs, by_mixer)
+        return x, carry
+    (x, carry), amax = jax.lax.scan(layer, (x, carry), xs)
     return (x, carry, amax) if stats else (x, carry)
+
+
+def _grouped_layers(cfg: LlamaConfig, layer, x, carry, xs, by_mixer):
+    """The layers of a model with linear attention layers, scanned a period of its layer pattern at a time (Qwen3.5:
+    three linear layers and an attention layer), each layer's kind static in the body: no `lax.cond` whose operands
+    (the KV cache, the states) XLA would copy at every layer. `xs` as the per-layer scan's, each weight of one kind
+    stacked over that kind's layers (`by_mixer`)."""
+    pattern = cfg.linear_layers
+    n = len(pattern)
+    period = next(q for q in range(1, n + 1) if n % q == 0 and all(pattern[i] == pattern[i % q] for i in range(n)))
+    groups = n // period
+    per_group = {kind: sum(pattern[:period]) if kind == "linear" else period - sum(pattern[:period])
+                 for kind in by_mixer}
+    by_group = lambda a, size: a.reshape(groups, size, *a.shape[1:])  # noqa: E731
+    grouped = (jax.tree.map(lambda a: by_group(a, period), xs),
+               {kind: jax.tree.map(lambda a, k=kind: by_group(a, per_group[k]), w) for kind, w in by_mixer.items()})
+
+    def group(state, gxs):
+        layer_xs, mixer_w = gxs
+        seen = {"linear": 0, "attention": 0}
+        for j in range(period):
+            kind = "linear" if pattern[j] else "attention"
+            one = jax.tree.map(lambda a: a[j], layer_xs)
+            p = one[0] | {k: v[seen[kind]] for k, v in mixer_w[kind].items()}
+            seen[kind] += 1
+            state, _ = layer(state, (p, *one[1:7], pattern[j], one[8]))
+        return state, None
+
+    (x, carry), _ = jax.lax.scan(group, (x, carry), grouped)
+    return x, carry
 
 
 def _mla_up(cfg: LlamaConfig, p: Params) -> tuple[jax.Array, jax.Array]:

@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -40,7 +40,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text")
+                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
@@ -224,9 +224,9 @@ class LlamaConfig:
             if min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
                 raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
                                   "value heads a multiple of key heads and linear_conv_kernel >= 2")
-            if all(self.linear_layers) or self.mla or self.sliding_window is not None or self.num_experts:
+            if all(self.linear_layers) or self.mla or self.sliding_window is not None or self.moe_layers:
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
-                                  "latent attention, sliding windows or experts")
+                                  "latent attention, sliding windows or dense layers among expert ones")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -378,8 +378,8 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch in ("qwen3_5", "qwen3_5_text"):
-            return _qwen3_5_from_hf(cfg, source)
+        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"):
+            return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else "qwen3_5")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
         if cfg.get("mlp_bias"):
@@ -961,13 +961,22 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
     )
 
 
-def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
-    """An HF `qwen3_5` (its `text_config`; the vision tower is not read) or `qwen3_5_text` config.json: Gated DeltaNet
-    layers around every `full_attention_interval`-th attention layer (`layer_types`), attention with an output gate,
-    per-head q/k norms, RoPE on a quarter of each head; every RMSNorm of the stream and of q/k scales by 1 + w (the
-    loader adds the 1). Text positions turn all three of M-RoPE's sections alike: plain RoPE."""
+def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
+    """An HF `qwen3_5` / `qwen3_5_moe` (its `text_config`; the vision tower is not read) or `qwen3_5_text` /
+    `qwen3_5_moe_text` config.json: Gated DeltaNet layers around every `full_attention_interval`-th attention layer
+    (`layer_types`), attention with an output gate, per-head q/k norms, RoPE on a quarter of each head; every RMSNorm
+    of the stream and of q/k scales by 1 + w (the loader adds the 1). Text positions turn all three of M-RoPE's
+    sections alike: plain RoPE. The MoE models: every MLP experts (softmax, top k renormalized) and a shared expert
+    behind a sigmoid gate, as Qwen2-MoE's."""
     cfg = cfg.get("text_config") or cfg
     need = _need(cfg, source)
+    experts = {}
+    if arch == "qwen3_5_moe":
+        shared = int(need("shared_expert_intermediate_size"))
+        experts = dict(num_experts=int(need("num_experts")), num_experts_per_tok=int(need("num_experts_per_tok")),
+                       moe_intermediate_size=int(need("moe_intermediate_size")), norm_topk_prob=True,
+                       shared_expert_intermediate_size=shared, shared_expert_gate=True)
+        cfg = {"intermediate_size": shared, **cfg}
     num_layers = int(need("num_hidden_layers"))
     interval = int(cfg.get("full_attention_interval", 4))
     types = cfg.get("layer_types") or ["linear_attention" if (i + 1) % interval else "full_attention"
@@ -979,7 +988,7 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     if rope_params.get("rope_type", "default") not in ("default", "mrope"):
         raise ConfigError(f"{source}: rope_type={rope_params['rope_type']!r} is not supported for qwen3_5")
     return _layers_from_hf(
-        {**cfg, "rope_scaling": None}, source, "qwen3_5", None, types, {},
+        {**cfg, "rope_scaling": None}, source, arch, None, types, {},
         float(rope_params.get("rope_theta", cfg.get("rope_theta", 10_000_000.0))),
         partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
@@ -990,4 +999,5 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         linear_key_head_dim=int(need("linear_key_head_dim")),
         linear_value_head_dim=int(need("linear_value_head_dim")),
         linear_conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
+        **experts,
     )

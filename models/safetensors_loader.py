@@ -38,6 +38,16 @@ QWEN3_5_NAMES = {**HF_NAMES, **{key: f"model.layers.{{i}}.linear_attn.{name}" fo
     ("gdn_qkv", "in_proj_qkv.weight"), ("gdn_z", "in_proj_z.weight"), ("gdn_b", "in_proj_b.weight"),
     ("gdn_a", "in_proj_a.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"),
     ("gdn_norm", "norm.weight"), ("gdn_out", "out_proj.weight"))}}
+# Qwen3.5-MoE: Qwen3.5's layers with Qwen2-MoE's experts, shared expert and its gate.
+QWEN3_5_MOE_NAMES = {
+    **QWEN3_5_NAMES, "router": "model.layers.{i}.mlp.gate.weight",
+    "moe_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "moe_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "moe_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "w_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "w_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "w_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    "shared_gate": "model.layers.{i}.mlp.shared_expert_gate.weight"}
 # The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
 DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
 # Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
@@ -435,7 +445,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
-            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES}.get(
+            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
+            "qwen3_5_moe": QWEN3_5_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -451,7 +462,7 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     """A stored tensor as `weights.assemble` reads it (torch orientation)."""
     # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
     # (llama.cpp's GGUFs store 1 + w too).
-    if cfg.architecture in ("gemma2", "gemma3", "qwen3_5") and key in NORM_KEYS:
+    if cfg.architecture in ("gemma2", "gemma3", "qwen3_5", "qwen3_5_moe") and key in NORM_KEYS:
         return arr.astype(np.float32) + 1.0
     if key == "gdn_conv":  # [conv_dim, 1, K] -> [K, conv_dim]
         return arr[:, 0, :].T

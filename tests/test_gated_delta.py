@@ -111,18 +111,28 @@ def test_qwen3_5_configs_read_as_transformers_builds_them():
         "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
                             "mrope_section": [1, 1, 0], "mrope_interleaved": True}}})
     assert nested.linear_layers == (True, False) * 4 and nested.rope_theta == 1e6
+    moe = LlamaConfig.from_hf_config({"model_type": "qwen3_5_moe", "text_config": {
+        **{k: v for k, v in TINY.items() if k != "intermediate_size"}, "moe_intermediate_size": 24,
+        "shared_expert_intermediate_size": 40, "num_experts": 6, "num_experts_per_tok": 2}})
+    assert (moe.architecture, moe.num_experts, moe.mlp_intermediate_size, moe.norm_topk_prob) == ("qwen3_5_moe", 6, 40, True)
     with pytest.raises(ConfigError, match="layer_types"):
         LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text", "layer_types": ["mamba"] * 4})
     with pytest.raises(ConfigError, match="some attention layers"):
         LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text", "layer_types": ["linear_attention"] * 4})
 
 
-def _hf_qwen3_5(**overrides):
+def _hf_qwen3_5(moe: bool = False):
     import torch
     import transformers
 
     torch.manual_seed(int(time.time()) % 1000)
-    model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**{**TINY, **overrides})).eval()
+    if moe:
+        tiny = {k: v for k, v in TINY.items() if k != "intermediate_size"}
+        model = transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(
+            **tiny, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6,
+            num_experts_per_tok=2)).eval()
+    else:
+        model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(**TINY)).eval()
     with torch.no_grad():  # every weight away from its initial value (norms at 0 and 1, A_log, dt_bias)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -242,3 +252,37 @@ def test_snapshot_slots_are_never_read_or_reused_within_the_plan_that_writes_the
     snaps.name(slot, 106)
     assert snaps.usable(106) and snaps.slot(106) == a
     snaps.check_invariants()
+
+
+@pytest.mark.slow
+def test_qwen3_5_moe_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_path):
+    """Qwen3.5-MoE: Qwen3.5's layers with experts (softmax, top 2 of 6 renormalized) and a gated shared expert."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2, _assert_greedy_is_argmax
+
+    model = _hf_qwen3_5(moe=True)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.shared_expert_gate) == (6, 2, True)
+    assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    with torch.no_grad():  # (transformers' grouped expert matmuls take no float64)
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=3e-4, rtol=1e-4)
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(30)]
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+        "warmup": False, "cache.num_pages": 32, "cache.page_size": 8, "model.max_model_len": 96})
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    waves = [[system + [5, 6]], [system + [7]], [system + [8, 9, 10], system + [11]]]
+    for prompts in waves:
+        outs = llm.generate(prompts, greedy)
+        _assert_greedy_is_argmax(model, prompts, outs)
+    assert [o.cached_tokens for o in outs] == [24, 24]

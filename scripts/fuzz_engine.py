@@ -1,7 +1,8 @@
 """Engine-level fuzzing: random configurations on tiny random models, greedy outputs against a plain run.
 
 Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
-experts, windowed layers of 12, or a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones), a KV dtype,
+experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, or a tiny
+Qwen3.5: Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots), a KV dtype,
 a page
 size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
 hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
@@ -29,6 +30,7 @@ import time
 import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # their helpers
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -63,15 +65,24 @@ def tiny_models(tokenizer) -> dict:
                                shared_expert_gate=False, moe_layers=(False, True, True), router_scoring="sigmoid",
                                router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
                                routed_scaling_factor=2.5)
+    qwen3_5_cfg = LlamaConfig(architecture="qwen3_5", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                              intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                              max_position=512, qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.25,
+                              linear_layers=(True, True, False, True), linear_num_key_heads=2, linear_num_value_heads=4,
+                              linear_key_head_dim=8, linear_value_head_dim=12)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "qwen3_5": (qwen3_5_cfg, llama.init_params(qwen3_5_cfg, jax.random.key(11), scale=0.5), tokenizer),
             "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
             "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer),
             "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
 
 
-def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5")
+
+
+def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> tuple[str, dict, dict, int]:
     """-> (model, the plain reference's overrides, the fuzzed engine's, max_tokens)."""
-    model = rng.choice(["llama", "gemma3", "gpt_oss", "deepseek"])
+    model = rng.choice(models)
     page_size, max_model_len = rng.choice([4, 8, 16]), 128
     base = {"warmup": False, "model.max_model_len": max_model_len, "cache.page_size": page_size,
             "cache.kv_dtype": rng.choice(["auto", "auto", "int8"])}
@@ -86,7 +97,9 @@ def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
               "scheduler.long_prefill_tokens": rng.choice([0, 0, 8, 20]),
               "scheduler.policy": rng.choice(["fcfs", "lpm"]),
               "scheduler.overlap": rng.choice([True, False])}
-    if rng.random() < 0.3:
+    if model == "qwen3_5":  # (no speculative decoding, host or disk tier for a recurrent state yet)
+        fuzzed["cache.state_snapshots"] = rng.choice([0, 1, 2, 5])
+    elif rng.random() < 0.3:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
     if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
         fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])
@@ -95,14 +108,14 @@ def draw(rng: random.Random, backend: str) -> tuple[str, dict, dict, int]:
     return model, reference, fuzzed, rng.choice([4, 10, 20])
 
 
-def run_seed(seed: int, models: dict, tokenizer, backend: str) -> tuple[str | None, str]:
+def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, ...] = MODELS) -> tuple[str | None, str]:
     """-> (None if the seed passes, else what went wrong; what it ran beyond the engine's configuration)."""
     from engine.config import EngineConfig
     from engine.llm import LLM
     from tests.test_engine import _generate, _prompts
 
     rng = random.Random(seed)
-    model, reference, fuzzed, max_tokens = draw(rng, backend)
+    model, reference, fuzzed, max_tokens = draw(rng, backend, only)
     prompts = _prompts(tokenizer, random.Random(seed))
     prompts = rng.sample(prompts, rng.randrange(6, len(prompts)))
     rules = {}
@@ -112,7 +125,7 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str) -> tuple[str | No
                  "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
     extra = "token rules" if rules else ""
-    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
+    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 and model != "qwen3_5" else None
     if disk:
         fuzzed["cache.disk_path"] = disk
     try:
@@ -141,6 +154,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", type=int, nargs=2, default=(0, 20), metavar=("FIRST", "END"))
     ap.add_argument("--backend", default="xla", choices=["xla", "pallas_interpret"])
+    ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS, help="draw only from these")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source
@@ -152,7 +166,7 @@ def main(argv=None) -> int:
     failures = 0
     for seed in range(*args.seeds):
         t0 = time.perf_counter()
-        problem, extra = run_seed(seed, models, tokenizer, args.backend)
+        problem, extra = run_seed(seed, models, tokenizer, args.backend, tuple(args.models))
         failures += problem is not None
         print(f"seed {seed}: {'ok' if problem is None else 'FAIL ' + problem} ({time.perf_counter() - t0:.0f} s"
               f"{', ' + extra if extra else ''})", flush=True)

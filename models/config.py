@@ -26,7 +26,7 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -40,7 +40,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text")
+                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
@@ -378,8 +378,9 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text"):
-            return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else "qwen3_5")
+        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
+            return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
+                                    arch if arch == "qwen3_next" else "qwen3_5")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
             raise ConfigError(f"{source}: model_type={arch!r} is not supported (supported: {HF_MODEL_TYPES})")
         if cfg.get("mlp_bias"):
@@ -967,11 +968,15 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
     (`layer_types`), attention with an output gate, per-head q/k norms, RoPE on a quarter of each head; every RMSNorm
     of the stream and of q/k scales by 1 + w (the loader adds the 1). Text positions turn all three of M-RoPE's
     sections alike: plain RoPE. The MoE models: every MLP experts (softmax, top k renormalized) and a shared expert
-    behind a sigmoid gate, as Qwen2-MoE's."""
+    behind a sigmoid gate, as Qwen2-MoE's. `qwen3_next` (Qwen3-Next): the same layers and experts (its projections
+    fused differently: the loader's business); dense layers among the expert ones are refused."""
     cfg = cfg.get("text_config") or cfg
     need = _need(cfg, source)
     experts = {}
-    if arch == "qwen3_5_moe":
+    if arch == "qwen3_next" and (cfg.get("mlp_only_layers") or int(cfg.get("decoder_sparse_step") or 1) != 1):
+        raise ConfigError(f"{source}: qwen3_next with dense layers (mlp_only_layers, decoder_sparse_step) is not "
+                          "supported")
+    if arch in ("qwen3_5_moe", "qwen3_next"):
         shared = int(need("shared_expert_intermediate_size"))
         experts = dict(num_experts=int(need("num_experts")), num_experts_per_tok=int(need("num_experts_per_tok")),
                        moe_intermediate_size=int(need("moe_intermediate_size")), norm_topk_prob=True,

@@ -48,6 +48,10 @@ QWEN3_5_MOE_NAMES = {
     "w_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
     "w_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
     "shared_gate": "model.layers.{i}.mlp.shared_expert_gate.weight"}
+# Qwen3-Next: Qwen3.5-MoE's layers, each linear layer's q, k, v, z in one projection and b, a in another, their rows
+# grouped by key head (`qwen3_next_rows`).
+QWEN3_NEXT_NAMES = {k: v for k, v in QWEN3_5_MOE_NAMES.items() if k not in ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a")} | {
+    "gdn_qkvz": "model.layers.{i}.linear_attn.in_proj_qkvz.weight", "gdn_ba": "model.layers.{i}.linear_attn.in_proj_ba.weight"}
 # The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
 DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
 # Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
@@ -446,7 +450,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
-            "qwen3_5_moe": QWEN3_5_MOE_NAMES}.get(
+            "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -462,10 +466,12 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     """A stored tensor as `weights.assemble` reads it (torch orientation)."""
     # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
     # (llama.cpp's GGUFs store 1 + w too).
-    if cfg.architecture in ("gemma2", "gemma3", "qwen3_5", "qwen3_5_moe") and key in NORM_KEYS:
+    if cfg.architecture in ("gemma2", "gemma3", "qwen3_5", "qwen3_5_moe", "qwen3_next") and key in NORM_KEYS:
         return arr.astype(np.float32) + 1.0
     if key == "gdn_conv":  # [conv_dim, 1, K] -> [K, conv_dim]
         return arr[:, 0, :].T
+    if key in ("gdn_qkvz", "gdn_ba"):
+        return qwen3_next_rows(cfg, key, arr)
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):
@@ -477,6 +483,17 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         arr = np.concatenate([arr.take(range(0, arr.shape[rows], 2), axis=rows),
                               arr.take(range(1, arr.shape[rows], 2), axis=rows)], axis=rows)
     return arr
+
+
+def qwen3_next_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """Qwen3-Next's fused rows, per key head [q, k, its value heads' v, their z] (in_proj_qkvz) or [their b, their a]
+    (in_proj_ba), regrouped as Qwen3.5's: [every q, every k, every v, every z] and [every b, every a]."""
+    hk = cfg.linear_num_key_heads
+    r = cfg.linear_num_value_heads // hk
+    sizes = ((cfg.linear_key_head_dim,) * 2 + (r * cfg.linear_value_head_dim,) * 2 if key == "gdn_qkvz" else (r, r))
+    groups = arr.reshape(hk, sum(sizes), arr.shape[-1])
+    return np.concatenate([part.reshape(-1, arr.shape[-1])
+                           for part in np.split(groups, np.cumsum(sizes)[:-1], axis=1)])
 
 
 def rope_pair_rows(arr: np.ndarray, num_heads: int, start: int, rope_dim: int) -> np.ndarray:

@@ -49,6 +49,8 @@ TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up"), "moe_gate_up": ("moe_gate", "moe_up"),
+         # Qwen3-Next's linear attention projections (its loader regroups their rows first: `qwen3_next_rows`)
+         "gdn_qkvz": ("gdn_qkv", "gdn_z"), "gdn_ba": ("gdn_b", "gdn_a"),
          "moe_gate_up_bias": ("moe_gate_bias", "moe_up_bias")}
 
 
@@ -56,6 +58,10 @@ def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
     """The output rows of each part of a fused tensor."""
     if fused == "wqkv":
         return cfg.q_size, cfg.kv_size, cfg.kv_size
+    if fused == "gdn_qkvz":
+        return cfg.linear_conv_dim, cfg.linear_value_dim
+    if fused == "gdn_ba":
+        return cfg.linear_num_value_heads, cfg.linear_num_value_heads
     if fused.startswith("moe_"):
         return cfg.moe_intermediate_size, cfg.moe_intermediate_size
     return cfg.mlp_intermediate_size, cfg.mlp_intermediate_size

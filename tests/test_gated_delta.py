@@ -121,12 +121,15 @@ def test_qwen3_5_configs_read_as_transformers_builds_them():
         LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text", "layer_types": ["linear_attention"] * 4})
 
 
-def _hf_qwen3_5(moe: bool = False):
+def _hf_qwen3_5(moe: bool = False, next_: bool = False):
     import torch
     import transformers
 
     torch.manual_seed(int(time.time()) % 1000)
-    if moe:
+    experts = dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2)
+    if next_:
+        model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**TINY, **experts)).eval()
+    elif moe:
         tiny = {k: v for k, v in TINY.items() if k != "intermediate_size"}
         model = transformers.Qwen3_5MoeForCausalLM(transformers.Qwen3_5MoeTextConfig(
             **tiny, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6,
@@ -286,3 +289,23 @@ def test_qwen3_5_moe_checkpoint_matches_transformers_and_resumes_a_shared_prefix
         outs = llm.generate(prompts, greedy)
         _assert_greedy_is_argmax(model, prompts, outs)
     assert [o.cached_tokens for o in outs] == [24, 24]
+
+
+@pytest.mark.slow
+def test_qwen3_next_checkpoint_matches_transformers(tmp_path):
+    """Qwen3-Next: Qwen3.5-MoE's layers, each linear layer's q/k/v/z and b/a projections fused with their rows
+    grouped by key head (regrouped at load)."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from models.loader import load_weights
+
+    model = _hf_qwen3_5(next_=True)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    assert cfg.architecture == "qwen3_next" and cfg.num_params() == sum(p.numel() for p in model.parameters())
+    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=3e-4, rtol=1e-4)

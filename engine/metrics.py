@@ -38,6 +38,10 @@ class _EngineStatsCollector:
             "radixlm_window_pages_total": ("window slots of a hybrid cache's sliding-window layers", s["window_pages_total"]),
             "radixlm_window_pages_used": ("window slots held by requests or the radix cache",
                                           s["window_pages_total"] - s["window_pages_free"]),
+            "radixlm_state_snapshots_total": ("snapshot slots for linear attention layers' recurrent states",
+                                              s.get("state_snapshots_total", 0)),
+            "radixlm_state_snapshots_used": ("recurrent-state snapshots the prefix cache holds (one per page boundary "
+                                             "it can resume at)", s.get("state_snapshots_used", 0)),
             "radixlm_cache_hit_rate": (
                 "cached prompt tokens / prompt tokens, since start",
                 s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,

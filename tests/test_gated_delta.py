@@ -231,6 +231,8 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     _assert_greedy_is_argmax(model, [second, again], got)
     assert got[0].cached_tokens == (len(first) + 10 - 1) // 8 * 8  # the first turn's latest page boundary
     assert got[1].cached_tokens == len(first) // 8 * 8  # its prompt's last page boundary
+    stats = llm.engine.stats()
+    assert stats["state_snapshots_total"] == 6 and 0 < stats["state_snapshots_used"] <= 6
 
 
 def test_snapshot_slots_are_never_read_or_reused_within_the_plan_that_writes_them():

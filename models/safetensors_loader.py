@@ -31,27 +31,6 @@ HF_NAMES = {
     "q_norm": "model.layers.{i}.self_attn.q_norm.weight", "k_norm": "model.layers.{i}.self_attn.k_norm.weight",
     "bo": "model.layers.{i}.self_attn.o_proj.bias",  # (Granite with attention_bias)
 }
-# Qwen3.5: attention layers as Qwen3's (q_proj's rows each head's query then its gate), Gated DeltaNet layers under
-# `linear_attn` (models/gated_delta.py). A Qwen3_5ForConditionalGeneration checkpoint keeps them under
-# `model.language_model.` (`_language_model`); its vision tower and multi-token-prediction layers are not read.
-QWEN3_5_NAMES = {**HF_NAMES, **{key: f"model.layers.{{i}}.linear_attn.{name}" for key, name in (
-    ("gdn_qkv", "in_proj_qkv.weight"), ("gdn_z", "in_proj_z.weight"), ("gdn_b", "in_proj_b.weight"),
-    ("gdn_a", "in_proj_a.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"),
-    ("gdn_norm", "norm.weight"), ("gdn_out", "out_proj.weight"))}}
-# Qwen3.5-MoE: Qwen3.5's layers with Qwen2-MoE's experts, shared expert and its gate.
-QWEN3_5_MOE_NAMES = {
-    **QWEN3_5_NAMES, "router": "model.layers.{i}.mlp.gate.weight",
-    "moe_gate": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
-    "moe_up": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
-    "moe_down": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
-    "w_gate": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
-    "w_up": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
-    "w_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
-    "shared_gate": "model.layers.{i}.mlp.shared_expert_gate.weight"}
-# Qwen3-Next: Qwen3.5-MoE's layers, each linear layer's q, k, v, z in one projection and b, a in another, their rows
-# grouped by key head (`qwen3_next_rows`).
-QWEN3_NEXT_NAMES = {k: v for k, v in QWEN3_5_MOE_NAMES.items() if k not in ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a")} | {
-    "gdn_qkvz": "model.layers.{i}.linear_attn.in_proj_qkvz.weight", "gdn_ba": "model.layers.{i}.linear_attn.in_proj_ba.weight"}
 # The MLP of the dense layers in a model whose layers mix them with expert layers (weights.DENSE_KEYS).
 DENSE_LAYER_NAMES = {"dense_gate": HF_NAMES["w_gate"], "dense_up": HF_NAMES["w_up"], "dense_down": HF_NAMES["w_down"]}
 # Mixture-of-experts layers: Qwen2/3-MoE keep them under `mlp`, Mixtral under `block_sparse_moe` (w1 gate, w3 up,
@@ -67,6 +46,19 @@ QWEN_MOE_NAMES = {
     "w_down": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
     "shared_gate": "model.layers.{i}.mlp.shared_expert_gate.weight",
 }
+# Qwen3.5: attention layers as Qwen3's (q_proj's rows each head's query then its gate), Gated DeltaNet layers under
+# `linear_attn` (models/gated_delta.py). A Qwen3_5ForConditionalGeneration checkpoint keeps them under
+# `model.language_model.` (`_language_model`); its vision tower and multi-token-prediction layers are not read.
+QWEN3_5_NAMES = {**HF_NAMES, **{key: f"model.layers.{{i}}.linear_attn.{name}" for key, name in (
+    ("gdn_qkv", "in_proj_qkv.weight"), ("gdn_z", "in_proj_z.weight"), ("gdn_b", "in_proj_b.weight"),
+    ("gdn_a", "in_proj_a.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"),
+    ("gdn_norm", "norm.weight"), ("gdn_out", "out_proj.weight"))}}
+# Qwen3.5-MoE: Qwen3.5's layers with Qwen2-MoE's experts, shared expert and its gate.
+QWEN3_5_MOE_NAMES = {**QWEN3_5_NAMES, **QWEN_MOE_NAMES}
+# Qwen3-Next: Qwen3.5-MoE's layers, each linear layer's q, k, v, z in one projection and b, a in another, their rows
+# grouped by key head (`qwen3_next_rows`).
+QWEN3_NEXT_NAMES = {k: v for k, v in QWEN3_5_MOE_NAMES.items() if k not in ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a")} | {
+    "gdn_qkvz": "model.layers.{i}.linear_attn.in_proj_qkvz.weight", "gdn_ba": "model.layers.{i}.linear_attn.in_proj_ba.weight"}
 MIXTRAL_NAMES = {
     **HF_NAMES,
     "router": "model.layers.{i}.block_sparse_moe.gate.weight",

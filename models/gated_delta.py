@@ -97,11 +97,12 @@ def _l2norm(x: jax.Array) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
-def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_state: jax.Array, batch: Batch,
-        proj) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One Gated DeltaNet layer's token mixing: h [T, hidden] (normed) -> (out [T, hidden], conv_state, ssm_state)
-    with this layer's states [N, ...] read at each sequence's slot (zero for a sequence starting at position 0) and
-    written back. `proj(h, name)`: the layer's projection `name` applied to h."""
+def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: Batch, proj) -> tuple[jax.Array, States]:
+    """One Gated DeltaNet layer's token mixing: h [T, hidden] (normed) -> (out [T, hidden], states), linear layer
+    `layer`'s states read at each sequence's slot (zero for a sequence starting at position 0) and written back.
+    The stacked arrays are indexed [layer, slot] in place: slicing out a layer's [N, ...] would copy every slot's
+    state, snapshots included, at every layer. `proj(h, name)`: the layer's projection `name` applied to h."""
+    conv_state, ssm_state = states.conv, states.ssm
     t = h.shape[0]
     hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
     dk, dv, kw = cfg.linear_key_head_dim, cfg.linear_value_head_dim, cfg.linear_conv_kernel
@@ -117,7 +118,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
 
     # The causal depthwise convolution, its first K - 1 inputs from the sequence's conv state.
     x = proj(h, "gdn_qkv")  # [T, conv_dim]
-    prev = jnp.where(fresh[:, None, None], 0, conv_state[batch.slots]).astype(x.dtype)  # [S, K - 1, conv_dim]
+    prev = jnp.where(fresh[:, None, None], 0, conv_state[layer, batch.slots]).astype(x.dtype)  # [S, K - 1, conv_dim]
     w = p["gdn_conv"].astype(jnp.float32)  # [K, conv_dim]
     acc = jnp.zeros(x.shape, jnp.float32)
     for o in range(kw):
@@ -130,16 +131,16 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
     c = q_lens[:, None] + jnp.arange(kw - 1)[None, :]  # [S, K - 1] indices into that concatenation
     new_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
                          x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
-    conv_state = conv_state.at[jnp.where(live, batch.slots, conv_state.shape[0])].set(
+    n_slots = conv_state.shape[1]
+    conv_state = conv_state.at[layer, jnp.where(live, batch.slots, n_slots)].set(
         new_conv.astype(conv_state.dtype), mode="drop")
     snap = jnp.zeros_like(q_lens) if batch.snapshot_offsets is None else jnp.where(live, batch.snapshot_offsets, 0)
-    snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots,
-                           conv_state.shape[0])
+    snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots, n_slots)
     if batch.snapshot_offsets is not None:  # the conv state after `snap` tokens, likewise
         c = snap[:, None] + jnp.arange(kw - 1)[None, :]
         snap_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
                               x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
-        conv_state = conv_state.at[snap_slots].set(snap_conv.astype(conv_state.dtype), mode="drop")
+        conv_state = conv_state.at[layer, snap_slots].set(snap_conv.astype(conv_state.dtype), mode="drop")
 
     key_dim = hk * dk
     q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5
@@ -150,33 +151,34 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, conv_state: jax.Array, ssm_stat
     g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * jax.nn.softplus(
         proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))
 
-    out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, cu, q_lens, starts, fresh, live, batch.slots, snap,
-                                 snap_slots)
+    out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
+                                 snap, snap_slots)
 
     # RMS norm per head (weight in the model's dtype, as transformers), times silu(z), projected out.
     z = proj(h, "gdn_z").reshape(t, hv, dv).astype(jnp.float32)
     normed = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_norm_eps)
     normed = (normed.astype(h.dtype) * p["gdn_norm"]).astype(jnp.float32) * jax.nn.silu(z)
-    return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), conv_state, ssm_state
+    return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), States(conv_state, ssm_state)
 
 
-def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots, snap, snap_slots):
+def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
-    [N, Hv, Dk, Dv] the states by slot; the state after each sequence's first snap [S] tokens also written to
-    snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm)."""
-    t, n_slots = q.shape[0], ssm.shape[0]
+    [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
+    written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm).
+
+    The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
+    loop that carried `ssm` itself would copy every slot's state at every piece)."""
+    t, n_slots = q.shape[0], ssm.shape[1]
+    s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[layer, slots])  # [S, Hv, Dk, Dv]
 
     # Decodes: one token each, every such sequence in one step.
     one = live & (q_lens == 1)
     r = jnp.clip(cu[:-1], 0, t - 1)
-    s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[slots])  # [S, Hv, Dk, Dv]
     s1 = s0 * jnp.exp(g[r])[..., None, None]
     u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s1, k[r]))
     s1 = s1 + k[r][..., None] * u[:, :, None, :]
     o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
-    ssm = ssm.at[jnp.where(one, slots, n_slots)].set(s1, mode="drop")
-    ssm = ssm.at[jnp.where(one, snap_slots, n_slots)].set(s1, mode="drop")
 
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
     # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.
@@ -192,7 +194,7 @@ def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots, s
     q, k, v, g, beta, out = map(pad, (q, k, v, g, beta, out))
 
     def piece(i, carry):
-        out, ssm = carry
+        out, cur, snapped = carry  # cur, snapped [S, Hv, Dk, Dv]: each sequence's state so far, and at its snapshot
         seg = jnp.searchsorted(ends, i, side="right")
         s = seg_seq[seg]
         nth = i - (ends[seg] - pieces[seg])
@@ -201,15 +203,20 @@ def _delta_rule(q, k, v, g, beta, ssm, cu, q_lens, starts, fresh, live, slots, s
         offset = seg_offsets[seg] + within
         row0 = cu[s] + offset
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, row0, c)  # noqa: E731
-        s0 = jnp.where(fresh[s] & (offset == 0), 0.0, ssm[slots[s]])
-        o, s_last = chunk_rule(take(q), take(k), take(v), take(g), take(beta), s0, jnp.arange(c) < length)
+        o, s_last = chunk_rule(take(q), take(k), take(v), take(g), take(beta),
+                               jax.lax.dynamic_index_in_dim(cur, s, keepdims=False), jnp.arange(c) < length)
         mask = (jnp.arange(c) < length)[:, None, None]
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, o, take(out)), row0, 0)
-        ssm = ssm.at[slots[s]].set(s_last)
         at_snapshot = (seg % 2 == 0) & (offset + length == snap[s])  # the last piece of the first segment
-        return out, ssm.at[jnp.where(at_snapshot, snap_slots[s], n_slots)].set(s_last, mode="drop")
+        kept = jnp.where(at_snapshot, s_last, jax.lax.dynamic_index_in_dim(snapped, s, keepdims=False))
+        return (out, jax.lax.dynamic_update_index_in_dim(cur, s_last, s, 0),
+                jax.lax.dynamic_update_index_in_dim(snapped, kept, s, 0))
 
-    out, ssm = jax.lax.fori_loop(0, ends[-1], piece, (out, ssm))
+    out, cur, snapped = jax.lax.fori_loop(0, ends[-1], piece, (out, s0, s0))
+    final = jnp.where(one[:, None, None, None], s1, cur)
+    ssm = ssm.at[layer, jnp.where(one | longer, slots, n_slots)].set(final, mode="drop")
+    at = jnp.where(one[:, None, None, None], s1, snapped)
+    ssm = ssm.at[layer, jnp.where((one | longer) & (snap > 0), snap_slots, n_slots)].set(at, mode="drop")
     return out[:t], ssm
 
 

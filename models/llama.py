@@ -387,10 +387,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         if cfg.linear_layers:  # this layer's token mixer (static: `grouped`), its cache or state at its place among its kind
             kv, states = carry
             if linear_layer:
-                o, conv, ssm = gated_delta.mix(cfg, p, h, states.conv[mixer_place], states.ssm[mixer_place],
-                                               recurrent[1], proj)
-                carry = (kv, gated_delta.States(states.conv.at[mixer_place].set(conv),
-                                                states.ssm.at[mixer_place].set(ssm)))
+                o, states = gated_delta.mix(cfg, p, h, states, mixer_place, recurrent[1], proj)
+                carry = (kv, states)
             else:
                 o, kv = attention(h, p, kv, mixer_place)
                 carry = (kv, states)

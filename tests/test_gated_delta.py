@@ -71,8 +71,9 @@ def test_a_ragged_batch_is_each_sequence_token_by_token():
     rng = np.random.default_rng()
     num_slots, starts, lens = 10, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
     slots, snapshots, snapshot_slots = [4, 0, 2, 5, 1], [1, 40, 0, 64, 90], [6, 7, 3, 8, 9]
-    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((num_slots, 3, cfg.linear_conv_dim)), jnp.float32),
-                                ssm=jnp.asarray(rng.standard_normal((num_slots, 4, 8, 12)) * 0.3, jnp.float32))
+    # two linear layers' states; the batch runs the second's (the first's must stay as they are)
+    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, num_slots, 3, cfg.linear_conv_dim)), jnp.float32),
+                                ssm=jnp.asarray(rng.standard_normal((2, num_slots, 4, 8, 12)) * 0.3, jnp.float32))
     h = jnp.asarray(rng.standard_normal((sum(lens) + 7, cfg.hidden_size)), jnp.float32)  # 7 rows of padding
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     pad_seqs = 2  # the sequence axis padded past num_seqs, as the runner's
@@ -82,24 +83,27 @@ def test_a_ragged_batch_is_each_sequence_token_by_token():
         num_seqs=jnp.asarray([len(lens)], jnp.int32), slots=jnp.asarray(slots + [3] * pad_seqs, jnp.int32),
         snapshot_offsets=jnp.asarray(snapshots + [5] * pad_seqs, jnp.int32),
         snapshot_slots=jnp.asarray(snapshot_slots + [3] * pad_seqs, jnp.int32))
-    out, conv, ssm = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))(h, states.conv, states.ssm,
-                                                                                            batch)
-    step = jax.jit(lambda h, c, s, b: gated_delta.mix(cfg, w, h, c, s, b, proj))
+    step = jax.jit(lambda h, st, b: gated_delta.mix(cfg, w, h, st, 1, b, proj))
+    out, after = step(h, states, batch)
+    np.testing.assert_array_equal(np.asarray(after.ssm[0]), np.asarray(states.ssm[0]))
+    np.testing.assert_array_equal(np.asarray(after.conv[0]), np.asarray(states.conv[0]))
+    conv, ssm = after.conv[1], after.ssm[1]
     for i, (start, n, slot) in enumerate(zip(starts, lens, slots)):
-        c, s = states.conv, states.ssm
+        st = states
         for j in range(n):  # one token per step, from the same slot
             one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32),
                                     kv_lens=jnp.asarray([start + j + 1], jnp.int32),
                                     num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32))
-            o, c, s = step(h[cu[i] + j : cu[i] + j + 1], c, s, one)
+            o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
+            c, s = st.conv[1], st.ssm[1]
             np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
             if j + 1 == snapshots[i]:
                 np.testing.assert_allclose(np.asarray(conv[snapshot_slots[i]]), np.asarray(c[slot]), rtol=1e-5, atol=1e-5)
                 np.testing.assert_allclose(np.asarray(ssm[snapshot_slots[i]]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
         np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(c[slot]), rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
-    np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[3]))  # no sequence's: untouched
-    np.testing.assert_array_equal(np.asarray(conv[3]), np.asarray(states.conv[3]))
+    np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[1, 3]))  # no sequence's: untouched
+    np.testing.assert_array_equal(np.asarray(conv[3]), np.asarray(states.conv[1, 3]))
 
 
 def test_qwen3_5_configs_read_as_transformers_builds_them():

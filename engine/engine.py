@@ -44,7 +44,7 @@ from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
-from models import gated_delta, quant, sharding
+from models import quant, sharding
 from models.weights import cast_params
 from models.loader import checkpoint_quantization, load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
@@ -149,12 +149,6 @@ class LLMEngine:
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
         # Snapshots of the recurrent states at page boundaries: the prefix cache of a model with linear attention layers
         self.num_snapshots = config.cache.state_snapshots if model_cfg.linear_layers and config.cache.prefix_caching else 0
-        if model_cfg.linear_layers:
-            slots = config.scheduler.max_running + 1 + self.num_snapshots
-            log.info("recurrent states of %d linear attention layers: %d slots x %.1f MiB (%d running sequences, "
-                     "padding, %d prefix-cache snapshots)", sum(model_cfg.linear_layers), slots,
-                     gated_delta.state_bytes_per_slot(model_cfg, np.float32) / 2**20, config.scheduler.max_running,
-                     self.num_snapshots)
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
         # Quantized weights the Pallas kernels read as stored where attention runs Pallas (pallas_kernels/fp8_matmul.py,
         # per device under tensor parallelism): an FP8 checkpoint's blocks, 8-bit experts; e4m3 on devices that

@@ -12,8 +12,6 @@ import functools
 import logging
 import os
 
-import numpy as np
-
 from engine.config import ConfigKeyError, EngineConfig
 from engine.disk_cache import DiskCache, layout_key, replica_layout, weights_identity
 from engine.runner import kv_bytes_per_page, kv_page_specs
@@ -68,8 +66,13 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
     cache = config.cache
     budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
     if cfg.linear_layers:  # the recurrent states come out of it (a slot per running sequence and a scratch one)
-        slots = config.scheduler.max_running + 1 + (cache.state_snapshots if cache.prefix_caching else 0)
-        budget -= slots * gated_delta.state_bytes_per_slot(cfg, np.float32)
+        snapshots = cache.state_snapshots if cache.prefix_caching else 0
+        slots = config.scheduler.max_running + 1 + snapshots
+        slot_bytes = gated_delta.state_bytes_per_slot(cfg)
+        log.info("recurrent states of %d linear attention layers: %d slots x %.1f MiB (%d running sequences, padding, "
+                 "%d prefix-cache snapshots)", sum(cfg.linear_layers), slots, slot_bytes / 2**20,
+                 config.scheduler.max_running, snapshots)
+        budget -= slots * slot_bytes
         if not cache.num_pages and budget < page_bytes:
             raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "
                                  f"scheduler.max_running={config.scheduler.max_running} sequences, "

@@ -293,8 +293,7 @@ class ModelRunner:
         # (Sequence.state_slot), one that padding sequences write to, then the prefix cache's snapshots
         # (engine.state_snapshots); donated to every step like the cache.
         self.state_scratch = self.max_seqs
-        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots,
-                                                 jnp.float32))()
+        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots))()
                        if model_cfg.linear_layers else None)
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)

@@ -63,20 +63,19 @@ class SequencePages:
     # ----------------------------------------------------------------------------------- queries
     def match(self, seq: Sequence):
         """(the tree's longest prefix of `seq` that it can start after, how many tokens the tree stores). A hybrid
-        cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages);
+        cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages), a
+        model with linear attention layers to the last one with a snapshot of their state (engine.state_snapshots);
         the pages after it are recomputed."""
         match = self.tree.match(seq.all_ids, seq.namespace)
         if self.snapshots is not None:  # resumable only where a snapshot of the recurrent state is, before the last token
             usable = self._snapshot_before(match, seq.num_tokens - 1)
-            if usable == match.num_tokens:
-                return match, match.num_tokens
-            return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
-        if self.window is None:
+        elif self.window is not None:
+            usable = self.window.usable(match.pages, seq.num_tokens) * self.page_size
+        else:
             return match, match.num_tokens
-        usable = self.window.usable(match.pages, seq.num_tokens)
-        if usable == len(match.pages):
+        if usable == match.num_tokens:
             return match, match.num_tokens
-        return self.tree.match(seq.all_ids[: usable * self.page_size], seq.namespace), match.num_tokens
+        return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
 
     def _snapshot_before(self, match, limit: int) -> int:
         """The deepest page boundary of `match`'s path at or before `limit` with a snapshot of the recurrent state (not

@@ -19,9 +19,6 @@ from __future__ import annotations
 import collections
 
 
-_RESERVING = -1  # (no block hash is negative)
-
-
 class StateSnapshots:
     """Snapshot slots by block hash, LRU. Host ints only, like the scheduler that owns it."""
 
@@ -49,25 +46,23 @@ class StateSnapshots:
         snapshot exists already, or every slot is being written by this plan."""
         if block_hash in self._slot_of:
             return None
-        if self._free:
-            slot = self._free.pop()
-        else:
-            oldest = next((h for h in self._slot_of if h not in self._pending), None)
-            if oldest is None:
-                return None
-            slot = self._slot_of.pop(oldest)
-        self._slot_of[block_hash] = slot
-        self._pending.add(block_hash)
+        slot = self._claim()
+        if slot is not None:
+            self._slot_of[block_hash] = slot
+            self._pending.add(block_hash)
         return slot
 
     def reserve(self) -> int | None:
         """A slot for a snapshot whose name is not known yet (its last token is still being sampled), held out of the
         LRU until `name` or `release`; None if every slot is being written."""
-        slot = self.take(_RESERVING)
-        if slot is not None:
-            del self._slot_of[_RESERVING]
-            self._pending.discard(_RESERVING)
-        return slot
+        return self._claim()
+
+    def _claim(self) -> int | None:
+        """A free slot, else the least recently used snapshot's that this plan does not write; None if none."""
+        if self._free:
+            return self._free.pop()
+        oldest = next((h for h in self._slot_of if h not in self._pending), None)
+        return None if oldest is None else self._slot_of.pop(oldest)
 
     def name(self, slot: int, block_hash: int) -> None:
         """A reserved slot's snapshot, named now (a later plan's: usable at once); a duplicate gives its slot back."""

@@ -28,11 +28,12 @@ A sequence may also ask for a snapshot of its state after its first n new tokens
 prefix cache's, engine.state_snapshots): the chunk's pieces are cut there too, and the state (and the convolution's
 inputs) at that point written to a second slot.
 
-Everything here runs in float32 (the state is kept in float32; the convolution's inputs in the model's dtype).
+Everything here runs in float32, and both states are kept in float32.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,30 +47,29 @@ CHUNK = 64  # tokens per piece of a prefill chunk (the matrix form's block)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class States:
-    """Every linear layer's recurrent state, by state slot: conv [Lg, N, K - 1, conv_dim] (the convolution's last
-    inputs, oldest first, in the model's dtype) and ssm [Lg, N, Hv, Dk, Dv] float32."""
+    """Every linear layer's recurrent state, by state slot, float32: conv [Lg, N, K - 1, conv_dim] (the convolution's
+    last inputs, oldest first) and ssm [Lg, N, Hv, Dk, Dv]."""
 
     conv: jax.Array
     ssm: jax.Array
 
 
-def state_shapes(cfg: LlamaConfig, num_slots: int, dtype) -> States:
-    """The (shape, dtype) of each state array for `num_slots` slots."""
+def state_shapes(cfg: LlamaConfig, num_slots: int) -> States:
+    """The shape of each state array for `num_slots` slots."""
     lg = sum(cfg.linear_layers)
-    return States(conv=((lg, num_slots, cfg.linear_conv_kernel - 1, cfg.linear_conv_dim), np.dtype(dtype)),
-                  ssm=((lg, num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim),
-                       np.dtype(np.float32)))
+    return States(conv=(lg, num_slots, cfg.linear_conv_kernel - 1, cfg.linear_conv_dim),
+                  ssm=(lg, num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim))
 
 
-def state_bytes_per_slot(cfg: LlamaConfig, dtype) -> int:
+def state_bytes_per_slot(cfg: LlamaConfig) -> int:
     """Bytes one state slot takes over every linear layer."""
-    shapes = state_shapes(cfg, 1, dtype)
-    return sum(int(np.prod(s)) * d.itemsize for s, d in (shapes.conv, shapes.ssm))
+    shapes = state_shapes(cfg, 1)
+    return 4 * (math.prod(shapes.conv) + math.prod(shapes.ssm))
 
 
-def allocate(cfg: LlamaConfig, num_slots: int, dtype) -> States:
-    shapes = state_shapes(cfg, num_slots, dtype)
-    return States(conv=jnp.zeros(*shapes.conv), ssm=jnp.zeros(*shapes.ssm))
+def allocate(cfg: LlamaConfig, num_slots: int) -> States:
+    shapes = state_shapes(cfg, num_slots)
+    return States(conv=jnp.zeros(shapes.conv, jnp.float32), ssm=jnp.zeros(shapes.ssm, jnp.float32))
 
 
 @jax.tree_util.register_dataclass
@@ -127,20 +127,19 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
                         prev[seq_of_row, jnp.clip(kw - 1 + rel, 0, kw - 2)])
         acc = acc + val.astype(jnp.float32) * w[o]
     mixed = jax.nn.silu(acc).astype(x.dtype)
-    # Each sequence's new conv state: the last K - 1 of (its state, its new inputs).
-    c = q_lens[:, None] + jnp.arange(kw - 1)[None, :]  # [S, K - 1] indices into that concatenation
-    new_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
-                         x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
+
+    def conv_after(n):
+        """Each sequence's conv state after its first n [S] new tokens: the last K - 1 of (its state, those inputs)."""
+        c = n[:, None] + jnp.arange(kw - 1)[None, :]  # [S, K - 1] indices into that concatenation
+        return jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
+                         x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)]).astype(conv_state.dtype)
+
     n_slots = conv_state.shape[1]
-    conv_state = conv_state.at[layer, jnp.where(live, batch.slots, n_slots)].set(
-        new_conv.astype(conv_state.dtype), mode="drop")
+    conv_state = conv_state.at[layer, jnp.where(live, batch.slots, n_slots)].set(conv_after(q_lens), mode="drop")
     snap = jnp.zeros_like(q_lens) if batch.snapshot_offsets is None else jnp.where(live, batch.snapshot_offsets, 0)
     snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots, n_slots)
-    if batch.snapshot_offsets is not None:  # the conv state after `snap` tokens, likewise
-        c = snap[:, None] + jnp.arange(kw - 1)[None, :]
-        snap_conv = jnp.where((c < kw - 1)[..., None], prev[jnp.arange(s_count)[:, None], jnp.clip(c, 0, kw - 2)],
-                              x[jnp.clip(cu[:-1, None] + c - (kw - 1), 0, t - 1)])
-        conv_state = conv_state.at[layer, snap_slots].set(snap_conv.astype(conv_state.dtype), mode="drop")
+    if batch.snapshot_offsets is not None:
+        conv_state = conv_state.at[layer, snap_slots].set(conv_after(snap), mode="drop")
 
     key_dim = hk * dk
     q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5

@@ -284,8 +284,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     mesh the weights are split over (the Pallas FP8 matmuls run per device).
 
     `recurrent` (a model with linear attention layers): their states and the batch's state slots; the carry returned
-    is then (attention's carry, the new states). Each layer runs one kind of token mixer (`lax.cond`), attend's layer
-    index being the layer's place among the attention layers (the KV cache holds those only)."""
+    is then (attention's carry, the new states). Each layer runs one kind of token mixer, static in the scan body
+    (`_grouped_layers`), attend's layer index being the layer's place among the attention layers (the KV cache holds
+    those only)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -325,9 +326,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         """A block's output as it joins the residual stream (Granite scales it)."""
         return o if cfg.residual_multiplier == 1.0 else o * jnp.asarray(cfg.residual_multiplier, o.dtype)
 
-    def layer(state, xs):
+    def layer(state, xs, linear_layer: bool = False):
+        """One layer; `linear_layer` (static) runs a Gated DeltaNet layer's token mixer instead of attention."""
         x, carry = state
-        p, i, is_windowed, table, lo, is_moe, place, linear_layer, mixer_place = xs
+        p, i, is_windowed, table, lo, is_moe, place, mixer_place = xs
 
         def proj(h, name, w=p):
             y = linear(h, w, name, cfg.quantized_activations, cfg.quant_kernels, mesh)
@@ -384,14 +386,13 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
         attn_in = h
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
-        if cfg.linear_layers:  # this layer's token mixer (static: `grouped`), its cache or state at its place among its kind
+        if cfg.linear_layers:  # this layer's token mixer, its cache or state at its place among its kind
             kv, states = carry
             if linear_layer:
                 o, states = gated_delta.mix(cfg, p, h, states, mixer_place, recurrent[1], proj)
-                carry = (kv, states)
             else:
                 o, kv = attention(h, p, kv, mixer_place)
-                carry = (kv, states)
+            carry = (kv, states)
         else:
             o, carry = attention(h, p, carry, i)
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
@@ -417,7 +418,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     xs = (scanned, layer_ids, jnp.asarray(windowed), jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
-          jnp.asarray(places), jnp.asarray(is_linear), jnp.asarray(mixer_places))
+          jnp.asarray(places), jnp.asarray(mixer_places))
     if cfg.linear_layers:
         x, carry = _grouped_layers(cfg, layer, x, (carry, recurrent[0]), xs, by_mixer)
         return x, carry
@@ -448,7 +449,7 @@ def _grouped_layers(cfg: LlamaConfig, layer, x, carry, xs, by_mixer):
             one = jax.tree.map(lambda a: a[j], layer_xs)
             p = one[0] | {k: v[seen[kind]] for k, v in mixer_w[kind].items()}
             seen[kind] += 1
-            state, _ = layer(state, (p, *one[1:7], pattern[j], one[8]))
+            state, _ = layer(state, (p, *one[1:]), linear_layer=pattern[j])
         return state, None
 
     (x, carry), _ = jax.lax.scan(group, (x, carry), grouped)
@@ -694,7 +695,7 @@ def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict
 def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
     """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
-    recurrent = ((gated_delta.allocate(cfg, 1, jnp.float32), gated_delta.one_sequence(tokens.shape[0]))
+    recurrent = ((gated_delta.allocate(cfg, 1), gated_delta.one_sequence(tokens.shape[0]))
                  if cfg.linear_layers else None)
     x, _ = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), recurrent=recurrent)
     return compute_logits(params, cfg, x)

@@ -10,13 +10,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 import os
+
+import numpy as np
 
 from engine.config import ConfigKeyError, EngineConfig
 from engine.disk_cache import DiskCache, layout_key, replica_layout, weights_identity
-from engine.runner import kv_bytes_per_page, kv_page_specs
+from engine.runner import cache_arrays, kv_bytes_per_page, kv_page_specs
 from engine.window_pages import slots_per_sequence
 from models import gated_delta
+from pallas_kernels import resolve_backend
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     # On the devices the model's K/V is split across the tensor-parallel devices, a draft's is whole on each.
     device_bytes = page_bytes + (config.parallel.tensor - 1) * draft_bytes
     num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, device_bytes)
+    num_pages = _indexable_pages(config, model_cfg, kv_dtype, draft_cfg, num_pages)
     if num_window_pages:
         num_windowed = sum(model_cfg.sliding_layers)
         log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
@@ -57,6 +62,31 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     if num_host_pages and config.parallel.num_processes > 1:
         raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
     return KVPlan(page_bytes, num_pages, num_window_pages, num_host_pages if cache.prefix_caching else 0)
+
+
+def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: int) -> int:
+    """num_pages, or fewer where an 8-bit cache array on a device would hold more than 2**31 and at most 2**32
+    elements, which the Pallas kernels cannot index (pallas_kernels.ragged_kernel.check_offsets: JAX's Triton
+    lowering keeps 32-bit offsets up to 4 GiB). A cache.num_pages asked for is refused by name instead."""
+    if np.dtype(kv_dtype).itemsize != 1 or resolve_backend(config.attention.backend, cfg.kv_dims) == "xla":
+        return num_pages
+    tp, ps = config.parallel.tensor, config.cache.page_size
+    per_page = [math.prod(shape) // cfg.num_kv_heads * -(-cfg.num_kv_heads // tp)  # this device's heads
+                for shape, dtype in cache_arrays(cfg, (ps,), kv_dtype) if dtype.itemsize == 1]
+    if draft_cfg is not None:  # a draft's K/V is whole on every device
+        per_page += [math.prod(shape) for shape, dtype in cache_arrays(draft_cfg, (ps,), kv_dtype) if dtype.itemsize == 1]
+    worst = max(per_page)
+    if not 2**31 < worst * num_pages <= 2**32:
+        return num_pages
+    if config.cache.num_pages:
+        raise ConfigKeyError(f"cache.num_pages={num_pages} makes an 8-bit cache array of {worst * num_pages} elements, "
+                             f"which the Pallas kernels cannot index (JAX's Triton lowering keeps 32-bit offsets up to "
+                             f"4 GiB): use at most {2**31 // worst} or more than {2**32 // worst} pages")
+    fewer = 2**31 // worst
+    log.warning("KV cache: %d pages instead of %d: an 8-bit cache array of %.1f GiB is one the Pallas kernels cannot "
+                "index (JAX's Triton lowering keeps 32-bit offsets up to 4 GiB); a cache.memory_gb that makes it over "
+                "4 GiB uses all of it", fewer, num_pages, worst * num_pages / 2**30)
+    return fewer
 
 
 def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int) -> tuple[int, int]:

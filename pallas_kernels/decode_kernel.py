@@ -84,6 +84,9 @@ def _decode_kernel(
       mask &= kv_pos > pos - window
     return mask[None, :]
 
+  # Every tile is masked: the unmasked interior loop that pays off in the prefill kernel (walk_tiles)
+  # measured no faster here at batch 64 x 8k and slower with 128-position tiles over 3 stages (an
+  # H200, docs/kernels.md): a decode tile's mask is [1, block_kv] broadcast over few rows.
   body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
                            pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
                            scale_refs=scale_refs or None, q_latent=q_latent)
@@ -136,8 +139,9 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   if latent:
     default_h, default_kv = latent_block_sizes(num_q_heads // num_kv_heads, itemsize)
   else:
-    # K and V tiles of <= 32 KB each per pipeline stage: 128 positions for bf16 D=128.
-    default_h, default_kv = group_padded, max(16, min(128, 32768 // (head_dim * itemsize)))
+    # K and V tiles of <= 16 KB each per pipeline stage: 64 positions for bf16 D=128 (on an H200,
+    # batch 64 x 8k context: 0.92 ms against 1.25 ms with 128, docs/kernels.md "Launch configurations").
+    default_h, default_kv = group_padded, max(16, min(128, 16384 // (head_dim * itemsize)))
   block_h = block_h or default_h
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   num_head_splits = group_padded // block_h

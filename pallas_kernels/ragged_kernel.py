@@ -42,6 +42,8 @@ to 128), more than one tile's rows: the group is cut into programs of `block_h` 
 from __future__ import annotations
 
 import functools
+import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -73,6 +75,22 @@ def kv_tile(page_size: int, block_kv: int) -> tuple[int, int]:
   return block_kv // page_size, block_kv
 
 
+def check_offsets(*arrays) -> None:
+  """Refuses, by name, arrays the Triton lowering would index wrongly. JAX's Pallas Triton lowering
+  computes element offsets in signed 32 bits unless the whole array passes 2**32 BYTES (jax 0.10 and
+  0.11, pallas/triton/lowering.py: `full_size > 2**32`), so a 1-byte array of more than 2**31 and at
+  most 2**32 elements (an 8-bit cache of 2 to 4 GiB per K or V array) wraps to negative offsets: reads of other memory,
+  writes outside the cache. Seen on an H200: the int8 decode of 64 x 32k over 2 layers (exactly 4 GiB)
+  was off by 0.45. The engine sizes its cache around this (engine/kv_plan.py)."""
+  for array in arrays:
+    elements = math.prod(array.shape)
+    if elements > 2**31 and elements * jnp.dtype(array.dtype).itemsize <= 2**32:
+      raise ValueError(
+          f"a {jnp.dtype(array.dtype).name} cache array of {elements} elements {tuple(array.shape)}: the Pallas "
+          f"Triton lowering indexes 1-byte arrays of over 2**31 to 2**32 elements with 32-bit offsets that wrap; make "
+          f"it smaller (under 2 GiB) or larger (over 4 GiB), e.g. with cache.memory_gb or cache.num_pages")
+
+
 def stacked_cache(k_pages, v_pages, layer, k_scales=None, v_scales=None):
   """The kernels' cache view: (k_pages, v_pages [L, Hkv, P, ps, D], layer [1] int32, scales).
 
@@ -83,6 +101,7 @@ def stacked_cache(k_pages, v_pages, layer, k_scales=None, v_scales=None):
   """
   if kv_quant.is_quantized(k_pages.dtype) != (k_scales is not None):
     raise ValueError(f"k/v_scales go with an 8-bit cache and only with one; pages are {k_pages.dtype}")
+  check_offsets(k_pages, v_pages)
   scales = None if k_scales is None else (k_scales, v_scales)
   if layer is None:
     if k_pages.ndim != 4:
@@ -120,7 +139,7 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
 
   pages_ref holds the sequence's page-table row; k_ref [L, P, ps, Dk], v_ref [L, P, ps, Dv] one kv
   head's pages of every layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows,
-  block_kv]. carry is (acc [rows, Dv], running max m [rows], running sum l [rows]), all float32.
+  block_kv], or None for a tile every row sees whole (no mask computed). carry is (acc [rows, Dv], running max m [rows], running sum l [rows]), all float32.
   scale_refs: None, or (k_scales, v_scales) [L, P, ps] of an 8-bit cache: a key's scale multiplies
   its score column and a value's scale its probability column (kv_quant), so the 8-bit tile only
   converts to q's dtype. q_latent [rows, Dv]: a latent cache, whose keys are the K and V rows
@@ -142,8 +161,9 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
   s = s * sm_scale
   if soft_cap is not None:
     s = soft_cap * jnp.tanh(s / soft_cap)
-  kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)      # [block_kv]
-  s = jnp.where(visible(kv_pos), s, MASK_VALUE)
+  if visible is not None:  # None: a tile every row sees whole (walk_tiles)
+    kv_pos = tile * block_kv + jnp.arange(block_kv, dtype=jnp.int32)    # [block_kv]
+    s = jnp.where(visible(kv_pos), s, MASK_VALUE)
   m_new = jnp.maximum(m, jnp.max(s, axis=1))                            # [rows]
   alpha = jnp.exp(m - m_new)
   p = jnp.exp(s - m_new[:, None])                                       # [rows, block_kv]
@@ -152,6 +172,21 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
     p = p * v_scale[None, :]
   acc = alpha[:, None] * acc + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
   return acc, m_new, l
+
+
+def walk_tiles(body, lo, hi, carry, *, full_lo, full_hi):
+  """Runs body(tile, carry, masked=...) over KV tiles [lo, hi). Tiles in [full_lo, full_hi), which every
+  row sees whole (before the causal diagonal, inside the window), go through an unmasked loop; the
+  edge tiles before and after it get the mask. Masking costs a compare and select per score, which
+  the interior of a long prefix (nearly every tile) skips. full_hi=None: one masked loop (a latent
+  cache's tile, at the register limit, spills with three loops)."""
+  if full_hi is None:
+    return lax.fori_loop(lo, hi, functools.partial(body, masked=True), carry)
+  mid_lo = jnp.clip(full_lo, lo, hi)
+  mid_hi = jnp.clip(full_hi, mid_lo, hi)
+  carry = lax.fori_loop(lo, mid_lo, functools.partial(body, masked=True), carry)
+  carry = lax.fori_loop(mid_lo, mid_hi, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(mid_hi, hi, functools.partial(body, masked=True), carry)
 
 
 def _group_heads(q, num_kv_heads: int, block_h: int):
@@ -227,34 +262,54 @@ def _prefill_kernel(
       mask &= kv_pos[None, :] > row_pos[:, None] - window
     return mask
 
-  body = functools.partial(attend_kv_tile, q, k_ref, v_ref, pages_ref, layer, visible=visible,
-                           pages_per_tile=pages_per_tile, sm_scale=sm_scale, soft_cap=soft_cap,
-                           scale_refs=scale_refs or None, q_latent=q_latent)
+  def body(tile, carry, *, masked):
+    return attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry,
+                          visible=visible if masked else None, pages_per_tile=pages_per_tile,
+                          sm_scale=sm_scale, soft_cap=soft_cap, scale_refs=scale_refs or None,
+                          q_latent=q_latent)
+
+  # Whole tiles: those ending at or before the first row's position (so before kv_len too) and,
+  # with a window, starting inside the last row's window.
+  full_hi = None if latent else lax.div(first_pos + 1, block_kv)
+  full_lo = _cdiv(jnp.maximum(first_pos + num_rows - window, 0), block_kv) if has_window else tile_lo
 
   if has_sinks:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
     m0, l0 = sinks_ref[...], jnp.ones((rows,), jnp.float32)
   else:
     m0, l0 = jnp.full((rows,), MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32)
   init = (jnp.zeros((rows, v_dim), jnp.float32), m0, l0)
-  acc, _, l = lax.fori_loop(tile_lo, tile_hi, body, init)
+  acc, _, l = walk_tiles(body, tile_lo, tile_hi, init, full_lo=full_lo, full_hi=full_hi)
   l = jnp.where(l == 0.0, 1.0, l)
   o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
 
 
-def default_block_sizes(group: int, head_dim: int, itemsize: int) -> tuple[int, int]:
-  """(block_q tokens, block_kv positions) for the prefill kernel.
+def hopper_target() -> bool:
+  """Whether the kernels are built for a Hopper GPU (H100, H200, H800, H20, GH200: 227 KB of shared
+  memory a block, wgmma): the chip of the abstract mesh lowered for (gpu_compile's cross-compiles),
+  else the default device's."""
+  device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+  kind = device.device_kind if device is not None else jax.devices()[0].device_kind
+  return re.search(r"\bG?H(100|200|800|20)\b", kind) is not None
 
-  bf16, D <= 128: ~128-row tiles against 64 KV positions (each loaded K/V byte then feeds ~rows
-  FLOPs, see docs/kernels.md). The q tile is kept at ~32 KB and a K or V tile at <= 16 KB per
-  pipeline stage, so D = 256 and float32 get proportionally smaller tiles (shared memory), but
-  never under 64 rows: Hopper's wgmma takes M >= 64 per warpgroup, and a 32-row tile falls back
-  to the older mma instructions (scripts/kernel_compile_check.py checks both).
+
+def default_block_sizes(group: int, head_dim: int, itemsize: int, *,
+                        hopper: bool = False) -> tuple[int, int, int]:
+  """(block_q tokens, block_kv positions, num_stages) for the prefill kernel.
+
+  bf16, D <= 128: ~128-row tiles (each loaded K/V byte then feeds ~rows FLOPs, see
+  docs/kernels.md). The q tile is kept at ~32 KB, so D = 256 and float32 get proportionally fewer
+  rows, but never under 64: Hopper's wgmma takes M >= 64 per warpgroup, and a 32-row tile falls
+  back to the older mma instructions (scripts/kernel_compile_check.py checks both). A K or V tile
+  per pipeline stage: <= 32 KB over 3 stages on Hopper (bf16 D = 128: 128 positions; on an H200,
+  2,048 tokens over an 8k prefix took 1.06 ms against 1.30 ms with 64 positions over 2 stages,
+  docs/kernels.md), else <= 16 KB over 2 (MI300's 64 KB of LDS, an A100's 163 KB).
   """
   target_rows = max(64, min(128, 32768 // (head_dim * itemsize)))
   group_padded = next_pow2(group)
-  block_q = max(1, target_rows // group_padded)
-  block_kv = max(16, min(64, 16384 // (head_dim * itemsize)))
-  return next_pow2(block_q), block_kv
+  block_q = next_pow2(max(1, target_rows // group_padded))
+  if hopper:  # sm90 binaries of every default shape fit (<= 192 KB) unspilled: tests/test_kernels_compile.py
+    return block_q, max(16, min(128, 32768 // (head_dim * itemsize))), 3
+  return block_q, max(16, min(64, 16384 // (head_dim * itemsize))), 2
 
 
 def latent_block_sizes(group: int, itemsize: int) -> tuple[int, int, int]:
@@ -297,7 +352,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
                            block_kv: int | None = None, block_h: int | None = None,
-                           num_warps: int | None = None, num_stages: int = 2, k_scales=None,
+                           num_warps: int | None = None, num_stages: int | None = None, k_scales=None,
                            v_scales=None, sinks: jax.Array | None = None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention). block_h: q
   heads per program (a power of two <= the padded GQA group; by default the whole group, or
@@ -315,12 +370,17 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   itemsize = max(jnp.dtype(k_pages.dtype).itemsize, jnp.dtype(q.dtype).itemsize)
   if latent:
     default_q, default_h, default_kv = latent_block_sizes(group, itemsize)
+    default_stages = 2
     if block_h and not block_q:
       default_q = max(1, default_q * default_h // block_h)
   else:
-    default_q, default_kv = default_block_sizes(group, head_dim, itemsize)
+    # 8-bit pages keep the smaller tiles on Hopper too: their scales and conversions spill the larger ones
+    # (8 bytes at Llama-3-8B's heads with a window and soft cap, tests/test_kernels_compile.py).
+    default_q, default_kv, default_stages = default_block_sizes(
+        group, head_dim, itemsize, hopper=not interpret and scales is None and hopper_target())
     default_h = group_padded
   block_h = block_h or default_h
+  num_stages = num_stages or default_stages
   block_q = next_pow2(block_q or default_q)
   pages_per_tile, block_kv = kv_tile(page_size, block_kv or default_kv)
   rows = block_q * block_h  # a tile: block_q tokens x block_h q heads of one kv head

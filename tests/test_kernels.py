@@ -223,6 +223,26 @@ def test_ragged_kernel_long_chunk_over_prefix():
                           num_tokens=40, max_seqs=4, sliding_window=20)
 
 
+@pytest.mark.parametrize("sliding_window", [None, 70])
+def test_ragged_kernel_unmasked_interior_tiles(sliding_window):
+  """Chunks over prefixes many 16-position tiles long, so that walk_tiles runs all three of its
+  loops: masked tiles at the window's start, whole tiles without a mask, masked diagonal tiles."""
+  testing.check_attention(_ragged(8, 16), [(37, 200), (5, 90), (1, 130), (16, 16)], seed=5,
+                          page_size=8, num_tokens=64, max_seqs=5, sliding_window=sliding_window,
+                          nan_padding=True)
+
+
+def test_hopper_defaults_follow_the_target():
+  """Hopper (H100/H200) prefill tiles: 128 KV positions over 3 stages for bf16 D=128 (measured on
+  an H200, docs/kernels.md); elsewhere 64 over 2. The target is the chip lowered for."""
+  assert not ragged_kernel.hopper_target()  # this CPU
+  for name, hopper in (("sm90", True), ("sm80", False), ("gfx942", False)):
+    with gpu_compile.lowering_device(gpu_compile.TARGETS[name]):
+      assert ragged_kernel.hopper_target() is hopper, name
+  assert ragged_kernel.default_block_sizes(4, 128, 2, hopper=True) == (32, 128, 3)
+  assert ragged_kernel.default_block_sizes(4, 128, 2) == (32, 64, 2)
+
+
 def test_ragged_kernel_more_sequences_than_tokens():
   """A bucket with few token rows and many (mostly padding) sequence slots."""
   testing.check_attention(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
@@ -651,3 +671,49 @@ def test_stacked_cache_under_scan():
     np.testing.assert_array_equal(np.asarray(v_got), np.asarray(v_want))
     np.testing.assert_allclose(np.asarray(out_got)[:, :n], np.asarray(out_want)[:, :n],
                                **testing.tolerances(np.float32))
+
+
+def test_check_offsets_refuses_arrays_whose_offsets_wrap():
+  """1-byte arrays of more than 2**31 and at most 2**32 elements are indexed with wrapping 32-bit
+  offsets by JAX's Triton lowering (it switches to 64 bits past 2**32 bytes): refused by name, by
+  every kernel (through stacked_cache), before any memory is touched. Shapes only, no data."""
+  def pages(num_pages, dtype):
+    return jax.ShapeDtypeStruct((2, 8, num_pages, 16, 128), dtype)  # 2**15 elements a page
+
+  for num_pages, dtype, ok in ((2**16, jnp.int8, True),             # 2**31 elements: the last offset fits
+                               (2**16 + 1, jnp.int8, False),
+                               (2**17, jnp.int8, False),            # exactly 4 GiB: still 32-bit offsets
+                               (2**17 + 1, jnp.int8, True),         # past 4 GiB: 64-bit offsets
+                               (2**17, jnp.bfloat16, True)):
+    if ok:
+      ragged_kernel.check_offsets(pages(num_pages, dtype))
+    else:
+      with pytest.raises(ValueError, match="32-bit offsets"):
+        ragged_kernel.check_offsets(pages(num_pages, dtype))
+  k = pages(2**17, jnp.int8)
+  scales = jax.ShapeDtypeStruct(k.shape[:-1], jnp.float32)
+  with pytest.raises(ValueError, match="cache array of 4294967296 elements"):
+    jax.eval_shape(functools.partial(ragged_kernel.stacked_cache, layer=jnp.int32(0)), k, k,
+                   k_scales=scales, v_scales=scales)
+
+
+@pytest.mark.parametrize("memory_gb,backend,want_pages", [
+    (6.0, "pallas_interpret", 4096),   # an int8 K array of 2**31 elements at most (2 GiB), not 2.9 GiB
+    (3.0, "pallas_interpret", None),   # under 2 GiB: all of cache.memory_gb
+    (9.0, "pallas_interpret", None),   # over 4 GiB: all of it (64-bit offsets)
+    (6.0, "xla", None),                # the xla backend has no such limit
+])
+def test_kv_plan_sizes_8bit_caches_around_the_offset_limit(memory_gb, backend, want_pages):
+  from engine.config import EngineConfig  # noqa: PLC0415
+  from engine.kv_plan import plan_kv_cache  # noqa: PLC0415
+  from models.config import LlamaConfig  # noqa: PLC0415
+
+  cfg = LlamaConfig(architecture="llama", vocab_size=64, hidden_size=64, intermediate_size=64, num_layers=32,
+                    num_heads=32, num_kv_heads=8, head_dim=128)  # int8 K or V: 2**19 elements a page
+  config = EngineConfig().replace(**{"attention.backend": backend, "cache.memory_gb": memory_gb})
+  plan = plan_kv_cache(config, cfg, 4096, np.dtype(np.int8))
+  by_budget = int(memory_gb * 2**30) // plan.page_bytes
+  assert plan.num_pages == (want_pages or by_budget)
+  with pytest.raises(Exception, match="cannot index"):
+    plan_kv_cache(config.replace(**{"attention.backend": "pallas_interpret", "cache.num_pages": 5000}), cfg, 4096,
+                  np.dtype(np.int8))

@@ -201,10 +201,9 @@ INT8_DECODE_CASES = {(64, 8192), (8, 32768)}
 # Launch configurations swept by --tune (the first of each list is the default on Hopper; the prefill
 # kernel's elsewhere is (32, 64, 8, 2)).
 TUNE_PREFILL = [  # (block_q tokens, block_kv positions, num_warps, num_stages); GQA 4: rows = 4 x block_q
-    (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2), (32, 64, 8, 3), (64, 32, 8, 2), (64, 32, 8, 3),
-    (16, 128, 8, 3)]
+    (32, 128, 8, 3), (32, 128, 8, 2), (32, 64, 8, 2), (64, 32, 8, 3)]
 TUNE_DECODE = [   # (block_kv positions, num_warps, num_stages)
-    (64, 4, 2), (64, 4, 3), (32, 4, 2), (32, 4, 3), (64, 8, 2), (128, 4, 3)]
+    (64, 4, 2), (64, 4, 3), (32, 4, 2), (128, 4, 3)]
 # KV splits for decode at small batches (batch, context): the default is default_num_splits'.
 TUNE_SPLITS = {(8, 32768): [1, 2, 4, 8, 16], (8, 1024): [1, 2, 4, 8], (64, 1024): [1, 2, 4]}
 
@@ -262,6 +261,53 @@ def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_sc
     print(f"{name:<26} {label:<26} {seconds * 1e3:9.3f} "
           f"{100 * n_bytes / seconds / copy_bw:5.1f}% {100 * n_flops / seconds / mm_flops:5.1f}% "
           f"{err:9.2e}", flush=True)
+  decode_overhead(args, quick=quick, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                  dtype=dtype, sm_scale=sm_scale)
+
+
+def decode_overhead(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_scale):
+  """Where a small decode batch's time goes (on an H200, 8 x 1k took ~0.2 ms whatever the split count, for 34 MB
+  of KV): the whole call against its jnp pieces, each jitted alone, and the while loops left in each compiled
+  program (a while loop on a GPU waits on the host for its predicate every iteration; jnp.searchsorted's default
+  method is a loop)."""
+  from pallas_kernels import decode_kernel, reference  # noqa: PLC0415
+  batch_size, context = (2, 64) if quick else (8, 1024)
+  _, batch, _ = case_batch(jax.random.key(3), "decode", batch_size, context, num_q_heads=num_q_heads,
+                           num_kv_heads=num_kv_heads, head_dim=head_dim, page_size=args.page_size, dtype=dtype,
+                           num_layers=args.num_layers)
+  call_args = kernel_args(batch)
+  num_tokens, splits = batch["q"].shape[0], 4
+  rows, width = (splits, num_tokens, num_q_heads), head_dim
+  partials = (jax.random.normal(jax.random.key(4), (*rows, width), jnp.float32),
+              jax.random.normal(jax.random.key(5), rows, jnp.float32), jnp.ones(rows, jnp.float32))
+
+  def merge(acc, m, l):  # the decode wrapper's log-sum-exp epilogue
+    w = jnp.exp(m - m.max(axis=0))
+    return ((w[..., None] * acc).sum(axis=0) / (w * l).sum(axis=0)[..., None]).astype(dtype)
+
+  def metadata_compare_all(cu_q_lens, kv_lens, num_seqs):
+    t = jnp.arange(num_tokens, dtype=jnp.int32)
+    return jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all"), kv_lens, num_seqs
+
+  pieces = [
+      ("whole decode call", jax.jit(lambda *xs: decode_kernel.decode_attention(
+          *xs[:-1], layer=xs[-1], sm_scale=sm_scale, interpret=quick)), call_args),
+      ("token metadata (scan)", jax.jit(functools.partial(reference.token_metadata, num_tokens=num_tokens)),
+       (batch["cu_q_lens"], batch["kv_lens"], batch["num_seqs"])),
+      ("searchsorted compare_all", jax.jit(metadata_compare_all),
+       (batch["cu_q_lens"], batch["kv_lens"], batch["num_seqs"])),
+      (f"merge of {splits} splits", jax.jit(merge), partials),
+  ]
+  print(f"\nsmall decode batch, {batch_size} x {context}: the call and its jnp pieces alone")
+  print(f"{'piece':<28} {'ms':>9} {'while loops':>12}")
+  for label, fn, fn_args in pieces:
+    try:
+      whiles = fn.lower(*fn_args).compile().as_text().count(" while(")
+      seconds = time_fn(fn, *fn_args, reps=args.reps or (2 if quick else 7), inner=1 if quick else None)
+    except Exception as e:  # noqa: BLE001 (report and go on)
+      print(f"{label:<28} failed: {type(e).__name__}: {str(e)[:200]}")
+      continue
+    print(f"{label:<28} {seconds * 1e3:9.3f} {whiles:12d}", flush=True)
 
 
 def main(argv=None):

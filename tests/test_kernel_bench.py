@@ -27,6 +27,9 @@ def test_kernel_bench_quick(flags, num_rows):
   # Last column: max |ours - xla reference|, bfloat16 outputs.
   errors = [float(line.split()[-1]) for line in rows]
   assert max(errors) < 5e-2, out
+  if flags:  # --tune ends with the small-decode breakdown: the call, 3 pieces, their while loops
+    pieces = out[out.index("small decode batch"):].splitlines()[2:]
+    assert [line.split()[0] for line in pieces] == ["whole", "token", "searchsorted", "merge"], out
 
 
 def test_goal_summary_reads_the_table(capsys):

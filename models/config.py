@@ -40,7 +40,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid (attention layers only), gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next")
+                  "granitemoehybrid, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
@@ -141,6 +141,12 @@ class LlamaConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 4  # the causal depthwise convolution's width over q, k and v
+    # Which linear layer: "gated_delta" (Qwen3.5, Qwen3-Next) or "mamba2" (Granite 4.0-H: Mamba-2's SSD, models/
+    # gated_delta.py maps it onto the same state). For mamba2 the key heads are its B/C groups, the key head dim its
+    # state size, the value heads and head dim its heads and their width.
+    linear_kind: str = "gated_delta"
+    linear_conv_bias: bool = False  # the convolution has a bias (Mamba-2)
+    linear_dt_limit: tuple[float, ...] = ()  # Mamba-2's time step clamped to [lo, hi] after its softplus; (): none
     # q_proj also gives each head an output gate (its rows [query, gate] per head): attention's output is multiplied by
     # sigmoid(gate) before o_proj (Qwen3.5)
     attn_output_gate: bool = False
@@ -224,7 +230,10 @@ class LlamaConfig:
             if min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
                 raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
                                   "value heads a multiple of key heads and linear_conv_kernel >= 2")
-            if all(self.linear_layers) or self.mla or self.sliding_window is not None or self.moe_layers:
+            if self.linear_kind not in ("gated_delta", "mamba2"):
+                raise ConfigError(f"linear_kind={self.linear_kind!r} is not supported (gated_delta, mamba2)")
+            if (all(self.linear_layers) or self.mla or self.sliding_window is not None
+                    or (self.moe_layers and not all(self.moe_layers))):
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
                                   "latent attention, sliding windows or dense layers among expert ones")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
@@ -327,9 +336,13 @@ class LlamaConfig:
         per_layer += sum(self.qk_norm_sizes) * self.qk_norm
         num_linear = sum(self.linear_layers)
         attention = (self.num_layers - num_linear) * per_layer
-        hv, value = self.linear_num_value_heads, self.linear_value_dim
-        linear = num_linear * (h * (self.linear_conv_dim + value + 2 * hv) + self.linear_conv_dim * self.linear_conv_kernel
-                               + 2 * hv + self.linear_value_head_dim + value * h)
+        hv, value, conv = self.linear_num_value_heads, self.linear_value_dim, self.linear_conv_dim
+        if self.linear_kind == "mamba2":  # in_proj (z, x B C, dt), conv (+ bias), dt_bias, A_log, D, norm, out_proj
+            linear = num_linear * (h * (conv + value + hv) + conv * (self.linear_conv_kernel + self.linear_conv_bias)
+                                   + 3 * hv + value + value * h)
+        else:
+            linear = num_linear * (h * (conv + value + 2 * hv) + conv * self.linear_conv_kernel
+                                   + 2 * hv + self.linear_value_head_dim + value * h)
         per_layer = 2 * h * self.sandwich_norms
         per_layer += (1 if self.parallel_block else 2) * h * self.pre_norms
         dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size + 2 * (self.hidden_act == "xielu")
@@ -391,12 +404,8 @@ class LlamaConfig:
                 raise ConfigError(f"{source}: missing field {key!r}")
             return cfg[key]
 
-        granite4 = arch == "granitemoehybrid"  # Granite 4.0: attention layers only here, an MLP or experts after each
-        if granite4:
-            kinds = set(cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"]) - {"attention", "full_attention"}
-            if kinds:
-                raise ConfigError(f"{source}: granitemoehybrid layers {sorted(kinds)} are not supported "
-                                  "(Mamba-2 layers need a recurrent state; Granite 4.0's attention-only models are read)")
+        granite4 = arch == "granitemoehybrid"  # Granite 4.0: attention and Mamba-2 layers, an MLP or experts after each
+        mamba = _granite4_mamba(cfg, source) if granite4 else {}
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
         head_dim = cfg.get("head_dim") or hidden // num_heads
@@ -450,6 +459,7 @@ class LlamaConfig:
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **(_granite_multipliers(cfg) if arch in GRANITE_HF else {}),
             **_experts_from_hf(cfg, source, arch),
+            **mamba,
         )
 
     @classmethod
@@ -605,6 +615,7 @@ class LlamaConfig:
         d["rope_layers"] = tuple(d.get("rope_layers", ()))
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["linear_layers"] = tuple(d.get("linear_layers", ()))
+        d["linear_dt_limit"] = tuple(d.get("linear_dt_limit", ()))
         return cls(**d)
 
 
@@ -693,6 +704,35 @@ def _rope_layers(cfg: Mapping[str, Any]) -> tuple[bool, ...]:
         return tuple(bool(x) for x in given)
     interval = int(cfg.get("no_rope_layer_interval") or 4)
     return tuple((i + 1) % interval != 0 for i in range(int(cfg["num_hidden_layers"])))
+
+
+def _granite4_mamba(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """A granitemoehybrid config's Mamba-2 layers as linear layers ({} for an attention-only one). Its layer_types say
+    "mamba" (checkpoints) or "linear_attention" (transformers >= 5 writes), and "attention"."""
+    types = list(cfg.get("layer_types") or cfg.get("layers_block_type") or ["mamba"] * int(cfg["num_hidden_layers"]))
+    unknown = set(types) - {"mamba", "linear_attention", "attention", "full_attention"}
+    if unknown:
+        raise ConfigError(f"{source}: granitemoehybrid layer_types {sorted(unknown)} are not supported")
+    linear = tuple(t in ("mamba", "linear_attention") for t in types)
+    if not any(linear):
+        return {}
+    if cfg.get("mamba_proj_bias"):
+        raise ConfigError(f"{source}: mamba_proj_bias=true is not supported (Mamba-2's projections have no biases here)")
+    hidden, heads = int(cfg["hidden_size"]), int(cfg.get("mamba_n_heads", 128))
+    inner = int(cfg.get("mamba_expand", 2)) * hidden
+    head_dim = cfg.get("mamba_d_head", "auto")
+    head_dim = inner // heads if head_dim in (None, "auto") else int(head_dim)
+    if head_dim * heads != inner:
+        raise ConfigError(f"{source}: mamba_n_heads={heads} x mamba_d_head={head_dim} must be mamba_expand x hidden_size "
+                          f"= {inner}")
+    # (transformers >= 5 writes an infinite limit as {"__float__": "Infinity"}, json.dumps as Infinity)
+    lo, hi = (float(x["__float__"] if isinstance(x, dict) else x)
+              for x in (cfg.get("time_step_limit") or (0.0, float("inf"))))
+    return dict(linear_kind="mamba2", linear_layers=linear, linear_num_key_heads=int(cfg.get("mamba_n_groups", 1)),
+                linear_key_head_dim=int(cfg.get("mamba_d_state", 256)), linear_num_value_heads=heads,
+                linear_value_head_dim=head_dim, linear_conv_kernel=int(cfg.get("mamba_d_conv", 4)),
+                linear_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
+                linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi))
 
 
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:

@@ -28,6 +28,15 @@ A sequence may also ask for a snapshot of its state after its first n new tokens
 prefix cache's, engine.state_snapshots): the chunk's pieces are cut there too, and the state (and the convolution's
 inputs) at that point written to a second slot.
 
+Mamba-2 layers (Granite 4.0-H; cfg.linear_kind "mamba2") are the same machinery without the delta: per head,
+
+    S <- exp(dt_t A) S;   S <- S + B_t (dt_t x_t)^T;   y_t = S^T C_t + D x_t
+
+with dt_t = softplus(dt_raw + dt_bias) (clamped to linear_dt_limit, if any), A = -exp(A_log), and B, C shared by the
+heads of a group. So q = C, k = B, v = dt x, g = dt A, and the update writes v unchanged (u_t = v_t: no triangular
+solve in the matrix form, `delta=False`). Its convolution runs over x, B and C (with a bias); y goes through an RMS
+norm per group of the inner width after the silu(z) gate (transformers' GraniteMoeHybridRMSNormGated), then out.
+
 Everything here runs in float32, and both states are kept in float32.
 """
 from __future__ import annotations
@@ -120,7 +129,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     x = proj(h, "gdn_qkv")  # [T, conv_dim]
     prev = jnp.where(fresh[:, None, None], 0, conv_state[layer, batch.slots]).astype(x.dtype)  # [S, K - 1, conv_dim]
     w = p["gdn_conv"].astype(jnp.float32)  # [K, conv_dim]
-    acc = jnp.zeros(x.shape, jnp.float32)
+    acc = jnp.zeros(x.shape, jnp.float32) + (p["gdn_conv_bias"].astype(jnp.float32) if cfg.linear_conv_bias else 0.0)
     for o in range(kw):
         rel = local - (kw - 1) + o  # the input's index among the sequence's new tokens (< 0: from the state)
         val = jnp.where((rel >= 0)[:, None], x[jnp.clip(rows - (kw - 1) + o, 0, t - 1)],
@@ -141,29 +150,45 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     if batch.snapshot_offsets is not None:
         conv_state = conv_state.at[layer, snap_slots].set(conv_after(snap), mode="drop")
 
-    key_dim = hk * dk
-    q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5
-    k = _l2norm(mixed[:, key_dim : 2 * key_dim].reshape(t, hk, dk).astype(jnp.float32))
-    v = mixed[:, 2 * key_dim :].reshape(t, hv, dv).astype(jnp.float32)
+    key_dim, mamba = hk * dk, cfg.linear_kind == "mamba2"
+    rate = jax.nn.softplus(proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))  # [T, Hv]
+    g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
+    if mamba:  # x, B, C: q = C, k = B, v = dt x, written as they are (module docstring)
+        if cfg.linear_dt_limit:
+            rate = jnp.clip(rate, *cfg.linear_dt_limit)
+            g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
+        xs = mixed[:, : hv * dv].reshape(t, hv, dv).astype(jnp.float32)
+        k = mixed[:, hv * dv : hv * dv + key_dim].reshape(t, hk, dk).astype(jnp.float32)
+        q = mixed[:, hv * dv + key_dim :].reshape(t, hk, dk).astype(jnp.float32)
+        v, beta = xs * rate[..., None], jnp.ones_like(rate)
+    else:
+        q = _l2norm(mixed[:, :key_dim].reshape(t, hk, dk).astype(jnp.float32)) * dk**-0.5
+        k = _l2norm(mixed[:, key_dim : 2 * key_dim].reshape(t, hk, dk).astype(jnp.float32))
+        v = mixed[:, 2 * key_dim :].reshape(t, hv, dv).astype(jnp.float32)
+        beta = jax.nn.sigmoid(proj(h, "gdn_b").astype(jnp.float32))  # [T, Hv]
     q, k = jnp.repeat(q, hv // hk, axis=1), jnp.repeat(k, hv // hk, axis=1)  # each key head serves hv / hk value heads
-    beta = jax.nn.sigmoid(proj(h, "gdn_b").astype(jnp.float32))  # [T, Hv]
-    g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * jax.nn.softplus(
-        proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))
 
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
-                                 snap, snap_slots)
+                                 snap, snap_slots, delta=not mamba)
 
-    # RMS norm per head (weight in the model's dtype, as transformers), times silu(z), projected out.
-    z = proj(h, "gdn_z").reshape(t, hv, dv).astype(jnp.float32)
-    normed = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-    normed = (normed.astype(h.dtype) * p["gdn_norm"]).astype(jnp.float32) * jax.nn.silu(z)
+    z = proj(h, "gdn_z").astype(jnp.float32)
+    if mamba:  # the skip, then silu(z), then an RMS norm per group of the inner width, projected out
+        y = (out + p["gdn_d"].astype(jnp.float32)[:, None] * xs).reshape(t, hv * dv) * jax.nn.silu(z)
+        y = y.reshape(t, hk, -1)
+        y = (y * jax.lax.rsqrt(jnp.mean(y * y, axis=-1, keepdims=True) + cfg.rms_norm_eps)).reshape(t, hv * dv)
+        normed = p["gdn_norm"].astype(jnp.float32) * y
+    else:  # RMS norm per head (weight in the model's dtype, as transformers), times silu(z), projected out
+        normed = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        normed = (normed.astype(h.dtype) * p["gdn_norm"]).astype(jnp.float32) * jax.nn.silu(z.reshape(t, hv, dv))
     return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), States(conv_state, ssm_state)
 
 
-def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots):
+def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
+                delta: bool = True):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
-    written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm).
+    written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
+    update (Mamba-2's), which writes v itself (beta unused).
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
@@ -174,7 +199,7 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     one = live & (q_lens == 1)
     r = jnp.clip(cu[:-1], 0, t - 1)
     s1 = s0 * jnp.exp(g[r])[..., None, None]
-    u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s1, k[r]))
+    u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s1, k[r])) if delta else v[r]
     s1 = s1 + k[r][..., None] * u[:, :, None, :]
     o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
@@ -203,7 +228,7 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
         row0 = cu[s] + offset
         take = lambda a: jax.lax.dynamic_slice_in_dim(a, row0, c)  # noqa: E731
         o, s_last = chunk_rule(take(q), take(k), take(v), take(g), take(beta),
-                               jax.lax.dynamic_index_in_dim(cur, s, keepdims=False), jnp.arange(c) < length)
+                               jax.lax.dynamic_index_in_dim(cur, s, keepdims=False), jnp.arange(c) < length, delta=delta)
         mask = (jnp.arange(c) < length)[:, None, None]
         out = jax.lax.dynamic_update_slice_in_dim(out, jnp.where(mask, o, take(out)), row0, 0)
         at_snapshot = (seg % 2 == 0) & (offset + length == snap[s])  # the last piece of the first segment
@@ -219,9 +244,10 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     return out[:t], ssm
 
 
-def chunk_rule(q, k, v, g, beta, s0, valid):
+def chunk_rule(q, k, v, g, beta, s0, valid, *, delta: bool = True):
     """The gated delta rule over one piece of C tokens from state s0 [H, Dk, Dv] in matrix form: q, k [C, H, Dk],
-    v [C, H, Dv], g, beta [C, H]; rows not `valid` [C] change nothing. Returns (o [C, H, Dv], final state)."""
+    v [C, H, Dv], g, beta [C, H]; rows not `valid` [C] change nothing. Returns (o [C, H, Dv], final state).
+    delta=False: the plain gated update, U = V (Mamba-2's state space duality)."""
     c = q.shape[0]
     g = jnp.where(valid[:, None], g, 0.0).T  # [H, C]
     beta = jnp.where(valid[:, None], beta, 0.0).T
@@ -229,10 +255,13 @@ def chunk_rule(q, k, v, g, beta, s0, valid):
     gc = jnp.cumsum(g, axis=-1)  # [H, C]
     i, j = np.arange(c)[:, None], np.arange(c)[None, :]
     decay = jnp.exp(jnp.where(j <= i, gc[:, :, None] - gc[:, None, :], -jnp.inf))  # [H, C, C]: exp(G_i - G_j), j <= i
-    kk = jnp.einsum("ihd,jhd->hij", k, k)
-    a = jnp.where(j < i, beta[:, :, None] * decay * kk, 0.0)
-    rhs = beta[:, :, None] * (jnp.swapaxes(v, 0, 1) - jnp.exp(gc)[:, :, None] * jnp.einsum("ihd,hde->hie", k, s0))
-    u = jax.scipy.linalg.solve_triangular(a + jnp.eye(c), rhs, lower=True, unit_diagonal=True)  # [H, C, Dv]
+    if delta:
+        kk = jnp.einsum("ihd,jhd->hij", k, k)
+        a = jnp.where(j < i, beta[:, :, None] * decay * kk, 0.0)
+        rhs = beta[:, :, None] * (jnp.swapaxes(v, 0, 1) - jnp.exp(gc)[:, :, None] * jnp.einsum("ihd,hde->hie", k, s0))
+        u = jax.scipy.linalg.solve_triangular(a + jnp.eye(c), rhs, lower=True, unit_diagonal=True)  # [H, C, Dv]
+    else:
+        u = jnp.swapaxes(jnp.where(valid[:, None, None], v, 0.0), 0, 1)
     qk = jnp.einsum("ihd,jhd->hij", q, k) * decay
     o = jnp.exp(gc)[:, :, None] * jnp.einsum("ihd,hde->hie", q, s0) + jnp.einsum("hij,hje->hie", qk, u)
     last = gc[:, -1]
@@ -240,14 +269,14 @@ def chunk_rule(q, k, v, g, beta, s0, valid):
     return jnp.swapaxes(o, 0, 1), s
 
 
-def recurrent_reference(q, k, v, g, beta, s0):
+def recurrent_reference(q, k, v, g, beta, s0, *, delta: bool = True):
     """The rule token by token (the definition, for tests): q, k [T, H, Dk], v [T, H, Dv], g, beta [T, H], s0
-    [H, Dk, Dv] -> (o [T, H, Dv], final state)."""
+    [H, Dk, Dv] -> (o [T, H, Dv], final state). delta=False: the plain gated update."""
 
     def step(s, xs):
         qt, kt, vt, gt, bt = xs
         s = s * jnp.exp(gt)[:, None, None]
-        u = bt[:, None] * (vt - jnp.einsum("hkv,hk->hv", s, kt))
+        u = bt[:, None] * (vt - jnp.einsum("hkv,hk->hv", s, kt)) if delta else vt
         s = s + kt[:, :, None] * u[:, None, :]
         return s, jnp.einsum("hkv,hk->hv", s, qt)
 

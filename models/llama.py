@@ -144,11 +144,16 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"q_norm": (n, cfg.qk_norm_sizes[0]), "k_norm": (n, cfg.qk_norm_sizes[1])}
     if cfg.sandwich_norms:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
-    if cfg.linear_layers:  # Gated DeltaNet (models/gated_delta.py)
+    if cfg.linear_layers:  # Gated DeltaNet or Mamba-2 (models/gated_delta.py)
         hv, conv = cfg.linear_num_value_heads, cfg.linear_conv_dim
         layers |= {"gdn_qkv": (n, h, conv), "gdn_z": (n, h, cfg.linear_value_dim), "gdn_b": (n, h, hv),
                    "gdn_a": (n, h, hv), "gdn_conv": (n, cfg.linear_conv_kernel, conv), "gdn_dt_bias": (n, hv),
                    "gdn_a_log": (n, hv), "gdn_norm": (n, cfg.linear_value_head_dim), "gdn_out": (n, cfg.linear_value_dim, h)}
+        if cfg.linear_kind == "mamba2":  # no write strength; a skip per head, the norm over the inner width
+            del layers["gdn_b"]
+            layers |= {"gdn_d": (n, hv), "gdn_norm": (n, cfg.linear_value_dim)}
+            if cfg.linear_conv_bias:
+                layers["gdn_conv_bias"] = (n, conv)
     # a weight of one kind of layer only (models with expert and dense layers) is stacked over those layers
     layers = {k: (len(layers_of(cfg, k)), *shape[1:]) for k, shape in layers.items()}
     shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}

@@ -127,7 +127,8 @@ INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
 # ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
 # `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused. Granite 4.0
-# (granitemoehybrid, attention layers only) alike, its `shared_mlp` the MLP where it has no experts.
+# (granitemoehybrid) alike, its `shared_mlp` the MLP where it has no experts, its Mamba-2 layers under `mamba`
+# (in_proj's rows z, x B C, dt: `weights.FUSED["mamba_in"]`).
 GRANITE_MOE_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
     "router": "model.layers.{i}.block_sparse_moe.router.layer.weight",
     "moe_gate_up": "model.layers.{i}.block_sparse_moe.input_linear.weight",
@@ -135,6 +136,10 @@ GRANITE_MOE_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w
     "w_gate_up": "model.layers.{i}.shared_mlp.input_linear.weight",
     "w_down": "model.layers.{i}.shared_mlp.output_linear.weight",
 }
+GRANITE4_NAMES = GRANITE_MOE_NAMES | {key: f"model.layers.{{i}}.mamba.{name}" for key, name in (
+    ("mamba_in", "in_proj.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_conv_bias", "conv1d.bias"),
+    ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"), ("gdn_d", "D"), ("gdn_norm", "norm.weight"),
+    ("gdn_out", "out_proj.weight"))}
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -441,7 +446,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
-            "granitemoehybrid": GRANITE_MOE_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
+            "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 

@@ -39,9 +39,14 @@ XIELU_KEYS = ("xielu_alpha_p", "xielu_alpha_n", "xielu_beta", "xielu_eps")
 # write strength b and decay a per value head, the convolution [K, conv_dim], the decay's bias and log rate per value
 # head (float32, as transformers computes the decay), the per-head norm before the gate, the output projection.
 LINEAR_KEYS = ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_norm", "gdn_out")
+# Mamba-2 layers (linear_kind mamba2) in the same names: gdn_qkv projects x, B and C (convolved together), gdn_z the
+# gate, gdn_a the time step per head; they have no write strength (gdn_b) but a skip D per head (gdn_d), a convolution
+# bias (gdn_conv_bias, where the config has one), and gdn_norm spans the whole inner width (a norm per B/C group).
+MAMBA2_KEYS = ("gdn_qkv", "gdn_z", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_d", "gdn_norm", "gdn_out")
 # In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
 ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
 FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log"})
+ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, "gdn_conv_bias"})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
                         "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out"})
@@ -51,6 +56,7 @@ TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up"), "moe_gate_up": ("moe_gate", "moe_up"),
          # Qwen3-Next's linear attention projections (its loader regroups their rows first: `qwen3_next_rows`)
          "gdn_qkvz": ("gdn_qkv", "gdn_z"), "gdn_ba": ("gdn_b", "gdn_a"),
+         "mamba_in": ("gdn_z", "gdn_qkv", "gdn_a"),  # Mamba-2's in_proj: z, then x B C, then dt
          "moe_gate_up_bias": ("moe_gate_bias", "moe_up_bias")}
 
 
@@ -62,6 +68,8 @@ def fused_rows(cfg: LlamaConfig, fused: str) -> tuple[int, ...]:
         return cfg.linear_conv_dim, cfg.linear_value_dim
     if fused == "gdn_ba":
         return cfg.linear_num_value_heads, cfg.linear_num_value_heads
+    if fused == "mamba_in":
+        return cfg.linear_value_dim, cfg.linear_conv_dim, cfg.linear_num_value_heads
     if fused.startswith("moe_"):
         return cfg.moe_intermediate_size, cfg.moe_intermediate_size
     return cfg.mlp_intermediate_size, cfg.mlp_intermediate_size
@@ -86,7 +94,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     if cfg.hidden_act == "xielu":
         keys += XIELU_KEYS
     if cfg.linear_layers:
-        keys += LINEAR_KEYS
+        keys += (MAMBA2_KEYS + (("gdn_conv_bias",) if cfg.linear_conv_bias else ())
+                 if cfg.linear_kind == "mamba2" else LINEAR_KEYS)
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))
@@ -107,7 +116,7 @@ def mixer_kind(cfg: LlamaConfig, key: str) -> str | None:
     if not cfg.linear_layers:
         return None
     base = next((key.removesuffix(suffix) for suffix in QUANT_SUFFIXES if key.endswith(suffix)), key)
-    return "linear" if base in LINEAR_KEYS else "attention" if base in ATTENTION_KEYS else None
+    return "linear" if base in ALL_LINEAR_KEYS else "attention" if base in ATTENTION_KEYS else None
 
 
 def layers_of(cfg: LlamaConfig, key: str) -> list[int]:

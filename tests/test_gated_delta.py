@@ -60,11 +60,44 @@ def _tiny_cfg() -> LlamaConfig:
     return LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text"})
 
 
-def test_a_ragged_batch_is_each_sequence_token_by_token():
+# Granite 4.0-H's shape in small: Mamba-2 layers (8 heads of 16 in 2 B/C groups, state 16) around an attention layer
+GRANITE4 = dict(vocab_size=211, hidden_size=64, intermediate_size=96, shared_intermediate_size=96, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, layer_types=["mamba", "mamba", "attention", "mamba"],
+                mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=16, mamba_d_head=16, mamba_d_conv=4, mamba_expand=2,
+                mamba_chunk_size=32, num_local_experts=0, num_experts_per_tok=2, embedding_multiplier=2.0,
+                logits_scaling=1.5, residual_multiplier=0.7, attention_multiplier=0.2, max_position_embeddings=256)
+
+
+def _tiny_granite4() -> LlamaConfig:
+    return LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid"})
+
+
+@pytest.mark.parametrize("valid", [64, 37, 1])
+def test_mamba2_matrix_form_is_the_recurrence_token_by_token(valid):
+    """Mamba-2's state space duality (delta=False): S <- exp(g) S + k v^T, o = S^T q, in float64 numpy."""
+    rng = np.random.default_rng()
+    q, k, v, g, _ = _rule_inputs(rng, 64, 3, 8, 12)
+    s0 = rng.standard_normal((3, 8, 12)).astype(np.float32)
+    s, want = s0.astype(np.float64), []
+    for t in range(valid):
+        s = s * np.exp(g[t].astype(np.float64))[:, None, None] + k[t][:, :, None] * v[t][:, None, :]
+        want.append(np.einsum("hkv,hk->hv", s, q[t]))
+    o, got_s = gated_delta.chunk_rule(*map(jnp.asarray, (q, k, v, g, np.ones_like(g), s0)),
+                                      jnp.asarray(np.arange(64) < valid), delta=False)
+    np.testing.assert_allclose(np.asarray(o)[:valid], np.stack(want), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(got_s), s, rtol=1e-4, atol=1e-4)
+    scan_o, _ = gated_delta.recurrent_reference(*map(jnp.asarray, (q[:valid], k[:valid], v[:valid], g[:valid],
+                                                                     np.ones_like(g[:valid]), s0)), delta=False)
+    np.testing.assert_allclose(np.asarray(scan_o), np.stack(want), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_a_ragged_batch_is_each_sequence_token_by_token(model):
     """Decodes and chunks (lengths across piece boundaries, starts not aligned to them, one at position 0) from states
     left in their slots: the batch's outputs and states are those of feeding each sequence one token per step, and
-    the snapshots taken within them (after the decode, inside a chunk, at a chunk's end) the states at those tokens."""
-    cfg = _tiny_cfg()
+    the snapshots taken within them (after the decode, inside a chunk, at a chunk's end) the states at those tokens.
+    Gated DeltaNet (Qwen3.5) and Mamba-2 (Granite 4.0-H) layers."""
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
     params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
@@ -72,8 +105,9 @@ def test_a_ragged_batch_is_each_sequence_token_by_token():
     num_slots, starts, lens = 10, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
     slots, snapshots, snapshot_slots = [4, 0, 2, 5, 1], [1, 40, 0, 64, 90], [6, 7, 3, 8, 9]
     # two linear layers' states; the batch runs the second's (the first's must stay as they are)
-    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, num_slots, 3, cfg.linear_conv_dim)), jnp.float32),
-                                ssm=jnp.asarray(rng.standard_normal((2, num_slots, 4, 8, 12)) * 0.3, jnp.float32))
+    shapes = gated_delta.state_shapes(cfg, num_slots)
+    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, *shapes.conv[1:])), jnp.float32),
+                                ssm=jnp.asarray(rng.standard_normal((2, *shapes.ssm[1:])) * 0.3, jnp.float32))
     h = jnp.asarray(rng.standard_normal((sum(lens) + 7, cfg.hidden_size)), jnp.float32)  # 7 rows of padding
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
     pad_seqs = 2  # the sequence axis padded past num_seqs, as the runner's
@@ -315,3 +349,76 @@ def test_qwen3_next_checkpoint_matches_transformers(tmp_path):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, ref, atol=3e-4, rtol=1e-4)
+
+
+def test_granite4_configs_read_as_transformers_builds_them():
+    cfg = _tiny_granite4()
+    assert (cfg.linear_kind, cfg.linear_layers, cfg.num_kv_layers) == ("mamba2", (True, True, False, True), 1)
+    assert (cfg.linear_num_key_heads, cfg.linear_key_head_dim, cfg.linear_num_value_heads, cfg.linear_value_head_dim,
+            cfg.linear_conv_dim, cfg.linear_conv_bias, cfg.linear_dt_limit) == (2, 16, 8, 16, 192, True, ())
+    assert cfg.rope_layers == (False,) * 4  # Granite 4.0's attention: no position embedding
+    # transformers >= 5 writes the kinds as linear_attention / full_attention, an infinite limit as {"__float__": ...}
+    written = LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid", "layer_types": [
+        "linear_attention", "linear_attention", "full_attention", "linear_attention"], "mamba_d_head": "auto",
+        "time_step_limit": [0.001, {"__float__": "Infinity"}]})
+    assert written.linear_layers == cfg.linear_layers and written.linear_value_head_dim == 16
+    assert written.linear_dt_limit == (0.001, float("inf"))
+    attention_only = LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid",
+                                                 "layer_types": ["attention"] * 4})
+    assert attention_only.linear_layers == () and attention_only.num_kv_layers == 4
+    for change, named in (({"mamba_proj_bias": True}, "mamba_proj_bias"), ({"layer_types": ["mamba", "moe"] * 2}, "moe"),
+                          ({"mamba_d_head": 12}, "mamba_d_head"), ({"layer_types": ["mamba"] * 4}, "some attention")):
+        with pytest.raises(ConfigError, match=named):
+            LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid", **change})
+
+
+def _hf_granite4(experts: int = 0):
+    import torch
+    import transformers
+
+    torch.manual_seed(int(time.time()) % 1000)
+    model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
+        **{**GRANITE4, "num_local_experts": experts})).eval()
+    with torch.no_grad():  # every weight away from its initial value (norms at 1, A_log, D, dt_bias)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+@pytest.mark.slow
+def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_path):
+    """Granite 4.0-H (granitemoehybrid with Mamba-2 layers; the MoE kind's logits too): transformers' logits, and
+    through the engine its greedy tokens, prompts sharing a system prompt resumed from state snapshots."""
+    pytest.importorskip("transformers")
+    import torch
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2, _assert_greedy_is_argmax
+
+    ids = list(np.random.default_rng().integers(0, GRANITE4["vocab_size"], 150))  # three pieces of the matrix form
+    for experts in (4, 0):
+        model = _hf_granite4(experts)
+        model.save_pretrained(tmp_path / str(experts))
+        cfg, params = load_weights(str(tmp_path / str(experts)))
+        assert cfg.num_params() == sum(p.numel() for p in model.parameters())
+        assert cfg.num_experts == experts
+        with torch.no_grad():  # float64 (transformers' grouped expert matmuls take none: float32 with experts)
+            ref = (model if experts else model.double())(torch.tensor([ids])).logits[0].numpy()
+            model.float()
+        ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+        np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
+
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(43)]
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+        "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
+        "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "debug_checks": True})
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    waves = [[system + [5, 6]], [system + [7]], [system + [8, 9, 10], system + [11], system + [12] * 20]]
+    for prompts in waves:
+        outs = llm.generate(prompts, greedy)
+        _assert_greedy_is_argmax(model, prompts, outs)
+    assert [o.cached_tokens for o in outs] == [40, 40, 40]  # the system prompt's last page boundary

@@ -152,11 +152,10 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
     key_dim, mamba = hk * dk, cfg.linear_kind == "mamba2"
     rate = jax.nn.softplus(proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))  # [T, Hv]
+    if cfg.linear_dt_limit:  # (Mamba-2's only)
+        rate = jnp.clip(rate, *cfg.linear_dt_limit)
     g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
     if mamba:  # x, B, C: q = C, k = B, v = dt x, written as they are (module docstring)
-        if cfg.linear_dt_limit:
-            rate = jnp.clip(rate, *cfg.linear_dt_limit)
-            g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
         xs = mixed[:, : hv * dv].reshape(t, hv, dv).astype(jnp.float32)
         k = mixed[:, hv * dv : hv * dv + key_dim].reshape(t, hk, dk).astype(jnp.float32)
         q = mixed[:, hv * dv + key_dim :].reshape(t, hk, dk).astype(jnp.float32)

@@ -319,7 +319,8 @@ def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
 def synthetic_model(spec: str, config, arch: str = "llama"):
     """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`; arch
     qwen3_5: three Gated DeltaNet layers per attention layer (HEADS value heads and HEADS / 2 key heads of HEAD_DIM),
-    Qwen3.5's gated attention."""
+    Qwen3.5's gated attention; granite4: three Mamba-2 layers per attention layer (HEADS heads of HEAD_DIM, one B/C
+    group, a state of HEAD_DIM), Granite 4.0's attention without RoPE."""
     import jax
 
     from models import llama
@@ -332,11 +333,16 @@ def synthetic_model(spec: str, config, arch: str = "llama"):
     except ValueError:
         raise SystemExit(f"--synthetic-model wants five integers HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM, got {spec!r}")
     tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+    pattern = tuple((i + 1) % 4 != 0 for i in range(layers))
     linear = {} if arch == "llama" else dict(
-        linear_layers=tuple((i + 1) % 4 != 0 for i in range(layers)), linear_num_key_heads=max(1, heads // 2),
+        linear_layers=pattern, linear_num_key_heads=max(1, heads // 2),
         linear_num_value_heads=heads, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
-        attn_output_gate=True, qk_norm=True, partial_rotary_factor=0.25)
-    cfg = LlamaConfig(architecture=arch, vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+        attn_output_gate=True, qk_norm=True, partial_rotary_factor=0.25) if arch == "qwen3_5" else dict(
+        architecture="granitemoehybrid", linear_kind="mamba2", linear_layers=pattern, linear_num_key_heads=1,
+        linear_num_value_heads=heads, linear_key_head_dim=head_dim, linear_value_head_dim=head_dim,
+        linear_conv_bias=True, rope_layers=(False,) * layers)
+    linear.setdefault("architecture", arch)
+    cfg = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                       max_position=config.model.max_model_len, **linear)
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
@@ -580,8 +586,9 @@ def main(argv=None) -> int:
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
-    ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5"], default="llama",
-                    help="--synthetic-model's layers: Llama's, or Qwen3.5's (Gated DeltaNet around every 4th attention layer)")
+    ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5", "granite4"], default="llama",
+                    help="--synthetic-model's layers: Llama's, Qwen3.5's (Gated DeltaNet around every 4th attention "
+                         "layer) or Granite 4.0-H's (Mamba-2 likewise)")
     args = ap.parse_args(argv)
     args.set_a = args.set_common + args.set_a
     guided = {k: v for k, v in (("guided_regex", args.guided_regex),

@@ -70,14 +70,22 @@ def tiny_models(tokenizer) -> dict:
                               max_position=512, qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.25,
                               linear_layers=(True, True, False, True), linear_num_key_heads=2, linear_num_value_heads=4,
                               linear_key_head_dim=8, linear_value_head_dim=12)
+    granite4_cfg = LlamaConfig(architecture="granitemoehybrid", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                               intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                               max_position=512, rope_layers=(False,) * 4, residual_multiplier=0.7,
+                               linear_kind="mamba2", linear_layers=(True, False, True, True), linear_num_key_heads=2,
+                               linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16,
+                               linear_conv_bias=True)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
             "qwen3_5": (qwen3_5_cfg, llama.init_params(qwen3_5_cfg, jax.random.key(11), scale=0.5), tokenizer),
+            "granite4": (granite4_cfg, llama.init_params(granite4_cfg, jax.random.key(13), scale=0.5), tokenizer),
             "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
             "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer),
             "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
 
 
-MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5")
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4")
+RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a recurrent state per sequence)
 
 
 def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> tuple[str, dict, dict, int]:
@@ -97,7 +105,7 @@ def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> 
               "scheduler.long_prefill_tokens": rng.choice([0, 0, 8, 20]),
               "scheduler.policy": rng.choice(["fcfs", "lpm"]),
               "scheduler.overlap": rng.choice([True, False])}
-    if model == "qwen3_5":  # (no speculative decoding, host or disk tier for a recurrent state yet)
+    if model in RECURRENT:  # (no speculative decoding, host or disk tier for a recurrent state yet)
         fuzzed["cache.state_snapshots"] = rng.choice([0, 1, 2, 5])
     elif rng.random() < 0.3:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
@@ -125,7 +133,7 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                  "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
     extra = "token rules" if rules else ""
-    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 and model != "qwen3_5" else None
+    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 and model not in RECURRENT else None
     if disk:
         fuzzed["cache.disk_path"] = disk
     try:

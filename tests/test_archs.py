@@ -112,7 +112,9 @@ def test_configs_read_as_transformers_builds_the_models():
                 "shared_intermediate_size": 40}
     assert LlamaConfig.from_hf_config(granite4).rope_layers == (False,) * 8  # NoPE unless position_embedding_type: rope
     assert LlamaConfig.from_hf_config({**granite4, "position_embedding_type": "rope"}).rope_layers == ()
-    with pytest.raises(ConfigError, match="Mamba-2"):
+    hybrid = LlamaConfig.from_hf_config({**granite4, "layer_types": ["mamba"] * 7 + ["attention"], "mamba_n_heads": 4})
+    assert hybrid.linear_kind == "mamba2" and hybrid.num_kv_layers == 1  # Granite 4.0-H: tests/test_gated_delta.py
+    with pytest.raises(ConfigError, match="mamba_d_head"):  # transformers' default 128 heads do not divide 2 x 32
         LlamaConfig.from_hf_config({**granite4, "layer_types": ["mamba"] * 7 + ["attention"]})
     with pytest.raises(ConfigError, match="use_qk_norm"):
         LlamaConfig.from_hf_config({**base, "model_type": "cohere", "use_qk_norm": True})

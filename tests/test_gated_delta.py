@@ -318,7 +318,8 @@ def test_qwen3_5_moe_checkpoint_matches_transformers_and_resumes_a_shared_prefix
     with torch.no_grad():  # (transformers' grouped expert matmuls take no float64)
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
-    np.testing.assert_allclose(ours, ref, atol=3e-4, rtol=1e-4)
+    # float32 on both sides: one seed put 1 of 21,100 logits 3.6e-4 apart (2026-12-04), past the 3e-4 this had
+    np.testing.assert_allclose(ours, ref, atol=5e-4, rtol=1e-4)
     rng = random.Random()
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(30)]
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
@@ -372,13 +373,13 @@ def test_granite4_configs_read_as_transformers_builds_them():
             LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid", **change})
 
 
-def _hf_granite4(experts: int = 0):
+def _hf_granite4(experts: int = 0, **changes):
     import torch
     import transformers
 
     torch.manual_seed(int(time.time()) % 1000)
     model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
-        **{**GRANITE4, "num_local_experts": experts})).eval()
+        **{**GRANITE4, "num_local_experts": experts, **changes})).eval()
     with torch.no_grad():  # every weight away from its initial value (norms at 1, A_log, D, dt_bias)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -388,7 +389,8 @@ def _hf_granite4(experts: int = 0):
 @pytest.mark.slow
 def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_path):
     """Granite 4.0-H (granitemoehybrid with Mamba-2 layers; the MoE kind's logits too): transformers' logits, and
-    through the engine its greedy tokens, prompts sharing a system prompt resumed from state snapshots."""
+    through the engine its greedy tokens, prompts sharing a system prompt resumed from state snapshots. The dense
+    model's time steps are clamped (time_step_limit (0, 0.3): most of softplus(dt + dt_bias) ~ 1.3 is cut)."""
     pytest.importorskip("transformers")
     import torch
 
@@ -399,12 +401,12 @@ def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tm
     from test_models import SMOLLM2, _assert_greedy_is_argmax
 
     ids = list(np.random.default_rng().integers(0, GRANITE4["vocab_size"], 150))  # three pieces of the matrix form
-    for experts in (4, 0):
-        model = _hf_granite4(experts)
+    for experts, limit in ((4, (0.0, float("inf"))), (0, (0.0, 0.3))):
+        model = _hf_granite4(experts, time_step_limit=limit)
         model.save_pretrained(tmp_path / str(experts))
         cfg, params = load_weights(str(tmp_path / str(experts)))
         assert cfg.num_params() == sum(p.numel() for p in model.parameters())
-        assert cfg.num_experts == experts
+        assert cfg.num_experts == experts and cfg.linear_dt_limit == (() if experts else limit)
         with torch.no_grad():  # float64 (transformers' grouped expert matmuls take none: float32 with experts)
             ref = (model if experts else model.double())(torch.tensor([ids])).logits[0].numpy()
             model.float()

@@ -70,6 +70,23 @@ def resolve_dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
+def quant_kernel_mode(backend: str, layers: dict, device) -> str:
+    """LlamaConfig.quant_kernels for these weights where attention runs `backend`: which quantized weights the Pallas
+    kernels read as stored (pallas_kernels/fp8_matmul.py, per device under tensor parallelism), e4m3 on devices that
+    convert it. On a GPU only the 8-bit experts ("pallas_experts"), the dense block-scaled projections left to XLA: on
+    an H200 its dequantize-then-GEMM took 0.245 / 0.234 ms a layer at 1 / 64 tokens where the kernel took 0.397 /
+    0.404, while the grouped kernel ran 64 tokens' int8 experts 2.4x faster than XLA (docs/kernels.md "GPU results").
+    Interpreted, both (the tests')."""
+    if not backend.startswith("pallas"):
+        return "none"
+    experts = [k for k in quant.EXPERTS if k + quant.SCALE_SUFFIX in layers and k + quant.OFFSET_SUFFIX not in layers]
+    if backend == "pallas_interpret":
+        blocks = [k.removesuffix(quant.BLOCK_SCALE_SUFFIX) for k in layers if k.endswith(quant.BLOCK_SCALE_SUFFIX)]
+        return backend if blocks or experts else "none"
+    if experts and (fp8_matmul.supported(device) or all(layers[k].dtype == jnp.int8 for k in experts)):
+        return "pallas_experts"
+    return "none"
+
 class LLMEngine:
     """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests); `draft` =
     (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`."""
@@ -150,16 +167,9 @@ class LLMEngine:
         # Snapshots of the recurrent states at page boundaries: the prefix cache of a model with linear attention layers
         self.num_snapshots = config.cache.state_snapshots if model_cfg.linear_layers and config.cache.prefix_caching else 0
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
-        # Quantized weights the Pallas kernels read as stored where attention runs Pallas (pallas_kernels/fp8_matmul.py,
-        # per device under tensor parallelism): an FP8 checkpoint's blocks, 8-bit experts; e4m3 on devices that
-        # convert it
-        layers = self.params["layers"]
-        read = [k.removesuffix(quant.BLOCK_SCALE_SUFFIX) for k in layers if k.endswith(quant.BLOCK_SCALE_SUFFIX)] + [
-            k for k in quant.EXPERTS if k + quant.SCALE_SUFFIX in layers and k + quant.OFFSET_SUFFIX not in layers]
-        if backend.startswith("pallas") and read and (
-                backend == "pallas_interpret" or fp8_matmul.supported(jax.devices()[0])
-                or all(layers[k].dtype == jnp.int8 for k in read)):
-            self.model_cfg = dataclasses.replace(self.model_cfg, quant_kernels=backend)
+        mode = quant_kernel_mode(backend, self.params["layers"], jax.devices()[0])
+        if mode != "none":
+            self.model_cfg = dataclasses.replace(self.model_cfg, quant_kernels=mode)
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,

@@ -158,7 +158,8 @@ class LlamaConfig:
     moe_grouped: bool = False
     # How to run quantized weights' matmuls, not a checkpoint's: "none" (XLA converts a layer's weights for its GEMM),
     # "pallas" / "pallas_interpret" (pallas_kernels/fp8_matmul.py: an FP8 checkpoint's block-scaled projections, and
-    # 8-bit experts on the grouped path, read as stored), set by the engine from its attention backend.
+    # 8-bit experts on the grouped path, read as stored), "pallas_experts" (the experts only; the dense block-scaled
+    # projections by XLA, which ran them faster on an H200), set by the engine from its attention backend.
     quant_kernels: str = "none"
 
     def __post_init__(self):

@@ -507,9 +507,9 @@ def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = Fal
     e4m3 with a float32 scale per output feature), 4-bit ones (int4: a float16 scale and offset per group of inputs;
     mxfp4: e2m1 codes and a power of two per group) or an FP8 checkpoint's blocks (the last two dequantized into h's
     dtype for the matmul; the blocks read by the Pallas kernel instead with `quant_kernels` "pallas" or
-    "pallas_interpret", LlamaConfig.quant_kernels, per device of a tensor-parallel `mesh`); models/quant.py has the
-    formats."""
-    if (quant_kernels != "none" and name + quant.BLOCK_SCALE_SUFFIX in p
+    "pallas_interpret", not "pallas_experts": LlamaConfig.quant_kernels, per device of a tensor-parallel `mesh`);
+    models/quant.py has the formats."""
+    if (quant_kernels in ("pallas", "pallas_interpret") and name + quant.BLOCK_SCALE_SUFFIX in p
             and fp8_matmul.tileable(p[name].shape, p[name + quant.BLOCK_SCALE_SUFFIX].shape)):
         return _fp8_kernel_linear(h, p[name], p[name + quant.BLOCK_SCALE_SUFFIX], name,
                                   quant_kernels == "pallas_interpret", mesh)

@@ -439,6 +439,8 @@ def _grouped_layers(cfg: LlamaConfig, layer, x, carry, xs, by_mixer):
     pattern = cfg.linear_layers
     n = len(pattern)
     period = next(q for q in range(1, n + 1) if n % q == 0 and all(pattern[i] == pattern[i % q] for i in range(n)))
+    if period == n:  # no repeating period (some Granite 4.0-H sizes): a scan per run of same-kind layers
+        return _layer_runs(pattern, layer, x, carry, xs, by_mixer)
     groups = n // period
     per_group = {kind: sum(pattern[:period]) if kind == "linear" else period - sum(pattern[:period])
                  for kind in by_mixer}
@@ -459,6 +461,31 @@ def _grouped_layers(cfg: LlamaConfig, layer, x, carry, xs, by_mixer):
 
     (x, carry), _ = jax.lax.scan(group, (x, carry), grouped)
     return x, carry
+
+
+def _layer_runs(pattern, layer, x, carry, xs, by_mixer):
+    """The layers of a hybrid model whose pattern does not repeat, one `lax.scan` per run of consecutive layers of
+    one kind (a body per run, where one group of the whole pattern would unroll every layer in its body). Each step
+    indexes its layer's weights in the stacked arrays in place, as a scan over them does (slicing out a run's
+    weights first would copy them at every step)."""
+    runs, start = [], 0
+    for i in range(1, len(pattern) + 1):
+        if i == len(pattern) or pattern[i] != pattern[start]:
+            runs.append((pattern[start], start, i - start))
+            start = i
+    seen = {True: 0, False: 0}
+    state = (x, carry)
+    for linear, first, length in runs:
+        weights, offset = by_mixer["linear" if linear else "attention"], seen[linear]
+        seen[linear] += length
+
+        def body(state, i, linear=linear, first=first, weights=weights, offset=offset):
+            one = jax.tree.map(lambda a: a[first + i], xs)
+            p = one[0] | {k: v[offset + i] for k, v in weights.items()}
+            return layer(state, (p, *one[1:]), linear_layer=linear)[0], None
+
+        state, _ = jax.lax.scan(body, state, jnp.arange(length, dtype=jnp.int32))
+    return state
 
 
 def _mla_up(cfg: LlamaConfig, p: Params) -> tuple[jax.Array, jax.Array]:

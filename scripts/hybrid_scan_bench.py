@@ -37,7 +37,8 @@ def main() -> None:
                       linear_num_value_heads=8, linear_key_head_dim=32, linear_value_head_dim=64, linear_conv_bias=True)
     llm = LLM(None, progress=False, model=(cfg, llama.init_params(cfg, jax.random.key(0), scale=0.3), tokenizer), **{
         "warmup": False, "cache.num_pages": 8192, "cache.page_size": 16, "model.max_model_len": 256,
-        "scheduler.max_running": 8, "scheduler.max_batch_tokens": 256, "model.dtype": "float32"})
+        "scheduler.max_running": 8, "scheduler.max_batch_tokens": 256, "model.dtype": "float32",
+        "compilation_cache_dir": ""})  # (a cached program would hide the compile time)
     greedy = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     start = time.perf_counter()
     outs = llm.generate([[5 + i] * 40 for i in range(8)], greedy)

@@ -87,6 +87,7 @@ def quant_kernel_mode(backend: str, layers: dict, device) -> str:
         return "pallas_experts"
     return "none"
 
+
 class LLMEngine:
     """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests); `draft` =
     (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`."""

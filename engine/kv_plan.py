@@ -21,6 +21,7 @@ from engine.runner import cache_arrays, kv_bytes_per_page, kv_page_specs
 from engine.window_pages import slots_per_sequence
 from models import gated_delta
 from pallas_kernels import resolve_backend
+from pallas_kernels.ragged_kernel import offsets_wrap
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: 
     if draft_cfg is not None:  # a draft's K/V is whole on every device
         per_page += [math.prod(shape) for shape, dtype in cache_arrays(draft_cfg, (ps,), kv_dtype) if dtype.itemsize == 1]
     worst = max(per_page)
-    if not 2**31 < worst * num_pages <= 2**32:
+    if not offsets_wrap(worst * num_pages, 1):
         return num_pages
     if config.cache.num_pages:
         raise ConfigKeyError(f"cache.num_pages={num_pages} makes an 8-bit cache array of {worst * num_pages} elements, "

@@ -200,14 +200,18 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     x = x[:, :, :, :block_h].reshape(num_splits, num_tokens, num_kv_heads, group_padded, *x.shape[4:])
     return x[:, :, :, :num_q_heads // num_kv_heads].reshape(num_splits, num_tokens, num_q_heads, *x.shape[4:])
 
-  acc, m, l = q_heads(acc), q_heads(m), q_heads(l)
+  return merge_splits(q_heads(acc), q_heads(m), q_heads(l), sinks).astype(q.dtype)  # [T, Hq, Dv]
+
+
+def merge_splits(acc, m, l, sinks=None):
+  """The log-sum-exp merge of the KV splits' partials: acc [splits, T, Hq, Dv], m, l [splits, T, Hq] float32 ->
+  [T, Hq, Dv] float32. sinks [Hq] (or None): one more partial each, m = sink, l = exp(sink - sink) = 1, acc = 0."""
   m_max = m.max(axis=0)
-  if sinks is not None:  # the sink is one more partial: m = sink, l = exp(sink - sink) = 1, acc = 0
-    sinks = jnp.asarray(sinks, jnp.float32).reshape(num_q_heads)
+  if sinks is not None:
+    sinks = jnp.asarray(sinks, jnp.float32).reshape(m.shape[-1])
     m_max = jnp.maximum(m_max, sinks)
   w = jnp.exp(m - m_max)                                                 # empty splits -> 0
   l_sum = (w * l).sum(axis=0)
   if sinks is not None:
     l_sum += jnp.exp(sinks - m_max)
-  out = (w[..., None] * acc).sum(axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]
-  return out.astype(q.dtype)                                             # [T, Hq, Dv]
+  return (w[..., None] * acc).sum(axis=0) / jnp.where(l_sum == 0.0, 1.0, l_sum)[..., None]

@@ -75,6 +75,12 @@ def kv_tile(page_size: int, block_kv: int) -> tuple[int, int]:
   return block_kv // page_size, block_kv
 
 
+def offsets_wrap(elements: int, itemsize: int) -> bool:
+  """Whether the Triton lowering's element offsets into an array of `elements` items of `itemsize` bytes wrap
+  (check_offsets)."""
+  return elements > 2**31 and elements * itemsize <= 2**32
+
+
 def check_offsets(*arrays) -> None:
   """Refuses, by name, arrays the Triton lowering would index wrongly. JAX's Pallas Triton lowering
   computes element offsets in signed 32 bits unless the whole array passes 2**32 BYTES (jax 0.10 and
@@ -84,7 +90,7 @@ def check_offsets(*arrays) -> None:
   was off by 0.45. The engine sizes its cache around this (engine/kv_plan.py)."""
   for array in arrays:
     elements = math.prod(array.shape)
-    if elements > 2**31 and elements * jnp.dtype(array.dtype).itemsize <= 2**32:
+    if offsets_wrap(elements, jnp.dtype(array.dtype).itemsize):
       raise ValueError(
           f"a {jnp.dtype(array.dtype).name} cache array of {elements} elements {tuple(array.shape)}: the Pallas "
           f"Triton lowering indexes 1-byte arrays of over 2**31 to 2**32 elements with 32-bit offsets that wrap; make "
@@ -139,7 +145,8 @@ def attend_kv_tile(q, k_ref, v_ref, pages_ref, layer, tile, carry, *, visible, p
 
   pages_ref holds the sequence's page-table row; k_ref [L, P, ps, Dk], v_ref [L, P, ps, Dv] one kv
   head's pages of every layer; visible(kv_pos [block_kv]) -> bool mask broadcastable to [rows,
-  block_kv], or None for a tile every row sees whole (no mask computed). carry is (acc [rows, Dv], running max m [rows], running sum l [rows]), all float32.
+  block_kv], or None for a tile every row sees whole (no mask computed). carry is (acc [rows, Dv],
+  running max m [rows], running sum l [rows]), all float32.
   scale_refs: None, or (k_scales, v_scales) [L, P, ps] of an 8-bit cache: a key's scale multiplies
   its score column and a value's scale its probability column (kv_quant), so the 8-bit tile only
   converts to q's dtype. q_latent [rows, Dv]: a latent cache, whose keys are the K and V rows

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import LlamaConfig
+from pallas_kernels.reference import bucket_of
 
 CHUNK = 64  # tokens per piece of a prefill chunk (the matrix form's block)
 
@@ -122,7 +123,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     live = jnp.arange(s_count) < num
     fresh = starts == 0
     rows = jnp.arange(t, dtype=jnp.int32)
-    seq_of_row = jnp.clip(jnp.searchsorted(cu[1:], rows, side="right"), 0, s_count - 1).astype(jnp.int32)
+    seq_of_row = jnp.clip(bucket_of(cu[1:], rows), 0, s_count - 1)
     local = rows - cu[seq_of_row]  # each row's index among its sequence's new tokens
 
     # The causal depthwise convolution, its first K - 1 inputs from the sequence's conv state.
@@ -218,7 +219,7 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
 
     def piece(i, carry):
         out, cur, snapped = carry  # cur, snapped [S, Hv, Dk, Dv]: each sequence's state so far, and at its snapshot
-        seg = jnp.searchsorted(ends, i, side="right")
+        seg = bucket_of(ends, i)
         s = seg_seq[seg]
         nth = i - (ends[seg] - pieces[seg])
         within = jnp.where(nth == 0, 0, first[seg] + (nth - 1) * c)

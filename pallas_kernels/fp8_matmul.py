@@ -25,6 +25,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.reference import bucket_of
+
 
 def block_fp8_matmul_reference(x: jax.Array, values: jax.Array, scales: jax.Array) -> jax.Array:
   """x [M, K] @ (values [K, N] e4m3 times the scale of their block, scales [K / bk, N / bn]) -> [M, N] in x's dtype,
@@ -170,7 +172,7 @@ def grouped_scaled_matmul(x: jax.Array, values: jax.Array, scales: jax.Array, gr
   slot = first_tile[expert_of_row] * bm + jnp.arange(r, dtype=jnp.int32) - starts[expert_of_row]  # [R]
   tiles = jnp.zeros((num_tiles * bm, k), x.dtype).at[slot].set(x)
   tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
-  owner = jnp.searchsorted(jnp.cumsum(tiles_per_expert), tile_ids, side="right").astype(jnp.int32)
+  owner = bucket_of(jnp.cumsum(tiles_per_expert), tile_ids)
   tile_expert = jnp.where(owner < num_experts, owner, -1)
   out = pl.pallas_call(
       functools.partial(_grouped_kernel, block_k=block_k, block_n=block_n, per_column=per_column),

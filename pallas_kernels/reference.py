@@ -35,6 +35,17 @@ _BLOCK_KV_TOKENS_ACCELERATOR = 2048
 _MAX_QUERY_BLOCK = 64
 
 
+def bucket_of(ends: jax.Array, values: jax.Array) -> jax.Array:
+  """For sorted `ends`, how many are <= each of `values` (`jnp.searchsorted(ends, values, side="right")`), int32.
+
+  The binary search is unrolled (log2(len(ends) + 1) steps written out, fused by XLA): searchsorted's default
+  method is a loop that compiles to a while loop, and on a GPU XLA runs a while loop from the host, launching its
+  kernels one iteration at a time (and reading its predicate back, unless it knows the trip count), here in the
+  prologue of every attention call of every layer. Used wherever the kernels' wrappers map rows or tiles to
+  their owners (tests/test_kernels.py checks that no loop is left outside the kernels)."""
+  return jnp.searchsorted(ends, values, side="right", method="scan_unrolled").astype(jnp.int32)
+
+
 def token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
   """Per query row: its sequence, absolute position, and whether it is a real token.
 
@@ -46,7 +57,7 @@ def token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
   num_valid_tokens = cu_q_lens[num_seqs[0]]
   valid = t < num_valid_tokens                                       # [T]
   # Sequence s owns rows [cu_q_lens[s], cu_q_lens[s+1]); empty sequences own none.
-  seq_ids = jnp.searchsorted(cu_q_lens[1:], t, side="right").astype(jnp.int32)
+  seq_ids = bucket_of(cu_q_lens[1:], t)
   seq_ids = jnp.minimum(seq_ids, num_seqs_max - 1)                   # [T]
   q_start = cu_q_lens[seq_ids]
   q_len = cu_q_lens[seq_ids + 1] - q_start
@@ -76,7 +87,7 @@ def num_query_blocks(num_tokens: int, max_seqs: int, block_q: int) -> int:
 
 def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int,
                  seq_mask: jax.Array | None = None) -> QueryBlocks:
-  """Maps query blocks to sequences with jnp only (cumsum/searchsorted), no host round trip.
+  """Maps query blocks to sequences with jnp only (cumsum, an unrolled binary search), no host round trip.
 
   Blocks in use come first, in sequence order. With `seq_mask` ([S] bool), only the sequences it
   selects get blocks; the token_block / token_slot of the others' rows are meaningless.
@@ -91,7 +102,7 @@ def query_blocks(cu_q_lens, kv_lens, num_seqs, num_tokens: int, block_q: int,
   seq_block_end = jnp.cumsum(seq_num_blocks)                               # [S]
   seq_block_start = seq_block_end - seq_num_blocks
   b = jnp.arange(num_blocks, dtype=jnp.int32)
-  block_seq = jnp.minimum(jnp.searchsorted(seq_block_end, b, side="right"), max_seqs - 1)
+  block_seq = jnp.minimum(bucket_of(seq_block_end, b), max_seqs - 1)
   block_offset = (b - seq_block_start[block_seq]) * block_q                # offset in the chunk
   num_rows = jnp.clip(q_lens[block_seq] - block_offset, 0, block_q)
   num_rows = jnp.where(b < seq_block_end[-1], num_rows, 0)

@@ -35,6 +35,7 @@ ragged chunks, sliding window or padding rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -265,11 +266,25 @@ def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_sc
                   dtype=dtype, sm_scale=sm_scale)
 
 
+@contextlib.contextmanager
+def looped_search():
+  """Within it, functions traced by the kernels' wrappers map rows to sequences with jnp.searchsorted's default method
+  (a loop: a while loop in the compiled program), as they did until 2026-12-04, instead of the unrolled
+  `reference.bucket_of`: the A/B of the small-decode breakdown."""
+  from pallas_kernels import reference  # noqa: PLC0415
+  unrolled = reference.bucket_of
+  reference.bucket_of = lambda ends, values: jnp.searchsorted(ends, values, side="right").astype(jnp.int32)
+  try:
+    yield
+  finally:
+    reference.bucket_of = unrolled
+
+
 def decode_overhead(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_scale):
   """Where a small decode batch's time goes (on an H200, 8 x 1k took ~0.2 ms whatever the split count, for 34 MB
-  of KV): the whole call against its jnp pieces, each jitted alone, and the while loops left in each compiled
-  program (a while loop on a GPU waits on the host for its predicate every iteration; jnp.searchsorted's default
-  method is a loop)."""
+  of KV, when the wrappers still searched with a loop): the whole call with the unrolled search and with the loop
+  (timed alternately), against its jnp pieces jitted alone, and the while loops left in each compiled program (on a
+  GPU XLA launches a while loop's kernels from the host one iteration at a time)."""
   from pallas_kernels import decode_kernel, reference  # noqa: PLC0415
   batch_size, context = (2, 64) if quick else (8, 1024)
   _, batch, _ = case_batch(jax.random.key(3), "decode", batch_size, context, num_q_heads=num_q_heads,
@@ -284,29 +299,39 @@ def decode_overhead(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, d
   def merge(acc, m, l):  # the decode wrapper's log-sum-exp epilogue
     return decode_kernel.merge_splits(acc, m, l).astype(dtype)
 
-  def metadata_compare_all(cu_q_lens, kv_lens, num_seqs):
-    t = jnp.arange(num_tokens, dtype=jnp.int32)
-    return jnp.searchsorted(cu_q_lens[1:], t, side="right", method="compare_all"), kv_lens, num_seqs
+  def call():
+    return jax.jit(lambda *xs: decode_kernel.decode_attention(*xs[:-1], layer=xs[-1], sm_scale=sm_scale,
+                                                              interpret=quick))
 
-  pieces = [
-      ("whole decode call", jax.jit(lambda *xs: decode_kernel.decode_attention(
-          *xs[:-1], layer=xs[-1], sm_scale=sm_scale, interpret=quick)), call_args),
-      ("token metadata (scan)", jax.jit(functools.partial(reference.token_metadata, num_tokens=num_tokens)),
-       (batch["cu_q_lens"], batch["kv_lens"], batch["num_seqs"])),
-      ("searchsorted compare_all", jax.jit(metadata_compare_all),
-       (batch["cu_q_lens"], batch["kv_lens"], batch["num_seqs"])),
-      (f"merge of {splits} splits", jax.jit(merge), partials),
+  def metadata():
+    return jax.jit(functools.partial(reference.token_metadata, num_tokens=num_tokens))
+
+  meta_args = (batch["cu_q_lens"], batch["kv_lens"], batch["num_seqs"])
+  pieces = [  # (label, jitted function, its arguments, traced with the looped search)
+      ("whole decode call", call(), call_args, False),
+      ("whole call, looped search", call(), call_args, True),
+      ("token metadata", metadata(), meta_args, False),
+      ("token metadata, looped", metadata(), meta_args, True),
+      (f"merge of {splits} splits", jax.jit(merge), partials, False),
   ]
-  print(f"\nsmall decode batch, {batch_size} x {context}: the call and its jnp pieces alone")
+  print(f"\nsmall decode batch, {batch_size} x {context}: the call and its jnp pieces alone (medians of "
+        "alternating rounds)")
   print(f"{'piece':<28} {'ms':>9} {'while loops':>12}")
-  for label, fn, fn_args in pieces:
-    try:
-      whiles = fn.lower(*fn_args).compile().as_text().count(" while(")
-      seconds = time_fn(fn, *fn_args, reps=args.reps or (2 if quick else 7), inner=1 if quick else None)
-    except Exception as e:  # noqa: BLE001 (report and go on)
-      print(f"{label:<28} failed: {type(e).__name__}: {str(e)[:200]}")
-      continue
-    print(f"{label:<28} {seconds * 1e3:9.3f} {whiles:12d}", flush=True)
+  whiles, samples = {}, {label: [] for label, *_ in pieces}
+  for label, fn, fn_args, looped in pieces:
+    with looped_search() if looped else contextlib.nullcontext():
+      try:
+        whiles[label] = fn.lower(*fn_args).compile().as_text().count(" while(")
+        jax.block_until_ready(fn(*fn_args))  # traced (and compiled) under the chosen search
+      except Exception as e:  # noqa: BLE001 (report and go on)
+        print(f"{label:<28} failed: {type(e).__name__}: {str(e)[:200]}")
+  for _ in range(args.reps or (2 if quick else 7)):  # alternating, so that drift on a shared machine hits all
+    for label, fn, fn_args, _ in pieces:
+      if label in whiles:
+        samples[label].append(time_fn(fn, *fn_args, reps=1, inner=1 if quick else None))
+  for label, *_ in pieces:
+    if label in whiles:
+      print(f"{label:<28} {statistics.median(samples[label]) * 1e3:9.3f} {whiles[label]:12d}", flush=True)
 
 
 def main(argv=None):

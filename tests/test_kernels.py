@@ -507,6 +507,88 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
 
 
 # ---------------------------------------------------------------------------------------------
+# No loop outside the kernels. On a GPU, XLA runs a while loop from the host, one iteration's
+# kernels at a time; in the attention's prologue that is per layer per step (it sat inside the
+# layer scan: jnp.searchsorted's default method, log2(sequence slots) iterations).
+
+def _loops_outside_kernels(jaxpr) -> list[str]:
+  """The while loops, and scans not fully unrolled (those lower to while loops), in a jaxpr and
+  its nested jaxprs, outside its pallas_calls."""
+  found = []
+  for eqn in jaxpr.eqns:
+    name = eqn.primitive.name
+    if name == "pallas_call":
+      continue
+    if name == "while" or (name == "scan" and eqn.params["unroll"] is not True
+                           and eqn.params["unroll"] < eqn.params["length"]):
+      found.append(f"{name}[{eqn.params.get('length', '?')}]")
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (tuple, list)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          found += _loops_outside_kernels(inner)
+  return found
+
+
+def test_bucket_of_matches_searchsorted():
+  """The unrolled search the kernels' wrappers use, against numpy's, on fresh random sorted arrays
+  with repeats (empty sequences), values below, inside and past them."""
+  rng = np.random.default_rng()
+  for size in (1, 2, 7, 8, 9, 64, 65, 257):
+    ends = np.sort(rng.integers(0, 3 * size, size)).astype(np.int32)
+    values = rng.integers(-2, 3 * size + 2, 300).astype(np.int32)
+    np.testing.assert_array_equal(np.asarray(reference.bucket_of(jnp.asarray(ends), jnp.asarray(values))),
+                                  np.searchsorted(ends, values, side="right"))
+
+
+def test_no_loop_outside_the_kernels():
+  """The Pallas wrappers (both attention kernels, the KV write, the grouped expert matmul) add no
+  loop around their kernels, and a model step's only loop outside them is the layer scan: Llama
+  (GQA 4) and Gemma 3 (one KV head, windowed and global layers: a traced window), with the
+  decode kernel and with the ragged one. The searchsorted loop this replaced is caught."""
+  from engine import runner  # noqa: PLC0415
+  from models import llama  # noqa: PLC0415
+  from models.config import LlamaConfig  # noqa: PLC0415
+
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  num_tokens, max_seqs, max_pages = 32, 16, 8
+  batch_args = (i32(max_seqs), i32(max_seqs, max_pages), i32(max_seqs + 1), i32(1))
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, 2, 64, 16, 64), jnp.bfloat16)
+  q = jax.ShapeDtypeStruct((num_tokens, 8, 64), jnp.bfloat16)
+  new = jax.ShapeDtypeStruct((num_tokens, 2, 64), jnp.bfloat16)
+  for decode_only in (True, False):
+    def attend(window, layer, *args, decode_only=decode_only):
+      return pallas_kernels.ragged_paged_attention(*args, sm_scale=0.1, sliding_window=window, backend="pallas",
+                                                   decode_only=decode_only, layer=layer)
+    assert _loops_outside_kernels(jax.make_jaxpr(attend)(i32(), i32(), q, pages, pages, *batch_args).jaxpr) == []
+  write = lambda layer, *args: pallas_kernels.write_kv(*args, backend="pallas", layer=layer)  # noqa: E731
+  assert _loops_outside_kernels(jax.make_jaxpr(write)(i32(), pages, pages, new, new, i32(num_tokens)).jaxpr) == []
+  from pallas_kernels import fp8_matmul  # noqa: PLC0415
+  experts = jax.ShapeDtypeStruct((64, 128, 256), jnp.int8)
+  grouped = jax.make_jaxpr(fp8_matmul.grouped_scaled_matmul)(
+      jax.ShapeDtypeStruct((48, 128), jnp.bfloat16), experts, jax.ShapeDtypeStruct((64, 256), jnp.float32), i32(64))
+  assert _loops_outside_kernels(grouped.jaxpr) == []
+  # The step. What this replaced shows up: searchsorted's default method as a scan over its levels.
+  assert _loops_outside_kernels(jax.make_jaxpr(
+      lambda a, b: jnp.searchsorted(a, b, side="right"))(i32(max_seqs), i32(num_tokens)).jaxpr) == ["scan[5]"]
+  llama_cfg = LlamaConfig(architecture="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
+                          num_heads=8, num_kv_heads=2, head_dim=64, max_position=512)
+  gemma_cfg = LlamaConfig(architecture="gemma3", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=4,
+                          num_heads=4, num_kv_heads=1, head_dim=256, max_position=512, sliding_window=32,
+                          sliding_layers=(True, True, False, True), rope_theta=1e6, rope_local_theta=1e4,
+                          hidden_act="gelu_tanh", qk_norm=True, sandwich_norms=True, embed_scale=16.0)
+  for cfg in (llama_cfg, gemma_cfg):
+    params = jax.eval_shape(functools.partial(llama.init_params, cfg), jax.random.key(0))
+    caches = tuple(jax.ShapeDtypeStruct(shape, dtype)
+                   for shape, dtype in runner.cache_arrays(cfg, (64, 16), np.dtype(jnp.bfloat16)))
+    inputs = llama.ModelInputs(i32(num_tokens), i32(num_tokens), i32(num_tokens), *batch_args, i32(max_seqs))
+    for decode_only in (True, False):
+      step = functools.partial(llama.forward, cfg=cfg, attn_backend="pallas", decode_only=decode_only)
+      loops = _loops_outside_kernels(jax.make_jaxpr(step)(params, kv_caches=caches, inputs=inputs).jaxpr)
+      assert loops == [f"scan[{cfg.num_layers}]"], (cfg.architecture, decode_only, loops)
+
+
+# ---------------------------------------------------------------------------------------------
 # The engine's stacked cache: [L, Hkv, P, ps, D] with a traced layer index, read and written in
 # place. Every layer holds different random content, so reading the wrong layer shows up.
 

@@ -211,8 +211,11 @@ TUNE_SPLITS = {(8, 32768): [1, 2, 4, 8, 16], (8, 1024): [1, 2, 4, 8], (64, 1024)
 
 def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_scale, copy_bw,
          mm_flops):
-  """The --tune table: our kernels under each launch configuration, at the goal shapes."""
+  """The --tune output: the small-decode breakdown first (gpu_check's time limit may cut the sweep short), then our
+  kernels under each launch configuration, at the goal shapes."""
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
+  decode_overhead(args, quick=quick, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                  dtype=dtype, sm_scale=sm_scale)
   interpret = quick
   if quick:
     prefill, decode = (16, 48), (4, 64)
@@ -262,8 +265,6 @@ def tune(args, *, quick: bool, num_q_heads, num_kv_heads, head_dim, dtype, sm_sc
     print(f"{name:<26} {label:<26} {seconds * 1e3:9.3f} "
           f"{100 * n_bytes / seconds / copy_bw:5.1f}% {100 * n_flops / seconds / mm_flops:5.1f}% "
           f"{err:9.2e}", flush=True)
-  decode_overhead(args, quick=quick, num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
-                  dtype=dtype, sm_scale=sm_scale)
 
 
 @contextlib.contextmanager

@@ -27,8 +27,8 @@ def test_kernel_bench_quick(flags, num_rows):
   # Last column: max |ours - xla reference|, bfloat16 outputs.
   errors = [float(line.split()[-1]) for line in rows]
   assert max(errors) < 5e-2, out
-  if flags:  # --tune ends with the small-decode breakdown: the call and its pieces, unrolled search and looped
-    pieces = out[out.index("small decode batch"):].splitlines()[2:]
+  if flags:  # --tune starts with the small-decode breakdown: the call and its pieces, unrolled search and looped
+    pieces = out[out.index("small decode batch"):].splitlines()[2:7]
     assert [line.split()[0] for line in pieces] == ["whole", "whole", "token", "token", "merge"], out
     whiles = {line.rsplit(maxsplit=2)[0]: int(line.split()[-1]) for line in pieces}
     assert whiles["token metadata"] == 0 and whiles["token metadata, looped"] == 1, out

@@ -85,19 +85,23 @@ class _Captured(Exception):
     self.text = text
 
 
-def _pallas_calls(jaxpr) -> list[Any]:
-  """Every pallas_call equation in a (closed) jaxpr, nested jit/scan/cond bodies included."""
-  found = []
+def outer_equations(jaxpr):
+  """Every equation of a jaxpr and of its nested jaxprs (jit, scan, cond, while bodies), the pallas_call equations
+  included but not the kernels' own bodies."""
   for eqn in jaxpr.eqns:
+    yield eqn
     if eqn.primitive.name == "pallas_call":
-      found.append(eqn)
       continue
     for value in eqn.params.values():
       for sub in value if isinstance(value, (tuple, list)) else (value,):
         inner = getattr(sub, "jaxpr", sub)  # ClosedJaxpr -> Jaxpr
         if hasattr(inner, "eqns"):
-          found.extend(_pallas_calls(inner))
-  return found
+          yield from outer_equations(inner)
+
+
+def _pallas_calls(jaxpr) -> list[Any]:
+  """Every pallas_call equation in a (closed) jaxpr, nested jit/scan/cond bodies included."""
+  return [eqn for eqn in outer_equations(jaxpr) if eqn.primitive.name == "pallas_call"]
 
 
 def lowering_device(target: Target):

@@ -514,20 +514,9 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
 def _loops_outside_kernels(jaxpr) -> list[str]:
   """The while loops, and scans not fully unrolled (those lower to while loops), in a jaxpr and
   its nested jaxprs, outside its pallas_calls."""
-  found = []
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == "pallas_call":
-      continue
-    if name == "while" or (name == "scan" and eqn.params["unroll"] is not True
-                           and eqn.params["unroll"] < eqn.params["length"]):
-      found.append(f"{name}[{eqn.params.get('length', '?')}]")
-    for value in eqn.params.values():
-      for sub in value if isinstance(value, (tuple, list)) else (value,):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          found += _loops_outside_kernels(inner)
-  return found
+  return [f"{eqn.primitive.name}[{eqn.params.get('length', '?')}]" for eqn in gpu_compile.outer_equations(jaxpr)
+          if eqn.primitive.name == "while" or (eqn.primitive.name == "scan" and eqn.params["unroll"] is not True
+                                               and eqn.params["unroll"] < eqn.params["length"])]
 
 
 def test_bucket_of_matches_searchsorted():

@@ -147,7 +147,8 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     inputs = dataclasses.replace(inputs, tokens=tokens)
     (hidden, every_row), own, *rest = llama.forward(
         params, st.cfg, kv_caches[: st.num_model_kv], inputs, attn_backend=st.backend, mesh=st.mesh,
-        all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states)
+        all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states,
+        single_token=decode_only is True and bool(st.cfg.linear_layers))  # Runner._decode_kernel's promise
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
@@ -470,11 +471,16 @@ class ModelRunner:
         """The plan's attention kernel: on the Pallas backends the split-KV decode kernel when no sequence has more
         than a few new tokens (decodes, drafts: `pallas_kernels.prefers_decode_kernel`), else the ragged one, whose
         query blocks read a chunk's KV once per block instead of once per row (a short tail prefilled over a long
-        cached prefix, the prefix cache's common case)."""
+        cached prefix, the prefix cache's common case). A model with linear attention layers takes the decode kernel
+        only when every chunk has one token: that program then compiles only their recurrent rule's single step
+        (`llama.forward`'s single_token; no piece loop to read back at every such layer)."""
         kernels = self._kernels(num_tokens)
         if len(kernels) == 1:
             return kernels[0]
-        return pallas_kernels.prefers_decode_kernel(max(len(c.token_ids) for c in plan.chunks))
+        longest = max(len(c.token_ids) for c in plan.chunks)
+        if self.cfg.linear_layers:
+            return longest == 1
+        return pallas_kernels.prefers_decode_kernel(longest)
 
     def _state_copy_arrays(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(src, dst) state slots of a plan's copies, padded to max_running with the scratch slot; None without any."""

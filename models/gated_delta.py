@@ -95,6 +95,9 @@ class Batch:
     # `snapshot_slots[s]` as well (the prefix cache's states at page boundaries: engine.state_snapshots)
     snapshot_offsets: jax.Array | None = None  # [S] int32
     snapshot_slots: jax.Array | None = None  # [S] int32
+    # Static: no sequence has more than one new token (a decode step), so only the rule's single step is compiled:
+    # no piece loop, whose trip count a GPU reads back to the host at every linear layer even when it is zero.
+    single_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def one_sequence(num_tokens: int) -> Batch:
@@ -169,7 +172,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     q, k = jnp.repeat(q, hv // hk, axis=1), jnp.repeat(k, hv // hk, axis=1)  # each key head serves hv / hk value heads
 
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
-                                 snap, snap_slots, delta=not mamba)
+                                 snap, snap_slots, delta=not mamba, single_token=batch.single_token)
 
     z = proj(h, "gdn_z").astype(jnp.float32)
     if mamba:  # the skip, then silu(z), then an RMS norm per group of the inner width, projected out
@@ -184,11 +187,12 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
 
 def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
-                delta: bool = True):
+                delta: bool = True, single_token: bool = False):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
     written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
-    update (Mamba-2's), which writes v itself (beta unused).
+    update (Mamba-2's), which writes v itself (beta unused). single_token (static): no sequence has more than one
+    new token, so the chunk path is left out.
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
@@ -203,6 +207,9 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     s1 = s1 + k[r][..., None] * u[:, :, None, :]
     o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
+    if single_token:
+        ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
+        return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
 
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
     # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.

@@ -99,6 +99,14 @@ def outer_equations(jaxpr):
           yield from outer_equations(inner)
 
 
+def loops_outside_kernels(jaxpr) -> list[str]:
+  """The while loops, and scans not fully unrolled (those lower to while loops), in a jaxpr and its nested jaxprs,
+  outside its pallas_calls: e.g. ["scan[30]"]. On a GPU each is a loop the host drives, one iteration at a time."""
+  return [f"{eqn.primitive.name}[{eqn.params.get('length', '?')}]" for eqn in outer_equations(jaxpr)
+          if eqn.primitive.name == "while" or (eqn.primitive.name == "scan" and eqn.params["unroll"] is not True
+                                               and eqn.params["unroll"] < eqn.params["length"])]
+
+
 def _pallas_calls(jaxpr) -> list[Any]:
   """Every pallas_call equation in a (closed) jaxpr, nested jit/scan/cond bodies included."""
   return [eqn for eqn in outer_equations(jaxpr) if eqn.primitive.name == "pallas_call"]

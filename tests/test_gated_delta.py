@@ -3,6 +3,7 @@ token by token, a ragged batch of decodes and chunks from live states against ea
 time, and Qwen3.5 checkpoints against transformers (logits, and greedy tokens through the engine)."""
 from __future__ import annotations
 
+import functools
 import random
 import time
 
@@ -14,6 +15,7 @@ import pytest
 from models import gated_delta, llama
 from models.config import LlamaConfig
 from models.errors import ConfigError
+from pallas_kernels import gpu_compile
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -127,7 +129,8 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model):
         for j in range(n):  # one token per step, from the same slot
             one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32),
                                     kv_lens=jnp.asarray([start + j + 1], jnp.int32),
-                                    num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32))
+                                    num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32),
+                                    single_token=True)  # the decode step's program: the single step alone
             o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
             c, s = st.conv[1], st.ssm[1]
             np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
@@ -138,6 +141,78 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model):
         np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
     np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[1, 3]))  # no sequence's: untouched
     np.testing.assert_array_equal(np.asarray(conv[3]), np.asarray(states.conv[1, 3]))
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_a_decode_step_compiles_only_the_single_step_and_matches_the_general_program(model):
+    """`single_token` (a step whose sequences have one new token each): the layer's program has no loop (the chunk
+    path's piece loop, a host read-back per layer on a GPU, is left out), and its outputs, states and snapshots are
+    the general program's on the same decode batch: live states, padding rows and sequence slots, snapshots after
+    the token for some sequences, and slots no sequence names left untouched."""
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
+    proj = lambda h, name: h @ w[name]  # noqa: E731
+    rng = np.random.default_rng()
+    num_slots, num_seqs, max_seqs, rows = 12, 5, 8, 8  # 3 padding sequence slots, 3 padding rows
+    shapes = gated_delta.state_shapes(cfg, num_slots)
+    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, *shapes.conv[1:])), jnp.float32),
+                                ssm=jnp.asarray(rng.standard_normal((2, *shapes.ssm[1:])) * 0.3, jnp.float32))
+    order = rng.permutation(num_slots)
+    slots, free = order[:max_seqs], order[max_seqs:]  # padding sequences name slots too: theirs must stay as they are
+    starts = np.concatenate([[0], rng.integers(1, 200, num_seqs - 1), np.zeros(max_seqs - num_seqs, int)])
+    live = np.arange(max_seqs) < num_seqs
+    snap = (live & (rng.permutation(max_seqs) < len(free))).astype(np.int32)  # after the token, into a free slot each
+    snap[rng.integers(num_seqs)] = 1
+    snapshot_slots = np.full(max_seqs, num_slots, np.int32)
+    snapshot_slots[snap > 0] = free[: snap.sum()]
+    batch = dict(cu_q_lens=jnp.asarray(np.minimum(np.arange(max_seqs + 1), num_seqs), jnp.int32),
+                 kv_lens=jnp.asarray(np.where(live, starts + 1, 0), jnp.int32),
+                 num_seqs=jnp.asarray([num_seqs], jnp.int32), slots=jnp.asarray(slots, jnp.int32),
+                 snapshot_offsets=jnp.asarray(snap), snapshot_slots=jnp.asarray(snapshot_slots))
+    h = jnp.asarray(rng.standard_normal((rows, cfg.hidden_size)), jnp.float32)
+    step = lambda single: jax.jit(lambda h, st, b: gated_delta.mix(  # noqa: E731
+        cfg, w, h, st, 1, gated_delta.Batch(**b, single_token=single), proj))
+    loops = lambda single: gpu_compile.loops_outside_kernels(  # noqa: E731
+        jax.make_jaxpr(step(single))(h, states, batch).jaxpr)
+    assert loops(True) == [] and loops(False) == ["while[?]"]
+    (out, after), (want, want_states) = step(True)(h, states, batch), step(False)(h, states, batch)
+    np.testing.assert_allclose(np.asarray(out[:num_seqs]), np.asarray(want[:num_seqs]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(after.ssm), np.asarray(want_states.ssm), rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(after.conv), np.asarray(want_states.conv))
+    for slot in set(range(num_slots)) - set(slots[:num_seqs]) - set(snapshot_slots[snap > 0]):
+        np.testing.assert_array_equal(np.asarray(after.ssm[:, slot]), np.asarray(states.ssm[:, slot]))
+        np.testing.assert_array_equal(np.asarray(after.conv[:, slot]), np.asarray(states.conv[:, slot]))
+    for i in np.flatnonzero(snap):  # the snapshot is the state after the token
+        np.testing.assert_array_equal(np.asarray(after.ssm[1, snapshot_slots[i]]), np.asarray(after.ssm[1, slots[i]]))
+    assert not np.array_equal(np.asarray(after.ssm[1, slots[0]]), np.asarray(states.ssm[1, slots[0]]))
+
+
+def test_a_hybrid_decode_step_has_no_loop_but_the_layer_scans():
+    """The whole model step on the Pallas backend (what a GPU runs): with single_token, as the runner compiles a step
+    of decodes, the only loops outside the kernels are the layer scans (Qwen3.5: one over its 3-layer groups; Granite
+    4.0-H, whose pattern does not repeat: one over its first run of 2); the general step adds the piece loop of each
+    linear layer's place in the scanned body."""
+    from engine import runner  # noqa: PLC0415
+
+    i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+    num_tokens, max_seqs, max_pages = 32, 16, 8
+    for cfg, scans, pieces in ((_tiny_cfg(), ["scan[3]"], 1), (_tiny_granite4(), ["scan[2]"], 2)):
+        params = jax.eval_shape(functools.partial(llama.init_params, cfg), jax.random.key(0))
+        caches = tuple(jax.ShapeDtypeStruct(shape, dtype)
+                       for shape, dtype in runner.cache_arrays(cfg, (64, 16), np.dtype(jnp.bfloat16)))
+        shapes = gated_delta.state_shapes(cfg, max_seqs)
+        states = gated_delta.States(*(jax.ShapeDtypeStruct(s, jnp.float32) for s in (shapes.conv, shapes.ssm)))
+        inputs = llama.ModelInputs(i32(num_tokens), i32(num_tokens), i32(num_tokens), i32(max_seqs),
+                                   i32(max_seqs, max_pages), i32(max_seqs + 1), i32(1), i32(max_seqs),
+                                   state_slots=i32(max_seqs), snapshot_offsets=i32(max_seqs),
+                                   snapshot_slots=i32(max_seqs))
+        for single in (True, False):
+            step = functools.partial(llama.forward, cfg=cfg, attn_backend="pallas", decode_only=single,
+                                     single_token=single)
+            loops = gpu_compile.loops_outside_kernels(
+                jax.make_jaxpr(step)(params, kv_caches=caches, inputs=inputs, states=states).jaxpr)
+            assert loops == scans + ([] if single else ["while[?]"] * pieces), (cfg.architecture, single, loops)
 
 
 def test_qwen3_5_configs_read_as_transformers_builds_them():
@@ -231,6 +306,43 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
                               ("parallel.tensor", 2, "parallel.tensor")):
         with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
+    """The engine on the Pallas kernels (interpret mode), where a step of decodes takes the single-step program
+    (`single_token`) and a step with a longer chunk the general one: the same greedy tokens as on the xla backend
+    (which compiles one program for both), over chunked prompts beside decodes, a repeated prompt resumed from a
+    snapshot, and slots reused."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random()
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (1, 5, 70, 9, 40)]
+    prompts.append(list(prompts[2]))  # resumed at its prompt's snapshot
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs, kernels = {}, []
+    for backend in ("xla", "pallas_interpret"):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+            "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
+            "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "attention.backend": backend})
+        runner = llm.engine.runner
+        choose = runner._decode_kernel
+        runner._decode_kernel = lambda plan, n: kernels.append((max(len(c.token_ids) for c in plan.chunks),  # noqa: E731
+                                                                  choose(plan, n))) or kernels[-1][1]
+        got = llm.generate(prompts[:-1], greedy) + llm.generate(prompts[-1:], greedy)
+        outs[backend] = [o.token_ids for o in got]
+        assert got[-1].cached_tokens == 64
+    assert outs["pallas_interpret"] == outs["xla"]
+    pallas = [k for k in kernels if k[1] is not None]  # (the xla backend's steps: None)
+    assert {longest for longest, single in pallas if single} == {1}  # decodes alone: the single-step program
+    assert any(longest > 1 and single is False for longest, single in pallas)
 
 
 @pytest.mark.slow

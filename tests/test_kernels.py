@@ -511,14 +511,6 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
 # kernels at a time; in the attention's prologue that is per layer per step (it sat inside the
 # layer scan: jnp.searchsorted's default method, log2(sequence slots) iterations).
 
-def _loops_outside_kernels(jaxpr) -> list[str]:
-  """The while loops, and scans not fully unrolled (those lower to while loops), in a jaxpr and
-  its nested jaxprs, outside its pallas_calls."""
-  return [f"{eqn.primitive.name}[{eqn.params.get('length', '?')}]" for eqn in gpu_compile.outer_equations(jaxpr)
-          if eqn.primitive.name == "while" or (eqn.primitive.name == "scan" and eqn.params["unroll"] is not True
-                                               and eqn.params["unroll"] < eqn.params["length"])]
-
-
 def test_bucket_of_matches_searchsorted():
   """The unrolled search the kernels' wrappers use, against numpy's, on fresh random sorted arrays
   with repeats (empty sequences), values below, inside and past them."""
@@ -549,16 +541,16 @@ def test_no_loop_outside_the_kernels():
     def attend(window, layer, *args, decode_only=decode_only):
       return pallas_kernels.ragged_paged_attention(*args, sm_scale=0.1, sliding_window=window, backend="pallas",
                                                    decode_only=decode_only, layer=layer)
-    assert _loops_outside_kernels(jax.make_jaxpr(attend)(i32(), i32(), q, pages, pages, *batch_args).jaxpr) == []
+    assert gpu_compile.loops_outside_kernels(jax.make_jaxpr(attend)(i32(), i32(), q, pages, pages, *batch_args).jaxpr) == []
   write = lambda layer, *args: pallas_kernels.write_kv(*args, backend="pallas", layer=layer)  # noqa: E731
-  assert _loops_outside_kernels(jax.make_jaxpr(write)(i32(), pages, pages, new, new, i32(num_tokens)).jaxpr) == []
+  assert gpu_compile.loops_outside_kernels(jax.make_jaxpr(write)(i32(), pages, pages, new, new, i32(num_tokens)).jaxpr) == []
   from pallas_kernels import fp8_matmul  # noqa: PLC0415
   experts = jax.ShapeDtypeStruct((64, 128, 256), jnp.int8)
   grouped = jax.make_jaxpr(fp8_matmul.grouped_scaled_matmul)(
       jax.ShapeDtypeStruct((48, 128), jnp.bfloat16), experts, jax.ShapeDtypeStruct((64, 256), jnp.float32), i32(64))
-  assert _loops_outside_kernels(grouped.jaxpr) == []
+  assert gpu_compile.loops_outside_kernels(grouped.jaxpr) == []
   # The step. What this replaced shows up: searchsorted's default method as a scan over its levels.
-  assert _loops_outside_kernels(jax.make_jaxpr(
+  assert gpu_compile.loops_outside_kernels(jax.make_jaxpr(
       lambda a, b: jnp.searchsorted(a, b, side="right"))(i32(max_seqs), i32(num_tokens)).jaxpr) == ["scan[5]"]
   llama_cfg = LlamaConfig(architecture="llama", vocab_size=256, hidden_size=128, intermediate_size=256, num_layers=2,
                           num_heads=8, num_kv_heads=2, head_dim=64, max_position=512)
@@ -573,7 +565,7 @@ def test_no_loop_outside_the_kernels():
     inputs = llama.ModelInputs(i32(num_tokens), i32(num_tokens), i32(num_tokens), *batch_args, i32(max_seqs))
     for decode_only in (True, False):
       step = functools.partial(llama.forward, cfg=cfg, attn_backend="pallas", decode_only=decode_only)
-      loops = _loops_outside_kernels(jax.make_jaxpr(step)(params, kv_caches=caches, inputs=inputs).jaxpr)
+      loops = gpu_compile.loops_outside_kernels(jax.make_jaxpr(step)(params, kv_caches=caches, inputs=inputs).jaxpr)
       assert loops == [f"scan[{cfg.num_layers}]"], (cfg.architecture, decode_only, loops)
 
 

@@ -210,7 +210,7 @@ class LLMEngine:
         """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
         do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
         unsupported = {"speculative.method": config.speculative.method != "none",
-                       "parallel.tensor": config.parallel.tensor > 1, "parallel.num_processes": config.parallel.num_processes > 1,
+                       "parallel.num_processes": config.parallel.num_processes > 1,
                        "lora.adapters": bool(config.lora.adapters or config.lora.max_adapters),
                        "cache.host_memory_gb": bool(config.cache.host_memory_gb or config.cache.host_num_pages),
                        "cache.disk_path": bool(config.cache.disk_path)}

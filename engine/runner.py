@@ -294,8 +294,12 @@ class ModelRunner:
         # (Sequence.state_slot), one that padding sequences write to, then the prefix cache's snapshots
         # (engine.state_snapshots); donated to every step like the cache.
         self.state_scratch = self.max_seqs
-        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots))()
-                       if model_cfg.linear_layers else None)
+        # (split by head across a tensor-parallel mesh, as the layers' weights)
+        state_sharding = None if mesh is None else jax.tree.map(
+            lambda spec: jax.sharding.NamedSharding(mesh, spec), sharding.state_specs(),
+            is_leaf=lambda x: isinstance(x, P))
+        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots),
+                               out_shardings=state_sharding)() if model_cfg.linear_layers else None)
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,

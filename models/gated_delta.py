@@ -71,6 +71,13 @@ def state_shapes(cfg: LlamaConfig, num_slots: int) -> States:
                   ssm=(lg, num_slots, cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_head_dim))
 
 
+def conv_sections(cfg: LlamaConfig) -> tuple[int, int, int]:
+    """The widths of what the convolution mixes, in its channel order: (q, k, v) for Gated DeltaNet, (x, B, C) for
+    Mamba-2 (`mix` slices them in this order)."""
+    key, value = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_value_dim
+    return (value, key, key) if cfg.linear_kind == "mamba2" else (key, key, value)
+
+
 def state_bytes_per_slot(cfg: LlamaConfig) -> int:
     """Bytes one state slot takes over every linear layer."""
     shapes = state_shapes(cfg, 1)

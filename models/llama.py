@@ -327,6 +327,31 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             raise ValueError("activation statistics (w8a8 smoothing) of a model with linear attention layers are not "
                              "supported")
 
+    def linear_mixer(h, p, states, place, proj):
+        """A linear attention layer's token mixing (gated_delta.mix); under a tensor-parallel mesh each device runs it
+        on its own heads (its share of the weights and states, `sharding.linear_layer_specs`) under shard_map, and
+        the output projection's partial sums are all-reduced."""
+        if mesh is None:
+            return gated_delta.mix(cfg, p, h, states, place, recurrent[1], proj)
+        from jax.sharding import PartitionSpec as P
+
+        from models.sharding import AXIS, linear_layer_specs, state_specs
+
+        n = mesh.shape[AXIS]
+        local_cfg = dataclasses.replace(cfg, linear_num_key_heads=cfg.linear_num_key_heads // n,
+                                        linear_num_value_heads=cfg.linear_num_value_heads // n)
+        specs = linear_layer_specs(cfg)
+        w = {k: v for k, v in p.items() if k in specs}
+
+        def local(h, w, states, place, batch):
+            out, states = gated_delta.mix(local_cfg, w, h, states, place, batch, lambda x, name: proj(x, name, w))
+            return jax.lax.psum(out, AXIS), states
+
+        return jax.shard_map(
+            local, mesh=mesh, in_specs=(P(), {k: specs[k] for k in w}, state_specs(), P(), P()),
+            out_specs=(P(), state_specs()), check_vma=False,  # (the piece loop's carry starts replicated)
+        )(h, w, states, place, recurrent[1])
+
     def residual(o):
         """A block's output as it joins the residual stream (Granite scales it)."""
         return o if cfg.residual_multiplier == 1.0 else o * jnp.asarray(cfg.residual_multiplier, o.dtype)
@@ -394,7 +419,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         if cfg.linear_layers:  # this layer's token mixer, its cache or state at its place among its kind
             kv, states = carry
             if linear_layer:
-                o, states = gated_delta.mix(cfg, p, h, states, mixer_place, recurrent[1], proj)
+                o, states = linear_mixer(h, p, states, mixer_place, proj)
             else:
                 o, kv = attention(h, p, kv, mixer_place)
             carry = (kv, states)

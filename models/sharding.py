@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models import quant
+from models import gated_delta, quant
 from models.config import LlamaConfig
 
 AXIS = "tp"
@@ -45,6 +45,8 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
     for name in sizes:  # the dense MLP (or shared expert), each expert, the dense layers' MLP among expert layers
         if getattr(cfg, name) % n:
             raise ShardingError(f"{name.removeprefix('mlp_')}={getattr(cfg, name)} is not divisible by parallel.tensor={n}")
+    if cfg.linear_layers:
+        params = _prepare_linear_layers(cfg, params, n)
     if cfg.num_kv_heads % n == 0:
         return cfg, params
     if n % cfg.num_kv_heads or cfg.num_heads % n:
@@ -66,6 +68,42 @@ def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple
                                     "(a scale per output feature)")
             layers[name] = _repeat_kv_heads(layers[name], cfg, n)
     return dataclasses.replace(cfg, num_kv_heads=n), {**params, "layers": layers}
+
+
+def _prepare_linear_layers(cfg: LlamaConfig, params: dict, n: int) -> dict:
+    """Linear attention layers (models/gated_delta.py) split by head: each device takes whole key heads (Mamba-2: B/C
+    groups) and the value heads they serve. The convolution's channels [q | k | v] (Mamba-2: [x | B | C]) are
+    reordered device-major, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so that each device's contiguous share of them is a
+    whole layer of its own heads in the same order (the recurrent states' conv channels follow)."""
+    for name in ("linear_num_key_heads", "linear_num_value_heads"):
+        if getattr(cfg, name) % n:
+            raise ShardingError(f"{name}={getattr(cfg, name)} is not divisible by parallel.tensor={n}: no layout splits "
+                                "the linear attention layers' heads evenly")
+    layers = params["layers"]
+    if "gdn_qkv" not in layers:
+        return params
+    order = np.concatenate([start + d * (width // n) + np.arange(width // n) for d in range(n)
+                            for start, width in zip(np.cumsum((0,) + gated_delta.conv_sections(cfg)[:-1]),
+                                                    gated_delta.conv_sections(cfg))])
+    moved = {name: np.take(np.asarray(layers[name]), order, axis=-1)
+             for name in ("gdn_qkv", "gdn_conv", "gdn_conv_bias") if name in layers}
+    return {**params, "layers": {**layers, **moved}}
+
+
+def linear_layer_specs(cfg: LlamaConfig) -> dict[str, P]:
+    """PartitionSpec of one linear attention layer's weights (no leading layer axis): the convolution's channels
+    (device-major, `_prepare_linear_layers`), z, the per-head gates and biases split by head; the output projection by
+    its inputs (an all-reduce after); the norm's weight split with its groups (Mamba-2) or, one per head_dim, whole."""
+    col, per_head = P(None, AXIS), P(AXIS)
+    return {"gdn_qkv": col, "gdn_conv": col, "gdn_conv_bias": per_head, "gdn_z": col, "gdn_a": col, "gdn_b": col,
+            "gdn_dt_bias": per_head, "gdn_a_log": per_head, "gdn_d": per_head, "gdn_out": P(AXIS, None),
+            "gdn_norm": per_head if cfg.linear_kind == "mamba2" else P()}
+
+
+def state_specs() -> gated_delta.States:
+    """The recurrent states split like the heads: conv [Lg, N, K - 1, conv_dim] by channel, ssm [Lg, N, Hv, Dk, Dv]
+    by value head."""
+    return gated_delta.States(conv=P(None, None, None, AXIS), ssm=P(None, None, AXIS, None, None))
 
 
 def _repeat_kv_heads(w, cfg: LlamaConfig, n: int) -> np.ndarray:
@@ -127,6 +165,7 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         # gate / up biases split with their outputs; a sink per query head, with its head.
         "bo": P(), "sinks": P(None, AXIS), "router_bias": P(), "moe_gate_bias": P(None, None, AXIS),
         "moe_up_bias": P(None, None, AXIS), "moe_down_bias": P(),
+        **{name: P(None, *spec) for name, spec in linear_layer_specs(cfg).items()},  # stacked over linear layers
     }
     for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()

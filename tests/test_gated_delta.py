@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import gated_delta, llama
+from models import gated_delta, llama, sharding
 from models.config import LlamaConfig
 from models.errors import ConfigError
 from pallas_kernels import gpu_compile
@@ -302,10 +302,46 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     for key, value, named in (("speculative.method", "ngram", "speculative.method"), ("lora.max_adapters", 2, "lora"),
-                              ("cache.host_memory_gb", 0.01, "cache.host_memory_gb"),
-                              ("parallel.tensor", 2, "parallel.tensor")):
+                              ("cache.host_memory_gb", 0.01, "cache.host_memory_gb")):
         with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
+    with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
+        LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_tensor_parallel_serves_the_same_greedy_tokens(model):
+    """Linear attention layers split by head over 2 (forced CPU) devices, each running its own heads' convolution and
+    rule on its half of the states (the output projection all-reduced): the same greedy tokens as on one device, over
+    shared prefixes resumed from snapshots, and each device holding half of every state and linear-layer weight."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (3, 9, 17)]
+    prompts += [[rng.randrange(3, cfg.vocab_size) for _ in range(30)], list(prompts[0])]
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
+            "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
+            "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "parallel.tensor": tp})
+        got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        outs[tp] = [o.token_ids for o in got]
+        assert got[-1].cached_tokens == 40  # resumed from the prompt's snapshot
+    assert outs[2] == outs[1]
+    runner = llm.engine.runner
+    for tree in (runner.states, {k: v for k, v in runner.params["layers"].items() if k.startswith("gdn_")}):
+        held = sharding.bytes_per_device(tree)
+        assert len(held) == 2 and len(set(held.values())) == 1, held
+    norm = runner.params["layers"]["gdn_norm"]  # Gated DeltaNet's: one per head_dim, whole on both
+    assert (sharding.bytes_per_device(norm)["cpu:0"] == norm.nbytes) == (model == "qwen3_5")
 
 
 @pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
@@ -436,14 +472,16 @@ def test_qwen3_5_moe_checkpoint_matches_transformers_and_resumes_a_shared_prefix
     np.testing.assert_allclose(ours, ref, atol=5e-4, rtol=1e-4)
     rng = random.Random()
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(30)]
-    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
-        "warmup": False, "cache.num_pages": 32, "cache.page_size": 8, "model.max_model_len": 96})
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     waves = [[system + [5, 6]], [system + [7]], [system + [8, 9, 10], system + [11]]]
-    for prompts in waves:
-        outs = llm.generate(prompts, greedy)
-        _assert_greedy_is_argmax(model, prompts, outs)
-    assert [o.cached_tokens for o in outs] == [24, 24]
+    for tp in (1, 2):  # and split over 2 devices: attention, linear layers and experts by head / feature
+        llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+            "warmup": False, "cache.num_pages": 32, "cache.page_size": 8, "model.max_model_len": 96,
+            "parallel.tensor": tp})
+        for prompts in waves:
+            outs = llm.generate(prompts, greedy)
+            _assert_greedy_is_argmax(model, prompts, outs)
+        assert [o.cached_tokens for o in outs] == [24, 24]
 
 
 @pytest.mark.slow

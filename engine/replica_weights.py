@@ -113,11 +113,12 @@ class ReplicaWeights:
 
     def _stays_on_device(self, source) -> bool:
         """Whether weights given as JAX arrays can skip host memory: `prepare` would leave them as they are (no
-        quantization, no KV heads to repeat for tensor parallelism)."""
+        quantization, no KV heads to repeat and no linear attention layers to reorder for tensor parallelism)."""
         leaves = jax.tree.leaves(source)
         tp = self.config.parallel.tensor
         return (bool(leaves) and all(isinstance(a, jax.Array) for a in leaves)
-                and self.config.model.quantization == "none" and self.loaded_cfg.num_kv_heads % tp == 0)
+                and self.config.model.quantization == "none" and self.loaded_cfg.num_kv_heads % tp == 0
+                and not (tp > 1 and self.loaded_cfg.linear_layers))
 
     def check(self, new: PreparedWeights) -> None:
         """ValueError naming a tensor whose shape or dtype is not the served one's."""

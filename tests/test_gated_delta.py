@@ -313,7 +313,9 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
 def test_tensor_parallel_serves_the_same_greedy_tokens(model):
     """Linear attention layers split by head over 2 (forced CPU) devices, each running its own heads' convolution and
     rule on its half of the states (the output projection all-reduced): the same greedy tokens as on one device, over
-    shared prefixes resumed from snapshots, and each device holding half of every state and linear-layer weight."""
+    shared prefixes resumed from snapshots, and each device holding half of every state and linear-layer weight; then
+    again after `update_weights` with another model's arrays (JAX arrays, which skip host memory when no layout
+    change is needed: here the reordering is)."""
     from engine.llm import LLM
     from engine.request import SamplingParams
     from models.loader import tokenizer_source
@@ -321,7 +323,8 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    seed = int(time.time())
+    params, updated = (llama.init_params(cfg, jax.random.PRNGKey(seed + i), scale=0.3) for i in range(2))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     rng = random.Random()
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
@@ -333,8 +336,10 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
             "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
             "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "parallel.tensor": tp})
         got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
-        outs[tp] = [o.token_ids for o in got]
         assert got[-1].cached_tokens == 40  # resumed from the prompt's snapshot
+        llm.update_weights(updated)
+        again = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        outs[tp] = [o.token_ids for o in got + again]
     assert outs[2] == outs[1]
     runner = llm.engine.runner
     for tree in (runner.states, {k: v for k, v in runner.params["layers"].items() if k.startswith("gdn_")}):

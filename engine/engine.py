@@ -211,7 +211,6 @@ class LLMEngine:
         do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
         unsupported = {"speculative.method": config.speculative.method != "none",
                        "parallel.num_processes": config.parallel.num_processes > 1,
-                       "lora.adapters": bool(config.lora.adapters or config.lora.max_adapters),
                        "cache.host_memory_gb": bool(config.cache.host_memory_gb or config.cache.host_num_pages),
                        "cache.disk_path": bool(config.cache.disk_path)}
         for key, used in unsupported.items():

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from models.config import LlamaConfig
+from models.weights import layers_of
 
 # Our projection name -> (PEFT module name, its parent block).
 PROJECTIONS = {
@@ -92,14 +93,16 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
 
 def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, modules=tuple(PROJECTIONS), seed: int = 0,
                          rslora: bool = False, std: float = 0.3) -> str:
-    """A random adapter in HF PEFT's layout (A [r, in], B [out, r] per layer and module) at `path` (tests, benchmarks)."""
+    """A random adapter in HF PEFT's layout (A [r, in], B [out, r] per layer and module) at `path` (tests, benchmarks):
+    each module on the layers that have it (a model with linear attention layers: attention's on its attention
+    layers)."""
     from safetensors.numpy import save_file
 
     rng, dims, tensors = np.random.default_rng(seed), projection_dims(cfg), {}
     for name in modules:
         module, block = PROJECTIONS[name]
         d_in, d_out = dims[name]
-        for layer in range(cfg.num_layers):
+        for layer in layers_of(cfg, name):
             prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
             tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, std, (rank, d_in)).astype(np.float32)
             tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, std, (d_out, rank)).astype(np.float32)

@@ -4,6 +4,7 @@ time, and Qwen3.5 checkpoints against transformers (logits, and greedy tokens th
 from __future__ import annotations
 
 import functools
+import os
 import random
 import time
 
@@ -301,12 +302,73 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    for key, value, named in (("speculative.method", "ngram", "speculative.method"), ("lora.max_adapters", 2, "lora"),
+    for key, value, named in (("speculative.method", "ngram", "speculative.method"),
                               ("cache.host_memory_gb", 0.01, "cache.host_memory_gb")):
         with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
     with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
+    """PEFT LoRA adapters on the attention layers' projections and every layer's MLP, served in one batch beside the
+    base model and each other (their prefix caches, snapshots included, apart): the tokens of the base model with
+    each adapter merged into its weights; at tensor parallelism 2 too (Qwen3.5). An adapter of a linear attention
+    layer's modules is refused by name."""
+    from safetensors.numpy import load_file, save_file
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.lora import load_peft_adapter, write_random_adapter
+    from models.tokenizer import Tokenizer
+    from models.weights import layers_of
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3))
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    # (Granite 4.0-H's MLP is `shared_mlp.input_linear` / `output_linear` in transformers, not adapted here: attention's)
+    modules = ["wq", "wv", "wo", "w_up", "w_down"] if model == "qwen3_5" else ["wq", "wv", "wo"]
+    paths = {name: write_random_adapter(str(tmp_path / name), cfg, rank=4, alpha=8, modules=modules, seed=i, std=0.2)
+             for i, name in enumerate(("a", "b"))}
+
+    def merged(path):
+        layers = dict(params["layers"])
+        for name, (a, b) in load_peft_adapter(path, cfg).items():
+            rows = layers_of(cfg, name)  # the layers this weight is stacked over (attention's: its attention layers)
+            layers[name] = layers[name] + np.einsum("lir,lro->lio", a[rows], b[rows]).astype(layers[name].dtype)
+        return {**params, "layers": layers}
+
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (2, 7)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    small = {"warmup": False, "cache.num_pages": 48, "cache.page_size": 8, "model.max_model_len": 96,
+             "scheduler.max_running": 6}
+    reference = LLM(None, progress=False, model=(cfg, params, tokenizer), **small)
+    want = {None: [o.token_ids for o in reference.generate(prompts, greedy)]}
+    for name, path in paths.items():  # the same compiled steps, each merged model's weights in turn
+        reference.update_weights(merged(path))
+        want[name] = [o.token_ids for o in reference.generate(prompts, greedy)]
+    assert want["a"] != want[None] and want["b"] != want["a"]  # the adapters do change the model
+    jobs = [(i, adapter) for adapter in (None, "a", "b") for i in range(len(prompts))] * 2  # the second round: hits
+    for tp in (1, 2) if model == "qwen3_5" else (1,):
+        served = LLM(None, progress=False, model=(cfg, params, tokenizer),
+                     **small, **{"lora.adapters": paths, "parallel.tensor": tp})
+        ids = [served.engine.add_request(prompts[i], greedy, adapter=adapter) for i, adapter in jobs]
+        finals = served._run(set(ids), progress=False)
+        for rid, (i, adapter) in zip(ids, jobs):
+            assert finals[rid].token_ids == want[adapter][i], (tp, adapter)
+
+    linear = write_random_adapter(str(tmp_path / "linear"), cfg, rank=2, alpha=2, modules=["wq"])
+    tensors = load_file(os.path.join(linear, "adapter_model.safetensors"))
+    first = layers_of(cfg, "gdn_out")[0]
+    tensors[f"base_model.model.model.layers.{first}.linear_attn.out_proj.lora_A.weight"] = np.zeros((2, 4), np.float32)
+    save_file(tensors, os.path.join(linear, "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="linear_attn.out_proj.lora_A.weight adapts a module this model does not"):
+        load_peft_adapter(linear, cfg)
 
 
 @pytest.mark.parametrize("model", ["qwen3_5", "granite4"])

@@ -227,6 +227,19 @@ class Tokenizer:
         raise FileNotFoundError(f"No tokenizer at {path!r}: expected a .gguf file or a directory with tokenizer.json")
 
     @classmethod
+    def word_level(cls, vocab_size: int) -> Tokenizer:
+        """A word-level vocabulary of "w3".."w{vocab_size - 1}" after <s>, </s> and [UNK], for random models where no
+        tokenizer files are (benchmarks and tests on a GPU machine, which has `tokenizers` but no model packages)."""
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import models as hf_models
+        from tokenizers import pre_tokenizers
+
+        vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+        hf = HFTokenizer(hf_models.WordLevel(vocab, unk_token="[UNK]"))
+        hf.pre_tokenizer = pre_tokenizers.Whitespace()
+        return cls(_HFBackend(hf), bos_id=0, eos_id=1, source=f"word-level vocabulary of {vocab_size}")
+
+    @classmethod
     def from_gguf(cls, path: str | os.PathLike) -> Tokenizer:
         path = os.fspath(path)
         meta = _read_gguf_tokenizer_metadata(path)

@@ -316,11 +316,12 @@ def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def synthetic_model(spec: str, config, arch: str = "llama"):
+def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0):
     """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`; arch
     qwen3_5: three Gated DeltaNet layers per attention layer (HEADS value heads and HEADS / 2 key heads of HEAD_DIM),
     Qwen3.5's gated attention; granite4: three Mamba-2 layers per attention layer (HEADS heads of HEAD_DIM, one B/C
-    group, a state of HEAD_DIM), Granite 4.0's attention without RoPE."""
+    group, a state of HEAD_DIM), Granite 4.0's attention without RoPE. word_vocab: a word-level tokenizer of that
+    many tokens instead of the config's (`Tokenizer.word_level`: a machine without the model's package)."""
     import jax
 
     from models import llama
@@ -332,7 +333,7 @@ def synthetic_model(spec: str, config, arch: str = "llama"):
         hidden, layers, heads, kv_heads, head_dim = (int(x) for x in spec.split(","))
     except ValueError:
         raise SystemExit(f"--synthetic-model wants five integers HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM, got {spec!r}")
-    tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+    tokenizer = Tokenizer.word_level(word_vocab) if word_vocab else Tokenizer.load(tokenizer_source(config.model.path))
     pattern = tuple((i + 1) % 4 != 0 for i in range(layers))
     linear = {} if arch == "llama" else dict(
         linear_layers=pattern, linear_num_key_heads=max(1, heads // 2),
@@ -346,6 +347,17 @@ def synthetic_model(spec: str, config, arch: str = "llama"):
                       num_layers=layers, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
                       max_position=config.model.max_model_len, **linear)
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
+
+
+def sampling_fields(pairs: list[str]) -> dict[str, float | int]:
+    """--sampling / --sampling-b KEY=VALUE pairs -> SamplingParams fields (numbers)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--sampling wants KEY=VALUE pairs (e.g. temperature=0.8 top_p=0.9), got {pair!r}")
+        out[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
 
 
 def random_lora_overrides(spec: str, model_cfg) -> list[str]:
@@ -372,13 +384,14 @@ def decode_overhead(args) -> None:
     from engine.request import SamplingParams
 
     kinds = {"A": OutputKind(args.output_kind), "B": OutputKind(args.output_kind_b or args.output_kind)}
+    sampling = {"A": sampling_fields(args.sampling), "B": sampling_fields(args.sampling_b or args.sampling)}
     configs = {"A": args.set_a} | ({"B": args.set_common + args.set_b} if args.set_b is not None else {})
     engines, model_cfg = {}, None
     for name, overrides in configs.items():
         if name == "B" and args.lora_b:
             configs[name] = overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
-        model = synthetic_model(args.synthetic_model, config, args.synthetic_arch) if args.synthetic_model else None
+        model = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
         engines[name] = LLMEngine(config, model=model)
         model_cfg = engines[name].model_cfg
     steps: dict[str, list[dict]] = {name: [] for name in engines}
@@ -393,7 +406,8 @@ def decode_overhead(args) -> None:
             adapters = [None, *engine.adapter_names]  # requests spread over the base model and every adapter
             for i in range(args.decode_batch):
                 engine.add_request(_ids(rng, args.decode_prompt_len, engine.model_cfg.vocab_size),
-                                   SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True),
+                                   SamplingParams(**{"temperature": 0.0, **sampling[name]},
+                                                  max_tokens=args.output_len, ignore_eos=True),
                                    adapter=adapters[i % len(adapters)], output_kind=kinds[name])
             while engine.has_unfinished():
                 launched = engine.num_steps
@@ -414,7 +428,8 @@ def decode_overhead(args) -> None:
         host = statistics.median(s["total_s"] - s["wait_s"] for s in steps[name])
         cpu = statistics.median(s["cpu_s"] for s in steps[name])
         mode = "overlapped with the device" if engine.config.scheduler.overlap else "the device idles meanwhile"
-        label = f"{' '.join(configs[name]) or 'defaults'}, {kinds[name].value} outputs"
+        label = (f"{' '.join(configs[name]) or 'defaults'}, {kinds[name].value} outputs, sampling "
+                 f"{' '.join(f'{k}={v}' for k, v in sampling[name].items()) or 'greedy'}")
         print(f"{name} ({label}): decode batch {args.decode_batch}, {len(steps[name])} pure-decode steps; median step "
               f"{total * 1e3:.2f} ms, waiting for the device {wait * 1e3:.2f} ms, host work {host * 1e3:.2f} ms, "
               f"{share:.1%} of the step ({mode}); the step's thread used {cpu * 1e3:.2f} ms of CPU; "
@@ -571,6 +586,11 @@ def main(argv=None) -> int:
     ap.add_argument("--max-concurrency", type=int, default=8)
     ap.add_argument("--request-rate", type=float, default=float("inf"), help="Poisson arrivals per second (inf: all at once)")
     ap.add_argument("--decode-batch", type=int, default=32)
+    ap.add_argument("--sampling", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="decode workload: the requests' sampling (SamplingParams fields; default greedy)")
+    ap.add_argument("--sampling-b", nargs="*", default=None, metavar="KEY=VALUE",
+                    help="decode workload: B's requests' sampling instead (e.g. temperature=0.8 top_p=0.9: the head's "
+                         "top-k/top-p filters against greedy, with --set-b and nothing else)")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help="decode workload: profile the steps and print the N functions with the most own time")
     ap.add_argument("--decode-prompt-len", type=int, default=64, help="decode workload: prompt tokens per request")
@@ -586,6 +606,9 @@ def main(argv=None) -> int:
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
+    ap.add_argument("--word-vocab", type=int, default=0, metavar="N",
+                    help="--synthetic-model's tokenizer: a word-level vocabulary of N tokens instead of the config's "
+                         "(a GPU machine, which has no model packages: scripts/gpu_check.sh)")
     ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5", "granite4"], default="llama",
                     help="--synthetic-model's layers: Llama's, Qwen3.5's (Gated DeltaNet around every 4th attention "
                          "layer) or Granite 4.0-H's (Mamba-2 likewise)")
@@ -630,7 +653,7 @@ def main(argv=None) -> int:
         configs = {"A": load_config(args.config, args.set_a)}
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
-        model = synthetic_model(args.synthetic_model, configs["A"], args.synthetic_arch) if args.synthetic_model else None
+        model = synthetic_model(args.synthetic_model, configs["A"], args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
         engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)

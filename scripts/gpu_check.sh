@@ -9,16 +9,20 @@
 #   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4/mxfp4/
 #      fp8 dequantization into the GEMM, what 4 and 8 bits buy at decode batches, what FP8 and int8 activations buy,
 #      FP8 blocks dequantized by XLA against the Pallas kernel that reads them, pallas_kernels/fp8_matmul.py);
-#   5. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults.
+#   5. the launch-config sweep at the goal shapes (kernel_bench.py --tune), for tuning the defaults;
+#   6. the engine's decode step on the GPU (scripts/bench.py --workload decode on random models with a word-level
+#      tokenizer: no model package there): median step, the device's part and the host's, greedy against top-p
+#      sampling (the head's filters), for a Llama of 1B's shape and a Qwen3.5-shaped hybrid.
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
-#   GPU_CHECK_STEPS="tests bench moe matmul tune" (the default) runs only the steps named, for a second run
-#   inside a lease that is short of time; "interpret" adds the interpret-mode kernel tests on the CPU.
-# Limits: each step's, from its time on an H200 (2026-12-04) plus a margin; 7.75 minutes in all.
+#   GPU_CHECK_STEPS="tests bench tune engine" (the default) runs only the steps named, for a second run inside a
+#   lease that is short of time; "moe" and "matmul" (steps 3 and 4: run 1 on the H200 has their partial tables) and
+#   "interpret" (the interpret-mode kernel tests on the CPU) are not in the default.
+# Limits: each step's, from its time on an H200 (2026-12-04) plus a margin (the engine step's a guess); 7.75 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY="${1:-${PYTHON:-$(command -v python || command -v python3)}}"
-STEPS=" ${GPU_CHECK_STEPS:-tests bench moe matmul tune} "
+STEPS=" ${GPU_CHECK_STEPS:-tests bench tune engine} "
 status=0
 
 wanted() { [[ "${STEPS}" == *" $1 "* ]]; }
@@ -54,6 +58,14 @@ wanted moe && step "mixture-of-experts layer, grouped vs dense, int8 experts by 
 wanted matmul && step "projection matmuls by weight format: none, int8, w8a8, int4, mxfp4, fp8, w8a8_fp8, fp8 blocks (XLA, kernel) (GPU)" 80 \
   "${PY}" scripts/matmul_bench.py --tokens 1 64 --reps 5
 wanted tune && step "launch-config sweep and the small-decode breakdown (GPU)" 75 "${PY}" scripts/kernel_bench.py --num-layers 2 --tune --reps 5
+# The engine: 64 sequences decoding 48 tokens after 64-token prompts, bf16, the Pallas kernels, overlapped scheduling.
+engine_bench=(scripts/bench.py --workload decode --word-vocab 32768 --decode-batch 64 --output-len 48 --repeats 2
+  --set model.dtype=bfloat16 attention.backend=pallas warmup=false scheduler.max_running=64 model.max_model_len=512
+  cache.num_pages=2048 --set-b --sampling-b temperature=0.8 top_p=0.9)
+wanted engine && step "the engine's decode step, greedy (A) vs top-p (B): Llama 1B-shaped (GPU)" 70 \
+  "${PY}" "${engine_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
+wanted engine && step "the engine's decode step, greedy (A) vs top-p (B): Qwen3.5-shaped hybrid (GPU)" 50 \
+  "${PY}" "${engine_bench[@]}" --synthetic-arch qwen3_5 --synthetic-model 1024,8,16,4,128
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

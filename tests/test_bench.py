@@ -63,6 +63,34 @@ def test_decode_with_random_lora_adapters_in_b(capsys):
     assert out.count("pure-decode steps") == 2 and "lora.adapters.lora1=" in out
 
 
+def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys):
+    """scripts/gpu_check.sh's engine step, its own arguments, on a machine with no model package (the GPU box): a
+    random model with a word-level vocabulary, greedy in A and top-p in B. Here at tiny shapes, on the CPU, through
+    the interpret-mode kernels (the later arguments override the GPU's)."""
+    import pathlib
+    import re
+    import shlex
+
+    from models import loader
+
+    script = (pathlib.Path(__file__).parent.parent / "scripts" / "gpu_check.sh").read_text()
+    array = re.search(r"^engine_bench=\((.*?)\)$", script, re.S | re.M).group(1)
+    calls = re.findall(r'"\$\{engine_bench\[@\]\}" (--synthetic-arch \S+ --synthetic-model \S+)', script)
+    assert len(calls) == 2
+    monkeypatch.setattr(loader, "tokenizer_source", lambda *a: pytest.fail("the config's tokenizer was loaded"))
+    tiny = {"llama": "32,2,4,2,8", "qwen3_5": "32,4,4,2,8"}
+    for call in calls:
+        arch = call.split()[1]
+        args = shlex.split(array)[1:] + call.split()[:2] + [
+            "--synthetic-model", tiny[arch], "--decode-batch", "3", "--output-len", "4", "--repeats", "1",
+            "--set", "attention.backend=pallas_interpret", "model.dtype=float32", "scheduler.max_running=4",
+            "cache.num_pages=64"]
+        assert bench.main(args) == 0
+        out = capsys.readouterr().out
+        assert out.count("pure-decode steps") == 2, out
+        assert "sampling greedy" in out and "sampling temperature=0.8 top_p=0.9" in out
+
+
 @pytest.mark.slow
 def test_weight_swap_reports_each_phase(capsys):
     rc = bench.main(["--workload", "weight-swap", "--repeats", "1", "--set-a", "model.max_model_len=256",

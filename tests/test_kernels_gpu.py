@@ -189,19 +189,6 @@ def test_stacked_cache_under_scan_gpu(decode_only):
 # ---------------------------------------------------------------------------------------------
 # The whole engine on the GPU (no model files there: a random Llama and a word-level tokenizer).
 
-def word_tokenizer(vocab_size: int):
-  """A word-level tokenizer over "w3".."w{n-1}" plus <s> / </s> / [UNK] (no model files needed)."""
-  from tokenizers import Tokenizer as HFTokenizer  # noqa: PLC0415
-  from tokenizers import models as hf_models  # noqa: PLC0415
-  from tokenizers import pre_tokenizers  # noqa: PLC0415
-
-  from models.tokenizer import Tokenizer, _HFBackend  # noqa: PLC0415
-  vocab = {"<s>": 0, "</s>": 1, "[UNK]": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-  hf = HFTokenizer(hf_models.WordLevel(vocab, unk_token="[UNK]"))
-  hf.pre_tokenizer = pre_tokenizers.Whitespace()
-  return Tokenizer(_HFBackend(hf), bos_id=0, eos_id=1, source="word-level test vocabulary")
-
-
 def engine_greedy_outputs(backends, *, arch: str = "llama", seed: int = 0):
   """Greedy token ids of the same ragged prompt set (shared prefixes, one prompt a prefix of
   another, long and short) through the engine with each attention backend, float32 weights.
@@ -214,6 +201,7 @@ def engine_greedy_outputs(backends, *, arch: str = "llama", seed: int = 0):
   from engine.request import SamplingParams  # noqa: PLC0415
   from models import llama  # noqa: PLC0415
   from models.config import LlamaConfig  # noqa: PLC0415
+  from models.tokenizer import Tokenizer  # noqa: PLC0415
 
   if arch == "gemma3":
     cfg = LlamaConfig(architecture="gemma3", vocab_size=512, hidden_size=256, intermediate_size=512,
@@ -224,7 +212,7 @@ def engine_greedy_outputs(backends, *, arch: str = "llama", seed: int = 0):
   else:
     cfg = LlamaConfig(architecture="llama", vocab_size=512, hidden_size=256, intermediate_size=512,
                       num_layers=2, num_heads=8, num_kv_heads=2, head_dim=64, max_position=1024)
-  model = (cfg, llama.init_params(cfg, jax.random.key(seed), scale=0.5), word_tokenizer(512))
+  model = (cfg, llama.init_params(cfg, jax.random.key(seed), scale=0.5), Tokenizer.word_level(512))
   rng = random.Random(seed)
   shared = [rng.randrange(3, 512) for _ in range(70)]
   prompts = [shared + [rng.randrange(3, 512) for _ in range(rng.randrange(1, 40))]

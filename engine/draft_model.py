@@ -60,6 +60,9 @@ def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple |
         check_same_vocabulary(tokenizer, Tokenizer.load(tokenizer_source(spec.model)), spec.model)
         quantization = checkpoint_quantization(spec.model) if spec.quantization == "auto" else spec.quantization
         cfg, params = load_weights(spec.model, dtype, quantization)
+    if cfg.linear_layers:
+        raise ConfigKeyError(f"speculative.model {spec.model or '(in-process)'} has linear attention layers: a draft "
+                             "model keeps no recurrent state between its rounds (yet); take a draft with attention only")
     if cfg.num_experts:
         log.warning("speculative.model is a mixture of experts: a draft pays when it is much cheaper than the model")
     draft_config = config.replace(**{"model.path": spec.model or "in-process", "model.quantization": quantization,

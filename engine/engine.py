@@ -209,8 +209,7 @@ class LLMEngine:
     def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
         """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
         do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
-        unsupported = {"speculative.method": config.speculative.method != "none",
-                       "parallel.num_processes": config.parallel.num_processes > 1,
+        unsupported = {"parallel.num_processes": config.parallel.num_processes > 1,
                        "cache.host_memory_gb": bool(config.cache.host_memory_gb or config.cache.host_num_pages),
                        "cache.disk_path": bool(config.cache.disk_path)}
         for key, used in unsupported.items():
@@ -454,6 +453,9 @@ class LLMEngine:
                    for c, r in zip(plan.chunks, rows)]
         num_before = [len(c.seq.output_ids) - 1 for c in plan.chunks]  # output length before this step's tokens
         got_token = self.scheduler.resolve(plan, sampled)
+        if self.scheduler.state_rollbacks:  # before any step reads those states (drafts are planned after this)
+            self.runner.rollback_states(self.scheduler.state_rollbacks)
+            self.scheduler.state_rollbacks = []
         index = {c.seq.request_id: i for i, c in enumerate(plan.chunks)}
         outputs = []
         for seq in got_token:

@@ -98,11 +98,12 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
     budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
     if cfg.linear_layers:  # the recurrent states come out of it (a slot per running sequence and a scratch one)
         snapshots = cache.state_snapshots if cache.prefix_caching else 0
-        slots = config.scheduler.max_running + 1 + snapshots
+        drafts = config.scheduler.max_running * config.speculative.draft_tokens  # (ModelRunner.draft_state_slot)
+        slots = config.scheduler.max_running + 1 + snapshots + drafts
         slot_bytes = gated_delta.state_bytes_per_slot(cfg)
         log.info("recurrent states of %d linear attention layers: %d slots x %.1f MiB (%d running sequences, padding, "
-                 "%d prefix-cache snapshots)", sum(cfg.linear_layers), slots, slot_bytes / 2**20,
-                 config.scheduler.max_running, snapshots)
+                 "%d prefix-cache snapshots, %d for speculative decoding's rollbacks)", sum(cfg.linear_layers), slots,
+                 slot_bytes / 2**20, config.scheduler.max_running, snapshots, drafts)
         budget -= slots * slot_bytes
         if not cache.num_pages and budget < page_bytes:
             raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "

@@ -294,11 +294,16 @@ class ModelRunner:
         # (Sequence.state_slot), one that padding sequences write to, then the prefix cache's snapshots
         # (engine.state_snapshots); donated to every step like the cache.
         self.state_scratch = self.max_seqs
+        # With speculative decoding, K more per sequence after the snapshots: its state after each of a verification
+        # step's first K tokens (`draft_state_slot`), one of which `rollback_states` puts back when a draft is rejected.
+        self.draft_state_base = self.max_seqs + 1 + num_snapshots
+        self.draft_k = config.speculative.draft_tokens if model_cfg.linear_layers else 0
+        self.num_state_slots = num_state_slots = self.draft_state_base + self.max_seqs * self.draft_k
         # (split by head across a tensor-parallel mesh, as the layers' weights)
         state_sharding = None if mesh is None else jax.tree.map(
             lambda spec: jax.sharding.NamedSharding(mesh, spec), sharding.state_specs(),
             is_leaf=lambda x: isinstance(x, P))
-        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, self.max_seqs + 1 + num_snapshots),
+        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, num_state_slots),
                                out_shardings=state_sharding)() if model_cfg.linear_layers else None)
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
@@ -372,6 +377,7 @@ class ModelRunner:
             state_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
             snapshot_offsets=np.zeros(s, np.int32) if self.states is not None else None,
             snapshot_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
+            draft_slots=np.full((s, self.draft_k), self.num_state_slots, np.int32) if self.draft_k else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -406,6 +412,8 @@ class ModelRunner:
             for i, c in enumerate(chunks):
                 if c.snapshot is not None:
                     inputs.snapshot_offsets[i], inputs.snapshot_slots[i] = c.snapshot
+                if c.draft:  # (elsewhere no slot: num_state_slots marks a sequence without drafts)
+                    inputs.draft_slots[i] = [self.draft_state_slot(c.seq.state_slot, j) for j in range(self.draft_k)]
         inputs.cu_q_lens[: num + 1] = cu
         inputs.cu_q_lens[num + 1 :] = total
         inputs.num_seqs[0] = num
@@ -485,6 +493,16 @@ class ModelRunner:
         if self.cfg.linear_layers:
             return longest == 1
         return pallas_kernels.prefers_decode_kernel(longest)
+
+    def draft_state_slot(self, state_slot: int, j: int) -> int:
+        """The state slot holding a sequence's state after the first j + 1 tokens of its verification step."""
+        return self.draft_state_base + state_slot * self.draft_k + j
+
+    def rollback_states(self, rollbacks: list[tuple[int, int]]) -> None:
+        """(sequence slot, tokens kept) per sequence whose drafts were not all accepted: its state becomes the one
+        after the kept tokens of its last step (`draft_state_slot`), before any later step reads it."""
+        copies = [(self.draft_state_slot(slot, kept - 1), slot) for slot, kept in rollbacks]
+        self.states = self._copy_states(self.states, *self._to_device(self._state_copy_arrays(copies)))
 
     def _state_copy_arrays(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(src, dst) state slots of a plan's copies, padded to max_running with the scratch slot; None without any."""

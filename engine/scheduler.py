@@ -109,6 +109,9 @@ class Scheduler:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []  # admission order: oldest first
         self.stats = SchedulerStats()
+        # A model with linear attention layers: (state slot, tokens kept) of each sequence whose drafts were rejected in
+        # part, for the engine to put its state back (`ModelRunner.rollback_states`) before the next step
+        self.state_rollbacks: list[tuple[int, int]] = []
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
                                    num_state_slots, num_snapshots)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
@@ -478,6 +481,8 @@ class Scheduler:
                 continue
             self.stats.spec_draft_tokens += len(chunk.draft)
             keep = speculative.accepted(chunk.draft, tokens)
+            if keep < len(chunk.draft) and self.pages.has_states:  # its recurrent state went past the kept tokens
+                self.state_rollbacks.append((seq.state_slot, 1 + keep))
             seq.spec_misses = 0 if keep else seq.spec_misses + 1
             seq.spec_pause = speculative.pause_after(seq.spec_misses)
             for token in tokens[1 : keep + 1]:

@@ -102,6 +102,10 @@ class Batch:
     # `snapshot_slots[s]` as well (the prefix cache's states at page boundaries: engine.state_snapshots)
     snapshot_offsets: jax.Array | None = None  # [S] int32
     snapshot_slots: jax.Array | None = None  # [S] int32
+    # Speculative decoding: slot j of a sequence's row takes its state after its first j + 1 new tokens (its real token
+    # and j drafts; out of range: none), so a rejected draft's state can be put back (engine/speculative.py). A
+    # sequence with such slots goes through the rule token by token (K + 1 steps written out), not in pieces.
+    draft_slots: jax.Array | None = None  # [S, K] int32
     # Static: no sequence has more than one new token (a decode step), so only the rule's single step is compiled:
     # no piece loop, whose trip count a GPU reads back to the host at every linear layer even when it is zero.
     single_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -156,6 +160,13 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
     n_slots = conv_state.shape[1]
     conv_state = conv_state.at[layer, jnp.where(live, batch.slots, n_slots)].set(conv_after(q_lens), mode="drop")
+    drafted = None
+    if batch.draft_slots is not None and not batch.single_token:
+        drafted = live & (q_lens > 1) & (batch.draft_slots[:, 0] < n_slots)
+        for j in range(batch.draft_slots.shape[1]):  # the state after the first j + 1 tokens, the last one's excepted
+            keep = drafted & (j + 1 < q_lens)
+            conv_state = conv_state.at[layer, jnp.where(keep, batch.draft_slots[:, j], n_slots)].set(
+                conv_after(jnp.full_like(q_lens, j + 1)), mode="drop")
     snap = jnp.zeros_like(q_lens) if batch.snapshot_offsets is None else jnp.where(live, batch.snapshot_offsets, 0)
     snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots, n_slots)
     if batch.snapshot_offsets is not None:
@@ -179,7 +190,8 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     q, k = jnp.repeat(q, hv // hk, axis=1), jnp.repeat(k, hv // hk, axis=1)  # each key head serves hv / hk value heads
 
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
-                                 snap, snap_slots, delta=not mamba, single_token=batch.single_token)
+                                 snap, snap_slots, delta=not mamba, single_token=batch.single_token,
+                                 drafted=drafted, draft_slots=batch.draft_slots)
 
     z = proj(h, "gdn_z").astype(jnp.float32)
     if mamba:  # the skip, then silu(z), then an RMS norm per group of the inner width, projected out
@@ -194,34 +206,52 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
 
 def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
-                delta: bool = True, single_token: bool = False):
+                delta: bool = True, single_token: bool = False, drafted=None, draft_slots=None):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
     written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
     update (Mamba-2's), which writes v itself (beta unused). single_token (static): no sequence has more than one
-    new token, so the chunk path is left out.
+    new token, so the chunk path is left out. drafted [S] (or None): the sequences whose tokens go through the rule
+    one at a time (a real token and its drafts, at most K + 1 for draft_slots [S, K]), each state after the first
+    j + 1 of them (but the last) written to draft_slots[:, j].
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
     t, n_slots = q.shape[0], ssm.shape[1]
     s0 = jnp.where(fresh[:, None, None, None], 0.0, ssm[layer, slots])  # [S, Hv, Dk, Dv]
 
+    def step(s, j):
+        """Every sequence's state after its token j [S, Hv, Dk, Dv] from s, and that token's output [S, Hv, Dv]."""
+        r = jnp.clip(cu[:-1] + j, 0, t - 1)
+        s = s * jnp.exp(g[r])[..., None, None]
+        u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s, k[r])) if delta else v[r]
+        s = s + k[r][..., None] * u[:, :, None, :]
+        return s, jnp.einsum("shkv,shk->shv", s, q[r]), r
+
     # Decodes: one token each, every such sequence in one step.
     one = live & (q_lens == 1)
-    r = jnp.clip(cu[:-1], 0, t - 1)
-    s1 = s0 * jnp.exp(g[r])[..., None, None]
-    u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s1, k[r])) if delta else v[r]
-    s1 = s1 + k[r][..., None] * u[:, :, None, :]
-    o_dec = jnp.einsum("shkv,shk->shv", s1, q[r])
+    s1, o_dec, r = step(s0, 0)
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
     if single_token:
         ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
         return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
+    if drafted is not None:  # a real token and its drafts, token by token: the state after each kept
+        s_draft = s0
+        for j in range(draft_slots.shape[1] + 1):
+            active = drafted & (j < q_lens)
+            s_next, o_j, r = step(s_draft, j)
+            s_draft = jnp.where(active[:, None, None, None], s_next, s_draft)
+            out = out.at[jnp.where(active, r, t)].set(o_j, mode="drop")
+            if j < draft_slots.shape[1]:
+                ssm = ssm.at[layer, jnp.where(active & (j + 1 < q_lens), draft_slots[:, j], n_slots)].set(
+                    s_next, mode="drop")
+            ssm = ssm.at[layer, jnp.where(active & (snap == j + 1), snap_slots, n_slots)].set(s_next, mode="drop")
+        ssm = ssm.at[layer, jnp.where(drafted, slots, n_slots)].set(s_draft, mode="drop")
 
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
     # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.
     c = CHUNK
-    longer = live & (q_lens > 1)
+    longer = live & (q_lens > 1) & (True if drafted is None else ~drafted)
     seg_lens = jnp.where(longer[:, None], jnp.stack([snap, q_lens - snap], axis=1), 0).reshape(-1)  # [2S]
     seg_offsets = jnp.stack([jnp.zeros_like(snap), snap], axis=1).reshape(-1)
     seg_seq = jnp.repeat(jnp.arange(q_lens.shape[0]), 2)

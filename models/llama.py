@@ -62,6 +62,8 @@ class ModelInputs:
     state_slots: jax.Array | None = None
     snapshot_offsets: jax.Array | None = None  # [S] int32: a snapshot of the state after this many new tokens (0: none)
     snapshot_slots: jax.Array | None = None  # [S] int32: ... into this slot (engine.state_snapshots)
+    # ... and with speculative decoding, where its state after each of its first K tokens goes (gated_delta.Batch)
+    draft_slots: jax.Array | None = None  # [S, K] int32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -700,7 +702,7 @@ def forward(
 
     recurrent = None if states is None else (states, gated_delta.Batch(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
-        inputs.snapshot_slots, single_token))
+        inputs.snapshot_slots, inputs.draft_slots, single_token))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]

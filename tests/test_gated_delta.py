@@ -145,6 +145,59 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model):
 
 
 @pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_drafted_sequences_keep_the_state_after_each_token(model):
+    """Speculative decoding's verification step: sequences with a real token and drafts (2 to K + 1 tokens) beside a
+    decode and a long chunk. Outputs and final states are those of one token a step, and draft slot j of a drafted
+    sequence holds its state (recurrent and convolution) after its first j + 1 tokens, for every token but the last;
+    a snapshot after the real token is taken too; slots nobody names are untouched."""
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
+    proj = lambda h, name: h @ w[name]  # noqa: E731
+    rng = np.random.default_rng()
+    K, num_slots = 3, 24
+    starts, lens, slots = [9, 30, 4, 70, 12], [4, 2, 1, 80, 3], [0, 1, 2, 3, 4]
+    drafted = [True, True, False, False, True]
+    snapshots, snapshot_slots = [0, 1, 0, 0, 0], [5, 6, 5, 5, 5]
+    draft_slots = np.full((len(lens), K), num_slots, np.int32)
+    for i, d in enumerate(drafted):
+        if d:
+            draft_slots[i] = 8 + 3 * i + np.arange(K)
+    shapes = gated_delta.state_shapes(cfg, num_slots)
+    states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, *shapes.conv[1:])), jnp.float32),
+                                ssm=jnp.asarray(rng.standard_normal((2, *shapes.ssm[1:])) * 0.3, jnp.float32))
+    h = jnp.asarray(rng.standard_normal((sum(lens) + 5, cfg.hidden_size)), jnp.float32)
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    batch = gated_delta.Batch(cu_q_lens=jnp.asarray(cu), kv_lens=jnp.asarray(np.add(starts, lens), jnp.int32),
+                              num_seqs=jnp.asarray([len(lens)], jnp.int32), slots=jnp.asarray(slots, jnp.int32),
+                              snapshot_offsets=jnp.asarray(snapshots, jnp.int32),
+                              snapshot_slots=jnp.asarray(snapshot_slots, jnp.int32),
+                              draft_slots=jnp.asarray(draft_slots))
+    step = jax.jit(lambda h, st, b: gated_delta.mix(cfg, w, h, st, 1, b, proj))
+    out, after = step(h, states, batch)
+    conv, ssm = after.conv[1], after.ssm[1]
+    for i, (start, n, slot) in enumerate(zip(starts, lens, slots)):
+        st = states
+        for j in range(n):
+            one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32), kv_lens=jnp.asarray([start + j + 1], jnp.int32),
+                                    num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32),
+                                    single_token=True)
+            o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
+            np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
+            if drafted[i] and j + 1 < n:
+                np.testing.assert_allclose(np.asarray(ssm[draft_slots[i, j]]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
+                np.testing.assert_allclose(np.asarray(conv[draft_slots[i, j]]), np.asarray(st.conv[1, slot]), rtol=1e-5, atol=1e-5)
+            if j + 1 == snapshots[i]:
+                np.testing.assert_allclose(np.asarray(ssm[snapshot_slots[i]]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
+        np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(st.conv[1, slot]), rtol=1e-5, atol=1e-5)
+    named = set(slots) | {6} | {int(x) for i, d in enumerate(drafted) if d for x in draft_slots[i][: lens[i] - 1]}
+    for slot in set(range(num_slots)) - named:
+        np.testing.assert_array_equal(np.asarray(ssm[slot]), np.asarray(states.ssm[1, slot]))
+        np.testing.assert_array_equal(np.asarray(conv[slot]), np.asarray(states.conv[1, slot]))
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
 def test_a_decode_step_compiles_only_the_single_step_and_matches_the_general_program(model):
     """`single_token` (a step whose sequences have one new token each): the layer's program has no loop (the chunk
     path's piece loop, a host read-back per layer on a GPU, is left out), and its outputs, states and snapshots are
@@ -302,12 +355,58 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    for key, value, named in (("speculative.method", "ngram", "speculative.method"),
-                              ("cache.host_memory_gb", 0.01, "cache.host_memory_gb")):
+    for key, value, named in (("cache.host_memory_gb", 0.01, "cache.host_memory_gb"),):
         with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
     with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
+
+
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monkeypatch):
+    """Speculative decoding on a model with linear attention layers: drafts wholly accepted, cut after some tokens and
+    wholly rejected (an oracle proposer: the true continuation, spoiled at a position chosen per step), a sequence's
+    recurrent state put back to the one after its kept tokens: the greedy tokens of plain decoding, beside prefill
+    chunks, with the prefix cache resuming from snapshots. A hybrid draft model is refused by name."""
+    from engine.config import ConfigKeyError
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random()
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (2, 9, 30)]
+    prompts.append(list(prompts[1]))  # resumed at its prompt-end snapshot
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    small = {"warmup": False, "cache.num_pages": 64, "cache.page_size": 8, "model.max_model_len": 128,
+             "scheduler.max_running": 3, "scheduler.max_batch_tokens": 32, "debug_checks": True}
+    plain = [o.token_ids for o in LLM(None, progress=False, model=(cfg, params, tokenizer), **small)
+             .generate(prompts, greedy)]
+
+    def oracle(self, tokens, k):  # the true next k tokens, the first `len(tokens) % 4` of them kept (3: all)
+        i = next(i for i, p in enumerate(prompts) if list(tokens[: len(p)]) == p and tokens[len(p)] == plain[i][0])
+        done = len(tokens) - len(prompts[i])
+        true = plain[i][done : done + k]
+        good = len(tokens) % 4 if len(tokens) % 4 < 3 else k
+        return true[:good] + [(t + 1) % cfg.vocab_size for t in true[good:]]
+
+    from engine import speculative
+    monkeypatch.setattr(speculative.NgramIndex, "propose", oracle)
+    llm = LLM(None, progress=False, model=(cfg, params, tokenizer),
+              **small, **{"speculative.method": "ngram", "speculative.num_tokens": 3})
+    got = llm.generate(prompts[:2], greedy) + llm.generate(prompts[2:], greedy)  # the second wave: prefix hits
+    assert [o.token_ids for o in got] == plain
+    stats = llm.engine.stats()
+    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+    assert got[-1].cached_tokens == len(prompts[1]) // 8 * 8
+    with pytest.raises(ConfigKeyError, match="speculative.model .* has linear attention layers"):
+        LLM(None, progress=False, model=(cfg, params, tokenizer), draft=(cfg, params),
+            **small, **{"speculative.method": "draft_model"})
 
 
 @pytest.mark.parametrize("model", ["qwen3_5", "granite4"])

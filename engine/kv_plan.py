@@ -108,7 +108,9 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
         if not cache.num_pages and budget < page_bytes:
             raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "
                                  f"scheduler.max_running={config.scheduler.max_running} sequences, "
-                                 f"cache.state_snapshots={cache.state_snapshots} snapshots and a page")
+                                 f"cache.state_snapshots={cache.state_snapshots} snapshots"
+                                 + (f", {drafts} for speculative decoding (max_running x speculative.num_tokens)"
+                                    if drafts else "") + " and a page")
     if not (cache.hybrid and cfg.mixed_windows):
         return cache.num_pages or budget // page_bytes, 0
     ps, sched = cache.page_size, config.scheduler

@@ -362,7 +362,7 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
 
 
-@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+@pytest.mark.parametrize("model", ["qwen3_5"])  # (Mamba-2's draft slots: test_drafted_sequences_keep_the_state...)
 def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monkeypatch):
     """Speculative decoding on a model with linear attention layers: drafts wholly accepted, cut after some tokens and
     wholly rejected (an oracle proposer: the true continuation, spoiled at a position chosen per step), a sequence's
@@ -510,7 +510,7 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
     assert (sharding.bytes_per_device(norm)["cpu:0"] == norm.nbytes) == (model == "qwen3_5")
 
 
-@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+@pytest.mark.parametrize("model", ["qwen3_5"])  # (Mamba-2's single step: the decode-step test above)
 def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
     """The engine on the Pallas kernels (interpret mode), where a step of decodes takes the single-step program
     (`single_token`) and a step with a longer chunk the general one: the same greedy tokens as on the xla backend

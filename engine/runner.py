@@ -148,7 +148,7 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     (hidden, every_row), own, *rest = llama.forward(
         params, st.cfg, kv_caches[: st.num_model_kv], inputs, attn_backend=st.backend, mesh=st.mesh,
         all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states,
-        single_token=decode_only is True and bool(st.cfg.linear_layers))  # Runner._decode_kernel's promise
+        decode_step=decode_only is True and bool(st.cfg.linear_layers))  # Runner._decode_kernel's promise
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
@@ -484,14 +484,15 @@ class ModelRunner:
         than a few new tokens (decodes, drafts: `pallas_kernels.prefers_decode_kernel`), else the ragged one, whose
         query blocks read a chunk's KV once per block instead of once per row (a short tail prefilled over a long
         cached prefix, the prefix cache's common case). A model with linear attention layers takes the decode kernel
-        only when every chunk has one token: that program then compiles only their recurrent rule's single step
-        (`llama.forward`'s single_token; no piece loop to read back at every such layer)."""
+        only when every chunk is a decode (one token, or a real token and its drafts): that program then compiles only
+        their recurrent rule's single steps (`llama.forward`'s decode_step; no piece loop to read back at every such
+        layer)."""
         kernels = self._kernels(num_tokens)
         if len(kernels) == 1:
             return kernels[0]
         longest = max(len(c.token_ids) for c in plan.chunks)
-        if self.cfg.linear_layers:
-            return longest == 1
+        if self.cfg.linear_layers and not all(len(c.token_ids) == 1 or c.draft for c in plan.chunks):
+            return False
         return pallas_kernels.prefers_decode_kernel(longest)
 
     def draft_state_slot(self, state_slot: int, j: int) -> int:

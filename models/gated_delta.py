@@ -106,9 +106,10 @@ class Batch:
     # and j drafts; out of range: none), so a rejected draft's state can be put back (engine/speculative.py). A
     # sequence with such slots goes through the rule token by token (K + 1 steps written out), not in pieces.
     draft_slots: jax.Array | None = None  # [S, K] int32
-    # Static: no sequence has more than one new token (a decode step), so only the rule's single step is compiled:
-    # no piece loop, whose trip count a GPU reads back to the host at every linear layer even when it is zero.
-    single_token: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static: a step of decodes, every sequence with one new token or a real token and its drafts (draft_slots), so
+    # only the rule's single steps are compiled: no piece loop, whose trip count a GPU reads back to the host at every
+    # linear layer even when it is zero.
+    decode_step: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
 def one_sequence(num_tokens: int) -> Batch:
@@ -161,7 +162,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     n_slots = conv_state.shape[1]
     conv_state = conv_state.at[layer, jnp.where(live, batch.slots, n_slots)].set(conv_after(q_lens), mode="drop")
     drafted = None
-    if batch.draft_slots is not None and not batch.single_token:
+    if batch.draft_slots is not None:
         drafted = live & (q_lens > 1) & (batch.draft_slots[:, 0] < n_slots)
         for j in range(batch.draft_slots.shape[1]):  # the state after the first j + 1 tokens, the last one's excepted
             keep = drafted & (j + 1 < q_lens)
@@ -190,7 +191,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     q, k = jnp.repeat(q, hv // hk, axis=1), jnp.repeat(k, hv // hk, axis=1)  # each key head serves hv / hk value heads
 
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
-                                 snap, snap_slots, delta=not mamba, single_token=batch.single_token,
+                                 snap, snap_slots, delta=not mamba, decode_step=batch.decode_step,
                                  drafted=drafted, draft_slots=batch.draft_slots)
 
     z = proj(h, "gdn_z").astype(jnp.float32)
@@ -206,14 +207,14 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
 
 def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
-                delta: bool = True, single_token: bool = False, drafted=None, draft_slots=None):
+                delta: bool = True, decode_step: bool = False, drafted=None, draft_slots=None):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
     written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
-    update (Mamba-2's), which writes v itself (beta unused). single_token (static): no sequence has more than one
-    new token, so the chunk path is left out. drafted [S] (or None): the sequences whose tokens go through the rule
-    one at a time (a real token and its drafts, at most K + 1 for draft_slots [S, K]), each state after the first
-    j + 1 of them (but the last) written to draft_slots[:, j].
+    update (Mamba-2's), which writes v itself (beta unused). drafted [S] (or None): the sequences whose tokens go
+    through the rule one at a time (a real token and its drafts, at most K + 1 for draft_slots [S, K]), each state
+    after the first j + 1 of them (but the last) written to draft_slots[:, j]. decode_step (static): every sequence has
+    one new token or is drafted, so the chunk path is left out.
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
@@ -232,9 +233,6 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     one = live & (q_lens == 1)
     s1, o_dec, r = step(s0, 0)
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
-    if single_token:
-        ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
-        return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
     if drafted is not None:  # a real token and its drafts, token by token: the state after each kept
         s_draft = s0
         for j in range(draft_slots.shape[1] + 1):
@@ -247,6 +245,9 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
                     s_next, mode="drop")
             ssm = ssm.at[layer, jnp.where(active & (snap == j + 1), snap_slots, n_slots)].set(s_next, mode="drop")
         ssm = ssm.at[layer, jnp.where(drafted, slots, n_slots)].set(s_draft, mode="drop")
+    if decode_step:
+        ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
+        return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
 
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
     # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.

@@ -645,7 +645,7 @@ def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
     layout: HybridLayout | None = None, decode_only: bool | None = None, states: gated_delta.States | None = None,
-    single_token: bool = False,
+    decode_step: bool = False,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
@@ -653,8 +653,8 @@ def forward(
     layout: the caches are a hybrid cache (`HybridLayout`; inputs carry the window slots).
     decode_only: the attention kernel to use on the Pallas backends (`pallas_kernels.ragged_paged_attention`).
     states: a model with linear attention layers' recurrent states (`inputs.state_slots` says whose is where); the
-    updated states are returned third. single_token (static): no sequence has more than one new token (a decode
-    step); the linear attention layers then compile only their recurrent rule's single step.
+    updated states are returned third. decode_step (static): every sequence has one new token, or a real token and
+    its drafts (a decode step); the linear attention layers then compile only their recurrent rule's single steps.
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -702,7 +702,7 @@ def forward(
 
     recurrent = None if states is None else (states, gated_delta.Batch(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
-        inputs.snapshot_slots, inputs.draft_slots, single_token))
+        inputs.snapshot_slots, inputs.draft_slots, decode_step))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]

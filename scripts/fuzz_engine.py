@@ -105,9 +105,9 @@ def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> 
               "scheduler.long_prefill_tokens": rng.choice([0, 0, 8, 20]),
               "scheduler.policy": rng.choice(["fcfs", "lpm"]),
               "scheduler.overlap": rng.choice([True, False])}
-    if model in RECURRENT:  # (no speculative decoding, host or disk tier for a recurrent state yet)
+    if model in RECURRENT:  # (no host or disk tier for a recurrent state yet)
         fuzzed["cache.state_snapshots"] = rng.choice([0, 1, 2, 5])
-    elif rng.random() < 0.3:
+    if rng.random() < 0.3:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
     if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
         fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])

@@ -131,7 +131,7 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model):
             one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32),
                                     kv_lens=jnp.asarray([start + j + 1], jnp.int32),
                                     num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32),
-                                    single_token=True)  # the decode step's program: the single step alone
+                                    decode_step=True)  # the decode step's program: the single step alone
             o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
             c, s = st.conv[1], st.ssm[1]
             np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
@@ -181,7 +181,7 @@ def test_drafted_sequences_keep_the_state_after_each_token(model):
         for j in range(n):
             one = gated_delta.Batch(cu_q_lens=jnp.asarray([0, 1], jnp.int32), kv_lens=jnp.asarray([start + j + 1], jnp.int32),
                                     num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32),
-                                    single_token=True)
+                                    decode_step=True)
             o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
             np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
             if drafted[i] and j + 1 < n:
@@ -198,52 +198,65 @@ def test_drafted_sequences_keep_the_state_after_each_token(model):
 
 
 @pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
-def test_a_decode_step_compiles_only_the_single_step_and_matches_the_general_program(model):
-    """`single_token` (a step whose sequences have one new token each): the layer's program has no loop (the chunk
-    path's piece loop, a host read-back per layer on a GPU, is left out), and its outputs, states and snapshots are
-    the general program's on the same decode batch: live states, padding rows and sequence slots, snapshots after
-    the token for some sequences, and slots no sequence names left untouched."""
+def test_a_decode_step_compiles_only_the_single_steps_and_matches_the_general_program(model):
+    """`decode_step` (every sequence with one new token, or a real token and its drafts): the layer's program has no
+    loop (the chunk path's piece loop, a host read-back per layer on a GPU, is left out), and its outputs, states,
+    draft slots and snapshots are the general program's on the same batch: live states, padding rows and sequence
+    slots, drafted sequences of 2 to K + 1 tokens, snapshots after the first token for some sequences, and slots no
+    sequence names left untouched."""
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
     params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
     rng = np.random.default_rng()
-    num_slots, num_seqs, max_seqs, rows = 12, 5, 8, 8  # 3 padding sequence slots, 3 padding rows
+    K, num_seqs, max_seqs = 3, 5, 8  # 3 padding sequence slots
+    num_slots = 12 + max_seqs * K  # sequences' and snapshots' slots, then K draft slots per sequence
     shapes = gated_delta.state_shapes(cfg, num_slots)
     states = gated_delta.States(conv=jnp.asarray(rng.standard_normal((2, *shapes.conv[1:])), jnp.float32),
                                 ssm=jnp.asarray(rng.standard_normal((2, *shapes.ssm[1:])) * 0.3, jnp.float32))
-    order = rng.permutation(num_slots)
+    order = rng.permutation(12)
     slots, free = order[:max_seqs], order[max_seqs:]  # padding sequences name slots too: theirs must stay as they are
-    starts = np.concatenate([[0], rng.integers(1, 200, num_seqs - 1), np.zeros(max_seqs - num_seqs, int)])
     live = np.arange(max_seqs) < num_seqs
-    snap = (live & (rng.permutation(max_seqs) < len(free))).astype(np.int32)  # after the token, into a free slot each
+    lens = np.where(live, rng.choice([1, 1, 2, K + 1], max_seqs), 0)
+    lens[0], lens[1] = 1, K + 1
+    starts = np.concatenate([[0], rng.integers(1, 200, num_seqs - 1), np.zeros(max_seqs - num_seqs, int)])
+    draft_slots = np.full((max_seqs, K), num_slots, np.int32)
+    for i in np.flatnonzero(lens > 1):
+        draft_slots[i] = 12 + K * i + np.arange(K)
+    snap = (live & (rng.permutation(max_seqs) < len(free))).astype(np.int32)  # after the first token, a free slot each
     snap[rng.integers(num_seqs)] = 1
     snapshot_slots = np.full(max_seqs, num_slots, np.int32)
     snapshot_slots[snap > 0] = free[: snap.sum()]
-    batch = dict(cu_q_lens=jnp.asarray(np.minimum(np.arange(max_seqs + 1), num_seqs), jnp.int32),
-                 kv_lens=jnp.asarray(np.where(live, starts + 1, 0), jnp.int32),
+    cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+    batch = dict(cu_q_lens=jnp.asarray(cu), kv_lens=jnp.asarray(np.where(live, starts + lens, 0), jnp.int32),
                  num_seqs=jnp.asarray([num_seqs], jnp.int32), slots=jnp.asarray(slots, jnp.int32),
-                 snapshot_offsets=jnp.asarray(snap), snapshot_slots=jnp.asarray(snapshot_slots))
-    h = jnp.asarray(rng.standard_normal((rows, cfg.hidden_size)), jnp.float32)
-    step = lambda single: jax.jit(lambda h, st, b: gated_delta.mix(  # noqa: E731
-        cfg, w, h, st, 1, gated_delta.Batch(**b, single_token=single), proj))
-    loops = lambda single: gpu_compile.loops_outside_kernels(  # noqa: E731
-        jax.make_jaxpr(step(single))(h, states, batch).jaxpr)
+                 snapshot_offsets=jnp.asarray(snap), snapshot_slots=jnp.asarray(snapshot_slots),
+                 draft_slots=jnp.asarray(draft_slots))
+    h = jnp.asarray(rng.standard_normal((cu[-1] + 3, cfg.hidden_size)), jnp.float32)  # 3 padding rows
+    step = lambda decode: jax.jit(lambda h, st, b: gated_delta.mix(  # noqa: E731
+        cfg, w, h, st, 1, gated_delta.Batch(**b, decode_step=decode), proj))
+    loops = lambda decode: gpu_compile.loops_outside_kernels(  # noqa: E731
+        jax.make_jaxpr(step(decode))(h, states, batch).jaxpr)
     assert loops(True) == [] and loops(False) == ["while[?]"]
     (out, after), (want, want_states) = step(True)(h, states, batch), step(False)(h, states, batch)
-    np.testing.assert_allclose(np.asarray(out[:num_seqs]), np.asarray(want[:num_seqs]), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(out[: cu[-1]]), np.asarray(want[: cu[-1]]), rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(np.asarray(after.ssm), np.asarray(want_states.ssm), rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(np.asarray(after.conv), np.asarray(want_states.conv))
-    for slot in set(range(num_slots)) - set(slots[:num_seqs]) - set(snapshot_slots[snap > 0]):
+    named = set(slots[:num_seqs]) | set(snapshot_slots[snap > 0])
+    named |= {int(d) for i in np.flatnonzero(lens > 1) for d in draft_slots[i][: lens[i] - 1]}
+    for slot in set(range(num_slots)) - named:
         np.testing.assert_array_equal(np.asarray(after.ssm[:, slot]), np.asarray(states.ssm[:, slot]))
         np.testing.assert_array_equal(np.asarray(after.conv[:, slot]), np.asarray(states.conv[:, slot]))
-    for i in np.flatnonzero(snap):  # the snapshot is the state after the token
+    for i in np.flatnonzero(snap & (lens == 1)):  # the snapshot is the state after the token
         np.testing.assert_array_equal(np.asarray(after.ssm[1, snapshot_slots[i]]), np.asarray(after.ssm[1, slots[i]]))
+    for i in np.flatnonzero(snap & (lens > 1)):  # ... after the first token: the first draft slot's
+        np.testing.assert_array_equal(np.asarray(after.ssm[1, snapshot_slots[i]]),
+                                      np.asarray(after.ssm[1, draft_slots[i, 0]]))
     assert not np.array_equal(np.asarray(after.ssm[1, slots[0]]), np.asarray(states.ssm[1, slots[0]]))
 
 
 def test_a_hybrid_decode_step_has_no_loop_but_the_layer_scans():
-    """The whole model step on the Pallas backend (what a GPU runs): with single_token, as the runner compiles a step
+    """The whole model step on the Pallas backend (what a GPU runs): with decode_step, as the runner compiles a step
     of decodes, the only loops outside the kernels are the layer scans (Qwen3.5: one over its 3-layer groups; Granite
     4.0-H, whose pattern does not repeat: one over its first run of 2); the general step adds the piece loop of each
     linear layer's place in the scanned body."""
@@ -263,7 +276,7 @@ def test_a_hybrid_decode_step_has_no_loop_but_the_layer_scans():
                                    snapshot_slots=i32(max_seqs))
         for single in (True, False):
             step = functools.partial(llama.forward, cfg=cfg, attn_backend="pallas", decode_only=single,
-                                     single_token=single)
+                                     decode_step=single)
             loops = gpu_compile.loops_outside_kernels(
                 jax.make_jaxpr(step)(params, kv_caches=caches, inputs=inputs, states=states).jaxpr)
             assert loops == scans + ([] if single else ["while[?]"] * pieces), (cfg.architecture, single, loops)
@@ -397,13 +410,18 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
 
     from engine import speculative
     monkeypatch.setattr(speculative.NgramIndex, "propose", oracle)
-    llm = LLM(None, progress=False, model=(cfg, params, tokenizer),
-              **small, **{"speculative.method": "ngram", "speculative.num_tokens": 3})
-    got = llm.generate(prompts[:2], greedy) + llm.generate(prompts[2:], greedy)  # the second wave: prefix hits
-    assert [o.token_ids for o in got] == plain
-    stats = llm.engine.stats()
-    assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
-    assert got[-1].cached_tokens == len(prompts[1]) // 8 * 8
+    for backend in ("xla", "pallas_interpret"):  # the latter: steps of decodes and drafts take the decode_step program
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer),
+                  **small, **{"speculative.method": "ngram", "speculative.num_tokens": 3, "attention.backend": backend})
+        choose, kernels = llm.engine.runner._decode_kernel, []
+        llm.engine.runner._decode_kernel = lambda plan, n: kernels.append(  # noqa: E731
+            (max(len(c.token_ids) for c in plan.chunks), choose(plan, n))) or kernels[-1][1]
+        got = llm.generate(prompts[:2], greedy) + llm.generate(prompts[2:], greedy)  # the second wave: prefix hits
+        assert [o.token_ids for o in got] == plain, backend
+        stats = llm.engine.stats()
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+        assert got[-1].cached_tokens == len(prompts[1]) // 8 * 8
+    assert any(longest > 1 and decode for longest, decode in kernels)  # drafted decodes in the decode_step program
     with pytest.raises(ConfigKeyError, match="speculative.model .* has linear attention layers"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), draft=(cfg, params),
             **small, **{"speculative.method": "draft_model"})
@@ -513,7 +531,7 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
 @pytest.mark.parametrize("model", ["qwen3_5"])  # (Mamba-2's single step: the decode-step test above)
 def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
     """The engine on the Pallas kernels (interpret mode), where a step of decodes takes the single-step program
-    (`single_token`) and a step with a longer chunk the general one: the same greedy tokens as on the xla backend
+    (`decode_step`) and a step with a longer chunk the general one: the same greedy tokens as on the xla backend
     (which compiles one program for both), over chunked prompts beside decodes, a repeated prompt resumed from a
     snapshot, and slots reused."""
     from engine.llm import LLM

@@ -442,27 +442,35 @@ def decode_overhead(args) -> None:
 
 
 def step_times(args) -> None:
-    """Median wall time of the jitted model step (forward + KV write, no head) on the real weights, for
-    fixed decode and prefill shapes: the per-step cost that every workload above is made of."""
+    """Median wall time of the jitted model step (forward + KV write, no head) on the real weights (or
+    `--synthetic-model`'s), for fixed decode and prefill shapes: the per-step cost that every workload above is made
+    of. Each step runs the program the engine would choose for it (`ModelRunner._decode_kernel`)."""
+    import types
+
     import jax
 
     from engine.config import load_config
     from engine.engine import LLMEngine
+    from engine.runner import bucket_for
     from engine.scheduler import Chunk, StepPlan
 
-    engine = LLMEngine(load_config(args.config, args.set_a))
+    config = load_config(args.config, args.set_a)
+    model = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
+    engine = LLMEngine(config, model=model)
     runner = engine.runner
 
     def inputs(chunks: list[tuple[int, int]]):  # (start, new tokens) per sequence, disjoint pages
         plan_chunks, first_page = [], 0
-        for start, n in chunks:
+        for i, (start, n) in enumerate(chunks):
             num_pages = -(-(start + n) // runner.page_size)
             pages = tuple(p % runner.num_pages for p in range(first_page, first_page + num_pages))
             first_page += num_pages
             window = tuple(p % runner.layout.num_window_pages for p in pages) if runner.layout else ()  # hybrid cache
-            plan_chunks.append(Chunk(seq=None, token_ids=[7] * n, start=start, pages=pages, sample=True, window_pages=window))
-        num_prefill = sum(n for _, n in chunks)
-        return runner.put_inputs(runner.pack(StepPlan(plan_chunks, [], 0, num_prefill)))
+            seq = types.SimpleNamespace(state_slot=i, adapter=0)  # what packing reads of a sequence
+            plan_chunks.append(Chunk(seq=seq, token_ids=[7] * n, start=start, pages=pages, sample=True, window_pages=window))
+        plan = StepPlan(plan_chunks, [], 0, sum(n for _, n in chunks))
+        kernel = runner._decode_kernel(plan, bucket_for(plan.num_tokens, runner.token_buckets))
+        return runner.put_inputs(runner.pack(plan)), kernel
 
     shapes = {
         "decode 8 x 1,152 context": [(1151, 1)] * 8,
@@ -477,15 +485,16 @@ def step_times(args) -> None:
     for name, chunks in shapes.items():
         if len(chunks) > runner.max_seqs or sum(n for _, n in chunks) > runner.token_buckets[-1]:
             continue
-        data, times = inputs(chunks), []
+        (data, kernel), times = inputs(chunks), []
         for _ in range(args.repeats + 1):
             t0 = time.perf_counter()
             hidden, _, runner.kv, runner.states = runner._forward(
                 runner.params, kv_caches=runner.kv, inputs=data, prev_tokens=runner._prev_tokens, lora=runner.lora,
-                draft_params=runner.draft_params, states=runner.states)
+                draft_params=runner.draft_params, states=runner.states, decode_only=kernel)
             jax.block_until_ready(hidden)
             times.append(time.perf_counter() - t0)
-        print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms")
+        program = {None: "", True: "  (decode program)", False: "  (ragged program)"}[kernel]
+        print(f"  {name:<36} {statistics.median(times[1:]) * 1e3:8.1f} ms{program}")
 
 
 def output_growth(args) -> None:

@@ -16,8 +16,9 @@
 # Every step runs even if an earlier one fails; the exit status is non-zero if any failed.
 # Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
 #   GPU_CHECK_STEPS="tests bench tune engine" (the default) runs only the steps named, for a second run inside a
-#   lease that is short of time; "moe" and "matmul" (steps 3 and 4: run 1 on the H200 has their partial tables) and
-#   "interpret" (the interpret-mode kernel tests on the CPU) are not in the default.
+#   lease that is short of time; "moe" and "matmul" (steps 3 and 4: run 1 on the H200 has their partial tables),
+#   "steps" (the model step at fixed shapes, bench.py --workload steps) and "interpret" (the interpret-mode kernel
+#   tests on the CPU) are not in the default.
 # Limits: each step's, from its time on an H200 (2026-12-04) plus a margin (the engine step's a guess); 7.75 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -66,6 +67,15 @@ wanted engine && step "the engine's decode step, greedy (A) vs top-p (B): Llama 
   "${PY}" "${engine_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
 wanted engine && step "the engine's decode step, greedy (A) vs top-p (B): Qwen3.5-shaped hybrid (GPU)" 50 \
   "${PY}" "${engine_bench[@]}" --synthetic-arch qwen3_5 --synthetic-model 1024,8,16,4,128
+# Not in the default steps (the 8 minutes): the model step alone at fixed decode and prefill shapes, each in the
+# program the engine would choose, on Llama- and Qwen3.5-shaped random models (the hybrid's prefill walks its pieces in
+# a loop of dynamic trip count: one host round trip a piece and linear layer on a GPU).
+steps_bench=(scripts/bench.py --workload steps --word-vocab 32768 --repeats 5 --set model.dtype=bfloat16
+  attention.backend=pallas warmup=false cache.num_pages=4096)
+wanted steps && step "model step times, Llama 1B-shaped (GPU)" 60 \
+  "${PY}" "${steps_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
+wanted steps && step "model step times, Qwen3.5-shaped hybrid (GPU)" 60 \
+  "${PY}" "${steps_bench[@]}" --synthetic-arch qwen3_5 --synthetic-model 1024,8,16,4,128
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

@@ -91,6 +91,26 @@ def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys
         assert "sampling greedy" in out and "sampling temperature=0.8 top_p=0.9" in out
 
 
+def test_gpu_checks_steps_workload_on_a_synthetic_hybrid(monkeypatch, capsys):
+    """scripts/gpu_check.sh's `steps` step, its own arguments, on a tiny Qwen3.5-shaped model through the interpret-mode
+    kernels: every fixed shape timed, decodes in the decode program, prefills in the ragged one, no model package."""
+    import pathlib
+    import re
+    import shlex
+
+    from models import loader
+
+    script = (pathlib.Path(__file__).parent.parent / "scripts" / "gpu_check.sh").read_text()
+    array = re.search(r"^steps_bench=\((.*?)\)$", script, re.S | re.M).group(1)
+    monkeypatch.setattr(loader, "tokenizer_source", lambda *a: pytest.fail("the config's tokenizer was loaded"))
+    args = shlex.split(array)[1:] + ["--synthetic-arch", "qwen3_5", "--synthetic-model", "32,4,4,2,8", "--repeats",
+                                     "1", "--set", "attention.backend=pallas_interpret", "model.dtype=float32",
+                                     "cache.num_pages=256"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    assert out.count("(decode program)") == 3 and out.count("(ragged program)") == 4, out
+
+
 @pytest.mark.slow
 def test_weight_swap_reports_each_phase(capsys):
     rc = bench.main(["--workload", "weight-swap", "--repeats", "1", "--set-a", "model.max_model_len=256",

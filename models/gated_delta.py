@@ -231,13 +231,14 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
 
     # Decodes: one token each, every such sequence in one step.
     one = live & (q_lens == 1)
-    s1, o_dec, r = step(s0, 0)
+    first = step(s0, 0)  # every sequence's first token: the decodes' only one, the drafted sequences' real one
+    s1, o_dec, r = first
     out = jnp.zeros(v.shape, jnp.float32).at[jnp.where(one, r, t)].set(o_dec, mode="drop")
     if drafted is not None:  # a real token and its drafts, token by token: the state after each kept
         s_draft = s0
         for j in range(draft_slots.shape[1] + 1):
             active = drafted & (j < q_lens)
-            s_next, o_j, r = step(s_draft, j)
+            s_next, o_j, r = first if j == 0 else step(s_draft, j)
             s_draft = jnp.where(active[:, None, None, None], s_next, s_draft)
             out = out.at[jnp.where(active, r, t)].set(o_j, mode="drop")
             if j < draft_slots.shape[1]:

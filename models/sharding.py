@@ -82,9 +82,9 @@ def _prepare_linear_layers(cfg: LlamaConfig, params: dict, n: int) -> dict:
     layers = params["layers"]
     if "gdn_qkv" not in layers:
         return params
+    widths = gated_delta.conv_sections(cfg)
     order = np.concatenate([start + d * (width // n) + np.arange(width // n) for d in range(n)
-                            for start, width in zip(np.cumsum((0,) + gated_delta.conv_sections(cfg)[:-1]),
-                                                    gated_delta.conv_sections(cfg))])
+                            for start, width in zip(np.cumsum((0,) + widths[:-1]), widths)])
     moved = {name: np.take(np.asarray(layers[name]), order, axis=-1)
              for name in ("gdn_qkv", "gdn_conv", "gdn_conv_bias") if name in layers}
     return {**params, "layers": {**layers, **moved}}

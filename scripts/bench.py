@@ -349,6 +349,13 @@ def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0)
     return cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer
 
 
+def given_model(args, config):
+    """`--synthetic-model`'s (LlamaConfig, params, tokenizer) for LLMEngine(model=...), or None: the config's weights."""
+    if not args.synthetic_model:
+        return None
+    return synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab)
+
+
 def sampling_fields(pairs: list[str]) -> dict[str, float | int]:
     """--sampling / --sampling-b KEY=VALUE pairs -> SamplingParams fields (numbers)."""
     out = {}
@@ -391,7 +398,7 @@ def decode_overhead(args) -> None:
         if name == "B" and args.lora_b:
             configs[name] = overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
-        model = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
+        model = given_model(args, config)
         engines[name] = LLMEngine(config, model=model)
         model_cfg = engines[name].model_cfg
     steps: dict[str, list[dict]] = {name: [] for name in engines}
@@ -455,7 +462,7 @@ def step_times(args) -> None:
     from engine.scheduler import Chunk, StepPlan
 
     config = load_config(args.config, args.set_a)
-    model = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
+    model = given_model(args, config)
     engine = LLMEngine(config, model=model)
     runner = engine.runner
 
@@ -662,7 +669,7 @@ def main(argv=None) -> int:
         configs = {"A": load_config(args.config, args.set_a)}
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
-        model = synthetic_model(args.synthetic_model, configs["A"], args.synthetic_arch, args.word_vocab) if args.synthetic_model else None
+        model = given_model(args, configs["A"])
         engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)

@@ -63,10 +63,9 @@ def test_decode_with_random_lora_adapters_in_b(capsys):
     assert out.count("pure-decode steps") == 2 and "lora.adapters.lora1=" in out
 
 
-def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys):
-    """scripts/gpu_check.sh's engine step, its own arguments, on a machine with no model package (the GPU box): a
-    random model with a word-level vocabulary, greedy in A and top-p in B. Here at tiny shapes, on the CPU, through
-    the interpret-mode kernels (the later arguments override the GPU's)."""
+def _gpu_check_arguments(name: str, monkeypatch) -> tuple[str, list[str]]:
+    """(scripts/gpu_check.sh's text, the bench.py arguments of its array `name`), with the config's tokenizer made
+    unloadable: the GPU machine has no model package."""
     import pathlib
     import re
     import shlex
@@ -74,14 +73,24 @@ def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys
     from models import loader
 
     script = (pathlib.Path(__file__).parent.parent / "scripts" / "gpu_check.sh").read_text()
-    array = re.search(r"^engine_bench=\((.*?)\)$", script, re.S | re.M).group(1)
+    array = re.search(rf"^{name}=\((.*?)\)$", script, re.S | re.M).group(1)
+    monkeypatch.setattr(loader, "tokenizer_source", lambda *a: pytest.fail("the config's tokenizer was loaded"))
+    return script, shlex.split(array)[1:]
+
+
+def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys):
+    """scripts/gpu_check.sh's engine step, its own arguments, on a machine with no model package (the GPU box): a
+    random model with a word-level vocabulary, greedy in A and top-p in B. Here at tiny shapes, on the CPU, through
+    the interpret-mode kernels (the later arguments override the GPU's)."""
+    import re
+
+    script, gpu_args = _gpu_check_arguments("engine_bench", monkeypatch)
     calls = re.findall(r'"\$\{engine_bench\[@\]\}" (--synthetic-arch \S+ --synthetic-model \S+)', script)
     assert len(calls) == 2
-    monkeypatch.setattr(loader, "tokenizer_source", lambda *a: pytest.fail("the config's tokenizer was loaded"))
     tiny = {"llama": "32,2,4,2,8", "qwen3_5": "32,4,4,2,8"}
     for call in calls:
         arch = call.split()[1]
-        args = shlex.split(array)[1:] + call.split()[:2] + [
+        args = gpu_args + call.split()[:2] + [
             "--synthetic-model", tiny[arch], "--decode-batch", "3", "--output-len", "4", "--repeats", "1",
             "--set", "attention.backend=pallas_interpret", "model.dtype=float32", "scheduler.max_running=4",
             "cache.num_pages=64"]
@@ -94,16 +103,8 @@ def test_gpu_checks_engine_step_runs_without_a_model_package(monkeypatch, capsys
 def test_gpu_checks_steps_workload_on_a_synthetic_hybrid(monkeypatch, capsys):
     """scripts/gpu_check.sh's `steps` step, its own arguments, on a tiny Qwen3.5-shaped model through the interpret-mode
     kernels: every fixed shape timed, decodes in the decode program, prefills in the ragged one, no model package."""
-    import pathlib
-    import re
-    import shlex
-
-    from models import loader
-
-    script = (pathlib.Path(__file__).parent.parent / "scripts" / "gpu_check.sh").read_text()
-    array = re.search(r"^steps_bench=\((.*?)\)$", script, re.S | re.M).group(1)
-    monkeypatch.setattr(loader, "tokenizer_source", lambda *a: pytest.fail("the config's tokenizer was loaded"))
-    args = shlex.split(array)[1:] + ["--synthetic-arch", "qwen3_5", "--synthetic-model", "32,4,4,2,8", "--repeats",
+    _, gpu_args = _gpu_check_arguments("steps_bench", monkeypatch)
+    args = gpu_args + ["--synthetic-arch", "qwen3_5", "--synthetic-model", "32,4,4,2,8", "--repeats",
                                      "1", "--set", "attention.backend=pallas_interpret", "model.dtype=float32",
                                      "cache.num_pages=256"]
     assert bench.main(args) == 0

@@ -23,6 +23,18 @@ TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_lay
             linear_key_head_dim=8, linear_value_head_dim=12, max_position_embeddings=256)
 
 
+def _record_kernels(llm, kernels: list) -> None:
+    """Appends (the longest chunk, the attention kernel chosen: `ModelRunner._decode_kernel`) of each step `llm` runs."""
+    runner = llm.engine.runner
+    choose = runner._decode_kernel
+
+    def recorded(plan, num_tokens):
+        kernels.append((max(len(c.token_ids) for c in plan.chunks), choose(plan, num_tokens)))
+        return kernels[-1][1]
+
+    runner._decode_kernel = recorded
+
+
 def _rule_inputs(rng, t, h, dk, dv):
     q = rng.standard_normal((t, h, dk)).astype(np.float32)
     k = rng.standard_normal((t, h, dk)).astype(np.float32)
@@ -413,9 +425,8 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
     for backend in ("xla", "pallas_interpret"):  # the latter: steps of decodes and drafts take the decode_step program
         llm = LLM(None, progress=False, model=(cfg, params, tokenizer),
                   **small, **{"speculative.method": "ngram", "speculative.num_tokens": 3, "attention.backend": backend})
-        choose, kernels = llm.engine.runner._decode_kernel, []
-        llm.engine.runner._decode_kernel = lambda plan, n: kernels.append(  # noqa: E731
-            (max(len(c.token_ids) for c in plan.chunks), choose(plan, n))) or kernels[-1][1]
+        kernels = []
+        _record_kernels(llm, kernels)
         got = llm.generate(prompts[:2], greedy) + llm.generate(prompts[2:], greedy)  # the second wave: prefix hits
         assert [o.token_ids for o in got] == plain, backend
         stats = llm.engine.stats()
@@ -552,10 +563,7 @@ def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
         llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
             "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
             "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "attention.backend": backend})
-        runner = llm.engine.runner
-        choose = runner._decode_kernel
-        runner._decode_kernel = lambda plan, n: kernels.append((max(len(c.token_ids) for c in plan.chunks),  # noqa: E731
-                                                                  choose(plan, n))) or kernels[-1][1]
+        _record_kernels(llm, kernels)
         got = llm.generate(prompts[:-1], greedy) + llm.generate(prompts[-1:], greedy)
         outs[backend] = [o.token_ids for o in got]
         assert got[-1].cached_tokens == 64

@@ -5,6 +5,10 @@ The tree calls in when it lets pages go (the host tier saves them) and when it s
 them); admission asks how far a prompt's match continues past the tree (host slots first, then disk pages, whose
 read starts here and is waited for); each plan takes the saves collected since the last. Ints and opaque page
 payloads only: the runner moves the bytes.
+
+A model with linear attention layers resumes a prefix only where a snapshot of its recurrent state is
+(engine.state_snapshots): its host tier also keeps the snapshots the device lets go, in host state slots by block
+hash, and a prompt whose match ends at one takes a copy of it into its state slot instead of recomputing the prefix.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from engine.request import Sequence
 
 class CacheTiers:
     def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
-                 window_slot: Callable[[int], int] | None = None, disk_read_timeout_s: float = 10.0):
+                 window_slot: Callable[[int], int] | None = None, disk_read_timeout_s: float = 10.0,
+                 num_host_states: int = 0):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
         (the saved-page counts). window_slot: a hybrid cache's page -> window slot (-1: none; the page's windowed
-        layers are written from there, and a page without one is not written); None: not hybrid."""
+        layers are written from there, and a page without one is not written); None: not hybrid. num_host_states: host
+        slots for snapshots of recurrent states (a model with linear attention layers)."""
         self.page_size = page_size
         self.window_slot = window_slot
         self.disk_read_timeout_s = disk_read_timeout_s
@@ -30,6 +36,12 @@ class CacheTiers:
             self.host.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
         self.disk = disk
         self.stats = stats
+        # Snapshots of recurrent states by block hash (the router's feed does not cover them: no events kept).
+        self.host_states = HostPageIndex(num_host_states) if num_host_states and self.host is not None else None
+        if self.host_states is not None:
+            self.host_states.record_events = False
+        self.state_saves: list[tuple[int, int]] = []  # (snapshot slot, host state slot) not yet in a plan
+        self.state_loads: list[tuple[int, int]] = []  # (host state slot, sequence's state slot) of the plan being built
         self.host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
         self.disk_saves: list[tuple[int, int, int]] = []  # (page, window slot, hash) not yet in a plan
         self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
@@ -101,6 +113,7 @@ class CacheTiers:
     # ------------------------------------------------------------------------------------ plans
     def start_plan(self) -> None:
         self.loading = set()
+        self.state_loads = []
 
     def end_plan(self) -> None:
         """Finished reads stay with the sequences that wait for them; later prompts find the pages in the tree."""
@@ -110,6 +123,12 @@ class CacheTiers:
     def take_host_saves(self) -> list[tuple[int, int]]:
         saves, self.host_saves = self.host_saves, []
         return saves
+
+    def take_host_states(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """The plan's (snapshot slot, host slot) saves and (host slot, state slot) loads of recurrent states; saves
+        first (a load may read a state saved by the same plan)."""
+        saves, self.state_saves = self.state_saves, []
+        return saves, self.state_loads
 
     def take_disk_saves(self) -> list[tuple[int, int, int]]:
         """(page, hash) pages stored since the last plan: the next plan's, or written out at once when no step runs."""
@@ -126,6 +145,26 @@ class CacheTiers:
             if slot is not None:
                 self.host_saves.append((page, slot))
                 self.stats.host_saved_pages += 1
+
+    def has_state(self, block_hash: int) -> bool:
+        """The host tier holds a snapshot of the recurrent states after the prefix named `block_hash`."""
+        return self.host_states is not None and block_hash in self.host_states
+
+    def load_state(self, block_hash: int, state_slot: int) -> None:
+        """The plan copies the host snapshot named `block_hash` into a sequence's state slot before its step."""
+        slot = self.host_states.lookup(block_hash)
+        self.state_loads.append((slot, state_slot))
+        self.stats.host_state_hits += 1
+
+    def save_state(self, block_hash: int, snapshot_slot: int) -> None:
+        """A written snapshot leaves its device slot: copied to a host slot first (unless one holds it already; never
+        one a load of this plan reads)."""
+        if self.host_states is None:
+            return
+        slot = self.host_states.store(block_hash, avoid={s for s, _ in self.state_loads})
+        if slot is not None:
+            self.state_saves.append((snapshot_slot, slot))
+            self.stats.host_saved_states += 1
 
     def tree_storing(self, pages: list[int], hashes: list[int], namespace: str | None) -> None:
         """The tree stores new pages: those the disk tier lacks are written out from before the next step (the step
@@ -145,7 +184,10 @@ class CacheTiers:
         """Empties the host tier; pages of the weights that were are never written under the new ones' key."""
         if self.host is not None:
             self.host.reset()
+        if self.host_states is not None:
+            self.host_states.reset()
         self.host_saves.clear()
+        self.state_saves.clear()
         self.disk_saves.clear()
         self._disk_reading.clear()
 

@@ -115,6 +115,9 @@ class CacheConfig:
     # without which a cached prefix cannot be resumed (engine.state_snapshots); each as big as a running sequence's
     # state, out of memory_gb. 0: twice scheduler.max_running.
     state_snapshots: int = 0
+    # With a host tier: host slots for the snapshots the device lets go (their pages evicted, or their slot reused),
+    # out of host_memory_gb. 0: the host tier split between pages and snapshots as the device cache is.
+    host_state_snapshots: int = 0
 
     def __post_init__(self):
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
@@ -131,6 +134,9 @@ class CacheConfig:
             raise ConfigKeyError(f"cache.disk_read_timeout_s must be >= 0, got {self.disk_read_timeout_s}")
         if self.state_snapshots < 0:
             raise ConfigKeyError(f"cache.state_snapshots must be >= 0 (0 = twice max_running), got {self.state_snapshots}")
+        if self.host_state_snapshots < 0:
+            raise ConfigKeyError(f"cache.host_state_snapshots must be >= 0 (0 = from the host tier's size), got "
+                                 f"{self.host_state_snapshots}")
         if self.window_pages < 0:
             raise ConfigKeyError(f"cache.window_pages must be >= 0 (0 = from the running batch), got {self.window_pages}")
 

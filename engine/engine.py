@@ -180,7 +180,7 @@ class LLMEngine:
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
                                    num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                    num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0,
-                                   num_snapshots=self.num_snapshots)
+                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
@@ -189,7 +189,7 @@ class LLMEngine:
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
                                   num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                   draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
-                                  num_snapshots=self.num_snapshots)
+                                  num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -210,7 +210,6 @@ class LLMEngine:
         """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
         do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
         unsupported = {"parallel.num_processes": config.parallel.num_processes > 1,
-                       "cache.host_memory_gb": bool(config.cache.host_memory_gb or config.cache.host_num_pages),
                        "cache.disk_path": bool(config.cache.disk_path)}
         for key, used in unsupported.items():
             if used:
@@ -634,6 +633,10 @@ class LLMEngine:
             # (a model with linear attention layers: the prefix cache's snapshots of their recurrent states)
             "state_snapshots_total": s.pages.snapshots.num_slots if s.pages.snapshots is not None else 0,
             "state_snapshots_used": len(s.pages.snapshots) if s.pages.snapshots is not None else 0,
+            "host_state_snapshots_total": s.tiers.host_states.num_slots if s.tiers.host_states is not None else 0,
+            "host_state_snapshots_used": len(s.tiers.host_states) if s.tiers.host_states is not None else 0,
+            "host_state_hits": s.stats.host_state_hits,
+            "host_saved_states": s.stats.host_saved_states,
             "num_steps": self.num_steps,
             "weights_version": self.weights_version,
             "weights_source": self.weights_source,

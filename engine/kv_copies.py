@@ -7,7 +7,9 @@ Before a step's forward the runner hands its cache here (`apply`), in this order
   4. copy-on-write: a shared last page copied into a sequence's private one;
   5. disk loads: pages read from disk scattered into fresh pages (after the copies: a copy-on-write source's window
      slot is held by the tree only, and the same plan may hand it to a page read from disk).
-Saved pages land in host memory at the next fetch (`land`). The cache is a tuple of arrays [L, Hkv, P, ...] (K and V
+Saved pages land in host memory at the next fetch (`land`). A model with linear attention layers moves snapshots of
+its recurrent states the same way (`apply_states`): those the device lets go out to host state slots, those prompts
+resume from back into their sequences' state slots. The cache is a tuple of arrays [L, Hkv, P, ...] (K and V
 pages, and an 8-bit cache's scales): a page is index P of each; a hybrid cache (llama.HybridLayout) is one stack whose
 windowed layers' entries are window slots, so its pages move as [L, n] entries.
 """
@@ -24,8 +26,12 @@ COPY_FIELDS = ("copies", "host_saves", "host_loads", "disk_saves", "disk_loads")
 class PageCopies:
     """Page copies of a step and the tiers' host side. `to_device`: the runner's (replicated over a mesh)."""
 
-    def __init__(self, kv_shapes, num_pages: int, num_host_pages: int, layout, disk, to_device):
+    def __init__(self, kv_shapes, num_pages: int, num_host_pages: int, layout, disk, to_device, state_shapes=None,
+                 num_state_slots: int = 0):
+        """state_shapes: a model with linear attention layers, the shapes of its states' arrays (a pytree, the slot axis
+        1) for the host tier's state slots; num_state_slots: the device's."""
         self.num_pages = num_pages
+        self.num_state_slots = num_state_slots
         self.layout = layout
         self.disk = disk  # engine.disk_cache.DiskCache, or None
         self._to_device = to_device
@@ -34,6 +40,10 @@ class PageCopies:
         self.host_kv = tuple(np.zeros(s[:2] + (num_host_pages,) + s[3:], d) for s, d in kv_shapes) \
             if num_host_pages else None
         self._pending_saves: list[tuple[np.ndarray, tuple[jax.Array, ...]]] = []
+        # ... and snapshots of recurrent states, [Lg, slots, ...] per state array, float32
+        self.host_states = (jax.tree.map(lambda shape: np.zeros(shape, np.float32), state_shapes,
+                                         is_leaf=lambda x: isinstance(x, tuple)) if state_shapes is not None else None)
+        self._pending_states: list[tuple[np.ndarray, object]] = []
         # Disk tier: pages gathered and copied to the host asynchronously, handed to the disk's writer at the next
         # fetch (with the layout key they were computed under: new weights make the pages of the old ones worthless).
         self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
@@ -42,6 +52,8 @@ class PageCopies:
         self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
         self._gather_entries = jax.jit(_gather_entries)
         self._scatter_entries = jax.jit(_scatter_entries, donate_argnums=0)
+        self._gather_states = jax.jit(_gather_states)
+        self._scatter_states = jax.jit(_scatter_states, donate_argnums=0)
 
     # ------------------------------------------------------------------------------ host side of a plan
     def pack(self, plan) -> dict:
@@ -57,6 +69,11 @@ class PageCopies:
                 "host_loads": self._pack_pairs(plan.host_loads, fill=(0, self.num_pages)),  # padding: out of range
                 "disk_saves": self._pack_disk_saves(plan.disk_saves),
                 "disk_loads": self._pack_disk_loads(plan.disk_loads)}
+
+    def pack_states(self, plan) -> dict:
+        """The plan's moves of recurrent states between the device and the host tier, StepArrays' fields."""
+        return {"state_saves": self._pack_pairs(plan.state_saves, fill=(0, -1)),  # padding: slot 0 read, dropped
+                "state_loads": self._pack_pairs(plan.state_loads, fill=(0, self.num_state_slots))}  # out of range
 
     # ------------------------------------------------------------------------------ device side
     def apply(self, kv, step) -> tuple:
@@ -83,14 +100,35 @@ class PageCopies:
             kv = scatter(kv, *self._to_device(step.disk_loads))
         return kv
 
+    def apply_states(self, states, step):
+        """Dispatches a step's copies of recurrent states between the device and the host tier; returns the states.
+        Saves first: a load may read a state saved by the same step."""
+        if step.state_saves is not None:
+            slots, host_slots = step.state_saves
+            saved = self._gather_states(states, self._to_device(slots))
+            for a in jax.tree.leaves(saved):
+                a.copy_to_host_async()
+            self._pending_states.append((host_slots, saved))
+        if step.state_loads is not None:
+            host_slots, slots = step.state_loads
+            self.land()
+            loaded = jax.tree.map(lambda h: h[:, host_slots], self.host_states)
+            states = self._scatter_states(states, *self._to_device((loaded, slots)))
+        return states
+
     def land(self) -> None:
-        """Writes the pages saved by dispatched steps into their host slots (oldest first: a reused slot gets the
-        newer page), and hands those saved for the disk tier to its writer."""
+        """Writes the pages (and states) saved by dispatched steps into their host slots (oldest first: a reused slot
+        gets the newer page), and hands those saved for the disk tier to its writer."""
         for slots, saved in self._pending_saves:
             keep = slots >= 0
             for host, pages in zip(self.host_kv, saved):
                 host[:, :, slots[keep]] = np.asarray(pages)[:, :, keep]
         self._pending_saves = []
+        for slots, saved in self._pending_states:
+            keep = slots >= 0
+            for host, state in zip(jax.tree.leaves(self.host_states), jax.tree.leaves(saved)):
+                host[:, slots[keep]] = np.asarray(state)[:, keep]
+        self._pending_states = []
         for key, hashes, saved in self._pending_disk:
             self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
         self._pending_disk = []
@@ -180,6 +218,16 @@ def _scatter_entries(kv, loaded, entries):
         upd = jnp.swapaxes(new, 0, 1).reshape(new.shape[1], num_layers * n, *new.shape[3:])[None]
         out.append(a.at[:, :, entries.reshape(-1)].set(upd.astype(a.dtype), mode="drop"))
     return tuple(out)
+
+
+def _gather_states(states, slots):
+    """Each state array's `slots` (every linear layer): [Lg, n, ...]."""
+    return jax.tree.map(lambda a: a[:, slots], states)
+
+
+def _scatter_states(states, loaded, slots):
+    """Writes `loaded` (like `_gather_states`' result) into state `slots` (out-of-range slots dropped)."""
+    return jax.tree.map(lambda a, new: a.at[:, slots].set(new, mode="drop"), states, loaded)
 
 
 def _copy_pages(kv, src, dst):

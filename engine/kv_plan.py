@@ -32,6 +32,7 @@ class KVPlan:
     num_pages: int
     num_window_pages: int  # window slots of a hybrid cache; 0: every layer keeps every page
     num_host_pages: int  # the host tier's slots (whole pages); 0: none
+    num_host_states: int = 0  # its slots for snapshots of recurrent states (a model with linear attention layers)
 
 
 def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype, draft_cfg=None) -> KVPlan:
@@ -55,14 +56,39 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     if num_pages * ps < max_model_len:
         raise ValueError(f"cache.num_pages={num_pages} x cache.page_size={ps} cannot hold one sequence of "
                          f"model.max_model_len={max_model_len} tokens")
-    # Host tier: whole pages (every KV head) in host memory.
-    num_host_pages = cache.host_num_pages or int(cache.host_memory_gb * 2**30 // page_bytes)
+    # Host tier: whole pages (every KV head) in host memory; a model with linear attention layers also keeps snapshots
+    # of its recurrent states there.
+    num_host_states = _host_states(config, model_cfg, num_pages, page_bytes) if cache.prefix_caching else 0
+    host_bytes = int(cache.host_memory_gb * 2**30) - num_host_states * gated_delta.state_bytes_per_slot(model_cfg)
+    num_host_pages = cache.host_num_pages or max(0, host_bytes // page_bytes)
+    if num_host_states and not num_host_pages:
+        raise ConfigKeyError(f"cache.host_memory_gb={cache.host_memory_gb} cannot hold "
+                             f"cache.host_state_snapshots={num_host_states} snapshots of the recurrent states "
+                             f"({gated_delta.state_bytes_per_slot(model_cfg) / 2**20:.1f} MiB each) and a page")
     if num_host_pages and num_window_pages:
         raise ValueError("cache.host_memory_gb: the host tier keeps whole pages of every layer, which a hybrid cache "
                          "(this model's windowed layers) does not have; set cache.hybrid: false to use it")
     if num_host_pages and config.parallel.num_processes > 1:
         raise ValueError("cache.host_memory_gb (the host tier) is not supported with parallel.num_processes > 1")
-    return KVPlan(page_bytes, num_pages, num_window_pages, num_host_pages if cache.prefix_caching else 0)
+    if num_host_states and num_host_pages:
+        log.info("host tier: %d pages and %d snapshots of the recurrent states", num_host_pages, num_host_states)
+    return KVPlan(page_bytes, num_pages, num_window_pages, num_host_pages if cache.prefix_caching else 0,
+                  num_host_states if num_host_pages else 0)
+
+
+def _host_states(config: EngineConfig, cfg, num_pages: int, page_bytes: int) -> int:
+    """Host slots for snapshots of a model's recurrent states (0 without linear attention layers or a host tier):
+    cache.host_state_snapshots, else the host tier split between pages and snapshots as the device cache is."""
+    cache = config.cache
+    if not (cfg.linear_layers and (cache.host_memory_gb or cache.host_num_pages)):
+        return 0
+    if cache.host_state_snapshots:
+        return cache.host_state_snapshots
+    if cache.host_num_pages:  # as many per page as the device has
+        return max(1, round(cache.host_num_pages * cache.state_snapshots / num_pages))
+    slot_bytes = gated_delta.state_bytes_per_slot(cfg)
+    share = cache.state_snapshots * slot_bytes / (cache.state_snapshots * slot_bytes + num_pages * page_bytes)
+    return max(1, int(cache.host_memory_gb * 2**30 * share // slot_bytes))
 
 
 def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: int) -> int:

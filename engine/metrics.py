@@ -42,6 +42,10 @@ class _EngineStatsCollector:
                                               s.get("state_snapshots_total", 0)),
             "radixlm_state_snapshots_used": ("recurrent-state snapshots the prefix cache holds (one per page boundary "
                                              "it can resume at)", s.get("state_snapshots_used", 0)),
+            "radixlm_host_state_snapshots_total": ("host-tier slots for snapshots of recurrent states",
+                                                   s.get("host_state_snapshots_total", 0)),
+            "radixlm_host_state_snapshots_used": ("host-tier slots holding a snapshot of recurrent states",
+                                                  s.get("host_state_snapshots_used", 0)),
             "radixlm_cache_hit_rate": (
                 "cached prompt tokens / prompt tokens, since start",
                 s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,
@@ -58,6 +62,10 @@ class _EngineStatsCollector:
             "radixlm_scheduled_cached_prompt_tokens": ("admitted prompt tokens served from the cache", s["cached_prompt_tokens"]),
             "radixlm_host_hit_tokens": ("prompt tokens copied back from the host tier", s["host_hit_tokens"]),
             "radixlm_host_saved_pages": ("evicted pages copied to the host tier", s["host_saved_pages"]),
+            "radixlm_host_state_hits": ("prompts resumed from a snapshot of recurrent states in the host tier",
+                                        s.get("host_state_hits", 0)),
+            "radixlm_host_saved_states": ("snapshots of recurrent states copied to the host tier",
+                                          s.get("host_saved_states", 0)),
             "radixlm_disk_hit_tokens": ("prompt tokens read from the disk tier", s["disk_hit_tokens"]),
             "radixlm_disk_saved_pages": ("pages the radix cache stored that were sent to the disk tier", s["disk_saved_pages"]),
             "radixlm_disk_read_timeouts": ("prompts that stopped waiting for a disk read and computed their pages",

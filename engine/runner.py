@@ -244,12 +244,14 @@ def step_programs(statics: StepStatics) -> StepPrograms:
 class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
-                 lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0):
+                 lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0,
+                 num_host_states: int = 0):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
         no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
-        num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots."""
+        num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
+        num_host_states: the host tier's slots for them."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -316,7 +318,9 @@ class ModelRunner:
         self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
         self._head = programs.head
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
-        self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device)
+        self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device,
+                                 gated_delta.state_shapes(model_cfg, num_host_states) if num_host_states else None,
+                                 num_state_slots if model_cfg.linear_layers else 0)
         self._prompt_head = programs.prompt_head
         # Draft model: `propose` runs `statics.num_draft` rounds of it for a bucket of rows (one per drafting sequence).
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
@@ -465,7 +469,7 @@ class ModelRunner:
                           num_top=num_top, greedy_only=greedy_only, use_mask=token_mask is not None,
                           prompt_targets=targets, prompt_top=top_bucket(prompt_top),
                           decode_kernel=self._decode_kernel(plan, len(inputs.tokens)),
-                          state_copies=self._state_copy_arrays(plan.state_copies),
+                          state_copies=self._state_copy_arrays(plan.state_copies), **self.copies.pack_states(plan),
                           **(dict.fromkeys(COPY_FIELDS) if copied else self.copies.pack(plan)))
         if self.followers is not None:
             step = self.followers.lead(step)
@@ -545,6 +549,8 @@ class ModelRunner:
         arrays. Returns (tokens, logprobs, top_ids, top_logprobs[, prompt logprobs, their top ids, top logprobs, ranks]),
         replicated (and the head rows after the final norm after top_logprobs)."""
         self.kv = self.copies.apply(self.kv, step)
+        if self.states is not None:
+            self.states = self.copies.apply_states(self.states, step)
         if step.state_copies is not None:
             self.states = self._copy_states(self.states, *self._to_device(step.state_copies))
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
@@ -643,6 +649,8 @@ class StepArrays:
     disk_loads: tuple[tuple[np.ndarray, ...], np.ndarray] | None = None  # (pages read from disk, where they go)
     decode_kernel: bool | None = None  # the attention kernel (ragged_paged_attention's decode_only); None: xla
     state_copies: tuple[np.ndarray, np.ndarray] | None = None  # (src, dst) recurrent-state slots, copied first
+    state_saves: tuple[np.ndarray, np.ndarray] | None = None  # (state slots, host slots; -1 pads): snapshots to host
+    state_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, state slots; out-of-range pads): to device
 
 
 # The head variants (greedy_only, use_filters) warmup compiles: greedy, and sampling by temperature alone. A server adds

@@ -28,12 +28,14 @@ class SequencePages:
     """Pages, cached prefixes and window slots for the scheduler's sequences. Not thread safe."""
 
     def __init__(self, cache: CacheConfig, num_pages: int, stats, num_host_pages: int = 0, window: int = 0,
-                 num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0):
+                 num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0,
+                 num_host_states: int = 0):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
         sliding window and window slots (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`), and `num_snapshots` more
-        for the prefix cache's (engine.state_snapshots) after a scratch one."""
+        for the prefix cache's (engine.state_snapshots) after a scratch one; `num_host_states` host slots keep those
+        the device lets go, with a host tier (engine.cache_tiers)."""
         self.page_size = cache.page_size
         self.prefix_caching = cache.prefix_caching
         self.stats = stats
@@ -46,7 +48,8 @@ class SequencePages:
         # plans carry the copies); prompts continue their match in them.
         self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
                                 disk if self.prefix_caching else None, stats,
-                                self.window_slot if self.window is not None else None, cache.disk_read_timeout_s)
+                                self.window_slot if self.window is not None else None, cache.disk_read_timeout_s,
+                                num_host_states if num_state_slots and self.prefix_caching else 0)
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.has_states = num_state_slots > 0
@@ -57,17 +60,21 @@ class SequencePages:
         self._unnamed: list[tuple[Sequence, int, int]] = []
         self.snapshots = (StateSnapshots(num_state_slots + 1, num_snapshots)
                           if self.has_states and self.prefix_caching else None)
+        if self.snapshots is not None and self.tiers.host_states is not None:
+            self.snapshots.on_evict = self.tiers.save_state
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
 
     # ----------------------------------------------------------------------------------- queries
-    def match(self, seq: Sequence):
+    def match(self, seq: Sequence, whole: bool = False):
         """(the tree's longest prefix of `seq` that it can start after, how many tokens the tree stores). A hybrid
         cache cuts the prefix back to the last page boundary whose window still has its slots (engine.window_pages), a
-        model with linear attention layers to the last one with a snapshot of their state (engine.state_snapshots);
-        the pages after it are recomputed."""
+        model with linear attention layers to the last one with a snapshot of their state (engine.state_snapshots;
+        `whole`: not yet, the host tier may continue it: `resume_point`); the pages after it are recomputed."""
         match = self.tree.match(seq.all_ids, seq.namespace)
         if self.snapshots is not None:  # resumable only where a snapshot of the recurrent state is, before the last token
+            if whole:
+                return match, match.num_tokens
             usable = self._snapshot_before(match, seq.num_tokens - 1)
         elif self.window is not None:
             usable = self.window.usable(match.pages, seq.num_tokens) * self.page_size
@@ -77,14 +84,29 @@ class SequencePages:
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
 
+    def resume_point(self, seq: Sequence, match, host_slots: list[int]):
+        """(the match, the host tier's pages after it) cut back to the deepest page boundary with a snapshot of the
+        recurrent states, on the device or in the host tier (`match` the tree's whole one, `host_slots` the host
+        tier's pages continuing it): past the tree when a host page ends at one, else on the tree's path."""
+        for i in range(len(host_slots), 0, -1):
+            if self._has_snapshot(self.prefix_hash(seq, match.num_tokens + i * self.page_size)):
+                return match, host_slots[:i]
+        usable = self._snapshot_before(match, seq.num_tokens - 1)
+        if usable == match.num_tokens:
+            return match, []
+        return self.tree.match(seq.all_ids[:usable], seq.namespace), []
+
+    def _has_snapshot(self, block_hash: int) -> bool:
+        return self.snapshots.usable(block_hash) or self.tiers.has_state(block_hash)
+
     def _snapshot_before(self, match, limit: int) -> int:
         """The deepest page boundary of `match`'s path at or before `limit` with a snapshot of the recurrent state (not
-        one this plan is still writing); 0 if none."""
+        one this plan is still writing; on the device or in the host tier); 0 if none."""
         node, end, ps = match.node, match.num_tokens, self.page_size
         while node is not None and node.hashes:
             for i in range(len(node.hashes) - 1, -1, -1):
                 pos = end - (len(node.hashes) - 1 - i) * ps
-                if pos <= limit and self.snapshots.usable(node.hashes[i]):
+                if pos <= limit and self._has_snapshot(node.hashes[i]):
                     return pos
             end -= len(node.tokens)
             node = node.parent
@@ -99,9 +121,14 @@ class SequencePages:
                                             seq.namespace, parent=seq.block_hashes[-1] if done else None)
         return seq.block_hashes[n - 1]
 
-    def restore_state(self, seq: Sequence, match) -> None:
-        """The sequence resumes after `match` (ending at a snapshot): its slot takes a copy of it before the step."""
-        self._state_copies.append((self.snapshots.slot(match.node.last_hash()), seq.state_slot))
+    def restore_state(self, seq: Sequence, num_tokens: int) -> None:
+        """The sequence resumes after its first `num_tokens` (ending at a snapshot): its slot takes a copy of it before
+        the step, from the device's snapshot slot or else the host tier's."""
+        block_hash = self.prefix_hash(seq, num_tokens)
+        if self.snapshots.usable(block_hash):
+            self._state_copies.append((self.snapshots.slot(block_hash), seq.state_slot))
+        else:
+            self.tiers.load_state(block_hash, seq.state_slot)
 
     def take_snapshot(self, seq: Sequence, start: int, end: int) -> tuple[int, int] | None:
         """(tokens after `start`, slot) of the snapshot a chunk of `seq` over [start, end) takes, or None: at the end
@@ -316,7 +343,7 @@ class SequencePages:
         if self.window is not None:
             self.window.tree_drop(pages)
         if self.snapshots is not None:
-            self.snapshots.drop(hashes)
+            self.snapshots.drop(hashes, save=True)
         self.tiers.tree_evicting(pages, hashes)
 
     # ------------------------------------------------------------------------------ invariants

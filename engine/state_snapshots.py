@@ -12,11 +12,14 @@ resumes there: a shared system prompt is computed twice, then served), the promp
 prompt again: retries, n > 1), and each sequence's latest one (a conversation's next turn; a preempted sequence
 resuming), which replaces the sequence's previous latest.
 
-Slots are reused least recently used first; the tree's evicted pages take their snapshots with them (`drop`).
+Slots are reused least recently used first; the tree's evicted pages take their snapshots with them (`drop`). With a
+host tier, a snapshot leaving either way is copied to a host slot first (`on_evict`, engine.cache_tiers), and a prefix
+can resume from there too.
 """
 from __future__ import annotations
 
 import collections
+from typing import Callable
 
 
 class StateSnapshots:
@@ -28,6 +31,9 @@ class StateSnapshots:
         self._free = list(range(first_slot + num_slots - 1, first_slot - 1, -1))
         self._pending: set[int] = set()  # taken by the plan being built: written by its step, not readable before
         self._freed_after_plan: list[int] = []  # slots of pending snapshots dropped: no other writer in this step
+        # (block hash, slot) of a written snapshot about to lose its slot (its page evicted, or the slot reused): the
+        # host tier saves it before any step can overwrite the slot. None: no host tier.
+        self.on_evict: Callable[[int, int], None] | None = None
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -62,7 +68,12 @@ class StateSnapshots:
         if self._free:
             return self._free.pop()
         oldest = next((h for h in self._slot_of if h not in self._pending), None)
-        return None if oldest is None else self._slot_of.pop(oldest)
+        if oldest is None:
+            return None
+        slot = self._slot_of.pop(oldest)
+        if self.on_evict is not None:
+            self.on_evict(oldest, slot)
+        return slot
 
     def name(self, slot: int, block_hash: int) -> None:
         """A reserved slot's snapshot, named now (a later plan's: usable at once); a duplicate gives its slot back."""
@@ -79,8 +90,9 @@ class StateSnapshots:
         self._free += self._freed_after_plan
         self._freed_after_plan = []
 
-    def drop(self, hashes) -> None:
-        """The snapshots named by `hashes` go (their pages left the tree, or a newer one replaces them)."""
+    def drop(self, hashes, save: bool = False) -> None:
+        """The snapshots named by `hashes` go (their pages left the tree, or a newer one replaces them); `save`: those
+        written go through `on_evict` first."""
         for h in hashes:
             slot = self._slot_of.pop(h, None)
             if slot is None:
@@ -89,6 +101,8 @@ class StateSnapshots:
                 self._pending.discard(h)
                 self._freed_after_plan.append(slot)
             else:
+                if save and self.on_evict is not None:
+                    self.on_evict(h, slot)
                 self._free.append(slot)
 
     def reset(self) -> None:

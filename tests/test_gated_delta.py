@@ -380,7 +380,7 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    for key, value, named in (("cache.host_memory_gb", 0.01, "cache.host_memory_gb"),):
+    for key, value, named in (("cache.disk_path", "/nonexistent", "cache.disk_path"),):
         with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
             LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
     with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
@@ -613,6 +613,48 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     assert got[1].cached_tokens == len(first) // 8 * 8  # its prompt's last page boundary
     stats = llm.engine.stats()
     assert stats["state_snapshots_total"] == 6 and 0 < stats["state_snapshots_used"] <= 6
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
+    """A device cache too small for three system prompts, with two snapshot slots: the snapshots its evictions and
+    slot reuse let go are copied to the host tier's state slots beside their pages, and prompts sharing a prefix
+    resume there (their state copied back in): the greedy tokens of an engine without prefix caching, more prompt
+    tokens from the cache than without the host tier; at tensor parallelism 2 too (the states split by head)."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random()
+    systems = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(33, 48))] for _ in range(3)]
+    waves = [[s + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for s in systems]
+             for _ in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    small = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
+             "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2,
+             "debug_checks": True}
+    runs = {}
+    for name, overrides in {"uncached": {"cache.prefix_caching": False}, "device": {},
+                            "host": {"cache.host_num_pages": 48, "cache.host_state_snapshots": 6,
+                                     "parallel.tensor": tp}}.items():
+        if tp > 1 and name == "device":
+            continue
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **overrides)
+        outs = [llm.generate(wave, greedy) for wave in waves]
+        runs[name] = ([o.token_ids for wave in outs for o in wave], sum(o.cached_tokens for w in outs for o in w),
+                      llm.engine.stats())
+    tokens, cached, stats = runs["host"]
+    assert tokens == runs["uncached"][0]
+    assert stats["host_state_hits"] > 0 and stats["host_saved_states"] > 0
+    assert stats["host_state_snapshots_total"] == 6 and 0 < stats["host_state_snapshots_used"] <= 6
+    if tp == 1:
+        assert runs["device"][0] == tokens and runs["device"][2]["host_state_hits"] == 0
+        assert cached > runs["device"][1]
 
 
 def test_snapshot_slots_are_never_read_or_reused_within_the_plan_that_writes_them():

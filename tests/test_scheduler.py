@@ -80,6 +80,10 @@ class FakeRunner:
         self.window = window
         self.window_store = [[None] * page_size for _ in range(window_pages)]
         self.host: dict[int, list[int]] = {}  # host tier: slot -> a saved page's tokens
+        # A model with linear attention layers: the tokens each state slot's recurrent state has seen (a sequence's,
+        # or a snapshot's), and the host tier's state slots likewise. None: no recurrent states.
+        self.states: dict[int, tuple[int, ...]] | None = None
+        self.host_states: dict[int, tuple[int, ...]] = {}
         self.prev: list[int | None] = []  # what the last run sampled: placeholders stand for these
 
     def token(self, t: int) -> int:
@@ -100,6 +104,13 @@ class FakeRunner:
             self.store[page] = list(tokens)
             if slot >= 0:  # a hybrid cache: the windowed layers' K/V go to the page's window slot
                 self.window_store[slot] = list(window_tokens)
+        if self.states is not None:  # as the runner: saves, loads, then copies from snapshot slots
+            for slot, host_slot in plan.state_saves:
+                self.host_states[host_slot] = self.states[slot]
+            for host_slot, slot in plan.state_loads:
+                self.states[slot] = self.host_states[host_slot]
+            for src, dst in plan.state_copies:
+                self.states[dst] = self.states[src]
         sampled = []
         for c in plan.chunks:
             seq = c.seq
@@ -121,6 +132,14 @@ class FakeRunner:
                 slot = c.window_pages[pos // self.ps]
                 got = self.window_store[slot][pos % self.ps] if slot >= 0 else "no slot"
                 assert got == ids[pos], f"{seq.request_id}: window position {pos} holds {got}, expected {ids[pos]}"
+            if self.states is not None:
+                # NOTE: the recurrent state a chunk starts from is that of exactly the tokens before it (zero at 0).
+                got = self.states.get(seq.state_slot) if c.start else ()
+                assert got == tuple(ids[: c.start]), f"{seq.request_id}: a state of {got} before position {c.start}"
+                self.states[seq.state_slot] = tuple(ids)
+                if c.snapshot is not None:
+                    offset, slot = c.snapshot
+                    self.states[slot] = tuple(ids[: c.start + offset])
             if not c.sample:
                 sampled.append(None)
             elif c.draft:
@@ -135,7 +154,9 @@ class FakeRunner:
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
          eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
-         window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0):
+         window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0, snapshots=0, host_states=0):
+    """snapshots: a model with linear attention layers (a recurrent state per running sequence) and that many snapshot
+    slots; host_states: the host tier's slots for them."""
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
@@ -149,8 +170,14 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         window=window,
         num_window_pages=window_pages,
         disk=disk,
+        num_state_slots=max_running if snapshots else 0,
+        num_snapshots=snapshots,
+        num_host_states=host_states,
     )
-    return sched, FakeRunner(num_pages, page_size, model, window, window_pages, disk)
+    runner = FakeRunner(num_pages, page_size, model, window, window_pages, disk)
+    if snapshots:
+        runner.states = {}
+    return sched, runner
 
 
 def seq(rid, tokens, max_tokens=4, namespace=None):
@@ -573,6 +600,65 @@ def test_host_tier_brings_evicted_prefixes_back():
     assert plain == tiered
     assert stats.host_hit_tokens >= 32 and stats.cached_prompt_tokens == plain_stats.cached_prompt_tokens + stats.host_hit_tokens
     assert stats.host_saved_pages > 0
+
+
+# ------------------------------------------------------------------------------------ recurrent states
+def _shared_prefix_waves(rng: random.Random, num_waves: int) -> list[list[list[int]]]:
+    """Waves of prompts over three system prompts (of 3-6 pages and a bit), each wave also repeating an earlier
+    prompt whole or continued (the same prompt again, a conversation's next turn)."""
+    systems = [[rng.randrange(1, VOCAB) for _ in range(rng.randrange(13, 26))] for _ in range(3)]
+    waves, seen = [], []
+    for _ in range(num_waves):
+        wave = [rng.choice(systems) + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(1, 9))]
+                for _ in range(rng.randrange(1, 4))]
+        if seen and rng.random() < 0.7:
+            earlier = rng.choice(seen)
+            wave.append(earlier + [rng.randrange(1, VOCAB) for _ in range(rng.randrange(0, 6))])
+        seen += wave
+        waves.append(wave)
+    return waves
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_recurrent_states_resume_from_the_host_tier(overlap):
+    """A model with linear attention layers resumes a cached prefix only where a snapshot of its recurrent state is.
+    With a pool and snapshot slots small enough to thrash, the snapshots the device lets go (their pages evicted, or
+    their slots reused) go to the host tier's state slots with the pages, and later prompts resume from there: the
+    fake runner checks every step that each chunk starts from the state of exactly the tokens before it, and that
+    its pages hold them. More prompt tokens come from the cache than without the host tier."""
+    rng = random.Random()
+    waves = _shared_prefix_waves(rng, 12)
+
+    def run(host_pages, host_states):
+        sched, runner = make(num_pages=24, page_size=4, max_batch_tokens=16, max_running=3, snapshots=3,
+                             host_pages=host_pages, host_states=host_states)
+        outs = {}
+        for w, prompts in enumerate(waves):
+            outs |= run_all(sched, runner, [seq(f"w{w}p{i}", p, max_tokens=3) for i, p in enumerate(prompts)],
+                            overlap=overlap)
+        return outs, sched.stats
+
+    plain, plain_stats = run(0, 0)
+    tiered, stats = run(64, 16)
+    assert plain == tiered
+    assert stats.host_saved_states > 0 and stats.host_state_hits > 0 and plain_stats.host_state_hits == 0
+    assert stats.cached_prompt_tokens > plain_stats.cached_prompt_tokens
+
+
+def test_a_prefix_resumes_past_the_tree_where_the_host_tier_has_its_state():
+    """The tree's match ends before the host tier's pages do: the prompt takes the host pages up to the deepest one
+    ending at a host snapshot, and that snapshot into its state slot (not the shallower snapshot on the device)."""
+    prompt = list(range(1, 1 + 33))  # eight pages and a token
+    sched, runner = make(num_pages=12, page_size=4, max_batch_tokens=32, max_running=1, snapshots=2, host_pages=16,
+                         host_states=4)
+    run_all(sched, runner, [seq("a", prompt, max_tokens=1)])  # snapshots at its prompt's last page boundary (32)
+    run_all(sched, runner, [seq("b", list(range(40, 40 + 37)), max_tokens=1)])  # evicts a's pages and snapshot
+    assert sched.stats.host_saved_states >= 1
+    plans = []
+    again = seq("c", prompt + [60, 61], max_tokens=1)
+    run_all(sched, runner, [again], on_plan=plans.append)
+    assert again.num_cached_prompt == 32 and len(plans[0].state_loads) == 1 and not plans[0].state_copies
+    assert sched.stats.host_state_hits == 1
 
 
 # ------------------------------------------------------------------------------------ disk tier

@@ -657,6 +657,28 @@ def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
         assert cached > runs["device"][1]
 
 
+def test_host_tier_splits_its_memory_between_pages_and_snapshots_as_the_device_does():
+    from engine.config import ConfigKeyError, EngineConfig
+    from engine.kv_plan import plan_kv_cache
+
+    cfg = _tiny_cfg()
+    slot_bytes = gated_delta.state_bytes_per_slot(cfg)
+    config = EngineConfig().replace(**{"cache.memory_gb": 0.05, "cache.state_snapshots": 8, "cache.host_memory_gb": 0.2})
+    plan = plan_kv_cache(config, cfg, 256, np.dtype(np.float32))
+    device = 8 * slot_bytes / (8 * slot_bytes + plan.num_pages * plan.page_bytes)
+    host = plan.num_host_states * slot_bytes / (plan.num_host_states * slot_bytes + plan.num_host_pages * plan.page_bytes)
+    assert plan.num_host_states > 0 and abs(host - device) < 0.01
+    assert plan.num_host_states * slot_bytes + plan.num_host_pages * plan.page_bytes <= 0.2 * 2**30
+    given = plan_kv_cache(config.replace(**{"cache.host_state_snapshots": 3}), cfg, 256, np.dtype(np.float32))
+    assert given.num_host_states == 3 and given.num_host_pages > plan.num_host_pages
+    pages = plan_kv_cache(config.replace(**{"cache.host_memory_gb": 0.0, "cache.host_num_pages": plan.num_pages}), cfg,
+                          256, np.dtype(np.float32))
+    assert pages.num_host_states == 8  # as many per page as the device
+    with pytest.raises(ConfigKeyError, match="cache.host_memory_gb=0.001 cannot hold cache.host_state_snapshots=1000"):
+        plan_kv_cache(config.replace(**{"cache.host_memory_gb": 0.001, "cache.host_state_snapshots": 1000}), cfg, 256,
+                      np.dtype(np.float32))
+
+
 def test_snapshot_slots_are_never_read_or_reused_within_the_plan_that_writes_them():
     from engine.state_snapshots import StateSnapshots
 

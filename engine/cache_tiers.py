@@ -8,10 +8,13 @@ payloads only: the runner moves the bytes.
 
 A model with linear attention layers resumes a prefix only where a snapshot of its recurrent state is
 (engine.state_snapshots): its host tier also keeps the snapshots the device lets go, in host state slots by block
-hash, and a prompt whose match ends at one takes a copy of it into its state slot instead of recomputing the prefix.
+hash, and its disk tier every snapshot a step takes, in files of their own (`disk_states`); a prompt whose match ends
+at one takes a copy of it into its state slot instead of recomputing the prefix.
 """
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
 from typing import Callable
 
@@ -23,11 +26,12 @@ from engine.request import Sequence
 class CacheTiers:
     def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
                  window_slot: Callable[[int], int] | None = None, disk_read_timeout_s: float = 10.0,
-                 num_host_states: int = 0):
+                 num_host_states: int = 0, disk_states=None):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
         (the saved-page counts). window_slot: a hybrid cache's page -> window slot (-1: none; the page's windowed
         layers are written from there, and a page without one is not written); None: not hybrid. num_host_states: host
-        slots for snapshots of recurrent states (a model with linear attention layers)."""
+        slots for snapshots of recurrent states (a model with linear attention layers); disk_states: the disk tier's
+        files for them (a DiskCache of one state slot per file), with `disk`."""
         self.page_size = page_size
         self.window_slot = window_slot
         self.disk_read_timeout_s = disk_read_timeout_s
@@ -42,6 +46,14 @@ class CacheTiers:
             self.host_states.record_events = False
         self.state_saves: list[tuple[int, int]] = []  # (snapshot slot, host state slot) not yet in a plan
         self.state_loads: list[tuple[int, int]] = []  # (host state slot, sequence's state slot) of the plan being built
+        self.disk_states = disk_states if disk is not None else None
+        self.has_snapshot: Callable[[int], bool] = lambda block_hash: False  # on the device or the host (SequencePages)
+        # Snapshots for the disk tier: (slot, hash) taken by the plan being built (its step writes them), then those
+        # of the plan before (written by a step dispatched before the next plan's: that plan writes them out).
+        self._states_taken: list[tuple[int, int]] = []
+        self._states_written: list[tuple[int, int]] = []
+        self.state_disk_loads: list[tuple[object, int]] = []  # (state read from disk, sequence's state slot) this plan
+        self._read_states: dict[int, object] = {}  # snapshots read from disk for the plan being built, by hash
         self.host_saves: list[tuple[int, int]] = []  # (page, slot) not yet in a plan
         self.disk_saves: list[tuple[int, int, int]] = []  # (page, window slot, hash) not yet in a plan
         self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
@@ -91,7 +103,9 @@ class CacheTiers:
                 seq.disk_read = "timed out"
                 self.stats.disk_read_timeouts += 1
                 return []
-            got = future.result() if future.exception() is None else {}
+            got, *states = future.result()
+            for read in states:  # (a snapshot read along, for the admission that follows: `read_state`)
+                self._read_states.update(read)
             if hashes[0] in got:  # else the match moved back (its pages were evicted meanwhile): read again
                 pages = []
                 for h in hashes:
@@ -99,11 +113,26 @@ class CacheTiers:
                         break
                     pages.append(got[h])
                 return pages
-        n = self.disk.present(hashes)
-        seq.disk_read = (key, self.disk.fetch(hashes[:n]), time.monotonic()) if n else None
+        n, state = self.disk.present(hashes), None
+        if n and self.disk_states is not None:
+            n, state = self._resumable(hashes[:n])
         if n:
+            reads = [self.disk.fetch(hashes[:n])] + ([self.disk_states.fetch([state])] if state is not None else [])
+            seq.disk_read = (key, _joined(reads), time.monotonic())
             self._disk_reading[hashes[0]] = seq.disk_read
+        else:
+            seq.disk_read = None
         return None if n else []
+
+    def _resumable(self, hashes: list[int]) -> tuple[int, int | None]:
+        """(how many of the disk tier's pages `hashes` a model with linear attention layers can use: up to the deepest
+        with a snapshot of its states, the hash of that snapshot when only the disk tier has it, to read too)."""
+        for n in range(len(hashes), 0, -1):
+            if self.has_snapshot(hashes[n - 1]):
+                return n, None
+            if self.disk_states.present(hashes[n - 1 : n]):
+                return n, hashes[n - 1]
+        return 0, None
 
     def disk_reads(self, waiting) -> list:
         """The disk reads (futures) that the `waiting` sequences wait for, each once."""
@@ -113,12 +142,13 @@ class CacheTiers:
     # ------------------------------------------------------------------------------------ plans
     def start_plan(self) -> None:
         self.loading = set()
-        self.state_loads = []
+        self.state_loads, self.state_disk_loads = [], []
 
     def end_plan(self) -> None:
         """Finished reads stay with the sequences that wait for them; later prompts find the pages in the tree."""
         if self._disk_reading:
             self._disk_reading = {h: r for h, r in self._disk_reading.items() if not r[1].done()}
+        self._read_states = {}
 
     def take_host_saves(self) -> list[tuple[int, int]]:
         saves, self.host_saves = self.host_saves, []
@@ -129,6 +159,15 @@ class CacheTiers:
         first (a load may read a state saved by the same plan)."""
         saves, self.state_saves = self.state_saves, []
         return saves, self.state_loads
+
+    def take_disk_states(self, idle: bool = False) -> tuple[list[tuple[int, int]], list[tuple[object, int]]]:
+        """The plan's (snapshot slot, hash) snapshots to write to the disk tier, those an earlier step wrote, and
+        (state read, state slot) loads from it. `idle`: no step is in flight, every snapshot taken is written."""
+        saves, self._states_written = self._states_written, self._states_taken
+        self._states_taken = []
+        if idle:
+            saves, self._states_written = saves + self._states_written, []
+        return saves, self.state_disk_loads
 
     def take_disk_saves(self) -> list[tuple[int, int, int]]:
         """(page, hash) pages stored since the last plan: the next plan's, or written out at once when no step runs."""
@@ -145,6 +184,21 @@ class CacheTiers:
             if slot is not None:
                 self.host_saves.append((page, slot))
                 self.stats.host_saved_pages += 1
+
+    def snapshot_taken(self, block_hash: int, slot: int, namespace: str | None) -> None:
+        """A step writes (or has written) a snapshot into `slot`: the disk tier writes it out after that step."""
+        if self.disk_states is not None and not _is_adapter(namespace) and self.disk_states.wanted(block_hash):
+            self._states_taken.append((slot, block_hash))
+            self.stats.disk_saved_states += 1
+
+    def read_state(self, block_hash: int):
+        """The snapshot named `block_hash` read from the disk tier for this plan's admissions, or None."""
+        return self._read_states.get(block_hash)
+
+    def load_read_state(self, block_hash: int, state_slot: int) -> None:
+        """The plan copies the snapshot read from disk into a sequence's state slot before its step."""
+        self.state_disk_loads.append((self._read_states[block_hash], state_slot))
+        self.stats.disk_state_hits += 1
 
     def has_state(self, block_hash: int) -> bool:
         """The host tier holds a snapshot of the recurrent states after the prefix named `block_hash`."""
@@ -188,8 +242,27 @@ class CacheTiers:
             self.host_states.reset()
         self.host_saves.clear()
         self.state_saves.clear()
+        self._states_taken.clear()
+        self._states_written.clear()
         self.disk_saves.clear()
         self._disk_reading.clear()
+
+
+def _joined(futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:
+    """One future of the results of `futures` (a tuple; {} for one that failed), done when all are."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+    left, lock = [len(futures)], threading.Lock()
+
+    def one_done(_):
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            out.set_result(tuple(f.result() if f.exception() is None else {} for f in futures))
+
+    for f in futures:
+        f.add_done_callback(one_done)
+    return out
 
 
 def _is_adapter(namespace: str | None) -> bool:

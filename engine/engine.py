@@ -180,7 +180,8 @@ class LLMEngine:
                                    num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
                                    num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                    num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0,
-                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states)
+                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
+                                   disk_states=self._disk.states if self._disk is not None else None)
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
@@ -189,7 +190,8 @@ class LLMEngine:
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
                                   num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                   draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
-                                  num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states)
+                                  num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
+                                  disk_states=self._disk.states if self._disk is not None else None)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -209,8 +211,7 @@ class LLMEngine:
     def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
         """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
         do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
-        unsupported = {"parallel.num_processes": config.parallel.num_processes > 1,
-                       "cache.disk_path": bool(config.cache.disk_path)}
+        unsupported = {"parallel.num_processes": config.parallel.num_processes > 1}
         for key, used in unsupported.items():
             if used:
                 raise ConfigKeyError(f"{key}: not supported yet for a model with linear attention layers "
@@ -386,7 +387,7 @@ class LLMEngine:
         """No step is in flight: pages the tree stored since the last one are written out now, and, when no step could
         run (`wait`), requests whose prompt pages are being read from disk are waited for (briefly: the caller's loop
         comes back)."""
-        self.runner.save_to_disk(self.scheduler.take_disk_saves())
+        self.runner.save_to_disk(self.scheduler.take_disk_saves(), self.scheduler.take_disk_states())
         if wait and (reads := self.scheduler.disk_reads()):
             concurrent.futures.wait(reads, timeout=DISK_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
 
@@ -581,8 +582,10 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Writes out what the disk tier still lacks, and releases the followers of a multi-host replica."""
         if self.disk is not None:
-            self.runner.save_to_disk(self.scheduler.take_disk_saves())
+            self.runner.save_to_disk(self.scheduler.take_disk_saves(), self.scheduler.take_disk_states())
             self.disk.flush()
+            if self._disk.states is not None:
+                self._disk.states.flush()
         if self.runner.followers is not None:
             self.runner.followers.stop()
             self.runner.followers = None
@@ -637,6 +640,8 @@ class LLMEngine:
             "host_state_snapshots_used": len(s.tiers.host_states) if s.tiers.host_states is not None else 0,
             "host_state_hits": s.stats.host_state_hits,
             "host_saved_states": s.stats.host_saved_states,
+            "disk_state_hits": s.stats.disk_state_hits,
+            "disk_saved_states": s.stats.disk_saved_states,
             "num_steps": self.num_steps,
             "weights_version": self.weights_version,
             "weights_source": self.weights_source,

@@ -27,9 +27,11 @@ class PageCopies:
     """Page copies of a step and the tiers' host side. `to_device`: the runner's (replicated over a mesh)."""
 
     def __init__(self, kv_shapes, num_pages: int, num_host_pages: int, layout, disk, to_device, state_shapes=None,
-                 num_state_slots: int = 0):
+                 num_state_slots: int = 0, disk_states=None):
         """state_shapes: a model with linear attention layers, the shapes of its states' arrays (a pytree, the slot axis
-        1) for the host tier's state slots; num_state_slots: the device's."""
+        1) for the host tier's state slots (0 without one); num_state_slots: the device's; disk_states: the disk tier's files of
+        snapshots (engine.disk_cache.DiskCache, one state slot [Lg, 1, ...] per file)."""
+        self.disk_states = disk_states
         self.num_pages = num_pages
         self.num_state_slots = num_state_slots
         self.layout = layout
@@ -43,7 +45,9 @@ class PageCopies:
         # ... and snapshots of recurrent states, [Lg, slots, ...] per state array, float32
         self.host_states = (jax.tree.map(lambda shape: np.zeros(shape, np.float32), state_shapes,
                                          is_leaf=lambda x: isinstance(x, tuple)) if state_shapes is not None else None)
+        self._state_tree = None if state_shapes is None else jax.tree.structure(self.host_states)
         self._pending_states: list[tuple[np.ndarray, object]] = []
+        self._pending_disk_states: list[tuple[str | None, tuple[int, ...], object]] = []
         # Disk tier: pages gathered and copied to the host asynchronously, handed to the disk's writer at the next
         # fetch (with the layout key they were computed under: new weights make the pages of the old ones worthless).
         self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
@@ -73,7 +77,29 @@ class PageCopies:
     def pack_states(self, plan) -> dict:
         """The plan's moves of recurrent states between the device and the host tier, StepArrays' fields."""
         return {"state_saves": self._pack_pairs(plan.state_saves, fill=(0, -1)),  # padding: slot 0 read, dropped
-                "state_loads": self._pack_pairs(plan.state_loads, fill=(0, self.num_state_slots))}  # out of range
+                "state_loads": self._pack_pairs(plan.state_loads, fill=(0, self.num_state_slots)),  # out of range
+                "state_disk_saves": self._pack_state_disk_saves(plan.state_disk_saves),
+                "state_disk_loads": self._pack_state_disk_loads(plan.state_disk_loads)}
+
+    def _pack_state_disk_saves(self, saves: list[tuple[int, int]]) -> tuple[np.ndarray, tuple[int, ...]] | None:
+        """(snapshot slots padded to a power of two with slot 0, the block hashes of the real ones)."""
+        if not saves:
+            return None
+        slots, hashes = self._pack_pairs([(slot, 0) for slot, _ in saves], fill=(0, 0))[0], tuple(h for _, h in saves)
+        return slots, hashes
+
+    def _pack_state_disk_loads(self, loads: list[tuple[tuple[np.ndarray, ...], int]]):
+        """(each state array's snapshots [Lg, n, ...], the state slots they go to), n padded to a power of two (padding
+        slots out of range: dropped)."""
+        if not loads:
+            return None
+        n = 1 << (len(loads) - 1).bit_length()
+        payloads, slots = zip(*loads)
+        pad = [tuple(np.zeros_like(a) for a in payloads[0])] * (n - len(loads))
+        arrays = tuple(np.concatenate(column, axis=1) for column in zip(*payloads, *pad))
+        where = np.full(n, self.num_state_slots, np.int32)
+        where[: len(loads)] = slots
+        return jax.tree.unflatten(self._state_tree, arrays), where
 
     # ------------------------------------------------------------------------------ device side
     def apply(self, kv, step) -> tuple:
@@ -109,12 +135,28 @@ class PageCopies:
             for a in jax.tree.leaves(saved):
                 a.copy_to_host_async()
             self._pending_states.append((host_slots, saved))
+        if step.state_disk_saves is not None:
+            self._dispatch_state_disk_saves(states, *step.state_disk_saves)
         if step.state_loads is not None:
             host_slots, slots = step.state_loads
             self.land()
             loaded = jax.tree.map(lambda h: h[:, host_slots], self.host_states)
             states = self._scatter_states(states, *self._to_device((loaded, slots)))
+        if step.state_disk_loads is not None:
+            states = self._scatter_states(states, *self._to_device(step.state_disk_loads))
         return states
+
+    def save_states_to_disk(self, states, saves: list[tuple[int, int]]) -> None:
+        """Writes (snapshot slot, block hash) snapshots out now, with no step to carry them (the engine is idle)."""
+        if saves:
+            self._dispatch_state_disk_saves(states, *self._pack_state_disk_saves(saves))
+            self.land()
+
+    def _dispatch_state_disk_saves(self, states, slots: np.ndarray, hashes: tuple[int, ...]) -> None:
+        saved = self._gather_states(states, self._to_device(slots))
+        for a in jax.tree.leaves(saved):
+            a.copy_to_host_async()
+        self._pending_disk_states.append((self.disk_states.key, hashes, saved))
 
     def land(self) -> None:
         """Writes the pages (and states) saved by dispatched steps into their host slots (oldest first: a reused slot
@@ -129,6 +171,9 @@ class PageCopies:
             for host, state in zip(jax.tree.leaves(self.host_states), jax.tree.leaves(saved)):
                 host[:, slots[keep]] = np.asarray(state)[:, keep]
         self._pending_states = []
+        for key, hashes, saved in self._pending_disk_states:  # each state array as [Lg, 1, n, ...]: a file per slot
+            self.disk_states.put(hashes, tuple(np.asarray(a)[:, None] for a in jax.tree.leaves(saved)), key)
+        self._pending_disk_states = []
         for key, hashes, saved in self._pending_disk:
             self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
         self._pending_disk = []

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 
+import jax
 import numpy as np
 
 from engine.config import ConfigKeyError, EngineConfig
@@ -172,9 +173,22 @@ class ReplicaDisk:
                                          bool(plan.num_window_pages), draft=draft)
         layout = self._layout(weights_id)
         draft_cfg = None if draft is None else draft["config"]
+        disk_bytes = config.cache.disk_gb * 2**30
+        # A model with linear attention layers: snapshots of its recurrent states in files of their own (one state
+        # slot each, [Lg, 1, ...] per state array), the disk split between them and pages as the device cache is.
+        self.states = None
+        if model_cfg.linear_layers and config.cache.state_snapshots:
+            slot_bytes = gated_delta.state_bytes_per_slot(model_cfg)
+            snapshot_bytes = config.cache.state_snapshots * slot_bytes
+            share = snapshot_bytes / (snapshot_bytes + plan.num_pages * plan.page_bytes)
+            specs = [(shape, np.float32) for shape in jax.tree.leaves(gated_delta.state_shapes(model_cfg, 1),
+                                                                       is_leaf=lambda x: isinstance(x, tuple))]
+            self.states = DiskCache(config.cache.disk_path, layout_key({**layout, "states": True}), specs,
+                                    max(1, int(disk_bytes * share // slot_bytes)), describe={**layout, "states": True})
+            disk_bytes -= self.states.capacity_pages * slot_bytes
         self.cache = DiskCache(config.cache.disk_path, layout_key(layout),
                                kv_page_specs(model_cfg, config.cache.page_size, kv_dtype, draft_cfg),
-                               max(1, int(config.cache.disk_gb * 2**30 // plan.page_bytes)), describe=layout)
+                               max(1, int(disk_bytes // plan.page_bytes)), describe=layout)
 
     def serve_weights(self, source: str) -> None:
         """The files for the weights served from now on (`source`, an update's): a directory of their own, or none
@@ -182,7 +196,11 @@ class ReplicaDisk:
         if os.path.exists(source):
             layout = self._layout(weights_identity(source))
             self.cache.set_key(layout_key(layout), describe=layout)
+            if self.states is not None:
+                self.states.set_key(layout_key({**layout, "states": True}), describe={**layout, "states": True})
         else:
             log.warning("the disk tier is off until the next weight update from a checkpoint: weights given as arrays "
                         "have no file to name their K/V by")
             self.cache.set_key(None)
+            if self.states is not None:
+                self.states.set_key(None)

@@ -245,13 +245,13 @@ class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
                  lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0,
-                 num_host_states: int = 0):
+                 num_host_states: int = 0, disk_states=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
         no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
         num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
-        num_host_states: the host tier's slots for them."""
+        num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -319,8 +319,8 @@ class ModelRunner:
         self._head = programs.head
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device,
-                                 gated_delta.state_shapes(model_cfg, num_host_states) if num_host_states else None,
-                                 num_state_slots if model_cfg.linear_layers else 0)
+                                 gated_delta.state_shapes(model_cfg, num_host_states) if model_cfg.linear_layers else None,
+                                 num_state_slots if model_cfg.linear_layers else 0, disk_states)
         self._prompt_head = programs.prompt_head
         # Draft model: `propose` runs `statics.num_draft` rounds of it for a bucket of rows (one per drafting sequence).
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
@@ -612,9 +612,12 @@ class ModelRunner:
             out[i] = drafts[j, : counts[j]].tolist()
         return out
 
-    def save_to_disk(self, saves: list[tuple[int, int, int]]) -> None:
-        """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""
+    def save_to_disk(self, saves: list[tuple[int, int, int]], state_saves: list[tuple[int, int]] = ()) -> None:
+        """Writes (page, window slot, block hash) pages, and (snapshot slot, block hash) snapshots of recurrent states,
+        out now, with no step to carry them (the engine is idle)."""
         self.copies.save_to_disk(self.kv, saves)
+        if state_saves:
+            self.copies.save_states_to_disk(self.states, list(state_saves))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -651,6 +654,8 @@ class StepArrays:
     state_copies: tuple[np.ndarray, np.ndarray] | None = None  # (src, dst) recurrent-state slots, copied first
     state_saves: tuple[np.ndarray, np.ndarray] | None = None  # (state slots, host slots; -1 pads): snapshots to host
     state_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, state slots; out-of-range pads): to device
+    state_disk_saves: tuple[np.ndarray, tuple[int, ...]] | None = None  # (snapshot slots, their hashes): to disk
+    state_disk_loads: tuple[object, np.ndarray] | None = None  # (states read from disk [Lg, n, ...], state slots)
 
 
 # The head variants (greedy_only, use_filters) warmup compiles: greedy, and sampling by temperature alone. A server adds

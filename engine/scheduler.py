@@ -68,6 +68,10 @@ class StepPlan:
     # then (host slot, sequence slot) host snapshots copied into the slots of prompts resuming from them.
     state_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     state_loads: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    # ... and with a disk tier: (snapshot slot, block hash) snapshots an earlier step wrote, written out from before the
+    # step; (state read from disk, sequence slot) copied into the slots of prompts resuming from them.
+    state_disk_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    state_disk_loads: list[tuple[object, int]] = dataclasses.field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -84,6 +88,8 @@ class SchedulerStats:
     host_saved_pages: int = 0  # evicted pages copied to the host tier
     host_state_hits: int = 0  # sequences resumed from a snapshot of their recurrent states in the host tier
     host_saved_states: int = 0  # snapshots of recurrent states copied to the host tier
+    disk_state_hits: int = 0  # sequences resumed from a snapshot of their recurrent states read from the disk tier
+    disk_saved_states: int = 0  # snapshots of recurrent states sent to the disk tier
     disk_hit_tokens: int = 0  # prompt tokens read from the disk tier instead of computed
     disk_saved_pages: int = 0  # pages the tree stored that were sent to the disk tier
     disk_read_timeouts: int = 0  # prompts that stopped waiting for their disk read (cache.disk_read_timeout_s)
@@ -100,13 +106,13 @@ class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
                  num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None,
-                 num_state_slots: int = 0, num_snapshots: int = 0, num_host_states: int = 0):
+                 num_state_slots: int = 0, num_snapshots: int = 0, num_host_states: int = 0, disk_states=None):
         """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
         layers and the slots those layers' K/V have (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, its recurrent-state slots (max_running: one per running sequence) and `num_snapshots` slots for the
-        prefix cache's snapshots of them, and with a host tier `num_host_states` host slots for those the device lets
-        go."""
+        prefix cache's snapshots of them, with a host tier `num_host_states` host slots for those the device lets
+        go, and with a disk tier `disk_states` its files for them."""
         self.cfg = sched
         self.spec = spec
         self.eos_ids = eos_ids  # the model's end tokens (EOS, end of turn): finish unless ignore_eos
@@ -120,7 +126,7 @@ class Scheduler:
         # part, for the engine to put its state back (`ModelRunner.rollback_states`) before the next step
         self.state_rollbacks: list[tuple[int, int]] = []
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
-                                   num_state_slots, num_snapshots, num_host_states)
+                                   num_state_slots, num_snapshots, num_host_states, disk_states)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
         # Full pages some running prefill is computing right now, by chained block hash: a waiting
         # sequence whose next uncached page is here waits for it instead of computing it again.
@@ -219,10 +225,12 @@ class Scheduler:
             return None  # pages evicted meanwhile are not reused before the next plan, which carries their saves
         window_copies = self.pages.take_window_copies()
         state_saves, state_loads = self.tiers.take_host_states()
+        state_disk_saves, state_disk_loads = self.tiers.take_disk_states()
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
                         host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
                         disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads, state_copies=state_copies,
-                        state_saves=state_saves, state_loads=state_loads)
+                        state_saves=state_saves, state_loads=state_loads, state_disk_saves=state_disk_saves,
+                        state_disk_loads=state_disk_loads)
 
     @property
     def _chunk_limit(self) -> int:
@@ -278,7 +286,8 @@ class Scheduler:
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
             # (a model with linear attention layers: the tree's whole match, which the host tier may continue to a
             # snapshot of the recurrent states: cut back to one after)
-            match, num_stored = self.pages.match(seq, whole=self.tiers.host_states is not None)
+            resumes_in_tiers = self.pages.snapshots is not None and self.tiers.enabled
+            match, num_stored = self.pages.match(seq, whole=resumes_in_tiers)
             if self._waits_for_inflight(seq, match.num_tokens):
                 return "wait"
             if self.tiers.enabled:
@@ -286,9 +295,9 @@ class Scheduler:
                 if hits is None:
                     return "wait"
                 host_slots, disk_pages = hits
-                if self.tiers.host_states is not None:
-                    num_stored = max(num_stored, match.num_tokens + len(host_slots) * self.page_size)
-                    match, host_slots = self.pages.resume_point(seq, match, host_slots)
+                if resumes_in_tiers:
+                    num_stored = max(num_stored, match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size)
+                    match, host_slots, disk_pages = self.pages.resume_point(seq, match, host_slots, disk_pages)
             shared, num_cached = list(match.pages), match.num_tokens
             num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
         else:
@@ -332,6 +341,10 @@ class Scheduler:
 
     def take_disk_saves(self) -> list[tuple[int, int, int]]:
         return self.tiers.take_disk_saves()
+
+    def take_disk_states(self) -> list[tuple[int, int]]:
+        """(snapshot slot, block hash) snapshots for the disk tier, with no step in flight (all written)."""
+        return self.tiers.take_disk_states(idle=True)[0]
 
     def disk_reads(self) -> list:
         """The disk reads waiting sequences wait for (the engine waits on them when nothing else can run)."""

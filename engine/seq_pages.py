@@ -29,13 +29,14 @@ class SequencePages:
 
     def __init__(self, cache: CacheConfig, num_pages: int, stats, num_host_pages: int = 0, window: int = 0,
                  num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0,
-                 num_host_states: int = 0):
+                 num_host_states: int = 0, disk_states=None):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
         sliding window and window slots (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`), and `num_snapshots` more
         for the prefix cache's (engine.state_snapshots) after a scratch one; `num_host_states` host slots keep those
-        the device lets go, with a host tier (engine.cache_tiers)."""
+        the device lets go, with a host tier, and `disk_states` (the disk tier's files for them) every one taken
+        (engine.cache_tiers)."""
         self.page_size = cache.page_size
         self.prefix_caching = cache.prefix_caching
         self.stats = stats
@@ -49,7 +50,8 @@ class SequencePages:
         self.tiers = CacheTiers(cache.page_size, num_host_pages if self.prefix_caching else 0,
                                 disk if self.prefix_caching else None, stats,
                                 self.window_slot if self.window is not None else None, cache.disk_read_timeout_s,
-                                num_host_states if num_state_slots and self.prefix_caching else 0)
+                                num_host_states if num_state_slots and self.prefix_caching else 0,
+                                disk_states if num_state_slots and self.prefix_caching else None)
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.has_states = num_state_slots > 0
@@ -60,8 +62,9 @@ class SequencePages:
         self._unnamed: list[tuple[Sequence, int, int]] = []
         self.snapshots = (StateSnapshots(num_state_slots + 1, num_snapshots)
                           if self.has_states and self.prefix_caching else None)
-        if self.snapshots is not None and self.tiers.host_states is not None:
-            self.snapshots.on_evict = self.tiers.save_state
+        if self.snapshots is not None:
+            self.snapshots.on_evict = self.tiers.save_state if self.tiers.host_states is not None else None
+            self.tiers.has_snapshot = self._has_snapshot
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
 
@@ -84,20 +87,21 @@ class SequencePages:
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
 
-    def resume_point(self, seq: Sequence, match, host_slots: list[int]):
-        """(the match, the host tier's pages after it) cut back to the deepest page boundary with a snapshot of the
-        recurrent states, on the device or in the host tier (`match` the tree's whole one, `host_slots` the host
-        tier's pages continuing it): past the tree when a host page ends at one, else on the tree's path."""
-        for i in range(len(host_slots), 0, -1):
+    def resume_point(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object]):
+        """(the match, the host and disk tiers' pages after it) cut back to the deepest page boundary with a snapshot of
+        the recurrent states, on the device or in a tier (`match` the tree's whole one, the pages continuing it): past
+        the tree when a tier's page ends at one, else on the tree's path."""
+        for i in range(len(host_slots) + len(disk_pages), 0, -1):
             if self._has_snapshot(self.prefix_hash(seq, match.num_tokens + i * self.page_size)):
-                return match, host_slots[:i]
+                return match, host_slots[:i], disk_pages[: max(0, i - len(host_slots))]
         usable = self._snapshot_before(match, seq.num_tokens - 1)
         if usable == match.num_tokens:
-            return match, []
-        return self.tree.match(seq.all_ids[:usable], seq.namespace), []
+            return match, [], []
+        return self.tree.match(seq.all_ids[:usable], seq.namespace), [], []
 
     def _has_snapshot(self, block_hash: int) -> bool:
-        return self.snapshots.usable(block_hash) or self.tiers.has_state(block_hash)
+        return (self.snapshots.usable(block_hash) or self.tiers.has_state(block_hash)
+                or self.tiers.read_state(block_hash) is not None)
 
     def _snapshot_before(self, match, limit: int) -> int:
         """The deepest page boundary of `match`'s path at or before `limit` with a snapshot of the recurrent state (not
@@ -123,12 +127,14 @@ class SequencePages:
 
     def restore_state(self, seq: Sequence, num_tokens: int) -> None:
         """The sequence resumes after its first `num_tokens` (ending at a snapshot): its slot takes a copy of it before
-        the step, from the device's snapshot slot or else the host tier's."""
+        the step, from the device's snapshot slot, else the host tier's, else the one read from disk."""
         block_hash = self.prefix_hash(seq, num_tokens)
         if self.snapshots.usable(block_hash):
             self._state_copies.append((self.snapshots.slot(block_hash), seq.state_slot))
-        else:
+        elif self.tiers.has_state(block_hash):
             self.tiers.load_state(block_hash, seq.state_slot)
+        else:
+            self.tiers.load_read_state(block_hash, seq.state_slot)
 
     def take_snapshot(self, seq: Sequence, start: int, end: int) -> tuple[int, int] | None:
         """(tokens after `start`, slot) of the snapshot a chunk of `seq` over [start, end) takes, or None: at the end
@@ -153,6 +159,8 @@ class SequencePages:
         """put(block hash) -> the slot of the snapshot at `pos`; a sequence's latest replaces its previous one."""
         block_hash = self.prefix_hash(seq, pos)
         slot = put(block_hash)
+        if slot is not None:
+            self.tiers.snapshot_taken(block_hash, slot, seq.namespace)
         if slot is not None and latest:
             if seq.latest_snapshot is not None and seq.latest_snapshot != block_hash:
                 self.snapshots.drop([seq.latest_snapshot])

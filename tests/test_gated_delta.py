@@ -380,9 +380,11 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    for key, value, named in (("cache.disk_path", "/nonexistent", "cache.disk_path"),):
-        with pytest.raises(ConfigKeyError, match=f"{named}.*linear attention"):
-            LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, key: value})
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    with pytest.raises(ConfigKeyError, match="parallel.num_processes: not supported yet .* linear attention"):
+        LLMEngine._recurrent_model(EngineConfig().replace(**{"parallel.num_processes": 2}), cfg)
     with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
 
@@ -655,6 +657,45 @@ def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
     if tp == 1:
         assert runs["device"][0] == tokens and runs["device"][2]["host_state_hits"] == 0
         assert cached > runs["device"][1]
+
+
+def test_disk_tier_serves_a_restarted_replica_its_pages_and_snapshots(tmp_path):
+    """Every snapshot a step takes is written to the disk tier beside the pages: a restarted replica (empty device
+    cache) resumes prompts sharing a prefix from the files, pages and recurrent state read back: the greedy tokens
+    of an engine without prefix caching; with the host tier too, on a pool small enough to thrash."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random()
+    first_turns = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(33, 48))] for _ in range(2)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    small = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
+             "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2,
+             "debug_checks": True}
+    plain = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **{"cache.prefix_caching": False})
+    answers = [o.token_ids for o in plain.generate(first_turns, greedy)]
+    # the same prompt again (its prompt-end snapshot), and a conversation's next turn (its latest snapshot)
+    later = [first_turns[0], first_turns[1] + answers[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(5)]]
+    want = [o.token_ids for o in plain.generate(later, greedy)]
+    first = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **{"cache.disk_path": str(tmp_path)})
+    assert [o.token_ids for o in first.generate(first_turns, greedy)] == answers
+    first.engine.shutdown()
+    assert first.engine.stats()["disk_saved_states"] > 0
+    for overrides in ({}, {"cache.host_num_pages": 32, "cache.host_state_snapshots": 4}):
+        again = LLM(None, progress=False, model=(cfg, params, tokenizer), **small,
+                    **{"cache.disk_path": str(tmp_path), **overrides})
+        got = again.generate(later, greedy)
+        assert [o.token_ids for o in got] == want
+        assert again.engine.stats()["disk_state_hits"] == 2
+        assert got[0].cached_tokens == len(first_turns[0]) // 8 * 8
+        assert got[1].cached_tokens == (len(first_turns[1]) + 6 - 1) // 8 * 8
+        again.engine.shutdown()
 
 
 def test_host_tier_splits_its_memory_between_pages_and_snapshots_as_the_device_does():

@@ -84,6 +84,7 @@ class FakeRunner:
         # or a snapshot's), and the host tier's state slots likewise. None: no recurrent states.
         self.states: dict[int, tuple[int, ...]] | None = None
         self.host_states: dict[int, tuple[int, ...]] = {}
+        self.disk_states: FakeDisk | None = None  # the disk tier's files of them
         self.prev: list[int | None] = []  # what the last run sampled: placeholders stand for these
 
     def token(self, t: int) -> int:
@@ -107,8 +108,12 @@ class FakeRunner:
         if self.states is not None:  # as the runner: saves, loads, then copies from snapshot slots
             for slot, host_slot in plan.state_saves:
                 self.host_states[host_slot] = self.states[slot]
+            for slot, h in plan.state_disk_saves:
+                self.disk_states.files[h] = self.states[slot]
             for host_slot, slot in plan.state_loads:
                 self.states[slot] = self.host_states[host_slot]
+            for state, slot in plan.state_disk_loads:
+                self.states[slot] = state
             for src, dst in plan.state_copies:
                 self.states[dst] = self.states[src]
         sampled = []
@@ -147,16 +152,21 @@ class FakeRunner:
             else:
                 sampled.append(self.model(tuple(ids)))
         self.prev = [t if t is None or isinstance(t, int) else t[-1] for t in sampled]
-        if self.disk is not None:
-            self.disk.complete_reads()
+        self.complete_reads()
         return sampled
+
+    def complete_reads(self) -> None:
+        for disk in (self.disk, self.disk_states):
+            if disk is not None:
+                disk.complete_reads()
 
 
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
          eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
-         window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0, snapshots=0, host_states=0):
+         window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0, snapshots=0, host_states=0,
+         disk_states: FakeDisk | None = None):
     """snapshots: a model with linear attention layers (a recurrent state per running sequence) and that many snapshot
-    slots; host_states: the host tier's slots for them."""
+    slots; host_states: the host tier's slots for them; disk_states: the disk tier's files of them."""
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
                         long_prefill_tokens=long_prefill_tokens),
@@ -173,10 +183,11 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         num_state_slots=max_running if snapshots else 0,
         num_snapshots=snapshots,
         num_host_states=host_states,
+        disk_states=disk_states,
     )
     runner = FakeRunner(num_pages, page_size, model, window, window_pages, disk)
     if snapshots:
-        runner.states = {}
+        runner.states, runner.disk_states = {}, disk_states
     return sched, runner
 
 
@@ -200,7 +211,7 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False, churn:
             sched.abort(churn.choice(live).request_id)
         plan = sched.schedule()
         if plan is None and not inflight and sched.disk_reads():  # the engine waits for the reads here
-            runner.disk.complete_reads()
+            runner.complete_reads()
             continue
         if plan is None and not inflight and (arriving or not sched.has_work()):
             continue  # more to come, or the last request was just aborted
@@ -226,6 +237,8 @@ def run_all(sched, runner, seqs, check=True, on_plan=None, overlap=False, churn:
     if runner.disk is not None:  # what the engine writes out once idle
         runner.disk.files.update((h, (list(runner.store[page]), list(runner.window_store[slot]) if slot >= 0 else None))
                                  for page, slot, h in sched.take_disk_saves())
+        if runner.disk_states is not None:
+            runner.disk_states.files.update((h, runner.states[slot]) for slot, h in sched.take_disk_states())
     return {s.request_id: list(s.output_ids) for s in seqs}
 
 
@@ -659,6 +672,32 @@ def test_a_prefix_resumes_past_the_tree_where_the_host_tier_has_its_state():
     run_all(sched, runner, [again], on_plan=plans.append)
     assert again.num_cached_prompt == 32 and len(plans[0].state_loads) == 1 and not plans[0].state_copies
     assert sched.stats.host_state_hits == 1
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_recurrent_states_resume_from_the_disk_tier_after_a_restart(overlap):
+    """The disk tier of a model with linear attention layers keeps every snapshot a step takes beside the pages: a
+    restarted replica (an empty pool, tree and snapshot slots) reads both back for prompts sharing a prefix, each
+    prompt's pages only up to the deepest one with a snapshot, and resumes from it; the fake runner checks every
+    chunk's state and pages every step."""
+    rng = random.Random()
+    waves = _shared_prefix_waves(rng, 8)
+    disk, disk_states = FakeDisk(), FakeDisk()
+
+    def run():
+        sched, runner = make(num_pages=24, page_size=4, max_batch_tokens=16, max_running=3, snapshots=3, disk=disk,
+                             disk_states=disk_states)
+        outs = {}
+        for w, prompts in enumerate(waves):
+            outs |= run_all(sched, runner, [seq(f"w{w}p{i}", p, max_tokens=3) for i, p in enumerate(prompts)],
+                            overlap=overlap)
+        return outs, sched.stats
+
+    first, first_stats = run()
+    assert first_stats.disk_saved_states > 0 and len(disk_states.files) == first_stats.disk_saved_states
+    restarted, stats = run()
+    assert restarted == first
+    assert stats.disk_state_hits > 0 and stats.disk_hit_tokens > 0
 
 
 # ------------------------------------------------------------------------------------ disk tier

@@ -46,6 +46,7 @@ class CacheTiers:
             self.host_states.record_events = False
         self.state_saves: list[tuple[int, int]] = []  # (snapshot slot, host state slot) not yet in a plan
         self.state_loads: list[tuple[int, int]] = []  # (host state slot, sequence's state slot) of the plan being built
+        self._states_kept: set[int] = set()  # host state slots an admission of this plan resumes from (`keep_state`)
         self.disk_states = disk_states if disk is not None else None
         self.has_snapshot: Callable[[int], bool] = lambda block_hash: False  # on the device or the host (SequencePages)
         # Snapshots for the disk tier: (slot, hash) taken by the plan being built (its step writes them), then those
@@ -142,7 +143,7 @@ class CacheTiers:
     # ------------------------------------------------------------------------------------ plans
     def start_plan(self) -> None:
         self.loading = set()
-        self.state_loads, self.state_disk_loads = [], []
+        self.state_loads, self.state_disk_loads, self._states_kept = [], [], set()
 
     def end_plan(self) -> None:
         """Finished reads stay with the sequences that wait for them; later prompts find the pages in the tree."""
@@ -204,6 +205,12 @@ class CacheTiers:
         """The host tier holds a snapshot of the recurrent states after the prefix named `block_hash`."""
         return self.host_states is not None and block_hash in self.host_states
 
+    def keep_state(self, block_hash: int) -> None:
+        """An admission resumes from the host snapshot `block_hash`: not replaced by a save before it is loaded (the
+        pages its admission takes may evict others, whose snapshots are saved)."""
+        if self.has_state(block_hash):
+            self._states_kept.add(self.host_states.lookup(block_hash))
+
     def load_state(self, block_hash: int, state_slot: int) -> None:
         """The plan copies the host snapshot named `block_hash` into a sequence's state slot before its step."""
         slot = self.host_states.lookup(block_hash)
@@ -215,7 +222,7 @@ class CacheTiers:
         one a load of this plan reads)."""
         if self.host_states is None:
             return
-        slot = self.host_states.store(block_hash, avoid={s for s, _ in self.state_loads})
+        slot = self.host_states.store(block_hash, avoid=self._states_kept | {s for s, _ in self.state_loads})
         if slot is not None:
             self.state_saves.append((snapshot_slot, slot))
             self.stats.host_saved_states += 1

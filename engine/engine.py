@@ -209,13 +209,8 @@ class LLMEngine:
 
     @staticmethod
     def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
-        """The config for a model with linear attention layers (a recurrent state per sequence): what their state cannot
-        do yet refused by name; snapshot slots for the prefix cache (engine.state_snapshots) sized."""
-        unsupported = {"parallel.num_processes": config.parallel.num_processes > 1}
-        for key, used in unsupported.items():
-            if used:
-                raise ConfigKeyError(f"{key}: not supported yet for a model with linear attention layers "
-                                     f"({sum(model_cfg.linear_layers)} of its {model_cfg.num_layers} layers)")
+        """The config for a model with linear attention layers (a recurrent state per sequence): slots for the prefix
+        cache's snapshots of it (engine.state_snapshots) sized."""
         if config.cache.prefix_caching and not config.cache.state_snapshots:
             config = config.replace(**{"cache.state_snapshots": 2 * config.scheduler.max_running})
         return config

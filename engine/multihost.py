@@ -14,11 +14,11 @@ import numpy as np
 
 from engine.config import ParallelConfig
 
-OP_STOP, OP_STEP = 0, 1
+OP_STOP, OP_STEP, OP_ROLLBACK = 0, 1, 2
 # op, token bucket, num_rows, use_penalties, use_filters, num_top, copies bucket (0: none), greedy_only, use_mask,
 # prompt logprobs wanted, their top k, logit-bias entries per row (0: none), the attention kernel (decode_only 1 or
-# 0; -1: None)
-_HEADER_LEN = 13
+# 0; -1: None), recurrent-state copies (1: [2, max_running] of them; 0: none)
+_HEADER_LEN = 14
 
 
 _joined = False  # jax.distributed can be initialized once per process
@@ -58,10 +58,18 @@ class Followers:
                            step.num_top, 0 if step.copies is None else step.copies[0].shape[0], step.greedy_only,
                            step.use_mask, step.prompt_targets is not None, step.prompt_top,
                            0 if step.sampling.bias_ids is None else step.sampling.bias_ids.shape[1],
-                           -1 if step.decode_kernel is None else int(step.decode_kernel)], np.int32)
+                           -1 if step.decode_kernel is None else int(step.decode_kernel),
+                           step.state_copies is not None], np.int32)
         _broadcast(header)
-        inputs, sampling, copies, targets = _broadcast((step.inputs, step.sampling, step.copies, step.prompt_targets))
-        return dataclasses.replace(step, inputs=inputs, sampling=sampling, copies=copies, prompt_targets=targets)
+        inputs, sampling, copies, targets, state_copies = _broadcast(
+            (step.inputs, step.sampling, step.copies, step.prompt_targets, step.state_copies))
+        return dataclasses.replace(step, inputs=inputs, sampling=sampling, copies=copies, prompt_targets=targets,
+                                   state_copies=state_copies)
+
+    def rollback(self, pairs: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Recurrent-state copies the engine makes between steps (speculative decoding's rollbacks), [2, max_running]."""
+        _broadcast(np.array([OP_ROLLBACK] + [0] * (_HEADER_LEN - 1), np.int32))
+        return _broadcast(pairs)
 
     def stop(self) -> None:
         _broadcast(np.array([OP_STOP] + [0] * (_HEADER_LEN - 1), np.int32))
@@ -75,9 +83,13 @@ def follow(runner) -> None:
     while True:
         header = np.asarray(_broadcast(np.zeros(_HEADER_LEN, np.int32)))
         (op, num_tokens, num_rows, use_penalties, use_filters, num_top, num_copies, greedy_only, use_mask, use_prompt,
-         prompt_top, num_bias, decode_kernel) = (int(x) for x in header)
+         prompt_top, num_bias, decode_kernel, state_copies) = (int(x) for x in header)
         if op == OP_STOP:
             return
+        empty_state_copies = (np.zeros(runner.max_seqs, np.int32), np.zeros(runner.max_seqs, np.int32))
+        if op == OP_ROLLBACK:
+            runner.copy_states(_broadcast(empty_state_copies))
+            continue
         template = (
             runner._pack_padding(num_tokens),
             sampler.build_inputs([], num_rows, runner.cfg.vocab_size, bool(use_penalties),
@@ -86,8 +98,10 @@ def follow(runner) -> None:
                                  num_bias=num_bias),
             (np.zeros(num_copies, np.int32), np.zeros(num_copies, np.int32)) if num_copies else None,
             np.zeros(num_tokens, np.int32) if use_prompt else None,
+            empty_state_copies if state_copies else None,
         )
-        inputs, sampling, copies, targets = _broadcast(template)
+        inputs, sampling, copies, targets, states = _broadcast(template)
         runner.execute(StepArrays(inputs, sampling, copies, num_rows, bool(use_penalties), bool(use_filters), num_top,
                                   bool(greedy_only), bool(use_mask), targets, prompt_top,
-                                  decode_kernel=None if decode_kernel < 0 else bool(decode_kernel)))
+                                  decode_kernel=None if decode_kernel < 0 else bool(decode_kernel),
+                                  state_copies=states))

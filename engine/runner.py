@@ -506,8 +506,14 @@ class ModelRunner:
     def rollback_states(self, rollbacks: list[tuple[int, int]]) -> None:
         """(sequence slot, tokens kept) per sequence whose drafts were not all accepted: its state becomes the one
         after the kept tokens of its last step (`draft_state_slot`), before any later step reads it."""
-        copies = [(self.draft_state_slot(slot, kept - 1), slot) for slot, kept in rollbacks]
-        self.states = self._copy_states(self.states, *self._to_device(self._state_copy_arrays(copies)))
+        pairs = self._state_copy_arrays([(self.draft_state_slot(slot, kept - 1), slot) for slot, kept in rollbacks])
+        if self.followers is not None:  # the other processes of a multi-host replica copy them too
+            pairs = self.followers.rollback(pairs)
+        self.copy_states(pairs)
+
+    def copy_states(self, pairs: tuple[np.ndarray, np.ndarray]) -> None:
+        """Recurrent-state slots pairs[0][i] copied into pairs[1][i] (padded with the scratch slot)."""
+        self.states = self._copy_states(self.states, *self._to_device(pairs))
 
     def _state_copy_arrays(self, copies: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
         """(src, dst) state slots of a plan's copies, padded to max_running with the scratch slot; None without any."""

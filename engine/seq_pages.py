@@ -92,9 +92,12 @@ class SequencePages:
         the recurrent states, on the device or in a tier (`match` the tree's whole one, the pages continuing it): past
         the tree when a tier's page ends at one, else on the tree's path."""
         for i in range(len(host_slots) + len(disk_pages), 0, -1):
-            if self._has_snapshot(self.prefix_hash(seq, match.num_tokens + i * self.page_size)):
+            if self._has_snapshot(block_hash := self.prefix_hash(seq, match.num_tokens + i * self.page_size)):
+                self.tiers.keep_state(block_hash)
                 return match, host_slots[:i], disk_pages[: max(0, i - len(host_slots))]
         usable = self._snapshot_before(match, seq.num_tokens - 1)
+        if usable:
+            self.tiers.keep_state(self.prefix_hash(seq, usable))
         if usable == match.num_tokens:
             return match, [], []
         return self.tree.match(seq.all_ids[:usable], seq.namespace), [], []

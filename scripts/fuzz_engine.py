@@ -105,8 +105,11 @@ def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> 
               "scheduler.long_prefill_tokens": rng.choice([0, 0, 8, 20]),
               "scheduler.policy": rng.choice(["fcfs", "lpm"]),
               "scheduler.overlap": rng.choice([True, False])}
-    if model in RECURRENT:  # (no host or disk tier for a recurrent state yet)
+    if model in RECURRENT:
         fuzzed["cache.state_snapshots"] = rng.choice([0, 1, 2, 5])
+        if rng.random() < 0.4:  # a host tier keeping the snapshots the device lets go beside the pages
+            fuzzed.update({"cache.host_num_pages": rng.choice([4, 16]),
+                           "cache.host_state_snapshots": rng.choice([0, 1, 3])})
     if rng.random() < 0.3:
         fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
     if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
@@ -133,7 +136,7 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                  "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
     extra = "token rules" if rules else ""
-    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 and model not in RECURRENT else None
+    disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk
     try:

@@ -370,8 +370,7 @@ def test_qwen3_5_checkpoint_matches_transformers_and_serves_its_greedy_tokens(tm
     assert llm.engine.scheduler.stats.num_preemptions > 0
 
 
-def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
-    from engine.config import ConfigKeyError
+def test_tensor_parallelism_that_splits_a_linear_layers_heads_unevenly_is_refused_by_name():
     from engine.llm import LLM
     from models.loader import tokenizer_source
     from models.tokenizer import Tokenizer
@@ -380,11 +379,6 @@ def test_features_a_recurrent_state_cannot_serve_yet_are_refused_by_name():
     cfg = _tiny_cfg()
     params = llama.init_params(cfg, jax.random.PRNGKey(0))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    from engine.config import EngineConfig
-    from engine.engine import LLMEngine
-
-    with pytest.raises(ConfigKeyError, match="parallel.num_processes: not supported yet .* linear attention"):
-        LLMEngine._recurrent_model(EngineConfig().replace(**{"parallel.num_processes": 2}), cfg)
     with pytest.raises(sharding.ShardingError, match="linear_num_key_heads=2 is not divisible by parallel.tensor=4"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "parallel.tensor": 4})
 

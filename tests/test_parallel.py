@@ -45,6 +45,20 @@ def tiny_model():
     return cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tokenizer
 
 
+# A model with linear attention layers, served with n-gram speculative decoding (rejected drafts roll its recurrent
+# states back: `ModelRunner.rollback_states`, which the followers of a multi-host replica run too)
+HYBRID = {"speculative.method": "ngram", "speculative.num_tokens": 3, "speculative.ngram_min": 1,
+          "cache.state_snapshots": 4}
+
+
+def hybrid_model():
+    """Random Qwen3.5-shaped model (Gated DeltaNet layers around an attention layer; deterministic weights)."""
+    from test_gated_delta import TINY
+
+    cfg = LlamaConfig.from_hf_config({**TINY, "model_type": "qwen3_5_text"})
+    return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.3), Tokenizer.load(tokenizer_source(SMOLLM2))
+
+
 def tiny_gemma3():
     """Random Gemma 3 (one KV head, q/k and sandwich norms, windowed layers around a global one)."""
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
@@ -286,20 +300,29 @@ def test_smollm2_identical_at_tp_1_and_3(tokenizer):
 
 
 @pytest.mark.slow
-def test_two_processes_one_replica_follow_the_leader(tmp_path):
-    """jax.distributed on loopback: process 0 schedules, process 1 follows; TP=4 over 2 processes x 2 CPU devices."""
+@pytest.mark.parametrize("model", ["llama", "qwen3_5"])
+def test_two_processes_one_replica_follow_the_leader(model, tmp_path):
+    """jax.distributed on loopback: process 0 schedules, process 1 follows; TP=4 over 2 processes x 2 CPU devices.
+    A Qwen3.5-shaped model at TP=2 over 2 processes x 1 device, with speculative decoding: its recurrent states (split
+    by head across the processes) copied for prefix hits and rolled back after rejected drafts on both (the followers
+    skipping the rollbacks give other tokens)."""
     import json
     import socket
     import subprocess
     import sys
 
-    ref, _ = _run(tiny_model(), 1, num_pages=16)
+    if model == "llama":
+        ref, _ = _run(tiny_model(), 1, num_pages=16)
+    else:
+        ref, engine = _run(hybrid_model(), 1, num_pages=16, **HYBRID)
+        stats = engine.stats()
+        assert stats["cached_prompt_tokens"] > 0 and stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]  # rejected
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     out = tmp_path / "out.json"
     worker = [sys.executable, "tests/_multihost_worker.py"]
-    procs = [subprocess.Popen(worker + [str(i), str(port), str(out)]) for i in (1, 0)]
+    procs = [subprocess.Popen(worker + [str(i), str(port), str(out), model]) for i in (1, 0)]
     try:
         codes = [p.wait(timeout=600) for p in procs]
     finally:

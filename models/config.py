@@ -36,7 +36,9 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
-                      "cohere2", "arcee")
+                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next")
+# GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
+GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
@@ -487,7 +489,7 @@ class LlamaConfig:
         # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4, glm4moe: the
         # first rope_dims; glm4's in interleaved pairs, reordered at load, gguf_loader).
         rope_dims = meta.get(f"{arch}.rope.dimension_count")
-        partial = arch in ("phi3", "glm4", "glm4moe")
+        partial = arch in ("phi3", "glm4", "glm4moe", *GATED_DELTA_GGUF)
         head_dim = int(meta.get(f"{arch}.attention.key_length") or (not partial and rope_dims) or hidden // num_heads)
         partial_rotary_factor = 1.0
         if partial and rope_dims:
@@ -564,6 +566,8 @@ class LlamaConfig:
                            residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
                            logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
                            attention_out_bias="blk.0.attn_output.bias" in tensor_names)
+        if arch in GATED_DELTA_GGUF:
+            implied = _gated_delta_from_gguf(meta, arch, num_layers, source, bool(experts))
         latent = {}
         if arch == "deepseek2":  # one cached KV head of [RoPE key, latent] (older files' key_length is a query head's)
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
@@ -572,13 +576,16 @@ class LlamaConfig:
                  "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
-                 "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
+                 "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
+                 **GATED_DELTA_GGUF}
         cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or experts.get("moe_intermediate_size")
-                                  or need("feed_forward_length")),
+            # (Qwen3.5-MoE's config.json has no dense size: the shared expert's, as from_hf_config reads it)
+            intermediate_size=int(meta.get(f"{arch}.feed_forward_length")
+                                  or (arch in GATED_DELTA_GGUF and experts.get("shared_expert_intermediate_size"))
+                                  or experts.get("moe_intermediate_size") or need("feed_forward_length")),
             num_layers=num_layers,
             num_heads=num_heads,
             num_kv_heads=1 if latent else int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
@@ -593,7 +600,8 @@ class LlamaConfig:
             attention_bias="blk.0.attn_q.bias" in tensor_names,
             max_position=max_position,
             sliding_window=int(window) if window else None,
-            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            # (a hybrid model's first layer may be a linear one, without them)
+            qk_norm="blk.0.attn_q_norm.weight" in tensor_names or arch in GATED_DELTA_GGUF,
             **gemma,
             **experts,
             **implied,
@@ -659,6 +667,41 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         routed_scaling_factor=float(meta.get(f"{arch}.expert_weights_scale") or 1.0),
         expert_group_top=1 if arch == "deepseek2" and scoring == "softmax" else 2,
     )
+
+
+def _gated_delta_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, source: str,
+                           has_experts: bool) -> dict[str, Any]:
+    """The Gated DeltaNet fields of a `qwen35`, `qwen35moe` or `qwen3next` GGUF, as llama.cpp's converter writes them
+    (Qwen3NextModel's set_gguf_parameters) and its graphs read them: `ssm.group_count` key heads of `ssm.state_size`
+    dims, `ssm.time_step_rank` value heads sharing `ssm.inner_size` dims, `ssm.conv_kernel`; every
+    `full_attention_interval`-th layer attention (4 where the file is silent, as llama.cpp defaults it; an
+    `attention.recurrent_layers` array, where a file has one, says it per layer). Attention with an output gate and
+    per-head q/k norms; the MoE kinds' experts are required."""
+
+    def need(key):
+        if f"{arch}.{key}" not in meta:
+            raise ConfigError(f"{source}: missing GGUF field '{arch}.{key}'")
+        return meta[f"{arch}.{key}"]
+
+    key_heads, key_dim = int(need("ssm.group_count")), int(need("ssm.state_size"))
+    value_heads, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    if value_heads <= 0 or inner % value_heads:
+        raise ConfigError(f"{source}: {arch}.ssm.inner_size={inner} is not a multiple of "
+                          f"{arch}.ssm.time_step_rank={value_heads} (the value heads)")
+    if arch != "qwen35" and not has_experts:
+        raise ConfigError(f"{source}: missing GGUF field '{arch}.expert_count' ({arch} has experts on every layer)")
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is not None:
+        if len(recurrent) < num_layers:
+            raise ConfigError(f"{source}: {arch}.attention.recurrent_layers has {len(recurrent)} entries for "
+                              f"{num_layers} layers")
+        linear = tuple(bool(x) for x in recurrent[:num_layers])
+    else:
+        interval = int(meta.get(f"{arch}.full_attention_interval") or 4)
+        linear = tuple((i + 1) % interval != 0 for i in range(num_layers))
+    return dict(attn_output_gate=True, linear_layers=linear, linear_num_key_heads=key_heads,
+                linear_key_head_dim=key_dim, linear_num_value_heads=value_heads,
+                linear_value_head_dim=inner // value_heads, linear_conv_kernel=int(need("ssm.conv_kernel")))
 
 
 def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScaling | None,

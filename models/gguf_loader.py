@@ -90,6 +90,30 @@ GGUF_GRANITE_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "share
 GGUF_GLM4_NAMES = GGUF_PHI3_NAMES
 
 
+# Qwen3.5 (qwen35, qwen35moe) and Qwen3-Next (qwen3next), as llama.cpp's converter writes them (Qwen3NextModel, and
+# Qwen3_5TextModel / Qwen3_5MoeTextModel over it): the pre-MLP norm post_attention_norm; each Gated DeltaNet layer's
+# q/k/v projection attn_qkv, output gate attn_gate, b ssm_beta, a ssm_alpha, convolution ssm_conv1d ([conv_dim, K]),
+# dt bias ssm_dt.bias, decay rate ssm_a (-exp(A_log): its log is taken back at load), norm ssm_norm, output ssm_out.
+# Qwen3.5's value heads are reordered in every one of those (`_grouped_value_heads`). Qwen3-Next's b and a stay in one
+# tensor, ssm_ba, rows grouped by key head as HF's in_proj_ba; its q/k/v/z as Qwen3.5's (attn_qkv, attn_gate: the
+# converter regroups in_proj_qkvz), or in older files in one tensor, ssm_in, grouped by key head as HF's in_proj_qkvz;
+# both regrouped at load as an HF checkpoint's are (safetensors_loader.qwen3_next_rows). The norms of the residual
+# stream and of q/k hold 1 + w (the converter adds the 1), as the model multiplies by them. Attention as Qwen3's, q's
+# rows each head's query then its gate, as HF has them (NeoX RoPE: not permuted).
+GGUF_GATED_DELTA_NAMES = {
+    "mlp_norm": "blk.{i}.post_attention_norm.weight", "gdn_qkv": "blk.{i}.attn_qkv.weight",
+    "gdn_z": "blk.{i}.attn_gate.weight", "gdn_b": "blk.{i}.ssm_beta.weight", "gdn_a": "blk.{i}.ssm_alpha.weight",
+    "gdn_conv": "blk.{i}.ssm_conv1d.weight", "gdn_dt_bias": "blk.{i}.ssm_dt.bias", "gdn_a_log": "blk.{i}.ssm_a",
+    "gdn_norm": "blk.{i}.ssm_norm.weight", "gdn_out": "blk.{i}.ssm_out.weight",
+}
+GGUF_QWEN35_NAMES = GGUF_NAMES | GGUF_GATED_DELTA_NAMES
+GGUF_QWEN35_MOE_NAMES = GGUF_MOE_NAMES | GGUF_GATED_DELTA_NAMES
+GGUF_QWEN3_NEXT_NAMES = {k: v for k, v in GGUF_QWEN35_MOE_NAMES.items() if k not in ("gdn_b", "gdn_a")} | {
+    "gdn_ba": "blk.{i}.ssm_ba.weight"}
+GGUF_QWEN3_NEXT_LEGACY_NAMES = {k: v for k, v in GGUF_QWEN3_NEXT_NAMES.items() if k not in ("gdn_qkv", "gdn_z")} | {
+    "gdn_qkvz": "blk.{i}.ssm_in.weight"}
+
+
 # Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
 # rows as HF has them (llama.cpp turns their pairs in NORM mode), reordered at load as GLM-4's are.
 GGUF_COHERE_NAMES = {k: v for k, v in GGUF_NAMES.items() if k != "mlp_norm"}
@@ -103,6 +127,11 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GLM4_MOE_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
+    if cfg.architecture in ("qwen3_5", "qwen3_5_moe"):
+        return GGUF_QWEN35_MOE_NAMES if cfg.num_experts else GGUF_QWEN35_NAMES
+    if cfg.architecture == "qwen3_next":  # (its first layer a linear one in every released model)
+        first = cfg.linear_layers.index(True)
+        return GGUF_QWEN3_NEXT_LEGACY_NAMES if f"blk.{first}.ssm_in.weight" in tensor_names else GGUF_QWEN3_NEXT_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
     if cfg.num_experts:
@@ -120,6 +149,42 @@ def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's Q/K row permutation. w: [out, in] (torch orientation)."""
     out = w.shape[0]
     return w.reshape(num_heads, out // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _grouped_value_heads(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """A qwen35 / qwen35moe linear layer's tensor with its value heads in HF's order. llama.cpp's converter
+    (_LinearAttentionVReorderBase) moves value head g * r + j (key head g's j-th of r) to j * key_heads + g, so that its
+    graphs repeat q and k by tiling; this moves it back, along the value heads' axis: the V rows of gdn_qkv and
+    gdn_conv ([conv_dim, K] as stored), the rows of gdn_z, gdn_b, gdn_a, the entries of gdn_dt_bias and gdn_a_log, the
+    columns of gdn_out."""
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    if hk == hv or key not in ("gdn_qkv", "gdn_conv", "gdn_z", "gdn_out", "gdn_b", "gdn_a", "gdn_dt_bias", "gdn_a_log"):
+        return arr  # (the converter leaves them alone; gdn_norm is one head's)
+    width = cfg.linear_value_head_dim if key in ("gdn_qkv", "gdn_conv", "gdn_z", "gdn_out") else 1
+    start = 2 * hk * cfg.linear_key_head_dim if key in ("gdn_qkv", "gdn_conv") else 0
+    axis = 1 if key == "gdn_out" else 0
+    rows = np.moveaxis(arr, axis, 0)
+    v = rows[start:]
+    v = v.reshape(hv // hk, hk, width, *v.shape[1:]).swapaxes(0, 1).reshape(v.shape)  # [r, hk, d] -> [hk, r, d]
+    return np.moveaxis(np.concatenate([rows[:start], v]), 0, axis)
+
+
+def _gated_delta_tensor(cfg: LlamaConfig, key: str, arr: np.ndarray, name: str, path: str) -> np.ndarray:
+    """A qwen35 / qwen35moe / qwen3next linear layer's tensor (GGUF_GATED_DELTA_NAMES) as weights.assemble reads an HF
+    checkpoint's (safetensors_loader._from_hf)."""
+    from models.safetensors_loader import qwen3_next_rows  # (that module imports this one)
+
+    if cfg.architecture != "qwen3_next":
+        arr = _grouped_value_heads(cfg, key, arr)
+    if key == "gdn_a_log":  # ssm_a = -exp(A_log); float64's log gives A_log back to within float32's rounding
+        if not np.all(arr < 0):
+            raise CheckpointError(f"{path}: tensor {name!r} must be negative (llama.cpp's -exp(A_log))")
+        return np.log(-arr.astype(np.float64)).astype(np.float32)
+    if key == "gdn_conv":  # [conv_dim, K] -> [K, conv_dim]
+        return arr.T
+    if key in ("gdn_qkvz", "gdn_ba"):
+        return qwen3_next_rows(cfg, key, arr)
+    return arr
 
 
 def _join_kv_b(k_b: np.ndarray, v_b: np.ndarray, path: str) -> np.ndarray:
@@ -177,6 +242,8 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
 
             arr = mla_rope_rows(cfg, key, arr)
+        if cfg.linear_layers and key.startswith("gdn_"):
+            arr = _gated_delta_tensor(cfg, key, arr, name, path)
         if cfg.architecture in ("glm4", "cohere", "cohere2") and key in ("wq", "wk", "bq", "bk"):  # pairs turned
             from models.safetensors_loader import interleaved_rope_rows
 

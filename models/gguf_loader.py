@@ -127,11 +127,15 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GLM4_MOE_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
-    if cfg.architecture in ("qwen3_5", "qwen3_5_moe"):
-        return GGUF_QWEN35_MOE_NAMES if cfg.num_experts else GGUF_QWEN35_NAMES
-    if cfg.architecture == "qwen3_next":  # (its first layer a linear one in every released model)
-        first = cfg.linear_layers.index(True)
-        return GGUF_QWEN3_NEXT_LEGACY_NAMES if f"blk.{first}.ssm_in.weight" in tensor_names else GGUF_QWEN3_NEXT_NAMES
+    if cfg.architecture in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+        names = GGUF_QWEN35_MOE_NAMES if cfg.num_experts else GGUF_QWEN35_NAMES
+        if cfg.architecture == "qwen3_next":
+            legacy = f"blk.{cfg.linear_layers.index(True)}.ssm_in.weight" in tensor_names
+            names = GGUF_QWEN3_NEXT_LEGACY_NAMES if legacy else GGUF_QWEN3_NEXT_NAMES
+        if "blk.0.ffn_gate_up_exps.weight" in tensor_names:  # the converter's --fuse-gate-up-exps: gate rows first
+            names = {k: v for k, v in names.items() if k not in ("moe_gate", "moe_up")} | {
+                "moe_gate_up": "blk.{i}.ffn_gate_up_exps.weight"}
+        return names
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
     if cfg.num_experts:

@@ -37,13 +37,14 @@ def _tiled(x: np.ndarray, axis: int, start: int, hk: int, r: int, width: int) ->
     return np.moveaxis(np.concatenate([x[:start], v]), 0, axis)
 
 
-def _converted_tensors(sd: dict, hf: dict, arch: str, layout: str) -> dict[str, np.ndarray]:
+def _converted_tensors(sd: dict, hf: dict, arch: str, layout: str, fuse_gate_up: bool = False) -> dict[str, np.ndarray]:
     """An HF checkpoint's tensors (torch orientation) under the names and in the layout llama.cpp's converter writes:
     Qwen3NextModel.modify_tensors (A_log -> ssm_a = -exp(A_log), dt_bias -> ssm_dt.bias, conv1d squeezed to
     [conv_dim, K], every norm but linear_attn.norm + 1; Qwen3-Next's in_proj_qkvz cut into attn_qkv [q, k, v] and
     attn_gate, or kept whole as ssm_in), after _LinearAttentionVReorderBase's reorder of Qwen3.5's value heads (V rows
     of in_proj_qkv and conv1d, rows of in_proj_z / b / a, A_log, dt_bias, out_proj's columns), then Qwen2MoeModel's
-    experts stacked [E, out, in] and the tensor map's names (the pre-MLP norm post_attention_norm)."""
+    experts stacked [E, out, in] (fuse_gate_up: its --fuse-gate-up-exps, gate and up in one tensor, gate rows first)
+    and the tensor map's names (the pre-MLP norm post_attention_norm)."""
     import torch
 
     hk, hv = hf["linear_num_key_heads"], hf["linear_num_value_heads"]
@@ -92,6 +93,9 @@ def _converted_tensors(sd: dict, hf: dict, arch: str, layout: str) -> dict[str, 
                                                         for e in range(hf["num_experts"])])
                 t[f"ffn_{part}_shexp.weight"] = sd[f"{p}mlp.shared_expert.{part}_proj.weight"]
             t["ffn_gate_inp_shexp.weight"] = sd[p + "mlp.shared_expert_gate.weight"]
+            if fuse_gate_up:
+                t["ffn_gate_up_exps.weight"] = np.concatenate([t.pop("ffn_gate_exps.weight"),
+                                                               t.pop("ffn_up_exps.weight")], axis=1)
         else:
             for part in ("gate", "up", "down"):
                 t[f"ffn_{part}.weight"] = sd[f"{p}mlp.{part}_proj.weight"]
@@ -139,8 +143,9 @@ def _gguf_writer(path, arch: str, hf: dict):
     return w
 
 
-def _write_gguf(hf_dir, path, arch: str, layout: str = "split", qtype: str = "F32", dequantized: bool = False) -> None:
-    """The HF checkpoint in `hf_dir` as a GGUF in llama.cpp's layout. qtype "Q8_0": the 2-D and expert weights in
+def _write_gguf(hf_dir, path, arch: str, layout: str = "split", qtype: str = "F32", dequantized: bool = False,
+                fuse_gate_up: bool = False) -> None:
+    """The HF checkpoint in `hf_dir` as a GGUF in llama.cpp's layout (`_converted_tensors`). qtype "Q8_0": the 2-D and expert weights in
     Q8_0 where their rows are whole blocks of 32, else F16 (the converter's fallback), norms, vectors, the router and
     the convolution in F32; dequantized: those weights written back as F32 after the round trip (the values a Q8_0
     file holds)."""
@@ -149,7 +154,8 @@ def _write_gguf(hf_dir, path, arch: str, layout: str = "split", qtype: str = "F3
 
     hf = json.loads((hf_dir / "config.json").read_text())
     w = _gguf_writer(path, arch, hf)
-    for name, x in _converted_tensors(load_file(str(hf_dir / "model.safetensors")), hf, arch, layout).items():
+    for name, x in _converted_tensors(load_file(str(hf_dir / "model.safetensors")), hf, arch, layout,
+                                          fuse_gate_up).items():
         raw = None
         if qtype != "F32" and x.ndim >= 2 and name.endswith(".weight") and not name.endswith(("_norm.weight", *KEEP_F32)):
             raw = gguf.GGMLQuantizationType.Q8_0 if x.shape[-1] % 32 == 0 else gguf.GGMLQuantizationType.F16
@@ -179,7 +185,8 @@ def _assert_same_params(got: dict, want: dict) -> None:
 @pytest.mark.parametrize("arch,layout", list(KINDS))
 def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(arch, layout, tmp_path):
     """A tiny random Qwen3.5 (2 key heads, 4 value heads: the converter's value-head reorder matters), Qwen3.5-MoE or
-    Qwen3-Next (both layouts) written as llama.cpp's converter writes it, F32: the HF directory's config (its norm
+    Qwen3-Next (both layouts) written as llama.cpp's converter writes it, F32 (Qwen3.5-MoE's experts also with gate
+    and up fused, the converter's --fuse-gate-up-exps): the HF directory's config (its norm
     epsilon as float32 keeps it), its weights bit for bit, its logits; transformers' logits; through the engine
     (qwen35 and qwen3next), greedy tokens that are transformers' argmax, a shared prefix resumed from snapshots."""
     import torch
@@ -195,6 +202,9 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(arch, layout, tmp_p
     assert gguf_cfg == dataclasses.replace(cfg, rms_norm_eps=gguf_cfg.rms_norm_eps)
     assert gguf_cfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps, rel=1e-7)
     _assert_same_params(gguf_params, params)
+    if arch == "qwen35moe":  # and with each layer's expert gate and up in one tensor
+        _write_gguf(tmp_path / "hf", tmp_path / "fused.gguf", arch, layout, fuse_gate_up=True)
+        _assert_same_params(load_weights(str(tmp_path / "fused.gguf"))[1], params)
     ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))  # two pieces of the matrix form
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))

@@ -1,7 +1,7 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`) GGUFs for its
-interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's and glm4's,
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`)
+GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's and glm4's,
 which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are).
 """
 from __future__ import annotations
@@ -113,6 +113,17 @@ GGUF_QWEN3_NEXT_NAMES = {k: v for k, v in GGUF_QWEN35_MOE_NAMES.items() if k not
 GGUF_QWEN3_NEXT_LEGACY_NAMES = {k: v for k, v in GGUF_QWEN3_NEXT_NAMES.items() if k not in ("gdn_qkv", "gdn_z")} | {
     "gdn_qkvz": "blk.{i}.ssm_in.weight"}
 
+# Granite 4.0-H (granitehybrid), as llama.cpp's converter writes it (GraniteHybridModel over Mamba2Model and
+# GraniteMoeModel): Granite's attention (Q/K rows permuted as Llama's) and MLP or experts (GGUF_GRANITE_MOE_NAMES; the
+# shared MLP under the dense names where there are no experts), each Mamba-2 layer's in_proj as ssm_in (rows z, x B C,
+# dt, as HF's: weights.FUSED["mamba_in"]), convolution ssm_conv1d ([conv_dim, K], with its bias), dt bias ssm_dt.bias,
+# ssm_a = -exp(A_log) and ssm_d ([heads, 1]), norm ssm_norm ([groups, inner / groups]), output ssm_out.
+GGUF_MAMBA2_NAMES = {
+    "mamba_in": "blk.{i}.ssm_in.weight", "gdn_conv": "blk.{i}.ssm_conv1d.weight",
+    "gdn_conv_bias": "blk.{i}.ssm_conv1d.bias", "gdn_dt_bias": "blk.{i}.ssm_dt.bias", "gdn_a_log": "blk.{i}.ssm_a",
+    "gdn_d": "blk.{i}.ssm_d", "gdn_norm": "blk.{i}.ssm_norm.weight", "gdn_out": "blk.{i}.ssm_out.weight",
+}
+
 
 # Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
 # rows as HF has them (llama.cpp turns their pairs in NORM mode), reordered at load as GLM-4's are.
@@ -136,6 +147,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
             names = {k: v for k, v in names.items() if k not in ("moe_gate", "moe_up")} | {
                 "moe_gate_up": "blk.{i}.ffn_gate_up_exps.weight"}
         return names
+    if cfg.architecture == "granitemoehybrid":
+        return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
     if cfg.num_experts:
@@ -147,6 +160,12 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
     if cfg.architecture == "phi3":
         return GGUF_PHI3_QKV_NAMES if "blk.0.attn_qkv.weight" in tensor_names else GGUF_PHI3_NAMES
     return GGUF_NAMES
+
+
+# The architectures whose converter is (or derives from) Llama's, which permutes Q/K rows and biases: Mixtral's too,
+# SmolLM3's, Granite's (Granite 4.0-H's attention layers: GraniteHybridModel's undo_permute), Arcee's; olmo2's and the
+# NeoX-RoPE ones leave rows as HF has them.
+LLAMA_PERMUTED = ("llama", "smollm3", "granite", "granitemoe", "granitehybrid", "arcee")
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -173,17 +192,19 @@ def _grouped_value_heads(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndar
     return np.moveaxis(np.concatenate([rows[:start], v]), 0, axis)
 
 
-def _gated_delta_tensor(cfg: LlamaConfig, key: str, arr: np.ndarray, name: str, path: str) -> np.ndarray:
-    """A qwen35 / qwen35moe / qwen3next linear layer's tensor (GGUF_GATED_DELTA_NAMES) as weights.assemble reads an HF
+def _linear_tensor(cfg: LlamaConfig, key: str, arr: np.ndarray, name: str, path: str) -> np.ndarray:
+    """A linear layer's tensor (GGUF_GATED_DELTA_NAMES, GGUF_MAMBA2_NAMES) as weights.assemble reads an HF
     checkpoint's (safetensors_loader._from_hf)."""
     from models.safetensors_loader import qwen3_next_rows  # (that module imports this one)
 
-    if cfg.architecture != "qwen3_next":
+    if cfg.architecture in ("qwen3_5", "qwen3_5_moe"):
         arr = _grouped_value_heads(cfg, key, arr)
     if key == "gdn_a_log":  # ssm_a = -exp(A_log); float64's log gives A_log back to within float32's rounding
         if not np.all(arr < 0):
             raise CheckpointError(f"{path}: tensor {name!r} must be negative (llama.cpp's -exp(A_log))")
-        return np.log(-arr.astype(np.float64)).astype(np.float32)
+        return np.log(-arr.astype(np.float64)).astype(np.float32).reshape(-1)  # (Mamba-2's: [heads, 1])
+    if key in ("gdn_d", "gdn_norm"):  # Mamba-2's [heads, 1] and [groups, inner / groups]
+        return arr.reshape(-1)
     if key == "gdn_conv":  # [conv_dim, K] -> [K, conv_dim]
         return arr.T
     if key in ("gdn_qkvz", "gdn_ba"):
@@ -239,15 +260,14 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
-        if arch in ("llama", "smollm3", "granite", "granitemoe", "arcee") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
-            # and Granite's converters are Llama's, which permutes biases too (olmo2's leaves rows as HF has them)
+        if arch in LLAMA_PERMUTED and key in ("wq", "wk", "bq", "bk"):
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
             from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
 
             arr = mla_rope_rows(cfg, key, arr)
         if cfg.linear_layers and key.startswith("gdn_"):
-            arr = _gated_delta_tensor(cfg, key, arr, name, path)
+            arr = _linear_tensor(cfg, key, arr, name, path)
         if cfg.architecture in ("glm4", "cohere", "cohere2") and key in ("wq", "wk", "bq", "bk"):  # pairs turned
             from models.safetensors_loader import interleaved_rope_rows
 

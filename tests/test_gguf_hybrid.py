@@ -1,8 +1,9 @@
-"""GGUF `qwen35`, `qwen35moe` and `qwen3next` (Qwen3.5 dense and MoE, Qwen3-Next) as llama.cpp's converter writes them
-(conversion/qwen.py: Qwen3NextModel, and Qwen3_5TextModel / Qwen3_5MoeTextModel over _LinearAttentionVReorderBase and
-_Qwen35MRopeMixin): test_gated_delta's tiny random HF checkpoints written in its layout, F32 and Q8_0, load with the HF
+"""GGUF `qwen35`, `qwen35moe` and `qwen3next` (Qwen3.5 dense and MoE, Qwen3-Next) and `granitehybrid` (Granite 4.0-H)
+as llama.cpp's converter writes them (conversion/qwen.py: Qwen3NextModel, and Qwen3_5TextModel / Qwen3_5MoeTextModel
+over _LinearAttentionVReorderBase and _Qwen35MRopeMixin; conversion/granite.py: GraniteHybridModel over Mamba2Model and
+GraniteMoeModel): test_gated_delta's tiny random HF checkpoints written in its layout, F32 and Q8_0, load with the HF
 directory's config and weights, logits and greedy tokens; files the loader cannot read are refused by name. No
-published Qwen3.5 or Qwen3-Next GGUF is small enough to install here."""
+published GGUF of these is small enough to install here."""
 from __future__ import annotations
 
 import dataclasses
@@ -18,7 +19,7 @@ from models.config import LlamaConfig
 from models.errors import ConfigError
 from models.gguf_loader import read_gguf
 from models.loader import load_weights
-from test_gated_delta import TINY, _hf_qwen3_5
+from test_gated_delta import GRANITE4, TINY, _hf_granite4, _hf_qwen3_5
 
 # (GGUF architecture, file layout) -> test_gated_delta._hf_qwen3_5's arguments. Qwen3-Next's files: "split" (the
 # converter now cuts in_proj_qkvz into attn_qkv and attn_gate, regrouped) or "legacy" (ssm_in, grouped by key head).
@@ -145,10 +146,10 @@ def _gguf_writer(path, arch: str, hf: dict):
 
 def _write_gguf(hf_dir, path, arch: str, layout: str = "split", qtype: str = "F32", dequantized: bool = False,
                 fuse_gate_up: bool = False) -> None:
-    """The HF checkpoint in `hf_dir` as a GGUF in llama.cpp's layout (`_converted_tensors`). qtype "Q8_0": the 2-D and expert weights in
-    Q8_0 where their rows are whole blocks of 32, else F16 (the converter's fallback), norms, vectors, the router and
-    the convolution in F32; dequantized: those weights written back as F32 after the round trip (the values a Q8_0
-    file holds)."""
+    """The HF checkpoint in `hf_dir` as a GGUF in llama.cpp's layout (`_converted_tensors`). qtype "Q8_0": the 2-D
+    and expert weights in Q8_0 where their rows are whole blocks of 32, else F16 (the converter's fallback), norms,
+    vectors, the router and the convolution in F32; dequantized: those weights written back as F32 after the round
+    trip (the values a Q8_0 file holds)."""
     import gguf
     from safetensors.numpy import load_file
 
@@ -169,14 +170,30 @@ def _write_gguf(hf_dir, path, arch: str, layout: str = "split", qtype: str = "F3
     w.close()
 
 
+# Config fields GGUF metadata holds in float32
+FLOAT32_FIELDS = ("rms_norm_eps", "attention_multiplier", "residual_multiplier", "embed_scale", "logits_scaling")
+
+
+def _assert_same_config(got: LlamaConfig, want: LlamaConfig, **changes) -> None:
+    """`want` with `changes`, field for field: exactly, but FLOAT32_FIELDS to float32's rounding."""
+    want = dataclasses.replace(want, **changes)
+    assert got == dataclasses.replace(want, **{field: getattr(got, field) for field in FLOAT32_FIELDS})
+    for field in FLOAT32_FIELDS:
+        if getattr(want, field) is None:  # (Granite's attention_multiplier only)
+            assert getattr(got, field) is None, field
+        else:
+            assert getattr(got, field) == pytest.approx(getattr(want, field), rel=1e-7), field
+
+
 def _assert_same_params(got: dict, want: dict) -> None:
     """Every weight bit for bit, but the decay's log rate: float64's log of the file's -exp(A_log) is A_log to within
-    float32's rounding (an ulp of the exponent the model takes back)."""
+    float32's rounding of exp (a relative 2^-23, an absolute one in the log) and of the log (half an ulp of A_log, under
+    2^-23 where |A_log| < 4); 1.2e-7 at most over 2M draws like the checkpoints'."""
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(want)):
         a, b, where = np.asarray(a), np.asarray(b), jax.tree_util.keystr(path)
         if "gdn_a_log" in where:
-            np.testing.assert_allclose(np.exp(a), np.exp(b), rtol=3e-7, err_msg=where)
+            np.testing.assert_allclose(a, b, rtol=0, atol=2.4e-7, err_msg=where)
         else:
             np.testing.assert_array_equal(a, b, where)
 
@@ -199,8 +216,7 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(arch, layout, tmp_p
     _write_gguf(tmp_path / "hf", tmp_path / "m.gguf", arch, layout)
     assert ("blk.0.ssm_in.weight" in read_gguf(str(tmp_path / "m.gguf"))[1]) == (layout == "legacy")
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
-    assert gguf_cfg == dataclasses.replace(cfg, rms_norm_eps=gguf_cfg.rms_norm_eps)
-    assert gguf_cfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps, rel=1e-7)
+    _assert_same_config(gguf_cfg, cfg)
     _assert_same_params(gguf_params, params)
     if arch == "qwen35moe":  # and with each layer's expert gate and up in one tensor
         _write_gguf(tmp_path / "hf", tmp_path / "fused.gguf", arch, layout, fuse_gate_up=True)
@@ -209,9 +225,10 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(arch, layout, tmp_p
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
-    with torch.no_grad():  # float32 (transformers' grouped expert matmuls take no float64): test_gated_delta's bound
-        ref = model(torch.tensor([ids])).logits[0].numpy()
-    np.testing.assert_allclose(got, ref, atol=5e-4, rtol=1e-4)
+    with torch.no_grad():  # test_gated_delta's bounds: float64 (the MoE kinds' float32: grouped expert matmuls)
+        ref = (model if cfg.num_experts else model.double())(torch.tensor([ids])).logits[0].numpy()
+        model.float()
+    np.testing.assert_allclose(got, ref, atol=5e-4 if cfg.num_experts else 4e-4, rtol=1e-4)
     if arch != "qwen35moe" and layout == "split":  # (the MoE's engine path: test_gated_delta)
         _engine_greedy_is_transformers(model, gguf_cfg, gguf_params)
 
@@ -262,7 +279,7 @@ def test_metadata_reads_as_the_hf_config_and_unsupported_files_are_refused_by_na
     llama.cpp defaults it) or a per-layer `attention.recurrent_layers` array; multi-token-prediction blocks counted
     in block_count are not layers. A file without an ssm.* field, with value heads that do not divide
     ssm.inner_size, or a MoE kind without experts is refused, naming the file and the field."""
-    names = {"output.weight"}
+    names = {"output.weight", "blk.3.attn_q_norm.weight"}  # (the first attention layer's q/k norms)
     for arch, model_type in (("qwen35", "qwen3_5_text"), ("qwen35moe", "qwen3_5_moe_text")):
         hf = {**TINY, "model_type": model_type, "rope_parameters": {"rope_theta": 1e7, "partial_rotary_factor": 0.25}}
         if arch == "qwen35moe":
@@ -271,7 +288,7 @@ def test_metadata_reads_as_the_hf_config_and_unsupported_files_are_refused_by_na
         want = LlamaConfig.from_hf_config(hf)
         meta = _metadata(tmp_path, arch, **({"feed_forward_length": None} if arch == "qwen35moe" else {}))
         got = LlamaConfig.from_gguf_metadata(meta, names, source="m.gguf")
-        assert got == dataclasses.replace(want, rms_norm_eps=got.rms_norm_eps)
+        _assert_same_config(got, want)
     read = lambda **changes: LlamaConfig.from_gguf_metadata(_metadata(tmp_path, **changes), names, source="m.gguf")  # noqa: E731
     assert read(full_attention_interval=2, block_count=6).linear_layers == (True, False) * 3
     assert read(full_attention_interval=None).linear_layers == (True, True, True, False)
@@ -287,3 +304,159 @@ def test_metadata_reads_as_the_hf_config_and_unsupported_files_are_refused_by_na
     meta = _metadata(tmp_path, "qwen35moe", expert_count=None)
     with pytest.raises(ConfigError, match="m.gguf: missing GGUF field 'qwen35moe.expert_count'"):
         LlamaConfig.from_gguf_metadata(meta, names, source="m.gguf")
+
+
+def _granite_hybrid_tensors(sd: dict, hf: dict) -> dict[str, np.ndarray]:
+    """A Granite 4.0-H checkpoint's tensors as GraniteHybridModel.modify_tensors writes them: Mamba-2 layers as
+    Mamba2Model's (dt_bias -> ssm_dt.bias, conv1d squeezed to [conv_dim, K], A_log and D as [heads, 1] with A_log ->
+    -exp(A_log), the norm as [groups, inner / groups], in_proj whole as ssm_in), attention layers as LlamaModel's
+    (undo_permute: q and k rows permuted for llama.cpp's RoPE), MLPs as GraniteMoeModel's (input_linear cut into gate
+    and up: the experts' ffn_{gate,up}_exps, the shared MLP's ffn_{gate,up}_shexp, or ffn_gate / ffn_up without
+    experts)."""
+    import torch
+
+    heads, kv_heads = hf["num_attention_heads"], hf["num_key_value_heads"]
+    groups, inner = hf["mamba_n_groups"], hf["mamba_expand"] * hf["hidden_size"]
+    experts = bool(hf.get("num_local_experts"))
+
+    def permute(x, n):  # LlamaModel.permute
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
+    if "lm_head.weight" in sd:
+        out["output.weight"] = sd["lm_head.weight"]
+    for i in range(hf["num_hidden_layers"]):
+        p, t = f"model.layers.{i}.", {}
+        t["attn_norm.weight"] = sd[p + "input_layernorm.weight"]
+        t["ffn_norm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        if p + "self_attn.q_proj.weight" in sd:
+            t["attn_q.weight"] = permute(sd[p + "self_attn.q_proj.weight"], heads)
+            t["attn_k.weight"] = permute(sd[p + "self_attn.k_proj.weight"], kv_heads)
+            t["attn_v.weight"] = sd[p + "self_attn.v_proj.weight"]
+            t["attn_output.weight"] = sd[p + "self_attn.o_proj.weight"]
+        else:
+            m = p + "mamba."
+            a_log = torch.from_numpy(np.ascontiguousarray(sd[m + "A_log"])).reshape(-1, 1)
+            t |= {"ssm_in.weight": sd[m + "in_proj.weight"], "ssm_conv1d.weight": sd[m + "conv1d.weight"][:, 0, :],
+                  "ssm_conv1d.bias": sd[m + "conv1d.bias"], "ssm_dt.bias": sd[m + "dt_bias"],
+                  "ssm_a": (-torch.exp(a_log)).numpy(), "ssm_d": sd[m + "D"].reshape(-1, 1),
+                  "ssm_norm.weight": sd[m + "norm.weight"].reshape(groups, inner // groups),
+                  "ssm_out.weight": sd[m + "out_proj.weight"]}
+        gate, up = np.split(sd[p + "shared_mlp.input_linear.weight"], 2, axis=-2)
+        down = sd[p + "shared_mlp.output_linear.weight"]
+        if experts:
+            t |= {"ffn_gate_shexp.weight": gate, "ffn_up_shexp.weight": up, "ffn_down_shexp.weight": down}
+            t["ffn_gate_inp.weight"] = sd[p + "block_sparse_moe.router.layer.weight"]
+            t["ffn_gate_exps.weight"], t["ffn_up_exps.weight"] = np.split(
+                sd[p + "block_sparse_moe.input_linear.weight"], 2, axis=-2)
+            t["ffn_down_exps.weight"] = sd[p + "block_sparse_moe.output_linear.weight"]
+        else:
+            t |= {"ffn_gate.weight": gate, "ffn_up.weight": up, "ffn_down.weight": down}
+        out |= {f"blk.{i}.{name}": x for name, x in t.items()}
+    return {name: np.ascontiguousarray(x, np.float32) for name, x in out.items()}
+
+
+def _granite_hybrid_writer(path, hf: dict):
+    """A GGUFWriter holding the metadata GraniteHybridModel.set_gguf_parameters writes: GraniteMoeModel's (TextModel's
+    sizes, LlamaModel's vocab size and rotated dims, head_dim left out, the multipliers as scales, the shared MLP's
+    size), then the Mamba-2 layers' ssm.*, head_count_kv as a list per layer (0 on the Mamba-2 ones), no RoPE
+    (rope.scaling.finetuned false) and a context of 2^20 (both overwriting what came before)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "granitehybrid")
+    rope = hf.get("rope_parameters") or {}
+    w.add_block_count(hf["num_hidden_layers"])
+    w.add_context_length(hf["max_position_embeddings"])
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_feed_forward_length(hf["intermediate_size"])
+    w.add_head_count(hf["num_attention_heads"])
+    w.add_head_count_kv(hf["num_key_value_heads"])
+    w.add_rope_freq_base(rope.get("rope_theta", hf.get("rope_theta")))
+    w.add_layer_norm_rms_eps(hf["rms_norm_eps"])
+    w.add_expert_count(hf["num_local_experts"])
+    w.add_expert_used_count(hf["num_experts_per_tok"])
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_rope_dimension_count(hf["hidden_size"] // hf["num_attention_heads"])
+    for add, key in ((w.add_attention_scale, "attention_multiplier"), (w.add_embedding_scale, "embedding_multiplier"),
+                     (w.add_residual_scale, "residual_multiplier"), (w.add_logit_scale, "logits_scaling"),
+                     (w.add_expert_shared_feed_forward_length, "shared_intermediate_size")):
+        if hf.get(key):
+            add(hf[key])
+    w.add_ssm_conv_kernel(hf["mamba_d_conv"])
+    w.add_ssm_state_size(hf["mamba_d_state"])
+    w.add_ssm_group_count(hf["mamba_n_groups"])
+    w.add_ssm_inner_size(hf["mamba_expand"] * hf["hidden_size"])
+    w.add_ssm_time_step_rank(hf["mamba_n_heads"])
+    types = hf["layer_types"]
+    w.add_head_count_kv([hf["num_key_value_heads"] if t in ("attention", "full_attention") else 0 for t in types])
+    w.add_rope_scaling_finetuned(False)
+    w.add_context_length(2**20)
+    return w
+
+
+def _write_granite_hybrid_gguf(hf_dir, path) -> None:
+    from safetensors.numpy import load_file
+
+    hf = json.loads((hf_dir / "config.json").read_text())
+    w = _granite_hybrid_writer(path, hf)
+    for name, x in _granite_hybrid_tensors(load_file(str(hf_dir / "model.safetensors")), hf).items():
+        w.add_tensor(name, x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experts", [0, 4])
+def test_granite_hybrid_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(experts, tmp_path):
+    """Granite 4.0-H (Mamba-2 layers in 2 B/C groups around an attention layer without RoPE; the shared MLP alone, or
+    4 experts beside it) written as the converter writes it, F32: the HF directory's config but for the context the
+    converter writes of a model without RoPE (2^20) and the norm epsilon's float32, its weights bit for bit (A_log to
+    float32's rounding), its logits and transformers'; greedy tokens through the engine (the dense model)."""
+    import torch
+
+    from test_models import _engine_greedy_is_transformers
+
+    model = _hf_granite4(experts, shared_intermediate_size=80)  # (its own size: the dense model's MLP is this one)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = load_weights(str(tmp_path / "hf"))
+    _write_granite_hybrid_gguf(tmp_path / "hf", tmp_path / "m.gguf")
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    assert gguf_cfg.max_position == 2**20 and gguf_cfg.linear_kind == "mamba2"
+    _assert_same_config(gguf_cfg, cfg, max_position=2**20)
+    _assert_same_params(gguf_params, params)
+    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
+    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    with torch.no_grad():  # test_gated_delta's bound, float64 (with experts float32: grouped expert matmuls)
+        ref = (model if experts else model.double())(torch.tensor([ids])).logits[0].numpy()
+        model.float()
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-4)
+    if not experts:
+        _engine_greedy_is_transformers(model, gguf_cfg, gguf_params)
+
+
+def test_granite_hybrid_metadata_is_refused_by_name_where_it_cannot_be_read(tmp_path):
+    """The converter's metadata of test_gated_delta's Granite 4.0-H config gives its layer kinds and Mamba-2 sizes; a
+    head_count_kv that is not a list per layer, or a missing ssm.* field, is refused naming the file and the field."""
+    hf = {**GRANITE4, "model_type": "granitemoehybrid", "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 1e4}}
+    w = _granite_hybrid_writer(tmp_path / "m.gguf", hf)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    meta, _ = read_gguf(str(tmp_path / "m.gguf"))
+    names = {"output.weight", "blk.0.ssm_conv1d.bias"}
+    got = LlamaConfig.from_gguf_metadata(meta, names, source="m.gguf")
+    want = LlamaConfig.from_hf_config(hf)
+    _assert_same_config(got, want, max_position=2**20)
+    for key, value, message in (
+            ("attention.head_count_kv", 2, "granitehybrid.attention.head_count_kv=2 must list 4 layers"),
+            ("ssm.state_size", None, "missing GGUF field 'granitehybrid.ssm.state_size'"),
+            ("ssm.inner_size", 100, "granitehybrid.ssm.inner_size=100 is not a multiple")):
+        changed = {k: v for k, v in meta.items() if k != f"granitehybrid.{key}"}
+        if value is not None:
+            changed[f"granitehybrid.{key}"] = value
+        with pytest.raises(ConfigError, match="m.gguf: " + message):
+            LlamaConfig.from_gguf_metadata(changed, names, source="m.gguf")

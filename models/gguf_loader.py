@@ -1,8 +1,9 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
 llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`)
-GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's and glm4's,
-which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are).
+GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's
+and glm4's, which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are; the linear
+layers' tensors of qwen35, qwen35moe, qwen3next and granitehybrid as HF has them: `_linear_tensor`).
 """
 from __future__ import annotations
 

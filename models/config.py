@@ -36,7 +36,9 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
-                      "cohere2", "arcee")
+                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid")
+# GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
+GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
@@ -487,7 +489,7 @@ class LlamaConfig:
         # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4, glm4moe: the
         # first rope_dims; glm4's in interleaved pairs, reordered at load, gguf_loader).
         rope_dims = meta.get(f"{arch}.rope.dimension_count")
-        partial = arch in ("phi3", "glm4", "glm4moe")
+        partial = arch in ("phi3", "glm4", "glm4moe", *GATED_DELTA_GGUF)
         head_dim = int(meta.get(f"{arch}.attention.key_length") or (not partial and rope_dims) or hidden // num_heads)
         partial_rotary_factor = 1.0
         if partial and rope_dims:
@@ -503,6 +505,15 @@ class LlamaConfig:
         # llama.cpp loads and never runs; they are not read here.
         num_layers = int(need("block_count")) - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
         experts = _experts_from_gguf(meta, tensor_names, arch, num_layers, source)
+        linear = {}  # linear attention layers (Qwen3.5 / Qwen3-Next's Gated DeltaNet, Granite 4.0-H's Mamba-2)
+        kv_heads = meta.get(f"{arch}.attention.head_count_kv") or num_heads
+        if arch in GATED_DELTA_GGUF:
+            linear = _gated_delta_from_gguf(meta, arch, num_layers, source, bool(experts))
+        if arch == "granitehybrid":  # (head_count_kv a list per layer, 0 on the Mamba-2 ones)
+            linear = _mamba2_from_gguf(meta, tensor_names, num_layers, source)
+            kv_heads = max(kv_heads)
+        # where to look for the attention layers' optional tensors (a hybrid model's first layer may be a linear one)
+        first_attention = linear["linear_layers"].index(False) if linear.get("linear_layers") else 0
         gemma = {}
         if arch in GEMMA_SLIDING_PATTERN:
             # NOTE: llama.cpp stores Gemma's norm weights as 1 + w, so RMSNorm multiplies by them as is.
@@ -558,12 +569,12 @@ class LlamaConfig:
             implied = dict(gated_mlp=False, hidden_act="relu2")
         if arch == "seed_oss":  # Llama's layers with q/k/v biases (rows as HF has them, NeoX RoPE), o's where present
             implied = dict(attention_out_bias="blk.0.attn_output.bias" in tensor_names)
-        if arch in ("granite", "granitemoe"):  # the converter writes Granite's multipliers as scales
+        if arch in ("granite", "granitemoe", "granitehybrid"):  # the converter writes Granite's multipliers as scales
             implied = dict(embed_scale=float(meta.get(f"{arch}.embedding_scale") or 1.0),
                            attention_multiplier=float(meta.get(f"{arch}.attention.scale") or 1.0),
                            residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
                            logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
-                           attention_out_bias="blk.0.attn_output.bias" in tensor_names)
+                           attention_out_bias=f"blk.{first_attention}.attn_output.bias" in tensor_names)
         latent = {}
         if arch == "deepseek2":  # one cached KV head of [RoPE key, latent] (older files' key_length is a query head's)
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
@@ -572,16 +583,23 @@ class LlamaConfig:
                  "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
-                 "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2"}
+                 "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
+                 "granitehybrid": "granitemoehybrid", **GATED_DELTA_GGUF}
+        # The dense MLP's size: Qwen3.5-MoE's config.json has none (the shared expert's, as from_hf_config reads it);
+        # Granite 4.0-H's shared MLP is its MLP where it has no experts.
+        ffn = meta.get(f"{arch}.feed_forward_length")
+        if arch == "granitehybrid" and not experts:
+            ffn = meta.get(f"{arch}.expert_shared_feed_forward_length") or ffn
+        if arch in GATED_DELTA_GGUF and not ffn:
+            ffn = experts.get("shared_expert_intermediate_size")
         cfg = cls(
             architecture=names.get(arch, arch),
             vocab_size=int(vocab),
             hidden_size=hidden,
-            intermediate_size=int(meta.get(f"{arch}.feed_forward_length") or experts.get("moe_intermediate_size")
-                                  or need("feed_forward_length")),
+            intermediate_size=int(ffn or experts.get("moe_intermediate_size") or need("feed_forward_length")),
             num_layers=num_layers,
             num_heads=num_heads,
-            num_kv_heads=1 if latent else int(meta.get(f"{arch}.attention.head_count_kv") or num_heads),
+            num_kv_heads=1 if latent else int(kv_heads),
             head_dim=head_dim,
             rope_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)),
             rope_scaling=rope_scaling,
@@ -590,14 +608,15 @@ class LlamaConfig:
             rms_norm_eps=float(need("attention.layer_norm_epsilon" if arch in ("command-r", "cohere2")
                                     else "attention.layer_norm_rms_epsilon")),
             tie_word_embeddings="output.weight" not in tensor_names,
-            attention_bias="blk.0.attn_q.bias" in tensor_names,
+            attention_bias=f"blk.{first_attention}.attn_q.bias" in tensor_names,
             max_position=max_position,
             sliding_window=int(window) if window else None,
-            qk_norm="blk.0.attn_q_norm.weight" in tensor_names,
+            qk_norm=f"blk.{first_attention}.attn_q_norm.weight" in tensor_names,
             **gemma,
             **experts,
             **implied,
             **latent,
+            **linear,
         )
         if partial and rope_dims and cfg.rotary_dim != rope_dims:  # int(head_dim * rope_dims / head_dim)
             raise ConfigError(f"{source}: {arch}.rope.dimension_count={rope_dims} does not survive as a fraction of "
@@ -650,7 +669,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2"))),
-        shared_expert_intermediate_size=shared, shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe"),
+        shared_expert_intermediate_size=shared,
+        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe", "granitehybrid"),
         moe_bias=arch == "gpt-oss",
         moe_layers=tuple(i >= first_dense for i in range(num_layers)),
         router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
@@ -659,6 +679,76 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         routed_scaling_factor=float(meta.get(f"{arch}.expert_weights_scale") or 1.0),
         expert_group_top=1 if arch == "deepseek2" and scoring == "softmax" else 2,
     )
+
+
+def _gated_delta_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, source: str,
+                           has_experts: bool) -> dict[str, Any]:
+    """The Gated DeltaNet fields of a `qwen35`, `qwen35moe` or `qwen3next` GGUF, as llama.cpp's converter writes them
+    (Qwen3NextModel's set_gguf_parameters) and its graphs read them: `ssm.group_count` key heads of `ssm.state_size`
+    dims, `ssm.time_step_rank` value heads sharing `ssm.inner_size` dims, `ssm.conv_kernel`; every
+    `full_attention_interval`-th layer attention (4 where the file is silent, as llama.cpp defaults it; an
+    `attention.recurrent_layers` array, where a file has one, says it per layer). Attention with an output gate; the
+    MoE kinds' experts are required."""
+
+    def need(key):
+        if f"{arch}.{key}" not in meta:
+            raise ConfigError(f"{source}: missing GGUF field '{arch}.{key}'")
+        return meta[f"{arch}.{key}"]
+
+    key_heads, key_dim = int(need("ssm.group_count")), int(need("ssm.state_size"))
+    value_heads, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    if value_heads <= 0 or inner % value_heads:
+        raise ConfigError(f"{source}: {arch}.ssm.inner_size={inner} is not a multiple of "
+                          f"{arch}.ssm.time_step_rank={value_heads} (the value heads)")
+    if arch != "qwen35" and not has_experts:
+        raise ConfigError(f"{source}: missing GGUF field '{arch}.expert_count' ({arch} has experts on every layer)")
+    recurrent = meta.get(f"{arch}.attention.recurrent_layers")
+    if recurrent is not None:
+        if len(recurrent) < num_layers:
+            raise ConfigError(f"{source}: {arch}.attention.recurrent_layers has {len(recurrent)} entries for "
+                              f"{num_layers} layers")
+        linear = tuple(bool(x) for x in recurrent[:num_layers])
+    else:
+        interval = int(meta.get(f"{arch}.full_attention_interval") or 4)
+        linear = tuple((i + 1) % interval != 0 for i in range(num_layers))
+    return dict(attn_output_gate=True, linear_layers=linear, linear_num_key_heads=key_heads,
+                linear_key_head_dim=key_dim, linear_num_value_heads=value_heads,
+                linear_value_head_dim=inner // value_heads, linear_conv_kernel=int(need("ssm.conv_kernel")))
+
+
+def _mamba2_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], num_layers: int,
+                      source: str) -> dict[str, Any]:
+    """The Mamba-2 fields of a `granitehybrid` GGUF (Granite 4.0-H), as llama.cpp's converter writes them
+    (GraniteHybridModel): `attention.head_count_kv` per layer, 0 on the Mamba-2 layers; `ssm.group_count` B/C groups
+    of `ssm.state_size`, `ssm.time_step_rank` heads sharing `ssm.inner_size`, `ssm.conv_kernel` (a bias where the
+    file has `ssm_conv1d.bias`); RoPE only where `rope.scaling.finetuned` says so (the converter's flag for it: Granite
+    4.0-H's attention has no position embedding). The time step is not clamped (llama.cpp's graph does not: the
+    converter writes no time_step_limit)."""
+
+    def need(key):
+        if f"granitehybrid.{key}" not in meta:
+            raise ConfigError(f"{source}: missing GGUF field 'granitehybrid.{key}'")
+        return meta[f"granitehybrid.{key}"]
+
+    kv_heads = need("attention.head_count_kv")
+    if (not isinstance(kv_heads, list) or len(kv_heads) != num_layers or len(set(kv_heads) - {0}) != 1
+            or 0 not in kv_heads):
+        raise ConfigError(f"{source}: granitehybrid.attention.head_count_kv={kv_heads!r} must list {num_layers} "
+                          "layers' KV heads, 0 on the Mamba-2 layers and one count on the others (some of each)")
+    linear = tuple(k == 0 for k in kv_heads)
+    heads, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    if heads <= 0 or inner % heads:
+        raise ConfigError(f"{source}: granitehybrid.ssm.inner_size={inner} is not a multiple of "
+                          f"granitehybrid.ssm.time_step_rank={heads} (the heads)")
+    first = linear.index(True)
+    if f"blk.{first}.ssm_in.bias" in tensor_names:
+        raise ConfigError(f"{source}: ssm_in.bias is not supported (Mamba-2's projections have no biases here)")
+    return dict(linear_kind="mamba2", linear_layers=linear,
+                linear_num_key_heads=int(need("ssm.group_count")), linear_key_head_dim=int(need("ssm.state_size")),
+                linear_num_value_heads=heads, linear_value_head_dim=inner // heads,
+                linear_conv_kernel=int(need("ssm.conv_kernel")),
+                linear_conv_bias=f"blk.{first}.ssm_conv1d.bias" in tensor_names,
+                rope_layers=() if meta.get("granitehybrid.rope.scaling.finetuned") else (False,) * num_layers)
 
 
 def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScaling | None,

@@ -1,8 +1,9 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`) GGUFs for its
-interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's and glm4's,
-which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are).
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`)
+GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's
+and glm4's, which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are; the linear
+layers' tensors of qwen35, qwen35moe, qwen3next and granitehybrid as HF has them: `_linear_tensor`).
 """
 from __future__ import annotations
 
@@ -90,6 +91,41 @@ GGUF_GRANITE_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "share
 GGUF_GLM4_NAMES = GGUF_PHI3_NAMES
 
 
+# Qwen3.5 (qwen35, qwen35moe) and Qwen3-Next (qwen3next), as llama.cpp's converter writes them (Qwen3NextModel, and
+# Qwen3_5TextModel / Qwen3_5MoeTextModel over it): the pre-MLP norm post_attention_norm; each Gated DeltaNet layer's
+# q/k/v projection attn_qkv, output gate attn_gate, b ssm_beta, a ssm_alpha, convolution ssm_conv1d ([conv_dim, K]),
+# dt bias ssm_dt.bias, decay rate ssm_a (-exp(A_log): its log is taken back at load), norm ssm_norm, output ssm_out.
+# Qwen3.5's value heads are reordered in every one of those (`_grouped_value_heads`). Qwen3-Next's b and a stay in one
+# tensor, ssm_ba, rows grouped by key head as HF's in_proj_ba; its q/k/v/z as Qwen3.5's (attn_qkv, attn_gate: the
+# converter regroups in_proj_qkvz), or in older files in one tensor, ssm_in, grouped by key head as HF's in_proj_qkvz;
+# both regrouped at load as an HF checkpoint's are (safetensors_loader.qwen3_next_rows). The norms of the residual
+# stream and of q/k hold 1 + w (the converter adds the 1), as the model multiplies by them. Attention as Qwen3's, q's
+# rows each head's query then its gate, as HF has them (NeoX RoPE: not permuted).
+GGUF_GATED_DELTA_NAMES = {
+    "mlp_norm": "blk.{i}.post_attention_norm.weight", "gdn_qkv": "blk.{i}.attn_qkv.weight",
+    "gdn_z": "blk.{i}.attn_gate.weight", "gdn_b": "blk.{i}.ssm_beta.weight", "gdn_a": "blk.{i}.ssm_alpha.weight",
+    "gdn_conv": "blk.{i}.ssm_conv1d.weight", "gdn_dt_bias": "blk.{i}.ssm_dt.bias", "gdn_a_log": "blk.{i}.ssm_a",
+    "gdn_norm": "blk.{i}.ssm_norm.weight", "gdn_out": "blk.{i}.ssm_out.weight",
+}
+GGUF_QWEN35_NAMES = GGUF_NAMES | GGUF_GATED_DELTA_NAMES
+GGUF_QWEN35_MOE_NAMES = GGUF_MOE_NAMES | GGUF_GATED_DELTA_NAMES
+GGUF_QWEN3_NEXT_NAMES = {k: v for k, v in GGUF_QWEN35_MOE_NAMES.items() if k not in ("gdn_b", "gdn_a")} | {
+    "gdn_ba": "blk.{i}.ssm_ba.weight"}
+GGUF_QWEN3_NEXT_LEGACY_NAMES = {k: v for k, v in GGUF_QWEN3_NEXT_NAMES.items() if k not in ("gdn_qkv", "gdn_z")} | {
+    "gdn_qkvz": "blk.{i}.ssm_in.weight"}
+
+# Granite 4.0-H (granitehybrid), as llama.cpp's converter writes it (GraniteHybridModel over Mamba2Model and
+# GraniteMoeModel): Granite's attention (Q/K rows permuted as Llama's) and MLP or experts (GGUF_GRANITE_MOE_NAMES; the
+# shared MLP under the dense names where there are no experts), each Mamba-2 layer's in_proj as ssm_in (rows z, x B C,
+# dt, as HF's: weights.FUSED["mamba_in"]), convolution ssm_conv1d ([conv_dim, K], with its bias), dt bias ssm_dt.bias,
+# ssm_a = -exp(A_log) and ssm_d ([heads, 1]), norm ssm_norm ([groups, inner / groups]), output ssm_out.
+GGUF_MAMBA2_NAMES = {
+    "mamba_in": "blk.{i}.ssm_in.weight", "gdn_conv": "blk.{i}.ssm_conv1d.weight",
+    "gdn_conv_bias": "blk.{i}.ssm_conv1d.bias", "gdn_dt_bias": "blk.{i}.ssm_dt.bias", "gdn_a_log": "blk.{i}.ssm_a",
+    "gdn_d": "blk.{i}.ssm_d", "gdn_norm": "blk.{i}.ssm_norm.weight", "gdn_out": "blk.{i}.ssm_out.weight",
+}
+
+
 # Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
 # rows as HF has them (llama.cpp turns their pairs in NORM mode), reordered at load as GLM-4's are.
 GGUF_COHERE_NAMES = {k: v for k, v in GGUF_NAMES.items() if k != "mlp_norm"}
@@ -103,6 +139,17 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GLM4_MOE_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
+    if cfg.architecture in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
+        names = GGUF_QWEN35_MOE_NAMES if cfg.num_experts else GGUF_QWEN35_NAMES
+        if cfg.architecture == "qwen3_next":
+            legacy = f"blk.{cfg.linear_layers.index(True)}.ssm_in.weight" in tensor_names
+            names = GGUF_QWEN3_NEXT_LEGACY_NAMES if legacy else GGUF_QWEN3_NEXT_NAMES
+        if "blk.0.ffn_gate_up_exps.weight" in tensor_names:  # the converter's --fuse-gate-up-exps: gate rows first
+            names = {k: v for k, v in names.items() if k not in ("moe_gate", "moe_up")} | {
+                "moe_gate_up": "blk.{i}.ffn_gate_up_exps.weight"}
+        return names
+    if cfg.architecture == "granitemoehybrid":
+        return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
     if cfg.num_experts:
@@ -116,10 +163,54 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
     return GGUF_NAMES
 
 
+# The architectures whose converter is (or derives from) Llama's, which permutes Q/K rows and biases: Mixtral's too,
+# SmolLM3's, Granite's (Granite 4.0-H's attention layers: GraniteHybridModel's undo_permute), Arcee's; olmo2's and the
+# NeoX-RoPE ones leave rows as HF has them.
+LLAMA_PERMUTED = ("llama", "smollm3", "granite", "granitemoe", "granitehybrid", "arcee")
+
+
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
     """Inverse of llama.cpp's Q/K row permutation. w: [out, in] (torch orientation)."""
     out = w.shape[0]
     return w.reshape(num_heads, out // num_heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _grouped_value_heads(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """A qwen35 / qwen35moe linear layer's tensor with its value heads in HF's order. llama.cpp's converter
+    (_LinearAttentionVReorderBase) moves value head g * r + j (key head g's j-th of r) to j * key_heads + g, so that its
+    graphs repeat q and k by tiling; this moves it back, along the value heads' axis: the V rows of gdn_qkv and
+    gdn_conv ([conv_dim, K] as stored), the rows of gdn_z, gdn_b, gdn_a, the entries of gdn_dt_bias and gdn_a_log, the
+    columns of gdn_out."""
+    hk, hv = cfg.linear_num_key_heads, cfg.linear_num_value_heads
+    if hk == hv or key not in ("gdn_qkv", "gdn_conv", "gdn_z", "gdn_out", "gdn_b", "gdn_a", "gdn_dt_bias", "gdn_a_log"):
+        return arr  # (the converter leaves them alone; gdn_norm is one head's)
+    width = cfg.linear_value_head_dim if key in ("gdn_qkv", "gdn_conv", "gdn_z", "gdn_out") else 1
+    start = 2 * hk * cfg.linear_key_head_dim if key in ("gdn_qkv", "gdn_conv") else 0
+    axis = 1 if key == "gdn_out" else 0
+    rows = np.moveaxis(arr, axis, 0)
+    v = rows[start:]
+    v = v.reshape(hv // hk, hk, width, *v.shape[1:]).swapaxes(0, 1).reshape(v.shape)  # [r, hk, d] -> [hk, r, d]
+    return np.moveaxis(np.concatenate([rows[:start], v]), 0, axis)
+
+
+def _linear_tensor(cfg: LlamaConfig, key: str, arr: np.ndarray, name: str, path: str) -> np.ndarray:
+    """A linear layer's tensor (GGUF_GATED_DELTA_NAMES, GGUF_MAMBA2_NAMES) as weights.assemble reads an HF
+    checkpoint's (safetensors_loader._from_hf)."""
+    from models.safetensors_loader import qwen3_next_rows  # (that module imports this one)
+
+    if cfg.architecture in ("qwen3_5", "qwen3_5_moe"):
+        arr = _grouped_value_heads(cfg, key, arr)
+    if key == "gdn_a_log":  # ssm_a = -exp(A_log); float64's log gives A_log back to within float32's rounding
+        if not np.all(arr < 0):
+            raise CheckpointError(f"{path}: tensor {name!r} must be negative (llama.cpp's -exp(A_log))")
+        return np.log(-arr.astype(np.float64)).astype(np.float32).reshape(-1)  # (Mamba-2's: [heads, 1])
+    if key in ("gdn_d", "gdn_norm"):  # Mamba-2's [heads, 1] and [groups, inner / groups]
+        return arr.reshape(-1)
+    if key == "gdn_conv":  # [conv_dim, K] -> [K, conv_dim]
+        return arr.T
+    if key in ("gdn_qkvz", "gdn_ba"):
+        return qwen3_next_rows(cfg, key, arr)
+    return arr
 
 
 def _join_kv_b(k_b: np.ndarray, v_b: np.ndarray, path: str) -> np.ndarray:
@@ -170,13 +261,14 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
-        if arch in ("llama", "smollm3", "granite", "granitemoe", "arcee") and key in ("wq", "wk", "bq", "bk"):  # Mixtral's too; SmolLM3's
-            # and Granite's converters are Llama's, which permutes biases too (olmo2's leaves rows as HF has them)
+        if arch in LLAMA_PERMUTED and key in ("wq", "wk", "bq", "bk"):
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
             from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
 
             arr = mla_rope_rows(cfg, key, arr)
+        if cfg.linear_layers and key.startswith("gdn_"):
+            arr = _linear_tensor(cfg, key, arr, name, path)
         if cfg.architecture in ("glm4", "cohere", "cohere2") and key in ("wq", "wk", "bq", "bk"):  # pairs turned
             from models.safetensors_loader import interleaved_rope_rows
 

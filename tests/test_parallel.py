@@ -304,8 +304,8 @@ def test_smollm2_identical_at_tp_1_and_3(tokenizer):
 def test_two_processes_one_replica_follow_the_leader(model, tmp_path):
     """jax.distributed on loopback: process 0 schedules, process 1 follows; TP=4 over 2 processes x 2 CPU devices.
     A Qwen3.5-shaped model at TP=2 over 2 processes x 1 device, with speculative decoding: its recurrent states (split
-    by head across the processes) copied for prefix hits and rolled back after rejected drafts on both (the followers
-    skipping the rollbacks give other tokens)."""
+    by head across the processes) copied for prefix hits and rolled back after rejected drafts on both (a follower that
+    skipped a rollback would leave the leader waiting in its copy: every process runs each computation)."""
     import json
     import socket
     import subprocess

@@ -528,7 +528,7 @@ class LLMEngine:
     # ------------------------------------------------------------------------------------ sleep
     def sleep(self, level: int = 1) -> None:
         """Frees the accelerator memory this replica holds, for another job on the same devices (an RL trainer between
-        rollouts): the KV cache is freed and the prefix cache emptied; level 1 keeps the weights in host memory, level
+        rollouts): the KV cache (and recurrent states) freed and the prefix cache emptied; level 1 keeps the weights in host memory, level
         2 drops them (update_weights gives new ones). Requests are refused until `wake_up`. Only between requests."""
         if level not in (1, 2):
             raise ValueError(f"sleep level must be 1 (weights kept in host memory) or 2 (weights dropped), got {level!r}")
@@ -543,9 +543,9 @@ class LLMEngine:
         self.weights.offload(keep=level == 1)
         if self.draft is not None:  # kept whatever the level: weight updates give the model's weights only
             self.draft.weights.offload(keep=True)
-        for array in self.runner.kv:
+        for array in (*self.runner.kv, *jax.tree.leaves(self.runner.states)):
             array.delete()  # now, not when the last reference goes
-        self.runner.kv = None
+        self.runner.kv = self.runner.states = None
         self.sleep_level = level
         log.info("asleep (level %d) in %.1f s: KV cache%s freed", level, time.perf_counter() - t0,
                  " and weights (kept in host memory)" if level == 1 else " and weights")
@@ -562,6 +562,8 @@ class LLMEngine:
             self.draft.weights.restore()
             self.runner.draft_params = self.draft.weights.params
         self.runner.kv = self.runner._allocate_kv()
+        if self.model_cfg.linear_layers:
+            self.runner.states = self.runner._allocate_states()
         self.sleep_level = 0
         log.info("awake in %.1f s", time.perf_counter() - t0)
 

@@ -305,8 +305,9 @@ class ModelRunner:
         state_sharding = None if mesh is None else jax.tree.map(
             lambda spec: jax.sharding.NamedSharding(mesh, spec), sharding.state_specs(),
             is_leaf=lambda x: isinstance(x, P))
-        self.states = (jax.jit(functools.partial(gated_delta.allocate, model_cfg, num_state_slots),
-                               out_shardings=state_sharding)() if model_cfg.linear_layers else None)
+        self._allocate_states = jax.jit(functools.partial(gated_delta.allocate, model_cfg, num_state_slots),
+                                        out_shardings=state_sharding)
+        self.states = self._allocate_states() if model_cfg.linear_layers else None
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,

@@ -692,6 +692,32 @@ def test_disk_tier_serves_a_restarted_replica_its_pages_and_snapshots(tmp_path):
         again.engine.shutdown()
 
 
+def test_sleep_frees_the_recurrent_states_too():
+    """An engine asleep holds none of its device arrays, the linear layers' states (running slots and snapshots: a
+    Qwen3.5-9B's 50 MiB a slot) included, and wakes to the same greedy tokens."""
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))),
+              **{"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128})
+    prompts = [[random.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (20, 37)]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    before = [o.token_ids for o in llm.generate(prompts, greedy)]
+    runner = llm.engine.runner
+    held = sum(a.nbytes for a in (*jax.tree.leaves(runner.params), *runner.kv, *jax.tree.leaves(runner.states)))
+    live = sum(a.nbytes for a in jax.live_arrays())
+    llm.sleep(1)
+    assert live - sum(a.nbytes for a in jax.live_arrays()) >= held
+    llm.wake_up()
+    got = llm.generate(prompts, greedy)
+    assert [o.token_ids for o in got] == before and all(o.cached_tokens == 0 for o in got)
+
+
 def test_host_tier_splits_its_memory_between_pages_and_snapshots_as_the_device_does():
     from engine.config import ConfigKeyError, EngineConfig
     from engine.kv_plan import plan_kv_cache

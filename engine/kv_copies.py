@@ -85,8 +85,9 @@ class PageCopies:
         """(snapshot slots padded to a power of two with slot 0, the block hashes of the real ones)."""
         if not saves:
             return None
-        slots, hashes = self._pack_pairs([(slot, 0) for slot, _ in saves], fill=(0, 0))[0], tuple(h for _, h in saves)
-        return slots, hashes
+        slots = np.zeros(1 << (len(saves) - 1).bit_length(), np.int32)
+        slots[: len(saves)] = [slot for slot, _ in saves]
+        return slots, tuple(h for _, h in saves)
 
     def _pack_state_disk_loads(self, loads: list[tuple[tuple[np.ndarray, ...], int]]):
         """(each state array's snapshots [Lg, n, ...], the state slots they go to), n padded to a power of two (padding

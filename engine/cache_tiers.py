@@ -188,7 +188,9 @@ class CacheTiers:
 
     def snapshot_taken(self, block_hash: int, slot: int, namespace: str | None) -> None:
         """A step writes (or has written) a snapshot into `slot`: the disk tier writes it out after that step."""
-        if self.disk_states is not None and not _is_adapter(namespace) and self.disk_states.wanted(block_hash):
+        if self.disk_states is None or _is_adapter(namespace) or not self.disk_states.wanted(block_hash):
+            return
+        if all(h != block_hash for _, h in self._states_taken + self._states_written):  # (a name taken twice: once)
             self._states_taken.append((slot, block_hash))
             self.stats.disk_saved_states += 1
 

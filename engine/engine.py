@@ -637,6 +637,7 @@ class LLMEngine:
             "host_state_snapshots_used": len(s.tiers.host_states) if s.tiers.host_states is not None else 0,
             "host_state_hits": s.stats.host_state_hits,
             "host_saved_states": s.stats.host_saved_states,
+            "disk_state_snapshots": len(getattr(self._disk, "states", None) or ()),
             "disk_state_hits": s.stats.disk_state_hits,
             "disk_saved_states": s.stats.disk_saved_states,
             "num_steps": self.num_steps,

@@ -35,6 +35,8 @@ class _EngineStatsCollector:
             "radixlm_host_pages_total": ("host-tier page slots", s["host_pages_total"]),
             "radixlm_host_pages_used": ("host-tier slots holding an evicted page", s["host_pages_used"]),
             "radixlm_disk_pages": ("pages with a file in the disk tier (this replica's layout)", s["disk_pages"]),
+            "radixlm_disk_state_snapshots": ("snapshots of recurrent states with a file in the disk tier",
+                                             s.get("disk_state_snapshots", 0)),
             "radixlm_window_pages_total": ("window slots of a hybrid cache's sliding-window layers", s["window_pages_total"]),
             "radixlm_window_pages_used": ("window slots held by requests or the radix cache",
                                           s["window_pages_total"] - s["window_pages_free"]),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 import random
+import shutil
 import time
 
 import jax
@@ -677,13 +678,16 @@ def test_disk_tier_serves_a_restarted_replica_its_pages_and_snapshots(tmp_path):
     # the same prompt again (its prompt-end snapshot), and a conversation's next turn (its latest snapshot)
     later = [first_turns[0], first_turns[1] + answers[1] + [rng.randrange(3, cfg.vocab_size) for _ in range(5)]]
     want = [o.token_ids for o in plain.generate(later, greedy)]
-    first = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **{"cache.disk_path": str(tmp_path)})
+    first = LLM(None, progress=False, model=(cfg, params, tokenizer), **small,
+                **{"cache.disk_path": str(tmp_path / "disk")})
     assert [o.token_ids for o in first.generate(first_turns, greedy)] == answers
     first.engine.shutdown()
-    assert first.engine.stats()["disk_saved_states"] > 0
-    for overrides in ({}, {"cache.host_num_pages": 32, "cache.host_state_snapshots": 4}):
+    stats = first.engine.stats()
+    assert stats["disk_saved_states"] > 0 and stats["disk_state_snapshots"] == stats["disk_saved_states"]
+    for i, overrides in enumerate(({}, {"cache.host_num_pages": 32, "cache.host_state_snapshots": 4})):
+        shutil.copytree(tmp_path / "disk", tmp_path / f"restart{i}")  # (each restart on the first run's files alone)
         again = LLM(None, progress=False, model=(cfg, params, tokenizer), **small,
-                    **{"cache.disk_path": str(tmp_path), **overrides})
+                    **{"cache.disk_path": str(tmp_path / f"restart{i}"), **overrides})
         got = again.generate(later, greedy)
         assert [o.token_ids for o in got] == want
         assert again.engine.stats()["disk_state_hits"] == 2

@@ -29,8 +29,8 @@ class PageCopies:
     def __init__(self, kv_shapes, num_pages: int, num_host_pages: int, layout, disk, to_device, state_shapes=None,
                  num_state_slots: int = 0, disk_states=None):
         """state_shapes: a model with linear attention layers, the shapes of its states' arrays (a pytree, the slot axis
-        1) for the host tier's state slots (0 without one); num_state_slots: the device's; disk_states: the disk tier's files of
-        snapshots (engine.disk_cache.DiskCache, one state slot [Lg, 1, ...] per file)."""
+        1) with the host tier's state slots (none without a host tier); num_state_slots: the device's; disk_states: the
+        disk tier's files of snapshots (engine.disk_cache.DiskCache, one state slot [Lg, 1, ...] per file)."""
         self.disk_states = disk_states
         self.num_pages = num_pages
         self.num_state_slots = num_state_slots

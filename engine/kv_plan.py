@@ -87,9 +87,16 @@ def _host_states(config: EngineConfig, cfg, num_pages: int, page_bytes: int) -> 
         return cache.host_state_snapshots
     if cache.host_num_pages:  # as many per page as the device has
         return max(1, round(cache.host_num_pages * cache.state_snapshots / num_pages))
+    return snapshots_in(cache.host_memory_gb * 2**30, config, cfg, num_pages, page_bytes)
+
+
+def snapshots_in(num_bytes: float, config: EngineConfig, cfg, num_pages: int, page_bytes: int) -> int:
+    """How many snapshots of the recurrent states a tier of `num_bytes` holds (at least one) when it splits them
+    between pages and snapshots as the device cache does (cache.state_snapshots beside `num_pages` pages)."""
     slot_bytes = gated_delta.state_bytes_per_slot(cfg)
-    share = cache.state_snapshots * slot_bytes / (cache.state_snapshots * slot_bytes + num_pages * page_bytes)
-    return max(1, int(cache.host_memory_gb * 2**30 * share // slot_bytes))
+    snapshot_bytes = config.cache.state_snapshots * slot_bytes
+    share = snapshot_bytes / (snapshot_bytes + num_pages * page_bytes)
+    return max(1, int(num_bytes * share // slot_bytes))
 
 
 def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: int) -> int:
@@ -178,14 +185,12 @@ class ReplicaDisk:
         # slot each, [Lg, 1, ...] per state array), the disk split between them and pages as the device cache is.
         self.states = None
         if model_cfg.linear_layers and config.cache.state_snapshots:
-            slot_bytes = gated_delta.state_bytes_per_slot(model_cfg)
-            snapshot_bytes = config.cache.state_snapshots * slot_bytes
-            share = snapshot_bytes / (snapshot_bytes + plan.num_pages * plan.page_bytes)
             specs = [(shape, np.float32) for shape in jax.tree.leaves(gated_delta.state_shapes(model_cfg, 1),
                                                                        is_leaf=lambda x: isinstance(x, tuple))]
             self.states = DiskCache(config.cache.disk_path, layout_key({**layout, "states": True}), specs,
-                                    max(1, int(disk_bytes * share // slot_bytes)), describe={**layout, "states": True})
-            disk_bytes -= self.states.capacity_pages * slot_bytes
+                                    snapshots_in(disk_bytes, config, model_cfg, plan.num_pages, plan.page_bytes),
+                                    describe={**layout, "states": True})
+            disk_bytes -= self.states.capacity_pages * gated_delta.state_bytes_per_slot(model_cfg)
         self.cache = DiskCache(config.cache.disk_path, layout_key(layout),
                                kv_page_specs(model_cfg, config.cache.page_size, kv_dtype, draft_cfg),
                                max(1, int(disk_bytes // plan.page_bytes)), describe=layout)

@@ -612,6 +612,11 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     assert stats["state_snapshots_total"] == 6 and 0 < stats["state_snapshots_used"] <= 6
 
 
+# A device cache too small for the tier tests' prompts: 24 pages of 8 tokens and two snapshot slots
+TIERED = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
+          "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2, "debug_checks": True}
+
+
 @pytest.mark.parametrize("tp", [1, 2])
 def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
     """A device cache too small for three system prompts, with two snapshot slots: the snapshots its evictions and
@@ -632,9 +637,7 @@ def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
     waves = [[s + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for s in systems]
              for _ in range(3)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    small = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
-             "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2,
-             "debug_checks": True}
+    small = TIERED
     runs = {}
     for name, overrides in {"uncached": {"cache.prefix_caching": False}, "device": {},
                             "host": {"cache.host_num_pages": 48, "cache.host_state_snapshots": 6,
@@ -670,9 +673,7 @@ def test_disk_tier_serves_a_restarted_replica_its_pages_and_snapshots(tmp_path):
     rng = random.Random()
     first_turns = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(33, 48))] for _ in range(2)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    small = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
-             "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2,
-             "debug_checks": True}
+    small = TIERED
     plain = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **{"cache.prefix_caching": False})
     answers = [o.token_ids for o in plain.generate(first_turns, greedy)]
     # the same prompt again (its prompt-end snapshot), and a conversation's next turn (its latest snapshot)

@@ -12,6 +12,7 @@ LongRoPE (models/rope.py). Unsupported architectures fail here, naming the sourc
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping
 
@@ -478,11 +479,7 @@ class LlamaConfig:
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
                               f"({', '.join(GGUF_ARCHITECTURES)})")
 
-        def need(key):
-            full = f"{arch}.{key}"
-            if full not in meta:
-                raise ConfigError(f"{source}: missing GGUF field {full!r}")
-            return meta[full]
+        need = functools.partial(_gguf_field, meta, source, arch)
 
         hidden = int(need("embedding_length"))
         num_heads = int(need("attention.head_count"))
@@ -681,6 +678,13 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     )
 
 
+def _gguf_field(meta: Mapping[str, Any], source: str, arch: str, key: str) -> Any:
+    """The GGUF metadata field `arch.key`, or a ConfigError naming the file and the field."""
+    if f"{arch}.{key}" not in meta:
+        raise ConfigError(f"{source}: missing GGUF field '{arch}.{key}'")
+    return meta[f"{arch}.{key}"]
+
+
 def _gated_delta_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, source: str,
                            has_experts: bool) -> dict[str, Any]:
     """The Gated DeltaNet fields of a `qwen35`, `qwen35moe` or `qwen3next` GGUF, as llama.cpp's converter writes them
@@ -690,10 +694,7 @@ def _gated_delta_from_gguf(meta: Mapping[str, Any], arch: str, num_layers: int, 
     `attention.recurrent_layers` array, where a file has one, says it per layer). Attention with an output gate; the
     MoE kinds' experts are required."""
 
-    def need(key):
-        if f"{arch}.{key}" not in meta:
-            raise ConfigError(f"{source}: missing GGUF field '{arch}.{key}'")
-        return meta[f"{arch}.{key}"]
+    need = functools.partial(_gguf_field, meta, source, arch)
 
     key_heads, key_dim = int(need("ssm.group_count")), int(need("ssm.state_size"))
     value_heads, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
@@ -725,10 +726,7 @@ def _mamba2_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], num_layer
     4.0-H's attention has no position embedding). The time step is not clamped (llama.cpp's graph does not: the
     converter writes no time_step_limit)."""
 
-    def need(key):
-        if f"granitehybrid.{key}" not in meta:
-            raise ConfigError(f"{source}: missing GGUF field 'granitehybrid.{key}'")
-        return meta[f"granitehybrid.{key}"]
+    need = functools.partial(_gguf_field, meta, source, "granitehybrid")
 
     kv_heads = need("attention.head_count_kv")
     if (not isinstance(kv_heads, list) or len(kv_heads) != num_layers or len(set(kv_heads) - {0}) != 1
@@ -762,10 +760,7 @@ def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScali
     converter storing 0.1 x mscale_all_dim there; RoPE itself unscaled by YaRN's magnitude (HF: mscale over
     mscale_all_dim, equal in every DeepSeek config)."""
 
-    def need(key):
-        if f"deepseek2.{key}" not in meta:
-            raise ConfigError(f"{source}: missing GGUF field 'deepseek2.{key}'")
-        return meta[f"deepseek2.{key}"]
+    need = functools.partial(_gguf_field, meta, source, "deepseek2")
 
     rank, rope_dim = int(need("attention.kv_lora_rank")), int(need("rope.dimension_count"))
     qk = int(meta.get("deepseek2.attention.key_length_mla") or need("attention.key_length"))

@@ -110,6 +110,9 @@ class Batch:
     # only the rule's single steps are compiled: no piece loop, whose trip count a GPU reads back to the host at every
     # linear layer even when it is zero.
     decode_step: bool = dataclasses.field(default=False, metadata=dict(static=True))
+    # Static: the attention backend; on the Pallas ones a prefill chunk goes through `pallas_kernels.linear_scan`
+    # (each sequence's pieces walked inside one program) instead of the XLA piece loop.
+    backend: str = dataclasses.field(default="xla", metadata=dict(static=True))
 
 
 def one_sequence(num_tokens: int) -> Batch:
@@ -192,7 +195,8 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
                                  snap, snap_slots, delta=not mamba, decode_step=batch.decode_step,
-                                 drafted=drafted, draft_slots=batch.draft_slots)
+                                 drafted=drafted, draft_slots=batch.draft_slots, backend=batch.backend,
+                                 dot_dtype=h.dtype)
 
     z = proj(h, "gdn_z").astype(jnp.float32)
     if mamba:  # the skip, then silu(z), then an RMS norm per group of the inner width, projected out
@@ -207,14 +211,17 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
 
 def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
-                delta: bool = True, decode_step: bool = False, drafted=None, draft_slots=None):
+                delta: bool = True, decode_step: bool = False, drafted=None, draft_slots=None, backend: str = "xla",
+                dot_dtype=jnp.float32):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
     written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
     update (Mamba-2's), which writes v itself (beta unused). drafted [S] (or None): the sequences whose tokens go
     through the rule one at a time (a real token and its drafts, at most K + 1 for draft_slots [S, K]), each state
     after the first j + 1 of them (but the last) written to draft_slots[:, j]. decode_step (static): every sequence has
-    one new token or is drafted, so the chunk path is left out.
+    one new token or is drafted, so the chunk path is left out. backend (static): "pallas" / "pallas_interpret" run
+    the chunks through `pallas_kernels.linear_scan` instead of the piece loop, its dots on q, k, v in dot_dtype (the
+    model's: bfloat16 on a GPU; the states stay float32).
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
@@ -250,10 +257,20 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
         ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
         return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
 
+    longer = live & (q_lens > 1) & (True if drafted is None else ~drafted)
+    if backend in ("pallas", "pallas_interpret"):  # each sequence's pieces walked in one program of a kernel
+        from pallas_kernels import linear_scan
+
+        o_long, cur, snapped = linear_scan.gated_delta_chunks(
+            *(a.astype(dot_dtype) for a in (q, k, v)), g, beta, s0, cu, jnp.where(longer, q_lens, 0), starts,
+            jnp.where(longer, snap, 0), delta=delta, interpret=backend == "pallas_interpret")
+        row_seq = jnp.clip(bucket_of(cu[1:], jnp.arange(t, dtype=jnp.int32)), 0, q_lens.shape[0] - 1)
+        out = jnp.where(longer[row_seq][:, None, None], o_long, out)
+        return out, _write_states(ssm, layer, one, longer, s1, cur, snapped, slots, snap, snap_slots)
+
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments
     # per sequence (2s: its first snap tokens, 2s + 1: the rest), so that a piece ends where a snapshot is taken.
     c = CHUNK
-    longer = live & (q_lens > 1) & (True if drafted is None else ~drafted)
     seg_lens = jnp.where(longer[:, None], jnp.stack([snap, q_lens - snap], axis=1), 0).reshape(-1)  # [2S]
     seg_offsets = jnp.stack([jnp.zeros_like(snap), snap], axis=1).reshape(-1)
     seg_seq = jnp.repeat(jnp.arange(q_lens.shape[0]), 2)
@@ -283,11 +300,17 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
                 jax.lax.dynamic_update_index_in_dim(snapped, kept, s, 0))
 
     out, cur, snapped = jax.lax.fori_loop(0, ends[-1], piece, (out, s0, s0))
+    return out[:t], _write_states(ssm, layer, one, longer, s1, cur, snapped, slots, snap, snap_slots)
+
+
+def _write_states(ssm, layer, one, longer, s1, cur, snapped, slots, snap, snap_slots):
+    """ssm with each sequence's state after the step written to its slot, and at its snapshot to the snapshot's:
+    s1 [S, ...] for the decodes (`one`), cur and snapped for the `longer` chunks."""
+    n_slots = ssm.shape[1]
     final = jnp.where(one[:, None, None, None], s1, cur)
     ssm = ssm.at[layer, jnp.where(one | longer, slots, n_slots)].set(final, mode="drop")
     at = jnp.where(one[:, None, None, None], s1, snapped)
-    ssm = ssm.at[layer, jnp.where((one | longer) & (snap > 0), snap_slots, n_slots)].set(at, mode="drop")
-    return out[:t], ssm
+    return ssm.at[layer, jnp.where((one | longer) & (snap > 0), snap_slots, n_slots)].set(at, mode="drop")
 
 
 def chunk_rule(q, k, v, g, beta, s0, valid, *, delta: bool = True):

@@ -702,7 +702,7 @@ def forward(
 
     recurrent = None if states is None else (states, gated_delta.Batch(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
-        inputs.snapshot_slots, inputs.draft_slots, decode_step))
+        inputs.snapshot_slots, inputs.draft_slots, decode_step, attn_backend))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]

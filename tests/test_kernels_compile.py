@@ -192,3 +192,25 @@ def test_tuning_sweep_configs_compile_without_spills():
                                           layer=layer, target=target)
     report = gpu_compile.compile_module(module, target)
     assert report.fits and report.spill_bytes == 0, (kernel.keywords, report)
+
+
+@pytest.mark.parametrize("target", ["sm90", "gfx942"])
+@pytest.mark.parametrize("delta,k_dim,v_dim", [(True, 128, 128), (False, 128, 64)], ids=["qwen3.5", "granite4-h"])
+def test_linear_scan_kernel_compiles_without_spills(delta, k_dim, v_dim, target):
+  """The linear attention prefill kernel (pallas_kernels/linear_scan.py) at its default tile, bfloat16 q/k/v as the
+  engine passes them on a GPU: Qwen3.5's gated delta rule (128 x 128 state per value head) and Granite 4.0-H's
+  Mamba-2 update (state 128 x head 64). Its dots on the matrix units (Hopper's wgmma)."""
+  from pallas_kernels import linear_scan
+
+  target = gpu_compile.TARGETS[target]
+  num_tokens, num_seqs, num_heads = 2048, 8, 32
+  rows = lambda width, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((num_tokens, num_heads, width), dtype)  # noqa: E731
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  f32 = jax.ShapeDtypeStruct((num_tokens, num_heads), jnp.float32)
+  states = jax.ShapeDtypeStruct((num_seqs, num_heads, k_dim, v_dim), jnp.float32)
+  fn = functools.partial(linear_scan.gated_delta_chunks, delta=delta)
+  [module] = gpu_compile.triton_modules(fn, rows(k_dim), rows(k_dim), rows(v_dim), f32, f32, states,
+                                        i32(num_seqs + 1), i32(num_seqs), i32(num_seqs), i32(num_seqs), target=target)
+  report = gpu_compile.compile_module(module, target)
+  assert report.fits and report.spill_bytes == 0, report
+  assert report.matrix_instructions == {"sm90": "HGMMA", "gfx942": "MFMA"}[target.name], report

@@ -17,8 +17,10 @@
 # Usage: bash scripts/gpu_check.sh [python]  (default: $PYTHON, else python or python3 on PATH)
 #   GPU_CHECK_STEPS="tests bench tune engine" (the default) runs only the steps named, for a second run inside a
 #   lease that is short of time; "moe" and "matmul" (steps 3 and 4: run 1 on the H200 has their partial tables),
-#   "steps" (the model step at fixed shapes, bench.py --workload steps) and "interpret" (the interpret-mode kernel
-#   tests on the CPU) are not in the default.
+#   "steps" (the model step at fixed shapes, bench.py --workload steps), "linear" (the linear attention prefill kernel:
+#   its GPU tests, scripts/linear_scan_bench.py against the XLA piece loop it replaces, and its tile sweep) and
+#   "interpret" (the interpret-mode kernel tests on the CPU) are not in the default: a second run, e.g.
+#   GPU_CHECK_STEPS="linear steps", takes them (about 4 minutes).
 # Limits: each step's, from its time on an H200 (2026-12-04) plus a margin (the engine step's a guess); 7.75 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,7 +49,10 @@ xdist=()
 "${PY}" -c 'import xdist' 2>/dev/null && xdist=(-n 8)
 wanted tests && step "compiled Pallas kernels and the engine (GPU)" 150 \
   env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false "${PY}" -m pytest tests/test_kernels_gpu.py -q \
-    -p no:cacheprovider -p no:benchmark "${xdist[@]}"
+    -k "not linear_scan" -p no:cacheprovider -p no:benchmark "${xdist[@]}"
+wanted linear && step "linear attention prefill kernel, compiled (GPU)" 90 \
+  env JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_PREALLOCATE=false "${PY}" -m pytest tests/test_kernels_gpu.py -q \
+    -k linear_scan -p no:cacheprovider -p no:benchmark "${xdist[@]}"
 # Not in the default steps: CI runs these on every change; here they check the image's jax version (82 passed in
 # 88 s on jax 0.11.2, 2026-12-04) but beside the GPU tests they starve those of cores.
 wanted interpret && step "kernel tests, interpret mode (CPU)" 150 \
@@ -69,9 +74,14 @@ wanted engine && step "the engine's decode step, greedy (A) vs top-p (B): Qwen3.
   "${PY}" "${engine_bench[@]}" --synthetic-arch qwen3_5 --synthetic-model 1024,8,16,4,128
 # Not in the default steps (the 8 minutes): the model step alone at fixed decode and prefill shapes, each in the
 # program the engine would choose, on Llama- and Qwen3.5-shaped random models (the hybrid's prefill walks its pieces in
-# a loop of dynamic trip count: one host round trip a piece and linear layer on a GPU).
+# the kernel, pallas_kernels/linear_scan.py, where the xla backend has a loop of dynamic trip count).
 steps_bench=(scripts/bench.py --workload steps --word-vocab 32768 --repeats 5 --set model.dtype=bfloat16
   attention.backend=pallas warmup=false cache.num_pages=4096)
+# The linear attention layers' prefill: the kernel against the XLA piece loop (one layer, Qwen3.5-9B's and
+# Granite-4.0-H-Small's shapes), then its tiles.
+wanted linear && step "linear attention prefill, kernel vs the XLA piece loop (GPU)" 60 \
+  "${PY}" scripts/linear_scan_bench.py
+wanted linear && step "linear attention prefill kernel, tile sweep (GPU)" 40 "${PY}" scripts/linear_scan_bench.py --tune
 wanted steps && step "model step times, Llama 1B-shaped (GPU)" 60 \
   "${PY}" "${steps_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
 wanted steps && step "model step times, Qwen3.5-shaped hybrid (GPU)" 60 \

@@ -53,3 +53,17 @@ def test_goal_summary_reads_the_table(capsys):
   assert "PASS  decode 64 x 8k >= 70% of copy bandwidth: 75.0%" in out
   assert "n/a   prefill 2k over 8k" in out
   assert "FAIL  decode never slower than JAX's paged_attention: worst ratio 2.00x over 2 cases" in out
+
+
+@pytest.mark.parametrize("tune", [False, True])
+def test_linear_scan_bench_quick(tune):
+  """scripts/linear_scan_bench.py (gpu_check's "linear" step) at tiny shapes, the kernel in interpret mode: every
+  row produced, the kernel's outputs within bfloat16's reach of the XLA piece loop's."""
+  script = SCRIPT.parent / "linear_scan_bench.py"
+  out = subprocess.run([sys.executable, str(script), "--quick", *(["--tune"] if tune else [])], check=True,
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  assert "failed" not in out, out
+  rows = [line for line in out.splitlines() if line.startswith("tiny")]
+  assert len(rows) == (10 if tune else 4), out
+  if not tune:
+    assert max(float(line.split()[-1]) for line in rows) < 2e-2, out

@@ -194,23 +194,39 @@ def test_tuning_sweep_configs_compile_without_spills():
     assert report.fits and report.spill_bytes == 0, (kernel.keywords, report)
 
 
+def _linear_scan_module(delta, num_heads, k_dim, v_dim, target, **tiles):
+  from pallas_kernels import linear_scan
+
+  num_tokens, num_seqs = 2048, 8
+  rows = lambda width: jax.ShapeDtypeStruct((num_tokens, num_heads, width), jnp.bfloat16)  # noqa: E731
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  f32 = jax.ShapeDtypeStruct((num_tokens, num_heads), jnp.float32)
+  states = jax.ShapeDtypeStruct((num_seqs, num_heads, k_dim, v_dim), jnp.float32)
+  fn = functools.partial(linear_scan.gated_delta_chunks, delta=delta, **tiles)
+  [module] = gpu_compile.triton_modules(fn, rows(k_dim), rows(k_dim), rows(v_dim), f32, f32, states,
+                                        i32(num_seqs + 1), i32(num_seqs), i32(num_seqs), i32(num_seqs), target=target)
+  return gpu_compile.compile_module(module, target)
+
+
 @pytest.mark.parametrize("target", ["sm90", "gfx942"])
 @pytest.mark.parametrize("delta,k_dim,v_dim", [(True, 128, 128), (False, 128, 64)], ids=["qwen3.5", "granite4-h"])
 def test_linear_scan_kernel_compiles_without_spills(delta, k_dim, v_dim, target):
   """The linear attention prefill kernel (pallas_kernels/linear_scan.py) at its default tile, bfloat16 q/k/v as the
   engine passes them on a GPU: Qwen3.5's gated delta rule (128 x 128 state per value head) and Granite 4.0-H's
   Mamba-2 update (state 128 x head 64). Its dots on the matrix units (Hopper's wgmma)."""
-  from pallas_kernels import linear_scan
-
   target = gpu_compile.TARGETS[target]
-  num_tokens, num_seqs, num_heads = 2048, 8, 32
-  rows = lambda width, dtype=jnp.bfloat16: jax.ShapeDtypeStruct((num_tokens, num_heads, width), dtype)  # noqa: E731
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  f32 = jax.ShapeDtypeStruct((num_tokens, num_heads), jnp.float32)
-  states = jax.ShapeDtypeStruct((num_seqs, num_heads, k_dim, v_dim), jnp.float32)
-  fn = functools.partial(linear_scan.gated_delta_chunks, delta=delta)
-  [module] = gpu_compile.triton_modules(fn, rows(k_dim), rows(k_dim), rows(v_dim), f32, f32, states,
-                                        i32(num_seqs + 1), i32(num_seqs), i32(num_seqs), i32(num_seqs), target=target)
-  report = gpu_compile.compile_module(module, target)
+  report = _linear_scan_module(delta, 32, k_dim, v_dim, target)
   assert report.fits and report.spill_bytes == 0, report
   assert report.matrix_instructions == {"sm90": "HGMMA", "gfx942": "MFMA"}[target.name], report
+
+
+def test_linear_scan_tuning_sweep_compiles_without_spills():
+  """Every tile scripts/linear_scan_bench.py --tune times, at both of its shapes, on sm90: no GPU time to failures."""
+  import importlib
+
+  bench = importlib.import_module("scripts.linear_scan_bench")
+  for delta, num_heads, k_dim, v_dim in bench.SHAPES.values():
+    for chunk, block_v, num_warps in bench.TUNE:
+      report = _linear_scan_module(delta, num_heads, k_dim, v_dim, gpu_compile.TARGETS["sm90"], chunk=chunk,
+                                   block_v=block_v, num_warps=num_warps)
+      assert report.fits and report.spill_bytes == 0, (chunk, block_v, num_warps, report)

@@ -326,3 +326,17 @@ def test_grouped_int8_experts_kernel_on_the_gpu():
                             preferred_element_type=jnp.float32)
   np.testing.assert_allclose(np.asarray(got, np.float64), np.asarray(want, np.float64),
                              atol=2e-2 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("delta,num_heads,k_dim,v_dim", [(True, 4, 128, 128), (False, 4, 128, 64), (True, 3, 8, 12)],
+                         ids=["qwen3.5", "granite4-h", "odd-widths"])
+def test_linear_scan_kernel_on_the_gpu(delta, num_heads, k_dim, v_dim, dtype, tol):
+  """The linear attention prefill kernel compiled (pallas_kernels/linear_scan.py) against the rule token by token in
+  float64, on tests/test_linear_scan.py's random ragged batches (scripts/gpu_check.sh runs these in its "linear"
+  step)."""
+  from test_linear_scan import check_kernel
+
+  rng = np.random.default_rng()
+  for _ in range(2):
+    check_kernel(rng, num_heads, k_dim, v_dim, 16, delta, dtype, tol, interpret=False)

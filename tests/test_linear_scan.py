@@ -50,10 +50,11 @@ def _random_batch(rng, num_heads, k_dim, v_dim, chunk):
     return (q, k, v, g, beta, s0), cu, np.asarray(lens, np.int32), np.asarray(starts, np.int32), np.asarray(snaps, np.int32)
 
 
-def _check(rng, num_heads, k_dim, v_dim, chunk, delta, dtype, tol, **tiles):
+def check_kernel(rng, num_heads, k_dim, v_dim, chunk, delta, dtype, tol, interpret=True, **tiles):
+    """The kernel on a fresh random batch against the rule in float64 (tests/test_kernels_gpu.py: compiled)."""
     inputs, cu, lens, starts, snaps = _random_batch(rng, num_heads, k_dim, v_dim, chunk)
     q, k, v, g, beta, s0 = inputs
-    run = jax.jit(functools.partial(linear_scan.gated_delta_chunks, delta=delta, chunk=chunk, interpret=True,
+    run = jax.jit(functools.partial(linear_scan.gated_delta_chunks, delta=delta, chunk=chunk, interpret=interpret,
                                     **tiles))
     o, final, snapped = run(*(jnp.asarray(a, dtype) for a in (q, k, v)), *(jnp.asarray(a, jnp.float32)
                             for a in (g, beta, s0)), *map(jnp.asarray, (cu, lens, starts, snaps)))
@@ -81,20 +82,20 @@ def _check(rng, num_heads, k_dim, v_dim, chunk, delta, dtype, tol, **tiles):
 def test_kernel_is_the_rule_token_by_token(num_heads, k_dim, v_dim, chunk, delta):
     rng = np.random.default_rng()
     for _ in range(2):
-        _check(rng, num_heads, k_dim, v_dim, chunk, delta, jnp.float32, 1e-5)
+        check_kernel(rng, num_heads, k_dim, v_dim, chunk, delta, jnp.float32, 1e-5)
 
 
 @pytest.mark.parametrize("delta", [True, False], ids=["gated_delta", "mamba2"])
 def test_bfloat16_inputs(delta):
     """q, k, v in bfloat16 (the engine's on a GPU): dots on them, the state in float32, within 2e-2."""
-    _check(np.random.default_rng(), 4, 32, 32, 16, delta, jnp.bfloat16, 2e-2)
+    check_kernel(np.random.default_rng(), 4, 32, 32, 16, delta, jnp.bfloat16, 2e-2)
 
 
 def test_value_blocks_are_only_a_knob():
     """The state's value columns cut over programs (block_v 16 of 64) or not: the same results."""
     rng = np.random.default_rng()
-    _check(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=16)
-    _check(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=64)
+    check_kernel(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=16)
+    check_kernel(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=64)
 
 
 def test_unit_lower_inverse():

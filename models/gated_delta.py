@@ -22,7 +22,9 @@ Two ways through a ragged batch (`mix`), both exact:
       (I + A) U = beta (V - exp(G) K S0)                      (a unit lower triangular solve)
       O = exp(G) Q S0 + (Q K^T * exp(G_i - G_j), j <= i) U
       S = exp(G_last) S0 + sum_i exp(G_last - G_i) k_i u_i^T
-  which is the token-by-token rule (`recurrent_reference`) reassociated: matrix products instead of a loop.
+  which is the token-by-token rule (`recurrent_reference`) reassociated: matrix products instead of a loop. On the
+  Pallas backends the same form runs inside a kernel (`pallas_kernels/linear_scan.py`: a program per sequence and
+  value head walks its tiles of 16 tokens), which leaves a GPU no loop to drive from the host.
 
 A sequence may also ask for a snapshot of its state after its first n new tokens (`Batch.snapshot_offsets`: the
 prefix cache's, engine.state_snapshots): the chunk's pieces are cut there too, and the state (and the convolution's

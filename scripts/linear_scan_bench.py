@@ -2,8 +2,8 @@
 loop it replaces, one layer's rule as the engine runs it (`models.gated_delta._delta_rule`: the states gathered from
 their slots and written back, bfloat16 q/k/v into the kernel, float32 in the loop).
 
-Shapes: Qwen3.5-9B's gated delta rule (32 value heads, 128 x 128 state each) and Granite-4.0-H-Small's Mamba-2
-update (128 heads, state 128 x head 64). Cases: one 2,048-token chunk, four of 512 over prefixes, one 512-token chunk
+Shapes: the gated delta rule with 32 value heads of a 128 x 128 state (Qwen3-Next-80B's linear layers) and Mamba-2's
+update with 128 heads of state 128 x head 64 (Granite 4.0-H's larger models). Cases: one 2,048-token chunk, four of 512 over prefixes, one 512-token chunk
 beside 63 decodes (a mixed step). Each row prints the median time of the XLA loop and of the kernel, their ratio, and
 the largest difference of the outputs (relative to the largest output). `--tune` sweeps the kernel's tiles (every
 configuration listed compiles for sm90 without spills: tests/test_kernels_compile.py) on the 2,048-token chunk.
@@ -28,7 +28,7 @@ from models import gated_delta  # noqa: E402
 from pallas_kernels import linear_scan  # noqa: E402
 from scripts.kernel_bench import time_fn  # noqa: E402
 
-SHAPES = {"qwen3.5-9b": (True, 32, 128, 128), "granite-4.0-h-small": (False, 128, 128, 64)}  # delta, H, Dk, Dv
+SHAPES = {"gated-delta 32x128x128": (True, 32, 128, 128), "mamba2 128x128x64": (False, 128, 128, 64)}  # delta, H, Dk, Dv
 CASES = {"1 x 2048": [(2048, 0)], "4 x 512": [(512, 1000 * i) for i in range(4)],
          "512 + 63 decodes": [(512, 0)] + [(1, 300 + i) for i in range(63)]}  # (new tokens, start) per sequence
 # (chunk, block_v, num_warps): tiles that compile for sm90 without spills at both shapes in bfloat16
@@ -79,7 +79,7 @@ def main(argv=None):
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
   key = jax.random.key(0)
   if args.tune:
-    header = f"{'shape':<20} {'chunk':>5} {'block_v':>7} {'warps':>5} {'ms':>9}"
+    header = f"{'shape':<22} {'chunk':>5} {'block_v':>7} {'warps':>5} {'ms':>9}"
     print(header + "\n" + "-" * len(header))
     for name, (delta, num_heads, k_dim, v_dim) in shapes.items():
       case = make_case(key, next(iter(cases.values())), delta=delta, num_heads=num_heads, k_dim=k_dim, v_dim=v_dim)
@@ -93,11 +93,11 @@ def main(argv=None):
           seconds = time_fn(fn, q, k, v, case["g"], case["beta"], s0, case["cu"], case["q_lens"], case["starts"],
                             snap, reps=reps)
         except Exception as e:  # noqa: BLE001 (report and go on)
-          print(f"{name:<20} {chunk:>5} {block_v:>7} {warps:>5} failed: {type(e).__name__}: {str(e)[:160]}")
+          print(f"{name:<22} {chunk:>5} {block_v:>7} {warps:>5} failed: {type(e).__name__}: {str(e)[:160]}")
           continue
-        print(f"{name:<20} {chunk:>5} {block_v:>7} {warps:>5} {seconds * 1e3:9.3f}", flush=True)
+        print(f"{name:<22} {chunk:>5} {block_v:>7} {warps:>5} {seconds * 1e3:9.3f}", flush=True)
     return
-  header = f"{'shape':<20} {'case':<18} {'xla loop ms':>11} {'kernel ms':>10} {'speed-up':>8} {'max|diff|':>9}"
+  header = f"{'shape':<22} {'case':<18} {'xla loop ms':>11} {'kernel ms':>10} {'speed-up':>8} {'max|diff|':>9}"
   print(header + "\n" + "-" * len(header))
   for name, (delta, num_heads, k_dim, v_dim) in shapes.items():
     for case_name, seqs in cases.items():
@@ -111,11 +111,11 @@ def main(argv=None):
           outs[which] = np.asarray(fn(*call)[0][: int(case["cu"][-1])], np.float32)
           times[which] = time_fn(fn, *call, reps=reps)
         except Exception as e:  # noqa: BLE001
-          print(f"{name:<20} {case_name:<18} {which} failed: {type(e).__name__}: {str(e)[:160]}")
+          print(f"{name:<22} {case_name:<18} {which} failed: {type(e).__name__}: {str(e)[:160]}")
       if len(times) < 2:
         continue
       diff = np.abs(outs["xla"] - outs[backend]).max() / (np.abs(outs["xla"]).max() + 1e-30)
-      print(f"{name:<20} {case_name:<18} {times['xla'] * 1e3:11.3f} {times[backend] * 1e3:10.3f} "
+      print(f"{name:<22} {case_name:<18} {times['xla'] * 1e3:11.3f} {times[backend] * 1e3:10.3f} "
             f"{times['xla'] / times[backend]:7.2f}x {diff:9.2e}", flush=True)
 
 

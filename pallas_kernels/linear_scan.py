@@ -26,11 +26,9 @@ A snapshot (the prefix cache's state at a page boundary, `snap[s]` tokens into t
 sum stopped at the cut: exp(G_cut) S + (K * exp(G_cut - G), rows < cut)^T U, since the rows before the cut never
 depend on the rows after it; no tile is split.
 
-Outputs. Programs write whole tiles, so a sequence's tiles may not overlap another's rows: the output is laid out
-tile by tile (`max_tiles` tiles of `chunk` rows, sequence s's from row `base[s]`), and the wrapper gathers each
-token's row back. Σ_s cdiv(start_s % c + len_s, c) <= T / c + 2 * (sequences with new tokens), so
-T // c + 2 * min(S, T) + 1 tiles always suffice. Inputs are read in place from the packed rows ([T, H, D] padded
-by one tile at each end; a tile's rows of a neighbouring sequence are read and masked).
+Inputs are read in place from the packed rows ([T, H, D] padded by one tile at each end; a tile's rows of a
+neighbouring sequence are read and masked), and outputs written there with a masked store (`plgpu.store`), so that a
+program writes its own sequence's rows only: the first and last tiles share rows with the neighbours' programs.
 
 A program of a sequence with no new tokens here does nothing (its outputs are unspecified): the caller routes
 decodes and drafted tokens elsewhere and keeps their states.
@@ -46,7 +44,6 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_kernel import next_pow2
-from pallas_kernels.reference import bucket_of
 
 NEG_INF = -1e30  # exp() of it is 0: the masked entries of a decay matrix
 
@@ -85,14 +82,13 @@ def _scan_kernel(
     off_ref,    # []  its absolute position modulo chunk: rows of the first tile before it
     len_ref,    # []  its new tokens here (0: the program does nothing)
     snap_ref,   # []  the snapshot's cut, in new tokens (0: none)
-    base_ref,   # []  its first output row (tile-aligned)
     q_ref,      # [Tp, Dk]
     k_ref,      # [Tp, Dk]
     v_ref,      # [Tp, block_v]
     g_ref,      # [Tp] float32, <= 0
     beta_ref,   # [Tp] float32
     s0_ref,     # [Dk, block_v] float32: the state before the chunk
-    o_ref,      # [max_tiles * chunk, block_v] float32
+    o_ref,      # [Tp, block_v] float32: rows as q's
     final_ref,  # [Dk, block_v] float32: the state after the chunk
     snapped_ref,  # [Dk, block_v] float32: the state after the first snap tokens (s0 without a snapshot)
     *, chunk: int, delta: bool, dot_dtype):
@@ -101,7 +97,7 @@ def _scan_kernel(
 
   @pl.when(n > 0)
   def _():
-    row0, off, snap, base = row_ref[()], off_ref[()], snap_ref[()], base_ref[()]
+    row0, off, snap = row_ref[()], off_ref[()], snap_ref[()]
     rows = lax.broadcasted_iota(jnp.int32, (c, c), 0)
     cols = lax.broadcasted_iota(jnp.int32, (c, c), 1)
     r = lax.broadcasted_iota(jnp.int32, (c,), 0)
@@ -131,7 +127,7 @@ def _scan_kernel(
       u_d = u.astype(dot_dtype)
       qk = (_dot_t(q, kd) * decay).astype(dot_dtype)
       o = jnp.exp(gc)[:, None] * _dot(q, s_d) + _dot(qk, u_d)
-      o_ref[pl.ds(base + t * c, c), :] = o
+      plgpu.store(o_ref.at[pl.ds(src, c), :], o, mask=valid[:, None])
 
       def state_at(cut):  # the state after the tile's first `cut` rows
         g_cut = jnp.sum(jnp.where(r == cut - 1, gc, 0.0))
@@ -146,11 +142,6 @@ def _scan_kernel(
     s, snapped = lax.fori_loop(0, num_tiles, tile, (s0, s0))
     final_ref[...] = s
     snapped_ref[...] = snapped
-
-
-def max_tiles(num_tokens: int, num_seqs: int, chunk: int) -> int:
-  """Output tiles enough for any ragged batch of `num_tokens` rows over `num_seqs` sequences (module docstring)."""
-  return num_tokens // chunk + 2 * min(num_seqs, num_tokens) + 1
 
 
 def gated_delta_chunks(q, k, v, g, beta, s0, cu_q_lens, q_lens, starts, snap, *, delta: bool = True,
@@ -186,9 +177,6 @@ def gated_delta_chunks(q, k, v, g, beta, s0, cu_q_lens, q_lens, starts, snap, *,
 
   q_lens = jnp.maximum(q_lens, 0).astype(jnp.int32)
   off = (starts % c).astype(jnp.int32)
-  tiles = jnp.where(q_lens > 0, (off + q_lens + c - 1) // c, 0)
-  base = ((jnp.cumsum(tiles) - tiles) * c).astype(jnp.int32)
-  out_rows = max_tiles(num_tokens, num_seqs, c) * c
   row0 = (cu_q_lens[:-1] + c).astype(jnp.int32)
 
   scalar = pl.BlockSpec((None,), lambda s, h, j: (s,))
@@ -199,19 +187,15 @@ def gated_delta_chunks(q, k, v, g, beta, s0, cu_q_lens, q_lens, starts, snap, *,
   o, final, snapped = pl.pallas_call(
       kernel,
       grid=(num_seqs, num_heads, vp // block_v),
-      in_specs=[scalar] * 5 + [rows_spec(kp), rows_spec(kp),
+      in_specs=[scalar] * 4 + [rows_spec(kp), rows_spec(kp),
                                pl.BlockSpec((num_tokens + 2 * c, None, block_v), lambda s, h, j: (0, h, j)),
                                head_spec, head_spec, state_spec],
-      out_specs=[pl.BlockSpec((out_rows, None, block_v), lambda s, h, j: (0, h, j)), state_spec, state_spec],
-      out_shape=[jax.ShapeDtypeStruct((out_rows, num_heads, vp), jnp.float32),
+      out_specs=[pl.BlockSpec((num_tokens + 2 * c, None, block_v), lambda s, h, j: (0, h, j)), state_spec,
+                 state_spec],
+      out_shape=[jax.ShapeDtypeStruct((num_tokens + 2 * c, num_heads, vp), jnp.float32),
                  jax.ShapeDtypeStruct(s0p.shape, jnp.float32), jax.ShapeDtypeStruct(s0p.shape, jnp.float32)],
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="gated_delta_chunks",
-  )(row0, off, q_lens, snap.astype(jnp.int32), base, qp, kp_, vpad, gp, bp, s0p)
-
-  # Each token's row of the tile layout.
-  t = jnp.arange(num_tokens, dtype=jnp.int32)
-  seq = jnp.clip(bucket_of(cu_q_lens[1:], t), 0, num_seqs - 1)
-  out_row = jnp.clip(base[seq] + off[seq] + t - cu_q_lens[seq], 0, out_rows - 1)
-  return o[out_row, :, :v_dim], final[:, :, :k_dim, :v_dim], snapped[:, :, :k_dim, :v_dim]
+  )(row0, off, q_lens, snap.astype(jnp.int32), qp, kp_, vpad, gp, bp, s0p)
+  return o[c : c + num_tokens, :, :v_dim], final[:, :, :k_dim, :v_dim], snapped[:, :, :k_dim, :v_dim]

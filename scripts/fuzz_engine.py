@@ -33,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # their helpers
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):  # two CPU devices: tensor parallelism
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"
 
 
 def tiny_models(tokenizer) -> dict:
@@ -86,6 +88,35 @@ def tiny_models(tokenizer) -> dict:
 
 MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4")
 RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a recurrent state per sequence)
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose heads split over 2 devices
+ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
+
+
+def draw_features(seed: int, model: str) -> dict:
+    """What the requests and replica add to a seed's configuration, from a generator of their own (a seed's
+    configuration stays what it drew before these existed): seeded top-p sampling instead of greedy, priorities
+    (scheduler.policy priority, preempting), two LoRA adapters beside the base model, tensor parallelism over 2 CPU
+    devices."""
+    rng = random.Random(f"features {seed}")
+    return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
+            "lora": model in ADAPTED and rng.random() < 0.2,
+            "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1}
+
+
+def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict) -> list[list[int]]:
+    """Each prompt's tokens: greedy, or seeded top-p sampling (`features`), with each request's priority and adapter
+    drawn from its index (the same in every engine of a seed)."""
+    from engine.request import SamplingParams
+
+    engine, ids = llm.engine, []
+    for i, (prompt, namespace) in enumerate(prompts):
+        sampled = dict(temperature=0.8, top_p=0.9, seed=1000 + i) if features["sampling"] else dict(temperature=0)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampled, **rules)
+        ids.append(engine.add_request(prompt, params, namespace=namespace,
+                                      priority=(i * 7) % 3 if features["priorities"] else 0,
+                                      adapter=(None, "a", "b")[i % 3] if features["lora"] else None))
+    finals = llm._run(set(ids), progress=False)
+    return [finals[i].token_ids for i in ids]
 
 
 def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> tuple[str, dict, dict, int]:
@@ -123,7 +154,8 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     """-> (None if the seed passes, else what went wrong; what it ran beyond the engine's configuration)."""
     from engine.config import EngineConfig
     from engine.llm import LLM
-    from tests.test_engine import _generate, _prompts
+    from models.lora import write_random_adapter
+    from tests.test_engine import _prompts
 
     rng = random.Random(seed)
     model, reference, fuzzed, max_tokens = draw(rng, backend, only)
@@ -135,16 +167,27 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
         rules = {"allowed_token_ids": tuple(allowed),
                  "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
-    extra = "token rules" if rules else ""
+    features = draw_features(seed, model)
+    extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora") if
+                                                              features[k]), *(["tp 2"] if features["tensor"] > 1 else [])])
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk
+    fuzzed["parallel.tensor"] = features["tensor"]
+    if features["priorities"]:
+        fuzzed["scheduler.policy"] = "priority"
+    adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
+    if adapters:
+        cfg = models[model][0]
+        paths = {name: write_random_adapter(os.path.join(adapters, name), cfg, rank=4, alpha=8.0, seed=seed + i,
+                                            std=0.1) for i, name in enumerate(("a", "b"))}
+        reference["lora.adapters"] = fuzzed["lora.adapters"] = paths
     try:
         want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model]), prompts,
-                         max_tokens, **rules)[0]
+                         max_tokens, features, rules)
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
             llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model])
-            got = _generate(llm, prompts, max_tokens, **rules)[0]
+            got = _generate(llm, prompts, max_tokens, features, rules)
             held = llm.engine.stats()["pages_held_by_requests"]
             llm.engine.shutdown()
             if got != want:
@@ -156,8 +199,9 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
         traceback.print_exc()
         return f"{model} {fuzzed} {rules}: {type(e).__name__}: {str(e)[:300]}", extra
     finally:
-        if disk:
-            shutil.rmtree(disk, ignore_errors=True)
+        for path in (disk, adapters):
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
     return None, extra
 
 

@@ -1,15 +1,16 @@
-"""Engine-level fuzzing: random configurations on tiny random models, greedy outputs against a plain run.
+"""Engine-level fuzzing: random configurations on tiny random models, outputs against a plain run.
 
 Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
-experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, or a tiny
-Qwen3.5: Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots), a KV dtype,
-a page
-size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
+experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, a tiny
+Qwen3.5: Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite
+4.0-H: Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
 hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
 a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
 namespaces), some seeds with token rules (few allowed ids, bad words among them), with invariants checked every
-step (`debug_checks`). Every engine must give the greedy tokens of the same
-model run with the cache off, a big pool and serial steps. The scheduler's own property test
+step (`debug_checks`). Some seeds also (`draw_features`) sample (seeded top-p) instead of decoding greedily, give the
+requests priorities (scheduler.policy priority), serve two LoRA adapters beside the base model, or split the model
+over 2 CPU devices (tensor parallelism). Every engine must give the tokens of the same model run with the cache off,
+a big pool, serial steps and one device. The scheduler's own property test
 (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
 page tables, copy-on-write, host and disk copies, window slots).
 

@@ -40,7 +40,8 @@ class CacheTiers:
             self.host.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
         self.disk = disk
         self.stats = stats
-        # Snapshots of recurrent states by block hash (the router's feed does not cover them: no events kept).
+        # Snapshots of recurrent states by block hash (no events kept: the router's feed reports the snapshots, device
+        # and host together, SequencePages.drain_snapshot_events).
         self.host_states = HostPageIndex(num_host_states) if num_host_states and self.host is not None else None
         if self.host_states is not None:
             self.host_states.record_events = False

@@ -588,13 +588,13 @@ class LLMEngine:
             self.runner.followers = None
 
     def drain_cache_events(self):
-        """Pages stored in / removed from the radix cache, and from its host tier, since the last call (for the
-        router feed). The engine keeps events only from the first call on, which reports what the cache holds then:
+        """Pages stored in / removed from the radix cache, and from its host tier, and (a model with linear attention
+        layers) the prefixes with a snapshot of their recurrent states, since the last call (for the router feed). The engine keeps events only from the first call on, which reports what the cache holds then:
         an offline engine, which nobody drains, would otherwise keep every event it ever made."""
         events = self.scheduler.tree.drain_events()
         if self.scheduler.host is not None:
             events += self.scheduler.host.drain_events()
-        return events
+        return events + self.scheduler.pages.drain_snapshot_events()
 
     # -------------------------------------------------------------------------------- stats
     @property

@@ -33,6 +33,10 @@ class HostPageIndex:
     def __contains__(self, block_hash: int) -> bool:
         return block_hash in self._slots
 
+    def hashes(self):
+        """The block hashes held."""
+        return self._slots.keys()
+
     def lookup(self, block_hash: int) -> int | None:
         """The slot holding `block_hash` (now the most recently used), or None."""
         slot = self._slots.get(block_hash)

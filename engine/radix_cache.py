@@ -27,14 +27,16 @@ class CacheEvent:
     """Pages entering ("stored") or leaving ("removed") the tree, named by chained block hash.
 
     `parent_hash` is the hash of the page just before `block_hashes[0]` (None at the root). `medium` "host": the
-    pages' K/V entered or left the host tier (engine.host_cache) instead; those events carry no parent or namespace.
+    pages' K/V entered or left the host tier (engine.host_cache) instead; "snapshot": a snapshot of the recurrent
+    states after those prefixes appeared or went (a model with linear attention layers resumes a prefix only there,
+    engine.state_snapshots). Those events carry no parent or namespace.
     """
 
     kind: Literal["stored", "removed"]
     block_hashes: tuple[int, ...]
     parent_hash: int | None
     namespace: str | None
-    medium: Literal["device", "host"] = "device"
+    medium: Literal["device", "host", "snapshot"] = "device"
 
 
 class _Node(Edge):

@@ -18,7 +18,7 @@ from engine.cache_tiers import CacheTiers
 from engine.config import CacheConfig
 from engine.page_pool import PagePool
 from engine.block_hash import page_hashes
-from engine.radix_cache import RadixCache
+from engine.radix_cache import CacheEvent, RadixCache
 from engine.request import Sequence
 from engine.state_snapshots import StateSnapshots
 from engine.window_pages import WindowPages
@@ -67,6 +67,22 @@ class SequencePages:
             self.tiers.has_snapshot = self._has_snapshot
         self.tree.on_evict = self._tree_evicting
         self.tree.on_store = self.tiers.tree_storing
+        self._published_snapshots: set[int] = set()  # what drain_snapshot_events reported last
+
+    def drain_snapshot_events(self) -> list[CacheEvent]:
+        """For the router's feed (a model with linear attention layers; none otherwise): the prefixes a request can
+        resume from here, whose recurrent states have a snapshot on the device or in the host tier, that appeared or
+        went since the last call, as `medium="snapshot"` events ("removed" then "stored"; the first call reports what
+        is here). A diff of the two sets: a snapshot leaving the device for the host tier stays resumable."""
+        if self.snapshots is None:
+            return []
+        now = set(self.snapshots.names())
+        if self.tiers.host_states is not None:
+            now.update(self.tiers.host_states.hashes())
+        removed, stored = self._published_snapshots - now, now - self._published_snapshots
+        self._published_snapshots = now
+        return [CacheEvent(kind, tuple(hashes), None, None, medium="snapshot")  # type: ignore[arg-type]
+                for kind, hashes in (("removed", removed), ("stored", stored)) if hashes]
 
     # ----------------------------------------------------------------------------------- queries
     def match(self, seq: Sequence, whole: bool = False):

@@ -38,6 +38,10 @@ class StateSnapshots:
     def __len__(self) -> int:
         return len(self._slot_of)
 
+    def names(self):
+        """The block hashes with a snapshot (being written by this plan's step included)."""
+        return self._slot_of.keys()
+
     def usable(self, block_hash: int) -> bool:
         """A snapshot named so exists and a step before the next one writes it."""
         return block_hash in self._slot_of and block_hash not in self._pending

@@ -175,8 +175,8 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     if disk:
         fuzzed["cache.disk_path"] = disk
     fuzzed["parallel.tensor"] = features["tensor"]
-    if features["priorities"]:
-        fuzzed["scheduler.policy"] = "priority"
+    if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
+        reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
     if adapters:
         cfg = models[model][0]

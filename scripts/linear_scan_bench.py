@@ -2,7 +2,7 @@
 loop it replaces, one layer's rule as the engine runs it (`models.gated_delta._delta_rule`: the states gathered from
 their slots and written back, bfloat16 q/k/v into the kernel, float32 in the loop).
 
-Shapes: the gated delta rule with 32 value heads of a 128 x 128 state (Qwen3-Next-80B's linear layers) and Mamba-2's
+Shapes: the gated delta rule with 32 value heads of a 128 x 128 state (Qwen3.5-9B's linear layers) and Mamba-2's
 update with 128 heads of state 128 x head 64 (Granite 4.0-H's larger models). Cases: one 2,048-token chunk, four of 512 over prefixes, one 512-token chunk
 beside 63 decodes (a mixed step). Each row prints the median time of the XLA loop and of the kernel, their ratio, and
 the largest difference of the outputs (relative to the largest output). `--tune` sweeps the kernel's tiles (every
@@ -28,7 +28,7 @@ from models import gated_delta  # noqa: E402
 from pallas_kernels import linear_scan  # noqa: E402
 from scripts.kernel_bench import time_fn  # noqa: E402
 
-SHAPES = {"gated-delta 32x128x128": (True, 32, 128, 128), "mamba2 128x128x64": (False, 128, 128, 64)}  # delta, H, Dk, Dv
+SHAPES = {"qwen3.5-9b 32x128x128": (True, 32, 128, 128), "mamba2 128x128x64": (False, 128, 128, 64)}  # delta, H, Dk, Dv
 CASES = {"1 x 2048": [(2048, 0)], "4 x 512": [(512, 1000 * i) for i in range(4)],
          "512 + 63 decodes": [(512, 0)] + [(1, 300 + i) for i in range(63)]}  # (new tokens, start) per sequence
 # (chunk, block_v, num_warps): tiles that compile for sm90 without spills at both shapes in bfloat16

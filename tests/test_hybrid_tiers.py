@@ -146,3 +146,44 @@ def test_host_tier_splits_its_memory_between_pages_and_snapshots_as_the_device_d
     with pytest.raises(ConfigKeyError, match="cache.host_memory_gb=0.001 cannot hold cache.host_state_snapshots=1000"):
         plan_kv_cache(config.replace(**{"cache.host_memory_gb": 0.001, "cache.host_state_snapshots": 1000}), cfg, 256,
                       np.dtype(np.float32))
+
+
+def test_the_routers_index_counts_what_a_hybrid_replica_resumes():
+    """The router's feed from a replica of a model with linear attention layers (engine.cache_feed: recurrent, with
+    `medium: "snapshot"` events for the prefixes whose states have a snapshot, on the device or in the host tier): an
+    index fed from it predicts, for each prompt, exactly the cached tokens the replica then serves it, over a pool
+    small enough to thrash into the host tier; where the tree holds more pages than that, counting them would
+    overestimate."""
+    from engine.block_hash import page_hashes
+    from engine.cache_feed import CacheEventFeed
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from engine.router.index import EventFeed, PrefixIndex
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2
+
+    cfg = _tiny_cfg()
+    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    rng = random.Random()
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **TIERED,
+              **{"cache.host_num_pages": 32, "cache.host_state_snapshots": 3})
+    engine = llm.engine
+    feed, index = CacheEventFeed(recurrent=engine.scheduler.pages.snapshots is not None), PrefixIndex(1)
+    router = EventFeed(index, 0)
+    feed.publish(engine.drain_cache_events())
+    router.resync(feed.state())
+    systems = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(20, 40))] for _ in range(3)]
+    greedy = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    overcounted = 0
+    for _ in range(14):
+        prompt = rng.choice(systems) + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(0, 14))]
+        hashes = page_hashes(prompt[: len(prompt) - 1], 8)
+        [predicted] = index.match(hashes)
+        overcounted += len(engine.scheduler.tree.match(prompt[: len(prompt) - 1]).pages) > predicted
+        [out] = llm.generate([prompt], greedy)
+        assert out.cached_tokens == predicted * 8, (out.cached_tokens, predicted)
+        feed.publish(engine.drain_cache_events())
+        assert router.apply(feed.events_after(router.last_seq)) == "done"
+    assert feed.state()["recurrent"] and index.is_recurrent(0) and overcounted
+    assert any(e["medium"] == "snapshot" and e["kind"] == "removed" for e in feed.events_after(0)["events"])

@@ -77,6 +77,34 @@ def test_host_tier_extends_the_match():
     assert idx.match(a)[1] == 0 and idx.num_host(1) == 0
 
 
+def test_a_recurrent_replica_counts_its_match_up_to_its_deepest_snapshot():
+    """A replica of a model with linear attention layers resumes a prefix only where a snapshot of its recurrent
+    states is (`medium: "snapshot"` events, cache_state's snapshot_block_hashes): its depth is cut back to the deepest
+    matched hash it has one for, over tree and host pages alike; other replicas keep their whole match; pending runs
+    still extend from the cut."""
+    idx = PrefixIndex(3)
+    a = chain(100, 10)
+    for slot in range(3):
+        idx.store(slot, a[:6])
+    idx.store(1, a[6:8], medium="host")
+    idx.apply_event(1, {**ev(1, "stored", (a[2], a[7], a[9])), "medium": "snapshot"})  # a[9]: past the match
+    idx.apply_event(2, {**ev(1, "stored", ()), "medium": "snapshot"})  # recurrent, no snapshot yet
+    assert idx.is_recurrent(1) and idx.is_recurrent(2) and not idx.is_recurrent(0)
+    assert idx.match(a) == idx.match_linear(a) == [6, 8, 0]
+    idx.apply_event(1, {**ev(2, "removed", a[7:8]), "medium": "snapshot"})
+    assert idx.match(a) == idx.match_linear(a) == [6, 3, 0]
+    idx.record(2, a[:5], now=0.0)  # routed there: its prefill will snapshot the prompt's last page boundary
+    assert idx.match(a) == [6, 3, 5]
+    feed = EventFeed(idx, 1)
+    feed.resync({"epoch": "e", "last_seq": 0, "block_hashes": {"": list(a[:4])}, "recurrent": True,
+                 "snapshot_block_hashes": [a[1]]})
+    assert idx.match(a)[1] == 2
+    feed.resync({"epoch": "e", "last_seq": 0, "block_hashes": {"": list(a[:4])}})  # (an attention model's replica)
+    assert idx.match(a)[1] == 4 and not idx.is_recurrent(1)
+    idx.drop(2)
+    assert not idx.is_recurrent(2)
+
+
 @pytest.mark.parametrize("seed", range(5))
 def test_match_equals_linear_reference_on_real_cache_trees(seed):
     """Feed the index from HashCaches driven at random (inserts, evictions, pending records):
@@ -99,6 +127,9 @@ def test_match_equals_linear_reference_on_real_cache_trees(seed):
             idx.record(r, seq[rng.randrange(len(seq)):], now=step / 10)
         elif op < 0.9:  # a host tier: any pages, not closed under prefixes
             (idx.store if rng.random() < 0.6 else idx.remove)(r, seq[rng.randrange(len(seq)):], "host")
+        elif op < 0.95 and r % 2:  # odd replicas recurrent: snapshots at some of the pages
+            (idx.store if rng.random() < 0.7 else idx.remove)(r, rng.sample(seq, rng.randrange(len(seq) + 1)),
+                                                              "snapshot")
         for slot, c in enumerate(caches):
             for kind, hashes in c.events:
                 (idx.store if kind == "stored" else idx.remove)(slot, hashes)
@@ -106,7 +137,7 @@ def test_match_equals_linear_reference_on_real_cache_trees(seed):
         idx.expire(step / 10)
         probe = rng.choice(heads)[: rng.randrange(1, 12)] + (next(fresh),)
         assert idx.match(probe) == idx.match_linear(probe)
-        if not idx._runs and not any(idx.num_host(s) for s in range(n)):
+        if not idx._runs and not any(idx.num_host(s) or idx.is_recurrent(s) for s in range(n)):
             assert idx.match(probe) == [c.match(probe)[1] for c in caches]
 
 

@@ -11,6 +11,10 @@ block hashes". Two kinds of entries per replica slot:
   request's tree match there page by page and copies those pages in instead of prefilling them, so
   `match` extends each replica's depth over the consecutive hashes its host tier holds. This set is
   not closed under prefixes (the host tier evicts by LRU), so the extension is a linear walk;
+- snapshots[r], recurrent[r]: a replica of a model with linear attention layers (Qwen3.5, Granite 4.0-H) resumes a
+  prefix only where a snapshot of its recurrent states was taken (engine.state_snapshots), so its depth is cut back to
+  the deepest matched hash it has a snapshot for (events with `medium: "snapshot"`; a replica is recurrent once its
+  cache_state says so or it reports a snapshot). Not closed under prefixes either: the cut is a walk back;
 - pending runs: chains of hashes the router records the moment it routes a request to r (r
   stores those pages only after its prefill, and the event arrives a poll later), so a burst of
   one prefix keeps landing where the first request went. A run is kept whole, keyed by its first
@@ -58,6 +62,8 @@ class PrefixIndex:
         self.pending_ttl_s = pending_ttl_s
         self._confirmed: list[set[int]] = [set() for _ in range(num_replicas)]
         self._host: list[set[int]] = [set() for _ in range(num_replicas)]
+        self._snapshots: list[set[int]] = [set() for _ in range(num_replicas)]
+        self._recurrent = [False] * num_replicas
         self._runs: dict[int, list[tuple[int, tuple[int, ...], float]]] = {}  # first hash -> [(slot, run, expiry)]
         # NOTE: expiries are recorded in call order with a fixed TTL, so the deque is sorted.
         self._expiry: deque[tuple[float, int, tuple[int, tuple[int, ...], float]]] = deque()
@@ -85,6 +91,7 @@ class PrefixIndex:
                         hi = mid
                 depth[slot] = hint = lo
         self._extend_with_host(hashes, depth)
+        self._cut_to_snapshots(hashes, depth)
         if self._runs:
             self._extend_with_runs(hashes, depth)
         return depth
@@ -98,6 +105,7 @@ class PrefixIndex:
             while d < len(hashes) and (hashes[d] in held or hashes[d] in host):
                 d += 1
             depth.append(d)
+        self._cut_to_snapshots(hashes, depth)
         if self._runs:
             self._extend_with_runs(hashes, depth)
         return depth
@@ -108,6 +116,15 @@ class PrefixIndex:
                 d = depth[slot]
                 while d < len(hashes) and hashes[d] in host:
                     d += 1
+                depth[slot] = d
+
+    def _cut_to_snapshots(self, hashes: Sequence[int], depth: list[int]) -> None:
+        """A recurrent replica's depth, back to the deepest matched hash with a snapshot of its states (0: none)."""
+        for slot, snapshots in enumerate(self._snapshots):
+            if self._recurrent[slot]:
+                d = depth[slot]
+                while d and hashes[d - 1] not in snapshots:
+                    d -= 1
                 depth[slot] = d
 
     def _extend_with_runs(self, hashes: Sequence[int], depth: list[int]) -> None:
@@ -140,11 +157,20 @@ class PrefixIndex:
 
     # --- writes --------------------------------------------------------------------------------
 
+    def _held(self, slot: int, medium: str) -> set[int]:
+        if medium == "snapshot":
+            self._recurrent[slot] = True
+            return self._snapshots[slot]
+        return (self._host if medium == "host" else self._confirmed)[slot]
+
     def store(self, slot: int, hashes: Iterable[int], medium: str = "device") -> None:
-        (self._host if medium == "host" else self._confirmed)[slot].update(hashes)
+        self._held(slot, medium).update(hashes)
 
     def remove(self, slot: int, hashes: Iterable[int], medium: str = "device") -> None:
-        (self._host if medium == "host" else self._confirmed)[slot].difference_update(hashes)
+        self._held(slot, medium).difference_update(hashes)
+
+    def is_recurrent(self, slot: int) -> bool:
+        return self._recurrent[slot]
 
     def num_host(self, slot: int) -> int:
         return len(self._host[slot])
@@ -168,16 +194,21 @@ class PrefixIndex:
                 if not entries:
                     del runs[key]
 
-    def reset(self, slot: int, hashes: Iterable[int], host_hashes: Iterable[int] = ()) -> None:
-        """Resync: `slot`'s confirmed set becomes exactly `hashes`, its host tier `host_hashes` (a cache_state
-        snapshot)."""
+    def reset(self, slot: int, hashes: Iterable[int], host_hashes: Iterable[int] = (), recurrent: bool = False,
+              snapshot_hashes: Iterable[int] = ()) -> None:
+        """Resync: `slot`'s confirmed set becomes exactly `hashes`, its host tier `host_hashes`, and (`recurrent`) its
+        resumable prefixes `snapshot_hashes` (a cache_state snapshot)."""
         self._confirmed[slot] = set(hashes)
         self._host[slot] = set(host_hashes)
+        self._snapshots[slot] = set(snapshot_hashes)
+        self._recurrent[slot] = recurrent
 
     def drop(self, slot: int) -> None:
         """Forget everything about `slot` (it went down): confirmed entries and pending runs."""
         self._confirmed[slot] = set()
         self._host[slot] = set()
+        self._snapshots[slot] = set()
+        self._recurrent[slot] = False
         for key in list(self._runs):
             kept = [e for e in self._runs[key] if e[0] != slot]
             if kept:
@@ -188,7 +219,7 @@ class PrefixIndex:
     def apply_event(self, slot: int, event: dict[str, Any]) -> None:
         """One cache event as the replicas publish it ({"kind", "block_hashes", "medium", ...}; no medium: device)."""
         kind, medium = event["kind"], event.get("medium", "device")
-        if medium not in ("device", "host"):
+        if medium not in ("device", "host", "snapshot"):
             raise ValueError(f"unknown cache event medium {medium!r}")
         if kind == "stored":
             self.store(slot, event["block_hashes"], medium)
@@ -235,7 +266,8 @@ class EventFeed:
     def resync(self, state: dict[str, Any]) -> None:
         """Replace this replica's confirmed hashes with a /v1/cache_state snapshot."""
         self.index.reset(self.slot, (h for hashes in state["block_hashes"].values() for h in hashes),
-                         state.get("host_block_hashes", ()))
+                         state.get("host_block_hashes", ()), state.get("recurrent", False),
+                         state.get("snapshot_block_hashes", ()))
         self.epoch = state["epoch"]
         self.last_seq = state["last_seq"]
 

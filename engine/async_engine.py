@@ -143,7 +143,7 @@ class AsyncEngine:
         0: no limit."""
         self.engine = engine
         self.max_waiting = max_waiting
-        self.feed = feed or CacheEventFeed(recurrent=engine.scheduler.pages.snapshots is not None)
+        self.feed = feed or CacheEventFeed(recurrent=getattr(engine, "resumes_at_snapshots", False))
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, RequestStream] = {}  # engine thread only
         self._accepting = True

@@ -587,6 +587,12 @@ class LLMEngine:
             self.runner.followers.stop()
             self.runner.followers = None
 
+    @property
+    def resumes_at_snapshots(self) -> bool:
+        """A model with linear attention layers under prefix caching: a prefix is resumable only where a snapshot of
+        its recurrent states is (the router's feed says so: `CacheEventFeed.recurrent`)."""
+        return self.scheduler.pages.snapshots is not None
+
     def drain_cache_events(self):
         """Pages stored in / removed from the radix cache, and from its host tier, and (a model with linear attention
         layers) the prefixes with a snapshot of their recurrent states, since the last call (for the router feed). The engine keeps events only from the first call on, which reports what the cache holds then:

@@ -169,7 +169,7 @@ def test_the_routers_index_counts_what_a_hybrid_replica_resumes():
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **TIERED,
               **{"cache.host_num_pages": 32, "cache.host_state_snapshots": 3})
     engine = llm.engine
-    feed, index = CacheEventFeed(recurrent=engine.scheduler.pages.snapshots is not None), PrefixIndex(1)
+    feed, index = CacheEventFeed(recurrent=engine.resumes_at_snapshots), PrefixIndex(1)
     router = EventFeed(index, 0)
     feed.publish(engine.drain_cache_events())
     router.resync(feed.state())

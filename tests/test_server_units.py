@@ -35,13 +35,17 @@ def test_feed_numbers_events_and_tracks_state():
     assert [e["seq"] for e in feed.events_after(2)["events"]] == [3, 4]
     assert feed.events_after(4)["events"] == [] and feed.events_after(4)["gap"] is False
     assert feed.state() == {"epoch": feed.epoch, "last_seq": 4, "block_hashes": {"": [1, 2], "salt": [7]},
-                            "host_block_hashes": []}
+                            "host_block_hashes": [], "recurrent": False, "snapshot_block_hashes": []}
     feed.publish([_removed(7, ns="salt")])
     assert feed.state()["block_hashes"] == {"": [1, 2]}
     # The host tier's pages: their own set; a hash can be in both tiers.
     feed.publish([CacheEvent("stored", (2, 9, 8), None, None, "host"), CacheEvent("removed", (9,), None, None, "host")])
     assert feed.events_after(5)["events"][0]["medium"] == "host"
     assert feed.state()["block_hashes"] == {"": [1, 2]} and feed.state()["host_block_hashes"] == [2, 8]
+    # A hybrid model's resumable prefixes (snapshots of its recurrent states): a set of their own too.
+    feed.publish([CacheEvent("stored", (1, 2), None, None, "snapshot"), CacheEvent("removed", (1,), None, None, "snapshot")])
+    assert feed.state()["snapshot_block_hashes"] == [2] and feed.state()["block_hashes"] == {"": [1, 2]}
+    assert CacheEventFeed(recurrent=True).state()["recurrent"]
 
 
 def test_feed_reports_gaps_and_limits_batches():

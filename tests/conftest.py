@@ -1,4 +1,5 @@
-"""Shared test set-up: CPU only, four forced host devices (tensor-parallel tests), no network."""
+"""Shared test set-up: CPU only, four forced host devices (tensor-parallel tests), no network; fresh random input
+per run that a failing test's report says how to draw again (tests/fresh.py)."""
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,6 +9,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import pytest  # noqa: E402
+
+import fresh  # noqa: E402
 
 _LOWERED: list[str] = []  # every function JAX lowered (to compile it, or to look it up in the persistent cache)
 _listening = False
@@ -27,3 +30,24 @@ def lowered():
         _listening = True
     start = len(_LOWERED)
     return lambda: _LOWERED[start:]
+
+
+def pytest_configure(config):
+    fresh.run_seed()  # set in the environment before xdist starts its workers, which inherit it
+
+
+def pytest_report_header(config):
+    return f"fresh random input: {fresh.ENV}={fresh.run_seed()} (tests/fresh.py)"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    fresh.begin(item.nodeid)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.failed:
+        again = f"{fresh.ENV}={fresh.run_seed()} bash scripts/test.sh '{item.nodeid}'"
+        report.sections.append(("fresh random input", f"this run's draws again: {again}"))

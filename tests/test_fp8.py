@@ -3,7 +3,6 @@ float64 numpy on fresh random input, the forward against the dequantized model's
 stored (bit for bit) in the engine and across devices."""
 import dataclasses
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -19,15 +18,12 @@ from models.loader import checkpoint_quantization, load_weights, tokenizer_sourc
 from models.tokenizer import Tokenizer
 from dense_reference import dense_logits
 from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
+import fresh
 
 FP8 = ml_dtypes.float8_e4m3fn
 # every finite e4m3 value, for the nearest-value checks (independent of any cast)
 E4M3 = np.unique(np.arange(256, dtype=np.uint8).view(FP8).astype(np.float64))
 E4M3 = E4M3[np.isfinite(E4M3)]
-
-
-def _rng() -> np.random.Generator:
-    return np.random.default_rng(int(time.time() * 1000) % 2**32)  # fresh input each run
 
 
 def _is_nearest(x: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -54,7 +50,7 @@ def test_fp8_weights_are_each_columns_nearest_e4m3_values_scaled_to_448():
     """quantize_weight(dtype=FP8): a float32 scale per output feature (and expert), its largest |w| / 448 (an all-zero
     column: 1); every value the e4m3 nearest to w / scale; so each weight within 1/16 of itself (e4m3's 3 mantissa
     bits) or, below e4m3's normals, within half its subnormal step."""
-    rng = _rng()
+    rng = fresh.rng()
     w = rng.standard_normal((2, 3, 96, 40)).astype(np.float32) * np.exp(rng.uniform(-7, 7, (2, 3, 1, 40))).astype(
         np.float32)
     w[1, 2, :, 5] = 0
@@ -76,7 +72,7 @@ def test_fp8_dots_are_e4m3_arithmetic():
     weights' product within float32 rounding. W8A8 (`quantized_activations`): each row of h scaled to 448 (max |row| /
     448) and rounded to the nearest e4m3, an e4m3 x e4m3 dot summed in float32, both scales applied: that arithmetic
     in float64 numpy (a zero row stays zero); the same with the weight stored transposed (up to float32 sums)."""
-    rng = _rng()
+    rng = fresh.rng()
     h = rng.standard_normal((9, 96)).astype(np.float32) * rng.uniform(0.1, 10, (9, 1)).astype(np.float32)
     h[3] = 0
     w, s = quant.quantize_weight(rng.standard_normal((1, 96, 40)).astype(np.float32), dtype=FP8)
@@ -106,7 +102,7 @@ def test_block_fp8_matmul_kernel_matches_float64(dtype):
     bfloat16 within 2e-2. Blocks the tiles cannot hold are refused by name."""
     from pallas_kernels import fp8_matmul
 
-    rng = _rng()
+    rng = fresh.rng()
     for m, (k, n), (bk, bn) in [(1, (256, 384), (128, 128)), (7, (384, 256), (128, 128)), (16, (128, 256), (32, 64)),
                                 (40, (256, 128), (128, 128)), (130, (128, 128), (64, 32))]:
         w = rng.standard_normal((n, k)) * np.exp(rng.uniform(-4, 4, (n // bn, 1, k // bk, 1))).repeat(bn, 0).reshape(
@@ -142,11 +138,11 @@ def test_fp8_forward_is_the_dequantized_models(experts):
     grouped matmuls give what running every expert gives, with e4m3 activations too."""
     moe = {"num_experts": experts, "num_experts_per_tok": 2, "moe_intermediate_size": 32} if experts else {}
     cfg = _tiny(**moe)
-    params = jax.device_get(llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(fresh.seed())))
     fp8 = quant.quantize_params(params, "fp8")
     names = [n for n in quant.PROJECTIONS + quant.EXPERTS if n in params["layers"]]
     assert all(fp8["layers"][n].dtype == FP8 for n in names) and ("moe_up" in names) == bool(experts)
-    ids = jnp.asarray(_rng().integers(0, cfg.vocab_size, 24), jnp.int32)
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 24), jnp.int32)
     got = np.asarray(llama.forward_dense(jax.device_put(fp8), cfg, ids))
     want = np.asarray(llama.forward_dense(jax.device_put(quant.dequantize_params(fp8)), cfg, ids))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
@@ -288,7 +284,7 @@ def test_grouped_scaled_matmul_kernel_matches_ragged_dot(dtype):
     XLA's ragged_dot over the dequantized experts; float32 within 1e-5 of the largest output, bfloat16 within 2e-2."""
     from pallas_kernels import fp8_matmul
 
-    rng = _rng()
+    rng = fresh.rng()
     for num_experts, k, n, block, rows in [(6, 256, 384, 128, 9), (8, 128, 64, 32, 1), (3, 64, 128, 16, 150),
                                            (5, 128, 128, 64, 40), (6, 96, 48, "int8", 20), (4, 64, 80, "e4m3", 30)]:
         w = rng.standard_normal((num_experts, k, n)).astype(np.float32)
@@ -407,7 +403,7 @@ def test_gpu_engines_leave_dense_fp8_blocks_to_xla_and_read_8bit_experts_with_th
     assert quant_kernel_mode("pallas_interpret", blocks, hopper) == "pallas_interpret"
     assert quant_kernel_mode("xla", blocks | int8_experts, hopper) == "none"
     # "pallas_experts": a dense block-scaled projection is XLA's (no pallas_call), as with "none"
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     p = {"w": jnp.asarray(rng.standard_normal((64, 32)), FP8), "w_block_scale": jnp.ones((1, 1), jnp.float32)}
     h = jnp.asarray(rng.standard_normal((3, 64)), jnp.float32)
     jaxpr = str(jax.make_jaxpr(lambda h: llama.linear(h, p, "w", quant_kernels="pallas_experts"))(h))

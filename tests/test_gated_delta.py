@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import os
 import random
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from models import gated_delta, llama, sharding
 from models.config import LlamaConfig
 from models.errors import ConfigError
 from pallas_kernels import gpu_compile
+import fresh
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
@@ -58,7 +58,7 @@ def _numpy_rule(q, k, v, g, beta, s0):
 
 @pytest.mark.parametrize("valid", [64, 37, 1])
 def test_matrix_form_is_the_rule_token_by_token(valid):
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     q, k, v, g, beta = _rule_inputs(rng, 64, 3, 8, 12)
     s0 = rng.standard_normal((3, 8, 12)).astype(np.float32)
     mask = np.arange(64) < valid
@@ -90,7 +90,7 @@ def _tiny_granite4() -> LlamaConfig:
 @pytest.mark.parametrize("valid", [64, 37, 1])
 def test_mamba2_matrix_form_is_the_recurrence_token_by_token(valid):
     """Mamba-2's state space duality (delta=False): S <- exp(g) S + k v^T, o = S^T q, in float64 numpy."""
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     q, k, v, g, _ = _rule_inputs(rng, 64, 3, 8, 12)
     s0 = rng.standard_normal((3, 8, 12)).astype(np.float32)
     s, want = s0.astype(np.float64), []
@@ -115,10 +115,10 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model, backend):
     Gated DeltaNet (Qwen3.5) and Mamba-2 (Granite 4.0-H) layers; the chunks through the XLA piece loop, and through
     the Pallas kernel (pallas_kernels/linear_scan.py) in interpret mode."""
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     num_slots, starts, lens = 10, [0, 5, 70, 3, 0], [1, 150, 1, 64, 90]
     slots, snapshots, snapshot_slots = [4, 0, 2, 5, 1], [1, 40, 0, 64, 90], [6, 7, 3, 8, 9]
     # two linear layers' states; the batch runs the second's (the first's must stay as they are)
@@ -166,10 +166,10 @@ def test_drafted_sequences_keep_the_state_after_each_token(model, backend):
     sequence holds its state (recurrent and convolution) after its first j + 1 tokens, for every token but the last;
     a snapshot after the real token is taken too; slots nobody names are untouched."""
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     K, num_slots = 3, 24
     starts, lens, slots = [9, 30, 4, 70, 12], [4, 2, 1, 80, 3], [0, 1, 2, 3, 4]
     drafted = [True, True, False, False, True]
@@ -220,10 +220,10 @@ def test_a_decode_step_compiles_only_the_single_steps_and_matches_the_general_pr
     slots, drafted sequences of 2 to K + 1 tokens, snapshots after the first token for some sequences, and slots no
     sequence names left untouched."""
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     K, num_seqs, max_seqs = 3, 5, 8  # 3 padding sequence slots
     num_slots = 12 + max_seqs * K  # sequences' and snapshots' slots, then K draft slots per sequence
     shapes = gated_delta.state_shapes(cfg, num_slots)
@@ -321,7 +321,7 @@ def _hf_qwen3_5(moe: bool = False, next_: bool = False):
     import torch
     import transformers
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     experts = dict(moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=6, num_experts_per_tok=2)
     if next_:
         model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**TINY, **experts)).eval()
@@ -353,7 +353,7 @@ def test_qwen3_5_checkpoint_matches_transformers_and_serves_its_greedy_tokens(tm
     model.save_pretrained(tmp_path)
     cfg, params = load_weights(str(tmp_path))
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 150))  # three pieces of the matrix form
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 150))  # three pieces of the matrix form
     with torch.no_grad():  # in float64: transformers' float32 and ours each stray ~5e-5 from it, ~1e-4 from each other
         ref = model.double()(torch.tensor([ids])).logits[0].numpy()
         model.float()
@@ -401,9 +401,9 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (2, 9, 30)]
     prompts.append(list(prompts[1]))  # resumed at its prompt-end snapshot
@@ -455,7 +455,7 @@ def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3))
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     # (Granite 4.0-H's MLP is `shared_mlp.input_linear` / `output_linear` in transformers, not adapted here: attention's)
     modules = ["wq", "wv", "wo", "w_up", "w_down"] if model == "qwen3_5" else ["wq", "wv", "wo"]
@@ -469,7 +469,7 @@ def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
             layers[name] = layers[name] + np.einsum("lir,lro->lio", a[rows], b[rows]).astype(layers[name].dtype)
         return {**params, "layers": layers}
 
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(24)]
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (2, 7)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -513,10 +513,10 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    seed = int(time.time())
+    seed = fresh.seed()
     params, updated = (llama.init_params(cfg, jax.random.PRNGKey(seed + i), scale=0.3) for i in range(2))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (3, 9, 17)]
     prompts += [[rng.randrange(3, cfg.vocab_size) for _ in range(30)], list(prompts[0])]
@@ -552,9 +552,9 @@ def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (1, 5, 70, 9, 40)]
     prompts.append(list(prompts[2]))  # resumed at its prompt's snapshot
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -589,7 +589,7 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     model = _hf_qwen3_5()
     model.save_pretrained(tmp_path)
     cfg, params = load_weights(str(tmp_path))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(75)]
     tail = lambda n: [rng.randrange(3, cfg.vocab_size) for _ in range(n)]  # noqa: E731
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
@@ -657,13 +657,13 @@ def test_qwen3_5_moe_checkpoint_matches_transformers_and_resumes_a_shared_prefix
     cfg, params = load_weights(str(tmp_path))
     assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.shared_expert_gate) == (6, 2, True)
     assert cfg.num_params() == sum(p.numel() for p in model.parameters())
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 100))
     with torch.no_grad():  # (transformers' grouped expert matmuls take no float64)
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     # float32 on both sides: one seed put 1 of 21,100 logits 3.6e-4 apart (2026-12-04), past the 3e-4 this had
     np.testing.assert_allclose(ours, ref, atol=5e-4, rtol=1e-4)
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(30)]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     waves = [[system + [5, 6]], [system + [7]], [system + [8, 9, 10], system + [11]]]
@@ -690,7 +690,7 @@ def test_qwen3_next_checkpoint_matches_transformers(tmp_path):
     model.save_pretrained(tmp_path)
     cfg, params = load_weights(str(tmp_path))
     assert cfg.architecture == "qwen3_next" and cfg.num_params() == sum(p.numel() for p in model.parameters())
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 100))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
@@ -722,7 +722,7 @@ def _hf_granite4(experts: int = 0, **changes):
     import torch
     import transformers
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(
         **{**GRANITE4, "num_local_experts": experts, **changes})).eval()
     with torch.no_grad():  # every weight away from its initial value (norms at 1, A_log, D, dt_bias)
@@ -745,7 +745,7 @@ def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tm
     from models.tokenizer import Tokenizer
     from test_models import SMOLLM2, _assert_greedy_is_argmax
 
-    ids = list(np.random.default_rng().integers(0, GRANITE4["vocab_size"], 150))  # three pieces of the matrix form
+    ids = list(fresh.rng().integers(0, GRANITE4["vocab_size"], 150))  # three pieces of the matrix form
     for experts, limit in ((4, (0.0, float("inf"))), (0, (0.0, 0.3))):
         model = _hf_granite4(experts, time_step_limit=limit)
         model.save_pretrained(tmp_path / str(experts))
@@ -758,7 +758,7 @@ def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tm
         ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
         np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
 
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(43)]
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
         "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,

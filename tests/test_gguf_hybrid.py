@@ -20,6 +20,7 @@ from models.errors import ConfigError
 from models.gguf_loader import read_gguf
 from models.loader import load_weights
 from test_gated_delta import GRANITE4, TINY, _hf_granite4, _hf_qwen3_5
+import fresh
 
 # (GGUF architecture, file layout) -> test_gated_delta._hf_qwen3_5's arguments. Qwen3-Next's files: "split" (the
 # converter now cuts in_proj_qkvz into attn_qkv and attn_gate, regrouped) or "legacy" (ssm_in, grouped by key head).
@@ -229,7 +230,7 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(arch, layout, tmp_p
     if arch == "qwen35moe":  # and with each layer's expert gate and up in one tensor
         _write_gguf(tmp_path / "hf", tmp_path / "fused.gguf", arch, layout, fuse_gate_up=True)
         _assert_same_params(load_weights(str(tmp_path / "fused.gguf"))[1], params)
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))  # two pieces of the matrix form
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 100))  # two pieces of the matrix form
     if cfg.num_experts:
         params = _with_files_a_log(params, gguf_params)
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
@@ -437,7 +438,7 @@ def test_granite_hybrid_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(expe
     assert gguf_cfg.max_position == 2**20 and gguf_cfg.linear_kind == "mamba2"
     _assert_same_config(gguf_cfg, cfg, max_position=2**20)
     _assert_same_params(gguf_params, params)
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 100))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 100))
     if experts:
         params = _with_files_a_log(params, gguf_params)
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))

@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from models import llama
 from models.config import ConfigError
 from models.loader import load_weights
 from test_models import TINY, _hf_checkpoint_parity
+import fresh
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
 
@@ -123,7 +123,7 @@ def test_llama3_gguf_with_rope_freqs_matches_the_hf_checkpoint(tmp_path):
     from safetensors.numpy import load_file
     from transformers import LlamaConfig as HFLlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = HFLlamaConfig(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256, rope_theta=1e4,
                            tie_word_embeddings=False,

@@ -3,7 +3,6 @@ pairs, q/k/v biases, gate and up fused; glm4 norms the attention's and the MLP's
 glm4 GGUFs in llama.cpp's layout, against transformers."""
 from __future__ import annotations
 
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from models.safetensors_loader import rope_pair_rows
 from test_gguf_rope import _write_llama_gguf
 from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
 from test_archs import _assert_same_config, _gguf_renamed
+import fresh
 
 TINY = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, max_position_embeddings=256, pad_token_id=0, bos_token_id=1,
@@ -43,7 +43,7 @@ def test_configs_read_as_transformers_builds_the_models():
 def test_rope_pair_rows_turn_interleaved_pairs_into_halves():
     """Each head's RoPE rows from interleaved pairs to halves, the rows around them kept: q . k is unchanged when both
     are reordered alike, and rotate-half RoPE on the reordered rows is interleaved RoPE on the stored ones."""
-    rng = np.random.default_rng(int(time.time()) % 1000)
+    rng = fresh.rng()
     heads, head_dim, start, rope = 3, 10, 2, 6
     w = rng.normal(size=(heads * head_dim, 5))
     got = rope_pair_rows(w, heads, start, rope).reshape(heads, head_dim, 5)
@@ -68,7 +68,7 @@ def _hf_model(arch: str):
     import torch
     import transformers
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     if arch == "glm":
         return transformers.GlmForCausalLM(transformers.GlmConfig(**TINY)).eval()
     return transformers.Glm4ForCausalLM(transformers.Glm4Config(**TINY)).eval()

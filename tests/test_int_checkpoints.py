@@ -4,7 +4,6 @@ reference), GPTQ's and AWQ's (packed here field by field from their formats' def
 on this CPU) load as exactly the weights they stand for, are kept as stored where models/quant.py has their layout,
 and serve the tokens of their dequantized weights."""
 import json
-import time
 
 import jax
 import ml_dtypes
@@ -20,6 +19,7 @@ from models.loader import checkpoint_quantization, load_weights, tokenizer_sourc
 from models.tokenizer import Tokenizer
 from scripts.ct_checkpoint import SCHEMES, write_compressed_tensors
 from tests.test_weight_updates import GREEDY, SMOLLM2, _prompts, _state_dict
+import fresh
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -31,10 +31,6 @@ CT_SCHEMES = {"w4a16": "int4", "w4a16-asym": "int4", "w4a16-asym-channel": "int4
               "w8a16-asym-group": "none"}  # (the last: no kept layout, dequantized at load)
 
 
-def _seed() -> int:
-    return int(time.time() * 1000) % 2**31  # fresh weights each run
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer.load(tokenizer_source(SMOLLM2))
@@ -44,7 +40,7 @@ def tokenizer():
 def hf_model(tokenizer):
     """A random Llama over SmolLM2's vocabulary (2 layers, 4 query heads and 1 KV head), float32, weights large enough
     that greedy tokens are not near ties."""
-    torch.manual_seed(_seed())
+    torch.manual_seed(fresh.seed(key=f"{__name__}.hf_model"))
     config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16,
                                       max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.3)
@@ -88,7 +84,7 @@ def test_compressed_tensors_checkpoints_load_as_the_library_decompresses_them(hf
         method = {"w8a8": "int8"}.get(served, served)
         again = quant.quantize_params(kept, method, group_size=16)["layers"]
         assert all(again[k] is layers[k] for k in layers)
-    ids = np.random.default_rng(_seed()).integers(0, cfg.vocab_size, 24)
+    ids = fresh.rng().integers(0, cfg.vocab_size, 24)
     with torch.no_grad():
         want_logits = reference(torch.as_tensor(ids)[None]).logits[0].numpy()
     got = np.asarray(llama.forward_dense(jax.device_put(kept), cfg, jax.numpy.asarray(ids)))
@@ -115,7 +111,7 @@ def _integer_checkpoint(tensors: dict, config: dict, tokenizer, directory, metho
     here value by value."""
     from safetensors.numpy import save_file
 
-    rng = np.random.default_rng(_seed())
+    rng = fresh.rng()
     tensors, want = dict(tensors), {}
     top = (1 << bits) - 1
     for weight in [name for name in tensors if name.endswith("proj.weight")]:
@@ -235,7 +231,7 @@ def test_a_4bit_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_2(h
     write_compressed_tensors(hf_model, tokenizer, tmp_path, "w4a16-asym")
     base = {"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8, "cache.num_pages": 96,
             "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
-    prompts = _prompts(tokenizer.vocab_size, _seed())
+    prompts = _prompts(tokenizer.vocab_size, fresh.seed())
     dequantized = LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}), progress=False)
     want = [o.token_ids for o in dequantized.generate(prompts, GREEDY)]
     assert dequantized.engine.params["layers"]["wq"].dtype == np.float32
@@ -271,7 +267,7 @@ def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, toke
                                         "cache.num_pages": 64, "model.max_model_len": 128}), progress=False)
     assert llm.engine.config.model.quantization == "w8a8" and llm.engine.model_cfg.quantized_activations
     np.testing.assert_array_equal(np.asarray(llm.engine.params["layers"]["w_up"]), stored["layers"]["w_up"])
-    prompts = _prompts(tokenizer.vocab_size, _seed())[:2]
+    prompts = _prompts(tokenizer.vocab_size, fresh.seed())[:2]
     served = jax.device_put(stored)
     run_cfg = dataclasses.replace(cfg, quantized_activations=True)
     for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):

@@ -9,7 +9,6 @@ compiles without backend optimisation. The engine's stacked cache (a traced laye
 own group; a last group lowers each kernel for CUDA (Pallas -> Triton IR, no GPU needed).
 """
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import decode_kernel, gpu_compile, kv_quant, ragged_kernel, reference, testing
+import fresh
 
 # Decodes, a one-token chunk, chunks longer than a page over cached prefixes, lengths that are
 # not page multiples, and a whole prompt as one chunk.
@@ -100,7 +100,7 @@ def test_resolve_backend():
 
 def test_reference_random():
   """Random lengths, padding rows and padding sequences."""
-  seqs = _random_seqs(np.random.default_rng(100))
+  seqs = _random_seqs(fresh.rng())
   num_valid = sum(q for q, _ in seqs)
   testing.check_attention(_public("xla"), seqs, num_tokens=num_valid + 3, max_seqs=len(seqs) + 2)
 
@@ -109,7 +109,7 @@ def test_reference_random():
                          FEATURES)
 def test_reference_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap):
   testing.check_attention(
-      _public("xla"), MIXED, seed=2, num_tokens=24, max_seqs=7, nan_padding=True,
+      _public("xla"), MIXED, seed=fresh.seed(), num_tokens=24, max_seqs=7, nan_padding=True,
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
@@ -120,7 +120,7 @@ def test_reference_latent_cache(num_q_heads, latent_dims, sliding_window, dtype,
   """A latent cache (DeepSeek's MLA): K pages hold a RoPE key, V pages a latent; each position's key is
   both, its value the latent. Ragged batches with padding, one KV head for 3 to 16 q heads, 8-bit pages."""
   testing.check_attention(
-      _public("xla"), MIXED, seed=int(time.time()) % 1000, num_tokens=24, max_seqs=7, nan_padding=True,
+      _public("xla"), MIXED, seed=fresh.seed(), num_tokens=24, max_seqs=7, nan_padding=True,
       num_q_heads=num_q_heads, num_kv_heads=1, head_dim=sum(latent_dims), latent_dims=latent_dims,
       dtype=dtype, kv_dtype=kv_dtype, sliding_window=sliding_window)
 
@@ -143,10 +143,10 @@ def test_kernels_latent_cache(kernel, num_q_heads, latent_dims, dtype, sliding_w
   and sequences, small blocks so that q blocks, KV tiles, KV splits and head blocks all take several steps."""
   fn = _ragged(2, 16, block_h) if kernel == "ragged" else _decode(16, 3, block_h)
   testing.check_attention(
-      fn, MIXED, seed=int(time.time()) % 1000, num_tokens=24, max_seqs=7, nan_padding=True, num_q_heads=num_q_heads,
+      fn, MIXED, seed=fresh.seed(), num_tokens=24, max_seqs=7, nan_padding=True, num_q_heads=num_q_heads,
       num_kv_heads=1, head_dim=sum(latent_dims), latent_dims=latent_dims, dtype=dtype, kv_dtype=kv_dtype,
       sliding_window=sliding_window, soft_cap=soft_cap, page_size=8,
-      sinks=testing.random_sinks(np.random.default_rng(17), num_q_heads) if sinks else None,
+      sinks=testing.random_sinks(fresh.rng(), num_q_heads) if sinks else None,
       reference_fn=functools.partial(_attn, backend="xla"))
 
 
@@ -155,7 +155,7 @@ def test_latent_cache_real_widths(seqs, decode_only):
   """DeepSeek-V3's widths (a 64-wide RoPE key and a 512-wide latent, 16 q heads as at TP 8) through the public
   entry point at the default tiles, bfloat16, against float64 numpy and the xla reference."""
   testing.check_attention(
-      _public("pallas_interpret", decode_only), seqs, seed=int(time.time()) % 1000, num_q_heads=16,
+      _public("pallas_interpret", decode_only), seqs, seed=fresh.seed(), num_q_heads=16,
       num_kv_heads=1, head_dim=576, latent_dims=(64, 512), page_size=16, dtype=jnp.bfloat16,
       num_tokens=sum(q for q, _ in seqs) + 2, max_seqs=len(seqs) + 1,
       reference_fn=functools.partial(_attn, backend="xla"))
@@ -166,13 +166,13 @@ def test_latent_cache_large_group():
   group over 2 programs of 64 heads, the prefill tiles over 2 programs of 64 heads a token."""
   for decode_only in (True, False):
     testing.check_attention(
-        _public("pallas_interpret", decode_only), [(1, 12), (2, 7)], seed=int(time.time()) % 1000, num_q_heads=128,
+        _public("pallas_interpret", decode_only), [(1, 12), (2, 7)], seed=fresh.seed(), num_q_heads=128,
         num_kv_heads=1, head_dim=48, latent_dims=(16, 32), page_size=4, dtype=jnp.bfloat16, num_tokens=4,
         max_seqs=3, reference_fn=functools.partial(_attn, backend="xla"))
 
 
 def test_latent_widths_are_checked():
-  batch = testing.random_ragged_batch(np.random.default_rng(0), [(2, 5)], num_q_heads=4, num_kv_heads=1,
+  batch = testing.random_ragged_batch(fresh.rng(), [(2, 5)], num_q_heads=4, num_kv_heads=1,
                                       head_dim=40, page_size=4, latent_dims=(8, 32))
   for backend in ("xla", "pallas_interpret"):
     with pytest.raises(ValueError, match="k and v pages 8 and 30"):
@@ -182,7 +182,7 @@ def test_latent_widths_are_checked():
 
 
 def test_reference_block_size_is_only_a_knob():
-  rng = np.random.default_rng(4)
+  rng = fresh.rng()
   batch = testing.random_ragged_batch(rng, MIXED, num_q_heads=4, num_kv_heads=2, head_dim=16,
                                       page_size=4, num_tokens=24)
   n = batch.num_valid_tokens
@@ -201,7 +201,7 @@ def test_reference_block_size_is_only_a_knob():
 # Pallas ragged (prefill + decode) kernel, interpret mode.
 
 def test_ragged_kernel_random():
-  rng = np.random.default_rng(200)
+  rng = fresh.rng()
   seqs = _random_seqs(rng)
   num_valid = sum(q for q, _ in seqs)
   testing.check_attention(_ragged(4, 16), seqs, page_size=8, num_tokens=num_valid + 5,
@@ -213,13 +213,13 @@ def test_ragged_kernel_random():
 def test_ragged_kernel_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window,
                                 soft_cap):
   testing.check_attention(
-      _ragged(4, 16), MIXED, seed=1, num_tokens=24, max_seqs=7, nan_padding=True,
+      _ragged(4, 16), MIXED, seed=fresh.seed(), num_tokens=24, max_seqs=7, nan_padding=True,
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
 def test_ragged_kernel_long_chunk_over_prefix():
   """One chunk spanning many q blocks and KV tiles, plus a decode, page_size 8."""
-  testing.check_attention(_ragged(8, 16), [(37, 61), (1, 30)], seed=3, page_size=8,
+  testing.check_attention(_ragged(8, 16), [(37, 61), (1, 30)], seed=fresh.seed(), page_size=8,
                           num_tokens=40, max_seqs=4, sliding_window=20)
 
 
@@ -227,7 +227,7 @@ def test_ragged_kernel_long_chunk_over_prefix():
 def test_ragged_kernel_unmasked_interior_tiles(sliding_window):
   """Chunks over prefixes many 16-position tiles long, so that walk_tiles runs all three of its
   loops: masked tiles at the window's start, whole tiles without a mask, masked diagonal tiles."""
-  testing.check_attention(_ragged(8, 16), [(37, 200), (5, 90), (1, 130), (16, 16)], seed=5,
+  testing.check_attention(_ragged(8, 16), [(37, 200), (5, 90), (1, 130), (16, 16)], seed=fresh.seed(),
                           page_size=8, num_tokens=64, max_seqs=5, sliding_window=sliding_window,
                           nan_padding=True)
 
@@ -245,7 +245,7 @@ def test_hopper_defaults_follow_the_target():
 
 def test_ragged_kernel_more_sequences_than_tokens():
   """A bucket with few token rows and many (mostly padding) sequence slots."""
-  testing.check_attention(_ragged(4, 16), [(1, 5), (2, 7)], seed=4, num_tokens=4, max_seqs=9)
+  testing.check_attention(_ragged(4, 16), [(1, 5), (2, 7)], seed=fresh.seed(), num_tokens=4, max_seqs=9)
 
 
 @pytest.mark.parametrize("seqs,num_tokens,max_seqs,sinks", [
@@ -255,9 +255,9 @@ def test_ragged_kernel_more_sequences_than_tokens():
 ])
 def test_public_pallas_interpret(seqs, num_tokens, max_seqs, sinks):
   """Default block sizes through the public entry point, against numpy and the xla reference."""
-  testing.check_attention(_public("pallas_interpret"), seqs, seed=5, num_tokens=num_tokens,
+  testing.check_attention(_public("pallas_interpret"), seqs, seed=fresh.seed(), num_tokens=num_tokens,
                           max_seqs=max_seqs, dtype=jnp.bfloat16,
-                          sinks=testing.random_sinks(np.random.default_rng(5), 4) if sinks else None,
+                          sinks=testing.random_sinks(fresh.rng(), 4) if sinks else None,
                           reference_fn=functools.partial(_attn, backend="xla"))
 
 
@@ -269,14 +269,14 @@ def test_decode_kernel_random(num_splits):
   """Random decode batches; 1 split, splits that do not divide the tiles, more splits than tiles."""
   rng = np.random.default_rng(300 + num_splits)
   seqs = _random_seqs(rng, max_kv_len=60, decode_only=True)
-  testing.check_attention(_decode(16, num_splits), seqs, seed=num_splits, page_size=8,
+  testing.check_attention(_decode(16, num_splits), seqs, seed=fresh.seed(), page_size=8,
                           num_tokens=len(seqs) + 2, max_seqs=len(seqs) + 3, nan_padding=True,
                           **_features(*FEATURES[num_splits % 4].values))
 
 
 def test_decode_kernel_is_correct_on_chunks_too():
   """Rows are independent, so decode_only is only a performance hint."""
-  testing.check_attention(_decode(16, 2), MIXED, seed=8, num_tokens=24,
+  testing.check_attention(_decode(16, 2), MIXED, seed=fresh.seed(), num_tokens=24,
                           **_features(*FEATURES[2].values))
 
 
@@ -286,7 +286,7 @@ def test_decode_kernel_is_correct_on_chunks_too():
 def test_attention_f64_sinks():
   """The float64 attention itself: sinks=None is the plain softmax (bit for bit a sink of -inf), a
   sink of -30 changes nothing, and a row that sees one position weighs it by e^s / (e^s + e^sink)."""
-  batch = testing.random_ragged_batch(np.random.default_rng(15), MIXED, num_q_heads=4,
+  batch = testing.random_ragged_batch(fresh.rng(), MIXED, num_q_heads=4,
                                       num_kv_heads=2, head_dim=16, page_size=4, dtype=np.float64)
   opts = dict(sm_scale=0.25, sliding_window=7, soft_cap=3.0)
   plain = testing.attention_f64(batch, **opts)
@@ -319,8 +319,8 @@ def test_sinks(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_windo
   attention with sinks; the decode kernel's splits merge with the sink (3 splits)."""
   fn = {"xla": _public("xla"), "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
   testing.check_attention(
-      fn, MIXED, seed=16, num_tokens=24, max_seqs=7, nan_padding=True,
-      sinks=testing.random_sinks(np.random.default_rng(16), num_q_heads),
+      fn, MIXED, seed=fresh.seed(), num_tokens=24, max_seqs=7, nan_padding=True,
+      sinks=testing.random_sinks(fresh.rng(), num_q_heads),
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
@@ -344,9 +344,9 @@ def test_quantized_cache(kernel, kv_dtype, dtype, num_q_heads, num_kv_heads, hea
   fn = {"xla": _public("xla"), "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
   seqs = DECODES if kernel == "decode" else MIXED
   testing.check_attention(
-      fn, seqs, seed=11, page_size=8, num_tokens=sum(q for q, _ in seqs) + 3, max_seqs=7,
+      fn, seqs, seed=fresh.seed(), page_size=8, num_tokens=sum(q for q, _ in seqs) + 3, max_seqs=7,
       kv_dtype=kv_dtype, reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"),
-      sinks=testing.random_sinks(np.random.default_rng(11), num_q_heads) if sinks else None,
+      sinks=testing.random_sinks(fresh.rng(), num_q_heads) if sinks else None,
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
@@ -354,7 +354,7 @@ def test_quantized_cache(kernel, kv_dtype, dtype, num_q_heads, num_kv_heads, hea
 def test_quantize_error_bound(kv_dtype):
   """int8: every element within half a step (scale / 2); e4m3: within 2^-4 of its magnitude (3
   mantissa bits), or of the smallest normal step. The largest element is exact; zeros stay zero."""
-  rng = np.random.default_rng(12)
+  rng = fresh.rng()
   x = rng.standard_normal((64, 4, 32)) * rng.uniform(1e-3, 1e3, (64, 4, 1))
   x[3, 1] = 0.0
   values, scales = kv_quant.quantize(jnp.asarray(x, jnp.float32), kv_dtype)
@@ -375,7 +375,7 @@ def test_quantize_error_bound(kv_dtype):
 def test_write_kv_quantized(backend):
   """Both backends write the same values and scales (quantized from the new rows), into the traced
   layer only; padding slots are skipped."""
-  rng = np.random.default_rng(13)
+  rng = fresh.rng()
   num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
   shape = (NUM_LAYERS, num_kv_heads, num_pages, page_size, head_dim)
   k_pages = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8)
@@ -414,7 +414,7 @@ def test_write_kv_quantized(backend):
 def test_write_kv(backend, dtype, stacked):
   """Into NaN pages: exactly the new rows land, nothing else changes. stacked: a [L, ...] cache
   and a random traced layer; only that layer may change."""
-  rng = np.random.default_rng(9)
+  rng = fresh.rng()
   num_kv_heads, num_pages, page_size, head_dim, num_tokens = 2, 5, 4, 16, 9
   shape = (num_kv_heads, num_pages, page_size, head_dim)
   if stacked:
@@ -448,7 +448,7 @@ def test_write_kv(backend, dtype, stacked):
 def test_write_kv_latent(kv_dtype):
   """A latent cache's rows (K a RoPE key of 16, V a latent of 64): the Pallas write stores what the jnp scatter
   stores, bit for bit (values and, 8-bit, scales), into the traced layer only; padding slots skipped."""
-  rng = np.random.default_rng(18)
+  rng = fresh.rng()
   num_pages, page_size, num_tokens, layer = 5, 4, 9, 1
   storage = kv_quant.storage_dtype(kv_dtype)
   cache = [jnp.asarray(rng.integers(0, 100, (NUM_LAYERS, 1, num_pages, page_size, d)), storage) for d in (16, 64)]
@@ -481,7 +481,7 @@ def test_write_kv_latent(kv_dtype):
 ])
 def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype):
   """Every kernel, in the engine's form: stacked [L, ...] cache and a traced layer index."""
-  rng = np.random.default_rng(10)
+  rng = fresh.rng()
   batch = testing.random_ragged_batch(rng, [(1, 9), (20, 300)], num_q_heads=num_q_heads,
                                       num_kv_heads=num_kv_heads, head_dim=head_dim,
                                       page_size=page_size, num_tokens=32, max_seqs=4)
@@ -514,7 +514,7 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
 def test_bucket_of_matches_searchsorted():
   """The unrolled search the kernels' wrappers use, against numpy's, on fresh random sorted arrays
   with repeats (empty sequences), values below, inside and past them."""
-  rng = np.random.default_rng()
+  rng = fresh.rng()
   for size in (1, 2, 7, 8, 9, 64, 65, 257):
     ends = np.sort(rng.integers(0, 3 * size, size)).astype(np.int32)
     values = rng.integers(-2, 3 * size + 2, 300).astype(np.int32)
@@ -604,12 +604,12 @@ _LAYER_KERNELS = {
 def test_stacked_cache_reads_the_layer(kernel):
   """attention(k_all, layer=l) == attention(k_all[l]) for a random traced layer l, with attention
   sinks (the layer's own [Hq] row either way)."""
-  q, k_all, v_all, rest = _stacked_batch(11, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
+  q, k_all, v_all, rest = _stacked_batch(fresh.seed(), MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
                                          num_kv_heads=2, head_dim=32, page_size=4)
   opts = dict(sm_scale=32 ** -0.5, sliding_window=13, soft_cap=3.0)
   fn = _jit(functools.partial(_LAYER_KERNELS[kernel], **opts))
-  sinks = jnp.asarray(testing.random_sinks(np.random.default_rng(12), 4))
-  for layer in np.random.default_rng(12).permutation(NUM_LAYERS)[:2]:
+  sinks = jnp.asarray(testing.random_sinks(fresh.rng(), 4))
+  for layer in fresh.rng().permutation(NUM_LAYERS)[:2]:
     got = fn(q, k_all, v_all, *rest, layer=jnp.int32(layer), sinks=sinks)
     want = fn(q, k_all[layer], v_all[layer], *rest, sinks=sinks)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
@@ -619,7 +619,7 @@ def test_stacked_cache_reads_the_layer(kernel):
 def test_traced_window_equals_static_window(kernel):
   """A per-layer window passed as a traced int32 (Gemma 3 under lax.scan) gives what the static
   int gives, and a window wider than any context equals no window."""
-  q, k_all, v_all, rest = _stacked_batch(13, MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
+  q, k_all, v_all, rest = _stacked_batch(fresh.seed(), MIXED, num_tokens=24, max_seqs=7, num_q_heads=4,
                                          num_kv_heads=2, head_dim=32, page_size=4)
   base = functools.partial(_LAYER_KERNELS[kernel], sm_scale=32 ** -0.5, soft_cap=3.0)
   traced = _jit(lambda window, *xs, layer: base(*xs, sliding_window=window, layer=layer))
@@ -696,9 +696,9 @@ def test_stacked_cache_under_scan():
   seqs = MIXED
   num_tokens, max_seqs, head_dim, page_size = 24, 7, 32, 4
   q, k_all, v_all, (kv_lens, page_indices, cu_q_lens, num_seqs) = _stacked_batch(
-      13, seqs, num_tokens=num_tokens, max_seqs=max_seqs, num_q_heads=4, num_kv_heads=2,
+      fresh.seed(), seqs, num_tokens=num_tokens, max_seqs=max_seqs, num_q_heads=4, num_kv_heads=2,
       head_dim=head_dim, page_size=page_size)
-  rng = np.random.default_rng(14)
+  rng = fresh.rng()
   # Each layer's new tokens (queries, keys, values) and their slots; padding rows get slot -1.
   seq_ids, positions, valid = reference.token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
   pages = page_indices[seq_ids, jnp.maximum(positions, 0) // page_size]

@@ -12,6 +12,7 @@ import pytest
 
 import pallas_kernels
 from pallas_kernels import testing
+import fresh
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
 
@@ -337,6 +338,6 @@ def test_linear_scan_kernel_on_the_gpu(delta, num_heads, k_dim, v_dim, dtype, to
   step)."""
   from test_linear_scan import check_kernel
 
-  rng = np.random.default_rng()
+  rng = fresh.rng()
   for _ in range(2):
     check_kernel(rng, num_heads, k_dim, v_dim, 16, delta, dtype, tol, interpret=False)

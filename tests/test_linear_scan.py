@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import linear_scan
+import fresh
 
 
 def _rule_f64(q, k, v, g, beta, s0, delta):
@@ -80,7 +81,7 @@ def check_kernel(rng, num_heads, k_dim, v_dim, chunk, delta, dtype, tol, interpr
 @pytest.mark.parametrize("num_heads,k_dim,v_dim,chunk", [(3, 8, 12, 16), (2, 16, 16, 16), (2, 32, 64, 32),
                                                          (1, 128, 64, 16)])
 def test_kernel_is_the_rule_token_by_token(num_heads, k_dim, v_dim, chunk, delta):
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     for _ in range(2):
         check_kernel(rng, num_heads, k_dim, v_dim, chunk, delta, jnp.float32, 1e-5)
 
@@ -88,18 +89,18 @@ def test_kernel_is_the_rule_token_by_token(num_heads, k_dim, v_dim, chunk, delta
 @pytest.mark.parametrize("delta", [True, False], ids=["gated_delta", "mamba2"])
 def test_bfloat16_inputs(delta):
     """q, k, v in bfloat16 (the engine's on a GPU): dots on them, the state in float32, within 2e-2."""
-    check_kernel(np.random.default_rng(), 4, 32, 32, 16, delta, jnp.bfloat16, 2e-2)
+    check_kernel(fresh.rng(), 4, 32, 32, 16, delta, jnp.bfloat16, 2e-2)
 
 
 def test_value_blocks_are_only_a_knob():
     """The state's value columns cut over programs (block_v 16 of 64) or not: the same results."""
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     check_kernel(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=16)
     check_kernel(rng, 2, 16, 64, 16, True, jnp.float32, 1e-5, block_v=64)
 
 
 def test_unit_lower_inverse():
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     c = 16
     l = np.tril(rng.standard_normal((c, c)), -1).astype(np.float32)
     got = np.asarray(jax.jit(linear_scan.unit_lower_inverse)(jnp.asarray(l)))

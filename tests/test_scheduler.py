@@ -17,6 +17,7 @@ from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.request import SamplingParams, Sequence, Status
 from engine.scheduler import Scheduler
 from engine.window_pages import slots_per_sequence
+import fresh
 
 VOCAB = 50
 
@@ -642,7 +643,7 @@ def test_recurrent_states_resume_from_the_host_tier(overlap, sizes):
     their slots reused) go to the host tier's state slots with the pages, and later prompts resume from there: the
     fake runner checks every step that each chunk starts from the state of exactly the tokens before it, and that
     its pages hold them. More prompt tokens come from the cache than without the host tier."""
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     num_pages, snapshots, host_pages, host_states, max_running = sizes
 
     def run(waves, host_pages, host_states):
@@ -685,7 +686,7 @@ def test_recurrent_states_resume_from_the_disk_tier_after_a_restart(overlap):
     restarted replica (an empty pool, tree and snapshot slots) reads both back for prompts sharing a prefix, each
     prompt's pages only up to the deepest one with a snapshot, and resumes from it; the fake runner checks every
     chunk's state and pages every step."""
-    rng = random.Random()
+    rng = random.Random(fresh.seed())
     waves = _shared_prefix_waves(rng, 8)
     disk, disk_states = FakeDisk(), FakeDisk()
 

@@ -3,7 +3,6 @@ llama.cpp's layout have it; against transformers."""
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import jax
 import jax.numpy as jnp
@@ -15,13 +14,14 @@ from models.config import LlamaConfig
 from models.loader import load_weights
 from test_gguf_rope import _llama_cpp_tensors, _write_llama_gguf
 from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity
+import fresh
 
 
 def _hf_smollm3(**overrides):
     import torch
     from transformers import SmolLM3Config, SmolLM3ForCausalLM
 
-    torch.manual_seed(int(time.time()) % 1000)
+    torch.manual_seed(fresh.seed())
     cfg = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return SmolLM3ForCausalLM(SmolLM3Config(**{**cfg, **overrides})).eval()

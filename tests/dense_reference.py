@@ -17,6 +17,19 @@ def dense_logits(params, cfg, ids, multiple: int = 64) -> np.ndarray:
     return np.asarray(llama.forward_dense(params, cfg, padded))[:n]
 
 
+def assert_argmax(logits, tokens, tie: float = 1e-4) -> None:
+    """Greedy `tokens` [n] are the argmax of a reference's `logits` [n, vocab] (teacher-forced: row i given the tokens
+    before i), up to ties: a token within `tie` x (1 + |max|) of its row's max passes, as float32 sums taken in
+    another order (the reference's, a kernel's) can make either of two so close the larger."""
+    logits, tokens = np.asarray(logits, np.float64), np.asarray(tokens, np.int64)
+    assert logits.shape[0] == len(tokens), (logits.shape, len(tokens))
+    best = logits.max(-1)
+    short = best - logits[np.arange(len(tokens)), tokens]
+    wrong = np.flatnonzero(short > tie * (1 + np.abs(best)))
+    assert not wrong.size, (f"tokens {tokens.tolist()} are not the reference's argmax {logits.argmax(-1).tolist()} at "
+                            f"steps {wrong.tolist()} (their logits {short[wrong].tolist()} below the max)")
+
+
 def hf_model_from_gguf(path: str, workdir: str):
     """transformers' float32 model of a GGUF file (what AutoModelForCausalLM.from_pretrained(gguf_file=...) builds),
     read from a copy without the tokenizer's arrays.

@@ -19,7 +19,7 @@ from models.config import ConfigError, LlamaConfig
 from models.loader import tokenizer_source
 from models.tokenizer import Tokenizer
 from models.weights import FLOAT32_KEYS, NORM_KEYS
-from dense_reference import dense_logits
+from dense_reference import assert_argmax, dense_logits
 from test_fp8 import fp8_blocks
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 import fresh
@@ -249,7 +249,7 @@ def test_engine_equals_the_dense_forward(quantization):
     for prompt, out in zip(prompts, outs):
         seq = prompt + out.token_ids
         logits = dense_logits(device_params, cfg, seq)
-        assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
+        assert_argmax(logits[len(prompt) - 1 : -1], out.token_ids)
 
 
 @pytest.mark.slow

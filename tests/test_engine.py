@@ -14,7 +14,7 @@ from engine.llm import LLM
 from engine.output import OutputKind, RequestOutput
 from engine.request import RequestError, SamplingParams
 from engine.runner import bucket_for
-from dense_reference import dense_logits
+from dense_reference import assert_argmax, dense_logits
 from models import llama
 from models.config import LlamaConfig
 from models.loader import load_weights, resolve_path, tokenizer_source
@@ -113,7 +113,7 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
         seq = prompt + out
         padded = seq + [0] * (128 - len(seq) % 128)
         logits = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(padded, jnp.int32)))
-        assert list(logits[len(prompt) - 1 : len(seq) - 1].argmax(-1)) == out
+        assert_argmax(logits[len(prompt) - 1 : len(seq) - 1], out)
 
 
 @pytest.mark.slow
@@ -202,7 +202,7 @@ def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
     for (prompt, _), out in zip(prompts, runs["hybrid-few-slots"][0]):
         seq = prompt + out
         logits = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(seq + [0] * (64 - len(seq) % 64), jnp.int32)))
-        assert list(logits[len(prompt) - 1 : len(seq) - 1].argmax(-1)) == out
+        assert_argmax(logits[len(prompt) - 1 : len(seq) - 1], out)
 
 
 def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):

@@ -259,7 +259,7 @@ def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, toke
     engine's greedy tokens are the dense forward's with int8 activations over the same weights."""
     import dataclasses
 
-    from dense_reference import dense_logits
+    from dense_reference import assert_argmax, dense_logits
 
     write_compressed_tensors(hf_model, tokenizer, tmp_path, "w8a8")
     cfg, stored = load_weights(str(tmp_path), quantization="w8a8")
@@ -272,4 +272,4 @@ def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, toke
     run_cfg = dataclasses.replace(cfg, quantized_activations=True)
     for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
         logits = dense_logits(served, run_cfg, prompt + out.token_ids)
-        assert list(logits[len(prompt) - 1 : -1].argmax(-1)) == out.token_ids
+        assert_argmax(logits[len(prompt) - 1 : -1], out.token_ids)

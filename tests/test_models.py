@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dense_reference import dense_logits, hf_model_from_gguf
+from dense_reference import assert_argmax, dense_logits, hf_model_from_gguf
 from pallas_kernels import kv_quant
 from models import llama
 from models.config import ConfigError, LlamaConfig
@@ -633,7 +633,7 @@ def _assert_greedy_is_argmax(hf_model, prompts, outs, logprob_atol: float | None
     for ids, out in zip(prompts, outs):
         with torch.no_grad():
             logits = hf_model(torch.tensor([ids + out.token_ids])).logits[0]
-        assert logits[len(ids) - 1 : -1].argmax(-1).tolist() == out.token_ids
+        assert_argmax(logits[len(ids) - 1 : -1], out.token_ids)
         if logprob_atol is not None:
             ref = torch.log_softmax(logits[len(ids) - 1 : -1].double(), -1).max(-1).values.numpy()
             np.testing.assert_allclose(out.logprobs, ref, atol=logprob_atol)

@@ -202,6 +202,11 @@ class SpeculativeConfig:
         """Draft tokens a sequence may get per step: 0 without speculation."""
         return self.num_tokens if self.method != "none" else 0
 
+    def drafting_rows(self, max_running: int) -> int:
+        """Most sequences with drafts in one step: all `max_running` decoding ones, or at most `max_batch` (no sequence
+        drafts in a step of more decodes than that); 0 without speculation."""
+        return min(self.max_batch or max_running, max_running) if self.draft_tokens else 0
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:

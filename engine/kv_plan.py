@@ -132,7 +132,8 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
     budget = int(cache.memory_gb * 2**30 * config.parallel.tensor)  # over the devices holding a share of each page
     if cfg.linear_layers:  # the recurrent states come out of it (a slot per running sequence and a scratch one)
         snapshots = cache.state_snapshots if cache.prefix_caching else 0
-        drafts = config.scheduler.max_running * config.speculative.draft_tokens  # (ModelRunner.draft_state_slot)
+        drafts = (config.speculative.drafting_rows(config.scheduler.max_running)
+                  * config.speculative.draft_tokens)  # (ModelRunner.draft_state_slot)
         slots = config.scheduler.max_running + 1 + snapshots + drafts
         slot_bytes = gated_delta.state_bytes_per_slot(cfg)
         log.info("recurrent states of %d linear attention layers: %d slots x %.1f MiB (%d running sequences, padding, "
@@ -143,7 +144,8 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
             raise ConfigKeyError(f"cache.memory_gb={cache.memory_gb} cannot hold the recurrent states of "
                                  f"scheduler.max_running={config.scheduler.max_running} sequences, "
                                  f"cache.state_snapshots={cache.state_snapshots} snapshots"
-                                 + (f", {drafts} for speculative decoding (max_running x speculative.num_tokens)"
+                                 + (f", {drafts} for speculative decoding (max_running, or speculative.max_batch where smaller, "
+                                    "x speculative.num_tokens)"
                                     if drafts else "") + " and a page")
     if not (cache.hybrid and cfg.mixed_windows):
         return cache.num_pages or budget // page_bytes, 0

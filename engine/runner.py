@@ -296,11 +296,13 @@ class ModelRunner:
         # (Sequence.state_slot), one that padding sequences write to, then the prefix cache's snapshots
         # (engine.state_snapshots); donated to every step like the cache.
         self.state_scratch = self.max_seqs
-        # With speculative decoding, K more per sequence after the snapshots: its state after each of a verification
-        # step's first K tokens (`draft_state_slot`), one of which `rollback_states` puts back when a draft is rejected.
+        # With speculative decoding, K more per drafting row after the snapshots (a step's sequences with drafts take
+        # rows 0, 1, ...: `Chunk.draft_row`): a sequence's state after each of its verification step's first K tokens
+        # (`draft_state_slot`), one of which `rollback_states` puts back when a draft is rejected, before the next step.
         self.draft_state_base = self.max_seqs + 1 + num_snapshots
         self.draft_k = config.speculative.draft_tokens if model_cfg.linear_layers else 0
-        self.num_state_slots = num_state_slots = self.draft_state_base + self.max_seqs * self.draft_k
+        self.draft_rows = config.speculative.drafting_rows(self.max_seqs) if self.draft_k else 0
+        self.num_state_slots = num_state_slots = self.draft_state_base + self.draft_rows * self.draft_k
         # (split by head across a tensor-parallel mesh, as the layers' weights)
         state_sharding = None if mesh is None else jax.tree.map(
             lambda spec: jax.sharding.NamedSharding(mesh, spec), sharding.state_specs(),
@@ -418,7 +420,7 @@ class ModelRunner:
                 if c.snapshot is not None:
                     inputs.snapshot_offsets[i], inputs.snapshot_slots[i] = c.snapshot
                 if c.draft:  # (elsewhere no slot: num_state_slots marks a sequence without drafts)
-                    inputs.draft_slots[i] = [self.draft_state_slot(c.seq.state_slot, j) for j in range(self.draft_k)]
+                    inputs.draft_slots[i] = [self.draft_state_slot(c.draft_row, j) for j in range(self.draft_k)]
         inputs.cu_q_lens[: num + 1] = cu
         inputs.cu_q_lens[num + 1 :] = total
         inputs.num_seqs[0] = num
@@ -500,14 +502,16 @@ class ModelRunner:
             return False
         return pallas_kernels.prefers_decode_kernel(longest)
 
-    def draft_state_slot(self, state_slot: int, j: int) -> int:
-        """The state slot holding a sequence's state after the first j + 1 tokens of its verification step."""
-        return self.draft_state_base + state_slot * self.draft_k + j
+    def draft_state_slot(self, row: int, j: int) -> int:
+        """The state slot holding, after a step, the state of its drafting row `row`'s sequence after the first j + 1
+        tokens of its verification (the row's slots are reused by the next step with drafts)."""
+        assert 0 <= row < self.draft_rows, (row, self.draft_rows)
+        return self.draft_state_base + row * self.draft_k + j
 
-    def rollback_states(self, rollbacks: list[tuple[int, int]]) -> None:
-        """(sequence slot, tokens kept) per sequence whose drafts were not all accepted: its state becomes the one
-        after the kept tokens of its last step (`draft_state_slot`), before any later step reads it."""
-        pairs = self._state_copy_arrays([(self.draft_state_slot(slot, kept - 1), slot) for slot, kept in rollbacks])
+    def rollback_states(self, rollbacks: list[tuple[int, int, int]]) -> None:
+        """(drafting row, sequence slot, tokens kept) per sequence whose drafts were not all accepted in the last step:
+        its state becomes the one after the kept tokens (`draft_state_slot`), before any later step reads it."""
+        pairs = self._state_copy_arrays([(self.draft_state_slot(row, kept - 1), slot) for row, slot, kept in rollbacks])
         if self.followers is not None:  # the other processes of a multi-host replica copy them too
             pairs = self.followers.rollback(pairs)
         self.copy_states(pairs)

@@ -42,6 +42,9 @@ class Chunk:
     # A model with linear attention layers: (tokens of this chunk, slot) of the snapshot of its recurrent state taken
     # after them (engine.state_snapshots), or None.
     snapshot: tuple[int, int] | None = None
+    # A model with linear attention layers and drafts: which of the step's drafting rows (ModelRunner.
+    # draft_state_slot) keeps its state after each of its first len(draft) tokens; -1 without drafts.
+    draft_row: int = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,8 +126,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # admission order: oldest first
         self.stats = SchedulerStats()
         # A model with linear attention layers: (state slot, tokens kept) of each sequence whose drafts were rejected in
-        # part, for the engine to put its state back (`ModelRunner.rollback_states`) before the next step
-        self.state_rollbacks: list[tuple[int, int]] = []
+        # part, with its drafting row in that step, for the engine to put its state back (`ModelRunner.rollback_states`)
+        # before the next step: (drafting row, state slot, tokens kept)
+        self.state_rollbacks: list[tuple[int, int, int]] = []
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
                                    num_state_slots, num_snapshots, num_host_states, disk_states)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
@@ -172,13 +176,15 @@ class Scheduler:
         #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
         decodes = [s for s in self._by_urgency(self.running) if not s.is_prefilling]
         speculate = self.spec.draft_tokens > 0 and (not self.spec.max_batch or len(decodes) <= self.spec.max_batch)
+        drafting = 0  # sequences with drafts so far (their rows: Chunk.draft_row)
         for i, seq in enumerate(decodes):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             if not self._make_room(seq, seq.num_tokens, scheduled):
                 continue
             draft = self._draft(seq, budget - (len(decodes) - i)) if speculate else []
-            chunks.append(self._chunk(seq, seq.num_computed, 1 + len(draft), draft))
+            chunks.append(self._chunk(seq, seq.num_computed, 1 + len(draft), draft, drafting if draft else -1))
+            drafting += bool(draft)
             scheduled.add(seq.request_id)
             budget -= 1 + len(draft)
             num_decode += 1 + len(draft)
@@ -355,7 +361,7 @@ class Scheduler:
         files stay: they are named by the weights they came from)."""
         self.pages.reset()
 
-    def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = ()) -> Chunk:
+    def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = (), draft_row: int = -1) -> Chunk:
         return Chunk(
             seq=seq,
             token_ids=seq.token_slice(start, start + n - len(draft)) + list(draft),
@@ -363,6 +369,7 @@ class Scheduler:
             pages=seq.page_array(),
             sample=start + n - len(draft) == seq.num_tokens,
             draft=tuple(draft),
+            draft_row=draft_row,
             window_pages=self.pages.window_row(seq),
             snapshot=(self.pages.take_snapshot(seq, start, start + n - len(draft))
                       if self.pages.snapshots is not None else None),
@@ -509,7 +516,7 @@ class Scheduler:
             self.stats.spec_draft_tokens += len(chunk.draft)
             keep = speculative.accepted(chunk.draft, tokens)
             if keep < len(chunk.draft) and self.pages.has_states:  # its recurrent state went past the kept tokens
-                self.state_rollbacks.append((seq.state_slot, 1 + keep))
+                self.state_rollbacks.append((chunk.draft_row, seq.state_slot, 1 + keep))
             seq.spec_misses = 0 if keep else seq.spec_misses + 1
             seq.spec_pause = speculative.pause_after(seq.spec_misses)
             for token in tokens[1 : keep + 1]:

@@ -422,16 +422,30 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
 
     from engine import speculative
     monkeypatch.setattr(speculative.NgramIndex, "propose", oracle)
-    for backend in ("xla", "pallas_interpret"):  # the latter: steps of decodes and drafts take the decode_step program
-        llm = LLM(None, progress=False, model=(cfg, params, tokenizer),
-                  **small, **{"speculative.method": "ngram", "speculative.num_tokens": 3, "attention.backend": backend})
-        kernels = []
+    # pallas_interpret: steps of decodes and drafts take the decode_step program; max_batch 2: rows of draft slots
+    # for 2 sequences, not 3 (a sequence's row changes when the one before it ends or stops drafting)
+    kernels = []
+    for backend, max_batch in (("xla", 0), ("pallas_interpret", 0), ("xla", 2)):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **small, **{
+            "speculative.method": "ngram", "speculative.num_tokens": 3, "speculative.max_batch": max_batch,
+            "attention.backend": backend})
+        runner = llm.engine.runner
+        assert runner.num_state_slots == runner.draft_state_base + (max_batch or 3) * 3
+        rows = []
         _record_kernels(llm, kernels)
+        launch = runner.launch
+
+        def launch_recording(plan, *args, **kwargs):  # the drafting rows of each step
+            rows.append(tuple(c.draft_row for c in plan.chunks if c.draft))
+            return launch(plan, *args, **kwargs)
+
+        runner.launch = launch_recording
         got = llm.generate(prompts[:2], greedy) + llm.generate(prompts[2:], greedy)  # the second wave: prefix hits
-        assert [o.token_ids for o in got] == plain, backend
+        assert [o.token_ids for o in got] == plain, (backend, max_batch)
         stats = llm.engine.stats()
         assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
         assert got[-1].cached_tokens == len(prompts[1]) // 8 * 8
+        assert {(0, 1), (0,)} <= set(rows) <= {(), (0,), (0, 1), (0, 1, 2)}
     assert any(longest > 1 and decode for longest, decode in kernels)  # drafted decodes in the decode_step program
     with pytest.raises(ConfigKeyError, match="speculative.model .* has linear attention layers"):
         LLM(None, progress=False, model=(cfg, params, tokenizer), draft=(cfg, params),

@@ -8,9 +8,9 @@ hybrid cache's window slots, a host tier and a disk tier (a second engine then s
 a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
 namespaces), some seeds with token rules (few allowed ids, bad words among them), with invariants checked every
 step (`debug_checks`). Some seeds also (`draw_features`) sample (seeded top-p) instead of decoding greedily, give the
-requests priorities (scheduler.policy priority), serve two LoRA adapters beside the base model, or split the model
-over 2 CPU devices (tensor parallelism). Every engine must give the tokens of the same model run with the cache off,
-a big pool, serial steps and one device. The scheduler's own property test
+requests priorities (scheduler.policy priority), serve two LoRA adapters beside the base model, split the model
+over 2 CPU devices (tensor parallelism), or speculate only in small decode batches. Every engine must give the tokens
+of the same model run with the cache off, a big pool, serial steps and one device. The scheduler's own property test
 (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
 page tables, copy-on-write, host and disk copies, window slots).
 
@@ -97,11 +97,13 @@ def draw_features(seed: int, model: str) -> dict:
     """What the requests and replica add to a seed's configuration, from a generator of their own (a seed's
     configuration stays what it drew before these existed): seeded top-p sampling instead of greedy, priorities
     (scheduler.policy priority, preempting), two LoRA adapters beside the base model, tensor parallelism over 2 CPU
-    devices."""
+    devices, speculative.max_batch (with speculative decoding: no drafts in steps of more decodes than that, and on
+    models with linear layers that many rows of draft state slots)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
-            "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1}
+            "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
+            "spec_max_batch": rng.choice([0, 0, 1, 2, 3])}
 
 
 def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict) -> list[list[int]]:
@@ -175,6 +177,8 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     if disk:
         fuzzed["cache.disk_path"] = disk
     fuzzed["parallel.tensor"] = features["tensor"]
+    if "speculative.method" in fuzzed:
+        fuzzed["speculative.max_batch"] = features["spec_max_batch"]
     if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
         reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None

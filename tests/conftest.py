@@ -49,5 +49,7 @@ def pytest_runtest_setup(item):
 def pytest_runtest_makereport(item, call):
     report = (yield).get_result()
     if report.failed:
-        again = f"{fresh.ENV}={fresh.run_seed()} bash scripts/test.sh '{item.nodeid}'"
+        count = item.config.getoption("count", 1)  # pytest-repeat's: its copies' ids end -i-count
+        again = (f"{fresh.ENV}={fresh.run_seed()} bash scripts/test.sh " + (f"--count {count} " if count > 1 else "")
+                 + f"'{item.nodeid}'")
         report.sections.append(("fresh random input", f"this run's draws again: {again}"))

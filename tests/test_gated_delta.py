@@ -35,6 +35,13 @@ def _record_kernels(llm, kernels: list) -> None:
     runner._decode_kernel = recorded
 
 
+def _close(got, want, tol: float = 2e-4) -> None:
+    """Float32 recurrences in two orders (a chunk's matrix form, one token a step): an error relative to the largest
+    value compared (a sum's rounding scales with its terms), not to each element (one near 0 can be off by 3e-4 after
+    150 tokens: RADIXLM_TEST_SEED=2076518976, test_a_ragged_batch_is_each_sequence_token_by_token[qwen3_5-xla])."""
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+
+
 def _rule_inputs(rng, t, h, dk, dv):
     q = rng.standard_normal((t, h, dk)).astype(np.float32)
     k = rng.standard_normal((t, h, dk)).astype(np.float32)
@@ -148,12 +155,12 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model, backend):
                                     decode_step=True)  # the decode step's program: the single step alone
             o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
             c, s = st.conv[1], st.ssm[1]
-            np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
+            _close(np.asarray(out[cu[i] + j]), np.asarray(o[0]))
             if j + 1 == snapshots[i]:
                 np.testing.assert_allclose(np.asarray(conv[snapshot_slots[i]]), np.asarray(c[slot]), rtol=1e-5, atol=1e-5)
-                np.testing.assert_allclose(np.asarray(ssm[snapshot_slots[i]]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
+                _close(np.asarray(ssm[snapshot_slots[i]]), np.asarray(s[slot]))
         np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(c[slot]), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(s[slot]), rtol=2e-4, atol=2e-4)
+        _close(np.asarray(ssm[slot]), np.asarray(s[slot]))
     np.testing.assert_array_equal(np.asarray(ssm[3]), np.asarray(states.ssm[1, 3]))  # no sequence's: untouched
     np.testing.assert_array_equal(np.asarray(conv[3]), np.asarray(states.conv[1, 3]))
 
@@ -198,13 +205,13 @@ def test_drafted_sequences_keep_the_state_after_each_token(model, backend):
                                     num_seqs=jnp.ones((1,), jnp.int32), slots=jnp.asarray([slot], jnp.int32),
                                     decode_step=True)
             o, st = step(h[cu[i] + j : cu[i] + j + 1], st, one)
-            np.testing.assert_allclose(np.asarray(out[cu[i] + j]), np.asarray(o[0]), rtol=2e-4, atol=2e-4)
+            _close(np.asarray(out[cu[i] + j]), np.asarray(o[0]))
             if drafted[i] and j + 1 < n:
-                np.testing.assert_allclose(np.asarray(ssm[draft_slots[i, j]]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
+                _close(np.asarray(ssm[draft_slots[i, j]]), np.asarray(st.ssm[1, slot]))
                 np.testing.assert_allclose(np.asarray(conv[draft_slots[i, j]]), np.asarray(st.conv[1, slot]), rtol=1e-5, atol=1e-5)
             if j + 1 == snapshots[i]:
-                np.testing.assert_allclose(np.asarray(ssm[snapshot_slots[i]]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
-        np.testing.assert_allclose(np.asarray(ssm[slot]), np.asarray(st.ssm[1, slot]), rtol=2e-4, atol=2e-4)
+                _close(np.asarray(ssm[snapshot_slots[i]]), np.asarray(st.ssm[1, slot]))
+        _close(np.asarray(ssm[slot]), np.asarray(st.ssm[1, slot]))
         np.testing.assert_allclose(np.asarray(conv[slot]), np.asarray(st.conv[1, slot]), rtol=1e-5, atol=1e-5)
     named = set(slots) | {6} | {int(x) for i, d in enumerate(drafted) if d for x in draft_slots[i][: lens[i] - 1]}
     for slot in set(range(num_slots)) - named:

@@ -271,5 +271,11 @@ def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, toke
     served = jax.device_put(stored)
     run_cfg = dataclasses.replace(cfg, quantized_activations=True)
     for prompt, out in zip(prompts, llm.generate(prompts, GREEDY)):
-        logits = dense_logits(served, run_cfg, prompt + out.token_ids)
-        assert_argmax(logits[len(prompt) - 1 : -1], out.token_ids)
+        logits = dense_logits(served, run_cfg, prompt + out.token_ids)[len(prompt) - 1 : -1]
+        # Rounding a token's activations to int8 is a step function: float32 sums in another order (paged attention,
+        # the dense forward's) can move one rounding a step, and a logit with it (a greedy token changed in 1 of 17
+        # runs, 0.14 short of the max; RADIXLM_TEST_SEED=1501411150 ... --count 6). Allowed: a token short of the max
+        # by less than all the roundings move the row's logits (0.2-1.0 here), while most tokens are the argmax.
+        unrounded = dense_logits(served, cfg, prompt + out.token_ids)[len(prompt) - 1 : -1]
+        assert_argmax(logits, out.token_ids, margin=np.abs(logits - unrounded).max(-1))
+        assert np.mean(logits.argmax(-1) == out.token_ids) >= 0.75  # most tokens are the argmax itself

@@ -245,8 +245,8 @@ def test_a_decode_step_compiles_only_the_single_steps_and_matches_the_general_pr
     draft_slots = np.full((max_seqs, K), num_slots, np.int32)
     for i in np.flatnonzero(lens > 1):
         draft_slots[i] = 12 + K * i + np.arange(K)
-    snap = (live & (rng.permutation(max_seqs) < len(free))).astype(np.int32)  # after the first token, a free slot each
-    snap[rng.integers(num_seqs)] = 1
+    snap = np.zeros(max_seqs, np.int32)  # after the first token, for 1 to len(free) live sequences, a free slot each
+    snap[rng.choice(num_seqs, rng.integers(1, min(num_seqs, len(free)) + 1), replace=False)] = 1
     snapshot_slots = np.full(max_seqs, num_slots, np.int32)
     snapshot_slots[snap > 0] = free[: snap.sum()]
     cu = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)

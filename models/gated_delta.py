@@ -198,6 +198,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     out, ssm_state = _delta_rule(q, k, v, g, beta, ssm_state, layer, cu, q_lens, starts, fresh, live, batch.slots,
                                  snap, snap_slots, delta=not mamba, decode_step=batch.decode_step,
                                  drafted=drafted, draft_slots=batch.draft_slots, backend=batch.backend,
+                                 seq_of_row=seq_of_row,
                                  dot_dtype=h.dtype)
 
     z = proj(h, "gdn_z").astype(jnp.float32)
@@ -214,7 +215,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
 
 def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, slots, snap, snap_slots, *,
                 delta: bool = True, decode_step: bool = False, drafted=None, draft_slots=None, backend: str = "xla",
-                dot_dtype=jnp.float32):
+                dot_dtype=jnp.float32, seq_of_row=None):
     """The gated delta rule over a ragged batch: q, k [T, Hv, Dk], v [T, Hv, Dv], g, beta [T, Hv] float32; ssm
     [Lg, N, Hv, Dk, Dv] the states by layer and slot; the state after each sequence's first snap [S] tokens also
     written to snap_slots [S] (out of range: none). Returns (o [T, Hv, Dv], ssm). delta=False: the plain gated
@@ -223,7 +224,8 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     after the first j + 1 of them (but the last) written to draft_slots[:, j]. decode_step (static): every sequence has
     one new token or is drafted, so the chunk path is left out. backend (static): "pallas" / "pallas_interpret" run
     the chunks through `pallas_kernels.linear_scan` instead of the piece loop, its dots on q, k, v in dot_dtype (the
-    model's: bfloat16 on a GPU; the states stay float32).
+    model's: bfloat16 on a GPU; the states stay float32), which puts its rows back by seq_of_row [T] (each row's
+    sequence).
 
     The batch's states are gathered once ([S, ...]) and scattered back once: the piece loop carries only those (a
     loop that carried `ssm` itself would copy every slot's state at every piece)."""
@@ -255,19 +257,16 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
                     s_next, mode="drop")
             ssm = ssm.at[layer, jnp.where(active & (snap == j + 1), snap_slots, n_slots)].set(s_next, mode="drop")
         ssm = ssm.at[layer, jnp.where(drafted, slots, n_slots)].set(s_draft, mode="drop")
-    if decode_step:
-        ssm = ssm.at[layer, jnp.where(one, slots, n_slots)].set(s1, mode="drop")
-        return out, ssm.at[layer, jnp.where(one & (snap > 0), snap_slots, n_slots)].set(s1, mode="drop")
-
     longer = live & (q_lens > 1) & (True if drafted is None else ~drafted)
+    if decode_step:  # no longer chunks
+        return out, _write_states(ssm, layer, one, jnp.zeros_like(one), s1, s1, s1, slots, snap, snap_slots)
     if backend in ("pallas", "pallas_interpret"):  # each sequence's pieces walked in one program of a kernel
         from pallas_kernels import linear_scan
 
         o_long, cur, snapped = linear_scan.gated_delta_chunks(
             *(a.astype(dot_dtype) for a in (q, k, v)), g, beta, s0, cu, jnp.where(longer, q_lens, 0), starts,
             jnp.where(longer, snap, 0), delta=delta, interpret=backend == "pallas_interpret")
-        row_seq = jnp.clip(bucket_of(cu[1:], jnp.arange(t, dtype=jnp.int32)), 0, q_lens.shape[0] - 1)
-        out = jnp.where(longer[row_seq][:, None, None], o_long, out)
+        out = jnp.where(longer[seq_of_row][:, None, None], o_long, out)
         return out, _write_states(ssm, layer, one, longer, s1, cur, snapped, slots, snap, snap_slots)
 
     # Longer chunks: pieces of up to CHUNK tokens aligned to absolute positions, one after another, over two segments

@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 
 from models import gated_delta  # noqa: E402
 from pallas_kernels import linear_scan  # noqa: E402
+from pallas_kernels.reference import bucket_of  # noqa: E402
 from scripts.kernel_bench import time_fn  # noqa: E402
 
 SHAPES = {"qwen3.5-9b 32x128x128": (True, 32, 128, 128), "mamba2 128x128x64": (False, 128, 128, 64)}  # delta, H, Dk, Dv
@@ -60,9 +61,10 @@ def rule_fn(backend: str, delta: bool, dot_dtype):
     live = jnp.ones((num,), bool)
     slots = jnp.arange(num, dtype=jnp.int32)
     none = jnp.zeros((num,), jnp.int32)
+    seq_of_row = jnp.clip(bucket_of(cu[1:], jnp.arange(q.shape[0], dtype=jnp.int32)), 0, num - 1)
     return gated_delta._delta_rule(q, k, v, g, beta, ssm, 0, cu, q_lens, starts, starts == 0, live, slots, none,
                                    jnp.full((num,), ssm.shape[1], jnp.int32), delta=delta, backend=backend,
-                                   dot_dtype=dot_dtype)
+                                   dot_dtype=dot_dtype, seq_of_row=seq_of_row)
   return jax.jit(run)
 
 

@@ -45,6 +45,7 @@ class GenerateRequest:
     namespace: str | None = None
     priority: int = 0  # scheduler.policy "priority": lower runs first
     adapter: str | None = None  # a LoRA adapter of the engine (None: the base model)
+    images: tuple = ()  # engine.multimodal.ImageSpan of each image in the prompt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +348,8 @@ class AsyncEngine:
         try:
             for rid, req in zip(stream.request_ids, requests):
                 self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,
-                                        priority=req.priority, adapter=req.adapter, output_kind=kind)
+                                        priority=req.priority, adapter=req.adapter, output_kind=kind,
+                                        images=req.images or None)
                 added.append(rid)
                 self._streams[rid] = stream
         except Exception as e:  # all or nothing: one bad sample fails the call

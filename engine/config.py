@@ -284,6 +284,9 @@ class ServerConfig:
     # A call whose requests would make more than this many wait for a place in the batch is refused: 503 with
     # Retry-After, and the router tries another replica. 0: no limit (a burst waits, however long).
     max_waiting_requests: int = 0
+    # A model that takes images: chat image parts may name files (paths, file:// URLs) under this directory (vLLM's
+    # --allowed-local-media-path); None: only data: and http(s) URLs.
+    allowed_local_media_path: str | None = None
 
     def __post_init__(self):
         if not 0 < self.port < 65536:

@@ -32,7 +32,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import draft_model, multihost, structured
+from engine import draft_model, multihost, multimodal, structured
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
@@ -90,10 +90,12 @@ def quant_kernel_mode(backend: str, layers: dict, device) -> str:
 
 class LLMEngine:
     """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests); `draft` =
-    (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`."""
+    (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`;
+    `vision` = (models.vision.VisionConfig, its params, engine.images.ImageProcessor) beside `model`: a model that takes
+    images (a checkpoint's are read from model.path)."""
 
     def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None,
-                 draft: tuple | None = None):
+                 draft: tuple | None = None, vision: tuple | None = None):
         t0 = time.perf_counter()
         if config.parallel.data > 1:
             raise ConfigKeyError(f"parallel.data={config.parallel.data}: one engine is one replica; the offline job "
@@ -112,6 +114,7 @@ class LLMEngine:
         if model is None:
             model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
+            vision = multimodal.load_image_model(config.model.path, self.dtype)
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
@@ -185,15 +188,30 @@ class LLMEngine:
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
+        # A model that takes images (models/vision.py): its prompts' images (engine.multimodal), its vision tower
+        self.image_prompts, encoder = None, None
+        if vision is not None:
+            vcfg, vision_params, processor = vision
+            if config.parallel.num_processes > 1:
+                raise ConfigKeyError("parallel.num_processes: a model that takes images runs in one process (its "
+                                     "steps' image rows are not broadcast to the other hosts)")
+            self.image_prompts = multimodal.ImagePrompts(vcfg, processor, self.model_cfg.vocab_size)
+            encoder = multimodal.ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
+                                              lambda tree: jax.device_put(tree, None if self.mesh is None else
+                                                                          sharding.replicated(self.mesh)))
+            log.info("images: %s vision tower, %d positions per image (%dx%d pixels)", vcfg.kind,
+                     vcfg.tokens_per_image, vcfg.image_size, vcfg.image_size)
         self.runner = ModelRunner(self.model_cfg, self.params, config, self.kv.num_pages, self.max_model_len,
                                   self.kv_dtype, backend, mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),
                                   num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                   draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
-                                  disk_states=self._disk.states if self._disk is not None else None)
+                                  disk_states=self._disk.states if self._disk is not None else None,
+                                  images=encoder)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
+
         if config.warmup:
             self.runner.warmup(progress and multihost.is_leader())
         self.grammars = structured.Grammars(self.tokenizer, self.model_cfg.vocab_size)
@@ -272,12 +290,15 @@ class LLMEngine:
         priority: int = 0,
         adapter: str | None = None,
         output_kind: OutputKind = OutputKind.CUMULATIVE,
+        images: Seq | None = None,
     ) -> str:
         """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
         first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model).
         `output_kind` (engine.output.OutputKind): one output per step with everything so far (CUMULATIVE), with what
         the step added (DELTA: what a stream sends, at a cost that does not grow with the output), or the final
-        output only (FINAL: no per-step text at all)."""
+        output only (FINAL: no per-step text at all). `images` (a model that takes images): one per placeholder token
+        of the prompt, each a source `engine.images.load_image` reads (a URL, a path, bytes, a PIL image, an array),
+        or the prompt's `engine.multimodal.ImageSpan`s where the prompt came from `ImagePrompts.prepare`."""
         params = params or SamplingParams()
         if self.sleep_level:
             raise EngineAsleep(f"the engine is asleep (level {self.sleep_level}); wake_up first")
@@ -291,8 +312,11 @@ class LLMEngine:
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = [int(t) for t in prompt]
+        spans = []
+        if images:
+            prompt_ids, spans = self._with_images(prompt_ids, images, params)
         prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
-        validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens)
+        validate_prompt(prompt_ids, self.model_cfg.vocab_size, self.max_model_len, params.max_tokens, bool(spans))
         bad = [t for t, _ in params.logit_bias if not 0 <= t < self.model_cfg.vocab_size]
         if bad:
             raise RequestError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {self.model_cfg.vocab_size})")
@@ -304,7 +328,7 @@ class LLMEngine:
             raise RequestError(f"cache namespace (cache_salt) must not start with {ADAPTER_NAMESPACE!r}")
         namespace = cache_namespace(namespace, adapter)
         seq = Sequence(request_id=request_id, prompt_ids=prompt_ids, params=params, namespace=namespace, seed=seed,
-                       priority=priority, adapter=self.adapters.id_of(adapter))
+                       priority=priority, adapter=self.adapters.id_of(adapter), images=spans)
         if params.structured is not None:
             seq.matcher = self.grammars.matcher(params.structured)
         seq.token_rules = TokenRules.of(params, lambda text: self.tokenizer.encode(text, add_special_tokens=False),
@@ -313,10 +337,37 @@ class LLMEngine:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
             seq.prompt_ranks.append(None)
-        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(prompt_ids, params.skip_special_tokens),
+        text_ids = multimodal.text_ids(prompt_ids, self.model_cfg.vocab_size, self.image_prompts.vcfg.image_token_id) \
+            if spans else prompt_ids
+        self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(text_ids, params.skip_special_tokens),
                                                 output_kind)
         self.scheduler.add(seq)
         return request_id
+
+    def encode_chat(self, messages: list[dict], **kwargs) -> tuple[list[int], list]:
+        """A chat's prompt ids through the chat template (`Tokenizer.encode_chat`'s arguments), and the sources of the
+        images its messages hold, in order (engine.multimodal.split_images; add_request's `images`)."""
+        if self.image_prompts is None:
+            if multimodal.has_images(messages):
+                raise RequestError("this model takes no images (its checkpoint has no vision tower)")
+            return self.tokenizer.encode_chat(messages, **kwargs), []
+        placeholder = self.tokenizer.decode([self.image_prompts.vcfg.image_token_id], skip_special_tokens=False)
+        messages, sources = multimodal.split_images(
+            messages, multimodal.template_wants_parts(self.tokenizer.chat_template), placeholder)
+        return self.tokenizer.encode_chat(messages, **kwargs), sources
+
+    def _with_images(self, prompt_ids: list[int], images: Seq, params: SamplingParams):
+        """(prompt ids with its images' positions, their spans): images given as sources are prepared here."""
+        if self.image_prompts is None:
+            raise RequestError("this model takes no images (its checkpoint has no vision tower)")
+        if params.truncate_prompt_tokens is not None:
+            raise RequestError("truncate_prompt_tokens does not apply to a prompt with images")
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs is not available for a prompt with images")
+        if all(isinstance(x, multimodal.ImageSpan) for x in images):
+            self.image_prompts.check(prompt_ids, images)
+            return prompt_ids, list(images)
+        return self.image_prompts.prepare(prompt_ids, images)
 
     def abort(self, request_id: str) -> bool:
         """Ends a request now (client gone); its pages return to the pool. False if unknown."""

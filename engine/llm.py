@@ -50,12 +50,12 @@ class LLM:
     """
 
     def __init__(self, config: EngineConfig | str | None = None, progress: bool = True, model: tuple | None = None,
-                 draft: tuple | None = None, **overrides):
+                 draft: tuple | None = None, vision: tuple | None = None, **overrides):
         if not isinstance(config, EngineConfig):
             config = load_config(config)
         if overrides:
             config = config.replace(**{k.replace("__", "."): v for k, v in overrides.items()})
-        self.engine = LLMEngine(config, progress=progress, model=model, draft=draft)
+        self.engine = LLMEngine(config, progress=progress, model=model, draft=draft, vision=vision)
         self.tokenizer = self.engine.tokenizer
 
     def default_sampling_params(self) -> SamplingParams:
@@ -71,13 +71,18 @@ class LLM:
         namespace: str | None = None,
         progress: bool = False,
         adapter: str | None = None,
+        images: Seq[Seq] | None = None,
     ) -> list[Completion]:
         """Runs every prompt (text or token ids) through the continuous batch; results in input order. `adapter`: one
-        of the config's lora.adapters (None: the base model)."""
+        of the config's lora.adapters (None: the base model). `images` (a model that takes images): per prompt, its
+        images in the order of its placeholder tokens (`LLMEngine.add_request`)."""
         prompts = _prompt_list(prompts)
         params_list = _params_list(params, len(prompts), self.default_sampling_params())
-        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, output_kind=OutputKind.FINAL)
-               for p, sp in zip(prompts, params_list)]
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        ids = [self.engine.add_request(p, sp, namespace=namespace, adapter=adapter, output_kind=OutputKind.FINAL,
+                                       images=im) for p, sp, im in zip(prompts, params_list, images)]
         finals = self._run(set(ids), progress)
         return [finals[i] for i in ids]
 
@@ -131,11 +136,15 @@ class LLM:
         choice = ToolChoice(tools or [], tool_choice)
         kwargs = {**(chat_template_kwargs or {}), **({"tools": tools} if tools else {}),
                   "continue_final_message": continue_final_message}
-        prompts = [self.tokenizer.encode_chat(list(messages), **kwargs) for messages in conversations]
+        prompts, images = [], []
+        for messages in conversations:  # (image parts of a model that takes images: engine.multimodal.split_images)
+            ids, sources = self.engine.encode_chat(list(messages), **kwargs)
+            prompts.append(ids)
+            images.append(sources)
         if choice.constraint() is not None:
             params = [dataclasses.replace(p, structured=choice.constrain(p.structured, "structured"))
                       for p in _params_list(params, len(prompts), self.default_sampling_params())]
-        outs = self.generate(prompts, params, namespace, progress, adapter)
+        outs = self.generate(prompts, params, namespace, progress, adapter, images=images)
         if not choice.active:
             return outs
         replies = []

@@ -104,11 +104,21 @@ class TextPart(_Body):
     text: str
 
 
+class ImageURL(_Body):
+    url: str = Field(description="a data: URL (base64), or an http(s) URL the server fetches")
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; every image is prepared at the model's one size
+
+
+class ImagePart(_Body):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # templates may read extra keys (name, tool_calls)
 
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[TextPart | ImagePart] | None = None
 
 
 class FunctionSpec(_Body):

@@ -183,6 +183,7 @@ class Sequence:
     priority: int = 0  # scheduler.policy "priority": lower runs first
     adapter: int = 0  # LoRA adapter index (0: the base model)
     arrival_s: float = dataclasses.field(default_factory=time.perf_counter)
+    images: list = dataclasses.field(default_factory=list)  # engine.multimodal.ImageSpan of each image in the prompt
 
     status: Status = Status.WAITING
     output_ids: list[int] = dataclasses.field(default_factory=list)
@@ -279,14 +280,16 @@ def truncate_prompt(prompt_ids: list[int], keep: int | None, max_model_len: int,
     return prompt_ids[-keep:] if keep is not None and 0 < keep < len(prompt_ids) else prompt_ids
 
 
-def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int) -> None:
+def validate_prompt(prompt_ids: Seq[int], vocab_size: int, max_model_len: int, max_tokens: int,
+                    images: bool = False) -> None:
+    """images: ids past the vocabulary are images' positions (engine.multimodal checks them)."""
     if len(prompt_ids) == 0:
         raise RequestError("prompt is empty")
     if len(prompt_ids) >= max_model_len:
         raise RequestError(
             f"prompt has {len(prompt_ids)} tokens; the context allows at most {max_model_len - 1} (model.max_model_len={max_model_len})"
         )
-    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab_size]
+    bad = [t for t in prompt_ids if not 0 <= int(t) < vocab_size and not (images and int(t) >= vocab_size)]
     if bad:
         raise RequestError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
     if len(prompt_ids) + max_tokens > max_model_len:

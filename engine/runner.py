@@ -152,7 +152,7 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
-                                  dataclasses.replace(inputs, adapter_ids=None), attn_backend=st.backend,
+                                  dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None), attn_backend=st.backend,
                                   decode_only=decode_only)
     return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
 
@@ -245,13 +245,14 @@ class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
                  lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0,
-                 num_host_states: int = 0, disk_states=None):
+                 num_host_states: int = 0, disk_states=None, images=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
         no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
         num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
-        num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them."""
+        num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them.
+        images: an engine.multimodal.ImageEncoder (a model that takes images): fills the steps' mm_embeds."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
@@ -329,6 +330,7 @@ class ModelRunner:
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
         self._propose = programs.propose
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
+        self.images = images
 
     # ------------------------------------------------------------------------------ compile
     def warmup(self, progress: bool = True) -> None:
@@ -336,15 +338,23 @@ class ModelRunner:
         a plain request uses them), so no request waits on XLA."""
         from tqdm import tqdm
 
+        # (a model that takes images also compiles each bucket with image rows: prefill chunks that reach an image)
         jobs = [("forward", t, kernel) for t in self.token_buckets for kernel in self._kernels(t)] + \
+            [("images", t, False if self.backend != "xla" else None) for t in (self.token_buckets if self.images else ())] + \
+            [("encoder", n, None) for n in (self.images.batch_sizes if self.images else ())] + \
             [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS] + \
             [("draft", s, None) for s in (self.draft_buckets if self.draft_cfg is not None else ())]
         for kind, n, arg in tqdm(jobs, desc="compiling buckets", unit="bucket", disable=not progress):
-            if kind == "forward":
-                inputs = self.put_inputs(self._pack_padding(n))
+            if kind in ("forward", "images"):
+                inputs = self._pack_padding(n)
+                if kind == "images":
+                    inputs = dataclasses.replace(inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.images.dtype))
+                inputs = self.put_inputs(inputs)
                 self._hidden, _, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
                     draft_params=self.draft_params, states=self.states, decode_only=arg)
+            elif kind == "encoder":
+                self.images.compile(n)
             elif kind == "draft":
                 rows = np.zeros(n, np.int32)
                 _, self.kv = self._propose(self.draft_params, self.kv,
@@ -429,6 +439,8 @@ class ModelRunner:
         within = np.arange(len(firsts), dtype=np.int32) - np.repeat(np.cumsum(rows_per_chunk) - rows_per_chunk,
                                                                      rows_per_chunk)
         inputs.logits_indices[list(itertools.chain.from_iterable(head_rows))] = firsts + within
+        if self.images is not None:
+            inputs = dataclasses.replace(inputs, mm_embeds=self.images.rows(chunks, len(inputs.tokens)))
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:

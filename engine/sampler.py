@@ -64,7 +64,8 @@ def build_inputs(
         seeds[i], steps[i] = seed & 0xFFFFFFFF, step
         if use_penalties and p.uses_penalties:
             np.add.at(counts[i], np.asarray(output_ids, np.int64), 1.0)
-            seen[i, prompt_ids] = True
+            prompt = np.asarray(prompt_ids, np.int64)
+            seen[i, prompt[prompt < vocab_size]] = True  # (ids past the vocabulary are images' positions)
             seen[i, output_ids] = True
     entries = [bias_entries(p, step, eos_ids) for p, _, step, _, _ in rows]
     longest = max(map(len, entries), default=0)

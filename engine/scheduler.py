@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import time
 from typing import Iterable
 
@@ -400,6 +401,8 @@ class Scheduler:
             if seq.ngram_index is None:
                 seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max)
             draft = seq.ngram_index.propose(seq.all_ids, room)
+            if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
+                draft = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, draft))
         if draft and seq.matcher is not None and self.spec.method == "ngram":
             draft = draft[: structured.valid_prefix(seq.matcher, draft)]
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)

@@ -37,6 +37,7 @@ from engine.async_engine import AsyncEngine, EngineOverloaded, EngineStopped, Ge
 from engine.config import EngineConfig
 from engine.engine import EngineAsleep, RequestOutput
 from engine.http_guard import RequestGuard
+from engine.images import MediaPolicy
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
@@ -67,6 +68,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     sampling_defaults = getattr(llm, "sampling_defaults", {})  # the checkpoint's recommended sampling
     max_prompt_len = min(server_cfg.max_prompt_tokens or max_model_len - 1, max_model_len - 1)
     metrics = ServerMetrics(engine.stats)
+    # What a chat's image parts may name: data: and http(s) URLs, files only under server.allowed_local_media_path
+    media = MediaPolicy(local_root=server_cfg.allowed_local_media_path)
     engine.on_finished = metrics.on_finished
     created = int(time.time())
 
@@ -115,12 +118,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(404, f"model {model!r} does not exist; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
 
-    def check_prompt(prompt_ids: list[int], max_tokens: int, param: str) -> None:
+    def check_prompt(prompt_ids: list[int], max_tokens: int, param: str, images: bool = False) -> None:
         if len(prompt_ids) > max_prompt_len:
             raise ApiError(400, f"prompt has {len(prompt_ids)} tokens; this server allows at most {max_prompt_len} "
                                 f"(context: {max_model_len} tokens)", param=param, code="context_length_exceeded")
         try:
-            validate_prompt(prompt_ids, llm.model_cfg.vocab_size, max_model_len, max_tokens)
+            validate_prompt(prompt_ids, llm.model_cfg.vocab_size, max_model_len, max_tokens, images)
         except RequestError as e:
             msg = str(e)
             raise ApiError(400, msg, param="max_tokens" if msg.startswith("prompt (") else param,
@@ -153,10 +156,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, str(e), param=str(e).split()[0].rstrip(":")) from None
 
     async def submit(body, kind: str, prompts: list[list[int]], max_tokens: list[int], logprobs: int | None,
-                     echo: list[str] | None = None, tools: ToolChoice | None = None):
+                     echo: list[str] | None = None, tools: ToolChoice | None = None, images: list[list] | None = None):
         """The call's requests to the engine -> (stream, formatter); a stream call's is entered, so that refusals
         become HTTP errors before the 200 goes out. echo (completions): each prompt's text, put before its choices'
-        text (and its tokens' logprobs before theirs); with max_tokens 0 the choices carry the prompt only."""
+        text (and its tokens' logprobs before theirs); with max_tokens 0 the choices carry the prompt only. images:
+        each prompt's image spans (chat)."""
         n = body.n
         if body.stream and body.prompt_logprobs is not None:
             raise ApiError(400, "prompt_logprobs is not available with stream: true", param="prompt_logprobs")
@@ -165,11 +169,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                            param="n")
         keep_special = kind == "chat" and keeps_special_tokens(config.server.reasoning_parser, tokenizer.special_texts,
                                                                tools is not None and tools.active)
+        images = images or [[]] * len(prompts)
         reqs = [
             GenerateRequest(p, sampling_params(body, max(mt, 1), logprobs, j, tools, keep_special), body.cache_salt or None,
                             body.priority,
-                            body.model if body.model in adapters() else None)
-            for p, mt in zip(prompts, max_tokens) for j in range(n)
+                            body.model if body.model in adapters() else None, tuple(im))
+            for p, mt, im in zip(prompts, max_tokens, images) for j in range(n)
         ]
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
@@ -192,8 +197,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise _engine_error(e) from None
 
     async def run(request: Request, body, kind: str, prompts: list[list[int]], max_tokens: list[int],
-                  logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None):
-        stream, fmt = await submit(body, kind, prompts, max_tokens, logprobs, echo, tools)
+                  logprobs: int | None, echo: list[str] | None = None, tools: ToolChoice | None = None,
+                  images: list[list] | None = None):
+        stream, fmt = await submit(body, kind, prompts, max_tokens, logprobs, echo, tools, images)
         n = body.n
         if not body.stream:
             return JSONResponse(await collect(request, stream, fmt, prompts, n))
@@ -297,8 +303,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                 for x, ids, whole in zip(p, prompts, given)] if body.echo else None
         return await run(request, body, "text", prompts, [max_tokens] * len(prompts), body.logprobs, echo)
 
-    def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None]:
-        """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs)."""
+    def chat_ids(body: ChatCompletionRequest) -> tuple[list[int], ToolChoice, list]:
+        """A chat request's (prompt ids through the chat template, tools, the sources of its images)."""
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
@@ -314,26 +320,41 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             effort = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
             kwargs = {**effort, **(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {}),
                       **generation}
-            prompt_ids = tokenizer.encode_chat(messages, **kwargs)
+            prompt_ids, sources = llm.encode_chat(messages, **kwargs)
+        except RequestError as e:  # image parts where the model takes none, or of a kind it does not read
+            raise ApiError(400, str(e), param="messages") from None
         except Exception as e:  # template errors (roles out of order, ...) are the caller's
             raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         if not prompt_ids:
             raise ApiError(400, "messages render to an empty prompt", param="messages")
+        return prompt_ids, tools, sources
+
+    async def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None, list]:
+        """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs, the
+        images' spans (engine.multimodal: loaded, remote ones fetched, off the event loop))."""
+        prompt_ids, tools, sources = chat_ids(body)
+        spans = []
+        if sources:
+            try:
+                prompt_ids, spans = await asyncio.to_thread(llm.image_prompts.prepare, prompt_ids, sources, media)
+            except RequestError as e:
+                raise ApiError(400, str(e), param="messages") from None
         requested = body.max_completion_tokens or body.max_tokens
         prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, max_model_len, requested or 1)
         max_tokens = requested or max(1, max_model_len - len(prompt_ids))
-        check_prompt(prompt_ids, max_tokens, "messages")
+        check_prompt(prompt_ids, max_tokens, "messages", bool(spans))
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        return prompt_ids, max_tokens, tools, logprobs
+        return prompt_ids, max_tokens, tools, logprobs, spans
 
     @app.post("/v1/chat/completions", response_model=None, summary="Chat completion (OpenAI-compatible)")
     async def chat_completions(request: Request, body: ChatCompletionRequest):
-        prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
-        return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools)
+        prompt_ids, max_tokens, tools, logprobs, spans = await chat_prompt(body)
+        return await run(request, body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools, images=[spans])
 
     async def start_chat(body: ChatCompletionRequest):  # /v1/responses and /v1/messages run as chat requests
-        prompt_ids, max_tokens, tools, logprobs = chat_prompt(body)
-        return (prompt_ids, *await submit(body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools))
+        prompt_ids, max_tokens, tools, logprobs, spans = await chat_prompt(body)
+        return (prompt_ids, *await submit(body, "chat", [prompt_ids], [max_tokens], logprobs, tools=tools,
+                                          images=[spans]))
 
     def count_tokens(text: str) -> int:
         return len(tokenizer.encode(text, add_special_tokens=False))
@@ -342,7 +363,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                                                                          server_cfg.reasoning_parser != "none"),
                                                openai_responses.ResponseStore(server_cfg.max_stored_responses)))
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
-        start_chat, gather, lambda body: chat_prompt(body)[0], server_cfg.reasoning_parser != "none")))
+        start_chat, gather, lambda body: chat_ids(body)[0], server_cfg.reasoning_parser != "none")))
 
     async def embed(request: Request, body, texts: list, param: str) -> tuple[list[np.ndarray], int] | None:
         """The unit embeddings of texts (strings or token ids) and their token count; None if the client left."""
@@ -567,14 +588,15 @@ def _generation_prompt(body) -> dict:
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Chat messages as the chat template reads them: text parts joined, content never missing, an assistant's tool
+    """Chat messages as the chat template reads them: text parts joined (where no image part is among them:
+    LLMEngine.encode_chat reads those), content never missing, an assistant's tool
     calls' `arguments` as the object their JSON text holds (as vLLM hands them over: templates that write
     `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again), and its
     `reasoning_content` (or `reasoning`) also as `thinking`."""
     out = []
     for m in messages:
         msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list):
+        if isinstance(m.content, list) and all(part.type == "text" for part in m.content):
             msg["content"] = "".join(part.text for part in m.content)
         msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
         if isinstance(msg.get("tool_calls"), list):

@@ -387,6 +387,8 @@ class LlamaConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type: HF_MODEL_TYPES)."""
         arch = cfg.get("model_type")
+        if arch == "llava":  # an image model (models/vision.py): its language model is one of the others
+            return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
@@ -1086,6 +1088,21 @@ def _gemma_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfi
         attn_soft_cap=float(cfg["attn_logit_softcapping"]) if cfg.get("attn_logit_softcapping") else None,
         final_soft_cap=float(cfg["final_logit_softcapping"]) if cfg.get("final_logit_softcapping") else None,
     )
+
+
+# transformers' LlamaConfig defaults: older LLaVA checkpoints (llava-hf/llava-1.5-*) write only the fields of their
+# text_config that differ from them.
+_LLAMA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                   "num_attention_heads": 32, "hidden_act": "silu", "max_position_embeddings": 2048,
+                   "rms_norm_eps": 1e-6, "rope_theta": 10000.0}
+
+
+def _llava_text_config(cfg: Mapping[str, Any]) -> dict:
+    """A LLaVA config.json's language model config (its text_config, a Llama's defaults filled in where it leaves
+    them out)."""
+    text = dict(cfg.get("text_config") or {})
+    text.setdefault("model_type", "llama")
+    return {**_LLAMA_DEFAULTS, **text} if text["model_type"] == "llama" else text
 
 
 def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:

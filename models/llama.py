@@ -64,6 +64,9 @@ class ModelInputs:
     snapshot_slots: jax.Array | None = None  # [S] int32: ... into this slot (engine.state_snapshots)
     # ... and with speculative decoding, where its state after each of its first K tokens goes (gated_delta.Batch)
     draft_slots: jax.Array | None = None  # [S, K] int32
+    # Images (models/vision.py): the rows that stand for tokens past the vocabulary (an image's positions), [T, hidden];
+    # None in steps without any
+    mm_embeds: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +287,8 @@ def plain_activation(cfg: LlamaConfig, p: Params):
 def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax.Array, attend: AttentionFn,
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
              stats: bool = False, mesh: jax.sharding.Mesh | None = None,
-             recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None) -> tuple[jax.Array, Any]:
+             recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None,
+             mm_embeds: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
@@ -293,7 +297,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     `recurrent` (a model with linear attention layers): their states and the batch's state slots; the carry returned
     is then (attention's carry, the new states). Each layer runs one kind of token mixer, static in the scan body
     (`_grouped_layers`), attend's layer index being the layer's place among the attention layers (the KV cache holds
-    those only)."""
+    those only). `mm_embeds` [T, hidden]: the input rows of the tokens past the vocabulary (images' positions)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -445,9 +449,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
         return (x, carry), amax
 
-    x = embed_tokens(params, tokens)  # [T, H]
+    is_image = None if mm_embeds is None else tokens >= cfg.vocab_size  # [T]
+    x = embed_tokens(params, tokens if is_image is None else jnp.where(is_image, 0, tokens))  # [T, H]
     if cfg.embed_scale != 1.0:
         x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    if is_image is not None:  # (not scaled: the projector's rows are the model's inputs as they are)
+        x = jnp.where(is_image[:, None], mm_embeds.astype(x.dtype), x)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
     xs = (scanned, layer_ids, jnp.asarray(windowed), jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
           jnp.asarray(places), jnp.asarray(mixer_places))
@@ -704,7 +711,7 @@ def forward(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
         inputs.snapshot_slots, inputs.draft_slots, decode_step, attn_backend))
     x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
-                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent)
+                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 

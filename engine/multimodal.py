@@ -1,0 +1,293 @@
+"""Images in prompts (LLaVA-style models): where each sits in the token sequence, and the ids the prefix cache keys it by.
+
+A chat renders one placeholder token (the checkpoint's `image_token_id`) per image. `ImagePrompts.prepare` loads and
+preprocesses each image (engine/images.py) and widens its placeholder to the `tokens_per_image` positions its features
+fill. Those positions carry ids past the vocabulary, drawn from the image's content hash (`image_ids`): the radix tree,
+the host and disk tiers' block hashes and the router all key on token ids, so a cached image is reused only by the
+same image at the same place, and none of them knows images exist. The model never embeds those ids: the step's
+`mm_embeds` rows take their place (models/llama.py), computed by the vision encoder when a chunk first covers them
+(engine/runner.py), so an image whose positions all come from the cache is never encoded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+from typing import Any, Sequence as Seq
+
+import numpy as np
+
+from engine.request import RequestError
+
+ID_BITS = 30  # an image position's id: vocab_size + 30 bits of its hash (int32 for vocabularies under 2**30)
+
+
+@dataclasses.dataclass(eq=False)
+class ImageSpan:
+    """One image of a prompt: the positions it fills and what fills them."""
+
+    start: int  # its first position in the prompt
+    num_tokens: int
+    pixels: np.ndarray  # [C, H, W] float32, as the vision tower reads it
+    digest: bytes  # engine.images.image_hash of the pixels
+    vocab_size: int  # its positions' ids are past the vocabulary (`image_ids`): every sampled id is below this
+    features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
+    # preempted sequence recomputes its positions from them)
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+
+def image_ids(digest: bytes, num_tokens: int, vocab_size: int) -> list[int]:
+    """The ids of an image's positions: position j's is vocab_size + 30 bits of SHAKE-128(digest)'s j-th word. Two
+    images share a cached prefix only if every one of their positions' ids agrees."""
+    words = np.frombuffer(hashlib.shake_128(digest).digest(4 * num_tokens), "<u4")
+    return (vocab_size + (words & ((1 << ID_BITS) - 1)).astype(np.int64)).tolist()
+
+
+def text_ids(prompt_ids: Seq[int], vocab_size: int, image_token_id: int) -> list[int]:
+    """The prompt with each image position as the placeholder token again (what a tokenizer can read)."""
+    return [t if t < vocab_size else image_token_id for t in prompt_ids]
+
+
+class ImagePrompts:
+    """A model's image inputs: its vision config (models/vision.py), its processor (engine/images.py), what sources a
+    request may name (engine.images.MediaPolicy; the Python API's and the offline job's callers are trusted with any
+    local file, the server's are not: it passes its own)."""
+
+    def __init__(self, vcfg, processor, vocab_size: int, policy=None):
+        from engine.images import MediaPolicy
+
+        if vocab_size + (1 << ID_BITS) >= 1 << 31:
+            raise ValueError(f"vocab_size {vocab_size} leaves no int32 ids for image positions")
+        size = (vcfg.image_size, vcfg.image_size)
+        made = processor.crop_hw or processor.size_hw
+        if made != size:
+            raise ValueError(f"the image processor makes images of {'varying size (no crop)' if made is None else made}; "
+                             f"the vision tower reads {size}")
+        self.vcfg = vcfg
+        self.processor = processor
+        self.vocab_size = vocab_size
+        self.policy = policy or MediaPolicy(local_root="/")
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.vcfg.tokens_per_image
+
+    def load(self, sources: Seq[Any], policy=None) -> list:
+        """Each source as a PIL image (data and http(s) URLs, paths as the policy allows (default: this one's), bytes,
+        arrays, images); a bad one raises RequestError naming it. Fetches remote ones: a server runs this off its event
+        loop."""
+        from engine.images import ImageError, load_image
+
+        out = []
+        for i, source in enumerate(sources):
+            try:
+                out.append(load_image(source, policy or self.policy))
+            except ImageError as e:
+                raise RequestError(f"image {i}: {e}") from None
+        return out
+
+    def prepare(self, prompt_ids: Seq[int], sources: Seq[Any], policy=None) -> tuple[list[int], list[ImageSpan]]:
+        """(prompt ids with each placeholder widened to its image's ids, the images' spans). The prompt holds one
+        placeholder per image (or a run of exactly tokens_per_image of them: a processor's expanded prompt)."""
+        from engine.images import image_hash
+
+        images = self.load(sources, policy)
+        runs = _runs(prompt_ids, self.vcfg.image_token_id)
+        n = self.tokens_per_image
+        if len(runs) != len(images):
+            raise RequestError(f"the prompt has {len(runs)} image placeholders (token {self.vcfg.image_token_id}) "
+                               f"for {len(images)} images")
+        bad = [length for _, length in runs if length not in (1, n)]
+        if bad:
+            raise RequestError(f"an image placeholder is a run of {bad[0]} tokens; it is 1 token, or {n} (the image's "
+                               "positions)")
+        ids, spans, prev = [], [], 0
+        for (start, length), image in zip(runs, images):
+            ids += prompt_ids[prev:start]
+            pixels = self.processor(image)
+            digest = image_hash(pixels)
+            spans.append(ImageSpan(len(ids), n, pixels, digest, self.vocab_size))
+            ids += image_ids(digest, n, self.vocab_size)
+            prev = start + length
+        ids += prompt_ids[prev:]
+        return ids, spans
+
+    def check(self, prompt_ids: Seq[int], spans: Seq[ImageSpan]) -> None:
+        """A prepared prompt: every span's positions hold its image's ids, and no other id is past the vocabulary."""
+        covered = 0
+        for span in spans:
+            if not isinstance(span, ImageSpan):
+                raise RequestError("images must be prepared (ImagePrompts.prepare) with the prompt they belong to")
+            if list(prompt_ids[span.start:span.end]) != image_ids(span.digest, span.num_tokens, self.vocab_size):
+                raise RequestError(f"the prompt's positions {span.start}..{span.end - 1} are not its image's")
+            covered += span.num_tokens
+        if sum(1 for t in prompt_ids if t >= self.vocab_size) != covered:
+            raise RequestError(f"prompt token ids past the vocabulary [0, {self.vocab_size}) that are no image's")
+
+
+def _runs(ids: Seq[int], token: int) -> list[tuple[int, int]]:
+    """(start, length) of each run of `token` in ids."""
+    out, i = [], 0
+    while i < len(ids):
+        if ids[i] == token:
+            j = i
+            while j < len(ids) and ids[j] == token:
+                j += 1
+            out.append((i, j - i))
+            i = j
+        else:
+            i += 1
+    return out
+
+
+def load_image_model(path: str, dtype) -> tuple | None:
+    """(VisionConfig, vision params, ImageProcessor) of an HF checkpoint directory that takes images (a LLaVA
+    config.json), else None. A vision model without a preprocessor_config.json is refused by name."""
+    import json
+    import os
+
+    from models.loader import checkpoint_kind, resolve_path
+
+    path = resolve_path(path)
+    if checkpoint_kind(path) != "safetensors":
+        return None
+    from engine.images import ImageProcessor
+    from models import vision
+    from models.gguf_loader import CheckpointError
+
+    with open(os.path.join(path, "config.json")) as f:
+        vcfg = vision.VisionConfig.from_hf_config(json.load(f))
+    if vcfg is None:
+        return None
+    processor = ImageProcessor.from_dir(path)
+    if processor is None:
+        raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
+                              "prepared by (resize, crop, normalization); none is there")
+    return vcfg, vision.load_params(path, vcfg, dtype), processor
+
+
+# ------------------------------------------------------------------------------------------- chat messages
+_PART_TYPE = re.compile(r"""\[\s*['"]type['"]\s*\]|\.type\b|selectattr\(\s*['"]type['"]""")
+
+
+def template_wants_parts(template: str | None) -> bool:
+    """Whether a chat template reads a message's content as a list of typed parts (vision models' templates: it loops
+    over them and renders an image part as its placeholder) rather than as a string."""
+    return bool(template) and _PART_TYPE.search(template) is not None
+
+
+def split_images(messages: Seq[dict], parts: bool, placeholder: str) -> tuple[list[dict], list[Any]]:
+    """Chat messages whose content may hold image parts -> (messages for the chat template, the image sources in
+    order). Image parts: OpenAI's {"type": "image_url", "image_url": {"url": ...}} (or the URL as a string) and HF's
+    {"type": "image", "image" | "url" | "path": ...}. parts: the template reads typed parts (`template_wants_parts`):
+    content becomes a list of {"type": "text", "text"} and {"type": "image"}, a string content one text part; else
+    text with each image as `placeholder` and a newline where it was (what such templates' users write by hand).
+    (Only for models that take images: a text model's messages go to its template as they are.)"""
+    out, sources = [], []
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            if parts and isinstance(content, str):
+                message = {**message, "content": [{"type": "text", "text": content}]}
+            out.append(message)
+            continue
+        rendered = []
+        for part in content:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind in ("image_url", "image"):
+                source = _image_source(part)
+                sources.append(source)
+                rendered.append({"type": "image"} if parts else placeholder + "\n")
+            elif kind == "text":
+                rendered.append({"type": "text", "text": part.get("text", "")} if parts else part.get("text", ""))
+            else:
+                raise RequestError(f"a message's content part of type {kind!r} is not supported (text, image_url, image)")
+        out.append({**message, "content": rendered if parts else "".join(rendered)})
+    return out, sources
+
+
+def has_images(messages: Seq[dict]) -> bool:
+    """Whether any message's content holds an image part."""
+    return any(isinstance(m.get("content"), list) and any(
+        isinstance(p, dict) and p.get("type") in ("image_url", "image") for p in m["content"]) for m in messages)
+
+
+def _image_source(part: dict) -> Any:
+    if part["type"] == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str) or not url:
+            raise RequestError('an image_url part needs {"image_url": {"url": "data:... | https://..."}}')
+        return url
+    for key in ("image", "url", "path"):
+        if part.get(key) is not None:
+            return part[key]
+    raise RequestError('an image part needs "image", "url" or "path"')
+
+
+# ------------------------------------------------------------------------------------------- encoding
+class ImageEncoder:
+    """The vision tower and projector (models/vision.py) on the device, run for the images a step reaches: the rows
+    of the step's `mm_embeds` (runner.pack)."""
+
+    MAX_BATCH = 8  # images per encoder call (calls take 1, 2, 4 or 8: one compiled program each)
+
+    def __init__(self, vcfg, params, dtype, to_device):
+        import functools
+
+        import jax
+
+        from models import vision
+
+        self.vcfg = vcfg
+        self.params = to_device(params)
+        self.dtype = np.dtype(dtype)
+        self._to_device = to_device
+        self._encode = jax.jit(functools.partial(vision.encode_images, vcfg=vcfg))
+        self.num_encoded = 0  # images run through the tower (a cached image's positions need none)
+
+    def rows(self, chunks, num_tokens: int) -> np.ndarray | None:
+        """[num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at that
+        position's row of the step (zeros elsewhere); None when no chunk reaches an image. Encodes the images whose
+        features are not known yet."""
+        hits, row = [], 0  # (step row, span, first and last + 1 of its rows)
+        for c in chunks:
+            n = len(c.token_ids)
+            for span in c.seq.images:
+                lo, hi = max(span.start, c.start), min(span.end, c.start + n)
+                if lo < hi:
+                    hits.append((row + lo - c.start, span, lo - span.start, hi - span.start))
+            row += n
+        if not hits:
+            return None
+        self.encode(list({id(s): s for _, s, _, _ in hits if s.features is None}.values()))
+        out = np.zeros((num_tokens, self.vcfg.text_hidden_size), self.dtype)
+        for r, span, a, b in hits:
+            out[r : r + b - a] = span.features[a:b]
+        return out
+
+    @property
+    def batch_sizes(self) -> tuple[int, ...]:
+        return tuple(1 << i for i in range(self.MAX_BATCH.bit_length()))
+
+    def compile(self, num_images: int) -> None:
+        """Compiles the encoder for calls of `num_images` (engine warm-up)."""
+        size = self.vcfg.image_size
+        pixels = np.zeros((num_images, self.vcfg.num_channels, size, size), np.float32)
+        np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
+
+    def encode(self, spans: list[ImageSpan]) -> None:
+        """Each span's features, MAX_BATCH images per call (padded to a power of two)."""
+        for i in range(0, len(spans), self.MAX_BATCH):
+            group = spans[i : i + self.MAX_BATCH]
+            n = 1 << (len(group) - 1).bit_length()
+            pixels = np.zeros((n, *group[0].pixels.shape), np.float32)
+            for j, span in enumerate(group):
+                pixels[j] = span.pixels
+            features = np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
+            for j, span in enumerate(group):
+                span.features = features[j].astype(self.dtype)
+            self.num_encoded += len(group)

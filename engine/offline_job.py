@@ -2,10 +2,11 @@
 output line. `LineJob` feeds lines to one engine as its batch drains; the job runs one, or one per replica
 (engine.data_parallel).
 
-Input line:  {"id", "prompt"} or {"id", "messages"} and optional request fields (LINE_FIELDS; scripts/generate.py
-             lists them). Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"
-             [, "logprobs"][, "prompt_logprobs"][, "reasoning_content"]}, {"id", "embedding", "prompt_tokens",
-             "cached_tokens"} for an embedding, or {"id", "error"} for a line refused.
+Input line:  {"id", "prompt"} or {"id", "messages"} (content: a string, or text and image parts) and optional
+             request fields (LINE_FIELDS; scripts/generate.py lists them). Output line: {"id", "text", "token_ids",
+             "finish_reason", "prompt_tokens", "cached_tokens" [, "logprobs"][, "prompt_logprobs"][,
+             "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or
+             {"id", "error"} for a line refused.
 """
 from __future__ import annotations
 
@@ -50,9 +51,10 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
     if "messages" in obj and not (
         isinstance(obj["messages"], list)
         and obj["messages"]
-        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in obj["messages"])
+        and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
+                for m in obj["messages"])
     ):
-        return rid, None, "'messages' must be a non-empty list of {role, content} strings"
+        return rid, None, "'messages' must be a non-empty list of {role, content}: content a string or a list of parts"
     if "chat_template_kwargs" in obj and ("messages" not in obj or not isinstance(obj["chat_template_kwargs"], dict)):
         return rid, None, "'chat_template_kwargs' must be an object, with 'messages'"
     if "continue_final_message" in obj and ("messages" not in obj or not isinstance(obj["continue_final_message"], bool)):
@@ -103,15 +105,15 @@ class LineJob:
         """Adds a parsed line's request; -> None, or the error the engine refused it with."""
         engine = self.engine
         try:
-            prompt = (engine.tokenizer.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
-                                                   continue_final_message=obj.get("continue_final_message", False))
-                      if "messages" in obj else obj["prompt"])
+            prompt, images = (engine.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
+                                                 continue_final_message=obj.get("continue_final_message", False))
+                              if "messages" in obj else (obj["prompt"], []))
             params = sampling_params(obj, getattr(engine, "sampling_defaults", None))
             if "messages" in obj and keeps_special_tokens(self.reasoning_parser, engine.tokenizer.special_texts):
                 params = dataclasses.replace(params, skip_special_tokens=False)
             engine_id = engine.add_request(prompt, params, namespace=obj.get("cache_salt"),
                                            priority=obj.get("priority", 0), adapter=obj.get("adapter"),
-                                           output_kind=OutputKind.FINAL)
+                                           output_kind=OutputKind.FINAL, images=images or None)
         except (RequestError, ValueError) as e:
             return str(e)
         self.pending[engine_id] = (rid, "messages" in obj)

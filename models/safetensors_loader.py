@@ -173,7 +173,7 @@ def _shard_files(directory: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def _opened_shards(directory: str):
+def opened_shards(directory: str):
     """The checkpoint's safetensors files, open while the block runs: yields (tensor name -> (its file's path, the
     open file), stored(name) -> the tensor as the file holds it, a numpy array on the host)."""
     import jax
@@ -227,7 +227,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
     cfg = read_hf_config(directory)
     block, block_scales = _fp8_block(directory)
     scheme = int_scheme(directory)
-    with _opened_shards(directory) as (shard_of, stored):
+    with opened_shards(directory) as (shard_of, stored):
 
         def read(key: str, name: str) -> np.ndarray:
             return _from_hf(cfg, key, get(name))
@@ -279,7 +279,7 @@ def kept_int_quantization(directory: str) -> str:
     if scheme is None:
         return "none"
     cfg = read_hf_config(directory)
-    with _opened_shards(directory) as (shard_of, stored):
+    with opened_shards(directory) as (shard_of, stored):
         bits = set(_kept_int(cfg, hf_names(cfg), scheme, stored, shard_of.__contains__, (4, 8)).values())
     if 4 in bits:
         return "int4"

@@ -23,7 +23,7 @@ import numpy as np
 
 from models.errors import ConfigError
 from models.gguf_loader import CheckpointError
-from models.safetensors_loader import _opened_shards  # the one reader of safetensors directories (bf16, shards)
+from models.safetensors_loader import opened_shards  # the one reader of safetensors directories (bf16, shards)
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),  # CLIP
@@ -175,7 +175,7 @@ def load_params(path: str, vcfg: VisionConfig, dtype=np.float32) -> dict:
     """The encoder's weights (numpy arrays of `dtype`) from an HF LLaVA checkpoint directory; the language model's and
     the tower's unused tensors (later layers, post-LayerNorm, SigLIP's pooling head) are not read."""
     shapes = param_shapes(vcfg)
-    with _opened_shards(path) as (names, stored):
+    with opened_shards(path) as (names, stored):
         def prefix(candidates: tuple[str, ...], probe: str) -> str:
             found = [c for c in candidates if c + probe in names]
             if not found:

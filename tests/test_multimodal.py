@@ -243,3 +243,40 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
                 "model": "tiny-llava", "max_tokens": 2,
                 "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
             assert r.status_code == 400 and message in r.json()["error"]["message"], r.text
+
+
+def test_the_offline_job_reads_image_parts_and_names_a_bad_one(llava, tmp_path):
+    from engine.offline_job import LineJob, parse_line
+    from engine.request import SamplingParams
+
+    _, path = llava
+    rng = fresh.rng()
+    image = _image(rng)
+    image.save(tmp_path / "cat.png")
+    llm = _llm(path)
+    question = {"type": "text", "text": "Describe it."}
+    [want] = llm.chat([[{"role": "user", "content": [{"type": "image", "image": image}, question]}]],
+                      SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))
+    fields = {"temperature": 0, "max_tokens": 5, "ignore_eos": True}
+    lines = [
+        {"id": "path", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(tmp_path / "cat.png")}}, question]}], **fields},
+        {"id": "data", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}], **fields},
+        {"id": "missing", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": str(tmp_path / "dog.png")}}, question]}], **fields},
+        {"id": "text", "messages": [{"role": "user", "content": "no picture here"}], **fields},
+    ]
+    job, errors, records = LineJob(llm.engine), {}, {}
+    for i, line in enumerate(lines):
+        rid, obj, error = parse_line(json.dumps(line), i + 1)
+        assert error is None, error
+        error = job.submit(rid, obj)
+        if error is not None:
+            errors[rid] = error
+    while len(job):
+        records.update({r["id"]: r for r in job.step()})
+    assert set(errors) == {"missing"} and "image 0" in errors["missing"] and "dog.png" in errors["missing"]
+    assert records["path"]["text"] == records["data"]["text"] == want.text
+    assert records["path"]["prompt_tokens"] == want.prompt_tokens
+    assert len(records["text"]["token_ids"]) == 5

@@ -115,6 +115,15 @@ class ImagePrompts:
         ids += prompt_ids[prev:]
         return ids, spans
 
+    def widen(self, prompt_ids: Seq[int]) -> list[int]:
+        """The prompt with each single placeholder as tokens_per_image of them (what a prompt with images counts)."""
+        token, n = self.vcfg.image_token_id, self.tokens_per_image
+        out, prev = [], 0
+        for start, length in _runs(prompt_ids, token):
+            out += prompt_ids[prev:start] + [token] * (n if length == 1 else length)
+            prev = start + length
+        return out + list(prompt_ids[prev:])
+
     def check(self, prompt_ids: Seq[int], spans: Seq[ImageSpan]) -> None:
         """A prepared prompt: every span's positions hold its image's ids, and no other id is past the vocabulary."""
         covered = 0

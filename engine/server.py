@@ -458,8 +458,12 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             try:
-                ids = tokenizer.encode_chat(template_messages(body.messages),
-                                            **_generation_prompt(body), **(body.chat_template_kwargs or {}))
+                ids, sources = llm.encode_chat(template_messages(body.messages),
+                                               **_generation_prompt(body), **(body.chat_template_kwargs or {}))
+                if sources:  # each image's positions as its placeholder token, as HF's processor writes them
+                    ids = llm.image_prompts.widen(ids)
+            except RequestError as e:
+                raise ApiError(400, str(e), param="messages") from None
             except Exception as e:  # template errors (roles out of order, ...) are the caller's
                 raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}

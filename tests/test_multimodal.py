@@ -129,6 +129,16 @@ def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cac
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
     assert chunked.engine.runner.images.num_encoded == 4
 
+    # n-gram speculation (its drafts stop where they would copy an image's ids) and penalties (they count text ids
+    # only): the same greedy tokens, and sampled ones from the vocabulary
+    spec = _llm(path, **{"cache.prefix_caching": False, "speculative.method": "ngram", "speculative.num_tokens": 3})
+    drafted = spec.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in outs]
+    penalized = spec.generate([p for p, _ in prompts], SamplingParams(max_tokens=8, repetition_penalty=1.3,
+                                                                      presence_penalty=0.5, seed=1),
+                              images=[im for _, im in prompts])
+    assert all(len(o.token_ids) == 8 or o.finish_reason == "stop" for o in penalized)
+
     # The prefix cache: the first prompt's text and image with another question after them shares its first two
     # pages (positions 0-15: 5 words, 11 of the image's 16 positions); positions 16-20 are computed from the image's
     # features, so it is encoded again
@@ -237,6 +247,9 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
             body = r.json()
             assert body["choices"][0]["message"]["content"] == want.text
             assert body["usage"]["prompt_tokens"] == want.prompt_tokens
+        r = client.post("/tokenize", json={"model": "tiny-llava", "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}]})
+        assert r.json()["count"] == want.prompt_tokens, r.text  # each image position as the placeholder
         # a file outside the allowed directory, and a URL that is no image: 400s that name the problem
         for url, message in (("file:///etc/hostname", "image 0"), ("data:text/plain;base64,aGk=", "image 0")):
             r = client.post("/v1/chat/completions", json={

@@ -114,7 +114,7 @@ class LLMEngine:
         if model is None:
             model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
-            vision = multimodal.load_image_model(config.model.path, self.dtype)
+            vision = vision or multimodal.load_image_model(config.model.path, self.dtype)
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
@@ -698,6 +698,8 @@ class LLMEngine:
             "disk_state_hits": s.stats.disk_state_hits,
             "disk_saved_states": s.stats.disk_saved_states,
             "num_steps": self.num_steps,
+            # (a model that takes images: those run through the vision tower; a cached image's positions need none)
+            "images_encoded": self.runner.images.num_encoded if self.runner.images is not None else 0,
             "weights_version": self.weights_version,
             "weights_source": self.weights_source,
             "sleep_level": self.sleep_level,

@@ -49,11 +49,18 @@ Changing a live replica's weights: read a checkpoint, swap it in, sleep and wake
 
     python scripts/bench.py --workload weight-swap --repeats 5
 
+Images (a random LLaVA-1.5-shaped vision tower, 336-pixel images in 14-pixel patches: 576 positions each, in front of
+the config's model): groups of questions about one picture each, prefix cache off (A) vs on (B):
+
+    python scripts/bench.py --workload shared-image --vision 256,4 --groups 4 --prompts-per-group 8 \
+        --question-len 32 --set-a cache.prefix_caching=false --set-b cache.prefix_caching=true --repeats 3
+
 Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
 arrives and carries the whole history), copy (chat prompts asking to repeat a generated paragraph word for word;
-ends at the model's end token). Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
+ends at the model's end token), shared-image (groups x prompts per group: one image, then a question, shuffled).
+Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
 p50/p90/p99; token hit rate = cached prompt tokens / prompt tokens.
 """
 from __future__ import annotations
@@ -78,6 +85,7 @@ class Turn:
     prompt: list[int]  # for multi-turn: the new user message only; history is prepended at send time
     max_tokens: int
     ignore_eos: bool = True  # random-id prompts run to max_tokens; natural-text ones (copy) end where the model ends
+    images: list | None = None  # one per placeholder token of the prompt (shared-image)
 
 
 @dataclasses.dataclass
@@ -147,6 +155,14 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
         page = args.page_size
         ideal = (args.num_requests - args.groups) * (args.system_len // page * page)
         return sessions, ideal
+    if args.workload == "shared-image":  # (an image's placeholder: vocab - 1, never a drawn id)
+        images = [_random_image(rng) for _ in range(args.groups)]
+        sessions = [Session([Turn([vocab - 1] + _ids(rng, args.question_len, vocab), args.output_len,
+                                  images=[images[g]])], g)
+                    for g in range(args.groups) for _ in range(args.prompts_per_group)]
+        rng.shuffle(sessions)
+        ideal = (args.prompts_per_group - 1) * args.groups * (IMAGE_POSITIONS // args.page_size * args.page_size)
+        return sessions, ideal
     if args.workload == "random":
         return [Session([Turn(_ids(rng, args.system_len + args.question_len, vocab), args.output_len)])
                 for _ in range(args.num_requests)], 0
@@ -155,6 +171,42 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
                              for t in range(args.turns)]) for _ in range(args.num_requests)]
         return sessions, 0
     raise SystemExit(f"unknown workload {args.workload!r}")
+
+
+IMAGE_SIZE, IMAGE_PATCH = 336, 14  # llava-1.5's: 576 positions per image
+IMAGE_POSITIONS = (IMAGE_SIZE // IMAGE_PATCH) ** 2
+
+
+def _random_image(rng: random.Random):
+    import numpy as np
+    from PIL import Image
+
+    size = (rng.randrange(300, 800), rng.randrange(300, 800))
+    return Image.fromarray(np.random.default_rng(rng.getrandbits(32)).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def synthetic_vision(spec: str, model_cfg):
+    """(VisionConfig, random params, ImageProcessor) for `--vision HIDDEN,LAYERS`: a CLIP tower of llava-1.5's geometry
+    (336-pixel images, 14-pixel patches, the second-to-last layer's features, the class token dropped) and width, its
+    projector into the model's hidden size; the placeholder is the model's last id."""
+    import jax
+
+    from engine.images import ImageProcessor
+    from models import vision
+
+    try:
+        hidden, layers = (int(x) for x in spec.split(","))
+    except ValueError:
+        raise SystemExit(f"--vision wants two integers HIDDEN,LAYERS, got {spec!r}")
+    vcfg = vision.VisionConfig(
+        kind="clip", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=max(1, hidden // 64),
+        image_size=IMAGE_SIZE, patch_size=IMAGE_PATCH, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu",
+        feature_layers=(-2,), select_strategy="default", projector_act="gelu", projector_bias=True,
+        text_hidden_size=model_cfg.hidden_size, image_token_id=model_cfg.vocab_size - 1)
+    processor = ImageProcessor.from_dict({"image_processor_type": "CLIPImageProcessor",
+                                          "size": {"shortest_edge": IMAGE_SIZE},
+                                          "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}})
+    return vcfg, vision.init_params(vcfg, jax.random.key(1)), processor
 
 
 # --------------------------------------------------------------------------------------- engine mode
@@ -183,7 +235,7 @@ def run_engine(engine, sessions: list[Session], max_concurrency: int, request_ra
             params = SamplingParams(temperature=0, max_tokens=session.turns[turn].max_tokens,
                                     ignore_eos=session.turns[turn].ignore_eos, structured=constraint,
                                     prompt_logprobs=options.get("prompt_logprobs"))
-        rid = engine.add_request(prompt, params)
+        rid = engine.add_request(prompt, params, images=session.turns[turn].images)
         active[rid] = (session, turn, prompt, time.perf_counter())
 
     while queue or active:
@@ -574,7 +626,7 @@ def weight_swap(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "decode", "steps",
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "shared-image", "decode", "steps",
                                            "weight-swap", "output-growth"], required=True)
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
@@ -620,6 +672,8 @@ def main(argv=None) -> int:
     ap.add_argument("--embed", action="store_true", help="every request is an embedding request (in-process mode)")
     ap.add_argument("--options-only-b", action="store_true",
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
+    ap.add_argument("--vision", metavar="HIDDEN,LAYERS", help="a random LLaVA-1.5-shaped vision tower of this width and "
+                    "depth in front of the model (the shared-image workload)")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
                     help="a random Llama of this shape (with the config's tokenizer) instead of the config's weights")
     ap.add_argument("--word-vocab", type=int, default=0, metavar="N",
@@ -670,7 +724,17 @@ def main(argv=None) -> int:
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
         model = given_model(args, configs["A"])
-        engines = {name: LLMEngine(cfg, model=model) for name, cfg in configs.items()}
+        vision = None
+        if args.vision:  # the tower needs the model's config: its weights as arrays, for both engines
+            from models.loader import load_weights, tokenizer_source
+            from models.tokenizer import Tokenizer
+
+            path = configs["A"].model.path
+            model = model or (*load_weights(path), Tokenizer.load(tokenizer_source(path)))
+            vision = synthetic_vision(args.vision, model[0])
+        elif args.workload == "shared-image":
+            raise SystemExit("--workload shared-image needs --vision HIDDEN,LAYERS")
+        engines = {name: LLMEngine(cfg, model=model, vision=vision) for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)
         for name, cfg in configs.items():
@@ -686,6 +750,8 @@ def main(argv=None) -> int:
                 drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
                 if drafted:  # speculative decoding: accepted / verified draft tokens
                     runs[name][-1]["spec_acceptance"] = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted
+                if args.vision:  # images run through the vision tower (a cached image's positions need none)
+                    runs[name][-1]["images_encoded"] = after["images_encoded"] - before["images_encoded"]
                 print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)
         names = list(configs)
     print(f"\nworkload {args.workload}: {len(sessions)} sessions, concurrency {args.max_concurrency}, "

@@ -594,6 +594,8 @@ class LLMEngine:
         self.weights.offload(keep=level == 1)
         if self.draft is not None:  # kept whatever the level: weight updates give the model's weights only
             self.draft.weights.offload(keep=True)
+        if self.runner.images is not None:  # the vision tower's too (weight updates give the language model's)
+            self.runner.images.offload()
         for array in (*self.runner.kv, *jax.tree.leaves(self.runner.states)):
             array.delete()  # now, not when the last reference goes
         self.runner.kv = self.runner.states = None
@@ -612,6 +614,8 @@ class LLMEngine:
         if self.draft is not None:
             self.draft.weights.restore()
             self.runner.draft_params = self.draft.weights.params
+        if self.runner.images is not None:
+            self.runner.images.restore()
         self.runner.kv = self.runner._allocate_kv()
         if self.model_cfg.linear_layers:
             self.runner.states = self.runner._allocate_states()

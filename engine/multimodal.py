@@ -278,6 +278,19 @@ class ImageEncoder:
             out[r : r + b - a] = span.features[a:b]
         return out
 
+    def offload(self) -> None:
+        """The tower's weights to host memory, their device buffers freed now (LLMEngine.sleep)."""
+        import jax
+
+        host = jax.device_get(self.params)
+        for array in jax.tree.leaves(self.params):
+            array.delete()
+        self.params = host
+
+    def restore(self) -> None:
+        """The weights back on the devices (LLMEngine.wake_up)."""
+        self.params = self._to_device(self.params)
+
     @property
     def batch_sizes(self) -> tuple[int, ...]:
         return tuple(1 << i for i in range(self.MAX_BATCH.bit_length()))

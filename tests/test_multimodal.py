@@ -186,8 +186,16 @@ def test_bad_images_and_placeholders_are_refused_by_name_and_others_go_on(llava)
         llm.engine.add_request(good, SamplingParams(max_tokens=2, prompt_logprobs=1), images=[_image(rng)])
     with pytest.raises(RequestError, match="outside the vocabulary"):  # ids past the vocabulary with no image
         llm.engine.add_request(good[:-1] + [IMAGE_TOKEN + 5], greedy)
-    [out] = llm.generate([good], greedy, images=[[_image(rng)]])  # the engine goes on
+    image = _image(rng)
+    [out] = llm.generate([good], greedy, images=[[image]])  # the engine goes on
     assert len(out.token_ids) == 4
+    # asleep (the vision tower's weights in host memory too) and awake: the same tokens, the image encoded again
+    encoded = llm.engine.stats()["images_encoded"]
+    llm.sleep(1)
+    llm.wake_up()
+    [again] = llm.generate([good], greedy, images=[[image]])
+    assert again.token_ids == out.token_ids and again.cached_tokens == 0
+    assert llm.engine.stats()["images_encoded"] == encoded + 1
 
 
 def test_a_text_model_refuses_images_by_name():

@@ -9,7 +9,8 @@ a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical 
 namespaces), some seeds with token rules (few allowed ids, bad words among them), with invariants checked every
 step (`debug_checks`). Some seeds also (`draw_features`) sample (seeded top-p) instead of decoding greedily, give the
 requests priorities (scheduler.policy priority), serve two LoRA adapters beside the base model, split the model
-over 2 CPU devices (tensor parallelism), or speculate only in small decode batches. Every engine must give the tokens
+over 2 CPU devices (tensor parallelism), speculate only in small decode batches, or put images in prompts (a tiny
+random vision tower in front of the model). Every engine must give the tokens
 of the same model run with the cache off, a big pool, serial steps and one device. The scheduler's own property test
 (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
 page tables, copy-on-write, host and disk copies, window slots).
@@ -98,26 +99,61 @@ def draw_features(seed: int, model: str) -> dict:
     configuration stays what it drew before these existed): seeded top-p sampling instead of greedy, priorities
     (scheduler.policy priority, preempting), two LoRA adapters beside the base model, tensor parallelism over 2 CPU
     devices, speculative.max_batch (with speculative decoding: no drafts in steps of more decodes than that, and on
-    models with linear layers that many rows of draft state slots)."""
+    models with linear layers that many rows of draft state slots), images in two prompts of three (a tiny random
+    vision tower in front of the model: two images, so that prompts share cached images and differ by them)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
-            "spec_max_batch": rng.choice([0, 0, 1, 2, 3])}
+            "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
+            "images": rng.random() < 0.25}
 
 
-def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict) -> list[list[int]]:
+def tiny_vision(cfg):
+    """(VisionConfig, random params, ImageProcessor): a CLIP tower of 21-pixel images in 7-pixel patches (9
+    positions each) into `cfg`'s hidden size, the placeholder its last id; and two images."""
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from engine.images import ImageProcessor
+    from models import vision
+
+    vcfg = vision.VisionConfig(kind="clip", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                               image_size=21, patch_size=7, num_channels=3, layer_norm_eps=1e-5,
+                               hidden_act="quick_gelu", feature_layers=(-2,), select_strategy="default",
+                               projector_act="gelu", projector_bias=True, text_hidden_size=cfg.hidden_size,
+                               image_token_id=cfg.vocab_size - 1)
+    processor = ImageProcessor.from_dict({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 21},
+                                          "crop_size": {"height": 21, "width": 21}})
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (30, 24 + 8 * i, 3), dtype=np.uint8)) for i in range(2)]
+    return (vcfg, vision.init_params(vcfg, jax.random.key(17), scale=0.5), processor), images
+
+
+def _with_image(prompt: list[int], images: list, vcfg) -> tuple[list[int], list]:
+    """Two prompts in three get an image after their first 4 tokens, chosen by their tokens (so identical prompts
+    and those sharing a prefix share it, or differ by it)."""
+    if images is None or sum(prompt) % 3 == 0:
+        return prompt, []
+    at = min(4, len(prompt))
+    return prompt[:at] + [vcfg.image_token_id] + prompt[at:], [images[sum(prompt) % len(images)]]
+
+
+def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None) -> list[list[int]]:
     """Each prompt's tokens: greedy, or seeded top-p sampling (`features`), with each request's priority and adapter
-    drawn from its index (the same in every engine of a seed)."""
+    drawn from its index (the same in every engine of a seed); `images` (a model that takes them): `_with_image`."""
     from engine.request import SamplingParams
 
     engine, ids = llm.engine, []
     for i, (prompt, namespace) in enumerate(prompts):
         sampled = dict(temperature=0.8, top_p=0.9, seed=1000 + i) if features["sampling"] else dict(temperature=0)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampled, **rules)
+        prompt, prompt_images = _with_image(prompt, images, engine.image_prompts and engine.image_prompts.vcfg)
         ids.append(engine.add_request(prompt, params, namespace=namespace,
                                       priority=(i * 7) % 3 if features["priorities"] else 0,
-                                      adapter=(None, "a", "b")[i % 3] if features["lora"] else None))
+                                      adapter=(None, "a", "b")[i % 3] if features["lora"] else None,
+                                      images=prompt_images or None))
     finals = llm._run(set(ids), progress=False)
     return [finals[i].token_ids for i in ids]
 
@@ -171,8 +207,9 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                  "bad_words": tuple(tokenizer.decode(rng.sample(allowed, rng.choice([1, 2]))) for _ in range(6))}
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
     features = draw_features(seed, model)
-    extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora") if
-                                                              features[k]), *(["tp 2"] if features["tensor"] > 1 else [])])
+    extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora", "images")
+                                                              if features[k]), *(["tp 2"] if features["tensor"] > 1 else [])])
+    vision, images = tiny_vision(models[model][0]) if features["images"] else (None, None)
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk
@@ -188,11 +225,11 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                                             std=0.1) for i, name in enumerate(("a", "b"))}
         reference["lora.adapters"] = fuzzed["lora.adapters"] = paths
     try:
-        want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model]), prompts,
-                         max_tokens, features, rules)
+        want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model], vision=vision),
+                         prompts, max_tokens, features, rules, images)
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
-            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model])
-            got = _generate(llm, prompts, max_tokens, features, rules)
+            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model], vision=vision)
+            got = _generate(llm, prompts, max_tokens, features, rules, images)
             held = llm.engine.stats()["pages_held_by_requests"]
             llm.engine.shutdown()
             if got != want:

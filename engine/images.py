@@ -183,13 +183,14 @@ def load_image(source, policy: MediaPolicy = MediaPolicy()) -> Image.Image:
     return to_rgb(image)
 
 
-_KNOWN_STEPS = {"do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize"}
+_KNOWN_STEPS = {"do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad"}
 _DEFAULTS = {  # transformers' class defaults, for keys a preprocessor_config.json leaves out (both: bicubic)
     "CLIP": dict(size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
                  image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711)),
     "Siglip": dict(size={"height": 224, "width": 224}, do_center_crop=False, image_mean=(0.5,) * 3,
                    image_std=(0.5,) * 3),
 }
+_DEFAULTS["Llava"] = _DEFAULTS["CLIP"]  # LlavaImageProcessor: CLIP's, and do_pad (pad_square)
 
 
 def _size(value, key: str, square: bool) -> int | tuple[int, int]:
@@ -210,7 +211,8 @@ def _size(value, key: str, square: bool) -> int | tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
-    """The steps of HF's CLIPImageProcessor / SiglipImageProcessor that LLaVA checkpoints use, in their order."""
+    """The steps of HF's CLIPImageProcessor / SiglipImageProcessor / LlavaImageProcessor that LLaVA checkpoints use,
+    in their order."""
 
     shortest_edge: int | None = None  # resize: the shorter side to this, the longer to int(n * long / short) (CLIP)
     size_hw: tuple[int, int] | None = None  # or resize to exactly (height, width) (SigLIP); neither: no resize
@@ -219,6 +221,8 @@ class ImageProcessor:
     rescale_factor: float | None = 1 / 255  # None: no rescale
     image_mean: tuple[float, float, float] | None = None  # per channel; None (with image_std): no normalize
     image_std: tuple[float, float, float] | None = None
+    # LlavaImageProcessor's do_pad: first pad to a square of the longer side, centered, in this colour (its mean x 255)
+    pad_square: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         sizes = [n for n in (self.shortest_edge, *(self.size_hw or ()), *(self.crop_hw or ())) if n is not None]
@@ -233,13 +237,14 @@ class ImageProcessor:
         """A preprocessor_config.json -> the processor transformers would build from it (its PIL backend)."""
         kind = d.get("image_processor_type") or d.get("feature_extractor_type")
         # CLIPFeatureExtractor: older configs (openai/clip-vit-*); *Fast, *Pil: other backends of one processor
-        match = re.fullmatch(r"(CLIP|Siglip)(ImageProcessor(Fast|Pil)?|FeatureExtractor)", kind or "")
+        match = re.fullmatch(r"(CLIP|Siglip|Llava)(ImageProcessor(Fast|Pil)?|FeatureExtractor)", kind or "")
         defaults = match and _DEFAULTS[match[1]]
         if defaults is None:
-            raise ValueError(f"image_processor_type {kind!r} is not supported (CLIPImageProcessor or "
-                             "SiglipImageProcessor)")
+            raise ValueError(f"image_processor_type {kind!r} is not supported (CLIPImageProcessor, "
+                             "SiglipImageProcessor or LlavaImageProcessor)")
         for key, value in d.items():
-            if value and (key.startswith("do_") and key not in _KNOWN_STEPS or key == "use_square_size"):
+            if value and (key.startswith("do_") and key not in _KNOWN_STEPS or key == "use_square_size"
+                          or key == "do_pad" and match[1] != "Llava"):
                 raise ValueError(f"preprocessor option {key}={value!r} ({kind}) is not supported")
         d = {"do_resize": True, "resample": Image.Resampling.BICUBIC, "do_rescale": True, "rescale_factor": 1 / 255,
              "do_normalize": True, **defaults, **{k: v for k, v in d.items() if v is not None}}
@@ -249,7 +254,8 @@ class ImageProcessor:
                    crop_hw=_size(d.get("crop_size"), "crop_size", square=True) if d["do_center_crop"] else None,
                    rescale_factor=float(d["rescale_factor"]) if d["do_rescale"] else None,
                    image_mean=tuple(map(float, d["image_mean"])) if d["do_normalize"] else None,
-                   image_std=tuple(map(float, d["image_std"])) if d["do_normalize"] else None)
+                   image_std=tuple(map(float, d["image_std"])) if d["do_normalize"] else None,
+                   pad_square=tuple(int(x * 255) for x in d["image_mean"]) if d.get("do_pad") else None)
 
     @classmethod
     def from_dir(cls, path: str) -> ImageProcessor | None:
@@ -266,6 +272,11 @@ class ImageProcessor:
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A PIL image -> float32 [3, H, W]. Each step computes as transformers' does, so the result is equal."""
         image = to_rgb(image)  # a no-op copy for load_image's output
+        if self.pad_square is not None and image.width != image.height:
+            side = max(image.size)
+            square = Image.new("RGB", (side, side), self.pad_square)
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = square
         if self.shortest_edge is not None or self.size_hw is not None:
             width, height = image.size
             if self.size_hw is not None:

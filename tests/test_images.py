@@ -33,6 +33,9 @@ CONFIGS = {
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
     "siglip-small-bilinear": {"image_processor_type": "SiglipImageProcessor", "size": {"height": 27, "width": 33},
                               "resample": 2},
+    # LlavaImageProcessor's do_pad: the image first padded to a square in its mean colour
+    "llava-pad": {"image_processor_type": "LlavaImageProcessor", "do_pad": True, "size": {"shortest_edge": 30},
+                  "crop_size": {"height": 28, "width": 28}},
 }
 
 

@@ -17,7 +17,8 @@ reasoning parser; the chat reply becomes Anthropic content blocks:
 
 usage.input_tokens counts the prompt tokens the prefix cache did not hold, cache_read_input_tokens those it did (as
 Anthropic splits them: their sum is the prompt). Errors are Anthropic's body, `{"type": "error", "error": {"type",
-"message"}}`; what this server does not do (images, documents, server tools, unknown blocks) is a 400 naming it.
+"message"}}`; what this server does not do (documents, server tools, unknown blocks; images for a model that takes none)
+is a 400 naming it.
 This module imports no JAX: the router uses `chat_messages` to hash prompts.
 """
 from __future__ import annotations
@@ -124,15 +125,34 @@ def chat_messages(system: str | list | None, messages: list[dict]) -> list[dict]
                 continue
             elif kind in ("tool_use", "tool_result", "thinking", "redacted_thinking"):
                 raise _bad(f"{at}: {kind} blocks are not allowed in {role} messages")
+            elif kind == "image" and role == "user":  # (as the chat's image_url part: engine.multimodal)
+                texts.append(_image_part(block, at))
             elif kind in ("image", "document"):
-                raise _bad(f"{at}: {kind} blocks are not supported; text only")
+                raise _bad(f"{at}: {kind} blocks are not supported" + ("; text only" if kind == "document" else
+                                                                        " in assistant messages"))
             else:
                 raise _bad(f"{at}: content blocks of type {kind!r} are not supported (text, tool_use, tool_result and "
                            "thinking are)")
         out += results  # NOTE: tool results first: templates expect them right after the assistant's calls
         if texts or calls or not results:
-            out.append({"role": role, "content": "".join(texts), **({"tool_calls": calls} if calls else {})})
+            content = "".join(texts) if all(isinstance(t, str) for t in texts) else \
+                [{"type": "text", "text": t} if isinstance(t, str) else t for t in texts]
+            out.append({"role": role, "content": content, **({"tool_calls": calls} if calls else {})})
     return out
+
+
+def _image_part(block: dict, where: str) -> dict:
+    """An image block ({"source": {"type": "base64", "media_type", "data"} or {"type": "url", "url"}}) as a chat
+    image_url part."""
+    source = block.get("source")
+    kind = source.get("type") if isinstance(source, dict) else None
+    if kind == "base64":
+        media, data = _string(source, "media_type", f"{where}.source"), _string(source, "data", f"{where}.source")
+        return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}
+    if kind == "url":
+        return {"type": "image_url", "image_url": {"url": _string(source, "url", f"{where}.source")}}
+    raise _bad(f'{where}.source: expected {{"type": "base64", "media_type", "data"}} or {{"type": "url", "url"}}, '
+               f"got type {kind!r}")
 
 
 def chat_request(body: MessagesRequest, reasoning: bool) -> ChatCompletionRequest:

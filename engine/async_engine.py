@@ -349,7 +349,7 @@ class AsyncEngine:
             for rid, req in zip(stream.request_ids, requests):
                 self.engine.add_request(req.prompt_ids, req.params, request_id=rid, namespace=req.namespace,
                                         priority=req.priority, adapter=req.adapter, output_kind=kind,
-                                        images=req.images or None)
+                                        **({"images": req.images} if req.images else {}))
                 added.append(rid)
                 self._streams[rid] = stream
         except Exception as e:  # all or nothing: one bad sample fails the call

@@ -347,14 +347,7 @@ class LLMEngine:
     def encode_chat(self, messages: list[dict], **kwargs) -> tuple[list[int], list]:
         """A chat's prompt ids through the chat template (`Tokenizer.encode_chat`'s arguments), and the sources of the
         images its messages hold, in order (engine.multimodal.split_images; add_request's `images`)."""
-        if self.image_prompts is None:
-            if multimodal.has_images(messages):
-                raise RequestError("this model takes no images (its checkpoint has no vision tower)")
-            return self.tokenizer.encode_chat(messages, **kwargs), []
-        placeholder = self.tokenizer.decode([self.image_prompts.vcfg.image_token_id], skip_special_tokens=False)
-        messages, sources = multimodal.split_images(
-            messages, multimodal.template_wants_parts(self.tokenizer.chat_template), placeholder)
-        return self.tokenizer.encode_chat(messages, **kwargs), sources
+        return multimodal.encode_chat(self.tokenizer, self.image_prompts, messages, **kwargs)
 
     def _with_images(self, prompt_ids: list[int], images: Seq, params: SamplingParams):
         """(prompt ids with its images' positions, their spans): images given as sources are prepared here."""

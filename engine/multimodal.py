@@ -218,6 +218,18 @@ def split_images(messages: Seq[dict], parts: bool, placeholder: str) -> tuple[li
     return out, sources
 
 
+def encode_chat(tokenizer, image_prompts: ImagePrompts | None, messages: list[dict], **kwargs) -> tuple[list[int], list]:
+    """A chat's prompt ids through `tokenizer`'s chat template (`Tokenizer.encode_chat`'s arguments), and the sources
+    of the images its messages hold, in order; image parts for a model without `image_prompts` are refused."""
+    if image_prompts is None:
+        if has_images(messages):
+            raise RequestError("this model takes no images (its checkpoint has no vision tower)")
+        return tokenizer.encode_chat(messages, **kwargs), []
+    placeholder = tokenizer.decode([image_prompts.vcfg.image_token_id], skip_special_tokens=False)
+    messages, sources = split_images(messages, template_wants_parts(tokenizer.chat_template), placeholder)
+    return tokenizer.encode_chat(messages, **kwargs), sources
+
+
 def has_images(messages: Seq[dict]) -> bool:
     """Whether any message's content holds an image part."""
     return any(isinstance(m.get("content"), list) and any(

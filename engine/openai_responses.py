@@ -62,7 +62,7 @@ def input_messages(items: str | list[dict], history: list[dict] = ()) -> list[di
             role = ROLES.get(role) if isinstance(role, str) else None
             if role is None:
                 raise _bad(f"{where}.role: expected one of {', '.join(ROLES)}, got {item.get('role')!r}")
-            messages.append({"role": role, "content": _text(item.get("content"), f"{where}.content")})
+            messages.append({"role": role, "content": _content(item.get("content"), f"{where}.content")})
         elif kind == "function_call":
             call = {"id": _string(item, "call_id", where), "type": "function",
                     "function": {"name": _string(item, "name", where), "arguments": _string(item, "arguments", where)}}
@@ -217,6 +217,27 @@ def _response_format(text: dict | None) -> dict | None:
             raise _bad("text.format.schema: json_schema needs a JSON schema object", "text")
         return {"type": "json_schema", "json_schema": {"name": fmt.get("name") or "response", "schema": fmt["schema"]}}
     raise _bad(f"text.format: type {kind!r} is not supported; expected text, json_object or json_schema", "text")
+
+
+def _content(content: Any, where: str) -> str | list[dict]:
+    """A message's content: its text, or with input_image parts ({"image_url": a data: or http(s) URL}) the chat's
+    text and image_url parts in order."""
+    if not isinstance(content, list) or not any(isinstance(p, dict) and p.get("type") == "input_image"
+                                                for p in content):
+        return _text(content, where)
+    parts = []
+    for j, part in enumerate(content):
+        if isinstance(part, dict) and part.get("type") == "input_image":
+            if not isinstance(part.get("image_url"), str):
+                raise _bad(f"{where}[{j}]: an input_image part needs an image_url (a data: or http(s) URL; "
+                           "file_id is not supported)")
+            parts.append({"type": "image_url", "image_url": {"url": part["image_url"]}})
+        elif isinstance(part, dict) and part.get("type") in TEXT_PARTS and isinstance(part.get("text"), str):
+            parts.append({"type": "text", "text": part["text"]})
+        else:
+            kind = part.get("type") if isinstance(part, dict) else None
+            raise _bad(f"{where}[{j}]: {kind!r} parts are not supported ({', '.join(TEXT_PARTS)}, input_image)")
+    return parts
 
 
 def _text(content: Any, where: str) -> str:

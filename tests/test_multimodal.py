@@ -5,7 +5,8 @@ What must hold: greedy tokens are transformers' argmax (teacher-forced) with one
 split across prefill chunks; an image whose positions all come from the prefix cache is not encoded again and gives
 the same tokens; another image at the same place shares no page past where the images start; a bad image, a
 placeholder count that does not match, a text model given images are refused by name while other requests go on; the
-server answers a chat with a data: URL image as the Python API does.
+server answers a chat with a data: URL image (chat completions, the Responses and Messages APIs) as the Python API
+does; the offline job reads image parts.
 """
 import base64
 import io
@@ -246,6 +247,8 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
     llm = _llm(path)
     [want] = llm.chat([[{"role": "user", "content": [{"type": "image", "image": image}, question]}]],
                       SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    [until_eos] = llm.chat([[{"role": "user", "content": [{"type": "image", "image": image}, question]}]],
+                           SamplingParams(temperature=0, max_tokens=6))
     with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
         for url in (_data_url(image), f"file://{tmp_path}/local.png"):
             r = client.post("/v1/chat/completions", json={
@@ -258,6 +261,20 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
         r = client.post("/tokenize", json={"model": "tiny-llava", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}]})
         assert r.json()["count"] == want.prompt_tokens, r.text  # each image position as the placeholder
+        # the Responses API's input_image and the Messages API's image block: the same chat
+        r = client.post("/v1/responses", json={"model": "tiny-llava", "temperature": 0, "max_output_tokens": 6,
+                                               "input": [{"role": "user", "content": [
+                                                   {"type": "input_image", "image_url": _data_url(image)},
+                                                   {"type": "input_text", "text": question["text"]}]}]})
+        assert r.status_code == 200, r.text
+        texts = [c["text"] for item in r.json()["output"] if item["type"] == "message" for c in item["content"]]
+        assert texts == [until_eos.text]
+        r = client.post("/v1/messages", json={"model": "tiny-llava", "temperature": 0, "max_tokens": 6, "messages": [
+            {"role": "user", "content": [{"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                                                       "data": _data_url(image).split(",")[1]}},
+                                         {"type": "text", "text": question["text"]}]}]})
+        assert r.status_code == 200, r.text
+        assert "".join(b["text"] for b in r.json()["content"] if b["type"] == "text") == until_eos.text
         # a file outside the allowed directory, and a URL that is no image: 400s that name the problem
         for url, message in (("file:///etc/hostname", "image 0"), ("data:text/plain;base64,aGk=", "image 0")):
             r = client.post("/v1/chat/completions", json={

@@ -148,6 +148,13 @@ class _FakeEngine:
     def num_waiting(self):
         return 0 if self.max_running is None else max(0, len(self.live) - self.max_running)
 
+    image_prompts = None  # a model that takes no images
+
+    def encode_chat(self, messages, **kwargs):
+        from engine import multimodal
+
+        return multimodal.encode_chat(self.tokenizer, None, messages, **kwargs)
+
     def add_request(self, prompt_ids, params, request_id=None, namespace=None, priority=0, adapter=None, output_kind=None):
         from engine.request import validate_prompt
 

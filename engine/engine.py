@@ -533,9 +533,12 @@ class LLMEngine:
         return outputs
 
     def reset_prefix_cache(self) -> int:
-        """Drops every cached page no running request uses, host tier included (benchmarks start each repetition cold)."""
+        """Drops every cached page no running request uses, host tier included, and the images' kept features
+        (benchmarks start each repetition cold)."""
         before = self.scheduler.tree.num_cached_pages
         self.scheduler.reset_cache()
+        if self.runner.images is not None:
+            self.runner.images.clear()
         return before - self.scheduler.tree.num_cached_pages
 
     # ------------------------------------------------------------------------------ weight updates
@@ -589,6 +592,7 @@ class LLMEngine:
             self.draft.weights.offload(keep=True)
         if self.runner.images is not None:  # the vision tower's too (weight updates give the language model's)
             self.runner.images.offload()
+            self.runner.images.clear()
         for array in (*self.runner.kv, *jax.tree.leaves(self.runner.states)):
             array.delete()  # now, not when the last reference goes
         self.runner.kv = self.runner.states = None

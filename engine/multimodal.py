@@ -10,6 +10,7 @@ same image at the same place, and none of them knows images exist. The model nev
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import re
@@ -252,9 +253,12 @@ def _image_source(part: dict) -> Any:
 # ------------------------------------------------------------------------------------------- encoding
 class ImageEncoder:
     """The vision tower and projector (models/vision.py) on the device, run for the images a step reaches: the rows
-    of the step's `mm_embeds` (runner.pack)."""
+    of the step's `mm_embeds` (runner.pack). Features are kept by image hash, least recently used out past
+    CACHE_BYTES (vLLM's encoder cache): requests in flight with the same new image, or one whose pages the prefix
+    cache has let go, run the tower once."""
 
     MAX_BATCH = 8  # images per encoder call (calls take 1, 2, 4 or 8: one compiled program each)
+    CACHE_BYTES = 256 * 2**20  # host memory for kept features (llava-1.5's are 4.5 MiB an image in bfloat16)
 
     def __init__(self, vcfg, params, dtype, to_device):
         import functools
@@ -268,7 +272,10 @@ class ImageEncoder:
         self.dtype = np.dtype(dtype)
         self._to_device = to_device
         self._encode = jax.jit(functools.partial(vision.encode_images, vcfg=vcfg))
+        self._kept: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()  # digest -> features
+        self._kept_bytes = 0
         self.num_encoded = 0  # images run through the tower (a cached image's positions need none)
+        self.num_reused = 0  # images whose features were kept from an earlier encoding
 
     def rows(self, chunks, num_tokens: int) -> np.ndarray | None:
         """[num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at that
@@ -314,7 +321,18 @@ class ImageEncoder:
         np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
 
     def encode(self, spans: list[ImageSpan]) -> None:
-        """Each span's features, MAX_BATCH images per call (padded to a power of two)."""
+        """Each span's features: kept ones, else through the tower, MAX_BATCH images per call (padded to a power of
+        two), each distinct image once."""
+        todo: dict[bytes, list[ImageSpan]] = {}
+        for span in spans:
+            kept = self._kept.get(span.digest)
+            if kept is not None:
+                self._kept.move_to_end(span.digest)
+                span.features = kept
+                self.num_reused += 1
+            else:
+                todo.setdefault(span.digest, []).append(span)
+        spans = [same[0] for same in todo.values()]
         for i in range(0, len(spans), self.MAX_BATCH):
             group = spans[i : i + self.MAX_BATCH]
             n = 1 << (len(group) - 1).bit_length()
@@ -323,5 +341,19 @@ class ImageEncoder:
                 pixels[j] = span.pixels
             features = np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
             for j, span in enumerate(group):
-                span.features = features[j].astype(self.dtype)
+                row = features[j].astype(self.dtype)
+                for same in todo[span.digest]:
+                    same.features = row
+                self._keep(span.digest, row)
             self.num_encoded += len(group)
+
+    def clear(self) -> None:
+        """Forgets the kept features (LLMEngine.reset_prefix_cache, sleep)."""
+        self._kept.clear()
+        self._kept_bytes = 0
+
+    def _keep(self, digest: bytes, features: np.ndarray) -> None:
+        self._kept[digest] = features
+        self._kept_bytes += features.nbytes
+        while self._kept_bytes > self.CACHE_BYTES and len(self._kept) > 1:
+            self._kept_bytes -= self._kept.popitem(last=False)[1].nbytes

@@ -122,13 +122,13 @@ def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cac
         ids, spans = _prompt(whole, text_ids, ims)
         assert out.prompt_tokens == len(ids) == len(text_ids) + 15 * len(ims)
         assert_argmax(_reference_logits(model, whole, ids, spans, out.token_ids), out.token_ids)
-    assert whole.engine.runner.images.num_encoded == 4
+    assert whole.engine.runner.images.num_encoded == 3  # images[2] twice: once through the tower (its features kept)
 
     # Prefill chunks of 8 tokens: each image split over two or three steps, its features encoded once
     chunked = _llm(path, **{"cache.prefix_caching": False, "scheduler.max_batch_tokens": 8})
     again = chunked.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
-    assert chunked.engine.runner.images.num_encoded == 4
+    assert chunked.engine.runner.images.num_encoded == 3
 
     # n-gram speculation (its drafts stop where they would copy an image's ids) and penalties (they count text ids
     # only): the same greedy tokens, and sampled ones from the vocabulary
@@ -142,21 +142,25 @@ def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cac
 
     # The prefix cache: the first prompt's text and image with another question after them shares its first two
     # pages (positions 0-15: 5 words, 11 of the image's 16 positions); positions 16-20 are computed from the image's
-    # features, so it is encoded again
+    # features, kept from the first request (not encoded again)
     cached = _llm(path)
+    encoder = cached.engine.runner.images
     first_ids, first_images = prompts[0]
     [base] = cached.generate([first_ids], greedy, images=[first_images])
     follow = first_ids[:6] + word(12)  # same text before, same image, another question
     [hit] = cached.generate([follow], greedy, images=[first_images])
-    assert hit.cached_tokens == 16
+    assert hit.cached_tokens == 16 and (encoder.num_encoded, encoder.num_reused) == (1, 1)
     [plain] = whole.generate([follow], greedy, images=[first_images])
     assert hit.token_ids == plain.token_ids
-    # the same prompt again: every image position comes from the cache (its first four pages), so the image is not
-    # encoded at all
-    encoded = cached.engine.runner.images.num_encoded
+    # the same prompt again: every image position comes from the cache (its first four pages), so the image's
+    # features are not even looked up
     [same] = cached.generate([follow], greedy, images=[first_images])
     assert same.token_ids == hit.token_ids and same.cached_tokens >= 24
-    assert cached.engine.runner.images.num_encoded == encoded
+    assert (encoder.num_encoded, encoder.num_reused) == (1, 1)
+    # with the kept features dropped (reset_prefix_cache drops both) the image is encoded again, to the same tokens
+    cached.engine.reset_prefix_cache()
+    [cold] = cached.generate([follow], greedy, images=[first_images])
+    assert cold.token_ids == hit.token_ids and cold.cached_tokens == 0 and encoder.num_encoded == 2
     # another image at the same place: nothing past the last page before the image is shared
     other = _image(rng)
     [miss] = cached.generate([follow], greedy, images=[[other]])

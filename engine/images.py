@@ -4,6 +4,8 @@
         -> PIL RGB image           EXIF orientation applied, transparency composited over white (HF's convert_to_rgb)
     ImageProcessor(image)        resize (PIL, on uint8) -> center crop -> rescale -> normalize
         -> float32 [3, H, W]       what transformers' CLIP / SigLIP PIL-backend processors return, bit for bit
+    AnyResProcessor(image)       LLaVA-NeXT: a base tile of the whole image + the tiles of a grid, each as above
+        -> Tiles                   float32 [1 + rows * cols, 3, S, S], (rows, cols), the image's (height, width)
     image_hash(pixels)           -> 16 bytes: the prefix cache's name for an image (equal pixels, equal hash)
 
 Every bad input raises ImageError (a ValueError) naming the source and what is wrong with it; a server answers it
@@ -19,6 +21,7 @@ import hashlib
 import http.client
 import io
 import json
+import math
 import os
 import re
 import time
@@ -191,6 +194,9 @@ _DEFAULTS = {  # transformers' class defaults, for keys a preprocessor_config.js
                    image_std=(0.5,) * 3),
 }
 _DEFAULTS["Llava"] = _DEFAULTS["CLIP"]  # LlavaImageProcessor: CLIP's, and do_pad (pad_square)
+# LlavaNextImageProcessor: CLIP's, anyres pinpoints (height, width), and do_pad (pad the tile count for batching)
+_DEFAULTS["LlavaNext"] = {**_DEFAULTS["CLIP"],
+                          "image_grid_pinpoints": ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))}
 
 
 def _size(value, key: str, square: bool) -> int | tuple[int, int]:
@@ -233,19 +239,23 @@ class ImageProcessor:
                              f"(0-5); image_mean and image_std both None or 3 values, std non-zero. Got {self}")
 
     @classmethod
-    def from_dict(cls, d: dict) -> ImageProcessor:
-        """A preprocessor_config.json -> the processor transformers would build from it (its PIL backend)."""
+    def from_dict(cls, d: dict) -> ImageProcessor | AnyResProcessor:
+        """A preprocessor_config.json -> the processor transformers would build from it (its PIL backend):
+        an AnyResProcessor for LlavaNextImageProcessor, else an ImageProcessor."""
         kind = d.get("image_processor_type") or d.get("feature_extractor_type")
         # CLIPFeatureExtractor: older configs (openai/clip-vit-*); *Fast, *Pil: other backends of one processor
-        match = re.fullmatch(r"(CLIP|Siglip|Llava)(ImageProcessor(Fast|Pil)?|FeatureExtractor)", kind or "")
+        match = re.fullmatch(r"(CLIP|Siglip|LlavaNext|Llava)(ImageProcessor(Fast|Pil)?|FeatureExtractor)", kind or "")
         defaults = match and _DEFAULTS[match[1]]
         if defaults is None:
             raise ValueError(f"image_processor_type {kind!r} is not supported (CLIPImageProcessor, "
-                             "SiglipImageProcessor or LlavaImageProcessor)")
+                             "SiglipImageProcessor, LlavaImageProcessor or LlavaNextImageProcessor)")
         for key, value in d.items():
             if value and (key.startswith("do_") and key not in _KNOWN_STEPS or key == "use_square_size"
-                          or key == "do_pad" and match[1] != "Llava"):
+                          or key == "do_pad" and match[1] not in ("Llava", "LlavaNext")
+                          or key == "image_grid_pinpoints" and match[1] != "LlavaNext"):
                 raise ValueError(f"preprocessor option {key}={value!r} ({kind}) is not supported")
+        if match[1] == "LlavaNext":
+            return AnyResProcessor.from_dict(d, defaults)
         d = {"do_resize": True, "resample": Image.Resampling.BICUBIC, "do_rescale": True, "rescale_factor": 1 / 255,
              "do_normalize": True, **defaults, **{k: v for k, v in d.items() if v is not None}}
         size = _size(d["size"], "size", square=False) if d["do_resize"] else None
@@ -258,7 +268,7 @@ class ImageProcessor:
                    pad_square=tuple(int(x * 255) for x in d["image_mean"]) if d.get("do_pad") else None)
 
     @classmethod
-    def from_dir(cls, path: str) -> ImageProcessor | None:
+    def from_dir(cls, path: str) -> ImageProcessor | AnyResProcessor | None:
         """The processor of an HF checkpoint directory: preprocessor_config.json, else processor_config.json's
         "image_processor"; None where it has neither."""
         for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
@@ -306,6 +316,99 @@ def _center_crop(x: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:
         start = (x.shape[axis] - c) // 2
         x = x[start:start + c] if axis == 0 else x[:, start:start + c]
     return x
+
+
+def select_best_resolution(size_hw: tuple[int, int], pinpoints) -> tuple[int, int]:
+    """HF's select_best_resolution: the (height, width) of `pinpoints` that keeps the most of the image's pixels when
+    it is scaled (aspect kept, sides truncated) to fit inside, ties to the least wasted area, then to the first."""
+    height, width = size_hw
+
+    def merit(hw):
+        scale = min(hw[1] / width, hw[0] / height)
+        kept = min(int(width * scale) * int(height * scale), width * height)
+        return kept, kept - hw[0] * hw[1]  # most pixels kept, then least wasted: -(area - kept)
+
+    best = max(pinpoints, key=merit)  # NOTE: max keeps the first of equals, as HF's strict comparisons do
+    return int(best[0]), int(best[1])
+
+
+def _patch_resize_hw(size_hw: tuple[int, int], target_hw: tuple[int, int]) -> tuple[int, int]:
+    """HF's get_patch_output_size: the image scaled to fit target_hw, the side that fits exactly set to the target's,
+    the other ceil()ed (in HF's float expression: a product like 224.00000000000003 rounds up) and capped."""
+    (height, width), (target_h, target_w) = size_hw, target_hw
+    scale_w, scale_h = target_w / width, target_h / height
+    if scale_w < scale_h:
+        return min(math.ceil(height * scale_w), target_h), target_w
+    return target_h, min(math.ceil(width * scale_h), target_w)
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One image as LLaVA-NeXT's vision tower reads it."""
+
+    pixels: np.ndarray  # float32 [1 + rows * cols, 3, S, S]: the base tile (the whole image), then the grid row-major
+    grid: tuple[int, int]  # (rows, cols) = the best resolution // S
+    size_hw: tuple[int, int]  # the image's own (height, width) after RGB conversion: HF's image_sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class AnyResProcessor:
+    """HF's LlavaNextImageProcessor ("anyres"), PIL backend: the image resized (aspect kept) and zero-padded to the
+    best of grid_pinpoints, cut into tile_size squares, and the whole image squashed to base_hw in front; then every
+    tile through `tile`. Everything before `tile`'s rescale works on uint8, as HF's does."""
+
+    tile: ImageProcessor  # the steps each tile goes through (resize shortest edge, crop, rescale, normalize)
+    grid_pinpoints: tuple[tuple[int, int], ...]  # (height, width) each, multiples of tile_size
+    tile_size: int  # S: HF's patch size for patching (crop_size height, else size height or shortest edge)
+    resample: int = Image.Resampling.BICUBIC  # PIL filter of the resize for patching and of the base tile's
+    base_hw: tuple[int, int] | None = None  # the base tile's resize (HF: size; shortest edge n: n x n); None: S x S
+
+    def __post_init__(self):
+        if (self.tile_size < 1 or self.resample not in range(6) or not self.grid_pinpoints
+                or any(len(hw) != 2 or min(hw) < 1 or hw[0] % self.tile_size or hw[1] % self.tile_size
+                       for hw in self.grid_pinpoints) or self.base_hw is not None and min(self.base_hw) < 1):
+            raise ValueError(f"AnyResProcessor: tile_size >= 1, a PIL resample filter (0-5), grid_pinpoints "
+                             f"(height, width) pairs of positive multiples of tile_size, base_hw >= 1. Got {self}")
+
+    @classmethod
+    def from_dict(cls, d: dict, defaults: dict) -> AnyResProcessor:
+        """A LlavaNextImageProcessor's preprocessor_config.json (its options checked by ImageProcessor.from_dict)."""
+        d = {"resample": Image.Resampling.BICUBIC, **defaults, **{k: v for k, v in d.items() if v is not None}}
+        size = _size(d["size"], "size", square=False)
+        crop = _size(d.get("crop_size"), "crop_size", square=True) if d.get("crop_size") else None
+        base_hw = (size, size) if isinstance(size, int) else size
+        # the tiles: HF's CLIP steps, without LlavaImageProcessor's pad to a square (do_pad means something else here)
+        tile = ImageProcessor.from_dict({**d, "image_processor_type": "CLIPImageProcessor", "do_pad": False,
+                                         "image_grid_pinpoints": None})
+        try:
+            pinpoints = tuple((int(h), int(w)) for h, w in d["image_grid_pinpoints"])
+        except (TypeError, ValueError):
+            raise ValueError(f"preprocessor image_grid_pinpoints={d['image_grid_pinpoints']!r} is not a list of "
+                             "[height, width] pairs") from None
+        tile_size = crop[0] if crop else base_hw[0]
+        # NOTE: HF cuts other sizes too (its class defaults do: 224 tiles of 336 pinpoints), into edge tiles that
+        # its resize and crop then stretch, and that its model's grid (pinpoint // tile) does not count
+        if not pinpoints or any(min(hw) < 1 or hw[0] % tile_size or hw[1] % tile_size for hw in pinpoints):
+            raise ValueError(f"preprocessor image_grid_pinpoints={d['image_grid_pinpoints']!r}: a grid of tiles needs "
+                             f"positive multiples of the tile size {tile_size} (crop_size height, else size)")
+        return cls(tile=tile, grid_pinpoints=pinpoints, tile_size=tile_size, resample=int(d["resample"]),
+                   base_hw=base_hw)
+
+    def __call__(self, image: Image.Image) -> Tiles:
+        image = to_rgb(image)
+        size_hw = image.height, image.width
+        best_h, best_w = select_best_resolution(size_hw, self.grid_pinpoints)
+        # resize for patching (PIL, uint8), then paste centered on zeros: HF's pad puts the odd pixel after
+        new_h, new_w = _patch_resize_hw(size_hw, (best_h, best_w))
+        canvas = Image.new("RGB", (best_w, best_h), (0, 0, 0))
+        canvas.paste(image.resize((new_w, new_h), resample=self.resample), ((best_w - new_w) // 2,
+                                                                            (best_h - new_h) // 2))
+        s = self.tile_size
+        rows, cols = best_h // s, best_w // s
+        base_h, base_w = self.base_hw or (s, s)
+        tiles = [image.resize((base_w, base_h), resample=self.resample)]  # the whole image, aspect not kept
+        tiles += [canvas.crop((j * s, i * s, (j + 1) * s, (i + 1) * s)) for i in range(rows) for j in range(cols)]
+        return Tiles(pixels=np.stack([self.tile(t) for t in tiles]), grid=(rows, cols), size_hw=size_hw)
 
 
 _HASH_TAG = b"radixlm/image-hash/v1"

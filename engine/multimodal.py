@@ -29,15 +29,26 @@ class ImageSpan:
 
     start: int  # its first position in the prompt
     num_tokens: int
-    pixels: np.ndarray  # [C, H, W] float32, as the vision tower reads it
-    digest: bytes  # engine.images.image_hash of the pixels
+    pixels: np.ndarray  # [T, C, H, W] float32 tiles, as the vision tower reads them (LLaVA: T = 1)
+    digest: bytes  # of the tiles, their grid and the image's size (`_digest`)
     vocab_size: int  # its positions' ids are past the vocabulary (`image_ids`): every sampled id is below this
+    grid: tuple[int, int] | None = None  # LLaVA-NeXT: the (rows, cols) its tiles after the first lie on
+    size_hw: tuple[int, int] | None = None  # ... and the image's own (height, width): what unpadding keeps
     features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
     # preempted sequence recomputes its positions from them)
 
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+
+def _digest(tiles: np.ndarray, grid=None, size_hw=None) -> bytes:
+    """What an image's positions are named by: its tiles' hash (engine.images.image_hash), and with LLaVA-NeXT's
+    tiles the grid and the size that say how their features are laid out."""
+    from engine.images import image_hash
+
+    digest = image_hash(tiles)
+    return digest if grid is None else hashlib.blake2b(digest + repr((grid, size_hw)).encode(), digest_size=16).digest()
 
 
 def image_ids(digest: bytes, num_tokens: int, vocab_size: int) -> list[int]:
@@ -62,11 +73,18 @@ class ImagePrompts:
 
         if vocab_size + (1 << ID_BITS) >= 1 << 31:
             raise ValueError(f"vocab_size {vocab_size} leaves no int32 ids for image positions")
+        from engine.images import AnyResProcessor
+
         size = (vcfg.image_size, vcfg.image_size)
-        made = processor.crop_hw or processor.size_hw
+        tiled = isinstance(processor, AnyResProcessor)
+        made = processor.tile.crop_hw or processor.tile.size_hw if tiled else processor.crop_hw or processor.size_hw
         if made != size:
             raise ValueError(f"the image processor makes images of {'varying size (no crop)' if made is None else made}; "
                              f"the vision tower reads {size}")
+        if tiled != bool(vcfg.grid_pinpoints) or tiled and tuple(map(tuple, processor.grid_pinpoints)) != tuple(
+                map(tuple, vcfg.grid_pinpoints)):
+            raise ValueError("the image processor's image_grid_pinpoints are not the model's "
+                             f"({getattr(processor, 'grid_pinpoints', None)} vs {vcfg.grid_pinpoints or None})")
         self.vcfg = vcfg
         self.processor = processor
         self.vocab_size = vocab_size
@@ -92,38 +110,37 @@ class ImagePrompts:
 
     def prepare(self, prompt_ids: Seq[int], sources: Seq[Any], policy=None) -> tuple[list[int], list[ImageSpan]]:
         """(prompt ids with each placeholder widened to its image's ids, the images' spans). The prompt holds one
-        placeholder per image (or a run of exactly tokens_per_image of them: a processor's expanded prompt)."""
-        from engine.images import image_hash
-
+        placeholder per image (or a run of exactly as many as the image has positions: a processor's expanded
+        prompt). LLaVA-NeXT: an image's positions depend on its size (models.vision.packed_tokens)."""
         images = self.load(sources, policy)
         runs = _runs(prompt_ids, self.vcfg.image_token_id)
-        n = self.tokens_per_image
         if len(runs) != len(images):
             raise RequestError(f"the prompt has {len(runs)} image placeholders (token {self.vcfg.image_token_id}) "
                                f"for {len(images)} images")
-        bad = [length for _, length in runs if length not in (1, n)]
-        if bad:
-            raise RequestError(f"an image placeholder is a run of {bad[0]} tokens; it is 1 token, or {n} (the image's "
-                               "positions)")
         ids, spans, prev = [], [], 0
-        for (start, length), image in zip(runs, images):
+        for i, ((start, length), image) in enumerate(zip(runs, images)):
             ids += prompt_ids[prev:start]
-            pixels = self.processor(image)
-            digest = image_hash(pixels)
-            spans.append(ImageSpan(len(ids), n, pixels, digest, self.vocab_size))
-            ids += image_ids(digest, n, self.vocab_size)
+            span = self._span(len(ids), image)
+            if length not in (1, span.num_tokens):
+                raise RequestError(f"image {i}'s placeholder is a run of {length} tokens; it is 1 token, or "
+                                   f"{span.num_tokens} (the image's positions)")
+            spans.append(span)
+            ids += image_ids(span.digest, span.num_tokens, self.vocab_size)
             prev = start + length
         ids += prompt_ids[prev:]
         return ids, spans
 
-    def widen(self, prompt_ids: Seq[int]) -> list[int]:
-        """The prompt with each single placeholder as tokens_per_image of them (what a prompt with images counts)."""
-        token, n = self.vcfg.image_token_id, self.tokens_per_image
-        out, prev = [], 0
-        for start, length in _runs(prompt_ids, token):
-            out += prompt_ids[prev:start] + [token] * (n if length == 1 else length)
-            prev = start + length
-        return out + list(prompt_ids[prev:])
+    def _span(self, start: int, image) -> ImageSpan:
+        """An image's span at `start`: its tiles, their count of positions, its digest."""
+        from engine.images import Tiles
+        from models import vision
+
+        processed = self.processor(image)
+        if not isinstance(processed, Tiles):  # LLaVA: one tile
+            return ImageSpan(start, self.tokens_per_image, processed[None], _digest(processed[None]), self.vocab_size)
+        grid, size = tuple(processed.grid), tuple(processed.size_hw)
+        return ImageSpan(start, vision.packed_tokens(self.vcfg, grid, size), processed.pixels,
+                         _digest(processed.pixels, grid, size), self.vocab_size, grid, size)
 
     def check(self, prompt_ids: Seq[int], spans: Seq[ImageSpan]) -> None:
         """A prepared prompt: every span's positions hold its image's ids, and no other id is past the vocabulary."""
@@ -257,7 +274,7 @@ class ImageEncoder:
     CACHE_BYTES (vLLM's encoder cache): requests in flight with the same new image, or one whose pages the prefix
     cache has let go, run the tower once."""
 
-    MAX_BATCH = 8  # images per encoder call (calls take 1, 2, 4 or 8: one compiled program each)
+    MAX_BATCH = 8  # tiles per encoder call (calls take 1, 2, 4 or 8: one compiled program each)
     CACHE_BYTES = 256 * 2**20  # host memory for kept features (llava-1.5's are 4.5 MiB an image in bfloat16)
 
     def __init__(self, vcfg, params, dtype, to_device):
@@ -268,6 +285,8 @@ class ImageEncoder:
         from models import vision
 
         self.vcfg = vcfg
+        # LLaVA-NeXT's row-end vector, on the host where its tiles' features are laid out
+        self.newline = np.asarray(params["image_newline"], np.float32) if "image_newline" in params else None
         self.params = to_device(params)
         self.dtype = np.dtype(dtype)
         self._to_device = to_device
@@ -321,8 +340,11 @@ class ImageEncoder:
         np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
 
     def encode(self, spans: list[ImageSpan]) -> None:
-        """Each span's features: kept ones, else through the tower, MAX_BATCH images per call (padded to a power of
-        two), each distinct image once."""
+        """Each span's features: kept ones, else through the tower, each distinct image once, MAX_BATCH tiles per call
+        (padded to a power of two); LLaVA-NeXT's tiles then laid out as their image's rows (models.vision
+        .pack_features)."""
+        from models import vision
+
         todo: dict[bytes, list[ImageSpan]] = {}
         for span in spans:
             kept = self._kept.get(span.digest)
@@ -332,20 +354,28 @@ class ImageEncoder:
                 self.num_reused += 1
             else:
                 todo.setdefault(span.digest, []).append(span)
-        spans = [same[0] for same in todo.values()]
-        for i in range(0, len(spans), self.MAX_BATCH):
-            group = spans[i : i + self.MAX_BATCH]
+        images = [same[0] for same in todo.values()]
+        if not images:
+            return
+        tiles = np.concatenate([span.pixels for span in images])  # [all tiles, C, S, S]
+        out = []
+        for i in range(0, len(tiles), self.MAX_BATCH):
+            group = tiles[i : i + self.MAX_BATCH]
             n = 1 << (len(group) - 1).bit_length()
-            pixels = np.zeros((n, *group[0].pixels.shape), np.float32)
-            for j, span in enumerate(group):
-                pixels[j] = span.pixels
-            features = np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
-            for j, span in enumerate(group):
-                row = features[j].astype(self.dtype)
-                for same in todo[span.digest]:
-                    same.features = row
-                self._keep(span.digest, row)
-            self.num_encoded += len(group)
+            pixels = np.zeros((n, *group.shape[1:]), np.float32)
+            pixels[: len(group)] = group
+            out.append(np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))[: len(group)])
+        features = np.concatenate(out)  # [all tiles, tokens_per_image, D]
+        first = 0
+        for span in images:
+            own = features[first : first + len(span.pixels)]
+            first += len(span.pixels)
+            rows = (own[0] if span.grid is None else
+                    vision.pack_features(self.vcfg, own, self.newline, span.grid, span.size_hw)).astype(self.dtype)
+            for same in todo[span.digest]:
+                same.features = rows
+            self._keep(span.digest, rows)
+        self.num_encoded += len(images)
 
     def clear(self) -> None:
         """Forgets the kept features (LLMEngine.reset_prefix_cache, sleep)."""

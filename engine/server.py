@@ -45,7 +45,7 @@ from engine.openai_protocol import (
     RerankRequest, ScoreRequest, TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest,
     describe_validation_error, error_body,
 )
-from engine import anthropic_messages, openai_responses
+from engine import anthropic_messages, multimodal, openai_responses
 from engine import structured
 from engine.reasoning import keeps_special_tokens
 from engine.tool_calls import ToolChoice
@@ -461,7 +461,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                 ids, sources = llm.encode_chat(template_messages(body.messages),
                                                **_generation_prompt(body), **(body.chat_template_kwargs or {}))
                 if sources:  # each image's positions as its placeholder token, as HF's processor writes them
-                    ids = llm.image_prompts.widen(ids)
+                    ids, _ = await asyncio.to_thread(llm.image_prompts.prepare, ids, sources, media)
+                    ids = multimodal.text_ids(ids, llm.model_cfg.vocab_size, llm.image_prompts.vcfg.image_token_id)
             except RequestError as e:
                 raise ApiError(400, str(e), param="messages") from None
             except Exception as e:  # template errors (roles out of order, ...) are the caller's

@@ -387,7 +387,7 @@ class LlamaConfig:
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type: HF_MODEL_TYPES)."""
         arch = cfg.get("model_type")
-        if arch == "llava":  # an image model (models/vision.py): its language model is one of the others
+        if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)

@@ -10,6 +10,11 @@ the last layer's output, never with the tower's post-LayerNorm), concatenates th
 first token with the "default" select strategy, and projects: linear_1 -> act -> linear_2. Only the layers up to
 the deepest selected one are stored and run.
 
+LLaVA-NeXT (`llava_next`, "anyres") encodes an image as tiles of the tower's size: a base tile of the whole image,
+then the tiles of a (rows, cols) grid chosen from `image_grid_pinpoints` (the preprocessing's). `pack_features` lays
+the grid's features back out as one map, crops the map's padding ("spatial_unpad"), appends `image_newline` to each
+row and puts the base tile's rows first: an image's rows then number `packed_tokens`, not tokens_per_image.
+
 Layouts: activations [N, T, hidden] (N images, T tokens); weights oriented for x @ W, layers stacked on axis 0.
 """
 from __future__ import annotations
@@ -40,11 +45,14 @@ TOWERS = {
 }
 SELECT_STRATEGIES = ("default", "full")
 LLAMA_HIDDEN_SIZE = 4096  # text_config.hidden_size where a config.json leaves it out (LlamaConfig's default)
+# LlavaNextConfig's image_grid_pinpoints where a config.json leaves it out or null: (height, width) each
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 # Checkpoint names: the tower's under one of these prefixes (older LLaVA checkpoints, transformers >= 4.52, 5.x
 # saves without `vision_model`), the projector's under `[model.]multi_modal_projector.`.
 TOWER_PREFIXES = ("vision_tower.vision_model.", "model.vision_tower.vision_model.", "vision_tower.", "model.vision_tower.")
 PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
+NEWLINE_PREFIXES = ("", "model.")  # LLaVA-NeXT's `image_newline`
 EMBED_NAMES = {"patch": "embeddings.patch_embedding.weight", "patch_bias": "embeddings.patch_embedding.bias",
                "cls": "embeddings.class_embedding", "pos": "embeddings.position_embedding.weight",
                "pre_norm": "pre_layrnorm.weight", "pre_norm_bias": "pre_layrnorm.bias"}
@@ -75,7 +83,10 @@ class VisionConfig:
     projector_act: str
     projector_bias: bool
     text_hidden_size: int
-    image_token_id: int  # the placeholder token each of an image's tokens_per_image rows replaces
+    image_token_id: int  # the placeholder token each of an image's rows (tokens_per_image, or packed_tokens) replaces
+    # LLaVA-NeXT: the tile grids' resolutions, (height, width) in pixels, multiples of image_size; () for LLaVA-1.5
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    image_newline: bool = False  # a learned [text_hidden_size] row end (params["image_newline"]) after each packed row
 
     def __post_init__(self):
         if self.kind not in ("clip", "siglip"):
@@ -92,6 +103,15 @@ class VisionConfig:
         if self.hidden_size % self.num_heads or self.image_size < self.patch_size:
             raise ConfigError(f"vision_config: hidden_size {self.hidden_size} not a multiple of num_attention_heads "
                               f"{self.num_heads}, or image_size {self.image_size} < patch_size {self.patch_size}")
+        bad = [p for p in self.grid_pinpoints if len(p) != 2 or not all(
+            isinstance(x, int) and x > 0 and x % self.image_size == 0 for x in p)]
+        if bad:  # HF's tiling would disagree with its own tile count
+            raise ConfigError(f"image_grid_pinpoints {[list(p) for p in bad]}: not [height, width] in positive "
+                              f"multiples of vision_config.image_size {self.image_size}")
+        if self.grid_pinpoints and self.tokens_per_image != self.grid ** 2:  # HF fails to lay such tiles out
+            raise ConfigError(f"vision_feature_select_strategy {self.select_strategy!r} leaves {self.tokens_per_image} "
+                              f"features per {self.kind} tile, not the {self.grid}x{self.grid} patches that LLaVA-NeXT "
+                              f"lays out ('default' for CLIP, 'full' for SigLIP)")
 
     @property
     def grid(self) -> int:  # patches per side (HF's conv drops a remainder of pixels)
@@ -110,15 +130,22 @@ class VisionConfig:
         return max(self.feature_indices)
 
     @property
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self) -> int:  # an encoded tile's rows (LLaVA-NeXT: one tile's, not a packed image's)
         return self.num_positions - (self.select_strategy == "default")
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "VisionConfig | None":
-        """A `llava` config.json's image encoder; None for any other model or a LLaVA config without vision_config."""
+        """A `llava` or `llava_next` config.json's image encoder; None for any other model or a config without
+        vision_config."""
         vision = cfg.get("vision_config")
-        if cfg.get("model_type") != "llava" or not vision:
+        if cfg.get("model_type") not in ("llava", "llava_next") or not vision:
             return None
+        anyres, pinpoints = cfg["model_type"] == "llava_next", ()
+        if anyres:
+            pinpoints = cfg.get("image_grid_pinpoints")
+            pinpoints = LLAVA_NEXT_PINPOINTS if pinpoints is None else tuple(tuple(p) for p in pinpoints)
+            if not pinpoints:
+                raise ConfigError("image_grid_pinpoints is empty (llava_next needs at least one resolution)")
         model_type = vision.get("model_type", "clip_vision_model")
         if model_type not in TOWERS:
             raise ConfigError(f"vision_config.model_type {model_type!r} is not supported ({', '.join(TOWERS)})")
@@ -142,11 +169,13 @@ class VisionConfig:
             text_hidden_size=(cfg.get("text_config") or {}).get("hidden_size", LLAMA_HIDDEN_SIZE),
             # transformers writes image_token_index (its image_token_id is an alias); some checkpoints the newer name
             image_token_id=int(cfg.get("image_token_id", cfg.get("image_token_index", 32000))),
+            grid_pinpoints=pinpoints, image_newline=anyres,
         )
 
 
 def param_shapes(vcfg: VisionConfig) -> dict:
-    """The weight pytree as shapes: "embed", "layers" (num_layers_run stacked), "projector"."""
+    """The weight pytree as shapes: "embed", "layers" (num_layers_run stacked), "projector", and LLaVA-NeXT's
+    "image_newline"."""
     h, i, n, p = vcfg.hidden_size, vcfg.intermediate_size, vcfg.num_layers_run, vcfg.patch_size
     embed = {"patch": (vcfg.num_channels * p * p, h), "pos": (vcfg.num_positions, h)}
     embed |= {"cls": (h,), "pre_norm": (h,), "pre_norm_bias": (h,)} if vcfg.kind == "clip" else {"patch_bias": (h,)}
@@ -157,7 +186,8 @@ def param_shapes(vcfg: VisionConfig) -> dict:
     projector = {"w1": (h * len(vcfg.feature_layers), t), "w2": (t, t)}
     if vcfg.projector_bias:
         projector |= {"b1": (t,), "b2": (t,)}
-    return {"embed": embed, "layers": layers, "projector": projector}
+    shapes = {"embed": embed, "layers": layers, "projector": projector}
+    return shapes | {"image_newline": (t,)} if vcfg.image_newline else shapes
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -172,8 +202,8 @@ def init_params(vcfg: VisionConfig, key: jax.Array, dtype=jnp.float32, scale: fl
 
 
 def load_params(path: str, vcfg: VisionConfig, dtype=np.float32) -> dict:
-    """The encoder's weights (numpy arrays of `dtype`) from an HF LLaVA checkpoint directory; the language model's and
-    the tower's unused tensors (later layers, post-LayerNorm, SigLIP's pooling head) are not read."""
+    """The encoder's weights (numpy arrays of `dtype`) from an HF LLaVA or LLaVA-NeXT checkpoint directory; the language
+    model's and the tower's unused tensors (later layers, post-LayerNorm, SigLIP's pooling head) are not read."""
     shapes = param_shapes(vcfg)
     with opened_shards(path) as (names, stored):
         def prefix(candidates: tuple[str, ...], probe: str) -> str:
@@ -195,6 +225,9 @@ def load_params(path: str, vcfg: VisionConfig, dtype=np.float32) -> dict:
         params = {"embed": {k: read(k, tower + EMBED_NAMES[k], s) for k, s in shapes["embed"].items()},
                   "projector": {k: read(k, projector + PROJECTOR_NAMES[k], s) for k, s in shapes["projector"].items()},
                   "layers": {}}
+        if vcfg.image_newline:
+            newline = prefix(NEWLINE_PREFIXES, "image_newline") + "image_newline"
+            params["image_newline"] = read("image_newline", newline, shapes["image_newline"])
         for k, shape in shapes["layers"].items():  # filled layer by layer: one copy of the stack in host memory
             stack = params["layers"][k] = np.empty(shape, dtype)
             for i in range(shape[0]):
@@ -273,3 +306,52 @@ def encode_images(params: dict, vcfg: VisionConfig, pixels: jax.Array) -> jax.Ar
     w = params["projector"]
     y = ACTIVATIONS[vcfg.projector_act](_dense(feats, w["w1"], w.get("b1")))
     return _dense(y, w["w2"], w.get("b2")).astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT packing
+def _unpadded(vcfg: VisionConfig, grid: tuple[int, int], size_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The window [top:bottom, left:right] of the grid's [rows * side, cols * side] feature map (side = vcfg.grid)
+    that an image of size_hw (height, width) covers once resized into the grid's resolution: HF's unpad_image. The
+    padding, on the axis the image's aspect ratio leaves short, is cut half from each side (the half floored), the
+    image's extent on the map rounded to 7 decimals, then truncated; an equal aspect ratio cuts columns (none)."""
+    (height, width), side = size_hw, vcfg.grid
+    map_h, map_w = grid[0] * side, grid[1] * side
+    if height <= 0 or width <= 0 or grid[0] <= 0 or grid[1] <= 0:
+        raise ValueError(f"image size {tuple(size_hw)} or tile grid {tuple(grid)} is not positive")
+    if width / height > map_w / map_h:  # wider than the map: padded above and below
+        pad = (map_h - int(round(height * (map_w / width), 7))) // 2
+        return pad, map_h - pad, 0, map_w
+    pad = (map_w - int(round(width * (map_h / height), 7))) // 2
+    return 0, map_h, pad, map_w - pad
+
+
+def packed_tokens(vcfg: VisionConfig, grid: tuple[int, int], size_hw: tuple[int, int]) -> int:
+    """The rows `pack_features` makes of an image of size_hw (height, width) tiled on grid (rows, cols): the base
+    tile's tokens_per_image, then each row of the unpadded map and its newline (where vcfg.image_newline)."""
+    top, bottom, left, right = _unpadded(vcfg, grid, size_hw)
+    return vcfg.tokens_per_image + (bottom - top) * (right - left + vcfg.image_newline)
+
+
+def pack_features(vcfg: VisionConfig, features: np.ndarray, newline: np.ndarray | None, grid: tuple[int, int],
+                  size_hw: tuple[int, int]) -> np.ndarray:
+    """One image's encoded tiles [1 + rows * cols, tokens_per_image, D] (the base tile, then the grid's row-major: what
+    encode_images returns for the image's pixels) -> [packed_tokens, D] in their dtype, as HF's pack_image_features
+    with "spatial_unpad". newline: params["image_newline"] [D], None exactly where not vcfg.image_newline. On the host
+    (numpy), after the encoder: the row count varies per image, a shape per image under jit."""
+    features = np.asarray(features)
+    rows, cols = grid
+    side, d = vcfg.grid, features.shape[-1]
+    if features.shape[:2] != (1 + rows * cols, side * side):
+        raise ValueError(f"features {features.shape}: a {rows}x{cols} grid takes [{1 + rows * cols}, {side * side}, D] "
+                         f"(the base tile, then the grid's)")
+    if (newline is not None) != vcfg.image_newline:
+        raise ValueError(f"newline {'given' if newline is not None else 'missing'}: vcfg.image_newline is "
+                         f"{vcfg.image_newline}")
+    # tiles [rows, cols, side, side, D] -> one map [rows * side, cols * side, D], then its padding cut off
+    fmap = features[1:].reshape(rows, cols, side, side, d).transpose(0, 2, 1, 3, 4).reshape(rows * side, cols * side, d)
+    top, bottom, left, right = _unpadded(vcfg, grid, size_hw)
+    fmap = fmap[top:bottom, left:right]  # [H', W', D]
+    if newline is not None:  # a newline at the end of each row: [H', W' + 1, D]
+        ends = np.broadcast_to(np.asarray(newline).astype(features.dtype), (fmap.shape[0], 1, d))
+        fmap = np.concatenate([fmap, ends], axis=1)
+    return np.concatenate([features[0], fmap.reshape(-1, d)], axis=0)  # the base tile's rows first

@@ -1,5 +1,5 @@
-"""engine/images.py: sources -> RGB image, preprocessing against transformers' PIL-backend CLIP/SigLIP processors,
-refusals, and the pixel hash. No network: remote images come from a server on 127.0.0.1."""
+"""engine/images.py: sources -> RGB image, preprocessing against transformers' PIL-backend CLIP/SigLIP/LLaVA-NeXT
+processors, refusals, and the pixel hash. No network: remote images come from a server on 127.0.0.1."""
 import base64
 import http.server
 import io
@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 import fresh
-from engine.images import ImageError, ImageProcessor, MediaPolicy, image_hash, load_image
+from engine.images import (AnyResProcessor, ImageError, ImageProcessor, MediaPolicy, Tiles, image_hash, load_image,
+                           select_best_resolution)
 
 CLIP_MEAN, CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 CONFIGS = {
@@ -92,8 +93,10 @@ def test_matches_transformers(name, tmp_path):
 
 def test_from_dict_refusals_and_from_dir(tmp_path):
     clip = CONFIGS["llava-1.5"]
-    with pytest.raises(ValueError, match="LlavaNextImageProcessor"):
-        ImageProcessor.from_dict({**clip, "image_processor_type": "LlavaNextImageProcessor"})
+    with pytest.raises(ValueError, match="LlavaNextVideoImageProcessor"):
+        ImageProcessor.from_dict({**clip, "image_processor_type": "LlavaNextVideoImageProcessor"})
+    with pytest.raises(ValueError, match="image_grid_pinpoints"):  # anyres belongs to LlavaNextImageProcessor only
+        ImageProcessor.from_dict({**clip, "image_grid_pinpoints": [[336, 672]]})
     with pytest.raises(ValueError, match="image_processor_type None"):
         ImageProcessor.from_dict({"size": 224})
     for key in ("do_pad", "do_image_splitting", "use_square_size"):
@@ -115,6 +118,114 @@ def test_from_dict_refusals_and_from_dir(tmp_path):
     assert ImageProcessor.from_dir(str(tmp_path)) is None
     (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": clip, "patch_size": 14}))
     assert ImageProcessor.from_dir(str(tmp_path)) == p
+
+
+PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+ANYRES_CONFIGS = {
+    "llava-v1.6": {  # llava-hf/llava-v1.6-mistral-7b-hf's preprocessor_config.json
+        "image_processor_type": "LlavaNextImageProcessor", "aspect_ratio_setting": "anyres",
+        "crop_size": {"height": 336, "width": 336}, "do_center_crop": True, "do_convert_rgb": True,
+        "do_normalize": True, "do_pad": True, "do_rescale": True, "do_resize": True,
+        "image_grid_pinpoints": PINPOINTS_336, "image_mean": CLIP_MEAN, "image_std": CLIP_STD,
+        "processor_class": "LlavaNextProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+        "size": {"shortest_edge": 336}},
+    "tiny": {"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": 28},
+             "crop_size": {"height": 28, "width": 28}, "image_grid_pinpoints": [[28, 56], [56, 28], [56, 56],
+                                                                                [84, 28], [28, 84]]},
+    # tiles resized up to 30 and cropped back to 28; the base tile squashed to 30 x 30 first; bilinear
+    "tiny-resize-crop": {"image_processor_type": "LlavaNextImageProcessorFast", "size": {"shortest_edge": 30},
+                         "crop_size": 28, "resample": 2, "do_pad": False,
+                         "image_grid_pinpoints": [[56, 28], [28, 56], [84, 84], [28, 112], [112, 56]]},
+    # no crop: tiles (28, the crop_size height) resized to 32 x 24, the base tile too
+    "tiny-size-hw": {"image_processor_type": "LlavaNextImageProcessorPil", "size": {"height": 32, "width": 24},
+                     "crop_size": {"height": 28, "width": 28}, "do_center_crop": False,
+                     "image_grid_pinpoints": [[28, 56], [56, 56], [84, 28]]},
+}
+
+
+@pytest.mark.parametrize("name", list(ANYRES_CONFIGS))
+def test_anyres_matches_transformers(name, tmp_path):
+    from transformers import AutoImageProcessor
+    from transformers.image_processing_utils import select_best_resolution as hf_best
+
+    config = ANYRES_CONFIGS[name]
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
+    reference = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
+    assert type(reference).__name__ == "LlavaNextImageProcessorPil", type(reference)
+    processor = ImageProcessor.from_dir(str(tmp_path))
+    assert isinstance(processor, AnyResProcessor)
+    assert processor.grid_pinpoints == tuple(map(tuple, config["image_grid_pinpoints"]))
+    rng = fresh.rng()
+    s = processor.tile_size
+    big = 2 * max(max(hw) for hw in processor.grid_pinpoints)
+    sizes = [("RGB", int(rng.integers(s, 3 * s)), int(rng.integers(3 * s, big))),  # landscape
+             ("RGB", int(rng.integers(3 * s, big)), int(rng.integers(s, 3 * s))),  # portrait
+             ("RGB", int(rng.integers(1, 12)), int(rng.integers(1, 12))),  # tiny: scaled up
+             ("RGB", int(rng.integers(big // 2, big)), int(rng.integers(big // 2, big))),  # large, near square
+             ("RGB", 1, int(rng.integers(s, big))),  # a line: the fit rounds a side to zero, then ceil()s it to 1
+             ("RGBA", int(rng.integers(s // 2, 2 * s)), int(rng.integers(s // 2, 2 * s)))]
+    if s < 100:  # the tiny configs are cheap: add random_sizes' modes and odd aspect ratios
+        sizes += random_sizes(rng)
+    images = [random_image(rng, *size) for size in sizes]
+    # two images a call: HF pads the tile dimension to the larger count (do_pad), so compare the first 1 + rows * cols
+    for pair in (images[i:i + 2] for i in range(0, len(images), 2)):
+        want = reference(images=pair, return_tensors="np")
+        for image, pixels, image_size in zip(pair, want["pixel_values"], want["image_sizes"]):
+            got = processor(load_image(image))
+            rows, cols = got.grid
+            where = f"{name} {image.mode} {image.height}x{image.width}"
+            assert isinstance(got, Tiles) and got.pixels.dtype == np.float32, where
+            assert got.size_hw == tuple(image_size) == (image.height, image.width), where
+            best = hf_best(got.size_hw, config["image_grid_pinpoints"])
+            assert got.grid == (best[0] // s, best[1] // s), (where, best)
+            assert got.pixels.shape == (1 + rows * cols, *pixels.shape[1:]), (where, got.pixels.shape, pixels.shape)
+            np.testing.assert_allclose(got.pixels, pixels[:1 + rows * cols], rtol=0, atol=1e-5, err_msg=where)
+            if len(pixels) > 1 + rows * cols:  # the batch padding is zeros: nothing of this image is left out
+                assert not pixels[1 + rows * cols:].any(), where
+            np.testing.assert_array_equal(processor(image).pixels, got.pixels)  # converts to RGB itself too
+
+
+def test_select_best_resolution_matches_transformers():
+    from transformers.image_processing_utils import select_best_resolution as hf_best
+
+    rng = fresh.rng()
+    for _ in range(3000):
+        unit = int(rng.choice([1, 14, 28, 336]))
+        pinpoints = [(unit * int(h), unit * int(w)) for h, w in rng.integers(1, 5, (int(rng.integers(1, 7)), 2))]
+        if rng.random() < 0.3:  # repeats and same-area shapes: ties on kept pixels, then on waste
+            pinpoints += [pinpoints[0][::-1], pinpoints[-1]]
+        size_hw = tuple(int(n) for n in rng.integers(1, int(rng.choice([8, 200, 3000])), 2))
+        got = select_best_resolution(size_hw, pinpoints)
+        assert got == tuple(hf_best(size_hw, [list(p) for p in pinpoints])), (size_hw, pinpoints, got)
+    assert select_best_resolution((300, 100), PINPOINTS_336) == (336, 672)  # 1008 x 336 keeps as much, wastes more
+    assert select_best_resolution((500, 500), PINPOINTS_336) == (672, 672)
+
+
+def test_anyres_from_dict_and_refusals():
+    tiny = ANYRES_CONFIGS["tiny"]
+    p = ImageProcessor.from_dict(tiny)
+    assert (p.tile_size, p.base_hw, p.resample, p.tile.shortest_edge, p.tile.crop_hw, p.tile.pad_square) == \
+        (28, (28, 28), 3, 28, (28, 28), None)
+    assert ImageProcessor.from_dict({**tiny, "do_pad": True}) == p  # HF's pad for batching: no change to an image
+    assert ImageProcessor.from_dict({**tiny, "do_pad": False}) == p
+    default = ImageProcessor.from_dict({"image_processor_type": "LlavaNextImageProcessorFast", "size": 336,
+                                        "crop_size": 336})  # HF's class defaults for the rest
+    assert (default.tile_size, default.base_hw, default.tile.crop_hw) == (336, (336, 336), (336, 336))
+    assert default.grid_pinpoints == tuple(map(tuple, PINPOINTS_336))
+    with pytest.raises(ValueError, match="image_grid_pinpoints.*multiples of the tile size 224"):  # all HF's defaults
+        ImageProcessor.from_dict({"image_processor_type": "LlavaNextImageProcessor"})
+    assert ImageProcessor.from_dict(ANYRES_CONFIGS["tiny-size-hw"]).base_hw == (32, 24)
+    for key, value in (("do_image_splitting", True), ("use_square_size", True), ("do_reduce_labels", True),
+                       ("size", {"shortest_edge": 28, "longest_edge": 56}), ("crop_size", {"shortest_edge": 28}),
+                       ("image_grid_pinpoints", [[28, 56, 84]]), ("image_grid_pinpoints", 28)):
+        with pytest.raises(ValueError, match=key):
+            ImageProcessor.from_dict({**tiny, key: value})
+    for pinpoints in ([[28, 50]], [[0, 28]], []):  # a tile grid needs multiples of the tile size
+        with pytest.raises(ValueError, match="image_grid_pinpoints"):
+            ImageProcessor.from_dict({**tiny, "image_grid_pinpoints": pinpoints})
+    for bad in (dict(resample=9), dict(grid_pinpoints=((28, 50),)), dict(grid_pinpoints=()), dict(base_hw=(0, 28))):
+        with pytest.raises(ValueError, match="AnyResProcessor"):
+            AnyResProcessor(**{"tile": p.tile, "grid_pinpoints": ((28, 56),), "tile_size": 28, **bad})
 
 
 ROUTES: dict[str, tuple[int, str | None, bytes]] = {}  # path -> (status, content type, body), set per test

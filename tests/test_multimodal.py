@@ -92,7 +92,7 @@ def _reference_logits(model, llm, prompt_ids, spans, out_ids):
     engine prepared them) followed by the generated tokens: [len(out_ids), vocab], teacher-forced."""
     vocab = llm.engine.model_cfg.vocab_size
     ids = [t if t < vocab else IMAGE_TOKEN for t in prompt_ids] + list(out_ids)
-    pixels = torch.tensor(np.stack([s.pixels for s in spans])) if spans else None
+    pixels = torch.tensor(np.concatenate([s.pixels for s in spans])) if spans else None  # one tile each
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].numpy()
     n = len(prompt_ids)
@@ -322,3 +322,83 @@ def test_the_offline_job_reads_image_parts_and_names_a_bad_one(llava, tmp_path):
     assert records["path"]["text"] == records["data"]["text"] == want.text
     assert records["path"]["prompt_tokens"] == want.prompt_tokens
     assert len(records["text"]["token_ids"]) == 5
+
+
+# ------------------------------------------------------------------------------------------- LLaVA-NeXT
+NEXT_TILE, NEXT_PINPOINTS = 28, [[28, 56], [56, 28], [56, 56]]
+
+
+@pytest.fixture(scope="module")
+def llava_next(tmp_path_factory):
+    """A tiny random LLaVA-NeXT checkpoint (anyres tiles of 28 pixels on grids up to 2 x 2, 16 positions a tile)."""
+    import tokenizers
+
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    path = tmp_path_factory.mktemp("llava_next")
+    text = transformers.LlamaConfig(vocab_size=IMAGE_TOKEN + 1, hidden_size=64, intermediate_size=128,
+                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                    max_position_embeddings=512)
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, image_size=NEXT_TILE, patch_size=7)
+    cfg = transformers.LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=IMAGE_TOKEN,
+                                       image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
+                                       vision_feature_select_strategy="default")
+    torch.manual_seed(fresh.seed(key="llava-next"))
+    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    model.save_pretrained(path, safe_serialization=True)
+    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
+    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.add_special_tokens(["<image>"])
+    tok.save(str(path / "tokenizer.json"))
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "LlavaNextImageProcessor", "do_resize": True, "size": {"shortest_edge": NEXT_TILE},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": NEXT_TILE, "width": NEXT_TILE},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": True,
+        "image_grid_pinpoints": NEXT_PINPOINTS,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "do_convert_rgb": True}))
+    return model, str(path)
+
+
+def test_llava_next_tiles_give_transformers_argmax_and_hit_the_cache(llava_next):
+    from engine.request import SamplingParams
+
+    model, path = llava_next
+    rng = fresh.rng()
+    word = lambda n: [int(t) for t in rng.integers(3, 40000, n)]  # noqa: E731
+    # a wide image, a tall one, a square one: grids of 1 x 2, 2 x 1, 2 x 2 tiles, unpadded differently
+    images = [PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+              for h, w in ((int(rng.integers(20, 40)), int(rng.integers(70, 120))),
+                           (int(rng.integers(70, 120)), int(rng.integers(20, 40))), (60, 57))]
+    prompts = [(word(3) + [IMAGE_TOKEN] + word(5), [images[0]]),
+               (word(2) + [IMAGE_TOKEN] + word(3) + [IMAGE_TOKEN] + word(4), [images[1], images[2]])]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    llm = _llm(path, **{"cache.prefix_caching": False, "scheduler.max_batch_tokens": 32})
+    outs = llm.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
+    vocab = llm.engine.model_cfg.vocab_size
+    for (text_ids, ims), out in zip(prompts, outs):
+        ids, spans = _prompt(llm, text_ids, ims)
+        assert out.prompt_tokens == len(ids) == len(text_ids) + sum(s.num_tokens - 1 for s in spans)
+        tiles = max(len(s.pixels) for s in spans)
+        pixels = np.zeros((len(spans), tiles, 3, NEXT_TILE, NEXT_TILE), np.float32)
+        for i, s in enumerate(spans):
+            pixels[i, : len(s.pixels)] = s.pixels
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([[t if t < vocab else IMAGE_TOKEN for t in ids] + out.token_ids]),
+                           pixel_values=torch.tensor(pixels),
+                           image_sizes=torch.tensor([s.size_hw for s in spans])).logits[0].numpy()
+        assert_argmax(logits[len(ids) - 1 : len(ids) - 1 + len(out.token_ids)], out.token_ids)
+
+    # the wide image again with another question: its pages come from the cache, the same tokens as without
+    cached = _llm(path)
+    cached.generate([prompts[0][0]], greedy, images=[prompts[0][1]])
+    follow = prompts[0][0][:4] + word(9)
+    [hit] = cached.generate([follow], greedy, images=[prompts[0][1]])
+    [plain] = llm.generate([follow], greedy, images=[prompts[0][1]])
+    [wide] = _prompt(cached, prompts[0][0], prompts[0][1])[1]
+    assert hit.token_ids == plain.token_ids and hit.cached_tokens == (3 + wide.num_tokens) // PAGE * PAGE

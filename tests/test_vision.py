@@ -183,3 +183,186 @@ def test_init_params_shapes_and_dtype():
     out = _encode(params, vcfg, pixels)
     assert out.dtype == jnp.bfloat16 and out.shape == (3, vcfg.tokens_per_image, 16) == (3, 15, 16)
     assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32))))
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT
+# 28 pixels in patches of 7: tiles of 4 x 4 features; grids of 1x2, 2x1, 2x2, 3x1 and 1x3 tiles
+NEXT_TOWER = TOWER | dict(image_size=28, patch_size=7)
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 28], [28, 84]]
+# (height, width): square (nothing cut), landscape (rows cut), portrait (columns cut), a grid it fills exactly,
+# extreme ones on 1x3 and 3x1 grids (an odd padding), ones whose unpadded map keeps no row, or no column, and one
+# whose extent on the map is 2.9999999999999996 in floats (3 after HF's rounding to 7 decimals: a padding of 0, not 1)
+SIZES = [(30, 30), (100, 190), (190, 100), (56, 28), (37, 300), (300, 41), (10, 1000), (1000, 9), (47, 188)]
+STRATEGY = {"clip": "default", "siglip": "full"}  # the strategy that leaves a tile its grid of patches
+
+
+@pytest.fixture(scope="module")
+def next_checkpoints(tmp_path_factory):
+    """-> get(kind): (a tiny random HF LlavaNext in float32 with the strategy its tower needs, the directory it was
+    saved to), each built once per module; every weight of the tower and projector and image_newline perturbed."""
+    built = {}
+
+    def get(kind: str):
+        import torch
+        import transformers
+
+        if kind not in built:
+            tower = (transformers.CLIPVisionConfig if kind == "clip" else transformers.SiglipVisionConfig)(**NEXT_TOWER)
+            config = transformers.LlavaNextConfig(
+                vision_config=tower, text_config=transformers.LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
+                image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy=STRATEGY[kind])
+            torch.manual_seed(fresh.seed(f"{__name__}::next_checkpoints[{kind}]"))
+            model = transformers.LlavaNextForConditionalGeneration(config).eval()
+            with torch.no_grad():
+                for name, t in model.named_parameters():
+                    if "language_model" not in name:
+                        t.add_(0.1 * torch.randn_like(t))
+            directory = str(tmp_path_factory.mktemp(f"llava-next-{kind}"))
+            model.save_pretrained(directory)
+            built[kind] = (model, directory)
+        return built[kind]
+
+    return get
+
+
+def _grid(size_hw) -> tuple[int, int]:
+    """The tile grid HF's preprocessing and model choose for an image of size_hw (height, width)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution(list(size_hw), PINPOINTS)
+    return height // NEXT_TOWER["image_size"], width // NEXT_TOWER["image_size"]
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_pack_features_of_encode_images_is_transformers(next_checkpoints, kind):
+    """All SIZES' tiles through encode_images in one batch, each image's packed: HF's get_image_features for the
+    batch (tiles padded to the most any image has), row for row."""
+    import torch
+
+    model, directory = next_checkpoints(kind)
+    vcfg = VisionConfig.from_hf_config(_hf_config(directory))
+    assert (vcfg.grid_pinpoints, vcfg.image_newline, vcfg.tokens_per_image) == (tuple(map(tuple, PINPOINTS)), True, 16)
+    params = vision.load_params(directory, vcfg)
+    grids = [_grid(size) for size in SIZES]
+    num_tiles = [1 + rows * cols for rows, cols in grids]
+    pixels = fresh.rng().standard_normal((len(SIZES), max(num_tiles), 3, 28, 28), dtype=np.float32)
+
+    with torch.no_grad():
+        want = model.model.get_image_features(pixel_values=torch.from_numpy(pixels),
+                                              image_sizes=torch.tensor(SIZES)).pooler_output
+    tiles = np.concatenate([p[:n] for p, n in zip(pixels, num_tiles)])  # [sum(num_tiles), 3, 28, 28]
+    encoded = np.split(np.asarray(_encode(params, vcfg, jnp.asarray(tiles))), np.cumsum(num_tiles)[:-1])
+    for size, grid, features, w in zip(SIZES, grids, encoded, want):
+        got = vision.pack_features(vcfg, features, params["image_newline"], grid, size)
+        w = w.numpy()
+        assert got.shape == w.shape == (vision.packed_tokens(vcfg, grid, size), TEXT["hidden_size"]), size
+        np.testing.assert_allclose(got, w, rtol=0, atol=1e-4 * np.abs(w).max(), err_msg=str(size))
+
+
+@pytest.mark.parametrize("newline", [True, False], ids=["newline", "no-newline"])
+def test_pack_features_is_transformers_pack_image_features(next_checkpoints, newline):
+    """Packing alone, on random features: HF's pack_image_features, with its image_newline or without (None), equal
+    to the bit."""
+    import dataclasses
+    import torch
+
+    model, directory = next_checkpoints("clip")
+    vcfg = dataclasses.replace(VisionConfig.from_hf_config(_hf_config(directory)), image_newline=newline)
+    rng = fresh.rng()
+    line = rng.standard_normal(TEXT["hidden_size"], dtype=np.float32) if newline else None
+    for size in SIZES:
+        grid = _grid(size)
+        features = rng.standard_normal((1 + grid[0] * grid[1], 16, TEXT["hidden_size"]), dtype=np.float32)
+        with torch.no_grad():
+            (want,), lens = model.model.pack_image_features(
+                [torch.from_numpy(features)], torch.tensor([size]), "default",
+                image_newline=None if line is None else torch.from_numpy(line))
+        got = vision.pack_features(vcfg, features, line, grid, size)
+        np.testing.assert_array_equal(got, want.numpy(), err_msg=str(size))
+        assert len(got) == vision.packed_tokens(vcfg, grid, size) == int(lens[0])
+
+
+def _processor_count(pinpoints, image_size: int, patch_size: int, size_hw) -> int:
+    """The placeholder count HF's LlavaNextProcessor gives an image of size_hw (a CLIP tower, "default")."""
+    import transformers
+    from types import SimpleNamespace
+
+    processor = transformers.LlavaNextProcessor.__new__(transformers.LlavaNextProcessor)  # no tokenizer needed
+    processor.image_processor = SimpleNamespace(image_grid_pinpoints=[list(p) for p in pinpoints])
+    processor.patch_size, processor.num_additional_image_tokens = patch_size, 1
+    return processor._get_number_of_features(*size_hw, image_size, image_size) - 1  # "default" drops the class token
+
+
+def test_packed_tokens_is_the_processors_count():
+    """llava-v1.6's geometry (CLIP 336/14, the default pinpoints), over square, exact-fit, extreme and random sizes:
+    packed_tokens is the count of placeholder tokens HF's processor puts in the prompt."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    tower = {"model_type": "clip_vision_model", "image_size": 336, "patch_size": 14}
+    vcfg = VisionConfig.from_hf_config({"model_type": "llava_next", "vision_config": tower})
+    assert vcfg.grid_pinpoints == vision.LLAVA_NEXT_PINPOINTS and vcfg.tokens_per_image == 576
+    sizes = [(336, 336), (672, 672), (336, 1008), (1008, 336), (480, 640), (640, 480), (1, 4000), (4000, 1), (7, 3),
+             (55, 176), (88, 99)]  # the last two: HF's rounding to 7 decimals changes the padding
+    sizes += [tuple(int(x) for x in pair) for pair in fresh.rng().integers(1, 2000, size=(200, 2))]
+    for size in sizes:
+        height, width = select_best_resolution(list(size), [list(p) for p in vcfg.grid_pinpoints])
+        count = vision.packed_tokens(vcfg, (height // 336, width // 336), size)
+        assert count == _processor_count(vcfg.grid_pinpoints, 336, 14, size), size
+    assert vision.packed_tokens(vcfg, (2, 2), (336, 336)) == 576 + 48 * 49  # llava-v1.6's 2928 for a square image
+
+
+def test_llava_next_config_and_params(next_checkpoints, tmp_path):
+    """image_newline read under either name (and named when missing), in the shapes and random init; a llava config
+    has no pinpoints and no newline."""
+    from safetensors.numpy import load_file, save_file
+
+    _, directory = next_checkpoints("clip")
+    vcfg = VisionConfig.from_hf_config(_hf_config(directory))
+    want = vision.load_params(directory, vcfg)
+    tensors = load_file(os.path.join(directory, "model.safetensors"))
+    save_file({("model." if n == "image_newline" else "") + n: a for n, a in tensors.items()},
+              str(tmp_path / "model.safetensors"))
+    np.testing.assert_array_equal(vision.load_params(str(tmp_path), vcfg)["image_newline"], want["image_newline"])
+    save_file({n: a for n, a in tensors.items() if n != "image_newline"}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing tensor 'image_newline'"):
+        vision.load_params(str(tmp_path), vcfg)
+
+    shapes = vision.param_shapes(vcfg)
+    assert shapes["image_newline"] == (TEXT["hidden_size"],) == want["image_newline"].shape
+    assert jax.tree.map(lambda a: a.shape, vision.init_params(vcfg, jax.random.key(fresh.seed()))) == shapes
+    llava = VisionConfig.from_hf_config(_hf_config(directory) | {"model_type": "llava"})
+    assert (llava.grid_pinpoints, llava.image_newline) == ((), False)
+    assert "image_newline" not in vision.param_shapes(llava)
+
+
+def test_llava_next_refusals(next_checkpoints):
+    """What HF's LLaVA-NeXT cannot lay out is refused when the config is read: a strategy that leaves a tile other
+    than its grid of patches (HF fails: CLIP with "full" is shown), pinpoints that are not pairs of multiples of
+    image_size, none; and pack_features' arguments that do not match."""
+    import torch
+
+    model, directory = next_checkpoints("clip")
+    pixels = torch.from_numpy(fresh.rng().standard_normal((1, 3, 3, 28, 28), dtype=np.float32))
+    with pytest.raises(RuntimeError), torch.no_grad():
+        model.model.get_image_features(pixel_values=pixels, image_sizes=torch.tensor([[28, 56]]),
+                                       vision_feature_select_strategy="full")
+    base = _hf_config(directory)
+    siglip = base | {"vision_config": base["vision_config"] | {"model_type": "siglip_vision_model"}}
+    for raw, message in [
+        (base | {"vision_feature_select_strategy": "full"}, "vision_feature_select_strategy 'full' leaves 17"),
+        (siglip | {"vision_feature_select_strategy": "default"}, "vision_feature_select_strategy 'default' leaves 15"),
+        (base | {"image_grid_pinpoints": [[28, 56], [28, 42]]}, r"image_grid_pinpoints \[\[28, 42\]\]"),
+        (base | {"image_grid_pinpoints": [[28]]}, "image_grid_pinpoints"),
+        (base | {"image_grid_pinpoints": [[0, 28]]}, "image_grid_pinpoints"),
+        (base | {"image_grid_pinpoints": []}, "image_grid_pinpoints is empty"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            VisionConfig.from_hf_config(raw)
+    assert VisionConfig.from_hf_config(siglip | {"vision_feature_select_strategy": "full"}).tokens_per_image == 16
+
+    vcfg = VisionConfig.from_hf_config(base)
+    features, line = np.zeros((5, 16, 24), np.float32), np.zeros(24, np.float32)
+    with pytest.raises(ValueError, match="a 1x2 grid takes"):
+        vision.pack_features(vcfg, features, line, (1, 2), (28, 56))
+    with pytest.raises(ValueError, match="newline missing"):
+        vision.pack_features(vcfg, features, None, (2, 2), (56, 56))

@@ -366,7 +366,8 @@ class ChatPath:
     start: Callable[[ChatCompletionRequest], Awaitable[tuple[list[int], Any, Any]]]
     # The stream's final RequestOutputs by index; None when the client left (the requests are aborted).
     gather: Callable[[Request, Any], Awaitable[dict | None]]
-    prompt_ids: Callable[[ChatCompletionRequest], list[int]]  # the chat template's tokens, nothing submitted
+    prompt_ids: Callable[[ChatCompletionRequest], Awaitable[list[int]]]  # the chat template's tokens (images'
+    # positions included), nothing submitted
     reasoning: bool  # server.reasoning_parser is set
 
 
@@ -435,7 +436,7 @@ def routes(chat: ChatPath) -> APIRouter:
     async def count_tokens(request: Request):
         try:
             body = await _parse(request, CountTokensRequest)
-            return {"input_tokens": len(chat.prompt_ids(chat_request(body.model_copy(update={"stream": False}),
+            return {"input_tokens": len(await chat.prompt_ids(chat_request(body.model_copy(update={"stream": False}),
                                                                      chat.reasoning)))}
         except ApiError as e:
             return JSONResponse(error_body(e.status, e.message), status_code=e.status)

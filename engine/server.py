@@ -329,6 +329,21 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, "messages render to an empty prompt", param="messages")
         return prompt_ids, tools, sources
 
+    async def counted_ids(ids: list[int], sources: list) -> list[int]:
+        """Prompt ids with each image's positions as its placeholder token, as HF's processor writes them (what a
+        prompt with images counts; the images loaded off the event loop)."""
+        if not sources:
+            return ids
+        try:
+            ids, _ = await asyncio.to_thread(llm.image_prompts.prepare, ids, sources, media)
+        except RequestError as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return multimodal.text_ids(ids, llm.model_cfg.vocab_size, llm.image_prompts.vcfg.image_token_id)
+
+    async def chat_token_ids(body: ChatCompletionRequest) -> list[int]:
+        ids, _, sources = chat_ids(body)
+        return await counted_ids(ids, sources)
+
     async def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None, list]:
         """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs, the
         images' spans (engine.multimodal: loaded, remote ones fetched, off the event loop))."""
@@ -363,7 +378,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                                                                          server_cfg.reasoning_parser != "none"),
                                                openai_responses.ResponseStore(server_cfg.max_stored_responses)))
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
-        start_chat, gather, lambda body: chat_ids(body)[0], server_cfg.reasoning_parser != "none")))
+        start_chat, gather, chat_token_ids, server_cfg.reasoning_parser != "none")))
 
     async def embed(request: Request, body, texts: list, param: str) -> tuple[list[np.ndarray], int] | None:
         """The unit embeddings of texts (strings or token ids) and their token count; None if the client left."""
@@ -460,13 +475,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             try:
                 ids, sources = llm.encode_chat(template_messages(body.messages),
                                                **_generation_prompt(body), **(body.chat_template_kwargs or {}))
-                if sources:  # each image's positions as its placeholder token, as HF's processor writes them
-                    ids, _ = await asyncio.to_thread(llm.image_prompts.prepare, ids, sources, media)
-                    ids = multimodal.text_ids(ids, llm.model_cfg.vocab_size, llm.image_prompts.vcfg.image_token_id)
             except RequestError as e:
                 raise ApiError(400, str(e), param="messages") from None
             except Exception as e:  # template errors (roles out of order, ...) are the caller's
                 raise ApiError(400, f"messages: cannot apply the chat template: {e}", param="messages") from None
+            ids = await counted_ids(ids, sources)
         return {"tokens": ids, "count": len(ids), "max_model_len": max_model_len}
 
     @app.post("/detokenize", summary="The text of token ids")

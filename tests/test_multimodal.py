@@ -265,6 +265,10 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
         r = client.post("/tokenize", json={"model": "tiny-llava", "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}]})
         assert r.json()["count"] == want.prompt_tokens, r.text  # each image position as the placeholder
+        r = client.post("/v1/messages/count_tokens", json={"model": "tiny-llava", "messages": [{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                         "data": _data_url(image).split(",")[1]}}, question]}]})
+        assert r.json()["input_tokens"] == want.prompt_tokens, r.text
         # the Responses API's input_image and the Messages API's image block: the same chat
         r = client.post("/v1/responses", json={"model": "tiny-llava", "temperature": 0, "max_output_tokens": 6,
                                                "input": [{"role": "user", "content": [

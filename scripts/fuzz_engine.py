@@ -100,18 +100,20 @@ def draw_features(seed: int, model: str) -> dict:
     (scheduler.policy priority, preempting), two LoRA adapters beside the base model, tensor parallelism over 2 CPU
     devices, speculative.max_batch (with speculative decoding: no drafts in steps of more decodes than that, and on
     models with linear layers that many rows of draft state slots), images in two prompts of three (a tiny random
-    vision tower in front of the model: two images, so that prompts share cached images and differ by them)."""
+    vision tower in front of the model: two images, so that prompts share cached images and differ by them), as
+    LLaVA-NeXT's tiles in half of those seeds."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
-            "images": rng.random() < 0.25}
+            "images": rng.random() < 0.25, "anyres": rng.random() < 0.5}
 
 
-def tiny_vision(cfg):
+def tiny_vision(cfg, anyres: bool = False):
     """(VisionConfig, random params, ImageProcessor): a CLIP tower of 21-pixel images in 7-pixel patches (9
-    positions each) into `cfg`'s hidden size, the placeholder its last id; and two images."""
+    positions each) into `cfg`'s hidden size, the placeholder its last id; and two images. anyres: LLaVA-NeXT's
+    tiles on grids up to 2 x 2 (an image's positions from its size: 39 and 45 for these two)."""
     import jax
     import numpy as np
     from PIL import Image
@@ -123,9 +125,12 @@ def tiny_vision(cfg):
                                image_size=21, patch_size=7, num_channels=3, layer_norm_eps=1e-5,
                                hidden_act="quick_gelu", feature_layers=(-2,), select_strategy="default",
                                projector_act="gelu", projector_bias=True, text_hidden_size=cfg.hidden_size,
-                               image_token_id=cfg.vocab_size - 1)
-    processor = ImageProcessor.from_dict({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 21},
-                                          "crop_size": {"height": 21, "width": 21}})
+                               image_token_id=cfg.vocab_size - 1,
+                               grid_pinpoints=((21, 42), (42, 21), (42, 42)) if anyres else (), image_newline=anyres)
+    processor = ImageProcessor.from_dict({
+        "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
+        "size": {"shortest_edge": 21}, "crop_size": {"height": 21, "width": 21},
+        **({"image_grid_pinpoints": [[21, 42], [42, 21], [42, 42]], "do_pad": True} if anyres else {})})
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (30, 24 + 8 * i, 3), dtype=np.uint8)) for i in range(2)]
     return (vcfg, vision.init_params(vcfg, jax.random.key(17), scale=0.5), processor), images
@@ -208,8 +213,9 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
         rules["bad_words"] = tuple(w for w in rules["bad_words"] if w.strip())
     features = draw_features(seed, model)
     extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora", "images")
-                                                              if features[k]), *(["tp 2"] if features["tensor"] > 1 else [])])
-    vision, images = tiny_vision(models[model][0]) if features["images"] else (None, None)
+                                                              if features[k]), *(["tp 2"] if features["tensor"] > 1 else []),
+                       *(["anyres"] if features["images"] and features["anyres"] else [])])
+    vision, images = tiny_vision(models[model][0], features["anyres"]) if features["images"] else (None, None)
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk

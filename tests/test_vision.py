@@ -27,6 +27,21 @@ IMAGE_TOKEN = 63
 _encode = jax.jit(vision.encode_images, static_argnums=1)
 
 
+def _saved(model_cls, config, key: str, directory) -> tuple:
+    """(a random `model_cls(config)` with every weight outside the language model moved off its initial value (HF's
+    init leaves biases at 0 and norm scales at 1), the directory it is saved in)."""
+    import torch
+
+    torch.manual_seed(fresh.seed(key))
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "language_model" not in name:
+                t.add_(0.1 * torch.randn_like(t))
+    model.save_pretrained(str(directory))
+    return model, str(directory)
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """-> get(kind, num_feature_layers): (a tiny random HF LLaVA in float32, the directory it was saved to), each
@@ -35,7 +50,6 @@ def checkpoints(tmp_path_factory):
     built = {}
 
     def get(kind: str, num_feature_layers: int):
-        import torch
         import transformers
 
         if (kind, num_feature_layers) not in built:
@@ -43,15 +57,9 @@ def checkpoints(tmp_path_factory):
             config = transformers.LlavaConfig(
                 vision_config=tower, text_config=transformers.LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
                 vision_feature_layer=-2 if num_feature_layers == 1 else [-2, -1])
-            torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{kind}-{num_feature_layers}]"))
-            model = transformers.LlavaForConditionalGeneration(config).eval()
-            with torch.no_grad():
-                for name, t in model.named_parameters():
-                    if "language_model" not in name:
-                        t.add_(0.1 * torch.randn_like(t))
-            directory = str(tmp_path_factory.mktemp(f"llava-{kind}-{num_feature_layers}"))
-            model.save_pretrained(directory)
-            built[kind, num_feature_layers] = (model, directory)
+            built[kind, num_feature_layers] = _saved(
+                transformers.LlavaForConditionalGeneration, config, f"{__name__}::checkpoints[{kind}-{num_feature_layers}]",
+                tmp_path_factory.mktemp(f"llava-{kind}-{num_feature_layers}"))
         return built[kind, num_feature_layers]
 
     return get
@@ -203,7 +211,6 @@ def next_checkpoints(tmp_path_factory):
     built = {}
 
     def get(kind: str):
-        import torch
         import transformers
 
         if kind not in built:
@@ -211,15 +218,8 @@ def next_checkpoints(tmp_path_factory):
             config = transformers.LlavaNextConfig(
                 vision_config=tower, text_config=transformers.LlamaConfig(**TEXT), image_token_index=IMAGE_TOKEN,
                 image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy=STRATEGY[kind])
-            torch.manual_seed(fresh.seed(f"{__name__}::next_checkpoints[{kind}]"))
-            model = transformers.LlavaNextForConditionalGeneration(config).eval()
-            with torch.no_grad():
-                for name, t in model.named_parameters():
-                    if "language_model" not in name:
-                        t.add_(0.1 * torch.randn_like(t))
-            directory = str(tmp_path_factory.mktemp(f"llava-next-{kind}"))
-            model.save_pretrained(directory)
-            built[kind] = (model, directory)
+            built[kind] = _saved(transformers.LlavaNextForConditionalGeneration, config,
+                                 f"{__name__}::next_checkpoints[{kind}]", tmp_path_factory.mktemp(f"llava-next-{kind}"))
         return built[kind]
 
     return get

@@ -1,8 +1,8 @@
 """Images in prompts (LLaVA-style models): where each sits in the token sequence, and the ids the prefix cache keys it by.
 
 A chat renders one placeholder token (the checkpoint's `image_token_id`) per image. `ImagePrompts.prepare` loads and
-preprocesses each image (engine/images.py) and widens its placeholder to the `tokens_per_image` positions its features
-fill. Those positions carry ids past the vocabulary, drawn from the image's content hash (`image_ids`): the radix tree,
+preprocesses each image (engine/images.py) and widens its placeholder to the positions its features fill
+(`tokens_per_image`; LLaVA-NeXT: a count from the image's size). Those positions carry ids past the vocabulary, drawn from the image's content hash (`image_ids`): the radix tree,
 the host and disk tiers' block hashes and the router all key on token ids, so a cached image is reused only by the
 same image at the same place, and none of them knows images exist. The model never embeds those ids: the step's
 `mm_embeds` rows take their place (models/llama.py), computed by the vision encoder when a chunk first covers them
@@ -69,12 +69,10 @@ class ImagePrompts:
     local file, the server's are not: it passes its own)."""
 
     def __init__(self, vcfg, processor, vocab_size: int, policy=None):
-        from engine.images import MediaPolicy
+        from engine.images import AnyResProcessor, MediaPolicy
 
         if vocab_size + (1 << ID_BITS) >= 1 << 31:
             raise ValueError(f"vocab_size {vocab_size} leaves no int32 ids for image positions")
-        from engine.images import AnyResProcessor
-
         size = (vcfg.image_size, vcfg.image_size)
         tiled = isinstance(processor, AnyResProcessor)
         made = processor.tile.crop_hw or processor.tile.size_hw if tiled else processor.crop_hw or processor.size_hw

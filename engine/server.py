@@ -329,16 +329,22 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             raise ApiError(400, "messages render to an empty prompt", param="messages")
         return prompt_ids, tools, sources
 
-    async def counted_ids(ids: list[int], sources: list) -> list[int]:
-        """Prompt ids with each image's positions as its placeholder token, as HF's processor writes them (what a
-        prompt with images counts; the images loaded off the event loop)."""
+    async def prepared(ids: list[int], sources: list) -> tuple[list[int], list]:
+        """(prompt ids with its images' positions, their spans: engine.multimodal), the images loaded (remote ones
+        fetched) off the event loop; the ids as they are and no spans without images."""
         if not sources:
-            return ids
+            return ids, []
         try:
-            ids, _ = await asyncio.to_thread(llm.image_prompts.prepare, ids, sources, media)
+            return await asyncio.to_thread(llm.image_prompts.prepare, ids, sources, media)
         except RequestError as e:
             raise ApiError(400, str(e), param="messages") from None
-        return multimodal.text_ids(ids, llm.model_cfg.vocab_size, llm.image_prompts.vcfg.image_token_id)
+
+    async def counted_ids(ids: list[int], sources: list) -> list[int]:
+        """Prompt ids with each image's positions as its placeholder token, as HF's processor writes them (what a
+        prompt with images counts)."""
+        ids, spans = await prepared(ids, sources)
+        return multimodal.text_ids(ids, llm.model_cfg.vocab_size, llm.image_prompts.vcfg.image_token_id) if spans \
+            else ids
 
     async def chat_token_ids(body: ChatCompletionRequest) -> list[int]:
         ids, _, sources = chat_ids(body)
@@ -348,12 +354,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs, the
         images' spans (engine.multimodal: loaded, remote ones fetched, off the event loop))."""
         prompt_ids, tools, sources = chat_ids(body)
-        spans = []
-        if sources:
-            try:
-                prompt_ids, spans = await asyncio.to_thread(llm.image_prompts.prepare, prompt_ids, sources, media)
-            except RequestError as e:
-                raise ApiError(400, str(e), param="messages") from None
+        prompt_ids, spans = await prepared(prompt_ids, sources)
         requested = body.max_completion_tokens or body.max_tokens
         prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, max_model_len, requested or 1)
         max_tokens = requested or max(1, max_model_len - len(prompt_ids))

@@ -199,9 +199,7 @@ class LLMEngine:
             encoder = multimodal.ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
                                               lambda tree: jax.device_put(tree, None if self.mesh is None else
                                                                           sharding.replicated(self.mesh)))
-            log.info("images: %s vision tower, %d positions per %dx%d tile%s", vcfg.kind, vcfg.tokens_per_image,
-                     vcfg.image_size, vcfg.image_size, " (anyres: a base tile and a grid of them)" if vcfg.grid_pinpoints
-                     else "")
+            log.info("images: %s", self.image_prompts.summary)
         self.runner = ModelRunner(self.model_cfg, self.params, config, self.kv.num_pages, self.max_model_len,
                                   self.kv_dtype, backend, mesh=self.mesh, eos_ids=frozenset(self.tokenizer.stop_ids),
                                   num_host_pages=self.kv.num_host_pages, lora=self.adapters.stacked(),

@@ -36,6 +36,9 @@ class ImageSpan:
     size_hw: tuple[int, int] | None = None  # ... and the image's own (height, width): what unpadding keeps
     features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
     # preempted sequence recomputes its positions from them)
+    # Qwen2-VL / Qwen2.5-VL: the (temporal, height, width) grid its positions fill, row-major (after the tower's patch
+    # merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches, patch_dim] (models/qwen_vision.py)
+    thw: tuple[int, int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -58,6 +61,30 @@ def image_ids(digest: bytes, num_tokens: int, vocab_size: int) -> list[int]:
     return (vocab_size + (words & ((1 << ID_BITS) - 1)).astype(np.int64)).tolist()
 
 
+def mrope_positions(spans: Seq[ImageSpan], start: int, num: int) -> np.ndarray:
+    """[3, num] int32: the (temporal, height, width) M-RoPE positions of a sequence's positions start..start + num - 1
+    (models.config.LlamaConfig.mrope_section), as Qwen2-VL's get_rope_index lays them out: an image's rows take
+    base + (t, row, col) of its grid, base being where text there would be; text takes its index shifted by what the
+    images before it saved (an image of grid (1, h, w) advances later text by max(h, w), not by its h * w rows).
+    spans: the sequence's images in prompt order. A function of the tokens before each position only, so a cached
+    prefix's positions are the ones it was computed with."""
+    pos = np.arange(start, start + num, dtype=np.int64)
+    out = np.broadcast_to(pos, (3, num)).copy()
+    shift = 0  # text after the images so far sits this far from its index
+    for span in spans:
+        if span.start >= start + num:
+            break
+        t, h, w = span.thw
+        inside = (pos >= span.start) & (pos < span.end)
+        if inside.any():
+            j = pos[inside] - span.start
+            base = span.start + shift
+            out[:, inside] = base + np.stack([j // (h * w), j // w % h, j % w])
+        shift += max(h, w) - span.num_tokens
+        out[:, pos >= span.end] += max(h, w) - span.num_tokens
+    return out.astype(np.int32)
+
+
 def text_ids(prompt_ids: Seq[int], vocab_size: int, image_token_id: int) -> list[int]:
     """The prompt with each image position as the placeholder token again (what a tokenizer can read)."""
     return [t if t < vocab_size else image_token_id for t in prompt_ids]
@@ -69,20 +96,11 @@ class ImagePrompts:
     local file, the server's are not: it passes its own)."""
 
     def __init__(self, vcfg, processor, vocab_size: int, policy=None):
-        from engine.images import AnyResProcessor, MediaPolicy
+        from engine.images import MediaPolicy
 
         if vocab_size + (1 << ID_BITS) >= 1 << 31:
             raise ValueError(f"vocab_size {vocab_size} leaves no int32 ids for image positions")
-        size = (vcfg.image_size, vcfg.image_size)
-        tiled = isinstance(processor, AnyResProcessor)
-        made = processor.tile.crop_hw or processor.tile.size_hw if tiled else processor.crop_hw or processor.size_hw
-        if made != size:
-            raise ValueError(f"the image processor makes images of {'varying size (no crop)' if made is None else made}; "
-                             f"the vision tower reads {size}")
-        if tiled != bool(vcfg.grid_pinpoints) or tiled and tuple(map(tuple, processor.grid_pinpoints)) != tuple(
-                map(tuple, vcfg.grid_pinpoints)):
-            raise ValueError("the image processor's image_grid_pinpoints are not the model's "
-                             f"({getattr(processor, 'grid_pinpoints', None)} vs {vcfg.grid_pinpoints or None})")
+        _check_processor(vcfg, processor)
         self.vcfg = vcfg
         self.processor = processor
         self.vocab_size = vocab_size
@@ -91,6 +109,17 @@ class ImagePrompts:
     @property
     def tokens_per_image(self) -> int:
         return self.vcfg.tokens_per_image
+
+    @property
+    def summary(self) -> str:
+        """What the engine's log says of its images."""
+        v, p = self.vcfg, self.processor
+        if is_grid_model(v):
+            cell = p.patch_size * p.merge_size
+            return (f"{v.kind} vision tower, an image at its own size in {cell}x{cell}-pixel positions, "
+                    f"{p.min_pixels // cell**2} to {p.max_pixels // cell**2} of them")
+        return (f"{v.kind} vision tower, {v.tokens_per_image} positions per {v.image_size}x{v.image_size} tile"
+                f"{' (anyres: a base tile and a grid of them)' if v.grid_pinpoints else ''}")
 
     def load(self, sources: Seq[Any], policy=None) -> list:
         """Each source as a PIL image (data and http(s) URLs, paths as the policy allows (default: this one's), bytes,
@@ -129,11 +158,16 @@ class ImagePrompts:
         return ids, spans
 
     def _span(self, start: int, image) -> ImageSpan:
-        """An image's span at `start`: its tiles, their count of positions, its digest."""
+        """An image's span at `start`: its tiles (Qwen2-VL: patches), their count of positions, its digest."""
         from engine.images import Tiles
         from models import vision
 
         processed = self.processor(image)
+        if is_grid_model(self.vcfg):  # (patches, grid of patches): positions are its merged grid's cells
+            patches, (t, h, w) = processed
+            m = self.vcfg.spatial_merge_size
+            thw = (t, h // m, w // m)
+            return ImageSpan(start, t * h * w // m**2, patches, _digest(patches, thw), self.vocab_size, thw=thw)
         if not isinstance(processed, Tiles):  # LLaVA: one tile
             return ImageSpan(start, self.tokens_per_image, processed[None], _digest(processed[None]), self.vocab_size)
         grid, size = tuple(processed.grid), tuple(processed.size_hw)
@@ -153,6 +187,35 @@ class ImagePrompts:
             raise RequestError(f"prompt token ids past the vocabulary [0, {self.vocab_size}) that are no image's")
 
 
+def is_grid_model(vcfg) -> bool:
+    """Whether a vision config is Qwen2-VL's kind (models/qwen_vision.py: images at their own resolution, a grid of
+    patches each, positions turned by M-RoPE), not LLaVA's (models/vision.py: fixed-size tiles)."""
+    return hasattr(vcfg, "spatial_merge_size")
+
+
+def _check_processor(vcfg, processor) -> None:
+    """That a checkpoint's image processor makes what its vision tower reads (sizes, tiling, patches)."""
+    from engine.images import AnyResProcessor
+
+    if is_grid_model(vcfg):
+        made = (processor.patch_size, processor.temporal_patch_size, processor.merge_size)
+        wanted = (vcfg.patch_size, vcfg.temporal_patch_size, vcfg.spatial_merge_size)
+        if made != wanted:
+            raise ValueError(f"the image processor's (patch_size, temporal_patch_size, merge_size) {made} are not the "
+                             f"vision tower's {wanted}")
+        return
+    size = (vcfg.image_size, vcfg.image_size)
+    tiled = isinstance(processor, AnyResProcessor)
+    made = processor.tile.crop_hw or processor.tile.size_hw if tiled else processor.crop_hw or processor.size_hw
+    if made != size:
+        raise ValueError(f"the image processor makes images of {'varying size (no crop)' if made is None else made}; "
+                         f"the vision tower reads {size}")
+    if tiled != bool(vcfg.grid_pinpoints) or tiled and tuple(map(tuple, processor.grid_pinpoints)) != tuple(
+            map(tuple, vcfg.grid_pinpoints)):
+        raise ValueError("the image processor's image_grid_pinpoints are not the model's "
+                         f"({getattr(processor, 'grid_pinpoints', None)} vs {vcfg.grid_pinpoints or None})")
+
+
 def _runs(ids: Seq[int], token: int) -> list[tuple[int, int]]:
     """(start, length) of each run of `token` in ids."""
     out, i = [], 0
@@ -169,8 +232,9 @@ def _runs(ids: Seq[int], token: int) -> list[tuple[int, int]]:
 
 
 def load_image_model(path: str, dtype) -> tuple | None:
-    """(VisionConfig, vision params, ImageProcessor) of an HF checkpoint directory that takes images (a LLaVA
-    config.json), else None. A vision model without a preprocessor_config.json is refused by name."""
+    """(vision config, vision params, image processor) of an HF checkpoint directory that takes images (a LLaVA,
+    LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config.json), else None. A vision model without a preprocessor_config.json is
+    refused by name."""
     import json
     import os
 
@@ -180,18 +244,23 @@ def load_image_model(path: str, dtype) -> tuple | None:
     if checkpoint_kind(path) != "safetensors":
         return None
     from engine.images import ImageProcessor
-    from models import vision
+    from engine.qwen_images import QwenImageProcessor
+    from models import qwen_vision, vision
     from models.gguf_loader import CheckpointError
 
     with open(os.path.join(path, "config.json")) as f:
-        vcfg = vision.VisionConfig.from_hf_config(json.load(f))
+        config = json.load(f)
+    vcfg = vision.VisionConfig.from_hf_config(config)
+    module, processor_cls = vision, ImageProcessor
+    if vcfg is None:
+        vcfg, module, processor_cls = qwen_vision.QwenVisionConfig.from_hf_config(config), qwen_vision, QwenImageProcessor
     if vcfg is None:
         return None
-    processor = ImageProcessor.from_dir(path)
+    processor = processor_cls.from_dir(path)
     if processor is None:
         raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
                               "prepared by (resize, crop, normalization); none is there")
-    return vcfg, vision.load_params(path, vcfg, dtype), processor
+    return vcfg, module.load_params(path, vcfg, dtype), processor
 
 
 # ------------------------------------------------------------------------------------------- chat messages
@@ -288,7 +357,12 @@ class ImageEncoder:
         self.params = to_device(params)
         self.dtype = np.dtype(dtype)
         self._to_device = to_device
-        self._encode = jax.jit(functools.partial(vision.encode_images, vcfg=vcfg))
+        if is_grid_model(vcfg):
+            from models import qwen_vision
+
+            self._encode = jax.jit(functools.partial(qwen_vision.encode, cfg=vcfg))
+        else:
+            self._encode = jax.jit(functools.partial(vision.encode_images, vcfg=vcfg))
         self._kept: collections.OrderedDict[bytes, np.ndarray] = collections.OrderedDict()  # digest -> features
         self._kept_bytes = 0
         self.num_encoded = 0  # images run through the tower (a cached image's positions need none)
@@ -329,7 +403,9 @@ class ImageEncoder:
 
     @property
     def batch_sizes(self) -> tuple[int, ...]:
-        return tuple(1 << i for i in range(self.MAX_BATCH.bit_length()))
+        """The tile counts of the calls warm-up compiles (none for Qwen2-VL's towers: one call per image, its patches
+        padded to a power of two, compiled at an image size's first use)."""
+        return () if is_grid_model(self.vcfg) else tuple(1 << i for i in range(self.MAX_BATCH.bit_length()))
 
     def compile(self, num_images: int) -> None:
         """Compiles the encoder for calls of `num_images` (engine warm-up)."""
@@ -355,6 +431,19 @@ class ImageEncoder:
         images = [same[0] for same in todo.values()]
         if not images:
             return
+        if is_grid_model(self.vcfg):
+            from models import qwen_vision
+
+            m = self.vcfg.spatial_merge_size
+            for span in images:
+                t, h, w = span.thw
+                rows = qwen_vision.encode_image(self._encode_on_device, self.params, self.vcfg, span.pixels,
+                                                (t, h * m, w * m)).astype(self.dtype)
+                for same in todo[span.digest]:
+                    same.features = rows
+                self._keep(span.digest, rows)
+            self.num_encoded += len(images)
+            return
         tiles = np.concatenate([span.pixels for span in images])  # [all tiles, C, S, S]
         out = []
         for i in range(0, len(tiles), self.MAX_BATCH):
@@ -374,6 +463,9 @@ class ImageEncoder:
                 same.features = rows
             self._keep(span.digest, rows)
         self.num_encoded += len(images)
+
+    def _encode_on_device(self, params, *arrays):
+        return self._encode(params, *self._to_device(arrays))
 
     def clear(self) -> None:
         """Forgets the kept features (LLMEngine.reset_prefix_cache, sleep)."""

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from engine import sampler
+from engine import multimodal, sampler
 from engine.config import EngineConfig
 from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
@@ -152,7 +152,8 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
-                                  dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None), attn_backend=st.backend,
+                                  dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None, mrope_positions=None),
+                                  attn_backend=st.backend,
                                   decode_only=decode_only)
     return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
 
@@ -395,6 +396,7 @@ class ModelRunner:
             snapshot_offsets=np.zeros(s, np.int32) if self.states is not None else None,
             snapshot_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
             draft_slots=np.full((s, self.draft_k), self.num_state_slots, np.int32) if self.draft_k else None,
+            mrope_positions=np.zeros((3, num_tokens), np.int32) if self.cfg.mrope_section else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -414,6 +416,12 @@ class ModelRunner:
         pos = starts[seq_of_row] + np.arange(total, dtype=np.int32) - cu[:-1][seq_of_row]
         inputs.tokens[:total] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
         inputs.positions[:total] = pos
+        if inputs.mrope_positions is not None:  # text: the same three; a sequence with images: engine.multimodal's
+            inputs.mrope_positions[:, :total] = pos
+            for c, first in zip(chunks, cu[:-1].tolist()):
+                if c.seq.images:
+                    inputs.mrope_positions[:, first : first + len(c.token_ids)] = multimodal.mrope_positions(
+                        c.seq.images, c.start, len(c.token_ids))
         for i, c in enumerate(chunks):  # rows of int32 arrays (Sequence.page_array): no Python int per page
             inputs.page_indices[i, : len(c.pages)] = c.pages
         inputs.slot_mapping[:total] = inputs.page_indices[seq_of_row, pos // ps] * ps + pos % ps

@@ -78,6 +78,10 @@ class LlamaConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_layers: tuple[bool, ...] = ()  # per layer, False = no positional embedding (SmolLM3's NoPE layers); () = all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
+    # Multimodal RoPE (Qwen2-VL, Qwen2.5-VL): each position is (temporal, height, width), and the rotary dims' pairs
+    # are turned by those in sections of these many pairs, in that order (summing to rotary_dim // 2); () = one
+    # position per token. A text token's three are equal, so text alone is plain RoPE (models.llama.apply_rope).
+    mrope_section: tuple[int, ...] = ()
     # "silu" | "gelu_tanh" | "swiglu_oai" | "relu2" (relu(x)^2: Arcee's, not gated) | "xielu" (Apertus's, not gated: its
     # four scalars per layer are weights, `weights.XIELU_KEYS`)
     hidden_act: str = "silu"
@@ -389,6 +393,8 @@ class LlamaConfig:
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
+        if arch in ("qwen2_vl", "qwen2_5_vl"):  # an image model (models/qwen_vision.py) around a Qwen2 with M-RoPE
+            return _qwen2_vl_from_hf(cfg, source)
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
@@ -397,7 +403,7 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
+        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen2_vl", "qwen2_5_vl"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
                                     arch if arch == "qwen3_next" else "qwen3_5")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
@@ -635,6 +641,7 @@ class LlamaConfig:
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["linear_layers"] = tuple(d.get("linear_layers", ()))
         d["linear_dt_limit"] = tuple(d.get("linear_dt_limit", ()))
+        d["mrope_section"] = tuple(d.get("mrope_section", ()))
         return cls(**d)
 
 
@@ -1103,6 +1110,24 @@ def _llava_text_config(cfg: Mapping[str, Any]) -> dict:
     text = dict(cfg.get("text_config") or {})
     text.setdefault("model_type", "llama")
     return {**_LLAMA_DEFAULTS, **text} if text["model_type"] == "llama" else text
+
+
+def _qwen2_vl_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """A Qwen2-VL / Qwen2.5-VL config.json's language model: a Qwen2 whose RoPE takes three positions a token
+    (`mrope_section`). Its fields are top-level in older configs, in `text_config` since transformers 5; the rope
+    dict says `"type": "mrope"` (older) or `"rope_type": "default"` beside the sections."""
+    text = {**cfg, **(cfg.get("text_config") or {}), "model_type": "qwen2"}
+    rope_params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    section = tuple(int(n) for n in rope_params.pop("mrope_section", ()) or ())
+    if rope_params.get("rope_type", rope_params.get("type")) in ("mrope", "default", None):
+        rope_params = {k: v for k, v in rope_params.items() if k not in ("type", "rope_type")}
+    text.pop("rope_scaling", None)
+    text["rope_parameters"] = rope_params or None
+    out = LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})")
+    if not section or sum(section) != out.rotary_dim // 2 or len(section) != 3:
+        raise ConfigError(f"{source}: mrope_section {list(section)} must be 3 counts summing to "
+                          f"{out.rotary_dim // 2} (half the rotary dims)")
+    return dataclasses.replace(out, mrope_section=section)
 
 
 def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:

@@ -67,6 +67,9 @@ class ModelInputs:
     # Images (models/vision.py): the rows that stand for tokens past the vocabulary (an image's positions), [T, hidden];
     # None in steps without any
     mm_embeds: jax.Array | None = None
+    # M-RoPE (`LlamaConfig.mrope_section`): each token's (temporal, height, width) positions, [3, T] int32; these
+    # replace `positions` in RoPE (an image's rows: their place in its grid; text: positions shifted past the images)
+    mrope_positions: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,12 +220,19 @@ def stream_norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array) -> jax.Array:
     return (layer_norm if cfg.norm_kind == "layer" else rms_norm)(x, w, cfg.rms_norm_eps)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0) -> jax.Array:
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0,
+               sections: tuple[int, ...] = ()) -> jax.Array:
     """Rotate-half RoPE (HF layout) on the first R = 2 * len(inv_freq) dims of each head; the other D - R pass
-    unrotated (partial rotary embeddings, Phi-4-mini; R = D elsewhere). x: [T, H, D], positions: [T]. cos and sin
-    are multiplied by `attention_factor` (YaRN's or LongRoPE's; a float32 scalar, traced or not)."""
+    unrotated (partial rotary embeddings, Phi-4-mini; R = D elsewhere). x: [T, H, D], positions: [T], or [3, T] with
+    `sections` (M-RoPE, `LlamaConfig.mrope_section`: the first sections[0] pairs turned by positions[0], the next
+    sections[1] by positions[1], ...). cos and sin are multiplied by `attention_factor` (YaRN's or LongRoPE's; a
+    float32 scalar, traced or not)."""
     rot = 2 * inv_freq.shape[-1]  # static: the table's shape
-    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq, jnp.float32)[None, :]  # [T, R/2]
+    inv = jnp.asarray(inv_freq, jnp.float32)
+    if positions.ndim == 2:  # each pair's angle from its section's position
+        freqs = positions.astype(jnp.float32)[np.repeat(np.arange(len(sections)), sections)].T * inv  # [T, R/2]
+    else:
+        freqs = positions.astype(jnp.float32)[:, None] * inv[None, :]  # [T, R/2]
     cos = jnp.cos(freqs)[:, None, :] * attention_factor  # [T, 1, R/2]
     sin = jnp.sin(freqs)[:, None, :] * attention_factor
     x32 = x.astype(jnp.float32)
@@ -407,7 +417,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
             inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
             rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
-            q, k = apply_rope(q, positions, inv_freq, rope_factor), apply_rope(k, positions, inv_freq, rope_factor)
+            q = apply_rope(q, positions, inv_freq, rope_factor, cfg.mrope_section)
+            k = apply_rope(k, positions, inv_freq, rope_factor, cfg.mrope_section)
             sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
             o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
             if cfg.mla:  # each head's latent output -> its values
@@ -710,7 +721,8 @@ def forward(
     recurrent = None if states is None else (states, gated_delta.Batch(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
         inputs.snapshot_slots, inputs.draft_slots, decode_step, attn_backend))
-    x, kv_caches = _decoder(params, cfg, inputs.tokens, inputs.positions, attend, tuple(kv_caches), lora,
+    positions = inputs.positions if inputs.mrope_positions is None else inputs.mrope_positions
+    x, kv_caches = _decoder(params, cfg, inputs.tokens, positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)

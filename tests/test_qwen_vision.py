@@ -1,0 +1,270 @@
+"""models/qwen_vision.py and engine/qwen_images.py against transformers: tiny random Qwen2-VL and Qwen2.5-VL models
+saved as HF checkpoints, read back by `QwenVisionConfig.from_hf_config` / `load_params`, encoded image by image (padded
+to a bucket) and compared with HF's vision tower on several images at once; the patch layout against HF's position
+ids and window partition; the image processor against Qwen2VLImageProcessorPil; what the configs refuse."""
+from __future__ import annotations
+
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from PIL import Image
+
+from engine.images import ImageError
+from engine.qwen_images import QwenImageProcessor
+from models import qwen_vision
+from models.errors import ConfigError
+from models.qwen_vision import QwenVisionConfig
+import fresh
+
+TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, bos_token_id=0, eos_token_id=1)
+# patches of 14 pixels merged 2 x 2; Qwen2.5-VL's windows 84 pixels = 3 x 3 merge blocks, layers 1 and 3 full
+TOWERS = {
+    "qwen2_vl": dict(depth=3, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2),
+    "qwen2_5_vl": dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=TEXT["hidden_size"],
+                       window_size=84, fullatt_block_indexes=[1, 3]),
+}
+# (t, h, w) in patches: 2 x 2 windows (the lower ones partial), 2 x 1 (the lower partial), one window smaller than
+# a window; 96, 60 and 16 patches: buckets of 128, 64 and 64 rows
+GRIDS = [(1, 8, 12), (1, 10, 6), (1, 4, 4)]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """-> get(kind): (a tiny random HF Qwen2-VL / Qwen2.5-VL in float32, the directory it was saved to), each built
+    once per module, every weight of the vision tower moved off its init (biases 0, norm scales 1)."""
+    built = {}
+
+    def get(kind: str):
+        import torch
+        import transformers
+
+        if kind not in built:
+            cls, model_cls = ((transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration)
+                              if kind == "qwen2_vl" else
+                              (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
+            config = cls(vision_config=TOWERS[kind], text_config=TEXT, image_token_id=60, vision_start_token_id=61)
+            torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{kind}]"))
+            model = model_cls(config).eval()
+            with torch.no_grad():
+                for name, t in model.named_parameters():
+                    if "visual" in name:
+                        t.add_(0.1 * torch.randn_like(t))
+            directory = str(tmp_path_factory.mktemp(kind))
+            model.save_pretrained(directory)
+            built[kind] = model, directory
+        return built[kind]
+
+    return get
+
+
+def _hf_config(directory: str) -> dict:
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)
+
+
+def _hf_features(model, patches: np.ndarray, grids) -> list[np.ndarray]:
+    import torch
+
+    with torch.no_grad():
+        out = model.model.visual(torch.from_numpy(patches), grid_thw=torch.tensor(grids)).pooler_output
+    sizes = [t * h * w // 4 for t, h, w in grids]
+    return [a.numpy() for a in torch.split(out, sizes)]
+
+
+def _encode_all(params, cfg, patches: np.ndarray, grids) -> list[np.ndarray]:
+    encode_fn = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
+    starts = np.cumsum([0] + [t * h * w for t, h, w in grids])
+    return [qwen_vision.encode_image(encode_fn, params, cfg, patches[a:b], g)
+            for a, b, g in zip(starts[:-1], starts[1:], grids)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+def test_encode_is_transformers(checkpoints, kind):
+    """Several images in one HF call (its cu_seqlens keep them apart) against ours one by one, padded to buckets."""
+    model, directory = checkpoints(kind)
+    cfg = QwenVisionConfig.from_hf_config(_hf_config(directory))
+    assert (cfg.kind, cfg.text_hidden_size, cfg.image_token_id, cfg.vision_start_token_id) == (kind, 24, 60, 61)
+    params = qwen_vision.load_params(directory, cfg)
+    patches = fresh.rng().standard_normal((sum(t * h * w for t, h, w in GRIDS), cfg.patch_dim), dtype=np.float32)
+    want = _hf_features(model, patches, GRIDS)
+    got = _encode_all(params, cfg, patches, GRIDS)
+    for g, w, (_, h, wd) in zip(got, want, GRIDS):
+        assert g.shape == w.shape == (h * wd // 4, TEXT["hidden_size"])
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * np.abs(w).max())
+
+
+@pytest.mark.slow
+def test_older_layout_visual_prefix_bfloat16(checkpoints, tmp_path):
+    """The Qwen2.5-VL checkpoint with an older config.json (the language model's fields top-level) and transformers
+    4.5x's names (`model.visual.*`; 5.x saves `visual.*`), its tensors in bfloat16 and two shards: the same config,
+    weights equal to the float32 ones rounded, features close to HF's float32 ones."""
+    import ml_dtypes
+    from safetensors.numpy import load_file
+    from safetensors.torch import save_file
+    import torch
+
+    model, directory = checkpoints("qwen2_5_vl")
+    hf = _hf_config(directory)
+    flat = {k: v for k, v in hf.items() if k != "text_config"} | hf["text_config"] | {"model_type": "qwen2_5_vl"}
+    cfg = QwenVisionConfig.from_hf_config(hf)
+    assert QwenVisionConfig.from_hf_config(flat) == cfg
+    saved = load_file(os.path.join(directory, "model.safetensors"))
+    assert qwen_vision.PREFIXES[0] + qwen_vision.PATCH_NAME in saved
+    tensors = {("model." if name.startswith("visual.") else "") + name: torch.from_numpy(a).to(torch.bfloat16)
+               for name, a in saved.items()}
+    names = sorted(tensors)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, shard in shards.items():
+        save_file({n: tensors[n] for n in shard}, str(tmp_path / file))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": {n: file for file, shard in shards.items() for n in shard}}, f)
+
+    params = qwen_vision.load_params(str(tmp_path), cfg, dtype=ml_dtypes.bfloat16)
+    for g, w in zip(jax.tree.leaves(params), jax.tree.leaves(qwen_vision.load_params(directory, cfg))):
+        assert g.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(g, w.astype(ml_dtypes.bfloat16))
+    patches = fresh.rng().standard_normal((sum(t * h * w for t, h, w in GRIDS[:2]), cfg.patch_dim), dtype=np.float32)
+    for g, w in zip(_encode_all(params, cfg, patches, GRIDS[:2]), _hf_features(model, patches, GRIDS[:2])):
+        g = g.astype(np.float32)
+        assert np.all(np.isfinite(g))
+        assert np.abs(g - w).max() < 0.05 * np.abs(w).max()
+
+
+def test_patch_layout_is_transformers():
+    """Rotary coordinates are HF's get_vision_position_ids; windows are the groups HF's get_vision_window_index
+    attends within (as sets of merge blocks: HF permutes them into window order, we mask), several per image, some
+    partial; Qwen2-VL has one."""
+    import torch
+    from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
+
+    cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen2_5_vl", "vision_config": TOWERS["qwen2_5_vl"],
+                                           "text_config": TEXT})
+    for grid in GRIDS + [(1, 14, 2)]:
+        layout = qwen_vision.patch_layout(cfg, grid)
+        positions = get_vision_position_ids(torch.tensor([grid]), cfg.spatial_merge_size).numpy()
+        np.testing.assert_array_equal(np.stack([layout["hpos"], layout["wpos"]], -1), positions)
+        window_index, cu = get_vision_window_index(torch.tensor([grid]), cfg.spatial_merge_size, cfg.window_size,
+                                                   cfg.patch_size)
+        cu = (cu.numpy() // cfg.merge_unit).tolist()  # in merge blocks
+        hf_windows = sorted(sorted(window_index[a:b].tolist()) for a, b in zip(cu[:-1], cu[1:]))
+        blocks = layout["window"][::cfg.merge_unit]
+        assert np.all(layout["window"].reshape(-1, cfg.merge_unit) == blocks[:, None])  # whole merge blocks
+        ours = sorted(np.flatnonzero(blocks == w).tolist() for w in np.unique(blocks))
+        assert ours == hf_windows
+    sizes = np.bincount(qwen_vision.patch_layout(cfg, (1, 8, 12))["window"])
+    assert sizes.tolist() == [36, 36, 12, 12]  # 4 x 6 merge blocks in windows of 3 x 3
+    qwen2 = QwenVisionConfig.from_hf_config({"model_type": "qwen2_vl", "vision_config": TOWERS["qwen2_vl"],
+                                             "text_config": TEXT})
+    assert not qwen_vision.patch_layout(qwen2, (1, 8, 12))["window"].any()
+    with pytest.raises(ValueError, match="grid_thw"):
+        qwen_vision.patch_layout(cfg, (1, 5, 4))
+
+
+def test_init_params_padding_and_dtype():
+    """Random weights: an image's rows do not depend on how much padding follows; in bfloat16, finite rows."""
+    cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen2_5_vl", "vision_config": TOWERS["qwen2_5_vl"],
+                                           "text_config": TEXT})
+    params = qwen_vision.init_params(cfg, jax.random.key(fresh.seed()), jnp.float32)
+    assert jax.tree.map(lambda a: a.shape, params) == qwen_vision.param_shapes(cfg)
+    grid = (1, 4, 6)
+    layout = qwen_vision.patch_layout(cfg, grid)
+    patches = fresh.rng().standard_normal((24, cfg.patch_dim), dtype=np.float32)
+    encode = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
+    exact = encode(params, patches, layout["hpos"], layout["wpos"], layout["window"], np.ones(24, bool))
+    padded = qwen_vision.encode_image(encode, params, cfg, patches, grid)
+    assert qwen_vision.padded_len(cfg, 24) == 64 and padded.shape == (6, 24)
+    np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+    bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    out = qwen_vision.encode_image(encode, bf16, cfg, patches, grid)
+    assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(np.float32)))
+
+
+def test_config_defaults_and_refusals():
+    import transformers
+
+    # fields a config.json leaves out read as the HF config classes resolve them (older, flat layout)
+    for kind, cls in (("qwen2_vl", transformers.Qwen2VLConfig), ("qwen2_5_vl", transformers.Qwen2_5_VLConfig)):
+        cfg = QwenVisionConfig.from_hf_config({"model_type": kind, "vision_config": {}, "hidden_size": 3584})
+        hv = cls(vision_config={}, hidden_size=3584).vision_config
+        hidden = hv.embed_dim if kind == "qwen2_vl" else hv.hidden_size
+        assert (cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.patch_size, cfg.temporal_patch_size,
+                cfg.spatial_merge_size, cfg.in_channels, cfg.hidden_act, cfg.rope_theta) == (
+            hidden, hv.depth, hv.num_heads, hv.patch_size, hv.temporal_patch_size, hv.spatial_merge_size,
+            hv.in_channels, hv.hidden_act, hv.rope_parameters["rope_theta"])
+        assert cfg.image_token_id == 151655 and cfg.patch_dim == 3 * 2 * 14 * 14
+    assert cfg.window_merges == 4 and cfg.fullatt_block_indexes == (7, 15, 23, 31) and cfg.intermediate_size == 3420
+
+    assert QwenVisionConfig.from_hf_config({"model_type": "llava", "vision_config": {}}) is None
+    base = {"model_type": "qwen2_5_vl", "text_config": TEXT}
+    for raw, field in [
+        ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "window_size": 20}}, "window_size"),
+        ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "hidden_act": "relu"}}, "hidden_act"),
+        ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "out_hidden_size": 16}}, "out_hidden_size"),
+        ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "num_heads": 16}}, "num_heads"),  # head_dim 2
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            QwenVisionConfig.from_hf_config(raw)
+
+
+# ---------------------------------------------------------------------------------------------- processor
+PIXELS = dict(min_pixels=28 * 28 * 2, max_pixels=28 * 28 * 12)
+# (height, width): upscaled to min_pixels, within bounds, downscaled to max_pixels, a long strip
+SIZES = [(20, 30), (61, 93), (300, 200), (40, 1000), (900, 37)]
+
+
+def _image(height: int, width: int, mode: str) -> Image.Image:
+    bands = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    x = fresh.rng().integers(0, 256, (height, width, bands), dtype=np.uint8)
+    return Image.fromarray(x[..., 0] if bands == 1 else x, mode)
+
+
+@pytest.mark.parametrize("layout", ["top_level", "size"])
+def test_processor_is_transformers(layout):
+    import transformers
+
+    d = {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": 14, "temporal_patch_size": 2,
+         "merge_size": 2, "resample": 3}
+    d |= PIXELS if layout == "top_level" else {"size": {"shortest_edge": PIXELS["min_pixels"],
+                                                        "longest_edge": PIXELS["max_pixels"]}}
+    ours = QwenImageProcessor.from_dict(d)
+    assert (ours.min_pixels, ours.max_pixels) == tuple(PIXELS.values())
+    hf = transformers.Qwen2VLImageProcessorPil(**{k: v for k, v in d.items() if k != "image_processor_type"})
+    for (height, width), mode in zip(SIZES, ["RGB", "RGBA", "RGB", "L", "RGB"]):
+        image = _image(height, width, mode)
+        want = hf(images=[image], return_tensors="np")
+        patches, grid = ours(image)
+        assert [list(grid)] == want["image_grid_thw"].tolist()
+        assert patches.dtype == np.float32 and patches.shape == want["pixel_values"].shape
+        np.testing.assert_allclose(patches, want["pixel_values"], rtol=0, atol=1e-5)
+    with pytest.raises(ImageError, match="aspect ratio"):
+        ours(_image(3, 700, "RGB"))
+
+
+def test_processor_other_options_and_refusals():
+    import transformers
+
+    d = {"image_processor_type": "Qwen2VLImageProcessorPil", "patch_size": 16, "temporal_patch_size": 1,
+         "merge_size": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "size": {"shortest_edge": 1024,
+         "longest_edge": 32 * 32 * 8}, "min_pixels": 32 * 32 * 2, "resample": 2}  # min_pixels overrides size
+    ours = QwenImageProcessor.from_dict(d)
+    assert (ours.min_pixels, ours.max_pixels) == (2048, 8192)
+    hf = transformers.Qwen2VLImageProcessorPil(**{k: v for k, v in d.items() if k != "image_processor_type"})
+    image = _image(37, 150, "RGB")
+    want = hf(images=[image], return_tensors="np")
+    patches, grid = ours(image)
+    assert [list(grid)] == want["image_grid_thw"].tolist() and patches.shape[1] == 3 * 16 * 16
+    np.testing.assert_allclose(patches, want["pixel_values"], rtol=0, atol=1e-5)
+
+    base = {"image_processor_type": "Qwen2VLImageProcessor"}
+    for d, message in [({**base, "do_center_crop": True}, "do_center_crop"),
+                       ({**base, "size": {"min_pixels": 10, "max_pixels": 100}}, "size"),
+                       ({"image_processor_type": "CLIPImageProcessor"}, "image_processor_type")]:
+        with pytest.raises(ValueError, match=message):
+            QwenImageProcessor.from_dict(d)

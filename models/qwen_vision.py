@@ -13,12 +13,16 @@ image gives grid_h * grid_w // merge**2 rows out. The patch conv (stride == kern
 Each layer: x + attn(norm1(x)), then x + mlp(norm2(x)); q and k rotated by the patch's (h, w) grid coordinates
 (head_dim / 4 frequencies each, theta 10000, rotate-half). Qwen2-VL: LayerNorm, fc1 -> act -> fc2, every layer
 attends over the whole image. Qwen2.5-VL: RMSNorm, gated MLP, and the layers not in fullatt_block_indexes attend
-within windows of window_size pixels (whole merge blocks). HF permutes patches into window order for that; here masks
-stand in (attention is permutation-equivariant, and a window is a set of whole merge blocks), so rows stay in the
-processor's order throughout.
+within windows of window_size pixels (whole merge blocks). Rows stay in the processor's order throughout: a windowed
+layer gathers its q, k, v into one block of `window_rows` rows per window (`window_blocks`, on the host; a partial
+window's block padded and its padding masked), attends within each block and scatters the rows back (HF permutes
+the patches into window order instead; attention is permutation-equivariant and a window is a set of whole merge
+blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
+grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, its default
+max_pixels 65,536 patches.
 
-Layouts: activations [N, hidden] for one image's N patches, N padded to a bucket (padding rows: valid False, they
-attend only among themselves); weights oriented for x @ W, layers stacked on axis 0.
+Layouts: activations [N, hidden] for one image's N patches, N padded to a bucket (padding rows: valid False, no
+query reads them; their own values are finite and dropped); weights oriented for x @ W, layers stacked on axis 0.
 """
 from __future__ import annotations
 
@@ -46,6 +50,8 @@ DEFAULTS = {
 }
 TOKEN_DEFAULTS = {"image_token_id": 151655, "vision_start_token_id": 151652}  # both config classes'
 ROPE_THETA = 10000.0  # the vision config's rope_parameters default
+FULL_BLOCK = 1024  # queries per block of a full-attention layer: scores [heads, FULL_BLOCK, N] at a time
+MASKED = -1e30  # a masked score: finite, so a row with nothing to attend to averages its block, never NaN
 
 # Checkpoint names: the tower under `visual.` (the published checkpoints; what transformers 5.x saves) or
 # `model.visual.` (what transformers 4.52+ saved)
@@ -115,6 +121,10 @@ class QwenVisionConfig:
     @property
     def window_merges(self) -> int:  # a window's side in merge blocks (HF's vit_merger_window_size)
         return self.window_size // self.spatial_merge_size // self.patch_size
+
+    @property
+    def window_rows(self) -> int:  # the patches of a whole window (Qwen2-VL: 1, no windows)
+        return self.window_merges ** 2 * self.merge_unit if self.kind == "qwen2_5_vl" else 1
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "QwenVisionConfig | None":
@@ -242,18 +252,42 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x32 * cos + jnp.concatenate([-x2, x1], axis=-1) * sin).astype(x.dtype)
 
 
-def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-    """One pre-norm layer over one image's patches. x [N, H], mask [N, N] (query, key) bool."""
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """Softmax attention of each group's queries over its valid keys, in float32. q, k, v [G, L, heads, D],
+    key_valid [G, L] bool -> [G, L, heads, D]."""
+    scores = jnp.einsum("gqhd,gkhd->ghqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    probs = jax.nn.softmax(jnp.where(key_valid[:, None, None], scores, MASKED), axis=-1).astype(v.dtype)
+    return jnp.einsum("ghqk,gkhd->gqhd", probs, v)
+
+
+def _full_attention(q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array) -> jax.Array:
+    """Every query over the image's valid keys, FULL_BLOCK queries at a time. q, k, v [N, heads, D] -> [N, heads, D]."""
+    n = q.shape[0]
+    block = min(n, FULL_BLOCK)  # (N and FULL_BLOCK are powers of two)
+    out = jax.lax.map(lambda qb: _attention(qb[None], k[None], v[None], valid[None])[0],
+                      q.reshape(n // block, block, *q.shape[1:]))
+    return out.reshape(q.shape)
+
+
+def _window_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocks: jax.Array, block_valid: jax.Array,
+                      slot: jax.Array) -> jax.Array:
+    """Each query over its window's keys: rows gathered into one block per window ([B, window_rows] row indices,
+    `window_blocks`), attended within the block, each row taken back from its `slot` in them."""
+    b, rows = blocks.shape
+    gathered = [a[blocks.reshape(-1)].reshape(b, rows, *a.shape[1:]) for a in (q, k, v)]
+    out = _attention(*gathered, block_valid)
+    return out.reshape(b * rows, *q.shape[1:])[slot]
+
+
+def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, attend) -> jax.Array:
+    """One pre-norm layer over one image's patches. x [N, H]; attend(q, k, v) [N, heads, D] -> [N, heads, D]."""
     n, h = x.shape
     heads, d = cfg.num_heads, h // cfg.num_heads
-    # attention: norm1 -> fused qkv [N, 3, heads, D] -> rotary on q, k -> masked softmax in float32 -> proj, residual
+    # attention: norm1 -> fused qkv [N, 3, heads, D] -> rotary on q, k -> softmax in float32 -> proj, residual
     y = _norm(x, p["norm1"], p.get("norm1_bias"))
     qkv = (y @ p["wqkv"] + p["bqkv"]).reshape(n, 3, heads, d)
     q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
-    scores = jnp.einsum("qhd,khd->hqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5  # [heads, N, N]
-    scores = jnp.where(mask[None], scores, -jnp.inf)  # NOTE: every row keeps its own key, so no row is all -inf
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    x = x + jnp.einsum("hqk,khd->qhd", probs, v).reshape(n, h) @ p["wo"] + p["bo"]
+    x = x + attend(q, k, v).reshape(n, h) @ p["wo"] + p["bo"]
     # MLP: norm2 -> fc1 -> act -> fc2 (Qwen2-VL) | down(act(gate) * up) (Qwen2.5-VL), residual
     y = _norm(x, p["norm2"], p.get("norm2_bias"))
     act = ACTIVATIONS[cfg.hidden_act]
@@ -262,11 +296,12 @@ def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: ja
     return x + (act(y @ p["gate"] + p["gate_bias"]) * (y @ p["up"] + p["up_bias"])) @ p["down"] + p["down_bias"]
 
 
-def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, window: jax.Array, valid: jax.Array,
-           *, cfg: QwenVisionConfig) -> jax.Array:
-    """One image's patches [N, patch_dim] (N static, padded; a multiple of merge_unit) and patch_layout's arrays [N]
-    (valid: False on padding rows) -> [N // merge_unit, out_hidden_size] in the weights' dtype; rows past the image's
-    are padding's. Pure; jit it with cfg static (functools.partial)."""
+def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, valid: jax.Array, blocks: jax.Array,
+           block_valid: jax.Array, slot: jax.Array, *, cfg: QwenVisionConfig) -> jax.Array:
+    """One image's patches [N, patch_dim] (N static, padded: `padded_len`) with its rows' grid coordinates and
+    validity [N] and its windows (`window_blocks`: [B, window_rows] twice, [N]) -> [N // merge_unit,
+    out_hidden_size] in the weights' dtype; rows past the image's are padding's. `encode_inputs` makes the arguments.
+    Pure; jit it with cfg static (functools.partial)."""
     n, d = patches.shape[0], cfg.hidden_size // cfg.num_heads
     dtype = params["patch"].dtype
     if patches.shape[1] != cfg.patch_dim or n % cfg.merge_unit:
@@ -278,15 +313,18 @@ def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, w
     angles = jnp.concatenate([hpos[:, None] * inv_freq, wpos[:, None] * inv_freq], axis=-1).astype(jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, None]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    # attention groups: the image (full layers) or its windows; padding rows form a group of their own
-    groups = [jnp.where(valid, 0, -1), jnp.where(valid, window, -1)]
-    full_mask, window_mask = (g[:, None] == g[None, :] for g in groups)  # [N, N] each
     full = np.array([cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.num_layers)])
+
+    def attend(is_full, q, k, v):
+        if full.all():
+            return _full_attention(q, k, v, valid)
+        return jax.lax.cond(is_full, lambda: _full_attention(q, k, v, valid),
+                            lambda: _window_attention(q, k, v, blocks, block_valid, slot))
 
     def body(x, xs):
         i, is_full = xs  # a step indexes its weights in the stack in place
-        mask = jnp.where(is_full, full_mask, window_mask)
-        return _layer(cfg, jax.tree.map(lambda a: a[i], params["layers"]), x, cos, sin, mask), None
+        layer = jax.tree.map(lambda a: a[i], params["layers"])
+        return _layer(cfg, layer, x, cos, sin, functools.partial(attend, is_full)), None
 
     x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(full)))
     # merger: ln_q per patch, each merge block's merge_unit consecutive rows as one [merge_unit * H] row, MLP
@@ -294,6 +332,38 @@ def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, w
     y = _norm(x, w["ln"], w.get("ln_bias")).reshape(n // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
     y = jax.nn.gelu(y @ w["w1"] + w["b1"], approximate=False)
     return (y @ w["w2"] + w["b2"]).astype(dtype)
+
+
+def window_blocks(cfg: QwenVisionConfig, window: np.ndarray, num_rows: int) -> tuple[np.ndarray, ...]:
+    """An image's windows as blocks for `encode` (its rows' window ids [n], padded to num_rows rows): (blocks
+    [B, window_rows] int32, the rows of each window, a partial one's block padded with row 0; block_valid
+    [B, window_rows] bool; slot [num_rows] int32, each row's place in blocks flattened, padding rows pointing at
+    row 0's). B: the window count rounded up to a power of two (so image sizes share compiled programs); Qwen2-VL:
+    one dummy block."""
+    rows = cfg.window_rows
+    count = int(window.max()) + 1 if cfg.kind == "qwen2_5_vl" else 0
+    blocks = np.zeros((1 << max(count - 1, 0).bit_length(), rows), np.int32)
+    block_valid = np.zeros(blocks.shape, bool)
+    slot = np.zeros(num_rows, np.int32)
+    for w in range(count):
+        members = np.flatnonzero(window == w)
+        blocks[w, : len(members)] = members
+        block_valid[w, : len(members)] = True
+        slot[members] = w * rows + np.arange(len(members))
+    slot[len(window):] = slot[0]
+    return blocks, block_valid, slot
+
+
+def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """`encode`'s arguments after the weights for one image's patches [n, patch_dim] of grid_thw, padded to
+    padded_len(n) rows."""
+    layout = patch_layout(cfg, grid_thw)
+    n = len(layout["hpos"])
+    if patches.shape != (n, cfg.patch_dim):
+        raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
+    size = padded_len(cfg, n)
+    return (np.pad(patches, ((0, size - n), (0, 0))), np.pad(layout["hpos"], (0, size - n)),
+            np.pad(layout["wpos"], (0, size - n)), np.arange(size) < n, *window_blocks(cfg, layout["window"], size))
 
 
 def padded_len(cfg: QwenVisionConfig, num_patches: int) -> int:
@@ -306,12 +376,6 @@ def encode_image(encode_fn, params: dict, cfg: QwenVisionConfig, patches: np.nda
                  grid_thw: tuple[int, int, int]) -> np.ndarray:
     """One image's patches [n, patch_dim] (the processor's) -> its rows [n // merge_unit, out_hidden_size] (numpy, the
     weights' dtype), through encode_fn = jax.jit(functools.partial(encode, cfg=cfg)) at padded_len(n): one compile
-    per bucket, not per image size."""
-    layout = patch_layout(cfg, grid_thw)
-    n = len(layout["hpos"])
-    if patches.shape != (n, cfg.patch_dim):
-        raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
-    pad = padded_len(cfg, n) - n
-    args = [np.pad(patches, ((0, pad), (0, 0)))] + [np.pad(layout[k], (0, pad)) for k in ("hpos", "wpos", "window")]
-    out = encode_fn(params, *map(jnp.asarray, args), jnp.asarray(np.arange(n + pad) < n))
-    return np.asarray(out[: n // cfg.merge_unit])
+    per bucket (and window count's), not per image size."""
+    out = encode_fn(params, *encode_inputs(cfg, patches, grid_thw))
+    return np.asarray(out[: len(patches) // cfg.merge_unit])

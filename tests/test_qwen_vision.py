@@ -139,7 +139,7 @@ def test_older_layout_visual_prefix_bfloat16(checkpoints, tmp_path):
 
 def test_patch_layout_is_transformers():
     """Rotary coordinates are HF's get_vision_position_ids; windows are the groups HF's get_vision_window_index
-    attends within (as sets of merge blocks: HF permutes them into window order, we mask), several per image, some
+    attends within (as sets of merge blocks: HF permutes them into window order, we gather each into a block), several per image, some
     partial; Qwen2-VL has one."""
     import torch
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
@@ -167,8 +167,9 @@ def test_patch_layout_is_transformers():
         qwen_vision.patch_layout(cfg, (1, 5, 4))
 
 
-def test_init_params_padding_and_dtype():
-    """Random weights: an image's rows do not depend on how much padding follows; in bfloat16, finite rows."""
+def test_init_params_padding_blocks_and_dtype(monkeypatch):
+    """Random weights: an image's rows do not depend on how much padding follows, nor on how many queries a full
+    layer takes at a time; in bfloat16, finite rows."""
     cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen2_5_vl", "vision_config": TOWERS["qwen2_5_vl"],
                                            "text_config": TEXT})
     params = qwen_vision.init_params(cfg, jax.random.key(fresh.seed()), jnp.float32)
@@ -177,10 +178,15 @@ def test_init_params_padding_and_dtype():
     layout = qwen_vision.patch_layout(cfg, grid)
     patches = fresh.rng().standard_normal((24, cfg.patch_dim), dtype=np.float32)
     encode = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
-    exact = encode(params, patches, layout["hpos"], layout["wpos"], layout["window"], np.ones(24, bool))
+    exact = encode(params, patches, layout["hpos"], layout["wpos"], np.ones(24, bool),
+                   *qwen_vision.window_blocks(cfg, layout["window"], 24))
     padded = qwen_vision.encode_image(encode, params, cfg, patches, grid)
     assert qwen_vision.padded_len(cfg, 24) == 64 and padded.shape == (6, 24)
     np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
+    monkeypatch.setattr(qwen_vision, "FULL_BLOCK", 16)  # the 64 padded rows' full layers in 4 blocks of queries
+    blocked = qwen_vision.encode_image(jax.jit(functools.partial(qwen_vision.encode, cfg=cfg)), params, cfg, patches,
+                                       grid)
+    np.testing.assert_allclose(blocked, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     out = qwen_vision.encode_image(encode, bf16, cfg, patches, grid)
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(np.float32)))

@@ -139,8 +139,8 @@ def test_older_layout_visual_prefix_bfloat16(checkpoints, tmp_path):
 
 def test_patch_layout_is_transformers():
     """Rotary coordinates are HF's get_vision_position_ids; windows are the groups HF's get_vision_window_index
-    attends within (as sets of merge blocks: HF permutes them into window order, we gather each into a block), several per image, some
-    partial; Qwen2-VL has one."""
+    attends within (as sets of merge blocks: HF permutes them into window order, we gather each into a block),
+    several per image, some partial; Qwen2-VL has one."""
     import torch
     from transformers.vision_utils import get_vision_position_ids, get_vision_window_index
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import logging
 import re
 from typing import Any, Sequence as Seq
 
@@ -20,6 +21,7 @@ import numpy as np
 
 from engine.request import RequestError
 
+log = logging.getLogger(__name__)
 ID_BITS = 30  # an image position's id: vocab_size + 30 bits of its hash (int32 for vocabularies under 2**30)
 
 
@@ -367,6 +369,7 @@ class ImageEncoder:
         self._kept_bytes = 0
         self.num_encoded = 0  # images run through the tower (a cached image's positions need none)
         self.num_reused = 0  # images whose features were kept from an earlier encoding
+        self._shapes: set[tuple[int, int]] = set()  # Qwen2-VL: the padded call shapes compiled so far
 
     def rows(self, chunks, num_tokens: int) -> np.ndarray | None:
         """[num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at that
@@ -414,11 +417,8 @@ class ImageEncoder:
         np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))
 
     def encode(self, spans: list[ImageSpan]) -> None:
-        """Each span's features: kept ones, else through the tower, each distinct image once, MAX_BATCH tiles per call
-        (padded to a power of two); LLaVA-NeXT's tiles then laid out as their image's rows (models.vision
-        .pack_features)."""
-        from models import vision
-
+        """Each span's features: kept ones, else through the tower, each distinct image once (`_tiles_features`,
+        `_grid_features`)."""
         todo: dict[bytes, list[ImageSpan]] = {}
         for span in spans:
             kept = self._kept.get(span.digest)
@@ -431,19 +431,19 @@ class ImageEncoder:
         images = [same[0] for same in todo.values()]
         if not images:
             return
-        if is_grid_model(self.vcfg):
-            from models import qwen_vision
+        features = (self._grid_features if is_grid_model(self.vcfg) else self._tiles_features)(images)
+        for span, rows in zip(images, features):
+            rows = rows.astype(self.dtype)
+            for same in todo[span.digest]:
+                same.features = rows
+            self._keep(span.digest, rows)
+        self.num_encoded += len(images)
 
-            m = self.vcfg.spatial_merge_size
-            for span in images:
-                t, h, w = span.thw
-                rows = qwen_vision.encode_image(self._encode_on_device, self.params, self.vcfg, span.pixels,
-                                                (t, h * m, w * m)).astype(self.dtype)
-                for same in todo[span.digest]:
-                    same.features = rows
-                self._keep(span.digest, rows)
-            self.num_encoded += len(images)
-            return
+    def _tiles_features(self, images: list[ImageSpan]) -> list[np.ndarray]:
+        """LLaVA: every image's tiles through the tower, MAX_BATCH per call (padded to a power of two); LLaVA-NeXT's
+        then laid out as their image's rows (models.vision.pack_features)."""
+        from models import vision
+
         tiles = np.concatenate([span.pixels for span in images])  # [all tiles, C, S, S]
         out = []
         for i in range(0, len(tiles), self.MAX_BATCH):
@@ -453,19 +453,28 @@ class ImageEncoder:
             pixels[: len(group)] = group
             out.append(np.asarray(self._encode(self.params, pixels=self._to_device(pixels)))[: len(group)])
         features = np.concatenate(out)  # [all tiles, tokens_per_image, D]
-        first = 0
-        for span in images:
-            own = features[first : first + len(span.pixels)]
-            first += len(span.pixels)
-            rows = (own[0] if span.grid is None else
-                    vision.pack_features(self.vcfg, own, self.newline, span.grid, span.size_hw)).astype(self.dtype)
-            for same in todo[span.digest]:
-                same.features = rows
-            self._keep(span.digest, rows)
-        self.num_encoded += len(images)
+        firsts = np.cumsum([0] + [len(span.pixels) for span in images])
+        return [features[a] if span.grid is None else
+                vision.pack_features(self.vcfg, features[a:b], self.newline, span.grid, span.size_hw)
+                for span, a, b in zip(images, firsts[:-1], firsts[1:])]
 
-    def _encode_on_device(self, params, *arrays):
-        return self._encode(params, *self._to_device(arrays))
+    def _grid_features(self, images: list[ImageSpan]) -> list[np.ndarray]:
+        """Qwen2-VL: one call per image, its patches padded to a power of two (models.qwen_vision.encode_inputs); a
+        new padded shape compiles, once, and says so."""
+        from models import qwen_vision
+
+        m, out = self.vcfg.spatial_merge_size, []
+        for span in images:
+            t, h, w = span.thw
+            args = qwen_vision.encode_inputs(self.vcfg, span.pixels, (t, h * m, w * m))
+            shape = (len(args[0]), len(args[4]))  # (rows, windows)
+            if shape not in self._shapes:
+                self._shapes.add(shape)
+                log.info("compiling the vision tower for images of up to %d patches in %d windows (once per size "
+                         "bucket)", *shape)
+            features = self._encode(self.params, *self._to_device(args))
+            out.append(np.asarray(features[: t * h * w]))
+        return out
 
     def clear(self) -> None:
         """Forgets the kept features (LLMEngine.reset_prefix_cache, sleep)."""

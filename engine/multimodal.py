@@ -466,13 +466,13 @@ class ImageEncoder:
         m, out = self.vcfg.spatial_merge_size, []
         for span in images:
             t, h, w = span.thw
-            args = qwen_vision.encode_inputs(self.vcfg, span.pixels, (t, h * m, w * m))
-            shape = (len(args[0]), len(args[4]))  # (rows, windows)
+            inputs = qwen_vision.encode_inputs(self.vcfg, span.pixels, (t, h * m, w * m))
+            shape = (len(inputs["patches"]), len(inputs["blocks"]))  # (rows, windows)
             if shape not in self._shapes:
                 self._shapes.add(shape)
                 log.info("compiling the vision tower for images of up to %d patches in %d windows (once per size "
                          "bucket)", *shape)
-            features = self._encode(self.params, *self._to_device(args))
+            features = self._encode(self.params, self._to_device(inputs))
             out.append(np.asarray(features[: t * h * w]))
         return out
 

@@ -82,6 +82,9 @@ class LlamaConfig:
     # are turned by those in sections of these many pairs, in that order (summing to rotary_dim // 2); () = one
     # position per token. A text token's three are equal, so text alone is plain RoPE (models.llama.apply_rope).
     mrope_section: tuple[int, ...] = ()
+    # ... the sections interleaved instead (Qwen3.5, Qwen3-VL): pair j is turned by height where j % 3 == 1 and
+    # j < 3 * sections[1], by width where j % 3 == 2 and j < 3 * sections[2], by the temporal position elsewhere
+    mrope_interleaved: bool = False
     # "silu" | "gelu_tanh" | "swiglu_oai" | "relu2" (relu(x)^2: Arcee's, not gated) | "xielu" (Apertus's, not gated: its
     # four scalars per layer are weights, `weights.XIELU_KEYS`)
     hidden_act: str = "silu"
@@ -252,6 +255,18 @@ class LlamaConfig:
                 raise ConfigError("moe_layers marks expert layers but the config has no experts")
             if all(self.moe_layers):
                 object.__setattr__(self, "moe_layers", ())
+
+    @property
+    def mrope_rows(self) -> tuple[int, ...]:
+        """Per rotary pair, which of M-RoPE's (temporal, height, width) positions turns it; () without M-RoPE."""
+        sec = self.mrope_section
+        if not sec:
+            return ()
+        if not self.mrope_interleaved:
+            return tuple(np.repeat(np.arange(len(sec)), sec).tolist())
+        j = np.arange(sum(sec))
+        return tuple(np.where((j % 3 == 1) & (j < 3 * sec[1]), 1, np.where((j % 3 == 2) & (j < 3 * sec[2]), 2, 0))
+                     .tolist())
 
     @property
     def rotary_dim(self) -> int:
@@ -641,7 +656,7 @@ class LlamaConfig:
         d["moe_layers"] = tuple(d.get("moe_layers", ()))
         d["linear_layers"] = tuple(d.get("linear_layers", ()))
         d["linear_dt_limit"] = tuple(d.get("linear_dt_limit", ()))
-        d["mrope_section"] = tuple(d.get("mrope_section", ()))
+        d["mrope_section"] = tuple(d.get("mrope_section", ()))  # (mrope_interleaved: a bool, as stored)
         return cls(**d)
 
 
@@ -1123,11 +1138,20 @@ def _qwen2_vl_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         rope_params = {k: v for k, v in rope_params.items() if k not in ("type", "rope_type")}
     text.pop("rope_scaling", None)
     text["rope_parameters"] = rope_params or None
-    out = LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})")
-    if not section or sum(section) != out.rotary_dim // 2 or len(section) != 3:
+    if not section:
+        raise ConfigError(f"{source}: a {cfg.get('model_type')} config needs rope_scaling's mrope_section")
+    out = dataclasses.replace(LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})"),
+                              mrope_section=section)
+    _check_mrope(out, source)
+    return out
+
+
+def _check_mrope(cfg: LlamaConfig, source: str) -> None:
+    """An M-RoPE config's sections: three, over all of the rotary pairs."""
+    section = cfg.mrope_section
+    if section and (sum(section) != cfg.rotary_dim // 2 or len(section) != 3):
         raise ConfigError(f"{source}: mrope_section {list(section)} must be 3 counts summing to "
-                          f"{out.rotary_dim // 2} (half the rotary dims)")
-    return dataclasses.replace(out, mrope_section=section)
+                          f"{cfg.rotary_dim // 2} (half the rotary dims)")
 
 
 def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
@@ -1138,6 +1162,7 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
     sections alike: plain RoPE. The MoE models: every MLP experts (softmax, top k renormalized) and a shared expert
     behind a sigmoid gate, as Qwen2-MoE's. `qwen3_next` (Qwen3-Next): the same layers and experts (its projections
     fused differently: the loader's business); dense layers among the expert ones are refused."""
+    vision = bool(cfg.get("vision_config"))
     cfg = cfg.get("text_config") or cfg
     need = _need(cfg, source)
     experts = {}
@@ -1160,7 +1185,11 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
     rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope_params.get("rope_type", "default") not in ("default", "mrope"):
         raise ConfigError(f"{source}: rope_type={rope_params['rope_type']!r} is not supported for qwen3_5")
-    return _layers_from_hf(
+    # With its vision tower (models/qwen_vision.py), image positions take M-RoPE's three numbers, interleaved as
+    # transformers' Qwen3.5 rotary always lays them out
+    mrope = (dict(mrope_section=tuple(int(n) for n in rope_params.get("mrope_section") or (11, 11, 10)),
+                  mrope_interleaved=True) if vision else {})
+    out = _layers_from_hf(
         {**cfg, "rope_scaling": None}, source, arch, None, types, {},
         float(rope_params.get("rope_theta", cfg.get("rope_theta", 10_000_000.0))),
         partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
@@ -1172,5 +1201,7 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
         linear_key_head_dim=int(need("linear_key_head_dim")),
         linear_value_head_dim=int(need("linear_value_head_dim")),
         linear_conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
-        **experts,
+        **experts, **mrope,
     )
+    _check_mrope(out, source)
+    return out

@@ -221,16 +221,15 @@ def stream_norm(cfg: LlamaConfig, x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attention_factor=1.0,
-               sections: tuple[int, ...] = ()) -> jax.Array:
+               mrope_rows: tuple[int, ...] = ()) -> jax.Array:
     """Rotate-half RoPE (HF layout) on the first R = 2 * len(inv_freq) dims of each head; the other D - R pass
     unrotated (partial rotary embeddings, Phi-4-mini; R = D elsewhere). x: [T, H, D], positions: [T], or [3, T] with
-    `sections` (M-RoPE, `LlamaConfig.mrope_section`: the first sections[0] pairs turned by positions[0], the next
-    sections[1] by positions[1], ...). cos and sin are multiplied by `attention_factor` (YaRN's or LongRoPE's; a
-    float32 scalar, traced or not)."""
+    `mrope_rows` (M-RoPE, `LlamaConfig.mrope_rows`: pair j turned by positions[mrope_rows[j]]). cos and sin are
+    multiplied by `attention_factor` (YaRN's or LongRoPE's; a float32 scalar, traced or not)."""
     rot = 2 * inv_freq.shape[-1]  # static: the table's shape
     inv = jnp.asarray(inv_freq, jnp.float32)
-    if positions.ndim == 2:  # each pair's angle from its section's position
-        freqs = positions.astype(jnp.float32)[np.repeat(np.arange(len(sections)), sections)].T * inv  # [T, R/2]
+    if positions.ndim == 2:  # each pair's angle from its row's position
+        freqs = positions.astype(jnp.float32)[np.asarray(mrope_rows)].T * inv  # [T, R/2]
     else:
         freqs = positions.astype(jnp.float32)[:, None] * inv[None, :]  # [T, R/2]
     cos = jnp.cos(freqs)[:, None, :] * attention_factor  # [T, 1, R/2]
@@ -417,8 +416,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 q, k = rms_norm(q, p["q_norm"], eps), rms_norm(k, p["k_norm"], eps)
             inv_freq = jnp.asarray(inv_freqs, jnp.float32)[table]
             rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
-            q = apply_rope(q, positions, inv_freq, rope_factor, cfg.mrope_section)
-            k = apply_rope(k, positions, inv_freq, rope_factor, cfg.mrope_section)
+            q = apply_rope(q, positions, inv_freq, rope_factor, cfg.mrope_rows)
+            k = apply_rope(k, positions, inv_freq, rope_factor, cfg.mrope_rows)
             sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
             o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
             if cfg.mla:  # each head's latent output -> its values

@@ -1,7 +1,8 @@
-"""Qwen2-VL's and Qwen2.5-VL's image encoder: a ViT over an image's own grid of patches, with 2D rotary positions,
-and the patch merger, as pure functions over a pytree of weights. It owns the encoder's config (read from a `qwen2_vl`
-or `qwen2_5_vl` config.json), its weights (shapes, random init, reading an HF checkpoint), the host-side layout of an
-image's patches (`patch_layout`) and `encode`: patches in, the rows that replace the image's placeholder tokens in the
+"""Qwen2-VL's, Qwen2.5-VL's and Qwen3.5's image encoders: a ViT over an image's own grid of patches, with 2D rotary
+positions, and the patch merger, as pure functions over a pytree of weights. It owns the encoder's config (read from a
+`qwen2_vl`, `qwen2_5_vl`, `qwen3_5` or `qwen3_5_moe` config.json), its weights (shapes, random init, reading an HF
+checkpoint), an image's host-side inputs (`encode_inputs`: its patches padded to a bucket, their grid coordinates,
+windows and position taps, by name) and `encode`: those in, the rows that replace the image's placeholder tokens in the
 language model's input embeddings out. Preprocessing (smart resize, patchify: engine/qwen_images.py) and splicing the
 rows into the prompt (with M-RoPE positions) are the caller's.
 
@@ -20,6 +21,13 @@ the patches into window order instead; attention is permutation-equivariant and 
 blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
 grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, its default
 max_pixels 65,536 patches.
+
+Qwen3.5 (`qwen3_5`; the dense and the MoE models have the same tower): Qwen2-VL's layers (LayerNorm, fc1 -> act ->
+fc2, here gelu-tanh; every layer full) and merger, plus a bias on the patch conv and a learned position table of
+side x side rows (side = sqrt(num_position_embeddings), 48 by default) added to the patch embeddings, resampled to
+each image's grid: bilinear, corners on corners (align_corners), taps past the edge clamped to it. The resampling
+depends on the grid only, so the host gives each patch its 4 rows of the table and their weights (`position_taps`,
+HF's get_vision_interpolation_indices_and_weights) and `encode` sums the 4 rows gathered.
 
 Layouts: activations [N, hidden] for one image's N patches, N padded to a bucket (padding rows: valid False, no
 query reads them; their own values are finite and dropped); weights oriented for x @ W, layers stacked on axis 0.
@@ -40,23 +48,33 @@ from models.safetensors_loader import opened_shards
 from models.vision import ACTIVATIONS as _VIT_ACTIVATIONS
 
 ACTIVATIONS = {**_VIT_ACTIVATIONS, "silu": jax.nn.silu}
-NORM_EPS = 1e-6  # every norm of both towers, the merger's ln_q included
-# model_type -> (the vision_config class's defaults for fields a config.json leaves out)
+NORM_EPS = 1e-6  # every norm of every tower, the merger's included
+# model_type -> kind (Qwen3.5's MoE model has the dense one's tower)
+KINDS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5"}
+# kind -> (the vision_config class's defaults for fields a config.json leaves out)
 _FIELDS = ("depth", "num_heads", "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "hidden_act")
 DEFAULTS = {
     "qwen2_vl": dict(zip(_FIELDS, (32, 16, 3, 14, 2, 2, "quick_gelu")), embed_dim=1280, mlp_ratio=4, hidden_size=3584),
     "qwen2_5_vl": dict(zip(_FIELDS, (32, 16, 3, 14, 2, 2, "silu")), hidden_size=3584, intermediate_size=3420,
                        out_hidden_size=3584, window_size=112, fullatt_block_indexes=(7, 15, 23, 31)),
+    "qwen3_5": dict(zip(_FIELDS, (27, 16, 3, 16, 2, 2, "gelu_pytorch_tanh")), hidden_size=1152, intermediate_size=4304,
+                    out_hidden_size=3584, num_position_embeddings=2304),
 }
-TOKEN_DEFAULTS = {"image_token_id": 151655, "vision_start_token_id": 151652}  # both config classes'
+TOKEN_DEFAULTS = {  # the top-level config classes'
+    "qwen2_vl": {"image_token_id": 151655, "vision_start_token_id": 151652},
+    "qwen2_5_vl": {"image_token_id": 151655, "vision_start_token_id": 151652},
+    "qwen3_5": {"image_token_id": 248056, "vision_start_token_id": 248053},
+}
 ROPE_THETA = 10000.0  # the vision config's rope_parameters default
 FULL_BLOCK = 1024  # queries per block of a full-attention layer: scores [heads, FULL_BLOCK, N] at a time
 MASKED = -1e30  # a masked score: finite, so a row with nothing to attend to averages its block, never NaN
+TAPS = 4  # Qwen3.5: rows of the position table mixed per patch (bilinear: 2 x 2)
 
-# Checkpoint names: the tower under `visual.` (the published checkpoints; what transformers 5.x saves) or
-# `model.visual.` (what transformers 4.52+ saved)
+# Checkpoint names: the tower under `visual.` (Qwen2(.5)-VL's published checkpoints, and what transformers 5.x saves
+# for them) or `model.visual.` (what transformers 4.52+ saved for them; Qwen3.5's checkpoints, any version)
 PREFIXES = ("visual.", "model.visual.")
 PATCH_NAME = "patch_embed.proj.weight"
+TOP_NAMES = {"patch": PATCH_NAME, "patch_bias": "patch_embed.proj.bias", "pos_embed": "pos_embed.weight"}
 LAYER_NAMES = {"norm1": "norm1.weight", "norm1_bias": "norm1.bias", "norm2": "norm2.weight", "norm2_bias": "norm2.bias",
                "wqkv": "attn.qkv.weight", "bqkv": "attn.qkv.bias", "wo": "attn.proj.weight", "bo": "attn.proj.bias",
                **{k: f"mlp.{k}.weight" for k in ("fc1", "fc2")},
@@ -65,13 +83,19 @@ LAYER_NAMES = {"norm1": "norm1.weight", "norm1_bias": "norm1.bias", "norm2": "no
                **{f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")}}
 MERGER_NAMES = {"ln": "ln_q.weight", "ln_bias": "ln_q.bias", "w1": "mlp.0.weight", "b1": "mlp.0.bias",
                 "w2": "mlp.2.weight", "b2": "mlp.2.bias"}
+QWEN3_5_NAMES = {  # Qwen3.5's names where they differ
+    "layers": {**{k: f"mlp.linear_{k}.weight" for k in ("fc1", "fc2")},
+               **{f"{k}_bias": f"mlp.linear_{k}.bias" for k in ("fc1", "fc2")}},
+    "merger": {"ln": "norm.weight", "ln_bias": "norm.bias", "w1": "linear_fc1.weight", "b1": "linear_fc1.bias",
+               "w2": "linear_fc2.weight", "b2": "linear_fc2.bias"},
+}
 NORMS = ("norm1", "norm2", "ln")  # norm scales (initialized near 1)
 LINEARS = ("wqkv", "wo", "fc1", "fc2", "gate", "up", "down", "w1", "w2")  # stored (out, in) by HF, (in, out) here
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenVisionConfig:
-    kind: str  # "qwen2_vl" | "qwen2_5_vl"
+    kind: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_5"
     hidden_size: int  # the ViT's width (Qwen2-VL's vision_config.embed_dim)
     intermediate_size: int
     num_layers: int
@@ -86,6 +110,7 @@ class QwenVisionConfig:
     vision_start_token_id: int
     window_size: int = 0  # Qwen2.5-VL: a window's side in pixels; 0: no windowed layers
     fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL: the layers that attend over the whole image
+    num_position_embeddings: int = 0  # Qwen3.5: the learned position table's rows, a square grid; 0: none
     rope_theta: float = ROPE_THETA
 
     def __post_init__(self):
@@ -105,6 +130,12 @@ class QwenVisionConfig:
         if self.kind == "qwen2_5_vl" and self.window_merges < 1:
             raise ConfigError(f"vision_config.window_size {self.window_size} is less than one merge block "
                               f"(spatial_merge_size {self.spatial_merge_size} * patch_size {self.patch_size} pixels)")
+        table = self.num_position_embeddings
+        if self.kind == "qwen3_5" and not (isinstance(table, int) and table >= 1 and math.isqrt(table) ** 2 == table):
+            raise ConfigError(f"vision_config.num_position_embeddings {table!r} is not a positive perfect square "
+                              f"(the learned positions are a side x side grid)")
+        if self.kind != "qwen3_5" and table:
+            raise ConfigError(f"num_position_embeddings {table!r}: a {self.kind} tower has no learned positions")
 
     @property
     def text_hidden_size(self) -> int:
@@ -123,45 +154,55 @@ class QwenVisionConfig:
         return self.window_size // self.spatial_merge_size // self.patch_size
 
     @property
-    def window_rows(self) -> int:  # the patches of a whole window (Qwen2-VL: 1, no windows)
+    def window_rows(self) -> int:  # the patches of a whole window (1 where there are no windows)
         return self.window_merges ** 2 * self.merge_unit if self.kind == "qwen2_5_vl" else 1
+
+    @property
+    def position_side(self) -> int:  # Qwen3.5: the learned position grid's side (HF's num_grid_per_side); else 0
+        return math.isqrt(self.num_position_embeddings)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "QwenVisionConfig | None":
-        """A `qwen2_vl` or `qwen2_5_vl` config.json's image encoder; None for any other model. The language model's
-        fields are top-level (older checkpoints) or under text_config (transformers 5)."""
-        kind = cfg.get("model_type")
-        if kind not in DEFAULTS:
+        """A `qwen2_vl`, `qwen2_5_vl`, `qwen3_5` or `qwen3_5_moe` config.json's image encoder; None for any other
+        model, and for a Qwen3.5 config without a vision_config (a text-only checkpoint). The language model's fields
+        are top-level (older checkpoints) or under text_config (transformers 5)."""
+        kind = KINDS.get(cfg.get("model_type"))
+        if kind is None or (kind == "qwen3_5" and cfg.get("vision_config") is None):
             return None
         vision = cfg.get("vision_config") or {}
         field = lambda name: vision.get(name, DEFAULTS[kind][name])  # noqa: E731
+        window, fullatt, table = 0, (), 0
         if kind == "qwen2_vl":  # embed_dim is the ViT's width; hidden_size the merger's output
             hidden, out_hidden = field("embed_dim"), field("hidden_size")
-            intermediate, window, fullatt = int(hidden * field("mlp_ratio")), 0, ()
+            intermediate = int(hidden * field("mlp_ratio"))
         else:
             hidden, out_hidden = field("hidden_size"), field("out_hidden_size")
             intermediate = field("intermediate_size")
+        if kind == "qwen2_5_vl":
             window, fullatt = field("window_size"), tuple(field("fullatt_block_indexes"))
+        if kind == "qwen3_5":
+            table = field("num_position_embeddings")
         text = cfg.get("text_config") or cfg
         if "hidden_size" in text and text["hidden_size"] != out_hidden:  # HF would fail splicing the rows in
             raise ConfigError(f"vision_config.{'hidden_size' if kind == 'qwen2_vl' else 'out_hidden_size'} "
                               f"{out_hidden} is not the text model's hidden_size {text['hidden_size']}")
         rope = vision.get("rope_parameters") or {}
-        if rope.get("rope_type", "axial") != "axial":
+        if rope.get("rope_type", "axial") not in ("axial", "default"):  # HF reads "default" as the towers' axial
             raise ConfigError(f"vision_config.rope_parameters.rope_type {rope['rope_type']!r} is not supported (axial)")
-        tokens = {k: int(cfg.get(k, text.get(k, v))) for k, v in TOKEN_DEFAULTS.items()}
+        tokens = {k: int(cfg.get(k, text.get(k, v))) for k, v in TOKEN_DEFAULTS[kind].items()}
         return cls(kind=kind, hidden_size=hidden, intermediate_size=intermediate, num_layers=field("depth"),
                    num_heads=field("num_heads"), patch_size=field("patch_size"),
                    temporal_patch_size=field("temporal_patch_size"), spatial_merge_size=field("spatial_merge_size"),
                    in_channels=field("in_channels"), hidden_act=field("hidden_act"), out_hidden_size=out_hidden,
-                   window_size=window, fullatt_block_indexes=fullatt,
+                   window_size=window, fullatt_block_indexes=fullatt, num_position_embeddings=table,
                    rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", ROPE_THETA))), **tokens)
 
 
 def param_shapes(cfg: QwenVisionConfig) -> dict:
-    """The weight pytree as shapes: "patch" [patch_dim, hidden], "layers" (num_layers stacked), "merger"."""
+    """The weight pytree as shapes: "patch" [patch_dim, hidden] (Qwen3.5: and "patch_bias" [hidden], "pos_embed"
+    [num_position_embeddings, hidden]), "layers" (num_layers stacked), "merger"."""
     h, i, n, m = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.merge_unit * cfg.hidden_size
-    layer_norm = cfg.kind == "qwen2_vl"  # LayerNorm with a bias; Qwen2.5-VL: RMSNorm
+    layer_norm = cfg.kind != "qwen2_5_vl"  # LayerNorm with a bias, fc1 -> act -> fc2; Qwen2.5-VL: RMSNorm, gated
     layers = {"norm1": (n, h), "norm2": (n, h), "wqkv": (n, h, 3 * h), "bqkv": (n, 3 * h), "wo": (n, h, h),
               "bo": (n, h)}
     if layer_norm:
@@ -171,7 +212,10 @@ def param_shapes(cfg: QwenVisionConfig) -> dict:
         layers |= {"gate": (n, h, i), "gate_bias": (n, i), "up": (n, h, i), "up_bias": (n, i), "down": (n, i, h),
                    "down_bias": (n, h)}
     merger = {"ln": (h,), "w1": (m, m), "b1": (m,), "w2": (m, cfg.out_hidden_size), "b2": (cfg.out_hidden_size,)}
-    return {"patch": (cfg.patch_dim, h), "layers": layers, "merger": merger | ({"ln_bias": (h,)} if layer_norm else {})}
+    top = {"patch": (cfg.patch_dim, h)}
+    if cfg.kind == "qwen3_5":
+        top |= {"patch_bias": (h,), "pos_embed": (cfg.num_position_embeddings, h)}
+    return top | {"layers": layers, "merger": merger | ({"ln_bias": (h,)} if layer_norm else {})}
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3))
@@ -186,9 +230,11 @@ def init_params(cfg: QwenVisionConfig, key: jax.Array, dtype=jnp.float32, scale:
 
 
 def load_params(path: str, cfg: QwenVisionConfig, dtype=np.float32) -> dict:
-    """The encoder's weights (numpy arrays of `dtype`) from an HF Qwen2-VL / Qwen2.5-VL checkpoint directory; the
-    language model's tensors are not read."""
+    """The encoder's weights (numpy arrays of `dtype`) from an HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 checkpoint
+    directory; the language model's tensors are not read."""
     shapes = param_shapes(cfg)
+    renamed = QWEN3_5_NAMES if cfg.kind == "qwen3_5" else {}
+    layer_names, merger_names = LAYER_NAMES | renamed.get("layers", {}), MERGER_NAMES | renamed.get("merger", {})
     with opened_shards(path) as (names, stored):
         found = [p for p in PREFIXES if p + PATCH_NAME in names]
         if not found:
@@ -204,13 +250,13 @@ def load_params(path: str, cfg: QwenVisionConfig, dtype=np.float32) -> dict:
                                       f"needs {shape}")
             return a.astype(dtype)
 
-        params = {"patch": read("patch", PATCH_NAME, shapes["patch"]),
-                  "merger": {k: read(k, "merger." + MERGER_NAMES[k], s) for k, s in shapes["merger"].items()},
-                  "layers": {}}
+        params = {k: read(k, TOP_NAMES[k], s) for k, s in shapes.items() if k in TOP_NAMES}
+        params["merger"] = {k: read(k, "merger." + merger_names[k], s) for k, s in shapes["merger"].items()}
+        params["layers"] = {}
         for k, shape in shapes["layers"].items():  # filled layer by layer: one copy of the stack in host memory
             stack = params["layers"][k] = np.empty(shape, dtype)
             for i in range(shape[0]):
-                stack[i] = read(k, f"blocks.{i}.{LAYER_NAMES[k]}", shape[1:])
+                stack[i] = read(k, f"blocks.{i}.{layer_names[k]}", shape[1:])
     return params
 
 
@@ -219,7 +265,7 @@ def patch_layout(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> dict[
     """Per patch of one image, in the processor's (block-major) order, int32 [grid_h * grid_w] each: "hpos", "wpos"
     (its grid row and column: HF's get_vision_position_ids) and "window" (Qwen2.5-VL: which window of
     window_merges x window_merges merge blocks, row-major, partial at the bottom and right edges, as HF's
-    get_vision_window_index groups them; Qwen2-VL: 0)."""
+    get_vision_window_index groups them; the other kinds: 0)."""
     t, gh, gw = (int(x) for x in grid_thw)
     m = cfg.spatial_merge_size
     if t != 1 or gh < 1 or gw < 1 or gh % m or gw % m:
@@ -235,9 +281,83 @@ def patch_layout(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> dict[
     return {k: v.astype(np.int32) for k, v in layout.items()}
 
 
+def position_taps(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Qwen3.5: the learned side x side position table resampled to one image's grid_h x grid_w, bilinearly with
+    corners on corners, as per patch (processor's order) its TAPS rows of the table (index int32 [n, TAPS], row-major
+    in the table: (top, left), (top, right), (bottom, left), (bottom, right)) and their weights (float32 [n, TAPS],
+    summing to 1). HF's get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True), in the
+    same float32 steps."""
+    _, gh, gw = (int(x) for x in grid_thw)
+    layout, side = patch_layout(cfg, grid_thw), cfg.position_side
+
+    def axis(pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        # the patch's place on the table's axis (0 .. side - 1, float32: corners on corners), its two neighbours
+        # (clamped into the table: border padding) and their hat-kernel weights -> [n, 2] each
+        src = pos.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
+        floor, offsets = np.floor(src)[:, None], np.arange(2, dtype=np.float32)
+        taps = np.clip(floor.astype(np.int64) + np.arange(2), 0, side - 1)
+        return taps, np.maximum(np.float32(1) - np.abs(src[:, None] - floor - offsets), np.float32(0))
+
+    (h_taps, h_weights), (w_taps, w_weights) = axis(layout["hpos"], gh), axis(layout["wpos"], gw)
+    index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, TAPS)
+    weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, TAPS)
+    return index.astype(np.int32), weight.astype(np.float32)
+
+
+def window_blocks(cfg: QwenVisionConfig, window: np.ndarray, num_rows: int) -> tuple[np.ndarray, ...]:
+    """An image's windows as blocks for `encode` (its rows' window ids [n], padded to num_rows rows): (blocks
+    [B, window_rows] int32, the rows of each window, a partial one's block padded with row 0; block_valid
+    [B, window_rows] bool; slot [num_rows] int32, each row's place in blocks flattened, padding rows pointing at
+    row 0's). B: the window count rounded up to a power of two (so image sizes share compiled programs); the kinds
+    without windows: one dummy block."""
+    rows = cfg.window_rows
+    count = int(window.max()) + 1 if cfg.kind == "qwen2_5_vl" else 0
+    blocks = np.zeros((1 << max(count - 1, 0).bit_length(), rows), np.int32)
+    block_valid = np.zeros(blocks.shape, bool)
+    slot = np.zeros(num_rows, np.int32)
+    for w in range(count):
+        members = np.flatnonzero(window == w)
+        blocks[w, : len(members)] = members
+        block_valid[w, : len(members)] = True
+        slot[members] = w * rows + np.arange(len(members))
+    slot[len(window):] = slot[0]
+    return blocks, block_valid, slot
+
+
+def padded_len(cfg: QwenVisionConfig, num_patches: int) -> int:
+    """The bucket an image of num_patches is padded to: merge_unit * a power of two, at least 64 rows (merge 2)."""
+    groups = max(num_patches // cfg.merge_unit, -(-64 // cfg.merge_unit))
+    return cfg.merge_unit * 2 ** math.ceil(math.log2(groups))
+
+
+INPUT_KEYS = ("patches", "hpos", "wpos", "valid", "blocks", "block_valid", "slot", "pos_index", "pos_weight")
+
+
+def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    """`encode`'s inputs for one image's patches [n, patch_dim] of grid_thw, by name (INPUT_KEYS, every kind), the
+    rows padded to N = padded_len(n) (padding rows: zeros, valid False):
+      "patches" [N, patch_dim] (their dtype); "hpos", "wpos" int32 [N], each row's grid row and column; "valid" bool
+      [N]; "blocks", "block_valid" [B, window_rows], "slot" int32 [N]: Qwen2.5-VL's windows (`window_blocks`; the
+      other kinds: one dummy block); "pos_index" int32, "pos_weight" float32 [N, TAPS]: Qwen3.5's position taps
+      (`position_taps`; the other kinds: [0, TAPS])."""
+    layout = patch_layout(cfg, grid_thw)
+    n = len(layout["hpos"])
+    if patches.shape != (n, cfg.patch_dim):
+        raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
+    rows = {"patches": patches, "hpos": layout["hpos"], "wpos": layout["wpos"], "valid": np.ones(n, bool)}
+    if cfg.kind == "qwen3_5":
+        rows["pos_index"], rows["pos_weight"] = position_taps(cfg, grid_thw)
+    size = padded_len(cfg, n)
+    inputs = {k: np.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1)) for k, a in rows.items()}
+    inputs["blocks"], inputs["block_valid"], inputs["slot"] = window_blocks(cfg, layout["window"], size)
+    inputs.setdefault("pos_index", np.zeros((0, TAPS), np.int32))  # no learned positions: no taps
+    inputs.setdefault("pos_weight", np.zeros((0, TAPS), np.float32))
+    return {k: inputs[k] for k in INPUT_KEYS}
+
+
 # ---------------------------------------------------------------------------------------------- forward
 def _norm(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    """LayerNorm where there is a bias (Qwen2-VL), else RMSNorm; in float32."""
+    """LayerNorm where there is a bias (Qwen2-VL, Qwen3.5), else RMSNorm; in float32."""
     x32 = x.astype(jnp.float32)
     if b is not None:
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -288,38 +408,42 @@ def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: ja
     qkv = (y @ p["wqkv"] + p["bqkv"]).reshape(n, 3, heads, d)
     q, k, v = _rotate(qkv[:, 0], cos, sin), _rotate(qkv[:, 1], cos, sin), qkv[:, 2]
     x = x + attend(q, k, v).reshape(n, h) @ p["wo"] + p["bo"]
-    # MLP: norm2 -> fc1 -> act -> fc2 (Qwen2-VL) | down(act(gate) * up) (Qwen2.5-VL), residual
+    # MLP: norm2 -> fc1 -> act -> fc2 (Qwen2-VL, Qwen3.5) | down(act(gate) * up) (Qwen2.5-VL), residual
     y = _norm(x, p["norm2"], p.get("norm2_bias"))
     act = ACTIVATIONS[cfg.hidden_act]
-    if cfg.kind == "qwen2_vl":
+    if cfg.kind != "qwen2_5_vl":
         return x + act(y @ p["fc1"] + p["fc1_bias"]) @ p["fc2"] + p["fc2_bias"]
     return x + (act(y @ p["gate"] + p["gate_bias"]) * (y @ p["up"] + p["up_bias"])) @ p["down"] + p["down_bias"]
 
 
-def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, valid: jax.Array, blocks: jax.Array,
-           block_valid: jax.Array, slot: jax.Array, *, cfg: QwenVisionConfig) -> jax.Array:
-    """One image's patches [N, patch_dim] (N static, padded: `padded_len`) with its rows' grid coordinates and
-    validity [N] and its windows (`window_blocks`: [B, window_rows] twice, [N]) -> [N // merge_unit,
-    out_hidden_size] in the weights' dtype; rows past the image's are padding's. `encode_inputs` makes the arguments.
-    Pure; jit it with cfg static (functools.partial)."""
+def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
+    """One image's inputs by name (`encode_inputs`: its patches [N, patch_dim], N static and padded, with its rows'
+    grid coordinates, validity, windows and position taps) -> [N // merge_unit, out_hidden_size] in the weights'
+    dtype; rows past the image's are padding's. Pure; jit it with cfg static (functools.partial)."""
+    patches, hpos, wpos, valid = (inputs[k] for k in ("patches", "hpos", "wpos", "valid"))
     n, d = patches.shape[0], cfg.hidden_size // cfg.num_heads
     dtype = params["patch"].dtype
     if patches.shape[1] != cfg.patch_dim or n % cfg.merge_unit:
         raise ValueError(f"patches {patches.shape}: the encoder takes [N, {cfg.patch_dim}], N a multiple of "
                          f"{cfg.merge_unit}")
     x = patches.astype(dtype) @ params["patch"]  # the patch conv: [N, H]
+    if cfg.kind == "qwen3_5":  # its bias, and the learned positions at the patch: its taps' rows weighted, in float32
+        index, weight = inputs["pos_index"], inputs["pos_weight"]
+        pos = sum(params["pos_embed"][index[:, t]].astype(jnp.float32) * weight[:, t, None] for t in range(TAPS))
+        x = x + params["patch_bias"] + pos.astype(dtype)
     # 2D rotary: head_dim / 4 frequencies, angles (h's, then w's) [N, D / 2], repeated for the two halves [N, 1, D]
     inv_freq = 1.0 / cfg.rope_theta ** (jnp.arange(0, d // 2, 2, dtype=jnp.float32) / (d // 2))
     angles = jnp.concatenate([hpos[:, None] * inv_freq, wpos[:, None] * inv_freq], axis=-1).astype(jnp.float32)
     angles = jnp.concatenate([angles, angles], axis=-1)[:, None]
     cos, sin = jnp.cos(angles), jnp.sin(angles)
-    full = np.array([cfg.kind == "qwen2_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.num_layers)])
+    full = np.array([cfg.kind != "qwen2_5_vl" or i in cfg.fullatt_block_indexes for i in range(cfg.num_layers)])
 
     def attend(is_full, q, k, v):
         if full.all():
             return _full_attention(q, k, v, valid)
         return jax.lax.cond(is_full, lambda: _full_attention(q, k, v, valid),
-                            lambda: _window_attention(q, k, v, blocks, block_valid, slot))
+                            lambda: _window_attention(q, k, v, inputs["blocks"], inputs["block_valid"],
+                                                      inputs["slot"]))
 
     def body(x, xs):
         i, is_full = xs  # a step indexes its weights in the stack in place
@@ -327,49 +451,11 @@ def encode(params: dict, patches: jax.Array, hpos: jax.Array, wpos: jax.Array, v
         return _layer(cfg, layer, x, cos, sin, functools.partial(attend, is_full)), None
 
     x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(full)))
-    # merger: ln_q per patch, each merge block's merge_unit consecutive rows as one [merge_unit * H] row, MLP
+    # merger: its norm per patch, each merge block's merge_unit consecutive rows as one [merge_unit * H] row, MLP
     w = params["merger"]
     y = _norm(x, w["ln"], w.get("ln_bias")).reshape(n // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
     y = jax.nn.gelu(y @ w["w1"] + w["b1"], approximate=False)
     return (y @ w["w2"] + w["b2"]).astype(dtype)
-
-
-def window_blocks(cfg: QwenVisionConfig, window: np.ndarray, num_rows: int) -> tuple[np.ndarray, ...]:
-    """An image's windows as blocks for `encode` (its rows' window ids [n], padded to num_rows rows): (blocks
-    [B, window_rows] int32, the rows of each window, a partial one's block padded with row 0; block_valid
-    [B, window_rows] bool; slot [num_rows] int32, each row's place in blocks flattened, padding rows pointing at
-    row 0's). B: the window count rounded up to a power of two (so image sizes share compiled programs); Qwen2-VL:
-    one dummy block."""
-    rows = cfg.window_rows
-    count = int(window.max()) + 1 if cfg.kind == "qwen2_5_vl" else 0
-    blocks = np.zeros((1 << max(count - 1, 0).bit_length(), rows), np.int32)
-    block_valid = np.zeros(blocks.shape, bool)
-    slot = np.zeros(num_rows, np.int32)
-    for w in range(count):
-        members = np.flatnonzero(window == w)
-        blocks[w, : len(members)] = members
-        block_valid[w, : len(members)] = True
-        slot[members] = w * rows + np.arange(len(members))
-    slot[len(window):] = slot[0]
-    return blocks, block_valid, slot
-
-
-def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """`encode`'s arguments after the weights for one image's patches [n, patch_dim] of grid_thw, padded to
-    padded_len(n) rows."""
-    layout = patch_layout(cfg, grid_thw)
-    n = len(layout["hpos"])
-    if patches.shape != (n, cfg.patch_dim):
-        raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
-    size = padded_len(cfg, n)
-    return (np.pad(patches, ((0, size - n), (0, 0))), np.pad(layout["hpos"], (0, size - n)),
-            np.pad(layout["wpos"], (0, size - n)), np.arange(size) < n, *window_blocks(cfg, layout["window"], size))
-
-
-def padded_len(cfg: QwenVisionConfig, num_patches: int) -> int:
-    """The bucket an image of num_patches is padded to: merge_unit * a power of two, at least 64 rows (merge 2)."""
-    groups = max(num_patches // cfg.merge_unit, -(-64 // cfg.merge_unit))
-    return cfg.merge_unit * 2 ** math.ceil(math.log2(groups))
 
 
 def encode_image(encode_fn, params: dict, cfg: QwenVisionConfig, patches: np.ndarray,
@@ -377,5 +463,5 @@ def encode_image(encode_fn, params: dict, cfg: QwenVisionConfig, patches: np.nda
     """One image's patches [n, patch_dim] (the processor's) -> its rows [n // merge_unit, out_hidden_size] (numpy, the
     weights' dtype), through encode_fn = jax.jit(functools.partial(encode, cfg=cfg)) at padded_len(n): one compile
     per bucket (and window count's), not per image size."""
-    out = encode_fn(params, *encode_inputs(cfg, patches, grid_thw))
+    out = encode_fn(params, encode_inputs(cfg, patches, grid_thw))
     return np.asarray(out[: len(patches) // cfg.merge_unit])

@@ -1,9 +1,11 @@
-"""models/qwen_vision.py and engine/qwen_images.py against transformers: tiny random Qwen2-VL and Qwen2.5-VL models
-saved as HF checkpoints, read back by `QwenVisionConfig.from_hf_config` / `load_params`, encoded image by image (padded
-to a bucket) and compared with HF's vision tower on several images at once; the patch layout against HF's position
-ids and window partition; the image processor against Qwen2VLImageProcessorPil; what the configs refuse."""
+"""models/qwen_vision.py and engine/qwen_images.py against transformers: tiny random Qwen2-VL, Qwen2.5-VL and Qwen3.5
+models saved as HF checkpoints, read back by `QwenVisionConfig.from_hf_config` / `load_params`, encoded image by image
+(padded to a bucket) and compared with HF's vision tower on several images at once; the patch layout against HF's
+position ids and window partition, Qwen3.5's position taps against HF's and torch's bilinear resampling; the image
+processor against Qwen2VLImageProcessorPil; what the configs refuse."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -23,21 +25,30 @@ import fresh
 
 TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
             num_key_value_heads=1, bos_token_id=0, eos_token_id=1)
-# patches of 14 pixels merged 2 x 2; Qwen2.5-VL's windows 84 pixels = 3 x 3 merge blocks, layers 1 and 3 full
+# Qwen3.5's language model: one linear-attention (gated delta) layer, small heads
+TEXT_3_5 = TEXT | dict(head_dim=12, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                       linear_num_value_heads=2)
+# patches of 14 pixels merged 2 x 2; Qwen2.5-VL's windows 84 pixels = 3 x 3 merge blocks, layers 1 and 3 full;
+# Qwen3.5's learned positions a 6 x 6 table
 TOWERS = {
     "qwen2_vl": dict(depth=3, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2),
     "qwen2_5_vl": dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=TEXT["hidden_size"],
                        window_size=84, fullatt_block_indexes=[1, 3]),
+    "qwen3_5": dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=TEXT["hidden_size"],
+                    patch_size=14, num_position_embeddings=36),
 }
 # (t, h, w) in patches: 2 x 2 windows (the lower ones partial), 2 x 1 (the lower partial), one window smaller than
 # a window; 96, 60 and 16 patches: buckets of 128, 64 and 64 rows
 GRIDS = [(1, 8, 12), (1, 10, 6), (1, 4, 4)]
+# against Qwen3.5's 6 x 6 positions: up on both axes, up on h and as is on w, down on both, down on h and up on w
+POSITION_GRIDS = GRIDS + [(1, 2, 14)]
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """-> get(kind): (a tiny random HF Qwen2-VL / Qwen2.5-VL in float32, the directory it was saved to), each built
-    once per module, every weight of the vision tower moved off its init (biases 0, norm scales 1)."""
+    """-> get(kind): (a tiny random HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 in float32, the directory it was saved to),
+    each built once per module, every weight of the vision tower moved off its init (biases 0, norm scales 1, Qwen3.5's
+    positions the same for every image)."""
     built = {}
 
     def get(kind: str):
@@ -45,10 +56,13 @@ def checkpoints(tmp_path_factory):
         import transformers
 
         if kind not in built:
-            cls, model_cls = ((transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration)
-                              if kind == "qwen2_vl" else
-                              (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration))
-            config = cls(vision_config=TOWERS[kind], text_config=TEXT, image_token_id=60, vision_start_token_id=61)
+            cls, model_cls = {
+                "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
+                "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
+                "qwen3_5": (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration),
+            }[kind]
+            config = cls(vision_config=TOWERS[kind], text_config=TEXT_3_5 if kind == "qwen3_5" else TEXT,
+                         image_token_id=60, vision_start_token_id=61)
             torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{kind}]"))
             model = model_cls(config).eval()
             with torch.no_grad():
@@ -73,7 +87,7 @@ def _hf_features(model, patches: np.ndarray, grids) -> list[np.ndarray]:
 
     with torch.no_grad():
         out = model.model.visual(torch.from_numpy(patches), grid_thw=torch.tensor(grids)).pooler_output
-    sizes = [t * h * w // 4 for t, h, w in grids]
+    sizes = [t * h * w // 4 for t, h, w in grids]  # merge 2 x 2
     return [a.numpy() for a in torch.split(out, sizes)]
 
 
@@ -85,17 +99,20 @@ def _encode_all(params, cfg, patches: np.ndarray, grids) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_5"])
 def test_encode_is_transformers(checkpoints, kind):
-    """Several images in one HF call (its cu_seqlens keep them apart) against ours one by one, padded to buckets."""
+    """Several images in one HF call (its cu_seqlens keep them apart) against ours one by one, padded to buckets.
+    Qwen3.5's checkpoint has its tower under `model.visual.` (what transformers 5 saves for it), its positions
+    resampled up and down."""
     model, directory = checkpoints(kind)
     cfg = QwenVisionConfig.from_hf_config(_hf_config(directory))
     assert (cfg.kind, cfg.text_hidden_size, cfg.image_token_id, cfg.vision_start_token_id) == (kind, 24, 60, 61)
     params = qwen_vision.load_params(directory, cfg)
-    patches = fresh.rng().standard_normal((sum(t * h * w for t, h, w in GRIDS), cfg.patch_dim), dtype=np.float32)
-    want = _hf_features(model, patches, GRIDS)
-    got = _encode_all(params, cfg, patches, GRIDS)
-    for g, w, (_, h, wd) in zip(got, want, GRIDS):
+    grids = POSITION_GRIDS if kind == "qwen3_5" else GRIDS
+    patches = fresh.rng().standard_normal((sum(t * h * w for t, h, w in grids), cfg.patch_dim), dtype=np.float32)
+    want = _hf_features(model, patches, grids)
+    got = _encode_all(params, cfg, patches, grids)
+    for g, w, (_, h, wd) in zip(got, want, grids):
         assert g.shape == w.shape == (h * wd // 4, TEXT["hidden_size"])
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * np.abs(w).max())
 
@@ -167,21 +184,24 @@ def test_patch_layout_is_transformers():
         qwen_vision.patch_layout(cfg, (1, 5, 4))
 
 
-def test_init_params_padding_blocks_and_dtype(monkeypatch):
-    """Random weights: an image's rows do not depend on how much padding follows, nor on how many queries a full
-    layer takes at a time; in bfloat16, finite rows."""
-    cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen2_5_vl", "vision_config": TOWERS["qwen2_5_vl"],
-                                           "text_config": TEXT})
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", pytest.param("qwen3_5", marks=pytest.mark.slow)])
+def test_init_params_padding_blocks_and_dtype(monkeypatch, kind):
+    """Random weights: every kind's inputs have the same names; an image's rows do not depend on how much padding
+    follows, nor on how many queries a full layer takes at a time; in bfloat16, finite rows."""
+    cfg = QwenVisionConfig.from_hf_config({"model_type": kind, "vision_config": TOWERS[kind], "text_config": TEXT})
     params = qwen_vision.init_params(cfg, jax.random.key(fresh.seed()), jnp.float32)
     assert jax.tree.map(lambda a: a.shape, params) == qwen_vision.param_shapes(cfg)
     grid = (1, 4, 6)
-    layout = qwen_vision.patch_layout(cfg, grid)
     patches = fresh.rng().standard_normal((24, cfg.patch_dim), dtype=np.float32)
+    inputs = qwen_vision.encode_inputs(cfg, patches, grid)
+    assert tuple(inputs) == qwen_vision.INPUT_KEYS and qwen_vision.padded_len(cfg, 24) == len(inputs["patches"]) == 64
+    assert inputs["pos_index"].shape == ((64, 4) if kind == "qwen3_5" else (0, 4))
+    # the image unpadded: its 24 rows of each per-row input (the windows' blocks hold only its rows)
+    rows = ("patches", "hpos", "wpos", "valid", "slot", "pos_index", "pos_weight")
     encode = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
-    exact = encode(params, patches, layout["hpos"], layout["wpos"], np.ones(24, bool),
-                   *qwen_vision.window_blocks(cfg, layout["window"], 24))
+    exact = encode(params, {k: a[:24] if k in rows else a for k, a in inputs.items()})
     padded = qwen_vision.encode_image(encode, params, cfg, patches, grid)
-    assert qwen_vision.padded_len(cfg, 24) == 64 and padded.shape == (6, 24)
+    assert padded.shape == (6, 24)
     np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     monkeypatch.setattr(qwen_vision, "FULL_BLOCK", 16)  # the 64 padded rows' full layers in 4 blocks of queries
     blocked = qwen_vision.encode_image(jax.jit(functools.partial(qwen_vision.encode, cfg=cfg)), params, cfg, patches,
@@ -190,6 +210,34 @@ def test_init_params_padding_blocks_and_dtype(monkeypatch):
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     out = qwen_vision.encode_image(encode, bf16, cfg, patches, grid)
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(np.float32)))
+
+
+def test_position_taps_are_transformers():
+    """Qwen3.5's taps into its learned positions are HF's get_vision_interpolation_indices_and_weights (bilinear,
+    align_corners): the same rows, the same float32 weights; and a table's rows mixed by them are torch's bilinear
+    resampling of the table to the image's grid (align_corners), read in the processor's order. Tables of side 6 and
+    48 (the default), grids larger, smaller, equal and mixed."""
+    import torch
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    default_grids = [(1, 64, 40), (1, 20, 96), (1, 48, 48), (1, 2, 2)]
+    for table, grids in [(36, POSITION_GRIDS + [(1, 6, 6)]), (2304, default_grids)]:
+        cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen3_5", "text_config": TEXT,
+                                               "vision_config": TOWERS["qwen3_5"] | {"num_position_embeddings": table}})
+        side = cfg.position_side
+        embed = fresh.rng().standard_normal((table, 3))
+        for grid in grids:
+            index, weight = qwen_vision.position_taps(cfg, grid)
+            want_index, want_weight = get_vision_interpolation_indices_and_weights(
+                torch.tensor([grid]), side, mode="bilinear", align_corners=True, spatial_merge_size=2)
+            assert index.dtype == np.int32 and weight.dtype == np.float32 and index.shape == (grid[1] * grid[2], 4)
+            np.testing.assert_array_equal(index, want_index.numpy())
+            np.testing.assert_array_equal(weight, want_weight.numpy())
+            resampled = torch.nn.functional.interpolate(torch.from_numpy(embed.T.reshape(1, 3, side, side)),
+                                                        size=grid[1:], mode="bilinear", align_corners=True)[0]
+            layout = qwen_vision.patch_layout(cfg, grid)
+            want = resampled[:, layout["hpos"], layout["wpos"]].T.numpy()  # [n, 3], the processor's order
+            np.testing.assert_allclose((embed[index] * weight[..., None]).sum(1), want, rtol=0, atol=1e-5)
 
 
 def test_config_defaults_and_refusals():
@@ -206,17 +254,52 @@ def test_config_defaults_and_refusals():
             hv.in_channels, hv.hidden_act, hv.rope_parameters["rope_theta"])
         assert cfg.image_token_id == 151655 and cfg.patch_dim == 3 * 2 * 14 * 14
     assert cfg.window_merges == 4 and cfg.fullatt_block_indexes == (7, 15, 23, 31) and cfg.intermediate_size == 3420
+    assert cfg.num_position_embeddings == 0
 
-    assert QwenVisionConfig.from_hf_config({"model_type": "llava", "vision_config": {}}) is None
+    # Qwen3.5, dense and MoE: an empty vision_config reads as HF's defaults (transformers 5's layout), token ids too
+    for cls in (transformers.Qwen3_5Config, transformers.Qwen3_5MoeConfig):
+        hf = cls(vision_config={}, text_config={"hidden_size": 3584})
+        hv = hf.vision_config
+        cfg = QwenVisionConfig.from_hf_config({"model_type": hf.model_type, "vision_config": {},
+                                               "text_config": {"hidden_size": 3584}})
+        assert (cfg.kind, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.patch_size,
+                cfg.temporal_patch_size, cfg.spatial_merge_size, cfg.in_channels, cfg.hidden_act, cfg.out_hidden_size,
+                cfg.num_position_embeddings, cfg.rope_theta, cfg.image_token_id, cfg.vision_start_token_id) == (
+            "qwen3_5", hv.hidden_size, hv.intermediate_size, hv.depth, hv.num_heads, hv.patch_size,
+            hv.temporal_patch_size, hv.spatial_merge_size, hv.in_channels, hv.hidden_act, hv.out_hidden_size,
+            hv.num_position_embeddings, hv.rope_parameters["rope_theta"], hf.image_token_id, hf.vision_start_token_id)
+        assert cfg.position_side == 48 and cfg.window_rows == 1 and cfg.patch_dim == 3 * 2 * 16 * 16
+    # the MoE model's config.json gives the dense one's tower
+    dense, moe = (QwenVisionConfig.from_hf_config(cls(vision_config=TOWERS["qwen3_5"], text_config=TEXT_3_5).to_dict())
+                  for cls in (transformers.Qwen3_5Config, transformers.Qwen3_5MoeConfig))
+    assert dense == moe and dense.num_position_embeddings == 36
+    # HF reads rope_type "default" as the towers' axial
+    rope = {"rope_type": "default", "rope_theta": 5000.0}
+    assert QwenVisionConfig.from_hf_config({"model_type": "qwen3_5", "text_config": TEXT, "vision_config":
+                                            TOWERS["qwen3_5"] | {"rope_parameters": rope}}).rope_theta == 5000.0
+
+    # not an image encoder: other models, Qwen3.5's text-only configs
+    for raw in ({"model_type": "llava", "vision_config": {}}, {"model_type": "qwen3_5", "text_config": TEXT},
+                {"model_type": "qwen3_5_moe", "text_config": TEXT, "vision_config": None},
+                {"model_type": "qwen3_5_text", **TEXT}, {"model_type": "qwen3_5_moe_text", **TEXT}):
+        assert QwenVisionConfig.from_hf_config(raw) is None
     base = {"model_type": "qwen2_5_vl", "text_config": TEXT}
+    base_3_5, table = {"model_type": "qwen3_5", "text_config": TEXT}, "num_position_embeddings"
     for raw, field in [
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "window_size": 20}}, "window_size"),
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "hidden_act": "relu"}}, "hidden_act"),
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "out_hidden_size": 16}}, "out_hidden_size"),
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "num_heads": 16}}, "num_heads"),  # head_dim 2
+        ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], table: 35}}, table),  # not a square grid
+        ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], table: 0}}, table),
+        ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], "out_hidden_size": 16}}, "out_hidden_size"),
+        ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], "rope_parameters": {"rope_type": "yarn"}}}, "rope_type"),
     ]:
         with pytest.raises(ConfigError, match=field):
             QwenVisionConfig.from_hf_config(raw)
+    with pytest.raises(ConfigError, match="num_position_embeddings"):  # a tower without learned positions
+        dataclasses.replace(QwenVisionConfig.from_hf_config({**base, "vision_config": TOWERS["qwen2_5_vl"]}),
+                            num_position_embeddings=36)
 
 
 # ---------------------------------------------------------------------------------------------- processor

@@ -38,8 +38,9 @@ class ImageSpan:
     size_hw: tuple[int, int] | None = None  # ... and the image's own (height, width): what unpadding keeps
     features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
     # preempted sequence recomputes its positions from them)
-    # Qwen2-VL / Qwen2.5-VL: the (temporal, height, width) grid its positions fill, row-major (after the tower's patch
-    # merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches, patch_dim] (models/qwen_vision.py)
+    # Qwen2-VL, Qwen2.5-VL, Qwen3.5: the (temporal, height, width) grid its positions fill, row-major (after the
+    # tower's patch merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches, patch_dim]
+    # (models/qwen_vision.py)
     thw: tuple[int, int, int] | None = None
 
     @property
@@ -255,7 +256,8 @@ def load_image_model(path: str, dtype) -> tuple | None:
     vcfg = vision.VisionConfig.from_hf_config(config)
     module, processor_cls = vision, ImageProcessor
     if vcfg is None:
-        vcfg, module, processor_cls = qwen_vision.QwenVisionConfig.from_hf_config(config), qwen_vision, QwenImageProcessor
+        vcfg = qwen_vision.QwenVisionConfig.from_hf_config(config)
+        module, processor_cls = qwen_vision, QwenImageProcessor
     if vcfg is None:
         return None
     processor = processor_cls.from_dir(path)
@@ -459,14 +461,14 @@ class ImageEncoder:
                 for span, a, b in zip(images, firsts[:-1], firsts[1:])]
 
     def _grid_features(self, images: list[ImageSpan]) -> list[np.ndarray]:
-        """Qwen2-VL: one call per image, its patches padded to a power of two (models.qwen_vision.encode_inputs); a
+        """Qwen2-VL: one call per image, its patches padded to a power of two (models.qwen_patches.encode_inputs); a
         new padded shape compiles, once, and says so."""
-        from models import qwen_vision
+        from models import qwen_patches
 
         m, out = self.vcfg.spatial_merge_size, []
         for span in images:
             t, h, w = span.thw
-            inputs = qwen_vision.encode_inputs(self.vcfg, span.pixels, (t, h * m, w * m))
+            inputs = qwen_patches.encode_inputs(self.vcfg, span.pixels, (t, h * m, w * m))
             shape = (len(inputs["patches"]), len(inputs["blocks"]))  # (rows, windows)
             if shape not in self._shapes:
                 self._shapes.add(shape)

@@ -1,8 +1,8 @@
 """Qwen2-VL's, Qwen2.5-VL's and Qwen3.5's image encoders: a ViT over an image's own grid of patches, with 2D rotary
 positions, and the patch merger, as pure functions over a pytree of weights. It owns the encoder's config (read from a
 `qwen2_vl`, `qwen2_5_vl`, `qwen3_5` or `qwen3_5_moe` config.json), its weights (shapes, random init, reading an HF
-checkpoint), an image's host-side inputs (`encode_inputs`: its patches padded to a bucket, their grid coordinates,
-windows and position taps, by name) and `encode`: those in, the rows that replace the image's placeholder tokens in the
+checkpoint) and `encode`: an image's inputs in (models/qwen_patches.py: its patches padded to a bucket, their grid
+coordinates, windows and position taps, by name), the rows that replace the image's placeholder tokens in the
 language model's input embeddings out. Preprocessing (smart resize, patchify: engine/qwen_images.py) and splicing the
 rows into the prompt (with M-RoPE positions) are the caller's.
 
@@ -15,9 +15,9 @@ Each layer: x + attn(norm1(x)), then x + mlp(norm2(x)); q and k rotated by the p
 (head_dim / 4 frequencies each, theta 10000, rotate-half). Qwen2-VL: LayerNorm, fc1 -> act -> fc2, every layer
 attends over the whole image. Qwen2.5-VL: RMSNorm, gated MLP, and the layers not in fullatt_block_indexes attend
 within windows of window_size pixels (whole merge blocks). Rows stay in the processor's order throughout: a windowed
-layer gathers its q, k, v into one block of `window_rows` rows per window (`window_blocks`, on the host; a partial
-window's block padded and its padding masked), attends within each block and scatters the rows back (HF permutes
-the patches into window order instead; attention is permutation-equivariant and a window is a set of whole merge
+layer gathers its q, k, v into one block of `window_rows` rows per window (`qwen_patches.window_blocks`, on the
+host; a partial window's block padded and its padding masked), attends within each block and scatters the rows back
+(HF permutes the patches into window order instead; attention is permutation-equivariant and a window is a set of whole merge
 blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
 grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, its default
 max_pixels 65,536 patches.
@@ -26,8 +26,8 @@ Qwen3.5 (`qwen3_5`; the dense and the MoE models have the same tower): Qwen2-VL'
 fc2, here gelu-tanh; every layer full) and merger, plus a bias on the patch conv and a learned position table of
 side x side rows (side = sqrt(num_position_embeddings), 48 by default) added to the patch embeddings, resampled to
 each image's grid: bilinear, corners on corners (align_corners), taps past the edge clamped to it. The resampling
-depends on the grid only, so the host gives each patch its 4 rows of the table and their weights (`position_taps`,
-HF's get_vision_interpolation_indices_and_weights) and `encode` sums the 4 rows gathered.
+depends on the grid only, so the host gives each patch its 4 rows of the table and their weights
+(`qwen_patches.position_taps`, HF's get_vision_interpolation_indices_and_weights) and `encode` sums the 4 rows gathered.
 
 Layouts: activations [N, hidden] for one image's N patches, N padded to a bucket (padding rows: valid False, no
 query reads them; their own values are finite and dropped); weights oriented for x @ W, layers stacked on axis 0.
@@ -260,101 +260,6 @@ def load_params(path: str, cfg: QwenVisionConfig, dtype=np.float32) -> dict:
     return params
 
 
-# ---------------------------------------------------------------------------------------------- layout (host)
-def patch_layout(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """Per patch of one image, in the processor's (block-major) order, int32 [grid_h * grid_w] each: "hpos", "wpos"
-    (its grid row and column: HF's get_vision_position_ids) and "window" (Qwen2.5-VL: which window of
-    window_merges x window_merges merge blocks, row-major, partial at the bottom and right edges, as HF's
-    get_vision_window_index groups them; the other kinds: 0)."""
-    t, gh, gw = (int(x) for x in grid_thw)
-    m = cfg.spatial_merge_size
-    if t != 1 or gh < 1 or gw < 1 or gh % m or gw % m:
-        raise ValueError(f"grid_thw {tuple(grid_thw)}: an image is (1, h, w) with h, w positive multiples of "
-                         f"spatial_merge_size {m} (videos are not supported)")
-    i = np.arange(gh * gw)
-    block, inner = i // cfg.merge_unit, i % cfg.merge_unit
-    block_row, block_col = block // (gw // m), block % (gw // m)
-    layout = {"hpos": block_row * m + inner // m, "wpos": block_col * m + inner % m, "window": np.zeros_like(i)}
-    if cfg.kind == "qwen2_5_vl":
-        side = cfg.window_merges
-        layout["window"] = block_row // side * -(-(gw // m) // side) + block_col // side
-    return {k: v.astype(np.int32) for k, v in layout.items()}
-
-
-def position_taps(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen3.5: the learned side x side position table resampled to one image's grid_h x grid_w, bilinearly with
-    corners on corners, as per patch (processor's order) its TAPS rows of the table (index int32 [n, TAPS], row-major
-    in the table: (top, left), (top, right), (bottom, left), (bottom, right)) and their weights (float32 [n, TAPS],
-    summing to 1). HF's get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True), in the
-    same float32 steps."""
-    _, gh, gw = (int(x) for x in grid_thw)
-    layout, side = patch_layout(cfg, grid_thw), cfg.position_side
-
-    def axis(pos: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        # the patch's place on the table's axis (0 .. side - 1, float32: corners on corners), its two neighbours
-        # (clamped into the table: border padding) and their hat-kernel weights -> [n, 2] each
-        src = pos.astype(np.float32) * np.float32(side - 1) / np.float32(max(size - 1, 1))
-        floor, offsets = np.floor(src)[:, None], np.arange(2, dtype=np.float32)
-        taps = np.clip(floor.astype(np.int64) + np.arange(2), 0, side - 1)
-        return taps, np.maximum(np.float32(1) - np.abs(src[:, None] - floor - offsets), np.float32(0))
-
-    (h_taps, h_weights), (w_taps, w_weights) = axis(layout["hpos"], gh), axis(layout["wpos"], gw)
-    index = (h_taps[:, :, None] * side + w_taps[:, None, :]).reshape(-1, TAPS)
-    weight = (h_weights[:, :, None] * w_weights[:, None, :]).reshape(-1, TAPS)
-    return index.astype(np.int32), weight.astype(np.float32)
-
-
-def window_blocks(cfg: QwenVisionConfig, window: np.ndarray, num_rows: int) -> tuple[np.ndarray, ...]:
-    """An image's windows as blocks for `encode` (its rows' window ids [n], padded to num_rows rows): (blocks
-    [B, window_rows] int32, the rows of each window, a partial one's block padded with row 0; block_valid
-    [B, window_rows] bool; slot [num_rows] int32, each row's place in blocks flattened, padding rows pointing at
-    row 0's). B: the window count rounded up to a power of two (so image sizes share compiled programs); the kinds
-    without windows: one dummy block."""
-    rows = cfg.window_rows
-    count = int(window.max()) + 1 if cfg.kind == "qwen2_5_vl" else 0
-    blocks = np.zeros((1 << max(count - 1, 0).bit_length(), rows), np.int32)
-    block_valid = np.zeros(blocks.shape, bool)
-    slot = np.zeros(num_rows, np.int32)
-    for w in range(count):
-        members = np.flatnonzero(window == w)
-        blocks[w, : len(members)] = members
-        block_valid[w, : len(members)] = True
-        slot[members] = w * rows + np.arange(len(members))
-    slot[len(window):] = slot[0]
-    return blocks, block_valid, slot
-
-
-def padded_len(cfg: QwenVisionConfig, num_patches: int) -> int:
-    """The bucket an image of num_patches is padded to: merge_unit * a power of two, at least 64 rows (merge 2)."""
-    groups = max(num_patches // cfg.merge_unit, -(-64 // cfg.merge_unit))
-    return cfg.merge_unit * 2 ** math.ceil(math.log2(groups))
-
-
-INPUT_KEYS = ("patches", "hpos", "wpos", "valid", "blocks", "block_valid", "slot", "pos_index", "pos_weight")
-
-
-def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[int, int, int]) -> dict[str, np.ndarray]:
-    """`encode`'s inputs for one image's patches [n, patch_dim] of grid_thw, by name (INPUT_KEYS, every kind), the
-    rows padded to N = padded_len(n) (padding rows: zeros, valid False):
-      "patches" [N, patch_dim] (their dtype); "hpos", "wpos" int32 [N], each row's grid row and column; "valid" bool
-      [N]; "blocks", "block_valid" [B, window_rows], "slot" int32 [N]: Qwen2.5-VL's windows (`window_blocks`; the
-      other kinds: one dummy block); "pos_index" int32, "pos_weight" float32 [N, TAPS]: Qwen3.5's position taps
-      (`position_taps`; the other kinds: [0, TAPS])."""
-    layout = patch_layout(cfg, grid_thw)
-    n = len(layout["hpos"])
-    if patches.shape != (n, cfg.patch_dim):
-        raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
-    rows = {"patches": patches, "hpos": layout["hpos"], "wpos": layout["wpos"], "valid": np.ones(n, bool)}
-    if cfg.kind == "qwen3_5":
-        rows["pos_index"], rows["pos_weight"] = position_taps(cfg, grid_thw)
-    size = padded_len(cfg, n)
-    inputs = {k: np.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1)) for k, a in rows.items()}
-    inputs["blocks"], inputs["block_valid"], inputs["slot"] = window_blocks(cfg, layout["window"], size)
-    inputs.setdefault("pos_index", np.zeros((0, TAPS), np.int32))  # no learned positions: no taps
-    inputs.setdefault("pos_weight", np.zeros((0, TAPS), np.float32))
-    return {k: inputs[k] for k in INPUT_KEYS}
-
-
 # ---------------------------------------------------------------------------------------------- forward
 def _norm(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
     """LayerNorm where there is a bias (Qwen2-VL, Qwen3.5), else RMSNorm; in float32."""
@@ -417,9 +322,9 @@ def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: ja
 
 
 def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
-    """One image's inputs by name (`encode_inputs`: its patches [N, patch_dim], N static and padded, with its rows'
-    grid coordinates, validity, windows and position taps) -> [N // merge_unit, out_hidden_size] in the weights'
-    dtype; rows past the image's are padding's. Pure; jit it with cfg static (functools.partial)."""
+    """One image's inputs by name (`qwen_patches.encode_inputs`: its patches [N, patch_dim], N static and padded, with
+    its rows' grid coordinates, validity, windows and position taps) -> [N // merge_unit, out_hidden_size] in the
+    weights' dtype; rows past the image's are padding's. Pure; jit it with cfg static (functools.partial)."""
     patches, hpos, wpos, valid = (inputs[k] for k in ("patches", "hpos", "wpos", "valid"))
     n, d = patches.shape[0], cfg.hidden_size // cfg.num_heads
     dtype = params["patch"].dtype
@@ -456,12 +361,3 @@ def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
     y = _norm(x, w["ln"], w.get("ln_bias")).reshape(n // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
     y = jax.nn.gelu(y @ w["w1"] + w["b1"], approximate=False)
     return (y @ w["w2"] + w["b2"]).astype(dtype)
-
-
-def encode_image(encode_fn, params: dict, cfg: QwenVisionConfig, patches: np.ndarray,
-                 grid_thw: tuple[int, int, int]) -> np.ndarray:
-    """One image's patches [n, patch_dim] (the processor's) -> its rows [n // merge_unit, out_hidden_size] (numpy, the
-    weights' dtype), through encode_fn = jax.jit(functools.partial(encode, cfg=cfg)) at padded_len(n): one compile
-    per bucket (and window count's), not per image size."""
-    out = encode_fn(params, encode_inputs(cfg, patches, grid_thw))
-    return np.asarray(out[: len(patches) // cfg.merge_unit])

@@ -18,7 +18,7 @@ from PIL import Image
 
 from engine.images import ImageError
 from engine.qwen_images import QwenImageProcessor
-from models import qwen_vision
+from models import qwen_patches, qwen_vision
 from models.errors import ConfigError
 from models.qwen_vision import QwenVisionConfig
 import fresh
@@ -94,7 +94,7 @@ def _hf_features(model, patches: np.ndarray, grids) -> list[np.ndarray]:
 def _encode_all(params, cfg, patches: np.ndarray, grids) -> list[np.ndarray]:
     encode_fn = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
     starts = np.cumsum([0] + [t * h * w for t, h, w in grids])
-    return [qwen_vision.encode_image(encode_fn, params, cfg, patches[a:b], g)
+    return [qwen_patches.encode_image(encode_fn, params, cfg, patches[a:b], g)
             for a, b, g in zip(starts[:-1], starts[1:], grids)]
 
 
@@ -164,7 +164,7 @@ def test_patch_layout_is_transformers():
     cfg = QwenVisionConfig.from_hf_config({"model_type": "qwen2_5_vl", "vision_config": TOWERS["qwen2_5_vl"],
                                            "text_config": TEXT})
     for grid in GRIDS + [(1, 14, 2)]:
-        layout = qwen_vision.patch_layout(cfg, grid)
+        layout = qwen_patches.patch_layout(cfg, grid)
         positions = get_vision_position_ids(torch.tensor([grid]), cfg.spatial_merge_size).numpy()
         np.testing.assert_array_equal(np.stack([layout["hpos"], layout["wpos"]], -1), positions)
         window_index, cu = get_vision_window_index(torch.tensor([grid]), cfg.spatial_merge_size, cfg.window_size,
@@ -175,13 +175,13 @@ def test_patch_layout_is_transformers():
         assert np.all(layout["window"].reshape(-1, cfg.merge_unit) == blocks[:, None])  # whole merge blocks
         ours = sorted(np.flatnonzero(blocks == w).tolist() for w in np.unique(blocks))
         assert ours == hf_windows
-    sizes = np.bincount(qwen_vision.patch_layout(cfg, (1, 8, 12))["window"])
+    sizes = np.bincount(qwen_patches.patch_layout(cfg, (1, 8, 12))["window"])
     assert sizes.tolist() == [36, 36, 12, 12]  # 4 x 6 merge blocks in windows of 3 x 3
     qwen2 = QwenVisionConfig.from_hf_config({"model_type": "qwen2_vl", "vision_config": TOWERS["qwen2_vl"],
                                              "text_config": TEXT})
-    assert not qwen_vision.patch_layout(qwen2, (1, 8, 12))["window"].any()
+    assert not qwen_patches.patch_layout(qwen2, (1, 8, 12))["window"].any()
     with pytest.raises(ValueError, match="grid_thw"):
-        qwen_vision.patch_layout(cfg, (1, 5, 4))
+        qwen_patches.patch_layout(cfg, (1, 5, 4))
 
 
 @pytest.mark.parametrize("kind", ["qwen2_5_vl", pytest.param("qwen3_5", marks=pytest.mark.slow)])
@@ -193,22 +193,22 @@ def test_init_params_padding_blocks_and_dtype(monkeypatch, kind):
     assert jax.tree.map(lambda a: a.shape, params) == qwen_vision.param_shapes(cfg)
     grid = (1, 4, 6)
     patches = fresh.rng().standard_normal((24, cfg.patch_dim), dtype=np.float32)
-    inputs = qwen_vision.encode_inputs(cfg, patches, grid)
-    assert tuple(inputs) == qwen_vision.INPUT_KEYS and qwen_vision.padded_len(cfg, 24) == len(inputs["patches"]) == 64
+    inputs = qwen_patches.encode_inputs(cfg, patches, grid)
+    assert tuple(inputs) == qwen_patches.INPUT_KEYS and qwen_patches.padded_len(cfg, 24) == len(inputs["patches"]) == 64
     assert inputs["pos_index"].shape == ((64, 4) if kind == "qwen3_5" else (0, 4))
     # the image unpadded: its 24 rows of each per-row input (the windows' blocks hold only its rows)
     rows = ("patches", "hpos", "wpos", "valid", "slot", "pos_index", "pos_weight")
     encode = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
     exact = encode(params, {k: a[:24] if k in rows else a for k, a in inputs.items()})
-    padded = qwen_vision.encode_image(encode, params, cfg, patches, grid)
+    padded = qwen_patches.encode_image(encode, params, cfg, patches, grid)
     assert padded.shape == (6, 24)
     np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     monkeypatch.setattr(qwen_vision, "FULL_BLOCK", 16)  # the 64 padded rows' full layers in 4 blocks of queries
-    blocked = qwen_vision.encode_image(jax.jit(functools.partial(qwen_vision.encode, cfg=cfg)), params, cfg, patches,
+    blocked = qwen_patches.encode_image(jax.jit(functools.partial(qwen_vision.encode, cfg=cfg)), params, cfg, patches,
                                        grid)
     np.testing.assert_allclose(blocked, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
-    out = qwen_vision.encode_image(encode, bf16, cfg, patches, grid)
+    out = qwen_patches.encode_image(encode, bf16, cfg, patches, grid)
     assert out.dtype == jnp.bfloat16 and np.all(np.isfinite(out.astype(np.float32)))
 
 
@@ -227,7 +227,7 @@ def test_position_taps_are_transformers():
         side = cfg.position_side
         embed = fresh.rng().standard_normal((table, 3))
         for grid in grids:
-            index, weight = qwen_vision.position_taps(cfg, grid)
+            index, weight = qwen_patches.position_taps(cfg, grid)
             want_index, want_weight = get_vision_interpolation_indices_and_weights(
                 torch.tensor([grid]), side, mode="bilinear", align_corners=True, spatial_merge_size=2)
             assert index.dtype == np.int32 and weight.dtype == np.float32 and index.shape == (grid[1] * grid[2], 4)
@@ -235,7 +235,7 @@ def test_position_taps_are_transformers():
             np.testing.assert_array_equal(weight, want_weight.numpy())
             resampled = torch.nn.functional.interpolate(torch.from_numpy(embed.T.reshape(1, 3, side, side)),
                                                         size=grid[1:], mode="bilinear", align_corners=True)[0]
-            layout = qwen_vision.patch_layout(cfg, grid)
+            layout = qwen_patches.patch_layout(cfg, grid)
             want = resampled[:, layout["hpos"], layout["wpos"]].T.numpy()  # [n, 3], the processor's order
             np.testing.assert_allclose((embed[index] * weight[..., None]).sum(1), want, rtol=0, atol=1e-5)
 

@@ -1,6 +1,6 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3.5 end to end: tiny random checkpoints written by transformers, served by the engine from
-their directories (models/qwen_vision.py's tower, engine/qwen_images.py's processor, M-RoPE in models/llama.py with
-the positions of engine.multimodal.mrope_positions), against transformers' own forward on the same patches.
+"""Qwen2-VL, Qwen2.5-VL and Qwen3.5 end to end: tiny random checkpoints written by transformers, served by the
+engine from their directories (models/qwen_vision.py's tower, engine/qwen_images.py's processor, M-RoPE in
+models/llama.py with the positions of engine.multimodal.mrope_positions), against transformers' own forward on the same patches.
 
 What must hold: the M-RoPE positions of any window of a prompt, and of the tokens generated after it, are
 transformers' get_rope_index's; greedy tokens are transformers' argmax (teacher-forced, so the tokens after the
@@ -89,7 +89,8 @@ def checkpoints(tmp_path_factory):
             patch = 16 if kind == "qwen3_5" else 14
             (path / "preprocessor_config.json").write_text(json.dumps({
                 "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": CELLS[0] * (2 * patch) ** 2,
-                "max_pixels": CELLS[1] * (2 * patch) ** 2, "patch_size": patch, "temporal_patch_size": 2, "merge_size": 2,
+                "max_pixels": CELLS[1] * (2 * patch) ** 2, "patch_size": patch, "temporal_patch_size": 2,
+                "merge_size": 2,
                 "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
             built[kind] = model, str(path)
         return built[kind]

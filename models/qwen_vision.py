@@ -17,8 +17,8 @@ attends over the whole image. Qwen2.5-VL: RMSNorm, gated MLP, and the layers not
 within windows of window_size pixels (whole merge blocks). Rows stay in the processor's order throughout: a windowed
 layer gathers its q, k, v into one block of `window_rows` rows per window (`qwen_patches.window_blocks`, on the
 host; a partial window's block padded and its padding masked), attends within each block and scatters the rows back
-(HF permutes the patches into window order instead; attention is permutation-equivariant and a window is a set of whole merge
-blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
+(HF permutes the patches into window order instead; attention is permutation-equivariant and a window is a set of
+whole merge blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
 grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, its default
 max_pixels 65,536 patches.
 

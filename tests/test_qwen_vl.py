@@ -1,6 +1,7 @@
 """Qwen2-VL, Qwen2.5-VL and Qwen3.5 end to end: tiny random checkpoints written by transformers, served by the
 engine from their directories (models/qwen_vision.py's tower, engine/qwen_images.py's processor, M-RoPE in
-models/llama.py with the positions of engine.multimodal.mrope_positions), against transformers' own forward on the same patches.
+models/llama.py with the positions of engine.multimodal.mrope_positions), against transformers' own forward on the
+same patches.
 
 What must hold: the M-RoPE positions of any window of a prompt, and of the tokens generated after it, are
 transformers' get_rope_index's; greedy tokens are transformers' argmax (teacher-forced, so the tokens after the

@@ -371,12 +371,15 @@ class ImageEncoder:
         self._kept_bytes = 0
         self.num_encoded = 0  # images run through the tower (a cached image's positions need none)
         self.num_reused = 0  # images whose features were kept from an earlier encoding
+        # Qwen3-VL: the DeepStack rows each image position also has (`rows`); 0 for the other models
+        self.deepstack = vcfg.deepstack_count if is_grid_model(vcfg) else 0
         self._shapes: set[tuple[int, int]] = set()  # Qwen2-VL: the padded call shapes compiled so far
 
-    def rows(self, chunks, num_tokens: int) -> np.ndarray | None:
-        """[num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at that
-        position's row of the step (zeros elsewhere); None when no chunk reaches an image. Encodes the images whose
-        features are not known yet."""
+    def rows(self, chunks, num_tokens: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """(mm_embeds [num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at
+        that position's row of the step (zeros elsewhere); mm_deep [deepstack, num_tokens, text hidden] alike, the
+        rows Qwen3-VL adds after its first layers (None for the other models)); None when no chunk reaches an
+        image. Encodes the images whose features are not known yet."""
         hits, row = [], 0  # (step row, span, first and last + 1 of its rows)
         for c in chunks:
             n = len(c.token_ids)
@@ -388,10 +391,11 @@ class ImageEncoder:
         if not hits:
             return None
         self.encode(list({id(s): s for _, s, _, _ in hits if s.features is None}.values()))
-        out = np.zeros((num_tokens, self.vcfg.text_hidden_size), self.dtype)
-        for r, span, a, b in hits:
-            out[r : r + b - a] = span.features[a:b]
-        return out
+        width = self.vcfg.text_hidden_size
+        out = np.zeros((1 + self.deepstack, num_tokens, width), self.dtype)
+        for r, span, a, b in hits:  # (a row's features: its mm_embeds row, then each DeepStack row, side by side)
+            out[:, r : r + b - a] = span.features[a:b].reshape(b - a, 1 + self.deepstack, width).transpose(1, 0, 2)
+        return out[0], out[1:] if self.deepstack else None
 
     def offload(self) -> None:
         """The tower's weights to host memory, their device buffers freed now (LLMEngine.sleep)."""

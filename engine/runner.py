@@ -152,7 +152,8 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
-                                  dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None, mrope_positions=None),
+                                  dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None, mm_deep=None,
+                                                      mrope_positions=None),
                                   attn_backend=st.backend,
                                   decode_only=decode_only)
     return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
@@ -349,7 +350,10 @@ class ModelRunner:
             if kind in ("forward", "images"):
                 inputs = self._pack_padding(n)
                 if kind == "images":
-                    inputs = dataclasses.replace(inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.images.dtype))
+                    deep = self.images.deepstack
+                    inputs = dataclasses.replace(
+                        inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.images.dtype),
+                        mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None)
                 inputs = self.put_inputs(inputs)
                 self._hidden, _, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
@@ -447,8 +451,9 @@ class ModelRunner:
         within = np.arange(len(firsts), dtype=np.int32) - np.repeat(np.cumsum(rows_per_chunk) - rows_per_chunk,
                                                                      rows_per_chunk)
         inputs.logits_indices[list(itertools.chain.from_iterable(head_rows))] = firsts + within
-        if self.images is not None:
-            inputs = dataclasses.replace(inputs, mm_embeds=self.images.rows(chunks, len(inputs.tokens)))
+        rows = self.images.rows(chunks, len(inputs.tokens)) if self.images is not None else None
+        if rows is not None:
+            inputs = dataclasses.replace(inputs, mm_embeds=rows[0], mm_deep=rows[1])
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:

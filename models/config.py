@@ -408,8 +408,8 @@ class LlamaConfig:
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
-        if arch in ("qwen2_vl", "qwen2_5_vl"):  # an image model (models/qwen_vision.py) around a Qwen2 with M-RoPE
-            return _qwen2_vl_from_hf(cfg, source)
+        if arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # image models (models/qwen_vision.py)
+            return _qwen2_vl_from_hf(cfg, source)  # around a Qwen2 / Qwen3 / Qwen3-MoE with M-RoPE
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
@@ -418,7 +418,7 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen2_vl", "qwen2_5_vl"):
+        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
                                     arch if arch == "qwen3_next" else "qwen3_5")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":
@@ -1130,10 +1130,14 @@ def _llava_text_config(cfg: Mapping[str, Any]) -> dict:
 def _qwen2_vl_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     """A Qwen2-VL / Qwen2.5-VL config.json's language model: a Qwen2 whose RoPE takes three positions a token
     (`mrope_section`). Its fields are top-level in older configs, in `text_config` since transformers 5; the rope
-    dict says `"type": "mrope"` (older) or `"rope_type": "default"` beside the sections."""
-    text = {**cfg, **(cfg.get("text_config") or {}), "model_type": "qwen2"}
+    dict says `"type": "mrope"` (older) or `"rope_type": "default"` beside the sections. Qwen3-VL's (`qwen3_vl`,
+    `qwen3_vl_moe`): a Qwen3 or Qwen3-MoE in its text_config, the sections interleaved (`mrope_interleaved`)."""
+    arch = {"qwen3_vl": "qwen3", "qwen3_vl_moe": "qwen3_moe"}.get(cfg.get("model_type"), "qwen2")
+    text = {**cfg, **(cfg.get("text_config") or {}), "model_type": arch}
     rope_params = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
     section = tuple(int(n) for n in rope_params.pop("mrope_section", ()) or ())
+    rope_params.pop("mrope_interleaved", None)
+    interleaved = arch != "qwen2"  # (transformers' Qwen3-VL rotary interleaves whatever the flag says)
     if rope_params.get("rope_type", rope_params.get("type")) in ("mrope", "default", None):
         rope_params = {k: v for k, v in rope_params.items() if k not in ("type", "rope_type")}
     text.pop("rope_scaling", None)
@@ -1141,7 +1145,7 @@ def _qwen2_vl_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     if not section:
         raise ConfigError(f"{source}: a {cfg.get('model_type')} config needs rope_scaling's mrope_section")
     out = dataclasses.replace(LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})"),
-                              mrope_section=section)
+                              mrope_section=section, mrope_interleaved=interleaved)
     _check_mrope(out, source)
     return out
 

@@ -70,6 +70,9 @@ class ModelInputs:
     # M-RoPE (`LlamaConfig.mrope_section`): each token's (temporal, height, width) positions, [3, T] int32; these
     # replace `positions` in RoPE (an image's rows: their place in its grid; text: positions shifted past the images)
     mrope_positions: jax.Array | None = None
+    # Qwen3-VL's DeepStack: [k, T, hidden], added after each of the first k layers (zeros but at images' positions);
+    # None in steps without images and for the other models
+    mm_deep: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,7 +300,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
              stats: bool = False, mesh: jax.sharding.Mesh | None = None,
              recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None,
-             mm_embeds: jax.Array | None = None) -> tuple[jax.Array, Any]:
+             mm_embeds: jax.Array | None = None, mm_deep: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
@@ -306,7 +309,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     `recurrent` (a model with linear attention layers): their states and the batch's state slots; the carry returned
     is then (attention's carry, the new states). Each layer runs one kind of token mixer, static in the scan body
     (`_grouped_layers`), attend's layer index being the layer's place among the attention layers (the KV cache holds
-    those only). `mm_embeds` [T, hidden]: the input rows of the tokens past the vocabulary (images' positions)."""
+    those only). `mm_embeds` [T, hidden]: the input rows of the tokens past the vocabulary (images' positions);
+    `mm_deep` [k, T, hidden] (Qwen3-VL's DeepStack): added to the residual stream after each of the first k layers
+    (zero rows but at image positions)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -455,6 +460,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         else:
             o, down_in = mlp(h, p, bool(cfg.num_experts))
         x = x + residual(rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
+        if mm_deep is not None:  # Qwen3-VL's DeepStack: after layer i < k, the image rows' i-th extra features
+            k = mm_deep.shape[0]
+            x = x + jnp.where(i < k, mm_deep[jnp.minimum(i, k - 1)].astype(x.dtype), 0)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
         return (x, carry), amax
@@ -722,7 +730,8 @@ def forward(
         inputs.snapshot_slots, inputs.draft_slots, decode_step, attn_backend))
     positions = inputs.positions if inputs.mrope_positions is None else inputs.mrope_positions
     x, kv_caches = _decoder(params, cfg, inputs.tokens, positions, attend, tuple(kv_caches), lora,
-                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds)
+                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds,
+                            mm_deep=inputs.mm_deep)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 

@@ -4,8 +4,8 @@ from its patches and its grid (t, h, w) in patches.
 `encode_inputs` gives them by name (INPUT_KEYS), the rows padded to a power of two (`padded_len`) so that images of
 nearby sizes share a compiled program: each patch's grid row and column in the processor's block-major order
 (`patch_layout`, HF's get_vision_position_ids), Qwen2.5-VL's windows as gathered blocks (`window_blocks`, the groups
-HF's get_vision_window_index attends within) and Qwen3.5's bilinear taps into its learned position table
-(`position_taps`, HF's get_vision_interpolation_indices_and_weights). All of it depends on the grid only.
+HF's get_vision_window_index attends within) and Qwen3.5's and Qwen3-VL's bilinear taps into their learned position
+table (`position_taps`, HF's get_vision_interpolation_indices_and_weights). All of it depends on the grid only.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from models.qwen_vision import TAPS, QwenVisionConfig
+from models.qwen_vision import LEARNED_POSITIONS, TAPS, QwenVisionConfig
 
 INPUT_KEYS = ("patches", "hpos", "wpos", "valid", "blocks", "block_valid", "slot", "pos_index", "pos_weight")
 
@@ -39,11 +39,11 @@ def patch_layout(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> dict[
 
 
 def position_taps(cfg: QwenVisionConfig, grid_thw: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Qwen3.5: the learned side x side position table resampled to one image's grid_h x grid_w, bilinearly with
-    corners on corners, as per patch (processor's order) its TAPS rows of the table (index int32 [n, TAPS], row-major
-    in the table: (top, left), (top, right), (bottom, left), (bottom, right)) and their weights (float32 [n, TAPS],
-    summing to 1). HF's get_vision_interpolation_indices_and_weights(mode="bilinear", align_corners=True), in the
-    same float32 steps."""
+    """Qwen3.5, Qwen3-VL: the learned side x side position table resampled to one image's grid_h x grid_w,
+    bilinearly with corners on corners, as per patch (processor's order) its TAPS rows of the table (index int32
+    [n, TAPS], row-major in the table: (top, left), (top, right), (bottom, left), (bottom, right)) and their weights
+    (float32 [n, TAPS], summing to 1). HF's get_vision_interpolation_indices_and_weights(mode="bilinear",
+    align_corners=True), in the same float32 steps."""
     _, gh, gw = (int(x) for x in grid_thw)
     layout, side = patch_layout(cfg, grid_thw), cfg.position_side
 
@@ -92,14 +92,14 @@ def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[in
     rows padded to N = padded_len(n) (padding rows: zeros, valid False):
       "patches" [N, patch_dim] (their dtype); "hpos", "wpos" int32 [N], each row's grid row and column; "valid" bool
       [N]; "blocks", "block_valid" [B, window_rows], "slot" int32 [N]: Qwen2.5-VL's windows (`window_blocks`; the
-      other kinds: one dummy block); "pos_index" int32, "pos_weight" float32 [N, TAPS]: Qwen3.5's position taps
-      (`position_taps`; the other kinds: [0, TAPS])."""
+      other kinds: one dummy block); "pos_index" int32, "pos_weight" float32 [N, TAPS]: Qwen3.5's and Qwen3-VL's
+      position taps (`position_taps`; the other kinds: [0, TAPS])."""
     layout = patch_layout(cfg, grid_thw)
     n = len(layout["hpos"])
     if patches.shape != (n, cfg.patch_dim):
         raise ValueError(f"patches {patches.shape}: grid_thw {tuple(grid_thw)} takes [{n}, {cfg.patch_dim}]")
     rows = {"patches": patches, "hpos": layout["hpos"], "wpos": layout["wpos"], "valid": np.ones(n, bool)}
-    if cfg.kind == "qwen3_5":
+    if cfg.kind in LEARNED_POSITIONS:
         rows["pos_index"], rows["pos_weight"] = position_taps(cfg, grid_thw)
     size = padded_len(cfg, n)
     inputs = {k: np.pad(a, [(0, size - n)] + [(0, 0)] * (a.ndim - 1)) for k, a in rows.items()}
@@ -111,8 +111,9 @@ def encode_inputs(cfg: QwenVisionConfig, patches: np.ndarray, grid_thw: tuple[in
 
 def encode_image(encode_fn, params: dict, cfg: QwenVisionConfig, patches: np.ndarray,
                  grid_thw: tuple[int, int, int]) -> np.ndarray:
-    """One image's patches [n, patch_dim] (the processor's) -> its rows [n // merge_unit, out_hidden_size] (numpy, the
-    weights' dtype), through encode_fn = jax.jit(functools.partial(encode, cfg=cfg)) at padded_len(n): one compile
-    per bucket (and window count's), not per image size."""
+    """One image's patches [n, patch_dim] (the processor's) -> its rows [n // merge_unit, (1 + deepstack_count) *
+    out_hidden_size] (numpy, the weights' dtype; `encode`'s layout), through encode_fn =
+    jax.jit(functools.partial(encode, cfg=cfg)) at padded_len(n): one compile per bucket (and window count's), not per
+    image size."""
     out = encode_fn(params, encode_inputs(cfg, patches, grid_thw))
     return np.asarray(out[: len(patches) // cfg.merge_unit])

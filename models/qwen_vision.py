@@ -1,10 +1,11 @@
-"""Qwen2-VL's, Qwen2.5-VL's and Qwen3.5's image encoders: a ViT over an image's own grid of patches, with 2D rotary
-positions, and the patch merger, as pure functions over a pytree of weights. It owns the encoder's config (read from a
-`qwen2_vl`, `qwen2_5_vl`, `qwen3_5` or `qwen3_5_moe` config.json), its weights (shapes, random init, reading an HF
-checkpoint) and `encode`: an image's inputs in (models/qwen_patches.py: its patches padded to a bucket, their grid
-coordinates, windows and position taps, by name), the rows that replace the image's placeholder tokens in the
-language model's input embeddings out. Preprocessing (smart resize, patchify: engine/qwen_images.py) and splicing the
-rows into the prompt (with M-RoPE positions) are the caller's.
+"""Qwen2-VL's, Qwen2.5-VL's, Qwen3.5's and Qwen3-VL's image encoders: a ViT over an image's own grid of patches, with
+2D rotary positions, and the patch merger, as pure functions over a pytree of weights. It owns the encoder's config
+(read from a `qwen2_vl`, `qwen2_5_vl`, `qwen3_5`, `qwen3_5_moe`, `qwen3_vl` or `qwen3_vl_moe` config.json), its
+weights (shapes, random init, reading an HF checkpoint) and `encode`: an image's inputs in (models/qwen_patches.py: its
+patches padded to a bucket, their grid coordinates, windows and position taps, by name), the rows that replace the
+image's placeholder tokens in the language model's input embeddings out (Qwen3-VL: and its DeepStack features).
+Preprocessing (smart resize, patchify: engine/qwen_images.py) and splicing the rows into the prompt (with M-RoPE
+positions) are the caller's.
 
 An image of grid (1, grid_h, grid_w) arrives as grid_h * grid_w patches of patch_dim = C * T * P * P pixels (a still
 image repeated T = temporal_patch_size times), in the processor's block-major order: the merge x merge blocks
@@ -29,6 +30,14 @@ each image's grid: bilinear, corners on corners (align_corners), taps past the e
 depends on the grid only, so the host gives each patch its 4 rows of the table and their weights
 (`qwen_patches.position_taps`, HF's get_vision_interpolation_indices_and_weights) and `encode` sums the 4 rows gathered.
 
+Qwen3-VL (`qwen3_vl`; the dense and the MoE models have the same tower): Qwen3.5's tower plus DeepStack. The layers
+named by deepstack_visual_indexes (`deepstack_layers`, strictly increasing) each hand their output (the hidden states
+after that layer's block) to a merger of their own (`deepstack_merger_list.{j}`), whose LayerNorm normalizes each
+merged row of merge_unit * hidden after the 2 x 2 shuffle (HF's use_postshuffle_norm), not each patch. The language
+model adds deepstack feature j to the image's token rows after its decoder layer j, so `encode` returns, per output
+row, the main merger's row and then each deepstack merger's, side by side (`encode`'s docstring). The scan over layers
+carries the deepstack layers' outputs, [deepstack_count, N, hidden]; the mergers run after it.
+
 Layouts: activations [N, hidden] for one image's N patches, N padded to a bucket (padding rows: valid False, no
 query reads them; their own values are finite and dropped); weights oriented for x @ W, layers stacked on axis 0.
 """
@@ -49,8 +58,10 @@ from models.vision import ACTIVATIONS as _VIT_ACTIVATIONS
 
 ACTIVATIONS = {**_VIT_ACTIVATIONS, "silu": jax.nn.silu}
 NORM_EPS = 1e-6  # every norm of every tower, the merger's included
-# model_type -> kind (Qwen3.5's MoE model has the dense one's tower)
-KINDS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5"}
+# model_type -> kind (Qwen3.5's and Qwen3-VL's MoE models have the dense ones' towers)
+KINDS = {"qwen2_vl": "qwen2_vl", "qwen2_5_vl": "qwen2_5_vl", "qwen3_5": "qwen3_5", "qwen3_5_moe": "qwen3_5",
+         "qwen3_vl": "qwen3_vl", "qwen3_vl_moe": "qwen3_vl"}
+LEARNED_POSITIONS = ("qwen3_5", "qwen3_vl")  # the kinds with a patch conv bias and a learned position table
 # kind -> (the vision_config class's defaults for fields a config.json leaves out)
 _FIELDS = ("depth", "num_heads", "in_channels", "patch_size", "temporal_patch_size", "spatial_merge_size", "hidden_act")
 DEFAULTS = {
@@ -60,10 +71,12 @@ DEFAULTS = {
     "qwen3_5": dict(zip(_FIELDS, (27, 16, 3, 16, 2, 2, "gelu_pytorch_tanh")), hidden_size=1152, intermediate_size=4304,
                     out_hidden_size=3584, num_position_embeddings=2304),
 }
+DEFAULTS["qwen3_vl"] = DEFAULTS["qwen3_5"] | {"deepstack_visual_indexes": (8, 16, 24)}
 TOKEN_DEFAULTS = {  # the top-level config classes'
     "qwen2_vl": {"image_token_id": 151655, "vision_start_token_id": 151652},
     "qwen2_5_vl": {"image_token_id": 151655, "vision_start_token_id": 151652},
     "qwen3_5": {"image_token_id": 248056, "vision_start_token_id": 248053},
+    "qwen3_vl": {"image_token_id": 151655, "vision_start_token_id": 151652},
 }
 ROPE_THETA = 10000.0  # the vision config's rope_parameters default
 FULL_BLOCK = 1024  # queries per block of a full-attention layer: scores [heads, FULL_BLOCK, N] at a time
@@ -71,7 +84,7 @@ MASKED = -1e30  # a masked score: finite, so a row with nothing to attend to ave
 TAPS = 4  # Qwen3.5: rows of the position table mixed per patch (bilinear: 2 x 2)
 
 # Checkpoint names: the tower under `visual.` (Qwen2(.5)-VL's published checkpoints, and what transformers 5.x saves
-# for them) or `model.visual.` (what transformers 4.52+ saved for them; Qwen3.5's checkpoints, any version)
+# for them) or `model.visual.` (what transformers 4.52+ saved for them; Qwen3.5's and Qwen3-VL's checkpoints)
 PREFIXES = ("visual.", "model.visual.")
 PATCH_NAME = "patch_embed.proj.weight"
 TOP_NAMES = {"patch": PATCH_NAME, "patch_bias": "patch_embed.proj.bias", "pos_embed": "pos_embed.weight"}
@@ -83,19 +96,20 @@ LAYER_NAMES = {"norm1": "norm1.weight", "norm1_bias": "norm1.bias", "norm2": "no
                **{f"{k}_bias": f"mlp.{k}_proj.bias" for k in ("gate", "up", "down")}}
 MERGER_NAMES = {"ln": "ln_q.weight", "ln_bias": "ln_q.bias", "w1": "mlp.0.weight", "b1": "mlp.0.bias",
                 "w2": "mlp.2.weight", "b2": "mlp.2.bias"}
-QWEN3_5_NAMES = {  # Qwen3.5's names where they differ
+QWEN3_5_NAMES = {  # Qwen3.5's and Qwen3-VL's names where they differ (Qwen3-VL's deepstack mergers: the merger's)
     "layers": {**{k: f"mlp.linear_{k}.weight" for k in ("fc1", "fc2")},
                **{f"{k}_bias": f"mlp.linear_{k}.bias" for k in ("fc1", "fc2")}},
     "merger": {"ln": "norm.weight", "ln_bias": "norm.bias", "w1": "linear_fc1.weight", "b1": "linear_fc1.bias",
                "w2": "linear_fc2.weight", "b2": "linear_fc2.bias"},
 }
+DEEPSTACK_PREFIX = "deepstack_merger_list."  # Qwen3-VL: + f"{j}." + the merger's names
 NORMS = ("norm1", "norm2", "ln")  # norm scales (initialized near 1)
 LINEARS = ("wqkv", "wo", "fc1", "fc2", "gate", "up", "down", "w1", "w2")  # stored (out, in) by HF, (in, out) here
 
 
 @dataclasses.dataclass(frozen=True)
 class QwenVisionConfig:
-    kind: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_5"
+    kind: str  # "qwen2_vl" | "qwen2_5_vl" | "qwen3_5" | "qwen3_vl"
     hidden_size: int  # the ViT's width (Qwen2-VL's vision_config.embed_dim)
     intermediate_size: int
     num_layers: int
@@ -110,7 +124,8 @@ class QwenVisionConfig:
     vision_start_token_id: int
     window_size: int = 0  # Qwen2.5-VL: a window's side in pixels; 0: no windowed layers
     fullatt_block_indexes: tuple[int, ...] = ()  # Qwen2.5-VL: the layers that attend over the whole image
-    num_position_embeddings: int = 0  # Qwen3.5: the learned position table's rows, a square grid; 0: none
+    num_position_embeddings: int = 0  # Qwen3.5, Qwen3-VL: the learned position table's rows, a square grid; 0: none
+    deepstack_layers: tuple[int, ...] = ()  # Qwen3-VL: the layers whose outputs get their own merger, increasing
     rope_theta: float = ROPE_THETA
 
     def __post_init__(self):
@@ -130,12 +145,18 @@ class QwenVisionConfig:
         if self.kind == "qwen2_5_vl" and self.window_merges < 1:
             raise ConfigError(f"vision_config.window_size {self.window_size} is less than one merge block "
                               f"(spatial_merge_size {self.spatial_merge_size} * patch_size {self.patch_size} pixels)")
-        table = self.num_position_embeddings
-        if self.kind == "qwen3_5" and not (isinstance(table, int) and table >= 1 and math.isqrt(table) ** 2 == table):
+        table, learned = self.num_position_embeddings, self.kind in LEARNED_POSITIONS
+        if learned and not (isinstance(table, int) and table >= 1 and math.isqrt(table) ** 2 == table):
             raise ConfigError(f"vision_config.num_position_embeddings {table!r} is not a positive perfect square "
                               f"(the learned positions are a side x side grid)")
-        if self.kind != "qwen3_5" and table:
+        if not learned and table:
             raise ConfigError(f"num_position_embeddings {table!r}: a {self.kind} tower has no learned positions")
+        deep = self.deepstack_layers
+        if self.kind != "qwen3_vl" and deep:
+            raise ConfigError(f"deepstack_visual_indexes {deep!r}: a {self.kind} tower has no deepstack mergers")
+        if not all(isinstance(i, int) and 0 <= i < self.num_layers for i in deep) or list(deep) != sorted(set(deep)):
+            raise ConfigError(f"vision_config.deepstack_visual_indexes {list(deep)!r} are not strictly increasing "
+                              f"layer indexes in [0, depth {self.num_layers})")
 
     @property
     def text_hidden_size(self) -> int:
@@ -150,6 +171,10 @@ class QwenVisionConfig:
         return self.spatial_merge_size ** 2
 
     @property
+    def deepstack_count(self) -> int:  # Qwen3-VL: the deepstack mergers, each one more out_hidden_size per row out
+        return len(self.deepstack_layers)
+
+    @property
     def window_merges(self) -> int:  # a window's side in merge blocks (HF's vit_merger_window_size)
         return self.window_size // self.spatial_merge_size // self.patch_size
 
@@ -158,20 +183,21 @@ class QwenVisionConfig:
         return self.window_merges ** 2 * self.merge_unit if self.kind == "qwen2_5_vl" else 1
 
     @property
-    def position_side(self) -> int:  # Qwen3.5: the learned position grid's side (HF's num_grid_per_side); else 0
+    def position_side(self) -> int:  # learned positions: the grid's side (HF's num_grid_per_side); else 0
         return math.isqrt(self.num_position_embeddings)
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "QwenVisionConfig | None":
-        """A `qwen2_vl`, `qwen2_5_vl`, `qwen3_5` or `qwen3_5_moe` config.json's image encoder; None for any other
-        model, and for a Qwen3.5 config without a vision_config (a text-only checkpoint). The language model's fields
-        are top-level (older checkpoints) or under text_config (transformers 5)."""
+        """A `qwen2_vl`, `qwen2_5_vl`, `qwen3_5`, `qwen3_5_moe`, `qwen3_vl` or `qwen3_vl_moe` config.json's image
+        encoder; None for any other model, and for a Qwen3.5 config without a vision_config (a text-only checkpoint;
+        Qwen3-VL's config class reads a missing one as its defaults). The language model's fields are top-level (older
+        checkpoints) or under text_config (transformers 5)."""
         kind = KINDS.get(cfg.get("model_type"))
         if kind is None or (kind == "qwen3_5" and cfg.get("vision_config") is None):
             return None
         vision = cfg.get("vision_config") or {}
         field = lambda name: vision.get(name, DEFAULTS[kind][name])  # noqa: E731
-        window, fullatt, table = 0, (), 0
+        window, fullatt, table, deep = 0, (), 0, ()
         if kind == "qwen2_vl":  # embed_dim is the ViT's width; hidden_size the merger's output
             hidden, out_hidden = field("embed_dim"), field("hidden_size")
             intermediate = int(hidden * field("mlp_ratio"))
@@ -180,8 +206,10 @@ class QwenVisionConfig:
             intermediate = field("intermediate_size")
         if kind == "qwen2_5_vl":
             window, fullatt = field("window_size"), tuple(field("fullatt_block_indexes"))
-        if kind == "qwen3_5":
+        if kind in LEARNED_POSITIONS:
             table = field("num_position_embeddings")
+        if kind == "qwen3_vl":
+            deep = tuple(field("deepstack_visual_indexes"))
         text = cfg.get("text_config") or cfg
         if "hidden_size" in text and text["hidden_size"] != out_hidden:  # HF would fail splicing the rows in
             raise ConfigError(f"vision_config.{'hidden_size' if kind == 'qwen2_vl' else 'out_hidden_size'} "
@@ -195,12 +223,14 @@ class QwenVisionConfig:
                    temporal_patch_size=field("temporal_patch_size"), spatial_merge_size=field("spatial_merge_size"),
                    in_channels=field("in_channels"), hidden_act=field("hidden_act"), out_hidden_size=out_hidden,
                    window_size=window, fullatt_block_indexes=fullatt, num_position_embeddings=table,
-                   rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", ROPE_THETA))), **tokens)
+                   deepstack_layers=deep, **tokens,
+                   rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", ROPE_THETA))))
 
 
 def param_shapes(cfg: QwenVisionConfig) -> dict:
-    """The weight pytree as shapes: "patch" [patch_dim, hidden] (Qwen3.5: and "patch_bias" [hidden], "pos_embed"
-    [num_position_embeddings, hidden]), "layers" (num_layers stacked), "merger"."""
+    """The weight pytree as shapes: "patch" [patch_dim, hidden] (Qwen3.5, Qwen3-VL: and "patch_bias" [hidden],
+    "pos_embed" [num_position_embeddings, hidden]), "layers" (num_layers stacked), "merger" (Qwen3-VL: and "deepstack",
+    deepstack_count mergers stacked, their norms over merge_unit * hidden)."""
     h, i, n, m = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.merge_unit * cfg.hidden_size
     layer_norm = cfg.kind != "qwen2_5_vl"  # LayerNorm with a bias, fc1 -> act -> fc2; Qwen2.5-VL: RMSNorm, gated
     layers = {"norm1": (n, h), "norm2": (n, h), "wqkv": (n, h, 3 * h), "bqkv": (n, 3 * h), "wo": (n, h, h),
@@ -213,8 +243,10 @@ def param_shapes(cfg: QwenVisionConfig) -> dict:
                    "down_bias": (n, h)}
     merger = {"ln": (h,), "w1": (m, m), "b1": (m,), "w2": (m, cfg.out_hidden_size), "b2": (cfg.out_hidden_size,)}
     top = {"patch": (cfg.patch_dim, h)}
-    if cfg.kind == "qwen3_5":
+    if cfg.kind in LEARNED_POSITIONS:
         top |= {"patch_bias": (h,), "pos_embed": (cfg.num_position_embeddings, h)}
+    if cfg.deepstack_count:  # norms after the shuffle: over a merged row
+        top["deepstack"] = {k: (cfg.deepstack_count, *s) for k, s in (merger | {"ln": (m,), "ln_bias": (m,)}).items()}
     return top | {"layers": layers, "merger": merger | ({"ln_bias": (h,)} if layer_norm else {})}
 
 
@@ -230,10 +262,10 @@ def init_params(cfg: QwenVisionConfig, key: jax.Array, dtype=jnp.float32, scale:
 
 
 def load_params(path: str, cfg: QwenVisionConfig, dtype=np.float32) -> dict:
-    """The encoder's weights (numpy arrays of `dtype`) from an HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 checkpoint
-    directory; the language model's tensors are not read."""
+    """The encoder's weights (numpy arrays of `dtype`) from an HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 / Qwen3-VL
+    checkpoint directory; the language model's tensors are not read."""
     shapes = param_shapes(cfg)
-    renamed = QWEN3_5_NAMES if cfg.kind == "qwen3_5" else {}
+    renamed = QWEN3_5_NAMES if cfg.kind in LEARNED_POSITIONS else {}
     layer_names, merger_names = LAYER_NAMES | renamed.get("layers", {}), MERGER_NAMES | renamed.get("merger", {})
     with opened_shards(path) as (names, stored):
         found = [p for p in PREFIXES if p + PATCH_NAME in names]
@@ -250,19 +282,25 @@ def load_params(path: str, cfg: QwenVisionConfig, dtype=np.float32) -> dict:
                                       f"needs {shape}")
             return a.astype(dtype)
 
+        def stacked(group: str, name) -> dict:  # filled entry by entry: one copy of the stack in host memory
+            out = {}
+            for k, shape in shapes[group].items():
+                stack = out[k] = np.empty(shape, dtype)
+                for i in range(shape[0]):
+                    stack[i] = read(k, name(i, k), shape[1:])
+            return out
+
         params = {k: read(k, TOP_NAMES[k], s) for k, s in shapes.items() if k in TOP_NAMES}
         params["merger"] = {k: read(k, "merger." + merger_names[k], s) for k, s in shapes["merger"].items()}
-        params["layers"] = {}
-        for k, shape in shapes["layers"].items():  # filled layer by layer: one copy of the stack in host memory
-            stack = params["layers"][k] = np.empty(shape, dtype)
-            for i in range(shape[0]):
-                stack[i] = read(k, f"blocks.{i}.{layer_names[k]}", shape[1:])
+        params["layers"] = stacked("layers", lambda i, k: f"blocks.{i}.{layer_names[k]}")
+        if "deepstack" in shapes:
+            params["deepstack"] = stacked("deepstack", lambda j, k: f"{DEEPSTACK_PREFIX}{j}.{merger_names[k]}")
     return params
 
 
 # ---------------------------------------------------------------------------------------------- forward
 def _norm(x: jax.Array, w: jax.Array, b: jax.Array | None) -> jax.Array:
-    """LayerNorm where there is a bias (Qwen2-VL, Qwen3.5), else RMSNorm; in float32."""
+    """LayerNorm where there is a bias (Qwen2-VL, Qwen3.5, Qwen3-VL), else RMSNorm; in float32."""
     x32 = x.astype(jnp.float32)
     if b is not None:
         x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
@@ -321,10 +359,30 @@ def _layer(cfg: QwenVisionConfig, p: dict, x: jax.Array, cos: jax.Array, sin: ja
     return x + (act(y @ p["gate"] + p["gate_bias"]) * (y @ p["up"] + p["up_bias"])) @ p["down"] + p["down_bias"]
 
 
+def _merge(cfg: QwenVisionConfig, w: dict, x: jax.Array, postshuffle: bool = False) -> jax.Array:
+    """The patch merger: x [N, H] -> [N // merge_unit, out_hidden_size]. Each merge block's merge_unit consecutive
+    rows as one [merge_unit * H] row, normalized per patch before the regrouping (postshuffle: per merged row after
+    it, Qwen3-VL's deepstack mergers), then fc1 -> exact gelu -> fc2."""
+    rows = (x.shape[0] // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
+    if postshuffle:
+        y = _norm(x.reshape(rows), w["ln"], w["ln_bias"])
+    else:
+        y = _norm(x, w["ln"], w.get("ln_bias")).reshape(rows)
+    y = jax.nn.gelu(y @ w["w1"] + w["b1"], approximate=False)
+    return y @ w["w2"] + w["b2"]
+
+
 def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
     """One image's inputs by name (`qwen_patches.encode_inputs`: its patches [N, patch_dim], N static and padded, with
-    its rows' grid coordinates, validity, windows and position taps) -> [N // merge_unit, out_hidden_size] in the
-    weights' dtype; rows past the image's are padding's. Pure; jit it with cfg static (functools.partial)."""
+    its rows' grid coordinates, validity, windows and position taps) -> [N // merge_unit, (1 + deepstack_count) *
+    out_hidden_size] in the weights' dtype; rows past the image's are padding's. Pure; jit it with cfg static
+    (functools.partial).
+
+    Row r's columns: [0, out_hidden_size) the main merger's (the tokens' input embeddings); Qwen3-VL's then, for
+    j < deepstack_count, [(1 + j) * out_hidden_size, (2 + j) * out_hidden_size) the merger of layer
+    deepstack_layers[j]'s output (HF's deepstack_features[j], which its language model adds to the tokens' hidden
+    states after decoder layer j). So out.reshape(rows, 1 + deepstack_count, out_hidden_size)[:, 0] is the main
+    merger's, [:, 1 + j] deepstack feature j. The other kinds: the main merger's alone."""
     patches, hpos, wpos, valid = (inputs[k] for k in ("patches", "hpos", "wpos", "valid"))
     n, d = patches.shape[0], cfg.hidden_size // cfg.num_heads
     dtype = params["patch"].dtype
@@ -332,7 +390,7 @@ def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
         raise ValueError(f"patches {patches.shape}: the encoder takes [N, {cfg.patch_dim}], N a multiple of "
                          f"{cfg.merge_unit}")
     x = patches.astype(dtype) @ params["patch"]  # the patch conv: [N, H]
-    if cfg.kind == "qwen3_5":  # its bias, and the learned positions at the patch: its taps' rows weighted, in float32
+    if cfg.kind in LEARNED_POSITIONS:  # its bias, and the learned positions at the patch: its taps' rows weighted (f32)
         index, weight = inputs["pos_index"], inputs["pos_weight"]
         pos = sum(params["pos_embed"][index[:, t]].astype(jnp.float32) * weight[:, t, None] for t in range(TAPS))
         x = x + params["patch_bias"] + pos.astype(dtype)
@@ -350,14 +408,23 @@ def encode(params: dict, inputs: dict, *, cfg: QwenVisionConfig) -> jax.Array:
                             lambda: _window_attention(q, k, v, inputs["blocks"], inputs["block_valid"],
                                                       inputs["slot"]))
 
-    def body(x, xs):
-        i, is_full = xs  # a step indexes its weights in the stack in place
-        layer = jax.tree.map(lambda a: a[i], params["layers"])
-        return _layer(cfg, layer, x, cos, sin, functools.partial(attend, is_full)), None
+    # Qwen3-VL: per layer, whether its output is a deepstack layer's and its slot among them (0 for the others)
+    deep = np.isin(np.arange(cfg.num_layers), cfg.deepstack_layers)
+    slot = np.where(deep, np.cumsum(deep) - 1, 0).astype(np.int32)
 
-    x, _ = jax.lax.scan(body, x, (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(full)))
-    # merger: its norm per patch, each merge block's merge_unit consecutive rows as one [merge_unit * H] row, MLP
-    w = params["merger"]
-    y = _norm(x, w["ln"], w.get("ln_bias")).reshape(n // cfg.merge_unit, cfg.merge_unit * cfg.hidden_size)
-    y = jax.nn.gelu(y @ w["w1"] + w["b1"], approximate=False)
-    return (y @ w["w2"] + w["b2"]).astype(dtype)
+    def body(carry, xs):
+        x, kept = carry  # kept [deepstack_count, N, H]: the deepstack layers' outputs so far
+        i, is_full, is_deep, j = xs  # a step indexes its weights in the stack in place
+        layer = jax.tree.map(lambda a: a[i], params["layers"])
+        x = _layer(cfg, layer, x, cos, sin, functools.partial(attend, is_full))
+        if cfg.deepstack_count:
+            kept = jax.lax.dynamic_update_index_in_dim(kept, jnp.where(is_deep, x, kept[j]), j, 0)
+        return (x, kept), None
+
+    kept = jnp.zeros((cfg.deepstack_count, n, cfg.hidden_size), dtype) if cfg.deepstack_count else None
+    xs = (jnp.arange(cfg.num_layers, dtype=jnp.int32), jnp.asarray(full), jnp.asarray(deep), jnp.asarray(slot))
+    (x, kept), _ = jax.lax.scan(body, (x, kept), xs)
+    rows = [_merge(cfg, params["merger"], x)]  # [N // merge_unit, out_hidden_size] each
+    if cfg.deepstack_count:
+        rows += list(jax.vmap(functools.partial(_merge, cfg, postshuffle=True))(params["deepstack"], kept))
+    return jnp.concatenate(rows, axis=-1).astype(dtype)

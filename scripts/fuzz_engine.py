@@ -92,6 +92,7 @@ MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4")
 RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a recurrent state per sequence)
 SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose heads split over 2 devices
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
+GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 
 
 def draw_features(seed: int, model: str) -> dict:
@@ -101,13 +102,15 @@ def draw_features(seed: int, model: str) -> dict:
     devices, speculative.max_batch (with speculative decoding: no drafts in steps of more decodes than that, and on
     models with linear layers that many rows of draft state slots), images in two prompts of three (a tiny random
     vision tower in front of the model: two images, so that prompts share cached images and differ by them), as
-    LLaVA-NeXT's tiles in half of those seeds."""
+    LLaVA-NeXT's tiles in half of those seeds, or (models in GRID) as Qwen2.5-VL's grid of patches with the model's
+    RoPE made M-RoPE (`tiny_grid_vision`)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
-            "images": rng.random() < 0.25, "anyres": rng.random() < 0.5}
+            "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
+            "grid": model in GRID and rng.random() < 0.4}
 
 
 def tiny_vision(cfg, anyres: bool = False):
@@ -134,6 +137,36 @@ def tiny_vision(cfg, anyres: bool = False):
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (30, 24 + 8 * i, 3), dtype=np.uint8)) for i in range(2)]
     return (vcfg, vision.init_params(vcfg, jax.random.key(17), scale=0.5), processor), images
+
+
+def tiny_grid_vision(model: tuple, interleaved: bool):
+    """((the model with M-RoPE, its params, tokenizer), (QwenVisionConfig, random params, QwenImageProcessor)) and two
+    images: a Qwen2.5-VL tower of 8-pixel patches merged 2 x 2 in windows of 2 x 2 merge blocks, images of 2 to 30
+    positions (these two: 24 and 20); the model's rotary pairs split over the temporal, height and width positions
+    (interleaved: as Qwen3.5 lays them out)."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+    from PIL import Image
+
+    from engine.qwen_images import QwenImageProcessor
+    from models import qwen_vision
+
+    cfg, params, tokenizer = model
+    pairs = cfg.rotary_dim // 2
+    cfg = dataclasses.replace(cfg, mrope_section=(pairs - 2 * (pairs // 3), pairs // 3, pairs // 3),
+                              mrope_interleaved=interleaved)
+    vcfg = qwen_vision.QwenVisionConfig(
+        kind="qwen2_5_vl", hidden_size=32, intermediate_size=48, num_layers=2, num_heads=2, patch_size=8,
+        temporal_patch_size=2, spatial_merge_size=2, in_channels=3, hidden_act="silu",
+        out_hidden_size=cfg.hidden_size, image_token_id=cfg.vocab_size - 1, vision_start_token_id=0, window_size=32,
+        fullatt_block_indexes=(1,))
+    processor = QwenImageProcessor(min_pixels=2 * 16 * 16, max_pixels=30 * 16 * 16, patch_size=8)
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 128 - 48 * i, 3), dtype=np.uint8)) for i in range(2)]
+    vision = (vcfg, qwen_vision.init_params(vcfg, jax.random.key(19), scale=0.5), processor)
+    return (cfg, params, tokenizer), vision, images
 
 
 def _with_image(prompt: list[int], images: list, vcfg) -> tuple[list[int], list]:
@@ -214,8 +247,13 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     features = draw_features(seed, model)
     extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora", "images")
                                                               if features[k]), *(["tp 2"] if features["tensor"] > 1 else []),
-                       *(["anyres"] if features["images"] and features["anyres"] else [])])
-    vision, images = tiny_vision(models[model][0], features["anyres"]) if features["images"] else (None, None)
+                       *([("grid" if features["grid"] else "anyres")] if features["images"] and (
+                           features["anyres"] or features["grid"]) else [])])
+    served = models[model]
+    if features["images"] and features["grid"]:
+        served, vision, images = tiny_grid_vision(served, interleaved=model == "qwen3_5")
+    else:
+        vision, images = tiny_vision(models[model][0], features["anyres"]) if features["images"] else (None, None)
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk
@@ -231,10 +269,10 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                                             std=0.1) for i, name in enumerate(("a", "b"))}
         reference["lora.adapters"] = fuzzed["lora.adapters"] = paths
     try:
-        want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=models[model], vision=vision),
+        want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=served, vision=vision),
                          prompts, max_tokens, features, rules, images)
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
-            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=models[model], vision=vision)
+            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=served, vision=vision)
             got = _generate(llm, prompts, max_tokens, features, rules, images)
             held = llm.engine.stats()["pages_held_by_requests"]
             llm.engine.shutdown()

@@ -1,8 +1,8 @@
-"""models/qwen_vision.py and engine/qwen_images.py against transformers: tiny random Qwen2-VL, Qwen2.5-VL and Qwen3.5
-models saved as HF checkpoints, read back by `QwenVisionConfig.from_hf_config` / `load_params`, encoded image by image
-(padded to a bucket) and compared with HF's vision tower on several images at once; the patch layout against HF's
-position ids and window partition, Qwen3.5's position taps against HF's and torch's bilinear resampling; the image
-processor against Qwen2VLImageProcessorPil; what the configs refuse."""
+"""models/qwen_vision.py and engine/qwen_images.py against transformers: tiny random Qwen2-VL, Qwen2.5-VL, Qwen3.5 and
+Qwen3-VL models saved as HF checkpoints, read back by `QwenVisionConfig.from_hf_config` / `load_params`, encoded image
+by image (padded to a bucket) and compared with HF's image features on several images at once (Qwen3-VL's DeepStack
+features too); the patch layout against HF's position ids and window partition, Qwen3.5's position taps against HF's
+and torch's bilinear resampling; the image processor against Qwen2VLImageProcessorPil; what the configs refuse."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,8 +28,9 @@ TEXT = dict(vocab_size=64, hidden_size=24, intermediate_size=32, num_hidden_laye
 # Qwen3.5's language model: one linear-attention (gated delta) layer, small heads
 TEXT_3_5 = TEXT | dict(head_dim=12, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
                        linear_num_value_heads=2)
+TEXT_3_VL = TEXT | dict(head_dim=12)
 # patches of 14 pixels merged 2 x 2; Qwen2.5-VL's windows 84 pixels = 3 x 3 merge blocks, layers 1 and 3 full;
-# Qwen3.5's learned positions a 6 x 6 table
+# Qwen3.5's and Qwen3-VL's learned positions a 6 x 6 table; Qwen3-VL's deepstack mergers on layers 0 and 2 of 4
 TOWERS = {
     "qwen2_vl": dict(depth=3, embed_dim=32, hidden_size=TEXT["hidden_size"], num_heads=2, mlp_ratio=2),
     "qwen2_5_vl": dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=TEXT["hidden_size"],
@@ -37,6 +38,8 @@ TOWERS = {
     "qwen3_5": dict(depth=3, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=TEXT["hidden_size"],
                     patch_size=14, num_position_embeddings=36),
 }
+TOWERS["qwen3_vl"] = TOWERS["qwen3_5"] | dict(depth=4, deepstack_visual_indexes=[0, 2])
+TEXTS = {"qwen2_vl": TEXT, "qwen2_5_vl": TEXT, "qwen3_5": TEXT_3_5, "qwen3_vl": TEXT_3_VL}
 # (t, h, w) in patches: 2 x 2 windows (the lower ones partial), 2 x 1 (the lower partial), one window smaller than
 # a window; 96, 60 and 16 patches: buckets of 128, 64 and 64 rows
 GRIDS = [(1, 8, 12), (1, 10, 6), (1, 4, 4)]
@@ -46,7 +49,7 @@ POSITION_GRIDS = GRIDS + [(1, 2, 14)]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """-> get(kind): (a tiny random HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 in float32, the directory it was saved to),
+    """-> get(kind): (a tiny random HF Qwen2-VL / Qwen2.5-VL / Qwen3.5 / Qwen3-VL in float32, its directory),
     each built once per module, every weight of the vision tower moved off its init (biases 0, norm scales 1, Qwen3.5's
     positions the same for every image)."""
     built = {}
@@ -60,9 +63,10 @@ def checkpoints(tmp_path_factory):
                 "qwen2_vl": (transformers.Qwen2VLConfig, transformers.Qwen2VLForConditionalGeneration),
                 "qwen2_5_vl": (transformers.Qwen2_5_VLConfig, transformers.Qwen2_5_VLForConditionalGeneration),
                 "qwen3_5": (transformers.Qwen3_5Config, transformers.Qwen3_5ForConditionalGeneration),
+                "qwen3_vl": (transformers.Qwen3VLConfig, transformers.Qwen3VLForConditionalGeneration),
             }[kind]
-            config = cls(vision_config=TOWERS[kind], text_config=TEXT_3_5 if kind == "qwen3_5" else TEXT,
-                         image_token_id=60, vision_start_token_id=61)
+            config = cls(vision_config=TOWERS[kind], text_config=TEXTS[kind], image_token_id=60,
+                         vision_start_token_id=61)
             torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{kind}]"))
             model = model_cls(config).eval()
             with torch.no_grad():
@@ -83,12 +87,14 @@ def _hf_config(directory: str) -> dict:
 
 
 def _hf_features(model, patches: np.ndarray, grids) -> list[np.ndarray]:
+    """HF's get_image_features, per image: its rows, and (Qwen3-VL) each deepstack layer's beside them in order."""
     import torch
 
     with torch.no_grad():
-        out = model.model.visual(torch.from_numpy(patches), grid_thw=torch.tensor(grids)).pooler_output
-    sizes = [t * h * w // 4 for t, h, w in grids]  # merge 2 x 2
-    return [a.numpy() for a in torch.split(out, sizes)]
+        out = model.model.get_image_features(torch.from_numpy(patches), torch.tensor(grids), return_dict=True)
+    # pooler_output: a tensor per image; deepstack_features: per deepstack layer, a tensor per image
+    per_image = zip(out.pooler_output, *(getattr(out, "deepstack_features", None) or []))
+    return [torch.cat(features, dim=-1).numpy() for features in per_image]
 
 
 def _encode_all(params, cfg, patches: np.ndarray, grids) -> list[np.ndarray]:
@@ -99,22 +105,24 @@ def _encode_all(params, cfg, patches: np.ndarray, grids) -> list[np.ndarray]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["qwen2_vl", "qwen2_5_vl", "qwen3_5", "qwen3_vl"])
 def test_encode_is_transformers(checkpoints, kind):
     """Several images in one HF call (its cu_seqlens keep them apart) against ours one by one, padded to buckets.
-    Qwen3.5's checkpoint has its tower under `model.visual.` (what transformers 5 saves for it), its positions
-    resampled up and down."""
+    Qwen3.5's and Qwen3-VL's checkpoints have their towers under `model.visual.` (what transformers 5 saves), their
+    positions resampled up and down; Qwen3-VL's rows carry its 2 deepstack features after the merger's."""
     model, directory = checkpoints(kind)
     cfg = QwenVisionConfig.from_hf_config(_hf_config(directory))
     assert (cfg.kind, cfg.text_hidden_size, cfg.image_token_id, cfg.vision_start_token_id) == (kind, 24, 60, 61)
+    assert cfg.deepstack_layers == ((0, 2) if kind == "qwen3_vl" else ())
     params = qwen_vision.load_params(directory, cfg)
-    grids = POSITION_GRIDS if kind == "qwen3_5" else GRIDS
+    grids = POSITION_GRIDS if kind in ("qwen3_5", "qwen3_vl") else GRIDS
     patches = fresh.rng().standard_normal((sum(t * h * w for t, h, w in grids), cfg.patch_dim), dtype=np.float32)
     want = _hf_features(model, patches, grids)
     got = _encode_all(params, cfg, patches, grids)
     for g, w, (_, h, wd) in zip(got, want, grids):
-        assert g.shape == w.shape == (h * wd // 4, TEXT["hidden_size"])
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4 * np.abs(w).max())
+        assert g.shape == w.shape == (h * wd // 4, (1 + cfg.deepstack_count) * TEXT["hidden_size"])
+        for part_g, part_w in zip(np.split(g, 1 + cfg.deepstack_count, -1), np.split(w, 1 + cfg.deepstack_count, -1)):
+            np.testing.assert_allclose(part_g, part_w, rtol=0, atol=1e-4 * np.abs(part_w).max())
 
 
 @pytest.mark.slow
@@ -184,24 +192,26 @@ def test_patch_layout_is_transformers():
         qwen_patches.patch_layout(cfg, (1, 5, 4))
 
 
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", pytest.param("qwen3_5", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", pytest.param("qwen3_5", marks=pytest.mark.slow),
+                                  pytest.param("qwen3_vl", marks=pytest.mark.slow)])
 def test_init_params_padding_blocks_and_dtype(monkeypatch, kind):
     """Random weights: every kind's inputs have the same names; an image's rows do not depend on how much padding
     follows, nor on how many queries a full layer takes at a time; in bfloat16, finite rows."""
     cfg = QwenVisionConfig.from_hf_config({"model_type": kind, "vision_config": TOWERS[kind], "text_config": TEXT})
     params = qwen_vision.init_params(cfg, jax.random.key(fresh.seed()), jnp.float32)
+    width = (1 + cfg.deepstack_count) * TEXT["hidden_size"]  # Qwen3-VL: 2 deepstack features beside each row
     assert jax.tree.map(lambda a: a.shape, params) == qwen_vision.param_shapes(cfg)
     grid = (1, 4, 6)
     patches = fresh.rng().standard_normal((24, cfg.patch_dim), dtype=np.float32)
     inputs = qwen_patches.encode_inputs(cfg, patches, grid)
     assert tuple(inputs) == qwen_patches.INPUT_KEYS and qwen_patches.padded_len(cfg, 24) == len(inputs["patches"]) == 64
-    assert inputs["pos_index"].shape == ((64, 4) if kind == "qwen3_5" else (0, 4))
+    assert inputs["pos_index"].shape == ((0, 4) if kind == "qwen2_5_vl" else (64, 4))
     # the image unpadded: its 24 rows of each per-row input (the windows' blocks hold only its rows)
     rows = ("patches", "hpos", "wpos", "valid", "slot", "pos_index", "pos_weight")
     encode = jax.jit(functools.partial(qwen_vision.encode, cfg=cfg))
     exact = encode(params, {k: a[:24] if k in rows else a for k, a in inputs.items()})
     padded = qwen_patches.encode_image(encode, params, cfg, patches, grid)
-    assert padded.shape == (6, 24)
+    assert padded.shape == (6, width)
     np.testing.assert_allclose(padded, exact, rtol=0, atol=1e-5 * np.abs(exact).max())
     monkeypatch.setattr(qwen_vision, "FULL_BLOCK", 16)  # the 64 padded rows' full layers in 4 blocks of queries
     blocked = qwen_patches.encode_image(jax.jit(functools.partial(qwen_vision.encode, cfg=cfg)), params, cfg, patches,
@@ -237,7 +247,9 @@ def test_position_taps_are_transformers():
                                                         size=grid[1:], mode="bilinear", align_corners=True)[0]
             layout = qwen_patches.patch_layout(cfg, grid)
             want = resampled[:, layout["hpos"], layout["wpos"]].T.numpy()  # [n, 3], the processor's order
-            np.testing.assert_allclose((embed[index] * weight[..., None]).sum(1), want, rtol=0, atol=1e-5)
+            # HF's float32 weights against torch's float64 resampling: the taps' places on the side-48 table carry
+            # float32 rounding (~1e-6 of a row), times the table's steps between neighbours (~4 here): ~1e-5
+            np.testing.assert_allclose((embed[index] * weight[..., None]).sum(1), want, rtol=0, atol=5e-5)
 
 
 def test_config_defaults_and_refusals():
@@ -256,23 +268,34 @@ def test_config_defaults_and_refusals():
     assert cfg.window_merges == 4 and cfg.fullatt_block_indexes == (7, 15, 23, 31) and cfg.intermediate_size == 3420
     assert cfg.num_position_embeddings == 0
 
-    # Qwen3.5, dense and MoE: an empty vision_config reads as HF's defaults (transformers 5's layout), token ids too
-    for cls in (transformers.Qwen3_5Config, transformers.Qwen3_5MoeConfig):
+    # Qwen3.5 and Qwen3-VL, dense and MoE: an empty vision_config reads as HF's defaults (transformers 5's layout),
+    # token ids and Qwen3-VL's deepstack layers too
+    for cls, kind in ((transformers.Qwen3_5Config, "qwen3_5"), (transformers.Qwen3_5MoeConfig, "qwen3_5"),
+                      (transformers.Qwen3VLConfig, "qwen3_vl"), (transformers.Qwen3VLMoeConfig, "qwen3_vl")):
         hf = cls(vision_config={}, text_config={"hidden_size": 3584})
         hv = hf.vision_config
         cfg = QwenVisionConfig.from_hf_config({"model_type": hf.model_type, "vision_config": {},
                                                "text_config": {"hidden_size": 3584}})
         assert (cfg.kind, cfg.hidden_size, cfg.intermediate_size, cfg.num_layers, cfg.num_heads, cfg.patch_size,
                 cfg.temporal_patch_size, cfg.spatial_merge_size, cfg.in_channels, cfg.hidden_act, cfg.out_hidden_size,
-                cfg.num_position_embeddings, cfg.rope_theta, cfg.image_token_id, cfg.vision_start_token_id) == (
-            "qwen3_5", hv.hidden_size, hv.intermediate_size, hv.depth, hv.num_heads, hv.patch_size,
+                cfg.num_position_embeddings, cfg.rope_theta, cfg.image_token_id, cfg.vision_start_token_id,
+                cfg.deepstack_layers) == (
+            kind, hv.hidden_size, hv.intermediate_size, hv.depth, hv.num_heads, hv.patch_size,
             hv.temporal_patch_size, hv.spatial_merge_size, hv.in_channels, hv.hidden_act, hv.out_hidden_size,
-            hv.num_position_embeddings, hv.rope_parameters["rope_theta"], hf.image_token_id, hf.vision_start_token_id)
+            hv.num_position_embeddings, hv.rope_parameters["rope_theta"], hf.image_token_id, hf.vision_start_token_id,
+            tuple(getattr(hv, "deepstack_visual_indexes", ())))
         assert cfg.position_side == 48 and cfg.window_rows == 1 and cfg.patch_dim == 3 * 2 * 16 * 16
-    # the MoE model's config.json gives the dense one's tower
-    dense, moe = (QwenVisionConfig.from_hf_config(cls(vision_config=TOWERS["qwen3_5"], text_config=TEXT_3_5).to_dict())
-                  for cls in (transformers.Qwen3_5Config, transformers.Qwen3_5MoeConfig))
-    assert dense == moe and dense.num_position_embeddings == 36
+        assert cfg.deepstack_count == (3 if kind == "qwen3_vl" else 0)
+    assert cfg.deepstack_layers == (8, 16, 24) and cfg.image_token_id == 151655
+    # Qwen3-VL's config class reads a missing vision_config as its defaults (Qwen3.5's: a text-only model, below)
+    assert QwenVisionConfig.from_hf_config({"model_type": "qwen3_vl", "text_config": {"hidden_size": 3584}}) == cfg
+    # the MoE models' config.json give the dense ones' towers
+    for kind, dense_cls, moe_cls in (("qwen3_5", transformers.Qwen3_5Config, transformers.Qwen3_5MoeConfig),
+                                     ("qwen3_vl", transformers.Qwen3VLConfig, transformers.Qwen3VLMoeConfig)):
+        dense, moe = (QwenVisionConfig.from_hf_config(c(vision_config=TOWERS[kind], text_config=TEXTS[kind]).to_dict())
+                      for c in (dense_cls, moe_cls))
+        assert dense == moe and dense.num_position_embeddings == 36
+    assert dense.deepstack_layers == (0, 2) and dense.num_layers == 4
     # HF reads rope_type "default" as the towers' axial
     rope = {"rope_type": "default", "rope_theta": 5000.0}
     assert QwenVisionConfig.from_hf_config({"model_type": "qwen3_5", "text_config": TEXT, "vision_config":
@@ -285,6 +308,7 @@ def test_config_defaults_and_refusals():
         assert QwenVisionConfig.from_hf_config(raw) is None
     base = {"model_type": "qwen2_5_vl", "text_config": TEXT}
     base_3_5, table = {"model_type": "qwen3_5", "text_config": TEXT}, "num_position_embeddings"
+    base_3_vl, deep = {"model_type": "qwen3_vl", "text_config": TEXT}, "deepstack_visual_indexes"
     for raw, field in [
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "window_size": 20}}, "window_size"),
         ({**base, "vision_config": {**TOWERS["qwen2_5_vl"], "hidden_act": "relu"}}, "hidden_act"),
@@ -294,12 +318,19 @@ def test_config_defaults_and_refusals():
         ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], table: 0}}, table),
         ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], "out_hidden_size": 16}}, "out_hidden_size"),
         ({**base_3_5, "vision_config": {**TOWERS["qwen3_5"], "rope_parameters": {"rope_type": "yarn"}}}, "rope_type"),
+        ({**base_3_vl, "vision_config": {**TOWERS["qwen3_vl"], deep: [0, 4]}}, deep),  # past the last layer (3)
+        ({**base_3_vl, "vision_config": {**TOWERS["qwen3_vl"], deep: [-1]}}, deep),
+        ({**base_3_vl, "vision_config": {**TOWERS["qwen3_vl"], deep: [2, 0]}}, deep),  # HF's features in layer order
+        ({**base_3_vl, "vision_config": {**TOWERS["qwen3_vl"], deep: [2, 2]}}, deep),
+        ({**base_3_vl, "vision_config": {**TOWERS["qwen3_vl"], table: 35}}, table),
     ]:
         with pytest.raises(ConfigError, match=field):
             QwenVisionConfig.from_hf_config(raw)
+    qwen2_5 = QwenVisionConfig.from_hf_config({**base, "vision_config": TOWERS["qwen2_5_vl"]})
     with pytest.raises(ConfigError, match="num_position_embeddings"):  # a tower without learned positions
-        dataclasses.replace(QwenVisionConfig.from_hf_config({**base, "vision_config": TOWERS["qwen2_5_vl"]}),
-                            num_position_embeddings=36)
+        dataclasses.replace(qwen2_5, num_position_embeddings=36)
+    with pytest.raises(ConfigError, match=deep):  # nor deepstack mergers
+        dataclasses.replace(qwen2_5, deepstack_layers=(0,))
 
 
 # ---------------------------------------------------------------------------------------------- processor

@@ -1,4 +1,4 @@
-"""Qwen2-VL, Qwen2.5-VL and Qwen3.5 end to end: tiny random checkpoints written by transformers, served by the
+"""Qwen2-VL, Qwen2.5-VL, Qwen3.5 and Qwen3-VL end to end: tiny random checkpoints written by transformers, served by the
 engine from their directories (models/qwen_vision.py's tower, engine/qwen_images.py's processor, M-RoPE in
 models/llama.py with the positions of engine.multimodal.mrope_positions), against transformers' own forward on the
 same patches.
@@ -37,7 +37,16 @@ def _hf_model(kind: str):
     text = dict(vocab_size=IMAGE_TOKEN + 1, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]})
-    if kind == "qwen3_5":  # Gated DeltaNet layers around an attention layer; interleaved M-RoPE on half of each head
+    if kind == "qwen3_vl":  # a Qwen3 (q/k norms), interleaved M-RoPE, DeepStack rows added after layers 0 and 1
+        text = {**text, "head_dim": 16, "rope_parameters": {"rope_type": "default", "rope_theta": 5e6,
+                                                            "mrope_section": [3, 3, 2], "mrope_interleaved": True}}
+        vision = dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=16,
+                      deepstack_visual_indexes=[0, 2])
+        cfg = transformers.Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE_TOKEN,
+                                         video_token_id=IMAGE_TOKEN - 1, vision_start_token_id=IMAGE_TOKEN - 2)
+        model_cls = transformers.Qwen3VLForConditionalGeneration
+    elif kind == "qwen3_5":  # Gated DeltaNet layers around an attention layer; interleaved M-RoPE on half of each head
         text = {**text, "head_dim": 32, "num_hidden_layers": 4, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
                 "linear_key_head_dim": 8, "linear_value_head_dim": 12,
                 "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.5,
@@ -87,7 +96,7 @@ def checkpoints(tmp_path_factory):
             tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
             assert tok.add_special_tokens(["<|image_pad|>"]) == 1 and tok.token_to_id("<|image_pad|>") == IMAGE_TOKEN
             tok.save(str(path / "tokenizer.json"))
-            patch = 16 if kind == "qwen3_5" else 14
+            patch = 16 if kind in ("qwen3_5", "qwen3_vl") else 14
             (path / "preprocessor_config.json").write_text(json.dumps({
                 "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": CELLS[0] * (2 * patch) ** 2,
                 "max_pixels": CELLS[1] * (2 * patch) ** 2, "patch_size": patch, "temporal_patch_size": 2,
@@ -155,7 +164,7 @@ def test_mrope_positions_are_transformers_get_rope_index_in_any_window():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["qwen2_5_vl", "qwen2_vl", "qwen3_5", "qwen3_vl"])
 def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cached(checkpoints, kind):
     from engine.request import SamplingParams
 

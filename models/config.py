@@ -43,7 +43,8 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next")
+                  "granitemoehybrid, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
@@ -418,7 +419,7 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):
+        if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
                                     arch if arch == "qwen3_next" else "qwen3_5")
         if arch not in SUPPORTED_ARCHITECTURES or arch == "gemma3":

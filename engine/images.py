@@ -269,15 +269,9 @@ class ImageProcessor:
 
     @classmethod
     def from_dir(cls, path: str) -> ImageProcessor | AnyResProcessor | None:
-        """The processor of an HF checkpoint directory: preprocessor_config.json, else processor_config.json's
-        "image_processor"; None where it has neither."""
-        for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-            if os.path.isfile(file := os.path.join(path, name)):
-                with open(file) as f:
-                    d = json.load(f)
-                if key is None or d.get(key):
-                    return cls.from_dict(d if key is None else d[key])
-        return None
+        """The processor of an HF checkpoint directory (`processor_config`); None where it has none."""
+        d = processor_config(path)
+        return None if d is None else cls.from_dict(d)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """A PIL image -> float32 [3, H, W]. Each step computes as transformers' does, so the result is equal."""
@@ -305,6 +299,18 @@ class ImageProcessor:
         if self.image_mean is not None:
             x = (x - np.array(self.image_mean, np.float32)) / np.array(self.image_std, np.float32)
         return np.ascontiguousarray(x.transpose(2, 0, 1))  # [3, H, W]
+
+
+def processor_config(path: str) -> dict | None:
+    """An HF checkpoint directory's image processor config: preprocessor_config.json, else processor_config.json's
+    "image_processor"; None where it has neither."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        if os.path.isfile(file := os.path.join(path, name)):
+            with open(file) as f:
+                d = json.load(f)
+            if key is None or d.get(key):
+                return d if key is None else d[key]
+    return None
 
 
 def _center_crop(x: np.ndarray, crop_hw: tuple[int, int]) -> np.ndarray:

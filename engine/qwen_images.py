@@ -13,14 +13,12 @@ the still image repeated T = temporal_patch_size times.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 
 import numpy as np
 from PIL import Image
 
-from engine.images import ImageError, to_rgb
+from engine.images import ImageError, processor_config, to_rgb
 
 MAX_ASPECT_RATIO = 200  # HF's smart_resize refuses more
 _KNOWN_STEPS = {"do_convert_rgb", "do_resize", "do_rescale", "do_normalize"}
@@ -100,12 +98,9 @@ class QwenImageProcessor:
 
     @classmethod
     def from_dir(cls, path: str) -> QwenImageProcessor | None:
-        """The processor of an HF checkpoint directory (its preprocessor_config.json); None where it has none."""
-        file = os.path.join(path, "preprocessor_config.json")
-        if not os.path.isfile(file):
-            return None
-        with open(file) as f:
-            return cls.from_dict(json.load(f))
+        """The processor of an HF checkpoint directory (engine.images.processor_config); None where it has none."""
+        d = processor_config(path)
+        return None if d is None else cls.from_dict(d)
 
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """A PIL image -> (patches float32 [grid_h * grid_w, C * T * P * P], grid_thw (1, grid_h, grid_w))."""

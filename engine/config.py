@@ -72,6 +72,10 @@ class ModelSpec:
     # repetition_penalty; a GGUF's general.sampling.*) fills what a request leaves out (vLLM's --generation-config);
     # "none": SamplingParams' own defaults (temperature 1, no top-k/top-p).
     generation_config: Literal["auto", "none"] = "auto"
+    # A model that takes images: keys of its image processor's config (preprocessor_config.json) replaced at load
+    # (vLLM's --mm-processor-kwargs). Qwen-VL's: min_pixels / max_pixels bound an image's positions (one per
+    # 28 x 28 pixels; Qwen3-VL, Qwen3.5: 32 x 32), e.g. {max_pixels: 1003520} for at most 1,280 an image.
+    mm_processor_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)
@@ -355,6 +359,8 @@ def _merge(base: dict, update: Mapping) -> dict:
 
 def _coerce(key: str, tp: Any, value: Any) -> Any:
     origin, args = get_origin(tp), get_args(tp)
+    if tp is Any:  # (a value its reader checks: model.mm_processor_kwargs')
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

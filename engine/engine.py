@@ -114,7 +114,8 @@ class LLMEngine:
         if model is None:
             model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
-            vision = vision or multimodal.load_image_model(config.model.path, self.dtype)
+            vision = vision or multimodal.load_image_model(config.model.path, self.dtype,
+                                                           config.model.mm_processor_kwargs)
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
@@ -190,6 +191,9 @@ class LLMEngine:
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
         # A model that takes images (models/vision.py): its prompts' images (engine.multimodal), its vision tower
         self.image_prompts, encoder = None, None
+        if vision is None and config.model.mm_processor_kwargs:
+            raise ConfigKeyError("model.mm_processor_kwargs: this model takes no images (its checkpoint has no vision "
+                                 "tower)")
         if vision is not None:
             vcfg, vision_params, processor = vision
             if config.parallel.num_processes > 1:

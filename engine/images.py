@@ -267,6 +267,9 @@ class ImageProcessor:
                    image_std=tuple(map(float, d["image_std"])) if d["do_normalize"] else None,
                    pad_square=tuple(int(x * 255) for x in d["image_mean"]) if d.get("do_pad") else None)
 
+    # The keys of its config a deployment may replace (model.mm_processor_kwargs): none, a LLaVA tower reads one size
+    OVERRIDABLE = ()
+
     @classmethod
     def from_dir(cls, path: str) -> ImageProcessor | AnyResProcessor | None:
         """The processor of an HF checkpoint directory (`processor_config`); None where it has none."""

@@ -236,10 +236,11 @@ def _runs(ids: Seq[int], token: int) -> list[tuple[int, int]]:
     return out
 
 
-def load_image_model(path: str, dtype) -> tuple | None:
+def load_image_model(path: str, dtype, processor_kwargs: dict | None = None) -> tuple | None:
     """(vision config, vision params, image processor) of an HF checkpoint directory that takes images (a LLaVA,
-    LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config.json), else None. A vision model without a preprocessor_config.json is
-    refused by name."""
+    LLaVA-NeXT, Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Qwen3.5 config.json), else None. A vision model without a
+    preprocessor_config.json is refused by name. processor_kwargs (model.mm_processor_kwargs): keys of that config
+    replaced, those its processor lets be (`OVERRIDABLE`)."""
     import json
     import os
 
@@ -262,7 +263,16 @@ def load_image_model(path: str, dtype) -> tuple | None:
         module, processor_cls = qwen_vision, QwenImageProcessor
     if vcfg is None:
         return None
-    processor = processor_cls.from_dir(path)
+    from engine.config import ConfigKeyError
+    from engine.images import processor_config
+
+    processor = processor_config(path)
+    unknown = sorted(set(processor_kwargs or ()) - set(processor_cls.OVERRIDABLE))
+    if unknown:
+        raise ConfigKeyError(f"model.mm_processor_kwargs: {unknown} cannot be set for this model's image processor "
+                             f"(it takes {', '.join(processor_cls.OVERRIDABLE) or 'none'})")
+    if processor is not None:
+        processor = processor_cls.from_dict({**processor, **(processor_kwargs or {})})
     if processor is None:
         raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
                               "prepared by (resize, crop, normalization); none is there")

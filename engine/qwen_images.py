@@ -102,6 +102,9 @@ class QwenImageProcessor:
         d = processor_config(path)
         return None if d is None else cls.from_dict(d)
 
+    # The keys of its config a deployment may replace (model.mm_processor_kwargs): what bounds an image's positions
+    OVERRIDABLE = ("min_pixels", "max_pixels", "size")
+
     def __call__(self, image: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
         """A PIL image -> (patches float32 [grid_h * grid_w, C * T * P * P], grid_thw (1, grid_h, grid_w))."""
         image = to_rgb(image)

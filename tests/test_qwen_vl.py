@@ -221,3 +221,18 @@ def test_a_chat_with_image_parts_answers_as_its_prepared_prompt(checkpoints):
     assert ids.count(IMAGE_TOKEN) == 1 and len(sources) == 1
     [direct] = llm.generate([ids], greedy, images=[[image]])
     assert chat.token_ids == direct.token_ids and chat.prompt_tokens == direct.prompt_tokens > len(ids)
+
+
+def test_mm_processor_kwargs_bound_an_images_positions_and_unknown_keys_are_refused(checkpoints):
+    from engine.config import ConfigKeyError
+
+    _, path = checkpoints("qwen2_5_vl")
+    image = PIL.fromarray(fresh.rng().integers(0, 256, (280, 420, 3), dtype=np.uint8))  # 10 x 15 cells: past 30
+    default = _llm(path).engine.image_prompts
+    capped = _llm(path, **{"model.mm_processor_kwargs": {"max_pixels": 28 * 28 * 12}}).engine.image_prompts
+    [wide] = default.prepare([IMAGE_TOKEN], [image])[1]
+    [small] = capped.prepare([IMAGE_TOKEN], [image])[1]
+    # scaled down to the most pixels allowed, each side floored to whole cells (smart_resize)
+    assert (wide.thw, small.thw) == ((1, 4, 6), (1, 2, 4))
+    with pytest.raises(ConfigKeyError, match=r"mm_processor_kwargs: \['patch_size'\] cannot be set"):
+        _llm(path, **{"model.mm_processor_kwargs": {"patch_size": 16}})

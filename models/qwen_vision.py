@@ -20,8 +20,8 @@ layer gathers its q, k, v into one block of `window_rows` rows per window (`qwen
 a partial window's block padded and its padding masked), attends within each block and scatters the rows back (HF
 permutes the patches into window order instead; attention is permutation-equivariant and a window is a set of whole
 merge blocks, so the two agree). A full layer attends over the whole image in blocks of FULL_BLOCK queries. So memory
-grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, its default max_pixels
-65,536 patches.
+grows as N x FULL_BLOCK and N x window_rows, never N x N: Qwen2.5-VL's windows hold 64 patches, the max_pixels of its
+published checkpoints 65,536 patches.
 
 Qwen3.5 (`qwen3_5`; the dense and the MoE models have the same tower): Qwen2-VL's layers (LayerNorm, fc1 -> act ->
 fc2, here gelu-tanh; every layer full) and merger, plus a bias on the patch conv and a learned position table of

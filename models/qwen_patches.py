@@ -72,11 +72,13 @@ def window_blocks(cfg: QwenVisionConfig, window: np.ndarray, num_rows: int) -> t
     blocks = np.zeros((1 << max(count - 1, 0).bit_length(), rows), np.int32)
     block_valid = np.zeros(blocks.shape, bool)
     slot = np.zeros(num_rows, np.int32)
-    for w in range(count):
-        members = np.flatnonzero(window == w)
-        blocks[w, : len(members)] = members
-        block_valid[w, : len(members)] = True
-        slot[members] = w * rows + np.arange(len(members))
+    if count:  # one pass: rows sorted by window (in order within each), each one's rank among its window's
+        order = np.argsort(window, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(np.bincount(window, minlength=count))[:-1]])
+        rank = np.arange(len(window)) - starts[window[order]]
+        blocks[window[order], rank] = order
+        block_valid[window[order], rank] = True
+        slot[order] = window[order] * rows + rank
     slot[len(window):] = slot[0]
     return blocks, block_valid, slot
 

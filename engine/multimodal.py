@@ -266,16 +266,16 @@ def load_image_model(path: str, dtype, processor_kwargs: dict | None = None) -> 
     from engine.config import ConfigKeyError
     from engine.images import processor_config
 
-    processor = processor_config(path)
-    unknown = sorted(set(processor_kwargs or ()) - set(processor_cls.OVERRIDABLE))
+    processor_kwargs = processor_kwargs or {}
+    unknown = sorted(set(processor_kwargs) - set(processor_cls.OVERRIDABLE))
     if unknown:
         raise ConfigKeyError(f"model.mm_processor_kwargs: {unknown} cannot be set for this model's image processor "
                              f"(it takes {', '.join(processor_cls.OVERRIDABLE) or 'none'})")
-    if processor is not None:
-        processor = processor_cls.from_dict({**processor, **(processor_kwargs or {})})
-    if processor is None:
+    stored = processor_config(path)
+    if stored is None:
         raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
                               "prepared by (resize, crop, normalization); none is there")
+    processor = processor_cls.from_dict({**stored, **processor_kwargs})
     return vcfg, module.load_params(path, vcfg, dtype), processor
 
 

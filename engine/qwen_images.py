@@ -18,7 +18,7 @@ import math
 import numpy as np
 from PIL import Image
 
-from engine.images import ImageError, processor_config, to_rgb
+from engine.images import ImageError, to_rgb
 
 MAX_ASPECT_RATIO = 200  # HF's smart_resize refuses more
 _KNOWN_STEPS = {"do_convert_rgb", "do_resize", "do_rescale", "do_normalize"}
@@ -95,12 +95,6 @@ class QwenImageProcessor:
                    rescale_factor=float(d.get("rescale_factor", 1 / 255)) if d.get("do_rescale", True) else None,
                    image_mean=tuple(map(float, d.get("image_mean", _CLIP_MEAN))) if normalize else None,
                    image_std=tuple(map(float, d.get("image_std", _CLIP_STD))) if normalize else None)
-
-    @classmethod
-    def from_dir(cls, path: str) -> QwenImageProcessor | None:
-        """The processor of an HF checkpoint directory (engine.images.processor_config); None where it has none."""
-        d = processor_config(path)
-        return None if d is None else cls.from_dict(d)
 
     # The keys of its config a deployment may replace (model.mm_processor_kwargs): what bounds an image's positions
     OVERRIDABLE = ("min_pixels", "max_pixels", "size")

@@ -195,6 +195,9 @@ class LlamaConfig:
             raise ConfigError("gated_mlp=False is for dense MLPs with a plain activation (not experts, not swiglu_oai)")
         if self.norm_kind not in ("rms", "layer"):
             raise ConfigError(f"norm_kind={self.norm_kind!r} is not supported (rms, layer)")
+        if self.mrope_section and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.rotary_dim // 2):
+            raise ConfigError(f"mrope_section {list(self.mrope_section)} must be 3 counts summing to "
+                              f"{self.rotary_dim // 2} (half the rotary dims)")
         if self.parallel_block and (not self.pre_norms or self.sandwich_norms):
             raise ConfigError("parallel_block needs pre_norms and no sandwich_norms (one norm feeds attention and MLP)")
         if self.qk_norm_whole and not self.qk_norm:
@@ -1145,26 +1148,19 @@ def _qwen2_vl_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     text["rope_parameters"] = rope_params or None
     if not section:
         raise ConfigError(f"{source}: a {cfg.get('model_type')} config needs rope_scaling's mrope_section")
-    out = dataclasses.replace(LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})"),
-                              mrope_section=section, mrope_interleaved=interleaved)
-    _check_mrope(out, source)
-    return out
-
-
-def _check_mrope(cfg: LlamaConfig, source: str) -> None:
-    """An M-RoPE config's sections: three, over all of the rotary pairs."""
-    section = cfg.mrope_section
-    if section and (sum(section) != cfg.rotary_dim // 2 or len(section) != 3):
-        raise ConfigError(f"{source}: mrope_section {list(section)} must be 3 counts summing to "
-                          f"{cfg.rotary_dim // 2} (half the rotary dims)")
+    out = LlamaConfig.from_hf_config(text, f"{source} ({cfg.get('model_type')})")
+    try:
+        return dataclasses.replace(out, mrope_section=section, mrope_interleaved=interleaved)
+    except ConfigError as e:  # (the sections, checked by LlamaConfig)
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
-    """An HF `qwen3_5` / `qwen3_5_moe` (its `text_config`; the vision tower is not read) or `qwen3_5_text` /
-    `qwen3_5_moe_text` config.json: Gated DeltaNet layers around every `full_attention_interval`-th attention layer
-    (`layer_types`), attention with an output gate, per-head q/k norms, RoPE on a quarter of each head; every RMSNorm
-    of the stream and of q/k scales by 1 + w (the loader adds the 1). Text positions turn all three of M-RoPE's
-    sections alike: plain RoPE. The MoE models: every MLP experts (softmax, top k renormalized) and a shared expert
+    """An HF `qwen3_5` / `qwen3_5_moe` (its `text_config`; the vision tower is models/qwen_vision.py's) or
+    `qwen3_5_text` / `qwen3_5_moe_text` config.json: Gated DeltaNet layers around every `full_attention_interval`-th
+    attention layer (`layer_types`), attention with an output gate, per-head q/k norms, RoPE on a quarter of each head;
+    every RMSNorm of the stream and of q/k scales by 1 + w (the loader adds the 1). Text positions turn all three of
+    M-RoPE's sections alike: plain RoPE, so M-RoPE (interleaved) is on only with a vision tower. The MoE models: every MLP experts (softmax, top k renormalized) and a shared expert
     behind a sigmoid gate, as Qwen2-MoE's. `qwen3_next` (Qwen3-Next): the same layers and experts (its projections
     fused differently: the loader's business); dense layers among the expert ones are refused."""
     vision = bool(cfg.get("vision_config"))
@@ -1194,7 +1190,7 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
     # transformers' Qwen3.5 rotary always lays them out
     mrope = (dict(mrope_section=tuple(int(n) for n in rope_params.get("mrope_section") or (11, 11, 10)),
                   mrope_interleaved=True) if vision else {})
-    out = _layers_from_hf(
+    return _layers_from_hf(
         {**cfg, "rope_scaling": None}, source, arch, None, types, {},
         float(rope_params.get("rope_theta", cfg.get("rope_theta", 10_000_000.0))),
         partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get("partial_rotary_factor", 0.25))),
@@ -1208,5 +1204,3 @@ def _qwen3_5_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCon
         linear_conv_kernel=int(cfg.get("linear_conv_kernel_dim", 4)),
         **experts, **mrope,
     )
-    _check_mrope(out, source)
-    return out

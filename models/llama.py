@@ -460,9 +460,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         else:
             o, down_in = mlp(h, p, bool(cfg.num_experts))
         x = x + residual(rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
-        if mm_deep is not None:  # Qwen3-VL's DeepStack: after layer i < k, the image rows' i-th extra features
-            k = mm_deep.shape[0]
-            x = x + jnp.where(i < k, mm_deep[jnp.minimum(i, k - 1)].astype(x.dtype), 0)
+        if mm_deep is not None:  # Qwen3-VL's DeepStack: after layer i < depth, the image rows' i-th extra features
+            depth = mm_deep.shape[0]
+            x = x + jnp.where(i < depth, mm_deep[jnp.minimum(i, depth - 1)].astype(x.dtype), 0)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
             amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
         return (x, carry), amax

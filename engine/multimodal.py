@@ -38,9 +38,9 @@ class ImageSpan:
     size_hw: tuple[int, int] | None = None  # ... and the image's own (height, width): what unpadding keeps
     features: Any = None  # [num_tokens, text hidden] host array, once encoded (kept while the request lives: a
     # preempted sequence recomputes its positions from them)
-    # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: the (temporal, height, width) grid its positions fill, row-major (after the
-    # tower's patch merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches, patch_dim]
-    # (models/qwen_vision.py)
+    # Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5: the (temporal, height, width) grid its positions fill, row-major
+    # (after the tower's patch merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches,
+    # patch_dim] (models/qwen_vision.py)
     thw: tuple[int, int, int] | None = None
 
     @property

@@ -199,7 +199,12 @@ class LLMEngine:
             if config.parallel.num_processes > 1:
                 raise ConfigKeyError("parallel.num_processes: a model that takes images runs in one process (its "
                                      "steps' image rows are not broadcast to the other hosts)")
-            self.image_prompts = multimodal.ImagePrompts(vcfg, processor, self.model_cfg.vocab_size)
+            both_ways = getattr(vcfg, "boi_token_id", None) is not None  # Gemma 3: an image's positions see each other
+            self.image_prompts = multimodal.ImagePrompts(
+                vcfg, processor, self.model_cfg.vocab_size,
+                newlines=multimodal.newline_tokens(self.tokenizer) if both_ways else None)
+            if both_ways:
+                multimodal.check_whole_images(config.scheduler, vcfg.tokens_per_image)
             encoder = multimodal.ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
                                               lambda tree: jax.device_put(tree, None if self.mesh is None else
                                                                           sharding.replicated(self.mesh)))

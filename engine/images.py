@@ -1,9 +1,11 @@
-"""Image inputs for LLaVA-style models: a source -> an RGB image -> the pixels the vision tower reads -> a hash.
+"""Image inputs for LLaVA-style models and Gemma 3: a source -> an RGB image -> the pixels the vision tower reads
+-> a hash.
 
     load_image(source, policy)   data: URL | http(s) URL | path or file:// URL | bytes | PIL image | uint8 array
         -> PIL RGB image           EXIF orientation applied, transparency composited over white (HF's convert_to_rgb)
     ImageProcessor(image)        resize (PIL, on uint8) -> center crop -> rescale -> normalize
-        -> float32 [3, H, W]       what transformers' CLIP / SigLIP PIL-backend processors return, bit for bit
+        -> float32 [3, H, W]       what transformers' CLIP / SigLIP / Gemma 3 PIL-backend processors return, bit
+                                   for bit
     AnyResProcessor(image)       LLaVA-NeXT: a base tile of the whole image + the tiles of a grid, each as above
         -> Tiles                   float32 [1 + rows * cols, 3, S, S], (rows, cols), the image's (height, width)
     image_hash(pixels)           -> 16 bytes: the prefix cache's name for an image (equal pixels, equal hash)
@@ -187,12 +189,15 @@ def load_image(source, policy: MediaPolicy = MediaPolicy()) -> Image.Image:
 
 
 _KNOWN_STEPS = {"do_convert_rgb", "do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_pad"}
-_DEFAULTS = {  # transformers' class defaults, for keys a preprocessor_config.json leaves out (both: bicubic)
+_DEFAULTS = {  # transformers' class defaults, for keys a preprocessor_config.json leaves out (resample: bicubic)
     "CLIP": dict(size={"shortest_edge": 224}, do_center_crop=True, crop_size={"height": 224, "width": 224},
                  image_mean=(0.48145466, 0.4578275, 0.40821073), image_std=(0.26862954, 0.26130258, 0.27577711)),
     "Siglip": dict(size={"height": 224, "width": 224}, do_center_crop=False, image_mean=(0.5,) * 3,
                    image_std=(0.5,) * 3),
 }
+# Gemma3ImageProcessor: SigLIP's steps, bilinear; an int size is a square (its default_to_square). NOTE: its class
+# default size is 224 x 224 (published configs say 896 x 896); do_pan_and_scan is refused (an unknown do_ step)
+_DEFAULTS["Gemma3"] = {**_DEFAULTS["Siglip"], "resample": Image.Resampling.BILINEAR}
 _DEFAULTS["Llava"] = _DEFAULTS["CLIP"]  # LlavaImageProcessor: CLIP's, and do_pad (pad_square)
 # LlavaNextImageProcessor: CLIP's, anyres pinpoints (height, width), and do_pad (pad the tile count for batching)
 _DEFAULTS["LlavaNext"] = {**_DEFAULTS["CLIP"],
@@ -217,12 +222,12 @@ def _size(value, key: str, square: bool) -> int | tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessor:
-    """The steps of HF's CLIPImageProcessor / SiglipImageProcessor / LlavaImageProcessor that LLaVA checkpoints use,
-    in their order."""
+    """The steps of HF's CLIPImageProcessor / SiglipImageProcessor / LlavaImageProcessor / Gemma3ImageProcessor that
+    LLaVA and Gemma 3 checkpoints use, in their order."""
 
     shortest_edge: int | None = None  # resize: the shorter side to this, the longer to int(n * long / short) (CLIP)
     size_hw: tuple[int, int] | None = None  # or resize to exactly (height, width) (SigLIP); neither: no resize
-    resample: int = Image.Resampling.BICUBIC  # PIL filter; both HF classes default to bicubic
+    resample: int = Image.Resampling.BICUBIC  # PIL filter; HF's classes default to bicubic (Gemma 3: bilinear)
     crop_hw: tuple[int, int] | None = None  # center crop, zero-padded where the image is smaller; None: no crop
     rescale_factor: float | None = 1 / 255  # None: no rescale
     image_mean: tuple[float, float, float] | None = None  # per channel; None (with image_std): no normalize
@@ -244,11 +249,13 @@ class ImageProcessor:
         an AnyResProcessor for LlavaNextImageProcessor, else an ImageProcessor."""
         kind = d.get("image_processor_type") or d.get("feature_extractor_type")
         # CLIPFeatureExtractor: older configs (openai/clip-vit-*); *Fast, *Pil: other backends of one processor
-        match = re.fullmatch(r"(CLIP|Siglip|LlavaNext|Llava)(ImageProcessor(Fast|Pil)?|FeatureExtractor)", kind or "")
+        match = re.fullmatch(r"(CLIP|Siglip|Gemma3|LlavaNext|Llava)(ImageProcessor(Fast|Pil)?|FeatureExtractor)",
+                             kind or "")
         defaults = match and _DEFAULTS[match[1]]
         if defaults is None:
             raise ValueError(f"image_processor_type {kind!r} is not supported (CLIPImageProcessor, "
-                             "SiglipImageProcessor, LlavaImageProcessor or LlavaNextImageProcessor)")
+                             "SiglipImageProcessor, Gemma3ImageProcessor, LlavaImageProcessor or "
+                             "LlavaNextImageProcessor)")
         for key, value in d.items():
             if value and (key.startswith("do_") and key not in _KNOWN_STEPS or key == "use_square_size"
                           or key == "do_pad" and match[1] not in ("Llava", "LlavaNext")
@@ -258,7 +265,7 @@ class ImageProcessor:
             return AnyResProcessor.from_dict(d, defaults)
         d = {"do_resize": True, "resample": Image.Resampling.BICUBIC, "do_rescale": True, "rescale_factor": 1 / 255,
              "do_normalize": True, **defaults, **{k: v for k, v in d.items() if v is not None}}
-        size = _size(d["size"], "size", square=False) if d["do_resize"] else None
+        size = _size(d["size"], "size", square=match[1] == "Gemma3") if d["do_resize"] else None
         return cls(shortest_edge=size if isinstance(size, int) else None,
                    size_hw=size if isinstance(size, tuple) else None, resample=int(d["resample"]),
                    crop_hw=_size(d.get("crop_size"), "crop_size", square=True) if d["do_center_crop"] else None,

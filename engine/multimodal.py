@@ -42,6 +42,9 @@ class ImageSpan:
     # (after the tower's patch merge), which M-RoPE turns them by (`mrope_positions`); pixels are then [patches,
     # patch_dim] (models/qwen_vision.py)
     thw: tuple[int, int, int] | None = None
+    # Gemma 3: its positions attend to each other both ways (`kv_limits`), so a step computes all of those it has
+    # not cached or none (`chunk_cut`)
+    bidirectional: bool = False
 
     @property
     def end(self) -> int:
@@ -88,6 +91,44 @@ def mrope_positions(spans: Seq[ImageSpan], start: int, num: int) -> np.ndarray:
     return out.astype(np.int32)
 
 
+def kv_limits(spans: Seq[ImageSpan], start: int, num: int) -> np.ndarray:
+    """[num] int32: the last position each of a sequence's positions start..start + num - 1 attends to: its own, or
+    the last of its image where the image attends both ways (Gemma 3: `ImageSpan.bidirectional`)."""
+    out = np.arange(start, start + num, dtype=np.int32)
+    for span in spans:
+        lo, hi = max(span.start, start), min(span.end, start + num)
+        if span.bidirectional and lo < hi:
+            out[lo - start : hi - start] = span.end - 1
+    return out
+
+
+def chunk_cut(spans: Seq[ImageSpan], start: int, n: int) -> int:
+    """How many of a sequence's next `n` positions from `start` a step may compute: all, unless the last would fall
+    inside an image that attends both ways. Then the chunk ends before that image (0 when it starts in or at it:
+    this step cannot finish the image, and the sequence waits for one that can)."""
+    end = start + n
+    for span in spans:
+        if span.bidirectional and span.start < end < span.end:
+            return max(span.start - start, 0)
+    return n
+
+
+def check_whole_images(scheduler, tokens_per_image: int) -> None:
+    """A model whose images attend both ways computes an image's uncached positions in one step, beside a decode of
+    every other running sequence: refuses a scheduler (engine.config.SchedulerConfig) whose steps cannot hold that."""
+    from engine.config import ConfigKeyError
+
+    need = tokens_per_image + scheduler.max_running - 1
+    if scheduler.max_batch_tokens < need:
+        raise ConfigKeyError(f"scheduler.max_batch_tokens ({scheduler.max_batch_tokens}) must be >= {need} for this "
+                             f"model: a step computes an image's {tokens_per_image} positions together (they attend "
+                             f"to each other) beside one token of each other running sequence "
+                             f"(scheduler.max_running {scheduler.max_running})")
+    if 0 < scheduler.long_prefill_tokens < tokens_per_image:
+        raise ConfigKeyError(f"scheduler.long_prefill_tokens ({scheduler.long_prefill_tokens}) must be 0 or >= "
+                             f"{tokens_per_image} for this model: a step computes an image's positions together")
+
+
 def text_ids(prompt_ids: Seq[int], vocab_size: int, image_token_id: int) -> list[int]:
     """The prompt with each image position as the placeholder token again (what a tokenizer can read)."""
     return [t if t < vocab_size else image_token_id for t in prompt_ids]
@@ -98,7 +139,9 @@ class ImagePrompts:
     request may name (engine.images.MediaPolicy; the Python API's and the offline job's callers are trusted with any
     local file, the server's are not: it passes its own)."""
 
-    def __init__(self, vcfg, processor, vocab_size: int, policy=None):
+    def __init__(self, vcfg, processor, vocab_size: int, policy=None, newlines: dict[int, int] | None = None):
+        """newlines: the tokenizer's tokens of only newlines, {count: id} (`newline_tokens`): Gemma 3 frames each
+        image in blank lines, merged into the newlines around it as its tokenizer would (`_frame`)."""
         from engine.images import MediaPolicy
 
         if vocab_size + (1 << ID_BITS) >= 1 << 31:
@@ -108,6 +151,16 @@ class ImagePrompts:
         self.processor = processor
         self.vocab_size = vocab_size
         self.policy = policy or MediaPolicy(local_root="/")
+        self.boi = getattr(vcfg, "boi_token_id", None)  # Gemma 3: its chat template's image placeholder
+        if self.boi is not None and 2 not in (newlines or {}):
+            raise ValueError("a Gemma 3 vision model's tokenizer needs a token of two newlines (its images' framing)")
+        self.newlines = newlines or {}
+        self.newline_counts = {i: n for n, i in self.newlines.items()}
+
+    @property
+    def placeholder_id(self) -> int:
+        """The token a chat renders where an image goes: Gemma 3's <start_of_image>, else the image token."""
+        return self.vcfg.image_token_id if self.boi is None else self.boi
 
     @property
     def tokens_per_image(self) -> int:
@@ -143,6 +196,8 @@ class ImagePrompts:
         placeholder per image (or a run of exactly as many as the image has positions: a processor's expanded
         prompt). LLaVA-NeXT: an image's positions depend on its size (models.vision.packed_tokens)."""
         images = self.load(sources, policy)
+        if self.boi is not None:
+            prompt_ids = self._frame(prompt_ids)
         runs = _runs(prompt_ids, self.vcfg.image_token_id)
         if len(runs) != len(images):
             raise RequestError(f"the prompt has {len(runs)} image placeholders (token {self.vcfg.image_token_id}) "
@@ -160,6 +215,37 @@ class ImagePrompts:
         ids += prompt_ids[prev:]
         return ids, spans
 
+    def _frame(self, ids: Seq[int]) -> list[int]:
+        """Gemma 3: each <start_of_image> not already followed by its image token becomes what its processor puts in
+        the text there, "\n\n<start_of_image><image_soft_token><end_of_image>\n\n" (the image token widened later),
+        each blank line merged into the newline tokens beside it as the tokenizer reads a run of newlines."""
+        out: list[int] = []
+        i = 0
+        while i < len(ids):
+            if ids[i] != self.boi or ids[i + 1 : i + 2] == [self.vcfg.image_token_id]:
+                out.append(ids[i])
+                i += 1
+                continue
+            before = 0
+            while out and out[-1] in self.newline_counts:
+                before += self.newline_counts[out.pop()]
+            after, i = 0, i + 1
+            while i < len(ids) and ids[i] in self.newline_counts:
+                after += self.newline_counts[ids[i]]
+                i += 1
+            out += self._newline_ids(before + 2) + [self.boi, self.vcfg.image_token_id, self.vcfg.eoi_token_id]
+            out += self._newline_ids(after + 2)
+        return out
+
+    def _newline_ids(self, count: int) -> list[int]:
+        """A run of `count` newlines as tokens: the longest first."""
+        out = []
+        while count:
+            n = max(k for k in self.newlines if k <= count)
+            out.append(self.newlines[n])
+            count -= n
+        return out
+
     def _span(self, start: int, image) -> ImageSpan:
         """An image's span at `start`: its tiles (Qwen2-VL: patches), their count of positions, its digest."""
         from engine.images import Tiles
@@ -171,8 +257,9 @@ class ImagePrompts:
             m = self.vcfg.spatial_merge_size
             thw = (t, h // m, w // m)
             return ImageSpan(start, t * h * w // m**2, patches, _digest(patches, thw), self.vocab_size, thw=thw)
-        if not isinstance(processed, Tiles):  # LLaVA: one tile
-            return ImageSpan(start, self.tokens_per_image, processed[None], _digest(processed[None]), self.vocab_size)
+        if not isinstance(processed, Tiles):  # LLaVA, Gemma 3: one tile
+            return ImageSpan(start, self.tokens_per_image, processed[None], _digest(processed[None]), self.vocab_size,
+                             bidirectional=self.boi is not None)
         grid, size = tuple(processed.grid), tuple(processed.size_hw)
         return ImageSpan(start, vision.packed_tokens(self.vcfg, grid, size), processed.pixels,
                          _digest(processed.pixels, grid, size), self.vocab_size, grid, size)
@@ -326,9 +413,19 @@ def encode_chat(tokenizer, image_prompts: ImagePrompts | None, messages: list[di
         if has_images(messages):
             raise RequestError("this model takes no images (its checkpoint has no vision tower)")
         return tokenizer.encode_chat(messages, **kwargs), []
-    placeholder = tokenizer.decode([image_prompts.vcfg.image_token_id], skip_special_tokens=False)
+    placeholder = tokenizer.decode([image_prompts.placeholder_id], skip_special_tokens=False)
     messages, sources = split_images(messages, template_wants_parts(tokenizer.chat_template), placeholder)
     return tokenizer.encode_chat(messages, **kwargs), sources
+
+
+def newline_tokens(tokenizer, longest: int = 32) -> dict[int, int]:
+    """{count: id} of the tokenizer's tokens that are a run of `count` newlines alone (ImagePrompts' newlines)."""
+    out = {}
+    for n in range(1, longest + 1):
+        ids = tokenizer.encode("\n" * n, add_special_tokens=False)
+        if len(ids) == 1:
+            out[n] = ids[0]
+    return out
 
 
 def has_images(messages: Seq[dict]) -> bool:
@@ -408,6 +505,11 @@ class ImageEncoder:
         for r, span, a, b in hits:  # (a row's features: its mm_embeds row, then each DeepStack row, side by side)
             out[:, r : r + b - a] = span.features[a:b].reshape(b - a, 1 + self.deepstack, width).transpose(1, 0, 2)
         return out[0], out[1:] if self.deepstack else None
+
+    @property
+    def bidirectional(self) -> bool:
+        """Whether an image's positions attend to each other both ways (Gemma 3): steps with images carry kv_limits."""
+        return getattr(self.vcfg, "boi_token_id", None) is not None
 
     def offload(self) -> None:
         """The tower's weights to host memory, their device buffers freed now (LLMEngine.sleep)."""

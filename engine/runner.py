@@ -153,7 +153,7 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     if st.draft_cfg is not None:
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
                                   dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None, mm_deep=None,
-                                                      mrope_positions=None),
+                                                      mrope_positions=None, kv_limits=None),
                                   attn_backend=st.backend,
                                   decode_only=decode_only)
     return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
@@ -353,7 +353,8 @@ class ModelRunner:
                     deep = self.images.deepstack
                     inputs = dataclasses.replace(
                         inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.images.dtype),
-                        mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None)
+                        mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None,
+                        kv_limits=np.zeros(n, np.int32) if self.images.bidirectional else None)
                 inputs = self.put_inputs(inputs)
                 self._hidden, _, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
@@ -454,6 +455,13 @@ class ModelRunner:
         rows = self.images.rows(chunks, len(inputs.tokens)) if self.images is not None else None
         if rows is not None:
             inputs = dataclasses.replace(inputs, mm_embeds=rows[0], mm_deep=rows[1])
+            if self.images.bidirectional:  # an image's positions see to its last (Gemma 3)
+                limits = inputs.positions.copy()
+                for c, first in zip(chunks, cu[:-1].tolist()):
+                    if c.seq.images:
+                        limits[first : first + len(c.token_ids)] = multimodal.kv_limits(c.seq.images, c.start,
+                                                                                        len(c.token_ids))
+                inputs = dataclasses.replace(inputs, kv_limits=limits)
         return inputs
 
     def run(self, plan: StepPlan) -> StepOutput:

@@ -22,6 +22,7 @@ import numpy as np
 from engine.block_hash import page_hashes
 from engine import speculative, structured
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
+from engine.multimodal import chunk_cut
 from engine.request import Sequence, Status, placeholder
 from engine.seq_pages import SequencePages
 
@@ -177,6 +178,8 @@ class Scheduler:
         #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
         decodes = [s for s in self._by_urgency(self.running) if not s.is_prefilling]
         speculate = self.spec.draft_tokens > 0 and (not self.spec.max_batch or len(decodes) <= self.spec.max_batch)
+        # (not while a prefill waits for a step to hold an image whole: drafts could take that budget every step)
+        speculate = speculate and not any(s.is_prefilling and not _image_cut(s, s.num_computed, 1) for s in self.running)
         drafting = 0  # sequences with drafts so far (their rows: Chunk.draft_row)
         for i, seq in enumerate(decodes):
             if seq.status is not Status.RUNNING:
@@ -196,9 +199,12 @@ class Scheduler:
         for seq in [s for s in self._by_urgency(self.running) if s.is_prefilling]:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
-            n = min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit)
+            n = _image_cut(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit))
+            if n == 0:
+                continue  # it waits for a step with room for the rest of an image
             fit = self.pages.fit(seq, n)
-            n = fit if fit > 0 else min(n, self.page_size)
+            # (a chunk that must finish an image takes the pages for all of it, from newer sequences if need be)
+            n = _image_cut(seq, seq.num_computed, fit if fit > 0 else min(n, self.page_size)) or n
             if not self._make_room(seq, seq.num_computed + n, scheduled):
                 continue
             chunks.append(self._chunk(seq, seq.num_computed, n))
@@ -314,8 +320,11 @@ class Scheduler:
             # Whole sequence cached: recompute only the last token, into a private copy of the last page.
             cow_src = shared.pop()
             num_cached -= 1
-        n = self.pages.admit(seq, match, shared, cow_src, num_cached, min(len(tokens) - num_cached, budget, self._chunk_limit),
-                             copies)
+        n = _image_cut(seq, num_cached, min(len(tokens) - num_cached, budget, self._chunk_limit))
+        if n == 0:
+            return "wait"  # the rest of an image needs more of a step than is left in this one
+        n = self.pages.admit(seq, match, shared, cow_src, num_cached, n, copies,
+                             cut=lambda n: _image_cut(seq, num_cached, n))
         if n is None:
             return None
         loaded = seq.pages[len(shared) :]
@@ -567,3 +576,9 @@ class Scheduler:
         self.pages.check_invariants(self.running)
         for seq in self.running:
             assert seq.page_array().tolist() == seq.pages, f"{seq.request_id}: pages changed in place"
+
+
+def _image_cut(seq: Sequence, start: int, n: int) -> int:
+    """The chunk of `seq` from `start` a step may compute, up to `n` positions: an image whose positions attend to each
+    other (Gemma 3) is computed whole (engine.multimodal.chunk_cut)."""
+    return chunk_cut(seq.images, start, n) if seq.images else n

@@ -263,11 +263,12 @@ class SequencePages:
         return pages
 
     def admit(self, seq: Sequence, match, shared: list[int], cow_src: int | None, num_cached: int, n: int,
-              copies: list[tuple[int, int]]) -> int | None:
+              copies: list[tuple[int, int]], cut=None) -> int | None:
         """Gives `seq` its cached prefix (`shared`: the tree's pages of `match`) and new pages for its first chunk of
         up to `n` tokens after `num_cached`; the pages between (host and disk hits) are new ones too, filled before the
         step. `cow_src`: the tree's last page, copied into the first new one (`copies`), when the whole sequence is
-        cached. Returns the chunk's length (a hybrid cache's window slots can cut it), or None if out of pages."""
+        cached. Returns the chunk's length (a hybrid cache's window slots can cut it, then `cut` (n -> the chunk a
+        step may compute: scheduler._image_cut) too), or None if out of pages."""
         window_held, slotless = [], 0
         if self.window is not None:  # hold the window's slots first, so that reserving cannot evict them
             seq.window_from = self.window.first_page(num_cached)
@@ -276,6 +277,8 @@ class SequencePages:
             slotless = max(0, seq.window_from - len(shared))  # pages read from disk before its window: no slot
             # Each other new page takes a slot: the chunk ends where the slots to be had do.
             n = min(n, (len(shared) + slotless + self.window.num_obtainable) * self.page_size - num_cached)
+            if n > 0 and cut is not None:
+                n = cut(n)
             if n <= 0:
                 self.window.release(window_held)
                 return None

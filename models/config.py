@@ -44,8 +44,14 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe")
+                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
+# transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
+# their text_config that differ from them.
+GEMMA3_TEXT_DEFAULTS = {"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "sliding_window": 4096,
+                        "max_position_embeddings": 131072, "rope_theta": 1_000_000.0,
+                        "rope_local_base_freq": GEMMA3_LOCAL_ROPE_THETA}
 GRANITE_HF = ("granite", "granitemoe", "granitemoeshared", "granitemoehybrid")  # Granite's multipliers; the MoE ones' experts
 
 
@@ -416,6 +422,9 @@ class LlamaConfig:
             return _qwen2_vl_from_hf(cfg, source)  # around a Qwen2 / Qwen3 / Qwen3-MoE with M-RoPE
         if arch in ("gemma2", "gemma3_text"):
             return _gemma_from_hf(cfg, source, "gemma3" if arch == "gemma3_text" else arch)
+        if arch == "gemma3":  # Gemma 3 4B and up (models/vision.py reads its tower): the text_config's Gemma 3
+            return _gemma_from_hf({**GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}, f"{source} text_config",
+                                  "gemma3")
         if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch in ("olmo2", "olmo3", "exaone4"):

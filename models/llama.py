@@ -73,6 +73,10 @@ class ModelInputs:
     # Qwen3-VL's DeepStack: [k, T, hidden], added after each of the first k layers (zeros but at images' positions);
     # None in steps without images and for the other models
     mm_deep: jax.Array | None = None
+    # Gemma 3's images, whose positions attend to each other both ways: the last KV position each token attends to,
+    # [T] int32 (its own, or its image's last: pallas_kernels.ragged_paged_attention); None in steps without images
+    # and for the other models (causal)
+    kv_limits: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -686,13 +690,14 @@ def forward(
     # layers (Gemma 3) pass it per layer as a traced scalar.
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
-    def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs):
+    def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs, kv_limits):
         window = window if cfg.mixed_windows else static_window
         kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
-            decode_only=decode_only, sinks=sinks if cfg.attention_sinks else None, **kv_quant.scale_kwargs(kv),
+            decode_only=decode_only, sinks=sinks if cfg.attention_sinks else None, kv_limits=kv_limits,
+            **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 
@@ -705,7 +710,7 @@ def forward(
         kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P()),
             out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
@@ -722,7 +727,7 @@ def forward(
         return local_attention(
             layer, window if cfg.mixed_windows else jnp.int32(0),
             jnp.zeros((cfg.num_heads,), jnp.float32) if sinks is None else sinks, q, k, v, kv, slots, inputs.kv_lens,
-            page_indices, inputs.cu_q_lens, inputs.num_seqs
+            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits
         )
 
     recurrent = None if states is None else (states, gated_delta.Batch(

@@ -1,14 +1,19 @@
-"""LLaVA's image encoder: a ViT vision tower (CLIP or SigLIP) and the multimodal projector, as pure functions over
-a pytree of weights. It owns the encoder's config (read from a `LlavaForConditionalGeneration` config.json), its
-weights (shapes, random init, reading an HF checkpoint) and `encode_images`: normalized pixels in, the rows that
-replace an image's placeholder tokens in the language model's input embeddings out. Image preprocessing (resize,
-crop, normalization) and splicing the rows into the prompt are the caller's.
+"""LLaVA's and Gemma 3's image encoder: a ViT vision tower (CLIP or SigLIP) and the multimodal projector, as pure
+functions over a pytree of weights. It owns the encoder's config (read from a `LlavaForConditionalGeneration` or
+`Gemma3ForConditionalGeneration` config.json), its weights (shapes, random init, reading an HF checkpoint) and
+`encode_images`: normalized pixels in, the rows that replace an image's placeholder tokens in the language model's
+input embeddings out. Image preprocessing (resize, crop, normalization) and splicing the rows into the prompt are the
+caller's.
 
 HF's LLaVA takes `hidden_states[k]` of the tower for each k in `vision_feature_layer` (hidden_states[0]: the
 embeddings, after CLIP's pre-LayerNorm; hidden_states[i]: layer i's output; negative k counts from the end, so -1 is
 the last layer's output, never with the tower's post-LayerNorm), concatenates them on the feature axis, drops the
 first token with the "default" select strategy, and projects: linear_1 -> act -> linear_2. Only the layers up to
 the deepest selected one are stored and run.
+
+Gemma 3 (`gemma3`) takes the tower's `last_hidden_state` instead: every layer, then SigLIP's post-LayerNorm
+(`post_norm`), every patch; its projector (models/gemma3_vision.py) average-pools the patch grid to
+mm_tokens_per_image rows, RMS-normalizes and projects them.
 
 LLaVA-NeXT (`llava_next`, "anyres") encodes an image as tiles of the tower's size: a base tile of the whole image,
 then the tiles of a (rows, cols) grid chosen from `image_grid_pinpoints` (the preprocessing's). `pack_features` lays
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models import gemma3_vision
 from models.errors import ConfigError
 from models.gguf_loader import CheckpointError
 from models.safetensors_loader import opened_shards  # the one reader of safetensors directories (bf16, shards)
@@ -44,6 +51,7 @@ TOWERS = {
     "siglip_vision_model": ("siglip", dict(zip(_TOWER_FIELDS, (768, 3072, 12, 12, 3, 224, 16, "gelu_pytorch_tanh", 1e-6)))),
 }
 SELECT_STRATEGIES = ("default", "full")
+PROJECTORS = ("llava", "gemma3")
 LLAMA_HIDDEN_SIZE = 4096  # text_config.hidden_size where a config.json leaves it out (LlamaConfig's default)
 # LlavaNextConfig's image_grid_pinpoints where a config.json leaves it out or null: (height, width) each
 LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
@@ -55,14 +63,15 @@ PROJECTOR_PREFIXES = ("multi_modal_projector.", "model.multi_modal_projector.")
 NEWLINE_PREFIXES = ("", "model.")  # LLaVA-NeXT's `image_newline`
 EMBED_NAMES = {"patch": "embeddings.patch_embedding.weight", "patch_bias": "embeddings.patch_embedding.bias",
                "cls": "embeddings.class_embedding", "pos": "embeddings.position_embedding.weight",
-               "pre_norm": "pre_layrnorm.weight", "pre_norm_bias": "pre_layrnorm.bias"}
+               "pre_norm": "pre_layrnorm.weight", "pre_norm_bias": "pre_layrnorm.bias",
+               "post_norm": "post_layernorm.weight", "post_norm_bias": "post_layernorm.bias"}
 LAYER_NAMES = {"ln1": "layer_norm1.weight", "ln1_bias": "layer_norm1.bias", "ln2": "layer_norm2.weight",
                "ln2_bias": "layer_norm2.bias", "fc1": "mlp.fc1.weight", "fc1_bias": "mlp.fc1.bias",
                "fc2": "mlp.fc2.weight", "fc2_bias": "mlp.fc2.bias",
                **{f"w{x}": f"self_attn.{x}_proj.weight" for x in "qkv"}, "wo": "self_attn.out_proj.weight",
                **{f"b{x}": f"self_attn.{x}_proj.bias" for x in "qkv"}, "bo": "self_attn.out_proj.bias"}
 PROJECTOR_NAMES = {"w1": "linear_1.weight", "b1": "linear_1.bias", "w2": "linear_2.weight", "b2": "linear_2.bias"}
-NORMS = ("pre_norm", "ln1", "ln2")  # LayerNorm scales (initialized near 1)
+NORMS = ("pre_norm", "post_norm", "ln1", "ln2")  # LayerNorm scales (initialized near 1)
 LINEARS = ("wq", "wk", "wv", "wo", "fc1", "fc2", "w1", "w2")  # stored (out, in) by HF, (in, out) here
 
 
@@ -87,6 +96,11 @@ class VisionConfig:
     # LLaVA-NeXT: the tile grids' resolutions, (height, width) in pixels, multiples of image_size; () for LLaVA-1.5
     grid_pinpoints: tuple[tuple[int, int], ...] = ()
     image_newline: bool = False  # a learned [text_hidden_size] row end (params["image_newline"]) after each packed row
+    projector: str = "llava"  # "llava": linear_1 -> act -> linear_2 | "gemma3": pool -> RMSNorm -> matmul
+    post_norm: bool = False  # the last layer's output through the tower's post-LayerNorm (HF's last_hidden_state)
+    num_pooled_tokens: int = 0  # gemma3: an image's rows after the average pool (mm_tokens_per_image), a square
+    boi_token_id: int | None = None  # gemma3: the tokens around an image's placeholder rows; None for LLaVA
+    eoi_token_id: int | None = None
 
     def __post_init__(self):
         if self.kind not in ("clip", "siglip"):
@@ -108,6 +122,21 @@ class VisionConfig:
         if bad:  # HF's tiling would disagree with its own tile count
             raise ConfigError(f"image_grid_pinpoints {[list(p) for p in bad]}: not [height, width] in positive "
                               f"multiples of vision_config.image_size {self.image_size}")
+        if self.projector not in PROJECTORS:
+            raise ConfigError(f"projector {self.projector!r} is not supported ({', '.join(PROJECTORS)})")
+        if self.post_norm and self.feature_indices != (self.num_layers,):
+            raise ConfigError(f"post_norm follows the last layer only: vision_feature_layer [-1], not "
+                              f"{list(self.feature_layers)}")
+        if self.projector == "gemma3":
+            n = self.num_pooled_tokens
+            if self.kind != "siglip" or self.select_strategy != "full" or self.grid_pinpoints or self.image_newline:
+                raise ConfigError(f"gemma3's projector needs a siglip_vision_model tower, all its patches ('full') "
+                                  f"and no tiles, not a {self.kind} tower with {self.select_strategy!r}")
+            if not isinstance(n, int) or n < 1 or math.isqrt(n) ** 2 != n:
+                raise ConfigError(f"mm_tokens_per_image {n!r} is not a positive square (the pooled grid's rows)")
+            if self.grid % (side := math.isqrt(n)):  # HF's pool would leave another count than mm_tokens_per_image
+                raise ConfigError(f"vision_config image_size // patch_size = {self.grid} patches per side is not a "
+                                  f"multiple of sqrt(mm_tokens_per_image) = {side}")
         if self.grid_pinpoints and self.tokens_per_image != self.grid ** 2:  # HF fails to lay such tiles out
             raise ConfigError(f"vision_feature_select_strategy {self.select_strategy!r} leaves {self.tokens_per_image} "
                               f"features per {self.kind} tile, not the {self.grid}x{self.grid} patches that LLaVA-NeXT "
@@ -131,22 +160,25 @@ class VisionConfig:
 
     @property
     def tokens_per_image(self) -> int:  # an encoded tile's rows (LLaVA-NeXT: one tile's, not a packed image's)
+        if self.projector == "gemma3":
+            return self.num_pooled_tokens
         return self.num_positions - (self.select_strategy == "default")
 
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "VisionConfig | None":
-        """A `llava` or `llava_next` config.json's image encoder; None for any other model or a config without
-        vision_config."""
+        """A `llava`, `llava_next` or `gemma3` config.json's image encoder; None for any other model or a config
+        without vision_config."""
         vision = cfg.get("vision_config")
-        if cfg.get("model_type") not in ("llava", "llava_next") or not vision:
+        if cfg.get("model_type") not in ("llava", "llava_next", "gemma3") or not vision:
             return None
+        gemma3 = cfg["model_type"] == "gemma3"
         anyres, pinpoints = cfg["model_type"] == "llava_next", ()
         if anyres:
             pinpoints = cfg.get("image_grid_pinpoints")
             pinpoints = LLAVA_NEXT_PINPOINTS if pinpoints is None else tuple(tuple(p) for p in pinpoints)
             if not pinpoints:
                 raise ConfigError("image_grid_pinpoints is empty (llava_next needs at least one resolution)")
-        model_type = vision.get("model_type", "clip_vision_model")
+        model_type = vision.get("model_type", "siglip_vision_model" if gemma3 else "clip_vision_model")
         if model_type not in TOWERS:
             raise ConfigError(f"vision_config.model_type {model_type!r} is not supported ({', '.join(TOWERS)})")
         kind, defaults = TOWERS[model_type]
@@ -156,13 +188,16 @@ class VisionConfig:
             if not isinstance(size, int) and len(set(size)) != 1:
                 raise ConfigError(f"vision_config.{name} {size} is not square")
             sizes[name] = size if isinstance(size, int) else int(size[0])
+        tower = dict(kind=kind, hidden_size=field("hidden_size"), intermediate_size=field("intermediate_size"),
+                     num_layers=field("num_hidden_layers"), num_heads=field("num_attention_heads"),
+                     image_size=sizes["image_size"], patch_size=sizes["patch_size"],
+                     num_channels=field("num_channels"), layer_norm_eps=float(field("layer_norm_eps")),
+                     hidden_act=field("hidden_act"))
+        if gemma3:
+            return cls(**tower, **gemma3_vision.config_fields(cfg))
         layers = cfg.get("vision_feature_layer", -2)
         return cls(
-            kind=kind, hidden_size=field("hidden_size"), intermediate_size=field("intermediate_size"),
-            num_layers=field("num_hidden_layers"), num_heads=field("num_attention_heads"),
-            image_size=sizes["image_size"], patch_size=sizes["patch_size"],
-            num_channels=field("num_channels"), layer_norm_eps=float(field("layer_norm_eps")),
-            hidden_act=field("hidden_act"), feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
+            **tower, feature_layers=(layers,) if isinstance(layers, int) else tuple(layers),
             select_strategy=cfg.get("vision_feature_select_strategy", "default"),
             projector_act=cfg.get("projector_hidden_act", "gelu"),
             projector_bias=bool(cfg.get("multimodal_projector_bias", True)),
@@ -174,17 +209,20 @@ class VisionConfig:
 
 
 def param_shapes(vcfg: VisionConfig) -> dict:
-    """The weight pytree as shapes: "embed", "layers" (num_layers_run stacked), "projector", and LLaVA-NeXT's
-    "image_newline"."""
+    """The weight pytree as shapes: "embed" (with the post-LayerNorm where vcfg.post_norm), "layers" (num_layers_run
+    stacked), "projector", and LLaVA-NeXT's "image_newline"."""
     h, i, n, p = vcfg.hidden_size, vcfg.intermediate_size, vcfg.num_layers_run, vcfg.patch_size
     embed = {"patch": (vcfg.num_channels * p * p, h), "pos": (vcfg.num_positions, h)}
     embed |= {"cls": (h,), "pre_norm": (h,), "pre_norm_bias": (h,)} if vcfg.kind == "clip" else {"patch_bias": (h,)}
+    embed |= {"post_norm": (h,), "post_norm_bias": (h,)} if vcfg.post_norm else {}
     layers = {name: (n, h) for name in ("ln1", "ln1_bias", "ln2", "ln2_bias", "bq", "bk", "bv", "bo", "fc2_bias")}
     layers |= {"wq": (n, h, h), "wk": (n, h, h), "wv": (n, h, h), "wo": (n, h, h), "fc1": (n, h, i),
                "fc1_bias": (n, i), "fc2": (n, i, h)}
     t = vcfg.text_hidden_size
     projector = {"w1": (h * len(vcfg.feature_layers), t), "w2": (t, t)}
-    if vcfg.projector_bias:
+    if vcfg.projector == "gemma3":
+        projector = gemma3_vision.projector_shapes(vcfg)
+    elif vcfg.projector_bias:
         projector |= {"b1": (t,), "b2": (t,)}
     shapes = {"embed": embed, "layers": layers, "projector": projector}
     return shapes | {"image_newline": (t,)} if vcfg.image_newline else shapes
@@ -202,8 +240,9 @@ def init_params(vcfg: VisionConfig, key: jax.Array, dtype=jnp.float32, scale: fl
 
 
 def load_params(path: str, vcfg: VisionConfig, dtype=np.float32) -> dict:
-    """The encoder's weights (numpy arrays of `dtype`) from an HF LLaVA or LLaVA-NeXT checkpoint directory; the language
-    model's and the tower's unused tensors (later layers, post-LayerNorm, SigLIP's pooling head) are not read."""
+    """The encoder's weights (numpy arrays of `dtype`) from an HF LLaVA, LLaVA-NeXT or Gemma 3 checkpoint directory;
+    the language model's and the tower's unused tensors (later layers, LLaVA's post-LayerNorm, SigLIP's pooling head)
+    are not read."""
     shapes = param_shapes(vcfg)
     with opened_shards(path) as (names, stored):
         def prefix(candidates: tuple[str, ...], probe: str) -> str:
@@ -221,9 +260,10 @@ def load_params(path: str, vcfg: VisionConfig, dtype=np.float32) -> dict:
             return a.astype(dtype)
 
         tower = prefix(TOWER_PREFIXES, EMBED_NAMES["patch"])
-        projector = prefix(PROJECTOR_PREFIXES, PROJECTOR_NAMES["w1"])
+        projector_names = gemma3_vision.PROJECTOR_NAMES if vcfg.projector == "gemma3" else PROJECTOR_NAMES
+        projector = prefix(PROJECTOR_PREFIXES, next(iter(projector_names.values())))  # its first weight's name
         params = {"embed": {k: read(k, tower + EMBED_NAMES[k], s) for k, s in shapes["embed"].items()},
-                  "projector": {k: read(k, projector + PROJECTOR_NAMES[k], s) for k, s in shapes["projector"].items()},
+                  "projector": {k: read(k, projector + projector_names[k], s) for k, s in shapes["projector"].items()},
                   "layers": {}}
         if vcfg.image_newline:
             newline = prefix(NEWLINE_PREFIXES, "image_newline") + "image_newline"
@@ -297,7 +337,11 @@ def encode_images(params: dict, vcfg: VisionConfig, pixels: jax.Array) -> jax.Ar
     for stop in sorted(set(vcfg.feature_indices) - {0}):
         x = hidden[stop] = _run_layers(vcfg, params["layers"], x, depth, stop)
         depth = stop
+    if vcfg.post_norm:  # the last layer's output (x) through the post-LayerNorm: HF's last_hidden_state
+        hidden[vcfg.num_layers] = _layer_norm(x, e["post_norm"], e["post_norm_bias"], vcfg.layer_norm_eps)
     feats = jnp.concatenate([hidden[k] for k in vcfg.feature_indices], axis=-1)  # [N, T, H * len(feature_layers)]
+    if vcfg.projector == "gemma3":  # pool -> RMSNorm -> matmul, [N, num_pooled_tokens, text_hidden_size]
+        return gemma3_vision.project(params["projector"], vcfg, feats).astype(dtype)
     # NOTE: "default" drops the first token whatever the tower, as HF does: CLIP's class token, but SigLIP's first
     # patch (SigLIP LLaVAs are meant to say "full").
     if vcfg.select_strategy == "default":

@@ -51,8 +51,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, backend: str = "xla",
                            decode_only: bool | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
-                           sinks: jax.Array | None = None) -> jax.Array:
-  """Causal attention of a ragged batch of new tokens over paged KV. Returns [T, Hq, Dv], q's dtype.
+                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
+  """Causal attention of a ragged batch of new tokens over paged KV (optionally with per-row limits). Returns
+  [T, Hq, Dv], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
   one layer's cache, new tokens already written. kv_lens [S] int32: KV length of each sequence,
@@ -68,6 +69,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   scalar traced per layer, e.g. Gemma 3's windowed and global layers under one scan). soft_cap applies
   soft_cap * tanh(score / soft_cap) before masking. q head h reads kv head h // (Hq // Hkv).
   Rows past cu_q_lens[num_seqs] are padding: their output is finite but unspecified.
+
+  kv_limits ([T] int32, Gemma 3's bidirectional image tokens): the last KV position each row of q may
+  attend to, in place of its own position: row t sees [0, kv_limits[t]], or (pos - sliding_window,
+  kv_limits[t]] (the window still starts from the row's own position). A limit is never below the
+  row's own position (the backends clamp it into [pos, kv_len - 1]); rows past cu_q_lens[num_seqs]
+  ignore it. None (static): each row's own position, plain causal attention, the same programs as
+  without the argument.
 
   decode_only (static, a performance hint): True: the split-KV decode kernel (pallas_kernels/
   decode_kernel.py), for batches whose sequences have one new token each, or a few (see
@@ -96,7 +104,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-        k_scales=k_scales, v_scales=v_scales, sinks=sinks)
+        k_scales=k_scales, v_scales=v_scales, sinks=sinks, kv_limits=kv_limits)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -106,7 +114,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
                 interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales,
-                sinks=sinks)
+                sinks=sinks, kv_limits=kv_limits)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,

@@ -13,7 +13,9 @@ partial with m = sink, l = 1, acc = 0; the programs never see them.
 
 Every row is handled independently from its own position, so the kernel is correct for any
 ragged batch; it is only efficient when each sequence has one new token (the caller's
-`decode_only` hint), since a chunk's rows would each re-read the KV.
+`decode_only` hint), since a chunk's rows would each re-read the KV. With per-row limits
+(kv_limits, Gemma 3's bidirectional image tokens) a row's range ends at its limit instead of its
+position (one more per-row scalar input); the window still starts from its position.
 
 Stacked cache: as in the ragged kernel, k/v_pages are [L, Hkv, P, ps, D] and the kernel reads
 k_ref[layer, page_ids] (layer an int32 scalar input), in place.
@@ -38,7 +40,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_head_of, kv_tile,
                                           next_pow2, scale_specs, stacked_cache, window_input)
-from pallas_kernels.reference import latent_dims, token_metadata
+from pallas_kernels.reference import latent_dims, row_kv_limits, token_metadata
 
 
 def _decode_kernel(
@@ -49,14 +51,17 @@ def _decode_kernel(
     q_ref,       # [rows, Dk] (a latent cache: q's RoPE part)
     k_ref,       # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,       # [L, P, ps, Dv] (Dv = Dk unless latent)
-    *refs,       # [q_latent [rows, Dv] (latent),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
+    *refs,       # [q_latent [rows, Dv] (latent),] [limit [] (has_limit: the row's last visible position,
+                 # in [pos, kv_len), -1 for padding),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
                  # then the outputs: acc [rows, Dv] float32 unnormalised, m [rows], l [rows] float32
-    sm_scale: float, soft_cap: float | None, has_window: bool, latent: bool,
+    sm_scale: float, soft_cap: float | None, has_window: bool, has_limit: bool, latent: bool,
     pages_per_tile: int, num_splits: int):
   q_latent = None
   if latent:
     q_latent_ref, *refs = refs
     q_latent = q_latent_ref[...]                                        # [rows, Dv]
+  if has_limit:
+    limit_ref, *refs = refs
   *scale_refs, acc_ref, m_ref, l_ref = refs
   rows, v_dim = acc_ref.shape
   page_size = k_ref.shape[2]
@@ -64,8 +69,9 @@ def _decode_kernel(
   split = pl.program_id(2)
   layer = layer_ref[()]
   pos = pos_ref[()]
+  limit = limit_ref[()] if has_limit else pos       # the last visible position
 
-  kv_end = pos + 1                                  # 0 for padding rows
+  kv_end = limit + 1                                # 0 for padding rows
   kv_start = jnp.int32(0)
   if has_window:
     window = window_ref[()]
@@ -79,7 +85,7 @@ def _decode_kernel(
   q = q_ref[...]                                                        # [rows, Dk]
 
   def visible(kv_pos):                                                  # [1, block_kv]
-    mask = kv_pos <= pos
+    mask = kv_pos <= limit
     if has_window:
       mask &= kv_pos > pos - window
     return mask[None, :]
@@ -123,7 +129,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      layer: jax.Array | None = None, block_kv: int | None = None,
                      block_h: int | None = None, num_splits: int | None = None,
                      num_warps: int | None = None, num_stages: int = 2, k_scales=None, v_scales=None,
-                     sinks: jax.Array | None = None) -> jax.Array:
+                     sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention.
   block_h: q heads per program (a power of two <= the padded GQA group; by default the whole
   group, or latent_block_sizes' share of a latent cache's)."""
@@ -168,9 +174,13 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   q_tiles = [q_tiles[..., :k_dim], q_tiles[..., k_dim:]] if latent else [q_tiles]
 
   has_window, window = window_input(sliding_window)
+  has_limit = kv_limits is not None
+  row_spec = pl.BlockSpec((None,), lambda t, h, i: (t,))
+  limits = [row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens)] if has_limit else []
+  limit_specs = [row_spec] if has_limit else []
   kernel = functools.partial(
-      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, latent=latent,
-      pages_per_tile=pages_per_tile, num_splits=num_splits)
+      _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, has_limit=has_limit,
+      latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits)
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda t, h, i: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))
@@ -179,10 +189,11 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   acc, m, l = pl.pallas_call(
       kernel,
       grid=(num_tokens, num_head_blocks, num_splits),
-      in_specs=[pl.BlockSpec((None,), lambda t, h, i: (t,)),
+      in_specs=[row_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
                 pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
-                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *scale_specs(scales, k_spec)],
+                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *limit_specs,
+                *scale_specs(scales, k_spec)],
       out_specs=[pl.BlockSpec((None, None, None, rows, v_dim), lambda t, h, i: (i, t, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0))],
@@ -193,7 +204,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       interpret=interpret,
       name="ragged_paged_decode_attention",
   )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles[0], k_pages, v_pages, *q_tiles[1:],
-    *(scales or ()))
+    *limits, *(scales or ()))
 
   # Log-sum-exp merge of the splits: [splits, T, NH, block_h(, Dv)] -> [T, Hq(, Dv)].
   def q_heads(x):  # [splits, T, NH, rows(, Dv)] -> [splits, T, Hq(, Dv)]: the real q heads

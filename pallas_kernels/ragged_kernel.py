@@ -26,6 +26,13 @@ window edge and kv_len. Online softmax in float32 with a finite mask value: a ro
 only masked scores carries a junk (m, l) that is wiped (alpha = exp(mask - real) = 0) as soon as
 it meets its first visible score, and every real row sees at least its own position.
 
+Per-row limits (kv_limits, Gemma 3's bidirectional image tokens): row r sees up to its own limit
+(>= its position) instead of its position. The limits are packed into a [rows] input like the q
+tile, and the loop's end is the block's largest limit + 1 (a per-block scalar computed outside);
+the window still starts from each row's position, and the unmasked interior (tiles ending at or
+before the first row's position) is unchanged since no limit is below its position. Without
+limits those inputs and code are absent.
+
 Attention sinks (gpt-oss): one learned logit per q head joins every row's softmax with no value.
 The online softmax starts from it, m = sink and l = exp(sink - sink) = 1 with acc = 0, instead of
 from the mask value; each row reads its own head's sink from a small [programs, rows] input laid
@@ -53,7 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import kv_quant
-from pallas_kernels.reference import latent_dims, query_blocks
+from pallas_kernels.reference import QueryBlocks, latent_dims, query_blocks, row_kv_limits
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -234,16 +241,19 @@ def _prefill_kernel(
     q_ref,           # [rows, Dk] (a latent cache: q's first Dk columns, the RoPE part)
     k_ref,           # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,           # [L, P, ps, Dv] (Dv = Dk unless latent)
-    *refs,           # [q_latent [rows, Dv] (latent),] [sinks [rows] (has_sinks),] [k_scales,
-                     # v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
-    sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, latent: bool,
-    block_h: int, pages_per_tile: int):
+    *refs,           # [q_latent [rows, Dv] (latent),] [sinks [rows] (has_sinks),] [kv_end [] (the
+                     # block's largest limit + 1), limits [rows] (has_limits),] [k_scales, v_scales
+                     # ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
+    sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, has_limits: bool,
+    latent: bool, block_h: int, pages_per_tile: int):
   q_latent = None
   if latent:
     q_latent_ref, *refs = refs
     q_latent = q_latent_ref[...]                                          # [rows, Dv]
   if has_sinks:
     sinks_ref, *refs = refs
+  if has_limits:
+    kv_end_ref, limits_ref, *refs = refs
   *scale_refs, o_ref = refs
   rows, v_dim = o_ref.shape
   page_size = k_ref.shape[2]
@@ -255,7 +265,12 @@ def _prefill_kernel(
 
   q = q_ref[...]                                                          # [rows, Dk]
   row_pos = first_pos + lax.div(jnp.arange(rows, dtype=jnp.int32), block_h)  # [rows]
-  kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
+  if has_limits:  # each row's last visible position (>= row_pos); -1 on rows past num_rows
+    row_limit = limits_ref[...]                                           # [rows]
+    kv_end = kv_end_ref[()]                                               # 0 for an empty block
+  else:
+    row_limit = row_pos
+    kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
   kv_start = jnp.int32(0)
   if has_window:
     window = window_ref[()]
@@ -264,7 +279,7 @@ def _prefill_kernel(
   tile_hi = _cdiv(kv_end, block_kv)
 
   def visible(kv_pos):                                                    # [rows, block_kv]
-    mask = (kv_pos[None, :] <= row_pos[:, None]) & (kv_pos[None, :] < kv_len)
+    mask = (kv_pos[None, :] <= row_limit[:, None]) & (kv_pos[None, :] < kv_len)
     if has_window:
       mask &= kv_pos[None, :] > row_pos[:, None] - window
     return mask
@@ -275,8 +290,8 @@ def _prefill_kernel(
                           sm_scale=sm_scale, soft_cap=soft_cap, scale_refs=scale_refs or None,
                           q_latent=q_latent)
 
-  # Whole tiles: those ending at or before the first row's position (so before kv_len too) and,
-  # with a window, starting inside the last row's window.
+  # Whole tiles: those ending at or before the first row's position (so before kv_len too, and
+  # within every row's limit) and, with a window, starting inside the last row's window.
   full_hi = None if latent else lax.div(first_pos + 1, block_kv)
   full_lo = _cdiv(jnp.maximum(first_pos + num_rows - window, 0), block_kv) if has_window else tile_lo
 
@@ -354,13 +369,24 @@ def sink_rows(sinks, num_kv_heads: int, block_h: int, rows: int) -> jax.Array:
   return jnp.tile(sinks.reshape(-1, block_h), (1, rows // block_h))
 
 
+def limit_rows(limits, blocks: QueryBlocks, block_h: int) -> tuple[jax.Array, jax.Array]:
+  """Row limits [T] (row_kv_limits) -> (kv_end [NB], limits [NB, rows]) laid out like the q tiles (pack_rows): tile
+  row r holds token r // block_h's limit, -1 past the block's real rows; kv_end is the block's largest limit + 1,
+  the end of its KV loop (0 for an empty block)."""
+  block_q = blocks.row_tokens.shape[1]
+  real = jnp.arange(block_q, dtype=jnp.int32) < blocks.num_rows[:, None]
+  block_limits = jnp.where(real, limits[blocks.row_tokens], -1)              # [NB, block_q]
+  return block_limits.max(axis=1) + 1, jnp.repeat(block_limits, block_h, axis=1)
+
+
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
                            sm_scale: float, sliding_window: int | jax.Array | None = None,
                            soft_cap: float | None = None, interpret: bool = False,
                            layer: jax.Array | None = None, block_q: int | None = None,
                            block_kv: int | None = None, block_h: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None, k_scales=None,
-                           v_scales=None, sinks: jax.Array | None = None) -> jax.Array:
+                           v_scales=None, sinks: jax.Array | None = None,
+                           kv_limits: jax.Array | None = None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention). block_h: q
   heads per program (a power of two <= the padded GQA group; by default the whole group, or
   latent_block_sizes' share of a latent cache's); the group is cut over Gp / block_h programs."""
@@ -416,10 +442,16 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   has_sinks = sinks is not None
   sinks = [sink_rows(sinks, num_kv_heads, block_h, rows)] if has_sinks else []
   sink_specs = [pl.BlockSpec((None, rows), lambda i, h: (h, 0))] if has_sinks else []
+  has_limits = kv_limits is not None
   kernel = functools.partial(
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
-      has_sinks=has_sinks, latent=latent, block_h=block_h, pages_per_tile=pages_per_tile)
+      has_sinks=has_sinks, has_limits=has_limits, latent=latent, block_h=block_h,
+      pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
+  limits, limit_specs = [], []
+  if has_limits:  # per block: its loop's end and each tile row's limit (every head block reads the same)
+    limits = limit_rows(row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens), blocks, block_h)
+    limit_specs = [scalar_spec, pl.BlockSpec((None, rows), lambda i, h: (i, 0))]
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda i, h: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))
@@ -431,14 +463,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
-                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *scale_specs(scales, k_spec)],
+                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *limit_specs,
+                *scale_specs(scales, k_spec)],
       out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct((num_head_blocks, num_blocks, rows, v_dim), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
   )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles[0],
-    k_pages, v_pages, *q_tiles[1:], *sinks, *(scales or ()))
+    k_pages, v_pages, *q_tiles[1:], *sinks, *limits, *(scales or ()))
 
   # --- Unpack: row t is token slot token_slot[t] of block token_block[t]. ------------------
   o = o_tiles.reshape(num_head_blocks, num_blocks, block_q, block_h, v_dim)

@@ -15,6 +15,7 @@ Layout (one layer):
   page_indices: [S, max_pages]   int32 page ids of each sequence, in order
   cu_q_lens:    [S + 1] int32    cumulative query lengths
   num_seqs:     [1] int32        sequences at index >= num_seqs are padding
+  kv_limits:    [T] int32        optional: each row's last visible KV position (>= its own; None: causal)
 """
 from __future__ import annotations
 
@@ -64,6 +65,22 @@ def token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens: int):
   positions = kv_lens[seq_ids] - q_len + (t - q_start)               # [T]
   positions = jnp.where(valid, positions, -1)
   return seq_ids, positions, valid
+
+
+def row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens: int) -> jax.Array:
+  """kv_limits [T] (the last KV position each row of q may attend to) clamped into each real row's
+  [pos, kv_len - 1]; -1 for padding rows. [T] int32.
+
+  A limit is never below its row's position (the contract), and the clamp makes that so for any input; the upper
+  clamp keeps a limit past the sequence's KV (e.g. an image cut by a chunk boundary) off unwritten slots, so that
+  every backend's range ends inside the sequence without a kv_len mask.
+  """
+  kv_limits = jnp.asarray(kv_limits)
+  if kv_limits.shape != (num_tokens,):
+    raise ValueError(f"kv_limits must be [T] = [{num_tokens}], one per row of q; got {kv_limits.shape}")
+  seq_ids, positions, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  limits = jnp.minimum(jnp.maximum(kv_limits.astype(jnp.int32), positions), kv_lens[seq_ids] - 1)
+  return jnp.where(valid, limits, -1)
 
 
 class QueryBlocks(NamedTuple):
@@ -125,7 +142,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, pages_per_block: int | None = None,
                            block_q: int | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
-                           sinks: jax.Array | None = None) -> jax.Array:
+                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
   Latent attention (DeepSeek's MLA, absorbed; models/llama.py `_mla_qkv`): k_pages [.., Dk] and
@@ -141,7 +158,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   starts from it (m = sink, l = 1) instead of from nothing.
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
-  [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros.
+  [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros. kv_limits ([T] int32, e.g. Gemma 3's
+  bidirectional image tokens): row t sees up to kv_limits[t] instead of pos (row_kv_limits: clamped into
+  [pos, kv_len - 1]); the window still starts from pos.
 
   Work is done one query block at a time, like one program of the Pallas kernel's grid: a
   `fori_loop` over the blocks in use (a dynamic count, so padding rows and empty sequence slots
@@ -178,10 +197,12 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       num_tokens, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
   if sinks is not None:
     sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, num_q_heads // num_kv_heads)
+  if kv_limits is not None:
+    kv_limits = row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens)
   attend = functools.partial(
       _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
       pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap,
-      scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks)
+      scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks, kv_limits=kv_limits)
   if block_q == 1:
     out = attend(1, None)
   else:
@@ -207,12 +228,13 @@ def latent_dims(q, k_pages, v_pages) -> bool:
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                    block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None,
-                   sinks=None):
+                   sinks=None, kv_limits=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
   qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D] (or a latent cache's
   Dk and Dv wide); scales: None or (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache; sinks:
-  None or [Hkv, G] float32. Returns [T, Hkv, G, Dv] (rows of other sequences are meaningless).
+  None or [Hkv, G] float32; kv_limits: None or [T] int32 clamped (row_kv_limits), each row's last
+  visible position. Returns [T, Hkv, G, Dv] (rows of other sequences are meaningless).
   """
   num_tokens, num_kv_heads, group, head_dim = qs.shape
   k_dim, v_dim = k_pages.shape[-1], v_pages.shape[-1]
@@ -233,7 +255,12 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
   def one_block(i, out):
     first, num_rows = blocks.first_pos[i], blocks.num_rows[i]
     row_pos = jnp.repeat(jnp.where(slot < num_rows, first + slot, -1), group)   # [rows]
-    end_kv_block = (first + num_rows + block_len - 1) // block_len
+    if kv_limits is None:
+      row_limit, kv_end = row_pos, first + num_rows
+    else:  # limits >= positions: the block ends after its largest
+      row_limit = jnp.repeat(jnp.where(slot < num_rows, kv_limits[blocks.row_tokens[i]], -1), group)
+      kv_end = jnp.max(row_limit) + 1
+    end_kv_block = (kv_end + block_len - 1) // block_len
     if sliding_window is None:
       first_kv_block = jnp.int32(0)
     else:
@@ -259,7 +286,7 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       if soft_cap is not None:
         s = soft_cap * jnp.tanh(s / soft_cap)
       kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
-      mask = kv_pos <= row_pos[:, None]                              # [rows, block_len]
+      mask = kv_pos <= row_limit[:, None]                            # [rows, block_len]
       if sliding_window is not None:
         mask &= kv_pos > row_pos[:, None] - sliding_window
       s = jnp.where(mask, s, -jnp.inf)

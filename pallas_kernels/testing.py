@@ -84,6 +84,58 @@ def random_ragged_batch(rng: np.random.Generator, seqs, *, num_q_heads: int, num
       num_seqs=np.array([len(seqs)], np.int32))
 
 
+def row_positions(batch: RaggedBatch) -> np.ndarray:
+  """[T] int32: each row's absolute position, -1 for padding rows."""
+  positions = np.full(batch.q.shape[0], -1, np.int32)
+  for s in range(int(batch.num_seqs[0])):
+    q_start, q_end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
+    positions[q_start:q_end] = batch.kv_lens[s] - (q_end - q_start) + np.arange(q_end - q_start)
+  return positions
+
+
+def _random_span(rng: np.random.Generator, lo: int, hi: int, boundary: int | None) -> tuple[int, int]:
+  """[s, e) with lo <= s < e <= hi; one holding both sides of a multiple B of `boundary` (s < B < e) when
+  lo < B < hi has one."""
+  crossings = [b for b in range(lo + 1, hi) if boundary and b % boundary == 0]
+  if crossings:
+    b = int(rng.choice(crossings))
+    return int(rng.integers(lo, b)), int(rng.integers(b + 1, hi + 1))
+  s = int(rng.integers(lo, hi))
+  return s, int(rng.integers(s + 1, hi + 1))
+
+
+def random_kv_limits(rng: np.random.Generator, batch: RaggedBatch, *, boundary: int | None = None,
+                     max_spans: int = 2) -> np.ndarray:
+  """[T] int32 per-row KV limits (Gemma 3's bidirectional image tokens). Each chunk (a sequence with more than
+  one new token) holds 0 to max_spans "image spans", random [s, e) positions among its new tokens (the counts
+  0, 1, .., max_spans dealt over the chunks in random order, at least one span in all). A row in a span gets
+  limit e - 1, every other row its own position, padding rows random junk (every backend must ignore it). With
+  `boundary` (a KV tile or page size) each chunk's first span crosses a multiple of it where the chunk's
+  positions hold one."""
+  positions = row_positions(batch)
+  limits = positions.copy()
+  chunks = [s for s in range(int(batch.num_seqs[0])) if batch.cu_q_lens[s + 1] - batch.cu_q_lens[s] > 1]
+  num_spans = rng.permutation(np.arange(len(chunks)) % (max_spans + 1))  # 0, 1, .., max_spans, 0, .. shuffled
+  if chunks and not num_spans.any():
+    num_spans[0] = 1
+  for s, count in zip(chunks, num_spans):
+    q_start, q_end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
+    first, end = int(positions[q_start]), int(positions[q_end - 1]) + 1
+    free = [(first, end)]                       # position ranges no span holds yet
+    for i in range(count):
+      free = [(lo, hi) for lo, hi in free if hi > lo]
+      if not free:
+        break
+      lo, hi = free.pop(int(rng.integers(len(free))))
+      span = _random_span(rng, lo, hi, boundary if i == 0 else None)
+      free += [(lo, span[0]), (span[1], hi)]
+      rows = q_start + np.arange(span[0], span[1]) - first
+      limits[rows] = span[1] - 1
+  num_valid = batch.num_valid_tokens
+  limits[num_valid:] = rng.integers(-5, 1000, len(limits) - num_valid)
+  return limits
+
+
 def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
   """[Hq] float32 attention sinks: one +10 (outweighs the scores: that head's output shrinks by
   orders of magnitude), one -30 (no effect within float32 tolerance), the rest in [-3, 3], shuffled."""
@@ -93,8 +145,13 @@ def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
 
 
 def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
-                  soft_cap: float | None = None, sinks: np.ndarray | None = None) -> np.ndarray:
+                  soft_cap: float | None = None, sinks: np.ndarray | None = None,
+                  kv_limits: np.ndarray | None = None) -> np.ndarray:
   """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, Dv].
+
+  kv_limits ([T] int, each >= its row's position): row t sees KV positions <= kv_limits[t] instead of <= its
+  own position (Gemma 3's bidirectional image tokens); a window still starts from the row's own position
+  (pos - sliding_window, kv_limits[t]], and nothing past kv_len is seen.
 
   sinks [Hq]: one more logit per head in every row's softmax, with no value (gpt-oss), taken as
   given: not scaled, capped or masked. K and V pages narrower than q: a latent cache, each key its
@@ -123,7 +180,9 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
     if soft_cap is not None:
       scores = soft_cap * np.tanh(scores / soft_cap)
     kv_pos = np.arange(kv_len)
-    mask = kv_pos[None, :] <= pos[:, None]
+    limit = pos if kv_limits is None else np.asarray(kv_limits[q_start:q_end])
+    assert (limit >= pos).all(), "a row's limit is never below its position"
+    mask = kv_pos[None, :] <= limit[:, None]
     if sliding_window is not None:
       mask &= kv_pos[None, :] > pos[:, None] - sliding_window
     scores = np.where(mask[None], scores, -np.inf)
@@ -150,7 +209,7 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     soft_cap: float | None = None, num_tokens: int | None = None,
                     max_seqs: int | None = None, nan_padding: bool = False,
                     kv_dtype=None, sinks: np.ndarray | None = None,
-                    latent_dims: tuple[int, int] | None = None) -> None:
+                    latent_dims: tuple[int, int] | None = None, kv_limits=None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
@@ -159,6 +218,8 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   kv_dtype (int8 / float8_e4m3fn): the pages are quantized (kv_quant.quantize) and passed with
   k_scales= / v_scales=; the float64 attention reads them dequantized. sinks ([Hq]): passed as
   sinks= (float32), and to the float64 attention. latent_dims: a latent cache (random_ragged_batch).
+  kv_limits: a function of the random batch giving its [T] int32 limits (e.g. random_kv_limits with a fresh rng),
+  passed as kv_limits= and to the float64 attention.
   """
   import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
 
@@ -177,6 +238,9 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   if sinks is not None:
     sinks = np.asarray(sinks, np.float32)
     opts["sinks"], call_opts["sinks"] = sinks, jnp.asarray(sinks)
+  if kv_limits is not None:
+    limits = np.asarray(kv_limits(batch), np.int32)
+    opts["kv_limits"], call_opts["kv_limits"] = limits, jnp.asarray(limits)
   as_read = [np.asarray(a.astype(jnp.float32)) for a in args[:3]]  # what the float64 attention reads
   if kv_dtype is not None:
     from pallas_kernels import kv_quant  # noqa: PLC0415

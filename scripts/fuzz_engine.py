@@ -103,20 +103,23 @@ def draw_features(seed: int, model: str) -> dict:
     models with linear layers that many rows of draft state slots), images in two prompts of three (a tiny random
     vision tower in front of the model: two images, so that prompts share cached images and differ by them), as
     LLaVA-NeXT's tiles in half of those seeds, or (models in GRID) as Qwen2.5-VL's grid of patches with the model's
-    RoPE made M-RoPE (`tiny_grid_vision`)."""
+    RoPE made M-RoPE (`tiny_grid_vision`), or (in 2 of 5 seeds with neither) as Gemma 3's, whose positions attend to
+    each other both ways."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
             "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
-            "grid": model in GRID and rng.random() < 0.4}
+            "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4}
 
 
-def tiny_vision(cfg, anyres: bool = False):
+def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
     """(VisionConfig, random params, ImageProcessor): a CLIP tower of 21-pixel images in 7-pixel patches (9
     positions each) into `cfg`'s hidden size, the placeholder its last id; and two images. anyres: LLaVA-NeXT's
-    tiles on grids up to 2 x 2 (an image's positions from its size: 39 and 45 for these two)."""
+    tiles on grids up to 2 x 2 (an image's positions from its size: 39 and 45 for these two). both_ways: Gemma 3's
+    SigLIP tower and pooling projector (42-pixel images, 6 x 6 patches pooled to 9 positions that attend to each other
+    both ways), framed by the ids before the placeholder."""
     import jax
     import numpy as np
     from PIL import Image
@@ -124,16 +127,25 @@ def tiny_vision(cfg, anyres: bool = False):
     from engine.images import ImageProcessor
     from models import vision
 
-    vcfg = vision.VisionConfig(kind="clip", hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-                               image_size=21, patch_size=7, num_channels=3, layer_norm_eps=1e-5,
-                               hidden_act="quick_gelu", feature_layers=(-2,), select_strategy="default",
-                               projector_act="gelu", projector_bias=True, text_hidden_size=cfg.hidden_size,
-                               image_token_id=cfg.vocab_size - 1,
-                               grid_pinpoints=((21, 42), (42, 21), (42, 42)) if anyres else (), image_newline=anyres)
-    processor = ImageProcessor.from_dict({
-        "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
-        "size": {"shortest_edge": 21}, "crop_size": {"height": 21, "width": 21},
-        **({"image_grid_pinpoints": [[21, 42], [42, 21], [42, 42]], "do_pad": True} if anyres else {})})
+    tower = dict(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2, patch_size=7, num_channels=3,
+                 text_hidden_size=cfg.hidden_size, image_token_id=cfg.vocab_size - 1)
+    if both_ways:
+        vcfg = vision.VisionConfig(kind="siglip", **tower, image_size=42, layer_norm_eps=1e-6,
+                                   hidden_act="gelu_pytorch_tanh", feature_layers=(-1,), select_strategy="full",
+                                   projector_act="gelu", projector_bias=False, projector="gemma3", post_norm=True,
+                                   num_pooled_tokens=9, boi_token_id=cfg.vocab_size - 3,
+                                   eoi_token_id=cfg.vocab_size - 2)
+        processor = ImageProcessor.from_dict({"image_processor_type": "Gemma3ImageProcessor", "size": 42})
+    else:
+        vcfg = vision.VisionConfig(kind="clip", **tower, image_size=21, layer_norm_eps=1e-5,
+                                   hidden_act="quick_gelu", feature_layers=(-2,), select_strategy="default",
+                                   projector_act="gelu", projector_bias=True,
+                                   grid_pinpoints=((21, 42), (42, 21), (42, 42)) if anyres else (),
+                                   image_newline=anyres)
+        processor = ImageProcessor.from_dict({
+            "image_processor_type": "LlavaNextImageProcessor" if anyres else "CLIPImageProcessor",
+            "size": {"shortest_edge": 21}, "crop_size": {"height": 21, "width": 21},
+            **({"image_grid_pinpoints": [[21, 42], [42, 21], [42, 42]], "do_pad": True} if anyres else {})})
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (30, 24 + 8 * i, 3), dtype=np.uint8)) for i in range(2)]
     return (vcfg, vision.init_params(vcfg, jax.random.key(17), scale=0.5), processor), images
@@ -169,13 +181,20 @@ def tiny_grid_vision(model: tuple, interleaved: bool):
     return (cfg, params, tokenizer), vision, images
 
 
-def _with_image(prompt: list[int], images: list, vcfg) -> tuple[list[int], list]:
+def _with_image(prompt: list[int], images: list, placeholder: int) -> tuple[list[int], list]:
     """Two prompts in three get an image after their first 4 tokens, chosen by their tokens (so identical prompts
     and those sharing a prefix share it, or differ by it)."""
     if images is None or sum(prompt) % 3 == 0:
         return prompt, []
     at = min(4, len(prompt))
-    return prompt[:at] + [vcfg.image_token_id] + prompt[at:], [images[sum(prompt) % len(images)]]
+    return prompt[:at] + [placeholder] + prompt[at:], [images[sum(prompt) % len(images)]]
+
+
+def _image_kind(features: dict) -> str | None:
+    """A seed's images beyond LLaVA's plain tiles: "grid" (Qwen2.5-VL's), "anyres", "both ways" (Gemma 3's, in 2 of
+    5 seeds that draw neither), or None."""
+    return "grid" if features["grid"] else "anyres" if features["anyres"] else \
+        "both ways" if features["both_ways"] else None
 
 
 def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None) -> list[list[int]]:
@@ -187,7 +206,7 @@ def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images
     for i, (prompt, namespace) in enumerate(prompts):
         sampled = dict(temperature=0.8, top_p=0.9, seed=1000 + i) if features["sampling"] else dict(temperature=0)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampled, **rules)
-        prompt, prompt_images = _with_image(prompt, images, engine.image_prompts and engine.image_prompts.vcfg)
+        prompt, prompt_images = _with_image(prompt, images, engine.image_prompts and engine.image_prompts.placeholder_id)
         ids.append(engine.add_request(prompt, params, namespace=namespace,
                                       priority=(i * 7) % 3 if features["priorities"] else 0,
                                       adapter=(None, "a", "b")[i % 3] if features["lora"] else None,
@@ -247,13 +266,16 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     features = draw_features(seed, model)
     extra = ", ".join([*(["token rules"] if rules else []), *(k for k in ("sampling", "priorities", "lora", "images")
                                                               if features[k]), *(["tp 2"] if features["tensor"] > 1 else []),
-                       *([("grid" if features["grid"] else "anyres")] if features["images"] and (
-                           features["anyres"] or features["grid"]) else [])])
+                       *([_image_kind(features)] if features["images"] and _image_kind(features) else [])])
     served = models[model]
     if features["images"] and features["grid"]:
         served, vision, images = tiny_grid_vision(served, interleaved=model == "qwen3_5")
     else:
-        vision, images = tiny_vision(models[model][0], features["anyres"]) if features["images"] else (None, None)
+        both_ways = _image_kind(features) == "both ways"
+        vision, images = tiny_vision(models[model][0], features["anyres"], both_ways) \
+            if features["images"] else (None, None)
+        if both_ways and 0 < fuzzed["scheduler.long_prefill_tokens"] < 9:  # (an image's 9 positions in one step)
+            fuzzed["scheduler.long_prefill_tokens"] = 9
     disk = tempfile.mkdtemp(prefix="radixlm-fuzz-") if rng.random() < 0.3 else None
     if disk:
         fuzzed["cache.disk_path"] = disk

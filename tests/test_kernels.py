@@ -325,6 +325,124 @@ def test_sinks(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_windo
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-row KV limits (Gemma 3's bidirectional image tokens): row t sees up to kv_limits[t] >= its
+# position; a window still starts from the position.
+
+# Decodes, a whole prompt and chunks over prefixes whose positions cross a 16-position KV tile (two
+# 8-position pages), so that a span can cross tiles, pages and 4-token q blocks; padding rows and
+# sequences around them.
+SPAN_SEQS = [(1, 9), (20, 20), (1, 1), (13, 37), (9, 40), (1, 50)]
+
+
+def _span_limits(batch):
+  """Random image spans (testing.random_kv_limits), each chunk's first crossing a 16-position tile."""
+  return testing.random_kv_limits(fresh.rng(), batch, boundary=16)
+
+
+def test_attention_f64_kv_limits():
+  """The float64 attention itself: limits at each row's own position are the causal result bit for bit, and
+  limits at kv_len - 1 make every row of a sequence see all of it (a dense softmax over the sequence)."""
+  batch = testing.random_ragged_batch(fresh.rng(), SPAN_SEQS, num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                      page_size=8, dtype=np.float64)
+  positions = testing.row_positions(batch)
+  causal = testing.attention_f64(batch, sm_scale=0.25, soft_cap=3.0)
+  np.testing.assert_array_equal(testing.attention_f64(batch, sm_scale=0.25, soft_cap=3.0, kv_limits=positions),
+                                causal)
+  seq_ids = np.searchsorted(batch.cu_q_lens[1:], np.arange(batch.num_valid_tokens), side="right")
+  full = testing.attention_f64(batch, sm_scale=0.25, kv_limits=batch.kv_lens[seq_ids] - 1)
+  s = 3  # (13, 37): 13 new tokens over 24 cached
+  rows = slice(int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1]))
+  pages = batch.page_indices[s, :5]
+  k = np.repeat(batch.k_pages[:, pages].reshape(2, -1, 16)[:, :37], 2, axis=0)  # [Hq, 37, D]
+  v = np.repeat(batch.v_pages[:, pages].reshape(2, -1, 16)[:, :37], 2, axis=0)
+  scores = np.einsum("thd,hld->htl", batch.q[rows], k) * 0.25
+  p = np.exp(scores - scores.max(-1, keepdims=True))
+  np.testing.assert_allclose(full[rows], np.einsum("htl,hld->thd", p / p.sum(-1, keepdims=True), v), rtol=1e-12)
+
+
+# xla: the reference with small blocks, so that its tile range follows the limits (the public entry, whose
+# 256-position KV blocks hold these contexts whole, is each kernel's reference_fn).
+_LIMIT_KERNELS = {
+    "xla": _jit(functools.partial(reference.ragged_paged_attention, block_q=4, pages_per_block=2),
+                static_argnames=_OPTS),
+    "ragged": _ragged(4, 16),
+    "decode": _decode(16, 3),
+    "public": _public("pallas_interpret"),  # the dispatcher, default ragged tiles
+}
+
+
+# Each case: (q heads, kv heads, head_dim, dtype, sliding_window, soft_cap, kv_dtype, sinks). GQA 1/4/8, head_dim
+# 64/128, float32 and bfloat16, a window of 3 and 5 (shorter than the spans: rows see back only from their own
+# position), soft caps, int8 pages, sinks.
+KV_LIMITS = [
+    pytest.param(2, 2, 64, np.float32, 3, None, None, False, id="gqa1-d64-f32-window3"),
+    pytest.param(8, 2, 128, jnp.bfloat16, None, 2.0, jnp.int8, False, id="gqa4-d128-bf16-softcap-int8"),
+    pytest.param(8, 1, 64, np.float32, 5, 3.0, None, True, id="gqa8-d64-f32-window5-softcap-sinks"),
+]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype,sliding_window,soft_cap,kv_dtype,sinks",
+                         KV_LIMITS)
+@pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
+def test_kv_limits(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap, kv_dtype, sinks):
+  """Each backend with random image spans (zero, one or two a chunk, crossing pages, KV tiles and q blocks) against
+  float64 attention with the same limits, the kernels against the public xla entry too; padding rows (NaN, junk
+  limits) and sequences; small blocks, 3 KV splits."""
+  fn = {"xla": _LIMIT_KERNELS["xla"], "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
+  testing.check_attention(
+      fn, SPAN_SEQS, seed=fresh.seed(), page_size=8, num_tokens=48, max_seqs=8, nan_padding=True,
+      kv_limits=_span_limits, kv_dtype=kv_dtype,
+      sinks=testing.random_sinks(fresh.rng(), num_q_heads) if sinks else None,
+      reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"),
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
+
+
+@pytest.mark.parametrize("kernel", ["ragged", "decode"])
+def test_kv_limits_latent_cache(kernel):
+  """Per-row limits on a latent cache (16 q heads on one kv head, Dk/Dv = 16/64, the group cut in 2 head blocks)
+  with int8 pages and a window of 5, against float64 attention and the xla reference."""
+  fn = _ragged(2, 16, 8) if kernel == "ragged" else _decode(16, 3, 8)
+  testing.check_attention(
+      fn, SPAN_SEQS, seed=fresh.seed(), page_size=8, num_tokens=48, max_seqs=8, nan_padding=True,
+      kv_limits=_span_limits, num_q_heads=16, num_kv_heads=1, head_dim=80, latent_dims=(16, 64),
+      kv_dtype=jnp.int8, sliding_window=5, reference_fn=functools.partial(_attn, backend="xla"))
+
+
+@pytest.mark.parametrize("kernel", _LIMIT_KERNELS)
+def test_kv_limits_at_own_positions_are_causal(kernel):
+  """Limits at each row's own position (junk on padding rows) give the causal result bit for bit. Random spans
+  give float64 attention's result, which differs from the causal one on every row whose limit passes its
+  position (so the comparison can fail), and change no other row beyond rounding. Limits out of range are
+  clamped into [pos, kv_len - 1]: bit for bit the same result."""
+  rng = fresh.rng()
+  batch = testing.random_ragged_batch(rng, SPAN_SEQS, num_q_heads=8, num_kv_heads=2, head_dim=64,
+                                      page_size=8, num_tokens=48, max_seqs=8)
+  n = batch.num_valid_tokens
+  positions = testing.row_positions(batch)
+  positions[n:] = rng.integers(-5, 1000, len(positions) - n)
+  limits = _span_limits(batch)
+  # Below the position on rows outside spans, past kv_len where a limit is the sequence's last position (every
+  # decode; a span that ends its chunk: an image cut by the chunk's end).
+  seq_ids = np.searchsorted(batch.cu_q_lens[1:], np.arange(len(limits)), side="right")
+  last = batch.kv_lens[seq_ids.clip(max=len(batch.kv_lens) - 1)] - 1        # [T]: each row's kv_len - 1
+  wild = np.where(limits > positions, limits, positions - rng.integers(0, 4, len(limits)))
+  wild = np.where(wild == last, wild + rng.integers(1, 100, len(limits)), wild)
+  opts = dict(sm_scale=0.125, sliding_window=3, soft_cap=3.0)
+  args = [jnp.asarray(a) for a in batch.args]
+  fn = _LIMIT_KERNELS[kernel]
+  causal = np.asarray(fn(*args, **opts))[:n]
+  np.testing.assert_array_equal(np.asarray(fn(*args, kv_limits=jnp.asarray(positions), **opts))[:n], causal)
+  got = np.asarray(fn(*args, kv_limits=jnp.asarray(limits), **opts))[:n]
+  tol = testing.tolerances(np.float32)
+  np.testing.assert_allclose(got, testing.attention_f64(batch, kv_limits=limits, **opts), **tol)
+  span_rows = limits[:n] > testing.row_positions(batch)[:n]
+  assert span_rows.sum() >= 2, limits
+  assert (np.abs(got - causal)[span_rows].max(axis=(1, 2)) > 1e3 * tol["atol"]).all()
+  np.testing.assert_allclose(got[~span_rows], causal[~span_rows], **tol)
+  np.testing.assert_array_equal(np.asarray(fn(*args, kv_limits=jnp.asarray(wild), **opts))[:n], got)
+
+
+# ---------------------------------------------------------------------------------------------
 # 8-bit KV cache (pallas_kernels/kv_quant.py): every backend reads the same quantized pages.
 
 KV_QUANT = [
@@ -505,6 +623,28 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
     assert all("tt.func" in m.text for m in modules)
     names += [m.name for m in modules]
     assert names == ["ragged_paged_attention", "ragged_paged_decode_attention", "write_kv"], names
+
+
+def test_kv_limits_lower_to_triton():
+  """Both attention kernels with per-row limits (one more [rows] / per-row int32 input), in the engine's form at
+  Gemma 3's heads (one kv head of 256, a traced window): they lower for CUDA and ROCm, and their wrappers add no loop
+  around the kernels. tests/test_kernels_compile.py compiles the kernels without limits to machine code."""
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  num_tokens, max_seqs = 64, 8
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, 1, 64, 16, 256), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((num_tokens, 4, 256), jnp.bfloat16), pages, pages, i32(max_seqs), i32(max_seqs, 8),
+          i32(max_seqs + 1), i32(1))
+  for decode_only in (False, True):
+    def attend(window, layer, kv_limits, *xs, decode_only=decode_only):
+      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.0625, sliding_window=window, soft_cap=30.0,
+                                                   backend="pallas", decode_only=decode_only, layer=layer,
+                                                   kv_limits=kv_limits)
+    jaxpr = jax.make_jaxpr(attend)(i32(), i32(), i32(num_tokens), *args).jaxpr
+    assert gpu_compile.loops_outside_kernels(jaxpr) == []
+    for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+      [module] = gpu_compile.triton_modules(attend, i32(), i32(), i32(num_tokens), *args, target=target)
+      assert "tt.func" in module.text
+      assert module.name == ("ragged_paged_decode_attention" if decode_only else "ragged_paged_attention")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -250,6 +250,7 @@ HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim, or a late
     "llama3-8b": (32, 8, 128),
     "smollm2-135m": (9, 3, 64),
     "gemma3-270m": (4, 1, 256),
+    "gemma3-4b": (8, 4, 256),  # the smallest Gemma 3 that takes images (kv_limits over its image positions)
     "mha-d128": (16, 16, 128),
     # DeepSeek-V3 / R1 / Kimi K2 (multi-head latent attention): one RoPE key (64) and one latent
     # (512) per token, shared by every q head: 16 on each of 8 tensor-parallel devices, 128 on one.
@@ -263,14 +264,15 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
                    target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    traced_window: bool = False, kv_dtype=None,
-                   sinks: bool = False) -> dict[str, TritonModule]:
+                   sinks: bool = False, kv_limits: bool = False) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
   "write_kv": KV write}. Only shapes are needed, no data. head_dim (Dk, Dv): a latent cache, K
   pages Dk and V pages Dv wide, q Dk + Dv (DeepSeek's MLA). traced_window: the window is a traced
   int32 scalar, as for models that mix windowed and global layers (Gemma 3). kv_dtype: an 8-bit
   cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py). sinks:
-  attention sinks, a [Hq] float32 input (gpt-oss)."""
+  attention sinks, a [Hq] float32 input (gpt-oss). kv_limits: per-row KV limits, a [T] int32 input
+  (Gemma 3's steps with image rows)."""
   import functools  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -298,6 +300,8 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
   attend_inputs = dict(scales)
   if sinks:
     attend_inputs["sinks"] = jax.ShapeDtypeStruct((num_q_heads,), jnp.float32)
+  if kv_limits:
+    attend_inputs["kv_limits"] = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   modules = {}
   for kind, decode_only in (("prefill", False), ("decode", True)):
     attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=q_dim ** -0.5,

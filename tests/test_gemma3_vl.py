@@ -120,6 +120,11 @@ def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cac
     chunked = _llm(path, **{"cache.prefix_caching": False, "scheduler.max_batch_tokens": 19})
     again = chunked.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
+    # The Pallas kernels (interpret mode) read the same limits
+    kernels = _llm(path, **{"cache.prefix_caching": False, "scheduler.max_batch_tokens": 19,
+                            "attention.backend": "pallas_interpret"})
+    again = kernels.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
+    assert [o.token_ids for o in again] == [o.token_ids for o in outs]
 
     # The prefix cache: another question about the first prompt's image shares its pages up to the image's last full
     # page, a hit that ends inside the image; the image's other positions are computed from its kept features and

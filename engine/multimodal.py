@@ -350,20 +350,46 @@ def load_image_model(path: str, dtype, processor_kwargs: dict | None = None) -> 
         module, processor_cls = qwen_vision, QwenImageProcessor
     if vcfg is None:
         return None
-    from engine.config import ConfigKeyError
     from engine.images import processor_config
+
+    stored = processor_config(path)
+    if stored is None:
+        raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
+                              "prepared by (resize, crop, normalization); none is there")
+    processor = _processor(processor_cls, stored, processor_kwargs)
+    return vcfg, module.load_params(path, vcfg, dtype), processor
+
+
+def load_mmproj(path: str, dtype, tokenizer, text_hidden_size: int, processor_kwargs: dict | None = None) -> tuple:
+    """(vision config, vision params, image processor) of a llama.cpp mmproj GGUF (model.mmproj: Gemma 3's tower and
+    projector beside a GGUF text model, models/mmproj.py); the ids of the tokens around an image from the text model's
+    tokenizer, each refused by name where it has none."""
+    from engine.config import ConfigKeyError
+    from engine.images import ImageProcessor
+    from models.loader import resolve_path
+    from models.mmproj import read_mmproj
+
+    ids = {}
+    for key, token in (("image_token_id", "<image_soft_token>"), ("boi_token_id", "<start_of_image>"),
+                       ("eoi_token_id", "<end_of_image>")):
+        ids[key] = tokenizer.token_to_id(token)
+        if ids[key] is None:
+            raise ConfigKeyError(f"model.mmproj: the text model's tokenizer has no {token} (a Gemma 3 mmproj serves a "
+                                 "Gemma 3 text model)")
+    vcfg, params, stored = read_mmproj(resolve_path(path), text_hidden_size=text_hidden_size, dtype=dtype, **ids)
+    return vcfg, params, _processor(ImageProcessor, stored, processor_kwargs)
+
+
+def _processor(processor_cls, stored: dict, processor_kwargs: dict | None):
+    """processor_cls from its stored config with model.mm_processor_kwargs' keys replaced (those it lets be set)."""
+    from engine.config import ConfigKeyError
 
     processor_kwargs = processor_kwargs or {}
     unknown = sorted(set(processor_kwargs) - set(processor_cls.OVERRIDABLE))
     if unknown:
         raise ConfigKeyError(f"model.mm_processor_kwargs: {unknown} cannot be set for this model's image processor "
                              f"(it takes {', '.join(processor_cls.OVERRIDABLE) or 'none'})")
-    stored = processor_config(path)
-    if stored is None:
-        raise CheckpointError(f"{path}: a model that takes images needs the preprocessor_config.json its images are "
-                              "prepared by (resize, crop, normalization); none is there")
-    processor = processor_cls.from_dict({**stored, **processor_kwargs})
-    return vcfg, module.load_params(path, vcfg, dtype), processor
+    return processor_cls.from_dict({**stored, **processor_kwargs})
 
 
 # ------------------------------------------------------------------------------------------- chat messages

@@ -356,6 +356,10 @@ class Tokenizer:
         BOS (EOS) is added only when the model asks for it and `add_special_tokens` is set."""
         return self._backend.encode(text, add_special_tokens)
 
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token given as its text (a special token's, e.g. "<start_of_image>"); None where there is none."""
+        return self._backend.token_to_id(token)
+
     def hf_json(self) -> str | None:
         """The HF `tokenizers` JSON of this tokenizer (None for the SentencePiece backend)."""
         return self._backend.tokenizer.to_str() if isinstance(self._backend, _HFBackend) else None

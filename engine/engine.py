@@ -56,12 +56,16 @@ DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages be
 
 
 def setup_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache in `directory` ("": none), every program in it however quickly it compiled:
+    a restart on the same settings compiles nothing. (A threshold of 0.5 s left ~3 in 4 of the programs of
+    test_engine, test_lora and test_draft_model uncached: cold, one process, caching them all took 352 -> 331 s,
+    23 -> 31 MB of cache, 2026-12-05; docs/architecture.md, "The suite on two workers".)"""
     if not directory:
         return
     path = os.path.expanduser(directory)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def resolve_dtype(name: str):

@@ -300,9 +300,11 @@ def test_quantized_weights_keep_the_biases_and_sinks(method):
     assert q["layers"]["moe_gate"].dtype == (np.int8 if method == "int8" else np.dtype("uint4"))
     assert (q["layers"]["wq"].dtype == np.float32) == (method == "mxfp4")  # mxfp4 leaves attention as it is
     ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 24), jnp.int32)
-    got = llama.forward_dense(jax.device_put(q), cfg, ids)
-    want = llama.forward_dense(jax.device_put(quant.dequantize_params(q)), cfg, ids)
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4, rtol=1e-4)
+    got = np.asarray(llama.forward_dense(jax.device_put(q), cfg, ids))
+    want = np.asarray(llama.forward_dense(jax.device_put(quant.dequantize_params(q)), cfg, ids))
+    # The two sum float32 products in other orders ((x @ q) * s against x @ (q * s)): their rounding follows the
+    # logits' scale, not each logit's (a logit near 0 moved 2.2e-4 of 4 at RADIXLM_TEST_SEED=390315623)
+    np.testing.assert_allclose(got, want, atol=1e-4 * np.abs(want).max(), rtol=1e-4)
 
 
 def test_mxfp4_round_trip():

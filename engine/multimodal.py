@@ -194,7 +194,7 @@ class ImagePrompts:
     def prepare(self, prompt_ids: Seq[int], sources: Seq[Any], policy=None) -> tuple[list[int], list[ImageSpan]]:
         """(prompt ids with each placeholder widened to its image's ids, the images' spans). The prompt holds one
         placeholder per image (or a run of exactly as many as the image has positions: a processor's expanded
-        prompt). LLaVA-NeXT: an image's positions depend on its size (models.vision.packed_tokens)."""
+        prompt). LLaVA-NeXT: an image's positions depend on its size (models.anyres.packed_tokens)."""
         images = self.load(sources, policy)
         if self.boi is not None:
             prompt_ids = self._frame(prompt_ids)
@@ -249,7 +249,7 @@ class ImagePrompts:
     def _span(self, start: int, image) -> ImageSpan:
         """An image's span at `start`: its tiles (Qwen2-VL: patches), their count of positions, its digest."""
         from engine.images import Tiles
-        from models import vision
+        from models import anyres
 
         processed = self.processor(image)
         if is_grid_model(self.vcfg):  # (patches, grid of patches): positions are its merged grid's cells
@@ -261,7 +261,7 @@ class ImagePrompts:
             return ImageSpan(start, self.tokens_per_image, processed[None], _digest(processed[None]), self.vocab_size,
                              bidirectional=self.boi is not None)
         grid, size = tuple(processed.grid), tuple(processed.size_hw)
-        return ImageSpan(start, vision.packed_tokens(self.vcfg, grid, size), processed.pixels,
+        return ImageSpan(start, anyres.packed_tokens(self.vcfg, grid, size), processed.pixels,
                          _digest(processed.pixels, grid, size), self.vocab_size, grid, size)
 
     def check(self, prompt_ids: Seq[int], spans: Seq[ImageSpan]) -> None:
@@ -587,8 +587,8 @@ class ImageEncoder:
 
     def _tiles_features(self, images: list[ImageSpan]) -> list[np.ndarray]:
         """LLaVA: every image's tiles through the tower, MAX_BATCH per call (padded to a power of two); LLaVA-NeXT's
-        then laid out as their image's rows (models.vision.pack_features)."""
-        from models import vision
+        then laid out as their image's rows (models.anyres.pack_features)."""
+        from models import anyres
 
         tiles = np.concatenate([span.pixels for span in images])  # [all tiles, C, S, S]
         out = []
@@ -601,7 +601,7 @@ class ImageEncoder:
         features = np.concatenate(out)  # [all tiles, tokens_per_image, D]
         firsts = np.cumsum([0] + [len(span.pixels) for span in images])
         return [features[a] if span.grid is None else
-                vision.pack_features(self.vcfg, features[a:b], self.newline, span.grid, span.size_hw)
+                anyres.pack_features(self.vcfg, features[a:b], self.newline, span.grid, span.size_hw)
                 for span, a, b in zip(images, firsts[:-1], firsts[1:])]
 
     def _grid_features(self, images: list[ImageSpan]) -> list[np.ndarray]:

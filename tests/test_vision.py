@@ -13,7 +13,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from models import vision
+from models import anyres, vision
 from models.vision import VisionConfig
 import fresh
 
@@ -253,9 +253,9 @@ def test_pack_features_of_encode_images_is_transformers(next_checkpoints, kind):
     tiles = np.concatenate([p[:n] for p, n in zip(pixels, num_tiles)])  # [sum(num_tiles), 3, 28, 28]
     encoded = np.split(np.asarray(_encode(params, vcfg, jnp.asarray(tiles))), np.cumsum(num_tiles)[:-1])
     for size, grid, features, w in zip(SIZES, grids, encoded, want):
-        got = vision.pack_features(vcfg, features, params["image_newline"], grid, size)
+        got = anyres.pack_features(vcfg, features, params["image_newline"], grid, size)
         w = w.numpy()
-        assert got.shape == w.shape == (vision.packed_tokens(vcfg, grid, size), TEXT["hidden_size"]), size
+        assert got.shape == w.shape == (anyres.packed_tokens(vcfg, grid, size), TEXT["hidden_size"]), size
         np.testing.assert_allclose(got, w, rtol=0, atol=1e-4 * np.abs(w).max(), err_msg=str(size))
 
 
@@ -277,9 +277,9 @@ def test_pack_features_is_transformers_pack_image_features(next_checkpoints, new
             (want,), lens = model.model.pack_image_features(
                 [torch.from_numpy(features)], torch.tensor([size]), "default",
                 image_newline=None if line is None else torch.from_numpy(line))
-        got = vision.pack_features(vcfg, features, line, grid, size)
+        got = anyres.pack_features(vcfg, features, line, grid, size)
         np.testing.assert_array_equal(got, want.numpy(), err_msg=str(size))
-        assert len(got) == vision.packed_tokens(vcfg, grid, size) == int(lens[0])
+        assert len(got) == anyres.packed_tokens(vcfg, grid, size) == int(lens[0])
 
 
 def _processor_count(pinpoints, image_size: int, patch_size: int, size_hw) -> int:
@@ -306,9 +306,9 @@ def test_packed_tokens_is_the_processors_count():
     sizes += [tuple(int(x) for x in pair) for pair in fresh.rng().integers(1, 2000, size=(200, 2))]
     for size in sizes:
         height, width = select_best_resolution(list(size), [list(p) for p in vcfg.grid_pinpoints])
-        count = vision.packed_tokens(vcfg, (height // 336, width // 336), size)
+        count = anyres.packed_tokens(vcfg, (height // 336, width // 336), size)
         assert count == _processor_count(vcfg.grid_pinpoints, 336, 14, size), size
-    assert vision.packed_tokens(vcfg, (2, 2), (336, 336)) == 576 + 48 * 49  # llava-v1.6's 2928 for a square image
+    assert anyres.packed_tokens(vcfg, (2, 2), (336, 336)) == 576 + 48 * 49  # llava-v1.6's 2928 for a square image
 
 
 def test_llava_next_config_and_params(next_checkpoints, tmp_path):
@@ -363,6 +363,6 @@ def test_llava_next_refusals(next_checkpoints):
     vcfg = VisionConfig.from_hf_config(base)
     features, line = np.zeros((5, 16, 24), np.float32), np.zeros(24, np.float32)
     with pytest.raises(ValueError, match="a 1x2 grid takes"):
-        vision.pack_features(vcfg, features, line, (1, 2), (28, 56))
+        anyres.pack_features(vcfg, features, line, (1, 2), (28, 56))
     with pytest.raises(ValueError, match="newline missing"):
-        vision.pack_features(vcfg, features, None, (2, 2), (56, 56))
+        anyres.pack_features(vcfg, features, None, (2, 2), (56, 56))

@@ -55,6 +55,9 @@ the config's model): groups of questions about one picture each, prefix cache of
     python scripts/bench.py --workload shared-image --vision 256,4 --groups 4 --prompts-per-group 8 \
         --question-len 32 --set-a cache.prefix_caching=false --set-b cache.prefix_caching=true --repeats 3
 
+The same with Gemma 3's kind of images (SigLIP, 256 positions an image that attend to each other both ways, so a
+step computes an image whole): add --vision-kind gemma3.
+
 Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per group, system prompt + question,
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
@@ -155,13 +158,15 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
         page = args.page_size
         ideal = (args.num_requests - args.groups) * (args.system_len // page * page)
         return sessions, ideal
-    if args.workload == "shared-image":  # (an image's placeholder: vocab - 1, never a drawn id)
+    if args.workload == "shared-image":  # (an image's placeholder: vocab - 1, or Gemma 3's vocab - 3: never drawn ids)
+        gemma3 = getattr(args, "vision_kind", "llava") == "gemma3"
         images = [_random_image(rng) for _ in range(args.groups)]
-        sessions = [Session([Turn([vocab - 1] + _ids(rng, args.question_len, vocab), args.output_len,
-                                  images=[images[g]])], g)
+        sessions = [Session([Turn([vocab - (3 if gemma3 else 1)] + _ids(rng, args.question_len, vocab),
+                                  args.output_len, images=[images[g]])], g)
                     for g in range(args.groups) for _ in range(args.prompts_per_group)]
         rng.shuffle(sessions)
-        ideal = (args.prompts_per_group - 1) * args.groups * (IMAGE_POSITIONS // args.page_size * args.page_size)
+        shared = GEMMA3_POSITIONS + 4 if gemma3 else IMAGE_POSITIONS  # (Gemma 3's: framed by 2 blank lines, boi, eoi)
+        ideal = (args.prompts_per_group - 1) * args.groups * (shared // args.page_size * args.page_size)
         return sessions, ideal
     if args.workload == "random":
         return [Session([Turn(_ids(rng, args.system_len + args.question_len, vocab), args.output_len)])
@@ -175,6 +180,7 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
 
 IMAGE_SIZE, IMAGE_PATCH = 336, 14  # llava-1.5's: 576 positions per image
 IMAGE_POSITIONS = (IMAGE_SIZE // IMAGE_PATCH) ** 2
+GEMMA3_SIZE, GEMMA3_POSITIONS = 448, 256  # --vision-kind gemma3: 32 x 32 patches pooled 2 x 2 (Gemma 3's 256 rows)
 
 
 def _random_image(rng: random.Random):
@@ -185,10 +191,12 @@ def _random_image(rng: random.Random):
     return Image.fromarray(np.random.default_rng(rng.getrandbits(32)).integers(0, 256, (*size, 3), dtype=np.uint8))
 
 
-def synthetic_vision(spec: str, model_cfg):
+def synthetic_vision(spec: str, model_cfg, kind: str = "llava"):
     """(VisionConfig, random params, ImageProcessor) for `--vision HIDDEN,LAYERS`: a CLIP tower of llava-1.5's geometry
     (336-pixel images, 14-pixel patches, the second-to-last layer's features, the class token dropped) and width, its
-    projector into the model's hidden size; the placeholder is the model's last id."""
+    projector into the model's hidden size; the placeholder is the model's last id. kind "gemma3": a SigLIP tower of
+    448-pixel images through its post-LayerNorm, Gemma 3's projector pooling them to 256 positions that attend to each
+    other both ways; the placeholder (<start_of_image>) the model's third-to-last id, then its end and image tokens."""
     import jax
 
     from engine.images import ImageProcessor
@@ -198,6 +206,17 @@ def synthetic_vision(spec: str, model_cfg):
         hidden, layers = (int(x) for x in spec.split(","))
     except ValueError:
         raise SystemExit(f"--vision wants two integers HIDDEN,LAYERS, got {spec!r}")
+    if kind == "gemma3":
+        vcfg = vision.VisionConfig(
+            kind="siglip", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers,
+            num_heads=max(1, hidden // 64), image_size=GEMMA3_SIZE, patch_size=IMAGE_PATCH, num_channels=3,
+            layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh", feature_layers=(-1,), select_strategy="full",
+            projector_act="gelu", projector_bias=False, projector="gemma3", post_norm=True,
+            num_pooled_tokens=GEMMA3_POSITIONS, text_hidden_size=model_cfg.hidden_size,
+            image_token_id=model_cfg.vocab_size - 1, boi_token_id=model_cfg.vocab_size - 3,
+            eoi_token_id=model_cfg.vocab_size - 2)
+        processor = ImageProcessor.from_dict({"image_processor_type": "Gemma3ImageProcessor", "size": GEMMA3_SIZE})
+        return vcfg, vision.init_params(vcfg, jax.random.key(1)), processor
     vcfg = vision.VisionConfig(
         kind="clip", hidden_size=hidden, intermediate_size=4 * hidden, num_layers=layers, num_heads=max(1, hidden // 64),
         image_size=IMAGE_SIZE, patch_size=IMAGE_PATCH, num_channels=3, layer_norm_eps=1e-5, hidden_act="quick_gelu",
@@ -672,6 +691,8 @@ def main(argv=None) -> int:
     ap.add_argument("--embed", action="store_true", help="every request is an embedding request (in-process mode)")
     ap.add_argument("--options-only-b", action="store_true",
                     help="--guided-* / --prompt-logprobs apply to configuration B only: their cost side by side")
+    ap.add_argument("--vision-kind", choices=["llava", "gemma3"], default="llava",
+                    help="--vision's tower: LLaVA-1.5's (576 positions), or Gemma 3's (256 positions seeing each other)")
     ap.add_argument("--vision", metavar="HIDDEN,LAYERS", help="a random LLaVA-1.5-shaped vision tower of this width and "
                     "depth in front of the model (the shared-image workload)")
     ap.add_argument("--synthetic-model", metavar="HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM",
@@ -731,7 +752,7 @@ def main(argv=None) -> int:
 
             path = configs["A"].model.path
             model = model or (*load_weights(path), Tokenizer.load(tokenizer_source(path)))
-            vision = synthetic_vision(args.vision, model[0])
+            vision = synthetic_vision(args.vision, model[0], args.vision_kind)
         elif args.workload == "shared-image":
             raise SystemExit("--workload shared-image needs --vision HIDDEN,LAYERS")
         engines = {name: LLMEngine(cfg, model=model, vision=vision) for name, cfg in configs.items()}

@@ -150,6 +150,40 @@ def test_a_chat_with_image_parts_answers_as_its_prepared_prompt(gemma3):
 
 
 @pytest.mark.slow
+def test_the_server_answers_as_the_python_api_does(gemma3):
+    """The OpenAI chat endpoint with an image_url part answers as LLM.chat, and /tokenize counts the framed image's
+    positions as the prompt does."""
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.config import load_config
+    from engine.engine import LLMEngine
+    from engine.request import SamplingParams
+    from engine.server import create_app
+    from test_multimodal import _data_url
+
+    _, path = gemma3
+    image = _image(fresh.rng())
+    content = [{"type": "image_url", "image_url": {"url": _data_url(image)}},
+               {"type": "text", "text": "What is in this picture?"}]
+    settings = {"cache.page_size": PAGE, "cache.num_pages": 96, "model.max_model_len": 256,
+                "scheduler.max_running": 4, "scheduler.max_batch_tokens": 64}
+    [want] = _llm(path, **settings).chat([[{"role": "user", "content": content}]],
+                                         SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    config = load_config(None, [f"model.path={path}", "warmup=false", "server.model_name=tiny-gemma3",
+                                "server.max_body_bytes=4194304", *(f"{k}={v}" for k, v in settings.items())])
+    with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny-gemma3", "temperature": 0, "max_tokens": 6,
+                                                      "ignore_eos": True,
+                                                      "messages": [{"role": "user", "content": content}]})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == want.text
+        assert r.json()["usage"]["prompt_tokens"] == want.prompt_tokens
+        r = client.post("/tokenize", json={"model": "tiny-gemma3", "messages": [{"role": "user", "content": content}]})
+        assert r.json()["count"] == want.prompt_tokens, r.text
+
+
+@pytest.mark.slow
 def test_an_mmproj_gguf_beside_the_text_model_answers_as_the_checkpoint(gemma3, tmp_path):
     """model.mmproj: llama.cpp's image encoder file (written as its converter writes it) beside the language model
     serves the checkpoint directory's greedy tokens; the tokens around an image come from the text model's

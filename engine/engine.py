@@ -33,6 +33,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
 from engine import draft_model, multihost, multimodal, structured
+from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
@@ -213,7 +214,7 @@ class LLMEngine:
                 newlines=multimodal.newline_tokens(self.tokenizer) if both_ways else None)
             if both_ways:
                 multimodal.check_whole_images(config.scheduler, vcfg.tokens_per_image)
-            encoder = multimodal.ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
+            encoder = ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
                                               lambda tree: jax.device_put(tree, None if self.mesh is None else
                                                                           sharding.replicated(self.mesh)))
             log.info("images: %s", self.image_prompts.summary)

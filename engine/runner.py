@@ -254,7 +254,7 @@ class ModelRunner:
         no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
         num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
         num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them.
-        images: an engine.multimodal.ImageEncoder (a model that takes images): fills the steps' mm_embeds."""
+        images: an engine.image_encoder.ImageEncoder (a model that takes images): fills the steps' mm_embeds."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.eos_ids = eos_ids  # the tokens min_tokens holds back

@@ -32,28 +32,39 @@ TOKENS = dict(image_token_index=63, boi_token_index=61, eoi_token_index=62)
 _encode = jax.jit(vision.encode_images, static_argnums=1)
 
 
+def tiny_gemma3(key: str, mm_tokens_per_image: int, image_size: int = TOWER["image_size"], mmproj_exact: bool = False):
+    """A tiny random HF Gemma 3 in float32 (TEXT, TOWER, TOKENS), every weight outside the language model moved off
+    its initial value (HF's init leaves biases and mm_soft_emb_norm at 0, LayerNorm scales at 1) by a draw of 0.1
+    standard deviations; mm_soft_emb_norm by 0.5, so that its scale's 1 + w is far from both 1 and w. mmproj_exact:
+    mm_input_projection_weight rounded to float16 and mm_soft_emb_norm to multiples of 2^-16, which llama.cpp's
+    converter keeps exactly (it writes the projection in F16 and adds 1 to the norm in float32)."""
+    import torch
+    import transformers
+
+    config = transformers.Gemma3Config(
+        vision_config=transformers.SiglipVisionConfig(**{**TOWER, "image_size": image_size}),
+        text_config=transformers.Gemma3TextConfig(**TEXT), mm_tokens_per_image=mm_tokens_per_image, **TOKENS)
+    torch.manual_seed(fresh.seed(key))
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for name, t in model.named_parameters():
+            if "language_model" not in name:
+                t.add_((0.5 if "soft_emb_norm" in name else 0.1) * torch.randn_like(t))
+            if mmproj_exact and "mm_input_projection" in name:
+                t.copy_(t.half().float())
+            if mmproj_exact and "soft_emb_norm" in name:
+                t.copy_(torch.round(t * 2**16) / 2**16)
+    return model
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """-> get(mm_tokens_per_image): (a tiny random HF Gemma 3 in float32, the directory it was saved to), each built
-    once per module. Every weight outside the language model moved off its initial value (HF's init leaves biases and
-    mm_soft_emb_norm at 0, LayerNorm scales at 1) by a draw of 0.1 standard deviations; mm_soft_emb_norm by 0.5, so
-    that its scale's 1 + w is far from both 1 and w."""
+    """-> get(mm_tokens_per_image): (`tiny_gemma3`, the directory it was saved to), each built once per module."""
     built = {}
 
     def get(mm_tokens_per_image: int):
-        import torch
-        import transformers
-
         if mm_tokens_per_image not in built:
-            config = transformers.Gemma3Config(
-                vision_config=transformers.SiglipVisionConfig(**TOWER),
-                text_config=transformers.Gemma3TextConfig(**TEXT), mm_tokens_per_image=mm_tokens_per_image, **TOKENS)
-            torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{mm_tokens_per_image}]"))
-            model = transformers.Gemma3ForConditionalGeneration(config).eval()
-            with torch.no_grad():
-                for name, t in model.named_parameters():
-                    if "language_model" not in name:
-                        t.add_((0.5 if "soft_emb_norm" in name else 0.1) * torch.randn_like(t))
+            model = tiny_gemma3(f"{__name__}::checkpoints[{mm_tokens_per_image}]", mm_tokens_per_image)
             directory = tmp_path_factory.mktemp(f"gemma3-{mm_tokens_per_image}")
             model.save_pretrained(str(directory))
             built[mm_tokens_per_image] = model, str(directory)

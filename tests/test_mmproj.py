@@ -23,7 +23,7 @@ from models.errors import ConfigError
 from models.gguf_loader import CheckpointError, read_gguf
 from models.mmproj import read_mmproj
 from models.vision import VisionConfig
-from test_gemma3_vision import TEXT, TOKENS, TOWER, _hf_config, _hf_features
+from test_gemma3_vision import TEXT, TOKENS, _hf_config, _hf_features, tiny_gemma3
 from test_images import random_image
 
 IDS = dict(text_hidden_size=TEXT["hidden_size"], image_token_id=TOKENS["image_token_index"],
@@ -39,31 +39,14 @@ _encode = jax.jit(vision.encode_images, static_argnums=1)
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    """-> get(image_size, mm_tokens_per_image): (a tiny random HF Gemma 3 in float32, its directory with a
-    preprocessor_config.json), each built once per module. Weights drawn as test_gemma3_vision's, then
-    mm_input_projection_weight rounded to float16 and mm_soft_emb_norm to multiples of 2^-16: the converter writes the
-    projection in F16 whatever the output type, and adds 1 to the norm in float32, and these two keep such weights
-    exactly, so that an F32 file holds the checkpoint's weights bit for bit."""
+    """-> get(image_size, mm_tokens_per_image): (test_gemma3_vision's `tiny_gemma3` with the weights an F32 mmproj
+    holds bit for bit, its directory with a preprocessor_config.json), each built once per module."""
     built = {}
 
     def get(image_size: int, mm_tokens: int):
-        import torch
-        import transformers
-
         if (image_size, mm_tokens) not in built:
-            config = transformers.Gemma3Config(
-                vision_config=transformers.SiglipVisionConfig(**{**TOWER, "image_size": image_size}),
-                text_config=transformers.Gemma3TextConfig(**TEXT), mm_tokens_per_image=mm_tokens, **TOKENS)
-            torch.manual_seed(fresh.seed(f"{__name__}::checkpoints[{image_size}-{mm_tokens}]"))
-            model = transformers.Gemma3ForConditionalGeneration(config).eval()
-            with torch.no_grad():
-                for name, t in model.named_parameters():
-                    if "language_model" not in name:
-                        t.add_((0.5 if "soft_emb_norm" in name else 0.1) * torch.randn_like(t))
-                    if "mm_input_projection" in name:
-                        t.copy_(t.half().float())
-                    if "soft_emb_norm" in name:
-                        t.copy_(torch.round(t * 2**16) / 2**16)
+            model = tiny_gemma3(f"{__name__}::checkpoints[{image_size}-{mm_tokens}]", mm_tokens, image_size,
+                                mmproj_exact=True)
             directory = tmp_path_factory.mktemp(f"gemma3-{image_size}-{mm_tokens}")
             model.save_pretrained(str(directory))
             (directory / "preprocessor_config.json").write_text(json.dumps({

@@ -208,7 +208,7 @@ class LLMEngine:
             if config.parallel.num_processes > 1:
                 raise ConfigKeyError("parallel.num_processes: a model that takes images runs in one process (its "
                                      "steps' image rows are not broadcast to the other hosts)")
-            both_ways = getattr(vcfg, "boi_token_id", None) is not None  # Gemma 3: an image's positions see each other
+            both_ways = multimodal.attends_both_ways(vcfg)  # Gemma 3
             self.image_prompts = multimodal.ImagePrompts(
                 vcfg, processor, self.model_cfg.vocab_size,
                 newlines=multimodal.newline_tokens(self.tokenizer) if both_ways else None)

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from engine.multimodal import ImageSpan, is_grid_model
+from engine.multimodal import ImageSpan, attends_both_ways, is_grid_model
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class ImageEncoder:
     @property
     def bidirectional(self) -> bool:
         """Whether an image's positions attend to each other both ways (Gemma 3): steps with images carry kv_limits."""
-        return getattr(self.vcfg, "boi_token_id", None) is not None
+        return attends_both_ways(self.vcfg)
 
     def offload(self) -> None:
         """The tower's weights to host memory, their device buffers freed now (LLMEngine.sleep)."""

@@ -148,7 +148,7 @@ class ImagePrompts:
         self.processor = processor
         self.vocab_size = vocab_size
         self.policy = policy or MediaPolicy(local_root="/")
-        self.boi = getattr(vcfg, "boi_token_id", None)  # Gemma 3: its chat template's image placeholder
+        self.boi = vcfg.boi_token_id if attends_both_ways(vcfg) else None  # Gemma 3: its template's image placeholder
         if self.boi is not None and 2 not in (newlines or {}):
             raise ValueError("a Gemma 3 vision model's tokenizer needs a token of two newlines (its images' framing)")
         self.newlines = newlines or {}
@@ -272,6 +272,12 @@ class ImagePrompts:
             covered += span.num_tokens
         if sum(1 for t in prompt_ids if t >= self.vocab_size) != covered:
             raise RequestError(f"prompt token ids past the vocabulary [0, {self.vocab_size}) that are no image's")
+
+
+def attends_both_ways(vcfg) -> bool:
+    """Whether an image's positions attend to each other both ways (Gemma 3: its config names the tokens that frame
+    an image): its spans are `bidirectional`, its steps with images carry kv_limits."""
+    return getattr(vcfg, "boi_token_id", None) is not None
 
 
 def is_grid_model(vcfg) -> bool:

@@ -222,25 +222,32 @@ def _join_kv_b(k_b: np.ndarray, v_b: np.ndarray, path: str) -> np.ndarray:
     return np.concatenate([np.swapaxes(k_b, 1, 2), v_b], axis=1).reshape(-1, rank)
 
 
+def dequantized(path: str, tensors: dict, name: str) -> np.ndarray:
+    """Tensor `name` of a GGUF file's `tensors` (read_gguf's) as float32 in its shape, whatever its type; a missing
+    tensor, an unsupported type or a size its shape does not hold is refused by name."""
+    import gguf
+
+    if name not in tensors:
+        raise CheckpointError(f"{path}: missing tensor {name!r}")
+    t = tensors[name]
+    try:
+        arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # a plain view: memmap slices cost
+    except NotImplementedError as e:
+        raise CheckpointError(f"{path}: tensor {name!r} has unsupported GGUF type {t.tensor_type.name}") from e
+    if arr.size != int(np.prod(t.shape)):
+        raise CheckpointError(f"{path}: tensor {name!r} holds {arr.size} values, its shape {t.shape} needs "
+                              f"{np.prod(t.shape)}")
+    return arr.reshape(t.shape).astype(np.float32, copy=False)
+
+
 def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -> tuple[LlamaConfig, dict]:
     """Reads config and weights (numpy arrays of `dtype`) from a GGUF file. mxfp4_experts: experts stored as MXFP4
     (gpt-oss files) stay in it, as `model.quantization: mxfp4` holds them (`_mxfp4_experts`), never passing through
     `dtype`."""
-    import gguf
-
     meta, tensors = read_gguf(path)
 
     def get(name: str) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"{path}: missing tensor {name!r}")
-        t = tensors[name]
-        try:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # a plain view: memmap slices cost
-        except NotImplementedError as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported GGUF type {t.tensor_type.name}") from e
-        if arr.size != int(np.prod(t.shape)):
-            raise CheckpointError(f"{path}: tensor {name!r} holds {arr.size} values, its shape {t.shape} needs {np.prod(t.shape)}")
-        return arr.reshape(t.shape).astype(np.float32, copy=False)
+        return dequantized(path, tensors, name)
 
     arch = meta.get("general.architecture")
     if f"{arch}.vocab_size" not in meta and "token_embd.weight" in tensors:

@@ -27,7 +27,7 @@ import numpy as np
 
 from models import gemma3_vision, vision
 from models.errors import ConfigError
-from models.gguf_loader import CheckpointError, read_gguf
+from models.gguf_loader import CheckpointError, dequantized, read_gguf
 from models.vision import VisionConfig
 
 PROJECTOR_TYPES = ("gemma3",)
@@ -52,26 +52,14 @@ def read_mmproj(path: str, *, text_hidden_size: int, image_token_id: int, boi_to
     """A Gemma 3 mmproj GGUF -> (its VisionConfig, its weights as numpy arrays of `dtype` in vision.load_params'
     layout, a preprocessor config for engine.images.ImageProcessor.from_dict). The token ids and the text model's
     hidden size come from the text GGUF (the mmproj holds none of them; its projection_dim must match the latter)."""
-    import gguf
-
     meta, tensors = read_gguf(path)
     vcfg = _config(path, meta, text_hidden_size, image_token_id, boi_token_id, eoi_token_id)
     processor = _processor_config(path, meta, vcfg)
 
-    def get(name: str) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"{path}: missing tensor {name!r}")
-        t = tensors[name]
-        try:
-            arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        except NotImplementedError as e:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported GGUF type {t.tensor_type.name}") from e
-        return arr.reshape(t.shape).astype(np.float32, copy=False)
-
     h, p = vcfg.hidden_size, vcfg.patch_size
 
     def read(key: str, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        a = get(name)
+        a = dequantized(path, tensors, name)
         if key == "patch":  # the conv [H, C, p, p] -> [C*p*p, H], its pixels in the (C, p, p) order encode_images uses
             if a.shape != (h, NUM_CHANNELS, p, p):
                 raise CheckpointError(f"{path}: tensor {name!r} has shape {a.shape}, the config needs "

@@ -186,9 +186,11 @@ class SpeculativeConfig:
     Pays where outputs repeat their input (editing, extraction, quoting, summaries, code).
     `draft_model` (vLLM's `draft_model`): a small model of the same vocabulary (`model`: any `model.path` form) drafts
     greedily, on the same devices, with its own K/V in the same pages as the target's (so the prefix cache serves
-    both). Pays wherever the small model often guesses the large one's next tokens."""
+    both). Pays wherever the small model often guesses the large one's next tokens.
+    `mtp` (vLLM's and SGLang's `mtp`): the checkpoint's own multi-token-prediction layer drafts (DeepSeek-V3, GLM-4.5,
+    Qwen3.5, Qwen3-Next HF checkpoints; models/mtp.py), one layer per draft token, its K/V in the same pages."""
 
-    method: Literal["none", "ngram", "draft_model"] = "none"
+    method: Literal["none", "ngram", "draft_model", "mtp"] = "none"
     num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
     ngram_min: int = 2
     ngram_max: int = 4

@@ -34,12 +34,14 @@ class DraftModel:
 
 
 def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
-    """ConfigKeyError naming what a draft model does not run with (yet)."""
+    """ConfigKeyError naming what a drafter with K/V of its own (a draft model, an MTP layer) does not run with
+    (yet)."""
+    method = config.speculative.method
     if config.parallel.num_processes > 1:
-        raise ConfigKeyError("speculative.method: draft_model does not run in a multi-host replica yet "
+        raise ConfigKeyError(f"speculative.method: {method} does not run in a multi-host replica yet "
                              "(parallel.num_processes must be 1)")
     if config.cache.hybrid and model_cfg.mixed_windows:
-        raise ConfigKeyError("speculative.method: draft_model keeps its K/V in whole pages, which a hybrid cache (this "
+        raise ConfigKeyError(f"speculative.method: {method} keeps its K/V in whole pages, which a hybrid cache (this "
                              "model's sliding-window layers) does not have; set cache.hybrid: false")
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import draft_model, multihost, multimodal, structured
+from engine import draft_model, mtp_drafter, multihost, multimodal, structured
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
@@ -97,7 +97,8 @@ class LLMEngine:
     """One replica. `model` = (LlamaConfig, params, Tokenizer) skips loading `config.model.path` (tests); `draft` =
     (LlamaConfig, params) is the draft model of `speculative.method: draft_model` in place of `speculative.model`;
     `vision` = (models.vision.VisionConfig, its params, engine.images.ImageProcessor) beside `model`: a model that takes
-    images (a checkpoint's are read from model.path)."""
+    images (a checkpoint's are read from model.path). With `speculative.method: mtp`, `draft` = (models.mtp.MtpConfig,
+    params) is the MTP layer in place of the checkpoint's."""
 
     def __init__(self, config: EngineConfig, progress: bool = True, model: tuple | None = None,
                  draft: tuple | None = None, vision: tuple | None = None):
@@ -172,10 +173,16 @@ class LLMEngine:
         # float8 kept as their bits.
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
-        self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model)
-        if config.speculative.method == "draft_model":
+        self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model, mtp)
+        self.mtp = None  # models.mtp.MtpConfig (speculative.method: mtp)
+        if config.speculative.method in ("draft_model", "mtp"):
             draft_model.check_supported(config, self.model_cfg)
+        if config.speculative.method == "draft_model":
             self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
+        elif config.speculative.method == "mtp":
+            mtp_drafter.check_supported(config, self._loaded_cfg)
+            self.draft, self.mtp = mtp_drafter.load_drafter(config, self._loaded_cfg, self.dtype, self.tokenizer,
+                                                            draft, self.mesh, progress)
         draft_cfg = self.draft.cfg if self.draft else None
         self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
         # Snapshots of the recurrent states at page boundaries: the prefix cache of a model with linear attention layers
@@ -225,7 +232,7 @@ class LLMEngine:
                                   draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
                                   disk_states=self._disk.states if self._disk is not None else None,
-                                  images=encoder)
+                                  images=encoder, mtp=self.mtp)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if config.warmup:
@@ -254,6 +261,9 @@ class LLMEngine:
         if self.draft is None:
             return None
         spec = self.config.speculative
+        if spec.method == "mtp":  # the checkpoint's own layer
+            weights = arrays_digest(given[1]) if given is not None else weights_identity(self.config.model.path)
+            return {"config": self.draft.cfg, "weights": weights, "mtp": True}
         weights = arrays_digest(given[1]) if given is not None else weights_identity(spec.model)
         return {"config": self.draft.cfg, "weights": weights, "quantization": spec.quantization}
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from engine import multimodal, sampler
+from engine import mtp_drafter, multimodal, sampler
 from engine.config import EngineConfig
 from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
@@ -134,6 +134,8 @@ class StepStatics:
     max_seqs: int
     page_size: int
     num_draft: int  # the draft model's rounds per proposal
+    max_rows: int = 0  # head rows at most (the largest sequence bucket): the sampled tokens kept for the next step
+    mtp: Any = None  # models.mtp.MtpConfig of an MTP drafter (speculative.method: mtp; its weights are draft_params)
 
 
 def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
@@ -150,7 +152,7 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
         all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states,
         decode_step=decode_only is True and bool(st.cfg.linear_layers))  # Runner._decode_kernel's promise
     drafts = kv_caches[st.num_model_kv :]
-    if st.draft_cfg is not None:
+    if st.draft_cfg is not None and st.mtp is None:  # (an MTP layer runs after the head: mtp_drafter.extend_impl)
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
                                   dataclasses.replace(inputs, adapter_ids=None, mm_embeds=None, mm_deep=None,
                                                       mrope_positions=None, kv_limits=None),
@@ -206,15 +208,14 @@ def _prompt_head_impl(st: StepStatics, params, every_row, targets, *, num_top):
 def _head_impl(st: StepStatics, params, hidden, s_in, *, num_rows, use_penalties, use_filters, num_top_logprobs,
                greedy_only, use_mask):
     """Logits and sampling for the first `num_rows` rows; then the rows after the final norm (embedding requests
-    read them; XLA computes the norm once for both) and the sampled tokens padded to max_running, the next
-    step's `prev_tokens`."""
+    read them; XLA computes the norm once for both) and the sampled tokens padded to max_rows, the next
+    step's `prev_tokens` (placeholders name the first max_running; an MTP drafter's extend reads them all)."""
     s_in = unpacked(s_in)
     logits = llama.compute_logits(params, st.cfg, hidden[:num_rows])
     out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
                          num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
-    n = min(num_rows, st.max_seqs)  # rows past max_running are draft positions: no placeholder names them
     normed = llama.final_hidden(params, st.cfg, hidden[:num_rows])
-    return *out, normed, jnp.zeros(st.max_seqs, jnp.int32).at[:n].set(out[0][:n])
+    return *out, normed, jnp.zeros(st.max_rows, jnp.int32).at[:num_rows].set(out[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,6 +226,8 @@ class StepPrograms:
     head: Any
     prompt_head: Any
     propose: Any
+    mtp_extend: Any
+    mtp_propose: Any
 
 
 @functools.lru_cache(maxsize=PROGRAM_SETS_KEPT)
@@ -240,6 +243,9 @@ def step_programs(statics: StepStatics) -> StepPrograms:
             "num_rows", "use_penalties", "use_filters", "num_top_logprobs", "greedy_only", "use_mask")),
         prompt_head=jax.jit(functools.partial(_prompt_head_impl, statics), static_argnames="num_top"),
         propose=jax.jit(functools.partial(_propose_impl, statics), donate_argnums=1),
+        mtp_extend=jax.jit(functools.partial(mtp_drafter.extend_impl, statics), donate_argnums=2,
+                           static_argnames="decode_only"),
+        mtp_propose=jax.jit(functools.partial(mtp_drafter.propose_impl, statics), donate_argnums=2),
     )
 
 
@@ -247,16 +253,19 @@ class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
                  lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0,
-                 num_host_states: int = 0, disk_states=None, images=None):
+                 num_host_states: int = 0, disk_states=None, images=None, mtp=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
         no hybrid cache): its K/V lives in the same pages as the model's, written by every step (`propose` reads it).
         num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
         num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them.
-        images: an engine.image_encoder.ImageEncoder (a model that takes images): fills the steps' mm_embeds."""
+        images: an engine.image_encoder.ImageEncoder (a model that takes images): fills the steps' mm_embeds.
+        mtp: a models.mtp.MtpConfig with `draft` its layer's (config, params): the checkpoint's MTP layer drafts
+        (engine/mtp_drafter.py)."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
+        self.mtp = mtp
         self.eos_ids = eos_ids  # the tokens min_tokens holds back
         self.params = params
         self.lora = lora or {}  # models.lora.stack_adapters of the loaded LoRA adapters ({}: none)
@@ -316,12 +325,12 @@ class ModelRunner:
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
-                                   self.max_seqs, self.page_size, config.speculative.num_tokens)
+                                   self.max_seqs, self.page_size, config.speculative.num_tokens, self.max_rows, mtp)
         programs = step_programs(self.statics)
         self._forward = programs.forward
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
         # step and the rest share one compiled forward.
-        self._prev_tokens = self._to_device(np.zeros(self.max_seqs, np.int32))
+        self._prev_tokens = self._to_device(np.zeros(self.max_rows, np.int32))
         self._head = programs.head
         # Copy-on-write, and the host and disk tiers' copies (engine.kv_copies), before each step's forward.
         self.copies = PageCopies(kv_shapes, num_pages, num_host_pages, self.layout, disk, self._to_device,
@@ -331,6 +340,11 @@ class ModelRunner:
         # Draft model: `propose` runs `statics.num_draft` rounds of it for a bucket of rows (one per drafting sequence).
         self.draft_buckets = pow2_buckets(1, self.max_seqs)
         self._propose = programs.propose
+        # MTP drafter: the layer's outputs at the last step's head rows, and which row sampled each sequence's newest
+        # token (engine/mtp_drafter.py).
+        self._mtp_extend, self._mtp_propose = programs.mtp_extend, programs.mtp_propose
+        self._mtp_outputs = None  # (set by every step's extend; warmup's forward buckets come before its drafts)
+        self._mtp_rows = mtp_drafter.SampledRows()
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
         self.images = images
 
@@ -356,16 +370,21 @@ class ModelRunner:
                         mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None,
                         kv_limits=np.zeros(n, np.int32) if self.images.bidirectional else None)
                 inputs = self.put_inputs(inputs)
-                self._hidden, _, self.kv, self.states = self._forward(
+                self._hidden, every_row, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
                     draft_params=self.draft_params, states=self.states, decode_only=arg)
+                if self.mtp is not None:
+                    self._mtp_outputs, self.kv = self._mtp_extend(self.params, self.draft_params, self.kv, inputs,
+                                                                  every_row, self._prev_tokens, decode_only=arg)
             elif kind == "encoder":
                 self.images.compile(n)
             elif kind == "draft":
-                rows = np.zeros(n, np.int32)
-                _, self.kv = self._propose(self.draft_params, self.kv,
-                                           *self._to_device((rows, rows, rows, np.zeros((n, self.max_pages_per_seq),
-                                                                                        np.int32))))
+                rows, pages = np.zeros(n, np.int32), np.zeros((n, self.max_pages_per_seq), np.int32)
+                if self.mtp is not None:
+                    _, self.kv = self._mtp_propose(self.params, self.draft_params, self.kv, self._mtp_outputs,
+                                                   *self._to_device((rows, rows, rows, pages)))
+                else:
+                    _, self.kv = self._propose(self.draft_params, self.kv, *self._to_device((rows, rows, rows, pages)))
             else:
                 self._compile_head(n, *arg)
 
@@ -402,6 +421,7 @@ class ModelRunner:
             snapshot_slots=np.full(s, self.state_scratch, np.int32) if self.states is not None else None,
             draft_slots=np.full((s, self.draft_k), self.num_state_slots, np.int32) if self.draft_k else None,
             mrope_positions=np.zeros((3, num_tokens), np.int32) if self.cfg.mrope_section else None,
+            next_tokens=np.zeros(num_tokens, np.int32) if self.mtp is not None else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -452,6 +472,8 @@ class ModelRunner:
         within = np.arange(len(firsts), dtype=np.int32) - np.repeat(np.cumsum(rows_per_chunk) - rows_per_chunk,
                                                                      rows_per_chunk)
         inputs.logits_indices[list(itertools.chain.from_iterable(head_rows))] = firsts + within
+        if self.mtp is not None:
+            inputs.next_tokens[:] = mtp_drafter.next_tokens(chunks, head_rows, cu[:-1], len(inputs.tokens))
         rows = self.images.rows(chunks, len(inputs.tokens)) if self.images is not None else None
         if rows is not None:
             inputs = dataclasses.replace(inputs, mm_embeds=rows[0], mm_deep=rows[1])
@@ -509,6 +531,8 @@ class ModelRunner:
                           **(dict.fromkeys(COPY_FIELDS) if copied else self.copies.pack(plan)))
         if self.followers is not None:
             step = self.followers.lead(step)
+        if self.mtp is not None:
+            self._mtp_rows.record(plan.chunks, head_rows)
         out = self.dispatch(step)
         return LaunchedStep(out, head_rows, time.perf_counter() - t0,
                             want_hidden=any(c.sample and c.seq.params.embed for c in plan.chunks))
@@ -611,6 +635,9 @@ class ModelRunner:
                      len(step.inputs.tokens), step.num_rows, step.use_penalties, step.use_filters, step.num_top,
                      step.use_mask)
         self._prev_tokens = out[-1]
+        if self.mtp is not None:  # the MTP layer's K/V of this step's rows, paired with the tokens after them
+            self._mtp_outputs, self.kv = self._mtp_extend(self.params, self.draft_params, self.kv, inputs, every_row,
+                                                          self._prev_tokens, decode_only=step.decode_kernel)
         if step.prompt_targets is None:
             return out[:-1]
         return out[:-1] + self._prompt_head(self.params, every_row, self._to_device(step.prompt_targets),
@@ -641,7 +668,7 @@ class ModelRunner:
         self.kv = self.copies.apply(self.kv, types.SimpleNamespace(**self.copies.pack(plan)))
         wanted = [i for i, c in enumerate(plan.chunks) if c.draft]
         out = [[] for _ in plan.chunks]
-        if not wanted:
+        if not wanted or (self.mtp is not None and self._mtp_outputs is None):
             return out
         rows = bucket_for(len(wanted), self.draft_buckets)
         tokens, starts, counts = (np.zeros(rows, np.int32) for _ in range(3))
@@ -649,8 +676,16 @@ class ModelRunner:
         for j, i in enumerate(wanted):
             c = plan.chunks[i]
             tokens[j], starts[j], counts[j] = c.token_ids[0], c.start, len(c.draft)
+            if self.mtp is not None:  # MTP: the head row whose layer output the first draft is guessed from
+                row = self._mtp_rows.row(c)
+                tokens[j], counts[j] = max(row, 0), counts[j] if row >= 0 else 0
             pages[j, : len(c.pages)] = c.pages
-        drafts, self.kv = self._propose(self.draft_params, self.kv, *self._to_device((tokens, starts, counts, pages)))
+        if self.mtp is not None:
+            drafts, self.kv = self._mtp_propose(self.params, self.draft_params, self.kv, self._mtp_outputs,
+                                                *self._to_device((tokens, starts, counts, pages)))
+        else:
+            drafts, self.kv = self._propose(self.draft_params, self.kv,
+                                            *self._to_device((tokens, starts, counts, pages)))
         drafts = np.asarray(drafts)
         for j, i in enumerate(wanted):
             out[i] = drafts[j, : counts[j]].tolist()

@@ -404,7 +404,7 @@ class Scheduler:
         )
         if room <= 0:
             return []
-        if self.spec.method == "draft_model":  # slots: the draft model fills them before the step (engine.draft_model)
+        if self.spec.method in ("draft_model", "mtp"):  # slots a drafter fills before the step (engine.draft_model)
             draft = [0] * room
         else:
             if seq.ngram_index is None:

@@ -77,6 +77,9 @@ class ModelInputs:
     # [T] int32 (its own, or its image's last: pallas_kernels.ragged_paged_attention); None in steps without images
     # and for the other models (causal)
     kv_limits: jax.Array | None = None
+    # An MTP drafter (speculative.method: mtp; models/mtp.py): the token after each row, [T] int32, or -1 - r for the
+    # token head row r samples in this step (engine.runner's `_mtp_extend_impl` reads it; the model does not)
+    next_tokens: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +307,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
              carry: Any = None, lora: dict | None = None, adapter_ids: jax.Array | None = None,
              stats: bool = False, mesh: jax.sharding.Mesh | None = None,
              recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None,
-             mm_embeds: jax.Array | None = None, mm_deep: jax.Array | None = None) -> tuple[jax.Array, Any]:
+             mm_embeds: jax.Array | None = None, mm_deep: jax.Array | None = None,
+             embeds: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
@@ -315,7 +319,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     (`_grouped_layers`), attend's layer index being the layer's place among the attention layers (the KV cache holds
     those only). `mm_embeds` [T, hidden]: the input rows of the tokens past the vocabulary (images' positions);
     `mm_deep` [k, T, hidden] (Qwen3-VL's DeepStack): added to the residual stream after each of the first k layers
-    (zero rows but at image positions)."""
+    (zero rows but at image positions). `embeds` [T, hidden]: the first layer's input rows in place of the tokens'
+    embeddings (an MTP layer's: models/mtp.py)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -472,9 +477,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         return (x, carry), amax
 
     is_image = None if mm_embeds is None else tokens >= cfg.vocab_size  # [T]
-    x = embed_tokens(params, tokens if is_image is None else jnp.where(is_image, 0, tokens))  # [T, H]
-    if cfg.embed_scale != 1.0:
-        x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+    if embeds is not None:
+        x = embeds
+    else:
+        x = embed_tokens(params, tokens if is_image is None else jnp.where(is_image, 0, tokens))  # [T, H]
+        if cfg.embed_scale != 1.0:
+            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
     if is_image is not None:  # (not scaled: the projector's rows are the model's inputs as they are)
         x = jnp.where(is_image[:, None], mm_embeds.astype(x.dtype), x)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -674,7 +682,7 @@ def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
     layout: HybridLayout | None = None, decode_only: bool | None = None, states: gated_delta.States | None = None,
-    decode_step: bool = False,
+    decode_step: bool = False, embeds: jax.Array | None = None,
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
@@ -684,6 +692,7 @@ def forward(
     states: a model with linear attention layers' recurrent states (`inputs.state_slots` says whose is where); the
     updated states are returned third. decode_step (static): every sequence has one new token, or a real token and
     its drafts (a decode step); the linear attention layers then compile only their recurrent rule's single steps.
+    embeds: the first layer's input rows in place of the tokens' embeddings (an MTP layer's).
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -736,7 +745,7 @@ def forward(
     positions = inputs.positions if inputs.mrope_positions is None else inputs.mrope_positions
     x, kv_caches = _decoder(params, cfg, inputs.tokens, positions, attend, tuple(kv_caches), lora,
                             inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds,
-                            mm_deep=inputs.mm_deep)
+                            mm_deep=inputs.mm_deep, embeds=embeds)
     out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 
@@ -784,11 +793,16 @@ def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict
     return amax
 
 
-@functools.partial(jax.jit, static_argnums=(1,))
-def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
-    """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
+def decoder_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
+    """Non-paged reference decoder over one sequence: tokens [T] -> hidden [T, hidden] before the final norm."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     recurrent = ((gated_delta.allocate(cfg, 1), gated_delta.one_sequence(tokens.shape[0]))
                  if cfg.linear_layers else None)
     x, _ = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), recurrent=recurrent)
-    return compute_logits(params, cfg, x)
+    return x
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def forward_dense(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
+    """Non-paged reference forward of one sequence: tokens [T] -> logits [T, vocab] float32."""
+    return compute_logits(params, cfg, decoder_dense(params, cfg, tokens))

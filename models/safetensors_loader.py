@@ -5,7 +5,7 @@ import contextlib
 import json
 import logging
 import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -228,30 +228,13 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
     block, block_scales = _fp8_block(directory)
     scheme = int_scheme(directory)
     with opened_shards(directory) as (shard_of, stored):
+        get = tensor_reader(directory, shard_of, stored)
 
         def read(key: str, name: str) -> np.ndarray:
             return _from_hf(cfg, key, get(name))
 
         def has(name: str) -> bool:
             return name in shard_of
-
-        def get(name: str) -> np.ndarray:
-            """A tensor as floats: MXFP4, FP8 and integer ones dequantized."""
-            if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
-                return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
-            prefix = name.removesuffix(".weight")
-            if scheme is not None and name != prefix and (has_packed_weight(prefix, has) or (
-                    has(name) and has(name + "_scale") and shard_of[name][1].get_slice(name).get_dtype() == "I8")):
-                return read_int_weight(prefix, scheme, stored, has).dequantize().T
-            arr = stored(name)
-            if "float8" in str(arr.dtype):
-                path = shard_of[name][0]
-                scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in shard_of), None)
-                if scale is None:
-                    raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype} without a {name}_scale_inv or "
-                                          f"{name}_scale beside it (an FP8 format this loader does not read)")
-                return dequantize_fp8(arr, get(scale), block if scale.endswith(block_scales) else None, name)
-            return arr
 
         names = _language_model(hf_names(cfg), shard_of)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
@@ -269,6 +252,39 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
         for key, bits in kept_int.items():
             params["layers"].update(_int_weights(cfg, key, names[key], bits, scheme, stored, has))
         return cfg, params
+
+
+def tensor_reader(directory: str, shard_of: Mapping[str, tuple], stored) -> Callable[[str], np.ndarray]:
+    """get(name): a tensor of the opened shards (`opened_shards`) as floats, MXFP4, FP8 and integer ones dequantized."""
+    block, block_scales = _fp8_block(directory)
+    scheme = int_scheme(directory)
+
+    def has(name: str) -> bool:
+        return name in shard_of
+
+    def get(name: str) -> np.ndarray:
+        if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
+            return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
+        prefix = name.removesuffix(".weight")
+        if scheme is not None and name != prefix and (has_packed_weight(prefix, has) or (
+                has(name) and has(name + "_scale") and shard_of[name][1].get_slice(name).get_dtype() == "I8")):
+            return read_int_weight(prefix, scheme, stored, has).dequantize().T
+        arr = stored(name)
+        if "float8" in str(arr.dtype):
+            path = shard_of[name][0]
+            scale = next((name + s for s in ("_scale_inv", "_scale") if name + s in shard_of), None)
+            if scale is None:
+                raise CheckpointError(f"{path}: tensor {name!r} is {arr.dtype} without a {name}_scale_inv or "
+                                      f"{name}_scale beside it (an FP8 format this loader does not read)")
+            return dequantize_fp8(arr, get(scale), block if scale.endswith(block_scales) else None, name)
+        return arr
+
+    return get
+
+
+def hf_tensor(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """A stored tensor of our weight `key` as `weights.assemble` reads it (torch orientation, our row order)."""
+    return _from_hf(cfg, key, arr)
 
 
 def kept_int_quantization(directory: str) -> str:

@@ -129,10 +129,10 @@ def layers_of(cfg: LlamaConfig, key: str) -> list[int]:
 
 
 def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, str], np.ndarray], dtype: Any,
-             skip: frozenset[str] = frozenset()) -> dict:
+             skip: frozenset[str] = frozenset(), layers_only: bool = False) -> dict:
     """`read(key, tensor_name)` -> a float array (any float dtype) in torch orientation; returns the pytree in `dtype`.
     `key` is ours, or a FUSED key for a fused tensor. Layer weights in `skip` are left out (the caller reads them
-    its own way).
+    its own way); `layers_only`: {"layers": ...} alone (an MTP layer: models/mtp.py).
 
     Each stacked weight is allocated once in `dtype` and filled a layer at a time, so the host holds the weights in
     `dtype` plus one layer's tensor, never a float32 copy of the whole checkpoint (a fused tensor is read once per
@@ -178,6 +178,8 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
             layers |= stacked((key,), lambda i: [load(key, i)])
         elif key == FUSED[fused][0]:  # the other parts come with it
             layers |= stacked(FUSED[fused], lambda i: load_fused(fused, i))
+    if layers_only:
+        return cast_params({"layers": layers}, dtype, np.ascontiguousarray)
     params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")

@@ -1,0 +1,223 @@
+"""Speculative decoding with a checkpoint's multi-token-prediction layer (models/mtp.py, engine/mtp_drafter.py):
+outputs are plain decoding's; each draft is the layer's greedy guess computed from scratch by a dense reference; a
+layer that guesses right is accepted through prefix hits, copy-on-write, preemption and the host tier; the loaders
+read the layer of GLM-4.5, DeepSeek-V3 and Qwen3.5 checkpoints."""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.config import ConfigKeyError, EngineConfig
+from engine.llm import LLM
+from engine.request import SamplingParams, StructuredOutput
+from models import llama, mtp
+from models.config import LlamaConfig
+import fresh
+from test_draft_model import _run, _same
+from test_engine import SMALL, _prompts, _repetitive_params, tokenizer  # noqa: F401
+
+MTP = {"speculative.method": "mtp", "speculative.num_tokens": 3, "debug_checks": True}
+
+
+@pytest.fixture(scope="module")
+def glm_model(tokenizer):
+    """A random GLM-4.5-style model (dense here) over SmolLM2's vocabulary, and a random MTP layer for it."""
+    cfg = LlamaConfig(architecture="glm4_moe", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024)
+    mcfg = mtp.mtp_config(cfg)
+    return (cfg, llama.init_params(cfg, jax.random.key(0), scale=0.5), tokenizer), \
+        (mcfg, mtp.init_params(mcfg, jax.random.key(1), scale=0.5))
+
+
+@pytest.fixture(scope="module")
+def bigram(tokenizer):
+    """A model whose attention adds nothing (wo = 0: each next token a function of the last one alone) and an MTP layer
+    that is its copy reading the embedding alone (eh_proj = [I; 0], embedding rows of RMS 1): the layer's guess after
+    token t is the model's, so every greedy draft is accepted, whichever K/V and rows the drafter reads wrongly
+    would show as misses."""
+    cfg = LlamaConfig(architecture="glm4_moe", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=1, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024)
+    params = llama.init_params(cfg, jax.random.key(2), scale=0.5)
+    embed = params["embed"]
+    params["embed"] = embed / jnp.sqrt(jnp.mean(embed**2, axis=-1, keepdims=True))
+    params["layers"]["wo"] = jnp.zeros_like(params["layers"]["wo"])
+    mcfg = mtp.mtp_config(cfg)
+    h = cfg.hidden_size
+    layer = {"layers": params["layers"], "final_norm": params["final_norm"], "enorm": jnp.ones(h), "hnorm": jnp.ones(h),
+             "eh_proj": jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))])}
+    return (cfg, params, tokenizer), (mcfg, layer)
+
+
+def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
+    """The layer's k greedy guesses after `ids`, from scratch: the model's hidden rows (after its final norm) paired
+    with the token after each, the layer over those pairs, then chained on its own output and guess."""
+    cfg, params, _ = model
+    mcfg, mparams = layer
+    x = llama.decoder_dense(params, cfg, jnp.asarray(ids, jnp.int32))
+    hidden = list(llama.final_hidden(params, cfg, x)[:-1])
+    tokens = list(ids[1:])
+    out = []
+    for _ in range(k):
+        rows = mtp.forward_dense(params, mparams, mcfg, jnp.asarray(tokens), jnp.stack(hidden))
+        guess = int(mtp.logits(params, mparams, mcfg, rows[-1:])[0].argmax())
+        out.append(guess)
+        hidden.append(mtp.chained(params, mparams, mcfg, rows[-1:])[0])
+        tokens.append(guess)
+    return out
+
+
+def test_a_layer_that_guesses_right_is_always_accepted(bigram, tokenizer):
+    """Greedy requests over shared system prompts and identical prompts in a 16-page pool with a host tier (preemption,
+    evictions and loads back, copy-on-write): every draft accepted, plain decoding's tokens."""
+    model, layer = bigram
+    prompts = _prompts(tokenizer, random.Random(21))
+    prompts = prompts[::-1] + prompts
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "cache.host_num_pages": 48})
+    plain, _ = _run(base, model, None, prompts, params)
+    spec, stats = _run(base.replace(**MTP), model, layer, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert stats["spec_draft_tokens"] > 200
+    assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+
+
+def test_drafts_are_the_layers_greedy_guesses(glm_model, tokenizer, monkeypatch):
+    """Every draft equals the layer's guesses computed from scratch (`_dense_drafts`), preemptions (recomputed
+    prompts and outputs) included; outputs equal plain decoding's. Without prefix caching: a cached prefix's last row
+    of the layer's K/V was computed with the token that followed it where it was cached (engine/mtp_drafter.py)."""
+    from engine.runner import ModelRunner
+
+    proposed = []
+    propose = ModelRunner.propose
+
+    def recording(runner, plan):
+        drafts = propose(runner, plan)
+        proposed.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
+        return drafts
+
+    monkeypatch.setattr(ModelRunner, "propose", recording)
+    model, layer = glm_model
+    prompts = _prompts(tokenizer, random.Random(22))
+    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * len(prompts)
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16, "cache.prefix_caching": False}),
+                       model, layer, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and len(proposed) > 40
+    for tokens, drafted in random.Random(0).sample(proposed, 40):
+        assert _dense_drafts(model, layer, tokens, len(drafted)) == drafted
+
+
+def _hf_with_mtp(kind: str, path) -> None:
+    """A tiny random HF checkpoint of `kind` whose last layer becomes its MTP layer, saved at `path` with the module's
+    other weights (drawn around their roles: norms near 1, or near 0 where the model stores w of 1 + w) under the
+    names the published checkpoints use."""
+    import json
+
+    import torch
+    import transformers
+    from safetensors.numpy import load_file, save_file
+
+    from test_deepseek import _hf_deepseek
+    from test_gated_delta import TINY
+    from test_moe import _hf_moe
+
+    if kind == "glm4_moe":
+        model = _hf_moe("glm4_moe")
+    elif kind == "deepseek_v3":
+        model = _hf_deepseek("v3")
+    else:  # two linear attention layers, then attention twice: the last becomes the MTP layer
+        model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
+            **TINY, layer_types=["linear_attention"] * 2 + ["full_attention"] * 2)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    tensors = load_file(f"{path}/model.safetensors")
+    with open(f"{path}/config.json") as f:
+        raw = json.load(f)
+    n, h = raw["num_hidden_layers"] - 1, raw["hidden_size"]
+    rng = fresh.rng()
+    norm = (lambda: rng.normal(0, 0.2, h).astype(np.float32)) if kind == "qwen3_5" else \
+        (lambda: rng.normal(1, 0.2, h).astype(np.float32))
+    proj = rng.normal(0, 0.1, (h, 2 * h)).astype(np.float32)
+    raw["num_hidden_layers"] = n
+    if kind == "qwen3_5":
+        tensors = {k.replace(f"model.layers.{n}.", "mtp.layers.0."): v for k, v in tensors.items()}
+        tensors.update({"mtp.fc.weight": proj, "mtp.pre_fc_norm_embedding.weight": norm(),
+                        "mtp.pre_fc_norm_hidden.weight": norm(), "mtp.norm.weight": norm()})
+        raw["layer_types"] = raw["layer_types"][:n]
+        raw["mtp_num_hidden_layers"] = 1
+    else:
+        base = f"model.layers.{n}."
+        tensors.update({base + "enorm.weight": norm(), base + "hnorm.weight": norm(), base + "eh_proj.weight": proj,
+                        base + "shared_head.norm.weight": norm(), base + "shared_head.head.weight":
+                        tensors["lm_head.weight"], base + "embed_tokens.weight": tensors["model.embed_tokens.weight"]})
+        raw["num_nextn_predict_layers"] = 1
+        if "first_k_dense_replace" in raw:
+            raw.pop("mlp_layer_types", None)  # (transformers 5 writes the per-layer list; ours is read from the count)
+    save_file(tensors, f"{path}/model.safetensors")
+    with open(f"{path}/config.json", "w") as f:
+        json.dump(raw, f)
+    return tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3", "qwen3_5"])
+def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, monkeypatch):
+    """A checkpoint's MTP layer is read as stored (its decoder layer's weights are the model's layer of that kind's,
+    its norms and projection as written), and through the engine its drafts are its greedy guesses computed from
+    scratch, with the outputs of plain decoding (GLM-4.5: GQA and experts; DeepSeek-V3: latent attention; Qwen3.5:
+    gated attention beside linear attention layers, whose states rejected drafts roll back)."""
+    pytest.importorskip("transformers")
+    from engine.runner import ModelRunner
+    from models.loader import load_weights
+
+    tensors = _hf_with_mtp(kind, tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    mcfg, layer = mtp.load_mtp(str(tmp_path), cfg)
+    base = f"model.layers.{cfg.num_layers}." if kind != "qwen3_5" else "mtp."
+    plus = 1.0 if kind == "qwen3_5" else 0.0  # Qwen's norms are stored as w of 1 + w
+    np.testing.assert_array_equal(layer["eh_proj"], tensors[base + ("fc" if kind == "qwen3_5" else "eh_proj") + ".weight"].T)
+    np.testing.assert_array_equal(layer["enorm"], tensors[base + ("pre_fc_norm_embedding" if kind == "qwen3_5" else "enorm")
+                                                          + ".weight"] + plus)
+    np.testing.assert_array_equal(layer["final_norm"], tensors[base + ("norm" if kind == "qwen3_5" else "shared_head.norm")
+                                                               + ".weight"] + plus)
+    assert mcfg.layer.num_layers == 1 and not mcfg.layer.linear_layers and mcfg.mask_first == (kind != "qwen3_5")
+    wo = tensors[(base + "layers.0." if kind == "qwen3_5" else base) + "self_attn.o_proj.weight"]
+    np.testing.assert_array_equal(layer["layers"]["wo"][0], wo.T)
+
+    proposed = []
+    propose = ModelRunner.propose
+
+    def recording(runner, plan):
+        drafts = propose(runner, plan)
+        proposed.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
+        return drafts
+
+    monkeypatch.setattr(ModelRunner, "propose", recording)
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(30)]
+    prompts = [(system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))], None)
+               for _ in range(6)]
+    params_ = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    options = {"warmup": False, "cache.page_size": 8, "scheduler.max_batch_tokens": 32, "scheduler.max_running": 4,
+               "model.max_model_len": 96, "cache.num_pages": 40}
+    model = (cfg, params, tokenizer)
+    plain, _ = _run(EngineConfig().replace(**options), model, None, prompts, params_)
+    spec, stats = _run(EngineConfig().replace(**{**options, **MTP, "cache.prefix_caching": False}), model,
+                       (mcfg, layer), prompts, params_)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert len(proposed) > 10 and stats["spec_draft_tokens"] > 0
+    for tokens, drafted in proposed[:10]:
+        assert _dense_drafts((cfg, jax.device_put(params), None), (mcfg, jax.device_put(layer)), tokens,
+                             len(drafted)) == drafted

@@ -103,6 +103,13 @@ class SequencePages:
             return match, match.num_tokens
         return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
 
+    def cut_before(self, seq: Sequence, match, limit: int):
+        """The tree's match of `seq` cut back to a page boundary at or before `limit` that a sequence can start after
+        (a model with linear attention layers: one with a snapshot of their state)."""
+        usable = (self._snapshot_before(match, limit) if self.snapshots is not None
+                  else min(match.num_tokens, limit // self.page_size * self.page_size))
+        return match if usable == match.num_tokens else self.tree.match(seq.all_ids[:usable], seq.namespace)
+
     def resume_point(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object]):
         """(the match, the host and disk tiers' pages after it) cut back to the deepest page boundary with a snapshot of
         the recurrent states, on the device or in a tier (`match` the tree's whole one, the pages continuing it): past

@@ -89,9 +89,9 @@ def test_a_layer_that_guesses_right_is_always_accepted(bigram, tokenizer):
 
 
 def test_drafts_are_the_layers_greedy_guesses(glm_model, tokenizer, monkeypatch):
-    """Every draft equals the layer's guesses computed from scratch (`_dense_drafts`), preemptions (recomputed
-    prompts and outputs) included; outputs equal plain decoding's. Without prefix caching: a cached prefix's last row
-    of the layer's K/V was computed with the token that followed it where it was cached (engine/mtp_drafter.py)."""
+    """Every draft equals the layer's guesses computed from scratch (`_dense_drafts`), prefix hits on the device and
+    from the host tier, copy-on-write and preemptions included (a hit ends a page early: `Scheduler._mtp_cut`); outputs
+    equal plain decoding's."""
     from engine.runner import ModelRunner
 
     proposed = []
@@ -105,14 +105,16 @@ def test_drafts_are_the_layers_greedy_guesses(glm_model, tokenizer, monkeypatch)
     monkeypatch.setattr(ModelRunner, "propose", recording)
     model, layer = glm_model
     prompts = _prompts(tokenizer, random.Random(22))
-    params = [SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)] * len(prompts)
+    prompts = prompts[::-1] + prompts
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
     plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
-    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16, "cache.prefix_caching": False}),
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16, "cache.host_num_pages": 48}),
                        model, layer, prompts, params)
     for a, b in zip(plain, spec):
         _same(a, b)
-    assert stats["num_preemptions"] > 0 and len(proposed) > 40
-    for tokens, drafted in random.Random(0).sample(proposed, 40):
+    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert len(proposed) > 40
+    for tokens, drafted in random.Random(0).sample(proposed, 60):
         assert _dense_drafts(model, layer, tokens, len(drafted)) == drafted
 
 
@@ -213,11 +215,10 @@ def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, monkeypatch):
                "model.max_model_len": 96, "cache.num_pages": 40}
     model = (cfg, params, tokenizer)
     plain, _ = _run(EngineConfig().replace(**options), model, None, prompts, params_)
-    spec, stats = _run(EngineConfig().replace(**{**options, **MTP, "cache.prefix_caching": False}), model,
-                       (mcfg, layer), prompts, params_)
+    spec, stats = _run(EngineConfig().replace(**{**options, **MTP}), model, (mcfg, layer), prompts, params_)
     for a, b in zip(plain, spec):
         _same(a, b)
-    assert len(proposed) > 10 and stats["spec_draft_tokens"] > 0
-    for tokens, drafted in proposed[:10]:
+    assert len(proposed) > 10 and stats["spec_draft_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    for tokens, drafted in proposed[:: len(proposed) // 10]:
         assert _dense_drafts((cfg, jax.device_put(params), None), (mcfg, jax.device_put(layer)), tokens,
                              len(drafted)) == drafted

@@ -263,7 +263,8 @@ class LLMEngine:
         spec = self.config.speculative
         if spec.method == "mtp":  # the checkpoint's own layer
             weights = arrays_digest(given[1]) if given is not None else weights_identity(self.config.model.path)
-            return {"config": self.draft.cfg, "weights": weights, "mtp": True}
+            return {"config": self.draft.cfg, "weights": weights,
+                    "quantization": "mtp " + mtp_drafter.QUANTIZATIONS.get(self.config.model.quantization, "none")}
         weights = arrays_digest(given[1]) if given is not None else weights_identity(spec.model)
         return {"config": self.draft.cfg, "weights": weights, "quantization": spec.quantization}
 

@@ -222,3 +222,129 @@ def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, monkeypatch):
     for tokens, drafted in proposed[:: len(proposed) // 10]:
         assert _dense_drafts((cfg, jax.device_put(params), None), (mcfg, jax.device_put(layer)), tokens,
                              len(drafted)) == drafted
+
+
+@pytest.mark.parametrize("which", ["bigram", "glm_model"])
+def test_every_sampling_mode_is_unchanged(which, request, tokenizer):
+    """Every sampling mode (greedy, seeded sampling with filters, logprobs, stops inside accepted runs, min_tokens,
+    penalties counting the drafts) with a pool small enough to preempt: plain decoding's outputs, with the
+    right-guessing layer's drafts both accepted and rejected (the requests' biases and sampling move the model off its
+    greedy guesses) and with a random layer's."""
+    model, layer = request.getfixturevalue(which)
+    prompts = _prompts(tokenizer, random.Random(23))[:22]
+    params = _repetitive_params(random.Random(24), tokenizer, len(prompts))
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16}), model, layer, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["spec_draft_tokens"] > 0
+    if which == "bigram":
+        assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
+
+
+def test_structured_outputs(glm_model, bigram):
+    """Grammars (regex, choice, JSON schema) beside free requests: drafts cut where the grammar stops accepting them,
+    plain decoding's outputs."""
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]}
+    constraints = [StructuredOutput(regex=r"[0-9]{3}-[a-z]{2,4}"), StructuredOutput(choice=("yes", "no", "maybe")),
+                   StructuredOutput(json=schema), None]
+    prompts = [([100 + i, 200 + i, 300], None) for i in range(8)]
+    params = [SamplingParams(temperature=0, max_tokens=24, structured=constraints[i % 4]) for i in range(8)]
+    for model, layer in (glm_model, bigram):
+        plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
+        spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 64}), model, layer, prompts,
+                           params)
+        for a, b in zip(plain, spec):
+            _same(a, b)
+        assert stats["spec_draft_tokens"] > 0
+
+
+def test_pallas_interpret_and_warmup(bigram, glm_model):
+    """On the Pallas backend (the layer's rounds on the decode kernel, its extend on the step's kernel) every draft of
+    the right-guessing layer is accepted, with xla's outputs; warmup compiles the extend of every token bucket and the
+    rounds of every row bucket, and serving compiles nothing more."""
+    model, layer = bigram
+    prompts = [([100 + i, 7, 8, 9, 10 + i], None) for i in range(3)]
+    params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3
+    config = EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 32, "scheduler.max_running": 4,
+                                       "scheduler.max_batch_tokens": 32})
+    plain, _ = _run(config.replace(**{"speculative.method": "none"}), model, None, prompts, params)
+    spec, stats = _run(config.replace(**{"attention.backend": "pallas_interpret"}), model, layer, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    llm = LLM(config.replace(**{"warmup": True}), progress=False, model=glm_model[0], draft=glm_model[1])
+    runner = llm.engine.runner
+    compiled = runner._mtp_extend._cache_size(), runner._mtp_propose._cache_size()
+    assert compiled == (len(runner.token_buckets), len(runner.draft_buckets))
+    llm.generate([p for p, _ in prompts], params[0])
+    assert (runner._mtp_extend._cache_size(), runner._mtp_propose._cache_size()) == compiled
+
+
+def test_tensor_parallel_model_with_the_layer_whole_on_each_device(bigram, glm_model, tokenizer):
+    """The model split over 2 devices, the MTP layer whole on each (its K/V too): plain decoding's tokens, every draft
+    of the right-guessing layer accepted."""
+    prompts = _prompts(tokenizer, random.Random(25))[:12]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16})
+    for model, layer in (bigram, glm_model):
+        plain, _ = _run(base, model, None, prompts, params)
+        llm = LLM(base.replace(**{**MTP, "parallel.tensor": 2}), progress=False, model=model, draft=layer)
+        k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
+        assert len(k.sharding.device_set) == len(d.sharding.device_set) == 2 and d.sharding.is_fully_replicated
+        ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+        finals = llm._run(set(ids), progress=False)
+        for a, i in zip(plain, ids):
+            _same(a, finals[i])
+        stats = llm.engine.stats()
+        assert stats["spec_draft_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+        if model is bigram[0]:
+            assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+
+
+def test_disk_tier_keeps_the_layers_kv(bigram, tokenizer, tmp_path):
+    """Pages written to the disk tier carry the layer's K/V: a fresh engine reading them back still accepts every draft
+    of the right-guessing layer; an engine without the layer names other files (no hits)."""
+    model, layer = bigram
+    prompts = _prompts(tokenizer, random.Random(26))[:12]
+    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    config = EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
+    first, _ = _run(config, model, layer, prompts, params)
+    again, stats = _run(config, model, layer, prompts, params)
+    for a, b in zip(first, again):
+        _same(a, b)
+    assert stats["disk_hit_tokens"] > 0 and stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"] > 0
+    _, other = _run(config.replace(**{"speculative.method": "none"}), model, None, prompts, params)
+    assert other["disk_hit_tokens"] == 0
+
+
+def test_sleep_keeps_the_layer(bigram):
+    model, layer = bigram
+    prompts = [[100 + i, 7, 8, 9] for i in range(4)]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 32}), progress=False, model=model,
+              draft=layer)
+    before = [o.token_ids for o in llm.generate(prompts, greedy)]
+    llm.sleep(2)
+    llm.update_weights(model[1])
+    llm.wake_up()
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == before
+    stats = llm.engine.stats()
+    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+
+
+def test_refusals(bigram, tokenizer, tmp_path):
+    """A model without an MTP layer this engine reads, a checkpoint that is not an HF directory, and one whose config
+    declares none are refused by name."""
+    from models.gguf_loader import CheckpointError
+    from test_engine import SMOLLM2
+
+    base = EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 32})
+    cfg = dataclasses.replace(bigram[0][0], architecture="llama")
+    with pytest.raises(ConfigKeyError, match="carry no multi-token-prediction layer"):
+        LLM(base, progress=False, model=(cfg, bigram[0][1], tokenizer))
+    with pytest.raises(CheckpointError, match="not one"):
+        mtp.load_mtp(SMOLLM2, bigram[0][0])
+    (tmp_path / "config.json").write_text('{"model_type": "glm4_moe"}')
+    with pytest.raises(CheckpointError, match="declares no multi-token-prediction layer"):
+        mtp.load_mtp(str(tmp_path), bigram[0][0])

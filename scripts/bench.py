@@ -387,6 +387,32 @@ def print_table(names: list[str], runs: dict[str, list[dict]]) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- main
+def synthetic_mtp(cfg, params, kind: str):
+    """A GLM-4.5-style model and an MTP layer for it (`--synthetic-mtp`): "right", a model whose next token is a function
+    of its last one (attention adds nothing, every layer but the last adds nothing: their outputs' projections zeroed,
+    which leaves each step's cost as it was) and a layer that is its last layer reading the embedding alone, so every
+    greedy draft is accepted; "random", a random layer, whose drafts almost all fail."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from models import mtp
+
+    cfg = dataclasses.replace(cfg, architecture="glm4_moe")
+    mcfg = mtp.mtp_config(cfg)
+    if kind == "random":
+        return cfg, params, (mcfg, mtp.init_params(mcfg, jax.random.key(1), scale=0.5))
+    embed, layers = params["embed"], dict(params["layers"])
+    layers["wo"] = jnp.zeros_like(layers["wo"])
+    layers["w_down"] = layers["w_down"].at[:-1].set(0)
+    params = {**params, "embed": embed / jnp.sqrt(jnp.mean(embed**2, axis=-1, keepdims=True)), "layers": layers}
+    h = cfg.hidden_size
+    layer = {"layers": {k: v[-1:] for k, v in layers.items()}, "final_norm": params["final_norm"],
+             "enorm": jnp.ones(h), "hnorm": jnp.ones(h), "eh_proj": jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))])}
+    return cfg, params, (mcfg, layer)
+
+
 def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0):
     """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`; arch
     qwen3_5: three Gated DeltaNet layers per attention layer (HEADS value heads and HEADS / 2 key heads of HEAD_DIM),
@@ -421,10 +447,15 @@ def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0)
 
 
 def given_model(args, config):
-    """`--synthetic-model`'s (LlamaConfig, params, tokenizer) for LLMEngine(model=...), or None: the config's weights."""
+    """`--synthetic-model`'s (LlamaConfig, params, tokenizer) for LLMEngine(model=...), or None: the config's weights;
+    and `--synthetic-mtp`'s MTP layer, or None."""
     if not args.synthetic_model:
-        return None
-    return synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab)
+        return None, None
+    cfg, params, tokenizer = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab)
+    if not args.synthetic_mtp:
+        return (cfg, params, tokenizer), None
+    cfg, params, layer = synthetic_mtp(cfg, params, args.synthetic_mtp)
+    return (cfg, params, tokenizer), layer
 
 
 def sampling_fields(pairs: list[str]) -> dict[str, float | int]:
@@ -469,7 +500,7 @@ def decode_overhead(args) -> None:
         if name == "B" and args.lora_b:
             configs[name] = overrides = overrides + random_lora_overrides(args.lora_b, model_cfg)
         config = load_config(args.config, overrides)
-        model = given_model(args, config)
+        model, _ = given_model(args, config)
         engines[name] = LLMEngine(config, model=model)
         model_cfg = engines[name].model_cfg
     steps: dict[str, list[dict]] = {name: [] for name in engines}
@@ -533,7 +564,7 @@ def step_times(args) -> None:
     from engine.scheduler import Chunk, StepPlan
 
     config = load_config(args.config, args.set_a)
-    model = given_model(args, config)
+    model, _ = given_model(args, config)
     engine = LLMEngine(config, model=model)
     runner = engine.runner
 
@@ -700,6 +731,10 @@ def main(argv=None) -> int:
     ap.add_argument("--word-vocab", type=int, default=0, metavar="N",
                     help="--synthetic-model's tokenizer: a word-level vocabulary of N tokens instead of the config's "
                          "(a GPU machine, which has no model packages: scripts/gpu_check.sh)")
+    ap.add_argument("--synthetic-mtp", choices=["right", "random"], default="",
+                    help="--synthetic-model as GLM-4.5 with an MTP layer (for speculative.method=mtp): one whose every "
+                         "greedy draft is right (the model's attention and all but its last layer's outputs zeroed, "
+                         "the layer its last layer), or a random one")
     ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5", "granite4"], default="llama",
                     help="--synthetic-model's layers: Llama's, Qwen3.5's (Gated DeltaNet around every 4th attention "
                          "layer) or Granite 4.0-H's (Mamba-2 likewise)")
@@ -744,7 +779,7 @@ def main(argv=None) -> int:
         configs = {"A": load_config(args.config, args.set_a)}
         if args.set_b is not None:
             configs["B"] = load_config(args.config, args.set_common + args.set_b)
-        model = given_model(args, configs["A"])
+        model, mtp_layer = given_model(args, configs["A"])
         vision = None
         if args.vision:  # the tower needs the model's config: its weights as arrays, for both engines
             from models.loader import load_weights, tokenizer_source
@@ -755,7 +790,9 @@ def main(argv=None) -> int:
             vision = synthetic_vision(args.vision, model[0], args.vision_kind)
         elif args.workload == "shared-image":
             raise SystemExit("--workload shared-image needs --vision HIDDEN,LAYERS")
-        engines = {name: LLMEngine(cfg, model=model, vision=vision) for name, cfg in configs.items()}
+        engines = {name: LLMEngine(cfg, model=model, vision=vision,
+                                   draft=mtp_layer if cfg.speculative.method == "mtp" else None)
+                   for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)
         for name, cfg in configs.items():

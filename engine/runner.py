@@ -134,7 +134,7 @@ class StepStatics:
     max_seqs: int
     page_size: int
     num_draft: int  # the draft model's rounds per proposal
-    max_rows: int = 0  # head rows at most (the largest sequence bucket): the sampled tokens kept for the next step
+    max_rows: int  # head rows at most (the largest sequence bucket): the sampled tokens kept for the next step
     mtp: Any = None  # models.mtp.MtpConfig of an MTP drafter (speculative.method: mtp; its weights are draft_params)
 
 

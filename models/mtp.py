@@ -125,13 +125,14 @@ def num_mtp_layers(directory: str) -> int:
 def load_mtp(directory: str, cfg: LlamaConfig, dtype: Any = np.float32) -> tuple[MtpConfig, dict]:
     """The first MTP layer of an HF checkpoint directory: (its config, host weights in `dtype`). CheckpointError
     naming what is missing: a config without such layers, or a tensor not in the files."""
+    from models.loader import checkpoint_kind, resolve_path
     from models.safetensors_loader import hf_names, hf_tensor, opened_shards, tensor_reader
     from models.weights import assemble
 
-    path = directory
-    if not os.path.isdir(path) or not os.path.exists(os.path.join(path, "config.json")):
+    path = resolve_path(directory)
+    if checkpoint_kind(path) != "safetensors":
         raise CheckpointError(f"speculative.method: mtp reads the MTP layer from an HF checkpoint directory; "
-                              f"{path} is not one (GGUF files and Orbax directories leave it out)")
+                              f"{directory} is not one (GGUF files and Orbax directories leave it out)")
     mcfg = mtp_config(cfg)
     if not num_mtp_layers(path):
         raise CheckpointError(f"{path}: its config.json declares no multi-token-prediction layer "

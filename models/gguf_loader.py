@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -263,6 +263,24 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model metadata ({e})") from e
 
+    read = tensor_reader(path, arch, cfg, tensors)
+    names = gguf_names(cfg, tensors)
+    packed = mxfp4_experts and cfg.num_experts and all(
+        tensors[names[key].format(i=i)].tensor_type.name == "MXFP4" for key in EXPERTS for i in layers_of(cfg, key)
+        if names[key].format(i=i) in tensors)
+    params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
+    if packed:
+        params["layers"].update(_mxfp4_experts(cfg, names, tensors, path))
+    return cfg, params
+
+
+def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Callable[[str, str], np.ndarray]:
+    """read(key, name): tensor `name` of a GGUF file (`arch`: its general.architecture) as `weights.assemble` reads our
+    weight `key` (llama.cpp's row orders undone, DeepSeek's split latent projection joined)."""
+
+    def get(name: str) -> np.ndarray:
+        return dequantized(path, tensors, name)
+
     def read(key: str, name: str) -> np.ndarray:
         if key == "wkv_b" and name.endswith(".attn_k_b.weight"):
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
@@ -282,14 +300,7 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
             arr = interleaved_rope_rows(cfg, key, arr)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 
-    names = gguf_names(cfg, tensors)
-    packed = mxfp4_experts and cfg.num_experts and all(
-        tensors[names[key].format(i=i)].tensor_type.name == "MXFP4" for key in EXPERTS for i in layers_of(cfg, key)
-        if names[key].format(i=i) in tensors)
-    params = assemble(cfg, names, read, dtype, skip=frozenset(EXPERTS) if packed else frozenset())
-    if packed:
-        params["layers"].update(_mxfp4_experts(cfg, names, tensors, path))
-    return cfg, params
+    return read
 
 
 def _mxfp4_experts(cfg: LlamaConfig, names: dict[str, str], tensors: dict, path: str) -> dict[str, np.ndarray]:

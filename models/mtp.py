@@ -17,6 +17,8 @@ Names in the checkpoints:
 - Qwen3.5, Qwen3-Next (`mtp_num_hidden_layers`): `mtp.layers.0.` a full-attention layer as the model's, `mtp.fc`
   (eh_proj), `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm`, every norm scaled by 1 + w as the
   model's; a chained round reads the normed output.
+- GLM-4.5 GGUF files (llama.cpp's converter): block `block_count - nextn_predict_layers` as the model's blocks, plus
+  `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj`, `nextn.shared_head_norm`.
 Where a checkpoint has several such layers, the first drafts every round (published ones have one).
 """
 from __future__ import annotations
@@ -122,51 +124,75 @@ def num_mtp_layers(directory: str) -> int:
     return int(raw.get("num_nextn_predict_layers") or raw.get("mtp_num_hidden_layers") or 0)
 
 
-def load_mtp(directory: str, cfg: LlamaConfig, dtype: Any = np.float32) -> tuple[MtpConfig, dict]:
-    """The first MTP layer of an HF checkpoint directory: (its config, host weights in `dtype`). CheckpointError
-    naming what is missing: a config without such layers, or a tensor not in the files."""
+def load_mtp(path: str, cfg: LlamaConfig, dtype: Any = np.float32) -> tuple[MtpConfig, dict]:
+    """The first MTP layer of an HF checkpoint directory, or of a GLM-4.5 GGUF file (llama.cpp's converter keeps its
+    `blk.{n}.nextn.*` block): (its config, host weights in `dtype`). CheckpointError naming what is missing: a
+    checkpoint without such a layer, or a tensor not in the files."""
     from models.loader import checkpoint_kind, resolve_path
-    from models.safetensors_loader import hf_names, hf_tensor, opened_shards, tensor_reader
-    from models.weights import assemble
 
-    path = resolve_path(directory)
-    if checkpoint_kind(path) != "safetensors":
-        raise CheckpointError(f"speculative.method: mtp reads the MTP layer from an HF checkpoint directory; "
-                              f"{directory} is not one (GGUF files and Orbax directories leave it out)")
+    resolved = resolve_path(path)
+    kind = checkpoint_kind(resolved)
     mcfg = mtp_config(cfg)
+    if kind == "gguf":
+        return mcfg, _load_gguf(resolved, cfg, mcfg, dtype)
+    if kind != "safetensors":
+        raise CheckpointError(f"speculative.method: mtp reads the MTP layer from an HF checkpoint directory or a "
+                              f"GLM-4.5 GGUF file; {path} is an Orbax directory, which holds the model alone")
+    return mcfg, _load_hf(resolved, cfg, mcfg, dtype)
+
+
+def _load_hf(path: str, cfg: LlamaConfig, mcfg: MtpConfig, dtype) -> dict:
+    from models.safetensors_loader import hf_names, hf_tensor, opened_shards, tensor_reader
+
     if not num_mtp_layers(path):
         raise CheckpointError(f"{path}: its config.json declares no multi-token-prediction layer "
                               "(num_nextn_predict_layers / mtp_num_hidden_layers)")
     with opened_shards(path) as (shard_of, stored):
-        names, fuse_names = _names(cfg, hf_names(cfg), shard_of)
-        missing = [n for n in [*fuse_names.values(), names["final_norm"]] if n not in shard_of]
-        if missing:
-            raise CheckpointError(f"{path}: the MTP layer's tensor {missing[0]!r} is not in the checkpoint")
-
+        names, own = _names(cfg, hf_names(cfg), shard_of)
         get = tensor_reader(path, shard_of, stored)
+        return _assemble(mcfg, names, own, lambda key, name: hf_tensor(cfg, key, get(name)), shard_of, path, dtype)
 
-        def read(key: str, name: str) -> np.ndarray:
-            return hf_tensor(cfg, key, get(name))
 
-        params = assemble(mcfg.layer, names, read, dtype, layers_only=True)
-        params["final_norm"] = read("final_norm", names["final_norm"]).astype(dtype)
-        for key, name in fuse_names.items():
-            arr = read("final_norm" if key != "eh_proj" else key, name)  # (the norms read as the model's are)
-            params[key] = np.ascontiguousarray(arr.T if key == "eh_proj" else arr).astype(dtype)
-    return mcfg, params
+def _load_gguf(path: str, cfg: LlamaConfig, mcfg: MtpConfig, dtype) -> dict:
+    from models.gguf_loader import gguf_names, read_gguf, tensor_reader
+
+    meta, tensors = read_gguf(path)
+    arch = meta.get("general.architecture")
+    if arch != "glm4moe" or not int(meta.get(f"{arch}.nextn_predict_layers") or 0):
+        raise CheckpointError(f"{path}: this GGUF file carries no multi-token-prediction layer (llama.cpp's converter "
+                              "keeps GLM-4.5's, as glm4moe.nextn_predict_layers blocks; the others drop theirs)")
+    base = f"blk.{cfg.num_layers}."
+    names = {k: v.replace("blk.{i}.", base) for k, v in gguf_names(cfg, tensors).items()}
+    own = {"final_norm": base + "nextn.shared_head_norm.weight", "enorm": base + "nextn.enorm.weight",
+           "hnorm": base + "nextn.hnorm.weight", "eh_proj": base + "nextn.eh_proj.weight"}
+    return _assemble(mcfg, names, own, tensor_reader(path, arch, cfg, tensors), tensors, path, dtype)
+
+
+def _assemble(mcfg: MtpConfig, names: dict[str, str], own: dict[str, str], read, stored, path: str, dtype) -> dict:
+    """The layer's weights: its decoder layer by the model's name table `names` (one layer's), its final norm and fuse
+    weights by `own` (norms read as the model's final norm is: Qwen's 1 + w)."""
+    from models.weights import assemble
+
+    missing = [name for name in own.values() if name not in stored]
+    if missing:
+        raise CheckpointError(f"{path}: the MTP layer's tensor {missing[0]!r} is not in the checkpoint")
+    params = assemble(mcfg.layer, names, read, dtype, layers_only=True)
+    for key, name in own.items():
+        arr = read("final_norm" if key != "eh_proj" else key, name)
+        params[key] = np.ascontiguousarray(arr.T if key == "eh_proj" else arr).astype(dtype)
+    return params
 
 
 def _names(cfg: LlamaConfig, names: dict[str, str], shard_of) -> tuple[dict[str, str], dict[str, str]]:
-    """(the decoder layer's name table, with `final_norm`; the fuse weights' names) of the first MTP layer."""
+    """(the decoder layer's name table, the final norm's and fuse weights' names) of an HF checkpoint's first MTP
+    layer."""
     if cfg.architecture in DEEPSEEK_STYLE:
         base = f"model.layers.{cfg.num_layers}."
-        layer = {k: v.replace("model.layers.{i}.", base) for k, v in names.items()}
-        layer["final_norm"] = base + "shared_head.norm.weight"
-        return layer, {"enorm": base + "enorm.weight", "hnorm": base + "hnorm.weight",
-                       "eh_proj": base + "eh_proj.weight"}
+        return {k: v.replace("model.layers.{i}.", base) for k, v in names.items()}, {
+            "final_norm": base + "shared_head.norm.weight", "enorm": base + "enorm.weight",
+            "hnorm": base + "hnorm.weight", "eh_proj": base + "eh_proj.weight"}
     prefix = next((p for p in ("mtp.", "model.mtp.", "model.language_model.mtp.") if p + "fc.weight" in shard_of),
                   "mtp.")
-    layer = {k: v.replace("model.layers.{i}.", prefix + "layers.0.") for k, v in names.items()}
-    layer["final_norm"] = prefix + "norm.weight"
-    return layer, {"enorm": prefix + "pre_fc_norm_embedding.weight", "hnorm": prefix + "pre_fc_norm_hidden.weight",
-                   "eh_proj": prefix + "fc.weight"}
+    return {k: v.replace("model.layers.{i}.", prefix + "layers.0.") for k, v in names.items()}, {
+        "final_norm": prefix + "norm.weight", "enorm": prefix + "pre_fc_norm_embedding.weight",
+        "hnorm": prefix + "pre_fc_norm_hidden.weight", "eh_proj": prefix + "fc.weight"}

@@ -74,20 +74,26 @@ def test_every_sampling_mode_is_unchanged(tiny_model, tokenizer):
     assert stats["num_preemptions"] > 0 and 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
 
 
-def test_drafts_are_the_draft_models_greedy_continuations(tiny_model, draft, tokenizer, monkeypatch):
-    """Every draft the runner proposes equals the draft model's greedy continuation of the sequence computed from
-    scratch (the dense reference forward, no cache), prefix hits and preemptions included."""
+@pytest.fixture
+def proposed(monkeypatch) -> list[tuple[list[int], list[int]]]:
+    """(the sequence's tokens, its drafts) of every chunk the runner proposes drafts for, from now on."""
     from engine.runner import ModelRunner
 
-    proposed = []
+    out = []
     propose = ModelRunner.propose
 
     def recording(runner, plan):
         drafts = propose(runner, plan)
-        proposed.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
+        out.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
         return drafts
 
     monkeypatch.setattr(ModelRunner, "propose", recording)
+    return out
+
+
+def test_drafts_are_the_draft_models_greedy_continuations(tiny_model, draft, tokenizer, proposed):
+    """Every draft the runner proposes equals the draft model's greedy continuation of the sequence computed from
+    scratch (the dense reference forward, no cache), prefix hits and preemptions included."""
     prompts = _prompts(tokenizer, random.Random(14))[:20]
     params = [SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)] * len(prompts)
     _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 16}), tiny_model, draft, prompts, params)
@@ -134,13 +140,19 @@ def test_disk_tier_keeps_the_drafts_kv(tiny_model, draft, tokenizer, tmp_path):
 
 
 def test_sleep_keeps_the_draft(tiny_model, tokenizer):
+    sleep_keeps_the_drafter(DRAFT, tiny_model, tiny_model[:2])
+
+
+def sleep_keeps_the_drafter(spec: dict, model, drafter) -> None:
+    """Asleep at level 2 (weights dropped) with the model's weights given back on waking, a drafter that was always
+    right still is: it stayed in host memory."""
     prompts = [[100 + i, 7, 8, 9] for i in range(4)]
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
-    llm = LLM(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32}), progress=False, model=tiny_model,
-              draft=tiny_model[:2])
+    llm = LLM(EngineConfig().replace(**{**SMALL, **spec, "cache.num_pages": 32}), progress=False, model=model,
+              draft=drafter)
     before = [o.token_ids for o in llm.generate(prompts, greedy)]
     llm.sleep(2)
-    llm.update_weights(tiny_model[1])
+    llm.update_weights(model[1])
     llm.wake_up()
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == before
     stats = llm.engine.stats()
@@ -175,18 +187,26 @@ def test_tensor_parallel_model_with_a_whole_draft_on_each_device(tiny_model, dra
     base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16})
     plain, _ = _run(base, tiny_model, None, prompts, params)
     for tp, model_draft in ((2, tiny_model[:2]), (4, draft)):
-        llm = LLM(base.replace(**{**DRAFT, "parallel.tensor": tp}), progress=False, model=tiny_model,
-                  draft=model_draft)
-        k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
-        assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp and d.sharding.is_fully_replicated
-        ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
-        finals = llm._run(set(ids), progress=False)
-        for a, i in zip(plain, ids):
-            _same(a, finals[i])
-        stats = llm.engine.stats()
-        assert stats["spec_draft_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+        stats = split_model_whole_drafter(base.replace(**{**DRAFT, "parallel.tensor": tp}), tiny_model, model_draft,
+                                          prompts, params, plain)
         if model_draft is not draft:
             assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+
+
+def split_model_whole_drafter(config: EngineConfig, model, drafter, prompts, params, plain) -> dict:
+    """An engine of `config` (tensor-parallel, speculating) serves `plain`'s outputs, the model's K/V split over the
+    devices and the drafter's whole on each, with drafts and prefix hits; its stats."""
+    llm = LLM(config, progress=False, model=model, draft=drafter)
+    k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
+    tp = config.parallel.tensor
+    assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp and d.sharding.is_fully_replicated
+    ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
+    finals = llm._run(set(ids), progress=False)
+    for a, i in zip(plain, ids):
+        _same(a, finals[i])
+    stats = llm.engine.stats()
+    assert stats["spec_draft_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    return stats
 
 
 def test_refusals(tiny_model, draft, tokenizer):

@@ -244,7 +244,9 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
     names = {"w1": "gate", "w3": "up", "w2": "down"} if arch == "llama" else {"gate_proj": "gate", "up_proj": "up",
                                                                             "down_proj": "down"}
     shared = "shared_experts" if glm else "shared_expert"
-    for i in range(cfg.num_layers):
+    # An HF checkpoint with its MTP layer (tests/test_mtp.py) gives that layer's weights to the trailing block.
+    mtp = f"model.layers.{cfg.num_layers}.eh_proj.weight" in sd
+    for i in range(cfg.num_layers + (num_nextn if mtp else 0)):
         hf, layer = f"model.layers.{i}.", {}  # layer: GGUF name after `blk.{i}.` -> (tensor, raw dtype)
         for ours, theirs in (("attn_norm", "input_layernorm"),
                              ("post_attention_norm" if glm else "ffn_norm", "post_attention_layernorm"),
@@ -276,7 +278,12 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
             w.add_tensor(f"blk.{i}.{name}", x, raw_dtype=raw_dtype)
     rng = np.random.default_rng(0)
     h = cfg.hidden_size
-    for i in range(cfg.num_layers, cfg.num_layers + num_nextn):  # a last layer's tensors plus the MTP head's own
+    for i in range(cfg.num_layers, cfg.num_layers + num_nextn) if mtp else ():
+        for ours, theirs in (("eh_proj", "eh_proj"), ("enorm", "enorm"), ("hnorm", "hnorm"),
+                             ("shared_head_norm", "shared_head.norm")):
+            w.add_tensor(f"blk.{i}.nextn.{ours}.weight", sd[f"model.layers.{i}.{theirs}.weight"])
+    for i in range(cfg.num_layers, cfg.num_layers + num_nextn) if not mtp else ():  # random: a last layer's tensors
+        # plus the MTP head's own
         extra = {"nextn.eh_proj.weight": (h, 2 * h), "nextn.enorm.weight": (h,), "nextn.hnorm.weight": (h,),
                  "nextn.shared_head_norm.weight": (h,)}
         for name, shape in [(name, x.shape if raw is None else gguf.quant_shape_from_byte_shape(x.shape, raw))

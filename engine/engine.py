@@ -181,16 +181,21 @@ class LLMEngine:
             self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
         elif config.speculative.method == "mtp":
             mtp_drafter.check_supported(config, self._loaded_cfg)
-            self.draft, self.mtp = mtp_drafter.load_drafter(config, self._loaded_cfg, self.dtype, self.tokenizer,
-                                                            draft, self.mesh, progress)
+            self.draft, self.mtp = mtp_drafter.load_drafter(config, self._loaded_cfg, self.model_cfg, self.dtype,
+                                                            self.tokenizer, draft, self.mesh, progress)
         draft_cfg = self.draft.cfg if self.draft else None
-        self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg)
+        self.kv = plan_kv_cache(config, self.model_cfg, self.max_model_len, self.kv_dtype, draft_cfg,
+                                draft_split=self.mtp is not None)
         # Snapshots of the recurrent states at page boundaries: the prefix cache of a model with linear attention layers
         self.num_snapshots = config.cache.state_snapshots if model_cfg.linear_layers and config.cache.prefix_caching else 0
         backend = pallas_kernels.resolve_backend(config.attention.backend, self.model_cfg.kv_dims)
         mode = quant_kernel_mode(backend, self.params["layers"], jax.devices()[0])
         if mode != "none":
             self.model_cfg = dataclasses.replace(self.model_cfg, quant_kernels=mode)
+        if self.mtp is not None:  # the MTP layer's quantized matmuls as the model's
+            layer = dataclasses.replace(self.mtp.layer, quant_kernels=quant_kernel_mode(
+                backend, self.draft.weights.params["layers"], jax.devices()[0]))
+            self.mtp, self.draft = dataclasses.replace(self.mtp, layer=layer), dataclasses.replace(self.draft, cfg=layer)
         self._disk = None  # the disk tier (engine.kv_plan.ReplicaDisk)
         if config.cache.disk_path and config.cache.prefix_caching:
             self._disk = ReplicaDisk(config, self.model_cfg, self.dtype, self.kv_dtype, backend, self.kv,

@@ -36,17 +36,19 @@ class KVPlan:
     num_host_states: int = 0  # its slots for snapshots of recurrent states (a model with linear attention layers)
 
 
-def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype, draft_cfg=None) -> KVPlan:
+def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype, draft_cfg=None,
+                  draft_split: bool = False) -> KVPlan:
     """The cache sizes for `config` (cache.memory_gb is per device: with tensor parallelism each device holds 1/tp of
-    every page; a draft model's K/V shares the pages); logs them. ValueError / ConfigKeyError name what cannot work."""
+    every page; a draft model's K/V shares the pages, whole on each device, or split as the model's: `draft_split`,
+    an MTP layer's); logs them. ValueError / ConfigKeyError name what cannot work."""
     cache = config.cache
     ps = cache.page_size
     draft_bytes = kv_bytes_per_page(draft_cfg, ps, kv_dtype) if draft_cfg else 0
     page_bytes = kv_bytes_per_page(model_cfg, ps, kv_dtype) + draft_bytes
     # On the devices the model's K/V is split across the tensor-parallel devices, a draft's is whole on each.
-    device_bytes = page_bytes + (config.parallel.tensor - 1) * draft_bytes
+    device_bytes = page_bytes + (0 if draft_split else (config.parallel.tensor - 1) * draft_bytes)
     num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, device_bytes)
-    num_pages = _indexable_pages(config, model_cfg, kv_dtype, draft_cfg, num_pages)
+    num_pages = _indexable_pages(config, model_cfg, kv_dtype, draft_cfg, num_pages, draft_split)
     if num_window_pages:
         num_windowed = sum(model_cfg.sliding_layers)
         log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
@@ -99,17 +101,20 @@ def snapshots_in(num_bytes: float, config: EngineConfig, cfg, num_pages: int, pa
     return max(1, int(num_bytes * share // slot_bytes))
 
 
-def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: int) -> int:
+def _indexable_pages(config: EngineConfig, cfg, kv_dtype, draft_cfg, num_pages: int, draft_split: bool = False) -> int:
     """num_pages, or fewer where an 8-bit cache array on a device would hold more than 2**31 and at most 2**32
     elements, which the Pallas kernels cannot index (pallas_kernels.ragged_kernel.check_offsets: JAX's Triton
     lowering keeps 32-bit offsets up to 4 GiB). A cache.num_pages asked for is refused by name instead."""
     if np.dtype(kv_dtype).itemsize != 1 or resolve_backend(config.attention.backend, cfg.kv_dims) == "xla":
         return num_pages
     tp, ps = config.parallel.tensor, config.cache.page_size
-    per_page = [math.prod(shape) // cfg.num_kv_heads * -(-cfg.num_kv_heads // tp)  # this device's heads
-                for shape, dtype in cache_arrays(cfg, (ps,), kv_dtype) if dtype.itemsize == 1]
-    if draft_cfg is not None:  # a draft's K/V is whole on every device
-        per_page += [math.prod(shape) for shape, dtype in cache_arrays(draft_cfg, (ps,), kv_dtype) if dtype.itemsize == 1]
+    def device_share(c, split: bool) -> list[int]:  # elements of a page of each 8-bit array on one device
+        return [math.prod(shape) // c.num_kv_heads * (-(-c.num_kv_heads // tp) if split else c.num_kv_heads)
+                for shape, dtype in cache_arrays(c, (ps,), kv_dtype) if dtype.itemsize == 1]
+
+    per_page = device_share(cfg, True)
+    if draft_cfg is not None:  # a draft's K/V is whole on every device; an MTP layer's split as the model's
+        per_page += device_share(draft_cfg, draft_split)
     worst = max(per_page)
     if not offsets_wrap(worst * num_pages, 1):
         return num_pages

@@ -13,6 +13,9 @@ model's hidden state at i and token i + 1, so it runs after the step has sampled
   guess of the layer's output at the row that sampled its newest token; each further draft chains the layer one
   position on from its own output and guess, writing K/V the verifying step rewrites.
 
+Under tensor parallelism the layer is split over the devices as the model's layers are, its K/V by head as the
+model's (DeepSeek-V3's is an expert layer of ~11B weights: whole on each device it would cost that much memory each).
+
 Greedy drafts, verified by exact match (engine/speculative.py): outputs are plain decoding's whatever the layer
 guesses. The K/V at a cached prefix's last position was computed with the token that followed it in the sequence that
 cached it; a prompt that goes on otherwise reads that one row as it stands (vLLM recomputes the last cached block
@@ -32,7 +35,7 @@ from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.draft_model import DraftModel
 from engine.replica_weights import ReplicaWeights
 from engine.transfer import unpacked
-from models import llama, mtp
+from models import llama, mtp, sharding
 from models.config import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -41,10 +44,11 @@ log = logging.getLogger(__name__)
 QUANTIZATIONS = {"int8": "int8", "int4": "int4", "fp8": "fp8", "mxfp4": "mxfp4", "w8a8": "int8", "w8a8_fp8": "fp8"}
 
 
-def load_drafter(config: EngineConfig, loaded_cfg: LlamaConfig, dtype, tokenizer, given: tuple | None, mesh,
-                 progress: bool) -> tuple[DraftModel, mtp.MtpConfig]:
-    """The MTP layer of `model.path` (or `given` = (MtpConfig, params) in process), placed whole on every device
-    (as a draft model is), its weights quantized as the model's where that format applies to float weights."""
+def load_drafter(config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: LlamaConfig, dtype, tokenizer,
+                 given: tuple | None, mesh, progress: bool) -> tuple[DraftModel, mtp.MtpConfig]:
+    """The MTP layer of `model.path` (or `given` = (MtpConfig, params) in process), split over a tensor-parallel
+    `mesh` as the model's layers are (its K/V too), its weights quantized as the model's where that format applies to
+    float weights; its experts run as the model's (`model_cfg`: the model as served)."""
     t0 = time.perf_counter()
     if given is not None:
         mcfg, params = given
@@ -52,13 +56,14 @@ def load_drafter(config: EngineConfig, loaded_cfg: LlamaConfig, dtype, tokenizer
         mcfg, params = mtp.load_mtp(config.model.path, loaded_cfg, dtype)
     quantization = QUANTIZATIONS.get(config.model.quantization, "none")
     layer_config = config.replace(**{"model.quantization": quantization, "model.quantize_embeddings": False,
-                                     "lora.adapters": {}, "parallel.tensor": 1})
-    weights = ReplicaWeights(layer_config, mcfg.layer, mcfg.layer, dtype, mesh, tokenizer, params, progress,
-                             replicate=True)
+                                     "lora.adapters": {}})
+    served, _ = sharding.prepare_for_tensor_parallel(mcfg.layer, {"layers": {}}, config.parallel.tensor)
+    served = dataclasses.replace(served, moe_grouped=model_cfg.moe_grouped)
+    weights = ReplicaWeights(layer_config, mcfg.layer, served, dtype, mesh, tokenizer, params, progress)
     log.info("MTP layer of %s (%s) ready in %.1f s: %d draft tokens per sequence per step",
              config.model.path if given is None else "(in-process)", quantization, time.perf_counter() - t0,
              config.speculative.num_tokens)
-    return DraftModel(mcfg.layer, weights), mcfg
+    return DraftModel(served, weights), dataclasses.replace(mcfg, layer=served)
 
 
 def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
@@ -119,7 +124,7 @@ def extend_impl(st, params, mtp_params, kv_caches, inputs, every_row, sampled, d
     layer_inputs = dataclasses.replace(inputs, tokens=nxt, adapter_ids=None, mm_embeds=None, mm_deep=None,
                                        mrope_positions=None, kv_limits=None, next_tokens=None)
     out, layer_kv = llama.forward(mtp_params, st.mtp.layer, kv_caches[st.num_model_kv :], layer_inputs,
-                                  attn_backend=st.backend, decode_only=decode_only, embeds=x)
+                                  attn_backend=st.backend, mesh=st.mesh, decode_only=decode_only, embeds=x)
     return out, (*kv_caches[: st.num_model_kv], *layer_kv)
 
 
@@ -144,7 +149,7 @@ def propose_impl(st, params, mtp_params, kv_caches, outputs, rows, starts, count
                                    num_seqs=jnp.full((1,), n, jnp.int32), logits_indices=seq)
         x = mtp.fuse(params, mtp_params, mcfg, tok, mtp.chained(params, mtp_params, mcfg, out), pos)
         out, layer_kv = llama.forward(mtp_params, mcfg.layer, kv[st.num_model_kv :], inputs, attn_backend=st.backend,
-                                      decode_only=st.backend != "xla" or None, embeds=x)
+                                      mesh=st.mesh, decode_only=st.backend != "xla" or None, embeds=x)
         tok = guess(out)
         return tok, out, drafts.at[:, i].set(tok), (*kv[: st.num_model_kv], *layer_kv)
 

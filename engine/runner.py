@@ -297,10 +297,10 @@ class ModelRunner:
             self.layout = llama.HybridLayout(model_cfg.sliding_layers, num_pages, num_window_pages)
             kv_shapes = [((1, s[1], self.layout.size) + s[3:], d) for s, d in kv_shapes]
         # The model's arrays split by KV head across a tensor-parallel mesh; a draft's whole on every device, as its
-        # weights are.
+        # weights are; an MTP layer's split as the model's.
         self.num_model_kv = len(cache_arrays(model_cfg, (), kv_dtype))  # the model's arrays; the draft's follow
         kv_sharding = None if mesh is None else tuple(
-            jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s)) if i < self.num_model_kv else P())
+            jax.sharding.NamedSharding(mesh, sharding.kv_spec(len(s)) if i < self.num_model_kv or mtp else P())
             for i, (s, _) in enumerate(kv_shapes))
         self._allocate_kv = jax.jit(lambda: tuple(jnp.zeros(s, d) for s, d in kv_shapes), out_shardings=kv_sharding)
         self.kv = self._allocate_kv()

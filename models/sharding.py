@@ -193,7 +193,11 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
                 raise ShardingError(f"{name}'s {scales.shape[axis]} FP8 blocks of {side} do not split over "
                                     f"parallel.tensor={n}: each device needs whole blocks")
             layer_specs[name + quant.BLOCK_SCALE_SUFFIX] = layer_specs[name]
-    specs = {"embed": P(vocab, None), "layers": {k: layer_specs[k] for k in params["layers"]}, "final_norm": P()}
+    specs = {"layers": {k: layer_specs[k] for k in params["layers"]}}
+    # (an MTP layer's weights have no embedding; its own vectors and input projection are replicated)
+    specs |= {k: P() for k in params if k not in ("layers", "embed", "lm_head")}
+    if "embed" in params:
+        specs["embed"] = P(vocab, None)
     if "lm_head" in params:
         specs["lm_head"] = P(None, vocab)
     for name in ("embed", "lm_head"):  # int8 embeddings / head: a scale per vocabulary entry, split like them

@@ -193,13 +193,16 @@ def test_tensor_parallel_model_with_a_whole_draft_on_each_device(tiny_model, dra
             assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
 
 
-def split_model_whole_drafter(config: EngineConfig, model, drafter, prompts, params, plain) -> dict:
+def split_model_whole_drafter(config: EngineConfig, model, drafter, prompts, params, plain,
+                              drafter_split: bool = False) -> dict:
     """An engine of `config` (tensor-parallel, speculating) serves `plain`'s outputs, the model's K/V split over the
-    devices and the drafter's whole on each, with drafts and prefix hits; its stats."""
+    devices and the drafter's whole on each (`drafter_split`: split as the model's), with drafts and prefix hits; its
+    stats."""
     llm = LLM(config, progress=False, model=model, draft=drafter)
     k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
     tp = config.parallel.tensor
-    assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp and d.sharding.is_fully_replicated
+    assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp
+    assert k.sharding.spec == d.sharding.spec if drafter_split else d.sharding.is_fully_replicated
     ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
     finals = llm._run(set(ids), progress=False)
     for a, i in zip(plain, ids):

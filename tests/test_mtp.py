@@ -58,12 +58,12 @@ def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
     with the token after each, the layer over those pairs, then chained on its own output and guess."""
     cfg, params, _ = model
     mcfg, mparams = layer
-    x = llama.decoder_dense(params, cfg, jnp.asarray(ids, jnp.int32))
+    x = jax.jit(llama.decoder_dense, static_argnums=1)(params, cfg, jnp.asarray(ids, jnp.int32))
     hidden = list(llama.final_hidden(params, cfg, x)[:-1])
     tokens = list(ids[1:])
     out = []
     for _ in range(k):
-        rows = mtp.forward_dense(params, mparams, mcfg, jnp.asarray(tokens), jnp.stack(hidden))
+        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg, jnp.asarray(tokens), jnp.stack(hidden))
         guess = int(mtp.logits(params, mparams, mcfg, rows[-1:])[0].argmax())
         out.append(guess)
         hidden.append(mtp.chained(params, mparams, mcfg, rows[-1:])[0])
@@ -267,16 +267,16 @@ def test_pallas_interpret_and_warmup(bigram, glm_model):
     assert (runner._mtp_extend._cache_size(), runner._mtp_propose._cache_size()) == compiled
 
 
-def test_tensor_parallel_model_with_the_layer_whole_on_each_device(bigram, glm_model, tokenizer):
-    """The model split over 2 devices, the MTP layer whole on each (its K/V too): plain decoding's tokens, every draft
-    of the right-guessing layer accepted."""
+def test_tensor_parallel_splits_the_layer_as_the_model(bigram, glm_model, tokenizer):
+    """The model and its MTP layer split over 2 devices (4 for the random layer: its 2 KV heads repeated), the layer's
+    K/V by head as the model's: plain decoding's tokens, every draft of the right-guessing layer accepted."""
     prompts = _prompts(tokenizer, random.Random(25))[:12]
     params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
     base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16})
-    for model, layer in (bigram, glm_model):
+    for (model, layer), tp in ((bigram, 2), (glm_model, 4)):
         plain, _ = _run(base, model, None, prompts, params)
-        stats = split_model_whole_drafter(base.replace(**{**MTP, "parallel.tensor": 2}), model, layer, prompts, params,
-                                          plain)
+        stats = split_model_whole_drafter(base.replace(**{**MTP, "parallel.tensor": tp}), model, layer, prompts,
+                                          params, plain, drafter_split=True)
         if model is bigram[0]:
             assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
 

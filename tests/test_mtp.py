@@ -63,7 +63,8 @@ def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
     tokens = list(ids[1:])
     out = []
     for _ in range(k):
-        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg, jnp.asarray(tokens), jnp.stack(hidden))
+        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg, jnp.asarray(tokens),
+                                                            jnp.stack(hidden))
         guess = int(mtp.logits(params, mparams, mcfg, rows[-1:])[0].argmax())
         out.append(guess)
         hidden.append(mtp.chained(params, mparams, mcfg, rows[-1:])[0])

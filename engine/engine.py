@@ -56,17 +56,24 @@ log = logging.getLogger(__name__)
 DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages being read from disk, per step call
 
 
+# Programs that compile faster than this stay out of the compile cache.
+COMPILE_CACHE_MIN_SECONDS = 0.5
+
+
 def setup_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` ("": none), every program in it however quickly it compiled:
-    a restart on the same settings compiles nothing. (A threshold of 0.5 s left ~3 in 4 of the programs of
-    test_engine, test_lora and test_draft_model uncached: cold, one process, caching them all took 352 -> 331 s,
-    23 -> 31 MB of cache, 2026-12-05; docs/architecture.md, "The suite on two workers".)"""
+    """JAX's persistent compilation cache in `directory` ("": none), for programs that take COMPILE_CACHE_MIN_SECONDS
+    or more to compile: a restart on the same settings compiles none of those again."""
     if not directory:
         return
     path = os.path.expanduser(directory)
     os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # NOTE: JAX writes a cache entry in place (not to a temporary name, then renamed), so a process that reads an entry
+    # while another writes it loads a truncated executable. With every program cached (a threshold of 0, 2026-12-05)
+    # a test worker segfaulted loading a program in two suite runs in a row, as such a read would (two workers compile
+    # many of the same small programs at once); the threshold keeps the entries few and large, as before (one process,
+    # cold: 352 s with it, 331 s without, on test_engine, test_lora and test_draft_model).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
 
 
 def resolve_dtype(name: str):

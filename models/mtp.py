@@ -1,6 +1,6 @@
 """Multi-token prediction (MTP) layers: the extra decoder layer DeepSeek-V3, GLM-4.5 and Qwen3.5 / Qwen3-Next
 checkpoints carry past their last layer, trained to predict the token after next. As a drafter
-(`speculative.method: mtp`, engine/runner.py) it needs no second model: one layer of the model's own kind.
+(`speculative.method: mtp`, engine/mtp_drafter.py) it needs no second model: one layer of the model's own kind.
 
 The module reads a pair, the model's hidden state at position i (after its final norm) and the embedding of token
 i + 1, each RMS-normed, concatenated (embedding first) and projected back to the hidden size; runs its decoder layer
@@ -36,8 +36,8 @@ from models import llama
 from models.config import LlamaConfig
 from models.gguf_loader import CheckpointError
 
-# The module's own weights besides its decoder layer (`params["layers"]`, stacked over one layer) and `final_norm`.
-FUSE_KEYS = ("enorm", "hnorm", "eh_proj")
+# A module's weights: its decoder layer (`params["layers"]`, stacked over one layer), `final_norm`, and the norms and
+# projection of its input rows, `enorm`, `hnorm`, `eh_proj` [2 x hidden, hidden] (`fuse`).
 DEEPSEEK_STYLE = ("deepseek_v3", "glm4_moe")
 QWEN_STYLE = ("qwen3_5", "qwen3_5_moe", "qwen3_next")
 SUPPORTED = DEEPSEEK_STYLE + QWEN_STYLE

@@ -34,13 +34,12 @@ def lowered():
 
 def pytest_configure(config):
     fresh.run_seed()  # set in the environment before xdist starts its workers, which inherit it
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker:  # a compile cache of its own: JAX writes an entry in place, and a worker that read one the other was
-        # writing crashed loading it (three suite runs on 2026-12-05: engine.setup_compilation_cache)
-        import engine.engine
+    # No persistent compile cache in the suite: in four fresh-clone runs on 2026-12-05 a worker crashed (segfault,
+    # abort) inside JAX while loading an executable from it (`compilation_cache.get_executable_and_time`), in
+    # test_mtp.py, with the cache shared by both workers and with one per worker alike; xdist then hung.
+    import engine.engine
 
-        shared = engine.engine.setup_compilation_cache
-        engine.engine.setup_compilation_cache = lambda d: shared(os.path.join(d, worker) if d else d)
+    engine.engine.setup_compilation_cache = lambda directory: None
 
 
 def pytest_report_header(config):

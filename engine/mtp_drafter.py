@@ -17,9 +17,9 @@ Under tensor parallelism the layer is split over the devices as the model's laye
 model's (DeepSeek-V3's is an expert layer of ~11B weights: whole on each device it would cost that much memory each).
 
 Greedy drafts, verified by exact match (engine/speculative.py): outputs are plain decoding's whatever the layer
-guesses. The K/V at a cached prefix's last position was computed with the token that followed it in the sequence that
-cached it; a prompt that goes on otherwise reads that one row as it stands (vLLM recomputes the last cached block
-instead): its drafts may differ, never its outputs.
+guesses. The layer's K/V at a cached prefix's last position was computed with the token that followed it in the
+sequence that cached it, so a prefix hit ends a page early and that page is recomputed (`Scheduler._mtp_cut`): each
+draft is the layer's guess over the sequence as computed from scratch.
 """
 from __future__ import annotations
 

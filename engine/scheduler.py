@@ -313,7 +313,7 @@ class Scheduler:
                     match, host_slots, disk_pages = self.pages.resume_point(seq, match, host_slots, disk_pages)
             end = match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size
             if self.spec.method == "mtp" and 0 < end < len(tokens):
-                match, host_slots, disk_pages = self._mtp_cut(seq, match, host_slots, disk_pages)
+                match, host_slots, disk_pages = self._mtp_cut(seq, match, host_slots, disk_pages, end)
             shared, num_cached = list(match.pages), match.num_tokens
             num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
         else:
@@ -388,8 +388,8 @@ class Scheduler:
                       if self.pages.snapshots is not None else None),
         )
 
-    def _mtp_cut(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object]):
-        """A prefix hit that ends before the sequence does, one page shorter (speculative.method: mtp): the MTP layer's
+    def _mtp_cut(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object], end: int):
+        """A prefix hit that ends before the sequence does (at `end`), one page shorter (speculative.method: mtp): the MTP layer's
         K/V row at a cached prefix's last position was computed with the token after it where it was cached, so this
         sequence recomputes that page and the row reads its own next token (vLLM drops the last hit block alike).
         Returns (match, host slots, disk pages); a model with linear attention layers starts at the snapshot of their
@@ -400,7 +400,6 @@ class Scheduler:
             return match, host_slots, disk_pages[:-1]
         if self.pages.snapshots is None and host_slots:
             return match, host_slots[:-1], []
-        end = match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size
         return self.pages.cut_before(seq, match, end - self.page_size), [], []
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:

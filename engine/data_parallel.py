@@ -59,14 +59,6 @@ def device_env(index: int, tensor: int, environ=os.environ) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ worker
-def replica_overrides(config, index: int) -> list[str]:
-    """What replica `index` of `parallel.data` sets apart from the others: one replica (its own process), and a compile
-    cache of its own under the configured one (JAX writes a cache entry in place: a replica reading one that another is
-    writing would load a truncated executable; engine.setup_compilation_cache). A restarted replica finds its own."""
-    cache = config.compilation_cache_dir
-    return ["parallel.data=1"] + ([f"compilation_cache_dir={os.path.join(cache, f'replica{index}')}"] if cache else [])
-
-
 def _worker(index: int, config_path: str, overrides: list[str], env: dict, inbox, outbox, openai_format: bool) -> None:
     """One replica: an engine on its devices, answering the lines the coordinator sends until it sends None."""
     os.environ.update(env)
@@ -76,7 +68,7 @@ def _worker(index: int, config_path: str, overrides: list[str], env: dict, inbox
     from engine.engine import LLMEngine
 
     try:
-        config = load_config(config_path, overrides)
+        config = load_config(config_path, overrides + ["parallel.data=1"])
         engine = LLMEngine(config, progress=index == 0)
     except Exception as e:  # reported by the coordinator, which stops the job
         outbox.send(("failed", index, f"{type(e).__name__}: {e}"))
@@ -187,9 +179,8 @@ class Coordinator:
             envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
         except ValueError as e:
             raise SystemExit(str(e)) from e
-        self.procs = [ctx.Process(target=_worker, args=(i, config_path, overrides + replica_overrides(config, i),
-                                                         envs[i], self.inboxes[i], pipes[i][1], openai_format),
-                                  daemon=True)
+        self.procs = [ctx.Process(target=_worker, args=(i, config_path, overrides, envs[i], self.inboxes[i],
+                                                         pipes[i][1], openai_format), daemon=True)
                       for i in range(self.num)]
         for p in self.procs:
             p.start()

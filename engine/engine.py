@@ -33,6 +33,7 @@ import numpy as np
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
 from engine import draft_model, mtp_drafter, multihost, multimodal, structured
+from engine.compiled import release_executables_if_crowded, setup_compilation_cache
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
@@ -54,26 +55,6 @@ from models.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages being read from disk, per step call
-
-
-# Programs that compile faster than this stay out of the compile cache.
-COMPILE_CACHE_MIN_SECONDS = 0.5
-
-
-def setup_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache in `directory` ("": none), for programs that take COMPILE_CACHE_MIN_SECONDS
-    or more to compile: a restart on the same settings compiles none of those again."""
-    if not directory:
-        return
-    path = os.path.expanduser(directory)
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    # NOTE: JAX writes a cache entry in place (not to a temporary name, then renamed), so a process that reads an entry
-    # while another writes it loads a truncated executable. With every program cached (a threshold of 0, 2026-12-05)
-    # a test worker segfaulted loading a program in two suite runs in a row, as such a read would (two workers compile
-    # many of the same small programs at once); the threshold keeps the entries few and large, as before (one process,
-    # cold: 352 s with it, 331 s without, on test_engine, test_lora and test_draft_model).
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", COMPILE_CACHE_MIN_SECONDS)
 
 
 def resolve_dtype(name: str):
@@ -123,6 +104,7 @@ class LLMEngine:
         self.config = config
         multihost.initialize(config.parallel)  # before anything touches a device
         setup_compilation_cache(config.compilation_cache_dir)
+        release_executables_if_crowded()  # before this engine compiles its programs
         self.dtype = resolve_dtype(config.model.dtype)
         if model is None:
             model_cfg, params = load_weights(config.model.path, self.dtype, config.model.quantization)

@@ -42,15 +42,15 @@ class LocalReplicas:
     """The replica processes: started, waited for, restarted when they exit, stopped."""
 
     def __init__(self, config_path: str | None, overrides: list[str], config):
-        from engine.data_parallel import device_env, replica_overrides
+        from engine.data_parallel import device_env
 
         self.num = config.parallel.data
         self.ports = free_ports(self.num)
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         self.envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
         base = [sys.executable, SERVE] + (["--config", config_path] if config_path else [])
-        self.cmds = [base + ["--set", *overrides, *replica_overrides(config, i), "server.host=127.0.0.1",
-                             f"server.port={port}"] for i, port in enumerate(self.ports)]
+        self.cmds = [base + ["--set", *overrides, "parallel.data=1", "server.host=127.0.0.1", f"server.port={port}"]
+                     for port in self.ports]
         self.procs: list[subprocess.Popen | None] = [None] * self.num
         self._started_s = [0.0] * self.num
         self.restarts = [0] * self.num

@@ -234,8 +234,9 @@ class StepPrograms:
 def step_programs(statics: StepStatics) -> StepPrograms:
     """The programs of runners with these statics: one set per distinct statics, so engines of one model and settings
     share what was traced, lowered and compiled. The last PROGRAM_SETS_KEPT sets stay cached after their runners are
-    gone; older ones are freed with their executables (a process that builds engine after engine of other settings
-    would otherwise keep every executable it ever compiled: thousands of mapped code regions)."""
+    gone. Their executables outlive them in JAX's own caches (up to 2,048 executables, ~100 mapped regions each for a
+    CPU step program): a process that builds engine after engine of other settings drops them all past half its limit
+    on mappings (engine.compiled.release_executables_if_crowded, as each engine is built)."""
     return StepPrograms(
         forward=jax.jit(functools.partial(_forward_impl, statics), donate_argnames=("kv_caches", "states"),
                         static_argnames="decode_only"),

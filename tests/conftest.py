@@ -34,12 +34,16 @@ def lowered():
 
 def pytest_configure(config):
     fresh.run_seed()  # set in the environment before xdist starts its workers, which inherit it
-    # No persistent compile cache in the suite: in four fresh-clone runs on 2026-12-05 a worker crashed (segfault,
-    # abort) inside JAX while loading an executable from it (`compilation_cache.get_executable_and_time`), in
-    # test_mtp.py, with the cache shared by both workers and with one per worker alike; xdist then hung.
-    import engine.engine
 
-    engine.engine.setup_compilation_cache = lambda directory: None
+
+@pytest.fixture(autouse=True, scope="module")
+def _room_for_executables():
+    """A worker runs file after file, each compiling programs of its own, whose executables JAX keeps with their memory
+    mappings (~100 a step program): past a quarter of the kernel's limit a file starts by dropping them (at the limit
+    XLA segfaults; engine.compiled). An engine being built drops them past half, within a file too."""
+    from engine.compiled import release_executables_if_crowded
+
+    release_executables_if_crowded(share=0.25)
 
 
 def pytest_report_header(config):

@@ -21,7 +21,6 @@ import concurrent.futures
 import dataclasses
 import itertools
 import logging
-import os
 import random
 import time
 from typing import Sequence as Seq

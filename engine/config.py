@@ -252,6 +252,10 @@ class AttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class ParallelConfig:
     tensor: int = 1  # devices one replica's weights and KV heads are sharded over
+    # A mixture-of-experts model's experts lie whole on those devices, num_experts / tensor each (expert parallelism,
+    # vLLM's --enable-expert-parallel), instead of every expert split by its intermediate features: each device's
+    # matmuls are whole experts'. Attention and the rest stay split as before. No effect on a model without experts.
+    expert: bool = False
     # Replicas on this host, one engine process each on its own `tensor` devices, requests routed by prefix: the
     # offline job's (scripts/generate.py, engine.data_parallel) or the server's (scripts/serve.py: the router in
     # front of them on server.port, engine.local_replicas).

@@ -131,7 +131,8 @@ class LLMEngine:
         tp = config.parallel.tensor
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)
-        self.model_cfg, _ = sharding.prepare_for_tensor_parallel(model_cfg, {"layers": {}}, tp)  # the config only
+        self.model_cfg, _ = sharding.prepare_for_tensor_parallel(model_cfg, {"layers": {}}, tp,  # the config only
+                                                                  config.parallel.expert)
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The context served, not the checkpoint's: it picks LongRoPE's table (RopeScaling.longrope_factors).
         self.model_cfg = dataclasses.replace(self.model_cfg, max_position=self.max_model_len)

@@ -57,7 +57,8 @@ def load_drafter(config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: Llama
     quantization = QUANTIZATIONS.get(config.model.quantization, "none")
     layer_config = config.replace(**{"model.quantization": quantization, "model.quantize_embeddings": False,
                                      "lora.adapters": {}})
-    served, _ = sharding.prepare_for_tensor_parallel(mcfg.layer, {"layers": {}}, config.parallel.tensor)
+    served, _ = sharding.prepare_for_tensor_parallel(mcfg.layer, {"layers": {}}, config.parallel.tensor,
+                                                     config.parallel.expert)
     served = dataclasses.replace(served, moe_grouped=model_cfg.moe_grouped)
     weights = ReplicaWeights(layer_config, mcfg.layer, served, dtype, mesh, tokenizer, params, progress)
     log.info("MTP layer of %s (%s) ready in %.1f s: %d draft tokens per sequence per step",

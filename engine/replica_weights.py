@@ -61,7 +61,8 @@ class ReplicaWeights:
         if (model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters
                 and not stored_int8):
             params = self._smooth(params, model.smoothquant_alpha)
-        _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor)
+        _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor,
+                                                         self.config.parallel.expert)
         if model.quantization != "none":
             t_quant = time.perf_counter()
             method = W8A8.get(model.quantization, model.quantization)

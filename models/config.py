@@ -178,6 +178,9 @@ class LlamaConfig:
     # 8-bit experts on the grouped path, read as stored), "pallas_experts" (the experts only; the dense block-scaled
     # projections by XLA, which ran them faster on an H200), set by the engine from its attention backend.
     quant_kernels: str = "none"
+    # How the experts lie on a tensor-parallel mesh, not a checkpoint's: whole, E / N a device (models/moe.py
+    # expert_parallel_moe), instead of every expert split by its intermediate features; set by parallel.expert.
+    expert_parallel: bool = False
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -406,7 +406,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
                 routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations,
-                                     cfg.quant_kernels, mesh)
+                                     cfg.quant_kernels, mesh, cfg.expert_parallel)
                 o = routed if o is None else o + routed
             return o, down_in
 

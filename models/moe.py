@@ -114,13 +114,47 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
 
 
 def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, quantized_activations: bool = False,
-            quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+            quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None,
+            expert_parallel: bool = False) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
     (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `quant_kernels`: 8-bit experts read by the
-    Pallas grouped kernel on the grouped path, per device of `mesh`; LlamaConfig.quant_kernels)."""
-    if grouped:
-        return grouped_moe(h, p, routing, glu, quantized_activations, quant_kernels, mesh)
-    return dense_moe(h, p, routing, glu, quantized_activations)
+    Pallas grouped kernel on the grouped path, per device of `mesh`; LlamaConfig.quant_kernels; `expert_parallel`: the
+    experts lie whole on the devices of `mesh`, E / N each: `expert_parallel_moe`)."""
+    if expert_parallel and mesh is not None:
+        return expert_parallel_moe(h, p, routing, glu, grouped, quantized_activations, quant_kernels, mesh)
+    weights, experts = route(h, p, routing)
+    run = _grouped_experts if grouped else _dense_experts
+    return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh)
+
+
+def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
+                        quantized_activations: bool = False, quant_kernels: str = "none",
+                        mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """`moe_mlp` with the experts split whole over the devices of `mesh` (models.sharding: every per-expert array by
+    its expert axis, E / N experts a device; the router replicated), as vLLM's and SGLang's expert parallelism lays
+    them out. Every device holds every token (the attention's all-reduce left them replicated) and routes them alike;
+    each runs the pairs whose expert it holds (the others weigh 0 and, on the grouped path, sort last, past every
+    group), and an all-reduce sums the devices' outputs: the communication of the tensor-parallel MLP, whose
+    all-reduce it replaces. What each device multiplies is its experts whole, not E slivers of I / N features."""
+    from jax.sharding import PartitionSpec as P
+
+    from models.sharding import AXIS
+
+    names = [k for k in p if k.startswith("moe_") or k.startswith("router")]
+    specs = {k: P(AXIS) if k.startswith("moe_") else P() for k in names}
+
+    def per_device(h, w):
+        weights, experts = route(h, w, routing)
+        count = w["moe_down"].shape[0]  # this device's experts: global ids [first, first + count)
+        local = experts - jax.lax.axis_index(AXIS) * count
+        mine = (local >= 0) & (local < count)
+        run = _grouped_experts if grouped else _dense_experts
+        out = run(h, w, jnp.where(mine, weights, 0), jnp.where(mine, local, count), glu, quantized_activations,
+                  quant_kernels, None)
+        return jax.lax.psum(out.astype(jnp.float32), AXIS).astype(h.dtype)
+
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(
+        h, {k: p[k] for k in names})
 
 
 def _grouped_kernel(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: bool,
@@ -178,18 +212,37 @@ def _plus_bias(y: jax.Array, p: dict, name: str, rows: Callable) -> jax.Array:
 def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False,
                 quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
-    num_tokens, num_experts, top_k = h.shape[0], p["router"].shape[-1], routing.top_k
     weights, experts = route(h, p, routing)
+    return _grouped_experts(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh)
+
+
+def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
+    """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
+    weights, experts = route(h, p, routing)
+    return _dense_experts(h, p, weights, experts, glu, quantized_activations)
+
+
+def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
+                     quantized_activations: bool = False, quant_kernels: str = "none",
+                     mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """Each token's picks `experts` [T, k] (ids of the experts in `p`; an id past them: a pair run elsewhere, whose
+    rows sort last, past every group, and come back 0) weighted by `weights` [T, k], as grouped matmuls over the
+    pairs sorted by expert."""
+    num_tokens, top_k = experts.shape
+    num_experts = p["moe_down"].shape[0]
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
     order = jnp.argsort(flat)  # stable: a group's rows keep token order
-    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)
+    sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # (ids past the experts not counted)
     rows = h[order // top_k]  # [T * k, H], grouped by expert
+    expert_of_row = flat[order]
+    held = expert_of_row < num_experts
+    expert_of_row = jnp.minimum(expert_of_row, num_experts - 1)
 
     def grouped(x, w, **kw):
         return jax.lax.ragged_dot(x, w, sizes, **kw)
 
     def row_scales(s):  # each row's expert's scales (or biases)
-        return s[flat[order]]
+        return s[expert_of_row]
 
     def project(x, name):
         if (quant_kernels != "none" and not quantized_activations
@@ -200,15 +253,20 @@ def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_act
         return _plus_bias(y, p, name, row_scales)
 
     out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
+    out = jnp.where(held[:, None], out, 0)  # rows past the groups: whatever the matmul left there
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
 
 
-def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
-    """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
-    weights, experts = route(h, p, routing)
-    dense = jnp.zeros((h.shape[0], p["router"].shape[-1]), jnp.float32)
-    dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].set(weights)
+def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
+                   quantized_activations: bool = False, quant_kernels: str = "none",
+                   mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+    """Each token's picks `experts` [T, k] weighted by `weights` [T, k] with every expert of `p` on every token and a
+    dense [T, E] routing matrix (zero off the picks; an id past the experts: a pair run elsewhere, dropped).
+    (`quant_kernels` and `mesh`: the grouped path's, unused here.)"""
+    num_experts = p["moe_down"].shape[0]
+    dense = jnp.zeros((h.shape[0], num_experts), jnp.float32)
+    dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].add(weights, mode="drop")  # a token's picks differ
     every = functools.partial(jnp.einsum, "th,ehi->tei")
 
     def per_expert(b):  # [E, out] -> [1, E, out]: every token's row of each expert

@@ -35,13 +35,21 @@ def make_mesh(num_devices: int) -> Mesh:
     return Mesh(np.asarray(devices[:num_devices]), (AXIS,))
 
 
-def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int) -> tuple[LlamaConfig, dict]:
-    """Checks divisibility and replicates KV heads if needed; returns the (config, params) to shard."""
+def prepare_for_tensor_parallel(cfg: LlamaConfig, params: dict, n: int,
+                                experts: bool = False) -> tuple[LlamaConfig, dict]:
+    """Checks divisibility and replicates KV heads if needed; returns the (config, params) to shard. `experts`
+    (parallel.expert): a model's experts lie whole on the devices, E / N each (LlamaConfig.expert_parallel)."""
     if n == 1:
         return cfg, params
     if cfg.num_heads % n:
         raise ShardingError(f"num_heads={cfg.num_heads} is not divisible by parallel.tensor={n}: no layout splits the heads evenly")
     sizes = ("mlp_intermediate_size", "moe_intermediate_size") + (("intermediate_size",) if cfg.mixed_mlp else ())
+    if experts and cfg.num_experts:
+        if cfg.num_experts % n:
+            raise ShardingError(f"num_experts={cfg.num_experts} is not divisible by parallel.tensor={n}: expert "
+                                "parallelism (parallel.expert) puts the same number of whole experts on each device")
+        cfg = dataclasses.replace(cfg, expert_parallel=True)
+        sizes = tuple(name for name in sizes if name != "moe_intermediate_size")
     for name in sizes:  # the dense MLP (or shared expert), each expert, the dense layers' MLP among expert layers
         if getattr(cfg, name) % n:
             raise ShardingError(f"{name.removeprefix('mlp_')}={getattr(cfg, name)} is not divisible by parallel.tensor={n}")
@@ -167,11 +175,14 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "moe_up_bias": P(None, None, AXIS), "moe_down_bias": P(),
         **{name: P(None, *spec) for name, spec in linear_layer_specs(cfg).items()},  # stacked over linear layers
     }
+    # Under expert parallelism (whole experts, E / N a device) every per-expert array [L, E, ...] is split by its
+    # expert, whatever its format: the experts' own specs below are for experts split by their features.
+    experts = () if cfg.expert_parallel else quant.EXPERTS
     for name in quant.PROJECTIONS:  # int8 weights' scales [L, out]: split with a column-parallel weight's outputs
         layer_specs[name + quant.SCALE_SUFFIX] = P(None, AXIS) if layer_specs[name] == col else P()
-    for name in quant.EXPERTS:  # int8 experts' scales [L, E, out]: split with gate's and up's intermediate features
+    for name in experts:  # int8 experts' scales [L, E, out]: split with gate's and up's intermediate features
         layer_specs[name + quant.SCALE_SUFFIX] = P() if name == "moe_down" else P(None, None, AXIS)
-    for name in quant.PROJECTIONS + quant.EXPERTS:  # 4-bit weights' per-group arrays [L, (E,) in / group, out]: int4's
+    for name in quant.PROJECTIONS + experts:  # 4-bit weights' per-group arrays [L, (E,) in / group, out]: int4's
         # scales and offsets, mxfp4's exponents; split along with the weight's inputs or outputs, like the weight
         mx = name + quant.EXPONENT_SUFFIX in params["layers"]
         if name + quant.OFFSET_SUFFIX in params["layers"] or mx:
@@ -184,7 +195,7 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
                             "int4 groups: fewer devices, or model.quantization: none to dequantize them)"))
             for suffix in ((quant.EXPONENT_SUFFIX,) if mx else (quant.SCALE_SUFFIX, quant.OFFSET_SUFFIX)):
                 layer_specs[name + suffix] = layer_specs[name]
-    for name in quant.PROJECTIONS + quant.EXPERTS:  # an FP8 checkpoint's block scales [L, (E,) in / b, out / b]
+    for name in quant.PROJECTIONS + experts:  # an FP8 checkpoint's block scales [L, (E,) in / b, out / b]
         scales = params["layers"].get(name + quant.BLOCK_SCALE_SUFFIX)
         if scales is not None:
             axis = layer_specs[name].index(AXIS) if AXIS in layer_specs[name] else None
@@ -193,6 +204,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
                 raise ShardingError(f"{name}'s {scales.shape[axis]} FP8 blocks of {side} do not split over "
                                     f"parallel.tensor={n}: each device needs whole blocks")
             layer_specs[name + quant.BLOCK_SCALE_SUFFIX] = layer_specs[name]
+    if cfg.expert_parallel:
+        layer_specs |= {k: P(None, AXIS) for k in params["layers"] if k.startswith("moe_")}
     specs = {"layers": {k: layer_specs[k] for k in params["layers"]}}
     # (an MTP layer's weights have no embedding; its own vectors and input projection are replicated)
     specs |= {k: P() for k in params if k not in ("layers", "embed", "lm_head")}

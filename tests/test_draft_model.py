@@ -194,11 +194,13 @@ def test_tensor_parallel_model_with_a_whole_draft_on_each_device(tiny_model, dra
 
 
 def split_model_whole_drafter(config: EngineConfig, model, drafter, prompts, params, plain,
-                              drafter_split: bool = False) -> dict:
+                              drafter_split: bool = False, check=None) -> dict:
     """An engine of `config` (tensor-parallel, speculating) serves `plain`'s outputs, the model's K/V split over the
     devices and the drafter's whole on each (`drafter_split`: split as the model's), with drafts and prefix hits; its
-    stats."""
+    stats. `check(engine)`: more to assert of the engine."""
     llm = LLM(config, progress=False, model=model, draft=drafter)
+    if check is not None:
+        check(llm.engine)
     k, d = llm.engine.runner.kv[0], llm.engine.runner.kv[-1]
     tp = config.parallel.tensor
     assert len(k.sharding.device_set) == len(d.sharding.device_set) == tp

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
+from engine.llm import LLM
+from engine.request import SamplingParams
 from models import moe, quant, sharding
 from models.config import LlamaConfig
 from test_parallel import _run, tiny_deepseek, tiny_glm4_moe, tiny_gpt_oss, tiny_qwen2_moe
@@ -72,49 +74,49 @@ def test_a_layer_equals_one_devices(devices, case, grouped):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("make_model", [tiny_qwen2_moe, tiny_gpt_oss, tiny_glm4_moe, tiny_deepseek],
+@pytest.mark.parametrize("make_model, devices, backend", [(tiny_qwen2_moe, 4, "grouped"), (tiny_gpt_oss, 2, "dense"),
+                                                          (tiny_glm4_moe, 4, "dense"), (tiny_deepseek, 2, "grouped")],
                          ids=["qwen2_moe", "gpt_oss", "glm4_moe", "deepseek"])
-def test_greedy_tokens_equal_one_devices_with_hits_and_preemption(make_model):
-    """Shared experts (gated or not), biases, windowed layers, expert groups, a dense first layer, latent attention:
-    at 2 devices (dense path) and 4 (grouped path; gpt-oss's 4 experts: one a device) the greedy tokens of one device,
-    in a 16-page pool that preempts, with prefix hits."""
+def test_greedy_tokens_equal_one_devices_with_hits_and_preemption(make_model, devices, backend):
+    """A gated shared expert, biases and windowed layers, expert groups and a dense first layer, latent attention:
+    the greedy tokens of one device, on either path, in a 16-page pool that preempts, with prefix hits."""
     model = make_model()
     ref, engine1 = _run(model, 1, num_pages=16)
     assert engine1.stats()["num_preemptions"] > 0 and engine1.stats()["cached_prompt_tokens"] > 0
-    for tp, backend in ((2, "dense"), (4, "grouped")):
-        out, engine = _run(model, tp, num_pages=16, **EP, **{"model.moe_backend": backend})
-        assert engine.model_cfg.expert_parallel and engine.model_cfg.moe_grouped == (backend == "grouped")
-        assert out == ref, f"expert parallel over {tp} devices ({backend}) changed greedy outputs"
-        assert tuple(engine.params["layers"]["moe_up"].sharding.spec) == (None, "tp")
+    out, engine = _run(model, devices, num_pages=16, **EP, **{"model.moe_backend": backend})
+    assert engine.model_cfg.expert_parallel and engine.model_cfg.moe_grouped == (backend == "grouped")
+    assert out == ref, f"expert parallel over {devices} devices ({backend}) changed greedy outputs"
+    assert engine.stats()["num_preemptions"] > 0
+    assert tuple(engine.params["layers"]["moe_up"].sharding.spec) == (None, "tp")
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_experts_identical_at_1_and_4(method):
-    """8-bit and 4-bit experts split by expert with their scales and offsets: one device's greedy tokens. (Under
-    feature splitting int4's groups of 8 inputs would have to divide over the devices too; here each expert is whole.)"""
+def test_int4_experts_identical_at_1_and_4():
+    """4-bit experts split by expert with their scales and offsets: one device's greedy tokens. (Split by features,
+    int4's groups of inputs would have to divide over the devices too; here each expert is whole.)"""
     model = tiny_qwen2_moe()
-    q = {"model.quantization": method, "model.quantization_group_size": 8}
+    q = {"model.quantization": "int4", "model.quantization_group_size": 8}
     ref, _ = _run(model, 1, num_pages=16, **q)
     out, engine = _run(model, 4, num_pages=16, **EP, **q)
     assert out == ref
     layers = engine.params["layers"]
+    assert layers["moe_down"].dtype == np.dtype("uint4")
     for name in [k for k in layers if k.startswith("moe_down")]:
         assert tuple(layers[name].sharding.spec) == (None, "tp"), name
 
 
 def test_each_device_holds_a_share_of_the_experts_whole():
-    """Experts of 20 features, which 4 devices do not split (tensor parallelism refuses them by name), run whole: a
+    """Experts of 18 features, which 4 devices do not split (tensor parallelism refuses them by name), run whole: a
     quarter of the experts' bytes on each device, and one device's tokens; 6 experts over 4 devices are refused."""
     import dataclasses
 
     cfg, params, tokenizer = tiny_qwen2_moe()
-    cfg = dataclasses.replace(cfg, moe_intermediate_size=20)
+    cfg = dataclasses.replace(cfg, moe_intermediate_size=18)
     params = {**params, "layers": {**params["layers"]}}
     for name in ("moe_gate", "moe_up", "moe_down"):
         w = params["layers"][name]
-        params["layers"][name] = w[..., :20] if name != "moe_down" else w[:, :, :20, :]
+        params["layers"][name] = w[..., :18] if name != "moe_down" else w[:, :, :18, :]
     model = (cfg, params, tokenizer)
-    with pytest.raises(sharding.ShardingError, match="moe_intermediate_size=20 is not divisible by parallel.tensor=4"):
+    with pytest.raises(sharding.ShardingError, match="moe_intermediate_size=18 is not divisible by parallel.tensor=4"):
         _run(model, 4, num_pages=16)
     ref, engine1 = _run(model, 1, num_pages=16)
     out, engine = _run(model, 4, num_pages=16, **EP)
@@ -125,3 +127,33 @@ def test_each_device_holds_a_share_of_the_experts_whole():
     six = dataclasses.replace(cfg, num_experts=6)
     with pytest.raises(sharding.ShardingError, match="num_experts=6 is not divisible by parallel.tensor=4"):
         sharding.prepare_for_tensor_parallel(six, {"layers": {}}, 4, experts=True)
+
+
+@pytest.mark.slow
+def test_an_mtp_layer_with_experts_splits_as_the_model():
+    """GLM-4.5's MTP layer is an expert layer: under expert parallelism its experts split by expert as the model's,
+    and speculative decoding with it gives one device's plain tokens."""
+    import random
+
+    from engine.config import EngineConfig
+    from models import mtp
+    from test_draft_model import split_model_whole_drafter
+    from test_engine import SMALL, _prompts
+
+    model = tiny_glm4_moe()
+    cfg, params, tokenizer = model
+    layer = (mcfg := mtp.mtp_config(cfg), mtp.init_params(mcfg, jax.random.key(1), scale=0.5))
+    assert mcfg.layer.num_experts == cfg.num_experts
+    prompts = _prompts(tokenizer, random.Random(27))[:8]
+    sampling = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 32})
+    llm = LLM(base, progress=False, model=model)
+    ids = [llm.engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, sampling)]
+    finals = llm._run(set(ids), progress=False)
+    spec = base.replace(**{**EP, "parallel.tensor": 4, "speculative.method": "mtp", "speculative.num_tokens": 2})
+    def experts_split_by_expert(engine):
+        assert tuple(engine.draft.weights.params["layers"]["moe_up"].sharding.spec) == (None, "tp")
+        assert engine.draft.cfg.expert_parallel
+
+    split_model_whole_drafter(spec, model, layer, prompts, sampling, [finals[i] for i in ids], drafter_split=True,
+                              check=experts_split_by_expert)

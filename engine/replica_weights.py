@@ -37,6 +37,15 @@ class PreparedWeights:
     source: str = "in-process"  # the checkpoint path they were read from
 
 
+def smooths(config: EngineConfig, params: dict) -> bool:
+    """Whether these loaded weights get SmoothQuant (`ReplicaWeights._smooth`): w8a8 over float weights, not a
+    checkpoint whose weights are int8 already (it was smoothed, or not, when it was quantized), without LoRA adapters
+    (they read the unsmoothed inputs)."""
+    model = config.model
+    stored_int8 = any(k.endswith(quant.SCALE_SUFFIX) for k in params["layers"])
+    return model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not config.lora.adapters and not stored_int8
+
+
 class ReplicaWeights:
     def __init__(self, config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: LlamaConfig, dtype, mesh, tokenizer,
                  params: dict, progress: bool, replicate: bool = False):
@@ -56,10 +65,7 @@ class ReplicaWeights:
         # NOTE: calibrated on the checkpoint's layout, before tensor parallelism repeats KV heads: the same program
         # whatever the degree, so the same smoothing and int8 weights (a repeated head's attention differs in the last
         # bits, and a calibrated max moved by one ulp moves some weights by a quantization step).
-        # (not a checkpoint whose weights are int8 already: it was smoothed, or not, when it was quantized)
-        stored_int8 = any(k.endswith(quant.SCALE_SUFFIX) for k in params["layers"])
-        if (model.quantization == "w8a8" and model.smoothquant_alpha > 0 and not self.config.lora.adapters
-                and not stored_int8):
+        if smooths(self.config, params):
             params = self._smooth(params, model.smoothquant_alpha)
         _, params = sharding.prepare_for_tensor_parallel(self.loaded_cfg, params, self.config.parallel.tensor,
                                                          self.config.parallel.expert)

@@ -473,7 +473,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             depth = mm_deep.shape[0]
             x = x + jnp.where(i < depth, mm_deep[jnp.minimum(i, depth - 1)].astype(x.dtype), 0)
         if stats:  # per input channel, the largest |activation| each projection group sees (models/quant.smooth_params)
-            amax.update(mlp_in=jnp.max(jnp.abs(h), axis=0), down_in=jnp.max(jnp.abs(down_in), axis=0))
+            amax["mlp_in"] = jnp.max(jnp.abs(h), axis=0)
+            if down_in is not None:  # (an expert layer's: its shared expert's; the experts' own are not smoothed)
+                amax["down_in"] = jnp.max(jnp.abs(down_in), axis=0)
         return (x, carry), amax
 
     is_image = None if mm_embeds is None else tokens >= cfg.vocab_size  # [T]
@@ -787,7 +789,9 @@ def _dense_attend(cfg: LlamaConfig) -> AttentionFn:
 @functools.partial(jax.jit, static_argnums=1)
 def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict[str, jax.Array]:
     """The dense forward of one sequence, returning per layer the largest |input| of each projection group by
-    channel: {"attn_in": [L, hidden] (q/k/v), "mlp_in": [L, hidden] (gate/up), "down_in": [L, intermediate]}."""
+    channel: {"attn_in": [L, hidden] (q/k/v), "mlp_in": [L, hidden] (gate/up; in an expert layer the router's, the
+    experts' and the shared expert's), "down_in": [L, intermediate] (w_down's: in an expert layer the shared
+    expert's, absent without one)}."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     _, _, amax = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), stats=True)
     return amax

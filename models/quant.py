@@ -62,6 +62,8 @@ import numpy as np
 PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "dense_gate", "dense_up", "dense_down", "wq_a", "wq_b",
                "wkv_a")
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
+# Float weights that read the MLP norm's output beside the quantized projections: SmoothQuant multiplies their rows too
+SMOOTHED_FLOAT = ("router", "shared_gate")
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value
 EXPONENT_SUFFIX = "_exponent"  # mxfp4 weights: a group's power-of-two scale, biased by 127 (E8M0)
@@ -396,30 +398,38 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
     x @ W is unchanged and per-token int8 activations no longer have a few huge channels setting every step.
     Divisions fold into what makes the input: the attention and MLP norms' weights (q/k/v, gate/up) and w_up's
     output columns (w_down's input is act(gate) * up); a model without norms before its projections (OLMo 2) smooths
-    w_down's inputs only, one whose attention and MLP read one norm (Cohere) all five projections by one factor. The forward is the same up to float rounding (tested)."""
-    layers = {k: np.asarray(v, np.float32).copy() if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
-              for k, v in params["layers"].items()}
+    w_down's inputs only, one whose attention and MLP read one norm (Cohere) all five projections by one factor. In
+    an expert layer the MLP norm feeds the experts' gate/up (max|W_j| over every expert), the shared expert's and the
+    router (and Qwen2-MoE's shared-expert gate), whose float rows take s too; w_down's inputs are the shared expert's
+    (each expert's own down inputs are not smoothed: one factor per expert would need its own calibration). The
+    forward is the same up to float rounding (tested)."""
+    floats = ("attn_norm", "mlp_norm", *PROJECTIONS, *EXPERTS, *SMOOTHED_FLOAT)
+    layers = {k: np.asarray(v, np.float32).copy() if k in floats else v for k, v in params["layers"].items()}
+
+    def rows(s, w):  # s [L, in] against weight w's input rows: [L, in, out] or experts' [L, E, in, out]
+        return s.reshape(s.shape[:1] + (1,) * (layers[w].ndim - 3) + s.shape[1:] + (1,))
 
     def factors(x_amax, weights):
-        weights = [w for w in weights if w in layers]  # (an ungated MLP has no w_gate)
         x_amax = np.asarray(x_amax, np.float32)  # [L, in]
-        w_amax = np.max([np.abs(layers[w]).max(axis=2) for w in weights], axis=0)  # [L, in]
+        w_amax = np.max([np.abs(layers[w]).max(axis=tuple(range(1, layers[w].ndim - 2)) + (-1,)) for w in weights],
+                        axis=0)  # [L, in]
         s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
         return np.where((x_amax > 0) & (w_amax > 0), s, 1.0).astype(np.float32)
 
-    groups = [("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", ("w_gate", "w_up"), "mlp_in")]
+    mlp = ("w_gate", "w_up", "moe_gate", "moe_up")
+    groups = [("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", mlp, "mlp_in")]
     if "attn_norm" in layers and "mlp_norm" not in layers:  # a parallel block (Cohere): one norm feeds all five
         groups = [("attn_norm", ("wq", "wk", "wv", "w_gate", "w_up"), "attn_in")]
     for norm, weights, key in groups:
-        if norm not in layers:  # no norm before the projections (OLMo 2): nothing to fold the division into
+        weights = [w for w in weights if w in layers]  # (an ungated MLP has no w_gate; an expert layer, maybe no w_up)
+        if norm not in layers or not weights:  # no norm before the projections (OLMo 2): nothing to fold it into
             continue
         s = factors(amax[key], weights)
         layers[norm] /= s
-        for w in weights:
-            if w in layers:
-                layers[w] *= s[:, :, None]
-    if "xielu_beta" in layers:  # xIELU(up / s) is no multiple of xIELU(up): nothing to fold w_down's division into
-        return _cast_smoothed(params, layers)
+        for w in weights + ([k for k in SMOOTHED_FLOAT if k in layers] if norm == "mlp_norm" else []):
+            layers[w] *= rows(s, w)
+    if "xielu_beta" in layers or "down_in" not in amax:  # xIELU(up / s) is no multiple of xIELU(up): nothing to fold
+        return _cast_smoothed(params, layers)  # w_down's division into; or no w_down (experts alone)
     s = factors(amax["down_in"], ("w_down",))
     # w_down's input is act(gate) * up, linear in up; without a gate relu(up)^2, which dividing up by sqrt(s) divides
     # by s
@@ -430,6 +440,6 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
 
 def _cast_smoothed(params: dict, layers: dict) -> dict:
     """The smoothed float32 layers back in the checkpoint's dtype."""
-    dtype = np.asarray(params["layers"]["wq"]).dtype
-    return {**params, "layers": {k: v.astype(dtype) if k in ("attn_norm", "mlp_norm", *PROJECTIONS) else v
+    floats = ("attn_norm", "mlp_norm", *PROJECTIONS, *EXPERTS, *SMOOTHED_FLOAT)
+    return {**params, "layers": {k: v.astype(np.asarray(params["layers"][k]).dtype) if k in floats else v
                                  for k, v in layers.items()}}

@@ -253,20 +253,37 @@ def test_a_4bit_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_2(h
 
 
 @pytest.mark.slow
-def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, tokenizer, tmp_path):
+def _hf_moe(tokenizer):
+    """A random transformers Qwen3-MoE (8 experts, top 2) over SmolLM2's vocabulary, float32."""
+    torch.manual_seed(fresh.seed(key=f"{__name__}._hf_moe"))
+    config = transformers.Qwen3MoeConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                                         moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                                         max_position_embeddings=512, tie_word_embeddings=False, initializer_range=0.3,
+                                         decoder_sparse_step=1, mlp_only_layers=[])
+    return transformers.Qwen3MoeForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["dense", "moe"])
+def test_a_w8a8_checkpoint_serves_as_stored_with_int8_activations(hf_model, tokenizer, tmp_path, kind):
     """A compressed-tensors W8A8 checkpoint (int8 weights, a scale per output feature; int8 activations per token)
     is served by `auto` as w8a8 with its weights as stored (no SmoothQuant pass over weights already quantized): the
-    engine's greedy tokens are the dense forward's with int8 activations over the same weights."""
+    engine's greedy tokens are the dense forward's with int8 activations over the same weights. An expert model's
+    too: transformers 5 keeps a Qwen3-MoE's experts in fused tensors, which the library leaves in float; they are
+    quantized to int8 at load and take int8 activations as well."""
     import dataclasses
 
     from dense_reference import assert_argmax, dense_logits
 
-    write_compressed_tensors(hf_model, tokenizer, tmp_path, "w8a8")
+    write_compressed_tensors(hf_model if kind == "dense" else _hf_moe(tokenizer), tokenizer, tmp_path, "w8a8")
     cfg, stored = load_weights(str(tmp_path), quantization="w8a8")
     llm = LLM(EngineConfig().replace(**{"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8,
                                         "cache.num_pages": 64, "model.max_model_len": 128}), progress=False)
     assert llm.engine.config.model.quantization == "w8a8" and llm.engine.model_cfg.quantized_activations
-    np.testing.assert_array_equal(np.asarray(llm.engine.params["layers"]["w_up"]), stored["layers"]["w_up"])
+    np.testing.assert_array_equal(np.asarray(llm.engine.params["layers"]["wq"]), stored["layers"]["wq"])
+    if kind == "moe":
+        assert stored["layers"]["moe_up"].dtype == np.float32 and llm.engine.params["layers"]["moe_up"].dtype == np.int8
+        stored = quant.quantize_params(stored, "int8")
     prompts = _prompts(tokenizer.vocab_size, fresh.seed())[:2]
     served = jax.device_put(stored)
     run_cfg = dataclasses.replace(cfg, quantized_activations=True)

@@ -114,6 +114,10 @@ class LLMEngine:
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
+        # A sequence classifier's score head [hidden, num_labels] (LlamaConfig.num_labels): applied on the host to the
+        # normed last row an embedding request fetches, so the compiled steps are the language model's.
+        self.score_head = np.asarray(params["score"], np.float32) if "score" in params else None
+        params = {k: v for k, v in params.items() if k != "score"}
         if config.model.mmproj and vision is None:  # llama.cpp's image encoder file beside a GGUF text model
             vision = multimodal.load_mmproj(config.model.mmproj, self.dtype, self.tokenizer, model_cfg.hidden_size,
                                             config.model.mm_processor_kwargs)
@@ -329,6 +333,9 @@ class LLMEngine:
             raise RequestError(f"priority must be a 32-bit integer, got {priority!r}")
         if priority and self.config.scheduler.policy != "priority":
             raise RequestError(f"priority {priority} needs scheduler.policy=priority (it is {self.config.scheduler.policy})")
+        if self.score_head is not None and not params.embed:
+            raise RequestError(f"this model is a sequence classifier ({self.model_cfg.num_labels} labels): it scores "
+                               "prompts (LLM.classify, POST /classify) and embeds them; it generates nothing")
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
         else:
@@ -526,6 +533,8 @@ class LLMEngine:
             if seq.params.embed and seq.embedding is None:  # its prompt's last token is row rows[i][-1]
                 vector = out.hidden[rows[i][-1]]
                 seq.embedding = vector / max(float(np.linalg.norm(vector)), 1e-12)
+                if self.score_head is not None:  # a sequence classifier: its score head over the same row
+                    seq.classification = np.asarray(vector, np.float32) @ self.score_head
             if seq.matcher is not None:
                 new = seq.output_ids[num_before[i] :]
                 for j, token in enumerate(new):
@@ -579,10 +588,20 @@ class LLMEngine:
             raise ValueError(f"update_weights: {len(self.scheduler.running) + len(self.scheduler.waiting)} requests are "
                              "unfinished; update between batches, or abort them first")
         new = source if isinstance(source, PreparedWeights) else self.weights.read(source, progress)
+        head = None
+        if "score" in new.params:  # a sequence classifier's head, kept on the host
+            if self.score_head is None or new.params["score"].shape != self.score_head.shape:
+                raise ValueError(f"update_weights: a score head of shape {tuple(new.params['score'].shape)} for a "
+                                 + ("language model" if self.score_head is None
+                                    else f"classifier whose head is {self.score_head.shape}"))
+            head = np.asarray(new.params["score"], np.float32)
+            new = dataclasses.replace(new, params={k: v for k, v in new.params.items() if k != "score"})
         self.weights.check(new)
         self.runner.params = None  # the old weights leave the device before the new arrive
         self.weights.swap(new)
         self.runner.params = self.weights.params
+        if head is not None:
+            self.score_head = head
         self.sleep_level = min(self.sleep_level, 1)  # asleep without weights no more
         self.scheduler.reset_cache()
         self.weights_version += 1

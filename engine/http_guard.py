@@ -21,7 +21,7 @@ class RequestGuard:
     status."""
 
     _ADMIN = {"/update_weights_from_disk", "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/sleep", "/wake_up"}
-    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/responses", "/v1/messages",
+    _ENDPOINTS = {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/classify", "/v1/responses", "/v1/messages",
                   "/v1/messages/count_tokens", "/v1/models", "/health",
                   "/metrics", "/load", "/v1/cache_events", "/v1/cache_state", "/tokenize", "/detokenize", "/openapi.json",
                   "/docs", *_ADMIN}

@@ -164,6 +164,21 @@ class LLM:
         finals = self._run(set(ids), progress, keep=True)
         return [finals[i].embedding for i in ids]
 
+    def classify(self, prompts: Seq[str] | Seq[Seq[int]] | str, namespace: str | None = None,
+                 progress: bool = False) -> list[np.ndarray]:
+        """A sequence classifier's (reward model's) logits [num_labels] float32 per prompt: its score head over the
+        prompt's last token's final normed state, as transformers' `*ForSequenceClassification` pools an unpadded
+        sequence; softmax them for class probabilities (a reward model's one label is its reward). Through the same
+        batch and prefix cache as everything else: prompts that share a prefix (one conversation, several replies)
+        compute it once."""
+        if self.engine.score_head is None:
+            raise ValueError(f"{self.engine.config.model.path or 'this model'} is a language model, not a sequence "
+                             "classifier (an HF *ForSequenceClassification checkpoint): nothing to classify with")
+        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, output_kind=OutputKind.FINAL)
+               for p in _prompt_list(prompts)]
+        finals = self._run(set(ids), progress, keep=True)
+        return [finals[i].classification for i in ids]
+
     def update_weights(self, source, progress: bool = False) -> float:
         """Generates with new weights from now on (RL rollouts between training steps; a fine-tuned checkpoint): a
         checkpoint path, a pytree in `load_weights`' layout, or an HF-named state dict (numpy or JAX arrays). No

@@ -173,6 +173,16 @@ class EmbeddingRequest(_Body):
     cache_salt: str | None = None
 
 
+class ClassifyRequest(_Body):
+    """POST /classify (vLLM's): a sequence classifier's (LlamaConfig.num_labels) classes of each input."""
+    model: str
+    input: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
+                 Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+    user: str | None = None
+    priority: _int(ge=-(2**31), le=2**31 - 1) = 0
+    cache_salt: str | None = None
+
+
 _Text = Annotated[str, Field(min_length=1)]
 
 

@@ -49,6 +49,8 @@ class RequestOutput:
     queue_s: float | None = None  # arrival to first admission into the running batch
     token_times_s: list[float] | None = None
     embedding: np.ndarray | None = None  # SamplingParams.embed: [hidden] float32, L2-normalized (no text, no tokens)
+    # ... and, on a sequence classifier (LlamaConfig.num_labels), its score head's logits [num_labels] float32
+    classification: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -144,6 +146,7 @@ class OutputState:
             e2e_s=(now - seq.arrival_s) if finished else None,
             token_times_s=list(seq.token_times_s) if finished else None,
             embedding=seq.embedding,
+            classification=seq.classification,
         )
 
 

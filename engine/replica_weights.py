@@ -106,7 +106,7 @@ class ReplicaWeights:
                 name = differ[0]
                 raise ValueError(f"{source}: its {name}={getattr(loaded_cfg, name)!r}, the served model's is "
                                  f"{getattr(cfg, name)!r}; update_weights takes weights of the same architecture")
-        elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head."))
+        elif isinstance(source, dict) and source and all(isinstance(k, str) and k.startswith(("model.", "lm_head.", "score."))
                                                            for k in source):
             params = params_from_state_dict(cfg, source, self.dtype)
         elif self._stays_on_device(source):

@@ -216,6 +216,7 @@ class Sequence:
     ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)
     stop_reason: str | int | None = None
     embedding: Any = None  # SamplingParams.embed: the L2-normalized float32 vector, once computed
+    classification: Any = None  # ... and a sequence classifier's logits [num_labels]
     first_scheduled_s: float | None = None  # first admitted to the running batch (the end of its queueing)
     first_token_s: float | None = None
     finish_s: float | None = None

@@ -3,6 +3,7 @@
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
     POST /v1/embeddings                          last-token pooling of the served model
     POST /v1/score, /v1/rerank                   cosine similarity of those embeddings (vLLM's; Jina's and Cohere's)
+    POST /classify                               a sequence classifier's (reward model's) classes (vLLM's)
     POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                                  OpenAI's Responses API, on the chat path (engine/openai_responses.py)
     POST /v1/messages, /v1/messages/count_tokens Anthropic's Messages API, on the chat path (engine/anthropic_messages.py)
@@ -41,7 +42,7 @@ from engine.images import MediaPolicy
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ApiError, ChatCompletionRequest, ChatMessage, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+    MAX_N, ApiError, ChatCompletionRequest, ChatMessage, ClassifyRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
     RerankRequest, ScoreRequest, TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest,
     describe_validation_error, error_body,
 )
@@ -381,8 +382,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     app.include_router(anthropic_messages.routes(anthropic_messages.ChatPath(
         start_chat, gather, chat_token_ids, server_cfg.reasoning_parser != "none")))
 
-    async def embed(request: Request, body, texts: list, param: str) -> tuple[list[np.ndarray], int] | None:
-        """The unit embeddings of texts (strings or token ids) and their token count; None if the client left."""
+    async def embed(request: Request, body, texts: list, param: str) -> tuple[list[RequestOutput], int] | None:
+        """Embedding requests' final outputs for texts (strings or token ids: `embedding`, the unit vector, and on a
+        sequence classifier `classification`) and their token count; None if the client left."""
         if any(not t for t in texts):
             raise ApiError(400, f"{param} is empty", param=param)
         prompts = [tokenizer.encode(t) if isinstance(t, str) else list(t) for t in texts]
@@ -394,7 +396,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         finals = await gather(request, engine.submit(reqs, f"embd-{uuid.uuid4().hex}", final_only=True))
         if finals is None:
             return None
-        return [finals[i].embedding for i in range(len(prompts))], sum(map(len, prompts))
+        return [finals[i] for i in range(len(prompts))], sum(map(len, prompts))
 
     @app.post("/v1/embeddings", response_model=None, summary="Embeddings by last-token pooling (OpenAI-compatible)")
     async def embeddings(request: Request, body: EmbeddingRequest):
@@ -408,9 +410,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         embedded = await embed(request, body, x, "input")
         if embedded is None:
             return JSONResponse({})
-        vectors, num_tokens = embedded
+        outputs, num_tokens = embedded
         data = []
-        for i, vector in enumerate(vectors):
+        for i, vector in enumerate(out.embedding for out in outputs):
             if body.dimensions is not None:  # Matryoshka: the first dimensions, unit length again
                 vector = vector[: body.dimensions] / max(float(np.linalg.norm(vector[: body.dimensions])), 1e-12)
             value = (base64.b64encode(vector.astype("<f4").tobytes()).decode() if body.encoding_format == "base64"
@@ -426,7 +428,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         embedded = await embed(request, body, distinct, "text")
         if embedded is None:
             return None
-        vectors = dict(zip(distinct, embedded[0]))
+        vectors = {text: out.embedding for text, out in zip(distinct, embedded[0])}
         pairs = zip(queries * len(texts) if len(queries) == 1 else queries, texts)
         return [float(np.dot(vectors[a], vectors[b])) for a, b in pairs], embedded[1]
 
@@ -460,7 +462,34 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return JSONResponse({"id": f"rerank-{uuid.uuid4().hex}", "model": body.model, "results": results,
                              "usage": {"total_tokens": num_tokens}})
 
-    for alias, endpoint in (("/score", score), ("/rerank", rerank), ("/v2/rerank", rerank)):  # vLLM serves these too
+    @app.post("/classify", response_model=None, summary="A sequence classifier's classes of each input (vLLM's)")
+    async def classify(request: Request, body: ClassifyRequest):
+        check_model(body.model)
+        if llm.score_head is None:
+            raise ApiError(400, "the served model is a language model, not a sequence classifier (an HF "
+                                "*ForSequenceClassification checkpoint)", param="model")
+        x = body.input
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            x = [x]
+        embedded = await embed(request, body, x, "input")
+        if embedded is None:
+            return JSONResponse({})
+        outputs, num_tokens = embedded
+        labels = llm.model_cfg.labels or tuple(f"LABEL_{i}" for i in range(llm.model_cfg.num_labels))
+        data = []
+        for i, out in enumerate(outputs):
+            logits = out.classification.astype(np.float64)
+            # one label (a reward model): its sigmoid, as vLLM gives it; else the softmax over the labels
+            probs = 1 / (1 + np.exp(-logits)) if len(logits) == 1 else np.exp(logits - logits.max())
+            probs = probs if len(logits) == 1 else probs / probs.sum()
+            data.append({"index": i, "object": "classification", "label": labels[int(np.argmax(logits))],
+                         "probs": probs.tolist(), "logits": logits.tolist(), "num_classes": len(logits)})
+        return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),
+                             "model": body.model, "data": data,
+                             "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
+
+    for alias, endpoint in (("/score", score), ("/rerank", rerank), ("/v2/rerank", rerank),  # vLLM serves these too
+                            ("/v1/classify", classify)):
         app.add_api_route(alias, endpoint, methods=["POST"], response_model=None, include_in_schema=False)
 
     # ----------------------------------------------------------------------------- tokenizer

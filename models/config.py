@@ -75,6 +75,10 @@ class LlamaConfig:
     partial_rotary_factor: float = 1.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    # A sequence classifier (HF `*ForSequenceClassification`: reward models, classifiers): its `score` head [hidden,
+    # num_labels] reads the last token's final normed state, and it generates nothing; 0: a language model.
+    num_labels: int = 0
+    labels: tuple[str, ...] = ()  # each class's name (config.json's id2label), when it names them
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
     attention_out_bias: bool = False  # the output projection too (gpt-oss)
     # A learned logit per query head in every softmax, with no value (gpt-oss's attention sinks): attention may give
@@ -418,6 +422,15 @@ class LlamaConfig:
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], source: str = "config.json") -> "LlamaConfig":
         """Reads an HF `config.json` dict (model_type: HF_MODEL_TYPES)."""
+        archs = cfg.get("architectures") or [""]
+        if archs[0].endswith("ForSequenceClassification"):  # the language model, with a score head for its LM head
+            base = cls.from_hf_config({**cfg, "architectures": [archs[0].replace("ForSequenceClassification",
+                                                                                   "ForCausalLM")],
+                                       "tie_word_embeddings": True}, source)
+            id2label = cfg.get("id2label") or {}
+            num_labels = int(cfg.get("num_labels") or len(id2label) or 2)  # (transformers' default: 2)
+            labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
+            return dataclasses.replace(base, num_labels=num_labels, labels=labels)
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")

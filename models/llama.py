@@ -177,6 +177,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
     shapes = {"embed": (cfg.vocab_size, h), "layers": layers, "final_norm": (h,)}
     if not cfg.tie_word_embeddings:
         shapes["lm_head"] = (h, cfg.vocab_size)
+    if cfg.num_labels:  # a sequence classifier's score head
+        shapes["score"] = (h, cfg.num_labels)
     return shapes
 
 

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HF_NAMES = {
     "embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight",
+    "score": "score.weight",  # a sequence classifier's head (LlamaConfig.num_labels)
     "attn_norm": "model.layers.{i}.input_layernorm.weight", "mlp_norm": "model.layers.{i}.post_attention_layernorm.weight",
     "wq": "model.layers.{i}.self_attn.q_proj.weight", "wk": "model.layers.{i}.self_attn.k_proj.weight",
     "wv": "model.layers.{i}.self_attn.v_proj.weight", "wo": "model.layers.{i}.self_attn.o_proj.weight",

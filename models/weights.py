@@ -45,10 +45,10 @@ LINEAR_KEYS = ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_conv", "gdn_dt_bias", 
 MAMBA2_KEYS = ("gdn_qkv", "gdn_z", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_d", "gdn_norm", "gdn_out")
 # In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
 ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
-FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log"})
+FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "score"})
 ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, "gdn_conv_bias"})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
-TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", "score", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
                         "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out"})
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
@@ -183,6 +183,8 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
     params = {"embed": load("embed"), "layers": layers, "final_norm": load("final_norm")}
     if not cfg.tie_word_embeddings:
         params["lm_head"] = load("lm_head")
+    if cfg.num_labels:
+        params["score"] = load("score")
     return cast_params(params, dtype, np.ascontiguousarray)
 
 

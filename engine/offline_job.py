@@ -5,8 +5,10 @@ output line. `LineJob` feeds lines to one engine as its batch drains; the job ru
 Input line:  {"id", "prompt"} or {"id", "messages"} (content: a string, or text and image parts) and optional
              request fields (LINE_FIELDS; scripts/generate.py lists them). Output line: {"id", "text", "token_ids",
              "finish_reason", "prompt_tokens", "cached_tokens" [, "logprobs"][, "prompt_logprobs"][,
-             "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or
-             {"id", "error"} for a line refused.
+             "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding,
+             {"id", "logits", "label", "prompt_tokens", "cached_tokens"} on a sequence classifier (every line;
+             "messages" through the chat template without a generation prompt: the conversation scored as it
+             stands), or {"id", "error"} for a line refused.
 """
 from __future__ import annotations
 
@@ -83,6 +85,14 @@ def sampling_params(obj: dict, defaults: dict | None = None) -> SamplingParams:
         raise RequestError(str(e)) from e
 
 
+def classify_params(obj: dict) -> SamplingParams:
+    """A line's params on a sequence classifier (every line is classified): no sampling fields."""
+    given = sorted((SAMPLING_FIELDS | set(structured.FIELDS) | {"embed"}) & set(obj))
+    if given:
+        raise RequestError(f"the model is a sequence classifier: a line is classified, and takes no {given[0]!r}")
+    return SamplingParams.embedding()
+
+
 class LineJob:
     """This job's lines on one engine: `submit` adds one (or names why not), `step` runs one engine step and returns
     the output lines of the requests it finished."""
@@ -104,11 +114,14 @@ class LineJob:
     def submit(self, rid: str, obj: dict) -> str | None:
         """Adds a parsed line's request; -> None, or the error the engine refused it with."""
         engine = self.engine
+        classifier = getattr(engine, "score_head", None) is not None  # every line classified: a reward model's job
         try:
-            prompt, images = (engine.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}),
+            chat = {"add_generation_prompt": False} if classifier else {}  # the conversation as it stands, scored
+            prompt, images = (engine.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}), **chat,
                                                  continue_final_message=obj.get("continue_final_message", False))
                               if "messages" in obj else (obj["prompt"], []))
-            params = sampling_params(obj, getattr(engine, "sampling_defaults", None))
+            params = (classify_params(obj) if classifier
+                      else sampling_params(obj, getattr(engine, "sampling_defaults", None)))
             if "messages" in obj and keeps_special_tokens(self.reasoning_parser, engine.tokenizer.special_texts):
                 params = dataclasses.replace(params, skip_special_tokens=False)
             engine_id = engine.add_request(prompt, params, namespace=obj.get("cache_salt"),
@@ -125,6 +138,13 @@ class LineJob:
             if not r.finished or r.request_id not in self.pending:
                 continue
             rid, chat = self.pending.pop(r.request_id)
+            if r.classification is not None:
+                labels = self.engine.model_cfg.labels
+                best = int(r.classification.argmax())
+                records.append({"id": rid, "logits": r.classification.tolist(),
+                                "label": labels[best] if labels else f"LABEL_{best}", "prompt_tokens": r.prompt_tokens,
+                                "cached_tokens": r.cached_tokens})
+                continue
             if r.embedding is not None:
                 records.append({"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,
                                 "cached_tokens": r.cached_tokens})

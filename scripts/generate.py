@@ -21,7 +21,10 @@ Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cach
              [, "prompt_logprobs" (the first is null)][, "reasoning_content" (messages lines, with
              --set server.reasoning_parser=qwen3 | deepseek_r1: the thinking, "text" the answer)]},
              {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or {"id", "error"} for a bad line;
-             the job goes on.
+             the job goes on. On a sequence classifier or reward model (an HF *ForSequenceClassification
+             checkpoint) every line is classified instead: {"id", "logits", "label", "prompt_tokens",
+             "cached_tokens"}, a "messages" line as the conversation stands (no generation prompt), no sampling
+             fields.
 OpenAI's Batch API format is read too (found from the first line, or --format openai): input lines
 {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"},
 output lines {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; the bodies take every

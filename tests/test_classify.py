@@ -112,3 +112,31 @@ def test_classify_endpoint(tmp_path):
         assert one["data"][0]["logits"] == pytest.approx(body["data"][0]["logits"], rel=1e-5, abs=1e-5)
         refused = client.post("/v1/completions", json={"model": "clf", "prompt": "hi", "max_tokens": 3})
         assert refused.status_code == 400 and "sequence classifier" in refused.json()["error"]["message"]
+
+
+def test_the_offline_job_classifies_every_line(tmp_path):
+    """On a classifier every line of the offline job is classified: {"id", "logits", "label", ...}; "messages" are
+    scored as the conversation stands (the template without a generation prompt); sampling fields are refused."""
+    from engine.engine import LLMEngine
+    from engine.offline_job import LineJob
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _classifier("llama", tmp_path, tokenizer)
+    engine = LLMEngine(EngineConfig().replace(**{**BASE, "model.path": str(tmp_path)}), progress=False)
+    job = LineJob(engine)
+    conversation = [{"role": "user", "content": "Is the sky green?"}, {"role": "assistant", "content": "No, blue."}]
+    lines = {"a": {"prompt": "The movie was wonderful."}, "b": {"messages": conversation}}
+    for rid, obj in lines.items():
+        assert job.submit(rid, obj) is None
+    assert "takes no 'max_tokens'" in job.submit("c", {"prompt": "x", "max_tokens": 5})
+    records = {}
+    while len(job):
+        records |= {r["id"]: r for r in job.step()}
+    ids = {"a": tokenizer.encode(lines["a"]["prompt"]),
+           "b": engine.encode_chat(conversation, add_generation_prompt=False)[0]}
+    assert ids["b"] != engine.encode_chat(conversation)[0]
+    for rid, prompt in ids.items():
+        want = _reference(model, prompt)
+        np.testing.assert_allclose(records[rid]["logits"], want, rtol=1e-4, atol=1e-4)
+        assert records[rid]["label"] == ("neg", "neutral", "pos")[int(np.argmax(want))]
+        assert records[rid]["prompt_tokens"] == len(prompt)

@@ -180,6 +180,8 @@ def test_prefix_sticks_and_feed_confirms(cluster):
                       timeout=30).json()["replica"] == first
     assert httpx.post(f"{router.url}/v1/rerank", json={"model": "fake", "query": query, "documents": ["a"]},
                       timeout=30).json()["replica"] == first
+    classify = {"model": "fake", "input": "shared system prompt " * 8 + "a reply to score"}
+    assert httpx.post(f"{router.url}/classify", json=classify, timeout=30).json()["replica"] == first
     # A replica that refuses connections is skipped; all down -> 503.
     for proc in procs.values():
         proc.kill()

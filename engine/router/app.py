@@ -5,9 +5,9 @@
     engine/router/fleet.py     the replicas: health checks, cache feeds into the index, admin calls to all of them,
                                catch-up of a replica coming back (`Fleet`)
 
-Client endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/score, /v1/rerank, /v1/responses and
-its stored responses, /v1/messages and /v1/messages/count_tokens) are forwarded; the admin endpoints go to every
-replica that is up; /v1/models is the first replica's that answers; /health, /replicas and /metrics are the
+Client endpoints (/v1/completions, /v1/chat/completions, /v1/embeddings, /v1/score, /v1/rerank, /classify,
+/v1/responses and its stored responses, /v1/messages and /v1/messages/count_tokens) are forwarded; the admin
+endpoints go to every replica that is up; /v1/models is the first replica's that answers; /health, /replicas and /metrics are the
 router's own.
 """
 from __future__ import annotations
@@ -52,7 +52,8 @@ def create_app(cfg: RouterConfig, tokenizer: Any = None):
     async def embeddings(request: Request):
         return await router.forward("/v1/embeddings", await request.body(), dict(request.headers))
 
-    for path in ("/v1/score", "/v1/rerank"):  # routed by text_1 / the query: pairs sharing it share its pages
+    # routed by text_1 / the query (pairs sharing it share its pages); a classifier's inputs as embeddings' are
+    for path in ("/v1/score", "/v1/rerank", "/classify", "/v1/classify"):
         async def pooled(request: Request, path: str = path):
             return await router.forward(path, await request.body(), dict(request.headers))
 

@@ -215,7 +215,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         return {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [1.0, 0.0]}],
                 "model": model, "usage": {"prompt_tokens": len(tokens), "total_tokens": len(tokens)}, "replica": name}
 
-    for path in ("/v1/score", "/v1/rerank"):  # the query's (text_1's) pages are what the router routes by
+    # the query's (text_1's) pages are what the router routes by; a classifier's input as an embedding's
+    for path in ("/v1/score", "/v1/rerank", "/classify"):
         async def pooled(request: Request):
             body = await request.json()
             tokens = prompt_tokens(tok, body, chat=False)

@@ -680,13 +680,8 @@ class LlamaConfig:
         d = dict(d)
         if d.get("rope_scaling"):
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
-        d["sliding_layers"] = tuple(d.get("sliding_layers", ()))
-        d["rope_layers"] = tuple(d.get("rope_layers", ()))
-        d["moe_layers"] = tuple(d.get("moe_layers", ()))
-        d["linear_layers"] = tuple(d.get("linear_layers", ()))
-        d["linear_dt_limit"] = tuple(d.get("linear_dt_limit", ()))
-        d["mrope_section"] = tuple(d.get("mrope_section", ()))  # (mrope_interleaved: a bool, as stored)
-        return cls(**d)
+        # JSON keeps tuples as lists: every per-layer pattern, section and name list back to the tuple it was
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: str, num_layers: int,

@@ -159,10 +159,14 @@ class LLM:
         """One L2-normalized float32 vector per prompt (text or token ids): the final hidden state of the prompt's last
         token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
         and prefix cache as generation (a shared instruction prefix is computed once)."""
+        return [out.embedding for out in self._pooled(prompts, namespace, progress)]
+
+    def _pooled(self, prompts, namespace: str | None, progress: bool) -> list[RequestOutput]:
+        """The final outputs of one embedding request per prompt (`embedding`; on a classifier `classification`)."""
         ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, output_kind=OutputKind.FINAL)
                for p in _prompt_list(prompts)]
         finals = self._run(set(ids), progress, keep=True)
-        return [finals[i].embedding for i in ids]
+        return [finals[i] for i in ids]
 
     def classify(self, prompts: Seq[str] | Seq[Seq[int]] | str, namespace: str | None = None,
                  progress: bool = False) -> list[np.ndarray]:
@@ -174,10 +178,7 @@ class LLM:
         if self.engine.score_head is None:
             raise ValueError(f"{self.engine.config.model.path or 'this model'} is a language model, not a sequence "
                              "classifier (an HF *ForSequenceClassification checkpoint): nothing to classify with")
-        ids = [self.engine.add_request(p, SamplingParams.embedding(), namespace=namespace, output_kind=OutputKind.FINAL)
-               for p in _prompt_list(prompts)]
-        finals = self._run(set(ids), progress, keep=True)
-        return [finals[i].classification for i in ids]
+        return [out.classification for out in self._pooled(prompts, namespace, progress)]
 
     def update_weights(self, source, progress: bool = False) -> float:
         """Generates with new weights from now on (RL rollouts between training steps; a fine-tuned checkpoint): a

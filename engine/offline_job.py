@@ -139,11 +139,9 @@ class LineJob:
                 continue
             rid, chat = self.pending.pop(r.request_id)
             if r.classification is not None:
-                labels = self.engine.model_cfg.labels
-                best = int(r.classification.argmax())
-                records.append({"id": rid, "logits": r.classification.tolist(),
-                                "label": labels[best] if labels else f"LABEL_{best}", "prompt_tokens": r.prompt_tokens,
-                                "cached_tokens": r.cached_tokens})
+                label = self.engine.model_cfg.label_names[int(r.classification.argmax())]
+                records.append({"id": rid, "logits": r.classification.tolist(), "label": label,
+                                "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens})
                 continue
             if r.embedding is not None:
                 records.append({"id": rid, "embedding": r.embedding.tolist(), "prompt_tokens": r.prompt_tokens,

@@ -475,13 +475,15 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if embedded is None:
             return JSONResponse({})
         outputs, num_tokens = embedded
-        labels = llm.model_cfg.labels or tuple(f"LABEL_{i}" for i in range(llm.model_cfg.num_labels))
+        labels = llm.model_cfg.label_names
         data = []
         for i, out in enumerate(outputs):
             logits = out.classification.astype(np.float64)
-            # one label (a reward model): its sigmoid, as vLLM gives it; else the softmax over the labels
-            probs = 1 / (1 + np.exp(-logits)) if len(logits) == 1 else np.exp(logits - logits.max())
-            probs = probs if len(logits) == 1 else probs / probs.sum()
+            if len(logits) == 1:  # a reward model: its sigmoid, as vLLM gives it
+                probs = 1 / (1 + np.exp(-logits))
+            else:  # the softmax over the labels
+                probs = np.exp(logits - logits.max())
+                probs /= probs.sum()
             data.append({"index": i, "object": "classification", "label": labels[int(np.argmax(logits))],
                          "probs": probs.tolist(), "logits": logits.tolist(), "num_classes": len(logits)})
         return JSONResponse({"id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()),

@@ -78,7 +78,7 @@ class LlamaConfig:
     # A sequence classifier (HF `*ForSequenceClassification`: reward models, classifiers): its `score` head [hidden,
     # num_labels] reads the last token's final normed state, and it generates nothing; 0: a language model.
     num_labels: int = 0
-    labels: tuple[str, ...] = ()  # each class's name (config.json's id2label), when it names them
+    labels: tuple[str, ...] = ()  # each class's name (config.json's id2label), when it names them: `label_names`
     attention_bias: bool = False  # q/k/v projections carry biases (Qwen2)
     attention_out_bias: bool = False  # the output projection too (gpt-oss)
     # A learned logit per query head in every softmax, with no value (gpt-oss's attention sinks): attention may give
@@ -185,6 +185,11 @@ class LlamaConfig:
     # How the experts lie on a tensor-parallel mesh, not a checkpoint's: whole, E / N a device (models/moe.py
     # expert_parallel_moe), instead of every expert split by its intermediate features; set by parallel.expert.
     expert_parallel: bool = False
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """A sequence classifier's class names: `labels`, else transformers' LABEL_i."""
+        return self.labels or tuple(f"LABEL_{i}" for i in range(self.num_labels))
 
     def __post_init__(self):
         if self.architecture not in SUPPORTED_ARCHITECTURES:
@@ -427,10 +432,11 @@ class LlamaConfig:
             base = cls.from_hf_config({**cfg, "architectures": [archs[0].replace("ForSequenceClassification",
                                                                                    "ForCausalLM")],
                                        "tie_word_embeddings": True}, source)
-            id2label = cfg.get("id2label") or {}
+            id2label = {int(k): str(v) for k, v in (cfg.get("id2label") or {}).items()}
             num_labels = int(cfg.get("num_labels") or len(id2label) or 2)  # (transformers' default: 2)
-            labels = tuple(str(id2label.get(str(i), id2label.get(i, f"LABEL_{i}"))) for i in range(num_labels))
-            return dataclasses.replace(base, num_labels=num_labels, labels=labels)
+            named = all(i in id2label for i in range(num_labels))
+            return dataclasses.replace(base, num_labels=num_labels,
+                                       labels=tuple(id2label[i] for i in range(num_labels)) if named else ())
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")

@@ -64,6 +64,8 @@ PROJECTIONS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "dense_gate",
 EXPERTS = ("moe_gate", "moe_up", "moe_down")  # [L, E, in, out]: a scale per layer, expert and output feature
 # Float weights that read the MLP norm's output beside the quantized projections: SmoothQuant multiplies their rows too
 SMOOTHED_FLOAT = ("router", "shared_gate")
+# Every weight SmoothQuant may change (`smooth_params`): worked on in float32, cast back to its own dtype
+SMOOTHED = ("attn_norm", "mlp_norm", *PROJECTIONS, *EXPERTS, *SMOOTHED_FLOAT)
 SCALE_SUFFIX = "_scale"
 OFFSET_SUFFIX = "_offset"  # int4 weights: a group's smallest value
 EXPONENT_SUFFIX = "_exponent"  # mxfp4 weights: a group's power-of-two scale, biased by 127 (E8M0)
@@ -403,8 +405,7 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
     router (and Qwen2-MoE's shared-expert gate), whose float rows take s too; w_down's inputs are the shared expert's
     (each expert's own down inputs are not smoothed: one factor per expert would need its own calibration). The
     forward is the same up to float rounding (tested)."""
-    floats = ("attn_norm", "mlp_norm", *PROJECTIONS, *EXPERTS, *SMOOTHED_FLOAT)
-    layers = {k: np.asarray(v, np.float32).copy() if k in floats else v for k, v in params["layers"].items()}
+    layers = {k: np.asarray(v, np.float32).copy() if k in SMOOTHED else v for k, v in params["layers"].items()}
 
     def rows(s, w):  # s [L, in] against weight w's input rows: [L, in, out] or experts' [L, E, in, out]
         return s.reshape(s.shape[:1] + (1,) * (layers[w].ndim - 3) + s.shape[1:] + (1,))
@@ -440,6 +441,5 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
 
 def _cast_smoothed(params: dict, layers: dict) -> dict:
     """The smoothed float32 layers back in the checkpoint's dtype."""
-    floats = ("attn_norm", "mlp_norm", *PROJECTIONS, *EXPERTS, *SMOOTHED_FLOAT)
-    return {**params, "layers": {k: v.astype(np.asarray(params["layers"][k]).dtype) if k in floats else v
+    return {**params, "layers": {k: v.astype(np.asarray(params["layers"][k]).dtype) if k in SMOOTHED else v
                                  for k, v in layers.items()}}

@@ -79,12 +79,22 @@ class ModelSpec:
     # llama.cpp's mmproj GGUF (a path or pkg: spec): the vision tower and projector beside a GGUF text model
     # (llama-mtmd-cli's --mmproj), so that it takes images; Gemma 3's (models/mmproj.py). "": none.
     mmproj: str = ""
+    # A language model served as a sequence classifier (vLLM's classifier_from_token): its LM head's rows for these
+    # vocabulary entries become the score head (models/classifier.py), for rerankers that answer "yes" or "no"
+    # (Qwen3-Reranker: [no, yes]); POST /v1/score and /v1/rerank then score each pair as one prompt.
+    classifier_from_token: tuple[str, ...] = ()
+    # "from_2_way_softmax": one label, logit(true) - logit(false) (two tokens: false, true); "no_post_processing":
+    # each token's logit a label; "auto": the first with two tokens, the second otherwise.
+    classifier_method: Literal["auto", "from_2_way_softmax", "no_post_processing"] = "auto"
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)
         if not 0 <= self.smoothquant_alpha <= 1:
             raise ConfigKeyError(f"model.smoothquant_alpha must be in [0, 1], got {self.smoothquant_alpha}")
         _positive("model.quantization_group_size", self.quantization_group_size)
+        if self.classifier_method == "from_2_way_softmax" and len(self.classifier_from_token) != 2:
+            raise ConfigKeyError("model.classifier_method from_2_way_softmax takes two model.classifier_from_token "
+                                 f"entries (false, true), got {list(self.classifier_from_token)}")
         if self.quantize_embeddings and self.quantization in ("none", "auto"):
             raise ConfigKeyError("model.quantize_embeddings needs a model.quantization (int8, w8a8, int4, mxfp4, fp8, "
                                  "w8a8_fp8)")
@@ -395,6 +405,10 @@ def _coerce(key: str, tp: Any, value: Any) -> Any:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigKeyError(f"{key}: expected a string, got {value!r}")
         return str(value)
+    if origin is tuple:  # tuple[X, ...]: a YAML list
+        if isinstance(value, (str, Mapping)) or not isinstance(value, (list, tuple)):
+            raise ConfigKeyError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", args[0], v) for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ConfigKeyError(f"{key}: expected a mapping (name: value), got {value!r}")

@@ -45,7 +45,7 @@ from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
-from models import quant, sharding
+from models import classifier, quant, sharding
 from models.weights import cast_params
 from models.loader import checkpoint_quantization, load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
@@ -114,9 +114,10 @@ class LLMEngine:
         else:
             model_cfg, params, self.tokenizer = model
             params = cast_params(params, self.dtype)
-        # A sequence classifier's score head [hidden, num_labels] (LlamaConfig.num_labels): applied on the host to the
-        # normed last row an embedding request fetches, so the compiled steps are the language model's.
-        self.score_head = np.asarray(params["score"], np.float32) if "score" in params else None
+        # A sequence classifier's score head (a checkpoint's, or the LM head's rows for model.classifier_from_token):
+        # applied on the host to the normed last row an embedding request fetches, so the compiled steps are the
+        # language model's (models/classifier.py).
+        self.score_head, self._head_tokens = self._score_head(config, model_cfg, params)
         params = {k: v for k, v in params.items() if k != "score"}
         if config.model.mmproj and vision is None:  # llama.cpp's image encoder file beside a GGUF text model
             vision = multimodal.load_mmproj(config.model.mmproj, self.dtype, self.tokenizer, model_cfg.hidden_size,
@@ -246,6 +247,24 @@ class LLMEngine:
         self._wait_s = 0.0
         self.startup_s = time.perf_counter() - t0
 
+    def _score_head(self, config: EngineConfig, model_cfg, params: dict):
+        """-> (the score head or None, the vocabulary ids its rows come from or None). ConfigKeyError naming what
+        cannot be a classifier."""
+        tokens = config.model.classifier_from_token
+        if not tokens:
+            return (classifier.ScoreHead.from_checkpoint(params, model_cfg) if "score" in params else None), None
+        if "score" in params:
+            raise ConfigKeyError(f"model.classifier_from_token: {config.model.path} is a sequence classifier already "
+                                 f"({model_cfg.num_labels} labels); it needs no LM head rows")
+        try:
+            ids = classifier.token_ids(self.tokenizer, tokens)
+            head = classifier.from_tokens(params, model_cfg, tokens, ids, config.model.classifier_method)
+        except ValueError as e:
+            raise ConfigKeyError(str(e)) from None
+        log.info("served as a classifier: the LM head's rows for %s (ids %s), %s", list(tokens), list(ids),
+                 "one label, their logits' difference" if head.two_way else f"{head.num_labels} labels")
+        return head, ids
+
     @staticmethod
     def _recurrent_model(config: EngineConfig, model_cfg) -> EngineConfig:
         """The config for a model with linear attention layers (a recurrent state per sequence): slots for the prefix
@@ -334,7 +353,7 @@ class LLMEngine:
         if priority and self.config.scheduler.policy != "priority":
             raise RequestError(f"priority {priority} needs scheduler.policy=priority (it is {self.config.scheduler.policy})")
         if self.score_head is not None and not params.embed:
-            raise RequestError(f"this model is a sequence classifier ({self.model_cfg.num_labels} labels): it scores "
+            raise RequestError(f"this model is a sequence classifier ({self.score_head.num_labels} labels): it scores "
                                "prompts (LLM.classify, POST /classify) and embeds them; it generates nothing")
         if isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
@@ -534,7 +553,7 @@ class LLMEngine:
                 vector = out.hidden[rows[i][-1]]
                 seq.embedding = vector / max(float(np.linalg.norm(vector)), 1e-12)
                 if self.score_head is not None:  # a sequence classifier: its score head over the same row
-                    seq.classification = np.asarray(vector, np.float32) @ self.score_head
+                    seq.classification = self.score_head(vector)
             if seq.matcher is not None:
                 new = seq.output_ids[num_before[i] :]
                 for j, token in enumerate(new):
@@ -589,13 +608,12 @@ class LLMEngine:
                              "unfinished; update between batches, or abort them first")
         new = source if isinstance(source, PreparedWeights) else self.weights.read(source, progress)
         head = None
-        if "score" in new.params:  # a sequence classifier's head, kept on the host
-            if self.score_head is None or new.params["score"].shape != self.score_head.shape:
-                raise ValueError(f"update_weights: a score head of shape {tuple(new.params['score'].shape)} for a "
-                                 + ("language model" if self.score_head is None
-                                    else f"classifier whose head is {self.score_head.shape}"))
-            head = np.asarray(new.params["score"], np.float32)
+        if self.score_head is not None:  # a sequence classifier's head, kept on the host
+            head = self.score_head.with_weights(new.params, self.model_cfg, self._head_tokens)
             new = dataclasses.replace(new, params={k: v for k, v in new.params.items() if k != "score"})
+        elif "score" in new.params:
+            raise ValueError(f"update_weights: a score head of shape {tuple(new.params['score'].shape)} for a language "
+                             "model")
         self.weights.check(new)
         self.runner.params = None  # the old weights leave the device before the new arrive
         self.weights.swap(new)

@@ -7,6 +7,7 @@ from typing import Iterator, Sequence as Seq
 
 import numpy as np
 
+from engine import scoring
 from engine.config import EngineConfig, load_config
 from engine.engine import LLMEngine, RequestOutput
 from engine.output import OutputKind
@@ -177,8 +178,23 @@ class LLM:
         compute it once."""
         if self.engine.score_head is None:
             raise ValueError(f"{self.engine.config.model.path or 'this model'} is a language model, not a sequence "
-                             "classifier (an HF *ForSequenceClassification checkpoint): nothing to classify with")
+                             "classifier (an HF *ForSequenceClassification checkpoint, or "
+                             "model.classifier_from_token): nothing to classify with")
         return [out.classification for out in self._pooled(prompts, namespace, progress)]
+
+    def score(self, text_1, text_2, namespace: str | None = None, progress: bool = False) -> list[float]:
+        """vLLM's `LLM.score`: one score per pair, one text_1 (a query) against each text_2 (documents) or text_1[i]
+        against text_2[i] (a text, or token ids, each). A cross-encoder (a classifier of one label: a reranker's
+        checkpoint, or `model.classifier_from_token`) reads each pair as one prompt and gives its relevance in (0, 1);
+        the query's tokens are a prefix every pair shares, computed once. Any other model: the cosine similarity of
+        the two embeddings (engine.scoring)."""
+        pairs = scoring.pairs(_prompt_list(text_1), _prompt_list(text_2))
+        if scoring.cross_encodes(self.engine.score_head):
+            prompts = [scoring.pair_prompt(self.engine.tokenizer, a, b) for a, b in pairs]
+            return [scoring.relevance(out.classification) for out in self._pooled(prompts, namespace, progress)]
+        distinct = {_hashable(t): t for pair in pairs for t in pair}  # each text embedded once
+        vectors = dict(zip(distinct, self.embed(list(distinct.values()), namespace, progress)))
+        return [float(np.dot(vectors[_hashable(a)], vectors[_hashable(b)])) for a, b in pairs]
 
     def update_weights(self, source, progress: bool = False) -> float:
         """Generates with new weights from now on (RL rollouts between training steps; a fine-tuned checkpoint): a
@@ -263,7 +279,12 @@ class LLM:
 
 def _prompt_list(prompts) -> list:
     """One prompt (text or token ids) or several -> a list of prompts."""
-    return [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)) else list(prompts)
+    one = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    return [prompts] if one else list(prompts)
+
+
+def _hashable(prompt) -> str | tuple:
+    return prompt if isinstance(prompt, str) else tuple(prompt)
 
 
 def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int,

@@ -139,7 +139,7 @@ class LineJob:
                 continue
             rid, chat = self.pending.pop(r.request_id)
             if r.classification is not None:
-                label = self.engine.model_cfg.label_names[int(r.classification.argmax())]
+                label = self.engine.score_head.labels[int(r.classification.argmax())]
                 records.append({"id": rid, "logits": r.classification.tolist(), "label": label,
                                 "prompt_tokens": r.prompt_tokens, "cached_tokens": r.cached_tokens})
                 continue

@@ -187,8 +187,8 @@ _Text = Annotated[str, Field(min_length=1)]
 
 
 class ScoreRequest(_Body):
-    """POST /v1/score (vLLM's): the cosine similarity of the embeddings (last-token pooling) of each pair: one text_1
-    against each text_2, or text_1[i] against text_2[i]."""
+    """POST /v1/score (vLLM's): each pair's score (engine.scoring: a cross-encoder's relevance, else the cosine
+    similarity of the embeddings): one text_1 against each text_2, or text_1[i] against text_2[i]."""
     model: str
     text_1: _Text | Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]
     text_2: _Text | Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]
@@ -197,8 +197,8 @@ class ScoreRequest(_Body):
 
 
 class RerankRequest(_Body):
-    """POST /v1/rerank (Jina's and Cohere's, as vLLM serves it): documents by the cosine similarity of their embedding
-    to the query's, most relevant first."""
+    """POST /v1/rerank (Jina's and Cohere's, as vLLM serves it): documents by their score against the query (as
+    /v1/score's), most relevant first."""
     model: str
     query: _Text
     documents: Annotated[list[_Text], Field(min_length=1, max_length=MAX_DOCUMENTS)]

@@ -47,7 +47,7 @@ from engine.openai_protocol import (
     describe_validation_error, error_body,
 )
 from engine import anthropic_messages, multimodal, openai_responses
-from engine import structured
+from engine import scoring, structured
 from engine.reasoning import keeps_special_tokens
 from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt, with_defaults
@@ -421,26 +421,37 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         return JSONResponse({"object": "list", "data": data, "model": body.model,
                              "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}})
 
-    async def similarities(request: Request, body, queries: list[str], texts: list[str]) -> tuple[list[float], int] | None:
-        """Cosine similarity of queries[i] and texts[i] (one query: against every text), each distinct text embedded
-        once (pairs sharing a query share its prefix in the cache anyway); -> (scores, tokens embedded)."""
-        distinct = list(dict.fromkeys(queries + texts))
+    async def pair_scores(request: Request, body, text_1: list[str], text_2: list[str]
+                          ) -> tuple[list[float], int] | None:
+        """Scores of each pair (engine.scoring): a cross-encoder's, each pair one prompt; else the cosine similarity
+        of embeddings, each distinct text embedded once (pairs sharing a query share its prefix in the cache anyway);
+        -> (scores, tokens computed), None if the client left."""
+        try:
+            cross = scoring.cross_encodes(llm.score_head)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="model") from None
+        try:
+            pairs = scoring.pairs(text_1, text_2)
+        except ValueError as e:
+            raise ApiError(400, str(e), param="text_1") from None
+        if cross:
+            embedded = await embed(request, body, [scoring.pair_prompt(tokenizer, a, b) for a, b in pairs], "text")
+            return None if embedded is None else ([scoring.relevance(out.classification) for out in embedded[0]],
+                                                  embedded[1])
+        distinct = list(dict.fromkeys(text_1 + text_2))
         embedded = await embed(request, body, distinct, "text")
         if embedded is None:
             return None
         vectors = {text: out.embedding for text, out in zip(distinct, embedded[0])}
-        pairs = zip(queries * len(texts) if len(queries) == 1 else queries, texts)
         return [float(np.dot(vectors[a], vectors[b])) for a, b in pairs], embedded[1]
 
-    @app.post("/v1/score", response_model=None, summary="Pair scores: cosine similarity of embeddings (vLLM's)")
+    @app.post("/v1/score", response_model=None,
+              summary="Pair scores: a cross-encoder's, or the cosine similarity of embeddings (vLLM's)")
     async def score(request: Request, body: ScoreRequest):
         check_model(body.model)
         text_1 = [body.text_1] if isinstance(body.text_1, str) else body.text_1
         text_2 = [body.text_2] if isinstance(body.text_2, str) else body.text_2
-        if len(text_1) != 1 and len(text_1) != len(text_2):
-            raise ApiError(400, f"text_1 has {len(text_1)} texts and text_2 {len(text_2)}: give one text_1, or as many "
-                                "as text_2", param="text_1")
-        scored = await similarities(request, body, text_1, text_2)
+        scored = await pair_scores(request, body, text_1, text_2)
         if scored is None:
             return JSONResponse({})
         scores, num_tokens = scored
@@ -452,7 +463,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     @app.post("/v1/rerank", response_model=None, summary="Documents by relevance to a query (Jina's, Cohere's)")
     async def rerank(request: Request, body: RerankRequest):
         check_model(body.model)
-        scored = await similarities(request, body, [body.query], body.documents)
+        scored = await pair_scores(request, body, [body.query], body.documents)
         if scored is None:
             return JSONResponse({})
         scores, num_tokens = scored
@@ -467,7 +478,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         check_model(body.model)
         if llm.score_head is None:
             raise ApiError(400, "the served model is a language model, not a sequence classifier (an HF "
-                                "*ForSequenceClassification checkpoint)", param="model")
+                                "*ForSequenceClassification checkpoint, or model.classifier_from_token)", param="model")
         x = body.input
         if isinstance(x, str) or (x and isinstance(x[0], int)):
             x = [x]
@@ -475,7 +486,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if embedded is None:
             return JSONResponse({})
         outputs, num_tokens = embedded
-        labels = llm.model_cfg.label_names
+        labels = llm.score_head.labels
         data = []
         for i, out in enumerate(outputs):
             logits = out.classification.astype(np.float64)

@@ -89,6 +89,9 @@ class _HFBackend:
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        return self.tokenizer.encode(first, second, add_special_tokens=True).ids  # its post-processor's pair template
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
@@ -355,6 +358,15 @@ class Tokenizer:
         """Token ids of `text`. Special tokens written in the text (e.g. "<|im_start|>") map to their ids;
         BOS (EOS) is added only when the model asks for it and `add_special_tokens` is set."""
         return self._backend.encode(text, add_special_tokens)
+
+    def encode_pair(self, first: str, second: str) -> list[int]:
+        """Token ids of a text pair (a cross-encoder's query and document), as transformers' `tokenizer(first,
+        second)` gives them: each text encoded alone, joined by the tokenizer's pair template (a SentencePiece
+        vocabulary: the first with BOS / EOS as `encode` adds them, the second after it as is). The first's ids are the
+        same whatever follows, so pairs sharing it share a cached prefix."""
+        if isinstance(self._backend, _HFBackend):
+            return self._backend.encode_pair(first, second)
+        return self._backend.encode(first, True) + self._backend.encode(second, False)
 
     def token_to_id(self, token: str) -> int | None:
         """The id of a token given as its text (a special token's, e.g. "<start_of_image>"); None where there is none."""

@@ -140,3 +140,172 @@ def test_the_offline_job_classifies_every_line(tmp_path):
         np.testing.assert_allclose(records[rid]["logits"], want, rtol=1e-4, atol=1e-4)
         assert records[rid]["label"] == ("neg", "neutral", "pos")[int(np.argmax(want))]
         assert records[rid]["prompt_tokens"] == len(prompt)
+
+
+# ----------------------------------------------------------------------------- rerankers: LM head rows, pair scores
+@pytest.mark.parametrize("variant", ["tied", "untied_scaled", "soft_capped", "int8_head"])
+def test_lm_head_rows_give_the_models_own_logits(variant):
+    """A head of LM head rows (model.classifier_from_token) gives, on the host, what the model's own head computes
+    for those tokens on fresh random rows: tied or untied, Granite's logits_scaling, Gemma 2's soft cap, an int8 head;
+    2-way, the difference of the true and false tokens' logits."""
+    import jax
+
+    from models import classifier, llama, quant
+    from models.config import LlamaConfig
+
+    fields = dict(architecture="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=4,
+                  num_kv_heads=2, head_dim=8, tie_word_embeddings=variant != "untied_scaled")
+    fields |= {"untied_scaled": dict(logits_scaling=4.0), "soft_capped": dict(final_soft_cap=3.0)}.get(variant, {})
+    cfg = LlamaConfig(**fields)
+    rng = fresh.rng()
+    params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.key(int(rng.integers(2**31))), scale=0.5))
+    if variant == "int8_head":
+        params = quant.quantize_params(params, "int8", embeddings=True)
+    x = rng.normal(size=(5, 32)).astype(np.float32)
+    logits = np.asarray(llama.compute_logits(params, cfg, x))
+    rows = np.asarray(llama.final_hidden(params, cfg, x))
+    ids = tuple(int(i) for i in rng.choice(300, 3, replace=False))
+    names = ("a", "b", "c")
+    each = classifier.from_tokens(params, cfg, names, ids, "auto")
+    two = classifier.from_tokens(params, cfg, names[:2], ids[:2], "auto")
+    assert each.labels == names and not each.two_way and two.labels == ("b",) and two.two_way
+    for row, want in zip(rows, logits):
+        np.testing.assert_allclose(each(row), want[list(ids)], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(two(row), [want[ids[1]] - want[ids[0]]], rtol=1e-5, atol=1e-5)
+
+
+def _causal_lm(directory, tokenizer, seed_key: str):
+    """A random transformers Llama language model saved at `directory` (the reranker's form: it answers a token)."""
+    torch.manual_seed(fresh.seed(key=f"{__name__}.{seed_key}"))
+    config = transformers.LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=512, initializer_range=0.3, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(str(directory))
+    return model
+
+
+def _last_logits(model, prompt: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([prompt])).logits[0, -1].numpy().astype(np.float64)
+
+
+def _pairs(rng) -> tuple[str, list[str]]:
+    words = "paris france capital banana yellow river city north tower museum bread wine train".split()
+    text = lambda n: " ".join(rng.choice(words, n))  # noqa: E731
+    query = "Judge whether the document answers the query. Query: " + text(30) + "\n"
+    return query, ["Document: " + text(int(n)) for n in rng.integers(1, 25, 6)]
+
+
+def test_a_language_model_as_a_yes_no_reranker_scores_pairs_as_transformers(tmp_path):
+    """model.classifier_from_token [no, yes]: LLM.score of a query against documents is the probability of "yes"
+    among the two in transformers' next-token logits over each pair's tokens (the tokenizer's pair template), the
+    query a prefix every pair shares in the cache; classify gives the logit difference; three tokens with
+    no_post_processing give each token's logit; new weights bring new LM head rows."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _causal_lm(tmp_path, tokenizer, "reranker")
+    no, yes = tokenizer.token_to_id("no"), tokenizer.token_to_id("yes")
+    llm = LLM(EngineConfig().replace(**{**BASE, "model.path": str(tmp_path),
+                                        "model.classifier_from_token": ["no", "yes"]}), progress=False)
+    assert llm.engine.score_head.labels == ("yes",)
+    query, docs = _pairs(fresh.rng())
+    scores = llm.score(query, docs)
+    assert llm.engine.stats()["cached_prompt_tokens"] >= (len(docs) - 1) * 8 * (len(tokenizer.encode(query)) // 8)
+    for doc, got in zip(docs, scores):
+        prompt = tokenizer.encode_pair(query, doc)
+        assert prompt[: len(tokenizer.encode(query))] == tokenizer.encode(query)
+        logits = _last_logits(model, prompt)
+        assert got == pytest.approx(1 / (1 + np.exp(logits[no] - logits[yes])), abs=2e-5)
+    pair_ids = [tokenizer.encode_pair(query, d) for d in docs[:2]]
+    for prompt, logit in zip(pair_ids, llm.classify(pair_ids)):
+        logits = _last_logits(model, prompt)
+        assert logit[0] == pytest.approx(logits[yes] - logits[no], abs=1e-4)
+    # one query each: text_1[i] against text_2[i]; token ids
+    assert llm.score(docs[:2], docs[2:4]) == pytest.approx(
+        [1 / (1 + np.exp(-(lg[yes] - lg[no]))) for lg in
+         (_last_logits(model, tokenizer.encode_pair(a, b)) for a, b in zip(docs[:2], docs[2:4]))], abs=2e-5)
+    assert llm.score(tokenizer.encode(query), [tokenizer.encode(docs[0], add_special_tokens=False)]) == pytest.approx(
+        scores[:1], abs=1e-6)
+
+    state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    state["lm_head.weight"][[no, yes]] = state["lm_head.weight"][[yes, no]]  # the answers swapped
+    llm.update_weights(state)
+    assert llm.score(query, docs[:3]) == pytest.approx([1 - s for s in scores[:3]], abs=2e-5)
+
+    each = LLM(EngineConfig().replace(**{**BASE, "model.path": str(tmp_path), "model.classifier_from_token":
+                                         ["no", "yes", "maybe"]}), progress=False)
+    assert each.engine.score_head.labels == ("no", "yes", "maybe")
+    [got] = each.classify([pair_ids[0]])
+    want = _last_logits(model, pair_ids[0])[[no, yes, tokenizer.token_to_id("maybe")]]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="3 labels .* pair scores need a cross-encoder of one label"):
+        each.score(query, docs)
+
+
+def test_a_cross_encoder_checkpoint_scores_pairs(tmp_path):
+    """An HF sequence classifier of one label is a cross-encoder: each pair's score is the sigmoid of transformers'
+    logit over the pair's tokens."""
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _classifier("qwen2_reward", tmp_path, tokenizer)
+    llm = LLM(EngineConfig().replace(**{**BASE, "model.path": str(tmp_path)}), progress=False)
+    query, docs = _pairs(fresh.rng())
+    for doc, got in zip(docs, llm.score(query, docs)):
+        logit = _reference(model, tokenizer.encode_pair(query, doc))[0]
+        assert got == pytest.approx(1 / (1 + np.exp(-logit)), abs=2e-5)
+
+
+@pytest.mark.parametrize("tokens,method,error", [
+    (["no", "not-one-token"], "auto", "'not-one-token' is not an entry of the model's vocabulary"),
+    (["no", "yes", "maybe"], "from_2_way_softmax", "from_2_way_softmax takes two"),
+    ("yes", "auto", "model.classifier_from_token: expected a list"),
+])
+def test_reranker_settings_refused_by_name(tokens, method, error):
+    from engine.config import ConfigKeyError
+
+    with pytest.raises(ConfigKeyError, match=error):
+        LLM(EngineConfig().replace(**{**BASE, "model.path": SMOLLM2, "model.classifier_from_token": tokens,
+                                      "model.classifier_method": method}), progress=False)
+
+
+def test_score_and_rerank_endpoints_on_a_reranker(tmp_path):
+    """POST /v1/score and /v1/rerank (and /score, /rerank) on model.classifier_from_token: LLM.score's relevance per
+    pair, documents most relevant first, top_n; a pair count mismatch and a classifier of several labels are 400s
+    naming the problem; /classify gives the logit difference."""
+    from fastapi.testclient import TestClient
+
+    from engine.async_engine import AsyncEngine
+    from engine.engine import LLMEngine
+    from engine.server import create_app
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _causal_lm(tmp_path, tokenizer, "endpoint")
+    no, yes = tokenizer.token_to_id("no"), tokenizer.token_to_id("yes")
+    config = EngineConfig().replace(**{**BASE, "model.path": str(tmp_path), "server.model_name": "rr",
+                                       "model.classifier_from_token": ["no", "yes"]})
+    query, docs = _pairs(fresh.rng())
+    want = []
+    for doc in docs:
+        logits = _last_logits(model, tokenizer.encode_pair(query, doc))
+        want.append(1 / (1 + np.exp(logits[no] - logits[yes])))
+    with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
+        body = client.post("/v1/score", json={"model": "rr", "text_1": query, "text_2": docs}).json()
+        assert [d["score"] for d in body["data"]] == pytest.approx(want, abs=2e-5)
+        assert body["usage"]["prompt_tokens"] == sum(len(tokenizer.encode_pair(query, d)) for d in docs)
+        ranked = client.post("/v1/rerank", json={"model": "rr", "query": query, "documents": docs, "top_n": 3}).json()
+        order = list(np.argsort(want)[::-1][:3])
+        assert [r["index"] for r in ranked["results"]] == order
+        assert [r["document"]["text"] for r in ranked["results"]] == [docs[i] for i in order]
+        assert [r["relevance_score"] for r in ranked["results"]] == pytest.approx([want[i] for i in order], abs=2e-5)
+        assert client.post("/rerank", json={"model": "rr", "query": query, "documents": docs[:1]}).status_code == 200
+        bad = client.post("/score", json={"model": "rr", "text_1": docs[:2], "text_2": docs[:3]})
+        assert bad.status_code == 400 and "text_1 has 2 texts and text_2 3" in bad.json()["error"]["message"]
+        classified = client.post("/classify", json={"model": "rr", "input": docs[0]}).json()["data"][0]
+        assert classified["label"] == "yes" and classified["num_classes"] == 1
+
+    multi = tmp_path / "multi"
+    _classifier("llama", multi, tokenizer)
+    config = EngineConfig().replace(**{**BASE, "model.path": str(multi), "server.model_name": "clf"})
+    with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
+        refused = client.post("/v1/rerank", json={"model": "clf", "query": "q", "documents": ["a", "b"]})
+        assert refused.status_code == 400 and "3 labels (neg, neutral, pos)" in refused.json()["error"]["message"]

@@ -604,6 +604,35 @@ def test_smollm2_greedy_continuations_match_transformers(hf_smollm2):
     _assert_greedy_is_argmax(hf_smollm2, prompts, ours)
 
 
+@pytest.mark.slow
+def test_smollm2_as_a_yes_no_reranker_scores_as_transformers(hf_smollm2):
+    """SmolLM2 served as a reranker (model.classifier_from_token [no, yes]): each document's relevance to a query is
+    the probability of "yes" among "no" and "yes" in transformers' next-token logits over the pair's tokens, with the
+    query's pages shared; the documents rank as transformers ranks them."""
+    import torch
+
+    from engine.llm import LLM
+
+    llm = LLM(None, progress=False, **{"warmup": False, "cache.num_pages": 256, "model.max_model_len": 512,
+                                        "model.classifier_from_token": ["no", "yes"]})
+    tok = llm.tokenizer
+    query = ("<|im_start|>system\nJudge whether the Document answers the Query. Answer only \"yes\" or \"no\"."
+             "<|im_end|>\n<|im_start|>user\nQuery: What is the capital of France?\n")
+    docs = ["Document: Paris is the capital and largest city of France.", "Document: Bananas are rich in potassium.",
+            "Document: Lyon is a large city in France.", "Document: The Eiffel Tower stands in Paris."]
+    suffix = "<|im_end|>\n<|im_start|>assistant\n"
+    scores = llm.score(query, [d + suffix for d in docs])
+    assert llm.engine.stats()["cached_prompt_tokens"] > 0
+    no, yes = tok.token_to_id("no"), tok.token_to_id("yes")
+    want = []
+    for doc in docs:
+        with torch.no_grad():
+            logits = hf_smollm2(torch.tensor([tok.encode_pair(query, doc + suffix)])).logits[0, -1].double().numpy()
+        want.append(1 / (1 + np.exp(logits[no] - logits[yes])))
+    assert scores == pytest.approx(want, abs=1e-3)  # logits within 1e-3 (test_smollm2_logits_match_transformers)
+    assert list(np.argsort(scores)) == list(np.argsort(want))
+
+
 def _hf_checkpoint_parity(model, tmp_path, num_ids: int, noise, **save_kwargs):
     """Perturb `model`'s weights (noise(name) -> std, 0 to keep), save it with `save_pretrained`, load
     it with ours, and compare float32 logits on random ids to 1e-4. Returns (cfg, device params, ids,

@@ -1,0 +1,44 @@
+"""Pair scores (POST /v1/score and /v1/rerank, `LLM.score`), as vLLM gives them. On a sequence classifier with one
+label (a cross-encoder or reranker: an HF checkpoint's score head, or `model.classifier_from_token`'s yes / no rows),
+each pair is one prompt, the tokenizer's pair template over the two texts, and its score is the sigmoid of the head's
+logit; pairs that share a first text (a query against many documents) share its pages in the prefix cache. On any other
+model, the cosine similarity of the two texts' embeddings."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+
+def pairs(text_1: Sequence, text_2: Sequence) -> list[tuple]:
+    """One first text against each second one, or text_1[i] against text_2[i]; ValueError otherwise."""
+    if len(text_1) != 1 and len(text_1) != len(text_2):
+        raise ValueError(f"text_1 has {len(text_1)} texts and text_2 {len(text_2)}: give one text_1, or as many as "
+                         "text_2")
+    return list(zip(list(text_1) * len(text_2) if len(text_1) == 1 else text_1, text_2))
+
+
+def cross_encodes(score_head) -> bool:
+    """Whether pairs are scored as one prompt (a classifier's); ValueError for a classifier of several labels, whose
+    pair score is not defined."""
+    if score_head is None:
+        return False
+    if score_head.num_labels != 1:
+        raise ValueError(f"the served classifier has {score_head.num_labels} labels ({', '.join(score_head.labels)}); "
+                         "pair scores need a cross-encoder of one label (POST /classify gives each label's logit)")
+    return True
+
+
+def pair_prompt(tokenizer, first, second) -> list[int]:
+    """A cross-encoder's prompt: two texts through the pair template, or two token id lists back to back."""
+    if isinstance(first, str) and isinstance(second, str):
+        return tokenizer.encode_pair(first, second)
+    encode = tokenizer.encode
+    return (encode(first) if isinstance(first, str) else list(first)) + (
+        encode(second, add_special_tokens=False) if isinstance(second, str) else list(second))
+
+
+def relevance(logits: np.ndarray) -> float:
+    """A cross-encoder's one logit -> its score in (0, 1)."""
+    return float(1 / (1 + np.exp(-float(logits[0]))))
+

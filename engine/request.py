@@ -20,34 +20,44 @@ class RequestError(ValueError):
 class StructuredOutput:
     """A constraint on the generated text, enforced token by token (exactly one field set):
     `json` a JSON schema (dict or its text), `json_object` any JSON object, `regex` a regular expression the
-    whole text matches, `choice` one of these strings, `grammar` a Lark grammar (llguidance's dialect)."""
+    whole text matches, `choice` one of these strings, `grammar` a Lark grammar (llguidance's dialect),
+    `structural_tag` free text in which each tag a trigger opens is completed in its schema (response_format's
+    {"structures": [{"begin", "schema", "end"}], "triggers": [...]}, kept as the JSON text of a list of {"trigger",
+    "begin", "schema", "end"}: `structured.structural_tags`)."""
 
     json: str | None = None  # the schema as JSON text (a dict is serialized here)
     json_object: bool = False
     regex: str | None = None
     choice: tuple[str, ...] | None = None
     grammar: str | None = None
+    structural_tag: str | None = None
 
     def __post_init__(self):
         if isinstance(self.json, dict):
             object.__setattr__(self, "json", json.dumps(self.json))
+        if isinstance(self.structural_tag, dict):  # response_format's {"structures", "triggers"}
+            from engine.structured import structural_tags
+
+            object.__setattr__(self, "structural_tag", json.dumps(structural_tags(self.structural_tag)))
         if self.choice is not None:
             if not isinstance(self.choice, (list, tuple)) or not self.choice or not all(isinstance(c, str) for c in self.choice):
                 raise RequestError("structured output: choice must be a non-empty list of strings")
             object.__setattr__(self, "choice", tuple(self.choice))
-        for name in ("json", "regex", "grammar"):
+        for name in ("json", "regex", "grammar", "structural_tag"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise RequestError(f"structured output: {name} must be a non-empty string, got {value!r:.40}")
-        kinds = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
-        kinds += ["json_object"] if self.json_object else []
+        kinds = [k for k in _KINDS if getattr(self, k) not in (None, False)]
         if len(kinds) != 1:
-            raise RequestError(f"structured output: set exactly one of json, json_object, regex, choice, grammar "
+            raise RequestError(f"structured output: set exactly one of {', '.join(_KINDS)} "
                                f"(got {', '.join(kinds) or 'none'})")
 
     @property
     def kind(self) -> str:
-        return next(k for k in ("json", "regex", "choice", "grammar", "json_object") if getattr(self, k) not in (None, False))
+        return next(k for k in _KINDS if getattr(self, k) not in (None, False))
+
+
+_KINDS = ("json", "json_object", "regex", "choice", "grammar", "structural_tag")
 
 
 def with_defaults(fields: dict, defaults: dict) -> dict:

@@ -57,7 +57,7 @@ class Grammars:
         from llguidance import LLMatcher
 
         try:
-            grammar = _grammar(so)
+            grammar = _grammar(so, self._tokenizer.special_texts)
         except Exception as e:  # a schema that is not JSON (ValueError), or not an object
             raise RequestError(f"structured output ({so.kind}): {e}") from None
         is_error, messages = LLMatcher.validate_grammar_with_warnings(grammar, self._ll())
@@ -104,8 +104,8 @@ def advance(matcher, token: int) -> bool:
     return matcher.is_stopped()
 
 
-def _grammar(so: StructuredOutput) -> str:
-    from llguidance import LLMatcher
+def _grammar(so: StructuredOutput, special_texts: frozenset[str]) -> str:
+    from llguidance import LLMatcher, StructTag
 
     if so.json is not None:
         try:
@@ -122,6 +122,15 @@ def _grammar(so: StructuredOutput) -> str:
     if so.choice is not None:
         # Each choice as a Lark string literal (JSON string syntax), so no character needs regex escaping.
         return LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in so.choice))
+    if so.structural_tag is not None:
+        # Free text whose triggers are lazy lexemes: once one is written, its tag's begin, schema and end follow.
+        # A trigger that is one of the tokenizer's special tokens ("<|python_tag|>") is matched as that token.
+        tags = json.loads(so.structural_tag)
+        bracketed = [t["trigger"] for t in tags if t["trigger"].startswith("<") and t["trigger"].endswith(">")]
+        return LLMatcher.grammar_from_lark(StructTag.to_grammar(
+            [StructTag(trigger=t["trigger"], begin=t["begin"], end=t["end"],
+                       grammar={**t["schema"], "x-guidance": JSON_OPTIONS}) for t in tags],
+            assume_special=bool(bracketed) and all(t in special_texts for t in bracketed)))
     return LLMatcher.grammar_from_lark(so.grammar)
 
 
@@ -158,12 +167,16 @@ def from_fields(fields: Mapping[str, Any]) -> StructuredOutput | None:
     key = given[0]
     value = fields[key]
     if key == "response_format":
-        if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object", "json_schema"):
-            raise RequestError('response_format: expected {"type": "text" | "json_object" | "json_schema", ...}')
+        if not isinstance(value, Mapping) or value.get("type") not in ("text", "json_object", "json_schema",
+                                                                        "structural_tag"):
+            raise RequestError('response_format: expected {"type": "text" | "json_object" | "json_schema" | '
+                               '"structural_tag", ...}')
         if value["type"] == "text":
             return None
         if value["type"] == "json_object":
             return StructuredOutput(json_object=True)
+        if value["type"] == "structural_tag":
+            return StructuredOutput(structural_tag=dict(value))
         spec = value.get("json_schema")
         if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
             raise RequestError('response_format: "json_schema" needs {"json_schema": {"name": ..., "schema": {...}}}')
@@ -176,3 +189,30 @@ def from_fields(fields: Mapping[str, Any]) -> StructuredOutput | None:
     except RequestError as e:
         raise RequestError(f"{key}: {str(e).removeprefix('structured output: ')}") from None
 
+
+def structural_tags(value: Mapping) -> list[dict]:
+    """response_format {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers": [...]}
+    (vLLM's and SGLang's) -> [{"trigger", "begin", "schema", "end"}], each structure under the longest trigger its
+    begin starts with; RequestError naming what is malformed."""
+    structures, triggers = value.get("structures"), value.get("triggers")
+    if "format" in value and structures is None:
+        raise RequestError('response_format: structural_tag takes "structures" and "triggers" (vLLM\'s and SGLang\'s '
+                           'form); the "format" form is not supported')
+    if not isinstance(triggers, list) or not triggers or not all(isinstance(t, str) and t for t in triggers):
+        raise RequestError('response_format: structural_tag needs "triggers", a non-empty list of non-empty strings')
+    if not isinstance(structures, list) or not structures:
+        raise RequestError('response_format: structural_tag needs "structures", a non-empty list of {"begin", '
+                           '"schema", "end"}')
+    tags = []
+    for i, st in enumerate(structures):
+        if not (isinstance(st, Mapping) and isinstance(st.get("begin"), str) and isinstance(st.get("end"), str)
+                and isinstance(st.get("schema"), Mapping)):
+            raise RequestError(f'response_format: structures[{i}] must be {{"begin": string, "schema": object, '
+                               '"end": string}')
+        opened_by = [t for t in triggers if st["begin"].startswith(t)]
+        if not opened_by:
+            raise RequestError(f"response_format: structures[{i}]'s begin {st['begin']!r} starts with none of the "
+                               f"triggers {triggers}")
+        tags.append({"trigger": max(opened_by, key=len), "begin": st["begin"], "schema": dict(st["schema"]),
+                     "end": st["end"]})
+    return tags

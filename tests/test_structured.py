@@ -88,6 +88,62 @@ def test_regex_choice_and_lark_outputs_are_in_the_language(llm, so, check):
         assert out.finish_reason == "stop" and check(out.text), out.text
 
 
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8},
+                                          "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+CLOCK = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12, "maximum": 12}},
+         "required": ["zone"], "additionalProperties": False}
+TAGS = {"type": "structural_tag", "triggers": ["<function="],
+        "structures": [{"begin": "<function=weather>", "schema": WEATHER, "end": "</function>"},
+                       {"begin": "<function=clock>", "schema": CLOCK, "end": "</function>"}]}
+
+
+def _tags_in(text: str, trigger: str) -> tuple[list[tuple[str, dict]], bool]:
+    """The complete tags in `text` -> ([(name, arguments)], whether every trigger in the free text opened a complete
+    tag in its schema, but a last one cut off by the length limit)."""
+    tags, pos, decoder = [], 0, json.JSONDecoder()
+    while (start := text.find(trigger, pos)) >= 0:
+        rest = text[start:]
+        name = next((n for n in ("weather", "clock") if rest.startswith(f"<function={n}>")), None)
+        if name is None:
+            return tags, ("<function=weather>".startswith(rest) or "<function=clock>".startswith(rest))
+        at = start + len(f"<function={name}>")
+        try:
+            args, end = decoder.raw_decode(text, at)
+        except ValueError:
+            return tags, True  # (a tag cut off inside its arguments)
+        if not text.startswith("</function>", end):
+            return tags, "</function>".startswith(text[end:])
+        ok = (set(args) == {"city", "unit"} and isinstance(args["city"], str) and len(args["city"]) <= 8
+              and args["unit"] in ("c", "f")) if name == "weather" else (
+            set(args) == {"zone"} and isinstance(args["zone"], int) and -12 <= args["zone"] <= 12)
+        if not ok:
+            return tags, False
+        tags.append((name, args))
+        pos = end + len("</function>")
+    return tags, True
+
+
+def test_structural_tags_complete_every_tag_a_trigger_opens(llm):
+    """response_format structural_tag (vLLM's and SGLang's): the text is free, but wherever the model writes a
+    trigger, one of its tags follows in full: the begin, arguments in that tag's schema, the end. A one-token trigger
+    ("<") and a bias on it make the random model write it often; without the constraint the same bias leaves broken
+    tags."""
+    tok = llm.tokenizer
+    bias = {t: 8.0 for t in tok.encode("<", add_special_tokens=False) + tok.encode(" <", add_special_tokens=False)}
+    so = structured.from_fields({"response_format": {**TAGS, "triggers": ["<"]}})
+    prompts = [[i + 5, 3] for i in range(6)]
+    constrained = llm.generate(prompts, [_params(i, so, max_tokens=160, logit_bias=bias) for i in range(6)])
+    free = llm.generate(prompts, [_params(i, None, max_tokens=160, logit_bias=bias) for i in range(6)])
+    tags = []
+    for out in constrained:
+        found, ok = _tags_in(out.text, "<")
+        assert ok, out.text
+        tags += found
+    assert {name for name, _ in tags} == {"weather", "clock"}, tags
+    assert not all(_tags_in(out.text, "<")[1] for out in free)  # the constraint is what completes them
+
+
 def test_json_object_is_an_object_when_it_ends(llm):
     """Any JSON object (a random model rarely closes one): whatever it wrote, cut at the length limit, is a
     prefix of the language, and a completed one parses."""
@@ -168,6 +224,10 @@ def test_constraint_fields_parse_like_openai_and_vllm():
     assert parse({"guided_regex": "a+"}) == StructuredOutput(regex="a+")
     assert parse({"guided_choice": ["a", "b"]}).choice == ("a", "b")
     assert parse({"guided_grammar": "start: \"x\""}).grammar == "start: \"x\""
+    tags = json.loads(parse({"response_format": {**TAGS, "triggers": ["<", "<function="]}}).structural_tag)
+    assert [(t["trigger"], t["begin"], t["end"]) for t in tags] == [  # each under the longest trigger it starts with
+        ("<function=", "<function=weather>", "</function>"), ("<function=", "<function=clock>", "</function>")]
+    assert StructuredOutput(structural_tag=TAGS) == parse({"response_format": TAGS})
     for fields, msg in [
         ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_regex and guided_choice both"),
         ({"response_format": {"type": "xml"}}, "response_format: expected"),
@@ -176,6 +236,10 @@ def test_constraint_fields_parse_like_openai_and_vllm():
         ({"guided_choice": "yes"}, "guided_choice: choice must be a non-empty list"),
         ({"guided_regex": ""}, "guided_regex: regex must be a non-empty string"),
         ({"guided_json": 5}, "guided_json: json must be a non-empty string"),
+        ({"response_format": {"type": "structural_tag", "structures": TAGS["structures"]}}, 'needs "triggers"'),
+        ({"response_format": {**TAGS, "triggers": ["<tool>"]}}, "begin '<function=weather>' starts with none of"),
+        ({"response_format": {**TAGS, "structures": [{"begin": "<function=x>"}]}}, 'structures[0] must be {"begin"'),
+        ({"response_format": {"type": "structural_tag", "format": {"type": "triggered_tags"}}}, '"format" form'),
     ]:
         with pytest.raises(RequestError, match=re.escape(msg)):
             parse(fields)

@@ -38,7 +38,7 @@ from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
-from engine.replica_weights import PreparedWeights, ReplicaWeights, smooths
+from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.output import OutputKind, OutputState, RequestOutput, truncate_output
 from engine.token_rules import TokenRules
@@ -141,10 +141,6 @@ class LLMEngine:
         self.max_model_len = min(config.model.max_model_len, self.model_cfg.max_position)
         # The context served, not the checkpoint's: it picks LongRoPE's table (RopeScaling.longrope_factors).
         self.model_cfg = dataclasses.replace(self.model_cfg, max_position=self.max_model_len)
-        if model_cfg.mixed_mlp and smooths(config, params):
-            raise ConfigKeyError("model.quantization: w8a8's SmoothQuant does not calibrate models whose layers mix "
-                                 "experts and dense MLPs (DeepSeek-V3, GLM-4.5) yet; model.smoothquant_alpha: 0 "
-                                 "quantizes their activations unsmoothed, or use int8 (W8A16) or w8a8_fp8")
         if model_cfg.num_experts:
             grouped = config.model.moe_backend == "grouped" or (config.model.moe_backend == "auto"
                                                                 and jax.default_backend() != "cpu")

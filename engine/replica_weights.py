@@ -10,6 +10,7 @@ engine's business (`LLMEngine.update_weights`, `sleep`, `wake_up`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -20,7 +21,7 @@ import numpy as np
 from engine import multihost
 from engine.config import W8A8, EngineConfig
 from models import llama, quant, sharding
-from models.weights import cast_params
+from models.weights import cast_params, layers_of
 from models.config import LlamaConfig
 from models.loader import load_weights
 from models.safetensors_loader import params_from_state_dict
@@ -172,6 +173,6 @@ class ReplicaWeights:
             a = llama.activation_amax(device_params, cfg, jnp.asarray(ids, jnp.int32))
             amax = a if amax is None else jax.tree.map(jnp.maximum, amax, a)
         del device_params
-        params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha)
+        params = quant.smooth_params(params, jax.tree.map(np.asarray, amax), alpha, functools.partial(layers_of, cfg))
         log.info("w8a8: SmoothQuant (alpha %.2f) calibrated in %.1f s", alpha, time.perf_counter() - t0)
         return params

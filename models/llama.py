@@ -338,9 +338,6 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         onehot = adapter_ids[:, None] == jnp.arange(1, num_adapters + 1, dtype=jnp.int32)[None, :]  # [T, N]
 
     glu = gated_activation(cfg)
-    if stats and cfg.mixed_mlp:
-        raise ValueError("activation statistics (w8a8 smoothing) of a model whose layers mix experts and dense MLPs "
-                         "are not supported")
     # Weights of one kind of layer only (models whose layers mix expert and dense MLPs) are not scanned: each layer
     # takes its kind's at its place among them.
     scanned = {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) is None}
@@ -466,8 +463,22 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             def take(kind):
                 return {name.replace("dense_", "w_"): w[place] for name, w in by_kind[kind].items()}
 
-            o = jax.lax.cond(is_moe, lambda h: mlp(h, take("moe"), True)[0], lambda h: mlp(h, take("dense"), False)[0],
-                             h)
+            if stats:  # each kind's w_down input, zeros from the branch of the other kind (their widths differ)
+                def run(h, kind):
+                    o, down = mlp(h, take(kind), kind == "moe")
+                    widths = {"moe": cfg.shared_expert_intermediate_size, "dense": cfg.intermediate_size}
+                    downs = {k: jnp.zeros((h.shape[0], widths[k]), h.dtype) for k in widths if widths[k]}
+                    if down is not None:
+                        downs[kind] = down
+                    return o, downs
+
+                o, downs = jax.lax.cond(is_moe, lambda h: run(h, "moe"), lambda h: run(h, "dense"), h)
+                down_in = downs.get("moe")  # the shared expert's, as in a model of expert layers only
+                if "dense" in downs:
+                    amax["dense_down_in"] = jnp.max(jnp.abs(downs["dense"]), axis=0)
+            else:
+                o = jax.lax.cond(is_moe, lambda h: mlp(h, take("moe"), True)[0],
+                                 lambda h: mlp(h, take("dense"), False)[0], h)
         else:
             o, down_in = mlp(h, p, bool(cfg.num_experts))
         x = x + residual(rms_norm(o, p["post_mlp_norm"], eps) if cfg.sandwich_norms else o)
@@ -793,7 +804,8 @@ def activation_amax(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> dict
     """The dense forward of one sequence, returning per layer the largest |input| of each projection group by
     channel: {"attn_in": [L, hidden] (q/k/v), "mlp_in": [L, hidden] (gate/up; in an expert layer the router's, the
     experts' and the shared expert's), "down_in": [L, intermediate] (w_down's: in an expert layer the shared
-    expert's, absent without one)}."""
+    expert's, absent without one), and in a model whose layers mix experts and dense MLPs "dense_down_in": [L,
+    intermediate] (the dense layers' w_down inputs; zero rows at expert layers, as "down_in" has at dense ones)}."""
     positions = jnp.arange(tokens.shape[0], dtype=jnp.int32)
     _, _, amax = _decoder(params, cfg, tokens, positions, _dense_attend(cfg), stats=True)
     return amax

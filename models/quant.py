@@ -51,6 +51,7 @@ layout is prepared (repeated KV heads quantize alike), before the weights are pl
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -393,7 +394,8 @@ def calibration_ids(tokenizer, num_tokens: int = 2048, window: int = 512) -> lis
     return [ids[i : i + window] for i in range(0, min(num_tokens, len(ids)) - window + 1, window)]
 
 
-def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
+def smooth_params(params: dict, amax: dict, alpha: float = 0.5, layers_of: Callable[[str], list[int]] | None = None
+                  ) -> dict:
     """SmoothQuant (Xiao et al. 2023) on a float weight pytree, from each projection group's largest |input| per
     channel (`llama.activation_amax` over calibration text). For input channel j of a group, s_j =
     max|X_j|^alpha / max|W_j|^(1 - alpha); the inputs are divided by s and the weights' rows multiplied by it, so
@@ -403,22 +405,33 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
     w_down's inputs only, one whose attention and MLP read one norm (Cohere) all five projections by one factor. In
     an expert layer the MLP norm feeds the experts' gate/up (max|W_j| over every expert), the shared expert's and the
     router (and Qwen2-MoE's shared-expert gate), whose float rows take s too; w_down's inputs are the shared expert's
-    (each expert's own down inputs are not smoothed: one factor per expert would need its own calibration). The
-    forward is the same up to float rounding (tested)."""
+    (each expert's own down inputs are not smoothed: one factor per expert would need its own calibration). In a model
+    whose layers mix experts and dense MLPs (DeepSeek-V3, GLM-4.5: `layers_of(name)`, the layers a weight is stacked
+    over, `weights.layers_of`), each layer's factor comes from its own kind's weights, and the dense layers' w_down
+    inputs fold into their dense_up. Latent attention's wq (or wq_a) and wkv_a take the attention norm's factor as
+    q/k/v do. The forward is the same up to float rounding (tested)."""
     layers = {k: np.asarray(v, np.float32).copy() if k in SMOOTHED else v for k, v in params["layers"].items()}
+    num_layers = len(amax["attn_in"])
 
-    def rows(s, w):  # s [L, in] against weight w's input rows: [L, in, out] or experts' [L, E, in, out]
+    def at(w) -> np.ndarray:  # the layers weight w is stacked over
+        return np.arange(num_layers) if layers_of is None else np.asarray(layers_of(w))
+
+    def rows(s, w):  # s [L, in] against weight w's input rows: [Lw, in, out] or experts' [Lw, E, in, out]
+        s = s[at(w)]
         return s.reshape(s.shape[:1] + (1,) * (layers[w].ndim - 3) + s.shape[1:] + (1,))
 
     def factors(x_amax, weights):
         x_amax = np.asarray(x_amax, np.float32)  # [L, in]
-        w_amax = np.max([np.abs(layers[w]).max(axis=tuple(range(1, layers[w].ndim - 2)) + (-1,)) for w in weights],
-                        axis=0)  # [L, in]
+        w_amax = np.zeros_like(x_amax)  # [L, in]: over each layer's own weights (none: 0, and the factor 1)
+        for w in weights:
+            i = at(w)
+            w_amax[i] = np.maximum(w_amax[i], np.abs(layers[w]).max(axis=tuple(range(1, layers[w].ndim - 2)) + (-1,)))
         s = np.power(np.maximum(x_amax, 1e-5), alpha) / np.power(np.maximum(w_amax, 1e-5), 1 - alpha)
         return np.where((x_amax > 0) & (w_amax > 0), s, 1.0).astype(np.float32)
 
-    mlp = ("w_gate", "w_up", "moe_gate", "moe_up")
-    groups = [("attn_norm", ("wq", "wk", "wv"), "attn_in"), ("mlp_norm", mlp, "mlp_in")]
+    mlp = ("w_gate", "w_up", "moe_gate", "moe_up", "dense_gate", "dense_up")
+    # (latent attention: wq or wq_a, and wkv_a, read the attention norm's output)
+    groups = [("attn_norm", ("wq", "wk", "wv", "wq_a", "wkv_a"), "attn_in"), ("mlp_norm", mlp, "mlp_in")]
     if "attn_norm" in layers and "mlp_norm" not in layers:  # a parallel block (Cohere): one norm feeds all five
         groups = [("attn_norm", ("wq", "wk", "wv", "w_gate", "w_up"), "attn_in")]
     for norm, weights, key in groups:
@@ -429,13 +442,17 @@ def smooth_params(params: dict, amax: dict, alpha: float = 0.5) -> dict:
         layers[norm] /= s
         for w in weights + ([k for k in SMOOTHED_FLOAT if k in layers] if norm == "mlp_norm" else []):
             layers[w] *= rows(s, w)
-    if "xielu_beta" in layers or "down_in" not in amax:  # xIELU(up / s) is no multiple of xIELU(up): nothing to fold
-        return _cast_smoothed(params, layers)  # w_down's division into; or no w_down (experts alone)
-    s = factors(amax["down_in"], ("w_down",))
-    # w_down's input is act(gate) * up, linear in up; without a gate relu(up)^2, which dividing up by sqrt(s) divides
-    # by s
-    layers["w_up"] /= (s if "w_gate" in layers else np.sqrt(s))[:, None, :]
-    layers["w_down"] *= s[:, :, None]
+    if "xielu_beta" in layers:  # xIELU(up / s) is no multiple of xIELU(up): nothing to fold w_down's division into
+        return _cast_smoothed(params, layers)
+    for down_in, (gate, up, down) in (("down_in", ("w_gate", "w_up", "w_down")),  # (absent: no w_down, experts alone)
+                                      ("dense_down_in", ("dense_gate", "dense_up", "dense_down"))):
+        if down_in not in amax:
+            continue
+        s = factors(amax[down_in], (down,))
+        # w_down's input is act(gate) * up, linear in up; without a gate relu(up)^2, which dividing up by sqrt(s)
+        # divides by s
+        layers[up] /= (s if gate in layers else np.sqrt(s))[at(up)][:, None, :]
+        layers[down] *= rows(s, down)
     return _cast_smoothed(params, layers)
 
 

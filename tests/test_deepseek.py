@@ -4,6 +4,8 @@ HF checkpoints against transformers' logits, and the engine's greedy tokens on t
 backends against transformers' argmax."""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import random
 
 import jax
@@ -12,13 +14,14 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from engine.config import EngineConfig
 from engine.llm import LLM
 from engine.request import SamplingParams
 from models import llama, moe, quant
 from models.config import ConfigError, LlamaConfig
 from models.loader import tokenizer_source
 from models.tokenizer import Tokenizer
-from models.weights import FLOAT32_KEYS, NORM_KEYS
+from models.weights import FLOAT32_KEYS, NORM_KEYS, layers_of
 from dense_reference import assert_argmax, dense_logits
 from test_fp8 import fp8_blocks
 from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
@@ -176,6 +179,35 @@ def tiny_deepseek_v3(vocab_size: int = 300):
                       router_scoring="sigmoid", router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
                       routed_scaling_factor=2.5)
     return cfg, llama.init_params(cfg, jax.random.key(9), scale=0.3)
+
+
+@pytest.mark.parametrize("q_lora", [24, 0], ids=["q_lora", "no_q_lora"])
+def test_w8a8_smoothing_keeps_the_forward_of_a_latent_mixed_model(q_lora):
+    """SmoothQuant on DeepSeek's layout: the attention norm's factor goes into every projection reading it (wq_a or
+    wq, and wkv_a), the dense first layer's MLP and the expert layers' each take their own kind's; the float forward
+    is unchanged, and the engine serves the smoothed int8 weights (W8A8) with prefix hits."""
+    cfg, params = tiny_deepseek_v3()
+    if not q_lora:
+        cfg = dataclasses.replace(cfg, q_lora_rank=0)
+        params = llama.init_params(cfg, jax.random.key(9), scale=0.3)
+    params = jax.tree.map(np.asarray, params)
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 24), jnp.int32)
+    amax = jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids))
+    smoothed = quant.smooth_params(params, amax, layers_of=functools.partial(layers_of, cfg))
+    changed = sorted(k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k]))
+    assert changed == sorted(["attn_norm", "mlp_norm", "wkv_a", "wq_a" if q_lora else "wq", "moe_gate", "moe_up",
+                              "router", "w_gate", "w_up", "w_down", "dense_gate", "dense_up", "dense_down"])
+    want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    llm = LLM(EngineConfig().replace(**{"warmup": False, "model.quantization": "w8a8", "cache.page_size": 8,
+                                        "cache.num_pages": 64}), progress=False, model=(cfg, params, tokenizer))
+    assert llm.engine.params["layers"]["wkv_a"].dtype == np.int8 and llm.engine.model_cfg.quantized_activations
+    prompt = list(fresh.rng().integers(0, cfg.vocab_size, 20))
+    first, again = (llm.generate([prompt], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+                    for _ in range(2))
+    assert again.cached_tokens > 0 and again.token_ids == first.token_ids
 
 
 def test_latent_attention_equals_attention_over_decompressed_heads():

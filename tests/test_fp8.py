@@ -10,7 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from engine.config import ConfigKeyError, EngineConfig
+from engine.config import EngineConfig
 from engine.llm import LLM
 from models import llama, quant, sharding
 from models.config import LlamaConfig
@@ -361,18 +361,20 @@ def test_an_8bit_expert_model_serves_with_the_grouped_kernel(tmp_path):
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == want
 
 
-def test_w8a8_refuses_mixed_expert_models_and_w8a8_fp8_serves_them():
-    """int8 W8A8's SmoothQuant does not calibrate a model whose layers mix experts and dense MLPs: refused by name
-    (unsmoothed, `model.smoothquant_alpha: 0`, it serves); e4m3 W8A8 needs no smoothing, and an expert model's engine
-    (grouped experts) gives the dense forward's greedy tokens under it."""
+def test_w8a8_serves_mixed_expert_models_and_w8a8_fp8_serves_them():
+    """int8 W8A8 serves a model whose layers mix experts and dense MLPs, smoothed (test_moe.py checks the smoothing)
+    or not (`model.smoothquant_alpha: 0`); e4m3 W8A8 needs no smoothing, and an expert model's engine (grouped
+    experts) gives the dense forward's greedy tokens under it."""
     cfg = _tiny(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
     base = {"warmup": False, "cache.page_size": 8, "cache.num_pages": 64, "model.moe_backend": "grouped"}
     mixed = dataclasses.replace(cfg, moe_layers=(False, True))
     mixed_model = (mixed, jax.device_get(llama.init_params(mixed, jax.random.key(0))), tokenizer)
-    with pytest.raises(ConfigKeyError, match="w8a8's SmoothQuant does not calibrate models whose layers mix experts"):
-        LLM(EngineConfig().replace(**base, **{"model.quantization": "w8a8"}), progress=False, model=mixed_model)
+    smoothed = LLM(EngineConfig().replace(**base, **{"model.quantization": "w8a8"}), progress=False, model=mixed_model)
+    assert {smoothed.engine.params["layers"][k].dtype for k in ("moe_up", "dense_up", "wq")} == {np.dtype(np.int8)}
+    assert not np.array_equal(smoothed.engine.params["layers"]["mlp_norm"], mixed_model[1]["layers"]["mlp_norm"])
+    assert len(smoothed.generate([[5, 6, 7]], GREEDY)[0].token_ids) > 0
     unsmoothed = LLM(EngineConfig().replace(**base, **{"model.quantization": "w8a8", "model.smoothquant_alpha": 0}),
                      progress=False, model=mixed_model)
     assert unsmoothed.engine.params["layers"]["moe_up"].dtype == np.int8

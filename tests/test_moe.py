@@ -4,6 +4,7 @@ On the CPU the engine runs the dense path (models/moe.py); the grouped one, the 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 
 import jax
@@ -332,11 +333,13 @@ def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp
             np.testing.assert_array_equal(quant.dequantize_weight(direct["layers"], name), dequantized["layers"][name])
 
 
-def tiny_moe(shared: int = 0):
-    """A random Qwen3-MoE-like model (no transformers): 8 experts, top 2."""
-    cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=300, hidden_size=64, intermediate_size=96, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, qk_norm=True, num_experts=8,
-                      num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=shared)
+def tiny_moe(shared: int = 0, moe_layers: tuple[bool, ...] = ()):
+    """A random Qwen3-MoE-like model (no transformers): 8 experts, top 2; `moe_layers`: which layers have them (the
+    others a dense MLP, as DeepSeek-V3's and GLM-4.5's first layers)."""
+    cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=300, hidden_size=64, intermediate_size=96,
+                      num_layers=len(moe_layers) or 2, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512,
+                      qk_norm=True, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=shared, moe_layers=moe_layers)
     return cfg, llama.init_params(cfg, jax.random.key(7), scale=0.3)
 
 
@@ -394,27 +397,33 @@ def test_quantized_experts_equal_the_dequantized_weights(grouped, method):
     assert np.abs(np.asarray(deq["moe_down"]) - stacked["moe_down"]).max() <= np.abs(stacked["moe_down"]).max() / steps
 
 
-@pytest.mark.parametrize("shared,backend", [(0, "dense"), (48, "grouped")])
-def test_w8a8_smooths_and_serves_expert_layers(shared, backend):
+@pytest.mark.parametrize("shared,backend,moe_layers", [(0, "dense", ()), (48, "grouped", ()),
+                                                       (48, "dense", (False, True, True))],
+                         ids=["experts", "shared-grouped", "mixed"])
+def test_w8a8_smooths_and_serves_expert_layers(shared, backend, moe_layers):
     """w8a8 on an expert model. SmoothQuant divides the MLP norm's output by one factor per channel, taken over every
     expert's gate/up rows (and the shared expert's), and multiplies those rows, the router's and the shared-expert
-    gate's by it; the shared expert's w_down inputs fold into its w_up; the float forward is unchanged. The engine's
-    greedy tokens are the dense forward's with int8 activations over its own smoothed int8 weights, on either path."""
+    gate's by it; the shared expert's w_down inputs fold into its w_up; the float forward is unchanged. In a model
+    whose first layer is dense (mixed), that layer's factors come from its own MLP, whose w_down inputs fold into its
+    dense_up. The engine's greedy tokens are the dense forward's with int8 activations over its own smoothed int8
+    weights, on either path."""
     from dense_reference import dense_logits
     from models import quant
     from models.loader import tokenizer_source
+    from models.weights import layers_of
 
-    cfg, params = tiny_moe(shared)
+    cfg, params = tiny_moe(shared, moe_layers)
     params = jax.tree.map(np.asarray, params)
     params["layers"]["mlp_norm"] = params["layers"]["mlp_norm"].copy()
     params["layers"]["mlp_norm"][:, 5] *= 30.0  # an outlier channel into the router and the experts
     ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 32), jnp.int32)
     amax = jax.tree.map(np.asarray, llama.activation_amax(params, cfg, ids))
-    assert ("down_in" in amax) == bool(shared)
-    smoothed = quant.smooth_params(params, amax)
+    assert ("down_in" in amax) == bool(shared) and ("dense_down_in" in amax) == bool(moe_layers)
+    smoothed = quant.smooth_params(params, amax, layers_of=functools.partial(layers_of, cfg))
     changed = sorted(k for k in params["layers"] if not np.array_equal(params["layers"][k], smoothed["layers"][k]))
     assert changed == sorted(["attn_norm", "mlp_norm", "wq", "wk", "wv", "moe_gate", "moe_up", "router"]
-                             + (["shared_gate", "w_gate", "w_up", "w_down"] if shared else []))
+                             + (["shared_gate", "w_gate", "w_up", "w_down"] if shared else [])
+                             + (["dense_gate", "dense_up", "dense_down"] if moe_layers else []))
     want, got = (np.asarray(llama.forward_dense(p, cfg, ids)) for p in (params, smoothed))
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
     after = np.asarray(llama.activation_amax(smoothed, cfg, ids)["mlp_in"])

@@ -249,8 +249,8 @@ class Coordinator:
         if self.openai_format:
             return body_route(body, body["_chat"], self.tokenizer, self.page_size, self.config.lora.adapters)
         chat = "messages" in body
-        fields = {"messages" if chat else "prompt": body["messages" if chat else "prompt"],
-                  "cache_salt": body.get("cache_salt"), "model": body.get("adapter")}
+        text = next(k for k in ("messages", "prompt", "query") if k in body)  # (a rerank line: by its query)
+        fields = {text: body[text], "cache_salt": body.get("cache_salt"), "model": body.get("adapter")}
         return body_route(fields, chat, self.tokenizer, self.page_size, self.config.lora.adapters)
 
     def _send(self, key: str, line, request) -> None:

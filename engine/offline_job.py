@@ -9,13 +9,18 @@ Input line:  {"id", "prompt"} or {"id", "messages"} (content: a string, or text 
              {"id", "logits", "label", "prompt_tokens", "cached_tokens"} on a sequence classifier (every line;
              "messages" through the chat template without a generation prompt: the conversation scored as it
              stands), or {"id", "error"} for a line refused.
+Rerank line: {"id", "query", "documents"} -> {"id", "scores" (one per document, in their order), "prompt_tokens",
+             "cached_tokens"}: POST /v1/rerank's scores (engine.scoring: a cross-encoder's relevance of each pair,
+             the query a prefix every pair shares; else the cosine similarity of embeddings).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 
-from engine import structured
+import numpy as np
+
+from engine import scoring, structured
 from engine.output import OutputKind
 from engine.reasoning import keeps_special_tokens, split as split_reasoning
 from engine.request import RequestError, SamplingParams, with_defaults
@@ -27,7 +32,9 @@ SAMPLING_FIELDS = {
     "include_stop_str_in_output", "skip_special_tokens",
 }
 LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
-                                                           "embed", "chat_template_kwargs", "continue_final_message"}
+                                                           "embed", "chat_template_kwargs", "continue_final_message",
+                                                           "query", "documents"}
+RERANK_FIELDS = {"id", "query", "documents", "cache_salt", "priority", "adapter"}  # what a rerank line may carry
 DEFAULT_MAX_TOKENS = 256
 
 
@@ -46,8 +53,16 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
     unknown = sorted(set(obj) - LINE_FIELDS)
     if unknown:
         return rid, None, f"unknown field {unknown[0]!r} (allowed: {', '.join(sorted(LINE_FIELDS))})"
+    if "query" in obj or "documents" in obj:
+        other = sorted(set(obj) - RERANK_FIELDS)
+        if other:
+            return rid, None, f"a rerank line ('query', 'documents') takes no {other[0]!r}"
+        if not (isinstance(obj.get("query"), str) and obj["query"] and isinstance(obj.get("documents"), list)
+                and obj["documents"] and all(isinstance(d, str) and d for d in obj["documents"])):
+            return rid, None, "a rerank line needs 'query', a non-empty string, and 'documents', a non-empty list of them"
+        return rid, obj, None
     if ("prompt" in obj) == ("messages" in obj):
-        return rid, None, "exactly one of 'prompt' (text) or 'messages' (chat) is required"
+        return rid, None, "exactly one of 'prompt' (text), 'messages' (chat) or 'query' (rerank) is required"
     if "prompt" in obj and not isinstance(obj["prompt"], str):
         return rid, None, "'prompt' must be a string"
     if "messages" in obj and not (
@@ -101,6 +116,8 @@ class LineJob:
         self.engine = engine
         self.reasoning_parser = reasoning_parser
         self.pending: dict[str, tuple[str, bool]] = {}  # engine request id -> (line id, the line had messages)
+        self.reranks: dict[str, Rerank] = {}  # a rerank line's id -> its requests' outputs so far
+        self.rerank_requests: dict[str, tuple[str, int]] = {}  # engine request id -> (rerank line id, its place)
         self._generated_before = engine.num_generated_tokens
 
     @property
@@ -109,11 +126,13 @@ class LineJob:
         return self.engine.num_generated_tokens - self._generated_before
 
     def __len__(self) -> int:
-        return len(self.pending)
+        return len(self.pending) + len(self.rerank_requests)
 
     def submit(self, rid: str, obj: dict) -> str | None:
         """Adds a parsed line's request; -> None, or the error the engine refused it with."""
         engine = self.engine
+        if "query" in obj:
+            return self._submit_rerank(rid, obj)
         classifier = getattr(engine, "score_head", None) is not None  # every line classified: a reward model's job
         try:
             chat = {"add_generation_prompt": False} if classifier else {}  # the conversation as it stands, scored
@@ -132,9 +151,40 @@ class LineJob:
         self.pending[engine_id] = (rid, "messages" in obj)
         return None
 
+    def _submit_rerank(self, rid: str, obj: dict) -> str | None:
+        """A rerank line's requests: one per pair on a cross-encoder, else one per distinct text (its embedding)."""
+        engine = self.engine
+        try:
+            cross = scoring.cross_encodes(getattr(engine, "score_head", None))
+        except ValueError as e:
+            return str(e)
+        query, documents = obj["query"], obj["documents"]
+        prompts = ([scoring.pair_prompt(engine.tokenizer, query, d) for d in documents] if cross
+                   else list(dict.fromkeys([query, *documents])))  # each distinct text embedded once
+        added = []
+        for i, prompt in enumerate(prompts):
+            try:
+                added.append(engine.add_request(prompt, SamplingParams.embedding(), namespace=obj.get("cache_salt"),
+                                                priority=obj.get("priority", 0), adapter=obj.get("adapter"),
+                                                output_kind=OutputKind.FINAL))
+            except (RequestError, ValueError) as e:
+                for engine_id in added:  # the line is refused whole
+                    engine.abort(engine_id)
+                which = f"document {i}" if cross else "the query" if i == 0 else f"document {documents.index(prompt)}"
+                return f"{which}: {e}"
+        self.rerank_requests |= {engine_id: (rid, i) for i, engine_id in enumerate(added)}
+        self.reranks[rid] = Rerank(query, documents, cross, len(added))
+        return None
+
     def step(self) -> list[dict]:
         records = []
         for r in self.engine.step():
+            if r.finished and r.request_id in self.rerank_requests:
+                rid, i = self.rerank_requests.pop(r.request_id)
+                if (record := self.reranks[rid].add(i, r, rid)) is not None:
+                    del self.reranks[rid]
+                    records.append(record)
+                continue
             if not r.finished or r.request_id not in self.pending:
                 continue
             rid, chat = self.pending.pop(r.request_id)
@@ -169,3 +219,28 @@ def count(record: dict, totals: dict) -> None:
     totals["prompt"] += record["prompt_tokens"]
     totals["cached"] += record["cached_tokens"]
     totals["generated"] += len(record.get("token_ids", ()))
+
+
+@dataclasses.dataclass
+class Rerank:
+    """A rerank line's requests as they finish: one per pair (a cross-encoder's), or one per distinct text (their
+    embeddings: the query, then the documents not already asked for)."""
+    query: str
+    documents: list[str]
+    cross: bool
+    num: int  # requests
+    outs: dict = dataclasses.field(default_factory=dict)  # request's place -> its final output
+
+    def add(self, i: int, out, rid: str) -> dict | None:
+        """Takes request i's output; -> the line's record once every one is in."""
+        self.outs[i] = out
+        if len(self.outs) < self.num:
+            return None
+        outs = [self.outs[j] for j in range(self.num)]
+        if self.cross:
+            scores = [scoring.relevance(o.classification) for o in outs]
+        else:
+            vectors = dict(zip(dict.fromkeys([self.query, *self.documents]), (o.embedding for o in outs)))
+            scores = [float(np.dot(vectors[self.query], vectors[d])) for d in self.documents]
+        return {"id": rid, "scores": scores, "prompt_tokens": sum(o.prompt_tokens for o in outs),
+                "cached_tokens": sum(o.cached_tokens for o in outs)}

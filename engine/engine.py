@@ -31,7 +31,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import draft_model, mtp_drafter, multihost, multimodal, structured
+from engine import draft_model, mtp_drafter, multihost, multimodal, scoring, structured
 from engine.compiled import release_executables_if_crowded, setup_compilation_cache
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
@@ -133,6 +133,14 @@ class LLMEngine:
             self.config = config
         if config.model.chat_template:
             self.tokenizer = self.tokenizer.with_chat_template(read_chat_template(config.model.chat_template))
+        try:  # how a cross-encoder reads a /v1/score or /v1/rerank pair
+            self.pair_format = scoring.PairFormat(self.tokenizer, config.model.score_template and read_chat_template(
+                config.model.score_template, "model.score_template"))
+        except ValueError as e:
+            raise ConfigKeyError(str(e)) from None
+        if config.model.score_template and self.score_head is None:
+            log.warning("model.score_template: the model is no cross-encoder (no score head of one label), so pairs "
+                        "are scored by the cosine of embeddings and the template is not used")
         tp = config.parallel.tensor
         self.mesh = sharding.make_mesh(tp) if tp > 1 else None
         self._loaded_cfg = model_cfg  # before tensor-parallel preparation (LoRA adapters are read against it)

@@ -190,7 +190,7 @@ class LLM:
         the two embeddings (engine.scoring)."""
         pairs = scoring.pairs(_prompt_list(text_1), _prompt_list(text_2))
         if scoring.cross_encodes(self.engine.score_head):
-            prompts = [scoring.pair_prompt(self.engine.tokenizer, a, b) for a, b in pairs]
+            prompts = [self.engine.pair_format.prompt(a, b) for a, b in pairs]
             return [scoring.relevance(out.classification) for out in self._pooled(prompts, namespace, progress)]
         distinct = {_hashable(t): t for pair in pairs for t in pair}  # each text embedded once
         vectors = dict(zip(distinct, self.embed(list(distinct.values()), namespace, progress)))

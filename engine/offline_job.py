@@ -159,7 +159,7 @@ class LineJob:
         except ValueError as e:
             return str(e)
         query, documents = obj["query"], obj["documents"]
-        prompts = ([scoring.pair_prompt(engine.tokenizer, query, d) for d in documents] if cross
+        prompts = ([engine.pair_format.prompt(query, d) for d in documents] if cross
                    else list(dict.fromkeys([query, *documents])))  # each distinct text embedded once
         added = []
         for i, prompt in enumerate(prompts):

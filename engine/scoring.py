@@ -29,13 +29,38 @@ def cross_encodes(score_head) -> bool:
     return True
 
 
-def pair_prompt(tokenizer, first, second) -> list[int]:
-    """A cross-encoder's prompt: two texts through the pair template, or two token id lists back to back."""
-    if isinstance(first, str) and isinstance(second, str):
-        return tokenizer.encode_pair(first, second)
-    encode = tokenizer.encode
-    return (encode(first) if isinstance(first, str) else list(first)) + (
-        encode(second, add_special_tokens=False) if isinstance(second, str) else list(second))
+class PairFormat:
+    """How a cross-encoder reads a pair as one prompt: the tokenizer's pair template over the two texts, or
+    `model.score_template`, a Jinja template of `query` and `document` (a reranker's trained format, e.g.
+    Qwen3-Reranker's instruction, query, document and the answer's opening), so that clients send bare texts. The
+    text before the document is tokenized alone, so a query's pairs share it as a cached prefix."""
+
+    _DOC = "\x00document\x00"  # stands for the document while the template renders
+    _QUERY = "\x00query\x00"
+
+    def __init__(self, tokenizer, template: str | None = None):
+        from models.chat_template import compile_chat_template
+
+        self.tokenizer = tokenizer
+        self.template = None if template is None else compile_chat_template(template)
+        if self.template is not None:
+            text = self.template.render(query=self._QUERY, document=self._DOC)
+            if text.count(self._DOC) != 1 or text.count(self._QUERY) != 1 or text.index(self._QUERY) > text.index(
+                    self._DOC):
+                raise ValueError("model.score_template must write the query once, then the document once (got "
+                                 f"{text.count(self._QUERY)} query and {text.count(self._DOC)} document)")
+
+    def prompt(self, first, second) -> list[int]:
+        """A pair's token ids: two texts through the template (or the tokenizer's pair template), or two token id
+        lists back to back."""
+        encode = self.tokenizer.encode
+        if isinstance(first, str) and isinstance(second, str):
+            if self.template is None:
+                return self.tokenizer.encode_pair(first, second)
+            head, tail = self.template.render(query=first, document=self._DOC).split(self._DOC)
+            return encode(head) + encode(second + tail, add_special_tokens=False)
+        return (encode(first) if isinstance(first, str) else list(first)) + (
+            encode(second, add_special_tokens=False) if isinstance(second, str) else list(second))
 
 
 def relevance(logits: np.ndarray) -> float:

@@ -435,7 +435,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         except ValueError as e:
             raise ApiError(400, str(e), param="text_1") from None
         if cross:
-            embedded = await embed(request, body, [scoring.pair_prompt(tokenizer, a, b) for a, b in pairs], "text")
+            embedded = await embed(request, body, [llm.pair_format.prompt(a, b) for a, b in pairs], "text")
             return None if embedded is None else ([scoring.relevance(out.classification) for out in embedded[0]],
                                                   embedded[1])
         distinct = list(dict.fromkeys(text_1 + text_2))

@@ -58,20 +58,21 @@ def compile_chat_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def read_chat_template(value: str) -> str:
-    """`model.chat_template`: the template itself when it contains "{{" or "{%", else a file to read. Raises
-    ValueError naming the key when the file is missing or the template does not compile."""
+def read_chat_template(value: str, key: str = "model.chat_template") -> str:
+    """`model.chat_template` (or another template setting, `key`): the template itself when it contains "{{" or
+    "{%", else a file to read. Raises ValueError naming the key when the file is missing or the template does not
+    compile."""
     source = value
     if "{{" not in value and "{%" not in value:
         try:
             with open(os.path.expanduser(value), encoding="utf-8") as f:
                 source = f.read()
         except OSError as e:
-            raise ValueError(f"model.chat_template: cannot read {value!r} ({e.strerror})") from None
+            raise ValueError(f"{key}: cannot read {value!r} ({e.strerror})") from None
     try:
         compile_chat_template(source)
     except jinja2.TemplateSyntaxError as e:
-        raise ValueError(f"model.chat_template: not a valid Jinja template (line {e.lineno}: {e.message})") from None
+        raise ValueError(f"{key}: not a valid Jinja template (line {e.lineno}: {e.message})") from None
     return source
 
 

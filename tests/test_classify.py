@@ -356,3 +356,41 @@ def test_the_offline_job_reranks_query_lines(tmp_path):
                        ({"id": "x", "query": "q", "documents": ["d"], "max_tokens": 3}, "takes no 'max_tokens'"),
                        ({"id": "x", "documents": ["d"]}, "needs 'query'")]:
         assert error in parse_line(json.dumps(obj), 1)[2]
+
+
+QWEN3_RERANKER_PREFIX = ('<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and '
+                         'the Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+                         '<|im_start|>user\n')
+QWEN3_RERANKER_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def test_a_score_template_formats_bare_pairs_as_the_reranker_was_trained(tmp_path):
+    """model.score_template (examples/qwen3_reranker.jinja, Qwen3-Reranker's format as its authors publish it): bare
+    query / document pairs are scored as the template's text, the query's part a prefix its documents share (each
+    pair's score transformers' over those tokens); the template must write the query once, then the document once
+    (refused by name otherwise)."""
+    from engine.config import ConfigKeyError
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    model = _causal_lm(tmp_path, tokenizer, "template")
+    no, yes = tokenizer.token_to_id("no"), tokenizer.token_to_id("yes")
+    base = {**BASE, "model.path": str(tmp_path), "model.classifier_from_token": ["no", "yes"]}
+    llm = LLM(EngineConfig().replace(**base, **{"model.score_template": "examples/qwen3_reranker.jinja"}),
+              progress=False)
+    rng = fresh.rng()
+    query = "what is " + " ".join(rng.choice(["the", "capital", "river", "of", "france"], 12))
+    docs = [" ".join(rng.choice(["paris", "seine", "bread", "city", "north"], int(n))) for n in rng.integers(1, 20, 5)]
+    head = (QWEN3_RERANKER_PREFIX + "<Instruct>: Given a web search query, retrieve relevant passages that answer the "
+            f"query\n<Query>: {query}\n<Document>: ")
+    scores = llm.score(query, docs)
+    assert llm.engine.stats()["cached_prompt_tokens"] >= (len(docs) - 1) * 8 * (len(tokenizer.encode(head)) // 8)
+    for doc, got in zip(docs, scores):
+        prompt = tokenizer.encode(head) + tokenizer.encode(doc + QWEN3_RERANKER_SUFFIX, add_special_tokens=False)
+        assert tokenizer.decode(prompt, skip_special_tokens=False) == head + doc + QWEN3_RERANKER_SUFFIX
+        logits = _last_logits(model, prompt)
+        assert got == pytest.approx(1 / (1 + np.exp(logits[no] - logits[yes])), abs=2e-5)
+    for template in ("{{ document }} {{ query }}", "{{ query }}", "{{ query }} {{ document }} {{ document }}"):
+        with pytest.raises(ConfigKeyError, match="model.score_template must write the query once, then the document"):
+            LLM(EngineConfig().replace(**base, **{"model.score_template": template}), progress=False)
+    with pytest.raises(ConfigKeyError, match="model.score_template: cannot read 'no/such.jinja'"):
+        LLM(EngineConfig().replace(**base, **{"model.score_template": "no/such.jinja"}), progress=False)

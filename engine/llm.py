@@ -192,9 +192,8 @@ class LLM:
         if scoring.cross_encodes(self.engine.score_head):
             prompts = [self.engine.pair_format.prompt(a, b) for a, b in pairs]
             return [scoring.relevance(out.classification) for out in self._pooled(prompts, namespace, progress)]
-        distinct = {_hashable(t): t for pair in pairs for t in pair}  # each text embedded once
-        vectors = dict(zip(distinct, self.embed(list(distinct.values()), namespace, progress)))
-        return [float(np.dot(vectors[_hashable(a)], vectors[_hashable(b)])) for a, b in pairs]
+        texts = scoring.distinct(pairs)  # each text embedded once
+        return scoring.cosines(pairs, dict(zip(texts, self.embed(list(texts.values()), namespace, progress))))
 
     def update_weights(self, source, progress: bool = False) -> float:
         """Generates with new weights from now on (RL rollouts between training steps; a fine-tuned checkpoint): a
@@ -281,10 +280,6 @@ def _prompt_list(prompts) -> list:
     """One prompt (text or token ids) or several -> a list of prompts."""
     one = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
     return [prompts] if one else list(prompts)
-
-
-def _hashable(prompt) -> str | tuple:
-    return prompt if isinstance(prompt, str) else tuple(prompt)
 
 
 def _params_list(params: SamplingParams | Seq[SamplingParams] | None, n: int,

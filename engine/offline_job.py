@@ -18,8 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 
-import numpy as np
-
 from engine import scoring, structured
 from engine.output import OutputKind
 from engine.reasoning import keeps_special_tokens, split as split_reasoning
@@ -160,7 +158,7 @@ class LineJob:
             return str(e)
         query, documents = obj["query"], obj["documents"]
         prompts = ([engine.pair_format.prompt(query, d) for d in documents] if cross
-                   else list(dict.fromkeys([query, *documents])))  # each distinct text embedded once
+                   else list(scoring.distinct([(query, d) for d in documents]).values()))  # each text embedded once
         added = []
         for i, prompt in enumerate(prompts):
             try:
@@ -240,7 +238,7 @@ class Rerank:
         if self.cross:
             scores = [scoring.relevance(o.classification) for o in outs]
         else:
-            vectors = dict(zip(dict.fromkeys([self.query, *self.documents]), (o.embedding for o in outs)))
-            scores = [float(np.dot(vectors[self.query], vectors[d])) for d in self.documents]
+            pairs = [(self.query, d) for d in self.documents]
+            scores = scoring.cosines(pairs, dict(zip(scoring.distinct(pairs), (o.embedding for o in outs))))
         return {"id": rid, "scores": scores, "prompt_tokens": sum(o.prompt_tokens for o in outs),
                 "cached_tokens": sum(o.cached_tokens for o in outs)}

@@ -63,6 +63,21 @@ class PairFormat:
             encode(second, add_special_tokens=False) if isinstance(second, str) else list(second))
 
 
+def distinct(pairs: list[tuple]) -> dict:
+    """Each text (or token id list) of the pairs once, in order of appearance: key -> text, for embedding each once
+    (`cosines` reads the vectors back by key)."""
+    return {_key(t): t for pair in pairs for t in pair}
+
+
+def cosines(pairs: list[tuple], vectors: dict) -> list[float]:
+    """Each pair's cosine similarity, from unit embeddings by text key (`distinct`'s)."""
+    return [float(np.dot(vectors[_key(a)], vectors[_key(b)])) for a, b in pairs]
+
+
+def _key(text) -> str | tuple:
+    return text if isinstance(text, str) else tuple(text)
+
+
 def relevance(logits: np.ndarray) -> float:
     """A cross-encoder's one logit -> its score in (0, 1)."""
     return float(1 / (1 + np.exp(-float(logits[0]))))

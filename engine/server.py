@@ -438,12 +438,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             embedded = await embed(request, body, [llm.pair_format.prompt(a, b) for a, b in pairs], "text")
             return None if embedded is None else ([scoring.relevance(out.classification) for out in embedded[0]],
                                                   embedded[1])
-        distinct = list(dict.fromkeys(text_1 + text_2))
-        embedded = await embed(request, body, distinct, "text")
+        texts = scoring.distinct(pairs)
+        embedded = await embed(request, body, list(texts.values()), "text")
         if embedded is None:
             return None
-        vectors = {text: out.embedding for text, out in zip(distinct, embedded[0])}
-        return [float(np.dot(vectors[a], vectors[b])) for a, b in pairs], embedded[1]
+        return scoring.cosines(pairs, dict(zip(texts, (out.embedding for out in embedded[0])))), embedded[1]
 
     @app.post("/v1/score", response_model=None,
               summary="Pair scores: a cross-encoder's, or the cosine similarity of embeddings (vLLM's)")

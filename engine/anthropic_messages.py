@@ -19,7 +19,7 @@ usage.input_tokens counts the prompt tokens the prefix cache did not hold, cache
 Anthropic splits them: their sum is the prompt). Errors are Anthropic's body, `{"type": "error", "error": {"type",
 "message"}}`; what this server does not do (documents, server tools, unknown blocks; images for a model that takes none)
 is a 400 naming it.
-This module imports no JAX: the router uses `chat_messages` to hash prompts.
+This module imports no JAX: the router uses `chat_request` to hash prompts.
 """
 from __future__ import annotations
 

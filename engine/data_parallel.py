@@ -168,7 +168,9 @@ class Coordinator:
         self.unanswered: list[dict[str, tuple[object, RouteRequest]]] = [{} for _ in range(self.num)]  # by key
         self.answered = [0] * self.num  # lines each replica answered
         self.done: set[int] = set()
-        self.tokenizer = replica_tokenizer(config)
+        from engine.router.prompts import RequestTokens
+
+        self.tokens = RequestTokens(replica_tokenizer(config))  # prompt ids as the replicas compute them
         ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no JAX state inherited
         # NOTE: a pipe per worker for its answers, not one shared queue: a worker killed while writing would hold the
         # shared queue's lock forever, and every other worker's answers with it.
@@ -236,7 +238,7 @@ class Coordinator:
 
             if line.error is not None:
                 return None, None, openai_batch.error_record(line)
-            return line.custom_id, line.body | {"_chat": line.url in ("/v1/chat/completions", "/v1/responses")}, None
+            return line.custom_id, line.body | {"_url": line.url}, None
         number, rid, obj, error = line
         if error is not None:
             return None, None, {"id": rid, "error": error} if rid is not None else {"id": None, "line": number,
@@ -244,14 +246,19 @@ class Coordinator:
         return rid, obj, None
 
     def _route(self, body: dict) -> RouteRequest:
-        from engine.router.app import body_route
+        from engine.router.prompts import body_route, path_kind
 
+        adapters = self.config.lora.adapters
         if self.openai_format:
-            return body_route(body, body["_chat"], self.tokenizer, self.page_size, self.config.lora.adapters)
-        chat = "messages" in body
-        text = next(k for k in ("messages", "prompt", "query") if k in body)  # (a rerank line: by its query)
+            return body_route(body, path_kind(body["_url"]), self.tokens, self.page_size, adapters)
+        if "messages" in body:  # a chat line, as the chat request of its fields (offline_job renders it so)
+            fields = {"model": body.get("adapter") or "", "messages": body["messages"],
+                      **{k: body[k] for k in ("chat_template_kwargs", "continue_final_message", "cache_salt")
+                         if k in body}}
+            return body_route(fields, "chat", self.tokens, self.page_size, adapters)
+        text = "prompt" if "prompt" in body else "query"  # (a rerank line: by its query)
         fields = {text: body[text], "cache_salt": body.get("cache_salt"), "model": body.get("adapter")}
-        return body_route(fields, chat, self.tokenizer, self.page_size, self.config.lora.adapters)
+        return body_route(fields, "text", self.tokens, self.page_size, adapters)
 
     def _send(self, key: str, line, request) -> None:
         choice = self.policy.route(request, self.states, time.monotonic())

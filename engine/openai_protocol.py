@@ -217,6 +217,7 @@ class TokenizeRequest(_Body):
     add_generation_prompt: bool = Field(True, description="with messages: end with the assistant's turn opening")
     continue_final_message: bool = Field(False, description="with messages: end inside the last (assistant's) message")
     chat_template_kwargs: dict[str, Any] | None = Field(None, description="with messages: variables for the template")
+    tools: list[ToolSpec] | None = Field(None, description="with messages: the tools the chat template lists")
 
 
 class UpdateWeightsRequest(_Body):
@@ -334,3 +335,56 @@ def describe_validation_error(errors) -> tuple[str, str | None]:
 def sse_event(event: dict) -> str:
     """One server-sent event named by its `type` (the Responses and Anthropic Messages streams)."""
     return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+
+
+def chat_template_call(body: ChatCompletionRequest | TokenizeRequest) -> tuple[list[dict], dict[str, Any]]:
+    """(messages, keyword arguments) of the chat template call that renders a chat request's prompt: its messages as
+    templates read them, its tools, `reasoning_effort`, `chat_template_kwargs` and how the prompt ends. The server
+    renders with these, and the router (engine/router/forward.py) hashes the same tokens."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    effort = getattr(body, "reasoning_effort", None)
+    kwargs = {**({"reasoning_effort": effort} if effort else {}), **(body.chat_template_kwargs or {}),
+              **({"tools": tools} if tools else {}), **_generation_prompt(body)}
+    return template_messages(body.messages), kwargs
+
+
+def _generation_prompt(body) -> dict:
+    """How a request's chat prompt ends, as encode_chat's arguments: the assistant's turn opened, or with
+    `continue_final_message` the last message left open (add_generation_prompt then defaults to false)."""
+    if not body.continue_final_message:
+        return {"add_generation_prompt": body.add_generation_prompt}
+    explicit = "add_generation_prompt" in body.model_fields_set
+    return {"continue_final_message": True, **({"add_generation_prompt": body.add_generation_prompt} if explicit else {})}
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """Chat messages as the chat template reads them: text parts joined (where no image part is among them:
+    LLMEngine.encode_chat reads those), content never missing, an assistant's tool
+    calls' `arguments` as the object their JSON text holds (as vLLM hands them over: templates that write
+    `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again), and its
+    `reasoning_content` (or `reasoning`) also as `thinking`."""
+    out = []
+    for m in messages:
+        msg = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list) and all(part.type == "text" for part in m.content):
+            msg["content"] = "".join(part.text for part in m.content)
+        msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
+        if isinstance(msg.get("tool_calls"), list):
+            msg["tool_calls"] = [_parsed_arguments(call) for call in msg["tool_calls"]]
+        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+        if msg.get("role") == "assistant" and isinstance(reasoning, str) and reasoning and "thinking" not in msg:
+            msg["thinking"] = reasoning  # the field gpt-oss's template reads (it keeps the thinking of tool-call turns)
+        out.append(msg)
+    return out
+
+
+def _parsed_arguments(call):
+    """A tool call whose function's `arguments` is JSON text of an object, with that object instead (else as is)."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except ValueError:
+        return call
+    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call

@@ -17,7 +17,7 @@ Conversation state: with `store` (the default) a finished response is kept with 
 them). A request naming it in `previous_response_id` sends only the new turn; the prompt it renders starts with the
 earlier turns' tokens, which the radix cache still holds, so only the new turn is prefilled. With `background: true` the response is made with no client waiting: the call returns it
 "in_progress" at once, GET polls it, `POST /v1/responses/{id}/cancel` aborts it. What this server does not do
-(built-in tools, non-text input, unknown item types) is a 400 naming it. This module imports no JAX: the router uses `input_messages` to hash prompts.
+(built-in tools, non-text input, unknown item types) is a 400 naming it. This module imports no JAX: the router uses `chat_body` to hash prompts.
 """
 from __future__ import annotations
 

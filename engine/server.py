@@ -2,13 +2,15 @@
 
     POST /v1/completions, /v1/chat/completions   streamed (SSE) or not
     POST /v1/embeddings                          last-token pooling of the served model
-    POST /v1/score, /v1/rerank                   cosine similarity of those embeddings (vLLM's; Jina's and Cohere's)
+    POST /v1/score, /v1/rerank                   a cross-encoder's pair scores, or the cosine similarity of those
+                                                 embeddings (vLLM's; Jina's and Cohere's)
     POST /classify                               a sequence classifier's (reward model's) classes (vLLM's)
     POST /v1/responses, GET/DELETE /v1/responses/{id}, GET /v1/responses/{id}/input_items
                                                  OpenAI's Responses API, on the chat path (engine/openai_responses.py)
     POST /v1/messages, /v1/messages/count_tokens Anthropic's Messages API, on the chat path (engine/anthropic_messages.py)
     GET  /v1/models, /health, /metrics, /load
     GET  /v1/cache_events?after=N, /v1/cache_state   the router's feed (engine/cache_feed.py)
+    GET  /v1/prompt_format                       page size, chat and score templates: what the router hashes with
     POST /update_weights_from_disk, /v1/load_lora_adapter, /v1/unload_lora_adapter, /sleep, /wake_up
                                                  admin, with server.allow_weight_updates; GET /is_sleeping
 
@@ -42,13 +44,14 @@ from engine.images import MediaPolicy
 from engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, ServerMetrics
 from engine.openai_format import ChoiceFormatter, usage
 from engine.openai_protocol import (
-    MAX_N, ApiError, ChatCompletionRequest, ChatMessage, ClassifyRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
+    MAX_N, ApiError, ChatCompletionRequest, ClassifyRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
     RerankRequest, ScoreRequest, TokenizeRequest, LoadAdapterRequest, UnloadAdapterRequest, UpdateWeightsRequest,
-    describe_validation_error, error_body,
+    chat_template_call, describe_validation_error, error_body,
 )
 from engine import anthropic_messages, multimodal, openai_responses
 from engine import scoring, structured
 from engine.reasoning import keeps_special_tokens
+from engine.router.prompts import PROBE_TEXT, PromptFormat
 from engine.tool_calls import ToolChoice
 from engine.request import RequestError, SamplingParams, truncate_prompt, validate_prompt, with_defaults
 
@@ -309,18 +312,13 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise ApiError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-        messages = template_messages(body.messages)
-        tool_specs = [t.model_dump(exclude_none=True) for t in body.tools or []]
+        messages, kwargs = chat_template_call(body)
         try:
             choice = body.tool_choice.model_dump() if isinstance(body.tool_choice, BaseModel) else body.tool_choice
-            tools = ToolChoice(tool_specs, choice)
+            tools = ToolChoice(kwargs.get("tools", []), choice)
         except RequestError as e:
             raise ApiError(400, str(e), param=str(e).split(":")[0].split()[0]) from None
-        generation = _generation_prompt(body)
         try:
-            effort = {"reasoning_effort": body.reasoning_effort} if body.reasoning_effort else {}
-            kwargs = {**effort, **(body.chat_template_kwargs or {}), **({"tools": tool_specs} if tool_specs else {}),
-                      **generation}
             prompt_ids, sources = llm.encode_chat(messages, **kwargs)
         except RequestError as e:  # image parts where the model takes none, or of a kind it does not read
             raise ApiError(400, str(e), param="messages") from None
@@ -515,8 +513,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             ids = tokenizer.encode(body.prompt, add_special_tokens=body.add_special_tokens)
         else:
             try:
-                ids, sources = llm.encode_chat(template_messages(body.messages),
-                                               **_generation_prompt(body), **(body.chat_template_kwargs or {}))
+                messages, kwargs = chat_template_call(body)
+                ids, sources = llm.encode_chat(messages, **kwargs)
             except RequestError as e:
                 raise ApiError(400, str(e), param="messages") from None
             except Exception as e:  # template errors (roles out of order, ...) are the caller's
@@ -635,49 +633,23 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
     async def cache_state():
         return engine.feed.state()
 
+    @app.get("/v1/prompt_format", summary="How this server turns requests into prompt tokens (the router hashes so)")
+    async def prompt_format():
+        return prompt_format_of(llm, config).as_json()
+
     return app
 
 
-def _generation_prompt(body) -> dict:
-    """How a request's chat prompt ends, as encode_chat's arguments: the assistant's turn opened, or with
-    `continue_final_message` the last message left open (add_generation_prompt then defaults to false)."""
-    if not body.continue_final_message:
-        return {"add_generation_prompt": body.add_generation_prompt}
-    explicit = "add_generation_prompt" in body.model_fields_set
-    return {"continue_final_message": True, **({"add_generation_prompt": body.add_generation_prompt} if explicit else {})}
+def prompt_format_of(llm, config: EngineConfig) -> PromptFormat:
+    """What a router must know to hash this server's requests as it prompts them (engine/router/prompts.py)."""
+    from models.chat_template import read_chat_template
 
-
-def template_messages(messages: list[ChatMessage]) -> list[dict]:
-    """Chat messages as the chat template reads them: text parts joined (where no image part is among them:
-    LLMEngine.encode_chat reads those), content never missing, an assistant's tool
-    calls' `arguments` as the object their JSON text holds (as vLLM hands them over: templates that write
-    `arguments | tojson`, Llama 3.1's and gpt-oss's among them, would otherwise quote the text again), and its
-    `reasoning_content` (or `reasoning`) also as `thinking`."""
-    out = []
-    for m in messages:
-        msg = m.model_dump(exclude_none=True)
-        if isinstance(m.content, list) and all(part.type == "text" for part in m.content):
-            msg["content"] = "".join(part.text for part in m.content)
-        msg.setdefault("content", "")  # templates read it even where it may be null (assistant tool calls)
-        if isinstance(msg.get("tool_calls"), list):
-            msg["tool_calls"] = [_parsed_arguments(call) for call in msg["tool_calls"]]
-        reasoning = msg.get("reasoning_content") or msg.get("reasoning")
-        if msg.get("role") == "assistant" and isinstance(reasoning, str) and reasoning and "thinking" not in msg:
-            msg["thinking"] = reasoning  # the field gpt-oss's template reads (it keeps the thinking of tool-call turns)
-        out.append(msg)
-    return out
-
-
-def _parsed_arguments(call):
-    """A tool call whose function's `arguments` is JSON text of an object, with that object instead (else as is)."""
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
-        return call
-    try:
-        arguments = json.loads(function["arguments"])
-    except ValueError:
-        return call
-    return {**call, "function": {**function, "arguments": arguments}} if isinstance(arguments, dict) else call
+    score = config.model.score_template
+    return PromptFormat(page_size=config.cache.page_size, chat_template=llm.tokenizer.chat_template,
+                        score_template=read_chat_template(score, "model.score_template") if score else None,
+                        cross_encoder=llm.score_head is not None and llm.score_head.num_labels == 1,
+                        reasoning=config.server.reasoning_parser != "none",
+                        probe=tuple(llm.tokenizer.encode(PROBE_TEXT)))
 
 
 def _prompt_top(*ks: int | None) -> int | None:

@@ -391,22 +391,21 @@ def test_fake_x_api_key_and_bearer():
 
 
 def test_router_hashes_the_equivalent_chat_messages():
-    """The router routes a Messages body by the chat messages it renders as, in its cache_salt's namespace; a body
-    the replica will refuse routes with no prefix."""
-    from engine.router.app import body_route
-    from engine.router.forward import anthropic_route_body
+    """The router routes a Messages body by the chat request it runs as (its system and messages as chat messages),
+    in its cache_salt's namespace; a body the replica will refuse routes with no prefix."""
+    from engine.router.prompts import RequestTokens, body_route
 
-    tokenizer = _ChatTokenizer()
+    tokens = RequestTokens(_ChatTokenizer())
     body = {"model": "m", "max_tokens": 8, "system": [{"type": "text", "text": "You are a careful assistant. " * 3}],
             "messages": [{"role": "user", "content": [{"type": "text", "text": "Name a fruit, please."}]}],
             "cache_salt": "s"}
-    chat = {"messages": [{"role": "system", "content": "You are a careful assistant. " * 3},
-                         {"role": "user", "content": "Name a fruit, please."}], "cache_salt": "s"}
-    routed = body_route(anthropic_route_body(body), True, tokenizer, 16)
-    assert routed == body_route(chat, True, tokenizer, 16) and len(routed.block_hashes) > 2
-    assert routed != body_route({**chat, "cache_salt": None}, True, tokenizer, 16)
+    chat = {"model": "m", "messages": [{"role": "system", "content": "You are a careful assistant. " * 3},
+                                       {"role": "user", "content": "Name a fruit, please."}], "cache_salt": "s"}
+    routed = body_route(body, "anthropic", tokens, 16)
+    assert routed == body_route(chat, "chat", tokens, 16) and len(routed.block_hashes) > 2
+    assert routed != body_route({**chat, "cache_salt": None}, "chat", tokens, 16)
     refused = {**body, "messages": [{"role": "user", "content": [{"type": "image"}]}]}
-    assert body_route(anthropic_route_body(refused), True, tokenizer, 16).block_hashes == ()
+    assert body_route(refused, "anthropic", tokens, 16).block_hashes == ()
 
 
 # ------------------------------------------------------------------------------------- SmolLM2, real socket

@@ -338,7 +338,7 @@ class _ScriptedEngine(_FakeEngine):
 
 
 class _ChatTokenizer(_FakeTokenizer):
-    def encode_chat(self, messages, add_generation_prompt=True, tools=None):
+    def encode_chat(self, messages, add_generation_prompt=True, tools=None, **_):
         return self.encode("".join(f"<{m['role']}>{m['content']}" for m in messages) + "<assistant>")
 
 

@@ -18,6 +18,7 @@ from engine.local_replicas import free_ports
 from engine.router.app import create_app
 from engine.router.config import router_config_from_dict
 from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
+from engine.router.prompts import PROBE_TEXT
 
 pytestmark = pytest.mark.timeout(120)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -205,8 +206,8 @@ def test_adapter_requests_keep_prefix_affinity():
         for i in range(1, 4):
             body["prompt"] = "shared adapter prompt " * 8 + f"q{i}"
             assert httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"] == first
-        req = router.router.route_request(body, chat=False)
-        base = router.router.route_request({**body, "model": "fake"}, chat=False)
+        req = router.router.route_request(body, "/v1/completions")
+        base = router.router.route_request({**body, "model": "fake"}, "/v1/completions")
         # The replica's stored-page events name the adapter's pages with the very hashes the router computes.
         assert confirmed > 0 and router.router.index.holds(slot, req.block_hashes[0])
         assert req.block_hashes[0] != base.block_hashes[0] and not router.router.index.holds(slot, base.block_hashes[0])
@@ -333,10 +334,11 @@ def test_responses_stay_with_the_replica_that_stored_them(cluster):
     try:
         wait_for(lambda: all(r["up"] for r in rr.replicas() + router.replicas()), what="all replicas up")
         # Without previous_response_id, prefix affinity as for chat: instructions and input hash as their messages.
-        responses = rr.router.route_request({"instructions": "be brief " * 8, "input": [
-            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, chat=True)
-        chat = rr.router.route_request({"messages": [{"role": "system", "content": "be brief " * 8},
-                                                     {"role": "user", "content": "hi"}]}, chat=True)
+        responses = rr.router.route_request({"model": "fake", "instructions": "be brief " * 8, "input": [
+            {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]}, "/v1/responses")
+        chat = rr.router.route_request({"model": "fake", "messages": [{"role": "system", "content": "be brief " * 8},
+                                                                      {"role": "user", "content": "hi"}]},
+                                       "/v1/chat/completions")
         assert responses.block_hashes == chat.block_hashes and len(chat.block_hashes) > 1
         owners = {}
         for i in range(6):
@@ -405,3 +407,38 @@ def test_input_items_come_from_the_replica_that_stored_the_response(cluster):
         assert httpx.post(f"{rr.url}/v1/responses/resp_none/cancel", timeout=30).status_code == 404
     finally:
         rr.stop()
+
+
+def test_the_router_hashes_with_the_page_size_the_replicas_tell(cluster):
+    """A router configured with another page size than its replicas' learns theirs from /v1/prompt_format (hashes cut
+    as theirs are, so its index holds what their feeds report) and says so in /replicas; a replica that prompts
+    otherwise than the fleet, or tokenizes otherwise than the router, is named in a warning."""
+    ports, _, _ = cluster
+    router = RouterThread([f"http://127.0.0.1:{p}" for p in ports], page_size=PS * 4)
+    try:
+        wait_for(lambda: all(r["up"] for r in router.replicas()), what="all replicas up")
+        assert router.router.page_size == PS and router.router.policy.page_size == PS
+        assert {r["prompt_format"] for r in router.replicas()} == {"hashed for"}
+        body = {"model": "fake", "max_tokens": 2, "prompt": "learned page size " * 6}
+        first = httpx.post(f"{router.url}/v1/completions", json=body, timeout=30).json()["replica"]
+        slot = [f"fake:{p}" for p in ports].index(first)
+        req = router.router.route_request(body, "/v1/completions")
+        assert len(req.block_hashes) == len(body["prompt"]) // PS
+        wait_for(lambda: router.router.index.holds(slot, req.block_hashes[-1]), what="its pages indexed")
+    finally:
+        router.stop()
+
+
+def test_a_replica_prompting_otherwise_is_named(caplog):
+    from engine.router.prompts import PromptFormat
+
+    cfg = router_config_from_dict({"replicas": ["http://a:1", "http://b:2"], "tokenizer": "bytes"})
+    router = create_app(cfg).state.router
+    probe = tuple(ByteTokenizer().encode(PROBE_TEXT))
+    router.fleet.format = fleet = PromptFormat(PS, probe=probe)
+    with caplog.at_level("WARNING", logger="radixlm.router"):
+        router._check_format("http://a:1", fleet)
+        assert not caplog.records
+        router._check_format("http://b:2", PromptFormat(PS, "{{ messages }}", probe=(1, 2)))
+    assert "http://b:2 tokenizes differently from the router's tokenizer (bytes)" in caplog.text
+    assert "http://b:2 prompts otherwise than the fleet's first (chat_template, probe)" in caplog.text

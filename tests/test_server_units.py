@@ -467,7 +467,7 @@ def test_tool_call_arguments_reach_the_template_as_objects():
     """An assistant's tool calls in the history: `arguments` JSON text becomes the object (templates write
     `arguments | tojson`); text that is not a JSON object stays as it is; its reasoning_content is `thinking` too."""
     from engine.openai_protocol import ChatMessage
-    from engine.server import template_messages
+    from engine.openai_protocol import template_messages
 
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Paris"}'}}
     odd = {"id": "c2", "type": "function", "function": {"name": "g", "arguments": "not json"}}

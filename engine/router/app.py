@@ -20,9 +20,7 @@ from fastapi.responses import JSONResponse, Response
 
 from engine.router.config import RouterConfig
 from engine.router.fleet import BROADCAST, FORWARD_HEADERS
-from engine.router.forward import Router, body_route
-
-__all__ = ["body_route", "create_app"]  # body_route: engine/data_parallel.py imports it from here
+from engine.router.forward import Router
 
 
 def create_app(cfg: RouterConfig, tokenizer: Any = None):

@@ -18,7 +18,7 @@ POLICIES = ("round_robin", "least_load", "prefix_aware")
 class RouterConfig:
     replicas: str = "http://127.0.0.1:8001"  # base URLs, comma-separated (YAML: a list is fine)
     policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
-    page_size: int = 16  # the replicas' cache.page_size: block hashes must be cut the same way
+    page_size: int = 16  # the replicas' cache.page_size until they tell it (GET /v1/prompt_format): pages cut alike
     tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
     replica_api_key: str | None = None  # Bearer key for the router's own calls (cache feeds); else $RADIXLM_API_KEY
     host: str = "127.0.0.1"

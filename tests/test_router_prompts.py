@@ -5,6 +5,8 @@ through its score template. Checked against the replica itself: after it has ser
 router computes for that request is in the replica's cache (GET /v1/cache_state)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from fastapi.testclient import TestClient
 
@@ -134,3 +136,24 @@ def test_prompt_format_answers_are_checked():
         with pytest.raises(ValueError, match=error):
             PromptFormat.from_json(bad)
     assert PromptFormat(16).differences(PromptFormat(32, "{{ x }}")) == ["page_size", "chat_template"]
+
+
+def test_the_example_tool_template_lists_the_tools_after_the_system_prompt(tokenizer):
+    """examples/chatml_tools.jinja (scripts/route_bench.py --chat-template): ChatML with the tools in the system
+    turn, after the system prompt, and tool calls and results in the conversation."""
+    from engine.router.loadgen import group_tools
+    from models.chat_template import read_chat_template
+
+    tools = group_tools(3, 2)
+    chat = tokenizer.with_chat_template(read_chat_template("examples/chatml_tools.jinja"))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Where is order 7?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": tools[0]["function"]["name"], "arguments": {"id": "7"}}}]},
+                {"role": "tool", "content": "shipped"}]
+    text = chat.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
+    assert text.startswith("<|im_start|>system\nBe brief.\n\nYou can call these functions.")
+    assert all(json.dumps(t) in text for t in tools) and text.endswith("<|im_start|>assistant\n")
+    assert f'{{"name": "{tools[0]["function"]["name"]}", "arguments": {{"id": "7"}}}}' in text
+    assert "<tool_response>\nshipped\n</tool_response>" in text
+    assert chat.apply_chat_template(messages[:2], add_generation_prompt=False) == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhere is order 7?<|im_end|>\n")

@@ -28,11 +28,31 @@ def group_prompt(group: int, words: int) -> str:
     return f"You are support agent #{group}. Policy manual follows. {body}"
 
 
-async def one(client: httpx.AsyncClient, url: str, model: str, group: int, i: int, words: int,
-              max_tokens: int) -> tuple[float, float]:
-    body = {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0,
-            "messages": [{"role": "system", "content": group_prompt(group, words)},
-                         {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}]}
+def group_tools(group: int, n: int) -> list[dict]:
+    """The `n` function tools an agent of `group` carries in every request (its own, as agents' are)."""
+    rng = random.Random(1000 + group)
+    verbs, things = ["lookup", "update", "cancel", "refund", "escalate", "schedule"], ["order", "ticket", "invoice",
+                                                                                     "account", "shipment", "refund"]
+    return [{"type": "function", "function": {
+        "name": f"{rng.choice(verbs)}_{rng.choice(things)}_{group}_{k}",
+        "description": f"Agent {group}'s tool {k}: " + " ".join(rng.choice(things) for _ in range(12)),
+        "parameters": {"type": "object", "properties": {"id": {"type": "string"}, "note": {"type": "string"}},
+                       "required": ["id"]}}} for k in range(n)]
+
+
+def request_body(model: str, group: int, i: int, words: int, max_tokens: int, tools: int = 0,
+                 parts: bool = False) -> dict:
+    """A request of `group`: its system prompt (and `tools` tools), then question `i`; `parts`: each message's
+    content as a list of text parts, as typed clients send it."""
+    messages = [{"role": "system", "content": group_prompt(group, words)},
+                {"role": "user", "content": f"Question {i}: what does clause {i % 97} say?"}]
+    if parts:
+        messages = [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+    return {"model": model, "stream": True, "max_tokens": max_tokens, "temperature": 0, "messages": messages,
+            **({"tools": group_tools(group, tools)} if tools else {})}
+
+
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
     t0 = time.perf_counter()
     ttft = None
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
@@ -52,15 +72,16 @@ def jobs(groups: int, requests: int, seed: int) -> list[tuple[int, int]]:
 
 
 async def collect(url: str, model: str, work: list[tuple[int, int]], words: int, max_tokens: int,
-                  concurrency: int, timeout_s: float = 600) -> list[tuple[float, float]]:
-    """Sends `work` with at most `concurrency` in flight; (TTFT, end-to-end) per request."""
+                  concurrency: int, timeout_s: float = 600, tools: int = 0, parts: bool = False
+                  ) -> list[tuple[float, float]]:
+    """Sends `work` with at most `concurrency` in flight (`request_body`'s); (TTFT, end-to-end) per request."""
     sem = asyncio.Semaphore(concurrency)
     results: list[tuple[float, float]] = []
     async with httpx.AsyncClient(timeout=timeout_s) as client:
 
         async def task(g: int, i: int) -> None:
             async with sem:
-                results.append(await one(client, url, model, g, i, words, max_tokens))
+                results.append(await one(client, url, request_body(model, g, i, words, max_tokens, tools, parts)))
 
         await asyncio.gather(*(task(g, i) for g, i in work))
     return results
@@ -69,7 +90,7 @@ async def collect(url: str, model: str, work: list[tuple[int, int]], words: int,
 async def run(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     results = await collect(a.url, a.model, jobs(a.groups, a.requests, a.seed), a.prefix_words, a.max_tokens,
-                            a.concurrency)
+                            a.concurrency, tools=a.tools, parts=a.text_parts)
     wall = time.perf_counter() - t0
     async with httpx.AsyncClient(timeout=60) as client:
         ttfts = sorted(r[0] for r in results)
@@ -95,6 +116,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=6)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tools", type=int, default=0, help="function tools per request, each group its own")
+    p.add_argument("--text-parts", action="store_true", help="message content as lists of text parts")
     asyncio.run(run(p.parse_args()))
 
 

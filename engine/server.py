@@ -297,7 +297,9 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         p = body.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
-        given = [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p]
+        # Tokenized in a worker thread (the tokenizer lets go of the GIL): a long prompt does not hold up the streams
+        # this event loop is sending.
+        given = await asyncio.to_thread(lambda: [tokenizer.encode(x) if isinstance(x, str) else list(x) for x in p])
         prompts = [truncate_prompt(ids, body.truncate_prompt_tokens, max_model_len, max(max_tokens, 1)) for ids in given]
         for ids in prompts:
             if not ids:
@@ -346,13 +348,14 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             else ids
 
     async def chat_token_ids(body: ChatCompletionRequest) -> list[int]:
-        ids, _, sources = chat_ids(body)
+        ids, _, sources = await asyncio.to_thread(chat_ids, body)
         return await counted_ids(ids, sources)
 
     async def chat_prompt(body: ChatCompletionRequest) -> tuple[list[int], int, ToolChoice, int | None, list]:
         """A chat request up to the engine: (prompt ids through the chat template, max tokens, tools, logprobs, the
-        images' spans (engine.multimodal: loaded, remote ones fetched, off the event loop))."""
-        prompt_ids, tools, sources = chat_ids(body)
+        images' spans (engine.multimodal: loaded, remote ones fetched, off the event loop)); tokenized off the event
+        loop too."""
+        prompt_ids, tools, sources = await asyncio.to_thread(chat_ids, body)
         prompt_ids, spans = await prepared(prompt_ids, sources)
         requested = body.max_completion_tokens or body.max_tokens
         prompt_ids = truncate_prompt(prompt_ids, body.truncate_prompt_tokens, max_model_len, requested or 1)

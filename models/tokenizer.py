@@ -87,7 +87,9 @@ class _HFBackend:
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch lets go of the GIL while it runs (encode holds it), so a server or router thread
+        # tokenizing a long prompt leaves the event loop free to send other streams; the ids are encode's.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_pair(self, first: str, second: str) -> list[int]:
         return self.tokenizer.encode(first, second, add_special_tokens=True).ids  # its post-processor's pair template

@@ -140,8 +140,8 @@ class Router:
             if isinstance(pinned, Response):
                 return pinned
             req = RouteRequest((), 0)
-        else:
-            req = self.route_request(body, path)
+        else:  # tokenized in a worker thread (the tokenizer lets go of the GIL): streams keep flowing meanwhile
+            req = await asyncio.to_thread(self.route_request, body, path)
         tried: set[int] = set()
         last_error = "no replica is up"
         for _ in range(self.cfg.max_attempts if pinned is None else 1):

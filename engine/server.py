@@ -652,7 +652,8 @@ def prompt_format_of(llm, config: EngineConfig) -> PromptFormat:
                         score_template=read_chat_template(score, "model.score_template") if score else None,
                         cross_encoder=llm.score_head is not None and llm.score_head.num_labels == 1,
                         reasoning=config.server.reasoning_parser != "none",
-                        probe=tuple(llm.tokenizer.encode(PROBE_TEXT)))
+                        probe=tuple(llm.tokenizer.encode(PROBE_TEXT)),
+                        image_placeholder=None if llm.image_prompts is None else llm.image_prompts.placeholder_id)
 
 
 def _prompt_top(*ks: int | None) -> int | None:

@@ -294,6 +294,20 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
                                          {"type": "text", "text": question["text"]}]}]})
         assert r.status_code == 200, r.text
         assert "".join(b["text"] for b in r.json()["content"] if b["type"] == "text") == until_eos.text
+        # The router hashes such a chat up to its first image, as the replica prompts it (engine/router/prompts.py)
+        from engine.router.prompts import PromptFormat, RequestTokens, body_route
+        from models.loader import tokenizer_source
+        from models.tokenizer import Tokenizer
+
+        fmt = PromptFormat.from_json(client.get("/v1/prompt_format").json())
+        assert fmt.image_placeholder == llm.engine.image_prompts.placeholder_id
+        body = {"model": "tiny-llava", "max_tokens": 1, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe it for a museum guide. " * 4},
+                                         {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}]}
+        routed = body_route(body, "chat", RequestTokens(Tokenizer.load(tokenizer_source(path)), fmt), PAGE)
+        assert client.post("/v1/chat/completions", json=body).status_code == 200
+        cached = {h for hs in client.get("/v1/cache_state").json()["block_hashes"].values() for h in hs}
+        assert len(routed.block_hashes) >= 2 and set(routed.block_hashes) <= cached
         # a file outside the allowed directory, and a URL that is no image: 400s that name the problem
         for url, message in (("file:///etc/hostname", "image 0"), ("data:text/plain;base64,aGk=", "image 0")):
             r = client.post("/v1/chat/completions", json={

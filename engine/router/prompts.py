@@ -5,9 +5,11 @@ A prefix is found in a replica's cache only when the router cuts and hashes exac
 with. So a chat request goes through the same chat template call as the server's (engine.openai_protocol's
 `chat_template_call`: its tools, `chat_template_kwargs`, `reasoning_effort`, text parts joined, how the prompt ends),
 Responses and Anthropic Messages bodies through the chat request they become on the replica, and a cross-encoder's pair
-through the replica's pair format (its `model.score_template`). The replica's page size, chat template (its
-`model.chat_template` where set), score template, whether it cross-encodes pairs and whether it has a reasoning parser
-(Anthropic's `thinking` then sets the template's enable_thinking) come from its /v1/prompt_format; a probe text's token
+through the replica's pair format (its `model.score_template`); a chat with images up to its first image (the
+replica widens each into positions only its vision preprocessing knows). The replica's page size, chat template (its
+`model.chat_template` where set), score template, whether it cross-encodes pairs, whether it has a reasoning parser
+(Anthropic's `thinking` then sets the template's enable_thinking) and its image placeholder come from its
+/v1/prompt_format; a probe text's token
 ids there tell whether the router's tokenizer is the replicas'. This module imports no JAX.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from engine import multimodal
 from engine.block_hash import cache_namespace, page_hashes
 from engine.router.policy import RouteRequest
 
@@ -33,6 +36,7 @@ class PromptFormat:
     cross_encoder: bool = False  # a pair is one prompt (a classifier of one label); else each text is embedded
     reasoning: bool = False  # server.reasoning_parser is set
     probe: tuple[int, ...] = ()  # its tokenizer's ids of PROBE_TEXT
+    image_placeholder: int | None = None  # the token an image part renders as (a model that takes images)
 
     def as_json(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "probe": list(self.probe)}
@@ -46,7 +50,8 @@ class PromptFormat:
                   "chat_template": lambda v: v is None or isinstance(v, str),
                   "score_template": lambda v: v is None or isinstance(v, str),
                   "cross_encoder": lambda v: isinstance(v, bool), "reasoning": lambda v: isinstance(v, bool),
-                  "probe": lambda v: isinstance(v, list) and all(isinstance(t, int) for t in v)}
+                  "probe": lambda v: isinstance(v, list) and all(isinstance(t, int) for t in v),
+                  "image_placeholder": lambda v: v is None or isinstance(v, int) and not isinstance(v, bool)}
         for key, ok in checks.items():
             if key in data and not ok(data[key]):
                 raise ValueError(f"{key}: unexpected value {data[key]!r}")
@@ -81,7 +86,15 @@ class RequestTokens:
             from engine.openai_protocol import chat_template_call
 
             messages, kwargs = chat_template_call(self._chat_request(body, kind))
-            return list(self.tokenizer.encode_chat(messages, **kwargs))
+            placeholder = None if self.format is None else self.format.image_placeholder
+            if placeholder is None or not multimodal.has_images(messages):
+                return list(self.tokenizer.encode_chat(messages, **kwargs))
+            # Images: the replica renders each as its placeholder, then widens that into the image's own positions,
+            # which only its vision preprocessing knows; the text before the first image is hashed.
+            messages, _ = multimodal.split_images(messages, multimodal.template_wants_parts(
+                self.tokenizer.chat_template), self.tokenizer.decode([placeholder], skip_special_tokens=False))
+            ids = list(self.tokenizer.encode_chat(messages, **kwargs))
+            return ids[:ids.index(placeholder)] if placeholder in ids else ids
         first = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
         if isinstance(first, list) and first and isinstance(first[0], (list, str)):
             first = first[0]  # a batch of prompts: routed by the first

@@ -442,3 +442,14 @@ def test_a_replica_prompting_otherwise_is_named(caplog):
         router._check_format("http://b:2", PromptFormat(PS, "{{ messages }}", probe=(1, 2)))
     assert "http://b:2 tokenizes differently from the router's tokenizer (bytes)" in caplog.text
     assert "http://b:2 prompts otherwise than the fleet's first (chat_template, probe)" in caplog.text
+
+    # Replicas restarted one by one with new settings: the fleet keeps its format while a replica up still prompts
+    # so, and takes the new one once none does.
+    fleet, new = router.fleet, PromptFormat(PS * 2, probe=probe)
+    fleet.formats, fleet.states[0].up, fleet.states[1].up = [fleet.format, fleet.format], True, True
+    fleet.adopt_format(1, new)
+    assert fleet.format == PromptFormat(PS, probe=probe) and router.page_size == PS
+    assert [d["prompt_format"] for d in fleet.describe()] == ["hashed for", "differs: page_size"]
+    fleet.adopt_format(0, new)
+    assert fleet.format == new and router.page_size == router.policy.page_size == PS * 2
+    assert [d["prompt_format"] for d in fleet.describe()] == ["hashed for", "hashed for"]

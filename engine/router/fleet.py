@@ -120,8 +120,8 @@ class Fleet:
             self.mark_down(slot)
 
     async def learn_format(self, slot: int) -> None:
-        """How the replica prompts (its /v1/prompt_format), once it answers it: the fleet's format if it is the first
-        to tell. A replica without the endpoint (404) is hashed for as configured; a bad answer is logged."""
+        """How the replica prompts (its /v1/prompt_format), asked as it comes up (`adopt_format`). A replica without the
+        endpoint (404) is hashed for as configured; a bad answer is logged."""
         url = self.urls[slot]
         r = await self.client.get(f"{url}/v1/prompt_format", timeout=self.cfg.connect_timeout_s,
                                   headers=self._own_headers)
@@ -133,13 +133,19 @@ class Fleet:
         except ValueError as e:
             log.warning("replica %s: bad /v1/prompt_format answer (%s); its requests are hashed as configured", url, e)
             return
+        self.adopt_format(slot, fmt)
+
+    def adopt_format(self, slot: int, fmt: PromptFormat) -> None:
+        """Records how the replica in `slot` prompts. It becomes the fleet's format when there is none yet, or when no
+        other replica up prompts as the fleet's does (all of them were restarted with new settings, one by one)."""
         self.formats[slot] = fmt
-        if self.format is None:
+        if fmt != self.format and not any(
+                st.up and self.formats[s] == self.format for s, st in enumerate(self.states) if s != slot):
             self.format = fmt
-            log.info("hashing prompts as replica %s prompts them: pages of %d tokens%s%s", url, fmt.page_size,
-                     ", its chat template" if fmt.chat_template else "",
+            log.info("hashing prompts as replica %s prompts them: pages of %d tokens%s%s", self.urls[slot],
+                     fmt.page_size, ", its chat template" if fmt.chat_template else "",
                      ", pairs through its score template" if fmt.cross_encoder and fmt.score_template else "")
-        self._check_format(url, fmt)
+        self._check_format(self.urls[slot], fmt)
 
     async def learn_adapters(self, slot: int) -> set[str]:
         """LoRA adapters the replica serves (its /v1/models entries with a `parent`): a request naming one is hashed

@@ -94,7 +94,6 @@ class Router:
         from engine.router.prompts import PROBE_TEXT
 
         self.policy.page_size = self.page_size
-
         if fmt.probe and list(fmt.probe) != list(self.tokenizer.encode(PROBE_TEXT)):
             log.warning("replica %s tokenizes differently from the router's tokenizer (%s): its requests' prefixes "
                         "will not be found; set the router's tokenizer to the replicas' model", url, self.cfg.tokenizer)

@@ -24,8 +24,6 @@ from engine.router.policy import RouteRequest
 # Tokenized by the router and by each replica: different ids mean a different tokenizer, whose hashes never match.
 PROBE_TEXT = "Prefix caching, 12345 tokens: émigré café, 漢字かな, Ελληνικά, emoji 🙂\n\tdone."
 
-KINDS = ("text", "pair", "chat", "responses", "anthropic")
-
 
 @dataclasses.dataclass(frozen=True)
 class PromptFormat:
@@ -123,7 +121,7 @@ class RequestTokens:
 
 
 def path_kind(path: str) -> str:
-    """How the body of a request to `path` becomes its prompt (one of KINDS)."""
+    """How the body of a request to `path` becomes its prompt: "anthropic", "chat", "responses", "pair" or "text"."""
     if path.startswith("/v1/messages"):
         return "anthropic"
     if path.endswith("/chat/completions"):

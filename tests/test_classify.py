@@ -228,7 +228,7 @@ def test_a_language_model_as_a_yes_no_reranker_scores_pairs_as_transformers(tmp_
         [1 / (1 + np.exp(-(lg[yes] - lg[no]))) for lg in
          (_last_logits(model, tokenizer.encode_pair(a, b)) for a, b in zip(docs[:2], docs[2:4]))], abs=2e-5)
     assert llm.score(tokenizer.encode(query), [tokenizer.encode(docs[0], add_special_tokens=False)]) == pytest.approx(
-        scores[:1], abs=1e-6)
+        scores[:1], abs=2e-5)  # scored alone now, in a batch of pairs before: float32 sums in another order
 
     state = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     state["lm_head.weight"][[no, yes]] = state["lm_head.weight"][[yes, no]]  # the answers swapped

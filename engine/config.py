@@ -178,9 +178,22 @@ class SchedulerConfig:
     # scheduling): the host work of a step (scheduling, packing, detokenizing, stop checks) runs while the
     # device computes, and N+1 reads N's sampled tokens on the device. Outputs are the same either way.
     overlap: bool = True
+    # The step sizes in tokens that get a compiled forward each (SGLang-JAX's precompile token paddings, vLLM's
+    # cudagraph capture sizes): a step pads its tokens up to the first that holds them, so the largest must be >=
+    # max_batch_tokens (any past the first that does go unused). Fewer sizes compile sooner and pad more. Empty:
+    # powers of two from 16 to 128, then also the midpoints (192, 256, 384, 512, ...) up to the first that holds
+    # max_batch_tokens.
+    token_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         _positive("scheduler.max_batch_tokens", self.max_batch_tokens)
+        if self.token_buckets:
+            buckets = list(self.token_buckets)
+            if any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
+                raise ConfigKeyError(f"scheduler.token_buckets must be positive and increasing, got {buckets}")
+            if buckets[-1] < self.max_batch_tokens:
+                raise ConfigKeyError(f"scheduler.token_buckets: the largest ({buckets[-1]}) must hold a whole step of "
+                                     f"scheduler.max_batch_tokens ({self.max_batch_tokens})")
         if self.long_prefill_tokens < 0:
             raise ConfigKeyError(f"scheduler.long_prefill_tokens must be >= 0 (0 = no limit), got {self.long_prefill_tokens}")
         _positive("scheduler.max_running", self.max_running)

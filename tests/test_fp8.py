@@ -243,7 +243,7 @@ def test_an_fp8_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_4(c
     size that spans two KV heads, or blocks that do not split over the devices, are refused by name."""
     directory, _ = checkpoints["block"]
     base = {"warmup": False, "model.path": str(directory), "cache.page_size": 8, "cache.num_pages": 96,
-            "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
+            "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "model.max_model_len": 128}
     prompts = _prompts(49152, 3)
     dequantized = LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}), progress=False)
     want = [o.token_ids for o in dequantized.generate(prompts, GREEDY)]
@@ -343,7 +343,8 @@ def test_an_8bit_expert_model_serves_with_the_grouped_kernel(tmp_path):
         "quantization_config": {"quant_method": "fp8", "weight_block_size": [16, 16]}}))
     Tokenizer.load(tokenizer_source(SMOLLM2)).save_pretrained(str(tmp_path))
     base = {"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8, "cache.num_pages": 64,
-            "scheduler.max_batch_tokens": 64, "model.max_model_len": 128, "model.moe_backend": "grouped"}
+            "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "model.max_model_len": 128,
+            "model.moe_backend": "grouped"}
     prompts, greedy = [p[:16] for p in _prompts(cfg.vocab_size, 4)][:2], dataclasses.replace(GREEDY, max_tokens=6)
     want = [o.token_ids for o in LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}),
                                      progress=False).generate(prompts, greedy)]

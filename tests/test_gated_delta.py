@@ -416,7 +416,8 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
     prompts.append(list(prompts[1]))  # resumed at its prompt-end snapshot
     greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     small = {"warmup": False, "cache.num_pages": 64, "cache.page_size": 8, "model.max_model_len": 128,
-             "scheduler.max_running": 3, "scheduler.max_batch_tokens": 32, "debug_checks": True}
+             "scheduler.max_running": 3, "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32],
+             "debug_checks": True}  # one compiled forward a setting
     plain = [o.token_ids for o in LLM(None, progress=False, model=(cfg, params, tokenizer), **small)
              .generate(prompts, greedy)]
 
@@ -495,7 +496,7 @@ def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (2, 7)]
     greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     small = {"warmup": False, "cache.num_pages": 48, "cache.page_size": 8, "model.max_model_len": 96,
-             "scheduler.max_running": 6}
+             "scheduler.max_running": 6, "scheduler.token_buckets": [16, 512]}  # two forwards a setting
     reference = LLM(None, progress=False, model=(cfg, params, tokenizer), **small)
     want = {None: [o.token_ids for o in reference.generate(prompts, greedy)]}
     for name, path in paths.items():  # the same compiled steps, each merged model's weights in turn

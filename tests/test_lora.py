@@ -17,8 +17,8 @@ from models.loader import tokenizer_source
 from models.lora import PROJECTIONS, load_peft_adapter, write_random_adapter
 from models.tokenizer import Tokenizer
 
-SMALL = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.max_running": 8, "model.max_model_len": 128,
-         "cache.num_pages": 64, "cache.page_size": 16}
+SMALL = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "scheduler.max_running": 8,
+         "model.max_model_len": 128, "cache.num_pages": 64, "cache.page_size": 16}
 
 
 @pytest.fixture(scope="module")

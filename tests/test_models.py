@@ -683,7 +683,8 @@ def _engine_greedy_is_transformers(hf_model, cfg, params, system_len: int = 20) 
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(system_len)]
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(rng.randrange(1, 10))] for _ in range(4)]
     llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
-        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 96})
+        "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 96,
+        "scheduler.max_batch_tokens": 128, "scheduler.token_buckets": [16, 128]})  # two compiled forwards
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     assert sum(o.cached_tokens for o in outs) > 0
     _assert_greedy_is_argmax(hf_model, prompts, outs)

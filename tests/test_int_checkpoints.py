@@ -230,7 +230,7 @@ def test_a_4bit_checkpoint_serves_its_dequantized_weights_tokens_at_tp_1_and_2(h
 
     write_compressed_tensors(hf_model, tokenizer, tmp_path, "w4a16-asym")
     base = {"warmup": False, "model.path": str(tmp_path), "cache.page_size": 8, "cache.num_pages": 96,
-            "scheduler.max_batch_tokens": 64, "model.max_model_len": 128}
+            "scheduler.max_batch_tokens": 64, "scheduler.token_buckets": [16, 64], "model.max_model_len": 128}
     prompts = _prompts(tokenizer.vocab_size, fresh.seed())
     dequantized = LLM(EngineConfig().replace(**base, **{"model.quantization": "none"}), progress=False)
     want = [o.token_ids for o in dequantized.generate(prompts, GREEDY)]

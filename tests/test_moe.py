@@ -166,7 +166,7 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
     llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **{
         "warmup": False, "cache.num_pages": 24, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
-        "scheduler.max_running": 4, "model.max_model_len": 96})
+        "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 96})
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
     assert sum(o.cached_tokens for o in outs) > 0
     _assert_greedy_is_argmax(model, prompts, outs)

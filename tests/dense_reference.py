@@ -8,13 +8,17 @@ import numpy as np
 from models import llama
 
 
+def pad_rows(rows: jnp.ndarray, multiple: int = 64) -> jnp.ndarray:
+    """`rows` ([n] ids or [n, ...] rows) followed by zero rows up to a multiple of `multiple`: a causal reference over
+    them gives the unpadded rows first (no position sees the padding after it), one compiled program per multiple."""
+    return jnp.pad(rows, [(0, -rows.shape[0] % multiple)] + [(0, 0)] * (rows.ndim - 1))
+
+
 def dense_logits(params, cfg, ids, multiple: int = 64) -> np.ndarray:
-    """Logits [len(ids), vocab] of `llama.forward_dense` over `ids` followed by zeros up to a multiple of `multiple`:
-    attention is causal, so no position sees the padding after it and the rows are the unpadded sequence's. Callers
-    put `params` on the device once (as a loop of calls would otherwise copy them every time)."""
-    n = len(ids)
-    padded = jnp.asarray(list(ids) + [0] * (-n % multiple), jnp.int32)
-    return np.asarray(llama.forward_dense(params, cfg, padded))[:n]
+    """Logits [len(ids), vocab] of `llama.forward_dense` over `ids` padded (`pad_rows`), the unpadded sequence's rows.
+    Callers put `params` on the device once (as a loop of calls would otherwise copy them every time)."""
+    padded = pad_rows(jnp.asarray(list(ids), jnp.int32), multiple)
+    return np.asarray(llama.forward_dense(params, cfg, padded))[: len(ids)]
 
 
 def assert_argmax(logits, tokens, tie: float = 1e-4, margin=0.0) -> None:

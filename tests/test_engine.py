@@ -1010,8 +1010,8 @@ def test_overlap_abort_while_a_step_is_in_flight(tiny):
 # ------------------------------------------------------------------------------ prompt logprobs
 @pytest.mark.parametrize("overrides", [
     {"cache.num_pages": 16, "scheduler.max_batch_tokens": 48},  # many chunks, preemption
-    {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256, "scheduler.token_buckets": ()},  # steps of 192/256
-    # rows: several head blocks
+    # steps of 192/256 rows (the default buckets): several head blocks
+    {"cache.num_pages": 64, "scheduler.max_batch_tokens": 256, "scheduler.token_buckets": ()},
 ], ids=["chunked-preempted", "blocks"])
 def test_prompt_logprobs_are_the_dense_models(tiny_model, overrides):
     """Prompt logprobs (their top k, and each prompt token's rank) equal the non-paged reference forward's, for

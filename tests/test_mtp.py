@@ -17,6 +17,7 @@ from engine.llm import LLM
 from engine.request import SamplingParams, StructuredOutput
 from models import llama, mtp
 from models.config import LlamaConfig
+from dense_reference import pad_rows
 import fresh
 from test_draft_model import _run, _same, proposed, sleep_keeps_the_drafter, split_model_whole_drafter  # noqa: F401
 from test_engine import SMALL, _prompts, _repetitive_params, tokenizer  # noqa: F401
@@ -56,23 +57,17 @@ def bigram(tokenizer):
 def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
     """The layer's k greedy guesses after `ids`, from scratch: the model's hidden rows (after its final norm) paired
     with the token after each, the layer over those pairs, then chained on its own output and guess. (Both references
-    are causal: each runs on its input padded at the end to a multiple of 64 rows, one compiled program per 64.)"""
+    are causal and run on inputs padded to 64 rows: `dense_reference.pad_rows`.)"""
     cfg, params, _ = model
     mcfg, mparams = layer
-
-    def padded(n: int) -> int:
-        return -(-n // 64) * 64
-
-    ids_in = jnp.asarray(list(ids) + [0] * (padded(len(ids)) - len(ids)), jnp.int32)
-    x = jax.jit(llama.decoder_dense, static_argnums=1)(params, cfg, ids_in)[: len(ids)]
+    x = jax.jit(llama.decoder_dense, static_argnums=1)(params, cfg, pad_rows(jnp.asarray(ids, jnp.int32)))[: len(ids)]
     hidden = list(llama.final_hidden(params, cfg, x)[:-1])
     tokens = list(ids[1:])
     out = []
     for _ in range(k):
         n = len(tokens)
-        rows_in = jnp.concatenate([jnp.stack(hidden), jnp.zeros((padded(n) - n, hidden[0].shape[-1]), hidden[0].dtype)])
-        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg,
-                                                            jnp.asarray(tokens + [0] * (padded(n) - n)), rows_in)
+        rows = jax.jit(mtp.forward_dense, static_argnums=2)(params, mparams, mcfg, pad_rows(jnp.asarray(tokens)),
+                                                            pad_rows(jnp.stack(hidden)))
         last = rows[n - 1 : n]
         guess = int(mtp.logits(params, mparams, mcfg, last)[0].argmax())
         out.append(guess)

@@ -216,14 +216,18 @@ class SpeculativeConfig:
     greedily, on the same devices, with its own K/V in the same pages as the target's (so the prefix cache serves
     both). Pays wherever the small model often guesses the large one's next tokens.
     `mtp` (vLLM's and SGLang's `mtp`): the checkpoint's own multi-token-prediction layer drafts (DeepSeek-V3, GLM-4.5,
-    Qwen3.5, Qwen3-Next HF checkpoints; models/mtp.py), one layer per draft token, its K/V in the same pages."""
+    Qwen3.5, Qwen3-Next HF checkpoints; models/mtp.py), one layer per draft token, its K/V in the same pages.
+    `eagle3` (vLLM's and SGLang's `eagle3`): an EAGLE-3 head trained for the model (`model`: its HF directory; models/
+    eagle3.py) drafts from three of the model's hidden states, one layer per draft token, its K/V in the same pages."""
 
-    method: Literal["none", "ngram", "draft_model", "mtp"] = "none"
+    method: Literal["none", "ngram", "draft_model", "mtp", "eagle3"] = "none"
     num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
     ngram_min: int = 2
     ngram_max: int = 4
     max_batch: int = 0  # speculate only in steps with at most this many decoding sequences (0: any)
-    model: str = ""  # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...)
+    # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...); eagle3: the head's HF
+    # directory
+    model: str = ""
     quantization: Quantization = "auto"  # draft_model: the draft's weights, as model.quantization (auto: as its checkpoint)
 
     def __post_init__(self):

@@ -171,13 +171,13 @@ class LLMEngine:
         # float8 kept as their bits.
         kind = config.cache.kv_dtype
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
-        self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model, mtp)
-        self.mtp = None  # models.mtp.MtpConfig (speculative.method: mtp)
-        if config.speculative.method in ("draft_model", "mtp"):
+        self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model, mtp, eagle3)
+        self.mtp = None  # models.mtp.MtpConfig (speculative.method: mtp) or models.eagle3.Eagle3Config (eagle3)
+        if config.speculative.method in ("draft_model", "mtp", "eagle3"):
             draft_model.check_supported(config, self.model_cfg)
         if config.speculative.method == "draft_model":
             self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
-        elif config.speculative.method == "mtp":
+        elif config.speculative.method in ("mtp", "eagle3"):
             mtp_drafter.check_supported(config, self._loaded_cfg)
             self.draft, self.mtp = mtp_drafter.load_drafter(config, self._loaded_cfg, self.model_cfg, self.dtype,
                                                             self.tokenizer, draft, self.mesh, progress)
@@ -190,7 +190,7 @@ class LLMEngine:
         mode = quant_kernel_mode(backend, self.params["layers"], jax.devices()[0])
         if mode != "none":
             self.model_cfg = dataclasses.replace(self.model_cfg, quant_kernels=mode)
-        if self.mtp is not None:  # the MTP layer's quantized matmuls as the model's
+        if self.mtp is not None:  # the MTP layer's quantized matmuls as the model's (an EAGLE-3 head has none)
             layer = dataclasses.replace(self.mtp.layer, quant_kernels=quant_kernel_mode(
                 backend, self.draft.weights.params["layers"], jax.devices()[0]))
             self.mtp, self.draft = dataclasses.replace(self.mtp, layer=layer), dataclasses.replace(self.draft, cfg=layer)
@@ -287,6 +287,9 @@ class LLMEngine:
             return {"config": self.draft.cfg, "weights": weights,
                     "quantization": "mtp " + mtp_drafter.QUANTIZATIONS.get(self.config.model.quantization, "none")}
         weights = arrays_digest(given[1]) if given is not None else weights_identity(spec.model)
+        if spec.method == "eagle3":  # (the layers it reads are part of what its K/V is)
+            return {"config": self.draft.cfg, "weights": weights, "quantization": "eagle3 none",
+                    "aux_layers": list(self.mtp.aux_layers)}
         return {"config": self.draft.cfg, "weights": weights, "quantization": spec.quantization}
 
     @property

@@ -1,5 +1,6 @@
 """Speculative decoding with the checkpoint's own multi-token-prediction layer (`speculative.method: mtp`,
-models/mtp.py): vLLM's and SGLang's `mtp`.
+models/mtp.py): vLLM's and SGLang's `mtp`; and with an EAGLE-3 head trained for the model (`speculative.method:
+eagle3`, models/eagle3.py), which runs alike over three of the model's hidden states instead of its last.
 
 The layer's K/V lives in the model's pages after the model's arrays, as a draft model's does (engine/draft_model.py),
 so prefix hits, copy-on-write, preemption and the host and disk tiers carry it. Its row for position i reads the
@@ -24,6 +25,7 @@ draft is the layer's guess over the sequence as computed from scratch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 
@@ -35,7 +37,7 @@ from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.draft_model import DraftModel
 from engine.replica_weights import ReplicaWeights
 from engine.transfer import unpacked
-from models import llama, mtp, sharding
+from models import eagle3, llama, mtp, sharding
 from models.config import LlamaConfig
 
 log = logging.getLogger(__name__)
@@ -45,30 +47,43 @@ QUANTIZATIONS = {"int8": "int8", "int4": "int4", "fp8": "fp8", "mxfp4": "mxfp4",
 
 
 def load_drafter(config: EngineConfig, loaded_cfg: LlamaConfig, model_cfg: LlamaConfig, dtype, tokenizer,
-                 given: tuple | None, mesh, progress: bool) -> tuple[DraftModel, mtp.MtpConfig]:
-    """The MTP layer of `model.path` (or `given` = (MtpConfig, params) in process), split over a tensor-parallel
-    `mesh` as the model's layers are (its K/V too), its weights quantized as the model's where that format applies to
-    float weights; its experts run as the model's (`model_cfg`: the model as served)."""
+                 given: tuple | None, mesh, progress: bool) -> tuple[DraftModel, mtp.MtpConfig | eagle3.Eagle3Config]:
+    """The MTP layer of `model.path`, or the EAGLE-3 head in `speculative.model` (or `given` = (MtpConfig or
+    Eagle3Config, params) in process), split over a tensor-parallel `mesh` as the model's layers are (its K/V too).
+    An MTP layer's weights are quantized as the model's where that format applies to float weights, its experts run
+    as the model's (`model_cfg`: the model as served); an EAGLE-3 head's stay in the model's float dtype."""
     t0 = time.perf_counter()
+    eagle = config.speculative.method == "eagle3"
+    source = config.speculative.model if eagle else config.model.path
     if given is not None:
         mcfg, params = given
+        if eagle:
+            eagle3.check_params(mcfg, loaded_cfg, jax.tree.map(np.asarray, params), "(in-process)")
+    elif eagle:
+        if not source:
+            raise ConfigKeyError("speculative.method: eagle3 needs speculative.model, the EAGLE-3 head's checkpoint "
+                                 "directory (trained for this model)")
+        mcfg, params = eagle3.load_eagle3(source, loaded_cfg, dtype)
     else:
-        mcfg, params = mtp.load_mtp(config.model.path, loaded_cfg, dtype)
-    quantization = QUANTIZATIONS.get(config.model.quantization, "none")
+        mcfg, params = mtp.load_mtp(source, loaded_cfg, dtype)
+    quantization = "none" if eagle else QUANTIZATIONS.get(config.model.quantization, "none")
     layer_config = config.replace(**{"model.quantization": quantization, "model.quantize_embeddings": False,
                                      "lora.adapters": {}})
     served, _ = sharding.prepare_for_tensor_parallel(mcfg.layer, {"layers": {}}, config.parallel.tensor,
                                                      config.parallel.expert)
     served = dataclasses.replace(served, moe_grouped=model_cfg.moe_grouped)
     weights = ReplicaWeights(layer_config, mcfg.layer, served, dtype, mesh, tokenizer, params, progress)
-    log.info("MTP layer of %s (%s) ready in %.1f s: %d draft tokens per sequence per step",
-             config.model.path if given is None else "(in-process)", quantization, time.perf_counter() - t0,
-             config.speculative.num_tokens)
+    log.info("%s of %s (%s) ready in %.1f s: %d draft tokens per sequence per step",
+             "EAGLE-3 head" if eagle else "MTP layer", source if given is None else "(in-process)", quantization,
+             time.perf_counter() - t0, config.speculative.num_tokens)
     return DraftModel(served, weights), dataclasses.replace(mcfg, layer=served)
 
 
 def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
-    """ConfigKeyError naming a model without an MTP layer this engine reads (draft_model.check_supported: the rest)."""
+    """ConfigKeyError naming a model without an MTP layer this engine reads (draft_model.check_supported: the
+    rest)."""
+    if config.speculative.method == "eagle3":  # (any model: the head names what it needs of it)
+        return
     if model_cfg.architecture not in mtp.SUPPORTED:
         raise ConfigKeyError(f"speculative.method: mtp: {model_cfg.architecture} checkpoints carry no "
                              f"multi-token-prediction layer this engine reads ({', '.join(mtp.SUPPORTED)} do)")
@@ -113,19 +128,41 @@ class SampledRows:
         return rows[j] if seq is chunk.seq and 0 <= j < len(rows) else -1
 
 
+def _is_eagle(st) -> bool:
+    return isinstance(st.mtp, eagle3.Eagle3Config)
+
+
+def _layer_inputs(st, params, mtp_params, tokens, hidden, positions) -> tuple[jax.Array, jax.Array | None]:
+    """(the layer's input rows, its attention's input rows or None) for pairs (hidden[i], tokens[i])."""
+    if _is_eagle(st):
+        return eagle3.fuse(params, mtp_params, st.mtp, tokens, hidden, positions)
+    return mtp.fuse(params, mtp_params, st.mtp, tokens, hidden, positions), None
+
+
+def _guesses(st, params, mtp_params, out) -> jax.Array:
+    """[N] int32: the model's token each of the layer's output rows guesses."""
+    if _is_eagle(st):
+        return eagle3.guesses(mtp_params, st.mtp, out)
+    logits = mtp.logits(params, mtp_params, st.mtp, out)[:, : st.cfg.vocab_size]
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
 def extend_impl(st, params, mtp_params, kv_caches, inputs, every_row, sampled, decode_only=None):
-    """The MTP layer over a step's rows, each paired with the token after it (`inputs.next_tokens`, resolved against
-    the step's `sampled` tokens by head row). Returns (its outputs at the head rows [R, hidden], before its norm;
-    caches)."""
+    """The MTP layer (or EAGLE-3 head) over a step's rows, each paired with the token after it (`inputs.next_tokens`,
+    resolved against the step's `sampled` tokens by head row). `every_row`: the model's rows before its final norm,
+    or for an EAGLE-3 head its captured layer inputs. Returns (its outputs at the head rows [R, hidden], before its
+    norm; caches)."""
     inputs = unpacked(inputs)
     nxt = inputs.next_tokens
     nxt = jnp.where(nxt < 0, sampled[jnp.maximum(-1 - nxt, 0)], nxt)
-    hidden = llama.final_hidden(params, st.cfg, every_row)
-    x = mtp.fuse(params, mtp_params, st.mtp, nxt, hidden, inputs.positions)
+    hidden = (eagle3.hidden_rows(mtp_params, every_row) if _is_eagle(st)
+              else llama.final_hidden(params, st.cfg, every_row))
+    x, attn_in = _layer_inputs(st, params, mtp_params, nxt, hidden, inputs.positions)
     layer_inputs = dataclasses.replace(inputs, tokens=nxt, adapter_ids=None, mm_embeds=None, mm_deep=None,
                                        mrope_positions=None, kv_limits=None, next_tokens=None)
     out, layer_kv = llama.forward(mtp_params, st.mtp.layer, kv_caches[st.num_model_kv :], layer_inputs,
-                                  attn_backend=st.backend, mesh=st.mesh, decode_only=decode_only, embeds=x)
+                                  attn_backend=st.backend, mesh=st.mesh, decode_only=decode_only, embeds=x,
+                                  attn_in=attn_in)
     return out, (*kv_caches[: st.num_model_kv], *layer_kv)
 
 
@@ -136,10 +173,8 @@ def propose_impl(st, params, mtp_params, kv_caches, outputs, rows, starts, count
     caches)."""
     n, ps, mcfg = rows.shape[0], st.page_size, st.mtp
     seq = jnp.arange(n, dtype=jnp.int32)
-    vocab = st.cfg.vocab_size
-
-    def guess(out):
-        return jnp.argmax(mtp.logits(params, mtp_params, mcfg, out)[:, :vocab], axis=-1).astype(jnp.int32)
+    # what a chained round reads of the last output: an EAGLE-3 head's as it is, an MTP layer's by its kind
+    chained = (lambda out: out) if _is_eagle(st) else functools.partial(mtp.chained, params, mtp_params, mcfg)
 
     def one(i, carry):
         tok, out, drafts, kv = carry
@@ -148,14 +183,14 @@ def propose_impl(st, params, mtp_params, kv_caches, outputs, rows, starts, count
         inputs = llama.ModelInputs(tokens=tok, positions=pos, slot_mapping=slots, kv_lens=pos + 1,
                                    page_indices=pages, cu_q_lens=jnp.arange(n + 1, dtype=jnp.int32),
                                    num_seqs=jnp.full((1,), n, jnp.int32), logits_indices=seq)
-        x = mtp.fuse(params, mtp_params, mcfg, tok, mtp.chained(params, mtp_params, mcfg, out), pos)
+        x, attn_in = _layer_inputs(st, params, mtp_params, tok, chained(out), pos)
         out, layer_kv = llama.forward(mtp_params, mcfg.layer, kv[st.num_model_kv :], inputs, attn_backend=st.backend,
-                                      mesh=st.mesh, decode_only=st.backend != "xla" or None, embeds=x)
-        tok = guess(out)
+                                      mesh=st.mesh, decode_only=st.backend != "xla" or None, embeds=x, attn_in=attn_in)
+        tok = _guesses(st, params, mtp_params, out)
         return tok, out, drafts.at[:, i].set(tok), (*kv[: st.num_model_kv], *layer_kv)
 
     out = outputs[rows]
-    tok = guess(out)
+    tok = _guesses(st, params, mtp_params, out)
     drafts = jnp.zeros((n, st.num_draft), jnp.int32).at[:, 0].set(tok)
     _, _, drafts, kv_caches = jax.lax.fori_loop(1, st.num_draft, one, (tok, out, drafts, tuple(kv_caches)))
     return drafts, kv_caches

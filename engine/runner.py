@@ -138,7 +138,9 @@ class StepStatics:
     page_size: int
     num_draft: int  # the draft model's rounds per proposal
     max_rows: int  # head rows at most (the largest sequence bucket): the sampled tokens kept for the next step
-    mtp: Any = None  # models.mtp.MtpConfig of an MTP drafter (speculative.method: mtp; its weights are draft_params)
+    # models.mtp.MtpConfig of an MTP drafter (speculative.method: mtp), or models.eagle3.Eagle3Config of an EAGLE-3 head
+    # (eagle3); its weights are draft_params
+    mtp: Any = None
 
 
 def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
@@ -146,14 +148,16 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     """The model step, its placeholder tokens first replaced by those the previous step sampled; with a draft
     model, the draft's forward over the same tokens too, so its K/V holds every position the model's does (the
     prefix cache's pages serve both). Returns (hidden of each sequence's last row [S, H], every row's hidden
-    [T, H], caches, recurrent states (a model with linear attention layers; else None))."""
+    [T, H], what an EAGLE-3 head reads of every row (its layers' inputs [T, 3 x H]; else None), caches, recurrent
+    states (a model with linear attention layers; else None))."""
     inputs = unpacked(inputs)
     tokens = jnp.where(inputs.tokens < 0, prev_tokens[jnp.maximum(-1 - inputs.tokens, 0)], inputs.tokens)
     inputs = dataclasses.replace(inputs, tokens=tokens)
-    (hidden, every_row), own, *rest = llama.forward(
+    (hidden, every_row, *aux), own, *rest = llama.forward(
         params, st.cfg, kv_caches[: st.num_model_kv], inputs, attn_backend=st.backend, mesh=st.mesh,
         all_hidden=True, lora=lora, layout=st.layout, decode_only=decode_only, states=states,
-        decode_step=decode_only is True and bool(st.cfg.linear_layers))  # Runner._decode_kernel's promise
+        decode_step=decode_only is True and bool(st.cfg.linear_layers),  # Runner._decode_kernel's promise
+        aux_layers=getattr(st.mtp, "aux_layers", ()))
     drafts = kv_caches[st.num_model_kv :]
     if st.draft_cfg is not None and st.mtp is None:  # (an MTP layer runs after the head: mtp_drafter.extend_impl)
         _, drafts = llama.forward(draft_params, st.draft_cfg, drafts,
@@ -161,7 +165,7 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
                                                       mrope_positions=None, kv_limits=None),
                                   attn_backend=st.backend,
                                   decode_only=decode_only)
-    return hidden, every_row, (*own, *drafts), (rest[0] if rest else None)
+    return hidden, every_row, (aux[0] if aux else None), (*own, *drafts), (rest[0] if rest else None)
 
 
 def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, pages):
@@ -266,7 +270,7 @@ class ModelRunner:
         num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them.
         images: an engine.image_encoder.ImageEncoder (a model that takes images): fills the steps' mm_embeds.
         mtp: a models.mtp.MtpConfig with `draft` its layer's (config, params): the checkpoint's MTP layer drafts
-        (engine/mtp_drafter.py)."""
+        (engine/mtp_drafter.py); or a models.eagle3.Eagle3Config, an EAGLE-3 head drafting alike."""
         self.cfg = model_cfg
         self.draft_cfg, self.draft_params = draft if draft is not None else (None, None)
         self.mtp = mtp
@@ -375,10 +379,10 @@ class ModelRunner:
                         mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None,
                         kv_limits=np.zeros(n, np.int32) if self.images.bidirectional else None)
                 inputs = self.put_inputs(inputs)
-                self._hidden, every_row, self.kv, self.states = self._forward(
+                self._hidden, every_row, aux, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
                     draft_params=self.draft_params, states=self.states, decode_only=arg)
-                self._extend_mtp(inputs, every_row, arg)
+                self._extend_mtp(inputs, every_row if aux is None else aux, arg)
             elif kind == "encoder":
                 self.images.compile(n)
             elif kind == "draft":
@@ -626,7 +630,7 @@ class ModelRunner:
             self.states = self._copy_states(self.states, *self._to_device(step.state_copies))
         inputs, s_in = self._to_device((Packed.of(step.inputs), Packed.of(step.sampling)))  # one call, a few buffers
         t0, compiled = time.perf_counter(), (_num_compiled(self._forward), _num_compiled(self._head))
-        hidden, every_row, self.kv, self.states = self._forward(
+        hidden, every_row, aux, self.kv, self.states = self._forward(
             self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
             draft_params=self.draft_params, states=self.states, decode_only=step.decode_kernel)
         out = self._run_head(hidden, s_in, num_rows=step.num_rows,
@@ -638,7 +642,7 @@ class ModelRunner:
                      len(step.inputs.tokens), step.num_rows, step.use_penalties, step.use_filters, step.num_top,
                      step.use_mask)
         self._prev_tokens = out[-1]
-        self._extend_mtp(inputs, every_row, step.decode_kernel)
+        self._extend_mtp(inputs, every_row if aux is None else aux, step.decode_kernel)
         if step.prompt_targets is None:
             return out[:-1]
         return out[:-1] + self._prompt_head(self.params, every_row, self._to_device(step.prompt_targets),

@@ -312,7 +312,7 @@ class Scheduler:
                     num_stored = max(num_stored, match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size)
                     match, host_slots, disk_pages = self.pages.resume_point(seq, match, host_slots, disk_pages)
             end = match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size
-            if self.spec.method == "mtp" and 0 < end < len(tokens):
+            if self.spec.method in ("mtp", "eagle3") and 0 < end < len(tokens):
                 match, host_slots, disk_pages = self._mtp_cut(seq, match, host_slots, disk_pages, end)
             shared, num_cached = list(match.pages), match.num_tokens
             num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
@@ -421,7 +421,7 @@ class Scheduler:
         )
         if room <= 0:
             return []
-        if self.spec.method in ("draft_model", "mtp"):  # slots a drafter fills before the step (engine.draft_model)
+        if self.spec.method in ("draft_model", "mtp", "eagle3"):  # slots a drafter fills before the step (draft_model.py)
             draft = [0] * room
         else:
             if seq.ngram_index is None:

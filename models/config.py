@@ -171,6 +171,9 @@ class LlamaConfig:
     # q_proj also gives each head an output gate (its rows [query, gate] per head): attention's output is multiplied by
     # sigmoid(gate) before o_proj (Qwen3.5)
     attn_output_gate: bool = False
+    # The attention projections' input width where it is not hidden_size (0: hidden_size): an EAGLE-3 draft head's one
+    # layer reads [its embedding's norm, the hidden state's norm], twice the hidden size (models/eagle3.py).
+    attn_input_size: int = 0
     # How to run 8-bit weights (models/quant.py), not a checkpoint's: activations quantized like them (int8 or e4m3, a
     # scale per token: W8A8), set by model.quantization: w8a8 and w8a8_fp8.
     quantized_activations: bool = False

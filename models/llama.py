@@ -131,8 +131,9 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= ({"wq_a": (n, h, rank), "q_a_norm": (n, rank), "wq_b": (n, rank, heads * qk)} if rank
                    else {"wq": (n, h, heads * qk)})
     else:
-        layers |= {"wq": (n, h, cfg.q_size * (2 if cfg.attn_output_gate else 1)), "wk": (n, h, cfg.kv_size),
-                   "wv": (n, h, cfg.kv_size), "wo": (n, cfg.q_size, h)}
+        a = cfg.attn_input_size or h
+        layers |= {"wq": (n, a, cfg.q_size * (2 if cfg.attn_output_gate else 1)), "wk": (n, a, cfg.kv_size),
+                   "wv": (n, a, cfg.kv_size), "wo": (n, cfg.q_size, h)}
     if i:  # the dense MLP (a MoE model's shared expert)
         layers |= {"w_gate": (n, h, i), "w_up": (n, h, i), "w_down": (n, i, h)}
         if not cfg.gated_mlp:
@@ -310,7 +311,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
              stats: bool = False, mesh: jax.sharding.Mesh | None = None,
              recurrent: tuple[gated_delta.States, gated_delta.Batch] | None = None,
              mm_embeds: jax.Array | None = None, mm_deep: jax.Array | None = None,
-             embeds: jax.Array | None = None) -> tuple[jax.Array, Any]:
+             embeds: jax.Array | None = None, attn_in: jax.Array | None = None,
+             aux_layers: tuple[int, ...] = ()) -> tuple[jax.Array, Any]:
     """Embedding and every decoder layer (one `lax.scan` step each); returns (hidden [T, hidden] before
     the final norm, the attention carry: the KV cache for the paged step). `lora` (models.lora.stack_adapters)
     with `adapter_ids` [T] adds each token's adapter to the projections it adapts. `mesh`: the tensor-parallel
@@ -322,7 +324,11 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     those only). `mm_embeds` [T, hidden]: the input rows of the tokens past the vocabulary (images' positions);
     `mm_deep` [k, T, hidden] (Qwen3-VL's DeepStack): added to the residual stream after each of the first k layers
     (zero rows but at image positions). `embeds` [T, hidden]: the first layer's input rows in place of the tokens'
-    embeddings (an MTP layer's: models/mtp.py)."""
+    embeddings (an MTP layer's: models/mtp.py). `attn_in` [T, attn_input_size]: the attention's input rows in place of
+    its norm of the stream (an EAGLE-3 head's one layer: models/eagle3.py).
+
+    `aux_layers`: the input rows of these layers (the residual stream before each; 0 is the embedding) are returned
+    third, concatenated [T, len(aux_layers) x hidden] (what an EAGLE-3 head reads of the model)."""
     t, eps = tokens.shape[0], cfg.rms_norm_eps
     # Windowed layers may have their own RoPE base (Gemma 3): pick the table (and YaRN's factor) per layer.
     # Table 2: no rotation at all (zero frequencies, factor 1), for the layers without RoPE (SmolLM3's NoPE layers).
@@ -384,10 +390,19 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         """A block's output as it joins the residual stream (Granite scales it)."""
         return o if cfg.residual_multiplier == 1.0 else o * jnp.asarray(cfg.residual_multiplier, o.dtype)
 
+    # Each layer's place in the buffer of captured inputs (`aux_layers`, each layer once); the others write to a last
+    # place no one reads.
+    captured = sorted(set(aux_layers))
+    capture_at = np.full(cfg.num_layers, len(captured), np.int32)
+    capture_at[captured] = np.arange(len(captured), dtype=np.int32)
+
     def layer(state, xs, linear_layer: bool = False):
         """One layer; `linear_layer` (static) runs a Gated DeltaNet layer's token mixer instead of attention."""
         x, carry = state
         p, i, is_windowed, table, lo, is_moe, place, mixer_place = xs
+        if captured:
+            carry, aux = carry
+            aux = jax.lax.dynamic_update_index_in_dim(aux, x.astype(aux.dtype), jnp.asarray(capture_at)[i], 0)
 
         def proj(h, name, w=p):
             y = linear(h, w, name, cfg.quantized_activations, cfg.quant_kernels, mesh)
@@ -442,8 +457,11 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 o = o + p["bo"]
             return o, carry
 
-        h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
-        attn_in = h
+        if attn_in is not None:
+            h = attn_in
+        else:
+            h = stream_norm(cfg, x, p["attn_norm"]) if cfg.pre_norms else x
+        mlp_in = h
         amax = {"attn_in": jnp.max(jnp.abs(h), axis=0)} if stats else None
         if cfg.linear_layers:  # this layer's token mixer, its cache or state at its place among its kind
             kv, states = carry
@@ -456,7 +474,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             o, carry = attention(h, p, carry, i)
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
         if cfg.parallel_block:  # the MLP reads what attention read; both outputs join the stream
-            h = attn_in
+            h = mlp_in
         else:
             h = stream_norm(cfg, x, p["mlp_norm"]) if cfg.pre_norms else x
         if cfg.mixed_mlp:  # each kind's weights at this layer's place among its kind; one branch runs
@@ -489,7 +507,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             amax["mlp_in"] = jnp.max(jnp.abs(h), axis=0)
             if down_in is not None:  # (an expert layer's: its shared expert's; the experts' own are not smoothed)
                 amax["down_in"] = jnp.max(jnp.abs(down_in), axis=0)
-        return (x, carry), amax
+        return (x, (carry, aux) if captured else carry), amax
 
     is_image = None if mm_embeds is None else tokens >= cfg.vocab_size  # [T]
     if embeds is not None:
@@ -504,9 +522,18 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     xs = (scanned, layer_ids, jnp.asarray(windowed), jnp.asarray(tables, jnp.int32), lora, jnp.asarray(is_moe_layer),
           jnp.asarray(places), jnp.asarray(mixer_places))
     if cfg.linear_layers:
-        x, carry = _grouped_layers(cfg, layer, x, (carry, recurrent[0]), xs, by_mixer)
-        return x, carry
-    (x, carry), amax = jax.lax.scan(layer, (x, carry), xs)
+        carry = (carry, recurrent[0])
+    if captured:
+        carry = (carry, jnp.zeros((len(captured) + 1, *x.shape), x.dtype))
+    if cfg.linear_layers:
+        x, carry = _grouped_layers(cfg, layer, x, carry, xs, by_mixer)
+        amax = None
+    else:
+        (x, carry), amax = jax.lax.scan(layer, (x, carry), xs)
+    if captured:
+        carry, aux = carry
+        aux = jnp.concatenate([aux[captured.index(j)] for j in aux_layers], axis=-1)
+        return x, carry, aux
     return (x, carry, amax) if stats else (x, carry)
 
 
@@ -697,7 +724,8 @@ def forward(
     params: Params, cfg: LlamaConfig, kv_caches: KVCache, inputs: ModelInputs, attn_backend: str = "xla",
     mesh: jax.sharding.Mesh | None = None, all_hidden: bool = False, lora: dict | None = None,
     layout: HybridLayout | None = None, decode_only: bool | None = None, states: gated_delta.States | None = None,
-    decode_step: bool = False, embeds: jax.Array | None = None,
+    decode_step: bool = False, embeds: jax.Array | None = None, attn_in: jax.Array | None = None,
+    aux_layers: tuple[int, ...] = (),
 ) -> tuple[jax.Array, KVCache]:
     """The engine's step over paged KV: returns (hidden states [S, hidden] of the rows at
     `logits_indices`, updated caches). `compute_logits` turns those rows into logits.
@@ -707,7 +735,9 @@ def forward(
     states: a model with linear attention layers' recurrent states (`inputs.state_slots` says whose is where); the
     updated states are returned third. decode_step (static): every sequence has one new token, or a real token and
     its drafts (a decode step); the linear attention layers then compile only their recurrent rule's single steps.
-    embeds: the first layer's input rows in place of the tokens' embeddings (an MTP layer's).
+    embeds: the first layer's input rows in place of the tokens' embeddings (an MTP layer's); attn_in: its attention's
+    input rows (an EAGLE-3 head's layer). aux_layers (with all_hidden): the first item also holds these layers' input
+    rows, concatenated [T, len(aux_layers) x hidden], third (`_decoder`: what an EAGLE-3 head reads).
 
     With a tensor-parallel `mesh`, attention runs per device under `shard_map` on its own heads."""
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
@@ -758,10 +788,10 @@ def forward(
         inputs.cu_q_lens, inputs.kv_lens, inputs.num_seqs, inputs.state_slots, inputs.snapshot_offsets,
         inputs.snapshot_slots, inputs.draft_slots, decode_step, attn_backend))
     positions = inputs.positions if inputs.mrope_positions is None else inputs.mrope_positions
-    x, kv_caches = _decoder(params, cfg, inputs.tokens, positions, attend, tuple(kv_caches), lora,
-                            inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds,
-                            mm_deep=inputs.mm_deep, embeds=embeds)
-    out = (x[inputs.logits_indices], x) if all_hidden else x[inputs.logits_indices]
+    x, kv_caches, *aux = _decoder(params, cfg, inputs.tokens, positions, attend, tuple(kv_caches), lora,
+                                  inputs.adapter_ids, mesh=mesh, recurrent=recurrent, mm_embeds=inputs.mm_embeds,
+                                  mm_deep=inputs.mm_deep, embeds=embeds, attn_in=attn_in, aux_layers=aux_layers)
+    out = (x[inputs.logits_indices], x, *aux) if all_hidden else x[inputs.logits_indices]
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 
 

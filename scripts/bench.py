@@ -413,6 +413,48 @@ def synthetic_mtp(cfg, params, kind: str):
     return cfg, params, (mcfg, layer)
 
 
+def synthetic_eagle3(cfg, params, kind: str):
+    """A model and an EAGLE-3 head for it (`--synthetic-eagle3`; tests/test_eagle3.py): "right", a model whose next
+    token is a function of its last one (attention and every layer but the last add nothing: their outputs'
+    projections zeroed, which leaves each step's cost as it was; embedding rows of RMS 1) and a head that computes the
+    same function, so every greedy draft is accepted: its hidden state's norm is zero (weights 0, the residual stream
+    starting from it: `norm_before_residual`), its attention (a value head per query head, per-head RMS-normed
+    queries and keys scaled up) carries each position's own embedding through (a position attends to itself, or to
+    earlier copies of its token, which hold the same value), then the model's last MLP, final norm and LM head;
+    "random", a random head, whose drafts almost all fail. Either reads the default layers (three layers' inputs,
+    the embedding's where the model has fewer than 4 layers) and runs its `fc` at full cost."""
+    import dataclasses
+
+    import jax
+    import jax.numpy as jnp
+
+    from models import eagle3
+
+    h, n = cfg.hidden_size, cfg.num_layers
+    aux = eagle3.default_aux_layers(n) if n >= 4 else (0, 0, 0)
+    layer = dataclasses.replace(cfg, num_layers=1, num_kv_heads=cfg.num_heads, attn_input_size=2 * h,
+                                qk_norm=kind == "right")
+    if cfg.num_heads * cfg.head_dim != h:
+        raise SystemExit("--synthetic-eagle3 wants HEADS x HEAD_DIM == HIDDEN (the head's values carry the embedding)")
+    if kind == "random":
+        ecfg = eagle3.Eagle3Config(layer, aux, norm_before_residual=False)
+        return cfg, params, (ecfg, eagle3.init_params(ecfg, jax.random.key(1), scale=0.5))
+    embed, layers = params["embed"], dict(params["layers"])
+    layers["wo"] = jnp.zeros_like(layers["wo"])
+    layers["w_down"] = layers["w_down"].at[:-1].set(0)
+    params = {**params, "embed": embed / jnp.sqrt(jnp.mean(embed**2, axis=-1, keepdims=True)), "layers": layers}
+    take = jnp.concatenate([jnp.eye(h), jnp.zeros((h, h))])[None]  # [1, 2h, h]: the embedding's half of the input
+    # a query's logit against its own key: scale^2 x head_dim x sm_scale = 256 (others' fall with their cosine)
+    scale = jnp.full((1, cfg.head_dim), (256 / (cfg.head_dim * cfg.sm_scale)) ** 0.5)
+    head = {"layers": {"attn_norm": jnp.ones((1, h)), "mlp_norm": layers["mlp_norm"][-1:], "wq": take, "wk": take,
+                       "wv": take, "wo": jnp.eye(h)[None], "q_norm": scale, "k_norm": scale,
+                       **{k: layers[k][-1:] for k in ("w_gate", "w_up", "w_down")}},
+            "hnorm": jnp.zeros(h), "fc": jnp.zeros((len(aux) * h, h)), "final_norm": params["final_norm"],
+            "lm_head": params["embed"].T if cfg.tie_word_embeddings else params["lm_head"],
+            "d2t": jnp.zeros(cfg.vocab_size, jnp.int32)}
+    return cfg, params, (eagle3.Eagle3Config(layer, aux, norm_before_residual=True), head)
+
+
 def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0):
     """(LlamaConfig, random params, tokenizer) for `--synthetic-model HIDDEN,LAYERS,HEADS,KV_HEADS,HEAD_DIM`; arch
     qwen3_5: three Gated DeltaNet layers per attention layer (HEADS value heads and HEADS / 2 key heads of HEAD_DIM),
@@ -448,10 +490,13 @@ def synthetic_model(spec: str, config, arch: str = "llama", word_vocab: int = 0)
 
 def given_model(args, config):
     """`--synthetic-model`'s (LlamaConfig, params, tokenizer) for LLMEngine(model=...), or None: the config's weights;
-    and `--synthetic-mtp`'s MTP layer, or None."""
+    and `--synthetic-mtp`'s MTP layer or `--synthetic-eagle3`'s head, or None."""
     if not args.synthetic_model:
         return None, None
     cfg, params, tokenizer = synthetic_model(args.synthetic_model, config, args.synthetic_arch, args.word_vocab)
+    if args.synthetic_eagle3:
+        cfg, params, head = synthetic_eagle3(cfg, params, args.synthetic_eagle3)
+        return (cfg, params, tokenizer), head
     if not args.synthetic_mtp:
         return (cfg, params, tokenizer), None
     cfg, params, layer = synthetic_mtp(cfg, params, args.synthetic_mtp)
@@ -597,7 +642,7 @@ def step_times(args) -> None:
         (data, kernel), times = inputs(chunks), []
         for _ in range(args.repeats + 1):
             t0 = time.perf_counter()
-            hidden, _, runner.kv, runner.states = runner._forward(
+            hidden, _, _, runner.kv, runner.states = runner._forward(
                 runner.params, kv_caches=runner.kv, inputs=data, prev_tokens=runner._prev_tokens, lora=runner.lora,
                 draft_params=runner.draft_params, states=runner.states, decode_only=kernel)
             jax.block_until_ready(hidden)
@@ -735,6 +780,10 @@ def main(argv=None) -> int:
                     help="--synthetic-model as GLM-4.5 with an MTP layer (for speculative.method=mtp): one whose every "
                          "greedy draft is right (the model's attention and all but its last layer's outputs zeroed, "
                          "the layer its last layer), or a random one")
+    ap.add_argument("--synthetic-eagle3", choices=["right", "random"], default="",
+                    help="--synthetic-model with an EAGLE-3 head (for speculative.method=eagle3): one whose every greedy "
+                         "draft is right (the model's attention and all but its last layer's outputs zeroed, the head "
+                         "its last MLP over the embedding), or a random one")
     ap.add_argument("--synthetic-arch", choices=["llama", "qwen3_5", "granite4"], default="llama",
                     help="--synthetic-model's layers: Llama's, Qwen3.5's (Gated DeltaNet around every 4th attention "
                          "layer) or Granite 4.0-H's (Mamba-2 likewise)")
@@ -791,7 +840,7 @@ def main(argv=None) -> int:
         elif args.workload == "shared-image":
             raise SystemExit("--workload shared-image needs --vision HIDDEN,LAYERS")
         engines = {name: LLMEngine(cfg, model=model, vision=vision,
-                                   draft=mtp_layer if cfg.speculative.method == "mtp" else None)
+                                   draft=mtp_layer if cfg.speculative.method in ("mtp", "eagle3") else None)
                    for name, cfg in configs.items()}
         args.page_size = configs["A"].cache.page_size
         sessions, ideal = make_workload(args, engines["A"].model_cfg.vocab_size, engines["A"].tokenizer)

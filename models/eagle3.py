@@ -169,6 +169,13 @@ def load_eagle3(path: str, target: LlamaConfig, dtype: Any = np.float32) -> tupl
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{source}: {e}") from e
     ecfg = eagle3_config(raw, target, source)
+    bin_file = os.path.join(resolved, "pytorch_model.bin")
+    if os.path.isfile(bin_file) and not any(f.endswith(".safetensors") for f in os.listdir(resolved)):
+        raise CheckpointError(
+            f"{bin_file}: the head's weights are a torch pickle, which this engine does not read (it runs no pickled "
+            "code); write them once as safetensors beside it, where torch is installed: python -c \"import torch; "
+            "from safetensors.torch import save_file; save_file(torch.load('pytorch_model.bin'), "
+            "'model.safetensors')\"")
     with opened_shards(resolved) as (shard_of, stored):
         return ecfg, _assemble(ecfg, target, shard_of, stored, resolved, dtype)
 

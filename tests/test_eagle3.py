@@ -355,8 +355,8 @@ def test_checkpoints_load_in_both_formats(random_head, tokenizer, tmp_path, prop
 
 def test_refusals(random_head, tokenizer, tmp_path):
     """eagle3 without a head, a GGUF file as the head, a head for another width, captured layers the model does not
-    have, an fc that reads another number of them, a missing tensor, and a d2t outside the vocabulary are refused by
-    name."""
+    have, an EAGLE-1/2 head, weights as a torch pickle, an fc that reads another number of them, a missing tensor, and
+    a d2t outside the vocabulary are refused by name."""
     from engine.llm import LLM
     from safetensors.numpy import load_file, save_file
     from test_engine import SMOLLM2
@@ -387,6 +387,10 @@ def test_refusals(random_head, tokenizer, tmp_path):
             save_file(edit_tensors(tensors), str(d / "model.safetensors"))
         return str(d)
 
+    pickled = broken("pickled")
+    (tmp_path / "pickled" / "model.safetensors").rename(tmp_path / "pickled" / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="write them once as safetensors"):
+        eagle3.load_eagle3(pickled, cfg)
     four = broken("four", edit_config=lambda c: {**c, "eagle_config": {"eagle_aux_hidden_state_layer_ids": [1, 2, 3, 4]}})
     with pytest.raises(CheckpointError, match="fc reads one hidden state per"):
         eagle3.load_eagle3(four, cfg)

@@ -400,3 +400,55 @@ def test_refusals(random_head, tokenizer, tmp_path):
     far = broken("far", edit_tensors=lambda t: {**t, "d2t": t["d2t"] + cfg.vocab_size})
     with pytest.raises(CheckpointError, match="d2t maps draft ids outside the model's vocabulary"):
         eagle3.load_eagle3(far, cfg)
+
+
+# ------------------------------------------------------------------------------------------------- training
+def test_training_rounds_are_drafting_rounds(random_head):
+    """Round r of the training-time test at row i (`eagle3_train.round_outputs`) is what drafting from position i
+    computes in its r-th round: the head from scratch over the pairs of positions 0..i, then its own outputs paired
+    with the sequence's next tokens (`eagle3.forward_dense`'s last row)."""
+    from models import eagle3_train
+
+    (cfg, params, _), (ecfg, head) = random_head
+    t = 24
+    tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, t), jnp.int32)
+    aux, _ = eagle3_train.target_rows(params, cfg, tokens, ecfg.aux_layers)
+    outs = eagle3_train.round_outputs(head, params, ecfg, aux, tokens, 3)
+    hidden = eagle3.hidden_rows(head, aux)
+    for i in (0, 7, 19):
+        rows, toks = list(hidden[: i + 1]), list(tokens[1 : i + 2])
+        for r in range(1, 4):
+            want = eagle3.forward_dense(params, head, ecfg, jnp.asarray(toks), jnp.stack(rows))[-1]
+            np.testing.assert_allclose(outs[r - 1][i], want, rtol=1e-4, atol=1e-5 * float(jnp.abs(want).max()))
+            rows.append(want)
+            toks.append(tokens[i + r + 1])
+
+
+def test_a_trained_head_drafts_the_model(tokenizer, tmp_path):
+    """scripts/train_eagle3.py's training on a model whose next token is a function of its last (learnable from a few
+    dozen answers): the held-out guesses are mostly the model's choices (a head before training: almost never), the
+    head written in EAGLE-3's format loads, and the engine accepts most of its drafts, with plain decoding's
+    outputs."""
+    from engine.llm import LLM
+    from scripts.train_eagle3 import save_head, train_head
+
+    cfg, params = _target(tokenizer, 4, seed=5)
+    params["layers"]["wo"] = jnp.zeros_like(params["layers"]["wo"])
+    model = (cfg, params, tokenizer)
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128}), progress=False, model=model)
+    rng = random.Random(6)
+    prompts = [[rng.randrange(1000, 20000) for _ in range(8)] for _ in range(48)]
+    kwargs = dict(max_tokens=40, seq_len=48, draft_vocab=512, batch=8, lr=3e-3, eval_fraction=0.25, progress=False)
+    _, _, untrained = train_head(llm, prompts, steps=0, **kwargs)
+    ecfg, head, accuracy = train_head(llm, prompts, steps=150, **kwargs)
+    assert untrained[0] < 0.1 and accuracy[0] > 0.5 and accuracy[2] > 0.4, (untrained, accuracy)
+    save_head(str(tmp_path / "head"), cfg, ecfg, head)
+    loaded = eagle3.load_eagle3(str(tmp_path / "head"), cfg)[0]  # (its context: the model's, here the engine's)
+    assert loaded == dataclasses.replace(ecfg, layer=dataclasses.replace(ecfg.layer, max_position=cfg.max_position))
+    greedy = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    spec = LLM(EngineConfig().replace(**{**SMALL, **EAGLE, "cache.num_pages": 128,
+                                         "speculative.model": str(tmp_path / "head")}), progress=False, model=model)
+    assert [o.token_ids for o in spec.generate(prompts[:16], greedy)] == \
+        [o.token_ids for o in llm.generate(prompts[:16], greedy)]
+    stats = spec.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0.5 * stats["spec_draft_tokens"] > 0

@@ -139,6 +139,13 @@ def copy_prompts(rng: random.Random, tokenizer, n: int, sentences: int) -> list[
 def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]:
     """-> (sessions in send order, ideal number of cached prompt tokens). `tokenizer`: for natural-text workloads."""
     rng = random.Random(args.seed)
+    if args.workload == "prompts":  # your own: JSONL prompt / messages lines, as the offline job's
+        from scripts.train_eagle3 import read_prompts
+
+        if not args.input:
+            raise SystemExit("--workload prompts needs --input FILE.jsonl")
+        prompts = read_prompts(args.input, tokenizer)[: args.num_requests]
+        return [Session([Turn(p, args.output_len, ignore_eos=False)]) for p in prompts], 0
     if args.workload == "copy":
         return [Session([Turn(p, args.output_len, ignore_eos=False)])
                 for p in copy_prompts(rng, tokenizer, args.num_requests, args.copy_sentences)], 0
@@ -722,7 +729,9 @@ def weight_swap(args) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "shared-image", "decode", "steps",
-                                           "weight-swap", "output-growth"], required=True)
+                                           "weight-swap", "output-growth", "prompts"], required=True)
+    ap.add_argument("--input", help="--workload prompts: a JSONL file of prompt / messages lines (the first "
+                    "--num-requests; answers end at EOS or --output-len)")
     ap.add_argument("--config", default="configs/smollm2-135m.yaml")
     ap.add_argument("--set", dest="set_common", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="overrides for every configuration")
     ap.add_argument("--set-a", nargs="*", action="extend", default=[], metavar="KEY=VALUE")
@@ -809,7 +818,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     if args.url:
         tokenizer = None
-        if args.workload == "copy":  # natural text: the served model's tokenizer, from --config
+        if args.workload in ("copy", "prompts"):  # natural text: the served model's tokenizer, from --config
             from engine.config import load_config
             from models.loader import tokenizer_source
             from models.tokenizer import Tokenizer

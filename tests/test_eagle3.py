@@ -20,7 +20,7 @@ from models import eagle3, llama
 from models.config import ConfigError, LlamaConfig
 from models.gguf_loader import CheckpointError
 from dense_reference import pad_rows
-from test_draft_model import _run, _same, proposed  # noqa: F401
+from test_draft_model import _run, _same, proposed, right_drafts_are_accepted  # noqa: F401
 from test_engine import SMALL, _prompts, tokenizer  # noqa: F401
 
 EAGLE = {"speculative.method": "eagle3", "speculative.num_tokens": 3, "debug_checks": True}
@@ -156,20 +156,7 @@ def test_the_heads_layer_is_eagle3s(random_head):
 
 
 def test_a_head_that_guesses_right_is_always_accepted(bigram, tokenizer):
-    """Greedy requests over shared system prompts and identical prompts in a 16-page pool with a host tier (preemption,
-    evictions and loads back, copy-on-write): every draft accepted, plain decoding's tokens."""
-    model, head = bigram
-    prompts = _prompts(tokenizer, random.Random(31))
-    prompts = prompts[::-1] + prompts
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
-    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "cache.host_num_pages": 48})
-    plain, _ = _run(base, model, None, prompts, params)
-    spec, stats = _run(base.replace(**EAGLE), model, head, prompts, params)
-    for a, b in zip(plain, spec):
-        _same(a, b)
-    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
-    assert stats["spec_draft_tokens"] > 200
-    assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+    right_drafts_are_accepted(EAGLE, *bigram, tokenizer, seed=31)
 
 
 def test_drafts_are_the_heads_greedy_guesses(random_head, tokenizer, proposed):

@@ -19,7 +19,8 @@ from models import llama, mtp
 from models.config import LlamaConfig
 from dense_reference import pad_rows
 import fresh
-from test_draft_model import _run, _same, proposed, sleep_keeps_the_drafter, split_model_whole_drafter  # noqa: F401
+from test_draft_model import (_run, _same, proposed, right_drafts_are_accepted, sleep_keeps_the_drafter,  # noqa: F401
+                              split_model_whole_drafter)
 from test_engine import SMALL, _prompts, _repetitive_params, tokenizer  # noqa: F401
 
 MTP = {"speculative.method": "mtp", "speculative.num_tokens": 3, "debug_checks": True}
@@ -77,20 +78,7 @@ def _dense_drafts(model, layer, ids: list[int], k: int) -> list[int]:
 
 
 def test_a_layer_that_guesses_right_is_always_accepted(bigram, tokenizer):
-    """Greedy requests over shared system prompts and identical prompts in a 16-page pool with a host tier (preemption,
-    evictions and loads back, copy-on-write): every draft accepted, plain decoding's tokens."""
-    model, layer = bigram
-    prompts = _prompts(tokenizer, random.Random(21))
-    prompts = prompts[::-1] + prompts
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
-    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "cache.host_num_pages": 48})
-    plain, _ = _run(base, model, None, prompts, params)
-    spec, stats = _run(base.replace(**MTP), model, layer, prompts, params)
-    for a, b in zip(plain, spec):
-        _same(a, b)
-    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
-    assert stats["spec_draft_tokens"] > 200
-    assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+    right_drafts_are_accepted(MTP, *bigram, tokenizer, seed=21)
 
 
 def test_drafts_are_the_layers_greedy_guesses(glm_model, tokenizer, proposed):

@@ -54,10 +54,13 @@ def train_head(llm, prompts: list[list[int]], *, max_tokens: int = 128, seq_len:
     from tqdm import tqdm
 
     from engine.request import SamplingParams
-    from models import eagle3, eagle3_train
+    from models import eagle3, eagle3_train, quant
 
     t0 = time.perf_counter()
     cfg, params = llm.engine.model_cfg, llm.engine.params
+    if any(k.endswith(quant.SCALE_SUFFIX) for k in params):
+        raise ValueError("the head starts from the model's embedding and LM head: serve them unquantized while training "
+                         "(model.quantize_embeddings: false)")
     answers = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=max_tokens), progress=progress)
     seqs = [(p + a.token_ids)[:seq_len] for p, a in zip(prompts, answers)]
     if progress:

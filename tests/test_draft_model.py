@@ -128,19 +128,25 @@ def test_structured_outputs_with_a_draft_model(tiny_model, draft, tokenizer):
         assert stats["spec_draft_tokens"] > 0
 
 
-def test_disk_tier_keeps_the_drafts_kv(tiny_model, draft, tokenizer, tmp_path):
-    """Pages written to the disk tier carry the draft's K/V: a fresh engine reading them back still accepts every draft
-    of the model as its own draft; a different draft model names other files (no hits)."""
-    prompts = _prompts(tokenizer, random.Random(15))[:12]
+def disk_tier_keeps_the_drafters_kv(spec: dict, model, drafter, tokenizer, tmp_path, seed: int,
+                                    other: tuple[dict, object] = ({"speculative.method": "none"}, None)) -> None:
+    """Pages written to the disk tier carry the drafter's K/V: a fresh engine reading them back still accepts every
+    draft of a drafter that guesses what the model picks; an engine with another drafter (`other`: its settings and
+    drafter; by default none) names other files (no hits)."""
+    prompts = _prompts(tokenizer, random.Random(seed))[:12]
     params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
-    config = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
-    first, _ = _run(config, tiny_model, tiny_model[:2], prompts, params)
-    again, stats = _run(config, tiny_model, tiny_model[:2], prompts, params)
+    config = EngineConfig().replace(**{**SMALL, **spec, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
+    first, _ = _run(config, model, drafter, prompts, params)
+    again, stats = _run(config, model, drafter, prompts, params)
     for a, b in zip(first, again):
         _same(a, b)
     assert stats["disk_hit_tokens"] > 0 and stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"] > 0
-    _, other = _run(config, tiny_model, draft, prompts, params)
-    assert other["disk_hit_tokens"] == 0
+    _, elsewhere = _run(config.replace(**other[0]), model, other[1], prompts, params)
+    assert elsewhere["disk_hit_tokens"] == 0
+
+
+def test_disk_tier_keeps_the_drafts_kv(tiny_model, draft, tokenizer, tmp_path):
+    disk_tier_keeps_the_drafters_kv(DRAFT, tiny_model, tiny_model[:2], tokenizer, tmp_path, seed=15, other=({}, draft))
 
 
 def test_sleep_keeps_the_draft(tiny_model, tokenizer):

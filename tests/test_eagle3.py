@@ -20,7 +20,8 @@ from models import eagle3, llama
 from models.config import ConfigError, LlamaConfig
 from models.gguf_loader import CheckpointError
 from dense_reference import pad_rows
-from test_draft_model import _run, _same, proposed, right_drafts_are_accepted  # noqa: F401
+from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, proposed,  # noqa: F401
+                              right_drafts_are_accepted)
 from test_engine import SMALL, _prompts, tokenizer  # noqa: F401
 
 EAGLE = {"speculative.method": "eagle3", "speculative.num_tokens": 3, "debug_checks": True}
@@ -238,19 +239,7 @@ def test_tensor_parallel_splits_the_head_as_the_model(bigram, random_head, token
 
 
 def test_disk_tier_keeps_the_heads_kv(bigram, tokenizer, tmp_path):
-    """Pages written to the disk tier carry the head's K/V: a fresh engine reading them back still accepts every draft
-    of the right-guessing head; an engine without it names other files (no hits)."""
-    model, head = bigram
-    prompts = _prompts(tokenizer, random.Random(36))[:12]
-    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
-    config = EngineConfig().replace(**{**SMALL, **EAGLE, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
-    first, _ = _run(config, model, head, prompts, params)
-    again, stats = _run(config, model, head, prompts, params)
-    for a, b in zip(first, again):
-        _same(a, b)
-    assert stats["disk_hit_tokens"] > 0 and stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"] > 0
-    _, other = _run(config.replace(**{"speculative.method": "none"}), model, None, prompts, params)
-    assert other["disk_hit_tokens"] == 0
+    disk_tier_keeps_the_drafters_kv(EAGLE, *bigram, tokenizer, tmp_path, seed=36)
 
 
 def test_sleep_keeps_the_head(bigram):

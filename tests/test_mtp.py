@@ -19,8 +19,8 @@ from models import llama, mtp
 from models.config import LlamaConfig
 from dense_reference import pad_rows
 import fresh
-from test_draft_model import (_run, _same, proposed, right_drafts_are_accepted, sleep_keeps_the_drafter,  # noqa: F401
-                              split_model_whole_drafter)
+from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, proposed,  # noqa: F401
+                              right_drafts_are_accepted, sleep_keeps_the_drafter, split_model_whole_drafter)
 from test_engine import SMALL, _prompts, _repetitive_params, tokenizer  # noqa: F401
 
 MTP = {"speculative.method": "mtp", "speculative.num_tokens": 3, "debug_checks": True}
@@ -275,19 +275,7 @@ def test_tensor_parallel_splits_the_layer_as_the_model(bigram, glm_model, tokeni
 
 
 def test_disk_tier_keeps_the_layers_kv(bigram, tokenizer, tmp_path):
-    """Pages written to the disk tier carry the layer's K/V: a fresh engine reading them back still accepts every draft
-    of the right-guessing layer; an engine without the layer names other files (no hits)."""
-    model, layer = bigram
-    prompts = _prompts(tokenizer, random.Random(26))[:12]
-    params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
-    config = EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 64, "cache.disk_path": str(tmp_path)})
-    first, _ = _run(config, model, layer, prompts, params)
-    again, stats = _run(config, model, layer, prompts, params)
-    for a, b in zip(first, again):
-        _same(a, b)
-    assert stats["disk_hit_tokens"] > 0 and stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"] > 0
-    _, other = _run(config.replace(**{"speculative.method": "none"}), model, None, prompts, params)
-    assert other["disk_hit_tokens"] == 0
+    disk_tier_keeps_the_drafters_kv(MTP, *bigram, tokenizer, tmp_path, seed=26)
 
 
 def test_sleep_keeps_the_layer(bigram):

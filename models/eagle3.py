@@ -98,8 +98,8 @@ def eagle3_config(raw: dict[str, Any], target: LlamaConfig, source: str = "confi
 
 
 def init_params(ecfg: Eagle3Config, key: jax.Array, dtype=jnp.float32, scale: float = 0.05) -> dict:
-    """Random weights of a head (tests, benchmarks): no embedding of its own, d2t a random subset of a vocabulary
-    as large as the draft's."""
+    """Random weights of a head (tests, benchmarks): no embedding of its own, d2t zero (draft id d is the model's
+    token d)."""
     k_layer, k_fc, k_head = jax.random.split(key, 3)
     cfg = ecfg.layer
     h = cfg.hidden_size

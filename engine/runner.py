@@ -382,7 +382,7 @@ class ModelRunner:
                 self._hidden, every_row, aux, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
                     draft_params=self.draft_params, states=self.states, decode_only=arg)
-                self._extend_mtp(inputs, every_row if aux is None else aux, arg)
+                self._extend_mtp(inputs, every_row, aux, arg)
             elif kind == "encoder":
                 self.images.compile(n)
             elif kind == "draft":
@@ -642,18 +642,20 @@ class ModelRunner:
                      len(step.inputs.tokens), step.num_rows, step.use_penalties, step.use_filters, step.num_top,
                      step.use_mask)
         self._prev_tokens = out[-1]
-        self._extend_mtp(inputs, every_row if aux is None else aux, step.decode_kernel)
+        self._extend_mtp(inputs, every_row, aux, step.decode_kernel)
         if step.prompt_targets is None:
             return out[:-1]
         return out[:-1] + self._prompt_head(self.params, every_row, self._to_device(step.prompt_targets),
                                             num_top=step.prompt_top)
 
-    def _extend_mtp(self, inputs, every_row, decode_only: bool | None) -> None:
+    def _extend_mtp(self, inputs, every_row, aux, decode_only: bool | None) -> None:
         """With an MTP drafter, its layer's K/V of a step's rows, each paired with the token after it (the step's
-        sampled ones from `_prev_tokens`), and its outputs at the head rows kept for `propose`."""
+        sampled ones from `_prev_tokens`), and its outputs at the head rows kept for `propose`. The layer reads the
+        step's `every_row`, an EAGLE-3 head its captured layer inputs `aux`."""
         if self.mtp is not None:
-            self._mtp_outputs, self.kv = self._mtp_extend(self.params, self.draft_params, self.kv, inputs, every_row,
-                                                          self._prev_tokens, decode_only=decode_only)
+            self._mtp_outputs, self.kv = self._mtp_extend(self.params, self.draft_params, self.kv, inputs,
+                                                          every_row if aux is None else aux, self._prev_tokens,
+                                                          decode_only=decode_only)
 
     def _run_head(self, hidden, s_in, *, num_rows: int, use_penalties: bool, use_filters: bool, num_top: int,
                   greedy_only: bool, use_mask: bool):

@@ -59,6 +59,24 @@ def right_drafts_are_accepted(spec: dict, model, drafter, tokenizer, seed: int) 
     assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
 
 
+def drafts_are_from_scratch(spec: dict, model, drafter, dense_drafts, tokenizer, proposed, seed: int) -> None:
+    """Every draft equals the drafter's greedy guesses computed from scratch (`dense_drafts(model, drafter, tokens,
+    k)`), prefix hits on the device and from the host tier, copy-on-write and preemptions included (for an MTP layer
+    or EAGLE-3 head a hit ends a page early: `Scheduler._mtp_cut`); outputs equal plain decoding's."""
+    prompts = _prompts(tokenizer, random.Random(seed))
+    prompts = prompts[::-1] + prompts
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
+    spec_out, stats = _run(EngineConfig().replace(**{**SMALL, **spec, "cache.num_pages": 16, "cache.host_num_pages": 48}),
+                           model, drafter, prompts, params)
+    for a, b in zip(plain, spec_out):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
+    assert len(proposed) > 40
+    for tokens, drafted in random.Random(0).sample(proposed, 30):
+        assert dense_drafts(model, drafter, tokens, len(drafted)) == drafted
+
+
 def test_the_model_as_its_own_draft_is_always_accepted(tiny_model, tokenizer):
     right_drafts_are_accepted(DRAFT, tiny_model, tiny_model[:2], tokenizer, seed=11)
 

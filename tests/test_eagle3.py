@@ -16,12 +16,12 @@ import pytest
 
 from engine.config import ConfigKeyError, EngineConfig
 from engine.request import SamplingParams
-from models import eagle3, llama
+from models import eagle3, eagle3_train, llama
 from models.config import ConfigError, LlamaConfig
 from models.gguf_loader import CheckpointError
 from dense_reference import pad_rows
-from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, proposed,  # noqa: F401
-                              right_drafts_are_accepted)
+from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, drafts_are_from_scratch,  # noqa: F401
+                              proposed, right_drafts_are_accepted)
 from test_engine import SMALL, _prompts, tokenizer  # noqa: F401
 
 EAGLE = {"speculative.method": "eagle3", "speculative.num_tokens": 3, "debug_checks": True}
@@ -65,11 +65,10 @@ def bigram(tokenizer):
 
 
 def _captured(params, cfg, ids, aux) -> jax.Array:
-    """The model's captured rows [T, len(aux) x hidden] by `llama._decoder`'s capture, dense attention."""
-    tokens = pad_rows(jnp.asarray(ids, jnp.int32))
-    run = jax.jit(lambda p, t: llama._decoder(p, cfg, t, jnp.arange(t.shape[0]), llama._dense_attend(cfg),
-                                              aux_layers=aux)[2])
-    return run(params, tokens)[: len(ids)]
+    """The model's captured rows [T, len(aux) x hidden] by `llama._decoder`'s capture, dense attention
+    (`eagle3_train.target_rows`, on ids padded to 64 rows: causal, so earlier rows are unchanged)."""
+    run = jax.jit(eagle3_train.target_rows, static_argnums=(1, 3))
+    return run(params, cfg, pad_rows(jnp.asarray(ids, jnp.int32)), aux)[0][: len(ids)]
 
 
 def _dense_drafts(model, head_model, ids: list[int], k: int) -> list[int]:
@@ -161,22 +160,7 @@ def test_a_head_that_guesses_right_is_always_accepted(bigram, tokenizer):
 
 
 def test_drafts_are_the_heads_greedy_guesses(random_head, tokenizer, proposed):
-    """Every draft equals the head's guesses computed from scratch (`_dense_drafts`), prefix hits on the device and
-    from the host tier, copy-on-write and preemptions included (a hit ends a page early, as for an MTP layer:
-    `Scheduler._mtp_cut`); outputs equal plain decoding's."""
-    model, head = random_head
-    prompts = _prompts(tokenizer, random.Random(32))
-    prompts = prompts[::-1] + prompts
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
-    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
-    spec, stats = _run(EngineConfig().replace(**{**SMALL, **EAGLE, "cache.num_pages": 16, "cache.host_num_pages": 48}),
-                       model, head, prompts, params)
-    for a, b in zip(plain, spec):
-        _same(a, b)
-    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
-    assert len(proposed) > 40
-    for tokens, drafted in random.Random(0).sample(proposed, 30):
-        assert _dense_drafts(model, head, tokens, len(drafted)) == drafted
+    drafts_are_from_scratch(EAGLE, *random_head, _dense_drafts, tokenizer, proposed, seed=32)
 
 
 @pytest.mark.parametrize("which", ["bigram", "random_head"])
@@ -383,8 +367,6 @@ def test_training_rounds_are_drafting_rounds(random_head):
     """Round r of the training-time test at row i (`eagle3_train.round_outputs`) is what drafting from position i
     computes in its r-th round: the head from scratch over the pairs of positions 0..i, then its own outputs paired
     with the sequence's next tokens (`eagle3.forward_dense`'s last row)."""
-    from models import eagle3_train
-
     (cfg, params, _), (ecfg, head) = random_head
     t = 24
     tokens = jnp.asarray(np.random.default_rng(4).integers(0, cfg.vocab_size, t), jnp.int32)

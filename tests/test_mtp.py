@@ -19,8 +19,9 @@ from models import llama, mtp
 from models.config import LlamaConfig
 from dense_reference import pad_rows
 import fresh
-from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, proposed,  # noqa: F401
-                              right_drafts_are_accepted, sleep_keeps_the_drafter, split_model_whole_drafter)
+from test_draft_model import (_run, _same, disk_tier_keeps_the_drafters_kv, drafts_are_from_scratch,  # noqa: F401
+                              proposed, right_drafts_are_accepted, sleep_keeps_the_drafter,
+                              split_model_whole_drafter)
 from test_engine import SMALL, _prompts, _repetitive_params, tokenizer  # noqa: F401
 
 MTP = {"speculative.method": "mtp", "speculative.num_tokens": 3, "debug_checks": True}
@@ -82,22 +83,7 @@ def test_a_layer_that_guesses_right_is_always_accepted(bigram, tokenizer):
 
 
 def test_drafts_are_the_layers_greedy_guesses(glm_model, tokenizer, proposed):
-    """Every draft equals the layer's guesses computed from scratch (`_dense_drafts`), prefix hits on the device and
-    from the host tier, copy-on-write and preemptions included (a hit ends a page early: `Scheduler._mtp_cut`); outputs
-    equal plain decoding's."""
-    model, layer = glm_model
-    prompts = _prompts(tokenizer, random.Random(22))
-    prompts = prompts[::-1] + prompts
-    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
-    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
-    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16, "cache.host_num_pages": 48}),
-                       model, layer, prompts, params)
-    for a, b in zip(plain, spec):
-        _same(a, b)
-    assert stats["num_preemptions"] > 0 and stats["host_hit_tokens"] > 0 and stats["cached_prompt_tokens"] > 0
-    assert len(proposed) > 40
-    for tokens, drafted in random.Random(0).sample(proposed, 30):
-        assert _dense_drafts(model, layer, tokens, len(drafted)) == drafted
+    drafts_are_from_scratch(MTP, *glm_model, _dense_drafts, tokenizer, proposed, seed=22)
 
 
 def _hf_with_mtp(kind: str, path) -> None:

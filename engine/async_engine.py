@@ -57,6 +57,7 @@ class WeightUpdate:
 
 
 IDLE_WAIT_S = 0.005  # engine thread's wait for commands when there is work but no step could be planned
+HANDOFF_POLL_S = 0.005  # how often a prefill handed to a decode replica asks whether its pages are on disk
 
 
 class RequestStream:
@@ -66,10 +67,14 @@ class RequestStream:
     the block early aborts the unfinished requests.
     """
 
-    def __init__(self, engine: "AsyncEngine", request_ids: list[str], final_only: bool = False):
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str], final_only: bool = False,
+                 handoff: bool = False):
         self._engine = engine
         self.request_ids = request_ids
         self.final_only = final_only  # only each request's final output is delivered (a non-streaming call)
+        # handoff: each request's whole prompt pages by block hash, set on the engine thread once it is added (a
+        # prefill for a decode replica: engine.disaggregation)
+        self.page_hashes: list[list[int]] | None = [] if handoff else None
         self._index = {rid: i for i, rid in enumerate(request_ids)}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -181,15 +186,27 @@ class AsyncEngine:
         return self._accepting and self._thread.is_alive()
 
     # ------------------------------------------------------------------------------ requests
-    def submit(self, requests: Sequence[GenerateRequest], request_id: str, final_only: bool = False) -> RequestStream:
+    def submit(self, requests: Sequence[GenerateRequest], request_id: str, final_only: bool = False,
+               handoff: bool = False) -> RequestStream:
         """Queues requests `{request_id}-{i}`; await the stream (`async with`) to learn if they were accepted.
-        final_only: the stream yields each request's final output only (no wake-up of the caller per token)."""
-        stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(requests))], final_only)
+        final_only: the stream yields each request's final output only (no wake-up of the caller per token).
+        handoff: the stream learns each prompt's page hashes (`RequestStream.page_hashes`, for `disk_handoff`)."""
+        stream = RequestStream(self, [f"{request_id}-{i}" for i in range(len(requests))], final_only, handoff)
         if not self.accepting:
             stream.added.set_exception(EngineStopped("the server is shutting down"))
         else:
             self._commands.put(("add", stream, list(requests)))
         return stream
+
+    async def disk_handoff(self, hashes: list[int], timeout_s: float) -> int:
+        """Waits until no page (or snapshot of recurrent states) named in `hashes` is still on its way to the disk tier,
+        `timeout_s` at most -> how many of them, in a row from the first, are on disk."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            on_disk, saving = await self._on_engine_thread(lambda: self.engine.disk_handoff(hashes))
+            if not saving or asyncio.get_running_loop().time() >= deadline:
+                return on_disk
+            await asyncio.sleep(HANDOFF_POLL_S)
 
     async def update_weights(self, source, abort_running: bool = False) -> "WeightUpdate":
         """New weights (`LLMEngine.update_weights`' sources): read and checked off the engine thread while it keeps
@@ -352,6 +369,8 @@ class AsyncEngine:
                                         **({"images": req.images} if req.images else {}))
                 added.append(rid)
                 self._streams[rid] = stream
+                if stream.page_hashes is not None:
+                    stream.page_hashes.append(self.engine.prompt_page_hashes(rid))
         except Exception as e:  # all or nothing: one bad sample fails the call
             for rid in added:
                 self.engine.abort(rid)

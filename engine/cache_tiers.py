@@ -176,6 +176,11 @@ class CacheTiers:
         saves, self.disk_saves = self.disk_saves, []
         return saves
 
+    def saving(self, hashes: set[int]) -> bool:
+        """Whether a page or snapshot named in `hashes` waits for a plan to carry it to the disk tier."""
+        return any(h in hashes for _, _, h in self.disk_saves) or \
+            any(h in hashes for _, h in self._states_taken + self._states_written)
+
     # ------------------------------------------------------------------------------------ the tree
     def tree_evicting(self, pages: list[int], hashes: list[int]) -> None:
         """The tree lets go of `pages`: each is copied to a host slot (unless its hash is there already) before reuse."""

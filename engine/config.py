@@ -292,6 +292,10 @@ class ParallelConfig:
     # offline job's (scripts/generate.py, engine.data_parallel) or the server's (scripts/serve.py: the router in
     # front of them on server.port, engine.local_replicas).
     data: int = 1
+    # Of serve.py's `data` replicas, how many only prefill (prefill/decode disaggregation, engine/disaggregation.py):
+    # the router sends each generation request to one of them first, and the rest decode from the prompt pages they
+    # leave in the disk tier all share (cache.disk_path, needed then). 0: every replica does both.
+    prefill_replicas: int = 0
     coordinator_address: str | None = None  # host:port of process 0, for several hosts
     num_processes: int = 1
     process_id: int = 0
@@ -303,6 +307,9 @@ class ParallelConfig:
             raise ConfigKeyError("parallel.data > 1 with parallel.num_processes > 1: replicas spanning several hosts "
                                  "are not run by the offline job; route over them with scripts/route.py")
         _positive("parallel.num_processes", self.num_processes)
+        if self.prefill_replicas and not 0 < self.prefill_replicas < self.data:
+            raise ConfigKeyError(f"parallel.prefill_replicas must be in [0, parallel.data) (some replica must decode), "
+                                 f"got {self.prefill_replicas} of {self.data}")
         if not 0 <= self.process_id < self.num_processes:
             raise ConfigKeyError(f"parallel.process_id must be in [0, {self.num_processes}), got {self.process_id}")
 

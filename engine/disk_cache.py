@@ -161,6 +161,11 @@ class DiskCache:
             n += 1
         return n
 
+    def writing(self, hashes: set[int]) -> bool:
+        """Whether any of `hashes` is queued for the writer or being written."""
+        with self._lock:
+            return not self._writing.isdisjoint(hashes)
+
     def wanted(self, block_hash: int) -> bool:
         """Whether a page the tree stores should be written: the tier is on and has no file for it."""
         with self._lock:

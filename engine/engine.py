@@ -37,7 +37,7 @@ from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, weights_identity
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
-from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace
+from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace, page_hashes
 from engine.replica_weights import PreparedWeights, ReplicaWeights
 from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.output import OutputKind, OutputState, RequestOutput, truncate_output
@@ -718,6 +718,24 @@ class LLMEngine:
         if self.scheduler.host is not None:
             events += self.scheduler.host.drain_events()
         return events + self.scheduler.pages.drain_snapshot_events()
+
+    # ----------------------------------------------------------------- handing prompts to decode replicas
+    def prompt_page_hashes(self, request_id: str) -> list[int]:
+        """The block hashes of a live request's whole prompt pages, as the prefix cache and its tiers name them (its
+        namespace, its images' ids): what a decode replica sharing the disk tier looks up."""
+        seq, ps = self._state[request_id].seq, self.config.cache.page_size
+        return page_hashes(seq.prompt_ids[: len(seq.prompt_ids) // ps * ps], ps, seq.namespace)
+
+    def disk_handoff(self, hashes: Seq[int]) -> tuple[int, bool]:
+        """(how many of `hashes`, in a row from the first, the disk tier holds now; whether a page or snapshot of
+        recurrent states named in `hashes` is still on its way there: queued for a plan, being copied off the device,
+        or being written)."""
+        if self.disk is None:
+            return 0, False
+        named, states = set(hashes), self._disk.states
+        return self.disk.present(hashes), (
+            self.scheduler.tiers.saving(named) or self.runner.copies.saving_to_disk(named)
+            or self.disk.writing(named) or (states is not None and states.writing(named)))
 
     # -------------------------------------------------------------------------------- stats
     @property

@@ -179,6 +179,10 @@ class PageCopies:
             self.disk.put(hashes, tuple(np.asarray(a) for a in saved), key)
         self._pending_disk = []
 
+    def saving_to_disk(self, hashes: set[int]) -> bool:
+        """Whether pages or snapshots named in `hashes` are on their way from the device to the disk's writer."""
+        return any(not hashes.isdisjoint(named) for _, named, _ in self._pending_disk + self._pending_disk_states)
+
     def save_to_disk(self, kv, saves: list[tuple[int, int, int]]) -> None:
         """Writes (page, window slot, block hash) pages out now, with no step to carry them (the engine is idle)."""
         if saves:

@@ -49,7 +49,8 @@ class LocalReplicas:
         self.urls = [f"http://127.0.0.1:{p}" for p in self.ports]
         self.envs = [device_env(i, config.parallel.tensor) for i in range(self.num)]
         base = [sys.executable, SERVE] + (["--config", config_path] if config_path else [])
-        self.cmds = [base + ["--set", *overrides, "parallel.data=1", "server.host=127.0.0.1", f"server.port={port}"]
+        self.cmds = [base + ["--set", *overrides, "parallel.data=1", "parallel.prefill_replicas=0", "server.host=127.0.0.1",
+                             f"server.port={port}"]
                      for port in self.ports]
         self.procs: list[subprocess.Popen | None] = [None] * self.num
         self._started_s = [0.0] * self.num
@@ -131,18 +132,27 @@ def serve(config_path: str | None, overrides: list[str], config, api_key: str | 
     from engine.router.app import create_app
     from engine.router.config import RouterConfig
 
+    num_prefill = config.parallel.prefill_replicas
+    if num_prefill and not config.cache.disk_path:
+        print("serve.py: config error: parallel.prefill_replicas hands prompts' KV to the decode replicas through the "
+              "disk tier they share: set cache.disk_path (on a GPU host, a directory in memory such as /dev/shm/...)",
+              file=sys.stderr)
+        return 2
     replicas = LocalReplicas(config_path, overrides, config)
-    print(f"serve.py: starting {replicas.num} replicas (parallel.data) on ports {replicas.ports}", file=sys.stderr,
-          flush=True)
+    print(f"serve.py: starting {replicas.num} replicas (parallel.data) on ports {replicas.ports}"
+          + (f", the first {num_prefill} prefill only" if num_prefill else ""), file=sys.stderr, flush=True)
     replicas.start()
     try:
         replicas.wait_healthy()
-        router_cfg = RouterConfig(replicas=",".join(replicas.urls), page_size=config.cache.page_size,
-                                  tokenizer=config.model.path, replica_api_key=api_key, host=config.server.host,
-                                  port=config.server.port)
+        router_cfg = RouterConfig(replicas=",".join(replicas.urls[num_prefill:]),
+                                  prefill_replicas=",".join(replicas.urls[:num_prefill]),
+                                  page_size=config.cache.page_size, tokenizer=config.model.path,
+                                  replica_api_key=api_key, host=config.server.host, port=config.server.port)
         app = create_app(router_cfg, replica_tokenizer(config))
         print(f"serve.py: serving {config.served_model_name!r} on http://{config.server.host}:{config.server.port}/v1 "
-              f"through the router (prefix_aware) over {replicas.num} replicas", file=sys.stderr, flush=True)
+              f"through the router (prefix_aware) over {replicas.num} replicas"
+              + (f" ({num_prefill} prefill, {replicas.num - num_prefill} decode)" if num_prefill else ""),
+              file=sys.stderr, flush=True)
         _RouterServer(uvicorn.Config(app, host=config.server.host, port=config.server.port, log_level="warning")).run()
     finally:
         replicas.stop()

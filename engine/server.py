@@ -49,6 +49,8 @@ from engine.openai_protocol import (
     chat_template_call, describe_validation_error, error_body,
 )
 from engine import anthropic_messages, multimodal, openai_responses
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, prefill_for_decode, \
+    prefill_only
 from engine import scoring, structured
 from engine.reasoning import keeps_special_tokens
 from engine.router.prompts import PROBE_TEXT, PromptFormat
@@ -90,12 +92,17 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                   description="OpenAI-compatible API of one RadixLM replica")
     app.state.engine = engine
     app.state.metrics = metrics
+    app.add_middleware(PrefillOnlyMarker)  # a prefill for a decode replica (engine/disaggregation.py)
     app.add_middleware(RequestGuard, api_key=api_key, max_body_bytes=server_cfg.max_body_bytes, metrics=metrics)
 
     # -------------------------------------------------------------------------------- errors
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
         return JSONResponse(error_body(e.message, e.type, e.param, e.code), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(PrefillDone)
+    async def _prefill_done(request: Request, e: PrefillDone):
+        return JSONResponse(e.body)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, e: RequestValidationError):
@@ -180,6 +187,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
                             body.model if body.model in adapters() else None, tuple(im))
             for p, mt, im in zip(prompts, max_tokens, images) for j in range(n)
         ]
+        if prefill_only():
+            await prefill_for_decode_replica(reqs)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
         as_ids = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else token_text
@@ -192,6 +201,19 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         if body.stream:
             await enter(stream)
         return stream, fmt
+
+    async def prefill_for_decode_replica(reqs: list[GenerateRequest]) -> None:
+        """A call marked prefill-only (the router's, before it sends the call to a decode replica): its prompts are
+        computed and their pages written to the shared disk tier; answered by PrefillDone, not a completion."""
+        if llm.disk is None:
+            raise ApiError(400, f"a prefill for a decode replica ({PREFILL_ONLY_HEADER}) hands the prompt's KV over "
+                                "through the disk tier, and this replica has none: set cache.disk_path (the decode "
+                                "replicas' own)", code="no_disk_tier")
+        try:
+            done = await prefill_for_decode(engine, reqs, config.cache.disk_read_timeout_s)
+        except (RequestError, EngineStopped) as e:
+            raise _engine_error(e) from None
+        raise PrefillDone(done)
 
     async def enter(stream) -> None:
         """Waits for the engine to take a call's requests: its refusals become HTTP errors (before any 200 goes out)."""

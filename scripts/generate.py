@@ -238,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isfile(args.input):
         print(f"input file {args.input} not found", file=sys.stderr)
         return 2
+    if config.parallel.prefill_replicas:
+        print("config error: parallel.prefill_replicas (prefill/decode disaggregation) is serve.py's; an offline job "
+              "is after throughput, which every replica doing both gives", file=sys.stderr)
+        return 2
 
     from engine.engine import LLMEngine
 

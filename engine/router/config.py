@@ -1,8 +1,8 @@
 """RouterConfig: one frozen dataclass; configs/router.yaml plus `--set key=value` only fill it.
 
-`replicas` is the one list-valued option. engine.config's coercion knows scalars only, so here a
+`replicas` and `prefill_replicas` are the list-valued options. engine.config's coercion knows scalars only, so here a
 YAML list (or a comma-separated string) is joined into one string before `from_dict`, and
-`RouterConfig.replica_urls` splits it again.
+`RouterConfig.replica_urls` splits them again.
 """
 from __future__ import annotations
 
@@ -17,6 +17,10 @@ POLICIES = ("round_robin", "least_load", "prefix_aware")
 @dataclasses.dataclass(frozen=True)
 class RouterConfig:
     replicas: str = "http://127.0.0.1:8001"  # base URLs, comma-separated (YAML: a list is fine)
+    # Prefill/decode disaggregation: replicas that only prefill. A generation request goes to one of these first (its
+    # prompt's KV written to the disk tier they share with `replicas`), then to one of `replicas`, which reads it from
+    # there and decodes (engine/disaggregation.py; docs/routing.md). "": every replica does both.
+    prefill_replicas: str = ""
     policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
     page_size: int = 16  # the replicas' cache.page_size until they tell it (GET /v1/prompt_format): pages cut alike
     tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
@@ -35,13 +39,14 @@ class RouterConfig:
     hot_spot_slack: int = 4  # in-flight requests
 
     def __post_init__(self):
-        if not self.replica_urls:
+        if not _urls(self.replicas):
             raise ConfigKeyError("replicas: at least one replica base URL is needed")
-        for url in self.replica_urls:
-            if not url.startswith(("http://", "https://")):
-                raise ConfigKeyError(f"replicas: {url!r} is not an http(s):// base URL")
+        for key in ("replicas", "prefill_replicas"):
+            for url in _urls(getattr(self, key)):
+                if not url.startswith(("http://", "https://")):
+                    raise ConfigKeyError(f"{key}: {url!r} is not an http(s):// base URL")
         if len(set(self.replica_urls)) != len(self.replica_urls):
-            raise ConfigKeyError("replicas: a URL is listed twice")
+            raise ConfigKeyError("replicas, prefill_replicas: a URL is listed twice")
         if self.page_size <= 0:
             raise ConfigKeyError(f"page_size must be > 0, got {self.page_size}")
         if not 0 < self.port < 65536:
@@ -57,15 +62,27 @@ class RouterConfig:
 
     @property
     def replica_urls(self) -> tuple[str, ...]:
-        return tuple(u.strip().rstrip("/") for u in self.replicas.split(",") if u.strip())
+        """Every replica the router watches: `replicas`, then `prefill_replicas` (the router's slots, in order)."""
+        return _urls(self.replicas) + _urls(self.prefill_replicas)
+
+    @property
+    def prefill_slots(self) -> frozenset[int]:
+        """The slots of the prefill-only replicas."""
+        n = len(_urls(self.replicas))
+        return frozenset(range(n, n + len(_urls(self.prefill_replicas))))
+
+
+def _urls(joined: str) -> tuple[str, ...]:
+    return tuple(u.strip().rstrip("/") for u in joined.split(",") if u.strip())
 
 
 def _join_replicas(data: dict) -> dict:
-    value = data.get("replicas")
-    if isinstance(value, (list, tuple)):
-        if not all(isinstance(u, str) for u in value):
-            raise ConfigKeyError(f"replicas: expected a list of URLs, got {value!r}")
-        data = {**data, "replicas": ",".join(value)}
+    for key in ("replicas", "prefill_replicas"):
+        value = data.get(key)
+        if isinstance(value, (list, tuple)):
+            if not all(isinstance(u, str) for u in value):
+                raise ConfigKeyError(f"{key}: expected a list of URLs, got {value!r}")
+            data = {**data, key: ",".join(value)}
     return data
 
 

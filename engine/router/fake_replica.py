@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER
 from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
@@ -72,7 +73,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     tok = ByteTokenizer()
     epoch = uuid.uuid4().hex
     events: deque[dict] = deque(maxlen=max_events)
-    state = {"seq": 0, "served": 0, "waiting": 0, "waiting_tokens": 0, "running": 0}
+    state = {"seq": 0, "served": 0, "prefills": 0, "waiting": 0, "waiting_tokens": 0, "running": 0}
     lock = asyncio.Lock()
 
     def publish() -> None:
@@ -105,12 +106,22 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                 state["running"] -= 1
                 state["served"] += 1
 
+    def prefill_only(request: Request) -> bool:
+        return request.headers.get(PREFILL_ONLY_HEADER, "0") not in ("", "0")
+
+    def prefilled(tokens: list[int]) -> dict:
+        """A prefill for a decode replica, answered as a replica does (engine/disaggregation.py)."""
+        state["prefills"] += 1
+        return {"object": "prefill", "prompts": [{"prompt_tokens": len(tokens)}], "replica": name}
+
     async def completion(request: Request, chat: bool):
         body = await request.json()
         tokens = prompt_tokens(tok, body, chat)
         max_tokens = int(body.get("max_tokens") or 8)
         model = body.get("model")
         await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
+        if prefill_only(request):
+            return prefilled(tokens)
         words = fake_output(tokens, max_tokens)
         rid, created, model = f"cmpl-{uuid.uuid4().hex[:12]}", int(time.time()), body.get("model", "fake")
         usage = {"prompt_tokens": len(tokens), "completion_tokens": max_tokens,
@@ -164,6 +175,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         conversation = stored.get(previous, []) + input_messages(body["input"])
         tokens = tok.encode_chat(prompt_messages(body.get("instructions"), conversation))
         await serve(tokens, cache_namespace(body.get("cache_salt"), None))
+        if prefill_only(request):
+            return prefilled(tokens)
         text = "".join(fake_output(tokens, int(body.get("max_output_tokens") or 8)))
         rid = f"resp_{uuid.uuid4().hex}"
         response = {"id": rid, "object": "response", "status": "completed", "previous_response_id": previous,
@@ -292,7 +305,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
 
     @app.get("/stats")
     async def stats():
-        return {"served": state["served"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
+        return {"served": state["served"], "prefills": state["prefills"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
 
     app.state.cache = cache
     return app

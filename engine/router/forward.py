@@ -32,6 +32,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import anthropic_messages
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER
 from engine.openai_protocol import error_body
 from engine.router.config import RouterConfig
 from engine.router.fleet import FORWARD_HEADERS, Fleet
@@ -42,6 +43,8 @@ from engine.router.prompts import PromptFormat, RequestTokens, body_route, path_
 from engine.router.response_owners import ResponseOwners
 
 log = logging.getLogger("radixlm.router")
+# Where a prefill replica's prompt pages help a decode replica: the paths that generate (pooling ones never go there).
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/messages"})
 
 
 def load_tokenizer(path: str):
@@ -70,6 +73,7 @@ class Router:
         self._tokens: RequestTokens | None = None
         # NOTE: the fleet's own lists (never rebound): the policy reads the states the health checks write.
         self.urls, self.states = self.fleet.urls, self.fleet.states
+        self.prefill_slots = cfg.prefill_slots  # prefill-only replicas (disaggregation): generation requests' first stop
         self.response_owners = ResponseOwners()  # stored /v1/responses ids -> the replica holding each
         self._prompt_tokens = self._matched_tokens = 0
 
@@ -141,14 +145,16 @@ class Router:
             req = RouteRequest((), 0)
         else:  # tokenized in a worker thread (the tokenizer lets go of the GIL): streams keep flowing meanwhile
             req = await asyncio.to_thread(self.route_request, body, path)
+        if self.prefill_slots and pinned is None and path in GENERATION_PATHS:
+            await self._prefill_first(path, raw, fwd, req)
         tried: set[int] = set()
         last_error = "no replica is up"
         for _ in range(self.cfg.max_attempts if pinned is None else 1):
             if pinned is not None:
                 choice = Choice(pinned, 0, "previous_response")
             else:
-                try:
-                    choice = self.policy.route(req, self.states, time.monotonic(), tried)
+                try:  # never a prefill-only replica
+                    choice = self.policy.route(req, self.states, time.monotonic(), tried | self.prefill_slots)
                 except NoReplicaAvailable:
                     break
             slot, url = choice.replica, self.urls[choice.replica]
@@ -200,6 +206,43 @@ class Router:
         self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
         return _failure(path, 503 if not tried else 502, f"no replica could serve the request ({last_error})",
                         "upstream_unavailable")
+
+    async def _prefill_first(self, path: str, raw: bytes, headers: dict[str, str], req: RouteRequest) -> None:
+        """Prefill/decode disaggregation: the request, marked prefill-only, to a prefill replica (chosen by the policy
+        among them), which answers once its prompt's pages are in the disk tier the decode replicas read. Whatever
+        fails here (no prefill replica up, an error, a timeout) only costs the decode replica the prefill: it then
+        computes the prompt itself."""
+        decode_slots = set(range(len(self.urls))) - self.prefill_slots
+        try:
+            choice = self.policy.route(req, self.states, time.monotonic(), decode_slots)
+        except NoReplicaAvailable:
+            self.metrics.handoffs.labels("no_prefill_replica").inc()
+            return
+        slot, url = choice.replica, self.urls[choice.replica]
+        self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
+        ticket = _Ticket(self, slot, req.prompt_len - choice.matched_len)
+        t0 = time.perf_counter()
+        try:
+            r = await self.client.post(url + path, content=raw, headers={**headers, PREFILL_ONLY_HEADER: "1"},
+                                       timeout=self.cfg.request_timeout_s)
+        except Exception as e:  # NOTE: as forward's: httpcore can leak other errors than httpx's
+            log.warning("prefill replica %s failed (%r): the decode replica computes the prompt", url, e)
+            self._retry(slot, transport=isinstance(e, httpx.TransportError))
+            self.metrics.handoffs.labels("failed").inc()
+            return
+        finally:
+            ticket.release()
+        self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
+        if r.status_code == 200:
+            self._count(slot, req.prompt_len, choice.matched_len)
+            self.metrics.handoffs.labels("ok").inc()
+            return
+        # A request the replicas refuse (400) is refused again, by name, by the decode replica: the client hears it
+        # from there. Anything else is the prefill replica's trouble.
+        self.metrics.handoffs.labels("refused" if r.status_code < 500 else "failed").inc()
+        if r.status_code >= 500 or "no_disk_tier" in r.text:
+            log.warning("prefill replica %s answered %d (%s): the decode replica computes the prompt", url,
+                        r.status_code, r.text[:300])
 
     async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False,
                      anthropic: bool = False):

@@ -6,7 +6,7 @@ class RouterMetrics:
     """Prometheus metrics in a registry of their own (several routers can live in one process)."""
 
     def __init__(self, urls: tuple[str, ...]) -> None:
-        from prometheus_client import CollectorRegistry, Counter, Gauge
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         r = self.registry = CollectorRegistry()
         self.requests = Counter("radixlm_router_requests", "Requests forwarded, per replica", ["replica"], registry=r)
@@ -23,6 +23,11 @@ class RouterMetrics:
         self.prompt_tokens = Counter("radixlm_router_prompt_tokens", "Prompt tokens routed", registry=r)
         self.matched_tokens = Counter("radixlm_router_matched_tokens",
                                       "Prompt tokens the chosen replica held, per the index", registry=r)
+        self.handoffs = Counter("radixlm_router_prefill_handoffs",
+                                "Generation requests sent to a prefill replica first (disaggregation), by outcome",
+                                ["outcome"], registry=r)
+        self.prefill_seconds = Histogram("radixlm_router_prefill_seconds",
+                                         "A prefill replica's answer time (prompt computed and on disk)", registry=r)
         self.hit_rate = Gauge("radixlm_router_hit_rate_estimate", "matched prefix tokens / prompt tokens",
                               registry=r)
         for url in urls:

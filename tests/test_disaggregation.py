@@ -1,0 +1,206 @@
+"""Prefill/decode disaggregation (engine/disaggregation.py, the router's `prefill_replicas`).
+
+A replica asked for a prefill only computes the prompt and answers once its pages are in the disk tier; a decode
+replica on the same files then computes only the prompt's last page and gives the tokens one replica gives. The
+router sends each generation request to a prefill replica first, then to a decode replica; a prefill replica that
+fails only costs the decode replica the prefill."""
+from __future__ import annotations
+
+import random
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.async_engine import AsyncEngine
+from engine.config import EngineConfig
+from engine.disaggregation import HEADER
+from engine.engine import LLMEngine
+from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
+from engine.server import create_app
+from engine.local_replicas import free_ports
+from tests.test_engine import SMALL, tiny_model, tokenizer  # noqa: F401 (fixtures)
+from tests.test_generate import tiny_checkpoint  # noqa: F401 (fixture)
+from tests.test_router_faults import replicas_and_router, start_replicas, wait_for
+
+SYSTEM = "You are the help desk of a hardware store. Answer in one short sentence, naming the aisle. " * 3
+
+
+def _client(tiny_model, **overrides) -> TestClient:  # noqa: F811
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "server.model_name": "tiny", **overrides})
+    return TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False, model=tiny_model)), config))
+
+
+def _chat(question: str, **fields) -> dict:
+    return {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}], **fields}
+
+
+def test_a_decode_replica_reads_the_prefill_replicas_pages_and_answers_as_one_replica(tiny_model, tmp_path):  # noqa: F811
+    """The prefill replica's answer says every whole page of the prompt is on disk, and is no completion; the decode
+    replica on the same files takes them as cached prompt tokens and answers with the tokens of a replica that did
+    everything itself (completions, chat, a stream); n samples are one prefill; a refused request is refused by
+    the prefill replica as any replica refuses it; a replica without a disk tier refuses prefills by name."""
+    questions = [f"Where are the {thing}?" for thing in ("hammers", "ladders", "paint rollers", "hinges")]
+    with _client(tiny_model) as alone:
+        expected = [alone.post("/v1/chat/completions", json=_chat(q)).json() for q in questions]
+        expected_text = alone.post("/v1/completions", json={"model": "tiny", "prompt": SYSTEM + " aisle 7", "max_tokens":
+                                                            5, "temperature": 0}).json()["choices"][0]["text"]
+        refused = alone.post("/v1/chat/completions", json=_chat("?"), headers={HEADER: "1"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_disk_tier", refused.text
+        assert "cache.disk_path" in refused.json()["error"]["message"]
+
+    disk = {"cache.disk_path": str(tmp_path)}
+    with _client(tiny_model, **disk) as prefill, _client(tiny_model, **disk) as decode:
+        for q, want in zip(questions, expected):
+            body = _chat(q, n=2, stream=q.endswith("ladders?"))
+            done = prefill.post("/v1/chat/completions", json=body, headers={HEADER: "1"})
+            assert done.status_code == 200, done.text
+            [one] = done.json()["prompts"]  # n = 2: one prompt, one prefill
+            assert done.json()["object"] == "prefill" and one["pages"] == one["prompt_tokens"] // 16 > 3
+            assert one["pages_on_disk"] == one["pages"]
+            got = decode.post("/v1/chat/completions", json=_chat(q)).json()
+            assert got["choices"][0]["message"] == want["choices"][0]["message"]
+            assert got["usage"]["prompt_tokens_details"]["cached_tokens"] >= (one["pages"] - 1) * 16
+        assert decode.app.state.engine.engine.stats()["disk_hit_tokens"] > 0
+        assert prefill.app.state.engine.engine.stats()["disk_hit_tokens"] == 0
+
+        text = {"model": "tiny", "prompt": SYSTEM + " aisle 7", "max_tokens": 5, "temperature": 0}
+        assert prefill.post("/v1/completions", json=text, headers={HEADER: "1"}).json()["object"] == "prefill"
+        assert decode.post("/v1/completions", json=text).json()["choices"][0]["text"] == expected_text
+
+        bad = prefill.post("/v1/chat/completions", json=_chat("?", temperature=-1), headers={HEADER: "1"})
+        assert bad.status_code == 400 and "temperature" in bad.text
+
+
+def _ask(url: str, i: int, stream: bool, path: str = "/v1/chat/completions") -> tuple[str, str]:
+    body = {"model": "fake", "max_tokens": 4, "stream": stream,
+            "messages": [{"role": "system", "content": f"prefix {i % 3} " + "x" * 40},
+                         {"role": "user", "content": f"question {i}"}]}
+    expected = "".join(fake_output(prompt_tokens(ByteTokenizer(), body, chat=True), 4))
+    with httpx.Client(timeout=30) as c:
+        if not stream:
+            return c.post(url + path, json=body).json()["choices"][0]["message"]["content"], expected
+        text = ""
+        with c.stream("POST", url + path, json=body) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    text += httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"]["content"]
+        return text, expected
+
+
+def _stats(port: int) -> dict:
+    return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
+
+
+def _counter(url: str, name: str, outcome: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(f'{name}{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
+    """Generation requests (streamed or not) reach the prefill replica first, marked, and are answered by a decode
+    replica; pooling requests never go to a prefill replica; with the prefill replica gone, the decode replicas
+    serve alone."""
+    [prefill_port] = free_ports(1)
+    procs = {}
+    try:
+        start_replicas([prefill_port], 0.0, started=procs)
+        prefill_url = f"http://127.0.0.1:{prefill_port}"
+        with replicas_and_router(2, 0.0, prefill_replicas=[prefill_url]) as (ports, _, router):
+            answers = [_ask(router.url, i, stream=i % 2 == 1) for i in range(6)]
+            assert all(got == want for got, want in answers), answers
+            assert _stats(prefill_port)["prefills"] == _stats(prefill_port)["served"] == 6
+            assert sum(_stats(p)["served"] for p in ports) == 6 and all(_stats(p)["prefills"] == 0 for p in ports)
+            assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 6
+            rng = random.Random(0)
+            for _ in range(3):
+                r = httpx.post(router.url + "/v1/embeddings", json={"model": "fake", "input": "x" * rng.randint(9, 99)})
+                assert r.status_code == 200 and r.json()["replica"] != f"fake:{prefill_port}"
+            assert _stats(prefill_port)["served"] == 6
+
+            procs[prefill_port].kill()
+            procs[prefill_port].wait()
+            assert all(got == want for got, want in (_ask(router.url, i, stream=False) for i in range(6, 9)))
+            wait_for(lambda: not router.router.states[2].up, what="the prefill replica marked down")
+            assert all(got == want for got, want in (_ask(router.url, i, stream=True) for i in range(9, 12)))
+            assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 6
+            lost = sum(_counter(router.url, "radixlm_router_prefill_handoffs_total", o)
+                       for o in ("failed", "no_prefill_replica"))
+            assert lost == 6
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.mark.parametrize("key", ["replicas", "prefill_replicas"])
+def test_router_config_refuses_a_replica_listed_twice_or_not_a_url(key):
+    from engine.config import ConfigKeyError
+    from engine.router.config import router_config_from_dict
+
+    cfg = router_config_from_dict({"replicas": ["http://a:1", "http://b:1"], "prefill_replicas": "http://c:1"})
+    assert cfg.replica_urls == ("http://a:1", "http://b:1", "http://c:1") and cfg.prefill_slots == {2}
+    with pytest.raises(ConfigKeyError, match="twice"):
+        router_config_from_dict({"replicas": "http://a:1", "prefill_replicas": "http://a:1"})
+    with pytest.raises(ConfigKeyError, match=f"{key}: 'ftp://x' is not"):
+        router_config_from_dict({"replicas": "http://a:1", key: "http://d:1,ftp://x"})
+
+
+def test_serve_py_needs_a_disk_tier_for_prefill_replicas():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
+                           "parallel.data=2", "parallel.prefill_replicas=1"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "cache.disk_path" in done.stderr, done.stderr[-2000:]
+    done = subprocess.run([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
+                           "parallel.data=2", "parallel.prefill_replicas=2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "parallel.prefill_replicas must be in [0, parallel.data)" in done.stderr
+
+
+@pytest.mark.slow
+def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_path):  # noqa: F811
+    """serve.py with parallel.data=2 and parallel.prefill_replicas=1: every chat is prefilled by the one replica and
+    answered by the other from the pages it left on disk, with the tokens the decode replica gives computing the whole
+    prompt itself (another cache_salt, sent to it directly)."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.test_serve_replicas import _wait
+
+    [port] = free_ports(1)
+    log = open(tmp_path / "serve.log", "w")
+    proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
+                             f"model.path={tiny_checkpoint}", "model.max_model_len=256", "cache.num_pages=256",
+                             "warmup=false", "parallel.data=2", "parallel.prefill_replicas=1",
+                             f"cache.disk_path={tmp_path / 'kv'}", f"server.port={port}"], stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=url, timeout=60) as http:
+            _wait(lambda: http.get("/health").status_code == 200, 300, "the router")
+            [decode, prefill] = [r["url"] for r in http.get("/replicas").json()["replicas"]]
+            body = {"model": "smollm2-135m-instruct", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+            for i in range(3):
+                messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"Question {i}?"}]
+                r = http.post("/v1/chat/completions", json={**body, "messages": messages})
+                assert r.status_code == 200, r.text
+                usage = r.json()["usage"]  # every whole page read from disk but the last token's
+                assert usage["prompt_tokens_details"]["cached_tokens"] >= (usage["prompt_tokens"] // 16 - 1) * 16 > 0
+                alone = httpx.post(decode + "/v1/chat/completions", timeout=60,
+                                   json={**body, "messages": messages, "cache_salt": f"alone {i}"}).json()
+                assert alone["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+                assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
+            metrics = http.get("/metrics").text
+            assert 'radixlm_router_prefill_handoffs_total{outcome="ok"} 3.0' in metrics, metrics
+            assert "radixlm_disk_hit_tokens_total 0.0" not in httpx.get(decode + "/metrics").text
+            assert "radixlm_disk_hit_tokens_total 0.0" in httpx.get(prefill + "/metrics").text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=120)
+        log.close()
+    assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]

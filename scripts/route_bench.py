@@ -6,7 +6,9 @@ shared-prefix load (engine.router.loadgen), then the replicas' own counters.
     python scripts/route_bench.py --replicas 3 --num-pages 96 --groups 12 --prefix-words 160 --requests 120
 
 Reports per policy: token hit rate (cached / prompt tokens, summed over the replicas' /metrics),
-the ideal hit rate for the workload, request throughput, TTFT p50/p99, requests per replica max/mean.
+the ideal hit rate for the workload, request throughput, TTFT p50/p99, inter-token latency p50/p99, requests per
+replica max/mean. `--prefill-replicas N` runs each policy twice, the second time with N of the replicas prefill only
+(prefill/decode disaggregation, over a disk tier they share).
 """
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ import argparse
 import asyncio
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -46,16 +50,20 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def run_policy(policy: str, args, base_port: int) -> dict:
+def run_policy(policy: str, args, base_port: int, prefill: int = 0) -> dict:
+    """prefill: how many of the replicas only prefill (disaggregation; every replica then has a disk tier, fresh for
+    this run, as with --disk)."""
     from engine.router import loadgen
 
     ports = [base_port + i for i in range(args.replicas)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
+    disk = tempfile.mkdtemp(prefix="route-bench-kv-", dir=args.disk_dir) if args.disk or prefill else None
     replicas = [
         subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
                           f"server.port={p}", f"cache.num_pages={args.num_pages}", "cache.page_size=16",
                           "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024",
-                          *([f"model.chat_template={args.chat_template}"] if args.chat_template else [])],
+                          *([f"model.chat_template={args.chat_template}"] if args.chat_template else []),
+                          *([f"cache.disk_path={disk}"] if disk else [])],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for p in ports
     ]
@@ -65,7 +73,8 @@ def run_policy(policy: str, args, base_port: int) -> dict:
             _wait_healthy(url, replicas)
         router_port = base_port + 50
         router = subprocess.Popen([sys.executable, "scripts/route.py", "--config", "configs/router.yaml", "--set",
-                                   f"replicas={','.join(urls)}", f"policy={policy}", f"port={router_port}"],
+                                   f"replicas={','.join(urls[prefill:])}", f"policy={policy}", f"port={router_port}",
+                                   *([f"prefill_replicas={','.join(urls[:prefill])}"] if prefill else [])],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         router_url = f"http://127.0.0.1:{router_port}"
         _wait_healthy(router_url, [router])
@@ -82,10 +91,13 @@ def run_policy(policy: str, args, base_port: int) -> dict:
             prompt += _metric(text, "radixlm_prompt_tokens_total")
             cached += _metric(text, "radixlm_cached_tokens_total")
         ttfts = sorted(r[0] for r in results)
+        gaps = sorted(g for r in results for g in r[2])
         mean = sum(per_replica) / len(per_replica)
-        return {"policy": policy, "requests": len(results), "req_per_s": len(results) / wall,
+        return {"policy": policy + (f" {prefill}P+{args.replicas - prefill}D" if prefill else ""),
+                "requests": len(results), "req_per_s": len(results) / wall,
                 "token_hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt,
-                "ttft_p50_s": ttfts[len(ttfts) // 2], "ttft_p99_s": ttfts[int(0.99 * (len(ttfts) - 1))],
+                "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
+                "itl_p50_s": _quantile(gaps, 0.5), "itl_p99_s": _quantile(gaps, 0.99),
                 "per_replica": per_replica, "max_over_mean": max(per_replica) / mean if mean else 0.0}
     finally:
         for p in ([router] if router else []) + replicas:
@@ -95,6 +107,12 @@ def run_policy(policy: str, args, base_port: int) -> dict:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 p.kill()
+        if disk:
+            shutil.rmtree(disk, ignore_errors=True)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    return xs[int(q * (len(xs) - 1))] if xs else float("nan")
 
 
 def ideal_hit_rate(args, page_size: int = 16) -> float:
@@ -139,22 +157,31 @@ def main(argv=None) -> int:
     ap.add_argument("--text-parts", action="store_true", help="message content as lists of text parts")
     ap.add_argument("--chat-template", default="", help="the replicas' model.chat_template (e.g. "
                                                         "examples/chatml_tools.jinja, which lists the tools)")
+    ap.add_argument("--disk", action="store_true", help="every replica with a disk tier (one directory, fresh per run)")
+    ap.add_argument("--disk-dir", default=None, help="where those directories go (default: the system's temp dir)")
+    ap.add_argument("--prefill-replicas", type=int, default=0,
+                    help="also run each policy with this many of the replicas prefill only (disaggregation)")
+    ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     args = ap.parse_args(argv)
     rows = []
-    for k, policy in enumerate(args.policies.split(",")):
-        row = run_policy(policy, args, args.base_port + 100 * k)
+    runs = [(policy, prefill) for policy in args.policies.split(",")
+            for prefill in ([0, args.prefill_replicas] if args.prefill_replicas else [0])] * args.repeats
+    for k, (policy, prefill) in enumerate(runs):
+        row = run_policy(policy, args, args.base_port + 100 * k, prefill)
         rows.append(row)
-        print(f"{policy}: {row}", file=sys.stderr, flush=True)
+        print(f"{row['policy']}: {row}", file=sys.stderr, flush=True)
     ideal = ideal_hit_rate(args)
     shape = (f" and {args.tools} tools" if args.tools else "") + (", text parts" if args.text_parts else "") + (
         f", chat template {args.chat_template}" if args.chat_template else "")
     print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
           f"system prompts{shape}; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output "
           f"tokens; ideal token hit rate {ideal:.1%}")
-    print(f"{'policy':<14}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'max/mean':>10}  requests per replica")
+    print(f"{'policy':<22}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}"
+          f"{'max/mean':>10}  requests per replica")
     for r in rows:
-        print(f"{r['policy']:<14}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
-              f"{r['ttft_p99_s']:>10.2f}{r['max_over_mean']:>10.2f}  {[int(x) for x in r['per_replica']]}")
+        print(f"{r['policy']:<22}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
+              f"{r['ttft_p99_s']:>10.2f}{r['itl_p50_s']:>10.3f}{r['itl_p99_s']:>10.3f}{r['max_over_mean']:>10.2f}  "
+              f"{[int(x) for x in r['per_replica']]}")
     return 0
 
 

@@ -233,8 +233,8 @@ class Router:
         finally:
             ticket.release()
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
-        if r.status_code == 200:
-            self._count(slot, req.prompt_len, choice.matched_len)
+        if r.status_code == 200:  # (prompt and matched tokens are counted once, for the decode replica)
+            self.metrics.requests.labels(url).inc()
             self.metrics.handoffs.labels("ok").inc()
             return
         # A request the replicas refuse (400) is refused again, by name, by the decode replica: the client hears it

@@ -52,17 +52,28 @@ def request_body(model: str, group: int, i: int, words: int, max_tokens: int, to
             **({"tools": group_tools(group, tools)} if tools else {})}
 
 
-async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float]:
+async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, float, list[float]]:
+    """(TTFT: to the first chunk with text, not the role's that opens the stream; end to end; the gaps between the
+    chunks with text after it: inter-token latencies) of one streamed chat."""
     t0 = time.perf_counter()
-    ttft = None
+    ttft, last, gaps = None, 0.0, []
     async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
         r.raise_for_status()
         async for line in r.aiter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]" and ttft is None:
-                if "error" in json.loads(line[6:]):
-                    raise RuntimeError(line)
-                ttft = time.perf_counter() - t0
-    return ttft if ttft is not None else float("nan"), time.perf_counter() - t0
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(line)
+            if not any(c.get("delta", {}).get("content") for c in chunk.get("choices", ())):
+                continue
+            now = time.perf_counter()
+            if ttft is None:
+                ttft = now - t0
+            else:
+                gaps.append(now - last)
+            last = now
+    return ttft if ttft is not None else float("nan"), time.perf_counter() - t0, gaps
 
 
 def jobs(groups: int, requests: int, seed: int) -> list[tuple[int, int]]:
@@ -73,10 +84,10 @@ def jobs(groups: int, requests: int, seed: int) -> list[tuple[int, int]]:
 
 async def collect(url: str, model: str, work: list[tuple[int, int]], words: int, max_tokens: int,
                   concurrency: int, timeout_s: float = 600, tools: int = 0, parts: bool = False
-                  ) -> list[tuple[float, float]]:
-    """Sends `work` with at most `concurrency` in flight (`request_body`'s); (TTFT, end-to-end) per request."""
+                  ) -> list[tuple[float, float, list[float]]]:
+    """Sends `work` with at most `concurrency` in flight (`request_body`'s); `one`'s timings per request."""
     sem = asyncio.Semaphore(concurrency)
-    results: list[tuple[float, float]] = []
+    results: list[tuple[float, float, list[float]]] = []
     async with httpx.AsyncClient(timeout=timeout_s) as client:
 
         async def task(g: int, i: int) -> None:

@@ -7,6 +7,7 @@ fails only costs the decode replica the prefill."""
 from __future__ import annotations
 
 import random
+import time
 
 import httpx
 import pytest
@@ -36,7 +37,25 @@ def _chat(question: str, **fields) -> dict:
             "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}], **fields}
 
 
-def test_a_decode_replica_reads_the_prefill_replicas_pages_and_answers_as_one_replica(tiny_model, tmp_path):  # noqa: F811
+def _slow_writes(monkeypatch, seconds: float = 0.05, disk=None) -> None:
+    """Every file of the disk tier (of the DiskCache `disk` alone, if given) written `seconds` late: an answer that
+    does not wait for its pages misses some."""
+    from engine.disk_cache import DiskCache
+
+    write = DiskCache._write_one
+
+    def slow(self, *args):
+        time.sleep(seconds)
+        return write(self, *args)
+
+    if disk is None:
+        monkeypatch.setattr(DiskCache, "_write_one", slow)
+    else:
+        monkeypatch.setattr(disk, "_write_one", lambda *args: slow(disk, *args))
+
+
+def test_a_decode_replica_reads_the_prefill_replicas_pages_and_answers_as_one_replica(tiny_model, tmp_path,  # noqa: F811
+                                                                                      monkeypatch):
     """The prefill replica's answer says every whole page of the prompt is on disk, and is no completion; the decode
     replica on the same files takes them as cached prompt tokens and answers with the tokens of a replica that did
     everything itself (completions, chat, a stream); n samples are one prefill; a refused request is refused by
@@ -51,6 +70,7 @@ def test_a_decode_replica_reads_the_prefill_replicas_pages_and_answers_as_one_re
         assert "cache.disk_path" in refused.json()["error"]["message"]
 
     disk = {"cache.disk_path": str(tmp_path)}
+    _slow_writes(monkeypatch)
     with _client(tiny_model, **disk) as prefill, _client(tiny_model, **disk) as decode:
         for q, want in zip(questions, expected):
             body = _chat(q, n=2, stream=q.endswith("ladders?"))
@@ -204,3 +224,56 @@ def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_p
         code = proc.wait(timeout=120)
         log.close()
     assert code == 0, (tmp_path / "serve.log").read_text()[-3000:]
+
+
+def test_a_model_with_linear_attention_layers_resumes_at_the_prefills_snapshot(tmp_path, monkeypatch):
+    """A Qwen3.5-shaped model (tiny, random): the prefill replica's answer waits for the snapshot of its recurrent
+    states too (files written slowly here, snapshots the slowest), and the decode replica resumes there: the greedy tokens of an engine
+    without prefix caching."""
+    import asyncio
+
+    import jax
+
+    from engine.async_engine import GenerateRequest
+    from engine.disaggregation import prefill_for_decode
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models import llama
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_gated_delta import _tiny_cfg
+    from test_hybrid_tiers import TIERED
+    from test_models import SMOLLM2
+    import fresh
+
+    cfg = _tiny_cfg()
+    model = (cfg, llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3),
+             Tokenizer.load(tokenizer_source(SMOLLM2)))
+    rng = random.Random(fresh.seed())
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (40, rng.randrange(33, 48))]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in LLM(None, progress=False, model=model, **TIERED,
+                                     **{"cache.prefix_caching": False}).generate(prompts, greedy)]
+    disk = {"cache.disk_path": str(tmp_path)}
+
+    decode = LLM(None, progress=False, model=model, **TIERED, **disk)
+    _slow_writes(monkeypatch)
+
+    async def prefill_then_decode() -> tuple[dict, list]:  # (the prefill replica still serving while the decode runs)
+        engine = AsyncEngine(LLMEngine(EngineConfig().replace(**TIERED, **disk), progress=False, model=model))
+        _slow_writes(monkeypatch, 0.5, engine.engine._disk.states)  # the snapshots' files come last
+        engine.start()
+        other = [rng.randrange(3, cfg.vocab_size) for _ in range(20)]  # steps running throughout (no idle writes)
+        busy = engine.submit([GenerateRequest(other, SamplingParams(max_tokens=60, ignore_eos=True))], "busy")
+        try:
+            async with busy:
+                done = await prefill_for_decode(engine, [GenerateRequest(p, greedy) for p in prompts], timeout_s=30)
+                return done, await asyncio.to_thread(decode.generate, prompts, greedy)
+        finally:
+            engine.stop()
+
+    done, got = asyncio.run(prefill_then_decode())
+    assert [p["pages_on_disk"] for p in done["prompts"]] == [len(p) // 8 for p in prompts]
+    assert [o.token_ids for o in got] == want
+    # (each resumes at a snapshot the prefill took at the end of one of its chunks: with a busy engine, not its last)
+    assert decode.engine.stats()["disk_state_hits"] == 2 and all(o.cached_tokens >= 16 for o in got)

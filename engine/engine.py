@@ -441,6 +441,8 @@ class LLMEngine:
         if self.config.speculative.draft_tokens:
             outputs += self._complete()  # drafts are read from the sequences' known tokens
         plan = self.scheduler.schedule()
+        if plan is not None and self.config.debug_checks:
+            self.scheduler.check_writes(plan)
         if plan is not None and self.draft is not None:  # the draft model fills the draft slots the plan reserved
             plan = draft_model.fill_drafts(plan, self.runner.propose(plan))
         if plan is not None and self._inflight is not None and self._needs_known_tokens(plan):

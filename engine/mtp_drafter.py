@@ -19,8 +19,8 @@ model's (DeepSeek-V3's is an expert layer of ~11B weights: whole on each device 
 
 Greedy drafts, verified by exact match (engine/speculative.py): outputs are plain decoding's whatever the layer
 guesses. The layer's K/V at a cached prefix's last position was computed with the token that followed it in the
-sequence that cached it, so a prefix hit ends a page early and that page is recomputed (`Scheduler._mtp_cut`): each
-draft is the layer's guess over the sequence as computed from scratch.
+sequence that cached it, so a sequence whose prefix hit ends before it does recomputes that one position, in a private
+copy of its page (`Scheduler._admit`): each draft is the layer's guess over the sequence as computed from scratch.
 """
 from __future__ import annotations
 

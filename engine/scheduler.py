@@ -312,16 +312,27 @@ class Scheduler:
                     num_stored = max(num_stored, match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size)
                     match, host_slots, disk_pages = self.pages.resume_point(seq, match, host_slots, disk_pages)
             end = match.num_tokens + (len(host_slots) + len(disk_pages)) * self.page_size
-            if self.spec.method in ("mtp", "eagle3") and 0 < end < len(tokens):
-                match, host_slots, disk_pages = self._mtp_cut(seq, match, host_slots, disk_pages, end)
+            head_row = self.spec.method in ("mtp", "eagle3") and 0 < end < len(tokens)
+            if head_row and self.pages.snapshots is not None:
+                match, host_slots, disk_pages = self.pages.cut_before(seq, match, end - self.page_size), [], []
+                head_row = False
             shared, num_cached = list(match.pages), match.num_tokens
             num_cached += (len(host_slots) + len(disk_pages)) * self.page_size
         else:
-            match, shared, num_cached = None, [], 0
+            match, shared, num_cached, head_row = None, [], 0, False
         cow_src = None
         if num_cached == len(tokens):
             # Whole sequence cached: recompute only the last token, into a private copy of the last page.
             cow_src = shared.pop()
+            num_cached -= 1
+        elif head_row:
+            # An MTP layer's or EAGLE-3 head's K/V row at the hit's last position was computed with the token after it
+            # in the sequence that cached it: this sequence recomputes that one position (a page of the tree's: into a
+            # private copy) and the row reads its own next token (vLLM drops the whole last block). With linear
+            # attention layers the hit went back a page above, to the snapshot of their states there. Every draft is
+            # then the drafter's guess over the sequence as computed from scratch (tests/test_mtp.py, test_eagle3.py).
+            if not host_slots and not disk_pages:
+                cow_src = shared.pop()
             num_cached -= 1
         n = _image_cut(seq, num_cached, min(len(tokens) - num_cached, budget, self._chunk_limit))
         if n == 0:
@@ -387,20 +398,6 @@ class Scheduler:
             snapshot=(self.pages.take_snapshot(seq, start, start + n - len(draft))
                       if self.pages.snapshots is not None else None),
         )
-
-    def _mtp_cut(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object], end: int):
-        """A prefix hit that ends before the sequence does (at `end`), one page shorter (speculative.method: mtp): the MTP layer's
-        K/V row at a cached prefix's last position was computed with the token after it where it was cached, so this
-        sequence recomputes that page and the row reads its own next token (vLLM drops the last hit block alike).
-        Returns (match, host slots, disk pages); a model with linear attention layers starts at the snapshot of their
-        state before the cut, on the tree's path."""
-        # NOTE: with this cut every draft is the layer's guess over the sequence as computed from scratch
-        # (tests/test_mtp.py), whatever was cached.
-        if self.pages.snapshots is None and disk_pages:
-            return match, host_slots, disk_pages[:-1]
-        if self.pages.snapshots is None and host_slots:
-            return match, host_slots[:-1], []
-        return self.pages.cut_before(seq, match, end - self.page_size), [], []
 
     def _draft(self, seq: Sequence, budget: int) -> list[int]:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens; with a draft model, slots it fills
@@ -588,6 +585,16 @@ class Scheduler:
         seq.status, seq.finish_reason = Status.FINISHED, reason
 
     # ------------------------------------------------------------------------------ invariants
+    def check_writes(self, plan: StepPlan) -> None:
+        """A step writes K/V only into pages its sequence holds alone: never into a page the tree or another sequence
+        shares (a cached page recomputed in place would change what the others read). Debug mode."""
+        for c in plan.chunks:
+            end = c.start + len(c.token_ids)
+            for page in c.pages[c.start // self.page_size : -(-end // self.page_size)].tolist():
+                assert self.pool.refcount(page) == 1, (
+                    f"{c.seq.request_id}: a step writes positions {c.start}..{end - 1} into page {page}, which "
+                    f"{self.pool.refcount(page)} hold")
+
     def check_invariants(self) -> None:
         """Every page is free or referenced exactly by the tree and running sequences (debug mode)."""
         self.pages.check_invariants(self.running)

@@ -104,10 +104,9 @@ class SequencePages:
         return self.tree.match(seq.all_ids[:usable], seq.namespace), match.num_tokens
 
     def cut_before(self, seq: Sequence, match, limit: int):
-        """The tree's match of `seq` cut back to a page boundary at or before `limit` that a sequence can start after
-        (a model with linear attention layers: one with a snapshot of their state)."""
-        usable = (self._snapshot_before(match, limit) if self.snapshots is not None
-                  else min(match.num_tokens, limit // self.page_size * self.page_size))
+        """The tree's match of `seq` (a model with linear attention layers) cut back to the deepest page boundary at or
+        before `limit` with a snapshot of their states: where a sequence can start."""
+        usable = self._snapshot_before(match, limit)
         return match if usable == match.num_tokens else self.tree.match(seq.all_ids[:usable], seq.namespace)
 
     def resume_point(self, seq: Sequence, match, host_slots: list[int], disk_pages: list[object]):

@@ -62,7 +62,7 @@ def right_drafts_are_accepted(spec: dict, model, drafter, tokenizer, seed: int) 
 def drafts_are_from_scratch(spec: dict, model, drafter, dense_drafts, tokenizer, proposed, seed: int) -> None:
     """Every draft equals the drafter's greedy guesses computed from scratch (`dense_drafts(model, drafter, tokens,
     k)`), prefix hits on the device and from the host tier, copy-on-write and preemptions included (for an MTP layer
-    or EAGLE-3 head a hit ends a page early: `Scheduler._mtp_cut`); outputs equal plain decoding's."""
+    or EAGLE-3 head a hit's last position is recomputed: `Scheduler._admit`); outputs equal plain decoding's."""
     prompts = _prompts(tokenizer, random.Random(seed))
     prompts = prompts[::-1] + prompts
     params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)

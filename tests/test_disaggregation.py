@@ -17,12 +17,11 @@ from engine.async_engine import AsyncEngine
 from engine.config import EngineConfig
 from engine.disaggregation import HEADER
 from engine.engine import LLMEngine
-from engine.router.fake_replica import ByteTokenizer, fake_output, prompt_tokens
 from engine.server import create_app
 from engine.local_replicas import free_ports
 from tests.test_engine import SMALL, tiny_model, tokenizer  # noqa: F401 (fixtures)
 from tests.test_generate import tiny_checkpoint  # noqa: F401 (fixture)
-from tests.test_router_faults import replicas_and_router, start_replicas, wait_for
+from tests.test_router_faults import ask, replicas_and_router, start_replicas, wait_for
 
 SYSTEM = "You are the help desk of a hardware store. Answer in one short sentence, naming the aisle. " * 3
 
@@ -93,22 +92,6 @@ def test_a_decode_replica_reads_the_prefill_replicas_pages_and_answers_as_one_re
         assert bad.status_code == 400 and "temperature" in bad.text
 
 
-def _ask(url: str, i: int, stream: bool, path: str = "/v1/chat/completions") -> tuple[str, str]:
-    body = {"model": "fake", "max_tokens": 4, "stream": stream,
-            "messages": [{"role": "system", "content": f"prefix {i % 3} " + "x" * 40},
-                         {"role": "user", "content": f"question {i}"}]}
-    expected = "".join(fake_output(prompt_tokens(ByteTokenizer(), body, chat=True), 4))
-    with httpx.Client(timeout=30) as c:
-        if not stream:
-            return c.post(url + path, json=body).json()["choices"][0]["message"]["content"], expected
-        text = ""
-        with c.stream("POST", url + path, json=body) as r:
-            for line in r.iter_lines():
-                if line.startswith("data: {"):
-                    text += httpx.Response(200, content=line[6:]).json()["choices"][0]["delta"]["content"]
-        return text, expected
-
-
 def _stats(port: int) -> dict:
     return httpx.get(f"http://127.0.0.1:{port}/stats", timeout=5).json()
 
@@ -130,8 +113,8 @@ def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
         start_replicas([prefill_port], 0.0, started=procs)
         prefill_url = f"http://127.0.0.1:{prefill_port}"
         with replicas_and_router(2, 0.0, prefill_replicas=[prefill_url]) as (ports, _, router):
-            answers = [_ask(router.url, i, stream=i % 2 == 1) for i in range(6)]
-            assert all(got == want for got, want in answers), answers
+            answers = [ask(router.url, i, i % 2 == 1, "pd") for i in range(6)]
+            assert all(got == want and status == 200 for got, want, status in answers), answers
             assert _stats(prefill_port)["prefills"] == _stats(prefill_port)["served"] == 6
             assert sum(_stats(p)["served"] for p in ports) == 6 and all(_stats(p)["prefills"] == 0 for p in ports)
             assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 6
@@ -143,9 +126,9 @@ def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
 
             procs[prefill_port].kill()
             procs[prefill_port].wait()
-            assert all(got == want for got, want in (_ask(router.url, i, stream=False) for i in range(6, 9)))
+            assert all(got == want for got, want, _ in (ask(router.url, i, False, "pd") for i in range(6, 9)))
             wait_for(lambda: not router.router.states[2].up, what="the prefill replica marked down")
-            assert all(got == want for got, want in (_ask(router.url, i, stream=True) for i in range(9, 12)))
+            assert all(got == want for got, want, _ in (ask(router.url, i, True, "pd") for i in range(9, 12)))
             assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 6
             lost = sum(_counter(router.url, "radixlm_router_prefill_handoffs_total", o)
                        for o in ("failed", "no_prefill_replica"))

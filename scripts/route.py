@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> None:
     from engine.router.app import create_app
 
     app = create_app(cfg)
-    print(f"router: {cfg.policy} over {len(cfg.replica_urls)} replicas on http://{cfg.host}:{cfg.port}", flush=True)
+    prefill = len(cfg.prefill_slots)
+    print(f"router: {cfg.policy} over {len(cfg.replica_urls)} replicas"
+          + (f" ({prefill} prefill only, disaggregated)" if prefill else "") + f" on http://{cfg.host}:{cfg.port}",
+          flush=True)
     uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning")
 
 

@@ -6,6 +6,7 @@ router sends each generation request to a prefill replica first, then to a decod
 fails only costs the decode replica the prefill."""
 from __future__ import annotations
 
+import json
 import random
 import time
 
@@ -198,8 +199,14 @@ def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_p
                                    json={**body, "messages": messages, "cache_salt": f"alone {i}"}).json()
                 assert alone["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
                 assert r.json()["choices"][0]["message"] == alone["choices"][0]["message"]
+            text = ""  # a stream: its first token comes from the decode replica, after the prefill
+            with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True, "messages": messages}) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        text += "".join(c["delta"].get("content") or "" for c in json.loads(line[6:])["choices"])
+            assert text == alone["choices"][0]["message"]["content"]
             metrics = http.get("/metrics").text
-            assert 'radixlm_router_prefill_handoffs_total{outcome="ok"} 3.0' in metrics, metrics
+            assert 'radixlm_router_prefill_handoffs_total{outcome="ok"} 4.0' in metrics, metrics
             assert "radixlm_disk_hit_tokens_total 0.0" not in httpx.get(decode + "/metrics").text
             assert "radixlm_disk_hit_tokens_total 0.0" in httpx.get(prefill + "/metrics").text
     finally:

@@ -74,7 +74,8 @@ def run_policy(policy: str, args, base_port: int, prefill: int = 0) -> dict:
         router_port = base_port + 50
         router = subprocess.Popen([sys.executable, "scripts/route.py", "--config", "configs/router.yaml", "--set",
                                    f"replicas={','.join(urls[prefill:])}", f"policy={policy}", f"port={router_port}",
-                                   *([f"prefill_replicas={','.join(urls[:prefill])}"] if prefill else [])],
+                                   *([f"prefill_replicas={','.join(urls[:prefill])}",
+                                      f"prefill_min_tokens={args.prefill_min_tokens}"] if prefill else [])],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         router_url = f"http://127.0.0.1:{router_port}"
         _wait_healthy(router_url, [router])
@@ -161,6 +162,9 @@ def main(argv=None) -> int:
     ap.add_argument("--disk-dir", default=None, help="where those directories go (default: the system's temp dir)")
     ap.add_argument("--prefill-replicas", type=int, default=0,
                     help="also run each policy with this many of the replicas prefill only (disaggregation)")
+    ap.add_argument("--prefill-min-tokens", type=int, default=0,
+                    help="the router's prefill_min_tokens in those runs: prompts with fewer uncached tokens skip the "
+                         "prefill replicas")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     args = ap.parse_args(argv)
     rows = []

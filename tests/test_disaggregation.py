@@ -141,6 +141,28 @@ def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
             proc.wait()
 
 
+def test_prompts_mostly_cached_skip_the_prefill_replica():
+    """prefill_min_tokens: a group's first request (its whole prompt new to every replica) is prefilled first; the next
+    ones, whose prompts the index finds held but for a short tail, go straight to a decode replica."""
+    [prefill_port] = free_ports(1)
+    procs = {}
+    try:
+        start_replicas([prefill_port], 0.0, started=procs)
+        with replicas_and_router(1, 0.0, prefill_replicas=[f"http://127.0.0.1:{prefill_port}"],
+                                 prefill_min_tokens=24) as (_, _, router):
+            for i in (0, 6, 12):  # one group ("prefix 0"): ~75 bytes shared, a tail of ~15
+                got, want, status = ask(router.url, i, False, "pd")
+                assert got == want and status == 200
+            assert _stats(prefill_port)["prefills"] == 1
+            assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 1
+            assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "skipped_cached") == 2
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("key", ["replicas", "prefill_replicas"])
 def test_router_config_refuses_a_replica_listed_twice_or_not_a_url(key):
     from engine.config import ConfigKeyError

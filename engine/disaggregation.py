@@ -35,12 +35,18 @@ class PrefillOnlyMarker:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        wanted = any(k == HEADER.encode() and v.strip() not in (b"", b"0") for k, v in scope["headers"])
+        wanted = any(k == HEADER.encode() and marked(v) for k, v in scope["headers"])
         token = _PREFILL_ONLY.set(wanted)
         try:
             await self.app(scope, receive, send)
         finally:
             _PREFILL_ONLY.reset(token)
+
+
+def marked(value: str | bytes | None) -> bool:
+    """Whether a value of `HEADER` asks for a prefill only (absent, empty or 0: no)."""
+    value = (value or "").strip()
+    return value not in ("", "0", b"", b"0")
 
 
 def prefill_only() -> bool:

@@ -728,16 +728,14 @@ class LLMEngine:
         seq, ps = self._state[request_id].seq, self.config.cache.page_size
         return page_hashes(seq.prompt_ids[: len(seq.prompt_ids) // ps * ps], ps, seq.namespace)
 
-    def disk_handoff(self, hashes: Seq[int]) -> tuple[int, bool]:
-        """(how many of `hashes`, in a row from the first, the disk tier holds now; whether a page or snapshot of
-        recurrent states named in `hashes` is still on its way there: queued for a plan, being copied off the device,
-        or being written)."""
+    def disk_saving(self, hashes: Seq[int]) -> bool:
+        """Whether a page or snapshot of recurrent states named in `hashes` is still on its way to the disk tier: queued
+        for a plan, being copied off the device, or being written."""
         if self.disk is None:
-            return 0, False
+            return False
         named, states = set(hashes), self._disk.states
-        return self.disk.present(hashes), (
-            self.scheduler.tiers.saving(named) or self.runner.copies.saving_to_disk(named)
-            or self.disk.writing(named) or (states is not None and states.writing(named)))
+        return (self.scheduler.tiers.saving(named) or self.runner.copies.saving_to_disk(named)
+                or self.disk.writing(named) or (states is not None and states.writing(named)))
 
     # -------------------------------------------------------------------------------- stats
     @property

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, marked
 from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
@@ -107,7 +107,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
                 state["served"] += 1
 
     def prefill_only(request: Request) -> bool:
-        return request.headers.get(PREFILL_ONLY_HEADER, "0") not in ("", "0")
+        return marked(request.headers.get(PREFILL_ONLY_HEADER))
 
     def prefilled(tokens: list[int]) -> dict:
         """A prefill for a decode replica, answered as a replica does (engine/disaggregation.py)."""

@@ -74,6 +74,7 @@ class Router:
         # NOTE: the fleet's own lists (never rebound): the policy reads the states the health checks write.
         self.urls, self.states = self.fleet.urls, self.fleet.states
         self.prefill_slots = cfg.prefill_slots  # prefill-only replicas (disaggregation): generation requests' first stop
+        self.decode_slots = frozenset(range(len(self.urls))) - self.prefill_slots
         self.response_owners = ResponseOwners()  # stored /v1/responses ids -> the replica holding each
         self._prompt_tokens = self._matched_tokens = 0
 
@@ -146,7 +147,7 @@ class Router:
         else:  # tokenized in a worker thread (the tokenizer lets go of the GIL): streams keep flowing meanwhile
             req = await asyncio.to_thread(self.route_request, body, path)
         if self.prefill_slots and pinned is None and path in GENERATION_PATHS:
-            if self._uncached_tokens(req) >= self.cfg.prefill_min_tokens:
+            if not self.cfg.prefill_min_tokens or self._uncached_tokens(req) >= self.cfg.prefill_min_tokens:
                 await self._prefill_first(path, raw, fwd, req)
             else:
                 self.metrics.handoffs.labels("skipped_cached").inc()
@@ -222,9 +223,8 @@ class Router:
         among them), which answers once its prompt's pages are in the disk tier the decode replicas read. Whatever
         fails here (no prefill replica up, an error, a timeout) only costs the decode replica the prefill: it then
         computes the prompt itself."""
-        decode_slots = set(range(len(self.urls))) - self.prefill_slots
         try:
-            choice = self.policy.route(req, self.states, time.monotonic(), decode_slots)
+            choice = self.policy.route(req, self.states, time.monotonic(), self.decode_slots)
         except NoReplicaAvailable:
             self.metrics.handoffs.labels("no_prefill_replica").inc()
             return

@@ -225,6 +225,9 @@ class SpeculativeConfig:
     ngram_min: int = 2
     ngram_max: int = 4
     max_batch: int = 0  # speculate only in steps with at most this many decoding sequences (0: any)
+    # ngram: verify a tree of up to this many continuations (one per distinct next token after earlier occurrences,
+    # each num_tokens long, merged where they agree; at most 32 nodes) instead of one; 1: a chain (engine/speculative.py)
+    ngram_branches: int = 1
     # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...); eagle3: the head's HF
     # directory
     model: str = ""
@@ -237,11 +240,26 @@ class SpeculativeConfig:
             raise ConfigKeyError(f"speculative.ngram_max ({self.ngram_max}) must be >= speculative.ngram_min ({self.ngram_min})")
         if self.max_batch < 0:
             raise ConfigKeyError(f"speculative.max_batch must be >= 0 (0 = any batch), got {self.max_batch}")
+        _positive("speculative.ngram_branches", self.ngram_branches)
+        if self.ngram_branches > 1 and self.method != "ngram":
+            raise ConfigKeyError(f"speculative.ngram_branches={self.ngram_branches} drafts trees of n-gram continuations: "
+                                 f"it needs speculative.method=ngram (got {self.method!r})")
+
+    @property
+    def trees(self) -> bool:
+        """Whether steps may verify draft trees (their rows then carry attention masks)."""
+        return self.method == "ngram" and self.ngram_branches > 1
 
     @property
     def draft_tokens(self) -> int:
         """Draft tokens a sequence may get per step: 0 without speculation."""
         return self.num_tokens if self.method != "none" else 0
+
+    @property
+    def draft_nodes(self) -> int:
+        """Draft tokens one sequence may have verified in a step: a chain's `draft_tokens`, or a tree's nodes
+        (`num_tokens * ngram_branches`, at most 32: engine.speculative.MAX_TREE_NODES)."""
+        return min(self.draft_tokens * self.ngram_branches, 32) if self.trees else self.draft_tokens
 
     def drafting_rows(self, max_running: int) -> int:
         """Most sequences with drafts in one step: all `max_running` decoding ones, or at most `max_batch` (no sequence

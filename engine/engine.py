@@ -31,7 +31,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import draft_model, mtp_drafter, multihost, multimodal, scoring, structured
+from engine import draft_model, mtp_drafter, multihost, multimodal, scoring, speculative, structured
 from engine.compiled import release_executables_if_crowded, setup_compilation_cache
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
@@ -575,7 +575,11 @@ class LLMEngine:
             num_new = len(seq.output_ids) - num_before[i]  # more than one when draft tokens were accepted
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
-                for r in rows[i][:num_new]:
+                emitted = rows[i]  # the rows that sampled the new tokens: a chain's in order, a tree's along its path
+                if plan.chunks[i].draft_parents:
+                    emitted = [rows[i][n] for n in [0, *speculative.accepted_path(plan.chunks[i].draft_tree,
+                                                                                  sampled[i])]]
+                for r in emitted[:num_new]:
                     seq.output_logprobs.append(float(out.logprobs[r]))
                     seq.output_top_logprobs.append(
                         [(int(t), float(lp)) for t, lp in zip(out.top_ids[r][:k], out.top_logprobs[r][:k])])

@@ -211,6 +211,9 @@ class Sequence:
     ngram_index: Any = None  # speculative decoding: an engine.speculative.NgramIndex over the known tokens
     spec_misses: int = 0  # speculative decoding: verifications in a row that accepted no draft token
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
+    # ... and a draft tree's branch was accepted past its tokens' positions: its next step computes them again, with
+    # drafts after them (Scheduler.schedule); cleared when a step computes them or the sequence stops running
+    spec_redo: bool = False
     num_tree_tokens: int = 0  # tokens of this sequence inserted into / matched in the tree (page-aligned)
     state_slot: int = -1  # a model with linear attention layers: the slot of its recurrent state while it runs
     # ... the chained block hash of each of its full pages, as far as computed (SequencePages.prefix_hash), the end of

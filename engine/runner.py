@@ -282,9 +282,10 @@ class ModelRunner:
         self.max_pages_per_seq = math.ceil(max_model_len / self.page_size)
         self.max_seqs = config.scheduler.max_running
         # Head rows: each chunk's last position, then each draft position (speculative decoding): at most a whole batch
-        # of decodes with their drafts.
+        # of decodes with their drafts (a draft tree's nodes).
         decode_rows = min(self.max_seqs * (1 + config.speculative.draft_tokens), config.scheduler.max_batch_tokens)
-        self.seq_buckets = pow2_buckets(1, decode_rows)
+        self.seq_buckets = pow2_buckets(1, min(self.max_seqs * (1 + config.speculative.draft_nodes),
+                                               config.scheduler.max_batch_tokens))
         self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens,
                                            config.scheduler.token_buckets)
@@ -322,6 +323,9 @@ class ModelRunner:
         # (`draft_state_slot`), one of which `rollback_states` puts back when a draft is rejected, before the next step.
         self.draft_state_base = self.max_seqs + 1 + num_snapshots
         self.draft_k = config.speculative.draft_tokens if model_cfg.linear_layers else 0
+        # Draft trees (speculative.ngram_branches): every step carries each row's attention mask (`tree_masks`), so one
+        # set of programs serves chains and trees (a model with linear attention layers drafts chains only)
+        self.trees = config.speculative.trees and not model_cfg.linear_layers
         self.draft_rows = config.speculative.drafting_rows(self.max_seqs) if self.draft_k else 0
         self.num_state_slots = num_state_slots = self.draft_state_base + self.draft_rows * self.draft_k
         # (split by head across a tensor-parallel mesh, as the layers' weights)
@@ -429,6 +433,7 @@ class ModelRunner:
             draft_slots=np.full((s, self.draft_k), self.num_state_slots, np.int32) if self.draft_k else None,
             mrope_positions=np.zeros((3, num_tokens), np.int32) if self.cfg.mrope_section else None,
             next_tokens=np.zeros(num_tokens, np.int32) if self.mtp is not None else None,
+            tree_masks=np.zeros(num_tokens, np.int32) if self.trees else None,
         )
 
     # ---------------------------------------------------------------------------------- step
@@ -448,8 +453,14 @@ class ModelRunner:
         pos = starts[seq_of_row] + np.arange(total, dtype=np.int32) - cu[:-1][seq_of_row]
         inputs.tokens[:total] = list(itertools.chain.from_iterable(c.token_ids for c in chunks))
         inputs.positions[:total] = pos
+        if self.trees:  # a draft tree's nodes: K/V at their slots in the chunk (pos), RoPE at their depth
+            for c, end in zip(chunks, cu[1:].tolist()):
+                if c.draft_parents:
+                    tree, root = c.draft_tree, end - len(c.draft) - 1
+                    inputs.positions[root:end] = pos[root] + np.fromiter(map(tree.depth, range(len(tree) + 1)), np.int32)
+                    inputs.tree_masks[root:end] = tree.masks()
         if inputs.mrope_positions is not None:  # text: the same three; a sequence with images: engine.multimodal's
-            inputs.mrope_positions[:, :total] = pos
+            inputs.mrope_positions[:, :total] = inputs.positions[:total]
             for c, first in zip(chunks, cu[:-1].tolist()):
                 if c.seq.images:
                     inputs.mrope_positions[:, first : first + len(c.token_ids)] = multimodal.mrope_positions(
@@ -513,10 +524,17 @@ class ModelRunner:
         # Row r samples output index `step` of its sequence: a draft position j samples index len(output) + j, after
         # the output and the drafts before it (what penalties count).
         rows = [None] * num_real
+        # In a draft tree, node j samples index len(output) + its depth, after the output and its ancestors' drafts.
         for c, chunk_rows in zip(plan.chunks, head_rows):
+            tree = c.draft_tree if c.draft_parents else None
             for j, r in enumerate(chunk_rows):
-                rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + j, c.seq.prompt_ids,
-                           c.seq.output_ids + list(c.draft[:j]) if j else c.seq.output_ids)
+                if tree is None or not j:
+                    rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + j, c.seq.prompt_ids,
+                               c.seq.output_ids + list(c.draft[:j]) if j else c.seq.output_ids)
+                else:
+                    path = [c.draft[n - 1] for n in tree.path(j)]
+                    rows[r] = (c.seq.params, c.seq.seed, len(c.seq.output_ids) + len(path), c.seq.prompt_ids,
+                               c.seq.output_ids + path)
         params = [c.seq.params for c in plan.chunks if c.sample]
         use_penalties = any(p.uses_penalties for p in params)
         use_filters = any(p.uses_filters and not p.greedy for p in params)

@@ -39,6 +39,9 @@ class Chunk:
     # Speculative decoding: the chunk's last len(draft) tokens are proposed continuations, verified by sampling at
     # every position from the real last token on (see engine.speculative).
     draft: tuple[int, ...] = ()
+    # ... a draft tree's shape (speculative.ngram_branches): each draft token's parent (speculative.DraftTree); () for
+    # a chain, each draft token after the one before it
+    draft_parents: tuple[int, ...] = ()
     # Hybrid cache (engine.window_pages): the window slot of each of `pages`, -1 where it has none (out of window).
     window_pages: tuple[int, ...] = ()
     # A model with linear attention layers: (tokens of this chunk, slot) of the snapshot of its recurrent state taken
@@ -47,6 +50,12 @@ class Chunk:
     # A model with linear attention layers and drafts: which of the step's drafting rows (ModelRunner.
     # draft_state_slot) keeps its state after each of its first len(draft) tokens; -1 without drafts.
     draft_row: int = -1
+
+    @property
+    def draft_tree(self) -> speculative.DraftTree:
+        if self.draft_parents:
+            return speculative.DraftTree(self.draft, self.draft_parents)
+        return speculative.DraftTree.chain(self.draft)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,7 +185,10 @@ class Scheduler:
 
         # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence. With speculative
         #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
-        decodes = [s for s in self._by_urgency(self.running) if not s.is_prefilling]
+        decodes = [s for s in self._by_urgency(self.running) if not s.is_prefilling or s.spec_redo]
+        # (a sequence that accepted another branch of a draft tree computes those tokens again first: up to
+        # num_tokens + 1 real tokens, taken here while the budget leaves a token for every other decode)
+        real = [s.num_tokens - s.num_computed for s in decodes]
         speculate = self.spec.draft_tokens > 0 and (not self.spec.max_batch or len(decodes) <= self.spec.max_batch)
         # (not while a prefill waits for a step to hold an image whole: drafts could take that budget every step)
         speculate = speculate and not any(s.is_prefilling and not _image_cut(s, s.num_computed, 1) for s in self.running)
@@ -184,19 +196,22 @@ class Scheduler:
         for i, seq in enumerate(decodes):
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
+            if real[i] > 1 and real[i] > budget - (len(decodes) - i - 1):
+                continue  # no room for its recomputed tokens now: a prefill chunk below takes what fits
             if not self._make_room(seq, seq.num_tokens, scheduled):
                 continue
-            draft = self._draft(seq, budget - (len(decodes) - i)) if speculate else []
-            chunks.append(self._chunk(seq, seq.num_computed, 1 + len(draft), draft, drafting if draft else -1))
+            room = budget - real[i] - (len(decodes) - i - 1)  # what drafts may take: a token stays for each later decode
+            draft = self._draft(seq, room) if speculate else speculative.DraftTree.chain()
+            chunks.append(self._chunk(seq, seq.num_computed, real[i] + len(draft), draft, drafting if draft else -1))
             drafting += bool(draft)
             scheduled.add(seq.request_id)
-            budget -= 1 + len(draft)
-            num_decode += 1 + len(draft)
+            budget -= real[i] + len(draft)
+            num_decode += real[i] + len(draft)
 
         # 2. Running prefills continue, chunked by the budget and the pages free or evictable now. One whose pages are
         #    full with none to get takes its next page from newer sequences (preempted), as a decode does: otherwise
         #    prefills that each hold part of the pool (or of a hybrid cache's window slots) could all wait forever.
-        for seq in [s for s in self._by_urgency(self.running) if s.is_prefilling]:
+        for seq in [s for s in self._by_urgency(self.running) if s.is_prefilling and s.request_id not in scheduled]:
             if budget <= 0 or seq.status is not Status.RUNNING:
                 continue
             n = _image_cut(seq, seq.num_computed, min(seq.num_tokens - seq.num_computed, budget, self._chunk_limit))
@@ -385,49 +400,63 @@ class Scheduler:
         files stay: they are named by the weights they came from)."""
         self.pages.reset()
 
-    def _chunk(self, seq: Sequence, start: int, n: int, draft: list[int] = (), draft_row: int = -1) -> Chunk:
+    def _chunk(self, seq: Sequence, start: int, n: int, draft: speculative.DraftTree | None = None,
+               draft_row: int = -1) -> Chunk:
+        draft = draft or speculative.DraftTree.chain()
         return Chunk(
             seq=seq,
-            token_ids=seq.token_slice(start, start + n - len(draft)) + list(draft),
+            token_ids=seq.token_slice(start, start + n - len(draft)) + list(draft.tokens),
             start=start,
             pages=seq.page_array(),
             sample=start + n - len(draft) == seq.num_tokens,
-            draft=tuple(draft),
+            draft=draft.tokens,
+            draft_parents=() if draft.is_chain else draft.parents,
             draft_row=draft_row,
             window_pages=self.pages.window_row(seq),
             snapshot=(self.pages.take_snapshot(seq, start, start + n - len(draft))
                       if self.pages.snapshots is not None else None),
         )
 
-    def _draft(self, seq: Sequence, budget: int) -> list[int]:
-        """Draft tokens for a decoding sequence (n-gram lookup in its own tokens; with a draft model, slots it fills
-        before the step), as many as its length limits, `budget` and the pages it holds plus free ones allow; the pages
-        are taken now. A grammar (structured outputs) cuts the draft where it stops accepting it. None while the last
-        token is pending (overlapped steps)."""
+    def _draft(self, seq: Sequence, budget: int) -> speculative.DraftTree:
+        """Draft tokens for a decoding sequence (n-gram lookup in its own tokens, a chain or with `ngram_branches` a
+        tree; with a draft model, slots it fills before the step), as many as its length limits, `budget` and the pages
+        it holds plus free ones allow; the pages are taken now. A grammar (structured outputs) cuts the draft where it
+        stops accepting it. Empty while the last token is pending (overlapped steps)."""
+        none = speculative.DraftTree.chain()
         if seq.has_pending_token:
-            return []
+            return none
         if seq.spec_pause:
             seq.spec_pause -= 1
-            return []
+            return none
+        depth = min(self.spec.num_tokens,
+                    seq.params.max_tokens - len(seq.output_ids) - 1)  # the step yields up to depth + 1 tokens
         room = min(
-            self.spec.num_tokens,
             budget,
-            seq.params.max_tokens - len(seq.output_ids) - 1,  # the step yields up to len(draft) + 1 tokens
             self.max_model_len - seq.num_tokens - 1,
             (len(seq.pages) + self.pages.num_free) * self.page_size - seq.num_tokens,  # no eviction for a guess
         )
-        if room <= 0:
-            return []
+        if min(depth, room) <= 0:
+            return none
         if self.spec.method in ("draft_model", "mtp", "eagle3"):  # slots a drafter fills before the step (draft_model.py)
-            draft = [0] * room
+            draft = speculative.DraftTree.chain([0] * min(depth, room))
         else:
             if seq.ngram_index is None:
-                seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max)
-            draft = seq.ngram_index.propose(seq.all_ids, room)
-            if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
-                draft = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, draft))
+                seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max,
+                                                         self.spec.ngram_branches)
+            # Trees only where each node's row needs nothing but its own branch: chains under a grammar or token rules
+            # (their masks follow one chain of drafts), with linear attention layers (a state per draft position) and
+            # with images (their M-RoPE positions follow the chunk).
+            if self.spec.trees and seq.matcher is None and seq.token_rules is None and not (
+                    self.pages.has_states or seq.images):
+                draft = seq.ngram_index.propose_tree(
+                    seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, speculative.MAX_TREE_NODES))
+            else:
+                chain = seq.ngram_index.propose(seq.all_ids, min(depth, room))
+                if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
+                    chain = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, chain))
+                draft = speculative.DraftTree.chain(chain)
         if draft and seq.matcher is not None and self.spec.method == "ngram":
-            draft = draft[: structured.valid_prefix(seq.matcher, draft)]
+            draft = speculative.DraftTree.chain(draft.tokens[: structured.valid_prefix(seq.matcher, list(draft.tokens))])
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages += self.pages.alloc(need)
@@ -464,6 +493,7 @@ class Scheduler:
         self.waiting.appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
+        seq.spec_redo = False
         self.pages.release(seq)
         self._clear_inflight(seq)
         self.running.remove(seq)
@@ -510,6 +540,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # aborted, or finished by the previous step's token, while this step ran
             seq.num_computed = chunk.start + len(chunk.token_ids) - len(chunk.draft)  # drafts count once accepted
+            seq.spec_redo = False
             if seq.request_id in self._inflight_of:  # a prefill chunk
                 self.pages.cache_computed(seq)  # other requests can hit these pages from the next step on
                 if not seq.is_prefilling:
@@ -540,14 +571,21 @@ class Scheduler:
             if not chunk.draft or seq.status is not Status.RUNNING:
                 continue
             self.stats.spec_draft_tokens += len(chunk.draft)
-            keep = speculative.accepted(chunk.draft, tokens)
+            path = speculative.accepted_path(chunk.draft_tree, tokens)
+            keep = len(path)
             if keep < len(chunk.draft) and self.pages.has_states:  # its recurrent state went past the kept tokens
                 self.state_rollbacks.append((chunk.draft_row, seq.state_slot, 1 + keep))
             seq.spec_misses = 0 if keep else seq.spec_misses + 1
             seq.spec_pause = speculative.pause_after(seq.spec_misses)
-            for token in tokens[1 : keep + 1]:
-                seq.num_computed += 1  # the accepted draft token before `token` holds valid K/V
-                seq.output_ids.append(token)
+            in_place = True
+            for depth, node in enumerate(path, 1):
+                # An accepted draft token holds valid K/V where it was computed at its own position: along the tree's
+                # first branch (a chain's every token). A node of another branch sits past its position; it and the
+                # tokens after it are computed again, in place, at the start of the sequence's next step.
+                in_place = in_place and node == depth
+                seq.num_computed += in_place
+                seq.spec_redo = seq.spec_redo or not in_place
+                seq.output_ids.append(tokens[node])
                 self.stats.spec_accepted_tokens += 1
                 if self._end_at_stop_token(seq) or self._end_at_length_limit(seq):
                     break

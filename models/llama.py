@@ -77,6 +77,9 @@ class ModelInputs:
     # [T] int32 (its own, or its image's last: pallas_kernels.ragged_paged_attention); None in steps without images
     # and for the other models (causal)
     kv_limits: jax.Array | None = None
+    # Draft trees (speculative.ngram_branches): each row's mask of the positions before it that it does not see (other
+    # branches' nodes; pallas_kernels.ragged_paged_attention's tree_masks), [T] int32; None without trees
+    tree_masks: jax.Array | None = None
     # An MTP drafter (speculative.method: mtp; models/mtp.py): the token after each row, [T] int32, or -1 - r for the
     # token head row r samples in this step (engine.runner's `_mtp_extend_impl` reads it; the model does not)
     next_tokens: jax.Array | None = None
@@ -744,14 +747,15 @@ def forward(
     # layers (Gemma 3) pass it per layer as a traced scalar.
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
-    def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs, kv_limits):
+    def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs, kv_limits,
+                        tree_masks):
         window = window if cfg.mixed_windows else static_window
         kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
             decode_only=decode_only, sinks=sinks if cfg.attention_sinks else None, kv_limits=kv_limits,
-            **kv_quant.scale_kwargs(kv),
+            tree_masks=tree_masks, **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 
@@ -764,7 +768,7 @@ def forward(
         kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P(), P()),
             out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
@@ -781,7 +785,7 @@ def forward(
         return local_attention(
             layer, window if cfg.mixed_windows else jnp.int32(0),
             jnp.zeros((cfg.num_heads,), jnp.float32) if sinks is None else sinks, q, k, v, kv, slots, inputs.kv_lens,
-            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits
+            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits, inputs.tree_masks
         )
 
     recurrent = None if states is None else (states, gated_delta.Batch(

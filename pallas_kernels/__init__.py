@@ -51,9 +51,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, backend: str = "xla",
                            decode_only: bool | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
-                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
-  """Causal attention of a ragged batch of new tokens over paged KV (optionally with per-row limits). Returns
-  [T, Hq, Dv], q's dtype.
+                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
+                           tree_masks: jax.Array | None = None) -> jax.Array:
+  """Causal attention of a ragged batch of new tokens over paged KV (optionally with per-row limits or draft-tree
+  masks). Returns [T, Hq, Dv], q's dtype.
 
   q [T, Hq, D]: all sequences' new tokens back to back. k_pages, v_pages [Hkv, P, page_size, D]:
   one layer's cache, new tokens already written. kv_lens [S] int32: KV length of each sequence,
@@ -76,6 +77,15 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   row's own position (the backends clamp it into [pos, kv_len - 1]); rows past cu_q_lens[num_seqs]
   ignore it. None (static): each row's own position, plain causal attention, the same programs as
   without the argument.
+
+  tree_masks ([T] int32, tree speculative decoding): a sequence's new tokens are [last real token, draft
+  nodes...] in DFS preorder at consecutive positions, and a node sees only its ancestors among them. Bit b
+  (0 <= b < 32) of tree_masks[t] set: row t does NOT see KV position pos - 1 - b (a node of another branch);
+  everything else is as without it (the causal limit or kv_limits, kv_len). With a sliding window the row
+  counts back from its depth in the tree, pos - popcount(tree_masks[t]) (the positions it skips before it are
+  other branches' nodes): it sees positions > pos - popcount(tree_masks[t]) - sliding_window. Rows past
+  cu_q_lens[num_seqs] ignore it. All-zero masks give the causal result bit for bit; None (static): the same
+  programs as without the argument.
 
   decode_only (static, a performance hint): True: the split-KV decode kernel (pallas_kernels/
   decode_kernel.py), for batches whose sequences have one new token each, or a few (see
@@ -104,7 +114,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-        k_scales=k_scales, v_scales=v_scales, sinks=sinks, kv_limits=kv_limits)
+        k_scales=k_scales, v_scales=v_scales, sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -114,7 +124,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
                 interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales,
-                sinks=sinks, kv_limits=kv_limits)
+                sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,

@@ -15,7 +15,9 @@ Every row is handled independently from its own position, so the kernel is corre
 ragged batch; it is only efficient when each sequence has one new token (the caller's
 `decode_only` hint), since a chunk's rows would each re-read the KV. With per-row limits
 (kv_limits, Gemma 3's bidirectional image tokens) a row's range ends at its limit instead of its
-position (one more per-row scalar input); the window still starts from its position.
+position (one more per-row scalar input); the window still starts from its position. Draft-tree masks
+(tree speculative decoding) are one more per-row scalar, the mask, whose set bits b hide positions pos - 1 - b,
+and with a window a second, the mask's popcount: the row's window counts back from pos - popcount.
 
 Stacked cache: as in the ragged kernel, k/v_pages are [L, Hkv, P, ps, D] and the kernel reads
 k_ref[layer, page_ids] (layer an int32 scalar input), in place.
@@ -40,7 +42,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.ragged_kernel import (MASK_VALUE, _cdiv, _group_heads, attend_kv_tile, kv_head_of, kv_tile,
                                           next_pow2, scale_specs, stacked_cache, window_input)
-from pallas_kernels.reference import latent_dims, row_kv_limits, token_metadata
+from pallas_kernels.reference import latent_dims, row_kv_limits, row_tree_masks, token_metadata, tree_visible
 
 
 def _decode_kernel(
@@ -52,9 +54,10 @@ def _decode_kernel(
     k_ref,       # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,       # [L, P, ps, Dv] (Dv = Dk unless latent)
     *refs,       # [q_latent [rows, Dv] (latent),] [limit [] (has_limit: the row's last visible position,
-                 # in [pos, kv_len), -1 for padding),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
+                 # in [pos, kv_len), -1 for padding),] [tree mask [][, window shift [] (has_window)]
+                 # (has_tree: 0 for padding),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
                  # then the outputs: acc [rows, Dv] float32 unnormalised, m [rows], l [rows] float32
-    sm_scale: float, soft_cap: float | None, has_window: bool, has_limit: bool, latent: bool,
+    sm_scale: float, soft_cap: float | None, has_window: bool, has_limit: bool, has_tree: bool, latent: bool,
     pages_per_tile: int, num_splits: int):
   q_latent = None
   if latent:
@@ -62,6 +65,10 @@ def _decode_kernel(
     q_latent = q_latent_ref[...]                                        # [rows, Dv]
   if has_limit:
     limit_ref, *refs = refs
+  if has_tree:
+    tree_ref, *refs = refs
+    if has_window:
+      shift_ref, *refs = refs
   *scale_refs, acc_ref, m_ref, l_ref = refs
   rows, v_dim = acc_ref.shape
   page_size = k_ref.shape[2]
@@ -71,11 +78,17 @@ def _decode_kernel(
   pos = pos_ref[()]
   limit = limit_ref[()] if has_limit else pos       # the last visible position
 
+  window_pos = pos                                  # where the window counts back from
+  if has_tree:
+    tree_mask = tree_ref[()]
+    if has_window:
+      window_pos = pos - shift_ref[()]
+
   kv_end = limit + 1                                # 0 for padding rows
   kv_start = jnp.int32(0)
   if has_window:
     window = window_ref[()]
-    kv_start = jnp.maximum(pos - window + 1, 0)
+    kv_start = jnp.maximum(window_pos - window + 1, 0)
   first_tile = lax.div(kv_start, block_kv)
   num_tiles = jnp.maximum(_cdiv(kv_end, block_kv) - first_tile, 0)
   tiles_per_split = _cdiv(num_tiles, num_splits)
@@ -87,7 +100,9 @@ def _decode_kernel(
   def visible(kv_pos):                                                  # [1, block_kv]
     mask = kv_pos <= limit
     if has_window:
-      mask &= kv_pos > pos - window
+      mask &= kv_pos > window_pos - window
+    if has_tree:
+      mask &= tree_visible(tree_mask, pos - 1 - kv_pos)
     return mask[None, :]
 
   # Every tile is masked: the unmasked interior loop that pays off in the prefill kernel (walk_tiles)
@@ -129,7 +144,8 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      layer: jax.Array | None = None, block_kv: int | None = None,
                      block_h: int | None = None, num_splits: int | None = None,
                      num_warps: int | None = None, num_stages: int = 2, k_scales=None, v_scales=None,
-                     sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
+                     sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
+                     tree_masks: jax.Array | None = None) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention.
   block_h: q heads per program (a power of two <= the padded GQA group; by default the whole
   group, or latent_block_sizes' share of a latent cache's)."""
@@ -178,9 +194,13 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   row_spec = pl.BlockSpec((None,), lambda t, h, i: (t,))
   limits = [row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens)] if has_limit else []
   limit_specs = [row_spec] if has_limit else []
+  has_tree = tree_masks is not None
+  trees = []  # each row's mask and, with a window, its window shift
+  if has_tree:
+    trees = list(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens)[:1 + has_window])
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, has_limit=has_limit,
-      latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits)
+      has_tree=has_tree, latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits)
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda t, h, i: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))
@@ -193,7 +213,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
                 pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
                 tile_specs[0], k_spec, v_spec, *tile_specs[1:], *limit_specs,
-                *scale_specs(scales, k_spec)],
+                *[row_spec] * len(trees), *scale_specs(scales, k_spec)],
       out_specs=[pl.BlockSpec((None, None, None, rows, v_dim), lambda t, h, i: (i, t, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0))],
@@ -204,7 +224,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       interpret=interpret,
       name="ragged_paged_decode_attention",
   )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles[0], k_pages, v_pages, *q_tiles[1:],
-    *limits, *(scales or ()))
+    *limits, *trees, *(scales or ()))
 
   # Log-sum-exp merge of the splits: [splits, T, NH, block_h(, Dv)] -> [T, Hq(, Dv)].
   def q_heads(x):  # [splits, T, NH, rows(, Dv)] -> [splits, T, Hq(, Dv)]: the real q heads

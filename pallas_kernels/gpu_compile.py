@@ -264,7 +264,8 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
                    target: Target = TARGETS["sm90"], page_size: int = 16, num_layers: int = 2,
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    traced_window: bool = False, kv_dtype=None,
-                   sinks: bool = False, kv_limits: bool = False) -> dict[str, TritonModule]:
+                   sinks: bool = False, kv_limits: bool = False,
+                   tree_masks: bool = False) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
   "write_kv": KV write}. Only shapes are needed, no data. head_dim (Dk, Dv): a latent cache, K
@@ -272,7 +273,8 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
   int32 scalar, as for models that mix windowed and global layers (Gemma 3). kv_dtype: an 8-bit
   cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py). sinks:
   attention sinks, a [Hq] float32 input (gpt-oss). kv_limits: per-row KV limits, a [T] int32 input
-  (Gemma 3's steps with image rows)."""
+  (Gemma 3's steps with image rows). tree_masks: draft-tree masks, a [T] int32 input (tree speculative
+  decoding)."""
   import functools  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -302,6 +304,8 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
     attend_inputs["sinks"] = jax.ShapeDtypeStruct((num_q_heads,), jnp.float32)
   if kv_limits:
     attend_inputs["kv_limits"] = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+  if tree_masks:
+    attend_inputs["tree_masks"] = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   modules = {}
   for kind, decode_only in (("prefill", False), ("decode", True)):
     attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=q_dim ** -0.5,

@@ -33,6 +33,14 @@ the window still starts from each row's position, and the unmasked interior (til
 before the first row's position) is unchanged since no limit is below its position. Without
 limits those inputs and code are absent.
 
+Draft-tree masks (tree speculative decoding): bit b of a row's mask hides position row_pos - 1 - b, and with a
+window the row counts back from row_pos - popcount(mask) (reference.row_tree_masks, computed outside). The masks,
+and with a window the popcounts, are packed into [rows] inputs like the limits. A mask may hide positions down to
+row_pos - 32 >= first_pos - 32, so the unmasked interior ends before the lowest position a mask of the block hides
+(tree_blocks: a per-block scalar, computed outside with clz; first_pos + 1 as without masks when the block's masks
+are all zero, so that zero masks run the very same tiles unmasked), and with a window the loop starts from the
+block's lowest row_pos - popcount (another per-block scalar). Without masks those inputs and code are absent.
+
 Attention sinks (gpt-oss): one learned logit per q head joins every row's softmax with no value.
 The online softmax starts from it, m = sink and l = exp(sink - sink) = 1 with acc = 0, instead of
 from the mask value; each row reads its own head's sink from a small [programs, rows] input laid
@@ -60,7 +68,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import kv_quant
-from pallas_kernels.reference import QueryBlocks, latent_dims, query_blocks, row_kv_limits
+from pallas_kernels.reference import (TREE_MASK_BITS, QueryBlocks, latent_dims, query_blocks, row_kv_limits,
+                                      row_tree_masks, tree_visible)
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)
 
@@ -242,10 +251,11 @@ def _prefill_kernel(
     k_ref,           # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,           # [L, P, ps, Dv] (Dv = Dk unless latent)
     *refs,           # [q_latent [rows, Dv] (latent),] [sinks [rows] (has_sinks),] [kv_end [] (the
-                     # block's largest limit + 1), limits [rows] (has_limits),] [k_scales, v_scales
-                     # ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
+                     # block's largest limit + 1), limits [rows] (has_limits),] [interior_end [], tree masks
+                     # [rows][, window_first [], window shifts [rows] (has_window)] (has_tree: tree_blocks),]
+                     # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
     sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, has_limits: bool,
-    latent: bool, block_h: int, pages_per_tile: int):
+    has_tree: bool, latent: bool, block_h: int, pages_per_tile: int):
   q_latent = None
   if latent:
     q_latent_ref, *refs = refs
@@ -254,6 +264,10 @@ def _prefill_kernel(
     sinks_ref, *refs = refs
   if has_limits:
     kv_end_ref, limits_ref, *refs = refs
+  if has_tree:
+    interior_end_ref, tree_ref, *refs = refs
+    if has_window:
+      window_first_ref, shift_ref, *refs = refs
   *scale_refs, o_ref = refs
   rows, v_dim = o_ref.shape
   page_size = k_ref.shape[2]
@@ -271,17 +285,25 @@ def _prefill_kernel(
   else:
     row_limit = row_pos
     kv_end = jnp.where(num_rows > 0, first_pos + num_rows, 0)  # causal limit of the last row
+  window_pos, window_first = row_pos, first_pos  # where each row's window, and the block's first, counts back from
+  if has_tree:  # 0 on rows past num_rows
+    tree_mask = tree_ref[...]                                             # [rows]
+    if has_window:
+      window_pos = row_pos - shift_ref[...]
+      window_first = window_first_ref[()]                                 # the block's lowest window_pos
   kv_start = jnp.int32(0)
   if has_window:
     window = window_ref[()]
-    kv_start = jnp.maximum(first_pos - window + 1, 0)
+    kv_start = jnp.maximum(window_first - window + 1, 0)
   tile_lo = lax.div(kv_start, block_kv)
   tile_hi = _cdiv(kv_end, block_kv)
 
   def visible(kv_pos):                                                    # [rows, block_kv]
     mask = (kv_pos[None, :] <= row_limit[:, None]) & (kv_pos[None, :] < kv_len)
     if has_window:
-      mask &= kv_pos[None, :] > row_pos[:, None] - window
+      mask &= kv_pos[None, :] > window_pos[:, None] - window
+    if has_tree:
+      mask &= tree_visible(tree_mask[:, None], row_pos[:, None] - 1 - kv_pos[None, :])
     return mask
 
   def body(tile, carry, *, masked):
@@ -291,8 +313,14 @@ def _prefill_kernel(
                           q_latent=q_latent)
 
   # Whole tiles: those ending at or before the first row's position (so before kv_len too, and
-  # within every row's limit) and, with a window, starting inside the last row's window.
-  full_hi = None if latent else lax.div(first_pos + 1, block_kv)
+  # within every row's limit; with tree masks, before the lowest position a mask of the block hides) and,
+  # with a window, starting inside the last row's window (a tree row's window only reaches further back).
+  if latent:
+    full_hi = None
+  elif has_tree:
+    full_hi = lax.div(interior_end_ref[()], block_kv)
+  else:
+    full_hi = lax.div(first_pos + 1, block_kv)
   full_lo = _cdiv(jnp.maximum(first_pos + num_rows - window, 0), block_kv) if has_window else tile_lo
 
   if has_sinks:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
@@ -369,14 +397,37 @@ def sink_rows(sinks, num_kv_heads: int, block_h: int, rows: int) -> jax.Array:
   return jnp.tile(sinks.reshape(-1, block_h), (1, rows // block_h))
 
 
+def block_rows(values, blocks: QueryBlocks, fill: int) -> jax.Array:
+  """Per-row values [T] -> [NB, block_q]: each block's tokens' values, `fill` past the block's real rows."""
+  block_q = blocks.row_tokens.shape[1]
+  real = jnp.arange(block_q, dtype=jnp.int32) < blocks.num_rows[:, None]
+  return jnp.where(real, values[blocks.row_tokens], fill)
+
+
 def limit_rows(limits, blocks: QueryBlocks, block_h: int) -> tuple[jax.Array, jax.Array]:
   """Row limits [T] (row_kv_limits) -> (kv_end [NB], limits [NB, rows]) laid out like the q tiles (pack_rows): tile
   row r holds token r // block_h's limit, -1 past the block's real rows; kv_end is the block's largest limit + 1,
   the end of its KV loop (0 for an empty block)."""
-  block_q = blocks.row_tokens.shape[1]
-  real = jnp.arange(block_q, dtype=jnp.int32) < blocks.num_rows[:, None]
-  block_limits = jnp.where(real, limits[blocks.row_tokens], -1)              # [NB, block_q]
+  block_limits = block_rows(limits, blocks, -1)                              # [NB, block_q]
   return block_limits.max(axis=1) + 1, jnp.repeat(block_limits, block_h, axis=1)
+
+
+def tree_blocks(tree, blocks: QueryBlocks, block_h: int, has_window: bool) -> list[jax.Array]:
+  """(masks, window shifts) [T] (row_tree_masks) -> [interior_end [NB], masks [NB, rows]] and, with a window,
+  [.., window_first [NB], shifts [NB, rows]]. The [NB, rows] values are laid out like the q tiles (pack_rows): tile
+  row r holds token r // block_h's, 0 past the block's real rows. interior_end: every row of the block sees every
+  position below it (as far as the masks go): the lowest position a mask of the block hides, pos - 1 - its highest
+  set bit = pos - 32 + clz(mask), else first_pos + 1 (the causal interior's end: no mask hides anything). window_first:
+  the block's lowest window position, pos - shift (first_pos when no mask hides anything)."""
+  masks, shifts = tree
+  masks = block_rows(masks, blocks, 0)                                       # [NB, block_q]
+  row_pos = blocks.first_pos[:, None] + jnp.arange(masks.shape[1], dtype=jnp.int32)
+  lowest_hidden = jnp.where(masks != 0, row_pos - TREE_MASK_BITS + lax.clz(masks), row_pos + 1)
+  packed = [jnp.maximum(lowest_hidden.min(axis=1), 0), jnp.repeat(masks, block_h, axis=1)]
+  if has_window:  # rows past num_rows (shift 0) sit after the real ones
+    shifts = block_rows(shifts, blocks, 0)
+    packed += [(row_pos - shifts).min(axis=1), jnp.repeat(shifts, block_h, axis=1)]
+  return packed
 
 
 def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *,
@@ -386,7 +437,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            block_kv: int | None = None, block_h: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None, k_scales=None,
                            v_scales=None, sinks: jax.Array | None = None,
-                           kv_limits: jax.Array | None = None) -> jax.Array:
+                           kv_limits: jax.Array | None = None, tree_masks: jax.Array | None = None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention). block_h: q
   heads per program (a power of two <= the padded GQA group; by default the whole group, or
   latent_block_sizes' share of a latent cache's); the group is cut over Gp / block_h programs."""
@@ -443,15 +494,21 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   sinks = [sink_rows(sinks, num_kv_heads, block_h, rows)] if has_sinks else []
   sink_specs = [pl.BlockSpec((None, rows), lambda i, h: (h, 0))] if has_sinks else []
   has_limits = kv_limits is not None
+  has_tree = tree_masks is not None
   kernel = functools.partial(
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
-      has_sinks=has_sinks, has_limits=has_limits, latent=latent, block_h=block_h,
+      has_sinks=has_sinks, has_limits=has_limits, has_tree=has_tree, latent=latent, block_h=block_h,
       pages_per_tile=pages_per_tile)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
   limits, limit_specs = [], []
   if has_limits:  # per block: its loop's end and each tile row's limit (every head block reads the same)
     limits = limit_rows(row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens), blocks, block_h)
     limit_specs = [scalar_spec, pl.BlockSpec((None, rows), lambda i, h: (i, 0))]
+  trees, tree_specs = [], []
+  if has_tree:  # per block: the interior's end and each tile row's mask; with a window, its start and row shifts
+    trees = tree_blocks(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens), blocks, block_h,
+                        has_window)
+    tree_specs = [scalar_spec, pl.BlockSpec((None, rows), lambda i, h: (i, 0))] * (1 + has_window)
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda i, h: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))
@@ -464,14 +521,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
                 tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *limit_specs,
-                *scale_specs(scales, k_spec)],
+                *tree_specs, *scale_specs(scales, k_spec)],
       out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct((num_head_blocks, num_blocks, rows, v_dim), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
   )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles[0],
-    k_pages, v_pages, *q_tiles[1:], *sinks, *limits, *(scales or ()))
+    k_pages, v_pages, *q_tiles[1:], *sinks, *limits, *trees, *(scales or ()))
 
   # --- Unpack: row t is token slot token_slot[t] of block token_block[t]. ------------------
   o = o_tiles.reshape(num_head_blocks, num_blocks, block_q, block_h, v_dim)

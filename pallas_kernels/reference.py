@@ -16,6 +16,8 @@ Layout (one layer):
   cu_q_lens:    [S + 1] int32    cumulative query lengths
   num_seqs:     [1] int32        sequences at index >= num_seqs are padding
   kv_limits:    [T] int32        optional: each row's last visible KV position (>= its own; None: causal)
+  tree_masks:   [T] int32        optional: bit b set: the row skips KV position pos - 1 - b (a draft tree's
+                                 other branches; None: causal)
 """
 from __future__ import annotations
 
@@ -83,6 +85,30 @@ def row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens: int) -> j
   return jnp.where(valid, limits, -1)
 
 
+# Bits of a tree mask: row t may skip any of the TREE_MASK_BITS positions just before its own.
+TREE_MASK_BITS = 32
+
+
+def row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens: int) -> tuple[jax.Array, jax.Array]:
+  """tree_masks [T] (bit b set: the row does not see KV position pos - 1 - b) -> (masks, window shifts), both [T]
+  int32 and 0 on padding rows. A row's window shift is the popcount of its mask, the positions it skips: its window
+  counts back from pos - shift (its depth in the draft tree) instead of from pos."""
+  tree_masks = jnp.asarray(tree_masks)
+  if tree_masks.shape != (num_tokens,):
+    raise ValueError(f"tree_masks must be [T] = [{num_tokens}], one per row of q; got {tree_masks.shape}")
+  _, _, valid = token_metadata(cu_q_lens, kv_lens, num_seqs, num_tokens)
+  masks = jnp.where(valid, tree_masks.astype(jnp.int32), 0)
+  return masks, lax.population_count(masks)
+
+
+def tree_visible(masks, distance):
+  """Whether a row with tree mask `masks` sees the KV position `distance + 1` before its own (int32 arrays that
+  broadcast): False only where 0 <= distance < TREE_MASK_BITS and bit `distance` of the mask is set. Elementwise
+  int ops only, as the Pallas kernels call it; the shift is clamped into [0, 31] (a shift by >= 32 is undefined)."""
+  clamped = jnp.clip(distance, 0, TREE_MASK_BITS - 1)
+  return ((jnp.right_shift(masks, clamped) & 1) == 0) | (clamped != distance)
+
+
 class QueryBlocks(NamedTuple):
   """Query rows grouped into blocks of up to block_q consecutive tokens of ONE sequence.
 
@@ -142,7 +168,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            soft_cap: float | None = None, pages_per_block: int | None = None,
                            block_q: int | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
-                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None) -> jax.Array:
+                           sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
+                           tree_masks: jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
   Latent attention (DeepSeek's MLA, absorbed; models/llama.py `_mla_qkv`): k_pages [.., Dk] and
@@ -160,7 +187,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
   [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros. kv_limits ([T] int32, e.g. Gemma 3's
   bidirectional image tokens): row t sees up to kv_limits[t] instead of pos (row_kv_limits: clamped into
-  [pos, kv_len - 1]); the window still starts from pos.
+  [pos, kv_len - 1]); the window still starts from pos. tree_masks ([T] int32, a draft tree's rows): bit b set hides
+  position pos - 1 - b from row t, and its window counts back from pos - popcount (row_tree_masks).
 
   Work is done one query block at a time, like one program of the Pallas kernel's grid: a
   `fori_loop` over the blocks in use (a dynamic count, so padding rows and empty sequence slots
@@ -199,10 +227,13 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     sinks = jnp.asarray(sinks, jnp.float32).reshape(num_kv_heads, num_q_heads // num_kv_heads)
   if kv_limits is not None:
     kv_limits = row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens)
+  if tree_masks is not None:
+    tree_masks = row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens)
   attend = functools.partial(
       _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
       pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap,
-      scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks, kv_limits=kv_limits)
+      scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks, kv_limits=kv_limits,
+      tree_masks=tree_masks)
   if block_q == 1:
     out = attend(1, None)
   else:
@@ -228,13 +259,14 @@ def latent_dims(q, k_pages, v_pages) -> bool:
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                    block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None,
-                   sinks=None, kv_limits=None):
+                   sinks=None, kv_limits=None, tree_masks=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
   qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D] (or a latent cache's
   Dk and Dv wide); scales: None or (k_scales, v_scales) [L, Hkv, P, ps] of an 8-bit cache; sinks:
   None or [Hkv, G] float32; kv_limits: None or [T] int32 clamped (row_kv_limits), each row's last
-  visible position. Returns [T, Hkv, G, Dv] (rows of other sequences are meaningless).
+  visible position; tree_masks: None or (masks, window shifts) [T] int32 (row_tree_masks). Returns [T, Hkv, G, Dv]
+  (rows of other sequences are meaningless).
   """
   num_tokens, num_kv_heads, group, head_dim = qs.shape
   k_dim, v_dim = k_pages.shape[-1], v_pages.shape[-1]
@@ -254,7 +286,14 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
 
   def one_block(i, out):
     first, num_rows = blocks.first_pos[i], blocks.num_rows[i]
-    row_pos = jnp.repeat(jnp.where(slot < num_rows, first + slot, -1), group)   # [rows]
+    real = slot < num_rows
+    row_pos = jnp.repeat(jnp.where(real, first + slot, -1), group)   # [rows]
+    window_pos, window_first = row_pos, first   # where each row's window, and the block's first, counts back from
+    if tree_masks is not None:
+      row_tree = jnp.repeat(jnp.where(real, tree_masks[0][blocks.row_tokens[i]], 0), group)
+      shift = jnp.where(real, tree_masks[1][blocks.row_tokens[i]], 0)            # [block_q]
+      window_pos = row_pos - jnp.repeat(shift, group)
+      window_first = jnp.min(jnp.where(real, first + slot - shift, first))
     if kv_limits is None:
       row_limit, kv_end = row_pos, first + num_rows
     else:  # limits >= positions: the block ends after its largest
@@ -264,7 +303,7 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
     if sliding_window is None:
       first_kv_block = jnp.int32(0)
     else:
-      first_kv_block = jnp.maximum(first - sliding_window + 1, 0) // block_len
+      first_kv_block = jnp.maximum(window_first - sliding_window + 1, 0) // block_len
     page_row = page_indices[blocks.seq[i]]
     q_tile = q_tiles[i]                                                # [Hkv, rows, D]
 
@@ -288,7 +327,9 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       kv_pos = b * block_len + jnp.arange(block_len, dtype=jnp.int32)
       mask = kv_pos <= row_limit[:, None]                            # [rows, block_len]
       if sliding_window is not None:
-        mask &= kv_pos > row_pos[:, None] - sliding_window
+        mask &= kv_pos > window_pos[:, None] - sliding_window
+      if tree_masks is not None:
+        mask &= tree_visible(row_tree[:, None], row_pos[:, None] - 1 - kv_pos)
       s = jnp.where(mask, s, -jnp.inf)
       # Online softmax; a row with nothing visible yet keeps m = -inf and contributes zeros.
       m_new = jnp.maximum(m, s.max(axis=-1))                         # [Hkv, rows]

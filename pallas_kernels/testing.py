@@ -136,6 +136,27 @@ def random_kv_limits(rng: np.random.Generator, batch: RaggedBatch, *, boundary: 
   return limits
 
 
+def random_tree_masks(rng: np.random.Generator, batch: RaggedBatch) -> np.ndarray:
+  """[T] int32 draft-tree masks (tree speculative decoding). The last min(q_len, 33) new tokens of each chunk (a
+  sequence with more than one new token) are a random tree's nodes in DFS preorder, the first its root: node i >= 1
+  hangs below node i - 1 (the branch goes on) or, with even odds, below a random node on the path from the root to
+  node i - 1 (a new branch), so that trees are both deep and wide. Row i's mask has bit i - 1 - j set for each
+  earlier node j that is not one of its ancestors. Rows before those 33 and decodes get 0, padding rows random junk
+  (every backend must ignore it)."""
+  masks = np.zeros(batch.q.shape[0], np.int64)
+  for s in range(int(batch.num_seqs[0])):
+    q_start, q_end = int(batch.cu_q_lens[s]), int(batch.cu_q_lens[s + 1])
+    root = max(q_start, q_end - 33)
+    path = [0]                                  # the nodes from the root to the last one placed
+    for i in range(1, q_end - root):
+      parent = len(path) - 1 if rng.random() < 0.5 else int(rng.integers(len(path)))
+      path = path[:parent + 1] + [i]
+      masks[root + i] = sum(1 << (i - 1 - j) for j in range(i) if j not in path)
+  num_valid = batch.num_valid_tokens
+  masks[num_valid:] = rng.integers(-2**31, 2**31, len(masks) - num_valid)
+  return masks.astype(np.uint32).view(np.int32)
+
+
 def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
   """[Hq] float32 attention sinks: one +10 (outweighs the scores: that head's output shrinks by
   orders of magnitude), one -30 (no effect within float32 tolerance), the rest in [-3, 3], shuffled."""
@@ -146,12 +167,16 @@ def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
 
 def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None, sinks: np.ndarray | None = None,
-                  kv_limits: np.ndarray | None = None) -> np.ndarray:
+                  kv_limits: np.ndarray | None = None, tree_masks: np.ndarray | None = None) -> np.ndarray:
   """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, Dv].
 
   kv_limits ([T] int, each >= its row's position): row t sees KV positions <= kv_limits[t] instead of <= its
   own position (Gemma 3's bidirectional image tokens); a window still starts from the row's own position
   (pos - sliding_window, kv_limits[t]], and nothing past kv_len is seen.
+
+  tree_masks ([T] int, draft trees): bit b (0 <= b < 32) of tree_masks[t] set hides KV position pos - 1 - b from
+  row t, and a window counts back from pos - (the number of set bits): the row sees positions
+  > pos - popcount - sliding_window.
 
   sinks [Hq]: one more logit per head in every row's softmax, with no value (gpt-oss), taken as
   given: not scaled, capped or masked. K and V pages narrower than q: a latent cache, each key its
@@ -183,8 +208,16 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
     limit = pos if kv_limits is None else np.asarray(kv_limits[q_start:q_end])
     assert (limit >= pos).all(), "a row's limit is never below its position"
     mask = kv_pos[None, :] <= limit[:, None]
+    window_pos = pos
+    if tree_masks is not None:
+      row_masks = np.asarray(tree_masks[q_start:q_end]).astype(np.int64) & 0xFFFFFFFF   # the 32 bits, unsigned
+      bits = [[b for b in range(32) if int(m) >> b & 1] for m in row_masks]
+      for i, row_bits in enumerate(bits):
+        hidden = pos[i] - 1 - np.array(row_bits, int)
+        mask[i, hidden[hidden >= 0]] = False
+      window_pos = pos - np.array([len(row_bits) for row_bits in bits], int)
     if sliding_window is not None:
-      mask &= kv_pos[None, :] > pos[:, None] - sliding_window
+      mask &= kv_pos[None, :] > window_pos[:, None] - sliding_window
     scores = np.where(mask[None], scores, -np.inf)
     if sinks is None:
       p = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -209,7 +242,7 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     soft_cap: float | None = None, num_tokens: int | None = None,
                     max_seqs: int | None = None, nan_padding: bool = False,
                     kv_dtype=None, sinks: np.ndarray | None = None,
-                    latent_dims: tuple[int, int] | None = None, kv_limits=None) -> None:
+                    latent_dims: tuple[int, int] | None = None, kv_limits=None, tree_masks=None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
@@ -219,7 +252,8 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   k_scales= / v_scales=; the float64 attention reads them dequantized. sinks ([Hq]): passed as
   sinks= (float32), and to the float64 attention. latent_dims: a latent cache (random_ragged_batch).
   kv_limits: a function of the random batch giving its [T] int32 limits (e.g. random_kv_limits with a fresh rng),
-  passed as kv_limits= and to the float64 attention.
+  passed as kv_limits= and to the float64 attention. tree_masks: likewise, a function of the batch giving its [T]
+  int32 draft-tree masks (e.g. random_tree_masks with a fresh rng).
   """
   import jax.numpy as jnp  # noqa: PLC0415 (the batch builders above stay numpy-only)
 
@@ -241,6 +275,9 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   if kv_limits is not None:
     limits = np.asarray(kv_limits(batch), np.int32)
     opts["kv_limits"], call_opts["kv_limits"] = limits, jnp.asarray(limits)
+  if tree_masks is not None:
+    masks = np.asarray(tree_masks(batch), np.int32)
+    opts["tree_masks"], call_opts["tree_masks"] = masks, jnp.asarray(masks)
   as_read = [np.asarray(a.astype(jnp.float32)) for a in args[:3]]  # what the float64 attention reads
   if kv_dtype is not None:
     from pallas_kernels import kv_quant  # noqa: PLC0415

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from engine import speculative
 from engine.config import EngineConfig, load_config
 from engine.llm import LLM
 from engine.output import OutputKind, RequestOutput
@@ -221,6 +222,48 @@ def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):
         outs[backend] = _generate(llm, prompts, max_tokens=6)
     assert outs["xla"][0] == outs["pallas_interpret"][0]
     assert outs["pallas_interpret"][1][2] >= 16
+
+
+@pytest.fixture
+def kept_paths(monkeypatch) -> list[list[int]]:
+    """What every verification of draft tokens kept (speculative.accepted_path's answers), in order."""
+    paths = []
+    accepted_path = speculative.accepted_path
+
+    def record(tree, sampled):
+        paths.append(accepted_path(tree, sampled))
+        return paths[-1]
+
+    monkeypatch.setattr(speculative, "accepted_path", record)
+    return paths
+
+
+def test_draft_trees_on_windowed_layers_match_plain_decoding_on_both_backends(tiny_gemma3, tokenizer, kept_paths):
+    """Draft trees (speculative.ngram_branches) on Gemma 3's windowed layers, whose window counts back from each
+    node's depth, not its slot: greedy outputs held to cycles of three tokens (so drafts branch and are kept and
+    rejected; one-token n-grams, whose earlier occurrences go on in up to three ways) equal plain decoding's, through
+    the xla path and the Pallas kernels (interpret mode: the decode kernel for steps of short chunks, the ragged one
+    otherwise), with a branch other than the first kept."""
+    rng = random.Random(7)
+    prompts = [p for p, _ in _prompts(tokenizer, rng)[:4]]
+    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True,
+                             logit_bias={t: 100.0 for t in rng.sample(range(100, 30000), 3)}) for _ in prompts]
+    tree = {"speculative.method": "ngram", "speculative.num_tokens": 3, "speculative.ngram_min": 1,
+            "speculative.ngram_max": 1, "speculative.ngram_branches": 3}
+    outs = {}
+    for name, overrides in {
+        "plain": {},
+        "xla": {**tree, "debug_checks": True},
+        "pallas_interpret": {**tree, "attention.backend": "pallas_interpret"},
+    }.items():
+        llm = LLM(EngineConfig().replace(**{**HYBRID, "cache.num_pages": 96, "model.max_model_len": 96,
+                                            "scheduler.max_running": 4, **overrides}),
+                  progress=False, model=tiny_gemma3)
+        outs[name] = [o.token_ids for o in llm.generate(prompts, params)]
+        if name != "plain":
+            assert llm.engine.stats()["spec_accepted_tokens"] > 0
+    assert outs["xla"] == outs["plain"] and outs["pallas_interpret"] == outs["plain"]
+    assert any(path[0] != 1 for path in kept_paths if path)
 
 
 # ------------------------------------------------------------------------------ API, tiny model
@@ -465,6 +508,14 @@ def test_config_file_overrides_and_errors(tmp_path):
         load_config(None, ["scheduler.token_buckets=[64, 32, 512]"])
     with pytest.raises(ConfigKeyError, match=r"the largest \(256\) must hold a whole step of scheduler.max_batch_tokens \(512\)"):
         load_config(None, ["scheduler.token_buckets=[64, 256]"])
+    with pytest.raises(ConfigKeyError, match="speculative.ngram_branches=3 drafts trees of n-gram continuations: it needs "
+                                             "speculative.method=ngram \\(got 'draft_model'\\)"):
+        load_config(None, ["speculative.method=draft_model", "speculative.ngram_branches=3"])
+    with pytest.raises(ConfigKeyError, match="speculative.ngram_branches"):
+        load_config(None, ["speculative.method=ngram", "speculative.ngram_branches=0"])
+    spec = load_config(None, ["speculative.method=ngram", "speculative.ngram_branches=3", "speculative.num_tokens=5"])
+    assert spec.speculative.trees and spec.speculative.draft_nodes == 15
+    assert load_config(None, ["speculative.method=ngram", "speculative.ngram_branches=9"]).speculative.draft_nodes == 32
 
 
 def test_default_config_file_is_valid():
@@ -560,9 +611,10 @@ def _repetitive_params(rng: random.Random, tokenizer, n: int) -> list[SamplingPa
     return out
 
 
-def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
+def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_paths):
     """N-gram speculative decoding yields several tokens per step but the same tokens as plain decoding, greedy
-    and seeded sampling alike, with a pool small enough to preempt; logprobs of accepted tokens are their rows'."""
+    and seeded sampling alike, with a pool small enough to preempt; logprobs of accepted tokens are their rows'.
+    Draft trees too (`ngram_branches`), where a branch other than the first is sometimes the one kept."""
     prompts = _prompts(tokenizer, random.Random(1))
     params = _repetitive_params(random.Random(2), tokenizer, len(prompts))
     runs, steps = {}, {}
@@ -570,18 +622,24 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer):
         "plain": {"cache.num_pages": 64},
         "ngram": {"cache.num_pages": 16, "speculative.method": "ngram", "speculative.num_tokens": 3,
                   "speculative.ngram_min": 1, "debug_checks": True},
+        "tree": {"cache.num_pages": 16, "speculative.method": "ngram", "speculative.num_tokens": 3,
+                 "speculative.ngram_min": 1, "speculative.ngram_branches": 3, "debug_checks": True},
     }.items():
         llm = LLM(EngineConfig().replace(**SMALL, **overrides), progress=False, model=tiny_model)
         engine = llm.engine
         ids = [engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
         finals = llm._run(set(ids), progress=False)
         runs[name], steps[name] = [finals[i] for i in ids], engine.stats()
-    for a, b in zip(runs["plain"], runs["ngram"]):
-        assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason, b.stop_reason)
-        assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
-    s = steps["ngram"]
-    assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
-    assert {r.finish_reason for r in runs["ngram"]} == {"stop", "length"}
+    for a, b, c in zip(runs["plain"], runs["ngram"], runs["tree"]):
+        for b in (b, c):
+            assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
+                                                                             b.stop_reason)
+            assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
+    for name in ("ngram", "tree"):
+        s = steps[name]
+        assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
+        assert {r.finish_reason for r in runs[name]} == {"stop", "length"}
+    assert any(path[0] != 1 for path in kept_paths if path)  # another branch than the first was kept
 
 
 @pytest.mark.parametrize("compact", [4096, 1])
@@ -607,23 +665,24 @@ def test_speculative_stop_string_inside_an_accepted_run(tiny_model, tiny, tokeni
 @pytest.mark.slow
 def test_speculative_decoding_on_smollm2_same_text_fewer_steps(smollm2, tokenizer):
     """SmolLM2 repeating paragraphs (scripts/bench.py's copy workload): most drafts are accepted, the steps drop by
-    more than half, and greedy and seeded-sampling outputs are the plain engine's."""
+    more than half, and greedy and seeded-sampling outputs are the plain engine's; with draft trees too."""
     from scripts.bench import copy_prompts
 
     prompts = copy_prompts(random.Random(0), tokenizer, 4, 3)
     params = [SamplingParams(temperature=0, max_tokens=64), SamplingParams(temperature=0.7, top_p=0.9, seed=5, max_tokens=64)]
     outs, stats = {}, {}
-    for method in ("none", "ngram"):
-        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, "speculative.method": method}), progress=False,
-                  model=smollm2)
-        outs[method] = [llm.generate(prompts, p) for p in params]
-        stats[method] = llm.engine.stats()
-    for plain, spec in zip(outs["none"], outs["ngram"]):
-        assert [o.token_ids for o in plain] == [o.token_ids for o in spec]
-        assert [o.text for o in plain] == [o.text for o in spec]
+    for name, spec in {"none": {"speculative.method": "none"}, "ngram": {"speculative.method": "ngram"},
+                       "tree": {"speculative.method": "ngram", "speculative.ngram_branches": 4}}.items():
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, **spec}), progress=False, model=smollm2)
+        outs[name] = [llm.generate(prompts, p) for p in params]
+        stats[name] = llm.engine.stats()
+    for name in ("ngram", "tree"):
+        for plain, spec in zip(outs["none"], outs[name]):
+            assert [o.token_ids for o in plain] == [o.token_ids for o in spec]
+            assert [o.text for o in plain] == [o.text for o in spec]
+        assert stats[name]["num_steps"] < 0.5 * stats["none"]["num_steps"]
     s = stats["ngram"]
     assert s["spec_accepted_tokens"] > 0.6 * s["spec_draft_tokens"]
-    assert s["num_steps"] < 0.5 * stats["none"]["num_steps"]
 
 
 def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):

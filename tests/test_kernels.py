@@ -357,7 +357,7 @@ def test_attention_f64_kv_limits():
   v = np.repeat(batch.v_pages[:, pages].reshape(2, -1, 16)[:, :37], 2, axis=0)
   scores = np.einsum("thd,hld->htl", batch.q[rows], k) * 0.25
   p = np.exp(scores - scores.max(-1, keepdims=True))
-  np.testing.assert_allclose(full[rows], np.einsum("htl,hld->thd", p / p.sum(-1, keepdims=True), v), rtol=1e-12)
+  np.testing.assert_allclose(full[rows], np.einsum("htl,hld->thd", p / p.sum(-1, keepdims=True), v), rtol=1e-12, atol=1e-12)
 
 
 # xla: the reference with small blocks, so that its tile range follows the limits (the public entry, whose
@@ -440,6 +440,115 @@ def test_kv_limits_at_own_positions_are_causal(kernel):
   assert (np.abs(got - causal)[span_rows].max(axis=(1, 2)) > 1e3 * tol["atol"]).all()
   np.testing.assert_allclose(got[~span_rows], causal[~span_rows], **tol)
   np.testing.assert_array_equal(np.asarray(fn(*args, kv_limits=jnp.asarray(wild), **opts))[:n], got)
+
+
+# ---------------------------------------------------------------------------------------------
+# Draft-tree masks (tree speculative decoding): bit b of a row's mask hides KV position pos - 1 - b (a node of
+# another branch); a window counts back from pos - popcount(mask), the row's depth in its tree.
+
+# Decodes, a 40-token chunk over a 50-position prefix whose last 33 tokens are a tree (bits up to 31 back; its
+# 4-token q blocks reach past 32 positions of whole 16-position KV tiles, the ragged kernel's unmasked interior), a
+# 9-token tree over a prefix, a whole 5-token prompt as a tree; padding rows and sequences around them.
+TREE_SEQS = [(1, 9), (40, 90), (1, 1), (9, 30), (5, 5), (1, 50)]
+
+
+def _tree_masks(batch):
+  """Random draft trees (testing.random_tree_masks), junk on padding rows."""
+  return testing.random_tree_masks(fresh.rng(), batch)
+
+
+def test_attention_f64_tree_masks():
+  """The float64 attention itself: all-zero masks are the causal result bit for bit, and a hand-built tree (with a
+  window of 3 too) against a softmax over each row's own list of visible positions: the prefix, the row's
+  ancestors and itself, with a window the last 3 of those."""
+  batch = testing.random_ragged_batch(fresh.rng(), [(1, 5), (6, 10)], num_q_heads=4, num_kv_heads=2, head_dim=16,
+                                      page_size=4, num_tokens=9, max_seqs=3, dtype=np.float64)
+  causal = testing.attention_f64(batch, sm_scale=0.25, soft_cap=3.0)
+  zeros = np.zeros(9, np.int32)
+  np.testing.assert_array_equal(testing.attention_f64(batch, sm_scale=0.25, soft_cap=3.0, tree_masks=zeros), causal)
+  # Sequence 1: prefix 0..3, then the tree's nodes at positions 4..9 in DFS preorder: root 4, 5 under 4, 6 under 5,
+  # 7 under 4, 8 under 7, 9 under 4. Bit b hides position pos - 1 - b: node 7 hides 6 and 5 (bits 0, 1), node 8
+  # hides 6 and 5 (bits 1, 2), node 9 hides 8, 7, 6, 5 (bits 0 to 3).
+  masks = np.array([0, 0, 0, 0, 0b11, 0b110, 0b1111, 123, -1], np.int32)   # the last two rows are padding
+  paths = [[4], [4, 5], [4, 5, 6], [4, 7], [4, 7, 8], [4, 9]]
+  pages = batch.page_indices[1, :3]
+  k = np.repeat(batch.k_pages[:, pages].reshape(2, -1, 16), 2, axis=0)     # [Hq, 12, D]
+  v = np.repeat(batch.v_pages[:, pages].reshape(2, -1, 16), 2, axis=0)
+  for window in (None, 3):
+    got = testing.attention_f64(batch, sm_scale=0.25, sliding_window=window, tree_masks=masks)
+    np.testing.assert_array_equal(got[0], testing.attention_f64(batch, sm_scale=0.25, sliding_window=window)[0])
+    for i, path in enumerate(paths):
+      seen = [0, 1, 2, 3, *path][-window if window else 0:]
+      scores = np.einsum("hd,hld->hl", batch.q[1 + i], k[:, seen]) * 0.25
+      p = np.exp(scores - scores.max(-1, keepdims=True))
+      np.testing.assert_allclose(got[1 + i], np.einsum("hl,hld->hd", p / p.sum(-1, keepdims=True), v[:, seen]),
+                                 rtol=1e-12, atol=1e-12)
+
+
+# Each case: (q heads, kv heads, head_dim, dtype, sliding_window, soft_cap, kv_dtype, sinks, kv_limits). GQA 1/4/8,
+# head_dim 64/128, float32 and bfloat16; a window of 8 (shorter than the trees' spans, so that a deep node's window
+# counted from its position would miss ancestors its depth keeps) and of 5, soft caps, int8 pages, sinks, image
+# spans (kv_limits) over the same chunks.
+TREE_MASKS = [
+    pytest.param(2, 2, 64, np.float32, 8, None, None, False, False, id="gqa1-d64-f32-window8"),
+    pytest.param(8, 2, 128, jnp.bfloat16, None, 2.0, jnp.int8, False, True, id="gqa4-d128-bf16-softcap-int8-limits"),
+    pytest.param(8, 1, 64, np.float32, 5, 3.0, None, True, True, id="gqa8-d64-f32-window5-softcap-sinks-limits"),
+]
+
+
+@pytest.mark.parametrize("num_q_heads,num_kv_heads,head_dim,dtype,sliding_window,soft_cap,kv_dtype,sinks,kv_limits",
+                         TREE_MASKS)
+@pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
+def test_tree_masks(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap, kv_dtype, sinks,
+                    kv_limits):
+  """Each backend with random draft trees against float64 attention with the same masks, the kernels against the
+  public xla entry too; padding rows (NaN, junk masks) and sequences; small blocks, 3 KV splits."""
+  fn = {"xla": _LIMIT_KERNELS["xla"], "ragged": _ragged(4, 16), "decode": _decode(16, 3)}[kernel]
+  testing.check_attention(
+      fn, TREE_SEQS, seed=fresh.seed(), page_size=8, num_tokens=64, max_seqs=8, nan_padding=True,
+      tree_masks=_tree_masks, kv_limits=_span_limits if kv_limits else None, kv_dtype=kv_dtype,
+      sinks=testing.random_sinks(fresh.rng(), num_q_heads) if sinks else None,
+      reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"),
+      **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
+
+
+@pytest.mark.parametrize("kernel", ["ragged", "decode"])
+def test_tree_masks_latent_cache(kernel):
+  """Draft trees on a latent cache (16 q heads on one kv head, Dk/Dv = 16/64, the group cut in 2 head blocks) with
+  int8 pages and a window of 8, against float64 attention and the xla reference."""
+  fn = _ragged(2, 16, 8) if kernel == "ragged" else _decode(16, 3, 8)
+  testing.check_attention(
+      fn, TREE_SEQS, seed=fresh.seed(), page_size=8, num_tokens=64, max_seqs=8, nan_padding=True,
+      tree_masks=_tree_masks, num_q_heads=16, num_kv_heads=1, head_dim=80, latent_dims=(16, 64),
+      kv_dtype=jnp.int8, sliding_window=8, reference_fn=functools.partial(_attn, backend="xla"))
+
+
+def test_tree_blocks_bound_what_the_masks_hide():
+  """The ragged kernel's per-block tree scalars (tree_blocks), against a brute force over each block's rows and their
+  masks' set bits: the unmasked interior ends at the lowest position any row hides (first_pos + 1 when none hides
+  anything; never below 0), and a window starts from the lowest pos - popcount. Masks with random top bits (bit 31
+  too), so that the lowest hidden position lands anywhere, and a block of zero masks."""
+  rng = fresh.rng()
+  batch = testing.random_ragged_batch(rng, TREE_SEQS, num_q_heads=2, num_kv_heads=1, head_dim=16, page_size=8,
+                                      num_tokens=64, max_seqs=8)
+  top = rng.integers(0, 32, 64)
+  masks = ((rng.integers(0, 2**32, 64) & ((1 << top) - 1)) | (1 << top)).astype(np.uint32).view(np.int32)
+  masks[rng.random(64) < 0.3] = 0
+  masks[37:41] = 0                                     # block 10: the last 4 rows of the 40-token chunk (rows 1..40)
+  args = [jnp.asarray(a) for a in (batch.cu_q_lens, batch.kv_lens, batch.num_seqs)]
+  blocks = reference.query_blocks(*args, 64, 4)
+  tree = reference.row_tree_masks(jnp.asarray(masks), *args, 64)
+  interior_end, _, window_first, _ = map(np.asarray, ragged_kernel.tree_blocks(tree, blocks, 2, has_window=True))
+  positions = testing.row_positions(batch)
+  for b in range(int((np.asarray(blocks.num_rows) > 0).sum())):
+    rows = np.asarray(blocks.row_tokens[b, :int(blocks.num_rows[b])])
+    first = int(blocks.first_pos[b])
+    hidden = [p - 1 - bit for p, m in zip(positions[rows], masks[rows].view(np.uint32)) for bit in range(32)
+              if int(m) >> bit & 1]
+    assert interior_end[b] == max(0, min([first + 1, *hidden])), (b, rows)
+    popcounts = np.array([bin(int(m)).count("1") for m in masks[rows].view(np.uint32)])
+    assert window_first[b] == (positions[rows] - popcounts).min(), (b, rows)
+  assert interior_end[10] == int(blocks.first_pos[10]) + 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,6 +756,33 @@ def test_kv_limits_lower_to_triton():
       assert module.name == ("ragged_paged_decode_attention" if decode_only else "ragged_paged_attention")
 
 
+def test_tree_masks_lower_to_triton():
+  """Both attention kernels with draft-tree masks (the masks and, with a window, their popcounts: [rows] /
+  per-row int32 inputs), in the engine's form at Llama-3-8B's heads (GQA 4, 128 wide): with per-row limits and a
+  traced window, and alone; they lower for CUDA and ROCm, and their wrappers add no loop around the kernels."""
+  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  num_tokens, max_seqs = 64, 8
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, 2, 64, 16, 128), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((num_tokens, 8, 128), jnp.bfloat16), pages, pages, i32(max_seqs), i32(max_seqs, 8),
+          i32(max_seqs + 1), i32(1))
+  for decode_only in (False, True):
+    def attend(window, layer, kv_limits, tree_masks, *xs, decode_only=decode_only):
+      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.088, sliding_window=window, soft_cap=30.0,
+                                                   backend="pallas", decode_only=decode_only, layer=layer,
+                                                   kv_limits=kv_limits, tree_masks=tree_masks)
+    def attend_tree_only(layer, tree_masks, *xs, decode_only=decode_only):
+      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.088, backend="pallas", decode_only=decode_only,
+                                                   layer=layer, tree_masks=tree_masks)
+    inputs = (i32(), i32(), i32(num_tokens), i32(num_tokens), *args)
+    assert gpu_compile.loops_outside_kernels(jax.make_jaxpr(attend)(*inputs).jaxpr) == []
+    name = "ragged_paged_decode_attention" if decode_only else "ragged_paged_attention"
+    for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
+      [module] = gpu_compile.triton_modules(attend, *inputs, target=target)
+      assert "tt.func" in module.text and module.name == name
+    [module] = gpu_compile.triton_modules(attend_tree_only, i32(), i32(num_tokens), *args)
+    assert "tt.func" in module.text and module.name == name
+
+
 # ---------------------------------------------------------------------------------------------
 # No loop outside the kernels. On a GPU, XLA runs a while loop from the host, one iteration's
 # kernels at a time; in the attention's prologue that is per layer per step (it sat inside the
@@ -772,6 +908,36 @@ def test_traced_window_equals_static_window(kernel):
   want = _jit(functools.partial(base, sliding_window=None))(q, k_all, v_all, *rest, layer=layer)
   got = traced(jnp.int32(1 << 30), q, k_all, v_all, *rest, layer=layer)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", _LAYER_KERNELS)
+def test_tree_masks_stacked_cache_traced_window(kernel):
+  """Draft-tree masks in the engine's form (stacked cache, traced layer, a traced window): all-zero masks (junk on
+  padding rows) give the result without masks bit for bit; random trees, and random 32-bit masks (any bit, the sign
+  bit too: the contract holds for any mask), give float64 attention's over that layer, with a window of 8 and one
+  wider than any context (the ragged kernel's unmasked interior)."""
+  q, k_all, v_all, rest = _stacked_batch(fresh.seed(), TREE_SEQS, num_tokens=64, max_seqs=8, num_q_heads=4,
+                                         num_kv_heads=2, head_dim=32, page_size=8)
+  opts = dict(sm_scale=32 ** -0.5, soft_cap=3.0)
+  fn = _jit(lambda window, *xs, **kw: _LAYER_KERNELS[kernel](*xs, sliding_window=window, **opts, **kw))
+  rng = fresh.rng()
+  layer = int(rng.integers(NUM_LAYERS))
+  batch = testing.RaggedBatch(*map(np.asarray, (q, k_all[layer], v_all[layer], *rest)))
+  n = batch.num_valid_tokens
+  junk = rng.integers(-2**31, 2**31, 64).astype(np.int32)
+  zeros = np.where(np.arange(64) < n, 0, junk)
+  trees = testing.random_tree_masks(rng, batch)
+  random_bits = rng.integers(-2**31, 2**31, 64).astype(np.int32)
+  tol = testing.tolerances(np.float32)
+  for window in (8, 1 << 30):
+    args = (jnp.int32(window), q, k_all, v_all, *rest)
+    causal = np.asarray(fn(*args, layer=jnp.int32(layer)))[:n]
+    np.testing.assert_array_equal(np.asarray(fn(*args, layer=jnp.int32(layer), tree_masks=jnp.asarray(zeros)))[:n],
+                                  causal)
+    for masks in (trees, random_bits):
+      got = np.asarray(fn(*args, layer=jnp.int32(layer), tree_masks=jnp.asarray(masks)))[:n]
+      want = testing.attention_f64(batch, sliding_window=window, tree_masks=masks, **opts)
+      np.testing.assert_allclose(got, want, **tol)
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2, 3])

@@ -148,8 +148,10 @@ class FakeRunner:
                     self.states[slot] = tuple(ids[: c.start + offset])
             if not c.sample:
                 sampled.append(None)
-            elif c.draft:
-                sampled.append([self.model(tuple(ids[:p])) for p in range(end - len(c.draft), end + 1)])
+            elif c.draft:  # each node after the root and its ancestors (a chain: the positions before it)
+                root, tree = end - len(c.draft), c.draft_tree
+                sampled.append([self.model(tuple(ids[:root] + [c.draft[n - 1] for n in tree.path(j)]))
+                                for j in range(len(c.draft) + 1)])
             else:
                 sampled.append(self.model(tuple(ids)))
         self.prev = [t if t is None or isinstance(t, int) else t[-1] for t in sampled]
@@ -427,7 +429,8 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
         kw["host_pages"] = draw(st.sampled_from([0, 0, 2, 6]), label="host_pages")
     if draw(st.booleans(), label="speculative"):
         kw["spec"] = SpeculativeConfig(method="ngram", num_tokens=draw(st.integers(1, 4), label="draft_tokens"),
-                                       ngram_min=1, ngram_max=2)
+                                       ngram_min=1, ngram_max=2, ngram_branches=draw(st.sampled_from([1, 3]),
+                                                                                     label="ngram_branches"))
     disk = FakeDisk() if draw(st.booleans(), label="disk") else None
     churn = draw(st.booleans(), label="arrivals and aborts")
     seed = draw(st.integers(0, 2**16), label="workload")
@@ -495,6 +498,14 @@ def test_speculative_decoding_never_changes_outputs():
             "spec-nocache": dict(num_pages=256, caching=False, spec=SpeculativeConfig(method="ngram", max_batch=3)),
             "spec-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
                                 spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3)),
+            "tree": dict(num_pages=256, spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3,
+                                                               ngram_branches=3)),
+            "tree-tiny": dict(num_pages=14, max_running=6, max_batch_tokens=12,
+                              spec=SpeculativeConfig(method="ngram", num_tokens=3, ngram_min=1, ngram_max=2,
+                                                     ngram_branches=4)),
+            "tree-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
+                                spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3,
+                                                       ngram_branches=2)),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}), model=repetitive_model, max_model_len=40)
             seqs = _workload(random.Random(seed), 30)
@@ -511,6 +522,60 @@ def test_speculative_decoding_never_changes_outputs():
         assert all(r == results["plain"] for r in results.values()), seed
         assert work["spec"] == work["spec-long"] == work["plain"]
     assert 0 < accepted < drafted
+
+
+def test_draft_trees_keep_the_branch_the_model_takes():
+    """A draft tree holds the continuations after several earlier occurrences of the suffix, one per next token; the
+    step keeps the branch the model samples, where a chain (the latest occurrence alone) is rejected at its first
+    token. Tokens of a branch other than the first were computed past their positions: they are computed again in
+    place by the next step, never read where they stand (the fake runner checks every position a step reads)."""
+    model = lambda ids: {1: 2, 2: 3, 3: 9, 9: 8, 8: 5, 5: 1}.get(ids[-1], 0)  # noqa: E731
+    prompt = [1, 2, 3, 9, 8, 5, 1, 2, 3, 7, 4, 5, 1, 2]  # the latest "1 2 3" goes on with 7, the one before with 9
+    outs, stats = {}, {}
+    for name, branches in (("plain", 0), ("chain", 1), ("tree", 3)):
+        spec = SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3, ngram_branches=max(branches, 1))
+        sched, runner = make(num_pages=64, spec=spec if branches else SpeculativeConfig(), model=model)
+        plans = []
+        outs[name] = run_all(sched, runner, [seq("a", prompt, max_tokens=21)], on_plan=plans.append)
+        stats[name] = (sched.stats.spec_draft_tokens, sched.stats.spec_accepted_tokens, len(plans))
+        first = next((c for p in plans for c in p.chunks if c.draft), None)
+        if name == "chain":  # the latest occurrence's continuation, wrong at its first token
+            assert first.draft == (7, 4, 5, 1) and not first.draft_parents
+        if name == "tree":  # both continuations; the second is taken whole
+            assert first.draft == (7, 4, 5, 1, 9, 8, 5, 1) and first.draft_parents == (0, 1, 2, 3, 0, 5, 6, 7)
+            assert speculative.accepted_path(first.draft_tree, [9, 0, 0, 0, 0, 8, 5, 1, 2]) == [5, 6, 7, 8]
+            assert plans[2].chunks[0].token_ids[:5] == [9, 8, 5, 1, 2]  # computed again in place, with drafts after
+    assert outs["tree"] == outs["chain"] == outs["plain"]
+    assert stats["tree"][2] < stats["chain"][2]  # steps: 5 against 6 (plain decoding: 21)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_incremental_ngram_trees_are_the_full_scans(seed):
+    """NgramIndex.propose_tree against the reference full scan (propose_ngram_tree) as random sequences grow; a tree's
+    first branch is the chain proposal; masks and depths follow the parents; `accepted_path` walks the sampled
+    branch."""
+    rng = random.Random(seed)
+    lo, hi = rng.choice([(1, 1), (1, 3), (2, 4)])
+    branches = rng.choice([2, 3, 5])
+    tokens = [rng.randrange(3) for _ in range(rng.randrange(1, 6))]
+    index = speculative.NgramIndex(lo, hi, branches)
+    while len(tokens) < 200:
+        k, nodes = rng.randrange(1, 6), rng.randrange(1, 20)
+        tree = index.propose_tree(tokens, k, nodes)
+        assert tree == speculative.propose_ngram_tree(tokens, k, lo, hi, branches, nodes), (tokens, k, nodes)
+        chain = speculative.propose_ngram(tokens, min(k, nodes), lo, hi)
+        assert list(tree.tokens[: len(chain)]) == chain and tree.parents[: len(chain)] == tuple(range(len(chain)))
+        assert len(tree) <= nodes and all(p <= j for j, p in enumerate(tree.parents))
+        for node, mask in enumerate(tree.masks()):
+            ancestors = tree.path(node)[:-1] + [0]
+            hidden = [node - 1 - b for b in range(32) if (mask >> b) & 1]
+            assert sorted(hidden) == [j for j in range(node) if j not in ancestors]
+            assert tree.depth(node) == len(tree.path(node)) <= k
+        tokens += [rng.randrange(3) for _ in range(rng.randrange(1, 5))]
+    tree = speculative.build_tree([[4, 5, 6], [4, 7], [8]], 32)
+    assert tree == speculative.DraftTree((4, 5, 6, 7, 8), (0, 1, 2, 1, 0))
+    assert speculative.accepted_path(tree, [4, 7, 0, 0, 1, 2]) == [1, 4]
+    assert speculative.build_tree([[4, 5, 6], [4, 7], [8]], 3) == speculative.DraftTree((4, 5, 6), (0, 1, 2))
 
 
 def test_draft_tokens_respect_budget_pages_and_limits():
@@ -586,7 +651,9 @@ def test_incremental_ngram_index_proposes_what_the_full_scan_does(seed):
         k = rng.randrange(1, 8)
         assert index.propose(tokens, k) == speculative.propose_ngram(tokens, k, lo, hi), (tokens, k)
         tokens += [rng.randrange(3) for _ in range(rng.randrange(1, 5))]
-    assert speculative.accepted([4, 5, 6], [4, 5, 9, 1]) == 2 and speculative.accepted([4], [3, 4]) == 0
+    chain = speculative.DraftTree.chain
+    assert speculative.accepted_path(chain([4, 5, 6]), [4, 5, 9, 1]) == [1, 2]
+    assert speculative.accepted_path(chain([4]), [3, 4]) == []
 
 
 # ------------------------------------------------------------------------------------ host tier

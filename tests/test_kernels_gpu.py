@@ -87,6 +87,19 @@ def test_pallas_gpu_kv_limits(decode_only, dtype):
 
 
 @pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("sliding_window", [None, 8])
+def test_pallas_gpu_tree_masks(decode_only, sliding_window):
+  """Draft-tree masks (tree speculative decoding: each row hides the other branches' nodes before it, and its window
+  counts back from its depth) with Llama-3-8B heads, bfloat16; a window of 8 shorter than the trees' spans."""
+  rng = fresh.rng()
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), MIXED,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=32, num_kv_heads=8, head_dim=128,
+      page_size=16, dtype=jnp.bfloat16, sliding_window=sliding_window, num_tokens=sum(q for q, _ in MIXED) + 3,
+      tree_masks=lambda batch: testing.random_tree_masks(rng, batch), nan_padding=True)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
 @pytest.mark.parametrize("kv_dtype", [jnp.int8, jnp.float8_e4m3fn])
 def test_pallas_gpu_8bit_cache(decode_only, kv_dtype):
   """8-bit pages with float32 scales (pallas_kernels/kv_quant.py), Llama-3-8B heads, bfloat16 q."""

@@ -864,8 +864,9 @@ def main(argv=None) -> int:
                 runs.setdefault(name, []).append(summarize(res, wall, ideal))
                 after = engine.stats()
                 drafted = after["spec_draft_tokens"] - before["spec_draft_tokens"]
-                if drafted:  # speculative decoding: accepted / verified draft tokens
+                if drafted:  # speculative decoding: accepted / verified draft tokens, and steps (hardware-independent)
                     runs[name][-1]["spec_acceptance"] = (after["spec_accepted_tokens"] - before["spec_accepted_tokens"]) / drafted
+                    runs[name][-1]["steps"] = after["num_steps"] - before["num_steps"]
                 if args.vision:  # images run through the vision tower (a cached image's positions need none)
                     runs[name][-1]["images_encoded"] = after["images_encoded"] - before["images_encoded"]
                 print(f"repeat {rep + 1} {name}: {wall:.1f} s, hit rate {runs[name][-1]['token_hit_rate']:.1%}", file=sys.stderr)

@@ -734,53 +734,33 @@ def test_lowers_to_triton(num_q_heads, num_kv_heads, head_dim, page_size, dtype)
     assert names == ["ragged_paged_attention", "ragged_paged_decode_attention", "write_kv"], names
 
 
-def test_kv_limits_lower_to_triton():
-  """Both attention kernels with per-row limits (one more [rows] / per-row int32 input), in the engine's form at
-  Gemma 3's heads (one kv head of 256, a traced window): they lower for CUDA and ROCm, and their wrappers add no loop
-  around the kernels. tests/test_kernels_compile.py compiles the kernels without limits to machine code."""
+@pytest.mark.parametrize("heads,rows", [((4, 1, 256), ("kv_limits",)), ((8, 2, 128), ("kv_limits", "tree_masks")),
+                                         ((8, 2, 128), ("tree_masks",))])
+def test_per_row_inputs_lower_to_triton(heads, rows):
+  """Both attention kernels with per-row inputs, in the engine's form: per-row limits (one more [rows] / per-row int32
+  input) at Gemma 3's heads (one kv head of 256, a traced window); draft-tree masks (the masks and, with a window,
+  their popcounts) at Llama-3-8B's (GQA 4, 128 wide), with limits and a traced window, and alone. They lower for CUDA
+  and ROCm, and their wrappers add no loop around the kernels. tests/test_kernels_compile.py compiles the kernels
+  without them to machine code."""
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  num_q_heads, num_kv_heads, head_dim = heads
   num_tokens, max_seqs = 64, 8
-  pages = jax.ShapeDtypeStruct((NUM_LAYERS, 1, 64, 16, 256), jnp.bfloat16)
-  args = (jax.ShapeDtypeStruct((num_tokens, 4, 256), jnp.bfloat16), pages, pages, i32(max_seqs), i32(max_seqs, 8),
-          i32(max_seqs + 1), i32(1))
+  windowed = "kv_limits" in rows
+  pages = jax.ShapeDtypeStruct((NUM_LAYERS, num_kv_heads, 64, 16, head_dim), jnp.bfloat16)
+  args = (jax.ShapeDtypeStruct((num_tokens, num_q_heads, head_dim), jnp.bfloat16), pages, pages, i32(max_seqs),
+          i32(max_seqs, 8), i32(max_seqs + 1), i32(1))
   for decode_only in (False, True):
-    def attend(window, layer, kv_limits, *xs, decode_only=decode_only):
-      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.0625, sliding_window=window, soft_cap=30.0,
-                                                   backend="pallas", decode_only=decode_only, layer=layer,
-                                                   kv_limits=kv_limits)
-    jaxpr = jax.make_jaxpr(attend)(i32(), i32(), i32(num_tokens), *args).jaxpr
-    assert gpu_compile.loops_outside_kernels(jaxpr) == []
-    for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
-      [module] = gpu_compile.triton_modules(attend, i32(), i32(), i32(num_tokens), *args, target=target)
-      assert "tt.func" in module.text
-      assert module.name == ("ragged_paged_decode_attention" if decode_only else "ragged_paged_attention")
-
-
-def test_tree_masks_lower_to_triton():
-  """Both attention kernels with draft-tree masks (the masks and, with a window, their popcounts: [rows] /
-  per-row int32 inputs), in the engine's form at Llama-3-8B's heads (GQA 4, 128 wide): with per-row limits and a
-  traced window, and alone; they lower for CUDA and ROCm, and their wrappers add no loop around the kernels."""
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
-  num_tokens, max_seqs = 64, 8
-  pages = jax.ShapeDtypeStruct((NUM_LAYERS, 2, 64, 16, 128), jnp.bfloat16)
-  args = (jax.ShapeDtypeStruct((num_tokens, 8, 128), jnp.bfloat16), pages, pages, i32(max_seqs), i32(max_seqs, 8),
-          i32(max_seqs + 1), i32(1))
-  for decode_only in (False, True):
-    def attend(window, layer, kv_limits, tree_masks, *xs, decode_only=decode_only):
-      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.088, sliding_window=window, soft_cap=30.0,
-                                                   backend="pallas", decode_only=decode_only, layer=layer,
-                                                   kv_limits=kv_limits, tree_masks=tree_masks)
-    def attend_tree_only(layer, tree_masks, *xs, decode_only=decode_only):
-      return pallas_kernels.ragged_paged_attention(*xs, sm_scale=0.088, backend="pallas", decode_only=decode_only,
-                                                   layer=layer, tree_masks=tree_masks)
-    inputs = (i32(), i32(), i32(num_tokens), i32(num_tokens), *args)
+    def attend(window, layer, *xs, decode_only=decode_only):
+      return pallas_kernels.ragged_paged_attention(
+          *xs[len(rows):], sm_scale=head_dim ** -0.5, sliding_window=window if windowed else None,
+          soft_cap=30.0 if windowed else None, backend="pallas", decode_only=decode_only, layer=layer,
+          **dict(zip(rows, xs)))
+    inputs = (i32(), i32(), *[i32(num_tokens)] * len(rows), *args)
     assert gpu_compile.loops_outside_kernels(jax.make_jaxpr(attend)(*inputs).jaxpr) == []
-    name = "ragged_paged_decode_attention" if decode_only else "ragged_paged_attention"
     for target in (gpu_compile.TARGETS["sm90"], gpu_compile.TARGETS["gfx942"]):
       [module] = gpu_compile.triton_modules(attend, *inputs, target=target)
-      assert "tt.func" in module.text and module.name == name
-    [module] = gpu_compile.triton_modules(attend_tree_only, i32(), i32(num_tokens), *args)
-    assert "tt.func" in module.text and module.name == name
+      assert "tt.func" in module.text
+      assert module.name == ("ragged_paged_decode_attention" if decode_only else "ragged_paged_attention")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ counts at small batches), so that one GPU session yields the data to set the def
 configuration listed compiles for sm90 without spills within shared memory
 (tests/test_kernels_compile.py checks that on the CPU), so no GPU time goes to failures.
 
+Draft-tree verification (VERIFY_CASES: each of B sequences verifies its last token and a tree of TREE_BRANCHES
+branches of 5 drafts over a context, the step `speculative.ngram_branches` makes): the ragged kernel as a chain would
+run it (`pallas`, causal) and with the tree's masks (`pallas tree`, against the xla path with the same masks), so the
+table shows what the masks cost.
+
 One more decode row reads a latent cache at DeepSeek-V3's heads under tensor parallelism 8 (MLA_HEADS: 16 q heads on
 one kv head whose K pages hold a 64-wide RoPE key and V pages a 512-wide latent; rows marked MLA), pallas vs xla.
 
@@ -50,6 +55,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import pallas_kernels  # noqa: E402
+from engine import speculative  # noqa: E402
 from pallas_kernels import kv_quant  # noqa: E402
 
 
@@ -151,6 +157,8 @@ def case_batch(key, kind: str, a: int, b: int, *, num_q_heads, num_kv_heads, hea
   ("prefill", chunk, cached prefix)."""
   if kind == "decode":
     name, q_lens, kv_lens = f"decode B={a} ctx={b}", [1] * a, [b] * a
+  elif kind == "verify":
+    name, q_lens, kv_lens = f"verify B={a} ctx={b} 1+15", [16] * a, [b] * a
   else:
     name, q_lens, kv_lens = f"prefill chunk={a} prefix={b}", [a], [a + b]
   if isinstance(head_dim, tuple):
@@ -198,6 +206,15 @@ MLA_DECODE_CASES = [(64, 8192)]
 # Not 64 x 32k: over 2 layers its int8 K array is exactly 4 GiB, which the Triton lowering indexes with 32-bit
 # offsets that wrap (ragged_kernel.check_offsets refuses it; on an H200 it was off by 0.45 before that check).
 INT8_DECODE_CASES = {(64, 8192), (8, 32768)}
+# Tree verification: (sequences, context); each verifies 1 + 15 rows, three branches of five drafts.
+VERIFY_CASES = [(1, 8192), (8, 8192)]
+TREE_BRANCHES = [[b] * 5 for b in range(3)]
+
+
+def tree_masks(num_seqs: int) -> jax.Array:
+  """[num_seqs * 16] int32: each sequence's rows' masks for TREE_BRANCHES (its root and 15 nodes)."""
+  masks = speculative.build_tree(TREE_BRANCHES, speculative.MAX_TREE_NODES).masks()
+  return jnp.asarray(np.tile(np.asarray(masks, np.int32), num_seqs))
 
 # Launch configurations swept by --tune (the first of each list is the default on Hopper; the prefill
 # kernel's elsewhere is (32, 64, 8, 2)).
@@ -353,12 +370,14 @@ def main(argv=None):
     num_q_heads, num_kv_heads, head_dim = 8, 2, 64
     decode_cases = [(1, 64), (4, 256)]
     prefill_cases = [(16, 0), (64, 64)]
+    verify_cases = [(2, 64)]
     mla_heads, mla_cases = (4, 1, (16, 32)), [(2, 64)]
     reps, inner = args.reps or 2, 1
   else:
     num_q_heads, num_kv_heads, head_dim = 32, 8, 128  # Llama-3-8B
     decode_cases = [(b, ctx) for b in (1, 8, 64) for ctx in (1024, 8192, 32768)]
     prefill_cases = [(chunk, prefix) for chunk in (512, 2048) for prefix in (0, 2048, 8192)]
+    verify_cases = VERIFY_CASES
     mla_heads, mla_cases = MLA_HEADS, MLA_DECODE_CASES
     reps, inner = args.reps or 7, None
   dtype = jnp.bfloat16
@@ -391,6 +410,7 @@ def main(argv=None):
   # The goals' shapes first, so a run cut short by gpu_check's time limit still has them; the latent cache's last.
   goals = [("decode", 64, 8192, heads), ("prefill", 2048, 8192, heads)]
   cases = [c for c in goals if c in cases] + [c for c in cases if c not in goals]
+  cases += [("verify", b, ctx, heads) for b, ctx in verify_cases]
   cases += [("decode", b, ctx, mla_heads) for b, ctx in mla_cases]
   for kind, a, b, (num_q_heads, num_kv_heads, head_dim) in cases:
     latent = isinstance(head_dim, tuple)
@@ -406,20 +426,26 @@ def main(argv=None):
                                         backend=pallas_backend, decode_only=kind == "decode"),
     }
     ref_out = runs["xla"](*call_args)
-    rows = [(backend, fn, call_args) for backend, fn in runs.items()]
+    rows = [(backend, fn, call_args, ref_out) for backend, fn in runs.items()]
     int8_row = kind == "decode" and not latent and (quick or (a, b) in INT8_DECODE_CASES)
     if int8_row:
       (k8, ks), (v8, vs) = (kv_quant.quantize(batch[n], jnp.int8) for n in ("k_all", "v_all"))
       int8_args = (*call_args[:1], k8, v8, *call_args[3:], ks, vs)
       rows.append(("pallas int8", lambda *a: attn(*a[:-3], layer=a[-3], k_scales=a[-2], v_scales=a[-1],
                                                   sm_scale=sm_scale, backend=pallas_backend,
-                                                  decode_only=True), int8_args))
+                                                  decode_only=True), int8_args, ref_out))
+    if kind == "verify":  # the same rows as a tree: masks in the kernel and in the reference
+      masks = tree_masks(a)
+      tree_ref = attn(*call_args[:-1], layer=call_args[-1], sm_scale=sm_scale, backend="xla", tree_masks=masks)
+      rows.append(("pallas tree", lambda *a: attn(*a[:-2], layer=a[-2], tree_masks=a[-1], sm_scale=sm_scale,
+                                                  backend=pallas_backend, decode_only=False),
+                   (*call_args, masks), tree_ref))
     if kind == "decode" and not latent and (fn := jax_paged_fn(batch, sm_scale=sm_scale, interpret=quick)):
       rows.append(("jax_paged", fn, (batch["q"], batch["k_pages"], batch["v_pages"],
-                                     batch["page_indices"], batch["kv_lens"])))
-    for backend, fn, fn_args in rows:
+                                     batch["page_indices"], batch["kv_lens"]), ref_out))
+    for backend, fn, fn_args, ref in rows:
       try:
-        err, seconds = measure(fn, fn_args, ref_out, reps=reps, inner=inner)
+        err, seconds = measure(fn, fn_args, ref, reps=reps, inner=inner)
       except Exception as e:  # noqa: BLE001 (report and go on with the other rows)
         print(f"{name:<26} {backend:<17} failed: {type(e).__name__}: {str(e)[:200]}")
         continue

@@ -1,19 +1,19 @@
 """Engine-level fuzzing: random configurations on tiny random models, outputs against a plain run.
 
 Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
-experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, a tiny
-Qwen3.5: Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite
-4.0-H: Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy, overlap, n-gram speculative decoding, a
-hybrid cache's window slots, a host tier and a disk tier (a second engine then starts on the first's files), and runs
-a shuffled subset of tests/test_engine.py's prompts (shared prefixes, identical prompts, whole-prompt hits,
-namespaces), some seeds with token rules (few allowed ids, bad words among them), with invariants checked every
-step (`debug_checks`). Some seeds also (`draw_features`) sample (seeded top-p) instead of decoding greedily, give the
-requests priorities (scheduler.policy priority), serve two LoRA adapters beside the base model, split the model
-over 2 CPU devices (tensor parallelism), speculate only in small decode batches, or put images in prompts (a tiny
-random vision tower in front of the model). Every engine must give the tokens
-of the same model run with the cache off, a big pool, serial steps and one device. The scheduler's own property test
-(tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too (buckets,
-page tables, copy-on-write, host and disk copies, window slots).
+experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, a tiny Qwen3.5:
+Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite 4.0-H:
+Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy,
+overlap, n-gram speculative decoding (chains and trees), a hybrid cache's window slots, a host tier and a disk tier
+(a second engine then starts on the first's files), and runs a shuffled subset of tests/test_engine.py's prompts
+(shared prefixes, identical prompts, whole-prompt hits, namespaces), some seeds with token rules (few allowed ids,
+bad words among them), with invariants checked every step (`debug_checks`). Some seeds also (`draw_features`) sample
+(seeded top-p) instead of decoding greedily, give the requests priorities (scheduler.policy priority), serve two LoRA
+adapters beside the base model, split the model over 2 CPU devices (tensor parallelism), speculate only in small
+decode batches, or put images in prompts (a tiny random vision tower in front of the model). Every engine must give
+the tokens of the same model run with the cache off, a big pool, serial steps and one device. The scheduler's own
+property test (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too
+(buckets, page tables, copy-on-write, host and disk copies, window slots).
 
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 200          # ~8 s a seed on 2 CPU cores
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 5 --backend pallas_interpret
@@ -238,7 +238,8 @@ def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> 
             fuzzed.update({"cache.host_num_pages": rng.choice([4, 16]),
                            "cache.host_state_snapshots": rng.choice([0, 1, 3])})
     if rng.random() < 0.3:
-        fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5])})
+        fuzzed.update({"speculative.method": "ngram", "speculative.num_tokens": rng.choice([1, 3, 5]),
+                       "speculative.ngram_branches": rng.choice([1, 1, 3])})  # 3: draft trees
     if model in ("gemma3", "gpt_oss") and rng.random() < 0.7:
         fuzzed["cache.window_pages"] = rng.choice([0, 6, 10, 20])
     if model in ("llama", "deepseek") and rng.random() < 0.3:

@@ -56,6 +56,16 @@ log = logging.getLogger(__name__)
 DISK_WAIT_S = 0.05  # an idle engine waits this long at most for prompt pages being read from disk, per step call
 
 
+def _branches(chunk, rows: list[int]) -> list[tuple[list[int], list[int]]]:
+    """(head rows, draft tokens) of each root-to-leaf path of a chunk's drafts (`rows`: its head rows, node order): a
+    path's rows[j] samples after its first j drafts. A chain is one path."""
+    if not chunk.draft_parents:
+        return [(rows, list(chunk.draft))]
+    tree = chunk.draft_tree
+    return [([rows[0]] + [rows[n] for n in tree.path(leaf)], [chunk.draft[n - 1] for n in tree.path(leaf)])
+            for leaf in tree.leaves()]
+
+
 def resolve_dtype(name: str):
     if name == "auto":
         return jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
@@ -501,13 +511,17 @@ class LLMEngine:
         head_rows = self.runner.head_rows(plan)
         constrained = [(c, rows) for c, rows in zip(plan.chunks, head_rows) if c.sample and c.seq.matcher is not None]
         plain = [(c.seq.matcher, rows[-1]) for c, rows in constrained if not c.draft]
-        drafts = [(c.seq.matcher, rows, list(c.draft)) for c, rows in constrained if c.draft]
+        # A draft tree's rows go branch by branch: each node's mask follows its own path (the shared nodes' come out
+        # alike); a branch past the first takes a copy of the matcher, as llguidance fills them all at once.
+        drafts = [(c.seq.matcher if i == 0 else c.seq.matcher.deep_copy(), branch_rows, draft)
+                  for c, rows in constrained if c.draft for i, (branch_rows, draft) in enumerate(_branches(c, rows))]
         num_rows = sum(map(len, head_rows))
         mask = (self.grammars.masks(plain, num_rows, drafts) if constrained
                 else np.full((num_rows, structured.mask_words(self.model_cfg.vocab_size)), -1, np.int32))
         for c, rows in zip(plan.chunks, head_rows):
             if c.sample and c.seq.token_rules is not None:
-                c.seq.token_rules.apply(mask, rows, c.seq.output_ids, c.draft)
+                for branch_rows, draft in _branches(c, rows):
+                    c.seq.token_rules.apply(mask, branch_rows, c.seq.output_ids, draft)
         return mask
 
     @staticmethod

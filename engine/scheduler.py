@@ -443,11 +443,9 @@ class Scheduler:
             if seq.ngram_index is None:
                 seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max,
                                                          self.spec.ngram_branches)
-            # Trees only where each node's row needs nothing but its own branch: chains under a grammar or token rules
-            # (their masks follow one chain of drafts), with linear attention layers (a state per draft position) and
-            # with images (their M-RoPE positions follow the chunk).
-            if self.spec.trees and seq.matcher is None and seq.token_rules is None and not (
-                    self.pages.has_states or seq.images):
+            # Chains with linear attention layers (a state per draft position) and with images (their M-RoPE
+            # positions follow the chunk).
+            if self.spec.trees and not (self.pages.has_states or seq.images):
                 draft = seq.ngram_index.propose_tree(
                     seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, speculative.MAX_TREE_NODES))
             else:
@@ -455,8 +453,9 @@ class Scheduler:
                 if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
                     chain = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, chain))
                 draft = speculative.DraftTree.chain(chain)
-        if draft and seq.matcher is not None and self.spec.method == "ngram":
-            draft = speculative.DraftTree.chain(draft.tokens[: structured.valid_prefix(seq.matcher, list(draft.tokens))])
+        if draft and seq.matcher is not None and self.spec.method == "ngram":  # each branch cut where the grammar stops
+            draft = speculative.build_tree([branch[: structured.valid_prefix(seq.matcher, branch)]
+                                            for branch in draft.branches()], len(draft))
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages += self.pages.alloc(need)

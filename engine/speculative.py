@@ -67,6 +67,14 @@ class DraftTree:
             node = self.parents[node - 1]
         return out[::-1]
 
+    def leaves(self) -> list[int]:
+        """The nodes no other node hangs from, in order (a chain's last; none for an empty tree)."""
+        return sorted(set(range(1, len(self.tokens) + 1)) - set(self.parents))
+
+    def branches(self) -> list[list[int]]:
+        """Each root-to-leaf path's tokens, in leaf order (`build_tree` of them is this tree)."""
+        return [[self.tokens[n - 1] for n in self.path(leaf)] for leaf in self.leaves()]
+
     def masks(self) -> list[int]:
         """Each node's attention mask over the nodes before it: bit b of node i's set when node i - 1 - b is not one
         of its ancestors (int32 values, node 0 first; 0 for a chain)."""

@@ -566,6 +566,7 @@ def test_incremental_ngram_trees_are_the_full_scans(seed):
         chain = speculative.propose_ngram(tokens, min(k, nodes), lo, hi)
         assert list(tree.tokens[: len(chain)]) == chain and tree.parents[: len(chain)] == tuple(range(len(chain)))
         assert len(tree) <= nodes and all(p <= j for j, p in enumerate(tree.parents))
+        assert speculative.build_tree(tree.branches(), nodes) == tree  # (a grammar cuts the branches one by one)
         for node, mask in enumerate(tree.masks()):
             ancestors = tree.path(node)[:-1] + [0]
             hidden = [node - 1 - b for b in range(32) if (mask >> b) & 1]

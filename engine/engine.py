@@ -183,7 +183,7 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model, mtp, eagle3)
         self.mtp = None  # models.mtp.MtpConfig (speculative.method: mtp) or models.eagle3.Eagle3Config (eagle3)
-        if config.speculative.method in ("draft_model", "mtp", "eagle3"):
+        if config.speculative.method in speculative.DRAFTERS:
             draft_model.check_supported(config, self.model_cfg)
         if config.speculative.method == "draft_model":
             self.draft = draft_model.load_draft(config, self.dtype, self.tokenizer, draft, self.mesh, progress)
@@ -492,9 +492,15 @@ class LLMEngine:
         """No step is in flight: pages the tree stored since the last one are written out now, and, when no step could
         run (`wait`), requests whose prompt pages are being read from disk are waited for (briefly: the caller's loop
         comes back)."""
-        self.runner.save_to_disk(self.scheduler.take_disk_saves(), self.scheduler.take_disk_states())
+        self._save_to_disk()
         if wait and (reads := self.scheduler.disk_reads()):
             concurrent.futures.wait(reads, timeout=DISK_WAIT_S, return_when=concurrent.futures.FIRST_COMPLETED)
+
+    def _save_to_disk(self) -> None:
+        """Writes out the pages the tree stored since the last step, with no step to carry them; the moves of accepted
+        draft-tree nodes that step would have made come first (a stored page may hold them)."""
+        self.runner.move_slots(self.scheduler.take_slot_moves())
+        self.runner.save_to_disk(self.scheduler.take_disk_saves(), self.scheduler.take_disk_states())
 
     @staticmethod
     def _needs_known_tokens(plan) -> bool:
@@ -716,7 +722,7 @@ class LLMEngine:
     def shutdown(self) -> None:
         """Writes out what the disk tier still lacks, and releases the followers of a multi-host replica."""
         if self.disk is not None:
-            self.runner.save_to_disk(self.scheduler.take_disk_saves(), self.scheduler.take_disk_states())
+            self._save_to_disk()
             self.disk.flush()
             if self._disk.states is not None:
                 self._disk.states.flush()
@@ -785,6 +791,7 @@ class LLMEngine:
             "disk_read_timeouts": s.stats.disk_read_timeouts,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
+            "spec_branch_tokens": s.stats.spec_branch_tokens,
             "window_pages_total": s.window.pool.num_pages if s.window is not None else 0,
             "window_pages_free": s.window.pool.num_free if s.window is not None else 0,
             "window_evicted_pages": s.stats.window_evicted_pages,

@@ -1,6 +1,8 @@
 """The copies of KV pages around a step, and the host side of the cache's tiers.
 
 Before a step's forward the runner hands its cache here (`apply`), in this order:
+  0. slot moves: the K/V of accepted draft-tree nodes off the tree's first branch, to their positions (before anything
+     reads pages the tree may have stored with them);
   1. disk saves: pages the tree stored, gathered and copied to the host asynchronously, for the disk tier's writer;
   2. host saves: pages the tree evicted, gathered and copied out to their host slots (engine.host_cache);
   3. host loads: host slots scattered into the pages of prompts that hit them;
@@ -20,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 
-COPY_FIELDS = ("copies", "host_saves", "host_loads", "disk_saves", "disk_loads")  # StepArrays' fields `pack` fills
+COPY_FIELDS = ("slot_moves", "copies", "host_saves", "host_loads", "disk_saves", "disk_loads")  # StepArrays' fields `pack` fills
 
 
 class PageCopies:
@@ -33,6 +35,7 @@ class PageCopies:
         disk tier's files of snapshots (engine.disk_cache.DiskCache, one state slot [Lg, 1, ...] per file)."""
         self.disk_states = disk_states
         self.num_pages = num_pages
+        self.page_size = kv_shapes[0][0][3]
         self.num_state_slots = num_state_slots
         self.layout = layout
         self.disk = disk  # engine.disk_cache.DiskCache, or None
@@ -52,6 +55,7 @@ class PageCopies:
         # fetch (with the layout key they were computed under: new weights make the pages of the old ones worthless).
         self._pending_disk: list[tuple[str | None, tuple[int, ...], tuple[jax.Array, ...]]] = []
         self._copy = jax.jit(_copy_pages, donate_argnums=0)
+        self._move = jax.jit(_move_slots, donate_argnums=0, static_argnames="page_size")
         self._gather = jax.jit(_gather_pages)
         self._scatter = jax.jit(_scatter_pages, donate_argnums=0)
         self._gather_entries = jax.jit(_gather_entries)
@@ -68,7 +72,8 @@ class PageCopies:
         else:
             copies = self._pack_pairs(self.layout.flat_pairs(plan.page_copies, plan.window_copies),
                                       fill=(0, self.layout.size))
-        return {"copies": copies,  # COPY_FIELDS
+        return {"slot_moves": self._pack_moves(plan.slot_moves),  # COPY_FIELDS
+                "copies": copies,
                 "host_saves": self._pack_pairs(plan.host_saves, fill=(0, -1)),  # padding: page 0 read, dropped on landing
                 "host_loads": self._pack_pairs(plan.host_loads, fill=(0, self.num_pages)),  # padding: out of range
                 "disk_saves": self._pack_disk_saves(plan.disk_saves),
@@ -105,6 +110,8 @@ class PageCopies:
     # ------------------------------------------------------------------------------ device side
     def apply(self, kv, step) -> tuple:
         """Dispatches a step's copies (its StepArrays) on the cache, in the module's order; returns the cache."""
+        if step.slot_moves is not None:
+            kv = self._move(kv, *self._to_device(step.slot_moves), page_size=self.page_size)
         if step.disk_saves is not None:  # before anything below can overwrite them (pages evicted since)
             self._dispatch_disk_saves(kv, *step.disk_saves)
         if step.host_saves is not None:  # before anything below can overwrite the evicted pages
@@ -126,6 +133,14 @@ class PageCopies:
             scatter = self._scatter if self.layout is None else self._scatter_entries
             kv = scatter(kv, *self._to_device(step.disk_loads))
         return kv
+
+    def move_slots(self, kv, moves: list[tuple[int, int]]) -> tuple:
+        """(src, dst) cache slots (page * page_size + offset) moved now, in every array, outside a step."""
+        packed = self._pack_moves(moves)
+        return kv if packed is None else self._move(kv, *self._to_device(packed), page_size=self.page_size)
+
+    def _pack_moves(self, moves: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray] | None:
+        return self._pack_pairs(moves, fill=(0, self.num_pages * self.page_size))  # padding: out of range, dropped
 
     def apply_states(self, states, step):
         """Dispatches a step's copies of recurrent states between the device and the host tier; returns the states.
@@ -283,3 +298,10 @@ def _scatter_states(states, loaded, slots):
 def _copy_pages(kv, src, dst):
     """Copies pages src[i] -> dst[i] in every cache array (out-of-range dst dropped)."""
     return tuple(a.at[:, :, dst].set(a[:, :, src], mode="drop") for a in kv)
+
+
+def _move_slots(kv, src, dst, *, page_size: int):
+    """Copies cache slots src[i] -> dst[i] (page * page_size + offset) in every cache array [L, Hkv, P, page_size, ...],
+    all read before any is written (out-of-range dst dropped)."""
+    return tuple(a.at[:, :, dst // page_size, dst % page_size].set(a[:, :, src // page_size, src % page_size], mode="drop")
+                 for a in kv)

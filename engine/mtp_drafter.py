@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from engine.config import W8A8, ConfigKeyError, EngineConfig
+from engine import draft_trees
 from engine.draft_model import DraftModel
 from engine.replica_weights import ReplicaWeights
 from engine.transfer import unpacked
@@ -117,15 +118,26 @@ class SampledRows:
 
     def record(self, chunks, head_rows: list[list[int]]) -> None:
         """A launched step's sampling chunks: (sequence, end position, head rows in position order)."""
-        self._rows = {id(c.seq): (c.seq, c.start + len(c.token_ids), rows)
+        self._rows = {id(c.seq): (c.seq, c.start + len(c.token_ids), rows, c.draft_parents and c.draft_tree)
                       for c, rows in zip(chunks, head_rows) if c.sample}
 
     def row(self, chunk) -> int:
         """The head row of the last step that sampled the token at `chunk.start` (the one before it was computed
-        there); -1 if that step did not (the sequence was not in it: no draft this time)."""
-        seq, end, rows = self._rows.get(id(chunk.seq), (None, 0, []))
+        there); -1 if that step did not (the sequence was not in it: no draft this time). After a draft tree, the row
+        of the node the accepted tokens lead to."""
+        seq, end, rows, tree = self._rows.get(id(chunk.seq), (None, 0, [], None))
         j = chunk.start - 1 - (end - len(rows))
-        return rows[j] if seq is chunk.seq and 0 <= j < len(rows) else -1
+        if seq is not chunk.seq or not 0 <= j < len(rows):
+            return -1
+        if tree:  # (its nodes' rows are in the tree's order)
+            node, root = 0, end - len(rows)
+            for token in seq.token_slice(root + 1, chunk.start):
+                node = next((n + 1 for n, (t, p) in enumerate(zip(tree.tokens, tree.parents)) if p == node and t == token),
+                            -1)
+                if node < 0:
+                    return -1
+            j = node
+        return rows[j]
 
 
 def _is_eagle(st) -> bool:
@@ -147,6 +159,14 @@ def _guesses(st, params, mtp_params, out) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
+def _top_guesses(st, params, mtp_params, out, k: int) -> tuple[jax.Array, jax.Array]:
+    """([N, k] log probabilities, [N, k] int32 tokens): the model's k tokens each output row finds likeliest."""
+    if _is_eagle(st):
+        logp, d = draft_trees.top_tokens(llama.compute_logits(mtp_params, st.mtp.layer, out), k)
+        return logp, d + mtp_params["d2t"][d]
+    return draft_trees.top_tokens(mtp.logits(params, mtp_params, st.mtp, out), k, st.cfg.vocab_size)
+
+
 def extend_impl(st, params, mtp_params, kv_caches, inputs, every_row, sampled, decode_only=None):
     """The MTP layer (or EAGLE-3 head) over a step's rows, each paired with the token after it (`inputs.next_tokens`,
     resolved against the step's `sampled` tokens by head row). `every_row`: the model's rows before its final norm,
@@ -166,15 +186,28 @@ def extend_impl(st, params, mtp_params, kv_caches, inputs, every_row, sampled, d
     return out, (*kv_caches[: st.num_model_kv], *layer_kv)
 
 
-def propose_impl(st, params, mtp_params, kv_caches, outputs, rows, starts, counts, pages):
+def propose_impl(st, params, mtp_params, kv_caches, outputs, rows, starts, counts, depths, pages):
     """`speculative.num_tokens` greedy guesses per drafting row j: the first from the layer's output at head row
     rows[j] of the last step, each next from one more run of the layer over (its last output, its last guess) at
     position starts[j] + round - 1. Rounds past a row's count write no K/V. Returns ([rows, num_tokens] int32,
-    caches)."""
+    caches). With `st.topk` > 1 a tree of at most depths[j] levels in counts[j] slots, each round over its beams
+    (engine.draft_trees): (candidates' (tokens, parents, scores), caches)."""
     n, ps, mcfg = rows.shape[0], st.page_size, st.mtp
     seq = jnp.arange(n, dtype=jnp.int32)
     # what a chained round reads of the last output: an EAGLE-3 head's as it is, an MTP layer's by its kind
     chained = (lambda out: out) if _is_eagle(st) else functools.partial(mtp.chained, params, mtp_params, mcfg)
+    if st.topk > 1:
+        def round_fn(tok, out, inputs, kv):
+            x, attn_in = _layer_inputs(st, params, mtp_params, tok, chained(out), inputs.positions)
+            out, layer_kv = llama.forward(mtp_params, mcfg.layer, kv[st.num_model_kv :], inputs,
+                                          attn_backend=st.backend, mesh=st.mesh,
+                                          decode_only=st.backend != "xla" or None, embeds=x, attn_in=attn_in)
+            return _top_guesses(st, params, mtp_params, out, st.topk), out, (*kv[: st.num_model_kv], *layer_kv)
+
+        out = outputs[rows]
+        return draft_trees.tree_rounds(_top_guesses(st, params, mtp_params, out, st.topk), round_fn, out,
+                                       tuple(kv_caches), topk=st.topk, num_levels=st.num_draft, base=starts,
+                                       counts=counts, depths=depths, pages=pages, page_size=ps)
 
     def one(i, carry):
         tok, out, drafts, kv = carry

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from engine import mtp_drafter, multimodal, sampler
+from engine import draft_trees, mtp_drafter, multimodal, sampler, speculative
 from engine.config import EngineConfig
 from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
@@ -141,6 +141,7 @@ class StepStatics:
     # models.mtp.MtpConfig of an MTP drafter (speculative.method: mtp), or models.eagle3.Eagle3Config of an EAGLE-3 head
     # (eagle3); its weights are draft_params
     mtp: Any = None
+    topk: int = 1  # a drafter's tree (speculative.topk > 1; engine.draft_trees): the paths each round keeps
 
 
 def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
@@ -168,13 +169,16 @@ def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs,
     return hidden, every_row, (aux[0] if aux else None), (*own, *drafts), (rest[0] if rest else None)
 
 
-def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, pages):
+def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, depths, pages):
     """`speculative.num_tokens` greedy tokens per row from the draft model: row j feeds tokens[j] at position
     starts[j] + i in round i and takes the argmax as the next round's token. Rounds past a row's count write no
-    K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches)."""
+    K/V (its pages may end there) and their tokens are dropped. Returns ([rows, num_tokens] int32, caches).
+    With `st.topk` > 1 a tree of at most depths[j] levels in counts[j] slots (`_propose_tree`)."""
     rows, ps = tokens.shape[0], st.page_size
     seq = jnp.arange(rows, dtype=jnp.int32)
     vocab = min(st.cfg.vocab_size, st.draft_cfg.vocab_size)  # a draft's table may be padded past the model's
+    if st.topk > 1:
+        return _propose_tree(st, draft_params, kv_caches, tokens, starts, counts, depths, pages, vocab)
 
     def one(i, carry):
         tok, drafts, kv = carry
@@ -192,6 +196,34 @@ def _propose_impl(st: StepStatics, draft_params, kv_caches, tokens, starts, coun
     init = (tokens, jnp.zeros((rows, st.num_draft), jnp.int32), tuple(kv_caches))
     _, drafts, kv_caches = jax.lax.fori_loop(0, st.num_draft, one, init)
     return drafts, kv_caches
+
+
+def _propose_tree(st: StepStatics, draft_params, kv_caches, tokens, starts, counts, depths, pages, vocab):
+    """The draft model's tree (engine.draft_trees): the real last token tokens[j] at starts[j] gives the first level;
+    each round runs the draft over the beams at the positions after it. Returns (candidates' (tokens, parents,
+    scores), caches)."""
+    rows, ps = tokens.shape[0], st.page_size
+    seq = jnp.arange(rows, dtype=jnp.int32)
+
+    def forward(inputs, kv):
+        hidden, drafts_kv = llama.forward(draft_params, st.draft_cfg, kv[st.num_model_kv :], inputs,
+                                          attn_backend=st.backend, decode_only=st.backend != "xla" or None)
+        top = draft_trees.top_tokens(llama.compute_logits(draft_params, st.draft_cfg, hidden), st.topk, vocab)
+        return top, (*kv[: st.num_model_kv], *drafts_kv)
+
+    slots = jnp.where(counts > 0, pages[seq, starts // ps] * ps + starts % ps, -1)
+    first, kv_caches = forward(llama.ModelInputs(
+        tokens=tokens, positions=starts, slot_mapping=slots, kv_lens=starts + 1, page_indices=pages,
+        cu_q_lens=jnp.arange(rows + 1, dtype=jnp.int32), num_seqs=jnp.full((1,), rows, jnp.int32), logits_indices=seq,
+        tree_masks=jnp.zeros(rows, jnp.int32)), tuple(kv_caches))
+
+    def round_fn(tok, state, inputs, kv):  # (the draft reads its own K/V of the tokens before: no state)
+        top, kv = forward(inputs, kv)
+        return top, state, kv
+
+    return draft_trees.tree_rounds(first, round_fn, jnp.zeros((rows, 1), jnp.float32), kv_caches, topk=st.topk,
+                                   num_levels=st.num_draft, base=starts + 1, counts=counts, depths=depths, pages=pages,
+                                   page_size=ps)
 
 
 def _prompt_head_impl(st: StepStatics, params, every_row, targets, *, num_top):
@@ -338,7 +370,8 @@ class ModelRunner:
         self._copy_states = jax.jit(_copy_states, donate_argnums=0)
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
-                                   self.max_seqs, self.page_size, config.speculative.num_tokens, self.max_rows, mtp)
+                                   self.max_seqs, self.page_size, config.speculative.num_tokens, self.max_rows, mtp,
+                                   config.speculative.topk if self.trees else 1)
         programs = step_programs(self.statics)
         self._forward = programs.forward
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first
@@ -393,9 +426,10 @@ class ModelRunner:
                 rows, pages = np.zeros(n, np.int32), np.zeros((n, self.max_pages_per_seq), np.int32)
                 if self.mtp is not None:
                     _, self.kv = self._mtp_propose(self.params, self.draft_params, self.kv, self._mtp_outputs,
-                                                   *self._to_device((rows, rows, rows, pages)))
+                                                   *self._to_device((rows, rows, rows, rows, pages)))
                 else:
-                    _, self.kv = self._propose(self.draft_params, self.kv, *self._to_device((rows, rows, rows, pages)))
+                    _, self.kv = self._propose(self.draft_params, self.kv,
+                                               *self._to_device((rows, rows, rows, rows, pages)))
             else:
                 self._compile_head(n, *arg)
 
@@ -690,38 +724,47 @@ class ModelRunner:
         """A step's model inputs on the device as the forward takes them (`engine.transfer.Packed`)."""
         return self._to_device(Packed.of(inputs))
 
-    def propose(self, plan: StepPlan) -> list[list[int]]:
+    def propose(self, plan: StepPlan) -> list[speculative.DraftTree]:
         """Draft tokens of every chunk with draft slots (`Chunk.draft`: how many), the draft model's greedy
-        continuation of its last token, one token per round of the draft on the device (`_propose_impl`); [] for the
-        other chunks. Reads the draft's K/V of the tokens before (the steps wrote it) and writes it for the tokens it
+        continuation of its last token, one token per round of the draft on the device (`_propose_impl`); with
+        `speculative.topk` > 1 a tree of at most as many nodes, as deep as the slots' tree (engine.draft_trees);
+        empty for the other chunks. Reads the draft's K/V of the tokens before (the steps wrote it) and writes it for the tokens it
         feeds (the step that verifies them writes it again). The plan's page copies are applied first (its launch
         then skips them: `launch(copied=True)`): a page a draft writes to may be one the plan evicts, whose saves to
         the host and disk tiers must read it before."""
         self.kv = self.copies.apply(self.kv, types.SimpleNamespace(**self.copies.pack(plan)))
         wanted = [i for i, c in enumerate(plan.chunks) if c.draft]
-        out = [[] for _ in plan.chunks]
+        out = [speculative.DraftTree.chain() for _ in plan.chunks]
         if not wanted or (self.mtp is not None and self._mtp_outputs is None):
             return out
         rows = bucket_for(len(wanted), self.draft_buckets)
-        tokens, starts, counts = (np.zeros(rows, np.int32) for _ in range(3))
+        tokens, starts, counts, depths = (np.zeros(rows, np.int32) for _ in range(4))
         pages = np.zeros((rows, self.max_pages_per_seq), np.int32)
         for j, i in enumerate(wanted):
             c = plan.chunks[i]
-            tokens[j], starts[j], counts[j] = c.token_ids[0], c.start, len(c.draft)
+            tokens[j], starts[j], counts[j], depths[j] = c.token_ids[0], c.start, len(c.draft), c.draft_tree.height
             if self.mtp is not None:  # MTP: the head row whose layer output the first draft is guessed from
                 row = self._mtp_rows.row(c)
                 tokens[j], counts[j] = max(row, 0), counts[j] if row >= 0 else 0
             pages[j, : len(c.pages)] = c.pages
+        args = self._to_device((tokens, starts, counts, depths, pages))
         if self.mtp is not None:
-            drafts, self.kv = self._mtp_propose(self.params, self.draft_params, self.kv, self._mtp_outputs,
-                                                *self._to_device((tokens, starts, counts, pages)))
+            drafts, self.kv = self._mtp_propose(self.params, self.draft_params, self.kv, self._mtp_outputs, *args)
         else:
-            drafts, self.kv = self._propose(self.draft_params, self.kv,
-                                            *self._to_device((tokens, starts, counts, pages)))
+            drafts, self.kv = self._propose(self.draft_params, self.kv, *args)
+        if self.statics.topk > 1:
+            cand_tokens, parents, scores = (np.asarray(a) for a in drafts)
+            for j, i in enumerate(wanted):
+                out[i] = draft_trees.select_tree(cand_tokens[j], parents[j], scores[j], int(counts[j]))
+            return out
         drafts = np.asarray(drafts)
         for j, i in enumerate(wanted):
-            out[i] = drafts[j, : counts[j]].tolist()
+            out[i] = speculative.DraftTree.chain(drafts[j, : counts[j]].tolist())
         return out
+
+    def move_slots(self, moves: list[tuple[int, int]]) -> None:
+        """(src, dst) cache slots moved now, with no step to carry them (StepPlan.slot_moves)."""
+        self.kv = self.copies.move_slots(self.kv, moves)
 
     def save_to_disk(self, saves: list[tuple[int, int, int]], state_saves: list[tuple[int, int]] = ()) -> None:
         """Writes (page, window slot, block hash) pages, and (snapshot slot, block hash) snapshots of recurrent states,
@@ -756,6 +799,7 @@ class StepArrays:
     use_mask: bool = False
     prompt_targets: np.ndarray | None = None  # [T] int32: the token whose logprob row r gives, -1 for none
     prompt_top: int = 0
+    slot_moves: tuple[np.ndarray, np.ndarray] | None = None  # (src, dst) cache slots: accepted draft-tree nodes, first
     host_saves: tuple[np.ndarray, np.ndarray] | None = None  # (pages, host slots; -1 pads): evicted pages to host
     host_loads: tuple[np.ndarray, np.ndarray] | None = None  # (host slots, pages; out-of-range pads): hits to device
     # (pages, or a hybrid cache's [L, n] entries, padded; their block hashes): to the disk tier

@@ -64,6 +64,9 @@ class StepPlan:
     page_copies: list[tuple[int, int]]  # (src, dst): copy-on-write of a shared last page before the step
     num_decode_tokens: int  # decodes' tokens, drafts included
     num_prefill_tokens: int
+    # (src, dst) cache slots (page * page_size + offset) moved first of all: the K/V of accepted draft-tree nodes off
+    # the tree's first branch, to their positions (Scheduler.resolve)
+    slot_moves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
     # Host tier (engine.host_cache), before the step, in this order: (page, slot) evicted pages copied to host slots,
     # then (slot, page) host slots copied into the pages of admitted prompts that hit them.
     host_saves: list[tuple[int, int]] = dataclasses.field(default_factory=list)
@@ -109,6 +112,7 @@ class SchedulerStats:
     disk_read_timeouts: int = 0  # prompts that stopped waiting for their disk read (cache.disk_read_timeout_s)
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_branch_tokens: int = 0  # ... off a draft tree's first branch (a chain would have lost them)
     window_evicted_pages: int = 0  # hybrid cache: window slots the tree gave up (the pages' full K/V stays)
     window_recomputed_tokens: int = 0  # cached prompt tokens recomputed because their window had been evicted
 
@@ -140,6 +144,8 @@ class Scheduler:
         # part, with its drafting row in that step, for the engine to put its state back (`ModelRunner.rollback_states`)
         # before the next step: (drafting row, state slot, tokens kept)
         self.state_rollbacks: list[tuple[int, int, int]] = []
+        # (src, dst) cache slots of accepted draft-tree nodes to move before the cache is read again (StepPlan.slot_moves)
+        self.slot_moves: list[tuple[int, int]] = []
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
                                    num_state_slots, num_snapshots, num_host_states, disk_states)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
@@ -255,7 +261,7 @@ class Scheduler:
         state_saves, state_loads = self.tiers.take_host_states()
         state_disk_saves, state_disk_loads = self.tiers.take_disk_states()
         return StepPlan(chunks=chunks, page_copies=copies, num_decode_tokens=num_decode, num_prefill_tokens=num_prefill,
-                        host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
+                        slot_moves=self.take_slot_moves(), host_saves=self.tiers.take_host_saves(), host_loads=loads, window_copies=window_copies,
                         disk_saves=self.tiers.take_disk_saves(), disk_loads=disk_loads, state_copies=state_copies,
                         state_saves=state_saves, state_loads=state_loads, state_disk_saves=state_disk_saves,
                         state_disk_loads=state_disk_loads)
@@ -437,8 +443,13 @@ class Scheduler:
         )
         if min(depth, room) <= 0:
             return none
-        if self.spec.method in ("draft_model", "mtp", "eagle3"):  # slots a drafter fills before the step (draft_model.py)
-            draft = speculative.DraftTree.chain([0] * min(depth, room))
+        if self.spec.method in speculative.DRAFTERS:  # slots a drafter fills before the step (draft_model.py)
+            if seq.spec_redo:
+                return none  # (its layers' K/V of the tokens it computes again are not where a drafter reads them)
+            if self.spec.trees and not (self.pages.has_states or seq.images):  # a tree of its likeliest tokens
+                draft = speculative.DraftTree.slots(min(depth, room), min(room, self.spec.draft_nodes))
+            else:
+                draft = speculative.DraftTree.chain([0] * min(depth, room))
         else:
             if seq.ngram_index is None:
                 seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max,
@@ -454,8 +465,7 @@ class Scheduler:
                     chain = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, chain))
                 draft = speculative.DraftTree.chain(chain)
         if draft and seq.matcher is not None and self.spec.method == "ngram":  # each branch cut where the grammar stops
-            draft = speculative.build_tree([branch[: structured.valid_prefix(seq.matcher, branch)]
-                                            for branch in draft.branches()], len(draft))
+            draft = structured.valid_tree(seq.matcher, draft)
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages += self.pages.alloc(need)
@@ -577,15 +587,22 @@ class Scheduler:
             seq.spec_misses = 0 if keep else seq.spec_misses + 1
             seq.spec_pause = speculative.pause_after(seq.spec_misses)
             in_place = True
+            root = chunk.start + len(chunk.token_ids) - len(chunk.draft) - 1  # the real last token's position
             for depth, node in enumerate(path, 1):
-                # An accepted draft token holds valid K/V where it was computed at its own position: along the tree's
-                # first branch (a chain's every token). A node of another branch sits past its position; it and the
-                # tokens after it are computed again, in place, at the start of the sequence's next step.
-                in_place = in_place and node == depth
+                # An accepted draft token holds valid K/V where it was computed: at its own position along the tree's
+                # first branch (a chain's every token); a node of another branch sits past its position, and its K/V
+                # (every layer's, a drafter's too) moves there before anything reads the cache again (`slot_moves`).
+                # A hybrid cache's windowed layers keep their entries elsewhere: there it and the tokens after it are
+                # computed again, in place, at the start of the sequence's next step.
+                if node != depth and self.pages.window is None:
+                    self.slot_moves.append((self._slot(seq, root + node), self._slot(seq, root + depth)))
+                else:
+                    in_place = in_place and node == depth
                 seq.num_computed += in_place
                 seq.spec_redo = seq.spec_redo or not in_place
                 seq.output_ids.append(tokens[node])
                 self.stats.spec_accepted_tokens += 1
+                self.stats.spec_branch_tokens += node != depth
                 if self._end_at_stop_token(seq) or self._end_at_length_limit(seq):
                     break
         return got_token
@@ -611,6 +628,16 @@ class Scheduler:
             seq.stop_reason = token
             return True
         return not seq.params.ignore_eos and token in self.eos_ids
+
+    def _slot(self, seq: Sequence, position: int) -> int:
+        """The cache slot (page * page_size + offset) of `seq`'s token at `position`."""
+        return seq.pages[position // self.page_size] * self.page_size + position % self.page_size
+
+    def take_slot_moves(self) -> list[tuple[int, int]]:
+        """The (src, dst) slot moves of accepted draft-tree branches not yet carried by a plan (the engine does them
+        itself when no step follows: `LLMEngine._disk_idle`)."""
+        moves, self.slot_moves = self.slot_moves, []
+        return moves
 
     def finish(self, seq: Sequence, reason: str) -> None:
         """Ends a sequence: its full pages stay cached, its own references go. A stop token that arrives for

@@ -29,6 +29,8 @@ import numpy as np
 # Most draft nodes of one tree: a row's mask (`tree_masks`) has one bit per position it may skip before it
 # (SpeculativeConfig.draft_nodes bounds the head rows with it).
 MAX_TREE_NODES = 32
+# The methods whose drafts a model computes on the device before the step, into slots the scheduler reserves
+DRAFTERS = ("draft_model", "mtp", "eagle3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,12 +47,23 @@ class DraftTree:
     def chain(tokens: Seq[int] = ()) -> "DraftTree":
         return DraftTree(tuple(tokens), tuple(range(len(tokens))))
 
+    @staticmethod
+    def slots(levels: int, nodes: int) -> "DraftTree":
+        """Slots a drafter fills before the step (engine.draft_trees): `nodes` tokens, `levels` deep at most (its
+        `height`); their tokens are placeholders."""
+        return DraftTree((0,) * nodes, tuple(range(levels)) + (0,) * (nodes - levels))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
     @property
     def is_chain(self) -> bool:
         return all(p == j for j, p in enumerate(self.parents))
+
+    @property
+    def height(self) -> int:
+        """The deepest node's depth (0 for an empty tree)."""
+        return max(map(self.depth, range(len(self.tokens) + 1)))
 
     def depth(self, node: int) -> int:
         """Edges from the root to `node` (0 for the root)."""

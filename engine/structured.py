@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from engine import speculative
 from engine.request import RequestError, StructuredOutput
 from models.tokenizer import Tokenizer
 
@@ -93,6 +94,11 @@ class Grammars:
 def valid_prefix(matcher, tokens: list[int]) -> int:
     """How many of `tokens` the grammar accepts in a row from the matcher's state (the matcher does not move)."""
     return matcher.validate_tokens(tokens)
+
+
+def valid_tree(matcher, tree: speculative.DraftTree) -> speculative.DraftTree:
+    """A draft tree with each branch cut where the grammar stops accepting it (the matcher does not move)."""
+    return speculative.build_tree([branch[: valid_prefix(matcher, branch)] for branch in tree.branches()], len(tree))
 
 
 def advance(matcher, token: int) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import jax
+import numpy as np
 import pytest
 
 from engine.config import ConfigKeyError, EngineConfig
@@ -98,7 +99,8 @@ def test_every_sampling_mode_is_unchanged(tiny_model, tokenizer):
 
 @pytest.fixture
 def proposed(monkeypatch) -> list[tuple[list[int], list[int]]]:
-    """(the sequence's tokens, its drafts) of every chunk the runner proposes drafts for, from now on."""
+    """(the sequence's tokens, its drafts: a chain's tokens, or a DraftTree) of every chunk the runner proposes drafts
+    for, from now on."""
     from engine.runner import ModelRunner
 
     out = []
@@ -106,7 +108,7 @@ def proposed(monkeypatch) -> list[tuple[list[int], list[int]]]:
 
     def recording(runner, plan):
         drafts = propose(runner, plan)
-        out.extend((list(c.seq.all_ids), d) for c, d in zip(plan.chunks, drafts) if d)
+        out.extend((list(c.seq.all_ids), list(d.tokens) if d.is_chain else d) for c, d in zip(plan.chunks, drafts) if d)
         return drafts
 
     monkeypatch.setattr(ModelRunner, "propose", recording)
@@ -127,6 +129,54 @@ def test_drafts_are_the_draft_models_greedy_continuations(tiny_model, draft, tok
         for _ in drafted:
             ids.append(int(dense_logits(params, cfg, ids)[-1].argmax()))
         assert ids[len(tokens):] == drafted
+
+
+def test_draft_trees_are_the_draft_models_top_k_trees(tiny_model, draft, tokenizer, proposed):
+    """speculative.topk: every tree the runner proposes is the one `draft_trees.reference_tree` builds path by path
+    from the draft model's dense forward over the sequence and the path (no cache), prefix hits, copy-on-write and
+    preemptions included; outputs are plain decoding's."""
+    from engine import draft_trees, speculative
+
+    prompts = _prompts(tokenizer, random.Random(15))
+    prompts = prompts[::-1] + prompts
+    params = [SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)] * len(prompts)
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
+    tree = {**DRAFT, "speculative.topk": 2, "cache.num_pages": 16}
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **tree}), tiny_model, draft, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["cached_prompt_tokens"] > 0
+    trees = [(tokens, t) for tokens, t in proposed if isinstance(t, speculative.DraftTree)]
+    assert len(trees) > 40 and max(len(t) for _, t in trees) == 6  # num_tokens 3 x topk 2
+    cfg, weights = draft
+    weights = jax.device_put(weights)
+
+    def next_tokens(ids):
+        logits = dense_logits(weights, cfg, ids)[-1].astype(np.float64)
+        return logits - np.log(np.exp(logits - logits.max()).sum()) - logits.max(), np.arange(len(logits))
+
+    for tokens, drafted in random.Random(0).sample(trees, 12):
+        want = draft_trees.reference_tree(lambda path: next_tokens(list(tokens) + path), 2, drafted.height, len(drafted))
+        assert drafted == want, (tokens, drafted, want)
+
+
+def test_draft_trees_hold_what_top_k_sampling_draws(tiny_model, tokenizer):
+    """The model as its own draft with speculative.topk = 3, requests sampling from their 3 likeliest tokens: the
+    tree holds each step's draws on its first levels, the second and third likeliest ones off its first branch (their
+    K/V moved to their positions, never computed again), so most steps keep several tokens; outputs are plain
+    decoding's (seeded)."""
+    prompts = _prompts(tokenizer, random.Random(16))[:12]
+    params = [SamplingParams(temperature=1.0, top_k=3, seed=i, max_tokens=16, ignore_eos=True)
+              for i in range(len(prompts))]
+    plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
+    tree = {**DRAFT, "speculative.topk": 3, "cache.num_pages": 64}
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **tree}), tiny_model, tiny_model[:2], prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["spec_branch_tokens"] > 0.2 * stats["spec_accepted_tokens"] > 0
+    chain, chain_stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64}), tiny_model,
+                              tiny_model[:2], prompts, params)
+    assert chain_stats["spec_accepted_tokens"] < 0.8 * stats["spec_accepted_tokens"]
 
 
 def test_structured_outputs_with_a_draft_model(tiny_model, draft, tokenizer):

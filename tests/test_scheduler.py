@@ -92,7 +92,11 @@ class FakeRunner:
         return self.prev[-1 - t] if t < 0 else t
 
     def run(self, plan):
-        for page, slot, h in plan.disk_saves:  # as the runner: saves, host loads, copies, disk loads, the step
+        # as the runner: slot moves (all read before any is written), saves, host loads, copies, disk loads, the step
+        moved = [self.store[src // self.ps][src % self.ps] for src, _ in plan.slot_moves]
+        for (_, dst), token in zip(plan.slot_moves, moved):
+            self.store[dst // self.ps][dst % self.ps] = token
+        for page, slot, h in plan.disk_saves:
             self.disk.files[h] = (list(self.store[page]), list(self.window_store[slot]) if slot >= 0 else None)
         for page, slot in plan.host_saves:
             self.host[slot] = list(self.store[page])
@@ -527,25 +531,34 @@ def test_speculative_decoding_never_changes_outputs():
 def test_draft_trees_keep_the_branch_the_model_takes():
     """A draft tree holds the continuations after several earlier occurrences of the suffix, one per next token; the
     step keeps the branch the model samples, where a chain (the latest occurrence alone) is rejected at its first
-    token. Tokens of a branch other than the first were computed past their positions: they are computed again in
-    place by the next step, never read where they stand (the fake runner checks every position a step reads)."""
+    token. Tokens of a branch other than the first were computed past their positions: their K/V moves there before
+    the next step (`slot_moves`), which goes on after them; with a hybrid cache's windowed layers they are computed
+    again in place instead (the fake runner checks every position a step reads)."""
     model = lambda ids: {1: 2, 2: 3, 3: 9, 9: 8, 8: 5, 5: 1}.get(ids[-1], 0)  # noqa: E731
     prompt = [1, 2, 3, 9, 8, 5, 1, 2, 3, 7, 4, 5, 1, 2]  # the latest "1 2 3" goes on with 7, the one before with 9
     outs, stats = {}, {}
-    for name, branches in (("plain", 0), ("chain", 1), ("tree", 3)):
+    for name, branches in (("plain", 0), ("chain", 1), ("tree", 3), ("hybrid", 3)):
         spec = SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3, ngram_branches=max(branches, 1))
-        sched, runner = make(num_pages=64, spec=spec if branches else SpeculativeConfig(), model=model)
+        hybrid = {"window": 8, "window_pages": 32} if name == "hybrid" else {}
+        sched, runner = make(num_pages=64, spec=spec if branches else SpeculativeConfig(), model=model, **hybrid)
         plans = []
         outs[name] = run_all(sched, runner, [seq("a", prompt, max_tokens=21)], on_plan=plans.append)
         stats[name] = (sched.stats.spec_draft_tokens, sched.stats.spec_accepted_tokens, len(plans))
         first = next((c for p in plans for c in p.chunks if c.draft), None)
         if name == "chain":  # the latest occurrence's continuation, wrong at its first token
             assert first.draft == (7, 4, 5, 1) and not first.draft_parents
-        if name == "tree":  # both continuations; the second is taken whole
+        if name in ("tree", "hybrid"):  # both continuations; the second is taken whole
             assert first.draft == (7, 4, 5, 1, 9, 8, 5, 1) and first.draft_parents == (0, 1, 2, 3, 0, 5, 6, 7)
             assert speculative.accepted_path(first.draft_tree, [9, 0, 0, 0, 0, 8, 5, 1, 2]) == [5, 6, 7, 8]
-            assert plans[2].chunks[0].token_ids[:5] == [9, 8, 5, 1, 2]  # computed again in place, with drafts after
-    assert outs["tree"] == outs["chain"] == outs["plain"]
+            root = first.start  # the real token's position; the branch's nodes are 5..8 after it
+            pages = first.pages
+            slot = lambda pos: pages[pos // 4] * 4 + pos % 4  # noqa: E731
+            if name == "tree":  # moved to their positions, the next step goes on after them
+                assert plans[2].slot_moves == [(slot(root + n + 5), slot(root + n + 1)) for n in range(4)]
+                assert plans[2].chunks[0].start == root + 5 and plans[2].chunks[0].token_ids[0] == 2
+            else:  # computed again in place, with drafts after
+                assert not plans[2].slot_moves and plans[2].chunks[0].token_ids[:5] == [9, 8, 5, 1, 2]
+    assert outs["tree"] == outs["hybrid"] == outs["chain"] == outs["plain"]
     assert stats["tree"][2] < stats["chain"][2]  # steps: 5 against 6 (plain decoding: 21)
 
 

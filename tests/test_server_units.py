@@ -199,7 +199,8 @@ class _FakeEngine:
         return {"num_waiting": 0, "waiting_tokens": 0, "num_running": len(self.live), "pages_total": 10, "pages_free": 10 - len(self.live),
                 "pages_tree": 0, "pages_held_by_requests": len(self.live), "num_preemptions": 0,
                 "num_evicted_pages": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "num_steps": 0,
-                "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "host_pages_total": 0, "host_pages_used": 0,
+                "spec_draft_tokens": 0, "spec_accepted_tokens": 0, "spec_branch_tokens": 0, "host_pages_total": 0,
+                "host_pages_used": 0,
                 "host_hit_tokens": 0, "host_saved_pages": 0, "disk_pages": 0, "disk_hit_tokens": 0,
                 "disk_saved_pages": 0, "disk_read_timeouts": 0, "window_pages_total": 0, "window_pages_free": 0,
                 "window_evicted_pages": 0, "window_recomputed_tokens": 0, "weights_source": "fake"}

@@ -91,6 +91,30 @@ def _dense_drafts(model, head_model, ids: list[int], k: int) -> list[int]:
     return out
 
 
+def _dense_next(model, head_model, ids: list[int]):
+    """-> next_tokens(path): the head's (log probabilities, tokens) over its draft vocabulary after `ids` and `path`,
+    from scratch (`_dense_drafts` with the path's tokens in place of its guesses), for `draft_trees.reference_tree`."""
+    cfg, params, _ = model
+    ecfg, head = head_model
+    captured = list(eagle3.hidden_rows(head, _captured(params, cfg, ids, ecfg.aux_layers))[:-1])
+    run = jax.jit(eagle3.forward_dense, static_argnums=2)
+    d2t = np.asarray(head["d2t"])
+
+    def next_tokens(path):
+        hidden, tokens = list(captured), list(ids[1:])
+        for token in [None, *path]:
+            if token is not None:
+                hidden.append(last[0])
+                tokens.append(token)
+            n = len(tokens)
+            last = run(params, head, ecfg, pad_rows(jnp.asarray(tokens)), pad_rows(jnp.stack(hidden)))[n - 1 : n]
+        logits = np.asarray(llama.compute_logits(head, ecfg.layer, last)[0], np.float64)
+        logits -= logits.max()
+        return logits - np.log(np.exp(logits).sum()), np.arange(len(logits)) + d2t
+
+    return next_tokens
+
+
 def test_captured_rows_are_the_layers_inputs(random_head):
     """Layer j's captured row is the decoder's output after its first j layers alone (0: the embedding), in the
     order asked, repeats included."""
@@ -161,6 +185,32 @@ def test_a_head_that_guesses_right_is_always_accepted(bigram, tokenizer):
 
 def test_drafts_are_the_heads_greedy_guesses(random_head, tokenizer, proposed):
     drafts_are_from_scratch(EAGLE, *random_head, _dense_drafts, tokenizer, proposed, seed=32)
+
+
+def test_tree_drafts_are_the_heads_top_k_trees(bigram, tokenizer, proposed):
+    """speculative.topk = 3 with the right-guessing head, requests sampling from their 3 likeliest tokens: the draws
+    off the tree's first branch are kept (their K/V moved), and every tree is `draft_trees.reference_tree` of the
+    head's rounds from scratch, those after such a step too (the head's next round reads the row of the node the
+    draws led to); outputs are plain decoding's (seeded)."""
+    from engine import draft_trees, speculative
+
+    model, head = bigram
+    prompts = _prompts(tokenizer, random.Random(35))[:16]
+    params = [SamplingParams(temperature=1.0, top_k=3, seed=i, max_tokens=12, ignore_eos=True)
+              for i in range(len(prompts))]
+    config = EngineConfig().replace(**{**SMALL, **EAGLE, "speculative.topk": 3, "cache.num_pages": 16,
+                                       "cache.host_num_pages": 48})
+    plain, _ = _run(config.replace(**{"speculative.method": "none", "speculative.topk": 1}), model, None, prompts,
+                    params)
+    spec, stats = _run(config, model, head, prompts, params)
+    for a, b in zip(plain, spec):
+        _same(a, b)
+    assert stats["num_preemptions"] > 0 and stats["spec_branch_tokens"] > 0.2 * stats["spec_accepted_tokens"] > 0
+    trees = [(tokens, t) for tokens, t in proposed if isinstance(t, speculative.DraftTree)]
+    assert len(trees) > 30
+    for tokens, drafted in random.Random(0).sample(trees, 10):
+        want = draft_trees.reference_tree(_dense_next(model, head, tokens), 3, drafted.height, len(drafted))
+        assert drafted == want, (tokens, drafted, want)
 
 
 @pytest.mark.parametrize("which", ["bigram", "random_head"])

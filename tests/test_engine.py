@@ -516,6 +516,16 @@ def test_config_file_overrides_and_errors(tmp_path):
     spec = load_config(None, ["speculative.method=ngram", "speculative.ngram_branches=3", "speculative.num_tokens=5"])
     assert spec.speculative.trees and spec.speculative.draft_nodes == 15
     assert load_config(None, ["speculative.method=ngram", "speculative.ngram_branches=9"]).speculative.draft_nodes == 32
+    with pytest.raises(ConfigKeyError, match="speculative.topk=2 drafts trees of a drafter's likeliest tokens: it needs "
+                                             "speculative.method draft_model, mtp or eagle3 \\(got 'ngram'\\)"):
+        load_config(None, ["speculative.method=ngram", "speculative.topk=2"])
+    with pytest.raises(ConfigKeyError, match=r"speculative.topk=4 with num_tokens=10: a tree's rounds hold \(num_tokens - 1\) "
+                                             r"\* topk = 36 paths, at most 32"):
+        load_config(None, ["speculative.method=mtp", "speculative.topk=4", "speculative.num_tokens=10"])
+    spec = load_config(None, ["speculative.method=eagle3", "speculative.topk=4", "speculative.num_tokens=5"])
+    assert spec.speculative.trees and spec.speculative.draft_nodes == 20
+    assert load_config(None, ["speculative.method=eagle3", "speculative.topk=4", "speculative.num_tokens=9"]
+                       ).speculative.draft_nodes == 32
 
 
 def test_default_config_file_is_valid():

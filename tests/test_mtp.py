@@ -189,17 +189,18 @@ def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, proposed):
                              len(drafted)) == drafted
 
 
-@pytest.mark.parametrize("which", ["bigram", "glm_model"])
-def test_every_sampling_mode_is_unchanged(which, request, tokenizer):
+@pytest.mark.parametrize("which,topk", [("bigram", 1), ("glm_model", 1), ("bigram", 3)])
+def test_every_sampling_mode_is_unchanged(which, topk, request, tokenizer):
     """Every sampling mode (greedy, seeded sampling with filters, logprobs, stops inside accepted runs, min_tokens,
     penalties counting the drafts) with a pool small enough to preempt: plain decoding's outputs, with the
     right-guessing layer's drafts both accepted and rejected (the requests' biases and sampling move the model off its
-    greedy guesses) and with a random layer's."""
+    greedy guesses) and with a random layer's; and the right-guessing layer's trees (speculative.topk)."""
     model, layer = request.getfixturevalue(which)
     prompts = _prompts(tokenizer, random.Random(23))[:22]
     params = _repetitive_params(random.Random(24), tokenizer, len(prompts))
     plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), model, None, prompts, params)
-    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16}), model, layer, prompts, params)
+    spec, stats = _run(EngineConfig().replace(**{**SMALL, **MTP, "cache.num_pages": 16, "speculative.topk": topk}),
+                       model, layer, prompts, params)
     for a, b in zip(plain, spec):
         _same(a, b)
     assert stats["num_preemptions"] > 0 and stats["spec_draft_tokens"] > 0

@@ -132,6 +132,22 @@ def select_tree(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, nod
     return speculative.build_tree(branches, len(kept))
 
 
+def best_path(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> speculative.DraftTree:
+    """A chain from one row's candidates, for a sequence that drafts chains only (images: their M-RoPE positions
+    follow the chunk): the best-scored path of the deepest level reached."""
+    best, key = -1, (-1, NEG_INF)
+    depth = np.zeros(len(tokens), np.int64)
+    for c, p in enumerate(parents.tolist()):
+        depth[c] = 0 if p < 0 else depth[p] + 1
+        if scores[c] != NEG_INF and (depth[c], scores[c]) > key:
+            best, key = c, (depth[c], scores[c])
+    path = []
+    while best >= 0:
+        path.append(int(tokens[best]))
+        best = int(parents[best])
+    return speculative.DraftTree.chain(path[::-1])
+
+
 def reference_tree(next_tokens: Callable, topk: int, num_levels: int, nodes: int) -> speculative.DraftTree:
     """The tree `tree_rounds` and `select_tree` build, one path at a time (tests' reference): next_tokens(path) ->
     (log probabilities, tokens) of every token that may follow the sequence and `path`, a token list."""

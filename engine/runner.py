@@ -755,7 +755,9 @@ class ModelRunner:
         if self.statics.topk > 1:
             cand_tokens, parents, scores = (np.asarray(a) for a in drafts)
             for j, i in enumerate(wanted):
-                out[i] = draft_trees.select_tree(cand_tokens[j], parents[j], scores[j], int(counts[j]))
+                row = cand_tokens[j], parents[j], scores[j]
+                out[i] = (draft_trees.select_tree(*row, int(counts[j])) if plan.chunks[i].draft_parents
+                          else draft_trees.best_path(*row))  # (slots for a chain: DraftTree.chain)
             return out
         drafts = np.asarray(drafts)
         for j, i in enumerate(wanted):

@@ -447,7 +447,8 @@ class Scheduler:
             if seq.spec_redo:
                 return none  # (its layers' K/V of the tokens it computes again are not where a drafter reads them)
             if self.spec.trees and not (self.pages.has_states or seq.images):  # a tree of its likeliest tokens
-                draft = speculative.DraftTree.slots(min(depth, room), min(room, self.spec.draft_nodes))
+                levels = min(depth, room)
+                draft = speculative.DraftTree.slots(levels, min(room, levels * self.spec.topk, self.spec.draft_nodes))
             else:
                 draft = speculative.DraftTree.chain([0] * min(depth, room))
         else:

@@ -233,21 +233,28 @@ def test_every_sampling_mode_is_unchanged(which, request, tokenizer):
         assert 0 < stats["spec_accepted_tokens"] < stats["spec_draft_tokens"]
 
 
-def test_pallas_interpret_and_warmup(bigram):
-    """On the Pallas backend every draft of the right-guessing head is accepted, with xla's outputs; warmup compiles
-    the head's extend of every token bucket and its rounds of every row bucket, and serving compiles nothing more."""
+@pytest.mark.parametrize("topk", [1, 3])
+def test_pallas_interpret_and_warmup(bigram, topk):
+    """On the Pallas backend every draft of the right-guessing head is accepted, with xla's outputs (a tree's first
+    branch: its rounds' masks in the decode kernel); warmup compiles the head's extend of every token bucket and its
+    rounds of every row bucket, and serving compiles nothing more."""
     from engine.llm import LLM
 
     model, head = bigram
     prompts = [([100 + i, 7, 8, 9, 10 + i], None) for i in range(3)]
     params = [SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)] * 3
     config = EngineConfig().replace(**{**SMALL, **EAGLE, "cache.num_pages": 32, "scheduler.max_running": 4,
-                                       "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32]})
-    plain, _ = _run(config.replace(**{"speculative.method": "none"}), model, None, prompts, params)
+                                       "scheduler.max_batch_tokens": 32, "scheduler.token_buckets": [32],
+                                       "speculative.topk": topk})
+    plain, _ = _run(config.replace(**{"speculative.method": "none", "speculative.topk": 1}), model, None, prompts,
+                    params)
     spec, stats = _run(config.replace(**{"attention.backend": "pallas_interpret"}), model, head, prompts, params)
     for a, b in zip(plain, spec):
         _same(a, b)
-    assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    if topk == 1:
+        assert stats["spec_accepted_tokens"] == stats["spec_draft_tokens"] > 0
+    else:  # the first branch kept each step
+        assert stats["spec_branch_tokens"] == 0 < stats["spec_accepted_tokens"]
     llm = LLM(config.replace(**{"warmup": True}), progress=False, model=model, draft=head)
     runner = llm.engine.runner
     compiled = runner._mtp_extend._cache_size(), runner._mtp_propose._cache_size()
@@ -258,18 +265,20 @@ def test_pallas_interpret_and_warmup(bigram):
 
 def test_tensor_parallel_splits_the_head_as_the_model(bigram, random_head, tokenizer):
     """The model and the head split over 2 devices, the head's K/V by head as the model's: plain decoding's tokens,
-    every draft of the right-guessing head accepted."""
+    every draft of the right-guessing head accepted; its trees too (speculative.topk)."""
     from test_draft_model import split_model_whole_drafter
 
     prompts = _prompts(tokenizer, random.Random(35))[:12]
     params = [SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)] * len(prompts)
     base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 16})
-    for model, head in (bigram, random_head):
+    for (model, head), topk in ((bigram, 1), (random_head, 1), (bigram, 2)):
         plain, _ = _run(base, model, None, prompts, params)
-        stats = split_model_whole_drafter(base.replace(**{**EAGLE, "parallel.tensor": 2}), model, head, prompts,
-                                          params, plain, drafter_split=True)
-        if model is bigram[0]:
+        stats = split_model_whole_drafter(base.replace(**{**EAGLE, "parallel.tensor": 2, "speculative.topk": topk}),
+                                          model, head, prompts, params, plain, drafter_split=True)
+        if model is bigram[0] and topk == 1:
             assert stats["spec_accepted_tokens"] >= 0.99 * stats["spec_draft_tokens"]
+        elif model is bigram[0]:  # most of a tree's first branch (the greedy path may be outscored and left out)
+            assert stats["spec_accepted_tokens"] >= 0.75 * stats["spec_draft_tokens"] / topk
 
 
 def test_disk_tier_keeps_the_heads_kv(bigram, tokenizer, tmp_path):

@@ -7,6 +7,7 @@ import concurrent.futures
 import dataclasses
 import random
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -560,6 +561,25 @@ def test_draft_trees_keep_the_branch_the_model_takes():
                 assert not plans[2].slot_moves and plans[2].chunks[0].token_ids[:5] == [9, 8, 5, 1, 2]
     assert outs["tree"] == outs["hybrid"] == outs["chain"] == outs["plain"]
     assert stats["tree"][2] < stats["chain"][2]  # steps: 5 against 6 (plain decoding: 21)
+
+
+def test_drafter_trees_keep_the_best_scored_paths():
+    """draft_trees.select_tree: the `nodes` best-scored candidates (a path's log probability), each after its parent
+    (ties: the shallower first; -inf: a path the row may not take), depth-first with the likeliest child first;
+    best_path: the best path of the deepest level, for a sequence that drafts chains."""
+    from engine import draft_trees
+
+    tokens = np.array([10, 11, 20, 21, 22, 23, 30])
+    parents = np.array([-1, -1, 0, 0, 1, 1, 2])
+    scores = np.array([-0.1, -1.0, -0.2, -2.0, -1.1, -3.0, -np.inf], np.float32)
+    assert draft_trees.select_tree(tokens, parents, scores, 4) == speculative.DraftTree((10, 20, 11, 22), (0, 1, 0, 3))
+    assert draft_trees.select_tree(tokens, parents, scores, 3) == speculative.DraftTree((10, 20, 11), (0, 1, 0))
+    assert draft_trees.select_tree(tokens, parents, scores, 9) == speculative.DraftTree(
+        (10, 20, 21, 11, 22, 23), (0, 1, 1, 0, 4, 4))  # (30 may not be taken)
+    ties = np.array([-0.5, -0.5, -0.5, -0.5, -0.5, -0.5, -0.5], np.float32)  # a child as likely as its parent
+    assert draft_trees.select_tree(tokens, parents, ties, 3) == speculative.DraftTree((10, 20, 11), (0, 1, 0))
+    assert draft_trees.best_path(tokens, parents, scores) == speculative.DraftTree.chain([10, 20])
+    assert draft_trees.best_path(tokens, parents, np.full(7, -np.inf, np.float32)) == speculative.DraftTree.chain()
 
 
 @pytest.mark.parametrize("seed", range(3))

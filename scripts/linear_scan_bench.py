@@ -76,6 +76,7 @@ def main(argv=None):
   args = parser.parse_args(argv)
   backend = "pallas_interpret" if args.quick else "pallas"
   reps = args.reps or (2 if args.quick else 7)
+  inner = 1 if args.quick else None  # (interpret mode: every call goes through the kernel's Python; time few)
   shapes = {"tiny": (True, 2, 16, 16), "tiny-mamba2": (False, 2, 16, 16)} if args.quick else SHAPES
   cases = {"1 x 40": [(40, 0)], "24 + 3 decodes": [(24, 5)] + [(1, 9)] * 3} if args.quick else CASES
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
@@ -93,7 +94,7 @@ def main(argv=None):
                                        num_warps=warps, interpret=args.quick))
         try:
           seconds = time_fn(fn, q, k, v, case["g"], case["beta"], s0, case["cu"], case["q_lens"], case["starts"],
-                            snap, reps=reps)
+                            snap, reps=reps, inner=inner)
         except Exception as e:  # noqa: BLE001 (report and go on)
           print(f"{name:<22} {chunk:>5} {block_v:>7} {warps:>5} failed: {type(e).__name__}: {str(e)[:160]}")
           continue
@@ -111,7 +112,7 @@ def main(argv=None):
         fn = rule_fn(which, delta, dot_dtype)
         try:
           outs[which] = np.asarray(fn(*call)[0][: int(case["cu"][-1])], np.float32)
-          times[which] = time_fn(fn, *call, reps=reps)
+          times[which] = time_fn(fn, *call, reps=reps, inner=inner, warm=True)
         except Exception as e:  # noqa: BLE001
           print(f"{name:<22} {case_name:<18} {which} failed: {type(e).__name__}: {str(e)[:160]}")
       if len(times) < 2:

@@ -101,8 +101,8 @@ def _dense_next(model, head_model, ids: list[int]):
     d2t = np.asarray(head["d2t"])
 
     def next_tokens(path):
-        hidden, tokens = list(captured), list(ids[1:])
-        for token in [None, *path]:
+        hidden, tokens, last = list(captured), list(ids[1:]), None
+        for token in [None, *path]:  # (the rows after ids, then after each of the path's tokens)
             if token is not None:
                 hidden.append(last[0])
                 tokens.append(token)

@@ -425,8 +425,8 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, budget: int) -> speculative.DraftTree:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens, a chain or with `ngram_branches` a
-        tree; with a draft model, slots it fills before the step), as many as its length limits, `budget` and the pages
-        it holds plus free ones allow; the pages are taken now. A grammar (structured outputs) cuts the draft where it
+        tree; with a drafter, slots it fills before the step: a chain's, or with `topk` a tree's, `DraftTree.slots`), as
+        many as its length limits, `budget` and the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs) cuts the draft where it
         stops accepting it. Empty while the last token is pending (overlapped steps)."""
         none = speculative.DraftTree.chain()
         if seq.has_pending_token:

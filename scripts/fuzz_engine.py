@@ -4,7 +4,7 @@ Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 
 experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, a tiny Qwen3.5:
 Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite 4.0-H:
 Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy,
-overlap, n-gram speculative decoding (chains and trees), a hybrid cache's window slots, a host tier and a disk tier
+overlap, speculative decoding (n-gram chains and trees; the model as its own draft, chains and top-k trees), a hybrid cache's window slots, a host tier and a disk tier
 (a second engine then starts on the first's files), and runs a shuffled subset of tests/test_engine.py's prompts
 (shared prefixes, identical prompts, whole-prompt hits, namespaces), some seeds with token rules (few allowed ids,
 bad words among them), with invariants checked every step (`debug_checks`). Some seeds also (`draw_features`) sample
@@ -94,6 +94,7 @@ RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a re
 SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose heads split over 2 devices
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
+DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models
 
 
 def draw_features(seed: int, model: str) -> dict:
@@ -105,14 +106,16 @@ def draw_features(seed: int, model: str) -> dict:
     vision tower in front of the model: two images, so that prompts share cached images and differ by them), as
     LLaVA-NeXT's tiles in half of those seeds, or (models in GRID) as Qwen2.5-VL's grid of patches with the model's
     RoPE made M-RoPE (`tiny_grid_vision`), or (in 2 of 5 seeds with neither) as Gemma 3's, whose positions attend to
-    each other both ways."""
+    each other both ways; and in half the seeds that speculate (models in DRAFTED), the model as its own draft model
+    in place of n-gram lookup (its trees of top-3 tokens where the seed drew n-gram trees)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
             "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
-            "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4}
+            "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4,
+            "drafter": model in DRAFTED and rng.random() < 0.5}
 
 
 def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
@@ -284,6 +287,12 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     fuzzed["parallel.tensor"] = features["tensor"]
     if "speculative.method" in fuzzed:
         fuzzed["speculative.max_batch"] = features["spec_max_batch"]
+    draft = None
+    if "speculative.method" in fuzzed and features["drafter"] and not features["images"]:
+        fuzzed.update({"speculative.method": "draft_model", "speculative.ngram_branches": 1,
+                       "speculative.topk": 3 if fuzzed["speculative.ngram_branches"] > 1 else 1})
+        draft = served[:2]
+        extra += (", " if extra else "") + f"draft model (topk {fuzzed['speculative.topk']})"
     if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
         reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
@@ -296,7 +305,7 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
         want = _generate(LLM(EngineConfig().replace(**reference), progress=False, model=served, vision=vision),
                          prompts, max_tokens, features, rules, images)
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
-            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=served, vision=vision)
+            llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=served, vision=vision, draft=draft)
             got = _generate(llm, prompts, max_tokens, features, rules, images)
             held = llm.engine.stats()["pages_held_by_requests"]
             llm.engine.shutdown()
@@ -320,7 +329,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", type=int, nargs=2, default=(0, 20), metavar=("FIRST", "END"))
     ap.add_argument("--backend", default="xla", choices=["xla", "pallas_interpret"])
     ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS, help="draw only from these")
-    ap.add_argument("--trees", action="store_true", help="run only the seeds that draw n-gram draft trees")
+    ap.add_argument("--trees", action="store_true", help="run only the seeds that draw draft trees (n-gram ones, or "
+                    "a draft model's top-k trees)")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source

@@ -180,17 +180,17 @@ def test_draft_trees_hold_what_top_k_sampling_draws(tiny_model, tokenizer):
 
 
 def test_structured_outputs_with_a_draft_model(tiny_model, draft, tokenizer):
-    """Grammars (regex, choice, JSON schema) beside free requests: drafts cut where the grammar stops accepting them,
-    the same outputs as plain decoding."""
+    """Grammars (regex, choice, JSON schema) beside free requests: drafts cut where the grammar stops accepting them
+    (a tree's branches each: speculative.topk), the same outputs as plain decoding."""
     schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}}, "required": ["a"]}
     constraints = [StructuredOutput(regex=r"[0-9]{3}-[a-z]{2,4}"), StructuredOutput(choice=("yes", "no", "maybe")),
                    StructuredOutput(json=schema), None]
     prompts = [([100 + i, 200 + i, 300], None) for i in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=24, structured=constraints[i % 4]) for i in range(8)]
     plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
-    for model_draft in (draft, tiny_model[:2]):
-        spec, stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64}), tiny_model,
-                           model_draft, prompts, params)
+    for model_draft, topk in ((draft, 1), (tiny_model[:2], 1), (tiny_model[:2], 3)):
+        spec, stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64, "speculative.topk": topk}),
+                           tiny_model, model_draft, prompts, params)
         for a, b in zip(plain, spec):
             _same(a, b)
         assert stats["spec_draft_tokens"] > 0

@@ -100,7 +100,9 @@ def tree_rounds(first, round_fn: Callable, state, kv, *, topk: int, num_levels: 
                  jnp.take_along_axis(new_state, parent.reshape(n, k, *([1] * (new_state.ndim - 2))), axis=1))
         return beams, (c_tok, c_par, c_score), kv
 
-    _, cands, kv = jax.lax.fori_loop(1, num_levels, one, (beams, (cand_tok, cand_par, cand_score), kv))
+    cands = (cand_tok, cand_par, cand_score)
+    if num_levels > 1:  # (a loop of no rounds is still traced, its slices past the first level's candidates)
+        _, cands, kv = jax.lax.fori_loop(1, num_levels, one, (beams, cands, kv))
     return cands, kv
 
 

@@ -188,8 +188,10 @@ def test_structured_outputs_with_a_draft_model(tiny_model, draft, tokenizer):
     prompts = [([100 + i, 200 + i, 300], None) for i in range(8)]
     params = [SamplingParams(temperature=0, max_tokens=24, structured=constraints[i % 4]) for i in range(8)]
     plain, _ = _run(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), tiny_model, None, prompts, params)
-    for model_draft, topk in ((draft, 1), (tiny_model[:2], 1), (tiny_model[:2], 3)):
-        spec, stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64, "speculative.topk": topk}),
+    for model_draft, topk, levels in ((draft, 1, 3), (tiny_model[:2], 1, 3), (tiny_model[:2], 3, 3),
+                                      (tiny_model[:2], 3, 1)):  # (a tree of one level: the 3 likeliest next tokens)
+        spec, stats = _run(EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 64, "speculative.topk": topk,
+                                                     "speculative.num_tokens": levels}),
                            tiny_model, model_draft, prompts, params)
         for a, b in zip(plain, spec):
             _same(a, b)

@@ -82,7 +82,7 @@ class _EngineStatsCollector:
             "radixlm_spec_decode_draft_tokens": ("draft tokens verified (speculative decoding)", s["spec_draft_tokens"]),
             "radixlm_spec_decode_accepted_tokens": ("draft tokens accepted (speculative decoding)", s["spec_accepted_tokens"]),
             "radixlm_spec_decode_branch_tokens": ("accepted draft tokens off a draft tree's first branch (a chain's "
-                                                  "proposal would have lost them)", s["spec_branch_tokens"]),
+                                                  "proposal would have lost them)", s.get("spec_branch_tokens", 0)),
             "radixlm_images_encoded": ("images run through the vision tower (an image whose positions all come from "
                                        "the prefix cache is not)", s.get("images_encoded", 0)),
         }

@@ -106,13 +106,18 @@ def tree_rounds(first, round_fn: Callable, state, kv, *, topk: int, num_levels: 
     return cands, kv
 
 
+def _depths(parents: np.ndarray) -> np.ndarray:
+    """Each candidate's depth (0: the first level) from its parent's index (-1: the root; a parent comes first)."""
+    depth = np.zeros(len(parents), np.int64)
+    for c, p in enumerate(parents.tolist()):
+        depth[c] = 0 if p < 0 else depth[p] + 1
+    return depth
+
+
 def select_tree(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, nodes: int) -> speculative.DraftTree:
     """The `nodes` best-scored candidates of one row (`tree_rounds`' outputs), each with its parent (ties: the
     shallower first), as a DraftTree in depth-first order, each node's likeliest child first."""
-    depth = np.zeros(len(tokens), np.int64)
-    for c, p in enumerate(parents.tolist()):  # (a parent comes before its children)
-        depth[c] = 0 if p < 0 else depth[p] + 1
-    order = np.lexsort((np.arange(len(tokens)), depth, -scores.astype(np.float64)))
+    order = np.lexsort((np.arange(len(tokens)), _depths(parents), -scores.astype(np.float64)))
     kept: list[int] = []
     chosen: set[int] = set()
     for c in order.tolist():
@@ -138,11 +143,9 @@ def best_path(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> sp
     """A chain from one row's candidates, for a sequence that drafts chains only (images: their M-RoPE positions
     follow the chunk): the best-scored path of the deepest level reached."""
     best, key = -1, (-1, NEG_INF)
-    depth = np.zeros(len(tokens), np.int64)
-    for c, p in enumerate(parents.tolist()):
-        depth[c] = 0 if p < 0 else depth[p] + 1
-        if scores[c] != NEG_INF and (depth[c], scores[c]) > key:
-            best, key = c, (depth[c], scores[c])
+    for c, depth in enumerate(_depths(parents).tolist()):
+        if scores[c] != NEG_INF and (depth, scores[c]) > key:
+            best, key = c, (depth, scores[c])
     path = []
     while best >= 0:
         path.append(int(tokens[best]))

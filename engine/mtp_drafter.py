@@ -132,9 +132,8 @@ class SampledRows:
         if tree:  # (its nodes' rows are in the tree's order)
             node, root = 0, end - len(rows)
             for token in seq.token_slice(root + 1, chunk.start):
-                node = next((n + 1 for n, (t, p) in enumerate(zip(tree.tokens, tree.parents)) if p == node and t == token),
-                            -1)
-                if node < 0:
+                node = tree.child(node, token)
+                if node is None:
                     return -1
             j = node
         return rows[j]

@@ -80,6 +80,11 @@ class DraftTree:
             node = self.parents[node - 1]
         return out[::-1]
 
+    def child(self, node: int, token: int) -> int | None:
+        """The child of `node` that holds `token`, if any."""
+        return next((j + 1 for j, (t, p) in enumerate(zip(self.tokens, self.parents)) if p == node and t == token),
+                    None)
+
     def leaves(self) -> list[int]:
         """The nodes no other node hangs from, in order (a chain's last; none for an empty tree)."""
         return sorted(set(range(1, len(self.tokens) + 1)) - set(self.parents))
@@ -105,8 +110,7 @@ def accepted_path(tree: DraftTree, sampled: Seq[int]) -> list[int]:
     the token sampled before it: the first mismatch ends the run, and the token sampled there corrects it."""
     path, node = [], 0
     while True:
-        child = next((j + 1 for j, (t, p) in enumerate(zip(tree.tokens, tree.parents))
-                      if p == node and t == sampled[node]), None)
+        child = tree.child(node, sampled[node])
         if child is None:
             return path
         path.append(child)

@@ -220,9 +220,13 @@ class SpeculativeConfig:
     `mtp` (vLLM's and SGLang's `mtp`): the checkpoint's own multi-token-prediction layer drafts (DeepSeek-V3, GLM-4.5,
     Qwen3.5, Qwen3-Next HF checkpoints; models/mtp.py), one layer per draft token, its K/V in the same pages.
     `eagle3` (vLLM's and SGLang's `eagle3`): an EAGLE-3 head trained for the model (`model`: its HF directory; models/
-    eagle3.py) drafts from three of the model's hidden states, one layer per draft token, its K/V in the same pages."""
+    eagle3.py) drafts from three of the model's hidden states, one layer per draft token, its K/V in the same pages.
+    `suffix` (vLLM's `suffix`, SuffixDecoding): like `ngram`, but the lookup also covers the outputs of the replica's
+    recent and running requests, continuations are weighed by how often they followed, and a draft is as long as its
+    match earns (engine/suffix_decoding.py); `num_tokens` is then the most draft nodes per step. Pays where requests
+    repeat each other: agents, tool calls, retries, parallel samples."""
 
-    method: Literal["none", "ngram", "draft_model", "mtp", "eagle3"] = "none"
+    method: Literal["none", "ngram", "suffix", "draft_model", "mtp", "eagle3"] = "none"
     num_tokens: int = 4  # draft tokens per sequence per step (a step then gains up to num_tokens + 1 tokens)
     ngram_min: int = 2
     ngram_max: int = 4
@@ -238,6 +242,15 @@ class SpeculativeConfig:
     # directory
     model: str = ""
     quantization: Quantization = "auto"  # draft_model: the draft's weights, as model.quantization (auto: as its checkpoint)
+    # suffix (ngram_min: the shortest match looked up): the longest match measured, in tokens (vLLM's
+    # suffix_decoding_max_tree_depth)
+    suffix_max_depth: int = 24
+    # ... the finished requests whose outputs stay indexed, most recent (vLLM's suffix_decoding_max_cached_requests);
+    # 0: the sequence's own tokens only
+    suffix_max_cached_requests: int = 1000
+    suffix_spec_factor: float = 1.0  # ... a match of m tokens drafts at most m * this many nodes
+    suffix_min_prob: float = 0.1  # ... a node's estimated probability must reach this (vLLM's suffix_decoding_min_token_prob)
+    suffix_trees: bool = True  # ... draft trees (false: the likeliest path alone)
 
     def __post_init__(self):
         _positive("speculative.num_tokens", self.num_tokens)
@@ -251,6 +264,20 @@ class SpeculativeConfig:
             raise ConfigKeyError(f"speculative.ngram_branches={self.ngram_branches} drafts trees of n-gram continuations: "
                                  f"it needs speculative.method=ngram (got {self.method!r})")
         _positive("speculative.topk", self.topk)
+        if self.method == "suffix":
+            if self.suffix_max_depth < self.ngram_min:
+                raise ConfigKeyError(f"speculative.suffix_max_depth ({self.suffix_max_depth}) must be >= "
+                                     f"speculative.ngram_min ({self.ngram_min}), the shortest match")
+            if self.suffix_max_cached_requests < 0:
+                raise ConfigKeyError("speculative.suffix_max_cached_requests must be >= 0 (0: the sequence's own tokens "
+                                     f"only), got {self.suffix_max_cached_requests}")
+            if not self.suffix_spec_factor > 0:
+                raise ConfigKeyError(f"speculative.suffix_spec_factor must be > 0, got {self.suffix_spec_factor}")
+            if not 0 <= self.suffix_min_prob < 1:
+                raise ConfigKeyError(f"speculative.suffix_min_prob must be in [0, 1), got {self.suffix_min_prob}")
+            if self.suffix_trees and self.num_tokens > MAX_TREE_NODES:
+                raise ConfigKeyError(f"speculative.num_tokens={self.num_tokens} with suffix trees: a tree holds at most "
+                                     f"{MAX_TREE_NODES} nodes (or set speculative.suffix_trees=false)")
         if self.topk > 1 and self.method not in DRAFTERS:
             raise ConfigKeyError(f"speculative.topk={self.topk} drafts trees of a drafter's likeliest tokens: it needs "
                                  f"speculative.method draft_model, mtp or eagle3 (got {self.method!r})")
@@ -262,7 +289,8 @@ class SpeculativeConfig:
     @property
     def trees(self) -> bool:
         """Whether steps may verify draft trees (their rows then carry attention masks)."""
-        return (self.method == "ngram" and self.ngram_branches > 1) or (self.method in DRAFTERS and self.topk > 1)
+        return ((self.method == "ngram" and self.ngram_branches > 1) or (self.method in DRAFTERS and self.topk > 1)
+                or (self.method == "suffix" and self.suffix_trees))
 
     @property
     def draft_tokens(self) -> int:

@@ -208,7 +208,8 @@ class Sequence:
     lock_node: object = None  # radix node this sequence keeps locked (its cached path)
     matcher: Any = None  # structured output: the grammar state (an llguidance matcher) after the known tokens
     token_rules: Any = None  # allowed_token_ids / bad_words as an engine.token_rules.TokenRules
-    ngram_index: Any = None  # speculative decoding: an engine.speculative.NgramIndex over the known tokens
+    # speculative decoding: its own tokens' index (engine.speculative.NgramIndex, or suffix decoding's SuffixIndex)
+    draft_index: Any = None
     spec_misses: int = 0  # speculative decoding: verifications in a row that accepted no draft token
     spec_pause: int = 0  # ... and steps left before drafting again (backoff after misses)
     # ... and a draft tree's branch was accepted past its tokens' positions: its next step computes them again, with

@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.block_hash import page_hashes
 from engine import speculative, structured
+from engine.suffix_decoding import SuffixCache
 from engine.config import CacheConfig, SchedulerConfig, SpeculativeConfig
 from engine.multimodal import chunk_cut
 from engine.request import Sequence, Status, placeholder
@@ -153,6 +154,10 @@ class Scheduler:
         # sequence whose next uncached page is here waits for it instead of computing it again.
         self._inflight: collections.Counter[int] = collections.Counter()
         self._inflight_of: dict[str, list[int]] = {}
+        # Suffix decoding: the outputs of this replica's requests, looked up for drafts (engine.suffix_decoding)
+        self.suffix = (SuffixCache(spec.ngram_min, spec.suffix_max_depth, spec.suffix_max_cached_requests,
+                                   spec.suffix_spec_factor, spec.suffix_min_prob, spec.suffix_trees)
+                       if spec.method == "suffix" else None)
 
     # ----------------------------------------------------------------------------------- queue
     def add(self, seq: Sequence) -> None:
@@ -188,6 +193,8 @@ class Scheduler:
         num_decode = num_prefill = 0
         if self.cfg.policy == "priority":
             self._preempt_for_priority()
+        if self.suffix is not None:
+            self.suffix.sync(self.running)
 
         # 1. Decodes, oldest first; on a page shortage preempt the newest unscheduled sequence. With speculative
         #    decoding each may carry draft tokens, from budget and free pages the other decodes do not need.
@@ -425,9 +432,10 @@ class Scheduler:
 
     def _draft(self, seq: Sequence, budget: int) -> speculative.DraftTree:
         """Draft tokens for a decoding sequence (n-gram lookup in its own tokens, a chain or with `ngram_branches` a
-        tree; with a drafter, slots it fills before the step: a chain's, or with `topk` a tree's, `DraftTree.slots`), as
-        many as its length limits, `budget` and the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs) cuts the draft where it
-        stops accepting it. Empty while the last token is pending (overlapped steps)."""
+        tree; suffix decoding's, from its own tokens and other requests' outputs; with a drafter, slots it fills before
+        the step: a chain's, or with `topk` a tree's, `DraftTree.slots`), as many as its length limits, `budget` and
+        the pages it holds plus free ones allow; the pages are taken now. A grammar (structured outputs) cuts the draft
+        where it stops accepting it. Empty while the last token is pending (overlapped steps)."""
         none = speculative.DraftTree.chain()
         if seq.has_pending_token:
             return none
@@ -452,21 +460,25 @@ class Scheduler:
             else:
                 draft = speculative.DraftTree.chain([0] * min(depth, room))
         else:
-            if seq.ngram_index is None:
-                seq.ngram_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max,
-                                                         self.spec.ngram_branches)
             # Chains with linear attention layers (a state per draft position) and with images (their M-RoPE
             # positions follow the chunk).
-            if self.spec.trees and not (self.pages.has_states or seq.images):
-                draft = seq.ngram_index.propose_tree(
-                    seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, speculative.MAX_TREE_NODES))
+            tree = self.spec.trees and not (self.pages.has_states or seq.images)
+            if self.suffix is not None:
+                draft = self.suffix.propose(seq, min(room, self.spec.draft_nodes), min(depth, room), chain=not tree)
             else:
-                chain = seq.ngram_index.propose(seq.all_ids, min(depth, room))
-                if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
-                    chain = list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, chain))
-                draft = speculative.DraftTree.chain(chain)
-        if draft and seq.matcher is not None and self.spec.method == "ngram":  # each branch cut where the grammar stops
-            draft = structured.valid_tree(seq.matcher, draft)
+                if seq.draft_index is None:
+                    seq.draft_index = speculative.NgramIndex(self.spec.ngram_min, self.spec.ngram_max,
+                                                             self.spec.ngram_branches)
+                if tree:
+                    draft = seq.draft_index.propose_tree(
+                        seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, speculative.MAX_TREE_NODES))
+                else:
+                    draft = speculative.DraftTree.chain(seq.draft_index.propose(seq.all_ids, min(depth, room)))
+            if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
+                draft = speculative.DraftTree.chain(
+                    itertools.takewhile(lambda t: t < seq.images[0].vocab_size, draft.tokens))
+        if draft and seq.matcher is not None and self.spec.method in ("ngram", "suffix"):
+            draft = structured.valid_tree(seq.matcher, draft)  # each branch cut where the grammar stops accepting it
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)
         if need > 0:
             seq.pages += self.pages.alloc(need)

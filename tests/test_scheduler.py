@@ -433,9 +433,13 @@ def test_every_valid_configuration_finishes_with_the_plain_outputs(data):
     else:
         kw["host_pages"] = draw(st.sampled_from([0, 0, 2, 6]), label="host_pages")
     if draw(st.booleans(), label="speculative"):
-        kw["spec"] = SpeculativeConfig(method="ngram", num_tokens=draw(st.integers(1, 4), label="draft_tokens"),
+        method = draw(st.sampled_from(["ngram", "suffix"]), label="method")
+        kw["spec"] = SpeculativeConfig(method=method, num_tokens=draw(st.integers(1, 4), label="draft_tokens"),
                                        ngram_min=1, ngram_max=2, ngram_branches=draw(st.sampled_from([1, 3]),
-                                                                                     label="ngram_branches"))
+                                                                                     label="ngram_branches")
+                                       if method == "ngram" else 1,
+                                       suffix_trees=draw(st.booleans(), label="suffix_trees"),
+                                       suffix_max_cached_requests=draw(st.sampled_from([0, 2, 100]), label="cached"))
     disk = FakeDisk() if draw(st.booleans(), label="disk") else None
     churn = draw(st.booleans(), label="arrivals and aborts")
     seed = draw(st.integers(0, 2**16), label="workload")
@@ -511,6 +515,15 @@ def test_speculative_decoding_never_changes_outputs():
             "tree-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
                                 spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3,
                                                        ngram_branches=2)),
+            "suffix": dict(num_pages=256, spec=SpeculativeConfig(method="suffix", num_tokens=8, ngram_min=1,
+                                                                 suffix_min_prob=0.05, suffix_spec_factor=2.0)),
+            "suffix-chain": dict(num_pages=256, spec=SpeculativeConfig(method="suffix", num_tokens=5, ngram_min=2,
+                                                                       suffix_trees=False)),
+            "suffix-tiny": dict(num_pages=14, max_running=6, max_batch_tokens=12,
+                                spec=SpeculativeConfig(method="suffix", num_tokens=6, ngram_min=1, suffix_max_depth=4,
+                                                       suffix_max_cached_requests=3, suffix_min_prob=0.0)),
+            "suffix-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
+                                  spec=SpeculativeConfig(method="suffix", num_tokens=4, ngram_min=1)),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}), model=repetitive_model, max_model_len=40)
             seqs = _workload(random.Random(seed), 30)

@@ -615,10 +615,12 @@ class LLMEngine:
         return outputs
 
     def reset_prefix_cache(self) -> int:
-        """Drops every cached page no running request uses, host tier included, and the images' kept features
-        (benchmarks start each repetition cold)."""
+        """Drops every cached page no running request uses, host tier included, the images' kept features and suffix
+        decoding's finished answers (benchmarks start each repetition cold)."""
         before = self.scheduler.tree.num_cached_pages
         self.scheduler.reset_cache()
+        if self.scheduler.suffix is not None:
+            self.scheduler.suffix.reset()
         if self.runner.images is not None:
             self.runner.images.clear()
         return before - self.scheduler.tree.num_cached_pages

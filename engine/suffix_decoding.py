@@ -233,6 +233,7 @@ class SuffixCache:
         self.spec_factor, self.min_prob, self.trees = spec_factor, min_prob, trees
         self.indexes: dict[str | None, SuffixIndex] = {}  # namespace -> its outputs
         self._open: dict[int, tuple[Sequence, int]] = {}  # id(sequence) -> (it, its segment), while it runs or waits
+        self._open_segs: set[int] = set()
         self._closed: collections.deque[tuple[SuffixIndex, int]] = collections.deque()  # finished, oldest first
         self._ids = itertools.count()
 
@@ -249,6 +250,7 @@ class SuffixCache:
         for seq in running:
             if id(seq) not in self._open:
                 self._open[id(seq)] = (seq, next(self._ids))
+                self._open_segs.add(self._open[id(seq)][1])
         for key, (seq, seg) in list(self._open.items()):
             index = self.indexes.setdefault(seq.namespace, SuffixIndex(self.key_len))
             text = index.segments.get(seg, ())
@@ -261,10 +263,17 @@ class SuffixCache:
                 index.extend(seg, known[len(text) :])
             if seq.status is Status.FINISHED:
                 del self._open[key]
+                self._open_segs.discard(seg)
                 self._closed.append((index, seg))
                 while len(self._closed) > self.max_cached:
                     old, old_seg = self._closed.popleft()
                     old.drop(old_seg)
+
+    def reset(self) -> None:
+        """Forgets the finished outputs (the running ones' stay)."""
+        while self._closed:
+            index, seg = self._closed.popleft()
+            index.drop(seg)
 
     def propose(self, seq: Sequence, budget: int, max_depth: int, chain: bool = False) -> DraftTree:
         """The draft for `seq`: at most `budget` nodes, `max_depth` deep, a chain if `chain` or not `trees`."""
@@ -281,10 +290,9 @@ class SuffixCache:
         index = self.indexes.get(seq.namespace)
         if index is not None:
             seg = self._open.get(id(seq), (None, -1))[1]
-            open_segs = {s for _, s in self._open.values()}
             # (a running request's text that ends at the match has not said what comes next yet: no vote)
             found = [(t, end, n) for s, t, end, n in index.matches(pattern, self.max_depth, skip=seg)
-                     if end < len(t) or s not in open_segs]
+                     if end < len(t) or s not in self._open_segs]
             theirs = best_draft(found, *args)
             if theirs[0] > best[0]:
                 best = theirs

@@ -25,6 +25,12 @@ Speculative decoding (n-gram lookup) on vs off, on chat prompts whose answers re
     python scripts/bench.py --workload copy --num-requests 16 --max-concurrency 8 --output-len 128 \
         --set-b speculative.method=ngram --repeats 3
 
+Suffix decoding (drafts from earlier requests' answers too) against n-gram lookup, on JSON extraction prompts whose
+answers share their layout:
+
+    python scripts/bench.py --workload extraction --num-requests 32 --max-concurrency 4 --output-len 80 \
+        --set-a speculative.method=ngram --set-b speculative.method=suffix speculative.num_tokens=8 --repeats 3
+
 LoRA cost: decode with N random rank-R adapters loaded and the batch spread over them (B) vs none (A):
 
     python scripts/bench.py --workload decode --decode-batch 32 --set-b --lora-b 4,16
@@ -62,7 +68,8 @@ Workloads: shared-prefix (SGLang generated-shared-prefix: groups x prompts per g
 random token ids, shuffled), prefix-repetition (vLLM: a few prefixes, each repeated with random suffixes),
 random (no reuse: the control), multi-turn (each conversation's next turn is sent when the previous answer
 arrives and carries the whole history), copy (chat prompts asking to repeat a generated paragraph word for word;
-ends at the model's end token), shared-image (groups x prompts per group: one image, then a question, shuffled).
+ends at the model's end token), extraction (chat prompts asking for a person's details as JSON: answers of one
+layout), shared-image (groups x prompts per group: one image, then a question, shuffled).
 Metrics: request and token throughput; TTFT, TPOT, ITL, end-to-end at
 p50/p90/p99; token hit rate = cached prompt tokens / prompt tokens.
 """
@@ -136,6 +143,22 @@ def copy_prompts(rng: random.Random, tokenizer, n: int, sentences: int) -> list[
     return prompts
 
 
+_NAMES = ("Alice", "Bob", "Carla", "Dmitri", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kofi", "Lena", "Mateo",
+          "Nadia", "Omar", "Priya")
+_JOBS = ("nurse", "teacher", "pilot", "baker", "chemist", "plumber", "lawyer", "farmer", "architect", "journalist")
+_CITIES = ("Lisbon", "Osaka", "Nairobi", "Denver", "Krakow", "Lima", "Oslo", "Hanoi", "Austin", "Porto")
+
+
+def extraction_prompts(rng: random.Random, tokenizer, n: int) -> list[list[int]]:
+    """Chat prompts asking for one person's details as JSON, each about another person: every answer has the same
+    keys and layout and its own values (tool calls and structured extraction look like this), the case suffix
+    decoding is for: the layout is in earlier answers, not in the prompt."""
+    return [tokenizer.encode_chat([{"role": "user", "content": (
+        "Extract the person's details as JSON with the keys name, age, city and job.\n\n"
+        f"{rng.choice(_NAMES)} is a {rng.randrange(22, 70)}-year-old {rng.choice(_JOBS)} who lives in "
+        f"{rng.choice(_CITIES)}.")}]) for _ in range(n)]
+
+
 def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]:
     """-> (sessions in send order, ideal number of cached prompt tokens). `tokenizer`: for natural-text workloads."""
     rng = random.Random(args.seed)
@@ -146,6 +169,9 @@ def make_workload(args, vocab: int, tokenizer=None) -> tuple[list[Session], int]
             raise SystemExit("--workload prompts needs --input FILE.jsonl")
         prompts = read_prompts(args.input, tokenizer)[: args.num_requests]
         return [Session([Turn(p, args.output_len, ignore_eos=False)]) for p in prompts], 0
+    if args.workload == "extraction":
+        return [Session([Turn(p, args.output_len, ignore_eos=False)])
+                for p in extraction_prompts(rng, tokenizer, args.num_requests)], 0
     if args.workload == "copy":
         return [Session([Turn(p, args.output_len, ignore_eos=False)])
                 for p in copy_prompts(rng, tokenizer, args.num_requests, args.copy_sentences)], 0
@@ -728,7 +754,7 @@ def weight_swap(args) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "shared-image", "decode", "steps",
+    ap.add_argument("--workload", choices=["shared-prefix", "prefix-repetition", "random", "multi-turn", "copy", "extraction", "shared-image", "decode", "steps",
                                            "weight-swap", "output-growth", "prompts"], required=True)
     ap.add_argument("--input", help="--workload prompts: a JSONL file of prompt / messages lines (the first "
                     "--num-requests; answers end at EOS or --output-len)")
@@ -818,7 +844,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     if args.url:
         tokenizer = None
-        if args.workload in ("copy", "prompts"):  # natural text: the served model's tokenizer, from --config
+        if args.workload in ("copy", "extraction", "prompts"):  # natural text: the served model's tokenizer, from --config
             from engine.config import load_config
             from models.loader import tokenizer_source
             from models.tokenizer import Tokenizer

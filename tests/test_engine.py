@@ -624,7 +624,8 @@ def _repetitive_params(rng: random.Random, tokenizer, n: int) -> list[SamplingPa
 def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_paths):
     """N-gram speculative decoding yields several tokens per step but the same tokens as plain decoding, greedy
     and seeded sampling alike, with a pool small enough to preempt; logprobs of accepted tokens are their rows'.
-    Draft trees too (`ngram_branches`), where a branch other than the first is sometimes the one kept."""
+    Draft trees too (`ngram_branches`), where a branch other than the first is sometimes the one kept, and suffix
+    decoding's trees (drafts from other requests' outputs too)."""
     prompts = _prompts(tokenizer, random.Random(1))
     params = _repetitive_params(random.Random(2), tokenizer, len(prompts))
     runs, steps = {}, {}
@@ -634,18 +635,20 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_
                   "speculative.ngram_min": 1, "debug_checks": True},
         "tree": {"cache.num_pages": 16, "speculative.method": "ngram", "speculative.num_tokens": 3,
                  "speculative.ngram_min": 1, "speculative.ngram_branches": 3, "debug_checks": True},
+        "suffix": {"cache.num_pages": 16, "speculative.method": "suffix", "speculative.num_tokens": 9,
+                   "speculative.ngram_min": 1, "speculative.suffix_min_prob": 0.05, "debug_checks": True},
     }.items():
         llm = LLM(EngineConfig().replace(**SMALL, **overrides), progress=False, model=tiny_model)
         engine = llm.engine
         ids = [engine.add_request(p, sp, namespace=ns) for (p, ns), sp in zip(prompts, params)]
         finals = llm._run(set(ids), progress=False)
         runs[name], steps[name] = [finals[i] for i in ids], engine.stats()
-    for a, b, c in zip(runs["plain"], runs["ngram"], runs["tree"]):
-        for b in (b, c):
+    for a, b, c, d in zip(runs["plain"], runs["ngram"], runs["tree"], runs["suffix"]):
+        for b in (b, c, d):
             assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
                                                                              b.stop_reason)
             assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
-    for name in ("ngram", "tree"):
+    for name in ("ngram", "tree", "suffix"):
         s = steps[name]
         assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]
         assert {r.finish_reason for r in runs[name]} == {"stop", "length"}
@@ -693,6 +696,27 @@ def test_speculative_decoding_on_smollm2_same_text_fewer_steps(smollm2, tokenize
         assert stats[name]["num_steps"] < 0.5 * stats["none"]["num_steps"]
     s = stats["ngram"]
     assert s["spec_accepted_tokens"] > 0.6 * s["spec_draft_tokens"]
+
+
+@pytest.mark.slow
+def test_suffix_decoding_on_smollm2_drafts_the_layout_of_earlier_answers(smollm2, tokenizer):
+    """SmolLM2 asked for JSON extraction about different people (scripts/bench.py's extraction workload): every answer
+    has the layout of the ones before it, which suffix decoding drafts from and n-gram lookup, seeing only its own
+    request, cannot. Same greedy text as plain decoding; fewer steps and more accepted tokens than n-gram lookup."""
+    from scripts.bench import extraction_prompts
+
+    prompts = extraction_prompts(random.Random(0), tokenizer, 8)
+    params = SamplingParams(temperature=0, max_tokens=64)
+    outs, stats = {}, {}
+    for name, spec in {"none": {}, "ngram": {"speculative.method": "ngram"},
+                       "suffix": {"speculative.method": "suffix", "speculative.num_tokens": 8}}.items():
+        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, "scheduler.max_running": 2, **spec}),
+                  progress=False, model=smollm2)
+        outs[name] = [o.token_ids for o in llm.generate(prompts, params)]
+        stats[name] = llm.engine.stats()
+    assert outs["suffix"] == outs["none"] == outs["ngram"]
+    assert stats["suffix"]["num_steps"] < 0.75 * stats["ngram"]["num_steps"]
+    assert stats["suffix"]["spec_accepted_tokens"] > 1.5 * stats["ngram"]["spec_accepted_tokens"]
 
 
 def test_host_tier_same_outputs_more_hits(tiny_model, tokenizer):

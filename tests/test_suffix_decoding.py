@@ -111,35 +111,41 @@ def _scrambler(ids: tuple[int, ...]) -> int:
     return hash(ids[-3:]) % 1000 + 3
 
 
-def _steps(spec: SpeculativeConfig, batches: list[list], **kw) -> tuple[dict, list[int], object]:
-    """Runs each batch of sequences to the end, one after the other, on one scheduler: outputs, steps per batch."""
+def _steps(spec: SpeculativeConfig, batches: list[list], **kw) -> tuple[dict, list[int], object, object]:
+    """Runs each batch of sequences to the end, one after the other, on one scheduler: outputs, steps per batch, the
+    scheduler and its fake runner."""
     sched, runner = make(num_pages=512, spec=spec, model=_scrambler, max_model_len=512, **kw)
     outs, steps = {}, []
     for batch in batches:
         plans = []
         outs.update(run_all(sched, runner, batch, on_plan=plans.append))
         steps.append(len(plans))
-    return outs, steps, sched
+    return outs, steps, sched, runner
 
 
 def test_a_request_drafts_from_an_earlier_requests_output():
     """The second request of a prompt is drafted from the first one's output: the same tokens (plain decoding's) in
     about a fifth of the steps. Not with the cache off (suffix_max_cached_requests 0: its own tokens only), nor across
-    namespaces (a cache_salt's or adapter's requests never draft from another's)."""
+    namespaces (a cache_salt's or adapter's requests never draft from another's), nor after a reset."""
     prompt = [5, 6, 7, 8, 9]
     spec = SpeculativeConfig(method="suffix", num_tokens=8)
     batch = lambda name, ns=None: [seq(name, prompt, max_tokens=60, namespace=ns)]  # noqa: E731
-    plain, plain_steps, _ = _steps(SpeculativeConfig(), [batch("a"), batch("b")])
-    outs, steps, sched = _steps(spec, [batch("a"), batch("b")])
+    plain, plain_steps, *_ = _steps(SpeculativeConfig(), [batch("a"), batch("b")])
+    outs, steps, sched, runner = _steps(spec, [batch("a"), batch("b")])
     assert outs == plain and plain_steps == [60, 60]
     assert steps[0] >= 55 and steps[1] <= 15, steps  # (the first step of each prefills)
     sched.suffix.sync([])  # (the last request's last tokens join at the next step)
     assert sched.suffix.num_tokens == 120
-    _, steps, _ = _steps(SpeculativeConfig(method="suffix", num_tokens=8, suffix_max_cached_requests=0),
+    _, steps, *_ = _steps(SpeculativeConfig(method="suffix", num_tokens=8, suffix_max_cached_requests=0),
                          [batch("a"), batch("b")])
     assert steps[1] >= 55
-    outs, steps, _ = _steps(spec, [batch("a", "salt-1"), batch("b", "salt-2"), batch("c", "salt-1")])
+    outs, steps, *_ = _steps(spec, [batch("a", "salt-1"), batch("b", "salt-2"), batch("c", "salt-1")])
     assert outs["c"] == outs["b"] == plain["b"] and steps[1] >= 55 and steps[2] <= 15
+    sched.suffix.reset()  # (LLMEngine.reset_prefix_cache) the finished answers are forgotten
+    plans = []
+    run_all(sched, runner, batch("c"), on_plan=plans.append)
+    sched.suffix.sync([])
+    assert len(plans) >= 55 and sched.suffix.num_tokens == 60
 
 
 def test_running_requests_draft_from_each_other_and_the_oldest_outputs_go():

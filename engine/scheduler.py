@@ -476,7 +476,7 @@ class Scheduler:
                     draft = speculative.DraftTree.chain(seq.draft_index.propose(seq.all_ids, min(depth, room)))
             if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)
                 draft = speculative.DraftTree.chain(
-                    itertools.takewhile(lambda t: t < seq.images[0].vocab_size, draft.tokens))
+                    list(itertools.takewhile(lambda t: t < seq.images[0].vocab_size, draft.tokens)))
         if draft and seq.matcher is not None and self.spec.method in ("ngram", "suffix"):
             draft = structured.valid_tree(seq.matcher, draft)  # each branch cut where the grammar stops accepting it
         need = -(-(seq.num_tokens + len(draft)) // self.page_size) - len(seq.pages)

@@ -107,7 +107,9 @@ def draw_features(seed: int, model: str) -> dict:
     LLaVA-NeXT's tiles in half of those seeds, or (models in GRID) as Qwen2.5-VL's grid of patches with the model's
     RoPE made M-RoPE (`tiny_grid_vision`), or (in 2 of 5 seeds with neither) as Gemma 3's, whose positions attend to
     each other both ways; and in half the seeds that speculate (models in DRAFTED), the model as its own draft model
-    in place of n-gram lookup (its trees of top-3 tokens where the seed drew n-gram trees)."""
+    in place of n-gram lookup (its trees of top-3 tokens where the seed drew n-gram trees); in half of the other seeds
+    that speculate, suffix decoding in its place (trees where the seed drew n-gram trees, drafting from the other
+    requests' answers, a small cache of them)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
@@ -115,7 +117,8 @@ def draw_features(seed: int, model: str) -> dict:
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
             "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
             "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4,
-            "drafter": model in DRAFTED and rng.random() < 0.5}
+            "drafter": model in DRAFTED and rng.random() < 0.5,
+            "suffix": rng.random() < 0.5}
 
 
 def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
@@ -293,6 +296,12 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                        "speculative.topk": 3 if fuzzed["speculative.ngram_branches"] > 1 else 1})
         draft = served[:2]
         extra += (", " if extra else "") + f"draft model (topk {fuzzed['speculative.topk']})"
+    elif "speculative.method" in fuzzed and features["suffix"]:
+        trees = fuzzed.pop("speculative.ngram_branches") > 1
+        fuzzed.update({"speculative.method": "suffix", "speculative.suffix_trees": trees, "speculative.ngram_min": 1,
+                       "speculative.num_tokens": fuzzed["speculative.num_tokens"] * (3 if trees else 1),
+                       "speculative.suffix_max_cached_requests": 4, "speculative.suffix_min_prob": 0.05})
+        extra += (", " if extra else "") + f"suffix decoding ({'trees' if trees else 'chains'})"
     if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
         reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
@@ -331,6 +340,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="*", default=MODELS, choices=MODELS, help="draw only from these")
     ap.add_argument("--trees", action="store_true", help="run only the seeds that draw draft trees (n-gram ones, or "
                     "a draft model's top-k trees)")
+    ap.add_argument("--suffix", action="store_true", help="run only the seeds that draw suffix decoding")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source
@@ -344,6 +354,13 @@ def main(argv=None) -> int:
     if args.trees:
         seeds = [s for s in seeds if draw(random.Random(s), args.backend, tuple(args.models))[2].get(
             "speculative.ngram_branches", 1) > 1]
+    if args.suffix:
+        def suffix(seed: int) -> bool:
+            model, _, fuzzed, _ = draw(random.Random(seed), args.backend, tuple(args.models))
+            features = draw_features(seed, model)
+            return ("speculative.method" in fuzzed and features["suffix"]
+                    and not (features["drafter"] and not features["images"]))
+        seeds = [s for s in seeds if suffix(s)]
     for seed in seeds:
         t0 = time.perf_counter()
         problem, extra = run_seed(seed, models, tokenizer, args.backend, tuple(args.models))

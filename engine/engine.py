@@ -794,6 +794,7 @@ class LLMEngine:
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "spec_branch_tokens": s.stats.spec_branch_tokens,
+            "suffix_cache_tokens": s.suffix.num_tokens if s.suffix is not None else 0,
             "window_pages_total": s.window.pool.num_pages if s.window is not None else 0,
             "window_pages_free": s.window.pool.num_free if s.window is not None else 0,
             "window_evicted_pages": s.stats.window_evicted_pages,

@@ -48,6 +48,8 @@ class _EngineStatsCollector:
                                                    s.get("host_state_snapshots_total", 0)),
             "radixlm_host_state_snapshots_used": ("host-tier slots holding a snapshot of recurrent states",
                                                   s.get("host_state_snapshots_used", 0)),
+            "radixlm_spec_suffix_cache_tokens": ("output tokens suffix decoding drafts from (running and kept finished "
+                                                 "requests')", s.get("suffix_cache_tokens", 0)),
             "radixlm_cache_hit_rate": (
                 "cached prompt tokens / prompt tokens, since start",
                 s["cached_prompt_tokens"] / s["prompt_tokens"] if s["prompt_tokens"] else 0.0,

@@ -47,16 +47,14 @@ class SuffixIndex:
         self._indexed: dict[int, int] = {}  # segment -> n-grams ending at or before this position are in _ends
         self._entries = 0
         self._stale = 0  # entries of dropped segments, or past a truncated segment's end
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(map(len, self.segments.values()))
+        self.num_tokens = 0  # in its segments
 
     def extend(self, seg: int, tokens: Seq[int], hold: int = 0) -> None:
         """Appends `tokens` to segment `seg` (a new one if unknown) and indexes its n-grams, all but those ending in
         its last `hold` tokens (a sequence's own text: its last n-gram must not match itself)."""
         text = self.segments.setdefault(seg, [])
         text += tokens
+        self.num_tokens += len(tokens)
         k, done = self.key_len, self._indexed.get(seg, self.key_len - 1)
         for end in range(done + 1, len(text) - hold + 1):
             key, packed = hash(tuple(text[end - k : end])), seg << _END_BITS | end
@@ -75,6 +73,7 @@ class SuffixIndex:
         text = self.segments[seg]
         if length < len(text):
             self._stale += max(0, self._indexed[seg] - max(length, self.key_len - 1))
+            self.num_tokens -= len(text) - length
             del text[length:]
             self._indexed[seg] = min(self._indexed[seg], max(length, self.key_len - 1))
             self._compact_if_stale()
@@ -82,6 +81,7 @@ class SuffixIndex:
     def drop(self, seg: int) -> None:
         text = self.segments.pop(seg, None)
         if text is not None:
+            self.num_tokens -= len(text)
             self._stale += max(0, self._indexed.pop(seg) - self.key_len + 1)
             self._compact_if_stale()
 

@@ -91,7 +91,7 @@ def test_index_drops_and_cuts_segments_and_compacts():
     index.truncate(5, 5)  # [1, 2, 3, 15, 1]
     assert [(s, end) for s, _, end, _ in index.matches([9, 1, 2], 24) if s == 5] == [(5, 2)]
     assert index.matches([3, 15, 1], 24)[0][:1] == (5,) and index.matches([3, 15, 1], 24)[0][2:] == (5, 3)
-    assert index.num_tokens == 12 + 5
+    assert index.num_tokens == 12 + 5 == sum(map(len, index.segments.values()))
 
 
 def test_config_refuses_bad_suffix_settings():

@@ -38,14 +38,15 @@ def test_embedding_requests_through_the_shared_prefix_workload(tmp_path, capsys)
     assert runs["A"][0]["cached_tokens"] == 0 < runs["B"][0]["cached_tokens"]
 
 
-def test_copy_workload_reports_draft_acceptance(tmp_path, capsys):
-    """The copy workload (natural-text chat prompts, ending at the end token) with speculative decoding in B only:
-    the table gains B's draft acceptance, and both configurations produce the same number of tokens."""
+@pytest.mark.parametrize("workload,method", [("copy", "ngram"), ("extraction", "suffix")])
+def test_copy_workload_reports_draft_acceptance(tmp_path, capsys, workload, method):
+    """The copy and extraction workloads (natural-text chat prompts, ending at the end token) with speculative decoding
+    in B only: the table gains B's draft acceptance, and both configurations produce the same number of tokens."""
     out = tmp_path / "runs.json"
     small = ["scheduler.max_batch_tokens=128", "scheduler.max_running=4", "model.max_model_len=256", "cache.num_pages=64"]
-    rc = bench.main(["--workload", "copy", "--synthetic-model", "32,1,4,2,8", "--num-requests", "4", "--copy-sentences", "2",
+    rc = bench.main(["--workload", workload, "--synthetic-model", "32,1,4,2,8", "--num-requests", "4", "--copy-sentences", "2",
                      "--output-len", "24", "--max-concurrency", "4", "--set", *small,
-                     "--set-b", "speculative.method=ngram", "speculative.ngram_min=1", "--json", str(out)])
+                     "--set-b", f"speculative.method={method}", "speculative.ngram_min=1", "--json", str(out)])
     assert rc == 0
     assert "spec_acceptance" in capsys.readouterr().out
     runs = json.loads(out.read_text())["runs"]

@@ -178,7 +178,7 @@ def test_speculative_decoding_under_grammars_same_outputs(tiny_model, monkeypatc
     """N-gram drafts for constrained requests: cut where the grammar stops accepting them, each verified position
     masked by the grammar advanced through the drafts before it, and a grammar completed inside an accepted run
     ends the output there. Outputs equal plain decoding's, greedy and sampled, beside unconstrained requests; with
-    draft trees too (each branch cut, each node masked along its own path)."""
+    draft trees too (each branch cut, each node masked along its own path), and suffix decoding's trees."""
     tok = tiny_model[2]
     loop = r"(cab,|bad,|dab,)+end"  # cyclic text: the lookup's drafts are often right
     prompts = [tok.encode("cab,bad,dab,end\n" * 2, add_special_tokens=False) + [i] for i in range(1, 13)]
@@ -197,15 +197,17 @@ def test_speculative_decoding_under_grammars_same_outputs(tiny_model, monkeypatc
 
     monkeypatch.setattr(engine_module, "_branches", branches)
     runs, stats = {}, {}
-    for method, branches in (("none", 1), ("ngram", 1), ("tree", 3)):
-        llm = LLM(EngineConfig().replace(**SMALL, **{"speculative.method": "none" if method == "none" else "ngram",
-                                                     "speculative.ngram_min": 1, "speculative.ngram_branches": branches}),
-                  progress=False, model=tiny_model)
+    for method, branches in (("none", 1), ("ngram", 1), ("tree", 3), ("suffix", 1)):
+        spec = {"speculative.method": {"tree": "ngram"}.get(method, method), "speculative.ngram_min": 1,
+                "speculative.ngram_branches": branches}
+        if method == "suffix":  # (its trees: drafts from the other constrained answers too)
+            spec.update({"speculative.num_tokens": 8, "speculative.suffix_min_prob": 0.05})
+        llm = LLM(EngineConfig().replace(**SMALL, **spec), progress=False, model=tiny_model)
         runs[method] = [(o.token_ids, o.text, o.finish_reason) for o in llm.generate(prompts, params)]
         stats[method] = llm.engine.stats()
-    assert runs["none"] == runs["ngram"] == runs["tree"]
+    assert runs["none"] == runs["ngram"] == runs["tree"] == runs["suffix"]
     assert max(trees) > 1  # trees under grammars were verified
-    assert stats["ngram"]["spec_accepted_tokens"] > 0 and stats["tree"]["spec_accepted_tokens"] > 0
+    assert all(stats[m]["spec_accepted_tokens"] > 0 for m in ("ngram", "tree", "suffix"))
     for (ids, text, reason), p in zip(runs["ngram"], params):
         if p.structured is not None and p.structured.regex is not None and reason == "stop":
             assert re.fullmatch(loop, text)

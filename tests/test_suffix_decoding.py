@@ -94,6 +94,36 @@ def test_index_drops_and_cuts_segments_and_compacts():
     assert index.num_tokens == 12 + 5 == sum(map(len, index.segments.values()))
 
 
+def test_cache_votes_only_with_what_came_next_and_drafts_as_long_as_the_match_earns():
+    """SuffixCache.propose over hand-made requests: a running request's text that ends where the pattern does has not
+    said what comes next (no vote), nor has the sequence's own last n-gram; a match of m tokens drafts at most
+    m * suffix_spec_factor nodes."""
+    from engine.request import SamplingParams, Sequence, Status
+    from engine.suffix_decoding import SuffixCache
+
+    def request(rid, prompt, output, status=Status.RUNNING):
+        s = Sequence(rid, list(prompt), SamplingParams(max_tokens=100))
+        s.output_ids, s.status = list(output), status
+        return s
+
+    def cache(factor=1.0, min_prob=0.6):
+        return SuffixCache(key_len=2, max_depth=24, max_cached=10, spec_factor=factor, min_prob=min_prob, trees=True)
+
+    done = request("done", [1], [7, 8, 40, 41, 42, 43, 44], Status.FINISHED)
+    ahead = request("ahead", [2], [9, 9, 7, 8])  # running, at the same place: it has not written what follows
+    mine = request("mine", [3, 3], [7, 8])
+    c = cache()
+    c.sync([done, ahead, mine])
+    assert c.propose(mine, budget=8, max_depth=8).tokens == (40, 41)  # 2 tokens matched: 2 drafted, both sure
+    c = cache(factor=2.0)
+    c.sync([done, ahead, mine])
+    assert c.propose(mine, budget=8, max_depth=8).tokens == (40, 41, 42, 43)
+    assert c.propose(mine, budget=3, max_depth=2).tokens == (40, 41)
+    # Its own text: "5 6 9 5 6" goes on after its first "5 6" with 9; its last "5 6" has nothing after it yet
+    alone = request("alone", [5, 6, 9, 5], [6])
+    assert cache().propose(alone, budget=8, max_depth=8).tokens == (9, 5)
+
+
 def test_config_refuses_bad_suffix_settings():
     for bad, word in ((dict(suffix_max_depth=1, ngram_min=2), "suffix_max_depth"),
                       (dict(suffix_max_cached_requests=-1), "suffix_max_cached_requests"),

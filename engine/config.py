@@ -238,6 +238,11 @@ class SpeculativeConfig:
     # next tokens of each of the topk likeliest paths so far, and the step verifies the num_tokens * topk likeliest
     # nodes (at most 32) of num_tokens levels; 1: a greedy chain (engine/draft_trees.py)
     topk: int = 1
+    # trees of ngram (ngram_branches > 1) or of a drafter (topk > 1): the most nodes a step verifies per sequence
+    # (SGLang's --speculative-num-draft-tokens, less its root); 0: num_tokens * ngram_branches or num_tokens * topk
+    # (at most 32). Fewer verify fewer positions a step (cheaper at larger batches); a drafter's rounds need at least
+    # (num_tokens - 1) * topk
+    tree_nodes: int = 0
     # draft_model: the draft's checkpoint (GGUF file, HF directory, Orbax directory, pkg:...); eagle3: the head's HF
     # directory
     model: str = ""
@@ -264,6 +269,22 @@ class SpeculativeConfig:
             raise ConfigKeyError(f"speculative.ngram_branches={self.ngram_branches} drafts trees of n-gram continuations: "
                                  f"it needs speculative.method=ngram (got {self.method!r})")
         _positive("speculative.topk", self.topk)
+        if self.tree_nodes:
+            if self.tree_nodes < 0 or self.tree_nodes > MAX_TREE_NODES:
+                raise ConfigKeyError(f"speculative.tree_nodes must be in 1..{MAX_TREE_NODES} (0: num_tokens times the "
+                                     f"branches), got {self.tree_nodes}")
+            if not ((self.method == "ngram" and self.ngram_branches > 1) or (self.method in DRAFTERS and self.topk > 1)):
+                raise ConfigKeyError(f"speculative.tree_nodes={self.tree_nodes} sizes draft trees: it needs "
+                                     "speculative.ngram_branches > 1 (ngram) or speculative.topk > 1 (draft_model, mtp, "
+                                     f"eagle3); got method {self.method!r} (suffix decoding's trees: num_tokens)")
+            most = self.num_tokens * max(self.ngram_branches, self.topk)
+            if self.tree_nodes > most:
+                raise ConfigKeyError(f"speculative.tree_nodes={self.tree_nodes}: a tree of num_tokens={self.num_tokens} "
+                                     f"levels holds at most {most} nodes here")
+            if self.method in DRAFTERS and self.tree_nodes < (self.num_tokens - 1) * self.topk:
+                raise ConfigKeyError(f"speculative.tree_nodes={self.tree_nodes}: a drafter's {self.num_tokens - 1} "
+                                     f"rounds of {self.topk} paths keep their K/V in the tree's slots, which need at "
+                                     f"least (num_tokens - 1) * topk = {(self.num_tokens - 1) * self.topk}")
         if self.method == "suffix":
             if self.suffix_max_depth < self.ngram_min:
                 raise ConfigKeyError(f"speculative.suffix_max_depth ({self.suffix_max_depth}) must be >= "
@@ -301,8 +322,9 @@ class SpeculativeConfig:
     def draft_nodes(self) -> int:
         """Draft tokens one sequence may have verified in a step: a chain's `draft_tokens`, or a tree's nodes
         (`num_tokens * ngram_branches`, or `num_tokens * topk`, at most MAX_TREE_NODES)."""
-        return (min(self.draft_tokens * max(self.ngram_branches, self.topk), MAX_TREE_NODES) if self.trees
-                else self.draft_tokens)
+        if not self.trees:
+            return self.draft_tokens
+        return self.tree_nodes or min(self.draft_tokens * max(self.ngram_branches, self.topk), MAX_TREE_NODES)
 
     def drafting_rows(self, max_running: int) -> int:
         """Most sequences with drafts in one step: all `max_running` decoding ones, or at most `max_batch` (no sequence

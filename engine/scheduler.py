@@ -471,7 +471,7 @@ class Scheduler:
                                                              self.spec.ngram_branches)
                 if tree:
                     draft = seq.draft_index.propose_tree(
-                        seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, speculative.MAX_TREE_NODES))
+                        seq.all_ids, depth, min(room, depth * self.spec.ngram_branches, self.spec.draft_nodes))
                 else:
                     draft = speculative.DraftTree.chain(seq.draft_index.propose(seq.all_ids, min(depth, room)))
             if seq.images:  # a copy that reaches an image's positions stops there (no sampled token is one)

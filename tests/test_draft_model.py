@@ -159,6 +159,18 @@ def test_draft_trees_are_the_draft_models_top_k_trees(tiny_model, draft, tokeniz
         want = draft_trees.reference_tree(lambda path: next_tokens(list(tokens) + path), 2, drafted.height, len(drafted))
         assert drafted == want, (tokens, drafted, want)
 
+    # speculative.tree_nodes (SGLang's num_draft_tokens): the 4 best of those nodes, 3 levels still drafted
+    proposed.clear()
+    capped, _ = _run(EngineConfig().replace(**{**SMALL, **tree, "speculative.tree_nodes": 4}), tiny_model, draft,
+                     prompts[:12], params[:12])
+    for a, b in zip(plain[:12], capped):
+        _same(a, b)
+    trees = [(tokens, t) for tokens, t in proposed if isinstance(t, speculative.DraftTree)]
+    assert max(len(t) for _, t in trees) == 4 and max(t.height for _, t in trees) == 3
+    for tokens, drafted in random.Random(1).sample(trees, 6):
+        want = draft_trees.reference_tree(lambda path: next_tokens(list(tokens) + path), 2, drafted.height, len(drafted))
+        assert drafted == want, (tokens, drafted, want)
+
 
 def test_draft_trees_hold_what_top_k_sampling_draws(tiny_model, tokenizer):
     """The model as its own draft with speculative.topk = 3, requests sampling from their 3 likeliest tokens: the

@@ -526,6 +526,15 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert spec.speculative.trees and spec.speculative.draft_nodes == 20
     assert load_config(None, ["speculative.method=eagle3", "speculative.topk=4", "speculative.num_tokens=9"]
                        ).speculative.draft_nodes == 32
+    eagle = ["speculative.method=eagle3", "speculative.topk=4", "speculative.num_tokens=3"]
+    assert load_config(None, [*eagle, "speculative.tree_nodes=8"]).speculative.draft_nodes == 8
+    with pytest.raises(ConfigKeyError, match=r"tree_nodes=7: a drafter's 2 rounds of 4 paths .* need at least "
+                                             r"\(num_tokens - 1\) \* topk = 8"):
+        load_config(None, [*eagle, "speculative.tree_nodes=7"])
+    with pytest.raises(ConfigKeyError, match="tree_nodes=13: a tree of num_tokens=3 levels holds at most 12"):
+        load_config(None, [*eagle, "speculative.tree_nodes=13"])
+    with pytest.raises(ConfigKeyError, match="tree_nodes=3 sizes draft trees: it needs"):
+        load_config(None, ["speculative.method=suffix", "speculative.tree_nodes=3"])
 
 
 def test_default_config_file_is_valid():

@@ -515,6 +515,8 @@ def test_speculative_decoding_never_changes_outputs():
             "tree-window": dict(num_pages=64, max_batch_tokens=16, window=5, window_pages=12,
                                 spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1, ngram_max=3,
                                                        ngram_branches=2)),
+            "tree-capped": dict(num_pages=256, spec=SpeculativeConfig(method="ngram", num_tokens=4, ngram_min=1,
+                                                                      ngram_max=3, ngram_branches=3, tree_nodes=6)),
             "suffix": dict(num_pages=256, spec=SpeculativeConfig(method="suffix", num_tokens=8, ngram_min=1,
                                                                  suffix_min_prob=0.05, suffix_spec_factor=2.0)),
             "suffix-chain": dict(num_pages=256, spec=SpeculativeConfig(method="suffix", num_tokens=5, ngram_min=2,
@@ -530,8 +532,12 @@ def test_speculative_decoding_never_changes_outputs():
             for s in seqs:
                 s.params = dataclasses.replace(s.params, max_tokens=random.Random(s.request_id).randrange(1, 30))
             computed = []  # tokens computed at non-draft positions
-            results[name] = run_all(sched, runner, seqs,
-                                    on_plan=lambda p: computed.append(p.num_tokens - sum(len(c.draft) for c in p.chunks)))
+
+            def on_plan(plan, most=sched.spec.draft_nodes):
+                assert all(len(c.draft) <= most for c in plan.chunks)  # (tree_nodes)
+                computed.append(plan.num_tokens - sum(len(c.draft) for c in plan.chunks))
+
+            results[name] = run_all(sched, runner, seqs, on_plan=on_plan)
             assert sched.pool.num_free + sched.tree.num_cached_pages == sched.pool.num_pages
             drafted += sched.stats.spec_draft_tokens
             accepted += sched.stats.spec_accepted_tokens

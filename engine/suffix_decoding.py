@@ -46,7 +46,7 @@ class SuffixIndex:
         self._ends: dict[int, int | list[int]] = {}  # hash of an n-gram -> its packed ends, oldest first
         self._indexed: dict[int, int] = {}  # segment -> n-grams ending at or before this position are in _ends
         self._entries = 0
-        self._stale = 0  # entries of dropped segments, or past a truncated segment's end
+        self._stale = 0  # entries of dropped segments
         self.num_tokens = 0  # in its segments
 
     def extend(self, seg: int, tokens: Seq[int], hold: int = 0) -> None:
@@ -69,14 +69,25 @@ class SuffixIndex:
         self._indexed[seg] = max(done, len(text) - hold)
 
     def truncate(self, seg: int, length: int) -> None:
-        """Cuts segment `seg` to `length` tokens (an output cut back at a stop string)."""
+        """Cuts segment `seg` to `length` tokens (an output cut back at a stop string); its entries past that go now,
+        so that it may grow again."""
         text = self.segments[seg]
-        if length < len(text):
-            self._stale += max(0, self._indexed[seg] - max(length, self.key_len - 1))
-            self.num_tokens -= len(text) - length
-            del text[length:]
-            self._indexed[seg] = min(self._indexed[seg], max(length, self.key_len - 1))
-            self._compact_if_stale()
+        if length >= len(text):
+            return
+        k, kept = self.key_len, max(length, self.key_len - 1)
+        for end in range(kept + 1, self._indexed[seg] + 1):
+            key, packed = hash(tuple(text[end - k : end])), seg << _END_BITS | end
+            ends = self._ends[key]
+            if isinstance(ends, int):
+                del self._ends[key]
+            else:
+                ends.remove(packed)
+                if len(ends) == 1:
+                    self._ends[key] = ends[0]
+            self._entries -= 1
+        self._indexed[seg] = min(self._indexed[seg], kept)
+        self.num_tokens -= len(text) - length
+        del text[length:]
 
     def drop(self, seg: int) -> None:
         text = self.segments.pop(seg, None)
@@ -98,8 +109,7 @@ class SuffixIndex:
         self._stale = 0
 
     def _live(self, packed: int) -> bool:
-        seg, end = packed >> _END_BITS, packed & ((1 << _END_BITS) - 1)
-        return seg in self.segments and end <= self._indexed[seg]
+        return packed >> _END_BITS in self.segments
 
     def matches(self, pattern: Seq[int], max_len: int, skip: int = -1,
                 limit: int = MAX_MATCHES) -> list[tuple[int, list[int], int, int]]:
@@ -116,7 +126,7 @@ class SuffixIndex:
         for packed in ([ends] if isinstance(ends, int) else reversed(ends)):
             seg, end = packed >> _END_BITS, packed & ((1 << _END_BITS) - 1)
             text = self.segments.get(seg)
-            if seg == skip or text is None or end > self._indexed[seg]:
+            if seg == skip or text is None:
                 continue
             longest, n = min(max_len, end, len(pattern)), 0
             while n < longest and text[end - 1 - n] == pattern[-1 - n]:

@@ -92,6 +92,9 @@ def test_index_drops_and_cuts_segments_and_compacts():
     assert [(s, end) for s, _, end, _ in index.matches([9, 1, 2], 24) if s == 5] == [(5, 2)]
     assert index.matches([3, 15, 1], 24)[0][:1] == (5,) and index.matches([3, 15, 1], 24)[0][2:] == (5, 3)
     assert index.num_tokens == 12 + 5 == sum(map(len, index.segments.values()))
+    assert index._entries == 11 + 4
+    index.extend(5, [2, 3])  # it grows again: each place once
+    assert [(s, end) for s, _, end, _ in index.matches([9, 1, 2], 24) if s == 5] == [(5, 6), (5, 2)]
 
 
 def test_cache_votes_only_with_what_came_next_and_drafts_as_long_as_the_match_earns():

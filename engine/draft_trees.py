@@ -19,7 +19,6 @@ as many as the row's draft slots (fewer slots: fewer levels).
 """
 from __future__ import annotations
 
-import collections
 from typing import Callable
 
 import jax
@@ -126,17 +125,8 @@ def select_tree(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray, nod
         if parents[c] < 0 or parents[c] in chosen:
             chosen.add(c)
             kept.append(c)
-    children = collections.defaultdict(list)  # in score order
-    for c in kept:
-        children[int(parents[c])].append(c)
-    branches: list[list[int]] = []
-    stack = [(c, [int(tokens[c])]) for c in reversed(children[-1])]
-    while stack:
-        c, path = stack.pop()
-        if not children[c]:
-            branches.append(path)
-        stack.extend((child, path + [int(tokens[child])]) for child in reversed(children[c]))
-    return speculative.build_tree(branches, len(kept))
+    node = {c: i + 1 for i, c in enumerate(kept)}  # (score order: a parent before its children)
+    return speculative.DraftTree.preorder([int(tokens[c]) for c in kept], [node.get(int(parents[c]), 0) for c in kept])
 
 
 def best_path(tokens: np.ndarray, parents: np.ndarray, scores: np.ndarray) -> speculative.DraftTree:

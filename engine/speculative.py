@@ -53,6 +53,23 @@ class DraftTree:
         `height`); their tokens are placeholders."""
         return DraftTree((0,) * nodes, tuple(range(levels)) + (0,) * (nodes - levels))
 
+    @staticmethod
+    def preorder(tokens: Seq[int], parents: Seq[int]) -> "DraftTree":
+        """Nodes numbered 1.. in the order they were taken (node j + 1 holds tokens[j] and hangs from parents[j], 0 the
+        root, a parent taken before its children), renumbered depth-first with each node's children in the order
+        taken."""
+        kids: list[list[int]] = [[] for _ in range(len(tokens) + 1)]
+        for node, parent in enumerate(parents, 1):
+            kids[parent].append(node)
+        order, stack = [], kids[0][::-1]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(reversed(kids[node]))
+        new = {old: i + 1 for i, old in enumerate(order)}
+        new[0] = 0
+        return DraftTree(tuple(tokens[n - 1] for n in order), tuple(new[parents[n - 1]] for n in order))
+
     def __len__(self) -> int:
         return len(self.tokens)
 
@@ -135,15 +152,7 @@ def build_tree(branches: Seq[Seq[int]], max_nodes: int) -> DraftTree:
                 children.append({})
                 child = children[node][t] = len(tokens)
             node = child
-    # Depth-first preorder, each node's children in insertion order (the first branch stays nodes 1, 2, ..).
-    order, stack = [], list(reversed(children[0].values()))
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(children[node].values()))
-    new = {old: i + 1 for i, old in enumerate(order)}
-    new[0] = 0
-    return DraftTree(tuple(tokens[n - 1] for n in order), tuple(new[parents[n - 1]] for n in order))
+    return DraftTree.preorder(tokens, parents)  # (children in insertion order: the first branch stays nodes 1, 2, ..)
 
 
 def propose_ngram(tokens: Seq[int], k: int, ngram_min: int, ngram_max: int) -> list[int]:

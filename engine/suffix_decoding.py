@@ -172,23 +172,7 @@ def grow(rows: Seq[tuple[Seq[int], int]], budget: int, max_depth: int, min_prob:
         parents.append(parent)
         probs.append(-neg)
         offer(len(tokens), group, -neg, depth)
-    return sum(probs), _preorder(tokens, parents)
-
-
-def _preorder(tokens: list[int], parents: list[int]) -> DraftTree:
-    """Nodes numbered 1.. in the order taken (a child after its parent) as a DraftTree: depth-first, each node's
-    children in the order taken (the likeliest first)."""
-    kids: dict[int, list[int]] = collections.defaultdict(list)
-    for node, parent in enumerate(parents, 1):
-        kids[parent].append(node)
-    order, stack = [], list(reversed(kids[0]))
-    while stack:
-        node = stack.pop()
-        order.append(node)
-        stack.extend(reversed(kids[node]))
-    new = {old: i + 1 for i, old in enumerate(order)}
-    new[0] = 0
-    return DraftTree(tuple(tokens[n - 1] for n in order), tuple(new[parents[n - 1]] for n in order))
+    return sum(probs), DraftTree.preorder(tokens, parents)  # (children in the order taken: likeliest first)
 
 
 def best_draft(found: Seq[tuple[Seq[int], int, int]], budget: int, max_depth: int, min_prob: float,

@@ -273,7 +273,7 @@ class SpeculativeConfig:
             if self.tree_nodes < 0 or self.tree_nodes > MAX_TREE_NODES:
                 raise ConfigKeyError(f"speculative.tree_nodes must be in 1..{MAX_TREE_NODES} (0: num_tokens times the "
                                      f"branches), got {self.tree_nodes}")
-            if not ((self.method == "ngram" and self.ngram_branches > 1) or (self.method in DRAFTERS and self.topk > 1)):
+            if not self.trees or self.method == "suffix":
                 raise ConfigKeyError(f"speculative.tree_nodes={self.tree_nodes} sizes draft trees: it needs "
                                      "speculative.ngram_branches > 1 (ngram) or speculative.topk > 1 (draft_model, mtp, "
                                      f"eagle3); got method {self.method!r} (suffix decoding's trees: num_tokens)")

@@ -36,6 +36,11 @@ MAX_MATCHES = 128  # the latest places of a sequence's last ngram_min tokens a p
 _END_BITS = 32  # an index entry packs (segment << _END_BITS) | end
 
 
+def _entry(text: Seq[int], seg: int, end: int, k: int) -> tuple[int, int]:
+    """The index's key for the k-gram of segment `seg` ending before `end` (its hash), and the entry (packed)."""
+    return hash(tuple(text[end - k : end])), seg << _END_BITS | end
+
+
 class SuffixIndex:
     """Token texts (segments, by an int id) and, for every `key_len`-token n-gram in them, where it ended, kept as
     texts grow. A dropped segment's entries go lazily (skipped, then compacted once they are half the index)."""
@@ -57,7 +62,7 @@ class SuffixIndex:
         self.num_tokens += len(tokens)
         k, done = self.key_len, self._indexed.get(seg, self.key_len - 1)
         for end in range(done + 1, len(text) - hold + 1):
-            key, packed = hash(tuple(text[end - k : end])), seg << _END_BITS | end
+            key, packed = _entry(text, seg, end, k)
             ends = self._ends.get(key)
             if ends is None:
                 self._ends[key] = packed
@@ -76,7 +81,7 @@ class SuffixIndex:
             return
         k, kept = self.key_len, max(length, self.key_len - 1)
         for end in range(kept + 1, self._indexed[seg] + 1):
-            key, packed = hash(tuple(text[end - k : end])), seg << _END_BITS | end
+            key, packed = _entry(text, seg, end, k)
             ends = self._ends[key]
             if isinstance(ends, int):
                 del self._ends[key]

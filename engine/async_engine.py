@@ -46,6 +46,8 @@ class GenerateRequest:
     priority: int = 0  # scheduler.policy "priority": lower runs first
     adapter: str | None = None  # a LoRA adapter of the engine (None: the base model)
     images: tuple = ()  # engine.multimodal.ImageSpan of each image in the prompt
+    # Pages of its prompt a prefill replica sent (engine.kv_transfer): (the last one's block hash, their payloads)
+    received: tuple | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,7 @@ class RequestStream:
         # handoff: each request's whole prompt pages by block hash, set on the engine thread once it is added (a
         # prefill for a decode replica: engine.disaggregation)
         self.page_hashes: list[list[int]] | None = [] if handoff else None
+        self.page_keys: list[tuple] | None = [] if handoff else None  # ... and their tokens and namespace
         self._index = {rid: i for i, rid in enumerate(request_ids)}
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
@@ -207,6 +210,11 @@ class AsyncEngine:
             await asyncio.sleep(HANDOFF_POLL_S)
         disk = self.engine.disk
         return 0 if disk is None else await self._on_engine_thread(lambda: disk.present(hashes))
+
+    async def offer_pages(self, key: tuple) -> dict | None:
+        """A prompt's pages (its `RequestStream.page_keys` entry) offered to a decode replica once (engine.kv_transfer:
+        `ReplicaTransfer.offer`)."""
+        return await self._on_engine_thread(lambda: self.engine.transfer.offer(*key))
 
     async def update_weights(self, source, abort_running: bool = False) -> "WeightUpdate":
         """New weights (`LLMEngine.update_weights`' sources): read and checked off the engine thread while it keeps
@@ -371,6 +379,9 @@ class AsyncEngine:
                 self._streams[rid] = stream
                 if stream.page_hashes is not None:
                     stream.page_hashes.append(self.engine.prompt_page_hashes(rid))
+                    stream.page_keys.append(self.engine.prompt_pages_key(rid))
+                if req.received is not None:
+                    self.engine.receive_prompt_pages(rid, *req.received)
         except Exception as e:  # all or nothing: one bad sample fails the call
             for rid in added:
                 self.engine.abort(rid)

@@ -6,6 +6,10 @@ them); admission asks how far a prompt's match continues past the tree (host slo
 read starts here and is waited for); each plan takes the saves collected since the last. Ints and opaque page
 payloads only: the runner moves the bytes.
 
+Pages received from a prefill replica (prefill/decode disaggregation over the network: engine.kv_transfer) wait in
+host memory by block hash (`receive`) until an admission takes them, after the host tier's and before the disk's,
+as pages read from disk; the oldest go first past `received_capacity` pages.
+
 A model with linear attention layers resumes a prefix only where a snapshot of its recurrent state is
 (engine.state_snapshots): its host tier also keeps the snapshots the device lets go, in host state slots by block
 hash, and its disk tier every snapshot a step takes, in files of their own (`disk_states`); a prompt whose match ends
@@ -13,6 +17,7 @@ at one takes a copy of it into its state slot instead of recomputing the prefix.
 """
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import threading
 import time
@@ -61,16 +66,30 @@ class CacheTiers:
         self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
         # Disk reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
         self._disk_reading: dict[int, tuple] = {}
+        # Pages received from prefill replicas, by block hash, oldest first: payloads as the disk tier reads them; at
+        # most `received_capacity` (the engine sets it with parallel.kv_transfer: jax; 0: none are taken).
+        self.received_capacity = 0
+        self.received: collections.OrderedDict[int, tuple] = collections.OrderedDict()
 
     @property
     def enabled(self) -> bool:
-        return self.host is not None or self.disk is not None
+        return self.host is not None or self.disk is not None or self.received_capacity > 0
+
+    def receive(self, hashes: list[int], payloads: list[tuple]) -> None:
+        """Pages a prefill replica computed (each one's block hash and payload), for the admissions that follow."""
+        for h, payload in zip(hashes, payloads):
+            self.received[h] = payload
+            self.received.move_to_end(h)
+        while len(self.received) > self.received_capacity:
+            self.received.popitem(last=False)
+            self.stats.received_dropped_pages += 1
 
     # ------------------------------------------------------------------------------------ admission
     def continue_match(self, seq: Sequence, match) -> tuple[list[int], list[object]] | None:
-        """(host slots, disk pages) holding the pages after the tree's `match`, in a row, host tier first (never the
-        page of the last token: a step must compute at least that one). None: the disk tier holds some, being read
-        (the read starts here the first time); the sequence waits for it."""
+        """(host slots, disk pages) holding the pages after the tree's `match`, in a row, host tier first, then pages
+        received, then the disk tier (never the page of the last token: a step must compute at least that one); a
+        received page counts as read from disk (`seq.received_pages` of them lead the disk pages). None: the disk tier
+        holds some, being read (the read starts here the first time); the sequence waits for it."""
         tokens, ps = seq.all_ids, self.page_size
         end = (len(tokens) - 1) // ps * ps
         hashes = page_hashes(tokens[match.num_tokens : end], ps, seq.namespace, parent=match.node.last_hash())
@@ -82,10 +101,17 @@ class CacheTiers:
                     break
                 slots.append(slot)
         pages: list[object] | None = []
-        if self.disk is not None and len(slots) < len(hashes) and not _is_adapter(seq.namespace):
-            pages = self._disk_hits(seq, hashes[len(slots) :])
-            if pages is None:
+        for h in hashes[len(slots) :]:
+            if h not in self.received:
+                break
+            pages.append(self.received[h])
+        seq.received_pages = len(pages)
+        done = len(slots) + len(pages)
+        if self.disk is not None and done < len(hashes) and not _is_adapter(seq.namespace):
+            read = self._disk_hits(seq, hashes[done:])
+            if read is None:
                 return None
+            pages += read
         self.loading.update(slots)  # before any eviction can pick these slots for a save in this plan
         return slots, pages
 
@@ -238,7 +264,10 @@ class CacheTiers:
     def tree_storing(self, pages: list[int], hashes: list[int], namespace: str | None) -> None:
         """The tree stores new pages: those the disk tier lacks are written out from before the next step (the step
         computing them, dispatched before it, has written their K/V by then). An adapter's pages are not kept there
-        (its files can change under its name)."""
+        (its files can change under its name). Pages received under those hashes are in the tree now: let go."""
+        if self.received:
+            for h in hashes:
+                self.received.pop(h, None)
         if self.disk is None or _is_adapter(namespace):
             return
         new = []
@@ -261,6 +290,7 @@ class CacheTiers:
         self._states_written.clear()
         self.disk_saves.clear()
         self._disk_reading.clear()
+        self.received.clear()
 
 
 def _joined(futures: list[concurrent.futures.Future]) -> concurrent.futures.Future:

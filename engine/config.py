@@ -379,6 +379,15 @@ class ParallelConfig:
     # the router sends each generation request to one of them first, and the rest decode from the prompt pages they
     # leave in the disk tier all share (cache.disk_path, needed then). 0: every replica does both.
     prefill_replicas: int = 0
+    # How a prefill replica's prompt pages reach the decode replica: "disk", through the disk tier they share
+    # (cache.disk_path); "jax", pulled from the prefill replica's devices over the network by JAX's transfer server
+    # (engine/kv_transfer.py): nothing shared but the network (SGLang's --disaggregation-transfer-backend).
+    kv_transfer: Literal["disk", "jax"] = "disk"
+    # With "jax": the host:port this replica's transfer server listens on and names to decode replicas (port 0: any
+    # free one). Several hosts: this host's address on the network between them.
+    kv_transfer_address: str = "127.0.0.1:0"
+    # With "jax", a decode replica's pages received and not yet taken by an admission, at most (oldest dropped first).
+    kv_transfer_buffer_gb: float = 1.0
     coordinator_address: str | None = None  # host:port of process 0, for several hosts
     num_processes: int = 1
     process_id: int = 0
@@ -393,6 +402,12 @@ class ParallelConfig:
         if self.prefill_replicas and not 0 < self.prefill_replicas < self.data:
             raise ConfigKeyError(f"parallel.prefill_replicas must be in [0, parallel.data) (some replica must decode), "
                                  f"got {self.prefill_replicas} of {self.data}")
+        host, sep, port = self.kv_transfer_address.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise ConfigKeyError(f"parallel.kv_transfer_address must be host:port (port 0: any), got "
+                                 f"{self.kv_transfer_address!r}")
+        if not self.kv_transfer_buffer_gb > 0:
+            raise ConfigKeyError(f"parallel.kv_transfer_buffer_gb must be > 0, got {self.kv_transfer_buffer_gb}")
         if not 0 <= self.process_id < self.num_processes:
             raise ConfigKeyError(f"parallel.process_id must be in [0, {self.num_processes}), got {self.process_id}")
 

@@ -11,10 +11,21 @@ On the prefill replica the request is built as the server builds any (chat templ
 adapter, priority; its fields checked), then run with `max_tokens: 1` and none of its sampling options; the answer
 is a small JSON body (`object: "prefill"`), never the completion. LoRA adapters' pages are not kept on disk (the disk
 tier skips them): their prompts are prefilled again by the decode replica.
+
+With `parallel.kv_transfer: jax` nothing is shared but the network (engine/kv_transfer.py): the prefill replica
+answers as soon as its prompt is computed, with an offer of each prompt's pages (`transfer`: its transfer server's
+address, its layout key, per distinct prompt a uuid); the router hands that on to the decode replica in `OFFERS_HEADER`,
+and the decode replica pulls the pages before it queues the request (`receive_from_prefill`), whose admission takes
+them as cached prompt pages. Whatever fails there (a malformed header, another layout, a pull that times out) costs
+the decode replica only the prefill.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
+import dataclasses
+import json
+import logging
 import time
 import uuid
 from typing import TYPE_CHECKING
@@ -22,12 +33,17 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from engine.async_engine import AsyncEngine, GenerateRequest
 
+log = logging.getLogger(__name__)
+
 HEADER = "x-radixlm-prefill-only"
+OFFERS_HEADER = "x-radixlm-kv-offers"  # the router's copy of a prefill answer's `transfer` (JSON), to a decode replica
 _PREFILL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("prefill_only", default=False)
+_OFFERS: contextvars.ContextVar[str | None] = contextvars.ContextVar("kv_offers", default=None)
 
 
 class PrefillOnlyMarker:
-    """ASGI middleware: marks the requests that carry `HEADER` (`prefill_only()` is true while they are handled)."""
+    """ASGI middleware: marks the requests that carry `HEADER` (`prefill_only()` is true while they are handled) and
+    keeps the value of `OFFERS_HEADER` for them (`kv_offers()`)."""
 
     def __init__(self, app):
         self.app = app
@@ -36,11 +52,13 @@ class PrefillOnlyMarker:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         wanted = any(k == HEADER.encode() and marked(v) for k, v in scope["headers"])
-        token = _PREFILL_ONLY.set(wanted)
+        offers = next((v.decode("latin-1") for k, v in scope["headers"] if k == OFFERS_HEADER.encode()), None)
+        token, offers_token = _PREFILL_ONLY.set(wanted), _OFFERS.set(offers)
         try:
             await self.app(scope, receive, send)
         finally:
             _PREFILL_ONLY.reset(token)
+            _OFFERS.reset(offers_token)
 
 
 def marked(value: str | bytes | None) -> bool:
@@ -52,6 +70,20 @@ def marked(value: str | bytes | None) -> bool:
 def prefill_only() -> bool:
     """Whether the request being handled asks for a prefill for a decode replica."""
     return _PREFILL_ONLY.get()
+
+
+def kv_offers() -> str | None:
+    """The request being handled: the offer of its prompts' pages a prefill replica made (`OFFERS_HEADER`), or None."""
+    return _OFFERS.get()
+
+
+def distinct_prompts(requests: "list[GenerateRequest]") -> "dict[tuple, GenerateRequest]":
+    """A call's requests by prompt (n samples of one prompt: one prefill), in the call's order: the prefill replica
+    offers pages per entry, the decode replica builds the same call and pulls them per entry."""
+    distinct: dict[tuple, GenerateRequest] = {}
+    for r in requests:
+        distinct.setdefault((tuple(r.prompt_ids), r.namespace, r.adapter, r.images), r)
+    return distinct
 
 
 class PrefillDone(Exception):
@@ -70,18 +102,69 @@ async def prefill_for_decode(engine: "AsyncEngine", requests: "list[GenerateRequ
     from engine.request import SamplingParams
 
     t0 = time.perf_counter()
-    distinct: dict[tuple, GenerateRequest] = {}
-    for r in requests:  # n samples of one prompt: one prefill
-        distinct.setdefault((tuple(r.prompt_ids), r.namespace, r.adapter, r.images), r)
     runs = [GenerateRequest(r.prompt_ids, SamplingParams(max_tokens=1, temperature=0.0), r.namespace, r.priority,
-                            r.adapter, r.images) for r in distinct.values()]
+                            r.adapter, r.images) for r in distinct_prompts(requests).values()]
     stream = engine.submit(runs, f"prefill-{uuid.uuid4().hex}", final_only=True, handoff=True)
     async with stream:
         async for _, out in stream:
             if out.finish_reason == "abort":
                 raise EngineStopped("the prefill was aborted (the server is shutting down)")
+    transfer = engine.engine.transfer
+    if transfer is not None:  # offered for a pull, nothing written for it
+        offers = [await engine.offer_pages(key) for key in stream.page_keys]
+        prompts = [{"prompt_tokens": len(r.prompt_ids), "pages": len(hashes), "pages_offered": o and o["pages"]}
+                   for r, hashes, o in zip(runs, stream.page_hashes, offers)]
+        return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
+                "transfer": {"address": transfer.endpoint.address, "layout": transfer.layout_key, "offers": offers}}
     prompts = []
     for r, hashes in zip(runs, stream.page_hashes):
         on_disk = await engine.disk_handoff(hashes, timeout_s)
         prompts.append({"prompt_tokens": len(r.prompt_ids), "pages": len(hashes), "pages_on_disk": on_disk})
     return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4)}
+
+
+async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRequest]", offers: str,
+                               timeout_s: float) -> "list[GenerateRequest]":
+    """A decode replica's call that a prefill replica computed (`offers`: the header's value): each distinct prompt's
+    pages pulled (`timeout_s` at most), the requests returned carrying them (`GenerateRequest.received`). Anything
+    amiss is logged and the requests go as they came: the decode replica computes their prompts."""
+    from engine.kv_transfer import page_payloads  # (the router imports this module's headers alone: no JAX there)
+
+    transfer = engine.engine.transfer
+    if transfer is None:
+        log.warning("%s: this replica pulls no pages (parallel.kv_transfer is not jax): it computes the prompt",
+                    OFFERS_HEADER)
+        return requests
+    try:
+        body = json.loads(offers)
+        address, layout, entries = body["address"], body["layout"], list(body["offers"])
+    except (ValueError, KeyError, TypeError) as e:
+        log.warning("%s is malformed (%r): the prompt is computed here", OFFERS_HEADER, e)
+        return requests
+    if layout != transfer.layout_key:
+        log.warning("the prefill replica's pages are of another layout (%s, this replica's %s: other weights, dtypes, "
+                    "page size or parallelism): the prompt is computed here", layout, transfer.layout_key)
+        return requests
+    distinct = distinct_prompts(requests)
+    if len(entries) != len(distinct):
+        log.warning("%s: %d offers for %d prompts: the prompts are computed here", OFFERS_HEADER, len(entries),
+                    len(distinct))
+        return requests
+
+    async def pull(offer: dict):
+        try:
+            arrays = await transfer.endpoint.pull(address, int(offer["uuid"]), transfer.specs(int(offer["padded"])),
+                                                  timeout_s)
+            payloads = await asyncio.to_thread(page_payloads, arrays, int(offer["pages"]))
+            transfer.stats["received_pages"] += len(payloads)
+            return str(offer["last_hash"]), payloads
+        except Exception as e:  # a timeout, a refused connection, a malformed offer: computed here instead
+            transfer.stats["pulls_failed"] += 1
+            log.warning("pulling prompt pages from %s failed (%r): the prompt is computed here", address, e)
+            return None
+
+    got = await asyncio.gather(*(pull(o) for o in entries if o))
+    received = iter(got)
+    by_prompt = {key: next(received) if o else None for key, o in zip(distinct, entries)}
+    return [dataclasses.replace(r, received=by_prompt[(tuple(r.prompt_ids), r.namespace, r.adapter, r.images)])
+            for r in requests]

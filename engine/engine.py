@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -35,7 +36,8 @@ from engine import draft_model, mtp_drafter, multihost, multimodal, scoring, spe
 from engine.compiled import release_executables_if_crowded, setup_compilation_cache
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
-from engine.disk_cache import arrays_digest, weights_identity
+from engine.disk_cache import arrays_digest, replica_layout, weights_identity
+from engine.kv_transfer import ReplicaTransfer
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace, page_hashes
 from engine.replica_weights import PreparedWeights, ReplicaWeights
@@ -166,7 +168,8 @@ class LLMEngine:
         if config.model.smoothquant_alpha > 0 and config.model.quantization == "w8a8" and config.lora.adapters:
             log.warning("model.smoothquant_alpha: not applied with LoRA adapters (they read the unsmoothed inputs)")
         # The disk tier names the K/V of weights given as arrays by their bytes (of a checkpoint: by its files).
-        weights_id = arrays_digest(params) if model is not None and config.cache.disk_path else None
+        transfer = config.parallel.kv_transfer == "jax"
+        weights_id = arrays_digest(params) if model is not None and (config.cache.disk_path or transfer) else None
         self.weights = ReplicaWeights(config, self._loaded_cfg, self.model_cfg, self.dtype, self.mesh, self.tokenizer,
                                       params, progress)
         del params
@@ -215,6 +218,7 @@ class LLMEngine:
                                    num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0,
                                    num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
                                    disk_states=self._disk.states if self._disk is not None else None)
+        self.transfer = None  # engine.kv_transfer.ReplicaTransfer (parallel.kv_transfer: jax), set below
         if config.parallel.num_processes > 1 and (config.lora.adapters or config.lora.max_adapters):
             raise ValueError("lora.adapters: LoRA adapters are not supported with parallel.num_processes > 1")
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
@@ -248,6 +252,12 @@ class LLMEngine:
                                   images=encoder, mtp=self.mtp)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
+        if transfer:  # prompt pages to and from other replicas over the network (disaggregation)
+            layout = functools.partial(replica_layout, config, self.model_cfg, self.dtype, self.kv_dtype, backend,
+                                       False, draft=self._draft_identity(draft))
+            self.transfer = ReplicaTransfer(config, self.model_cfg, self.kv, layout,
+                                            weights_id or weights_identity(config.model.path), self.scheduler,
+                                            self.runner)
         if config.warmup:
             self.runner.warmup(progress and multihost.is_leader())
         self.grammars = structured.Grammars(self.tokenizer, self.model_cfg.vocab_size)
@@ -661,6 +671,8 @@ class LLMEngine:
         self.weights_source = new.source
         if self._disk is not None:
             self._disk.serve_weights(new.source)
+        if self.transfer is not None:
+            self.transfer.serve_weights(new.source)
         seconds = time.perf_counter() - t0
         log.info("weights updated (version %d) in %.1f s; prefix cache emptied", self.weights_version, seconds)
         return seconds
@@ -754,6 +766,18 @@ class LLMEngine:
         seq, ps = self._state[request_id].seq, self.config.cache.page_size
         return page_hashes(seq.prompt_ids[: len(seq.prompt_ids) // ps * ps], ps, seq.namespace)
 
+    def prompt_pages_key(self, request_id: str) -> tuple[tuple[int, ...], str | None]:
+        """The tokens of a live request's whole prompt pages before the page of its last token (a step computes that
+        one in any case), and its namespace: what the prefix cache finds them by (a prefill replica offers those
+        pages to a decode replica, engine.kv_transfer)."""
+        seq, ps = self._state[request_id].seq, self.config.cache.page_size
+        return tuple(seq.prompt_ids[: (len(seq.prompt_ids) - 1) // ps * ps]), seq.namespace
+
+    def receive_prompt_pages(self, request_id: str, last_hash: str, payloads: list) -> int:
+        """Pages a prefill replica computed for a queued request's prompt (engine.kv_transfer), for its admission ->
+        how many were taken (none where they are not its prompt's: another namespace, other tokens)."""
+        return self.transfer.receive(self._state[request_id].seq, last_hash, payloads)
+
     def disk_saving(self, hashes: Seq[int]) -> bool:
         """Whether a page or snapshot of recurrent states named in `hashes` is still on its way to the disk tier: queued
         for a plan, being copied off the device, or being written."""
@@ -791,6 +815,12 @@ class LLMEngine:
             "disk_hit_tokens": s.stats.disk_hit_tokens,
             "disk_saved_pages": s.stats.disk_saved_pages,
             "disk_read_timeouts": s.stats.disk_read_timeouts,
+            # prefill/decode disaggregation over the network (parallel.kv_transfer: jax)
+            "transfer_hit_tokens": s.stats.transfer_hit_tokens,
+            "transfer_offered_pages": self.transfer.stats["offered_pages"] if self.transfer is not None else 0,
+            "transfer_received_pages": self.transfer.stats["received_pages"] if self.transfer is not None else 0,
+            "transfer_dropped_pages": s.stats.received_dropped_pages,
+            "transfer_pulls_failed": self.transfer.stats["pulls_failed"] if self.transfer is not None else 0,
             "spec_draft_tokens": s.stats.spec_draft_tokens,
             "spec_accepted_tokens": s.stats.spec_accepted_tokens,
             "spec_branch_tokens": s.stats.spec_branch_tokens,

@@ -134,6 +134,10 @@ class PageCopies:
             kv = scatter(kv, *self._to_device(step.disk_loads))
         return kv
 
+    def gather_pages(self, kv, pages: np.ndarray) -> tuple:
+        """Each cache array's `pages` (page ids), every layer: [L, Hkv, len(pages), ...], dispatched now."""
+        return self._gather(kv, self._to_device(pages))
+
     def move_slots(self, kv, moves: list[tuple[int, int]]) -> tuple:
         """(src, dst) cache slots (page * page_size + offset) moved now, in every array, outside a step."""
         packed = self._pack_moves(moves)

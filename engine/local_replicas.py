@@ -133,9 +133,10 @@ def serve(config_path: str | None, overrides: list[str], config, api_key: str | 
     from engine.router.config import RouterConfig
 
     num_prefill = config.parallel.prefill_replicas
-    if num_prefill and not config.cache.disk_path:
+    if num_prefill and not config.cache.disk_path and config.parallel.kv_transfer != "jax":
         print("serve.py: config error: parallel.prefill_replicas hands prompts' KV to the decode replicas through the "
-              "disk tier they share: set cache.disk_path (on a GPU host, a directory in memory such as /dev/shm/...)",
+              "disk tier they share: set cache.disk_path (on a GPU host, a directory in memory such as /dev/shm/...), "
+              "or pull them over the network: parallel.kv_transfer=jax",
               file=sys.stderr)
         return 2
     replicas = LocalReplicas(config_path, overrides, config)

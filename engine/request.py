@@ -225,6 +225,7 @@ class Sequence:
     window_from: int = 0  # hybrid cache: the first of `pages` whose window slot this sequence holds (engine.window_pages)
     # Disk tier: (layout key, future of {hash: page}, started) of its prompt pages being read for it; "timed out"
     disk_read: Any = None
+    received_pages: int = 0  # of the pages its admission found past the tree, how many a prefill replica sent
     num_preemptions: int = 0
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     ended_by_token: bool = False  # the last token is an end token or a stop id (it is not part of the text)

@@ -111,6 +111,8 @@ class SchedulerStats:
     disk_hit_tokens: int = 0  # prompt tokens read from the disk tier instead of computed
     disk_saved_pages: int = 0  # pages the tree stored that were sent to the disk tier
     disk_read_timeouts: int = 0  # prompts that stopped waiting for their disk read (cache.disk_read_timeout_s)
+    transfer_hit_tokens: int = 0  # prompt tokens received from a prefill replica instead of computed (engine.kv_transfer)
+    received_dropped_pages: int = 0  # pages received that no admission took before newer ones pushed them out
     spec_draft_tokens: int = 0  # draft tokens verified (speculative decoding)
     spec_accepted_tokens: int = 0  # of which accepted
     spec_branch_tokens: int = 0  # ... off a draft tree's first branch (a chain would have lost them)
@@ -324,6 +326,7 @@ class Scheduler:
         tokens = seq.all_ids
         host_slots: list[int] = []
         disk_pages: list[object] = []
+        seq.received_pages = 0
         if self.prefix_caching and seq.params.prompt_logprobs is None:  # prompt logprobs need the whole prompt's logits
             # (a model with linear attention layers: the tree's whole match, which the host tier may continue to a
             # snapshot of the recurrent states: cut back to one after)
@@ -374,7 +377,9 @@ class Scheduler:
         disk_loads += [(data, page, self.pages.window_slot(page)) for data, page in zip(disk_pages, loaded[len(host_slots) :])]
         seq.disk_read = None
         self.stats.host_hit_tokens += len(host_slots) * self.page_size
-        self.stats.disk_hit_tokens += len(disk_pages) * self.page_size
+        received = min(seq.received_pages, len(disk_pages))  # (they lead the disk pages)
+        self.stats.disk_hit_tokens += (len(disk_pages) - received) * self.page_size
+        self.stats.transfer_hit_tokens += received * self.page_size
         seq.num_computed = num_cached
         if self.pages.snapshots is not None:  # resume the recurrent state; snapshot it where the cached path ended
             if num_cached:

@@ -49,8 +49,8 @@ from engine.openai_protocol import (
     chat_template_call, describe_validation_error, error_body,
 )
 from engine import anthropic_messages, multimodal, openai_responses
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, prefill_for_decode, \
-    prefill_only
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, kv_offers, \
+    prefill_for_decode, prefill_only, receive_from_prefill
 from engine import scoring, structured
 from engine.reasoning import keeps_special_tokens
 from engine.router.prompts import PROBE_TEXT, PromptFormat
@@ -189,6 +189,8 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         ]
         if prefill_only():
             await prefill_for_decode_replica(reqs)
+        if (offers := kv_offers()) is not None:  # a prefill replica computed the prompts: their pages, pulled
+            reqs = await receive_from_prefill(engine, reqs, offers, config.cache.disk_read_timeout_s)
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         call_id = f"{prefix}-{uuid.uuid4().hex}"
         as_ids = (lambda t: f"token_id:{t}") if body.return_tokens_as_token_ids else token_text
@@ -204,11 +206,13 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
 
     async def prefill_for_decode_replica(reqs: list[GenerateRequest]) -> None:
         """A call marked prefill-only (the router's, before it sends the call to a decode replica): its prompts are
-        computed and their pages written to the shared disk tier; answered by PrefillDone, not a completion."""
-        if llm.disk is None:
+        computed and their pages written to the shared disk tier, or offered for a pull (parallel.kv_transfer: jax);
+        answered by PrefillDone, not a completion."""
+        if llm.disk is None and llm.transfer is None:
             raise ApiError(400, f"a prefill for a decode replica ({PREFILL_ONLY_HEADER}) hands the prompt's KV over "
-                                "through the disk tier, and this replica has none: set cache.disk_path (the decode "
-                                "replicas' own)", code="no_disk_tier")
+                                "through the disk tier or the network, and this replica has neither: set "
+                                "cache.disk_path (the decode replicas' own) or parallel.kv_transfer: jax",
+                           code="no_disk_tier")
         try:
             done = await prefill_for_decode(engine, reqs, config.cache.disk_read_timeout_s)
         except (RequestError, EngineStopped) as e:

@@ -106,7 +106,7 @@ def _counter(url: str, name: str, outcome: str) -> float:
 
 def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
     """Generation requests (streamed or not) reach the prefill replica first, marked, and are answered by a decode
-    replica; pooling requests never go to a prefill replica; with the prefill replica gone, the decode replicas
+    replica, which gets the prefill's offer of the prompt's pages; pooling requests never go to a prefill replica; with the prefill replica gone, the decode replicas
     serve alone."""
     [prefill_port] = free_ports(1)
     procs = {}
@@ -119,6 +119,8 @@ def test_the_router_prefills_on_a_prefill_replica_then_decodes_elsewhere():
             assert _stats(prefill_port)["prefills"] == _stats(prefill_port)["served"] == 6
             assert sum(_stats(p)["served"] for p in ports) == 6 and all(_stats(p)["prefills"] == 0 for p in ports)
             assert _counter(router.url, "radixlm_router_prefill_handoffs_total", "ok") == 6
+            # each prefill's offer of its pages (parallel.kv_transfer: jax) reached the decode replica that answered
+            assert sorted(u for p in ports for u in _stats(p)["offers"]) == list(range(1, 7))
             rng = random.Random(0)
             for _ in range(3):
                 r = httpx.post(router.url + "/v1/embeddings", json={"model": "fake", "input": "x" * rng.randint(9, 99)})

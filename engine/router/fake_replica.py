@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, marked
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER, marked
 from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
@@ -73,7 +73,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     tok = ByteTokenizer()
     epoch = uuid.uuid4().hex
     events: deque[dict] = deque(maxlen=max_events)
-    state = {"seq": 0, "served": 0, "prefills": 0, "waiting": 0, "waiting_tokens": 0, "running": 0}
+    state = {"seq": 0, "served": 0, "prefills": 0, "waiting": 0, "waiting_tokens": 0, "running": 0, "offers": []}
     lock = asyncio.Lock()
 
     def publish() -> None:
@@ -110,11 +110,16 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         return marked(request.headers.get(PREFILL_ONLY_HEADER))
 
     def prefilled(tokens: list[int]) -> dict:
-        """A prefill for a decode replica, answered as a replica does (engine/disaggregation.py)."""
+        """A prefill for a decode replica, answered as a replica does (engine/disaggregation.py), with an offer of the
+        prompt's pages as `parallel.kv_transfer: jax` makes one (the uuid counts the prefills)."""
         state["prefills"] += 1
-        return {"object": "prefill", "prompts": [{"prompt_tokens": len(tokens)}], "replica": name}
+        offer = {"uuid": state["prefills"], "pages": len(tokens) // page_size, "padded": 0, "last_hash": "0"}
+        return {"object": "prefill", "prompts": [{"prompt_tokens": len(tokens)}], "replica": name,
+                "transfer": {"address": name, "layout": "fake", "offers": [offer]}}
 
     async def completion(request: Request, chat: bool):
+        if (offers := request.headers.get(OFFERS_HEADER)) is not None:  # (what a decode replica would pull)
+            state["offers"].append(json.loads(offers)["offers"][0]["uuid"])
         body = await request.json()
         tokens = prompt_tokens(tok, body, chat)
         max_tokens = int(body.get("max_tokens") or 8)
@@ -305,7 +310,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
 
     @app.get("/stats")
     async def stats():
-        return {"served": state["served"], "prefills": state["prefills"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
+        return {"served": state["served"], "prefills": state["prefills"], "offers": state["offers"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
 
     app.state.cache = cache
     return app

@@ -32,7 +32,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import anthropic_messages
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER
+from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER
 from engine.openai_protocol import error_body
 from engine.router.config import RouterConfig
 from engine.router.fleet import FORWARD_HEADERS, Fleet
@@ -146,9 +146,10 @@ class Router:
             req = RouteRequest((), 0)
         else:  # tokenized in a worker thread (the tokenizer lets go of the GIL): streams keep flowing meanwhile
             req = await asyncio.to_thread(self.route_request, body, path)
+        offers = None  # a prefill replica's offer of the prompt's pages (parallel.kv_transfer: jax), for the decode one
         if self.prefill_slots and pinned is None and path in GENERATION_PATHS:
             if not self.cfg.prefill_min_tokens or self._uncached_tokens(req) >= self.cfg.prefill_min_tokens:
-                await self._prefill_first(path, raw, fwd, req)
+                offers = await self._prefill_first(path, raw, fwd, req)
             else:
                 self.metrics.handoffs.labels("skipped_cached").inc()
         tried: set[int] = set()
@@ -162,6 +163,9 @@ class Router:
                 except NoReplicaAvailable:
                     break
             slot, url = choice.replica, self.urls[choice.replica]
+            headers = fwd
+            if offers is not None and not tried:  # (an offer is pulled once: the first decode replica alone)
+                headers = {**fwd, OFFERS_HEADER: offers}
             tried.add(slot)
             matched = choice.matched_len
             if not self.policy.uses_index and req.block_hashes:
@@ -170,7 +174,7 @@ class Router:
             ticket = _Ticket(self, slot, req.prompt_len - matched)
             try:
                 upstream = await self.client.send(
-                    self.client.build_request("POST", url + path, content=raw, headers=fwd), stream=True)
+                    self.client.build_request("POST", url + path, content=raw, headers=headers), stream=True)
             except Exception as e:  # NOTE: not only httpx.TransportError: httpcore can leak
                 ticket.release()      # e.g. AttributeError when the peer dies mid-connect
                 last_error = f"{url}: {e!r}"
@@ -218,16 +222,17 @@ class Router:
         held = max((d for d, st in zip(depth, self.states) if st.up), default=0)
         return req.prompt_len - min(held * self.page_size, req.prompt_len)
 
-    async def _prefill_first(self, path: str, raw: bytes, headers: dict[str, str], req: RouteRequest) -> None:
+    async def _prefill_first(self, path: str, raw: bytes, headers: dict[str, str], req: RouteRequest) -> str | None:
         """Prefill/decode disaggregation: the request, marked prefill-only, to a prefill replica (chosen by the policy
-        among them), which answers once its prompt's pages are in the disk tier the decode replicas read. Whatever
-        fails here (no prefill replica up, an error, a timeout) only costs the decode replica the prefill: it then
-        computes the prompt itself."""
+        among them), which answers once its prompt's pages are in the disk tier the decode replicas read, or with an
+        offer of them to pull (-> the offer, for the decode replica's `OFFERS_HEADER`). Whatever fails here (no
+        prefill replica up, an error, a timeout) only costs the decode replica the prefill: it then computes the
+        prompt itself."""
         try:
             choice = self.policy.route(req, self.states, time.monotonic(), self.decode_slots)
         except NoReplicaAvailable:
             self.metrics.handoffs.labels("no_prefill_replica").inc()
-            return
+            return None
         slot, url = choice.replica, self.urls[choice.replica]
         self.metrics.decisions.labels(self.policy.name, choice.reason).inc()
         ticket = _Ticket(self, slot, req.prompt_len - choice.matched_len)
@@ -239,20 +244,25 @@ class Router:
             log.warning("prefill replica %s failed (%r): the decode replica computes the prompt", url, e)
             self._retry(slot, transport=isinstance(e, httpx.TransportError))
             self.metrics.handoffs.labels("failed").inc()
-            return
+            return None
         finally:
             ticket.release()
         self.metrics.prefill_seconds.observe(time.perf_counter() - t0)
         if r.status_code == 200:  # (prompt and matched tokens are counted once, for the decode replica)
             self.metrics.requests.labels(url).inc()
             self.metrics.handoffs.labels("ok").inc()
-            return
+            try:
+                transfer = r.json().get("transfer")
+            except ValueError:
+                transfer = None
+            return None if transfer is None else json.dumps(transfer, separators=(",", ":"))
         # A request the replicas refuse (400) is refused again, by name, by the decode replica: the client hears it
         # from there. Anything else is the prefill replica's trouble.
         self.metrics.handoffs.labels("refused" if r.status_code < 500 else "failed").inc()
         if r.status_code >= 500 or "no_disk_tier" in r.text:
             log.warning("prefill replica %s answered %d (%s): the decode replica computes the prompt", url,
                         r.status_code, r.text[:300])
+        return None
 
     async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False,
                      anthropic: bool = False):

@@ -1,0 +1,225 @@
+"""Prompt pages pulled from a prefill replica over the network (`parallel.kv_transfer: jax`, engine/kv_transfer.py).
+
+The prefill replica answers with an offer of its prompt's pages; the decode replica, given the offer, pulls them with
+JAX's transfer server before it queues the request, whose admission takes them as cached prompt pages: its tokens
+are those of a replica that computed everything. Every failure (another prompt, another layout, an offer pulled
+already, a malformed header) costs the decode replica only the prefill."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from engine.async_engine import AsyncEngine
+from engine.cache_tiers import CacheTiers
+from engine.config import ConfigKeyError, EngineConfig
+from engine.disaggregation import HEADER, OFFERS_HEADER
+from engine.engine import LLMEngine
+from engine.kv_transfer import TransferEndpoint, padded_pages
+from engine.llm import LLM
+from engine.request import SamplingParams, Sequence
+from engine.server import create_app
+from models import llama
+from models.config import LlamaConfig
+from tests.test_engine import SMALL, tiny_model, tokenizer  # noqa: F401 (fixtures)
+import fresh
+
+JAX = {"parallel.kv_transfer": "jax"}
+SYSTEM = "You are the help desk of a garden centre. Answer in one short sentence, naming the greenhouse. " * 3
+
+
+def _client(model, **overrides) -> TestClient:
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "server.model_name": "tiny", **overrides})
+    return TestClient(create_app(AsyncEngine(LLMEngine(config, progress=False, model=model)), config))
+
+
+def _chat(question: str, **fields) -> dict:
+    return {"model": "tiny", "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}], **fields}
+
+
+def _stats(client: TestClient) -> dict:
+    return client.app.state.engine.engine.stats()
+
+
+def _prefill(prefill: TestClient, path: str, body: dict) -> dict:
+    done = prefill.post(path, json=body, headers={HEADER: "1"})
+    assert done.status_code == 200 and done.json()["object"] == "prefill", done.text
+    return done.json()
+
+
+def _text(response) -> str:
+    """A chat's or completion's choices' texts (a stream's, joined per choice), in order."""
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        return [c.get("message", {}).get("content") or c.get("text") for c in response.json()["choices"]]
+    texts = collections.defaultdict(str)
+    for line in response.text.splitlines():
+        if line.startswith("data: {"):
+            for c in json.loads(line[6:])["choices"]:
+                texts[c["index"]] += c["delta"].get("content") or ""
+    return [texts[i] for i in sorted(texts)]
+
+
+def test_padded_pages_are_few_shapes_and_never_less():
+    sizes = [padded_pages(n) for n in range(1, 200)]
+    assert all(p >= n and p - n < 8 for n, p in zip(range(1, 200), sizes))
+    assert sizes[:9] == [1, 2, 4, 4, 8, 8, 8, 8, 16] and len(set(sizes)) == 28
+
+
+def test_the_endpoint_moves_arrays_once_and_a_stuck_pull_times_out():
+    """An offer pulled gives the arrays bit for bit, on the puller's devices; a second pull of it, and one of a uuid
+    never offered, never arrive: `pull` gives up at its deadline instead of waiting, and later pulls still work."""
+    rng = np.random.default_rng(fresh.seed())
+    server, client = TransferEndpoint("127.0.0.1:0"), TransferEndpoint("127.0.0.1:0")
+    arrays = (jnp.asarray(rng.standard_normal((2, 3, 4, 16, 8)), jnp.bfloat16),
+              jnp.asarray(rng.integers(-128, 127, (2, 3, 4, 16)), jnp.int8))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    specs = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device) for a in arrays]
+
+    async def pulls():
+        uuid = server.offer(arrays)
+        got = await client.pull(server.address, uuid, specs, timeout_s=10)
+        for stuck in (uuid, uuid + 1):
+            with pytest.raises(TimeoutError, match="did not arrive"):
+                await client.pull(server.address, stuck, specs, timeout_s=0.3)
+        again = await client.pull(server.address, server.offer(arrays), specs, timeout_s=10)
+        return got, again
+
+    got, again = asyncio.run(pulls())
+    for a, b, c in zip(arrays, got, again):
+        assert b.dtype == a.dtype and np.array_equal(np.asarray(a), np.asarray(b))
+        assert np.array_equal(np.asarray(a), np.asarray(c))
+
+
+def test_received_pages_continue_a_match_after_the_host_tier_and_before_the_disk():
+    """CacheTiers: a prompt's pages past the tree come from the host tier, then from pages received, then from the
+    disk tier, in a row; received pages leave once the tree stores them, the oldest first past capacity."""
+    stats = type("Stats", (), {"received_dropped_pages": 0})()
+    tiers = CacheTiers(4, num_host_pages=4, stats=stats)
+    tiers.received_capacity = 3
+    seq = Sequence(request_id="a", prompt_ids=list(range(100, 121)), params=SamplingParams(), namespace="ns")
+    from engine.block_hash import page_hashes
+
+    hashes = page_hashes(seq.prompt_ids[:20], 4, "ns")
+    root = type("Match", (), {"num_tokens": 0, "node": type("Node", (), {"last_hash": lambda self: None})()})()
+    tiers.host.store(hashes[0])
+    tiers.receive(hashes[1:3], ["p1", "p2"])
+    assert tiers.continue_match(seq, root) == ([tiers.host.lookup(hashes[0])], ["p1", "p2"]) and seq.received_pages == 2
+    tiers.receive(hashes[3:5], ["p3", "p4"])  # capacity 3: p1 dropped, and the run from the host slot ends there
+    assert stats.received_dropped_pages == 1 and tiers.continue_match(seq, root)[1] == []
+    tiers.tree_storing([7], [hashes[3]], "ns")
+    assert list(tiers.received) == [hashes[2], hashes[4]]
+
+
+def test_a_decode_replica_pulls_the_prefill_replicas_pages_and_answers_as_one_replica(tiny_model):  # noqa: F811
+    """Neither replica has a disk tier. The prefill replica's answer offers each distinct prompt's pages before the
+    page of its last token; the decode replica given the offer takes them as cached prompt tokens (n samples,
+    a stream, a completion of two prompts) and answers with the tokens of a replica that computed everything."""
+    rng = random.Random(fresh.seed())
+    things = rng.sample(["tulips", "rakes", "seed trays", "compost", "hoses", "gnomes", "pruners"], 3)
+    with _client(tiny_model) as alone, _client(tiny_model, **JAX) as prefill, _client(tiny_model, **JAX) as decode:
+        for i, thing in enumerate(things):
+            body = _chat(f"Where are the {thing}?", n=2, stream=i == 1)
+            want = _text(alone.post("/v1/chat/completions", json={**body, "stream": False}))
+            done = _prefill(prefill, "/v1/chat/completions", body)
+            [prompt], transfer = done["prompts"], done["transfer"]
+            assert prompt["pages_offered"] == (prompt["prompt_tokens"] - 1) // 16 > 3 and "pages_on_disk" not in prompt
+            decode.app.state.engine.engine.reset_prefix_cache()  # (else the system prompt's pages are cached already)
+            before = _stats(decode)["transfer_hit_tokens"]
+            got = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(transfer)})
+            assert got.status_code == 200 and _text(got) == want
+            # one pull for n = 2; each sample admitted before the other's pages reach the tree takes them
+            assert _stats(decode)["transfer_hit_tokens"] - before in (prompt["pages_offered"] * 16 * k for k in (1, 2))
+        text = {"model": "tiny", "prompt": [SYSTEM + " greenhouse 3", SYSTEM + " greenhouse 12"], "max_tokens": 5,
+                "temperature": 0}
+        transfer = _prefill(prefill, "/v1/completions", text)["transfer"]
+        assert len(transfer["offers"]) == 2
+        got = decode.post("/v1/completions", json=text, headers={OFFERS_HEADER: json.dumps(transfer)})
+        assert _text(got) == _text(alone.post("/v1/completions", json=text))
+        assert got.json()["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+        assert _stats(prefill)["transfer_offered_pages"] == _stats(decode)["transfer_received_pages"]
+        assert _stats(decode)["transfer_pulls_failed"] == 0 and _stats(prefill)["transfer_hit_tokens"] == 0
+
+
+def test_offers_that_do_not_fit_cost_only_the_prefill(tiny_model, tokenizer, caplog):  # noqa: F811
+    """An offer for another prompt or another namespace (block hashes differ), from a replica of other weights
+    (another layout), pulled already, or malformed: the decode replica computes the prompt and answers as alone."""
+    cfg = tiny_model[0]
+    other = (cfg, llama.init_params(cfg, jax.random.key(fresh.seed()), scale=0.5), tokenizer)
+    body, salted = _chat("Where are the watering cans?"), _chat("Where are the watering cans?", cache_salt="s")
+    with _client(tiny_model) as alone, _client(tiny_model, **JAX) as prefill, _client(other, **JAX) as stranger, \
+            _client(tiny_model, **JAX, **{"cache.disk_read_timeout_s": 0.5}) as decode:
+        want = _text(alone.post("/v1/chat/completions", json=body))
+
+        def offer(replica=prefill) -> str:
+            return json.dumps(_prefill(replica, "/v1/chat/completions", body)["transfer"])
+
+        cases = {"another prompt": (_chat("Where are the trowels?"), offer()), "another namespace": (salted, offer()),
+                 "another layout": (body, offer(stranger)), "malformed": (body, "{not json")}
+        for case, (sent, header) in cases.items():
+            got = decode.post("/v1/chat/completions", json=sent, headers={OFFERS_HEADER: header})
+            assert got.status_code == 200 and _text(got) == _text(alone.post("/v1/chat/completions", json=sent)), case
+        stats = _stats(decode)  # (the first two pulled, then not taken)
+        pulled = sum(json.loads(cases[c][1])["offers"][0]["pages"] for c in ("another prompt", "another namespace"))
+        assert stats["transfer_received_pages"] == pulled and stats["transfer_hit_tokens"] == 0
+        assert stats["transfer_pulls_failed"] == 0
+        assert "of another layout" in caplog.text and "is malformed" in caplog.text
+        header = offer()
+        decode.app.state.engine.engine.reset_prefix_cache()  # (the cases above computed this prompt here)
+        first = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: header})
+        assert _text(first) == want and _stats(decode)["transfer_hit_tokens"] > 0
+        decode.app.state.engine.engine.reset_prefix_cache()
+        again = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: header})  # pulled already
+        assert _text(again) == want and _stats(decode)["transfer_pulls_failed"] == 1
+        assert again.json()["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+
+
+def test_pages_received_past_the_buffer_are_dropped_and_computed(tiny_model):  # noqa: F811
+    """A decode replica whose buffer holds one page takes the last page offered; the rest of the prompt, computed,
+    gives the same tokens."""
+    body = _chat("Where are the bird feeders?")
+    tiny_buffer = {**JAX, "parallel.kv_transfer_buffer_gb": 1e-9}
+    with _client(tiny_model) as alone, _client(tiny_model, **JAX) as prefill, _client(tiny_model, **tiny_buffer) as decode:
+        transfer = _prefill(prefill, "/v1/chat/completions", body)["transfer"]
+        got = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(transfer)})
+        assert _text(got) == _text(alone.post("/v1/chat/completions", json=body))
+        stats = _stats(decode)
+        assert stats["transfer_dropped_pages"] == transfer["offers"][0]["pages"] - 1
+        assert stats["transfer_hit_tokens"] == 0  # (the one page kept is not where the prompt's match continues)
+
+
+def test_a_replica_without_either_transport_refuses_prefills_by_name(tiny_model):  # noqa: F811
+    with _client(tiny_model) as alone:
+        refused = alone.post("/v1/chat/completions", json=_chat("?"), headers={HEADER: "1"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_disk_tier"
+        assert "parallel.kv_transfer: jax" in refused.json()["error"]["message"]
+
+
+def test_config_refusals(tiny_model, tokenizer):  # noqa: F811
+    base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 32, **JAX})
+    with pytest.raises(ConfigKeyError, match="needs cache.prefix_caching"):
+        LLM(base.replace(**{"cache.prefix_caching": False}), progress=False, model=tiny_model)
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, max_position=1024, sliding_window=32,
+                      sliding_layers=(True, False), qk_norm=True, sandwich_norms=True, tie_word_embeddings=True)
+    windowed = (cfg, llama.init_params(cfg, jax.random.key(3)), tokenizer)
+    with pytest.raises(ConfigKeyError, match="parallel.kv_transfer: jax does not carry a hybrid cache"):
+        LLM(base, progress=False, model=windowed)
+    LLM(base.replace(**{"cache.hybrid": False}), progress=False, model=windowed)  # every layer's pages whole: fine
+    from test_gated_delta import _tiny_cfg
+
+    linear = _tiny_cfg()
+    with pytest.raises(ConfigKeyError, match="snapshots of recurrent states"):
+        LLM(base, progress=False, model=(linear, llama.init_params(linear, jax.random.key(0)), tokenizer))
+    for bad in ("localhost", ":80", "host:port", "h:70000"):
+        with pytest.raises(ConfigKeyError, match="kv_transfer_address must be host:port"):
+            EngineConfig().replace(**{"parallel.kv_transfer_address": bad})
+    with pytest.raises(ConfigKeyError, match="not allowed"):
+        EngineConfig().replace(**{"parallel.kv_transfer": "nixl"})

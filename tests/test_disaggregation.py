@@ -191,9 +191,11 @@ def test_serve_py_needs_a_disk_tier_for_prefill_replicas():
 
 
 @pytest.mark.slow
-def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("transport", ["disk", "jax"])
+def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_path, transport):  # noqa: F811
     """serve.py with parallel.data=2 and parallel.prefill_replicas=1: every chat is prefilled by the one replica and
-    answered by the other from the pages it left on disk, with the tokens the decode replica gives computing the whole
+    answered by the other from the pages it left on disk (or, parallel.kv_transfer: jax, that it pulled from the
+    prefill replica over the network, with no disk tier), with the tokens the decode replica gives computing the whole
     prompt itself (another cache_salt, sent to it directly)."""
     import signal
     import subprocess
@@ -206,7 +208,8 @@ def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_p
     proc = subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
                              f"model.path={tiny_checkpoint}", "model.max_model_len=256", "cache.num_pages=256",
                              "warmup=false", "parallel.data=2", "parallel.prefill_replicas=1",
-                             f"cache.disk_path={tmp_path / 'kv'}", f"server.port={port}"], stdout=log, stderr=log)
+                             f"cache.disk_path={tmp_path / 'kv'}" if transport == "disk" else "parallel.kv_transfer=jax",
+                             f"server.port={port}"], stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(base_url=url, timeout=60) as http:
@@ -231,8 +234,9 @@ def test_serve_py_with_one_prefill_and_one_decode_replica(tiny_checkpoint, tmp_p
             assert text == alone["choices"][0]["message"]["content"]
             metrics = http.get("/metrics").text
             assert 'radixlm_router_prefill_handoffs_total{outcome="ok"} 4.0' in metrics, metrics
-            assert "radixlm_disk_hit_tokens_total 0.0" not in httpx.get(decode + "/metrics").text
-            assert "radixlm_disk_hit_tokens_total 0.0" in httpx.get(prefill + "/metrics").text
+            hits = "radixlm_disk_hit_tokens_total" if transport == "disk" else "radixlm_kv_transfer_hit_tokens_total"
+            assert f"{hits} 0.0" not in httpx.get(decode + "/metrics").text
+            assert f"{hits} 0.0" in httpx.get(prefill + "/metrics").text
     finally:
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=120)

@@ -148,6 +148,19 @@ def test_a_decode_replica_pulls_the_prefill_replicas_pages_and_answers_as_one_re
         assert _stats(decode)["transfer_pulls_failed"] == 0 and _stats(prefill)["transfer_hit_tokens"] == 0
 
 
+def test_pages_cross_between_tensor_parallel_replicas(tiny_model):  # noqa: F811
+    """Two devices a replica (the test process has four CPU devices): each device's share of the pages crosses, and
+    the decode replica answers as a replica of the same layout computing everything."""
+    tp = {"parallel.tensor": 2}
+    body = _chat("Where are the cold frames?")
+    with _client(tiny_model, **tp) as alone, _client(tiny_model, **JAX, **tp) as prefill, \
+            _client(tiny_model, **JAX, **tp) as decode:
+        transfer = _prefill(prefill, "/v1/chat/completions", body)["transfer"]
+        got = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(transfer)})
+        assert _text(got) == _text(alone.post("/v1/chat/completions", json=body))
+        assert _stats(decode)["transfer_hit_tokens"] == transfer["offers"][0]["pages"] * 16
+
+
 def test_offers_that_do_not_fit_cost_only_the_prefill(tiny_model, tokenizer, caplog):  # noqa: F811
     """An offer for another prompt or another namespace (block hashes differ), from a replica of other weights
     (another layout), pulled already, or malformed: the decode replica computes the prompt and answers as alone."""

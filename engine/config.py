@@ -377,7 +377,8 @@ class ParallelConfig:
     data: int = 1
     # Of serve.py's `data` replicas, how many only prefill (prefill/decode disaggregation, engine/disaggregation.py):
     # the router sends each generation request to one of them first, and the rest decode from the prompt pages they
-    # leave in the disk tier all share (cache.disk_path, needed then). 0: every replica does both.
+    # leave in the disk tier all share (cache.disk_path), or pull over the network (kv_transfer: jax, below): one of
+    # the two is needed then. 0: every replica does both.
     prefill_replicas: int = 0
     # How a prefill replica's prompt pages reach the decode replica: "disk", through the disk tier they share
     # (cache.disk_path); "jax", pulled from the prefill replica's devices over the network by JAX's transfer server

@@ -8,7 +8,8 @@ shared-prefix load (engine.router.loadgen), then the replicas' own counters.
 Reports per policy: token hit rate (cached / prompt tokens, summed over the replicas' /metrics),
 the ideal hit rate for the workload, request throughput, TTFT p50/p99, inter-token latency p50/p99, requests per
 replica max/mean. `--prefill-replicas N` runs each policy twice, the second time with N of the replicas prefill only
-(prefill/decode disaggregation, over a disk tier they share).
+(prefill/decode disaggregation, over a disk tier they share; `--kv-transfer jax`: pulled over the network instead,
+no disk tier; `both`: a run of each).
 """
 from __future__ import annotations
 
@@ -50,20 +51,23 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def run_policy(policy: str, args, base_port: int, prefill: int = 0) -> dict:
+def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: str = "disk") -> dict:
     """prefill: how many of the replicas only prefill (disaggregation; every replica then has a disk tier, fresh for
-    this run, as with --disk)."""
+    this run, as with --disk, or with transport "jax" pulls the prompts' pages over the network)."""
     from engine.router import loadgen
 
     ports = [base_port + i for i in range(args.replicas)]
     urls = [f"http://127.0.0.1:{p}" for p in ports]
-    disk = tempfile.mkdtemp(prefix="route-bench-kv-", dir=args.disk_dir) if args.disk or prefill else None
+    pulled = bool(prefill) and transport == "jax"
+    disk = tempfile.mkdtemp(prefix="route-bench-kv-", dir=args.disk_dir) \
+        if args.disk or (prefill and not pulled) else None
     replicas = [
         subprocess.Popen([sys.executable, "scripts/serve.py", "--config", "configs/serve-smollm2.yaml", "--set",
                           f"server.port={p}", f"cache.num_pages={args.num_pages}", "cache.page_size=16",
                           "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024",
                           *([f"model.chat_template={args.chat_template}"] if args.chat_template else []),
-                          *([f"cache.disk_path={disk}"] if disk else [])],
+                          *([f"cache.disk_path={disk}"] if disk else []),
+                          *(["parallel.kv_transfer=jax"] if pulled else [])],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for p in ports
     ]
@@ -94,7 +98,7 @@ def run_policy(policy: str, args, base_port: int, prefill: int = 0) -> dict:
         ttfts = sorted(r[0] for r in results)
         gaps = sorted(g for r in results for g in r[2])
         mean = sum(per_replica) / len(per_replica)
-        return {"policy": policy + (f" {prefill}P+{args.replicas - prefill}D" if prefill else ""),
+        return {"policy": policy + (f" {prefill}P+{args.replicas - prefill}D {transport}" if prefill else ""),
                 "requests": len(results), "req_per_s": len(results) / wall,
                 "token_hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt,
                 "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
@@ -165,13 +169,18 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-min-tokens", type=int, default=0,
                     help="the router's prefill_min_tokens in those runs: prompts with fewer uncached tokens skip the "
                          "prefill replicas")
+    ap.add_argument("--kv-transfer", choices=["disk", "jax", "both"], default="disk",
+                    help="how the prefill replicas' pages reach the decode replicas (parallel.kv_transfer); both: a "
+                         "run of each")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     args = ap.parse_args(argv)
     rows = []
-    runs = [(policy, prefill) for policy in args.policies.split(",")
-            for prefill in ([0, args.prefill_replicas] if args.prefill_replicas else [0])] * args.repeats
-    for k, (policy, prefill) in enumerate(runs):
-        row = run_policy(policy, args, args.base_port + 100 * k, prefill)
+    transports = ["disk", "jax"] if args.kv_transfer == "both" else [args.kv_transfer]
+    runs = [(policy, prefill, transport) for policy in args.policies.split(",")
+            for prefill in ([0, args.prefill_replicas] if args.prefill_replicas else [0])
+            for transport in (transports if prefill else ["disk"])] * args.repeats
+    for k, (policy, prefill, transport) in enumerate(runs):
+        row = run_policy(policy, args, args.base_port + 100 * k, prefill, transport)
         rows.append(row)
         print(f"{row['policy']}: {row}", file=sys.stderr, flush=True)
     ideal = ideal_hit_rate(args)
@@ -180,10 +189,10 @@ def main(argv=None) -> int:
     print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
           f"system prompts{shape}; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output "
           f"tokens; ideal token hit rate {ideal:.1%}")
-    print(f"{'policy':<22}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}"
+    print(f"{'policy':<26}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}"
           f"{'max/mean':>10}  requests per replica")
     for r in rows:
-        print(f"{r['policy']:<22}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
+        print(f"{r['policy']:<26}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
               f"{r['ttft_p99_s']:>10.2f}{r['itl_p50_s']:>10.3f}{r['itl_p99_s']:>10.3f}{r['max_over_mean']:>10.2f}  "
               f"{[int(x) for x in r['per_replica']]}")
     return 0

@@ -19,8 +19,9 @@
 #   lease that is short of time; "moe" and "matmul" (steps 3 and 4: run 1 on the H200 has their partial tables),
 #   "steps" (the model step at fixed shapes, bench.py --workload steps), "linear" (the linear attention prefill kernel:
 #   its GPU tests, scripts/linear_scan_bench.py against the XLA piece loop it replaces, and its tile sweep) and
-#   "interpret" (the interpret-mode kernel tests on the CPU) are not in the default: a second run, e.g.
-#   GPU_CHECK_STEPS="linear steps", takes them (about 4 minutes).
+#   "interpret" (the interpret-mode kernel tests on the CPU) and "transfer" (prompt pages between replicas over JAX's
+#   transfer server, scripts/transfer_bench.py) are not in the default: a second run, e.g.
+#   GPU_CHECK_STEPS="linear steps transfer", takes them (about 5 minutes).
 # Limits: each step's, from its time on an H200 (2026-12-04) plus a margin (the engine step's a guess); 7.75 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -86,6 +87,10 @@ wanted steps && step "model step times, Llama 1B-shaped (GPU)" 60 \
   "${PY}" "${steps_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
 wanted steps && step "model step times, Qwen3.5-shaped hybrid (GPU)" 60 \
   "${PY}" "${steps_bench[@]}" --synthetic-arch qwen3_5 --synthetic-model 1024,8,16,4,128
+# Not in the default steps: prompt pages between replicas over JAX's transfer server (parallel.kv_transfer: jax)
+# against a device-to-device copy and a trip through host memory; whether the GPU client moves them at all.
+wanted transfer && step "KV pages over the transfer server vs a device copy and host memory (GPU)" 60 \
+  "${PY}" scripts/transfer_bench.py --mib 16 256 1024
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

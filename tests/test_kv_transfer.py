@@ -98,6 +98,14 @@ def test_the_endpoint_moves_arrays_once_and_a_stuck_pull_times_out():
         assert np.array_equal(np.asarray(a), np.asarray(c))
 
 
+def test_transfer_bench_runs(capsys):
+    """scripts/transfer_bench.py (gpu_check.sh's "transfer" step) at a tiny size."""
+    from scripts import transfer_bench
+
+    assert transfer_bench.main(["--mib", "1", "--reps", "1"]) == 0
+    assert "transfer GB/s" in capsys.readouterr().out
+
+
 def test_received_pages_continue_a_match_after_the_host_tier_and_before_the_disk():
     """CacheTiers: a prompt's pages past the tree come from the host tier, then from pages received, then from the
     disk tier, in a row; received pages leave once the tree stores them, the oldest first past capacity."""

@@ -72,6 +72,16 @@ def prefill_only() -> bool:
     return _PREFILL_ONLY.get()
 
 
+_warned: set = set()
+
+
+def _warn_once(key, message: str, *args) -> None:
+    """A warning about the setup (the same for every request until it changes): logged once."""
+    if key not in _warned:
+        _warned.add(key)
+        log.warning(message, *args)
+
+
 def kv_offers() -> str | None:
     """The request being handled: the offer of its prompts' pages a prefill replica made (`OFFERS_HEADER`), or None."""
     return _OFFERS.get()
@@ -132,8 +142,8 @@ async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRe
 
     transfer = engine.engine.transfer
     if transfer is None:
-        log.warning("%s: this replica pulls no pages (parallel.kv_transfer is not jax): it computes the prompt",
-                    OFFERS_HEADER)
+        _warn_once("no transfer", "%s: this replica pulls no pages (parallel.kv_transfer is not jax): it computes the "
+                                  "prompts", OFFERS_HEADER)
         return requests
     try:
         body = json.loads(offers)
@@ -142,8 +152,9 @@ async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRe
         log.warning("%s is malformed (%r): the prompt is computed here", OFFERS_HEADER, e)
         return requests
     if layout != transfer.layout_key:
-        log.warning("the prefill replica's pages are of another layout (%s, this replica's %s: other weights, dtypes, "
-                    "page size or parallelism): the prompt is computed here", layout, transfer.layout_key)
+        _warn_once(("layout", layout, transfer.layout_key), "the prefill replica's pages are of another layout (%s, "
+                   "this replica's %s: other weights, dtypes, page size or parallelism): its prompts are computed here",
+                   layout, transfer.layout_key)
         return requests
     distinct = distinct_prompts(requests)
     if len(entries) != len(distinct):

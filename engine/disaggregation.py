@@ -36,8 +36,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEADER = "x-radixlm-prefill-only"
+CACHED_ONLY = "cached"  # HEADER's value for an offer of the pages held, nothing computed (the router's peer fetch)
 OFFERS_HEADER = "x-radixlm-kv-offers"  # the router's copy of a prefill answer's `transfer` (JSON), to a decode replica
-_PREFILL_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("prefill_only", default=False)
+_PREFILL_ONLY: contextvars.ContextVar[str] = contextvars.ContextVar("prefill_only", default="")
 _OFFERS: contextvars.ContextVar[str | None] = contextvars.ContextVar("kv_offers", default=None)
 
 
@@ -51,7 +52,8 @@ class PrefillOnlyMarker:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        wanted = any(k == HEADER.encode() and marked(v) for k, v in scope["headers"])
+        wanted = next((v.decode("latin-1").strip() for k, v in scope["headers"] if k == HEADER.encode() and marked(v)),
+                      "")
         offers = next((v.decode("latin-1") for k, v in scope["headers"] if k == OFFERS_HEADER.encode()), None)
         token, offers_token = _PREFILL_ONLY.set(wanted), _OFFERS.set(offers)
         try:
@@ -68,8 +70,13 @@ def marked(value: str | bytes | None) -> bool:
 
 
 def prefill_only() -> bool:
-    """Whether the request being handled asks for a prefill for a decode replica."""
-    return _PREFILL_ONLY.get()
+    """Whether the request being handled asks for a prefill for a decode replica (or an offer of what is cached)."""
+    return bool(_PREFILL_ONLY.get())
+
+
+def cached_only() -> bool:
+    """Whether the request being handled asks only for an offer of the prompt pages this replica holds."""
+    return _PREFILL_ONLY.get() == CACHED_ONLY
 
 
 _warned: set = set()
@@ -131,6 +138,24 @@ async def prefill_for_decode(engine: "AsyncEngine", requests: "list[GenerateRequ
         on_disk = await engine.disk_handoff(hashes, timeout_s)
         prompts.append({"prompt_tokens": len(r.prompt_ids), "pages": len(hashes), "pages_on_disk": on_disk})
     return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4)}
+
+
+async def offer_cached(engine: "AsyncEngine", requests: "list[GenerateRequest]") -> dict:
+    """A call marked `HEADER: cached` (the router's, for another replica that holds less of its prompts): the pages
+    of each distinct prompt this replica's tree holds, offered as `prefill_for_decode` offers them; nothing computed,
+    nothing queued. Prompts with images are not offered (their tokens are the engine's to make)."""
+    from engine.block_hash import cache_namespace
+
+    t0, ps = time.perf_counter(), engine.engine.config.cache.page_size
+    offers, prompts = [], []
+    for r in distinct_prompts(requests).values():
+        key = (tuple(r.prompt_ids[: (len(r.prompt_ids) - 1) // ps * ps]), cache_namespace(r.namespace, r.adapter))
+        offer = None if r.images else await engine.offer_pages(key)
+        offers.append(offer)
+        prompts.append({"prompt_tokens": len(r.prompt_ids), "pages_offered": offer and offer["pages"]})
+    transfer = engine.engine.transfer
+    return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
+            "transfer": {"address": transfer.endpoint.address, "layout": transfer.layout_key, "offers": offers}}
 
 
 async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRequest]", offers: str,

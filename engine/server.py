@@ -49,8 +49,8 @@ from engine.openai_protocol import (
     chat_template_call, describe_validation_error, error_body,
 )
 from engine import anthropic_messages, multimodal, openai_responses
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, kv_offers, \
-    prefill_for_decode, prefill_only, receive_from_prefill
+from engine.disaggregation import CACHED_ONLY, HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, \
+    cached_only, kv_offers, offer_cached, prefill_for_decode, prefill_only, receive_from_prefill
 from engine import scoring, structured
 from engine.reasoning import keeps_special_tokens
 from engine.router.prompts import PROBE_TEXT, PromptFormat
@@ -208,6 +208,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         """A call marked prefill-only (the router's, before it sends the call to a decode replica): its prompts are
         computed and their pages written to the shared disk tier, or offered for a pull (parallel.kv_transfer: jax);
         answered by PrefillDone, not a completion."""
+        if cached_only():  # (the router's peer fetch: another replica pulls what this one holds)
+            if llm.transfer is None:
+                raise ApiError(400, f"an offer of cached pages ({PREFILL_ONLY_HEADER}: {CACHED_ONLY}) needs "
+                                    "parallel.kv_transfer: jax on this replica", code="no_kv_transfer")
+            raise PrefillDone(await offer_cached(engine, reqs))
         if llm.disk is None and llm.transfer is None:
             raise ApiError(400, f"a prefill for a decode replica ({PREFILL_ONLY_HEADER}) hands the prompt's KV over "
                                 "through the disk tier or the network, and this replica has neither: set "

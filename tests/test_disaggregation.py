@@ -165,6 +165,23 @@ def test_prompts_mostly_cached_skip_the_prefill_replica():
             proc.wait()
 
 
+def test_the_router_has_a_replica_without_the_prefix_pull_it_from_the_one_that_holds_it():
+    """peer_fetch_min_tokens: round robin sends a group's second request to the replica that lacks its prefix; the
+    router asks the holder for an offer of its pages (nothing computed there) and hands it to the chosen replica.
+    Requests to replicas holding as much as any other carry none."""
+    with replicas_and_router(2, 0.0, policy="round_robin", peer_fetch_min_tokens=32) as (ports, _, router):
+        for i in (0, 6, 12, 18):  # one group ("prefix 0"), alternating replicas
+            got, want, status = ask(router.url, i, i == 6, "peer")
+            assert got == want and status == 200
+            if i == 0:  # (the next request finds the prefix in the index: the first one's events, not guesses)
+                wait_for(lambda: router.router.index.num_confirmed(0) + router.router.index.num_confirmed(1) > 0,
+                         what="the first prompt's pages indexed")
+        stats = [_stats(p) for p in ports]
+        assert [s["peer_offers"] for s in stats] == [1, 0] and [s["offers"] for s in stats] == [[], [1001]]
+        assert all(s["prefills"] == 0 for s in stats)
+        assert _counter(router.url, "radixlm_router_peer_fetches_total", "ok") == 1
+
+
 @pytest.mark.parametrize("key", ["replicas", "prefill_replicas"])
 def test_router_config_refuses_a_replica_listed_twice_or_not_a_url(key):
     from engine.config import ConfigKeyError

@@ -156,6 +156,27 @@ def test_a_decode_replica_pulls_the_prefill_replicas_pages_and_answers_as_one_re
         assert _stats(decode)["transfer_pulls_failed"] == 0 and _stats(prefill)["transfer_hit_tokens"] == 0
 
 
+def test_a_replica_offers_the_pages_it_holds_without_computing(tiny_model):  # noqa: F811
+    """`X-RadixLM-Prefill-Only: cached` (the router's peer fetch): a replica that answered one question offers the
+    pages it holds of another question's prompt (the shared system prompt) at once, computing nothing; the replica
+    that pulls them answers as alone. A replica without the transport refuses by name."""
+    first, second = _chat("Where are the tulips?"), _chat("Where are the wheelbarrows?", max_tokens=4)
+    with _client(tiny_model) as alone, _client(tiny_model, **JAX) as holder, _client(tiny_model, **JAX) as chosen:
+        holder.post("/v1/chat/completions", json=first)
+        before = _stats(holder)
+        done = holder.post("/v1/chat/completions", json=second, headers={HEADER: "cached"})
+        assert done.status_code == 200 and done.json()["object"] == "prefill", done.text
+        after = _stats(holder)
+        assert after["prompt_tokens"] == before["prompt_tokens"] and after["num_steps"] == before["num_steps"]
+        [offer] = done.json()["transfer"]["offers"]
+        assert 0 < offer["pages"] < (done.json()["prompts"][0]["prompt_tokens"] - 1) // 16  # the shared pages only
+        got = chosen.post("/v1/chat/completions", json=second, headers={OFFERS_HEADER: json.dumps(done.json()["transfer"])})
+        assert _text(got) == _text(alone.post("/v1/chat/completions", json=second))
+        assert _stats(chosen)["transfer_hit_tokens"] == offer["pages"] * 16
+        refused = alone.post("/v1/chat/completions", json=second, headers={HEADER: "cached"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_kv_transfer"
+
+
 def test_pages_cross_between_tensor_parallel_replicas(tiny_model):  # noqa: F811
     """Two devices a replica (the test process has four CPU devices): each device's share of the pages crosses, and
     the decode replica answers as a replica of the same layout computing everything."""

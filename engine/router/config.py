@@ -24,6 +24,11 @@ class RouterConfig:
     # ... only for prompts with at least this many tokens no replica holds (per the index): a request whose prompt is
     # mostly a cached prefix goes straight to a decode replica, which computes its short tail. 0: every request.
     prefill_min_tokens: int = 0
+    # Peer fetch: a generation request sent to a replica holding at least this many fewer of its prompt's tokens than
+    # another replica up (per the index; the policy chose it for load) carries that replica's offer of the pages it
+    # holds, which the chosen replica pulls instead of computing them (replicas with parallel.kv_transfer: jax;
+    # docs/routing.md). 0: off.
+    peer_fetch_min_tokens: int = 0
     policy: Literal["round_robin", "least_load", "prefix_aware"] = "prefix_aware"
     page_size: int = 16  # the replicas' cache.page_size until they tell it (GET /v1/prompt_format): pages cut alike
     tokenizer: str = DEFAULT_MODEL  # the replicas' model (.gguf, HF dir, pkg:...), or "bytes" (fake replicas)
@@ -60,8 +65,9 @@ class RouterConfig:
                 raise ConfigKeyError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.max_attempts < 1:
             raise ConfigKeyError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.request_cost_tokens < 0 or self.hot_spot_slack < 0 or self.prefill_min_tokens < 0:
-            raise ConfigKeyError("request_cost_tokens, hot_spot_slack and prefill_min_tokens must be >= 0")
+        if min(self.request_cost_tokens, self.hot_spot_slack, self.prefill_min_tokens, self.peer_fetch_min_tokens) < 0:
+            raise ConfigKeyError("request_cost_tokens, hot_spot_slack, prefill_min_tokens and peer_fetch_min_tokens "
+                                 "must be >= 0")
 
     @property
     def replica_urls(self) -> tuple[str, ...]:

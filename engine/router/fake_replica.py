@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine.block_hash import cache_namespace
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER, marked
+from engine.disaggregation import CACHED_ONLY, HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER, marked
 from engine.openai_responses import input_items, input_messages, item_page, prompt_messages
 from engine.page_pool import PagePool
 from engine.radix_cache import RadixCache
@@ -73,7 +73,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     tok = ByteTokenizer()
     epoch = uuid.uuid4().hex
     events: deque[dict] = deque(maxlen=max_events)
-    state = {"seq": 0, "served": 0, "prefills": 0, "waiting": 0, "waiting_tokens": 0, "running": 0, "offers": []}
+    state = {"seq": 0, "served": 0, "prefills": 0, "waiting": 0, "waiting_tokens": 0, "running": 0, "offers": [],
+             "peer_offers": 0}
     lock = asyncio.Lock()
 
     def publish() -> None:
@@ -124,6 +125,12 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         tokens = prompt_tokens(tok, body, chat)
         max_tokens = int(body.get("max_tokens") or 8)
         model = body.get("model")
+        if request.headers.get(PREFILL_ONLY_HEADER) == CACHED_ONLY:  # the router's peer fetch: offered, not computed
+            state["peer_offers"] += 1
+            offer = {"uuid": 1000 + state["peer_offers"], "pages": len(tokens) // page_size, "padded": 0,
+                     "last_hash": "0"}
+            return {"object": "prefill", "replica": name,
+                    "transfer": {"address": name, "layout": "fake", "offers": [offer]}}
         await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
         if prefill_only(request):
             return prefilled(tokens)
@@ -310,7 +317,8 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
 
     @app.get("/stats")
     async def stats():
-        return {"served": state["served"], "prefills": state["prefills"], "offers": state["offers"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
+        return {"served": state["served"], "prefills": state["prefills"], "offers": state["offers"],
+                "peer_offers": state["peer_offers"], "epoch": epoch, "name": name, "weights_version": state.get("weights_version", 0)}
 
     app.state.cache = cache
     return app

@@ -32,7 +32,7 @@ import httpx
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from engine import anthropic_messages
-from engine.disaggregation import HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER
+from engine.disaggregation import CACHED_ONLY, HEADER as PREFILL_ONLY_HEADER, OFFERS_HEADER
 from engine.openai_protocol import error_body
 from engine.router.config import RouterConfig
 from engine.router.fleet import FORWARD_HEADERS, Fleet
@@ -164,7 +164,9 @@ class Router:
                     break
             slot, url = choice.replica, self.urls[choice.replica]
             headers = fwd
-            if offers is not None and not tried:  # (an offer is pulled once: the first decode replica alone)
+            if offers is None and not tried and self.cfg.peer_fetch_min_tokens and req.block_hashes:
+                offers = await self._peer_offer(slot, path, raw, fwd, req)
+            if offers is not None and not tried:  # (an offer is pulled once: the first replica alone)
                 headers = {**fwd, OFFERS_HEADER: offers}
             tried.add(slot)
             matched = choice.matched_len
@@ -263,6 +265,31 @@ class Router:
             log.warning("prefill replica %s answered %d (%s): the decode replica computes the prompt", url,
                         r.status_code, r.text[:300])
         return None
+
+    async def _peer_offer(self, slot: int, path: str, raw: bytes, headers: dict[str, str],
+                          req: RouteRequest) -> str | None:
+        """Peer fetch: where another replica up holds at least `peer_fetch_min_tokens` more of the prompt than `slot`
+        does (per the index), its offer of the pages it holds (nothing computed there; `connect_timeout_s` at most),
+        for `slot` to pull -> the offer, or None."""
+        depth = self.index.match(req.block_hashes)
+        holder = max((r for r, st in enumerate(self.states) if st.up and r != slot), key=lambda r: depth[r],
+                     default=None)
+        if holder is None or (depth[holder] - depth[slot]) * self.page_size < self.cfg.peer_fetch_min_tokens:
+            return None
+        url = self.urls[holder]
+        try:
+            r = await self.client.post(url + path, content=raw, headers={**headers, PREFILL_ONLY_HEADER: CACHED_ONLY},
+                                       timeout=self.cfg.connect_timeout_s)
+            transfer = r.json().get("transfer") if r.status_code == 200 else None
+        except Exception as e:  # (as forward's: httpcore can leak other errors than httpx's)
+            log.warning("peer fetch: replica %s failed to offer its pages (%r)", url, e)
+            self.metrics.peer_fetches.labels("failed").inc()
+            return None
+        if transfer is None:  # refused: no kv_transfer there, a field it refuses (the chosen replica says which)
+            self.metrics.peer_fetches.labels("refused").inc()
+            return None
+        self.metrics.peer_fetches.labels("ok").inc()
+        return json.dumps(transfer, separators=(",", ":"))
 
     async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False,
                      anthropic: bool = False):

@@ -28,6 +28,10 @@ class RouterMetrics:
                                 ["outcome"], registry=r)
         self.prefill_seconds = Histogram("radixlm_router_prefill_seconds",
                                          "A prefill replica's answer time (prompt computed and on disk)", registry=r)
+        self.peer_fetches = Counter("radixlm_router_peer_fetches",
+                                    "Offers of a prompt's cached pages asked of the replica holding the most of it, "
+                                    "for the replica chosen (peer_fetch_min_tokens), by outcome", ["outcome"],
+                                    registry=r)
         self.hit_rate = Gauge("radixlm_router_hit_rate_estimate", "matched prefix tokens / prompt tokens",
                               registry=r)
         for url in urls:

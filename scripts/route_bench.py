@@ -9,7 +9,8 @@ Reports per policy: token hit rate (cached / prompt tokens, summed over the repl
 the ideal hit rate for the workload, request throughput, TTFT p50/p99, inter-token latency p50/p99, requests per
 replica max/mean. `--prefill-replicas N` runs each policy twice, the second time with N of the replicas prefill only
 (prefill/decode disaggregation, over a disk tier they share; `--kv-transfer jax`: pulled over the network instead,
-no disk tier; `both`: a run of each).
+no disk tier; `both`: a run of each). `--peer-fetch-min-tokens N` runs each policy again with the router's peer
+fetch (replicas with parallel.kv_transfer: jax, pulling a prefix from the replica holding it).
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _metric(text: str, name: str) -> float:
     return total
 
 
-def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: str = "disk") -> dict:
+def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: str = "disk", peer: int = 0) -> dict:
     """prefill: how many of the replicas only prefill (disaggregation; every replica then has a disk tier, fresh for
     this run, as with --disk, or with transport "jax" pulls the prompts' pages over the network)."""
     from engine.router import loadgen
@@ -67,7 +68,7 @@ def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: s
                           "scheduler.max_batch_tokens=256", "scheduler.max_running=8", "model.max_model_len=1024",
                           *([f"model.chat_template={args.chat_template}"] if args.chat_template else []),
                           *([f"cache.disk_path={disk}"] if disk else []),
-                          *(["parallel.kv_transfer=jax"] if pulled else [])],
+                          *(["parallel.kv_transfer=jax"] if pulled or peer else [])],
                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         for p in ports
     ]
@@ -79,7 +80,8 @@ def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: s
         router = subprocess.Popen([sys.executable, "scripts/route.py", "--config", "configs/router.yaml", "--set",
                                    f"replicas={','.join(urls[prefill:])}", f"policy={policy}", f"port={router_port}",
                                    *([f"prefill_replicas={','.join(urls[:prefill])}",
-                                      f"prefill_min_tokens={args.prefill_min_tokens}"] if prefill else [])],
+                                      f"prefill_min_tokens={args.prefill_min_tokens}"] if prefill else []),
+                                   f"peer_fetch_min_tokens={peer}"],
                                   cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         router_url = f"http://127.0.0.1:{router_port}"
         _wait_healthy(router_url, [router])
@@ -98,7 +100,8 @@ def run_policy(policy: str, args, base_port: int, prefill: int = 0, transport: s
         ttfts = sorted(r[0] for r in results)
         gaps = sorted(g for r in results for g in r[2])
         mean = sum(per_replica) / len(per_replica)
-        return {"policy": policy + (f" {prefill}P+{args.replicas - prefill}D {transport}" if prefill else ""),
+        return {"policy": policy + (f" {prefill}P+{args.replicas - prefill}D {transport}" if prefill else "")
+                + (f" peer {peer}" if peer else ""),
                 "requests": len(results), "req_per_s": len(results) / wall,
                 "token_hit_rate": cached / prompt if prompt else 0.0, "prompt_tokens": prompt,
                 "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
@@ -172,15 +175,20 @@ def main(argv=None) -> int:
     ap.add_argument("--kv-transfer", choices=["disk", "jax", "both"], default="disk",
                     help="how the prefill replicas' pages reach the decode replicas (parallel.kv_transfer); both: a "
                          "run of each")
+    ap.add_argument("--peer-fetch-min-tokens", type=int, default=0,
+                    help="also run each policy with the router's peer fetch at this threshold (replicas with "
+                         "parallel.kv_transfer: jax)")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each configuration, interleaved")
     args = ap.parse_args(argv)
     rows = []
     transports = ["disk", "jax"] if args.kv_transfer == "both" else [args.kv_transfer]
-    runs = [(policy, prefill, transport) for policy in args.policies.split(",")
+    runs = [(policy, prefill, transport, peer) for policy in args.policies.split(",")
             for prefill in ([0, args.prefill_replicas] if args.prefill_replicas else [0])
-            for transport in (transports if prefill else ["disk"])] * args.repeats
-    for k, (policy, prefill, transport) in enumerate(runs):
-        row = run_policy(policy, args, args.base_port + 100 * k, prefill, transport)
+            for transport in (transports if prefill else ["disk"])
+            for peer in ([0, args.peer_fetch_min_tokens] if args.peer_fetch_min_tokens and not prefill else [0])
+            ] * args.repeats
+    for k, (policy, prefill, transport, peer) in enumerate(runs):
+        row = run_policy(policy, args, args.base_port + 100 * k, prefill, transport, peer)
         rows.append(row)
         print(f"{row['policy']}: {row}", file=sys.stderr, flush=True)
     ideal = ideal_hit_rate(args)
@@ -189,10 +197,10 @@ def main(argv=None) -> int:
     print(f"\n{args.replicas} replicas x {args.num_pages} pages of 16 tokens; {args.groups} groups of ~{args.prefix_words}-word "
           f"system prompts{shape}; {args.requests} requests, concurrency {args.concurrency}, {args.max_tokens} output "
           f"tokens; ideal token hit rate {ideal:.1%}")
-    print(f"{'policy':<26}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}"
+    print(f"{'policy':<32}{'hit rate':>10}{'req/s':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>10}{'ITL p99':>10}"
           f"{'max/mean':>10}  requests per replica")
     for r in rows:
-        print(f"{r['policy']:<26}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
+        print(f"{r['policy']:<32}{r['token_hit_rate']:>10.1%}{r['req_per_s']:>8.2f}{r['ttft_p50_s']:>10.2f}"
               f"{r['ttft_p99_s']:>10.2f}{r['itl_p50_s']:>10.3f}{r['itl_p99_s']:>10.3f}{r['max_over_mean']:>10.2f}  "
               f"{[int(x) for x in r['per_replica']]}")
     return 0

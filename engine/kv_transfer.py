@@ -7,15 +7,20 @@ on CPU and GPU clients too) and nothing is shared but the network:
 
   prefill replica                                   decode replica
   prompt computed, its pages in the tree
-  gather them into one array per cache array ---->  (the router forwards the offer: `HEADER`)
+  gather them into one array per cache array ---->  (the router forwards the offer: X-RadixLM-KV-Offers)
   `offer`: await_pull(uuid, arrays)                 `pull`: the arrays, by uuid, into its own devices
                                                     as pages received (engine.cache_tiers: `receive`), which the
                                                     admission of the request takes as cached prompt pages
 
 An offer is pulled once: a second pull of a uuid, one of an expired offer, or one of a uuid the server never
 offered does not fail: its arrays never become ready. `pull` therefore polls them against a deadline and leaves a
-stuck one behind (logged) instead of waiting on it; the decode replica then computes the prompt itself. Offers
-expire (`OFFER_TIMEOUT_S`), so one that nobody pulls does not hold device memory.
+stuck one behind instead of waiting on it (no thread blocks on it); the decode replica then computes the prompt
+itself. Offers expire (`OFFER_TIMEOUT_S`), so one that nobody pulls does not hold device memory for long; until it
+is pulled an offer is a copy of its pages on the prefill replica's devices, outside the KV cache's budget (leave
+room for the longest prompt's K/V, as for a prefill's activations).
+
+The same offers serve the router's peer fetch: a replica holding a prompt's prefix offers its pages without
+computing anything (`disaggregation.offer_cached`), for the replica the policy chose.
 """
 from __future__ import annotations
 

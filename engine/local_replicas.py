@@ -25,6 +25,7 @@ import uvicorn
 
 SERVE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", "serve.py")
 MAX_BACKOFF_S = 60.0
+PEER_FETCH_PAGES = 4  # with parallel.kv_transfer: jax, the router's peer_fetch_min_tokens in pages
 STABLE_S = 300.0  # a replica up this long has its restart delay reset
 
 
@@ -148,7 +149,10 @@ def serve(config_path: str | None, overrides: list[str], config, api_key: str | 
         router_cfg = RouterConfig(replicas=",".join(replicas.urls[num_prefill:]),
                                   prefill_replicas=",".join(replicas.urls[:num_prefill]),
                                   page_size=config.cache.page_size, tokenizer=config.model.path,
-                                  replica_api_key=api_key, host=config.server.host, port=config.server.port)
+                                  replica_api_key=api_key, host=config.server.host, port=config.server.port,
+                                  # replicas that pull pages over the network also pull a prefix from each other
+                                  peer_fetch_min_tokens=PEER_FETCH_PAGES * config.cache.page_size
+                                  if config.parallel.kv_transfer == "jax" else 0)
         app = create_app(router_cfg, replica_tokenizer(config))
         print(f"serve.py: serving {config.served_model_name!r} on http://{config.server.host}:{config.server.port}/v1 "
               f"through the router (prefix_aware) over {replicas.num} replicas"

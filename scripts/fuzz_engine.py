@@ -95,6 +95,7 @@ SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose he
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models
+WHOLE_PAGES = ("llama", "deepseek")  # models whose pages another replica may send (no window slots, no states)
 
 
 def draw_features(seed: int, model: str) -> dict:
@@ -109,7 +110,10 @@ def draw_features(seed: int, model: str) -> dict:
     each other both ways; and in half the seeds that speculate (models in DRAFTED), the model as its own draft model
     in place of n-gram lookup (its trees of top-3 tokens where the seed drew n-gram trees); in half of the other seeds
     that speculate, suffix decoding in its place (trees where the seed drew n-gram trees, drafting from the other
-    requests' answers, a small cache of them)."""
+    requests' answers, a small cache of them). In a third of the seeds of models in WHOLE_PAGES without images or a
+    draft model, the prompts' pages come from another replica first (`_received`: parallel.kv_transfer jax, a
+    plain engine of the same layout computes them and offers them, and the fuzzed engine pulls them over its transfer
+    server and takes them with the requests)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
@@ -118,7 +122,8 @@ def draw_features(seed: int, model: str) -> dict:
             "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
             "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4,
             "drafter": model in DRAFTED and rng.random() < 0.5,
-            "suffix": rng.random() < 0.5}
+            "suffix": rng.random() < 0.5,
+            "received": model in WHOLE_PAGES and rng.random() < 0.33}
 
 
 def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
@@ -204,9 +209,34 @@ def _image_kind(features: dict) -> str | None:
         "both ways" if features["both_ways"] else None
 
 
-def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None) -> list[list[int]]:
+def _received(source, target, prompts) -> list[tuple | None]:
+    """Each prompt's pages as another replica sends them (prefill/decode disaggregation over the network): `source`
+    (an LLM of the same layout, parallel.kv_transfer jax) computes every prompt, offers the pages its tree holds of
+    each, and `target` pulls them -> per prompt, (the last page's block hash, the pages' payloads) or None."""
+    import asyncio
+
+    from engine.kv_transfer import page_payloads
+    from engine.request import SamplingParams
+
+    ids = [source.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0), namespace=ns) for p, ns in prompts]
+    source._run(set(ids), progress=False)
+    ps, out = source.engine.config.cache.page_size, []
+    for prompt, namespace in prompts:
+        offer = source.engine.transfer.offer(tuple(prompt[: (len(prompt) - 1) // ps * ps]), namespace)
+        if offer is None:
+            out.append(None)
+            continue
+        arrays = asyncio.run(target.engine.transfer.endpoint.pull(
+            source.engine.transfer.endpoint.address, offer["uuid"], target.engine.transfer.specs(offer["padded"]), 60))
+        out.append((offer["last_hash"], page_payloads(arrays, offer["pages"])))
+    return out
+
+
+def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None,
+              received=None) -> list[list[int]]:
     """Each prompt's tokens: greedy, or seeded top-p sampling (`features`), with each request's priority and adapter
-    drawn from its index (the same in every engine of a seed); `images` (a model that takes them): `_with_image`."""
+    drawn from its index (the same in every engine of a seed); `images` (a model that takes them): `_with_image`;
+    `received`: per prompt, its pages from another replica (`_received`), given with the request."""
     from engine.request import SamplingParams
 
     engine, ids = llm.engine, []
@@ -218,6 +248,8 @@ def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images
                                       priority=(i * 7) % 3 if features["priorities"] else 0,
                                       adapter=(None, "a", "b")[i % 3] if features["lora"] else None,
                                       images=prompt_images or None))
+        if received is not None and received[i] is not None:
+            engine.receive_prompt_pages(ids[-1], *received[i])
     finals = llm._run(set(ids), progress=False)
     return [finals[i].token_ids for i in ids]
 
@@ -302,6 +334,12 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                        "speculative.num_tokens": fuzzed["speculative.num_tokens"] * (3 if trees else 1),
                        "speculative.suffix_max_cached_requests": 4, "speculative.suffix_min_prob": 0.05})
         extra += (", " if extra else "") + f"suffix decoding ({'trees' if trees else 'chains'})"
+    source = None  # the replica that sends the prompts' pages (features["received"])
+    if features["received"] and not features["images"] and draft is None:
+        fuzzed["parallel.kv_transfer"] = "jax"
+        source = {**reference, "cache.prefix_caching": True, "parallel.kv_transfer": "jax",
+                  "parallel.tensor": features["tensor"], "attention.backend": backend, "cache.num_pages": 256}
+        extra += (", " if extra else "") + "pages from another replica"
     if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
         reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
@@ -315,8 +353,14 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
                          prompts, max_tokens, features, rules, images)
         for _ in range(2 if disk else 1):  # with a disk tier, a second engine starts on the first's files
             llm = LLM(EngineConfig().replace(**fuzzed), progress=False, model=served, vision=vision, draft=draft)
-            got = _generate(llm, prompts, max_tokens, features, rules, images)
+            received = None
+            if source is not None:
+                sender = LLM(EngineConfig().replace(**source), progress=False, model=served)
+                received = _received(sender, llm, prompts)
+            got = _generate(llm, prompts, max_tokens, features, rules, images, received)
             held = llm.engine.stats()["pages_held_by_requests"]
+            if source is not None:
+                extra += f" ({llm.engine.stats()['transfer_hit_tokens']} tokens taken)"
             llm.engine.shutdown()
             if got != want:
                 diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
@@ -341,6 +385,8 @@ def main(argv=None) -> int:
     ap.add_argument("--trees", action="store_true", help="run only the seeds that draw draft trees (n-gram ones, or "
                     "a draft model's top-k trees)")
     ap.add_argument("--suffix", action="store_true", help="run only the seeds that draw suffix decoding")
+    ap.add_argument("--received", action="store_true", help="run only the seeds whose prompts' pages come from "
+                    "another replica")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source
@@ -361,6 +407,13 @@ def main(argv=None) -> int:
             return ("speculative.method" in fuzzed and features["suffix"]
                     and not (features["drafter"] and not features["images"]))
         seeds = [s for s in seeds if suffix(s)]
+    if args.received:
+        def received(seed: int) -> bool:
+            model, _, fuzzed, _ = draw(random.Random(seed), args.backend, tuple(args.models))
+            features = draw_features(seed, model)
+            return (features["received"] and not features["images"]
+                    and not ("speculative.method" in fuzzed and features["drafter"]))
+        seeds = [s for s in seeds if received(s)]
     for seed in seeds:
         t0 = time.perf_counter()
         problem, extra = run_seed(seed, models, tokenizer, args.backend, tuple(args.models))

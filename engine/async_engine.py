@@ -46,7 +46,8 @@ class GenerateRequest:
     priority: int = 0  # scheduler.policy "priority": lower runs first
     adapter: str | None = None  # a LoRA adapter of the engine (None: the base model)
     images: tuple = ()  # engine.multimodal.ImageSpan of each image in the prompt
-    # Pages of its prompt a prefill replica sent (engine.kv_transfer): (the last one's block hash, their payloads)
+    # Pages of its prompt a prefill replica sent (engine.kv_transfer): (the last one's block hash, their payloads, the
+    # first whose windowed layers' entries came along: a hybrid cache's)
     received: tuple | None = None
 
 

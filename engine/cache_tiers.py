@@ -31,14 +31,16 @@ from engine.request import Sequence
 class CacheTiers:
     def __init__(self, page_size: int, num_host_pages: int = 0, disk=None, stats=None,
                  window_slot: Callable[[int], int] | None = None, disk_read_timeout_s: float = 10.0,
-                 num_host_states: int = 0, disk_states=None):
+                 num_host_states: int = 0, disk_states=None, first_window_page: Callable[[int], int] | None = None):
         """disk: an engine.disk_cache.DiskCache, or what tests give in its place. stats: the scheduler's SchedulerStats
         (the saved-page counts). window_slot: a hybrid cache's page -> window slot (-1: none; the page's windowed
         layers are written from there, and a page without one is not written); None: not hybrid. num_host_states: host
         slots for snapshots of recurrent states (a model with linear attention layers); disk_states: the disk tier's
-        files for them (a DiskCache of one state slot per file), with `disk`."""
+        files for them (a DiskCache of one state slot per file), with `disk`. first_window_page: a hybrid cache's
+        position -> the first page its windowed layers attend to (engine.window_pages.WindowPages.first_page)."""
         self.page_size = page_size
         self.window_slot = window_slot
+        self.first_window_page = first_window_page
         self.disk_read_timeout_s = disk_read_timeout_s
         self.host = HostPageIndex(num_host_pages) if num_host_pages else None
         if self.host is not None:
@@ -66,8 +68,9 @@ class CacheTiers:
         self.loading: set[int] = set()  # host slots the plan being built loads from: not reused for a save in it
         # Disk reads in flight (or done this plan) by their first page's hash: a prompt starting there shares the read.
         self._disk_reading: dict[int, tuple] = {}
-        # Pages received from prefill replicas, by block hash, oldest first: payloads as the disk tier reads them; at
-        # most `received_capacity` (the engine sets it with parallel.kv_transfer: jax; 0: none are taken).
+        # Pages received from prefill replicas, by block hash, oldest first: (payload as the disk tier reads it, whether
+        # its windowed layers' entries are real: a hybrid cache's page sent without a window slot has none); at most
+        # `received_capacity` (the engine sets it with parallel.kv_transfer: jax; 0: none are taken).
         self.received_capacity = 0
         self.received: collections.OrderedDict[int, tuple] = collections.OrderedDict()
 
@@ -75,10 +78,11 @@ class CacheTiers:
     def enabled(self) -> bool:
         return self.host is not None or self.disk is not None or self.received_capacity > 0
 
-    def receive(self, hashes: list[int], payloads: list[tuple]) -> None:
-        """Pages a prefill replica computed (each one's block hash and payload), for the admissions that follow."""
-        for h, payload in zip(hashes, payloads):
-            self.received[h] = payload
+    def receive(self, hashes: list[int], payloads: list[tuple], window_from: int = 0) -> None:
+        """Pages a prefill replica computed (each one's block hash and payload), for the admissions that follow; in a
+        hybrid cache those from `window_from` on carry their windowed layers' entries."""
+        for i, (h, payload) in enumerate(zip(hashes, payloads)):
+            self.received[h] = (payload, i >= window_from)
             self.received.move_to_end(h)
         while len(self.received) > self.received_capacity:
             self.received.popitem(last=False)
@@ -100,11 +104,18 @@ class CacheTiers:
                 if slot is None:
                     break
                 slots.append(slot)
-        pages: list[object] | None = []
+        run = []
         for h in hashes[len(slots) :]:
             if h not in self.received:
                 break
-            pages.append(self.received[h])
+            run.append(self.received[h])
+        if self.first_window_page is not None:  # hybrid: the run ends only where every received page the window of
+            # its end reaches (its first token's, or the one before: MTP's head row recomputes that) has windowed entries
+            start = match.num_tokens // ps + len(slots)
+            while run and not all(real for _, real in run[max(0, self.first_window_page((start + len(run)) * ps - 1)
+                                                                     - start):]):
+                run.pop()
+        pages: list[object] | None = [payload for payload, _ in run]
         seq.received_pages = len(pages)
         done = len(slots) + len(pages)
         if self.disk is not None and done < len(hashes) and not _is_adapter(seq.namespace):

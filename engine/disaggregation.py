@@ -193,7 +193,7 @@ async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRe
                                                   timeout_s)
             payloads = await asyncio.to_thread(page_payloads, arrays, int(offer["pages"]))
             transfer.stats["received_pages"] += len(payloads)
-            return str(offer["last_hash"]), payloads
+            return str(offer["last_hash"]), payloads, int(offer.get("window_from", 0))
         except Exception as e:  # a timeout, a refused connection, a malformed offer: computed here instead
             transfer.stats["pulls_failed"] += 1
             log.warning("pulling prompt pages from %s failed (%r): the prompt is computed here", address, e)

@@ -254,7 +254,7 @@ class LLMEngine:
             self.runner.followers = multihost.Followers()
         if transfer:  # prompt pages to and from other replicas over the network (disaggregation)
             layout = functools.partial(replica_layout, config, self.model_cfg, self.dtype, self.kv_dtype, backend,
-                                       False, draft=self._draft_identity(draft))
+                                       bool(self.kv.num_window_pages), draft=self._draft_identity(draft))
             self.transfer = ReplicaTransfer(config, self.model_cfg, self.kv, layout,
                                             weights_id or weights_identity(config.model.path), self.scheduler,
                                             self.runner)
@@ -773,10 +773,10 @@ class LLMEngine:
         seq, ps = self._state[request_id].seq, self.config.cache.page_size
         return tuple(seq.prompt_ids[: (len(seq.prompt_ids) - 1) // ps * ps]), seq.namespace
 
-    def receive_prompt_pages(self, request_id: str, last_hash: str, payloads: list) -> int:
+    def receive_prompt_pages(self, request_id: str, last_hash: str, payloads: list, window_from: int = 0) -> int:
         """Pages a prefill replica computed for a queued request's prompt (engine.kv_transfer), for its admission ->
         how many were taken (none where they are not its prompt's: another namespace, other tokens)."""
-        return self.transfer.receive(self._state[request_id].seq, last_hash, payloads)
+        return self.transfer.receive(self._state[request_id].seq, last_hash, payloads, window_from)
 
     def disk_saving(self, hashes: Seq[int]) -> bool:
         """Whether a page or snapshot of recurrent states named in `hashes` is still on its way to the disk tier: queued

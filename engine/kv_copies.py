@@ -134,9 +134,12 @@ class PageCopies:
             kv = scatter(kv, *self._to_device(step.disk_loads))
         return kv
 
-    def gather_pages(self, kv, pages: np.ndarray) -> tuple:
-        """Each cache array's `pages` (page ids), every layer: [L, Hkv, len(pages), ...], dispatched now."""
-        return self._gather(kv, self._to_device(pages))
+    def gather_pages(self, kv, pages: list[int], slots: list[int]) -> tuple:
+        """Each cache array's `pages` (page ids), every layer: [L, Hkv, len(pages), ...], dispatched now; in a hybrid
+        cache the windowed layers' entries from the pages' window `slots` (-1: none, those entries undefined)."""
+        if self.layout is None:
+            return self._gather(kv, self._to_device(np.array(pages, np.int32)))
+        return self._gather_entries(kv, self._to_device(self._where(pages, slots, fill=-1, size=len(pages))))
 
     def move_slots(self, kv, moves: list[tuple[int, int]]) -> tuple:
         """(src, dst) cache slots (page * page_size + offset) moved now, in every array, outside a step."""
@@ -233,11 +236,11 @@ class PageCopies:
         arrays = tuple(np.stack(page, axis=2) for page in zip(*payloads, *pad))
         return arrays, self._where(pages, slots, fill=-1)
 
-    def _where(self, pages, slots, fill: int) -> np.ndarray:
-        """Where pages live, padded to a power of two: the page ids; in a hybrid cache, [L, n] entries of the one
-        stacked array (a windowed layer's entry is the page's window slot; none, or `fill` -1: out of range, dropped
-        by a scatter)."""
-        n = 1 << (len(pages) - 1).bit_length()
+    def _where(self, pages, slots, fill: int, size: int | None = None) -> np.ndarray:
+        """Where pages live, padded to a power of two (or `size`): the page ids; in a hybrid cache, [L, n] entries of
+        the one stacked array (a windowed layer's entry is the page's window slot; none, or `fill` -1: out of range,
+        dropped by a scatter)."""
+        n = size or 1 << (len(pages) - 1).bit_length()
         if self.layout is None:
             return np.array(list(pages) + [self.num_pages if fill < 0 else fill] * (n - len(pages)), np.int32)
         size = self.layout.size

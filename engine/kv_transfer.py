@@ -139,9 +139,6 @@ class ReplicaTransfer:
         why = None
         if not config.cache.prefix_caching:
             why = "needs cache.prefix_caching (received pages enter the prefix cache)"
-        elif kv_plan.num_window_pages:
-            why = ("does not carry a hybrid cache's window slots: set cache.hybrid: false for a model with sliding-"
-                   "window layers, or use parallel.kv_transfer: disk")
         elif model_cfg.linear_layers:
             why = ("does not carry the snapshots of recurrent states a model with linear attention layers resumes "
                    "from: use parallel.kv_transfer: disk")
@@ -151,6 +148,8 @@ class ReplicaTransfer:
             raise ConfigKeyError(f"parallel.kv_transfer: jax {why}")
         self.endpoint = TransferEndpoint(config.parallel.kv_transfer_address)
         self.page_size = config.cache.page_size
+        self.num_layers = model_cfg.num_layers  # (a hybrid cache stacks them in one array: an offer has them apart)
+        self._hybrid = bool(kv_plan.num_window_pages)
         self._layout = layout
         self.layout_key: str | None = layout_key(layout(weights_id))
         self._scheduler, self._runner = scheduler, runner
@@ -166,9 +165,10 @@ class ReplicaTransfer:
 
     def offer(self, tokens: tuple[int, ...], namespace: str | None, timeout_s: float = OFFER_TIMEOUT_S) -> dict | None:
         """Offers the pages the tree holds of `tokens` (a prompt's whole pages) once, to a decode replica -> what it
-        pulls them by (uuid, pages, padded, the last page's block hash), or None (nothing to offer: no page in the
-        tree, a LoRA adapter's pages, which may differ between replicas under one name, weights with no name, the
-        engine asleep)."""
+        pulls them by (uuid, pages, padded, the last page's block hash, and `window_from`: in a hybrid cache, the first
+        of the last pages in a row whose window slots the tree still holds, whose windowed layers' entries are sent),
+        or None (nothing to offer: no page in the tree, a LoRA adapter's pages, which may differ between replicas
+        under one name, weights with no name, the engine asleep)."""
         kv = self._runner.kv
         if self.layout_key is None or kv is None or (namespace or "").startswith(ADAPTER_NAMESPACE):
             return None
@@ -176,23 +176,32 @@ class ReplicaTransfer:
         n = match.num_tokens // self.page_size
         if n == 0:
             return None
-        m = padded_pages(n)
-        arrays = self._runner.copies.gather_pages(kv, np.array(match.pages + [0] * (m - n), np.int32))
+        m, window = padded_pages(n), self._scheduler.window
+        slots = [-1] * n if window is None else [window.slot_of.get(p, -1) for p in match.pages]
+        window_from = n
+        while window_from and slots[window_from - 1] >= 0:
+            window_from -= 1
+        arrays = self._runner.copies.gather_pages(kv, match.pages + [0] * (m - n), slots + [-1] * (m - n))
+        # NOTE: placed as the cache is, which is how the decode replica pulls them (`specs`)
+        arrays = tuple(jax.device_put(x, a.sharding) for x, a in zip(arrays, kv))
         uuid = self.endpoint.offer(arrays, timeout_s)
         self.stats["offered_pages"] += n
-        return {"uuid": uuid, "pages": n, "padded": m, "last_hash": f"{match.node.last_hash():016x}"}
+        return {"uuid": uuid, "pages": n, "padded": m, "last_hash": f"{match.node.last_hash():016x}",
+                "window_from": window_from if self._hybrid else 0}
 
     def specs(self, padded: int) -> list[jax.ShapeDtypeStruct]:
         """What an offer of `padded` pages arrives as: each cache array's pages, placed as the cache is."""
-        return [jax.ShapeDtypeStruct(a.shape[:2] + (padded,) + a.shape[3:], a.dtype, sharding=a.sharding)
-                for a in self._runner.kv]
+        layers = self.num_layers if self._hybrid else None  # ([1, Hkv, slots, ...] arrays: [L, Hkv, padded, ...])
+        return [jax.ShapeDtypeStruct((layers or a.shape[0], a.shape[1], padded) + a.shape[3:], a.dtype,
+                                     sharding=a.sharding) for a in self._runner.kv]
 
-    def receive(self, seq, last_hash: str, payloads: list[tuple[np.ndarray, ...]]) -> int:
+    def receive(self, seq, last_hash: str, payloads: list[tuple[np.ndarray, ...]], window_from: int = 0) -> int:
         """Pages a prefill replica sent for `seq`'s prompt, taken where the block hash of the last is that of `seq`'s
-        page there (the same tokens in the same namespace) -> how many were taken."""
+        page there (the same tokens in the same namespace); a hybrid cache's from `window_from` on with their windowed
+        layers' entries -> how many were taken."""
         n = len(payloads)
         hashes = page_hashes(seq.prompt_ids[: n * self.page_size], self.page_size, seq.namespace)
         if len(hashes) < n or f"{hashes[-1]:016x}" != last_hash:
             return 0
-        self._scheduler.tiers.receive(hashes, payloads)
+        self._scheduler.tiers.receive(hashes, payloads, window_from)
         return n

@@ -51,7 +51,8 @@ class SequencePages:
                                 disk if self.prefix_caching else None, stats,
                                 self.window_slot if self.window is not None else None, cache.disk_read_timeout_s,
                                 num_host_states if num_state_slots and self.prefix_caching else 0,
-                                disk_states if num_state_slots and self.prefix_caching else None)
+                                disk_states if num_state_slots and self.prefix_caching else None,
+                                first_window_page=self.window.first_page if self.window is not None else None)
         if self.window is not None and self.tiers.host is not None:
             raise ValueError("a hybrid cache (window pages) has no host tier")
         self.has_states = num_state_slots > 0

@@ -95,7 +95,7 @@ SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose he
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models
-WHOLE_PAGES = ("llama", "deepseek")  # models whose pages another replica may send (no window slots, no states)
+WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss")  # models whose pages another replica may send (no states)
 
 
 def draw_features(seed: int, model: str) -> dict:
@@ -228,7 +228,7 @@ def _received(source, target, prompts) -> list[tuple | None]:
             continue
         arrays = asyncio.run(target.engine.transfer.endpoint.pull(
             source.engine.transfer.endpoint.address, offer["uuid"], target.engine.transfer.specs(offer["padded"]), 60))
-        out.append((offer["last_hash"], page_payloads(arrays, offer["pages"])))
+        out.append((offer["last_hash"], page_payloads(arrays, offer["pages"]), offer["window_from"]))
     return out
 
 

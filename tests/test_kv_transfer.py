@@ -125,6 +125,16 @@ def test_received_pages_continue_a_match_after_the_host_tier_and_before_the_disk
     tiers.tree_storing([7], [hashes[3]], "ns")
     assert list(tiers.received) == [hashes[2], hashes[4]]
 
+    # A hybrid cache (a window of 8 tokens over pages of 4): a run ends only where the received pages its end's window
+    # reaches carry windowed entries (from `window_from` on)
+    hybrid = CacheTiers(4, stats=stats, window_slot=lambda page: -1, first_window_page=lambda pos: max(0, pos - 7) // 4)
+    hybrid.received_capacity = 10
+    for window_from, taken in ((0, 5), (3, 5), (4, 0)):
+        hybrid.receive(hashes, ["q"] * 5, window_from)
+        assert len(hybrid.continue_match(seq, root)[1]) == taken, window_from
+    hybrid.receive(hashes[:3], ["q"] * 3, 1)  # pages 0-2, windowed entries from page 1: the window of 12 reaches 1, 2
+    assert len(hybrid.continue_match(seq, root)[1]) == 3
+
 
 def test_a_decode_replica_pulls_the_prefill_replicas_pages_and_answers_as_one_replica(tiny_model):  # noqa: F811
     """Neither replica has a disk tier. The prefill replica's answer offers each distinct prompt's pages before the
@@ -175,6 +185,47 @@ def test_a_replica_offers_the_pages_it_holds_without_computing(tiny_model):  # n
         assert _stats(chosen)["transfer_hit_tokens"] == offer["pages"] * 16
         refused = alone.post("/v1/chat/completions", json=second, headers={HEADER: "cached"})
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_kv_transfer"
+
+
+def _windowed(tokenizer):  # noqa: F811
+    """A tiny Gemma 3: windowed layers of 24 tokens around a global one (a hybrid cache by default)."""
+    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, max_position=1024, sliding_window=24,
+                      sliding_layers=(True, False, True), rope_theta=1e6, rope_local_theta=1e4, qk_norm=True,
+                      sandwich_norms=True, embed_scale=8.0, hidden_act="gelu_tanh")
+    return cfg, llama.init_params(cfg, jax.random.key(fresh.seed()), scale=0.5), tokenizer
+
+
+def test_a_hybrid_cache_sends_its_windowed_layers_where_the_window_slots_are(tokenizer):  # noqa: F811
+    """Gemma-style windowed layers in window slots (cache.hybrid): an offer carries each page's windowed entries where
+    the tree still holds its slot; the decode replica answers as alone, with every page taken while the slots were
+    there, and with none whose window lacks them after the prefill replica's slots were evicted (a small window pool
+    and other prompts)."""
+    model = _windowed(tokenizer)
+    body, other = _chat("Where are the tomato cages?"), _chat("Where can I find bulbs for spring?")
+    few_slots = {**JAX, "cache.window_pages": 8}
+    with _client(model) as alone, _client(model, **few_slots) as prefill, _client(model, **JAX) as decode:
+        want = _text(alone.post("/v1/chat/completions", json=body))
+        transfer = _prefill(prefill, "/v1/chat/completions", body)["transfer"]
+        [offer] = transfer["offers"]
+        assert offer["window_from"] == 0 and offer["pages"] > 3
+        got = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(transfer)})
+        assert _text(got) == want and _stats(decode)["transfer_hit_tokens"] == offer["pages"] * 16
+        # another prompt, whose window slots push out those of the first prompt's first pages
+        prefill.post("/v1/completions", json={"model": "tiny", "prompt": "0 " * 40, "max_tokens": 2})
+        done = prefill.post("/v1/chat/completions", json=body, headers={HEADER: "cached"}).json()
+        [offer] = done["transfer"]["offers"]
+        assert 0 < offer["window_from"] < offer["pages"], offer  # (the first pages' windowed entries are gone)
+        decode.app.state.engine.engine.reset_prefix_cache()
+        before = _stats(decode)["transfer_hit_tokens"]
+        got = decode.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(done["transfer"])})
+        assert _text(got) == want
+        taken = (_stats(decode)["transfer_hit_tokens"] - before) // 16
+
+        def whole(k: int) -> bool:  # the windowed layers (24 tokens) of the first token after k pages see real entries
+            return all(i >= offer["window_from"] for i in range(max(0, 16 * k - 24) // 16, k))
+
+        assert taken == max(k for k in range(offer["pages"] + 1) if k == 0 or whole(k))
 
 
 def test_pages_cross_between_tensor_parallel_replicas(tiny_model):  # noqa: F811
@@ -248,13 +299,6 @@ def test_config_refusals(tiny_model, tokenizer):  # noqa: F811
     base = EngineConfig().replace(**{**SMALL, "cache.num_pages": 32, **JAX})
     with pytest.raises(ConfigKeyError, match="needs cache.prefix_caching"):
         LLM(base.replace(**{"cache.prefix_caching": False}), progress=False, model=tiny_model)
-    cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
-                      num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, max_position=1024, sliding_window=32,
-                      sliding_layers=(True, False), qk_norm=True, sandwich_norms=True, tie_word_embeddings=True)
-    windowed = (cfg, llama.init_params(cfg, jax.random.key(3)), tokenizer)
-    with pytest.raises(ConfigKeyError, match="parallel.kv_transfer: jax does not carry a hybrid cache"):
-        LLM(base, progress=False, model=windowed)
-    LLM(base.replace(**{"cache.hybrid": False}), progress=False, model=windowed)  # every layer's pages whole: fine
     from test_gated_delta import _tiny_cfg
 
     linear = _tiny_cfg()

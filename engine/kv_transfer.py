@@ -148,7 +148,6 @@ class ReplicaTransfer:
             raise ConfigKeyError(f"parallel.kv_transfer: jax {why}")
         self.endpoint = TransferEndpoint(config.parallel.kv_transfer_address)
         self.page_size = config.cache.page_size
-        self.num_layers = model_cfg.num_layers  # (a hybrid cache stacks them in one array: an offer has them apart)
         self._hybrid = bool(kv_plan.num_window_pages)
         self._layout = layout
         self.layout_key: str | None = layout_key(layout(weights_id))
@@ -191,7 +190,8 @@ class ReplicaTransfer:
 
     def specs(self, padded: int) -> list[jax.ShapeDtypeStruct]:
         """What an offer of `padded` pages arrives as: each cache array's pages, placed as the cache is."""
-        layers = self.num_layers if self._hybrid else None  # ([1, Hkv, slots, ...] arrays: [L, Hkv, padded, ...])
+        # (a hybrid cache stacks its layers' entries in one [1, Hkv, size, ...] array: an offer has them apart)
+        layers = len(self._runner.copies.layout.bases) if self._hybrid else None
         return [jax.ShapeDtypeStruct((layers or a.shape[0], a.shape[1], padded) + a.shape[3:], a.dtype,
                                      sharding=a.sharding) for a in self._runner.kv]
 

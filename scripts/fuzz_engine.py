@@ -11,7 +11,8 @@ bad words among them), with invariants checked every step (`debug_checks`). Some
 (seeded top-p) instead of decoding greedily, give the requests priorities (scheduler.policy priority), serve two LoRA
 adapters beside the base model, split the model over 2 CPU devices (tensor parallelism), speculate only in small
 decode batches, or put images in prompts (a tiny random vision tower in front of the model). Every engine must give
-the tokens of the same model run with the cache off, a big pool, serial steps and one device. The scheduler's own
+the tokens of the same model run with the cache off, a big pool, serial steps and one device (two in a sampling seed
+that splits the model: reductions in another order can move a seeded top-p draw across a token's edge). The scheduler's own
 property test (tests/test_scheduler.py) covers far more configurations without a model; this covers the runner too
 (buckets, page tables, copy-on-write, host and disk copies, window slots).
 
@@ -320,6 +321,8 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     if disk:
         fuzzed["cache.disk_path"] = disk
     fuzzed["parallel.tensor"] = features["tensor"]
+    if features["sampling"]:  # 2 devices sum in another order: a seeded draw near a top-p edge may land elsewhere, so
+        reference["parallel.tensor"] = features["tensor"]  # a sampling seed's reference splits alike (greedy: 1)
     if "speculative.method" in fuzzed:
         fuzzed["speculative.max_batch"] = features["spec_max_batch"]
     draft = None

@@ -163,30 +163,56 @@ class ReplicaTransfer:
         self.layout_key = layout_key(self._layout(weights_identity(source))) if os.path.exists(source) else None
 
     def offer(self, tokens: tuple[int, ...], namespace: str | None, timeout_s: float = OFFER_TIMEOUT_S) -> dict | None:
-        """Offers the pages the tree holds of `tokens` (a prompt's whole pages) once, to a decode replica -> what it
-        pulls them by (uuid, pages, padded, the last page's block hash, and `window_from`: in a hybrid cache, the first
-        of the last pages in a row whose window slots the tree still holds, whose windowed layers' entries are sent),
-        or None (nothing to offer: no page in the tree, a LoRA adapter's pages, which may differ between replicas
-        under one name, weights with no name, the engine asleep)."""
+        """Offers the pages the prefix cache holds of `tokens` (a prompt's whole pages) once, to a decode replica: the
+        tree's, then those its host tier continues with -> what it pulls them by (uuid, pages, padded, the last page's
+        block hash, and `window_from`: in a hybrid cache, the first of the last pages in a row whose window slots the
+        tree still holds, whose windowed layers' entries are sent), or None (nothing to offer: no page cached, a LoRA
+        adapter's pages, which may differ between replicas under one name, weights with no name, the engine
+        asleep)."""
         kv = self._runner.kv
         if self.layout_key is None or kv is None or (namespace or "").startswith(ADAPTER_NAMESPACE):
             return None
         match = self._scheduler.tree.match(tokens, namespace)
-        n = match.num_tokens // self.page_size
+        num_tree = match.num_tokens // self.page_size
+        host_slots, hashes = self._host_run(tokens, namespace, match)
+        n = num_tree + len(host_slots)
         if n == 0:
             return None
         m, window = padded_pages(n), self._scheduler.window
-        slots = [-1] * n if window is None else [window.slot_of.get(p, -1) for p in match.pages]
-        window_from = n
+        slots = [-1] * num_tree if window is None else [window.slot_of.get(p, -1) for p in match.pages]
+        window_from = num_tree
         while window_from and slots[window_from - 1] >= 0:
             window_from -= 1
-        arrays = self._runner.copies.gather_pages(kv, match.pages + [0] * (m - n), slots + [-1] * (m - n))
+        arrays = self._runner.copies.gather_pages(kv, match.pages + [0] * (m - num_tree),
+                                                  slots + [-1] * (m - num_tree))
         # NOTE: placed as the cache is, which is how the decode replica pulls them (`specs`)
         arrays = tuple(jax.device_put(x, a.sharding) for x, a in zip(arrays, kv))
+        if host_slots:
+            arrays = tuple(x.at[:, :, num_tree:n].set(jax.device_put(h[:, :, host_slots], x.sharding))
+                           for x, h in zip(arrays, self._runner.copies.host_kv))
         uuid = self.endpoint.offer(arrays, timeout_s)
         self.stats["offered_pages"] += n
-        return {"uuid": uuid, "pages": n, "padded": m, "last_hash": f"{match.node.last_hash():016x}",
+        last = hashes[len(host_slots) - 1] if host_slots else match.node.last_hash()
+        return {"uuid": uuid, "pages": n, "padded": m, "last_hash": f"{last:016x}",
                 "window_from": window_from if self._hybrid else 0}
+
+    def _host_run(self, tokens: tuple[int, ...], namespace: str | None, match) -> tuple[list[int], list[int]]:
+        """(the host tier's slots holding the pages of `tokens` after the tree's `match`, in a row; those pages' block
+        hashes). A slot whose save waits for the next plan still holds an older page: the run stops there."""
+        tiers = self._scheduler.tiers
+        if tiers.host is None or self._hybrid:
+            return [], []
+        hashes = page_hashes(tokens[match.num_tokens :], self.page_size, namespace, parent=match.node.last_hash())
+        waiting = {slot for _, slot in tiers.host_saves}
+        slots = []
+        for h in hashes:
+            slot = tiers.host.lookup(h)
+            if slot is None or slot in waiting:
+                break
+            slots.append(slot)
+        if slots:
+            self._runner.copies.land()  # (saves dispatched by earlier steps, into their slots)
+        return slots, hashes
 
     def specs(self, padded: int) -> list[jax.ShapeDtypeStruct]:
         """What an offer of `padded` pages arrives as: each cache array's pages, placed as the cache is."""

@@ -187,6 +187,26 @@ def test_a_replica_offers_the_pages_it_holds_without_computing(tiny_model):  # n
         assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_kv_transfer"
 
 
+def test_an_offer_takes_the_pages_the_host_tier_holds_after_the_tree(tiny_model):  # noqa: F811
+    """A replica whose small pool let most of a prompt's pages go to its host tier offers them from there after the
+    tree's; the replica that pulls them takes them all and answers as alone."""
+    body = _chat("Where are the seed potatoes?")
+    small = {**JAX, "cache.num_pages": 16, "cache.host_num_pages": 64}
+    with _client(tiny_model) as alone, _client(tiny_model, **small) as holder, _client(tiny_model, **JAX) as chosen:
+        holder.post("/v1/chat/completions", json=body)
+        for i in range(3):  # other prompts push the first one's pages out to the host tier
+            holder.post("/v1/completions", json={"model": "tiny", "prompt": f"{i} " * 120, "max_tokens": 2})
+        ids = holder.post("/tokenize", json={"model": "tiny", "messages": body["messages"]}).json()["tokens"]
+        pages = (len(ids) - 1) // 16
+        in_tree = holder.app.state.engine.engine.scheduler.tree.match(ids[: pages * 16]).num_tokens // 16
+        done = holder.post("/v1/chat/completions", json=body, headers={HEADER: "cached"}).json()
+        [offer] = done["transfer"]["offers"]
+        assert in_tree < offer["pages"] == pages and _stats(holder)["host_saved_pages"] > 0
+        got = chosen.post("/v1/chat/completions", json=body, headers={OFFERS_HEADER: json.dumps(done["transfer"])})
+        assert _text(got) == _text(alone.post("/v1/chat/completions", json=body))
+        assert _stats(chosen)["transfer_hit_tokens"] == pages * 16
+
+
 def _windowed(tokenizer):  # noqa: F811
     """A tiny Gemma 3: windowed layers of 24 tokens around a global one (a hybrid cache by default)."""
     cfg = LlamaConfig(architecture="gemma3", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,

@@ -99,8 +99,12 @@ def distinct_prompts(requests: "list[GenerateRequest]") -> "dict[tuple, Generate
     offers pages per entry, the decode replica builds the same call and pulls them per entry."""
     distinct: dict[tuple, GenerateRequest] = {}
     for r in requests:
-        distinct.setdefault((tuple(r.prompt_ids), r.namespace, r.adapter, r.images), r)
+        distinct.setdefault(_prompt_key(r), r)
     return distinct
+
+
+def _prompt_key(r: "GenerateRequest") -> tuple:
+    return tuple(r.prompt_ids), r.namespace, r.adapter, r.images
 
 
 class PrefillDone(Exception):
@@ -132,7 +136,7 @@ async def prefill_for_decode(engine: "AsyncEngine", requests: "list[GenerateRequ
         prompts = [{"prompt_tokens": len(r.prompt_ids), "pages": len(hashes), "pages_offered": o and o["pages"]}
                    for r, hashes, o in zip(runs, stream.page_hashes, offers)]
         return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
-                "transfer": {"address": transfer.endpoint.address, "layout": transfer.layout_key, "offers": offers}}
+                "transfer": transfer.answer(offers)}
     prompts = []
     for r, hashes in zip(runs, stream.page_hashes):
         on_disk = await engine.disk_handoff(hashes, timeout_s)
@@ -145,17 +149,17 @@ async def offer_cached(engine: "AsyncEngine", requests: "list[GenerateRequest]")
     of each distinct prompt this replica's tree holds, offered as `prefill_for_decode` offers them; nothing computed,
     nothing queued. Prompts with images are not offered (their tokens are the engine's to make)."""
     from engine.block_hash import cache_namespace
+    from engine.kv_transfer import offered_tokens
 
     t0, ps = time.perf_counter(), engine.engine.config.cache.page_size
     offers, prompts = [], []
     for r in distinct_prompts(requests).values():
-        key = (tuple(r.prompt_ids[: (len(r.prompt_ids) - 1) // ps * ps]), cache_namespace(r.namespace, r.adapter))
+        key = (offered_tokens(r.prompt_ids, ps), cache_namespace(r.namespace, r.adapter))
         offer = None if r.images else await engine.offer_pages(key)
         offers.append(offer)
         prompts.append({"prompt_tokens": len(r.prompt_ids), "pages_offered": offer and offer["pages"]})
-    transfer = engine.engine.transfer
     return {"object": "prefill", "prompts": prompts, "seconds": round(time.perf_counter() - t0, 4),
-            "transfer": {"address": transfer.endpoint.address, "layout": transfer.layout_key, "offers": offers}}
+            "transfer": engine.engine.transfer.answer(offers)}
 
 
 async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRequest]", offers: str,
@@ -202,5 +206,4 @@ async def receive_from_prefill(engine: "AsyncEngine", requests: "list[GenerateRe
     got = await asyncio.gather(*(pull(o) for o in entries if o))
     received = iter(got)
     by_prompt = {key: next(received) if o else None for key, o in zip(distinct, entries)}
-    return [dataclasses.replace(r, received=by_prompt[(tuple(r.prompt_ids), r.namespace, r.adapter, r.images)])
-            for r in requests]
+    return [dataclasses.replace(r, received=by_prompt[_prompt_key(r)]) for r in requests]

@@ -37,7 +37,7 @@ from engine.compiled import release_executables_if_crowded, setup_compilation_ca
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
 from engine.disk_cache import arrays_digest, replica_layout, weights_identity
-from engine.kv_transfer import ReplicaTransfer
+from engine.kv_transfer import ReplicaTransfer, offered_tokens
 from engine.kv_plan import ReplicaDisk, plan_kv_cache
 from engine.block_hash import ADAPTER_NAMESPACE, cache_namespace, page_hashes
 from engine.replica_weights import PreparedWeights, ReplicaWeights
@@ -770,8 +770,8 @@ class LLMEngine:
         """The tokens of a live request's whole prompt pages before the page of its last token (a step computes that
         one in any case), and its namespace: what the prefix cache finds them by (a prefill replica offers those
         pages to a decode replica, engine.kv_transfer)."""
-        seq, ps = self._state[request_id].seq, self.config.cache.page_size
-        return tuple(seq.prompt_ids[: (len(seq.prompt_ids) - 1) // ps * ps]), seq.namespace
+        seq = self._state[request_id].seq
+        return offered_tokens(seq.prompt_ids, self.config.cache.page_size), seq.namespace
 
     def receive_prompt_pages(self, request_id: str, last_hash: str, payloads: list, window_from: int = 0) -> int:
         """Pages a prefill replica computed for a queued request's prompt (engine.kv_transfer), for its admission ->

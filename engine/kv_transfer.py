@@ -46,6 +46,12 @@ OFFER_TIMEOUT_S = 60.0  # an offer nobody pulled is dropped (its arrays freed) a
 POLL_S = 0.002  # how often a pull looks whether its arrays have arrived
 
 
+def offered_tokens(prompt_ids, page_size: int) -> tuple[int, ...]:
+    """The tokens of a prompt's whole pages before the page of its last token (a step computes that one in any case):
+    what an offer of its pages covers."""
+    return tuple(prompt_ids[: (len(prompt_ids) - 1) // page_size * page_size])
+
+
 def padded_pages(n: int) -> int:
     """The page count an offer of `n` pages is gathered as (few compiled shapes, at most 7 pages sent for nothing):
     powers of two up to 8, then multiples of 8."""
@@ -213,6 +219,10 @@ class ReplicaTransfer:
         if slots:
             self._runner.copies.land()  # (saves dispatched by earlier steps, into their slots)
         return slots, hashes
+
+    def answer(self, offers: list[dict | None]) -> dict:
+        """A prefill answer's `transfer`: where to pull `offers` from, and the layout their pages are of."""
+        return {"address": self.endpoint.address, "layout": self.layout_key, "offers": offers}
 
     def specs(self, padded: int) -> list[jax.ShapeDtypeStruct]:
         """What an offer of `padded` pages arrives as: each cache array's pages, placed as the cache is."""

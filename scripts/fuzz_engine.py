@@ -216,14 +216,14 @@ def _received(source, target, prompts) -> list[tuple | None]:
     each, and `target` pulls them -> per prompt, (the last page's block hash, the pages' payloads) or None."""
     import asyncio
 
-    from engine.kv_transfer import page_payloads
+    from engine.kv_transfer import offered_tokens, page_payloads
     from engine.request import SamplingParams
 
     ids = [source.engine.add_request(p, SamplingParams(max_tokens=1, temperature=0), namespace=ns) for p, ns in prompts]
     source._run(set(ids), progress=False)
     ps, out = source.engine.config.cache.page_size, []
     for prompt, namespace in prompts:
-        offer = source.engine.transfer.offer(tuple(prompt[: (len(prompt) - 1) // ps * ps]), namespace)
+        offer = source.engine.transfer.offer(offered_tokens(prompt, ps), namespace)
         if offer is None:
             out.append(None)
             continue

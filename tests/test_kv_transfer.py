@@ -220,9 +220,9 @@ def test_a_hybrid_cache_sends_its_windowed_layers_where_the_window_slots_are(tok
     """Gemma-style windowed layers in window slots (cache.hybrid): an offer carries each page's windowed entries where
     the tree still holds its slot; the decode replica answers as alone, with every page taken while the slots were
     there, and with none whose window lacks them after the prefill replica's slots were evicted (a small window pool
-    and other prompts)."""
+    and another prompt)."""
     model = _windowed(tokenizer)
-    body, other = _chat("Where are the tomato cages?"), _chat("Where can I find bulbs for spring?")
+    body = _chat("Where are the tomato cages?")
     few_slots = {**JAX, "cache.window_pages": 8}
     with _client(model) as alone, _client(model, **few_slots) as prefill, _client(model, **JAX) as decode:
         want = _text(alone.post("/v1/chat/completions", json=body))

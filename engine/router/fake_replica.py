@@ -110,13 +110,17 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
     def prefill_only(request: Request) -> bool:
         return marked(request.headers.get(PREFILL_ONLY_HEADER))
 
+    def transfer(offer_id: int, tokens: list[int]) -> dict:
+        """An offer of the prompt's pages as `parallel.kv_transfer: jax` makes one."""
+        offer = {"uuid": offer_id, "pages": len(tokens) // page_size, "padded": 0, "last_hash": "0"}
+        return {"address": name, "layout": "fake", "offers": [offer]}
+
     def prefilled(tokens: list[int]) -> dict:
         """A prefill for a decode replica, answered as a replica does (engine/disaggregation.py), with an offer of the
-        prompt's pages as `parallel.kv_transfer: jax` makes one (the uuid counts the prefills)."""
+        prompt's pages (the uuid counts the prefills)."""
         state["prefills"] += 1
-        offer = {"uuid": state["prefills"], "pages": len(tokens) // page_size, "padded": 0, "last_hash": "0"}
         return {"object": "prefill", "prompts": [{"prompt_tokens": len(tokens)}], "replica": name,
-                "transfer": {"address": name, "layout": "fake", "offers": [offer]}}
+                "transfer": transfer(state["prefills"], tokens)}
 
     async def completion(request: Request, chat: bool):
         if (offers := request.headers.get(OFFERS_HEADER)) is not None:  # (what a decode replica would pull)
@@ -127,10 +131,7 @@ def create_app(page_size: int = 16, num_pages: int = 256, ttft_s: float = 0.05,
         model = body.get("model")
         if request.headers.get(PREFILL_ONLY_HEADER) == CACHED_ONLY:  # the router's peer fetch: offered, not computed
             state["peer_offers"] += 1
-            offer = {"uuid": 1000 + state["peer_offers"], "pages": len(tokens) // page_size, "padded": 0,
-                     "last_hash": "0"}
-            return {"object": "prefill", "replica": name,
-                    "transfer": {"address": name, "layout": "fake", "offers": [offer]}}
+            return {"object": "prefill", "replica": name, "transfer": transfer(1000 + state["peer_offers"], tokens)}
         await serve(tokens, cache_namespace(body.get("cache_salt"), model if model in adapters else None))
         if prefill_only(request):
             return prefilled(tokens)

@@ -254,10 +254,9 @@ class Router:
             self.metrics.requests.labels(url).inc()
             self.metrics.handoffs.labels("ok").inc()
             try:
-                transfer = r.json().get("transfer")
+                return _offers_of(r)
             except ValueError:
-                transfer = None
-            return None if transfer is None else json.dumps(transfer, separators=(",", ":"))
+                return None
         # A request the replicas refuse (400) is refused again, by name, by the decode replica: the client hears it
         # from there. Anything else is the prefill replica's trouble.
         self.metrics.handoffs.labels("refused" if r.status_code < 500 else "failed").inc()
@@ -280,16 +279,14 @@ class Router:
         try:
             r = await self.client.post(url + path, content=raw, headers={**headers, PREFILL_ONLY_HEADER: CACHED_ONLY},
                                        timeout=self.cfg.connect_timeout_s)
-            transfer = r.json().get("transfer") if r.status_code == 200 else None
+            offers = _offers_of(r) if r.status_code == 200 else None
         except Exception as e:  # (as forward's: httpcore can leak other errors than httpx's)
             log.warning("peer fetch: replica %s failed to offer its pages (%r)", url, e)
             self.metrics.peer_fetches.labels("failed").inc()
             return None
-        if transfer is None:  # refused: no kv_transfer there, a field it refuses (the chosen replica says which)
-            self.metrics.peer_fetches.labels("refused").inc()
-            return None
-        self.metrics.peer_fetches.labels("ok").inc()
-        return json.dumps(transfer, separators=(",", ":"))
+        # (None: refused: no kv_transfer there, a field it refuses (the chosen replica says which))
+        self.metrics.peer_fetches.labels("refused" if offers is None else "ok").inc()
+        return offers
 
     async def _relay(self, first: bytes, chunks, upstream: httpx.Response, ticket: "_Ticket", learn: bool = False,
                      anthropic: bool = False):
@@ -409,6 +406,13 @@ class _Ticket:
         st.in_flight -= 1
         self.done = True
         self.router.metrics.in_flight.labels(self.router.urls[self.slot]).set(st.in_flight)
+
+
+def _offers_of(r: httpx.Response) -> str | None:
+    """A replica's prefill answer -> its offer of the prompt's pages (`transfer`) as `OFFERS_HEADER`'s value, or None
+    (a prefill through the disk tier offers none); ValueError if the body is no JSON."""
+    transfer = r.json().get("transfer")
+    return None if transfer is None else json.dumps(transfer, separators=(",", ":"))
 
 
 def _failure(path: str, status: int, message: str, kind: str) -> JSONResponse:

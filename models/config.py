@@ -27,7 +27,8 @@ from models.rope import ROPE_TYPES, RopeScaling  # noqa: F401 (re-exported: mode
 SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
-    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next")
+    "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
+    "minimax_m2")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -37,13 +38,13 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
-                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid")
+                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, minimax_m2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -486,6 +487,7 @@ class LlamaConfig:
         # `rope_scaling` + top-level `rope_theta`, `partial_rotary_factor`.
         rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
         rope_theta = rope_params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        minimax = _minimax_m2_fields(cfg, source, int(head_dim)) if arch == "minimax_m2" else {}
         return cls(
             architecture=arch,
             vocab_size=int(need("vocab_size")),
@@ -501,7 +503,7 @@ class LlamaConfig:
             rope_scaling=rope.scaling_from_hf(rope_params, source, cfg),
             # (GLM-4 turns half of each head unless it says otherwise, as transformers' config defaults it)
             partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get(
-                "partial_rotary_factor", 0.5 if arch in ("glm", "glm4") else 1.0))),
+                "partial_rotary_factor", minimax.get("partial_rotary_factor", 0.5 if arch in ("glm", "glm4") else 1.0)))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"))),
@@ -519,7 +521,9 @@ class LlamaConfig:
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
             rope_layers=(_rope_layers(cfg) if arch == "smollm3" else (False,) * int(need("num_hidden_layers"))
                          if granite4 and cfg.get("position_embedding_type") != "rope" else ()),  # Granite 4.0's NoPE
-            qk_norm=arch in ("qwen3", "qwen3_moe", "apertus") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))),
+            qk_norm=arch in ("qwen3", "qwen3_moe", "apertus") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm")))
+            or minimax.get("qk_norm_whole", False),
+            qk_norm_whole=minimax.get("qk_norm_whole", False),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **(_granite_multipliers(cfg) if arch in GRANITE_HF else {}),
@@ -547,7 +551,7 @@ class LlamaConfig:
         # rope.dimension_count: the rotated dims of a head, head_dim but where only part turns (phi3, glm4, glm4moe: the
         # first rope_dims; glm4's in interleaved pairs, reordered at load, gguf_loader).
         rope_dims = meta.get(f"{arch}.rope.dimension_count")
-        partial = arch in ("phi3", "glm4", "glm4moe", *GATED_DELTA_GGUF)
+        partial = arch in ("phi3", "glm4", "glm4moe", "minimax-m2", *GATED_DELTA_GGUF)
         head_dim = int(meta.get(f"{arch}.attention.key_length") or (not partial and rope_dims) or hidden // num_heads)
         partial_rotary_factor = 1.0
         if partial and rope_dims:
@@ -614,6 +618,8 @@ class LlamaConfig:
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
         if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
             implied = dict(sandwich_norms=True)
+        if arch == "minimax-m2":  # q/k norms over whole projections (llama.cpp's graph norms the projection as one row)
+            implied = dict(qk_norm_whole=True)
         if arch in ("command-r", "cohere2"):  # one LayerNorm before attention and the MLP both; llama.cpp's graph:
             # Cohere 2's windows on all but every 4th layer, RoPE on the windowed ones alone
             if "blk.0.attn_q_norm.weight" in tensor_names:  # Command R+'s LayerNorm per q/k head
@@ -638,7 +644,7 @@ class LlamaConfig:
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe",
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
@@ -698,7 +704,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     """The mixture-of-experts fields of GGUF metadata ({} for a dense model), as llama.cpp's graphs run them.
 
     Softmax routing, the top k renormalized (qwen3moe, Mixtral) or not (qwen2moe, `expert_weights_norm` false).
-    glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it), the correction
+    glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it and for
+    minimax-m2, whose converter writes none: MiniMax-M2 routes so, without groups or shared experts), the correction
     bias `exp_probs_b.bias` choosing experts, the weights scaled by `expert_weights_scale`, groups where
     `expert_group_count` says; its first `leading_dense_block_count` layers dense, its `expert_shared_count` shared
     experts one ungated MLP of that many times an expert's intermediate size. deepseek2 alike, but softmax where
@@ -712,7 +719,7 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         raise ConfigError(f"{source}: a GGUF with experts needs {arch}.expert_used_count and "
                           f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
     moe_intermediate = int(moe_intermediate)
-    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch == "glm4moe" else 1))
+    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2") else 1))
     scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
     if scoring is None:
         raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")
@@ -878,10 +885,33 @@ def _granite4_mamba(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
                 linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi))
 
 
+def _minimax_m2_fields(cfg: Mapping[str, Any], source: str, head_dim: int) -> dict[str, Any]:
+    """What a MiniMax-M2 config.json adds to Llama's layers: q/k RMSNorms over the whole projections (`qk_norm_type`
+    per_layer), RoPE on the first `rotary_dim` dims of each head (transformers 5 writes it as rope_parameters'
+    partial_rotary_factor, which then wins): {"qk_norm_whole", "partial_rotary_factor"}. Refused by name: MiniMax-Text-01's lightning attention layers
+    (`attn_type_list` 0s), per-head q/k norms, a shared expert, routing other than sigmoid. The experts:
+    `_experts_from_hf`."""
+    if any(int(t) != 1 for t in cfg.get("attn_type_list") or ()):
+        raise ConfigError(f"{source}: attn_type_list marks linear (lightning) attention layers, which are not supported "
+                          "(MiniMax-M2's layers are all full attention: 1)")
+    if cfg.get("qk_norm_type", "per_layer") != "per_layer":
+        raise ConfigError(f"{source}: qk_norm_type={cfg['qk_norm_type']!r} is not supported (per_layer: one RMSNorm "
+                          "over each whole q and k projection)")
+    if int(cfg.get("shared_intermediate_size") or 0):
+        raise ConfigError(f"{source}: shared_intermediate_size={cfg['shared_intermediate_size']} (a shared expert) is "
+                          "not supported for minimax_m2")
+    if cfg.get("scoring_func", "sigmoid") != "sigmoid":
+        raise ConfigError(f"{source}: scoring_func={cfg['scoring_func']!r} is not supported for minimax_m2 (sigmoid)")
+    fields: dict[str, Any] = dict(qk_norm_whole=bool(cfg.get("use_qk_norm", True)))
+    if cfg.get("rotary_dim"):
+        fields["partial_rotary_factor"] = int(cfg["rotary_dim"]) / head_dim
+    return fields
+
+
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
     if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe", "granitemoe", "granitemoeshared",
-                    "granitemoehybrid") or (arch == "granitemoehybrid" and not cfg.get("num_local_experts")):
+                    "granitemoehybrid", "minimax_m2") or (arch == "granitemoehybrid" and not cfg.get("num_local_experts")):
         return {}
     num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0
     if not num_experts or not cfg.get("num_experts_per_tok"):
@@ -899,6 +929,11 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
             expert_groups_per_tok=int(cfg.get("topk_group") or 1),
             routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         )
+    if arch == "minimax_m2":  # experts on every layer, chosen by sigmoid score plus a correction bias (no groups),
+        # the chosen scores renormalized; no shared expert
+        return dict(num_experts=int(num_experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+                    moe_intermediate_size=moe_intermediate, norm_topk_prob=True, router_scoring="sigmoid",
+                    router_score_bias=bool(cfg.get("use_routing_bias", True)))
     # Qwen-MoE: a layer has experts unless mlp_only_layers names it, and then only every decoder_sparse_step-th
     dense, step = set(cfg.get("mlp_only_layers") or ()), int(cfg.get("decoder_sparse_step") or 1)
     return dict(

@@ -61,6 +61,10 @@ GGUF_GLM4_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_g
     "mlp_norm": "blk.{i}.post_attention_norm.weight", "router_score_bias": "blk.{i}.exp_probs_b.bias",
     "dense_gate": GGUF_NAMES["w_gate"], "dense_up": GGUF_NAMES["w_up"], "dense_down": GGUF_NAMES["w_down"],
 }
+# MiniMax-M2 (minimax-m2): experts stacked as Mixtral's, no shared expert, the router's correction bias exp_probs_b;
+# q/k norms over whole projections (attn_q_norm [q_size]); Q/K rows as HF has them (NeoX RoPE on rope.dimension_count).
+GGUF_MINIMAX_M2_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if "shexp" not in v} | {
+    "router_score_bias": "blk.{i}.exp_probs_b.bias"}
 # DeepSeek-V2/V3, Kimi K2 (deepseek2): experts as GLM-4.5's (V2 without the correction bias), the pre-MLP norm ffn_norm,
 # latent attention (weights.MLA_KEYS) with each tensor's rows as HF has them: queries attn_q or attn_q_a / attn_q_a_norm
 # / attn_q_b (per head [nope, rope]), attn_kv_a_mqa ([latent, rope]), the latent's up-projection attn_kv_b as in older
@@ -137,6 +141,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GPT_OSS_NAMES
     if cfg.architecture == "glm4_moe":
         return GGUF_GLM4_MOE_NAMES
+    if cfg.architecture == "minimax_m2":
+        return GGUF_MINIMAX_M2_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
     if cfg.architecture in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):

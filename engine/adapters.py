@@ -5,7 +5,8 @@ Slot i holds adapter id i + 1 (a sequence's `adapter`; 0 is the base model). The
 while serving. Empty slots are zeros of the same shapes (every projection, rank lora.max_rank), so loading
 and unloading never change the arrays' shapes and never recompile the step. Each slot keeps the host copy it
 was stacked from, and each name the digest of the files last loaded under it: a name loaded again with other
-files must not meet pages cached for the old ones.
+files must not meet pages cached for the old ones. Slots hold adapters of a mixture-of-experts model's experts only
+with lora.experts (E times a projection's weights each).
 """
 from __future__ import annotations
 
@@ -53,6 +54,13 @@ class AdapterSlots:
         max_rank = self.cfg.max_rank or DEFAULT_MAX_RANK
         if self.cfg.max_adapters and lora.rank(adapter) > max_rank:
             raise ValueError(f"LoRA adapter {path}: rank {lora.rank(adapter)} is over lora.max_rank={max_rank}")
+        if lora.adapts_experts(adapter):
+            if self.model_cfg.expert_parallel:
+                raise ValueError(f"LoRA adapter {path}: adapters of the experts are not supported with parallel.expert "
+                                 "(the experts lie whole on the devices; their adapters would have to follow them)")
+            if self.cfg.max_adapters and not self.cfg.experts:
+                raise ValueError(f"LoRA adapter {path} adapts the experts: set lora.experts: true so that the "
+                                 "lora.max_adapters slots hold adapters of the experts")
         digest = hashlib.blake2b(digest_size=16)
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             with open(os.path.join(path, name), "rb") as f:
@@ -66,7 +74,8 @@ class AdapterSlots:
             return {}
         dynamic = self.cfg.max_adapters > 0
         stacked = lora.stack_adapters(self._weights, self.model_cfg, self.dtype, every_projection=dynamic,
-                                      max_rank=(self.cfg.max_rank or DEFAULT_MAX_RANK) if dynamic else 0)
+                                      max_rank=(self.cfg.max_rank or DEFAULT_MAX_RANK) if dynamic else 0,
+                                      experts=self.cfg.experts)
         return sharding.shard_lora(stacked, self.mesh) if self.mesh is not None else stacked
 
     def install(self, name: str, weights: dict, digest: str) -> bool:

@@ -343,6 +343,10 @@ class LoraConfig:
     # step, loaded or not.
     max_adapters: int = 0
     max_rank: int = 0  # the largest rank a slot holds (with max_adapters; 0: 16, or the configured adapters' largest)
+    # With max_adapters: every slot also holds adapters of a mixture-of-experts model's experts (each expert's own A
+    # and B, E times a projection's), which adapters of the experts (configured or loaded while serving) need there.
+    # Without max_adapters the configured adapters' own projections are stacked, experts included.
+    experts: bool = False
 
     def __post_init__(self):
         for name in self.adapters:

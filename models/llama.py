@@ -31,7 +31,7 @@ import pallas_kernels
 from models.config import LlamaConfig
 from pallas_kernels import fp8_matmul, kv_quant
 from models import gated_delta, moe, quant
-from models.lora import lora_delta
+from models.lora import EXPERT_PROJECTIONS, lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
 from models.weights import NORM_KEYS, layer_kind, layers_of, mixer_kind
 
@@ -422,8 +422,10 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             if experts:
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
+                expert_lora = {k: lo[k] for k in EXPERT_PROJECTIONS if k in lo}
                 routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations,
-                                     cfg.quant_kernels, mesh, cfg.expert_parallel)
+                                     cfg.quant_kernels, mesh, cfg.expert_parallel,
+                                     moe.ExpertLora(expert_lora, onehot) if expert_lora else None)
                 o = routed if o is None else o + routed
             return o, down_in
 

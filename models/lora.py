@@ -10,6 +10,11 @@ index of its request's adapter (0: none), and the step adds, for every projectio
 
 so one compiled step serves any mix of adapters at the cost of N low-rank products (small next to
 the base matmul while N x R is small next to the hidden size).
+
+A mixture-of-experts model's experts are adapted too (PEFT's per-expert modules, `mlp.experts.{e}.gate_proj` or
+Mixtral's `block_sparse_moe.experts.{e}.w1`: the names the checkpoint stores the experts under), each expert with its
+own A [L, N, E, in, R] and B [L, N, E, R, out]; a (token, expert) pair adds its expert's product of its token's
+adapter (models/moe.py: `ExpertLora`, inside both expert paths).
 """
 from __future__ import annotations
 
@@ -29,17 +34,41 @@ PROJECTIONS = {
     "wo": ("o_proj", "self_attn"), "w_gate": ("gate_proj", "mlp"), "w_up": ("up_proj", "mlp"),
     "w_down": ("down_proj", "mlp"),
 }
+EXPERT_PROJECTIONS = ("moe_gate", "moe_up", "moe_down")  # each expert's, where the checkpoint stores them one by one
 
 
-def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
-    """(in, out) of each adaptable projection the model has, from its own weight shapes (a mixture-of-experts model
-    has no dense MLP unless it has a shared expert; one whose layers mix experts and dense MLPs adapts attention
-    only: its MLPs differ from layer to layer)."""
+def expert_modules(cfg: LlamaConfig) -> dict[str, str]:
+    """Our expert projection -> its per-expert module name in the checkpoint (`{i}` the layer, `{e}` the expert), for a
+    model whose every layer has experts stored one by one ({} otherwise: no experts, experts fused in one tensor, or
+    layers that mix experts and dense MLPs)."""
+    from models.safetensors_loader import hf_names  # (that module's imports reach this one's importers)
+
+    if not cfg.num_experts or cfg.mixed_mlp:
+        return {}
+    names = hf_names(cfg)
+    return {k: names[k].removesuffix(".weight") for k in EXPERT_PROJECTIONS if "{e}" in names.get(k, "")}
+
+
+def _peft_prefixes(cfg: LlamaConfig, name: str) -> list[list[str]]:
+    """Per layer, the PEFT module prefix of projection `name` (one; an expert projection: one per expert)."""
+    if name in EXPERT_PROJECTIONS:
+        module = expert_modules(cfg)[name]
+        return [[f"base_model.model.{module.format(i=i, e=e)}" for e in range(cfg.num_experts)]
+                for i in range(cfg.num_layers)]
+    module, block = PROJECTIONS[name]
+    return [[f"base_model.model.model.layers.{i}.{block}.{module}"] for i in range(cfg.num_layers)]
+
+
+def projection_dims(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    """(in, out) of each adaptable projection the model has, from its own weight shapes ((E, in, out) of its experts';
+    a mixture-of-experts model has no dense MLP unless it has a shared expert; one whose layers mix experts and dense
+    MLPs adapts attention only: its MLPs differ from layer to layer)."""
     from models.llama import param_shapes  # models.llama imports this module for lora_delta
 
     layers = param_shapes(cfg)["layers"]
-    return {name: tuple(layers[name][1:]) for name in PROJECTIONS if name in layers
+    dims = {name: tuple(layers[name][1:]) for name in PROJECTIONS if name in layers
             and not (cfg.mixed_mlp and PROJECTIONS[name][1] == "mlp")}
+    return dims | {name: tuple(layers[name][1:]) for name in expert_modules(cfg)}
 
 
 def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -59,35 +88,35 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
     dims = projection_dims(cfg)
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     used: set[str] = set()
-    for name, (module, block) in PROJECTIONS.items():
-        if name not in dims:
-            continue
-        keys = [(f"base_model.model.model.layers.{layer}.{block}.{module}.lora_A.weight",
-                 f"base_model.model.model.layers.{layer}.{block}.{module}.lora_B.weight") for layer in range(cfg.num_layers)]
-        present = [a in tensors and b in tensors for a, b in keys]
-        used.update(k for pair, ok in zip(keys, present) if ok for k in pair)
-        if not any(present):
-            continue
-        d_in, d_out = dims[name]
-        a_all = np.zeros((cfg.num_layers, d_in, r), np.float32)
-        b_all = np.zeros((cfg.num_layers, r, d_out), np.float32)
-        for layer, ((ka, kb), ok) in enumerate(zip(keys, present)):
-            if not ok:
-                continue
-            a, b = tensors[ka].astype(np.float32), tensors[kb].astype(np.float32)  # PEFT: A [r, in], B [out, r]
-            if a.shape != (r, d_in) or b.shape != (d_out, r):
-                raise ValueError(f"LoRA adapter {path}: {module} of layer {layer} has A {a.shape} and B {b.shape}; "
-                                 f"the model needs A {(r, d_in)} and B {(d_out, r)} (r={r})")
-            a_all[layer], b_all[layer] = a.T, b.T * scale
-        out[name] = (a_all, b_all)
+    for name, shape in dims.items():
+        *experts, d_in, d_out = shape
+        a_all = np.zeros((cfg.num_layers, *experts, d_in, r), np.float32)
+        b_all = np.zeros((cfg.num_layers, *experts, r, d_out), np.float32)
+        found = False
+        for layer, prefixes in enumerate(_peft_prefixes(cfg, name)):
+            for x, prefix in enumerate(prefixes):
+                ka, kb = f"{prefix}.lora_A.weight", f"{prefix}.lora_B.weight"
+                if ka not in tensors or kb not in tensors:
+                    continue
+                used.update((ka, kb))
+                a, b = tensors[ka].astype(np.float32), tensors[kb].astype(np.float32)  # PEFT: A [r, in], B [out, r]
+                if a.shape != (r, d_in) or b.shape != (d_out, r):
+                    raise ValueError(f"LoRA adapter {path}: {prefix.removeprefix('base_model.model.')} has A {a.shape} "
+                                     f"and B {b.shape}; the model needs A {(r, d_in)} and B {(d_out, r)} (r={r})")
+                at = (layer, x) if experts else (layer,)
+                a_all[at], b_all[at], found = a.T, b.T * scale, True
+        if found:
+            out[name] = (a_all, b_all)
     if not out:
         raise ValueError(f"LoRA adapter {path}: no lora_A / lora_B weights for any of "
                          f"{', '.join(m for m, _ in PROJECTIONS.values())}")
-    # NOTE: a LoRA weight this model cannot apply (experts, embeddings, the head) would change nothing silently.
+    # NOTE: a LoRA weight this model cannot apply (embeddings, the head, fused experts) would change nothing silently.
     ignored = sorted(k for k in tensors if k not in used)
     if ignored:
+        supported = [f"{b}.{m}" for n, (m, b) in PROJECTIONS.items() if n in dims]
+        supported += [module.format(i="N", e="E").split(".", 3)[-1] for module in expert_modules(cfg).values()]
         raise ValueError(f"LoRA adapter {path}: {ignored[0]} adapts a module this model does not adapt (supported: "
-                         f"{', '.join(f'{b}.{m}' for n, (m, b) in PROJECTIONS.items() if n in dims)})")
+                         f"{', '.join(supported)})")
     return out
 
 
@@ -100,17 +129,17 @@ def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, m
 
     rng, dims, tensors = np.random.default_rng(seed), projection_dims(cfg), {}
     for name in modules:
-        module, block = PROJECTIONS[name]
-        d_in, d_out = dims[name]
-        for layer in layers_of(cfg, name):
-            prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-            tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, std, (rank, d_in)).astype(np.float32)
-            tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, std, (d_out, rank)).astype(np.float32)
+        d_in, d_out = dims[name][-2:]
+        prefixes = _peft_prefixes(cfg, name)
+        for layer in layers_of(cfg, name) if name in PROJECTIONS else range(cfg.num_layers):
+            for prefix in prefixes[layer]:
+                tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, std, (rank, d_in)).astype(np.float32)
+                tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, std, (d_out, rank)).astype(np.float32)
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
-                   "target_modules": [PROJECTIONS[m][0] for m in modules]}, f)
+                   "target_modules": sorted({_peft_prefixes(cfg, m)[0][0].rsplit(".", 1)[-1] for m in modules})}, f)
     return path
 
 
@@ -119,25 +148,31 @@ def rank(adapter: dict[str, tuple[np.ndarray, np.ndarray]]) -> int:
 
 
 def stack_adapters(adapters: list[dict[str, tuple[np.ndarray, np.ndarray]] | None], cfg: LlamaConfig, dtype,
-                   max_rank: int = 0, every_projection: bool = False) -> dict:
-    """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]}, adapter n at index n - 1; None
-    is an empty slot (zeros). R: the largest rank, or `max_rank`; `every_projection`: every projection the model has,
-    adapted or not, so adapters loaded later fit the same shapes (lora.max_adapters)."""
+                   max_rank: int = 0, every_projection: bool = False, experts: bool = False) -> dict:
+    """Per projection any adapter adapts: {"a": [L, N, in, R], "b": [L, N, R, out]} (an expert projection's:
+    [L, N, E, in, R], [L, N, E, R, out]), adapter n at index n - 1; None is an empty slot (zeros). R: the largest rank,
+    or `max_rank`; `every_projection`: every projection the model has, adapted or not, so adapters loaded later fit the
+    same shapes (lora.max_adapters), its experts' too with `experts` (lora.experts)."""
     loaded = [adapter for adapter in adapters if adapter is not None]
     rank_ = max_rank or max(rank(adapter) for adapter in loaded)
     dims = projection_dims(cfg)
-    names = [n for n in PROJECTIONS if n in dims and (every_projection or any(n in adapter for adapter in loaded))]
+    names = [n for n in dims if (every_projection and (experts or n in PROJECTIONS))
+             or any(n in adapter for adapter in loaded)]
     stacked = {}
     for name in names:
-        d_in, d_out = dims[name]
-        a_all = np.zeros((cfg.num_layers, len(adapters), d_in, rank_), np.float32)
-        b_all = np.zeros((cfg.num_layers, len(adapters), rank_, d_out), np.float32)
+        *lead, d_in, d_out = dims[name]
+        a_all = np.zeros((cfg.num_layers, len(adapters), *lead, d_in, rank_), np.float32)
+        b_all = np.zeros((cfg.num_layers, len(adapters), *lead, rank_, d_out), np.float32)
         for n, adapter in enumerate(adapters):
             if adapter is not None and name in adapter:
                 a, b = adapter[name]
-                a_all[:, n, :, : a.shape[-1]], b_all[:, n, : b.shape[1]] = a, b
+                a_all[:, n, ..., : a.shape[-1]], b_all[:, n, ..., : b.shape[-2], :] = a, b
         stacked[name] = {"a": jnp.asarray(a_all, dtype), "b": jnp.asarray(b_all, dtype)}
     return stacked
+
+
+def adapts_experts(adapter: dict) -> bool:
+    return any(name in adapter for name in EXPERT_PROJECTIONS)
 
 
 def lora_delta(x: jnp.ndarray, weights: dict, onehot: jnp.ndarray) -> jnp.ndarray:

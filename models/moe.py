@@ -57,6 +57,34 @@ class Routing:
 Glu = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertLora:
+    """One layer's LoRA adapters of its experts: weights {projection: {"a": [N, E, in, R], "b": [N, E, R, out]}}
+    (models.lora.stack_adapters) and each token's adapter, onehot [T, N]."""
+    weights: dict
+    onehot: jax.Array
+
+
+def expert_delta_grouped(rows: jnp.ndarray, weights: dict, row_onehot: jnp.ndarray, sizes: jnp.ndarray) -> jnp.ndarray:
+    """rows [P, in] grouped by expert (`sizes` [E] rows each, as jax.lax.ragged_dot reads them), weights {"a":
+    [N, E, in, R], "b": [N, E, R, out]} (one layer), row_onehot [P, N] (each row's token's adapter) -> [P, out]: each
+    row through its expert's A and B of its adapter. The N adapters sit side by side in one rank axis of N x R, so
+    each product is one grouped matmul; a row's other adapters' columns are zeroed between them."""
+    a, b = weights["a"], weights["b"]
+    n, e, d_in, r = a.shape
+    xa = jax.lax.ragged_dot(rows, jnp.moveaxis(a, 0, 2).reshape(e, d_in, n * r), sizes)  # [P, N x R]
+    xa = (xa.reshape(-1, n, r) * row_onehot[:, :, None].astype(xa.dtype)).reshape(-1, n * r)
+    return jax.lax.ragged_dot(xa, jnp.moveaxis(b, 0, 1).reshape(e, n * r, b.shape[-1]), sizes)
+
+
+def expert_delta_dense(x: jnp.ndarray, weights: dict, onehot: jnp.ndarray) -> jnp.ndarray:
+    """x [T, in] (every expert's input) or [T, E, in] (each expert's own), weights {"a": [N, E, in, R], "b":
+    [N, E, R, out]}, onehot [T, N] -> [T, E, out]: every token through every expert's A and B of its adapter."""
+    xa = jnp.einsum("ti,neir->tner" if x.ndim == 2 else "tei,neir->tner", x, weights["a"])
+    xa = xa * onehot[:, :, None, None].astype(xa.dtype)
+    return jnp.einsum("tner,nero->teo", xa, weights["b"])
+
+
 def swiglu(gate: jax.Array, up: jax.Array) -> jax.Array:
     """Llama's, Mixtral's and Qwen's gated activation."""
     return jax.nn.silu(gate) * up
@@ -115,16 +143,19 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
 
 def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, quantized_activations: bool = False,
             quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None,
-            expert_parallel: bool = False) -> jax.Array:
+            expert_parallel: bool = False, lora: ExpertLora | None = None) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
     (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `quant_kernels`: 8-bit experts read by the
     Pallas grouped kernel on the grouped path, per device of `mesh`; LlamaConfig.quant_kernels; `expert_parallel`: the
-    experts lie whole on the devices of `mesh`, E / N each: `expert_parallel_moe`)."""
+    experts lie whole on the devices of `mesh`, E / N each: `expert_parallel_moe`; `lora`: LoRA adapters of the experts'
+    projections, each token's own added)."""
     if expert_parallel and mesh is not None:
+        if lora is not None:
+            raise ValueError("LoRA adapters of the experts are not supported with parallel.expert")
         return expert_parallel_moe(h, p, routing, glu, grouped, quantized_activations, quant_kernels, mesh)
     weights, experts = route(h, p, routing)
     run = _grouped_experts if grouped else _dense_experts
-    return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh)
+    return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh, lora)
 
 
 def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
@@ -224,10 +255,10 @@ def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activ
 
 def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
                      quantized_activations: bool = False, quant_kernels: str = "none",
-                     mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                     mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None) -> jax.Array:
     """Each token's picks `experts` [T, k] (ids of the experts in `p`; an id past them: a pair run elsewhere, whose
     rows sort last, past every group, and come back 0) weighted by `weights` [T, k], as grouped matmuls over the
-    pairs sorted by expert."""
+    pairs sorted by expert (plus each pair's token's LoRA adapter of its expert, `lora`)."""
     num_tokens, top_k = experts.shape
     num_experts = p["moe_down"].shape[0]
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
@@ -250,6 +281,8 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
             y = _grouped_kernel(x, p, name, sizes, quant_kernels == "pallas_interpret", mesh)
         else:
             y = _experts_matmul(grouped, x, p, name, row_scales, quantized_activations)
+        if lora is not None and name in lora.weights:
+            y = y + expert_delta_grouped(x, lora.weights[name], lora.onehot[order // top_k], sizes).astype(y.dtype)
         return _plus_bias(y, p, name, row_scales)
 
     out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
@@ -260,10 +293,10 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
 
 def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
                    quantized_activations: bool = False, quant_kernels: str = "none",
-                   mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                   mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None) -> jax.Array:
     """Each token's picks `experts` [T, k] weighted by `weights` [T, k] with every expert of `p` on every token and a
-    dense [T, E] routing matrix (zero off the picks; an id past the experts: a pair run elsewhere, dropped).
-    (`quant_kernels` and `mesh`: the grouped path's, unused here.)"""
+    dense [T, E] routing matrix (zero off the picks; an id past the experts: a pair run elsewhere, dropped); `lora`:
+    each token's adapter of every expert added. (`quant_kernels` and `mesh`: the grouped path's, unused here.)"""
     num_experts = p["moe_down"].shape[0]
     dense = jnp.zeros((h.shape[0], num_experts), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].add(weights, mode="drop")  # a token's picks differ
@@ -272,9 +305,15 @@ def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array
     def per_expert(b):  # [E, out] -> [1, E, out]: every token's row of each expert
         return b[None]
 
-    gate, up = (_plus_bias(_experts_matmul(every, h, p, name, quantized_activations=quantized_activations), p, name,
-                           per_expert) for name in ("moe_gate", "moe_up"))
-    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), glu(gate, up), p, "moe_down",
+    def adapted(y, x, name):
+        if lora is None or name not in lora.weights:
+            return y
+        return y + expert_delta_dense(x, lora.weights[name], lora.onehot).astype(y.dtype)
+
+    gate, up = (_plus_bias(adapted(_experts_matmul(every, h, p, name, quantized_activations=quantized_activations),
+                                   h, name), p, name, per_expert) for name in ("moe_gate", "moe_up"))
+    down_in = glu(gate, up)
+    out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), down_in, p, "moe_down",
                           quantized_activations=quantized_activations)
-    out = _plus_bias(out, p, "moe_down", per_expert)
+    out = _plus_bias(adapted(out, down_in, "moe_down"), p, "moe_down", per_expert)
     return jnp.einsum("te,teh->th", dense.astype(out.dtype), out)

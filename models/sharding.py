@@ -134,12 +134,14 @@ def prepare_lora_for_tensor_parallel(cfg: LlamaConfig, adapters: list[dict], n: 
 
 def shard_lora(lora: dict, mesh: Mesh) -> dict:
     """Stacked adapters (models.lora.stack_adapters) sharded like the projections they adapt: for a column-parallel
-    projection B is split by output features (A replicated); for a row-parallel one A by input features."""
-    row_parallel = {"wo", "w_down"}
+    projection B is split by output features (A replicated); for a row-parallel one A by input features (the experts'
+    alike, each expert's gate / up split by output features and down by input, as their weights)."""
+    row_parallel = {"wo", "w_down", "moe_down"}
     out = {}
     for name, w in lora.items():
-        a_spec = P(None, None, AXIS, None) if name in row_parallel else P()
-        b_spec = P() if name in row_parallel else P(None, None, None, AXIS)
+        lead = (None,) * (w["a"].ndim - 2)  # [L, N] or [L, N, E]
+        a_spec = P(*lead, AXIS, None) if name in row_parallel else P()
+        b_spec = P() if name in row_parallel else P(*lead, None, AXIS)
         out[name] = {"a": jax.device_put(w["a"], NamedSharding(mesh, a_spec)),
                      "b": jax.device_put(w["b"], NamedSharding(mesh, b_spec))}
     return out

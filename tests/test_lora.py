@@ -7,6 +7,7 @@ import copy
 import jax
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 
 from engine.config import EngineConfig
 from engine.llm import LLM
@@ -34,7 +35,7 @@ def merged(model, path):
     cfg, params, tok = model
     params = copy.deepcopy(jax.tree.map(np.asarray, params))
     for name, (a, b) in load_peft_adapter(path, cfg).items():
-        params["layers"][name] = params["layers"][name] + np.einsum("lir,lro->lio", a, b)
+        params["layers"][name] = params["layers"][name] + np.einsum("...ir,...ro->...io", a, b)
     return cfg, params, tok
 
 
@@ -78,17 +79,79 @@ def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
         LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"x": bad}}), progress=False, model=base)
 
 
-def test_attention_adapters_on_a_moe_model_and_expert_adapters_refused(base, tmp_path):
-    """A mixture-of-experts model (no dense MLP) serves an attention adapter exactly as its merged weights; an adapter
-    that also adapts something this model cannot (an expert's projection here) is refused, naming the tensor,
-    instead of being applied in part."""
-    from safetensors.numpy import load_file, save_file
-
+def _moe_model(base, architecture="qwen3_moe", **fields):
     _, _, tok = base
-    cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
+    cfg = LlamaConfig(architecture=architecture, vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16, max_position=1024, qk_norm=True,
-                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
-    moe_model = (cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tok)
+                      num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, **fields)
+    return cfg, llama.init_params(cfg, jax.random.key(3), scale=0.5), tok
+
+
+@pytest.mark.parametrize("backend", ["dense", "grouped"])
+def test_expert_adapters_equal_their_merged_weights_on_both_expert_paths(base, tmp_path, backend):
+    """A mixture-of-experts model's experts take LoRA adapters (PEFT's per-expert modules, as Qwen3-MoE stores its
+    experts): an adapter of every expert's gate / up / down (and attention), one of the experts alone with another
+    rank and rsLoRA, and the base model, in one batch, each give exactly the greedy tokens of the base model with that
+    adapter merged into its weights, on the dense path and the grouped one (the adapters side by side in one grouped
+    matmul's rank axis)."""
+    moe_model = _moe_model(base)
+    cfg = moe_model[0]
+    experts = ("moe_gate", "moe_up", "moe_down")
+    a = write_random_adapter(str(tmp_path / "a"), cfg, rank=4, alpha=8.0, modules=("wq", "wo", *experts), std=0.1)
+    b = write_random_adapter(str(tmp_path / "b"), cfg, rank=8, alpha=4.0, modules=experts, seed=2, rslora=True, std=0.1)
+    assert "base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_B.weight" in load_file(
+        f"{b}/adapter_model.safetensors")
+    options = {**SMALL, "model.moe_backend": backend}
+    served = LLM(EngineConfig().replace(**options, **{"lora.adapters": {"a": a, "b": b}}), progress=False,
+                 model=moe_model)
+    assert served.engine.runner.lora["moe_up"]["a"].shape == (2, 2, 4, 64, 8)  # [L, N, E, in, R]
+    prompts = [[5, 6, 7, 8, 9] * 3, [11, 12, 13], [5, 6, 7, 8, 9] * 3 + [4]]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    engine = served.engine
+    jobs = [(p, adapter) for p in prompts for adapter in (None, "a", "b")]
+    ids = [engine.add_request(p, greedy, adapter=adapter) for p, adapter in jobs]
+    finals = served._run(set(ids), progress=False)
+    for adapter, model in ((None, moe_model), ("a", merged(moe_model, a)), ("b", merged(moe_model, b))):
+        want = [o.token_ids for o in LLM(EngineConfig().replace(**options), progress=False,
+                                          model=model).generate(prompts, greedy)]
+        got = [finals[rid].token_ids for rid, (_, ad) in zip(ids, jobs) if ad == adapter]
+        assert got == want, adapter
+    assert len({tuple(finals[rid].token_ids) for rid in ids[:3]}) == 3  # the adapters change the answer
+
+
+def test_expert_adapters_loaded_while_serving_need_expert_slots(base, tmp_path):
+    """lora.max_adapters slots hold adapters of the experts only with lora.experts (each expert's A and B: E times a
+    projection's memory): without it an expert adapter is refused by name, configured or loaded; with it one loaded
+    while serving gives what it gives configured at start-up, beside an attention-only adapter."""
+    moe_model = _moe_model(base)
+    cfg = moe_model[0]
+    e = write_random_adapter(str(tmp_path / "e"), cfg, rank=4, alpha=8.0, modules=("moe_up", "moe_down"), std=0.1)
+    q = write_random_adapter(str(tmp_path / "q"), cfg, rank=2, alpha=4.0, modules=("wq",), seed=3, std=0.1)
+    prompts = [[5, 6, 7, 8, 9] * 3, [11, 12, 13]]
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    want = [o.token_ids for o in LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"e": e}}), progress=False,
+                                     model=moe_model).generate(prompts, greedy, adapter="e")]
+    slots = {"lora.adapters": {"q": q}, "lora.max_adapters": 2, "lora.max_rank": 4}
+    without = LLM(EngineConfig().replace(**SMALL, **slots), progress=False, model=moe_model)
+    with pytest.raises(ValueError, match="adapts the experts: set lora.experts: true"):
+        without.load_adapter("e", e)
+    assert "moe_up" not in without.engine.runner.lora
+    with_experts = LLM(EngineConfig().replace(**SMALL, **slots, **{"lora.experts": True}), progress=False,
+                       model=moe_model)
+    with_experts.load_adapter("e", e)
+    assert [o.token_ids for o in with_experts.generate(prompts, greedy, adapter="e")] == want
+    assert ([o.token_ids for o in with_experts.generate(prompts, greedy, adapter="q")]
+            == [o.token_ids for o in without.generate(prompts, greedy, adapter="q")])
+
+
+def test_attention_adapters_on_a_moe_model_and_what_cannot_be_adapted_refused(base, tmp_path):
+    """A mixture-of-experts model (no dense MLP) serves an attention adapter exactly as its merged weights; an adapter
+    that also adapts something this model cannot (the head here; experts stored fused, as gpt-oss's; the experts of a
+    model whose layers mix experts and dense MLPs) is refused, naming the tensor, instead of being applied in part."""
+    from safetensors.numpy import save_file
+
+    moe_model = _moe_model(base)
+    cfg = moe_model[0]
     a = write_random_adapter(str(tmp_path / "a"), cfg, rank=4, alpha=8.0, modules=("wq", "wv", "wo"), std=0.1)
     served = LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a}}), progress=False, model=moe_model)
     reference = LLM(EngineConfig().replace(**SMALL), progress=False, model=merged(moe_model, a))
@@ -97,10 +160,20 @@ def test_attention_adapters_on_a_moe_model_and_expert_adapters_refused(base, tmp
     assert ([o.token_ids for o in served.generate(prompts, greedy, adapter="a")]
             == [o.token_ids for o in reference.generate(prompts, greedy)])
     tensors = load_file(f"{a}/adapter_model.safetensors")
-    expert = "base_model.model.model.layers.0.mlp.experts.1.gate_proj.lora_A.weight"
-    save_file({**tensors, expert: np.zeros((4, 64), np.float32)}, f"{a}/adapter_model.safetensors")
-    with pytest.raises(ValueError, match="experts.1.gate_proj.lora_A.weight adapts a module this model does not"):
+    head = "base_model.model.lm_head.lora_A.weight"
+    save_file({**tensors, head: np.zeros((4, 64), np.float32)}, f"{a}/adapter_model.safetensors")
+    with pytest.raises(ValueError, match="lm_head.lora_A.weight adapts a module this model does not adapt .*"
+                                         r"mlp\.experts\.E\.gate_proj"):
         load_peft_adapter(a, cfg)
+    expert = {"base_model.model.model.layers.1.mlp.experts.1.gate_proj.lora_A.weight": np.zeros((4, 64), np.float32),
+              "base_model.model.model.layers.1.mlp.experts.1.gate_proj.lora_B.weight": np.zeros((32, 4), np.float32)}
+    save_file({**tensors, **expert}, f"{a}/adapter_model.safetensors")
+    mixed = _moe_model(base, moe_layers=(False, True))
+    with pytest.raises(ValueError, match="experts.1.gate_proj.lora_A.weight adapts a module this model does not"):
+        load_peft_adapter(a, mixed[0])
+    gpt_oss = LlamaConfig(**{**cfg.to_dict(), "architecture": "gpt_oss", "qk_norm": False})
+    with pytest.raises(ValueError, match="experts.1.gate_proj.lora_A.weight adapts a module this model does not"):
+        load_peft_adapter(a, gpt_oss)
 
 
 @pytest.mark.parametrize("tp", [1, 2])

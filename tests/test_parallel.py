@@ -270,6 +270,33 @@ def test_lora_adapters_identical_at_tp_1_2_4(tmp_path):
     assert outs[1][:n] != outs[1][n : 2 * n] and outs[1][:n] != outs[1][2 * n :]  # the adapters change the outputs
 
 
+@pytest.mark.parametrize("backend", ["dense", "grouped"])
+def test_expert_lora_adapters_identical_at_tp_1_and_2(tmp_path, backend):
+    """LoRA adapters of the experts sharded like the experts (each expert's gate / up B by output features, down's A
+    by input features): the same greedy tokens at 1 and 2 devices on either expert path, for each adapter's requests
+    and the base model's in one batch."""
+    from models.lora import write_random_adapter
+
+    model = tiny_qwen2_moe()
+    paths = {"a": write_random_adapter(str(tmp_path / "a"), model[0], 4, 8, std=0.1, seed=1,
+                                       modules=["moe_gate", "moe_up", "moe_down", "wq"]),
+             "b": write_random_adapter(str(tmp_path / "b"), model[0], 2, 2, modules=["moe_down"], seed=2, std=0.1)}
+    prompts = workload(model[0].vocab_size)[:4]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for tp in (1, 2):
+        llm = LLM(EngineConfig().replace(**{**BASE, "parallel.tensor": tp, "cache.num_pages": 64,
+                                            "model.moe_backend": backend, "lora.adapters": paths}),
+                  progress=False, model=model)
+        jobs = [(p, adapter) for adapter in (None, "a", "b") for p in prompts]
+        ids = [llm.engine.add_request(p, params, adapter=adapter) for p, adapter in jobs]
+        finals = llm._run(set(ids), progress=False)
+        outs[tp] = [finals[i].token_ids for i in ids]
+    assert outs[1] == outs[2]
+    n = len(prompts)
+    assert outs[1][:n] != outs[1][n : 2 * n] and outs[1][:n] != outs[1][2 * n :]  # the adapters change the outputs
+
+
 def test_memory_per_device_is_1_over_n(tokenizer):
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
                       num_layers=2, num_heads=8, num_kv_heads=4, head_dim=16, max_position=512)

@@ -50,11 +50,18 @@ def expert_modules(cfg: LlamaConfig) -> dict[str, str]:
 
 
 def _peft_prefixes(cfg: LlamaConfig, name: str) -> list[list[str]]:
-    """Per layer, the PEFT module prefix of projection `name` (one; an expert projection: one per expert)."""
+    """Per layer, the PEFT module prefix of projection `name` (one; an expert projection: one per expert). A
+    mixture-of-experts model's shared expert, which holds the dense MLP's keys, goes by the checkpoint's name for it
+    (Qwen2-MoE's and Qwen3.5-MoE's `mlp.shared_expert.gate_proj`)."""
+    from models.safetensors_loader import hf_names
+
     if name in EXPERT_PROJECTIONS:
         module = expert_modules(cfg)[name]
         return [[f"base_model.model.{module.format(i=i, e=e)}" for e in range(cfg.num_experts)]
                 for i in range(cfg.num_layers)]
+    stored = hf_names(cfg).get(name, "") if cfg.num_experts else ""
+    if ".shared_expert" in stored:
+        return [[f"base_model.model.{stored.removesuffix('.weight').format(i=i)}"] for i in range(cfg.num_layers)]
     module, block = PROJECTIONS[name]
     return [[f"base_model.model.model.layers.{i}.{block}.{module}"] for i in range(cfg.num_layers)]
 
@@ -113,22 +120,22 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
     # NOTE: a LoRA weight this model cannot apply (embeddings, the head, fused experts) would change nothing silently.
     ignored = sorted(k for k in tensors if k not in used)
     if ignored:
-        supported = [f"{b}.{m}" for n, (m, b) in PROJECTIONS.items() if n in dims]
+        supported = [_peft_prefixes(cfg, n)[0][0].split(".", 5)[-1] for n in PROJECTIONS if n in dims]
         supported += [module.format(i="N", e="E").split(".", 3)[-1] for module in expert_modules(cfg).values()]
         raise ValueError(f"LoRA adapter {path}: {ignored[0]} adapts a module this model does not adapt (supported: "
                          f"{', '.join(supported)})")
     return out
 
 
-def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, modules=tuple(PROJECTIONS), seed: int = 0,
+def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, modules=None, seed: int = 0,
                          rslora: bool = False, std: float = 0.3) -> str:
     """A random adapter in HF PEFT's layout (A [r, in], B [out, r] per layer and module) at `path` (tests, benchmarks):
     each module on the layers that have it (a model with linear attention layers: attention's on its attention
-    layers)."""
+    layers); `modules` None: every projection the model adapts (its experts' too)."""
     from safetensors.numpy import save_file
 
     rng, dims, tensors = np.random.default_rng(seed), projection_dims(cfg), {}
-    for name in modules:
+    for name in dims if modules is None else modules:
         d_in, d_out = dims[name][-2:]
         prefixes = _peft_prefixes(cfg, name)
         for layer in layers_of(cfg, name) if name in PROJECTIONS else range(cfg.num_layers):
@@ -139,7 +146,8 @@ def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, m
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump({"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
-                   "target_modules": sorted({_peft_prefixes(cfg, m)[0][0].rsplit(".", 1)[-1] for m in modules})}, f)
+                   "target_modules": sorted({_peft_prefixes(cfg, m)[0][0].rsplit(".", 1)[-1]
+                                             for m in (dims if modules is None else modules)})}, f)
     return path
 
 

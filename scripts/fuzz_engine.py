@@ -82,7 +82,13 @@ def tiny_models(tokenizer) -> dict:
                                linear_kind="mamba2", linear_layers=(True, False, True, True), linear_num_key_heads=2,
                                linear_num_value_heads=8, linear_key_head_dim=16, linear_value_head_dim=16,
                                linear_conv_bias=True)
+    # Qwen3-MoE-like: experts on every layer (stored one by one: LoRA adapters of the experts), q/k norms per head
+    qwen3_moe_cfg = LlamaConfig(architecture="qwen3_moe", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                                intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                                max_position=512, qk_norm=True, num_experts=8, num_experts_per_tok=2,
+                                moe_intermediate_size=32, norm_topk_prob=True)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "qwen3_moe": (qwen3_moe_cfg, llama.init_params(qwen3_moe_cfg, jax.random.key(17), scale=0.5), tokenizer),
             "qwen3_5": (qwen3_5_cfg, llama.init_params(qwen3_5_cfg, jax.random.key(11), scale=0.5), tokenizer),
             "granite4": (granite4_cfg, llama.init_params(granite4_cfg, jax.random.key(13), scale=0.5), tokenizer),
             "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
@@ -90,13 +96,16 @@ def tiny_models(tokenizer) -> dict:
             "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
 
 
-MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4")
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe")
 RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a recurrent state per sequence)
-SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4")  # models whose heads split over 2 devices
-ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4")  # models the fuzzer gives LoRA adapters
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe")  # models whose heads split over 2 devices
+# models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
+ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe")
+EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe")  # models with experts (run on the grouped path in half their seeds)
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models
-WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss")  # models whose pages another replica may send (no states)
+WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe")  # models whose pages another replica may send
+# (no states)
 
 
 def draw_features(seed: int, model: str) -> dict:
@@ -114,7 +123,8 @@ def draw_features(seed: int, model: str) -> dict:
     requests' answers, a small cache of them). In a third of the seeds of models in WHOLE_PAGES without images or a
     draft model, the prompts' pages come from another replica first (`_received`: parallel.kv_transfer jax, a
     plain engine of the same layout computes them and offers them, and the fuzzed engine pulls them over its transfer
-    server and takes them with the requests)."""
+    server and takes them with the requests). In half the seeds of models with experts, the fuzzed engine runs them as
+    grouped matmuls (model.moe_backend grouped; the reference: dense, this CPU's default)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
@@ -124,7 +134,8 @@ def draw_features(seed: int, model: str) -> dict:
             "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4,
             "drafter": model in DRAFTED and rng.random() < 0.5,
             "suffix": rng.random() < 0.5,
-            "received": model in WHOLE_PAGES and rng.random() < 0.33}
+            "received": model in WHOLE_PAGES and rng.random() < 0.33,
+            "grouped": model in EXPERTS and rng.random() < 0.5}
 
 
 def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
@@ -321,6 +332,9 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
     if disk:
         fuzzed["cache.disk_path"] = disk
     fuzzed["parallel.tensor"] = features["tensor"]
+    if features["grouped"]:
+        fuzzed["model.moe_backend"] = "grouped"
+        extra += (", " if extra else "") + "grouped experts"
     if features["sampling"]:  # 2 devices sum in another order: a seeded draw near a top-p edge may land elsewhere, so
         reference["parallel.tensor"] = features["tensor"]  # a sampling seed's reference splits alike (greedy: 1)
     if "speculative.method" in fuzzed:

@@ -75,7 +75,7 @@ def test_adapter_caches_never_mix_and_errors_are_named(base, tmp_path):
     bad = write_random_adapter(str(tmp_path / "bad"), LlamaConfig(architecture="llama", vocab_size=100, hidden_size=32,
                                                       intermediate_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                                       head_dim=8, max_position=64), rank=2, alpha=2, modules=["wq"], seed=4)
-    with pytest.raises(ValueError, match="q_proj of layer 0 has A"):
+    with pytest.raises(ValueError, match="model.layers.0.self_attn.q_proj has A"):
         LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"x": bad}}), progress=False, model=base)
 
 
@@ -117,6 +117,24 @@ def test_expert_adapters_equal_their_merged_weights_on_both_expert_paths(base, t
         got = [finals[rid].token_ids for rid, (_, ad) in zip(ids, jobs) if ad == adapter]
         assert got == want, adapter
     assert len({tuple(finals[rid].token_ids) for rid in ids[:3]}) == 3  # the adapters change the answer
+
+
+def test_shared_expert_adapters_go_by_the_checkpoints_names(base, tmp_path):
+    """Qwen2-MoE's shared expert holds the dense MLP's keys under its own name (`mlp.shared_expert.gate_proj`): an
+    adapter of it and of the experts gives the greedy tokens of its merged weights; Llama's MLP names are not its."""
+    moe_model = _moe_model(base, "qwen2_moe", shared_expert_intermediate_size=48)
+    cfg = moe_model[0]
+    a = write_random_adapter(str(tmp_path / "a"), cfg, rank=4, alpha=8.0, std=0.1)  # every projection it adapts
+    tensors = load_file(f"{a}/adapter_model.safetensors")
+    assert "base_model.model.model.layers.1.mlp.shared_expert.down_proj.lora_B.weight" in tensors
+    assert not any(".mlp.gate_proj." in k for k in tensors)
+    prompts = [[5, 6, 7, 8, 9] * 3, [11, 12, 13]]
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    served = LLM(EngineConfig().replace(**SMALL, **{"lora.adapters": {"a": a}}), progress=False, model=moe_model)
+    reference = LLM(EngineConfig().replace(**SMALL), progress=False, model=merged(moe_model, a))
+    got = [o.token_ids for o in served.generate(prompts, greedy, adapter="a")]
+    assert got == [o.token_ids for o in reference.generate(prompts, greedy)]
+    assert got != [o.token_ids for o in served.generate(prompts, greedy)]
 
 
 def test_expert_adapters_loaded_while_serving_need_expert_slots(base, tmp_path):

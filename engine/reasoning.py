@@ -28,7 +28,7 @@ import re
 from typing import Collection
 
 from engine.output import partial_stop_len
-from engine.tool_calls import BLOCK_TAGS
+from engine.tool_calls import CALL_MARKUP
 
 START, END = "<think>", "</think>"
 PARSERS = ("none", "qwen3", "deepseek_r1", "gpt_oss")
@@ -38,10 +38,10 @@ PARSERS = ("none", "qwen3", "deepseek_r1", "gpt_oss")
 def keeps_special_tokens(parser: str, special: Collection[str] = (), tools: bool = False) -> bool:
     """Whether chat replies under `parser` must keep special tokens in their text: harmony's markers are special
     tokens, and so are <think> and a tool-call block's tags in some tokenizers (GLM-4.5's <tool_call>, DeepSeek's
-    <｜tool▁call▁begin｜>; `special`: the tokenizer's special tokens), which a reasoning parser or a reply with `tools`
-    must read (as vLLM's parsers for them ask)."""
+    <｜tool▁call▁begin｜>, Mistral's [TOOL_CALLS] and [ARGS]; `special`: the tokenizer's special tokens), which a
+    reasoning parser or a reply with `tools` must read (as vLLM's parsers for them ask)."""
     return (parser == "gpt_oss" or (parser != "none" and START in special)
-            or (tools and any(tag in special for tag in BLOCK_TAGS)))
+            or (tools and any(tag in special for tag in CALL_MARKUP)))
 
 
 # harmony's markers

@@ -17,7 +17,12 @@
   `<minimax:tool_call>` / `</minimax:tool_call>` around them dropped; the rest is content; or,
   when the whole reply is JSON calls, from it: `{"name": ..., "parameters": ...}` (Llama 3.1-3.3, several
   separated by ";"), `[{"name": ..., "arguments": ...}, ...]` (Mistral, after `[TOOL_CALLS]`), optionally
-  after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text.
+  after the `<|python_tag|>` / `[TOOL_CALLS]` markers when they are kept as text; or from Mistral's later calls
+  (tokenizer v11 on: Mistral Small 3.2, Devstral, Magistral), each `[TOOL_CALLS]NAME[ARGS]{...}` (v13:
+  `[TOOL_CALLS]NAME[CALL_ID]ID[ARGS]{...}`, the id kept as the call's), the text before the first content; or, when
+  the whole reply is a Python list of calls with keyword arguments (Llama 3.2's and Llama 4's "pythonic" format,
+  optionally inside `<|python_start|>` ... `<|python_end|>`), `[get_weather(city="Paris"), get_time()]`, each value a
+  Python literal.
 - "none" (or no tools): a plain reply.
 
 Streamed (`ToolCallStream`), a call goes out as it is written, as OpenAI streams them: its id and name once the
@@ -49,6 +54,13 @@ _MARKUP = (*BLOCK_TAGS, *_WRAPPERS)
 # A call object's start when its name comes first, up to the first character of its arguments.
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*("(?:[^"\\]|\\.)*")\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\S)')
 _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes their calls
+# Mistral's calls from tokenizer v11 on, each after its own [TOOL_CALLS]: the name, v13's call id, the JSON arguments
+_MISTRAL = "[TOOL_CALLS]"
+_MISTRAL_CALL = re.compile(r"\s*([^\s\[]+)\s*(?:\[CALL_ID\]\s*([^\s\[]+)\s*)?\[ARGS\](.*)", re.S)
+_PYTHONIC_WRAP = ("<|python_start|>", "<|python_end|>")  # Llama 4's, around pythonic calls
+# What a reply's calls are read by that a tokenizer may make special tokens (a reply with tools keeps them in its text
+# where it does): the blocks' tags, Mistral's markers (its tekken tokenizer's control tokens)
+CALL_MARKUP = (*BLOCK_TAGS, _MISTRAL, "[ARGS]", "[CALL_ID]")
 # GLM-4.5's block body: the name, then key / value pairs
 _XML_CALL = re.compile(r"\s*([^\s<]+)\s*((?:<arg_key>.*?</arg_key>\s*<arg_value>.*?</arg_value>\s*)*)", re.S)
 _XML_ARG = re.compile(r"<arg_key>(.*?)</arg_key>\s*<arg_value>(.*?)</arg_value>", re.S)
@@ -138,8 +150,56 @@ class ToolChoice:
         if calls:
             content = _BLOCK.sub("", text).strip()
             return content or None, calls
-        calls = self._bare_calls(text)
+        head, calls = self._mistral_calls(text)
+        if calls:
+            return head.strip() or None, calls
+        calls = self._bare_calls(text) or self._pythonic_calls(text)
         return (None, calls) if calls else (text, [])
+
+    def _mistral_calls(self, text: str) -> tuple[str, list[ToolCall]]:
+        """(the text before the first call, the calls) of Mistral's `[TOOL_CALLS]NAME[(CALL_ID]ID)[ARGS]{...}` calls;
+        ("", []) unless every [TOOL_CALLS] starts one (its arguments a JSON object) of a known tool."""
+        head, *parts = text.split(_MISTRAL)
+        calls = []
+        for part in parts:
+            m = _MISTRAL_CALL.fullmatch(part)
+            if m is None:
+                return "", []
+            try:
+                call = self._call({"name": m.group(1), "arguments": json.loads(m.group(3))})
+            except ValueError:
+                return "", []
+            if call is None:
+                return "", []
+            calls.append(call if m.group(2) is None else dataclasses.replace(call, id=m.group(2)))
+        return head, calls
+
+    def _pythonic_calls(self, text: str) -> list[ToolCall]:
+        """Calls when the whole reply is a Python list of calls to known tools with keyword arguments whose values are
+        literals (Llama 3.2's / Llama 4's pythonic format; Llama 4's <|python_start|> / <|python_end|> around it);
+        anything else: no calls."""
+        import ast
+
+        body = text.strip().removeprefix(_PYTHONIC_WRAP[0]).removesuffix(_PYTHONIC_WRAP[1]).strip()
+        if not body.startswith("["):
+            return []
+        try:
+            tree = ast.parse(body, mode="eval").body
+        except (SyntaxError, ValueError):
+            return []
+        if not isinstance(tree, ast.List) or not tree.elts:
+            return []
+        calls = []
+        for node in tree.elts:
+            if (not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args
+                    or node.func.id not in self.functions or any(k.arg is None for k in node.keywords)):
+                return []
+            try:
+                args = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+            except ValueError:
+                return []
+            calls.append(ToolCall(node.func.id, json.dumps(args)))
+        return calls
 
     def _block_call(self, body: str) -> ToolCall | None:
         """The call a block's body holds: a JSON object, GLM-4.5's name and key / value pairs, Qwen3-Coder's
@@ -369,9 +429,9 @@ class ToolCallStream:
 
     def _start(self, finished: bool, complete: bool) -> None:
         body = self.text.lstrip()
-        if not finished and any(m.startswith(body) for m in _MARKERS):  # a marker may still be arriving
-            return
-        if body.startswith(("{", "[", *_MARKERS)):
+        if not finished and any(m.startswith(body) for m in (*_MARKERS, _PYTHONIC_WRAP[0])):  # a marker may still be
+            return  # arriving
+        if body.startswith(("{", "[", *_MARKERS, _PYTHONIC_WRAP[0])):
             self._state = "bare"
             rest = body
             for marker in _MARKERS:
@@ -417,20 +477,33 @@ class ToolCallStream:
                     self._read((started, args))
                 self._reader, self._pos = None, close + len(closing)
                 continue
-            found = [(at, tag) for tag in _MARKUP if (at := self.text.find(tag, self._pos)) >= 0]
+            found = [(at, tag) for tag in (*_MARKUP, _MISTRAL) if (at := self.text.find(tag, self._pos)) >= 0]
             if not found:
-                end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:], _MARKUP)
+                end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:],
+                                                                                        (*_MARKUP, _MISTRAL))
                 self._plain(self.text[self._pos:end])
                 self._pos = end
                 return
             opening, tag = min(found)
             self._plain(self.text[self._pos:opening])
+            if tag == _MISTRAL:  # Mistral's calls after content: all the rest is held, parsed when the reply ends
+                self._state, self._pos = "tail", opening
+                return
             if tag in _WRAPPERS:
                 self._pos = opening + len(tag)
                 continue
             self._reader, self._block_at, self._tag = _CallReader(self.choice), opening + len(tag), tag
 
+    def _tail(self, finished: bool, complete: bool) -> None:
+        """Mistral's calls after content: held until the reply ends (`_finish`)."""
+
     def _finish(self, complete: bool) -> None:
+        if self._state == "tail":
+            _, calls = self.choice.parse(self.text) if complete else (None, [])
+            for call in calls:
+                self._read((call, call.arguments))
+            if not calls:
+                self._plain(self.text[self._pos:])
         if self._state == "content" and self._reader is not None and self._reader.call is None:
             self._plain(self._tag + self.text[self._block_at:])  # a block never closed is text
             self._reader = None

@@ -5,7 +5,8 @@
 #      [L, Hkv, P, page_size, D] cache read at a traced layer index (--num-layers, default 2); Llama-3-8B heads, and
 #      one decode row over DeepSeek-V3's latent cache (16 q heads on one kv head of a 64-wide key and 512-wide latent);
 #   3. one mixture-of-experts layer, grouped vs dense experts (scripts/moe_bench.py: model.moe_backend's choice), and
-#      int8 experts as XLA runs them vs the Pallas grouped kernel that reads only the experts with rows;
+#      int8 experts as XLA runs them vs the Pallas grouped kernel that reads only the experts with rows, and both paths
+#      with 4 LoRA adapters of every expert (rank 16: what the experts' adapters cost);
 #   4. the projections' matmuls over each weight format (scripts/matmul_bench.py: whether XLA fuses int8/int4/mxfp4/
 #      fp8 dequantization into the GEMM, what 4 and 8 bits buy at decode batches, what FP8 and int8 activations buy,
 #      FP8 blocks dequantized by XLA against the Pallas kernel that reads them, pallas_kernels/fp8_matmul.py);
@@ -60,8 +61,8 @@ wanted interpret && step "kernel tests, interpret mode (CPU)" 150 \
   env JAX_PLATFORMS=cpu "${PY}" -m pytest tests/test_kernels.py -q -p no:cacheprovider -p no:benchmark "${xdist[@]}"
 export JAX_PLATFORMS=cuda XLA_PYTHON_CLIENT_MEM_FRACTION=0.9
 wanted bench && step "kernel benchmark (GPU)" 120 "${PY}" scripts/kernel_bench.py --num-layers 2
-wanted moe && step "mixture-of-experts layer, grouped vs dense, int8 experts by XLA vs the Pallas grouped kernel (GPU)" 40 \
-  "${PY}" scripts/moe_bench.py --tokens 1 64 --reps 5
+wanted moe && step "mixture-of-experts layer, grouped vs dense, int8 experts by XLA vs the Pallas grouped kernel, 4 LoRA adapters of the experts (GPU)" 50 \
+  "${PY}" scripts/moe_bench.py --tokens 1 64 --reps 5 --lora 4
 wanted matmul && step "projection matmuls by weight format: none, int8, w8a8, int4, mxfp4, fp8, w8a8_fp8, fp8 blocks (XLA, kernel) (GPU)" 80 \
   "${PY}" scripts/matmul_bench.py --tokens 1 64 --reps 5
 wanted tune && step "launch-config sweep and the small-decode breakdown (GPU)" 75 "${PY}" scripts/kernel_bench.py --num-layers 2 --tune --reps 5

@@ -11,6 +11,11 @@ median time of the jitted layer (router, top-k, experts, combine), the useful ra
 intermediate FLOPs, the work the top-k experts need, whatever the path does), and the largest difference from the
 dense path's output (the int8 rows: from `int8`'s). scripts/gpu_check.sh runs it; `model.moe_backend` picks the
 path.
+
+    python scripts/moe_bench.py --lora 4   # also both paths with 4 LoRA adapters of every expert (rank 16), the
+                                           # tokens spread over them and the base model: what the experts' adapters cost
+
+The `+lora` rows' differences are from `dense+lora`'s output.
 """
 from __future__ import annotations
 
@@ -49,6 +54,9 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tokens", type=int, nargs="*", default=[1, 16, 64, 256, 2048])
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
+    parser.add_argument("--lora", type=int, default=0, help="also time both paths with this many LoRA adapters of "
+                        "every expert's gate / up / down (token t takes adapter t mod (N + 1); 0: the base model)")
+    parser.add_argument("--lora-rank", type=int, default=16)
     args = parser.parse_args(argv)
     if args.quick:
         args.hidden, args.intermediate, args.experts, args.top_k, args.tokens, args.reps = 32, 16, 8, 2, [1, 24], 3
@@ -71,19 +79,40 @@ def main(argv=None) -> list[dict]:
              "int8": (jax.jit(lambda x, p: moe.grouped_moe(x, p, routing, moe.swiglu)), int8, "int8"),
              "int8+k": (jax.jit(lambda x, p: moe.grouped_moe(x, p, routing, moe.swiglu, quant_kernels=kernel)), int8,
                         "int8")}
+    if jax.default_backend() == "cpu" and not args.quick:  # (a CPU runs the Pallas kernel only interpreted: untimed)
+        del paths["int8+k"]
+    if args.lora:  # every expert's three projections adapted by each of N adapters: A [N, E, in, R], B [N, E, R, out]
+        n, r = args.lora, args.lora_rank
+        lkey = jax.random.split(jax.random.fold_in(key[4], 2**31), 6)
+        lora = {name: {"a": (jax.random.normal(lkey[2 * j], (n, e, d_in, r)) * d_in**-0.5).astype(dtype),
+                       "b": (jax.random.normal(lkey[2 * j + 1], (n, e, r, d_out)) * 0.01).astype(dtype)}
+                for j, (name, d_in, d_out) in enumerate((("moe_gate", h, i), ("moe_up", h, i), ("moe_down", i, h)))}
+
+        def adapted(grouped):
+            def run(x, p):
+                onehot = (jnp.arange(x.shape[0]) % (n + 1))[:, None] == jnp.arange(1, n + 1)[None, :]
+                weights, experts = moe.route(x, p, routing)
+                fn = moe._grouped_experts if grouped else moe._dense_experts
+                return fn(x, p, weights, experts, moe.swiglu, lora=moe.ExpertLora(lora, onehot))
+            return jax.jit(run)
+
+        paths["grouped+lora"] = (adapted(True), p, "dense+lora")
+        paths["dense+lora"] = (adapted(False), p, "dense+lora")
     print(f"MoE layer on {jax.devices()[0].device_kind}: hidden {h}, {e} experts of {i}, top {k}, "
-          f"{jnp.dtype(dtype).name}, median of {args.reps}")
-    print(f"{'tokens':>7} {'path':>8} {'ms':>9} {'TFLOP/s':>9} {'max diff':>9}")
+          f"{jnp.dtype(dtype).name}, median of {args.reps}"
+          + (f"; {args.lora} LoRA adapters of rank {args.lora_rank}" if args.lora else ""))
+    print(f"{'tokens':>7} {'path':>12} {'ms':>9} {'TFLOP/s':>9} {'max diff':>9}")
     rows = []
     for t in args.tokens:
         x = jax.random.normal(jax.random.fold_in(key[4], t), (t, h)).astype(dtype)
-        refs = {name: np.asarray(paths[name][0](x, paths[name][1]), np.float32) for name in ("dense", "int8")}
+        refs = {name: np.asarray(paths[name][0](x, paths[name][1]), np.float32) for name in ("dense", "int8")
+                + (("dense+lora",) if args.lora else ())}
         for name, (fn, weights, reference) in paths.items():
             seconds = median_s(fn, x, weights, reps=args.reps)
             diff = float(np.max(np.abs(np.asarray(fn(x, weights), np.float32) - refs[reference])))
             rate = 2 * 3 * t * k * h * i / seconds / 1e12
             rows.append(dict(tokens=t, path=name, ms=seconds * 1e3, tflops=rate, max_diff=diff))
-            print(f"{t:>7} {name:>8} {seconds * 1e3:>9.3f} {rate:>9.3f} {diff:>9.2e}")
+            print(f"{t:>7} {name:>12} {seconds * 1e3:>9.3f} {rate:>9.3f} {diff:>9.2e}")
     return rows
 
 

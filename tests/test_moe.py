@@ -547,7 +547,8 @@ def test_w8a8_smooths_and_serves_expert_layers(shared, backend, moe_layers):
 
 def test_moe_bench_quick_runs_both_paths_and_they_agree():
     """scripts/moe_bench.py, which gpu_check.sh runs on a GPU, on tiny CPU shapes: every row, paths agreeing (the
-    Pallas grouped kernel on int8 experts with XLA's int8 path)."""
+    Pallas grouped kernel on int8 experts with XLA's int8 path; the grouped path with the experts' LoRA adapters with
+    the dense one)."""
     import importlib.util
     import pathlib
 
@@ -555,9 +556,9 @@ def test_moe_bench_quick_runs_both_paths_and_they_agree():
     spec = importlib.util.spec_from_file_location("moe_bench", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rows = bench.main(["--quick"])
-    assert [(r["tokens"], r["path"]) for r in rows] == [(t, p) for t in (1, 24) for p in ("grouped", "dense", "int8",
-                                                                                          "int8+k")]
+    rows = bench.main(["--quick", "--lora", "2", "--lora-rank", "4"])  # (and both paths with experts' adapters)
+    assert [(r["tokens"], r["path"]) for r in rows] == [(t, p) for t in (1, 24) for p in (
+        "grouped", "dense", "int8", "int8+k", "grouped+lora", "dense+lora")]
     assert all(r["ms"] > 0 and r["max_diff"] < 1e-4 for r in rows)
 
 

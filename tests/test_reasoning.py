@@ -100,3 +100,5 @@ def test_special_tokens_stay_where_a_parser_reads_them():
     assert keeps_special_tokens("none", glm, tools=True) and not keeps_special_tokens("none", {"<|user|>"}, tools=True)
     assert not keeps_special_tokens("qwen3", {"<|im_start|>", "<|im_end|>"}, tools=True)  # Qwen3: tags are text
     assert keeps_special_tokens("deepseek_r1", {"<｜tool▁call▁begin｜>", "<｜tool▁sep｜>"}, tools=True)
+    mistral = {"[INST]", "[/INST]", "[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"}  # tekken's control tokens
+    assert keeps_special_tokens("none", mistral, tools=True) and not keeps_special_tokens("none", mistral)

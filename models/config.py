@@ -736,6 +736,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     step = int(meta.get(f"{arch}.interleave_moe_layer_step") or 1)  # (ERNIE 4.5: experts where layer + 1 divides by it)
     shared = (int(meta.get(f"{arch}.expert_shared_feed_forward_length") or 0)
               or int(meta.get(f"{arch}.expert_shared_count") or 0) * moe_intermediate)
+    moe_layers = tuple(i >= first_dense and (i + 1) % step == 0 for i in range(num_layers))
+    first_moe = moe_layers.index(True) if any(moe_layers) else first_dense
     return dict(
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
@@ -743,8 +745,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         shared_expert_intermediate_size=shared,
         shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe", "granitehybrid", "dots1", "ernie4_5-moe"),
         moe_bias=arch == "gpt-oss",
-        moe_layers=tuple(i >= first_dense and (i + 1) % step == 0 for i in range(num_layers)),
-        router_scoring=scoring, router_score_bias=f"blk.{first_dense}.exp_probs_b.bias" in tensor_names,
+        moe_layers=moe_layers,
+        router_scoring=scoring, router_score_bias=f"blk.{first_moe}.exp_probs_b.bias" in tensor_names,
         expert_groups=int(meta.get(f"{arch}.expert_group_count") or 1),
         expert_groups_per_tok=int(meta.get(f"{arch}.expert_group_used_count") or 1),
         routed_scaling_factor=float(meta.get(f"{arch}.expert_weights_scale") or 1.0),

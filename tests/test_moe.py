@@ -188,13 +188,13 @@ def _hf_moe(kind: str):
         return model
     if kind == "ernie4_5_moe":  # ERNIE 4.5: softmax scores whose correction bias changes the choice, two shared
         # experts (48 features: intermediate_size / KV heads, what llama.cpp's converter writes as their size), experts
-        # on layers 1 and 3 of 4 (every other from the second), RoPE on interleaved pairs
+        # on layers 1 and 3 of 4 (from the first, where layer + 1 is even), RoPE on interleaved pairs
         from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
 
         model = Ernie4_5_MoeForCausalLM(Ernie4_5_MoeConfig(
             **{k: v for k, v in common.items() if k not in ("num_experts_per_tok", "num_hidden_layers")},
             num_hidden_layers=4, head_dim=16, moe_num_experts=8, moe_k=3, moe_intermediate_size=24,
-            moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=2, tie_word_embeddings=False,
+            moe_num_shared_experts=2, moe_layer_start_index=0, moe_layer_interval=2, tie_word_embeddings=False,
             bos_token_id=1, eos_token_id=2, pad_token_id=0)).eval()
         with torch.no_grad():
             for i in (1, 3):

@@ -60,21 +60,47 @@ Glu = Callable[[jax.Array, jax.Array], jax.Array]
 @dataclasses.dataclass(frozen=True)
 class ExpertLora:
     """One layer's LoRA adapters of its experts: weights {projection: {"a": [N, E, in, R], "b": [N, E, R, out]}}
-    (models.lora.stack_adapters) and each token's adapter, onehot [T, N]."""
+    (models.lora.stack_adapters) and each token's adapter, onehot [T, N] (none: all zeros)."""
     weights: dict
     onehot: jax.Array
 
+    def token_adapters(self) -> jax.Array:
+        """[T] each token's adapter, 1..N (0: none)."""
+        n = self.onehot.shape[1]
+        return jnp.sum(self.onehot.astype(jnp.int32) * jnp.arange(1, n + 1, dtype=jnp.int32)[None, :], axis=1)
 
-def expert_delta_grouped(rows: jnp.ndarray, weights: dict, row_onehot: jnp.ndarray, sizes: jnp.ndarray) -> jnp.ndarray:
-    """rows [P, in] grouped by expert (`sizes` [E] rows each, as jax.lax.ragged_dot reads them), weights {"a":
-    [N, E, in, R], "b": [N, E, R, out]} (one layer), row_onehot [P, N] (each row's token's adapter) -> [P, out]: each
-    row through its expert's A and B of its adapter. The N adapters sit side by side in one rank axis of N x R, so
-    each product is one grouped matmul; a row's other adapters' columns are zeroed between them."""
+
+@dataclasses.dataclass(frozen=True)
+class LoraGroups:
+    """The (token, expert) pairs of a layer regrouped by (adapter, expert), for the experts' LoRA products: `order`
+    [P] the pairs' rows (as the expert grouping sorted them) in that grouping's order, `sizes` [N x E] the rows of each
+    (adapter, expert) group (adapter-major), `adapted` [P] whether the row at each place of `order` has an adapter (the
+    base model's rows sort last, in no group)."""
+    order: jax.Array
+    sizes: jax.Array
+    adapted: jax.Array
+
+
+def lora_groups(row_adapter: jax.Array, row_expert: jax.Array, num_adapters: int, num_experts: int) -> LoraGroups:
+    """row_adapter [P] (each row's token's adapter, 0: none), row_expert [P] (each row's expert; rows past the experts
+    included, as any) -> LoraGroups."""
+    group = jnp.where(row_adapter > 0, (row_adapter - 1) * num_experts + row_expert, num_adapters * num_experts)
+    order = jnp.argsort(group)  # stable
+    sizes = jnp.bincount(group, length=num_adapters * num_experts).astype(jnp.int32)  # (the base model's not counted)
+    return LoraGroups(order, sizes, group[order] < num_adapters * num_experts)
+
+
+def expert_delta_grouped(rows: jnp.ndarray, weights: dict, groups: LoraGroups) -> jnp.ndarray:
+    """rows [P, in] (the pairs' inputs), weights {"a": [N, E, in, R], "b": [N, E, R, out]} (one layer) -> [P, out]:
+    each row through its expert's A and B of its token's adapter, as two grouped matmuls over the rows regrouped by
+    (adapter, expert): each group reads its own A and B alone, so a step reads only the pairs' adapters of the pairs'
+    experts, and a row costs one adapter's rank, whatever the number of adapters; the base model's rows get 0."""
     a, b = weights["a"], weights["b"]
     n, e, d_in, r = a.shape
-    xa = jax.lax.ragged_dot(rows, jnp.moveaxis(a, 0, 2).reshape(e, d_in, n * r), sizes)  # [P, N x R]
-    xa = (xa.reshape(-1, n, r) * row_onehot[:, :, None].astype(xa.dtype)).reshape(-1, n * r)
-    return jax.lax.ragged_dot(xa, jnp.moveaxis(b, 0, 1).reshape(e, n * r, b.shape[-1]), sizes)
+    xa = jax.lax.ragged_dot(rows[groups.order], a.reshape(n * e, d_in, r), groups.sizes)  # [P, R]
+    y = jax.lax.ragged_dot(xa, b.reshape(n * e, r, b.shape[-1]), groups.sizes)  # [P, out]
+    y = jnp.where(groups.adapted[:, None], y, 0)  # rows past the groups: whatever the matmul left there
+    return jnp.zeros_like(y).at[groups.order].set(y)
 
 
 def expert_delta_dense(x: jnp.ndarray, weights: dict, onehot: jnp.ndarray) -> jnp.ndarray:
@@ -275,6 +301,9 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
     def row_scales(s):  # each row's expert's scales (or biases)
         return s[expert_of_row]
 
+    if lora is not None:  # the pairs regrouped by (adapter, expert) once, for every adapted projection
+        groups = lora_groups(lora.token_adapters()[order // top_k], expert_of_row, lora.onehot.shape[1], num_experts)
+
     def project(x, name):
         if (quant_kernels != "none" and not quantized_activations
                 and kernel_reads(p, name, mesh.size if mesh is not None else 1)):
@@ -282,7 +311,7 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
         else:
             y = _experts_matmul(grouped, x, p, name, row_scales, quantized_activations)
         if lora is not None and name in lora.weights:
-            y = y + expert_delta_grouped(x, lora.weights[name], lora.onehot[order // top_k], sizes).astype(y.dtype)
+            y = y + expert_delta_grouped(x, lora.weights[name], groups).astype(y.dtype)
         return _plus_bias(y, p, name, row_scales)
 
     out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]

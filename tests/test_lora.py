@@ -92,8 +92,8 @@ def test_expert_adapters_equal_their_merged_weights_on_both_expert_paths(base, t
     """A mixture-of-experts model's experts take LoRA adapters (PEFT's per-expert modules, as Qwen3-MoE stores its
     experts): an adapter of every expert's gate / up / down (and attention), one of the experts alone with another
     rank and rsLoRA, and the base model, in one batch, each give exactly the greedy tokens of the base model with that
-    adapter merged into its weights, on the dense path and the grouped one (the adapters side by side in one grouped
-    matmul's rank axis)."""
+    adapter merged into its weights, on the dense path and the grouped one (the pairs regrouped by adapter and
+    expert)."""
     moe_model = _moe_model(base)
     cfg = moe_model[0]
     experts = ("moe_gate", "moe_up", "moe_down")

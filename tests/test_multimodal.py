@@ -304,10 +304,23 @@ def test_the_server_answers_a_chat_with_an_image_as_the_python_api_does(llava, t
         body = {"model": "tiny-llava", "max_tokens": 1, "messages": [
             {"role": "user", "content": [{"type": "text", "text": "Describe it for a museum guide. " * 4},
                                          {"type": "image_url", "image_url": {"url": _data_url(image)}}, question]}]}
-        routed = body_route(body, "chat", RequestTokens(Tokenizer.load(tokenizer_source(path)), fmt), PAGE)
+        tokens = RequestTokens(Tokenizer.load(tokenizer_source(path)), fmt)
+        routed = body_route(body, "chat", tokens, PAGE)
         assert client.post("/v1/chat/completions", json=body).status_code == 200
         cached = {h for hs in client.get("/v1/cache_state").json()["block_hashes"].values() for h in hs}
-        assert len(routed.block_hashes) >= 2 and set(routed.block_hashes) <= cached
+        assert len(routed.exact_hashes) >= 2 and set(routed.exact_hashes) <= cached
+        # past the image, its pages are hashed by the image's source (affinity runs the router keeps): none is the
+        # replica's; another question about the same picture shares them through the picture, another picture not
+        synthetic = routed.block_hashes[routed.exact_pages:]
+        assert len(synthetic) >= 256 // PAGE and not set(synthetic) & cached
+        again = body_route({**body, "messages": [{**body["messages"][0], "content": body["messages"][0]["content"][:2]
+                                                  + [{"type": "text", "text": "And its colors?"}]}]}, "chat", tokens, PAGE)
+        assert again.block_hashes[: routed.exact_pages + 256 // PAGE] == routed.block_hashes[: routed.exact_pages + 256 // PAGE]
+        other = body_route({**body, "messages": [{**body["messages"][0], "content": [
+            body["messages"][0]["content"][0], {"type": "image_url", "image_url": {"url": _data_url(_image(rng))}},
+            question]}]}, "chat", tokens, PAGE)
+        assert other.exact_hashes == routed.exact_hashes
+        assert other.block_hashes[routed.exact_pages] != routed.block_hashes[routed.exact_pages]
         # a file outside the allowed directory, and a URL that is no image: 400s that name the problem
         for url, message in (("file:///etc/hostname", "image 0"), ("data:text/plain;base64,aGk=", "image 0")):
             r = client.post("/v1/chat/completions", json={

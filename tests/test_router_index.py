@@ -43,6 +43,31 @@ def test_pending_runs_extend_and_expire():
     assert idx.match(a) == [0, 4] and idx.num_pending_runs(0) == 0
 
 
+def test_affinity_runs_outlive_pending_ones_and_go_with_a_restart():
+    """Runs no event will confirm (a chat's pages past its first image) expire after affinity_ttl_s, not pending_ttl_s;
+    they continue a pending run or a confirmed prefix as pending runs do; a replica's restart (a new epoch at resync)
+    and its going down drop them, a resync within one epoch (a gap) keeps them."""
+    idx = PrefixIndex(2, pending_ttl_s=10.0, affinity_ttl_s=100.0)
+    a = chain(100, 10)
+    idx.store(1, a[:3])
+    idx.record(1, a[3:5], now=0.0)  # the replica's own pages, not confirmed yet
+    idx.record_affinity(1, a[5:], now=0.0)  # hashed by an image's source
+    assert idx.match(a) == [0, 10]
+    idx.expire(now=50.0)  # the pending run is gone: the affinity run starts where nothing reaches
+    assert idx.match(a) == [0, 3]
+    idx.store(1, a[3:5])  # the replica's events confirm its pages: the affinity run is reached again
+    assert idx.match(a) == [0, 10]
+    idx.expire(now=100.0)
+    assert idx.match(a) == [0, 5] and idx.num_pending_runs(1) == 0
+    feed = EventFeed(idx, 1)
+    feed.resync({"epoch": "e1", "last_seq": 0, "block_hashes": {"": list(a[:5])}})
+    idx.record_affinity(1, a[5:], now=200.0)
+    feed.resync({"epoch": "e1", "last_seq": 0, "block_hashes": {"": list(a[:5])}})  # a gap: same epoch
+    assert idx.match(a) == [0, 10]
+    feed.resync({"epoch": "e2", "last_seq": 0, "block_hashes": {"": list(a[:5])}})  # restarted
+    assert idx.match(a) == [0, 5] and idx.num_pending_runs(1) == 0
+
+
 def test_drop_and_reset():
     idx = PrefixIndex(2)
     a = chain(1, 8)

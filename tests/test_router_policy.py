@@ -64,6 +64,26 @@ def test_prefix_aware_bursts_stick_before_events_arrive():
     assert idx.match(shared)[first] == 0
 
 
+def test_prefix_aware_records_a_chats_pages_past_its_first_image_as_affinity():
+    """A chat with an image: its exact pages (before the image) are recorded as a pending run, the rest (hashed by the
+    image's source) as an affinity run, so another question about the picture minutes later, after the pending TTL,
+    still goes where the picture went, though that replica is busier."""
+    idx = PrefixIndex(3, pending_ttl_s=30.0, affinity_ttl_s=600.0)
+    pa = make_policy("prefix_aware", idx, PS)
+    states = [ReplicaState() for _ in range(3)]
+    system, image = tuple(range(100, 104)), tuple(range(9000, 9020))  # 4 pages of text, then the picture's 20 pages
+    first = pa.route(RouteRequest(system + image + (1,), 25 * PS, exact_pages=4), states, now=0.0).replica
+    idx.store(first, system)  # the replica's events confirm its own pages, never the picture's hashes
+    states[first].in_flight, states[first].queued_tokens = 1, 200
+    idx.expire(now=300.0)  # past the pending TTL
+    c = pa.route(RouteRequest(system + image + (2, 3), 26 * PS, exact_pages=4), states, now=300.0)
+    assert (c.replica, c.matched_len, c.reason) == (first, 24 * PS, "prefix")
+    other = pa.route(RouteRequest(system + tuple(range(8000, 8020)), 24 * PS, exact_pages=4), states, now=300.0)
+    assert other.matched_len == (4 * PS if other.replica == first else 0)  # another picture: the text alone
+    idx.expire(now=1000.0)  # past the affinity TTL
+    assert idx.match(system + image)[first] == 4
+
+
 def test_hot_spot_guard_spreads_one_popular_prefix():
     idx = PrefixIndex(4)
     pa = make_policy("prefix_aware", idx, PS, hot_spot_ratio=1.25, hot_spot_slack=4)

@@ -41,6 +41,9 @@ class RouterConfig:
     request_timeout_s: float = 600.0  # whole upstream request (read timeout for streams)
     max_attempts: int = 3  # replicas tried per request before answering 502/503
     pending_ttl_s: float = 30.0  # optimistic index entries live this long unless events confirm them
+    # A chat's pages from its first image on, hashed by the images' sources (no replica's events confirm them), keep
+    # sending questions about the same picture to the replica that holds it for this long
+    affinity_ttl_s: float = 600.0
     prefill_weight: float = 2.0  # prefix_aware cost: weight of the prefill tokens a replica would compute
     request_cost_tokens: int = 32  # one in-flight request weighs this many prefill tokens in the cost
     hot_spot_ratio: float = 1.25  # prefix choice refused when its load > ratio * mean load + slack
@@ -60,7 +63,7 @@ class RouterConfig:
         if not 0 < self.port < 65536:
             raise ConfigKeyError(f"port must be in 1..65535, got {self.port}")
         for key in ("health_interval_s", "poll_interval_s", "connect_timeout_s", "request_timeout_s",
-                    "pending_ttl_s", "hot_spot_ratio", "prefill_weight"):
+                    "pending_ttl_s", "affinity_ttl_s", "hot_spot_ratio", "prefill_weight"):
             if getattr(self, key) <= 0:
                 raise ConfigKeyError(f"{key} must be > 0, got {getattr(self, key)}")
         if self.max_attempts < 1:

@@ -65,7 +65,7 @@ class Router:
     def __init__(self, cfg: RouterConfig, tokenizer: Any = None) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg.tokenizer)
-        self.index = PrefixIndex(len(cfg.replica_urls), cfg.pending_ttl_s)
+        self.index = PrefixIndex(len(cfg.replica_urls), cfg.pending_ttl_s, cfg.affinity_ttl_s)
         self.policy = make_policy(cfg.policy, self.index, cfg.page_size, cfg.prefill_weight,
                                   cfg.request_cost_tokens, cfg.hot_spot_ratio, cfg.hot_spot_slack)
         self.metrics = RouterMetrics(cfg.replica_urls)
@@ -270,7 +270,7 @@ class Router:
         """Peer fetch: where another replica up holds at least `peer_fetch_min_tokens` more of the prompt than `slot`
         does (per the index), its offer of the pages it holds (nothing computed there; `connect_timeout_s` at most),
         for `slot` to pull -> the offer, or None."""
-        depth = self.index.match(req.block_hashes)
+        depth = self.index.match(req.exact_hashes)  # (pages hashed by an image's source are not offered)
         holder = max((r for r, st in enumerate(self.states) if st.up and r != slot), key=lambda r: depth[r],
                      default=None)
         if holder is None or (depth[holder] - depth[slot]) * self.page_size < self.cfg.peer_fetch_min_tokens:

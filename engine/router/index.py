@@ -18,7 +18,10 @@ block hashes". Two kinds of entries per replica slot:
 - pending runs: chains of hashes the router records the moment it routes a request to r (r
   stores those pages only after its prefill, and the event arrives a poll later), so a burst of
   one prefix keeps landing where the first request went. A run is kept whole, keyed by its first
-  hash, and expires after a TTL: recording costs O(1), not O(pages).
+  hash, and expires after a TTL: recording costs O(1), not O(pages);
+- affinity runs: the same for hashes no event will confirm (a chat's pages from its first image on, hashed by the
+  images' sources: RouteRequest.exact_pages), with a TTL of their own (affinity_ttl_s), so a later question about
+  the same picture goes where the picture went. A replica that restarts (a new epoch) or goes down loses its runs.
 
 NOTE (the invariant `match` relies on): a confirmed set is closed under prefixes. A radix tree
 holds every ancestor of every page it holds, events are applied in order and snapshots are whole
@@ -55,18 +58,21 @@ def common_run_len(run: tuple[int, ...], hashes: Sequence[int], start: int) -> i
 class PrefixIndex:
     """Block hashes held per replica slot (0..num_replicas-1). Host data only, no I/O."""
 
-    def __init__(self, num_replicas: int, pending_ttl_s: float = 30.0) -> None:
+    def __init__(self, num_replicas: int, pending_ttl_s: float = 30.0, affinity_ttl_s: float = 600.0) -> None:
         if num_replicas < 1:
             raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
         self.num_replicas = num_replicas
         self.pending_ttl_s = pending_ttl_s
+        self.affinity_ttl_s = affinity_ttl_s
         self._confirmed: list[set[int]] = [set() for _ in range(num_replicas)]
         self._host: list[set[int]] = [set() for _ in range(num_replicas)]
         self._snapshots: list[set[int]] = [set() for _ in range(num_replicas)]
         self._recurrent = [False] * num_replicas
         self._runs: dict[int, list[tuple[int, tuple[int, ...], float]]] = {}  # first hash -> [(slot, run, expiry)]
-        # NOTE: expiries are recorded in call order with a fixed TTL, so the deque is sorted.
+        # NOTE: expiries are recorded in call order with a fixed TTL, so each deque is sorted (pending runs', affinity
+        # runs').
         self._expiry: deque[tuple[float, int, tuple[int, tuple[int, ...], float]]] = deque()
+        self._affinity_expiry: deque[tuple[float, int, tuple[int, tuple[int, ...], float]]] = deque()
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -177,22 +183,31 @@ class PrefixIndex:
 
     def record(self, slot: int, hashes: Sequence[int], now: float) -> None:
         """Optimistically mark `hashes` (a chain run) as held by `slot` until now + pending_ttl_s."""
+        self._record(slot, hashes, now + self.pending_ttl_s, self._expiry)
+
+    def record_affinity(self, slot: int, hashes: Sequence[int], now: float) -> None:
+        """Mark `hashes` (a chain run no event will confirm: pages hashed by an image's source, RouteRequest.exact_pages)
+        as held by `slot` until now + affinity_ttl_s."""
+        self._record(slot, hashes, now + self.affinity_ttl_s, self._affinity_expiry)
+
+    def _record(self, slot: int, hashes: Sequence[int], expiry: float, queue: deque) -> None:
         if not len(hashes):
             return
-        entry = (slot, tuple(hashes), now + self.pending_ttl_s)
+        entry = (slot, tuple(hashes), expiry)
         self._runs.setdefault(entry[1][0], []).append(entry)
-        self._expiry.append((entry[2], entry[1][0], entry))
+        queue.append((entry[2], entry[1][0], entry))
 
     def expire(self, now: float) -> None:
-        """Drop pending runs whose TTL has passed."""
-        q, runs = self._expiry, self._runs
-        while q and q[0][0] <= now:
-            _, key, entry = q.popleft()
-            entries = runs.get(key)
-            if entries is not None:
-                entries[:] = [e for e in entries if e is not entry]
-                if not entries:
-                    del runs[key]
+        """Drop pending and affinity runs whose TTL has passed."""
+        runs = self._runs
+        for q in (self._expiry, self._affinity_expiry):
+            while q and q[0][0] <= now:
+                _, key, entry = q.popleft()
+                entries = runs.get(key)
+                if entries is not None:
+                    entries[:] = [e for e in entries if e is not entry]
+                    if not entries:
+                        del runs[key]
 
     def reset(self, slot: int, hashes: Iterable[int], host_hashes: Iterable[int] = (), recurrent: bool = False,
               snapshot_hashes: Iterable[int] = ()) -> None:
@@ -209,6 +224,10 @@ class PrefixIndex:
         self._host[slot] = set()
         self._snapshots[slot] = set()
         self._recurrent[slot] = False
+        self.drop_runs(slot)
+
+    def drop_runs(self, slot: int) -> None:
+        """Forget `slot`'s pending and affinity runs (it went down, or restarted with an empty cache)."""
         for key in list(self._runs):
             kept = [e for e in self._runs[key] if e[0] != slot]
             if kept:
@@ -264,7 +283,10 @@ class EventFeed:
         return "more" if response["last_seq"] > self.last_seq else "done"
 
     def resync(self, state: dict[str, Any]) -> None:
-        """Replace this replica's confirmed hashes with a /v1/cache_state snapshot."""
+        """Replace this replica's confirmed hashes with a /v1/cache_state snapshot (a new epoch after a known one: the
+        replica restarted, so what the router recorded for it is gone too)."""
+        if self.epoch is not None and state["epoch"] != self.epoch:
+            self.index.drop_runs(self.slot)
         self.index.reset(self.slot, (h for hashes in state["block_hashes"].values() for h in hashes),
                          state.get("host_block_hashes", ()), state.get("recurrent", False),
                          state.get("snapshot_block_hashes", ()))

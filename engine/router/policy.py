@@ -38,6 +38,16 @@ class NoReplicaAvailable(RuntimeError):
 class RouteRequest:
     block_hashes: tuple[int, ...]  # engine.block_hash.page_hashes of the prompt, one per full page
     prompt_len: int  # tokens
+    # How many leading hashes are the replicas' own (None: all). A chat with images: the pages up to its first image;
+    # the rest hash each image by its source (engine/router/prompts.py), which no replica's events will confirm: they
+    # are recorded as affinity runs (PrefixIndex.record_affinity), so a later question about the same picture goes
+    # where it went.
+    exact_pages: int | None = None
+
+    @property
+    def exact_hashes(self) -> tuple[int, ...]:
+        """The hashes the replicas' own caches may hold."""
+        return self.block_hashes if self.exact_pages is None else self.block_hashes[: self.exact_pages]
 
 
 @dataclasses.dataclass(slots=True)
@@ -158,7 +168,9 @@ class PrefixAware:
             reason = "prefix" if depth[choice] > 0 else "cost"
         matched = depth[choice]
         # NOTE: only the unmatched tail is recorded; the matched head is already in the index.
-        self.index.record(choice, request.block_hashes[matched:], now)
+        exact = len(request.block_hashes) if request.exact_pages is None else request.exact_pages
+        self.index.record(choice, request.block_hashes[matched:exact], now)
+        self.index.record_affinity(choice, request.block_hashes[max(matched, exact):], now)
         return Choice(choice, min(matched * ps, plen), reason)
 
 

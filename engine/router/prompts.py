@@ -6,7 +6,10 @@ with. So a chat request goes through the same chat template call as the server's
 `chat_template_call`: its tools, `chat_template_kwargs`, `reasoning_effort`, text parts joined, how the prompt ends),
 Responses and Anthropic Messages bodies through the chat request they become on the replica, and a cross-encoder's pair
 through the replica's pair format (its `model.score_template`); a chat with images up to its first image (the
-replica widens each into positions only its vision preprocessing knows). The replica's page size, chat template (its
+replica widens each into positions only its vision preprocessing knows, and keys them by the pixels), and from there
+on with each image as IMAGE_WEIGHT copies of a token drawn from its source (its URL or data URL): hashes no replica
+holds, which the router keeps as affinity runs for the replica it sent the chat to (`RouteRequest.exact_pages`), so
+another question about the same picture goes there too. The replica's page size, chat template (its
 `model.chat_template` where set), score template, whether it cross-encodes pairs, whether it has a reasoning parser
 (Anthropic's `thinking` then sets the template's enable_thinking) and its image placeholder come from its
 /v1/prompt_format; a probe text's token
@@ -15,6 +18,7 @@ ids there tell whether the router's tokenizer is the replicas'. This module impo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 from engine import multimodal
@@ -23,6 +27,16 @@ from engine.router.policy import RouteRequest
 
 # Tokenized by the router and by each replica: different ids mean a different tokenizer, whose hashes never match.
 PROBE_TEXT = "Prefix caching, 12345 tokens: émigré café, 漢字かな, Ελληνικά, emoji 🙂\n\tdone."
+# The tokens an image stands for in the router's hashes past a chat's first image: about what a picture costs a
+# replica to prefill (LLaVA-1.5: 576 positions; Gemma 3: 256), so a replica holding it weighs as one holding that text.
+IMAGE_WEIGHT = 256
+
+
+def image_token(source: Any) -> int:
+    """The token (negative: no tokenizer's id) that stands for an image given by `source` (a URL, a data URL, a path):
+    the same source, the same token."""
+    digest = hashlib.blake2b(str(source).encode(), digest_size=8).digest()
+    return -1 - (int.from_bytes(digest, "little") >> 2)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,20 +93,37 @@ class RequestTokens:
             self.pair_format = PairFormat(tokenizer, fmt.score_template)
 
     def __call__(self, body: dict, kind: str) -> list[int]:
-        """Raises on a body the replica would refuse (the router then routes it with no prefix)."""
+        """The prompt ids the replica computes, as far as the router can know them (a chat with images: up to its first
+        image). Raises on a body the replica would refuse (the router then routes it with no prefix)."""
+        ids, exact = self.route_tokens(body, kind)
+        return ids[:exact]
+
+    def route_tokens(self, body: dict, kind: str) -> tuple[list[int], int]:
+        """(the ids the router hashes, how many of them are the replica's own). A chat with images: the replica renders
+        each as its placeholder, then widens that into the image's own positions, which only its vision preprocessing
+        knows, so its ids are known up to its first image; past it, each image is IMAGE_WEIGHT `image_token`s of its
+        source. Raises as __call__."""
         if kind in ("chat", "responses", "anthropic"):
             from engine.openai_protocol import chat_template_call
 
             messages, kwargs = chat_template_call(self._chat_request(body, kind))
             placeholder = None if self.format is None else self.format.image_placeholder
             if placeholder is None or not multimodal.has_images(messages):
-                return list(self.tokenizer.encode_chat(messages, **kwargs))
-            # Images: the replica renders each as its placeholder, then widens that into the image's own positions,
-            # which only its vision preprocessing knows; the text before the first image is hashed.
-            messages, _ = multimodal.split_images(messages, multimodal.template_wants_parts(
+                ids = list(self.tokenizer.encode_chat(messages, **kwargs))
+                return ids, len(ids)
+            messages, sources = multimodal.split_images(messages, multimodal.template_wants_parts(
                 self.tokenizer.chat_template), self.tokenizer.decode([placeholder], skip_special_tokens=False))
             ids = list(self.tokenizer.encode_chat(messages, **kwargs))
-            return ids[:ids.index(placeholder)] if placeholder in ids else ids
+            if placeholder not in ids:
+                return ids, len(ids)
+            exact, images, routed = ids.index(placeholder), iter(sources), []
+            for token in ids:
+                routed.extend([image_token(next(images, None))] * IMAGE_WEIGHT if token == placeholder else [token])
+            return routed, exact
+        ids = self._text_tokens(body, kind)
+        return ids, len(ids)
+
+    def _text_tokens(self, body: dict, kind: str) -> list[int]:
         first = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
         if isinstance(first, list) and first and isinstance(first[0], (list, str)):
             first = first[0]  # a batch of prompts: routed by the first
@@ -138,10 +169,10 @@ def body_route(body: dict, kind: str, tokens: RequestTokens, page_size: int, ada
     (its cache_salt, within the adapter its `model` names). A body the replica will refuse routes with no prefix (the
     replica answers it with the proper 4xx)."""
     try:
-        ids = tokens(body, kind)
+        ids, exact = tokens.route_tokens(body, kind)
         salt, model = body.get("cache_salt"), body.get("model")
         adapter = model if isinstance(model, str) and model in adapters else None
         hashes = page_hashes(ids, page_size, cache_namespace(salt if isinstance(salt, str) else None, adapter))
     except Exception:
         return RouteRequest((), 0)
-    return RouteRequest(tuple(hashes), len(ids))
+    return RouteRequest(tuple(hashes), len(ids), None if exact == len(ids) else exact // page_size)

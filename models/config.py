@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe")
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -45,7 +45,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -263,13 +263,16 @@ class LlamaConfig:
         if self.linear_layers:
             if len(self.linear_layers) != self.num_layers:
                 raise ConfigError(f"linear_layers has {len(self.linear_layers)} entries for {self.num_layers} layers")
+            if self.linear_kind not in ("gated_delta", "mamba2", "short_conv"):
+                raise ConfigError(f"linear_kind={self.linear_kind!r} is not supported (gated_delta, mamba2, short_conv)")
             sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                      self.linear_value_head_dim)
-            if min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
+            if self.linear_kind == "short_conv":  # (LFM2's: a convolution over hidden_size channels, no heads)
+                if self.linear_conv_kernel < 2 or any(sizes) or self.linear_conv_bias:
+                    raise ConfigError("short_conv layers take no heads or convolution bias, and linear_conv_kernel >= 2")
+            elif min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
                 raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
                                   "value heads a multiple of key heads and linear_conv_kernel >= 2")
-            if self.linear_kind not in ("gated_delta", "mamba2"):
-                raise ConfigError(f"linear_kind={self.linear_kind!r} is not supported (gated_delta, mamba2)")
             if (all(self.linear_layers) or self.mla or self.sliding_window is not None
                     or (self.moe_layers and not all(self.moe_layers))):
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
@@ -339,12 +342,15 @@ class LlamaConfig:
 
     @property
     def linear_conv_dim(self) -> int:
-        """A linear attention layer's q, k and v together (what its convolution mixes)."""
+        """A linear attention layer's q, k and v together (what its convolution mixes; LFM2's short convolution: B x,
+        hidden_size channels)."""
+        if self.linear_kind == "short_conv":
+            return self.hidden_size
         return 2 * self.linear_num_key_heads * self.linear_key_head_dim + self.linear_value_dim
 
     @property
     def linear_value_dim(self) -> int:
-        return self.linear_num_value_heads * self.linear_value_head_dim
+        return self.hidden_size if self.linear_kind == "short_conv" else self.linear_num_value_heads * self.linear_value_head_dim
 
     @property
     def num_moe_layers(self) -> int:
@@ -387,7 +393,9 @@ class LlamaConfig:
         num_linear = sum(self.linear_layers)
         attention = (self.num_layers - num_linear) * per_layer
         hv, value, conv = self.linear_num_value_heads, self.linear_value_dim, self.linear_conv_dim
-        if self.linear_kind == "mamba2":  # in_proj (z, x B C, dt), conv (+ bias), dt_bias, A_log, D, norm, out_proj
+        if self.linear_kind == "short_conv":  # in_proj (B, C, x), the convolution, out_proj
+            linear = num_linear * (3 * h * h + h * self.linear_conv_kernel + h * h)
+        elif self.linear_kind == "mamba2":  # in_proj (z, x B C, dt), conv (+ bias), dt_bias, A_log, D, norm, out_proj
             linear = num_linear * (h * (conv + value + hv) + conv * (self.linear_conv_kernel + self.linear_conv_bias)
                                    + 3 * hv + value + value * h)
         else:
@@ -458,6 +466,8 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
+        if arch == "lfm2":
+            return _lfm2_from_hf(cfg, source)
         if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
                                     arch if arch == "qwen3_next" else "qwen3_5")
@@ -895,6 +905,50 @@ def _granite4_mamba(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
                 linear_value_head_dim=head_dim, linear_conv_kernel=int(cfg.get("mamba_d_conv", 4)),
                 linear_conv_bias=bool(cfg.get("mamba_conv_bias", True)),
                 linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi))
+
+
+def _lfm2_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """An HF `lfm2` config.json (Liquid's LFM2): short convolution layers (`layer_types` "conv", else those
+    `full_attn_idxs` leaves out; models/gated_delta.py, linear_kind short_conv: B, C, x from one projection, a causal
+    depthwise convolution of `conv_L_cache` taps over B x, times C, projected out) among attention layers with q/k
+    RMSNorms per head, each layer's MLP after it; the MLP's width as transformers computes it
+    (`block_auto_adjust_ff_dim`: 2/3 of intermediate_size, times `block_ffn_dim_multiplier`, rounded up to
+    `block_multiple_of`); tied embeddings; the final norm is `embedding_norm`. Refused by name: `conv_bias`."""
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    num_layers, hidden, heads = int(need("num_hidden_layers")), int(need("hidden_size")), int(need("num_attention_heads"))
+    if cfg.get("conv_bias"):
+        raise ConfigError(f"{source}: conv_bias=true is not supported (LFM2's released models have none)")
+    types = cfg.get("layer_types")
+    if types is None:
+        full = set(cfg.get("full_attn_idxs") or range(num_layers))
+        types = ["full_attention" if i in full else "conv" for i in range(num_layers)]
+    if len(types) != num_layers or set(types) - {"conv", "full_attention"}:
+        raise ConfigError(f"{source}: layer_types must name each of the {num_layers} layers conv or full_attention")
+    ffn = int(need("intermediate_size"))
+    if cfg.get("block_auto_adjust_ff_dim", True):
+        ffn = int(2 * ffn / 3)
+        if cfg.get("block_ffn_dim_multiplier") is not None:
+            multiple = int(cfg.get("block_multiple_of", 256))
+            ffn = int(float(cfg["block_ffn_dim_multiplier"]) * ffn)
+            ffn = multiple * ((ffn + multiple - 1) // multiple)
+    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return LlamaConfig(
+        architecture="lfm2", vocab_size=int(need("vocab_size")), hidden_size=hidden, intermediate_size=ffn,
+        num_layers=num_layers, num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=hidden // heads,
+        rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 1_000_000.0))),
+        rope_scaling=rope.scaling_from_hf(rope_params, source, cfg),
+        rms_norm_eps=float(cfg.get("norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("tie_embedding", True))),
+        max_position=int(cfg.get("max_position_embeddings", 128_000)), qk_norm=True,
+        linear_kind="short_conv", linear_layers=tuple(t == "conv" for t in types),
+        linear_conv_kernel=int(cfg.get("conv_L_cache", 3)),
+    )
 
 
 def _minimax_m2_fields(cfg: Mapping[str, Any], source: str, head_dim: int) -> dict[str, Any]:

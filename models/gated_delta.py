@@ -39,6 +39,10 @@ heads of a group. So q = C, k = B, v = dt x, g = dt A, and the update writes v u
 solve in the matrix form, `delta=False`). Its convolution runs over x, B and C (with a bias); y goes through an RMS
 norm per group of the inner width after the silu(z) gate (transformers' GraniteMoeHybridRMSNormGated), then out.
 
+LFM2's short convolution layers (cfg.linear_kind "short_conv") are the convolution alone: one projection gives B, C
+and x (each hidden_size wide), the causal depthwise convolution (no activation) runs over B x, and C times its output
+is projected out. Their state is the convolution's last inputs; the ssm state has no elements.
+
 Everything here runs in float32, and both states are kept in float32.
 """
 from __future__ import annotations
@@ -147,7 +151,11 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     local = rows - cu[seq_of_row]  # each row's index among its sequence's new tokens
 
     # The causal depthwise convolution, its first K - 1 inputs from the sequence's conv state.
-    x = proj(h, "gdn_qkv")  # [T, conv_dim]
+    short = cfg.linear_kind == "short_conv"
+    x = proj(h, "gdn_qkv")  # [T, conv_dim] (LFM2's: [T, 3 x hidden], B, C and x; B x is convolved)
+    if short:
+        b_in, c_out, x = jnp.split(x, 3, axis=-1)
+        x = b_in * x
     prev = jnp.where(fresh[:, None, None], 0, conv_state[layer, batch.slots]).astype(x.dtype)  # [S, K - 1, conv_dim]
     w = p["gdn_conv"].astype(jnp.float32)  # [K, conv_dim]
     acc = jnp.zeros(x.shape, jnp.float32) + (p["gdn_conv_bias"].astype(jnp.float32) if cfg.linear_conv_bias else 0.0)
@@ -156,7 +164,7 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
         val = jnp.where((rel >= 0)[:, None], x[jnp.clip(rows - (kw - 1) + o, 0, t - 1)],
                         prev[seq_of_row, jnp.clip(kw - 1 + rel, 0, kw - 2)])
         acc = acc + val.astype(jnp.float32) * w[o]
-    mixed = jax.nn.silu(acc).astype(x.dtype)
+    mixed = (acc if short else jax.nn.silu(acc)).astype(x.dtype)
 
     def conv_after(n):
         """Each sequence's conv state after its first n [S] new tokens: the last K - 1 of (its state, those inputs)."""
@@ -177,6 +185,8 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     snap_slots = jnp.where(snap > 0, batch.slots if batch.snapshot_slots is None else batch.snapshot_slots, n_slots)
     if batch.snapshot_offsets is not None:
         conv_state = conv_state.at[layer, snap_slots].set(conv_after(snap), mode="drop")
+    if short:  # LFM2: C times the convolution, projected out; no recurrent state beyond the convolution's
+        return proj(c_out * mixed, "gdn_out"), States(conv_state, ssm_state)
 
     key_dim, mamba = hk * dk, cfg.linear_kind == "mamba2"
     rate = jax.nn.softplus(proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))  # [T, Hv]

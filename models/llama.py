@@ -171,6 +171,9 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"gdn_qkv": (n, h, conv), "gdn_z": (n, h, cfg.linear_value_dim), "gdn_b": (n, h, hv),
                    "gdn_a": (n, h, hv), "gdn_conv": (n, cfg.linear_conv_kernel, conv), "gdn_dt_bias": (n, hv),
                    "gdn_a_log": (n, hv), "gdn_norm": (n, cfg.linear_value_head_dim), "gdn_out": (n, cfg.linear_value_dim, h)}
+        if cfg.linear_kind == "short_conv":  # LFM2: B, C, x; the convolution over B x; out
+            layers = {k: v for k, v in layers.items() if not k.startswith("gdn_")} | {
+                "gdn_qkv": (n, h, 3 * h), "gdn_conv": (n, cfg.linear_conv_kernel, h), "gdn_out": (n, h, h)}
         if cfg.linear_kind == "mamba2":  # no write strength; a skip per head, the norm over the inner width
             del layers["gdn_b"]
             layers |= {"gdn_d": (n, hv), "gdn_norm": (n, cfg.linear_value_dim)}

@@ -128,6 +128,16 @@ APERTUS_NAMES = {k: v for k, v in HF_NAMES.items() if k != "w_gate"} | {
     "xielu_alpha_p": "model.layers.{i}.mlp.act_fn.alpha_p", "xielu_alpha_n": "model.layers.{i}.mlp.act_fn.alpha_n",
     "xielu_beta": "model.layers.{i}.mlp.act_fn.beta", "xielu_eps": "model.layers.{i}.mlp.act_fn.eps",
 }
+# LFM2: its norms named for what they precede (operator_norm, ffn_norm), the final one `embedding_norm`, attention's
+# output `out_proj` and q/k norms `q_layernorm` / `k_layernorm`, the MLP w1 (gate) / w3 (up) / w2 (down), the short
+# convolution layers under `conv` (in_proj: B, C, x; conv [hidden, 1, K]; out_proj).
+LFM2_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("bq", "bk", "bv", "bo")} | {
+    "final_norm": "model.embedding_norm.weight", "attn_norm": "model.layers.{i}.operator_norm.weight",
+    "mlp_norm": "model.layers.{i}.ffn_norm.weight", "wo": "model.layers.{i}.self_attn.out_proj.weight",
+    "q_norm": "model.layers.{i}.self_attn.q_layernorm.weight", "k_norm": "model.layers.{i}.self_attn.k_layernorm.weight",
+    "w_gate": "model.layers.{i}.feed_forward.w1.weight", "w_up": "model.layers.{i}.feed_forward.w3.weight",
+    "w_down": "model.layers.{i}.feed_forward.w2.weight", "gdn_qkv": "model.layers.{i}.conv.in_proj.weight",
+    "gdn_conv": "model.layers.{i}.conv.conv.weight", "gdn_out": "model.layers.{i}.conv.out_proj.weight"}
 # Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
 INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
@@ -470,7 +480,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES}.get(
+            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES, "lfm2": LFM2_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 

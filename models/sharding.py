@@ -83,6 +83,9 @@ def _prepare_linear_layers(cfg: LlamaConfig, params: dict, n: int) -> dict:
     groups) and the value heads they serve. The convolution's channels [q | k | v] (Mamba-2: [x | B | C]) are
     reordered device-major, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so that each device's contiguous share of them is a
     whole layer of its own heads in the same order (the recurrent states' conv channels follow)."""
+    if cfg.linear_kind == "short_conv":
+        raise ShardingError(f"LFM2's short convolution layers are not split over devices: serve it at parallel.tensor=1 "
+                            f"(got {n})")
     for name in ("linear_num_key_heads", "linear_num_value_heads"):
         if getattr(cfg, name) % n:
             raise ShardingError(f"{name}={getattr(cfg, name)} is not divisible by parallel.tensor={n}: no layout splits "

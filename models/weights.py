@@ -43,6 +43,9 @@ LINEAR_KEYS = ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_conv", "gdn_dt_bias", 
 # gate, gdn_a the time step per head; they have no write strength (gdn_b) but a skip D per head (gdn_d), a convolution
 # bias (gdn_conv_bias, where the config has one), and gdn_norm spans the whole inner width (a norm per B/C group).
 MAMBA2_KEYS = ("gdn_qkv", "gdn_z", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_d", "gdn_norm", "gdn_out")
+# LFM2's short convolution layers (linear_kind short_conv): gdn_qkv projects B, C and x, gdn_conv convolves B x, gdn_out
+# projects C times that out.
+SHORT_CONV_KEYS = ("gdn_qkv", "gdn_conv", "gdn_out")
 # In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
 ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
 FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "score"})
@@ -94,8 +97,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     if cfg.hidden_act == "xielu":
         keys += XIELU_KEYS
     if cfg.linear_layers:
-        keys += (MAMBA2_KEYS + (("gdn_conv_bias",) if cfg.linear_conv_bias else ())
-                 if cfg.linear_kind == "mamba2" else LINEAR_KEYS)
+        keys += (MAMBA2_KEYS + (("gdn_conv_bias",) if cfg.linear_conv_bias else ()) if cfg.linear_kind == "mamba2"
+                 else SHORT_CONV_KEYS if cfg.linear_kind == "short_conv" else LINEAR_KEYS)
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))

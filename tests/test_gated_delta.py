@@ -39,7 +39,7 @@ def _close(got, want, tol: float = 2e-4) -> None:
     """Float32 recurrences in two orders (a chunk's matrix form, one token a step): an error relative to the largest
     value compared (a sum's rounding scales with its terms), not to each element (one near 0 can be off by 3e-4 after
     150 tokens: RADIXLM_TEST_SEED=2076518976, test_a_ragged_batch_is_each_sequence_token_by_token[qwen3_5-xla])."""
-    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max())))
+    np.testing.assert_allclose(got, want, rtol=tol, atol=tol * max(1.0, float(np.abs(want).max(initial=0.0))))
 
 
 def _rule_inputs(rng, t, h, dk, dv):
@@ -94,6 +94,21 @@ def _tiny_granite4() -> LlamaConfig:
     return LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid"})
 
 
+# LFM2's shape in small: short convolution layers (3 taps over B x) around an attention layer; the MLP's width 120
+# adjusted as transformers does (2/3, x 1.3, up to a multiple of 16: 112)
+LFM2 = dict(vocab_size=211, hidden_size=64, intermediate_size=120, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, layer_types=["conv", "conv", "full_attention", "conv"],
+            block_multiple_of=16, block_ffn_dim_multiplier=1.3, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _tiny_lfm2() -> LlamaConfig:
+    return LlamaConfig.from_hf_config({**LFM2, "model_type": "lfm2"})
+
+
+def _tiny(model: str) -> LlamaConfig:
+    return {"qwen3_5": _tiny_cfg, "granite4": _tiny_granite4, "lfm2": _tiny_lfm2}[model]()
+
+
 @pytest.mark.parametrize("valid", [64, 37, 1])
 def test_mamba2_matrix_form_is_the_recurrence_token_by_token(valid):
     """Mamba-2's state space duality (delta=False): S <- exp(g) S + k v^T, o = S^T q, in float64 numpy."""
@@ -114,14 +129,15 @@ def test_mamba2_matrix_form_is_the_recurrence_token_by_token(valid):
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
-@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4", "lfm2"])
 def test_a_ragged_batch_is_each_sequence_token_by_token(model, backend):
     """Decodes and chunks (lengths across piece boundaries, starts not aligned to them, one at position 0) from states
     left in their slots: the batch's outputs and states are those of feeding each sequence one token per step, and
     the snapshots taken within them (after the decode, inside a chunk, at a chunk's end) the states at those tokens.
-    Gated DeltaNet (Qwen3.5) and Mamba-2 (Granite 4.0-H) layers; the chunks through the XLA piece loop, and through
-    the Pallas kernel (pallas_kernels/linear_scan.py) in interpret mode."""
-    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    Gated DeltaNet (Qwen3.5), Mamba-2 (Granite 4.0-H) and short convolution (LFM2: a state of no elements beside the
+    convolution's) layers; the chunks through the XLA piece loop, and through the Pallas kernel
+    (pallas_kernels/linear_scan.py) in interpret mode."""
+    cfg = _tiny(model)
     params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
@@ -166,13 +182,13 @@ def test_a_ragged_batch_is_each_sequence_token_by_token(model, backend):
 
 
 @pytest.mark.parametrize("backend", ["xla", "pallas_interpret"])
-@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4", "lfm2"])
 def test_drafted_sequences_keep_the_state_after_each_token(model, backend):
     """Speculative decoding's verification step: sequences with a real token and drafts (2 to K + 1 tokens) beside a
     decode and a long chunk. Outputs and final states are those of one token a step, and draft slot j of a drafted
     sequence holds its state (recurrent and convolution) after its first j + 1 tokens, for every token but the last;
     a snapshot after the real token is taken too; slots nobody names are untouched."""
-    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    cfg = _tiny(model)
     params = llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3)
     w = {k: v[0] for k, v in params["layers"].items() if k.startswith("gdn_")}
     proj = lambda h, name: h @ w[name]  # noqa: E731
@@ -741,6 +757,71 @@ def test_granite4_configs_read_as_transformers_builds_them():
                           ({"mamba_d_head": 12}, "mamba_d_head"), ({"layer_types": ["mamba"] * 4}, "some attention")):
         with pytest.raises(ConfigError, match=named):
             LlamaConfig.from_hf_config({**GRANITE4, "model_type": "granitemoehybrid", **change})
+
+
+def test_lfm2_configs_read_as_transformers_builds_them():
+    """LFM2's config.json: conv layers where layer_types says (else all but full_attn_idxs), the MLP's width as
+    transformers adjusts it, q/k norms per head, tied embeddings; its parameter count as transformers builds the model;
+    conv_bias, an unknown layer kind and tensor parallelism refused by name."""
+    import transformers
+
+    from models import sharding
+
+    cfg = _tiny_lfm2()
+    assert (cfg.linear_kind, cfg.linear_layers, cfg.num_kv_layers, cfg.linear_conv_kernel) == (
+        "short_conv", (True, True, False, True), 1, 3)
+    assert (cfg.intermediate_size, cfg.qk_norm, cfg.qk_norm_whole, cfg.tie_word_embeddings, cfg.head_dim) == (
+        112, True, False, True, 16)
+    assert gated_delta.state_bytes_per_slot(cfg) == 4 * 3 * 2 * 64  # three layers' two inputs of B x, no ssm state
+    by_idxs = LlamaConfig.from_hf_config({**{k: v for k, v in LFM2.items() if k != "layer_types"}, "model_type": "lfm2",
+                                          "full_attn_idxs": [2]})
+    assert by_idxs.linear_layers == cfg.linear_layers
+    assert cfg.num_params() == sum(p.numel() for p in transformers.Lfm2ForCausalLM(transformers.Lfm2Config(
+        **LFM2)).parameters())
+    for change, named in (({"conv_bias": True}, "conv_bias"), ({"layer_types": ["conv", "moe"] * 2}, "layer_types")):
+        with pytest.raises(ConfigError, match=named):
+            LlamaConfig.from_hf_config({**LFM2, "model_type": "lfm2", **change})
+    params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
+    with pytest.raises(sharding.ShardingError, match="short convolution layers are not split"):
+        sharding.prepare_for_tensor_parallel(cfg, params, 2)
+
+
+@pytest.mark.slow
+def test_lfm2_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_path):
+    """A tiny random LFM2 checkpoint: logits within 1e-4 of transformers' over two convolution pieces; through the
+    engine (its convolution state in state slots, snapshots at page boundaries, chunked prefill beside decodes, a
+    pool small enough to preempt), transformers' argmax at every step, with a shared prefix resumed from a snapshot."""
+    import torch
+    import transformers
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import load_weights, tokenizer_source
+    from models.tokenizer import Tokenizer
+    from test_models import SMOLLM2, _assert_greedy_is_argmax
+
+    torch.manual_seed(fresh.seed())
+    model = transformers.Lfm2ForCausalLM(transformers.Lfm2Config(**LFM2)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path)
+    cfg, params = load_weights(str(tmp_path))
+    ids = list(fresh.rng().integers(0, cfg.vocab_size, 100))
+    with torch.no_grad():
+        ref = model(torch.tensor([ids])).logits[0].numpy()
+    ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    rng = random.Random(0)
+    system = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
+    prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (1, 5, 30, 9)]
+    llm = LLM(None, progress=False, model=(cfg, params, Tokenizer.load(tokenizer_source(SMOLLM2))), **{
+        "warmup": False, "cache.num_pages": 26, "cache.page_size": 8, "model.max_model_len": 128,
+        "scheduler.max_batch_tokens": 32, "scheduler.max_running": 3})
+    outs = llm.generate(prompts[:1], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    outs += llm.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    _assert_greedy_is_argmax(model, prompts, outs)
+    assert sum(o.cached_tokens for o in outs[1:]) >= 3 * 32  # the system prompt resumed from its snapshot
 
 
 def _hf_granite4(experts: int = 0, **changes):

@@ -133,6 +133,14 @@ GGUF_MAMBA2_NAMES = {
 }
 
 
+# LFM2 (lfm2), as llama.cpp's converter writes it (LFM2Model): Llama's names, the final norm token_embd_norm (HF's
+# embedding_norm), the short convolution layers' in_proj / conv ([hidden, K]) / out_proj under `shortconv`; q/k rows as
+# HF has them (NeoX RoPE).
+GGUF_LFM2_NAMES = GGUF_NAMES | {
+    "final_norm": "token_embd_norm.weight", "gdn_qkv": "blk.{i}.shortconv.in_proj.weight",
+    "gdn_conv": "blk.{i}.shortconv.conv.weight", "gdn_out": "blk.{i}.shortconv.out_proj.weight"}
+
+
 # Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
 # rows as HF has them (llama.cpp turns their pairs in NORM mode), reordered at load as GLM-4's are.
 GGUF_COHERE_NAMES = {k: v for k, v in GGUF_NAMES.items() if k != "mlp_norm"}
@@ -159,6 +167,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
             names = {k: v for k, v in names.items() if k not in ("moe_gate", "moe_up")} | {
                 "moe_gate_up": "blk.{i}.ffn_gate_up_exps.weight"}
         return names
+    if cfg.architecture == "lfm2":
+        return GGUF_LFM2_NAMES
     if cfg.architecture == "granitemoehybrid":
         return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated

@@ -3,6 +3,7 @@ token by token, a ragged batch of decodes and chunks from live states against ea
 time, and Qwen3.5 checkpoints against transformers (logits, and greedy tokens through the engine)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import random
@@ -788,8 +789,8 @@ def test_lfm2_configs_read_as_transformers_builds_them():
 
 @pytest.mark.slow
 def test_lfm2_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_path):
-    """A tiny random LFM2 checkpoint: logits within 1e-4 of transformers' over two convolution pieces; through the
-    engine (its convolution state in state slots, snapshots at page boundaries, chunked prefill beside decodes, a
+    """A tiny random LFM2 checkpoint: logits within 1e-4 of transformers'; the GGUF llama.cpp's converter writes of
+    it, the same config and logits; through the engine (its convolution state in state slots, snapshots at page boundaries, chunked prefill beside decodes, a
     pool small enough to preempt), transformers' argmax at every step, with a shared prefix resumed from a snapshot."""
     import torch
     import transformers
@@ -812,6 +813,11 @@ def test_lfm2_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_pa
         ref = model(torch.tensor([ids])).logits[0].numpy()
     ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    gguf_cfg, gguf_params = load_weights(_write_lfm2_gguf(tmp_path, cfg))  # llama.cpp's layout: the same model
+    assert gguf_cfg.rms_norm_eps == pytest.approx(cfg.rms_norm_eps, rel=1e-6)  # (GGUF keeps it as float32)
+    assert dataclasses.replace(gguf_cfg, rms_norm_eps=cfg.rms_norm_eps) == cfg
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, ours, atol=1e-5, rtol=1e-5)
     rng = random.Random(0)
     system = [rng.randrange(3, cfg.vocab_size) for _ in range(40)]
     prompts = [system + [rng.randrange(3, cfg.vocab_size) for _ in range(n)] for n in (1, 5, 30, 9)]
@@ -822,6 +828,46 @@ def test_lfm2_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_pa
     outs += llm.generate(prompts[1:], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
     _assert_greedy_is_argmax(model, prompts, outs)
     assert sum(o.cached_tokens for o in outs[1:]) >= 3 * 32  # the system prompt resumed from its snapshot
+
+
+def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:
+    """The LFM2 checkpoint in `directory` (F32) as llama.cpp's converter writes it (LFM2Model): head_count_kv a list
+    per layer (0 on the convolution layers), shortconv.l_cache, the MLP's adjusted width as feed_forward_length; the
+    final norm token_embd_norm, the convolution layers under `shortconv` (conv squeezed to [hidden, K]), Q/K rows as
+    HF has them."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(directory / "model.safetensors"))
+    hf = json.loads((directory / "config.json").read_text())
+    path = str(directory / "lfm2.gguf")
+    w = gguf.GGUFWriter(path, "lfm2")
+    for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
+                       (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
+                       (w.add_head_count, cfg.num_heads), (w.add_rope_freq_base, cfg.rope_theta),
+                       (w.add_layer_norm_rms_eps, cfg.rms_norm_eps), (w.add_vocab_size, cfg.vocab_size),
+                       (w.add_shortconv_l_cache, hf["conv_L_cache"])):
+        add(value)
+    w.add_head_count_kv([0 if t == "conv" else hf["num_key_value_heads"] for t in hf["layer_types"]])
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("token_embd_norm.weight", sd["model.embedding_norm.weight"])
+    names = {"operator_norm": "attn_norm", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",
+             "feed_forward.w3": "ffn_up", "feed_forward.w2": "ffn_down", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.out_proj": "attn_output",
+             "self_attn.q_layernorm": "attn_q_norm", "self_attn.k_layernorm": "attn_k_norm",
+             "conv.in_proj": "shortconv.in_proj", "conv.conv": "shortconv.conv", "conv.out_proj": "shortconv.out_proj"}
+    for i in range(cfg.num_layers):
+        for theirs, ours in names.items():
+            x = sd.get(f"model.layers.{i}.{theirs}.weight")
+            if x is not None:
+                w.add_tensor(f"blk.{i}.{ours}.weight", x[:, 0, :] if theirs == "conv.conv" else x)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def _hf_granite4(experts: int = 0, **changes):

@@ -216,10 +216,11 @@ class DiskCache:
                     with open(tmp, "wb") as f:
                         f.write(_HEADER.pack(_MAGIC, block_hash, self.page_bytes))
                         for a in payload:
-                            f.write(memoryview(a).cast("B"))
+                            if a.size:  # (an array of no elements, LFM2's ssm state, has no bytes to write)
+                                f.write(memoryview(a).cast("B"))
                     os.replace(tmp, path)
-                except OSError:
-                    tmp.unlink(missing_ok=True)  # a full disk keeps no half-written file
+                except Exception:
+                    tmp.unlink(missing_ok=True)  # a full disk (or anything else) keeps no half-written file
                     raise
                 with self._lock:
                     if directory == self.dir:
@@ -227,7 +228,7 @@ class DiskCache:
                         self._unreadable.discard(block_hash)
                         self.stats["pages_written"] += 1
                         self._written_since_scan += 1
-        except OSError as e:
+        except Exception as e:  # (not only OSError: whatever fails, the writer thread lives on for the next pages)
             self.stats["write_errors"] += 1
             if self.stats["write_errors"] in (1, 10) or self.stats["write_errors"] % 1000 == 0:  # not one per page
                 log.warning("disk tier: could not write page %016x (%d write errors so far): %s", block_hash,

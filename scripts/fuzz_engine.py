@@ -87,7 +87,12 @@ def tiny_models(tokenizer) -> dict:
                                 intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                                 max_position=512, qk_norm=True, num_experts=8, num_experts_per_tok=2,
                                 moe_intermediate_size=32, norm_topk_prob=True)
+    # LFM2-like: short convolution layers (a convolution state per sequence) around attention layers
+    lfm2_cfg = LlamaConfig(architecture="lfm2", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
+                           num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, qk_norm=True,
+                           linear_kind="short_conv", linear_layers=(True, True, False, True), linear_conv_kernel=3)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "lfm2": (lfm2_cfg, llama.init_params(lfm2_cfg, jax.random.key(19), scale=0.5), tokenizer),
             "qwen3_moe": (qwen3_moe_cfg, llama.init_params(qwen3_moe_cfg, jax.random.key(17), scale=0.5), tokenizer),
             "qwen3_5": (qwen3_5_cfg, llama.init_params(qwen3_5_cfg, jax.random.key(11), scale=0.5), tokenizer),
             "granite4": (granite4_cfg, llama.init_params(granite4_cfg, jax.random.key(13), scale=0.5), tokenizer),
@@ -96,8 +101,8 @@ def tiny_models(tokenizer) -> dict:
             "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
 
 
-MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe")
-RECURRENT = ("qwen3_5", "granite4")  # models with linear attention layers (a recurrent state per sequence)
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
+RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
 SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe")  # models whose heads split over 2 devices
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe")

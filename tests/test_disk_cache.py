@@ -71,6 +71,40 @@ def test_pages_read_back_as_written_and_damaged_files_are_misses(tmp_path):
         d.close()
 
 
+def test_arrays_of_no_elements_and_a_failing_write_leave_the_writer_alive(tmp_path, monkeypatch):
+    """A payload may hold an array of no elements (LFM2's recurrent state: its short convolution layers keep none but
+    the convolution's); it reads back as written. A write that fails with anything, not only an OSError, is a write
+    error: the writer thread lives on and writes the next pages (found by scripts/fuzz_engine.py on an LFM2-like
+    model, whose empty state killed the thread)."""
+    specs = [((2, 3, 4), np.float32), ((2, 0, 5), np.float32)]
+    rng = np.random.default_rng(2)
+    disk = DiskCache(tmp_path, "k", specs, capacity_pages=10)
+    pages = tuple(rng.standard_normal(s[:2] + (3,) + s[2:]).astype(d) for s, d in specs)
+    hashes = [11, 12, 13]
+    disk.put(hashes, pages, "k")
+    disk.flush()
+    got = disk.fetch(hashes).result()
+    for i, h in enumerate(hashes):
+        assert got[h][1].shape == (2, 0, 5)
+        np.testing.assert_array_equal(got[h][0], pages[0][:, :, i])
+    import engine.disk_cache
+
+    real, calls = os.replace, []
+
+    def replace(src, dst):  # the first page's write fails with what no OSError handler catches
+        calls.append(dst)
+        if len(calls) == 1:
+            raise TypeError("boom")
+        real(src, dst)
+
+    monkeypatch.setattr(engine.disk_cache.os, "replace", replace)
+    disk.put([21, 22], tuple(a[:, :, :2] for a in pages), "k")
+    disk.flush()
+    assert disk.present([21]) == 0 and disk.present([22]) == 1 and disk.stats["write_errors"] == 1
+    assert not list(tmp_path.rglob("*.tmp"))  # no half-written file left
+    disk.close()
+
+
 def test_capacity_deletes_the_least_recently_used_files(tmp_path):
     rng = np.random.default_rng(1)
     disk = DiskCache(tmp_path, "k", SPECS, capacity_pages=3)

@@ -50,17 +50,18 @@ def expert_modules(cfg: LlamaConfig) -> dict[str, str]:
 
 
 def _peft_prefixes(cfg: LlamaConfig, name: str) -> list[list[str]]:
-    """Per layer, the PEFT module prefix of projection `name` (one; an expert projection: one per expert). A
-    mixture-of-experts model's shared expert, which holds the dense MLP's keys, goes by the checkpoint's name for it
-    (Qwen2-MoE's and Qwen3.5-MoE's `mlp.shared_expert.gate_proj`)."""
+    """Per layer, the PEFT module prefix of projection `name` (one; an expert projection: one per expert): the
+    module the checkpoint stores it as (LFM2's `self_attn.out_proj` and `feed_forward.w1`; a mixture-of-experts model's
+    shared expert, which holds the dense MLP's keys: Qwen2-MoE's `mlp.shared_expert.gate_proj`), Llama's name where
+    the checkpoint fuses it with others (Phi-3's qkv_proj)."""
     from models.safetensors_loader import hf_names
 
     if name in EXPERT_PROJECTIONS:
         module = expert_modules(cfg)[name]
         return [[f"base_model.model.{module.format(i=i, e=e)}" for e in range(cfg.num_experts)]
                 for i in range(cfg.num_layers)]
-    stored = hf_names(cfg).get(name, "") if cfg.num_experts else ""
-    if ".shared_expert" in stored:
+    stored = hf_names(cfg).get(name)
+    if stored is not None:
         return [[f"base_model.model.{stored.removesuffix('.weight').format(i=i)}"] for i in range(cfg.num_layers)]
     module, block = PROJECTIONS[name]
     return [[f"base_model.model.model.layers.{i}.{block}.{module}"] for i in range(cfg.num_layers)]

@@ -477,12 +477,13 @@ def test_speculative_decoding_puts_back_the_state_of_rejected_drafts(model, monk
             **small, **{"speculative.method": "draft_model"})
 
 
-@pytest.mark.parametrize("model", ["qwen3_5", "granite4"])
+@pytest.mark.parametrize("model", ["qwen3_5", "granite4", "lfm2"])
 def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
     """PEFT LoRA adapters on the attention layers' projections and every layer's MLP, served in one batch beside the
     base model and each other (their prefix caches, snapshots included, apart): the tokens of the base model with
-    each adapter merged into its weights; at tensor parallelism 2 too (Qwen3.5). An adapter of a linear attention
-    layer's modules is refused by name."""
+    each adapter merged into its weights; at tensor parallelism 2 too (Qwen3.5); LFM2's under its own module names
+    (`self_attn.out_proj`, `feed_forward.w3` / `w2`). An adapter of a linear attention layer's modules is refused by
+    name."""
     from safetensors.numpy import load_file, save_file
 
     from engine.llm import LLM
@@ -493,11 +494,11 @@ def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
     from models.weights import layers_of
     from test_models import SMOLLM2
 
-    cfg = _tiny_cfg() if model == "qwen3_5" else _tiny_granite4()
+    cfg = _tiny(model)
     params = jax.tree.map(np.asarray, llama.init_params(cfg, jax.random.PRNGKey(fresh.seed()), scale=0.3))
     tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     # (Granite 4.0-H's MLP is `shared_mlp.input_linear` / `output_linear` in transformers, not adapted here: attention's)
-    modules = ["wq", "wv", "wo", "w_up", "w_down"] if model == "qwen3_5" else ["wq", "wv", "wo"]
+    modules = ["wq", "wv", "wo"] if model == "granite4" else ["wq", "wv", "wo", "w_up", "w_down"]
     paths = {name: write_random_adapter(str(tmp_path / name), cfg, rank=4, alpha=8, modules=modules, seed=i, std=0.2)
              for i, name in enumerate(("a", "b"))}
 
@@ -520,6 +521,9 @@ def test_lora_adapters_equal_their_merged_weights(model, tmp_path):
         reference.update_weights(merged(path))
         want[name] = [o.token_ids for o in reference.generate(prompts, greedy)]
     assert want["a"] != want[None] and want["b"] != want["a"]  # the adapters do change the model
+    if model == "lfm2":
+        assert "base_model.model.model.layers.2.self_attn.out_proj.lora_A.weight" in load_file(
+            os.path.join(paths["a"], "adapter_model.safetensors"))
     jobs = [(i, adapter) for adapter in (None, "a", "b") for i in range(len(prompts))] * 2  # the second round: hits
     for tp in (1, 2) if model == "qwen3_5" else (1,):
         served = LLM(None, progress=False, model=(cfg, params, tokenizer),

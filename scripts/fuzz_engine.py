@@ -105,7 +105,7 @@ MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen
 RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
 SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe")  # models whose heads split over 2 devices
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
-ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe")
+ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
 EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe")  # models with experts (run on the grouped path in half their seeds)
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models

@@ -46,7 +46,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3")
+                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
 # their text_config that differ from them.
@@ -453,6 +453,13 @@ class LlamaConfig:
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
+        if arch == "mistral3":  # an image model whose Pixtral tower is not read here (Mistral Small 3.1 / 3.2,
+            # Magistral, Devstral): its language model alone, served for text
+            text = dict(cfg.get("text_config") or {})
+            text.setdefault("model_type", "mistral")
+            if "tie_word_embeddings" in cfg:  # (the whole model's says whether its head is the embeddings)
+                text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+            return cls.from_hf_config(text, f"{source} text_config")
         if arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # image models (models/qwen_vision.py)
             return _qwen2_vl_from_hf(cfg, source)  # around a Qwen2 / Qwen3 / Qwen3-MoE with M-RoPE
         if arch in ("gemma2", "gemma3_text"):

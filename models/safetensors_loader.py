@@ -487,14 +487,15 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
 def _language_model(names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[str, str]:
     """The name table of a multimodal checkpoint's language model (`model.language_model.` where a text-only one has
     `model.`: Qwen3.5's, LLaVA's since transformers 4.52; `language_model.` before everything: older LLaVA
-    checkpoints'), or `names` as they are."""
+    checkpoints', and Mistral 3's with its head at the top), or `names` as they are."""
     if names["embed"] in shard_of:
         return names
     if "model.language_model.embed_tokens.weight" in shard_of:
         return {k: v.replace("model.", "model.language_model.", 1) if v.startswith("model.") else v
                 for k, v in names.items()}
-    if "language_model." + names["embed"] in shard_of:
-        return {k: "language_model." + v for k, v in names.items()}
+    if "language_model." + names["embed"] in shard_of:  # (the head beside it, or at the top as Mistral 3's writes it)
+        return {k: v if k == "lm_head" and "language_model." + v not in shard_of else "language_model." + v
+                for k, v in names.items()}
     return names
 
 

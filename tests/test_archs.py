@@ -319,6 +319,27 @@ def test_checkpoint_and_gguf_match_transformers_and_serve(arch, tmp_path):
     _engine_greedy_is_transformers(model, cfg, params)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True])
+def test_mistral3_checkpoints_serve_their_language_model(tie, tmp_path):
+    """A Mistral3ForConditionalGeneration checkpoint (Mistral Small 3.1 / 3.2, Magistral, Devstral: Pixtral and a
+    projector in front of a Mistral) is served for text: its language model's config (the head tied or not as the whole
+    model's config says) and weights under `language_model.` (the head at the top, or tied), logits within 1e-4 of
+    transformers' on text, and through the engine its argmax at every step."""
+    import torch
+    import transformers
+
+    torch.manual_seed(fresh.seed())
+    text = dict(model_type="mistral", **TINY, num_hidden_layers=2, head_dim=16)
+    vision = dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, head_dim=16)
+    model = transformers.Mistral3ForConditionalGeneration(transformers.Mistral3Config(
+        text_config=text, vision_config=vision, image_token_index=210, tie_word_embeddings=tie)).eval()
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
+    assert (cfg.architecture, cfg.tie_word_embeddings, cfg.num_layers) == ("mistral", tie, 2)
+    _engine_greedy_is_transformers(model, cfg, params)
+
+
 SMOOTHING_CASES = {  # what SmoothQuant may fold its divisions into, by layer layout: (config fields, weights it changes)
     # OLMo: no norms before the projections, so only w_down's inputs (into w_up's columns)
     "olmo2": (dict(qk_norm=True, qk_norm_whole=True, sandwich_norms=True, pre_norms=False), ["w_down", "w_up"]),

@@ -58,6 +58,8 @@ _MARKERS = ("<|python_tag|>", "[TOOL_CALLS]")  # Llama 3, Mistral: what precedes
 _MISTRAL = "[TOOL_CALLS]"
 _MISTRAL_CALL = re.compile(r"\s*([^\s\[]+)\s*(?:\[CALL_ID\]\s*([^\s\[]+)\s*)?\[ARGS\](.*)", re.S)
 _PYTHONIC_WRAP = ("<|python_start|>", "<|python_end|>")  # Llama 4's, around pythonic calls
+_BARE_STARTS = (*_MARKERS, _PYTHONIC_WRAP[0])  # what begins a reply that is whole-reply calls (with "{" and "[")
+_CONTENT_MARKUP = (*_MARKUP, _MISTRAL)  # what a stream in content looks for: blocks, wrappers, Mistral's later calls
 # What a reply's calls are read by that a tokenizer may make special tokens (a reply with tools keeps them in its text
 # where it does): the blocks' tags, Mistral's markers (its tekken tokenizer's control tokens)
 CALL_MARKUP = (*BLOCK_TAGS, _MISTRAL, "[ARGS]", "[CALL_ID]")
@@ -429,9 +431,9 @@ class ToolCallStream:
 
     def _start(self, finished: bool, complete: bool) -> None:
         body = self.text.lstrip()
-        if not finished and any(m.startswith(body) for m in (*_MARKERS, _PYTHONIC_WRAP[0])):  # a marker may still be
-            return  # arriving
-        if body.startswith(("{", "[", *_MARKERS, _PYTHONIC_WRAP[0])):
+        if not finished and any(m.startswith(body) for m in _BARE_STARTS):  # a marker may still be arriving
+            return
+        if body.startswith(("{", "[", *_BARE_STARTS)):
             self._state = "bare"
             rest = body
             for marker in _MARKERS:
@@ -477,10 +479,10 @@ class ToolCallStream:
                     self._read((started, args))
                 self._reader, self._pos = None, close + len(closing)
                 continue
-            found = [(at, tag) for tag in (*_MARKUP, _MISTRAL) if (at := self.text.find(tag, self._pos)) >= 0]
+            found = [(at, tag) for tag in _CONTENT_MARKUP if (at := self.text.find(tag, self._pos)) >= 0]
             if not found:
                 end = len(self.text) if finished else len(self.text) - partial_stop_len(self.text[self._pos:],
-                                                                                        (*_MARKUP, _MISTRAL))
+                                                                                        _CONTENT_MARKUP)
                 self._plain(self.text[self._pos:end])
                 self._pos = end
                 return

@@ -298,6 +298,8 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
 def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Callable[[str, str], np.ndarray]:
     """read(key, name): tensor `name` of a GGUF file (`arch`: its general.architecture) as `weights.assemble` reads our
     weight `key` (llama.cpp's row orders undone, DeepSeek's split latent projection joined)."""
+    from models.safetensors_loader import (INTERLEAVED_ROPE, interleaved_rope_rows,  # (that module imports this one)
+                                           mla_rope_rows)
 
     def get(name: str) -> np.ndarray:
         return dequantized(path, tensors, name)
@@ -312,15 +314,10 @@ def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Call
         if arch in LLAMA_PERMUTED and key in ("wq", "wk", "bq", "bk"):
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
-            from models.safetensors_loader import mla_rope_rows  # (that module imports this one)
-
             arr = mla_rope_rows(cfg, key, arr)
         if cfg.linear_layers and key.startswith("gdn_"):
             arr = _linear_tensor(cfg, key, arr, name, path)
-        if cfg.architecture in ("glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe") and key in (
-                "wq", "wk", "bq", "bk"):  # pairs turned
-            from models.safetensors_loader import interleaved_rope_rows
-
+        if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):  # pairs turned
             arr = interleaved_rope_rows(cfg, key, arr)
         return arr.reshape(1, -1) if key == "shared_gate" else arr  # a vector: the [out = 1, in] matrix
 

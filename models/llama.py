@@ -166,14 +166,13 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"q_norm": (n, cfg.qk_norm_sizes[0]), "k_norm": (n, cfg.qk_norm_sizes[1])}
     if cfg.sandwich_norms:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
-    if cfg.linear_layers:  # Gated DeltaNet or Mamba-2 (models/gated_delta.py)
+    if cfg.linear_kind == "short_conv" and cfg.linear_layers:  # LFM2: B, C, x; the convolution over B x; out
+        layers |= {"gdn_qkv": (n, h, 3 * h), "gdn_conv": (n, cfg.linear_conv_kernel, h), "gdn_out": (n, h, h)}
+    elif cfg.linear_layers:  # Gated DeltaNet or Mamba-2 (models/gated_delta.py)
         hv, conv = cfg.linear_num_value_heads, cfg.linear_conv_dim
         layers |= {"gdn_qkv": (n, h, conv), "gdn_z": (n, h, cfg.linear_value_dim), "gdn_b": (n, h, hv),
                    "gdn_a": (n, h, hv), "gdn_conv": (n, cfg.linear_conv_kernel, conv), "gdn_dt_bias": (n, hv),
                    "gdn_a_log": (n, hv), "gdn_norm": (n, cfg.linear_value_head_dim), "gdn_out": (n, cfg.linear_value_dim, h)}
-        if cfg.linear_kind == "short_conv":  # LFM2: B, C, x; the convolution over B x; out
-            layers = {k: v for k, v in layers.items() if not k.startswith("gdn_")} | {
-                "gdn_qkv": (n, h, 3 * h), "gdn_conv": (n, cfg.linear_conv_kernel, h), "gdn_out": (n, h, h)}
         if cfg.linear_kind == "mamba2":  # no write strength; a skip per head, the norm over the inner width
             del layers["gdn_b"]
             layers |= {"gdn_d": (n, hv), "gdn_norm": (n, cfg.linear_value_dim)}

@@ -139,7 +139,7 @@ def write_random_adapter(path: str, cfg: LlamaConfig, rank: int, alpha: float, m
     for name in dims if modules is None else modules:
         d_in, d_out = dims[name][-2:]
         prefixes = _peft_prefixes(cfg, name)
-        for layer in layers_of(cfg, name) if name in PROJECTIONS else range(cfg.num_layers):
+        for layer in layers_of(cfg, name):
             for prefix in prefixes[layer]:
                 tensors[f"{prefix}.lora_A.weight"] = rng.normal(0, std, (rank, d_in)).astype(np.float32)
                 tensors[f"{prefix}.lora_B.weight"] = rng.normal(0, std, (d_out, rank)).astype(np.float32)

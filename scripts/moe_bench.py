@@ -91,9 +91,7 @@ def main(argv=None) -> list[dict]:
         def adapted(grouped):
             def run(x, p):
                 onehot = (jnp.arange(x.shape[0]) % (n + 1))[:, None] == jnp.arange(1, n + 1)[None, :]
-                weights, experts = moe.route(x, p, routing)
-                fn = moe._grouped_experts if grouped else moe._dense_experts
-                return fn(x, p, weights, experts, moe.swiglu, lora=moe.ExpertLora(lora, onehot))
+                return moe.moe_mlp(x, p, routing, moe.swiglu, grouped, lora=moe.ExpertLora(lora, onehot))
             return jax.jit(run)
 
         paths["grouped+lora"] = (adapted(True), p, "dense+lora")

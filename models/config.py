@@ -45,7 +45,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, deepseek_v32, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -155,6 +155,13 @@ class LlamaConfig:
     qk_nope_head_dim: int = 0  # each head's query / key dims without RoPE
     qk_rope_head_dim: int = 0  # ... and with it
     v_head_dim: int = 0  # each head's value dims
+    # DeepSeek Sparse Attention (DeepSeek-V3.2; pallas_kernels/indexed_attention.py): each latent attention layer's
+    # lightning indexer (index_num_heads heads of index_head_dim, the first qk_rope_head_dim turned by RoPE, read from
+    # the queries' low-rank projection) picks the index_topk cached positions a query attends to. Its key per token is
+    # cached after the RoPE key (`kv_dims`). 0 = dense latent attention.
+    index_topk: int = 0
+    index_num_heads: int = 0
+    index_head_dim: int = 0
     # Gated DeltaNet layers (Qwen3.5; models/gated_delta.py): per layer, True = linear attention over a recurrent state
     # (no K/V cached), False = softmax attention; () = attention everywhere. The attention weights and the KV cache
     # are stacked over the attention layers only, the linear layers' weights and states over theirs.
@@ -238,6 +245,12 @@ class LlamaConfig:
                                   f"and head_dim = qk_rope_head_dim + kv_lora_rank (got {self.head_dim})")
             if self.attention_bias or self.attention_out_bias or self.qk_norm or self.attention_sinks:
                 raise ConfigError("latent attention with attention biases, q/k norms or sinks is not supported")
+        if self.index_topk:
+            if not (self.mla and self.q_lora_rank) or self.index_num_heads <= 0 or \
+                    self.index_head_dim < self.qk_rope_head_dim:
+                raise ConfigError("sparse attention's indexer needs latent attention with q_lora_rank, index_num_heads "
+                                  f"> 0 and index_head_dim >= qk_rope_head_dim (got {self.index_num_heads} heads of "
+                                  f"{self.index_head_dim}, q_lora_rank {self.q_lora_rank})")
         object.__setattr__(self, "rope_freq_factors", rope.check(
             self.qk_rope_head_dim if self.kv_lora_rank else self.head_dim, self.partial_rotary_factor,
             self.rope_scaling, self.rope_freq_factors))
@@ -311,8 +324,11 @@ class LlamaConfig:
 
     @property
     def kv_dims(self) -> tuple[int, int]:
-        """The widths of a cached K and V vector: head_dim both, or latent attention's RoPE key and latent."""
-        return (self.qk_rope_head_dim, self.kv_lora_rank) if self.mla else (self.head_dim, self.head_dim)
+        """The widths of a cached K and V vector: head_dim both, or latent attention's RoPE key (and indexer key)
+        and latent."""
+        if self.mla:  # (sparse attention: the indexer's key after the RoPE key)
+            return self.qk_rope_head_dim + self.index_head_dim * bool(self.index_topk), self.kv_lora_rank
+        return self.head_dim, self.head_dim
 
     @property
     def sm_scale(self) -> float:
@@ -385,6 +401,9 @@ class LlamaConfig:
             per_layer += h * self.head_dim + self.kv_lora_rank  # the latent and RoPE key, the latent's norm
             per_layer += self.kv_lora_rank * heads * (self.qk_nope_head_dim + self.v_head_dim)  # latent -> K, V
             per_layer += heads * self.v_head_dim * h  # output
+            if self.index_topk:  # the indexer's queries, key (and its LayerNorm), head weights
+                hi, di = self.index_num_heads, self.index_head_dim
+                per_layer += rank * hi * di + h * di + 2 * di + h * hi
         else:
             per_layer += h * (self.q_size * (2 if self.attn_output_gate else 1) + 2 * self.kv_size) + self.q_size * h
         per_layer += (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
@@ -467,7 +486,7 @@ class LlamaConfig:
         if arch == "gemma3":  # Gemma 3 4B and up (models/vision.py reads its tower): the text_config's Gemma 3
             return _gemma_from_hf({**GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}, f"{source} text_config",
                                   "gemma3")
-        if arch in ("deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe_lite"):  # (GLM-4.7-Flash: V3's layers)
+        if arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite"):  # (GLM-4.7-Flash: V3's)
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch in ("olmo2", "olmo3", "exaone4"):
             return _olmo_from_hf(cfg, source, arch)
@@ -1048,10 +1067,11 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
 
 def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
     """An HF `deepseek_v2` or `deepseek_v3` config.json (Kimi K2's `kimi_k2` and GLM-4.7-Flash's `glm4_moe_lite` are
-    V3's): latent attention, the first first_k_dense_replace layers dense (or those `mlp_layer_types` calls "dense":
-    glm4_moe_lite's, whose default is the first), the rest experts plus shared ones. V2 routes by softmax (greedy, or
-    `group_limited_greedy`: groups ranked by their best expert) without renormalizing; V3 as GLM-4.5 (sigmoid, a
-    correction bias, groups ranked by their best two). The softmax scale carries YaRN's mscale_all_dim twice."""
+    V3's; DeepSeek-V3.2's `deepseek_v32` is V3's with sparse attention's indexer in every layer): latent attention,
+    the first first_k_dense_replace layers dense (or those `mlp_layer_types` calls "dense": glm4_moe_lite's, whose
+    default is the first), the rest experts plus shared ones. V2 routes by softmax (greedy, or `group_limited_greedy`:
+    groups ranked by their best expert) without renormalizing; V3 as GLM-4.5 (sigmoid, a correction bias, groups ranked
+    by their best two). The softmax scale carries YaRN's mscale_all_dim twice."""
 
     def need(key):
         if cfg.get(key) is None:
@@ -1083,7 +1103,12 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
     scoring = "sigmoid" if v3 else "softmax"
     if cfg.get("scoring_func", scoring) != scoring:
         raise ConfigError(f"{source}: scoring_func={cfg.get('scoring_func')!r} is not supported for {arch}")
+    sparse = {}
+    if cfg.get("model_type") == "deepseek_v32":  # DeepSeek Sparse Attention (transformers' defaults)
+        sparse = dict(index_topk=int(cfg.get("index_topk") or 2048), index_num_heads=int(cfg.get("index_n_heads") or 64),
+                      index_head_dim=int(cfg.get("index_head_dim") or 128))
     return LlamaConfig(
+        **sparse,
         architecture=arch,
         vocab_size=int(need("vocab_size")),
         hidden_size=hidden,

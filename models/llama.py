@@ -29,7 +29,7 @@ import numpy as np
 
 import pallas_kernels
 from models.config import LlamaConfig
-from pallas_kernels import fp8_matmul, kv_quant
+from pallas_kernels import fp8_matmul, indexed_attention, kv_quant
 from models import gated_delta, moe, quant
 from models.lora import EXPERT_PROJECTIONS, lora_delta
 from models.quant import SCALE_SUFFIX, packed_weight
@@ -133,6 +133,10 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         }
         layers |= ({"wq_a": (n, h, rank), "q_a_norm": (n, rank), "wq_b": (n, rank, heads * qk)} if rank
                    else {"wq": (n, h, heads * qk)})
+        if cfg.index_topk:  # sparse attention's indexer
+            hi, di = cfg.index_num_heads, cfg.index_head_dim
+            layers |= {"index_wq": (n, rank, hi * di), "index_wk": (n, h, di), "index_k_norm": (n, di),
+                       "index_k_norm_bias": (n, di), "index_weights": (n, h, hi)}
     else:
         a = cfg.attn_input_size or h
         layers |= {"wq": (n, a, cfg.q_size * (2 if cfg.attn_output_gate else 1)), "wk": (n, a, cfg.kv_size),
@@ -433,9 +437,12 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
 
         def attention(h, p, carry, cache_layer):
             """Attention's output (after wo) and carry."""
-            gate = None
+            gate = index = None
             if cfg.mla:
-                q, k, v = _mla_qkv(cfg, p, h, proj)
+                q_lora = _mla_q_lora(cfg, p, h, proj)
+                q, k, v = _mla_qkv(cfg, p, h, proj, q_lora)
+                if cfg.index_topk:
+                    index = _indexer(cfg, p, h, q_lora, proj)
             else:
                 q, k, v = proj(h, "wq", p), proj(h, "wk", p), proj(h, "wv", p)
                 if cfg.attention_bias:
@@ -454,7 +461,14 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             q = apply_rope(q, positions, inv_freq, rope_factor, cfg.mrope_rows)
             k = apply_rope(k, positions, inv_freq, rope_factor, cfg.mrope_rows)
             sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
-            o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
+            if index is None:
+                o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
+            else:  # the indexer's key is cached after the RoPE key (LlamaConfig.kv_dims); its queries go along
+                index_q, index_k, weights = index
+                index_q = apply_rope(index_q, positions, inv_freq, rope_factor)
+                index_k = apply_rope(index_k[:, None], positions, inv_freq, rope_factor)
+                k = jnp.concatenate([k, jnp.broadcast_to(index_k, (*k.shape[:2], index_k.shape[-1]))], axis=-1)
+                o, carry = attend(cache_layer, None, None, q, k, v, carry, (index_q, weights))
             if cfg.mla:  # each head's latent output -> its values
                 o = jnp.einsum("thc,chv->thv", o, _mla_up(cfg, p)[1].astype(o.dtype))
             if gate is not None:
@@ -607,7 +621,26 @@ def _mla_up(cfg: LlamaConfig, p: Params) -> tuple[jax.Array, jax.Array]:
     return w[..., : cfg.qk_nope_head_dim], w[..., cfg.qk_nope_head_dim :]
 
 
-def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _mla_q_lora(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> jax.Array | None:
+    """The queries' low-rank projection, normed ([T, q_lora_rank]), or None where queries are projected directly."""
+    return rms_norm(proj(h, "wq_a"), p["q_a_norm"], cfg.rms_norm_eps) if cfg.q_lora_rank else None
+
+
+def _indexer(cfg: LlamaConfig, p: Params, h: jax.Array, q_lora: jax.Array, proj) -> tuple[jax.Array, ...]:
+    """Sparse attention's lightning indexer inputs, before RoPE: queries [T, Hi, Di] from the low-rank query
+    projection, the key [T, Di] (a LayerNorm with a bias), and each head's weight [T, Hi] float32 with the scales
+    Hi^-1/2 and Di^-1/2 folded in (relu commutes with a positive factor; pallas_kernels/indexed_attention.py)."""
+    t, hi, di = h.shape[0], cfg.index_num_heads, cfg.index_head_dim
+    key = proj(h, "index_wk").astype(jnp.float32)
+    key = key - jnp.mean(key, axis=-1, keepdims=True)
+    key = key * jax.lax.rsqrt(jnp.mean(key * key, axis=-1, keepdims=True) + 1e-6)
+    key = key * p["index_k_norm"].astype(jnp.float32) + p["index_k_norm_bias"].astype(jnp.float32)
+    weights = h.astype(jnp.float32) @ p["index_weights"].astype(jnp.float32) * (hi * di) ** -0.5
+    return proj(q_lora, "index_wq").reshape(t, hi, di), key.astype(h.dtype), weights
+
+
+def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj,
+             q_lora: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Multi-head latent attention (DeepSeek-V2/V3) as attention with one KV head over the latent, the key and value
     up-projections absorbed: q [T, H, qk_rope + kv_lora_rank] (RoPE dims first), k [T, 1, qk_rope] (the RoPE key) and
     v [T, 1, kv_lora_rank] (the latent), a latent cache's layout (`pallas_kernels.ragged_paged_attention`: a
@@ -615,10 +648,10 @@ def _mla_qkv(cfg: LlamaConfig, p: Params, h: jax.Array, proj) -> tuple[jax.Array
 
     A head's score q_nope . (W_UK c) + q_rope . k_rope equals [q_rope, W_UK^T q_nope] . [k_rope, c], so the cache holds
     the latent c and the RoPE key once per token, for every head; attention returns each head's latent output, which
-    W_UV takes to its values (`_decoder`)."""
+    W_UV takes to its values (`_decoder`). q_lora: `_mla_q_lora`'s output where the caller has it."""
     t, heads, nope, rope_dim = h.shape[0], cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
     if cfg.q_lora_rank:
-        q = proj(rms_norm(proj(h, "wq_a"), p["q_a_norm"], cfg.rms_norm_eps), "wq_b")
+        q = proj(_mla_q_lora(cfg, p, h, proj) if q_lora is None else q_lora, "wq_b")
     else:
         q = proj(h, "wq")
     q = q.reshape(t, heads, nope + rope_dim)
@@ -752,9 +785,13 @@ def forward(
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
 
     def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs, kv_limits,
-                        tree_masks):
+                        tree_masks, index):
         window = window if cfg.mixed_windows else static_window
         kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
+        if index is not None:  # sparse attention (every backend: jnp)
+            return indexed_attention.paged_indexed_attention(
+                q, *index, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs, sm_scale=cfg.sm_scale,
+                top_k=cfg.index_topk, layer=i, **kv_quant.scale_kwargs(kv)), kv
         out = pallas_kernels.ragged_paged_attention(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
@@ -772,12 +809,12 @@ def forward(
         kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P(), P(), P()),
             out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
 
-    def attend(i, window, sinks, q, k, v, kv):
+    def attend(i, window, sinks, q, k, v, kv, index=None):
         slots, page_indices, layer = inputs.slot_mapping, inputs.page_indices, i
         if layout is not None:  # this layer's entries of the one stacked array: its table shifted by its base
             windowed = jnp.asarray(layout.windowed)[i]
@@ -789,7 +826,7 @@ def forward(
         return local_attention(
             layer, window if cfg.mixed_windows else jnp.int32(0),
             jnp.zeros((cfg.num_heads,), jnp.float32) if sinks is None else sinks, q, k, v, kv, slots, inputs.kv_lens,
-            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits, inputs.tree_masks
+            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits, inputs.tree_masks, index
         )
 
     recurrent = None if states is None else (states, gated_delta.Batch(
@@ -833,8 +870,13 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
 
 def _dense_attend(cfg: LlamaConfig) -> AttentionFn:
     """The decoder's attention over one sequence's own K/V (no cache): the dense reference paths."""
-    return lambda i, w, sinks, q, k, v, c: (dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap, sinks),
-                                            c)
+    def attend(i, w, sinks, q, k, v, c, index=None):
+        if index is not None:  # sparse attention
+            return indexed_attention.dense_indexed_attention(q, k, v, *index, sm_scale=cfg.sm_scale,
+                                                             top_k=cfg.index_topk), c
+        return dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap, sinks), c
+
+    return attend
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -89,6 +89,10 @@ DEEPSEEK_NAMES = {k: v for k, v in GLM4_MOE_NAMES.items() if k not in ("wk", "wv
     "kv_a_norm": "model.layers.{i}.self_attn.kv_a_layernorm.weight",
     "wkv_b": "model.layers.{i}.self_attn.kv_b_proj.weight",
 }
+# DeepSeek-V3.2: V3's, and each layer's sparse attention indexer (weights.INDEX_KEYS) under `self_attn.indexer`.
+DEEPSEEK_V32_NAMES = DEEPSEEK_NAMES | {key: f"model.layers.{{i}}.self_attn.indexer.{name}" for key, name in (
+    ("index_wq", "wq_b.weight"), ("index_wk", "wk.weight"), ("index_k_norm", "k_norm.weight"),
+    ("index_k_norm_bias", "k_norm.bias"), ("index_weights", "weights_proj.weight"))}
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
     **HF_NAMES,
@@ -474,6 +478,8 @@ def _mxfp4_experts(cfg: LlamaConfig, names: Mapping[str, str], get) -> dict[str,
 def hf_names(cfg: LlamaConfig) -> dict[str, str]:
     """The HF tensor names of an architecture's weights (our key, or a fused one, -> name, `{i}` the layer, `{e}` the
     expert)."""
+    if cfg.index_topk:
+        return DEEPSEEK_V32_NAMES
     return {"mixtral": MIXTRAL_NAMES, "qwen2_moe": QWEN_MOE_NAMES, "qwen3_moe": QWEN_MOE_NAMES, "phi3": PHI3_NAMES,
             "gpt_oss": GPT_OSS_NAMES, "glm4_moe": GLM4_MOE_NAMES, "deepseek_v2": DEEPSEEK_NAMES,
             "deepseek_v3": DEEPSEEK_NAMES, "olmo2": OLMO_NAMES, "olmo3": OLMO_NAMES, "exaone4": OLMO_NAMES, "glm": GLM_NAMES,

@@ -173,6 +173,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "router": P(), "shared_gate": P(), "router_score_bias": P(),
         "xielu_alpha_p": P(), "xielu_alpha_n": P(), "xielu_beta": P(), "xielu_eps": P(),
         "wq_a": P(), "q_a_norm": P(), "wkv_a": P(), "kv_a_norm": P(),
+        # sparse attention's indexer: run whole on every device, as the latent is (it picks for all heads)
+        **dict.fromkeys(("index_wq", "index_wk", "index_k_norm", "index_k_norm_bias", "index_weights"), P()),
         "moe_gate": P(None, None, None, AXIS), "moe_up": P(None, None, None, AXIS), "moe_down": P(None, None, AXIS, None),
         # gpt-oss: the output projection's and the experts' down biases are added after the all-reduce (replicated);
         # gate / up biases split with their outputs; a sink per query head, with its head.

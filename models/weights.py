@@ -25,6 +25,10 @@ SANDWICH_KEYS = ("post_attn_norm", "post_mlp_norm")
 # latent's up-projection to every head's key and value (wkv_b).
 MLA_KEYS = ("wkv_a", "kv_a_norm", "wkv_b")
 MLA_Q_LORA_KEYS = ("wq_a", "q_a_norm", "wq_b")
+# DeepSeek Sparse Attention's lightning indexer (LlamaConfig.index_topk): its queries from the low-rank query
+# projection's output, its key (then a LayerNorm with a bias), a weight per indexer head (float32, as transformers and
+# DeepSeek keep it).
+INDEX_KEYS = ("index_wq", "index_wk", "index_k_norm", "index_k_norm_bias", "index_weights")
 MLP_KEYS = ("w_gate", "w_up", "w_down")  # the dense MLP, or in a mixture-of-experts layer its shared expert
 # In a model whose layers mix expert and dense MLPs (`LlamaConfig.moe_layers`): the dense layers' MLP, stacked over
 # those layers only, as the expert layers' weights are over theirs (`layer_kind`).
@@ -48,11 +52,13 @@ MAMBA2_KEYS = ("gdn_qkv", "gdn_z", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_lo
 SHORT_CONV_KEYS = ("gdn_qkv", "gdn_conv", "gdn_out")
 # In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
 ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
-FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "score"})
+FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "score", "index_weights"})
 ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, "gdn_conv_bias"})
-NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm"})
+NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm",
+                       "index_k_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", "score", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
-                        "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out"})
+                        "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out", "index_wq", "index_wk",
+                        "index_weights"})
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
@@ -84,6 +90,7 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     if cfg.mla:
         keys = tuple(k for k in keys if k not in ("wq", "wk", "wv")) + MLA_KEYS + (MLA_Q_LORA_KEYS if cfg.q_lora_rank
                                                                                   else ("wq",))
+        keys += INDEX_KEYS if cfg.index_topk else ()
     if cfg.num_experts:
         keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else ())
                  + (MOE_BIAS_KEYS if cfg.moe_bias else ()) + ((SCORE_BIAS,) if cfg.router_score_bias else ())

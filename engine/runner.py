@@ -356,8 +356,9 @@ class ModelRunner:
         self.draft_state_base = self.max_seqs + 1 + num_snapshots
         self.draft_k = config.speculative.draft_tokens if model_cfg.linear_layers else 0
         # Draft trees (speculative.ngram_branches): every step carries each row's attention mask (`tree_masks`), so one
-        # set of programs serves chains and trees (a model with linear attention layers drafts chains only)
-        self.trees = config.speculative.trees and not model_cfg.linear_layers
+        # set of programs serves chains and trees (a model with linear attention layers, or sparse attention's
+        # indexer, drafts chains only)
+        self.trees = config.speculative.trees and not model_cfg.linear_layers and not model_cfg.index_topk
         self.draft_rows = config.speculative.drafting_rows(self.max_seqs) if self.draft_k else 0
         self.num_state_slots = num_state_slots = self.draft_state_base + self.draft_rows * self.draft_k
         # (split by head across a tensor-parallel mesh, as the layers' weights)

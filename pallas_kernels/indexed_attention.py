@@ -76,8 +76,8 @@ def paged_indexed_attention(q, index_q, index_w, k_pages, v_pages, kv_lens, page
   Sequences with at least block_q // 8 (and >= 2) new tokens run in blocks of block_q rows (default
   16), the others (decodes) a row at a time; each block scores its sequence's KV blocks up to its last
   row's position only."""
-  q, index_q, index_w, kv_lens, page_indices, cu_q_lens, num_seqs = map(
-      jnp.asarray, (q, index_q, index_w, kv_lens, page_indices, cu_q_lens, num_seqs))
+  q, index_q, index_w, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs = map(
+      jnp.asarray, (q, index_q, index_w, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs))
   num_tokens, num_heads, width = q.shape
   latent_dim = v_pages.shape[-1]
   rope = width - latent_dim
@@ -127,7 +127,8 @@ def paged_indexed_attention(q, index_q, index_w, k_pages, v_pages, kv_lens, page
       chosen = picked <= row_pos[:, None]  # (a row seeing fewer than K positions picks some it cannot see)
       page_ids = jnp.clip(page_row[jnp.minimum(picked // page_size, max_pages - 1)], 0, num_pages - 1)
       offsets = picked % page_size
-      latent = read(v_pages, v_scales, page_ids, offsets, slice(None))            # [rows, K, C]
+      # (picks a row cannot see are zeroed: whatever their slots hold never reaches the output)
+      latent = jnp.where(chosen[..., None], read(v_pages, v_scales, page_ids, offsets, slice(None)), 0.0)
       key = jnp.concatenate([read(k_pages, k_scales, page_ids, offsets, slice(0, rope)), latent], axis=-1)
       o = _attend_chosen(q[rows], key, latent, chosen, sm_scale)
       return lax.dynamic_update_slice(out, o[None], (i, 0, 0, 0))

@@ -57,12 +57,17 @@ DEEPSEEK_V2_LITE = {
     "tie_word_embeddings": False, "attention_bias": False,
 }
 
+# deepseek-ai/DeepSeek-V3.2's: V3's, and DeepSeek Sparse Attention's indexer in every layer
+DEEPSEEK_V32 = {**DEEPSEEK_V3, "model_type": "deepseek_v32", "architectures": ["DeepseekV32ForCausalLM"],
+                "index_topk": 2048, "index_n_heads": 64, "index_head_dim": 128}
+
 
 def _hf_config(raw: dict):
-    from transformers import DeepseekV2Config, DeepseekV3Config
+    from transformers import DeepseekV2Config, DeepseekV3Config, DeepseekV32Config
 
     fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type", "num_nextn_predict_layers")}
-    return (DeepseekV3Config if raw["model_type"] == "deepseek_v3" else DeepseekV2Config)(**fields)
+    return {"deepseek_v3": DeepseekV3Config, "deepseek_v32": DeepseekV32Config}.get(
+        raw["model_type"], DeepseekV2Config)(**fields)
 
 
 @pytest.mark.parametrize("raw", [DEEPSEEK_V3, DEEPSEEK_V2_LITE], ids=["v3", "v2_lite"])
@@ -104,6 +109,27 @@ def test_config_from_the_real_checkpoints(raw):
         assert (fp8, bf16) == (674_425_558_656, 1_342_052_868_096)
 
 
+def test_sparse_attention_config_from_the_real_checkpoint():
+    """DeepSeek-V3.2: V3's fields and the indexer's (64 heads of 128, the top 2,048 positions); its parameter count
+    as transformers builds it; the cache holds 704 values a layer per token, the indexer's key (128) after the RoPE
+    key. An indexer without the queries' low-rank projection it reads is refused."""
+    import torch
+    from transformers import DeepseekV32ForCausalLM
+
+    cfg = LlamaConfig.from_hf_config(DEEPSEEK_V32)
+    assert (cfg.index_topk, cfg.index_num_heads, cfg.index_head_dim) == (2048, 64, 128)
+    assert dataclasses.replace(cfg, index_topk=0, index_num_heads=0, index_head_dim=0) == \
+        LlamaConfig.from_hf_config(DEEPSEEK_V3)
+    assert cfg.kv_dims == (64 + 128, 512)
+    with torch.device("meta"):
+        hf = DeepseekV32ForCausalLM(_hf_config(DEEPSEEK_V32))
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases == 671_877_944_064
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ConfigError, match="q_lora_rank"):
+        dataclasses.replace(cfg, q_lora_rank=0)
+
+
 def test_config_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="topk_method='random'"):
         LlamaConfig.from_hf_config({**DEEPSEEK_V2_LITE, "topk_method": "random"})
@@ -115,10 +141,12 @@ def test_config_refuses_what_it_cannot_run():
 
 def _hf_deepseek(kind: str):
     """Tiny random DeepSeek-V3 (queries through a low-rank projection, YaRN with mscale_all_dim, sigmoid routing over
-    2 of 4 groups with a correction bias that changes the choice) or V2 (queries projected directly, softmax routing
-    limited to the groups of the best experts); both with a dense first layer and a shared expert."""
+    2 of 4 groups with a correction bias that changes the choice), V3.2 (V3 with sparse attention: 32 indexer heads of
+    16 dims pick the top 8 positions) or V2 (queries projected directly, softmax routing limited to the groups of the
+    best experts); all with a dense first layer and a shared expert."""
     import torch
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM
+    from transformers import (DeepseekV2Config, DeepseekV2ForCausalLM, DeepseekV3Config, DeepseekV3ForCausalLM,
+                              DeepseekV32Config, DeepseekV32ForCausalLM)
 
     torch.manual_seed(fresh.seed())
     common = dict(vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -128,9 +156,14 @@ def _hf_deepseek(kind: str):
     if kind == "v2":
         return DeepseekV2ForCausalLM(DeepseekV2Config(**common, q_lora_rank=None,
                                                       topk_method="group_limited_greedy")).eval()
-    model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, q_lora_rank=24, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
-        "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0})).eval()
+    rope_parameters = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "mscale": 1.0,
+                       "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1, "rope_theta": 10000.0}
+    if kind == "v32":  # (its eager attention: transformers folds the indexer's choice into the mask there)
+        model = DeepseekV32ForCausalLM(DeepseekV32Config(
+            **common, num_key_value_heads=4, q_lora_rank=24, rope_parameters=rope_parameters, index_topk=8,
+            index_n_heads=32, index_head_dim=16, attn_implementation="eager")).eval()
+    else:
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, q_lora_rank=24, rope_parameters=rope_parameters)).eval()
     with torch.no_grad():
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
@@ -168,6 +201,36 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(kind, tmp_p
     assert greedy[0] == greedy[1]  # xla's tokens and the Pallas kernels'
     with pytest.raises(ValueError, match="cache has 8 "):  # Triton tiles >= 16 wide; the real models' RoPE key is 64
         LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **{"attention.backend": "pallas"})
+
+
+@pytest.mark.slow
+def test_sparse_attention_checkpoint_matches_transformers_and_serves(tmp_path):
+    """DeepSeek-V3.2, a tiny random checkpoint whose indexer keeps 8 positions: logits within 1e-4 of transformers'
+    on 60 tokens (and far from dense attention's: the choice matters); through the engine (the indexer's keys cached
+    with the latents, prefix hits, chunked prefill, preemption) greedy tokens are transformers' argmax at every step
+    on the xla and Pallas (interpret) backends, split over 2 devices they are the same, and an 8-bit cache runs."""
+    model = _hf_deepseek("v32")
+    cfg, params, ids, ref = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.index_topk == 8 and set(params["layers"]) >= {"index_wq", "index_wk", "index_weights"}
+    dense = llama.forward_dense(params, dataclasses.replace(cfg, index_topk=60), jnp.asarray(ids, jnp.int32))
+    assert np.abs(np.asarray(dense) - ref)[8:].max() > 0.1
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    options = {"warmup": False, "cache.num_pages": 10, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
+               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
+    greedy = []
+    for extra in ({}, {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}, {"cache.kv_dtype": "int8"}):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **extra)
+        assert llm.engine.runner.kv[0].shape[-1] == 8 + 16  # the RoPE key, then the indexer's
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        stats = llm.engine.stats()
+        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0
+        if not extra:
+            _assert_greedy_is_argmax(model, prompts, outs)
+        greedy.append([out.token_ids for out in outs])
+    assert greedy[0] == greedy[1] == greedy[2]
 
 
 @pytest.mark.slow

@@ -45,7 +45,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, deepseek_v32, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -162,6 +162,7 @@ class LlamaConfig:
     index_topk: int = 0
     index_num_heads: int = 0
     index_head_dim: int = 0
+    index_rope_interleaved: bool = False  # the checkpoint's indexer turns interleaved pairs (GLM-5): rows reordered at load
     # Gated DeltaNet layers (Qwen3.5; models/gated_delta.py): per layer, True = linear attention over a recurrent state
     # (no K/V cached), False = softmax attention; () = attention everywhere. The attention weights and the KV cache
     # are stacked over the attention layers only, the linear layers' weights and states over theirs.
@@ -486,7 +487,7 @@ class LlamaConfig:
         if arch == "gemma3":  # Gemma 3 4B and up (models/vision.py reads its tower): the text_config's Gemma 3
             return _gemma_from_hf({**GEMMA3_TEXT_DEFAULTS, **(cfg.get("text_config") or {})}, f"{source} text_config",
                                   "gemma3")
-        if arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "kimi_k2", "glm4_moe_lite"):  # (GLM-4.7-Flash: V3's)
+        if arch in ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "kimi_k2", "glm4_moe_lite"):
             return _deepseek_from_hf(cfg, source, "deepseek_v2" if arch == "deepseek_v2" else "deepseek_v3")
         if arch in ("olmo2", "olmo3", "exaone4"):
             return _olmo_from_hf(cfg, source, arch)
@@ -1065,9 +1066,23 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
     )
 
 
+def _shared_indexers(cfg: Mapping[str, Any], num_layers: int) -> list[int]:
+    """The layers of a GLM-MoE-DSA config.json that reuse the previous layer's top-k instead of running an indexer:
+    `indexer_types` "shared", else `index_topk_pattern`'s S, else those `index_topk_freq` (1: none) skips from
+    `index_skip_topk_offset` (2) on, as transformers reads them."""
+    types = cfg.get("indexer_types")
+    if types is None and cfg.get("index_topk_pattern") is not None:
+        types = ["shared" if c in ("S", "shared") else "full" for c in cfg["index_topk_pattern"]]
+    if types is None:
+        freq, offset = max(int(cfg.get("index_topk_freq") or 1), 1), int(cfg.get("index_skip_topk_offset", 2))
+        types = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(num_layers)]
+    return [i for i, t in enumerate(types) if t == "shared"]
+
+
 def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaConfig:
     """An HF `deepseek_v2` or `deepseek_v3` config.json (Kimi K2's `kimi_k2` and GLM-4.7-Flash's `glm4_moe_lite` are
-    V3's; DeepSeek-V3.2's `deepseek_v32` is V3's with sparse attention's indexer in every layer): latent attention,
+    V3's; DeepSeek-V3.2's `deepseek_v32` is V3's with sparse attention's indexer in every layer, GLM-5's
+    `glm_moe_dsa` V3.2's with the indexer's RoPE in interleaved pairs): latent attention,
     the first first_k_dense_replace layers dense (or those `mlp_layer_types` calls "dense": glm4_moe_lite's, whose
     default is the first), the rest experts plus shared ones. V2 routes by softmax (greedy, or `group_limited_greedy`:
     groups ranked by their best expert) without renormalizing; V3 as GLM-4.5 (sigmoid, a correction bias, groups ranked
@@ -1104,9 +1119,15 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
     if cfg.get("scoring_func", scoring) != scoring:
         raise ConfigError(f"{source}: scoring_func={cfg.get('scoring_func')!r} is not supported for {arch}")
     sparse = {}
-    if cfg.get("model_type") == "deepseek_v32":  # DeepSeek Sparse Attention (transformers' defaults)
-        sparse = dict(index_topk=int(cfg.get("index_topk") or 2048), index_num_heads=int(cfg.get("index_n_heads") or 64),
-                      index_head_dim=int(cfg.get("index_head_dim") or 128))
+    glm = cfg.get("model_type") == "glm_moe_dsa"
+    if cfg.get("model_type") == "deepseek_v32" or glm:  # DeepSeek Sparse Attention (transformers' defaults)
+        sparse = dict(index_topk=int(cfg.get("index_topk") or 2048),
+                      index_num_heads=int(cfg.get("index_n_heads") or (32 if glm else 64)),
+                      index_head_dim=int(cfg.get("index_head_dim") or 128), index_rope_interleaved=glm)
+        shared = _shared_indexers(cfg, num_layers) if glm else []
+        if shared:
+            raise ConfigError(f"{source}: layers {shared} reuse another layer's top-k positions (indexer_types "
+                              "'shared'), which is not supported: every layer must run its own indexer")
     return LlamaConfig(
         **sparse,
         architecture=arch,

@@ -517,6 +517,9 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return qwen3_next_rows(cfg, key, arr)
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
+    if cfg.index_rope_interleaved and key in ("index_wq", "index_wk", "index_k_norm", "index_k_norm_bias"):
+        # (the key's LayerNorm is blind to the order of its dims: its weight and bias follow its rows)
+        return rope_pair_rows(arr, cfg.index_num_heads if key == "index_wq" else 1, 0, cfg.qk_rope_head_dim)
     if cfg.architecture == "ernie4_5_moe" and key == "router_score_bias":  # [1, E] -> [E]
         return arr.reshape(-1)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):

@@ -233,6 +233,49 @@ def test_sparse_attention_checkpoint_matches_transformers_and_serves(tmp_path):
     assert greedy[0] == greedy[1] == greedy[2]
 
 
+def test_glm5_config_and_its_shared_indexers():
+    """GLM-5 (`glm_moe_dsa`, transformers' defaults, which are zai-org/GLM-5's shapes): V3.2's sparse attention with
+    32 indexer heads whose RoPE turns interleaved pairs; the parameter count as transformers builds it. Layers reusing
+    another layer's top-k (`indexer_types` "shared", or the frequency that implies them) are refused by name."""
+    import torch
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    hf_cfg = GlmMoeDsaConfig()
+    raw = hf_cfg.to_dict()
+    cfg = LlamaConfig.from_hf_config(raw)
+    assert (cfg.index_topk, cfg.index_num_heads, cfg.index_head_dim, cfg.index_rope_interleaved) == (2048, 32, 128, True)
+    assert cfg.kv_dims == (64 + 128, 512) and cfg.num_layers == 78
+    with torch.device("meta"):
+        hf = GlmMoeDsaForCausalLM(hf_cfg)
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("e_score_correction_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases
+    types = ["full", "shared", "shared", "full"] * 19 + ["full", "full"]
+    with pytest.raises(ConfigError, match=r"layers \[1, 2, 5, "):
+        LlamaConfig.from_hf_config({**raw, "indexer_types": types})
+    with pytest.raises(ConfigError, match="indexer_types 'shared'"):
+        LlamaConfig.from_hf_config({k: v for k, v in raw.items() if k != "indexer_types"} | {"index_topk_freq": 4})
+
+
+@pytest.mark.slow
+def test_glm5_checkpoint_matches_transformers_and_serves(tmp_path):
+    """A tiny random GLM-5 checkpoint (indexer keeping 8 positions, its RoPE in interleaved pairs: its query and key
+    rows, and the key norm's, reordered at load): transformers' logits within 1e-4 on 60 tokens, and through the
+    engine (prefix hits) its argmax at every step."""
+    import torch
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    torch.manual_seed(fresh.seed())
+    model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, index_topk=8, index_n_heads=32, index_head_dim=16,
+        bos_token_id=1, eos_token_id=2, attn_implementation="eager")).eval()
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.index_rope_interleaved and cfg.index_topk == 8
+    _engine_greedy_is_transformers(model, cfg, params)
+
+
 @pytest.mark.slow
 def test_glm_47_flash_checkpoint_matches_transformers_and_serves(tmp_path):
     """GLM-4.7-Flash (`glm4_moe_lite`: DeepSeek-V3's latent attention and routing, its layers' kinds in

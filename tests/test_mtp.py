@@ -102,8 +102,8 @@ def _hf_with_mtp(kind: str, path) -> None:
 
     if kind == "glm4_moe":
         model = _hf_moe("glm4_moe")
-    elif kind == "deepseek_v3":
-        model = _hf_deepseek("v3")
+    elif kind in ("deepseek_v3", "deepseek_v32"):
+        model = _hf_deepseek(kind.removeprefix("deepseek_"))
     else:  # two linear attention layers, then attention twice: the last becomes the MTP layer
         model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
             **TINY, layer_types=["linear_attention"] * 2 + ["full_attention"] * 2)).eval()
@@ -141,13 +141,14 @@ def _hf_with_mtp(kind: str, path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3", "deepseek_v32", "qwen3_5"])
 def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, proposed):
     """A checkpoint's MTP layer is read as stored (its decoder layer's weights are the model's layer of that kind's,
     its norms and projection as written; GLM-4.5's from the GGUF file llama.cpp's converter writes too), and through
     the engine its drafts are its greedy guesses computed from
-    scratch, with the outputs of plain decoding (GLM-4.5: GQA and experts; DeepSeek-V3: latent attention; Qwen3.5:
-    gated attention beside linear attention layers, whose states rejected drafts roll back)."""
+    scratch, with the outputs of plain decoding (GLM-4.5: GQA and experts; DeepSeek-V3: latent attention; V3.2: its
+    sparse attention's indexer too; Qwen3.5: gated attention beside linear attention layers, whose states rejected
+    drafts roll back)."""
     pytest.importorskip("transformers")
     from models.loader import load_weights
 

@@ -237,6 +237,9 @@ class LLMEngine:
                 vcfg, processor, self.model_cfg.vocab_size,
                 newlines=multimodal.newline_tokens(self.tokenizer) if both_ways else None)
             if both_ways:
+                if self.model_cfg.index_topk:
+                    raise ConfigKeyError("images attending to each other both ways (Gemma 3's) in a model with sparse "
+                                         "attention's indexer are not supported (its top-k is causal)")
                 multimodal.check_whole_images(config.scheduler, vcfg.tokens_per_image)
             encoder = ImageEncoder(vcfg, cast_params(vision_params, self.dtype), self.dtype,
                                               lambda tree: jax.device_put(tree, None if self.mesh is None else

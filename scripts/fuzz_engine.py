@@ -1,7 +1,8 @@
 """Engine-level fuzzing: random configurations on tiny random models, outputs against a plain run.
 
 Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
-experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, a tiny Qwen3.5:
+experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, the same as
+V3.2 with sparse attention (an indexer keeping 6 positions, its keys cached beside the RoPE keys), a tiny Qwen3.5:
 Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite 4.0-H:
 Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy,
 overlap, speculative decoding (n-gram chains and trees; the model as its own draft, chains and top-k trees), a hybrid cache's window slots, a host tier and a disk tier
@@ -42,6 +43,8 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 
 def tiny_models(tokenizer) -> dict:
+    import dataclasses
+
     import jax
 
     from models import llama
@@ -71,6 +74,9 @@ def tiny_models(tokenizer) -> dict:
                                shared_expert_gate=False, moe_layers=(False, True, True), router_scoring="sigmoid",
                                router_score_bias=True, expert_groups=4, expert_groups_per_tok=2,
                                routed_scaling_factor=2.5)
+    # DeepSeek-V3.2-like: the same with sparse attention, an indexer keeping 6 positions (its keys cached beside the
+    # RoPE keys)
+    deepseek_v32_cfg = dataclasses.replace(deepseek_cfg, index_topk=6, index_num_heads=8, index_head_dim=16)
     qwen3_5_cfg = LlamaConfig(architecture="qwen3_5", vocab_size=tokenizer.vocab_size, hidden_size=64,
                               intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                               max_position=512, qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.25,
@@ -98,18 +104,20 @@ def tiny_models(tokenizer) -> dict:
             "granite4": (granite4_cfg, llama.init_params(granite4_cfg, jax.random.key(13), scale=0.5), tokenizer),
             "gemma3": (gemma_cfg, llama.init_params(gemma_cfg, jax.random.key(5), scale=0.5), tokenizer),
             "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer),
-            "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer)}
+            "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer),
+            "deepseek_v32": (deepseek_v32_cfg, llama.init_params(deepseek_v32_cfg, jax.random.key(21), scale=0.3),
+                             tokenizer)}
 
 
-MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32")
 RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
 SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe")  # models whose heads split over 2 devices
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
-EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe")  # models with experts (run on the grouped path in half their seeds)
+EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32")  # models with experts (run on the grouped path in half their seeds)
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
-DRAFTED = ("llama", "deepseek")  # models the fuzzer may give themselves as draft models
-WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe")  # models whose pages another replica may send
+DRAFTED = ("llama", "deepseek", "deepseek_v32")  # models the fuzzer may give themselves as draft models
+WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v32")  # models whose pages another replica may send
 # (no states)
 
 
@@ -136,7 +144,8 @@ def draw_features(seed: int, model: str) -> dict:
             "tensor": 2 if model in SPLIT and rng.random() < 0.2 else 1,
             "spec_max_batch": rng.choice([0, 0, 1, 2, 3]),
             "images": rng.random() < 0.25, "anyres": rng.random() < 0.5,
-            "grid": model in GRID and rng.random() < 0.4, "both_ways": rng.random() < 0.4,
+            "grid": model in GRID and rng.random() < 0.4,
+            "both_ways": rng.random() < 0.4 and model != "deepseek_v32",  # (sparse attention's top-k is causal)
             "drafter": model in DRAFTED and rng.random() < 0.5,
             "suffix": rng.random() < 0.5,
             "received": model in WHOLE_PAGES and rng.random() < 0.33,

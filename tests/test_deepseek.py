@@ -163,7 +163,8 @@ def _hf_deepseek(kind: str):
             **common, num_key_value_heads=4, q_lora_rank=24, rope_parameters=rope_parameters, index_topk=8,
             index_n_heads=32, index_head_dim=16, attn_implementation="eager")).eval()
     else:
-        model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, q_lora_rank=24, rope_parameters=rope_parameters)).eval()
+        model = DeepseekV3ForCausalLM(DeepseekV3Config(**common, q_lora_rank=24,
+                                                       rope_parameters=rope_parameters)).eval()
     with torch.no_grad():
         for layer in model.model.layers[1:]:
             layer.mlp.gate.e_score_correction_bias.normal_(0, 0.5)
@@ -243,7 +244,7 @@ def test_glm5_config_and_its_shared_indexers():
     hf_cfg = GlmMoeDsaConfig()
     raw = hf_cfg.to_dict()
     cfg = LlamaConfig.from_hf_config(raw)
-    assert (cfg.index_topk, cfg.index_num_heads, cfg.index_head_dim, cfg.index_rope_interleaved) == (2048, 32, 128, True)
+    assert cfg.index_rope_interleaved and (cfg.index_topk, cfg.index_num_heads, cfg.index_head_dim) == (2048, 32, 128)
     assert cfg.kv_dims == (64 + 128, 512) and cfg.num_layers == 78
     with torch.device("meta"):
         hf = GlmMoeDsaForCausalLM(hf_cfg)

@@ -17,8 +17,8 @@ def _batch(rng, seqs, page_size: int, dtype=np.float32):
     """A ragged batch of `seqs` (q_len, kv_len) over a latent cache whose K pages hold [RoPE key, indexer key], with
     each row's indexer query and head weights; garbage past every sequence's length and in padding rows."""
     batch = testing.random_ragged_batch(rng, seqs, num_q_heads=4, num_kv_heads=1, head_dim=ROPE + INDEX + LATENT,
-                                        page_size=page_size, num_tokens=sum(q for q, _ in seqs) + 3, max_seqs=len(seqs) + 1,
-                                        latent_dims=(ROPE + INDEX, LATENT), dtype=dtype)
+                                        page_size=page_size, num_tokens=sum(q for q, _ in seqs) + 3,
+                                        max_seqs=len(seqs) + 1, latent_dims=(ROPE + INDEX, LATENT), dtype=dtype)
     q = np.concatenate([batch.q[..., :ROPE], batch.q[..., ROPE + INDEX:]], axis=-1)  # [T, H, R + C]
     t = q.shape[0]
     index_q = rng.standard_normal((t, 8, INDEX)).astype(np.float32)

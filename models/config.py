@@ -39,7 +39,7 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
-                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2")
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "glm-dsa")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -580,7 +580,7 @@ class LlamaConfig:
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture`: GGUF_ARCHITECTURES; Mistral GGUFs say llama, and Mixtral's llama
-        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; OLMo 3 olmo2). rope_freqs: the file's
+        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; GLM-5 glm-dsa; OLMo 3 olmo2). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
@@ -692,14 +692,16 @@ class LlamaConfig:
                            logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
                            attention_out_bias=f"blk.{first_attention}.attn_output.bias" in tensor_names)
         latent = {}
-        if arch == "deepseek2":  # one cached KV head of [RoPE key, latent] (older files' key_length is a query head's)
-            rope_scaling, latent = _latent_attention_from_gguf(meta, rope_scaling, source)
+        if arch in ("deepseek2", "glm-dsa"):  # one cached KV head of [RoPE key, latent] (older files' key_length is a
+            # query head's); GLM-5's sparse attention indexer beside it
+            rope_scaling, latent = _latent_attention_from_gguf(meta, arch, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
                  "gpt-oss": "gpt_oss", "glm4moe": "glm4_moe", "minimax-m2": "minimax_m2", "ernie4_5-moe": "ernie4_5_moe",
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
+                 "glm-dsa": "deepseek_v3",
                  "granitehybrid": "granitemoehybrid", **GATED_DELTA_GGUF}
         # The dense MLP's size: Qwen3.5-MoE's config.json has none (the shared expert's, as from_hf_config reads it);
         # Granite 4.0-H's shared MLP is its MLP where it has no experts.
@@ -773,7 +775,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         raise ConfigError(f"{source}: a GGUF with experts needs {arch}.expert_used_count and "
                           f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
     moe_intermediate = int(moe_intermediate)
-    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1") else 1))
+    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1", "glm-dsa")
+                                                             else 1))
     scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
     if scoring is None:
         raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")
@@ -788,7 +791,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         moe_intermediate_size=moe_intermediate,
         norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2", "olmoe"))),
         shared_expert_intermediate_size=shared,
-        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "granitemoe", "granitehybrid", "dots1", "ernie4_5-moe"),
+        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "glm-dsa", "granitemoe", "granitehybrid", "dots1",
+                                        "ernie4_5-moe"),
         moe_bias=arch == "gpt-oss",
         moe_layers=moe_layers,
         router_scoring=scoring, router_score_bias=f"blk.{first_moe}.exp_probs_b.bias" in tensor_names,
@@ -870,9 +874,12 @@ def _mamba2_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], num_layer
                 rope_layers=() if meta.get("granitehybrid.rope.scaling.finetuned") else (False,) * num_layers)
 
 
-def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScaling | None,
+def _latent_attention_from_gguf(meta: Mapping[str, Any], arch: str, rope_scaling: RopeScaling | None,
                                 source: str) -> tuple[RopeScaling | None, dict[str, Any]]:
-    """A deepseek2 GGUF's latent attention: (its RoPE scaling as the model runs it, the LlamaConfig fields).
+    """A deepseek2 (or glm-dsa) GGUF's latent attention: (its RoPE scaling as the model runs it, the LlamaConfig
+    fields). glm-dsa (GLM-5 as llama.cpp's converter writes it) adds sparse attention's indexer
+    (`attention.indexer.head_count`, `key_length`, `top_k`; its RoPE in interleaved pairs, rows reordered at load);
+    `attention.indexer.types` naming a layer that reuses another's top-k is refused by name.
 
     A query head's width (nope + rope) and a value head's are `attention.key_length_mla` / `value_length_mla` where
     the file has them (llama.cpp's converter since it splits attn_kv_b; key_length / value_length then describe the
@@ -881,23 +888,34 @@ def _latent_attention_from_gguf(meta: Mapping[str, Any], rope_scaling: RopeScali
     converter storing 0.1 x mscale_all_dim there; RoPE itself unscaled by YaRN's magnitude (HF: mscale over
     mscale_all_dim, equal in every DeepSeek config)."""
 
-    need = functools.partial(_gguf_field, meta, source, "deepseek2")
+    need = functools.partial(_gguf_field, meta, source, arch)
 
     rank, rope_dim = int(need("attention.kv_lora_rank")), int(need("rope.dimension_count"))
-    qk = int(meta.get("deepseek2.attention.key_length_mla") or need("attention.key_length"))
-    v_dim = int(meta.get("deepseek2.attention.value_length_mla") or need("attention.value_length"))
+    qk = int(meta.get(f"{arch}.attention.key_length_mla") or need("attention.key_length"))
+    v_dim = int(meta.get(f"{arch}.attention.value_length_mla") or need("attention.value_length"))
     if qk <= rope_dim:
         raise ConfigError(f"{source}: a query head of {qk} dims cannot hold rope.dimension_count={rope_dim} and more")
     # the converter's 0.1 x mscale_all_dim, undone in float32 as llama.cpp does (0.1 x 1.0 reads back as 1.0)
-    mscale_all_dim = float(np.float32(meta.get("deepseek2.rope.scaling.yarn_log_multiplier") or 0.0) / np.float32(0.1))
+    mscale_all_dim = float(np.float32(meta.get(f"{arch}.rope.scaling.yarn_log_multiplier") or 0.0) / np.float32(0.1))
     if rope_scaling is not None and rope_scaling.rope_type == "yarn":
         rope_scaling = dataclasses.replace(rope_scaling, mscale=mscale_all_dim or None,
                                            mscale_all_dim=mscale_all_dim or None,
                                            attention_factor=rope_scaling.attention_factor or (None if mscale_all_dim
                                                                                               else 1.0))
     sm_scale = rope.yarn_softmax_scale(qk, rope_scaling and rope_scaling.factor, mscale_all_dim)
+    sparse = {}
+    if arch == "glm-dsa":
+        shared = [i for i, full in enumerate(meta.get(f"{arch}.attention.indexer.types") or ()) if not full]
+        if shared:
+            raise ConfigError(f"{source}: layers {shared} reuse another layer's top-k positions "
+                              f"({arch}.attention.indexer.types), which is not supported: every layer must run its "
+                              "own indexer")
+        sparse = dict(index_topk=int(need("attention.indexer.top_k")),
+                      index_num_heads=int(need("attention.indexer.head_count")),
+                      index_head_dim=int(need("attention.indexer.key_length")), index_rope_interleaved=True)
     return rope_scaling, dict(
-        kv_lora_rank=rank, q_lora_rank=int(meta.get("deepseek2.attention.q_lora_rank") or 0),
+        **sparse,
+        kv_lora_rank=rank, q_lora_rank=int(meta.get(f"{arch}.attention.q_lora_rank") or 0),
         qk_nope_head_dim=qk - rope_dim, qk_rope_head_dim=rope_dim, v_head_dim=v_dim,
         query_pre_attn_scalar=sm_scale**-2,
     )

@@ -81,6 +81,11 @@ GGUF_DEEPSEEK2_NAMES = {k: v for k, v in GGUF_GLM4_MOE_NAMES.items()
     "kv_a_norm": "blk.{i}.attn_kv_a_norm.weight", "wkv_b": "blk.{i}.attn_kv_b.weight",
 }
 GGUF_DEEPSEEK2_SPLIT_KV_NAMES = GGUF_DEEPSEEK2_NAMES | {"wkv_b": "blk.{i}.attn_k_b.weight"}  # attn_v_b read beside it
+# GLM-5 (glm-dsa): deepseek2's layout and each layer's sparse attention indexer, rows as HF has them (its RoPE turns
+# interleaved pairs, reordered at load as an HF checkpoint's are: safetensors_loader.index_rope_rows).
+GGUF_INDEXER_NAMES = {"index_wq": "blk.{i}.indexer.attn_q_b.weight", "index_wk": "blk.{i}.indexer.attn_k.weight",
+                      "index_k_norm": "blk.{i}.indexer.k_norm.weight", "index_k_norm_bias": "blk.{i}.indexer.k_norm.bias",
+                      "index_weights": "blk.{i}.indexer.proj.weight"}
 
 # Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
 # (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
@@ -157,7 +162,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
     if cfg.architecture in ("dots1", "ernie4_5_moe"):
         return GGUF_DOTS1_NAMES
     if cfg.mla:
-        return GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
+        names = GGUF_DEEPSEEK2_NAMES if "blk.0.attn_kv_b.weight" in tensor_names else GGUF_DEEPSEEK2_SPLIT_KV_NAMES
+        return names | GGUF_INDEXER_NAMES if cfg.index_topk else names
     if cfg.architecture in ("qwen3_5", "qwen3_5_moe", "qwen3_next"):
         names = GGUF_QWEN35_MOE_NAMES if cfg.num_experts else GGUF_QWEN35_NAMES
         if cfg.architecture == "qwen3_next":
@@ -298,8 +304,8 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
 def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Callable[[str, str], np.ndarray]:
     """read(key, name): tensor `name` of a GGUF file (`arch`: its general.architecture) as `weights.assemble` reads our
     weight `key` (llama.cpp's row orders undone, DeepSeek's split latent projection joined)."""
-    from models.safetensors_loader import (INTERLEAVED_ROPE, interleaved_rope_rows,  # (that module imports this one)
-                                           mla_rope_rows)
+    from models.safetensors_loader import (INDEX_ROPE_KEYS, INTERLEAVED_ROPE,  # (that module imports this one)
+                                           index_rope_rows, interleaved_rope_rows, mla_rope_rows)
 
     def get(name: str) -> np.ndarray:
         return dequantized(path, tensors, name)
@@ -315,6 +321,8 @@ def tensor_reader(path: str, arch: str, cfg: LlamaConfig, tensors: dict) -> Call
             arr = _unpermute(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads)
         if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
             arr = mla_rope_rows(cfg, key, arr)
+        if cfg.index_rope_interleaved and key in INDEX_ROPE_KEYS:
+            arr = index_rope_rows(cfg, key, arr)
         if cfg.linear_layers and key.startswith("gdn_"):
             arr = _linear_tensor(cfg, key, arr, name, path)
         if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):  # pairs turned

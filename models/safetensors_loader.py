@@ -517,9 +517,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return qwen3_next_rows(cfg, key, arr)
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
         return mla_rope_rows(cfg, key, arr)
-    if cfg.index_rope_interleaved and key in ("index_wq", "index_wk", "index_k_norm", "index_k_norm_bias"):
-        # (the key's LayerNorm is blind to the order of its dims: its weight and bias follow its rows)
-        return rope_pair_rows(arr, cfg.index_num_heads if key == "index_wq" else 1, 0, cfg.qk_rope_head_dim)
+    if cfg.index_rope_interleaved and key in INDEX_ROPE_KEYS:
+        return index_rope_rows(cfg, key, arr)
     if cfg.architecture == "ernie4_5_moe" and key == "router_score_bias":  # [1, E] -> [E]
         return arr.reshape(-1)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):
@@ -558,6 +557,17 @@ def interleaved_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.nda
     """q or k rows (weight or bias) of a model that turns each head's first rotary_dim dims in interleaved pairs
     (GLM-4, Cohere), as the model's rotate-half RoPE turns them."""
     return rope_pair_rows(arr, cfg.num_heads if key in ("wq", "bq") else cfg.num_kv_heads, 0, cfg.rotary_dim)
+
+
+# Sparse attention's indexer tensors whose rows follow its RoPE dims' order (GLM-5's are interleaved pairs).
+INDEX_ROPE_KEYS = ("index_wq", "index_wk", "index_k_norm", "index_k_norm_bias")
+
+
+def index_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
+    """An indexer's query rows (every head's) or key rows, or its key norm's weight or bias (a LayerNorm is blind to
+    the order of its dims: they follow the key's rows), with the first qk_rope_head_dim in rotate-half order, where
+    the checkpoint's indexer turns interleaved pairs (GLM-5)."""
+    return rope_pair_rows(arr, cfg.index_num_heads if key == "index_wq" else 1, 0, cfg.qk_rope_head_dim)
 
 
 def mla_rope_rows(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:

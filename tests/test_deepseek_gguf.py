@@ -1,7 +1,8 @@
 """GGUF `deepseek2` (DeepSeek-V2 / V2-Lite / V3 / R1, Kimi K2) as llama.cpp's converter writes it
 (convert_hf_to_gguf.py `DeepseekV2Model`): the real models' configs read back from the metadata it writes, and tiny
-random HF checkpoints written in its layouts, old and new, loading with the HF directory's config and logits.
-No published DeepSeek GGUF is small enough to install here."""
+random HF checkpoints written in its layouts, old and new, loading with the HF directory's config and logits; and
+`glm-dsa` (GLM-5: its `GlmMoeDsaModel`, deepseek2's layout with sparse attention's indexer).
+No published DeepSeek or GLM-5 GGUF is small enough to install here."""
 from __future__ import annotations
 
 import json
@@ -27,12 +28,12 @@ from test_moe import moe_gguf_writer
 LAYOUTS = ("split", "kv_b")
 
 
-def _deepseek2_writer(path, cfg: LlamaConfig, layout: str):
+def _deepseek2_writer(path, cfg: LlamaConfig, layout: str, arch: str = "deepseek2"):
     """moe_gguf_writer's common metadata, the heads stated as `layout` states them."""
     if layout == "kv_b":
         cfg = types.SimpleNamespace(**{**cfg.to_dict(), "num_kv_heads": cfg.num_heads,
                                        "head_dim": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim})
-    return moe_gguf_writer(path, cfg, "deepseek2")
+    return moe_gguf_writer(path, cfg, arch)
 
 
 def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
@@ -55,7 +56,7 @@ def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
     w.add_expert_feed_forward_length(hf_config["moe_intermediate_size"])
     w.add_expert_shared_count(hf_config["n_shared_experts"])
     w.add_expert_weights_scale(hf_config["routed_scaling_factor"])
-    sigmoid = hf_config["model_type"] == "deepseek_v3"  # the real configs' scoring_func
+    sigmoid = hf_config["model_type"] in ("deepseek_v3", "glm_moe_dsa")  # the real configs' scoring_func
     if layout == "split" or sigmoid:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
         if hf_config.get("norm_topk_prob"):  # (the split converter writes it where true only)
@@ -73,17 +74,22 @@ def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
             w.add_rope_scaling_yarn_beta_fast(rope_params["beta_fast"])
             w.add_rope_scaling_yarn_beta_slow(rope_params["beta_slow"])
         w.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
+    if hf_config["model_type"] == "glm_moe_dsa":  # GlmMoeDsaModel.set_gguf_parameters: the indexer
+        w.add_indexer_head_count(hf_config["index_n_heads"])
+        w.add_indexer_key_length(hf_config["index_head_dim"])
+        w.add_indexer_top_k(hf_config["index_topk"])
 
 
-def _write_deepseek2_gguf(hf_dir, cfg: LlamaConfig, path, layout: str) -> None:
+def _write_deepseek2_gguf(hf_dir, cfg: LlamaConfig, path, layout: str, arch: str = "deepseek2") -> None:
     """An HF DeepSeek checkpoint's weights (F32) under llama.cpp's names and in its converter's layout: every row as
     HF has it (RoPE pairs still interleaved), experts stacked [E, out, in], the correction bias as exp_probs_b.bias,
     the first layers' MLP under the dense names, the shared experts under `shexp`; the latent's up-projection whole
-    (`kv_b`) or per head as attn_k_b [heads, latent, nope] and attn_v_b [heads, v, latent] (`split`)."""
+    (`kv_b`) or per head as attn_k_b [heads, latent, nope] and attn_v_b [heads, v, latent] (`split`); glm-dsa's
+    indexer under `indexer.` as HF has it."""
     from safetensors.numpy import load_file
 
     sd = load_file(str(hf_dir / "model.safetensors"))
-    w = _deepseek2_writer(path, cfg, layout)
+    w = _deepseek2_writer(path, cfg, layout, arch)
     _add_deepseek2_metadata(w, json.loads((hf_dir / "config.json").read_text()), layout)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
@@ -114,8 +120,14 @@ def _write_deepseek2_gguf(hf_dir, cfg: LlamaConfig, path, layout: str) -> None:
                 layer[f"ffn_{part}_exps"] = np.stack([sd[f"{hf}mlp.experts.{e}.{part}_proj.weight"]
                                                       for e in range(cfg.num_experts)])
                 layer[f"ffn_{part}_shexp"] = sd[f"{hf}mlp.shared_experts.{part}_proj.weight"]
+        for ours, theirs in (("indexer.attn_q_b", "wq_b.weight"), ("indexer.attn_k", "wk.weight"),
+                             ("indexer.k_norm", "k_norm.weight"), ("indexer.proj", "weights_proj.weight")):
+            if f"{attn}indexer.{theirs}" in sd:
+                layer[ours] = sd[f"{attn}indexer.{theirs}"]
         for name, x in layer.items():
             w.add_tensor(f"blk.{i}.{name}.weight", x)
+        if f"{attn}indexer.k_norm.bias" in sd:
+            w.add_tensor(f"blk.{i}.indexer.k_norm.bias", sd[f"{attn}indexer.k_norm.bias"])
         if f"{hf}mlp.gate.e_score_correction_bias" in sd:
             w.add_tensor(f"blk.{i}.exp_probs_b.bias", sd[f"{hf}mlp.gate.e_score_correction_bias"])
     w.write_header_to_file()
@@ -186,3 +198,64 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(kind, layout, tmp_p
     want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
     got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_glm5_gguf_loads_as_the_hf_checkpoint(tmp_path):
+    """GLM-5 written as llama.cpp's converter writes it (glm-dsa: deepseek2's split layout, the indexer's tensors and
+    head count, key length and top-k): the HF directory's config, the same weights bit for bit (the indexer's RoPE
+    rows reordered as the HF loader reorders them), logits within 1e-5; a file naming a layer that reuses another's
+    top-k is refused."""
+    import torch
+    from transformers import GlmMoeDsaConfig, GlmMoeDsaForCausalLM
+
+    torch.manual_seed(0)
+    model = GlmMoeDsaForCausalLM(GlmMoeDsaConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8,
+        moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, index_topk=8, index_n_heads=32, index_head_dim=16))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    cfg, params = load_weights(str(tmp_path / "hf"))
+    _write_deepseek2_gguf(tmp_path / "hf", cfg, tmp_path / "m.gguf", "split", arch="glm-dsa")
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    _assert_same_config(gguf_cfg, cfg)
+    assert gguf_cfg.index_rope_interleaved and gguf_cfg.index_topk == 8 and gguf_cfg.index_num_heads == 32
+    assert jax.tree.structure(gguf_params) == jax.tree.structure(params)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gguf_params)[0], jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
+    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    meta, _ = read_gguf(str(tmp_path / "m.gguf"))
+    meta = {**meta, "glm-dsa.attention.indexer.types": [True, False, True]}
+    with pytest.raises(ConfigError, match=r"layers \[1\] reuse another layer's top-k"):
+        LlamaConfig.from_gguf_metadata(meta, set(), "m.gguf")
+
+
+def test_glm5_config_reads_back_from_the_converters_metadata(tmp_path):
+    """GLM-5's shapes (transformers' defaults) as GlmMoeDsaModel writes them (glm-dsa: deepseek2's split layout, the
+    indexer's 32 heads of 128 and top 2,048): the config the HF one gives, indexer included; a file without the
+    indexer's top-k is refused by name."""
+    from transformers import GlmMoeDsaConfig
+
+    raw = GlmMoeDsaConfig().to_dict()
+    want = LlamaConfig.from_hf_config(raw)
+    w = _deepseek2_writer(tmp_path / "m.gguf", want, "split", arch="glm-dsa")
+    _add_deepseek2_metadata(w, raw, "split")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    meta, _ = read_gguf(str(tmp_path / "m.gguf"))
+    tensor_names = {"output.weight", f"blk.{raw['first_k_dense_replace']}.exp_probs_b.bias"}
+    got = LlamaConfig.from_gguf_metadata(meta, tensor_names, source="m.gguf")
+    _assert_same_config(got, want)
+    assert (got.index_topk, got.index_num_heads, got.index_head_dim, got.index_rope_interleaved) == \
+        (want.index_topk, want.index_num_heads, want.index_head_dim, True) == (2048, 32, 128, True)
+    del meta["glm-dsa.attention.indexer.top_k"]
+    with pytest.raises(ConfigError, match="m.gguf: missing GGUF field 'glm-dsa.attention.indexer.top_k'"):
+        LlamaConfig.from_gguf_metadata(meta, tensor_names, source="m.gguf")

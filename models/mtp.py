@@ -17,8 +17,8 @@ Names in the checkpoints:
 - Qwen3.5, Qwen3-Next (`mtp_num_hidden_layers`): `mtp.layers.0.` a full-attention layer as the model's, `mtp.fc`
   (eh_proj), `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm`, every norm scaled by 1 + w as the
   model's; a chained round reads the normed output.
-- GLM-4.5 GGUF files (llama.cpp's converter): block `block_count - nextn_predict_layers` as the model's blocks, plus
-  `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj`, `nextn.shared_head_norm`.
+- GLM-4.5 and GLM-5 GGUF files (llama.cpp's converter: glm4moe, glm-dsa): block `block_count - nextn_predict_layers`
+  as the model's blocks, plus `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj`, `nextn.shared_head_norm`.
 Where a checkpoint has several such layers, the first drafts every round (published ones have one).
 """
 from __future__ import annotations
@@ -125,8 +125,8 @@ def num_mtp_layers(directory: str) -> int:
 
 
 def load_mtp(path: str, cfg: LlamaConfig, dtype: Any = np.float32) -> tuple[MtpConfig, dict]:
-    """The first MTP layer of an HF checkpoint directory, or of a GLM-4.5 GGUF file (llama.cpp's converter keeps its
-    `blk.{n}.nextn.*` block): (its config, host weights in `dtype`). CheckpointError naming what is missing: a
+    """The first MTP layer of an HF checkpoint directory, or of a GLM-4.5 or GLM-5 GGUF file (llama.cpp's converter
+    keeps their `blk.{n}.nextn.*` block): (its config, host weights in `dtype`). CheckpointError naming what is missing: a
     checkpoint without such a layer, or a tensor not in the files."""
     from models.loader import checkpoint_kind, resolve_path
 
@@ -137,7 +137,7 @@ def load_mtp(path: str, cfg: LlamaConfig, dtype: Any = np.float32) -> tuple[MtpC
         return mcfg, _load_gguf(resolved, cfg, mcfg, dtype)
     if kind != "safetensors":
         raise CheckpointError(f"speculative.method: mtp reads the MTP layer from an HF checkpoint directory or a "
-                              f"GLM-4.5 GGUF file; {path} is an Orbax directory, which holds the model alone")
+                              f"GLM-4.5 / GLM-5 GGUF file; {path} is an Orbax directory, which holds the model alone")
     return mcfg, _load_hf(resolved, cfg, mcfg, dtype)
 
 
@@ -158,9 +158,9 @@ def _load_gguf(path: str, cfg: LlamaConfig, mcfg: MtpConfig, dtype) -> dict:
 
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch != "glm4moe" or not int(meta.get(f"{arch}.nextn_predict_layers") or 0):
+    if arch not in ("glm4moe", "glm-dsa") or not int(meta.get(f"{arch}.nextn_predict_layers") or 0):
         raise CheckpointError(f"{path}: this GGUF file carries no multi-token-prediction layer (llama.cpp's converter "
-                              "keeps GLM-4.5's, as glm4moe.nextn_predict_layers blocks; the others drop theirs)")
+                              "keeps GLM-4.5's and GLM-5's, as nextn_predict_layers blocks; the others drop theirs)")
     base = f"blk.{cfg.num_layers}."
     names = {k: v.replace("blk.{i}.", base) for k, v in gguf_names(cfg, tensors).items()}
     own = {"final_norm": base + "nextn.shared_head_norm.weight", "enorm": base + "nextn.enorm.weight",

@@ -97,7 +97,7 @@ def paged_indexed_attention(q, index_q, index_w, k_pages, v_pages, kv_lens, page
   block_q = max(1, min(block_q or _MAX_QUERY_BLOCK, num_tokens))
 
   def read(pages, scales, page_ids, offsets, dims):
-    x = kv_quant.to_compute(pages[layer, 0, page_ids, offsets][..., dims], jnp.float32)
+    x = kv_quant.to_compute(pages[layer, 0, page_ids, offsets, dims], jnp.float32)  # (only those dims gathered)
     return x if scales is None else x * scales[layer, 0, page_ids, offsets][..., None]
 
   def attend(rows_per_block, seq_mask):

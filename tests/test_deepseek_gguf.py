@@ -28,12 +28,12 @@ from test_moe import moe_gguf_writer
 LAYOUTS = ("split", "kv_b")
 
 
-def _deepseek2_writer(path, cfg: LlamaConfig, layout: str, arch: str = "deepseek2"):
+def _deepseek2_writer(path, cfg: LlamaConfig, layout: str, arch: str = "deepseek2", num_nextn: int = 0):
     """moe_gguf_writer's common metadata, the heads stated as `layout` states them."""
     if layout == "kv_b":
         cfg = types.SimpleNamespace(**{**cfg.to_dict(), "num_kv_heads": cfg.num_heads,
                                        "head_dim": cfg.qk_nope_head_dim + cfg.qk_rope_head_dim})
-    return moe_gguf_writer(path, cfg, arch)
+    return moe_gguf_writer(path, cfg, arch, num_nextn)
 
 
 def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
@@ -80,23 +80,31 @@ def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
         w.add_indexer_top_k(hf_config["index_topk"])
 
 
-def _write_deepseek2_gguf(hf_dir, cfg: LlamaConfig, path, layout: str, arch: str = "deepseek2") -> None:
+def _write_deepseek2_gguf(hf_dir, cfg: LlamaConfig, path, layout: str, arch: str = "deepseek2",
+                          num_nextn: int = 0) -> None:
     """An HF DeepSeek checkpoint's weights (F32) under llama.cpp's names and in its converter's layout: every row as
     HF has it (RoPE pairs still interleaved), experts stacked [E, out, in], the correction bias as exp_probs_b.bias,
     the first layers' MLP under the dense names, the shared experts under `shexp`; the latent's up-projection whole
     (`kv_b`) or per head as attn_k_b [heads, latent, nope] and attn_v_b [heads, v, latent] (`split`); glm-dsa's
-    indexer under `indexer.` as HF has it."""
+    indexer under `indexer.` as HF has it; `num_nextn` multi-token-prediction layers after the model's (GLM-5's: its
+    decoder layer as the others, plus `nextn.enorm`, `hnorm`, `eh_proj`, `shared_head_norm`)."""
     from safetensors.numpy import load_file
 
     sd = load_file(str(hf_dir / "model.safetensors"))
-    w = _deepseek2_writer(path, cfg, layout, arch)
+    w = _deepseek2_writer(path, cfg, layout, arch, num_nextn)
     _add_deepseek2_metadata(w, json.loads((hf_dir / "config.json").read_text()), layout)
+    if num_nextn:
+        w.add_nextn_predict_layers(num_nextn)
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("output_norm.weight", sd["model.norm.weight"])
     w.add_tensor("output.weight", sd["lm_head.weight"])
     nope, v_dim = cfg.qk_nope_head_dim, cfg.v_head_dim
-    for i in range(cfg.num_layers):
+    for i in range(cfg.num_layers + num_nextn):
         hf, attn, layer = f"model.layers.{i}.", f"model.layers.{i}.self_attn.", {}
+        if i >= cfg.num_layers:
+            for ours, theirs in (("enorm", "enorm"), ("hnorm", "hnorm"), ("eh_proj", "eh_proj"),
+                                 ("shared_head_norm", "shared_head.norm")):
+                w.add_tensor(f"blk.{i}.nextn.{ours}.weight", sd[f"{hf}{theirs}.weight"])
         layer["attn_norm"] = sd[hf + "input_layernorm.weight"]
         layer["ffn_norm"] = sd[hf + "post_attention_layernorm.weight"]
         for ours, theirs in (("attn_q", "q_proj"), ("attn_q_a", "q_a_proj"), ("attn_q_a_norm", "q_a_layernorm"),
@@ -259,3 +267,24 @@ def test_glm5_config_reads_back_from_the_converters_metadata(tmp_path):
     del meta["glm-dsa.attention.indexer.top_k"]
     with pytest.raises(ConfigError, match="m.gguf: missing GGUF field 'glm-dsa.attention.indexer.top_k'"):
         LlamaConfig.from_gguf_metadata(meta, tensor_names, source="m.gguf")
+
+
+@pytest.mark.slow
+def test_glm5_gguf_mtp_layer_is_the_checkpoints(tmp_path):
+    """A GLM-5 GGUF keeps its MTP layer as a trailing block (glm-dsa.nextn_predict_layers): the model's layers as the
+    HF directory's, and the layer `speculative.method: mtp` reads from the file (its decoder layer, indexer included,
+    and its nextn norms and projection) bit for bit the HF checkpoint's."""
+    from models import mtp
+    from test_mtp import _hf_with_mtp
+
+    _hf_with_mtp("glm_moe_dsa", tmp_path / "hf")
+    cfg, _ = load_weights(str(tmp_path / "hf"))
+    _write_deepseek2_gguf(tmp_path / "hf", cfg, tmp_path / "m.gguf", "split", arch="glm-dsa", num_nextn=1)
+    gguf_cfg, _ = load_weights(str(tmp_path / "m.gguf"))
+    _assert_same_config(gguf_cfg, cfg)
+    hf_mcfg, hf_layer = mtp.load_mtp(str(tmp_path / "hf"), cfg)
+    gguf_mcfg, gguf_layer = mtp.load_mtp(str(tmp_path / "m.gguf"), gguf_cfg)
+    _assert_same_config(gguf_mcfg.layer, hf_mcfg.layer)  # (the metadata's epsilon: float32's)
+    assert gguf_mcfg.layer.index_topk == 8 and gguf_mcfg.mask_first == hf_mcfg.mask_first
+    assert jax.tree.structure(gguf_layer) == jax.tree.structure(hf_layer)
+    jax.tree.map(np.testing.assert_array_equal, gguf_layer, hf_layer)

@@ -104,6 +104,16 @@ def _hf_with_mtp(kind: str, path) -> None:
         model = _hf_moe("glm4_moe")
     elif kind in ("deepseek_v3", "deepseek_v32"):
         model = _hf_deepseek(kind.removeprefix("deepseek_"))
+    elif kind == "glm_moe_dsa":  # GLM-5: V3.2's layers, the indexer's RoPE in interleaved pairs
+        model = transformers.GlmMoeDsaForCausalLM(transformers.GlmMoeDsaConfig(
+            vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=4, max_position_embeddings=256, num_experts_per_tok=3, n_routed_experts=8,
+            moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+            qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, index_topk=8, index_n_heads=32,
+            index_head_dim=16)).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
     else:  # two linear attention layers, then attention twice: the last becomes the MTP layer
         model = transformers.Qwen3_5ForCausalLM(transformers.Qwen3_5TextConfig(
             **TINY, layer_types=["linear_attention"] * 2 + ["full_attention"] * 2)).eval()
@@ -141,7 +151,7 @@ def _hf_with_mtp(kind: str, path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3", "deepseek_v32", "qwen3_5"])
+@pytest.mark.parametrize("kind", ["glm4_moe", "deepseek_v3", "deepseek_v32", "glm_moe_dsa", "qwen3_5"])
 def test_checkpoints_mtp_layer_drafts(kind, tokenizer, tmp_path, proposed):
     """A checkpoint's MTP layer is read as stored (its decoder layer's weights are the model's layer of that kind's,
     its norms and projection as written; GLM-4.5's from the GGUF file llama.cpp's converter writes too), and through

@@ -52,7 +52,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            decode_only: bool | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
                            sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
-                           tree_masks: jax.Array | None = None) -> jax.Array:
+                           tree_masks: jax.Array | None = None,
+                           attention_chunk: int | jax.Array | None = None) -> jax.Array:
   """Causal attention of a ragged batch of new tokens over paged KV (optionally with per-row limits or draft-tree
   masks). Returns [T, Hq, Dv], q's dtype.
 
@@ -87,6 +88,10 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   cu_q_lens[num_seqs] ignore it. All-zero masks give the causal result bit for bit; None (static): the same
   programs as without the argument.
 
+  attention_chunk (Llama 4's chunked attention layers; an int, or an int32 scalar traced per layer): row t sees
+  no position before its chunk's first, (pos // attention_chunk) * attention_chunk (a draft tree's row: of
+  pos - popcount, its depth, as a window counts). None (static): no such bound, the same programs as without it.
+
   decode_only (static, a performance hint): True: the split-KV decode kernel (pallas_kernels/
   decode_kernel.py), for batches whose sequences have one new token each, or a few (see
   DECODE_MAX_ROWS); it handles every row independently, so it stays correct for any batch, only
@@ -114,7 +119,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
     return reference.ragged_paged_attention(
         q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
         sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
-        k_scales=k_scales, v_scales=v_scales, sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks)
+        k_scales=k_scales, v_scales=v_scales, sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks,
+        attention_chunk=attention_chunk)
   # Pallas modules are imported lazily so that the xla path never touches Pallas.
   from pallas_kernels import decode_kernel, ragged_kernel  # noqa: PLC0415
   # A bucket with no more token rows than sequence slots gains nothing from query blocks (they
@@ -124,7 +130,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   return kernel(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_seqs,
                 sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, layer=layer,
                 interpret=backend == "pallas_interpret", k_scales=k_scales, v_scales=v_scales,
-                sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks)
+                sinks=sinks, kv_limits=kv_limits, tree_masks=tree_masks, attention_chunk=attention_chunk)
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping, *, backend: str = "xla", layer: jax.Array | None = None,

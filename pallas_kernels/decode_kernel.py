@@ -50,6 +50,7 @@ def _decode_kernel(
     pages_ref,   # [max_pages_padded] the row's sequence's page-table row
     layer_ref,   # []   the layer to read
     window_ref,  # []   the sliding window (read only when has_window)
+    chunk_ref,   # []   the attention chunk (read only when has_chunk)
     q_ref,       # [rows, Dk] (a latent cache: q's RoPE part)
     k_ref,       # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,       # [L, P, ps, Dv] (Dv = Dk unless latent)
@@ -58,7 +59,7 @@ def _decode_kernel(
                  # (has_tree: 0 for padding),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
                  # then the outputs: acc [rows, Dv] float32 unnormalised, m [rows], l [rows] float32
     sm_scale: float, soft_cap: float | None, has_window: bool, has_limit: bool, has_tree: bool, latent: bool,
-    pages_per_tile: int, num_splits: int):
+    pages_per_tile: int, num_splits: int, has_chunk: bool = False):
   q_latent = None
   if latent:
     q_latent_ref, *refs = refs
@@ -89,6 +90,10 @@ def _decode_kernel(
   if has_window:
     window = window_ref[()]
     kv_start = jnp.maximum(window_pos - window + 1, 0)
+  if has_chunk:
+    chunk = chunk_ref[()]
+    chunk_start = lax.div(jnp.maximum(window_pos, 0), chunk) * chunk
+    kv_start = jnp.maximum(kv_start, chunk_start)
   first_tile = lax.div(kv_start, block_kv)
   num_tiles = jnp.maximum(_cdiv(kv_end, block_kv) - first_tile, 0)
   tiles_per_split = _cdiv(num_tiles, num_splits)
@@ -101,6 +106,8 @@ def _decode_kernel(
     mask = kv_pos <= limit
     if has_window:
       mask &= kv_pos > window_pos - window
+    if has_chunk:
+      mask &= kv_pos >= chunk_start
     if has_tree:
       mask &= tree_visible(tree_mask, pos - 1 - kv_pos)
     return mask[None, :]
@@ -145,7 +152,8 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
                      block_h: int | None = None, num_splits: int | None = None,
                      num_warps: int | None = None, num_stages: int = 2, k_scales=None, v_scales=None,
                      sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
-                     tree_masks: jax.Array | None = None) -> jax.Array:
+                     tree_masks: jax.Array | None = None,
+                     attention_chunk: int | jax.Array | None = None) -> jax.Array:
   """Split-KV Pallas attention, one query row at a time. Same contract as ragged_paged_attention.
   block_h: q heads per program (a power of two <= the padded GQA group; by default the whole
   group, or latent_block_sizes' share of a latent cache's)."""
@@ -190,6 +198,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   q_tiles = [q_tiles[..., :k_dim], q_tiles[..., k_dim:]] if latent else [q_tiles]
 
   has_window, window = window_input(sliding_window)
+  has_chunk, chunk = window_input(attention_chunk)
   has_limit = kv_limits is not None
   row_spec = pl.BlockSpec((None,), lambda t, h, i: (t,))
   limits = [row_kv_limits(kv_limits, cu_q_lens, kv_lens, num_seqs, num_tokens)] if has_limit else []
@@ -200,7 +209,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
     trees = list(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens)[:1 + has_window])
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, has_limit=has_limit,
-      has_tree=has_tree, latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits)
+      has_tree=has_tree, latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits, has_chunk=has_chunk)
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda t, h, i: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))
@@ -212,7 +221,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       in_specs=[row_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda t, h, i: (t, 0)),
                 pl.BlockSpec((None,), lambda t, h, i: (0,)), pl.BlockSpec((None,), lambda t, h, i: (0,)),
-                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *limit_specs,
+                pl.BlockSpec((None,), lambda t, h, i: (0,)), tile_specs[0], k_spec, v_spec, *tile_specs[1:], *limit_specs,
                 *[row_spec] * len(trees), *scale_specs(scales, k_spec)],
       out_specs=[pl.BlockSpec((None, None, None, rows, v_dim), lambda t, h, i: (i, t, h, 0, 0)),
                  pl.BlockSpec((None, None, None, rows), lambda t, h, i: (i, t, h, 0)),
@@ -223,7 +232,7 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_decode_attention",
-  )(positions.astype(jnp.int32), row_pages, layer, window, q_tiles[0], k_pages, v_pages, *q_tiles[1:],
+  )(positions.astype(jnp.int32), row_pages, layer, window, chunk, q_tiles[0], k_pages, v_pages, *q_tiles[1:],
     *limits, *trees, *(scales or ()))
 
   # Log-sum-exp merge of the splits: [splits, T, NH, block_h(, Dv)] -> [T, Hq(, Dv)].

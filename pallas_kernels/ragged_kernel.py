@@ -247,6 +247,7 @@ def _prefill_kernel(
     pages_ref,       # [max_pages_padded] the sequence's page-table row
     layer_ref,       # []   the layer to read
     window_ref,      # []   the sliding window (read only when has_window)
+    chunk_ref,       # []   the attention chunk (read only when has_chunk)
     q_ref,           # [rows, Dk] (a latent cache: q's first Dk columns, the RoPE part)
     k_ref,           # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,           # [L, P, ps, Dv] (Dv = Dk unless latent)
@@ -255,7 +256,7 @@ def _prefill_kernel(
                      # [rows][, window_first [], window shifts [rows] (has_window)] (has_tree: tree_blocks),]
                      # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
     sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, has_limits: bool,
-    has_tree: bool, latent: bool, block_h: int, pages_per_tile: int):
+    has_tree: bool, latent: bool, block_h: int, pages_per_tile: int, has_chunk: bool = False):
   q_latent = None
   if latent:
     q_latent_ref, *refs = refs
@@ -295,6 +296,9 @@ def _prefill_kernel(
   if has_window:
     window = window_ref[()]
     kv_start = jnp.maximum(window_first - window + 1, 0)
+  if has_chunk:  # (the block's lowest row's chunk starts first)
+    chunk = chunk_ref[()]
+    kv_start = jnp.maximum(kv_start, lax.div(window_first, chunk) * chunk)
   tile_lo = lax.div(kv_start, block_kv)
   tile_hi = _cdiv(kv_end, block_kv)
 
@@ -302,6 +306,8 @@ def _prefill_kernel(
     mask = (kv_pos[None, :] <= row_limit[:, None]) & (kv_pos[None, :] < kv_len)
     if has_window:
       mask &= kv_pos[None, :] > window_pos[:, None] - window
+    if has_chunk:
+      mask &= kv_pos[None, :] >= (lax.div(window_pos, chunk) * chunk)[:, None]
     if has_tree:
       mask &= tree_visible(tree_mask[:, None], row_pos[:, None] - 1 - kv_pos[None, :])
     return mask
@@ -322,6 +328,9 @@ def _prefill_kernel(
   else:
     full_hi = lax.div(first_pos + 1, block_kv)
   full_lo = _cdiv(jnp.maximum(first_pos + num_rows - window, 0), block_kv) if has_window else tile_lo
+  if has_chunk:  # ... and inside the last row's chunk
+    full_lo = jnp.maximum(full_lo, _cdiv(lax.div(jnp.maximum(first_pos + num_rows - 1, 0), chunk) * chunk,
+                                         block_kv))
 
   if has_sinks:  # the sink as a first, value-less score: m = sink, l = exp(sink - sink)
     m0, l0 = sinks_ref[...], jnp.ones((rows,), jnp.float32)
@@ -382,7 +391,8 @@ def latent_block_sizes(group: int, itemsize: int) -> tuple[int, int, int]:
 
 def window_input(sliding_window) -> tuple[bool, jax.Array]:
   """(has_window, window as an int32 [1] kernel input) for a sliding window given as None, an
-  int, or a traced int32 scalar (a per-layer window, e.g. Gemma 3's windowed and global layers)."""
+  int, or a traced int32 scalar (a per-layer window, e.g. Gemma 3's windowed and global layers); an
+  attention chunk alike (Llama 4's chunked layers, a chunk past any context on its global ones)."""
   if sliding_window is None:
     return False, jnp.zeros((1,), jnp.int32)
   return True, jnp.asarray(sliding_window, jnp.int32).reshape(1)
@@ -437,7 +447,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            block_kv: int | None = None, block_h: int | None = None,
                            num_warps: int | None = None, num_stages: int | None = None, k_scales=None,
                            v_scales=None, sinks: jax.Array | None = None,
-                           kv_limits: jax.Array | None = None, tree_masks: jax.Array | None = None) -> jax.Array:
+                           kv_limits: jax.Array | None = None, tree_masks: jax.Array | None = None,
+                           attention_chunk: int | jax.Array | None = None) -> jax.Array:
   """Pallas ragged paged attention (contract: pallas_kernels.ragged_paged_attention). block_h: q
   heads per program (a power of two <= the padded GQA group; by default the whole group, or
   latent_block_sizes' share of a latent cache's); the group is cut over Gp / block_h programs."""
@@ -490,6 +501,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   q_tiles = [q_tiles[..., :k_dim], q_tiles[..., k_dim:]] if latent else [q_tiles]
 
   has_window, window = window_input(sliding_window)
+  has_chunk, chunk = window_input(attention_chunk)
   has_sinks = sinks is not None
   sinks = [sink_rows(sinks, num_kv_heads, block_h, rows)] if has_sinks else []
   sink_specs = [pl.BlockSpec((None, rows), lambda i, h: (h, 0))] if has_sinks else []
@@ -498,7 +510,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   kernel = functools.partial(
       _prefill_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window,
       has_sinks=has_sinks, has_limits=has_limits, has_tree=has_tree, latent=latent, block_h=block_h,
-      pages_per_tile=pages_per_tile)
+      pages_per_tile=pages_per_tile, has_chunk=has_chunk)
   scalar_spec = pl.BlockSpec((None,), lambda i, h: (i,))
   limits, limit_specs = [], []
   if has_limits:  # per block: its loop's end and each tile row's limit (every head block reads the same)
@@ -520,14 +532,14 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       in_specs=[scalar_spec, scalar_spec, scalar_spec,
                 pl.BlockSpec((None, max_pages_padded), lambda i, h: (i, 0)),
                 pl.BlockSpec((None,), lambda i, h: (0,)), pl.BlockSpec((None,), lambda i, h: (0,)),
-                tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *limit_specs,
+                pl.BlockSpec((None,), lambda i, h: (0,)), tile_specs[0], k_spec, v_spec, *tile_specs[1:], *sink_specs, *limit_specs,
                 *tree_specs, *scale_specs(scales, k_spec)],
       out_specs=out_spec,
       out_shape=jax.ShapeDtypeStruct((num_head_blocks, num_blocks, rows, v_dim), q.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
       interpret=interpret,
       name="ragged_paged_attention",
-  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, q_tiles[0],
+  )(blocks.first_pos, blocks.num_rows, blocks.kv_len, block_pages, layer, window, chunk, q_tiles[0],
     k_pages, v_pages, *q_tiles[1:], *sinks, *limits, *trees, *(scales or ()))
 
   # --- Unpack: row t is token slot token_slot[t] of block token_block[t]. ------------------

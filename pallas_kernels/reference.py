@@ -169,7 +169,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
                            block_q: int | None = None, layer: jax.Array | None = None,
                            k_scales: jax.Array | None = None, v_scales: jax.Array | None = None,
                            sinks: jax.Array | None = None, kv_limits: jax.Array | None = None,
-                           tree_masks: jax.Array | None = None) -> jax.Array:
+                           tree_masks: jax.Array | None = None,
+                           attention_chunk: int | jax.Array | None = None) -> jax.Array:
   """Causal attention of every new token over its own sequence's paged KV. Returns [T, Hq, D].
 
   Latent attention (DeepSeek's MLA, absorbed; models/llama.py `_mla_qkv`): k_pages [.., Dk] and
@@ -185,7 +186,9 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   starts from it (m = sink, l = 1) instead of from nothing.
 
   Row i of sequence s sits at position kv_lens[s] - q_len + i and sees KV positions
-  [max(0, pos - sliding_window + 1), pos]. Padding rows produce zeros. kv_limits ([T] int32, e.g. Gemma 3's
+  [max(0, pos - sliding_window + 1), pos]; with `attention_chunk` (Llama 4's chunked layers; an int, or a traced
+  int32 scalar per layer) not before its chunk's first, (pos // attention_chunk) * attention_chunk. Padding rows
+  produce zeros. kv_limits ([T] int32, e.g. Gemma 3's
   bidirectional image tokens): row t sees up to kv_limits[t] instead of pos (row_kv_limits: clamped into
   [pos, kv_len - 1]); the window still starts from pos. tree_masks ([T] int32, a draft tree's rows): bit b set hides
   position pos - 1 - b from row t, and its window counts back from pos - popcount (row_tree_masks).
@@ -233,7 +236,7 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
       _attend_blocks, qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
       pages_per_block=pages_per_block, sliding_window=sliding_window, soft_cap=soft_cap,
       scales=None if k_scales is None else (k_scales, v_scales), sinks=sinks, kv_limits=kv_limits,
-      tree_masks=tree_masks)
+      tree_masks=tree_masks, chunk=attention_chunk)
   if block_q == 1:
     out = attend(1, None)
   else:
@@ -259,7 +262,7 @@ def latent_dims(q, k_pages, v_pages) -> bool:
 
 def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens, num_seqs,
                    block_q: int, seq_mask, *, pages_per_block: int, sliding_window, soft_cap, scales=None,
-                   sinks=None, kv_limits=None, tree_masks=None):
+                   sinks=None, kv_limits=None, tree_masks=None, chunk=None):
   """Attention of the rows of the sequences in seq_mask, in query blocks of block_q tokens.
 
   qs: [T, Hkv, G, D] scaled float32 queries; k/v_pages: [L, Hkv, P, ps, D] (or a latent cache's
@@ -304,6 +307,8 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       first_kv_block = jnp.int32(0)
     else:
       first_kv_block = jnp.maximum(window_first - sliding_window + 1, 0) // block_len
+    if chunk is not None:  # (the block's first row's chunk starts first)
+      first_kv_block = jnp.maximum(first_kv_block, window_first // chunk * chunk // block_len)
     page_row = page_indices[blocks.seq[i]]
     q_tile = q_tiles[i]                                                # [Hkv, rows, D]
 
@@ -328,6 +333,8 @@ def _attend_blocks(qs, k_pages, v_pages, layer, kv_lens, page_indices, cu_q_lens
       mask = kv_pos <= row_limit[:, None]                            # [rows, block_len]
       if sliding_window is not None:
         mask &= kv_pos > window_pos[:, None] - sliding_window
+      if chunk is not None:
+        mask &= kv_pos >= window_pos[:, None] // chunk * chunk
       if tree_masks is not None:
         mask &= tree_visible(row_tree[:, None], row_pos[:, None] - 1 - kv_pos)
       s = jnp.where(mask, s, -jnp.inf)

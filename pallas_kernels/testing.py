@@ -167,7 +167,8 @@ def random_sinks(rng: np.random.Generator, num_q_heads: int) -> np.ndarray:
 
 def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | None = None,
                   soft_cap: float | None = None, sinks: np.ndarray | None = None,
-                  kv_limits: np.ndarray | None = None, tree_masks: np.ndarray | None = None) -> np.ndarray:
+                  kv_limits: np.ndarray | None = None, tree_masks: np.ndarray | None = None,
+                  attention_chunk: int | None = None) -> np.ndarray:
   """Dense float64 attention, one sequence at a time. Returns [num_valid_tokens, Hq, Dv].
 
   kv_limits ([T] int, each >= its row's position): row t sees KV positions <= kv_limits[t] instead of <= its
@@ -177,6 +178,9 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
   tree_masks ([T] int, draft trees): bit b (0 <= b < 32) of tree_masks[t] set hides KV position pos - 1 - b from
   row t, and a window counts back from pos - (the number of set bits): the row sees positions
   > pos - popcount - sliding_window.
+
+  attention_chunk: a row sees no position before its chunk's first, (window position // chunk) x chunk (the
+  window position: pos, or pos - popcount with a tree mask).
 
   sinks [Hq]: one more logit per head in every row's softmax, with no value (gpt-oss), taken as
   given: not scaled, capped or masked. K and V pages narrower than q: a latent cache, each key its
@@ -218,6 +222,8 @@ def attention_f64(batch: RaggedBatch, *, sm_scale: float, sliding_window: int | 
       window_pos = pos - np.array([len(row_bits) for row_bits in bits], int)
     if sliding_window is not None:
       mask &= kv_pos[None, :] > window_pos[:, None] - sliding_window
+    if attention_chunk is not None:
+      mask &= kv_pos[None, :] >= window_pos[:, None] // attention_chunk * attention_chunk
     scores = np.where(mask[None], scores, -np.inf)
     if sinks is None:
       p = np.exp(scores - scores.max(axis=-1, keepdims=True))
@@ -242,7 +248,8 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
                     soft_cap: float | None = None, num_tokens: int | None = None,
                     max_seqs: int | None = None, nan_padding: bool = False,
                     kv_dtype=None, sinks: np.ndarray | None = None,
-                    latent_dims: tuple[int, int] | None = None, kv_limits=None, tree_masks=None) -> None:
+                    latent_dims: tuple[int, int] | None = None, kv_limits=None, tree_masks=None,
+                    attention_chunk: int | None = None) -> None:
   """Runs fn(*batch.args, sm_scale=, sliding_window=, soft_cap=) on a fresh random batch.
 
   Checks the real rows against float64 numpy attention (on the inputs as rounded to dtype) and,
@@ -268,6 +275,8 @@ def check_attention(fn, seqs, *, reference_fn=None, seed: int = 0, num_q_heads: 
   args = [jnp.asarray(q, dtype), jnp.asarray(batch.k_pages, dtype),
           jnp.asarray(batch.v_pages, dtype), *map(jnp.asarray, batch.args[3:])]
   opts = dict(sm_scale=head_dim ** -0.5, sliding_window=sliding_window, soft_cap=soft_cap)
+  if attention_chunk is not None:
+    opts["attention_chunk"] = attention_chunk
   call_opts = dict(opts)
   if sinks is not None:
     sinks = np.asarray(sinks, np.float32)

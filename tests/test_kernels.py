@@ -512,6 +512,53 @@ def test_tree_masks(kernel, num_q_heads, num_kv_heads, head_dim, dtype, sliding_
       **_features(num_q_heads, num_kv_heads, head_dim, dtype, sliding_window, soft_cap))
 
 
+# Llama 4's chunked attention layers: chunks of 8 (two 4-token pages), 12 (not a page multiple) and 48 (whole
+# 16-position KV tiles inside a chunk: the ragged kernel's unmasked interior), alone, with a window, a draft tree's
+# masks, int8 pages.
+CHUNKS = [
+    pytest.param(8, None, False, None, id="chunk8"),
+    pytest.param(12, 5, False, None, id="chunk12-window5"),
+    pytest.param(48, None, False, jnp.int8, id="chunk48-int8"),
+    pytest.param(12, 8, True, None, id="chunk12-window8-trees"),
+]
+
+
+@pytest.mark.parametrize("chunk,sliding_window,trees,kv_dtype", CHUNKS)
+@pytest.mark.parametrize("kernel", ["xla", "ragged", "decode"])
+def test_attention_chunks(kernel, chunk, sliding_window, trees, kv_dtype):
+  """Each backend with an attention chunk, static (the kernels) and traced (xla), against float64 attention (a row
+  sees nothing before its chunk's first position, (pos // chunk) x chunk; a tree row's from its depth) and the
+  kernels against the xla entry; chunks crossing pages and KV tiles, padding rows of NaN."""
+  fn = {"xla": _public("xla"), "ragged": _jit(functools.partial(
+      ragged_kernel.ragged_paged_attention, interpret=True, block_q=4, block_kv=16), static_argnames=(
+          *_OPTS, "attention_chunk")), "decode": _jit(functools.partial(
+              decode_kernel.decode_attention, interpret=True, block_kv=16, num_splits=3), static_argnames=(
+                  *_OPTS, "attention_chunk"))}[kernel]
+  testing.check_attention(
+      fn, TREE_SEQS + [(37, 200)], seed=fresh.seed(), page_size=4 if chunk < 16 else 8, num_tokens=104,
+      max_seqs=8, nan_padding=True, attention_chunk=chunk, sliding_window=sliding_window, kv_dtype=kv_dtype,
+      tree_masks=_tree_masks if trees else None,
+      reference_fn=None if kernel == "xla" else functools.partial(_attn, backend="xla"))
+
+
+def test_attention_f64_chunks():
+  """The float64 attention's chunks themselves: a row sees exactly the positions of its own chunk up to itself, by
+  a softmax over that list; a chunk past the context is the causal result bit for bit."""
+  batch = testing.random_ragged_batch(fresh.rng(), [(10, 14)], num_q_heads=2, num_kv_heads=1, head_dim=8,
+                                      page_size=4, dtype=np.float64)
+  causal = testing.attention_f64(batch, sm_scale=0.3)
+  np.testing.assert_array_equal(testing.attention_f64(batch, sm_scale=0.3, attention_chunk=64), causal)
+  got = testing.attention_f64(batch, sm_scale=0.3, attention_chunk=5)
+  k = np.repeat(batch.k_pages[:, batch.page_indices[0, :4]].reshape(1, -1, 8), 2, axis=0)
+  v = np.repeat(batch.v_pages[:, batch.page_indices[0, :4]].reshape(1, -1, 8), 2, axis=0)
+  for i, pos in enumerate(range(4, 14)):
+    seen = list(range(pos // 5 * 5, pos + 1))
+    scores = np.einsum("hd,hld->hl", batch.q[i], k[:, seen]) * 0.3
+    p = np.exp(scores - scores.max(-1, keepdims=True))
+    np.testing.assert_allclose(got[i], np.einsum("hl,hld->hd", p / p.sum(-1, keepdims=True), v[:, seen]),
+                               rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("kernel", ["ragged", "decode"])
 def test_tree_masks_latent_cache(kernel):
   """Draft trees on a latent cache (16 q heads on one kv head, Dk/Dv = 16/64, the group cut in 2 head blocks) with

@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2")
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4")
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -46,7 +46,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
+                  "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
 # their text_config that differ from them.
@@ -91,6 +91,15 @@ class LlamaConfig:
     sliding_layers: tuple[bool, ...] = ()  # per layer, True = windowed; () = the window is on all
     rope_layers: tuple[bool, ...] = ()  # per layer, False = no positional embedding (SmolLM3's NoPE layers); () = all
     rope_local_theta: float | None = None  # RoPE base of the windowed layers (None: rope_theta)
+    # Chunked attention (Llama 4): on the layers `chunked_layers` marks (() = none), a position sees only its own chunk
+    # of attention_chunk positions up to itself (pallas_kernels.ragged_paged_attention's attention_chunk).
+    attention_chunk: int = 0
+    chunked_layers: tuple[bool, ...] = ()
+    # Llama 4: q and k RMS-normed without a weight after RoPE, on the layers with RoPE (use_qk_norm); and on the layers
+    # without, q scaled by log1p(floor((pos + 1) / floor_scale)) x attn_scale + 1 (attn_temperature_tuning):
+    # nope_temperature = (floor_scale, attn_scale), () = off.
+    qk_norm_unweighted: bool = False
+    nope_temperature: tuple[float, ...] = ()
     # Multimodal RoPE (Qwen2-VL, Qwen2.5-VL): each position is (temporal, height, width), and the rotary dims' pairs
     # are turned by those in sections of these many pairs, in that order (summing to rotary_dim // 2); () = one
     # position per token. A text token's three are equal, so text alone is plain RoPE (models.llama.apply_rope).
@@ -146,6 +155,7 @@ class LlamaConfig:
     expert_groups_per_tok: int = 1  # topk_group
     routed_scaling_factor: float = 1.0  # the routing weights multiplied by this
     expert_group_top: int = 2  # a group's score: the sum of its best this many (DeepSeek-V3: 2; V2: 1, the max)
+    router_scales_input: bool = False  # a token's routing weight multiplies its input to the expert (Llama 4)
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi K2; models/llama.py `_mla_qkv`): K and V come from one
     # latent of kv_lora_rank dims per token (plus one shared RoPE key of qk_rope_head_dim), which is all the cache
     # holds (`kv_dims`): head_dim (a query's width, absorbed) is qk_rope_head_dim + kv_lora_rank and num_kv_heads 1
@@ -237,6 +247,18 @@ class LlamaConfig:
             raise ConfigError("logits_scaling must not be 0 (the logits are divided by it)")
         object.__setattr__(self, "sliding_layers", tuple(bool(b) for b in self.sliding_layers))
         object.__setattr__(self, "rope_layers", tuple(bool(b) for b in self.rope_layers))
+        object.__setattr__(self, "chunked_layers", tuple(bool(b) for b in self.chunked_layers))
+        object.__setattr__(self, "nope_temperature", tuple(float(x) for x in self.nope_temperature))
+        if self.chunked_layers and (len(self.chunked_layers) != self.num_layers or self.attention_chunk <= 0):
+            raise ConfigError(f"chunked_layers needs an entry per layer ({self.num_layers}) and attention_chunk > 0 "
+                              f"(got {len(self.chunked_layers)} entries, attention_chunk={self.attention_chunk})")
+        if self.chunked_layers and self.linear_layers:
+            raise ConfigError("chunked attention layers beside linear attention layers are not supported")
+        if self.nope_temperature and len(self.nope_temperature) != 2:
+            raise ConfigError(f"nope_temperature is (floor_scale, attn_scale); got {self.nope_temperature}")
+        if self.router_scales_input and (self.moe_bias or not self.gated_mlp):
+            raise ConfigError("router_scales_input needs gated experts without biases (expert(w x) = w down(act(w "
+                              "gate) up))")
         if self.rope_layers and len(self.rope_layers) != self.num_layers:
             raise ConfigError(f"rope_layers has {len(self.rope_layers)} entries for {self.num_layers} layers")
         if self.kv_lora_rank:
@@ -377,7 +399,8 @@ class LlamaConfig:
     def routing(self) -> Routing:
         return Routing(top_k=self.num_experts_per_tok, norm_topk_prob=self.norm_topk_prob, scoring=self.router_scoring,
                        groups=self.expert_groups, groups_per_tok=self.expert_groups_per_tok,
-                       scaling=self.routed_scaling_factor, group_top=self.expert_group_top)
+                       scaling=self.routed_scaling_factor, group_top=self.expert_group_top,
+                       scales_input=self.router_scales_input)
 
     @property
     def mlp_intermediate_size(self) -> int:
@@ -473,6 +496,8 @@ class LlamaConfig:
         arch = cfg.get("model_type")
         if arch in ("llava", "llava_next"):  # an image model (models/vision.py): its language model is one of the others
             return cls.from_hf_config(_llava_text_config(cfg), f"{source} text_config")
+        if arch in ("llama4", "llama4_text"):
+            return _llama4_from_hf(cfg, source)
         if arch == "mistral3":  # an image model whose Pixtral tower is not read here (Mistral Small 3.1 / 3.2,
             # Magistral, Devstral): its language model alone, served for text
             text = dict(cfg.get("text_config") or {})
@@ -1081,6 +1106,66 @@ def _experts_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> dict[str
         shared_expert_gate=arch not in GRANITE_HF,
         moe_bias=arch == "gpt_oss",
         moe_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(num_layers)),
+    )
+
+
+def _llama4_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """Llama 4 (Scout, Maverick): config.json `llama4` (its text_config; the vision tower is not read, the model is
+    served for text) or `llama4_text`. Layers without RoPE every `no_rope_layer_interval`-th (`no_rope_layers`: 1 =
+    RoPE), full attention there and chunked attention of `attention_chunk_size` on the others (`layer_types`);
+    RoPE in interleaved pairs (the loader reorders q/k rows), llama3 scaling; q/k RMS-normed without weights after
+    RoPE on the RoPE layers (`use_qk_norm`), q scaled by position on the others (`attn_temperature_tuning`:
+    `floor_scale`, `attn_scale`). Experts on the layers `moe_layers` names (else every `interleave_moe_layer_step`-th):
+    `num_local_experts` of `intermediate_size`, the top `num_experts_per_tok` by router logit, weighted by its
+    sigmoid, the weight multiplying the expert's input; a shared expert of `intermediate_size` beside them, ungated;
+    the other layers' MLP of `intermediate_size_mlp`."""
+    if cfg.get("model_type") == "llama4":
+        text = dict(cfg.get("text_config") or {})
+        if "tie_word_embeddings" in cfg:
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        cfg, source = text, f"{source} text_config"
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    num_layers, hidden, num_heads = int(need("num_hidden_layers")), int(need("hidden_size")), int(need("num_attention_heads"))
+    interval = int(cfg.get("no_rope_layer_interval") or 4)
+    rope_layers = tuple(bool(x) for x in (cfg.get("no_rope_layers")
+                                          or [(i + 1) % interval != 0 for i in range(num_layers)]))
+    chunk = cfg.get("attention_chunk_size")
+    types = cfg.get("layer_types") or ["chunked_attention" if r and chunk else "full_attention" for r in rope_layers]
+    if len(types) != num_layers or set(types) - {"chunked_attention", "full_attention"}:
+        raise ConfigError(f"{source}: layer_types must name each of the {num_layers} layers chunked_attention or "
+                          f"full_attention; got {types}")
+    chunked = tuple(t == "chunked_attention" for t in types)
+    if any(chunked) and not chunk:
+        raise ConfigError(f"{source}: chunked_attention layers need attention_chunk_size")
+    step = int(cfg.get("interleave_moe_layer_step") or 1)
+    moe = cfg.get("moe_layers")
+    moe = set(range(step - 1, num_layers, step)) if moe is None else {int(i) for i in moe}
+    inter = int(need("intermediate_size"))
+    rope_params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return LlamaConfig(
+        architecture="llama4", vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(cfg.get("intermediate_size_mlp") or inter), num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+        head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+        rope_theta=float(rope_params.get("rope_theta", cfg.get("rope_theta", 500000.0))),
+        rope_scaling=rope.scaling_from_hf(rope_params, source, cfg), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 4096)),
+        attention_bias=bool(cfg.get("attention_bias", False)), attention_out_bias=bool(cfg.get("attention_bias", False)),
+        rope_layers=() if all(rope_layers) else rope_layers,
+        attention_chunk=int(chunk) if any(chunked) else 0, chunked_layers=chunked if any(chunked) else (),
+        qk_norm_unweighted=bool(cfg.get("use_qk_norm", True)),
+        nope_temperature=((float(cfg.get("floor_scale", 8192)), float(cfg.get("attn_scale", 0.1)))
+                          if cfg.get("attn_temperature_tuning", True) else ()),
+        num_experts=int(need("num_local_experts")), num_experts_per_tok=int(cfg.get("num_experts_per_tok") or 1),
+        moe_intermediate_size=inter, norm_topk_prob=False, shared_expert_intermediate_size=inter,
+        shared_expert_gate=False, moe_layers=tuple(i in moe for i in range(num_layers)), router_scoring="sigmoid",
+        router_scales_input=True,
     )
 
 

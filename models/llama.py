@@ -460,6 +460,14 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
             rope_factor = jnp.asarray(rope_factors, jnp.float32)[table]
             q = apply_rope(q, positions, inv_freq, rope_factor, cfg.mrope_rows)
             k = apply_rope(k, positions, inv_freq, rope_factor, cfg.mrope_rows)
+            if cfg.qk_norm_unweighted:  # Llama 4, on the layers with RoPE
+                unit = jnp.ones((cfg.head_dim,), jnp.float32)
+                q = jnp.where(table != 2, rms_norm(q, unit, eps), q)
+                k = jnp.where(table != 2, rms_norm(k, unit, eps), k)
+            if cfg.nope_temperature:  # Llama 4, on the layers without: longer contexts, sharper attention
+                floor_scale, attn_scale = cfg.nope_temperature
+                temperature = jnp.log1p(jnp.floor((positions.astype(jnp.float32) + 1) / floor_scale)) * attn_scale + 1
+                q = jnp.where(table == 2, (q.astype(jnp.float32) * temperature[:, None, None]).astype(q.dtype), q)
             sinks = p["sinks"].astype(jnp.float32) if cfg.attention_sinks else None
             if index is None:
                 o, carry = attend(cache_layer, layer_window(cfg, is_windowed), sinks, q, k, v, carry)
@@ -783,9 +791,10 @@ def forward(
     # A window that is the same on every layer stays a static int (or None); mixed windowed and global
     # layers (Gemma 3) pass it per layer as a traced scalar.
     static_window = None if cfg.mixed_windows else layer_window(cfg, None)
+    chunks = attention_chunks(cfg)
 
     def local_attention(i, window, sinks, q, k, v, kv, slots, kv_lens, page_indices, cu_q_lens, num_seqs, kv_limits,
-                        tree_masks, index):
+                        tree_masks, index, chunk):
         window = window if cfg.mixed_windows else static_window
         kv = pallas_kernels.write_kv(*kv[:2], k, v, slots, backend=attn_backend, layer=i, **kv_quant.scale_kwargs(kv))
         if index is not None:  # sparse attention (every backend: jnp)
@@ -796,7 +805,7 @@ def forward(
             q, kv[0], kv[1], kv_lens, page_indices, cu_q_lens, num_seqs,
             sm_scale=cfg.sm_scale, sliding_window=window, soft_cap=cfg.attn_soft_cap, backend=attn_backend, layer=i,
             decode_only=decode_only, sinks=sinks if cfg.attention_sinks else None, kv_limits=kv_limits,
-            tree_masks=tree_masks, **kv_quant.scale_kwargs(kv),
+            tree_masks=tree_masks, attention_chunk=chunk, **kv_quant.scale_kwargs(kv),
         )
         return out, kv
 
@@ -809,7 +818,7 @@ def forward(
         kv_specs = tuple(kv_spec(a.ndim) for a in kv_caches)
         local_attention = jax.shard_map(
             local_attention, mesh=mesh,
-            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P(), P(), P()),
+            in_specs=(P(), P(), P(AXIS), heads, heads, heads, kv_specs, P(), P(), P(), P(), P(), P(), P(), P(), P()),
             out_specs=(heads, kv_specs),
             check_vma=False,  # the kernels' loop carries start replicated and become per-shard
         )
@@ -826,7 +835,8 @@ def forward(
         return local_attention(
             layer, window if cfg.mixed_windows else jnp.int32(0),
             jnp.zeros((cfg.num_heads,), jnp.float32) if sinks is None else sinks, q, k, v, kv, slots, inputs.kv_lens,
-            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits, inputs.tree_masks, index
+            page_indices, inputs.cu_q_lens, inputs.num_seqs, inputs.kv_limits, inputs.tree_masks, index,
+            None if chunks is None else chunks[i],
         )
 
     recurrent = None if states is None else (states, gated_delta.Batch(
@@ -840,11 +850,20 @@ def forward(
     return (out, *kv_caches) if recurrent is not None else (out, kv_caches)
 
 
+def attention_chunks(cfg: LlamaConfig) -> jax.Array | None:
+    """Each layer's attention chunk, [L] int32 (Llama 4: its chunked layers' size, a chunk past any context on the
+    others), or None for a model without chunked layers."""
+    if not cfg.chunked_layers:
+        return None
+    return jnp.asarray(np.where(np.asarray(cfg.chunked_layers), cfg.attention_chunk, NO_WINDOW), jnp.int32)
+
+
 def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_window=None,
                            sm_scale: float | None = None, soft_cap: float | None = None,
-                           sinks: jax.Array | None = None) -> jax.Array:
+                           sinks: jax.Array | None = None, attention_chunk=None) -> jax.Array:
     """Plain causal GQA attention over one sequence. q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]. sinks [Hq]: one
-    more logit per head in each softmax, with no value (gpt-oss). k and v narrower than q: latent attention (a key
+    more logit per head in each softmax, with no value (gpt-oss). attention_chunk: a position sees nothing before
+    its chunk's first (Llama 4's chunked layers). k and v narrower than q: latent attention (a key
     is k and v together, its value v; `_mla_qkv`) -> [T, Hq, Dv]."""
     t, hq, d = q.shape
     if k.shape[-1] != d:
@@ -859,6 +878,8 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
     mask = ki <= qi
     if sliding_window is not None:
         mask &= ki > qi - sliding_window
+    if attention_chunk is not None:
+        mask &= ki >= qi // attention_chunk * attention_chunk
     scores = jnp.where(mask[None], scores, -jnp.inf)
     if sinks is not None:  # the sink's column joins the softmax and is dropped after it
         sink_col = jnp.broadcast_to(sinks.astype(jnp.float32)[:, None, None], (hq, t, 1))
@@ -870,11 +891,14 @@ def dense_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, sliding_win
 
 def _dense_attend(cfg: LlamaConfig) -> AttentionFn:
     """The decoder's attention over one sequence's own K/V (no cache): the dense reference paths."""
+    chunks = attention_chunks(cfg)
+
     def attend(i, w, sinks, q, k, v, c, index=None):
         if index is not None:  # sparse attention
             return indexed_attention.dense_indexed_attention(q, k, v, *index, sm_scale=cfg.sm_scale,
                                                              top_k=cfg.index_topk), c
-        return dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap, sinks), c
+        return dense_causal_attention(q, k, v, w, cfg.sm_scale, cfg.attn_soft_cap, sinks,
+                                      None if chunks is None else chunks[i]), c
 
     return attend
 

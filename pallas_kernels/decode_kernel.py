@@ -55,7 +55,8 @@ def _decode_kernel(
     k_ref,       # [L, P, ps, Dk] this kv head's pages, every layer
     v_ref,       # [L, P, ps, Dv] (Dv = Dk unless latent)
     *refs,       # [q_latent [rows, Dv] (latent),] [limit [] (has_limit: the row's last visible position,
-                 # in [pos, kv_len), -1 for padding),] [tree mask [][, window shift [] (has_window)]
+                 # in [pos, kv_len), -1 for padding),] [tree mask [][, window shift [] (has_window or
+                 # has_chunk)]
                  # (has_tree: 0 for padding),] [k_scales, v_scales ([L, P, ps], an 8-bit cache's),]
                  # then the outputs: acc [rows, Dv] float32 unnormalised, m [rows], l [rows] float32
     sm_scale: float, soft_cap: float | None, has_window: bool, has_limit: bool, has_tree: bool, latent: bool,
@@ -68,7 +69,7 @@ def _decode_kernel(
     limit_ref, *refs = refs
   if has_tree:
     tree_ref, *refs = refs
-    if has_window:
+    if has_window or has_chunk:  # (both count back from a tree row's depth)
       shift_ref, *refs = refs
   *scale_refs, acc_ref, m_ref, l_ref = refs
   rows, v_dim = acc_ref.shape
@@ -82,7 +83,7 @@ def _decode_kernel(
   window_pos = pos                                  # where the window counts back from
   if has_tree:
     tree_mask = tree_ref[()]
-    if has_window:
+    if has_window or has_chunk:
       window_pos = pos - shift_ref[()]
 
   kv_end = limit + 1                                # 0 for padding rows
@@ -206,7 +207,8 @@ def decode_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens, num_
   has_tree = tree_masks is not None
   trees = []  # each row's mask and, with a window, its window shift
   if has_tree:
-    trees = list(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens)[:1 + has_window])
+    shifted = has_window or has_chunk  # (a tree row's window and chunk count from its depth)
+    trees = list(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens)[:1 + shifted])
   kernel = functools.partial(
       _decode_kernel, sm_scale=sm_scale, soft_cap=soft_cap, has_window=has_window, has_limit=has_limit,
       has_tree=has_tree, latent=latent, pages_per_tile=pages_per_tile, num_splits=num_splits, has_chunk=has_chunk)

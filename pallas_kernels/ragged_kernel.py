@@ -253,7 +253,8 @@ def _prefill_kernel(
     v_ref,           # [L, P, ps, Dv] (Dv = Dk unless latent)
     *refs,           # [q_latent [rows, Dv] (latent),] [sinks [rows] (has_sinks),] [kv_end [] (the
                      # block's largest limit + 1), limits [rows] (has_limits),] [interior_end [], tree masks
-                     # [rows][, window_first [], window shifts [rows] (has_window)] (has_tree: tree_blocks),]
+                     # [rows][, window_first [], window shifts [rows] (has_window or has_chunk)] (has_tree:
+                     # tree_blocks),]
                      # [k_scales, v_scales ([L, P, ps], an 8-bit cache's),] o_ref [rows, Dv]
     sm_scale: float, soft_cap: float | None, has_window: bool, has_sinks: bool, has_limits: bool,
     has_tree: bool, latent: bool, block_h: int, pages_per_tile: int, has_chunk: bool = False):
@@ -267,7 +268,7 @@ def _prefill_kernel(
     kv_end_ref, limits_ref, *refs = refs
   if has_tree:
     interior_end_ref, tree_ref, *refs = refs
-    if has_window:
+    if has_window or has_chunk:  # (both count back from a tree row's depth)
       window_first_ref, shift_ref, *refs = refs
   *scale_refs, o_ref = refs
   rows, v_dim = o_ref.shape
@@ -289,7 +290,7 @@ def _prefill_kernel(
   window_pos, window_first = row_pos, first_pos  # where each row's window, and the block's first, counts back from
   if has_tree:  # 0 on rows past num_rows
     tree_mask = tree_ref[...]                                             # [rows]
-    if has_window:
+    if has_window or has_chunk:
       window_pos = row_pos - shift_ref[...]
       window_first = window_first_ref[()]                                 # the block's lowest window_pos
   kv_start = jnp.int32(0)
@@ -423,8 +424,8 @@ def limit_rows(limits, blocks: QueryBlocks, block_h: int) -> tuple[jax.Array, ja
 
 
 def tree_blocks(tree, blocks: QueryBlocks, block_h: int, has_window: bool) -> list[jax.Array]:
-  """(masks, window shifts) [T] (row_tree_masks) -> [interior_end [NB], masks [NB, rows]] and, with a window,
-  [.., window_first [NB], shifts [NB, rows]]. The [NB, rows] values are laid out like the q tiles (pack_rows): tile
+  """(masks, window shifts) [T] (row_tree_masks) -> [interior_end [NB], masks [NB, rows]] and, with a window (or
+  a chunk), [.., window_first [NB], shifts [NB, rows]]. The [NB, rows] values are laid out like the q tiles (pack_rows): tile
   row r holds token r // block_h's, 0 past the block's real rows. interior_end: every row of the block sees every
   position below it (as far as the masks go): the lowest position a mask of the block hides, pos - 1 - its highest
   set bit = pos - 32 + clz(mask), else first_pos + 1 (the causal interior's end: no mask hides anything). window_first:
@@ -519,8 +520,8 @@ def ragged_paged_attention(q, k_pages, v_pages, kv_lens, page_indices, cu_q_lens
   trees, tree_specs = [], []
   if has_tree:  # per block: the interior's end and each tile row's mask; with a window, its start and row shifts
     trees = tree_blocks(row_tree_masks(tree_masks, cu_q_lens, kv_lens, num_seqs, num_tokens), blocks, block_h,
-                        has_window)
-    tree_specs = [scalar_spec, pl.BlockSpec((None, rows), lambda i, h: (i, 0))] * (1 + has_window)
+                        has_window or has_chunk)
+    tree_specs = [scalar_spec, pl.BlockSpec((None, rows), lambda i, h: (i, 0))] * (1 + (has_window or has_chunk))
   k_spec, v_spec = (pl.BlockSpec((num_layers, None, num_pages, page_size, dim),
                                  lambda i, h: (0, kv_head_of(h, num_head_splits), 0, 0, 0))
                     for dim in (k_dim, v_dim))

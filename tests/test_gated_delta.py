@@ -834,6 +834,67 @@ def test_lfm2_checkpoint_matches_transformers_and_resumes_a_shared_prefix(tmp_pa
     assert sum(o.cached_tokens for o in outs[1:]) >= 3 * 32  # the system prompt resumed from its snapshot
 
 
+# LiquidAI/LFM2-8B-A1B's config.json, the fields that shape the model
+LFM2_8B_A1B = {
+    "model_type": "lfm2_moe", "vocab_size": 65536, "hidden_size": 2048, "intermediate_size": 7168,
+    "moe_intermediate_size": 1792, "num_hidden_layers": 24, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "num_experts": 32, "num_experts_per_tok": 4, "num_dense_layers": 2, "norm_topk_prob": True,
+    "routed_scaling_factor": 1.0, "use_expert_bias": True, "conv_L_cache": 3, "conv_bias": False, "norm_eps": 1e-05,
+    "max_position_embeddings": 128000, "tie_word_embeddings": True, "rope_theta": 1000000.0,
+    "layer_types": ["conv", "conv", "full_attention", "conv", "conv", "conv", "full_attention", "conv", "conv", "conv",
+                    "full_attention", "conv", "conv", "conv", "full_attention", "conv", "conv", "conv",
+                    "full_attention", "conv", "conv", "full_attention", "conv", "conv"],
+}
+
+
+def test_lfm2_moe_config_reads_as_transformers_builds_it():
+    """LFM2-8B-A1B: LFM2's layers, the first two MLPs dense at intermediate_size (not adjusted), then 32 experts of
+    1,792, the top 4 by sigmoid score plus expert_bias, renormalized; its parameter count as transformers builds it
+    (8,339,930,560)."""
+    import torch
+    import transformers
+
+    cfg = LlamaConfig.from_hf_config(LFM2_8B_A1B)
+    assert cfg.moe_layers == (False, False) + (True,) * 22 and cfg.intermediate_size == 7168
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.shared_expert_intermediate_size,
+            cfg.router_scoring, cfg.router_score_bias, cfg.norm_topk_prob) == (32, 4, 1792, 0, "sigmoid", True, True)
+    assert cfg.linear_layers == tuple(t == "conv" for t in LFM2_8B_A1B["layer_types"])
+    fields = {k: v for k, v in LFM2_8B_A1B.items() if k not in ("model_type", "rope_theta")}
+    with torch.device("meta"):
+        hf = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(
+            **fields, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0}))
+    biases = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("expert_bias"))
+    assert cfg.num_params() == sum(p.numel() for p in hf.parameters()) + biases == 8_339_930_560
+
+
+@pytest.mark.slow
+def test_lfm2_moe_checkpoint_matches_transformers_and_serves(tmp_path):
+    """A tiny random LFM2-MoE checkpoint (a dense first layer, then experts with a correction bias that changes the
+    choice, among short convolution and attention layers): logits within 1e-4 of transformers'; through the engine
+    (convolution states, prefix hits from snapshots, preemption) its argmax at every step, the same tokens with the
+    experts as grouped matmuls and on the Pallas kernels (interpret)."""
+    import torch
+    import transformers
+
+    from models.loader import load_weights
+    from test_models import _hf_checkpoint_parity, _serve_variants
+
+    torch.manual_seed(fresh.seed())
+    model = transformers.Lfm2MoeForCausalLM(transformers.Lfm2MoeConfig(
+        vocab_size=211, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, num_dense_layers=1,
+        layer_types=["conv", "full_attention", "conv", "full_attention"])).eval()
+    with torch.no_grad():
+        for layer in model.model.layers[1:]:
+            layer.feed_forward.expert_bias.normal_(0, 0.5)
+    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
+    assert cfg.moe_layers == (False, True, True, True) and cfg.router_score_bias
+    assert load_weights(str(tmp_path))[0] == cfg
+    greedy = _serve_variants(model, cfg, params, [{}, {"model.moe_backend": "grouped"},
+                                                   {"attention.backend": "pallas_interpret"}])
+    assert greedy[0] == greedy[1] == greedy[2]
+
+
 def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:
     """The LFM2 checkpoint in `directory` (F32) as llama.cpp's converter writes it (LFM2Model): head_count_kv a list
     per layer (0 on the convolution layers), shortconv.l_cache, the MLP's adjusted width as feed_forward_length; the

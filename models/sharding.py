@@ -82,15 +82,24 @@ def _prepare_linear_layers(cfg: LlamaConfig, params: dict, n: int) -> dict:
     """Linear attention layers (models/gated_delta.py) split by head: each device takes whole key heads (Mamba-2: B/C
     groups) and the value heads they serve. The convolution's channels [q | k | v] (Mamba-2: [x | B | C]) are
     reordered device-major, [q_0 k_0 v_0 | q_1 k_1 v_1 | ...], so that each device's contiguous share of them is a
-    whole layer of its own heads in the same order (the recurrent states' conv channels follow)."""
+    whole layer of its own heads in the same order (the recurrent states' conv channels follow). LFM2's short
+    convolution layers split by channel: the projection's [B | C | x] reordered alike, [B_0 C_0 x_0 | ...], each
+    device convolving its own channels of B x (the convolution and the states split as they are) and projecting
+    them out (row-parallel, an all-reduce after)."""
+    layers = params["layers"]
     if cfg.linear_kind == "short_conv":
-        raise ShardingError(f"LFM2's short convolution layers are not split over devices: serve it at parallel.tensor=1 "
-                            f"(got {n})")
+        h = cfg.hidden_size
+        if h % n:
+            raise ShardingError(f"hidden_size={h} is not divisible by parallel.tensor={n}: LFM2's short convolution "
+                                "layers split their channels evenly")
+        order = np.concatenate([part * h + d * (h // n) + np.arange(h // n) for d in range(n) for part in range(3)])
+        if "gdn_qkv" not in layers:
+            return params
+        return {**params, "layers": {**layers, "gdn_qkv": np.take(np.asarray(layers["gdn_qkv"]), order, axis=-1)}}
     for name in ("linear_num_key_heads", "linear_num_value_heads"):
         if getattr(cfg, name) % n:
             raise ShardingError(f"{name}={getattr(cfg, name)} is not divisible by parallel.tensor={n}: no layout splits "
                                 "the linear attention layers' heads evenly")
-    layers = params["layers"]
     if "gdn_qkv" not in layers:
         return params
     widths = gated_delta.conv_sections(cfg)

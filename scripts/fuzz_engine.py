@@ -124,7 +124,7 @@ def tiny_models(tokenizer) -> dict:
 MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32",
           "llama4")
 RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
-SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4")  # models whose heads split over 2 devices
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4", "lfm2")  # models whose heads split over 2 devices
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
 EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4")  # models with experts (run on the grouped path in half their seeds)

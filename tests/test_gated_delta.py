@@ -767,7 +767,8 @@ def test_granite4_configs_read_as_transformers_builds_them():
 def test_lfm2_configs_read_as_transformers_builds_them():
     """LFM2's config.json: conv layers where layer_types says (else all but full_attn_idxs), the MLP's width as
     transformers adjusts it, q/k norms per head, tied embeddings; its parameter count as transformers builds the model;
-    conv_bias, an unknown layer kind and tensor parallelism refused by name."""
+    conv_bias and an unknown layer kind refused by name; split over devices by channel, the projection's B, C and x
+    reordered device-major (a hidden size the devices do not divide refused)."""
     import transformers
 
     from models import sharding
@@ -787,8 +788,12 @@ def test_lfm2_configs_read_as_transformers_builds_them():
         with pytest.raises(ConfigError, match=named):
             LlamaConfig.from_hf_config({**LFM2, "model_type": "lfm2", **change})
     params = jax.device_get(llama.init_params(cfg, jax.random.key(0)))
-    with pytest.raises(sharding.ShardingError, match="short convolution layers are not split"):
-        sharding.prepare_for_tensor_parallel(cfg, params, 2)
+    with pytest.raises(sharding.ShardingError, match="hidden_size=64 is not divisible by parallel.tensor=3"):
+        sharding.prepare_for_tensor_parallel(dataclasses.replace(cfg, num_heads=6, num_kv_heads=6, head_dim=8,
+                                                                 intermediate_size=96), params, 3)
+    _, split = sharding.prepare_for_tensor_parallel(cfg, params, 2)  # [B | C | x] -> [B_0 C_0 x_0 | B_1 C_1 x_1]
+    qkv = np.asarray(params["layers"]["gdn_qkv"]).reshape(*params["layers"]["gdn_qkv"].shape[:2], 3, 2, 32)
+    np.testing.assert_array_equal(split["layers"]["gdn_qkv"], qkv.swapaxes(2, 3).reshape(qkv.shape[0], 64, 192))
 
 
 @pytest.mark.slow
@@ -872,7 +877,8 @@ def test_lfm2_moe_checkpoint_matches_transformers_and_serves(tmp_path):
     """A tiny random LFM2-MoE checkpoint (a dense first layer, then experts with a correction bias that changes the
     choice, among short convolution and attention layers): logits within 1e-4 of transformers'; through the engine
     (convolution states, prefix hits from snapshots, preemption) its argmax at every step, the same tokens with the
-    experts as grouped matmuls and on the Pallas kernels (interpret)."""
+    experts as grouped matmuls, on the Pallas kernels (interpret) and split over 2 devices (the short convolution
+    layers by channel)."""
     import torch
     import transformers
 
@@ -891,8 +897,8 @@ def test_lfm2_moe_checkpoint_matches_transformers_and_serves(tmp_path):
     assert cfg.moe_layers == (False, True, True, True) and cfg.router_score_bias
     assert load_weights(str(tmp_path))[0] == cfg
     greedy = _serve_variants(model, cfg, params, [{}, {"model.moe_backend": "grouped"},
-                                                   {"attention.backend": "pallas_interpret"}])
-    assert greedy[0] == greedy[1] == greedy[2]
+                                                   {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}])
+    assert greedy[0] == greedy[1] == greedy[2] == greedy[3]
 
 
 def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:

@@ -263,8 +263,8 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray, attenti
     return jnp.concatenate(rotated + passed, axis=-1).astype(x.dtype)
 
 
-# (layer index, sliding window, attention sinks [Hq] float32 or None, q [T, Hq, D], k/v [T, Hkv, D], carry)
-#   -> (out [T, Hq, D], carry)
+# (layer index, sliding window, attention sinks [Hq] float32 or None, q [T, Hq, D], k/v [T, Hkv, D], carry[, sparse
+# attention's (indexer queries [T, Hi, Di], head weights [T, Hi]): DeepSeek-V3.2's layers]) -> (out [T, Hq, D], carry)
 AttentionFn = Callable[[jax.Array, Any, Any, jax.Array, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 # The window of a global layer among windowed ones (Gemma 3): wider than any context.

@@ -252,6 +252,7 @@ HEAD_SHAPES = {          # name: (num_q_heads, num_kv_heads, head_dim, or a late
     "gemma3-270m": (4, 1, 256),
     "gemma3-4b": (8, 4, 256),  # the smallest Gemma 3 that takes images (kv_limits over its image positions)
     "mha-d128": (16, 16, 128),
+    "llama4-scout-tp4": (10, 2, 128),  # Llama 4 Scout (40 q, 8 kv heads of 128) on each of 4 devices
     # DeepSeek-V3 / R1 / Kimi K2 (multi-head latent attention): one RoPE key (64) and one latent
     # (512) per token, shared by every q head: 16 on each of 8 tensor-parallel devices, 128 on one.
     # (V2-Lite has V3-TP8's heads: 16 on one device.)
@@ -265,7 +266,7 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
                    sliding_window: int | None = None, soft_cap: float | None = None,
                    traced_window: bool = False, kv_dtype=None,
                    sinks: bool = False, kv_limits: bool = False,
-                   tree_masks: bool = False) -> dict[str, TritonModule]:
+                   tree_masks: bool = False, attention_chunk: bool = False) -> dict[str, TritonModule]:
   """The Triton modules of the three kernels as the engine calls them (stacked [L, ...] cache,
   traced layer index, default tiles): {"prefill": ragged kernel, "decode": split-KV kernel,
   "write_kv": KV write}. Only shapes are needed, no data. head_dim (Dk, Dv): a latent cache, K
@@ -274,7 +275,7 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
   cache (int8 / float8_e4m3fn pages with float32 scales, pallas_kernels/kv_quant.py). sinks:
   attention sinks, a [Hq] float32 input (gpt-oss). kv_limits: per-row KV limits, a [T] int32 input
   (Gemma 3's steps with image rows). tree_masks: draft-tree masks, a [T] int32 input (tree speculative
-  decoding)."""
+  decoding). attention_chunk: a traced int32 chunk per layer (Llama 4's chunked layers)."""
   import functools  # noqa: PLC0415
 
   import jax.numpy as jnp  # noqa: PLC0415
@@ -306,6 +307,8 @@ def engine_kernels(num_q_heads: int, num_kv_heads: int, head_dim: int | tuple[in
     attend_inputs["kv_limits"] = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
   if tree_masks:
     attend_inputs["tree_masks"] = jax.ShapeDtypeStruct((num_tokens,), jnp.int32)
+  if attention_chunk:
+    attend_inputs["attention_chunk"] = jax.ShapeDtypeStruct((), jnp.int32)
   modules = {}
   for kind, decode_only in (("prefill", False), ("decode", True)):
     attend = functools.partial(pallas_kernels.ragged_paged_attention, sm_scale=q_dim ** -0.5,

@@ -21,7 +21,7 @@ DECODES = [(1, 9), (1, 1), (1, 333), (1, 16), (1, 1000), (1, 64)]
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "backend",
-                                             "decode_only"))
+                                             "decode_only", "attention_chunk"))
 def _attn(*args, **kwargs):
   return pallas_kernels.ragged_paged_attention(*args, **kwargs)
 
@@ -97,6 +97,20 @@ def test_pallas_gpu_tree_masks(decode_only, sliding_window):
       reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=32, num_kv_heads=8, head_dim=128,
       page_size=16, dtype=jnp.bfloat16, sliding_window=sliding_window, num_tokens=sum(q for q, _ in MIXED) + 3,
       tree_masks=lambda batch: testing.random_tree_masks(rng, batch), nan_padding=True)
+
+
+@pytest.mark.parametrize("decode_only", [False, True])
+@pytest.mark.parametrize("chunk,trees", [(64, False), (48, True)])
+def test_pallas_gpu_attention_chunks(decode_only, chunk, trees):
+  """Llama 4's chunked attention (a row sees nothing before its chunk's first position) with Llama-3-8B heads,
+  bfloat16: chunks of 64 (whole 16-position pages, the prefill's 128-position tiles crossing them) and 48 with draft
+  trees (counted from a row's depth)."""
+  rng = fresh.rng()
+  testing.check_attention(
+      functools.partial(_attn, backend="pallas", decode_only=decode_only), MIXED,
+      reference_fn=functools.partial(_attn, backend="xla"), num_q_heads=32, num_kv_heads=8, head_dim=128,
+      page_size=16, dtype=jnp.bfloat16, attention_chunk=chunk, num_tokens=sum(q for q, _ in MIXED) + 3,
+      tree_masks=(lambda batch: testing.random_tree_masks(rng, batch)) if trees else None, nan_padding=True)
 
 
 @pytest.mark.parametrize("decode_only", [False, True])

@@ -21,8 +21,9 @@
 #   "steps" (the model step at fixed shapes, bench.py --workload steps), "linear" (the linear attention prefill kernel:
 #   its GPU tests, scripts/linear_scan_bench.py against the XLA piece loop it replaces, and its tile sweep) and
 #   "interpret" (the interpret-mode kernel tests on the CPU) and "transfer" (prompt pages between replicas over JAX's
-#   transfer server, scripts/transfer_bench.py) are not in the default: a second run, e.g.
-#   GPU_CHECK_STEPS="linear steps transfer", takes them (about 5 minutes).
+#   transfer server, scripts/transfer_bench.py) and "sparse" (DeepSeek-V3.2's sparse attention against dense latent
+#   attention, scripts/sparse_attention_bench.py) are not in the default: a second run, e.g.
+#   GPU_CHECK_STEPS="linear steps transfer sparse", takes them (about 6 minutes).
 # Limits: each step's, from its time on an H200 (2026-12-04) plus a margin (the engine step's a guess); 7.75 minutes.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -92,6 +93,9 @@ wanted steps && step "model step times, Qwen3.5-shaped hybrid (GPU)" 60 \
 # against a device-to-device copy and a trip through host memory; whether the GPU client moves them at all.
 wanted transfer && step "KV pages over the transfer server vs a device copy and host memory (GPU)" 60 \
   "${PY}" scripts/transfer_bench.py --mib 16 256 1024
+# Not in the default steps: DeepSeek-V3.2's sparse attention (jnp) against dense latent attention on the kernels.
+wanted sparse && step "sparse attention (DeepSeek-V3.2, jnp) vs dense latent attention (Pallas) (GPU)" 60 \
+  "${PY}" scripts/sparse_attention_bench.py --dtype bfloat16 --backend pallas --contexts 8192 32768 --reps 5
 
 echo "=== gpu_check: $([[ ${status} -eq 0 ]] && echo PASS || echo FAIL)"
 exit ${status}

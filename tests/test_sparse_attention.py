@@ -110,3 +110,13 @@ def test_dense_form_is_the_paged_one_of_a_whole_sequence():
         np.testing.assert_allclose(np.asarray(dense), np.asarray(paged)[:29], rtol=1e-5, atol=1e-5)
     causal = dense_causal_attention(q[:29], k[..., :ROPE], v, sm_scale=0.2)
     np.testing.assert_allclose(np.asarray(dense), np.asarray(causal), rtol=1e-5, atol=1e-5)
+
+
+def test_bench_runs_both_sides(capsys):
+    """scripts/sparse_attention_bench.py at tiny shapes, bfloat16, dense attention on the Pallas kernel (interpret):
+    a row of both times for every case."""
+    from scripts import sparse_attention_bench
+
+    assert sparse_attention_bench.main(["--quick", "--dtype", "bfloat16", "--backend", "pallas_interpret"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("decode", "chunk"))]
+    assert len(rows) == 3 and all(float(row[-3]) > 0 and float(row[-2]) > 0 for row in rows)

@@ -305,8 +305,10 @@ def test_refusals_name_the_problem(server, tmp_path):
     (root / "ok.png").write_bytes(png)
     (tmp_path / "outside.png").write_bytes(png)
     (root / "link.png").symlink_to(tmp_path / "outside.png")
-    small = MediaPolicy(local_root=str(root), max_bytes=len(png) - 1, timeout_s=0.3)
-    policy = MediaPolicy(local_root=str(root), timeout_s=0.3)
+    # (a timeout far from the others' times: a loaded machine took 0.3 s to refuse a file by its size)
+    small = MediaPolicy(local_root=str(root), max_bytes=len(png) - 1, timeout_s=30)
+    policy = MediaPolicy(local_root=str(root), timeout_s=30)
+    quick = MediaPolicy(local_root=str(root), timeout_s=0.3)  # against /slow's second
     ROUTES.update({"/big.png": (200, "image/png", png), "/unsized-big.png": (200, "image/png", png),
                    "/page.html": (200, "text/html; charset=utf-8", b"<html></html>"), "/slow": (200, "image/png", png),
                    "/redirect-ftp": (302, None, b"ftp://127.0.0.1/a.png"),
@@ -338,7 +340,7 @@ def test_refusals_name_the_problem(server, tmp_path):
         (f"{server}/unsized-big.png", small, "bytes allowed"),
         (f"{server}/page.html", policy, "serves 'text/html', not an image"),
         (f"{server}/missing.png", policy, "HTTP 404"),
-        (f"{server}/slow", policy, "timed out"),
+        (f"{server}/slow", quick, "timed out"),
         (f"{server}/redirect-ftp", policy, "fetching .* failed"),
         (f"{server}/redirect-file", policy, "fetching .* failed"),
         (f"{server}/big.png", MediaPolicy(allow_remote=False), "remote image URLs are not allowed"),

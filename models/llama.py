@@ -639,10 +639,8 @@ def _indexer(cfg: LlamaConfig, p: Params, h: jax.Array, q_lora: jax.Array, proj)
     projection, the key [T, Di] (a LayerNorm with a bias), and each head's weight [T, Hi] float32 with the scales
     Hi^-1/2 and Di^-1/2 folded in (relu commutes with a positive factor; pallas_kernels/indexed_attention.py)."""
     t, hi, di = h.shape[0], cfg.index_num_heads, cfg.index_head_dim
-    key = proj(h, "index_wk").astype(jnp.float32)
-    key = key - jnp.mean(key, axis=-1, keepdims=True)
-    key = key * jax.lax.rsqrt(jnp.mean(key * key, axis=-1, keepdims=True) + 1e-6)
-    key = key * p["index_k_norm"].astype(jnp.float32) + p["index_k_norm_bias"].astype(jnp.float32)
+    key = layer_norm(proj(h, "index_wk").astype(jnp.float32), p["index_k_norm"], 1e-6)
+    key = key + p["index_k_norm_bias"].astype(jnp.float32)
     weights = h.astype(jnp.float32) @ p["index_weights"].astype(jnp.float32) * (hi * di) ** -0.5
     return proj(q_lora, "index_wq").reshape(t, hi, di), key.astype(h.dtype), weights
 

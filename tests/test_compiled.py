@@ -3,13 +3,12 @@ being written (JAX writes in place) costs a compile, never a crash; a process pa
 drops the executables JAX keeps, which frees their mappings."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from engine import compiled
@@ -49,23 +48,41 @@ def test_a_torn_cache_entry_is_compiled_again(tmp_path, keep):
     assert "Error reading persistent compilation cache entry" in again.stderr
 
 
-def _compile_many(n: int, offset: int) -> None:
+# Counts memory mappings while compiling, in a fresh process: a test worker that ran other files frees their
+# executables whenever the garbage collector happens to run, which would move the counts under the test.
+RELEASE = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from engine import compiled
+
+def compile_many(n, offset):
     for i in range(n):
         f = jax.jit(lambda x, i=i: jnp.tanh(x @ x.T + i).sum(0))
         np.asarray(f(jnp.ones((offset + i, 8))))
 
+compile_many(5, 3)  # whatever the first compiles in a process map once
+before = compiled.memory_maps()[0]
+compile_many(60, 10)
+grown, limit = compiled.memory_maps()
+kept = compiled.release_executables_if_crowded(share=1.0)
+untouched = compiled.memory_maps()[0]
+released = compiled.release_executables_if_crowded(share=grown / limit / 2)
+after = compiled.memory_maps()[0]
+compile_many(3, 10)  # programs compile again afterwards
+print(json.dumps(dict(before=before, grown=grown, kept=kept, untouched=untouched, released=released, after=after)))
+"""
+
 
 @pytest.mark.skipif(compiled.memory_maps() is None, reason="no /proc memory maps here")
-def test_release_frees_the_executables_mappings(monkeypatch):
+def test_release_frees_the_executables_mappings():
     """Executables keep their mappings after their jitted functions are gone; past the share of the limit
     `release_executables_if_crowded` drops them (mappings fall back), and below it does nothing."""
-    _compile_many(5, 3)  # whatever the first compiles in a process map once
-    before = compiled.memory_maps()[0]
-    _compile_many(60, 10)
-    grown = compiled.memory_maps()[0]
-    assert grown > before + 60
-    assert not compiled.release_executables_if_crowded(share=1.0)
-    assert compiled.memory_maps()[0] >= grown
-    assert compiled.release_executables_if_crowded(share=grown / compiled.memory_maps()[1] / 2)
-    assert compiled.memory_maps()[0] < before + (grown - before) // 4
-    _compile_many(3, 10)  # programs compile again afterwards
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, env=env,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
+    assert run.returncode == 0, run.stderr
+    n = json.loads(run.stdout.splitlines()[-1])
+    assert n["grown"] > n["before"] + 60
+    assert not n["kept"] and n["untouched"] >= n["grown"]
+    assert n["released"]
+    assert n["after"] < n["before"] + (n["grown"] - n["before"]) // 4

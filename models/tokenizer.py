@@ -7,7 +7,9 @@
 
 Two backends sit behind one interface:
 - `tokenizers.Tokenizer` (HF, Rust): a directory's `tokenizer.json`, or a GGUF `gpt2` vocabulary (byte-level
-  BPE) rebuilt from its tokens, merges and token types with the pre-tokenizer llama.cpp uses for it.
+  BPE) rebuilt from its tokens, merges and token types with the pre-tokenizer llama.cpp uses for it, or a
+  directory's tiktoken vocabulary (Kimi's `tiktoken.model`: ranks only) rebuilt as byte-level BPE with the merges
+  tiktoken's ranks imply and the split regex of the tokenizer class its tokenizer_config.json names.
 - `sentencepiece.SentencePieceProcessor`: a directory's `tokenizer.model`, or a GGUF `llama` / `t5`
   vocabulary (SentencePiece BPE / unigram) rebuilt as a SentencePiece ModelProto from tokens, scores, types.
 """
@@ -60,6 +62,17 @@ _GPT4O_SPLIT = (
     r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
     r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# Kimi's (K2, K2.5, Kimi Linear: tokenization_kimi.py): o200k's split with runs of Han characters split off first
+# (and taken out of the letter classes)
+_NOT_HAN = "&&[^\\p{Han}]"
+_KIMI_SPLIT = (
+    r"[\p{Han}]+"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?[\p{{Lu}}\p{{Lt}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]*[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?[\p{{Lu}}\p{{Lt}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]+[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}{_NOT_HAN}]*"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 _GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **dict.fromkeys(("default", "gpt2", "gpt-2", "mpt", "olmo", "jais", "phi-2", "roberta-bpe"), (False, _GPT2_SPLIT)),
     # NOTE: StarCoder-family vocabularies (SmolLM among them) isolate every digit before the GPT-2 split, as
@@ -70,6 +83,13 @@ _GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str]] = {
     **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "stablelm2", "megrez"), (False, _QWEN2_SPLIT)),
     **dict.fromkeys(("gpt-4o", "llama4"), (False, _GPT4O_SPLIT)),
 }
+
+# tiktoken vocabularies (a ranks file, no merges) name their split regex only in their tokenizer's Python code: by the
+# class tokenizer_config.json names.
+_TIKTOKEN_SPLITS = {"TikTokenTokenizer": _KIMI_SPLIT}  # Kimi K2 / K2.5 / Kimi Linear (tokenization_kimi.py)
+# Tokenizer classes whose apply_chat_template sorts the keys of the tools' schemas, at every depth, before the
+# template renders them (the order the model was trained on)
+_SORTS_TOOLS = frozenset({"TikTokenTokenizer"})
 
 _NO_BOS_PRE_TOKENIZERS = ("glm4", "chatglm-bpe")  # GLM-4's GGUFs (GLM-4.5 too): no BOS added, as llama.cpp reads them
 _SP_MODEL_TYPES = {"llama": "BPE", "t5": "UNIGRAM"}  # GGUF tokenizer.ggml.model -> SentencePiece model type
@@ -200,6 +220,7 @@ class Tokenizer:
         chat_template: str | None = None,
         special_tokens: dict[str, str] | None = None,
         source: str = "",
+        sorts_tools: bool = False,
     ):
         self._backend = backend
         self.vocab_size: int = backend.vocab_size
@@ -209,6 +230,7 @@ class Tokenizer:
         self.chat_template = chat_template
         self._template_tokens = special_tokens or {}  # bos_token, eos_token, ... -> text, for templates
         self._source = source
+        self._sorts_tools = sorts_tools
 
     def __repr__(self) -> str:
         return f"Tokenizer({self._source!r}, vocab_size={self.vocab_size})"
@@ -310,8 +332,11 @@ class Tokenizer:
             backend = _hf_backend_from_json(json_path, config, names)
         elif os.path.isfile(sp_path):
             backend = _sentencepiece_backend_from_file(sp_path, config, names)
+        elif tiktoken_path := _tiktoken_file(path):
+            backend = _HFBackend(_byte_level_bpe_from_tiktoken(tiktoken_path, config, names))
         else:
-            raise FileNotFoundError(f"{path}: neither tokenizer.json nor tokenizer.model found")
+            raise FileNotFoundError(f"{path}: no tokenizer.json, tokenizer.model or tiktoken vocabulary (tiktoken.model, "
+                                    "*.tiktoken) found")
 
         ids = {name: backend.token_to_id(text) for name, text in names.items()}
         special = backend.special_tokens()
@@ -326,6 +351,7 @@ class Tokenizer:
             chat_template=_dir_chat_template(path, config),
             special_tokens=names,
             source=path,
+            sorts_tools=config.get("tokenizer_class") in _SORTS_TOOLS,
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -335,6 +361,8 @@ class Tokenizer:
         config: dict[str, Any] = {k: v for k, v in self._template_tokens.items()}
         if self.chat_template:
             config["chat_template"] = self.chat_template
+        if self._sorts_tools:  # what the tool sorting is known by
+            config["tokenizer_class"] = min(_SORTS_TOOLS)
         backend = self._backend
         if isinstance(backend, _HFBackend):
             backend.tokenizer.save(os.path.join(path, "tokenizer.json"))  # its post-processor keeps BOS/EOS rules
@@ -426,6 +454,8 @@ class Tokenizer:
             if final.get("role") != "assistant" or not isinstance(final.get("content"), str) \
                     or not final["content"].strip():
                 raise ValueError("continue_final_message: the last message must be an assistant's, with text")
+        if self._sorts_tools and kwargs.get("tools"):
+            kwargs["tools"] = _keys_sorted(kwargs["tools"])
         text = render_chat_template(
             self.chat_template,
             messages,
@@ -441,6 +471,15 @@ class Tokenizer:
         # apply_chat_template(tokenize=True) does) no special tokens are added on top.
         text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
         return self.encode(text, add_special_tokens=False)
+
+
+def _keys_sorted(value):
+    """`value` with every dict's keys in sorted order, at every depth."""
+    if isinstance(value, dict):
+        return {k: _keys_sorted(v) for k, v in sorted(value.items())}
+    if isinstance(value, list):
+        return [_keys_sorted(v) for v in value]
+    return value
 
 
 def _open_final_message(text: str, content: str) -> str:
@@ -527,11 +566,16 @@ def _bos_eos_processor(bos: tuple[str, int] | None, eos: tuple[str, int] | None)
 
 
 def _byte_level_alphabet() -> set[str]:
-    # GPT-2's reversible byte -> printable character map: printable Latin-1 bytes stand for themselves,
-    # the other 68 bytes are shifted to U+0100 and up.
+    return set(_byte_level_chars())
+
+
+@functools.cache
+def _byte_level_chars() -> tuple[str, ...]:
+    """GPT-2's reversible byte -> printable character map, by byte: printable Latin-1 bytes stand for themselves,
+    the other 68 bytes are shifted to U+0100 and up, in byte order."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [256 + n for n in range(256 - len(printable))]
-    return {chr(c) for c in printable + shifted}
+    shifted = iter(range(256, 512))
+    return tuple(chr(b) if b in printable else chr(next(shifted)) for b in range(256))
 
 
 def _sentencepiece_from_gguf(path, meta, model, tokens, token_types, bos_id, eos_id, unk_id, add_bos, add_eos):
@@ -581,6 +625,103 @@ def _sentencepiece_from_gguf(path, meta, model, tokens, token_types, bos_id, eos
         add_eos_id=eos_id if add_eos else None,
         add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
     )
+
+
+def _tiktoken_file(path: str) -> str | None:
+    """A directory's tiktoken vocabulary: `tiktoken.model` (Kimi) or a `*.tiktoken` file; None where there is none."""
+    names = sorted(n for n in os.listdir(path) if n == "tiktoken.model" or n.endswith(".tiktoken"))
+    return os.path.join(path, names[0]) if names else None
+
+
+def _read_tiktoken_ranks(path: str) -> dict[bytes, int]:
+    """A tiktoken vocabulary file: a line per token, its bytes in base64 then its rank (merge priority and id)."""
+    import base64
+    import binascii
+
+    ranks: dict[bytes, int] = {}
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except (ValueError, binascii.Error):
+                raise ValueError(f"{path}:{n}: not a tiktoken vocabulary line (base64 token, space, rank): "
+                                 f"{line[:80]!r}") from None
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise ValueError(f"{path}: the ranks of a tiktoken vocabulary must be 0..{len(ranks) - 1}, each once")
+    return ranks
+
+
+def _tiktoken_merges(ranks: dict[bytes, int]) -> list[tuple[bytes, bytes]]:
+    """The merges that rebuild a tiktoken vocabulary as BPE, in rank order: each token of two or more bytes is the
+    pair its own bytes reach when merged as tiktoken merges them (the lowest-ranked adjacent pair first) with only
+    the tokens ranked below it."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda item: item[1]):
+        if len(token) < 2:
+            continue
+        parts = [token[i:i + 1] for i in range(len(token))]
+        while len(parts) > 2:
+            pair_ranks = [ranks.get(a + b, rank) for a, b in zip(parts, parts[1:])]
+            best = min(pair_ranks)
+            if best >= rank:
+                break
+            at = pair_ranks.index(best)
+            parts[at:at + 2] = [parts[at] + parts[at + 1]]
+        if len(parts) != 2:
+            raise ValueError(f"token {token!r} (rank {rank}) is not a merge of two lower-ranked tokens")
+        merges.append((parts[0], parts[1]))
+    return merges
+
+
+def _byte_level_bpe_from_tiktoken(path: str, config: dict, names: dict[str, str]):
+    """A `tokenizers.Tokenizer` for a tiktoken vocabulary (Kimi's `tiktoken.model`), encoding as tiktoken does: the
+    tokenizer's split regex, byte-level BPE over the ranks (a piece that is a token whole stays whole), then the
+    special tokens after the ranks, named by tokenizer_config.json's added_tokens_decoder (gaps filled with
+    `<|reserved_token_ID|>`, as the model's own tokenizer names them)."""
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    cls = config.get("tokenizer_class")
+    if cls not in _TIKTOKEN_SPLITS:
+        raise ValueError(f"{path}: a tiktoken vocabulary's split regex is known by its tokenizer class; "
+                         f"tokenizer_config.json names {cls!r} (supported: {sorted(_TIKTOKEN_SPLITS)})")
+    ranks = _read_tiktoken_ranks(path)
+    chars = _byte_level_chars()
+
+    def spell(token: bytes) -> str:
+        return "".join(chars[b] for b in token)
+
+    try:
+        merges = _tiktoken_merges(ranks)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    tokenizer = HFTokenizer(models.BPE(
+        vocab={spell(t): r for t, r in ranks.items()}, merges=[(spell(a), spell(b)) for a, b in merges],
+        fuse_unk=False, ignore_merges=True,
+    ))  # fmt: skip
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_TIKTOKEN_SPLITS[cls]), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    tokenizer.decoder = decoders.ByteLevel()
+
+    added = {int(i): t for i, t in (config.get("added_tokens_decoder") or {}).items()}
+    if added and min(added) < len(ranks):
+        raise ValueError(f"{path}: added token {min(added)} ({added[min(added)].get('content')!r}) falls inside the "
+                         f"vocabulary's {len(ranks)} ranks")
+    for i in range(len(ranks), max(added, default=len(ranks) - 1) + 1):
+        token = added.get(i, {"content": f"<|reserved_token_{i}|>", "special": True})
+        tokenizer.add_tokens([AddedToken(token["content"], special=bool(token.get("special", True)), normalized=False)])
+        if tokenizer.token_to_id(token["content"]) != i:
+            raise ValueError(f"{path}: added token {i} ({token['content']!r}) is named twice")
+    tokenizer.post_processor = _bos_eos_processor(*(
+        (names[name], tokenizer.token_to_id(names[name])) if config.get(f"add_{name}") and name in names else None
+        for name in ("bos_token", "eos_token")
+    ))  # fmt: skip
+    return tokenizer
 
 
 # ----------------------------------------------------------------------------------------------------------

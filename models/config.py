@@ -28,7 +28,7 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4")  # (lfm2_moe: lfm2's)
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4", "kimi_linear")  # (lfm2_moe: lfm2's)
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -45,7 +45,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
-                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
+                  "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, kimi_linear, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
                   "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -182,9 +182,10 @@ class LlamaConfig:
     linear_key_head_dim: int = 0
     linear_value_head_dim: int = 0
     linear_conv_kernel: int = 4  # the causal depthwise convolution's width over q, k and v
-    # Which linear layer: "gated_delta" (Qwen3.5, Qwen3-Next) or "mamba2" (Granite 4.0-H: Mamba-2's SSD, models/
-    # gated_delta.py maps it onto the same state). For mamba2 the key heads are its B/C groups, the key head dim its
-    # state size, the value heads and head dim its heads and their width.
+    # Which linear layer: "gated_delta" (Qwen3.5, Qwen3-Next), "kda" (Kimi Linear's Kimi Delta Attention: the gated
+    # delta rule with a decay per key channel, as many key as value heads) or "mamba2" (Granite 4.0-H: Mamba-2's SSD,
+    # models/gated_delta.py maps it onto the same state). For mamba2 the key heads are its B/C groups, the key head dim
+    # its state size, the value heads and head dim its heads and their width.
     linear_kind: str = "gated_delta"
     linear_conv_bias: bool = False  # the convolution has a bias (Mamba-2)
     linear_dt_limit: tuple[float, ...] = ()  # Mamba-2's time step clamped to [lo, hi] after its softplus; (): none
@@ -299,8 +300,12 @@ class LlamaConfig:
         if self.linear_layers:
             if len(self.linear_layers) != self.num_layers:
                 raise ConfigError(f"linear_layers has {len(self.linear_layers)} entries for {self.num_layers} layers")
-            if self.linear_kind not in ("gated_delta", "mamba2", "short_conv"):
-                raise ConfigError(f"linear_kind={self.linear_kind!r} is not supported (gated_delta, mamba2, short_conv)")
+            if self.linear_kind not in ("gated_delta", "kda", "mamba2", "short_conv"):
+                raise ConfigError(f"linear_kind={self.linear_kind!r} is not supported (gated_delta, kda, mamba2, "
+                                  "short_conv)")
+            if self.linear_kind == "kda" and (self.linear_num_key_heads != self.linear_num_value_heads
+                                              or self.linear_key_head_dim != self.linear_value_head_dim):
+                raise ConfigError("kda layers have as many key as value heads, of one head dim")
             sizes = (self.linear_num_key_heads, self.linear_num_value_heads, self.linear_key_head_dim,
                      self.linear_value_head_dim)
             if self.linear_kind == "short_conv":  # (LFM2's: a convolution over hidden_size channels, no heads)
@@ -309,9 +314,9 @@ class LlamaConfig:
             elif min(sizes) <= 0 or self.linear_num_value_heads % self.linear_num_key_heads or self.linear_conv_kernel < 2:
                 raise ConfigError(f"linear attention layers need key/value heads and head dims > 0 (got {sizes}), "
                                   "value heads a multiple of key heads and linear_conv_kernel >= 2")
-            if all(self.linear_layers) or self.mla or self.sliding_window is not None:
+            if all(self.linear_layers) or self.index_topk or self.sliding_window is not None:
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
-                                  "latent attention or sliding windows")
+                                  "sparse attention or sliding windows")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -437,6 +442,11 @@ class LlamaConfig:
         hv, value, conv = self.linear_num_value_heads, self.linear_value_dim, self.linear_conv_dim
         if self.linear_kind == "short_conv":  # in_proj (B, C, x), the convolution, out_proj
             linear = num_linear * (3 * h * h + h * self.linear_conv_kernel + h * h)
+        elif self.linear_kind == "kda":  # q, k, v, conv, the decay's low-rank pair, dt_bias, A_log, b, the gate's pair,
+            # norm, out_proj
+            d, hd = self.linear_key_head_dim, value
+            linear = num_linear * (h * conv + conv * self.linear_conv_kernel + 2 * (h * d + d * hd) + hd + hv + h * hv
+                                   + d + hd * h)
         elif self.linear_kind == "mamba2":  # in_proj (z, x B C, dt), conv (+ bias), dt_bias, A_log, D, norm, out_proj
             linear = num_linear * (h * (conv + value + hv) + conv * (self.linear_conv_kernel + self.linear_conv_bias)
                                    + 3 * hv + value + value * h)
@@ -519,6 +529,8 @@ class LlamaConfig:
             return _cohere_from_hf(cfg, source, arch)
         if arch in ("lfm2", "lfm2_moe"):
             return _lfm2_from_hf(cfg, source)
+        if arch == "kimi_linear":
+            return _kimi_linear_from_hf(cfg, source)
         if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
             return _qwen3_5_from_hf(cfg, source, "qwen3_5_moe" if arch.startswith("qwen3_5_moe") else
                                     arch if arch == "qwen3_next" else "qwen3_5")
@@ -1279,6 +1291,49 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
         routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
         expert_group_top=2 if v3 else 1,
     )
+
+
+def _kimi_linear_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """Kimi Linear (`kimi_linear`): Kimi Delta Attention (linear_kind "kda") on the layers `linear_attn_config.kda_layers`
+    names and DeepSeek-V3's latent attention without RoPE on its `full_attn_layers` (both 1-based; or transformers'
+    `layer_types`), each layer's MLP as V3's (dense first layers, then experts routed by sigmoid with a correction
+    bias, plus shared ones), its fields under their own names (num_experts, num_experts_per_token, num_shared_experts,
+    moe_renormalize, num_expert_group, model_max_length). The softmax scale is the query head dim's, without YaRN."""
+    linear = cfg.get("linear_attn_config") or {}
+    for key, want in (("mla_use_nope", True), ("moe_router_activation_func", "sigmoid"), ("mla_use_output_gate", False)):
+        if cfg.get(key, want) != want:
+            raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported (only {want!r})")
+    for key in ("use_full_rank_gate", "gate_lower_bound"):
+        if linear.get(key):
+            raise ConfigError(f"{source}: linear_attn_config.{key}={linear[key]!r} is not supported")
+    renamed = {"n_routed_experts": "num_experts", "num_experts_per_tok": "num_experts_per_token",
+               "n_shared_experts": "num_shared_experts", "norm_topk_prob": "moe_renormalize",
+               "n_group": "num_expert_group", "max_position_embeddings": "model_max_length"}
+    deepseek = {**cfg, **{ours: cfg[theirs] for ours, theirs in renamed.items() if cfg.get(theirs) is not None},
+                "topk_method": "noaux_tc", "scoring_func": "sigmoid", "rope_scaling": None, "rope_parameters": None}
+    base = _deepseek_from_hf(deepseek, source, "deepseek_v3")
+    n = base.num_layers
+    types = cfg.get("layer_types")
+    if types is None and {"kda_layers", "full_attn_layers"} <= set(linear):
+        types = [None] * n
+        for kind, key in (("linear_attention", "kda_layers"), ("full_attention", "full_attn_layers")):
+            for layer in linear[key]:
+                if not 1 <= int(layer) <= n:
+                    raise ConfigError(f"{source}: linear_attn_config.{key} names layer {layer} of {n} (1-based)")
+                types[int(layer) - 1] = kind
+    types = types or ["full_attention" if i and i % 4 == 0 else "linear_attention" for i in range(n)]
+    if len(types) != n or set(types) - {"linear_attention", "full_attention"}:
+        raise ConfigError(f"{source}: every one of the {n} layers must be linear_attention (kda_layers) or "
+                          f"full_attention (full_attn_layers); got {types}")
+    heads = int(linear.get("num_heads", cfg.get("linear_num_heads", 32)))
+    head_dim = int(linear.get("head_dim", cfg.get("linear_head_dim", 128)))
+    return dataclasses.replace(
+        base, architecture="kimi_linear", rope_layers=(False,) * n, rope_scaling=None,
+        query_pre_attn_scalar=float(base.qk_nope_head_dim + base.qk_rope_head_dim),
+        linear_layers=tuple(t == "linear_attention" for t in types), linear_kind="kda",
+        linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=head_dim,
+        linear_value_head_dim=head_dim,
+        linear_conv_kernel=int(linear.get("short_conv_kernel_size", cfg.get("linear_conv_kernel_dim", 4))))
 
 
 def _layer_types(cfg: Mapping[str, Any], source: str, num_layers: int,

@@ -188,11 +188,16 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
     if short:  # LFM2: C times the convolution, projected out; no recurrent state beyond the convolution's
         return proj(c_out * mixed, "gdn_out"), States(conv_state, ssm_state)
 
-    key_dim, mamba = hk * dk, cfg.linear_kind == "mamba2"
-    rate = jax.nn.softplus(proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))  # [T, Hv]
-    if cfg.linear_dt_limit:  # (Mamba-2's only)
-        rate = jnp.clip(rate, *cfg.linear_dt_limit)
-    g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
+    key_dim, mamba, kda = hk * dk, cfg.linear_kind == "mamba2", cfg.linear_kind == "kda"
+    if kda:  # a decay per key channel, from a low-rank projection: -exp(A_log) softplus(f_b f_a h + dt_bias)
+        rate = jax.nn.softplus(proj(proj(h, "gdn_fa"), "gdn_fb").astype(jnp.float32).reshape(t, hk, dk)
+                               + p["gdn_dt_bias"].astype(jnp.float32).reshape(hk, dk))  # [T, H, Dk]
+        g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32))[:, None] * rate
+    else:
+        rate = jax.nn.softplus(proj(h, "gdn_a").astype(jnp.float32) + p["gdn_dt_bias"].astype(jnp.float32))  # [T, Hv]
+        if cfg.linear_dt_limit:  # (Mamba-2's only)
+            rate = jnp.clip(rate, *cfg.linear_dt_limit)
+        g = -jnp.exp(p["gdn_a_log"].astype(jnp.float32)) * rate
     if mamba:  # x, B, C: q = C, k = B, v = dt x, written as they are (module docstring)
         xs = mixed[:, : hv * dv].reshape(t, hv, dv).astype(jnp.float32)
         k = mixed[:, hv * dv : hv * dv + key_dim].reshape(t, hk, dk).astype(jnp.float32)
@@ -211,6 +216,11 @@ def mix(cfg: LlamaConfig, p: dict, h: jax.Array, states: States, layer, batch: B
                                  seq_of_row=seq_of_row,
                                  dot_dtype=h.dtype)
 
+    if kda:  # RMS norm per head (float32 weight), times sigmoid of a low-rank gate per channel, projected out
+        gate = proj(proj(h, "gdn_ga"), "gdn_gb").astype(jnp.float32).reshape(t, hv, dv)
+        normed = out * jax.lax.rsqrt(jnp.mean(out * out, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+        normed = normed * p["gdn_norm"].astype(jnp.float32) * jax.nn.sigmoid(gate)
+        return proj(normed.astype(h.dtype).reshape(t, hv * dv), "gdn_out"), States(conv_state, ssm_state)
     z = proj(h, "gdn_z").astype(jnp.float32)
     if mamba:  # the skip, then silu(z), then an RMS norm per group of the inner width, projected out
         y = (out + p["gdn_d"].astype(jnp.float32)[:, None] * xs).reshape(t, hv * dv) * jax.nn.silu(z)
@@ -245,7 +255,7 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     def step(s, j):
         """Every sequence's state after its token j [S, Hv, Dk, Dv] from s, and that token's output [S, Hv, Dv]."""
         r = jnp.clip(cu[:-1] + j, 0, t - 1)
-        s = s * jnp.exp(g[r])[..., None, None]
+        s = _decayed(s, g[r])
         u = beta[r][..., None] * (v[r] - jnp.einsum("shkv,shk->shv", s, k[r])) if delta else v[r]
         s = s + k[r][..., None] * u[:, :, None, :]
         return s, jnp.einsum("shkv,shk->shv", s, q[r]), r
@@ -270,7 +280,7 @@ def _delta_rule(q, k, v, g, beta, ssm, layer, cu, q_lens, starts, fresh, live, s
     longer = live & (q_lens > 1) & (True if drafted is None else ~drafted)
     if decode_step:  # no longer chunks
         return out, _write_states(ssm, layer, one, jnp.zeros_like(one), s1, s1, s1, slots, snap, snap_slots)
-    if backend in ("pallas", "pallas_interpret"):  # each sequence's pieces walked in one program of a kernel
+    if backend in ("pallas", "pallas_interpret") and g.ndim == 2:  # each sequence's pieces walked in one program
         from pallas_kernels import linear_scan
 
         o_long, cur, snapped = linear_scan.gated_delta_chunks(
@@ -328,6 +338,8 @@ def chunk_rule(q, k, v, g, beta, s0, valid, *, delta: bool = True):
     """The gated delta rule over one piece of C tokens from state s0 [H, Dk, Dv] in matrix form: q, k [C, H, Dk],
     v [C, H, Dv], g, beta [C, H]; rows not `valid` [C] change nothing. Returns (o [C, H, Dv], final state).
     delta=False: the plain gated update, U = V (Mamba-2's state space duality)."""
+    if g.ndim == 3:
+        return _channel_chunk_rule(q, k, v, g, beta, s0, valid)
     c = q.shape[0]
     g = jnp.where(valid[:, None], g, 0.0).T  # [H, C]
     beta = jnp.where(valid[:, None], beta, 0.0).T
@@ -349,13 +361,45 @@ def chunk_rule(q, k, v, g, beta, s0, valid, *, delta: bool = True):
     return jnp.swapaxes(o, 0, 1), s
 
 
+def _decayed(s, g):
+    """States s [..., H, Dk, Dv] times exp(g): g [..., H], a decay per head, or [..., H, Dk], one per key channel
+    (Kimi Delta Attention's)."""
+    e = jnp.exp(g)
+    return s * (e[..., None] if e.ndim == s.ndim - 1 else e[..., None, None])
+
+
+def _channel_chunk_rule(q, k, v, g, beta, s0, valid):
+    """`chunk_rule` with a decay per key channel, g [C, H, Dk] (Kimi Delta Attention): the same matrix form with
+    exp(G_i - G_j) inside each dot over the key channels. Each pair's decay is taken from its own difference of running
+    sums ([H, C, C, Dk], every exponent <= 0), never as exp(G_i) times exp(-G_j), which overflows float32 for a
+    channel that decays fast."""
+    c = q.shape[0]
+    g = jnp.swapaxes(jnp.where(valid[:, None, None], g, 0.0), 0, 1)  # [H, C, Dk]
+    beta = jnp.where(valid[:, None], beta, 0.0).T  # [H, C]
+    k = jnp.swapaxes(jnp.where(valid[:, None, None], k, 0.0), 0, 1)  # [H, C, Dk]
+    q = jnp.swapaxes(q, 0, 1)
+    gc = jnp.cumsum(g, axis=1)
+    i, j = np.arange(c)[:, None], np.arange(c)[None, :]
+    decay = jnp.exp(jnp.where((j <= i)[None, :, :, None], gc[:, :, None, :] - gc[:, None, :, :], -jnp.inf))
+    kk = jnp.einsum("hid,hjd,hijd->hij", k, k, decay)
+    a = jnp.where(j < i, beta[:, :, None] * kk, 0.0)
+    rhs = beta[:, :, None] * (jnp.swapaxes(v, 0, 1) - jnp.einsum("hid,hde->hie", jnp.exp(gc) * k, s0))
+    u = jax.scipy.linalg.solve_triangular(a + jnp.eye(c), rhs, lower=True, unit_diagonal=True)  # [H, C, Dv]
+    qk = jnp.einsum("hid,hjd,hijd->hij", q, k, decay)
+    o = jnp.einsum("hid,hde->hie", jnp.exp(gc) * q, s0) + jnp.einsum("hij,hje->hie", qk, u)
+    last = gc[:, -1]  # [H, Dk]
+    s = jnp.exp(last)[:, :, None] * s0 + jnp.einsum("hid,hie->hde", jnp.exp(last[:, None, :] - gc) * k, u)
+    return jnp.swapaxes(o, 0, 1), s
+
+
 def recurrent_reference(q, k, v, g, beta, s0, *, delta: bool = True):
-    """The rule token by token (the definition, for tests): q, k [T, H, Dk], v [T, H, Dv], g, beta [T, H], s0
-    [H, Dk, Dv] -> (o [T, H, Dv], final state). delta=False: the plain gated update."""
+    """The rule token by token (the definition, for tests): q, k [T, H, Dk], v [T, H, Dv], g [T, H] (or [T, H, Dk]: a
+    decay per key channel, KDA's), beta [T, H], s0 [H, Dk, Dv] -> (o [T, H, Dv], final state). delta=False: the plain
+    gated update."""
 
     def step(s, xs):
         qt, kt, vt, gt, bt = xs
-        s = s * jnp.exp(gt)[:, None, None]
+        s = _decayed(s, gt)
         u = bt[:, None] * (vt - jnp.einsum("hkv,hk->hv", s, kt)) if delta else vt
         s = s + kt[:, :, None] * u[:, None, :]
         return s, jnp.einsum("hkv,hk->hv", s, qt)

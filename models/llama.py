@@ -172,6 +172,12 @@ def param_shapes(cfg: LlamaConfig) -> Params:
         layers |= {"post_attn_norm": (n, h), "post_mlp_norm": (n, h)}
     if cfg.linear_kind == "short_conv" and cfg.linear_layers:  # LFM2: B, C, x; the convolution over B x; out
         layers |= {"gdn_qkv": (n, h, 3 * h), "gdn_conv": (n, cfg.linear_conv_kernel, h), "gdn_out": (n, h, h)}
+    elif cfg.linear_kind == "kda" and cfg.linear_layers:  # Kimi Delta Attention (models/gated_delta.py)
+        hh, d, width = cfg.linear_num_value_heads, cfg.linear_key_head_dim, cfg.linear_value_dim
+        layers |= {"gdn_qkv": (n, h, 3 * width), "gdn_conv": (n, cfg.linear_conv_kernel, 3 * width),
+                   "gdn_fa": (n, h, d), "gdn_fb": (n, d, width), "gdn_dt_bias": (n, width), "gdn_a_log": (n, hh),
+                   "gdn_b": (n, h, hh), "gdn_ga": (n, h, d), "gdn_gb": (n, d, width), "gdn_norm": (n, d),
+                   "gdn_out": (n, width, h)}
     elif cfg.linear_layers:  # Gated DeltaNet or Mamba-2 (models/gated_delta.py)
         hv, conv = cfg.linear_num_value_heads, cfg.linear_conv_dim
         layers |= {"gdn_qkv": (n, h, conv), "gdn_z": (n, h, cfg.linear_value_dim), "gdn_b": (n, h, hv),

@@ -16,7 +16,7 @@ from models.quant import (BLOCK_SCALE_SUFFIX, EXPERTS, EXPONENT_SUFFIX, FP8, OFF
                           SCALE_SUFFIX, dequantize_mxfp4)
 from models.gguf_loader import CheckpointError
 from models.int_checkpoint import INT_METHODS, IntScheme, has_packed_weight, int_scheme, read_int_weight
-from models.weights import NORM_KEYS, assemble, layers_of
+from models.weights import JOIN, NORM_KEYS, assemble, joined, layers_of
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,24 @@ LLAMA4_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("w_gate", "w_up",
     "router": "model.layers.{i}.feed_forward.router.weight",
     "moe_gate_up": "model.layers.{i}.feed_forward.experts.gate_up_proj",
     "moe_down": "model.layers.{i}.feed_forward.experts.down_proj"}
+# Kimi Linear: DeepSeek-V3's latent attention layers (queries projected directly) and Kimi Delta Attention layers,
+# both under `self_attn` (q, k, v and their convolutions stored apart, joined here), experts and shared ones under
+# `block_sparse_moe` (Mixtral's names for the experts, DeepSeek's for the router's correction bias). The dense layers'
+# MLP is under `mlp`, or under `block_sparse_moe` where transformers wrote the checkpoint (`_present_names`).
+_KDA = "model.layers.{i}.self_attn."
+KIMI_LINEAR_NAMES = {k: v for k, v in DEEPSEEK_NAMES.items() if k not in ("wq_a", "q_a_norm", "wq_b")} | {
+    "router": "model.layers.{i}.block_sparse_moe.gate.weight",
+    "router_score_bias": "model.layers.{i}.block_sparse_moe.gate.e_score_correction_bias",
+    **{f"moe_{p}": f"model.layers.{{i}}.block_sparse_moe.experts.{{e}}.{w}.weight"
+       for p, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))},
+    **{f"w_{p}": f"model.layers.{{i}}.block_sparse_moe.shared_experts.{p}_proj.weight" for p in ("gate", "up", "down")},
+    "gdn_qkv": joined(*(f"{_KDA}{x}_proj.weight" for x in "qkv")),
+    "gdn_conv": joined(*(f"{_KDA}{x}_conv1d.weight" for x in "qkv")),
+    **{key: _KDA + name for key, name in (
+        ("gdn_fa", "f_a_proj.weight"), ("gdn_fb", "f_b_proj.weight"), ("gdn_dt_bias", "dt_bias"),
+        ("gdn_a_log", "A_log"), ("gdn_b", "b_proj.weight"), ("gdn_ga", "g_a_proj.weight"),
+        ("gdn_gb", "g_b_proj.weight"), ("gdn_norm", "o_norm.weight"), ("gdn_out", "o_proj.weight"))},
+}
 # Gemma 2 and 3 name their four norms differently (Llama's "post_attention" norm is their pre-MLP one).
 GEMMA_NAMES = {
     **HF_NAMES,
@@ -273,7 +291,7 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
         def has(name: str) -> bool:
             return name in shard_of
 
-        names = _language_model(hf_names(cfg), shard_of)
+        names = _present_names(cfg, _language_model(hf_names(cfg), shard_of), shard_of)
         packed = (mxfp4_experts and cfg.architecture == "gpt_oss"
                   and names["moe_down"].format(i=0) + "_blocks" in shard_of)
         kept = _kept_fp8(cfg, names, shard_of, block, block_scales, keep_fp8) if keep_fp8 else {}
@@ -300,6 +318,8 @@ def tensor_reader(directory: str, shard_of: Mapping[str, tuple], stored) -> Call
         return name in shard_of
 
     def get(name: str) -> np.ndarray:
+        if JOIN in name:  # tensors stored apart, one weight here
+            return np.concatenate([get(part) for part in name.split(JOIN)])
         if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
             return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
         prefix = name.removesuffix(".weight")
@@ -504,7 +524,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
             "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
-            "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES,
+            "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES, "kimi_linear": KIMI_LINEAR_NAMES,
             "llama4": LLAMA4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)
 
@@ -524,6 +544,15 @@ def _language_model(names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[
     return names
 
 
+def _present_names(cfg: LlamaConfig, names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[str, str]:
+    """`names` with the dense layers' MLP where the checkpoint has it: Kimi Linear's own checkpoints keep it under
+    `mlp`, transformers writes it under `block_sparse_moe`."""
+    dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+    if cfg.architecture != "kimi_linear" or not dense or names["dense_gate"].format(i=dense[0]) in shard_of:
+        return names
+    return names | {k: names[k].replace(".mlp.", ".block_sparse_moe.") for k in ("dense_gate", "dense_up", "dense_down")}
+
+
 def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
     """A stored tensor as `weights.assemble` reads it (torch orientation)."""
     # NOTE: HF Gemma norms compute x * (1 + w); the model multiplies by its norm weights as is
@@ -532,6 +561,8 @@ def _from_hf(cfg: LlamaConfig, key: str, arr: np.ndarray) -> np.ndarray:
         return arr.astype(np.float32) + 1.0
     if key == "gdn_conv":  # [conv_dim, 1, K] -> [K, conv_dim]
         return arr[:, 0, :].T
+    if key == "gdn_a_log" and cfg.linear_kind == "kda":  # [1, 1, H, 1] -> [H]
+        return arr.reshape(-1)
     if key in ("gdn_qkvz", "gdn_ba"):
         return qwen3_next_rows(cfg, key, arr)
     if cfg.mla and key in ("wq", "wq_b", "wkv_a"):
@@ -679,8 +710,9 @@ def params_from_state_dict(cfg: LlamaConfig, tensors: Mapping[str, Any], dtype: 
     does not need are ignored; a missing one is a CheckpointError naming it."""
 
     def read(key: str, name: str) -> np.ndarray:
-        if name not in tensors:
-            raise CheckpointError(f"state dict: missing tensor {name!r}")
-        return _from_hf(cfg, key, np.asarray(tensors[name]))
+        for part in name.split(JOIN):
+            if part not in tensors:
+                raise CheckpointError(f"state dict: missing tensor {part!r}")
+        return _from_hf(cfg, key, np.concatenate([np.asarray(tensors[part]) for part in name.split(JOIN)]))
 
     return assemble(cfg, hf_names(cfg), read, dtype)

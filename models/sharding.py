@@ -112,12 +112,15 @@ def _prepare_linear_layers(cfg: LlamaConfig, params: dict, n: int) -> dict:
 
 def linear_layer_specs(cfg: LlamaConfig) -> dict[str, P]:
     """PartitionSpec of one linear attention layer's weights (no leading layer axis): the convolution's channels
-    (device-major, `_prepare_linear_layers`), z, the per-head gates and biases split by head; the output projection by
-    its inputs (an all-reduce after); the norm's weight split with its groups (Mamba-2) or, one per head_dim, whole."""
+    (device-major, `_prepare_linear_layers`), z, the per-head gates and biases split by head (KDA's per channel: by
+    head too); the output projection by its inputs (an all-reduce after); the norm's weight split with its groups
+    (Mamba-2) or, one per head_dim, whole."""
     col, per_head = P(None, AXIS), P(AXIS)
     return {"gdn_qkv": col, "gdn_conv": col, "gdn_conv_bias": per_head, "gdn_z": col, "gdn_a": col, "gdn_b": col,
             "gdn_dt_bias": per_head, "gdn_a_log": per_head, "gdn_d": per_head, "gdn_out": P(AXIS, None),
-            "gdn_norm": per_head if cfg.linear_kind == "mamba2" else P()}
+            "gdn_norm": per_head if cfg.linear_kind == "mamba2" else P(),
+            # KDA's low-rank pairs: the first half whole on every device, the second split by head
+            "gdn_fa": P(), "gdn_fb": col, "gdn_ga": P(), "gdn_gb": col}
 
 
 def state_specs() -> gated_delta.States:

@@ -43,6 +43,12 @@ XIELU_KEYS = ("xielu_alpha_p", "xielu_alpha_n", "xielu_beta", "xielu_eps")
 # write strength b and decay a per value head, the convolution [K, conv_dim], the decay's bias and log rate per value
 # head (float32, as transformers computes the decay), the per-head norm before the gate, the output projection.
 LINEAR_KEYS = ("gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_log", "gdn_norm", "gdn_out")
+# Kimi Delta Attention layers (linear_kind kda) in the same names: q, k, v (three projections in the checkpoint, one
+# here, convolved together), the decay per key channel through a low-rank pair (gdn_fa then gdn_fb) with its bias per
+# channel and log rate per head, the write strength per head, the output gate through a low-rank pair (gdn_ga then
+# gdn_gb), the per-head norm, the output projection.
+KDA_KEYS = ("gdn_qkv", "gdn_conv", "gdn_fa", "gdn_fb", "gdn_dt_bias", "gdn_a_log", "gdn_b", "gdn_ga", "gdn_gb",
+            "gdn_norm", "gdn_out")
 # Mamba-2 layers (linear_kind mamba2) in the same names: gdn_qkv projects x, B and C (convolved together), gdn_z the
 # gate, gdn_a the time step per head; they have no write strength (gdn_b) but a skip D per head (gdn_d), a convolution
 # bias (gdn_conv_bias, where the config has one), and gdn_norm spans the whole inner width (a norm per B/C group).
@@ -51,14 +57,22 @@ MAMBA2_KEYS = ("gdn_qkv", "gdn_z", "gdn_a", "gdn_conv", "gdn_dt_bias", "gdn_a_lo
 # projects C times that out.
 SHORT_CONV_KEYS = ("gdn_qkv", "gdn_conv", "gdn_out")
 # In a model with linear attention layers, the weights only attention layers have (stacked over those: `mixer_kind`).
-ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm"})
+ATTENTION_KEYS = frozenset({"wq", "wk", "wv", "wo", "bq", "bk", "bv", "bo", "sinks", "q_norm", "k_norm", *MLA_KEYS,
+                            *MLA_Q_LORA_KEYS})
 FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "score", "index_weights"})
-ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, "gdn_conv_bias"})
+ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, *KDA_KEYS, "gdn_conv_bias"})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm",
                        "index_k_norm"})
 TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", "score", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
                         "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out", "index_wq", "index_wk",
-                        "index_weights"})
+                        "index_weights", "gdn_fa", "gdn_fb", "gdn_ga", "gdn_gb"})
+# A name table's value may join several tensors (`joined`): read one after another, their rows stacked (Kimi Linear's
+# q, k and v projections and convolutions, stored apart, are one weight here).
+JOIN = "|"
+
+
+def joined(*names: str) -> str:
+    return JOIN.join(names)
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).
@@ -105,7 +119,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys += XIELU_KEYS
     if cfg.linear_layers:
         keys += (MAMBA2_KEYS + (("gdn_conv_bias",) if cfg.linear_conv_bias else ()) if cfg.linear_kind == "mamba2"
-                 else SHORT_CONV_KEYS if cfg.linear_kind == "short_conv" else LINEAR_KEYS)
+                 else SHORT_CONV_KEYS if cfg.linear_kind == "short_conv" else KDA_KEYS if cfg.linear_kind == "kda"
+                 else LINEAR_KEYS)
     return (keys + (BIAS_KEYS if cfg.attention_bias else ()) + (("bo",) if cfg.attention_out_bias else ())
             + (("sinks",) if cfg.attention_sinks else ()) + (QK_NORM_KEYS if cfg.qk_norm else ())
             + (SANDWICH_KEYS if cfg.sandwich_norms else ()))

@@ -39,6 +39,12 @@ heads of a group. So q = C, k = B, v = dt x, g = dt A, and the update writes v u
 solve in the matrix form, `delta=False`). Its convolution runs over x, B and C (with a bias); y goes through an RMS
 norm per group of the inner width after the silu(z) gate (transformers' GraniteMoeHybridRMSNormGated), then out.
 
+Kimi Delta Attention layers (Kimi Linear; cfg.linear_kind "kda") are the gated delta rule with a decay per key
+channel: g_t [H, Dk] = -exp(A_log) softplus(f_b f_a h_t + dt_bias), S <- diag(exp(g_t)) S before the read, as many key
+heads as value heads; q, k, v from one projection (the checkpoint's three, joined at load) through the convolution,
+the output RMS-normed per head and multiplied by sigmoid(g_b g_a h). The matrix form takes exp(G_i - G_j) per channel
+inside each dot (`_channel_chunk_rule`); it runs in XLA on every backend.
+
 LFM2's short convolution layers (cfg.linear_kind "short_conv") are the convolution alone: one projection gives B, C
 and x (each hidden_size wide), the causal depthwise convolution (no activation) runs over B x, and C times its output
 is projected out. Their state is the convolution's last inputs; the ssm state has no elements.

@@ -46,7 +46,8 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, kimi_linear, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text)")
+                  "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text), "
+                  "kimi_k25 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
 # their text_config that differ from them.
@@ -512,6 +513,11 @@ class LlamaConfig:
             text = dict(cfg.get("text_config") or {})
             text.setdefault("model_type", "mistral")
             if "tie_word_embeddings" in cfg:  # (the whole model's says whether its head is the embeddings)
+                text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+            return cls.from_hf_config(text, f"{source} text_config")
+        if arch == "kimi_k25":  # Kimi K2.5 / K2.6: K2 behind a MoonViT tower not read here, served for text
+            text = {"model_type": "kimi_k2", **(cfg.get("text_config") or {})}
+            if "tie_word_embeddings" in cfg:  # (as mistral3's: the whole model's says whether its head is the embeddings)
                 text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
             return cls.from_hf_config(text, f"{source} text_config")
         if arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # image models (models/qwen_vision.py)

@@ -545,8 +545,13 @@ def _language_model(names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[
 
 
 def _present_names(cfg: LlamaConfig, names: dict[str, str], shard_of: Mapping[str, Any]) -> dict[str, str]:
-    """`names` with the dense layers' MLP where the checkpoint has it: Kimi Linear's own checkpoints keep it under
-    `mlp`, transformers writes it under `block_sparse_moe`."""
+    """`names` where the checkpoint has them: Kimi Linear's dense layers' MLP, which its own checkpoints keep under
+    `mlp` and transformers writes under `block_sparse_moe`; a Kimi K2.5 language model's layers, which transformers
+    (5.25) writes as `blocks` (its vision tower's rename undone on every layer) where K2.5's checkpoints, and
+    transformers reading either, have `layers`."""
+    first = names.get("attn_norm", "").format(i=0)
+    if first and first not in shard_of and first.replace(".layers.", ".blocks.") in shard_of:
+        names = {k: v.replace(".layers.", ".blocks.") for k, v in names.items()}
     dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
     if cfg.architecture != "kimi_linear" or not dense or names["dense_gate"].format(i=dense[0]) in shard_of:
         return names

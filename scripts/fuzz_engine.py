@@ -108,7 +108,14 @@ def tiny_models(tokenizer) -> dict:
     lfm2_cfg = LlamaConfig(architecture="lfm2", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=96,
                            num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, qk_norm=True,
                            linear_kind="short_conv", linear_layers=(True, True, False, True), linear_conv_kernel=3)
+    # Kimi-Linear-like: KDA layers (a decay per key channel) around a latent attention layer without RoPE, V3's experts
+    kimi_linear_cfg = dataclasses.replace(
+        deepseek_cfg, architecture="kimi_linear", num_layers=4, q_lora_rank=0, rope_layers=(False,) * 4,
+        moe_layers=(False, True, True, True), linear_kind="kda", linear_layers=(True, True, False, True),
+        linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "kimi_linear": (kimi_linear_cfg, llama.init_params(kimi_linear_cfg, jax.random.key(25), scale=0.3),
+                            tokenizer),
             "lfm2": (lfm2_cfg, llama.init_params(lfm2_cfg, jax.random.key(19), scale=0.5), tokenizer),
             "qwen3_moe": (qwen3_moe_cfg, llama.init_params(qwen3_moe_cfg, jax.random.key(17), scale=0.5), tokenizer),
             "qwen3_5": (qwen3_5_cfg, llama.init_params(qwen3_5_cfg, jax.random.key(11), scale=0.5), tokenizer),
@@ -122,12 +129,14 @@ def tiny_models(tokenizer) -> dict:
 
 
 MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32",
-          "llama4")
-RECURRENT = ("qwen3_5", "granite4", "lfm2")  # models with linear attention layers (a recurrent state per sequence)
-SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4", "lfm2")  # models whose heads split over 2 devices
+          "llama4", "kimi_linear")
+# models with linear attention layers (a recurrent state per sequence)
+RECURRENT = ("qwen3_5", "granite4", "lfm2", "kimi_linear")
+# models whose heads split over 2 devices
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4", "lfm2", "kimi_linear")
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
-EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4")  # models with experts (run on the grouped path in half their seeds)
+EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4", "kimi_linear")  # models with experts (run on the grouped path in half their seeds)
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek", "deepseek_v32")  # models the fuzzer may give themselves as draft models
 WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v32", "llama4")  # models whose pages another replica may send

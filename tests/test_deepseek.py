@@ -288,6 +288,51 @@ def test_glm_47_flash_checkpoint_matches_transformers_and_serves(tmp_path):
         LlamaConfig.from_hf_config({**raw, "mlp_layer_types": ["sparse", "moe", "sparse"]})
 
 
+@pytest.mark.slow
+def test_kimi_k25_checkpoint_serves_its_language_model(tmp_path):
+    """Kimi K2.5 / K2.6 (`kimi_k25`): K2 (DeepSeek-V3's layers, `text_config` of model_type kimi_k2) behind a MoonViT
+    tower, served for text. A tiny random checkpoint, its weights named as K2.5's (`language_model.model.layers.`,
+    `language_model.lm_head`) and as transformers writes them (`language_model.model.blocks.`; transformers reads both
+    to the same model): logits of text ids within 1e-4 of transformers', then through the engine its argmax."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import Kimi_K25Config, Kimi_K25ForConditionalGeneration
+
+    from models.loader import load_weights
+
+    torch.manual_seed(fresh.seed())
+    text = dict(model_type="kimi_k2", vocab_size=211, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=256, num_experts_per_tok=2, n_routed_experts=4,
+                moe_intermediate_size=32, n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=24,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=24, n_group=2, topk_group=1,
+                tie_word_embeddings=False)
+    vision = dict(patch_size=14, pos_emb_height=8, pos_emb_width=8, pos_emb_time=2, num_attention_heads=2,
+                  num_hidden_layers=1, hidden_size=32, intermediate_size=48)
+    model = Kimi_K25ForConditionalGeneration(Kimi_K25Config(
+        text_config=text, vision_config=vision, projection_hidden_size=32, tie_word_embeddings=False, image_token_id=200,
+        video_token_id=201, vision_start_token_id=202, vision_end_token_id=203)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
+        model.model.language_model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.5)
+    model.save_pretrained(tmp_path)
+    written = load_file(tmp_path / "model.safetensors")
+    assert any(".model.blocks.0." in name for name in written)
+    ids = list(fresh.rng().integers(0, 200, 40))
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    for form in ("blocks", "layers"):
+        if form == "layers":  # as K2.5's own checkpoints
+            save_file({n.replace("language_model.model.blocks.", "language_model.model.layers."): t
+                       for n, t in written.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+        cfg, params = load_weights(str(tmp_path))
+        assert cfg.architecture == "deepseek_v3" and cfg.mla and not cfg.tie_word_embeddings
+        params = jax.device_put(params)
+        ours = np.asarray(llama.forward_dense(params, cfg, jnp.asarray(ids, jnp.int32)))
+        np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+    _engine_greedy_is_transformers(model, cfg, params)
+
+
 def tiny_deepseek_v3(vocab_size: int = 300):
     """A random DeepSeek-V3-like model (no transformers)."""
     cfg = LlamaConfig(architecture="deepseek_v3", vocab_size=vocab_size, hidden_size=64, intermediate_size=96,

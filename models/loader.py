@@ -83,7 +83,7 @@ def load_weights(path: str, dtype: Any = np.float32, quantization: str = "none")
 def checkpoint_quantization(path: str) -> str:
     """The model.quantization that serves a checkpoint's weights as it stores them (what `model.quantization: auto`
     picks, as vLLM does): "fp8" for an FP8 checkpoint (config.json's quantization_config.quant_method "fp8", or
-    compressed-tensors with 8-bit float weights), "mxfp4" for an MXFP4 one (gpt-oss), "int4" for a 4-bit integer one
+    compressed-tensors with 8-bit float weights, or ModelOpt's FP8), "mxfp4" for an MXFP4 one (gpt-oss), "int4" for a 4-bit integer one
     (GPTQ, AWQ, compressed-tensors) whose groups are contiguous, "int8" for an 8-bit one with a scale per output
     feature and no zero point ("w8a8" where it quantizes activations to int8 too), "none" for the rest (float weights;
     GGUF files and Orbax directories, and the integer layouts these do not keep, which load dequantized)."""
@@ -97,6 +97,10 @@ def checkpoint_quantization(path: str) -> str:
     method = quant.get("quant_method")
     if method in ("fp8", "mxfp4"):
         return method
+    if method == "modelopt" or (not quant and os.path.isfile(os.path.join(path, "hf_quant_config.json"))):
+        from models.fp4_checkpoint import modelopt_algo
+
+        return "fp8" if modelopt_algo(path) == "FP8" else "none"  # (NVFP4: dequantized at load)
     groups = (quant.get("config_groups") or {}).values() if method == "compressed-tensors" else ()
     if any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
            for g in groups):

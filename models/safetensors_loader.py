@@ -12,6 +12,7 @@ import numpy as np
 import ml_dtypes
 
 from models.config import LlamaConfig
+from models.fp4_checkpoint import fp4_method, is_fp4_weight, read_fp4_weight
 from models.quant import (BLOCK_SCALE_SUFFIX, EXPERTS, EXPONENT_SUFFIX, FP8, OFFSET_SUFFIX, PROJECTIONS,
                           SCALE_SUFFIX, dequantize_mxfp4)
 from models.gguf_loader import CheckpointError
@@ -310,9 +311,11 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
 
 
 def tensor_reader(directory: str, shard_of: Mapping[str, tuple], stored) -> Callable[[str], np.ndarray]:
-    """get(name): a tensor of the opened shards (`opened_shards`) as floats, MXFP4, FP8 and integer ones dequantized."""
+    """get(name): a tensor of the opened shards (`opened_shards`) as floats, MXFP4, NVFP4, FP8 and integer ones
+    dequantized."""
     block, block_scales = _fp8_block(directory)
     scheme = int_scheme(directory)
+    fp4 = fp4_method(directory)
 
     def has(name: str) -> bool:
         return name in shard_of
@@ -320,6 +323,8 @@ def tensor_reader(directory: str, shard_of: Mapping[str, tuple], stored) -> Call
     def get(name: str) -> np.ndarray:
         if JOIN in name:  # tensors stored apart, one weight here
             return np.concatenate([get(part) for part in name.split(JOIN)])
+        if is_fp4_weight(name, fp4, has):
+            return read_fp4_weight(name, fp4, stored)
         if name not in shard_of and name + "_blocks" in shard_of:  # MXFP4 (gpt-oss experts)
             return np.swapaxes(dequantize_mxfp4_blocks(get(name + "_blocks"), get(name + "_scales")), -1, -2)
         prefix = name.removesuffix(".weight")
@@ -644,7 +649,8 @@ def _numpy_float8() -> None:
             setattr(np, name, getattr(ml_dtypes, name))
 
 
-QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors", *INT_METHODS)  # a checkpoint's quantization_config.quant_method we read
+# a checkpoint's quantization_config.quant_method we read (modelopt: NVIDIA ModelOpt's FP8 and NVFP4)
+QUANT_METHODS = ("fp8", "mxfp4", "compressed-tensors", "modelopt", *INT_METHODS)
 
 
 def _fp8_block(directory: str) -> tuple[tuple[int, int], tuple[str, ...]]:

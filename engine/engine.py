@@ -213,7 +213,9 @@ class LLMEngine:
                                      weights_id or weights_identity(config.model.path), self._draft_identity(draft))
         self.scheduler = Scheduler(config.scheduler, config.cache, self.kv.num_pages, self.max_model_len,
                                    eos_ids=frozenset(self.tokenizer.stop_ids), spec=config.speculative,
-                                   num_host_pages=self.kv.num_host_pages, window=self.model_cfg.sliding_window or 0,
+                                   num_host_pages=self.kv.num_host_pages,
+                                   window=reach[1] if (reach := self.model_cfg.kv_reach) else 0,
+                                   chunked_window=bool(reach and reach[2]),
                                    num_window_pages=self.kv.num_window_pages, disk=self.disk,
                                    num_state_slots=config.scheduler.max_running if self.model_cfg.linear_layers else 0,
                                    num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,

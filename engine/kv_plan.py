@@ -50,10 +50,10 @@ def plan_kv_cache(config: EngineConfig, model_cfg, max_model_len: int, kv_dtype,
     num_pages, num_window_pages = _device_sizes(config, model_cfg, max_model_len, device_bytes)
     num_pages = _indexable_pages(config, model_cfg, kv_dtype, draft_cfg, num_pages, draft_split)
     if num_window_pages:
-        num_windowed = sum(model_cfg.sliding_layers)
+        num_windowed = sum(model_cfg.kv_reach[0])
         log.info("KV cache (hybrid): %d pages x %d tokens (%d tokens) for the %d global layers, %d window slots for "
-                 "the %d windowed layers", num_pages, ps, num_pages * ps, model_cfg.num_layers - num_windowed,
-                 num_window_pages, num_windowed)
+                 "the %d %s layers", num_pages, ps, num_pages * ps, model_cfg.num_layers - num_windowed,
+                 num_window_pages, num_windowed, "chunked" if model_cfg.kv_reach[2] else "windowed")
     else:
         log.info("KV cache: %d pages x %d tokens (%d tokens)", num_pages, ps, num_pages * ps)
     if num_pages * ps < max_model_len:
@@ -152,13 +152,14 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
                                  + (f", {drafts} for speculative decoding (max_running, or speculative.max_batch where smaller, "
                                     "x speculative.num_tokens)"
                                     if drafts else "") + " and a page")
-    if not (cache.hybrid and cfg.mixed_windows):
+    if not (cache.hybrid and cfg.kv_reach):
         return cache.num_pages or budget // page_bytes, 0
     ps, sched = cache.page_size, config.scheduler
-    per_sequence = slots_per_sequence(cfg.sliding_window, ps)
+    reached, reach, chunked = cfg.kv_reach
+    per_sequence = slots_per_sequence(reach, ps)
     wanted = sched.max_running * per_sequence + -(-sched.max_batch_tokens // ps)
     layer_bytes = page_bytes // cfg.num_layers
-    num_windowed = sum(cfg.sliding_layers)
+    num_windowed = sum(reached)
     if cache.num_pages:
         num_pages = cache.num_pages
         num_window = cache.window_pages or min(wanted, num_pages)
@@ -167,8 +168,9 @@ def _device_sizes(config: EngineConfig, cfg, max_model_len: int, page_bytes: int
         num_pages = (budget - num_window * num_windowed * layer_bytes) // ((cfg.num_layers - num_windowed) * layer_bytes)
     least = min(per_sequence, -(-max_model_len // ps))
     if num_window < least:
-        raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's window of "
-                             f"{cfg.sliding_window} tokens and a new page: it needs at least {least}")
+        raise ConfigKeyError(f"cache.window_pages={num_window} cannot hold one sequence's "
+                             f"{'attention chunk' if chunked else 'window'} of {reach} tokens and a new page: it needs "
+                             f"at least {least}")
     return num_pages, num_window
 
 

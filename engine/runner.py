@@ -336,7 +336,7 @@ class ModelRunner:
         if num_window_pages:  # one stack of every layer's pages: [1, Hkv, layout.size, ps, D]
             if num_host_pages:
                 raise ValueError("a hybrid cache has no host tier")
-            self.layout = llama.HybridLayout(model_cfg.sliding_layers, num_pages, num_window_pages)
+            self.layout = llama.HybridLayout(model_cfg.kv_reach[0], num_pages, num_window_pages)
             kv_shapes = [((1, s[1], self.layout.size) + s[3:], d) for s, d in kv_shapes]
         # The model's arrays split by KV head across a tensor-parallel mesh; a draft's whole on every device, as its
         # weights are; an MTP layer's split as the model's.

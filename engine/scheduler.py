@@ -127,9 +127,11 @@ class Scheduler:
     def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_pages: int, max_model_len: int,
                  eos_ids: frozenset[int] = frozenset(), spec: SpeculativeConfig = SpeculativeConfig(),
                  num_host_pages: int = 0, window: int = 0, num_window_pages: int = 0, disk=None,
-                 num_state_slots: int = 0, num_snapshots: int = 0, num_host_states: int = 0, disk_states=None):
+                 num_state_slots: int = 0, num_snapshots: int = 0, num_host_states: int = 0, disk_states=None,
+                 chunked_window: bool = False):
         """window, num_window_pages: a hybrid cache (engine.window_pages): the sliding window of the model's windowed
-        layers and the slots those layers' K/V have (0: every layer keeps every page). disk: the disk tier (an
+        layers (with `chunked_window`, the attention chunk of its chunked layers) and the slots those layers' K/V have
+        (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, its recurrent-state slots (max_running: one per running sequence) and `num_snapshots` slots for the
         prefix cache's snapshots of them, with a host tier `num_host_states` host slots for those the device lets
@@ -150,7 +152,7 @@ class Scheduler:
         # (src, dst) cache slots of accepted draft-tree nodes to move before the cache is read again (StepPlan.slot_moves)
         self.slot_moves: list[tuple[int, int]] = []
         self.pages = SequencePages(cache, num_pages, self.stats, num_host_pages, window, num_window_pages, disk,
-                                   num_state_slots, num_snapshots, num_host_states, disk_states)
+                                   num_state_slots, num_snapshots, num_host_states, disk_states, chunked_window)
         self.pool, self.tree, self.window, self.tiers = self.pages.pool, self.pages.tree, self.pages.window, self.pages.tiers
         # Full pages some running prefill is computing right now, by chained block hash: a waiting
         # sequence whose next uncached page is here waits for it instead of computing it again.

@@ -29,9 +29,9 @@ class SequencePages:
 
     def __init__(self, cache: CacheConfig, num_pages: int, stats, num_host_pages: int = 0, window: int = 0,
                  num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0,
-                 num_host_states: int = 0, disk_states=None):
+                 num_host_states: int = 0, disk_states=None, chunked_window: bool = False):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
-        sliding window and window slots (0: every layer keeps every page). disk: the disk tier (an
+        sliding window (an attention chunk with `chunked_window`) and window slots (0: every layer keeps every page). disk: the disk tier (an
         engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`), and `num_snapshots` more
         for the prefix cache's (engine.state_snapshots) after a scratch one; `num_host_states` host slots keep those
@@ -43,7 +43,8 @@ class SequencePages:
         self.pool = PagePool(num_pages)
         self.tree = RadixCache(self.pool, cache.page_size)
         self.tree.record_events = False  # until someone drains them (LLMEngine.drain_cache_events)
-        self.window = WindowPages(num_window_pages, window, cache.page_size) if num_window_pages else None
+        self.window = (WindowPages(num_window_pages, window, cache.page_size, chunked_window) if num_window_pages
+                       else None)
         self._window_copies: list[tuple[int, int]] = []  # (src, dst) window slots of the plan being built
         # Host and disk tiers: the tree's evicted pages saved to host slots, its stored pages written to disk (the
         # plans carry the copies); prompts continue their match in them.

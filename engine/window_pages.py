@@ -27,18 +27,22 @@ from engine.page_pool import PagePool
 
 
 def slots_per_sequence(window: int, page_size: int) -> int:
-    """Most slots a decoding sequence holds: the pages its next token can see in a windowed layer, and a new page."""
+    """Most slots a decoding sequence holds: the pages its next token can see in a windowed layer, and a new page (an
+    attention chunk of `window` tokens reaches as far back as a window of as many at most)."""
     return -(-(window - 1) // page_size) + 2
 
 
 class WindowPages:
     """Window slots for pages: allocation, holders' references and the tree's evictable holds. Not thread safe."""
 
-    def __init__(self, num_slots: int, window: int, page_size: int) -> None:
+    def __init__(self, num_slots: int, window: int, page_size: int, chunked: bool = False) -> None:
+        """window: the windowed layers' reach in tokens: a sliding window, or with `chunked` an attention chunk (a
+        token sees back to its chunk's first position, (pos // window) x window: Llama 4's chunked layers)."""
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         self.pool = PagePool(num_slots)
         self.window = window
+        self.chunked = chunked
         self.page_size = page_size
         self.slot_of: dict[int, int] = {}  # page -> its window slot (pages without one are absent)
         # Pages whose slot the tree holds: still held by a sequence too, and held by the tree alone (evictable, in the
@@ -49,6 +53,8 @@ class WindowPages:
     # --- geometry -----------------------------------------------------------------------------------
     def first_page(self, pos: int) -> int:
         """Index of the first page the token at position `pos` attends to in a windowed layer."""
+        if self.chunked:
+            return pos // self.window * self.window // self.page_size
         return max(0, pos - self.window + 1) // self.page_size
 
     def usable(self, pages: list[int], num_tokens: int) -> int:

@@ -375,6 +375,19 @@ class LlamaConfig:
         return self.sliding_window is not None and bool(self.sliding_layers) and not all(self.sliding_layers)
 
     @property
+    def kv_reach(self) -> tuple[tuple[bool, ...], int, bool] | None:
+        """(the layers that never attend further back than a fixed reach, that reach in tokens, whether it is an
+        attention chunk rather than a sliding window) where such layers mix with layers that see every position: what
+        a hybrid KV cache keeps only that far back of (engine.window_pages). Gemma 2/3's and gpt-oss's sliding
+        windows; Llama 4's chunks, where a token sees back to its chunk's first position, (pos // C) x C. None: none."""
+        if self.mixed_windows:
+            return tuple(self.sliding_layers), int(self.sliding_window), False
+        if self.attention_chunk and any(self.chunked_layers) and not all(self.chunked_layers) \
+                and self.sliding_window is None:
+            return tuple(self.chunked_layers), int(self.attention_chunk), True
+        return None
+
+    @property
     def mixed_mlp(self) -> bool:
         """Some layers have experts and some a dense MLP (`moe_layers`)."""
         return bool(self.moe_layers)

@@ -174,13 +174,26 @@ def tiny_gemma3(tokenizer):
     return cfg, llama.init_params(cfg, jax.random.key(5), scale=0.5), tokenizer
 
 
+@pytest.fixture(scope="module")
+def tiny_llama4(tokenizer):
+    """A random Llama-4-like model whose chunked layers see back to the start of their chunk of 12 tokens (3 of 4
+    layers; the fourth global, without RoPE)."""
+    cfg = LlamaConfig(architecture="llama4", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128,
+                      num_layers=4, num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, rope_theta=5e5,
+                      rope_layers=(True, True, False, True), attention_chunk=12,
+                      chunked_layers=(True, True, False, True), qk_norm_unweighted=True, nope_temperature=(16.0, 0.1))
+    return cfg, llama.init_params(cfg, jax.random.key(7), scale=0.5), tokenizer
+
+
 HYBRID = {**SMALL, "cache.page_size": 4, "scheduler.max_batch_tokens": 32}
 
 
-def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
-    """Windowed layers keeping only their window's K/V (cache.hybrid): greedy outputs equal full KV's, the cache
-    off's and the dense forward's, also with so few window slots that cached windows are evicted, prefixes
-    recomputed and restored, and sequences preempted."""
+@pytest.mark.parametrize("model", ["tiny_gemma3", "tiny_llama4"])
+def test_hybrid_cache_never_changes_greedy_outputs(model, tokenizer, request):
+    """Windowed layers keeping only their window's K/V (cache.hybrid; Llama 4's chunked layers only their chunk's):
+    greedy outputs equal full KV's, the cache off's and the dense forward's, also with so few window slots that
+    cached windows are evicted, prefixes recomputed and restored, and sequences preempted."""
+    tiny = request.getfixturevalue(model)
     prompts = _prompts(tokenizer, random.Random(1))
     runs, stats = {}, {}
     for name, overrides in {
@@ -191,7 +204,7 @@ def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
         "hybrid-few-pages": {"cache.num_pages": 20, "cache.window_pages": 40, "scheduler.overlap": False,
                              "model.max_model_len": 80},
     }.items():
-        llm = LLM(EngineConfig().replace(**{**HYBRID, **overrides}), progress=False, model=tiny_gemma3)
+        llm = LLM(EngineConfig().replace(**{**HYBRID, **overrides}), progress=False, model=tiny)
         runs[name] = _generate(llm, prompts, max_tokens=10)
         stats[name] = st = llm.engine.stats()
         assert st["pages_held_by_requests"] == 0 and st["pages_free"] + st["pages_tree"] == st["pages_total"]
@@ -201,7 +214,7 @@ def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
     assert sum(runs["hybrid"][1]) > 0.5 * sum(len(p) for p, _ in prompts)
     assert stats["hybrid-few-slots"]["window_evicted_pages"] > 0 and stats["hybrid-few-slots"]["window_recomputed_tokens"] > 0
     assert stats["hybrid-few-pages"]["num_preemptions"] > 0
-    cfg, params, _ = tiny_gemma3
+    cfg, params, _ = tiny
     params = jax.device_put(params)
     for (prompt, _), out in zip(prompts, runs["hybrid-few-slots"][0]):
         seq = prompt + out
@@ -209,7 +222,8 @@ def test_hybrid_cache_never_changes_greedy_outputs(tiny_gemma3, tokenizer):
         assert_argmax(logits[len(prompt) - 1 : len(seq) - 1], out)
 
 
-def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):
+@pytest.mark.parametrize("model", ["tiny_gemma3", "tiny_llama4"])
+def test_hybrid_cache_pallas_interpret_matches_xla(model, tokenizer, request):
     """The Pallas kernels reading and writing a hybrid cache through each layer's own table agree with xla."""
     long = tokenizer.encode("A short history of the city: Paris grew on an island in the Seine, and its kings "
                             "built walls, bridges, markets and churches along both banks.")
@@ -218,7 +232,8 @@ def test_hybrid_cache_pallas_interpret_matches_xla(tiny_gemma3, tokenizer):
     for backend in ("xla", "pallas_interpret"):
         llm = LLM(EngineConfig().replace(**{**HYBRID, "cache.num_pages": 24, "cache.window_pages": 16, "model.max_model_len": 96,
                                             "scheduler.max_batch_tokens": 16, "scheduler.max_running": 2,
-                                            "attention.backend": backend}), progress=False, model=tiny_gemma3)
+                                            "attention.backend": backend}), progress=False,
+                  model=request.getfixturevalue(model))
         outs[backend] = _generate(llm, prompts, max_tokens=6)
     assert outs["xla"][0] == outs["pallas_interpret"][0]
     assert outs["pallas_interpret"][1][2] >= 16

@@ -73,13 +73,15 @@ class FakeRunner:
     with draft tokens get a token for every position from the real last token on, as the engine's runner does."""
 
     def __init__(self, num_pages: int, page_size: int, model=random_model, window: int = 0, window_pages: int = 0,
-                 disk: FakeDisk | None = None):
+                 disk: FakeDisk | None = None, chunked: bool = False):
         self.ps = page_size
         self.disk = disk
         self.model = model
         self.store = [[None] * page_size for _ in range(num_pages)]
-        # Hybrid cache: the windowed layers' store, by window slot; a token must read the last `window` positions there.
+        # Hybrid cache: the windowed layers' store, by window slot; a token must read the last `window` positions there
+        # (chunked: its chunk of `window` positions up to itself, as Llama 4's chunked layers).
         self.window = window
+        self.chunked = chunked
         self.window_store = [[None] * page_size for _ in range(window_pages)]
         self.host: dict[int, list[int]] = {}  # host tier: slot -> a saved page's tokens
         # A model with linear attention layers: the tokens each state slot's recurrent state has seen (a sequence's,
@@ -139,7 +141,8 @@ class FakeRunner:
                 got = self.store[c.pages[pos // self.ps]][pos % self.ps]
                 assert got == ids[pos], f"{seq.request_id}: position {pos} holds {got}, expected {ids[pos]}"
             # ... and in the windowed layers, every position the chunk's first token can see.
-            for pos in range(max(0, c.start - self.window + 1), end if self.window else 0):
+            first = c.start // self.window * self.window if self.chunked else max(0, c.start - self.window + 1)
+            for pos in range(first, end if self.window else 0):
                 slot = c.window_pages[pos // self.ps]
                 got = self.window_store[slot][pos % self.ps] if slot >= 0 else "no slot"
                 assert got == ids[pos], f"{seq.request_id}: window position {pos} holds {got}, expected {ids[pos]}"
@@ -172,8 +175,8 @@ class FakeRunner:
 def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="fcfs", caching=True, long_prefill_tokens=0,
          eos_ids=frozenset(), spec=SpeculativeConfig(), model=random_model, max_model_len=256, host_pages=0, window=0,
          window_pages=0, disk: FakeDisk | None = None, disk_read_timeout_s: float = 10.0, snapshots=0, host_states=0,
-         disk_states: FakeDisk | None = None):
-    """snapshots: a model with linear attention layers (a recurrent state per running sequence) and that many snapshot
+         disk_states: FakeDisk | None = None, chunked: bool = False):
+    """chunked: the hybrid cache's `window` is an attention chunk. snapshots: a model with linear attention layers (a recurrent state per running sequence) and that many snapshot
     slots; host_states: the host tier's slots for them; disk_states: the disk tier's files of them."""
     sched = Scheduler(
         SchedulerConfig(max_batch_tokens=max_batch_tokens, max_running=max_running, policy=policy,
@@ -192,8 +195,9 @@ def make(num_pages=64, page_size=4, max_batch_tokens=32, max_running=8, policy="
         num_snapshots=snapshots,
         num_host_states=host_states,
         disk_states=disk_states,
+        chunked_window=chunked,
     )
-    runner = FakeRunner(num_pages, page_size, model, window, window_pages, disk)
+    runner = FakeRunner(num_pages, page_size, model, window, window_pages, disk, chunked)
     if snapshots:
         runner.states, runner.disk_states = {}, disk_states
     return sched, runner
@@ -368,6 +372,9 @@ def _cache_and_overlap_runs(seed: int) -> tuple[int, int]:
             "window+tiny": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11),
             "window+priority": dict(caching=True, num_pages=20, max_running=6, window=9, window_pages=12, policy="priority"),
             "window+disk": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11, disk=window_disk),
+            # ... and chunked layers seeing back to the start of their chunk of 6 (5) positions.
+            "chunk": dict(caching=True, num_pages=64, window=6, window_pages=12, chunked=True),
+            "chunk+tiny": dict(caching=True, num_pages=14, max_running=6, window=5, window_pages=11, chunked=True),
         }.items():
             sched, runner = make(**kwargs, eos_ids=frozenset({0, 1, 2}))
             preempt = sched.preempt

@@ -17,21 +17,32 @@ def _usable_reference(w: WindowPages, pages: list[int], num_tokens: int) -> int:
     ps, best = w.page_size, 0
     for j in range(1, len(pages) + 1):
         start = min(j * ps, num_tokens - 1)
-        first = max(0, start - w.window + 1) // ps  # the earliest position it sees, as a page index
+        # the earliest position it sees (a window back, or its chunk's first), as a page index
+        first = (start // w.window * w.window if w.chunked else max(0, start - w.window + 1)) // ps
         if all(p in w.slot_of for p in pages[first:j]):
             best = j
     return best
 
 
 @pytest.mark.parametrize("seed", range(20))
-def test_usable_prefix_matches_brute_force(seed):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_usable_prefix_matches_brute_force(seed, chunked):
     rng = random.Random(seed)
     ps = rng.choice([1, 2, 4, 8])
-    w = WindowPages(64, window=rng.randrange(1, 40), page_size=ps)
+    w = WindowPages(64, window=rng.randrange(1, 40), page_size=ps, chunked=chunked)
     pages = rng.sample(range(200), rng.randrange(0, 30))
     w.alloc([p for p in pages if rng.random() < 0.6])
     for num_tokens in {len(pages) * ps, len(pages) * ps + 1, len(pages) * ps + rng.randrange(2, 9)}:
         assert w.usable(pages, num_tokens) == _usable_reference(w, pages, num_tokens)
+
+
+def test_a_chunked_layer_reaches_back_to_its_chunk_start():
+    """An attention chunk of 8 over pages of 4: positions 0-7 see from page 0, 8-15 from page 2 (a sliding window of 8
+    keeps page 0 for position 8, which sees position 1); a chunk that does not fill whole pages starts inside one."""
+    w = WindowPages(8, window=8, page_size=4, chunked=True)
+    assert [w.first_page(p) for p in (0, 7, 8, 15, 16)] == [0, 0, 2, 2, 4]
+    assert WindowPages(8, window=8, page_size=4).first_page(8) == 0
+    assert [WindowPages(8, window=6, page_size=4, chunked=True).first_page(p) for p in (5, 6, 11, 12)] == [0, 1, 1, 3]
 
 
 def test_slots_are_evicted_only_from_the_tree_least_recently_released_first():

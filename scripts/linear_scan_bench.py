@@ -7,8 +7,11 @@ update with 128 heads of state 128 x head 64 (Granite 4.0-H's larger models). Ca
 beside 63 decodes (a mixed step). Each row prints the median time of the XLA loop and of the kernel, their ratio, and
 the largest difference of the outputs (relative to the largest output). `--tune` sweeps the kernel's tiles (every
 configuration listed compiles for sm90 without spills: tests/test_kernels_compile.py) on the 2,048-token chunk.
+`--kda` prices Kimi Delta Attention's decay per key channel instead: the XLA piece loop with it (Kimi Linear's 32
+heads of 128 x 128) against the same loop with a decay per head, both float32, on any device.
 
     python scripts/linear_scan_bench.py [--tune]    # GPU (scripts/gpu_check.sh, step "linear")
+    python scripts/linear_scan_bench.py --kda [--quick]
     python scripts/linear_scan_bench.py --quick     # tiny shapes, the kernel in interpret mode: a CPU smoke test
 """
 from __future__ import annotations
@@ -72,8 +75,12 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="tiny shapes, the kernel in interpret mode (CPU)")
   parser.add_argument("--tune", action="store_true", help="sweep the kernel's tiles on the 2,048-token chunk")
+  parser.add_argument("--kda", action="store_true", help="the XLA loop with a decay per key channel (Kimi Delta "
+                      "Attention) against one per head")
   parser.add_argument("--reps", type=int, default=None)
   args = parser.parse_args(argv)
+  if args.kda:
+    return kda_rows(args)
   backend = "pallas_interpret" if args.quick else "pallas"
   reps = args.reps or (2 if args.quick else 7)
   inner = 1 if args.quick else None  # (interpret mode: every call goes through the kernel's Python; time few)
@@ -120,6 +127,30 @@ def main(argv=None):
       diff = np.abs(outs["xla"] - outs[backend]).max() / (np.abs(outs["xla"]).max() + 1e-30)
       print(f"{name:<22} {case_name:<18} {times['xla'] * 1e3:11.3f} {times[backend] * 1e3:10.3f} "
             f"{times['xla'] / times[backend]:7.2f}x {diff:9.2e}", flush=True)
+
+
+def kda_rows(args) -> None:
+  """The XLA piece loop with a decay per key channel [T, H, Dk] (KDA) against one per head [T, H] (the same decays'
+  mean over the channels), the same q, k, v, beta and states: median ms and the ratio."""
+  reps = args.reps or (2 if args.quick else 5)
+  shape, cases = ((2, 16, 16), {"1 x 200": [(200, 0)]}) if args.quick else (
+      (32, 128, 128), {"1 x 2048": [(2048, 0)], "4 x 512": [(512, 1000 * i) for i in range(4)]})
+  num_heads, k_dim, v_dim = shape
+  print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
+  header = f"{'shape':<22} {'case':<12} {'per head ms':>11} {'per channel ms':>14} {'ratio':>6}"
+  print(header + "\n" + "-" * len(header))
+  key = jax.random.key(0)
+  for case_name, seqs in cases.items():
+    key, sub, kg = jax.random.split(key, 3)
+    case = make_case(sub, seqs, delta=True, num_heads=num_heads, k_dim=k_dim, v_dim=v_dim)
+    channel_g = -jax.random.exponential(kg, (*case["g"].shape, k_dim)) * 0.3
+    times = {}
+    for label, g in (("head", channel_g.mean(-1)), ("channel", channel_g)):
+      call = [case[n] for n in ("q", "k", "v")] + [g] + [case[n] for n in ("beta", "ssm", "cu", "q_lens", "starts")]
+      times[label] = time_fn(rule_fn("xla", True, jnp.float32), *call, reps=reps, inner=1 if args.quick else None,
+                             warm=True)
+    print(f"{f'{num_heads}x{k_dim}x{v_dim}':<22} {case_name:<12} {times['head'] * 1e3:11.3f} "
+          f"{times['channel'] * 1e3:14.3f} {times['channel'] / times['head']:5.2f}x", flush=True)
 
 
 if __name__ == "__main__":

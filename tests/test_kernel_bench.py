@@ -67,3 +67,13 @@ def test_linear_scan_bench_quick(tune):
   assert len(rows) == (10 if tune else 4), out
   if not tune:
     assert max(float(line.split()[-1]) for line in rows) < 2e-2, out
+
+
+def test_linear_scan_bench_prices_kda_decays():
+  """`linear_scan_bench.py --kda --quick`: the XLA loop with a decay per key channel against one per head, a row with
+  both times and their ratio."""
+  script = SCRIPT.parent / "linear_scan_bench.py"
+  out = subprocess.run([sys.executable, str(script), "--kda", "--quick"], check=True, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  rows = [line.split() for line in out.splitlines() if line.startswith("2x16x16")]
+  assert len(rows) == 1 and rows[0][-1].endswith("x") and float(rows[0][-2]) > 0, out

@@ -85,6 +85,9 @@ steps_bench=(scripts/bench.py --workload steps --word-vocab 32768 --repeats 5 --
 wanted linear && step "linear attention prefill, kernel vs the XLA piece loop (GPU)" 60 \
   "${PY}" scripts/linear_scan_bench.py
 wanted linear && step "linear attention prefill kernel, tile sweep (GPU)" 40 "${PY}" scripts/linear_scan_bench.py --tune
+# Kimi Delta Attention's decay per key channel (XLA on every backend) against a decay per head, Kimi Linear's shapes.
+wanted linear && step "KDA's per-channel decays vs per-head ones, XLA loop (GPU)" 40 \
+  "${PY}" scripts/linear_scan_bench.py --kda
 wanted steps && step "model step times, Llama 1B-shaped (GPU)" 60 \
   "${PY}" "${steps_bench[@]}" --synthetic-arch llama --synthetic-model 2048,16,32,8,64
 wanted steps && step "model step times, Qwen3.5-shaped hybrid (GPU)" 60 \

@@ -39,7 +39,7 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
-                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "glm-dsa")
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -673,10 +673,10 @@ class LlamaConfig:
         if arch == "granitehybrid":  # (head_count_kv a list per layer, 0 on the Mamba-2 ones)
             linear = _mamba2_from_gguf(meta, tensor_names, num_layers, source)
             kv_heads = max(kv_heads)
-        if arch == "lfm2":  # (head_count_kv a list per layer, 0 on the short convolution ones)
+        if arch in ("lfm2", "lfm2moe"):  # (head_count_kv a list per layer, 0 on the short convolution ones)
             if (not isinstance(kv_heads, list) or len(kv_heads) != num_layers or len(set(kv_heads) - {0}) != 1
                     or 0 not in kv_heads):
-                raise ConfigError(f"{source}: lfm2.attention.head_count_kv={kv_heads!r} must list {num_layers} layers' "
+                raise ConfigError(f"{source}: {arch}.attention.head_count_kv={kv_heads!r} must list {num_layers} layers' "
                                   "KV heads, 0 on the short convolution layers and one count on the others")
             linear = dict(linear_kind="short_conv", linear_layers=tuple(k == 0 for k in kv_heads),
                           linear_conv_kernel=int(need("shortconv.l_cache")))
@@ -756,7 +756,7 @@ class LlamaConfig:
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
-                 "glm-dsa": "deepseek_v3",
+                 "glm-dsa": "deepseek_v3", "lfm2moe": "lfm2",
                  "granitehybrid": "granitemoehybrid", **GATED_DELTA_GGUF}
         # The dense MLP's size: Qwen3.5-MoE's config.json has none (the shared expert's, as from_hf_config reads it);
         # Granite 4.0-H's shared MLP is its MLP where it has no experts.

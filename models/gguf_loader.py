@@ -144,6 +144,13 @@ GGUF_MAMBA2_NAMES = {
 GGUF_LFM2_NAMES = GGUF_NAMES | {
     "final_norm": "token_embd_norm.weight", "gdn_qkv": "blk.{i}.shortconv.in_proj.weight",
     "gdn_conv": "blk.{i}.shortconv.conv.weight", "gdn_out": "blk.{i}.shortconv.out_proj.weight"}
+# LFM2-MoE (lfm2moe, LFM2MoeModel): LFM2's layers, the first layers' MLP under the dense names, then the experts stacked
+# (ffn_*_exps), the router ffn_gate_inp and its expert bias exp_probs_b (the converter's `expert_bias.bias`); no shared
+# expert.
+GGUF_LFM2_MOE_NAMES = {k: v for k, v in GGUF_LFM2_NAMES.items() if k not in ("w_gate", "w_up", "w_down")} | {
+    "router": GGUF_MOE_NAMES["router"], "moe_gate": GGUF_MOE_NAMES["moe_gate"], "moe_up": GGUF_MOE_NAMES["moe_up"],
+    "moe_down": GGUF_MOE_NAMES["moe_down"], "router_score_bias": "blk.{i}.exp_probs_b.bias",
+    "dense_gate": GGUF_NAMES["w_gate"], "dense_up": GGUF_NAMES["w_up"], "dense_down": GGUF_NAMES["w_down"]}
 
 
 # Command R (command-r) and Cohere 2 (cohere2): one norm per layer, attn_norm, before attention and the MLP both; q/k
@@ -174,7 +181,7 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
                 "moe_gate_up": "blk.{i}.ffn_gate_up_exps.weight"}
         return names
     if cfg.architecture == "lfm2":
-        return GGUF_LFM2_NAMES
+        return GGUF_LFM2_MOE_NAMES if cfg.num_experts else GGUF_LFM2_NAMES
     if cfg.architecture == "granitemoehybrid":
         return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated

@@ -875,7 +875,8 @@ def test_lfm2_moe_config_reads_as_transformers_builds_it():
 @pytest.mark.slow
 def test_lfm2_moe_checkpoint_matches_transformers_and_serves(tmp_path):
     """A tiny random LFM2-MoE checkpoint (a dense first layer, then experts with a correction bias that changes the
-    choice, among short convolution and attention layers): logits within 1e-4 of transformers'; through the engine
+    choice, among short convolution and attention layers): logits within 1e-4 of transformers', and those of the GGUF
+    llama.cpp's converter writes of it (`lfm2moe`), read to the same config; through the engine
     (convolution states, prefix hits from snapshots, preemption) its argmax at every step, the same tokens with the
     experts as grouped matmuls, on the Pallas kernels (interpret) and split over 2 devices (the short convolution
     layers by channel)."""
@@ -893,9 +894,13 @@ def test_lfm2_moe_checkpoint_matches_transformers_and_serves(tmp_path):
     with torch.no_grad():
         for layer in model.model.layers[1:]:
             layer.feed_forward.expert_bias.normal_(0, 0.5)
-    cfg, params, _, _ = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
+    cfg, params, ids, ref = _hf_checkpoint_parity(model, tmp_path, 60, lambda n: 0.3 if "norm" in n else 0.05)
     assert cfg.moe_layers == (False, True, True, True) and cfg.router_score_bias
     assert load_weights(str(tmp_path))[0] == cfg
+    gguf_cfg, gguf_params = load_weights(_write_lfm2_gguf(tmp_path, cfg))  # llama.cpp's layout: the same model
+    assert dataclasses.replace(gguf_cfg, rms_norm_eps=cfg.rms_norm_eps) == cfg
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
     greedy = _serve_variants(model, cfg, params, [{}, {"model.moe_backend": "grouped"},
                                                    {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}])
     assert greedy[0] == greedy[1] == greedy[2] == greedy[3]
@@ -905,7 +910,9 @@ def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:
     """The LFM2 checkpoint in `directory` (F32) as llama.cpp's converter writes it (LFM2Model): head_count_kv a list
     per layer (0 on the convolution layers), shortconv.l_cache, the MLP's adjusted width as feed_forward_length; the
     final norm token_embd_norm, the convolution layers under `shortconv` (conv squeezed to [hidden, K]), Q/K rows as
-    HF has them."""
+    HF has them. An LFM2-MoE one as LFM2MoeModel writes it: `lfm2moe`, expert_count, expert_used_count,
+    expert_feed_forward_length, leading_dense_block_count, expert_gating_func sigmoid; each expert layer's experts
+    stacked (ffn_gate_exps, ffn_up_exps, ffn_down_exps), the router ffn_gate_inp, its bias exp_probs_b.bias."""
     import json
 
     import gguf
@@ -913,8 +920,9 @@ def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:
 
     sd = load_file(str(directory / "model.safetensors"))
     hf = json.loads((directory / "config.json").read_text())
+    moe = hf["model_type"] == "lfm2_moe"
     path = str(directory / "lfm2.gguf")
-    w = gguf.GGUFWriter(path, "lfm2")
+    w = gguf.GGUFWriter(path, "lfm2moe" if moe else "lfm2")
     for add, value in ((w.add_block_count, cfg.num_layers), (w.add_context_length, cfg.max_position),
                        (w.add_embedding_length, cfg.hidden_size), (w.add_feed_forward_length, cfg.intermediate_size),
                        (w.add_head_count, cfg.num_heads), (w.add_rope_freq_base, cfg.rope_theta),
@@ -922,6 +930,19 @@ def _write_lfm2_gguf(directory, cfg: LlamaConfig) -> str:
                        (w.add_shortconv_l_cache, hf["conv_L_cache"])):
         add(value)
     w.add_head_count_kv([0 if t == "conv" else hf["num_key_value_heads"] for t in hf["layer_types"]])
+    if moe:
+        w.add_expert_count(hf["num_experts"])
+        w.add_expert_used_count(hf["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+        w.add_leading_dense_block_count(hf["num_dense_layers"])
+        w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+        for i in range(hf["num_dense_layers"], cfg.num_layers):
+            prefix = f"model.layers.{i}.feed_forward."
+            for theirs, ours in (("w1", "ffn_gate_exps"), ("w3", "ffn_up_exps"), ("w2", "ffn_down_exps")):
+                w.add_tensor(f"blk.{i}.{ours}.weight",
+                             np.stack([sd[f"{prefix}experts.{e}.{theirs}.weight"] for e in range(hf["num_experts"])]))
+            w.add_tensor(f"blk.{i}.ffn_gate_inp.weight", sd[prefix + "gate.weight"])
+            w.add_tensor(f"blk.{i}.exp_probs_b.bias", sd[prefix + "expert_bias"])
     w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
     w.add_tensor("token_embd_norm.weight", sd["model.embedding_norm.weight"])
     names = {"operator_norm": "attn_norm", "ffn_norm": "ffn_norm", "feed_forward.w1": "ffn_gate",

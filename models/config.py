@@ -39,7 +39,7 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
-                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa")
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "llama4")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -746,6 +746,21 @@ class LlamaConfig:
                            residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
                            logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
                            attention_out_bias=f"blk.{first_attention}.attn_output.bias" in tensor_names)
+        if arch == "llama4":  # what llama.cpp's graph fixes for it: chunks of 8,192 on three layers in four, the fourth
+            # without RoPE and with the query temperature (floor 8,192, scale 0.1); q/k RMS-normed without weights on the
+            # RoPE layers but in the 128-expert model (Maverick); experts weighted at their input by the sigmoid of
+            # their logit, not renormalized, beside a shared expert of their size, ungated. A sliding_window of 0
+            # (MobileLLM's files) turns chunks and NoPE layers off; it is no sliding window either way.
+            chunked = meta.get(f"{arch}.attention.sliding_window", 1) != 0
+            window = None
+            pattern = tuple((i + 1) % 4 != 0 for i in range(num_layers)) if chunked else ()
+            implied = dict(attention_chunk=8192 if chunked else 0, chunked_layers=pattern, rope_layers=pattern,
+                           qk_norm_unweighted=experts.get("num_experts") != 128,
+                           nope_temperature=(8192.0, 0.1) if chunked else ())
+            first_moe = experts["moe_layers"].index(True) if any(experts.get("moe_layers", ())) else 0
+            shared = f"blk.{first_moe}.ffn_gate_shexp.weight" in tensor_names
+            experts.update(norm_topk_prob=False, shared_expert_gate=False, router_scales_input=True,
+                           shared_expert_intermediate_size=experts["moe_intermediate_size"] if shared else 0)
         latent = {}
         if arch in ("deepseek2", "glm-dsa"):  # one cached KV head of [RoPE key, latent] (older files' key_length is a
             # query head's); GLM-5's sparse attention indexer beside it
@@ -816,7 +831,7 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     false); ernie4_5-moe's correction bias chooses among softmax scores, its experts on the layers past
     `leading_dense_block_count` whose number + 1 divides by `interleave_moe_layer_step`, its shared experts ungated.
     glm4moe routes as DeepSeek-V3: sigmoid scores (`expert_gating_func` 2, llama.cpp's default for it and for
-    minimax-m2 and older dots1 files, whose converters write none: those models route so), the correction
+    minimax-m2, llama4 and older dots1 files, whose converters write none: those models route so), the correction
     bias `exp_probs_b.bias` choosing experts, the weights scaled by `expert_weights_scale`, groups where
     `expert_group_count` says; its first `leading_dense_block_count` layers dense, its `expert_shared_count` shared
     experts one ungated MLP of that many times an expert's intermediate size. deepseek2 alike, but softmax where
@@ -830,8 +845,8 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
         raise ConfigError(f"{source}: a GGUF with experts needs {arch}.expert_used_count and "
                           f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
     moe_intermediate = int(moe_intermediate)
-    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1", "glm-dsa")
-                                                             else 1))
+    gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1", "glm-dsa",
+                                                                          "llama4") else 1))
     scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
     if scoring is None:
         raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")

@@ -87,6 +87,13 @@ GGUF_INDEXER_NAMES = {"index_wq": "blk.{i}.indexer.attn_q_b.weight", "index_wk":
                       "index_k_norm": "blk.{i}.indexer.k_norm.weight", "index_k_norm_bias": "blk.{i}.indexer.k_norm.bias",
                       "index_weights": "blk.{i}.indexer.proj.weight"}
 
+# Llama 4 (llama4), as llama.cpp's converter writes it (Llama4Model): the experts' fused gate_up cut into
+# ffn_gate_exps and ffn_up_exps, down transposed to ffn_down_exps ([E, out, in] all), the shared expert under `shexp`
+# (ungated), the interleaved dense layers' MLP under the dense names; q/k rows as HF has them (undo_permute off: its
+# RoPE turns interleaved pairs, reordered at load as an HF checkpoint's are).
+GGUF_LLAMA4_NAMES = {k: v for k, v in GGUF_MOE_NAMES.items() if k != "shared_gate"} | {
+    "dense_gate": GGUF_NAMES["w_gate"], "dense_up": GGUF_NAMES["w_up"], "dense_down": GGUF_NAMES["w_down"]}
+
 # Phi-3: gate and up fused in ffn_up (gate rows first, as llama.cpp's SwiGLU reads them), q/k/v fused in attn_qkv
 # (some files keep attn_q/k/v apart); cut apart at load (weights.FUSED).
 GGUF_PHI3_NAMES = {k: v for k, v in GGUF_NAMES.items() if k not in ("w_gate", "w_up")} | {
@@ -186,6 +193,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
+    if cfg.architecture == "llama4":
+        return GGUF_LLAMA4_NAMES
     if cfg.num_experts:
         return GGUF_MOE_NAMES
     if cfg.architecture == "glm4":

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import moe
+from models import llama, moe
 from models.config import ConfigError, LlamaConfig
 from test_models import _hf_checkpoint_parity, _serve_variants
 import fresh
@@ -122,3 +122,96 @@ def test_checkpoint_matches_transformers_and_serves_on_every_backend(tmp_path):
                                                    {"parallel.tensor": 2}, {"model.moe_backend": "grouped"}],
                              system_len=30, num_pages=12)
     assert all(g == greedy[0] for g in greedy[1:])
+
+
+def _write_llama4_gguf(directory, hparams: dict) -> str:
+    """The Llama 4 checkpoint in `directory` (F32) as llama.cpp's converter writes it (Llama4Model over LlamaModel):
+    intermediate_size_mlp as feed_forward_length, the experts' intermediate_size as expert_feed_forward_length,
+    interleave_moe_layer_step, llama3 RoPE scaling as a rope_freqs tensor; the experts' gate_up [E, in, 2 x out]
+    transposed and cut into ffn_gate_exps / ffn_up_exps, down_proj transposed to ffn_down_exps, the shared expert under
+    `shexp`, the router ffn_gate_inp, q/k rows as HF has them (undo_permute off)."""
+    import gguf
+    from safetensors.numpy import load_file
+    from test_gguf_rope import _llama_cpp_rope_freqs
+
+    sd = load_file(str(directory / "model.safetensors"))
+    path = str(directory / "llama4.gguf")
+    w = gguf.GGUFWriter(path, "llama4")
+    for add, value in ((w.add_block_count, hparams["num_hidden_layers"]),
+                       (w.add_context_length, hparams["max_position_embeddings"]),
+                       (w.add_embedding_length, hparams["hidden_size"]),
+                       (w.add_feed_forward_length, hparams["intermediate_size_mlp"]),
+                       (w.add_head_count, hparams["num_attention_heads"]),
+                       (w.add_head_count_kv, hparams["num_key_value_heads"]),
+                       (w.add_rope_freq_base, hparams["rope_parameters"]["rope_theta"]),
+                       (w.add_layer_norm_rms_eps, hparams["rms_norm_eps"]), (w.add_key_length, hparams["head_dim"]),
+                       (w.add_value_length, hparams["head_dim"]), (w.add_rope_dimension_count, hparams["head_dim"]),
+                       (w.add_vocab_size, hparams["vocab_size"]), (w.add_expert_count, hparams["num_local_experts"]),
+                       (w.add_expert_used_count, hparams["num_experts_per_tok"]),
+                       (w.add_interleave_moe_layer_step, hparams["interleave_moe_layer_step"]),
+                       (w.add_expert_feed_forward_length, hparams["intermediate_size"])):
+        add(value)
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    w.add_tensor("output.weight", sd["lm_head.weight"])
+    w.add_tensor("rope_freqs.weight", _llama_cpp_rope_freqs(hparams))
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "feed_forward.gate_proj": "ffn_gate", "feed_forward.up_proj": "ffn_up", "feed_forward.down_proj": "ffn_down",
+             "feed_forward.shared_expert.gate_proj": "ffn_gate_shexp", "feed_forward.shared_expert.up_proj": "ffn_up_shexp",
+             "feed_forward.shared_expert.down_proj": "ffn_down_shexp", "feed_forward.router": "ffn_gate_inp"}
+    for i in range(hparams["num_hidden_layers"]):
+        for theirs, ours in names.items():
+            if (x := sd.get(f"model.layers.{i}.{theirs}.weight")) is not None:
+                w.add_tensor(f"blk.{i}.{ours}.weight", x)
+        if (gate_up := sd.get(f"model.layers.{i}.feed_forward.experts.gate_up_proj")) is not None:
+            gate, up = np.split(np.swapaxes(gate_up, -1, -2), 2, axis=-2)
+            w.add_tensor(f"blk.{i}.ffn_gate_exps.weight", np.ascontiguousarray(gate))
+            w.add_tensor(f"blk.{i}.ffn_up_exps.weight", np.ascontiguousarray(up))
+            w.add_tensor(f"blk.{i}.ffn_down_exps.weight", np.ascontiguousarray(
+                np.swapaxes(sd[f"model.layers.{i}.feed_forward.experts.down_proj"], -1, -2)))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.slow
+def test_gguf_as_llama_cpp_writes_it(tmp_path):
+    """A tiny random Llama 4 with the constants llama.cpp's graph fixes (chunks of 8,192 on three layers in four, the
+    fourth without RoPE, the temperature's floor 8,192 and scale 0.1), written as its converter writes it: read to the
+    HF directory's layers (chunks, NoPE layers, unweighted q/k norms, experts at their input and a shared expert, dense
+    layers between) and to transformers' logits; a 128-expert file (Maverick's) has no q/k norms, one whose
+    sliding_window is 0 neither chunks nor NoPE layers."""
+    import torch
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from models.gguf_loader import read_gguf
+    from models.loader import load_weights
+
+    hparams = dict(vocab_size=211, hidden_size=64, intermediate_size=32, intermediate_size_mlp=96, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=1,
+                   interleave_moe_layer_step=2, attention_chunk_size=8192, floor_scale=8192, attn_scale=0.1,
+                   no_rope_layer_interval=4, rms_norm_eps=1e-5, max_position_embeddings=1024,
+                   rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                    "original_max_position_embeddings": 64, "rope_theta": 500000.0})
+    torch.manual_seed(fresh.seed())
+    model = Llama4ForCausalLM(Llama4TextConfig(**hparams, attn_implementation="eager")).eval()
+    cfg, _, ids, ref = _hf_checkpoint_parity(model, tmp_path, 40, lambda n: 0.3 if "norm" in n else 0.05)
+    gguf_cfg, params = load_weights(_write_llama4_gguf(tmp_path, {**hparams, "original_max_position_embeddings": 64}))
+    same = ("architecture", "attention_chunk", "chunked_layers", "rope_layers", "qk_norm_unweighted", "nope_temperature",
+            "num_experts", "num_experts_per_tok", "moe_intermediate_size", "intermediate_size", "moe_layers",
+            "norm_topk_prob", "shared_expert_intermediate_size", "shared_expert_gate", "router_scoring",
+            "router_scales_input", "sliding_window")
+    assert {k: getattr(gguf_cfg, k) for k in same} == {k: getattr(cfg, k) for k in same}
+    assert gguf_cfg.rope_freq_factors and gguf_cfg.chunked_layers == (True, True, True, False)
+    got = np.asarray(llama.forward_dense(jax.device_put(params), gguf_cfg, jnp.asarray(ids, jnp.int32)))
+    np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
+    meta, _ = read_gguf(str(tmp_path / "llama4.gguf"), tensors=False)
+    names = {f"blk.{i}.{n}.weight" for i in range(4) for n in ("ffn_gate_shexp", "attn_q")}
+    for change, want in (({"llama4.expert_count": 128}, dict(qk_norm_unweighted=False)),
+                         ({"llama4.attention.sliding_window": 0}, dict(attention_chunk=0, chunked_layers=(),
+                                                                       rope_layers=(), nope_temperature=()))):
+        other = LlamaConfig.from_gguf_metadata({**meta, **change}, names, "x.gguf")
+        assert {k: getattr(other, k) for k in want} == want

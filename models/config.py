@@ -39,7 +39,7 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
-                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "llama4")
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "deepseek32", "llama4")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -635,7 +635,7 @@ class LlamaConfig:
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture`: GGUF_ARCHITECTURES; Mistral GGUFs say llama, and Mixtral's llama
-        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; GLM-5 glm-dsa; OLMo 3 olmo2). rope_freqs: the file's
+        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; DeepSeek-V3.2 deepseek32; GLM-5 glm-dsa; OLMo 3 olmo2). rope_freqs: the file's
         `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
         a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
         arch = meta.get("general.architecture")
@@ -762,7 +762,7 @@ class LlamaConfig:
             experts.update(norm_topk_prob=False, shared_expert_gate=False, router_scales_input=True,
                            shared_expert_intermediate_size=experts["moe_intermediate_size"] if shared else 0)
         latent = {}
-        if arch in ("deepseek2", "glm-dsa"):  # one cached KV head of [RoPE key, latent] (older files' key_length is a
+        if arch in ("deepseek2", "glm-dsa", "deepseek32"):  # one cached KV head of [RoPE key, latent] (older files' key_length is a
             # query head's); GLM-5's sparse attention indexer beside it
             rope_scaling, latent = _latent_attention_from_gguf(meta, arch, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
@@ -771,7 +771,7 @@ class LlamaConfig:
                  "granitemoe": "granitemoeshared" if experts.get("shared_expert_intermediate_size") else "granitemoe",
                  "olmo2": "olmo3" if implied.get("sliding_layers") else "olmo2", "command-r": "cohere",
                  "deepseek2": "deepseek_v3" if experts.get("router_scoring") == "sigmoid" else "deepseek_v2",
-                 "glm-dsa": "deepseek_v3", "lfm2moe": "lfm2",
+                 "glm-dsa": "deepseek_v3", "deepseek32": "deepseek_v3", "lfm2moe": "lfm2",
                  "granitehybrid": "granitemoehybrid", **GATED_DELTA_GGUF}
         # The dense MLP's size: Qwen3.5-MoE's config.json has none (the shared expert's, as from_hf_config reads it);
         # Granite 4.0-H's shared MLP is its MLP where it has no experts.
@@ -846,7 +846,7 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
                           f"{arch}.expert_feed_forward_length (or {arch}.feed_forward_length)")
     moe_intermediate = int(moe_intermediate)
     gating = int(meta.get(f"{arch}.expert_gating_func") or (2 if arch in ("glm4moe", "minimax-m2", "dots1", "glm-dsa",
-                                                                          "llama4") else 1))
+                                                                          "deepseek32", "llama4") else 1))
     scoring = {1: "softmax", 2: "sigmoid"}.get(gating)
     if scoring is None:
         raise ConfigError(f"{source}: {arch}.expert_gating_func={gating} is not supported (1 softmax, 2 sigmoid)")
@@ -859,9 +859,11 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
     return dict(
         num_experts=int(meta[f"{arch}.expert_count"]), num_experts_per_tok=int(used),
         moe_intermediate_size=moe_intermediate,
-        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", arch not in ("qwen2moe", "deepseek2", "olmoe"))),
+        norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm",
+                                     arch not in ("qwen2moe", "deepseek2", "deepseek32", "olmoe"))),
         shared_expert_intermediate_size=shared,
-        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "glm-dsa", "granitemoe", "granitehybrid", "dots1",
+        shared_expert_gate=arch not in ("glm4moe", "deepseek2", "glm-dsa", "deepseek32", "granitemoe", "granitehybrid",
+                                        "dots1",
                                         "ernie4_5-moe"),
         moe_bias=arch == "gpt-oss",
         moe_layers=moe_layers,
@@ -946,9 +948,10 @@ def _mamba2_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], num_layer
 
 def _latent_attention_from_gguf(meta: Mapping[str, Any], arch: str, rope_scaling: RopeScaling | None,
                                 source: str) -> tuple[RopeScaling | None, dict[str, Any]]:
-    """A deepseek2 (or glm-dsa) GGUF's latent attention: (its RoPE scaling as the model runs it, the LlamaConfig
-    fields). glm-dsa (GLM-5 as llama.cpp's converter writes it) adds sparse attention's indexer
-    (`attention.indexer.head_count`, `key_length`, `top_k`; its RoPE in interleaved pairs, rows reordered at load);
+    """A deepseek2 (or glm-dsa, deepseek32) GGUF's latent attention: (its RoPE scaling as the model runs it, the
+    LlamaConfig fields). glm-dsa (GLM-5 as llama.cpp's converter writes it) and deepseek32 (DeepSeek-V3.2's) add sparse
+    attention's indexer (`attention.indexer.head_count`, `key_length`, `top_k`; GLM-5's RoPE in interleaved pairs,
+    rows reordered at load, V3.2's in halves);
     `attention.indexer.types` naming a layer that reuses another's top-k is refused by name.
 
     A query head's width (nope + rope) and a value head's are `attention.key_length_mla` / `value_length_mla` where
@@ -974,7 +977,7 @@ def _latent_attention_from_gguf(meta: Mapping[str, Any], arch: str, rope_scaling
                                                                                               else 1.0))
     sm_scale = rope.yarn_softmax_scale(qk, rope_scaling and rope_scaling.factor, mscale_all_dim)
     sparse = {}
-    if arch == "glm-dsa":
+    if arch in ("glm-dsa", "deepseek32"):
         shared = [i for i, full in enumerate(meta.get(f"{arch}.attention.indexer.types") or ()) if not full]
         if shared:
             raise ConfigError(f"{source}: layers {shared} reuse another layer's top-k positions "
@@ -982,7 +985,8 @@ def _latent_attention_from_gguf(meta: Mapping[str, Any], arch: str, rope_scaling
                               "own indexer")
         sparse = dict(index_topk=int(need("attention.indexer.top_k")),
                       index_num_heads=int(need("attention.indexer.head_count")),
-                      index_head_dim=int(need("attention.indexer.key_length")), index_rope_interleaved=True)
+                      index_head_dim=int(need("attention.indexer.key_length")),
+                      index_rope_interleaved=arch == "glm-dsa")
     return rope_scaling, dict(
         **sparse,
         kv_lora_rank=rank, q_lora_rank=int(meta.get(f"{arch}.attention.q_lora_rank") or 0),

@@ -17,8 +17,9 @@ Names in the checkpoints:
 - Qwen3.5, Qwen3-Next (`mtp_num_hidden_layers`): `mtp.layers.0.` a full-attention layer as the model's, `mtp.fc`
   (eh_proj), `mtp.pre_fc_norm_embedding`, `mtp.pre_fc_norm_hidden`, `mtp.norm`, every norm scaled by 1 + w as the
   model's; a chained round reads the normed output.
-- GLM-4.5 and GLM-5 GGUF files (llama.cpp's converter: glm4moe, glm-dsa): block `block_count - nextn_predict_layers`
-  as the model's blocks, plus `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj`, `nextn.shared_head_norm`.
+- GLM-4.5, GLM-5 and DeepSeek-V3.2 GGUF files (llama.cpp's converter: glm4moe, glm-dsa, deepseek32): block
+  `block_count - nextn_predict_layers` as the model's blocks, plus `nextn.enorm`, `nextn.hnorm`, `nextn.eh_proj`,
+  `nextn.shared_head_norm`.
 Where a checkpoint has several such layers, the first drafts every round (published ones have one).
 """
 from __future__ import annotations
@@ -158,9 +159,10 @@ def _load_gguf(path: str, cfg: LlamaConfig, mcfg: MtpConfig, dtype) -> dict:
 
     meta, tensors = read_gguf(path)
     arch = meta.get("general.architecture")
-    if arch not in ("glm4moe", "glm-dsa") or not int(meta.get(f"{arch}.nextn_predict_layers") or 0):
+    if arch not in ("glm4moe", "glm-dsa", "deepseek32") or not int(meta.get(f"{arch}.nextn_predict_layers") or 0):
         raise CheckpointError(f"{path}: this GGUF file carries no multi-token-prediction layer (llama.cpp's converter "
-                              "keeps GLM-4.5's and GLM-5's, as nextn_predict_layers blocks; the others drop theirs)")
+                              "keeps GLM-4.5's, GLM-5's and DeepSeek-V3.2's, as nextn_predict_layers blocks; the others "
+                              "drop theirs)")
     base = f"blk.{cfg.num_layers}."
     names = {k: v.replace("blk.{i}.", base) for k, v in gguf_names(cfg, tensors).items()}
     own = {"final_norm": base + "nextn.shared_head_norm.weight", "enorm": base + "nextn.enorm.weight",

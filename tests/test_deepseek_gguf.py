@@ -56,7 +56,7 @@ def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
     w.add_expert_feed_forward_length(hf_config["moe_intermediate_size"])
     w.add_expert_shared_count(hf_config["n_shared_experts"])
     w.add_expert_weights_scale(hf_config["routed_scaling_factor"])
-    sigmoid = hf_config["model_type"] in ("deepseek_v3", "glm_moe_dsa")  # the real configs' scoring_func
+    sigmoid = hf_config["model_type"] in ("deepseek_v3", "glm_moe_dsa", "deepseek_v32")  # the real configs' scoring_func
     if layout == "split" or sigmoid:
         w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
         if hf_config.get("norm_topk_prob"):  # (the split converter writes it where true only)
@@ -74,7 +74,7 @@ def _add_deepseek2_metadata(w, hf_config: dict, layout: str) -> None:
             w.add_rope_scaling_yarn_beta_fast(rope_params["beta_fast"])
             w.add_rope_scaling_yarn_beta_slow(rope_params["beta_slow"])
         w.add_rope_scaling_yarn_log_mul(0.1 * rope_params["mscale_all_dim"])
-    if hf_config["model_type"] == "glm_moe_dsa":  # GlmMoeDsaModel.set_gguf_parameters: the indexer
+    if hf_config["model_type"] in ("glm_moe_dsa", "deepseek_v32"):  # GlmMoeDsaModel's / DeepseekV32Model's: the indexer
         w.add_indexer_head_count(hf_config["index_n_heads"])
         w.add_indexer_key_length(hf_config["index_head_dim"])
         w.add_indexer_top_k(hf_config["index_topk"])
@@ -243,6 +243,34 @@ def test_glm5_gguf_loads_as_the_hf_checkpoint(tmp_path):
     meta = {**meta, "glm-dsa.attention.indexer.types": [True, False, True]}
     with pytest.raises(ConfigError, match=r"layers \[1\] reuse another layer's top-k"):
         LlamaConfig.from_gguf_metadata(meta, set(), "m.gguf")
+
+
+@pytest.mark.slow
+def test_v32_gguf_loads_as_the_hf_checkpoint_with_its_mtp_layer(tmp_path):
+    """DeepSeek-V3.2 written as llama.cpp's converter writes it (deepseek32: deepseek2's split layout, the indexer's
+    tensors and head count, key length and top-k, its MTP layer kept as a trailing block): the HF directory's config
+    (the indexer's RoPE in halves, as V3.2's), the same weights bit for bit, logits within 1e-5, and the MTP layer
+    `speculative.method: mtp` reads from the file the checkpoint's."""
+    from models import mtp
+    from test_mtp import _hf_with_mtp
+
+    _hf_with_mtp("deepseek_v32", tmp_path / "hf")
+    cfg, params = load_weights(str(tmp_path / "hf"))
+    _write_deepseek2_gguf(tmp_path / "hf", cfg, tmp_path / "m.gguf", "split", arch="deepseek32", num_nextn=1)
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    _assert_same_config(gguf_cfg, cfg)
+    assert not gguf_cfg.index_rope_interleaved and (gguf_cfg.index_topk, gguf_cfg.index_num_heads) == (
+        cfg.index_topk, cfg.index_num_heads)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gguf_params)[0], jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
+    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    hf_mcfg, hf_layer = mtp.load_mtp(str(tmp_path / "hf"), cfg)
+    gguf_mcfg, gguf_layer = mtp.load_mtp(str(tmp_path / "m.gguf"), gguf_cfg)
+    assert gguf_mcfg.layer.index_topk == hf_mcfg.layer.index_topk and gguf_mcfg.mask_first == hf_mcfg.mask_first
+    jax.tree.map(np.testing.assert_array_equal, gguf_layer, hf_layer)
 
 
 def test_glm5_config_reads_back_from_the_converters_metadata(tmp_path):

@@ -43,11 +43,11 @@ def test_channel_decays_in_matrix_form_are_the_recurrence():
     q, k = (unit(rng.normal(size=(c, h, dk))).astype(np.float32) for _ in range(2))
     v = rng.normal(size=(c, h, dv)).astype(np.float32)
     g = -np.exp(rng.normal(size=(c, h, dk)) * 1.5 - 1).astype(np.float32)
+    g[:, 0, : dk // 4] = -rng.uniform(40, 60, size=(c, dk // 4))  # channels losing e^-40 and more a token
     beta = (1 / (1 + np.exp(-rng.normal(size=(c, h))))).astype(np.float32)
     s0 = rng.normal(size=(h, dk, dv)).astype(np.float32)
     o, s = gated_delta.chunk_rule(q, k, v, g, beta, s0, jnp.arange(c) < valid)
     ref_o, ref_s = gated_delta.recurrent_reference(q[:valid], k[:valid], v[:valid], g[:valid], beta[:valid], s0)
-    assert g.min() < -40
     np.testing.assert_allclose(np.asarray(o)[:valid], ref_o, atol=2e-5, rtol=1e-4)
     np.testing.assert_allclose(s, ref_s, atol=2e-5, rtol=1e-4)
 

@@ -160,6 +160,17 @@ def _assert_same_config(got: LlamaConfig, want: LlamaConfig) -> None:
     assert got.rms_norm_eps == pytest.approx(want.rms_norm_eps, rel=1e-6)
 
 
+def _assert_same_model(gguf_cfg: LlamaConfig, gguf_params, cfg: LlamaConfig, params) -> None:
+    """The file's weights bit for bit the HF directory's, and its logits on 40 ids within 1e-5 of theirs."""
+    assert jax.tree.structure(gguf_params) == jax.tree.structure(params)
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gguf_params)[0], jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
+    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("raw", [DEEPSEEK_V3, DEEPSEEK_V2_LITE], ids=["v3", "v2_lite"])
 def test_real_configs_read_back_from_the_converters_metadata(raw, layout, tmp_path):
@@ -232,13 +243,7 @@ def test_glm5_gguf_loads_as_the_hf_checkpoint(tmp_path):
     gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
     _assert_same_config(gguf_cfg, cfg)
     assert gguf_cfg.index_rope_interleaved and gguf_cfg.index_topk == 8 and gguf_cfg.index_num_heads == 32
-    assert jax.tree.structure(gguf_params) == jax.tree.structure(params)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gguf_params)[0], jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
-    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
-    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_model(gguf_cfg, gguf_params, cfg, params)
     meta, _ = read_gguf(str(tmp_path / "m.gguf"))
     meta = {**meta, "glm-dsa.attention.indexer.types": [True, False, True]}
     with pytest.raises(ConfigError, match=r"layers \[1\] reuse another layer's top-k"):
@@ -261,12 +266,7 @@ def test_v32_gguf_loads_as_the_hf_checkpoint_with_its_mtp_layer(tmp_path):
     _assert_same_config(gguf_cfg, cfg)
     assert not gguf_cfg.index_rope_interleaved and (gguf_cfg.index_topk, gguf_cfg.index_num_heads) == (
         cfg.index_topk, cfg.index_num_heads)
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(gguf_params)[0], jax.tree.leaves(params)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), jax.tree_util.keystr(path))
-    ids = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, 40), jnp.int32)
-    want = np.asarray(llama.forward_dense(jax.device_put(params), cfg, ids))
-    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+    _assert_same_model(gguf_cfg, gguf_params, cfg, params)
     hf_mcfg, hf_layer = mtp.load_mtp(str(tmp_path / "hf"), cfg)
     gguf_mcfg, gguf_layer = mtp.load_mtp(str(tmp_path / "m.gguf"), gguf_cfg)
     assert gguf_mcfg.layer.index_topk == hf_mcfg.layer.index_topk and gguf_mcfg.mask_first == hf_mcfg.mask_first

@@ -351,7 +351,7 @@ class Tokenizer:
             chat_template=_dir_chat_template(path, config),
             special_tokens=names,
             source=path,
-            sorts_tools=config.get("tokenizer_class") in _SORTS_TOOLS,
+            sorts_tools=_tokenizer_class(config) in _SORTS_TOOLS,
         )
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
@@ -627,6 +627,14 @@ def _sentencepiece_from_gguf(path, meta, model, tokens, token_types, bos_id, eos
     )
 
 
+def _tokenizer_class(config: dict) -> str | None:
+    """The tokenizer class tokenizer_config.json names: `tokenizer_class`, else the class its `auto_map` points
+    AutoTokenizer to (`tokenization_kimi.TikTokenTokenizer` -> TikTokenTokenizer)."""
+    auto = (config.get("auto_map") or {}).get("AutoTokenizer")
+    auto = auto[0] if isinstance(auto, list) and auto else auto
+    return config.get("tokenizer_class") or (auto.rsplit(".", 1)[-1] if isinstance(auto, str) else None)
+
+
 def _tiktoken_file(path: str) -> str | None:
     """A directory's tiktoken vocabulary: `tiktoken.model` (Kimi) or a `*.tiktoken` file; None where there is none."""
     names = sorted(n for n in os.listdir(path) if n == "tiktoken.model" or n.endswith(".tiktoken"))
@@ -684,7 +692,7 @@ def _byte_level_bpe_from_tiktoken(path: str, config: dict, names: dict[str, str]
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
-    cls = config.get("tokenizer_class")
+    cls = _tokenizer_class(config)
     if cls not in _TIKTOKEN_SPLITS:
         raise ValueError(f"{path}: a tiktoken vocabulary's split regex is known by its tokenizer class; "
                          f"tokenizer_config.json names {cls!r} (supported: {sorted(_TIKTOKEN_SPLITS)})")

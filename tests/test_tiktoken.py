@@ -174,6 +174,8 @@ def test_bad_vocabularies_are_named(tmp_path):
         Tokenizer.load(directory("inside", byte_lines, {"added_tokens_decoder": {"7": {"content": "[BOS]"}}}))
     tok = Tokenizer.load(directory("bytes", [*byte_lines, line(b"ab", 256)], {}))
     assert tok.encode("abc") == [256, ord("c")]
+    auto_map = {"tokenizer_class": None, "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}}
+    assert Tokenizer.load(directory("auto", byte_lines, auto_map)).encode("ab") == [97, 98]  # the class by auto_map
 
 
 @pytest.mark.slow

@@ -40,9 +40,6 @@ def check_supported(config: EngineConfig, model_cfg: LlamaConfig) -> None:
     if config.parallel.num_processes > 1:
         raise ConfigKeyError(f"speculative.method: {method} does not run in a multi-host replica yet "
                              "(parallel.num_processes must be 1)")
-    if config.cache.hybrid and model_cfg.kv_reach:
-        raise ConfigKeyError(f"speculative.method: {method} keeps its K/V in whole pages, which a hybrid cache (this "
-                             "model's sliding-window or chunked layers) does not have; set cache.hybrid: false")
 
 
 def load_draft(config: EngineConfig, dtype, tokenizer: Tokenizer, given: tuple | None, mesh,

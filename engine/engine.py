@@ -186,6 +186,12 @@ class LLMEngine:
         self.kv_dtype = kv_quant.storage_dtype(self.dtype if kind == "auto" else kind)
         self.draft = None  # engine.draft_model.DraftModel (speculative.method: draft_model, mtp, eagle3)
         self.mtp = None  # models.mtp.MtpConfig (speculative.method: mtp) or models.eagle3.Eagle3Config (eagle3)
+        if config.speculative.method in speculative.DRAFTERS and config.cache.hybrid and self.model_cfg.kv_reach:
+            log.warning("cache.hybrid: off: speculative.method %s keeps its K/V in whole pages of every layer, which "
+                        "a hybrid cache (this model's %s layers) does not have", config.speculative.method,
+                        "chunked" if self.model_cfg.kv_reach[2] else "sliding-window")
+            config = config.replace(**{"cache.hybrid": False})
+            self.config = config
         if config.speculative.method in speculative.DRAFTERS:
             draft_model.check_supported(config, self.model_cfg)
         if config.speculative.method == "draft_model":

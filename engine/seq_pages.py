@@ -31,8 +31,8 @@ class SequencePages:
                  num_window_pages: int = 0, disk=None, num_state_slots: int = 0, num_snapshots: int = 0,
                  num_host_states: int = 0, disk_states=None, chunked_window: bool = False):
         """stats: the scheduler's SchedulerStats (evictions, tier hits). window, num_window_pages: a hybrid cache's
-        sliding window (an attention chunk with `chunked_window`) and window slots (0: every layer keeps every page). disk: the disk tier (an
-        engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
+        sliding window (an attention chunk with `chunked_window`) and window slots (0: every layer keeps every page).
+        disk: the disk tier (an engine.disk_cache.DiskCache, or what tests give in its place). num_state_slots: a model with linear attention
         layers, the recurrent-state slots (one per running sequence: `Sequence.state_slot`), and `num_snapshots` more
         for the prefix cache's (engine.state_snapshots) after a scratch one; `num_host_states` host slots keep those
         the device lets go, with a host tier, and `disk_states` (the disk tier's files for them) every one taken

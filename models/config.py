@@ -39,7 +39,8 @@ GEMMA_SLIDING_PATTERN = {"gemma2": 2, "gemma3": 6}
 GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qwen2moe", "qwen3moe", "gpt-oss", "smollm3",
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
-                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "deepseek32", "llama4")
+                      "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "deepseek32",
+                      "llama4")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -530,7 +531,8 @@ class LlamaConfig:
             return cls.from_hf_config(text, f"{source} text_config")
         if arch == "kimi_k25":  # Kimi K2.5 / K2.6: K2 behind a MoonViT tower not read here, served for text
             text = {"model_type": "kimi_k2", **(cfg.get("text_config") or {})}
-            if "tie_word_embeddings" in cfg:  # (as mistral3's: the whole model's says whether its head is the embeddings)
+            if "tie_word_embeddings" in cfg:  # (as mistral3's: the whole model's says whether its head is the
+                # embeddings)
                 text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
             return cls.from_hf_config(text, f"{source} text_config")
         if arch in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"):  # image models (models/qwen_vision.py)
@@ -635,9 +637,10 @@ class LlamaConfig:
                            rope_freqs: np.ndarray | None = None,
                            longrope_factors: tuple[np.ndarray, np.ndarray] | None = None) -> "LlamaConfig":
         """Reads GGUF metadata (`general.architecture`: GGUF_ARCHITECTURES; Mistral GGUFs say llama, and Mixtral's llama
-        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; DeepSeek-V3.2 deepseek32; GLM-5 glm-dsa; OLMo 3 olmo2). rope_freqs: the file's
-        `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE scaling). longrope_factors:
-        a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it has them (LongRoPE)."""
+        with experts; DeepSeek-V2, V3 and Kimi K2 deepseek2; DeepSeek-V3.2 deepseek32; GLM-5 glm-dsa; OLMo 3 olmo2).
+        rope_freqs: the file's `rope_freqs.weight` [rotary_dim // 2], where it has one (Llama 3.1+: their RoPE
+        scaling). longrope_factors: a phi3 file's (`rope_factors_short.weight`, `rope_factors_long.weight`), where it
+        has them (LongRoPE)."""
         arch = meta.get("general.architecture")
         if arch not in GGUF_ARCHITECTURES:
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
@@ -676,8 +679,8 @@ class LlamaConfig:
         if arch in ("lfm2", "lfm2moe"):  # (head_count_kv a list per layer, 0 on the short convolution ones)
             if (not isinstance(kv_heads, list) or len(kv_heads) != num_layers or len(set(kv_heads) - {0}) != 1
                     or 0 not in kv_heads):
-                raise ConfigError(f"{source}: {arch}.attention.head_count_kv={kv_heads!r} must list {num_layers} layers' "
-                                  "KV heads, 0 on the short convolution layers and one count on the others")
+                raise ConfigError(f"{source}: {arch}.attention.head_count_kv={kv_heads!r} must list {num_layers} "
+                                  "layers' KV heads, 0 on the short convolution layers and one count on the others")
             linear = dict(linear_kind="short_conv", linear_layers=tuple(k == 0 for k in kv_heads),
                           linear_conv_kernel=int(need("shortconv.l_cache")))
             kv_heads = max(kv_heads)
@@ -746,9 +749,9 @@ class LlamaConfig:
                            residual_multiplier=float(meta.get(f"{arch}.residual_scale") or 1.0),
                            logits_scaling=float(meta.get(f"{arch}.logit_scale") or 1.0),
                            attention_out_bias=f"blk.{first_attention}.attn_output.bias" in tensor_names)
-        if arch == "llama4":  # what llama.cpp's graph fixes for it: chunks of 8,192 on three layers in four, the fourth
-            # without RoPE and with the query temperature (floor 8,192, scale 0.1); q/k RMS-normed without weights on the
-            # RoPE layers but in the 128-expert model (Maverick); experts weighted at their input by the sigmoid of
+        if arch == "llama4":  # what llama.cpp's graph fixes for it: chunks of 8,192 on three layers in four, the
+            # fourth without RoPE and with the query temperature (floor 8,192, scale 0.1); q/k RMS-normed without
+            # weights on the RoPE layers but in the 128-expert model (Maverick); experts weighted at their input by the sigmoid of
             # their logit, not renormalized, beside a shared expert of their size, ungated. A sliding_window of 0
             # (MobileLLM's files) turns chunks and NoPE layers off; it is no sliding window either way.
             chunked = meta.get(f"{arch}.attention.sliding_window", 1) != 0
@@ -762,8 +765,8 @@ class LlamaConfig:
             experts.update(norm_topk_prob=False, shared_expert_gate=False, router_scales_input=True,
                            shared_expert_intermediate_size=experts["moe_intermediate_size"] if shared else 0)
         latent = {}
-        if arch in ("deepseek2", "glm-dsa", "deepseek32"):  # one cached KV head of [RoPE key, latent] (older files' key_length is a
-            # query head's); GLM-5's sparse attention indexer beside it
+        if arch in ("deepseek2", "glm-dsa", "deepseek32"):  # one cached KV head of [RoPE key, latent] (older files'
+            # key_length is a query head's); GLM-5's and V3.2's sparse attention indexer beside it
             rope_scaling, latent = _latent_attention_from_gguf(meta, arch, rope_scaling, source)
             head_dim = latent["qk_rope_head_dim"] + latent["kv_lora_rank"]
         names = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "llama": "mixtral" if experts else "llama",
@@ -863,8 +866,7 @@ def _experts_from_gguf(meta: Mapping[str, Any], tensor_names: set[str], arch: st
                                      arch not in ("qwen2moe", "deepseek2", "deepseek32", "olmoe"))),
         shared_expert_intermediate_size=shared,
         shared_expert_gate=arch not in ("glm4moe", "deepseek2", "glm-dsa", "deepseek32", "granitemoe", "granitehybrid",
-                                        "dots1",
-                                        "ernie4_5-moe"),
+                                        "dots1", "ernie4_5-moe"),
         moe_bias=arch == "gpt-oss",
         moe_layers=moe_layers,
         router_scoring=scoring, router_score_bias=f"blk.{first_moe}.exp_probs_b.bias" in tensor_names,
@@ -1332,13 +1334,14 @@ def _deepseek_from_hf(cfg: Mapping[str, Any], source: str, arch: str) -> LlamaCo
 
 
 def _kimi_linear_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
-    """Kimi Linear (`kimi_linear`): Kimi Delta Attention (linear_kind "kda") on the layers `linear_attn_config.kda_layers`
-    names and DeepSeek-V3's latent attention without RoPE on its `full_attn_layers` (both 1-based; or transformers'
+    """Kimi Linear (`kimi_linear`): Kimi Delta Attention (linear_kind "kda") on the layers
+    `linear_attn_config.kda_layers` names and DeepSeek-V3's latent attention without RoPE on its `full_attn_layers` (both 1-based; or transformers'
     `layer_types`), each layer's MLP as V3's (dense first layers, then experts routed by sigmoid with a correction
     bias, plus shared ones), its fields under their own names (num_experts, num_experts_per_token, num_shared_experts,
     moe_renormalize, num_expert_group, model_max_length). The softmax scale is the query head dim's, without YaRN."""
     linear = cfg.get("linear_attn_config") or {}
-    for key, want in (("mla_use_nope", True), ("moe_router_activation_func", "sigmoid"), ("mla_use_output_gate", False)):
+    for key, want in (("mla_use_nope", True), ("moe_router_activation_func", "sigmoid"),
+                      ("mla_use_output_gate", False)):
         if cfg.get(key, want) != want:
             raise ConfigError(f"{source}: {key}={cfg[key]!r} is not supported (only {want!r})")
     for key in ("use_full_rank_gate", "gate_lower_bound"):
@@ -1366,7 +1369,7 @@ def _kimi_linear_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     heads = int(linear.get("num_heads", cfg.get("linear_num_heads", 32)))
     head_dim = int(linear.get("head_dim", cfg.get("linear_head_dim", 128)))
     return dataclasses.replace(
-        base, architecture="kimi_linear", rope_layers=(False,) * n, rope_scaling=None,
+        base, architecture="kimi_linear", rope_layers=(False,) * n,
         query_pre_attn_scalar=float(base.qk_nope_head_dim + base.qk_rope_head_dim),
         linear_layers=tuple(t == "linear_attention" for t in types), linear_kind="kda",
         linear_num_key_heads=heads, linear_num_value_heads=heads, linear_key_head_dim=head_dim,

@@ -33,18 +33,15 @@ def fp4_method(directory: str) -> str | None:
     """"modelopt" or "compressed-tensors" for an NVFP4 checkpoint directory, None for any other. Another ModelOpt
     algorithm (its FP8 reads as an FP8 checkpoint) or a 4-bit float compressed-tensors scheme other than NVFP4's
     groups of 16 is a CheckpointError naming it."""
+    algo = modelopt_algo(directory)
+    if algo == "NVFP4":
+        return "modelopt"
+    if algo not in ("FP8", None):
+        raise CheckpointError(f"{directory}: ModelOpt quant_algo={algo!r} is not supported (NVFP4, FP8)")
     path = os.path.join(directory, "config.json")
     with open(path) as f:
         quant = json.load(f).get("quantization_config") or {}
-    method = quant.get("quant_method")
-    if method == "modelopt" or (not quant and os.path.isfile(os.path.join(directory, "hf_quant_config.json"))):
-        algo = modelopt_algo(directory)
-        if algo == "NVFP4":
-            return "modelopt"
-        if algo not in ("FP8", None):
-            raise CheckpointError(f"{directory}: ModelOpt quant_algo={algo!r} is not supported (NVFP4, FP8)")
-        return None
-    if method == "compressed-tensors":
+    if quant.get("quant_method") == "compressed-tensors":
         fp4 = [g["weights"] for g in (quant.get("config_groups") or {}).values()
                if (g.get("weights") or {}).get("type") == "float" and g["weights"].get("num_bits") == 4]
         if not fp4:
@@ -58,14 +55,14 @@ def fp4_method(directory: str) -> str | None:
 
 
 def modelopt_algo(directory: str) -> str | None:
-    """A ModelOpt checkpoint's quant_algo (config.json's quantization_config, else hf_quant_config.json's
-    `quantization`), None where neither says."""
+    """A ModelOpt checkpoint's quant_algo (config.json's quantization_config, else, where config.json names no
+    quantization, hf_quant_config.json's `quantization`); None for any other checkpoint, or where neither says."""
     with open(os.path.join(directory, "config.json")) as f:
         quant = json.load(f).get("quantization_config") or {}
     if quant.get("quant_method") == "modelopt" and quant.get("quant_algo"):
         return str(quant["quant_algo"]).upper()
     path = os.path.join(directory, "hf_quant_config.json")
-    if os.path.isfile(path):
+    if (not quant or quant.get("quant_method") == "modelopt") and os.path.isfile(path):
         with open(path) as f:
             algo = (json.load(f).get("quantization") or {}).get("quant_algo")
         return str(algo).upper() if algo else None
@@ -96,7 +93,7 @@ def read_fp4_weight(name: str, method: str, stored: Callable[[str], np.ndarray])
         scale = np.asarray(stored(prefix + ".weight_scale")).astype(np.float32)
         scale = scale * np.asarray(stored(prefix + ".weight_scale_2"), np.float32).reshape(())
     if packed.dtype != np.uint8 or packed.ndim != 2 or scale.shape != (packed.shape[0], 2 * packed.shape[1] // GROUP):
-        raise CheckpointError(f"{prefix}: NVFP4 codes {packed.dtype} {packed.shape} and scales {scale.shape} do not fit "
-                              f"(uint8 [out, in / 2] and [out, in / {GROUP}])")
+        raise CheckpointError(f"{prefix}: NVFP4 codes {packed.dtype} {packed.shape} and scales {scale.shape} do not "
+                              f"fit (uint8 [out, in / 2] and [out, in / {GROUP}])")
     codes = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)  # low nibble first
     return (_CODES[codes].reshape(packed.shape[0], -1, GROUP) * scale[..., None]).reshape(codes.shape)

@@ -97,10 +97,10 @@ def checkpoint_quantization(path: str) -> str:
     method = quant.get("quant_method")
     if method in ("fp8", "mxfp4"):
         return method
-    if method == "modelopt" or (not quant and os.path.isfile(os.path.join(path, "hf_quant_config.json"))):
-        from models.fp4_checkpoint import modelopt_algo
+    from models.fp4_checkpoint import modelopt_algo
 
-        return "fp8" if modelopt_algo(path) == "FP8" else "none"  # (NVFP4: dequantized at load)
+    if (algo := modelopt_algo(path)) is not None:
+        return "fp8" if algo == "FP8" else "none"  # (NVFP4: dequantized at load)
     groups = (quant.get("config_groups") or {}).values() if method == "compressed-tensors" else ()
     if any((g.get("weights") or {}).get("type") == "float" and (g.get("weights") or {}).get("num_bits") == 8
            for g in groups):

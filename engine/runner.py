@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from engine import draft_trees, mtp_drafter, multimodal, sampler, speculative
-from engine.config import EngineConfig
+from engine.config import ConfigKeyError, EngineConfig
 from engine.kv_copies import COPY_FIELDS, PageCopies
 from engine.request import MAX_TOP_LOGPROBS
 from engine.scheduler import StepPlan
@@ -45,8 +45,11 @@ PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory
 PROGRAM_SETS_KEPT = 8  # the jitted programs of this many recent runner settings stay cached (`step_programs`)
 
 
-def pow2_buckets(smallest: int, largest: int) -> list[int]:
-    """Powers of two from `smallest` up to the first one >= `largest`."""
+def pow2_buckets(smallest: int, largest: int, configured: tuple[int, ...] = ()) -> list[int]:
+    """Powers of two from `smallest` up to the first one >= `largest`; or `configured` (increasing, the last >=
+    `largest`: the config checks) up to its first >= `largest`."""
+    if configured:
+        return [b for b in configured if b < largest] + [next(b for b in configured if b >= largest)]
     out = [smallest]
     while out[-1] < largest:
         out.append(out[-1] * 2)
@@ -60,7 +63,7 @@ def token_buckets(smallest: int, largest: int, configured: tuple[int, ...] = ())
     up to 1.5x, for one extra compiled shape per doubling. `configured` (scheduler.token_buckets, increasing, the
     last >= `largest`) replaces them, up to its first >= `largest`."""
     if configured:
-        return [b for b in configured if b < largest] + [next(b for b in configured if b >= largest)]
+        return pow2_buckets(smallest, largest, configured)
     out = [smallest]
     while out[-1] < largest:
         n = out[-1]
@@ -316,8 +319,13 @@ class ModelRunner:
         # Head rows: each chunk's last position, then each draft position (speculative decoding): at most a whole batch
         # of decodes with their drafts (a draft tree's nodes).
         decode_rows = min(self.max_seqs * (1 + config.speculative.draft_tokens), config.scheduler.max_batch_tokens)
-        self.seq_buckets = pow2_buckets(1, min(self.max_seqs * (1 + config.speculative.draft_nodes),
-                                               config.scheduler.max_batch_tokens))
+        most_rows = min(self.max_seqs * (1 + config.speculative.draft_nodes), config.scheduler.max_batch_tokens)
+        if config.scheduler.head_buckets and config.scheduler.head_buckets[-1] < most_rows:
+            raise ConfigKeyError(
+                f"scheduler.head_buckets: the largest ({config.scheduler.head_buckets[-1]}) must hold a whole batch of "
+                f"decodes with their drafts ({most_rows} rows: scheduler.max_running x (1 + the draft positions of "
+                "each), at most scheduler.max_batch_tokens)")
+        self.seq_buckets = pow2_buckets(1, most_rows, config.scheduler.head_buckets)
         self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens,
                                            config.scheduler.token_buckets)

@@ -105,8 +105,8 @@ def init_params(ecfg: Eagle3Config, key: jax.Array, dtype=jnp.float32, scale: fl
     h = cfg.hidden_size
     params = llama.init_params(cfg, k_layer, dtype, scale)
     return {"layers": params["layers"], "hnorm": jnp.ones(h, dtype), "final_norm": params["final_norm"],
-            "fc": (jax.random.normal(k_fc, (len(ecfg.aux_layers) * h, h)) * scale).astype(dtype),
-            "lm_head": (jax.random.normal(k_head, (h, cfg.vocab_size)) * scale).astype(dtype),
+            "fc": (llama.normal(k_fc, (len(ecfg.aux_layers) * h, h)) * scale).astype(dtype),
+            "lm_head": (llama.normal(k_head, (h, cfg.vocab_size)) * scale).astype(dtype),
             "d2t": jnp.zeros(cfg.vocab_size, jnp.int32)}
 
 

@@ -72,7 +72,7 @@ def init_params(mcfg: MtpConfig, key: jax.Array, dtype=jnp.float32, scale: float
     h = mcfg.layer.hidden_size
     return {"layers": params["layers"], "final_norm": params["final_norm"], "enorm": jnp.ones(h, dtype),
             "hnorm": jnp.ones(h, dtype),
-            "eh_proj": (jax.random.normal(k_proj, (2 * h, h), jnp.float32) * scale).astype(dtype)}
+            "eh_proj": (llama.normal(k_proj, (2 * h, h)) * scale).astype(dtype)}
 
 
 def head_params(params: dict, mtp_params: dict) -> dict:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engine import speculative
-from engine.config import EngineConfig, load_config
+from engine.config import ConfigKeyError, EngineConfig, load_config
 from engine.llm import LLM
 from engine.output import OutputKind, RequestOutput
 from engine.request import RequestError, SamplingParams
@@ -408,24 +408,33 @@ def test_engines_of_one_model_and_settings_share_their_compiled_steps(tiny_model
     assert any("forward" in name for name in lowered()[mark:])  # another cache size: new shapes, compiled
 
 
-def test_configured_token_buckets_are_the_steps_compiled(tiny_model):
-    """scheduler.token_buckets: each step pads to the first configured size that holds it (any sizes, not only powers
-    of two; warmup compiles these), and the outputs are the default buckets' outputs."""
-    prompts = [list(range(1000 * i, 1000 * i + n)) for i, n in enumerate((3, 37, 70, 90), 1)]
+def test_configured_token_and_head_buckets_are_the_steps_compiled(tiny_model):
+    """scheduler.token_buckets and head_buckets: each step pads its tokens, and its sampled rows, to the first
+    configured size that holds them (any sizes, not only powers of two; warmup compiles these), and the outputs are
+    the default buckets' outputs. A largest head bucket short of a batch of decodes is refused."""
+    prompts = [list(range(1000 * i, 1000 * i + n)) for i, n in enumerate((3, 37, 70, 90, 5, 6), 1)]
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
     want = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64}), progress=False,
                model=tiny_model).generate(prompts, params)
-    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "scheduler.token_buckets": [24, 48, 128]})
+    config = EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "scheduler.token_buckets": [24, 48, 128],
+                                       "scheduler.head_buckets": [3, 5, 16, 32]})
     llm = LLM(config, progress=False, model=tiny_model)
     runner = llm.engine.runner
-    assert runner.token_buckets == [24, 48, 128]
+    assert runner.token_buckets == [24, 48, 128] and runner.seq_buckets == [3, 5, 16]  # 32: never 8 decodes' rows
     assert LLM(config.replace(**{"scheduler.max_batch_tokens": 40}), progress=False,
                model=tiny_model).engine.runner.token_buckets == [24, 48]  # 128: never a step's size
     sizes, pack = [], runner._pack_padding
     runner._pack_padding = lambda n: sizes.append(n) or pack(n)
+    rows, head = [], runner._run_head
+    runner._run_head = lambda *a, **k: rows.append(k["num_rows"]) or head(*a, **k)
     got = llm.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
-    assert set(sizes) == {24, 128}  # decodes of four; the prompts' 200 tokens: 128, then 72 + three decodes
+    assert set(sizes) == {24, 128}  # decodes of six; the prompts' 211 tokens: 128, then 83 + five decodes
+    assert set(rows) == {3, 5, 16}  # five prompts done in the first step, then six rows a step, three at the end
+    with pytest.raises(ConfigKeyError, match=r"scheduler.head_buckets: the largest \(4\) must hold a whole batch of "
+                                             r"decodes with their drafts \(32 rows"):
+        LLM(config.replace(**{"scheduler.head_buckets": [4], "speculative.method": "ngram",
+                              "speculative.num_tokens": 3}), progress=False, model=tiny_model)
 
 
 def test_chat_template_kwargs_reach_the_template(tiny_model):
@@ -495,7 +504,6 @@ def test_abort_returns_pages(tiny):
 
 
 def test_config_file_overrides_and_errors(tmp_path):
-    from engine.config import ConfigKeyError
 
     path = tmp_path / "c.yaml"
     path.write_text("cache:\n  page_size: 32\nscheduler:\n  policy: lpm\n")
@@ -521,6 +529,8 @@ def test_config_file_overrides_and_errors(tmp_path):
     assert load_config(None, ["scheduler.token_buckets=[48, 512]"]).scheduler.token_buckets == (48, 512)
     with pytest.raises(ConfigKeyError, match=r"scheduler.token_buckets must be positive and increasing, got \[64, 32, 512\]"):
         load_config(None, ["scheduler.token_buckets=[64, 32, 512]"])
+    with pytest.raises(ConfigKeyError, match=r"scheduler.head_buckets must be positive and increasing, got \[0, 8\]"):
+        load_config(None, ["scheduler.head_buckets=[0, 8]"])
     with pytest.raises(ConfigKeyError, match=r"the largest \(256\) must hold a whole step of scheduler.max_batch_tokens \(512\)"):
         load_config(None, ["scheduler.token_buckets=[64, 256]"])
     with pytest.raises(ConfigKeyError, match="speculative.ngram_branches=3 drafts trees of n-gram continuations: it needs "

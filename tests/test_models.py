@@ -261,6 +261,20 @@ TINY_GEMMA3 = dataclasses.replace(
     embed_scale=8.0, query_pre_attn_scalar=24.0, tie_word_embeddings=True)
 
 
+def test_random_weights_are_jax_random_normal_from_a_few_programs(monkeypatch):
+    """llama.normal (every random model's weights) is jax.random.normal value for value, for shapes of every size
+    (none, one, a power of two, past the bucketed limit), compiling one draw per power-of-two size."""
+    monkeypatch.setattr(llama, "_BUCKETED_DRAW_MAX", 1000)  # (the limit itself is 16M values)
+    key = jax.random.key(fresh.seed())
+    shapes = [(0,), (1,), (3, 5), (5, 3), (2, 8, 4), (64,), (7, 9, 11), (33, 40)]
+    for shape in shapes:
+        np.testing.assert_array_equal(np.asarray(llama.normal(key, shape)), np.asarray(jax.random.normal(key, shape)))
+    llama._flat_normal.clear_cache()
+    for shape in shapes:
+        llama.normal(key, shape)
+    assert llama._flat_normal._cache_size() == 5  # 1 (sizes 0, 1), 16 (both 15s), 64 (both 64s), 1024 (693); 1320 its own
+
+
 @pytest.mark.parametrize("arch,backend", [("llama", "xla"), ("qwen2", "xla"), ("gemma3", "xla"),
                                           ("gemma3", "pallas_interpret")])
 def test_paged_forward_matches_dense_reference(arch, backend):

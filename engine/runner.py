@@ -45,11 +45,14 @@ PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory
 PROGRAM_SETS_KEPT = 8  # the jitted programs of this many recent runner settings stay cached (`step_programs`)
 
 
-def pow2_buckets(smallest: int, largest: int, configured: tuple[int, ...] = ()) -> list[int]:
-    """Powers of two from `smallest` up to the first one >= `largest`; or `configured` (increasing, the last >=
-    `largest`: the config checks) up to its first >= `largest`."""
-    if configured:
-        return [b for b in configured if b < largest] + [next(b for b in configured if b >= largest)]
+def configured_buckets(configured: tuple[int, ...], largest: int) -> list[int]:
+    """Configured sizes (scheduler.token_buckets, head_buckets: increasing, the last >= `largest`) up to the first
+    one >= `largest`: any past it would never be used."""
+    return [b for b in configured if b < largest] + [next(b for b in configured if b >= largest)]
+
+
+def pow2_buckets(smallest: int, largest: int) -> list[int]:
+    """Powers of two from `smallest` up to the first one >= `largest`."""
     out = [smallest]
     while out[-1] < largest:
         out.append(out[-1] * 2)
@@ -63,7 +66,7 @@ def token_buckets(smallest: int, largest: int, configured: tuple[int, ...] = ())
     up to 1.5x, for one extra compiled shape per doubling. `configured` (scheduler.token_buckets, increasing, the
     last >= `largest`) replaces them, up to its first >= `largest`."""
     if configured:
-        return pow2_buckets(smallest, largest, configured)
+        return configured_buckets(configured, largest)
     out = [smallest]
     while out[-1] < largest:
         n = out[-1]
@@ -320,12 +323,13 @@ class ModelRunner:
         # of decodes with their drafts (a draft tree's nodes).
         decode_rows = min(self.max_seqs * (1 + config.speculative.draft_tokens), config.scheduler.max_batch_tokens)
         most_rows = min(self.max_seqs * (1 + config.speculative.draft_nodes), config.scheduler.max_batch_tokens)
-        if config.scheduler.head_buckets and config.scheduler.head_buckets[-1] < most_rows:
+        configured = config.scheduler.head_buckets
+        if configured and configured[-1] < most_rows:
             raise ConfigKeyError(
-                f"scheduler.head_buckets: the largest ({config.scheduler.head_buckets[-1]}) must hold a whole batch of "
-                f"decodes with their drafts ({most_rows} rows: scheduler.max_running x (1 + the draft positions of "
-                "each), at most scheduler.max_batch_tokens)")
-        self.seq_buckets = pow2_buckets(1, most_rows, config.scheduler.head_buckets)
+                f"scheduler.head_buckets: the largest ({configured[-1]}) must hold a whole batch of decodes with their "
+                f"drafts ({most_rows} rows: scheduler.max_running x (1 + the draft positions of each), at most "
+                "scheduler.max_batch_tokens)")
+        self.seq_buckets = configured_buckets(configured, most_rows) if configured else pow2_buckets(1, most_rows)
         self.max_rows = self.seq_buckets[-1]
         self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens,
                                            config.scheduler.token_buckets)

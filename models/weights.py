@@ -71,8 +71,6 @@ TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head
 JOIN = "|"
 
 
-
-
 def joined(*names: str) -> str:
     return JOIN.join(names)
 

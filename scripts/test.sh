@@ -5,9 +5,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Most of a test's time on a fresh machine is XLA compiling for the CPU; its older fusion emitters compile ~30% faster
-# and run these small models about as fast, and LLVM's optimization level 1 (of 3) cuts another ~14% of the suite's
-# time, the real models' runs included (docs/architecture.md, "The suite on two workers"). Used where this jaxlib
-# knows the flags (an unknown XLA flag aborts the process) and XLA_FLAGS does not already set them.
+# and run these small models about as fast, and LLVM's optimization level 1 (of 3) cut five of the heaviest files'
+# time by another ~14%, their real models' runs included (docs/architecture.md, "The suite on two workers"). Used
+# where this jaxlib knows the flags (an unknown XLA flag aborts the process) and XLA_FLAGS does not already set them.
 FAST_COMPILE="--xla_cpu_use_fusion_emitters=false --xla_backend_optimization_level=1"
 if [[ "${XLA_FLAGS:-}" != *xla_cpu_use_fusion_emitters* ]] &&
    XLA_FLAGS="$FAST_COMPILE" JAX_PLATFORMS=cpu .venv/bin/python -c "import jax; jax.devices()" 2>/dev/null; then

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the test suite (pass -m "not slow" for the fast subset). Exit code 5 (no tests ran) is a failure.
-# Two worker processes, each taking whole test files (module fixtures such as a live server start once per file);
+# Two worker processes, each taking whole test files (module fixtures such as a live server start once per file) and
+# keeping to its own share of the CPUs (tests/conftest.py);
 # RADIXLM_TEST_WORKERS=0 runs in this process (a debugger, -s output), N runs N workers.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -8,6 +8,27 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
+
+def _pin_worker() -> None:
+    """A pytest-xdist worker keeps to its own share of the CPUs (worker i of n: the i-th, (i+n)-th, ... CPU this
+    process may use), every thread it has and so every one it starts: XLA sizes its compile and run thread pools from
+    that set, so two workers on two cores no longer each run two threads that take turns on both cores. Measured
+    side by side, cold, two workers: -7% worker-seconds on six of the heaviest files (docs/architecture.md, "The
+    suite on two workers"). Not with fewer CPUs than workers, nor in one process (RADIXLM_TEST_WORKERS=0)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    cpus = sorted(os.sched_getaffinity(0))
+    if not worker.startswith("gw") or not 2 <= count <= len(cpus):
+        return
+    mine = set(cpus[int(worker[2:]) % count :: count])
+    for thread in os.listdir("/proc/self/task"):  # (a thread started before this keeps its own set otherwise)
+        try:
+            os.sched_setaffinity(int(thread), mine)
+        except OSError:  # it ended meanwhile
+            pass
+
+
+_pin_worker()
+
 import pytest  # noqa: E402
 
 import fresh  # noqa: E402

@@ -86,3 +86,22 @@ def test_release_frees_the_executables_mappings():
     assert not n["kept"] and n["untouched"] >= n["grown"]
     assert n["released"]
     assert n["after"] < n["before"] + (n["grown"] - n["before"]) // 4
+
+
+def test_a_suite_worker_keeps_to_its_share_of_the_cpus():
+    """tests/conftest.py: every thread of a pytest-xdist worker, XLA's (started since) among them, keeps to the
+    worker's share of the CPUs its parent may use: worker i of n the i-th, (i+n)-th, ... (all of them with fewer CPUs
+    than workers)."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 0)
+    if not worker.startswith("gw"):
+        pytest.skip("one process (RADIXLM_TEST_WORKERS=0): nothing shared")
+    jnp.arange(1 << 16).sum().block_until_ready()  # XLA's pools started
+    cpus = sorted(os.sched_getaffinity(os.getppid()))
+    mine = set(cpus[int(worker[2:]) :: count]) if 2 <= count <= len(cpus) else set(cpus)
+    sets = {}
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            sets[thread] = os.sched_getaffinity(int(thread))
+        except OSError:  # it ended meanwhile
+            pass
+    assert len(sets) > 1 and sets == dict.fromkeys(sets, mine)

@@ -14,7 +14,8 @@ if [[ "${XLA_FLAGS:-}" != *xla_cpu_use_fusion_emitters* ]] &&
    XLA_FLAGS="$FAST_COMPILE" JAX_PLATFORMS=cpu .venv/bin/python -c "import jax; jax.devices()" 2>/dev/null; then
   export XLA_FLAGS="${XLA_FLAGS:-} $FAST_COMPILE"
 fi
-# The 25 slowest tests close the report: the suite's time goal (docs/architecture.md) starts from them.
+# The 25 slowest tests close the report: the suite's time goal (docs/architecture.md) starts from them; add
+# --compile-report N for the N that spent the most time in JAX's tracing and compiling (tests/compile_report.py).
 JAX_PLATFORMS=cpu .venv/bin/python -m pytest -q -n "${RADIXLM_TEST_WORKERS:-2}" --dist loadfile --durations=25 "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then echo "test.sh: no tests ran" >&2; exit 1; fi

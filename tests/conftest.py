@@ -53,8 +53,18 @@ def lowered():
     return lambda: _LOWERED[start:]
 
 
+def pytest_addoption(parser):
+    parser.addoption("--compile-report", type=int, default=0, metavar="N",
+                     help="list the N tests that spent the most time tracing, lowering and compiling with JAX, and the "
+                          "functions that took it (tests/compile_report.py)")
+
+
 def pytest_configure(config):
     fresh.run_seed()  # set in the environment before xdist starts its workers, which inherit it
+    if config.getoption("compile_report"):
+        from compile_report import CompileReport
+
+        config.pluginmanager.register(CompileReport(config.getoption("compile_report")), "compile_report")
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -105,3 +105,21 @@ def test_a_suite_worker_keeps_to_its_share_of_the_cpus():
         except OSError:  # it ended meanwhile
             pass
     assert len(sets) > 1 and sets == dict.fromkeys(sets, mine)
+
+
+def test_the_compile_report_names_each_tests_programs_across_workers():
+    """`--compile-report N` (tests/compile_report.py) under pytest-xdist: each worker's tests, with the functions they
+    compiled, reach the controller's summary."""
+    tests = ["tests/test_linear_scan.py::test_unit_lower_inverse",
+             "tests/test_kernels.py::test_bucket_of_matches_searchsorted"]
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "2", "--dist",
+                          "loadfile", "--compile-report", "5", *tests], capture_output=True, text=True, timeout=600,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         env={k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")})
+    assert run.returncode == 0, run.stdout + run.stderr
+    report = run.stdout[run.stdout.index("JAX compile report"):]
+    for test, function in zip(tests, ("unit_lower_inverse", "searchsorted")):
+        line = next(line for line in report.splitlines() if test in line)
+        assert f"{function} " in line.split(": ", 1)[1], line
+        totals = next(line for line in report.splitlines() if line.endswith(f"  {function}"))
+        assert int(totals.split()[3]) >= 1, totals

@@ -11,10 +11,11 @@ import collections
 
 import pytest
 
-# jax's event names (jax._src.dispatch): tracing a function, lowering its jaxpr to MLIR, compiling it (or reading it
-# from the persistent cache)
-PHASES = {"/jax/core/compile/jaxpr_trace_duration": "trace", "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
-          "/jax/core/compile/backend_compile_duration": "compile"}
+# jax's event names (jax._src.dispatch) -> their column: tracing a function, lowering its jaxpr to MLIR, compiling it
+# (or reading it from the persistent cache)
+PHASES = {"/jax/core/compile/jaxpr_trace_duration": 0, "/jax/core/compile/jaxpr_to_mlir_module_duration": 1,
+          "/jax/core/compile/backend_compile_duration": 2}
+COMPILE = 2
 KEY = "jax_compile"  # the report's user property
 
 
@@ -33,8 +34,8 @@ class CompileReport:
             return
         name = fun_name[4:-1] if fun_name.startswith("jit(") and fun_name.endswith(")") else fun_name or "?"
         row = self.current.setdefault(name, [0.0, 0.0, 0.0, 0])  # (tracing names f, lowering and compiling jit(f))
-        row[("trace", "lower", "compile").index(phase)] += secs
-        row[3] += phase == "compile"
+        row[phase] += secs
+        row[3] += phase == COMPILE
 
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):

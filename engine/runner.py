@@ -41,6 +41,15 @@ from pallas_kernels import kv_quant
 log = logging.getLogger(__name__)
 
 MIN_TOKEN_BUCKET = 16
+# A CPU computes every padded token of a step (a GPU's small steps are bound by reading the weights, padded or not):
+# there the default buckets start at 4 tokens, so a few decodes pad to 4 or 8 (docs/benchmarks.md, "Small steps on a
+# CPU"), for two more compiled forwards.
+CPU_MIN_TOKEN_BUCKET = 4
+
+
+def min_token_bucket(platform: str) -> int:
+    """The smallest default step size in tokens on `platform` (jax.default_backend())."""
+    return CPU_MIN_TOKEN_BUCKET if platform == "cpu" else MIN_TOKEN_BUCKET
 PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory: this many rows of logits)
 PROGRAM_SETS_KEPT = 8  # the jitted programs of this many recent runner settings stay cached (`step_programs`)
 
@@ -331,7 +340,7 @@ class ModelRunner:
                 "scheduler.max_batch_tokens)")
         self.seq_buckets = configured_buckets(configured, most_rows) if configured else pow2_buckets(1, most_rows)
         self.max_rows = self.seq_buckets[-1]
-        self.token_buckets = token_buckets(MIN_TOKEN_BUCKET, config.scheduler.max_batch_tokens,
+        self.token_buckets = token_buckets(min_token_bucket(jax.default_backend()), config.scheduler.max_batch_tokens,
                                            config.scheduler.token_buckets)
         self.backend = backend
         # The Pallas backends compile each token bucket up to the one holding a whole batch of decodes (drafts

@@ -35,6 +35,35 @@ def assert_argmax(logits, tokens, tie: float = 1e-4, margin=0.0) -> None:
                             f"steps {wrong.tolist()} (their logits {short[wrong].tolist()} below the max)")
 
 
+def index_margin(params, cfg, ids) -> float:
+    """DeepSeek Sparse Attention's closest call on `ids`: over every layer and every position with more than top_k
+    to choose from, the smallest gap between the top_k-th and the next indexer score of our dense forward, relative to
+    the larger. Where it is ~1e-4 or less, two float32 implementations summing in other orders can keep different
+    positions (seen once: 5.6e-5 against transformers), and the logits after that differ by far more than rounding."""
+    import jax
+
+    from pallas_kernels import indexed_attention
+
+    scores, score = [], indexed_attention.index_scores
+
+    def recorded(*args):
+        out = score(*args)
+        jax.debug.callback(lambda s: scores.append(np.asarray(s)), out)
+        return out
+
+    indexed_attention.index_scores = recorded
+    try:  # a jit of its own: forward_dense's compiled program would not call the recorder
+        jax.block_until_ready(jax.jit(lambda p, t: llama.decoder_dense(p, cfg, t))(params, jnp.asarray(ids, jnp.int32)))
+    finally:
+        indexed_attention.index_scores = score
+    k, gaps = cfg.index_topk, [np.inf]
+    for layer in scores:
+        for row in range(k, len(ids)):
+            best = np.sort(layer[row, : row + 1])[::-1]
+            gaps.append((best[k - 1] - best[k]) / max(abs(best[k - 1]), abs(best[k]), 1e-30))
+    return float(min(gaps))
+
+
 def hf_model_from_gguf(path: str, workdir: str):
     """transformers' float32 model of a GGUF file (what AutoModelForCausalLM.from_pretrained(gguf_file=...) builds),
     read from a copy without the tokenizer's arrays.

@@ -183,8 +183,8 @@ class SchedulerConfig:
     # The step sizes in tokens that get a compiled forward each (SGLang-JAX's precompile token paddings, vLLM's
     # cudagraph capture sizes): a step pads its tokens up to the first that holds them, so the largest must be >=
     # max_batch_tokens (any past the first that does go unused). Fewer sizes compile sooner and pad more. Empty:
-    # powers of two from 16 (4 on a CPU, where every padded token is computed) to 128, then also the midpoints (192,
-    # 256, 384, 512, ...) up to the first that holds max_batch_tokens.
+    # powers of two from 16 (from 4 on a CPU for a model of 10M+ layer weights: a CPU computes every padded token) to
+    # 128, then also the midpoints (192, 256, 384, 512, ...) up to the first that holds max_batch_tokens.
     token_buckets: tuple[int, ...] = ()
     # The sizes in rows that get a compiled sampling head each (a row per sequence sampled in a step, plus its draft
     # positions under speculative decoding), times each sampling variant (greedy, filters, penalties, logprobs,

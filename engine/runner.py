@@ -42,16 +42,19 @@ log = logging.getLogger(__name__)
 
 MIN_TOKEN_BUCKET = 16
 # A CPU computes every padded token of a step (a GPU's small steps are bound by reading the weights, padded or not):
-# there the default buckets start at 4 tokens, so a few decodes pad to 4 or 8 (docs/benchmarks.md, "Small steps on a
-# CPU"), for two more compiled forwards.
+# there, for a model whose layers hold at least CPU_SMALL_STEP_WEIGHTS weights (a padded token's matmuls outweigh a
+# step's fixed cost of ~2 ms), the default buckets start at 4 tokens, so a few decodes pad to 4 or 8, for two more
+# compiled forwards (docs/benchmarks.md, "Small steps on a CPU"). A tiny model's steps cost their fixed cost alone.
 CPU_MIN_TOKEN_BUCKET = 4
-
-
-def min_token_bucket(platform: str) -> int:
-    """The smallest default step size in tokens on `platform` (jax.default_backend())."""
-    return CPU_MIN_TOKEN_BUCKET if platform == "cpu" else MIN_TOKEN_BUCKET
+CPU_SMALL_STEP_WEIGHTS = 10_000_000
 PROMPT_HEAD_BLOCK = 64  # rows per block of the prompt-logprob head (peak memory: this many rows of logits)
 PROGRAM_SETS_KEPT = 8  # the jitted programs of this many recent runner settings stay cached (`step_programs`)
+
+
+def min_token_bucket(platform: str, layer_weights: int) -> int:
+    """The smallest default step size in tokens on `platform` (jax.default_backend()) for a model whose decoder
+    layers hold `layer_weights` weights (the embedding and LM head, which no padded token reaches, left out)."""
+    return CPU_MIN_TOKEN_BUCKET if platform == "cpu" and layer_weights >= CPU_SMALL_STEP_WEIGHTS else MIN_TOKEN_BUCKET
 
 
 def configured_buckets(configured: tuple[int, ...], largest: int) -> list[int]:
@@ -340,8 +343,9 @@ class ModelRunner:
                 "scheduler.max_batch_tokens)")
         self.seq_buckets = configured_buckets(configured, most_rows) if configured else pow2_buckets(1, most_rows)
         self.max_rows = self.seq_buckets[-1]
-        self.token_buckets = token_buckets(min_token_bucket(jax.default_backend()), config.scheduler.max_batch_tokens,
-                                           config.scheduler.token_buckets)
+        layer_weights = sum(leaf.size for leaf in jax.tree.leaves(params["layers"]))
+        self.token_buckets = token_buckets(min_token_bucket(jax.default_backend(), layer_weights),
+                                           config.scheduler.max_batch_tokens, config.scheduler.token_buckets)
         self.backend = backend
         # The Pallas backends compile each token bucket up to the one holding a whole batch of decodes (drafts
         # included) twice: for the split-KV decode kernel and for the ragged one (`decode_kernel`).

@@ -193,10 +193,7 @@ def assemble(cfg: LlamaConfig, names: Mapping[str, str], read: Callable[[str, st
                 if n == 0:
                     out[key] = np.empty((len(layers_of(cfg, key)), *arr.shape),
                                         np.float32 if key in FLOAT32_KEYS else dtype)
-                if arr.ndim:
-                    copy_into(out[key][n], arr)
-                else:  # a number per layer
-                    out[key][n] = arr
+                copy_into(out[key][n, ...], arr)  # (a view even where a layer's slot is one number)
         return out
 
     layers = {}

@@ -94,6 +94,9 @@ def test_transposed_weights_are_copied_in_blocks_exactly():
             assert got.flags.c_contiguous and got.dtype == dtype
             np.testing.assert_array_equal(got, view.astype(dtype))
         assert contiguous(view).dtype == np.float32
+    stacked = np.zeros(3, np.float32)  # a number per layer (Apertus' xIELU scalars): the slot is a 0-d view
+    copy_into(stacked[1, ...], np.asarray(0.5, np.float32))
+    assert stacked.tolist() == [0, 0.5, 0]
 
 
 def test_safetensors_load_holds_the_weights_not_a_float32_copy(tmp_path):

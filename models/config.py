@@ -28,7 +28,8 @@ SUPPORTED_ARCHITECTURES = (
     "llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "mixtral", "qwen2_moe", "qwen3_moe", "phi3", "gpt_oss",
     "smollm3", "glm", "glm4", "glm4_moe", "deepseek_v2", "deepseek_v3", "olmo2", "olmo3", "granite", "granitemoe",
     "granitemoeshared", "granitemoehybrid", "exaone4", "seed_oss", "cohere", "cohere2", "arcee", "apertus", "qwen3_5", "qwen3_5_moe", "qwen3_next",
-    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4", "kimi_linear")  # (lfm2_moe: lfm2's)
+    "minimax_m2", "olmoe", "dots1", "ernie4_5", "ernie4_5_moe", "lfm2", "llama4", "kimi_linear",
+    "nemotron_h")  # (lfm2_moe: lfm2's)
 # The gated MLP's activation: act(gate) * up, or gpt-oss's clamped variant (`LlamaConfig.swiglu_limit`).
 HIDDEN_ACTS = ("silu", "gelu_tanh", "swiglu_oai", "relu2", "xielu")
 # Gemma 3 interleaves 5 sliding-window layers with 1 global one, from the first layer on (Gemma 2:
@@ -47,7 +48,7 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, kimi_linear, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text), "
+                  "nemotron_h, llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text), "
                   "kimi_k25 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -151,6 +152,11 @@ class LlamaConfig:
     # and DeepSeek, Qwen-MoE's mlp_only_layers); () = every layer alike. Each kind's weights are stacked over its own
     # layers only (models/weights.py: `layer_kind`).
     moe_layers: tuple[bool, ...] = ()
+    # Per layer, False = no MLP after its token mixer (Nemotron-H's mixer blocks followed by another mixer block);
+    # () = an MLP after every one. The MLP's weights and its norm are stacked over the layers that have one
+    # (models/weights.py: `layer_kind` "mlp"). Hybrid models only (their layers are grouped by kind, each kind's body
+    # static: models/llama.py `_grouped_layers`).
+    mlp_layers: tuple[bool, ...] = ()
     router_scoring: str = "softmax"  # "softmax" | "sigmoid" (DeepSeek-V3, GLM-4.5): models/moe.Routing
     router_score_bias: bool = False  # e_score_correction_bias: chooses experts, does not weigh them
     expert_groups: int = 1  # n_group: experts in equal groups, a token's chosen from its best topk_group groups
@@ -319,6 +325,16 @@ class LlamaConfig:
             if all(self.linear_layers) or self.index_topk or self.sliding_window is not None:
                 raise ConfigError("linear attention layers need some attention layers, and are not supported with "
                                   "sparse attention or sliding windows")
+        object.__setattr__(self, "mlp_layers", tuple(bool(b) for b in self.mlp_layers))
+        if self.mlp_layers:
+            if len(self.mlp_layers) != self.num_layers:
+                raise ConfigError(f"mlp_layers has {len(self.mlp_layers)} entries for {self.num_layers} layers")
+            if all(self.mlp_layers):
+                object.__setattr__(self, "mlp_layers", ())
+            elif not self.linear_layers or self.num_experts or self.sandwich_norms or self.parallel_block \
+                    or self.hidden_act == "xielu" or not self.pre_norms:
+                raise ConfigError("layers without an MLP are supported in hybrid models (linear_layers) with pre-norms "
+                                  "and a dense MLP only (no experts, sandwich norms, parallel blocks or xIELU)")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -479,7 +495,8 @@ class LlamaConfig:
             if self.shared_expert_intermediate_size:  # the shared expert and its gate
                 moe_mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
         num_moe = self.num_moe_layers
-        mlps = num_moe * moe_mlp + (self.num_layers - num_moe) * dense_mlp
+        num_mlp = sum(self.mlp_layers) if self.mlp_layers else self.num_layers  # (the others: no MLP, nor its norm)
+        mlps = num_moe * moe_mlp + (num_mlp - num_moe) * dense_mlp - (self.num_layers - num_mlp) * h
         embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
         return embed + attention + linear + self.num_layers * per_layer + mlps + h
 
@@ -550,6 +567,8 @@ class LlamaConfig:
             return _cohere_from_hf(cfg, source, arch)
         if arch in ("lfm2", "lfm2_moe"):
             return _lfm2_from_hf(cfg, source)
+        if arch == "nemotron_h":
+            return _nemotron_h_from_hf(cfg, source)
         if arch == "kimi_linear":
             return _kimi_linear_from_hf(cfg, source)
         if arch in ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"):
@@ -1090,6 +1109,97 @@ def _lfm2_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         max_position=int(cfg.get("max_position_embeddings", 128_000)), qk_norm=True,
         linear_kind="short_conv", linear_layers=tuple(t == "conv" for t in types),
         linear_conv_kernel=int(cfg.get("conv_L_cache", 3)), **experts,
+    )
+
+
+# Nemotron-H's block kinds, as `hybrid_override_pattern` writes them and as `layers_block_type` (or transformers'
+# older names) does
+NEMOTRON_H_BLOCKS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "linear_attention": "mamba",
+                     "mamba": "mamba", "full_attention": "attention", "attention": "attention", "mlp": "mlp",
+                     "moe": "moe"}
+
+
+def nemotron_h_blocks(cfg: Mapping[str, Any], source: str) -> list[str]:
+    """A nemotron_h config's blocks in order, each "mamba", "attention", "mlp" or "moe": `layers_block_type` (transformers
+    5 writes it, `layer_types` its alias) or `hybrid_override_pattern` (NVIDIA's checkpoints: M, *, -, E)."""
+    given = cfg.get("layers_block_type") or cfg.get("layer_types") or cfg.get("hybrid_override_pattern")
+    if not given:
+        raise ConfigError(f"{source}: missing field 'hybrid_override_pattern' (or 'layers_block_type')")
+    unknown = sorted({str(b) for b in given} - set(NEMOTRON_H_BLOCKS))
+    if unknown:
+        raise ConfigError(f"{source}: nemotron_h block kinds {unknown} are not supported (M, *, -, E or "
+                          f"{', '.join(k for k in NEMOTRON_H_BLOCKS if len(k) > 1)})")
+    return [NEMOTRON_H_BLOCKS[str(b)] for b in given]
+
+
+def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...], tuple[bool, ...], list[int]]:
+    """Nemotron-H's blocks as this decoder's layers: each token mixer block (Mamba-2 or attention) starts a layer, and
+    the MLP block right after it, if any, is that layer's MLP (a pre-norm block each, so a mixer block and its MLP
+    block compute what a layer does). Returns (linear_layers, mlp_layers, each layer's first block). Refused by name:
+    expert blocks (Nemotron 3's experts have no gate, which this decoder's experts do), an MLP block that follows no
+    mixer block."""
+    linear, mlp, first = [], [], []
+    for b, kind in enumerate(blocks):
+        if kind == "moe":
+            raise ConfigError(f"{source}: block {b} is a mixture of experts (E); Nemotron-H's experts, an MLP without a "
+                              "gate, are not supported (its dense models, M, * and - blocks, are)")
+        if kind == "mlp":
+            if not mlp or mlp[-1] or first[-1] != b - 1:
+                raise ConfigError(f"{source}: block {b} is an MLP that follows no token mixer block, which is not "
+                                  "supported (each MLP block must come right after a Mamba-2 or attention block)")
+            mlp[-1] = True
+        else:
+            linear.append(kind == "mamba")
+            mlp.append(False)
+            first.append(b)
+    return tuple(linear), tuple(mlp), first
+
+
+def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
+    """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H and Nemotron Nano 2, dense): blocks of one kind each behind
+    an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of `ssm_state_size`, a
+    convolution of `conv_kernel` taps, time steps clamped to `time_step_limit`), attention without positional
+    embeddings, and an MLP without a gate (relu(x)^2), paired into layers (`nemotron_h_layers`). Refused by name:
+    expert blocks, biases on the projections (`use_bias`, `mlp_bias`, `attention_bias`), an activation other than
+    relu2 (silu in the Mamba-2 layers), a sliding window."""
+
+    def need(key):
+        if cfg.get(key) is None:
+            raise ConfigError(f"{source}: missing field {key!r}")
+        return cfg[key]
+
+    linear, mlp, _ = nemotron_h_layers(nemotron_h_blocks(cfg, source), source)
+    for key in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
+        if cfg.get(key):
+            raise ConfigError(f"{source}: {key}=true is not supported (Nemotron-H's projections have no biases here)")
+    if cfg.get("mlp_hidden_act", "relu2") != "relu2" or cfg.get("mamba_hidden_act", "silu") != "silu":
+        raise ConfigError(f"{source}: mlp_hidden_act={cfg.get('mlp_hidden_act')!r} / mamba_hidden_act="
+                          f"{cfg.get('mamba_hidden_act')!r} are not supported (relu2 / silu)")
+    if cfg.get("sliding_window") is not None:
+        raise ConfigError(f"{source}: sliding_window is not supported for nemotron_h")
+    hidden, heads = int(need("hidden_size")), int(need("num_attention_heads"))
+    mamba_heads, mamba_dim = int(cfg.get("mamba_num_heads", 128)), int(cfg.get("mamba_head_dim", 64))
+
+    def either(*keys, default):
+        return next((cfg[k] for k in keys if cfg.get(k) is not None), default)
+
+    lo, hi = (float(x["__float__"] if isinstance(x, dict) else x)
+              for x in either("time_step_limit", "mamba_dt_limit", default=(0.0, float("inf"))))
+    return LlamaConfig(
+        architecture="nemotron_h", vocab_size=int(need("vocab_size")), hidden_size=hidden,
+        intermediate_size=int(need("intermediate_size")), num_layers=len(linear), num_heads=heads,
+        num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+        head_dim=int(either("head_dim", "attention_head_dim", default=hidden // heads)),
+        rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position=int(cfg.get("max_position_embeddings", 4096)), gated_mlp=False, hidden_act="relu2",
+        rope_layers=(False,) * len(linear),  # (attention without positional embeddings)
+        linear_kind="mamba2", linear_layers=linear, mlp_layers=mlp,
+        linear_num_key_heads=int(either("n_groups", "mamba_n_groups", default=8)),
+        linear_key_head_dim=int(cfg.get("ssm_state_size", 128)), linear_num_value_heads=mamba_heads,
+        linear_value_head_dim=mamba_dim, linear_conv_kernel=int(either("conv_kernel", "mamba_d_conv", default=4)),
+        linear_conv_bias=bool(either("use_conv_bias", "mamba_conv_bias", default=True)),
+        linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi),
     )
 
 

@@ -380,7 +380,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     # Weights of one kind of layer only (models whose layers mix expert and dense MLPs) are not scanned: each layer
     # takes its kind's at its place among them.
     scanned = {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) is None}
-    by_kind = {kind: {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) == kind} for kind in ("moe", "dense")}
+    by_kind = {kind: {k: v for k, v in params["layers"].items() if layer_kind(cfg, k) == kind}
+               for kind in ("moe", "dense", "mlp")}
     is_moe_layer = np.asarray(cfg.moe_layers or [bool(cfg.num_experts)] * cfg.num_layers)
     places = np.where(is_moe_layer, np.cumsum(is_moe_layer) - 1, np.cumsum(~is_moe_layer) - 1).astype(np.int32)
     # Token mixers: each layer's kind and its place among its kind (its weights' index, its KV cache's or state's).
@@ -429,8 +430,9 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     capture_at = np.full(cfg.num_layers, len(captured), np.int32)
     capture_at[captured] = np.arange(len(captured), dtype=np.int32)
 
-    def layer(state, xs, linear_layer: bool = False):
-        """One layer; `linear_layer` (static) runs a Gated DeltaNet layer's token mixer instead of attention."""
+    def layer(state, xs, linear_layer: bool = False, has_mlp: bool = True):
+        """One layer; `linear_layer` (static) runs a Gated DeltaNet layer's token mixer instead of attention;
+        without `has_mlp` (static) the layer ends after its token mixer."""
         x, carry = state
         p, i, is_windowed, table, lo, is_moe, place, mixer_place = xs
         if captured:
@@ -526,6 +528,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
         else:
             o, carry = attention(h, p, carry, i)
         x = x + residual(rms_norm(o, p["post_attn_norm"], eps) if cfg.sandwich_norms else o)
+        if not has_mlp:  # (a hybrid model's layer, in a body of its own: `_grouped_layers`)
+            return (x, (carry, aux) if captured else carry), amax
         if cfg.parallel_block:  # the MLP reads what attention read; both outputs join the stream
             h = mlp_in
         else:
@@ -579,7 +583,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if captured:
         carry = (carry, jnp.zeros((len(captured) + 1, *x.shape), x.dtype))
     if cfg.linear_layers:
-        x, carry = _grouped_layers(cfg, layer, x, carry, xs, by_mixer)
+        x, carry = _grouped_layers(cfg, layer, x, carry, xs, by_mixer | ({"mlp": by_kind["mlp"]} if cfg.mlp_layers
+                                                                        else {}))
         amax = None
     else:
         (x, carry), amax = jax.lax.scan(layer, (x, carry), xs)
@@ -594,32 +599,39 @@ def _grouped_layers(cfg: LlamaConfig, layer, x, carry, xs, by_mixer):
     """The layers of a model with linear attention layers, scanned a period of its layer pattern at a time (Qwen3.5:
     three linear layers and an attention layer), each layer's kind static in the body: no `lax.cond` whose operands
     (the KV cache, the states) XLA would copy at every layer. `xs` as the per-layer scan's, each weight of one kind
-    stacked over that kind's layers (`by_mixer`)."""
-    pattern = cfg.linear_layers
-    n = len(pattern)
+    stacked over that kind's layers (`by_mixer`: "linear", "attention", and "mlp" where some layers have no MLP, a
+    layer's kind then its mixer and whether it has one)."""
+    n = cfg.num_layers
+    pattern = tuple(zip(cfg.linear_layers, cfg.mlp_layers or (True,) * n))
     period = next(q for q in range(1, n + 1) if n % q == 0 and all(pattern[i] == pattern[i % q] for i in range(n)))
     if period == n:  # no repeating period (some Granite 4.0-H sizes): a scan per run of same-kind layers
         return _layer_runs(pattern, layer, x, carry, xs, by_mixer)
     groups = n // period
-    per_group = {kind: sum(pattern[:period]) if kind == "linear" else period - sum(pattern[:period])
-                 for kind in by_mixer}
+    per_group = {kind: sum(1 for linear, mlp in pattern[:period] if _has(kind, linear, mlp)) for kind in by_mixer}
     by_group = lambda a, size: a.reshape(groups, size, *a.shape[1:])  # noqa: E731
     grouped = (jax.tree.map(lambda a: by_group(a, period), xs),
                {kind: jax.tree.map(lambda a, k=kind: by_group(a, per_group[k]), w) for kind, w in by_mixer.items()})
 
     def group(state, gxs):
-        layer_xs, mixer_w = gxs
-        seen = {"linear": 0, "attention": 0}
+        layer_xs, kind_w = gxs
+        seen = dict.fromkeys(kind_w, 0)
         for j in range(period):
-            kind = "linear" if pattern[j] else "attention"
             one = jax.tree.map(lambda a: a[j], layer_xs)
-            p = one[0] | {k: v[seen[kind]] for k, v in mixer_w[kind].items()}
-            seen[kind] += 1
-            state, _ = layer(state, (p, *one[1:]), linear_layer=pattern[j])
+            p = dict(one[0])
+            for kind, w in kind_w.items():
+                if _has(kind, *pattern[j]):
+                    p |= {k: v[seen[kind]] for k, v in w.items()}
+                    seen[kind] += 1
+            state, _ = layer(state, (p, *one[1:]), linear_layer=pattern[j][0], has_mlp=pattern[j][1])
         return state, None
 
     (x, carry), _ = jax.lax.scan(group, (x, carry), grouped)
     return x, carry
+
+
+def _has(kind: str, linear: bool, mlp: bool) -> bool:
+    """Whether a layer of this (linear mixer, has an MLP) holds weights of `kind` ("linear", "attention", "mlp")."""
+    return mlp if kind == "mlp" else linear == (kind == "linear")
 
 
 def _layer_runs(pattern, layer, x, carry, xs, by_mixer):
@@ -632,16 +644,19 @@ def _layer_runs(pattern, layer, x, carry, xs, by_mixer):
         if i == len(pattern) or pattern[i] != pattern[start]:
             runs.append((pattern[start], start, i - start))
             start = i
-    seen = {True: 0, False: 0}
+    seen = dict.fromkeys(by_mixer, 0)
     state = (x, carry)
-    for linear, first, length in runs:
-        weights, offset = by_mixer["linear" if linear else "attention"], seen[linear]
-        seen[linear] += length
+    for kind_of_layer, first, length in runs:
+        offsets = {kind: seen[kind] for kind in by_mixer if _has(kind, *kind_of_layer)}
+        for kind in offsets:
+            seen[kind] += length
 
-        def body(state, i, linear=linear, first=first, weights=weights, offset=offset):
+        def body(state, i, kind_of_layer=kind_of_layer, first=first, offsets=offsets):
             one = jax.tree.map(lambda a: a[first + i], xs)
-            p = one[0] | {k: v[offset + i] for k, v in weights.items()}
-            return layer(state, (p, *one[1:]), linear_layer=linear)[0], None
+            p = dict(one[0])
+            for kind, offset in offsets.items():
+                p |= {k: v[offset + i] for k, v in by_mixer[kind].items()}
+            return layer(state, (p, *one[1:]), linear_layer=kind_of_layer[0], has_mlp=kind_of_layer[1])[0], None
 
         state, _ = jax.lax.scan(body, state, jnp.arange(length, dtype=jnp.int32))
     return state

@@ -5,6 +5,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -196,6 +197,32 @@ GRANITE4_NAMES = GRANITE_MOE_NAMES | {key: f"model.layers.{{i}}.mamba.{name}" fo
     ("mamba_in", "in_proj.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_conv_bias", "conv1d.bias"),
     ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"), ("gdn_d", "D"), ("gdn_norm", "norm.weight"),
     ("gdn_out", "out_proj.weight"))}
+# Nemotron-H: blocks of one kind each, a token mixer (Mamba-2 or attention) or an MLP, under `mixer` beside its `norm`;
+# a layer here is a mixer block and the MLP block after it, if any (`config.nemotron_h_layers`), so these names say
+# `mixer_block` and `mlp_block` where the checkpoint numbers blocks (`nemotron_h_stored`).
+NEMOTRON_H_NAMES = {
+    "embed": "backbone.embeddings.weight", "final_norm": "backbone.norm_f.weight", "lm_head": "lm_head.weight",
+    "attn_norm": "backbone.layers.{i}.mixer_block.norm.weight", "mlp_norm": "backbone.layers.{i}.mlp_block.norm.weight",
+    "w_up": "backbone.layers.{i}.mlp_block.mixer.up_proj.weight",
+    "w_down": "backbone.layers.{i}.mlp_block.mixer.down_proj.weight",
+    **{key: f"backbone.layers.{{i}}.mixer_block.mixer.{name}" for key, name in (
+        ("wq", "q_proj.weight"), ("wk", "k_proj.weight"), ("wv", "v_proj.weight"), ("wo", "o_proj.weight"),
+        ("mamba_in", "in_proj.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_conv_bias", "conv1d.bias"),
+        ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"), ("gdn_d", "D"), ("gdn_norm", "norm.weight"),
+        ("gdn_out", "out_proj.weight"))}}
+_NEMOTRON_H_LAYER = re.compile(r"\.layers\.(\d+)\.(mixer|mlp)_block\.")
+
+
+def nemotron_h_stored(cfg: LlamaConfig) -> Callable[[str], str]:
+    """A name of NEMOTRON_H_NAMES (layer i's mixer_block or mlp_block) -> the checkpoint's (its block's number)."""
+    first = np.cumsum([0, *(1 + np.asarray(cfg.mlp_layers or (True,) * cfg.num_layers, np.int64))])
+
+    def stored(name: str) -> str:
+        return _NEMOTRON_H_LAYER.sub(lambda m: f".layers.{first[int(m[1])] + (m[2] == 'mlp')}.", name)
+
+    return stored
+
+
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
 PHI3_NAMES = {k: v for k, v in HF_NAMES.items() if k not in ("wq", "wk", "wv", "w_gate", "w_up")} | {
     "wqkv": "model.layers.{i}.self_attn.qkv_proj.weight", "w_gate_up": "model.layers.{i}.mlp.gate_up_proj.weight",
@@ -286,8 +313,10 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
     with opened_shards(directory) as (shard_of, stored):
         get = tensor_reader(directory, shard_of, stored)
 
+        block_name = nemotron_h_stored(cfg) if cfg.architecture == "nemotron_h" else None  # (layers as blocks)
+
         def read(key: str, name: str) -> np.ndarray:
-            return _from_hf(cfg, key, get(name))
+            return _from_hf(cfg, key, get(block_name(name) if block_name else name))
 
         def has(name: str) -> bool:
             return name in shard_of
@@ -528,7 +557,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
+            "olmoe": QWEN_MOE_NAMES, "nemotron_h": NEMOTRON_H_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
             "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES, "kimi_linear": KIMI_LINEAR_NAMES,
             "llama4": LLAMA4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)

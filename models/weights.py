@@ -130,10 +130,13 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
 
 def layer_kind(cfg: LlamaConfig, key: str) -> str | None:
     """"moe" or "dense" for a weight stacked over one kind of layer only (in a model whose layers mix expert and dense
-    MLPs), None for one stacked over every layer. `key` may carry a quantization suffix (`<name>_scale`)."""
-    if not cfg.mixed_mlp:
+    MLPs), "mlp" for the MLP's weights and norm in a model where some layers have none (`LlamaConfig.mlp_layers`),
+    None for one stacked over every layer. `key` may carry a quantization suffix (`<name>_scale`)."""
+    if not (cfg.mixed_mlp or cfg.mlp_layers):
         return None
     base = next((key.removesuffix(suffix) for suffix in QUANT_SUFFIXES if key.endswith(suffix)), key)
+    if cfg.mlp_layers:
+        return "mlp" if base in MLP_KEYS or base == "mlp_norm" else None
     return "dense" if base in DENSE_KEYS else "moe" if base in EXPERT_LAYER_KEYS else None
 
 
@@ -151,6 +154,8 @@ def layers_of(cfg: LlamaConfig, key: str) -> list[int]:
     kind, mixer = layer_kind(cfg, key), mixer_kind(cfg, key)
     if mixer is not None:
         return [i for i, linear in enumerate(cfg.linear_layers) if linear == (mixer == "linear")]
+    if kind == "mlp":
+        return [i for i, m in enumerate(cfg.mlp_layers) if m]
     return list(range(cfg.num_layers)) if kind is None else [i for i, m in enumerate(cfg.moe_layers)
                                                              if m == (kind == "moe")]
 

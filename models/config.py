@@ -48,7 +48,8 @@ GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next"
 HF_MODEL_TYPES = ("llama, mistral, qwen2, qwen3, gemma2, gemma3_text, phi3, smollm3, olmo2, olmo3, granite, glm, glm4, "
                   "exaone4, seed_oss, cohere, cohere2, arcee, apertus, mixtral, qwen2_moe, qwen3_moe, granitemoe, granitemoeshared, "
                   "granitemoehybrid, gpt_oss, glm4_moe, glm4_moe_lite, minimax_m2, olmoe, dots1, ernie4_5, ernie4_5_moe, lfm2, lfm2_moe, deepseek_v2, deepseek_v3, deepseek_v32, glm_moe_dsa, kimi_k2, kimi_linear, qwen3_5, qwen3_5_text, qwen3_5_moe, qwen3_5_moe_text, qwen3_next, "
-                  "nemotron_h, llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text), "
+                  "nemotron_h, "
+                  "llama4 (text), llama4_text, llava, llava_next, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, gemma3, mistral3 (text), "
                   "kimi_k25 (text)")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0
 # transformers' Gemma3TextConfig defaults: the published `gemma3` checkpoints (4B, 12B, 27B) write only the fields of
@@ -1120,8 +1121,9 @@ NEMOTRON_H_BLOCKS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe", "li
 
 
 def nemotron_h_blocks(cfg: Mapping[str, Any], source: str) -> list[str]:
-    """A nemotron_h config's blocks in order, each "mamba", "attention", "mlp" or "moe": `layers_block_type` (transformers
-    5 writes it, `layer_types` its alias) or `hybrid_override_pattern` (NVIDIA's checkpoints: M, *, -, E)."""
+    """A nemotron_h config's blocks in order, each "mamba", "attention", "mlp" or "moe": `layers_block_type`
+    (transformers 5 writes it, `layer_types` its alias) or `hybrid_override_pattern` (NVIDIA's checkpoints: M, *, -,
+    E)."""
     given = cfg.get("layers_block_type") or cfg.get("layer_types") or cfg.get("hybrid_override_pattern")
     if not given:
         raise ConfigError(f"{source}: missing field 'hybrid_override_pattern' (or 'layers_block_type')")
@@ -1141,8 +1143,8 @@ def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...],
     linear, mlp, first = [], [], []
     for b, kind in enumerate(blocks):
         if kind == "moe":
-            raise ConfigError(f"{source}: block {b} is a mixture of experts (E); Nemotron-H's experts, an MLP without a "
-                              "gate, are not supported (its dense models, M, * and - blocks, are)")
+            raise ConfigError(f"{source}: block {b} is a mixture of experts (E); Nemotron-H's experts, an MLP "
+                              "without a gate, are not supported (its dense models, M, * and - blocks, are)")
         if kind == "mlp":
             if not mlp or mlp[-1] or first[-1] != b - 1:
                 raise ConfigError(f"{source}: block {b} is an MLP that follows no token mixer block, which is not "

@@ -85,7 +85,8 @@ def load_peft_adapter(path: str, cfg: LlamaConfig) -> dict[str, tuple[np.ndarray
     from safetensors.numpy import load_file
 
     if cfg.mlp_layers:  # (its modules are numbered by block, not by layer: Nemotron-H)
-        raise ValueError(f"LoRA adapter {path}: adapters for {cfg.architecture} (layers of two blocks) are not supported")
+        raise ValueError(f"LoRA adapter {path}: adapters for {cfg.architecture} (layers of two blocks) are not "
+                         "supported")
     config_path, weights_path = os.path.join(path, "adapter_config.json"), os.path.join(path, "adapter_model.safetensors")
     for f in (config_path, weights_path):
         if not os.path.isfile(f):

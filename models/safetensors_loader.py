@@ -557,7 +557,8 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "nemotron_h": NEMOTRON_H_NAMES, "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
+            "olmoe": QWEN_MOE_NAMES, "nemotron_h": NEMOTRON_H_NAMES,
+            "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
             "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES, "kimi_linear": KIMI_LINEAR_NAMES,
             "llama4": LLAMA4_NAMES}.get(
         cfg.architecture, GEMMA_NAMES if cfg.architecture in ("gemma2", "gemma3") else HF_NAMES)

@@ -1,6 +1,6 @@
-"""Nemotron-H (NVIDIA's Nemotron-H and Nemotron Nano 2, `nemotron_h`): blocks of one kind each behind an RMSNorm, Mamba-2,
-attention without positional embeddings or an MLP without a gate, read as layers of a token mixer block and the MLP
-block after it, where a layer may have no MLP (`LlamaConfig.mlp_layers`); checked against transformers'
+"""Nemotron-H (NVIDIA's Nemotron-H and Nemotron Nano 2, `nemotron_h`): blocks of one kind each behind an RMSNorm,
+Mamba-2, attention without positional embeddings or an MLP without a gate, read as layers of a token mixer block and
+the MLP block after it, where a layer may have no MLP (`LlamaConfig.mlp_layers`); checked against transformers'
 NemotronHForCausalLM."""
 from __future__ import annotations
 
@@ -46,8 +46,8 @@ def test_blocks_pair_into_layers_and_what_is_refused():
         with pytest.raises(ConfigError, match=match):
             LlamaConfig.from_hf_config({**TINY, "hybrid_override_pattern": "M-*-", **change})
     with pytest.raises(ConfigError, match="layers without an MLP are supported in hybrid models"):
-        LlamaConfig(architecture="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=1, num_kv_heads=1,
-                    head_dim=8, mlp_layers=(True, False))
+        LlamaConfig(architecture="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=2, num_heads=1,
+                    num_kv_heads=1, head_dim=8, mlp_layers=(True, False))
 
 
 def test_parameter_count_at_full_size():
@@ -104,5 +104,6 @@ def test_checkpoint_matches_transformers_and_serves(tmp_path):
             model.float()
         ours = np.asarray(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(ids, jnp.int32)))
         np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
-    greedy = _serve_variants(model, cfg, params, [{}, {"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}])
+    greedy = _serve_variants(model, cfg, params, [{}, {"attention.backend": "pallas_interpret"},
+                                                  {"parallel.tensor": 2}])
     assert greedy[0] == greedy[1] == greedy[2]

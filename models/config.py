@@ -242,8 +242,8 @@ class LlamaConfig:
             raise ConfigError("pre_norms=False needs sandwich_norms (a layer normed nowhere is not a decoder here)")
         if self.hidden_act == "xielu" and self.gated_mlp:
             raise ConfigError("hidden_act=xielu is an ungated MLP's activation (gated_mlp=False)")
-        if not self.gated_mlp and (self.num_experts or self.hidden_act == "swiglu_oai"):
-            raise ConfigError("gated_mlp=False is for dense MLPs with a plain activation (not experts, not swiglu_oai)")
+        if not self.gated_mlp and self.hidden_act == "swiglu_oai":
+            raise ConfigError("gated_mlp=False is for MLPs with a plain activation (not swiglu_oai)")
         if self.norm_kind not in ("rms", "layer"):
             raise ConfigError(f"norm_kind={self.norm_kind!r} is not supported (rms, layer)")
         if self.mrope_section and (len(self.mrope_section) != 3 or sum(self.mrope_section) != self.rotary_dim // 2):
@@ -302,6 +302,9 @@ class LlamaConfig:
             if self.num_experts % self.expert_groups or not 1 <= self.expert_groups_per_tok <= self.expert_groups:
                 raise ConfigError(f"n_group={self.expert_groups} must divide num_experts={self.num_experts} and "
                                   f"topk_group={self.expert_groups_per_tok} be in [1, n_group]")
+            if not self.gated_mlp and (self.moe_bias or self.hidden_act != "relu2"):
+                raise ConfigError("experts without a gate (gated_mlp false) take relu2 and no biases (got "
+                                  f"hidden_act={self.hidden_act!r}, moe_bias={self.moe_bias})")
             if self.expert_groups_per_tok * (self.num_experts // self.expert_groups) < self.num_experts_per_tok:
                 raise ConfigError(f"topk_group={self.expert_groups_per_tok} groups of {self.num_experts // self.expert_groups} "
                                   f"experts cannot hold num_experts_per_tok={self.num_experts_per_tok}")
@@ -332,10 +335,10 @@ class LlamaConfig:
                 raise ConfigError(f"mlp_layers has {len(self.mlp_layers)} entries for {self.num_layers} layers")
             if all(self.mlp_layers):
                 object.__setattr__(self, "mlp_layers", ())
-            elif not self.linear_layers or self.num_experts or self.sandwich_norms or self.parallel_block \
+            elif not self.linear_layers or self.moe_layers or self.sandwich_norms or self.parallel_block \
                     or self.hidden_act == "xielu" or not self.pre_norms:
                 raise ConfigError("layers without an MLP are supported in hybrid models (linear_layers) with pre-norms "
-                                  "and a dense MLP only (no experts, sandwich norms, parallel blocks or xIELU)")
+                                  "and one kind of MLP (no moe_layers, sandwich norms, parallel blocks or xIELU)")
         object.__setattr__(self, "moe_layers", tuple(bool(b) for b in self.moe_layers))
         if self.moe_layers:
             if len(self.moe_layers) != self.num_layers:
@@ -429,7 +432,9 @@ class LlamaConfig:
 
     @property
     def num_moe_layers(self) -> int:
-        return sum(self.moe_layers) if self.moe_layers else self.num_layers * bool(self.num_experts)
+        if self.moe_layers:
+            return sum(self.moe_layers)
+        return (sum(self.mlp_layers) if self.mlp_layers else self.num_layers) * bool(self.num_experts)
 
     @property
     def routing(self) -> Routing:
@@ -490,11 +495,12 @@ class LlamaConfig:
         dense_mlp = (3 if self.gated_mlp else 2) * h * self.intermediate_size + 2 * (self.hidden_act == "xielu")
         moe_mlp = 0
         if self.num_experts:
-            moe_mlp += self.num_experts * (3 * h * self.moe_intermediate_size + h)  # experts and the router
+            projections = 3 if self.gated_mlp else 2  # (an ungated expert: up and down)
+            moe_mlp += self.num_experts * (projections * h * self.moe_intermediate_size + h)  # experts and the router
             moe_mlp += self.num_experts * (2 * self.moe_intermediate_size + h + 1) * self.moe_bias
             moe_mlp += self.num_experts * self.router_score_bias
             if self.shared_expert_intermediate_size:  # the shared expert and its gate
-                moe_mlp += 3 * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
+                moe_mlp += projections * h * self.shared_expert_intermediate_size + h * self.shared_expert_gate
         num_moe = self.num_moe_layers
         num_mlp = sum(self.mlp_layers) if self.mlp_layers else self.num_layers  # (the others: no MLP, nor its norm)
         mlps = num_moe * moe_mlp + (num_mlp - num_moe) * dense_mlp - (self.num_layers - num_mlp) * h
@@ -1136,16 +1142,14 @@ def nemotron_h_blocks(cfg: Mapping[str, Any], source: str) -> list[str]:
 
 def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...], tuple[bool, ...], list[int]]:
     """Nemotron-H's blocks as this decoder's layers: each token mixer block (Mamba-2 or attention) starts a layer, and
-    the MLP block right after it, if any, is that layer's MLP (a pre-norm block each, so a mixer block and its MLP
-    block compute what a layer does). Returns (linear_layers, mlp_layers, each layer's first block). Refused by name:
-    expert blocks (Nemotron 3's experts have no gate, which this decoder's experts do), an MLP block that follows no
-    mixer block."""
+    the MLP or expert block right after it, if any, is that layer's MLP (a pre-norm block each, so a mixer block and
+    its MLP block compute what a layer does). Returns (linear_layers, mlp_layers, each layer's first block). Refused by
+    name: an MLP block that follows no mixer block, dense MLP and expert blocks in one model."""
     linear, mlp, first = [], [], []
+    if "mlp" in blocks and "moe" in blocks:
+        raise ConfigError(f"{source}: dense MLP (-) and expert (E) blocks in one model are not supported")
     for b, kind in enumerate(blocks):
-        if kind == "moe":
-            raise ConfigError(f"{source}: block {b} is a mixture of experts (E); Nemotron-H's experts, an MLP "
-                              "without a gate, are not supported (its dense models, M, * and - blocks, are)")
-        if kind == "mlp":
+        if kind in ("mlp", "moe"):
             if not mlp or mlp[-1] or first[-1] != b - 1:
                 raise ConfigError(f"{source}: block {b} is an MLP that follows no token mixer block, which is not "
                                   "supported (each MLP block must come right after a Mamba-2 or attention block)")
@@ -1157,20 +1161,41 @@ def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...],
     return tuple(linear), tuple(mlp), first
 
 
+def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Nemotron 3's expert blocks (E): `n_routed_experts` experts of `moe_intermediate_size` without a gate (relu^2,
+    as its dense MLP), the top `num_experts_per_tok` by sigmoid score plus a correction bias within the best
+    `topk_group` of `n_group` groups (DeepSeek-V3's routing), renormalized (`norm_topk_prob`) and scaled by
+    `routed_scaling_factor`, beside one shared expert of `moe_shared_expert_intermediate_size`. Refused by name: a
+    latent projection around the experts (`moe_latent_size`), other than one shared expert."""
+    if cfg.get("moe_latent_size") is not None:
+        raise ConfigError(f"{source}: moe_latent_size={cfg['moe_latent_size']} (experts in a latent space) is not "
+                          "supported")
+    if int(cfg.get("n_shared_experts", 1)) != 1:
+        raise ConfigError(f"{source}: n_shared_experts={cfg['n_shared_experts']} is not supported (one)")
+    return dict(num_experts=int(cfg.get("n_routed_experts", 8)), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size", 7688)),
+                shared_expert_intermediate_size=int(cfg.get("moe_shared_expert_intermediate_size", 7688)),
+                shared_expert_gate=False, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                router_scoring="sigmoid", router_score_bias=True, expert_groups=int(cfg.get("n_group", 1)),
+                expert_groups_per_tok=int(cfg.get("topk_group", 1)),
+                routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
+
+
 def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
-    """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H and Nemotron Nano 2, dense): blocks of one kind each behind
-    an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of `ssm_state_size`, a
-    convolution of `conv_kernel` taps, time steps clamped to `time_step_limit`), attention without positional
-    embeddings, and an MLP without a gate (relu(x)^2), paired into layers (`nemotron_h_layers`). Refused by name:
-    expert blocks, biases on the projections (`use_bias`, `mlp_bias`, `attention_bias`), an activation other than
-    relu2 (silu in the Mamba-2 layers), a sliding window."""
+    """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H, Nemotron Nano 2 and Nemotron 3 Nano): blocks of one kind
+    each behind an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of
+    `ssm_state_size`, a convolution of `conv_kernel` taps, time steps clamped to `time_step_limit`), attention without
+    positional embeddings, and an MLP without a gate (relu(x)^2) or experts (`_nemotron_h_experts`), paired into layers
+    (`nemotron_h_layers`). Refused by name: biases on the projections (`use_bias`, `mlp_bias`, `attention_bias`), an
+    activation other than relu2 (silu in the Mamba-2 layers), a sliding window."""
 
     def need(key):
         if cfg.get(key) is None:
             raise ConfigError(f"{source}: missing field {key!r}")
         return cfg[key]
 
-    linear, mlp, _ = nemotron_h_layers(nemotron_h_blocks(cfg, source), source)
+    blocks = nemotron_h_blocks(cfg, source)
+    linear, mlp, _ = nemotron_h_layers(blocks, source)
     for key in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
         if cfg.get(key):
             raise ConfigError(f"{source}: {key}=true is not supported (Nemotron-H's projections have no biases here)")
@@ -1189,7 +1214,7 @@ def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
               for x in either("time_step_limit", "mamba_dt_limit", default=(0.0, float("inf"))))
     return LlamaConfig(
         architecture="nemotron_h", vocab_size=int(need("vocab_size")), hidden_size=hidden,
-        intermediate_size=int(need("intermediate_size")), num_layers=len(linear), num_heads=heads,
+        intermediate_size=int(cfg.get("intermediate_size", 21504)), num_layers=len(linear), num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(either("head_dim", "attention_head_dim", default=hidden // heads)),
         rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
@@ -1202,6 +1227,7 @@ def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         linear_value_head_dim=mamba_dim, linear_conv_kernel=int(either("conv_kernel", "mamba_d_conv", default=4)),
         linear_conv_bias=bool(either("use_conv_bias", "mamba_conv_bias", default=True)),
         linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi),
+        **(_nemotron_h_experts(cfg, source) if "moe" in blocks else {}),
     )
 
 

@@ -158,6 +158,8 @@ def param_shapes(cfg: LlamaConfig) -> Params:
                        "moe_down_bias": (n, e, h)}
         if cfg.router_score_bias:
             layers[moe.SCORE_BIAS] = (n, e)
+        if not cfg.gated_mlp:  # ungated experts (Nemotron-H's): up -> act -> down
+            del layers["moe_gate"]
         if cfg.mixed_mlp:  # the dense layers' MLP
             di = cfg.intermediate_size
             layers |= {"dense_gate": (n, h, di), "dense_up": (n, h, di), "dense_down": (n, di, h)}
@@ -455,7 +457,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                 if o is not None and cfg.shared_expert_gate:
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
                 expert_lora = {k: lo[k] for k in EXPERT_PROJECTIONS if k in lo}
-                routed = moe.moe_mlp(h, w, cfg.routing, glu, cfg.moe_grouped, cfg.quantized_activations,
+                act = glu if cfg.gated_mlp else (lambda gate, up: plain_activation(cfg, w)(up))  # (gate: None)
+                routed = moe.moe_mlp(h, w, cfg.routing, act, cfg.moe_grouped, cfg.quantized_activations,
                                      cfg.quant_kernels, mesh, cfg.expert_parallel,
                                      moe.ExpertLora(expert_lora, onehot) if expert_lora else None)
                 o = routed if o is None else o + routed

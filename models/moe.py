@@ -321,7 +321,7 @@ def _grouped_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Arr
             y = y + expert_delta_grouped(x, lora.weights[name], groups).astype(y.dtype)
         return _plus_bias(y, p, name, row_scales)
 
-    gate = project(rows, "moe_gate")
+    gate = project(rows, "moe_gate") if "moe_gate" in p else None  # (an ungated expert: glu reads up alone)
     if scales_input:
         gate = gate * weights.reshape(-1)[order][:, None].astype(gate.dtype)
     out = project(glu(gate, project(rows, "moe_up")), "moe_down")  # [T * k, H]
@@ -352,7 +352,8 @@ def _dense_experts(h: jax.Array, p: dict, weights: jax.Array, experts: jax.Array
         return y + expert_delta_dense(x, lora.weights[name], lora.onehot).astype(y.dtype)
 
     gate, up = (_plus_bias(adapted(_experts_matmul(every, h, p, name, quantized_activations=quantized_activations),
-                                   h, name), p, name, per_expert) for name in ("moe_gate", "moe_up"))
+                                   h, name), p, name, per_expert) if name in p else None
+                for name in ("moe_gate", "moe_up"))  # (an ungated expert: no gate; glu reads up alone)
     if scales_input:
         gate = gate * dense[:, :, None].astype(gate.dtype)
     down_in = glu(gate, up)

@@ -210,6 +210,15 @@ NEMOTRON_H_NAMES = {
         ("mamba_in", "in_proj.weight"), ("gdn_conv", "conv1d.weight"), ("gdn_conv_bias", "conv1d.bias"),
         ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"), ("gdn_d", "D"), ("gdn_norm", "norm.weight"),
         ("gdn_out", "out_proj.weight"))}}
+# Nemotron 3's expert blocks: the router `gate` (float32) with its correction bias, each expert's up and down, one
+# shared expert as the dense MLP's weights.
+NEMOTRON_H_MOE_NAMES = NEMOTRON_H_NAMES | {
+    "router": "backbone.layers.{i}.mlp_block.mixer.gate.weight",
+    "router_score_bias": "backbone.layers.{i}.mlp_block.mixer.gate.e_score_correction_bias",
+    "moe_up": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.up_proj.weight",
+    "moe_down": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.down_proj.weight",
+    "w_up": "backbone.layers.{i}.mlp_block.mixer.shared_experts.up_proj.weight",
+    "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight"}
 _NEMOTRON_H_LAYER = re.compile(r"\.layers\.(\d+)\.(mixer|mlp)_block\.")
 
 
@@ -557,7 +566,7 @@ def hf_names(cfg: LlamaConfig) -> dict[str, str]:
             "glm4": GLM4_NAMES, "cohere": COHERE_NAMES, "cohere2": COHERE_NAMES, "granitemoe": GRANITE_MOE_NAMES, "granitemoeshared": GRANITE_MOE_NAMES,
             "granitemoehybrid": GRANITE4_NAMES, "apertus": APERTUS_NAMES, "qwen3_5": QWEN3_5_NAMES,
             "qwen3_5_moe": QWEN3_5_MOE_NAMES, "qwen3_next": QWEN3_NEXT_NAMES, "minimax_m2": MINIMAX_M2_NAMES,
-            "olmoe": QWEN_MOE_NAMES, "nemotron_h": NEMOTRON_H_NAMES,
+            "olmoe": QWEN_MOE_NAMES, "nemotron_h": NEMOTRON_H_MOE_NAMES if cfg.num_experts else NEMOTRON_H_NAMES,
             "dots1": GLM4_MOE_NAMES, "ernie4_5_moe": ERNIE_MOE_NAMES,
             "lfm2": LFM2_MOE_NAMES if cfg.num_experts else LFM2_NAMES, "kimi_linear": KIMI_LINEAR_NAMES,
             "llama4": LLAMA4_NAMES}.get(

@@ -115,8 +115,8 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
         keys = tuple(k for k in keys if k not in ("attn_norm", "mlp_norm"))
     if cfg.parallel_block:  # one norm before attention and the MLP both
         keys = tuple(k for k in keys if k != "mlp_norm")
-    if not cfg.gated_mlp:  # up -> act -> down
-        keys = tuple(k for k in keys if k != "w_gate")
+    if not cfg.gated_mlp:  # up -> act -> down (the experts too)
+        keys = tuple(k for k in keys if k not in ("w_gate", "moe_gate"))
     if cfg.hidden_act == "xielu":
         keys += XIELU_KEYS
     if cfg.linear_layers:
@@ -136,7 +136,7 @@ def layer_kind(cfg: LlamaConfig, key: str) -> str | None:
         return None
     base = next((key.removesuffix(suffix) for suffix in QUANT_SUFFIXES if key.endswith(suffix)), key)
     if cfg.mlp_layers:
-        return "mlp" if base in MLP_KEYS or base == "mlp_norm" else None
+        return "mlp" if base in EXPERT_LAYER_KEYS or base == "mlp_norm" else None
     return "dense" if base in DENSE_KEYS else "moe" if base in EXPERT_LAYER_KEYS else None
 
 

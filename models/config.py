@@ -1172,7 +1172,8 @@ def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
                           "supported")
     if int(cfg.get("n_shared_experts", 1)) != 1:
         raise ConfigError(f"{source}: n_shared_experts={cfg['n_shared_experts']} is not supported (one)")
-    return dict(num_experts=int(cfg.get("n_routed_experts", 8)), num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
+    return dict(num_experts=int(cfg.get("n_routed_experts", 8)),
+                num_experts_per_tok=int(cfg.get("num_experts_per_tok", 2)),
                 moe_intermediate_size=int(cfg.get("moe_intermediate_size", 7688)),
                 shared_expert_intermediate_size=int(cfg.get("moe_shared_expert_intermediate_size", 7688)),
                 shared_expert_gate=False, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),

@@ -199,7 +199,7 @@ GRANITE4_NAMES = GRANITE_MOE_NAMES | {key: f"model.layers.{{i}}.mamba.{name}" fo
     ("gdn_out", "out_proj.weight"))}
 # Nemotron-H: blocks of one kind each, a token mixer (Mamba-2 or attention) or an MLP, under `mixer` beside its `norm`;
 # a layer here is a mixer block and the MLP block after it, if any (`config.nemotron_h_layers`), so these names say
-# `mixer_block` and `mlp_block` where the checkpoint numbers blocks (`nemotron_h_stored`).
+# `mixer_block` and `mlp_block` where the checkpoint numbers blocks (`nemotron_h_renamed`).
 NEMOTRON_H_NAMES = {
     "embed": "backbone.embeddings.weight", "final_norm": "backbone.norm_f.weight", "lm_head": "lm_head.weight",
     "attn_norm": "backbone.layers.{i}.mixer_block.norm.weight", "mlp_norm": "backbone.layers.{i}.mlp_block.norm.weight",
@@ -219,17 +219,36 @@ NEMOTRON_H_MOE_NAMES = NEMOTRON_H_NAMES | {
     "moe_down": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.down_proj.weight",
     "w_up": "backbone.layers.{i}.mlp_block.mixer.shared_experts.up_proj.weight",
     "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight"}
-_NEMOTRON_H_LAYER = re.compile(r"\.layers\.(\d+)\.(mixer|mlp)_block\.")
+_NEMOTRON_H_BLOCK = re.compile(r"^backbone\.layers\.(\d+)\.")
 
 
-def nemotron_h_stored(cfg: LlamaConfig) -> Callable[[str], str]:
-    """A name of NEMOTRON_H_NAMES (layer i's mixer_block or mlp_block) -> the checkpoint's (its block's number)."""
-    first = np.cumsum([0, *(1 + np.asarray(cfg.mlp_layers or (True,) * cfg.num_layers, np.int64))])
+def nemotron_h_renamed(cfg: LlamaConfig) -> Callable[[str], str]:
+    """A Nemotron-H checkpoint's tensor name -> the name NEMOTRON_H_NAMES gives it (its block's layer and whether the
+    block is that layer's mixer or MLP); other names as they are."""
+    mlp = cfg.mlp_layers or (True,) * cfg.num_layers
+    block_of = [(i, part) for i in range(cfg.num_layers) for part in ("mixer_block", "mlp_block")[: 1 + mlp[i]]]
 
-    def stored(name: str) -> str:
-        return _NEMOTRON_H_LAYER.sub(lambda m: f".layers.{first[int(m[1])] + (m[2] == 'mlp')}.", name)
+    def renamed(name: str) -> str:
+        m = _NEMOTRON_H_BLOCK.match(name)
+        if m is None or int(m[1]) >= len(block_of):
+            return name
+        i, part = block_of[int(m[1])]
+        return f"backbone.layers.{i}.{part}.{name[m.end():]}"
 
-    return stored
+    return renamed
+
+
+class _Renamed:
+    """An open safetensors file whose tensors are asked for by other names (`opened_shards`' rename)."""
+
+    def __init__(self, f, stored_name: Mapping[str, str]):
+        self.f, self.stored_name = f, stored_name
+
+    def get_tensor(self, name: str):
+        return self.f.get_tensor(self.stored_name[name])
+
+    def get_slice(self, name: str):
+        return self.f.get_slice(self.stored_name[name])
 
 
 # Phi-3: q/k/v in one tensor, gate and up in another, cut apart at load (weights.FUSED).
@@ -265,9 +284,10 @@ def _shard_files(directory: str) -> list[str]:
 
 
 @contextlib.contextmanager
-def opened_shards(directory: str):
+def opened_shards(directory: str, rename: Callable[[str], str] | None = None):
     """The checkpoint's safetensors files, open while the block runs: yields (tensor name -> (its file's path, the
-    open file), stored(name) -> the tensor as the file holds it, a numpy array on the host)."""
+    open file), stored(name) -> the tensor as the file holds it, a numpy array on the host). `rename`: each tensor
+    goes by rename(its stored name) (Nemotron-H's blocks as layers: `nemotron_h_renamed`)."""
     import jax
     from safetensors import SafetensorError, safe_open
 
@@ -286,7 +306,11 @@ def opened_shards(directory: str):
                 f = files.enter_context(safe_open(path, framework="flax"))
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: corrupt safetensors file ({e})") from e
-            shard_of.update(dict.fromkeys(f.keys(), (path, f)))
+            if rename is None:
+                shard_of.update(dict.fromkeys(f.keys(), (path, f)))
+            else:
+                stored_name = {rename(name): name for name in f.keys()}
+                shard_of.update(dict.fromkeys(stored_name, (path, _Renamed(f, stored_name))))
 
         def stored(name: str) -> np.ndarray:
             if name not in shard_of:
@@ -319,13 +343,12 @@ def load_safetensors_dir(directory: str, dtype: Any = np.float32, mxfp4_experts:
     cfg = read_hf_config(directory)
     block, block_scales = _fp8_block(directory)
     scheme = int_scheme(directory)
-    with opened_shards(directory) as (shard_of, stored):
+    rename = nemotron_h_renamed(cfg) if cfg.architecture == "nemotron_h" else None  # (its blocks as layers)
+    with opened_shards(directory, rename) as (shard_of, stored):
         get = tensor_reader(directory, shard_of, stored)
 
-        block_name = nemotron_h_stored(cfg) if cfg.architecture == "nemotron_h" else None  # (layers as blocks)
-
         def read(key: str, name: str) -> np.ndarray:
-            return _from_hf(cfg, key, get(block_name(name) if block_name else name))
+            return _from_hf(cfg, key, get(name))
 
         def has(name: str) -> bool:
             return name in shard_of

@@ -12,7 +12,7 @@ import pytest
 import fresh
 from models import llama
 from models.config import ConfigError, LlamaConfig, nemotron_h_layers
-from models.safetensors_loader import nemotron_h_stored
+from models.safetensors_loader import nemotron_h_renamed
 
 # Nemotron-H's blocks in small: Mamba-2 (8 heads of 16 in 2 B/C groups, state 16), attention (4 heads, 2 KV heads of 16)
 TINY = dict(model_type="nemotron_h", vocab_size=211, hidden_size=64, intermediate_size=96, num_attention_heads=4,
@@ -29,10 +29,11 @@ def test_blocks_pair_into_layers_and_what_is_refused():
     cfg = LlamaConfig.from_hf_config({**TINY, "hybrid_override_pattern": "M-M*-MM-"})
     assert cfg.linear_layers == (True, True, False, True, True) and cfg.mlp_layers == (True, False, True, False, True)
     assert cfg.rope_layers == (False,) * 5 and not cfg.gated_mlp and cfg.hidden_act == "relu2"
-    stored = nemotron_h_stored(cfg)
-    assert [stored(f"backbone.layers.{i}.mixer_block.norm.weight") for i in range(5)] == [
-        f"backbone.layers.{b}.norm.weight" for b in (0, 2, 3, 5, 6)]
-    assert stored("backbone.layers.2.mlp_block.mixer.up_proj.weight") == "backbone.layers.4.mixer.up_proj.weight"
+    renamed = nemotron_h_renamed(cfg)
+    assert [renamed(f"backbone.layers.{b}.norm.weight") for b in (0, 2, 3, 5, 6)] == [
+        f"backbone.layers.{i}.mixer_block.norm.weight" for i in range(5)]
+    assert renamed("backbone.layers.4.mixer.up_proj.weight") == "backbone.layers.2.mlp_block.mixer.up_proj.weight"
+    assert renamed("backbone.norm_f.weight") == "backbone.norm_f.weight"
     same = LlamaConfig.from_hf_config({**TINY, "layers_block_type": ["linear_attention", "mlp", "linear_attention",
                                                                      "full_attention", "mlp", "mamba", "mamba", "mlp"]})
     assert same == cfg

@@ -41,7 +41,7 @@ GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "qw
                       "glm4", "glm4moe", "deepseek2", "olmo2", "granite", "granitemoe", "seed_oss", "command-r",
                       "cohere2", "arcee", "qwen35", "qwen35moe", "qwen3next", "granitehybrid", "minimax-m2",
                       "olmoe", "dots1", "ernie4_5", "ernie4_5-moe", "lfm2", "lfm2moe", "glm-dsa", "deepseek32",
-                      "llama4")
+                      "llama4", "nemotron_h", "nemotron_h_moe")
 # GGUF architectures with Gated DeltaNet layers (Qwen3.5 dense and MoE, Qwen3-Next), and the names they load as.
 GATED_DELTA_GGUF = {"qwen35": "qwen3_5", "qwen35moe": "qwen3_5_moe", "qwen3next": "qwen3_next"}
 # The `model_type`s of config.json that LlamaConfig.from_hf_config reads.
@@ -672,6 +672,8 @@ class LlamaConfig:
             raise ConfigError(f"{source}: general.architecture={arch!r} is not supported "
                               f"({', '.join(GGUF_ARCHITECTURES)})")
 
+        if arch in ("nemotron_h", "nemotron_h_moe"):  # (its blocks paired into layers as config.json's are)
+            return _nemotron_h_from_hf(_nemotron_h_gguf_fields(meta, tensor_names, arch, source), source)
         need = functools.partial(_gguf_field, meta, source, arch)
 
         hidden = int(need("embedding_length"))
@@ -1182,6 +1184,52 @@ def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
                 routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
 
 
+def _nemotron_h_gguf_fields(meta: Mapping[str, Any], tensor_names: set[str], arch: str, source: str) -> dict[str, Any]:
+    """A `nemotron_h` / `nemotron_h_moe` GGUF's metadata as the config.json fields `_nemotron_h_from_hf` reads, as
+    llama.cpp's converter writes them (NemotronHModel over GraniteHybridModel): a block each entry of the per-block
+    lists `attention.head_count_kv` (the KV heads on attention blocks, else 0) and `feed_forward_length` (the MLP's, or
+    an expert's, width on MLP / expert blocks, else 0), the others Mamba-2 (`ssm.*` as Granite 4.0-H's); `block_count`
+    counts a trailing MTP block (`nextn_predict_layers`), not read; the experts from `expert_*` (sigmoid routing, as
+    llama.cpp's graph runs them). The converter writes no `time_step_limit` (llama.cpp clamps nothing) and a context
+    of 2^20."""
+    need = functools.partial(_gguf_field, meta, source, arch)
+    blocks = int(need("block_count")) - int(meta.get(f"{arch}.nextn_predict_layers") or 0)
+    kv, ff = need("attention.head_count_kv"), need("feed_forward_length")
+    if not (isinstance(kv, list) and isinstance(ff, list) and len(kv) >= blocks and len(ff) >= blocks):
+        raise ConfigError(f"{source}: {arch}.attention.head_count_kv and {arch}.feed_forward_length must list each "
+                          f"of the {blocks} blocks (got {kv!r}, {ff!r})")
+    moe = arch == "nemotron_h_moe"
+    kinds = ["attention" if kv[b] else ("moe" if moe else "mlp") if ff[b] else "mamba" for b in range(blocks)]
+    heads, inner = int(need("ssm.time_step_rank")), int(need("ssm.inner_size"))
+    if heads <= 0 or inner % heads:
+        raise ConfigError(f"{source}: {arch}.ssm.inner_size={inner} is not a multiple of {arch}.ssm.time_step_rank="
+                          f"{heads} (the heads)")
+    first_mamba = kinds.index("mamba") if "mamba" in kinds else 0
+    fields = dict(
+        layers_block_type=kinds, vocab_size=need("vocab_size"), hidden_size=need("embedding_length"),
+        num_attention_heads=need("attention.head_count"), num_key_value_heads=max(kv[:blocks]) or None,
+        head_dim=meta.get(f"{arch}.attention.key_length"), intermediate_size=max(ff[:blocks]),
+        mamba_num_heads=heads, mamba_head_dim=inner // heads, n_groups=need("ssm.group_count"),
+        ssm_state_size=need("ssm.state_size"), conv_kernel=need("ssm.conv_kernel"),
+        use_conv_bias=f"blk.{first_mamba}.ssm_conv1d.bias" in tensor_names,
+        layer_norm_epsilon=need("attention.layer_norm_rms_epsilon"),
+        tie_word_embeddings="output.weight" not in tensor_names,
+        max_position_embeddings=meta.get(f"{arch}.context_length", 4096))
+    if moe:
+        groups = int(meta.get(f"{arch}.expert_group_count") or 1)
+        if groups > 1 and f"{arch}.expert_group_used_count" not in meta:
+            raise ConfigError(f"{source}: {arch}.expert_group_count={groups} without expert_group_used_count")
+        fields |= dict(n_routed_experts=need("expert_count"), num_experts_per_tok=need("expert_used_count"),
+                       moe_intermediate_size=need("expert_feed_forward_length"),
+                       moe_shared_expert_intermediate_size=need("expert_shared_feed_forward_length"),
+                       n_shared_experts=meta.get(f"{arch}.expert_shared_count", 1),
+                       norm_topk_prob=bool(meta.get(f"{arch}.expert_weights_norm", True)),
+                       routed_scaling_factor=meta.get(f"{arch}.expert_weights_scale") or 1.0, n_group=groups,
+                       topk_group=meta.get(f"{arch}.expert_group_used_count") or 1,
+                       moe_latent_size=meta.get(f"{arch}.moe_latent_size"))
+    return fields
+
+
 def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
     """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H, Nemotron Nano 2 and Nemotron 3 Nano): blocks of one kind
     each behind an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of
@@ -1213,9 +1261,12 @@ def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
 
     lo, hi = (float(x["__float__"] if isinstance(x, dict) else x)
               for x in either("time_step_limit", "mamba_dt_limit", default=(0.0, float("inf"))))
+    experts = _nemotron_h_experts(cfg, source) if "moe" in blocks else {}
     return LlamaConfig(
         architecture="nemotron_h", vocab_size=int(need("vocab_size")), hidden_size=hidden,
-        intermediate_size=int(cfg.get("intermediate_size", 21504)), num_layers=len(linear), num_heads=heads,
+        # (with experts no MLP has intermediate_size, and a GGUF file does not say it: an expert's width)
+        intermediate_size=experts.get("moe_intermediate_size") or int(cfg.get("intermediate_size", 21504)),
+        num_layers=len(linear), num_heads=heads,
         num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         head_dim=int(either("head_dim", "attention_head_dim", default=hidden // heads)),
         rms_norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
@@ -1228,7 +1279,7 @@ def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         linear_value_head_dim=mamba_dim, linear_conv_kernel=int(either("conv_kernel", "mamba_d_conv", default=4)),
         linear_conv_bias=bool(either("use_conv_bias", "mamba_conv_bias", default=True)),
         linear_dt_limit=() if (lo, hi) == (0.0, float("inf")) else (lo, hi),
-        **(_nemotron_h_experts(cfg, source) if "moe" in blocks else {}),
+        **experts,
     )
 
 

@@ -1,6 +1,7 @@
 """GGUF checkpoints: metadata, config and weights, dequantized with the `gguf` package.
 
-llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`)
+llama.cpp's converter permutes the rows of Q and K of `llama` (and `smollm3`, `granite`, `granitemoe`, `granitehybrid`,
+`nemotron_h`)
 GGUFs for its interleaved RoPE; they are permuted back here so every loader hands the model the HF layout (deepseek2's
 glm4's and ernie4_5's, which it leaves as HF has them, are reordered as an HF DeepSeek, GLM-4 or ERNIE checkpoint's are; the linear
 layers' tensors of qwen35, qwen35moe, qwen3next and granitehybrid as HF has them: `_linear_tensor`).
@@ -145,6 +146,24 @@ GGUF_MAMBA2_NAMES = {
 }
 
 
+# Nemotron-H (nemotron_h, nemotron_h_moe), as llama.cpp's converter writes it (NemotronHModel over GraniteHybridModel):
+# a block each `blk.{b}` behind its norm `attn_norm`, Mamba-2 as Granite 4.0-H's, attention's Q/K rows permuted as
+# Llama's, the MLP ffn_up / ffn_down, or the experts stacked (ffn_up_exps, ffn_down_exps; no gate), the router
+# ffn_gate_inp and its correction bias exp_probs_b, the shared expert *_shexp; named here by layer and block kind as
+# safetensors_loader.NEMOTRON_H_NAMES are (`nemotron_h_renamed`, prefix "blk.").
+GGUF_NEMOTRON_H_NAMES = {
+    "embed": "token_embd.weight", "final_norm": "output_norm.weight", "lm_head": "output.weight",
+    "attn_norm": "blk.{i}.mixer_block.attn_norm.weight", "mlp_norm": "blk.{i}.mlp_block.attn_norm.weight",
+    **{k: v.replace("blk.{i}.", "blk.{i}.mixer_block.") for k, v in GGUF_MAMBA2_NAMES.items()},
+    **{k: f"blk.{{i}}.mixer_block.attn_{n}.weight"
+       for k, n in (("wq", "q"), ("wk", "k"), ("wv", "v"), ("wo", "output"))},
+    "w_up": "blk.{i}.mlp_block.ffn_up.weight", "w_down": "blk.{i}.mlp_block.ffn_down.weight"}
+GGUF_NEMOTRON_H_MOE_NAMES = GGUF_NEMOTRON_H_NAMES | {
+    "router": "blk.{i}.mlp_block.ffn_gate_inp.weight", "router_score_bias": "blk.{i}.mlp_block.exp_probs_b.bias",
+    "moe_up": "blk.{i}.mlp_block.ffn_up_exps.weight", "moe_down": "blk.{i}.mlp_block.ffn_down_exps.weight",
+    "w_up": "blk.{i}.mlp_block.ffn_up_shexp.weight", "w_down": "blk.{i}.mlp_block.ffn_down_shexp.weight"}
+
+
 # LFM2 (lfm2), as llama.cpp's converter writes it (LFM2Model): Llama's names, the final norm token_embd_norm (HF's
 # embedding_norm), the short convolution layers' in_proj / conv ([hidden, K]) / out_proj under `shortconv`; q/k rows as
 # HF has them (NeoX RoPE).
@@ -191,6 +210,8 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
         return GGUF_LFM2_MOE_NAMES if cfg.num_experts else GGUF_LFM2_NAMES
     if cfg.architecture == "granitemoehybrid":
         return (GGUF_GRANITE_MOE_NAMES if cfg.num_experts else GGUF_NAMES) | GGUF_MAMBA2_NAMES
+    if cfg.architecture == "nemotron_h":
+        return GGUF_NEMOTRON_H_MOE_NAMES if cfg.num_experts else GGUF_NEMOTRON_H_NAMES
     if cfg.architecture in ("granitemoe", "granitemoeshared"):  # a shared expert, if any, ungated
         return GGUF_GRANITE_MOE_NAMES
     if cfg.architecture == "llama4":
@@ -209,7 +230,7 @@ def gguf_names(cfg: LlamaConfig, tensor_names) -> dict[str, str]:
 # The architectures whose converter is (or derives from) Llama's, which permutes Q/K rows and biases: Mixtral's too,
 # SmolLM3's, Granite's (Granite 4.0-H's attention layers: GraniteHybridModel's undo_permute), Arcee's; olmo2's and the
 # NeoX-RoPE ones leave rows as HF has them.
-LLAMA_PERMUTED = ("llama", "smollm3", "granite", "granitemoe", "granitehybrid", "arcee")
+LLAMA_PERMUTED = ("llama", "smollm3", "granite", "granitemoe", "granitehybrid", "arcee", "nemotron_h", "nemotron_h_moe")
 
 
 def _unpermute(w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -306,6 +327,11 @@ def load_gguf(path: str, dtype: Any = np.float32, mxfp4_experts: bool = False) -
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{path}: bad model metadata ({e})") from e
 
+    if cfg.architecture == "nemotron_h":  # (its blocks named as the layers they make)
+        from models.safetensors_loader import nemotron_h_renamed  # (that module imports this one)
+
+        renamed = nemotron_h_renamed(cfg, prefix="blk.")
+        tensors = {renamed(name): t for name, t in tensors.items()}
     read = tensor_reader(path, arch, cfg, tensors)
     names = gguf_names(cfg, tensors)
     packed = mxfp4_experts and cfg.num_experts and all(

@@ -219,21 +219,20 @@ NEMOTRON_H_MOE_NAMES = NEMOTRON_H_NAMES | {
     "moe_down": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.down_proj.weight",
     "w_up": "backbone.layers.{i}.mlp_block.mixer.shared_experts.up_proj.weight",
     "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight"}
-_NEMOTRON_H_BLOCK = re.compile(r"^backbone\.layers\.(\d+)\.")
-
-
-def nemotron_h_renamed(cfg: LlamaConfig) -> Callable[[str], str]:
+def nemotron_h_renamed(cfg: LlamaConfig, prefix: str = "backbone.layers.") -> Callable[[str], str]:
     """A Nemotron-H checkpoint's tensor name -> the name NEMOTRON_H_NAMES gives it (its block's layer and whether the
-    block is that layer's mixer or MLP); other names as they are."""
+    block is that layer's mixer or MLP); other names (and blocks past the layers: an MTP block) as they are. `prefix`:
+    the blocks' ("blk." in a GGUF file: gguf_loader.GGUF_NEMOTRON_H_NAMES)."""
     mlp = cfg.mlp_layers or (True,) * cfg.num_layers
     block_of = [(i, part) for i in range(cfg.num_layers) for part in ("mixer_block", "mlp_block")[: 1 + mlp[i]]]
+    block = re.compile(re.escape(prefix) + r"(\d+)\.")
 
     def renamed(name: str) -> str:
-        m = _NEMOTRON_H_BLOCK.match(name)
+        m = block.match(name)
         if m is None or int(m[1]) >= len(block_of):
             return name
         i, part = block_of[int(m[1])]
-        return f"backbone.layers.{i}.{part}.{name[m.end():]}"
+        return f"{prefix}{i}.{part}.{name[m.end():]}"
 
     return renamed
 

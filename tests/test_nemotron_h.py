@@ -83,13 +83,14 @@ EXPERTS = dict(n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=
                moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=2.5)
 
 
-def _hf_nemotron_h(pattern: str):
+def _hf_nemotron_h(pattern: str, **changes):
     import torch
     import transformers
 
     torch.manual_seed(fresh.seed())
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(
-        **{k: v for k, v in TINY.items() if k != "model_type"}, **EXPERTS, hybrid_override_pattern=pattern)).eval()
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**{
+        **{k: v for k, v in TINY.items() if k != "model_type"}, **EXPERTS, **changes,
+        "hybrid_override_pattern": pattern})).eval()
     with torch.no_grad():  # every weight away from its initial value (norms at 1, A_log, D, dt_bias, router biases)
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -130,3 +131,119 @@ def test_checkpoint_matches_transformers_and_serves(patterns, variants, tmp_path
         np.testing.assert_allclose(ours, ref, atol=2e-4, rtol=1e-4)
     greedy = _serve_variants(model, cfg, params, [{}, *variants])
     assert all(run == greedy[0] for run in greedy)
+
+
+def _nemotron_h_gguf(hf_dir, path) -> None:
+    """The checkpoint in `hf_dir` (F32) as llama.cpp's converter writes it (NemotronHModel over GraniteHybridModel and
+    Mamba2Model): a block each, the per-block lists head_count_kv and feed_forward_length (0 where the block has none),
+    ssm.*, key_length, no RoPE and a context of 2^20; the block's norm attn_norm, Mamba-2 as ssm_* (A as -exp(A_log)
+    and D as [heads, 1], the norm as [groups, inner / groups], the convolution [conv_dim, K]), Q/K rows permuted as
+    LlamaModel does, the MLP ffn_up / ffn_down; expert blocks' router ffn_gate_inp and its bias exp_probs_b, the experts
+    stacked, the shared one *_shexp (nemotron_h_moe)."""
+    import json
+
+    import gguf
+    from safetensors.numpy import load_file
+
+    sd = load_file(str(hf_dir / "model.safetensors"))
+    hf = json.loads((hf_dir / "config.json").read_text())
+    kinds = hf["layers_block_type"]
+    moe = "moe" in kinds
+    w = gguf.GGUFWriter(str(path), "nemotron_h_moe" if moe else "nemotron_h")
+    heads, kv, head_dim = hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    width = hf["moe_intermediate_size"] if moe else hf["intermediate_size"]
+    w.add_block_count(len(kinds))
+    w.add_embedding_length(hf["hidden_size"])
+    w.add_head_count(heads)
+    w.add_head_count_kv([kv if k == "full_attention" else 0 for k in kinds])
+    w.add_feed_forward_length([width if k in ("mlp", "moe") else 0 for k in kinds])
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
+    w.add_layer_norm_rms_eps(hf["layer_norm_epsilon"])
+    w.add_vocab_size(hf["vocab_size"])
+    w.add_ssm_conv_kernel(hf["conv_kernel"])
+    w.add_ssm_state_size(hf["ssm_state_size"])
+    w.add_ssm_group_count(hf["n_groups"])
+    w.add_ssm_inner_size(hf["mamba_num_heads"] * hf["mamba_head_dim"])
+    w.add_ssm_time_step_rank(hf["mamba_num_heads"])
+    w.add_rope_scaling_finetuned(False)
+    w.add_context_length(2**20)
+    if moe:
+        w.add_expert_used_count(hf["num_experts_per_tok"])
+        w.add_expert_feed_forward_length(hf["moe_intermediate_size"])
+        w.add_expert_shared_feed_forward_length(hf["moe_shared_expert_intermediate_size"])
+        w.add_expert_count(hf["n_routed_experts"])
+        w.add_expert_shared_count(hf["n_shared_experts"])
+        w.add_expert_weights_norm(hf["norm_topk_prob"])
+        w.add_expert_weights_scale(hf["routed_scaling_factor"])
+        w.add_expert_group_count(hf["n_group"])
+
+    def permute(x, n):  # LlamaModel.permute
+        return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
+
+    tensors = {"token_embd.weight": sd["backbone.embeddings.weight"], "output.weight": sd["lm_head.weight"],
+               "output_norm.weight": sd["backbone.norm_f.weight"]}
+    for b, kind in enumerate(kinds):
+        p, t = f"backbone.layers.{b}.", {"attn_norm.weight": sd[f"backbone.layers.{b}.norm.weight"]}
+        m = p + "mixer."
+        if kind == "linear_attention":
+            t |= {"ssm_in.weight": sd[m + "in_proj.weight"], "ssm_conv1d.weight": sd[m + "conv1d.weight"][:, 0],
+                  "ssm_conv1d.bias": sd[m + "conv1d.bias"], "ssm_dt.bias": sd[m + "dt_bias"],
+                  "ssm_a": -np.exp(sd[m + "A_log"]).reshape(-1, 1), "ssm_d": sd[m + "D"].reshape(-1, 1),
+                  "ssm_norm.weight": sd[m + "norm.weight"].reshape(hf["n_groups"], -1),
+                  "ssm_out.weight": sd[m + "out_proj.weight"]}
+        elif kind == "full_attention":
+            t |= {"attn_q.weight": permute(sd[m + "q_proj.weight"], heads),
+                  "attn_k.weight": permute(sd[m + "k_proj.weight"], kv), "attn_v.weight": sd[m + "v_proj.weight"],
+                  "attn_output.weight": sd[m + "o_proj.weight"]}
+        elif kind == "mlp":
+            t |= {"ffn_up.weight": sd[m + "up_proj.weight"], "ffn_down.weight": sd[m + "down_proj.weight"]}
+        else:
+            experts = range(hf["n_routed_experts"])
+            t |= {"ffn_gate_inp.weight": sd[m + "gate.weight"],
+                  "exp_probs_b.bias": sd[m + "gate.e_score_correction_bias"],
+                  "ffn_up_exps.weight": np.stack([sd[f"{m}experts.{e}.up_proj.weight"] for e in experts]),
+                  "ffn_down_exps.weight": np.stack([sd[f"{m}experts.{e}.down_proj.weight"] for e in experts]),
+                  "ffn_up_shexp.weight": sd[m + "shared_experts.up_proj.weight"],
+                  "ffn_down_shexp.weight": sd[m + "shared_experts.down_proj.weight"]}
+        tensors |= {f"blk.{b}.{name}": x for name, x in t.items()}
+    for name, x in tensors.items():
+        w.add_tensor(name, np.ascontiguousarray(x, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("pattern", ["M-M*-MM-", "MEM*EMME"], ids=["dense", "experts"])
+def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(pattern, tmp_path):
+    """A tiny random checkpoint written as llama.cpp's converter writes it, F32 (nemotron_h, nemotron_h_moe): the HF
+    directory's config but for the converter's context of 2^20 and the norm epsilon's float32, its weights bit for bit
+    (A_log to float32's rounding), the same logits. Metadata it cannot read is refused naming the field."""
+    pytest.importorskip("transformers")
+    from models.gguf_loader import read_gguf
+    from models.loader import load_weights
+    from test_gguf_hybrid import _assert_same_config, _assert_same_params, _with_files_a_log
+
+    model = _hf_nemotron_h(pattern, n_group=1, topk_group=1)  # (the converter writes no expert_group_used_count)
+    model.save_pretrained(tmp_path / "hf")
+    cfg, params = load_weights(str(tmp_path / "hf"))
+    _nemotron_h_gguf(tmp_path / "hf", tmp_path / "m.gguf")
+    gguf_cfg, gguf_params = load_weights(str(tmp_path / "m.gguf"))
+    _assert_same_config(gguf_cfg, cfg, max_position=2**20)
+    _assert_same_params(gguf_params, params)
+    ids = jnp.asarray(fresh.rng().integers(0, cfg.vocab_size, 100), jnp.int32)
+    got = np.asarray(llama.forward_dense(jax.device_put(gguf_params), gguf_cfg, ids))
+    want = np.asarray(llama.forward_dense(jax.device_put(_with_files_a_log(params, gguf_params)), cfg, ids))
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=1e-5)
+    meta, tensors = read_gguf(str(tmp_path / "m.gguf"))
+    arch = meta["general.architecture"]
+    for key, value, match in (("attention.head_count_kv", 2, "must list each of the 8 blocks"),
+                              ("ssm.inner_size", 100, "inner_size=100 is not a multiple"),
+                              ("ssm.state_size", None, f"missing GGUF field '{arch}.ssm.state_size'"),
+                              *([("expert_group_count", 2, "without expert_group_used_count")] if "E" in pattern
+                                else [])):
+        changed = {k: v for k, v in meta.items() if k != f"{arch}.{key}"} | (
+            {} if value is None else {f"{arch}.{key}": value})
+        with pytest.raises(ConfigError, match=match):
+            LlamaConfig.from_gguf_metadata(changed, set(tensors), source="m.gguf")

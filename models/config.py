@@ -165,6 +165,10 @@ class LlamaConfig:
     routed_scaling_factor: float = 1.0  # the routing weights multiplied by this
     expert_group_top: int = 2  # a group's score: the sum of its best this many (DeepSeek-V3: 2; V2: 1, the max)
     router_scales_input: bool = False  # a token's routing weight multiplies its input to the expert (Llama 4)
+    # Experts in a latent space of this width (Nemotron 3 Super's LatentMoE): the layer's input projected down to it
+    # before them (`latent_down`), their weighted sum projected back up after (`latent_up`); the router and any shared
+    # expert read the input itself. 0: the experts read and write hidden_size.
+    moe_latent_size: int = 0
     # Multi-head latent attention (DeepSeek-V2/V3, Kimi K2; models/llama.py `_mla_qkv`): K and V come from one
     # latent of kv_lora_rank dims per token (plus one shared RoPE key of qk_rope_head_dim), which is all the cache
     # holds (`kv_dims`): head_dim (a query's width, absorbed) is qk_rope_head_dim + kv_lora_rank and num_kv_heads 1
@@ -302,6 +306,9 @@ class LlamaConfig:
             if self.num_experts % self.expert_groups or not 1 <= self.expert_groups_per_tok <= self.expert_groups:
                 raise ConfigError(f"n_group={self.expert_groups} must divide num_experts={self.num_experts} and "
                                   f"topk_group={self.expert_groups_per_tok} be in [1, n_group]")
+            if self.moe_latent_size and (self.moe_bias or self.router_scales_input or self.moe_latent_size < 0):
+                raise ConfigError(f"moe_latent_size={self.moe_latent_size} needs experts without biases or input "
+                                  "weighting")
             if not self.gated_mlp and (self.moe_bias or self.hidden_act != "relu2"):
                 raise ConfigError("experts without a gate (gated_mlp false) take relu2 and no biases (got "
                                   f"hidden_act={self.hidden_act!r}, moe_bias={self.moe_bias})")
@@ -496,7 +503,9 @@ class LlamaConfig:
         moe_mlp = 0
         if self.num_experts:
             projections = 3 if self.gated_mlp else 2  # (an ungated expert: up and down)
-            moe_mlp += self.num_experts * (projections * h * self.moe_intermediate_size + h)  # experts and the router
+            width = self.moe_latent_size or h  # (the experts' input and output; the router reads h)
+            moe_mlp += self.num_experts * (projections * width * self.moe_intermediate_size + h)  # experts and router
+            moe_mlp += 2 * h * self.moe_latent_size  # the projections to the latent space and back
             moe_mlp += self.num_experts * (2 * self.moe_intermediate_size + h + 1) * self.moe_bias
             moe_mlp += self.num_experts * self.router_score_bias
             if self.shared_expert_intermediate_size:  # the shared expert and its gate
@@ -1167,11 +1176,9 @@ def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Nemotron 3's expert blocks (E): `n_routed_experts` experts of `moe_intermediate_size` without a gate (relu^2,
     as its dense MLP), the top `num_experts_per_tok` by sigmoid score plus a correction bias within the best
     `topk_group` of `n_group` groups (DeepSeek-V3's routing), renormalized (`norm_topk_prob`) and scaled by
-    `routed_scaling_factor`, beside one shared expert of `moe_shared_expert_intermediate_size`. Refused by name: a
-    latent projection around the experts (`moe_latent_size`), other than one shared expert."""
-    if cfg.get("moe_latent_size") is not None:
-        raise ConfigError(f"{source}: moe_latent_size={cfg['moe_latent_size']} (experts in a latent space) is not "
-                          "supported")
+    `routed_scaling_factor`, beside one shared expert of `moe_shared_expert_intermediate_size`; Nemotron 3 Super's
+    experts in a latent space of `moe_latent_size` (`LlamaConfig.moe_latent_size`). Refused by name: other than one
+    shared expert."""
     if int(cfg.get("n_shared_experts", 1)) != 1:
         raise ConfigError(f"{source}: n_shared_experts={cfg['n_shared_experts']} is not supported (one)")
     return dict(num_experts=int(cfg.get("n_routed_experts", 8)),
@@ -1181,7 +1188,8 @@ def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
                 shared_expert_gate=False, norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
                 router_scoring="sigmoid", router_score_bias=True, expert_groups=int(cfg.get("n_group", 1)),
                 expert_groups_per_tok=int(cfg.get("topk_group", 1)),
-                routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0))
+                routed_scaling_factor=float(cfg.get("routed_scaling_factor") or 1.0),
+                moe_latent_size=int(cfg.get("moe_latent_size") or 0))
 
 
 def _nemotron_h_gguf_fields(meta: Mapping[str, Any], tensor_names: set[str], arch: str, source: str) -> dict[str, Any]:

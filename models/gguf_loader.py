@@ -161,7 +161,8 @@ GGUF_NEMOTRON_H_NAMES = {
 GGUF_NEMOTRON_H_MOE_NAMES = GGUF_NEMOTRON_H_NAMES | {
     "router": "blk.{i}.mlp_block.ffn_gate_inp.weight", "router_score_bias": "blk.{i}.mlp_block.exp_probs_b.bias",
     "moe_up": "blk.{i}.mlp_block.ffn_up_exps.weight", "moe_down": "blk.{i}.mlp_block.ffn_down_exps.weight",
-    "w_up": "blk.{i}.mlp_block.ffn_up_shexp.weight", "w_down": "blk.{i}.mlp_block.ffn_down_shexp.weight"}
+    "w_up": "blk.{i}.mlp_block.ffn_up_shexp.weight", "w_down": "blk.{i}.mlp_block.ffn_down_shexp.weight",
+    "latent_down": "blk.{i}.mlp_block.ffn_latent_down.weight", "latent_up": "blk.{i}.mlp_block.ffn_latent_up.weight"}
 
 
 # LFM2 (lfm2), as llama.cpp's converter writes it (LFM2Model): Llama's names, the final norm token_embd_norm (HF's

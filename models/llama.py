@@ -158,6 +158,10 @@ def param_shapes(cfg: LlamaConfig) -> Params:
                        "moe_down_bias": (n, e, h)}
         if cfg.router_score_bias:
             layers[moe.SCORE_BIAS] = (n, e)
+        if cfg.moe_latent_size:  # experts in a latent space: reading and writing it, projected there and back
+            lat = cfg.moe_latent_size
+            layers |= {"moe_gate": (n, e, lat, mi), "moe_up": (n, e, lat, mi), "moe_down": (n, e, mi, lat),
+                       "latent_down": (n, h, lat), "latent_up": (n, lat, h)}
         if not cfg.gated_mlp:  # ungated experts (Nemotron-H's): up -> act -> down
             del layers["moe_gate"]
         if cfg.mixed_mlp:  # the dense layers' MLP
@@ -458,9 +462,13 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
                 expert_lora = {k: lo[k] for k in EXPERT_PROJECTIONS if k in lo}
                 act = glu if cfg.gated_mlp else (lambda gate, up: plain_activation(cfg, w)(up))  # (gate: None)
-                routed = moe.moe_mlp(h, w, cfg.routing, act, cfg.moe_grouped, cfg.quantized_activations,
+                x = proj(h, "latent_down", w) if cfg.moe_latent_size else h  # (the router reads h)
+                routed = moe.moe_mlp(x, w, cfg.routing, act, cfg.moe_grouped, cfg.quantized_activations,
                                      cfg.quant_kernels, mesh, cfg.expert_parallel,
-                                     moe.ExpertLora(expert_lora, onehot) if expert_lora else None)
+                                     moe.ExpertLora(expert_lora, onehot) if expert_lora else None,
+                                     router_in=h if cfg.moe_latent_size else None)
+                if cfg.moe_latent_size:
+                    routed = proj(routed, "latent_up", w)
                 o = routed if o is None else o + routed
             return o, down_in
 

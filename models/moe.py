@@ -33,6 +33,9 @@ from models.quant import SCALE_SUFFIX, packed_weight
 
 MOE_KEYS = ("router", "moe_gate", "moe_up", "moe_down")
 MOE_BIAS_KEYS = ("router_bias", "moe_gate_bias", "moe_up_bias", "moe_down_bias")
+# Experts in a latent space (Nemotron 3 Super's LatentMoE, LlamaConfig.moe_latent_size): the layer's input projected
+# down to it before them [H, latent], their weighted sum back up after [latent, H]; the router reads the input itself.
+LATENT_KEYS = ("latent_down", "latent_up")
 SHARED_GATE = "shared_gate"
 SCORE_BIAS = "router_score_bias"
 SCORINGS = ("softmax", "sigmoid")
@@ -173,24 +176,26 @@ def _experts_matmul(matmul: Callable, x: jax.Array, p: dict, name: str, scales: 
 
 def moe_mlp(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool, quantized_activations: bool = False,
             quant_kernels: str = "none", mesh: jax.sharding.Mesh | None = None,
-            expert_parallel: bool = False, lora: ExpertLora | None = None) -> jax.Array:
+            expert_parallel: bool = False, lora: ExpertLora | None = None,
+            router_in: jax.Array | None = None) -> jax.Array:
     """h [T, H] -> [T, H]: each token through its top-k experts, weighted by its routing weights
     (`quantized_activations`: 8-bit experts take 8-bit activations, W8A8; `quant_kernels`: 8-bit experts read by the
     Pallas grouped kernel on the grouped path, per device of `mesh`; LlamaConfig.quant_kernels; `expert_parallel`: the
     experts lie whole on the devices of `mesh`, E / N each: `expert_parallel_moe`; `lora`: LoRA adapters of the experts'
-    projections, each token's own added)."""
+    projections, each token's own added; `router_in` [T, H']: what the router reads where it is not h, the experts'
+    input (experts in a latent space: LATENT_KEYS))."""
     if expert_parallel and mesh is not None:
         if lora is not None:
             raise ValueError("LoRA adapters of the experts are not supported with parallel.expert")
-        return expert_parallel_moe(h, p, routing, glu, grouped, quantized_activations, quant_kernels, mesh)
-    weights, experts = route(h, p, routing)
+        return expert_parallel_moe(h, p, routing, glu, grouped, quantized_activations, quant_kernels, mesh, router_in)
+    weights, experts = route(h if router_in is None else router_in, p, routing)
     run = _grouped_experts if grouped else _dense_experts
     return run(h, p, weights, experts, glu, quantized_activations, quant_kernels, mesh, lora, routing.scales_input)
 
 
 def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, grouped: bool,
                         quantized_activations: bool = False, quant_kernels: str = "none",
-                        mesh: jax.sharding.Mesh | None = None) -> jax.Array:
+                        mesh: jax.sharding.Mesh | None = None, router_in: jax.Array | None = None) -> jax.Array:
     """`moe_mlp` with the experts split whole over the devices of `mesh` (models.sharding: every per-expert array by
     its expert axis, E / N experts a device; the router replicated), as vLLM's and SGLang's expert parallelism lays
     them out. Every device holds every token (the attention's all-reduce left them replicated) and routes them alike;
@@ -204,8 +209,8 @@ def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, group
     names = [k for k in p if k.startswith("moe_") or k.startswith("router")]
     specs = {k: P(AXIS) if k.startswith("moe_") else P() for k in names}
 
-    def per_device(h, w):
-        weights, experts = route(h, w, routing)
+    def per_device(h, router_in, w):
+        weights, experts = route(router_in, w, routing)
         count = w["moe_down"].shape[0]  # this device's experts: global ids [first, first + count)
         local = experts - jax.lax.axis_index(AXIS) * count
         mine = (local >= 0) & (local < count)
@@ -214,8 +219,8 @@ def expert_parallel_moe(h: jax.Array, p: dict, routing: Routing, glu: Glu, group
                   quant_kernels, None, scales_input=routing.scales_input)
         return jax.lax.psum(out.astype(jnp.float32), AXIS).astype(h.dtype)
 
-    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), specs), out_specs=P(), check_vma=False)(
-        h, {k: p[k] for k in names})
+    return jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(), specs), out_specs=P(), check_vma=False)(
+        h, h if router_in is None else router_in, {k: p[k] for k in names})
 
 
 def _grouped_kernel(x: jax.Array, p: dict, name: str, sizes: jax.Array, interpret: bool,

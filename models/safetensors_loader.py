@@ -211,14 +211,16 @@ NEMOTRON_H_NAMES = {
         ("gdn_dt_bias", "dt_bias"), ("gdn_a_log", "A_log"), ("gdn_d", "D"), ("gdn_norm", "norm.weight"),
         ("gdn_out", "out_proj.weight"))}}
 # Nemotron 3's expert blocks: the router `gate` (float32) with its correction bias, each expert's up and down, one
-# shared expert as the dense MLP's weights.
+# shared expert as the dense MLP's weights; Nemotron 3 Super's projections to the experts' latent space and back.
 NEMOTRON_H_MOE_NAMES = NEMOTRON_H_NAMES | {
     "router": "backbone.layers.{i}.mlp_block.mixer.gate.weight",
     "router_score_bias": "backbone.layers.{i}.mlp_block.mixer.gate.e_score_correction_bias",
     "moe_up": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.up_proj.weight",
     "moe_down": "backbone.layers.{i}.mlp_block.mixer.experts.{e}.down_proj.weight",
     "w_up": "backbone.layers.{i}.mlp_block.mixer.shared_experts.up_proj.weight",
-    "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight"}
+    "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight",
+    "latent_down": "backbone.layers.{i}.mlp_block.mixer.fc1_latent_proj.weight",
+    "latent_up": "backbone.layers.{i}.mlp_block.mixer.fc2_latent_proj.weight"}
 def nemotron_h_renamed(cfg: LlamaConfig, prefix: str = "backbone.layers.") -> Callable[[str], str]:
     """A Nemotron-H checkpoint's tensor name -> the name NEMOTRON_H_NAMES gives it (its block's layer and whether the
     block is that layer's mixer or MLP); other names (and blocks past the layers: an MTP block) as they are. `prefix`:

@@ -183,6 +183,8 @@ def param_specs(cfg: LlamaConfig, params: dict, n: int) -> dict:
         "bq": P(None, AXIS), "bk": P(None, AXIS), "bv": P(None, AXIS),
         # Experts [L, E, in, out]: every expert split by its intermediate features, like the dense MLP.
         "router": P(), "shared_gate": P(), "router_score_bias": P(),
+        # experts in a latent space: the projections there and back run whole on every device (as the router does)
+        "latent_down": P(), "latent_up": P(),
         "xielu_alpha_p": P(), "xielu_alpha_n": P(), "xielu_beta": P(), "xielu_eps": P(),
         "wq_a": P(), "q_a_norm": P(), "wkv_a": P(), "kv_a_norm": P(),
         # sparse attention's indexer: run whole on every device, as the latent is (it picks for all heads)

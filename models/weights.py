@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from models.config import LlamaConfig
-from models.moe import MOE_BIAS_KEYS, MOE_KEYS, SCORE_BIAS, SHARED_GATE
+from models.moe import LATENT_KEYS, MOE_BIAS_KEYS, MOE_KEYS, SCORE_BIAS, SHARED_GATE
 from models.quant import QUANT_SUFFIXES
 
 LAYER_KEYS = ("attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down")
@@ -33,7 +33,7 @@ MLP_KEYS = ("w_gate", "w_up", "w_down")  # the dense MLP, or in a mixture-of-exp
 # In a model whose layers mix expert and dense MLPs (`LlamaConfig.moe_layers`): the dense layers' MLP, stacked over
 # those layers only, as the expert layers' weights are over theirs (`layer_kind`).
 DENSE_KEYS = ("dense_gate", "dense_up", "dense_down")
-EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIAS, *MLP_KEYS})
+EXPERT_LAYER_KEYS = frozenset({*MOE_KEYS, *MOE_BIAS_KEYS, SHARED_GATE, SCORE_BIAS, *MLP_KEYS, *LATENT_KEYS})
 # Kept in float32 whatever the model's dtype: the router's correction bias chooses experts by differences of a few
 # thousandths between scores, which bfloat16's rounding of a bias of ~1 would swamp (DeepSeek-V3 and GLM-4.5 ship it
 # in float32, and transformers, vLLM and SGLang keep it so).
@@ -63,7 +63,8 @@ FLOAT32_KEYS = frozenset({SCORE_BIAS, *XIELU_KEYS, "gdn_dt_bias", "gdn_a_log", "
 ALL_LINEAR_KEYS = frozenset({*LINEAR_KEYS, *MAMBA2_KEYS, *KDA_KEYS, "gdn_conv_bias"})
 NORM_KEYS = frozenset({"attn_norm", "mlp_norm", "final_norm", *QK_NORM_KEYS, *SANDWICH_KEYS, "kv_a_norm", "q_a_norm",
                        "index_k_norm"})
-TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", "score", *MOE_KEYS, SHARED_GATE, "wq_a", "wq_b",
+TRANSPOSED = frozenset({"wq", "wk", "wv", "wo", *MLP_KEYS, *DENSE_KEYS, "lm_head", "score", *MOE_KEYS, SHARED_GATE,
+                        *LATENT_KEYS, "wq_a", "wq_b",
                         "wkv_a", "wkv_b", "gdn_qkv", "gdn_z", "gdn_b", "gdn_a", "gdn_out", "index_wq", "index_wk",
                         "index_weights", "gdn_fa", "gdn_fb", "gdn_ga", "gdn_gb"})
 # A name table's value may join several tensors (`joined`): read one after another, their rows stacked (Kimi Linear's
@@ -110,7 +111,7 @@ def layer_keys(cfg: LlamaConfig) -> tuple[str, ...]:
     if cfg.num_experts:
         keys += (MOE_KEYS + ((SHARED_GATE,) if cfg.shared_expert_intermediate_size and cfg.shared_expert_gate else ())
                  + (MOE_BIAS_KEYS if cfg.moe_bias else ()) + ((SCORE_BIAS,) if cfg.router_score_bias else ())
-                 + (DENSE_KEYS if cfg.mixed_mlp else ()))
+                 + (DENSE_KEYS if cfg.mixed_mlp else ()) + (LATENT_KEYS if cfg.moe_latent_size else ()))
     if not cfg.pre_norms:
         keys = tuple(k for k in keys if k not in ("attn_norm", "mlp_norm"))
     if cfg.parallel_block:  # one norm before attention and the MLP both

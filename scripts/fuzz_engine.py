@@ -4,8 +4,9 @@ Each seed draws a model (a tiny Llama, a tiny Gemma 3 whose windowed layers see 
 experts, windowed layers of 12, a tiny DeepSeek-V3: a latent cache, a dense layer before expert ones, the same as
 V3.2 with sparse attention (an indexer keeping 6 positions, its keys cached beside the RoPE keys), a tiny Llama 4:
 chunks of 12 on its RoPE layers, experts weighted at their input on every other layer, a tiny Qwen3.5:
-Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, or a tiny Granite 4.0-H:
-Mamba-2 layers), a KV dtype, a page size, a pool from one sequence's pages up, batch and chunk limits, a policy,
+Gated DeltaNet layers around an attention layer, a few slots for its states' snapshots, a tiny Granite 4.0-H:
+Mamba-2 layers, or a tiny Nemotron 3: Mamba-2 layers, ungated experts, layers without an MLP), a KV dtype, a page
+size, a pool from one sequence's pages up, batch and chunk limits, a policy,
 overlap, speculative decoding (n-gram chains and trees; the model as its own draft, chains and top-k trees), a hybrid cache's window slots, a host tier and a disk tier
 (a second engine then starts on the first's files), and runs a shuffled subset of tests/test_engine.py's prompts
 (shared prefixes, identical prompts, whole-prompt hits, namespaces), some seeds with token rules (few allowed ids,
@@ -113,7 +114,20 @@ def tiny_models(tokenizer) -> dict:
         deepseek_cfg, architecture="kimi_linear", num_layers=4, q_lora_rank=0, rope_layers=(False,) * 4,
         moe_layers=(False, True, True, True), linear_kind="kda", linear_layers=(True, True, False, True),
         linear_num_key_heads=4, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16)
+    # Nemotron-3-like: Mamba-2 and attention blocks, ungated experts (sigmoid routing with a correction bias in 2
+    # groups, a shared expert) after some of them, layers without an MLP between (M E M * E M M E)
+    nemotron_h_cfg = LlamaConfig(
+        architecture="nemotron_h", vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=32, num_layers=5,
+        num_heads=4, num_kv_heads=2, head_dim=16, max_position=512, rope_layers=(False,) * 5, gated_mlp=False,
+        hidden_act="relu2", linear_kind="mamba2", linear_layers=(True, True, False, True, True),
+        mlp_layers=(True, False, True, False, True), linear_num_key_heads=2, linear_num_value_heads=8,
+        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_bias=True, num_experts=8, num_experts_per_tok=3,
+        moe_intermediate_size=32, shared_expert_intermediate_size=48, shared_expert_gate=False,
+        router_scoring="sigmoid", router_score_bias=True, expert_groups=2, expert_groups_per_tok=1,
+        routed_scaling_factor=2.5)
     return {"llama": (llama_cfg, llama.init_params(llama_cfg, jax.random.key(0), scale=0.5), tokenizer),
+            "nemotron_h": (nemotron_h_cfg, llama.init_params(nemotron_h_cfg, jax.random.key(27), scale=0.5),
+                           tokenizer),
             "kimi_linear": (kimi_linear_cfg, llama.init_params(kimi_linear_cfg, jax.random.key(25), scale=0.3),
                             tokenizer),
             "lfm2": (lfm2_cfg, llama.init_params(lfm2_cfg, jax.random.key(19), scale=0.5), tokenizer),
@@ -129,14 +143,16 @@ def tiny_models(tokenizer) -> dict:
 
 
 MODELS = ("llama", "gemma3", "gpt_oss", "deepseek", "qwen3_5", "granite4", "qwen3_moe", "lfm2", "deepseek_v32",
-          "llama4", "kimi_linear")
+          "llama4", "kimi_linear", "nemotron_h")
 # models with linear attention layers (a recurrent state per sequence)
-RECURRENT = ("qwen3_5", "granite4", "lfm2", "kimi_linear")
+RECURRENT = ("qwen3_5", "granite4", "lfm2", "kimi_linear", "nemotron_h")
 # models whose heads split over 2 devices
-SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4", "lfm2", "kimi_linear")
+SPLIT = ("llama", "gemma3", "gpt_oss", "qwen3_5", "granite4", "qwen3_moe", "llama4", "lfm2", "kimi_linear",
+         "nemotron_h")
 # models the fuzzer gives LoRA adapters (of every projection they adapt: qwen3_moe's experts too)
 ADAPTED = ("llama", "gemma3", "qwen3_5", "granite4", "qwen3_moe", "lfm2")
-EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4", "kimi_linear")  # models with experts (run on the grouped path in half their seeds)
+# models with experts (run on the grouped path in half their seeds)
+EXPERTS = ("gpt_oss", "deepseek", "qwen3_moe", "deepseek_v32", "llama4", "kimi_linear", "nemotron_h")
 GRID = ("llama", "gemma3", "gpt_oss", "qwen3_5")  # models the fuzzer may serve Qwen2.5-VL-style images with M-RoPE
 DRAFTED = ("llama", "deepseek", "deepseek_v32")  # models the fuzzer may give themselves as draft models
 WHOLE_PAGES = ("llama", "deepseek", "gemma3", "gpt_oss", "qwen3_moe", "deepseek_v32", "llama4")  # models whose pages another replica may send

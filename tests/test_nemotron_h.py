@@ -22,8 +22,8 @@ TINY = dict(model_type="nemotron_h", vocab_size=211, hidden_size=64, intermediat
 
 def test_blocks_pair_into_layers_and_what_is_refused():
     """Each mixer block starts a layer and the MLP block right after it is that layer's MLP; the checkpoint's names
-    are numbered by block. Dense and expert blocks in one model, latent experts, an MLP after an MLP or first, biases
-    and other activations are refused by name."""
+    are numbered by block. Dense and expert blocks in one model, more than one shared expert, an MLP after an MLP or
+    first, biases and other activations are refused by name."""
     assert nemotron_h_layers(["mamba", "mlp", "mamba", "attention", "mlp", "mamba", "mamba", "mlp"], "x") == (
         (True, True, False, True, True), (True, False, True, False, True), [0, 2, 3, 5, 6])
     cfg = LlamaConfig.from_hf_config({**TINY, "hybrid_override_pattern": "M-M*-MM-"})
@@ -38,7 +38,7 @@ def test_blocks_pair_into_layers_and_what_is_refused():
                                                                      "full_attention", "mlp", "mamba", "mamba", "mlp"]})
     assert same == cfg
     for change, match in (({"hybrid_override_pattern": "M-ME"}, "dense MLP .-. and expert .E. blocks"),
-                          ({"hybrid_override_pattern": "MEME", "moe_latent_size": 16}, "moe_latent_size=16"),
+                          ({"hybrid_override_pattern": "ME*E", "n_shared_experts": 2}, "n_shared_experts=2"),
                           ({"hybrid_override_pattern": "M--"}, "block 2 is an MLP that follows no token mixer"),
                           ({"hybrid_override_pattern": "-M"}, "block 0 is an MLP that follows no token mixer"),
                           ({"hybrid_override_pattern": "M-X"}, r"block kinds \['X'\]"),
@@ -52,22 +52,23 @@ def test_blocks_pair_into_layers_and_what_is_refused():
                     num_kv_heads=1, head_dim=8, mlp_layers=(True, False))
 
 
-@pytest.mark.parametrize("pattern", ["M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-", "MEMEM*EMEMEM*EMEMEME"])
-def test_parameter_count_at_full_size(pattern):
+@pytest.mark.parametrize("pattern,latent", [("M-M-M-MM-M-M-M*-M-M-M*-M-M-M-M*-M-MM-M-M-M-M-", None),
+                                            ("MEMEM*EMEMEM*EMEMEME", None), ("MEMEM*EMEMEM*EMEMEME", 1024)])
+def test_parameter_count_at_full_size(pattern, latent):
     """transformers' NemotronHConfig defaults (Nemotron-H-8B's widths: 4096 hidden, Mamba-2 128 heads of 64 in 8
     groups, 32 query and 8 KV heads; 8 experts of 7,688 and a shared one) over a pattern with mixer blocks back to back,
-    dense or with experts: our count is the model's (built on the meta device; the routers' correction biases are
-    buffers there)."""
+    dense, with experts, and with experts in a latent space of 1,024: our count is the model's (built on the meta
+    device; the routers' correction biases are buffers there)."""
     pytest.importorskip("transformers")
     import torch
     import transformers
 
-    hf = transformers.NemotronHConfig(hybrid_override_pattern=pattern)
+    hf = transformers.NemotronHConfig(hybrid_override_pattern=pattern, moe_latent_size=latent)
     with torch.device("meta"):
         model = transformers.NemotronHForCausalLM(hf)
     cfg = LlamaConfig.from_hf_config(hf.to_dict())
     assert cfg.num_layers == pattern.count("M") + pattern.count("*")
-    assert sum(cfg.mlp_layers) == pattern.count("-") + pattern.count("E")
+    assert sum(cfg.mlp_layers) == pattern.count("-") + pattern.count("E") and cfg.moe_latent_size == (latent or 0)
     assert cfg.num_params() == _count(model)
 
 
@@ -101,17 +102,18 @@ def _hf_nemotron_h(pattern: str, **changes):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("patterns,variants", [
-    (("MM*-MM*-", "M-M*-MM-"), [{"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}]),
-    (("MEM*EMME",), [{"model.moe_backend": "grouped", "parallel.tensor": 2}, {"parallel.tensor": 2,
-                                                                              "parallel.expert": True}])],
+@pytest.mark.parametrize("checkpoints,variants", [
+    ((("MM*-MM*-", {}), ("M-M*-MM-", {})), [{"attention.backend": "pallas_interpret"}, {"parallel.tensor": 2}]),
+    ((("MEM*EMME", {}), ("MEM*EMME", {"moe_latent_size": 24})),
+     [{"model.moe_backend": "grouped", "parallel.tensor": 2}, {"parallel.tensor": 2, "parallel.expert": True}])],
     ids=["dense", "experts"])
-def test_checkpoint_matches_transformers_and_serves(patterns, variants, tmp_path):
+def test_checkpoint_matches_transformers_and_serves(checkpoints, variants, tmp_path):
     """Tiny random checkpoints with layers without an MLP, one whose layer pattern repeats (scanned a period at a time)
-    and one whose does not (a scan per run of like layers), and one with expert blocks: transformers' logits (float64;
-    float32 with experts) over three pieces of Mamba-2's matrix form; then through the engine, prompts over a shared
-    system prompt resumed from state snapshots, chunked and preempted: transformers' greedy tokens on xla, the same on
-    the Pallas kernels and at tensor parallelism 2 (the experts: grouped, and whole on each device)."""
+    and one whose does not (a scan per run of like layers), and with expert blocks, their experts in a latent space of
+    24 or not: transformers' logits (float64; float32 with experts) over three pieces of Mamba-2's matrix form; then
+    through the engine (the last checkpoint), prompts over a shared system prompt resumed from state snapshots, chunked
+    and preempted: transformers' greedy tokens on xla, the same on the Pallas kernels and at tensor parallelism 2 (the
+    experts: grouped, and whole on each device)."""
     pytest.importorskip("transformers")
     import torch
 
@@ -119,11 +121,12 @@ def test_checkpoint_matches_transformers_and_serves(patterns, variants, tmp_path
     from test_models import _serve_variants
 
     ids = list(fresh.rng().integers(0, TINY["vocab_size"], 150))
-    for pattern in patterns:
-        model = _hf_nemotron_h(pattern)
-        model.save_pretrained(tmp_path / pattern)
-        cfg, params = load_weights(str(tmp_path / pattern))
+    for n, (pattern, changes) in enumerate(checkpoints):
+        model = _hf_nemotron_h(pattern, **changes)
+        model.save_pretrained(tmp_path / str(n))
+        cfg, params = load_weights(str(tmp_path / str(n)))
         assert cfg.num_params() == _count(model) and bool(cfg.num_experts) == ("E" in pattern)
+        assert cfg.moe_latent_size == changes.get("moe_latent_size", 0)
         with torch.no_grad():  # (transformers' grouped expert matmuls take no float64)
             ref = (model if cfg.num_experts else model.double())(torch.tensor([ids])).logits[0].numpy()
             model.float()
@@ -177,6 +180,8 @@ def _nemotron_h_gguf(hf_dir, path) -> None:
         w.add_expert_weights_norm(hf["norm_topk_prob"])
         w.add_expert_weights_scale(hf["routed_scaling_factor"])
         w.add_expert_group_count(hf["n_group"])
+        if hf.get("moe_latent_size") is not None:
+            w.add_moe_latent_size(hf["moe_latent_size"])
 
     def permute(x, n):  # LlamaModel.permute
         return x.reshape(n, 2, x.shape[0] // n // 2, *x.shape[1:]).swapaxes(1, 2).reshape(x.shape)
@@ -206,6 +211,9 @@ def _nemotron_h_gguf(hf_dir, path) -> None:
                   "ffn_down_exps.weight": np.stack([sd[f"{m}experts.{e}.down_proj.weight"] for e in experts]),
                   "ffn_up_shexp.weight": sd[m + "shared_experts.up_proj.weight"],
                   "ffn_down_shexp.weight": sd[m + "shared_experts.down_proj.weight"]}
+            if hf.get("moe_latent_size") is not None:
+                t |= {"ffn_latent_down.weight": sd[m + "fc1_latent_proj.weight"],
+                      "ffn_latent_up.weight": sd[m + "fc2_latent_proj.weight"]}
         tensors |= {f"blk.{b}.{name}": x for name, x in t.items()}
     for name, x in tensors.items():
         w.add_tensor(name, np.ascontiguousarray(x, np.float32))
@@ -215,8 +223,9 @@ def _nemotron_h_gguf(hf_dir, path) -> None:
     w.close()
 
 
-@pytest.mark.parametrize("pattern", ["M-M*-MM-", "MEM*EMME"], ids=["dense", "experts"])
-def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(pattern, tmp_path):
+@pytest.mark.parametrize("pattern,latent", [("M-M*-MM-", None), ("MEM*EMME", None), ("MEM*EMME", 24)],
+                         ids=["dense", "experts", "latent_experts"])
+def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(pattern, latent, tmp_path):
     """A tiny random checkpoint written as llama.cpp's converter writes it, F32 (nemotron_h, nemotron_h_moe): the HF
     directory's config but for the converter's context of 2^20 and the norm epsilon's float32, its weights bit for bit
     (A_log to float32's rounding), the same logits. Metadata it cannot read is refused naming the field."""
@@ -225,7 +234,8 @@ def test_gguf_in_llama_cpp_layout_loads_as_the_hf_checkpoint(pattern, tmp_path):
     from models.loader import load_weights
     from test_gguf_hybrid import _assert_same_config, _assert_same_params, _with_files_a_log
 
-    model = _hf_nemotron_h(pattern, n_group=1, topk_group=1)  # (the converter writes no expert_group_used_count)
+    # (the converter writes no expert_group_used_count: one group)
+    model = _hf_nemotron_h(pattern, n_group=1, topk_group=1, moe_latent_size=latent)
     model.save_pretrained(tmp_path / "hf")
     cfg, params = load_weights(str(tmp_path / "hf"))
     _nemotron_h_gguf(tmp_path / "hf", tmp_path / "m.gguf")

@@ -1239,8 +1239,8 @@ def _nemotron_h_gguf_fields(meta: Mapping[str, Any], tensor_names: set[str], arc
 
 
 def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
-    """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H, Nemotron Nano 2 and Nemotron 3 Nano): blocks of one kind
-    each behind an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of
+    """An HF `nemotron_h` config.json (NVIDIA's Nemotron-H, Nemotron Nano 2, Nemotron 3 Nano and Super): blocks of one
+    kind each behind an RMSNorm, Mamba-2 (`mamba_num_heads` heads of `mamba_head_dim`, `n_groups` B/C groups of
     `ssm_state_size`, a convolution of `conv_kernel` taps, time steps clamped to `time_step_limit`), attention without
     positional embeddings, and an MLP without a gate (relu(x)^2) or experts (`_nemotron_h_experts`), paired into layers
     (`nemotron_h_layers`). Refused by name: biases on the projections (`use_bias`, `mlp_bias`, `attention_bias`), an

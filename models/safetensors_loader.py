@@ -781,7 +781,19 @@ def dequantize_mxfp4_blocks(blocks: np.ndarray, scales: np.ndarray) -> np.ndarra
 
 def params_from_state_dict(cfg: LlamaConfig, tensors: Mapping[str, Any], dtype: Any = np.float32) -> dict:
     """An HF-named state dict (name -> numpy or JAX array, torch orientation) -> the model's weight pytree. Names it
-    does not need are ignored; a missing one is a CheckpointError naming it."""
+    does not need are ignored; a missing one is a CheckpointError naming it. (Nemotron-H's blocks, under `backbone.`
+    as its checkpoints have them or `model.` as transformers holds them, its experts stacked, named as the layers they
+    make and the experts one by one.)"""
+    if cfg.architecture == "nemotron_h":
+        renamed, split = nemotron_h_renamed(cfg), {}
+        for k, v in tensors.items():
+            k = renamed("backbone." + k.removeprefix("model.") if k.startswith("model.") else k)
+            if k.endswith((".experts.up_proj", ".experts.down_proj")):  # [E, out, in], as transformers holds them
+                head, _, proj = k.rpartition(".")
+                split |= {f"{head}.{e}.{proj}.weight": v[e] for e in range(v.shape[0])}
+            else:
+                split[k] = v
+        tensors = split
 
     def read(key: str, name: str) -> np.ndarray:
         for part in name.split(JOIN):

@@ -118,6 +118,7 @@ def test_checkpoint_matches_transformers_and_serves(checkpoints, variants, tmp_p
     import torch
 
     from models.loader import load_weights
+    from models.safetensors_loader import params_from_state_dict
     from test_models import _serve_variants
 
     ids = list(fresh.rng().integers(0, TINY["vocab_size"], 150))
@@ -127,6 +128,9 @@ def test_checkpoint_matches_transformers_and_serves(checkpoints, variants, tmp_p
         cfg, params = load_weights(str(tmp_path / str(n)))
         assert cfg.num_params() == _count(model) and bool(cfg.num_experts) == ("E" in pattern)
         assert cfg.moe_latent_size == changes.get("moe_latent_size", 0)
+        # a trainer's state dict, as transformers holds it (`model.`, not the files' `backbone.`): the same weights
+        state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+        jax.tree.map(np.testing.assert_array_equal, params_from_state_dict(cfg, state), params)
         with torch.no_grad():  # (transformers' grouped expert matmuls take no float64)
             ref = (model if cfg.num_experts else model.double())(torch.tensor([ids])).logits[0].numpy()
             model.float()

@@ -462,8 +462,8 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
                     o = o * jax.nn.sigmoid(h @ w[moe.SHARED_GATE])
                 expert_lora = {k: lo[k] for k in EXPERT_PROJECTIONS if k in lo}
                 act = glu if cfg.gated_mlp else (lambda gate, up: plain_activation(cfg, w)(up))  # (gate: None)
-                x = proj(h, "latent_down", w) if cfg.moe_latent_size else h  # (the router reads h)
-                routed = moe.moe_mlp(x, w, cfg.routing, act, cfg.moe_grouped, cfg.quantized_activations,
+                expert_in = proj(h, "latent_down", w) if cfg.moe_latent_size else h  # (the router reads h)
+                routed = moe.moe_mlp(expert_in, w, cfg.routing, act, cfg.moe_grouped, cfg.quantized_activations,
                                      cfg.quant_kernels, mesh, cfg.expert_parallel,
                                      moe.ExpertLora(expert_lora, onehot) if expert_lora else None,
                                      router_in=h if cfg.moe_latent_size else None)

@@ -1151,25 +1151,24 @@ def nemotron_h_blocks(cfg: Mapping[str, Any], source: str) -> list[str]:
     return [NEMOTRON_H_BLOCKS[str(b)] for b in given]
 
 
-def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...], tuple[bool, ...], list[int]]:
+def nemotron_h_layers(blocks: list[str], source: str) -> tuple[tuple[bool, ...], tuple[bool, ...]]:
     """Nemotron-H's blocks as this decoder's layers: each token mixer block (Mamba-2 or attention) starts a layer, and
     the MLP or expert block right after it, if any, is that layer's MLP (a pre-norm block each, so a mixer block and
-    its MLP block compute what a layer does). Returns (linear_layers, mlp_layers, each layer's first block). Refused by
-    name: an MLP block that follows no mixer block, dense MLP and expert blocks in one model."""
-    linear, mlp, first = [], [], []
+    its MLP block compute what a layer does). Returns (linear_layers, mlp_layers). Refused by name: an MLP block that
+    follows no mixer block, dense MLP and expert blocks in one model."""
+    linear, mlp = [], []
     if "mlp" in blocks and "moe" in blocks:
         raise ConfigError(f"{source}: dense MLP (-) and expert (E) blocks in one model are not supported")
     for b, kind in enumerate(blocks):
         if kind in ("mlp", "moe"):
-            if not mlp or mlp[-1] or first[-1] != b - 1:
+            if b == 0 or blocks[b - 1] in ("mlp", "moe"):
                 raise ConfigError(f"{source}: block {b} is an MLP that follows no token mixer block, which is not "
                                   "supported (each MLP block must come right after a Mamba-2 or attention block)")
             mlp[-1] = True
         else:
             linear.append(kind == "mamba")
             mlp.append(False)
-            first.append(b)
-    return tuple(linear), tuple(mlp), first
+    return tuple(linear), tuple(mlp)
 
 
 def _nemotron_h_experts(cfg: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -1252,7 +1251,7 @@ def _nemotron_h_from_hf(cfg: Mapping[str, Any], source: str) -> LlamaConfig:
         return cfg[key]
 
     blocks = nemotron_h_blocks(cfg, source)
-    linear, mlp, _ = nemotron_h_layers(blocks, source)
+    linear, mlp = nemotron_h_layers(blocks, source)
     for key in ("use_bias", "mlp_bias", "attention_bias", "mamba_proj_bias"):
         if cfg.get(key):
             raise ConfigError(f"{source}: {key}=true is not supported (Nemotron-H's projections have no biases here)")

@@ -221,6 +221,8 @@ NEMOTRON_H_MOE_NAMES = NEMOTRON_H_NAMES | {
     "w_down": "backbone.layers.{i}.mlp_block.mixer.shared_experts.down_proj.weight",
     "latent_down": "backbone.layers.{i}.mlp_block.mixer.fc1_latent_proj.weight",
     "latent_up": "backbone.layers.{i}.mlp_block.mixer.fc2_latent_proj.weight"}
+
+
 def nemotron_h_renamed(cfg: LlamaConfig, prefix: str = "backbone.layers.") -> Callable[[str], str]:
     """A Nemotron-H checkpoint's tensor name -> the name NEMOTRON_H_NAMES gives it (its block's layer and whether the
     block is that layer's mixer or MLP); other names (and blocks past the layers: an MTP block) as they are. `prefix`:

@@ -25,7 +25,7 @@ def test_blocks_pair_into_layers_and_what_is_refused():
     are numbered by block. Dense and expert blocks in one model, more than one shared expert, an MLP after an MLP or
     first, biases and other activations are refused by name."""
     assert nemotron_h_layers(["mamba", "mlp", "mamba", "attention", "mlp", "mamba", "mamba", "mlp"], "x") == (
-        (True, True, False, True, True), (True, False, True, False, True), [0, 2, 3, 5, 6])
+        (True, True, False, True, True), (True, False, True, False, True))
     cfg = LlamaConfig.from_hf_config({**TINY, "hybrid_override_pattern": "M-M*-MM-"})
     assert cfg.linear_layers == (True, True, False, True, True) and cfg.mlp_layers == (True, False, True, False, True)
     assert cfg.rope_layers == (False,) * 5 and not cfg.gated_mlp and cfg.hidden_act == "relu2"

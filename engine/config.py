@@ -82,6 +82,10 @@ class ModelSpec:
     # llama.cpp's mmproj GGUF (a path or pkg: spec): the vision tower and projector beside a GGUF text model
     # (llama-mtmd-cli's --mmproj), so that it takes images; Gemma 3's (models/mmproj.py). "": none.
     mmproj: str = ""
+    # Prompts given as embeddings, [tokens, hidden] rows in place of token ids (vLLM's --enable-prompt-embeds;
+    # engine/prompt_embeds.py): the Python API's {"prompt_embeds": array} prompts, /v1/completions' prompt_embeds.
+    # Warm-up compiles each token bucket once more, with those rows.
+    enable_prompt_embeds: bool = False
     # A language model served as a sequence classifier (vLLM's classifier_from_token): its LM head's rows for these
     # vocabulary entries become the score head (models/classifier.py), for rerankers that answer "yes" or "no"
     # (Qwen3-Reranker: [no, yes]); POST /v1/score and /v1/rerank then score each pair as one prompt.

@@ -24,7 +24,7 @@ import itertools
 import logging
 import random
 import time
-from typing import Sequence as Seq
+from typing import Mapping, Sequence as Seq
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,7 @@ import numpy as np
 
 import pallas_kernels
 from pallas_kernels import fp8_matmul, kv_quant
-from engine import draft_model, mtp_drafter, multihost, multimodal, scoring, speculative, structured
+from engine import draft_model, mtp_drafter, multihost, multimodal, prompt_embeds, scoring, speculative, structured
 from engine.compiled import release_executables_if_crowded, setup_compilation_cache
 from engine.image_encoder import ImageEncoder
 from engine.adapters import AdapterSlots
@@ -47,7 +47,7 @@ from engine.token_rules import TokenRules
 from engine.request import RequestError, SamplingParams, Sequence, Status, truncate_prompt, validate_prompt
 from engine.runner import FILTER_HEADS, ModelRunner
 from engine.scheduler import Scheduler
-from models import classifier, quant, sharding
+from models import classifier, llama, quant, sharding
 from models.weights import cast_params
 from models.loader import checkpoint_quantization, load_weights, sampling_defaults, tokenizer_source
 from models.chat_template import read_chat_template
@@ -232,9 +232,13 @@ class LLMEngine:
         self.adapters = AdapterSlots(config.lora, self._loaded_cfg, self.model_cfg, self.dtype, tp, self.mesh)
         # A model that takes images (models/vision.py): its prompts' images (engine.multimodal), its vision tower
         self.image_prompts, encoder = None, None
+        self._input_rows = None  # `token_embeddings`' program, compiled at its first call
         if vision is None and config.model.mm_processor_kwargs:
             raise ConfigKeyError("model.mm_processor_kwargs: this model takes no images (its checkpoint has no vision "
                                  "tower)")
+        if config.model.enable_prompt_embeds and config.parallel.num_processes > 1:
+            raise ConfigKeyError("model.enable_prompt_embeds: a replica over several processes takes no prompt "
+                                 "embeddings (its steps' rows are not broadcast to the other hosts)")
         if vision is not None:
             vcfg, vision_params, processor = vision
             if config.parallel.num_processes > 1:
@@ -260,7 +264,8 @@ class LLMEngine:
                                   draft=(draft_cfg, self.draft.weights.params) if self.draft else None,
                                   num_snapshots=self.num_snapshots, num_host_states=self.kv.num_host_states,
                                   disk_states=self._disk.states if self._disk is not None else None,
-                                  images=encoder, mtp=self.mtp)
+                                  images=encoder, mtp=self.mtp,
+                                  prompt_rows=self.dtype if config.model.enable_prompt_embeds else None)
         if config.parallel.num_processes > 1 and multihost.is_leader():
             self.runner.followers = multihost.Followers()
         if transfer:  # prompt pages to and from other replicas over the network (disaggregation)
@@ -365,7 +370,7 @@ class LLMEngine:
     # ------------------------------------------------------------------------------ requests
     def add_request(
         self,
-        prompt: str | Seq[int],
+        prompt: str | Seq[int] | Mapping,
         params: SamplingParams | None = None,
         request_id: str | None = None,
         namespace: str | None = None,
@@ -374,7 +379,8 @@ class LLMEngine:
         output_kind: OutputKind = OutputKind.CUMULATIVE,
         images: Seq | None = None,
     ) -> str:
-        """Queues a request (text or token ids); raises RequestError naming what is wrong. `priority` (lower runs
+        """Queues a request (text, token ids, or {"prompt_embeds": [tokens, hidden] array} with
+        model.enable_prompt_embeds); raises RequestError naming what is wrong. `priority` (lower runs
         first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model).
         `output_kind` (engine.output.OutputKind): one output per step with everything so far (CUMULATIVE), with what
         the step added (DELTA: what a stream sends, at a cost that does not grow with the output), or the final
@@ -393,11 +399,15 @@ class LLMEngine:
         if self.score_head is not None and not params.embed:
             raise RequestError(f"this model is a sequence classifier ({self.score_head.num_labels} labels): it scores "
                                "prompts (LLM.classify, POST /classify) and embeds them; it generates nothing")
-        if isinstance(prompt, str):
+        spans = []
+        if isinstance(prompt, Mapping):  # {"prompt_embeds": [tokens, hidden]} (vLLM's EmbedsPrompt)
+            if images:
+                raise RequestError("a prompt given as embeddings takes no images")
+            prompt_ids, spans = self.embeds_prompt(prompt, params)
+        elif isinstance(prompt, str):
             prompt_ids = self.tokenizer.encode(prompt)
         else:
             prompt_ids = [int(t) for t in prompt]
-        spans = []
         if images:
             prompt_ids, spans = self._with_images(prompt_ids, images, params)
         prompt_ids = truncate_prompt(prompt_ids, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
@@ -422,8 +432,13 @@ class LLMEngine:
             seq.prompt_logprobs.append(None)  # the first token has nothing before it
             seq.prompt_top_logprobs.append([])
             seq.prompt_ranks.append(None)
-        text_ids = multimodal.text_ids(prompt_ids, self.model_cfg.vocab_size, self.image_prompts.vcfg.image_token_id) \
-            if spans else prompt_ids
+        if spans and spans[0].given:  # (no text before the output)
+            text_ids = []
+        elif spans:
+            text_ids = multimodal.text_ids(prompt_ids, self.model_cfg.vocab_size,
+                                           self.image_prompts.vcfg.image_token_id)
+        else:
+            text_ids = prompt_ids
         self._state[request_id] = OutputState(seq, self.tokenizer.detokenizer(text_ids, params.skip_special_tokens),
                                                 output_kind)
         self.scheduler.add(seq)
@@ -434,8 +449,47 @@ class LLMEngine:
         images its messages hold, in order (engine.multimodal.split_images; add_request's `images`)."""
         return multimodal.encode_chat(self.tokenizer, self.image_prompts, messages, **kwargs)
 
+    def embeds_prompt(self, prompt: Mapping, params: SamplingParams) -> tuple[list[int], list]:
+        """(prompt ids, [its span]) of a prompt given as embeddings, {"prompt_embeds": [tokens, hidden] array}, its
+        rows kept as truncate_prompt_tokens says (engine/prompt_embeds.py). The server prepares one here and passes
+        both to `add_request` (as the ids and `images`)."""
+        if not self.config.model.enable_prompt_embeds:
+            raise RequestError("prompt_embeds: this engine takes no prompt embeddings (set "
+                               "model.enable_prompt_embeds: true)")
+        if set(prompt) != {"prompt_embeds"}:
+            raise RequestError(f"a prompt given as a mapping holds one key, prompt_embeds; got {sorted(prompt)}")
+        if params.prompt_logprobs is not None:
+            raise RequestError("prompt_logprobs is not available for a prompt given as embeddings (it has no tokens)")
+        rows = prompt_embeds.rows_of(prompt["prompt_embeds"], self.model_cfg.hidden_size, self.dtype)
+        rows = truncate_prompt(rows, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
+        ids, span = prompt_embeds.span_of(rows, self.model_cfg.vocab_size)
+        return ids, [span]
+
+    def token_embeddings(self, prompt: str | Seq[int]) -> np.ndarray:
+        """[tokens, hidden] in the model's dtype: what the model's first layer reads for a prompt's tokens
+        (models.llama.input_rows), where a prompt given as embeddings starts from (a soft prompt before them, an edited
+        row). Compiled once per power-of-two length."""
+        if self.sleep_level:
+            raise EngineAsleep(f"the engine is asleep (level {self.sleep_level}); wake_up first")
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        validate_prompt(ids, self.model_cfg.vocab_size, self.max_model_len, 0)
+        padded = np.zeros(1 << (len(ids) - 1).bit_length(), np.int32)
+        padded[: len(ids)] = ids
+        if self._input_rows is None:
+            self._input_rows = jax.jit(functools.partial(llama.input_rows, cfg=self.model_cfg))
+        return np.asarray(self._input_rows(self.runner.params, tokens=padded))[: len(ids)]
+
     def _with_images(self, prompt_ids: list[int], images: Seq, params: SamplingParams):
-        """(prompt ids with its images' positions, their spans): images given as sources are prepared here."""
+        """(prompt ids with its images' positions, their spans): images given as sources are prepared here; the
+        span of a prompt given as embeddings (`embeds_prompt`) passes as it is."""
+        if len(images) == 1 and isinstance(images[0], multimodal.ImageSpan) and images[0].given:
+            span = images[0]
+            if not self.config.model.enable_prompt_embeds:
+                raise RequestError("prompt_embeds: this engine takes no prompt embeddings (set "
+                                   "model.enable_prompt_embeds: true)")
+            if span.start != 0 or len(prompt_ids) != span.num_tokens or min(prompt_ids) < self.model_cfg.vocab_size:
+                raise RequestError("prompt_embeds: the prompt ids are not its rows' (LLMEngine.embeds_prompt's)")
+            return prompt_ids, [span]
         if self.image_prompts is None:
             raise RequestError("this model takes no images (its checkpoint has no vision tower)")
         if params.truncate_prompt_tokens is not None:

@@ -9,7 +9,7 @@ import logging
 
 import numpy as np
 
-from engine.multimodal import ImageSpan, attends_both_ways, is_grid_model
+from engine.multimodal import ImageSpan, attends_both_ways, is_grid_model, spans_reached, step_rows
 
 log = logging.getLogger(__name__)
 
@@ -51,26 +51,13 @@ class ImageEncoder:
         self._shapes: set[tuple[int, int]] = set()  # Qwen2-VL: the padded call shapes compiled so far
 
     def rows(self, chunks, num_tokens: int) -> tuple[np.ndarray, np.ndarray | None] | None:
-        """(mm_embeds [num_tokens, text hidden]: for each image position a chunk computes, its image's feature row, at
-        that position's row of the step (zeros elsewhere); mm_deep [deepstack, num_tokens, text hidden] alike, the
-        rows Qwen3-VL adds after its first layers (None for the other models)); None when no chunk reaches an
-        image. Encodes the images whose features are not known yet."""
-        hits, row = [], 0  # (step row, span, first and last + 1 of its rows)
-        for c in chunks:
-            n = len(c.token_ids)
-            for span in c.seq.images:
-                lo, hi = max(span.start, c.start), min(span.end, c.start + n)
-                if lo < hi:
-                    hits.append((row + lo - c.start, span, lo - span.start, hi - span.start))
-            row += n
+        """The step's image rows (engine.multimodal.step_rows: mm_embeds, and Qwen3-VL's DeepStack rows mm_deep);
+        None when no chunk reaches an image. Encodes the images whose features are not known yet."""
+        hits = spans_reached(chunks)
         if not hits:
             return None
         self.encode(list({id(s): s for _, s, _, _ in hits if s.features is None}.values()))
-        width = self.vcfg.text_hidden_size
-        out = np.zeros((1 + self.deepstack, num_tokens, width), self.dtype)
-        for r, span, a, b in hits:  # (a row's features: its mm_embeds row, then each DeepStack row, side by side)
-            out[:, r : r + b - a] = span.features[a:b].reshape(b - a, 1 + self.deepstack, width).transpose(1, 0, 2)
-        return out[0], out[1:] if self.deepstack else None
+        return step_rows(hits, num_tokens, self.vcfg.text_hidden_size, self.dtype, self.deepstack)
 
     @property
     def bidirectional(self) -> bool:

@@ -67,16 +67,17 @@ class LLM:
 
     def generate(
         self,
-        prompts: Seq[str] | Seq[Seq[int]] | str,
+        prompts: Seq[str] | Seq[Seq[int]] | Seq[dict] | str | dict,
         params: SamplingParams | Seq[SamplingParams] | None = None,
         namespace: str | None = None,
         progress: bool = False,
         adapter: str | None = None,
         images: Seq[Seq] | None = None,
     ) -> list[Completion]:
-        """Runs every prompt (text or token ids) through the continuous batch; results in input order. `adapter`: one
-        of the config's lora.adapters (None: the base model). `images` (a model that takes images): per prompt, its
-        images in the order of its placeholder tokens (`LLMEngine.add_request`)."""
+        """Runs every prompt (text, token ids, or {"prompt_embeds": [tokens, hidden] array}: rows the model reads in
+        place of its token embeddings, with model.enable_prompt_embeds) through the continuous batch; results in
+        input order. `adapter`: one of the config's lora.adapters (None: the base model). `images` (a model that
+        takes images): per prompt, its images in the order of its placeholder tokens (`LLMEngine.add_request`)."""
         prompts = _prompt_list(prompts)
         params_list = _params_list(params, len(prompts), self.default_sampling_params())
         images = list(images) if images is not None else [None] * len(prompts)
@@ -161,6 +162,12 @@ class LLM:
         token (last-token pooling, as Qwen3-Embedding and e5-mistral are trained), through the same continuous batch
         and prefix cache as generation (a shared instruction prefix is computed once)."""
         return [out.embedding for out in self._pooled(prompts, namespace, progress)]
+
+    def token_embeddings(self, prompt: str | Seq[int]) -> np.ndarray:
+        """[tokens, hidden]: the rows the model's first layer reads for a prompt's tokens (after Gemma's embedding
+        scale): edited, or with other rows around them, a prompt to give as {"prompt_embeds": rows}
+        (model.enable_prompt_embeds)."""
+        return self.engine.token_embeddings(prompt)
 
     def _pooled(self, prompts, namespace: str | None, progress: bool) -> list[RequestOutput]:
         """The final outputs of one embedding request per prompt (`embedding`; on a classifier `classification`)."""
@@ -277,8 +284,8 @@ class LLM:
 
 
 def _prompt_list(prompts) -> list:
-    """One prompt (text or token ids) or several -> a list of prompts."""
-    one = isinstance(prompts, str) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
+    """One prompt (text, token ids, {"prompt_embeds": array}) or several -> a list of prompts."""
+    one = isinstance(prompts, (str, dict)) or (len(prompts) > 0 and isinstance(prompts[0], (int, np.integer)))
     return [prompts] if one else list(prompts)
 
 

@@ -24,11 +24,12 @@ ID_BITS = 30  # an image position's id: vocab_size + 30 bits of its hash (int32 
 
 @dataclasses.dataclass(eq=False)
 class ImageSpan:
-    """One image of a prompt: the positions it fills and what fills them."""
+    """One image of a prompt: the positions it fills and what fills them. Also a prompt given as embeddings
+    (engine/prompt_embeds.py): no pixels, its rows the features from the start."""
 
     start: int  # its first position in the prompt
     num_tokens: int
-    pixels: np.ndarray  # [T, C, H, W] float32 tiles, as the vision tower reads them (LLaVA: T = 1)
+    pixels: np.ndarray | None  # [T, C, H, W] float32 tiles, as the tower reads them (LLaVA: T = 1); None: rows given
     digest: bytes  # of the tiles, their grid and the image's size (`_digest`)
     vocab_size: int  # its positions' ids are past the vocabulary (`image_ids`): every sampled id is below this
     grid: tuple[int, int] | None = None  # LLaVA-NeXT: the (rows, cols) its tiles after the first lie on
@@ -46,6 +47,11 @@ class ImageSpan:
     @property
     def end(self) -> int:
         return self.start + self.num_tokens
+
+    @property
+    def given(self) -> bool:
+        """Its rows came with the request (prompt embeddings): no tower runs for it."""
+        return self.pixels is None
 
 
 def _digest(tiles: np.ndarray, grid=None, size_hw=None) -> bytes:
@@ -77,6 +83,8 @@ def mrope_positions(spans: Seq[ImageSpan], start: int, num: int) -> np.ndarray:
     for span in spans:
         if span.start >= start + num:
             break
+        if span.thw is None:  # given rows (prompt embeddings) take text's positions
+            continue
         t, h, w = span.thw
         inside = (pos >= span.start) & (pos < span.end)
         if inside.any():
@@ -108,6 +116,32 @@ def chunk_cut(spans: Seq[ImageSpan], start: int, n: int) -> int:
         if span.bidirectional and span.start < end < span.end:
             return max(span.start - start, 0)
     return n
+
+
+def spans_reached(chunks) -> list[tuple[int, ImageSpan, int, int]]:
+    """(row of the step, span, first and last + 1 of the span's rows) for each span whose positions a step's chunks
+    (engine.scheduler.Chunk, back to back in the step) compute."""
+    hits, row = [], 0
+    for c in chunks:
+        n = len(c.token_ids)
+        for span in c.seq.images:
+            lo, hi = max(span.start, c.start), min(span.end, c.start + n)
+            if lo < hi:
+                hits.append((row + lo - c.start, span, lo - span.start, hi - span.start))
+        row += n
+    return hits
+
+
+def step_rows(hits, num_tokens: int, width: int, dtype, deepstack: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
+    """(mm_embeds [num_tokens, width]: each reached position's feature row at its row of the step, zeros elsewhere;
+    mm_deep [deepstack, num_tokens, width] alike, the rows Qwen3-VL adds after its first layers, or None). hits:
+    `spans_reached`'s, every span's features known ([positions, k x width]: its mm_embeds row, then k - 1 DeepStack
+    rows, side by side; given rows have k = 1 and no DeepStack rows)."""
+    out = np.zeros((1 + deepstack, num_tokens, width), dtype)
+    for r, span, a, b in hits:
+        k = span.features.shape[1] // width
+        out[:k, r : r + b - a] = span.features[a:b].reshape(b - a, k, width).transpose(1, 0, 2)
+    return out[0], out[1:] if deepstack else None
 
 
 def check_whole_images(scheduler, tokens_per_image: int) -> None:

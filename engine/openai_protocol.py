@@ -92,7 +92,10 @@ class _SamplingFields(_Body):
 
 class CompletionRequest(_SamplingFields):
     prompt: Union[str, TokenIds, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)],
-                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)]]
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)], None] = None
+    prompt_embeds: Union[str, Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)], None] = Field(
+        None, description="in place of prompt (vLLM's; needs model.enable_prompt_embeds): a [tokens, hidden] array of "
+                          "input embeddings per prompt, base64 of a safetensors file of one tensor or of a .npy file")
     max_tokens: _int(ge=0) | None = Field(16, description="0 only with echo: the prompt and its logprobs, nothing generated")
     logprobs: _int(ge=0, le=MAX_TOP_LOGPROBS) | None = None
     echo: bool = Field(False, description="the prompt before the completion (with logprobs: the prompt's too)")

@@ -311,7 +311,7 @@ class ModelRunner:
     def __init__(self, model_cfg: LlamaConfig, params, config: EngineConfig, num_pages: int, max_model_len: int,
                  kv_dtype, backend: str, mesh=None, eos_ids: frozenset[int] = frozenset(), num_host_pages: int = 0,
                  lora: dict | None = None, num_window_pages: int = 0, disk=None, draft=None, num_snapshots: int = 0,
-                 num_host_states: int = 0, disk_states=None, images=None, mtp=None):
+                 num_host_states: int = 0, disk_states=None, images=None, mtp=None, prompt_rows=None):
         """num_window_pages: a hybrid cache (llama.HybridLayout), its windowed layers keeping that many slots.
         disk: the disk tier (engine.disk_cache.DiskCache) that pages the plans save are handed to.
         draft: (LlamaConfig, device params) of a draft model (speculative.method: draft_model; whole on every device,
@@ -319,6 +319,8 @@ class ModelRunner:
         num_snapshots: a model with linear attention layers, the state slots of the prefix cache's snapshots;
         num_host_states: the host tier's slots for them; disk_states: the disk tier's files of them.
         images: an engine.image_encoder.ImageEncoder (a model that takes images): fills the steps' mm_embeds.
+        prompt_rows: the dtype of prompts given as embeddings (model.enable_prompt_embeds; engine/prompt_embeds.py),
+        whose rows fill the steps' mm_embeds too; None: none are taken.
         mtp: a models.mtp.MtpConfig with `draft` its layer's (config, params): the checkpoint's MTP layer drafts
         (engine/mtp_drafter.py); or a models.eagle3.Eagle3Config, an EAGLE-3 head drafting alike."""
         self.cfg = model_cfg
@@ -419,6 +421,8 @@ class ModelRunner:
         self._mtp_rows = mtp_drafter.SampledRows()
         self.followers = None  # engine.multihost.Followers on process 0 of a multi-host replica
         self.images = images
+        # Steps whose chunks reach an image's or a given prompt's positions carry their rows (mm_embeds) in this dtype
+        self.row_dtype = images.dtype if images is not None else prompt_rows
 
     # ------------------------------------------------------------------------------ compile
     def warmup(self, progress: bool = True) -> None:
@@ -426,9 +430,11 @@ class ModelRunner:
         a plain request uses them), so no request waits on XLA."""
         from tqdm import tqdm
 
-        # (a model that takes images also compiles each bucket with image rows: prefill chunks that reach an image)
+        # (a model that takes images, or prompt embeddings, also compiles each bucket with their rows: prefill chunks
+        # that reach them)
+        row_buckets = self.token_buckets if self.row_dtype is not None else ()
         jobs = [("forward", t, kernel) for t in self.token_buckets for kernel in self._kernels(t)] + \
-            [("images", t, False if self.backend != "xla" else None) for t in (self.token_buckets if self.images else ())] + \
+            [("images", t, False if self.backend != "xla" else None) for t in row_buckets] + \
             [("encoder", n, None) for n in (self.images.batch_sizes if self.images else ())] + \
             [("head", s, variant) for s in self.seq_buckets for variant in PLAIN_HEADS] + \
             [("draft", s, None) for s in (self.draft_buckets if self.draft_cfg is not None else ())]
@@ -436,11 +442,11 @@ class ModelRunner:
             if kind in ("forward", "images"):
                 inputs = self._pack_padding(n)
                 if kind == "images":
-                    deep = self.images.deepstack
+                    deep = self.images.deepstack if self.images else 0
                     inputs = dataclasses.replace(
-                        inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.images.dtype),
-                        mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.images.dtype) if deep else None,
-                        kv_limits=np.zeros(n, np.int32) if self.images.bidirectional else None)
+                        inputs, mm_embeds=np.zeros((n, self.cfg.hidden_size), self.row_dtype),
+                        mm_deep=np.zeros((deep, n, self.cfg.hidden_size), self.row_dtype) if deep else None,
+                        kv_limits=np.zeros(n, np.int32) if self.images and self.images.bidirectional else None)
                 inputs = self.put_inputs(inputs)
                 self._hidden, every_row, aux, self.kv, self.states = self._forward(
                     self.params, kv_caches=self.kv, inputs=inputs, prev_tokens=self._prev_tokens, lora=self.lora,
@@ -552,10 +558,10 @@ class ModelRunner:
         inputs.logits_indices[list(itertools.chain.from_iterable(head_rows))] = firsts + within
         if self.mtp is not None:
             inputs.next_tokens[:] = mtp_drafter.next_tokens(chunks, head_rows, cu[:-1], len(inputs.tokens))
-        rows = self.images.rows(chunks, len(inputs.tokens)) if self.images is not None else None
+        rows = self._row_inputs(chunks, len(inputs.tokens))
         if rows is not None:
             inputs = dataclasses.replace(inputs, mm_embeds=rows[0], mm_deep=rows[1])
-            if self.images.bidirectional:  # an image's positions see to its last (Gemma 3)
+            if self.images is not None and self.images.bidirectional:  # an image's positions see to its last (Gemma 3)
                 limits = inputs.positions.copy()
                 for c, first in zip(chunks, cu[:-1].tolist()):
                     if c.seq.images:
@@ -563,6 +569,14 @@ class ModelRunner:
                                                                                         len(c.token_ids))
                 inputs = dataclasses.replace(inputs, kv_limits=limits)
         return inputs
+
+    def _row_inputs(self, chunks, num_tokens: int) -> tuple[np.ndarray, np.ndarray | None] | None:
+        """The step's (mm_embeds, mm_deep) where its chunks reach an image's or a given prompt's positions, else None
+        (engine.multimodal.step_rows)."""
+        if self.images is not None:
+            return self.images.rows(chunks, num_tokens)
+        hits = multimodal.spans_reached(chunks) if self.row_dtype is not None else None
+        return multimodal.step_rows(hits, num_tokens, self.cfg.hidden_size, self.row_dtype) if hits else None
 
     def run(self, plan: StepPlan) -> StepOutput:
         """One step, start to finish."""

@@ -51,7 +51,7 @@ from engine.openai_protocol import (
 from engine import anthropic_messages, multimodal, openai_responses
 from engine.disaggregation import CACHED_ONLY, HEADER as PREFILL_ONLY_HEADER, PrefillDone, PrefillOnlyMarker, \
     cached_only, kv_offers, offer_cached, prefill_for_decode, prefill_only, receive_from_prefill
-from engine import scoring, structured
+from engine import prompt_embeds, scoring, structured
 from engine.reasoning import keeps_special_tokens
 from engine.router.prompts import PROBE_TEXT, PromptFormat
 from engine.tool_calls import ToolChoice
@@ -325,6 +325,10 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: the prompt and its logprobs)", param="max_tokens")
+        if (body.prompt is None) == (body.prompt_embeds is None):
+            raise ApiError(400, "give either prompt or prompt_embeds", param="prompt")
+        if body.prompt_embeds is not None:
+            return await embeds_completions(request, body, max_tokens)
         p = body.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             p = [p]
@@ -339,6 +343,29 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         echo = [x if isinstance(x, str) and len(ids) == len(whole) else tokenizer.decode(ids, skip_special_tokens=False)
                 for x, ids, whole in zip(p, prompts, given)] if body.echo else None
         return await run(request, body, "text", prompts, [max_tokens] * len(prompts), body.logprobs, echo)
+
+    async def embeds_completions(request: Request, body: CompletionRequest, max_tokens: int):
+        """Completions of prompts given as embeddings (engine/prompt_embeds.py): each decoded and hashed in a worker
+        thread, its rows passed to the engine as its prompt's span."""
+        if body.echo:
+            raise ApiError(400, "echo is not available with prompt_embeds (the prompt has no text)", param="echo")
+        if body.prompt_logprobs is not None:
+            raise ApiError(400, "prompt_logprobs is not available with prompt_embeds (the prompt has no tokens)",
+                           param="prompt_logprobs")
+        payloads = [body.prompt_embeds] if isinstance(body.prompt_embeds, str) else body.prompt_embeds
+        rules = SamplingParams(max_tokens=max_tokens, truncate_prompt_tokens=body.truncate_prompt_tokens)
+
+        def prepare(payload: str):
+            return llm.embeds_prompt({"prompt_embeds": prompt_embeds.decode(payload)}, rules)
+
+        try:
+            prepared = await asyncio.to_thread(lambda: [prepare(x) for x in payloads])
+        except RequestError as e:
+            raise ApiError(400, str(e), param="prompt_embeds") from None
+        for ids, _ in prepared:
+            check_prompt(ids, max_tokens, "prompt_embeds", images=True)
+        return await run(request, body, "text", [ids for ids, _ in prepared], [max_tokens] * len(prepared),
+                         body.logprobs, images=[spans for _, spans in prepared])
 
     def chat_ids(body: ChatCompletionRequest) -> tuple[list[int], ToolChoice, list]:
         """A chat request's (prompt ids through the chat template, tools, the sources of its images)."""

@@ -581,9 +581,7 @@ def _decoder(params: Params, cfg: LlamaConfig, tokens: jax.Array, positions: jax
     if embeds is not None:
         x = embeds
     else:
-        x = embed_tokens(params, tokens if is_image is None else jnp.where(is_image, 0, tokens))  # [T, H]
-        if cfg.embed_scale != 1.0:
-            x = x * jnp.asarray(cfg.embed_scale, x.dtype)
+        x = input_rows(params, cfg, tokens if is_image is None else jnp.where(is_image, 0, tokens))  # [T, H]
     if is_image is not None:  # (not scaled: the projector's rows are the model's inputs as they are)
         x = jnp.where(is_image[:, None], mm_embeds.astype(x.dtype), x)
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -728,6 +726,13 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
         return rows
     dtype = params["final_norm"].dtype  # the model's dtype
     return (rows.astype(jnp.float32) * params["embed" + SCALE_SUFFIX][tokens][:, None]).astype(dtype)
+
+
+def input_rows(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> jax.Array:
+    """[T] ids -> [T, hidden]: what the first layer reads of them, the embedding table's rows times the model's
+    embedding scale (Gemma: sqrt(hidden)). A prompt given as embeddings gives these (engine/prompt_embeds.py)."""
+    x = embed_tokens(params, tokens)
+    return x * jnp.asarray(cfg.embed_scale, x.dtype) if cfg.embed_scale != 1.0 else x
 
 
 def linear(h: jax.Array, p: Params, name: str, quantized_activations: bool = False, quant_kernels: str = "none",

@@ -85,9 +85,7 @@ def fuse(params: dict, mtp_params: dict, mcfg: MtpConfig, tokens: jax.Array, hid
     """The module's input rows [T, hidden]: eh_proj([norm(embed(tokens)), norm(hidden)]). Ids past the vocabulary
     (an image's positions) read row 0."""
     cfg = mcfg.layer
-    e = llama.embed_tokens(params, jnp.where(tokens < cfg.vocab_size, tokens, 0)).astype(hidden.dtype)
-    if cfg.embed_scale != 1.0:
-        e = e * jnp.asarray(cfg.embed_scale, e.dtype)
+    e = llama.input_rows(params, cfg, jnp.where(tokens < cfg.vocab_size, tokens, 0)).astype(hidden.dtype)
     if mcfg.mask_first:
         e = jnp.where((positions == 0)[:, None], 0, e)
     eps = cfg.rms_norm_eps

@@ -303,6 +303,7 @@ def error_body(message: str, type_: str = "invalid_request_error", param: str | 
 _UNION_HINTS = {
     "tool_choice": '"none", "auto", "required" or {"type": "function", "function": {"name": ...}}',
     "prompt": "a non-empty string, a non-empty list of token ids, or a list of those",
+    "prompt_embeds": "a base64 string (safetensors or .npy) or a non-empty list of them",
     "stop": "a string or a list of strings",
     "content": 'a string or a list of {"type": "text", "text": ...} parts',
     "input": "a string or a non-empty list of input items",

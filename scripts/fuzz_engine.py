@@ -22,6 +22,7 @@ property test (tests/test_scheduler.py) covers far more configurations without a
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 200          # ~8 s a seed on 2 CPU cores
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 5 --backend pallas_interpret
     .venv/bin/python scripts/fuzz_engine.py --seeds 0 300 --trees --models llama gemma3 deepseek gpt_oss
+    .venv/bin/python scripts/fuzz_engine.py --seeds 0 100 --embeds                  # prompts given as embeddings
 
 Exit status 1 if any seed fails; each failure prints its configuration.
 """
@@ -175,7 +176,9 @@ def draw_features(seed: int, model: str) -> dict:
     draft model, the prompts' pages come from another replica first (`_received`: parallel.kv_transfer jax, a
     plain engine of the same layout computes them and offers them, and the fuzzed engine pulls them over its transfer
     server and takes them with the requests). In half the seeds of models with experts, the fuzzed engine runs them as
-    grouped matmuls (model.moe_backend grouped; the reference: dense, this CPU's default)."""
+    grouped matmuls (model.moe_backend grouped; the reference: dense, this CPU's default). In 3 of 10 seeds without
+    images or pages from another replica, the fuzzed engine is given half the prompts (by their tokens, so identical
+    prompts alike) as embeddings, the rows its first layer reads of their ids (model.enable_prompt_embeds)."""
     rng = random.Random(f"features {seed}")
     return {"sampling": rng.random() < 0.25, "priorities": rng.random() < 0.2,
             "lora": model in ADAPTED and rng.random() < 0.2,
@@ -187,7 +190,8 @@ def draw_features(seed: int, model: str) -> dict:
             "drafter": model in DRAFTED and rng.random() < 0.5,
             "suffix": rng.random() < 0.5,
             "received": model in WHOLE_PAGES and rng.random() < 0.33,
-            "grouped": model in EXPERTS and rng.random() < 0.5}
+            "grouped": model in EXPERTS and rng.random() < 0.5,
+            "embeds": rng.random() < 0.3}
 
 
 def tiny_vision(cfg, anyres: bool = False, both_ways: bool = False):
@@ -297,10 +301,11 @@ def _received(source, target, prompts) -> list[tuple | None]:
 
 
 def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None,
-              received=None) -> list[list[int]]:
+              received=None, embeds: bool = False) -> list[list[int]]:
     """Each prompt's tokens: greedy, or seeded top-p sampling (`features`), with each request's priority and adapter
     drawn from its index (the same in every engine of a seed); `images` (a model that takes them): `_with_image`;
-    `received`: per prompt, its pages from another replica (`_received`), given with the request."""
+    `received`: per prompt, its pages from another replica (`_received`), given with the request; `embeds`: a prompt
+    whose token ids sum to an even number given as its rows (`LLM.token_embeddings`)."""
     from engine.request import SamplingParams
 
     engine, ids = llm.engine, []
@@ -308,6 +313,8 @@ def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images
         sampled = dict(temperature=0.8, top_p=0.9, seed=1000 + i) if features["sampling"] else dict(temperature=0)
         params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampled, **rules)
         prompt, prompt_images = _with_image(prompt, images, engine.image_prompts and engine.image_prompts.placeholder_id)
+        if embeds and sum(prompt) % 2 == 0:
+            prompt = {"prompt_embeds": llm.token_embeddings(prompt)}
         ids.append(engine.add_request(prompt, params, namespace=namespace,
                                       priority=(i * 7) % 3 if features["priorities"] else 0,
                                       adapter=(None, "a", "b")[i % 3] if features["lora"] else None,
@@ -409,6 +416,10 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
         source = {**reference, "cache.prefix_caching": True, "parallel.kv_transfer": "jax",
                   "parallel.tensor": features["tensor"], "attention.backend": backend, "cache.num_pages": 256}
         extra += (", " if extra else "") + "pages from another replica"
+    embeds = features["embeds"] and not features["images"] and source is None
+    if embeds:
+        fuzzed["model.enable_prompt_embeds"] = True
+        extra += (", " if extra else "") + "prompt embeddings"
     if features["priorities"]:  # (the reference too: a request with a priority needs the policy)
         reference["scheduler.policy"] = fuzzed["scheduler.policy"] = "priority"
     adapters = tempfile.mkdtemp(prefix="radixlm-fuzz-lora-") if features["lora"] else None
@@ -426,7 +437,7 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
             if source is not None:
                 sender = LLM(EngineConfig().replace(**source), progress=False, model=served)
                 received = _received(sender, llm, prompts)
-            got = _generate(llm, prompts, max_tokens, features, rules, images, received)
+            got = _generate(llm, prompts, max_tokens, features, rules, images, received, embeds)
             held = llm.engine.stats()["pages_held_by_requests"]
             if source is not None:
                 extra += f" ({llm.engine.stats()['transfer_hit_tokens']} tokens taken)"
@@ -456,6 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--suffix", action="store_true", help="run only the seeds that draw suffix decoding")
     ap.add_argument("--received", action="store_true", help="run only the seeds whose prompts' pages come from "
                     "another replica")
+    ap.add_argument("--embeds", action="store_true", help="run only the seeds that give prompts as embeddings")
     args = ap.parse_args(argv)
 
     from models.loader import tokenizer_source
@@ -476,13 +488,19 @@ def main(argv=None) -> int:
             return ("speculative.method" in fuzzed and features["suffix"]
                     and not (features["drafter"] and not features["images"]))
         seeds = [s for s in seeds if suffix(s)]
+    def received(seed: int) -> bool:
+        model, _, fuzzed, _ = draw(random.Random(seed), args.backend, tuple(args.models))
+        features = draw_features(seed, model)
+        return (features["received"] and not features["images"]
+                and not ("speculative.method" in fuzzed and features["drafter"]))
+
     if args.received:
-        def received(seed: int) -> bool:
-            model, _, fuzzed, _ = draw(random.Random(seed), args.backend, tuple(args.models))
-            features = draw_features(seed, model)
-            return (features["received"] and not features["images"]
-                    and not ("speculative.method" in fuzzed and features["drafter"]))
         seeds = [s for s in seeds if received(s)]
+    if args.embeds:
+        def embeds(seed: int) -> bool:
+            features = draw_features(seed, draw(random.Random(seed), args.backend, tuple(args.models))[0])
+            return features["embeds"] and not features["images"] and not received(seed)
+        seeds = [s for s in seeds if embeds(s)]
     for seed in seeds:
         t0 = time.perf_counter()
         problem, extra = run_seed(seed, models, tokenizer, args.backend, tuple(args.models))

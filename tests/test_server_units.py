@@ -66,7 +66,7 @@ def test_feed_reports_gaps_and_limits_batches():
 @pytest.mark.parametrize(
     "body, message, param",
     [
-        ({"model": "m"}, "prompt: required field is missing", "prompt"),
+        ({"model": "m", "prompt_embeds": 5}, "prompt_embeds: expected a base64 string", "prompt_embeds"),
         ({"model": "m", "prompt": []}, "prompt: expected a non-empty string", "prompt"),
         ({"model": "m", "prompt": "x", "max_tokens": "5"}, "max_tokens: Input should be a valid integer", "max_tokens"),
         ({"model": "m", "prompt": "x", "max_tokens": -1}, "max_tokens: Input should be greater than or equal to 0", "max_tokens"),

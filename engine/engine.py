@@ -668,12 +668,13 @@ class LLMEngine:
                             self.scheduler.finish(seq, "stop")
                         break
             num_new = len(seq.output_ids) - num_before[i]  # more than one when draft tokens were accepted
+            emitted = rows[i]  # the rows that sampled the new tokens: a chain's in order, a tree's along its path
+            if plan.chunks[i].draft_parents and (seq.params.logprobs is not None or seq.params.return_hidden_states):
+                emitted = [rows[i][n] for n in [0, *speculative.accepted_path(plan.chunks[i].draft_tree, sampled[i])]]
+            if seq.params.return_hidden_states:
+                seq.output_hidden.extend(out.hidden[emitted[:num_new]])
             if seq.params.logprobs is not None:
                 k = seq.params.logprobs
-                emitted = rows[i]  # the rows that sampled the new tokens: a chain's in order, a tree's along its path
-                if plan.chunks[i].draft_parents:
-                    emitted = [rows[i][n] for n in [0, *speculative.accepted_path(plan.chunks[i].draft_tree,
-                                                                                  sampled[i])]]
                 for r in emitted[:num_new]:
                     seq.output_logprobs.append(float(out.logprobs[r]))
                     seq.output_top_logprobs.append(

@@ -31,6 +31,8 @@ class Completion:
     prompt_top_logprobs: list[list[tuple[int, float]]] | None = None
     prompt_ranks: list[int | None] | None = None  # per prompt token, its rank under the logits before it (1: the top)
     tool_calls: list | None = None  # chat with tools: the `engine.tool_calls.ToolCall`s read from the reply (text: the rest)
+    # SamplingParams.return_hidden_states: [len(token_ids), hidden] float32, the final hidden state that sampled each
+    hidden_states: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -313,4 +315,5 @@ def _completion(out: RequestOutput) -> Completion:
         prompt_logprobs=out.prompt_logprobs,
         prompt_top_logprobs=out.prompt_top_logprobs,
         prompt_ranks=out.prompt_ranks,
+        hidden_states=out.hidden_states,
     )

@@ -5,9 +5,9 @@ output line. `LineJob` feeds lines to one engine as its batch drains; the job ru
 Input line:  {"id", "prompt"} or {"id", "messages"} (content: a string, or text and image parts) and optional
              request fields (LINE_FIELDS; scripts/generate.py lists them). Output line: {"id", "text", "token_ids",
              "finish_reason", "prompt_tokens", "cached_tokens" [, "logprobs"][, "prompt_logprobs"][,
-             "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding,
-             {"id", "logits", "label", "prompt_tokens", "cached_tokens"} on a sequence classifier (every line;
-             "messages" through the chat template without a generation prompt: the conversation scored as it
+             "hidden_states"][, "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an
+             embedding, {"id", "logits", "label", "prompt_tokens", "cached_tokens"} on a sequence classifier (every
+             line; "messages" through the chat template without a generation prompt: the conversation scored as it
              stands), or {"id", "error"} for a line refused.
 Rerank line: {"id", "query", "documents"} -> {"id", "scores" (one per document, in their order), "prompt_tokens",
              "cached_tokens"}: POST /v1/rerank's scores (engine.scoring: a cross-encoder's relevance of each pair,
@@ -27,7 +27,7 @@ SAMPLING_FIELDS = {
     "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "ignore_eos",
     "presence_penalty", "frequency_penalty", "repetition_penalty", "logprobs", "prompt_logprobs", "logit_bias",
     "min_tokens", "truncate_prompt_tokens", "stop_token_ids", "allowed_token_ids", "bad_words",
-    "include_stop_str_in_output", "skip_special_tokens",
+    "include_stop_str_in_output", "skip_special_tokens", "return_hidden_states",
 }
 LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
                                                            "embed", "chat_template_kwargs", "continue_final_message",
@@ -204,6 +204,8 @@ class LineJob:
                 record["logprobs"] = r.logprobs
             if r.prompt_logprobs is not None:
                 record["prompt_logprobs"] = r.prompt_logprobs
+            if r.hidden_states is not None:  # [tokens][hidden]
+                record["hidden_states"] = r.hidden_states.tolist()
             records.append(record)
         return records
 

@@ -51,6 +51,9 @@ class RequestOutput:
     embedding: np.ndarray | None = None  # SamplingParams.embed: [hidden] float32, L2-normalized (no text, no tokens)
     # ... and, on a sequence classifier (LlamaConfig.num_labels), its score head's logits [num_labels] float32
     classification: np.ndarray | None = None
+    # SamplingParams.return_hidden_states: [generated tokens (DELTA: this step's), hidden] float32, each the final
+    # hidden state the LM head read to sample its token
+    hidden_states: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -147,6 +150,7 @@ class OutputState:
             token_times_s=list(seq.token_times_s) if finished else None,
             embedding=seq.embedding,
             classification=seq.classification,
+            hidden_states=_stacked(seq.output_hidden[lo:], len(token_ids)) if seq.params.return_hidden_states else None,
         )
 
 
@@ -163,10 +167,17 @@ class OutputState:
 COMPACT_CHARS = 4096
 
 
+def _stacked(rows: list[np.ndarray], n: int) -> np.ndarray:
+    """[n, hidden]: the hidden states of an output's tokens (its first n rows: a stop string may end the text inside a
+    step's accepted drafts, whose tokens' rows came with them)."""
+    return np.stack(rows[:n]) if rows[:n] else np.zeros((0, rows[0].shape[-1] if rows else 0), np.float32)
+
+
 def truncate_output(seq: Sequence, n: int) -> None:
     """Keeps the first `n` output tokens: a stop string ended the output there, inside a run of accepted draft
     tokens. A sequence the run had already ended (a later stop token, the length limit) now ends by "stop"."""
     del seq.output_ids[n:], seq.output_logprobs[n:], seq.output_top_logprobs[n:], seq.token_times_s[n:]
+    del seq.output_hidden[n:]
     seq.ended_by_token = False
     if seq.status is Status.FINISHED:
         seq.finish_reason = "stop"

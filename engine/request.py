@@ -91,6 +91,10 @@ class SamplingParams:
     # back as RequestOutput.embedding and nothing is generated (max_tokens must be 1: the step's one sampled token is
     # dropped). Last-token pooling, as decoder embedding models (Qwen3-Embedding, e5-mistral) are trained.
     embed: bool = False
+    # SGLang's: each output token's final hidden state, the row (after the final norm) the LM head read to sample it,
+    # comes back as RequestOutput.hidden_states [tokens, hidden] float32 (probes, reward and value heads, steering).
+    # Steps with such a request copy their head rows to the host.
+    return_hidden_states: bool = False
     # Left truncation (vLLM's): keep only the prompt's last k tokens; -1: as many as fit before max_tokens.
     truncate_prompt_tokens: int | None = None
     # vLLM's: only these ids may be sampled (end tokens too: list them to let the output end before max_tokens)
@@ -113,6 +117,8 @@ class SamplingParams:
         object.__setattr__(self, "logit_bias", bias)
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
             raise RequestError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], got {self.min_tokens!r}")
+        if not isinstance(self.return_hidden_states, bool):
+            raise RequestError(f"return_hidden_states must be true or false, got {self.return_hidden_states!r}")
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -199,6 +205,7 @@ class Sequence:
     output_ids: list[int] = dataclasses.field(default_factory=list)
     output_logprobs: list[float] = dataclasses.field(default_factory=list)
     output_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+    output_hidden: list[np.ndarray] = dataclasses.field(default_factory=list)  # SamplingParams.return_hidden_states
     prompt_logprobs: list[float | None] = dataclasses.field(default_factory=list)  # [0] is None: nothing precedes it
     prompt_top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
     prompt_ranks: list[int | None] = dataclasses.field(default_factory=list)  # each prompt token's rank (1: top)

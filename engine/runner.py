@@ -634,7 +634,8 @@ class ModelRunner:
             self._mtp_rows.record(plan.chunks, head_rows)
         out = self.dispatch(step)
         return LaunchedStep(out, head_rows, time.perf_counter() - t0,
-                            want_hidden=any(c.sample and c.seq.params.embed for c in plan.chunks))
+                            want_hidden=any(c.sample and (c.seq.params.embed or c.seq.params.return_hidden_states)
+                                            for c in plan.chunks))
 
     def _kernels(self, num_tokens: int) -> tuple[bool | None, ...]:
         """The attention kernels a step in this token bucket may use (`decode_only`): one compiled step each."""
@@ -823,7 +824,8 @@ class LaunchedStep:
     outputs: tuple[jax.Array, ...]  # tokens, logprobs, top_ids, top_logprobs, normed head rows[, prompt logprobs ...]
     head_rows: list[list[int]]  # by chunk, the rows of its sampled tokens in position order (`ModelRunner.head_rows`)
     pack_s: float  # host time to pack and dispatch it
-    want_hidden: bool = False  # an embedding request ends its prompt in this step: fetch the normed rows too
+    # an embedding request ends its prompt in this step, or a request returns hidden states: fetch the normed rows too
+    want_hidden: bool = False
 
 
 @dataclasses.dataclass

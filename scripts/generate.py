@@ -15,10 +15,11 @@ Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_to
              {"type": "json_schema", "json_schema": {"schema": {...}}}), guided_json (a JSON schema),
              guided_regex, guided_choice (a list of strings) or guided_grammar (Lark); logprobs /
              prompt_logprobs (0..20) add the generated / prompt tokens' logprobs to the output line
-             (scoring texts: prompt_logprobs 0 and max_tokens 1); "embed": true asks for the prompt's embedding
-             instead (last-token pooling, unit length; no sampling fields).
+             (scoring texts: prompt_logprobs 0 and max_tokens 1); return_hidden_states (SGLang's) adds each
+             generated token's final hidden state ("hidden_states": [tokens][hidden]); "embed": true asks for the
+             prompt's embedding instead (last-token pooling, unit length; no sampling fields).
 Output line: {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"[, "logprobs"]
-             [, "prompt_logprobs" (the first is null)][, "reasoning_content" (messages lines, with
+             [, "prompt_logprobs" (the first is null)][, "hidden_states"][, "reasoning_content" (messages lines, with
              --set server.reasoning_parser=qwen3 | deepseek_r1: the thinking, "text" the answer)]},
              {"id", "embedding", "prompt_tokens", "cached_tokens"} for an embedding, or {"id", "error"} for a bad line;
              the job goes on. On a sequence classifier or reward model (an HF *ForSequenceClassification

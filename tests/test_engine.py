@@ -15,7 +15,7 @@ from engine.llm import LLM
 from engine.output import OutputKind, RequestOutput
 from engine.request import RequestError, SamplingParams
 from engine.runner import bucket_for
-from dense_reference import assert_argmax, dense_logits
+from dense_reference import assert_argmax, dense_logits, pad_rows
 from models import llama
 from models.config import LlamaConfig
 from models.loader import load_weights, resolve_path, tokenizer_source
@@ -322,20 +322,25 @@ def _outputs_by_kind(engine, prompts, params) -> dict[tuple[int, OutputKind], li
 def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]]) -> None:
     """The three kinds of one request agree: FINAL gives the final output only, and it is the others' last one; DELTA's
     outputs are CUMULATIVE's step by step, their lists and text only what each step added (prompt logprobs whole in
-    the first); in every output the last len(delta_token_ids) entries of the lists are that output's tokens.
-    (Logprobs to float32 rounding: the copies of a request sit in different rows of the batch.)"""
+    the first); in every output the last len(delta_token_ids) entries of the lists (and rows of hidden states) are
+    that output's tokens. (Logprobs and hidden states to float32 rounding: the copies of a request sit in different
+    rows of the batch.)"""
     def same(a, b):
         for field in ("logprobs", "top_logprobs", "prompt_logprobs", "prompt_top_logprobs", "prompt_ranks"):
             x, y = getattr(a, field), getattr(b, field)
             assert (x is None) == (y is None), field
             if x is not None:
                 assert np.allclose(_floats(x), _floats(y), rtol=1e-5, atol=1e-5, equal_nan=True) and _ints(x) == _ints(y), field
+        assert (a.hidden_states is None) == (b.hidden_states is None)
+        if a.hidden_states is not None:
+            np.testing.assert_allclose(a.hidden_states, b.hidden_states, rtol=1e-4, atol=1e-4)
         return True
 
     def timeless(out):
         return dataclasses.replace(out, request_id="", delta_text="", delta_token_ids=[], e2e_s=None, ttft_s=None,
                                    queue_s=None, token_times_s=None, cached_tokens=0, logprobs=None, top_logprobs=None,
-                                   prompt_logprobs=None, prompt_top_logprobs=None, prompt_ranks=None)
+                                   prompt_logprobs=None, prompt_top_logprobs=None, prompt_ranks=None,
+                                   hidden_states=None)
 
     for i in {i for i, _ in outs}:
         cumulative, delta, final = (outs[i, kind] for kind in OutputKind)
@@ -346,12 +351,14 @@ def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]])
             assert (d.delta_text, d.delta_token_ids, d.finished) == (c.delta_text, c.delta_token_ids, c.finished)
             k = len(c.delta_token_ids)
             tail = {f: dataclasses.replace(o, **{f: getattr(o, f)[len(getattr(o, f)) - k:] for f in
-                                                ("token_ids", "logprobs", "top_logprobs") if getattr(o, f) is not None})
+                                                ("token_ids", "logprobs", "top_logprobs", "hidden_states")
+                                                if getattr(o, f) is not None})
                     for f, o in (("c", c), ("d", d))}
             assert tail["c"].token_ids == tail["d"].token_ids
             if not d.finished:
                 assert (d.text, d.token_ids) == (d.delta_text, d.delta_token_ids)
                 assert d.logprobs is None or len(d.logprobs) == k
+                assert d.hidden_states is None or len(d.hidden_states) == k
                 if n:  # the prompt's logprobs come once, with the first output
                     c = dataclasses.replace(c, prompt_logprobs=c.prompt_logprobs and [],
                                             prompt_top_logprobs=c.prompt_top_logprobs and [],
@@ -361,6 +368,10 @@ def _check_output_kinds(outs: dict[tuple[int, OutputKind], list[RequestOutput]])
                                                 prompt_top_logprobs=c.prompt_top_logprobs, prompt_ranks=c.prompt_ranks))
         assert "".join(d.delta_text for d in delta) == final[0].text
         assert [t for d in delta for t in d.delta_token_ids] == final[0].token_ids
+        if final[0].hidden_states is not None:
+            streamed = [d.hidden_states for d in delta[:-1]] or [final[0].hidden_states[:0]]
+            np.testing.assert_allclose(np.concatenate(streamed), final[0].hidden_states[: sum(map(len, streamed))],
+                                       rtol=1e-4, atol=1e-4)
 
 
 def _floats(x) -> list[float]:
@@ -390,7 +401,8 @@ def test_output_kinds_agree(tiny, monkeypatch, compact):
     free = tiny.generate(prompts[1:2], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0].text
     stop = next(free[k:k + 3] for k in range(6, 17) if free[k:k + 3].strip())
     params = [SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, prompt_logprobs=1),
-              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2, stop=(stop,)),
+              SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, logprobs=2, stop=(stop,),
+                             return_hidden_states=True),
               SamplingParams(temperature=0.9, seed=3, max_tokens=20, min_tokens=4, logprobs=0)]
     outs = _outputs_by_kind(engine, prompts, params)
     _check_output_kinds(outs)
@@ -669,9 +681,11 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_
     """N-gram speculative decoding yields several tokens per step but the same tokens as plain decoding, greedy
     and seeded sampling alike, with a pool small enough to preempt; logprobs of accepted tokens are their rows'.
     Draft trees too (`ngram_branches`), where a branch other than the first is sometimes the one kept, and suffix
-    decoding's trees (drafts from other requests' outputs too)."""
+    decoding's trees (drafts from other requests' outputs too). Every other request returns its tokens' hidden
+    states: the rows that sampled them however they were drafted, the reference forward's (teacher-forced)."""
     prompts = _prompts(tokenizer, random.Random(1))
-    params = _repetitive_params(random.Random(2), tokenizer, len(prompts))
+    params = [dataclasses.replace(p, return_hidden_states=i % 2 == 0)
+              for i, p in enumerate(_repetitive_params(random.Random(2), tokenizer, len(prompts)))]
     runs, steps = {}, {}
     for name, overrides in {
         "plain": {"cache.num_pages": 64},
@@ -692,6 +706,19 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_
             assert (a.token_ids, a.text, a.finish_reason, a.stop_reason) == (b.token_ids, b.text, b.finish_reason,
                                                                              b.stop_reason)
             assert a.logprobs == pytest.approx(b.logprobs, rel=1e-5, abs=1e-5) if a.logprobs else b.logprobs is None
+            assert (a.hidden_states is None) == (b.hidden_states is None)
+            if a.hidden_states is not None:
+                np.testing.assert_allclose(b.hidden_states, a.hidden_states, rtol=1e-4, atol=1e-4)
+    cfg, weights, _ = tiny_model
+    final = jax.jit(lambda ids: llama.final_hidden(weights, cfg, llama.decoder_dense(weights, cfg, ids)))
+    for (prompt, _), sp, out in zip(prompts, params, runs["plain"]):
+        if sp.return_hidden_states:
+            assert out.hidden_states.shape == (len(out.token_ids), cfg.hidden_size)
+            ids = prompt + out.token_ids[:-1]
+            want = np.asarray(final(pad_rows(jnp.asarray(ids, jnp.int32))))[len(prompt) - 1 : len(ids)]
+            np.testing.assert_allclose(out.hidden_states, want, rtol=1e-4, atol=1e-4)
+        else:
+            assert out.hidden_states is None
     for name in ("ngram", "tree", "suffix"):
         s = steps[name]
         assert s["num_preemptions"] > 0 and 0 < s["spec_accepted_tokens"] < s["spec_draft_tokens"]

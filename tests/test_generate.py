@@ -68,8 +68,9 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
             elif i % 50 == 47:  # an embedding with a sampling field
                 f.write(json.dumps({"id": rid, "prompt": "x", "embed": True, "temperature": 0.5}) + "\n")
                 bad.add(rid)
-            elif i % 50 in (9, 27):  # structured outputs; scoring (prompt logprobs)
-                constraint = {"guided_choice": ["yes", "no"]} if i % 50 == 9 else {"prompt_logprobs": 0}
+            elif i % 50 in (9, 27, 29):  # structured outputs; scoring (prompt logprobs); hidden states
+                constraint = {9: {"guided_choice": ["yes", "no"]}, 27: {"prompt_logprobs": 0},
+                              29: {"return_hidden_states": True}}[i % 50]
                 f.write(json.dumps({"id": rid, "prompt": f"Item {i}: yes or no?", "max_tokens": 4, **constraint}) + "\n")
                 good.add(rid)
             elif i % 2:
@@ -134,8 +135,11 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
     scored = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 27]
     assert scored and all(r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["prompt_tokens"]
                           and all(x < 0 for x in r["prompt_logprobs"][1:]) for r in scored)
+    probed = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 29]
+    assert probed and all(len(r["hidden_states"]) == len(r["token_ids"])
+                          and {len(h) for h in r["hidden_states"]} == {64} for r in probed)
     assert sum(1 for r in lines if r["id"] is None) == 20  # the unreadable lines, each once
-    sample = next(r for r in lines if "text" in r and "prompt_logprobs" not in r)
+    sample = next(r for r in lines if "text" in r and "prompt_logprobs" not in r and "hidden_states" not in r)
     assert set(sample) == {"id", "text", "token_ids", "finish_reason", "prompt_tokens", "cached_tokens"}
     assert any(r.get("cached_tokens", 0) > 0 for r in lines)
 
@@ -179,6 +183,9 @@ def test_input_lines_take_structured_output_and_logprob_fields():
     assert vllm.include_stop_str_in_output and not vllm.skip_special_tokens
     with pytest.raises(RequestError, match="allowed_token_ids must be a list of token ids"):
         generate.sampling_params({"prompt": "x", "allowed_token_ids": ["a"]})
+    assert generate.sampling_params({"prompt": "x", "return_hidden_states": True}).return_hidden_states
+    with pytest.raises(RequestError, match="return_hidden_states must be true or false"):
+        generate.sampling_params({"prompt": "x", "return_hidden_states": 1})
 
 
 def test_reasoning_parser_adds_reasoning_content_to_message_lines(tiny_checkpoint, tmp_path):

@@ -66,7 +66,7 @@ class ChoiceFormatter:
         choice = self._choice(index, out)
         if self.prompt_logprobs is not None and self.kind == "text":
             choice["prompt_logprobs"] = self._prompt_logprobs(index, out)
-        return choice
+        return _with_hidden(choice, out, len(out.token_ids))
 
     def _choice(self, index: int, out: RequestOutput) -> dict:
         if self.echo is not None:
@@ -172,14 +172,15 @@ class ChoiceFormatter:
 
     def delta(self, index: int, out: RequestOutput) -> dict | None:
         """The stream choice for one step's output; None when it carries nothing to show."""
-        if self.echo is not None and index not in self._echoed:
-            return self._echo_delta(index, out)
         new_tokens = len(out.delta_token_ids)
+        if self.echo is not None and index not in self._echoed:
+            return _with_hidden(self._echo_delta(index, out), out, new_tokens)
         if self.kind == "chat":
             fields, finish = self._chat_delta(index, out)
         else:
             fields, finish = {"text": out.delta_text}, out.finish_reason
-        if not (any(fields.values()) or out.finished or (self.logprobs and new_tokens)):
+        per_token = self.logprobs or out.hidden_states is not None  # (a chunk for each token's entries)
+        if not (any(fields.values()) or out.finished or (per_token and new_tokens)):
             return None
         lp = self._logprobs(index, out, len(out.token_ids) - new_tokens) if self.logprobs else None
         body = {"delta": fields} if self.kind == "chat" else fields
@@ -188,7 +189,7 @@ class ChoiceFormatter:
             choice["stop_reason"] = out.stop_reason
         first = index not in self._offsets  # every chunk sent sets its choice's offset
         self._offsets[index] = self._offsets.get(index, 0) + len(out.delta_text)
-        return self._with_ids(choice, index, out.delta_token_ids, first)
+        return _with_hidden(self._with_ids(choice, index, out.delta_token_ids, first), out, new_tokens)
 
     def _chat_delta(self, index: int, out: RequestOutput) -> tuple[dict, str | None]:
         """A chat step's delta fields and finish reason: the thinking apart with a reasoning parser (each part's
@@ -244,3 +245,10 @@ class ChoiceFormatter:
             "top_logprobs": [{self.token_text(t): tlp for t, tlp in top} for top in tops] if out.top_logprobs else None,
             "text_offset": offsets,
         }
+
+
+def _with_hidden(choice: dict, out: RequestOutput, num_tokens: int) -> dict:
+    """return_hidden_states: the choice (chunk) carries the final hidden states of its last num_tokens tokens."""
+    if out.hidden_states is not None:
+        choice["hidden_states"] = out.hidden_states[len(out.hidden_states) - num_tokens :].tolist()
+    return choice

@@ -81,6 +81,8 @@ class _SamplingFields(_Body):
                           "(vLLM's: completions in each choice, chat on the response); not with stream")
     return_token_ids: bool = Field(False, description="choices carry their generated token ids, and the response "
                                                       "(completions: each choice) the prompt's (vLLM's)")
+    return_hidden_states: bool = Field(False, description="choices (stream chunks) carry each generated token's final "
+                                                          "hidden state, [tokens][hidden] (SGLang's)")
     # Structured outputs (one at most): OpenAI's response_format, or vLLM's guided_* fields.
     response_format: dict[str, Any] | None = Field(
         None, description='{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}')

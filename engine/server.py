@@ -155,6 +155,7 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
             logit_bias=body.logit_bias, min_tokens=body.min_tokens, bad_words=tuple(body.bad_words or ()),
             allowed_token_ids=None if body.allowed_token_ids is None else tuple(body.allowed_token_ids),
             include_stop_str_in_output=body.include_stop_str_in_output, skip_special_tokens=body.skip_special_tokens and not keep_special,
+            return_hidden_states=body.return_hidden_states,
         )
         fields = with_defaults(fields, sampling_defaults)
         try:

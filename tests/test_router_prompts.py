@@ -136,6 +136,32 @@ def test_prompt_format_answers_are_checked():
         with pytest.raises(ValueError, match=error):
             PromptFormat.from_json(bad)
     assert PromptFormat(16).differences(PromptFormat(32, "{{ x }}")) == ["page_size", "chat_template"]
+    embeds = PromptFormat(16, embeds=("bfloat16", 1000))
+    assert PromptFormat.from_json(json.loads(json.dumps(embeds.as_json()))) == embeds
+    with pytest.raises(ValueError, match="embeds"):
+        PromptFormat.from_json({**embeds.as_json(), "embeds": ["bfloat16"]})
+
+
+def test_the_router_hashes_prompt_embeddings_as_the_replica_keys_them(tiny_checkpoint, tokenizer):  # noqa: F811
+    """A completion's prompt given as embeddings: the router decodes its rows and keys them as the replica does (cast
+    to the replica's dtype, bfloat16 here, and chained), so its pages are the replica's own."""
+    import base64
+    import io
+
+    import numpy as np
+
+    config = EngineConfig().replace(**BASE, **{"model.path": tiny_checkpoint, "model.enable_prompt_embeds": True,
+                                               "model.dtype": "bfloat16"})
+    engine = LLMEngine(config, progress=False)
+    rng = fresh.rng()
+    rows = engine.token_embeddings(tokenizer.encode(_words(rng, 30))).astype(np.float32)
+    rows += rng.standard_normal(rows.shape).astype(np.float32) * 0.01
+    npy = io.BytesIO()
+    np.save(npy, rows)
+    body = {"model": "m", "prompt_embeds": [base64.b64encode(npy.getvalue()).decode()], "max_tokens": 2}
+    with TestClient(create_app(AsyncEngine(engine), config)) as client:
+        assert client.get("/v1/prompt_format").json()["embeds"] == ["bfloat16", engine.model_cfg.vocab_size]
+        assert _check_hashes_cached(client, tokenizer, "/v1/completions", body) == len(rows) // PAGE
 
 
 def test_the_example_tool_template_lists_the_tools_after_the_system_prompt(tokenizer):

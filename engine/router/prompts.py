@@ -21,6 +21,8 @@ import dataclasses
 import hashlib
 from typing import Any
 
+import ml_dtypes
+
 from engine import multimodal
 from engine.block_hash import cache_namespace, page_hashes
 from engine.router.policy import RouteRequest
@@ -49,9 +51,13 @@ class PromptFormat:
     reasoning: bool = False  # server.reasoning_parser is set
     probe: tuple[int, ...] = ()  # its tokenizer's ids of PROBE_TEXT
     image_placeholder: int | None = None  # the token an image part renders as (a model that takes images)
+    # A replica that takes prompt embeddings (model.enable_prompt_embeds): (its model's dtype, its vocabulary size),
+    # what it keys a prompt's rows by (engine.prompt_embeds.row_ids)
+    embeds: tuple[str, int] | None = None
 
     def as_json(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "probe": list(self.probe)}
+        return {**dataclasses.asdict(self), "probe": list(self.probe),
+                "embeds": list(self.embeds) if self.embeds is not None else None}
 
     @classmethod
     def from_json(cls, data: Any) -> PromptFormat:
@@ -63,13 +69,16 @@ class PromptFormat:
                   "score_template": lambda v: v is None or isinstance(v, str),
                   "cross_encoder": lambda v: isinstance(v, bool), "reasoning": lambda v: isinstance(v, bool),
                   "probe": lambda v: isinstance(v, list) and all(isinstance(t, int) for t in v),
-                  "image_placeholder": lambda v: v is None or isinstance(v, int) and not isinstance(v, bool)}
+                  "image_placeholder": lambda v: v is None or isinstance(v, int) and not isinstance(v, bool),
+                  "embeds": lambda v: v is None or (isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+                                                    and isinstance(v[1], int) and not isinstance(v[1], bool))}
         for key, ok in checks.items():
             if key in data and not ok(data[key]):
                 raise ValueError(f"{key}: unexpected value {data[key]!r}")
         if "page_size" not in data:
             raise ValueError("page_size is missing")
-        return cls(**{k: tuple(v) if k == "probe" else v for k, v in data.items() if k in checks})
+        return cls(**{k: tuple(v) if k in ("probe", "embeds") and v is not None else v for k, v in data.items()
+                      if k in checks})
 
     def differences(self, other: PromptFormat) -> list[str]:
         """The fields in which `other` prompts differently."""
@@ -124,6 +133,8 @@ class RequestTokens:
         return ids, len(ids)
 
     def _text_tokens(self, body: dict, kind: str) -> list[int]:
+        if "prompt_embeds" in body and self.format is not None and self.format.embeds is not None:
+            return self._embeds_tokens(body["prompt_embeds"])
         first = next(body[k] for k in ("prompt", "input", "text_1", "query") if k in body)
         if isinstance(first, list) and first and isinstance(first[0], (list, str)):
             first = first[0]  # a batch of prompts: routed by the first
@@ -132,6 +143,15 @@ class RequestTokens:
             second = second[0] if isinstance(second, list) else second
             return self.pair_format.prompt(first, second)  # the query's pair with the first document
         return self.tokenizer.encode(first) if isinstance(first, str) else [int(t) for t in first]
+
+    def _embeds_tokens(self, payloads: str | list[str]) -> list[int]:
+        """The ids a replica keys a completion's (first) prompt given as embeddings by: its rows decoded, cast to the
+        replica's dtype and hashed as the replica does (engine.prompt_embeds)."""
+        from engine import prompt_embeds
+
+        dtype, vocab_size = self.format.embeds
+        rows = prompt_embeds.decode(payloads if isinstance(payloads, str) else payloads[0])
+        return prompt_embeds.row_ids(rows.astype(getattr(ml_dtypes, dtype, dtype)), vocab_size)[0]
 
     def _chat_request(self, body: dict, kind: str):
         """The ChatCompletionRequest a chat, Responses or Anthropic Messages body runs as on the replica (a Responses

@@ -256,6 +256,10 @@ class Coordinator:
                       **{k: body[k] for k in ("chat_template_kwargs", "continue_final_message", "cache_salt")
                          if k in body}}
             return body_route(fields, "chat", self.tokens, self.page_size, adapters)
+        if "prompt_embeds" in body:  # (its rows are read where it runs: routed by load)
+            from engine.router.policy import RouteRequest
+
+            return RouteRequest((), 0)
         text = "prompt" if "prompt" in body else "query"  # (a rerank line: by its query)
         fields = {text: body[text], "cache_salt": body.get("cache_salt"), "model": body.get("adapter")}
         return body_route(fields, "text", self.tokens, self.page_size, adapters)

@@ -2,7 +2,8 @@
 output line. `LineJob` feeds lines to one engine as its batch drains; the job runs one, or one per replica
 (engine.data_parallel).
 
-Input line:  {"id", "prompt"} or {"id", "messages"} (content: a string, or text and image parts) and optional
+Input line:  {"id", "prompt"}, {"id", "messages"} (content: a string, or text and image parts) or {"id",
+             "prompt_embeds"} (a .npy or safetensors file of [tokens, hidden] rows, or one base64-encoded) and optional
              request fields (LINE_FIELDS; scripts/generate.py lists them). Output line: {"id", "text", "token_ids",
              "finish_reason", "prompt_tokens", "cached_tokens" [, "logprobs"][, "prompt_logprobs"][,
              "hidden_states"][, "reasoning_content"]}, {"id", "embedding", "prompt_tokens", "cached_tokens"} for an
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from engine import scoring, structured
+from engine import prompt_embeds, scoring, structured
 from engine.output import OutputKind
 from engine.reasoning import keeps_special_tokens, split as split_reasoning
 from engine.request import RequestError, SamplingParams, with_defaults
@@ -29,7 +30,8 @@ SAMPLING_FIELDS = {
     "min_tokens", "truncate_prompt_tokens", "stop_token_ids", "allowed_token_ids", "bad_words",
     "include_stop_str_in_output", "skip_special_tokens", "return_hidden_states",
 }
-LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "cache_salt", "priority", "adapter",
+LINE_FIELDS = SAMPLING_FIELDS | set(structured.FIELDS) | {"id", "prompt", "messages", "prompt_embeds", "cache_salt",
+                                                           "priority", "adapter",
                                                            "embed", "chat_template_kwargs", "continue_final_message",
                                                            "query", "documents"}
 RERANK_FIELDS = {"id", "query", "documents", "cache_salt", "priority", "adapter"}  # what a rerank line may carry
@@ -59,8 +61,11 @@ def parse_line(line: str, number: int) -> tuple[str | None, dict | None, str | N
                 and obj["documents"] and all(isinstance(d, str) and d for d in obj["documents"])):
             return rid, None, "a rerank line needs 'query', a non-empty string, and 'documents', a non-empty list of them"
         return rid, obj, None
-    if ("prompt" in obj) == ("messages" in obj):
-        return rid, None, "exactly one of 'prompt' (text), 'messages' (chat) or 'query' (rerank) is required"
+    if sum(k in obj for k in ("prompt", "messages", "prompt_embeds")) != 1:
+        return rid, None, ("exactly one of 'prompt' (text), 'messages' (chat), 'prompt_embeds' (rows: a .npy or "
+                           "safetensors file, or one base64-encoded) or 'query' (rerank) is required")
+    if "prompt_embeds" in obj and not (isinstance(obj["prompt_embeds"], str) and obj["prompt_embeds"]):
+        return rid, None, "'prompt_embeds' must be a file path or a base64 payload"
     if "prompt" in obj and not isinstance(obj["prompt"], str):
         return rid, None, "'prompt' must be a string"
     if "messages" in obj and not (
@@ -134,9 +139,13 @@ class LineJob:
         classifier = getattr(engine, "score_head", None) is not None  # every line classified: a reward model's job
         try:
             chat = {"add_generation_prompt": False} if classifier else {}  # the conversation as it stands, scored
-            prompt, images = (engine.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}), **chat,
-                                                 continue_final_message=obj.get("continue_final_message", False))
-                              if "messages" in obj else (obj["prompt"], []))
+            if "messages" in obj:
+                prompt, images = engine.encode_chat(obj["messages"], **obj.get("chat_template_kwargs", {}), **chat,
+                                                    continue_final_message=obj.get("continue_final_message", False))
+            elif "prompt_embeds" in obj:  # (model.enable_prompt_embeds)
+                prompt, images = {"prompt_embeds": prompt_embeds.read(obj["prompt_embeds"])}, []
+            else:
+                prompt, images = obj["prompt"], []
             params = (classify_params(obj) if classifier
                       else sampling_params(obj, getattr(engine, "sampling_defaults", None)))
             if "messages" in obj and keeps_special_tokens(self.reasoning_parser, engine.tokenizer.special_texts):

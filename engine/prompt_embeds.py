@@ -20,6 +20,7 @@ import base64
 import binascii
 import hashlib
 import io
+import os
 
 import ml_dtypes
 import numpy as np
@@ -77,6 +78,23 @@ def decode(payload: str) -> np.ndarray:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise RequestError("prompt_embeds: not valid base64") from None
+    return parse(data)
+
+
+def read(source: str) -> np.ndarray:
+    """The offline job's `prompt_embeds` (its lines are trusted with local files): a .npy or safetensors file's path,
+    else a base64 payload as `decode` reads it."""
+    if os.path.isfile(source):
+        try:
+            with open(source, "rb") as f:
+                return parse(f.read())
+        except OSError as e:
+            raise RequestError(f"prompt_embeds: cannot read {source} ({e.strerror})") from None
+    return decode(source)
+
+
+def parse(data: bytes) -> np.ndarray:
+    """The array of a .npy file or a safetensors file of one tensor (no pickled objects)."""
     if data.startswith(b"\x93NUMPY"):
         try:
             return np.load(io.BytesIO(data), allow_pickle=False)

@@ -4,7 +4,9 @@
     python scripts/generate.py --config configs/smollm2-135m.yaml --input in.jsonl --output out.jsonl \
         [--set cache.num_pages=512 ...] [--print]
 
-Input line:  {"id", "prompt"} or {"id", "messages"}, optional max_tokens, min_tokens, temperature, top_p, top_k,
+Input line:  {"id", "prompt"}, {"id", "messages"} or {"id", "prompt_embeds"} (with model.enable_prompt_embeds: a
+             .npy or safetensors file of [tokens, hidden] rows, or one base64-encoded), optional max_tokens,
+             min_tokens, temperature, top_p, top_k,
              min_p, seed, stop, ignore_eos, presence_penalty, frequency_penalty, repetition_penalty, logit_bias
              ({"token id": bias}), truncate_prompt_tokens (keep the prompt's last k tokens; -1: as many as fit),
              stop_token_ids, allowed_token_ids, bad_words, include_stop_str_in_output, skip_special_tokens (vLLM's),

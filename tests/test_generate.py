@@ -10,6 +10,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 import pytest
 
 from models import llama
@@ -62,6 +63,13 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
                         if i % 100 == 3 else {"prompt": "x", "chat_template_kwargs": {}})
                 f.write(json.dumps({"id": rid, "max_tokens": 2, **line}) + "\n")
                 (good if i % 100 == 3 else bad).add(rid)
+            elif i % 50 in (31, 35, 37):  # prompts given as embeddings (a file); a width not the model's; and a prompt
+                rows = np.random.default_rng(i).standard_normal((5 + i % 7, 64 if i % 50 == 31 else 63), np.float32)
+                np.save(path.parent / f"rows{i}.npy", rows)
+                extra = {"prompt": "x"} if i % 50 == 37 else {}
+                f.write(json.dumps({"id": rid, "prompt_embeds": str(path.parent / f"rows{i}.npy"), "max_tokens": 2,
+                                    **extra}) + "\n")
+                (good if i % 50 == 31 else bad).add(rid)
             elif i % 50 == 45:  # an embedding
                 f.write(json.dumps({"id": rid, "prompt": f"Shared system prompt for everyone. Item {i}", "embed": True}) + "\n")
                 good.add(rid)
@@ -87,6 +95,7 @@ def _input_file(path, n: int) -> tuple[set[str], set[str]]:
 def _cmd(ckpt, inp, out):
     return [sys.executable, "scripts/generate.py", "--config", "configs/smollm2-135m.yaml", "--input", str(inp),
             "--output", str(out), "--set", f"model.path={ckpt}", "scheduler.max_batch_tokens=256",
+            "model.enable_prompt_embeds=true",
             "scheduler.max_running=32", "cache.num_pages=256", "model.max_model_len=256",
             "warmup=false"]  # (each job is a fresh process: warm-up would compile every bucket, used or not)
 
@@ -135,6 +144,9 @@ def test_thousand_requests_killed_halfway_then_resumed(tiny_checkpoint, tmp_path
     scored = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 27]
     assert scored and all(r["prompt_logprobs"][0] is None and len(r["prompt_logprobs"]) == r["prompt_tokens"]
                           and all(x < 0 for x in r["prompt_logprobs"][1:]) for r in scored)
+    given = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 31]
+    assert given and all(r["prompt_tokens"] == 5 + int(r["id"][1:]) % 7 and len(r["token_ids"]) == 2 for r in given)
+    assert "must be [num_tokens, 64]" in errors["r35"] and "exactly one of 'prompt'" in errors["r37"]
     probed = [by_id[f"r{i}"] for i in range(1000) if i % 50 == 29]
     assert probed and all(len(r["hidden_states"]) == len(r["token_ids"])
                           and {len(h) for h in r["hidden_states"]} == {64} for r in probed)

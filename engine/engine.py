@@ -379,7 +379,8 @@ class LLMEngine:
         output_kind: OutputKind = OutputKind.CUMULATIVE,
         images: Seq | None = None,
     ) -> str:
-        """Queues a request (text, token ids, or {"prompt_embeds": [tokens, hidden] array} with
+        """Queues a request (text, token ids, or vLLM's prompt dicts: {"prompt": text} or {"prompt_token_ids": ids},
+        each with optional {"multi_modal_data": {"image": ...}}, or {"prompt_embeds": [tokens, hidden] array} with
         model.enable_prompt_embeds); raises RequestError naming what is wrong. `priority` (lower runs
         first) needs scheduler.policy "priority"; `adapter` names one of lora.adapters (None: the base model).
         `output_kind` (engine.output.OutputKind): one output per step with everything so far (CUMULATIVE), with what
@@ -400,7 +401,9 @@ class LLMEngine:
             raise RequestError(f"this model is a sequence classifier ({self.score_head.num_labels} labels): it scores "
                                "prompts (LLM.classify, POST /classify) and embeds them; it generates nothing")
         spans = []
-        if isinstance(prompt, Mapping):  # {"prompt_embeds": [tokens, hidden]} (vLLM's EmbedsPrompt)
+        if isinstance(prompt, Mapping):  # vLLM's prompt dicts
+            prompt, images = _unpacked_prompt(prompt, images)
+        if isinstance(prompt, Mapping):
             if images:
                 raise RequestError("a prompt given as embeddings takes no images")
             prompt_ids, spans = self.embeds_prompt(prompt, params)
@@ -456,8 +459,6 @@ class LLMEngine:
         if not self.config.model.enable_prompt_embeds:
             raise RequestError("prompt_embeds: this engine takes no prompt embeddings (set "
                                "model.enable_prompt_embeds: true)")
-        if set(prompt) != {"prompt_embeds"}:
-            raise RequestError(f"a prompt given as a mapping holds one key, prompt_embeds; got {sorted(prompt)}")
         if params.prompt_logprobs is not None:
             raise RequestError("prompt_logprobs is not available for a prompt given as embeddings (it has no tokens)")
         rows = prompt_embeds.rows_of(prompt["prompt_embeds"], self.model_cfg.hidden_size, self.dtype)
@@ -916,3 +917,29 @@ class LLMEngine:
 
 class EngineAsleep(RequestError):
     """A request sent while the engine sleeps (LLMEngine.sleep)."""
+
+
+PROMPT_KEYS = ("prompt", "prompt_token_ids", "prompt_embeds")  # vLLM's TextPrompt, TokensPrompt, EmbedsPrompt
+
+
+def _unpacked_prompt(prompt: Mapping, images: Seq | None) -> tuple[str | list[int] | Mapping, Seq | None]:
+    """A prompt given as vLLM's prompt dict -> (its text, ids or {"prompt_embeds": rows}, its images): one of
+    PROMPT_KEYS, and with text or ids optionally multi_modal_data {"image": one or a list} (in the order of the
+    prompt's placeholders, as `images`)."""
+    kinds = [k for k in PROMPT_KEYS if k in prompt]
+    other = sorted(set(prompt) - {*PROMPT_KEYS, "multi_modal_data"})
+    if len(kinds) != 1 or other:
+        raise RequestError(f"a prompt given as a mapping holds one of {', '.join(PROMPT_KEYS)} (vLLM's TextPrompt, "
+                           f"TokensPrompt, EmbedsPrompt) and optionally multi_modal_data; got {sorted(prompt)}")
+    media = prompt.get("multi_modal_data")
+    if media is None:
+        return (prompt if kinds[0] == "prompt_embeds" else prompt[kinds[0]]), images
+    if kinds[0] == "prompt_embeds":
+        raise RequestError("a prompt given as embeddings takes no images (multi_modal_data)")
+    if images:
+        raise RequestError("images given twice: in multi_modal_data and as images")
+    if not isinstance(media, Mapping) or set(media) != {"image"}:
+        raise RequestError(f"multi_modal_data holds images only, {{'image': an image or a list of them}}; got "
+                           f"{sorted(media) if isinstance(media, Mapping) else type(media).__name__}")
+    image = media["image"]
+    return prompt[kinds[0]], list(image) if isinstance(image, (list, tuple)) else [image]

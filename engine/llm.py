@@ -76,10 +76,11 @@ class LLM:
         adapter: str | None = None,
         images: Seq[Seq] | None = None,
     ) -> list[Completion]:
-        """Runs every prompt (text, token ids, or {"prompt_embeds": [tokens, hidden] array}: rows the model reads in
-        place of its token embeddings, with model.enable_prompt_embeds) through the continuous batch; results in
-        input order. `adapter`: one of the config's lora.adapters (None: the base model). `images` (a model that
-        takes images): per prompt, its images in the order of its placeholder tokens (`LLMEngine.add_request`)."""
+        """Runs every prompt (text, token ids, or vLLM's prompt dicts: {"prompt": text, "multi_modal_data": {"image":
+        ...}}, {"prompt_token_ids": ids}, {"prompt_embeds": [tokens, hidden] array}: rows the model reads in place of
+        its token embeddings, with model.enable_prompt_embeds) through the continuous batch; results in input order.
+        `adapter`: one of the config's lora.adapters (None: the base model). `images` (a model that takes images):
+        per prompt, its images in the order of its placeholder tokens (`LLMEngine.add_request`)."""
         prompts = _prompt_list(prompts)
         params_list = _params_list(params, len(prompts), self.default_sampling_params())
         images = list(images) if images is not None else [None] * len(prompts)

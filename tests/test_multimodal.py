@@ -140,6 +140,10 @@ def test_greedy_tokens_with_images_are_transformers_argmax_whole_chunked_and_cac
     again = chunked.generate([p for p, _ in prompts], greedy, images=[im for _, im in prompts])
     assert [o.token_ids for o in again] == [o.token_ids for o in outs]
     assert chunked.engine.runner.images.num_encoded == 3
+    # vLLM's prompt dicts: multi_modal_data's images (one, or a list) in place of `images`
+    dicts = chunked.generate([{"prompt_token_ids": p, "multi_modal_data": {"image": im if len(im) > 1 else im[0]}}
+                              for p, im in prompts], greedy)
+    assert [o.token_ids for o in dicts] == [o.token_ids for o in outs]
 
     # n-gram speculation (its drafts stop where they would copy an image's ids) and penalties (they count text ids
     # only): the same greedy tokens, and sampled ones from the vocabulary

@@ -139,7 +139,11 @@ def test_bad_prompt_embeddings_are_refused_and_the_engine_serves_on(llm, scaled_
     engine = llm.engine
     for prompt, params, words in [
             ({"prompt_embeds": rows[:, :32]}, greedy, "must be"),
-            ({"prompt_embeds": rows, "prompt": "x"}, greedy, "holds one key"),
+            ({"prompt_embeds": rows, "prompt": "x"}, greedy, "holds one of prompt, prompt_token_ids, prompt_embeds"),
+            ({"prompt_embeds": rows, "multi_modal_data": {"image": "x.png"}}, greedy, r"no images \(multi_modal"),
+            ({"prompt": "x", "multi_modal_data": {"image": "x.png"}}, greedy, "this model takes no images"),
+            ({"prompt": "x", "multi_modal_data": {"video": "x.mp4"}}, greedy, "holds images only"),
+            ({"prompt_tokens": [1, 2]}, greedy, "holds one of"),
             ({"prompt_embeds": np.full_like(rows, np.nan)}, greedy, "not finite"),
             ({"prompt_embeds": np.zeros((300, 64), np.float32)}, greedy, "the context allows at most"),
             ({"prompt_embeds": rows}, SamplingParams(max_tokens=4, prompt_logprobs=1), "prompt_logprobs")]:
@@ -148,7 +152,12 @@ def test_bad_prompt_embeddings_are_refused_and_the_engine_serves_on(llm, scaled_
     with pytest.raises(RequestError, match="takes no images"):
         engine.add_request({"prompt_embeds": rows}, greedy, images=["x.png"])
     [ok] = llm.generate({"prompt_embeds": rows}, greedy)
-    assert ok.token_ids == llm.generate(["a short prompt"], greedy)[0].token_ids
+    want = llm.generate(["a short prompt"], greedy)[0].token_ids
+    assert ok.token_ids == want
+    # vLLM's other prompt dicts: TextPrompt, TokensPrompt
+    assert [c.token_ids for c in llm.generate([{"prompt": "a short prompt"},
+                                               {"prompt_token_ids": tokenizer.encode("a short prompt")}], greedy)] == \
+        [want, want]
     plain = LLM(EngineConfig().replace(**{**OPTIONS, "model.enable_prompt_embeds": False}), progress=False,
                 model=scaled_model)
     with pytest.raises(RequestError, match="set model.enable_prompt_embeds: true"):

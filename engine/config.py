@@ -75,6 +75,11 @@ class ModelSpec:
     # repetition_penalty; a GGUF's general.sampling.*) fills what a request leaves out (vLLM's --generation-config);
     # "none": SamplingParams' own defaults (temperature 1, no top-k/top-p).
     generation_config: Literal["auto", "none"] = "auto"
+    # What a request's logprobs (and top logprobs) are of (vLLM's --logprobs-mode; engine/sampler.py): the model's raw
+    # distribution, or the one each token was sampled from (after biases, penalties, temperature and top-k / top-p /
+    # min-p: what RL trainers' importance ratios need); "*_logits" report the values before the log-softmax.
+    # Prompt logprobs are always the raw distribution's.
+    logprobs_mode: Literal["raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits"] = "raw_logprobs"
     # A model that takes images: keys of its image processor's config (preprocessor_config.json) replaced at load
     # (vLLM's --mm-processor-kwargs). Qwen-VL's: min_pixels / max_pixels bound an image's positions (one per
     # 28 x 28 pixels; Qwen3-VL, Qwen3.5: 32 x 32), e.g. {max_pixels: 1003520} for at most 1,280 an image.

@@ -241,6 +241,9 @@ class LLM:
         top 2 x beam_width logprobs), in one continuous batch; the beams' shared history comes from the prefix cache
         (each step recomputes at most the tail after the last full page). A beam ends at an end token (kept in its
         tokens, not in its text) or at max_tokens."""
+        mode = self.engine.config.model.logprobs_mode
+        if mode.endswith("logits"):
+            raise RequestError(f"beam search ranks by logprobs; model.logprobs_mode is {mode}")
         if not 1 <= beam_width <= MAX_TOP_LOGPROBS // 2:
             raise RequestError(f"beam_width must be in [1, {MAX_TOP_LOGPROBS // 2}], got {beam_width}")
         prompts = [self.tokenizer.encode(p) if isinstance(p, str) else [int(t) for t in p] for p in _prompt_list(prompts)]

@@ -160,6 +160,7 @@ class StepStatics:
     # (eagle3); its weights are draft_params
     mtp: Any = None
     topk: int = 1  # a drafter's tree (speculative.topk > 1; engine.draft_trees): the paths each round keeps
+    logprobs_mode: str = "raw_logprobs"  # model.logprobs_mode: what the head's logprobs are of (engine.sampler.sample)
 
 
 def _forward_impl(st: StepStatics, params, kv_caches, inputs: llama.ModelInputs, prev_tokens, lora, draft_params,
@@ -270,7 +271,8 @@ def _head_impl(st: StepStatics, params, hidden, s_in, *, num_rows, use_penalties
     s_in = unpacked(s_in)
     logits = llama.compute_logits(params, st.cfg, hidden[:num_rows])
     out = sampler.sample(logits, s_in, use_penalties=use_penalties, use_filters=use_filters,
-                         num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask)
+                         num_top_logprobs=num_top_logprobs, greedy_only=greedy_only, use_mask=use_mask,
+                         logprobs_mode=st.logprobs_mode)
     normed = llama.final_hidden(params, st.cfg, hidden[:num_rows])
     return *out, normed, jnp.zeros(st.max_rows, jnp.int32).at[:num_rows].set(out[0])
 
@@ -399,7 +401,7 @@ class ModelRunner:
         self._replicated = None if mesh is None else sharding.replicated(mesh)
         self.statics = StepStatics(model_cfg, self.draft_cfg, backend, mesh, self.layout, self.num_model_kv,
                                    self.max_seqs, self.page_size, config.speculative.num_tokens, self.max_rows, mtp,
-                                   config.speculative.topk if self.trees else 1)
+                                   config.speculative.topk if self.trees else 1, config.model.logprobs_mode)
         programs = step_programs(self.statics)
         self._forward = programs.forward
         # What the last launched step sampled; placed as the head's output is (replicated over a mesh), so the first

@@ -127,18 +127,25 @@ def _filter_mask(scaled: jax.Array, s: SamplingInputs, candidates: int = FILTER_
     return mask | ~filtered[:, None]
 
 
+LOGPROBS_MODES = ("raw_logprobs", "processed_logprobs", "raw_logits", "processed_logits")
+
+
 def sample(
     logits: jax.Array, s: SamplingInputs, *, use_penalties: bool, use_filters: bool, num_top_logprobs: int,
-    greedy_only: bool = False, use_mask: bool = False,
+    greedy_only: bool = False, use_mask: bool = False, logprobs_mode: str = "raw_logprobs",
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """logits [S, V] float32 -> (tokens [S] int32, logprobs [S], top_ids [S, K], top_logprobs [S, K]).
 
-    Returned logprobs are those of the model's raw distribution (before masks, penalties and temperature).
+    logprobs_mode (static; vLLM's): what the returned logprobs are of. "raw_logprobs": the model's distribution,
+    before masks, biases, penalties and temperature; "processed_logprobs": the distribution each row was sampled from,
+    after all of them and top-k / top-p / min-p (a greedy row: after masks, biases and penalties, at temperature 1),
+    what an RL trainer's importance ratios need; "raw_logits" / "processed_logits": the same values before the
+    log-softmax.
     greedy_only (static): every row has temperature 0, so no random draw is made at all.
     use_mask (static): `s.token_mask` allows only some tokens per row (structured outputs).
     """
     logits = jnp.asarray(logits)
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    raw = logits
     if use_mask:
         logits = jnp.where(allowed_tokens(s.token_mask, logits.shape[-1]), logits, -jnp.inf)
     if s.bias_ids is not None:
@@ -149,13 +156,24 @@ def sample(
         logits = jnp.where(s.seen, jnp.where(logits > 0, logits / rp, logits * rp), logits)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     if greedy_only:
-        return with_logprobs(greedy, raw_logprobs, num_top_logprobs)
+        return with_logprobs(greedy, _reported(raw, logits, logprobs_mode), num_top_logprobs)
     scaled = logits / jnp.maximum(s.temperature, 1e-6)[:, None]
     keys = jax.vmap(lambda seed, step: jax.random.fold_in(jax.random.key(seed), step))(s.seeds, s.steps)
     if use_filters:
         scaled = jnp.where(_filter_mask(scaled, s), scaled, -jnp.inf)
     sampled = jax.vmap(jax.random.categorical)(keys, scaled)
-    return with_logprobs(jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32)), raw_logprobs, num_top_logprobs)
+    tokens = jnp.where(s.temperature == 0, greedy, sampled.astype(jnp.int32))
+    if logprobs_mode.startswith("processed"):  # (greedy rows: their logits at temperature 1, unfiltered)
+        return with_logprobs(tokens, _reported(raw, jnp.where(s.temperature[:, None] == 0, logits, scaled),
+                                               logprobs_mode), num_top_logprobs)
+    return with_logprobs(tokens, _reported(raw, raw, logprobs_mode), num_top_logprobs)
+
+
+def _reported(raw: jax.Array, processed: jax.Array, mode: str) -> jax.Array:
+    """[S, V]: the values logprobs are read from in `mode` (`sample`): the raw or processed logits, or their
+    log-softmax."""
+    values = processed if mode.startswith("processed") else raw
+    return jax.nn.log_softmax(values, axis=-1) if mode.endswith("logprobs") else values
 
 
 def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
@@ -164,11 +182,12 @@ def allowed_tokens(token_mask: jax.Array, vocab: int) -> jax.Array:
     return bits.reshape(token_mask.shape[0], -1)[:, :vocab].astype(bool)
 
 
-def with_logprobs(tokens: jax.Array, raw_logprobs: jax.Array, num_top_logprobs: int):
-    """(tokens, their logprobs, top_ids, top_logprobs) from the chosen tokens and the raw log-softmax."""
-    logprobs = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
+def with_logprobs(tokens: jax.Array, values: jax.Array, num_top_logprobs: int):
+    """(tokens, their logprobs, top_ids, top_logprobs) from the chosen tokens and the [S, V] values reported as
+    logprobs (`_reported`)."""
+    logprobs = jnp.take_along_axis(values, tokens[:, None], axis=-1)[:, 0]
     if num_top_logprobs:
-        top_lps, top_ids = jax.lax.top_k(raw_logprobs, num_top_logprobs)
+        top_lps, top_ids = jax.lax.top_k(values, num_top_logprobs)
     else:
         top_lps = jnp.zeros((tokens.shape[0], 0), jnp.float32)
         top_ids = jnp.zeros((tokens.shape[0], 0), jnp.int32)

@@ -15,6 +15,7 @@ from engine.llm import LLM
 from engine.output import OutputKind, RequestOutput
 from engine.request import RequestError, SamplingParams
 from engine.runner import bucket_for
+import fresh
 from dense_reference import assert_argmax, dense_logits, pad_rows
 from models import llama
 from models.config import LlamaConfig
@@ -490,6 +491,28 @@ def test_logprobs_are_the_models(tiny, tiny_model):
     ref = jax.nn.log_softmax(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(seq, jnp.int32)), axis=-1)
     for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
         assert lp == pytest.approx(float(ref[len(prompt) - 1 + i, tok]), abs=1e-4)
+
+
+def test_processed_logprobs_are_the_sampled_distributions(tiny_model):
+    """model.logprobs_mode processed_logprobs: a sampled token's logprob is its row's under the temperature and the
+    bias it was drawn with (the reference forward's logits, processed alike); beam search, which ranks by logprobs,
+    refuses the logits modes."""
+    cfg, params, _ = tiny_model
+    llm = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 64, "model.logprobs_mode": "processed_logprobs"}),
+              progress=False, model=tiny_model)
+    prompt = [3, 1, 4, 1, 5]
+    sp = SamplingParams(temperature=0.5, max_tokens=4, logprobs=0, ignore_eos=True, seed=fresh.seed(),
+                        logit_bias={17: 3.0})
+    out = llm.generate([prompt], sp)[0]
+    logits = np.array(llama.forward_dense(jax.device_put(params), cfg, jnp.asarray(prompt + out.token_ids, jnp.int32)))
+    logits[:, 17] += 3.0
+    ref = jax.nn.log_softmax(logits / 0.5, axis=-1)
+    for i, (tok, lp) in enumerate(zip(out.token_ids, out.logprobs)):
+        assert lp == pytest.approx(float(ref[len(prompt) - 1 + i, tok]), abs=1e-4)
+    logits_mode = LLM(EngineConfig().replace(**{**SMALL, "cache.num_pages": 16, "model.logprobs_mode": "raw_logits"}),
+                      progress=False, model=tiny_model)
+    with pytest.raises(RequestError, match="model.logprobs_mode"):
+        logits_mode.beam_search([prompt], beam_width=2, max_tokens=2)
 
 
 def test_bad_requests_name_the_problem_and_the_engine_keeps_serving(tiny):

@@ -125,6 +125,48 @@ def test_greedy_rows_take_the_argmax_and_logprobs_are_the_raw_models():
         np.testing.assert_allclose(top_lps, np.sort(ref, -1)[:, ::-1][:, :4], atol=1e-5)
 
 
+def test_processed_logprobs_are_the_distribution_each_token_was_drawn_from():
+    """logprobs_mode (vLLM's): the same draws in every mode; processed logprobs (and top logprobs) are the log-softmax
+    of each row's logits after its bias, penalties, temperature and filters (a greedy row's at temperature 1, no
+    filters), raw and processed logits the values before the log-softmax."""
+    rng = fresh.rng()
+    logits = (rng.standard_normal((5, V)) * 3).astype(np.float32)
+    params = [SamplingParams(temperature=0.7, top_k=5, seed=1), SamplingParams(temperature=1.3, top_p=0.8),
+              SamplingParams(temperature=0, logit_bias={3: 2.5}), SamplingParams(temperature=0.9, min_p=0.1,
+                                                                                  frequency_penalty=0.5),
+              SamplingParams(temperature=1.0, repetition_penalty=1.3, logit_bias={7: -4.0})]
+    outputs = [[], [], [], [2, 2, 9], [4]]
+    s_in = _inputs(params, [11, 12, 13, 14, 15], [0, 1, 2, 3, 4], outputs=outputs, prompts=[[], [], [], [], [1, 5]])
+    flags = {"use_penalties": True, "use_filters": True, "num_top_logprobs": 3}
+    runs = {mode: _sample(logits, s_in, logprobs_mode=mode, **flags) for mode in sampler.LOGPROBS_MODES}
+    tokens = runs["raw_logprobs"][0]
+    for mode, (t, lps, top_ids, top_lps) in runs.items():
+        np.testing.assert_array_equal(t, tokens)
+    for i, (p, row) in enumerate(zip(params, logits.astype(np.float64))):
+        row = row.copy()
+        for t, b in p.logit_bias:
+            row[t] += b
+        counts = np.bincount(outputs[i], minlength=V)
+        row -= p.presence_penalty * (counts > 0) + p.frequency_penalty * counts
+        seen = np.isin(np.arange(V), outputs[i] + ([1, 5] if i == 4 else []))
+        if p.repetition_penalty != 1:
+            row = np.where(seen, np.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty), row)
+        if p.temperature > 0:
+            allowed = _allowed(row, p)
+            row = np.where(np.isin(np.arange(V), list(allowed)), row / p.temperature, -np.inf)
+        processed = row - np.log(np.exp(row - row.max()).sum()) - row.max()
+        assert tokens[i] in np.flatnonzero(np.isfinite(processed))
+        np.testing.assert_allclose(runs["processed_logprobs"][1][i], processed[tokens[i]], rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(runs["processed_logprobs"][2][i], np.argsort(-processed, kind="stable")[:3])
+        np.testing.assert_allclose(runs["processed_logits"][1][i], row[tokens[i]], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(runs["raw_logits"][1][i], logits[i, tokens[i]], rtol=1e-6)
+        raw = logits[i] - np.log(np.exp(logits[i].astype(np.float64)).sum())
+        np.testing.assert_allclose(runs["raw_logprobs"][1][i], raw[tokens[i]], atol=1e-5)
+    greedy = _sample(logits[2:3], _inputs(params[2:3], [0], [0]), greedy_only=True, logprobs_mode="processed_logprobs")
+    biased = logits[2].astype(np.float64) + 2.5 * (np.arange(V) == 3)
+    np.testing.assert_allclose(greedy[1][0], biased[greedy[0][0]] - np.log(np.exp(biased).sum()), atol=1e-5)
+
+
 def test_penalties_match_the_openai_and_hf_definitions():
     """presence/frequency (OpenAI: subtract per generated token) and repetition (HF/CTRL: divide positive logits,
     multiply negative ones, over prompt and output tokens), checked through greedy choices."""

@@ -326,8 +326,11 @@ def create_app(engine: AsyncEngine, config: EngineConfig, api_key: str | None = 
         max_tokens = 16 if body.max_tokens is None else body.max_tokens
         if max_tokens == 0 and not body.echo:
             raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: the prompt and its logprobs)", param="max_tokens")
-        if (body.prompt is None) == (body.prompt_embeds is None):
-            raise ApiError(400, "give either prompt or prompt_embeds", param="prompt")
+        if body.prompt is None and body.prompt_embeds is None:
+            raise ApiError(400, "prompt: required field is missing (or prompt_embeds, the prompt as embeddings)",
+                           param="prompt")
+        if body.prompt is not None and body.prompt_embeds is not None:
+            raise ApiError(400, "give prompt or prompt_embeds, not both", param="prompt")
         if body.prompt_embeds is not None:
             return await embeds_completions(request, body, max_tokens)
         p = body.prompt

@@ -10,7 +10,8 @@ size, a pool from one sequence's pages up, batch and chunk limits, a policy,
 overlap, speculative decoding (n-gram chains and trees; the model as its own draft, chains and top-k trees), a hybrid cache's window slots, a host tier and a disk tier
 (a second engine then starts on the first's files), and runs a shuffled subset of tests/test_engine.py's prompts
 (shared prefixes, identical prompts, whole-prompt hits, namespaces), some seeds with token rules (few allowed ids,
-bad words among them), with invariants checked every step (`debug_checks`). Some seeds also (`draw_features`) sample
+bad words among them), with invariants checked every step (`debug_checks`); every fourth request also returns its
+tokens' hidden states, which must be the plain run's rows. Some seeds also (`draw_features`) sample
 (seeded top-p) instead of decoding greedily, give the requests priorities (scheduler.policy priority), serve two LoRA
 adapters beside the base model, split the model over 2 CPU devices (tensor parallelism), speculate only in small
 decode batches, or put images in prompts (a tiny random vision tower in front of the model). Every engine must give
@@ -36,6 +37,8 @@ import sys
 import tempfile
 import time
 import traceback
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))  # their helpers
@@ -301,9 +304,10 @@ def _received(source, target, prompts) -> list[tuple | None]:
 
 
 def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images=None,
-              received=None, embeds: bool = False) -> list[list[int]]:
-    """Each prompt's tokens: greedy, or seeded top-p sampling (`features`), with each request's priority and adapter
-    drawn from its index (the same in every engine of a seed); `images` (a model that takes them): `_with_image`;
+              received=None, embeds: bool = False) -> list[tuple[list[int], np.ndarray | None]]:
+    """Each prompt's (tokens, and for every fourth request their final hidden states): greedy, or seeded top-p
+    sampling (`features`), with each request's priority and adapter drawn from its index (the same in every engine of
+    a seed); `images` (a model that takes them): `_with_image`;
     `received`: per prompt, its pages from another replica (`_received`), given with the request; `embeds`: a prompt
     whose token ids sum to an even number given as its rows (`LLM.token_embeddings`)."""
     from engine.request import SamplingParams
@@ -311,7 +315,8 @@ def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images
     engine, ids = llm.engine, []
     for i, (prompt, namespace) in enumerate(prompts):
         sampled = dict(temperature=0.8, top_p=0.9, seed=1000 + i) if features["sampling"] else dict(temperature=0)
-        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, **sampled, **rules)
+        params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, return_hidden_states=i % 4 == 1, **sampled,
+                                **rules)
         prompt, prompt_images = _with_image(prompt, images, engine.image_prompts and engine.image_prompts.placeholder_id)
         if embeds and sum(prompt) % 2 == 0:
             prompt = {"prompt_embeds": llm.token_embeddings(prompt)}
@@ -322,7 +327,18 @@ def _generate(llm, prompts, max_tokens: int, features: dict, rules: dict, images
         if received is not None and received[i] is not None:
             engine.receive_prompt_pages(ids[-1], *received[i])
     finals = llm._run(set(ids), progress=False)
-    return [finals[i].token_ids for i in ids]
+    return [(finals[i].token_ids, finals[i].hidden_states) for i in ids]
+
+
+def _hidden_differs(got, want) -> bool:
+    """Whether two runs' hidden states of the same tokens differ by more than rounding: any row off by over 5% of its
+    norm (K/V rounded to int8 in other batch shapes moves them ~1e-3; a row of another position, by ~1)."""
+    if (got is None) != (want is None):
+        return True
+    if got is None or len(got) == 0:
+        return False
+    return got.shape != want.shape or bool(
+        np.any(np.linalg.norm(got - want, axis=-1) > 0.05 * np.maximum(np.linalg.norm(want, axis=-1), 1e-6)))
 
 
 def draw(rng: random.Random, backend: str, models: tuple[str, ...] = MODELS) -> tuple[str, dict, dict, int]:
@@ -442,9 +458,12 @@ def run_seed(seed: int, models: dict, tokenizer, backend: str, only: tuple[str, 
             if source is not None:
                 extra += f" ({llm.engine.stats()['transfer_hit_tokens']} tokens taken)"
             llm.engine.shutdown()
-            if got != want:
-                diff = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
+            diff = [i for i, ((a, _), (b, _)) in enumerate(zip(got, want)) if a != b]
+            if diff:
                 return f"{model} {fuzzed} {rules}: outputs differ from the plain run at prompts {diff[:5]}", extra
+            off = [i for i, ((_, a), (_, b)) in enumerate(zip(got, want)) if _hidden_differs(a, b)]
+            if off:
+                return f"{model} {fuzzed} {rules}: hidden states differ from the plain run at prompts {off[:5]}", extra
             if held:
                 return f"{model} {fuzzed}: {held} pages still held by finished requests", extra
     except Exception as e:  # noqa: BLE001 (a crash is a finding too)

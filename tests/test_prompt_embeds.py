@@ -192,8 +192,8 @@ def test_completions_take_prompt_embeddings_as_safetensors_or_npy(scaled_model):
         with client.stream("POST", "/v1/completions", json={**greedy, "prompt_embeds": as_npy, "stream": True}) as s:
             assert s.status_code == 200 and "data: [DONE]" in "".join(s.iter_text())
         for body, param, words in [
-                ({"prompt": prompt, "prompt_embeds": as_npy}, "prompt", "either prompt or prompt_embeds"),
-                ({}, "prompt", "either prompt or prompt_embeds"),
+                ({"prompt": prompt, "prompt_embeds": as_npy}, "prompt", "prompt or prompt_embeds, not both"),
+                ({}, "prompt", "required field is missing (or prompt_embeds"),
                 ({"prompt_embeds": as_npy, "echo": True}, "echo", "echo is not available"),
                 ({"prompt_embeds": base64.b64encode(b"PK\x03\x04rest").decode()}, "prompt_embeds", "torch.save"),
                 ({"prompt_embeds": as_npy, "max_tokens": 250}, "max_tokens", "exceeds the context")]:

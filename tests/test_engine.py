@@ -738,7 +738,8 @@ def test_speculative_decoding_never_changes_outputs(tiny_model, tokenizer, kept_
         if sp.return_hidden_states:
             assert out.hidden_states.shape == (len(out.token_ids), cfg.hidden_size)
             ids = prompt + out.token_ids[:-1]
-            want = np.asarray(final(pad_rows(jnp.asarray(ids, jnp.int32), 128)))[len(prompt) - 1 : len(ids)]  # one compile
+            padded = pad_rows(jnp.asarray(ids, jnp.int32), 128)  # (every prompt and output fit: one compile)
+            want = np.asarray(final(padded))[len(prompt) - 1 : len(ids)]
             np.testing.assert_allclose(out.hidden_states, want, rtol=1e-4, atol=1e-4)
         else:
             assert out.hidden_states is None

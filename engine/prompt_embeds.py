@@ -28,6 +28,7 @@ import safetensors
 
 from engine.multimodal import ID_BITS, ImageSpan
 from engine.request import RequestError
+
 # safetensors' float dtypes a payload may hold
 FLOATS = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 

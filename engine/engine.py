@@ -456,15 +456,19 @@ class LLMEngine:
         """(prompt ids, [its span]) of a prompt given as embeddings, {"prompt_embeds": [tokens, hidden] array}, its
         rows kept as truncate_prompt_tokens says (engine/prompt_embeds.py). The server prepares one here and passes
         both to `add_request` (as the ids and `images`)."""
+        self._check_embeds_request(params)
+        rows = prompt_embeds.rows_of(prompt["prompt_embeds"], self.model_cfg.hidden_size, self.dtype)
+        rows = truncate_prompt(rows, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
+        ids, span = prompt_embeds.span_of(rows, self.model_cfg.vocab_size)
+        return ids, [span]
+
+    def _check_embeds_request(self, params: SamplingParams) -> None:
+        """Refuses a prompt given as embeddings where the engine takes none, or with prompt logprobs (no tokens)."""
         if not self.config.model.enable_prompt_embeds:
             raise RequestError("prompt_embeds: this engine takes no prompt embeddings (set "
                                "model.enable_prompt_embeds: true)")
         if params.prompt_logprobs is not None:
             raise RequestError("prompt_logprobs is not available for a prompt given as embeddings (it has no tokens)")
-        rows = prompt_embeds.rows_of(prompt["prompt_embeds"], self.model_cfg.hidden_size, self.dtype)
-        rows = truncate_prompt(rows, params.truncate_prompt_tokens, self.max_model_len, params.max_tokens)
-        ids, span = prompt_embeds.span_of(rows, self.model_cfg.vocab_size)
-        return ids, [span]
 
     def token_embeddings(self, prompt: str | Seq[int]) -> np.ndarray:
         """[tokens, hidden] in the model's dtype: what the model's first layer reads for a prompt's tokens
@@ -485,9 +489,7 @@ class LLMEngine:
         span of a prompt given as embeddings (`embeds_prompt`) passes as it is."""
         if len(images) == 1 and isinstance(images[0], multimodal.ImageSpan) and images[0].given:
             span = images[0]
-            if not self.config.model.enable_prompt_embeds:
-                raise RequestError("prompt_embeds: this engine takes no prompt embeddings (set "
-                                   "model.enable_prompt_embeds: true)")
+            self._check_embeds_request(params)
             if span.start != 0 or len(prompt_ids) != span.num_tokens or min(prompt_ids) < self.model_cfg.vocab_size:
                 raise RequestError("prompt_embeds: the prompt ids are not its rows' (LLMEngine.embeds_prompt's)")
             return prompt_ids, [span]

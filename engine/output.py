@@ -168,8 +168,8 @@ COMPACT_CHARS = 4096
 
 
 def _stacked(rows: list[np.ndarray], n: int) -> np.ndarray:
-    """[n, hidden]: the hidden states of an output's tokens (its first n rows: a stop string may end the text inside a
-    step's accepted drafts, whose tokens' rows came with them)."""
+    """[n, hidden]: the hidden states of an output's n tokens. The rows follow the output ids one for one
+    (truncate_output cuts both); only an embedding request has a row (its dropped sampled token's) past them."""
     return np.stack(rows[:n]) if rows[:n] else np.zeros((0, rows[0].shape[-1] if rows else 0), np.float32)
 
 
